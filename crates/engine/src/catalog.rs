@@ -1,0 +1,528 @@
+//! What canaryd has seen: apps, their versions, operations, downstreams and metric series.
+//!
+//! Every map here is keyed by strings that clients send, so every map has a cap (`Limits`). What
+//! does not fit is never silently lost: operations, downstreams and exception types past their cap
+//! fold into the `OVERFLOW` key so that per-version counts stay exact; a new version past its cap
+//! first evicts a version idle for `version_idle_ns`, else folds into `OVERFLOW` too; a new app past
+//! the cap, and a new metric series past its cap, are dropped. Each case is counted by `Cap`.
+//!
+//! First and last seen are event times (the timestamps in the data), so the catalog is the same
+//! whatever order the data arrived in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::delta::{Conversion, SeriesState};
+use crate::observation::{Batch, EventTime, ResourceObservations, SeriesKey};
+
+/// The key that absorbs what arrives past a cap.
+pub const OVERFLOW: &str = "__overflow__";
+
+/// Caps on everything keyed by what clients send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_apps: usize,
+    pub max_versions_per_app: usize,
+    pub max_operations_per_app: usize,
+    pub max_downstreams_per_app: usize,
+    /// Metric streams per app: each series (name and attributes) counted per version and instance,
+    /// since each such stream keeps its own cumulative reference.
+    pub max_metric_series_per_app: usize,
+    pub max_exception_types_per_app: usize,
+    /// A version unseen for this long (event time) may be evicted to make room for a new one.
+    pub version_idle_ns: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_apps: 1_000,
+            max_versions_per_app: 20,
+            max_operations_per_app: 200,
+            max_downstreams_per_app: 200,
+            max_metric_series_per_app: 2_000,
+            max_exception_types_per_app: 200,
+            version_idle_ns: 3_600 * 1_000_000_000,
+        }
+    }
+}
+
+/// Which cap an observation ran into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cap {
+    Apps,
+    VersionsPerApp,
+    OperationsPerApp,
+    DownstreamsPerApp,
+    MetricSeriesPerApp,
+    ExceptionTypesPerApp,
+}
+
+impl Cap {
+    pub const ALL: [Cap; 6] = [
+        Cap::Apps,
+        Cap::VersionsPerApp,
+        Cap::OperationsPerApp,
+        Cap::DownstreamsPerApp,
+        Cap::MetricSeriesPerApp,
+        Cap::ExceptionTypesPerApp,
+    ];
+
+    /// The cap's name as the configuration and `/metrics` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cap::Apps => "max_apps",
+            Cap::VersionsPerApp => "max_versions_per_app",
+            Cap::OperationsPerApp => "max_operations_per_app",
+            Cap::DownstreamsPerApp => "max_downstreams_per_app",
+            Cap::MetricSeriesPerApp => "max_metric_series_per_app",
+            Cap::ExceptionTypesPerApp => "max_exception_types_per_app",
+        }
+    }
+
+    /// Whether observations past this cap are dropped (rather than folded into `OVERFLOW`).
+    pub fn drops(self) -> bool {
+        matches!(self, Cap::Apps | Cap::MetricSeriesPerApp)
+    }
+}
+
+/// Counts of what one version sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VersionStats {
+    pub first_seen: EventTime,
+    pub last_seen: EventTime,
+    pub spans: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub calls: u64,
+    pub exceptions: u64,
+    pub metric_points: u64,
+    pub log_records: u64,
+    pub error_log_records: u64,
+}
+
+/// Counts per operation, all versions together.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OperationStats {
+    pub requests: u64,
+    pub errors: u64,
+}
+
+/// One metric stream: a series from one version and instance.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct StreamKey {
+    version: Arc<str>,
+    instance: Option<Arc<str>>,
+    series: SeriesKey,
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    state: SeriesState,
+    points: u64,
+    resets: u64,
+    stale: u64,
+}
+
+/// Everything known about one (env, app).
+#[derive(Debug, Default)]
+pub struct AppEntry {
+    versions: BTreeMap<Arc<str>, VersionStats>,
+    operations: HashMap<String, OperationStats>,
+    downstreams: HashMap<String, u64>,
+    exception_types: HashMap<String, u64>,
+    streams: HashMap<StreamKey, Stream>,
+}
+
+impl AppEntry {
+    pub fn versions(&self) -> impl Iterator<Item = (&str, &VersionStats)> {
+        self.versions.iter().map(|(v, s)| (&**v, s))
+    }
+
+    pub fn operations(&self) -> impl Iterator<Item = (&str, &OperationStats)> {
+        self.operations.iter().map(|(o, s)| (o.as_str(), s))
+    }
+
+    pub fn downstreams(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.downstreams.iter().map(|(d, n)| (d.as_str(), *n))
+    }
+
+    pub fn exception_types(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.exception_types.iter().map(|(e, n)| (e.as_str(), *n))
+    }
+
+    /// Distinct metric series (name and attributes), whatever version or instance sent them.
+    pub fn metric_series(&self) -> usize {
+        let mut names: Vec<&SeriesKey> = self.streams.keys().map(|k| &k.series).collect();
+        names.sort();
+        names.dedup();
+        names.len()
+    }
+
+    pub fn metric_streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Cumulative resets and stale points seen across the app's metric streams.
+    pub fn metric_resets_and_stale(&self) -> (u64, u64) {
+        self.streams
+            .values()
+            .fold((0, 0), |(r, s), stream| (r + stream.resets, s + stream.stale))
+    }
+
+    pub fn first_seen(&self) -> Option<EventTime> {
+        self.versions.values().map(|v| v.first_seen).min()
+    }
+
+    pub fn last_seen(&self) -> Option<EventTime> {
+        self.versions.values().map(|v| v.last_seen).max()
+    }
+}
+
+/// Adds `key` to a capped count map, folding it into `OVERFLOW` when the map is full. Returns
+/// whether it was folded.
+fn count_capped<V: Default>(
+    map: &mut HashMap<String, V>,
+    key: &str,
+    cap: usize,
+    update: impl FnOnce(&mut V),
+) -> bool {
+    if let Some(v) = map.get_mut(key) {
+        update(v);
+        return false;
+    }
+    // OVERFLOW itself does not take one of the cap's places.
+    let real_keys = map.len() - usize::from(map.contains_key(OVERFLOW));
+    let folded = real_keys >= cap;
+    let key = if folded { OVERFLOW } else { key };
+    update(map.entry(key.to_owned()).or_default());
+    folded
+}
+
+/// The catalog of apps, bounded by `Limits`.
+#[derive(Debug)]
+pub struct Catalog {
+    limits: Limits,
+    apps: BTreeMap<(Arc<str>, Arc<str>), AppEntry>,
+    cap_hits: BTreeMap<Cap, u64>,
+}
+
+impl Catalog {
+    pub fn new(limits: Limits) -> Self {
+        Catalog {
+            limits,
+            apps: BTreeMap::new(),
+            cap_hits: BTreeMap::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Apps ordered by (env, app).
+    pub fn apps(&self) -> impl Iterator<Item = (&str, &str, &AppEntry)> {
+        self.apps.iter().map(|((env, app), e)| (&**env, &**app, e))
+    }
+
+    pub fn app_count(&self) -> usize {
+        self.apps.len()
+    }
+
+    pub fn app(&self, env: &str, app: &str) -> Option<&AppEntry> {
+        self.apps.get(&(Arc::from(env), Arc::from(app)))
+    }
+
+    /// How many observations each cap dropped or folded since start.
+    pub fn cap_hits(&self) -> impl Iterator<Item = (Cap, u64)> + '_ {
+        Cap::ALL
+            .into_iter()
+            .map(|cap| (cap, self.cap_hits.get(&cap).copied().unwrap_or(0)))
+    }
+
+    /// Catalogs a batch; returns what each cap dropped or folded from it.
+    pub fn ingest(&mut self, batch: &Batch) -> Vec<(Cap, u64)> {
+        let mut hits: BTreeMap<Cap, u64> = BTreeMap::new();
+        for resource in &batch.resources {
+            for (cap, n) in self.ingest_resource(resource) {
+                if n > 0 {
+                    *hits.entry(cap).or_default() += n;
+                }
+            }
+        }
+        for (cap, n) in &hits {
+            *self.cap_hits.entry(*cap).or_default() += n;
+        }
+        hits.into_iter().collect()
+    }
+
+    fn ingest_resource(&mut self, obs: &ResourceObservations) -> Vec<(Cap, u64)> {
+        let Some((first, last)) = obs.seen else {
+            return Vec::new();
+        };
+        let id = &obs.identity;
+        let key = (id.env.clone(), id.app.clone());
+        if !self.apps.contains_key(&key) && self.apps.len() >= self.limits.max_apps {
+            let items = obs.spans + obs.metric_points.len() as u64 + obs.logs.len() as u64;
+            return vec![(Cap::Apps, items)];
+        }
+        let limits = self.limits.clone();
+        let entry = self.apps.entry(key).or_default();
+        let mut hits: Vec<(Cap, u64)> = Vec::new();
+
+        let version = admit_version(entry, &id.version, first, &limits);
+        if version.as_ref() == OVERFLOW && id.version.as_ref() != OVERFLOW {
+            hits.push((Cap::VersionsPerApp, 1));
+        }
+        let stats = entry.versions.entry(version.clone()).or_insert(VersionStats {
+            first_seen: first,
+            last_seen: last,
+            ..VersionStats::default()
+        });
+        stats.first_seen = stats.first_seen.min(first);
+        stats.last_seen = stats.last_seen.max(last);
+        stats.spans += obs.spans;
+        stats.requests += obs.requests.len() as u64;
+        stats.errors += obs.requests.iter().filter(|r| r.error).count() as u64;
+        stats.calls += obs.calls.len() as u64;
+        stats.exceptions += obs.exceptions.len() as u64;
+        stats.metric_points += obs.metric_points.len() as u64;
+        stats.log_records += obs.logs.len() as u64;
+        stats.error_log_records += obs.logs.iter().filter(|l| l.severity.is_error()).count() as u64;
+
+        let mut folded = 0;
+        for request in &obs.requests {
+            let cap = limits.max_operations_per_app;
+            folded += u64::from(count_capped(
+                &mut entry.operations,
+                &request.operation,
+                cap,
+                |s| {
+                    s.requests += 1;
+                    s.errors += u64::from(request.error);
+                },
+            ));
+        }
+        hits.push((Cap::OperationsPerApp, folded));
+
+        let mut folded = 0;
+        for call in &obs.calls {
+            let cap = limits.max_downstreams_per_app;
+            folded += u64::from(count_capped(&mut entry.downstreams, &call.downstream, cap, |n| {
+                *n += 1
+            }));
+        }
+        hits.push((Cap::DownstreamsPerApp, folded));
+
+        let mut folded = 0;
+        for exception in &obs.exceptions {
+            let cap = limits.max_exception_types_per_app;
+            let ty = &exception.exception_type;
+            folded += u64::from(count_capped(&mut entry.exception_types, ty, cap, |n| *n += 1));
+        }
+        hits.push((Cap::ExceptionTypesPerApp, folded));
+
+        let mut dropped = 0;
+        for point in &obs.metric_points {
+            let key = StreamKey {
+                version: version.clone(),
+                instance: obs.instance.clone(),
+                series: point.series.clone(),
+            };
+            let full = entry.streams.len() >= limits.max_metric_series_per_app;
+            let stream = match entry.streams.get_mut(&key) {
+                Some(stream) => stream,
+                None if full => {
+                    dropped += 1;
+                    continue;
+                }
+                None => entry.streams.entry(key).or_default(),
+            };
+            stream.points += 1;
+            match stream.state.convert(point) {
+                Conversion::Reset(_) => stream.resets += 1,
+                Conversion::Stale => stream.stale += 1,
+                Conversion::Sample(_) | Conversion::Reference => {}
+            }
+        }
+        hits.push((Cap::MetricSeriesPerApp, dropped));
+        hits
+    }
+}
+
+/// The version key the observations of `version` are counted under: itself when it is known or
+/// fits, after evicting an idle version if need be; `OVERFLOW` otherwise.
+fn admit_version(entry: &mut AppEntry, version: &Arc<str>, now: EventTime, limits: &Limits) -> Arc<str> {
+    if entry.versions.contains_key(version) {
+        return version.clone();
+    }
+    let real_versions = entry.versions.len() - usize::from(entry.versions.contains_key(OVERFLOW));
+    if real_versions < limits.max_versions_per_app {
+        return version.clone();
+    }
+    let idle = entry
+        .versions
+        .iter()
+        .filter(|(v, _)| v.as_ref() != OVERFLOW)
+        .min_by_key(|(_, s)| s.last_seen)
+        .filter(|(_, s)| s.last_seen.saturating_add(limits.version_idle_ns) < now)
+        .map(|(v, _)| v.clone());
+    match idle {
+        Some(evicted) => {
+            entry.versions.remove(&evicted);
+            entry.streams.retain(|k, _| k.version != evicted);
+            version.clone()
+        }
+        None => Arc::from(OVERFLOW),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observation::*;
+
+    fn request(operation: &str, time: EventTime, error: bool) -> RequestObservation {
+        RequestObservation {
+            operation: operation.into(),
+            time,
+            duration_ns: 1_000_000,
+            error,
+            trace_id: TraceId::default(),
+            span_id: SpanId::default(),
+        }
+    }
+
+    fn resource(app: &str, version: &str, requests: Vec<RequestObservation>) -> ResourceObservations {
+        let mut r = ResourceObservations::new(Identity::new("prod", app, version));
+        r.spans = requests.len() as u64;
+        for q in &requests {
+            r.saw(q.time);
+        }
+        r.requests = requests;
+        r
+    }
+
+    fn ingest(catalog: &mut Catalog, resources: Vec<ResourceObservations>) {
+        catalog.ingest(&Batch { resources });
+    }
+
+    fn hits(catalog: &Catalog, cap: Cap) -> u64 {
+        catalog.cap_hits().find(|(c, _)| *c == cap).map_or(0, |(_, n)| n)
+    }
+
+    #[test]
+    fn counts_and_event_time_range_per_version() {
+        let mut c = Catalog::new(Limits::default());
+        ingest(
+            &mut c,
+            vec![resource(
+                "shop",
+                "v2",
+                vec![request("GET /a", 50, false), request("GET /a", 20, true)],
+            )],
+        );
+        ingest(
+            &mut c,
+            vec![resource("shop", "v2", vec![request("GET /b", 30, false)])],
+        );
+        let app = c.app("prod", "shop").expect("app is catalogued");
+        let (version, stats) = app.versions().next().expect("one version");
+        assert_eq!(version, "v2");
+        assert_eq!((stats.first_seen, stats.last_seen), (20, 50));
+        assert_eq!((stats.spans, stats.requests, stats.errors), (3, 3, 1));
+        assert_eq!(app.operations().count(), 2);
+    }
+
+    #[test]
+    fn operations_past_the_cap_fold_into_overflow_and_keep_counts_exact() {
+        let limits = Limits {
+            max_operations_per_app: 3,
+            ..Limits::default()
+        };
+        let mut c = Catalog::new(limits);
+        let requests = (0..10).map(|i| request(&format!("op{i}"), 1, false)).collect();
+        ingest(&mut c, vec![resource("shop", "v1", requests)]);
+        let app = c.app("prod", "shop").expect("app");
+        let ops: HashMap<&str, &OperationStats> = app.operations().collect();
+        assert_eq!(ops.len(), 4, "three real operations plus the overflow");
+        assert_eq!(ops[OVERFLOW].requests, 7);
+        assert_eq!(ops.values().map(|s| s.requests).sum::<u64>(), 10);
+        assert_eq!(hits(&c, Cap::OperationsPerApp), 7);
+    }
+
+    #[test]
+    fn apps_past_the_cap_are_dropped_and_counted() {
+        let limits = Limits {
+            max_apps: 1,
+            ..Limits::default()
+        };
+        let mut c = Catalog::new(limits);
+        ingest(&mut c, vec![resource("a", "v1", vec![request("x", 1, false)])]);
+        ingest(
+            &mut c,
+            vec![resource(
+                "b",
+                "v1",
+                vec![request("x", 1, false), request("y", 2, false)],
+            )],
+        );
+        assert_eq!(c.apps().count(), 1);
+        assert_eq!(hits(&c, Cap::Apps), 2);
+    }
+
+    #[test]
+    fn an_idle_version_makes_room_and_a_busy_one_does_not() {
+        let limits = Limits {
+            max_versions_per_app: 1,
+            version_idle_ns: 100,
+            ..Limits::default()
+        };
+        let mut c = Catalog::new(limits);
+        ingest(
+            &mut c,
+            vec![resource("a", "v1", vec![request("x", 1_000, false)])],
+        );
+        ingest(
+            &mut c,
+            vec![resource("a", "v2", vec![request("x", 1_050, false)])],
+        );
+        let versions: Vec<&str> = c.app("prod", "a").expect("app").versions().map(|v| v.0).collect();
+        assert_eq!(versions, vec![OVERFLOW, "v1"]);
+        assert_eq!(hits(&c, Cap::VersionsPerApp), 1);
+
+        ingest(
+            &mut c,
+            vec![resource("a", "v3", vec![request("x", 2_000, false)])],
+        );
+        let versions: Vec<&str> = c.app("prod", "a").expect("app").versions().map(|v| v.0).collect();
+        assert_eq!(versions, vec![OVERFLOW, "v3"]);
+    }
+
+    #[test]
+    fn metric_streams_past_the_cap_are_dropped() {
+        let limits = Limits {
+            max_metric_series_per_app: 2,
+            ..Limits::default()
+        };
+        let mut c = Catalog::new(limits);
+        let mut r = resource("a", "v1", vec![]);
+        for i in 0..5 {
+            r.saw(10);
+            r.metric_points.push(MetricPoint {
+                series: SeriesKey {
+                    name: format!("m{i}"),
+                    attributes: vec![],
+                },
+                start_time: 0,
+                time: 10,
+                value: PointValue::Gauge(1.0),
+            });
+        }
+        ingest(&mut c, vec![r]);
+        let app = c.app("prod", "a").expect("app");
+        assert_eq!(app.metric_series(), 2);
+        assert_eq!(app.versions().next().expect("v1").1.metric_points, 5);
+        assert_eq!(hits(&c, Cap::MetricSeriesPerApp), 3);
+    }
+}

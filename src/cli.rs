@@ -1,0 +1,36 @@
+//! The command line: `canaryd serve` and its flags.
+//!
+//! Each setting's flag comes from `config::RawConfig`, so the flags, the TOML keys and the
+//! `CANARYD_*` variables cannot drift apart.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::RawConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "canaryd",
+    version,
+    about = "Decides whether a new version of a service is safe, from its OpenTelemetry data"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: OTLP receivers, engine and HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file; its settings lose to CANARYD_* variables, which lose to flags.
+    #[arg(long, short = 'c', env = "CANARYD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: RawConfig,
+}

@@ -1,0 +1,466 @@
+//! Configuration: defaults, a TOML file, `CANARYD_*` environment variables and flags, in rising
+//! precedence, validated in one step before anything is bound or opened.
+//!
+//! Each setting is declared once, in `settings!`, which gives it a TOML key, an environment
+//! variable (`CANARYD_` + the key in upper case) and a flag (`--` + the key with dashes). Every
+//! source is read into the same `RawConfig` of optional values; the sources are laid over each
+//! other; `Config::resolve` applies the defaults and checks every value, naming the field and the
+//! value it refuses. The environment is passed in, never read here, so tests need not touch the
+//! process environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use canaryd_engine::Limits;
+
+use crate::normalize::NormalizeOptions;
+
+/// Why a configuration was refused. Every variant names the field and, where there is one, the
+/// value and where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("invalid value {value:?} for {field} (from {origin}): {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        origin: String,
+        reason: String,
+    },
+}
+
+/// Declares every setting once: its type and doc. Expands to `RawConfig`, whose fields are all
+/// optional, with its TOML, environment and flag readers.
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, )*) => {
+        /// Settings as one source gave them; `None` where that source is silent.
+        #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawConfig {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl RawConfig {
+            /// The TOML keys, which are also the environment variables' and flags' stems.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($name)),*];
+
+            /// Reads `CANARYD_<KEY>` variables from `env`.
+            pub fn from_env(env: &BTreeMap<String, String>) -> Result<RawConfig, ConfigError> {
+                let mut raw = RawConfig::default();
+                $(
+                    let var = env_var_name(stringify!($name));
+                    if let Some(text) = env.get(&var) {
+                        raw.$name = Some(text.parse::<$ty>().map_err(|e| ConfigError::Invalid {
+                            field: stringify!($name),
+                            value: text.clone(),
+                            origin: format!("environment variable {var}"),
+                            reason: e.to_string(),
+                        })?);
+                    }
+                )*
+                Ok(raw)
+            }
+
+            /// `over`'s values where it has them, `self`'s elsewhere.
+            pub fn overlaid_with(self, over: RawConfig) -> RawConfig {
+                RawConfig { $($name: over.$name.or(self.$name),)* }
+            }
+        }
+    };
+}
+
+settings! {
+    /// Where sled keeps its files, and where addrs.json is written [default: ./data]
+    data_dir: PathBuf,
+    /// OTLP gRPC listen address; port 0 picks a free port [default: 127.0.0.1:4317]
+    otlp_grpc_addr: SocketAddr,
+    /// OTLP/HTTP listen address [default: 127.0.0.1:4318]
+    otlp_http_addr: SocketAddr,
+    /// HTTP API, dashboard and /metrics listen address [default: 127.0.0.1:8080]
+    http_addr: SocketAddr,
+    /// Folder of analysis models (*.toml) [default: ./models]
+    models_dir: PathBuf,
+    /// Bearer token that POST, PUT and DELETE on the API must carry [default: none]
+    api_token: String,
+    /// Resource attribute that names the version [default: service.version]
+    version_attribute: String,
+    /// Largest OTLP request accepted, in bytes after decompression [default: 8388608]
+    max_message_bytes: usize,
+    /// Most apps tracked [default: 1000]
+    max_apps: usize,
+    /// Most versions tracked per app [default: 20]
+    max_versions_per_app: usize,
+    /// Most operations tracked per app [default: 200]
+    max_operations_per_app: usize,
+    /// Most downstreams (call-graph edges) tracked per app [default: 200]
+    max_downstreams_per_app: usize,
+    /// Most metric streams (series per version and instance) tracked per app [default: 2000]
+    max_metric_series_per_app: usize,
+    /// Most exception types tracked per app [default: 200]
+    max_exception_types_per_app: usize,
+    /// Longest attribute value kept; longer values are cut [default: 256]
+    max_attribute_value_len: usize,
+    /// Most point attributes that key a metric series [default: 8]
+    max_series_attributes: usize,
+    /// Seconds of event time after which an unseen version may give its place to a new one [default: 3600]
+    version_idle_secs: u64,
+    /// Batches that may wait between the receivers and the engine [default: 256]
+    pipeline_queue: usize,
+    /// Milliseconds a receiver waits for room in that queue before answering "unavailable" [default: 5000]
+    ingest_wait_ms: u64,
+    /// Seconds each shutdown step may take [default: 10]
+    shutdown_grace_secs: u64,
+    /// Log filter, in tracing's EnvFilter syntax [default: info]
+    log: String,
+}
+
+/// `CANARYD_` + the key in upper case.
+pub fn env_var_name(key: &str) -> String {
+    format!("CANARYD_{}", key.to_ascii_uppercase())
+}
+
+impl RawConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Lays file, environment and flags over each other: flag > env > file.
+    pub fn layered(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        flags: RawConfig,
+    ) -> Result<RawConfig, ConfigError> {
+        let from_file = match file {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        Ok(from_file
+            .overlaid_with(RawConfig::from_env(env)?)
+            .overlaid_with(flags))
+    }
+
+    /// `CANARYD_*` variables in `env` that name no setting: likely typos, worth a warning.
+    pub fn unknown_env_vars(env: &BTreeMap<String, String>) -> Vec<String> {
+        let known: Vec<String> = RawConfig::KEYS.iter().map(|k| env_var_name(k)).collect();
+        env.keys()
+            .filter(|k| k.starts_with("CANARYD_") && !known.contains(k))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A complete, checked configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub otlp_grpc_addr: SocketAddr,
+    pub otlp_http_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub models_dir: PathBuf,
+    pub api_token: Option<String>,
+    pub normalize: NormalizeOptions,
+    pub limits: Limits,
+    pub max_message_bytes: usize,
+    pub pipeline_queue: usize,
+    pub ingest_wait: Duration,
+    pub shutdown_grace: Duration,
+    pub log: String,
+}
+
+fn invalid(field: &'static str, value: impl ToString, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        origin: "the merged configuration".into(),
+        reason: reason.into(),
+    }
+}
+
+/// `value` when it lies in `range`, else an error naming `field`.
+fn within(
+    field: &'static str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        let reason = format!("must be between {} and {}", range.start(), range.end());
+        Err(invalid(field, value, &reason))
+    }
+}
+
+impl Config {
+    /// Applies the defaults to `raw` and checks every value.
+    pub fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
+        let addr = |v: Option<SocketAddr>, default: &str| {
+            v.unwrap_or_else(|| default.parse().expect("default address parses"))
+        };
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_apps: within(
+                "max_apps",
+                raw.max_apps.unwrap_or(defaults.max_apps),
+                1..=1_000_000,
+            )?,
+            max_versions_per_app: within(
+                "max_versions_per_app",
+                raw.max_versions_per_app.unwrap_or(defaults.max_versions_per_app),
+                2..=10_000,
+            )?,
+            max_operations_per_app: within(
+                "max_operations_per_app",
+                raw.max_operations_per_app
+                    .unwrap_or(defaults.max_operations_per_app),
+                1..=1_000_000,
+            )?,
+            max_downstreams_per_app: within(
+                "max_downstreams_per_app",
+                raw.max_downstreams_per_app
+                    .unwrap_or(defaults.max_downstreams_per_app),
+                1..=1_000_000,
+            )?,
+            max_metric_series_per_app: within(
+                "max_metric_series_per_app",
+                raw.max_metric_series_per_app
+                    .unwrap_or(defaults.max_metric_series_per_app),
+                1..=10_000_000,
+            )?,
+            max_exception_types_per_app: within(
+                "max_exception_types_per_app",
+                raw.max_exception_types_per_app
+                    .unwrap_or(defaults.max_exception_types_per_app),
+                1..=1_000_000,
+            )?,
+            version_idle_ns: raw
+                .version_idle_secs
+                .map_or(defaults.version_idle_ns, |s| s.saturating_mul(1_000_000_000)),
+        };
+        let version_attribute = raw.version_attribute.unwrap_or_else(|| "service.version".into());
+        if version_attribute.trim().is_empty() {
+            return Err(invalid(
+                "version_attribute",
+                &version_attribute,
+                "must not be empty",
+            ));
+        }
+        let api_token = match raw.api_token {
+            Some(t) if t.trim().is_empty() => {
+                return Err(invalid("api_token", "", "must not be empty when set"));
+            }
+            t => t,
+        };
+        let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "", "must not be empty"));
+        }
+        let log = raw.log.unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+            return Err(invalid("log", &log, &e.to_string()));
+        }
+        let config = Config {
+            data_dir,
+            otlp_grpc_addr: addr(raw.otlp_grpc_addr, "127.0.0.1:4317"),
+            otlp_http_addr: addr(raw.otlp_http_addr, "127.0.0.1:4318"),
+            http_addr: addr(raw.http_addr, "127.0.0.1:8080"),
+            models_dir: raw.models_dir.unwrap_or_else(|| PathBuf::from("./models")),
+            api_token,
+            normalize: NormalizeOptions {
+                version_attribute,
+                max_attribute_value_len: within(
+                    "max_attribute_value_len",
+                    raw.max_attribute_value_len.unwrap_or(256),
+                    16..=65_536,
+                )?,
+                max_series_attributes: within(
+                    "max_series_attributes",
+                    raw.max_series_attributes.unwrap_or(8),
+                    0..=64,
+                )?,
+            },
+            limits,
+            max_message_bytes: within(
+                "max_message_bytes",
+                raw.max_message_bytes.unwrap_or(8 << 20),
+                1024..=(1 << 30),
+            )?,
+            pipeline_queue: within("pipeline_queue", raw.pipeline_queue.unwrap_or(256), 1..=1_000_000)?,
+            ingest_wait: Duration::from_millis(raw.ingest_wait_ms.unwrap_or(5_000)),
+            shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(10)),
+            log,
+        };
+        config.check_addresses()?;
+        Ok(config)
+    }
+
+    /// Two listeners cannot share a fixed port on the same address.
+    fn check_addresses(&self) -> Result<(), ConfigError> {
+        let named = [
+            ("otlp_grpc_addr", self.otlp_grpc_addr),
+            ("otlp_http_addr", self.otlp_http_addr),
+            ("http_addr", self.http_addr),
+        ];
+        for (i, (field, addr)) in named.iter().enumerate() {
+            for (other, other_addr) in &named[..i] {
+                if addr.port() != 0 && addr == other_addr {
+                    return Err(invalid(field, addr, &format!("is also {other}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write_file(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+        let path = dir.path().join("canaryd.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = Config::resolve(RawConfig::default()).expect("defaults are valid");
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.otlp_grpc_addr.to_string(), "127.0.0.1:4317");
+        assert_eq!(config.otlp_http_addr.to_string(), "127.0.0.1:4318");
+        assert_eq!(config.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.models_dir, PathBuf::from("./models"));
+        assert_eq!(config.api_token, None);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_file(
+            &dir,
+            "http_addr = \"127.0.0.1:1001\"\notlp_http_addr = \"127.0.0.1:1002\"\nmax_apps = 7\n",
+        );
+        let env = env(&[
+            ("CANARYD_HTTP_ADDR", "127.0.0.1:2001"),
+            ("CANARYD_OTLP_GRPC_ADDR", "127.0.0.1:2003"),
+        ]);
+        let flags = RawConfig {
+            http_addr: Some("127.0.0.1:3001".parse().expect("addr")),
+            ..RawConfig::default()
+        };
+        let raw = RawConfig::layered(Some(&file), &env, flags).expect("layers");
+        let config = Config::resolve(raw).expect("valid");
+        assert_eq!(config.http_addr.to_string(), "127.0.0.1:3001", "flag wins");
+        assert_eq!(
+            config.otlp_grpc_addr.to_string(),
+            "127.0.0.1:2003",
+            "env over default"
+        );
+        assert_eq!(
+            config.otlp_http_addr.to_string(),
+            "127.0.0.1:1002",
+            "file over default"
+        );
+        assert_eq!(config.limits.max_apps, 7);
+    }
+
+    #[test]
+    fn a_bad_env_value_names_the_variable_and_the_value() {
+        let err = RawConfig::from_env(&env(&[("CANARYD_HTTP_ADDR", "localhost:nope")]))
+            .expect_err("not an address");
+        let message = err.to_string();
+        assert!(message.contains("http_addr"), "{message}");
+        assert!(message.contains("localhost:nope"), "{message}");
+        assert!(message.contains("CANARYD_HTTP_ADDR"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_file_value_names_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_file(&dir, "max_apps = \"many\"\n");
+        let message = RawConfig::from_file(&file).expect_err("bad type").to_string();
+        assert!(message.contains("max_apps"), "{message}");
+        let file = write_file(&dir, "max_ops = 3\n");
+        let message = RawConfig::from_file(&file).expect_err("unknown key").to_string();
+        assert!(message.contains("max_ops"), "{message}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_by_name() {
+        let raw = RawConfig {
+            max_operations_per_app: Some(0),
+            ..RawConfig::default()
+        };
+        let message = Config::resolve(raw).expect_err("zero cap").to_string();
+        assert!(message.contains("max_operations_per_app"), "{message}");
+        let raw = RawConfig {
+            api_token: Some(" ".into()),
+            ..RawConfig::default()
+        };
+        assert!(
+            Config::resolve(raw)
+                .expect_err("blank token")
+                .to_string()
+                .contains("api_token")
+        );
+    }
+
+    #[test]
+    fn fixed_ports_may_not_collide_but_port_zero_may_repeat() {
+        let same = Some("127.0.0.1:9000".parse().expect("addr"));
+        let raw = RawConfig {
+            otlp_http_addr: same,
+            http_addr: same,
+            ..RawConfig::default()
+        };
+        let message = Config::resolve(raw).expect_err("collision").to_string();
+        assert!(message.contains("http_addr"), "{message}");
+        let zero = Some("127.0.0.1:0".parse().expect("addr"));
+        let raw = RawConfig {
+            otlp_grpc_addr: zero,
+            otlp_http_addr: zero,
+            http_addr: zero,
+            ..RawConfig::default()
+        };
+        Config::resolve(raw).expect("port 0 may repeat");
+    }
+
+    #[test]
+    fn unknown_canaryd_variables_are_reported() {
+        let env = env(&[("CANARYD_HTTP_ADR", "x"), ("CANARYD_LOG", "debug"), ("HOME", "/")]);
+        assert_eq!(
+            RawConfig::unknown_env_vars(&env),
+            vec!["CANARYD_HTTP_ADR".to_string()]
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/canaryd.example.toml");
+        let raw = RawConfig::from_file(&path).expect("example parses");
+        Config::resolve(raw).expect("example is valid");
+    }
+}

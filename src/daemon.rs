@@ -1,0 +1,316 @@
+//! Wires the daemon together: binds the listeners, starts each stage as a task, writes
+//! `addrs.json` once everything is ready, and stops the stages in order.
+//!
+//! Start: create the data dir, bind all three listeners (a bind failure names the setting), start
+//! the engine task, the receivers and the API, then write `<data-dir>/addrs.json` and report ready.
+//! Stop (on the token): report not ready; stop the receivers, letting requests in flight finish;
+//! once their queue senders are gone the engine task drains the queue; the HTTP API stops last so
+//! that health and metrics stay visible until the end. Every step has `shutdown_grace` to finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use canaryd_engine::Engine;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::pipeline::{self, SharedEngine};
+use crate::receive::{self, Intake};
+use crate::stats::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data_dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {field} {addr}: {source}")]
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    AddrsFile { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{stage} failed: {message}")]
+    Stage { stage: &'static str, message: String },
+    #[error("{stage} did not stop within {grace:?}")]
+    Timeout { stage: &'static str, grace: Duration },
+}
+
+/// The addresses the daemon actually listens on (port 0 resolved), as `addrs.json` has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BoundAddrs {
+    pub otlp_grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// A started daemon.
+pub struct Daemon {
+    addrs: BoundAddrs,
+    shutdown: CancellationToken,
+    grace: Duration,
+    ready: Arc<AtomicBool>,
+    receivers: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+    engine_task: JoinHandle<()>,
+    api_stop: CancellationToken,
+    api_task: JoinHandle<Result<(), String>>,
+}
+
+async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { field, addr, source })
+}
+
+fn local_addr(
+    field: &'static str,
+    addr: SocketAddr,
+    listener: &TcpListener,
+) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { field, addr, source })
+}
+
+/// Writes `addrs.json` whole or not at all (temporary file, then rename), so a reader never sees
+/// half of it.
+fn write_addrs(data_dir: &Path, addrs: &BoundAddrs) -> Result<(), StartError> {
+    let path = data_dir.join("addrs.json");
+    let tmp = data_dir.join("addrs.json.tmp");
+    let text = serde_json::to_string_pretty(addrs).expect("addresses serialize");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| StartError::AddrsFile { path, source })
+}
+
+/// Serves an axum router until `stop` is cancelled, then lets requests in flight finish.
+async fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    // Small requests and answers: Nagle's algorithm would only delay them.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Runs one stage as a task; a stage that fails brings the daemon down in order, not alone.
+fn spawn_stage(
+    stage: &'static str,
+    shutdown: CancellationToken,
+    run: impl Future<Output = Result<(), String>> + Send + 'static,
+) -> JoinHandle<Result<(), String>> {
+    tokio::spawn(async move {
+        let result = run.await;
+        if let Err(e) = &result {
+            tracing::error!(stage, error = %e, "stage failed; shutting down");
+            shutdown.cancel();
+        }
+        result
+    })
+}
+
+impl Daemon {
+    /// Starts every stage. Returns once all listeners are bound and `addrs.json` is written.
+    pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let grpc_listener = bind("otlp_grpc_addr", config.otlp_grpc_addr).await?;
+        let otlp_http_listener = bind("otlp_http_addr", config.otlp_http_addr).await?;
+        let http_listener = bind("http_addr", config.http_addr).await?;
+        let addrs = BoundAddrs {
+            otlp_grpc: local_addr("otlp_grpc_addr", config.otlp_grpc_addr, &grpc_listener)?,
+            otlp_http: local_addr("otlp_http_addr", config.otlp_http_addr, &otlp_http_listener)?,
+            http: local_addr("http_addr", config.http_addr, &http_listener)?,
+        };
+        let stats = Arc::new(Stats::new());
+        let engine = SharedEngine::new(Engine::new(config.limits.clone()));
+        let (sender, engine_task) = pipeline::start(
+            engine.clone(),
+            stats.clone(),
+            config.pipeline_queue,
+            config.ingest_wait,
+        );
+        let intake = Arc::new(Intake::new(
+            config.normalize.clone(),
+            sender,
+            stats.clone(),
+            config.max_message_bytes,
+        ));
+
+        let shutdown = CancellationToken::new();
+        let grpc_serve = receive::grpc::serve(grpc_listener, intake.clone(), shutdown.clone());
+        let grpc_task = spawn_stage("OTLP gRPC receiver", shutdown.clone(), async move {
+            grpc_serve.await.map_err(|e| e.to_string())
+        });
+        let otlp_http_serve = serve_http(
+            otlp_http_listener,
+            receive::http::router(intake),
+            shutdown.clone(),
+        );
+        let otlp_http_task = spawn_stage("OTLP/HTTP receiver", shutdown.clone(), otlp_http_serve);
+        let ready = Arc::new(AtomicBool::new(false));
+        let api_stop = CancellationToken::new();
+        let api_serve = serve_http(
+            http_listener,
+            api::router(ApiState {
+                engine,
+                stats,
+                ready: ready.clone(),
+            }),
+            api_stop.clone(),
+        );
+        let api_task = spawn_stage("HTTP API", shutdown.clone(), api_serve);
+
+        write_addrs(&config.data_dir, &addrs)?;
+        ready.store(true, Ordering::Release);
+        tracing::info!(
+            otlp_grpc = %addrs.otlp_grpc,
+            otlp_http = %addrs.otlp_http,
+            http = %addrs.http,
+            data_dir = %config.data_dir.display(),
+            "canaryd ready"
+        );
+        Ok(Daemon {
+            addrs,
+            shutdown,
+            grace: config.shutdown_grace,
+            ready,
+            receivers: vec![
+                ("OTLP gRPC receiver", grpc_task),
+                ("OTLP/HTTP receiver", otlp_http_task),
+            ],
+            engine_task,
+            api_stop,
+            api_task,
+        })
+    }
+
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// Cancelling this token starts the orderly stop that `run_until_stopped` completes.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for the shutdown token (cancelled by a signal, or by a stage that failed), then stops
+    /// every stage in order. Returns the first failure.
+    pub async fn run_until_stopped(self) -> Result<(), RunError> {
+        self.shutdown.cancelled().await;
+        tracing::info!("shutting down");
+        self.ready.store(false, Ordering::Release);
+        let mut first_failure = None;
+        for (stage, task) in self.receivers {
+            if let Err(e) = finish(stage, task, self.grace).await {
+                first_failure.get_or_insert(e);
+            }
+        }
+        // The receivers are gone, and with them every sender: the engine drains its queue and ends.
+        let engine = match tokio::time::timeout(self.grace, self.engine_task).await {
+            Err(_) => Err(RunError::Timeout {
+                stage: "engine",
+                grace: self.grace,
+            }),
+            Ok(joined) => joined.map_err(|e| RunError::Stage {
+                stage: "engine",
+                message: e.to_string(),
+            }),
+        };
+        if let Err(e) = engine {
+            first_failure.get_or_insert(e);
+        }
+        self.api_stop.cancel();
+        if let Err(e) = finish("HTTP API", self.api_task, self.grace).await {
+            first_failure.get_or_insert(e);
+        }
+        tracing::info!("stopped");
+        first_failure.map_or(Ok(()), Err)
+    }
+}
+
+async fn finish(
+    stage: &'static str,
+    task: JoinHandle<Result<(), String>>,
+    grace: Duration,
+) -> Result<(), RunError> {
+    match tokio::time::timeout(grace, task).await {
+        Err(_) => Err(RunError::Timeout { stage, grace }),
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(message))) => Err(RunError::Stage { stage, message }),
+        Ok(Err(e)) => Err(RunError::Stage {
+            stage,
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Starts the daemon and runs it until SIGTERM or Ctrl-C, then stops it in order.
+pub async fn run_until_signal(config: Config) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(config).await?;
+    let shutdown = daemon.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        shutdown.cancel();
+    });
+    daemon.run_until_stopped().await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

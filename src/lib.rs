@@ -1,0 +1,21 @@
+//! canaryd: decides whether a new version of a service is safe, from its OpenTelemetry data.
+//!
+//! The data flows receive -> normalize -> engine -> serve:
+//! - `receive`: OTLP over gRPC (`receive::grpc`) and HTTP (`receive::http`), into one `Intake`.
+//! - `normalize`: OTLP requests to the engine's observations; the only protobuf-aware code.
+//! - `pipeline`: the bounded queue into the engine and the task that owns it.
+//! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
+//! - `stats`: the daemon's own counters.
+//! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
+//! - `daemon`: wiring, start-up order, and the orderly stop.
+//!
+//! The statistics live in the `canaryd_engine` crate, which does no IO.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod normalize;
+pub mod pipeline;
+pub mod receive;
+pub mod stats;

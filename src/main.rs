@@ -1,0 +1,52 @@
+//! The `canaryd` binary: parse the command line, resolve the config, set up logging, run.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use canaryd::cli::{Cli, Command, ServeArgs};
+use canaryd::config::{Config, RawConfig};
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let config =
+        match RawConfig::layered(args.config.as_deref(), &env, args.settings).and_then(Config::resolve) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("canaryd: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    for var in RawConfig::unknown_env_vars(&env) {
+        if var != "CANARYD_CONFIG" {
+            tracing::warn!(variable = %var, "ignoring an environment variable that names no setting");
+        }
+    }
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("canaryd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(canaryd::daemon::run_until_signal(config))?;
+    Ok(())
+}

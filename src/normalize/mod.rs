@@ -1,0 +1,276 @@
+//! Normalization: OTLP export requests in, the engine's observations out.
+//!
+//! This is the only place (with the receivers that call it) that knows protobuf types; what it
+//! returns is `canaryd_engine` types. It is a pure function of the request and `NormalizeOptions`:
+//! no state, no IO, so it runs on blocking threads in parallel and is tested with plain values.
+//!
+//! Identity follows the contract: app = `service.name` (prefixed `namespace/` when
+//! `service.namespace` is set), env = `deployment.environment.name` or `deployment.environment`
+//! (else `default`), version = the configured attribute (else `unknown`). A resource without
+//! `service.name`, and an item the engine cannot use (no timestamp, malformed ids, a histogram
+//! whose buckets do not match its bounds), is rejected and counted for OTLP `partial_success`;
+//! the rest of the request is kept. Strings from clients are cut to `max_attribute_value_len`.
+
+mod logs;
+mod metrics;
+mod traces;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use canaryd_engine::{Batch, Identity};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+
+pub use logs::logs;
+pub use metrics::metrics;
+pub use traces::traces;
+
+/// Settings of normalization, from the daemon's config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NormalizeOptions {
+    /// Resource attribute naming the version.
+    pub version_attribute: String,
+    /// Longer attribute values are cut to this many bytes (at a character boundary).
+    pub max_attribute_value_len: usize,
+    /// At most this many point attributes (the first by key) identify a metric series.
+    pub max_series_attributes: usize,
+}
+
+impl Default for NormalizeOptions {
+    fn default() -> Self {
+        NormalizeOptions {
+            version_attribute: "service.version".into(),
+            max_attribute_value_len: 256,
+            max_series_attributes: 8,
+        }
+    }
+}
+
+/// One export request, normalized.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Normalized {
+    pub batch: Batch,
+    /// Items (spans, data points, log records) kept.
+    pub accepted: u64,
+    /// Items refused, for `partial_success`.
+    pub rejected: u64,
+    /// Why items were refused, counted per reason.
+    pub rejections: BTreeMap<&'static str, u64>,
+    /// Attribute values cut to the length cap, and metric attributes left out of series keys.
+    pub truncated: u64,
+}
+
+impl Normalized {
+    fn reject(&mut self, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.rejected += n;
+            *self.rejections.entry(reason).or_default() += n;
+        }
+    }
+
+    /// The `partial_success.error_message`: each reason with its count, or `None` when nothing was
+    /// rejected.
+    pub fn error_message(&self, items: &str) -> Option<String> {
+        if self.rejected == 0 {
+            return None;
+        }
+        let reasons: Vec<String> = self
+            .rejections
+            .iter()
+            .map(|(reason, n)| format!("{n} {reason}"))
+            .collect();
+        Some(format!(
+            "{} {items} rejected: {}",
+            self.rejected,
+            reasons.join("; ")
+        ))
+    }
+}
+
+/// The reason given when a resource has no `service.name`.
+const NO_SERVICE_NAME: &str = "from a resource without service.name";
+
+/// Reads identity from resource attributes, cutting long values; `None` without `service.name`.
+struct IdentityReader<'a> {
+    options: &'a NormalizeOptions,
+}
+
+impl IdentityReader<'_> {
+    fn read(&self, resource: Option<&Resource>, truncated: &mut u64) -> Option<(Identity, Option<Arc<str>>)> {
+        let attrs = resource.map_or(&[][..], |r| &r.attributes[..]);
+        let name = string_attr(attrs, "service.name").filter(|s| !s.is_empty())?;
+        let mut cut = |s: &str| cut_to(s, self.options.max_attribute_value_len, truncated);
+        let app = match string_attr(attrs, "service.namespace").filter(|s| !s.is_empty()) {
+            Some(ns) => format!("{}/{}", cut(&ns), cut(&name)),
+            None => cut(&name),
+        };
+        let env = string_attr(attrs, "deployment.environment.name")
+            .or_else(|| string_attr(attrs, "deployment.environment"))
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| "default".to_owned(), |s| cut(&s));
+        let version = string_attr(attrs, &self.options.version_attribute)
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| "unknown".to_owned(), |s| cut(&s));
+        let instance = string_attr(attrs, "service.instance.id").map(|s| Arc::from(cut(&s)));
+        Some((Identity::new(&env, &app, &version), instance))
+    }
+}
+
+/// `s`, cut to at most `max` bytes at a character boundary; counts the cut in `truncated`.
+fn cut_to(s: &str, max: usize, truncated: &mut u64) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    *truncated += 1;
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+/// An attribute's value as text: strings as they are, scalars printed.
+fn string_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+    find(attrs, key).and_then(value_text)
+}
+
+fn value_text(value: &any_value::Value) -> Option<String> {
+    use any_value::Value;
+    match value {
+        Value::StringValue(s) => Some(s.clone()),
+        Value::IntValue(i) => Some(i.to_string()),
+        Value::BoolValue(b) => Some(b.to_string()),
+        Value::DoubleValue(d) => Some(d.to_string()),
+        Value::BytesValue(_)
+        | Value::ArrayValue(_)
+        | Value::KvlistValue(_)
+        | Value::StringValueStrindex(_) => None,
+    }
+}
+
+/// An attribute's value as an integer, accepting integers written as strings.
+fn int_attr(attrs: &[KeyValue], key: &str) -> Option<i64> {
+    match find(attrs, key)? {
+        any_value::Value::IntValue(i) => Some(*i),
+        any_value::Value::StringValue(s) => s.trim().parse().ok(),
+        any_value::Value::DoubleValue(d) if d.fract() == 0.0 => Some(*d as i64),
+        _ => None,
+    }
+}
+
+/// Text of an `AnyValue`, for log bodies and series attributes.
+fn any_value_text(value: Option<&AnyValue>) -> Option<String> {
+    value.and_then(|v| v.value.as_ref()).and_then(value_text)
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Builders for OTLP values in normalization tests.
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    pub fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.into())),
+            }),
+            ..KeyValue::default()
+        }
+    }
+
+    pub fn kv_int(key: &str, value: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(value)),
+            }),
+            ..KeyValue::default()
+        }
+    }
+
+    pub fn resource(attrs: &[(&str, &str)]) -> Option<Resource> {
+        Some(Resource {
+            attributes: attrs.iter().map(|(k, v)| kv(k, v)).collect(),
+            ..Resource::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::resource;
+    use super::*;
+
+    fn identity_of(attrs: &[(&str, &str)], options: &NormalizeOptions) -> Option<String> {
+        let mut truncated = 0;
+        let reader = IdentityReader { options };
+        let (id, _) = reader.read(resource(attrs).as_ref(), &mut truncated)?;
+        Some(id.to_string())
+    }
+
+    #[test]
+    fn identity_follows_the_contract() {
+        let o = NormalizeOptions::default();
+        let check = |attrs: &[(&str, &str)], want: Option<&str>| {
+            assert_eq!(identity_of(attrs, &o).as_deref(), want, "{attrs:?}");
+        };
+        check(&[("service.name", "shop")], Some("default/shop@unknown"));
+        check(
+            &[
+                ("service.name", "shop"),
+                ("service.namespace", "retail"),
+                ("service.version", "1.2"),
+            ],
+            Some("default/retail/shop@1.2"),
+        );
+        check(
+            &[("service.name", "shop"), ("deployment.environment", "staging")],
+            Some("staging/shop@unknown"),
+        );
+        check(
+            &[
+                ("service.name", "shop"),
+                ("deployment.environment", "old"),
+                ("deployment.environment.name", "prod"),
+            ],
+            Some("prod/shop@unknown"),
+        );
+        check(&[("service.version", "1")], None);
+        check(&[("service.name", "")], None);
+    }
+
+    #[test]
+    fn the_version_attribute_is_configurable() {
+        let o = NormalizeOptions {
+            version_attribute: "app.build".into(),
+            ..NormalizeOptions::default()
+        };
+        let id = identity_of(
+            &[
+                ("service.name", "shop"),
+                ("service.version", "1"),
+                ("app.build", "b7"),
+            ],
+            &o,
+        );
+        assert_eq!(id.as_deref(), Some("default/shop@b7"));
+    }
+
+    #[test]
+    fn long_values_are_cut_at_a_character_boundary() {
+        let mut truncated = 0;
+        assert_eq!(cut_to("héllo", 2, &mut truncated), "h");
+        assert_eq!(cut_to("hello", 5, &mut truncated), "hello");
+        assert_eq!(truncated, 1);
+    }
+}

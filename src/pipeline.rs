@@ -1,0 +1,85 @@
+//! The bounded queue between the receivers and the engine, and the task that owns the engine.
+//!
+//! Receivers normalize in parallel; the engine ingests one batch at a time, in arrival order, so
+//! its state has a single writer. The queue is bounded: when it is full a receiver waits up to
+//! `ingest_wait` for room, then answers "unavailable" (gRPC UNAVAILABLE, HTTP 503), which OTLP
+//! clients retry, so a burst slows senders down instead of growing memory or losing data. Readers
+//! (the HTTP API) lock the engine briefly between batches.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use canaryd_engine::{Batch, Engine};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::stats::Stats;
+
+/// The engine, shared between its one writer (the pipeline task) and the API's readers.
+#[derive(Clone)]
+pub struct SharedEngine(Arc<Mutex<Engine>>);
+
+impl SharedEngine {
+    pub fn new(engine: Engine) -> Self {
+        SharedEngine(Arc::new(Mutex::new(engine)))
+    }
+
+    /// Locks the engine. A panic while it was held leaves counts that are still consistent (each
+    /// batch is applied by plain arithmetic), so a poisoned lock is taken over, not propagated.
+    pub fn lock(&self) -> MutexGuard<'_, Engine> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the engine's queue stayed full for {0:?}")]
+    Full(Duration),
+    #[error("the engine has stopped")]
+    Closed,
+}
+
+/// The receivers' end of the queue.
+#[derive(Clone)]
+pub struct BatchSender {
+    tx: mpsc::Sender<Batch>,
+    wait: Duration,
+}
+
+impl BatchSender {
+    pub async fn submit(&self, batch: Batch) -> Result<(), SubmitError> {
+        self.tx.send_timeout(batch, self.wait).await.map_err(|e| match e {
+            mpsc::error::SendTimeoutError::Timeout(_) => SubmitError::Full(self.wait),
+            mpsc::error::SendTimeoutError::Closed(_) => SubmitError::Closed,
+        })
+    }
+}
+
+/// Creates the queue and starts the task that feeds the engine. The task ends once every
+/// `BatchSender` is dropped and the queue is drained.
+pub fn start(
+    engine: SharedEngine,
+    stats: Arc<Stats>,
+    capacity: usize,
+    wait: Duration,
+) -> (BatchSender, JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Batch>(capacity);
+    let task = tokio::spawn(async move {
+        while let Some(batch) = rx.recv().await {
+            stats.queue_depth.set(rx.len() as i64);
+            let (report, apps) = {
+                let mut engine = engine.lock();
+                let report = engine.ingest(&batch);
+                (report, engine.catalog().app_count())
+            };
+            stats.batches_ingested.inc();
+            stats.apps_tracked.set(apps as i64);
+            for (cap, n) in report.cap_hits {
+                stats.capped(cap, n);
+            }
+        }
+        stats.queue_depth.set(0);
+        tracing::debug!("engine queue drained");
+    });
+    (BatchSender { tx, wait }, task)
+}

@@ -1,0 +1,231 @@
+//! The daemon's own health counters, rendered on `/metrics` in the Prometheus text format.
+//!
+//! Every stage counts what it accepted, refused and dropped here, in one place, so that what the
+//! daemon did with its input can always be accounted for: items accepted by the receivers equal
+//! items the engine catalogued plus those the caps dropped.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use canaryd_engine::Cap;
+
+/// The three OTLP signals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Signal {
+    Traces,
+    Metrics,
+    Logs,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Traces => "traces",
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
+        }
+    }
+
+    /// What one item of this signal is called in messages.
+    pub fn items(self) -> &'static str {
+        match self {
+            Signal::Traces => "spans",
+            Signal::Metrics => "data points",
+            Signal::Logs => "log records",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Grpc,
+    Http,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::Http => "http",
+        }
+    }
+}
+
+type Labels2 = [(&'static str, &'static str); 2];
+type Labels3 = [(&'static str, &'static str); 3];
+
+/// All of the daemon's own metrics.
+pub struct Stats {
+    registry: Registry,
+    requests: Family<Labels3, Counter>,
+    accepted_items: Family<Labels2, Counter>,
+    rejected_items: Family<Labels2, Counter>,
+    truncated_values: Counter,
+    capped: Family<Labels2, Counter>,
+    pub batches_ingested: Counter,
+    pub queue_depth: Gauge,
+    pub apps_tracked: Gauge,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats::new()
+    }
+}
+
+impl Stats {
+    pub fn new() -> Stats {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels3, Counter>::default();
+        registry.register(
+            "canaryd_otlp_requests",
+            "OTLP export requests by signal, transport and outcome",
+            requests.clone(),
+        );
+        let accepted_items = Family::<Labels2, Counter>::default();
+        registry.register(
+            "canaryd_otlp_accepted_items",
+            "Spans, data points and log records accepted and handed to the engine",
+            accepted_items.clone(),
+        );
+        let rejected_items = Family::<Labels2, Counter>::default();
+        registry.register(
+            "canaryd_otlp_rejected_items",
+            "Items refused in partial_success (unusable, or from a resource without service.name)",
+            rejected_items.clone(),
+        );
+        let truncated_values = Counter::default();
+        registry.register(
+            "canaryd_truncated_values",
+            "Attribute values cut to max_attribute_value_len, and metric attributes left out of series keys",
+            truncated_values.clone(),
+        );
+        let capped = Family::<Labels2, Counter>::default();
+        registry.register(
+            "canaryd_capped_observations",
+            "Observations that ran into a cap, by cap and by what became of them (dropped, or folded into __overflow__)",
+            capped.clone(),
+        );
+        let batches_ingested = Counter::default();
+        registry.register(
+            "canaryd_engine_batches",
+            "Batches the engine has ingested",
+            batches_ingested.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "canaryd_pipeline_queue_depth",
+            "Batches waiting between the receivers and the engine",
+            queue_depth.clone(),
+        );
+        let apps_tracked = Gauge::default();
+        registry.register(
+            "canaryd_apps_tracked",
+            "Apps (env, app) in the catalog",
+            apps_tracked.clone(),
+        );
+        let build_info = Family::<[(&'static str, &'static str); 1], Gauge<i64, AtomicI64>>::default();
+        registry.register("canaryd_build_info", "canaryd's version", build_info.clone());
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        // Make every series exist from the start, so that rates and alerts see zeros, not gaps.
+        for signal in [Signal::Traces, Signal::Metrics, Signal::Logs] {
+            for transport in [Transport::Grpc, Transport::Http] {
+                let labels = item_labels(signal, transport);
+                accepted_items.get_or_create(&labels).inc_by(0);
+                rejected_items.get_or_create(&labels).inc_by(0);
+            }
+        }
+        for cap in Cap::ALL {
+            capped.get_or_create(&cap_labels(cap)).inc_by(0);
+        }
+        Stats {
+            registry,
+            requests,
+            accepted_items,
+            rejected_items,
+            truncated_values,
+            capped,
+            batches_ingested,
+            queue_depth,
+            apps_tracked,
+        }
+    }
+
+    /// Counts one export request and, when it was taken, its accepted and rejected items.
+    pub fn export(
+        &self,
+        signal: Signal,
+        transport: Transport,
+        outcome: &'static str,
+        accepted: u64,
+        rejected: u64,
+    ) {
+        let labels = item_labels(signal, transport);
+        self.requests
+            .get_or_create(&[labels[0], labels[1], ("outcome", outcome)])
+            .inc();
+        self.accepted_items.get_or_create(&labels).inc_by(accepted);
+        self.rejected_items.get_or_create(&labels).inc_by(rejected);
+    }
+
+    pub fn truncated(&self, n: u64) {
+        self.truncated_values.inc_by(n);
+    }
+
+    pub fn capped(&self, cap: Cap, n: u64) {
+        self.capped.get_or_create(&cap_labels(cap)).inc_by(n);
+    }
+
+    /// The Prometheus text exposition of everything above.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn item_labels(signal: Signal, transport: Transport) -> Labels2 {
+    [("signal", signal.name()), ("transport", transport.name())]
+}
+
+fn cap_labels(cap: Cap) -> Labels2 {
+    let action = if cap.drops() { "dropped" } else { "folded" };
+    [("cap", cap.name()), ("action", action)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_their_labels() {
+        let stats = Stats::new();
+        stats.export(Signal::Traces, Transport::Grpc, "ok", 512, 3);
+        stats.capped(Cap::OperationsPerApp, 7);
+        let text = stats.render();
+        assert!(
+            text.contains("canaryd_otlp_accepted_items_total{signal=\"traces\",transport=\"grpc\"} 512"),
+            "{text}"
+        );
+        assert!(
+            text.contains("canaryd_otlp_rejected_items_total{signal=\"traces\",transport=\"grpc\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "canaryd_capped_observations_total{cap=\"max_operations_per_app\",action=\"folded\"} 7"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("canaryd_otlp_accepted_items_total{signal=\"logs\",transport=\"http\"} 0"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
