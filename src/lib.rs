@@ -8,6 +8,7 @@
 //! - `stats`: the daemon's own counters.
 //! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
 //! - `daemon`: wiring, start-up order, and the orderly stop.
+//! - `testdata`: seeded OTLP request generators for benchmarks and tests.
 //!
 //! The statistics live in the `canaryd_engine` crate, which does no IO.
 
@@ -19,3 +20,4 @@ pub mod normalize;
 pub mod pipeline;
 pub mod receive;
 pub mod stats;
+pub mod testdata;

@@ -79,7 +79,7 @@ pub fn start(
             }
         }
         stats.queue_depth.set(0);
-        tracing::debug!("engine queue drained");
+        tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
     });
     (BatchSender { tx, wait }, task)
 }

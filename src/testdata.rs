@@ -1,0 +1,354 @@
+//! Generated OTLP requests, deterministic from a seed, for benchmarks, load generators and tests.
+//!
+//! Shaped like what an instrumented HTTP service sends: per request one SERVER span with the HTTP
+//! semantic-convention attributes and CLIENT children calling a database or another service, under
+//! resources that carry the full identity. No randomness source beyond a seeded xorshift, so the
+//! same seed always yields the same bytes.
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::metrics::v1::{
+    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics,
+    ScopeMetrics, Sum, metric, number_data_point,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+
+/// 2026-01-05T00:00:00Z, a Monday: where generated event time starts unless told otherwise.
+pub const EPOCH_NS: u64 = 1_767_571_200_000_000_000;
+
+/// A small, fast, seeded generator (xorshift64*).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+pub fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..KeyValue::default()
+    }
+}
+
+pub fn kv_int(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..KeyValue::default()
+    }
+}
+
+/// A resource with the identity attributes canaryd reads, plus an instance id.
+pub fn resource(env: &str, app: &str, version: &str) -> Resource {
+    Resource {
+        attributes: vec![
+            kv("service.name", app),
+            kv("service.version", version),
+            kv("deployment.environment.name", env),
+            kv("service.instance.id", &format!("{app}-{version}-0")),
+            kv("telemetry.sdk.language", "rust"),
+        ],
+        ..Resource::default()
+    }
+}
+
+/// What a generated trace request looks like.
+#[derive(Clone, Debug)]
+pub struct TraceShape {
+    pub env: String,
+    pub apps: usize,
+    pub versions_per_app: usize,
+    pub operations: usize,
+    /// Spans in the whole request, SERVER and CLIENT together.
+    pub spans: usize,
+    /// Attributes per span (at least the semantic-convention ones, padded with others).
+    pub attributes: usize,
+    /// Share of requests that fail with a 500.
+    pub error_rate: f64,
+    /// Event time of the first span.
+    pub start_ns: u64,
+}
+
+impl Default for TraceShape {
+    fn default() -> Self {
+        TraceShape {
+            env: "prod".into(),
+            apps: 4,
+            versions_per_app: 2,
+            operations: 12,
+            spans: 512,
+            attributes: 10,
+            error_rate: 0.01,
+            start_ns: EPOCH_NS,
+        }
+    }
+}
+
+/// A trace export request of `shape.spans` spans spread over the shape's apps and versions: each
+/// request is a SERVER span followed by one CLIENT child.
+pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest {
+    let mut rng = Rng::new(seed);
+    let resources = (shape.apps * shape.versions_per_app).max(1);
+    let per_resource = shape.spans.div_ceil(resources);
+    let mut left = shape.spans;
+    let mut resource_spans = Vec::new();
+    for r in 0..resources {
+        let app = format!("app-{}", r / shape.versions_per_app.max(1));
+        let version = format!("1.{}.0", r % shape.versions_per_app.max(1));
+        let n = per_resource.min(left);
+        left -= n;
+        let mut spans = Vec::with_capacity(n);
+        let mut time = shape.start_ns;
+        while spans.len() < n {
+            let trace_id: Vec<u8> = (0..2).flat_map(|_| rng.next_u64().to_be_bytes()).collect();
+            let server_id = rng.next_u64().to_be_bytes().to_vec();
+            let op = rng.below(shape.operations.max(1) as u64);
+            let duration = 1_000_000 + rng.below(50_000_000);
+            let failed = rng.unit() < shape.error_rate;
+            time += 1_000_000 + rng.below(10_000_000);
+            let route = format!("/api/v1/resource{op}/{{id}}");
+            let mut attributes = vec![
+                kv("http.request.method", "GET"),
+                kv("http.route", &route),
+                kv_int("http.response.status_code", if failed { 500 } else { 200 }),
+                kv("url.scheme", "https"),
+                kv("server.address", "shop.example.internal"),
+                kv_int("server.port", 443),
+                kv(
+                    "user_agent.original",
+                    "Mozilla/5.0 (X11; Linux x86_64) canaryd-bench",
+                ),
+            ];
+            pad_attributes(&mut attributes, shape.attributes, &mut rng);
+            spans.push(Span {
+                trace_id: trace_id.clone(),
+                span_id: server_id.clone(),
+                name: format!("GET {route}"),
+                kind: span::SpanKind::Server as i32,
+                start_time_unix_nano: time,
+                end_time_unix_nano: time + duration,
+                attributes,
+                status: failed.then(|| Status {
+                    code: status::StatusCode::Error as i32,
+                    message: "internal error".into(),
+                }),
+                ..Span::default()
+            });
+            if spans.len() < n {
+                let mut attributes = vec![
+                    kv("db.system.name", "postgresql"),
+                    kv("db.namespace", "orders"),
+                    kv("db.operation.name", "SELECT"),
+                    kv("server.address", "orders-db.internal"),
+                    kv_int("server.port", 5432),
+                ];
+                pad_attributes(&mut attributes, shape.attributes, &mut rng);
+                spans.push(Span {
+                    trace_id,
+                    span_id: rng.next_u64().to_be_bytes().to_vec(),
+                    parent_span_id: server_id,
+                    name: "SELECT orders".into(),
+                    kind: span::SpanKind::Client as i32,
+                    start_time_unix_nano: time + 100_000,
+                    end_time_unix_nano: time + duration / 2,
+                    attributes,
+                    ..Span::default()
+                });
+            }
+        }
+        resource_spans.push(ResourceSpans {
+            resource: Some(resource(&shape.env, &app, &version)),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(scope()),
+                spans,
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        });
+    }
+    ExportTraceServiceRequest { resource_spans }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "canaryd.testdata".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..InstrumentationScope::default()
+    }
+}
+
+fn pad_attributes(attributes: &mut Vec<KeyValue>, wanted: usize, rng: &mut Rng) {
+    let mut i = 0;
+    while attributes.len() < wanted {
+        attributes.push(kv(
+            &format!("app.attr{i}"),
+            &format!("value-{}", rng.below(1_000)),
+        ));
+        i += 1;
+    }
+}
+
+/// A metrics request for one resource: a cumulative counter, a gauge and a delta histogram, with
+/// `series` attribute sets each, all at `time_ns`. The counter's total is `total` on every series.
+pub fn metrics_request(
+    env: &str,
+    app: &str,
+    version: &str,
+    series: usize,
+    time_ns: u64,
+    total: i64,
+) -> ExportMetricsServiceRequest {
+    let attrs = |i: usize| vec![kv("route", &format!("/r{i}"))];
+    let counter = Metric {
+        name: "orders.completed".into(),
+        unit: "{order}".into(),
+        data: Some(metric::Data::Sum(Sum {
+            data_points: (0..series)
+                .map(|i| NumberDataPoint {
+                    attributes: attrs(i),
+                    start_time_unix_nano: EPOCH_NS,
+                    time_unix_nano: time_ns,
+                    value: Some(number_data_point::Value::AsInt(total)),
+                    ..NumberDataPoint::default()
+                })
+                .collect(),
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        })),
+        ..Metric::default()
+    };
+    let gauge = Metric {
+        name: "queue.depth".into(),
+        data: Some(metric::Data::Gauge(Gauge {
+            data_points: (0..series)
+                .map(|i| NumberDataPoint {
+                    attributes: attrs(i),
+                    time_unix_nano: time_ns,
+                    value: Some(number_data_point::Value::AsDouble(i as f64)),
+                    ..NumberDataPoint::default()
+                })
+                .collect(),
+        })),
+        ..Metric::default()
+    };
+    let histogram = Metric {
+        name: "http.server.request.duration".into(),
+        unit: "s".into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            data_points: (0..series)
+                .map(|i| HistogramDataPoint {
+                    attributes: attrs(i),
+                    start_time_unix_nano: time_ns.saturating_sub(10_000_000_000),
+                    time_unix_nano: time_ns,
+                    count: 6,
+                    sum: Some(0.9),
+                    bucket_counts: vec![1, 3, 2],
+                    explicit_bounds: vec![0.05, 0.25],
+                    ..HistogramDataPoint::default()
+                })
+                .collect(),
+            aggregation_temporality: AggregationTemporality::Delta as i32,
+        })),
+        ..Metric::default()
+    };
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(resource(env, app, version)),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(scope()),
+                metrics: vec![counter, gauge, histogram],
+                ..ScopeMetrics::default()
+            }],
+            ..ResourceMetrics::default()
+        }],
+    }
+}
+
+/// A logs request for one resource with one record per severity number given.
+pub fn logs_request(
+    env: &str,
+    app: &str,
+    version: &str,
+    severities: &[i32],
+    time_ns: u64,
+) -> ExportLogsServiceRequest {
+    let log_records = severities
+        .iter()
+        .enumerate()
+        .map(|(i, severity)| LogRecord {
+            time_unix_nano: time_ns + i as u64,
+            severity_number: *severity,
+            body: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(format!("record {i}"))),
+            }),
+            ..LogRecord::default()
+        })
+        .collect();
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(resource(env, app, version)),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(scope()),
+                log_records,
+                ..ScopeLogs::default()
+            }],
+            ..ResourceLogs::default()
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_request() {
+        let shape = TraceShape::default();
+        assert_eq!(trace_request(&shape, 7), trace_request(&shape, 7));
+        assert_ne!(trace_request(&shape, 7), trace_request(&shape, 8));
+    }
+
+    #[test]
+    fn requests_have_the_asked_shape() {
+        let shape = TraceShape::default();
+        let request = trace_request(&shape, 1);
+        let spans: Vec<&Span> = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .collect();
+        assert_eq!(spans.len(), 512);
+        assert!(spans.iter().all(|s| s.attributes.len() == 10));
+        assert_eq!(request.resource_spans.len(), 8);
+    }
+}

@@ -1,0 +1,746 @@
+//! The whole daemon, started on port 0, driven over real OTLP gRPC (tonic) and OTLP/HTTP clients.
+//!
+//! Each test asserts what the API then shows, not only the status of the export.
+
+mod support;
+
+use std::io::Write;
+
+use canaryd::receive::http::RpcStatus;
+use canaryd::testdata::{self, EPOCH_NS, TraceShape, kv};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
+use prost::Message;
+use support::{TestDaemon, eventually, find_app, find_version, wait_for_count};
+use tonic::codec::CompressionEncoding;
+use tonic::{Code, Request};
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).expect("gzip in memory");
+    encoder.finish().expect("gzip in memory")
+}
+
+/// A request of `n` SERVER spans from one resource, with the given operation names in turn.
+fn spans_request(app: &str, version: &str, operations: &[String], n: usize) -> ExportTraceServiceRequest {
+    let spans = (0..n)
+        .map(|i| Span {
+            trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
+            span_id: (i as u64 + 1).to_be_bytes().to_vec(),
+            parent_span_id: vec![9; 8],
+            name: operations[i % operations.len()].clone(),
+            kind: span::SpanKind::Server as i32,
+            start_time_unix_nano: EPOCH_NS + i as u64 * 1_000_000,
+            end_time_unix_nano: EPOCH_NS + i as u64 * 1_000_000 + 500_000,
+            ..Span::default()
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(testdata::resource("prod", app, version)),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        }],
+    }
+}
+
+fn span_count(request: &ExportTraceServiceRequest) -> u64 {
+    request
+        .resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len() as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn grpc_traces_metrics_and_logs_show_up_in_the_api() {
+    let daemon = TestDaemon::start().await;
+    let endpoint = daemon.grpc_endpoint();
+
+    let shape = TraceShape {
+        apps: 1,
+        versions_per_app: 2,
+        spans: 100,
+        error_rate: 0.2,
+        ..TraceShape::default()
+    };
+    let request = testdata::trace_request(&shape, 42);
+    let mut traces = TraceServiceClient::connect(endpoint.clone())
+        .await
+        .expect("connect");
+    let response = traces.export(request.clone()).await.expect("export").into_inner();
+    assert_eq!(response.partial_success, None);
+
+    let mut metrics = MetricsServiceClient::connect(endpoint.clone())
+        .await
+        .expect("connect");
+    for (step, total) in [(1, 5), (2, 9)] {
+        let r = testdata::metrics_request(
+            "prod",
+            "app-0",
+            "1.0.0",
+            3,
+            EPOCH_NS + step * 10_000_000_000,
+            total,
+        );
+        let response = metrics.export(r).await.expect("export metrics").into_inner();
+        assert_eq!(response.partial_success, None);
+    }
+
+    let mut logs = LogsServiceClient::connect(endpoint).await.expect("connect");
+    let r = testdata::logs_request("prod", "app-0", "1.0.0", &[9, 9, 13, 17, 21], EPOCH_NS);
+    logs.export(r).await.expect("export logs");
+
+    let app = wait_for_count(&daemon, "prod", "app-0", "1.0.0", "log_records", 5).await;
+    let app = if find_version(&app, "1.0.0").and_then(|v| v["metric_points"].as_u64()) == Some(18) {
+        app
+    } else {
+        wait_for_count(&daemon, "prod", "app-0", "1.0.0", "metric_points", 18).await
+    };
+    let v0 = find_version(&app, "1.0.0").expect("version 1.0.0");
+    let v1 = find_version(&app, "1.1.0").expect("version 1.1.0");
+    assert_eq!(v0["spans"].as_u64().unwrap() + v1["spans"].as_u64().unwrap(), 100);
+    assert_eq!(v0["spans"], 50);
+    assert_eq!(v0["requests"], 25, "every other span is a SERVER span");
+    assert_eq!(v0["calls"], 25);
+    assert_eq!(v0["error_log_records"], 2);
+    assert_eq!(
+        app["metric_series"], 9,
+        "three metrics with three attribute sets each"
+    );
+    let downstreams = app["downstreams"].as_array().expect("downstreams");
+    assert_eq!(downstreams[0]["downstream"], "orders-db.internal");
+    assert_eq!(downstreams[0]["calls"], 50);
+    let errors: u64 = app["operations"]
+        .as_array()
+        .expect("operations")
+        .iter()
+        .map(|o| o["errors"].as_u64().expect("errors"))
+        .sum();
+    assert_eq!(
+        errors,
+        v0["errors"].as_u64().unwrap() + v1["errors"].as_u64().unwrap()
+    );
+    assert!(errors > 0, "a 20% error rate over 50 requests yields errors");
+    assert_eq!(v0["first_seen"].as_str().map(|s| &s[..10]), Some("2026-01-05"));
+
+    assert_eq!(
+        daemon
+            .metric("canaryd_otlp_accepted_items_total{signal=\"traces\",transport=\"grpc\"}")
+            .await,
+        100.0
+    );
+    assert_eq!(
+        daemon
+            .metric("canaryd_otlp_accepted_items_total{signal=\"metrics\",transport=\"grpc\"}")
+            .await,
+        18.0
+    );
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn grpc_accepts_gzip() {
+    let daemon = TestDaemon::start().await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect")
+        .send_compressed(CompressionEncoding::Gzip);
+    let request = spans_request("zipped", "1", &["op".to_string()], 64);
+    client.export(request).await.expect("gzip export");
+    wait_for_count(&daemon, "prod", "zipped", "1", "spans", 64).await;
+}
+
+#[tokio::test]
+async fn grpc_partial_success_counts_resources_without_service_name() {
+    let daemon = TestDaemon::start().await;
+    let mut request = spans_request("named", "1", &["op".to_string()], 5);
+    let mut nameless = spans_request("x", "1", &["op".to_string()], 3);
+    nameless.resource_spans[0]
+        .resource
+        .as_mut()
+        .expect("resource")
+        .attributes
+        .retain(|kv| kv.key != "service.name");
+    request.resource_spans.extend(nameless.resource_spans);
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let response = client
+        .export(request)
+        .await
+        .expect("a partly usable request is OK")
+        .into_inner();
+    let partial = response.partial_success.expect("partial_success is set");
+    assert_eq!(partial.rejected_spans, 3);
+    assert!(
+        partial.error_message.contains("without service.name"),
+        "{}",
+        partial.error_message
+    );
+    wait_for_count(&daemon, "prod", "named", "1", "spans", 5).await;
+    assert_eq!(
+        daemon
+            .metric("canaryd_otlp_rejected_items_total{signal=\"traces\",transport=\"grpc\"}")
+            .await,
+        3.0
+    );
+}
+
+/// A message whose field 1 has the wrong wire type for an export request.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotAnExport {
+    #[prost(uint64, tag = "1")]
+    resource_spans: u64,
+}
+
+#[tokio::test]
+async fn grpc_undecodable_request_is_invalid_argument() {
+    let daemon = TestDaemon::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(daemon.grpc_endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    );
+    let codec = tonic_prost::ProstCodec::<NotAnExport, ExportTraceServiceResponse>::default();
+    let status = grpc
+        .unary(Request::new(NotAnExport { resource_spans: 7 }), path, codec)
+        .await
+        .expect_err("garbage is refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
+
+#[tokio::test]
+async fn grpc_oversized_request_is_resource_exhausted_plain_or_compressed() {
+    let daemon = TestDaemon::start_with(|raw| raw.max_message_bytes = Some(64 * 1024)).await;
+    let mut request = spans_request("big", "1", &["op".to_string()], 10);
+    for span in &mut request.resource_spans[0].scope_spans[0].spans {
+        span.attributes.push(kv("payload", &"x".repeat(10_000)));
+    }
+    assert!(request.encoded_len() > 64 * 1024);
+    let client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let status = client
+        .clone()
+        .export(request.clone())
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // Compressed, the request is small on the wire; it is its decompressed size that counts.
+    let status = client
+        .send_compressed(CompressionEncoding::Gzip)
+        .export(request)
+        .await
+        .expect_err("too large once inflated");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let apps = daemon.apps().await;
+    assert!(
+        find_app(&apps, "prod", "big").is_none(),
+        "nothing of a refused request is kept"
+    );
+}
+
+#[tokio::test]
+async fn http_protobuf_plain_and_gzip_are_accepted() {
+    let daemon = TestDaemon::start().await;
+    let request = spans_request("web", "2", &["GET /".to_string()], 20);
+    let body = request.encode_to_vec();
+    let response = daemon
+        .http
+        .post(daemon.otlp_http("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-protobuf");
+    let answer = ExportTraceServiceResponse::decode(response.bytes().await.expect("body")).expect("response");
+    assert_eq!(answer.partial_success, None);
+
+    let response = daemon
+        .http
+        .post(daemon.otlp_http("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(gzip(&body))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    wait_for_count(&daemon, "prod", "web", "2", "spans", 40).await;
+}
+
+#[tokio::test]
+async fn http_json_uses_the_otlp_json_encoding() {
+    let daemon = TestDaemon::start().await;
+    let traces = serde_json::json!({
+        "resourceSpans": [{
+            "resource": {"attributes": [
+                {"key": "service.name", "value": {"stringValue": "json-app"}},
+                {"key": "service.namespace", "value": {"stringValue": "shop"}},
+                {"key": "service.version", "value": {"stringValue": "3.1"}},
+                {"key": "deployment.environment.name", "value": {"stringValue": "staging"}}
+            ]},
+            "scopeSpans": [{"spans": [
+                {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",
+                 "name": "checkout", "kind": 2,
+                 "startTimeUnixNano": "1767571200000000000", "endTimeUnixNano": "1767571200250000000",
+                 "attributes": [{"key": "http.response.status_code", "value": {"intValue": "502"}}],
+                 "events": [{"name": "exception", "timeUnixNano": "1767571200100000000",
+                             "attributes": [{"key": "exception.type", "value": {"stringValue": "TimeoutError"}}]}]},
+                {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b175",
+                 "parentSpanId": "eee19b7ec3c1b174", "name": "call payments", "kind": 3,
+                 "startTimeUnixNano": "1767571200010000000", "endTimeUnixNano": "1767571200200000000",
+                 "attributes": [{"key": "peer.service", "value": {"stringValue": "payments"}}]}
+            ]}]
+        }]
+    });
+    let response = daemon
+        .http
+        .post(daemon.otlp_http("/v1/traces"))
+        .header("content-type", "application/json")
+        .body(traces.to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+
+    let metrics = serde_json::json!({
+        "resourceMetrics": [{
+            "resource": {"attributes": [
+                {"key": "service.name", "value": {"stringValue": "json-app"}},
+                {"key": "service.namespace", "value": {"stringValue": "shop"}},
+                {"key": "service.version", "value": {"stringValue": "3.1"}},
+                {"key": "deployment.environment.name", "value": {"stringValue": "staging"}}
+            ]},
+            "scopeMetrics": [{"metrics": [{
+                "name": "orders", "sum": {"aggregationTemporality": 2, "isMonotonic": true,
+                "dataPoints": [{"asInt": "12", "startTimeUnixNano": "1767571200000000000",
+                                "timeUnixNano": "1767571210000000000"}]}
+            }]}]
+        }]
+    });
+    let response = daemon
+        .http
+        .post(daemon.otlp_http("/v1/metrics"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(metrics.to_string())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+
+    let app = wait_for_count(&daemon, "staging", "shop/json-app", "3.1", "metric_points", 1).await;
+    let version = find_version(&app, "3.1").expect("version");
+    assert_eq!(version["spans"], 2);
+    assert_eq!(version["requests"], 1);
+    assert_eq!(version["errors"], 1);
+    assert_eq!(version["calls"], 1);
+    assert_eq!(app["downstreams"][0]["downstream"], "payments");
+    assert_eq!(app["exception_types"][0]["exception_type"], "TimeoutError");
+    assert_eq!(app["first_seen"], "2026-01-05T00:00:00.100000000Z");
+    let filtered = daemon.get_json("/api/v1/apps?env=prod").await;
+    assert!(
+        find_app(&filtered, "staging", "shop/json-app").is_none(),
+        "env filter applies"
+    );
+}
+
+#[tokio::test]
+async fn http_bad_requests_get_the_contract_status_and_a_status_body() {
+    let daemon = TestDaemon::start_with(|raw| raw.max_message_bytes = Some(16 * 1024)).await;
+    let post = |path: &str, content_type: &str, encoding: Option<&str>, body: Vec<u8>| {
+        let mut request = daemon
+            .http
+            .post(daemon.otlp_http(path))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(encoding) = encoding {
+            request = request.header("content-encoding", encoding);
+        }
+        request.send()
+    };
+
+    // Undecodable protobuf: 400 with a protobuf google.rpc.Status.
+    let response = post(
+        "/v1/traces",
+        "application/x-protobuf",
+        None,
+        vec![0x0a, 0xff, 0xff],
+    )
+    .await
+    .expect("post");
+    assert_eq!(response.status(), 400);
+    let status = RpcStatus::decode(response.bytes().await.expect("body")).expect("google.rpc.Status");
+    assert_eq!(status.code, Code::InvalidArgument as i32);
+    assert!(status.message.contains("protobuf"), "{}", status.message);
+
+    // Malformed JSON: 400 naming the problem.
+    let response = post(
+        "/v1/logs",
+        "application/json",
+        None,
+        br#"{"resourceLogs": [{"scopeLogs": 5}]}"#.to_vec(),
+    )
+    .await
+    .expect("post");
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.expect("JSON status");
+    let message = body["message"].as_str().expect("message");
+    assert!(
+        message.contains("invalid type") && message.contains("line 1"),
+        "{message}"
+    );
+
+    // Another content type: 415.
+    let response = post("/v1/metrics", "text/plain", None, b"hello".to_vec())
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 415);
+    let response = post("/v1/metrics", "application/x-protobuf", Some("br"), vec![1])
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 415);
+
+    // Over the limit, plain and as a gzip bomb: 413.
+    let response = post("/v1/traces", "application/x-protobuf", None, vec![0; 20_000])
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 413);
+    let bomb = gzip(&vec![0; 1 << 20]);
+    assert!(bomb.len() < 16 * 1024);
+    let response = post("/v1/traces", "application/x-protobuf", Some("gzip"), bomb)
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 413);
+
+    // A batch where some resources lack service.name: 200 with partialSuccess.
+    let mut request = spans_request("half", "1", &["op".to_string()], 2);
+    request.resource_spans.push(ResourceSpans {
+        resource: None,
+        scope_spans: request.resource_spans[0].scope_spans.clone(),
+        ..ResourceSpans::default()
+    });
+    let json = serde_json::to_vec(&request).expect("OTLP JSON");
+    let response = post("/v1/traces", "application/json", None, json)
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(body["partialSuccess"]["rejectedSpans"], "2");
+    wait_for_count(&daemon, "prod", "half", "1", "spans", 2).await;
+
+    let text = daemon.metrics_text().await;
+    for (signal, outcome) in [
+        ("traces", "undecodable"),
+        ("logs", "undecodable"),
+        ("metrics", "unsupported_media_type"),
+        ("traces", "too_large"),
+    ] {
+        let series = format!(
+            "canaryd_otlp_requests_total{{signal=\"{signal}\",transport=\"http\",outcome=\"{outcome}\"}}"
+        );
+        assert!(
+            support::sample(&text, &series).is_some_and(|v| v >= 1.0),
+            "{series} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_operation_names_is_capped_and_counted() {
+    let daemon = TestDaemon::start_with(|raw| raw.max_operations_per_app = Some(10)).await;
+    let operations: Vec<String> = (0..100).map(|i| format!("GET /item/{i}")).collect();
+    let request = spans_request("flood", "1", &operations, 300);
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    client.export(request).await.expect("export");
+    let app = wait_for_count(&daemon, "prod", "flood", "1", "requests", 300).await;
+    let ops = app["operations"].as_array().expect("operations");
+    assert_eq!(ops.len(), 11, "ten operations and the overflow");
+    let overflow = ops
+        .iter()
+        .find(|o| o["operation"] == "__overflow__")
+        .expect("overflow");
+    assert_eq!(overflow["requests"], 270);
+    let total: u64 = ops.iter().map(|o| o["requests"].as_u64().expect("count")).sum();
+    assert_eq!(total, 300, "no request is lost from the counts");
+    assert_eq!(
+        daemon
+            .metric("canaryd_capped_observations_total{cap=\"max_operations_per_app\",action=\"folded\"}")
+            .await,
+        270.0
+    );
+}
+
+#[tokio::test]
+async fn apps_past_the_cap_are_dropped_and_counted() {
+    let daemon = TestDaemon::start_with(|raw| raw.max_apps = Some(2)).await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    for app in ["a", "b", "c"] {
+        let request = spans_request(app, "1", &["op".to_string()], 4);
+        client.export(request).await.expect("export");
+    }
+    eventually("the third app's spans to be counted as dropped", || async {
+        let text = daemon.metrics_text().await;
+        match support::sample(
+            &text,
+            "canaryd_capped_observations_total{cap=\"max_apps\",action=\"dropped\"}",
+        ) {
+            Some(v) if v == 4.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let apps = daemon.apps().await;
+    assert_eq!(apps["apps"].as_array().expect("apps").len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_exports_over_both_transports_lose_nothing() {
+    let daemon = TestDaemon::start_with(|raw| raw.pipeline_queue = Some(2)).await;
+    let shape = TraceShape {
+        apps: 3,
+        versions_per_app: 2,
+        ..TraceShape::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let request = testdata::trace_request(&shape, i);
+        let endpoint = daemon.grpc_endpoint();
+        let url = daemon.otlp_http("/v1/traces");
+        let http = daemon.http.clone();
+        tasks.spawn(async move {
+            if i % 2 == 0 {
+                let mut client = TraceServiceClient::connect(endpoint).await.expect("connect");
+                client.export(request).await.expect("gRPC export");
+            } else {
+                let response = http
+                    .post(url)
+                    .header("content-type", "application/x-protobuf")
+                    .body(request.encode_to_vec())
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(response.status(), 200);
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("exporter task");
+    }
+    let sent = 8 * span_count(&testdata::trace_request(&shape, 0));
+    eventually("every accepted span to be catalogued", || async {
+        let apps = daemon.apps().await;
+        let catalogued: u64 = apps["apps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["versions"].as_array().into_iter().flatten())
+            .map(|v| v["spans"].as_u64().unwrap_or(0))
+            .sum();
+        if catalogued == sent {
+            Ok(())
+        } else {
+            Err(format!("{catalogued} of {sent}"))
+        }
+    })
+    .await;
+    let text = daemon.metrics_text().await;
+    let accepted: f64 = ["grpc", "http"]
+        .iter()
+        .map(|t| {
+            let series = format!("canaryd_otlp_accepted_items_total{{signal=\"traces\",transport=\"{t}\"}}");
+            support::sample(&text, &series).expect("accepted counter")
+        })
+        .sum();
+    assert_eq!(accepted, sent as f64);
+}
+
+#[tokio::test]
+async fn health_readiness_and_addrs_file() {
+    let daemon = TestDaemon::start().await;
+    let health = daemon
+        .http
+        .get(daemon.api("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    let ready = daemon
+        .http
+        .get(daemon.api("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let addrs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(daemon.data_dir.join("addrs.json")).expect("addrs.json"))
+            .expect("addrs.json is JSON");
+    assert_eq!(addrs["otlp_grpc"], daemon.addrs.otlp_grpc.to_string());
+    assert_eq!(addrs["otlp_http"], daemon.addrs.otlp_http.to_string());
+    assert_eq!(addrs["http"], daemon.addrs.http.to_string());
+    let missing = daemon
+        .http
+        .get(daemon.api("/api/v1/nope"))
+        .send()
+        .await
+        .expect("404");
+    assert_eq!(missing.status(), 404);
+    let bad = daemon
+        .http
+        .get(daemon.api("/api/v1/apps?bogus=1"))
+        .send()
+        .await
+        .expect("400");
+    assert_eq!(bad.status(), 400);
+}
+
+/// The real binary, as a user runs it.
+mod binary {
+    use std::path::Path;
+    use std::process::{Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    const CANARYD: &str = env!("CARGO_BIN_EXE_canaryd");
+
+    /// `canaryd serve` on port 0 everywhere, but for the addresses `extra` sets itself.
+    fn serve(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(CANARYD);
+        command.arg("serve").arg("--data-dir").arg(data_dir);
+        for flag in ["--otlp-grpc-addr", "--otlp-http-addr", "--http-addr"] {
+            if !extra.contains(&flag) {
+                command.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        command
+            .args(extra)
+            .env_remove("CANARYD_CONFIG")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Runs a start-up that must fail; returns its stderr.
+    fn failing_start(extra: &[&str], env: &[(&str, &str)]) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output: Output = serve(&dir.path().join("data"), extra, env)
+            .output()
+            .expect("runs");
+        assert!(!output.status.success(), "start-up should fail: {output:?}");
+        assert!(!dir.path().join("data/addrs.json").exists(), "nothing was bound");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    #[test]
+    fn a_bad_config_value_stops_start_up_naming_the_field() {
+        let stderr = failing_start(&["--max-operations-per-app", "0"], &[]);
+        assert!(
+            stderr.contains("max_operations_per_app") && stderr.contains("\"0\""),
+            "{stderr}"
+        );
+
+        let stderr = failing_start(&[], &[("CANARYD_MAX_APPS", "lots")]);
+        assert!(
+            stderr.contains("CANARYD_MAX_APPS") && stderr.contains("lots"),
+            "{stderr}"
+        );
+
+        let stderr = failing_start(&["--otlp-http-addr", "localhost:http"], &[]);
+        assert!(
+            stderr.contains("--otlp-http-addr") && stderr.contains("localhost:http"),
+            "{stderr}"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("canaryd.toml");
+        std::fs::write(&file, "max_apps = 10\nversion_atribute = \"x\"\n").expect("write");
+        let stderr = failing_start(&["--config", file.to_str().expect("utf-8 path")], &[]);
+        assert!(stderr.contains("version_atribute"), "{stderr}");
+    }
+
+    #[test]
+    fn a_taken_port_names_the_setting() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr").to_string();
+        let stderr = failing_start(&["--http-addr", &addr], &[]);
+        assert!(stderr.contains("http_addr") && stderr.contains(&addr), "{stderr}");
+    }
+
+    #[tokio::test]
+    async fn sigterm_drains_and_exits_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let mut child = serve(&data, &[], &[("CANARYD_LOG", "info")])
+            .spawn()
+            .expect("spawn");
+        let addrs_file = data.join("addrs.json");
+        let deadline = Instant::now() + super::support::DEADLINE;
+        let addrs: serde_json::Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&addrs_file) {
+                break serde_json::from_str(&text).expect("addrs.json is whole JSON");
+            }
+            assert!(child.try_wait().expect("poll").is_none(), "daemon exited early");
+            assert!(Instant::now() < deadline, "addrs.json never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            addrs["http"].as_str().is_some_and(|a| !a.ends_with(":0")),
+            "{addrs}"
+        );
+        let otlp_http = addrs["otlp_http"].as_str().expect("otlp_http address");
+        let request = super::spans_request("drained", "1", &["op".to_string()], 10);
+        let response = reqwest::Client::new()
+            .post(format!("http://{otlp_http}/v1/traces"))
+            .header("content-type", "application/x-protobuf")
+            .body(prost::Message::encode_to_vec(&request))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), 200);
+
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let deadline = Instant::now() + super::support::DEADLINE;
+        let exit = loop {
+            if let Some(exit) = child.try_wait().expect("poll") {
+                break exit;
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let output = child.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(exit.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("SIGTERM received") && stderr.contains("stopped"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("engine queue drained batches=1"), "{stderr}");
+    }
+}

@@ -1,0 +1,181 @@
+//! Test support: a whole daemon on port 0 with a temporary data dir, clients for its OTLP and HTTP
+//! ends, and waiting on conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use canaryd::config::{Config, RawConfig};
+use canaryd::daemon::{BoundAddrs, Daemon, RunError};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a condition may take to become true before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+pub struct TestDaemon {
+    pub addrs: BoundAddrs,
+    pub data_dir: std::path::PathBuf,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), RunError>>>,
+    _dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+impl TestDaemon {
+    pub async fn start() -> TestDaemon {
+        TestDaemon::start_with(|_| {}).await
+    }
+
+    /// Starts a daemon on port 0 after `adjust` has had its say on the settings.
+    pub async fn start_with(adjust: impl FnOnce(&mut RawConfig)) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temporary data dir");
+        let any_port = Some("127.0.0.1:0".parse().expect("address"));
+        let mut raw = RawConfig {
+            data_dir: Some(dir.path().join("data")),
+            otlp_grpc_addr: any_port,
+            otlp_http_addr: any_port,
+            http_addr: any_port,
+            ..RawConfig::default()
+        };
+        adjust(&mut raw);
+        let config = Config::resolve(raw).expect("test config is valid");
+        let data_dir = config.data_dir.clone();
+        let daemon = Daemon::start(config).await.expect("daemon starts");
+        let addrs = daemon.addrs();
+        let shutdown = daemon.shutdown_token();
+        let task = tokio::spawn(daemon.run_until_stopped());
+        TestDaemon {
+            addrs,
+            data_dir,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addrs.http)
+    }
+
+    pub fn otlp_http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addrs.otlp_http)
+    }
+
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.addrs.otlp_grpc)
+    }
+
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.http.get(self.api(path)).send().await.expect("API answers");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("API answers JSON")
+    }
+
+    /// `GET /api/v1/apps`.
+    pub async fn apps(&self) -> serde_json::Value {
+        self.get_json("/api/v1/apps").await
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let response = self
+            .http
+            .get(self.api("/metrics"))
+            .send()
+            .await
+            .expect("metrics answer");
+        response.text().await.expect("metrics text")
+    }
+
+    /// The value of one sample on `/metrics`, by its exact name and labels as exposed.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        sample(&text, series).unwrap_or_else(|| panic!("{series} is not on /metrics:\n{text}"))
+    }
+
+    /// Stops the daemon in order and returns how the stop went.
+    pub async fn stop(mut self) -> Result<(), RunError> {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("daemon stops within the deadline")
+            .expect("daemon task does not panic")
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The value of `series` in a Prometheus text exposition.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Polls `check` until it yields a value, failing the test after `DEADLINE` with `what` and the
+/// last thing `describe` said.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("timed out waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// The entry for `app` in `/api/v1/apps`, if listed.
+pub fn find_app<'a>(apps: &'a serde_json::Value, env: &str, app: &str) -> Option<&'a serde_json::Value> {
+    apps["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["env"] == env && a["app"] == app)
+}
+
+/// One version's entry of an app.
+pub fn find_version<'a>(app: &'a serde_json::Value, version: &str) -> Option<&'a serde_json::Value> {
+    app["versions"]
+        .as_array()?
+        .iter()
+        .find(|v| v["version"] == version)
+}
+
+/// Waits until `app`'s `version` shows `field` equal to `want`, and returns the app entry.
+pub async fn wait_for_count(
+    daemon: &TestDaemon,
+    env: &str,
+    app: &str,
+    version: &str,
+    field: &str,
+    want: u64,
+) -> serde_json::Value {
+    eventually(&format!("{env}/{app}@{version} {field} = {want}"), || async {
+        let apps = daemon.apps().await;
+        let entry = find_app(&apps, env, app).ok_or_else(|| apps.to_string())?;
+        let got = find_version(entry, version).and_then(|v| v[field].as_u64());
+        if got == Some(want) {
+            Ok(entry.clone())
+        } else {
+            Err(entry.to_string())
+        }
+    })
+    .await
+}
