@@ -507,7 +507,7 @@ async fn apps_past_the_cap_are_dropped_and_counted() {
             &text,
             "canaryd_capped_observations_total{cap=\"max_apps\",action=\"dropped\"}",
         ) {
-            Some(v) if v == 4.0 => Ok(()),
+            Some(4.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
