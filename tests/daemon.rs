@@ -580,40 +580,16 @@ async fn concurrent_exports_over_both_transports_lose_nothing() {
 #[tokio::test]
 async fn health_readiness_and_addrs_file() {
     let daemon = TestDaemon::start().await;
-    let health = daemon
-        .http
-        .get(daemon.api("/healthz"))
-        .send()
-        .await
-        .expect("healthz");
-    assert_eq!(health.status(), 200);
-    let ready = daemon
-        .http
-        .get(daemon.api("/readyz"))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 200);
+    assert_eq!(daemon.status_of("/healthz").await, 200);
+    assert_eq!(daemon.status_of("/readyz").await, 200);
     let addrs: serde_json::Value =
         serde_json::from_slice(&std::fs::read(daemon.data_dir.join("addrs.json")).expect("addrs.json"))
             .expect("addrs.json is JSON");
     assert_eq!(addrs["otlp_grpc"], daemon.addrs.otlp_grpc.to_string());
     assert_eq!(addrs["otlp_http"], daemon.addrs.otlp_http.to_string());
     assert_eq!(addrs["http"], daemon.addrs.http.to_string());
-    let missing = daemon
-        .http
-        .get(daemon.api("/api/v1/nope"))
-        .send()
-        .await
-        .expect("404");
-    assert_eq!(missing.status(), 404);
-    let bad = daemon
-        .http
-        .get(daemon.api("/api/v1/apps?bogus=1"))
-        .send()
-        .await
-        .expect("400");
-    assert_eq!(bad.status(), 400);
+    assert_eq!(daemon.status_of("/api/v1/nope").await, 404);
+    assert_eq!(daemon.status_of("/api/v1/apps?bogus=1").await, 400);
 }
 
 /// The real binary, as a user runs it.
@@ -623,6 +599,18 @@ mod binary {
     use std::time::{Duration, Instant};
 
     const CANARYD: &str = env!("CARGO_BIN_EXE_canaryd");
+
+    /// Polls `check` until it yields a value; fails with `what` after the deadline.
+    fn poll_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + super::support::DEADLINE;
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     /// `canaryd serve` on port 0 everywhere, but for the addresses `extra` sets itself.
     fn serve(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
@@ -697,15 +685,11 @@ mod binary {
             .spawn()
             .expect("spawn");
         let addrs_file = data.join("addrs.json");
-        let deadline = Instant::now() + super::support::DEADLINE;
-        let addrs: serde_json::Value = loop {
-            if let Ok(text) = std::fs::read_to_string(&addrs_file) {
-                break serde_json::from_str(&text).expect("addrs.json is whole JSON");
-            }
+        let addrs: serde_json::Value = poll_until("addrs.json", || {
             assert!(child.try_wait().expect("poll").is_none(), "daemon exited early");
-            assert!(Instant::now() < deadline, "addrs.json never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+            let text = std::fs::read_to_string(&addrs_file).ok()?;
+            Some(serde_json::from_str(&text).expect("addrs.json is whole JSON"))
+        });
         assert!(
             addrs["http"].as_str().is_some_and(|a| !a.ends_with(":0")),
             "{addrs}"
@@ -726,14 +710,9 @@ mod binary {
             .status()
             .expect("kill runs");
         assert!(status.success());
-        let deadline = Instant::now() + super::support::DEADLINE;
-        let exit = loop {
-            if let Some(exit) = child.try_wait().expect("poll") {
-                break exit;
-            }
-            assert!(Instant::now() < deadline, "daemon did not stop after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let exit = poll_until("the daemon to exit after SIGTERM", || {
+            child.try_wait().expect("poll")
+        });
         let output = child.wait_with_output().expect("output");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(exit.code(), Some(0), "{stderr}");

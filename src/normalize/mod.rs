@@ -175,28 +175,9 @@ fn any_value_text(value: Option<&AnyValue>) -> Option<String> {
 #[cfg(test)]
 pub(crate) mod test_support {
     //! Builders for OTLP values in normalization tests.
-    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
-    pub fn kv(key: &str, value: &str) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(value.into())),
-            }),
-            ..KeyValue::default()
-        }
-    }
-
-    pub fn kv_int(key: &str, value: i64) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::IntValue(value)),
-            }),
-            ..KeyValue::default()
-        }
-    }
+    pub use crate::testdata::{kv, kv_int};
 
     pub fn resource(attrs: &[(&str, &str)]) -> Option<Resource> {
         Some(Resource {

@@ -68,6 +68,12 @@ impl TestDaemon {
         format!("http://{}", self.addrs.otlp_grpc)
     }
 
+    /// The HTTP status of `GET path` on the API.
+    pub async fn status_of(&self, path: &str) -> u16 {
+        let response = self.http.get(self.api(path)).send().await.expect("API answers");
+        response.status().as_u16()
+    }
+
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let response = self.http.get(self.api(path)).send().await.expect("API answers");
         assert!(
