@@ -2,7 +2,7 @@
 # canaryd's whole test suite, as README.md gives it and .ci/run calls it:
 #   1. every Rust test in the workspace (unit, integration, and each benchmark run once as a test),
 #   2. the Python OpenTelemetry SDK tests against the built daemon.
-# Needs cargo and python3 (3.9 or newer, with venv); installs the SDK into .venv on first use.
+# Needs cargo and python3 (3.10 or newer, with venv); installs the SDK into .venv on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

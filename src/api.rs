@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -51,15 +51,24 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the classic text format.
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| String::from_utf8_lossy(v.as_bytes()).contains("application/openmetrics-text"));
+    let (content_type, body) = if wants_openmetrics {
+        (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.stats.render(),
-    )
-        .into_response()
+            state.stats.render_openmetrics(),
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.stats.render_prometheus(),
+        )
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// RFC 3339 in UTC with nanoseconds.

@@ -183,13 +183,47 @@ impl Stats {
         self.capped.get_or_create(&cap_labels(cap)).inc_by(n);
     }
 
-    /// The Prometheus text exposition of everything above.
-    pub fn render(&self) -> String {
+    /// Everything above in the OpenMetrics text format (what Prometheus asks for first).
+    pub fn render_openmetrics(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
     }
+
+    /// Everything above in the classic Prometheus text format (0.0.4), for scrapers and people
+    /// that do not ask for OpenMetrics.
+    pub fn render_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.render_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus 0.0.4 text: counter families are named with their
+/// `_total` suffix, as their samples are, and the `# EOF` marker goes.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match meta {
+            Some(renamed) => out.push_str(&renamed),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn item_labels(signal: Signal, transport: Transport) -> Labels2 {
@@ -210,7 +244,7 @@ mod tests {
         let stats = Stats::new();
         stats.export(Signal::Traces, Transport::Grpc, "ok", 512, 3);
         stats.capped(Cap::OperationsPerApp, 7);
-        let text = stats.render();
+        let text = stats.render_openmetrics();
         assert!(
             text.contains("canaryd_otlp_accepted_items_total{signal=\"traces\",transport=\"grpc\"} 512"),
             "{text}"
@@ -227,5 +261,26 @@ mod tests {
         );
         assert!(text.contains("canaryd_otlp_accepted_items_total{signal=\"logs\",transport=\"http\"} 0"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn prometheus_text_names_counter_families_by_their_samples() {
+        let stats = Stats::new();
+        stats.truncated(2);
+        let text = stats.render_prometheus();
+        assert!(
+            text.contains("# TYPE canaryd_truncated_values_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP canaryd_truncated_values_total Attribute values"),
+            "{text}"
+        );
+        assert!(text.contains("\ncanaryd_truncated_values_total 2\n"), "{text}");
+        assert!(
+            text.contains("# TYPE canaryd_pipeline_queue_depth gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
     }
 }
