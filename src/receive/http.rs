@@ -72,7 +72,18 @@ async fn export<R: OtlpRequest>(
     // The limit applies to the bytes on the wire too, so a huge compressed body is not read whole.
     let raw = match axum::body::to_bytes(body, limit).await {
         Ok(raw) => raw,
-        Err(_) => return refuse(format, ExportError::TooLarge { limit }),
+        Err(e) => {
+            let cause = e.into_inner();
+            let error = if cause.is::<http_body_util::LengthLimitError>() {
+                ExportError::TooLarge { limit }
+            } else {
+                ExportError::Undecodable {
+                    format: "a request body",
+                    reason: cause.to_string(),
+                }
+            };
+            return refuse(format, error);
+        }
     };
     let decoded = move || decode::<R>(format, encoding, raw, limit);
     match intake.export::<R>(Transport::Http, decoded).await {
