@@ -8,10 +8,16 @@
 //! - `observation`: the input types, free of any wire format.
 //! - `delta`: cumulative and delta metric points turned into per-interval samples.
 //! - `catalog`: the apps, versions, operations and series seen, each map capped by `Limits`.
+//! - `sketch`: a mergeable quantile sketch with relative error (DDSketch).
+//! - `baseline`: EWMA and seasonal hour-of-week quantiles per feature, and the anomaly score.
+//! - `rng`: a seeded generator for synthetic data.
 
+pub mod baseline;
 pub mod catalog;
 pub mod delta;
 pub mod observation;
+pub mod rng;
+pub mod sketch;
 
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};
 pub use observation::*;

@@ -1,0 +1,463 @@
+//! What "normal" is for one feature series, and how far a new value is from it.
+//!
+//! A `Baseline` learns from one value per evaluation window:
+//! - an EWMA of the level and of the variance, and of the absolute error (a scale robust to heavy
+//!   tails), with a half-life in event time;
+//! - seasonal quantiles: for each hour-of-week slot (168 of them) a decayed `Sketch` of the values
+//!   seen in that slot. Only the current slot lives in memory; the others live in a `SlotStore`
+//!   (sled, in the daemon), loaded when event time enters their hour.
+//!
+//! `Baseline::observe` scores a value before learning it. The level band is the EWMA level plus or
+//! minus `BAND_WIDTH` robust standard deviations; the seasonal band is the slot's q05..q95, used once
+//! the slot holds data from an earlier week. The score is how far the value lies outside the band,
+//! in half-widths of the band (0 inside it), the larger of the two when both apply. A baseline with
+//! fewer than `min_samples` windows says `InsufficientData` instead.
+
+use serde::{Deserialize, Serialize};
+
+use crate::observation::EventTime;
+use crate::sketch::Sketch;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+const HOUR_NS: u64 = 3_600 * NS_PER_SEC;
+const WEEK_NS: u64 = 168 * HOUR_NS;
+/// The Unix epoch was a Thursday; hour-of-week slots start on Monday 00:00 UTC.
+const EPOCH_WEEKDAY_OFFSET_NS: u64 = 3 * 24 * HOUR_NS;
+/// Half-width of the level band, in robust standard deviations.
+const BAND_WIDTH: f64 = 3.0;
+/// Relative accuracy of seasonal slot sketches: values are feature levels, 2% is plenty.
+const SLOT_ACCURACY: f64 = 0.02;
+/// Values are clamped to +-this before learning.
+const MAX_VALUE: f64 = 1e100;
+/// A slot's weight (in windows) below which its quantiles are not trusted.
+const MIN_SLOT_WEIGHT: f64 = 5.0;
+
+/// Hour-of-week slot (0 = Monday 00:00-01:00 UTC) of an event time.
+pub fn hour_of_week(t: EventTime) -> u16 {
+    (((t + EPOCH_WEEKDAY_OFFSET_NS) % WEEK_NS) / HOUR_NS) as u16
+}
+
+/// Weeks since the Monday before the epoch: tells one visit of a slot from the next.
+pub fn week_index(t: EventTime) -> u32 {
+    ((t + EPOCH_WEEKDAY_OFFSET_NS) / WEEK_NS) as u32
+}
+
+/// How baselines learn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaselineConfig {
+    /// Half-life of the EWMAs, in event time.
+    pub half_life_ns: u64,
+    /// Half-life of seasonal memory, in weeks: a slot's past weeks decay by this.
+    pub seasonal_half_life_weeks: f64,
+    /// Windows a baseline must have learned before it scores.
+    pub min_samples: u64,
+}
+
+impl Default for BaselineConfig {
+    fn default() -> Self {
+        BaselineConfig {
+            half_life_ns: 30 * 60 * NS_PER_SEC,
+            seasonal_half_life_weeks: 2.0,
+            min_samples: 10,
+        }
+    }
+}
+
+/// Exponentially weighted mean and variance, with event-time decay.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ewma {
+    pub mean: f64,
+    pub variance: f64,
+    /// EW mean absolute deviation from the level before each update.
+    pub abs_error: f64,
+    pub samples: u64,
+    pub last_time: EventTime,
+}
+
+impl Ewma {
+    /// Learns `x` at `time`; the weight of the past halves every `half_life_ns` of event time.
+    fn update(&mut self, x: f64, time: EventTime, half_life_ns: u64) {
+        if self.samples == 0 {
+            *self = Ewma {
+                mean: x,
+                variance: 0.0,
+                abs_error: 0.0,
+                samples: 1,
+                last_time: time,
+            };
+            return;
+        }
+        let dt = time.saturating_sub(self.last_time).max(1) as f64;
+        let alpha = 1.0 - (-(dt / half_life_ns.max(1) as f64) * std::f64::consts::LN_2).exp();
+        // Early on, learn faster: never weigh the past more than the samples it holds.
+        let alpha = alpha.max(1.0 / (self.samples + 1) as f64);
+        let delta = x - self.mean;
+        self.mean += alpha * delta;
+        self.variance = (1.0 - alpha) * (self.variance + alpha * delta * delta);
+        self.abs_error += alpha * (delta.abs() - self.abs_error);
+        self.samples += 1;
+        self.last_time = self.last_time.max(time);
+    }
+
+    pub fn std(&self) -> f64 {
+        self.variance.max(0.0).sqrt()
+    }
+
+    /// A standard deviation that outliers inflate linearly, not quadratically: 1.25 x the mean
+    /// absolute error, the ratio of the two for a normal distribution.
+    pub fn robust_std(&self) -> f64 {
+        1.25 * self.abs_error
+    }
+}
+
+/// The decayed summary of one hour-of-week slot: what earlier weeks taught, and what this week
+/// is adding. Scoring uses only the earlier weeks, so that a change is judged against the past
+/// rather than against itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotSummary {
+    /// Values from earlier weeks, decayed by age.
+    pub past: Sketch,
+    /// Values from `week`.
+    pub current: Sketch,
+    /// Week of `current`.
+    pub week: u32,
+    /// Distinct weeks that contributed to `past`.
+    pub past_weeks: u32,
+}
+
+impl SlotSummary {
+    fn new(week: u32) -> Self {
+        SlotSummary {
+            past: Sketch::new(SLOT_ACCURACY),
+            current: Sketch::new(SLOT_ACCURACY),
+            week,
+            past_weeks: 0,
+        }
+    }
+
+    /// Moves the summary into `week`: this week's values join the past, which decays with age.
+    fn enter_week(&mut self, week: u32, half_life_weeks: f64) {
+        if week > self.week {
+            let elapsed = f64::from(week - self.week);
+            let half_life = half_life_weeks.max(0.1);
+            // The current week's values are one week old at the next visit, the past older still.
+            self.past.decay(0.5f64.powf(elapsed / half_life));
+            self.current.decay(0.5f64.powf((elapsed - 1.0) / half_life));
+            if !self.current.is_empty() {
+                self.past.merge(&self.current);
+                self.past_weeks += 1;
+            }
+            self.current = Sketch::new(SLOT_ACCURACY);
+            self.week = week;
+        }
+    }
+
+    /// Whether earlier weeks taught enough to score against.
+    fn mature(&self) -> bool {
+        self.past_weeks >= 1 && self.past.count() >= MIN_SLOT_WEIGHT
+    }
+
+    /// The learned quantile: from earlier weeks once there are any, else from this week so far.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.past.is_empty() {
+            self.current.quantile(q)
+        } else {
+            self.past.quantile(q)
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.past.heap_bytes() + self.current.heap_bytes()
+    }
+}
+
+/// Where slot summaries live when they are not the current one. The engine does no IO; the daemon
+/// gives it a store backed by sled, tests an in-memory one.
+pub trait SlotStore {
+    fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary>;
+    fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary);
+}
+
+/// A `SlotStore` in memory.
+#[derive(Debug, Default)]
+pub struct MemorySlotStore {
+    slots: std::collections::HashMap<(String, u16), SlotSummary>,
+}
+
+impl SlotStore for MemorySlotStore {
+    fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
+        self.slots.get(&(series.to_owned(), slot)).cloned()
+    }
+
+    fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary) {
+        self.slots.insert((series.to_owned(), slot), summary.clone());
+    }
+}
+
+/// The result of scoring one value.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Score {
+    /// The baseline is too young to judge.
+    InsufficientData,
+    /// Half-widths outside the learned band: 0 inside it.
+    Scored(f64),
+}
+
+impl Score {
+    pub fn value(self) -> Option<f64> {
+        match self {
+            Score::Scored(v) => Some(v),
+            Score::InsufficientData => None,
+        }
+    }
+}
+
+/// The band a value is judged against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Band {
+    lo: f64,
+    hi: f64,
+}
+
+impl Band {
+    /// Half-widths outside the band. The half-width has a floor of 1% of the band's centre (and a
+    /// tiny absolute one), so that a constant series does not make every wiggle infinitely odd.
+    fn score(self, x: f64) -> f64 {
+        let centre = (self.lo + self.hi) / 2.0;
+        let half = ((self.hi - self.lo) / 2.0).max(0.01 * centre.abs()).max(1e-9);
+        let outside = (self.lo - x).max(x - self.hi).max(0.0);
+        let score = outside / half;
+        if score.is_finite() { score } else { f64::MAX }
+    }
+}
+
+/// Everything one feature series learned.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub ewma: Ewma,
+    /// The slot event time is in, and its summary.
+    pub slot: Option<(u16, SlotSummary)>,
+    pub last_value: Option<f64>,
+    pub last_score: Option<Score>,
+    pub last_window_end: EventTime,
+}
+
+impl Default for Baseline {
+    fn default() -> Self {
+        Baseline {
+            ewma: Ewma::default(),
+            slot: None,
+            last_value: None,
+            last_score: None,
+            last_window_end: 0,
+        }
+    }
+}
+
+impl Baseline {
+    /// Scores `x`, the value of the window ending at `time`, then learns it. `series` names this
+    /// baseline in `store`, where slot summaries are swapped in and out.
+    pub fn observe(
+        &mut self,
+        series: &str,
+        x: f64,
+        time: EventTime,
+        config: &BaselineConfig,
+        store: &mut dyn SlotStore,
+    ) -> Score {
+        if !x.is_finite() {
+            return self.last_score.unwrap_or(Score::InsufficientData);
+        }
+        // Far beyond any real feature value, and far enough from f64::MAX that squares stay finite.
+        let x = x.clamp(-MAX_VALUE, MAX_VALUE);
+        let slot = hour_of_week(time);
+        let week = week_index(time);
+        if self.slot.as_ref().is_none_or(|(s, _)| *s != slot) {
+            if let Some((old, summary)) = self.slot.take() {
+                store.save(series, old, &summary);
+            }
+            let summary = store.load(series, slot).unwrap_or_else(|| SlotSummary::new(week));
+            self.slot = Some((slot, summary));
+        }
+        let (_, summary) = self.slot.as_mut().expect("slot was just set");
+        summary.enter_week(week, config.seasonal_half_life_weeks);
+
+        let score = if self.ewma.samples < config.min_samples {
+            Score::InsufficientData
+        } else {
+            let sd = self.ewma.robust_std();
+            let level = Band {
+                lo: self.ewma.mean - BAND_WIDTH * sd,
+                hi: self.ewma.mean + BAND_WIDTH * sd,
+            };
+            let mut score = level.score(x);
+            if summary.mature()
+                && let (Some(lo), Some(hi)) = (summary.past.quantile(0.05), summary.past.quantile(0.95))
+            {
+                // The sketch cannot tell values within its accuracy apart: widen the band by it.
+                let band = Band {
+                    lo: lo - SLOT_ACCURACY * lo.abs(),
+                    hi: hi + SLOT_ACCURACY * hi.abs(),
+                };
+                score = score.max(band.score(x));
+            }
+            Score::Scored(score)
+        };
+
+        summary.current.add(x);
+        self.ewma.update(x, time, config.half_life_ns);
+        self.last_value = Some(x);
+        self.last_score = Some(score);
+        self.last_window_end = self.last_window_end.max(time);
+        score
+    }
+
+    /// The current slot's quantiles q05, q50, q95, q99, when it has any data.
+    pub fn slot_quantiles(&self) -> Option<[f64; 4]> {
+        let (_, summary) = self.slot.as_ref()?;
+        Some([
+            summary.quantile(0.05)?,
+            summary.quantile(0.5)?,
+            summary.quantile(0.95)?,
+            summary.quantile(0.99)?,
+        ])
+    }
+
+    /// Writes the current slot back to `store` (on flush and shutdown).
+    pub fn save_slot(&self, series: &str, store: &mut dyn SlotStore) {
+        if let Some((slot, summary)) = &self.slot {
+            store.save(series, *slot, summary);
+        }
+    }
+
+    /// Bytes this baseline holds in memory, for accounting.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.slot.as_ref().map_or(0, |(_, s)| s.heap_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    const MINUTE: u64 = 60 * NS_PER_SEC;
+    /// 2026-01-05T00:00:00Z, a Monday.
+    const MONDAY: u64 = 1_767_571_200 * NS_PER_SEC;
+
+    /// Feeds `values` one per minute from `start`; returns the scores.
+    fn check(baseline: &mut Baseline, store: &mut MemorySlotStore, start: u64, values: &[f64]) -> Vec<Score> {
+        let config = BaselineConfig::default();
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, x)| baseline.observe("s", *x, start + i as u64 * MINUTE, &config, store))
+            .collect()
+    }
+
+    fn scored(scores: &[Score]) -> Vec<f64> {
+        scores.iter().filter_map(|s| s.value()).collect()
+    }
+
+    #[test]
+    fn slots_start_on_monday_utc() {
+        assert_eq!(hour_of_week(MONDAY), 0);
+        assert_eq!(hour_of_week(MONDAY + 25 * HOUR_NS), 25);
+        assert_eq!(hour_of_week(MONDAY + WEEK_NS - 1), 167);
+        assert_eq!(week_index(MONDAY + WEEK_NS), week_index(MONDAY) + 1);
+    }
+
+    #[test]
+    fn a_young_baseline_does_not_guess() {
+        let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let scores = check(&mut b, &mut store, MONDAY, &[5.0; 9]);
+        assert!(scores.iter().all(|s| *s == Score::InsufficientData));
+    }
+
+    #[test]
+    fn a_constant_series_is_never_anomalous() {
+        let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let scores = check(&mut b, &mut store, MONDAY, &vec![42.0; 3 * 24 * 60]);
+        assert!(scored(&scores).iter().all(|s| *s == 0.0));
+        assert!((b.ewma.mean - 42.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_level_shift_scores_high_then_is_absorbed() {
+        let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let mut rng = Rng::new(3);
+        let noise = |rng: &mut Rng, level: f64| level + (rng.unit() - 0.5) * 2.0;
+        let before: Vec<f64> = (0..120).map(|_| noise(&mut rng, 100.0)).collect();
+        let after: Vec<f64> = (0..600).map(|_| noise(&mut rng, 130.0)).collect();
+        check(&mut b, &mut store, MONDAY, &before);
+        let scores = scored(&check(&mut b, &mut store, MONDAY + 120 * MINUTE, &after));
+        assert!(scores[0] > 3.0, "the shift is scored high: {}", scores[0]);
+        let late = &scores[scores.len() - 60..];
+        assert!(late.iter().all(|s| *s < 0.5), "absorbed: {late:?}");
+    }
+
+    /// A daily pattern with a little noise, one value per minute from `start` for `days`.
+    fn daily(rng: &mut Rng, days: u64, shift_hours: f64) -> Vec<f64> {
+        (0..days * 24 * 60)
+            .map(|m| {
+                let hours = m as f64 / 60.0 + shift_hours;
+                100.0 + 50.0 * (hours / 24.0 * std::f64::consts::TAU).sin() + rng.unit() * 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_daily_pattern_is_learned_per_slot() {
+        let mut rng = Rng::new(9);
+        let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
+        check(&mut b, &mut store, MONDAY, &daily(&mut rng, 21, 0.0));
+        let week4 = MONDAY + 3 * WEEK_NS;
+        let mut same = (b.clone(), std::mem::take(&mut store));
+        let mut shifted_store = MemorySlotStore {
+            slots: same.1.slots.clone(),
+        };
+        let mut shifted = b;
+        let same_scores = scored(&check(&mut same.0, &mut same.1, week4, &daily(&mut rng, 1, 0.0)));
+        let shifted_scores = scored(&check(
+            &mut shifted,
+            &mut shifted_store,
+            week4,
+            &daily(&mut rng, 1, 12.0),
+        ));
+        // The share of windows a full half-width outside the band: what an alert would fire on.
+        let flagged = |s: &[f64]| s.iter().filter(|x| **x > 1.0).count() as f64 / s.len() as f64;
+        assert!(
+            flagged(&same_scores) < 0.01,
+            "same pattern: {}",
+            flagged(&same_scores)
+        );
+        assert!(
+            flagged(&shifted_scores) > 0.5,
+            "shifted pattern: {}",
+            flagged(&shifted_scores)
+        );
+    }
+
+    #[test]
+    fn scores_are_never_nan_or_infinite() {
+        let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let values = [
+            0.0,
+            1e300,
+            -1e300,
+            0.0,
+            1e-300,
+            f64::MAX,
+            f64::MIN,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            5.0,
+            f64::MAX,
+        ];
+        for s in scored(&check(&mut b, &mut store, MONDAY, &values)) {
+            assert!(s.is_finite() && s >= 0.0, "{s}");
+        }
+    }
+}
