@@ -232,7 +232,7 @@ impl Band {
 }
 
 /// Everything one feature series learned.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Baseline {
     pub ewma: Ewma,
     /// The slot event time is in, and its summary.
@@ -240,18 +240,6 @@ pub struct Baseline {
     pub last_value: Option<f64>,
     pub last_score: Option<Score>,
     pub last_window_end: EventTime,
-}
-
-impl Default for Baseline {
-    fn default() -> Self {
-        Baseline {
-            ewma: Ewma::default(),
-            slot: None,
-            last_value: None,
-            last_score: None,
-            last_window_end: 0,
-        }
-    }
 }
 
 impl Baseline {
