@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
-use canaryd_engine::Engine;
+use canaryd_engine::baseline::MemorySlotStore;
+use canaryd_engine::{Engine, EngineConfig};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -146,7 +147,11 @@ impl Daemon {
             http: local_addr("http_addr", config.http_addr, &http_listener)?,
         };
         let stats = Arc::new(Stats::new());
-        let engine = SharedEngine::new(Engine::new(config.limits.clone()));
+        let engine_config = EngineConfig {
+            limits: config.limits.clone(),
+            ..EngineConfig::default()
+        };
+        let engine = SharedEngine::new(Engine::new(engine_config, Box::new(MemorySlotStore::default())));
         let (sender, engine_task) = pipeline::start(
             engine.clone(),
             stats.clone(),

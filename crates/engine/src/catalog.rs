@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::delta::{Conversion, SeriesState};
+use crate::delta::{Conversion, Sample, SeriesState};
 use crate::observation::{Batch, EventTime, ResourceObservations, SeriesKey};
 
 /// The key that absorbs what arrives past a cap.
@@ -124,6 +124,15 @@ struct Stream {
     stale: u64,
 }
 
+/// How one resource's observations were admitted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admission {
+    /// The version key they count under: the version itself, or `OVERFLOW`.
+    pub version: Arc<str>,
+    /// The metric samples their points yielded, with their series.
+    pub samples: Vec<(SeriesKey, Sample)>,
+}
+
 /// Everything known about one (env, app).
 #[derive(Debug, Default)]
 pub struct AppEntry {
@@ -168,6 +177,31 @@ impl AppEntry {
         self.streams
             .values()
             .fold((0, 0), |(r, s), stream| (r + stream.resets, s + stream.stale))
+    }
+
+    /// The key `operation` is counted under: itself once admitted, else `OVERFLOW`.
+    pub fn operation_key<'a>(&self, operation: &'a str) -> &'a str {
+        if self.operations.contains_key(operation) {
+            operation
+        } else {
+            OVERFLOW
+        }
+    }
+
+    pub fn downstream_key<'a>(&self, downstream: &'a str) -> &'a str {
+        if self.downstreams.contains_key(downstream) {
+            downstream
+        } else {
+            OVERFLOW
+        }
+    }
+
+    pub fn exception_type_key<'a>(&self, exception_type: &'a str) -> &'a str {
+        if self.exception_types.contains_key(exception_type) {
+            exception_type
+        } else {
+            OVERFLOW
+        }
     }
 
     pub fn first_seen(&self) -> Option<EventTime> {
@@ -244,27 +278,35 @@ impl Catalog {
     pub fn ingest(&mut self, batch: &Batch) -> Vec<(Cap, u64)> {
         let mut hits: BTreeMap<Cap, u64> = BTreeMap::new();
         for resource in &batch.resources {
-            for (cap, n) in self.ingest_resource(resource) {
-                if n > 0 {
-                    *hits.entry(cap).or_default() += n;
-                }
+            let (resource_hits, _) = self.admit(resource);
+            for (cap, n) in resource_hits {
+                *hits.entry(cap).or_default() += n;
             }
-        }
-        for (cap, n) in &hits {
-            *self.cap_hits.entry(*cap).or_default() += n;
         }
         hits.into_iter().collect()
     }
 
-    fn ingest_resource(&mut self, obs: &ResourceObservations) -> Vec<(Cap, u64)> {
+    /// Catalogs one resource's observations. Returns what each cap dropped or folded, and, unless
+    /// the app was dropped, under which version key the observations count and the metric samples
+    /// they yielded.
+    pub fn admit(&mut self, obs: &ResourceObservations) -> (Vec<(Cap, u64)>, Option<Admission>) {
+        let (hits, admission) = self.admit_inner(obs);
+        let hits: Vec<(Cap, u64)> = hits.into_iter().filter(|(_, n)| *n > 0).collect();
+        for (cap, n) in &hits {
+            *self.cap_hits.entry(*cap).or_default() += n;
+        }
+        (hits, admission)
+    }
+
+    fn admit_inner(&mut self, obs: &ResourceObservations) -> (Vec<(Cap, u64)>, Option<Admission>) {
         let Some((first, last)) = obs.seen else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let id = &obs.identity;
         let key = (id.env.clone(), id.app.clone());
         if !self.apps.contains_key(&key) && self.apps.len() >= self.limits.max_apps {
             let items = obs.spans + obs.metric_points.len() as u64 + obs.logs.len() as u64;
-            return vec![(Cap::Apps, items)];
+            return (vec![(Cap::Apps, items)], None);
         }
         let limits = self.limits.clone();
         let entry = self.apps.entry(key).or_default();
@@ -323,6 +365,7 @@ impl Catalog {
         hits.push((Cap::ExceptionTypesPerApp, folded));
 
         let mut dropped = 0;
+        let mut samples = Vec::new();
         for point in &obs.metric_points {
             let key = StreamKey {
                 version: version.clone(),
@@ -340,13 +383,17 @@ impl Catalog {
             };
             stream.points += 1;
             match stream.state.convert(point) {
-                Conversion::Reset(_) => stream.resets += 1,
+                Conversion::Reset(sample) => {
+                    stream.resets += 1;
+                    samples.push((point.series.clone(), sample));
+                }
+                Conversion::Sample(sample) => samples.push((point.series.clone(), sample)),
                 Conversion::Stale => stream.stale += 1,
-                Conversion::Sample(_) | Conversion::Reference => {}
+                Conversion::Reference => {}
             }
         }
         hits.push((Cap::MetricSeriesPerApp, dropped));
-        hits
+        (hits, Some(Admission { version, samples }))
     }
 }
 

@@ -10,45 +10,21 @@
 //! - `catalog`: the apps, versions, operations and series seen, each map capped by `Limits`.
 //! - `sketch`: a mergeable quantile sketch with relative error (DDSketch).
 //! - `baseline`: EWMA and seasonal hour-of-week quantiles per feature, and the anomaly score.
+//! - `window`: event-time buckets, the per-app watermark, and evaluation windows.
+//! - `features`: the numbers a closed window yields (rates, ratios, quantiles, shares).
+//! - `engine`: `Engine`, which drives all of the above batch by batch.
 //! - `rng`: a seeded generator for synthetic data.
 
 pub mod baseline;
 pub mod catalog;
 pub mod delta;
+mod engine;
+pub mod features;
 pub mod observation;
 pub mod rng;
 pub mod sketch;
+pub mod window;
 
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};
+pub use engine::{BaselineId, BaselinesView, Engine, EngineConfig, IngestReport, Scope};
 pub use observation::*;
-
-/// The engine as the daemon drives it: one owner, fed batch by batch.
-#[derive(Debug)]
-pub struct Engine {
-    catalog: Catalog,
-}
-
-/// What ingesting one batch ran into.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IngestReport {
-    /// Observations dropped or folded, per cap.
-    pub cap_hits: Vec<(Cap, u64)>,
-}
-
-impl Engine {
-    pub fn new(limits: Limits) -> Self {
-        Engine {
-            catalog: Catalog::new(limits),
-        }
-    }
-
-    pub fn ingest(&mut self, batch: &Batch) -> IngestReport {
-        IngestReport {
-            cap_hits: self.catalog.ingest(batch),
-        }
-    }
-
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
-    }
-}

@@ -1,0 +1,423 @@
+//! The engine as the daemon drives it: one owner, fed batch by batch.
+//!
+//! `Engine::ingest` catalogs each resource's observations (caps applied), drops them into their
+//! version's event-time buckets, advances the app's clock, and for every window that closes
+//! computes its features and lets the baselines score and learn them: each version's own, and the
+//! app's, which learns from the stable version only. The stable version is the one that has carried
+//! most of the app's requests recently (decayed request counts, half-life `STABLE_HALF_LIFE`).
+//!
+//! Baselines changed since the last `take_dirty` are handed to the daemon for persistence; the
+//! seasonal slots they page in and out go through the `SlotStore` given at construction.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::baseline::{Baseline, BaselineConfig, SlotStore};
+use crate::catalog::{Cap, Catalog, Limits};
+use crate::features::{FeatureKey, window_features};
+use crate::observation::{Batch, EventTime, ResourceObservations};
+use crate::window::{AppClock, ClosedWindow, VersionWindows, WindowConfig};
+
+/// Windows over which a version's share of requests halves in weight, for choosing the stable one.
+const STABLE_HALF_LIFE_WINDOWS: f64 = 10.0;
+
+/// Everything the engine is told at start.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineConfig {
+    pub limits: Limits,
+    pub windows: WindowConfig,
+    pub baseline: BaselineConfig,
+}
+
+/// Which baselines: an app's own (learned from its stable version), or one version's.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Scope {
+    App,
+    Version(String),
+}
+
+/// Names one baseline among all of them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BaselineId {
+    pub env: String,
+    pub app: String,
+    pub scope: Scope,
+    pub key: FeatureKey,
+}
+
+impl BaselineId {
+    /// A stable text name, used as the key of the baseline's seasonal slots.
+    pub fn series_name(&self) -> String {
+        let scope = match &self.scope {
+            Scope::App => "*",
+            Scope::Version(v) => v,
+        };
+        format!("{}\u{1f}{}\u{1f}{}\u{1f}{}", self.env, self.app, scope, self.key)
+    }
+}
+
+/// What ingesting one batch ran into.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IngestReport {
+    /// Observations dropped or folded, per cap.
+    pub cap_hits: Vec<(Cap, u64)>,
+    /// Observations that arrived after their bucket had closed.
+    pub late: u64,
+    /// Windows closed, over all versions.
+    pub windows_closed: u64,
+}
+
+#[derive(Debug, Default)]
+struct VersionState {
+    windows: VersionWindows,
+    baselines: BTreeMap<FeatureKey, Baseline>,
+    late: u64,
+}
+
+#[derive(Debug, Default)]
+struct AppState {
+    clock: AppClock,
+    versions: HashMap<Arc<str>, VersionState>,
+    baselines: BTreeMap<FeatureKey, Baseline>,
+    /// Decayed request counts per version.
+    traffic: HashMap<Arc<str>, f64>,
+    stable: Option<Arc<str>>,
+    late: u64,
+}
+
+/// A read-only view of one scope's baselines.
+pub struct BaselinesView<'a> {
+    pub clock: AppClock,
+    pub stable_version: Option<&'a str>,
+    pub late: u64,
+    pub baselines: &'a BTreeMap<FeatureKey, Baseline>,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    catalog: Catalog,
+    apps: HashMap<(Arc<str>, Arc<str>), AppState>,
+    slots: Box<dyn SlotStore + Send>,
+    /// Windows that started before this instant were partly missed (the process was not running).
+    complete_from: EventTime,
+    dirty: HashSet<BaselineId>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("apps", &self.apps.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, slots: Box<dyn SlotStore + Send>) -> Self {
+        Engine {
+            catalog: Catalog::new(config.limits.clone()),
+            config,
+            apps: HashMap::new(),
+            slots,
+            complete_from: 0,
+            dirty: HashSet::new(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn ingest(&mut self, batch: &Batch) -> IngestReport {
+        let mut report = IngestReport::default();
+        let mut hits: BTreeMap<Cap, u64> = BTreeMap::new();
+        for resource in &batch.resources {
+            let (resource_hits, admission) = self.catalog.admit(resource);
+            for (cap, n) in resource_hits {
+                *hits.entry(cap).or_default() += n;
+            }
+            if let Some(admission) = admission {
+                self.window_resource(resource, &admission.version, &admission.samples, &mut report);
+            }
+        }
+        report.cap_hits = hits.into_iter().collect();
+        report
+    }
+
+    fn window_resource(
+        &mut self,
+        obs: &ResourceObservations,
+        version: &Arc<str>,
+        samples: &[(crate::observation::SeriesKey, crate::delta::Sample)],
+        report: &mut IngestReport,
+    ) {
+        let Some((_, last)) = obs.seen else { return };
+        let id = &obs.identity;
+        let key = (id.env.clone(), id.app.clone());
+        let Some(entry) = self.catalog.app(&id.env, &id.app) else {
+            return;
+        };
+        let config = &self.config.windows;
+        let app = self.apps.entry(key.clone()).or_default();
+        let closed_until = app.clock.closed_until;
+        let state = app.versions.entry(version.clone()).or_default();
+        let mut late = 0;
+        for r in &obs.requests {
+            match state.windows.bucket(r.time, closed_until, config) {
+                Some(b) => {
+                    b.all.add(r.duration_ns, r.error);
+                    let op = entry.operation_key(&r.operation);
+                    b.operations
+                        .entry(op.to_owned())
+                        .or_default()
+                        .add(r.duration_ns, r.error);
+                }
+                None => late += 1,
+            }
+        }
+        for c in &obs.calls {
+            match state.windows.bucket(c.time, closed_until, config) {
+                Some(b) => {
+                    let calls = b
+                        .calls
+                        .entry(entry.downstream_key(&c.downstream).to_owned())
+                        .or_default();
+                    calls.0 += 1;
+                    calls.1 += u64::from(c.error);
+                }
+                None => late += 1,
+            }
+        }
+        for e in &obs.exceptions {
+            match state.windows.bucket(e.time, closed_until, config) {
+                Some(b) => {
+                    *b.exceptions
+                        .entry(entry.exception_type_key(&e.exception_type).to_owned())
+                        .or_default() += 1
+                }
+                None => late += 1,
+            }
+        }
+        for l in &obs.logs {
+            match state.windows.bucket(l.time, closed_until, config) {
+                Some(b) => {
+                    b.logs += 1;
+                    b.error_logs += u64::from(l.severity.is_error());
+                }
+                None => late += 1,
+            }
+        }
+        for (series, sample) in samples {
+            let time = match sample {
+                crate::delta::Sample::Level { time, .. } => *time,
+                crate::delta::Sample::Increment { end, .. }
+                | crate::delta::Sample::Histogram { end, .. }
+                | crate::delta::Sample::ExponentialHistogram { end, .. } => *end,
+            };
+            match state.windows.bucket(time, closed_until, config) {
+                Some(b) => b.metrics.entry(series.clone()).or_default().add(sample),
+                None => late += 1,
+            }
+        }
+        state.late += late;
+        app.late += late;
+        report.late += late;
+
+        let until = app.clock.advance(last, config);
+        if until > closed_until {
+            report.windows_closed += self.close_windows(&key, until);
+        }
+    }
+
+    /// Closes what the app's clock allows, in every version, and learns from the closed windows.
+    fn close_windows(&mut self, key: &(Arc<str>, Arc<str>), until: EventTime) -> u64 {
+        let config = &self.config;
+        let Some(app) = self.apps.get_mut(key) else {
+            return 0;
+        };
+        let mut closed: Vec<(Arc<str>, ClosedWindow)> = Vec::new();
+        for (version, state) in &mut app.versions {
+            for window in state.windows.close(until, self.complete_from, &config.windows) {
+                closed.push((version.clone(), window));
+            }
+        }
+        // Windows in time order, versions in name order within a window: learning is deterministic.
+        closed.sort_by(|a, b| (a.1.start, &a.0).cmp(&(b.1.start, &b.0)));
+        let window_secs = config.windows.window_ns as f64 / 1e9;
+        let decay = 0.5f64.powf(1.0 / STABLE_HALF_LIFE_WINDOWS);
+        let count = closed.len() as u64;
+        let mut i = 0;
+        while i < closed.len() {
+            let start = closed[i].1.start;
+            let group_end = closed[i..]
+                .iter()
+                .position(|(_, w)| w.start != start)
+                .map_or(closed.len(), |n| i + n);
+            for traffic in app.traffic.values_mut() {
+                *traffic *= decay;
+            }
+            for (version, window) in &closed[i..group_end] {
+                *app.traffic.entry(version.clone()).or_default() += window.aggregate.all.requests as f64;
+            }
+            app.traffic.retain(|_, t| *t > 1e-3);
+            app.stable = app
+                .traffic
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
+                .map(|(v, _)| v.clone());
+            for (version, window) in &closed[i..group_end] {
+                if !window.complete {
+                    continue;
+                }
+                let Some(state) = app.versions.get_mut(version) else {
+                    continue;
+                };
+                let known: BTreeSet<FeatureKey> = state.baselines.keys().cloned().collect();
+                let features = window_features(&window.aggregate, window_secs, &known);
+                let scope = Scope::Version(version.to_string());
+                learn(
+                    &mut state.baselines,
+                    &features,
+                    key,
+                    scope,
+                    window.end,
+                    config,
+                    self.slots.as_mut(),
+                    &mut self.dirty,
+                );
+                if app.stable.as_ref() == Some(version) {
+                    let known: BTreeSet<FeatureKey> = app.baselines.keys().cloned().collect();
+                    let features = window_features(&window.aggregate, window_secs, &known);
+                    learn(
+                        &mut app.baselines,
+                        &features,
+                        key,
+                        Scope::App,
+                        window.end,
+                        config,
+                        self.slots.as_mut(),
+                        &mut self.dirty,
+                    );
+                }
+            }
+            i = group_end;
+        }
+        count
+    }
+
+    /// The baselines of an app (`version` None) or of one of its versions.
+    pub fn baselines(&self, env: &str, app: &str, version: Option<&str>) -> Option<BaselinesView<'_>> {
+        let state = self.apps.get(&(Arc::from(env), Arc::from(app)))?;
+        let (baselines, late) = match version {
+            None => (&state.baselines, state.late),
+            Some(v) => {
+                let s = state.versions.get(v)?;
+                (&s.baselines, s.late)
+            }
+        };
+        Some(BaselinesView {
+            clock: state.clock,
+            stable_version: state.stable.as_deref(),
+            late,
+            baselines,
+        })
+    }
+
+    /// Baselines changed since the last call, for persistence; their current slots are written
+    /// to the slot store as a side effect, so that both are durable together.
+    pub fn take_dirty(&mut self) -> Vec<(BaselineId, Baseline)> {
+        let dirty: Vec<BaselineId> = self.dirty.drain().collect();
+        let mut out = Vec::with_capacity(dirty.len());
+        for id in dirty {
+            if let Some(b) = self.baseline(&id) {
+                let b = b.clone();
+                b.save_slot(&id.series_name(), self.slots.as_mut());
+                out.push((id, b));
+            }
+        }
+        out
+    }
+
+    fn baseline(&self, id: &BaselineId) -> Option<&Baseline> {
+        let app = self
+            .apps
+            .get(&(Arc::from(id.env.as_str()), Arc::from(id.app.as_str())))?;
+        match &id.scope {
+            Scope::App => app.baselines.get(&id.key),
+            Scope::Version(v) => app.versions.get(v.as_str())?.baselines.get(&id.key),
+        }
+    }
+
+    /// Every app's clock, for persistence.
+    pub fn clocks(&self) -> Vec<(String, String, AppClock)> {
+        self.apps
+            .iter()
+            .map(|((env, app), s)| (env.to_string(), app.to_string(), s.clock))
+            .collect()
+    }
+
+    /// Restores persisted state: clocks and baselines. Windows that began before the latest
+    /// restored clock are marked incomplete, since part of them was never seen.
+    pub fn restore(
+        &mut self,
+        clocks: Vec<(String, String, AppClock)>,
+        baselines: Vec<(BaselineId, Baseline)>,
+    ) {
+        for (env, app, clock) in clocks {
+            let state = self.apps.entry((Arc::from(env), Arc::from(app))).or_default();
+            state.clock = clock;
+            self.complete_from = self.complete_from.max(clock.max_time);
+        }
+        for (id, baseline) in baselines {
+            let state = self
+                .apps
+                .entry((Arc::from(id.env.as_str()), Arc::from(id.app.as_str())))
+                .or_default();
+            let map = match id.scope {
+                Scope::App => &mut state.baselines,
+                Scope::Version(v) => &mut state.versions.entry(Arc::from(v)).or_default().baselines,
+            };
+            map.insert(id.key, baseline);
+        }
+    }
+
+    /// Baselines held, and the bytes they take in memory.
+    pub fn baseline_memory(&self) -> (usize, usize) {
+        let all = self.apps.values().flat_map(|a| {
+            a.baselines
+                .values()
+                .chain(a.versions.values().flat_map(|v| v.baselines.values()))
+        });
+        all.fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.memory_bytes()))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn learn(
+    baselines: &mut BTreeMap<FeatureKey, Baseline>,
+    features: &[(FeatureKey, f64)],
+    app: &(Arc<str>, Arc<str>),
+    scope: Scope,
+    time: EventTime,
+    config: &EngineConfig,
+    slots: &mut dyn SlotStore,
+    dirty: &mut HashSet<BaselineId>,
+) {
+    for (key, value) in features {
+        let id = BaselineId {
+            env: app.0.to_string(),
+            app: app.1.to_string(),
+            scope: scope.clone(),
+            key: key.clone(),
+        };
+        let baseline = baselines.entry(key.clone()).or_default();
+        baseline.observe(&id.series_name(), *value, time, &config.baseline, slots);
+        dirty.insert(id);
+    }
+}

@@ -1,0 +1,378 @@
+//! Event-time windows: observations into 1-second buckets, buckets closed by a watermark, closed
+//! buckets rolled up into evaluation windows.
+//!
+//! Each (env, app) has its own clock: the watermark is the latest event time seen for the app minus
+//! the allowed lateness, so one app's skewed clock cannot make another's data late. A bucket closes
+//! once the watermark passes its end; an observation for a closed bucket is late, counted and not
+//! used. Everything kept in an `Aggregate` merges exactly (counts, sums, sketches), so data arriving
+//! out of order within the lateness gives the same windows as data arriving in order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::delta::Sample;
+use crate::observation::{EventTime, SeriesKey};
+use crate::sketch::Sketch;
+
+/// Relative accuracy of latency sketches.
+pub const LATENCY_ACCURACY: f64 = 0.01;
+
+/// Window settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowConfig {
+    pub bucket_ns: u64,
+    /// How far behind the latest event time data may arrive and still count.
+    pub lateness_ns: u64,
+    /// Length of an evaluation window; a whole number of buckets.
+    pub window_ns: u64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            bucket_ns: 1_000_000_000,
+            lateness_ns: 10_000_000_000,
+            window_ns: 60_000_000_000,
+        }
+    }
+}
+
+/// Requests, errors and latency of one operation (or of the whole app).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestAggregate {
+    pub requests: u64,
+    pub errors: u64,
+    /// Latency in milliseconds.
+    pub latency_ms: Sketch,
+}
+
+impl Default for RequestAggregate {
+    fn default() -> Self {
+        RequestAggregate {
+            requests: 0,
+            errors: 0,
+            latency_ms: Sketch::new(LATENCY_ACCURACY),
+        }
+    }
+}
+
+impl RequestAggregate {
+    pub fn add(&mut self, duration_ns: u64, error: bool) {
+        self.requests += 1;
+        self.errors += u64::from(error);
+        self.latency_ms.add(duration_ns as f64 / 1e6);
+    }
+
+    fn merge(&mut self, other: &RequestAggregate) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency_ms.merge(&other.latency_ms);
+    }
+}
+
+/// What a metric series did over an interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricAggregate {
+    /// Sum of counter increments.
+    pub increment: f64,
+    pub increments: u64,
+    /// Sum and count of gauge readings.
+    pub level_sum: f64,
+    pub levels: u64,
+    /// Values recorded into histograms, at their buckets' representative values.
+    pub distribution: Option<Sketch>,
+}
+
+impl MetricAggregate {
+    pub fn add(&mut self, sample: &Sample) {
+        match sample {
+            Sample::Increment { value, .. } => {
+                self.increment += value;
+                self.increments += 1;
+            }
+            Sample::Level { value, .. } => {
+                self.level_sum += value;
+                self.levels += 1;
+            }
+            Sample::Histogram {
+                bounds,
+                bucket_counts,
+                ..
+            } => {
+                let sketch = self
+                    .distribution
+                    .get_or_insert_with(|| Sketch::new(LATENCY_ACCURACY));
+                for (i, count) in bucket_counts.iter().enumerate() {
+                    if *count == 0 {
+                        continue;
+                    }
+                    // Midpoint of the bucket; the open-ended ones stand at their one bound.
+                    let value = match (i.checked_sub(1).and_then(|j| bounds.get(j)), bounds.get(i)) {
+                        (Some(lo), Some(hi)) => (lo + hi) / 2.0,
+                        (None, Some(hi)) => *hi,
+                        (Some(lo), None) => *lo,
+                        (None, None) => continue,
+                    };
+                    sketch.add_weighted(value, *count as f64);
+                }
+            }
+            Sample::ExponentialHistogram {
+                scale,
+                zero_count,
+                positive,
+                negative,
+                ..
+            } => {
+                let sketch = self
+                    .distribution
+                    .get_or_insert_with(|| Sketch::new(LATENCY_ACCURACY));
+                let base = 2f64.powf(2f64.powi(-scale));
+                let value_at = |index: i64| base.powf(index as f64 + 0.5);
+                for (i, count) in positive.counts.iter().enumerate() {
+                    sketch.add_weighted(value_at(i64::from(positive.offset) + i as i64), *count as f64);
+                }
+                for (i, count) in negative.counts.iter().enumerate() {
+                    sketch.add_weighted(-value_at(i64::from(negative.offset) + i as i64), *count as f64);
+                }
+                sketch.add_weighted(0.0, *zero_count as f64);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: &MetricAggregate) {
+        self.increment += other.increment;
+        self.increments += other.increments;
+        self.level_sum += other.level_sum;
+        self.levels += other.levels;
+        if let Some(d) = &other.distribution {
+            match &mut self.distribution {
+                Some(mine) => mine.merge(d),
+                None => self.distribution = Some(d.clone()),
+            }
+        }
+    }
+}
+
+/// Everything one version did over an interval, mergeable.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Aggregate {
+    pub all: RequestAggregate,
+    pub operations: BTreeMap<String, RequestAggregate>,
+    /// Calls and failed calls per downstream.
+    pub calls: BTreeMap<String, (u64, u64)>,
+    pub exceptions: BTreeMap<String, u64>,
+    pub logs: u64,
+    pub error_logs: u64,
+    pub metrics: BTreeMap<SeriesKey, MetricAggregate>,
+}
+
+impl Aggregate {
+    pub fn merge(&mut self, other: &Aggregate) {
+        self.all.merge(&other.all);
+        for (op, agg) in &other.operations {
+            self.operations.entry(op.clone()).or_default().merge(agg);
+        }
+        for (ds, (calls, errors)) in &other.calls {
+            let mine = self.calls.entry(ds.clone()).or_default();
+            mine.0 += calls;
+            mine.1 += errors;
+        }
+        for (ty, n) in &other.exceptions {
+            *self.exceptions.entry(ty.clone()).or_default() += n;
+        }
+        self.logs += other.logs;
+        self.error_logs += other.error_logs;
+        for (series, agg) in &other.metrics {
+            self.metrics.entry(series.clone()).or_default().merge(agg);
+        }
+    }
+}
+
+/// A window whose every bucket has closed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedWindow {
+    pub start: EventTime,
+    pub end: EventTime,
+    pub aggregate: Aggregate,
+    /// Whether every bucket of the window could have been seen (false for the first window after
+    /// a restart, which began before this process did).
+    pub complete: bool,
+}
+
+/// The open buckets and the window being rolled up, for one version.
+#[derive(Clone, Debug, Default)]
+pub struct VersionWindows {
+    buckets: BTreeMap<EventTime, Aggregate>,
+    /// The window being filled from closed buckets: its start and contents.
+    rolling: Option<(EventTime, Aggregate, bool)>,
+}
+
+impl VersionWindows {
+    /// The bucket for `time`, or `None` when that bucket has already closed (`closed_until`).
+    pub fn bucket(
+        &mut self,
+        time: EventTime,
+        closed_until: EventTime,
+        config: &WindowConfig,
+    ) -> Option<&mut Aggregate> {
+        if time < closed_until {
+            return None;
+        }
+        let start = time - time % config.bucket_ns;
+        Some(self.buckets.entry(start).or_default())
+    }
+
+    /// Closes every bucket that ends at or before `closed_until`, rolling them into windows;
+    /// returns the windows that completed. `complete_from` is the first instant this process could
+    /// have seen: windows starting earlier are marked incomplete.
+    pub fn close(
+        &mut self,
+        closed_until: EventTime,
+        complete_from: EventTime,
+        config: &WindowConfig,
+    ) -> Vec<ClosedWindow> {
+        let mut done = Vec::new();
+        let window_of = |t: EventTime| t - t % config.window_ns;
+        while let Some(entry) = self.buckets.first_entry() {
+            if entry.key() + config.bucket_ns > closed_until {
+                break;
+            }
+            let (start, bucket) = entry.remove_entry();
+            let window = window_of(start);
+            match &mut self.rolling {
+                Some((w, agg, _)) if *w == window => agg.merge(&bucket),
+                _ => {
+                    if let Some((w, agg, complete)) = self.rolling.take() {
+                        done.push(ClosedWindow {
+                            start: w,
+                            end: w + config.window_ns,
+                            aggregate: agg,
+                            complete,
+                        });
+                    }
+                    self.rolling = Some((window, bucket, window >= complete_from));
+                }
+            }
+        }
+        // The rolling window is complete once the watermark has passed its end.
+        if let Some((w, _, _)) = &self.rolling
+            && w + config.window_ns <= closed_until
+        {
+            let (w, agg, complete) = self.rolling.take().expect("just matched");
+            done.push(ClosedWindow {
+                start: w,
+                end: w + config.window_ns,
+                aggregate: agg,
+                complete,
+            });
+        }
+        done
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_idle(&self) -> bool {
+        self.buckets.is_empty() && self.rolling.is_none()
+    }
+}
+
+/// The event-time clock of one (env, app).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppClock {
+    /// Latest event time seen.
+    pub max_time: EventTime,
+    /// Buckets ending at or before this are closed.
+    pub closed_until: EventTime,
+}
+
+impl AppClock {
+    /// Advances the clock to `time`; returns the new `closed_until` (bucket-aligned).
+    pub fn advance(&mut self, time: EventTime, config: &WindowConfig) -> EventTime {
+        self.max_time = self.max_time.max(time);
+        let watermark = self.max_time.saturating_sub(config.lateness_ns);
+        let aligned = watermark - watermark % config.bucket_ns;
+        self.closed_until = self.closed_until.max(aligned);
+        self.closed_until
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn config() -> WindowConfig {
+        WindowConfig {
+            bucket_ns: S,
+            lateness_ns: 5 * S,
+            window_ns: 10 * S,
+        }
+    }
+
+    /// Feeds (time, duration) requests in the given order; returns the closed windows' request
+    /// counts and the number of late observations.
+    fn check(times: &[u64]) -> (Vec<(u64, u64)>, u64) {
+        let config = config();
+        let mut clock = AppClock::default();
+        let mut windows = VersionWindows::default();
+        let mut late = 0;
+        let mut closed = Vec::new();
+        for t in times {
+            let closed_until = clock.closed_until;
+            match windows.bucket(*t, closed_until, &config) {
+                Some(b) => b.all.add(1_000_000, false),
+                None => late += 1,
+            }
+            let until = clock.advance(*t, &config);
+            for w in windows.close(until, 0, &config) {
+                closed.push((w.start / S, w.aggregate.all.requests));
+            }
+        }
+        (closed, late)
+    }
+
+    #[test]
+    fn windows_close_when_the_watermark_passes_them() {
+        let times: Vec<u64> = (0..40).map(|i| i * S / 2).collect(); // 0..20 s, two per second
+        let (closed, late) = check(&times);
+        // Watermark reaches 14.5 s: the window [0, 10) is closed, [10, 20) is not.
+        assert_eq!(closed, vec![(0, 20)]);
+        assert_eq!(late, 0);
+    }
+
+    #[test]
+    fn out_of_order_within_lateness_is_exact_and_beyond_is_counted() {
+        let ordered: Vec<u64> = (0..60).map(|i| i * S / 2).collect();
+        let mut shuffled = ordered.clone();
+        // Swap neighbours three seconds apart: within the 5 s lateness.
+        for i in (0..shuffled.len() - 6).step_by(7) {
+            shuffled.swap(i, i + 6);
+        }
+        assert_eq!(check(&ordered), check(&shuffled));
+        let mut with_late = ordered.clone();
+        with_late.push(2 * S); // 27.5 s seen: buckets before 22 s are closed
+        assert_eq!(check(&with_late).1, 1);
+    }
+
+    #[test]
+    fn the_first_window_after_a_restart_is_incomplete() {
+        let config = config();
+        let mut windows = VersionWindows::default();
+        windows
+            .bucket(15 * S, 0, &config)
+            .expect("open")
+            .all
+            .add(1, false);
+        windows
+            .bucket(25 * S, 0, &config)
+            .expect("open")
+            .all
+            .add(1, false);
+        let closed = windows.close(30 * S, 12 * S, &config);
+        assert_eq!(
+            closed.iter().map(|w| w.complete).collect::<Vec<_>>(),
+            vec![false, true]
+        );
+    }
+}

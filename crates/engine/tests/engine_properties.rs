@@ -1,0 +1,162 @@
+//! Properties of the engine that must hold for any input: out-of-order arrival within the allowed
+//! lateness learns exactly what in-order arrival learns, and nothing a baseline says is NaN or
+//! infinite.
+
+use canaryd_engine::baseline::{Baseline, BaselineConfig, MemorySlotStore};
+use canaryd_engine::rng::Rng;
+use canaryd_engine::{
+    Batch, Engine, EngineConfig, Identity, RequestObservation, ResourceObservations, SpanId, TraceId,
+};
+use proptest::prelude::*;
+
+const S: u64 = 1_000_000_000;
+const START: u64 = 1_767_571_200 * S;
+
+/// (offset ns from START, duration ns, error, operation, version)
+type Req = (u64, u64, bool, u8, u8);
+
+fn engine() -> Engine {
+    Engine::new(EngineConfig::default(), Box::new(MemorySlotStore::default()))
+}
+
+/// One batch per request, as a stream of single-span exports.
+fn feed(engine: &mut Engine, requests: &[Req]) {
+    for &(offset, duration, error, op, version) in requests {
+        let time = START + offset;
+        let mut r = ResourceObservations::new(Identity::new("prod", "shop", &format!("v{version}")));
+        r.spans = 1;
+        r.saw(time);
+        r.requests.push(RequestObservation {
+            operation: format!("op{op}"),
+            time,
+            duration_ns: duration,
+            error,
+            trace_id: TraceId::default(),
+            span_id: SpanId::default(),
+        });
+        engine.ingest(&Batch { resources: vec![r] });
+    }
+}
+
+/// Every baseline's learned state, comparable.
+fn learned(engine: &Engine) -> Vec<String> {
+    let mut out = Vec::new();
+    for version in [None, Some("v0"), Some("v1")] {
+        if let Some(view) = engine.baselines("prod", "shop", version) {
+            for (key, b) in view.baselines {
+                out.push(format!(
+                    "{version:?} {key} {} {:?} {:?}",
+                    b.ewma.samples, b.last_value, b.last_score
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Requests over about 30 minutes of event time.
+fn traffic(seed: u64, n: usize) -> Vec<Req> {
+    let mut rng = Rng::new(seed);
+    let mut out: Vec<Req> = (0..n)
+        .map(|_| {
+            (
+                rng.below(1_800 * S),
+                1_000_000 + rng.below(200_000_000),
+                rng.unit() < 0.05,
+                rng.below(4) as u8,
+                u8::from(rng.unit() < 0.2),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn out_of_order_within_lateness_learns_the_same(seed in any::<u64>(), jitter_seed in any::<u64>()) {
+        let ordered = traffic(seed, 3_000);
+        // Each request is delayed by up to half the lateness: never past its bucket's closing.
+        let lateness = EngineConfig::default().windows.lateness_ns;
+        let mut rng = Rng::new(jitter_seed);
+        let mut shuffled: Vec<(u64, Req)> = ordered.iter().map(|r| (r.0 + rng.below(lateness / 2), *r)).collect();
+        shuffled.sort_by_key(|(key, _)| *key);
+        let shuffled: Vec<Req> = shuffled.into_iter().map(|(_, r)| r).collect();
+
+        let (mut a, mut b) = (engine(), engine());
+        feed(&mut a, &ordered);
+        feed(&mut b, &shuffled);
+        let learned_a = learned(&a);
+        prop_assert!(learned_a.len() > 10, "something was learned: {learned_a:?}");
+        prop_assert_eq!(learned_a, learned(&b));
+    }
+
+    #[test]
+    fn baselines_never_say_nan_or_infinity(values in prop::collection::vec(any::<f64>(), 1..200)) {
+        let mut baseline = Baseline::default();
+        let mut store = MemorySlotStore::default();
+        let config = BaselineConfig { min_samples: 2, ..BaselineConfig::default() };
+        for (i, x) in values.iter().enumerate() {
+            let score = baseline.observe("s", *x, START + i as u64 * 60 * S, &config, &mut store);
+            if let Some(v) = score.value() {
+                prop_assert!(v.is_finite() && v >= 0.0, "score {} after {:?}", v, &values[..=i]);
+            }
+            prop_assert!(baseline.ewma.mean.is_finite() && baseline.ewma.variance.is_finite());
+            prop_assert!(baseline.ewma.abs_error.is_finite());
+            if let Some(q) = baseline.slot_quantiles() {
+                prop_assert!(q.iter().all(|v| v.is_finite()), "{:?}", q);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_app_baseline_learns_from_the_stable_version_only() {
+    let mut engine = engine();
+    let mut requests: Vec<Req> = Vec::new();
+    for second in 0..1_200u64 {
+        // v0 carries 9 requests a second, v1 one request every 10 s, with errors.
+        for k in 0..9 {
+            requests.push((second * S + k * 1_000_000, 20_000_000, false, 0, 0));
+        }
+        if second % 10 == 0 {
+            requests.push((second * S + 500_000_000, 900_000_000, true, 1, 1));
+        }
+    }
+    feed(&mut engine, &requests);
+    let app = engine.baselines("prod", "shop", None).expect("app baselines");
+    assert_eq!(app.stable_version, Some("v0"));
+    let error_ratio = &app.baselines
+        [&canaryd_engine::features::FeatureKey::app(canaryd_engine::features::Feature::ErrorRatio)];
+    assert_eq!(
+        error_ratio.last_value,
+        Some(0.0),
+        "v1's errors are not the app's norm"
+    );
+    let v1 = engine
+        .baselines("prod", "shop", Some("v1"))
+        .expect("v1 baselines");
+    let v1_errors = &v1.baselines
+        [&canaryd_engine::features::FeatureKey::app(canaryd_engine::features::Feature::ErrorRatio)];
+    assert_eq!(v1_errors.last_value, Some(1.0));
+    // 20 minutes of one-minute windows, less the one still open behind the watermark.
+    assert!(error_ratio.ewma.samples >= 18, "{}", error_ratio.ewma.samples);
+}
+
+#[test]
+fn late_data_is_counted_not_used() {
+    let mut engine = engine();
+    feed(
+        &mut engine,
+        &[
+            (100 * S, 1, false, 0, 0),
+            (200 * S, 1, false, 0, 0),
+            (50 * S, 1, false, 0, 0),
+        ],
+    );
+    let view = engine.baselines("prod", "shop", Some("v0")).expect("version");
+    assert_eq!(view.late, 1);
+    assert_eq!(view.clock.max_time, START + 200 * S);
+}
