@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use canaryd_engine::EventTime;
+use canaryd_engine::baseline::Score;
 use canaryd_engine::catalog::AppEntry;
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/apps", get(apps))
+        .route("/api/v1/apps/{app}/baseline", get(baseline))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }
@@ -233,6 +235,138 @@ fn app_view(env: &str, app: &str, entry: &AppEntry) -> AppView {
         metric_resets,
         metric_stale_points,
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BaselineQuery {
+    env: Option<String>,
+    version: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct BaselineView {
+    env: String,
+    app: String,
+    /// The version whose baselines these are; null for the app's own (learned from its stable
+    /// version).
+    version: Option<String>,
+    stable_version: Option<String>,
+    /// Latest event time seen for the app.
+    max_event_time: Option<String>,
+    /// Event time before which the app's buckets are closed.
+    watermark: Option<String>,
+    late_observations: u64,
+    features: Vec<FeatureView>,
+}
+
+#[derive(Debug, Serialize)]
+struct FeatureView {
+    feature: &'static str,
+    /// The operation, downstream, exception type or metric series; "" for the app as a whole.
+    subject: String,
+    ewma_mean: f64,
+    ewma_std: f64,
+    /// Windows learned.
+    samples: u64,
+    /// The current hour-of-week slot's quantiles of the feature's values.
+    slot: Option<SlotView>,
+    last_value: Option<f64>,
+    last_window_end: Option<String>,
+    /// `scored`, or `insufficient_data` while the baseline is too young.
+    status: &'static str,
+    /// Half-widths of the learned band that the last window's value lay outside it (0 inside).
+    score: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct SlotView {
+    hour_of_week: u16,
+    q05: f64,
+    q50: f64,
+    q95: f64,
+    q99: f64,
+    /// Earlier weeks the quantiles come from (0: this week so far).
+    weeks: u32,
+    weight: f64,
+}
+
+fn optional_time(t: EventTime) -> Option<String> {
+    (t > 0).then(|| format_event_time(t))
+}
+
+async fn baseline(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    query: Result<Query<BaselineQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let env = query.env.unwrap_or_else(|| "default".into());
+    if env.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "env must not be empty");
+    }
+    if query.version.as_deref() == Some("") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "version must not be empty (leave it out for the app's baseline)",
+        );
+    }
+    let engine = state.engine.lock();
+    if engine.catalog().app(&env, &app).is_none() {
+        return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
+    }
+    let Some(view) = engine.baselines(&env, &app, query.version.as_deref()) else {
+        let what = match &query.version {
+            Some(v) => format!("no version {v:?} of app {app:?} in env {env:?}"),
+            None => format!("app {app:?} in env {env:?} has no baselines yet"),
+        };
+        return error(StatusCode::NOT_FOUND, &what);
+    };
+    let features = view
+        .baselines
+        .iter()
+        .map(|(key, b)| FeatureView {
+            feature: key.feature.name(),
+            subject: key.subject.clone(),
+            ewma_mean: b.ewma.mean,
+            ewma_std: b.ewma.std(),
+            samples: b.ewma.samples,
+            slot: b.slot.as_ref().and_then(|(slot, summary)| {
+                let [q05, q50, q95, q99] = b.slot_quantiles()?;
+                Some(SlotView {
+                    hour_of_week: *slot,
+                    q05,
+                    q50,
+                    q95,
+                    q99,
+                    weeks: summary.past_weeks,
+                    weight: summary.past.count() + summary.current.count(),
+                })
+            }),
+            last_value: b.last_value,
+            last_window_end: optional_time(b.last_window_end),
+            status: match b.last_score {
+                Some(Score::Scored(_)) => "scored",
+                _ => "insufficient_data",
+            },
+            score: b.last_score.and_then(Score::value),
+        })
+        .collect();
+    let body = BaselineView {
+        env,
+        app,
+        version: query.version,
+        stable_version: view.stable_version.map(str::to_owned),
+        max_event_time: optional_time(view.clock.max_time),
+        watermark: optional_time(view.clock.closed_until),
+        late_observations: view.late,
+        features,
+    };
+    drop(engine);
+    Json(body).into_response()
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use canaryd_engine::Limits;
+use canaryd_engine::baseline::BaselineConfig;
+use canaryd_engine::window::WindowConfig;
+use canaryd_engine::{EngineConfig, Limits};
 
 use crate::normalize::NormalizeOptions;
 
@@ -119,6 +121,20 @@ settings! {
     ingest_wait_ms: u64,
     /// Seconds each shutdown step may take [default: 10]
     shutdown_grace_secs: u64,
+    /// Seconds of event time data may arrive behind the latest seen for its app [default: 10]
+    allowed_lateness_secs: u64,
+    /// Length of the evaluation windows baselines learn from, in seconds [default: 60]
+    window_secs: u64,
+    /// Half-life of the baselines' EWMAs, in seconds of event time [default: 1800]
+    baseline_half_life_secs: u64,
+    /// Half-life of seasonal memory, in weeks [default: 2]
+    seasonal_half_life_weeks: f64,
+    /// Windows a baseline must learn before it scores [default: 10]
+    baseline_min_samples: u64,
+    /// Seconds between flushes of state to disk; at most this much learning is lost to a crash [default: 10]
+    flush_interval_secs: u64,
+    /// sled's cache, in MiB [default: 64]
+    sled_cache_mb: u64,
     /// Log filter, in tracing's EnvFilter syntax [default: info]
     log: String,
 }
@@ -176,7 +192,9 @@ pub struct Config {
     pub models_dir: PathBuf,
     pub api_token: Option<String>,
     pub normalize: NormalizeOptions,
-    pub limits: Limits,
+    pub engine: EngineConfig,
+    pub flush_interval: Duration,
+    pub sled_cache_bytes: u64,
     pub max_message_bytes: usize,
     pub pipeline_queue: usize,
     pub ingest_wait: Duration,
@@ -194,11 +212,11 @@ fn invalid(field: &'static str, value: impl ToString, reason: &str) -> ConfigErr
 }
 
 /// `value` when it lies in `range`, else an error naming `field`.
-fn within(
+fn within<T: PartialOrd + std::fmt::Display + Copy>(
     field: &'static str,
-    value: usize,
-    range: std::ops::RangeInclusive<usize>,
-) -> Result<usize, ConfigError> {
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
     if range.contains(&value) {
         Ok(value)
     } else {
@@ -275,6 +293,43 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
             return Err(invalid("log", &log, &e.to_string()));
         }
+        const NS: u64 = 1_000_000_000;
+        let window_secs = within("window_secs", raw.window_secs.unwrap_or(60), 1..=3_600)?;
+        if 3_600 % window_secs != 0 {
+            return Err(invalid(
+                "window_secs",
+                window_secs,
+                "must divide an hour (1, 2, 5, 10, 30, 60, ...)",
+            ));
+        }
+        let windows = WindowConfig {
+            bucket_ns: NS,
+            lateness_ns: within(
+                "allowed_lateness_secs",
+                raw.allowed_lateness_secs.unwrap_or(10),
+                0..=3_600,
+            )? * NS,
+            window_ns: window_secs * NS,
+        };
+        // NaN lies in no range, so it is refused here too.
+        let seasonal_half_life_weeks = within(
+            "seasonal_half_life_weeks",
+            raw.seasonal_half_life_weeks.unwrap_or(2.0),
+            0.1..=520.0,
+        )?;
+        let baseline = BaselineConfig {
+            half_life_ns: within(
+                "baseline_half_life_secs",
+                raw.baseline_half_life_secs.unwrap_or(1_800),
+                1..=365 * 86_400,
+            )? * NS,
+            seasonal_half_life_weeks,
+            min_samples: within(
+                "baseline_min_samples",
+                raw.baseline_min_samples.unwrap_or(10),
+                1..=1_000_000,
+            )?,
+        };
         let config = Config {
             data_dir,
             otlp_grpc_addr: addr(raw.otlp_grpc_addr, "127.0.0.1:4317"),
@@ -295,7 +350,17 @@ impl Config {
                     0..=64,
                 )?,
             },
-            limits,
+            engine: EngineConfig {
+                limits,
+                windows,
+                baseline,
+            },
+            flush_interval: Duration::from_secs(within(
+                "flush_interval_secs",
+                raw.flush_interval_secs.unwrap_or(10),
+                1..=86_400,
+            )?),
+            sled_cache_bytes: within("sled_cache_mb", raw.sled_cache_mb.unwrap_or(64), 1..=1 << 20)? << 20,
             max_message_bytes: within(
                 "max_message_bytes",
                 raw.max_message_bytes.unwrap_or(8 << 20),
@@ -384,7 +449,7 @@ mod tests {
             "127.0.0.1:1002",
             "file over default"
         );
-        assert_eq!(config.limits.max_apps, 7);
+        assert_eq!(config.engine.limits.max_apps, 7);
     }
 
     #[test]

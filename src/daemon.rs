@@ -1,11 +1,13 @@
 //! Wires the daemon together: binds the listeners, starts each stage as a task, writes
 //! `addrs.json` once everything is ready, and stops the stages in order.
 //!
-//! Start: create the data dir, bind all three listeners (a bind failure names the setting), start
-//! the engine task, the receivers and the API, then write `<data-dir>/addrs.json` and report ready.
+//! Start: create the data dir, open the store and restore the engine's state from it, bind all
+//! three listeners (a bind failure names the setting), start the engine task, the receivers and the
+//! API, then write `<data-dir>/addrs.json` and report ready.
 //! Stop (on the token): report not ready; stop the receivers, letting requests in flight finish;
-//! once their queue senders are gone the engine task drains the queue; the HTTP API stops last so
-//! that health and metrics stay visible until the end. Every step has `shutdown_grace` to finish.
+//! once their queue senders are gone the engine task drains the queue and flushes state to disk;
+//! the HTTP API stops last so that health and metrics stay visible until the end. Every step has
+//! `shutdown_grace` to finish.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
-use canaryd_engine::baseline::MemorySlotStore;
-use canaryd_engine::{Engine, EngineConfig};
+use canaryd_engine::Engine;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -27,6 +28,7 @@ use crate::config::Config;
 use crate::pipeline::{self, SharedEngine};
 use crate::receive::{self, Intake};
 use crate::stats::Stats;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -40,6 +42,8 @@ pub enum StartError {
     },
     #[error("cannot write {path}: {source}")]
     AddrsFile { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +142,14 @@ impl Daemon {
             path: config.data_dir.clone(),
             source,
         })?;
+        let stats = Arc::new(Stats::new());
+        let store = Store::open(&config.data_dir, config.sled_cache_bytes, stats.store_counters())?;
+        let mut engine = Engine::new(config.engine.clone(), Box::new(store.slot_store()));
+        let (clocks, baselines) = store.load()?;
+        tracing::info!(apps = clocks.len(), baselines = baselines.len(), "state restored");
+        engine.restore(clocks, baselines);
+        let engine = SharedEngine::new(engine);
+
         let grpc_listener = bind("otlp_grpc_addr", config.otlp_grpc_addr).await?;
         let otlp_http_listener = bind("otlp_http_addr", config.otlp_http_addr).await?;
         let http_listener = bind("http_addr", config.http_addr).await?;
@@ -146,15 +158,11 @@ impl Daemon {
             otlp_http: local_addr("otlp_http_addr", config.otlp_http_addr, &otlp_http_listener)?,
             http: local_addr("http_addr", config.http_addr, &http_listener)?,
         };
-        let stats = Arc::new(Stats::new());
-        let engine_config = EngineConfig {
-            limits: config.limits.clone(),
-            ..EngineConfig::default()
-        };
-        let engine = SharedEngine::new(Engine::new(engine_config, Box::new(MemorySlotStore::default())));
         let (sender, engine_task) = pipeline::start(
             engine.clone(),
             stats.clone(),
+            store,
+            config.flush_interval,
             config.pipeline_queue,
             config.ingest_wait,
         );

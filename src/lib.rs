@@ -6,6 +6,7 @@
 //! - `pipeline`: the bounded queue into the engine and the task that owns it.
 //! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
 //! - `stats`: the daemon's own counters.
+//! - `store`: durable state in sled; the only module that touches it.
 //! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
 //! - `daemon`: wiring, start-up order, and the orderly stop.
 //! - `testdata`: seeded OTLP request generators for benchmarks and tests.
@@ -20,4 +21,5 @@ pub mod normalize;
 pub mod pipeline;
 pub mod receive;
 pub mod stats;
+pub mod store;
 pub mod testdata;

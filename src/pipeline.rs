@@ -4,7 +4,8 @@
 //! its state has a single writer. The queue is bounded: when it is full a receiver waits up to
 //! `ingest_wait` for room, then answers "unavailable" (gRPC UNAVAILABLE, HTTP 503), which OTLP
 //! clients retry, so a burst slows senders down instead of growing memory or losing data. Readers
-//! (the HTTP API) lock the engine briefly between batches.
+//! (the HTTP API) lock the engine briefly between batches. The same task flushes the engine's state
+//! to the store on an interval and once more after the queue has drained at shutdown.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::stats::Stats;
+use crate::store::Store;
 
 /// The engine, shared between its one writer (the pipeline task) and the API's readers.
 #[derive(Clone)]
@@ -55,31 +57,74 @@ impl BatchSender {
     }
 }
 
-/// Creates the queue and starts the task that feeds the engine. The task ends once every
-/// `BatchSender` is dropped and the queue is drained.
+/// Creates the queue and starts the task that feeds the engine and flushes its state to `store`
+/// every `flush_interval`. The task ends once every `BatchSender` is dropped and the queue is
+/// drained, after a last flush.
 pub fn start(
     engine: SharedEngine,
     stats: Arc<Stats>,
+    store: Store,
+    flush_interval: Duration,
     capacity: usize,
     wait: Duration,
 ) -> (BatchSender, JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Batch>(capacity);
     let task = tokio::spawn(async move {
-        while let Some(batch) = rx.recv().await {
-            stats.queue_depth.set(rx.len() as i64);
-            let (report, apps) = {
-                let mut engine = engine.lock();
-                let report = engine.ingest(&batch);
-                (report, engine.catalog().app_count())
-            };
-            stats.batches_ingested.inc();
-            stats.apps_tracked.set(apps as i64);
-            for (cap, n) in report.cap_hits {
-                stats.capped(cap, n);
+        let mut flush_timer = tokio::time::interval(flush_interval);
+        flush_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush_timer.tick().await;
+        loop {
+            tokio::select! {
+                batch = rx.recv() => match batch {
+                    Some(batch) => {
+                        stats.queue_depth.set(rx.len() as i64);
+                        ingest(&engine, &stats, &batch);
+                    }
+                    None => break,
+                },
+                _ = flush_timer.tick() => flush(&engine, &store, &stats),
             }
         }
         stats.queue_depth.set(0);
         tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
+        flush(&engine, &store, &stats);
     });
     (BatchSender { tx, wait }, task)
+}
+
+fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch) {
+    let (report, apps) = {
+        let mut engine = engine.lock();
+        let report = engine.ingest(batch);
+        (report, engine.catalog().app_count())
+    };
+    stats.batches_ingested.inc();
+    stats.apps_tracked.set(apps as i64);
+    stats.late_observations.inc_by(report.late);
+    stats.windows_closed.inc_by(report.windows_closed);
+    for (cap, n) in report.cap_hits {
+        stats.capped(cap, n);
+    }
+}
+
+/// Writes what changed since the last flush, then makes it durable. A failed flush is logged and
+/// counted; the baselines it carried are written again when they next change.
+fn flush(engine: &SharedEngine, store: &Store, stats: &Stats) {
+    let (clocks, dirty, (baselines, bytes)) = {
+        let mut engine = engine.lock();
+        (engine.clocks(), engine.take_dirty(), engine.baseline_memory())
+    };
+    stats.baselines.set(baselines as i64);
+    stats.baseline_memory_bytes.set(bytes as i64);
+    match store.write(&clocks, &dirty).and_then(|()| store.flush()) {
+        Ok(()) => {
+            stats.flushes.inc();
+            tracing::debug!(baselines = dirty.len(), "state flushed");
+        }
+        Err(e) => {
+            stats.flush_errors.inc();
+            tracing::error!(error = %e, "cannot flush state to disk");
+        }
+    }
+    stats.store_disk_bytes.set(store.size_on_disk() as i64);
 }

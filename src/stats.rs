@@ -14,6 +14,8 @@ use prometheus_client::registry::Registry;
 
 use canaryd_engine::Cap;
 
+use crate::store::StoreCounters;
+
 /// The three OTLP signals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Signal {
@@ -70,6 +72,14 @@ pub struct Stats {
     pub batches_ingested: Counter,
     pub queue_depth: Gauge,
     pub apps_tracked: Gauge,
+    pub late_observations: Counter,
+    pub windows_closed: Counter,
+    pub flushes: Counter,
+    pub flush_errors: Counter,
+    pub baselines: Gauge,
+    pub baseline_memory_bytes: Gauge,
+    pub store_disk_bytes: Gauge,
+    store: StoreCounters,
 }
 
 impl Default for Stats {
@@ -129,6 +139,64 @@ impl Stats {
             "Apps (env, app) in the catalog",
             apps_tracked.clone(),
         );
+        let late_observations = Counter::default();
+        registry.register(
+            "canaryd_late_observations",
+            "Observations that arrived after their event-time bucket had closed (past allowed_lateness_secs)",
+            late_observations.clone(),
+        );
+        let windows_closed = Counter::default();
+        registry.register(
+            "canaryd_windows_closed",
+            "Evaluation windows closed, over all versions",
+            windows_closed.clone(),
+        );
+        let flushes = Counter::default();
+        registry.register(
+            "canaryd_store_flushes",
+            "Flushes of engine state to disk",
+            flushes.clone(),
+        );
+        let flush_errors = Counter::default();
+        registry.register(
+            "canaryd_store_flush_errors",
+            "Flushes that failed",
+            flush_errors.clone(),
+        );
+        let baselines = Gauge::default();
+        registry.register(
+            "canaryd_baselines",
+            "Feature baselines held (versions and apps)",
+            baselines.clone(),
+        );
+        let baseline_memory_bytes = Gauge::default();
+        registry.register(
+            "canaryd_baseline_memory_bytes",
+            "Bytes the baselines hold in memory",
+            baseline_memory_bytes.clone(),
+        );
+        let store_disk_bytes = Gauge::default();
+        registry.register(
+            "canaryd_store_disk_bytes",
+            "Bytes sled uses on disk",
+            store_disk_bytes.clone(),
+        );
+        let store = StoreCounters::default();
+        registry.register(
+            "canaryd_store_records_written",
+            "Records written to the store",
+            store.records_written.clone(),
+        );
+        registry.register(
+            "canaryd_store_records_skipped",
+            "Stored records of an unknown format, skipped",
+            store.records_skipped.clone(),
+        );
+        registry.register(
+            "canaryd_store_slot_errors",
+            "Seasonal slots that could not be read or written",
+            store.slot_errors.clone(),
+        );
         let build_info = Family::<[(&'static str, &'static str); 1], Gauge<i64, AtomicI64>>::default();
         registry.register("canaryd_build_info", "canaryd's version", build_info.clone());
         build_info
@@ -155,7 +223,20 @@ impl Stats {
             batches_ingested,
             queue_depth,
             apps_tracked,
+            late_observations,
+            windows_closed,
+            flushes,
+            flush_errors,
+            baselines,
+            baseline_memory_bytes,
+            store_disk_bytes,
+            store,
         }
+    }
+
+    /// The store's counters, registered here.
+    pub fn store_counters(&self) -> StoreCounters {
+        self.store.clone()
     }
 
     /// Counts one export request and, when it was taken, its accepted and rejected items.

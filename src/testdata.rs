@@ -70,6 +70,8 @@ pub struct TraceShape {
     pub error_rate: f64,
     /// Event time of the first span.
     pub start_ns: u64,
+    /// Mean event time between two requests of one resource.
+    pub request_gap_ns: u64,
 }
 
 impl Default for TraceShape {
@@ -83,6 +85,7 @@ impl Default for TraceShape {
             attributes: 10,
             error_rate: 0.01,
             start_ns: EPOCH_NS,
+            request_gap_ns: 6_000_000,
         }
     }
 }
@@ -108,7 +111,7 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
             let op = rng.below(shape.operations.max(1) as u64);
             let duration = 1_000_000 + rng.below(50_000_000);
             let failed = rng.unit() < shape.error_rate;
-            time += 1_000_000 + rng.below(10_000_000);
+            time += 1 + rng.below(2 * shape.request_gap_ns);
             let route = format!("/api/v1/resource{op}/{{id}}");
             let mut attributes = vec![
                 kv("http.request.method", "GET"),

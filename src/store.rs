@@ -1,0 +1,303 @@
+//! Durable state in sled: the only module that touches it.
+//!
+//! Three trees: `clocks` (each app's event-time clock), `baselines` (each baseline's EWMA and
+//! current slot), `slots` (the seasonal hour-of-week summaries paged out of memory). Every value is
+//! a versioned record: one format byte, then the value in postcard. A record of an unknown format is
+//! skipped and counted, never misread. sled flushes only when told (`flush`), so what is durable is
+//! exactly what the daemon flushed: on the flush interval and at shutdown.
+//!
+//! sled is no longer maintained; keeping it behind `Store` (open, load, write, flush, slots) is
+//! what lets it be replaced later without touching the engine or the daemon's wiring.
+
+use std::path::{Path, PathBuf};
+
+use canaryd_engine::BaselineId;
+use canaryd_engine::baseline::{Baseline, SlotStore, SlotSummary};
+use canaryd_engine::window::AppClock;
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The record format this build writes and reads.
+const RECORD_FORMAT: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store in {path} (is another canaryd using this data_dir?): {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store {operation} failed: {source}")]
+    Io {
+        operation: &'static str,
+        source: sled::Error,
+    },
+}
+
+/// Counters of what the store did; `Stats` registers them on `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct StoreCounters {
+    pub records_written: Counter,
+    pub records_skipped: Counter,
+    pub slot_errors: Counter,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    clocks: sled::Tree,
+    baselines: sled::Tree,
+    slots: sled::Tree,
+    counters: StoreCounters,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = vec![RECORD_FORMAT];
+    // Serializing plain data into a Vec cannot fail.
+    bytes.extend(postcard::to_stdvec(value).unwrap_or_default());
+    bytes
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
+fn slot_key(series: &str, slot: u16) -> Vec<u8> {
+    let mut key = series.as_bytes().to_vec();
+    key.push(0);
+    key.extend(slot.to_be_bytes());
+    key
+}
+
+impl Store {
+    /// Opens (or creates) the store under `data_dir`, with sled's cache bounded to `cache_bytes`.
+    pub fn open(data_dir: &Path, cache_bytes: u64, counters: StoreCounters) -> Result<Store, StoreError> {
+        let path = data_dir.join("sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })
+        };
+        Ok(Store {
+            clocks: tree("clocks")?,
+            baselines: tree("baselines")?,
+            slots: tree("slots")?,
+            db,
+            counters,
+        })
+    }
+
+    /// Everything persisted: clocks and baselines. Unreadable records are skipped and counted.
+    #[allow(clippy::type_complexity)]
+    pub fn load(&self) -> Result<(Vec<(String, String, AppClock)>, Vec<(BaselineId, Baseline)>), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "load",
+            source,
+        };
+        let mut clocks = Vec::new();
+        for entry in self.clocks.iter() {
+            let (key, value) = entry.map_err(io)?;
+            match (decode::<(String, String)>(&key), decode::<AppClock>(&value)) {
+                (Some((env, app)), Some(clock)) => clocks.push((env, app, clock)),
+                _ => self.skipped(),
+            }
+        }
+        let mut baselines = Vec::new();
+        for entry in self.baselines.iter() {
+            let (key, value) = entry.map_err(io)?;
+            match (decode::<BaselineId>(&key), decode::<Baseline>(&value)) {
+                (Some(id), Some(baseline)) => baselines.push((id, baseline)),
+                _ => self.skipped(),
+            }
+        }
+        Ok((clocks, baselines))
+    }
+
+    fn skipped(&self) {
+        self.counters.records_skipped.inc();
+    }
+
+    /// Writes clocks and baselines (each batch atomically per tree).
+    pub fn write(
+        &self,
+        clocks: &[(String, String, AppClock)],
+        baselines: &[(BaselineId, Baseline)],
+    ) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "write",
+            source,
+        };
+        let mut batch = sled::Batch::default();
+        for (env, app, clock) in clocks {
+            batch.insert(encode(&(env, app)), encode(clock));
+        }
+        self.clocks.apply_batch(batch).map_err(io)?;
+        let mut batch = sled::Batch::default();
+        for (id, baseline) in baselines {
+            batch.insert(encode(id), encode(baseline));
+        }
+        self.baselines.apply_batch(batch).map_err(io)?;
+        let written = (clocks.len() + baselines.len()) as u64;
+        self.counters.records_written.inc_by(written);
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|source| StoreError::Io {
+            operation: "flush",
+            source,
+        })
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// The engine's view of the seasonal slots.
+    pub fn slot_store(&self) -> SledSlots {
+        SledSlots {
+            slots: self.slots.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// Seasonal slot summaries in sled, for the engine.
+pub struct SledSlots {
+    slots: sled::Tree,
+    counters: StoreCounters,
+}
+
+impl SlotStore for SledSlots {
+    fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
+        match self.slots.get(slot_key(series, slot)) {
+            Ok(Some(bytes)) => {
+                let summary = decode(&bytes);
+                if summary.is_none() {
+                    self.counters.records_skipped.inc();
+                }
+                summary
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, series, slot, "cannot read a seasonal slot");
+                self.counters.slot_errors.inc();
+                None
+            }
+        }
+    }
+
+    fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary) {
+        match self.slots.insert(slot_key(series, slot), encode(summary)) {
+            Ok(_) => {
+                self.counters.records_written.inc();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, series, slot, "cannot write a seasonal slot");
+                self.counters.slot_errors.inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canaryd_engine::Scope;
+    use canaryd_engine::baseline::BaselineConfig;
+    use canaryd_engine::features::{Feature, FeatureKey};
+
+    fn id(scope: Scope) -> BaselineId {
+        BaselineId {
+            env: "prod".into(),
+            app: "shop".into(),
+            scope,
+            key: FeatureKey::of(Feature::OperationShare, "GET /a"),
+        }
+    }
+
+    #[test]
+    fn state_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut baseline = Baseline::default();
+        {
+            let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+            let mut slots = store.slot_store();
+            for i in 0..20 {
+                baseline.observe(
+                    "s",
+                    i as f64,
+                    1_767_571_200_000_000_000 + i * 60_000_000_000,
+                    &BaselineConfig::default(),
+                    &mut slots,
+                );
+            }
+            baseline.save_slot("s", &mut slots);
+            let clock = AppClock {
+                max_time: 42,
+                closed_until: 40,
+            };
+            store
+                .write(
+                    &[("prod".into(), "shop".into(), clock)],
+                    &[(id(Scope::App), baseline.clone())],
+                )
+                .expect("write");
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("reopen");
+        let (clocks, baselines) = store.load().expect("load");
+        assert_eq!(
+            clocks,
+            vec![(
+                "prod".to_string(),
+                "shop".to_string(),
+                AppClock {
+                    max_time: 42,
+                    closed_until: 40
+                }
+            )]
+        );
+        assert_eq!(baselines, vec![(id(Scope::App), baseline.clone())]);
+        let (slot, summary) = baseline.slot.clone().expect("a slot");
+        assert_eq!(store.slot_store().load("s", slot), Some(summary));
+    }
+
+    #[test]
+    fn records_of_another_format_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counters = StoreCounters::default();
+        let store = Store::open(dir.path(), 1 << 20, counters.clone()).expect("open");
+        store
+            .baselines
+            .insert(encode(&id(Scope::Version("v1".into()))), vec![99, 1, 2])
+            .expect("insert");
+        let (_, baselines) = store.load().expect("load");
+        assert!(baselines.is_empty());
+        assert_eq!(counters.records_skipped.get(), 1);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_dir_fails_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let message = Store::open(dir.path(), 1 << 20, StoreCounters::default())
+            .err()
+            .expect("locked")
+            .to_string();
+        assert!(message.contains("another canaryd"), "{message}");
+    }
+}
