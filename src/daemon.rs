@@ -65,6 +65,7 @@ pub struct BoundAddrs {
 /// A started daemon.
 pub struct Daemon {
     addrs: BoundAddrs,
+    addrs_path: PathBuf,
     shutdown: CancellationToken,
     grace: Duration,
     ready: Arc<AtomicBool>,
@@ -142,12 +143,26 @@ impl Daemon {
             path: config.data_dir.clone(),
             source,
         })?;
+        // A stale addrs.json from an earlier run must not be mistaken for this one's.
+        let addrs_path = config.data_dir.join("addrs.json");
+        if let Err(e) = std::fs::remove_file(&addrs_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(StartError::AddrsFile {
+                path: addrs_path,
+                source: e,
+            });
+        }
         let stats = Arc::new(Stats::new());
         let store = Store::open(&config.data_dir, config.sled_cache_bytes, stats.store_counters())?;
         let mut engine = Engine::new(config.engine.clone(), Box::new(store.slot_store()));
-        let (clocks, baselines) = store.load()?;
-        tracing::info!(apps = clocks.len(), baselines = baselines.len(), "state restored");
-        engine.restore(clocks, baselines);
+        let state = store.load()?;
+        tracing::info!(
+            apps = state.apps.len(),
+            baselines = state.baselines.len(),
+            "state restored"
+        );
+        engine.restore(state);
         let engine = SharedEngine::new(engine);
 
         let grpc_listener = bind("otlp_grpc_addr", config.otlp_grpc_addr).await?;
@@ -208,6 +223,7 @@ impl Daemon {
         );
         Ok(Daemon {
             addrs,
+            addrs_path: config.data_dir.join("addrs.json"),
             shutdown,
             grace: config.shutdown_grace,
             ready,
@@ -236,6 +252,10 @@ impl Daemon {
         self.shutdown.cancelled().await;
         tracing::info!("shutting down");
         self.ready.store(false, Ordering::Release);
+        // Whoever reads addrs.json from now on must not find this process's addresses.
+        if let Err(e) = std::fs::remove_file(&self.addrs_path) {
+            tracing::warn!(error = %e, path = %self.addrs_path.display(), "cannot remove addrs.json");
+        }
         let mut first_failure = None;
         for (stage, task) in self.receivers {
             if let Err(e) = finish(stage, task, self.grace).await {

@@ -108,18 +108,22 @@ fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch) {
 }
 
 /// Writes what changed since the last flush, then makes it durable. A failed flush is logged and
-/// counted; the baselines it carried are written again when they next change.
+/// counted; what it carried is written again when it next changes.
 fn flush(engine: &SharedEngine, store: &Store, stats: &Stats) {
-    let (clocks, dirty, (baselines, bytes)) = {
+    let (changes, (baselines, bytes)) = {
         let mut engine = engine.lock();
-        (engine.clocks(), engine.take_dirty(), engine.baseline_memory())
+        (engine.take_changes(), engine.baseline_memory())
     };
     stats.baselines.set(baselines as i64);
     stats.baseline_memory_bytes.set(bytes as i64);
-    match store.write(&clocks, &dirty).and_then(|()| store.flush()) {
+    match store.write(&changes).and_then(|()| store.flush()) {
         Ok(()) => {
             stats.flushes.inc();
-            tracing::debug!(baselines = dirty.len(), "state flushed");
+            tracing::debug!(
+                apps = changes.apps.len(),
+                baselines = changes.baselines.len(),
+                "state flushed"
+            );
         }
         Err(e) => {
             stats.flush_errors.inc();

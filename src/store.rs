@@ -1,7 +1,8 @@
 //! Durable state in sled: the only module that touches it.
 //!
-//! Three trees: `clocks` (each app's event-time clock), `baselines` (each baseline's EWMA and
-//! current slot), `slots` (the seasonal hour-of-week summaries paged out of memory). Every value is
+//! Four trees: `clocks` (each app's event-time clock), `apps` (each app's catalog entry: versions,
+//! counts, operations, metric streams), `baselines` (each baseline's EWMA and current slot), `slots`
+//! (the seasonal hour-of-week summaries paged out of memory). Every value is
 //! a versioned record: one format byte, then the value in postcard. A record of an unknown format is
 //! skipped and counted, never misread. sled flushes only when told (`flush`), so what is durable is
 //! exactly what the daemon flushed: on the flush interval and at shutdown.
@@ -11,9 +12,10 @@
 
 use std::path::{Path, PathBuf};
 
-use canaryd_engine::BaselineId;
 use canaryd_engine::baseline::{Baseline, SlotStore, SlotSummary};
+use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::window::AppClock;
+use canaryd_engine::{BaselineId, EngineState};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -44,6 +46,7 @@ pub struct StoreCounters {
 pub struct Store {
     db: sled::Db,
     clocks: sled::Tree,
+    apps: sled::Tree,
     baselines: sled::Tree,
     slots: sled::Tree,
     counters: StoreCounters,
@@ -91,6 +94,7 @@ impl Store {
         };
         Ok(Store {
             clocks: tree("clocks")?,
+            apps: tree("apps")?,
             baselines: tree("baselines")?,
             slots: tree("slots")?,
             db,
@@ -98,58 +102,63 @@ impl Store {
         })
     }
 
-    /// Everything persisted: clocks and baselines. Unreadable records are skipped and counted.
-    #[allow(clippy::type_complexity)]
-    pub fn load(&self) -> Result<(Vec<(String, String, AppClock)>, Vec<(BaselineId, Baseline)>), StoreError> {
-        let io = |source| StoreError::Io {
-            operation: "load",
-            source,
-        };
-        let mut clocks = Vec::new();
-        for entry in self.clocks.iter() {
-            let (key, value) = entry.map_err(io)?;
-            match (decode::<(String, String)>(&key), decode::<AppClock>(&value)) {
-                (Some((env, app)), Some(clock)) => clocks.push((env, app, clock)),
-                _ => self.skipped(),
-            }
+    /// Everything persisted. Unreadable records are skipped and counted.
+    pub fn load(&self) -> Result<EngineState, StoreError> {
+        let mut state = EngineState::default();
+        for (key, value) in self.records::<(String, String), AppClock>(&self.clocks)? {
+            state.clocks.push((key.0, key.1, value));
         }
-        let mut baselines = Vec::new();
-        for entry in self.baselines.iter() {
-            let (key, value) = entry.map_err(io)?;
-            match (decode::<BaselineId>(&key), decode::<Baseline>(&value)) {
-                (Some(id), Some(baseline)) => baselines.push((id, baseline)),
-                _ => self.skipped(),
-            }
+        for (key, value) in self.records::<(String, String), AppEntry>(&self.apps)? {
+            state.apps.push((key.0, key.1, value));
         }
-        Ok((clocks, baselines))
+        state.baselines = self.records::<BaselineId, Baseline>(&self.baselines)?;
+        Ok(state)
     }
 
-    fn skipped(&self) {
-        self.counters.records_skipped.inc();
-    }
-
-    /// Writes clocks and baselines (each batch atomically per tree).
-    pub fn write(
+    /// Every readable record of `tree`.
+    fn records<K: DeserializeOwned, V: DeserializeOwned>(
         &self,
-        clocks: &[(String, String, AppClock)],
-        baselines: &[(BaselineId, Baseline)],
-    ) -> Result<(), StoreError> {
+        tree: &sled::Tree,
+    ) -> Result<Vec<(K, V)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in tree.iter() {
+            let (key, value) = entry.map_err(|source| StoreError::Io {
+                operation: "load",
+                source,
+            })?;
+            match (decode(&key), decode(&value)) {
+                (Some(k), Some(v)) => out.push((k, v)),
+                _ => {
+                    self.counters.records_skipped.inc();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes clocks, apps and baselines (atomically per tree).
+    pub fn write(&self, state: &EngineState) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "write",
             source,
         };
         let mut batch = sled::Batch::default();
-        for (env, app, clock) in clocks {
+        for (env, app, clock) in &state.clocks {
             batch.insert(encode(&(env, app)), encode(clock));
         }
         self.clocks.apply_batch(batch).map_err(io)?;
         let mut batch = sled::Batch::default();
-        for (id, baseline) in baselines {
+        for (env, app, entry) in &state.apps {
+            batch.insert(encode(&(env, app)), encode(entry));
+        }
+        self.apps.apply_batch(batch).map_err(io)?;
+        let mut batch = sled::Batch::default();
+        for (id, baseline) in &state.baselines {
             batch.insert(encode(id), encode(baseline));
         }
         self.baselines.apply_batch(batch).map_err(io)?;
-        let written = (clocks.len() + baselines.len()) as u64;
-        self.counters.records_written.inc_by(written);
+        let written = state.clocks.len() + state.apps.len() + state.baselines.len();
+        self.counters.records_written.inc_by(written as u64);
         Ok(())
     }
 
@@ -229,6 +238,13 @@ mod tests {
         }
     }
 
+    fn clock() -> AppClock {
+        AppClock {
+            max_time: 42,
+            closed_until: 40,
+        }
+    }
+
     #[test]
     fn state_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -246,32 +262,25 @@ mod tests {
                 );
             }
             baseline.save_slot("s", &mut slots);
-            let clock = AppClock {
-                max_time: 42,
-                closed_until: 40,
+            let state = EngineState {
+                clocks: vec![("prod".into(), "shop".into(), clock())],
+                apps: vec![("prod".into(), "shop".into(), AppEntry::default())],
+                baselines: vec![(id(Scope::App), baseline.clone())],
             };
-            store
-                .write(
-                    &[("prod".into(), "shop".into(), clock)],
-                    &[(id(Scope::App), baseline.clone())],
-                )
-                .expect("write");
+            store.write(&state).expect("write");
             store.flush().expect("flush");
         }
         let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("reopen");
-        let (clocks, baselines) = store.load().expect("load");
+        let state = store.load().expect("load");
         assert_eq!(
-            clocks,
-            vec![(
-                "prod".to_string(),
-                "shop".to_string(),
-                AppClock {
-                    max_time: 42,
-                    closed_until: 40
-                }
-            )]
+            state.clocks,
+            vec![("prod".to_string(), "shop".to_string(), clock())]
         );
-        assert_eq!(baselines, vec![(id(Scope::App), baseline.clone())]);
+        assert_eq!(
+            state.apps,
+            vec![("prod".to_string(), "shop".to_string(), AppEntry::default())]
+        );
+        assert_eq!(state.baselines, vec![(id(Scope::App), baseline.clone())]);
         let (slot, summary) = baseline.slot.clone().expect("a slot");
         assert_eq!(store.slot_store().load("s", slot), Some(summary));
     }
@@ -285,8 +294,7 @@ mod tests {
             .baselines
             .insert(encode(&id(Scope::Version("v1".into()))), vec![99, 1, 2])
             .expect("insert");
-        let (_, baselines) = store.load().expect("load");
-        assert!(baselines.is_empty());
+        assert!(store.load().expect("load").baselines.is_empty());
         assert_eq!(counters.records_skipped.get(), 1);
     }
 

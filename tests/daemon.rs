@@ -596,6 +596,8 @@ async fn health_readiness_and_addrs_file() {
 mod binary {
     use std::path::Path;
     use std::process::{Command, Output, Stdio};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use std::time::{Duration, Instant};
 
     const CANARYD: &str = env!("CARGO_BIN_EXE_canaryd");
@@ -629,6 +631,72 @@ mod binary {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         command
+    }
+
+    /// A daemon process, ready (its addrs.json read).
+    struct Running {
+        child: std::process::Child,
+        addrs: serde_json::Value,
+        http: reqwest::Client,
+    }
+
+    impl Running {
+        fn start(data: &Path, extra: &[&str]) -> Running {
+            // What a killed daemon left behind must not pass for the new one's addresses.
+            let _ = std::fs::remove_file(data.join("addrs.json"));
+            let mut child = serve(data, extra, &[("CANARYD_LOG", "info")])
+                .spawn()
+                .expect("spawn");
+            let addrs_file = data.join("addrs.json");
+            let addrs = poll_until("addrs.json", || {
+                assert!(child.try_wait().expect("poll").is_none(), "daemon exited early");
+                let text = std::fs::read_to_string(&addrs_file).ok()?;
+                Some(serde_json::from_str(&text).expect("addrs.json is whole JSON"))
+            });
+            Running {
+                child,
+                addrs,
+                http: reqwest::Client::new(),
+            }
+        }
+
+        fn addr(&self, name: &str) -> &str {
+            self.addrs[name].as_str().expect("address")
+        }
+
+        async fn post_traces(&self, request: &ExportTraceServiceRequest) {
+            let response = self
+                .http
+                .post(format!("http://{}/v1/traces", self.addr("otlp_http")))
+                .header("content-type", "application/x-protobuf")
+                .body(prost::Message::encode_to_vec(request))
+                .send()
+                .await
+                .expect("post");
+            assert_eq!(response.status(), 200);
+        }
+
+        async fn get(&self, path: &str) -> String {
+            let url = format!("http://{}{path}", self.addr("http"));
+            let response = self.http.get(url).send().await.expect("get");
+            assert!(response.status().is_success(), "{path}: {}", response.status());
+            response.text().await.expect("body")
+        }
+
+        fn signal(&self, signal: &str) {
+            let status = Command::new("kill")
+                .args([signal, &self.child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success());
+        }
+
+        /// Waits for the process to end; returns its exit code and stderr.
+        fn wait(mut self) -> (Option<i32>, String) {
+            let exit = poll_until("the daemon to exit", || self.child.try_wait().expect("poll"));
+            let output = self.child.wait_with_output().expect("output");
+            (exit.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+        }
     }
 
     /// Runs a start-up that must fail; returns its stderr.
@@ -680,46 +748,214 @@ mod binary {
     #[tokio::test]
     async fn sigterm_drains_and_exits_zero() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data = dir.path().join("data");
-        let mut child = serve(&data, &[], &[("CANARYD_LOG", "info")])
-            .spawn()
-            .expect("spawn");
-        let addrs_file = data.join("addrs.json");
-        let addrs: serde_json::Value = poll_until("addrs.json", || {
-            assert!(child.try_wait().expect("poll").is_none(), "daemon exited early");
-            let text = std::fs::read_to_string(&addrs_file).ok()?;
-            Some(serde_json::from_str(&text).expect("addrs.json is whole JSON"))
-        });
-        assert!(
-            addrs["http"].as_str().is_some_and(|a| !a.ends_with(":0")),
-            "{addrs}"
-        );
-        let otlp_http = addrs["otlp_http"].as_str().expect("otlp_http address");
-        let request = super::spans_request("drained", "1", &["op".to_string()], 10);
-        let response = reqwest::Client::new()
-            .post(format!("http://{otlp_http}/v1/traces"))
-            .header("content-type", "application/x-protobuf")
-            .body(prost::Message::encode_to_vec(&request))
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(response.status(), 200);
-
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-        let exit = poll_until("the daemon to exit after SIGTERM", || {
-            child.try_wait().expect("poll")
-        });
-        let output = child.wait_with_output().expect("output");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(exit.code(), Some(0), "{stderr}");
+        let daemon = Running::start(&dir.path().join("data"), &[]);
+        assert!(!daemon.addr("http").ends_with(":0"), "{}", daemon.addrs);
+        daemon
+            .post_traces(&super::spans_request("drained", "1", &["op".to_string()], 10))
+            .await;
+        daemon.signal("-TERM");
+        let (code, stderr) = daemon.wait();
+        assert_eq!(code, Some(0), "{stderr}");
         assert!(
             stderr.contains("SIGTERM received") && stderr.contains("stopped"),
             "{stderr}"
         );
         assert!(stderr.contains("engine queue drained batches=1"), "{stderr}");
     }
+
+    /// The app's baseline, as JSON, once its request rate has learned `at_least` windows.
+    async fn learned_baseline(daemon: &Running, at_least: u64) -> serde_json::Value {
+        let path = "/api/v1/apps/app-0/baseline?env=prod&version=1.0.0";
+        super::eventually("the baseline to learn", || async {
+            let baseline: serde_json::Value = serde_json::from_str(&daemon.get(path).await).expect("JSON");
+            match super::feature(&baseline, "request_rate", "").and_then(|f| f["samples"].as_u64()) {
+                Some(n) if n >= at_least => Ok(baseline),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn baselines_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let daemon = Running::start(&data, &[]);
+        for request in super::hour_of_traffic() {
+            daemon.post_traces(&request).await;
+        }
+        let before = learned_baseline(&daemon, 55).await;
+        daemon.signal("-TERM");
+        let (code, stderr) = daemon.wait();
+        assert_eq!(code, Some(0), "{stderr}");
+
+        let daemon = Running::start(&data, &[]);
+        let after = learned_baseline(&daemon, 1).await;
+        assert_eq!(
+            before["features"], after["features"],
+            "the same baseline after a restart"
+        );
+        assert_eq!(
+            before["watermark"], after["watermark"],
+            "the watermark is restored"
+        );
+        let apps: serde_json::Value = serde_json::from_str(&daemon.get("/api/v1/apps").await).expect("JSON");
+        let app = super::find_app(&apps, "prod", "app-0").expect("the catalog is restored");
+        assert_eq!(
+            super::find_version(app, "1.0.0").expect("version")["spans"],
+            15 * 512
+        );
+        daemon.signal("-TERM");
+        assert_eq!(daemon.wait().0, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_crash_loses_at_most_the_last_flush_interval() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let daemon = Running::start(&data, &["--flush-interval-secs", "1"]);
+        for request in super::hour_of_traffic() {
+            daemon.post_traces(&request).await;
+        }
+        let learned = learned_baseline(&daemon, 55).await;
+        let samples = super::feature(&learned, "request_rate", "").expect("rate")["samples"].clone();
+        // Two more flushes: the second began after everything above was learned.
+        let flushes =
+            |text: &str| super::support::sample(text, "canaryd_store_flushes_total").expect("flush counter");
+        let seen = flushes(&daemon.get("/metrics").await);
+        super::eventually("two more flushes", || async {
+            let now = flushes(&daemon.get("/metrics").await);
+            if now >= seen + 2.0 {
+                Ok(())
+            } else {
+                Err(format!("{now}"))
+            }
+        })
+        .await;
+        daemon.signal("-KILL");
+        let (code, _) = daemon.wait();
+        assert_eq!(code, None, "killed by a signal");
+
+        let daemon = Running::start(&data, &[]);
+        let after = learned_baseline(&daemon, 1).await;
+        let rate = super::feature(&after, "request_rate", "").expect("rate");
+        assert_eq!(rate["samples"], samples, "nothing flushed was lost");
+        daemon.signal("-TERM");
+        assert_eq!(daemon.wait().0, Some(0));
+    }
+}
+
+/// About an hour of event time from one app: 15 requests of 512 spans, a request a second.
+fn hour_of_traffic() -> Vec<ExportTraceServiceRequest> {
+    let mut shape = TraceShape {
+        apps: 1,
+        versions_per_app: 1,
+        request_gap_ns: 1_000_000_000,
+        ..TraceShape::default()
+    };
+    let mut requests = Vec::new();
+    for seed in 0..15 {
+        let request = testdata::trace_request(&shape, seed);
+        let last_end = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .map(|s| s.end_time_unix_nano)
+            .max()
+            .expect("spans");
+        shape.start_ns = last_end + 1;
+        requests.push(request);
+    }
+    requests
+}
+
+/// The feature `name` (of the app as a whole) in a baseline response.
+fn feature<'a>(baseline: &'a serde_json::Value, name: &str, subject: &str) -> Option<&'a serde_json::Value> {
+    baseline["features"]
+        .as_array()?
+        .iter()
+        .find(|f| f["feature"] == name && f["subject"] == subject)
+}
+
+#[tokio::test]
+async fn an_hour_of_traffic_teaches_a_baseline() {
+    let daemon = TestDaemon::start().await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    for request in hour_of_traffic() {
+        client.export(request).await.expect("export");
+    }
+    let path = "/api/v1/apps/app-0/baseline?env=prod&version=1.0.0";
+    let baseline = eventually("about 55 one-minute windows learned", || async {
+        let baseline = daemon.get_json(path).await;
+        match feature(&baseline, "request_rate", "").and_then(|f| f["samples"].as_u64()) {
+            Some(n) if n >= 55 => Ok(baseline),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let rate = feature(&baseline, "request_rate", "").expect("request rate");
+    let mean = rate["ewma_mean"].as_f64().expect("mean");
+    assert!((0.7..1.3).contains(&mean), "about one request a second: {rate}");
+    assert_eq!(rate["status"], "scored");
+    assert!(
+        rate["score"].as_f64().is_some_and(|s| s < 3.0),
+        "steady traffic is not anomalous: {rate}"
+    );
+    let slot = &rate["slot"];
+    assert!(slot["q05"].as_f64() <= slot["q50"].as_f64() && slot["q50"].as_f64() <= slot["q95"].as_f64());
+    let p50 = feature(&baseline, "latency_p50_ms", "").expect("latency")["ewma_mean"]
+        .as_f64()
+        .expect("mean");
+    assert!(
+        (10.0..40.0).contains(&p50),
+        "latency is uniform over 1..51 ms: {p50}"
+    );
+    let calls = feature(&baseline, "calls_per_request", "orders-db.internal").expect("edge");
+    assert!(
+        (calls["ewma_mean"].as_f64().expect("mean") - 1.0).abs() < 0.05,
+        "{calls}"
+    );
+    let shares = baseline["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .filter(|f| f["feature"] == "operation_share")
+        .count();
+    assert_eq!(shares, 12, "one share per operation");
+    assert_eq!(baseline["stable_version"], "1.0.0");
+
+    let app_baseline = daemon.get_json("/api/v1/apps/app-0/baseline?env=prod").await;
+    assert_eq!(app_baseline["version"], serde_json::Value::Null);
+    assert!(
+        feature(&app_baseline, "request_rate", "").is_some(),
+        "the app learns from its stable version"
+    );
+
+    assert_eq!(daemon.status_of("/api/v1/apps/nope/baseline?env=prod").await, 404);
+    assert_eq!(
+        daemon
+            .status_of("/api/v1/apps/app-0/baseline?env=prod&version=9")
+            .await,
+        404
+    );
+    assert_eq!(
+        daemon.status_of("/api/v1/apps/app-0/baseline").await,
+        404,
+        "env defaults to default"
+    );
+    assert_eq!(
+        daemon
+            .status_of("/api/v1/apps/app-0/baseline?env=prod&window=1")
+            .await,
+        400
+    );
+    assert_eq!(
+        daemon
+            .status_of("/api/v1/apps/app-0/baseline?env=prod&version=")
+            .await,
+        400
+    );
 }

@@ -9,7 +9,7 @@
 //! First and last seen are event times (the timestamps in the data), so the catalog is the same
 //! whatever order the data arrived in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::delta::{Conversion, Sample, SeriesState};
@@ -87,7 +87,7 @@ impl Cap {
 }
 
 /// Counts of what one version sent.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VersionStats {
     pub first_seen: EventTime,
     pub last_seen: EventTime,
@@ -102,21 +102,21 @@ pub struct VersionStats {
 }
 
 /// Counts per operation, all versions together.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OperationStats {
     pub requests: u64,
     pub errors: u64,
 }
 
 /// One metric stream: a series from one version and instance.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 struct StreamKey {
     version: Arc<str>,
     instance: Option<Arc<str>>,
     series: SeriesKey,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Stream {
     state: SeriesState,
     points: u64,
@@ -134,7 +134,7 @@ pub struct Admission {
 }
 
 /// Everything known about one (env, app).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppEntry {
     versions: BTreeMap<Arc<str>, VersionStats>,
     operations: HashMap<String, OperationStats>,
@@ -239,6 +239,8 @@ pub struct Catalog {
     limits: Limits,
     apps: BTreeMap<(Arc<str>, Arc<str>), AppEntry>,
     cap_hits: BTreeMap<Cap, u64>,
+    /// Apps changed since the last `take_changed`.
+    changed: HashSet<(Arc<str>, Arc<str>)>,
 }
 
 impl Catalog {
@@ -247,6 +249,7 @@ impl Catalog {
             limits,
             apps: BTreeMap::new(),
             cap_hits: BTreeMap::new(),
+            changed: HashSet::new(),
         }
     }
 
@@ -265,6 +268,23 @@ impl Catalog {
 
     pub fn app(&self, env: &str, app: &str) -> Option<&AppEntry> {
         self.apps.get(&(Arc::from(env), Arc::from(app)))
+    }
+
+    /// The apps changed since the last call, for persistence.
+    pub fn take_changed(&mut self) -> Vec<(String, String, AppEntry)> {
+        let changed: Vec<_> = self.changed.drain().collect();
+        changed
+            .into_iter()
+            .filter_map(|key| {
+                let entry = self.apps.get(&key)?.clone();
+                Some((key.0.to_string(), key.1.to_string(), entry))
+            })
+            .collect()
+    }
+
+    /// Puts back a persisted app.
+    pub fn restore(&mut self, env: &str, app: &str, entry: AppEntry) {
+        self.apps.insert((Arc::from(env), Arc::from(app)), entry);
     }
 
     /// How many observations each cap dropped or folded since start.
@@ -309,6 +329,7 @@ impl Catalog {
             return (vec![(Cap::Apps, items)], None);
         }
         let limits = self.limits.clone();
+        self.changed.insert(key.clone());
         let entry = self.apps.entry(key).or_default();
         let mut hits: Vec<(Cap, u64)> = Vec::new();
 

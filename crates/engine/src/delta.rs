@@ -55,7 +55,7 @@ pub enum Conversion {
 }
 
 /// The last cumulative point of a series, kept to difference the next one against.
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SeriesState {
     last: Option<(EventTime, EventTime, PointValue)>,
 }

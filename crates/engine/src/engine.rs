@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::baseline::{Baseline, BaselineConfig, SlotStore};
-use crate::catalog::{Cap, Catalog, Limits};
+use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, window_features};
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, VersionWindows, WindowConfig};
@@ -56,6 +56,14 @@ impl BaselineId {
         };
         format!("{}\u{1f}{}\u{1f}{}\u{1f}{}", self.env, self.app, scope, self.key)
     }
+}
+
+/// The engine's durable state, or the part of it that changed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineState {
+    pub clocks: Vec<(String, String, AppClock)>,
+    pub apps: Vec<(String, String, AppEntry)>,
+    pub baselines: Vec<(BaselineId, Baseline)>,
 }
 
 /// What ingesting one batch ran into.
@@ -329,19 +337,24 @@ impl Engine {
         })
     }
 
-    /// Baselines changed since the last call, for persistence; their current slots are written
-    /// to the slot store as a side effect, so that both are durable together.
-    pub fn take_dirty(&mut self) -> Vec<(BaselineId, Baseline)> {
+    /// What changed since the last call, for persistence: every clock, and the apps and baselines
+    /// that changed. The baselines' current slots go to the slot store as a side effect, so that
+    /// both are written together.
+    pub fn take_changes(&mut self) -> EngineState {
         let dirty: Vec<BaselineId> = self.dirty.drain().collect();
-        let mut out = Vec::with_capacity(dirty.len());
+        let mut baselines = Vec::with_capacity(dirty.len());
         for id in dirty {
             if let Some(b) = self.baseline(&id) {
                 let b = b.clone();
                 b.save_slot(&id.series_name(), self.slots.as_mut());
-                out.push((id, b));
+                baselines.push((id, b));
             }
         }
-        out
+        EngineState {
+            clocks: self.clocks(),
+            apps: self.catalog.take_changed(),
+            baselines,
+        }
     }
 
     fn baseline(&self, id: &BaselineId) -> Option<&Baseline> {
@@ -354,7 +367,7 @@ impl Engine {
         }
     }
 
-    /// Every app's clock, for persistence.
+    /// Every app's clock.
     pub fn clocks(&self) -> Vec<(String, String, AppClock)> {
         self.apps
             .iter()
@@ -362,13 +375,17 @@ impl Engine {
             .collect()
     }
 
-    /// Restores persisted state: clocks and baselines. Windows that began before the latest
-    /// restored clock are marked incomplete, since part of them was never seen.
-    pub fn restore(
-        &mut self,
-        clocks: Vec<(String, String, AppClock)>,
-        baselines: Vec<(BaselineId, Baseline)>,
-    ) {
+    /// Restores persisted state. Windows that began before the latest restored clock are marked
+    /// incomplete, since part of them was never seen.
+    pub fn restore(&mut self, state: EngineState) {
+        let EngineState {
+            clocks,
+            apps,
+            baselines,
+        } = state;
+        for (env, app, entry) in apps {
+            self.catalog.restore(&env, &app, entry);
+        }
         for (env, app, clock) in clocks {
             let state = self.apps.entry((Arc::from(env), Arc::from(app))).or_default();
             state.clock = clock;

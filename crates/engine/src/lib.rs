@@ -26,5 +26,5 @@ pub mod sketch;
 pub mod window;
 
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};
-pub use engine::{BaselineId, BaselinesView, Engine, EngineConfig, IngestReport, Scope};
+pub use engine::{BaselineId, BaselinesView, Engine, EngineConfig, EngineState, IngestReport, Scope};
 pub use observation::*;

@@ -89,7 +89,7 @@ pub struct ExceptionObservation {
 }
 
 /// A metric series: the metric's name and a bounded, sorted set of its point attributes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct SeriesKey {
     pub name: String,
     pub attributes: Vec<(String, String)>,
@@ -113,21 +113,21 @@ impl fmt::Display for SeriesKey {
 }
 
 /// Whether a point carries the change over its interval or the total since its start time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Temporality {
     Delta,
     Cumulative,
 }
 
 /// Bucket counts of an exponential histogram on one side of zero.
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct ExponentialBuckets {
     pub offset: i32,
     pub counts: Vec<u64>,
 }
 
 /// The value of one metric point, as sent.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum PointValue {
     Sum {
         temporality: Temporality,
