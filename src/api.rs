@@ -315,7 +315,8 @@ async fn baseline(
         );
     }
     let engine = state.engine.lock();
-    if engine.catalog().app(&env, &app).is_none() {
+    // An app is known from its traffic, or from history imported with canaryd-lab.
+    if engine.catalog().app(&env, &app).is_none() && engine.baselines(&env, &app, None).is_none() {
         return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
     }
     let Some(view) = engine.baselines(&env, &app, query.version.as_deref()) else {

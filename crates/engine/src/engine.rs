@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::{Baseline, BaselineConfig, SlotStore};
+use crate::baseline::{Baseline, BaselineConfig, Score, SlotStore};
 use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, window_features};
 use crate::observation::{Batch, EventTime, ResourceObservations};
@@ -317,6 +317,29 @@ impl Engine {
             i = group_end;
         }
         count
+    }
+
+    /// Learns one feature value from history, as if a window ending at `time` had yielded it (the
+    /// `canaryd-lab import` path). Returns the value's score against what was learned before it.
+    pub fn learn_value(&mut self, id: &BaselineId, value: f64, time: EventTime) -> Score {
+        let app = self
+            .apps
+            .entry((Arc::from(id.env.as_str()), Arc::from(id.app.as_str())))
+            .or_default();
+        let baselines = match &id.scope {
+            Scope::App => &mut app.baselines,
+            Scope::Version(v) => &mut app.versions.entry(Arc::from(v.as_str())).or_default().baselines,
+        };
+        let baseline = baselines.entry(id.key.clone()).or_default();
+        let score = baseline.observe(
+            &id.series_name(),
+            value,
+            time,
+            &self.config.baseline,
+            self.slots.as_mut(),
+        );
+        self.dirty.insert(id.clone());
+        score
     }
 
     /// The baselines of an app (`version` None) or of one of its versions.

@@ -111,6 +111,26 @@ impl FeatureKey {
     }
 }
 
+impl std::str::FromStr for FeatureKey {
+    type Err = String;
+
+    /// Reads what `Display` writes: `name`, or `name[subject]`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, subject) = match text.split_once('[') {
+            Some((name, rest)) => match rest.strip_suffix(']') {
+                Some(subject) => (name, subject),
+                None => return Err(format!("{text:?}: a subject opened with [ must end with ]")),
+            },
+            None => (text, ""),
+        };
+        let feature = Feature::from_name(name.trim()).ok_or_else(|| {
+            let names: Vec<&str> = Feature::ALL.iter().map(|f| f.name()).collect();
+            format!("unknown feature {name:?}; known: {}", names.join(", "))
+        })?;
+        Ok(FeatureKey::of(feature, subject))
+    }
+}
+
 impl fmt::Display for FeatureKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.subject.is_empty() {
@@ -290,5 +310,15 @@ mod tests {
         for f in Feature::ALL {
             assert_eq!(Feature::from_name(f.name()), Some(f));
         }
+        for text in [
+            "request_rate",
+            "operation_share[GET /a/{id}]",
+            "metric_rate[orders{route=\"/r[1]\"}]",
+        ] {
+            let key: FeatureKey = text.parse().expect("parses");
+            assert_eq!(key.to_string(), text);
+        }
+        assert!("latency".parse::<FeatureKey>().is_err());
+        assert!("operation_share[GET /a".parse::<FeatureKey>().is_err());
     }
 }

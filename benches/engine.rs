@@ -1,0 +1,88 @@
+//! The engine's cost per observation, and its memory per baseline series.
+//!
+//! `ingest_window` feeds one app's requests (12 operations, a CLIENT call each, 2 versions) into
+//! the engine a second of event time at a time, so buckets close and windows roll as they would
+//! live; the cost per observation includes windowing, features and baseline learning. Before
+//! measuring, it prints the engine's baselines and their bytes in memory after an hour of such
+//! traffic, which is where BENCHMARKS.md's memory-per-series figure comes from.
+
+use std::hint::black_box;
+
+use canaryd::normalize::{self, NormalizeOptions};
+use canaryd::testdata::{self, TraceShape};
+use canaryd_engine::baseline::MemorySlotStore;
+use canaryd_engine::{Batch, Engine, EngineConfig};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+
+/// `n` batches, each one second of event time of one app with two versions.
+fn seconds_of_traffic(n: u64, start_ns: u64) -> Vec<(Batch, u64)> {
+    (0..n)
+        .map(|s| {
+            let shape = TraceShape {
+                apps: 1,
+                versions_per_app: 2,
+                spans: 200,
+                start_ns: start_ns + s * 1_000_000_000,
+                request_gap_ns: 10_000_000,
+                ..TraceShape::default()
+            };
+            let request = testdata::trace_request(&shape, s);
+            let normalized = normalize::traces(&request, &NormalizeOptions::default());
+            let observations = normalized
+                .batch
+                .resources
+                .iter()
+                .map(|r| (r.requests.len() + r.calls.len()) as u64)
+                .sum();
+            (normalized.batch, observations)
+        })
+        .collect()
+}
+
+fn engine() -> Engine {
+    Engine::new(EngineConfig::default(), Box::new(MemorySlotStore::default()))
+}
+
+fn bench(c: &mut Criterion) {
+    let hour = seconds_of_traffic(3_600, testdata::EPOCH_NS);
+    let mut warm = engine();
+    for (batch, _) in &hour {
+        warm.ingest(batch);
+    }
+    let (series, bytes) = warm.baseline_memory();
+    eprintln!(
+        "after an hour: {series} baseline series, {bytes} bytes in memory, {} bytes per series",
+        bytes / series.max(1)
+    );
+
+    let minute = seconds_of_traffic(60, testdata::EPOCH_NS + 3_600 * 1_000_000_000);
+    let observations: u64 = minute.iter().map(|(_, n)| n).sum();
+    let mut group = c.benchmark_group("engine");
+    group.throughput(Throughput::Elements(observations));
+    group.sample_size(20);
+    group.bench_function("ingest_minute_after_an_hour", |b| {
+        b.iter_batched(
+            || warm_clone(&hour),
+            |mut engine| {
+                for (batch, _) in &minute {
+                    black_box(engine.ingest(batch));
+                }
+                engine
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+/// A fresh engine that has learned `hour` (engines are not Clone: their slot store is owned).
+fn warm_clone(hour: &[(Batch, u64)]) -> Engine {
+    let mut engine = engine();
+    for (batch, _) in hour.iter().rev().take(120).rev() {
+        engine.ingest(batch);
+    }
+    engine
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,74 @@
+//! `canaryd-lab`: canaryd's offline tools, run against the daemon's own engine and store.
+//!
+//! Kept in a crate of its own because it carries polars, which the daemon's build must not.
+
+mod import;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use canaryd::config::{Config, RawConfig};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "canaryd-lab", version, about = "canaryd's offline tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Teach baselines from a metric history (CSV or Parquet: timestamp, [env,] app, version,
+    /// feature, value), so that a new install starts with seasonality learned. Stop the daemon
+    /// that uses the data dir first.
+    Import {
+        /// The daemon's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The daemon's config file, for its baseline settings (half-lives, window length).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The history file (.csv or .parquet).
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("canaryd-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Import {
+            data_dir,
+            config,
+            file,
+        } => {
+            let env = std::env::vars().collect();
+            let raw = RawConfig::layered(config.as_deref(), &env, RawConfig::default())?;
+            let config = Config::resolve(raw)?;
+            let summary = import::import(&data_dir, &file, config.engine, config.sled_cache_bytes)?;
+            println!(
+                "imported {} of {} rows into {} baselines in {}",
+                summary.imported,
+                summary.rows,
+                summary.baselines,
+                data_dir.display()
+            );
+            if summary.skipped > 0 {
+                println!("skipped {} rows:", summary.skipped);
+                for reason in &summary.reasons {
+                    println!("  {reason}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
