@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 
 use canaryd_engine::baseline::{Baseline, SlotStore, SlotSummary};
 use canaryd_engine::catalog::AppEntry;
+use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::window::AppClock;
-use canaryd_engine::{BaselineId, EngineState};
+use canaryd_engine::{BaselineId, EngineState, Scope};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -157,8 +158,38 @@ impl Store {
             batch.insert(encode(id), encode(baseline));
         }
         self.baselines.apply_batch(batch).map_err(io)?;
+        for (env, app, version) in &state.forgotten_versions {
+            self.forget_version(env, app, version).map_err(io)?;
+        }
         let written = state.clocks.len() + state.apps.len() + state.baselines.len();
         self.counters.records_written.inc_by(written as u64);
+        Ok(())
+    }
+
+    /// Deletes a version's baselines and seasonal slots.
+    fn forget_version(&self, env: &str, app: &str, version: &str) -> Result<(), sled::Error> {
+        // A BaselineId's record key starts with the encoding of its env, app and scope.
+        let scope = Scope::Version(version.to_owned());
+        let baseline_prefix = encode(&(env, app, &scope));
+        let any_feature = BaselineId {
+            env: env.to_owned(),
+            app: app.to_owned(),
+            scope,
+            key: FeatureKey::app(Feature::RequestRate),
+        };
+        // Slot keys start with the series name, whose last part is the feature.
+        let name = any_feature.series_name();
+        let slot_prefix = &name[..name.len() - Feature::RequestRate.name().len()];
+        for (tree, prefix) in [
+            (&self.baselines, baseline_prefix),
+            (&self.slots, slot_prefix.as_bytes().to_vec()),
+        ] {
+            let mut batch = sled::Batch::default();
+            for key in tree.scan_prefix(&prefix).keys() {
+                batch.remove(key?);
+            }
+            tree.apply_batch(batch)?;
+        }
         Ok(())
     }
 
@@ -225,9 +256,7 @@ impl SlotStore for SledSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use canaryd_engine::Scope;
     use canaryd_engine::baseline::BaselineConfig;
-    use canaryd_engine::features::{Feature, FeatureKey};
 
     fn id(scope: Scope) -> BaselineId {
         BaselineId {
@@ -266,6 +295,7 @@ mod tests {
                 clocks: vec![("prod".into(), "shop".into(), clock())],
                 apps: vec![("prod".into(), "shop".into(), AppEntry::default())],
                 baselines: vec![(id(Scope::App), baseline.clone())],
+                forgotten_versions: vec![],
             };
             store.write(&state).expect("write");
             store.flush().expect("flush");
@@ -283,6 +313,53 @@ mod tests {
         assert_eq!(state.baselines, vec![(id(Scope::App), baseline.clone())]);
         let (slot, summary) = baseline.slot.clone().expect("a slot");
         assert_eq!(store.slot_store().load("s", slot), Some(summary));
+    }
+
+    #[test]
+    fn a_forgotten_version_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut slots = store.slot_store();
+        let keep = id(Scope::Version("v10".into()));
+        let forget = id(Scope::Version("v1".into()));
+        let mut baseline = Baseline::default();
+        for target in [&keep, &forget] {
+            baseline.observe(
+                &target.series_name(),
+                1.0,
+                1_767_571_200_000_000_000,
+                &BaselineConfig::default(),
+                &mut slots,
+            );
+            baseline.save_slot(&target.series_name(), &mut slots);
+            baseline.slot = None;
+        }
+        let both = EngineState {
+            baselines: vec![
+                (keep.clone(), baseline.clone()),
+                (forget.clone(), baseline.clone()),
+            ],
+            ..EngineState::default()
+        };
+        store.write(&both).expect("write");
+        let forgotten = EngineState {
+            forgotten_versions: vec![("prod".into(), "shop".into(), "v1".into())],
+            ..EngineState::default()
+        };
+        store.write(&forgotten).expect("forget");
+        let ids: Vec<BaselineId> = store
+            .load()
+            .expect("load")
+            .baselines
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            ids,
+            vec![keep.clone()],
+            "v10 shares v1's prefix as text, not as a record key"
+        );
+        assert_eq!(store.slots.len(), 1);
     }
 
     #[test]

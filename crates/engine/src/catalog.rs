@@ -129,6 +129,8 @@ struct Stream {
 pub struct Admission {
     /// The version key they count under: the version itself, or `OVERFLOW`.
     pub version: Arc<str>,
+    /// A version idle long enough that it was forgotten to make room for this one.
+    pub evicted: Option<Arc<str>>,
     /// The metric samples their points yielded, with their series.
     pub samples: Vec<(SeriesKey, Sample)>,
 }
@@ -333,7 +335,7 @@ impl Catalog {
         let entry = self.apps.entry(key).or_default();
         let mut hits: Vec<(Cap, u64)> = Vec::new();
 
-        let version = admit_version(entry, &id.version, first, &limits);
+        let (version, evicted) = admit_version(entry, &id.version, first, &limits);
         if version.as_ref() == OVERFLOW && id.version.as_ref() != OVERFLOW {
             hits.push((Cap::VersionsPerApp, 1));
         }
@@ -414,19 +416,32 @@ impl Catalog {
             }
         }
         hits.push((Cap::MetricSeriesPerApp, dropped));
-        (hits, Some(Admission { version, samples }))
+        (
+            hits,
+            Some(Admission {
+                version,
+                evicted,
+                samples,
+            }),
+        )
     }
 }
 
 /// The version key the observations of `version` are counted under: itself when it is known or
 /// fits, after evicting an idle version if need be; `OVERFLOW` otherwise.
-fn admit_version(entry: &mut AppEntry, version: &Arc<str>, now: EventTime, limits: &Limits) -> Arc<str> {
+/// The version evicted to make room, if one was, comes second.
+fn admit_version(
+    entry: &mut AppEntry,
+    version: &Arc<str>,
+    now: EventTime,
+    limits: &Limits,
+) -> (Arc<str>, Option<Arc<str>>) {
     if entry.versions.contains_key(version) {
-        return version.clone();
+        return (version.clone(), None);
     }
     let real_versions = entry.versions.len() - usize::from(entry.versions.contains_key(OVERFLOW));
     if real_versions < limits.max_versions_per_app {
-        return version.clone();
+        return (version.clone(), None);
     }
     let idle = entry
         .versions
@@ -439,9 +454,9 @@ fn admit_version(entry: &mut AppEntry, version: &Arc<str>, now: EventTime, limit
         Some(evicted) => {
             entry.versions.remove(&evicted);
             entry.streams.retain(|k, _| k.version != evicted);
-            version.clone()
+            (version.clone(), Some(evicted))
         }
-        None => Arc::from(OVERFLOW),
+        None => (Arc::from(OVERFLOW), None),
     }
 }
 

@@ -64,6 +64,8 @@ pub struct EngineState {
     pub clocks: Vec<(String, String, AppClock)>,
     pub apps: Vec<(String, String, AppEntry)>,
     pub baselines: Vec<(BaselineId, Baseline)>,
+    /// (env, app, version) whose baselines are to be deleted.
+    pub forgotten_versions: Vec<(String, String, String)>,
 }
 
 /// What ingesting one batch ran into.
@@ -111,6 +113,8 @@ pub struct Engine {
     /// Windows that started before this instant were partly missed (the process was not running).
     complete_from: EventTime,
     dirty: HashSet<BaselineId>,
+    /// Versions forgotten since the last `take_changes`.
+    forgotten: Vec<(String, String, String)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -131,6 +135,7 @@ impl Engine {
             slots,
             complete_from: 0,
             dirty: HashSet::new(),
+            forgotten: Vec::new(),
         }
     }
 
@@ -151,6 +156,9 @@ impl Engine {
                 *hits.entry(cap).or_default() += n;
             }
             if let Some(admission) = admission {
+                if let Some(evicted) = &admission.evicted {
+                    self.forget_version(&resource.identity.env, &resource.identity.app, evicted);
+                }
                 self.window_resource(resource, &admission.version, &admission.samples, &mut report);
             }
         }
@@ -319,6 +327,22 @@ impl Engine {
         count
     }
 
+    /// Drops a version the catalog evicted: its windows and baselines, here and (at the next
+    /// flush) in the store, so that memory stays bounded across any number of deploys.
+    fn forget_version(&mut self, env: &Arc<str>, app: &Arc<str>, version: &Arc<str>) {
+        if let Some(state) = self.apps.get_mut(&(env.clone(), app.clone())) {
+            state.versions.remove(version);
+            state.traffic.remove(version);
+        }
+        self.dirty.retain(|id| {
+            id.env.as_str() != &**env
+                || id.app.as_str() != &**app
+                || id.scope != Scope::Version(version.to_string())
+        });
+        self.forgotten
+            .push((env.to_string(), app.to_string(), version.to_string()));
+    }
+
     /// Learns one feature value from history, as if a window ending at `time` had yielded it (the
     /// `canaryd-lab import` path). Returns the value's score against what was learned before it.
     pub fn learn_value(&mut self, id: &BaselineId, value: f64, time: EventTime) -> Score {
@@ -377,6 +401,7 @@ impl Engine {
             clocks: self.clocks(),
             apps: self.catalog.take_changed(),
             baselines,
+            forgotten_versions: std::mem::take(&mut self.forgotten),
         }
     }
 
@@ -405,6 +430,7 @@ impl Engine {
             clocks,
             apps,
             baselines,
+            forgotten_versions: _,
         } = state;
         for (env, app, entry) in apps {
             self.catalog.restore(&env, &app, entry);

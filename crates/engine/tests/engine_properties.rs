@@ -160,3 +160,38 @@ fn late_data_is_counted_not_used() {
     assert_eq!(view.late, 1);
     assert_eq!(view.clock.max_time, START + 200 * S);
 }
+
+#[test]
+fn an_evicted_version_is_forgotten_with_its_baselines() {
+    let limits = canaryd_engine::Limits {
+        max_versions_per_app: 2,
+        version_idle_ns: 600 * S,
+        ..canaryd_engine::Limits::default()
+    };
+    let config = EngineConfig {
+        limits,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(config, Box::new(MemorySlotStore::default()));
+    // v0 for five minutes, then v1 for twenty: v0 is idle long enough to make room for v2.
+    let mut requests: Vec<Req> = (0..300).map(|s| (s * S, 1_000_000, false, 0, 0)).collect();
+    requests.extend((300..1_500).map(|s| (s * S, 1_000_000, false, 0, 1)));
+    feed(&mut engine, &requests);
+    assert!(engine.baselines("prod", "shop", Some("v0")).is_some());
+    feed(&mut engine, &[(1_500 * S, 1_000_000, false, 0, 2)]);
+    assert!(
+        engine.baselines("prod", "shop", Some("v0")).is_none(),
+        "v0 is forgotten"
+    );
+    let changes = engine.take_changes();
+    assert_eq!(
+        changes.forgotten_versions,
+        vec![("prod".into(), "shop".into(), "v0".into())]
+    );
+    assert!(
+        changes
+            .baselines
+            .iter()
+            .all(|(id, _)| id.scope != canaryd_engine::Scope::Version("v0".into()))
+    );
+}
