@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -15,6 +16,7 @@ use axum::{Json, Router};
 use canaryd_engine::EventTime;
 use canaryd_engine::baseline::Score;
 use canaryd_engine::catalog::AppEntry;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::SharedEngine;
@@ -43,6 +45,20 @@ pub fn router(state: ApiState) -> Router {
 /// A JSON error body: `{"error": "..."}`.
 pub fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// A query string parsed into `T`; a bad one is refused with a JSON 400 naming the problem.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(query)) => Ok(ApiQuery(query)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, &e.body_text())),
+        }
+    }
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
@@ -141,14 +157,7 @@ struct ExceptionTypeView {
     count: u64,
 }
 
-async fn apps(
-    State(state): State<ApiState>,
-    query: Result<Query<AppsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(query) = match query {
-        Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
-    };
+async fn apps(State(state): State<ApiState>, ApiQuery(query): ApiQuery<AppsQuery>) -> Response {
     let engine = state.engine.lock();
     let apps = engine
         .catalog()
@@ -298,12 +307,8 @@ fn optional_time(t: EventTime) -> Option<String> {
 async fn baseline(
     State(state): State<ApiState>,
     Path(app): Path<String>,
-    query: Result<Query<BaselineQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<BaselineQuery>,
 ) -> Response {
-    let Query(query) = match query {
-        Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
-    };
     let env = query.env.unwrap_or_else(|| "default".into());
     if env.is_empty() {
         return error(StatusCode::BAD_REQUEST, "env must not be empty");
