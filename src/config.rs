@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use canaryd_engine::anomaly::AnomalyRules;
 use canaryd_engine::baseline::BaselineConfig;
 use canaryd_engine::window::WindowConfig;
 use canaryd_engine::{EngineConfig, Limits};
@@ -354,6 +355,7 @@ impl Config {
                 limits,
                 windows,
                 baseline,
+                anomaly: AnomalyRules::default(),
             },
             flush_interval: Duration::from_secs(within(
                 "flush_interval_secs",

@@ -15,6 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::anomaly::AnomalyState;
 use crate::observation::EventTime;
 use crate::sketch::Sketch;
 
@@ -27,6 +28,8 @@ const EPOCH_WEEKDAY_OFFSET_NS: u64 = 3 * 24 * HOUR_NS;
 const BAND_WIDTH: f64 = 3.0;
 /// Relative accuracy of seasonal slot sketches: values are feature levels, 2% is plenty.
 const SLOT_ACCURACY: f64 = 0.02;
+/// How much a window counts while its feature is anomalous, against 1 otherwise.
+const ANOMALOUS_LEARNING: f64 = 0.1;
 /// Values are clamped to +-this before learning.
 const MAX_VALUE: f64 = 1e100;
 /// A slot's weight (in windows) below which its quantiles are not trusted.
@@ -76,7 +79,8 @@ pub struct Ewma {
 
 impl Ewma {
     /// Learns `x` at `time`; the weight of the past halves every `half_life_ns` of event time.
-    fn update(&mut self, x: f64, time: EventTime, half_life_ns: u64) {
+    /// `weight` in (0, 1] scales how much `x` moves the averages.
+    fn update(&mut self, x: f64, time: EventTime, half_life_ns: u64, weight: f64) {
         if self.samples == 0 {
             *self = Ewma {
                 mean: x,
@@ -90,7 +94,7 @@ impl Ewma {
         let dt = time.saturating_sub(self.last_time).max(1) as f64;
         let alpha = 1.0 - (-(dt / half_life_ns.max(1) as f64) * std::f64::consts::LN_2).exp();
         // Early on, learn faster: never weigh the past more than the samples it holds.
-        let alpha = alpha.max(1.0 / (self.samples + 1) as f64);
+        let alpha = alpha.max(1.0 / (self.samples + 1) as f64) * weight;
         let delta = x - self.mean;
         self.mean += alpha * delta;
         self.variance = (1.0 - alpha) * (self.variance + alpha * delta * delta);
@@ -240,6 +244,8 @@ pub struct Baseline {
     pub last_value: Option<f64>,
     pub last_score: Option<Score>,
     pub last_window_end: EventTime,
+    /// Whether this feature has left its baseline (see `anomaly`).
+    pub anomaly: AnomalyState,
 }
 
 impl Baseline {
@@ -292,12 +298,27 @@ impl Baseline {
             Score::Scored(score)
         };
 
-        summary.current.add(x);
-        self.ewma.update(x, time, config.half_life_ns);
+        // While the feature is anomalous it learns only a little, so that a lasting fault is not
+        // quietly absorbed into "normal" within a half-life; a true new normal still is, slowly.
+        let weight = if self.anomaly.active {
+            ANOMALOUS_LEARNING
+        } else {
+            1.0
+        };
+        summary.current.add_weighted(x, weight);
+        self.ewma.update(x, time, config.half_life_ns, weight);
         self.last_value = Some(x);
         self.last_score = Some(score);
         self.last_window_end = self.last_window_end.max(time);
         score
+    }
+
+    /// The level band a new value is judged against, once the baseline has learned anything.
+    pub fn band(&self) -> Option<(f64, f64)> {
+        (self.ewma.samples > 0).then(|| {
+            let sd = self.ewma.robust_std();
+            (self.ewma.mean - BAND_WIDTH * sd, self.ewma.mean + BAND_WIDTH * sd)
+        })
     }
 
     /// The current slot's quantiles q05, q50, q95, q99, when it has any data.

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::anomaly::{AnomalyRules, Transition};
 use crate::baseline::{Baseline, BaselineConfig, Score, SlotStore};
 use crate::catalog::{AppEntry, Cap, Catalog, Limits};
-use crate::features::{FeatureKey, window_features};
+use crate::features::{FeatureKey, FeatureValue, window_features};
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, VersionWindows, WindowConfig};
 
@@ -29,6 +30,7 @@ pub struct EngineConfig {
     pub limits: Limits,
     pub windows: WindowConfig,
     pub baseline: BaselineConfig,
+    pub anomaly: AnomalyRules,
 }
 
 /// Which baselines: an app's own (learned from its stable version), or one version's.
@@ -68,8 +70,24 @@ pub struct EngineState {
     pub forgotten_versions: Vec<(String, String, String)>,
 }
 
+/// A version's feature left, or came back to, its own baseline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnomalyChange {
+    pub id: BaselineId,
+    pub transition: Transition,
+    /// The window's value, and what the baseline expected (its EWMA level before the window).
+    pub value: f64,
+    pub expected: f64,
+    /// The band the value was judged against, when the baseline had one.
+    pub band: Option<(f64, f64)>,
+    pub score: f64,
+    pub support: u64,
+    /// End of the deciding window: the event time of the evidence.
+    pub time: EventTime,
+}
+
 /// What ingesting one batch ran into.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct IngestReport {
     /// Observations dropped or folded, per cap.
     pub cap_hits: Vec<(Cap, u64)>,
@@ -77,6 +95,8 @@ pub struct IngestReport {
     pub late: u64,
     /// Windows closed, over all versions.
     pub windows_closed: u64,
+    /// Anomalies detected and resolved, in event-time order.
+    pub anomalies: Vec<AnomalyChange>,
 }
 
 #[derive(Debug, Default)]
@@ -247,12 +267,17 @@ impl Engine {
 
         let until = app.clock.advance(last, config);
         if until > closed_until {
-            report.windows_closed += self.close_windows(&key, until);
+            report.windows_closed += self.close_windows(&key, until, &mut report.anomalies);
         }
     }
 
     /// Closes what the app's clock allows, in every version, and learns from the closed windows.
-    fn close_windows(&mut self, key: &(Arc<str>, Arc<str>), until: EventTime) -> u64 {
+    fn close_windows(
+        &mut self,
+        key: &(Arc<str>, Arc<str>),
+        until: EventTime,
+        anomalies: &mut Vec<AnomalyChange>,
+    ) -> u64 {
         let config = &self.config;
         let Some(app) = self.apps.get_mut(key) else {
             return 0;
@@ -296,30 +321,23 @@ impl Engine {
                 };
                 let known: BTreeSet<FeatureKey> = state.baselines.keys().cloned().collect();
                 let features = window_features(&window.aggregate, window_secs, &known);
-                let scope = Scope::Version(version.to_string());
-                learn(
+                let mut learner = Learner {
+                    app: key,
+                    time: window.end,
+                    config,
+                    slots: self.slots.as_mut(),
+                    dirty: &mut self.dirty,
+                    anomalies,
+                };
+                learner.learn(
                     &mut state.baselines,
                     &features,
-                    key,
-                    scope,
-                    window.end,
-                    config,
-                    self.slots.as_mut(),
-                    &mut self.dirty,
+                    Scope::Version(version.to_string()),
                 );
                 if app.stable.as_ref() == Some(version) {
                     let known: BTreeSet<FeatureKey> = app.baselines.keys().cloned().collect();
                     let features = window_features(&window.aggregate, window_secs, &known);
-                    learn(
-                        &mut app.baselines,
-                        &features,
-                        key,
-                        Scope::App,
-                        window.end,
-                        config,
-                        self.slots.as_mut(),
-                        &mut self.dirty,
-                    );
+                    learner.learn(&mut app.baselines, &features, Scope::App);
                 }
             }
             i = group_end;
@@ -464,26 +482,61 @@ impl Engine {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn learn(
-    baselines: &mut BTreeMap<FeatureKey, Baseline>,
-    features: &[(FeatureKey, f64)],
-    app: &(Arc<str>, Arc<str>),
-    scope: Scope,
+/// Lets baselines learn one window's features.
+struct Learner<'a> {
+    app: &'a (Arc<str>, Arc<str>),
+    /// End of the window.
     time: EventTime,
-    config: &EngineConfig,
-    slots: &mut dyn SlotStore,
-    dirty: &mut HashSet<BaselineId>,
-) {
-    for (key, value) in features {
-        let id = BaselineId {
-            env: app.0.to_string(),
-            app: app.1.to_string(),
-            scope: scope.clone(),
-            key: key.clone(),
-        };
-        let baseline = baselines.entry(key.clone()).or_default();
-        baseline.observe(&id.series_name(), *value, time, &config.baseline, slots);
-        dirty.insert(id);
+    config: &'a EngineConfig,
+    slots: &'a mut dyn SlotStore,
+    dirty: &'a mut HashSet<BaselineId>,
+    anomalies: &'a mut Vec<AnomalyChange>,
+}
+
+impl Learner<'_> {
+    /// Scores and learns each feature; for a version's own baselines, also follows its anomaly
+    /// state and reports the changes.
+    fn learn(
+        &mut self,
+        baselines: &mut BTreeMap<FeatureKey, Baseline>,
+        features: &[FeatureValue],
+        scope: Scope,
+    ) {
+        for f in features {
+            let id = BaselineId {
+                env: self.app.0.to_string(),
+                app: self.app.1.to_string(),
+                scope: scope.clone(),
+                key: f.key.clone(),
+            };
+            let baseline = baselines.entry(f.key.clone()).or_default();
+            let expected = baseline.ewma.mean;
+            let band = baseline.band();
+            let score = baseline.observe(
+                &id.series_name(),
+                f.value,
+                self.time,
+                &self.config.baseline,
+                self.slots,
+            );
+            if matches!(scope, Scope::Version(_))
+                && let Some(transition) =
+                    baseline
+                        .anomaly
+                        .update(score, f.support, self.time, &self.config.anomaly)
+            {
+                self.anomalies.push(AnomalyChange {
+                    id: id.clone(),
+                    transition,
+                    value: f.value,
+                    expected,
+                    band,
+                    score: score.value().unwrap_or(0.0),
+                    support: f.support,
+                    time: self.time,
+                });
+            }
+            self.dirty.insert(id);
+        }
     }
 }

@@ -141,121 +141,122 @@ impl fmt::Display for FeatureKey {
     }
 }
 
+/// One feature's value in a window, with its support: how many events it rests on (requests for
+/// ratios, shares, latencies and rates; calls for a call error ratio; samples for metrics). A value
+/// resting on a handful of requests is noise, and the anomaly rules say how much support they want.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureValue {
+    pub key: FeatureKey,
+    pub value: f64,
+    pub support: u64,
+}
+
+/// Collects finite feature values.
+struct Features(Vec<FeatureValue>);
+
+impl Features {
+    fn push(&mut self, feature: Feature, subject: &str, value: Option<f64>, support: u64) {
+        if let Some(value) = value.filter(|v| v.is_finite()) {
+            self.0.push(FeatureValue {
+                key: FeatureKey::of(feature, subject),
+                value,
+                support,
+            });
+        }
+    }
+}
+
+fn ratio(n: u64, d: u64) -> Option<f64> {
+    (d > 0).then(|| n as f64 / d as f64)
+}
+
 /// The features of a window `window_secs` long. `known` are the features the version has
 /// baselines for, so that absent subjects read 0 where that means something.
-pub fn window_features(
-    agg: &Aggregate,
-    window_secs: f64,
-    known: &BTreeSet<FeatureKey>,
-) -> Vec<(FeatureKey, f64)> {
-    let mut out = Vec::new();
-    let requests = agg.all.requests as f64;
-    let ratio = |n: u64, d: u64| (d > 0).then(|| n as f64 / d as f64);
-    let push = |out: &mut Vec<_>, feature, subject: &str, value: Option<f64>| {
-        if let Some(v) = value.filter(|v: &f64| v.is_finite()) {
-            out.push((FeatureKey::of(feature, subject), v));
-        }
-    };
-
-    push(&mut out, Feature::RequestRate, "", Some(requests / window_secs));
-    push(
-        &mut out,
-        Feature::ErrorRatio,
+pub fn window_features(agg: &Aggregate, window_secs: f64, known: &BTreeSet<FeatureKey>) -> Vec<FeatureValue> {
+    let mut out = Features(Vec::new());
+    let requests = agg.all.requests;
+    let latency = &agg.all.latency_ms;
+    out.push(
+        Feature::RequestRate,
         "",
-        ratio(agg.all.errors, agg.all.requests),
+        Some(requests as f64 / window_secs),
+        requests,
     );
-    push(
-        &mut out,
-        Feature::LatencyP50,
-        "",
-        agg.all.latency_ms.quantile(0.5),
-    );
-    push(
-        &mut out,
-        Feature::LatencyP95,
-        "",
-        agg.all.latency_ms.quantile(0.95),
-    );
-    push(
-        &mut out,
-        Feature::LatencyP99,
-        "",
-        agg.all.latency_ms.quantile(0.99),
-    );
+    out.push(Feature::ErrorRatio, "", ratio(agg.all.errors, requests), requests);
+    out.push(Feature::LatencyP50, "", latency.quantile(0.5), requests);
+    out.push(Feature::LatencyP95, "", latency.quantile(0.95), requests);
+    out.push(Feature::LatencyP99, "", latency.quantile(0.99), requests);
     for (op, o) in &agg.operations {
-        push(
-            &mut out,
-            Feature::OperationShare,
-            op,
-            ratio(o.requests, agg.all.requests),
-        );
-        push(
-            &mut out,
+        out.push(Feature::OperationShare, op, ratio(o.requests, requests), requests);
+        out.push(
             Feature::OperationErrorRatio,
             op,
             ratio(o.errors, o.requests),
+            o.requests,
         );
-        push(
-            &mut out,
+        out.push(
             Feature::OperationLatencyP95,
             op,
             o.latency_ms.quantile(0.95),
+            o.requests,
         );
     }
     for (ds, (calls, errors)) in &agg.calls {
-        push(
-            &mut out,
-            Feature::CallsPerRequest,
-            ds,
-            ratio(*calls, agg.all.requests),
-        );
-        push(&mut out, Feature::CallErrorRatio, ds, ratio(*errors, *calls));
+        out.push(Feature::CallsPerRequest, ds, ratio(*calls, requests), requests);
+        out.push(Feature::CallErrorRatio, ds, ratio(*errors, *calls), *calls);
     }
     for (ty, n) in &agg.exceptions {
-        push(
-            &mut out,
+        out.push(
             Feature::ExceptionRate,
             ty,
             Some(*n as f64 / window_secs),
+            requests.max(*n),
         );
     }
-    push(
-        &mut out,
+    let log_support = requests.max(agg.logs);
+    out.push(
         Feature::ErrorLogRate,
         "",
         Some(agg.error_logs as f64 / window_secs),
+        log_support,
     );
     for (series, m) in &agg.metrics {
         let subject = series.to_string();
         if m.increments > 0 {
-            push(
-                &mut out,
+            out.push(
                 Feature::MetricRate,
                 &subject,
                 Some(m.increment / window_secs),
+                m.increments,
             );
         }
         if m.levels > 0 {
-            push(
-                &mut out,
+            out.push(
                 Feature::MetricValue,
                 &subject,
                 Some(m.level_sum / m.levels as f64),
+                m.levels,
             );
         }
         if let Some(d) = &m.distribution {
-            push(&mut out, Feature::MetricP50, &subject, d.quantile(0.5));
-            push(&mut out, Feature::MetricP95, &subject, d.quantile(0.95));
+            let count = d.count() as u64;
+            out.push(Feature::MetricP50, &subject, d.quantile(0.5), count);
+            out.push(Feature::MetricP95, &subject, d.quantile(0.95), count);
         }
     }
-    if agg.all.requests > 0 {
-        let present: BTreeSet<&FeatureKey> = out.iter().map(|(k, _)| k).collect();
+    let mut out = out.0;
+    if requests > 0 {
+        let present: BTreeSet<&FeatureKey> = out.iter().map(|f| &f.key).collect();
         let absent: Vec<FeatureKey> = known
             .iter()
             .filter(|k| k.feature.zero_when_absent() && !present.contains(k))
             .cloned()
             .collect();
-        out.extend(absent.into_iter().map(|k| (k, 0.0)));
+        out.extend(absent.into_iter().map(|key| FeatureValue {
+            key,
+            value: 0.0,
+            support: requests,
+        }));
     }
     out
 }
@@ -280,7 +281,7 @@ mod tests {
         ]);
         let features: std::collections::BTreeMap<String, f64> = window_features(&agg, 10.0, &known)
             .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
+            .map(|f| (f.key.to_string(), f.value))
             .collect();
         assert_eq!(features["request_rate"], 1.0);
         assert_eq!(features["error_ratio"], 0.2);
@@ -301,7 +302,7 @@ mod tests {
     #[test]
     fn an_empty_window_has_no_ratios() {
         let features = window_features(&Aggregate::default(), 60.0, &BTreeSet::new());
-        let names: Vec<String> = features.iter().map(|(k, _)| k.to_string()).collect();
+        let names: Vec<String> = features.iter().map(|f| f.key.to_string()).collect();
         assert_eq!(names, vec!["request_rate", "error_log_rate"]);
     }
 

@@ -10,11 +10,13 @@
 //! - `catalog`: the apps, versions, operations and series seen, each map capped by `Limits`.
 //! - `sketch`: a mergeable quantile sketch with relative error (DDSketch).
 //! - `baseline`: EWMA and seasonal hour-of-week quantiles per feature, and the anomaly score.
+//! - `anomaly`: when a version's feature has left its own baseline, with hysteresis.
 //! - `window`: event-time buckets, the per-app watermark, and evaluation windows.
 //! - `features`: the numbers a closed window yields (rates, ratios, quantiles, shares).
 //! - `engine`: `Engine`, which drives all of the above batch by batch.
 //! - `rng`: a seeded generator for synthetic data.
 
+pub mod anomaly;
 pub mod baseline;
 pub mod catalog;
 pub mod delta;
@@ -26,5 +28,7 @@ pub mod sketch;
 pub mod window;
 
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};
-pub use engine::{BaselineId, BaselinesView, Engine, EngineConfig, EngineState, IngestReport, Scope};
+pub use engine::{
+    AnomalyChange, BaselineId, BaselinesView, Engine, EngineConfig, EngineState, IngestReport, Scope,
+};
 pub use observation::*;

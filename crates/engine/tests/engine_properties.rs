@@ -195,3 +195,69 @@ fn an_evicted_version_is_forgotten_with_its_baselines() {
             .all(|(id, _)| id.scope != canaryd_engine::Scope::Version("v0".into()))
     );
 }
+
+#[test]
+fn an_error_jump_is_detected_within_two_windows_and_resolved_after_it_ends() {
+    let mut engine = engine();
+    let mut rng = Rng::new(5);
+    let mut requests: Vec<Req> = Vec::new();
+    // An hour at 5 requests a second with 1% errors, then 10 minutes at 40%, then 20 minutes at 1%.
+    for second in 0..5_400u64 {
+        let error_rate = if (3_600..4_200).contains(&second) {
+            0.4
+        } else {
+            0.01
+        };
+        for k in 0..5 {
+            requests.push((
+                second * S + k * 150_000_000,
+                20_000_000,
+                rng.unit() < error_rate,
+                0,
+                0,
+            ));
+        }
+    }
+    let mut changes = Vec::new();
+    for chunk in requests.chunks(50) {
+        let mut batch = Batch::default();
+        for &(offset, duration, error, op, version) in chunk {
+            let time = START + offset;
+            let mut r = ResourceObservations::new(Identity::new("prod", "shop", &format!("v{version}")));
+            r.spans = 1;
+            r.saw(time);
+            r.requests.push(RequestObservation {
+                operation: format!("op{op}"),
+                time,
+                duration_ns: duration,
+                error,
+                trace_id: TraceId::default(),
+                span_id: SpanId::default(),
+            });
+            batch.resources.push(r);
+        }
+        changes.extend(engine.ingest(&batch).anomalies);
+    }
+    let error_changes: Vec<(canaryd_engine::anomaly::Transition, u64)> = changes
+        .iter()
+        .filter(|c| c.id.key.to_string() == "error_ratio")
+        .map(|c| (c.transition, (c.time - START) / S))
+        .collect();
+    use canaryd_engine::anomaly::Transition::{Detected, Resolved};
+    assert_eq!(error_changes.len(), 2, "{error_changes:?}");
+    assert_eq!(error_changes[0].0, Detected);
+    assert!(
+        (3_660..=3_720).contains(&error_changes[0].1),
+        "detected in a window or two: {error_changes:?}"
+    );
+    assert_eq!(error_changes[1].0, Resolved);
+    assert!(
+        (4_200..=4_500).contains(&error_changes[1].1),
+        "resolved after the fault: {error_changes:?}"
+    );
+    let false_alarms: Vec<_> = changes.iter().filter(|c| (c.time - START) / S < 3_600).collect();
+    assert!(
+        false_alarms.is_empty(),
+        "no anomaly before the fault: {false_alarms:?}"
+    );
+}
