@@ -19,14 +19,17 @@ use canaryd_engine::catalog::AppEntry;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::events::{Event, EventType, event_seq};
 use crate::pipeline::SharedEngine;
 use crate::stats::Stats;
+use crate::store::Store;
 
 /// What the API handlers read.
 #[derive(Clone)]
 pub struct ApiState {
     pub engine: SharedEngine,
     pub stats: Arc<Stats>,
+    pub store: Store,
     /// True once storage is open and every receiver is bound; false again while shutting down.
     pub ready: Arc<AtomicBool>,
 }
@@ -38,6 +41,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/apps", get(apps))
         .route("/api/v1/apps/{app}/baseline", get(baseline))
+        .route("/api/v1/events", get(events))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
 }
@@ -373,6 +377,77 @@ async fn baseline(
     };
     drop(engine);
     Json(body).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    app: Option<String>,
+    env: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    /// An event id (events after it), or an RFC 3339 time (events emitted at or after it).
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct EventsView {
+    events: Vec<Event>,
+    /// The id to pass as `since` for the events after these; null when there were none.
+    last_id: Option<String>,
+}
+
+const MAX_EVENTS_PER_PAGE: usize = 1_000;
+
+async fn events(State(state): State<ApiState>, ApiQuery(query): ApiQuery<EventsQuery>) -> Response {
+    let event_type = match query.event_type.as_deref().map(|t| (t, EventType::parse(t))) {
+        None => None,
+        Some((_, Some(t))) => Some(t),
+        Some((t, None)) => {
+            let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("type: unknown event type {t:?}; known: {}", known.join(", ")),
+            );
+        }
+    };
+    let (after, not_before) = match query.since.as_deref() {
+        None => (None, None),
+        Some(since) => match (event_seq(since), humantime::parse_rfc3339_weak(since)) {
+            (Some(seq), _) => (Some(seq), None),
+            (None, Ok(time)) => (None, Some(time)),
+            (None, Err(_)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("since: {since:?} is neither an event id nor an RFC 3339 time"),
+                );
+            }
+        },
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_EVENTS_PER_PAGE).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("limit: must be between 1 and {MAX_EVENTS_PER_PAGE}"),
+        );
+    }
+    let keep = |e: &Event| {
+        query.app.as_deref().is_none_or(|a| a == e.data.app)
+            && query.env.as_deref().is_none_or(|env| env == e.data.env)
+            && event_type.is_none_or(|t| t == e.event_type)
+            && not_before.is_none_or(|t| humantime::parse_rfc3339_weak(&e.time).is_ok_and(|at| at >= t))
+    };
+    match state.store.events(after, limit, keep) {
+        Ok(events) => {
+            let last_id = events.last().map(|e| e.id.clone());
+            Json(EventsView { events, last_id }).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read events");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the event history")
+        }
+    }
 }
 
 #[cfg(test)]

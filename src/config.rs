@@ -136,6 +136,8 @@ settings! {
     flush_interval_secs: u64,
     /// sled's cache, in MiB [default: 64]
     sled_cache_mb: u64,
+    /// Events kept in the history; the oldest go first [default: 100000]
+    max_events: usize,
     /// Log filter, in tracing's EnvFilter syntax [default: info]
     log: String,
 }
@@ -196,6 +198,7 @@ pub struct Config {
     pub engine: EngineConfig,
     pub flush_interval: Duration,
     pub sled_cache_bytes: u64,
+    pub max_events: usize,
     pub max_message_bytes: usize,
     pub pipeline_queue: usize,
     pub ingest_wait: Duration,
@@ -363,6 +366,7 @@ impl Config {
                 1..=86_400,
             )?),
             sled_cache_bytes: within("sled_cache_mb", raw.sled_cache_mb.unwrap_or(64), 1..=1 << 20)? << 20,
+            max_events: within("max_events", raw.max_events.unwrap_or(100_000), 1..=100_000_000)?,
             max_message_bytes: within(
                 "max_message_bytes",
                 raw.max_message_bytes.unwrap_or(8 << 20),

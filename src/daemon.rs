@@ -176,8 +176,9 @@ impl Daemon {
         let (sender, engine_task) = pipeline::start(
             engine.clone(),
             stats.clone(),
-            store,
+            store.clone(),
             config.flush_interval,
+            config.max_events,
             config.pipeline_queue,
             config.ingest_wait,
         );
@@ -206,6 +207,7 @@ impl Daemon {
             api::router(ApiState {
                 engine,
                 stats,
+                store: store.clone(),
                 ready: ready.clone(),
             }),
             api_stop.clone(),

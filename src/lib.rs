@@ -5,6 +5,7 @@
 //! - `normalize`: OTLP requests to the engine's observations; the only protobuf-aware code.
 //! - `pipeline`: the bounded queue into the engine and the task that owns it.
 //! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
+//! - `events`: canaryd's events as CloudEvents, built from the engine's decisions.
 //! - `stats`: the daemon's own counters.
 //! - `store`: durable state in sled; the only module that touches it.
 //! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod normalize;
 pub mod pipeline;
 pub mod receive;

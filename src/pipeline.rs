@@ -14,6 +14,7 @@ use canaryd_engine::{Batch, Engine};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::events::{Event, anomaly_event};
 use crate::stats::Stats;
 use crate::store::Store;
 
@@ -65,6 +66,7 @@ pub fn start(
     stats: Arc<Stats>,
     store: Store,
     flush_interval: Duration,
+    max_events: usize,
     capacity: usize,
     wait: Duration,
 ) -> (BatchSender, JoinHandle<()>) {
@@ -78,7 +80,7 @@ pub fn start(
                 batch = rx.recv() => match batch {
                     Some(batch) => {
                         stats.queue_depth.set(rx.len() as i64);
-                        ingest(&engine, &stats, &batch);
+                        ingest(&engine, &stats, &batch, &store, max_events);
                     }
                     None => break,
                 },
@@ -92,12 +94,37 @@ pub fn start(
     (BatchSender { tx, wait }, task)
 }
 
-fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch) {
-    let (report, apps) = {
+/// Feeds one batch to the engine, and stores the events its decisions make.
+fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, max_events: usize) {
+    let (report, apps, mut events) = {
         let mut engine = engine.lock();
         let report = engine.ingest(batch);
-        (report, engine.catalog().app_count())
+        let rules = &engine.config().anomaly;
+        let events: Vec<Event> = report
+            .anomalies
+            .iter()
+            .map(|change| {
+                let stable = engine.baselines(&change.id.env, &change.id.app, None);
+                anomaly_event(change, stable.and_then(|v| v.stable_version), rules)
+            })
+            .collect();
+        (report, engine.catalog().app_count(), events)
     };
+    if !events.is_empty() {
+        match store.append_events(&mut events, max_events) {
+            Ok(()) => {
+                for event in &events {
+                    stats.event(event.event_type);
+                    let reason = event.data.reasons.first().map_or("", |r| r.message.as_str());
+                    tracing::info!(id = %event.id, r#type = event.event_type.as_str(), app = %event.data.app, %reason, "event");
+                }
+            }
+            Err(e) => {
+                stats.event_errors.inc();
+                tracing::error!(error = %e, events = events.len(), "cannot store events");
+            }
+        }
+    }
     stats.batches_ingested.inc();
     stats.apps_tracked.set(apps as i64);
     stats.late_observations.inc_by(report.late);

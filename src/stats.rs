@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 
 use canaryd_engine::Cap;
 
+use crate::events::EventType;
 use crate::store::StoreCounters;
 
 /// The three OTLP signals.
@@ -58,6 +59,7 @@ impl Transport {
     }
 }
 
+type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels3 = [(&'static str, &'static str); 3];
 
@@ -80,6 +82,8 @@ pub struct Stats {
     pub baseline_memory_bytes: Gauge,
     pub store_disk_bytes: Gauge,
     store: StoreCounters,
+    events: Family<Labels1, Counter>,
+    pub event_errors: Counter,
 }
 
 impl Default for Stats {
@@ -197,6 +201,21 @@ impl Stats {
             "Seasonal slots that could not be read or written",
             store.slot_errors.clone(),
         );
+        let events = Family::<Labels1, Counter>::default();
+        registry.register(
+            "canaryd_events",
+            "Events emitted (stored), by type",
+            events.clone(),
+        );
+        for t in EventType::ALL {
+            events.get_or_create(&[("type", t.as_str())]).inc_by(0);
+        }
+        let event_errors = Counter::default();
+        registry.register(
+            "canaryd_event_errors",
+            "Events that could not be stored, and so were not emitted",
+            event_errors.clone(),
+        );
         let build_info = Family::<[(&'static str, &'static str); 1], Gauge<i64, AtomicI64>>::default();
         registry.register("canaryd_build_info", "canaryd's version", build_info.clone());
         build_info
@@ -231,7 +250,13 @@ impl Stats {
             baseline_memory_bytes,
             store_disk_bytes,
             store,
+            events,
+            event_errors,
         }
+    }
+
+    pub fn event(&self, event_type: EventType) {
+        self.events.get_or_create(&[("type", event_type.as_str())]).inc();
     }
 
     /// The store's counters, registered here.

@@ -1,8 +1,9 @@
 //! Durable state in sled: the only module that touches it.
 //!
-//! Four trees: `clocks` (each app's event-time clock), `apps` (each app's catalog entry: versions,
+//! Five trees: `clocks` (each app's event-time clock), `apps` (each app's catalog entry: versions,
 //! counts, operations, metric streams), `baselines` (each baseline's EWMA and current slot), `slots`
-//! (the seasonal hour-of-week summaries paged out of memory). Every value is
+//! (the seasonal hour-of-week summaries paged out of memory), `events` (the event history, keyed by
+//! sequence number, which sled keeps increasing across restarts). Every value is
 //! a versioned record: one format byte, then the value in postcard. A record of an unknown format is
 //! skipped and counted, never misread. sled flushes only when told (`flush`), so what is durable is
 //! exactly what the daemon flushed: on the flush interval and at shutdown.
@@ -17,6 +18,8 @@ use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::window::AppClock;
 use canaryd_engine::{BaselineId, EngineState, Scope};
+
+use crate::events::{Event, event_id};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,6 +53,7 @@ pub struct Store {
     apps: sled::Tree,
     baselines: sled::Tree,
     slots: sled::Tree,
+    events: sled::Tree,
     counters: StoreCounters,
 }
 
@@ -98,6 +102,7 @@ impl Store {
             apps: tree("apps")?,
             baselines: tree("baselines")?,
             slots: tree("slots")?,
+            events: tree("events")?,
             db,
             counters,
         })
@@ -191,6 +196,57 @@ impl Store {
             tree.apply_batch(batch)?;
         }
         Ok(())
+    }
+
+    /// Stores events, giving each its id (in order), and makes them durable before returning:
+    /// an event is emitted once this returns. Beyond `max_events`, the oldest are dropped.
+    pub fn append_events(&self, events: &mut [Event], max_events: usize) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "append events",
+            source,
+        };
+        let mut batch = sled::Batch::default();
+        for event in events.iter_mut() {
+            let seq = self.db.generate_id().map_err(io)?;
+            event.id = event_id(seq);
+            batch.insert(&seq.to_be_bytes(), encode(event));
+        }
+        self.events.apply_batch(batch).map_err(io)?;
+        while self.events.len() > max_events {
+            if self.events.pop_min().map_err(io)?.is_none() {
+                break;
+            }
+        }
+        self.flush()
+    }
+
+    /// Stored events after the one with sequence `after` (all when `None`), oldest first, that
+    /// `keep` accepts, at most `limit`.
+    pub fn events(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        keep: impl Fn(&Event) -> bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        let start = after.map_or(0, |seq| seq.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in self.events.range(start.to_be_bytes()..) {
+            let (_, value) = entry.map_err(|source| StoreError::Io {
+                operation: "read events",
+                source,
+            })?;
+            match decode::<Event>(&value) {
+                Some(event) if keep(&event) => out.push(event),
+                Some(_) => {}
+                None => {
+                    self.counters.records_skipped.inc();
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Makes everything written so far durable.

@@ -845,17 +845,20 @@ mod binary {
     }
 }
 
-/// About an hour of event time from one app: 15 requests of 512 spans, a request a second.
-fn hour_of_traffic() -> Vec<ExportTraceServiceRequest> {
+/// One app's traffic from `start_ns`, a request a second: `exports` OTLP requests of 512 spans
+/// (256 seconds each), failing at `error_rate`. Returns them and the event time after the last.
+fn traffic(start_ns: u64, exports: u64, error_rate: f64) -> (Vec<ExportTraceServiceRequest>, u64) {
     let mut shape = TraceShape {
         apps: 1,
         versions_per_app: 1,
         request_gap_ns: 1_000_000_000,
+        error_rate,
+        start_ns,
         ..TraceShape::default()
     };
     let mut requests = Vec::new();
-    for seed in 0..15 {
-        let request = testdata::trace_request(&shape, seed);
+    for seed in 0..exports {
+        let request = testdata::trace_request(&shape, seed + start_ns);
         let last_end = request
             .resource_spans
             .iter()
@@ -867,7 +870,12 @@ fn hour_of_traffic() -> Vec<ExportTraceServiceRequest> {
         shape.start_ns = last_end + 1;
         requests.push(request);
     }
-    requests
+    (requests, shape.start_ns)
+}
+
+/// About an hour of event time from one app: 15 requests of 512 spans, a request a second.
+fn hour_of_traffic() -> Vec<ExportTraceServiceRequest> {
+    traffic(EPOCH_NS, 15, 0.01).0
 }
 
 /// The feature `name` (of the app as a whole) in a baseline response.
@@ -926,6 +934,12 @@ async fn an_hour_of_traffic_teaches_a_baseline() {
         .count();
     assert_eq!(shares, 12, "one share per operation");
     assert_eq!(baseline["stable_version"], "1.0.0");
+    let events = daemon.get_json("/api/v1/events").await;
+    assert_eq!(
+        events["events"],
+        serde_json::json!([]),
+        "steady traffic raises no anomaly"
+    );
 
     let app_baseline = daemon.get_json("/api/v1/apps/app-0/baseline?env=prod").await;
     assert_eq!(app_baseline["version"], serde_json::Value::Null);
@@ -957,5 +971,85 @@ async fn an_hour_of_traffic_teaches_a_baseline() {
             .status_of("/api/v1/apps/app-0/baseline?env=prod&version=")
             .await,
         400
+    );
+}
+
+#[tokio::test]
+async fn an_error_jump_emits_an_anomaly_event_and_its_resolution() {
+    let daemon = TestDaemon::start().await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let (steady, fault_start) = traffic(EPOCH_NS, 15, 0.01);
+    let (fault, recovery_start) = traffic(fault_start, 3, 0.5);
+    let (recovery, _) = traffic(recovery_start, 8, 0.01);
+    for request in steady.into_iter().chain(fault).chain(recovery) {
+        client.export(request).await.expect("export");
+    }
+    let events = eventually("the anomaly to be detected and resolved", || async {
+        let events = daemon.get_json("/api/v1/events?app=app-0&env=prod").await;
+        let types: Vec<String> = events["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["data"]["reasons"][0]["feature"] == "error_ratio")
+            .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if types == ["canaryd.anomaly.detected", "canaryd.anomaly.resolved"] {
+            Ok(events)
+        } else {
+            Err(format!("{types:?}"))
+        }
+    })
+    .await;
+    let detected = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| {
+            e["type"] == "canaryd.anomaly.detected" && e["data"]["reasons"][0]["feature"] == "error_ratio"
+        })
+        .expect("detected");
+    assert_eq!(detected["specversion"], "1.0");
+    assert_eq!(detected["subject"], "app-0");
+    assert_eq!(detected["data"]["version"], "1.0.0");
+    assert!(detected["id"].as_str().is_some_and(|id| id.starts_with("evt_")));
+    let detected_at =
+        humantime::parse_rfc3339(detected["data"]["detected_at"].as_str().expect("detected_at"))
+            .expect("RFC 3339");
+    let fault_at = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(fault_start);
+    let delay = detected_at
+        .duration_since(fault_at)
+        .expect("after the fault began");
+    assert!(
+        delay.as_secs() <= 180,
+        "decided within three windows of event time: {delay:?}"
+    );
+
+    let only_resolved = daemon
+        .get_json("/api/v1/events?type=canaryd.anomaly.resolved&app=app-0&env=prod")
+        .await;
+    assert!(
+        only_resolved["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .all(|e| e["type"] == "canaryd.anomaly.resolved")
+    );
+    let first_id = events["events"][0]["id"].as_str().expect("id");
+    let after = daemon.get_json(&format!("/api/v1/events?since={first_id}")).await;
+    assert!(
+        after["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .all(|e| e["id"].as_str() > Some(first_id))
+    );
+    assert_eq!(daemon.status_of("/api/v1/events?type=canaryd.nope").await, 400);
+    assert_eq!(daemon.status_of("/api/v1/events?since=yesterday").await, 400);
+    let text = daemon.metrics_text().await;
+    assert!(
+        support::sample(&text, "canaryd_events_total{type=\"canaryd.anomaly.detected\"}")
+            .is_some_and(|n| n >= 1.0)
     );
 }

@@ -1,0 +1,227 @@
+//! canaryd's events: what it tells subscribers and keeps in its history, as CloudEvents 1.0.
+//!
+//! An event is built from an engine decision, given a stable id by the store when it is appended
+//! (the id never changes afterwards, so receivers can de-duplicate retries), and served as the
+//! same JSON everywhere: in `GET /api/v1/events` and, later, in webhook bodies.
+
+use std::time::SystemTime;
+
+use canaryd_engine::anomaly::{AnomalyRules, Transition};
+use canaryd_engine::{AnomalyChange, Scope};
+use serde::{Deserialize, Serialize};
+
+use crate::api::format_event_time;
+
+/// The CloudEvents `source` of every event.
+pub const SOURCE: &str = "canaryd";
+
+/// The event types of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "canaryd.canary.started")]
+    CanaryStarted,
+    #[serde(rename = "canaryd.canary.stage_passed")]
+    CanaryStagePassed,
+    #[serde(rename = "canaryd.canary.failed")]
+    CanaryFailed,
+    #[serde(rename = "canaryd.canary.promoted")]
+    CanaryPromoted,
+    #[serde(rename = "canaryd.anomaly.detected")]
+    AnomalyDetected,
+    #[serde(rename = "canaryd.anomaly.resolved")]
+    AnomalyResolved,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::CanaryStarted,
+        EventType::CanaryStagePassed,
+        EventType::CanaryFailed,
+        EventType::CanaryPromoted,
+        EventType::AnomalyDetected,
+        EventType::AnomalyResolved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::CanaryStarted => "canaryd.canary.started",
+            EventType::CanaryStagePassed => "canaryd.canary.stage_passed",
+            EventType::CanaryFailed => "canaryd.canary.failed",
+            EventType::CanaryPromoted => "canaryd.canary.promoted",
+            EventType::AnomalyDetected => "canaryd.anomaly.detected",
+            EventType::AnomalyResolved => "canaryd.anomaly.resolved",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == text)
+    }
+}
+
+/// One piece of evidence behind an event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reason {
+    pub feature: String,
+    /// The operation (or downstream, exception type, metric series) the feature is about; null
+    /// for the app as a whole.
+    pub operation: Option<String>,
+    pub test: String,
+    pub canary_value: f64,
+    pub baseline_value: f64,
+    pub statistic: f64,
+    pub threshold: f64,
+    pub message: String,
+}
+
+/// A rollout stage, for canary events.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    pub index: u32,
+    pub name: String,
+    pub weight: u32,
+}
+
+/// What a rollout controller should do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    pub kind: String,
+    pub app: String,
+    pub version: String,
+    pub weight: u32,
+}
+
+/// The `data` of an event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventData {
+    pub env: String,
+    pub app: String,
+    pub stable_version: Option<String>,
+    pub canary_version: Option<String>,
+    /// The version the event is about.
+    pub version: Option<String>,
+    pub stage: Option<Stage>,
+    pub state: String,
+    pub score: Option<f64>,
+    /// Event time of the evidence that decided it.
+    pub detected_at: String,
+    pub reasons: Vec<Reason>,
+    pub action: Option<Action>,
+    pub dry_run: bool,
+}
+
+/// A CloudEvents 1.0 event in structured JSON form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub specversion: String,
+    /// Unique and stable: assigned once, when the event is stored.
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    /// When canaryd emitted it (wall clock).
+    pub time: String,
+    /// The app.
+    pub subject: String,
+    pub datacontenttype: String,
+    pub data: EventData,
+}
+
+impl Event {
+    /// An event not yet stored (its id is empty until the store assigns one).
+    pub fn new(event_type: EventType, data: EventData) -> Event {
+        Event {
+            specversion: "1.0".into(),
+            id: String::new(),
+            source: SOURCE.into(),
+            event_type,
+            time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            subject: data.app.clone(),
+            datacontenttype: "application/json".into(),
+            data,
+        }
+    }
+}
+
+/// The id of the event stored at sequence number `seq`; ids sort like their sequence numbers.
+pub fn event_id(seq: u64) -> String {
+    format!("evt_{seq:016x}")
+}
+
+/// The sequence number of an event id, if it is one.
+pub fn event_seq(id: &str) -> Option<u64> {
+    let hex = id.strip_prefix("evt_")?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+/// The event for an anomaly that a version's feature opened or closed.
+pub fn anomaly_event(change: &AnomalyChange, stable_version: Option<&str>, rules: &AnomalyRules) -> Event {
+    let version = match &change.id.scope {
+        Scope::Version(v) => Some(v.clone()),
+        Scope::App => None,
+    };
+    let (event_type, state, verb) = match change.transition {
+        Transition::Detected => (EventType::AnomalyDetected, "anomalous", "left"),
+        Transition::Resolved => (EventType::AnomalyResolved, "normal", "returned to"),
+    };
+    let feature = change.id.key.feature.name();
+    let subject = (!change.id.key.subject.is_empty()).then(|| change.id.key.subject.clone());
+    let band = change
+        .band
+        .map_or_else(String::new, |(lo, hi)| format!(" (band {lo:.4}..{hi:.4})"));
+    let message = format!(
+        "{} {verb} its baseline: {:.4} against {:.4}{band}, {:.1} band half-widths outside, over {} events",
+        change.id.key, change.value, change.expected, change.score, change.support
+    );
+    Event::new(
+        event_type,
+        EventData {
+            env: change.id.env.clone(),
+            app: change.id.app.clone(),
+            stable_version: stable_version.map(str::to_owned),
+            canary_version: None,
+            version,
+            stage: None,
+            state: state.into(),
+            score: Some(change.score),
+            detected_at: format_event_time(change.time),
+            reasons: vec![Reason {
+                feature: feature.into(),
+                operation: subject,
+                test: "baseline_band".into(),
+                canary_value: change.value,
+                baseline_value: change.expected,
+                statistic: change.score,
+                threshold: match change.transition {
+                    Transition::Detected => rules.detect_score,
+                    Transition::Resolved => rules.resolve_score,
+                },
+                message,
+            }],
+            action: None,
+            dry_run: false,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_sort_like_their_sequence() {
+        assert_eq!(event_seq(&event_id(42)), Some(42));
+        assert!(event_id(9) < event_id(10));
+        assert_eq!(event_seq("evt_12"), None);
+        assert_eq!(event_seq("nope"), None);
+    }
+
+    #[test]
+    fn types_serialize_as_the_contract_names_them() {
+        for t in EventType::ALL {
+            assert_eq!(serde_json::to_value(t).expect("json"), t.as_str());
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+        }
+    }
+}
