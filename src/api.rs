@@ -8,17 +8,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::Method;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use canaryd_engine::EventTime;
 use canaryd_engine::baseline::Score;
 use canaryd_engine::catalog::AppEntry;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
+use crate::act::delivery::{DeliveryState, Dispatcher};
+use crate::act::subscriptions::{self, Kind, NewSubscription, Subscription};
 use crate::events::{Event, EventType, event_seq};
 use crate::pipeline::SharedEngine;
 use crate::stats::Stats;
@@ -30,11 +35,16 @@ pub struct ApiState {
     pub engine: SharedEngine,
     pub stats: Arc<Stats>,
     pub store: Store,
+    pub dispatcher: Arc<Dispatcher>,
+    /// When set, POST, PUT and DELETE need `Authorization: Bearer <token>`.
+    pub api_token: Option<Arc<str>>,
+    pub allow_link_local_targets: bool,
     /// True once storage is open and every receiver is bound; false again while shutting down.
     pub ready: Arc<AtomicBool>,
 }
 
 pub fn router(state: ApiState) -> Router {
+    let guarded = state.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -42,7 +52,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/apps", get(apps))
         .route("/api/v1/apps/{app}/baseline", get(baseline))
         .route("/api/v1/events", get(events))
+        .route(
+            "/api/v1/subscriptions",
+            get(list_subscriptions).post(create_subscription),
+        )
+        .route("/api/v1/subscriptions/{id}", delete(delete_subscription))
+        .route("/api/v1/subscriptions/{id}/deliveries", get(deliveries))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(guarded, require_token))
         .with_state(state)
 }
 
@@ -63,6 +80,40 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             Err(e) => Err(error(StatusCode::BAD_REQUEST, &e.body_text())),
         }
     }
+}
+
+/// With `api_token` set, every request that changes something must carry it as a bearer token.
+/// The comparison takes the same time whatever the token sent, so it leaks nothing.
+async fn require_token(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let changes = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::DELETE | Method::PATCH
+    );
+    if let (true, Some(token)) = (changes, &state.api_token) {
+        let sent = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let matches: bool = sent.as_bytes().ct_eq(token.as_bytes()).into();
+        if !matches {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "this request needs Authorization: Bearer <api_token>",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
@@ -447,6 +498,144 @@ async fn events(State(state): State<ApiState>, ApiQuery(query): ApiQuery<EventsQ
             tracing::error!(error = %e, "cannot read events");
             error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the event history")
         }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct SubscriptionView {
+    id: String,
+    url: String,
+    events: Vec<EventType>,
+    kind: Kind,
+    created_at: String,
+    disabled: Option<String>,
+    /// Only in the answer to the POST that created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+impl SubscriptionView {
+    fn of(s: &Subscription, with_secret: bool) -> Self {
+        SubscriptionView {
+            id: s.id.clone(),
+            url: s.url.clone(),
+            events: s.events.clone(),
+            kind: s.kind,
+            created_at: s.created_at.clone(),
+            disabled: s.disabled.clone(),
+            secret: with_secret.then(|| s.secret.clone()),
+        }
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "{what}");
+    error(StatusCode::INTERNAL_SERVER_ERROR, what)
+}
+
+async fn create_subscription(
+    State(state): State<ApiState>,
+    body: Result<Json<NewSubscription>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let (url, events, kind, secret) = match subscriptions::validate(new, state.allow_link_local_targets) {
+        Ok(checked) => checked,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let (id, secret) = match (
+        subscriptions::generate_id(),
+        secret.map_or_else(subscriptions::generate_secret, Ok),
+    ) {
+        (Ok(id), Ok(secret)) => (id, secret),
+        (Err(e), _) | (_, Err(e)) => return internal("cannot draw random bytes", e),
+    };
+    let subscription = Subscription {
+        id,
+        url,
+        events,
+        kind,
+        secret,
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        disabled: None,
+    };
+    if let Err(e) = state.store.put_subscription(&subscription) {
+        return internal("cannot store the subscription", e);
+    }
+    state.dispatcher.sync();
+    tracing::info!(id = %subscription.id, url = %subscription.url, "subscription created");
+    (
+        StatusCode::CREATED,
+        Json(SubscriptionView::of(&subscription, true)),
+    )
+        .into_response()
+}
+
+async fn list_subscriptions(State(state): State<ApiState>) -> Response {
+    match state.store.subscriptions() {
+        Ok(all) => {
+            let views: Vec<SubscriptionView> = all.iter().map(|s| SubscriptionView::of(s, false)).collect();
+            Json(serde_json::json!({ "subscriptions": views })).into_response()
+        }
+        Err(e) => internal("cannot read subscriptions", e),
+    }
+}
+
+async fn delete_subscription(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    match state.store.delete_subscription(&id) {
+        Ok(true) => {
+            state.dispatcher.sync();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, &format!("no subscription {id:?}")),
+        Err(e) => internal("cannot delete the subscription", e),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct DeliveryView {
+    event_id: String,
+    event_type: EventType,
+    state: DeliveryState,
+    attempts: u32,
+    last_status: Option<u16>,
+    last_error: Option<String>,
+    first_attempt: Option<String>,
+    next_retry: Option<String>,
+    delivered_at: Option<String>,
+}
+
+fn wall_time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+async fn deliveries(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    match state.store.subscription(&id) {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, &format!("no subscription {id:?}")),
+        Err(e) => return internal("cannot read the subscription", e),
+    }
+    match state.store.deliveries(&id, 1_000) {
+        Ok(all) => {
+            let views: Vec<DeliveryView> = all
+                .into_iter()
+                .map(|d| DeliveryView {
+                    event_id: d.event_id,
+                    event_type: d.event_type,
+                    state: d.state,
+                    attempts: d.attempts,
+                    last_status: d.last_status,
+                    last_error: d.last_error,
+                    first_attempt: d.first_attempt_ms.map(wall_time),
+                    next_retry: (d.state == DeliveryState::Pending).then(|| wall_time(d.next_attempt_ms)),
+                    delivered_at: d.delivered_ms.map(wall_time),
+                })
+                .collect();
+            Json(serde_json::json!({ "deliveries": views })).into_response()
+        }
+        Err(e) => internal("cannot read deliveries", e),
     }
 }
 

@@ -18,6 +18,7 @@ use canaryd_engine::baseline::BaselineConfig;
 use canaryd_engine::window::WindowConfig;
 use canaryd_engine::{EngineConfig, Limits};
 
+use crate::act::delivery::DeliveryConfig;
 use crate::normalize::NormalizeOptions;
 
 /// Why a configuration was refused. Every variant names the field and, where there is one, the
@@ -138,6 +139,12 @@ settings! {
     sled_cache_mb: u64,
     /// Events kept in the history; the oldest go first [default: 100000]
     max_events: usize,
+    /// Allow subscriptions to link-local and cloud-metadata addresses (169.254.0.0/16, fe80::/10...) [default: false]
+    allow_link_local_targets: bool,
+    /// Seconds each webhook request may take [default: 10]
+    delivery_timeout_secs: u64,
+    /// Hours a webhook delivery is retried before it is given up [default: 24]
+    delivery_max_age_hours: u64,
     /// Log filter, in tracing's EnvFilter syntax [default: info]
     log: String,
 }
@@ -199,6 +206,8 @@ pub struct Config {
     pub flush_interval: Duration,
     pub sled_cache_bytes: u64,
     pub max_events: usize,
+    pub allow_link_local_targets: bool,
+    pub delivery: DeliveryConfig,
     pub max_message_bytes: usize,
     pub pipeline_queue: usize,
     pub ingest_wait: Duration,
@@ -367,6 +376,22 @@ impl Config {
             )?),
             sled_cache_bytes: within("sled_cache_mb", raw.sled_cache_mb.unwrap_or(64), 1..=1 << 20)? << 20,
             max_events: within("max_events", raw.max_events.unwrap_or(100_000), 1..=100_000_000)?,
+            allow_link_local_targets: raw.allow_link_local_targets.unwrap_or(false),
+            delivery: DeliveryConfig {
+                timeout: Duration::from_secs(within(
+                    "delivery_timeout_secs",
+                    raw.delivery_timeout_secs.unwrap_or(10),
+                    1..=600,
+                )?),
+                max_age: Duration::from_secs(
+                    within(
+                        "delivery_max_age_hours",
+                        raw.delivery_max_age_hours.unwrap_or(24),
+                        1..=24 * 30,
+                    )? * 3_600,
+                ),
+                ..DeliveryConfig::default()
+            },
             max_message_bytes: within(
                 "max_message_bytes",
                 raw.max_message_bytes.unwrap_or(8 << 20),

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::act::delivery::Dispatcher;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::pipeline::{self, SharedEngine};
@@ -71,6 +72,7 @@ pub struct Daemon {
     ready: Arc<AtomicBool>,
     receivers: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
     engine_task: JoinHandle<()>,
+    dispatcher: Arc<Dispatcher>,
     api_stop: CancellationToken,
     api_task: JoinHandle<Result<(), String>>,
 }
@@ -173,12 +175,24 @@ impl Daemon {
             otlp_http: local_addr("otlp_http_addr", config.otlp_http_addr, &otlp_http_listener)?,
             http: local_addr("http_addr", config.http_addr, &http_listener)?,
         };
+        let shutdown = CancellationToken::new();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            stats.clone(),
+            config.delivery.clone(),
+            shutdown.child_token(),
+        );
+        dispatcher.sync();
+        let outputs = pipeline::Outputs {
+            store: store.clone(),
+            dispatcher: dispatcher.clone(),
+            flush_interval: config.flush_interval,
+            max_events: config.max_events,
+        };
         let (sender, engine_task) = pipeline::start(
             engine.clone(),
             stats.clone(),
-            store.clone(),
-            config.flush_interval,
-            config.max_events,
+            outputs,
             config.pipeline_queue,
             config.ingest_wait,
         );
@@ -189,7 +203,6 @@ impl Daemon {
             config.max_message_bytes,
         ));
 
-        let shutdown = CancellationToken::new();
         let grpc_serve = receive::grpc::serve(grpc_listener, intake.clone(), shutdown.clone());
         let grpc_task = spawn_stage("OTLP gRPC receiver", shutdown.clone(), async move {
             grpc_serve.await.map_err(|e| e.to_string())
@@ -208,6 +221,9 @@ impl Daemon {
                 engine,
                 stats,
                 store: store.clone(),
+                dispatcher: dispatcher.clone(),
+                api_token: config.api_token.clone().map(Arc::from),
+                allow_link_local_targets: config.allow_link_local_targets,
                 ready: ready.clone(),
             }),
             api_stop.clone(),
@@ -234,6 +250,7 @@ impl Daemon {
                 ("OTLP/HTTP receiver", otlp_http_task),
             ],
             engine_task,
+            dispatcher,
             api_stop,
             api_task,
         })
@@ -277,6 +294,16 @@ impl Daemon {
         };
         if let Err(e) = engine {
             first_failure.get_or_insert(e);
+        }
+        // What is still in the outbox is durable and goes out after the next start.
+        if tokio::time::timeout(self.grace, self.dispatcher.stop())
+            .await
+            .is_err()
+        {
+            first_failure.get_or_insert(RunError::Timeout {
+                stage: "webhook delivery",
+                grace: self.grace,
+            });
         }
         self.api_stop.cancel();
         if let Err(e) = finish("HTTP API", self.api_task, self.grace).await {

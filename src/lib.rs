@@ -4,6 +4,7 @@
 //! - `receive`: OTLP over gRPC (`receive::grpc`) and HTTP (`receive::http`), into one `Intake`.
 //! - `normalize`: OTLP requests to the engine's observations; the only protobuf-aware code.
 //! - `pipeline`: the bounded queue into the engine and the task that owns it.
+//! - `act`: subscriptions and the durable, signed delivery of events to them.
 //! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
 //! - `events`: canaryd's events as CloudEvents, built from the engine's decisions.
 //! - `stats`: the daemon's own counters.
@@ -14,6 +15,7 @@
 //!
 //! The statistics live in the `canaryd_engine` crate, which does no IO.
 
+pub mod act;
 pub mod api;
 pub mod cli;
 pub mod config;

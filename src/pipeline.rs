@@ -14,6 +14,7 @@ use canaryd_engine::{Batch, Engine};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::act::delivery::Dispatcher;
 use crate::events::{Event, anomaly_event};
 use crate::stats::Stats;
 use crate::store::Store;
@@ -64,14 +65,18 @@ impl BatchSender {
 pub fn start(
     engine: SharedEngine,
     stats: Arc<Stats>,
-    store: Store,
-    flush_interval: Duration,
-    max_events: usize,
+    outputs: Outputs,
     capacity: usize,
     wait: Duration,
 ) -> (BatchSender, JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Batch>(capacity);
     let task = tokio::spawn(async move {
+        let Outputs {
+            store,
+            dispatcher,
+            flush_interval,
+            max_events,
+        } = outputs;
         let mut flush_timer = tokio::time::interval(flush_interval);
         flush_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush_timer.tick().await;
@@ -80,7 +85,9 @@ pub fn start(
                 batch = rx.recv() => match batch {
                     Some(batch) => {
                         stats.queue_depth.set(rx.len() as i64);
-                        ingest(&engine, &stats, &batch, &store, max_events);
+                        if ingest(&engine, &stats, &batch, &store, max_events) {
+                            dispatcher.wake();
+                        }
                     }
                     None => break,
                 },
@@ -94,8 +101,18 @@ pub fn start(
     (BatchSender { tx, wait }, task)
 }
 
-/// Feeds one batch to the engine, and stores the events its decisions make.
-fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, max_events: usize) {
+/// Where the engine's results go, and how often.
+pub struct Outputs {
+    pub store: Store,
+    /// Woken when events (and so deliveries) were stored.
+    pub dispatcher: Arc<Dispatcher>,
+    pub flush_interval: Duration,
+    pub max_events: usize,
+}
+
+/// Feeds one batch to the engine, and stores the events its decisions make (with their
+/// deliveries). Returns whether any event was stored.
+fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, max_events: usize) -> bool {
     let (report, apps, mut events) = {
         let mut engine = engine.lock();
         let report = engine.ingest(batch);
@@ -110,9 +127,11 @@ fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, ma
             .collect();
         (report, engine.catalog().app_count(), events)
     };
+    let mut stored = false;
     if !events.is_empty() {
         match store.append_events(&mut events, max_events) {
             Ok(()) => {
+                stored = true;
                 for event in &events {
                     stats.event(event.event_type);
                     let reason = event.data.reasons.first().map_or("", |r| r.message.as_str());
@@ -132,6 +151,7 @@ fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, ma
     for (cap, n) in report.cap_hits {
         stats.capped(cap, n);
     }
+    stored
 }
 
 /// Writes what changed since the last flush, then makes it durable. A failed flush is logged and
@@ -158,4 +178,5 @@ fn flush(engine: &SharedEngine, store: &Store, stats: &Stats) {
         }
     }
     stats.store_disk_bytes.set(store.size_on_disk() as i64);
+    stats.outbox_depth.set(store.outbox_depth() as i64);
 }

@@ -10,6 +10,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use canaryd_engine::Cap;
@@ -84,6 +85,9 @@ pub struct Stats {
     store: StoreCounters,
     events: Family<Labels1, Counter>,
     pub event_errors: Counter,
+    deliveries: Family<Labels1, Counter>,
+    delivery_seconds: Histogram,
+    pub outbox_depth: Gauge,
 }
 
 impl Default for Stats {
@@ -216,6 +220,28 @@ impl Stats {
             "Events that could not be stored, and so were not emitted",
             event_errors.clone(),
         );
+        let deliveries = Family::<Labels1, Counter>::default();
+        registry.register(
+            "canaryd_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retry, expired, gone)",
+            deliveries.clone(),
+        );
+        for outcome in ["delivered", "retry", "expired", "gone"] {
+            deliveries.get_or_create(&[("outcome", outcome)]).inc_by(0);
+        }
+        let delivery_seconds =
+            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        registry.register(
+            "canaryd_delivery_seconds",
+            "Time of each webhook request, answer or failure",
+            delivery_seconds.clone(),
+        );
+        let outbox_depth = Gauge::default();
+        registry.register(
+            "canaryd_outbox_depth",
+            "Deliveries waiting in the outbox, over all subscriptions",
+            outbox_depth.clone(),
+        );
         let build_info = Family::<[(&'static str, &'static str); 1], Gauge<i64, AtomicI64>>::default();
         registry.register("canaryd_build_info", "canaryd's version", build_info.clone());
         build_info
@@ -252,11 +278,22 @@ impl Stats {
             store,
             events,
             event_errors,
+            deliveries,
+            delivery_seconds,
+            outbox_depth,
         }
     }
 
     pub fn event(&self, event_type: EventType) {
         self.events.get_or_create(&[("type", event_type.as_str())]).inc();
+    }
+
+    pub fn delivery(&self, outcome: &'static str) {
+        self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    pub fn delivery_seconds(&self, elapsed: std::time::Duration) {
+        self.delivery_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// The store's counters, registered here.

@@ -3,7 +3,9 @@
 //! Five trees: `clocks` (each app's event-time clock), `apps` (each app's catalog entry: versions,
 //! counts, operations, metric streams), `baselines` (each baseline's EWMA and current slot), `slots`
 //! (the seasonal hour-of-week summaries paged out of memory), `events` (the event history, keyed by
-//! sequence number, which sled keeps increasing across restarts). Every value is
+//! sequence number, which sled keeps increasing across restarts), `subscriptions`, `outbox` (pending
+//! deliveries, per subscription in event order, written with their event) and `deliveries` (the
+//! history of finished ones, pruned with the events). Every value is
 //! a versioned record: one format byte, then the value in postcard. A record of an unknown format is
 //! skipped and counted, never misread. sled flushes only when told (`flush`), so what is durable is
 //! exactly what the daemon flushed: on the flush interval and at shutdown.
@@ -19,6 +21,8 @@ use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::window::AppClock;
 use canaryd_engine::{BaselineId, EngineState, Scope};
 
+use crate::act::delivery::{Delivery, DeliveryState};
+use crate::act::subscriptions::Subscription;
 use crate::events::{Event, event_id};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
@@ -54,6 +58,9 @@ pub struct Store {
     baselines: sled::Tree,
     slots: sled::Tree,
     events: sled::Tree,
+    subscriptions: sled::Tree,
+    outbox: sled::Tree,
+    history: sled::Tree,
     counters: StoreCounters,
 }
 
@@ -69,6 +76,20 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
         Some((&RECORD_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
         _ => None,
     }
+}
+
+/// Outbox keys: the subscription id, a zero byte, the event's sequence number; so a
+/// subscription's pending deliveries sort by event.
+fn outbox_prefix(subscription: &str) -> Vec<u8> {
+    let mut key = subscription.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn outbox_key(subscription: &str, seq: u64) -> Vec<u8> {
+    let mut key = outbox_prefix(subscription);
+    key.extend(seq.to_be_bytes());
+    key
 }
 
 fn slot_key(series: &str, slot: u16) -> Vec<u8> {
@@ -103,6 +124,9 @@ impl Store {
             baselines: tree("baselines")?,
             slots: tree("slots")?,
             events: tree("events")?,
+            subscriptions: tree("subscriptions")?,
+            outbox: tree("outbox")?,
+            history: tree("deliveries")?,
             db,
             counters,
         })
@@ -205,19 +229,180 @@ impl Store {
             operation: "append events",
             source,
         };
+        let subscriptions = self.subscriptions()?;
         let mut batch = sled::Batch::default();
+        let mut outbox = sled::Batch::default();
         for event in events.iter_mut() {
             let seq = self.db.generate_id().map_err(io)?;
             event.id = event_id(seq);
             batch.insert(&seq.to_be_bytes(), encode(event));
+            for subscription in subscriptions.iter().filter(|s| s.wants(event.event_type)) {
+                let delivery = Delivery::new(event.id.clone(), event.event_type);
+                outbox.insert(outbox_key(&subscription.id, seq), encode(&delivery));
+            }
         }
         self.events.apply_batch(batch).map_err(io)?;
+        self.outbox.apply_batch(outbox).map_err(io)?;
         while self.events.len() > max_events {
-            if self.events.pop_min().map_err(io)?.is_none() {
+            let Some((oldest, _)) = self.events.pop_min().map_err(io)? else {
+                break;
+            };
+            // Delivery history older than the oldest event kept goes with it.
+            let mut old = sled::Batch::default();
+            for key in self.history.range(..oldest.to_vec()).keys() {
+                old.remove(key.map_err(io)?);
+            }
+            self.history.apply_batch(old).map_err(io)?;
+        }
+        self.flush()
+    }
+
+    /// The event stored at `seq`.
+    pub fn event(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        let value = self
+            .events
+            .get(seq.to_be_bytes())
+            .map_err(|source| StoreError::Io {
+                operation: "read an event",
+                source,
+            })?;
+        Ok(value.and_then(|v| decode(&v)))
+    }
+
+    pub fn subscriptions(&self) -> Result<Vec<Subscription>, StoreError> {
+        self.records::<String, Subscription>(&self.subscriptions)
+            .map(|all| all.into_iter().map(|(_, s)| s).collect())
+    }
+
+    pub fn subscription(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        let value = self
+            .subscriptions
+            .get(encode(&id))
+            .map_err(|source| StoreError::Io {
+                operation: "read a subscription",
+                source,
+            })?;
+        Ok(value.and_then(|v| decode(&v)))
+    }
+
+    /// Stores a subscription durably.
+    pub fn put_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
+        self.subscriptions
+            .insert(encode(&subscription.id), encode(subscription))
+            .map_err(|source| StoreError::Io {
+                operation: "write a subscription",
+                source,
+            })?;
+        self.flush()
+    }
+
+    /// Marks a subscription disabled (its receiver answered 410 Gone).
+    pub fn disable_subscription(&self, id: &str) -> Result<(), StoreError> {
+        if let Some(mut subscription) = self.subscription(id)? {
+            subscription.disabled =
+                Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+            self.put_subscription(&subscription)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a subscription and its pending deliveries; false when there was none.
+    pub fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "delete a subscription",
+            source,
+        };
+        let existed = self.subscriptions.remove(encode(&id)).map_err(io)?.is_some();
+        let mut batch = sled::Batch::default();
+        for key in self.outbox.scan_prefix(outbox_prefix(id)).keys() {
+            batch.remove(key.map_err(io)?);
+        }
+        self.outbox.apply_batch(batch).map_err(io)?;
+        self.flush()?;
+        Ok(existed)
+    }
+
+    /// The oldest pending delivery of a subscription.
+    pub fn next_delivery(&self, subscription: &str) -> Result<Option<(u64, Delivery)>, StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "read the outbox",
+            source,
+        };
+        for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
+            let (key, value) = entry.map_err(io)?;
+            let seq = key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| key[at..].try_into().ok())
+                .map(u64::from_be_bytes);
+            match (seq, decode::<Delivery>(&value)) {
+                (Some(seq), Some(delivery)) => return Ok(Some((seq, delivery))),
+                _ => {
+                    self.counters.records_skipped.inc();
+                    self.outbox.remove(key).map_err(io)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records a delivery's new state: a pending one stays in the outbox, a finished one moves to
+    /// the history.
+    pub fn put_delivery(&self, subscription: &str, seq: u64, delivery: &Delivery) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "record a delivery",
+            source,
+        };
+        let key = outbox_key(subscription, seq);
+        if delivery.state == DeliveryState::Pending {
+            self.outbox.insert(key, encode(delivery)).map_err(io)?;
+        } else {
+            let mut history_key = seq.to_be_bytes().to_vec();
+            history_key.extend(subscription.as_bytes());
+            self.history.insert(history_key, encode(delivery)).map_err(io)?;
+            self.outbox.remove(key).map_err(io)?;
+        }
+        self.flush()
+    }
+
+    /// A subscription's deliveries, pending and finished, newest first, at most `limit`.
+    pub fn deliveries(&self, subscription: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "read deliveries",
+            source,
+        };
+        let mut out: Vec<(u64, Delivery)> = Vec::new();
+        for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
+            let (key, value) = entry.map_err(io)?;
+            let seq = key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| key[at..].try_into().ok())
+                .map(u64::from_be_bytes);
+            if let (Some(seq), Some(d)) = (seq, decode(&value)) {
+                out.push((seq, d));
+            }
+        }
+        for entry in self.history.iter().rev() {
+            let (key, value) = entry.map_err(io)?;
+            if key.len() > 8 && &key[8..] == subscription.as_bytes() {
+                let seq = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+                if let Some(d) = decode(&value) {
+                    out.push((seq, d));
+                }
+            }
+            if out.len() >= limit * 2 {
                 break;
             }
         }
-        self.flush()
+        out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        out.truncate(limit);
+        Ok(out.into_iter().map(|(_, d)| d).collect())
+    }
+
+    /// Deliveries waiting in the outbox, over all subscriptions.
+    pub fn outbox_depth(&self) -> usize {
+        self.outbox.len()
     }
 
     /// Stored events after the one with sequence `after` (all when `None`), oldest first, that

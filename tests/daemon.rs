@@ -1053,3 +1053,277 @@ async fn an_error_jump_emits_an_anomaly_event_and_its_resolution() {
             .is_some_and(|n| n >= 1.0)
     );
 }
+
+/// Sends an hour of steady traffic, a 13-minute error jump and a recovery: enough for an anomaly
+/// to open and close on `error_ratio` (and maybe on other features).
+async fn drive_an_anomaly(daemon: &TestDaemon) {
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let (steady, fault_start) = traffic(EPOCH_NS, 15, 0.01);
+    let (fault, recovery_start) = traffic(fault_start, 3, 0.5);
+    let (recovery, _) = traffic(recovery_start, 8, 0.01);
+    for request in steady.into_iter().chain(fault).chain(recovery) {
+        client.export(request).await.expect("export");
+    }
+}
+
+/// Every event id in the history, oldest first, once at least `at_least` exist.
+async fn event_ids(daemon: &TestDaemon, at_least: usize) -> Vec<String> {
+    eventually("events", || async {
+        let events = daemon.get_json("/api/v1/events?limit=1000").await;
+        let ids: Vec<String> = events["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect();
+        if ids.len() >= at_least {
+            Ok(ids)
+        } else {
+            Err(format!("{ids:?}"))
+        }
+    })
+    .await
+}
+
+async fn subscribe(daemon: &TestDaemon, url: &str, secret: Option<&str>) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "url": url,
+        "events": ["canaryd.canary.started", "canaryd.canary.stage_passed", "canaryd.canary.failed",
+                   "canaryd.canary.promoted", "canaryd.anomaly.detected", "canaryd.anomaly.resolved"],
+    });
+    if let Some(secret) = secret {
+        body["secret"] = secret.into();
+    }
+    let response = daemon
+        .http
+        .post(daemon.api("/api/v1/subscriptions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 201);
+    response.json().await.expect("JSON")
+}
+
+/// The signature Python's own hmac module computes: an implementation independent of ours.
+fn python_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body_file = dir.path().join("body");
+    std::fs::write(&body_file, body).expect("write body");
+    let script = "import base64, hashlib, hmac, sys\n\
+                  key = base64.b64decode(sys.argv[1].removeprefix('whsec_'))\n\
+                  msg = (sys.argv[2] + '.' + sys.argv[3] + '.').encode() + open(sys.argv[4], 'rb').read()\n\
+                  print('v1,' + base64.b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode())";
+    let output = std::process::Command::new("python3")
+        .args(["-c", script, secret, id, timestamp])
+        .arg(&body_file)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8").trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_receiver_that_is_down_then_up_gets_every_event_once_in_order_signed() {
+    let daemon = TestDaemon::start().await;
+    let receiver = support::Receiver::start(support::ReceiverMode::Fail(503)).await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let created = subscribe(&daemon, &receiver.url, Some(secret)).await;
+    assert_eq!(created["secret"], secret);
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    drive_an_anomaly(&daemon).await;
+    let ids = event_ids(&daemon, 2).await;
+    // While the receiver is down, the first delivery is retried and recorded as such.
+    eventually("a retried delivery", || async {
+        let deliveries = daemon
+            .get_json(&format!("/api/v1/subscriptions/{id}/deliveries"))
+            .await;
+        let first = deliveries["deliveries"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["event_id"] == ids[0].as_str()).cloned());
+        match first {
+            Some(d)
+                if d["attempts"].as_u64() >= Some(2)
+                    && d["last_status"] == 503
+                    && d["state"] == "pending" =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    receiver.set_mode(support::ReceiverMode::Accept);
+    let ids = event_ids(&daemon, ids.len()).await;
+    eventually("every event delivered", || async {
+        let got = receiver.accepted_ids();
+        if got.len() >= ids.len() {
+            Ok(())
+        } else {
+            Err(format!("{} of {}", got.len(), ids.len()))
+        }
+    })
+    .await;
+    let accepted = receiver.accepted_ids();
+    assert_eq!(accepted, ids, "each event once, in order");
+
+    for request in receiver.received().iter().filter(|r| r.accepted) {
+        let header = |name: &str| request.headers[name].to_str().expect("ascii").to_owned();
+        assert_eq!(header("content-type"), "application/cloudevents+json");
+        let expected = python_signature(
+            secret,
+            &header("webhook-id"),
+            &header("webhook-timestamp"),
+            &request.body,
+        );
+        assert_eq!(header("webhook-signature"), expected);
+        let event: serde_json::Value = serde_json::from_slice(&request.body).expect("JSON body");
+        assert_eq!(event["id"], header("webhook-id"));
+        assert_eq!(event["specversion"], "1.0");
+    }
+    let retried_ids: std::collections::HashSet<String> = receiver
+        .received()
+        .iter()
+        .filter_map(|r| r.headers.get("webhook-id")?.to_str().ok().map(str::to_owned))
+        .collect();
+    assert_eq!(retried_ids.len(), ids.len(), "retries reuse the event id");
+    let deliveries = daemon
+        .get_json(&format!("/api/v1/subscriptions/{id}/deliveries"))
+        .await;
+    assert!(
+        deliveries["deliveries"]
+            .as_array()
+            .expect("deliveries")
+            .iter()
+            .all(|d| d["state"] == "delivered")
+    );
+    let outbox = daemon.metric("canaryd_outbox_depth").await;
+    assert!(outbox <= ids.len() as f64);
+}
+
+#[tokio::test]
+async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
+    let daemon = TestDaemon::start().await;
+    let hanging = support::Receiver::start(support::ReceiverMode::Hang).await;
+    let healthy = support::Receiver::start(support::ReceiverMode::Accept).await;
+    let gone = support::Receiver::start(support::ReceiverMode::Fail(410)).await;
+    subscribe(&daemon, &hanging.url, None).await;
+    subscribe(&daemon, &healthy.url, None).await;
+    let gone_id = subscribe(&daemon, &gone.url, None).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    drive_an_anomaly(&daemon).await;
+    let ids = event_ids(&daemon, 2).await;
+    // The hanging receiver holds its first request for the whole 10 s timeout; the healthy one
+    // must have everything well before that.
+    let started = std::time::Instant::now();
+    eventually("the healthy receiver to get every event", || async {
+        let got = healthy.accepted_ids();
+        if got.len() >= ids.len() {
+            Ok(())
+        } else {
+            Err(format!("{} of {}", got.len(), ids.len()))
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        hanging.received().len(),
+        1,
+        "the hanging receiver holds its first request"
+    );
+
+    let subscriptions = eventually("the 410 receiver's subscription to be disabled", || async {
+        let list = daemon.get_json("/api/v1/subscriptions").await;
+        let sub = list["subscriptions"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["id"] == gone_id.as_str()).cloned());
+        match sub {
+            Some(s) if !s["disabled"].is_null() => Ok(list),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        subscriptions["subscriptions"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|s| s.get("secret").is_none())
+    );
+    assert_eq!(gone.received().len(), 1, "nothing is sent after 410");
+}
+
+#[tokio::test]
+async fn writes_need_the_token_and_metadata_targets_are_refused() {
+    let daemon = TestDaemon::start_with(|raw| raw.api_token = Some("s3cret".into())).await;
+    let body = serde_json::json!({"url": "http://127.0.0.1:9/hook", "events": ["canaryd.anomaly.detected"]});
+    let post = |token: Option<&'static str>, body: serde_json::Value| {
+        let mut request = daemon.http.post(daemon.api("/api/v1/subscriptions")).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(post(None, body.clone()).await.expect("post").status(), 401);
+    assert_eq!(
+        post(Some("wrong"), body.clone()).await.expect("post").status(),
+        401
+    );
+    let created = post(Some("s3cret"), body.clone()).await.expect("post");
+    assert_eq!(created.status(), 201);
+    let created: serde_json::Value = created.json().await.expect("JSON");
+    assert!(
+        created["secret"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("whsec_")),
+        "a secret is generated"
+    );
+    assert_eq!(
+        daemon.status_of("/api/v1/subscriptions").await,
+        200,
+        "reads need no token"
+    );
+
+    let metadata = serde_json::json!({"url": "http://169.254.169.254/latest/meta-data/", "events": ["canaryd.anomaly.detected"]});
+    let refused = post(Some("s3cret"), metadata).await.expect("post");
+    assert_eq!(refused.status(), 400);
+    let message = refused.text().await.expect("body");
+    assert!(
+        message.contains("url") && message.contains("metadata"),
+        "{message}"
+    );
+    let bad_type = serde_json::json!({"url": "http://127.0.0.1:9/", "events": ["canaryd.nope"]});
+    let refused = post(Some("s3cret"), bad_type).await.expect("post");
+    assert_eq!(refused.status(), 400);
+    let no_url = serde_json::json!({"events": ["canaryd.anomaly.detected"]});
+    let refused = post(Some("s3cret"), no_url).await.expect("post");
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.expect("body").contains("url"));
+
+    let id = created["id"].as_str().expect("id");
+    let delete = |token: Option<&'static str>| {
+        let mut request = daemon
+            .http
+            .delete(daemon.api(&format!("/api/v1/subscriptions/{id}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(delete(None).await.expect("delete").status(), 401);
+    assert_eq!(delete(Some("s3cret")).await.expect("delete").status(), 204);
+    assert_eq!(delete(Some("s3cret")).await.expect("delete").status(), 404);
+}

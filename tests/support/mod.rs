@@ -185,3 +185,88 @@ pub async fn wait_for_count(
     })
     .await
 }
+
+/// How a test webhook receiver answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReceiverMode {
+    Accept,
+    /// Answers with this status.
+    Fail(u16),
+    /// Never answers (until the client gives up).
+    Hang,
+}
+
+/// One request a receiver got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub headers: axum::http::HeaderMap,
+    pub body: axum::body::Bytes,
+    pub accepted: bool,
+}
+
+/// A real HTTP webhook receiver on 127.0.0.1:0 that records every request.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    mode: std::sync::Arc<std::sync::Mutex<ReceiverMode>>,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    pub async fn start(mode: ReceiverMode) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let url = format!("http://{}/hook", listener.local_addr().expect("address"));
+        let receiver = Receiver {
+            url,
+            mode: std::sync::Arc::new(std::sync::Mutex::new(mode)),
+            received: std::sync::Arc::default(),
+        };
+        let state = receiver.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let state = state.clone();
+                async move {
+                    let mode = *state.mode.lock().expect("mode");
+                    let accepted = mode == ReceiverMode::Accept;
+                    state.received.lock().expect("received").push(Received {
+                        headers,
+                        body,
+                        accepted,
+                    });
+                    match mode {
+                        ReceiverMode::Accept => axum::http::StatusCode::NO_CONTENT,
+                        ReceiverMode::Fail(code) => axum::http::StatusCode::from_u16(code).expect("status"),
+                        ReceiverMode::Hang => {
+                            std::future::pending::<()>().await;
+                            unreachable!()
+                        }
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        receiver
+    }
+
+    pub fn set_mode(&self, mode: ReceiverMode) {
+        *self.mode.lock().expect("mode") = mode;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("received").clone()
+    }
+
+    /// The ids (`webhook-id`) of the deliveries it accepted, in arrival order.
+    pub fn accepted_ids(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .filter(|r| r.accepted)
+            .filter_map(|r| r.headers.get("webhook-id")?.to_str().ok().map(str::to_owned))
+            .collect()
+    }
+}

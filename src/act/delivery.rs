@@ -1,0 +1,368 @@
+//! Delivery: each subscription's outbox, sent in order by a task of its own.
+//!
+//! When an event is stored, an outbox entry is written for every subscription that wants it, in
+//! the same flush, so a delivery exists as soon as the event does and survives restarts. Each
+//! subscription has one worker task, so a slow or dead receiver only ever delays itself: the
+//! worker sends the oldest pending entry; a 2xx marks it delivered; a 410 disables the
+//! subscription; anything else (another status, a timeout, a refused connection) is retried after
+//! an exponential backoff with jitter, until 24 hours after the first attempt. Entries go out one
+//! at a time, so a receiver sees a subscription's events in order. The event id is the
+//! `webhook-id`, the same on every attempt, so receivers can de-duplicate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::signing::sign;
+use super::subscriptions::{Subscription, secret_key};
+use crate::events::EventType;
+use crate::stats::Stats;
+use crate::store::Store;
+
+/// The state of one delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    /// Retried for `max_age` without success, or its event was no longer stored.
+    Expired,
+    /// The receiver answered 410 Gone.
+    Gone,
+}
+
+/// One event's delivery to one subscription.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub event_id: String,
+    pub event_type: EventType,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    /// Unix milliseconds.
+    pub first_attempt_ms: Option<u64>,
+    pub next_attempt_ms: u64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub delivered_ms: Option<u64>,
+}
+
+impl Delivery {
+    pub fn new(event_id: String, event_type: EventType) -> Self {
+        Delivery {
+            event_id,
+            event_type,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            first_attempt_ms: None,
+            next_attempt_ms: 0,
+            last_status: None,
+            last_error: None,
+            delivered_ms: None,
+        }
+    }
+}
+
+/// Delivery settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeliveryConfig {
+    /// Each request's deadline.
+    pub timeout: Duration,
+    /// How long after the first attempt a delivery is given up.
+    pub max_age: Duration,
+    /// Backoff before the first retry; it doubles per attempt up to `max_backoff`.
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            timeout: Duration::from_secs(10),
+            max_age: Duration::from_secs(24 * 3_600),
+            first_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wait before retry number `attempts` (1 = the first retry): exponential, capped, with
+/// "equal jitter" (half fixed, half random) so that receivers coming back are not hit in lockstep.
+pub fn backoff(attempts: u32, config: &DeliveryConfig, unit_random: f64) -> Duration {
+    let exp = config
+        .first_backoff
+        .saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1).min(30)));
+    let capped = exp.min(config.max_backoff);
+    capped.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))
+}
+
+/// Runs the workers, one per active subscription.
+pub struct Dispatcher {
+    store: Store,
+    stats: Arc<Stats>,
+    client: reqwest::Client,
+    config: DeliveryConfig,
+    /// Woken when events are appended or subscriptions change.
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    workers: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Store,
+        stats: Arc<Stats>,
+        config: DeliveryConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Dispatcher> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .user_agent(concat!("canaryd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Arc::new(Dispatcher {
+            store,
+            stats,
+            client,
+            config,
+            wake: Arc::new(Notify::new()),
+            shutdown,
+            workers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Tells the workers there may be new work.
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Starts a worker for every active subscription that has none, and stops the workers of
+    /// subscriptions that are gone or disabled.
+    pub fn sync(self: &Arc<Self>) {
+        let subscriptions = match self.store.subscriptions() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read subscriptions");
+                return;
+            }
+        };
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|id, (stop, task)| {
+            let active = subscriptions.iter().any(|s| &s.id == id && s.disabled.is_none());
+            if !active || task.is_finished() {
+                stop.cancel();
+            }
+            active && !task.is_finished()
+        });
+        for subscription in subscriptions.into_iter().filter(|s| s.disabled.is_none()) {
+            if workers.contains_key(&subscription.id) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            let id = subscription.id.clone();
+            let task = tokio::spawn(self.clone().work(subscription, stop.clone()));
+            workers.insert(id, (stop, task));
+        }
+        drop(workers);
+        self.wake();
+    }
+
+    /// Stops every worker and waits for them (each finishes or abandons its request in flight).
+    pub async fn stop(&self) {
+        let workers: Vec<_> = {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            workers.drain().map(|(_, w)| w).collect()
+        };
+        for (stop, task) in workers {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
+    async fn work(self: Arc<Self>, subscription: Subscription, stop: CancellationToken) {
+        let key = match secret_key(&subscription.secret) {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::error!(subscription = %subscription.id, error = %e, "unusable secret; not delivering");
+                return;
+            }
+        };
+        loop {
+            // Register for a wake-up before looking, so that an append between the look and the
+            // wait is not missed.
+            let woken = self.wake.notified();
+            let next = match self.store.next_delivery(&subscription.id) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(subscription = %subscription.id, error = %e, "cannot read the outbox");
+                    None
+                }
+            };
+            let Some((seq, delivery)) = next else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = woken => continue,
+                    // A safety net: look again now and then even without a wake-up.
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                }
+            };
+            let wait = Duration::from_millis(delivery.next_attempt_ms.saturating_sub(now_ms()));
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                outcome = self.attempt(&subscription, &key, seq, delivery) => outcome,
+            };
+            if outcome == DeliveryState::Gone {
+                if let Err(e) = self.store.disable_subscription(&subscription.id) {
+                    tracing::error!(subscription = %subscription.id, error = %e, "cannot disable the subscription");
+                }
+                tracing::warn!(subscription = %subscription.id, url = %subscription.url, "receiver answered 410 Gone; subscription disabled");
+                return;
+            }
+        }
+    }
+
+    /// One attempt at one delivery; records and returns its new state.
+    async fn attempt(
+        &self,
+        subscription: &Subscription,
+        key: &[u8],
+        seq: u64,
+        mut delivery: Delivery,
+    ) -> DeliveryState {
+        let now = now_ms();
+        let first = *delivery.first_attempt_ms.get_or_insert(now);
+        delivery.attempts += 1;
+        let event = match self.store.event(seq) {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                delivery.state = DeliveryState::Expired;
+                delivery.last_error = Some("the event is no longer stored".into());
+                return self.record(subscription, seq, delivery, "expired");
+            }
+            Err(e) => {
+                delivery.last_error = Some(e.to_string());
+                delivery.next_attempt_ms = now + 1_000;
+                return self.record(subscription, seq, delivery, "retry");
+            }
+        };
+        let body = serde_json::to_vec(&event).unwrap_or_default();
+        let timestamp = now / 1_000;
+        let signature = sign(key, &event.id, timestamp, &body);
+        let started = std::time::Instant::now();
+        let result = self
+            .client
+            .post(&subscription.url)
+            .header("content-type", "application/cloudevents+json")
+            .header("webhook-id", &event.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await;
+        self.stats.delivery_seconds(started.elapsed());
+        let label = match result {
+            Ok(response) if response.status().is_success() => {
+                delivery.state = DeliveryState::Delivered;
+                delivery.last_status = Some(response.status().as_u16());
+                delivery.last_error = None;
+                delivery.delivered_ms = Some(now_ms());
+                "delivered"
+            }
+            Ok(response) if response.status() == reqwest::StatusCode::GONE => {
+                delivery.state = DeliveryState::Gone;
+                delivery.last_status = Some(410);
+                "gone"
+            }
+            Ok(response) => {
+                delivery.last_status = Some(response.status().as_u16());
+                delivery.last_error = Some(format!("answered {}", response.status()));
+                self.schedule_retry(&mut delivery, first)
+            }
+            Err(e) => {
+                delivery.last_status = None;
+                delivery.last_error = Some(error_chain(&e));
+                self.schedule_retry(&mut delivery, first)
+            }
+        };
+        self.record(subscription, seq, delivery, label)
+    }
+
+    fn schedule_retry(&self, delivery: &mut Delivery, first_ms: u64) -> &'static str {
+        let mut random = [0u8; 8];
+        let unit = match getrandom::fill(&mut random) {
+            Ok(()) => (u64::from_be_bytes(random) >> 11) as f64 / (1u64 << 53) as f64,
+            Err(_) => 0.5,
+        };
+        let wait = backoff(delivery.attempts, &self.config, unit);
+        let next = now_ms() + wait.as_millis() as u64;
+        if next.saturating_sub(first_ms) > self.config.max_age.as_millis() as u64 {
+            delivery.state = DeliveryState::Expired;
+            "expired"
+        } else {
+            delivery.next_attempt_ms = next;
+            "retry"
+        }
+    }
+
+    fn record(
+        &self,
+        subscription: &Subscription,
+        seq: u64,
+        delivery: Delivery,
+        label: &'static str,
+    ) -> DeliveryState {
+        self.stats.delivery(label);
+        if label != "delivered" {
+            tracing::debug!(subscription = %subscription.id, event = %delivery.event_id, attempts = delivery.attempts, error = ?delivery.last_error, "delivery {label}");
+        }
+        let state = delivery.state;
+        if let Err(e) = self.store.put_delivery(&subscription.id, seq, &delivery) {
+            tracing::error!(subscription = %subscription.id, error = %e, "cannot record a delivery");
+        }
+        state
+    }
+}
+
+/// An error with its causes, which is where reqwest says what actually went wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let config = DeliveryConfig::default();
+        assert_eq!(backoff(1, &config, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff(2, &config, 1.0), Duration::from_secs(2));
+        assert_eq!(backoff(4, &config, 0.0), Duration::from_secs(4));
+        assert_eq!(backoff(40, &config, 1.0), Duration::from_secs(15 * 60));
+    }
+}

@@ -1,0 +1,10 @@
+//! Acting on events: subscriptions, and the durable, signed delivery of events to them.
+//!
+//! - `subscriptions`: what a subscription is, and the checks it passes (URL safety, event types,
+//!   secret).
+//! - `signing`: Standard Webhooks HMAC-SHA256 signatures.
+//! - `delivery`: the per-subscription workers that drain the outbox with retries.
+
+pub mod delivery;
+pub mod signing;
+pub mod subscriptions;
