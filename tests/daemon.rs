@@ -810,6 +810,69 @@ mod binary {
     }
 
     #[tokio::test]
+    async fn undelivered_events_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let receiver = super::support::Receiver::start(super::support::ReceiverMode::Fail(503)).await;
+        let daemon = Running::start(&data, &[]);
+        let body = serde_json::json!({"url": receiver.url, "events": ["canaryd.anomaly.detected", "canaryd.anomaly.resolved"]});
+        let created = daemon
+            .http
+            .post(format!("http://{}/api/v1/subscriptions", daemon.addr("http")))
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(created.status(), 201);
+        let (steady, fault_start) = super::traffic(super::EPOCH_NS, 15, 0.01);
+        let (fault, recovery_start) = super::traffic(fault_start, 3, 0.5);
+        let (recovery, _) = super::traffic(recovery_start, 8, 0.01);
+        for request in steady.iter().chain(&fault).chain(&recovery) {
+            daemon.post_traces(request).await;
+        }
+        let ids = |text: String| -> Vec<String> {
+            let events: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            events["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["id"].as_str().map(str::to_owned))
+                .collect()
+        };
+        let before = super::eventually("events, and a refused delivery", || async {
+            let ids = ids(daemon.get("/api/v1/events").await);
+            if ids.len() >= 2 && !receiver.received().is_empty() {
+                Ok(ids)
+            } else {
+                Err(format!("{ids:?}"))
+            }
+        })
+        .await;
+        daemon.signal("-TERM");
+        assert_eq!(daemon.wait().0, Some(0));
+
+        receiver.set_mode(super::support::ReceiverMode::Accept);
+        let daemon = Running::start(&data, &[]);
+        let all = ids(daemon.get("/api/v1/events").await);
+        assert!(
+            all.starts_with(&before),
+            "the history survives: {before:?} / {all:?}"
+        );
+        super::eventually("every event delivered after the restart", || async {
+            let got = receiver.accepted_ids();
+            if got.len() >= all.len() {
+                Ok(())
+            } else {
+                Err(format!("{} of {}", got.len(), all.len()))
+            }
+        })
+        .await;
+        assert_eq!(receiver.accepted_ids(), all, "each event once, in order");
+        daemon.signal("-TERM");
+        assert_eq!(daemon.wait().0, Some(0));
+    }
+
+    #[tokio::test]
     async fn a_crash_loses_at_most_the_last_flush_interval() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
