@@ -30,6 +30,7 @@ use crate::pipeline::{self, SharedEngine};
 use crate::receive::{self, Intake};
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
+use crate::watch::{EventFeed, Watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -183,9 +184,11 @@ impl Daemon {
             shutdown.child_token(),
         );
         dispatcher.sync();
+        let feed = EventFeed::new();
         let outputs = pipeline::Outputs {
             store: store.clone(),
             dispatcher: dispatcher.clone(),
+            feed: feed.clone(),
             flush_interval: config.flush_interval,
             max_events: config.max_events,
         };
@@ -203,7 +206,8 @@ impl Daemon {
             config.max_message_bytes,
         ));
 
-        let grpc_serve = receive::grpc::serve(grpc_listener, intake.clone(), shutdown.clone());
+        let watch = Watch::new(store.clone(), feed, shutdown.clone());
+        let grpc_serve = receive::grpc::serve(grpc_listener, intake.clone(), watch, shutdown.clone());
         let grpc_task = spawn_stage("OTLP gRPC receiver", shutdown.clone(), async move {
             grpc_serve.await.map_err(|e| e.to_string())
         });

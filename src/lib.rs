@@ -11,6 +11,7 @@
 //! - `store`: durable state in sled; the only module that touches it.
 //! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
 //! - `daemon`: wiring, start-up order, and the orderly stop.
+//! - `watch`: `canaryd.v1.EventService/Watch`, the event stream for rollout controllers.
 //! - `testdata`: seeded OTLP request generators for benchmarks and tests.
 //!
 //! The statistics live in the `canaryd_engine` crate, which does no IO.
@@ -27,3 +28,4 @@ pub mod receive;
 pub mod stats;
 pub mod store;
 pub mod testdata;
+pub mod watch;

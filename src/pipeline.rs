@@ -18,6 +18,7 @@ use crate::act::delivery::Dispatcher;
 use crate::events::{Event, anomaly_event};
 use crate::stats::Stats;
 use crate::store::Store;
+use crate::watch::EventFeed;
 
 /// The engine, shared between its one writer (the pipeline task) and the API's readers.
 #[derive(Clone)]
@@ -74,6 +75,7 @@ pub fn start(
         let Outputs {
             store,
             dispatcher,
+            feed,
             flush_interval,
             max_events,
         } = outputs;
@@ -85,8 +87,10 @@ pub fn start(
                 batch = rx.recv() => match batch {
                     Some(batch) => {
                         stats.queue_depth.set(rx.len() as i64);
-                        if ingest(&engine, &stats, &batch, &store, max_events) {
+                        let events = ingest(&engine, &stats, &batch, &store, max_events);
+                        if !events.is_empty() {
                             dispatcher.wake();
+                            feed.publish(&events);
                         }
                     }
                     None => break,
@@ -106,13 +110,21 @@ pub struct Outputs {
     pub store: Store,
     /// Woken when events (and so deliveries) were stored.
     pub dispatcher: Arc<Dispatcher>,
+    /// Where stored events go out to watchers.
+    pub feed: EventFeed,
     pub flush_interval: Duration,
     pub max_events: usize,
 }
 
 /// Feeds one batch to the engine, and stores the events its decisions make (with their
-/// deliveries). Returns whether any event was stored.
-fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, max_events: usize) -> bool {
+/// deliveries). Returns the events stored.
+fn ingest(
+    engine: &SharedEngine,
+    stats: &Stats,
+    batch: &Batch,
+    store: &Store,
+    max_events: usize,
+) -> Vec<Event> {
     let (report, apps, mut events) = {
         let mut engine = engine.lock();
         let report = engine.ingest(batch);
@@ -127,11 +139,9 @@ fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, ma
             .collect();
         (report, engine.catalog().app_count(), events)
     };
-    let mut stored = false;
     if !events.is_empty() {
         match store.append_events(&mut events, max_events) {
             Ok(()) => {
-                stored = true;
                 for event in &events {
                     stats.event(event.event_type);
                     let reason = event.data.reasons.first().map_or("", |r| r.message.as_str());
@@ -141,6 +151,7 @@ fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, ma
             Err(e) => {
                 stats.event_errors.inc();
                 tracing::error!(error = %e, events = events.len(), "cannot store events");
+                events.clear();
             }
         }
     }
@@ -151,7 +162,7 @@ fn ingest(engine: &SharedEngine, stats: &Stats, batch: &Batch, store: &Store, ma
     for (cap, n) in report.cap_hits {
         stats.capped(cap, n);
     }
-    stored
+    events
 }
 
 /// Writes what changed since the last flush, then makes it durable. A failed flush is logged and

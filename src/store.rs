@@ -257,6 +257,15 @@ impl Store {
         self.flush()
     }
 
+    /// The sequence number of the newest stored event.
+    pub fn last_event_seq(&self) -> Result<Option<u64>, StoreError> {
+        let last = self.events.last().map_err(|source| StoreError::Io {
+            operation: "read events",
+            source,
+        })?;
+        Ok(last.and_then(|(key, _)| key.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
     /// The event stored at `seq`.
     pub fn event(&self, seq: u64) -> Result<Option<Event>, StoreError> {
         let value = self

@@ -1390,3 +1390,70 @@ async fn writes_need_the_token_and_metadata_targets_are_refused() {
     assert_eq!(delete(Some("s3cret")).await.expect("delete").status(), 204);
     assert_eq!(delete(Some("s3cret")).await.expect("delete").status(), 404);
 }
+
+#[tokio::test]
+async fn watch_streams_events_live_and_resumes_after_the_last_id_seen() {
+    use canaryd::watch::proto::WatchRequest;
+    use canaryd::watch::proto::event_service_client::EventServiceClient;
+
+    let daemon = TestDaemon::start().await;
+    let mut client = EventServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let mut live = client
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    drive_an_anomaly(&daemon).await;
+    let ids = event_ids(&daemon, 2).await;
+
+    let mut streamed = Vec::new();
+    while streamed.len() < ids.len() {
+        let next = tokio::time::timeout(support::DEADLINE, live.message()).await;
+        let event = next
+            .expect("an event within the deadline")
+            .expect("stream ok")
+            .expect("stream open");
+        let cloudevent: serde_json::Value = serde_json::from_str(&event.cloudevent_json).expect("JSON");
+        assert_eq!(cloudevent["id"], event.id.as_str());
+        streamed.push(event.id);
+    }
+    assert_eq!(streamed, ids, "live events, in order");
+
+    // A client that saw only the first event resumes after it and gets exactly the rest.
+    let resume = WatchRequest {
+        after_id: ids[0].clone(),
+        ..WatchRequest::default()
+    };
+    let mut resumed = client.watch(resume).await.expect("watch").into_inner();
+    let mut rest = Vec::new();
+    while rest.len() < ids.len() - 1 {
+        let next = tokio::time::timeout(support::DEADLINE, resumed.message()).await;
+        rest.push(next.expect("in time").expect("ok").expect("open").id);
+    }
+    assert_eq!(rest, ids[1..].to_vec());
+
+    let only_resolved = WatchRequest {
+        after_id: ids[0].clone(),
+        types: vec!["canaryd.anomaly.resolved".into()],
+        app: "app-0".into(),
+        ..WatchRequest::default()
+    };
+    let mut filtered = client.watch(only_resolved).await.expect("watch").into_inner();
+    let first = tokio::time::timeout(support::DEADLINE, filtered.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("open");
+    assert_eq!(first.r#type, "canaryd.anomaly.resolved");
+
+    let bad = WatchRequest {
+        after_id: "yesterday".into(),
+        ..WatchRequest::default()
+    };
+    let status = client.watch(bad).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    drop((live, resumed, filtered));
+    daemon.stop().await.expect("a watch does not hold up the stop");
+}

@@ -31,6 +31,8 @@ use tonic::{Request, Status};
 
 use super::{Intake, OtlpRequest};
 use crate::stats::Transport;
+use crate::watch::Watch;
+use crate::watch::proto::event_service_server::EventServiceServer;
 
 /// The three OTLP services over one intake.
 #[derive(Clone)]
@@ -108,11 +110,12 @@ fn contract_status_codes<B>(mut response: Response<B>) -> Response<B> {
     response
 }
 
-/// Serves the OTLP gRPC services on `listener` until `shutdown` is cancelled, then finishes the
+/// Serves the OTLP gRPC services, and canaryd's own EventService, on `listener` until `shutdown` is cancelled, then finishes the
 /// requests in flight.
 pub async fn serve(
     listener: TcpListener,
     intake: Arc<Intake>,
+    watch: Watch,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let limit = intake.max_message_bytes();
@@ -138,6 +141,7 @@ pub async fn serve(
                 .accept_compressed(CompressionEncoding::Deflate)
                 .max_decoding_message_size(limit),
         )
+        .add_service(EventServiceServer::new(watch))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

@@ -1,0 +1,211 @@
+//! `canaryd.v1.EventService/Watch`: the event stream for rollout controllers, on the gRPC port.
+//!
+//! A watch first replays the stored events after the client's `after_id`, then follows new ones
+//! from the feed (a broadcast of each event as it is stored). It subscribes to the feed before it
+//! replays and skips what it already sent, so nothing falls between the two; if it falls behind
+//! the feed, it goes back to the store from the last event it sent. Either way a client that
+//! resumes from the last id it saw gets every later event once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::events::{Event, EventType, event_seq};
+use crate::store::Store;
+
+/// The generated protobuf types and service of `proto/canaryd/v1/events.proto`.
+pub mod proto {
+    tonic::include_proto!("canaryd.v1");
+}
+
+use proto::event_service_server::EventService;
+
+/// Events as they are stored, for the watches that follow them.
+#[derive(Clone)]
+pub struct EventFeed {
+    tx: broadcast::Sender<Arc<Event>>,
+}
+
+impl EventFeed {
+    pub fn new() -> Self {
+        EventFeed {
+            tx: broadcast::channel(1_024).0,
+        }
+    }
+
+    /// Publishes stored events (no watcher is fine).
+    pub fn publish(&self, events: &[Event]) {
+        for event in events {
+            let _ = self.tx.send(Arc::new(event.clone()));
+        }
+    }
+}
+
+impl Default for EventFeed {
+    fn default() -> Self {
+        EventFeed::new()
+    }
+}
+
+/// What a watch wants.
+#[derive(Clone, Debug)]
+struct Filter {
+    env: String,
+    app: String,
+    types: Vec<EventType>,
+}
+
+impl Filter {
+    fn keeps(&self, event: &Event) -> bool {
+        (self.env.is_empty() || self.env == event.data.env)
+            && (self.app.is_empty() || self.app == event.data.app)
+            && (self.types.is_empty() || self.types.contains(&event.event_type))
+    }
+}
+
+fn to_proto(event: &Event) -> proto::Event {
+    proto::Event {
+        id: event.id.clone(),
+        r#type: event.event_type.as_str().into(),
+        source: event.source.clone(),
+        subject: event.subject.clone(),
+        time: event.time.clone(),
+        env: event.data.env.clone(),
+        app: event.data.app.clone(),
+        version: event.data.version.clone().unwrap_or_default(),
+        state: event.data.state.clone(),
+        cloudevent_json: serde_json::to_string(event).unwrap_or_default(),
+    }
+}
+
+/// The EventService over the store and the feed.
+#[derive(Clone)]
+pub struct Watch {
+    store: Store,
+    feed: EventFeed,
+    shutdown: CancellationToken,
+}
+
+impl Watch {
+    pub fn new(store: Store, feed: EventFeed, shutdown: CancellationToken) -> Self {
+        Watch {
+            store,
+            feed,
+            shutdown,
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+
+/// How far a watch has got: the sequence number of the last event it passed (sent or filtered
+/// out), `None` before the first.
+type Position = Option<u64>;
+
+/// Events stored after `after` that `filter` keeps, sent in order. Returns the new position, or
+/// `Err(None)` when the client has gone.
+async fn replay(
+    store: &Store,
+    filter: &Filter,
+    mut after: Position,
+    out: &mpsc::Sender<Result<proto::Event, Status>>,
+) -> Result<Position, Option<Status>> {
+    loop {
+        // Read a page of everything (to advance past filtered-out events too), then filter.
+        let page = store
+            .events(after, 256, |_| true)
+            .map_err(|e| Some(Status::internal(format!("cannot read events: {e}"))))?;
+        let Some(last) = page.last() else { return Ok(after) };
+        let last_seq = event_seq(&last.id);
+        for event in page.iter().filter(|e| filter.keeps(e)) {
+            if out.send(Ok(to_proto(event))).await.is_err() {
+                return Err(None);
+            }
+        }
+        after = last_seq;
+    }
+}
+
+#[tonic::async_trait]
+impl EventService for Watch {
+    type WatchStream = EventStream;
+
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        let mut types = Vec::new();
+        for name in &request.types {
+            let t = EventType::parse(name)
+                .ok_or_else(|| Status::invalid_argument(format!("types: unknown event type {name:?}")))?;
+            types.push(t);
+        }
+        let filter = Filter {
+            env: request.env,
+            app: request.app,
+            types,
+        };
+        // Subscribe first: whatever is stored from here on reaches this watch one way or the other.
+        let mut live = self.feed.tx.subscribe();
+        let start = if request.after_id.is_empty() {
+            None
+        } else {
+            let seq = event_seq(&request.after_id).ok_or_else(|| {
+                Status::invalid_argument(format!("after_id: {:?} is not an event id", request.after_id))
+            })?;
+            Some(seq)
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.store.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let start = match start {
+                Some(seq) => Ok(Some(seq)),
+                // Only what is stored from now on.
+                None => store
+                    .last_event_seq()
+                    .map_err(|e| Some(Status::internal(format!("cannot read events: {e}")))),
+            };
+            let mut position = match start {
+                Ok(position) => replay(&store, &filter, position, &tx).await,
+                Err(e) => Err(e),
+            };
+            loop {
+                let at = match position {
+                    Ok(at) => at,
+                    Err(status) => {
+                        if let Some(status) = status {
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        return;
+                    }
+                };
+                let received = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    received = live.recv() => received,
+                };
+                position = match received {
+                    Ok(event) => {
+                        let Some(seq) = event_seq(&event.id) else { continue };
+                        // Already passed by the replay, or from before the watch began.
+                        if at.is_some_and(|at| seq <= at) {
+                            continue;
+                        }
+                        if filter.keeps(&event) && tx.send(Ok(to_proto(&event))).await.is_err() {
+                            return;
+                        }
+                        Ok(Some(seq))
+                    }
+                    // Fell behind the feed: catch up from the store, then follow again.
+                    Err(broadcast::error::RecvError::Lagged(_)) => replay(&store, &filter, at, &tx).await,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
