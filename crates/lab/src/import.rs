@@ -115,7 +115,7 @@ fn timestamp_ns(column: &Series) -> anyhow::Result<Series> {
 
 /// A time written as a number (see `unix_number_to_ns`) or as an RFC 3339 datetime (UTC when
 /// it has no offset).
-fn text_to_ns(text: &str) -> Option<i64> {
+pub(crate) fn text_to_ns(text: &str) -> Option<i64> {
     let text = text.trim();
     if let Ok(v) = text.parse::<f64>() {
         return unix_number_to_ns(v);

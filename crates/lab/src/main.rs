@@ -3,6 +3,7 @@
 //! Kept in a crate of its own because it carries polars, which the daemon's build must not.
 
 mod import;
+mod nab;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,14 @@ enum Command {
         config: Option<PathBuf>,
         /// The history file (.csv or .parquet).
         file: PathBuf,
+    },
+    /// Run canaryd's baseline engine over the Numenta Anomaly Benchmark: every
+    /// <category>/<name>.csv under --data, scored to <out>/<category>/<name>.csv for NAB's scorer.
+    Nab {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -68,6 +77,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("  {reason}");
                 }
             }
+            Ok(())
+        }
+        Command::Nab { data, out } => {
+            let results = nab::run(&data, &out)?;
+            let rows: usize = results.iter().sum();
+            println!(
+                "scored {} files ({rows} rows) into {}",
+                results.len(),
+                out.display()
+            );
             Ok(())
         }
     }
