@@ -122,6 +122,10 @@ pub async fn serve(
     let service = OtlpGrpc { intake };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
+        // OTLP requests are hundreds of KiB: HTTP/2's default 64 KiB windows would make every
+        // request wait on several window updates.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
         .layer(tower::util::MapResponseLayer::new(contract_status_codes))
         .add_service(
             TraceServiceServer::new(service.clone())

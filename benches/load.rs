@@ -1,0 +1,379 @@
+//! The OTLP load generator: starts the daemon binary on port 0, drives it with trace exports over
+//! gRPC and HTTP, plain and gzipped, and reports what each took.
+//!
+//! Requests (512 spans of 10 attributes) are generated and encoded, and gzipped for HTTP, before
+//! the clock starts, so the sender spends its time sending: `CONCURRENCY` tasks each send one
+//! request, wait for the answer, and send the next, for `SECONDS` per transport. The daemon runs
+//! in its own process, so its CPU seconds (from /proc) give spans per daemon-CPU-second whatever
+//! the generator costs; its peak RSS is reported too.
+//!
+//! `cargo bench --bench load` measures (environment: `LOAD_SECONDS`, default 10, and
+//! `LOAD_CONCURRENCY`, default 8); `cargo test --benches` runs it for a second, as a smoke test.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::{Buf, BufMut, Bytes};
+use canaryd::testdata::{self, TraceShape};
+use canaryd_engine::sketch::Sketch;
+use prost::Message;
+use std::path::Path;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Status, codegen::http::uri::PathAndQuery};
+
+/// How to load the daemon.
+#[derive(Clone, Debug)]
+struct LoadPlan {
+    /// `host:port` of the OTLP gRPC receiver, or `http://host:port` of the OTLP/HTTP one.
+    target: Target,
+    gzip: bool,
+    concurrency: usize,
+    duration: Duration,
+    /// Distinct requests to cycle through.
+    distinct: usize,
+    spans_per_request: usize,
+    pid: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+enum Target {
+    Grpc(String),
+    Http(String),
+}
+
+/// What a run measured.
+#[derive(Debug)]
+struct LoadReport {
+    requests: u64,
+    failures: u64,
+    spans: u64,
+    seconds: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    daemon_cpu_seconds: Option<f64>,
+    daemon_peak_rss_kib: Option<u64>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rate = self.spans as f64 / self.seconds;
+        writeln!(
+            f,
+            "requests {} ({} failed) in {:.1} s",
+            self.requests, self.failures, self.seconds
+        )?;
+        writeln!(f, "spans accepted/s {rate:.0}")?;
+        writeln!(
+            f,
+            "ack latency p50 {:.2} ms, p99 {:.2} ms",
+            self.p50_ms, self.p99_ms
+        )?;
+        if let Some(cpu) = self.daemon_cpu_seconds {
+            writeln!(
+                f,
+                "daemon CPU {cpu:.2} s: {:.0} spans per daemon-CPU-second",
+                self.spans as f64 / cpu.max(1e-9)
+            )?;
+        }
+        if let Some(rss) = self.daemon_peak_rss_kib {
+            writeln!(f, "daemon peak RSS {:.1} MiB", rss as f64 / 1024.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends already-encoded bytes as a gRPC message, and ignores the answer's content.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct IgnoreDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for IgnoreDecoder {
+    type Item = ();
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = IgnoreDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> IgnoreDecoder {
+        IgnoreDecoder
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("no process {pid}"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(") ").context("unexpected /proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 =
+        fields.get(11).context("utime")?.parse::<f64>()? + fields.get(12).context("stime")?.parse::<f64>()?;
+    // The kernel's USER_HZ is 100 on every Linux the project runs on.
+    Ok(ticks / 100.0)
+}
+
+/// Peak resident set size of a process, in KiB (VmHWM).
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+}
+
+/// The requests to send, encoded (and gzipped for HTTP with `gzip`).
+fn prepare(plan: &LoadPlan) -> Vec<Bytes> {
+    (0..plan.distinct)
+        .map(|i| {
+            let shape = TraceShape {
+                spans: plan.spans_per_request,
+                start_ns: testdata::EPOCH_NS + i as u64 * 5_000_000_000,
+                ..TraceShape::default()
+            };
+            let bytes = testdata::trace_request(&shape, i as u64).encode_to_vec();
+            match (&plan.target, plan.gzip) {
+                (Target::Http(_), true) => {
+                    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    std::io::Write::write_all(&mut gz, &bytes).expect("gzip in memory");
+                    Bytes::from(gz.finish().expect("gzip in memory"))
+                }
+                _ => Bytes::from(bytes),
+            }
+        })
+        .collect()
+}
+
+async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
+    if plan.concurrency == 0 || plan.distinct == 0 {
+        bail!("--concurrency and --distinct must be at least 1");
+    }
+    let requests = Arc::new(prepare(&plan));
+    let cpu_before = plan.pid.map(cpu_seconds).transpose()?;
+    let started = Instant::now();
+    let deadline = started + plan.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..plan.concurrency {
+        let requests = requests.clone();
+        let plan = plan.clone();
+        tasks.spawn(async move { send_loop(worker, &plan, &requests, deadline).await });
+    }
+    let mut latencies = Sketch::new(0.01);
+    let (mut sent, mut failures) = (0u64, 0u64);
+    while let Some(result) = tasks.join_next().await {
+        let (ok, failed, sketch) = result.context("sender task")??;
+        sent += ok;
+        failures += failed;
+        latencies.merge(&sketch);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = plan.pid.map(cpu_seconds).transpose()?;
+    Ok(LoadReport {
+        requests: sent + failures,
+        failures,
+        spans: sent * plan.spans_per_request as u64,
+        seconds,
+        p50_ms: latencies.quantile(0.5).unwrap_or(0.0),
+        p99_ms: latencies.quantile(0.99).unwrap_or(0.0),
+        daemon_cpu_seconds: cpu_before.zip(cpu_after).map(|(a, b)| b - a),
+        daemon_peak_rss_kib: plan.pid.map(peak_rss_kib).transpose()?,
+    })
+}
+
+/// One sender: returns its successes, failures and latencies (ms).
+async fn send_loop(
+    worker: usize,
+    plan: &LoadPlan,
+    requests: &[Bytes],
+    deadline: Instant,
+) -> anyhow::Result<(u64, u64, Sketch)> {
+    let mut latencies = Sketch::new(0.01);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut next = worker;
+    match &plan.target {
+        Target::Grpc(addr) => {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+            if plan.gzip {
+                grpc = grpc.send_compressed(CompressionEncoding::Gzip);
+            }
+            let path =
+                PathAndQuery::from_static("/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+            while Instant::now() < deadline {
+                let body = requests[next % requests.len()].clone();
+                next += 1;
+                let t = Instant::now();
+                grpc.ready().await?;
+                match grpc
+                    .unary(tonic::Request::new(body), path.clone(), RawCodec)
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                latencies.add(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Target::Http(base) => {
+            let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
+            let url = format!("{}/v1/traces", base.trim_end_matches('/'));
+            while Instant::now() < deadline {
+                let body = requests[next % requests.len()].clone();
+                next += 1;
+                let t = Instant::now();
+                let mut request = client
+                    .post(&url)
+                    .header("content-type", "application/x-protobuf")
+                    .body(body);
+                if plan.gzip {
+                    request = request.header("content-encoding", "gzip");
+                }
+                match request.send().await {
+                    Ok(response) if response.status().is_success() => ok += 1,
+                    _ => failed += 1,
+                }
+                latencies.add(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    Ok((ok, failed, latencies))
+}
+
+/// Starts `canaryd serve` on port 0 in `data`; returns the child and its addresses.
+fn start_daemon(data: &Path) -> anyhow::Result<(std::process::Child, serde_json::Value)> {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--log", "warn"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start the daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(data.join("addrs.json")) {
+            return Ok((child, serde_json::from_str(&text)?));
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon did not write addrs.json");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: then this is a smoke run.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let seconds = if measuring { env("LOAD_SECONDS", 10) } else { 1 };
+    let concurrency = if measuring {
+        env("LOAD_CONCURRENCY", 8) as usize
+    } else {
+        2
+    };
+    let dir = tempfile::tempdir()?;
+    let (mut daemon, addrs) = start_daemon(&dir.path().join("data"))?;
+    let pid = daemon.id();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut result = Ok(());
+    for (name, target, gzip) in [
+        (
+            "grpc",
+            Target::Grpc(addrs["otlp_grpc"].as_str().unwrap_or_default().to_owned()),
+            false,
+        ),
+        (
+            "grpc+gzip",
+            Target::Grpc(addrs["otlp_grpc"].as_str().unwrap_or_default().to_owned()),
+            true,
+        ),
+        (
+            "http",
+            Target::Http(format!(
+                "http://{}",
+                addrs["otlp_http"].as_str().unwrap_or_default()
+            )),
+            false,
+        ),
+        (
+            "http+gzip",
+            Target::Http(format!(
+                "http://{}",
+                addrs["otlp_http"].as_str().unwrap_or_default()
+            )),
+            true,
+        ),
+    ] {
+        let plan = LoadPlan {
+            target,
+            gzip,
+            concurrency,
+            duration: Duration::from_secs(seconds),
+            distinct: 64,
+            spans_per_request: 512,
+            pid: Some(pid),
+        };
+        match runtime.block_on(run(plan)) {
+            Ok(report) => {
+                println!("== {name}, concurrency {concurrency}, {seconds} s");
+                print!("{report}");
+                if report.failures > 0 || report.requests == 0 {
+                    result = Err(anyhow::anyhow!(
+                        "{name}: {} of {} requests failed",
+                        report.failures,
+                        report.requests
+                    ));
+                }
+            }
+            Err(e) => result = Err(e),
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = daemon.wait();
+    result
+}
