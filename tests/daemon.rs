@@ -1273,7 +1273,8 @@ async fn a_receiver_that_is_down_then_up_gets_every_event_once_in_order_signed()
 
 #[tokio::test]
 async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
-    let daemon = TestDaemon::start().await;
+    // The hanging receiver's first request stays open for the whole test.
+    let daemon = TestDaemon::start_with(|raw| raw.delivery_timeout_secs = Some(600)).await;
     let hanging = support::Receiver::start(support::ReceiverMode::Hang).await;
     let healthy = support::Receiver::start(support::ReceiverMode::Accept).await;
     let gone = support::Receiver::start(support::ReceiverMode::Fail(410)).await;
@@ -1285,9 +1286,7 @@ async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
         .to_owned();
     drive_an_anomaly(&daemon).await;
     let ids = event_ids(&daemon, 2).await;
-    // The hanging receiver holds its first request for the whole 10 s timeout; the healthy one
-    // must have everything well before that.
-    let started = std::time::Instant::now();
+    // The healthy receiver gets everything while the hanging one still holds its first request.
     eventually("the healthy receiver to get every event", || async {
         let got = healthy.accepted_ids();
         if got.len() >= ids.len() {
@@ -1297,15 +1296,10 @@ async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
         }
     })
     .await;
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(8),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(
         hanging.received().len(),
         1,
-        "the hanging receiver holds its first request"
+        "the hanging receiver still holds its first request"
     );
 
     let subscriptions = eventually("the 410 receiver's subscription to be disabled", || async {
