@@ -92,6 +92,12 @@ fn outbox_key(subscription: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+/// The event sequence number at the end of an outbox key.
+fn outbox_seq(key: &[u8]) -> Option<u64> {
+    let at = key.len().checked_sub(8)?;
+    key[at..].try_into().ok().map(u64::from_be_bytes)
+}
+
 fn slot_key(series: &str, slot: u16) -> Vec<u8> {
     let mut key = series.as_bytes().to_vec();
     key.push(0);
@@ -339,11 +345,7 @@ impl Store {
         };
         for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
             let (key, value) = entry.map_err(io)?;
-            let seq = key
-                .len()
-                .checked_sub(8)
-                .and_then(|at| key[at..].try_into().ok())
-                .map(u64::from_be_bytes);
+            let seq = outbox_seq(&key);
             match (seq, decode::<Delivery>(&value)) {
                 (Some(seq), Some(delivery)) => return Ok(Some((seq, delivery))),
                 _ => {
@@ -383,11 +385,7 @@ impl Store {
         let mut out: Vec<(u64, Delivery)> = Vec::new();
         for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
             let (key, value) = entry.map_err(io)?;
-            let seq = key
-                .len()
-                .checked_sub(8)
-                .and_then(|at| key[at..].try_into().ok())
-                .map(u64::from_be_bytes);
+            let seq = outbox_seq(&key);
             if let (Some(seq), Some(d)) = (seq, decode(&value)) {
                 out.push((seq, d));
             }

@@ -19,22 +19,29 @@ fn engine() -> Engine {
     Engine::new(EngineConfig::default(), Box::new(MemorySlotStore::default()))
 }
 
+/// One request as the observations of a single-span export.
+fn observed(&(offset, duration, error, op, version): &Req) -> ResourceObservations {
+    let time = START + offset;
+    let mut r = ResourceObservations::new(Identity::new("prod", "shop", &format!("v{version}")));
+    r.spans = 1;
+    r.saw(time);
+    r.requests.push(RequestObservation {
+        operation: format!("op{op}"),
+        time,
+        duration_ns: duration,
+        error,
+        trace_id: TraceId::default(),
+        span_id: SpanId::default(),
+    });
+    r
+}
+
 /// One batch per request, as a stream of single-span exports.
 fn feed(engine: &mut Engine, requests: &[Req]) {
-    for &(offset, duration, error, op, version) in requests {
-        let time = START + offset;
-        let mut r = ResourceObservations::new(Identity::new("prod", "shop", &format!("v{version}")));
-        r.spans = 1;
-        r.saw(time);
-        r.requests.push(RequestObservation {
-            operation: format!("op{op}"),
-            time,
-            duration_ns: duration,
-            error,
-            trace_id: TraceId::default(),
-            span_id: SpanId::default(),
+    for request in requests {
+        engine.ingest(&Batch {
+            resources: vec![observed(request)],
         });
-        engine.ingest(&Batch { resources: vec![r] });
     }
 }
 
@@ -220,22 +227,9 @@ fn an_error_jump_is_detected_within_two_windows_and_resolved_after_it_ends() {
     }
     let mut changes = Vec::new();
     for chunk in requests.chunks(50) {
-        let mut batch = Batch::default();
-        for &(offset, duration, error, op, version) in chunk {
-            let time = START + offset;
-            let mut r = ResourceObservations::new(Identity::new("prod", "shop", &format!("v{version}")));
-            r.spans = 1;
-            r.saw(time);
-            r.requests.push(RequestObservation {
-                operation: format!("op{op}"),
-                time,
-                duration_ns: duration,
-                error,
-                trace_id: TraceId::default(),
-                span_id: SpanId::default(),
-            });
-            batch.resources.push(r);
-        }
+        let batch = Batch {
+            resources: chunk.iter().map(observed).collect(),
+        };
         changes.extend(engine.ingest(&batch).anomalies);
     }
     let error_changes: Vec<(canaryd_engine::anomaly::Transition, u64)> = changes
