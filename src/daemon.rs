@@ -72,7 +72,7 @@ pub struct Daemon {
     grace: Duration,
     ready: Arc<AtomicBool>,
     receivers: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
-    engine_task: JoinHandle<()>,
+    engine_task: JoinHandle<Result<(), String>>,
     dispatcher: Arc<Dispatcher>,
     api_stop: CancellationToken,
     api_task: JoinHandle<Result<(), String>>,
@@ -123,20 +123,37 @@ async fn serve_http(
         .map_err(|e| e.to_string())
 }
 
-/// Runs one stage as a task; a stage that fails brings the daemon down in order, not alone.
+/// Runs one stage as a task; a stage that fails, or panics, brings the daemon down in order, not
+/// alone: a panicked stage must not leave the others serving (and /readyz saying ready) without it.
 fn spawn_stage(
     stage: &'static str,
     shutdown: CancellationToken,
     run: impl Future<Output = Result<(), String>> + Send + 'static,
 ) -> JoinHandle<Result<(), String>> {
+    let inner = tokio::spawn(run);
     tokio::spawn(async move {
-        let result = run.await;
+        let result = match inner.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => Err(format!("panicked: {}", panic_message(e.into_panic()))),
+            Err(e) => Err(e.to_string()),
+        };
         if let Err(e) = &result {
             tracing::error!(stage, error = %e, "stage failed; shutting down");
             shutdown.cancel();
         }
         result
     })
+}
+
+/// The text a panic carried, when it carried text.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => (*text).to_owned(),
+            Err(_) => "a panic without a message".to_owned(),
+        },
+    }
 }
 
 impl Daemon {
@@ -192,13 +209,14 @@ impl Daemon {
             flush_interval: config.flush_interval,
             max_events: config.max_events,
         };
-        let (sender, engine_task) = pipeline::start(
+        let (sender, engine_run) = pipeline::start(
             engine.clone(),
             stats.clone(),
             outputs,
             config.pipeline_queue,
             config.ingest_wait,
         );
+        let engine_task = spawn_stage("engine", shutdown.clone(), engine_run);
         let intake = Arc::new(Intake::new(
             config.normalize.clone(),
             sender,
@@ -286,17 +304,7 @@ impl Daemon {
             }
         }
         // The receivers are gone, and with them every sender: the engine drains its queue and ends.
-        let engine = match tokio::time::timeout(self.grace, self.engine_task).await {
-            Err(_) => Err(RunError::Timeout {
-                stage: "engine",
-                grace: self.grace,
-            }),
-            Ok(joined) => joined.map_err(|e| RunError::Stage {
-                stage: "engine",
-                message: e.to_string(),
-            }),
-        };
-        if let Err(e) = engine {
+        if let Err(e) = finish("engine", self.engine_task, self.grace).await {
             first_failure.get_or_insert(e);
         }
         // What is still in the outbox is durable and goes out after the next start.
@@ -378,5 +386,39 @@ async fn wait_for_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("Ctrl-C received"),
         () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stage_that_panics_fails_and_stops_the_daemon() {
+        let shutdown = CancellationToken::new();
+        let task = spawn_stage("engine", shutdown.clone(), async {
+            panic!("attempt to add with overflow");
+        });
+        tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
+            .await
+            .expect("the panic cancels the shutdown token");
+        let error = finish("engine", task, Duration::from_secs(10))
+            .await
+            .expect_err("a panic is a failure");
+        let message = error.to_string();
+        assert!(
+            message.contains("engine failed") && message.contains("attempt to add with overflow"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stage_that_ends_well_stops_nothing() {
+        let shutdown = CancellationToken::new();
+        let task = spawn_stage("engine", shutdown.clone(), async { Ok(()) });
+        finish("engine", task, Duration::from_secs(10))
+            .await
+            .expect("clean end");
+        assert!(!shutdown.is_cancelled());
     }
 }

@@ -7,12 +7,12 @@
 //! (the HTTP API) lock the engine briefly between batches. The same task flushes the engine's state
 //! to the store on an interval and once more after the queue has drained at shutdown.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use canaryd_engine::{Batch, Engine};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::act::delivery::Dispatcher;
 use crate::events::{Event, anomaly_event};
@@ -60,18 +60,21 @@ impl BatchSender {
     }
 }
 
-/// Creates the queue and starts the task that feeds the engine and flushes its state to `store`
-/// every `flush_interval`. The task ends once every `BatchSender` is dropped and the queue is
-/// drained, after a last flush.
+/// Creates the queue and the task that feeds the engine and flushes its state to `store` every
+/// `flush_interval`; the caller spawns the task (as a supervised stage). The task ends once every
+/// `BatchSender` is dropped and the queue is drained, after a last flush.
 pub fn start(
     engine: SharedEngine,
     stats: Arc<Stats>,
     outputs: Outputs,
     capacity: usize,
     wait: Duration,
-) -> (BatchSender, JoinHandle<()>) {
+) -> (
+    BatchSender,
+    impl Future<Output = Result<(), String>> + Send + 'static,
+) {
     let (tx, mut rx) = mpsc::channel::<Batch>(capacity);
-    let task = tokio::spawn(async move {
+    let task = async move {
         let Outputs {
             store,
             dispatcher,
@@ -101,7 +104,8 @@ pub fn start(
         stats.queue_depth.set(0);
         tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
         flush(&engine, &store, &stats);
-    });
+        Ok(())
+    };
     (BatchSender { tx, wait }, task)
 }
 

@@ -196,6 +196,40 @@ async fn grpc_partial_success_counts_resources_without_service_name() {
     );
 }
 
+#[tokio::test]
+async fn a_span_at_the_end_of_time_is_rejected_and_the_engine_keeps_going() {
+    let daemon = TestDaemon::start().await;
+    let mut request = spans_request("clock", "1", &["op".to_string()], 3);
+    let spans = &mut request.resource_spans[0].scope_spans[0].spans;
+    spans[0].start_time_unix_nano = u64::MAX - 1_000;
+    spans[0].end_time_unix_nano = u64::MAX - 1;
+    spans[1].end_time_unix_nano = u64::MAX;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let response = client
+        .export(request)
+        .await
+        .expect("a partly usable request is OK")
+        .into_inner();
+    let partial = response.partial_success.expect("partial_success is set");
+    assert_eq!(partial.rejected_spans, 2);
+    assert!(
+        partial.error_message.contains("after 2262"),
+        "{}",
+        partial.error_message
+    );
+    wait_for_count(&daemon, "prod", "clock", "1", "spans", 1).await;
+    // The engine is alive: later data is still catalogued, and the daemon is still ready.
+    client
+        .export(spans_request("clock", "1", &["op".to_string()], 4))
+        .await
+        .expect("export");
+    wait_for_count(&daemon, "prod", "clock", "1", "spans", 5).await;
+    assert_eq!(daemon.status_of("/readyz").await, 200);
+    daemon.stop().await.expect("clean stop");
+}
+
 /// A message whose field 1 has the wrong wire type for an export request.
 #[derive(Clone, PartialEq, prost::Message)]
 struct NotAnExport {

@@ -7,7 +7,7 @@
 use canaryd_engine::{LogObservation, ResourceObservations, Severity};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 
-use super::{IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized};
+use super::{IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon};
 
 pub fn logs(request: &ExportLogsServiceRequest, options: &NormalizeOptions) -> Normalized {
     let mut out = Normalized::default();
@@ -29,6 +29,13 @@ pub fn logs(request: &ExportLogsServiceRequest, options: &NormalizeOptions) -> N
             };
             if time == 0 {
                 out.reject("log records without time_unix_nano or observed_time_unix_nano", 1);
+                continue;
+            }
+            if beyond_horizon(time) {
+                out.reject(
+                    "log records with a time after 2262-04-11 (beyond int64 nanoseconds)",
+                    1,
+                );
                 continue;
             }
             let severity = match Severity::from_number(record.severity_number) {
@@ -93,6 +100,7 @@ mod tests {
                         record(30, 0, 0, "Warning"),
                         record(40, 0, 0, "CRITICAL"),
                         record(0, 0, 17, "ERROR"),
+                        record(0, u64::MAX, 17, "ERROR"),
                     ],
                     ..ScopeLogs::default()
                 }],
@@ -100,7 +108,12 @@ mod tests {
             }],
         };
         let out = logs(&request, &NormalizeOptions::default());
-        assert_eq!((out.accepted, out.rejected), (4, 1));
+        assert_eq!((out.accepted, out.rejected), (4, 2));
+        let message = out.error_message("log records").expect("a message");
+        assert!(
+            message.contains("1 log records with a time after 2262"),
+            "{message}"
+        );
         let got: Vec<(u64, Severity)> = out.batch.resources[0]
             .logs
             .iter()

@@ -16,7 +16,9 @@ use opentelemetry_proto::tonic::metrics::v1::{
     AggregationTemporality, Metric, exponential_histogram_data_point, metric::Data, number_data_point,
 };
 
-use super::{IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, any_value_text, cut_to};
+use super::{
+    IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, any_value_text, beyond_horizon, cut_to,
+};
 
 /// `DataPointFlags.FLAG_NO_RECORDED_VALUE`: the point marks a gap, it carries no value.
 const NO_RECORDED_VALUE: u32 = 1;
@@ -84,6 +86,12 @@ fn observe_metric(
     let mut keep = |head: PointHead, value: Result<PointValue, &'static str>, out: &mut Normalized| {
         if head.time == 0 {
             return out.reject("data points without time_unix_nano", 1);
+        }
+        if beyond_horizon(head.time) {
+            return out.reject(
+                "data points with a time after 2262-04-11 (beyond int64 nanoseconds)",
+                1,
+            );
         }
         accepted += 1;
         if head.flags & NO_RECORDED_VALUE != 0 {
@@ -348,6 +356,7 @@ mod tests {
                 no_time,
                 number_point(5, f64::NAN, vec![]),
                 number_point(5, 1.0, vec![]),
+                number_point(u64::MAX, 1.0, vec![]),
             ],
         });
         let bad_histogram = Data::Histogram(Histogram {
@@ -370,7 +379,12 @@ mod tests {
             ]),
             &NormalizeOptions::default(),
         );
-        assert_eq!((out.accepted, out.rejected), (1, 4), "{:?}", out.rejections);
+        assert_eq!((out.accepted, out.rejected), (1, 5), "{:?}", out.rejections);
+        assert!(
+            out.rejections.keys().any(|r| r.contains("after 2262")),
+            "{:?}",
+            out.rejections
+        );
     }
 
     #[test]

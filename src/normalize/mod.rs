@@ -91,6 +91,16 @@ impl Normalized {
 /// The reason given when a resource has no `service.name`.
 const NO_SERVICE_NAME: &str = "from a resource without service.name";
 
+/// The latest event time accepted: `i64::MAX` nanoseconds, 2262-04-11T23:47:16Z, the end of the
+/// signed 64-bit nanosecond range that OTLP's own SDKs and the engine's arithmetic allow for.
+/// Anything later is garbage (or an attempt to overflow a clock), not telemetry.
+pub const MAX_EVENT_TIME: u64 = i64::MAX as u64;
+
+/// Whether `time` (nanoseconds since the epoch) lies beyond `MAX_EVENT_TIME`.
+fn beyond_horizon(time: u64) -> bool {
+    time > MAX_EVENT_TIME
+}
+
 /// Reads identity from resource attributes, cutting long values; `None` without `service.name`.
 struct IdentityReader<'a> {
     options: &'a NormalizeOptions,

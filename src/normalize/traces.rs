@@ -11,7 +11,10 @@ use canaryd_engine::{
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
 
-use super::{IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, cut_to, int_attr, string_attr};
+use super::{
+    IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon, cut_to, int_attr,
+    string_attr,
+};
 
 /// Attributes that name a call's downstream, in order of preference.
 const DOWNSTREAM_KEYS: [(&str, DownstreamSource); 6] = [
@@ -22,6 +25,8 @@ const DOWNSTREAM_KEYS: [(&str, DownstreamSource); 6] = [
     ("rpc.service", DownstreamSource::RpcService),
     ("messaging.system", DownstreamSource::MessagingSystem),
 ];
+
+const SPANS_BEYOND_HORIZON: &str = "spans with a time after 2262-04-11 (beyond int64 nanoseconds)";
 
 pub fn traces(request: &ExportTraceServiceRequest, options: &NormalizeOptions) -> Normalized {
     let mut out = Normalized::default();
@@ -70,6 +75,14 @@ fn observe_span(
     }
     if span.end_time_unix_nano < span.start_time_unix_nano {
         return Err("spans that end before they start");
+    }
+    if beyond_horizon(span.end_time_unix_nano)
+        || span
+            .events
+            .iter()
+            .any(|e| e.name == "exception" && beyond_horizon(e.time_unix_nano))
+    {
+        return Err(SPANS_BEYOND_HORIZON);
     }
     let time = span.end_time_unix_nano;
     let duration_ns = span.end_time_unix_nano - span.start_time_unix_nano;
@@ -291,6 +304,31 @@ mod tests {
         assert_eq!(obs.exceptions[0].exception_type, "ValueError");
         assert_eq!(obs.exceptions[0].operation, "pay");
         assert_eq!(obs.seen, Some((2_500, 3_000)));
+    }
+
+    #[test]
+    fn spans_with_times_beyond_the_horizon_are_rejected() {
+        let mut at_the_end = span("a", SpanKind::Server, true);
+        at_the_end.start_time_unix_nano = u64::MAX - 10;
+        at_the_end.end_time_unix_nano = u64::MAX;
+        let mut late_exception = span("b", SpanKind::Server, true);
+        late_exception.events = vec![Event {
+            name: "exception".into(),
+            time_unix_nano: u64::MAX - 1,
+            ..Event::default()
+        }];
+        let mut last_ok = span("c", SpanKind::Server, true);
+        last_ok.start_time_unix_nano = crate::normalize::MAX_EVENT_TIME - 1;
+        last_ok.end_time_unix_nano = crate::normalize::MAX_EVENT_TIME;
+        let out = traces(
+            &request(Some("shop"), vec![at_the_end, late_exception, last_ok]),
+            &NormalizeOptions::default(),
+        );
+        assert_eq!((out.accepted, out.rejected), (1, 2));
+        assert_eq!(out.rejections.get(SPANS_BEYOND_HORIZON), Some(&2));
+        let obs = &out.batch.resources[0];
+        assert_eq!(obs.requests.len(), 1);
+        assert!(obs.requests.iter().all(|r| r.operation == "c"));
     }
 
     #[test]

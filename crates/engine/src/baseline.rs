@@ -37,12 +37,14 @@ const MIN_SLOT_WEIGHT: f64 = 5.0;
 
 /// Hour-of-week slot (0 = Monday 00:00-01:00 UTC) of an event time.
 pub fn hour_of_week(t: EventTime) -> u16 {
-    (((t + EPOCH_WEEKDAY_OFFSET_NS) % WEEK_NS) / HOUR_NS) as u16
+    // (t + offset) mod week, without overflowing near u64::MAX.
+    (((t % WEEK_NS + EPOCH_WEEKDAY_OFFSET_NS) % WEEK_NS) / HOUR_NS) as u16
 }
 
 /// Weeks since the Monday before the epoch: tells one visit of a slot from the next.
 pub fn week_index(t: EventTime) -> u32 {
-    ((t + EPOCH_WEEKDAY_OFFSET_NS) / WEEK_NS) as u32
+    // (t + offset) / week, without overflowing near u64::MAX.
+    (t / WEEK_NS + (t % WEEK_NS + EPOCH_WEEKDAY_OFFSET_NS) / WEEK_NS) as u32
 }
 
 /// How baselines learn.
@@ -374,6 +376,13 @@ mod tests {
         assert_eq!(hour_of_week(MONDAY + 25 * HOUR_NS), 25);
         assert_eq!(hour_of_week(MONDAY + WEEK_NS - 1), 167);
         assert_eq!(week_index(MONDAY + WEEK_NS), week_index(MONDAY) + 1);
+        // Near u64::MAX: exact (as in wider arithmetic), not an overflow.
+        for t in [u64::MAX, u64::MAX - HOUR_NS, u64::MAX / 2] {
+            let shifted = u128::from(t) + u128::from(EPOCH_WEEKDAY_OFFSET_NS);
+            let week = u128::from(WEEK_NS);
+            assert_eq!(u128::from(hour_of_week(t)), shifted % week / u128::from(HOUR_NS));
+            assert_eq!(u128::from(week_index(t)), shifted / week);
+        }
     }
 
     #[test]

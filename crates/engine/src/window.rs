@@ -235,7 +235,8 @@ impl VersionWindows {
         let mut done = Vec::new();
         let window_of = |t: EventTime| t - t % config.window_ns;
         while let Some(entry) = self.buckets.first_entry() {
-            if entry.key() + config.bucket_ns > closed_until {
+            // Saturating: a bucket at the very end of time never closes rather than overflowing.
+            if entry.key().saturating_add(config.bucket_ns) > closed_until {
                 break;
             }
             let (start, bucket) = entry.remove_entry();
@@ -246,7 +247,7 @@ impl VersionWindows {
                     if let Some((w, agg, complete)) = self.rolling.take() {
                         done.push(ClosedWindow {
                             start: w,
-                            end: w + config.window_ns,
+                            end: w.saturating_add(config.window_ns),
                             aggregate: agg,
                             complete,
                         });
@@ -257,12 +258,12 @@ impl VersionWindows {
         }
         // The rolling window is complete once the watermark has passed its end.
         if let Some((w, _, _)) = &self.rolling
-            && w + config.window_ns <= closed_until
+            && w.saturating_add(config.window_ns) <= closed_until
         {
             let (w, agg, complete) = self.rolling.take().expect("just matched");
             done.push(ClosedWindow {
                 start: w,
-                end: w + config.window_ns,
+                end: w.saturating_add(config.window_ns),
                 aggregate: agg,
                 complete,
             });
@@ -353,6 +354,32 @@ mod tests {
         let mut with_late = ordered.clone();
         with_late.push(2 * S); // 27.5 s seen: buckets before 22 s are closed
         assert_eq!(check(&with_late).1, 1);
+    }
+
+    #[test]
+    fn times_at_the_end_of_the_range_do_not_overflow() {
+        let config = config();
+        let mut clock = AppClock::default();
+        let mut windows = VersionWindows::default();
+        for t in [u64::MAX - 1, u64::MAX] {
+            let closed_until = clock.closed_until;
+            windows
+                .bucket(t, closed_until, &config)
+                .expect("open")
+                .all
+                .add(1, false);
+            let until = clock.advance(t, &config);
+            // The last bucket can never end, so nothing closes; what matters is no panic.
+            assert!(windows.close(until, 0, &config).is_empty());
+        }
+        assert!(!windows.is_idle());
+        // A window whose end is past u64::MAX closes at the end of time.
+        let mut windows = VersionWindows::default();
+        let late = u64::MAX - 3 * S;
+        windows.bucket(late, 0, &config).expect("open").all.add(1, false);
+        let closed = windows.close(u64::MAX, 0, &config);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].end, u64::MAX);
     }
 
     #[test]
