@@ -5,7 +5,8 @@
 //! three listeners (a bind failure names the setting), start the engine task, the receivers and the
 //! API, then write `<data-dir>/addrs.json` and report ready.
 //! Stop (on the token): report not ready; stop the receivers, letting requests in flight finish;
-//! once their queue senders are gone the engine task drains the queue and flushes state to disk;
+//! then close the engine's queue (whoever still holds a sender): the engine task drains it and
+//! flushes state to disk;
 //! the HTTP API stops last so that health and metrics stay visible until the end. Every step has
 //! `shutdown_grace` to finish.
 
@@ -72,6 +73,9 @@ pub struct Daemon {
     grace: Duration,
     ready: Arc<AtomicBool>,
     receivers: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+    /// Closes the engine's queue: the receivers are done (or out of time), whoever still holds a
+    /// sender.
+    engine_stop: CancellationToken,
     engine_task: JoinHandle<Result<(), String>>,
     dispatcher: Arc<Dispatcher>,
     api_stop: CancellationToken,
@@ -209,12 +213,14 @@ impl Daemon {
             flush_interval: config.flush_interval,
             max_events: config.max_events,
         };
+        let engine_stop = CancellationToken::new();
         let (sender, engine_run) = pipeline::start(
             engine.clone(),
             stats.clone(),
             outputs,
             config.pipeline_queue,
             config.ingest_wait,
+            engine_stop.clone(),
         );
         let engine_task = spawn_stage("engine", shutdown.clone(), engine_run);
         let intake = Arc::new(Intake::new(
@@ -271,6 +277,7 @@ impl Daemon {
                 ("OTLP gRPC receiver", grpc_task),
                 ("OTLP/HTTP receiver", otlp_http_task),
             ],
+            engine_stop,
             engine_task,
             dispatcher,
             api_stop,
@@ -303,7 +310,10 @@ impl Daemon {
                 first_failure.get_or_insert(e);
             }
         }
-        // The receivers are gone, and with them every sender: the engine drains its queue and ends.
+        // The receivers are done, or out of time: the engine's queue takes nothing more, even from a
+        // sender that a stalled connection still holds; the engine drains what it has, flushes,
+        // and ends.
+        self.engine_stop.cancel();
         if let Err(e) = finish("engine", self.engine_task, self.grace).await {
             first_failure.get_or_insert(e);
         }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use canaryd_engine::{Batch, Engine};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::act::delivery::Dispatcher;
 use crate::events::{Event, anomaly_event};
@@ -61,14 +62,19 @@ impl BatchSender {
 }
 
 /// Creates the queue and the task that feeds the engine and flushes its state to `store` every
-/// `flush_interval`; the caller spawns the task (as a supervised stage). The task ends once every
-/// `BatchSender` is dropped and the queue is drained, after a last flush.
+/// `flush_interval`; the caller spawns the task (as a supervised stage). The task ends once the
+/// queue is closed and drained, after a last flush. It closes when every `BatchSender` is dropped,
+/// or when `stop` is cancelled: then the queue refuses new batches (a receiver waiting for room is
+/// told the engine has stopped) and what it holds is still ingested. `stop` is what lets the final
+/// flush happen even when something (a stalled request, a connection that never finishes) keeps
+/// a sender alive past the receivers' grace.
 pub fn start(
     engine: SharedEngine,
     stats: Arc<Stats>,
     outputs: Outputs,
     capacity: usize,
     wait: Duration,
+    stop: CancellationToken,
 ) -> (
     BatchSender,
     impl Future<Output = Result<(), String>> + Send + 'static,
@@ -85,8 +91,14 @@ pub fn start(
         let mut flush_timer = tokio::time::interval(flush_interval);
         flush_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush_timer.tick().await;
+        let mut closed = false;
         loop {
             tokio::select! {
+                () = stop.cancelled(), if !closed => {
+                    // No new batches; `recv` still yields the queued ones, then `None`.
+                    rx.close();
+                    closed = true;
+                }
                 batch = rx.recv() => match batch {
                     Some(batch) => {
                         stats.queue_depth.set(rx.len() as i64);

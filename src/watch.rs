@@ -107,13 +107,27 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Sen
 /// out), `None` before the first.
 type Position = Option<u64>;
 
+type Out = mpsc::Sender<Result<proto::Event, Status>>;
+
+/// Sends one item to the client; false when the client has gone or shutdown began. A client that
+/// does not read fills the channel: waiting on it must not hold up the stop (the gRPC server's
+/// drain waits for this stream to end).
+async fn send(out: &Out, item: Result<proto::Event, Status>, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => false,
+        sent = out.send(item) => sent.is_ok(),
+    }
+}
+
 /// Events stored after `after` that `filter` keeps, sent in order. Returns the new position, or
-/// `Err(None)` when the client has gone.
+/// `Err(None)` when the client has gone or shutdown began.
 async fn replay(
     store: &Store,
     filter: &Filter,
     mut after: Position,
-    out: &mpsc::Sender<Result<proto::Event, Status>>,
+    out: &Out,
+    shutdown: &CancellationToken,
 ) -> Result<Position, Option<Status>> {
     loop {
         // Read a page of everything (to advance past filtered-out events too), then filter.
@@ -123,7 +137,7 @@ async fn replay(
         let Some(last) = page.last() else { return Ok(after) };
         let last_seq = event_seq(&last.id);
         for event in page.iter().filter(|e| filter.keeps(e)) {
-            if out.send(Ok(to_proto(event))).await.is_err() {
+            if !send(out, Ok(to_proto(event)), shutdown).await {
                 return Err(None);
             }
         }
@@ -170,7 +184,7 @@ impl EventService for Watch {
                     .map_err(|e| Some(Status::internal(format!("cannot read events: {e}")))),
             };
             let mut position = match start {
-                Ok(position) => replay(&store, &filter, position, &tx).await,
+                Ok(position) => replay(&store, &filter, position, &tx, &shutdown).await,
                 Err(e) => Err(e),
             };
             loop {
@@ -178,7 +192,7 @@ impl EventService for Watch {
                     Ok(at) => at,
                     Err(status) => {
                         if let Some(status) = status {
-                            let _ = tx.send(Err(status)).await;
+                            send(&tx, Err(status), &shutdown).await;
                         }
                         return;
                     }
@@ -195,17 +209,82 @@ impl EventService for Watch {
                         if at.is_some_and(|at| seq <= at) {
                             continue;
                         }
-                        if filter.keeps(&event) && tx.send(Ok(to_proto(&event))).await.is_err() {
+                        if filter.keeps(&event) && !send(&tx, Ok(to_proto(&event)), &shutdown).await {
                             return;
                         }
                         Ok(Some(seq))
                     }
                     // Fell behind the feed: catch up from the store, then follow again.
-                    Err(broadcast::error::RecvError::Lagged(_)) => replay(&store, &filter, at, &tx).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        replay(&store, &filter, at, &tx, &shutdown).await
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::StoreCounters;
+    use tokio_stream::StreamExt;
+
+    /// An event as the store keeps it (built from JSON, so it does not depend on every field).
+    fn event(app: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "specversion": "1.0",
+            "id": "",
+            "source": "canaryd",
+            "type": "canaryd.anomaly.detected",
+            "time": "2026-01-05T00:00:00Z",
+            "subject": app,
+            "datacontenttype": "application/json",
+            "data": {
+                "env": "prod",
+                "app": app,
+                "state": "anomalous",
+                "detected_at": "2026-01-05T00:00:00Z",
+                "reasons": [],
+                "dry_run": false,
+            },
+        }))
+        .expect("an event")
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_does_not_read_does_not_hold_up_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut events: Vec<Event> = (0..300).map(|_| event("shop")).collect();
+        store.append_events(&mut events, 1_000).expect("append");
+        let shutdown = CancellationToken::new();
+        let watch = Watch::new(store, EventFeed::new(), shutdown.clone());
+        let request = proto::WatchRequest {
+            after_id: events[0].id.clone(),
+            ..proto::WatchRequest::default()
+        };
+        // The replay fills the stream's buffer and waits for the client, which reads nothing.
+        let mut stream = watch
+            .watch(Request::new(request))
+            .await
+            .expect("watch")
+            .into_inner();
+        shutdown.cancel();
+        // The watch ends at shutdown rather than going on to send everything.
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(item) = stream.next().await {
+                got.push(item.expect("an event").id);
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream ends at shutdown");
+        assert!(got.len() < 299, "stopped partway: {} events", got.len());
+        assert!(got.iter().zip(&events[1..]).all(|(a, b)| *a == b.id), "in order");
     }
 }

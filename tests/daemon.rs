@@ -230,6 +230,67 @@ async fn a_span_at_the_end_of_time_is_rejected_and_the_engine_keeps_going() {
     daemon.stop().await.expect("clean stop");
 }
 
+#[tokio::test]
+async fn a_stalled_request_does_not_keep_the_engine_from_its_last_flush() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let settings = |raw: &mut canaryd::config::RawConfig| {
+        raw.data_dir = Some(data.clone());
+        raw.shutdown_grace_secs = Some(1);
+    };
+    let daemon = TestDaemon::start_with(settings).await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    client
+        .export(spans_request("stalled", "1", &["op".to_string()], 7))
+        .await
+        .expect("export");
+    wait_for_count(&daemon, "prod", "stalled", "1", "spans", 7).await;
+
+    // A request whose body never comes: once the server asks for it (100 Continue), the handler
+    // is reading it, holding the OTLP/HTTP receiver, and with it a sender of the engine's queue.
+    let mut stalled = tokio::net::TcpStream::connect(daemon.addrs.otlp_http)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(
+            b"POST /v1/traces HTTP/1.1\r\nhost: canaryd\r\ncontent-type: application/x-protobuf\r\n\
+              content-length: 1000\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut answer = vec![0; 64];
+    let n = tokio::time::timeout(support::DEADLINE, stalled.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 100 Continue"), "{answer}");
+    stalled.write_all(&[0x0a]).await.expect("write");
+
+    let stopped = daemon.stop().await;
+    assert!(
+        matches!(
+            stopped,
+            Err(canaryd::daemon::RunError::Timeout {
+                stage: "OTLP/HTTP receiver",
+                ..
+            })
+        ),
+        "the stalled request outlives the receiver's grace: {stopped:?}"
+    );
+    // The engine flushed anyway: what it learned is there after a restart.
+    let daemon = TestDaemon::start_with(settings).await;
+    let apps = daemon.apps().await;
+    let app = find_app(&apps, "prod", "stalled").expect("the catalog was flushed");
+    assert_eq!(find_version(app, "1").expect("version")["spans"], 7);
+    drop(stalled);
+    daemon.stop().await.expect("clean stop");
+}
+
 /// A message whose field 1 has the wrong wire type for an export request.
 #[derive(Clone, PartialEq, prost::Message)]
 struct NotAnExport {
