@@ -2,9 +2,10 @@
 //!
 //! A watch first replays the stored events after the client's `after_id`, then follows new ones
 //! from the feed (a broadcast of each event as it is stored). It subscribes to the feed before it
-//! replays and skips what it already sent, so nothing falls between the two; if it falls behind
-//! the feed, it goes back to the store from the last event it sent. Either way a client that
-//! resumes from the last id it saw gets every later event once.
+//! replays and skips what it already sent, so nothing falls between the two (a watch without
+//! `after_id` reads where the history ends before it subscribes, for the same reason); if it falls
+//! behind the feed, it goes back to the store from the last event it sent. Either way a client
+//! that resumes from the last id it saw gets every later event once.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -162,31 +163,27 @@ impl EventService for Watch {
             app: request.app,
             types,
         };
-        // Subscribe first: whatever is stored from here on reaches this watch one way or the other.
-        let mut live = self.feed.tx.subscribe();
         let start = if request.after_id.is_empty() {
-            None
+            // Only what is stored from now on: where the history ends now, read before subscribing,
+            // so that an event stored in between is replayed from the store rather than taken
+            // for one from before the watch (and skipped).
+            self.store
+                .last_event_seq()
+                .map_err(|e| Status::internal(format!("cannot read events: {e}")))?
         } else {
             let seq = event_seq(&request.after_id).ok_or_else(|| {
                 Status::invalid_argument(format!("after_id: {:?} is not an event id", request.after_id))
             })?;
             Some(seq)
         };
+        // Subscribe before replaying: whatever is stored from here on reaches this watch one way
+        // or the other.
+        let mut live = self.feed.tx.subscribe();
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            let start = match start {
-                Some(seq) => Ok(Some(seq)),
-                // Only what is stored from now on.
-                None => store
-                    .last_event_seq()
-                    .map_err(|e| Some(Status::internal(format!("cannot read events: {e}")))),
-            };
-            let mut position = match start {
-                Ok(position) => replay(&store, &filter, position, &tx, &shutdown).await,
-                Err(e) => Err(e),
-            };
+            let mut position = replay(&store, &filter, start, &tx, &shutdown).await;
             loop {
                 let at = match position {
                     Ok(at) => at,
@@ -254,6 +251,32 @@ mod tests {
             },
         }))
         .expect("an event")
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_now_gets_an_event_stored_right_after_it_began() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut old = vec![event("before")];
+        store.append_events(&mut old, 1_000).expect("append");
+        let feed = EventFeed::new();
+        let watch = Watch::new(store.clone(), feed.clone(), CancellationToken::new());
+        let mut stream = watch
+            .watch(Request::new(proto::WatchRequest::default()))
+            .await
+            .expect("watch")
+            .into_inner();
+        // Stored (and published) once the watch has been answered, before its task first runs.
+        let mut new = vec![event("after")];
+        store.append_events(&mut new, 1_000).expect("append");
+        feed.publish(&new);
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("an event");
+        assert_eq!(first.id, new[0].id);
+        assert_eq!(first.app, "after");
     }
 
     #[tokio::test]
