@@ -315,6 +315,31 @@ impl Baseline {
         score
     }
 
+    /// How far `x` lies outside what this baseline has learned, in band half-widths, without
+    /// learning it: `None` while the baseline is too young. Uses the seasonal slot in memory.
+    pub fn deviation(&self, x: f64, config: &BaselineConfig) -> Option<f64> {
+        if !x.is_finite() || self.ewma.samples < config.min_samples {
+            return None;
+        }
+        let sd = self.ewma.robust_std();
+        let level = Band {
+            lo: self.ewma.mean - BAND_WIDTH * sd,
+            hi: self.ewma.mean + BAND_WIDTH * sd,
+        };
+        let mut score = level.score(x);
+        if let Some((_, summary)) = &self.slot
+            && summary.mature()
+            && let (Some(lo), Some(hi)) = (summary.past.quantile(0.05), summary.past.quantile(0.95))
+        {
+            let band = Band {
+                lo: lo - SLOT_ACCURACY * lo.abs(),
+                hi: hi + SLOT_ACCURACY * hi.abs(),
+            };
+            score = score.max(band.score(x));
+        }
+        Some(score)
+    }
+
     /// The level band a new value is judged against, once the baseline has learned anything.
     pub fn band(&self) -> Option<(f64, f64)> {
         (self.ewma.samples > 0).then(|| {

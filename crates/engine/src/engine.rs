@@ -18,6 +18,7 @@ use crate::anomaly::{AnomalyRules, Transition};
 use crate::baseline::{Baseline, BaselineConfig, Score, SlotStore};
 use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
+use crate::judge::{AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeError, Model};
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, VersionWindows, WindowConfig};
 
@@ -31,6 +32,8 @@ pub struct EngineConfig {
     pub windows: WindowConfig,
     pub baseline: BaselineConfig,
     pub anomaly: AnomalyRules,
+    /// The analysis models, by name; inferred canaries use `DEFAULT_MODEL`.
+    pub models: Vec<Model>,
 }
 
 /// Which baselines: an app's own (learned from its stable version), or one version's.
@@ -97,6 +100,8 @@ pub struct IngestReport {
     pub windows_closed: u64,
     /// Anomalies detected and resolved, in event-time order.
     pub anomalies: Vec<AnomalyChange>,
+    /// Canary analyses started, stages passed, canaries failed and promoted, in event-time order.
+    pub canary: Vec<CanaryChange>,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +120,8 @@ struct AppState {
     traffic: HashMap<Arc<str>, f64>,
     stable: Option<Arc<str>>,
     late: u64,
+    /// Windows that started before this instant were partly missed (the process was not running).
+    complete_from: EventTime,
 }
 
 /// A read-only view of one scope's baselines.
@@ -130,8 +137,7 @@ pub struct Engine {
     catalog: Catalog,
     apps: HashMap<(Arc<str>, Arc<str>), AppState>,
     slots: Box<dyn SlotStore + Send>,
-    /// Windows that started before this instant were partly missed (the process was not running).
-    complete_from: EventTime,
+    judge: Judge,
     dirty: HashSet<BaselineId>,
     /// Versions forgotten since the last `take_changes`.
     forgotten: Vec<(String, String, String)>,
@@ -150,10 +156,10 @@ impl Engine {
     pub fn new(config: EngineConfig, slots: Box<dyn SlotStore + Send>) -> Self {
         Engine {
             catalog: Catalog::new(config.limits.clone()),
+            judge: Judge::new(&config.models),
             config,
             apps: HashMap::new(),
             slots,
-            complete_from: 0,
             dirty: HashSet::new(),
             forgotten: Vec::new(),
         }
@@ -267,7 +273,7 @@ impl Engine {
 
         let until = app.clock.advance(last, config);
         if until > closed_until {
-            report.windows_closed += self.close_windows(&key, until, &mut report.anomalies);
+            report.windows_closed += self.close_windows(&key, until, report);
         }
     }
 
@@ -276,15 +282,18 @@ impl Engine {
         &mut self,
         key: &(Arc<str>, Arc<str>),
         until: EventTime,
-        anomalies: &mut Vec<AnomalyChange>,
+        report: &mut IngestReport,
     ) -> u64 {
         let config = &self.config;
         let Some(app) = self.apps.get_mut(key) else {
             return 0;
         };
+        let judged = judge_buckets(&mut self.judge, key, app, until, config, &mut report.canary);
+        let anomalies = &mut report.anomalies;
+        let complete_from = app.complete_from;
         let mut closed: Vec<(Arc<str>, ClosedWindow)> = Vec::new();
         for (version, state) in &mut app.versions {
-            for window in state.windows.close(until, self.complete_from, &config.windows) {
+            for window in state.windows.close(until, complete_from, &config.windows) {
                 closed.push((version.clone(), window));
             }
         }
@@ -312,6 +321,11 @@ impl Engine {
                 .iter()
                 .max_by(|a, b| a.1.total_cmp(b.1).then_with(|| b.0.cmp(a.0)))
                 .map(|(v, _)| v.clone());
+            // While a canary is analysed the app learns from the stable version it is judged against.
+            let learns_from = match self.judge.analysis_mut(key) {
+                Some(a) if !a.is_final() => Some(a.stable().clone()),
+                _ => app.stable.clone(),
+            };
             for (version, window) in &closed[i..group_end] {
                 if !window.complete {
                     continue;
@@ -334,13 +348,40 @@ impl Engine {
                     &features,
                     Scope::Version(version.to_string()),
                 );
-                if app.stable.as_ref() == Some(version) {
+                if learns_from.as_ref() == Some(version) {
                     let known: BTreeSet<FeatureKey> = app.baselines.keys().cloned().collect();
                     let features = window_features(&window.aggregate, window_secs, &known);
                     learner.learn(&mut app.baselines, &features, Scope::App);
                 }
             }
             i = group_end;
+        }
+        if let Some(analysis) = self.judge.analysis_mut(key) {
+            let window_s = config.windows.window_ns / 1_000_000_000;
+            let mut i = 0;
+            while i < judged.len() {
+                let start = judged[i].0;
+                while i < judged.len() && judged[i].0 == start {
+                    analysis.push(&judged[i].1, start, &judged[i].2);
+                    i += 1;
+                }
+                let now = start.saturating_add(config.windows.bucket_ns);
+                analysis.look(
+                    now,
+                    &app.baselines,
+                    &config.baseline,
+                    window_s,
+                    &mut report.canary,
+                );
+            }
+            // Also when nothing came: silence is evidence too (a canary that stopped sending).
+            analysis.look(
+                until,
+                &app.baselines,
+                &config.baseline,
+                window_s,
+                &mut report.canary,
+            );
         }
         count
     }
@@ -441,7 +482,7 @@ impl Engine {
             .collect()
     }
 
-    /// Restores persisted state. Windows that began before the latest restored clock are marked
+    /// Restores persisted state. Windows of an app that began before its restored clock are marked
     /// incomplete, since part of them was never seen.
     pub fn restore(&mut self, state: EngineState) {
         let EngineState {
@@ -456,7 +497,7 @@ impl Engine {
         for (env, app, clock) in clocks {
             let state = self.apps.entry((Arc::from(env), Arc::from(app))).or_default();
             state.clock = clock;
-            self.complete_from = self.complete_from.max(clock.max_time);
+            state.complete_from = clock.max_time;
         }
         for (id, baseline) in baselines {
             let state = self
@@ -471,6 +512,48 @@ impl Engine {
         }
     }
 
+    pub fn judge(&self) -> &Judge {
+        &self.judge
+    }
+
+    /// The app's current (or last) canary analysis.
+    pub fn analysis(&self, env: &str, app: &str) -> Option<AnalysisView> {
+        self.judge.analysis(env, app).map(|a| a.view())
+    }
+
+    /// Declares a rollout: `canary` is judged against `stable` with `model` (default `default`)
+    /// from the app's current event time, replacing any analysis the app had.
+    pub fn declare_rollout(
+        &mut self,
+        env: &str,
+        app: &str,
+        stable: &str,
+        canary: &str,
+        model: Option<&str>,
+    ) -> Result<CanaryChange, JudgeError> {
+        let key: (Arc<str>, Arc<str>) = (Arc::from(env), Arc::from(app));
+        let Some(state) = self.apps.get(&key) else {
+            return Err(JudgeError::UnknownApp {
+                env: env.to_owned(),
+                app: app.to_owned(),
+            });
+        };
+        let at = state.clock.closed_until;
+        self.judge.start(
+            key,
+            Arc::from(stable),
+            Arc::from(canary),
+            model.unwrap_or(DEFAULT_MODEL),
+            true,
+            at,
+        )
+    }
+
+    /// Ends the app's rollout analysis.
+    pub fn end_rollout(&mut self, env: &str, app: &str) -> Result<AnalysisView, JudgeError> {
+        self.judge.end(&(Arc::from(env), Arc::from(app)))
+    }
+
     /// Baselines held, and the bytes they take in memory.
     pub fn baseline_memory(&self) -> (usize, usize) {
         let all = self.apps.values().flat_map(|a| {
@@ -480,6 +563,52 @@ impl Engine {
         });
         all.fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.memory_bytes()))
     }
+}
+
+/// Starts an inferred analysis when a version other than the stable one sends requests, and
+/// copies the buckets about to close of the analysed versions, in time order, for the analysis.
+fn judge_buckets(
+    judge: &mut Judge,
+    key: &(Arc<str>, Arc<str>),
+    app: &AppState,
+    until: EventTime,
+    config: &EngineConfig,
+    changes: &mut Vec<CanaryChange>,
+) -> Vec<(EventTime, Arc<str>, crate::window::Aggregate)> {
+    let active = judge.analysis_mut(key).is_some_and(|a| !a.is_final());
+    if !active && let Some(stable) = &app.stable {
+        let first_traffic = |v: &Arc<str>| {
+            app.versions.get(v).and_then(|s| {
+                s.windows
+                    .closing(until, &config.windows)
+                    .find(|(_, agg)| agg.all.requests > 0)
+                    .map(|(start, _)| start)
+            })
+        };
+        let candidate = app
+            .versions
+            .keys()
+            .filter(|v| *v != stable && judge.wants_canary(key, v))
+            .filter_map(|v| first_traffic(v).map(|t| (t, v.clone())))
+            .min();
+        if let Some((at, canary)) = candidate
+            && let Ok(change) = judge.start(key.clone(), stable.clone(), canary, DEFAULT_MODEL, false, at)
+        {
+            changes.push(change);
+        }
+    }
+    let mut buckets = Vec::new();
+    if let Some(analysis) = judge.analysis_mut(key).filter(|a| !a.is_final()) {
+        for version in [analysis.stable(), analysis.canary()] {
+            if let Some(state) = app.versions.get(version) {
+                for (start, agg) in state.windows.closing(until, &config.windows) {
+                    buckets.push((start, version.clone(), agg.clone()));
+                }
+            }
+        }
+    }
+    buckets.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    buckets
 }
 
 /// Lets baselines learn one window's features.

@@ -13,6 +13,7 @@
 //! - `anomaly`: when a version's feature has left its own baseline, with hysteresis.
 //! - `window`: event-time buckets, the per-app watermark, and evaluation windows.
 //! - `features`: the numbers a closed window yields (rates, ratios, quantiles, shares).
+//! - `judge`: canary analyses: the checks, the sequential decision, stages and gates, models.
 //! - `engine`: `Engine`, which drives all of the above batch by batch.
 //! - `rng`: a seeded generator for synthetic data.
 
@@ -22,6 +23,7 @@ pub mod catalog;
 pub mod delta;
 mod engine;
 pub mod features;
+pub mod judge;
 pub mod observation;
 pub mod rng;
 pub mod sketch;

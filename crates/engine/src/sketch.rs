@@ -246,6 +246,35 @@ impl Sketch {
         Some(self.max)
     }
 
+    /// Weight of the values that lie above `value`'s bin: the values certainly larger than it, up
+    /// to the sketch's accuracy. Two sketches of one accuracy bin a threshold alike, so their counts
+    /// above it compare exactly.
+    pub fn count_above(&self, value: f64) -> f64 {
+        if self.count <= 0.0 || !value.is_finite() {
+            return 0.0;
+        }
+        let positive = |from: i32| -> f64 {
+            self.positive
+                .iter()
+                .filter(|(i, _)| *i > from)
+                .map(|(_, c)| c)
+                .sum()
+        };
+        if value > MIN_MAGNITUDE {
+            positive(self.index(value))
+        } else if value < -MIN_MAGNITUDE {
+            let below: f64 = self
+                .negative
+                .iter()
+                .filter(|(i, _)| *i < self.index(-value))
+                .map(|(_, c)| c)
+                .sum();
+            below + self.zero + self.positive.total()
+        } else {
+            self.positive.total()
+        }
+    }
+
     /// Bytes on the heap, for memory accounting.
     pub fn heap_bytes(&self) -> usize {
         self.positive.heap_bytes() + self.negative.heap_bytes()
@@ -255,6 +284,19 @@ impl Sketch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn count_above_counts_whole_bins_past_the_value() {
+        let mut s = Sketch::new(0.01);
+        for v in 1..=100 {
+            s.add(v as f64);
+        }
+        assert_eq!(s.count_above(50.0), 50.0);
+        assert_eq!(s.count_above(0.0), 100.0);
+        assert_eq!(s.count_above(1000.0), 0.0);
+        s.add(-5.0);
+        assert_eq!(s.count_above(-10.0), 101.0);
+    }
 
     fn exact_quantile(sorted: &[f64], q: f64) -> f64 {
         let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;

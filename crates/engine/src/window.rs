@@ -64,7 +64,7 @@ impl RequestAggregate {
         self.latency_ms.add(duration_ns as f64 / 1e6);
     }
 
-    fn merge(&mut self, other: &RequestAggregate) {
+    pub fn merge(&mut self, other: &RequestAggregate) {
         self.requests += other.requests;
         self.errors += other.errors;
         self.latency_ms.merge(&other.latency_ms);
@@ -269,6 +269,19 @@ impl VersionWindows {
             });
         }
         done
+    }
+
+    /// The buckets that `close(closed_until, ..)` would close, oldest first, without closing them.
+    pub fn closing(
+        &self,
+        closed_until: EventTime,
+        config: &WindowConfig,
+    ) -> impl Iterator<Item = (EventTime, &Aggregate)> {
+        let bucket_ns = config.bucket_ns;
+        self.buckets
+            .iter()
+            .take_while(move |(start, _)| start.saturating_add(bucket_ns) <= closed_until)
+            .map(|(start, agg)| (*start, agg))
     }
 
     /// Whether nothing is pending.

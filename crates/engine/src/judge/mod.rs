@@ -1,0 +1,726 @@
+//! Canary analysis: a new version judged against the stable one and the learned baseline, walked
+//! through its model's rollout stages.
+//!
+//! An `Analysis` starts when a canary appears (inferred: a version other than the stable one gets
+//! traffic; or declared through the rollout API). From then on the engine hands it both versions'
+//! closed 1-second buckets, and after every closed second it takes a look: each check of the model
+//! on each trailing window (`checks`), combined with hysteresis (a check fails only after
+//! `confirm_looks` failing looks in a row, unless the evidence is gross), weighed into a 0-100 score
+//! and a state, and the current stage's gates. Changes that matter come out as `CanaryChange`s:
+//! started, stage passed, failed, promoted.
+//!
+//! - `model`: the analysis models and their validation.
+//! - `stats`: exact tests for counts and proportions, chi-square, Clopper-Pearson bounds.
+//! - `checks`: the per-signal checks of one look.
+//! - `history`: each analysed version's recent buckets, for trailing windows.
+
+pub mod checks;
+pub mod history;
+pub mod model;
+pub mod stats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::baseline::{Baseline, BaselineConfig};
+use crate::features::FeatureKey;
+use crate::observation::EventTime;
+use crate::window::{Aggregate, RequestAggregate};
+pub use checks::{Check, Outcome};
+use history::History;
+pub use model::{Gate, GateMetric, Mode, Model, ModelError, Stage};
+
+const SECOND: EventTime = 1_000_000_000;
+
+/// Where an analysis stands (the contract's six states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    InsufficientData,
+    Healthy,
+    Marginal,
+    Failing,
+    Promoted,
+    RolledBack,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::InsufficientData,
+        State::Healthy,
+        State::Marginal,
+        State::Failing,
+        State::Promoted,
+        State::RolledBack,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::InsufficientData => "insufficient_data",
+            State::Healthy => "healthy",
+            State::Marginal => "marginal",
+            State::Failing => "failing",
+            State::Promoted => "promoted",
+            State::RolledBack => "rolled_back",
+        }
+    }
+
+    fn is_final(self) -> bool {
+        matches!(self, State::Promoted | State::RolledBack)
+    }
+}
+
+/// What a stage gate concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOutcome {
+    Pass,
+    Pending,
+    Fail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GateResult {
+    pub metric: GateMetric,
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+    pub value: Option<f64>,
+    /// Confidence bounds on the measured value.
+    pub lower: Option<f64>,
+    pub upper: Option<f64>,
+    pub samples: u64,
+    pub window_s: u64,
+    pub outcome: GateOutcome,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageView {
+    pub index: usize,
+    pub name: String,
+    pub weight: f64,
+}
+
+/// A snapshot of one analysis, as the API, events and `/metrics` show it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AnalysisView {
+    pub env: String,
+    pub app: String,
+    pub stable_version: String,
+    pub canary_version: String,
+    pub model: String,
+    pub mode: Mode,
+    pub declared: bool,
+    pub state: State,
+    pub score: Option<f64>,
+    pub stage: Option<StageView>,
+    pub stages: usize,
+    pub started_at: EventTime,
+    pub stage_started_at: EventTime,
+    /// When the state last changed.
+    pub since: EventTime,
+    /// End of the last second looked at.
+    pub evaluated_at: EventTime,
+    /// When the canary was found failing, if it was.
+    pub failed_at: Option<EventTime>,
+    pub canary_requests: u64,
+    pub stable_requests: u64,
+    pub checks: Vec<Check>,
+    pub gates: Vec<GateResult>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Started,
+    StagePassed,
+    Failed,
+    Promoted,
+}
+
+/// A decision worth an event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CanaryChange {
+    pub kind: ChangeKind,
+    /// Event time of the evidence that decided it.
+    pub time: EventTime,
+    /// The canary's new traffic weight (percent), for failed (0), stage passed and promoted.
+    pub weight: Option<f64>,
+    pub view: AnalysisView,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JudgeError {
+    #[error("unknown model {0:?}")]
+    UnknownModel(String),
+    #[error("unknown app {app:?} in env {env:?}")]
+    UnknownApp { env: String, app: String },
+    #[error("stable_version and canary_version are both {0:?}")]
+    SameVersion(String),
+    #[error("no rollout is declared or analysed for this app")]
+    NoRollout,
+}
+
+/// One canary under analysis.
+#[derive(Debug)]
+pub struct Analysis {
+    env: Arc<str>,
+    app: Arc<str>,
+    stable: Arc<str>,
+    canary: Arc<str>,
+    model: Arc<Model>,
+    declared: bool,
+    started_at: EventTime,
+    state: State,
+    since: EventTime,
+    stage: usize,
+    stage_started_at: EventTime,
+    /// The canary's requests since its stage started, for whole-stage gates.
+    stage_requests: RequestAggregate,
+    failed_at: Option<EventTime>,
+    last_canary_traffic: EventTime,
+    evaluated_at: EventTime,
+    /// Failing looks in a row, per check.
+    streaks: HashMap<String, u32>,
+    checks: Vec<Check>,
+    gates: Vec<GateResult>,
+    score: Option<f64>,
+    canary_history: History,
+    stable_history: History,
+    canary_requests: u64,
+    stable_requests: u64,
+}
+
+impl Analysis {
+    fn new(
+        (env, app): (Arc<str>, Arc<str>),
+        stable: Arc<str>,
+        canary: Arc<str>,
+        model: Arc<Model>,
+        declared: bool,
+        at: EventTime,
+        keep_s: u64,
+    ) -> Self {
+        Analysis {
+            env,
+            app,
+            stable,
+            canary,
+            model,
+            declared,
+            started_at: at,
+            state: State::InsufficientData,
+            since: at,
+            stage: 0,
+            stage_started_at: at,
+            stage_requests: RequestAggregate::default(),
+            failed_at: None,
+            last_canary_traffic: at,
+            evaluated_at: at,
+            streaks: HashMap::new(),
+            checks: Vec::new(),
+            gates: Vec::new(),
+            score: None,
+            canary_history: History::new(keep_s),
+            stable_history: History::new(keep_s),
+            canary_requests: 0,
+            stable_requests: 0,
+        }
+    }
+
+    pub fn stable(&self) -> &Arc<str> {
+        &self.stable
+    }
+
+    pub fn canary(&self) -> &Arc<str> {
+        &self.canary
+    }
+
+    pub fn is_final(&self) -> bool {
+        self.state.is_final()
+    }
+
+    pub fn view(&self) -> AnalysisView {
+        AnalysisView {
+            env: self.env.to_string(),
+            app: self.app.to_string(),
+            stable_version: self.stable.to_string(),
+            canary_version: self.canary.to_string(),
+            model: self.model.name.clone(),
+            mode: self.model.mode,
+            declared: self.declared,
+            state: self.state,
+            score: self.score,
+            stage: self.model.stages.get(self.stage).map(|s| StageView {
+                index: self.stage,
+                name: s.name.clone(),
+                weight: s.weight,
+            }),
+            stages: self.model.stages.len(),
+            started_at: self.started_at,
+            stage_started_at: self.stage_started_at,
+            since: self.since,
+            evaluated_at: self.evaluated_at,
+            failed_at: self.failed_at,
+            canary_requests: self.canary_requests,
+            stable_requests: self.stable_requests,
+            checks: self.checks.clone(),
+            gates: self.gates.clone(),
+        }
+    }
+
+    /// Takes a closed bucket of either version.
+    pub fn push(&mut self, version: &str, start: EventTime, bucket: &Aggregate) {
+        if self.state.is_final() || start < self.started_at {
+            return;
+        }
+        if version == &*self.canary {
+            self.canary_history.push(start, bucket);
+            self.stage_requests.merge(&bucket.all);
+            self.canary_requests += bucket.all.requests;
+            if bucket.all.requests > 0 {
+                self.last_canary_traffic = start.saturating_add(SECOND);
+            }
+        } else if version == &*self.stable {
+            self.stable_history.push(start, bucket);
+            self.stable_requests += bucket.all.requests;
+        }
+    }
+
+    /// One look at everything up to `now` (the end of the last closed second).
+    pub fn look(
+        &mut self,
+        now: EventTime,
+        baselines: &BTreeMap<FeatureKey, Baseline>,
+        baseline_config: &BaselineConfig,
+        baseline_window_s: u64,
+        changes: &mut Vec<CanaryChange>,
+    ) {
+        if self.state.is_final() || now <= self.evaluated_at && !self.checks.is_empty() {
+            return;
+        }
+        self.evaluated_at = now;
+        let model = self.model.clone();
+        let d = &model.decision;
+
+        // The trailing windows: each horizon on both versions, the stable's references, and the
+        // windows of the baseline check and of the stage's gates.
+        let horizons = &d.horizons_s;
+        let stage = model.stages.get(self.stage);
+        let gate_windows: Vec<u64> = stage
+            .map(|s| {
+                s.gates
+                    .iter()
+                    .filter(|g| g.window_s > 0)
+                    .map(|g| g.window_s)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut canary_h: Vec<u64> = horizons.clone();
+        canary_h.push(baseline_window_s);
+        canary_h.extend(&gate_windows);
+        let mut stable_h: Vec<u64> = horizons.clone();
+        stable_h.extend(horizons.iter().map(|h| (*h).max(d.reference_s)));
+        stable_h.push(baseline_window_s);
+        let canary = self.canary_history.trailing(now, &canary_h);
+        let stable = self.stable_history.trailing(now, &stable_h);
+        let n = horizons.len();
+
+        let mut per_horizon: Vec<Vec<Check>> = Vec::with_capacity(n);
+        for (i, h) in horizons.iter().enumerate() {
+            let windows = checks::Windows {
+                horizon_s: *h,
+                canary: &canary[i],
+                stable: &stable[i],
+                reference: &stable[n + i],
+            };
+            let mut out = Vec::new();
+            // The threshold depends on how many checks there are; evaluate with a provisional
+            // one, then re-judge outcomes below with the final count.
+            checks::evaluate(&model, &windows, 1.0, &mut out);
+            per_horizon.push(out);
+        }
+        let count = per_horizon.iter().map(Vec::len).max().unwrap_or(0);
+        let threshold = checks::look_threshold(d, count);
+        let mut per_horizon: Vec<Vec<Check>> = Vec::with_capacity(n);
+        for (i, h) in horizons.iter().enumerate() {
+            let windows = checks::Windows {
+                horizon_s: *h,
+                canary: &canary[i],
+                stable: &stable[i],
+                reference: &stable[n + i],
+            };
+            let mut out = Vec::new();
+            checks::evaluate(&model, &windows, threshold, &mut out);
+            per_horizon.push(out);
+        }
+
+        // One result per check: the most significant failing horizon, else the longest that
+        // could decide, else the longest.
+        let mut combined: BTreeMap<String, Check> = BTreeMap::new();
+        for check in per_horizon.into_iter().rev().flatten() {
+            let base = check
+                .id
+                .rsplit_once(':')
+                .map_or(check.id.clone(), |(b, _)| b.to_owned());
+            match combined.get(&base) {
+                None => {
+                    combined.insert(base, check);
+                }
+                Some(have) => {
+                    let better = match (check.outcome, have.outcome) {
+                        (Outcome::Fail, Outcome::Fail) => {
+                            check.p_value.unwrap_or(1.0) < have.p_value.unwrap_or(1.0)
+                        }
+                        (Outcome::Fail, _) => true,
+                        (Outcome::Pass, Outcome::InsufficientData) => true,
+                        _ => false,
+                    };
+                    if better {
+                        combined.insert(base, check);
+                    }
+                }
+            }
+        }
+        let mut baseline_checks = Vec::new();
+        checks::baseline_checks(
+            &model,
+            &canary[n],
+            &stable[2 * n],
+            baseline_window_s,
+            baselines,
+            baseline_config,
+            &mut baseline_checks,
+        );
+        for check in baseline_checks {
+            let base = check
+                .id
+                .rsplit_once(':')
+                .map_or(check.id.clone(), |(b, _)| b.to_owned());
+            combined.insert(base, check);
+        }
+
+        // Hysteresis: a failing look counts once enough of them come in a row, or at once when the
+        // evidence is gross.
+        let gross = threshold / d.gross_factor;
+        let mut checks: Vec<Check> = Vec::with_capacity(combined.len());
+        for (base, mut check) in combined {
+            if check.outcome == Outcome::Fail {
+                let streak = self.streaks.entry(base).or_default();
+                *streak += 1;
+                let is_gross = check.p_value.is_some_and(|p| p < gross);
+                if *streak < d.confirm_looks && !is_gross {
+                    check.outcome = Outcome::Marginal;
+                    check.message = format!(
+                        "{} (failing look {} of {} needed)",
+                        check.message, streak, d.confirm_looks
+                    );
+                }
+            } else {
+                self.streaks.remove(&base);
+            }
+            checks.push(check);
+        }
+        self.streaks
+            .retain(|k, _| checks.iter().any(|c| c.id.starts_with(k.as_str())));
+
+        // Gates of the current stage.
+        let mut gates = Vec::new();
+        if let Some(stage) = stage {
+            let mut wi = n + 1;
+            for gate in &stage.gates {
+                let requests = if gate.window_s > 0 {
+                    let r = &canary[wi].all;
+                    wi += 1;
+                    r
+                } else {
+                    &self.stage_requests
+                };
+                let window_s = if gate.window_s > 0 {
+                    gate.window_s
+                } else {
+                    now.saturating_sub(self.stage_started_at) / SECOND
+                };
+                gates.push(judge_gate(gate, requests, window_s, d.gate_confidence));
+            }
+        }
+
+        // Score: each group counts with its weight, at its worst check's outcome.
+        let mut groups: BTreeMap<&'static str, (f64, f64, bool)> = BTreeMap::new();
+        for c in &checks {
+            let value = match c.outcome {
+                Outcome::Pass => 1.0,
+                Outcome::Marginal => 0.5,
+                Outcome::Fail => 0.0,
+                Outcome::InsufficientData => continue,
+            };
+            let g = groups.entry(c.group).or_insert((c.weight, 1.0, c.critical));
+            g.1 = g.1.min(value);
+        }
+        let total: f64 = groups.values().map(|g| g.0).sum();
+        let score = (total > 0.0).then(|| 100.0 * groups.values().map(|g| g.0 * g.1).sum::<f64>() / total);
+        let critical_fail = checks.iter().any(|c| c.critical && c.outcome == Outcome::Fail)
+            || gates.iter().any(|g| g.outcome == GateOutcome::Fail);
+        let any_doubt = checks
+            .iter()
+            .any(|c| matches!(c.outcome, Outcome::Fail | Outcome::Marginal));
+        let critical_data = checks
+            .iter()
+            .any(|c| c.critical && c.outcome != Outcome::InsufficientData);
+        let canary_silent = now.saturating_sub(self.last_canary_traffic) >= d.rolled_back_after_s * SECOND;
+
+        let mut state = if self.failed_at.is_some() {
+            if canary_silent && model.mode == Mode::Enforce {
+                State::RolledBack
+            } else {
+                State::Failing
+            }
+        } else if critical_fail || score.is_some_and(|s| s < d.fail_score) {
+            State::Failing
+        } else if canary_silent || !critical_data && score.is_none() {
+            State::InsufficientData
+        } else if any_doubt || score.is_some_and(|s| s < d.marginal_score) {
+            State::Marginal
+        } else if critical_data {
+            State::Healthy
+        } else {
+            State::InsufficientData
+        };
+        self.checks = checks;
+        self.gates = gates;
+        self.score = score;
+
+        if state == State::Failing && self.failed_at.is_none() {
+            self.failed_at = Some(now);
+            self.set_state(state, now);
+            changes.push(CanaryChange {
+                kind: ChangeKind::Failed,
+                time: now,
+                weight: Some(0.0),
+                view: self.view(),
+            });
+            return;
+        }
+        // A stage passes once observed for its period with every gate passing and nothing in doubt.
+        if state == State::Healthy
+            && let Some(stage) = stage
+            && now.saturating_sub(self.stage_started_at) >= stage.observe_s.saturating_mul(SECOND)
+            && self.gates.iter().all(|g| g.outcome == GateOutcome::Pass)
+        {
+            let last = self.stage + 1 >= model.stages.len();
+            if last {
+                state = State::Promoted;
+                self.set_state(state, now);
+                changes.push(CanaryChange {
+                    kind: ChangeKind::Promoted,
+                    time: now,
+                    weight: Some(100.0),
+                    view: self.view(),
+                });
+                return;
+            }
+            let next = &model.stages[self.stage + 1];
+            let view_before = self.view();
+            self.stage += 1;
+            self.stage_started_at = now;
+            self.stage_requests = RequestAggregate::default();
+            self.set_state(state, now);
+            let mut view = self.view();
+            // The event tells what passed (gates included) and where the canary goes next.
+            view.gates = view_before.gates;
+            changes.push(CanaryChange {
+                kind: ChangeKind::StagePassed,
+                time: now,
+                weight: Some(next.weight),
+                view,
+            });
+            return;
+        }
+        self.set_state(state, now);
+    }
+
+    fn set_state(&mut self, state: State, now: EventTime) {
+        if self.state != state {
+            self.state = state;
+            self.since = now;
+        }
+    }
+}
+
+fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidence: f64) -> GateResult {
+    let n = requests.requests;
+    let mut result = GateResult {
+        metric: gate.metric,
+        max: gate.max,
+        min: gate.min,
+        value: None,
+        lower: None,
+        upper: None,
+        samples: n,
+        window_s,
+        outcome: GateOutcome::Pending,
+        message: String::new(),
+    };
+    if n == 0 {
+        result.message = "no canary requests yet".into();
+        return result;
+    }
+    // Every gate is a proportion: of failed requests, or of requests slower than the limit.
+    let (x, quantile) = match gate.metric {
+        GateMetric::ErrorRate | GateMetric::Availability => (requests.errors, None),
+        GateMetric::LatencyP50Ms => (0, Some(0.5)),
+        GateMetric::LatencyP95Ms => (0, Some(0.95)),
+        GateMetric::LatencyP99Ms => (0, Some(0.99)),
+    };
+    let limit = gate.max.or(gate.min).unwrap_or_default();
+    let (value, lower, upper, pass, fail) = match (gate.metric, quantile) {
+        (GateMetric::ErrorRate, _) => {
+            let (lo, hi) = stats::proportion_bounds(x, n, confidence);
+            let v = x as f64 / n as f64;
+            let (pass, fail) = match (gate.max, gate.min) {
+                (Some(max), _) => (hi <= max, lo > max),
+                (_, Some(min)) => (lo >= min, hi < min),
+                _ => (true, false),
+            };
+            (v, lo, hi, pass, fail)
+        }
+        (GateMetric::Availability, _) => {
+            let (lo, hi) = stats::proportion_bounds(x, n, confidence);
+            let (a_lo, a_hi) = (1.0 - hi, 1.0 - lo);
+            let v = 1.0 - x as f64 / n as f64;
+            let (pass, fail) = match (gate.min, gate.max) {
+                (Some(min), _) => (a_lo >= min, a_hi < min),
+                (_, Some(max)) => (a_hi <= max, a_lo > max),
+                _ => (true, false),
+            };
+            (v, a_lo, a_hi, pass, fail)
+        }
+        (_, Some(q)) => {
+            // The quantile is above the limit exactly when more than 1 - q of requests are.
+            let above = requests.latency_ms.count_above(limit).round() as u64;
+            let (lo, hi) = stats::proportion_bounds(above, n, confidence);
+            let v = requests.latency_ms.quantile(q).unwrap_or(0.0);
+            let tail = 1.0 - q;
+            let (pass, fail) = match (gate.max, gate.min) {
+                (Some(_), _) => (hi <= tail, lo > tail),
+                (_, Some(_)) => (lo >= tail, hi < tail),
+                _ => (true, false),
+            };
+            (v, lo, hi, pass, fail)
+        }
+        _ => (0.0, 0.0, 1.0, false, false),
+    };
+    result.value = Some(value);
+    result.lower = Some(lower);
+    result.upper = Some(upper);
+    let bound = if gate.max.is_some() { "at most" } else { "at least" };
+    let name = gate.metric.name();
+    if fail {
+        result.outcome = GateOutcome::Fail;
+        result.message =
+            format!("{name} {value:.5} breaks the gate ({bound} {limit}) with confidence over {n} requests");
+    } else if pass {
+        result.outcome = GateOutcome::Pass;
+        result.message = format!("{name} {value:.5} meets the gate ({bound} {limit}) over {n} requests");
+    } else {
+        result.message =
+            format!("{name} {value:.5}: {n} requests cannot yet tell whether it is {bound} {limit}");
+    }
+    result
+}
+
+/// Every analysis, and the declared rollouts.
+#[derive(Debug, Default)]
+pub struct Judge {
+    models: BTreeMap<String, Arc<Model>>,
+    analyses: HashMap<(Arc<str>, Arc<str>), Analysis>,
+    /// The stable version of each app's last analysis: a former stable still sending after a
+    /// promotion is not taken for a new canary.
+    retired: HashMap<(Arc<str>, Arc<str>), Arc<str>>,
+}
+
+/// The model every inferred analysis uses.
+pub const DEFAULT_MODEL: &str = "default";
+
+impl Judge {
+    pub fn new(models: &[Model]) -> Self {
+        Judge {
+            models: models
+                .iter()
+                .map(|m| (m.name.clone(), Arc::new(m.clone())))
+                .collect(),
+            ..Judge::default()
+        }
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Model> {
+        self.models.values().map(|m| &**m)
+    }
+
+    pub fn analysis(&self, env: &str, app: &str) -> Option<&Analysis> {
+        self.analyses.get(&(Arc::from(env), Arc::from(app)))
+    }
+
+    pub fn analyses(&self) -> impl Iterator<Item = &Analysis> {
+        self.analyses.values()
+    }
+
+    pub(crate) fn analysis_mut(&mut self, key: &(Arc<str>, Arc<str>)) -> Option<&mut Analysis> {
+        self.analyses.get_mut(key)
+    }
+
+    /// Whether `version` of this app should start an inferred analysis.
+    pub(crate) fn wants_canary(&self, key: &(Arc<str>, Arc<str>), version: &Arc<str>) -> bool {
+        if self.models.get(DEFAULT_MODEL).is_none() {
+            return false;
+        }
+        if self.retired.get(key) == Some(version) {
+            return false;
+        }
+        match self.analyses.get(key) {
+            None => true,
+            Some(a) => a.is_final() && &a.canary != version && !a.declared,
+        }
+    }
+
+    /// Starts an analysis; returns its `started` change.
+    pub(crate) fn start(
+        &mut self,
+        key: (Arc<str>, Arc<str>),
+        stable: Arc<str>,
+        canary: Arc<str>,
+        model: &str,
+        declared: bool,
+        at: EventTime,
+    ) -> Result<CanaryChange, JudgeError> {
+        if stable == canary {
+            return Err(JudgeError::SameVersion(stable.to_string()));
+        }
+        let model = self
+            .models
+            .get(model)
+            .cloned()
+            .ok_or_else(|| JudgeError::UnknownModel(model.to_owned()))?;
+        let keep = model.longest_window_s();
+        let analysis = Analysis::new(key.clone(), stable.clone(), canary, model, declared, at, keep);
+        let view = analysis.view();
+        self.analyses.insert(key.clone(), analysis);
+        self.retired.insert(key, stable);
+        Ok(CanaryChange {
+            kind: ChangeKind::Started,
+            time: at,
+            weight: None,
+            view,
+        })
+    }
+
+    /// Ends the app's analysis (the rollout API's DELETE).
+    pub(crate) fn end(&mut self, key: &(Arc<str>, Arc<str>)) -> Result<AnalysisView, JudgeError> {
+        self.analyses
+            .remove(key)
+            .map(|a| a.view())
+            .ok_or(JudgeError::NoRollout)
+    }
+}

@@ -1,0 +1,222 @@
+//! The statistical tests the checks are built from, exact where counts are small.
+//!
+//! Every test here answers one-sided "is the canary worse" questions (two-sided where a change in
+//! either direction is a fault, such as calls per request) with a p-value; `z_of` turns it into the
+//! equivalent normal deviate, which is what checks report as their statistic.
+
+use statrs::distribution::{Beta, ChiSquared, ContinuousCDF, Normal};
+use statrs::function::beta::beta_reg;
+use statrs::function::factorial::ln_binomial;
+
+/// Smallest p-value reported: below it every decision is the same and the normal deviate stays finite.
+pub const MIN_P: f64 = 1e-300;
+
+/// P(X >= k) for X ~ Binomial(n, p).
+pub fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if k > n || p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    beta_reg(k as f64, (n - k + 1) as f64, p).clamp(0.0, 1.0)
+}
+
+/// P(X <= k) for X ~ Binomial(n, p).
+pub fn binomial_at_most(k: u64, n: u64, p: f64) -> f64 {
+    if k >= n || p <= 0.0 {
+        return 1.0;
+    }
+    if p >= 1.0 {
+        return 0.0;
+    }
+    beta_reg((n - k) as f64, (k + 1) as f64, 1.0 - p).clamp(0.0, 1.0)
+}
+
+/// Fisher's exact test, one-sided: the chance that the canary, holding `n_c` of the `n_c + n_s`
+/// trials, would hold `x_c` or more of the `x_c + x_s` successes if both shared one rate.
+///
+/// Summed from `x_c` upwards with the terms' ratio recurrence, stopping once they no longer add to
+/// the sum, so that it costs tens of terms, not thousands, at the counts a second of traffic gives.
+pub fn fisher_greater(x_c: u64, n_c: u64, x_s: u64, n_s: u64) -> f64 {
+    let population = n_c + n_s;
+    let successes = x_c + x_s;
+    if population == 0 || successes == 0 || n_c == 0 {
+        return 1.0;
+    }
+    let draws = n_c;
+    let lowest = (draws + successes).saturating_sub(population);
+    let highest = draws.min(successes);
+    if x_c <= lowest {
+        return 1.0;
+    }
+    if x_c > highest {
+        return 0.0;
+    }
+    let ln_term = ln_binomial(successes, x_c) + ln_binomial(population - successes, draws - x_c)
+        - ln_binomial(population, draws);
+    let mut term = ln_term.exp();
+    let mut sum = term;
+    let mut i = x_c;
+    while i < highest {
+        let ratio = ((successes - i) as f64 * (draws - i) as f64)
+            / ((i + 1) as f64 * (population - successes - draws + i + 1) as f64);
+        term *= ratio;
+        sum += term;
+        i += 1;
+        if term <= sum * 1e-16 {
+            break;
+        }
+    }
+    sum.clamp(0.0, 1.0)
+}
+
+/// Compares two event counts per unit of exposure (calls per request, exceptions per request):
+/// given `x_c + x_s` events in all, the canary's share is Binomial with the canary's share of the
+/// exposure when both have the same rate. Returns (P(as many or more), P(as few or fewer)).
+pub fn rate_tails(x_c: f64, exposure_c: f64, x_s: f64, exposure_s: f64) -> (f64, f64) {
+    let x_c = x_c.max(0.0).round() as u64;
+    let x_s = x_s.max(0.0).round() as u64;
+    let total = x_c + x_s;
+    if exposure_c <= 0.0 || exposure_s <= 0.0 || total == 0 {
+        return (1.0, 1.0);
+    }
+    let share = exposure_c / (exposure_c + exposure_s);
+    (
+        binomial_at_least(x_c, total, share),
+        binomial_at_most(x_c, total, share),
+    )
+}
+
+/// Pearson's chi-square goodness of fit of `observed` counts to the `expected` proportions
+/// (which need not sum to exactly 1). Returns (statistic, degrees of freedom, p-value).
+pub fn chi_square_fit(observed: &[f64], expected: &[f64]) -> Option<(f64, u64, f64)> {
+    let n: f64 = observed.iter().sum();
+    let total: f64 = expected.iter().sum();
+    if observed.len() < 2 || observed.len() != expected.len() || n <= 0.0 || total <= 0.0 {
+        return None;
+    }
+    let statistic: f64 = observed
+        .iter()
+        .zip(expected)
+        .map(|(o, e)| {
+            let e = n * e / total;
+            if e > 0.0 { (o - e).powi(2) / e } else { 0.0 }
+        })
+        .sum();
+    let df = observed.len() as u64 - 1;
+    let p = ChiSquared::new(df as f64).ok()?.sf(statistic);
+    Some((statistic, df, p.clamp(0.0, 1.0)))
+}
+
+/// Clopper-Pearson bounds on a proportion from `x` successes in `n` trials, each one-sided at
+/// `confidence`: (lower, upper).
+pub fn proportion_bounds(x: u64, n: u64, confidence: f64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let x = x.min(n);
+    let alpha = (1.0 - confidence).clamp(1e-12, 0.5);
+    let lower = if x == 0 {
+        0.0
+    } else {
+        Beta::new(x as f64, (n - x + 1) as f64).map_or(0.0, |b| b.inverse_cdf(alpha))
+    };
+    let upper = if x == n {
+        1.0
+    } else {
+        Beta::new((x + 1) as f64, (n - x) as f64).map_or(1.0, |b| b.inverse_cdf(1.0 - alpha))
+    };
+    (lower, upper)
+}
+
+/// The normal deviate with upper-tail probability `p`: 0 at 0.5, about 4.75 at 1e-6.
+pub fn z_of(p: f64) -> f64 {
+    let p = p.clamp(MIN_P, 1.0);
+    let normal = Normal::standard();
+    -normal.inverse_cdf(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tolerance: f64) -> bool {
+        (a - b).abs() <= tolerance * b.abs().max(1e-300)
+    }
+
+    #[test]
+    fn binomial_tails_match_direct_sums() {
+        let (n, p) = (20u64, 0.1f64);
+        let pmf = |k: u64| (ln_binomial(n, k) + k as f64 * p.ln() + (n - k) as f64 * (1.0 - p).ln()).exp();
+        for k in 0..=n {
+            let at_least: f64 = (k..=n).map(pmf).sum();
+            let at_most: f64 = (0..=k).map(pmf).sum();
+            assert!(close(binomial_at_least(k, n, p), at_least, 1e-9), "k={k}");
+            assert!(close(binomial_at_most(k, n, p), at_most, 1e-9), "k={k}");
+        }
+    }
+
+    #[test]
+    fn fisher_matches_the_hypergeometric_sum() {
+        // 10 of 200 canary requests failed, 2 of 1800 stable ones.
+        let (x_c, n_c, x_s, n_s) = (10u64, 200u64, 2u64, 1800u64);
+        let (pop, succ) = (n_c + n_s, x_c + x_s);
+        let direct: f64 = (x_c..=succ)
+            .map(|i| (ln_binomial(succ, i) + ln_binomial(pop - succ, n_c - i) - ln_binomial(pop, n_c)).exp())
+            .sum();
+        assert!(close(fisher_greater(x_c, n_c, x_s, n_s), direct, 1e-9));
+        assert!(direct < 1e-7, "strong evidence: {direct}");
+        // The same proportion on both sides is no evidence at all.
+        assert!(fisher_greater(2, 200, 18, 1800) > 0.4);
+        assert_eq!(fisher_greater(0, 200, 18, 1800), 1.0);
+    }
+
+    #[test]
+    fn fisher_stays_fast_and_exact_on_large_counts() {
+        // Half of the requests above the stable median: what a latency check sees each second.
+        let p = fisher_greater(5_000, 10_000, 45_000, 90_000);
+        assert!(p > 0.4 && p < 0.6, "{p}");
+        let p = fisher_greater(6_000, 10_000, 45_000, 90_000);
+        assert!(p < 1e-50, "{p}");
+    }
+
+    #[test]
+    fn rate_tails_see_both_directions() {
+        // 2 calls per request on the canary against 1 on the stable.
+        let (up, down) = rate_tails(400.0, 200.0, 1800.0, 1800.0);
+        assert!(up < 1e-20 && down > 0.99);
+        let (up, down) = rate_tails(100.0, 200.0, 1800.0, 1800.0);
+        assert!(down < 1e-10 && up > 0.99);
+        assert_eq!(rate_tails(0.0, 10.0, 0.0, 10.0), (1.0, 1.0));
+    }
+
+    #[test]
+    fn chi_square_fit_tells_a_changed_mix() {
+        let (_, df, p) = chi_square_fit(&[40.0, 30.0, 30.0], &[0.4, 0.3, 0.3]).expect("fits");
+        assert_eq!(df, 2);
+        assert!(p > 0.99);
+        let (_, _, p) = chi_square_fit(&[10.0, 30.0, 60.0], &[0.4, 0.3, 0.3]).expect("fits");
+        assert!(p < 1e-10);
+        assert!(chi_square_fit(&[1.0], &[1.0]).is_none());
+    }
+
+    #[test]
+    fn proportion_bounds_hold_the_estimate() {
+        let (lo, hi) = proportion_bounds(0, 3000, 0.95);
+        assert_eq!(lo, 0.0);
+        assert!(close(hi, 3.0 / 3000.0, 0.01), "rule of three: {hi}");
+        let (lo, hi) = proportion_bounds(50, 1000, 0.95);
+        assert!(lo < 0.05 && hi > 0.05 && lo > 0.035 && hi < 0.068);
+    }
+
+    #[test]
+    fn z_of_is_the_normal_deviate() {
+        assert!(z_of(0.5).abs() < 1e-9);
+        assert!(close(z_of(1e-6), 4.753, 1e-3));
+        assert!(z_of(0.0).is_finite());
+    }
+}

@@ -1,0 +1,469 @@
+//! Canary judging, data-driven: synthetic services with a stable and a canary version, faults of
+//! each kind the checks are for, and the verdicts and their timing.
+//!
+//! A/A runs (an identical canary) must never fail, across many seeds; each fault kind must be
+//! caught, after its onset and not before; thin traffic and sparse errors must say
+//! `insufficient_data` rather than guess.
+
+use canaryd_engine::baseline::MemorySlotStore;
+use canaryd_engine::judge::model::{
+    CallGraphCheck, Checks, Decision, ErrorRatioCheck, Gate, GateMetric, LatencyCheck, MetricsCheck,
+    OperationMixCheck, RateCheck,
+};
+use canaryd_engine::judge::{ChangeKind, Mode, Model, Stage, State};
+use canaryd_engine::rng::Rng;
+use canaryd_engine::{
+    Batch, CallObservation, DownstreamSource, Engine, EngineConfig, ExceptionObservation, Identity,
+    MetricPoint, PointValue, RequestObservation, ResourceObservations, SeriesKey, SpanId, Temporality,
+    TraceId,
+};
+
+const S: u64 = 1_000_000_000;
+/// 2026-01-05T00:00:00Z, a Monday.
+const START: u64 = 1_767_571_200 * S;
+
+fn model(stages: Vec<Stage>) -> Model {
+    Model {
+        name: "default".into(),
+        description: String::new(),
+        mode: Mode::Enforce,
+        decision: Decision::default(),
+        checks: Checks {
+            error_ratio: Some(ErrorRatioCheck::default()),
+            latency: Some(LatencyCheck::default()),
+            operation_mix: Some(OperationMixCheck::default()),
+            call_graph: Some(CallGraphCheck::default()),
+            exceptions: Some(RateCheck::default()),
+            error_logs: Some(RateCheck::default()),
+            metrics: Some(MetricsCheck::default()),
+            baseline: None,
+        },
+        stages,
+    }
+}
+
+fn long_stage() -> Vec<Stage> {
+    vec![Stage {
+        name: "observe".into(),
+        weight: 10.0,
+        observe_s: 100_000,
+        gates: vec![],
+    }]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    None,
+    ErrorRate(f64),
+    LatencyFactor(f64),
+    /// Multiplies the weight of the first operation.
+    OpMix(f64),
+    /// Every request of the canary also calls a new downstream.
+    NewEdge,
+    /// The canary stops calling the first operation's downstream.
+    VanishedEdge,
+    /// A fraction of canary requests throws a new exception type.
+    NewException(f64),
+    /// Multiplies the canary's orders counter increments.
+    Metric(f64),
+}
+
+struct Service {
+    seed: u64,
+    rps: f64,
+    canary_share: f64,
+    warmup_s: u64,
+    duration_s: u64,
+    fault_at_s: u64,
+    fault: Fault,
+    base_error: f64,
+}
+
+impl Service {
+    fn new(seed: u64, fault: Fault) -> Self {
+        Service {
+            seed,
+            rps: 200.0,
+            canary_share: 0.1,
+            warmup_s: 240,
+            duration_s: 300,
+            fault_at_s: 60,
+            fault,
+            base_error: 0.001,
+        }
+    }
+}
+
+/// (name, weight, median latency ms, downstream)
+const OPS: [(&str, f64, f64, &str); 4] = [
+    ("GET /api/products", 50.0, 28.0, "catalog-db"),
+    ("GET /api/cart", 25.0, 22.0, "redis"),
+    ("POST /api/orders", 15.0, 140.0, "payments"),
+    ("GET /api/orders/{id}", 10.0, 30.0, "orders-db"),
+];
+
+fn poisson(rng: &mut Rng, mean: f64) -> u64 {
+    // Knuth's method; means here are at most a few hundred, split to keep exp() in range.
+    let mut left = mean;
+    let mut n = 0;
+    while left > 0.0 {
+        let step = left.min(30.0);
+        left -= step;
+        let limit = (-step).exp();
+        let mut p = 1.0;
+        loop {
+            p *= rng.unit();
+            if p <= limit {
+                break;
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+fn normal(rng: &mut Rng) -> f64 {
+    let (u, v) = (rng.unit().max(1e-12), rng.unit());
+    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+}
+
+/// The outcome of one run: every canary change, and the analysis at the end.
+struct Run {
+    changes: Vec<(ChangeKind, u64)>,
+    state: State,
+    fault_onset: u64,
+    failing_checks: Vec<String>,
+    passing_checks: Vec<String>,
+}
+
+impl Run {
+    fn failed_at(&self) -> Option<u64> {
+        self.changes
+            .iter()
+            .find(|(k, _)| *k == ChangeKind::Failed)
+            .map(|(_, t)| *t)
+    }
+
+    /// Event-time seconds from the fault's onset to the failure.
+    fn delay_s(&self) -> Option<f64> {
+        self.failed_at()
+            .map(|t| (t as f64 - self.fault_onset as f64) / S as f64)
+    }
+}
+
+fn run(service: &Service, model: Model) -> Run {
+    let config = EngineConfig {
+        models: vec![model],
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(config, Box::new(MemorySlotStore::default()));
+    let mut rng = Rng::new(service.seed);
+    let total_s = service.warmup_s + service.duration_s;
+    let onset = START + (service.warmup_s + service.fault_at_s) * S;
+    let mut changes = Vec::new();
+    let mut orders = [0.0f64; 2];
+    // Batches of 5 s of event time, as an SDK's batch processor would send them.
+    for chunk in (0..total_s).step_by(5) {
+        let mut resources = [
+            ResourceObservations::new(Identity::new("prod", "shop", "1.0.0")),
+            ResourceObservations::new(Identity::new("prod", "shop", "1.1.0")),
+        ];
+        for second in chunk..(chunk + 5).min(total_s) {
+            let t0 = START + second * S;
+            let canary_live = second >= service.warmup_s;
+            let faulty = t0 >= onset;
+            let n = poisson(&mut rng, service.rps);
+            for _ in 0..n {
+                let time = t0 + rng.below(S);
+                let is_canary = canary_live && rng.unit() < service.canary_share;
+                let fault = if is_canary && faulty {
+                    service.fault
+                } else {
+                    Fault::None
+                };
+                let weights: Vec<f64> = OPS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, op)| match fault {
+                        Fault::OpMix(f) if i == 0 => op.1 * f,
+                        _ => op.1,
+                    })
+                    .collect();
+                let mut pick = rng.unit() * weights.iter().sum::<f64>();
+                let mut op = 0;
+                while op + 1 < OPS.len() && pick >= weights[op] {
+                    pick -= weights[op];
+                    op += 1;
+                }
+                let (name, _, median, downstream) = OPS[op];
+                let mut latency = median * (0.4 * normal(&mut rng)).exp();
+                if let Fault::LatencyFactor(f) = fault {
+                    latency *= f;
+                }
+                let error_p = match fault {
+                    Fault::ErrorRate(p) => p,
+                    _ => service.base_error,
+                };
+                let error = rng.unit() < error_p;
+                let r = &mut resources[usize::from(is_canary)];
+                r.spans += 1;
+                r.saw(time);
+                r.requests.push(RequestObservation {
+                    operation: name.into(),
+                    time,
+                    duration_ns: (latency * 1e6) as u64,
+                    error,
+                    trace_id: TraceId::default(),
+                    span_id: SpanId::default(),
+                });
+                let call = |downstream: &str| CallObservation {
+                    downstream: downstream.into(),
+                    source: DownstreamSource::PeerService,
+                    time,
+                    duration_ns: 1_000_000,
+                    error: false,
+                    trace_id: TraceId::default(),
+                };
+                if !(fault == Fault::VanishedEdge && op == 0) {
+                    r.calls.push(call(downstream));
+                }
+                if fault == Fault::NewEdge {
+                    r.calls.push(call("fraud-check"));
+                }
+                if let Fault::NewException(p) = fault
+                    && rng.unit() < p
+                {
+                    r.exceptions.push(ExceptionObservation {
+                        exception_type: "java.lang.NullPointerException".into(),
+                        operation: name.into(),
+                        time,
+                    });
+                }
+                if op == 2 && !error {
+                    let factor = match fault {
+                        Fault::Metric(f) => f,
+                        _ => 1.0,
+                    };
+                    orders[usize::from(is_canary)] += if rng.unit() < 0.98 * factor.min(1.0) {
+                        factor.max(1.0).round()
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            // A cumulative orders counter per version, every 10 s.
+            if second % 10 == 9 {
+                for (v, r) in resources.iter_mut().enumerate() {
+                    if v == 1 && !canary_live {
+                        continue;
+                    }
+                    let time = t0 + S - 1;
+                    r.saw(time);
+                    r.metric_points.push(MetricPoint {
+                        series: SeriesKey {
+                            name: "orders.completed".into(),
+                            attributes: vec![],
+                        },
+                        start_time: START,
+                        time,
+                        value: PointValue::Sum {
+                            temporality: Temporality::Cumulative,
+                            monotonic: true,
+                            value: orders[v],
+                        },
+                    });
+                }
+            }
+        }
+        let batch = Batch {
+            resources: resources.into_iter().filter(|r| r.seen.is_some()).collect(),
+        };
+        let report = engine.ingest(&batch);
+        changes.extend(report.canary.iter().map(|c| (c.kind, c.time)));
+    }
+    let view = engine.analysis("prod", "shop");
+    Run {
+        changes,
+        state: view.as_ref().map_or(State::InsufficientData, |v| v.state),
+        fault_onset: onset,
+        failing_checks: view
+            .map(|v| {
+                v.checks
+                    .iter()
+                    .filter(|c| c.outcome == canaryd_engine::judge::Outcome::Fail)
+                    .map(|c| c.feature.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        passing_checks: engine
+            .analysis("prod", "shop")
+            .map(|v| {
+                v.checks
+                    .iter()
+                    .filter(|c| c.outcome == canaryd_engine::judge::Outcome::Pass)
+                    .map(|c| format!("{}: {}", c.id, c.message))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+#[test]
+fn an_identical_canary_never_fails() {
+    for seed in 0..12 {
+        let r = run(&Service::new(seed, Fault::None), model(long_stage()));
+        assert!(
+            r.failed_at().is_none(),
+            "seed {seed}: A/A failed: {:?} {:?}",
+            r.changes,
+            r.failing_checks
+        );
+        assert_eq!(r.changes.first().map(|c| c.0), Some(ChangeKind::Started));
+        assert!(
+            matches!(r.state, State::Healthy | State::Marginal),
+            "seed {seed}: {:?}",
+            r.state
+        );
+    }
+}
+
+/// Runs a fault on a few seeds; returns the worst event-time delay, after checking every run
+/// failed, not before the onset, and names `feature` among the failing checks.
+fn caught(fault: Fault, feature: &str, within_s: f64) -> f64 {
+    let mut worst: f64 = 0.0;
+    for seed in 100..103 {
+        let r = run(&Service::new(seed, fault), model(long_stage()));
+        let delay = r
+            .delay_s()
+            .unwrap_or_else(|| panic!("{fault:?} seed {seed} not caught: {:?}", r.changes));
+        assert!(
+            delay >= 0.0,
+            "{fault:?} seed {seed}: failed {delay} s before the onset"
+        );
+        assert!(
+            delay <= within_s,
+            "{fault:?} seed {seed}: took {delay} s, wanted {within_s}"
+        );
+        assert!(
+            r.failing_checks.iter().any(|f| f.starts_with(feature)),
+            "{fault:?} seed {seed}: failing checks {:?} do not name {feature}",
+            r.failing_checks
+        );
+        worst = worst.max(delay);
+    }
+    worst
+}
+
+#[test]
+fn an_error_jump_fails_within_seconds() {
+    caught(Fault::ErrorRate(0.05), "error_ratio", 10.0);
+}
+
+#[test]
+fn doubled_latency_fails_within_seconds() {
+    caught(Fault::LatencyFactor(2.0), "latency_p", 10.0);
+}
+
+#[test]
+fn a_changed_operation_mix_fails() {
+    // The first operation's share grows from 50% to 80%.
+    caught(Fault::OpMix(4.0), "operation_share", 60.0);
+}
+
+#[test]
+fn call_graph_changes_fail() {
+    caught(Fault::NewEdge, "calls_per_request[fraud-check]", 30.0);
+    caught(Fault::VanishedEdge, "calls_per_request[catalog-db]", 30.0);
+}
+
+#[test]
+fn a_new_exception_type_fails() {
+    caught(Fault::NewException(0.05), "exception_rate", 60.0);
+}
+
+#[test]
+fn a_drop_in_business_metric_fails() {
+    caught(Fault::Metric(0.4), "metric_rate[orders.completed]", 200.0);
+}
+
+#[test]
+fn thin_traffic_is_insufficient_data_not_a_verdict() {
+    // One canary request every ten seconds: no window holds enough to decide anything, even with
+    // a fault.
+    let mut s = Service::new(7, Fault::ErrorRate(0.05));
+    s.rps = 5.0;
+    s.canary_share = 0.02;
+    let r = run(&s, model(long_stage()));
+    assert!(r.failed_at().is_none(), "{:?}", r.changes);
+    assert_eq!(r.state, State::InsufficientData);
+}
+
+#[test]
+fn sparse_errors_are_insufficient_data() {
+    // Plenty of requests but errors so rare that a doubling cannot show.
+    let mut s = Service::new(8, Fault::None);
+    s.rps = 20.0;
+    s.base_error = 0.0;
+    let mut m = model(long_stage());
+    m.checks.latency = None;
+    m.checks.operation_mix = None;
+    m.checks.call_graph = None;
+    m.checks.metrics = None;
+    m.checks.exceptions = None;
+    m.checks.error_logs = None;
+    let r = run(&s, m);
+    assert!(r.failed_at().is_none());
+    assert_eq!(r.state, State::InsufficientData, "{:?}", r.passing_checks);
+}
+
+#[test]
+fn stages_advance_and_promote_a_healthy_canary() {
+    let gate = |max| Gate {
+        metric: GateMetric::ErrorRate,
+        max: Some(max),
+        min: None,
+        window_s: 0,
+    };
+    let stages = vec![
+        Stage {
+            name: "10%".into(),
+            weight: 10.0,
+            observe_s: 60,
+            gates: vec![gate(0.02)],
+        },
+        Stage {
+            name: "50%".into(),
+            weight: 50.0,
+            observe_s: 60,
+            gates: vec![gate(0.02)],
+        },
+    ];
+    let r = run(&Service::new(9, Fault::None), model(stages));
+    let kinds: Vec<ChangeKind> = r.changes.iter().map(|c| c.0).collect();
+    assert_eq!(
+        kinds,
+        vec![ChangeKind::Started, ChangeKind::StagePassed, ChangeKind::Promoted]
+    );
+    assert_eq!(r.state, State::Promoted);
+}
+
+#[test]
+fn a_broken_gate_fails_the_canary() {
+    // "5xx over 5% for 5 minutes" as a gate, and a canary at 20% errors.
+    let stages = vec![Stage {
+        name: "all".into(),
+        weight: 10.0,
+        observe_s: 100_000,
+        gates: vec![Gate {
+            metric: GateMetric::ErrorRate,
+            max: Some(0.05),
+            min: None,
+            window_s: 300,
+        }],
+    }];
+    let mut m = model(stages);
+    m.checks = Checks::default();
+    let r = run(&Service::new(10, Fault::ErrorRate(0.2)), m);
+    let delay = r.delay_s().expect("the gate fails the canary");
+    assert!(delay >= 0.0 && delay < 60.0, "{delay}");
+}
