@@ -6,7 +6,7 @@
 //! API, then write `<data-dir>/addrs.json` and report ready.
 //! Stop (on the token): report not ready; stop the receivers, letting requests in flight finish;
 //! then close the engine's queue (whoever still holds a sender): the engine task drains it and
-//! flushes state to disk;
+//! flushes state to disk; then the webhook delivery workers stop (they deliver until then);
 //! the HTTP API stops last so that health and metrics stay visible until the end. Every step has
 //! `shutdown_grace` to finish.
 
@@ -77,6 +77,8 @@ pub struct Daemon {
     /// sender.
     engine_stop: CancellationToken,
     engine_task: JoinHandle<Result<(), String>>,
+    /// Stops the delivery workers (and any started later), once the engine has drained.
+    delivery_stop: CancellationToken,
     dispatcher: Arc<Dispatcher>,
     api_stop: CancellationToken,
     api_task: JoinHandle<Result<(), String>>,
@@ -198,11 +200,13 @@ impl Daemon {
             http: local_addr("http_addr", config.http_addr, &http_listener)?,
         };
         let shutdown = CancellationToken::new();
+        // Not a child of `shutdown`: delivery goes on while the receivers and the engine drain.
+        let delivery_stop = CancellationToken::new();
         let dispatcher = Dispatcher::new(
             store.clone(),
             stats.clone(),
             config.delivery.clone(),
-            shutdown.child_token(),
+            delivery_stop.clone(),
         );
         dispatcher.sync();
         let feed = EventFeed::new();
@@ -279,6 +283,7 @@ impl Daemon {
             ],
             engine_stop,
             engine_task,
+            delivery_stop,
             dispatcher,
             api_stop,
             api_task,
@@ -317,7 +322,9 @@ impl Daemon {
         if let Err(e) = finish("engine", self.engine_task, self.grace).await {
             first_failure.get_or_insert(e);
         }
-        // What is still in the outbox is durable and goes out after the next start.
+        // Only now: the engine's last events were stored with their deliveries. What is still in
+        // the outbox is durable and goes out after the next start.
+        self.delivery_stop.cancel();
         if tokio::time::timeout(self.grace, self.dispatcher.stop())
             .await
             .is_err()

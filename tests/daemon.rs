@@ -230,28 +230,12 @@ async fn a_span_at_the_end_of_time_is_rejected_and_the_engine_keeps_going() {
     daemon.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn a_stalled_request_does_not_keep_the_engine_from_its_last_flush() {
+/// Starts an OTLP/HTTP request whose body never comes. Returns once the server has asked for the
+/// body (100 Continue): its handler is then reading it, holding the OTLP/HTTP receiver open (and
+/// with it a sender of the engine's queue) until the connection goes.
+async fn stall_an_otlp_http_request(daemon: &TestDaemon) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let settings = |raw: &mut canaryd::config::RawConfig| {
-        raw.data_dir = Some(data.clone());
-        raw.shutdown_grace_secs = Some(1);
-    };
-    let daemon = TestDaemon::start_with(settings).await;
-    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
-        .await
-        .expect("connect");
-    client
-        .export(spans_request("stalled", "1", &["op".to_string()], 7))
-        .await
-        .expect("export");
-    wait_for_count(&daemon, "prod", "stalled", "1", "spans", 7).await;
-
-    // A request whose body never comes: once the server asks for it (100 Continue), the handler
-    // is reading it, holding the OTLP/HTTP receiver, and with it a sender of the engine's queue.
     let mut stalled = tokio::net::TcpStream::connect(daemon.addrs.otlp_http)
         .await
         .expect("connect");
@@ -270,6 +254,28 @@ async fn a_stalled_request_does_not_keep_the_engine_from_its_last_flush() {
     let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
     assert!(answer.starts_with("HTTP/1.1 100 Continue"), "{answer}");
     stalled.write_all(&[0x0a]).await.expect("write");
+    stalled
+}
+
+#[tokio::test]
+async fn a_stalled_request_does_not_keep_the_engine_from_its_last_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let settings = |raw: &mut canaryd::config::RawConfig| {
+        raw.data_dir = Some(data.clone());
+        raw.shutdown_grace_secs = Some(1);
+    };
+    let daemon = TestDaemon::start_with(settings).await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    client
+        .export(spans_request("stalled", "1", &["op".to_string()], 7))
+        .await
+        .expect("export");
+    wait_for_count(&daemon, "prod", "stalled", "1", "spans", 7).await;
+
+    let stalled = stall_an_otlp_http_request(&daemon).await;
 
     let stopped = daemon.stop().await;
     assert!(
@@ -1416,6 +1422,50 @@ async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
             .all(|s| s.get("secret").is_none())
     );
     assert_eq!(gone.received().len(), 1, "nothing is sent after 410");
+}
+
+#[tokio::test]
+async fn deliveries_go_on_while_the_receivers_and_the_engine_drain() {
+    // A stalled request holds the receivers' step of the stop for its whole grace.
+    let daemon = TestDaemon::start_with(|raw| raw.shutdown_grace_secs = Some(5)).await;
+    let receiver = support::Receiver::start(support::ReceiverMode::Fail(503)).await;
+    subscribe(&daemon, &receiver.url, None).await;
+    drive_an_anomaly(&daemon).await;
+    let ids = event_ids(&daemon, 2).await;
+    eventually("a refused first attempt", || async {
+        if receiver.received().is_empty() {
+            Err("no attempt yet".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let stalled = stall_an_otlp_http_request(&daemon).await;
+    // The receiver comes back just as the stop begins; its retries are within a second or two.
+    receiver.set_mode(support::ReceiverMode::Accept);
+    let stopping = tokio::spawn(daemon.stop());
+    eventually("the events delivered during the stop", || async {
+        let got = receiver.accepted_ids();
+        if got.len() >= ids.len() {
+            Ok(())
+        } else {
+            Err(format!("{} of {}", got.len(), ids.len()))
+        }
+    })
+    .await;
+    assert_eq!(receiver.accepted_ids()[..ids.len()], ids[..], "in order");
+    let stopped = stopping.await.expect("the stop does not panic");
+    assert!(
+        matches!(
+            stopped,
+            Err(canaryd::daemon::RunError::Timeout {
+                stage: "OTLP/HTTP receiver",
+                ..
+            })
+        ),
+        "{stopped:?}"
+    );
+    drop(stalled);
 }
 
 #[tokio::test]
