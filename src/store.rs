@@ -172,12 +172,30 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes clocks, apps and baselines (atomically per tree).
+    /// Writes clocks, apps and baselines (atomically per tree). Forgotten versions go first: a
+    /// version forgotten and seen again since the last write has new baselines in `state`, which
+    /// must outlive the deletion of the old ones.
     pub fn write(&self, state: &EngineState) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "write",
             source,
         };
+        for (env, app, version) in &state.forgotten_versions {
+            self.forget_version(env, app, version).map_err(io)?;
+        }
+        // The engine saved the current slots of `state`'s baselines before handing it over, so
+        // the deletion just took those of a version that came back; they are saved again.
+        if !state.forgotten_versions.is_empty() {
+            let mut slots = self.slot_store();
+            for (id, baseline) in &state.baselines {
+                let forgotten = state.forgotten_versions.iter().any(|(env, app, version)| {
+                    *env == id.env && *app == id.app && id.scope == Scope::Version(version.clone())
+                });
+                if forgotten {
+                    baseline.save_slot(&id.series_name(), &mut slots);
+                }
+            }
+        }
         let mut batch = sled::Batch::default();
         for (env, app, clock) in &state.clocks {
             batch.insert(encode(&(env, app)), encode(clock));
@@ -193,9 +211,6 @@ impl Store {
             batch.insert(encode(id), encode(baseline));
         }
         self.baselines.apply_batch(batch).map_err(io)?;
-        for (env, app, version) in &state.forgotten_versions {
-            self.forget_version(env, app, version).map_err(io)?;
-        }
         let written = state.clocks.len() + state.apps.len() + state.baselines.len();
         self.counters.records_written.inc_by(written as u64);
         Ok(())
@@ -608,6 +623,47 @@ mod tests {
             "v10 shares v1's prefix as text, not as a record key"
         );
         assert_eq!(store.slots.len(), 1);
+    }
+
+    #[test]
+    fn a_version_forgotten_and_seen_again_keeps_its_new_baselines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut slots = store.slot_store();
+        let back = id(Scope::Version("v1".into()));
+        let series = back.series_name();
+        let learn = |value: f64, slots: &mut SledSlots| {
+            let mut baseline = Baseline::default();
+            baseline.observe(
+                &series,
+                value,
+                1_767_571_200_000_000_000,
+                &BaselineConfig::default(),
+                slots,
+            );
+            baseline
+        };
+        let old = learn(1.0, &mut slots);
+        old.save_slot(&series, &mut slots);
+        store
+            .write(&EngineState {
+                baselines: vec![(back.clone(), old)],
+                ..EngineState::default()
+            })
+            .expect("write");
+        // Evicted, then back within one flush: the engine saved the new slot as it took changes.
+        let new = learn(7.0, &mut slots);
+        new.save_slot(&series, &mut slots);
+        store
+            .write(&EngineState {
+                baselines: vec![(back.clone(), new.clone())],
+                forgotten_versions: vec![("prod".into(), "shop".into(), "v1".into())],
+                ..EngineState::default()
+            })
+            .expect("write");
+        assert_eq!(store.load().expect("load").baselines, vec![(back, new.clone())]);
+        let (slot, summary) = new.slot.clone().expect("a slot");
+        assert_eq!(store.slot_store().load(&series, slot), Some(summary));
     }
 
     #[test]
