@@ -133,7 +133,9 @@ pub struct Outputs {
 }
 
 /// Feeds one batch to the engine, and stores the events its decisions make (with their
-/// deliveries). Returns the events stored.
+/// deliveries) together with the engine's changed state, in one flush: the anomaly state that
+/// made an event is durable with it, so a crash cannot make the same transition fire twice.
+/// Returns the events stored.
 fn ingest(
     engine: &SharedEngine,
     stats: &Stats,
@@ -141,7 +143,7 @@ fn ingest(
     store: &Store,
     max_events: usize,
 ) -> Vec<Event> {
-    let (report, apps, mut events) = {
+    let (report, apps, mut events, changes) = {
         let mut engine = engine.lock();
         let report = engine.ingest(batch);
         let rules = &engine.config().anomaly;
@@ -153,11 +155,13 @@ fn ingest(
                 anomaly_event(change, stable.and_then(|v| v.stable_version), rules)
             })
             .collect();
-        (report, engine.catalog().app_count(), events)
+        let changes = (!events.is_empty()).then(|| engine.take_changes());
+        (report, engine.catalog().app_count(), events, changes)
     };
-    if !events.is_empty() {
-        match store.append_events(&mut events, max_events) {
+    if let Some(changes) = changes {
+        match store.write_with_events(&changes, &mut events, max_events) {
             Ok(()) => {
+                stats.flushes.inc();
                 for event in &events {
                     stats.event(event.event_type);
                     let reason = event.data.reasons.first().map_or("", |r| r.message.as_str());
@@ -166,6 +170,7 @@ fn ingest(
             }
             Err(e) => {
                 stats.event_errors.inc();
+                stats.flush_errors.inc();
                 tracing::error!(error = %e, events = events.len(), "cannot store events");
                 events.clear();
             }
@@ -206,4 +211,90 @@ fn flush(engine: &SharedEngine, store: &Store, stats: &Stats) {
     }
     stats.store_disk_bytes.set(store.size_on_disk() as i64);
     stats.outbox_depth.set(store.outbox_depth() as i64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventType;
+    use crate::normalize::{self, NormalizeOptions};
+    use crate::store::StoreCounters;
+    use crate::testdata::{self, EPOCH_NS, TraceShape};
+    use canaryd_engine::EngineConfig;
+
+    /// One app's traffic from `start_ns`, a request a second: `exports` batches of 512 spans,
+    /// failing at `error_rate`. Returns them and the event time after the last.
+    fn traffic(start_ns: u64, exports: u64, error_rate: f64) -> (Vec<Batch>, u64) {
+        let mut shape = TraceShape {
+            apps: 1,
+            versions_per_app: 1,
+            request_gap_ns: 1_000_000_000,
+            error_rate,
+            start_ns,
+            ..TraceShape::default()
+        };
+        let mut batches = Vec::new();
+        for seed in 0..exports {
+            let request = testdata::trace_request(&shape, seed + start_ns);
+            let last_end = request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+                .map(|s| s.end_time_unix_nano)
+                .max()
+                .expect("spans");
+            shape.start_ns = last_end + 1;
+            batches.push(normalize::traces(&request, &NormalizeOptions::default()).batch);
+        }
+        (batches, shape.start_ns)
+    }
+
+    /// An engine as a (re)start makes it: restored from what the store holds.
+    fn engine_on(store: &Store) -> SharedEngine {
+        let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
+        engine.restore(store.load().expect("load"));
+        SharedEngine::new(engine)
+    }
+
+    #[test]
+    fn a_crash_right_after_an_event_restarts_with_the_anomaly_that_made_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let stats = Stats::new();
+        let engine = engine_on(&store);
+        let (steady, fault_start) = traffic(EPOCH_NS, 15, 0.01);
+        let (fault, _) = traffic(fault_start, 6, 0.5);
+        let mut detected = None;
+        for (i, batch) in steady.iter().chain(&fault).enumerate() {
+            // The flush interval: every few batches.
+            if i % 4 == 3 {
+                flush(&engine, &store, &stats);
+            }
+            let events = ingest(&engine, &stats, batch, &store, 1_000);
+            detected = events
+                .into_iter()
+                .find(|e| e.event_type == EventType::AnomalyDetected);
+            if detected.is_some() {
+                break;
+            }
+        }
+        let detected = detected.expect("the fault is detected");
+        let feature = &detected.data.reasons[0].feature;
+        let version = detected.data.version.as_deref().expect("a version's anomaly");
+        // kill -9 here, before the next flush: a restart finds what the store holds. The anomaly
+        // is open there, as it was when the event was stored, so the same transition cannot fire
+        // again (and the fault is learned at the anomalous rate, not absorbed).
+        let restarted = engine_on(&store);
+        let restarted = restarted.lock();
+        let view = restarted
+            .baselines(&detected.data.env, &detected.data.app, Some(version))
+            .expect("the version's baselines are restored");
+        let (_, baseline) = view
+            .baselines
+            .iter()
+            .find(|(key, _)| key.subject.is_empty() && key.feature.name() == feature)
+            .expect("the baseline behind the event");
+        assert!(baseline.anomaly.active, "{:?}", baseline.anomaly);
+    }
 }

@@ -246,6 +246,26 @@ impl Store {
     /// Stores events, giving each its id (in order), and makes them durable before returning:
     /// an event is emitted once this returns. Beyond `max_events`, the oldest are dropped.
     pub fn append_events(&self, events: &mut [Event], max_events: usize) -> Result<(), StoreError> {
+        self.put_events(events, max_events)?;
+        self.flush()
+    }
+
+    /// Writes the engine state that made `events`, then stores the events as `append_events` does,
+    /// and makes both durable in one flush: after a crash, the decisions behind a stored event are
+    /// never older than the event (which would make them fire again).
+    pub fn write_with_events(
+        &self,
+        state: &EngineState,
+        events: &mut [Event],
+        max_events: usize,
+    ) -> Result<(), StoreError> {
+        self.write(state)?;
+        self.put_events(events, max_events)?;
+        self.flush()
+    }
+
+    /// `append_events` but for the flush.
+    fn put_events(&self, events: &mut [Event], max_events: usize) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "append events",
             source,
@@ -275,7 +295,7 @@ impl Store {
             }
             self.history.apply_batch(old).map_err(io)?;
         }
-        self.flush()
+        Ok(())
     }
 
     /// The sequence number of the newest stored event.
