@@ -5,15 +5,20 @@
 //! (the seasonal hour-of-week summaries paged out of memory), `events` (the event history, keyed by
 //! sequence number, which sled keeps increasing across restarts), `subscriptions`, `outbox` (pending
 //! deliveries, per subscription in event order, written with their event) and `deliveries` (the
-//! history of finished ones, pruned with the events). Every value is
-//! a versioned record: one format byte, then the value in postcard. A record of an unknown format is
-//! skipped and counted, never misread. sled flushes only when told (`flush`), so what is durable is
-//! exactly what the daemon flushed: on the flush interval and at shutdown.
+//! history of finished ones, pruned with the events). An outbox entry exists only while its
+//! subscription does and is enabled: updates never re-insert one, and a delete or a disable
+//! clears them. The numbers of events and of outbox entries are counted as they change (sled's
+//! `len` walks a whole tree). Every value is a versioned record: one format byte, then the value
+//! in postcard. A record of an unknown format is skipped and counted, never misread. sled flushes
+//! only when told (`flush`), so what is durable is exactly what the daemon flushed: on the flush
+//! interval, with each batch of events, and at shutdown.
 //!
 //! sled is no longer maintained; keeping it behind `Store` (open, load, write, flush, slots) is
 //! what lets it be replaced later without touching the engine or the daemon's wiring.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use canaryd_engine::baseline::{Baseline, SlotStore, SlotSummary};
 use canaryd_engine::catalog::AppEntry;
@@ -50,6 +55,21 @@ pub struct StoreCounters {
     pub slot_errors: Counter,
 }
 
+/// Records in the trees whose size is read on the hot path (sled's `len` walks the whole tree):
+/// counted once at open, then kept up to date by every insert and remove of a new key.
+#[derive(Debug, Default)]
+struct Counts {
+    events: AtomicU64,
+    outbox: AtomicU64,
+}
+
+fn decrement(count: &AtomicU64) {
+    // Never below zero, whatever the interleaving.
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+        Some(n.saturating_sub(1))
+    });
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -61,6 +81,7 @@ pub struct Store {
     subscriptions: sled::Tree,
     outbox: sled::Tree,
     history: sled::Tree,
+    counts: Arc<Counts>,
     counters: StoreCounters,
 }
 
@@ -124,16 +145,23 @@ impl Store {
                 source,
             })
         };
+        let events = tree("events")?;
+        let outbox = tree("outbox")?;
+        let counts = Arc::new(Counts {
+            events: AtomicU64::new(events.len() as u64),
+            outbox: AtomicU64::new(outbox.len() as u64),
+        });
         Ok(Store {
             clocks: tree("clocks")?,
             apps: tree("apps")?,
             baselines: tree("baselines")?,
             slots: tree("slots")?,
-            events: tree("events")?,
+            events,
             subscriptions: tree("subscriptions")?,
-            outbox: tree("outbox")?,
+            outbox,
             history: tree("deliveries")?,
             db,
+            counts,
             counters,
         })
     }
@@ -266,13 +294,28 @@ impl Store {
 
     /// `append_events` but for the flush.
     fn put_events(&self, events: &mut [Event], max_events: usize) -> Result<(), StoreError> {
+        let subscriptions = self.subscriptions()?;
+        self.put_events_for(events, max_events, &subscriptions)
+    }
+
+    /// Stores events with an outbox entry for each of `subscriptions` that wants them. The list
+    /// was read before the entries are written, so a subscription deleted or disabled meanwhile
+    /// may have been given some: looked up again afterwards, such a subscription's entries are
+    /// removed here (its delete or disable removes any written before it looked).
+    fn put_events_for(
+        &self,
+        events: &mut [Event],
+        max_events: usize,
+        subscriptions: &[Subscription],
+    ) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "append events",
             source,
         };
-        let subscriptions = self.subscriptions()?;
         let mut batch = sled::Batch::default();
         let mut outbox = sled::Batch::default();
+        let mut entries = 0;
+        let mut given: Vec<&str> = Vec::new();
         for event in events.iter_mut() {
             let seq = self.db.generate_id().map_err(io)?;
             event.id = event_id(seq);
@@ -280,20 +323,48 @@ impl Store {
             for subscription in subscriptions.iter().filter(|s| s.wants(event.event_type)) {
                 let delivery = Delivery::new(event.id.clone(), event.event_type);
                 outbox.insert(outbox_key(&subscription.id, seq), encode(&delivery));
+                entries += 1;
+                if !given.contains(&subscription.id.as_str()) {
+                    given.push(&subscription.id);
+                }
             }
         }
         self.events.apply_batch(batch).map_err(io)?;
+        self.counts
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        // Fresh sequence numbers: every entry is a new key.
         self.outbox.apply_batch(outbox).map_err(io)?;
-        while self.events.len() > max_events {
+        self.counts.outbox.fetch_add(entries, Ordering::Relaxed);
+        for id in given {
+            let active = self.subscription(id)?.is_some_and(|s| s.disabled.is_none());
+            if !active {
+                self.clear_outbox(id).map_err(io)?;
+            }
+        }
+        while self.counts.events.load(Ordering::Relaxed) > max_events as u64 {
             let Some((oldest, _)) = self.events.pop_min().map_err(io)? else {
+                self.counts.events.store(0, Ordering::Relaxed);
                 break;
             };
+            decrement(&self.counts.events);
             // Delivery history older than the oldest event kept goes with it.
             let mut old = sled::Batch::default();
             for key in self.history.range(..oldest.to_vec()).keys() {
                 old.remove(key.map_err(io)?);
             }
             self.history.apply_batch(old).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every pending delivery of a subscription.
+    fn clear_outbox(&self, subscription: &str) -> Result<(), sled::Error> {
+        for key in self.outbox.scan_prefix(outbox_prefix(subscription)).keys() {
+            // One by one: what another remover took first is not counted twice.
+            if self.outbox.remove(key?)?.is_some() {
+                decrement(&self.counts.outbox);
+            }
         }
         Ok(())
     }
@@ -346,14 +417,27 @@ impl Store {
         self.flush()
     }
 
-    /// Marks a subscription disabled (its receiver answered 410 Gone).
+    /// Marks a subscription disabled (its receiver answered 410 Gone) and drops its pending
+    /// deliveries, which will never be sent. A subscription deleted meanwhile stays deleted.
     pub fn disable_subscription(&self, id: &str) -> Result<(), StoreError> {
-        if let Some(mut subscription) = self.subscription(id)? {
-            subscription.disabled =
-                Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
-            self.put_subscription(&subscription)?;
-        }
-        Ok(())
+        let io = |source| StoreError::Io {
+            operation: "disable a subscription",
+            source,
+        };
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        self.subscriptions
+            .update_and_fetch(encode(&id), |old| {
+                let old = old?;
+                // A record this build cannot read is left as it is.
+                let Some(mut subscription) = decode::<Subscription>(old) else {
+                    return Some(old.to_vec());
+                };
+                subscription.disabled.get_or_insert_with(|| now.clone());
+                Some(encode(&subscription))
+            })
+            .map_err(io)?;
+        self.clear_outbox(id).map_err(io)?;
+        self.flush()
     }
 
     /// Deletes a subscription and its pending deliveries; false when there was none.
@@ -362,12 +446,10 @@ impl Store {
             operation: "delete a subscription",
             source,
         };
+        // The subscription first: an append that looks it up from now on finds it gone and
+        // clears what it wrote itself; what it wrote before is cleared here.
         let existed = self.subscriptions.remove(encode(&id)).map_err(io)?.is_some();
-        let mut batch = sled::Batch::default();
-        for key in self.outbox.scan_prefix(outbox_prefix(id)).keys() {
-            batch.remove(key.map_err(io)?);
-        }
-        self.outbox.apply_batch(batch).map_err(io)?;
+        self.clear_outbox(id).map_err(io)?;
         self.flush()?;
         Ok(existed)
     }
@@ -385,7 +467,9 @@ impl Store {
                 (Some(seq), Some(delivery)) => return Ok(Some((seq, delivery))),
                 _ => {
                     self.counters.records_skipped.inc();
-                    self.outbox.remove(key).map_err(io)?;
+                    if self.outbox.remove(key).map_err(io)?.is_some() {
+                        decrement(&self.counts.outbox);
+                    }
                 }
             }
         }
@@ -393,7 +477,8 @@ impl Store {
     }
 
     /// Records a delivery's new state: a pending one stays in the outbox, a finished one moves to
-    /// the history.
+    /// the history. Only while it is still in the outbox: one whose subscription was deleted or
+    /// disabled meanwhile is not brought back.
     pub fn put_delivery(&self, subscription: &str, seq: u64, delivery: &Delivery) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "record a delivery",
@@ -401,12 +486,16 @@ impl Store {
         };
         let key = outbox_key(subscription, seq);
         if delivery.state == DeliveryState::Pending {
-            self.outbox.insert(key, encode(delivery)).map_err(io)?;
-        } else {
+            let record = encode(delivery);
+            // Atomic: replaces the entry only if it is there, never inserts it.
+            self.outbox
+                .update_and_fetch(key, |old| old.map(|_| record.clone()))
+                .map_err(io)?;
+        } else if self.outbox.remove(key).map_err(io)?.is_some() {
+            decrement(&self.counts.outbox);
             let mut history_key = seq.to_be_bytes().to_vec();
             history_key.extend(subscription.as_bytes());
             self.history.insert(history_key, encode(delivery)).map_err(io)?;
-            self.outbox.remove(key).map_err(io)?;
         }
         self.flush()
     }
@@ -444,7 +533,12 @@ impl Store {
 
     /// Deliveries waiting in the outbox, over all subscriptions.
     pub fn outbox_depth(&self) -> usize {
-        self.outbox.len()
+        self.counts.outbox.load(Ordering::Relaxed) as usize
+    }
+
+    /// Events in the history.
+    pub fn event_count(&self) -> usize {
+        self.counts.events.load(Ordering::Relaxed) as usize
     }
 
     /// Stored events after the one with sequence `after` (all when `None`), oldest first, that
@@ -555,6 +649,136 @@ mod tests {
             max_time: 42,
             closed_until: 40,
         }
+    }
+
+    fn event() -> Event {
+        serde_json::from_value(serde_json::json!({
+            "specversion": "1.0",
+            "id": "",
+            "source": "canaryd",
+            "type": "canaryd.anomaly.detected",
+            "time": "2026-01-05T00:00:00Z",
+            "subject": "shop",
+            "datacontenttype": "application/json",
+            "data": {
+                "env": "prod",
+                "app": "shop",
+                "state": "anomalous",
+                "detected_at": "2026-01-05T00:00:00Z",
+                "reasons": [],
+                "dry_run": false,
+            },
+        }))
+        .expect("an event")
+    }
+
+    fn events(n: usize) -> Vec<Event> {
+        (0..n).map(|_| event()).collect()
+    }
+
+    fn subscribe(store: &Store, id: &str) -> Subscription {
+        let subscription = Subscription {
+            id: id.into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            events: vec![crate::events::EventType::AnomalyDetected],
+            kind: crate::act::subscriptions::Kind::Webhook,
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            created_at: "2026-01-05T00:00:00Z".into(),
+            disabled: None,
+        };
+        store.put_subscription(&subscription).expect("subscribe");
+        subscription
+    }
+
+    /// The counts kept agree with the trees, which sled counts by walking them.
+    fn assert_counts(store: &Store) {
+        assert_eq!(store.outbox_depth(), store.outbox.len(), "outbox");
+        assert_eq!(store.event_count(), store.events.len(), "events");
+    }
+
+    #[test]
+    fn outbox_and_event_counts_follow_every_change_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+            subscribe(&store, "a");
+            subscribe(&store, "b");
+            let mut three = events(3);
+            store.append_events(&mut three, 2).expect("append");
+            assert_eq!((store.event_count(), store.outbox_depth()), (2, 6));
+            assert_counts(&store);
+            let (seq, mut delivery) = store.next_delivery("a").expect("read").expect("pending");
+            delivery.state = DeliveryState::Delivered;
+            store.put_delivery("a", seq, &delivery).expect("record");
+            assert_eq!(store.outbox_depth(), 5);
+            store.delete_subscription("b").expect("delete");
+            assert_eq!(store.outbox_depth(), 2);
+            assert_counts(&store);
+        }
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("reopen");
+        assert_eq!((store.event_count(), store.outbox_depth()), (2, 2));
+        assert_counts(&store);
+    }
+
+    #[test]
+    fn a_delivery_recorded_after_its_subscription_was_deleted_is_not_brought_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        subscribe(&store, "a");
+        store.append_events(&mut events(2), 10).expect("append");
+        // The worker has the oldest in hand when the subscription is deleted.
+        let (seq, mut delivery) = store.next_delivery("a").expect("read").expect("pending");
+        store.delete_subscription("a").expect("delete");
+        delivery.attempts = 1;
+        delivery.last_status = Some(503);
+        store.put_delivery("a", seq, &delivery).expect("record a retry");
+        assert_eq!(store.next_delivery("a").expect("read"), None);
+        delivery.state = DeliveryState::Delivered;
+        store.put_delivery("a", seq, &delivery).expect("record a success");
+        assert!(store.deliveries("a", 10).expect("read").is_empty());
+        assert_eq!(store.outbox_depth(), 0);
+        assert_counts(&store);
+    }
+
+    #[test]
+    fn disabling_a_subscription_drops_its_pending_deliveries_and_never_revives_a_deleted_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        subscribe(&store, "gone");
+        subscribe(&store, "kept");
+        store.append_events(&mut events(3), 10).expect("append");
+        store.disable_subscription("gone").expect("disable");
+        let gone = store.subscription("gone").expect("read").expect("still listed");
+        assert!(gone.disabled.is_some());
+        assert_eq!(store.next_delivery("gone").expect("read"), None);
+        assert_eq!(store.outbox_depth(), 3, "the other subscription's stay");
+        // Its worker's 410 races a DELETE: the delete wins.
+        store.delete_subscription("kept").expect("delete");
+        store.disable_subscription("kept").expect("disable");
+        assert_eq!(store.subscription("kept").expect("read"), None);
+        assert_eq!(store.outbox_depth(), 0);
+        assert_counts(&store);
+    }
+
+    #[test]
+    fn an_append_that_raced_a_delete_or_a_disable_leaves_no_entries_for_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        for id in ["deleted", "disabled", "live"] {
+            subscribe(&store, id);
+        }
+        // The append read the subscriptions, then both changed before it wrote its entries.
+        let read_before = store.subscriptions().expect("read");
+        store.delete_subscription("deleted").expect("delete");
+        store.disable_subscription("disabled").expect("disable");
+        store
+            .put_events_for(&mut events(2), 10, &read_before)
+            .expect("append");
+        assert_eq!(store.next_delivery("deleted").expect("read"), None);
+        assert_eq!(store.next_delivery("disabled").expect("read"), None);
+        assert!(store.next_delivery("live").expect("read").is_some());
+        assert_eq!(store.outbox_depth(), 2);
+        assert_counts(&store);
     }
 
     #[test]

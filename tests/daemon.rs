@@ -1422,6 +1422,24 @@ async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
             .all(|s| s.get("secret").is_none())
     );
     assert_eq!(gone.received().len(), 1, "nothing is sent after 410");
+    // What it had pending is dropped with it: only the 410 stays, in its history.
+    eventually("the disabled subscription's pending deliveries to go", || async {
+        let deliveries = daemon
+            .get_json(&format!("/api/v1/subscriptions/{gone_id}/deliveries"))
+            .await;
+        let states: Vec<String> = deliveries["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["state"].as_str().map(str::to_owned))
+            .collect();
+        if states == ["gone"] {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

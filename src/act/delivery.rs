@@ -4,9 +4,10 @@
 //! the same flush, so a delivery exists as soon as the event does and survives restarts. Each
 //! subscription has one worker task, so a slow or dead receiver only ever delays itself: the
 //! worker sends the oldest pending entry; a 2xx marks it delivered; a 410 disables the
-//! subscription; anything else (another status, a timeout, a refused connection) is retried after
-//! an exponential backoff with jitter, until 24 hours after the first attempt. Entries go out one
-//! at a time, so a receiver sees a subscription's events in order. The event id is the
+//! subscription (and drops its pending entries); anything else (another status, a timeout, a
+//! refused connection) is retried after an exponential backoff with jitter, until 24 hours after
+//! the first attempt. Entries go out one at a time, so a receiver sees a subscription's events in
+//! order. The event id is the
 //! `webhook-id`, the same on every attempt, so receivers can de-duplicate.
 
 use std::collections::HashMap;
