@@ -119,9 +119,9 @@ settings! {
     version_idle_secs: u64,
     /// Batches that may wait between the receivers and the engine [default: 256]
     pipeline_queue: usize,
-    /// Milliseconds a receiver waits for room in that queue before answering "unavailable" [default: 5000]
+    /// Milliseconds (0-60000) a receiver waits for room in that queue before answering "unavailable" [default: 5000]
     ingest_wait_ms: u64,
-    /// Seconds each shutdown step may take [default: 10]
+    /// Seconds (1-3600) each shutdown step may take [default: 10]
     shutdown_grace_secs: u64,
     /// Seconds of event time data may arrive behind the latest seen for its app [default: 10]
     allowed_lateness_secs: u64,
@@ -398,8 +398,19 @@ impl Config {
                 1024..=(1 << 30),
             )?,
             pipeline_queue: within("pipeline_queue", raw.pipeline_queue.unwrap_or(256), 1..=1_000_000)?,
-            ingest_wait: Duration::from_millis(raw.ingest_wait_ms.unwrap_or(5_000)),
-            shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(10)),
+            // 0 is allowed: a full queue is then answered "unavailable" at once.
+            ingest_wait: Duration::from_millis(within(
+                "ingest_wait_ms",
+                raw.ingest_wait_ms.unwrap_or(5_000),
+                0..=60_000,
+            )?),
+            // At least a second: with none, every stop would time out each step, skipping the
+            // engine's last flush.
+            shutdown_grace: Duration::from_secs(within(
+                "shutdown_grace_secs",
+                raw.shutdown_grace_secs.unwrap_or(10),
+                1..=3_600,
+            )?),
             log,
         };
         config.check_addresses()?;
@@ -522,6 +533,40 @@ mod tests {
                 .to_string()
                 .contains("api_token")
         );
+    }
+
+    #[test]
+    fn shutdown_grace_and_ingest_wait_are_bounded() {
+        let refused = |raw: RawConfig| Config::resolve(raw).expect_err("out of range").to_string();
+        let message = refused(RawConfig {
+            shutdown_grace_secs: Some(0),
+            ..RawConfig::default()
+        });
+        assert!(
+            message.contains("shutdown_grace_secs") && message.contains("\"0\""),
+            "{message}"
+        );
+        let message = refused(RawConfig {
+            shutdown_grace_secs: Some(86_400),
+            ..RawConfig::default()
+        });
+        assert!(message.contains("shutdown_grace_secs"), "{message}");
+        let message = refused(RawConfig {
+            ingest_wait_ms: Some(3_600_000),
+            ..RawConfig::default()
+        });
+        assert!(
+            message.contains("ingest_wait_ms") && message.contains("3600000"),
+            "{message}"
+        );
+        let config = Config::resolve(RawConfig {
+            shutdown_grace_secs: Some(1),
+            ingest_wait_ms: Some(0),
+            ..RawConfig::default()
+        })
+        .expect("the edges are valid");
+        assert_eq!(config.shutdown_grace, Duration::from_secs(1));
+        assert_eq!(config.ingest_wait, Duration::ZERO);
     }
 
     #[test]
