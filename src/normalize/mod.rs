@@ -9,7 +9,8 @@
 //! (else `default`), version = the configured attribute (else `unknown`). A resource without
 //! `service.name`, and an item the engine cannot use (no timestamp, malformed ids, a histogram
 //! whose buckets do not match its bounds), is rejected and counted for OTLP `partial_success`;
-//! the rest of the request is kept. Strings from clients are cut to `max_attribute_value_len`.
+//! the rest of the request is kept. Strings from clients are stripped of control characters and
+//! cut to `max_attribute_value_len`; event times past 2262 are rejected.
 
 mod logs;
 mod metrics;
@@ -109,26 +110,39 @@ struct IdentityReader<'a> {
 impl IdentityReader<'_> {
     fn read(&self, resource: Option<&Resource>, truncated: &mut u64) -> Option<(Identity, Option<Arc<str>>)> {
         let attrs = resource.map_or(&[][..], |r| &r.attributes[..]);
-        let name = string_attr(attrs, "service.name").filter(|s| !s.is_empty())?;
-        let mut cut = |s: &str| cut_to(s, self.options.max_attribute_value_len, truncated);
-        let app = match string_attr(attrs, "service.namespace").filter(|s| !s.is_empty()) {
-            Some(ns) => format!("{}/{}", cut(&ns), cut(&name)),
-            None => cut(&name),
+        let max = self.options.max_attribute_value_len;
+        // Cleaned and cut, and `None` when nothing is left.
+        let mut read = |key: &str| {
+            string_attr(attrs, key)
+                .map(|s| cut_to(&s, max, truncated))
+                .filter(|s| !s.is_empty())
         };
-        let env = string_attr(attrs, "deployment.environment.name")
-            .or_else(|| string_attr(attrs, "deployment.environment"))
-            .filter(|s| !s.is_empty())
-            .map_or_else(|| "default".to_owned(), |s| cut(&s));
-        let version = string_attr(attrs, &self.options.version_attribute)
-            .filter(|s| !s.is_empty())
-            .map_or_else(|| "unknown".to_owned(), |s| cut(&s));
-        let instance = string_attr(attrs, "service.instance.id").map(|s| Arc::from(cut(&s)));
+        let name = read("service.name")?;
+        let app = match read("service.namespace") {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name,
+        };
+        let env = read("deployment.environment.name")
+            .or_else(|| read("deployment.environment"))
+            .unwrap_or_else(|| "default".to_owned());
+        let version = read(&self.options.version_attribute).unwrap_or_else(|| "unknown".to_owned());
+        let instance =
+            string_attr(attrs, "service.instance.id").map(|s| Arc::from(cut_to(&s, max, truncated)));
         Some((Identity::new(&env, &app, &version), instance))
     }
 }
 
-/// `s`, cut to at most `max` bytes at a character boundary; counts the cut in `truncated`.
+/// `s` without control characters, cut to at most `max` bytes at a character boundary; counts the
+/// cut in `truncated`. Control characters have no place in names, and the store joins names with
+/// one (U+001F) to key a baseline's seasonal slots: a name carrying it could pose as another.
 fn cut_to(s: &str, max: usize, truncated: &mut u64) -> String {
+    let clean: String;
+    let s = if s.chars().any(char::is_control) {
+        clean = s.chars().filter(|c| !c.is_control()).collect();
+        clean.as_str()
+    } else {
+        s
+    };
     if s.len() <= max {
         return s.to_owned();
     }
@@ -263,5 +277,28 @@ mod tests {
         assert_eq!(cut_to("héllo", 2, &mut truncated), "h");
         assert_eq!(cut_to("hello", 5, &mut truncated), "hello");
         assert_eq!(truncated, 1);
+    }
+
+    #[test]
+    fn control_characters_are_stripped_from_names() {
+        let mut truncated = 0;
+        assert_eq!(cut_to("GET /a\u{1f}v2\n", 256, &mut truncated), "GET /av2");
+        assert_eq!(cut_to("\u{1f}\u{1f}abcdef", 3, &mut truncated), "abc");
+        assert_eq!(truncated, 1, "only the length cut counts as truncation");
+        let o = NormalizeOptions::default();
+        // The separator of a baseline's series name cannot be smuggled in through identity.
+        assert_eq!(
+            identity_of(
+                &[
+                    ("service.name", "shop\u{1f}v1"),
+                    ("deployment.environment.name", "pr\tod"),
+                    ("service.version", "\u{1f}"),
+                ],
+                &o
+            )
+            .as_deref(),
+            Some("prod/shopv1@unknown")
+        );
+        assert_eq!(identity_of(&[("service.name", "\u{0}\u{1f}")], &o), None);
     }
 }
