@@ -13,21 +13,25 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, put};
 use axum::{Json, Router};
 use canaryd_engine::EventTime;
 use canaryd_engine::baseline::Score;
 use canaryd_engine::catalog::AppEntry;
+use canaryd_engine::judge::{
+    AnalysisView, Check, GateResult, JudgeError, Mode, StageView, State as CanaryState,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::act::delivery::{DeliveryState, Dispatcher};
 use crate::act::subscriptions::{self, Kind, NewSubscription, Subscription};
-use crate::events::{Event, EventType, event_seq};
+use crate::events::{Event, EventType, canary_event, event_seq};
 use crate::pipeline::SharedEngine;
 use crate::stats::Stats;
 use crate::store::Store;
+use crate::watch::EventFeed;
 
 /// What the API handlers read.
 #[derive(Clone)]
@@ -36,6 +40,9 @@ pub struct ApiState {
     pub stats: Arc<Stats>,
     pub store: Store,
     pub dispatcher: Arc<Dispatcher>,
+    /// Where events the API makes (a declared rollout's `started`) go out to watchers.
+    pub feed: EventFeed,
+    pub max_events: usize,
     /// When set, POST, PUT and DELETE need `Authorization: Bearer <token>`.
     pub api_token: Option<Arc<str>>,
     pub allow_link_local_targets: bool,
@@ -51,6 +58,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/apps", get(apps))
         .route("/api/v1/apps/{app}/baseline", get(baseline))
+        .route("/api/v1/apps/{app}/canary", get(canary))
+        .route(
+            "/api/v1/apps/{app}/rollout",
+            put(declare_rollout).delete(end_rollout),
+        )
+        .route("/api/v1/models", get(models))
         .route("/api/v1/events", get(events))
         .route(
             "/api/v1/subscriptions",
@@ -133,14 +146,18 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
         .iter()
         .any(|v| String::from_utf8_lossy(v.as_bytes()).contains("application/openmetrics-text"));
     let (content_type, body) = if wants_openmetrics {
-        (
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.stats.render_openmetrics(),
-        )
+        ("application/openmetrics-text; version=1.0.0; charset=utf-8", {
+            let text = state.stats.render_openmetrics();
+            let canary = canary_metrics(&state.engine);
+            match text.strip_suffix("# EOF\n") {
+                Some(head) => format!("{head}{canary}# EOF\n"),
+                None => text + &canary,
+            }
+        })
     } else {
         (
             "text/plain; version=0.0.4; charset=utf-8",
-            state.stats.render_prometheus(),
+            state.stats.render_prometheus() + &canary_metrics(&state.engine),
         )
     };
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
@@ -176,11 +193,24 @@ struct AppView {
     metric_streams: usize,
     metric_resets: u64,
     metric_stale_points: u64,
+    /// The current (or last) canary analysis, in brief.
+    canary: Option<CanarySummary>,
+}
+
+#[derive(Debug, Serialize)]
+struct CanarySummary {
+    stable_version: String,
+    canary_version: String,
+    state: &'static str,
+    score: Option<f64>,
+    stage: Option<StageJson>,
 }
 
 #[derive(Debug, Serialize)]
 struct VersionView {
     version: String,
+    /// `stable`, `canary`, or null for a version that is neither.
+    role: Option<&'static str>,
     first_seen: String,
     last_seen: String,
     spans: u64,
@@ -220,18 +250,44 @@ async fn apps(State(state): State<ApiState>, ApiQuery(query): ApiQuery<AppsQuery
         .catalog()
         .apps()
         .filter(|(env, _, _)| query.env.as_deref().is_none_or(|wanted| wanted == *env))
-        .map(|(env, app, entry)| app_view(env, app, entry))
+        .map(|(env, app, entry)| {
+            let analysis = engine.analysis(env, app);
+            let inferred = engine
+                .baselines(env, app, None)
+                .and_then(|b| b.stable_version.map(str::to_owned));
+            app_view(env, app, entry, analysis.as_ref(), inferred)
+        })
         .collect();
     drop(engine);
     Json(AppsView { apps }).into_response()
 }
 
-fn app_view(env: &str, app: &str, entry: &AppEntry) -> AppView {
+fn app_view(
+    env: &str,
+    app: &str,
+    entry: &AppEntry,
+    analysis: Option<&AnalysisView>,
+    inferred_stable: Option<String>,
+) -> AppView {
+    // An analysis under way fixes the roles; otherwise the stable version is the inferred one.
+    let live = analysis.filter(|a| !matches!(a.state, CanaryState::Promoted | CanaryState::RolledBack));
+    let stable = live.map_or(inferred_stable, |a| Some(a.stable_version.clone()));
+    let canary = live.map(|a| a.canary_version.clone());
+    let role = |v: &str| {
+        if stable.as_deref() == Some(v) {
+            Some("stable")
+        } else if canary.as_deref() == Some(v) {
+            Some("canary")
+        } else {
+            None
+        }
+    };
     let total_requests: u64 = entry.versions().map(|(_, s)| s.requests).sum();
     let versions = entry
         .versions()
         .map(|(version, s)| VersionView {
             version: version.to_owned(),
+            role: role(version),
             first_seen: format_event_time(s.first_seen),
             last_seen: format_event_time(s.last_seen),
             spans: s.spans,
@@ -300,6 +356,13 @@ fn app_view(env: &str, app: &str, entry: &AppEntry) -> AppView {
         metric_streams: entry.metric_streams(),
         metric_resets,
         metric_stale_points,
+        canary: analysis.map(|a| CanarySummary {
+            stable_version: a.stable_version.clone(),
+            canary_version: a.canary_version.clone(),
+            state: a.state.name(),
+            score: a.score,
+            stage: a.stage.as_ref().map(StageJson::of),
+        }),
     }
 }
 
@@ -652,4 +715,307 @@ mod tests {
             "2026-01-05T00:00:00.000000001Z"
         );
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvQuery {
+    env: Option<String>,
+}
+
+/// The environment asked for, or a 400 when it is empty.
+fn env_of(query: EnvQuery) -> Result<String, Box<Response>> {
+    let env = query.env.unwrap_or_else(|| "default".into());
+    if env.is_empty() {
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, "env must not be empty")));
+    }
+    Ok(env)
+}
+
+#[derive(Debug, Serialize)]
+struct StageJson {
+    index: usize,
+    name: String,
+    weight: f64,
+}
+
+impl StageJson {
+    fn of(s: &StageView) -> Self {
+        StageJson {
+            index: s.index,
+            name: s.name.clone(),
+            weight: s.weight,
+        }
+    }
+}
+
+/// `GET /api/v1/apps/{app}/canary`: the analysis with its evidence. Times are RFC 3339 event time.
+#[derive(Debug, Serialize)]
+struct CanaryView {
+    env: String,
+    app: String,
+    stable_version: String,
+    canary_version: String,
+    model: String,
+    mode: Mode,
+    /// Whether the roles were declared through the rollout API (else inferred from traffic).
+    declared: bool,
+    state: &'static str,
+    score: Option<f64>,
+    stage: Option<StageJson>,
+    stages: usize,
+    since: String,
+    started_at: String,
+    stage_started_at: String,
+    evaluated_at: String,
+    failed_at: Option<String>,
+    canary_requests: u64,
+    stable_requests: u64,
+    checks: Vec<Check>,
+    gates: Vec<GateResult>,
+}
+
+impl CanaryView {
+    fn of(a: AnalysisView) -> Self {
+        let mut checks = a.checks;
+        // The failing and most significant first: what a reader wants to see.
+        checks.sort_by(|x, y| {
+            y.outcome
+                .cmp(&x.outcome)
+                .then(y.statistic.unwrap_or(0.0).total_cmp(&x.statistic.unwrap_or(0.0)))
+        });
+        CanaryView {
+            env: a.env,
+            app: a.app,
+            stable_version: a.stable_version,
+            canary_version: a.canary_version,
+            model: a.model,
+            mode: a.mode,
+            declared: a.declared,
+            state: a.state.name(),
+            score: a.score.map(|s| (s * 10.0).round() / 10.0),
+            stage: a.stage.as_ref().map(StageJson::of),
+            stages: a.stages,
+            since: format_event_time(a.since),
+            started_at: format_event_time(a.started_at),
+            stage_started_at: format_event_time(a.stage_started_at),
+            evaluated_at: format_event_time(a.evaluated_at),
+            failed_at: a.failed_at.map(format_event_time),
+            canary_requests: a.canary_requests,
+            stable_requests: a.stable_requests,
+            checks,
+            gates: a.gates,
+        }
+    }
+}
+
+async fn canary(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<EnvQuery>,
+) -> Response {
+    let env = match env_of(query) {
+        Ok(env) => env,
+        Err(response) => return *response,
+    };
+    let engine = state.engine.lock();
+    if engine.catalog().app(&env, &app).is_none() {
+        return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
+    }
+    let Some(view) = engine.analysis(&env, &app) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "app {app:?} in env {env:?} has no canary analysis: no version besides the stable one has had traffic, and no rollout is declared"
+            ),
+        );
+    };
+    drop(engine);
+    Json(CanaryView::of(view)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutRequest {
+    stable_version: String,
+    canary_version: String,
+    model: Option<String>,
+}
+
+/// `PUT /api/v1/apps/{app}/rollout`: declares the roles (and the model) and starts the analysis.
+async fn declare_rollout(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<EnvQuery>,
+    body: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let env = match env_of(query) {
+        Ok(env) => env,
+        Err(response) => return *response,
+    };
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    for (field, value) in [
+        ("stable_version", &request.stable_version),
+        ("canary_version", &request.canary_version),
+    ] {
+        if value.is_empty() {
+            return error(StatusCode::BAD_REQUEST, &format!("{field} must not be empty"));
+        }
+    }
+    let change = {
+        let mut engine = state.engine.lock();
+        engine.declare_rollout(
+            &env,
+            &app,
+            &request.stable_version,
+            &request.canary_version,
+            request.model.as_deref(),
+        )
+    };
+    let change = match change {
+        Ok(change) => change,
+        Err(e @ JudgeError::UnknownApp { .. }) => return error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ JudgeError::UnknownModel(_)) => {
+            return error(StatusCode::BAD_REQUEST, &format!("model: {e}"));
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let mut events = vec![canary_event(&change)];
+    if let Err(e) = state.store.append_events(&mut events, state.max_events) {
+        state.stats.event_errors.inc();
+        tracing::error!(error = %e, "cannot store the rollout's started event");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot store the started event",
+        );
+    }
+    for event in &events {
+        state.stats.event(event.event_type);
+    }
+    state.dispatcher.wake();
+    state.feed.publish(&events);
+    tracing::info!(%env, %app, stable = %request.stable_version, canary = %request.canary_version, "rollout declared");
+    (StatusCode::OK, Json(CanaryView::of(change.view))).into_response()
+}
+
+/// `DELETE /api/v1/apps/{app}/rollout`: ends the analysis (declared or inferred).
+async fn end_rollout(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<EnvQuery>,
+) -> Response {
+    let env = match env_of(query) {
+        Ok(env) => env,
+        Err(response) => return *response,
+    };
+    let ended = state.engine.lock().end_rollout(&env, &app);
+    match ended {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, &format!("app {app:?} in env {env:?}: {e}")),
+    }
+}
+
+/// `GET /api/v1/models`: the loaded models, as validated.
+async fn models(State(state): State<ApiState>) -> Response {
+    let engine = state.engine.lock();
+    let models: Vec<_> = engine.judge().models().cloned().collect();
+    drop(engine);
+    Json(serde_json::json!({ "models": models })).into_response()
+}
+
+/// Each app's canary analysis as gauges: state, score, stage weight, and every check's outcome
+/// and statistic, so that alerts and dashboards can be built on them.
+fn canary_metrics(engine: &SharedEngine) -> String {
+    use std::fmt::Write;
+    let views: Vec<AnalysisView> = {
+        let engine = engine.lock();
+        engine.judge().analyses().map(|a| a.view()).collect()
+    };
+    let mut out = String::new();
+    let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let _ = writeln!(
+        out,
+        "# HELP canaryd_canary_state Each app's canary analysis: 1 for its current state, 0 for the others.\n# TYPE canaryd_canary_state gauge"
+    );
+    for v in &views {
+        for s in CanaryState::ALL {
+            let _ = writeln!(
+                out,
+                "canaryd_canary_state{{env=\"{}\",app=\"{}\",canary_version=\"{}\",state=\"{}\"}} {}",
+                esc(&v.env),
+                esc(&v.app),
+                esc(&v.canary_version),
+                s.name(),
+                u8::from(v.state == s)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP canaryd_canary_score Each app's canary score, 0 (failing everything) to 100.\n# TYPE canaryd_canary_score gauge"
+    );
+    for v in &views {
+        if let Some(score) = v.score {
+            let _ = writeln!(
+                out,
+                "canaryd_canary_score{{env=\"{}\",app=\"{}\",canary_version=\"{}\"}} {score}",
+                esc(&v.env),
+                esc(&v.app),
+                esc(&v.canary_version)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP canaryd_canary_stage_weight The traffic weight (percent) of each canary's current stage.\n# TYPE canaryd_canary_stage_weight gauge"
+    );
+    for v in &views {
+        if let Some(stage) = &v.stage {
+            let _ = writeln!(
+                out,
+                "canaryd_canary_stage_weight{{env=\"{}\",app=\"{}\",canary_version=\"{}\",stage=\"{}\"}} {}",
+                esc(&v.env),
+                esc(&v.app),
+                esc(&v.canary_version),
+                esc(&stage.name),
+                stage.weight
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP canaryd_canary_check_failing Each check of each canary: 1 when it fails, 0 otherwise.\n# TYPE canaryd_canary_check_failing gauge"
+    );
+    let mut statistics = String::new();
+    for v in &views {
+        for c in &v.checks {
+            let labels = format!(
+                "env=\"{}\",app=\"{}\",canary_version=\"{}\",group=\"{}\",feature=\"{}\",test=\"{}\",outcome=\"{}\"",
+                esc(&v.env),
+                esc(&v.app),
+                esc(&v.canary_version),
+                c.group,
+                esc(&c.feature),
+                c.test,
+                c.outcome.name()
+            );
+            let _ = writeln!(
+                out,
+                "canaryd_canary_check_failing{{{labels}}} {}",
+                u8::from(c.outcome == canaryd_engine::judge::Outcome::Fail)
+            );
+            if let Some(stat) = c.statistic.filter(|s| s.is_finite()) {
+                let _ = writeln!(statistics, "canaryd_canary_check_statistic{{{labels}}} {stat}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP canaryd_canary_check_statistic Each check's statistic (a normal deviate, or band half-widths for baseline checks).\n# TYPE canaryd_canary_check_statistic gauge"
+    );
+    out.push_str(&statistics);
+    out
 }

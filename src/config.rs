@@ -29,6 +29,8 @@ pub enum ConfigError {
     ReadFile { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     ParseFile { path: PathBuf, message: String },
+    #[error(transparent)]
+    Models(#[from] crate::models::ModelsError),
     #[error("invalid value {value:?} for {field} (from {origin}): {reason}")]
     Invalid {
         field: &'static str,
@@ -343,12 +345,14 @@ impl Config {
                 1..=1_000_000,
             )?,
         };
+        let models_dir = raw.models_dir.unwrap_or_else(|| PathBuf::from("./models"));
+        let models = crate::models::load(&models_dir)?;
         let config = Config {
             data_dir,
             otlp_grpc_addr: addr(raw.otlp_grpc_addr, "127.0.0.1:4317"),
             otlp_http_addr: addr(raw.otlp_http_addr, "127.0.0.1:4318"),
             http_addr: addr(raw.http_addr, "127.0.0.1:8080"),
-            models_dir: raw.models_dir.unwrap_or_else(|| PathBuf::from("./models")),
+            models_dir,
             api_token,
             normalize: NormalizeOptions {
                 version_attribute,
@@ -368,6 +372,7 @@ impl Config {
                 windows,
                 baseline,
                 anomaly: AnomalyRules::default(),
+                models,
             },
             flush_interval: Duration::from_secs(within(
                 "flush_interval_secs",

@@ -234,7 +234,7 @@ impl Daemon {
             config.max_message_bytes,
         ));
 
-        let watch = Watch::new(store.clone(), feed, shutdown.clone());
+        let watch = Watch::new(store.clone(), feed.clone(), shutdown.clone());
         let grpc_serve = receive::grpc::serve(grpc_listener, intake.clone(), watch, shutdown.clone());
         let grpc_task = spawn_stage("OTLP gRPC receiver", shutdown.clone(), async move {
             grpc_serve.await.map_err(|e| e.to_string())
@@ -254,6 +254,8 @@ impl Daemon {
                 stats,
                 store: store.clone(),
                 dispatcher: dispatcher.clone(),
+                feed,
+                max_events: config.max_events,
                 api_token: config.api_token.clone().map(Arc::from),
                 allow_link_local_targets: config.allow_link_local_targets,
                 ready: ready.clone(),

@@ -7,7 +7,8 @@
 use std::time::SystemTime;
 
 use canaryd_engine::anomaly::{AnomalyRules, Transition};
-use canaryd_engine::{AnomalyChange, Scope};
+use canaryd_engine::judge::{AnalysisView, CanaryChange, ChangeKind, GateOutcome, Mode, Outcome};
+use canaryd_engine::{AnomalyChange, Engine, IngestReport, Scope};
 use serde::{Deserialize, Serialize};
 
 use crate::api::format_event_time;
@@ -201,6 +202,129 @@ pub fn anomaly_event(change: &AnomalyChange, stable_version: Option<&str>, rules
             }],
             action: None,
             dry_run: false,
+        },
+    )
+}
+
+/// The events a batch's decisions make, anomalies first, then canary decisions, each in event-time
+/// order.
+pub fn report_events(engine: &Engine, report: &IngestReport) -> Vec<Event> {
+    let rules = &engine.config().anomaly;
+    let mut events: Vec<Event> = report
+        .anomalies
+        .iter()
+        .map(|change| {
+            let stable = engine.baselines(&change.id.env, &change.id.app, None);
+            anomaly_event(change, stable.and_then(|v| v.stable_version), rules)
+        })
+        .collect();
+    events.extend(report.canary.iter().map(canary_event));
+    events
+}
+
+/// The evidence of an analysis as event reasons: what failed (or was in doubt), else for a
+/// passed stage its gates, else every check that could decide.
+pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
+    let check_reason = |c: &canaryd_engine::judge::Check| Reason {
+        feature: c.feature.clone(),
+        operation: c.operation.clone(),
+        test: c.test.into(),
+        canary_value: c.canary_value.unwrap_or(0.0),
+        baseline_value: c.baseline_value.unwrap_or(0.0),
+        statistic: c.statistic.unwrap_or(0.0),
+        threshold: c.threshold,
+        message: c.message.clone(),
+    };
+    let gate_reason = |g: &canaryd_engine::judge::GateResult| Reason {
+        feature: g.metric.name().into(),
+        operation: None,
+        test: "gate".into(),
+        canary_value: g.value.unwrap_or(0.0),
+        baseline_value: g.max.or(g.min).unwrap_or(0.0),
+        statistic: g.value.unwrap_or(0.0),
+        threshold: g.max.or(g.min).unwrap_or(0.0),
+        message: g.message.clone(),
+    };
+    let mut out: Vec<Reason> = Vec::new();
+    match kind {
+        ChangeKind::Failed => {
+            out.extend(
+                view.gates
+                    .iter()
+                    .filter(|g| g.outcome == GateOutcome::Fail)
+                    .map(gate_reason),
+            );
+            let mut failing: Vec<_> = view
+                .checks
+                .iter()
+                .filter(|c| c.outcome == Outcome::Fail)
+                .collect();
+            // The strongest evidence first.
+            failing.sort_by(|a, b| b.statistic.unwrap_or(0.0).total_cmp(&a.statistic.unwrap_or(0.0)));
+            out.extend(failing.into_iter().map(check_reason));
+        }
+        ChangeKind::StagePassed | ChangeKind::Promoted => {
+            out.extend(view.gates.iter().map(gate_reason));
+        }
+        ChangeKind::Started => {}
+    }
+    out
+}
+
+/// The event for a canary analysis decision.
+pub fn canary_event(change: &CanaryChange) -> Event {
+    let view = &change.view;
+    let event_type = match change.kind {
+        ChangeKind::Started => EventType::CanaryStarted,
+        ChangeKind::StagePassed => EventType::CanaryStagePassed,
+        ChangeKind::Failed => EventType::CanaryFailed,
+        ChangeKind::Promoted => EventType::CanaryPromoted,
+    };
+    let action = change.weight.map(|weight| Action {
+        kind: "set_weight".into(),
+        app: view.app.clone(),
+        version: view.canary_version.clone(),
+        weight: weight.round().clamp(0.0, 100.0) as u32,
+    });
+    let mut reasons = reasons(view, change.kind);
+    if reasons.is_empty() {
+        let message = match change.kind {
+            ChangeKind::Started => format!(
+                "canary {} judged against stable {} with model {}",
+                view.canary_version, view.stable_version, view.model
+            ),
+            _ => format!("analysis is {}", view.state.name()),
+        };
+        reasons.push(Reason {
+            feature: "analysis".into(),
+            operation: None,
+            test: "state".into(),
+            canary_value: 0.0,
+            baseline_value: 0.0,
+            statistic: view.score.unwrap_or(0.0),
+            threshold: 0.0,
+            message,
+        });
+    }
+    Event::new(
+        event_type,
+        EventData {
+            env: view.env.clone(),
+            app: view.app.clone(),
+            stable_version: Some(view.stable_version.clone()),
+            canary_version: Some(view.canary_version.clone()),
+            version: Some(view.canary_version.clone()),
+            stage: view.stage.as_ref().map(|s| Stage {
+                index: s.index as u32,
+                name: s.name.clone(),
+                weight: s.weight.round() as u32,
+            }),
+            state: view.state.name().into(),
+            score: view.score,
+            detected_at: format_event_time(change.time),
+            reasons,
+            action,
+            dry_run: view.mode == Mode::Shadow,
         },
     )
 }

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod models;
 pub mod normalize;
 pub mod pipeline;
 pub mod receive;

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::act::delivery::Dispatcher;
-use crate::events::{Event, anomaly_event};
+use crate::events::{Event, report_events};
 use crate::stats::Stats;
 use crate::store::Store;
 use crate::watch::EventFeed;
@@ -146,15 +146,7 @@ fn ingest(
     let (report, apps, mut events, changes) = {
         let mut engine = engine.lock();
         let report = engine.ingest(batch);
-        let rules = &engine.config().anomaly;
-        let events: Vec<Event> = report
-            .anomalies
-            .iter()
-            .map(|change| {
-                let stable = engine.baselines(&change.id.env, &change.id.app, None);
-                anomaly_event(change, stable.and_then(|v| v.stable_version), rules)
-            })
-            .collect();
+        let events = report_events(&engine, &report);
         let changes = (!events.is_empty()).then(|| engine.take_changes());
         (report, engine.catalog().app_count(), events, changes)
     };

@@ -466,9 +466,11 @@ impl Analysis {
         let any_doubt = checks
             .iter()
             .any(|c| matches!(c.outcome, Outcome::Fail | Outcome::Marginal));
+        // A gate that could decide is evidence too: a model of gates alone can pass a canary.
         let critical_data = checks
             .iter()
-            .any(|c| c.critical && c.outcome != Outcome::InsufficientData);
+            .any(|c| c.critical && c.outcome != Outcome::InsufficientData)
+            || gates.iter().any(|g| g.outcome == GateOutcome::Pass);
         let canary_silent = now.saturating_sub(self.last_canary_traffic) >= d.rolled_back_after_s * SECOND;
 
         let mut state = if self.failed_at.is_some() {
@@ -673,7 +675,7 @@ impl Judge {
 
     /// Whether `version` of this app should start an inferred analysis.
     pub(crate) fn wants_canary(&self, key: &(Arc<str>, Arc<str>), version: &Arc<str>) -> bool {
-        if self.models.get(DEFAULT_MODEL).is_none() {
+        if !self.models.contains_key(DEFAULT_MODEL) {
             return false;
         }
         if self.retired.get(key) == Some(version) {

@@ -65,8 +65,8 @@ pub struct Decision {
 impl Default for Decision {
     fn default() -> Self {
         Decision {
-            false_alarm_rate: 0.01,
-            horizons_s: vec![10, 30, 120, 600],
+            false_alarm_rate: 0.05,
+            horizons_s: vec![5, 10, 30, 120, 600],
             reference_s: 300,
             confirm_looks: 2,
             gross_factor: 1e4,

@@ -1,0 +1,114 @@
+//! The canary API of the whole daemon: declaring a rollout, reading the analysis, its roles in
+//! `/api/v1/apps`, its gauges on `/metrics`, its `started` event, the models, and ending it.
+
+mod support;
+
+use canaryd::testdata::{self, TraceShape};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use support::{TestDaemon, eventually, find_app, find_version};
+
+#[tokio::test]
+async fn a_declared_rollout_is_analysed_and_shown() {
+    let daemon = TestDaemon::start().await;
+    let put = |body: serde_json::Value| {
+        let http = daemon.http.clone();
+        let url = daemon.api("/api/v1/apps/app-0/rollout?env=prod");
+        async move {
+            let response = http.put(url).json(&body).send().await.expect("PUT");
+            let status = response.status().as_u16();
+            let json: serde_json::Value = response.json().await.unwrap_or_default();
+            (status, json)
+        }
+    };
+    let rollout = serde_json::json!({"stable_version": "1.0.0", "canary_version": "1.1.0"});
+    let (status, body) = put(rollout.clone()).await;
+    assert_eq!(status, 404, "an app never seen: {body}");
+
+    // Traffic for two versions of app-0.
+    let shape = TraceShape {
+        apps: 1,
+        versions_per_app: 2,
+        spans: 200,
+        ..TraceShape::default()
+    };
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    traces
+        .export(testdata::trace_request(&shape, 7))
+        .await
+        .expect("export");
+    eventually("app-0 is catalogued", || async {
+        match find_app(&daemon.apps().await, "prod", "app-0") {
+            Some(_) => Ok(()),
+            None => Err("not yet".to_owned()),
+        }
+    })
+    .await;
+
+    let (status, body) = put(serde_json::json!({"stable_version": "1.0.0"})).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("canary_version"),
+        "{body}"
+    );
+    let (status, body) = put(serde_json::json!({
+        "stable_version": "1.0.0", "canary_version": "1.1.0", "model": "no-such-model"
+    }))
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("no-such-model"),
+        "{body}"
+    );
+    let (status, body) = put(serde_json::json!({
+        "stable_version": "1.0.0", "canary_version": "1.1.0", "model": "staged"
+    }))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["declared"], true);
+    assert_eq!(body["model"], "staged");
+    assert_eq!(body["stage"]["weight"], 5.0);
+
+    let canary = daemon.get_json("/api/v1/apps/app-0/canary?env=prod").await;
+    assert_eq!(canary["stable_version"], "1.0.0");
+    assert_eq!(canary["canary_version"], "1.1.0");
+    assert_eq!(canary["state"], "insufficient_data");
+
+    let apps = daemon.apps().await;
+    let app = find_app(&apps, "prod", "app-0").expect("app");
+    assert_eq!(find_version(app, "1.0.0").expect("stable")["role"], "stable");
+    assert_eq!(find_version(app, "1.1.0").expect("canary")["role"], "canary");
+    assert_eq!(app["canary"]["state"], "insufficient_data");
+
+    let events = daemon
+        .get_json("/api/v1/events?type=canaryd.canary.started")
+        .await;
+    let events = events["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["data"]["canary_version"], "1.1.0");
+    assert_eq!(events[0]["data"]["stage"]["weight"], 5);
+
+    let state = daemon
+        .metric(r#"canaryd_canary_state{env="prod",app="app-0",canary_version="1.1.0",state="insufficient_data"}"#)
+        .await;
+    assert_eq!(state, 1.0);
+
+    let models = daemon.get_json("/api/v1/models").await;
+    let names: Vec<&str> = models["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["default", "error-or-p99", "staged"]);
+
+    let delete = |http: reqwest::Client, url: String| async move {
+        http.delete(url).send().await.expect("DELETE").status().as_u16()
+    };
+    let url = daemon.api("/api/v1/apps/app-0/rollout?env=prod");
+    assert_eq!(delete(daemon.http.clone(), url.clone()).await, 204);
+    assert_eq!(daemon.status_of("/api/v1/apps/app-0/canary?env=prod").await, 404);
+    assert_eq!(delete(daemon.http.clone(), url).await, 404);
+    daemon.stop().await.expect("clean stop");
+}
