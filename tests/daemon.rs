@@ -618,6 +618,37 @@ async fn apps_past_the_cap_are_dropped_and_counted() {
 }
 
 #[tokio::test]
+async fn accepted_metric_points_are_those_catalogued_plus_those_caps_dropped() {
+    let daemon = TestDaemon::start_with(|raw| raw.max_metric_series_per_app = Some(4)).await;
+    // Three metrics of three series each; one point marks a gap (no recorded value).
+    let mut request = testdata::metrics_request("prod", "meter", "1", 3, EPOCH_NS + 10_000_000_000, 5);
+    let first = &mut request.resource_metrics[0].scope_metrics[0].metrics[0];
+    match first.data.as_mut().expect("data") {
+        opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(sum) => sum.data_points[0].flags = 1,
+        other => panic!("a sum first: {other:?}"),
+    }
+    let mut client = MetricsServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let response = client.export(request).await.expect("export").into_inner();
+    assert_eq!(response.partial_success, None, "a gap is not an error");
+    let app = wait_for_count(&daemon, "prod", "meter", "1", "metric_points", 4).await;
+    assert_eq!(app["metric_series"], 4);
+    let accepted = daemon
+        .metric("canaryd_otlp_accepted_items_total{signal=\"metrics\",transport=\"grpc\"}")
+        .await;
+    let dropped = daemon
+        .metric("canaryd_capped_observations_total{cap=\"max_metric_series_per_app\",action=\"dropped\"}")
+        .await;
+    assert_eq!((accepted, dropped), (8.0, 4.0));
+    let catalogued = find_version(&app, "1").expect("version")["metric_points"]
+        .as_f64()
+        .expect("count");
+    assert_eq!(accepted, catalogued + dropped);
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn concurrent_exports_over_both_transports_lose_nothing() {
     let daemon = TestDaemon::start_with(|raw| raw.pipeline_queue = Some(2)).await;
     let shape = TraceShape {

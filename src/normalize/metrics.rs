@@ -5,7 +5,8 @@
 //! `max_series_attributes` of the point's attributes, the first by key, so that one chatty
 //! attribute cannot multiply series without bound. Summary points, points without a timestamp or
 //! value, non-finite values, unspecified temporality and histograms whose bucket counts do not
-//! fit their bounds are rejected.
+//! fit their bounds are rejected. Points flagged `NO_RECORDED_VALUE` (a gap, no value) are skipped:
+//! neither accepted nor rejected.
 
 use canaryd_engine::{
     ExponentialBuckets, MetricPoint, PointValue, ResourceObservations, SeriesKey, Temporality,
@@ -84,6 +85,12 @@ fn observe_metric(
 ) -> u64 {
     let mut accepted = 0;
     let mut keep = |head: PointHead, value: Result<PointValue, &'static str>, out: &mut Normalized| {
+        if head.flags & NO_RECORDED_VALUE != 0 {
+            // A valid point with nothing to observe: not rejected, and not accepted either (only
+            // what reaches the engine is).
+            out.skipped += 1;
+            return;
+        }
         if head.time == 0 {
             return out.reject("data points without time_unix_nano", 1);
         }
@@ -94,9 +101,6 @@ fn observe_metric(
             );
         }
         accepted += 1;
-        if head.flags & NO_RECORDED_VALUE != 0 {
-            return;
-        }
         match value {
             Ok(value) => {
                 let series = series_key(&metric.name, head.attributes, options, &mut out.truncated);
@@ -380,11 +384,26 @@ mod tests {
             &NormalizeOptions::default(),
         );
         assert_eq!((out.accepted, out.rejected), (1, 5), "{:?}", out.rejections);
+        assert_eq!(out.skipped, 0);
         assert!(
             out.rejections.keys().any(|r| r.contains("after 2262")),
             "{:?}",
             out.rejections
         );
+    }
+
+    #[test]
+    fn points_without_a_recorded_value_are_skipped_not_accepted() {
+        let mut gap = number_point(100, 0.0, vec![]);
+        gap.flags = NO_RECORDED_VALUE;
+        gap.value = None;
+        let gauge = Data::Gauge(Gauge {
+            data_points: vec![gap, number_point(100, 1.0, vec![])],
+        });
+        let out = metrics(&request(vec![metric("g", gauge)]), &NormalizeOptions::default());
+        assert_eq!((out.accepted, out.rejected, out.skipped), (1, 0, 1));
+        assert_eq!(out.batch.resources[0].metric_points.len(), 1);
+        assert_eq!(out.error_message("data points"), None);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct Normalized {
     pub rejections: BTreeMap<&'static str, u64>,
     /// Attribute values cut to the length cap, and metric attributes left out of series keys.
     pub truncated: u64,
+    /// Valid items with nothing to observe (metric points flagged `NO_RECORDED_VALUE`): neither
+    /// accepted (they never reach the engine) nor rejected.
+    pub skipped: u64,
 }
 
 impl Normalized {

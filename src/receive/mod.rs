@@ -221,6 +221,13 @@ impl Intake {
     }
 
     async fn submit(&self, n: Normalized, signal: Signal) -> Result<ExportOutcome, ExportError> {
+        if n.skipped > 0 {
+            tracing::debug!(
+                signal = signal.name(),
+                items = n.skipped,
+                "items without a value skipped"
+            );
+        }
         let outcome = ExportOutcome {
             accepted: n.accepted,
             rejected: n.rejected,

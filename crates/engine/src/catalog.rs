@@ -337,7 +337,9 @@ impl Catalog {
 
         let (version, evicted) = admit_version(entry, &id.version, first, &limits);
         if version.as_ref() == OVERFLOW && id.version.as_ref() != OVERFLOW {
-            hits.push((Cap::VersionsPerApp, 1));
+            // Per item folded, as every other cap counts.
+            let items = obs.spans + obs.metric_points.len() as u64 + obs.logs.len() as u64;
+            hits.push((Cap::VersionsPerApp, items));
         }
         let stats = entry.versions.entry(version.clone()).or_insert(VersionStats {
             first_seen: first,
@@ -351,7 +353,6 @@ impl Catalog {
         stats.errors += obs.requests.iter().filter(|r| r.error).count() as u64;
         stats.calls += obs.calls.len() as u64;
         stats.exceptions += obs.exceptions.len() as u64;
-        stats.metric_points += obs.metric_points.len() as u64;
         stats.log_records += obs.logs.len() as u64;
         stats.error_log_records += obs.logs.iter().filter(|l| l.severity.is_error()).count() as u64;
 
@@ -416,6 +417,11 @@ impl Catalog {
             }
         }
         hits.push((Cap::MetricSeriesPerApp, dropped));
+        // Only the points kept are catalogued: the dropped ones are counted by their cap, so that
+        // what was accepted is exactly what was catalogued plus what caps dropped.
+        if let Some(stats) = entry.versions.get_mut(&version) {
+            stats.metric_points += obs.metric_points.len() as u64 - dropped;
+        }
         (
             hits,
             Some(Admission {
@@ -573,6 +579,19 @@ mod tests {
         let versions: Vec<&str> = c.app("prod", "a").expect("app").versions().map(|v| v.0).collect();
         assert_eq!(versions, vec![OVERFLOW, "v1"]);
         assert_eq!(hits(&c, Cap::VersionsPerApp), 1);
+        ingest(
+            &mut c,
+            vec![resource(
+                "a",
+                "v2",
+                vec![request("x", 1_010, false), request("y", 1_020, false)],
+            )],
+        );
+        assert_eq!(
+            hits(&c, Cap::VersionsPerApp),
+            3,
+            "one per item folded, not per resource"
+        );
 
         ingest(
             &mut c,
@@ -605,7 +624,11 @@ mod tests {
         ingest(&mut c, vec![r]);
         let app = c.app("prod", "a").expect("app");
         assert_eq!(app.metric_series(), 2);
-        assert_eq!(app.versions().next().expect("v1").1.metric_points, 5);
+        assert_eq!(
+            app.versions().next().expect("v1").1.metric_points,
+            2,
+            "the dropped points are counted by the cap, not catalogued"
+        );
         assert_eq!(hits(&c, Cap::MetricSeriesPerApp), 3);
     }
 }
