@@ -895,6 +895,18 @@ mod binary {
         assert!(stderr.contains("engine queue drained batches=1"), "{stderr}");
     }
 
+    /// Waits until the engine has ingested `batches` batches: what was posted is all learned.
+    async fn ingested(daemon: &Running, batches: usize) {
+        super::eventually("the engine to ingest every batch", || async {
+            let text = daemon.get("/metrics").await;
+            match super::support::sample(&text, "canaryd_engine_batches_total") {
+                Some(n) if n >= batches as f64 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+
     /// The app's baseline, as JSON, once its request rate has learned `at_least` windows.
     async fn learned_baseline(daemon: &Running, at_least: u64) -> serde_json::Value {
         let path = "/api/v1/apps/app-0/baseline?env=prod&version=1.0.0";
@@ -913,9 +925,12 @@ mod binary {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let daemon = Running::start(&data, &[]);
-        for request in super::hour_of_traffic() {
-            daemon.post_traces(&request).await;
+        let traffic = super::hour_of_traffic();
+        for request in &traffic {
+            daemon.post_traces(request).await;
         }
+        // Read once all is learned, not while the engine still works through the queue.
+        ingested(&daemon, traffic.len()).await;
         let before = learned_baseline(&daemon, 55).await;
         daemon.signal("-TERM");
         let (code, stderr) = daemon.wait();
@@ -1009,9 +1024,12 @@ mod binary {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let daemon = Running::start(&data, &["--flush-interval-secs", "1"]);
-        for request in super::hour_of_traffic() {
-            daemon.post_traces(&request).await;
+        let traffic = super::hour_of_traffic();
+        for request in &traffic {
+            daemon.post_traces(request).await;
         }
+        // Read once all is learned, not while the engine still works through the queue.
+        ingested(&daemon, traffic.len()).await;
         let learned = learned_baseline(&daemon, 55).await;
         let samples = super::feature(&learned, "request_rate", "").expect("rate")["samples"].clone();
         // Two more flushes: the second began after everything above was learned.
