@@ -264,7 +264,13 @@ fn run(service: &Service, model: Model) -> Run {
                             name: "orders.completed".into(),
                             attributes: vec![],
                         },
-                        start_time: START,
+                        // As SDKs do: the series starts when its version does, and its first
+                        // point carries no increment the engine can place.
+                        start_time: if v == 1 {
+                            START + service.warmup_s * S
+                        } else {
+                            START
+                        },
                         time,
                         value: PointValue::Sum {
                             temporality: Temporality::Cumulative,
@@ -466,4 +472,41 @@ fn a_broken_gate_fails_the_canary() {
     let r = run(&Service::new(10, Fault::ErrorRate(0.2)), m);
     let delay = r.delay_s().expect("the gate fails the canary");
     assert!((0.0..60.0).contains(&delay), "{delay}");
+}
+
+/// The spread of detection delays over many seeds at the public scenarios' traffic, and A/A runs
+/// on other seeds; slow, so run on demand for BENCHMARKS.md:
+/// `cargo test -p canaryd-engine --test judge_scenarios delay_distribution -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn delay_distribution() {
+    for (name, fault) in [
+        ("error jump", Fault::ErrorRate(0.05)),
+        ("latency x2", Fault::LatencyFactor(2.0)),
+    ] {
+        let mut delays: Vec<f64> = (200..230)
+            .map(|seed| {
+                run(&Service::new(seed, fault), model(long_stage()))
+                    .delay_s()
+                    .unwrap_or_else(|| panic!("{name} seed {seed} not caught"))
+            })
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        println!(
+            "{name}: median {} s, p90 {} s, max {} s over {} seeds",
+            delays[delays.len() / 2],
+            delays[delays.len() * 9 / 10],
+            delays[delays.len() - 1],
+            delays.len()
+        );
+    }
+    let failed = (300..360)
+        .filter(|seed| {
+            run(&Service::new(*seed, Fault::None), model(long_stage()))
+                .failed_at()
+                .is_some()
+        })
+        .count();
+    println!("A/A: {failed} of 60 runs failed");
+    assert_eq!(failed, 0);
 }

@@ -18,6 +18,9 @@ use crate::baseline::{Baseline, BaselineConfig};
 use crate::features::{FeatureKey, window_features};
 use crate::window::{Aggregate, RequestAggregate};
 
+/// Counter points a window must hold before increments per request are compared.
+const MIN_METRIC_POINTS: u64 = 3;
+
 /// Level the same-window comparison must reach to confirm the reference comparison's direction.
 pub const SAME_WINDOW_ALPHA: f64 = 0.05;
 
@@ -76,26 +79,71 @@ pub struct Check {
 /// The windows of one horizon.
 pub struct Windows<'a> {
     pub horizon_s: u64,
+    /// How much of the horizon the analysis has seen (it may have started more recently).
+    pub seen_s: u64,
     pub canary: &'a Aggregate,
     pub stable: &'a Aggregate,
     pub reference: &'a Aggregate,
 }
 
-/// Per-look p-value every check must beat: the model's hourly false-alarm rate shared out over the
-/// checks and over the looks an hour holds on each trailing window. Looks one second apart on a
-/// window of `h` seconds overlap, so an hour holds about `3600 / h` independent ones; the factor 2
-/// pays for the overlap.
-pub fn look_threshold(decision: &Decision, checks: usize) -> f64 {
-    let looks: f64 = decision
-        .horizons_s
-        .iter()
-        .map(|h| 2.0 * (3600.0 / (*h).max(1) as f64).max(1.0))
-        .sum();
-    decision.false_alarm_rate / (checks.max(1) as f64 * looks)
+/// The per-look p-value each check group must beat.
+///
+/// The model's hourly false-alarm rate is shared out over the groups by weight (each group's share
+/// split evenly over its checks), and over the looks an hour holds on each trailing window. Looks
+/// one second apart on a window of `h` seconds overlap, so an hour holds about `3600 / h`
+/// independent ones; the factor 2 pays for the overlap. Spending by weight gives the evidence the
+/// model cares most about the most room, and the sum over all checks stays the model's rate.
+#[derive(Clone, Debug, Default)]
+pub struct Thresholds {
+    by_group: BTreeMap<&'static str, f64>,
+    fallback: f64,
 }
 
-/// Evaluates every check of `model` on one horizon's windows; `threshold` is the per-look p-value.
-pub fn evaluate(model: &Model, w: &Windows<'_>, threshold: f64, out: &mut Vec<Check>) {
+impl Thresholds {
+    /// `checks` are the checks of one provisional look (all horizons).
+    pub fn new(decision: &Decision, checks: &[Check], horizons: usize) -> Thresholds {
+        let looks: f64 = decision
+            .horizons_s
+            .iter()
+            .map(|h| 2.0 * (3600.0 / (*h).max(1) as f64).max(1.0))
+            .sum();
+        let mut groups: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
+        for c in checks {
+            let g = groups.entry(c.group).or_insert((c.weight, 0));
+            g.1 += 1;
+        }
+        // A group with weight 0 still gets a sliver of the budget, so that it can decide at all.
+        let share = |w: f64| w.max(0.0) + 1.0;
+        let total: f64 = groups.values().map(|(w, _)| share(*w)).sum();
+        let per_look = decision.false_alarm_rate / looks;
+        let by_group = groups
+            .into_iter()
+            .map(|(g, (w, n))| {
+                let per_horizon = n.div_ceil(horizons.max(1)).max(1);
+                (g, per_look * share(w) / total / per_horizon as f64)
+            })
+            .collect();
+        Thresholds {
+            by_group,
+            fallback: per_look / checks.len().max(1) as f64,
+        }
+    }
+
+    /// A threshold of 1 for every group: a provisional look, to count the checks.
+    pub fn provisional() -> Thresholds {
+        Thresholds {
+            by_group: BTreeMap::new(),
+            fallback: 1.0,
+        }
+    }
+
+    pub fn get(&self, group: &str) -> f64 {
+        self.by_group.get(group).copied().unwrap_or(self.fallback)
+    }
+}
+
+/// Evaluates every check of `model` on one horizon's windows against the per-look p-values.
+pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Check>) {
     let d = &model.decision;
     let c = &model.checks;
     if let Some(e) = &c.error_ratio {
@@ -112,7 +160,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, threshold: f64, out: &mut Vec<Ch
                 same,
                 reference,
                 w.horizon_s,
-                threshold,
+                t.get("errors"),
             ));
         }
     }
@@ -132,18 +180,18 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, threshold: f64, out: &mut Vec<Ch
                     same,
                     reference,
                     w.horizon_s,
-                    threshold,
+                    t.get("latency"),
                 ));
             }
         }
     }
     if let Some(m) = &c.operation_mix {
-        out.push(operation_mix(m, d, w, threshold));
+        out.push(operation_mix(m, d, w, t.get("operation_mix")));
     }
     if let Some(g) = &c.call_graph {
         let downstreams: BTreeSet<&String> = w.canary.calls.keys().chain(w.reference.calls.keys()).collect();
         for ds in downstreams {
-            out.push(call_graph(g, d, ds, w, threshold));
+            out.push(call_graph(g, d, ds, w, t.get("call_graph")));
         }
     }
     if let Some(r) = &c.exceptions {
@@ -163,7 +211,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, threshold: f64, out: &mut Vec<Ch
                 format!("exception_rate[{ty}]"),
                 counts,
                 w,
-                threshold,
+                t.get("exceptions"),
             ));
         }
     }
@@ -180,7 +228,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, threshold: f64, out: &mut Vec<Ch
             "error_log_rate".to_owned(),
             counts,
             w,
-            threshold,
+            t.get("error_logs"),
         ));
     }
     if let Some(m) = &c.metrics
@@ -194,7 +242,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, threshold: f64, out: &mut Vec<Ch
             .map(|(k, _)| k)
             .collect();
         for s in series {
-            out.push(metric_rate(m, d, s, w, threshold));
+            out.push(metric_rate(m, d, s, w, t.get("metrics")));
         }
     }
 }
@@ -714,6 +762,16 @@ fn metric_rate(
         check.message = "no requests to compare".into();
         return check;
     };
+    // Counter points come every few seconds and a new series' first point carries no increment:
+    // compare only windows the analysis saw whole, holding several of the canary's points.
+    let points = w.canary.metrics.get(series).map_or(0, |s| s.increments);
+    if w.seen_s < w.horizon_s || points < MIN_METRIC_POINTS {
+        check.message = format!(
+            "{points} canary points of {name} over {} s seen, {MIN_METRIC_POINTS} points over {} s needed",
+            w.seen_s, w.horizon_s
+        );
+        return check;
+    }
     if w.canary.all.requests < d.min_requests || per_r <= 0.0 {
         check.message = format!(
             "{} canary requests, {} needed",

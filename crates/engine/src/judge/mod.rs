@@ -327,33 +327,36 @@ impl Analysis {
         let canary = self.canary_history.trailing(now, &canary_h);
         let stable = self.stable_history.trailing(now, &stable_h);
         let n = horizons.len();
+        let seen_s = now.saturating_sub(self.started_at) / SECOND;
 
         let mut per_horizon: Vec<Vec<Check>> = Vec::with_capacity(n);
         for (i, h) in horizons.iter().enumerate() {
             let windows = checks::Windows {
                 horizon_s: *h,
+                seen_s,
                 canary: &canary[i],
                 stable: &stable[i],
                 reference: &stable[n + i],
             };
             let mut out = Vec::new();
-            // The threshold depends on how many checks there are; evaluate with a provisional
-            // one, then re-judge outcomes below with the final count.
-            checks::evaluate(&model, &windows, 1.0, &mut out);
+            // The thresholds depend on how many checks each group has; evaluate with provisional
+            // ones, then again with the final ones.
+            checks::evaluate(&model, &windows, &checks::Thresholds::provisional(), &mut out);
             per_horizon.push(out);
         }
-        let count = per_horizon.iter().map(Vec::len).max().unwrap_or(0);
-        let threshold = checks::look_threshold(d, count);
+        let all: Vec<Check> = per_horizon.into_iter().flatten().collect();
+        let thresholds = checks::Thresholds::new(d, &all, n);
         let mut per_horizon: Vec<Vec<Check>> = Vec::with_capacity(n);
         for (i, h) in horizons.iter().enumerate() {
             let windows = checks::Windows {
                 horizon_s: *h,
+                seen_s,
                 canary: &canary[i],
                 stable: &stable[i],
                 reference: &stable[n + i],
             };
             let mut out = Vec::new();
-            checks::evaluate(&model, &windows, threshold, &mut out);
+            checks::evaluate(&model, &windows, &thresholds, &mut out);
             per_horizon.push(out);
         }
 
@@ -404,12 +407,12 @@ impl Analysis {
 
         // Hysteresis: a failing look counts once enough of them come in a row, or at once when the
         // evidence is gross.
-        let gross = threshold / d.gross_factor;
         let mut checks: Vec<Check> = Vec::with_capacity(combined.len());
         for (base, mut check) in combined {
             if check.outcome == Outcome::Fail {
                 let streak = self.streaks.entry(base).or_default();
                 *streak += 1;
+                let gross = thresholds.get(check.group) / d.gross_factor;
                 let is_gross = check.p_value.is_some_and(|p| p < gross);
                 if *streak < d.confirm_looks && !is_gross {
                     check.outcome = Outcome::Marginal;

@@ -69,7 +69,7 @@ impl Default for Decision {
             horizons_s: vec![5, 10, 30, 120, 600],
             reference_s: 300,
             confirm_looks: 2,
-            gross_factor: 1e4,
+            gross_factor: 100.0,
             min_requests: 40,
             marginal_score: 80.0,
             fail_score: 50.0,
