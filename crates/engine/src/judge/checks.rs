@@ -86,59 +86,89 @@ pub struct Windows<'a> {
     pub reference: &'a Aggregate,
 }
 
-/// The per-look p-value each check group must beat.
+/// The per-look p-value each check must beat.
 ///
-/// The model's hourly false-alarm rate is shared out over the groups by weight (each group's share
-/// split evenly over its checks), and over the looks an hour holds on each trailing window. Looks
-/// one second apart on a window of `h` seconds overlap, so an hour holds about `3600 / h`
-/// independent ones; the factor 2 pays for the overlap. Spending by weight gives the evidence the
-/// model cares most about the most room, and the sum over all checks stays the model's rate.
+/// The model's hourly false-alarm rate is shared out over the check groups by weight, and over the
+/// looks an hour holds on each trailing window. Looks one second apart on a window of `h` seconds
+/// overlap, so an hour holds about `3600 / h` independent ones; the factor 2 pays for the overlap.
+/// Within a group, the app-wide check (when the group has one besides per-subject checks) gets
+/// `APP_WIDE_SHARE` of the group's budget and the per-subject checks split the rest: a fault of the
+/// whole version is the common case and should not wait on the count of operations. The sum over
+/// all checks stays the model's rate (Bonferroni).
 #[derive(Clone, Debug, Default)]
 pub struct Thresholds {
-    by_group: BTreeMap<&'static str, f64>,
+    by_check: BTreeMap<(&'static str, bool), f64>,
     fallback: f64,
 }
 
+/// The app-wide check's share of its group's false-alarm budget.
+const APP_WIDE_SHARE: f64 = 0.6;
+
+/// Whether a check is about the whole app (not one operation, downstream, type or series): its
+/// feature names no subject. (The operation mix names the operation that moved most, but judges
+/// the whole mix.)
+fn app_wide(check: &Check) -> bool {
+    !check.feature.contains('[')
+}
+
 impl Thresholds {
-    /// `checks` are the checks of one provisional look (all horizons).
+    /// `checks` are the checks of one provisional look over `horizons` trailing windows.
     pub fn new(decision: &Decision, checks: &[Check], horizons: usize) -> Thresholds {
         let looks: f64 = decision
             .horizons_s
             .iter()
             .map(|h| 2.0 * (3600.0 / (*h).max(1) as f64).max(1.0))
             .sum();
-        let mut groups: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
+        // Per group: weight, app-wide checks, per-subject checks.
+        let mut groups: BTreeMap<&'static str, (f64, usize, usize)> = BTreeMap::new();
         for c in checks {
-            let g = groups.entry(c.group).or_insert((c.weight, 0));
-            g.1 += 1;
+            let g = groups.entry(c.group).or_insert((c.weight, 0, 0));
+            if app_wide(c) {
+                g.1 += 1;
+            } else {
+                g.2 += 1;
+            }
         }
         // A group with weight 0 still gets a sliver of the budget, so that it can decide at all.
         let share = |w: f64| w.max(0.0) + 1.0;
-        let total: f64 = groups.values().map(|(w, _)| share(*w)).sum();
+        let total: f64 = groups.values().map(|(w, _, _)| share(*w)).sum();
         let per_look = decision.false_alarm_rate / looks;
-        let by_group = groups
-            .into_iter()
-            .map(|(g, (w, n))| {
-                let per_horizon = n.div_ceil(horizons.max(1)).max(1);
-                (g, per_look * share(w) / total / per_horizon as f64)
-            })
-            .collect();
+        let per_horizon = |n: usize| n.div_ceil(horizons.max(1)).max(1) as f64;
+        let mut by_check = BTreeMap::new();
+        for (g, (w, wide, subjects)) in groups {
+            let budget = per_look * share(w) / total;
+            let wide_share = match (wide, subjects) {
+                (0, _) => 0.0,
+                (_, 0) => 1.0,
+                _ => APP_WIDE_SHARE,
+            };
+            by_check.insert((g, true), budget * wide_share / per_horizon(wide));
+            by_check.insert((g, false), budget * (1.0 - wide_share) / per_horizon(subjects));
+        }
         Thresholds {
-            by_group,
+            by_check,
             fallback: per_look / checks.len().max(1) as f64,
         }
     }
 
-    /// A threshold of 1 for every group: a provisional look, to count the checks.
+    /// A threshold of 1 for every check: a provisional look, to count the checks.
     pub fn provisional() -> Thresholds {
         Thresholds {
-            by_group: BTreeMap::new(),
+            by_check: BTreeMap::new(),
             fallback: 1.0,
         }
     }
 
-    pub fn get(&self, group: &str) -> f64 {
-        self.by_group.get(group).copied().unwrap_or(self.fallback)
+    pub fn get(&self, group: &str, app_wide: bool) -> f64 {
+        self.by_check
+            .iter()
+            .find(|((g, w), _)| *g == group && *w == app_wide)
+            .map_or(self.fallback, |(_, t)| *t)
+    }
+
+    /// The threshold that applies to `check`.
+    pub fn of(&self, check: &Check) -> f64 {
+        self.get(check.group, app_wide(check))
     }
 }
 
@@ -152,6 +182,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
             subjects.extend(operations(w));
         }
         for (op, can, same, reference) in subjects {
+            let threshold = t.get("errors", op.is_none());
             out.push(error_ratio(
                 e,
                 d,
@@ -160,7 +191,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
                 same,
                 reference,
                 w.horizon_s,
-                t.get("errors"),
+                threshold,
             ));
         }
     }
@@ -180,18 +211,18 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
                     same,
                     reference,
                     w.horizon_s,
-                    t.get("latency"),
+                    t.get("latency", op.is_none()),
                 ));
             }
         }
     }
     if let Some(m) = &c.operation_mix {
-        out.push(operation_mix(m, d, w, t.get("operation_mix")));
+        out.push(operation_mix(m, d, w, t.get("operation_mix", true)));
     }
     if let Some(g) = &c.call_graph {
         let downstreams: BTreeSet<&String> = w.canary.calls.keys().chain(w.reference.calls.keys()).collect();
         for ds in downstreams {
-            out.push(call_graph(g, d, ds, w, t.get("call_graph")));
+            out.push(call_graph(g, d, ds, w, t.get("call_graph", false)));
         }
     }
     if let Some(r) = &c.exceptions {
@@ -211,7 +242,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
                 format!("exception_rate[{ty}]"),
                 counts,
                 w,
-                t.get("exceptions"),
+                t.get("exceptions", false),
             ));
         }
     }
@@ -228,7 +259,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
             "error_log_rate".to_owned(),
             counts,
             w,
-            t.get("error_logs"),
+            t.get("error_logs", true),
         ));
     }
     if let Some(m) = &c.metrics
@@ -242,7 +273,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
             .map(|(k, _)| k)
             .collect();
         for s in series {
-            out.push(metric_rate(m, d, s, w, t.get("metrics")));
+            out.push(metric_rate(m, d, s, w, t.get("metrics", false)));
         }
     }
 }
@@ -886,5 +917,62 @@ pub fn baseline_checks(
             );
         }
         out.push(check);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::judge::model::Decision;
+
+    fn check(group: &'static str, feature: &str, operation: Option<&str>) -> Check {
+        Check {
+            id: format!("{group}:{feature}"),
+            group,
+            feature: feature.into(),
+            operation: operation.map(str::to_owned),
+            test: "t",
+            critical: true,
+            weight: 10.0,
+            outcome: Outcome::Pass,
+            canary_value: None,
+            baseline_value: None,
+            canary_samples: 0,
+            baseline_samples: 0,
+            statistic: None,
+            p_value: None,
+            threshold: 0.0,
+            effect: None,
+            min_effect: 0.0,
+            effect_kind: "ratio",
+            window_s: 10,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn thresholds_spend_exactly_the_budget_and_leave_no_check_out() {
+        let decision = Decision::default();
+        // One horizon's checks: app-wide and per-subject ones, and a mix check naming an operation.
+        let checks = vec![
+            check("errors", "error_ratio", None),
+            check("errors", "error_ratio[GET /a]", Some("GET /a")),
+            check("errors", "error_ratio[GET /b]", Some("GET /b")),
+            check("operation_mix", "operation_share", Some("GET /a")),
+            check("call_graph", "calls_per_request[db]", None),
+        ];
+        let horizons = 1;
+        let t = Thresholds::new(&decision, &checks, horizons);
+        let looks: f64 = decision.horizons_s.iter().map(|h| 2.0 * 3600.0 / *h as f64).sum();
+        let spent: f64 = checks.iter().map(|c| t.of(c)).sum();
+        let budget = decision.false_alarm_rate / looks;
+        assert!((spent - budget).abs() < budget * 1e-9, "{spent} of {budget}");
+        for c in &checks {
+            assert!(t.of(c) > 0.0, "{} has no budget", c.feature);
+        }
+        assert!(
+            t.of(&checks[0]) > t.of(&checks[1]),
+            "the app-wide check gets the larger share"
+        );
     }
 }

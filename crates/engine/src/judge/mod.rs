@@ -412,7 +412,7 @@ impl Analysis {
             if check.outcome == Outcome::Fail {
                 let streak = self.streaks.entry(base).or_default();
                 *streak += 1;
-                let gross = thresholds.get(check.group) / d.gross_factor;
+                let gross = thresholds.of(&check) / d.gross_factor;
                 let is_gross = check.p_value.is_some_and(|p| p < gross);
                 if *streak < d.confirm_looks && !is_gross {
                     check.outcome = Outcome::Marginal;

@@ -388,6 +388,12 @@ impl Model {
                 format!("{} is above marginal_score {}", d.fail_score, d.marginal_score),
             ));
         }
+        if !(1..=86_400).contains(&d.rolled_back_after_s) {
+            return Err(bad(
+                "decision.rolled_back_after_s",
+                format!("must be 1 to 86400 seconds, not {}", d.rolled_back_after_s),
+            ));
+        }
         if !(d.gate_confidence >= 0.5 && d.gate_confidence < 1.0) {
             return Err(bad(
                 "decision.gate_confidence",

@@ -62,8 +62,9 @@ pub fn fisher_greater(x_c: u64, n_c: u64, x_s: u64, n_s: u64) -> f64 {
     let mut sum = term;
     let mut i = x_c;
     while i < highest {
+        // i >= lowest keeps the last factor at 1 or more; ordered so that no step goes below 0.
         let ratio = ((successes - i) as f64 * (draws - i) as f64)
-            / ((i + 1) as f64 * (population - successes - draws + i + 1) as f64);
+            / ((i + 1) as f64 * (population - successes + i + 1 - draws) as f64);
         term *= ratio;
         sum += term;
         i += 1;
@@ -173,6 +174,37 @@ mod tests {
         // The same proportion on both sides is no evidence at all.
         assert!(fisher_greater(2, 200, 18, 1800) > 0.4);
         assert_eq!(fisher_greater(0, 200, 18, 1800), 1.0);
+    }
+
+    #[test]
+    fn fisher_matches_the_direct_sum_on_every_small_table() {
+        for n_c in 0..7u64 {
+            for n_s in 0..7u64 {
+                for x_c in 0..=n_c {
+                    for x_s in 0..=n_s {
+                        let (pop, succ) = (n_c + n_s, x_c + x_s);
+                        let direct: f64 = (x_c..=succ.min(n_c))
+                            .filter(|i| succ - i <= n_s)
+                            .map(|i| {
+                                (ln_binomial(succ, i) + ln_binomial(pop - succ, n_c - i)
+                                    - ln_binomial(pop, n_c))
+                                .exp()
+                            })
+                            .sum();
+                        let expected = if succ == 0 || n_c == 0 {
+                            1.0
+                        } else {
+                            direct.min(1.0)
+                        };
+                        let got = fisher_greater(x_c, n_c, x_s, n_s);
+                        assert!(
+                            (got - expected).abs() < 1e-9,
+                            "{x_c}/{n_c} vs {x_s}/{n_s}: {got} != {expected}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
