@@ -521,6 +521,11 @@ impl Engine {
         self.judge.analysis(env, app).map(|a| a.view())
     }
 
+    /// The app's analysis's recent series, mix and call graph, for charts.
+    pub fn timeline(&self, env: &str, app: &str) -> Option<crate::judge::Timeline> {
+        self.judge.analysis(env, app).map(|a| a.timeline())
+    }
+
     /// Declares a rollout: `canary` is judged against `stable` with `model` (default `default`)
     /// from the app's current event time, replacing any analysis the app had.
     pub fn declare_rollout(

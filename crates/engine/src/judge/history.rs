@@ -101,6 +101,14 @@ impl History {
         out
     }
 
+    /// The 10-second blocks held, oldest first, the one being filled last.
+    pub fn blocks(&self) -> impl Iterator<Item = (EventTime, &Aggregate)> {
+        self.blocks
+            .iter()
+            .chain(self.block.as_ref())
+            .map(|(start, agg)| (*start, agg))
+    }
+
     /// Bytes held, roughly, for memory accounting.
     pub fn len(&self) -> usize {
         self.seconds.len() + self.blocks.len() + usize::from(self.block.is_some())

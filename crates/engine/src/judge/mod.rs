@@ -131,6 +131,44 @@ pub struct AnalysisView {
     pub gates: Vec<GateResult>,
 }
 
+/// What one version did in one 10-second block, for charts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SeriesPoint {
+    pub start: EventTime,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+impl SeriesPoint {
+    fn of(start: EventTime, agg: &Aggregate) -> Self {
+        SeriesPoint {
+            start,
+            requests: agg.all.requests,
+            errors: agg.all.errors,
+            latency_p50_ms: agg.all.latency_ms.quantile(0.5),
+            latency_p99_ms: agg.all.latency_ms.quantile(0.99),
+        }
+    }
+}
+
+/// The recent behaviour of both versions of an analysis: 10-second series, and the operation mix
+/// and call graph over the stable's reference window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Timeline {
+    pub block_s: u64,
+    pub canary: Vec<SeriesPoint>,
+    pub stable: Vec<SeriesPoint>,
+    /// Requests per operation.
+    pub canary_operations: BTreeMap<String, u64>,
+    pub stable_operations: BTreeMap<String, u64>,
+    /// Calls per request to each downstream.
+    pub canary_calls: BTreeMap<String, f64>,
+    pub stable_calls: BTreeMap<String, f64>,
+    pub window_s: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
@@ -268,6 +306,45 @@ impl Analysis {
             stable_requests: self.stable_requests,
             checks: self.checks.clone(),
             gates: self.gates.clone(),
+        }
+    }
+
+    /// Both versions' recent series, mix and call graph.
+    pub fn timeline(&self) -> Timeline {
+        let window_s = self.model.decision.reference_s;
+        let now = self.evaluated_at;
+        let canary = self.canary_history.trailing(now, &[window_s]).remove(0);
+        let stable = self.stable_history.trailing(now, &[window_s]).remove(0);
+        let operations = |a: &Aggregate| -> BTreeMap<String, u64> {
+            a.operations
+                .iter()
+                .map(|(op, o)| (op.clone(), o.requests))
+                .collect()
+        };
+        let calls = |a: &Aggregate| -> BTreeMap<String, f64> {
+            let n = a.all.requests.max(1) as f64;
+            a.calls
+                .iter()
+                .map(|(d, (c, _))| (d.clone(), *c as f64 / n))
+                .collect()
+        };
+        Timeline {
+            block_s: 10,
+            canary: self
+                .canary_history
+                .blocks()
+                .map(|(t, a)| SeriesPoint::of(t, a))
+                .collect(),
+            stable: self
+                .stable_history
+                .blocks()
+                .map(|(t, a)| SeriesPoint::of(t, a))
+                .collect(),
+            canary_operations: operations(&canary),
+            stable_operations: operations(&stable),
+            canary_calls: calls(&canary),
+            stable_calls: calls(&stable),
+            window_s,
         }
     }
 
