@@ -147,6 +147,8 @@ settings! {
     delivery_timeout_secs: u64,
     /// Hours a webhook delivery is retried before it is given up [default: 24]
     delivery_max_age_hours: u64,
+    /// HAProxy servers of each canary, for haproxy subscriptions: env/app/version=backend/server[+stable_server], comma-separated, version * for any [default: none]
+    haproxy_servers: crate::act::haproxy::HaproxyServers,
     /// Log filter, in tracing's EnvFilter syntax [default: info]
     log: String,
 }
@@ -395,6 +397,7 @@ impl Config {
                         1..=24 * 30,
                     )? * 3_600,
                 ),
+                haproxy_servers: raw.haproxy_servers.unwrap_or_default(),
                 ..DeliveryConfig::default()
             },
             max_message_bytes: within(

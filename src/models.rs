@@ -97,8 +97,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         let models = load(&dir).expect("shipped models are valid");
         let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, vec!["default", "error-or-p99", "staged"]);
-        let staged = &models[2];
+        assert_eq!(names, vec!["default", "error-or-p99", "shadow", "staged"]);
+        let staged = &models[3];
         let weights: Vec<f64> = staged.stages.iter().map(|s| s.weight).collect();
         assert_eq!(weights, vec![5.0, 20.0, 50.0, 100.0]);
     }

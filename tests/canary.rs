@@ -101,7 +101,7 @@ async fn a_declared_rollout_is_analysed_and_shown() {
         .iter()
         .filter_map(|m| m["name"].as_str())
         .collect();
-    assert_eq!(names, vec!["default", "error-or-p99", "staged"]);
+    assert_eq!(names, vec!["default", "error-or-p99", "shadow", "staged"]);
 
     let delete = |http: reqwest::Client, url: String| async move {
         http.delete(url).send().await.expect("DELETE").status().as_u16()

@@ -19,8 +19,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::haproxy;
 use super::signing::sign;
-use super::subscriptions::{Subscription, secret_key};
+use super::subscriptions::{Kind, Subscription, secret_key};
 use crate::events::EventType;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -35,6 +36,8 @@ pub enum DeliveryState {
     Expired,
     /// The receiver answered 410 Gone.
     Gone,
+    /// Nothing to do: an `haproxy` subscription's event without a traffic action, or a dry run.
+    Skipped,
 }
 
 /// One event's delivery to one subscription.
@@ -78,6 +81,8 @@ pub struct DeliveryConfig {
     /// Backoff before the first retry; it doubles per attempt up to `max_backoff`.
     pub first_backoff: Duration,
     pub max_backoff: Duration,
+    /// Where each (env, app, version) is served, for `haproxy` subscriptions.
+    pub haproxy_servers: super::haproxy::HaproxyServers,
 }
 
 impl Default for DeliveryConfig {
@@ -87,6 +92,7 @@ impl Default for DeliveryConfig {
             max_age: Duration::from_secs(24 * 3_600),
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(15 * 60),
+            haproxy_servers: super::haproxy::HaproxyServers::default(),
         }
     }
 }
@@ -264,6 +270,12 @@ impl Dispatcher {
                 return self.record(subscription, seq, delivery, "retry");
             }
         };
+        if subscription.kind == Kind::Haproxy {
+            let label = self
+                .act_on_haproxy(subscription, &event, &mut delivery, first)
+                .await;
+            return self.record(subscription, seq, delivery, label);
+        }
         let body = serde_json::to_vec(&event).unwrap_or_default();
         let timestamp = now / 1_000;
         let signature = sign(key, &event.id, timestamp, &body);
@@ -304,6 +316,50 @@ impl Dispatcher {
             }
         };
         self.record(subscription, seq, delivery, label)
+    }
+
+    /// Applies the event's traffic action on HAProxy; a failure is retried like a webhook's.
+    async fn act_on_haproxy(
+        &self,
+        subscription: &Subscription,
+        event: &crate::events::Event,
+        delivery: &mut Delivery,
+        first: u64,
+    ) -> &'static str {
+        let steps = match haproxy::plan(event, &self.config.haproxy_servers) {
+            None => {
+                delivery.state = DeliveryState::Skipped;
+                delivery.last_error = None;
+                return "skipped";
+            }
+            Some(Err(e)) => {
+                delivery.last_error = Some(e.to_string());
+                return self.schedule_retry(delivery, first);
+            }
+            Some(Ok(steps)) => steps,
+        };
+        let endpoint = match subscription.url.parse::<haproxy::Endpoint>() {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                delivery.last_error = Some(e);
+                return self.schedule_retry(delivery, first);
+            }
+        };
+        let started = std::time::Instant::now();
+        for (backend, server, weight) in &steps {
+            let result = haproxy::set_weight(&endpoint, backend, server, *weight, self.config.timeout).await;
+            if let Err(e) = result {
+                self.stats.delivery_seconds(started.elapsed());
+                delivery.last_error = Some(e.to_string());
+                return self.schedule_retry(delivery, first);
+            }
+            tracing::info!(subscription = %subscription.id, event = %event.id, %backend, %server, weight, "HAProxy weight set");
+        }
+        self.stats.delivery_seconds(started.elapsed());
+        delivery.state = DeliveryState::Delivered;
+        delivery.last_error = None;
+        delivery.delivered_ms = Some(now_ms());
+        "delivered"
     }
 
     fn schedule_retry(&self, delivery: &mut Delivery, first_ms: u64) -> &'static str {

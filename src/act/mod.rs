@@ -4,7 +4,9 @@
 //!   secret).
 //! - `signing`: Standard Webhooks HMAC-SHA256 signatures.
 //! - `delivery`: the per-subscription workers that drain the outbox with retries.
+//! - `haproxy`: the `haproxy` kind's action, canary weights set through HAProxy's runtime API.
 
 pub mod delivery;
+pub mod haproxy;
 pub mod signing;
 pub mod subscriptions;

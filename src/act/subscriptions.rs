@@ -20,6 +20,9 @@ use crate::events::EventType;
 pub enum Kind {
     /// A signed CloudEvents POST.
     Webhook,
+    /// The event's `set_weight` action, applied through HAProxy's runtime API (the URL is its
+    /// socket: `tcp://host:port` or `unix:///path`).
+    Haproxy,
 }
 
 /// A stored subscription.
@@ -145,7 +148,17 @@ pub fn validate(
     new: NewSubscription,
     allow_sensitive: bool,
 ) -> Result<(String, Vec<EventType>, Kind, Option<String>), SubscriptionError> {
-    check_url(&new.url, allow_sensitive)?;
+    let kind = new.kind.unwrap_or(Kind::Webhook);
+    match kind {
+        Kind::Webhook => {
+            check_url(&new.url, allow_sensitive)?;
+        }
+        Kind::Haproxy => {
+            new.url
+                .parse::<super::haproxy::Endpoint>()
+                .map_err(SubscriptionError::Url)?;
+        }
+    }
     if new.events.is_empty() {
         return Err(SubscriptionError::Events("name at least one event type".into()));
     }
@@ -165,7 +178,7 @@ pub fn validate(
     if let Some(secret) = &new.secret {
         secret_key(secret)?;
     }
-    Ok((new.url, events, new.kind.unwrap_or(Kind::Webhook), new.secret))
+    Ok((new.url, events, kind, new.secret))
 }
 
 #[cfg(test)]
