@@ -71,6 +71,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/subscriptions/{id}", delete(delete_subscription))
         .route("/api/v1/subscriptions/{id}/deliveries", get(deliveries))
+        .merge(crate::gates::routes())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::middleware::from_fn_with_state(guarded, require_token))
         .with_state(state)

@@ -7,6 +7,7 @@
 //! - `act`: subscriptions and the durable, signed delivery of events to them.
 //! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
 //! - `events`: canaryd's events as CloudEvents, built from the engine's decisions.
+//! - `gates`: Flagger's webhooks answered from the canary analysis.
 //! - `stats`: the daemon's own counters.
 //! - `store`: durable state in sled; the only module that touches it.
 //! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod gates;
 pub mod models;
 pub mod normalize;
 pub mod pipeline;

@@ -1,0 +1,413 @@
+//! Rollout-controller gates: Flagger's webhooks answered from the canary analysis.
+//!
+//! Its one job is to turn an app's analysis into the status codes Flagger acts on:
+//! - `POST /api/v1/gates/flagger` (Flagger's `pre-rollout` and `rollout` hooks): 200 while the
+//!   canary may proceed, 412 with `{proceed: false, reasons: [...]}` when it must not (Flagger
+//!   counts any status over 202 as a failed check).
+//! - `POST /api/v1/gates/flagger/rollback` (Flagger's `rollback` hook, inverted sense): 200 when
+//!   the canary is `failing` or `rolled_back` ("roll back now"), 409 otherwise.
+//!
+//! Flagger's `name` is the app and its `namespace` the env, unless `metadata.app` /
+//! `metadata.env` say otherwise. Flagger sends the phase `Progressing` to both its `pre-rollout`
+//! and `rollout` hooks, so a hook that runs before the canary gets traffic says so with
+//! `metadata.hook: pre-rollout`; the phases `Initializing`, `Initialized` and `Waiting` count as
+//! before traffic too. These routes sit behind the API's bearer-token check like every POST. The
+//! JSON shapes of these answers are defined here (the rest of the API's are in `api`).
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use canaryd_engine::judge::{AnalysisView, GateOutcome, Outcome, State as CanaryState};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ApiState, error};
+
+/// At most this many reasons go into an answer (Flagger copies the body into its events).
+const MAX_REASONS: usize = 10;
+
+/// Phases of a Flagger canary that come before the canary gets any traffic.
+const PRE_TRAFFIC_PHASES: [&str; 3] = ["Initializing", "Initialized", "Waiting"];
+
+/// The gate routes, to be merged into the API router (inside its bearer-token check).
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/gates/flagger", post(flagger_gate))
+        .route("/api/v1/gates/flagger/rollback", post(flagger_rollback))
+}
+
+/// What Flagger POSTs to a webhook. Fields Flagger may add later are ignored.
+#[derive(Debug, Deserialize)]
+struct FlaggerPayload {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    phase: String,
+    /// The canary's revision as Flagger knows it; echoed back, so that Flagger's events tell which
+    /// revision was judged.
+    #[serde(default)]
+    checksum: Option<String>,
+    /// The webhook's `metadata` from the Canary resource.
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Where a hook stands in Flagger's rollout, from `metadata.hook`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    PreRollout,
+    Rollout,
+}
+
+/// A payload, checked: which analysis it asks about and whether traffic has started.
+#[derive(Debug)]
+struct GateRequest {
+    env: String,
+    app: String,
+    phase: String,
+    checksum: Option<String>,
+    pre_traffic: bool,
+}
+
+impl GateRequest {
+    /// The request, or a 400 naming the field at fault.
+    fn of(payload: FlaggerPayload) -> Result<GateRequest, Box<Response>> {
+        let bad = |message: String| Box::new(error(StatusCode::BAD_REQUEST, &message));
+        let metadata = payload.metadata.unwrap_or_default();
+        let pick = |key: &str, field: &str, default: String| -> Result<String, Box<Response>> {
+            match metadata.get(key) {
+                Some(value) if value.is_empty() => Err(bad(format!("metadata.{key} must not be empty"))),
+                Some(value) => Ok(value.clone()),
+                None if default.is_empty() => Err(bad(format!("{field} must not be empty"))),
+                None => Ok(default),
+            }
+        };
+        let app = pick("app", "name", payload.name)?;
+        let env = pick("env", "namespace", payload.namespace)?;
+        let hook = match metadata.get("hook").map(String::as_str) {
+            None => None,
+            Some("pre-rollout") => Some(Hook::PreRollout),
+            Some("rollout") => Some(Hook::Rollout),
+            Some(other) => {
+                return Err(bad(format!(
+                    "metadata.hook must be \"pre-rollout\" or \"rollout\", not {other:?}"
+                )));
+            }
+        };
+        let pre_traffic = hook == Some(Hook::PreRollout)
+            || hook.is_none()
+                && PRE_TRAFFIC_PHASES
+                    .iter()
+                    .any(|p| p.eq_ignore_ascii_case(&payload.phase));
+        Ok(GateRequest {
+            env,
+            app,
+            phase: payload.phase,
+            checksum: payload.checksum,
+            pre_traffic,
+        })
+    }
+}
+
+/// The answer of `POST /api/v1/gates/flagger`.
+#[derive(Debug, Serialize)]
+struct GateAnswer {
+    env: String,
+    app: String,
+    phase: String,
+    checksum: Option<String>,
+    /// Whether the canary may proceed (200) or not (412).
+    proceed: bool,
+    /// The analysis's state, when there is one.
+    state: Option<&'static str>,
+    canary_version: Option<String>,
+    score: Option<f64>,
+    reasons: Vec<String>,
+}
+
+/// The answer of `POST /api/v1/gates/flagger/rollback`.
+#[derive(Debug, Serialize)]
+struct RollbackAnswer {
+    env: String,
+    app: String,
+    phase: String,
+    checksum: Option<String>,
+    /// Whether Flagger should roll back now (200) or not (409).
+    rollback: bool,
+    state: Option<&'static str>,
+    canary_version: Option<String>,
+    reasons: Vec<String>,
+}
+
+/// The parsed payload, or the 400 that names what is wrong with it.
+fn parse(body: Result<Json<FlaggerPayload>, JsonRejection>) -> Result<GateRequest, Box<Response>> {
+    match body {
+        Ok(Json(payload)) => GateRequest::of(payload),
+        Err(e) => Err(Box::new(error(StatusCode::BAD_REQUEST, &e.body_text()))),
+    }
+}
+
+/// The analysis the request asks about, and why there is none when there is none.
+fn lookup(state: &ApiState, request: &GateRequest) -> Result<AnalysisView, String> {
+    let engine = state.engine.lock();
+    if engine.catalog().app(&request.env, &request.app).is_none() {
+        return Err(format!(
+            "no app {:?} in env {:?}: canaryd has seen no telemetry for it",
+            request.app, request.env
+        ));
+    }
+    engine.analysis(&request.env, &request.app).ok_or_else(|| {
+        format!(
+            "app {:?} in env {:?} has no canary analysis: no canary version has sent telemetry and no rollout is declared",
+            request.app, request.env
+        )
+    })
+}
+
+/// The messages of the failing checks and gates, then of the marginal ones, capped.
+fn reasons(view: &AnalysisView, with_marginal: bool) -> Vec<String> {
+    let mut checks: Vec<_> = view
+        .checks
+        .iter()
+        .filter(|c| c.outcome == Outcome::Fail || with_marginal && c.outcome == Outcome::Marginal)
+        .collect();
+    checks.sort_by_key(|c| std::cmp::Reverse(c.outcome));
+    let mut out: Vec<String> = view
+        .gates
+        .iter()
+        .filter(|g| g.outcome == GateOutcome::Fail)
+        .map(|g| g.message.clone())
+        .chain(checks.iter().map(|c| match &c.operation {
+            Some(operation) => format!("{operation}: {}", c.message),
+            None => c.message.clone(),
+        }))
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|r| seen.insert(r.clone()));
+    if out.len() > MAX_REASONS {
+        let more = out.len() - (MAX_REASONS - 1);
+        out.truncate(MAX_REASONS - 1);
+        out.push(format!("... and {more} more (GET /api/v1/apps/{{app}}/canary)"));
+    }
+    out
+}
+
+/// Whether the canary may proceed, and why (not).
+fn verdict(request: &GateRequest, view: &AnalysisView) -> (bool, Vec<String>) {
+    let score = view
+        .score
+        .map_or_else(|| "no score".to_owned(), |s| format!("score {s:.1}"));
+    let version = &view.canary_version;
+    match view.state {
+        CanaryState::Healthy | CanaryState::Promoted => (true, Vec::new()),
+        // An earlier rollout's final verdict says nothing about one that has no traffic yet.
+        CanaryState::RolledBack if request.pre_traffic => (
+            true,
+            vec![format!(
+                "the last analysis ({version}) ended rolled_back; nothing to judge before traffic"
+            )],
+        ),
+        CanaryState::Failing | CanaryState::RolledBack => {
+            let mut reasons = reasons(view, false);
+            if reasons.is_empty() {
+                reasons.push(format!("canary {version} is {} ({score})", view.state.name()));
+            }
+            (false, reasons)
+        }
+        CanaryState::Marginal => {
+            let mut reasons = reasons(view, true);
+            reasons.insert(
+                0,
+                format!("canary {version} is marginal ({score}): holding until the doubt clears"),
+            );
+            reasons.truncate(MAX_REASONS);
+            (false, reasons)
+        }
+        CanaryState::InsufficientData if request.pre_traffic => {
+            (true, vec!["before traffic: nothing to judge yet".to_owned()])
+        }
+        CanaryState::InsufficientData => (
+            false,
+            vec![
+                "not enough evidence yet".to_owned(),
+                format!(
+                    "canary {version} has {} requests and the stable {} since the analysis started",
+                    view.canary_requests, view.stable_requests
+                ),
+            ],
+        ),
+    }
+}
+
+/// `POST /api/v1/gates/flagger`: 200 while the canary may proceed, 412 with the reasons when not.
+async fn flagger_gate(
+    State(state): State<ApiState>,
+    body: Result<Json<FlaggerPayload>, JsonRejection>,
+) -> Response {
+    let request = match parse(body) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    let answer = match lookup(&state, &request) {
+        Ok(view) => {
+            let (proceed, reasons) = verdict(&request, &view);
+            GateAnswer {
+                proceed,
+                state: Some(view.state.name()),
+                canary_version: Some(view.canary_version),
+                score: view.score.map(|s| (s * 10.0).round() / 10.0),
+                reasons,
+                env: request.env,
+                app: request.app,
+                phase: request.phase,
+                checksum: request.checksum,
+            }
+        }
+        Err(why) => GateAnswer {
+            proceed: request.pre_traffic,
+            state: None,
+            canary_version: None,
+            score: None,
+            reasons: vec![if request.pre_traffic {
+                format!("before traffic: nothing to judge yet ({why})")
+            } else {
+                why
+            }],
+            env: request.env,
+            app: request.app,
+            phase: request.phase,
+            checksum: request.checksum,
+        },
+    };
+    let status = if answer.proceed {
+        StatusCode::OK
+    } else {
+        StatusCode::PRECONDITION_FAILED
+    };
+    tracing::debug!(env = %answer.env, app = %answer.app, phase = %answer.phase, proceed = answer.proceed, "flagger gate");
+    (status, Json(answer)).into_response()
+}
+
+/// `POST /api/v1/gates/flagger/rollback`: 200 ("roll back now") when the canary is failing or
+/// rolled back, 409 otherwise.
+async fn flagger_rollback(
+    State(state): State<ApiState>,
+    body: Result<Json<FlaggerPayload>, JsonRejection>,
+) -> Response {
+    let request = match parse(body) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    let answer = match lookup(&state, &request) {
+        Ok(view) => {
+            let rollback = matches!(view.state, CanaryState::Failing | CanaryState::RolledBack);
+            let reasons = if rollback {
+                let mut reasons = reasons(&view, false);
+                if reasons.is_empty() {
+                    reasons.push(format!("canary {} is {}", view.canary_version, view.state.name()));
+                }
+                reasons
+            } else {
+                vec![format!(
+                    "canary {} is {}: no reason to roll back",
+                    view.canary_version,
+                    view.state.name()
+                )]
+            };
+            RollbackAnswer {
+                rollback,
+                state: Some(view.state.name()),
+                canary_version: Some(view.canary_version),
+                reasons,
+                env: request.env,
+                app: request.app,
+                phase: request.phase,
+                checksum: request.checksum,
+            }
+        }
+        Err(why) => RollbackAnswer {
+            rollback: false,
+            state: None,
+            canary_version: None,
+            reasons: vec![why],
+            env: request.env,
+            app: request.app,
+            phase: request.phase,
+            checksum: request.checksum,
+        },
+    };
+    let status = if answer.rollback {
+        StatusCode::OK
+    } else {
+        StatusCode::CONFLICT
+    };
+    (status, Json(answer)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(json: serde_json::Value) -> Result<GateRequest, Box<Response>> {
+        let payload: FlaggerPayload = serde_json::from_value(json).expect("payload shape");
+        GateRequest::of(payload)
+    }
+
+    #[test]
+    fn name_and_namespace_map_to_app_and_env_unless_metadata_says_otherwise() {
+        let r = payload(serde_json::json!({"name": "podinfo", "namespace": "test", "phase": "Progressing"}))
+            .expect("valid");
+        assert_eq!(
+            (r.app.as_str(), r.env.as_str(), r.pre_traffic),
+            ("podinfo", "test", false)
+        );
+        let r = payload(serde_json::json!({
+            "name": "podinfo", "namespace": "test", "phase": "Progressing", "checksum": "abc",
+            "metadata": {"app": "shop", "env": "prod", "hook": "pre-rollout"}
+        }))
+        .expect("valid");
+        assert_eq!(
+            (r.app.as_str(), r.env.as_str(), r.pre_traffic),
+            ("shop", "prod", true)
+        );
+    }
+
+    #[test]
+    fn phases_before_traffic_are_recognised() {
+        for (phase, pre) in [
+            ("Initializing", true),
+            ("Initialized", true),
+            ("Waiting", true),
+            ("Progressing", false),
+            ("Promoting", false),
+            ("", false),
+        ] {
+            let r =
+                payload(serde_json::json!({"name": "a", "namespace": "b", "phase": phase})).expect("valid");
+            assert_eq!(r.pre_traffic, pre, "{phase}");
+        }
+        // An explicit rollout hook is after traffic whatever the phase.
+        let r = payload(serde_json::json!({
+            "name": "a", "namespace": "b", "phase": "Waiting", "metadata": {"hook": "rollout"}
+        }))
+        .expect("valid");
+        assert!(!r.pre_traffic);
+    }
+
+    #[test]
+    fn bad_fields_are_refused() {
+        for json in [
+            serde_json::json!({"name": "", "namespace": "b"}),
+            serde_json::json!({"name": "a", "namespace": ""}),
+            serde_json::json!({"name": "a", "namespace": "b", "metadata": {"app": ""}}),
+            serde_json::json!({"name": "a", "namespace": "b", "metadata": {"hook": "post-rollout"}}),
+        ] {
+            let response = payload(json.clone()).expect_err("refused");
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{json}");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Flagger's gates on a whole daemon: a declared rollout with no evidence yet, then a canary that
+//! fails (half its requests error), as the gate and the rollback hook answer them; malformed
+//! payloads, unknown apps, and the bearer token.
+
+mod support;
+
+use canaryd::testdata::{self, EPOCH_NS, kv, kv_int};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+use support::{TestDaemon, eventually, find_app};
+
+const SECOND: u64 = 1_000_000_000;
+
+/// `per_second` SERVER spans a second for each of `seconds` seconds from `start_s` (seconds after
+/// `EPOCH_NS`) for one version of `shop` in `prod`, every `error_every`-th one failing with a 500.
+fn spans(version: &str, start_s: u64, seconds: u64, per_second: u64, error_every: u64) -> ResourceSpans {
+    // Ids unique across versions: the version's bytes salt the trace id.
+    let salt = version
+        .bytes()
+        .fold(0x5eed_u64, |h, b| h.rotate_left(8) ^ u64::from(b));
+    let mut spans = Vec::new();
+    for s in start_s..start_s + seconds {
+        for i in 0..per_second {
+            let n = s * per_second + i;
+            let failed = n.is_multiple_of(error_every);
+            let start = EPOCH_NS + s * SECOND + i * (SECOND / per_second);
+            spans.push(Span {
+                trace_id: [n.to_be_bytes(), salt.to_be_bytes()].concat(),
+                span_id: (n + 1).rotate_left(17).wrapping_add(salt).to_be_bytes().to_vec(),
+                name: "GET /orders".into(),
+                kind: span::SpanKind::Server as i32,
+                start_time_unix_nano: start,
+                // 20 to 29 ms, the same for both versions.
+                end_time_unix_nano: start + 20_000_000 + (n % 10) * 1_000_000,
+                attributes: vec![
+                    kv("http.request.method", "GET"),
+                    kv("http.route", "/orders"),
+                    kv_int("http.response.status_code", if failed { 500 } else { 200 }),
+                ],
+                status: failed.then(|| Status {
+                    code: status::StatusCode::Error as i32,
+                    message: "internal error".into(),
+                }),
+                ..Span::default()
+            });
+        }
+    }
+    ResourceSpans {
+        resource: Some(testdata::resource("prod", "shop", version)),
+        scope_spans: vec![ScopeSpans {
+            spans,
+            ..ScopeSpans::default()
+        }],
+        ..ResourceSpans::default()
+    }
+}
+
+/// Both versions over the same seconds: the stable with 0.1% errors, the canary with one error
+/// every `canary_error_every` requests.
+fn traffic(start_s: u64, seconds: u64, canary_error_every: u64) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![
+            spans("1.0.0", start_s, seconds, 50, 1000),
+            spans("2.0.0", start_s, seconds, 50, canary_error_every),
+        ],
+    }
+}
+
+/// POSTs `body` to `path` and returns the status and the JSON answer.
+async fn post(daemon: &TestDaemon, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response = daemon
+        .http
+        .post(daemon.api(path))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+fn flagger(phase: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": "shop", "namespace": "prod", "phase": phase, "checksum": "6d4b8f",
+        "metadata": {"cmd": "anything else Flagger carries"}
+    })
+}
+
+const GATE: &str = "/api/v1/gates/flagger";
+const ROLLBACK: &str = "/api/v1/gates/flagger/rollback";
+
+#[tokio::test]
+async fn the_gates_follow_the_canary_from_no_evidence_to_failing() {
+    let daemon = TestDaemon::start().await;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+
+    // Nothing known about shop yet: before traffic there is nothing to judge, after it the gate
+    // holds, and there is no reason to roll back.
+    let (status, body) = post(&daemon, GATE, flagger("Initialized")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&daemon, GATE, flagger("Progressing")).await;
+    assert_eq!(status, 412, "{body}");
+    assert!(
+        body["reasons"][0].as_str().unwrap_or("").contains("no app"),
+        "{body}"
+    );
+    let (status, body) = post(&daemon, ROLLBACK, flagger("Progressing")).await;
+    assert_eq!(status, 409, "{body}");
+
+    // A little healthy traffic of both versions, then the rollout is declared: no evidence yet.
+    traces.export(traffic(0, 2, 1000)).await.expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let response = daemon
+        .http
+        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status().as_u16(), 200);
+    let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+    assert_eq!(canary["state"], "insufficient_data", "{canary}");
+
+    let (status, body) = post(&daemon, GATE, flagger("Progressing")).await;
+    assert_eq!(status, 412, "{body}");
+    assert_eq!(body["proceed"], false);
+    assert_eq!(body["state"], "insufficient_data");
+    assert_eq!(body["reasons"][0], "not enough evidence yet", "{body}");
+    assert_eq!(body["checksum"], "6d4b8f");
+    for phase in ["Initializing", "Initialized", "Waiting"] {
+        let (status, body) = post(&daemon, GATE, flagger(phase)).await;
+        assert_eq!(status, 200, "{phase}: {body}");
+        assert_eq!(body["proceed"], true);
+    }
+    // Flagger says "Progressing" to its pre-rollout hooks too: metadata.hook tells them apart.
+    let mut pre_rollout = flagger("Progressing");
+    pre_rollout["metadata"]["hook"] = "pre-rollout".into();
+    let (status, body) = post(&daemon, GATE, pre_rollout).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&daemon, ROLLBACK, flagger("Progressing")).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["rollback"], false);
+
+    // metadata.app and metadata.env name the analysis when the Canary's name and namespace differ.
+    let (status, body) = post(
+        &daemon,
+        GATE,
+        serde_json::json!({
+            "name": "shop-canary", "namespace": "shop-ns", "phase": "Progressing",
+            "metadata": {"app": "shop", "env": "prod"}
+        }),
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    assert_eq!(
+        (body["app"].as_str(), body["env"].as_str()),
+        (Some("shop"), Some("prod"))
+    );
+    assert_eq!(body["state"], "insufficient_data", "{body}");
+
+    // Now the canary fails half its requests, over two minutes of event time.
+    for chunk in 0..12 {
+        traces
+            .export(traffic(2 + chunk * 10, 10, 2))
+            .await
+            .expect("export");
+    }
+    let canary = eventually("the canary is failing", || async {
+        let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+        if canary["state"] == "failing" {
+            Ok(canary)
+        } else {
+            Err(canary.to_string())
+        }
+    })
+    .await;
+    assert!(canary["failed_at"].is_string(), "{canary}");
+
+    let (status, body) = post(&daemon, GATE, flagger("Progressing")).await;
+    assert_eq!(status, 412, "{body}");
+    assert_eq!(body["state"], "failing");
+    let reasons = body["reasons"].as_array().expect("reasons");
+    assert!(!reasons.is_empty(), "{body}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.as_str().is_some_and(|r| r.contains("error"))),
+        "the failing error-ratio check is named: {body}"
+    );
+    let (status, body) = post(&daemon, ROLLBACK, flagger("Progressing")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rollback"], true);
+    assert!(!body["reasons"].as_array().expect("reasons").is_empty(), "{body}");
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_malformed_payload_is_refused_naming_the_field() {
+    let daemon = TestDaemon::start().await;
+    for path in [GATE, ROLLBACK] {
+        let (status, body) = post(&daemon, path, serde_json::json!({"namespace": "prod"})).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body["error"].as_str().unwrap_or("").contains("name"), "{body}");
+
+        let (status, body) = post(&daemon, path, serde_json::json!({"name": "shop", "namespace": 7})).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap_or("").contains("namespace"),
+            "{body}"
+        );
+
+        let (status, body) = post(
+            &daemon,
+            path,
+            serde_json::json!({"name": "shop", "namespace": "prod", "metadata": {"hook": "later"}}),
+        )
+        .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap_or("").contains("metadata.hook"),
+            "{body}"
+        );
+
+        let response = daemon
+            .http
+            .post(daemon.api(path))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status().as_u16(), 400, "{path}");
+    }
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn with_an_api_token_the_gates_need_it() {
+    let daemon = TestDaemon::start_with(|raw| raw.api_token = Some("gate-token".into())).await;
+    for path in [GATE, ROLLBACK] {
+        let (status, body) = post(&daemon, path, flagger("Progressing")).await;
+        assert_eq!(status, 401, "{path}: {body}");
+        let response = daemon
+            .http
+            .post(daemon.api(path))
+            .bearer_auth("gate-token")
+            .json(&flagger("Initialized"))
+            .send()
+            .await
+            .expect("POST");
+        let want = if path == GATE { 200 } else { 409 };
+        assert_eq!(response.status().as_u16(), want, "{path}");
+    }
+    daemon.stop().await.expect("clean stop");
+}
