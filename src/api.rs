@@ -52,7 +52,7 @@ pub struct ApiState {
 
 pub fn router(state: ApiState) -> Router {
     let guarded = state.clone();
-    Router::new()
+    crate::dashboard::add_routes(Router::new())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -6,6 +6,7 @@
 //! - `pipeline`: the bounded queue into the engine and the task that owns it.
 //! - `act`: subscriptions and the durable, signed delivery of events to them.
 //! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
+//! - `dashboard`: the page at `/` (embedded files) and the timeline its charts read.
 //! - `events`: canaryd's events as CloudEvents, built from the engine's decisions.
 //! - `gates`: Flagger's webhooks answered from the canary analysis.
 //! - `stats`: the daemon's own counters.
@@ -22,6 +23,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod dashboard;
 pub mod events;
 pub mod gates;
 pub mod models;
