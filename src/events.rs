@@ -233,7 +233,13 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
         baseline_value: c.baseline_value.unwrap_or(0.0),
         statistic: c.statistic.unwrap_or(0.0),
         threshold: c.threshold,
-        message: c.message.clone(),
+        message: match c.p_value {
+            Some(p) => format!(
+                "{} (over {} s: {} canary and {} stable samples, p = {p:.1e})",
+                c.message, c.window_s, c.canary_samples, c.baseline_samples
+            ),
+            None => c.message.clone(),
+        },
     };
     let gate_reason = |g: &canaryd_engine::judge::GateResult| Reason {
         feature: g.metric.name().into(),

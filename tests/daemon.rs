@@ -767,7 +767,8 @@ mod binary {
 
     /// A daemon process, ready (its addrs.json read).
     struct Running {
-        child: std::process::Child,
+        /// Taken by `wait`; a daemon still held when the test ends (it panicked) is killed.
+        child: Option<std::process::Child>,
         addrs: serde_json::Value,
         http: reqwest::Client,
     }
@@ -786,7 +787,7 @@ mod binary {
                 Some(serde_json::from_str(&text).expect("addrs.json is whole JSON"))
             });
             Running {
-                child,
+                child: Some(child),
                 addrs,
                 http: reqwest::Client::new(),
             }
@@ -817,17 +818,31 @@ mod binary {
 
         fn signal(&self, signal: &str) {
             let status = Command::new("kill")
-                .args([signal, &self.child.id().to_string()])
+                .args([signal, &self.pid().to_string()])
                 .status()
                 .expect("kill runs");
             assert!(status.success());
         }
 
         /// Waits for the process to end; returns its exit code and stderr.
+        fn pid(&self) -> u32 {
+            self.child.as_ref().map_or(0, std::process::Child::id)
+        }
+
         fn wait(mut self) -> (Option<i32>, String) {
-            let exit = poll_until("the daemon to exit", || self.child.try_wait().expect("poll"));
-            let output = self.child.wait_with_output().expect("output");
+            let mut child = self.child.take().expect("waited once");
+            let exit = poll_until("the daemon to exit", || child.try_wait().expect("poll"));
+            let output = child.wait_with_output().expect("output");
             (exit.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(child) = &mut self.child {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 

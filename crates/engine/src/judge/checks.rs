@@ -18,6 +18,9 @@ use crate::baseline::{Baseline, BaselineConfig};
 use crate::features::{FeatureKey, window_features};
 use crate::window::{Aggregate, RequestAggregate};
 
+/// Shortest window on which a known downstream's calls per request are compared.
+const MIN_EDGE_RATE_S: u64 = 30;
+
 /// Counter points a window must hold before increments per request are compared.
 const MIN_METRIC_POINTS: u64 = 3;
 
@@ -84,17 +87,72 @@ pub struct Windows<'a> {
     pub canary: &'a Aggregate,
     pub stable: &'a Aggregate,
     pub reference: &'a Aggregate,
+    pub dispersion: &'a Dispersion,
 }
 
-/// The per-look p-value each check must beat.
-///
-/// The model's hourly false-alarm rate is shared out over the check groups by weight, and over the
-/// looks an hour holds on each trailing window. Looks one second apart on a window of `h` seconds
-/// overlap, so an hour holds about `3600 / h` independent ones; the factor 2 pays for the overlap.
-/// Within a group, the app-wide check (when the group has one besides per-subject checks) gets
-/// `APP_WIDE_SHARE` of the group's budget and the per-subject checks split the rest: a fault of the
-/// whole version is the common case and should not wait on the count of operations. The sum over
-/// all checks stays the model's rate (Bonferroni).
+/// How much more the stable's event counts (calls to a downstream, exceptions of a type, error
+/// logs, counter increments) vary between parts of its reference window than a Poisson count
+/// would: 1 or more, per count. Calls cluster (an order makes two database calls, a product page
+/// none), so a rate test that took them for independent events would find differences in noise;
+/// the rate tests divide counts by this factor (quasi-Poisson).
+#[derive(Clone, Debug, Default)]
+pub struct Dispersion(BTreeMap<String, f64>);
+
+impl Dispersion {
+    /// From the parts (seconds or blocks) of the stable's reference window.
+    pub fn of(parts: &[(crate::observation::EventTime, &Aggregate)]) -> Dispersion {
+        // Each part's counts by key; a part without a key had none of it.
+        let parts: Vec<(f64, BTreeMap<String, f64>)> = parts
+            .iter()
+            .filter(|(_, p)| p.all.requests > 0)
+            .map(|(_, p)| {
+                let mut counts = BTreeMap::new();
+                for (d, (calls, _)) in &p.calls {
+                    counts.insert(format!("call:{d}"), *calls as f64);
+                }
+                for (t, c) in &p.exceptions {
+                    counts.insert(format!("exception:{t}"), *c as f64);
+                }
+                counts.insert("error_logs".to_owned(), p.error_logs as f64);
+                for (series, m) in &p.metrics {
+                    counts.insert(format!("metric:{series}"), m.increment);
+                }
+                (p.all.requests as f64, counts)
+            })
+            .collect();
+        let keys: std::collections::BTreeSet<&String> = parts.iter().flat_map(|(_, c)| c.keys()).collect();
+        let factors = keys
+            .into_iter()
+            .map(|key| {
+                let pairs: Vec<(f64, f64)> = parts
+                    .iter()
+                    .map(|(n, counts)| (counts.get(key).copied().unwrap_or(0.0), *n))
+                    .collect();
+                (key.clone(), quasi_poisson_factor(&pairs))
+            })
+            .collect();
+        Dispersion(factors)
+    }
+
+    pub fn get(&self, key: &str) -> f64 {
+        self.0.get(key).copied().unwrap_or(1.0)
+    }
+}
+
+/// Pearson's dispersion statistic over (count, exposure) pairs, at least 1.
+fn quasi_poisson_factor(pairs: &[(f64, f64)]) -> f64 {
+    let (sx, sn): (f64, f64) = pairs.iter().fold((0.0, 0.0), |(a, b), (x, n)| (a + x, b + n));
+    if pairs.len() < 2 || sx <= 0.0 || sn <= 0.0 {
+        return 1.0;
+    }
+    let rate = sx / sn;
+    let chi: f64 = pairs
+        .iter()
+        .map(|(x, n)| (x - rate * n).powi(2) / (rate * n))
+        .sum();
+    (chi / (pairs.len() - 1) as f64).max(1.0)
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Thresholds {
     by_check: BTreeMap<(&'static str, bool), f64>,
@@ -148,6 +206,14 @@ impl Thresholds {
         Thresholds {
             by_check,
             fallback: per_look / checks.len().max(1) as f64,
+        }
+    }
+
+    /// The same threshold for every check.
+    pub fn uniform(p: f64) -> Thresholds {
+        Thresholds {
+            by_check: BTreeMap::new(),
+            fallback: p,
         }
     }
 
@@ -240,6 +306,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
                 d,
                 "exceptions",
                 format!("exception_rate[{ty}]"),
+                &format!("exception:{ty}"),
                 counts,
                 w,
                 t.get("exceptions", false),
@@ -257,6 +324,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
             d,
             "error_logs",
             "error_log_rate".to_owned(),
+            "error_logs",
             counts,
             w,
             t.get("error_logs", true),
@@ -629,8 +697,17 @@ fn call_graph(
         );
         return check;
     }
-    let (up, down) = rate_tails(x_c, n_c, x_r, n_r);
-    let (up_same, down_same) = rate_tails(x_c, n_c, x_s, n_s);
+    // How many calls a request makes depends on its operation, so over a few seconds the
+    // operation mix alone moves calls per request far more than a count model allows: a known
+    // edge's rate is judged on windows of `MIN_EDGE_RATE_S` or more. A new edge needs no such care.
+    if x_r > 0.0 && w.horizon_s < MIN_EDGE_RATE_S {
+        check.message =
+            format!("calls per request to {downstream} are judged over {MIN_EDGE_RATE_S} s or more");
+        return check;
+    }
+    let phi = w.dispersion.get(&format!("call:{downstream}"));
+    let (up, down) = rate_tails(x_c / phi, n_c, x_r / phi, n_r);
+    let (up_same, down_same) = rate_tails(x_c / phi, n_c, x_s / phi, n_s);
     let (p, p_same, grew) = if up <= down {
         ((2.0 * up).min(1.0), up_same, true)
     } else {
@@ -669,10 +746,12 @@ fn rate_check(
     d: &Decision,
     group: &'static str,
     feature: String,
+    dispersion_key: &str,
     (x_c, x_s, x_r): (f64, f64, f64),
     w: &Windows<'_>,
     threshold: f64,
 ) -> Check {
+    let phi = w.dispersion.get(dispersion_key);
     let (n_c, n_s, n_r) = (
         w.canary.all.requests as f64,
         w.stable.all.requests as f64,
@@ -713,8 +792,8 @@ fn rate_check(
         );
         return check;
     }
-    let (p, _) = rate_tails(x_c, n_c, x_r, n_r);
-    let (p_same, _) = rate_tails(x_c, n_c, x_s, n_s);
+    let (p, _) = rate_tails(x_c / phi, n_c, x_r / phi, n_r);
+    let (p_same, _) = rate_tails(x_c / phi, n_c, x_s / phi, n_s);
     check.p_value = Some(p);
     check.statistic = Some(z_of(p));
     check.effect = Some(
@@ -737,7 +816,7 @@ fn rate_check(
         return check;
     }
     let target = (rate_r * r.min_ratio).max(rate_r + r.min_increase);
-    let (p_target, _) = rate_tails((target * n_c).ceil(), n_c, x_r, n_r);
+    let (p_target, _) = rate_tails((target * n_c).ceil() / phi, n_c, x_r / phi, n_r);
     if p_target >= threshold {
         check.message = format!(
             "{} canary requests cannot show {feature} of {target:.4} per request",
@@ -810,8 +889,9 @@ fn metric_rate(
         );
         return check;
     }
-    let (up, down) = rate_tails(x_c, n_c, x_r, n_r);
-    let (up_same, down_same) = rate_tails(x_c, n_c, x_s, n_s);
+    let phi = w.dispersion.get(&format!("metric:{series}"));
+    let (up, down) = rate_tails(x_c / phi, n_c, x_r / phi, n_r);
+    let (up_same, down_same) = rate_tails(x_c / phi, n_c, x_s / phi, n_s);
     let (p, p_same) = if up <= down {
         ((2.0 * up).min(1.0), up_same)
     } else {
@@ -974,5 +1054,34 @@ mod tests {
             t.of(&checks[0]) > t.of(&checks[1]),
             "the app-wide check gets the larger share"
         );
+    }
+}
+
+#[cfg(test)]
+mod dispersion_tests {
+    use super::*;
+
+    fn part(requests: u64, calls: u64) -> Aggregate {
+        let mut a = Aggregate::default();
+        for _ in 0..requests {
+            a.all.add(1_000_000, false);
+        }
+        a.calls.insert("db".into(), (calls, 0));
+        a
+    }
+
+    #[test]
+    fn clustered_calls_are_overdispersed_and_steady_ones_are_not() {
+        // Every request makes exactly one call: no more variation than Poisson (less, in fact).
+        let steady: Vec<Aggregate> = (0..30).map(|_| part(100, 100)).collect();
+        let parts: Vec<(u64, &Aggregate)> = steady.iter().map(|a| (0, a)).collect();
+        assert_eq!(Dispersion::of(&parts).get("call:db"), 1.0);
+        // Calls come ten at a time from a few requests: far more variation between parts.
+        let clustered: Vec<Aggregate> = (0..30)
+            .map(|i| part(100, if i % 2 == 0 { 0 } else { 40 }))
+            .collect();
+        let parts: Vec<(u64, &Aggregate)> = clustered.iter().map(|a| (0, a)).collect();
+        assert!(Dispersion::of(&parts).get("call:db") > 10.0);
+        assert_eq!(Dispersion::of(&parts).get("call:unknown"), 1.0);
     }
 }

@@ -101,6 +101,27 @@ impl History {
         out
     }
 
+    /// The pieces `trailing(now, [h])` merges: single seconds for windows up to a block, else
+    /// the block being filled and whole blocks; each with its start.
+    pub fn parts(&self, now: EventTime, horizon_s: u64) -> Vec<(EventTime, &Aggregate)> {
+        let h = horizon_s.saturating_mul(SECOND);
+        let from = now.saturating_sub(h);
+        if h <= BLOCK {
+            return self
+                .seconds
+                .iter()
+                .filter(|(s, _)| *s >= from)
+                .map(|(s, a)| (*s, a))
+                .collect();
+        }
+        self.blocks
+            .iter()
+            .filter(|(b, _)| *b >= from)
+            .chain(self.block.as_ref())
+            .map(|(s, a)| (*s, a))
+            .collect()
+    }
+
     /// The 10-second blocks held, oldest first, the one being filled last.
     pub fn blocks(&self) -> impl Iterator<Item = (EventTime, &Aggregate)> {
         self.blocks
@@ -150,6 +171,26 @@ mod tests {
             w[3].all.requests
         );
         assert!(h.len() <= 10 + 14, "{}", h.len());
+    }
+
+    #[test]
+    fn parts_merge_into_the_trailing_window() {
+        let mut h = History::new(120);
+        for s in 0..95u64 {
+            h.push(s * SECOND, &bucket(1 + s % 3));
+        }
+        let now = 95 * SECOND;
+        for horizon in [5, 10, 60] {
+            let mut merged = Aggregate::default();
+            for (_, part) in h.parts(now, horizon) {
+                merged.merge(part);
+            }
+            assert_eq!(
+                merged.all.requests,
+                h.trailing(now, &[horizon])[0].all.requests,
+                "{horizon}"
+            );
+        }
     }
 
     #[test]

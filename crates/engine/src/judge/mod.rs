@@ -33,6 +33,8 @@ use history::History;
 pub use model::{Gate, GateMetric, Mode, Model, ModelError, Stage};
 
 const SECOND: EventTime = 1_000_000_000;
+/// Level a failure must keep without the one second (or block) that helps it most.
+const ROBUST_ALPHA: f64 = 0.01;
 
 /// Where an analysis stands (the contract's six states).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -405,6 +407,16 @@ impl Analysis {
         let stable = self.stable_history.trailing(now, &stable_h);
         let n = horizons.len();
         let seen_s = now.saturating_sub(self.started_at) / SECOND;
+        // Only whole parts: one the analysis began inside of, or one still filling, would pair a
+        // counter's whole increment with part of its requests.
+        let part_ns = if d.reference_s <= 10 { SECOND } else { 10 * SECOND };
+        let whole: Vec<(EventTime, &Aggregate)> = self
+            .stable_history
+            .parts(now, d.reference_s)
+            .into_iter()
+            .filter(|(start, _)| *start >= self.started_at && start.saturating_add(part_ns) <= now)
+            .collect();
+        let dispersion = checks::Dispersion::of(&whole);
 
         let mut per_horizon: Vec<Vec<Check>> = Vec::with_capacity(n);
         for (i, h) in horizons.iter().enumerate() {
@@ -414,6 +426,7 @@ impl Analysis {
                 canary: &canary[i],
                 stable: &stable[i],
                 reference: &stable[n + i],
+                dispersion: &dispersion,
             };
             let mut out = Vec::new();
             // The thresholds depend on how many checks each group has; evaluate with provisional
@@ -431,6 +444,7 @@ impl Analysis {
                 canary: &canary[i],
                 stable: &stable[i],
                 reference: &stable[n + i],
+                dispersion: &dispersion,
             };
             let mut out = Vec::new();
             checks::evaluate(&model, &windows, &thresholds, &mut out);
@@ -480,6 +494,30 @@ impl Analysis {
                 .rsplit_once(':')
                 .map_or(check.id.clone(), |(b, _)| b.to_owned());
             combined.insert(base, check);
+        }
+
+        // A failure must not rest on a single second (or 10-second block): without the part of
+        // its window that helps it most, it must still be significant at `ROBUST_ALPHA`. A burst
+        // in one second, a single slow batch, or one unlucky look never fails a canary on its own.
+        // Once the canary has failed, there is nothing left to guard.
+        if self.failed_at.is_none() {
+            for check in combined.values_mut() {
+                if check.outcome != Outcome::Fail {
+                    continue;
+                }
+                let Some(i) = horizons.iter().position(|h| *h == check.window_s) else {
+                    continue;
+                };
+                if let Some(part) = self.rests_on_one_part(&model, check, now, &stable[n + i], &dispersion) {
+                    check.outcome = Outcome::Marginal;
+                    check.message = format!(
+                        "{} (but without its {} s starting at {} it is not significant: waiting for more)",
+                        check.message,
+                        if check.window_s <= 10 { 1 } else { 10 },
+                        part / SECOND
+                    );
+                }
+            }
         }
 
         // Hysteresis: a failing look counts once enough of them come in a row, or at once when the
@@ -621,6 +659,56 @@ impl Analysis {
             return;
         }
         self.set_state(state, now);
+    }
+
+    /// The start of the one part (second or block) of `check`'s window without which it would no
+    /// longer be significant at `ROBUST_ALPHA`, if there is such a part.
+    fn rests_on_one_part(
+        &self,
+        model: &Model,
+        check: &Check,
+        now: EventTime,
+        reference: &Aggregate,
+        dispersion: &checks::Dispersion,
+    ) -> Option<EventTime> {
+        let h = check.window_s;
+        let canary_parts = self.canary_history.parts(now, h);
+        let stable_parts = self.stable_history.parts(now, h);
+        if canary_parts.len() < 2 {
+            return None;
+        }
+        let loose = checks::Thresholds::uniform(ROBUST_ALPHA);
+        let without = |parts: &[(EventTime, &Aggregate)], skip: EventTime| {
+            let mut merged = Aggregate::default();
+            for (start, part) in parts {
+                if *start != skip {
+                    merged.merge(part);
+                }
+            }
+            merged
+        };
+        for (start, _) in &canary_parts {
+            let canary = without(&canary_parts, *start);
+            let stable = without(&stable_parts, *start);
+            let windows = checks::Windows {
+                horizon_s: h,
+                seen_s: now.saturating_sub(self.started_at) / SECOND,
+                canary: &canary,
+                stable: &stable,
+                reference,
+                dispersion,
+            };
+            let mut out = Vec::new();
+            checks::evaluate(model, &windows, &loose, &mut out);
+            let still = out
+                .iter()
+                .find(|c| c.id == check.id)
+                .is_some_and(|c| c.outcome == Outcome::Fail);
+            if !still {
+                return Some(*start);
+            }
+        }
+        None
     }
 
     fn set_state(&mut self, state: State, now: EventTime) {

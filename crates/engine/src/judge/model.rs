@@ -68,7 +68,7 @@ impl Default for Decision {
             false_alarm_rate: 0.05,
             horizons_s: vec![5, 10, 30, 120, 600],
             reference_s: 300,
-            confirm_looks: 2,
+            confirm_looks: 1,
             gross_factor: 100.0,
             min_requests: 40,
             marginal_score: 80.0,
