@@ -3,8 +3,9 @@
 //! This module alone defines the JSON shapes of the API; the engine's types are converted at this
 //! edge. Event times are written as RFC 3339 in UTC with nanoseconds.
 
-use std::sync::Arc;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -13,17 +14,23 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, put};
 use axum::{Json, Router};
 use canaryd_engine::EventTime;
 use canaryd_engine::baseline::Score;
 use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::judge::{
-    AnalysisView, Check, GateResult, JudgeError, Mode, StageView, State as CanaryState,
+    AnalysisView, Check, GateMetric, GateOutcome, GateResult, JudgeError, Mode, Outcome, StageView,
+    State as CanaryState,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{IntoParams, OpenApi, PartialSchema, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::act::delivery::{DeliveryState, Dispatcher};
 use crate::act::subscriptions::{self, Kind, NewSubscription, Subscription};
@@ -52,35 +59,249 @@ pub struct ApiState {
 
 pub fn router(state: ApiState) -> Router {
     let guarded = state.clone();
-    crate::dashboard::add_routes(Router::new())
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/apps", get(apps))
-        .route("/api/v1/apps/{app}/baseline", get(baseline))
-        .route("/api/v1/apps/{app}/canary", get(canary))
-        .route(
-            "/api/v1/apps/{app}/rollout",
-            put(declare_rollout).delete(end_rollout),
-        )
-        .route("/api/v1/models", get(models))
-        .route("/api/v1/events", get(events))
-        .route(
-            "/api/v1/subscriptions",
-            get(list_subscriptions).post(create_subscription),
-        )
-        .route("/api/v1/subscriptions/{id}", delete(delete_subscription))
-        .route("/api/v1/subscriptions/{id}/deliveries", get(deliveries))
-        .merge(crate::gates::routes())
+    let (routes, _) = routes().split_for_parts();
+    routes
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::middleware::from_fn_with_state(guarded, require_token))
         .with_state(state)
 }
 
+/// Every route of the HTTP API, each registered together with its OpenAPI description: `routes!`
+/// takes a handler's method and path from its `#[utoipa::path]`, so what is served and what
+/// `GET /openapi.json` describes cannot drift apart. (Only the dashboard's page and its files,
+/// which are not JSON API, are plain routes.)
+pub fn routes() -> OpenApiRouter<ApiState> {
+    let api = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(apps))
+        .routes(routes!(baseline))
+        .routes(routes!(canary))
+        .routes(routes!(declare_rollout, end_rollout))
+        .routes(routes!(models))
+        .routes(routes!(events))
+        .routes(routes!(list_subscriptions, create_subscription))
+        .routes(routes!(delete_subscription))
+        .routes(routes!(deliveries))
+        .merge(crate::gates::routes());
+    crate::dashboard::add_routes(api)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "canaryd",
+        description = "Judges canary versions from OpenTelemetry data. JSON under `/api/v1`; an \
+            `env` query parameter selects the environment (default `default`). Event times are \
+            RFC 3339 in UTC. Errors are `{\"error\": \"...\"}`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    components(schemas(ErrorBody)),
+    tags(
+        (name = "health", description = "Liveness, readiness, the daemon's own metrics"),
+        (name = "apps", description = "What canaryd has seen and learned"),
+        (name = "canary", description = "Canary analyses and declared rollouts"),
+        (name = "events", description = "Events and webhook subscriptions"),
+        (name = "gates", description = "Flagger's webhooks"),
+        (name = "meta", description = "This description")
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI 3.1 description of `routes`, with the bearer token on every write.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = routes().into_openapi();
+    secure_writes(&mut doc);
+    doc
+}
+
+/// The name of the bearer-token security scheme.
+const BEARER: &str = "bearer";
+
+/// Marks every POST, PUT, DELETE and PATCH as needing the bearer token, with its 401, as
+/// `require_token` enforces on all of them alike.
+fn secure_writes(doc: &mut utoipa::openapi::OpenApi) {
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        BEARER,
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "The daemon's `api_token`. When it is set, every POST, PUT and DELETE needs \
+                     `Authorization: Bearer <api_token>` (401 without); reads never do.",
+                ))
+                .build(),
+        ),
+    );
+    for item in doc.paths.paths.values_mut() {
+        for operation in [&mut item.post, &mut item.put, &mut item.delete, &mut item.patch]
+            .into_iter()
+            .flatten()
+        {
+            operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+            operation
+                .responses
+                .responses
+                .entry("401".to_owned())
+                .or_insert_with(|| {
+                    ResponseBuilder::new()
+                        .description("`api_token` is set and the request lacks its bearer token")
+                        .content(
+                            "application/json",
+                            ContentBuilder::new()
+                                .schema(Some(Ref::from_schema_name(ErrorBody::name())))
+                                .build(),
+                        )
+                        .into()
+                });
+        }
+    }
+}
+
+/// `GET /openapi.json`: this API's OpenAPI document, built once.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object))
+)]
+async fn openapi_json() -> Response {
+    static DOC: OnceLock<Result<String, String>> = OnceLock::new();
+    match DOC.get_or_init(|| openapi().to_json().map_err(|e| e.to_string())) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json.as_str()).into_response(),
+        Err(e) => internal("cannot write the OpenAPI document", e),
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": "no app \"checkout\" in env \"prod\""}))]
+pub struct ErrorBody {
+    /// What was wrong; for a bad field, its name first.
+    pub error: String,
+}
+
 /// A JSON error body: `{"error": "..."}`.
 pub fn error(status: StatusCode, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
+    let body = ErrorBody {
+        error: message.to_owned(),
+    };
+    (status, Json(body)).into_response()
 }
+
+/// A string schema with the given values, for names the engine defines.
+fn names_schema<E: Into<serde_json::Value>>(
+    description: &str,
+    names: impl IntoIterator<Item = E>,
+) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .enum_values(Some(names))
+        .into()
+}
+
+/// How serde writes `value` (an enum's variant name).
+fn serde_name(value: impl Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
+}
+
+/// A schema named `$name` for a set of names (`$names`, an expression yielding them), whose
+/// values come from the engine's own types, so that they cannot drift from what is served.
+macro_rules! names_type {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $description:literal, $names:expr) => {
+        $(#[$doc])*
+        pub(crate) struct $ty;
+
+        impl PartialSchema for $ty {
+            fn schema() -> RefOr<Schema> {
+                names_schema($description, $names)
+            }
+        }
+
+        impl ToSchema for $ty {
+            fn name() -> Cow<'static, str> {
+                Cow::Borrowed($name)
+            }
+        }
+    };
+}
+
+names_type!(
+    /// `judge::State`'s names.
+    CanaryStateSchema,
+    "CanaryState",
+    "An analysis's state: `insufficient_data` (no verdict yet, not a failure), `healthy`, \
+     `marginal` (failing at this look, not yet confirmed), `failing`, `promoted`, `rolled_back`",
+    CanaryState::ALL.iter().map(|s| s.name())
+);
+
+names_type!(
+    /// `judge::Outcome`'s names.
+    OutcomeSchema,
+    "CheckOutcome",
+    "What a check concluded at the last look",
+    {
+        // Exhaustive, so that a new outcome does not compile until it is listed here.
+        let _ = |o: Outcome| match o {
+            Outcome::Pass | Outcome::InsufficientData | Outcome::Marginal | Outcome::Fail => (),
+        };
+        [Outcome::Pass, Outcome::InsufficientData, Outcome::Marginal, Outcome::Fail].map(Outcome::name)
+    }
+);
+
+names_type!(
+    /// `judge::GateOutcome`'s names.
+    GateOutcomeSchema,
+    "GateOutcome",
+    "What a stage gate concluded",
+    {
+        let _ = |o: GateOutcome| match o {
+            GateOutcome::Pass | GateOutcome::Pending | GateOutcome::Fail => (),
+        };
+        [GateOutcome::Pass, GateOutcome::Pending, GateOutcome::Fail].map(serde_name)
+    }
+);
+
+names_type!(
+    /// `judge::GateMetric`'s names.
+    GateMetricSchema,
+    "GateMetric",
+    "What a stage gate measures",
+    {
+        let _ = |m: GateMetric| match m {
+            GateMetric::ErrorRate
+            | GateMetric::Availability
+            | GateMetric::LatencyP50Ms
+            | GateMetric::LatencyP95Ms
+            | GateMetric::LatencyP99Ms => (),
+        };
+        [
+            GateMetric::ErrorRate,
+            GateMetric::Availability,
+            GateMetric::LatencyP50Ms,
+            GateMetric::LatencyP95Ms,
+            GateMetric::LatencyP99Ms,
+        ]
+        .map(serde_name)
+    }
+);
+
+names_type!(
+    /// `judge::Mode`'s names.
+    ModeSchema,
+    "Mode",
+    "How verdicts are acted on: `enforce`, or `shadow` (judged and sent as `dry_run`, no traffic moved)",
+    {
+        let _ = |m: Mode| match m {
+            Mode::Enforce | Mode::Shadow => (),
+        };
+        [Mode::Enforce, Mode::Shadow].map(serde_name)
+    }
+);
 
 /// A query string parsed into `T`; a bad one is refused with a JSON 400 naming the problem.
 pub struct ApiQuery<T>(pub T);
@@ -132,6 +353,27 @@ async fn require_token(
     next.run(request).await
 }
 
+/// `GET /healthz`: liveness.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "The process is alive", content_type = "text/plain", body = String, example = "ok\n"))
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: readiness.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Storage is open and every receiver is bound", content_type = "text/plain", body = String, example = "ready\n"),
+        (status = 503, description = "Starting or shutting down", content_type = "text/plain", body = String, example = "not ready\n")
+    )
+)]
 async fn readyz(State(state): State<ApiState>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
@@ -141,6 +383,20 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 }
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), else the classic text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses((
+        status = 200,
+        description = "The daemon's own metrics and each canary's state, score, stage weight and checks: \
+            Prometheus text format, or OpenMetrics when `Accept` asks for `application/openmetrics-text`",
+        content(
+            (String = "text/plain; version=0.0.4"),
+            (String = "application/openmetrics-text; version=1.0.0")
+        )
+    ))
+)]
 async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let wants_openmetrics = headers
         .get_all(header::ACCEPT)
@@ -169,18 +425,20 @@ pub fn format_event_time(t: EventTime) -> String {
     humantime::format_rfc3339_nanos(UNIX_EPOCH + Duration::from_nanos(t)).to_string()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AppsQuery {
+    /// Only this environment's apps (all of them when left out).
     env: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct AppsView {
     apps: Vec<AppView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct AppView {
     env: String,
     app: String,
@@ -198,16 +456,17 @@ struct AppView {
     canary: Option<CanarySummary>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct CanarySummary {
     stable_version: String,
     canary_version: String,
+    #[schema(value_type = CanaryStateSchema)]
     state: &'static str,
     score: Option<f64>,
     stage: Option<StageJson>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct VersionView {
     version: String,
     /// `stable`, `canary`, or null for a version that is neither.
@@ -226,25 +485,36 @@ struct VersionView {
     error_log_records: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct OperationView {
     operation: String,
     requests: u64,
     errors: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct DownstreamView {
     downstream: String,
     calls: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct ExceptionTypeView {
     exception_type: String,
     count: u64,
 }
 
+/// `GET /api/v1/apps`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/apps",
+    tag = "apps",
+    params(AppsQuery),
+    responses(
+        (status = 200, description = "Apps with their versions, roles, first/last seen and traffic", body = AppsView),
+        (status = 400, description = "A bad query parameter", body = ErrorBody)
+    )
+)]
 async fn apps(State(state): State<ApiState>, ApiQuery(query): ApiQuery<AppsQuery>) -> Response {
     let engine = state.engine.lock();
     let apps = engine
@@ -367,14 +637,17 @@ fn app_view(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct BaselineQuery {
+    /// The environment (default `default`).
     env: Option<String>,
+    /// A version's own baselines; left out, the app's (learned from its stable version).
     version: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct BaselineView {
     env: String,
     app: String,
@@ -390,7 +663,7 @@ struct BaselineView {
     features: Vec<FeatureView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct FeatureView {
     feature: &'static str,
     /// The operation, downstream, exception type or metric series; "" for the app as a whole.
@@ -409,7 +682,7 @@ struct FeatureView {
     score: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct SlotView {
     hour_of_week: u16,
     q05: f64,
@@ -425,6 +698,18 @@ fn optional_time(t: EventTime) -> Option<String> {
     (t > 0).then(|| format_event_time(t))
 }
 
+/// `GET /api/v1/apps/{app}/baseline`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/apps/{app}/baseline",
+    tag = "apps",
+    params(("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"), BaselineQuery),
+    responses(
+        (status = 200, description = "The learned features: EWMA mean and std, the current seasonal slot's quantiles, sample counts", body = BaselineView),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 404, description = "Unknown app or version, or no baselines yet", body = ErrorBody)
+    )
+)]
 async fn baseline(
     State(state): State<ApiState>,
     Path(app): Path<String>,
@@ -496,19 +781,26 @@ async fn baseline(
     Json(body).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Only this app's events.
     app: Option<String>,
+    /// Only this environment's events.
     env: Option<String>,
+    /// Only events of this type (`canaryd.canary.failed`, ...).
     #[serde(rename = "type")]
+    #[param(value_type = Option<EventType>)]
     event_type: Option<String>,
     /// An event id (events after it), or an RFC 3339 time (events emitted at or after it).
     since: Option<String>,
+    /// At most this many events, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct EventsView {
     events: Vec<Event>,
     /// The id to pass as `since` for the events after these; null when there were none.
@@ -517,6 +809,17 @@ struct EventsView {
 
 const MAX_EVENTS_PER_PAGE: usize = 1_000;
 
+/// `GET /api/v1/events`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "The history of canary and anomaly events, oldest first", body = EventsView),
+        (status = 400, description = "A bad query parameter (unknown type, bad `since` or `limit`)", body = ErrorBody)
+    )
+)]
 async fn events(State(state): State<ApiState>, ApiQuery(query): ApiQuery<EventsQuery>) -> Response {
     let event_type = match query.event_type.as_deref().map(|t| (t, EventType::parse(t))) {
         None => None,
@@ -567,17 +870,26 @@ async fn events(State(state): State<ApiState>, ApiQuery(query): ApiQuery<EventsQ
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct SubscriptionView {
     id: String,
     url: String,
     events: Vec<EventType>,
     kind: Kind,
+    /// Wall-clock time of creation, RFC 3339.
     created_at: String,
+    /// When the receiver answered 410 Gone and nothing more is sent.
     disabled: Option<String>,
     /// Only in the answer to the POST that created it.
     #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
+}
+
+/// `GET /api/v1/subscriptions`.
+#[derive(Debug, Serialize, ToSchema)]
+struct SubscriptionsView {
+    /// Without their secrets.
+    subscriptions: Vec<SubscriptionView>,
 }
 
 impl SubscriptionView {
@@ -599,6 +911,17 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, what)
 }
 
+/// `POST /api/v1/subscriptions`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/subscriptions",
+    tag = "events",
+    request_body = NewSubscription,
+    responses(
+        (status = 201, description = "Created; the secret is shown only here", body = SubscriptionView),
+        (status = 400, description = "A bad body, naming the field", body = ErrorBody)
+    )
+)]
 async fn create_subscription(
     State(state): State<ApiState>,
     body: Result<Json<NewSubscription>, axum::extract::rejection::JsonRejection>,
@@ -639,16 +962,34 @@ async fn create_subscription(
         .into_response()
 }
 
+/// `GET /api/v1/subscriptions`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/subscriptions",
+    tag = "events",
+    responses((status = 200, description = "Every subscription, without secrets", body = SubscriptionsView))
+)]
 async fn list_subscriptions(State(state): State<ApiState>) -> Response {
     match state.store.subscriptions() {
         Ok(all) => {
-            let views: Vec<SubscriptionView> = all.iter().map(|s| SubscriptionView::of(s, false)).collect();
-            Json(serde_json::json!({ "subscriptions": views })).into_response()
+            let subscriptions = all.iter().map(|s| SubscriptionView::of(s, false)).collect();
+            Json(SubscriptionsView { subscriptions }).into_response()
         }
         Err(e) => internal("cannot read subscriptions", e),
     }
 }
 
+/// `DELETE /api/v1/subscriptions/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/subscriptions/{id}",
+    tag = "events",
+    params(("id" = String, Path, description = "The subscription's id (`sub_...`)")),
+    responses(
+        (status = 204, description = "Deleted, with its pending deliveries"),
+        (status = 404, description = "No such subscription", body = ErrorBody)
+    )
+)]
 async fn delete_subscription(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
     match state.store.delete_subscription(&id) {
         Ok(true) => {
@@ -660,12 +1001,13 @@ async fn delete_subscription(State(state): State<ApiState>, Path(id): Path<Strin
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct DeliveryView {
     event_id: String,
     event_type: EventType,
     state: DeliveryState,
     attempts: u32,
+    /// The receiver's last HTTP status.
     last_status: Option<u16>,
     last_error: Option<String>,
     first_attempt: Option<String>,
@@ -673,10 +1015,27 @@ struct DeliveryView {
     delivered_at: Option<String>,
 }
 
+/// `GET /api/v1/subscriptions/{id}/deliveries`.
+#[derive(Debug, Serialize, ToSchema)]
+struct DeliveriesView {
+    deliveries: Vec<DeliveryView>,
+}
+
 fn wall_time(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// `GET /api/v1/subscriptions/{id}/deliveries`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/subscriptions/{id}/deliveries",
+    tag = "events",
+    params(("id" = String, Path, description = "The subscription's id (`sub_...`)")),
+    responses(
+        (status = 200, description = "Each delivery: event id and type, state, attempts, last status or error, next retry", body = DeliveriesView),
+        (status = 404, description = "No such subscription", body = ErrorBody)
+    )
+)]
 async fn deliveries(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
     match state.store.subscription(&id) {
         Ok(Some(_)) => {}
@@ -685,7 +1044,7 @@ async fn deliveries(State(state): State<ApiState>, Path(id): Path<String>) -> Re
     }
     match state.store.deliveries(&id, 1_000) {
         Ok(all) => {
-            let views: Vec<DeliveryView> = all
+            let deliveries = all
                 .into_iter()
                 .map(|d| DeliveryView {
                     event_id: d.event_id,
@@ -699,7 +1058,7 @@ async fn deliveries(State(state): State<ApiState>, Path(id): Path<String>) -> Re
                     delivered_at: d.delivered_ms.map(wall_time),
                 })
                 .collect();
-            Json(serde_json::json!({ "deliveries": views })).into_response()
+            Json(DeliveriesView { deliveries }).into_response()
         }
         Err(e) => internal("cannot read deliveries", e),
     }
@@ -718,9 +1077,11 @@ mod tests {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EnvQuery {
+    /// The environment (default `default`).
     env: Option<String>,
 }
 
@@ -733,7 +1094,7 @@ fn env_of(query: EnvQuery) -> Result<String, Box<Response>> {
     Ok(env)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct StageJson {
     index: usize,
     name: String,
@@ -750,19 +1111,85 @@ impl StageJson {
     }
 }
 
+/// An example analysis for the OpenAPI document (built in parts: one `json!` of it all would
+/// exceed the macro recursion limit).
+fn canary_example() -> serde_json::Value {
+    let check = serde_json::json!({
+        "id": "errors:error_ratio:fisher_exact",
+        "group": "errors",
+        "feature": "error_ratio",
+        "operation": null,
+        "test": "fisher_exact",
+        "critical": true,
+        "weight": 40.0,
+        "outcome": "fail",
+        "canary_value": 0.3,
+        "baseline_value": 0.001,
+        "canary_samples": 1000,
+        "baseline_samples": 15000,
+        "statistic": 14.2,
+        "p_value": 1.0e-45,
+        "threshold": 4.9,
+        "effect": 300.0,
+        "min_effect": 2.0,
+        "effect_kind": "ratio",
+        "window_s": 120,
+        "message": "error ratio 30.00% against 0.10% (300 of 1000 requests)"
+    });
+    let gate = serde_json::json!({
+        "metric": "error_rate",
+        "max": 0.01,
+        "min": null,
+        "value": 0.3,
+        "lower": 0.27,
+        "upper": 0.33,
+        "samples": 1000,
+        "window_s": 0,
+        "outcome": "fail",
+        "message": "error_rate 0.3000 over the stage (1000 requests): above max 0.01"
+    });
+    serde_json::json!({
+        "env": "prod",
+        "app": "checkout",
+        "stable_version": "1.4.2",
+        "canary_version": "1.5.0",
+        "model": "default",
+        "mode": "enforce",
+        "declared": false,
+        "state": "failing",
+        "score": 12.5,
+        "stage": {"index": 0, "name": "10%", "weight": 10.0},
+        "stages": 4,
+        "since": "2026-01-05T10:00:00.000000000Z",
+        "started_at": "2026-01-05T10:00:00.000000000Z",
+        "stage_started_at": "2026-01-05T10:00:00.000000000Z",
+        "evaluated_at": "2026-01-05T10:02:13.000000000Z",
+        "failed_at": "2026-01-05T10:02:11.000000000Z",
+        "canary_requests": 1330,
+        "stable_requests": 11970,
+        "checks": [check],
+        "gates": [gate]
+    })
+}
+
 /// `GET /api/v1/apps/{app}/canary`: the analysis with its evidence. Times are RFC 3339 event time.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = canary_example)]
 struct CanaryView {
     env: String,
     app: String,
     stable_version: String,
     canary_version: String,
     model: String,
+    #[schema(value_type = ModeSchema)]
     mode: Mode,
     /// Whether the roles were declared through the rollout API (else inferred from traffic).
     declared: bool,
+    #[schema(value_type = CanaryStateSchema)]
     state: &'static str,
+    /// 0 (failing everything) to 100; null before any check could decide.
     score: Option<f64>,
+    /// The current rollout stage, when the model has stages.
     stage: Option<StageJson>,
     stages: usize,
     since: String,
@@ -772,8 +1199,148 @@ struct CanaryView {
     failed_at: Option<String>,
     canary_requests: u64,
     stable_requests: u64,
-    checks: Vec<Check>,
-    gates: Vec<GateResult>,
+    /// Every check, the failing and most significant first.
+    checks: Vec<CheckJson>,
+    /// The current stage's gates.
+    gates: Vec<GateJson>,
+}
+
+/// One check's evidence: the engine's `judge::Check`, field for field.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Check)]
+struct CheckJson {
+    /// Unique within an analysis: `group:feature[subject]:test`.
+    id: String,
+    /// `errors`, `latency`, `operation_mix`, `call_graph`, `exceptions`, `error_logs`, `metrics`
+    /// or `baseline`.
+    group: &'static str,
+    feature: String,
+    /// The operation (or downstream, exception type, metric series) checked; null for the app.
+    operation: Option<String>,
+    /// `fisher_exact`, `exceedance`, `chi_square`, `poisson_rate`, `t`, `baseline_band`, ...
+    test: &'static str,
+    /// Whether failing it fails the canary.
+    critical: bool,
+    weight: f64,
+    #[schema(value_type = OutcomeSchema)]
+    outcome: Outcome,
+    canary_value: Option<f64>,
+    /// The stable's value in the reference window (or the learned baseline's, for baseline checks).
+    baseline_value: Option<f64>,
+    canary_samples: u64,
+    baseline_samples: u64,
+    /// The test statistic as a normal deviate (or band half-widths for baseline checks).
+    statistic: Option<f64>,
+    p_value: Option<f64>,
+    /// What the statistic had to reach.
+    threshold: f64,
+    /// The practical effect (ratio, difference or distance, per `effect_kind`) and its minimum.
+    effect: Option<f64>,
+    min_effect: f64,
+    effect_kind: &'static str,
+    /// The trailing window looked at.
+    window_s: u64,
+    /// Why it passed or failed, in words.
+    message: String,
+}
+
+impl CheckJson {
+    fn of(check: Check) -> Self {
+        // No `..`: a field the engine adds does not compile until it is served and described.
+        let Check {
+            id,
+            group,
+            feature,
+            operation,
+            test,
+            critical,
+            weight,
+            outcome,
+            canary_value,
+            baseline_value,
+            canary_samples,
+            baseline_samples,
+            statistic,
+            p_value,
+            threshold,
+            effect,
+            min_effect,
+            effect_kind,
+            window_s,
+            message,
+        } = check;
+        CheckJson {
+            id,
+            group,
+            feature,
+            operation,
+            test,
+            critical,
+            weight,
+            outcome,
+            canary_value,
+            baseline_value,
+            canary_samples,
+            baseline_samples,
+            statistic,
+            p_value,
+            threshold,
+            effect,
+            min_effect,
+            effect_kind,
+            window_s,
+            message,
+        }
+    }
+}
+
+/// One stage gate's verdict: the engine's `judge::GateResult`, field for field.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Gate)]
+struct GateJson {
+    #[schema(value_type = GateMetricSchema)]
+    metric: GateMetric,
+    max: Option<f64>,
+    min: Option<f64>,
+    value: Option<f64>,
+    /// Confidence bounds on the measured value.
+    lower: Option<f64>,
+    upper: Option<f64>,
+    samples: u64,
+    /// The trailing window looked at; 0 is the whole stage so far.
+    window_s: u64,
+    #[schema(value_type = GateOutcomeSchema)]
+    outcome: GateOutcome,
+    message: String,
+}
+
+impl GateJson {
+    fn of(gate: GateResult) -> Self {
+        let GateResult {
+            metric,
+            max,
+            min,
+            value,
+            lower,
+            upper,
+            samples,
+            window_s,
+            outcome,
+            message,
+        } = gate;
+        GateJson {
+            metric,
+            max,
+            min,
+            value,
+            lower,
+            upper,
+            samples,
+            window_s,
+            outcome,
+            message,
+        }
+    }
 }
 
 impl CanaryView {
@@ -804,12 +1371,24 @@ impl CanaryView {
             failed_at: a.failed_at.map(format_event_time),
             canary_requests: a.canary_requests,
             stable_requests: a.stable_requests,
-            checks,
-            gates: a.gates,
+            checks: checks.into_iter().map(CheckJson::of).collect(),
+            gates: a.gates.into_iter().map(GateJson::of).collect(),
         }
     }
 }
 
+/// `GET /api/v1/apps/{app}/canary`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/apps/{app}/canary",
+    tag = "canary",
+    params(("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"), EnvQuery),
+    responses(
+        (status = 200, description = "The current (or last) analysis with its evidence; also what an Argo Rollouts `web` metric reads", body = CanaryView),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 404, description = "Unknown app, or no analysis (no canary has had traffic, no rollout is declared)", body = ErrorBody)
+    )
+)]
 async fn canary(
     State(state): State<ApiState>,
     Path(app): Path<String>,
@@ -835,15 +1414,30 @@ async fn canary(
     Json(CanaryView::of(view)).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// `PUT /api/v1/apps/{app}/rollout`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"stable_version": "1.4.2", "canary_version": "1.5.0", "model": "staged"}))]
 struct RolloutRequest {
     stable_version: String,
     canary_version: String,
+    /// A loaded model's name; the app's default model when left out.
     model: Option<String>,
 }
 
 /// `PUT /api/v1/apps/{app}/rollout`: declares the roles (and the model) and starts the analysis.
+#[utoipa::path(
+    put,
+    path = "/api/v1/apps/{app}/rollout",
+    tag = "canary",
+    params(("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"), EnvQuery),
+    request_body = RolloutRequest,
+    responses(
+        (status = 200, description = "Declared; the analysis it started", body = CanaryView),
+        (status = 400, description = "A bad body or model, naming the field", body = ErrorBody),
+        (status = 404, description = "Unknown app", body = ErrorBody)
+    )
+)]
 async fn declare_rollout(
     State(state): State<ApiState>,
     Path(app): Path<String>,
@@ -903,6 +1497,17 @@ async fn declare_rollout(
 }
 
 /// `DELETE /api/v1/apps/{app}/rollout`: ends the analysis (declared or inferred).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/apps/{app}/rollout",
+    tag = "canary",
+    params(("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"), EnvQuery),
+    responses(
+        (status = 204, description = "Ended"),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 404, description = "Unknown app, or no analysis to end", body = ErrorBody)
+    )
+)]
 async fn end_rollout(
     State(state): State<ApiState>,
     Path(app): Path<String>,
@@ -919,12 +1524,27 @@ async fn end_rollout(
     }
 }
 
+/// `GET /api/v1/models`.
+#[derive(Debug, Serialize, ToSchema)]
+struct ModelsView {
+    /// Each as `models/*.toml` gives it, every default filled in (see `models/README.md`):
+    /// `name`, `description`, `mode`, `decision`, `checks`, `stages`.
+    #[schema(value_type = Vec<Object>)]
+    models: Vec<canaryd_engine::judge::Model>,
+}
+
 /// `GET /api/v1/models`: the loaded models, as validated.
+#[utoipa::path(
+    get,
+    path = "/api/v1/models",
+    tag = "canary",
+    responses((status = 200, description = "The loaded analysis models, as validated", body = ModelsView))
+)]
 async fn models(State(state): State<ApiState>) -> Response {
     let engine = state.engine.lock();
-    let models: Vec<_> = engine.judge().models().cloned().collect();
+    let models = engine.judge().models().cloned().collect();
     drop(engine);
-    Json(serde_json::json!({ "models": models })).into_response()
+    Json(ModelsView { models }).into_response()
 }
 
 /// Each app's canary analysis as gauges: state, score, stage weight, and every check's outcome

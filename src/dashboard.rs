@@ -6,7 +6,6 @@
 //! polls the JSON API every two seconds. Like `api`, this module defines the JSON shape it serves
 //! (the timeline's); the engine's types are converted here, at the edge.
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
@@ -16,8 +15,11 @@ use canaryd_engine::baseline::Baseline;
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::judge::SeriesPoint;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::api::{ApiQuery, ApiState, error, format_event_time};
+use crate::api::{ApiQuery, ApiState, CanaryStateSchema, ErrorBody, error, format_event_time};
 
 const INDEX_HTML: &str = include_str!("../assets/dashboard/index.html");
 const APP_JS: &str = include_str!("../assets/dashboard/app.js");
@@ -25,8 +27,9 @@ const STYLE_CSS: &str = include_str!("../assets/dashboard/style.css");
 
 const SECOND: EventTime = 1_000_000_000;
 
-/// Adds the dashboard's page, its files and the timeline endpoint to `router`.
-pub fn add_routes(router: Router<ApiState>) -> Router<ApiState> {
+/// Adds the dashboard's page, its files and the timeline endpoint (described in the API's OpenAPI
+/// document; the page and files are not) to `router`.
+pub fn add_routes(router: OpenApiRouter<ApiState>) -> OpenApiRouter<ApiState> {
     router
         .route(
             "/",
@@ -40,7 +43,7 @@ pub fn add_routes(router: Router<ApiState>) -> Router<ApiState> {
             "/dashboard/style.css",
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
-        .route("/api/v1/apps/{app}/timeline", get(timeline))
+        .routes(routes!(timeline))
 }
 
 /// An embedded file. `no-cache` makes the browser revalidate, so a new binary's page is seen at
@@ -62,20 +65,23 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct TimelineQuery {
+    /// The environment (default `default`).
     env: Option<String>,
 }
 
 /// `GET /api/v1/apps/{app}/timeline?env=`: both versions' recent series in 10-second blocks, the
 /// app's learned band for each charted feature, the operation mix and the call graph.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct TimelineView {
     env: String,
     app: String,
     stable_version: String,
     canary_version: String,
+    #[schema(value_type = CanaryStateSchema)]
     state: &'static str,
     block_s: u64,
     /// The end of the last closed second the series cover (event time).
@@ -94,7 +100,7 @@ struct TimelineView {
 /// One 10-second block of one version. The first and the last block may be partly covered (the
 /// analysis started within it, or it is still being filled): `seconds` says how much, and the rate
 /// is per second of that.
-#[derive(Debug, PartialEq, Serialize)]
+#[derive(Debug, PartialEq, Serialize, ToSchema)]
 struct PointView {
     start: String,
     seconds: u64,
@@ -108,7 +114,7 @@ struct PointView {
     latency_p99_ms: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct BandView {
     feature: &'static str,
     /// The EWMA level and the band around it (level +- 3 robust standard deviations) a value is
@@ -121,7 +127,7 @@ struct BandView {
     slot: Option<SlotQuantiles>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct SlotQuantiles {
     q05: f64,
     q50: f64,
@@ -129,7 +135,7 @@ struct SlotQuantiles {
     q99: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct OperationMix {
     operation: String,
     canary_requests: u64,
@@ -139,7 +145,7 @@ struct OperationMix {
     stable_share: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct CallEdge {
     downstream: String,
     /// Calls per request; null when the version did not call it in the window.
@@ -157,6 +163,17 @@ const CHARTED: [Feature; 4] = [
     Feature::LatencyP99,
 ];
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/apps/{app}/timeline",
+    tag = "apps",
+    params(("app" = String, Path, description = "The app"), TimelineQuery),
+    responses(
+        (status = 200, description = "The analysis's recent series, the learned bands, the operation mix and the call graph", body = TimelineView),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 404, description = "Unknown app, or no analysis", body = ErrorBody)
+    )
+)]
 async fn timeline(
     State(state): State<ApiState>,
     Path(app): Path<String>,

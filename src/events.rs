@@ -10,6 +10,7 @@ use canaryd_engine::anomaly::{AnomalyRules, Transition};
 use canaryd_engine::judge::{AnalysisView, CanaryChange, ChangeKind, GateOutcome, Mode, Outcome};
 use canaryd_engine::{AnomalyChange, Engine, IngestReport, Scope};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::api::format_event_time;
 
@@ -17,7 +18,7 @@ use crate::api::format_event_time;
 pub const SOURCE: &str = "canaryd";
 
 /// The event types of the contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum EventType {
     #[serde(rename = "canaryd.canary.started")]
     CanaryStarted,
@@ -60,7 +61,7 @@ impl EventType {
 }
 
 /// One piece of evidence behind an event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Reason {
     pub feature: String,
     /// The operation (or downstream, exception type, metric series) the feature is about; null
@@ -75,7 +76,7 @@ pub struct Reason {
 }
 
 /// A rollout stage, for canary events.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Stage {
     pub index: u32,
     pub name: String,
@@ -83,7 +84,7 @@ pub struct Stage {
 }
 
 /// What a rollout controller should do.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Action {
     pub kind: String,
     pub app: String,
@@ -92,7 +93,7 @@ pub struct Action {
 }
 
 /// The `data` of an event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventData {
     pub env: String,
     pub app: String,
@@ -111,7 +112,39 @@ pub struct EventData {
 }
 
 /// A CloudEvents 1.0 event in structured JSON form.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "specversion": "1.0",
+    "id": "evt_0000000000000007",
+    "source": "canaryd",
+    "type": "canaryd.canary.failed",
+    "time": "2026-01-05T10:02:13.120000000Z",
+    "subject": "checkout",
+    "datacontenttype": "application/json",
+    "data": {
+        "env": "prod",
+        "app": "checkout",
+        "stable_version": "1.4.2",
+        "canary_version": "1.5.0",
+        "version": "1.5.0",
+        "stage": {"index": 0, "name": "10%", "weight": 10},
+        "state": "failing",
+        "score": 12.5,
+        "detected_at": "2026-01-05T10:02:11.000000000Z",
+        "reasons": [{
+            "feature": "error_ratio",
+            "operation": null,
+            "test": "fisher_exact",
+            "canary_value": 0.3,
+            "baseline_value": 0.001,
+            "statistic": 14.2,
+            "threshold": 4.9,
+            "message": "error ratio 30.00% against 0.10% (300 of 1000 requests)"
+        }],
+        "action": {"kind": "set_weight", "app": "checkout", "version": "1.5.0", "weight": 0},
+        "dry_run": false
+    }
+}))]
 pub struct Event {
     pub specversion: String,
     /// Unique and stable: assigned once, when the event is stored.

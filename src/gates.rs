@@ -16,16 +16,18 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use canaryd_engine::judge::{AnalysisView, GateOutcome, Outcome, State as CanaryState};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::api::{ApiState, error};
+use crate::api::{ApiState, CanaryStateSchema, ErrorBody, error};
 
 /// At most this many reasons go into an answer (Flagger copies the body into its events).
 const MAX_REASONS: usize = 10;
@@ -34,24 +36,35 @@ const MAX_REASONS: usize = 10;
 const PRE_TRAFFIC_PHASES: [&str; 3] = ["Initializing", "Initialized", "Waiting"];
 
 /// The gate routes, to be merged into the API router (inside its bearer-token check).
-pub fn routes() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/gates/flagger", post(flagger_gate))
-        .route("/api/v1/gates/flagger/rollback", post(flagger_rollback))
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(flagger_gate))
+        .routes(routes!(flagger_rollback))
 }
 
 /// What Flagger POSTs to a webhook. Fields Flagger may add later are ignored.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({
+    "name": "checkout",
+    "namespace": "prod",
+    "phase": "Progressing",
+    "checksum": "6b8d5c7f9",
+    "metadata": {"hook": "rollout"}
+}))]
 struct FlaggerPayload {
+    /// The Canary's name: the app, unless `metadata.app` says otherwise.
     name: String,
+    /// The Canary's namespace: the env, unless `metadata.env` says otherwise.
     namespace: String,
+    /// Flagger's phase; `Initializing`, `Initialized` and `Waiting` count as before traffic.
     #[serde(default)]
     phase: String,
     /// The canary's revision as Flagger knows it; echoed back, so that Flagger's events tell which
     /// revision was judged.
     #[serde(default)]
     checksum: Option<String>,
-    /// The webhook's `metadata` from the Canary resource.
+    /// The webhook's `metadata` from the Canary resource: `app`, `env`, and `hook`
+    /// (`pre-rollout` or `rollout`) are read.
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
 }
@@ -114,7 +127,18 @@ impl GateRequest {
 }
 
 /// The answer of `POST /api/v1/gates/flagger`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "env": "prod",
+    "app": "checkout",
+    "phase": "Progressing",
+    "checksum": "6b8d5c7f9",
+    "proceed": false,
+    "state": "failing",
+    "canary_version": "1.5.0",
+    "score": 12.5,
+    "reasons": ["error ratio 30.00% against 0.10% (300 of 1000 requests)"]
+}))]
 struct GateAnswer {
     env: String,
     app: String,
@@ -123,6 +147,7 @@ struct GateAnswer {
     /// Whether the canary may proceed (200) or not (412).
     proceed: bool,
     /// The analysis's state, when there is one.
+    #[schema(value_type = Option<CanaryStateSchema>)]
     state: Option<&'static str>,
     canary_version: Option<String>,
     score: Option<f64>,
@@ -130,7 +155,17 @@ struct GateAnswer {
 }
 
 /// The answer of `POST /api/v1/gates/flagger/rollback`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "env": "prod",
+    "app": "checkout",
+    "phase": "Progressing",
+    "checksum": "6b8d5c7f9",
+    "rollback": false,
+    "state": "healthy",
+    "canary_version": "1.5.0",
+    "reasons": ["canary 1.5.0 is healthy: no reason to roll back"]
+}))]
 struct RollbackAnswer {
     env: String,
     app: String,
@@ -138,6 +173,8 @@ struct RollbackAnswer {
     checksum: Option<String>,
     /// Whether Flagger should roll back now (200) or not (409).
     rollback: bool,
+    /// The analysis's state, when there is one.
+    #[schema(value_type = Option<CanaryStateSchema>)]
     state: Option<&'static str>,
     canary_version: Option<String>,
     reasons: Vec<String>,
@@ -244,6 +281,17 @@ fn verdict(request: &GateRequest, view: &AnalysisView) -> (bool, Vec<String>) {
 }
 
 /// `POST /api/v1/gates/flagger`: 200 while the canary may proceed, 412 with the reasons when not.
+#[utoipa::path(
+    post,
+    path = "/api/v1/gates/flagger",
+    tag = "gates",
+    request_body = FlaggerPayload,
+    responses(
+        (status = 200, description = "The canary may proceed", body = GateAnswer),
+        (status = 400, description = "A bad payload, naming the field", body = ErrorBody),
+        (status = 412, description = "The canary must not proceed (failing, rolled back, marginal, or no evidence once traffic has started); Flagger counts it as a failed check", body = GateAnswer)
+    )
+)]
 async fn flagger_gate(
     State(state): State<ApiState>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,
@@ -294,6 +342,17 @@ async fn flagger_gate(
 
 /// `POST /api/v1/gates/flagger/rollback`: 200 ("roll back now") when the canary is failing or
 /// rolled back, 409 otherwise.
+#[utoipa::path(
+    post,
+    path = "/api/v1/gates/flagger/rollback",
+    tag = "gates",
+    request_body = FlaggerPayload,
+    responses(
+        (status = 200, description = "Roll back now: the canary is failing or rolled back", body = RollbackAnswer),
+        (status = 400, description = "A bad payload, naming the field", body = ErrorBody),
+        (status = 409, description = "No reason to roll back", body = RollbackAnswer)
+    )
+)]
 async fn flagger_rollback(
     State(state): State<ApiState>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,

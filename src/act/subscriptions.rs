@@ -11,11 +11,12 @@ use std::net::IpAddr;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::events::EventType;
 
 /// How a subscription acts on its events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// A signed CloudEvents POST.
@@ -57,12 +58,24 @@ pub enum SubscriptionError {
 }
 
 /// A new subscription, as asked for.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "url": "https://hooks.example.com/canaryd",
+    "events": ["canaryd.canary.failed", "canaryd.canary.promoted"],
+    "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+}))]
 pub struct NewSubscription {
+    /// Where deliveries go: an http(s) URL, or for `kind: haproxy` the runtime API's socket
+    /// (`tcp://host:port` or `unix:///path`).
     pub url: String,
+    /// The event types wanted (`canaryd.canary.failed`, ...).
+    #[schema(value_type = Vec<EventType>)]
     pub events: Vec<String>,
+    /// A Standard Webhooks secret (`whsec_` + base64 of at least 16 bytes); one is generated when
+    /// left out.
     pub secret: Option<String>,
+    /// `webhook` (the default) or `haproxy`.
     pub kind: Option<Kind>,
 }
 
