@@ -18,9 +18,12 @@ use bytes::{Buf, BufMut, Bytes};
 use canaryd::testdata::{self, TraceShape};
 use canaryd_engine::sketch::Sketch;
 use prost::Message;
-use std::path::Path;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Status, codegen::http::uri::PathAndQuery};
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{cpu_seconds, peak_rss_kib, start_daemon};
 
 /// How to load the daemon.
 #[derive(Clone, Debug)]
@@ -123,29 +126,6 @@ impl Codec for RawCodec {
     fn decoder(&mut self) -> IgnoreDecoder {
         IgnoreDecoder
     }
-}
-
-/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("no process {pid}"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let after = stat.rsplit_once(") ").context("unexpected /proc/<pid>/stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 =
-        fields.get(11).context("utime")?.parse::<f64>()? + fields.get(12).context("stime")?.parse::<f64>()?;
-    // The kernel's USER_HZ is 100 on every Linux the project runs on.
-    Ok(ticks / 100.0)
-}
-
-/// Peak resident set size of a process, in KiB (VmHWM).
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM")?;
-    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
 }
 
 /// The requests to send, encoded (and gzipped for HTTP with `gzip`).
@@ -269,36 +249,6 @@ async fn send_loop(
     Ok((ok, failed, latencies))
 }
 
-/// Starts `canaryd serve` on port 0 in `data`; returns the child and its addresses.
-fn start_daemon(data: &Path) -> anyhow::Result<(std::process::Child, serde_json::Value)> {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(data)
-        .args([
-            "--otlp-grpc-addr",
-            "127.0.0.1:0",
-            "--otlp-http-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--log", "warn"])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .context("cannot start the daemon")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(data.join("addrs.json")) {
-            return Ok((child, serde_json::from_str(&text)?));
-        }
-        if Instant::now() > deadline {
-            bail!("the daemon did not write addrs.json");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` does not: then this is a smoke run.
     let measuring = std::env::args().any(|a| a == "--bench");
@@ -315,7 +265,7 @@ fn main() -> anyhow::Result<()> {
         2
     };
     let dir = tempfile::tempdir()?;
-    let (mut daemon, addrs) = start_daemon(&dir.path().join("data"))?;
+    let (mut daemon, addrs) = start_daemon(&dir.path().join("data"), &[])?;
     let pid = daemon.id();
     let runtime = tokio::runtime::Runtime::new()?;
     let mut result = Ok(());

@@ -741,6 +741,7 @@ fn call_graph(
 }
 
 /// Events per request that must not grow: exceptions of one type, error logs.
+#[allow(clippy::too_many_arguments)]
 fn rate_check(
     r: &super::model::RateCheck,
     d: &Decision,

@@ -1,0 +1,87 @@
+//! What the benchmarks that drive the daemon binary share: starting it, and reading its CPU time
+//! and memory from /proc.
+
+#![allow(dead_code)] // each bench uses its own part of this
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("no process {pid}"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(") ").context("unexpected /proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 =
+        fields.get(11).context("utime")?.parse::<f64>()? + fields.get(12).context("stime")?.parse::<f64>()?;
+    // The kernel's USER_HZ is 100 on every Linux the project runs on.
+    Ok(ticks / 100.0)
+}
+
+/// Peak resident set size of a process, in KiB (VmHWM).
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+}
+
+/// Resident set size of a process now, in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
+/// Bytes of every file under `dir`.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Starts `canaryd serve` on port 0 in `data`; returns the child and its addresses.
+pub fn start_daemon(data: &Path, extra: &[&str]) -> anyhow::Result<(std::process::Child, serde_json::Value)> {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--log", "warn"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start the daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(data.join("addrs.json")) {
+            return Ok((child, serde_json::from_str(&text)?));
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon did not write addrs.json");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,210 @@
+//! Memory and disk per tracked series, and the time to restart: the release daemon in its own
+//! process is fed apps until it holds a target number of feature baselines (series), then its
+//! resident memory, the engine's own accounting and the sled folder are read, and it is stopped
+//! and started again on the same data, timing the stop and the start until it is ready.
+//!
+//! Apps come in groups of `GROUP` (each group in its own env, two versions, eight operations, a
+//! downstream per request), with 140 s of event time each so that two windows close and every
+//! feature gets a baseline. `cargo bench --bench series` measures 1k, 10k and 100k series
+//! (`SERIES_SIZES=1000,10000` to choose); `cargo test --benches` runs one small size as a smoke test.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use canaryd::testdata::{self, TraceShape};
+use prost::Message;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{dir_bytes, rss_kib, start_daemon};
+
+/// Apps per group of exports.
+const GROUP: usize = 20;
+/// Exports per group, 5 s of event time apart: 140 s, two windows closed.
+const STEPS: u64 = 28;
+
+struct Daemon {
+    child: std::process::Child,
+    http: String,
+    otlp_http: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &std::path::Path) -> anyhow::Result<Daemon> {
+    let (child, addrs) = start_daemon(data, &["--max-apps", "100000", "--flush-interval-secs", "1"])?;
+    let addr = |k: &str| addrs[k].as_str().map(str::to_owned).context("address");
+    Ok(Daemon {
+        child,
+        http: addr("http")?,
+        otlp_http: addr("otlp_http")?,
+    })
+}
+
+/// One sample of the daemon's /metrics.
+async fn metric(client: &reqwest::Client, daemon: &Daemon, name: &str) -> anyhow::Result<f64> {
+    let text = client
+        .get(format!("http://{}/metrics", daemon.http))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {name} in /metrics"))
+}
+
+/// Sends one group of apps (in env `g<group>`), every export in event-time order.
+async fn feed_group(client: &reqwest::Client, daemon: &Daemon, group: usize) -> anyhow::Result<u64> {
+    for step in 0..STEPS {
+        let shape = TraceShape {
+            env: format!("g{group}"),
+            apps: GROUP,
+            versions_per_app: 2,
+            operations: 8,
+            spans: GROUP * 2 * 40,
+            start_ns: testdata::EPOCH_NS + step * 5_000_000_000,
+            request_gap_ns: 250_000_000,
+            ..TraceShape::default()
+        };
+        let body = testdata::trace_request(&shape, (group as u64) << 8 | step).encode_to_vec();
+        let response = client
+            .post(format!("http://{}/v1/traces", daemon.otlp_http))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("export answered {}", response.status());
+        }
+    }
+    Ok(STEPS)
+}
+
+/// Waits until the engine has taken every export sent and a flush has followed.
+async fn settle(client: &reqwest::Client, daemon: &Daemon, sent: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while metric(client, daemon, "canaryd_engine_batches_total").await? < sent as f64 {
+        if Instant::now() > deadline {
+            bail!("the engine did not take every export within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let flushes = metric(client, daemon, "canaryd_store_flushes_total").await?;
+    while metric(client, daemon, "canaryd_store_flushes_total").await? < flushes + 1.0 {
+        if Instant::now() > deadline {
+            bail!("no flush followed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+struct Row {
+    series: f64,
+    rss_mib: f64,
+    rss_per_series: f64,
+    engine_per_series: f64,
+    sled_mib: f64,
+    sled_per_series: f64,
+    stop_s: f64,
+    ready_s: f64,
+}
+
+async fn measure(target: usize) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let client = reqwest::Client::new();
+    let daemon = start(&data)?;
+    let rss_before = rss_kib(daemon.child.id())?;
+    let mut sent = feed_group(&client, &daemon, 0).await?;
+    settle(&client, &daemon, sent).await?;
+    let per_group = metric(&client, &daemon, "canaryd_baselines").await?.max(1.0);
+    let groups = (target as f64 / per_group).ceil().max(1.0) as usize;
+    for group in 1..groups {
+        sent += feed_group(&client, &daemon, group).await?;
+    }
+    settle(&client, &daemon, sent).await?;
+    let series = metric(&client, &daemon, "canaryd_baselines").await?;
+    let engine_bytes = metric(&client, &daemon, "canaryd_baseline_memory_bytes").await?;
+    let rss = rss_kib(daemon.child.id())?;
+    let sled = dir_bytes(&data) as f64;
+
+    // Stop (SIGTERM: drain and flush), then start on the same data until ready.
+    let mut daemon = daemon;
+    let stopping = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status()?;
+    daemon.child.wait()?;
+    let stop_s = stopping.elapsed().as_secs_f64();
+    drop(daemon);
+    let starting = Instant::now();
+    let again = start(&data)?;
+    let ready_s = starting.elapsed().as_secs_f64();
+    // The gauge is set at each flush (every second here).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&client, &again, "canaryd_store_flushes_total").await? < 1.0 {
+        if Instant::now() > deadline {
+            bail!("no flush after the restart");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restored = metric(&client, &again, "canaryd_baselines").await?;
+    if restored < series {
+        bail!("restart restored {restored} of {series} baselines");
+    }
+    Ok(Row {
+        series,
+        rss_mib: rss as f64 / 1024.0,
+        rss_per_series: (rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
+        engine_per_series: engine_bytes / series,
+        sled_mib: sled / (1024.0 * 1024.0),
+        sled_per_series: sled / series,
+        stop_s,
+        ready_s,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: then this is a smoke run.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let sizes: Vec<usize> = if measuring {
+        std::env::var("SERIES_SIZES")
+            .ok()
+            .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
+    } else {
+        vec![300]
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    println!(
+        "{:>8} {:>9} {:>11} {:>12} {:>9} {:>11} {:>7} {:>8}",
+        "series", "RSS MiB", "RSS B/ser", "engine B/ser", "sled MiB", "sled B/ser", "stop s", "ready s"
+    );
+    for target in sizes {
+        let row = runtime.block_on(measure(target))?;
+        println!(
+            "{:>8.0} {:>9.1} {:>11.0} {:>12.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
+            row.series,
+            row.rss_mib,
+            row.rss_per_series,
+            row.engine_per_series,
+            row.sled_mib,
+            row.sled_per_series,
+            row.stop_s,
+            row.ready_s
+        );
+        if row.series < target as f64 * 0.9 {
+            bail!("reached {} series of {target}", row.series);
+        }
+    }
+    Ok(())
+}
