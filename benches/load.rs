@@ -86,6 +86,90 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
+/// The fields of a trace export the engine reads, and nothing else: prost skips the rest
+/// (trace state, flags, links, dropped counts, scope names and versions, schema URLs) without
+/// building them. Decoding into these is the floor of what any decode-then-normalize path costs.
+mod lean {
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Request {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Resource {
+        #[prost(message, repeated, tag = "1")]
+        pub attributes: Vec<KeyValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeSpans {
+        #[prost(message, repeated, tag = "2")]
+        pub spans: Vec<Span>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Span {
+        #[prost(bytes = "vec", tag = "1")]
+        pub trace_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub span_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub parent_span_id: Vec<u8>,
+        #[prost(string, tag = "5")]
+        pub name: String,
+        #[prost(int32, tag = "6")]
+        pub kind: i32,
+        #[prost(fixed64, tag = "7")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "8")]
+        pub end_time_unix_nano: u64,
+        #[prost(message, repeated, tag = "9")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(message, repeated, tag = "11")]
+        pub events: Vec<Event>,
+        #[prost(message, optional, tag = "15")]
+        pub status: Option<Status>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Event {
+        #[prost(string, tag = "2")]
+        pub name: String,
+        #[prost(message, repeated, tag = "3")]
+        pub attributes: Vec<KeyValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "3")]
+        pub code: i32,
+    }
+}
+
+/// Spans per second one core decodes from `payloads` (plain protobuf), decoding with `decode` for
+/// about `budget`: the physical reference the daemon's cost is compared with.
+fn decode_rate(payloads: &[Bytes], budget: Duration, decode: impl Fn(&[u8]) -> usize) -> f64 {
+    let started = Instant::now();
+    let mut spans = 0usize;
+    while started.elapsed() < budget {
+        for p in payloads {
+            spans += decode(p);
+        }
+    }
+    spans as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Sends already-encoded bytes as a gRPC message, and ignores the answer's content.
 #[derive(Clone, Default)]
 struct RawCodec;
@@ -264,6 +348,43 @@ fn main() -> anyhow::Result<()> {
     } else {
         2
     };
+    // The reference first, on the same payloads the daemon gets, before the daemon competes for
+    // the cores.
+    let plain = prepare(&LoadPlan {
+        target: Target::Grpc(String::new()),
+        gzip: false,
+        concurrency: 1,
+        duration: Duration::ZERO,
+        distinct: 64,
+        spans_per_request: 512,
+        pid: None,
+    });
+    let budget = Duration::from_millis(if measuring { 3_000 } else { 200 });
+    let full = decode_rate(&plain, budget, |p| {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        ExportTraceServiceRequest::decode(p).map_or(0, |r| {
+            r.resource_spans
+                .iter()
+                .flat_map(|rs| &rs.scope_spans)
+                .map(|ss| ss.spans.len())
+                .sum()
+        })
+    });
+    let lean = decode_rate(&plain, budget, |p| {
+        lean::Request::decode(p).map_or(0, |r| {
+            r.resource_spans
+                .iter()
+                .flat_map(|rs| &rs.scope_spans)
+                .map(|ss| ss.spans.len())
+                .sum()
+        })
+    });
+    println!(
+        "== decode-only reference, one core: full prost decode {full:.0} spans/s, lean decode {lean:.0} spans/s"
+    );
+    if full <= 0.0 || lean <= 0.0 {
+        bail!("the decode reference decoded nothing");
+    }
     let dir = tempfile::tempdir()?;
     let (mut daemon, addrs) = start_daemon(&dir.path().join("data"), &[])?;
     let pid = daemon.id();
@@ -310,6 +431,14 @@ fn main() -> anyhow::Result<()> {
             Ok(report) => {
                 println!("== {name}, concurrency {concurrency}, {seconds} s");
                 print!("{report}");
+                if let Some(cpu) = report.daemon_cpu_seconds.filter(|c| *c > 0.0) {
+                    let per_cpu = report.spans as f64 / cpu;
+                    println!(
+                        "per daemon-CPU-second against decode-only: {:.2} of full decode, {:.2} of lean decode",
+                        per_cpu / full,
+                        per_cpu / lean
+                    );
+                }
                 if report.failures > 0 || report.requests == 0 {
                     result = Err(anyhow::anyhow!(
                         "{name}: {} of {} requests failed",
