@@ -23,6 +23,10 @@ use tonic::{Status, codegen::http::uri::PathAndQuery};
 
 #[path = "common/mod.rs"]
 mod common;
+
+/// The daemon's allocator, so that the decode-only reference costs what it would in the daemon.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use common::{cpu_seconds, peak_rss_kib, start_daemon};
 
 /// How to load the daemon.

@@ -9,6 +9,12 @@ use clap::Parser;
 use canaryd::cli::{Cli, Command, ServeArgs};
 use canaryd::config::{Config, RawConfig};
 
+/// Decoding OTLP allocates every attribute key and value: under load, glibc's malloc and free took
+/// about 45% of the daemon's CPU (perf, BENCHMARKS.md). mimalloc's thread-local free lists make
+/// those small, short-lived allocations cheap.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
