@@ -41,6 +41,9 @@ struct LoadPlan {
     distinct: usize,
     spans_per_request: usize,
     pid: Option<u32>,
+    /// Each sender's time between sends, for a paced (open-loop) run; latency then counts from
+    /// when a request was due, so a daemon falling behind shows in it. `None`: as fast as answered.
+    gap: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -284,6 +287,19 @@ async fn send_loop(
     let mut latencies = Sketch::new(0.01);
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut next = worker;
+    // Paced senders start spread over one gap, so that their sends interleave.
+    let mut due = Instant::now()
+        + plan.gap.map_or(Duration::ZERO, |g| {
+            g.mul_f64(worker as f64 / plan.concurrency as f64)
+        });
+    let mut wait_turn = move || {
+        let now = Instant::now();
+        let at = if plan.gap.is_some() { due } else { now };
+        if let Some(g) = plan.gap {
+            due += g;
+        }
+        at
+    };
     match &plan.target {
         Target::Grpc(addr) => {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
@@ -300,7 +316,8 @@ async fn send_loop(
             while Instant::now() < deadline {
                 let body = requests[next % requests.len()].clone();
                 next += 1;
-                let t = Instant::now();
+                let t = wait_turn();
+                tokio::time::sleep_until(t.into()).await;
                 grpc.ready().await?;
                 match grpc
                     .unary(tonic::Request::new(body), path.clone(), RawCodec)
@@ -318,7 +335,8 @@ async fn send_loop(
             while Instant::now() < deadline {
                 let body = requests[next % requests.len()].clone();
                 next += 1;
-                let t = Instant::now();
+                let t = wait_turn();
+                tokio::time::sleep_until(t.into()).await;
                 let mut request = client
                     .post(&url)
                     .header("content-type", "application/x-protobuf")
@@ -362,6 +380,7 @@ fn main() -> anyhow::Result<()> {
         distinct: 64,
         spans_per_request: 512,
         pid: None,
+        gap: None,
     });
     let budget = Duration::from_millis(if measuring { 3_000 } else { 200 });
     let full = decode_rate(&plain, budget, |p| {
@@ -430,8 +449,9 @@ fn main() -> anyhow::Result<()> {
             distinct: 64,
             spans_per_request: 512,
             pid: Some(pid),
+            gap: None,
         };
-        match runtime.block_on(run(plan)) {
+        match runtime.block_on(run(plan.clone())) {
             Ok(report) => {
                 println!("== {name}, concurrency {concurrency}, {seconds} s");
                 print!("{report}");
@@ -442,6 +462,23 @@ fn main() -> anyhow::Result<()> {
                         per_cpu / full,
                         per_cpu / lean
                     );
+                }
+                // The latency a sender sees at half the load the daemon can take, paced.
+                if !gzip && report.requests > 0 {
+                    let peak = report.requests as f64 / report.seconds;
+                    let half = LoadPlan {
+                        gap: Some(Duration::from_secs_f64(plan.concurrency as f64 / (peak / 2.0))),
+                        ..plan.clone()
+                    };
+                    match runtime.block_on(run(half)) {
+                        Ok(paced) => println!(
+                            "at 50% of peak ({:.0} spans/s): ack latency p50 {:.2} ms, p99 {:.2} ms",
+                            paced.spans as f64 / paced.seconds,
+                            paced.p50_ms,
+                            paced.p99_ms
+                        ),
+                        Err(e) => result = Err(e),
+                    }
                 }
                 if report.failures > 0 || report.requests == 0 {
                     result = Err(anyhow::anyhow!(
