@@ -8,12 +8,9 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use canaryd::testdata::{self, EPOCH_NS, kv, kv_int};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 use serde_json::{Value, json};
-use support::{TestDaemon, eventually, find_app};
+use support::{TestDaemon, canary_traffic as traffic, eventually, find_app};
 
 /// The HTTP API's routes (README's "What it answers"), as (method, path).
 const ROUTES: &[(&str, &str)] = &[
@@ -156,57 +153,6 @@ fn conforms(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
         errors.is_empty(),
         "{method} {path} {status} does not match its schema: {errors:?}\n{body:#}"
     );
-}
-
-/// `per_second` SERVER spans a second for `seconds` seconds from `start_s` for one version of
-/// `shop` in `prod`, every `error_every`-th one failing.
-fn spans(version: &str, start_s: u64, seconds: u64, per_second: u64, error_every: u64) -> ResourceSpans {
-    let salt = version
-        .bytes()
-        .fold(0x5eed_u64, |h, b| h.rotate_left(8) ^ u64::from(b));
-    let mut spans = Vec::new();
-    for s in start_s..start_s + seconds {
-        for i in 0..per_second {
-            let n = s * per_second + i;
-            let failed = n.is_multiple_of(error_every);
-            let start = EPOCH_NS + s * 1_000_000_000 + i * (1_000_000_000 / per_second);
-            spans.push(Span {
-                trace_id: [n.to_be_bytes(), salt.to_be_bytes()].concat(),
-                span_id: (n + 1).rotate_left(17).wrapping_add(salt).to_be_bytes().to_vec(),
-                name: "GET /orders".into(),
-                kind: span::SpanKind::Server as i32,
-                start_time_unix_nano: start,
-                end_time_unix_nano: start + 20_000_000 + (n % 10) * 1_000_000,
-                attributes: vec![
-                    kv("http.request.method", "GET"),
-                    kv("http.route", "/orders"),
-                    kv_int("http.response.status_code", if failed { 500 } else { 200 }),
-                ],
-                status: failed.then(|| Status {
-                    code: status::StatusCode::Error as i32,
-                    message: "internal error".into(),
-                }),
-                ..Span::default()
-            });
-        }
-    }
-    ResourceSpans {
-        resource: Some(testdata::resource("prod", "shop", version)),
-        scope_spans: vec![ScopeSpans {
-            spans,
-            ..ScopeSpans::default()
-        }],
-        ..ResourceSpans::default()
-    }
-}
-
-fn traffic(start_s: u64, seconds: u64, canary_error_every: u64) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![
-            spans("1.0.0", start_s, seconds, 50, 1000),
-            spans("2.0.0", start_s, seconds, 50, canary_error_every),
-        ],
-    }
 }
 
 /// Sends `method path` with an optional JSON body; the status and the answer (JSON, or null).

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use canaryd::config::{Config, RawConfig};
 use canaryd::daemon::{BoundAddrs, Daemon, RunError};
+use canaryd::testdata::{self, EPOCH_NS, kv, kv_int};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -268,5 +271,69 @@ impl Receiver {
             .filter(|r| r.accepted)
             .filter_map(|r| r.headers.get("webhook-id")?.to_str().ok().map(str::to_owned))
             .collect()
+    }
+}
+
+/// One second of event time, in nanoseconds.
+const SECOND: u64 = 1_000_000_000;
+
+/// `per_second` SERVER spans a second for each of `seconds` seconds from `start_s` (seconds after
+/// `EPOCH_NS`) for one version of `shop` in `prod`, every `error_every`-th one failing with a 500.
+pub fn shop_spans(
+    version: &str,
+    start_s: u64,
+    seconds: u64,
+    per_second: u64,
+    error_every: u64,
+) -> ResourceSpans {
+    // Ids unique across versions: the version's bytes salt the trace id.
+    let salt = version
+        .bytes()
+        .fold(0x5eed_u64, |h, b| h.rotate_left(8) ^ u64::from(b));
+    let mut spans = Vec::new();
+    for s in start_s..start_s + seconds {
+        for i in 0..per_second {
+            let n = s * per_second + i;
+            let failed = n.is_multiple_of(error_every);
+            let start = EPOCH_NS + s * SECOND + i * (SECOND / per_second);
+            spans.push(Span {
+                trace_id: [n.to_be_bytes(), salt.to_be_bytes()].concat(),
+                span_id: (n + 1).rotate_left(17).wrapping_add(salt).to_be_bytes().to_vec(),
+                name: "GET /orders".into(),
+                kind: span::SpanKind::Server as i32,
+                start_time_unix_nano: start,
+                // 20 to 29 ms, the same for both versions.
+                end_time_unix_nano: start + 20_000_000 + (n % 10) * 1_000_000,
+                attributes: vec![
+                    kv("http.request.method", "GET"),
+                    kv("http.route", "/orders"),
+                    kv_int("http.response.status_code", if failed { 500 } else { 200 }),
+                ],
+                status: failed.then(|| Status {
+                    code: status::StatusCode::Error as i32,
+                    message: "internal error".into(),
+                }),
+                ..Span::default()
+            });
+        }
+    }
+    ResourceSpans {
+        resource: Some(testdata::resource("prod", "shop", version)),
+        scope_spans: vec![ScopeSpans {
+            spans,
+            ..ScopeSpans::default()
+        }],
+        ..ResourceSpans::default()
+    }
+}
+
+/// Both versions over the same seconds: the stable with 0.1% errors, the canary with one error
+/// every `canary_error_every` requests.
+pub fn canary_traffic(start_s: u64, seconds: u64, canary_error_every: u64) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![
+            shop_spans("1.0.0", start_s, seconds, 50, 1000),
+            shop_spans("2.0.0", start_s, seconds, 50, canary_error_every),
+        ],
     }
 }
