@@ -1080,13 +1080,13 @@ mod tests {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-struct EnvQuery {
+pub(crate) struct EnvQuery {
     /// The environment (default `default`).
     env: Option<String>,
 }
 
 /// The environment asked for, or a 400 when it is empty.
-fn env_of(query: EnvQuery) -> Result<String, Box<Response>> {
+pub(crate) fn env_of(query: EnvQuery) -> Result<String, Box<Response>> {
     let env = query.env.unwrap_or_else(|| "default".into());
     if env.is_empty() {
         return Err(Box::new(error(StatusCode::BAD_REQUEST, "env must not be empty")));

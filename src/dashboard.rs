@@ -14,12 +14,14 @@ use canaryd_engine::EventTime;
 use canaryd_engine::baseline::Baseline;
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::judge::SeriesPoint;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Serialize;
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiQuery, ApiState, CanaryStateSchema, ErrorBody, error, format_event_time};
+use crate::api::{
+    ApiQuery, ApiState, CanaryStateSchema, EnvQuery, ErrorBody, env_of, error, format_event_time,
+};
 
 const INDEX_HTML: &str = include_str!("../assets/dashboard/index.html");
 const APP_JS: &str = include_str!("../assets/dashboard/app.js");
@@ -63,14 +65,6 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         body,
     )
         .into_response()
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-struct TimelineQuery {
-    /// The environment (default `default`).
-    env: Option<String>,
 }
 
 /// `GET /api/v1/apps/{app}/timeline?env=`: both versions' recent series in 10-second blocks, the
@@ -167,7 +161,7 @@ const CHARTED: [Feature; 4] = [
     get,
     path = "/api/v1/apps/{app}/timeline",
     tag = "apps",
-    params(("app" = String, Path, description = "The app"), TimelineQuery),
+    params(("app" = String, Path, description = "The app"), EnvQuery),
     responses(
         (status = 200, description = "The analysis's recent series, the learned bands, the operation mix and the call graph", body = TimelineView),
         (status = 400, description = "A bad query parameter", body = ErrorBody),
@@ -177,12 +171,12 @@ const CHARTED: [Feature; 4] = [
 async fn timeline(
     State(state): State<ApiState>,
     Path(app): Path<String>,
-    ApiQuery(query): ApiQuery<TimelineQuery>,
+    ApiQuery(query): ApiQuery<EnvQuery>,
 ) -> Response {
-    let env = query.env.unwrap_or_else(|| "default".into());
-    if env.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "env must not be empty");
-    }
+    let env = match env_of(query) {
+        Ok(env) => env,
+        Err(response) => return *response,
+    };
     let engine = state.engine.lock();
     if engine.catalog().app(&env, &app).is_none() {
         return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
