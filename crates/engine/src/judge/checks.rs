@@ -79,6 +79,40 @@ pub struct Check {
     pub message: String,
 }
 
+impl Check {
+    /// A check that has decided nothing yet: no statistic, no effect, no message; the fields that
+    /// name and bound it are the caller's.
+    fn undecided() -> Check {
+        Check {
+            id: String::new(),
+            group: "",
+            feature: String::new(),
+            operation: None,
+            test: "",
+            critical: false,
+            weight: 0.0,
+            outcome: Outcome::InsufficientData,
+            canary_value: None,
+            baseline_value: None,
+            canary_samples: 0,
+            baseline_samples: 0,
+            statistic: None,
+            p_value: None,
+            threshold: 0.0,
+            effect: None,
+            min_effect: 0.0,
+            effect_kind: "",
+            window_s: 0,
+            message: String::new(),
+        }
+    }
+}
+
+/// Why a window with too few canary requests decides nothing.
+fn too_few(requests: u64, d: &Decision) -> String {
+    format!("{requests} canary requests, {} needed", d.min_requests)
+}
+
 /// The windows of one horizon.
 pub struct Windows<'a> {
     pub horizon_s: u64,
@@ -403,26 +437,22 @@ fn error_ratio(
         test: "fisher_exact",
         critical: e.critical,
         weight: e.weight,
-        outcome: Outcome::InsufficientData,
         canary_value: rc,
         baseline_value: rs,
         canary_samples: can.requests,
         baseline_samples: reference.requests,
-        statistic: None,
-        p_value: None,
         threshold: z_of(threshold),
-        effect: None,
         min_effect: e.min_ratio,
         effect_kind: "ratio",
         window_s: horizon_s,
-        message: String::new(),
+        ..Check::undecided()
     };
     let (Some(rc), Some(rs)) = (rc, rs) else {
         check.message = "no requests to compare".into();
         return check;
     };
     if can.requests < d.min_requests {
-        check.message = format!("{} canary requests, {} needed", can.requests, d.min_requests);
+        check.message = too_few(can.requests, d);
         return check;
     }
     let p = fisher_greater(can.errors, can.requests, reference.errors, reference.requests);
@@ -484,26 +514,22 @@ fn latency(
         test: "exceedance",
         critical: l.critical,
         weight: l.weight,
-        outcome: Outcome::InsufficientData,
         canary_value: canary_q,
         baseline_value: stable_q,
         canary_samples: can.requests,
         baseline_samples: reference.requests,
-        statistic: None,
-        p_value: None,
         threshold: z_of(threshold),
-        effect: None,
         min_effect: l.min_ratio,
         effect_kind: "ratio",
         window_s: horizon_s,
-        message: String::new(),
+        ..Check::undecided()
     };
     let (Some(stable_q), Some(canary_q)) = (stable_q, canary_q) else {
         check.message = "no requests to compare".into();
         return check;
     };
     if can.requests < d.min_requests {
-        check.message = format!("{} canary requests, {} needed", can.requests, d.min_requests);
+        check.message = too_few(can.requests, d);
         return check;
     }
     // How many requests of each lie above the stable's quantile: the canary's share of them
@@ -552,22 +578,18 @@ fn operation_mix(
         test: "chi_square",
         critical: m.critical,
         weight: m.weight,
-        outcome: Outcome::InsufficientData,
         canary_value: None,
         baseline_value: None,
         canary_samples: n_c,
         baseline_samples: w.reference.all.requests,
-        statistic: None,
-        p_value: None,
         threshold: z_of(threshold),
-        effect: None,
         min_effect: m.min_distance,
         effect_kind: "total_variation",
         window_s: w.horizon_s,
-        message: String::new(),
+        ..Check::undecided()
     };
     if n_c < d.min_requests || w.reference.all.requests == 0 {
-        check.message = format!("{n_c} canary requests, {} needed", d.min_requests);
+        check.message = too_few(n_c, d);
         return check;
     }
     let ops: BTreeSet<&String> = w
@@ -672,29 +694,22 @@ fn call_graph(
         test: "poisson_rate",
         critical: g.critical,
         weight: g.weight,
-        outcome: Outcome::InsufficientData,
         canary_value: cpr_c,
         baseline_value: cpr_r,
         canary_samples: w.canary.all.requests,
         baseline_samples: w.reference.all.requests,
-        statistic: None,
-        p_value: None,
         threshold: z_of(threshold),
-        effect: None,
         min_effect: g.min_ratio,
         effect_kind: "ratio",
         window_s: w.horizon_s,
-        message: String::new(),
+        ..Check::undecided()
     };
     let (Some(cpr_c), Some(cpr_r)) = (cpr_c, cpr_r) else {
         check.message = "no requests to compare".into();
         return check;
     };
     if w.canary.all.requests < d.min_requests {
-        check.message = format!(
-            "{} canary requests, {} needed",
-            w.canary.all.requests, d.min_requests
-        );
+        check.message = too_few(w.canary.all.requests, d);
         return check;
     }
     // How many calls a request makes depends on its operation, so over a few seconds the
@@ -768,29 +783,22 @@ fn rate_check(
         test: "poisson_rate",
         critical: r.critical,
         weight: r.weight,
-        outcome: Outcome::InsufficientData,
         canary_value: rate_c,
         baseline_value: rate_r,
         canary_samples: w.canary.all.requests,
         baseline_samples: w.reference.all.requests,
-        statistic: None,
-        p_value: None,
         threshold: z_of(threshold),
-        effect: None,
         min_effect: r.min_ratio,
         effect_kind: "ratio",
         window_s: w.horizon_s,
-        message: String::new(),
+        ..Check::undecided()
     };
     let (Some(rate_c), Some(rate_r)) = (rate_c, rate_r) else {
         check.message = "no requests to compare".into();
         return check;
     };
     if w.canary.all.requests < d.min_requests {
-        check.message = format!(
-            "{} canary requests, {} needed",
-            w.canary.all.requests, d.min_requests
-        );
+        check.message = too_few(w.canary.all.requests, d);
         return check;
     }
     let (p, _) = rate_tails(x_c / phi, n_c, x_r / phi, n_r);
@@ -855,19 +863,15 @@ fn metric_rate(
         test: "poisson_rate",
         critical: m.critical,
         weight: m.weight,
-        outcome: Outcome::InsufficientData,
         canary_value: per_c,
         baseline_value: per_r,
         canary_samples: w.canary.all.requests,
         baseline_samples: w.reference.all.requests,
-        statistic: None,
-        p_value: None,
         threshold: z_of(threshold),
-        effect: None,
         min_effect: m.min_ratio,
         effect_kind: "ratio",
         window_s: w.horizon_s,
-        message: String::new(),
+        ..Check::undecided()
     };
     let (Some(per_c), Some(per_r)) = (per_c, per_r) else {
         check.message = "no requests to compare".into();
@@ -884,10 +888,7 @@ fn metric_rate(
         return check;
     }
     if w.canary.all.requests < d.min_requests || per_r <= 0.0 {
-        check.message = format!(
-            "{} canary requests, {} needed",
-            w.canary.all.requests, d.min_requests
-        );
+        check.message = too_few(w.canary.all.requests, d);
         return check;
     }
     let phi = w.dispersion.get(&format!("metric:{series}"));
@@ -945,19 +946,15 @@ pub fn baseline_checks(
             test: "baseline_band",
             critical: b.critical,
             weight: b.weight,
-            outcome: Outcome::InsufficientData,
             canary_value: can.as_ref().map(|f| f.value),
             baseline_value: baseline.map(|b| b.ewma.mean),
             canary_samples: can.as_ref().map_or(0, |f| f.support),
             baseline_samples: baseline.map_or(0, |b| b.ewma.samples),
-            statistic: None,
-            p_value: None,
             threshold: b.max_deviation,
-            effect: None,
             min_effect: b.max_deviation,
             effect_kind: "band_half_widths",
             window_s,
-            message: String::new(),
+            ..Check::undecided()
         };
         let (Some(baseline), Some(can)) = (baseline, can) else {
             check.message = "no learned baseline or no canary value yet".into();
@@ -965,10 +962,7 @@ pub fn baseline_checks(
             continue;
         };
         if can.support < model.decision.min_requests {
-            check.message = format!(
-                "{} canary requests, {} needed",
-                can.support, model.decision.min_requests
-            );
+            check.message = too_few(can.support, &model.decision);
             out.push(check);
             continue;
         }
