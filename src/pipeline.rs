@@ -211,35 +211,18 @@ mod tests {
     use crate::events::EventType;
     use crate::normalize::{self, NormalizeOptions};
     use crate::store::StoreCounters;
-    use crate::testdata::{self, EPOCH_NS, TraceShape};
+    use crate::testdata::{self, EPOCH_NS};
     use canaryd_engine::EngineConfig;
 
-    /// One app's traffic from `start_ns`, a request a second: `exports` batches of 512 spans,
-    /// failing at `error_rate`. Returns them and the event time after the last.
+    /// One app's traffic from `start_ns`, normalized: see `testdata::app_traffic`.
     fn traffic(start_ns: u64, exports: u64, error_rate: f64) -> (Vec<Batch>, u64) {
-        let mut shape = TraceShape {
-            apps: 1,
-            versions_per_app: 1,
-            request_gap_ns: 1_000_000_000,
-            error_rate,
-            start_ns,
-            ..TraceShape::default()
-        };
-        let mut batches = Vec::new();
-        for seed in 0..exports {
-            let request = testdata::trace_request(&shape, seed + start_ns);
-            let last_end = request
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .flat_map(|s| &s.spans)
-                .map(|s| s.end_time_unix_nano)
-                .max()
-                .expect("spans");
-            shape.start_ns = last_end + 1;
-            batches.push(normalize::traces(&request, &NormalizeOptions::default()).batch);
-        }
-        (batches, shape.start_ns)
+        let (requests, end) = testdata::app_traffic(start_ns, exports, error_rate);
+        let options = NormalizeOptions::default();
+        let batches = requests
+            .iter()
+            .map(|r| normalize::traces(r, &options).batch)
+            .collect();
+        (batches, end)
     }
 
     /// An engine as a (re)start makes it: restored from what the store holds.

@@ -90,6 +90,35 @@ impl Default for TraceShape {
     }
 }
 
+/// One app's traffic from `start_ns`, a request a second: `exports` trace export requests of 512
+/// spans (256 seconds each), one after the other in event time, failing at `error_rate`. Returns
+/// them and the event time after the last.
+pub fn app_traffic(start_ns: u64, exports: u64, error_rate: f64) -> (Vec<ExportTraceServiceRequest>, u64) {
+    let mut shape = TraceShape {
+        apps: 1,
+        versions_per_app: 1,
+        request_gap_ns: 1_000_000_000,
+        error_rate,
+        start_ns,
+        ..TraceShape::default()
+    };
+    let mut requests = Vec::new();
+    for seed in 0..exports {
+        let request = trace_request(&shape, seed + start_ns);
+        let last_end = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .map(|s| s.end_time_unix_nano)
+            .max()
+            .unwrap_or(shape.start_ns);
+        shape.start_ns = last_end + 1;
+        requests.push(request);
+    }
+    (requests, shape.start_ns)
+}
+
 /// A trace export request of `shape.spans` spans spread over the shape's apps and versions: each
 /// request is a SERVER span followed by one CLIENT child.
 pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest {

@@ -986,9 +986,9 @@ mod binary {
             .await
             .expect("post");
         assert_eq!(created.status(), 201);
-        let (steady, fault_start) = super::traffic(super::EPOCH_NS, 15, 0.01);
-        let (fault, recovery_start) = super::traffic(fault_start, 3, 0.5);
-        let (recovery, _) = super::traffic(recovery_start, 8, 0.01);
+        let (steady, fault_start) = super::testdata::app_traffic(super::EPOCH_NS, 15, 0.01);
+        let (fault, recovery_start) = super::testdata::app_traffic(fault_start, 3, 0.5);
+        let (recovery, _) = super::testdata::app_traffic(recovery_start, 8, 0.01);
         for request in steady.iter().chain(&fault).chain(&recovery) {
             daemon.post_traces(request).await;
         }
@@ -1073,37 +1073,9 @@ mod binary {
     }
 }
 
-/// One app's traffic from `start_ns`, a request a second: `exports` OTLP requests of 512 spans
-/// (256 seconds each), failing at `error_rate`. Returns them and the event time after the last.
-fn traffic(start_ns: u64, exports: u64, error_rate: f64) -> (Vec<ExportTraceServiceRequest>, u64) {
-    let mut shape = TraceShape {
-        apps: 1,
-        versions_per_app: 1,
-        request_gap_ns: 1_000_000_000,
-        error_rate,
-        start_ns,
-        ..TraceShape::default()
-    };
-    let mut requests = Vec::new();
-    for seed in 0..exports {
-        let request = testdata::trace_request(&shape, seed + start_ns);
-        let last_end = request
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .flat_map(|s| &s.spans)
-            .map(|s| s.end_time_unix_nano)
-            .max()
-            .expect("spans");
-        shape.start_ns = last_end + 1;
-        requests.push(request);
-    }
-    (requests, shape.start_ns)
-}
-
 /// About an hour of event time from one app: 15 requests of 512 spans, a request a second.
 fn hour_of_traffic() -> Vec<ExportTraceServiceRequest> {
-    traffic(EPOCH_NS, 15, 0.01).0
+    testdata::app_traffic(EPOCH_NS, 15, 0.01).0
 }
 
 /// The feature `name` (of the app as a whole) in a baseline response.
@@ -1208,9 +1180,9 @@ async fn an_error_jump_emits_an_anomaly_event_and_its_resolution() {
     let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
         .await
         .expect("connect");
-    let (steady, fault_start) = traffic(EPOCH_NS, 15, 0.01);
-    let (fault, recovery_start) = traffic(fault_start, 3, 0.5);
-    let (recovery, _) = traffic(recovery_start, 8, 0.01);
+    let (steady, fault_start) = testdata::app_traffic(EPOCH_NS, 15, 0.01);
+    let (fault, recovery_start) = testdata::app_traffic(fault_start, 3, 0.5);
+    let (recovery, _) = testdata::app_traffic(recovery_start, 8, 0.01);
     for request in steady.into_iter().chain(fault).chain(recovery) {
         client.export(request).await.expect("export");
     }
@@ -1288,9 +1260,9 @@ async fn drive_an_anomaly(daemon: &TestDaemon) {
     let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
         .await
         .expect("connect");
-    let (steady, fault_start) = traffic(EPOCH_NS, 15, 0.01);
-    let (fault, recovery_start) = traffic(fault_start, 3, 0.5);
-    let (recovery, _) = traffic(recovery_start, 8, 0.01);
+    let (steady, fault_start) = testdata::app_traffic(EPOCH_NS, 15, 0.01);
+    let (fault, recovery_start) = testdata::app_traffic(fault_start, 3, 0.5);
+    let (recovery, _) = testdata::app_traffic(recovery_start, 8, 0.01);
     for request in steady.into_iter().chain(fault).chain(recovery) {
         client.export(request).await.expect("export");
     }
