@@ -27,7 +27,8 @@ fn seconds_of_traffic(n: u64, start_ns: u64) -> Vec<(Batch, u64)> {
                 ..TraceShape::default()
             };
             let request = testdata::trace_request(&shape, s);
-            let normalized = normalize::traces(&request, &NormalizeOptions::default());
+            let normalized =
+                normalize::traces(&request, &NormalizeOptions::default()).expect("generated requests decode");
             let observations = normalized
                 .batch
                 .resources

@@ -220,7 +220,11 @@ mod tests {
         let options = NormalizeOptions::default();
         let batches = requests
             .iter()
-            .map(|r| normalize::traces(r, &options).batch)
+            .map(|r| {
+                normalize::traces(r, &options)
+                    .expect("generated requests decode")
+                    .batch
+            })
             .collect();
         (batches, end)
     }

@@ -7,15 +7,19 @@
 use canaryd_engine::{LogObservation, ResourceObservations, Severity};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 
-use super::{IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon};
+use super::{
+    IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon, resource_attributes,
+};
 
 pub fn logs(request: &ExportLogsServiceRequest, options: &NormalizeOptions) -> Normalized {
     let mut out = Normalized::default();
     let reader = IdentityReader { options };
     for resource_logs in &request.resource_logs {
         let records = resource_logs.scope_logs.iter().flat_map(|s| &s.log_records);
-        let Some((identity, instance)) = reader.read(resource_logs.resource.as_ref(), &mut out.truncated)
-        else {
+        let Some((identity, instance)) = reader.read(
+            resource_attributes(resource_logs.resource.as_ref()),
+            &mut out.truncated,
+        ) else {
             out.reject(NO_SERVICE_NAME, records.count() as u64);
             continue;
         };

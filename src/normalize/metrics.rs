@@ -19,6 +19,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 
 use super::{
     IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, any_value_text, beyond_horizon, cut_to,
+    resource_attributes,
 };
 
 /// `DataPointFlags.FLAG_NO_RECORDED_VALUE`: the point marks a gap, it carries no value.
@@ -29,8 +30,10 @@ pub fn metrics(request: &ExportMetricsServiceRequest, options: &NormalizeOptions
     let reader = IdentityReader { options };
     for resource_metrics in &request.resource_metrics {
         let metrics = resource_metrics.scope_metrics.iter().flat_map(|s| &s.metrics);
-        let Some((identity, instance)) = reader.read(resource_metrics.resource.as_ref(), &mut out.truncated)
-        else {
+        let Some((identity, instance)) = reader.read(
+            resource_attributes(resource_metrics.resource.as_ref()),
+            &mut out.truncated,
+        ) else {
             out.reject(NO_SERVICE_NAME, metrics.map(point_count).sum());
             continue;
         };

@@ -15,7 +15,9 @@
 mod logs;
 mod metrics;
 mod traces;
+mod wire;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -25,7 +27,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 
 pub use logs::logs;
 pub use metrics::metrics;
-pub use traces::traces;
+pub use traces::{traces, traces_protobuf};
 
 /// Settings of normalization, from the daemon's config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,12 +113,15 @@ struct IdentityReader<'a> {
 }
 
 impl IdentityReader<'_> {
-    fn read(&self, resource: Option<&Resource>, truncated: &mut u64) -> Option<(Identity, Option<Arc<str>>)> {
-        let attrs = resource.map_or(&[][..], |r| &r.attributes[..]);
+    fn read<A: Attributes + ?Sized>(
+        &self,
+        attrs: &A,
+        truncated: &mut u64,
+    ) -> Option<(Identity, Option<Arc<str>>)> {
         let max = self.options.max_attribute_value_len;
         // Cleaned and cut, and `None` when nothing is left.
         let mut read = |key: &str| {
-            string_attr(attrs, key)
+            text_attr(attrs, key)
                 .map(|s| cut_to(&s, max, truncated))
                 .filter(|s| !s.is_empty())
         };
@@ -129,10 +134,14 @@ impl IdentityReader<'_> {
             .or_else(|| read("deployment.environment"))
             .unwrap_or_else(|| "default".to_owned());
         let version = read(&self.options.version_attribute).unwrap_or_else(|| "unknown".to_owned());
-        let instance =
-            string_attr(attrs, "service.instance.id").map(|s| Arc::from(cut_to(&s, max, truncated)));
+        let instance = text_attr(attrs, "service.instance.id").map(|s| Arc::from(cut_to(&s, max, truncated)));
         Some((Identity::new(&env, &app, &version), instance))
     }
+}
+
+/// A resource's attributes (none when the resource is missing).
+fn resource_attributes(resource: Option<&Resource>) -> &[KeyValue] {
+    resource.map_or(&[][..], |r| &r.attributes[..])
 }
 
 /// `s` without control characters, cut to at most `max` bytes at a character boundary; counts the
@@ -157,46 +166,79 @@ fn cut_to(s: &str, max: usize, truncated: &mut u64) -> String {
     s[..end].to_owned()
 }
 
-fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| v.value.as_ref())
+/// An attribute's value as normalization reads it, from a decoded message or in place.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AttrValue<'a> {
+    Str(&'a str),
+    Int(i64),
+    Bool(bool),
+    Double(f64),
+    /// Bytes, arrays, maps: values canaryd does not read.
+    Other,
+}
+
+impl<'a> From<&'a any_value::Value> for AttrValue<'a> {
+    fn from(value: &'a any_value::Value) -> Self {
+        use any_value::Value;
+        match value {
+            Value::StringValue(s) => AttrValue::Str(s),
+            Value::IntValue(i) => AttrValue::Int(*i),
+            Value::BoolValue(b) => AttrValue::Bool(*b),
+            Value::DoubleValue(d) => AttrValue::Double(*d),
+            Value::BytesValue(_)
+            | Value::ArrayValue(_)
+            | Value::KvlistValue(_)
+            | Value::StringValueStrindex(_) => AttrValue::Other,
+        }
+    }
+}
+
+/// A list of attributes, looked up by key: the first with the key counts.
+trait Attributes {
+    fn get(&self, key: &str) -> Option<AttrValue<'_>>;
+}
+
+impl Attributes for [KeyValue] {
+    fn get(&self, key: &str) -> Option<AttrValue<'_>> {
+        self.iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.as_ref())
+            .map(AttrValue::from)
+    }
 }
 
 /// An attribute's value as text: strings as they are, scalars printed.
-fn string_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
-    find(attrs, key).and_then(value_text)
+fn text_attr<'a, A: Attributes + ?Sized>(attrs: &'a A, key: &str) -> Option<Cow<'a, str>> {
+    attrs.get(key).and_then(value_text)
 }
 
-fn value_text(value: &any_value::Value) -> Option<String> {
-    use any_value::Value;
+fn value_text(value: AttrValue<'_>) -> Option<Cow<'_, str>> {
     match value {
-        Value::StringValue(s) => Some(s.clone()),
-        Value::IntValue(i) => Some(i.to_string()),
-        Value::BoolValue(b) => Some(b.to_string()),
-        Value::DoubleValue(d) => Some(d.to_string()),
-        Value::BytesValue(_)
-        | Value::ArrayValue(_)
-        | Value::KvlistValue(_)
-        | Value::StringValueStrindex(_) => None,
+        AttrValue::Str(s) => Some(Cow::Borrowed(s)),
+        AttrValue::Int(i) => Some(Cow::Owned(i.to_string())),
+        AttrValue::Bool(b) => Some(Cow::Owned(b.to_string())),
+        AttrValue::Double(d) => Some(Cow::Owned(d.to_string())),
+        AttrValue::Other => None,
     }
 }
 
 /// An attribute's value as an integer, accepting integers written as strings.
-fn int_attr(attrs: &[KeyValue], key: &str) -> Option<i64> {
-    match find(attrs, key)? {
-        any_value::Value::IntValue(i) => Some(*i),
-        any_value::Value::StringValue(s) => s.trim().parse().ok(),
-        any_value::Value::DoubleValue(d) if d.fract() == 0.0 => Some(*d as i64),
+fn int_attr<A: Attributes + ?Sized>(attrs: &A, key: &str) -> Option<i64> {
+    match attrs.get(key)? {
+        AttrValue::Int(i) => Some(i),
+        AttrValue::Str(s) => s.trim().parse().ok(),
+        AttrValue::Double(d) if d.fract() == 0.0 => Some(d as i64),
         _ => None,
     }
 }
 
 /// Text of an `AnyValue`, for log bodies and series attributes.
 fn any_value_text(value: Option<&AnyValue>) -> Option<String> {
-    value.and_then(|v| v.value.as_ref()).and_then(value_text)
+    value
+        .and_then(|v| v.value.as_ref())
+        .and_then(|v| value_text(AttrValue::from(v)))
+        .map(Cow::into_owned)
 }
 
 #[cfg(test)]
@@ -222,7 +264,7 @@ mod tests {
     fn identity_of(attrs: &[(&str, &str)], options: &NormalizeOptions) -> Option<String> {
         let mut truncated = 0;
         let reader = IdentityReader { options };
-        let (id, _) = reader.read(resource(attrs).as_ref(), &mut truncated)?;
+        let (id, _) = reader.read(resource_attributes(resource(attrs).as_ref()), &mut truncated)?;
         Some(id.to_string())
     }
 

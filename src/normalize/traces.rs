@@ -9,11 +9,14 @@ use canaryd_engine::{
     SpanId, TraceId,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use prost::Message;
 
+use super::wire::{Fields, WireError};
 use super::{
-    IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon, cut_to, int_attr,
-    string_attr,
+    AttrValue, Attributes, IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon,
+    cut_to, int_attr, text_attr, value_text,
 };
 
 /// Attributes that name a call's downstream, in order of preference.
@@ -28,46 +31,274 @@ const DOWNSTREAM_KEYS: [(&str, DownstreamSource); 6] = [
 
 const SPANS_BEYOND_HORIZON: &str = "spans with a time after 2262-04-11 (beyond int64 nanoseconds)";
 
-pub fn traces(request: &ExportTraceServiceRequest, options: &NormalizeOptions) -> Normalized {
+/// Why a trace export's protobuf could not be read, and in which message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("in {within}: {error}")]
+pub struct TraceDecodeError {
+    within: &'static str,
+    error: WireError,
+}
+
+fn within(within: &'static str) -> impl Fn(WireError) -> TraceDecodeError {
+    move |error| TraceDecodeError { within, error }
+}
+
+/// Normalizes a decoded request (the OTLP/JSON path) by reading its protobuf encoding, so that
+/// both paths share one normalizer.
+pub fn traces(
+    request: &ExportTraceServiceRequest,
+    options: &NormalizeOptions,
+) -> Result<Normalized, TraceDecodeError> {
+    traces_protobuf(&request.encode_to_vec(), options)
+}
+
+/// Normalizes an `ExportTraceServiceRequest` in its protobuf encoding, reading it in place.
+pub fn traces_protobuf(buf: &[u8], options: &NormalizeOptions) -> Result<Normalized, TraceDecodeError> {
     let mut out = Normalized::default();
     let reader = IdentityReader { options };
-    for resource_spans in &request.resource_spans {
-        let spans = resource_spans.scope_spans.iter().flat_map(|s| &s.spans);
-        let Some((identity, instance)) = reader.read(resource_spans.resource.as_ref(), &mut out.truncated)
-        else {
-            out.reject(NO_SERVICE_NAME, spans.count() as u64);
-            continue;
-        };
-        let mut obs = ResourceObservations::new(identity);
-        obs.instance = instance;
-        for span in spans {
-            match observe_span(span, options, &mut obs, &mut out.truncated) {
+    let mut scratch = Scratch::default();
+    for field in Fields::new(buf) {
+        let (number, value) = field.map_err(within("ExportTraceServiceRequest"))?;
+        if number == 1 {
+            let resource_spans = value.bytes(number).map_err(within("ExportTraceServiceRequest"))?;
+            read_resource_spans(resource_spans, &reader, &mut scratch, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Buffers reused from span to span, so a request allocates them once.
+#[derive(Default)]
+struct Scratch<'a> {
+    resource_attributes: Vec<KeyValueView<'a>>,
+    scope_spans: Vec<&'a [u8]>,
+    span_attributes: Vec<KeyValueView<'a>>,
+    events: Vec<EventView<'a>>,
+}
+
+fn read_resource_spans<'a>(
+    buf: &'a [u8],
+    reader: &IdentityReader<'_>,
+    scratch: &mut Scratch<'a>,
+    out: &mut Normalized,
+) -> Result<(), TraceDecodeError> {
+    scratch.resource_attributes.clear();
+    scratch.scope_spans.clear();
+    // The resource may come after the spans on the wire; the spans are read once it is known.
+    for field in Fields::new(buf) {
+        let (number, value) = field.map_err(within("ResourceSpans"))?;
+        match number {
+            // A message field given twice is merged: the attributes of both count.
+            1 => read_resource(value.bytes(number).map_err(within("ResourceSpans"))?, scratch)?,
+            2 => scratch
+                .scope_spans
+                .push(value.bytes(number).map_err(within("ResourceSpans"))?),
+            _ => {}
+        }
+    }
+    let Some((identity, instance)) = reader.read(&scratch.resource_attributes[..], &mut out.truncated) else {
+        let mut spans = 0;
+        for scope_spans in &scratch.scope_spans {
+            for field in Fields::new(scope_spans) {
+                let (number, _) = field.map_err(within("ScopeSpans"))?;
+                spans += u64::from(number == 2);
+            }
+        }
+        out.reject(NO_SERVICE_NAME, spans);
+        return Ok(());
+    };
+    let mut obs = ResourceObservations::new(identity);
+    obs.instance = instance;
+    let options = reader.options;
+    let scope_spans = std::mem::take(&mut scratch.scope_spans);
+    for buf in &scope_spans {
+        for field in Fields::new(buf) {
+            let (number, value) = field.map_err(within("ScopeSpans"))?;
+            if number != 2 {
+                continue;
+            }
+            let span = SpanView::read(value.bytes(number).map_err(within("ScopeSpans"))?, scratch)?;
+            match observe_span(&span, scratch, options, &mut obs, &mut out.truncated) {
                 Ok(()) => obs.spans += 1,
                 Err(reason) => out.reject(reason, 1),
             }
         }
-        if obs.spans > 0 {
-            out.accepted += obs.spans;
-            out.batch.resources.push(obs);
+    }
+    scratch.scope_spans = scope_spans;
+    if obs.spans > 0 {
+        out.accepted += obs.spans;
+        out.batch.resources.push(obs);
+    }
+    Ok(())
+}
+
+fn read_resource<'a>(buf: &'a [u8], scratch: &mut Scratch<'a>) -> Result<(), TraceDecodeError> {
+    for field in Fields::new(buf) {
+        let (number, value) = field.map_err(within("Resource"))?;
+        if number == 1 {
+            let kv = KeyValueView::read(value.bytes(number).map_err(within("Resource"))?)
+                .map_err(within("a resource attribute"))?;
+            scratch.resource_attributes.push(kv);
         }
     }
-    out
+    Ok(())
+}
+
+/// An attribute, its key and value borrowed from the request. The key is compared as bytes and
+/// not checked for UTF-8; a string value is checked.
+#[derive(Clone, Copy, Debug)]
+struct KeyValueView<'a> {
+    key: &'a [u8],
+    value: Option<AttrValue<'a>>,
+}
+
+impl<'a> KeyValueView<'a> {
+    fn read(buf: &'a [u8]) -> Result<Self, WireError> {
+        let mut kv = KeyValueView {
+            key: b"",
+            value: None,
+        };
+        for field in Fields::new(buf) {
+            match field? {
+                (1, value) => kv.key = value.bytes(1)?,
+                (2, value) => kv.value = read_any_value(value.bytes(2)?)?,
+                _ => {}
+            }
+        }
+        Ok(kv)
+    }
+}
+
+/// An `AnyValue`: the last of its oneof fields on the wire wins, as in prost.
+fn read_any_value(buf: &[u8]) -> Result<Option<AttrValue<'_>>, WireError> {
+    let mut read = None;
+    for field in Fields::new(buf) {
+        let (number, value) = field?;
+        read = Some(match number {
+            1 => AttrValue::Str(value.str(number)?),
+            2 => AttrValue::Bool(value.varint(number)? != 0),
+            // int64 on the wire is the two's-complement u64.
+            3 => AttrValue::Int(value.varint(number)? as i64),
+            4 => AttrValue::Double(f64::from_bits(value.fixed64(number)?)),
+            _ => AttrValue::Other,
+        });
+    }
+    Ok(read)
+}
+
+impl Attributes for [KeyValueView<'_>] {
+    fn get(&self, key: &str) -> Option<AttrValue<'_>> {
+        self.iter()
+            .find(|kv| kv.key == key.as_bytes())
+            .and_then(|kv| kv.value)
+    }
+}
+
+/// A span event: its name and time, and the `exception.type` attribute when it has one.
+#[derive(Clone, Copy, Debug)]
+struct EventView<'a> {
+    name: &'a [u8],
+    time_unix_nano: u64,
+    exception_type: Option<AttrValue<'a>>,
+}
+
+impl<'a> EventView<'a> {
+    fn read(buf: &'a [u8]) -> Result<Self, WireError> {
+        let mut event = EventView {
+            name: b"",
+            time_unix_nano: 0,
+            exception_type: None,
+        };
+        for field in Fields::new(buf) {
+            match field? {
+                (1, value) => event.time_unix_nano = value.fixed64(1)?,
+                (2, value) => event.name = value.bytes(2)?,
+                (3, value) => {
+                    let kv = KeyValueView::read(value.bytes(3)?)?;
+                    // The first attribute with the key counts, as for any attribute lookup.
+                    if kv.key == b"exception.type" && event.exception_type.is_none() {
+                        event.exception_type = Some(kv.value.unwrap_or(AttrValue::Other));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(event)
+    }
+
+    fn is_exception(&self) -> bool {
+        self.name == b"exception"
+    }
+}
+
+/// The fields of a span that normalization reads; its attributes and events are in the scratch
+/// buffers.
+#[derive(Debug, Default)]
+struct SpanView<'a> {
+    trace_id: &'a [u8],
+    span_id: &'a [u8],
+    parent_span_id: &'a [u8],
+    name: &'a str,
+    kind: i32,
+    start_time_unix_nano: u64,
+    end_time_unix_nano: u64,
+    status_code: i32,
+}
+
+impl<'a> SpanView<'a> {
+    fn read(buf: &'a [u8], scratch: &mut Scratch<'a>) -> Result<Self, TraceDecodeError> {
+        let mut span = SpanView::default();
+        scratch.span_attributes.clear();
+        scratch.events.clear();
+        for field in Fields::new(buf) {
+            let (number, value) = field.map_err(within("Span"))?;
+            match number {
+                1 => span.trace_id = value.bytes(number).map_err(within("Span"))?,
+                2 => span.span_id = value.bytes(number).map_err(within("Span"))?,
+                4 => span.parent_span_id = value.bytes(number).map_err(within("Span"))?,
+                5 => span.name = value.str(number).map_err(within("Span"))?,
+                // An enum is an int32: a negative one is sign-extended, so keep the low 32 bits.
+                6 => span.kind = value.varint(number).map_err(within("Span"))? as i32,
+                7 => span.start_time_unix_nano = value.fixed64(number).map_err(within("Span"))?,
+                8 => span.end_time_unix_nano = value.fixed64(number).map_err(within("Span"))?,
+                9 => {
+                    let kv = KeyValueView::read(value.bytes(number).map_err(within("Span"))?)
+                        .map_err(within("a span attribute"))?;
+                    scratch.span_attributes.push(kv);
+                }
+                11 => {
+                    let event = EventView::read(value.bytes(number).map_err(within("Span"))?)
+                        .map_err(within("a span event"))?;
+                    scratch.events.push(event);
+                }
+                15 => {
+                    // Merged like any message field: a later status's code wins.
+                    for field in Fields::new(value.bytes(number).map_err(within("Span"))?) {
+                        if let (3, code) = field.map_err(within("Status"))? {
+                            span.status_code = code.varint(3).map_err(within("Status"))? as i32;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(span)
+    }
 }
 
 fn observe_span(
-    span: &Span,
+    span: &SpanView<'_>,
+    scratch: &Scratch<'_>,
     options: &NormalizeOptions,
     obs: &mut ResourceObservations,
     truncated: &mut u64,
 ) -> Result<(), &'static str> {
     let trace_id: [u8; 16] = span
         .trace_id
-        .as_slice()
         .try_into()
         .map_err(|_| "spans with a trace_id that is not 16 bytes")?;
     let span_id: [u8; 8] = span
         .span_id
-        .as_slice()
         .try_into()
         .map_err(|_| "spans with a span_id that is not 8 bytes")?;
     if span.end_time_unix_nano == 0 {
@@ -77,10 +308,10 @@ fn observe_span(
         return Err("spans that end before they start");
     }
     if beyond_horizon(span.end_time_unix_nano)
-        || span
+        || scratch
             .events
             .iter()
-            .any(|e| e.name == "exception" && beyond_horizon(e.time_unix_nano))
+            .any(|e| e.is_exception() && beyond_horizon(e.time_unix_nano))
     {
         return Err(SPANS_BEYOND_HORIZON);
     }
@@ -89,9 +320,9 @@ fn observe_span(
     let max = options.max_attribute_value_len;
     let kind = SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified);
     let is_root = span.parent_span_id.is_empty();
-    let attrs = &span.attributes;
-    let error = is_error(span);
-    let operation = operation_of(span, max, truncated);
+    let attrs = &scratch.span_attributes[..];
+    let error = is_error(span, attrs);
+    let operation = operation_of(span, attrs, max, truncated);
     obs.saw(time);
 
     if is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer) {
@@ -108,11 +339,11 @@ fn observe_span(
         let (downstream, source) = DOWNSTREAM_KEYS
             .iter()
             .find_map(|(key, source)| {
-                string_attr(attrs, key)
+                text_attr(attrs, key)
                     .filter(|v| !v.is_empty())
                     .map(|v| (v, *source))
             })
-            .unwrap_or_else(|| (span.name.clone(), DownstreamSource::SpanName));
+            .unwrap_or_else(|| (span.name.into(), DownstreamSource::SpanName));
         obs.calls.push(CallObservation {
             downstream: cut_to(&downstream, max, truncated),
             source,
@@ -122,8 +353,10 @@ fn observe_span(
             trace_id: TraceId(trace_id),
         });
     }
-    for event in span.events.iter().filter(|e| e.name == "exception") {
-        let exception_type = string_attr(&event.attributes, "exception.type")
+    for event in scratch.events.iter().filter(|e| e.is_exception()) {
+        let exception_type = event
+            .exception_type
+            .and_then(value_text)
             .filter(|t| !t.is_empty())
             .unwrap_or_else(|| "unknown".into());
         let event_time = if event.time_unix_nano == 0 {
@@ -142,35 +375,30 @@ fn observe_span(
 }
 
 /// Status ERROR, or an HTTP status of 500 or more (current or older attribute name).
-fn is_error(span: &Span) -> bool {
-    let status_error = span
-        .status
-        .as_ref()
-        .is_some_and(|s| s.code == StatusCode::Error as i32);
-    let http_status = int_attr(&span.attributes, "http.response.status_code")
-        .or_else(|| int_attr(&span.attributes, "http.status_code"));
+fn is_error(span: &SpanView<'_>, attrs: &[KeyValueView<'_>]) -> bool {
+    let status_error = span.status_code == StatusCode::Error as i32;
+    let http_status =
+        int_attr(attrs, "http.response.status_code").or_else(|| int_attr(attrs, "http.status_code"));
     status_error || http_status.is_some_and(|code| code >= 500)
 }
 
 /// `METHOD route` when the span carries `http.route`, else the span name.
-fn operation_of(span: &Span, max: usize, truncated: &mut u64) -> String {
-    let attrs = &span.attributes;
-    let Some(route) = string_attr(attrs, "http.route").filter(|r| !r.is_empty()) else {
-        return cut_to(&span.name, max, truncated);
+fn operation_of(span: &SpanView<'_>, attrs: &[KeyValueView<'_>], max: usize, truncated: &mut u64) -> String {
+    let Some(route) = text_attr(attrs, "http.route").filter(|r| !r.is_empty()) else {
+        return cut_to(span.name, max, truncated);
     };
-    let method = string_attr(attrs, "http.request.method").or_else(|| string_attr(attrs, "http.method"));
-    let operation = match method {
-        Some(m) if !m.is_empty() => format!("{m} {route}"),
-        _ => route,
-    };
-    cut_to(&operation, max, truncated)
+    let method = text_attr(attrs, "http.request.method").or_else(|| text_attr(attrs, "http.method"));
+    match method {
+        Some(m) if !m.is_empty() => cut_to(&format!("{m} {route}"), max, truncated),
+        _ => cut_to(&route, max, truncated),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{kv, kv_int, resource};
     use super::*;
-    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status, span::Event};
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::Event};
 
     fn span(name: &str, kind: SpanKind, parent: bool) -> Span {
         Span {
@@ -203,7 +431,7 @@ mod tests {
     }
 
     fn check(spans: Vec<Span>) -> ResourceObservations {
-        let out = traces(&request(Some("shop"), spans), &NormalizeOptions::default());
+        let out = traces(&request(Some("shop"), spans), &NormalizeOptions::default()).expect("decodes");
         assert_eq!(out.rejected, 0, "{:?}", out.rejections);
         out.batch.resources.into_iter().next().expect("one resource")
     }
@@ -323,7 +551,8 @@ mod tests {
         let out = traces(
             &request(Some("shop"), vec![at_the_end, late_exception, last_ok]),
             &NormalizeOptions::default(),
-        );
+        )
+        .expect("decodes");
         assert_eq!((out.accepted, out.rejected), (1, 2));
         assert_eq!(out.rejections.get(SPANS_BEYOND_HORIZON), Some(&2));
         let obs = &out.batch.resources[0];
@@ -341,7 +570,7 @@ mod tests {
         let mut req = request(Some("shop"), vec![bad_id, no_end, good]);
         req.resource_spans
             .extend(request(None, vec![span("d", SpanKind::Server, true); 2]).resource_spans);
-        let out = traces(&req, &NormalizeOptions::default());
+        let out = traces(&req, &NormalizeOptions::default()).expect("decodes");
         assert_eq!((out.accepted, out.rejected), (1, 4));
         let message = out.error_message("spans").expect("a message");
         assert!(message.starts_with("4 spans rejected: "), "{message}");
@@ -353,5 +582,145 @@ mod tests {
             message.contains("1 spans without end_time_unix_nano"),
             "{message}"
         );
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    //! The in-place reader against what protobuf allows on the wire beyond what prost writes.
+    use super::*;
+    use crate::testdata::{kv, resource};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    fn server_span(name: &str) -> Span {
+        Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            name: name.into(),
+            kind: SpanKind::Server as i32,
+            start_time_unix_nano: 1_000,
+            end_time_unix_nano: 3_000,
+            ..Span::default()
+        }
+    }
+
+    /// A request of one `ResourceSpans` whose encoding is `resource_spans`, as field 1.
+    fn request_of(resource_spans: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0x0a];
+        prost::encoding::encode_varint(resource_spans.len() as u64, &mut buf);
+        buf.extend_from_slice(resource_spans);
+        buf
+    }
+
+    fn normalize(buf: &[u8]) -> Result<Normalized, TraceDecodeError> {
+        traces_protobuf(buf, &NormalizeOptions::default())
+    }
+
+    #[test]
+    fn fields_in_any_order_and_split_messages_merge_as_protobuf_says() {
+        // Spans first, then the resource in two halves: a parser must merge, not take the last.
+        let spans = ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![server_span("a"), server_span("b")],
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        };
+        let name_half = ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "shop")],
+                ..Resource::default()
+            }),
+            ..ResourceSpans::default()
+        };
+        let version_half = ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.version", "2.0"), kv("service.name", "ignored")],
+                ..Resource::default()
+            }),
+            ..ResourceSpans::default()
+        };
+        let mut buf = spans.encode_to_vec();
+        buf.extend(name_half.encode_to_vec());
+        buf.extend(version_half.encode_to_vec());
+        let out = normalize(&request_of(&buf)).expect("decodes");
+        assert_eq!(out.accepted, 2);
+        assert_eq!(out.batch.resources[0].identity.to_string(), "default/shop@2.0");
+        // prost reads the same bytes the same way.
+        let decoded = ExportTraceServiceRequest::decode(&request_of(&buf)[..]).expect("prost decodes");
+        assert_eq!(normalize(&decoded.encode_to_vec()).expect("decodes"), out);
+    }
+
+    #[test]
+    fn a_resource_without_a_name_rejects_its_spans_by_count() {
+        let spans = ResourceSpans {
+            resource: Some(resource("prod", "", "1")),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![server_span("a"); 3],
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        };
+        let out = normalize(&request_of(&spans.encode_to_vec())).expect("decodes");
+        assert_eq!((out.accepted, out.rejected), (0, 3));
+        assert_eq!(out.rejections.get(NO_SERVICE_NAME), Some(&3));
+    }
+
+    /// A whole request around one span given as raw bytes.
+    fn request_with_span(span: &[u8]) -> Vec<u8> {
+        let mut scope = vec![0x12];
+        prost::encoding::encode_varint(span.len() as u64, &mut scope);
+        scope.extend_from_slice(span);
+        let mut resource_spans = ResourceSpans {
+            resource: Some(resource("prod", "shop", "1")),
+            ..ResourceSpans::default()
+        }
+        .encode_to_vec();
+        resource_spans.push(0x12);
+        prost::encoding::encode_varint(scope.len() as u64, &mut resource_spans);
+        resource_spans.extend(scope);
+        request_of(&resource_spans)
+    }
+
+    #[test]
+    fn a_span_that_does_not_decode_fails_the_request_with_where_and_why() {
+        let mut span = server_span("ok").encode_to_vec();
+        // Field 5 (name) with a byte that is not UTF-8.
+        span.extend([0x2a, 1, 0xff]);
+        let error = normalize(&request_with_span(&span)).expect_err("invalid UTF-8 in a name");
+        assert_eq!(error.to_string(), "in Span: field 5 is not valid UTF-8");
+        // The end time as a varint instead of fixed64.
+        let mut span = server_span("ok").encode_to_vec();
+        span.extend([0x40, 1]);
+        let error = normalize(&request_with_span(&span)).expect_err("wrong wire type");
+        assert_eq!(
+            error.to_string(),
+            "in Span: field 8 has wire type varint, expected fixed64"
+        );
+        // An attribute cut short.
+        let mut span = server_span("ok").encode_to_vec();
+        span.extend([0x4a, 4, 0x0a, 9, b'a', b'b']);
+        let error = normalize(&request_with_span(&span)).expect_err("truncated attribute");
+        assert_eq!(
+            error.to_string(),
+            "in a span attribute: the message ends inside a field"
+        );
+        // A request cut in the middle.
+        let whole = request_with_span(&server_span("ok").encode_to_vec());
+        assert!(normalize(&whole[..whole.len() - 3]).is_err());
+        assert!(normalize(&whole).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_and_fields_canaryd_does_not_read_are_skipped() {
+        let mut span = server_span("ok").encode_to_vec();
+        // Field 3 (trace_state) as a string, field 99 fixed32, field 100 a group with a varint.
+        span.extend([0x1a, 2, b'k', b'v']);
+        span.extend([0x9d, 0x06, 1, 2, 3, 4]);
+        span.extend([0xa3, 0x06, 0x08, 1, 0xa4, 0x06]);
+        let out = normalize(&request_with_span(&span)).expect("decodes");
+        assert_eq!(out.accepted, 1);
+        assert_eq!(out.batch.resources[0].requests[0].operation, "ok");
     }
 }

@@ -21,6 +21,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
 use super::{ExportError, ExportOutcome, Intake, OtlpRequest};
+use crate::normalize::{NormalizeOptions, Normalized};
 use crate::stats::Transport;
 
 const PROTOBUF: &str = "application/x-protobuf";
@@ -85,8 +86,8 @@ async fn export<R: OtlpRequest>(
             return refuse(format, error);
         }
     };
-    let decoded = move || decode::<R>(format, encoding, raw, limit);
-    match intake.export::<R>(Transport::Http, decoded).await {
+    let normalized = move |options: &_| normalize::<R>(format, encoding, raw, limit, options);
+    match intake.export::<R>(Transport::Http, normalized).await {
         Ok(outcome) => success::<R>(format, outcome),
         Err(e) => failure(format, e),
     }
@@ -133,27 +134,28 @@ fn encoding_of(headers: &HeaderMap) -> Result<Encoding, ExportError> {
     }
 }
 
-/// Decompresses (up to `limit` bytes) and decodes a request body. Runs on a blocking thread.
-fn decode<R: OtlpRequest>(
+/// Decompresses (up to `limit` bytes), decodes and normalizes a request body. Runs on a blocking
+/// thread.
+fn normalize<R: OtlpRequest>(
     format: Format,
     encoding: Encoding,
     raw: Bytes,
     limit: usize,
-) -> Result<R, ExportError> {
+    options: &NormalizeOptions,
+) -> Result<Normalized, ExportError> {
     let body = match encoding {
         Encoding::Identity => raw,
         Encoding::Gzip => inflate(flate2::read::GzDecoder::new(&raw[..]), limit, "gzip")?,
         Encoding::Deflate => inflate(flate2::read::ZlibDecoder::new(&raw[..]), limit, "deflate")?,
     };
     match format {
-        Format::Protobuf => R::decode(body).map_err(|e| ExportError::Undecodable {
-            format: "protobuf",
-            reason: e.to_string(),
-        }),
-        Format::Json => serde_json::from_slice(&body).map_err(|e| ExportError::Undecodable {
-            format: "OTLP JSON",
-            reason: e.to_string(),
-        }),
+        Format::Protobuf => R::normalize_protobuf(body, options),
+        Format::Json => serde_json::from_slice::<R>(&body)
+            .map_err(|e| ExportError::Undecodable {
+                format: "OTLP JSON",
+                reason: e.to_string(),
+            })?
+            .normalize(options),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod http;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
+use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
 };
@@ -79,6 +80,15 @@ impl ExportError {
     }
 }
 
+impl ExportError {
+    fn undecodable_protobuf(reason: String) -> Self {
+        ExportError::Undecodable {
+            format: "protobuf",
+            reason,
+        }
+    }
+}
+
 impl From<ExportError> for tonic::Status {
     fn from(e: ExportError) -> Self {
         tonic::Status::new(e.grpc_code(), e.to_string())
@@ -90,7 +100,17 @@ pub trait OtlpRequest: prost::Message + Default + serde::de::DeserializeOwned + 
     const SIGNAL: Signal;
     type Response: prost::Message + Send + 'static;
 
-    fn normalize(&self, options: &NormalizeOptions) -> Normalized;
+    /// Normalizes a decoded request (the OTLP/JSON path, and gRPC metrics and logs).
+    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError>;
+
+    /// Decodes and normalizes a request in its protobuf encoding: by default a whole prost decode;
+    /// traces, the bulk of what is sent, are read in place.
+    fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        Self::decode(buf)
+            .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?
+            .normalize(options)
+    }
+
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response;
     /// The OTLP JSON name of the response's rejected-items counter.
     const REJECTED_FIELD: &'static str;
@@ -101,8 +121,13 @@ impl OtlpRequest for ExportTraceServiceRequest {
     type Response = ExportTraceServiceResponse;
     const REJECTED_FIELD: &'static str = "rejectedSpans";
 
-    fn normalize(&self, options: &NormalizeOptions) -> Normalized {
-        normalize::traces(self, options)
+    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        normalize::traces(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
+    }
+
+    fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        normalize::traces_protobuf(&buf, options)
+            .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
@@ -120,8 +145,8 @@ impl OtlpRequest for ExportMetricsServiceRequest {
     type Response = ExportMetricsServiceResponse;
     const REJECTED_FIELD: &'static str = "rejectedDataPoints";
 
-    fn normalize(&self, options: &NormalizeOptions) -> Normalized {
-        normalize::metrics(self, options)
+    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        Ok(normalize::metrics(self, options))
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
@@ -139,8 +164,8 @@ impl OtlpRequest for ExportLogsServiceRequest {
     type Response = ExportLogsServiceResponse;
     const REJECTED_FIELD: &'static str = "rejectedLogRecords";
 
-    fn normalize(&self, options: &NormalizeOptions) -> Normalized {
-        normalize::logs(self, options)
+    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        Ok(normalize::logs(self, options))
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
@@ -188,14 +213,15 @@ impl Intake {
         self.max_message_bytes
     }
 
-    /// Runs `decode` (when given) and normalization on a blocking thread, then queues the batch.
+    /// Runs `normalize` (decoding included, where the request is still encoded) on a blocking
+    /// thread, then queues the batch.
     pub async fn export<R: OtlpRequest>(
         &self,
         transport: Transport,
-        decode: impl FnOnce() -> Result<R, ExportError> + Send + 'static,
+        normalize: impl FnOnce(&NormalizeOptions) -> Result<Normalized, ExportError> + Send + 'static,
     ) -> Result<ExportOutcome, ExportError> {
         let options = self.options.clone();
-        let normalized = tokio::task::spawn_blocking(move || decode().map(|r| r.normalize(&options)))
+        let normalized = tokio::task::spawn_blocking(move || normalize(&options))
             .await
             .map_err(|_| ExportError::ShuttingDown)
             .and_then(|r| r);
