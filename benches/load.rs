@@ -7,8 +7,15 @@
 //! in its own process, so its CPU seconds (from /proc) give spans per daemon-CPU-second whatever
 //! the generator costs; its peak RSS is reported too.
 //!
-//! `cargo bench --bench load` measures (environment: `LOAD_SECONDS`, default 10, and
-//! `LOAD_CONCURRENCY`, default 8); `cargo test --benches` runs it for a second, as a smoke test.
+//! `cargo bench --bench load` measures (environment: `LOAD_SECONDS`, default 10,
+//! `LOAD_CONCURRENCY`, default 8, and `LOAD_TRANSPORTS`, a comma-separated subset of
+//! `grpc,grpc+gzip,http,http+gzip`, default all, e.g. to profile one); `cargo test --benches` runs
+//! it for a second, as a smoke test.
+//!
+//! Before the daemon starts, three references on one core over the same payloads: a whole prost
+//! decode, a prost decode into only the fields the engine reads, and canaryd's own path without
+//! the transport and the engine (spans read in place and normalized). The daemon's spans per
+//! CPU-second are reported against each.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -402,11 +409,28 @@ fn main() -> anyhow::Result<()> {
                 .sum()
         })
     });
+    let options = canaryd::normalize::NormalizeOptions::default();
+    let in_place = decode_rate(&plain, budget, |p| {
+        canaryd::normalize::traces_protobuf(p, &options).map_or(0, |n| n.accepted as usize)
+    });
     println!(
-        "== decode-only reference, one core: full prost decode {full:.0} spans/s, lean decode {lean:.0} spans/s"
+        "== decode-only reference, one core: full prost decode {full:.0} spans/s, lean decode {lean:.0} spans/s; \
+         canaryd's in-place read and normalize {in_place:.0} spans/s"
     );
-    if full <= 0.0 || lean <= 0.0 {
+    if full <= 0.0 || lean <= 0.0 || in_place <= 0.0 {
         bail!("the decode reference decoded nothing");
+    }
+    let transports: Vec<String> = std::env::var("LOAD_TRANSPORTS")
+        .unwrap_or_else(|_| "grpc,grpc+gzip,http,http+gzip".into())
+        .split(',')
+        .map(|t| t.trim().to_owned())
+        .collect();
+    const KNOWN: [&str; 4] = ["grpc", "grpc+gzip", "http", "http+gzip"];
+    if let Some(unknown) = transports.iter().find(|t| !KNOWN.contains(&t.as_str())) {
+        bail!(
+            "LOAD_TRANSPORTS: unknown transport {unknown:?}; known: {}",
+            KNOWN.join(",")
+        );
     }
     let dir = tempfile::tempdir()?;
     let (mut daemon, addrs) = start_daemon(&dir.path().join("data"), &[])?;
@@ -441,6 +465,9 @@ fn main() -> anyhow::Result<()> {
             true,
         ),
     ] {
+        if !transports.iter().any(|t| t == name) {
+            continue;
+        }
         let plan = LoadPlan {
             target,
             gzip,
@@ -458,9 +485,11 @@ fn main() -> anyhow::Result<()> {
                 if let Some(cpu) = report.daemon_cpu_seconds.filter(|c| *c > 0.0) {
                     let per_cpu = report.spans as f64 / cpu;
                     println!(
-                        "per daemon-CPU-second against decode-only: {:.2} of full decode, {:.2} of lean decode",
+                        "per daemon-CPU-second against decode-only: {:.2} of full decode, {:.2} of lean decode, \
+                         {:.2} of in-place read and normalize",
                         per_cpu / full,
-                        per_cpu / lean
+                        per_cpu / lean,
+                        per_cpu / in_place
                     );
                 }
                 // The latency a sender sees at half the load the daemon can take, paced.

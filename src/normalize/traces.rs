@@ -3,6 +3,11 @@
 //! An entry span (SERVER or CONSUMER, or any span without a parent) is a request the app served;
 //! a CLIENT or PRODUCER span is a call to a downstream, an edge of the call graph. A span can be
 //! both (a root CLIENT span of a batch job). Other spans are counted but observed no further.
+//!
+//! Spans are read in place from the request's protobuf (`wire`): traces are most of what canaryd
+//! receives, and a whole prost decode, which allocates every attribute key and value, cost more
+//! than everything after it. Only the fields read here are looked into; a malformed one fails the
+//! request as prost would.
 
 use canaryd_engine::{
     CallObservation, DownstreamSource, ExceptionObservation, RequestObservation, ResourceObservations,

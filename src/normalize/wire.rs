@@ -105,7 +105,20 @@ impl<'a> Fields<'a> {
         Fields { buf }
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, WireError> {
+        // Most varints on the wire (keys, lengths, enums) are a single byte.
+        if let Some((&byte, rest)) = self.buf.split_first()
+            && byte < 0x80
+        {
+            self.buf = rest;
+            return Ok(u64::from(byte));
+        }
+        self.varint_slow()
+    }
+
+    #[cold]
+    fn varint_slow(&mut self) -> Result<u64, WireError> {
         let mut value = 0u64;
         for (i, &byte) in self.buf.iter().enumerate().take(10) {
             value |= u64::from(byte & 0x7f) << (7 * i);
@@ -125,6 +138,7 @@ impl<'a> Fields<'a> {
         })
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.buf.len() < n {
             return Err(WireError::Truncated);
@@ -135,6 +149,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A field's number and wire type.
+    #[inline]
     fn key(&mut self) -> Result<(u32, u8), WireError> {
         let key = self.varint()?;
         if key > u64::from(u32::MAX) {
@@ -147,6 +162,7 @@ impl<'a> Fields<'a> {
         Ok((field, (key & 7) as u8))
     }
 
+    #[inline(always)]
     fn value(&mut self, field: u32, wire_type: u8) -> Result<Value<'a>, WireError> {
         Ok(match wire_type {
             0 => Value::Varint(self.varint()?),
@@ -170,6 +186,8 @@ impl<'a> Fields<'a> {
     }
 
     /// Skips a group's fields up to its end marker, nested groups included.
+    #[cold]
+    #[inline(never)]
     fn skip_group(&mut self, field: u32) -> Result<(), WireError> {
         let mut open = vec![field];
         while let Some(&innermost) = open.last() {
@@ -195,6 +213,7 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, Value<'a>), WireError>;
 
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() {
             return None;
