@@ -22,6 +22,17 @@ pub struct AnomalyRules {
     pub resolve_score: f64,
     pub resolve_windows: u32,
     pub min_support: u64,
+    /// Half-life, in event time, of the memory of the largest recent score (the "recent peak");
+    /// 0 turns novelty gating off. A series that deviates in bursts (periodic spikes, a bursty
+    /// sensor) keeps opening anomalies that say nothing new: with gating, a deviation opens one
+    /// only when it is novel, that is when `1 + score` reaches `novelty_ratio` times `1 + peak`.
+    /// Below 1, a deviation as large as the last one is still novel; only clearly smaller
+    /// aftershocks of a recent one are held back.
+    #[serde(default)]
+    pub novelty_half_life_ns: u64,
+    /// See `novelty_half_life_ns`: how large, against the recent peak, a new deviation must be.
+    #[serde(default)]
+    pub novelty_ratio: f64,
 }
 
 impl Default for AnomalyRules {
@@ -33,6 +44,8 @@ impl Default for AnomalyRules {
             resolve_score: 1.0,
             resolve_windows: 3,
             min_support: 20,
+            novelty_half_life_ns: 0,
+            novelty_ratio: 0.0,
         }
     }
 }
@@ -45,6 +58,14 @@ pub struct AnomalyState {
     pub streak: u32,
     /// When the current anomaly was detected (event time of its deciding window's end).
     pub since: EventTime,
+    /// The largest recent score, decayed with `novelty_half_life_ns` since `peak_time` (see
+    /// `AnomalyRules::novelty_half_life_ns`). Not persisted: the daemon stores baselines in
+    /// postcard, which is not self-describing, so a new field would make every stored baseline
+    /// unreadable. A restart forgets the peak, which at worst lets one more anomaly open.
+    #[serde(skip)]
+    pub peak: f64,
+    #[serde(skip)]
+    pub peak_time: EventTime,
 }
 
 /// A change of anomaly state.
@@ -69,6 +90,7 @@ impl AnomalyState {
         if support < rules.min_support {
             return None;
         }
+        let novel = self.novel(score, time, rules);
         if self.active {
             self.streak = if score < rules.resolve_score {
                 self.streak + 1
@@ -76,7 +98,11 @@ impl AnomalyState {
                 0
             };
             if self.streak >= rules.resolve_windows {
-                *self = AnomalyState::default();
+                *self = AnomalyState {
+                    peak: self.peak,
+                    peak_time: self.peak_time,
+                    ..AnomalyState::default()
+                };
                 return Some(Transition::Resolved);
             }
         } else {
@@ -85,16 +111,34 @@ impl AnomalyState {
             } else {
                 0
             };
-            if self.streak >= rules.detect_windows || score >= rules.gross_score {
+            if novel && (self.streak >= rules.detect_windows || score >= rules.gross_score) {
                 *self = AnomalyState {
                     active: true,
                     streak: 0,
                     since: time,
+                    ..*self
                 };
                 return Some(Transition::Detected);
             }
         }
         None
+    }
+
+    /// Whether `score` is novel against the recent peak (always, with gating off); then learns it
+    /// into the peak. Scores are compared as `ln(1 + score)`: band scores span many orders of
+    /// magnitude (a band of almost no width makes any wiggle huge), and what matters is the ratio.
+    fn novel(&mut self, score: f64, time: EventTime, rules: &AnomalyRules) -> bool {
+        if rules.novelty_half_life_ns == 0 {
+            return true;
+        }
+        let elapsed = time.saturating_sub(self.peak_time) as f64;
+        let decay = 0.5f64.powf(elapsed / rules.novelty_half_life_ns as f64);
+        let peak = self.peak * decay;
+        let score = score.max(0.0);
+        let novel = score.ln_1p() >= peak.ln_1p() + rules.novelty_ratio.max(f64::MIN_POSITIVE).ln();
+        self.peak = peak.max(score);
+        self.peak_time = self.peak_time.max(time);
+        novel
     }
 }
 
@@ -149,6 +193,81 @@ mod tests {
     #[test]
     fn thin_evidence_is_ignored() {
         assert_eq!(check(&[(50.0, 3), (50.0, 3), (50.0, 3)]), vec![]);
+    }
+
+    /// Rules with novelty gating: a one-hour half-life, 0.7 of the recent peak.
+    fn gated() -> AnomalyRules {
+        AnomalyRules {
+            detect_windows: 1,
+            resolve_windows: 1,
+            novelty_half_life_ns: 3_600 * 1_000_000_000,
+            novelty_ratio: 0.7,
+            ..AnomalyRules::default()
+        }
+    }
+
+    /// Feeds one score per minute; returns the indices of the detections.
+    fn detections(rules: &AnomalyRules, scores: &[f64]) -> Vec<usize> {
+        let mut state = AnomalyState::default();
+        scores
+            .iter()
+            .enumerate()
+            .filter(|(i, score)| {
+                state.update(Score::Scored(**score), 100, *i as u64 * 60 * 1_000_000_000, rules)
+                    == Some(Transition::Detected)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[test]
+    fn aftershocks_smaller_than_a_recent_deviation_open_nothing_with_novelty_gating() {
+        // A deviation of 40, then bursts of 10 every ten minutes: without gating each one opens
+        // an anomaly; with it (a one-hour half-life) only the first does within this hour.
+        let scores: Vec<f64> = (0..60)
+            .map(|i| match i {
+                5 => 40.0,
+                i if i % 10 == 5 => 10.0,
+                _ => 0.0,
+            })
+            .collect();
+        let plain = AnomalyRules {
+            detect_windows: 1,
+            resolve_windows: 1,
+            ..AnomalyRules::default()
+        };
+        assert_eq!(detections(&plain, &scores), vec![5, 15, 25, 35, 45, 55]);
+        assert_eq!(detections(&gated(), &scores), vec![5]);
+    }
+
+    #[test]
+    fn a_larger_or_later_deviation_is_novel_again() {
+        let mut scores = vec![0.0; 400];
+        scores[10] = 20.0;
+        // Much larger than the peak: novel at once.
+        scores[20] = 200.0;
+        // Smaller than the peak just after it: not novel.
+        scores[30] = 20.0;
+        // As large, but after the peak has decayed for five hours: novel again.
+        scores[320] = 20.0;
+        assert_eq!(detections(&gated(), &scores), vec![10, 20, 320]);
+    }
+    #[test]
+    fn gating_off_is_the_default() {
+        let rules = AnomalyRules::default();
+        assert_eq!(rules.novelty_half_life_ns, 0);
+        let mut state = AnomalyState::default();
+        assert!(state.novel(0.0, 0, &rules));
+        assert_eq!(state.peak, 0.0, "nothing is learned while gating is off");
+    }
+
+    #[test]
+    fn huge_scores_keep_the_peak_finite() {
+        let mut state = AnomalyState::default();
+        let rules = gated();
+        assert!(state.novel(f64::MAX, 0, &rules));
+        assert!(!state.novel(f64::MAX / 1e3, 1, &rules), "far below a huge peak");
+        assert!(state.peak.is_finite());
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub fn nab_config() -> BaselineConfig {
 }
 
 /// When an anomaly opens and closes: the daemon's rules, but a single row may open one (a row
-/// here is a whole window there) and twelve quiet rows close it.
+/// here is a whole window there), twelve quiet rows close it, and novelty gating is on: a
+/// deviation opens an anomaly only if `1 + score` is at least 0.7 times the largest recent one
+/// (decayed with a 24 h half-life), so that the smaller aftershocks of a deviation (bursty
+/// sensors, spike trains) are not reported again and again. Measured with score.py: standard
+/// 57.66 -> 61.27.
 pub fn nab_rules() -> AnomalyRules {
     AnomalyRules {
         detect_score: 3.0,
@@ -36,6 +40,8 @@ pub fn nab_rules() -> AnomalyRules {
         resolve_score: 1.0,
         resolve_windows: 12,
         min_support: 0,
+        novelty_half_life_ns: 24 * 3_600 * 1_000_000_000,
+        novelty_ratio: 0.7,
     }
 }
 
