@@ -12,6 +12,13 @@
 //! the slot holds data from an earlier week. The score is how far the value lies outside the band,
 //! in half-widths of the band (0 inside it), the larger of the two when both apply. A baseline with
 //! fewer than `min_samples` windows says `InsufficientData` instead.
+//!
+//! Optionally (`Baseline::observe_with_range`, off in `observe`) a third band: the range of values
+//! seen, with a long memory. The level band follows a slow drift and the seasonal band needs a week
+//! of history; neither notices a value that creeps, or steps, beyond anything the series has shown
+//! in weeks. The range's extremes relax towards the level with `RangeConfig::half_life_ns` and
+//! follow a new extreme only part of the way (`RangeConfig::learning`), so that a creeping rise
+//! keeps being judged against where the extremes were.
 
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +72,56 @@ impl Default for BaselineConfig {
             seasonal_half_life_weeks: 2.0,
             min_samples: 10,
         }
+    }
+}
+
+/// The long-memory range of values seen (see the module documentation).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RangeConfig {
+    /// Half-width of the range band, as a share of the range's width.
+    pub width: f64,
+    /// Half-life, in event time, with which the extremes relax towards the EWMA level.
+    pub half_life_ns: u64,
+    /// Share, in (0, 1], of the way from an extreme to a value beyond it that the extreme moves.
+    pub learning: f64,
+}
+
+/// The smallest and largest values seen, relaxed towards the level with age.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Range {
+    pub lo: f64,
+    pub hi: f64,
+    pub samples: u64,
+}
+
+impl Range {
+    /// Half-widths (`config.width` of the range) that `x` lies outside the range: 0 inside it.
+    fn score(&self, x: f64, config: &RangeConfig) -> f64 {
+        let band = Band {
+            lo: self.lo,
+            hi: self.hi,
+        };
+        let half = (config.width * (self.hi - self.lo)).max(0.01 * ((self.lo + self.hi) / 2.0).abs());
+        band.score_with_half_width(x, half)
+    }
+
+    /// Learns `x`, `elapsed_ns` after the previous value, with `level` the EWMA level before it.
+    fn update(&mut self, x: f64, elapsed_ns: u64, level: f64, config: &RangeConfig) {
+        if self.samples == 0 {
+            *self = Range {
+                lo: x,
+                hi: x,
+                samples: 1,
+            };
+            return;
+        }
+        let relax = 0.5f64.powf(elapsed_ns as f64 / config.half_life_ns.max(1) as f64);
+        let learning = config.learning.clamp(f64::MIN_POSITIVE, 1.0);
+        let lo = level + (self.lo - level) * relax;
+        let hi = level + (self.hi - level) * relax;
+        self.lo = lo + learning * (x - lo).min(0.0);
+        self.hi = hi + learning * (x - hi).max(0.0);
+        self.samples += 1;
     }
 }
 
@@ -230,7 +287,12 @@ impl Band {
     /// tiny absolute one), so that a constant series does not make every wiggle infinitely odd.
     fn score(self, x: f64) -> f64 {
         let centre = (self.lo + self.hi) / 2.0;
-        let half = ((self.hi - self.lo) / 2.0).max(0.01 * centre.abs()).max(1e-9);
+        self.score_with_half_width(x, ((self.hi - self.lo) / 2.0).max(0.01 * centre.abs()))
+    }
+
+    /// Distance outside the band in units of `half` (at least a tiny absolute floor).
+    fn score_with_half_width(self, x: f64, half: f64) -> f64 {
+        let half = half.max(1e-9);
         let outside = (self.lo - x).max(x - self.hi).max(0.0);
         let score = outside / half;
         if score.is_finite() { score } else { f64::MAX }
@@ -248,6 +310,11 @@ pub struct Baseline {
     pub last_window_end: EventTime,
     /// Whether this feature has left its baseline (see `anomaly`).
     pub anomaly: AnomalyState,
+    /// The long-memory range of values seen, learned only by `observe_with_range`. Not persisted
+    /// (postcard is not self-describing: a new field would make stored baselines unreadable); a
+    /// restart forgets it, and it scores again once it has `min_samples` values.
+    #[serde(skip)]
+    pub range: Range,
 }
 
 impl Baseline {
@@ -259,6 +326,20 @@ impl Baseline {
         x: f64,
         time: EventTime,
         config: &BaselineConfig,
+        store: &mut dyn SlotStore,
+    ) -> Score {
+        self.observe_with_range(series, x, time, config, None, store)
+    }
+
+    /// `observe`, and with `range` also judges `x` against the long-memory range of values seen
+    /// (the largest of the three scores counts) and learns it there.
+    pub fn observe_with_range(
+        &mut self,
+        series: &str,
+        x: f64,
+        time: EventTime,
+        config: &BaselineConfig,
+        range: Option<&RangeConfig>,
         store: &mut dyn SlotStore,
     ) -> Score {
         if !x.is_finite() {
@@ -297,6 +378,11 @@ impl Baseline {
                 };
                 score = score.max(band.score(x));
             }
+            if let Some(range) = range
+                && self.range.samples >= config.min_samples
+            {
+                score = score.max(self.range.score(x, range));
+            }
             Score::Scored(score)
         };
 
@@ -308,6 +394,10 @@ impl Baseline {
             1.0
         };
         summary.current.add_weighted(x, weight);
+        if let Some(range) = range {
+            let elapsed = time.saturating_sub(self.ewma.last_time);
+            self.range.update(x, elapsed, self.ewma.mean, range);
+        }
         self.ewma.update(x, time, config.half_life_ns, weight);
         self.last_value = Some(x);
         self.last_score = Some(score);
@@ -481,6 +571,91 @@ mod tests {
         );
     }
 
+    /// Three days of noise around 100, then two days creeping up to 160, one value per 10
+    /// minutes; returns the largest score of the creep, plain and with the range.
+    fn creep(range: &RangeConfig) -> (f64, f64, Baseline) {
+        let config = BaselineConfig {
+            half_life_ns: 6 * 60 * MINUTE,
+            ..BaselineConfig::default()
+        };
+        let mut rng = Rng::new(5);
+        let values: Vec<f64> = (0..720)
+            .map(|i| {
+                let level = if i < 432 {
+                    100.0
+                } else {
+                    100.0 + (i - 432) as f64 * 60.0 / 288.0
+                };
+                level + (rng.unit() - 0.5) * 20.0
+            })
+            .collect();
+        let (mut plain, mut ranged) = (Baseline::default(), Baseline::default());
+        let (mut store, mut ranged_store) = (MemorySlotStore::default(), MemorySlotStore::default());
+        let (mut plain_max, mut ranged_max) = (0.0f64, 0.0f64);
+        for (i, x) in values.iter().enumerate() {
+            let time = MONDAY + i as u64 * 10 * MINUTE;
+            let a = plain.observe("s", *x, time, &config, &mut store);
+            let b = ranged.observe_with_range("s", *x, time, &config, Some(range), &mut ranged_store);
+            if i >= 432 {
+                plain_max = plain_max.max(a.value().unwrap_or(0.0));
+                ranged_max = ranged_max.max(b.value().unwrap_or(0.0));
+            }
+        }
+        assert_eq!(plain.range, Range::default(), "observe learns no range");
+        (plain_max, ranged_max, ranged)
+    }
+
+    fn range_config() -> RangeConfig {
+        RangeConfig {
+            width: 0.06,
+            half_life_ns: 30 * 24 * 60 * MINUTE,
+            learning: 0.2,
+        }
+    }
+
+    #[test]
+    fn a_creep_beyond_the_range_seen_scores_only_against_the_range() {
+        let (plain, ranged, baseline) = creep(&range_config());
+        assert!(plain < 3.0, "the level follows the creep: {plain}");
+        assert!(ranged > 4.0, "the range does not: {ranged}");
+        assert!(
+            baseline.range.hi > 120.0 && baseline.range.lo < 95.0,
+            "{:?}",
+            baseline.range
+        );
+    }
+
+    #[test]
+    fn a_range_that_learns_new_extremes_at_once_absorbs_a_creep() {
+        let (_, ranged, _) = creep(&RangeConfig {
+            learning: 1.0,
+            ..range_config()
+        });
+        let (_, partial, _) = creep(&range_config());
+        assert!(
+            ranged < partial,
+            "full learning {ranged} against partial {partial}"
+        );
+    }
+
+    #[test]
+    fn the_range_relaxes_towards_the_level() {
+        let mut range = Range::default();
+        let config = range_config();
+        range.update(100.0, 0, 100.0, &config);
+        range.update(200.0, 0, 100.0, &config);
+        assert_eq!((range.lo, range.hi), (100.0, 120.0), "a fifth of the way");
+        range.update(100.0, config.half_life_ns, 100.0, &config);
+        assert_eq!(
+            (range.lo, range.hi),
+            (100.0, 110.0),
+            "half-way back after a half-life"
+        );
+        assert_eq!(range.score(110.0, &config), 0.0);
+        // Width 10, half-width 6% of it; the 1% of the centre (1.05) is the larger.
+        assert!((range.score(111.05, &config) - 1.0).abs() < 1e-9);
+    }
+
     #[test]
     fn scores_are_never_nan_or_infinite() {
         let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
@@ -501,6 +676,13 @@ mod tests {
         ];
         for s in scored(&check(&mut b, &mut store, MONDAY, &values)) {
             assert!(s.is_finite() && s >= 0.0, "{s}");
+        }
+        let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let config = BaselineConfig::default();
+        for (i, x) in values.iter().enumerate() {
+            let time = MONDAY + i as u64 * MINUTE;
+            let s = b.observe_with_range("s", *x, time, &config, Some(&range_config()), &mut store);
+            assert!(s.value().is_none_or(|s| s.is_finite() && s >= 0.0), "{s:?}");
         }
     }
 }
