@@ -346,6 +346,9 @@ impl Config {
                 raw.baseline_min_samples.unwrap_or(10),
                 1..=1_000_000,
             )?,
+            // The range band flags any value beyond what a series has shown: growth in a young
+            // app's traffic would alarm for days. NAB uses it (canaryd-lab); the daemon does not.
+            range: None,
         };
         let models_dir = raw.models_dir.unwrap_or_else(|| PathBuf::from("./models"));
         let models = crate::models::load(&models_dir)?;

@@ -13,7 +13,7 @@
 //! in half-widths of the band (0 inside it), the larger of the two when both apply. A baseline with
 //! fewer than `min_samples` windows says `InsufficientData` instead.
 //!
-//! Optionally (`Baseline::observe_with_range`, off in `observe`) a third band: the range of values
+//! Optionally (`BaselineConfig::range`, off by default) a third band: the range of values
 //! seen, with a long memory. The level band follows a slow drift and the seasonal band needs a week
 //! of history; neither notices a value that creeps, or steps, beyond anything the series has shown
 //! in weeks. The range's extremes relax towards the level with `RangeConfig::half_life_ns` and
@@ -63,6 +63,10 @@ pub struct BaselineConfig {
     pub seasonal_half_life_weeks: f64,
     /// Windows a baseline must have learned before it scores.
     pub min_samples: u64,
+    /// The long-memory range of values seen, as a third band; `None` (the daemon's default) leaves
+    /// it out.
+    #[serde(default)]
+    pub range: Option<RangeConfig>,
 }
 
 impl Default for BaselineConfig {
@@ -71,12 +75,13 @@ impl Default for BaselineConfig {
             half_life_ns: 30 * 60 * NS_PER_SEC,
             seasonal_half_life_weeks: 2.0,
             min_samples: 10,
+            range: None,
         }
     }
 }
 
 /// The long-memory range of values seen (see the module documentation).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RangeConfig {
     /// Half-width of the range band, as a share of the range's width.
     pub width: f64,
@@ -310,7 +315,7 @@ pub struct Baseline {
     pub last_window_end: EventTime,
     /// Whether this feature has left its baseline (see `anomaly`).
     pub anomaly: AnomalyState,
-    /// The long-memory range of values seen, learned only by `observe_with_range`. Not persisted
+    /// The long-memory range of values seen, learned only with `BaselineConfig::range`. Not persisted
     /// (postcard is not self-describing: a new field would make stored baselines unreadable); a
     /// restart forgets it, and it scores again once it has `min_samples` values.
     #[serde(skip)]
@@ -320,6 +325,8 @@ pub struct Baseline {
 impl Baseline {
     /// Scores `x`, the value of the window ending at `time`, then learns it. `series` names this
     /// baseline in `store`, where slot summaries are swapped in and out.
+    /// With `config.range`, `x` is also judged against the long-memory range of values seen (the
+    /// largest of the three scores counts) and learned there.
     pub fn observe(
         &mut self,
         series: &str,
@@ -328,20 +335,7 @@ impl Baseline {
         config: &BaselineConfig,
         store: &mut dyn SlotStore,
     ) -> Score {
-        self.observe_with_range(series, x, time, config, None, store)
-    }
-
-    /// `observe`, and with `range` also judges `x` against the long-memory range of values seen
-    /// (the largest of the three scores counts) and learns it there.
-    pub fn observe_with_range(
-        &mut self,
-        series: &str,
-        x: f64,
-        time: EventTime,
-        config: &BaselineConfig,
-        range: Option<&RangeConfig>,
-        store: &mut dyn SlotStore,
-    ) -> Score {
+        let range = config.range.as_ref();
         if !x.is_finite() {
             return self.last_score.unwrap_or(Score::InsufficientData);
         }
@@ -589,19 +583,27 @@ mod tests {
                 level + (rng.unit() - 0.5) * 20.0
             })
             .collect();
+        let ranged_config = BaselineConfig {
+            range: Some(range.clone()),
+            ..config.clone()
+        };
         let (mut plain, mut ranged) = (Baseline::default(), Baseline::default());
         let (mut store, mut ranged_store) = (MemorySlotStore::default(), MemorySlotStore::default());
         let (mut plain_max, mut ranged_max) = (0.0f64, 0.0f64);
         for (i, x) in values.iter().enumerate() {
             let time = MONDAY + i as u64 * 10 * MINUTE;
             let a = plain.observe("s", *x, time, &config, &mut store);
-            let b = ranged.observe_with_range("s", *x, time, &config, Some(range), &mut ranged_store);
+            let b = ranged.observe("s", *x, time, &ranged_config, &mut ranged_store);
             if i >= 432 {
                 plain_max = plain_max.max(a.value().unwrap_or(0.0));
                 ranged_max = ranged_max.max(b.value().unwrap_or(0.0));
             }
         }
-        assert_eq!(plain.range, Range::default(), "observe learns no range");
+        assert_eq!(
+            plain.range,
+            Range::default(),
+            "without the setting no range is learned"
+        );
         (plain_max, ranged_max, ranged)
     }
 
@@ -678,10 +680,13 @@ mod tests {
             assert!(s.is_finite() && s >= 0.0, "{s}");
         }
         let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
-        let config = BaselineConfig::default();
+        let config = BaselineConfig {
+            range: Some(range_config()),
+            ..BaselineConfig::default()
+        };
         for (i, x) in values.iter().enumerate() {
             let time = MONDAY + i as u64 * MINUTE;
-            let s = b.observe_with_range("s", *x, time, &config, Some(&range_config()), &mut store);
+            let s = b.observe("s", *x, time, &config, &mut store);
             assert!(s.value().is_none_or(|s| s.is_finite() && s >= 0.0), "{s:?}");
         }
     }

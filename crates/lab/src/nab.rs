@@ -23,6 +23,7 @@ pub fn nab_config() -> BaselineConfig {
         half_life_ns: 6 * 3_600 * 1_000_000_000,
         seasonal_half_life_weeks: 2.0,
         min_samples: 30,
+        range: Some(nab_range()),
     }
 }
 
@@ -86,7 +87,6 @@ fn score_file(file: &Path, config: &BaselineConfig) -> anyhow::Result<(String, u
     let mut baseline = Baseline::default();
     let mut slots = MemorySlotStore::default();
     let rules = nab_rules();
-    let range = nab_range();
     let mut state = AnomalyState::default();
     let mut out = String::from("timestamp,value,anomaly_score\n");
     for (row, (timestamp, value)) in timestamps.iter().zip(values.iter()).enumerate() {
@@ -102,7 +102,7 @@ fn score_file(file: &Path, config: &BaselineConfig) -> anyhow::Result<(String, u
                 row + 1
             );
         };
-        let score = baseline.observe_with_range("nab", x, time as u64, config, Some(&range), &mut slots);
+        let score = baseline.observe("nab", x, time as u64, config, &mut slots);
         // As the daemon does, report the onset of an anomaly, not every row of it.
         let reported = match state.update(score, u64::MAX, time as u64, &rules) {
             Some(Transition::Detected) => unit_score(score, state.recurrence),
