@@ -45,6 +45,13 @@ pub enum ExportError {
 }
 
 impl ExportError {
+    fn undecodable_protobuf(reason: String) -> Self {
+        ExportError::Undecodable {
+            format: "protobuf",
+            reason,
+        }
+    }
+
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             ExportError::Undecodable { .. }
@@ -76,15 +83,6 @@ impl ExportError {
             }
             ExportError::Busy(_) => "busy",
             ExportError::ShuttingDown => "shutting_down",
-        }
-    }
-}
-
-impl ExportError {
-    fn undecodable_protobuf(reason: String) -> Self {
-        ExportError::Undecodable {
-            format: "protobuf",
-            reason,
         }
     }
 }

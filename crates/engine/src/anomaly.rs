@@ -284,6 +284,7 @@ mod tests {
         scores[320] = 20.0;
         assert_eq!(detections(&gated(), &scores), vec![10, 20, 320]);
     }
+
     #[test]
     fn gating_off_is_the_default() {
         let rules = AnomalyRules::default();

@@ -4,8 +4,9 @@
 //! `Baseline` — the code the daemon uses for every feature — one row at a time, in file order, with
 //! the row's timestamp as event time: causal, one parameter set for every file, each file from
 //! scratch, as NAB's rules ask. As in the daemon, what is reported is the onset of an anomaly (the
-//! anomaly rules' `Detected` transition): that row's score, mapped into [0, 1), is its
-//! `anomaly_score`; every other row scores 0. Rows are written to `<out>/<category>/<name>.csv` in
+//! anomaly rules' `Detected` transition): that row's score, mapped into [0, 1) and divided by one
+//! plus the series' recent onsets (`AnomalyState::recurrence`), is its `anomaly_score`; every
+//! other row scores 0. Rows are written to `<out>/<category>/<name>.csv` in
 //! their order, for NAB's scorer.
 
 use std::path::{Path, PathBuf};
