@@ -166,7 +166,12 @@ impl<'a> KeyValueView<'a> {
         for field in Fields::new(buf) {
             match field? {
                 (1, value) => kv.key = value.bytes(1)?,
-                (2, value) => kv.value = read_any_value(value.bytes(2)?)?,
+                // A second AnyValue merges into the first: an empty one leaves the value as it was.
+                (2, value) => {
+                    if let Some(read) = read_any_value(value.bytes(2)?)? {
+                        kv.value = Some(read);
+                    }
+                }
                 _ => {}
             }
         }
@@ -727,5 +732,118 @@ mod wire_tests {
         let out = normalize(&request_with_span(&span)).expect("decodes");
         assert_eq!(out.accepted, 1);
         assert_eq!(out.batch.resources[0].requests[0].operation, "ok");
+    }
+
+    #[test]
+    fn a_span_and_an_attribute_given_in_two_parts_merge_as_prost_merges_them() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
+        use opentelemetry_proto::tonic::trace::v1::Status;
+
+        // The route attribute, then an empty AnyValue for it: merged, the value stays "/a".
+        let mut route = kv("http.route", "/a").encode_to_vec();
+        route.extend(
+            KeyValue {
+                value: Some(AnyValue { value: None }),
+                ..KeyValue::default()
+            }
+            .encode_to_vec(),
+        );
+        let mut first = server_span("GET");
+        first.status = Some(Status {
+            code: StatusCode::Error as i32,
+            ..Status::default()
+        });
+        let mut span = first.encode_to_vec();
+        span.push(0x4a); // field 9, an attribute
+        prost::encoding::encode_varint(route.len() as u64, &mut span);
+        span.extend(route);
+        // The span's second part: the method, and a status without a code, which keeps ERROR.
+        span.extend(
+            Span {
+                attributes: vec![kv("http.request.method", "GET")],
+                status: Some(Status::default()),
+                ..Span::default()
+            }
+            .encode_to_vec(),
+        );
+        let buf = request_with_span(&span);
+        let out = normalize(&buf).expect("decodes");
+        let request = &out.batch.resources[0].requests[0];
+        assert_eq!((request.operation.as_str(), request.error), ("GET /a", true));
+        let decoded = ExportTraceServiceRequest::decode(&buf[..]).expect("prost decodes");
+        assert_eq!(normalize(&decoded.encode_to_vec()).expect("decodes"), out);
+    }
+
+    /// Requests mutated at random (bytes flipped, cut, repeated, inserted) never panic the reader;
+    /// whenever prost accepts one, so does the reader, and it reads the same as from prost's own
+    /// re-encoding of it (canonical order, merged, unknown fields dropped). What the fields mean
+    /// is the other tests' business.
+    #[test]
+    fn mutated_requests_are_read_as_prost_reads_them() {
+        use crate::testdata::{Rng, TraceShape, trace_request};
+        use opentelemetry_proto::tonic::trace::v1::{Status, span::Event};
+
+        let shape = TraceShape {
+            apps: 2,
+            spans: 8,
+            attributes: 4,
+            ..TraceShape::default()
+        };
+        let mut request = trace_request(&shape, 7);
+        for span in request
+            .resource_spans
+            .iter_mut()
+            .flat_map(|r| &mut r.scope_spans)
+            .flat_map(|s| &mut s.spans)
+        {
+            span.status = Some(Status {
+                code: StatusCode::Error as i32,
+                ..Status::default()
+            });
+            span.events.push(Event {
+                name: "exception".into(),
+                time_unix_nano: span.end_time_unix_nano,
+                attributes: vec![kv("exception.type", "E")],
+                ..Event::default()
+            });
+        }
+        let base = request.encode_to_vec();
+        let mut rng = Rng::new(11);
+        let (mut accepted_by_prost, mut refused_by_prost) = (0, 0);
+        for _ in 0..3_000 {
+            let mut buf = base.clone();
+            for _ in 0..=rng.below(3) {
+                let at = rng.below(buf.len() as u64) as usize;
+                match rng.below(4) {
+                    0 => buf[at] ^= 1 << rng.below(8),
+                    1 => buf.truncate(at),
+                    2 => {
+                        let end = (at + 1 + rng.below(16) as usize).min(buf.len());
+                        let chunk = buf[at..end].to_vec();
+                        buf.splice(at..at, chunk);
+                    }
+                    _ => buf.insert(at, rng.below(256) as u8),
+                }
+                if buf.is_empty() {
+                    break;
+                }
+            }
+            let ours = normalize(&buf);
+            match ExportTraceServiceRequest::decode(&buf[..]) {
+                Ok(decoded) => {
+                    accepted_by_prost += 1;
+                    let ours =
+                        ours.unwrap_or_else(|e| panic!("prost reads {buf:?}, the reader does not: {e}"));
+                    let reencoded = normalize(&decoded.encode_to_vec()).expect("prost's encoding reads");
+                    assert_eq!(ours, reencoded, "{buf:?}");
+                }
+                Err(_) => refused_by_prost += 1,
+            }
+        }
+        // Both outcomes were exercised.
+        assert!(
+            accepted_by_prost > 100 && refused_by_prost > 100,
+            "{accepted_by_prost} {refused_by_prost}"
+        );
     }
 }
