@@ -420,12 +420,12 @@ fn main() -> anyhow::Result<()> {
     if full <= 0.0 || lean <= 0.0 || in_place <= 0.0 {
         bail!("the decode reference decoded nothing");
     }
+    const KNOWN: [&str; 4] = ["grpc", "grpc+gzip", "http", "http+gzip"];
     let transports: Vec<String> = std::env::var("LOAD_TRANSPORTS")
-        .unwrap_or_else(|_| "grpc,grpc+gzip,http,http+gzip".into())
+        .unwrap_or_else(|_| KNOWN.join(","))
         .split(',')
         .map(|t| t.trim().to_owned())
         .collect();
-    const KNOWN: [&str; 4] = ["grpc", "grpc+gzip", "http", "http+gzip"];
     if let Some(unknown) = transports.iter().find(|t| !KNOWN.contains(&t.as_str())) {
         bail!(
             "LOAD_TRANSPORTS: unknown transport {unknown:?}; known: {}",

@@ -115,9 +115,9 @@ fn read_resource_spans<'a>(
     let mut obs = ResourceObservations::new(identity);
     obs.instance = instance;
     let options = reader.options;
-    let scope_spans = std::mem::take(&mut scratch.scope_spans);
-    for buf in &scope_spans {
-        for field in Fields::new(buf) {
+    // By index: the spans are read into the same scratch that lists the scope spans.
+    for i in 0..scratch.scope_spans.len() {
+        for field in Fields::new(scratch.scope_spans[i]) {
             let (number, value) = field.map_err(within("ScopeSpans"))?;
             if number != 2 {
                 continue;
@@ -129,7 +129,6 @@ fn read_resource_spans<'a>(
             }
         }
     }
-    scratch.scope_spans = scope_spans;
     if obs.spans > 0 {
         out.accepted += obs.spans;
         out.batch.resources.push(obs);

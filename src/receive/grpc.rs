@@ -29,7 +29,8 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Status};
 
-use super::{Intake, OtlpRequest};
+use super::{ExportError, Intake, OtlpRequest};
+use crate::normalize::{NormalizeOptions, Normalized};
 use crate::stats::Transport;
 use crate::watch::Watch;
 use crate::watch::proto::event_service_server::EventServiceServer;
@@ -46,15 +47,20 @@ impl OtlpGrpc {
         request: Request<R>,
     ) -> Result<tonic::Response<R::Response>, Status> {
         let request = request.into_inner();
-        let outcome = self
-            .intake
-            .export::<R>(Transport::Grpc, move |options| request.normalize(options))
-            .await?;
-        Ok(tonic::Response::new(R::response(
-            outcome.rejected,
-            outcome.error_message,
-        )))
+        answer::<R>(&self.intake, move |options| request.normalize(options)).await
     }
+}
+
+/// Runs `normalize` through the intake and answers with the request type's response.
+async fn answer<R: OtlpRequest>(
+    intake: &Intake,
+    normalize: impl FnOnce(&NormalizeOptions) -> Result<Normalized, ExportError> + Send + 'static,
+) -> Result<tonic::Response<R::Response>, Status> {
+    let outcome = intake.export::<R>(Transport::Grpc, normalize).await?;
+    Ok(tonic::Response::new(R::response(
+        outcome.rejected,
+        outcome.error_message,
+    )))
 }
 
 /// The gRPC path of TraceService `Export`: tonic frames and decompresses the message, and hands
@@ -80,17 +86,12 @@ impl tonic::server::UnaryService<Bytes> for TraceExport {
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let intake = Arc::clone(&self.intake);
+        let bytes = request.into_inner();
         Box::pin(async move {
-            let bytes = request.into_inner();
-            let outcome = intake
-                .export::<ExportTraceServiceRequest>(Transport::Grpc, move |options| {
-                    ExportTraceServiceRequest::normalize_protobuf(bytes, options)
-                })
-                .await?;
-            Ok(tonic::Response::new(ExportTraceServiceRequest::response(
-                outcome.rejected,
-                outcome.error_message,
-            )))
+            answer::<ExportTraceServiceRequest>(&intake, move |options| {
+                ExportTraceServiceRequest::normalize_protobuf(bytes, options)
+            })
+            .await
         })
     }
 }
