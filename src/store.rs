@@ -648,6 +648,7 @@ mod tests {
         AppClock {
             max_time: 42,
             closed_until: 40,
+            lead: 43,
         }
     }
 

@@ -289,6 +289,19 @@ impl Catalog {
         self.apps.insert((Arc::from(env), Arc::from(app)), entry);
     }
 
+    /// Brings every version of the app last seen after `time` back to it (a clock repair), and
+    /// marks the app changed so that the repair is persisted.
+    pub fn clamp_last_seen(&mut self, env: &str, app: &str, time: EventTime) {
+        let key = (Arc::from(env), Arc::from(app));
+        if let Some(entry) = self.apps.get_mut(&key) {
+            for stats in entry.versions.values_mut() {
+                stats.last_seen = stats.last_seen.min(time);
+                stats.first_seen = stats.first_seen.min(stats.last_seen);
+            }
+            self.changed.insert(key);
+        }
+    }
+
     /// How many observations each cap dropped or folded since start.
     pub fn cap_hits(&self) -> impl Iterator<Item = (Cap, u64)> + '_ {
         Cap::ALL
@@ -493,7 +506,10 @@ mod tests {
     }
 
     fn ingest(catalog: &mut Catalog, resources: Vec<ResourceObservations>) {
-        catalog.ingest(&Batch { resources });
+        catalog.ingest(&Batch {
+            resources,
+            received: 0,
+        });
     }
 
     fn hits(catalog: &Catalog, cap: Cap) -> u64 {

@@ -22,6 +22,27 @@ use crate::judge::{AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeError,
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, VersionWindows, WindowConfig};
 
+/// The two latest event times among a resource's observations.
+#[derive(Default)]
+struct LatestTwo {
+    latest: Option<EventTime>,
+    second: Option<EventTime>,
+}
+
+impl LatestTwo {
+    fn saw(&mut self, time: EventTime) {
+        match self.latest {
+            Some(latest) if time <= latest => {
+                self.second = Some(self.second.map_or(time, |s| s.max(time)));
+            }
+            _ => {
+                self.second = self.latest;
+                self.latest = Some(time);
+            }
+        }
+    }
+}
+
 /// Windows over which a version's share of requests halves in weight, for choosing the stable one.
 const STABLE_HALF_LIFE_WINDOWS: f64 = 10.0;
 
@@ -98,6 +119,9 @@ pub struct IngestReport {
     pub late: u64,
     /// Windows closed, over all versions.
     pub windows_closed: u64,
+    /// Observations refused for being dated more than the allowed skew ahead of both their app's
+    /// event time and the receive clock.
+    pub future: u64,
     /// Anomalies detected and resolved, in event-time order.
     pub anomalies: Vec<AnomalyChange>,
     /// Canary analyses started, stages passed, canaries failed and promoted, in event-time order.
@@ -177,6 +201,18 @@ impl Engine {
         let mut report = IngestReport::default();
         let mut hits: BTreeMap<Cap, u64> = BTreeMap::new();
         for resource in &batch.resources {
+            // Nearly always nothing is dated too far ahead, and the resource is used as it came.
+            let limit = self.future_limit(&resource.identity, batch.received);
+            let trimmed;
+            let resource = match resource.seen {
+                Some((_, latest)) if latest > limit => {
+                    let mut kept = resource.clone();
+                    report.future += kept.drop_after(limit);
+                    trimmed = kept;
+                    &trimmed
+                }
+                _ => resource,
+            };
             let (resource_hits, admission) = self.catalog.admit(resource);
             for (cap, n) in resource_hits {
                 *hits.entry(cap).or_default() += n;
@@ -190,6 +226,21 @@ impl Engine {
         }
         report.cap_hits = hits.into_iter().collect();
         report
+    }
+
+    /// The latest event time an observation of `identity`'s app may carry: the skew beyond both
+    /// the app's event time and the receive clock (when there is one); no limit for an app with
+    /// no clock in a replay.
+    fn future_limit(&self, identity: &crate::observation::Identity, received: EventTime) -> EventTime {
+        let app_time = self
+            .apps
+            .get(&(identity.env.clone(), identity.app.clone()))
+            .map_or(0, |a| a.clock.max_time);
+        let now = app_time.max(received);
+        if now == 0 {
+            return EventTime::MAX;
+        }
+        now.saturating_add(self.config.windows.future_skew_ns)
     }
 
     fn window_resource(
@@ -210,7 +261,9 @@ impl Engine {
         let closed_until = app.clock.closed_until;
         let state = app.versions.entry(version.clone()).or_default();
         let mut late = 0;
+        let mut top = LatestTwo::default();
         for r in &obs.requests {
+            top.saw(r.time);
             match state.windows.bucket(r.time, closed_until, config) {
                 Some(b) => {
                     b.all.add(r.duration_ns, r.error);
@@ -224,6 +277,7 @@ impl Engine {
             }
         }
         for c in &obs.calls {
+            top.saw(c.time);
             match state.windows.bucket(c.time, closed_until, config) {
                 Some(b) => {
                     let calls = b
@@ -237,6 +291,7 @@ impl Engine {
             }
         }
         for e in &obs.exceptions {
+            top.saw(e.time);
             match state.windows.bucket(e.time, closed_until, config) {
                 Some(b) => {
                     *b.exceptions
@@ -247,6 +302,7 @@ impl Engine {
             }
         }
         for l in &obs.logs {
+            top.saw(l.time);
             match state.windows.bucket(l.time, closed_until, config) {
                 Some(b) => {
                     b.logs += 1;
@@ -262,6 +318,7 @@ impl Engine {
                 | crate::delta::Sample::Histogram { end, .. }
                 | crate::delta::Sample::ExponentialHistogram { end, .. } => *end,
             };
+            top.saw(time);
             match state.windows.bucket(time, closed_until, config) {
                 Some(b) => b.metrics.entry(series.clone()).or_default().add(sample),
                 None => late += 1,
@@ -271,7 +328,14 @@ impl Engine {
         app.late += late;
         report.late += late;
 
-        let until = app.clock.advance(last, config);
+        // Two observations of the resource vouch for the second latest time; internal spans are
+        // not windowed, but when there were several, the earliest time seen is vouched for too.
+        let (first, _) = obs.seen.unwrap_or((last, last));
+        let second = match top.second {
+            Some(t) => Some(t.max(first).min(last)),
+            None => (obs.spans > 1).then_some(first),
+        };
+        let until = app.clock.advance_by(last, second, config);
         if until > closed_until {
             report.windows_closed += self.close_windows(&key, until, report);
         }
@@ -510,6 +574,44 @@ impl Engine {
             };
             map.insert(id.key, baseline);
         }
+    }
+
+    /// Repairs clocks that a point dated far ahead moved before such points were refused (an
+    /// older canaryd persisted them): an app whose latest event time is beyond `now` plus the
+    /// allowed skew goes back to the end of the last window it learned from, which honest data
+    /// reached, and so do its versions' last-seen times. `now` is the daemon's clock at start.
+    /// Returns the apps repaired, with the time they were at and the time they are back at.
+    pub fn repair_future_clocks(
+        &mut self,
+        now: EventTime,
+    ) -> Vec<(Arc<str>, Arc<str>, EventTime, EventTime)> {
+        let limit = now.saturating_add(self.config.windows.future_skew_ns);
+        let bucket = self.config.windows.bucket_ns.max(1);
+        let mut repaired = Vec::new();
+        for ((env, app), state) in &mut self.apps {
+            let was = state.clock.latest();
+            if was <= limit {
+                continue;
+            }
+            let learned = state
+                .baselines
+                .values()
+                .chain(state.versions.values().flat_map(|v| v.baselines.values()))
+                .map(|b| b.last_window_end)
+                .filter(|t| *t <= limit)
+                .max()
+                .unwrap_or(0);
+            let back = learned - learned % bucket;
+            state.clock = AppClock {
+                max_time: back,
+                closed_until: back,
+                lead: back,
+            };
+            state.complete_from = back;
+            self.catalog.clamp_last_seen(env, app, back);
+            repaired.push((env.clone(), app.clone(), was, back));
+        }
+        repaired
     }
 
     pub fn judge(&self) -> &Judge {

@@ -248,6 +248,45 @@ impl ResourceObservations {
         }
     }
 
+    /// Drops every observation dated after `limit`, returning how many went, and narrows `seen`
+    /// to what is left.
+    pub fn drop_after(&mut self, limit: EventTime) -> u64 {
+        let before = self.len();
+        let mut seen: Option<(EventTime, EventTime)> = None;
+        let mut keep = |time: EventTime| {
+            let ok = time <= limit;
+            if ok {
+                seen = Some(seen.map_or((time, time), |(lo, hi)| (lo.min(time), hi.max(time))));
+            }
+            ok
+        };
+        self.requests.retain(|r| keep(r.time));
+        self.calls.retain(|c| keep(c.time));
+        self.exceptions.retain(|e| keep(e.time));
+        self.metric_points.retain(|p| keep(p.time));
+        self.logs.retain(|l| keep(l.time));
+        let dropped = (before - self.len()) as u64;
+        // Spans that are neither requests nor calls (internal ones) count in `spans` and `seen`
+        // only; what is left of `seen` is what the kept observations span, or the old earliest
+        // time when only such spans remain (those were all before the limit, or nothing moved).
+        self.seen = seen.or_else(|| self.seen.filter(|(_, hi)| *hi <= limit));
+        dropped
+    }
+
+    /// Observations of every kind (spans that are neither requests nor calls aside).
+    pub fn len(&self) -> usize {
+        self.requests.len()
+            + self.calls.len()
+            + self.exceptions.len()
+            + self.metric_points.len()
+            + self.logs.len()
+    }
+
+    /// Whether it holds no observation.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Widens the resource's event-time range to include `time`.
     pub fn saw(&mut self, time: EventTime) {
         self.seen = Some(match self.seen {
@@ -261,4 +300,7 @@ impl ResourceObservations {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Batch {
     pub resources: Vec<ResourceObservations>,
+    /// The receiver's wall clock when the request arrived (0: unknown, as in a replay from
+    /// history). The engine reads no clock; this bounds how far ahead of real time data may be.
+    pub received: EventTime,
 }

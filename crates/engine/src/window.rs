@@ -26,6 +26,9 @@ pub struct WindowConfig {
     pub lateness_ns: u64,
     /// Length of an evaluation window; a whole number of buckets.
     pub window_ns: u64,
+    /// How far ahead of both the app's event time and the receive clock an observation may be
+    /// dated; later ones are refused (a skewed clock, or a hostile sender), never windowed.
+    pub future_skew_ns: u64,
 }
 
 impl Default for WindowConfig {
@@ -34,9 +37,14 @@ impl Default for WindowConfig {
             bucket_ns: 1_000_000_000,
             lateness_ns: 10_000_000_000,
             window_ns: 60_000_000_000,
+            future_skew_ns: DEFAULT_FUTURE_SKEW_NS,
         }
     }
 }
+
+/// Five minutes: well beyond any NTP-synchronised clock and an SDK's batching delay, far short of
+/// what would blind an app for long.
+pub const DEFAULT_FUTURE_SKEW_NS: u64 = 300_000_000_000;
 
 /// Requests, errors and latency of one operation (or of the whole app).
 #[derive(Clone, Debug, PartialEq)]
@@ -291,22 +299,54 @@ impl VersionWindows {
 }
 
 /// The event-time clock of one (env, app).
+///
+/// The watermark follows the latest event time that two observations vouch for, never one alone:
+/// a single point from a skewed clock (an SDK a day ahead) would otherwise close every bucket up to
+/// its time and make all later honest data late. The latest single time is kept as `lead` until a
+/// second observation reaches it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppClock {
-    /// Latest event time seen.
+    /// Latest event time vouched for by at least two observations.
     pub max_time: EventTime,
     /// Buckets ending at or before this are closed.
     pub closed_until: EventTime,
+    /// Latest event time of any single observation (at least `max_time`).
+    pub lead: EventTime,
 }
 
 impl AppClock {
-    /// Advances the clock to `time`; returns the new `closed_until` (bucket-aligned).
+    /// Records one observation at `time`; returns the new `closed_until` (bucket-aligned).
     pub fn advance(&mut self, time: EventTime, config: &WindowConfig) -> EventTime {
-        self.max_time = self.max_time.max(time);
+        if time > self.lead {
+            // The old lead is now vouched for by this later observation too.
+            self.max_time = self.max_time.max(self.lead);
+            self.lead = time;
+        } else {
+            self.max_time = self.max_time.max(time);
+        }
         let watermark = self.max_time.saturating_sub(config.lateness_ns);
         let aligned = watermark - watermark % config.bucket_ns;
         self.closed_until = self.closed_until.max(aligned);
         self.closed_until
+    }
+
+    /// Records what one resource of a batch saw: its two latest event times (the second `None`
+    /// when it had one observation). Two observations of one resource vouch for each other.
+    pub fn advance_by(
+        &mut self,
+        latest: EventTime,
+        second: Option<EventTime>,
+        config: &WindowConfig,
+    ) -> EventTime {
+        if let Some(second) = second {
+            self.advance(second, config);
+        }
+        self.advance(latest, config)
+    }
+
+    /// The latest event time of any observation, vouched for or not.
+    pub fn latest(&self) -> EventTime {
+        self.lead.max(self.max_time)
     }
 }
 
@@ -321,6 +361,7 @@ mod tests {
             bucket_ns: S,
             lateness_ns: 5 * S,
             window_ns: 10 * S,
+            future_skew_ns: DEFAULT_FUTURE_SKEW_NS,
         }
     }
 

@@ -28,7 +28,10 @@ fn batch(requests: &[Req]) -> Batch {
             r
         })
         .collect();
-    Batch { resources }
+    Batch {
+        resources,
+        received: 0,
+    }
 }
 
 /// Everything the catalog says, in a comparable form.

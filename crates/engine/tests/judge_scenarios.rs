@@ -288,6 +288,7 @@ fn run(service: &Service, model: Model) -> Run {
         }
         let batch = Batch {
             resources: resources.into_iter().filter(|r| r.seen.is_some()).collect(),
+            received: 0,
         };
         let report = engine.ingest(&batch);
         changes.extend(report.canary.iter().map(|c| (c.kind, c.time)));
