@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::Method;
@@ -15,13 +15,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use canaryd_engine::EventTime;
 use canaryd_engine::baseline::Score;
 use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::judge::{
     AnalysisView, Check, GateMetric, GateOutcome, GateResult, JudgeError, Mode, Outcome, StageView,
     State as CanaryState,
 };
+use canaryd_engine::{Engine, EventTime};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -34,27 +34,46 @@ use utoipa_axum::routes;
 
 use crate::act::delivery::{DeliveryState, Dispatcher};
 use crate::act::subscriptions::{self, Kind, NewSubscription, Subscription};
-use crate::events::{Event, EventType, canary_event, event_seq};
-use crate::pipeline::SharedEngine;
+use crate::engine::{EngineGone, EngineHandle, Rollout};
+use crate::events::{Event, EventType, event_seq};
 use crate::stats::Stats;
 use crate::store::Store;
-use crate::watch::EventFeed;
 
 /// What the API handlers read.
 #[derive(Clone)]
 pub struct ApiState {
-    pub engine: SharedEngine,
+    /// The engine's one writer: reads and rollout changes go through it.
+    pub engine: EngineHandle,
     pub stats: Arc<Stats>,
     pub store: Store,
     pub dispatcher: Arc<Dispatcher>,
-    /// Where events the API makes (a declared rollout's `started`) go out to watchers.
-    pub feed: EventFeed,
-    pub max_events: usize,
     /// When set, POST, PUT and DELETE need `Authorization: Bearer <token>`.
     pub api_token: Option<Arc<str>>,
     pub allow_link_local_targets: bool,
     /// True once storage is open and every receiver is bound; false again while shutting down.
     pub ready: Arc<AtomicBool>,
+}
+
+impl ApiState {
+    /// Runs `read` on the engine's thread; a stopped engine answers 503.
+    pub async fn read_engine(&self, read: impl FnOnce(&Engine) -> Response + Send + 'static) -> Response {
+        self.engine.read(read).await.unwrap_or_else(unavailable)
+    }
+}
+
+/// 503 for a request that needs the engine while it is stopping.
+pub fn unavailable(e: EngineGone) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("{e}: canaryd is shutting down"),
+    )
+}
+
+/// Runs store IO on a blocking thread: sled (and its fsyncs) never run on the async workers.
+pub async fn blocking<R: Send + 'static>(io: impl FnOnce() -> R + Send + 'static) -> Result<R, Response> {
+    crate::io::blocking(io)
+        .await
+        .map_err(|e| internal("a store operation failed", e))
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -402,10 +421,18 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
         .get_all(header::ACCEPT)
         .iter()
         .any(|v| String::from_utf8_lossy(v.as_bytes()).contains("application/openmetrics-text"));
+    let views = match state
+        .engine
+        .read(|engine| engine.judge().analyses().map(|a| a.view()).collect::<Vec<_>>())
+        .await
+    {
+        Ok(views) => views,
+        Err(e) => return unavailable(e),
+    };
     let (content_type, body) = if wants_openmetrics {
         ("application/openmetrics-text; version=1.0.0; charset=utf-8", {
             let text = state.stats.render_openmetrics();
-            let canary = canary_metrics(&state.engine);
+            let canary = canary_metrics(&views);
             match text.strip_suffix("# EOF\n") {
                 Some(head) => format!("{head}{canary}# EOF\n"),
                 None => text + &canary,
@@ -414,16 +441,13 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
     } else {
         (
             "text/plain; version=0.0.4; charset=utf-8",
-            state.stats.render_prometheus() + &canary_metrics(&state.engine),
+            state.stats.render_prometheus() + &canary_metrics(&views),
         )
     };
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-/// RFC 3339 in UTC with nanoseconds.
-pub fn format_event_time(t: EventTime) -> String {
-    humantime::format_rfc3339_nanos(UNIX_EPOCH + Duration::from_nanos(t)).to_string()
-}
+pub use crate::events::format_event_time;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -516,7 +540,10 @@ struct ExceptionTypeView {
     )
 )]
 async fn apps(State(state): State<ApiState>, ApiQuery(query): ApiQuery<AppsQuery>) -> Response {
-    let engine = state.engine.lock();
+    state.read_engine(move |engine| apps_of(engine, query)).await
+}
+
+fn apps_of(engine: &Engine, query: AppsQuery) -> Response {
     let apps = engine
         .catalog()
         .apps()
@@ -529,7 +556,6 @@ async fn apps(State(state): State<ApiState>, ApiQuery(query): ApiQuery<AppsQuery
             app_view(env, app, entry, analysis.as_ref(), inferred)
         })
         .collect();
-    drop(engine);
     Json(AppsView { apps }).into_response()
 }
 
@@ -725,13 +751,18 @@ async fn baseline(
             "version must not be empty (leave it out for the app's baseline)",
         );
     }
-    let engine = state.engine.lock();
+    state
+        .read_engine(move |engine| baseline_of(engine, env, app, query.version))
+        .await
+}
+
+fn baseline_of(engine: &Engine, env: String, app: String, version: Option<String>) -> Response {
     // An app is known from its traffic, or from history imported with canaryd-lab.
     if engine.catalog().app(&env, &app).is_none() && engine.baselines(&env, &app, None).is_none() {
         return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
     }
-    let Some(view) = engine.baselines(&env, &app, query.version.as_deref()) else {
-        let what = match &query.version {
+    let Some(view) = engine.baselines(&env, &app, version.as_deref()) else {
+        let what = match &version {
             Some(v) => format!("no version {v:?} of app {app:?} in env {env:?}"),
             None => format!("app {app:?} in env {env:?} has no baselines yet"),
         };
@@ -770,14 +801,13 @@ async fn baseline(
     let body = BaselineView {
         env,
         app,
-        version: query.version,
+        version,
         stable_version: view.stable_version.map(str::to_owned),
-        max_event_time: optional_time(view.clock.max_time),
+        max_event_time: optional_time(view.clock.latest()),
         watermark: optional_time(view.clock.closed_until),
         late_observations: view.late,
         features,
     };
-    drop(engine);
     Json(body).into_response()
 }
 
@@ -852,13 +882,18 @@ async fn events(State(state): State<ApiState>, ApiQuery(query): ApiQuery<EventsQ
             &format!("limit: must be between 1 and {MAX_EVENTS_PER_PAGE}"),
         );
     }
-    let keep = |e: &Event| {
+    let keep = move |e: &Event| {
         query.app.as_deref().is_none_or(|a| a == e.data.app)
             && query.env.as_deref().is_none_or(|env| env == e.data.env)
             && event_type.is_none_or(|t| t == e.event_type)
             && not_before.is_none_or(|t| humantime::parse_rfc3339_weak(&e.time).is_ok_and(|at| at >= t))
     };
-    match state.store.events(after, limit, keep) {
+    let store = state.store.clone();
+    let read = match blocking(move || store.events(after, limit, keep)).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    match read {
         Ok(events) => {
             let last_id = events.last().map(|e| e.id.clone());
             Json(EventsView { events, last_id }).into_response()
@@ -950,10 +985,17 @@ async fn create_subscription(
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         disabled: None,
     };
-    if let Err(e) = state.store.put_subscription(&subscription) {
-        return internal("cannot store the subscription", e);
+    let store = state.store.clone();
+    let stored = {
+        let subscription = subscription.clone();
+        blocking(move || store.put_subscription(&subscription)).await
+    };
+    match stored {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return internal("cannot store the subscription", e),
+        Err(response) => return response,
     }
-    state.dispatcher.sync();
+    state.dispatcher.sync().await;
     tracing::info!(id = %subscription.id, url = %subscription.url, "subscription created");
     (
         StatusCode::CREATED,
@@ -970,7 +1012,12 @@ async fn create_subscription(
     responses((status = 200, description = "Every subscription, without secrets", body = SubscriptionsView))
 )]
 async fn list_subscriptions(State(state): State<ApiState>) -> Response {
-    match state.store.subscriptions() {
+    let store = state.store.clone();
+    let read = match blocking(move || store.subscriptions()).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    match read {
         Ok(all) => {
             let subscriptions = all.iter().map(|s| SubscriptionView::of(s, false)).collect();
             Json(SubscriptionsView { subscriptions }).into_response()
@@ -991,9 +1038,17 @@ async fn list_subscriptions(State(state): State<ApiState>) -> Response {
     )
 )]
 async fn delete_subscription(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
-    match state.store.delete_subscription(&id) {
+    let store = state.store.clone();
+    let deleted = {
+        let id = id.clone();
+        match blocking(move || store.delete_subscription(&id)).await {
+            Ok(deleted) => deleted,
+            Err(response) => return response,
+        }
+    };
+    match deleted {
         Ok(true) => {
-            state.dispatcher.sync();
+            state.dispatcher.sync().await;
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(false) => error(StatusCode::NOT_FOUND, &format!("no subscription {id:?}")),
@@ -1037,12 +1092,26 @@ fn wall_time(ms: u64) -> String {
     )
 )]
 async fn deliveries(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
-    match state.store.subscription(&id) {
-        Ok(Some(_)) => {}
+    let store = state.store.clone();
+    let read = {
+        let id = id.clone();
+        blocking(move || {
+            store
+                .subscription(&id)
+                .and_then(|found| found.map(|_| store.deliveries(&id, 1_000)).transpose())
+        })
+        .await
+    };
+    let read = match read {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    let read = match read {
+        Ok(Some(all)) => Ok(all),
         Ok(None) => return error(StatusCode::NOT_FOUND, &format!("no subscription {id:?}")),
-        Err(e) => return internal("cannot read the subscription", e),
-    }
-    match state.store.deliveries(&id, 1_000) {
+        Err(e) => Err(e),
+    };
+    match read {
         Ok(all) => {
             let deliveries = all
                 .into_iter()
@@ -1398,20 +1467,22 @@ async fn canary(
         Ok(env) => env,
         Err(response) => return *response,
     };
-    let engine = state.engine.lock();
-    if engine.catalog().app(&env, &app).is_none() {
-        return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
-    }
-    let Some(view) = engine.analysis(&env, &app) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            &format!(
-                "app {app:?} in env {env:?} has no canary analysis: no version besides the stable one has had traffic, and no rollout is declared"
-            ),
-        );
-    };
-    drop(engine);
-    Json(CanaryView::of(view)).into_response()
+    state
+        .read_engine(move |engine| {
+            if engine.catalog().app(&env, &app).is_none() {
+                return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
+            }
+            let Some(view) = engine.analysis(&env, &app) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "app {app:?} in env {env:?} has no canary analysis: no version besides the stable one has had traffic, and no rollout is declared"
+                    ),
+                );
+            };
+            Json(CanaryView::of(view)).into_response()
+        })
+        .await
 }
 
 /// `PUT /api/v1/apps/{app}/rollout`'s body.
@@ -1460,40 +1531,21 @@ async fn declare_rollout(
             return error(StatusCode::BAD_REQUEST, &format!("{field} must not be empty"));
         }
     }
-    let change = {
-        let mut engine = state.engine.lock();
-        engine.declare_rollout(
-            &env,
-            &app,
-            &request.stable_version,
-            &request.canary_version,
-            request.model.as_deref(),
-        )
+    let rollout = Rollout {
+        env,
+        app,
+        stable_version: request.stable_version,
+        canary_version: request.canary_version,
+        model: request.model,
     };
-    let change = match change {
-        Ok(change) => change,
-        Err(e @ JudgeError::UnknownApp { .. }) => return error(StatusCode::NOT_FOUND, &e.to_string()),
-        Err(e @ JudgeError::UnknownModel(_)) => {
-            return error(StatusCode::BAD_REQUEST, &format!("model: {e}"));
-        }
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
-    };
-    let mut events = vec![canary_event(&change)];
-    if let Err(e) = state.store.append_events(&mut events, state.max_events) {
-        state.stats.event_errors.inc();
-        tracing::error!(error = %e, "cannot store the rollout's started event");
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "cannot store the started event",
-        );
+    // The engine emits the `started` event (stored with its deliveries) before it answers.
+    match state.engine.declare_rollout(rollout).await {
+        Ok(Ok(view)) => (StatusCode::OK, Json(CanaryView::of(view))).into_response(),
+        Ok(Err(e @ JudgeError::UnknownApp { .. })) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Ok(Err(e @ JudgeError::UnknownModel(_))) => error(StatusCode::BAD_REQUEST, &format!("model: {e}")),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => unavailable(e),
     }
-    for event in &events {
-        state.stats.event(event.event_type);
-    }
-    state.dispatcher.wake();
-    state.feed.publish(&events);
-    tracing::info!(%env, %app, stable = %request.stable_version, canary = %request.canary_version, "rollout declared");
-    (StatusCode::OK, Json(CanaryView::of(change.view))).into_response()
 }
 
 /// `DELETE /api/v1/apps/{app}/rollout`: ends the analysis (declared or inferred).
@@ -1517,10 +1569,10 @@ async fn end_rollout(
         Ok(env) => env,
         Err(response) => return *response,
     };
-    let ended = state.engine.lock().end_rollout(&env, &app);
-    match ended {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error(StatusCode::NOT_FOUND, &format!("app {app:?} in env {env:?}: {e}")),
+    match state.engine.end_rollout(env.clone(), app.clone()).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error(StatusCode::NOT_FOUND, &format!("app {app:?} in env {env:?}: {e}")),
+        Err(e) => unavailable(e),
     }
 }
 
@@ -1541,27 +1593,25 @@ struct ModelsView {
     responses((status = 200, description = "The loaded analysis models, as validated", body = ModelsView))
 )]
 async fn models(State(state): State<ApiState>) -> Response {
-    let engine = state.engine.lock();
-    let models = engine.judge().models().cloned().collect();
-    drop(engine);
-    Json(ModelsView { models }).into_response()
+    state
+        .read_engine(|engine| {
+            let models = engine.judge().models().cloned().collect();
+            Json(ModelsView { models }).into_response()
+        })
+        .await
 }
 
 /// Each app's canary analysis as gauges: state, score, stage weight, and every check's outcome
 /// and statistic, so that alerts and dashboards can be built on them.
-fn canary_metrics(engine: &SharedEngine) -> String {
+fn canary_metrics(views: &[AnalysisView]) -> String {
     use std::fmt::Write;
-    let views: Vec<AnalysisView> = {
-        let engine = engine.lock();
-        engine.judge().analyses().map(|a| a.view()).collect()
-    };
     let mut out = String::new();
     let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
     let _ = writeln!(
         out,
         "# HELP canaryd_canary_state Each app's canary analysis: 1 for its current state, 0 for the others.\n# TYPE canaryd_canary_state gauge"
     );
-    for v in &views {
+    for v in views {
         for s in CanaryState::ALL {
             let _ = writeln!(
                 out,
@@ -1578,7 +1628,7 @@ fn canary_metrics(engine: &SharedEngine) -> String {
         out,
         "# HELP canaryd_canary_score Each app's canary score, 0 (failing everything) to 100.\n# TYPE canaryd_canary_score gauge"
     );
-    for v in &views {
+    for v in views {
         if let Some(score) = v.score {
             let _ = writeln!(
                 out,
@@ -1593,7 +1643,7 @@ fn canary_metrics(engine: &SharedEngine) -> String {
         out,
         "# HELP canaryd_canary_stage_weight The traffic weight (percent) of each canary's current stage.\n# TYPE canaryd_canary_stage_weight gauge"
     );
-    for v in &views {
+    for v in views {
         if let Some(stage) = &v.stage {
             let _ = writeln!(
                 out,
@@ -1611,7 +1661,7 @@ fn canary_metrics(engine: &SharedEngine) -> String {
         "# HELP canaryd_canary_check_failing Each check of each canary: 1 when it fails, 0 otherwise.\n# TYPE canaryd_canary_check_failing gauge"
     );
     let mut statistics = String::new();
-    for v in &views {
+    for v in views {
         for c in &v.checks {
             let labels = format!(
                 "env=\"{}\",app=\"{}\",canary_version=\"{}\",group=\"{}\",feature=\"{}\",test=\"{}\",outcome=\"{}\"",

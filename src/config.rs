@@ -127,6 +127,8 @@ settings! {
     shutdown_grace_secs: u64,
     /// Seconds of event time data may arrive behind the latest seen for its app [default: 10]
     allowed_lateness_secs: u64,
+    /// Seconds (1-604800) data may be dated ahead of both its app's event time and canaryd's clock; later data is refused [default: 300]
+    max_clock_skew_secs: u64,
     /// Length of the evaluation windows baselines learn from, in seconds [default: 60]
     window_secs: u64,
     /// Half-life of the baselines' EWMAs, in seconds of event time [default: 1800]
@@ -327,6 +329,12 @@ impl Config {
                 0..=3_600,
             )? * NS,
             window_ns: window_secs * NS,
+            future_skew_ns: within(
+                "max_clock_skew_secs",
+                raw.max_clock_skew_secs
+                    .unwrap_or(canaryd_engine::window::DEFAULT_FUTURE_SKEW_NS / NS),
+                1..=604_800,
+            )? * NS,
         };
         // NaN lies in no range, so it is refused here too.
         let seasonal_half_life_weeks = within(

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::act::delivery::Dispatcher;
 use crate::api::{self, ApiState};
 use crate::config::Config;
-use crate::pipeline::{self, SharedEngine};
+use crate::engine;
 use crate::receive::{self, Intake};
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
@@ -47,6 +47,8 @@ pub enum StartError {
     AddrsFile { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot start the engine's thread: {0}")]
+    EngineThread(std::io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +191,15 @@ impl Daemon {
             "state restored"
         );
         engine.restore(state);
-        let engine = SharedEngine::new(engine);
+        for (env, app, was, back) in engine.repair_future_clocks(receive::wall_clock_ns()) {
+            tracing::warn!(
+                %env,
+                %app,
+                was = %crate::events::format_event_time(was),
+                now = %crate::events::format_event_time(back),
+                "repaired an event-time clock that a future-dated point had moved (written by an older canaryd)"
+            );
+        }
 
         let grpc_listener = bind("otlp_grpc_addr", config.otlp_grpc_addr).await?;
         let otlp_http_listener = bind("otlp_http_addr", config.otlp_http_addr).await?;
@@ -208,28 +218,30 @@ impl Daemon {
             config.delivery.clone(),
             delivery_stop.clone(),
         );
-        dispatcher.sync();
+        dispatcher.sync().await;
         let feed = EventFeed::new();
-        let outputs = pipeline::Outputs {
+        let emitter = engine::Emitter {
             store: store.clone(),
+            stats: stats.clone(),
             dispatcher: dispatcher.clone(),
             feed: feed.clone(),
             flush_interval: config.flush_interval,
             max_events: config.max_events,
         };
         let engine_stop = CancellationToken::new();
-        let (sender, engine_run) = pipeline::start(
-            engine.clone(),
-            stats.clone(),
-            outputs,
+        let (engine, engine_run) = engine::start(
+            engine,
+            emitter,
             config.pipeline_queue,
             config.ingest_wait,
             engine_stop.clone(),
-        );
+        )
+        .map_err(StartError::EngineThread)?;
         let engine_task = spawn_stage("engine", shutdown.clone(), engine_run);
         let intake = Arc::new(Intake::new(
             config.normalize.clone(),
-            sender,
+            engine.clone(),
+            config.engine.windows.future_skew_ns,
             stats.clone(),
             config.max_message_bytes,
         ));
@@ -254,8 +266,6 @@ impl Daemon {
                 stats,
                 store: store.clone(),
                 dispatcher: dispatcher.clone(),
-                feed,
-                max_events: config.max_events,
                 api_token: config.api_token.clone().map(Arc::from),
                 allow_link_local_targets: config.allow_link_local_targets,
                 ready: ready.clone(),

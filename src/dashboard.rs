@@ -177,7 +177,13 @@ async fn timeline(
         Ok(env) => env,
         Err(response) => return *response,
     };
-    let engine = state.engine.lock();
+    state
+        .read_engine(move |engine| timeline_of(engine, env, app))
+        .await
+}
+
+/// The timeline's answer, read on the engine's thread.
+fn timeline_of(engine: &canaryd_engine::Engine, env: String, app: String) -> Response {
     if engine.catalog().app(&env, &app).is_none() {
         return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
     }
@@ -196,7 +202,6 @@ async fn timeline(
                 .collect()
         })
         .unwrap_or_default();
-    drop(engine);
 
     let block = timeline.block_s.max(1).saturating_mul(SECOND);
     let covered = |p: &SeriesPoint| {

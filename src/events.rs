@@ -12,7 +12,10 @@ use canaryd_engine::{AnomalyChange, Engine, IngestReport, Scope};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api::format_event_time;
+/// RFC 3339 in UTC with nanoseconds.
+pub fn format_event_time(t: canaryd_engine::EventTime) -> String {
+    humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(t)).to_string()
+}
 
 /// The CloudEvents `source` of every event.
 pub const SOURCE: &str = "canaryd";

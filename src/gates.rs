@@ -189,20 +189,24 @@ fn parse(body: Result<Json<FlaggerPayload>, JsonRejection>) -> Result<GateReques
 }
 
 /// The analysis the request asks about, and why there is none when there is none.
-fn lookup(state: &ApiState, request: &GateRequest) -> Result<AnalysisView, String> {
-    let engine = state.engine.lock();
-    if engine.catalog().app(&request.env, &request.app).is_none() {
-        return Err(format!(
-            "no app {:?} in env {:?}: canaryd has seen no telemetry for it",
-            request.app, request.env
-        ));
-    }
-    engine.analysis(&request.env, &request.app).ok_or_else(|| {
-        format!(
-            "app {:?} in env {:?} has no canary analysis: no canary version has sent telemetry and no rollout is declared",
-            request.app, request.env
-        )
-    })
+async fn lookup(state: &ApiState, request: &GateRequest) -> Result<AnalysisView, String> {
+    let (env, app) = (request.env.clone(), request.app.clone());
+    let found = state
+        .engine
+        .read(move |engine| {
+            if engine.catalog().app(&env, &app).is_none() {
+                return Err(format!(
+                    "no app {app:?} in env {env:?}: canaryd has seen no telemetry for it"
+                ));
+            }
+            engine.analysis(&env, &app).ok_or_else(|| {
+                format!(
+                    "app {app:?} in env {env:?} has no canary analysis: no canary version has sent telemetry and no rollout is declared"
+                )
+            })
+        })
+        .await;
+    found.unwrap_or_else(|e| Err(format!("{e}: canaryd is shutting down")))
 }
 
 /// The messages of the failing checks and gates, then of the marginal ones, capped.
@@ -300,7 +304,7 @@ async fn flagger_gate(
         Ok(request) => request,
         Err(response) => return *response,
     };
-    let answer = match lookup(&state, &request) {
+    let answer = match lookup(&state, &request).await {
         Ok(view) => {
             let (proceed, reasons) = verdict(&request, &view);
             GateAnswer {
@@ -361,7 +365,7 @@ async fn flagger_rollback(
         Ok(request) => request,
         Err(response) => return *response,
     };
-    let answer = match lookup(&state, &request) {
+    let answer = match lookup(&state, &request).await {
         Ok(view) => {
             let rollback = matches!(view.state, CanaryState::Failing | CanaryState::RolledBack);
             let reasons = if rollback {

@@ -3,7 +3,7 @@
 //! The data flows receive -> normalize -> engine -> serve:
 //! - `receive`: OTLP over gRPC (`receive::grpc`) and HTTP (`receive::http`), into one `Intake`.
 //! - `normalize`: OTLP requests to the engine's observations; the only protobuf-aware code.
-//! - `pipeline`: the bounded queue into the engine and the task that owns it.
+//! - `engine`: the one writer: a thread that owns the engine, fed by one bounded channel of inputs.
 //! - `act`: subscriptions and the durable, signed delivery of events to them.
 //! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
 //! - `dashboard`: the page at `/` (embedded files) and the timeline its charts read.
@@ -11,6 +11,7 @@
 //! - `gates`: Flagger's webhooks answered from the canary analysis.
 //! - `stats`: the daemon's own counters.
 //! - `store`: durable state in sled; the only module that touches it.
+//! - `io`: store IO off the async workers.
 //! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
 //! - `daemon`: wiring, start-up order, and the orderly stop.
 //! - `watch`: `canaryd.v1.EventService/Watch`, the event stream for rollout controllers.
@@ -24,11 +25,12 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dashboard;
+pub mod engine;
 pub mod events;
 pub mod gates;
+pub mod io;
 pub mod models;
 pub mod normalize;
-pub mod pipeline;
 pub mod receive;
 pub mod stats;
 pub mod store;

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use canaryd_engine::Cap;
+use canaryd_engine::{Cap, IngestReport};
 
 use crate::events::EventType;
 use crate::store::StoreCounters;
@@ -76,6 +76,7 @@ pub struct Stats {
     pub queue_depth: Gauge,
     pub apps_tracked: Gauge,
     pub late_observations: Counter,
+    pub future_observations: Counter,
     pub windows_closed: Counter,
     pub flushes: Counter,
     pub flush_errors: Counter,
@@ -152,6 +153,12 @@ impl Stats {
             "canaryd_late_observations",
             "Observations that arrived after their event-time bucket had closed (past allowed_lateness_secs)",
             late_observations.clone(),
+        );
+        let future_observations = Counter::default();
+        registry.register(
+            "canaryd_future_observations",
+            "Observations refused for being dated more than max_clock_skew_secs ahead of both their app's event time and canaryd's clock",
+            future_observations.clone(),
         );
         let windows_closed = Counter::default();
         registry.register(
@@ -269,6 +276,7 @@ impl Stats {
             queue_depth,
             apps_tracked,
             late_observations,
+            future_observations,
             windows_closed,
             flushes,
             flush_errors,
@@ -316,6 +324,18 @@ impl Stats {
             .inc();
         self.accepted_items.get_or_create(&labels).inc_by(accepted);
         self.rejected_items.get_or_create(&labels).inc_by(rejected);
+    }
+
+    /// Counts what ingesting one batch did.
+    pub fn ingested(&self, apps: usize, report: &IngestReport) {
+        self.batches_ingested.inc();
+        self.apps_tracked.set(apps as i64);
+        self.late_observations.inc_by(report.late);
+        self.future_observations.inc_by(report.future);
+        self.windows_closed.inc_by(report.windows_closed);
+        for (cap, n) in &report.cap_hits {
+            self.capped(*cap, *n);
+        }
     }
 
     pub fn truncated(&self, n: u64) {

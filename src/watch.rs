@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::events::{Event, EventType, event_seq};
+use crate::io::try_blocking;
 use crate::store::Store;
 
 /// The generated protobuf types and service of `proto/canaryd/v1/events.proto`.
@@ -37,6 +38,11 @@ impl EventFeed {
         EventFeed {
             tx: broadcast::channel(1_024).0,
         }
+    }
+
+    /// A receiver of every event published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.tx.subscribe()
     }
 
     /// Publishes stored events (no watcher is fine).
@@ -132,8 +138,9 @@ async fn replay(
 ) -> Result<Position, Option<Status>> {
     loop {
         // Read a page of everything (to advance past filtered-out events too), then filter.
-        let page = store
-            .events(after, 256, |_| true)
+        let reader = store.clone();
+        let page = try_blocking(move || reader.events(after, 256, |_| true))
+            .await
             .map_err(|e| Some(Status::internal(format!("cannot read events: {e}"))))?;
         let Some(last) = page.last() else { return Ok(after) };
         let last_seq = event_seq(&last.id);
@@ -167,8 +174,9 @@ impl EventService for Watch {
             // Only what is stored from now on: where the history ends now, read before subscribing,
             // so that an event stored in between is replayed from the store rather than taken
             // for one from before the watch (and skipped).
-            self.store
-                .last_event_seq()
+            let store = self.store.clone();
+            try_blocking(move || store.last_event_seq())
+                .await
                 .map_err(|e| Status::internal(format!("cannot read events: {e}")))?
         } else {
             let seq = event_seq(&request.after_id).ok_or_else(|| {
@@ -178,7 +186,7 @@ impl EventService for Watch {
         };
         // Subscribe before replaying: whatever is stored from here on reaches this watch one way
         // or the other.
-        let mut live = self.feed.tx.subscribe();
+        let mut live = self.feed.subscribe();
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
         let shutdown = self.shutdown.clone();

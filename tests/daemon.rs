@@ -1650,3 +1650,135 @@ async fn watch_streams_events_live_and_resumes_after_the_last_id_seen() {
     drop((live, resumed, filtered));
     daemon.stop().await.expect("a watch does not hold up the stop");
 }
+
+/// Event time stays honest against the real daemon: a span and a gauge point dated a day ahead
+/// are refused in `partial_success` and counted, and honest data sent afterwards is on time.
+#[tokio::test]
+async fn a_point_dated_a_day_ahead_is_refused_and_honest_data_stays_on_time() {
+    let daemon = TestDaemon::start().await;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let honest = |from_s: u64| ExportTraceServiceRequest {
+        resource_spans: vec![support::shop_spans("1.0.0", from_s, 30, 20, 1_000)],
+    };
+    let answer = traces.export(honest(0)).await.expect("export").into_inner();
+    assert_eq!(answer.partial_success, None);
+
+    let tomorrow = canaryd::receive::wall_clock_ns() + 86_400 * 1_000_000_000;
+    let mut ahead = support::shop_spans("1.0.0", 0, 1, 1, 1_000);
+    let span = &mut ahead.scope_spans[0].spans[0];
+    span.start_time_unix_nano = tomorrow;
+    span.end_time_unix_nano = tomorrow + 1_000_000;
+    let answer = traces
+        .export(ExportTraceServiceRequest {
+            resource_spans: vec![ahead],
+        })
+        .await
+        .expect("a refused point is a partial success")
+        .into_inner();
+    let partial = answer.partial_success.expect("partial_success is set");
+    assert_eq!(partial.rejected_spans, 1);
+    assert!(
+        partial.error_message.contains("ahead"),
+        "{}",
+        partial.error_message
+    );
+
+    let mut metrics = MetricsServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let gauge = testdata::metrics_request("prod", "shop", "1.0.0", 1, tomorrow, 5);
+    let points = gauge_points(&gauge);
+    let answer = metrics.export(gauge).await.expect("export").into_inner();
+    let partial = answer.partial_success.expect("partial_success is set");
+    assert_eq!(partial.rejected_data_points, points);
+
+    let answer = traces.export(honest(30)).await.expect("export").into_inner();
+    assert_eq!(answer.partial_success, None);
+    wait_for_count(&daemon, "prod", "shop", "1.0.0", "requests", 1_200).await;
+    assert_eq!(daemon.metric("canaryd_late_observations_total").await, 0.0);
+    assert_eq!(
+        daemon.metric("canaryd_future_observations_total").await,
+        1.0 + points as f64
+    );
+    let baseline = daemon.get_json("/api/v1/apps/shop/baseline?env=prod").await;
+    let latest = baseline["max_event_time"].as_str().expect("a clock");
+    assert!(latest.starts_with("2026-01-05"), "{baseline}");
+    daemon.stop().await.expect("clean stop");
+}
+
+/// Data points in a metrics request.
+fn gauge_points(
+    request: &opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+) -> i64 {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    request
+        .resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .map(|m| match &m.data {
+            Some(Data::Gauge(g)) => g.data_points.len(),
+            Some(Data::Sum(s)) => s.data_points.len(),
+            Some(Data::Histogram(h)) => h.data_points.len(),
+            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+            _ => 0,
+        } as i64)
+        .sum()
+}
+
+/// A clock that a future-dated point moved and an older canaryd persisted is repaired when the
+/// daemon starts on that data dir: honest data is on time again.
+#[tokio::test]
+async fn a_poisoned_clock_on_disk_is_repaired_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let settings = |raw: &mut canaryd::config::RawConfig| raw.data_dir = Some(data.clone());
+    let daemon = TestDaemon::start_with(settings).await;
+    for request in hour_of_traffic().iter().take(6) {
+        daemon
+            .http
+            .post(daemon.otlp_http("/v1/traces"))
+            .header("content-type", "application/x-protobuf")
+            .body(request.encode_to_vec())
+            .send()
+            .await
+            .expect("export");
+    }
+    wait_for_count(&daemon, "prod", "app-0", "1.0.0", "spans", 6 * 512).await;
+    daemon.stop().await.expect("clean stop");
+
+    // What an older canaryd wrote after one span dated in 2200.
+    let year_2200 = 7_258_118_400 * 1_000_000_000;
+    {
+        let store = canaryd::store::Store::open(&data, 1 << 20, Default::default()).expect("open");
+        let mut state = store.load().expect("load");
+        assert!(!state.clocks.is_empty());
+        for (_, _, clock) in &mut state.clocks {
+            clock.max_time = year_2200;
+            clock.lead = year_2200;
+            clock.closed_until = year_2200 - 10_000_000_000;
+        }
+        store.write(&state).expect("write");
+        store.flush().expect("flush");
+    }
+
+    let daemon = TestDaemon::start_with(settings).await;
+    let baseline = daemon.get_json("/api/v1/apps/app-0/baseline?env=prod").await;
+    let watermark = baseline["watermark"].as_str().expect("a watermark");
+    assert!(watermark.starts_with("2026-01-05"), "repaired: {baseline}");
+    for request in hour_of_traffic().iter().skip(6).take(4) {
+        daemon
+            .http
+            .post(daemon.otlp_http("/v1/traces"))
+            .header("content-type", "application/x-protobuf")
+            .body(request.encode_to_vec())
+            .send()
+            .await
+            .expect("export");
+    }
+    wait_for_count(&daemon, "prod", "app-0", "1.0.0", "spans", 10 * 512).await;
+    assert_eq!(daemon.metric("canaryd_late_observations_total").await, 0.0);
+    daemon.stop().await.expect("clean stop");
+}

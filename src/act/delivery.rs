@@ -23,6 +23,7 @@ use super::haproxy;
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
 use crate::events::EventType;
+use crate::io::try_blocking;
 use crate::stats::Stats;
 use crate::store::Store;
 
@@ -157,8 +158,9 @@ impl Dispatcher {
 
     /// Starts a worker for every active subscription that has none, and stops the workers of
     /// subscriptions that are gone or disabled.
-    pub fn sync(self: &Arc<Self>) {
-        let subscriptions = match self.store.subscriptions() {
+    pub async fn sync(self: &Arc<Self>) {
+        let store = self.store.clone();
+        let subscriptions = match try_blocking(move || store.subscriptions()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read subscriptions");
@@ -210,7 +212,8 @@ impl Dispatcher {
             // Register for a wake-up before looking, so that an append between the look and the
             // wait is not missed.
             let woken = self.wake.notified();
-            let next = match self.store.next_delivery(&subscription.id) {
+            let (store, id) = (self.store.clone(), subscription.id.clone());
+            let next = match try_blocking(move || store.next_delivery(&id)).await {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!(subscription = %subscription.id, error = %e, "cannot read the outbox");
@@ -237,7 +240,8 @@ impl Dispatcher {
                 outcome = self.attempt(&subscription, &key, seq, delivery) => outcome,
             };
             if outcome == DeliveryState::Gone {
-                if let Err(e) = self.store.disable_subscription(&subscription.id) {
+                let (store, id) = (self.store.clone(), subscription.id.clone());
+                if let Err(e) = try_blocking(move || store.disable_subscription(&id)).await {
                     tracing::error!(subscription = %subscription.id, error = %e, "cannot disable the subscription");
                 }
                 tracing::warn!(subscription = %subscription.id, url = %subscription.url, "receiver answered 410 Gone; subscription disabled");
@@ -257,24 +261,25 @@ impl Dispatcher {
         let now = now_ms();
         let first = *delivery.first_attempt_ms.get_or_insert(now);
         delivery.attempts += 1;
-        let event = match self.store.event(seq) {
+        let store = self.store.clone();
+        let event = match try_blocking(move || store.event(seq)).await {
             Ok(Some(event)) => event,
             Ok(None) => {
                 delivery.state = DeliveryState::Expired;
                 delivery.last_error = Some("the event is no longer stored".into());
-                return self.record(subscription, seq, delivery, "expired");
+                return self.record(subscription, seq, delivery, "expired").await;
             }
             Err(e) => {
                 delivery.last_error = Some(e.to_string());
                 delivery.next_attempt_ms = now + 1_000;
-                return self.record(subscription, seq, delivery, "retry");
+                return self.record(subscription, seq, delivery, "retry").await;
             }
         };
         if subscription.kind == Kind::Haproxy {
             let label = self
                 .act_on_haproxy(subscription, &event, &mut delivery, first)
                 .await;
-            return self.record(subscription, seq, delivery, label);
+            return self.record(subscription, seq, delivery, label).await;
         }
         let body = serde_json::to_vec(&event).unwrap_or_default();
         let timestamp = now / 1_000;
@@ -315,7 +320,7 @@ impl Dispatcher {
                 self.schedule_retry(&mut delivery, first)
             }
         };
-        self.record(subscription, seq, delivery, label)
+        self.record(subscription, seq, delivery, label).await
     }
 
     /// Applies the event's traffic action on HAProxy; a failure is retried like a webhook's.
@@ -379,7 +384,7 @@ impl Dispatcher {
         }
     }
 
-    fn record(
+    async fn record(
         &self,
         subscription: &Subscription,
         seq: u64,
@@ -391,7 +396,8 @@ impl Dispatcher {
             tracing::debug!(subscription = %subscription.id, event = %delivery.event_id, attempts = delivery.attempts, error = ?delivery.last_error, "delivery {label}");
         }
         let state = delivery.state;
-        if let Err(e) = self.store.put_delivery(&subscription.id, seq, &delivery) {
+        let (store, id) = (self.store.clone(), subscription.id.clone());
+        if let Err(e) = try_blocking(move || store.put_delivery(&id, seq, &delivery)).await {
             tracing::error!(subscription = %subscription.id, error = %e, "cannot record a delivery");
         }
         state

@@ -23,8 +23,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 
+use canaryd_engine::EventTime;
+
+use crate::engine::{EngineHandle, SubmitError};
 use crate::normalize::{self, NormalizeOptions, Normalized};
-use crate::pipeline::{BatchSender, SubmitError};
 use crate::stats::{Signal, Stats, Transport};
 
 /// Why an export request was refused as a whole.
@@ -184,10 +186,19 @@ pub struct ExportOutcome {
     pub error_message: Option<String>,
 }
 
+/// The receive clock: nanoseconds since the Unix epoch (0 if the system clock is before it).
+pub fn wall_clock_ns() -> EventTime {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// The receivers' shared path into the engine.
 pub struct Intake {
     options: NormalizeOptions,
-    sender: BatchSender,
+    engine: EngineHandle,
+    /// How far ahead of the receive clock (and the app's event time) data may be dated.
+    future_skew_ns: u64,
     stats: Arc<Stats>,
     max_message_bytes: usize,
 }
@@ -195,13 +206,15 @@ pub struct Intake {
 impl Intake {
     pub fn new(
         options: NormalizeOptions,
-        sender: BatchSender,
+        engine: EngineHandle,
+        future_skew_ns: u64,
         stats: Arc<Stats>,
         max_message_bytes: usize,
     ) -> Self {
         Intake {
             options,
-            sender,
+            engine,
+            future_skew_ns,
             stats,
             max_message_bytes,
         }
@@ -244,7 +257,7 @@ impl Intake {
         self.stats.export(signal, transport, error.outcome(), 0, 0);
     }
 
-    async fn submit(&self, n: Normalized, signal: Signal) -> Result<ExportOutcome, ExportError> {
+    async fn submit(&self, mut n: Normalized, signal: Signal) -> Result<ExportOutcome, ExportError> {
         if n.skipped > 0 {
             tracing::debug!(
                 signal = signal.name(),
@@ -252,16 +265,45 @@ impl Intake {
                 "items without a value skipped"
             );
         }
-        let outcome = ExportOutcome {
+        let mut outcome = ExportOutcome {
             accepted: n.accepted,
             rejected: n.rejected,
             error_message: n.error_message(signal.items()),
         };
         if !n.batch.resources.is_empty() {
-            self.sender.submit(n.batch).await.map_err(|e| match e {
+            let received = wall_clock_ns();
+            n.batch.received = received;
+            // Whether anything is dated beyond the skew ahead of this clock: only the engine knows
+            // whether it is also ahead of its app's event time, and so refused. Such a request
+            // waits for the engine's answer, to report it; every other is answered once queued.
+            let limit = received.saturating_add(self.future_skew_ns);
+            let suspect = n
+                .batch
+                .resources
+                .iter()
+                .any(|r| r.seen.is_some_and(|(_, hi)| hi > limit));
+            let refused = if suspect {
+                self.engine.submit_and_wait(n.batch).await.map(|i| i.future)
+            } else {
+                self.engine.submit(n.batch).await.map(|()| 0)
+            }
+            .map_err(|e| match e {
                 SubmitError::Closed => ExportError::ShuttingDown,
                 full => ExportError::Busy(full),
             })?;
+            if refused > 0 {
+                outcome.accepted = outcome.accepted.saturating_sub(refused);
+                outcome.rejected += refused;
+                let why = format!(
+                    "{refused} {} dated more than {} s ahead of both the app's event time and canaryd's clock",
+                    signal.items(),
+                    self.future_skew_ns / 1_000_000_000
+                );
+                outcome.error_message = Some(match outcome.error_message.take() {
+                    Some(earlier) => format!("{earlier}; {why}"),
+                    None => why,
+                });
+            }
         }
         self.stats.truncated(n.truncated);
         Ok(outcome)

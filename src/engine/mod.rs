@@ -1,0 +1,357 @@
+//! The engine's one writer: a dedicated thread owns the engine, and everything that changes or
+//! reads it arrives through one bounded channel of typed inputs, applied in arrival order.
+//!
+//! Receivers send observation batches; the API sends rollout declarations and ends, and the reads
+//! its answers need, and awaits the reply. Nothing else holds the engine, so there is no lock to
+//! contend for and no second path that changes it. The thread also owns the store writes the
+//! engine's changes need (sled and its fsyncs run here, never on the async runtime's workers),
+//! and every decision goes out through the one emitter (`emit`), which stores events with their
+//! outbox entries and the engine state that made them, then wakes delivery and the watchers.
+//!
+//! The channel is bounded: when it is full, a receiver waits up to `ingest_wait` for room and then
+//! answers "unavailable" (gRPC UNAVAILABLE, HTTP 503), which OTLP clients retry, so a burst slows
+//! senders down instead of growing memory or losing data.
+
+mod emit;
+
+use std::time::Duration;
+
+use canaryd_engine::judge::{AnalysisView, JudgeError};
+use canaryd_engine::{Batch, Engine};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use emit::Emitter;
+
+use crate::events::{canary_event, report_events};
+use crate::stats::Stats;
+
+/// What the engine is asked to do: the only ways its state changes or is read.
+pub enum Input {
+    /// A receiver's batch. The reply, when asked for, says what became of it.
+    Observations {
+        batch: Batch,
+        reply: Option<oneshot::Sender<Ingested>>,
+    },
+    /// `PUT .../rollout`: judge `canary` against `stable` with `model`.
+    DeclareRollout {
+        rollout: Rollout,
+        reply: oneshot::Sender<Result<AnalysisView, JudgeError>>,
+    },
+    /// `DELETE .../rollout`.
+    EndRollout {
+        env: String,
+        app: String,
+        reply: oneshot::Sender<Result<AnalysisView, JudgeError>>,
+    },
+    /// A read for an answer: runs on the engine's thread between inputs.
+    Read(Box<dyn FnOnce(&Engine) + Send>),
+}
+
+/// A declared rollout.
+#[derive(Clone, Debug)]
+pub struct Rollout {
+    pub env: String,
+    pub app: String,
+    pub stable_version: String,
+    pub canary_version: String,
+    pub model: Option<String>,
+}
+
+/// What became of one batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// Observations refused for being dated too far ahead (`future_skew`).
+    pub future: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the engine's queue stayed full for {0:?}")]
+    Full(Duration),
+    #[error("the engine has stopped")]
+    Closed,
+}
+
+/// The engine has stopped (shutting down, or failed): nothing it holds can be read or changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the engine has stopped")]
+pub struct EngineGone;
+
+/// The sending end of the engine's channel, for receivers and the API.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Input>,
+    /// How long a receiver waits for room before answering "unavailable".
+    wait: Duration,
+}
+
+impl EngineHandle {
+    /// Queues a batch, waiting up to `ingest_wait` for room.
+    pub async fn submit(&self, batch: Batch) -> Result<(), SubmitError> {
+        self.send_batch(batch, None).await
+    }
+
+    /// Queues a batch and waits until the engine has applied it.
+    pub async fn submit_and_wait(&self, batch: Batch) -> Result<Ingested, SubmitError> {
+        let (reply, answer) = oneshot::channel();
+        self.send_batch(batch, Some(reply)).await?;
+        answer.await.map_err(|_| SubmitError::Closed)
+    }
+
+    async fn send_batch(
+        &self,
+        batch: Batch,
+        reply: Option<oneshot::Sender<Ingested>>,
+    ) -> Result<(), SubmitError> {
+        let input = Input::Observations { batch, reply };
+        self.tx.send_timeout(input, self.wait).await.map_err(|e| match e {
+            mpsc::error::SendTimeoutError::Timeout(_) => SubmitError::Full(self.wait),
+            mpsc::error::SendTimeoutError::Closed(_) => SubmitError::Closed,
+        })
+    }
+
+    /// Runs `read` on the engine's thread, after what was queued before it.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Engine) -> R + Send + 'static,
+    ) -> Result<R, EngineGone> {
+        let (reply, answer) = oneshot::channel();
+        let input = Input::Read(Box::new(move |engine| {
+            // The asker may have gone (its connection closed): nothing to do then.
+            let _ = reply.send(read(engine));
+        }));
+        self.tx.send(input).await.map_err(|_| EngineGone)?;
+        answer.await.map_err(|_| EngineGone)
+    }
+
+    /// Declares a rollout; its `started` event is emitted before this returns.
+    pub async fn declare_rollout(
+        &self,
+        rollout: Rollout,
+    ) -> Result<Result<AnalysisView, JudgeError>, EngineGone> {
+        self.ask(|reply| Input::DeclareRollout { rollout, reply }).await
+    }
+
+    /// Ends the app's analysis.
+    pub async fn end_rollout(
+        &self,
+        env: String,
+        app: String,
+    ) -> Result<Result<AnalysisView, JudgeError>, EngineGone> {
+        self.ask(|reply| Input::EndRollout { env, app, reply }).await
+    }
+
+    async fn ask<R>(&self, input: impl FnOnce(oneshot::Sender<R>) -> Input) -> Result<R, EngineGone> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(input(reply)).await.map_err(|_| EngineGone)?;
+        answer.await.map_err(|_| EngineGone)
+    }
+}
+
+/// Starts the engine's thread, which applies inputs and flushes the engine's changes to the store
+/// every `flush_interval`. Returns the handle and a future that completes when the thread ends
+/// (with its error, or the panic it died of), for the daemon to supervise as a stage.
+///
+/// The thread ends once its channel is closed and drained, after a last flush. The channel closes
+/// when every handle is dropped, or when `stop` is cancelled: then it refuses new inputs (a sender
+/// waiting for room is told the engine has stopped) and what it holds is still applied. `stop` is
+/// what lets the final flush happen even when something (a stalled request, a connection that
+/// never finishes) keeps a handle alive past the receivers' grace.
+pub fn start(
+    engine: Engine,
+    emitter: Emitter,
+    capacity: usize,
+    wait: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<(
+    EngineHandle,
+    impl Future<Output = Result<(), String>> + Send + 'static,
+)> {
+    let (tx, rx) = mpsc::channel::<Input>(capacity);
+    let (done, finished) = oneshot::channel::<Result<(), String>>();
+    std::thread::Builder::new()
+        .name("canaryd-engine".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| format!("cannot start the engine's runtime: {e}"))
+                .map(|runtime| runtime.block_on(run(engine, emitter, rx, stop)));
+            // A panic drops `done` unsent, which the supervisor reports as one.
+            let _ = done.send(result);
+        })?;
+    let finished = async move {
+        finished
+            .await
+            .unwrap_or_else(|_| Err("the engine thread panicked".to_owned()))
+    };
+    Ok((EngineHandle { tx, wait }, finished))
+}
+
+async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>, stop: CancellationToken) {
+    let stats = emitter.stats().clone();
+    let mut flush_timer = tokio::time::interval(emitter.flush_interval());
+    flush_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    flush_timer.tick().await;
+    let mut closed = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled(), if !closed => {
+                // No new inputs; `recv` still yields the queued ones, then `None`.
+                rx.close();
+                closed = true;
+            }
+            input = rx.recv() => match input {
+                Some(input) => {
+                    stats.queue_depth.set(rx.len() as i64);
+                    apply(&mut engine, &emitter, &stats, input);
+                }
+                None => break,
+            },
+            _ = flush_timer.tick() => emitter.flush(&mut engine),
+        }
+    }
+    stats.queue_depth.set(0);
+    tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
+    emitter.flush(&mut engine);
+}
+
+/// Applies one input, emitting what it decided.
+fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, input: Input) {
+    match input {
+        Input::Observations { batch, reply } => {
+            let report = engine.ingest(&batch);
+            let events = report_events(engine, &report);
+            emitter.emit(engine, events);
+            stats.ingested(engine.catalog().app_count(), &report);
+            if let Some(reply) = reply {
+                let _ = reply.send(Ingested {
+                    future: report.future,
+                });
+            }
+        }
+        Input::DeclareRollout { rollout, reply } => {
+            let Rollout {
+                env,
+                app,
+                stable_version,
+                canary_version,
+                model,
+            } = rollout;
+            let change =
+                engine.declare_rollout(&env, &app, &stable_version, &canary_version, model.as_deref());
+            let answer = change.map(|change| {
+                emitter.emit(engine, vec![canary_event(&change)]);
+                tracing::info!(%env, %app, stable = %stable_version, canary = %canary_version, "rollout declared");
+                change.view
+            });
+            let _ = reply.send(answer);
+        }
+        Input::EndRollout { env, app, reply } => {
+            let _ = reply.send(engine.end_rollout(&env, &app));
+        }
+        Input::Read(read) => read(engine),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act::delivery::{DeliveryConfig, Dispatcher};
+    use crate::events::EventType;
+    use crate::normalize::{self, NormalizeOptions};
+    use crate::store::{Store, StoreCounters};
+    use crate::testdata::{self, EPOCH_NS};
+    use crate::watch::EventFeed;
+    use canaryd_engine::EngineConfig;
+    use std::sync::Arc;
+
+    /// One app's traffic from `start_ns`, normalized: see `testdata::app_traffic`.
+    fn traffic(start_ns: u64, exports: u64, error_rate: f64) -> (Vec<Batch>, u64) {
+        let (requests, end) = testdata::app_traffic(start_ns, exports, error_rate);
+        let options = NormalizeOptions::default();
+        let batches = requests
+            .iter()
+            .map(|r| {
+                normalize::traces(r, &options)
+                    .expect("generated requests decode")
+                    .batch
+            })
+            .collect();
+        (batches, end)
+    }
+
+    /// An engine as a (re)start makes it: restored from what the store holds.
+    fn engine_on(store: &Store) -> Engine {
+        let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
+        engine.restore(store.load().expect("load"));
+        engine
+    }
+
+    fn emitter(store: &Store) -> Emitter {
+        let stats = Arc::new(Stats::new());
+        Emitter {
+            store: store.clone(),
+            dispatcher: Dispatcher::new(
+                store.clone(),
+                stats.clone(),
+                DeliveryConfig::default(),
+                CancellationToken::new(),
+            ),
+            stats,
+            feed: EventFeed::new(),
+            flush_interval: Duration::from_secs(1),
+            max_events: 1_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_right_after_an_event_restarts_with_the_anomaly_that_made_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let emitter = emitter(&store);
+        let mut watched = emitter.feed.subscribe();
+        let mut engine = engine_on(&store);
+        let (steady, fault_start) = traffic(EPOCH_NS, 15, 0.01);
+        let (fault, _) = traffic(fault_start, 6, 0.5);
+        let mut detected = None;
+        for (i, batch) in steady.into_iter().chain(fault).enumerate() {
+            // The flush interval: every few batches.
+            if i % 4 == 3 {
+                emitter.flush(&mut engine);
+            }
+            let (reply, answer) = oneshot::channel();
+            let input = Input::Observations {
+                batch,
+                reply: Some(reply),
+            };
+            apply(&mut engine, &emitter, &emitter.stats, input);
+            answer.await.expect("the engine answers");
+            while let Ok(event) = watched.try_recv() {
+                if event.event_type == EventType::AnomalyDetected {
+                    detected = Some(event);
+                }
+            }
+            if detected.is_some() {
+                break;
+            }
+        }
+        let detected = detected.expect("the fault is detected, and the event published");
+        let feature = &detected.data.reasons[0].feature;
+        let version = detected.data.version.as_deref().expect("a version's anomaly");
+        // kill -9 here, before the next flush: a restart finds what the store holds. The anomaly
+        // is open there, as it was when the event was stored, so the same transition cannot fire
+        // again (and the fault is learned at the anomalous rate, not absorbed).
+        let restarted = engine_on(&store);
+        let view = restarted
+            .baselines(&detected.data.env, &detected.data.app, Some(version))
+            .expect("the version's baselines are restored");
+        let (_, baseline) = view
+            .baselines
+            .iter()
+            .find(|(key, _)| key.subject.is_empty() && key.feature.name() == feature)
+            .expect("the baseline behind the event");
+        assert!(baseline.anomaly.active, "{:?}", baseline.anomaly);
+    }
+}
