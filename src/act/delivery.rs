@@ -396,12 +396,35 @@ impl Dispatcher {
             tracing::debug!(subscription = %subscription.id, event = %delivery.event_id, attempts = delivery.attempts, error = ?delivery.last_error, "delivery {label}");
         }
         let state = delivery.state;
+        // A peer's answer can be anything, of any size: what is kept of it, and served by the
+        // deliveries API, is its start.
+        let mut delivery = delivery;
+        if let Some(e) = &mut delivery.last_error {
+            clip(e, MAX_ERROR_BYTES);
+        }
         let (store, id) = (self.store.clone(), subscription.id.clone());
         if let Err(e) = try_blocking(move || store.put_delivery(&id, seq, &delivery)).await {
             tracing::error!(subscription = %subscription.id, error = %e, "cannot record a delivery");
         }
         state
     }
+}
+
+/// The most of a delivery's last error that is kept.
+pub const MAX_ERROR_BYTES: usize = 2_048;
+
+/// Cuts `text` to at most `max` bytes at a character boundary, saying that it was cut.
+fn clip(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    const MORE: &str = " [...]";
+    let mut end = max.saturating_sub(MORE.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MORE);
 }
 
 /// An error with its causes, which is where reqwest says what actually went wrong.
@@ -419,6 +442,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_error_is_kept_clipped_at_a_character_boundary() {
+        let mut text = "é".repeat(10_000);
+        clip(&mut text, MAX_ERROR_BYTES);
+        assert!(text.len() <= MAX_ERROR_BYTES, "{}", text.len());
+        assert!(text.ends_with(" [...]"));
+        let mut short = "refused".to_owned();
+        clip(&mut short, MAX_ERROR_BYTES);
+        assert_eq!(short, "refused");
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {

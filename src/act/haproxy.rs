@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::events::Event;
 
@@ -157,6 +157,8 @@ pub enum HaproxyError {
         wanted: u32,
         got: String,
     },
+    #[error("the runtime API's answer ran past {0} bytes; a runtime API answers these commands in a line")]
+    AnswerTooLong(u64),
     #[error("no haproxy_servers entry for {env}/{app}/{version}")]
     Unmapped {
         env: String,
@@ -165,31 +167,39 @@ pub enum HaproxyError {
     },
 }
 
-/// Sends one command and reads the whole answer (HAProxy closes the connection after it).
+/// The most of an answer read: the commands canaryd sends are answered in a line, so a peer that
+/// sends more (or streams without closing) is not HAProxy, and is not buffered.
+pub const MAX_ANSWER_BYTES: u64 = 16 * 1024;
+
+/// Sends one command and reads the whole answer (HAProxy closes the connection after it), at most
+/// `MAX_ANSWER_BYTES` of it.
 pub async fn command(endpoint: &Endpoint, line: &str, timeout: Duration) -> Result<String, HaproxyError> {
     let io = |source| HaproxyError::Io {
         endpoint: format!("{endpoint:?}"),
         source,
     };
-    let exchange = async {
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        mut stream: S,
+        line: &str,
+    ) -> std::io::Result<Vec<u8>> {
+        stream.write_all(format!("{line}\n").as_bytes()).await?;
         let mut answer = Vec::new();
-        match endpoint {
+        stream.take(MAX_ANSWER_BYTES + 1).read_to_end(&mut answer).await?;
+        Ok(answer)
+    }
+    let exchange = async {
+        let answer = match endpoint {
             Endpoint::Tcp(addr) => {
-                let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-                stream
-                    .write_all(format!("{line}\n").as_bytes())
-                    .await
-                    .map_err(io)?;
-                stream.read_to_end(&mut answer).await.map_err(io)?;
+                let stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+                exchange(stream, line).await.map_err(io)?
             }
             Endpoint::Unix(path) => {
-                let mut stream = tokio::net::UnixStream::connect(path).await.map_err(io)?;
-                stream
-                    .write_all(format!("{line}\n").as_bytes())
-                    .await
-                    .map_err(io)?;
-                stream.read_to_end(&mut answer).await.map_err(io)?;
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(io)?;
+                exchange(stream, line).await.map_err(io)?
             }
+        };
+        if answer.len() as u64 > MAX_ANSWER_BYTES {
+            return Err(HaproxyError::AnswerTooLong(MAX_ANSWER_BYTES));
         }
         Ok(String::from_utf8_lossy(&answer).trim().to_owned())
     };
@@ -252,6 +262,31 @@ pub fn plan(event: &Event, servers: &HaproxyServers) -> Option<Result<Vec<Weight
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that is not HAProxy and streams without end is read no further than the cap: the
+    /// command fails at once instead of buffering until the timeout (it once buffered gigabytes).
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_off_at_the_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let chunk = vec![b'x'; 64 * 1024];
+            // Until canaryd hangs up.
+            while stream.write_all(&chunk).await.is_ok() {}
+        });
+        let answer = command(
+            &Endpoint::Tcp(addr.to_string()),
+            "get weight b/s",
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(
+            matches!(answer, Err(HaproxyError::AnswerTooLong(MAX_ANSWER_BYTES))),
+            "{answer:?}"
+        );
+        peer.await.expect("the peer sees the connection closed");
+    }
 
     #[test]
     fn targets_parse_and_match_exact_versions_first() {
