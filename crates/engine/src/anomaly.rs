@@ -10,8 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::baseline::Score;
 use crate::observation::EventTime;
+use crate::score::Score;
 
 /// The thresholds of anomaly detection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

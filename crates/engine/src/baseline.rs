@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::anomaly::AnomalyState;
 use crate::observation::EventTime;
+pub use crate::score::Score;
 use crate::sketch::Sketch;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -259,24 +260,6 @@ impl SlotStore for MemorySlotStore {
 
     fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary) {
         self.slots.insert((series.to_owned(), slot), summary.clone());
-    }
-}
-
-/// The result of scoring one value.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Score {
-    /// The baseline is too young to judge.
-    InsufficientData,
-    /// Half-widths outside the learned band: 0 inside it.
-    Scored(f64),
-}
-
-impl Score {
-    pub fn value(self) -> Option<f64> {
-        match self {
-            Score::Scored(v) => Some(v),
-            Score::InsufficientData => None,
-        }
     }
 }
 

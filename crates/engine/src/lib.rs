@@ -26,6 +26,7 @@ pub mod features;
 pub mod judge;
 pub mod observation;
 pub mod rng;
+pub mod score;
 pub mod sketch;
 pub mod window;
 
