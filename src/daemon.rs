@@ -25,13 +25,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::act::delivery::Dispatcher;
-use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::engine;
+use crate::events::watch::{EventFeed, Watch};
 use crate::receive::{self, Intake};
+use crate::serve::{self, ApiState};
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
-use crate::watch::{EventFeed, Watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -261,7 +261,7 @@ impl Daemon {
         let api_stop = CancellationToken::new();
         let api_serve = serve_http(
             http_listener,
-            api::router(ApiState {
+            serve::router(ApiState {
                 engine,
                 stats,
                 store: store.clone(),

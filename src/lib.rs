@@ -1,38 +1,35 @@
 //! canaryd: decides whether a new version of a service is safe, from its OpenTelemetry data.
 //!
-//! The data flows receive -> normalize -> engine -> serve:
+//! The data flows receive -> normalize -> engine -> events -> act, and serve answers over it:
 //! - `receive`: OTLP over gRPC (`receive::grpc`) and HTTP (`receive::http`), into one `Intake`.
 //! - `normalize`: OTLP requests to the engine's observations; the only protobuf-aware code.
-//! - `engine`: the one writer: a thread that owns the engine, fed by one bounded channel of inputs.
-//! - `act`: subscriptions and the durable, signed delivery of events to them.
-//! - `api`: health, readiness, `/metrics` and the JSON API over what the engine knows.
-//! - `dashboard`: the page at `/` (embedded files) and the timeline its charts read.
-//! - `events`: canaryd's events as CloudEvents, built from the engine's decisions.
-//! - `gates`: Flagger's webhooks answered from the canary analysis.
+//! - `engine`: the one writer: a thread that owns the engine, fed by one bounded channel of
+//!   inputs, and the one emitter of its decisions.
+//! - `events`: canaryd's events as CloudEvents, built from the engine's decisions; the feed and
+//!   `canaryd.v1.EventService/Watch`, the event stream for rollout controllers.
+//! - `act`: subscriptions and the durable, signed delivery of events to them (webhooks, HAProxy).
+//! - `serve`: the HTTP API, one file per resource, the dashboard, Flagger's gates and `/metrics`.
+//! - `store`: durable state in sled; the only module that touches it. `io`: store IO off the
+//!   async workers.
 //! - `stats`: the daemon's own counters.
-//! - `store`: durable state in sled; the only module that touches it.
-//! - `io`: store IO off the async workers.
-//! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
+//! - `config`, `models` and `cli`: settings from defaults, file, environment and flags, and the
+//!   analysis models, validated at once.
 //! - `daemon`: wiring, start-up order, and the orderly stop.
-//! - `watch`: `canaryd.v1.EventService/Watch`, the event stream for rollout controllers.
 //! - `testdata`: seeded OTLP request generators for benchmarks and tests.
 //!
 //! The statistics live in the `canaryd_engine` crate, which does no IO.
 
 pub mod act;
-pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod dashboard;
 pub mod engine;
 pub mod events;
-pub mod gates;
 pub mod io;
 pub mod models;
 pub mod normalize;
 pub mod receive;
+pub mod serve;
 pub mod stats;
 pub mod store;
 pub mod testdata;
-pub mod watch;

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::AtomicI64;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -348,9 +348,16 @@ impl Stats {
 
     /// Everything above in the OpenMetrics text format (what Prometheus asks for first).
     pub fn render_openmetrics(&self) -> String {
+        self.render_openmetrics_with(&Registry::default())
+    }
+
+    /// Everything above and `more` (metrics made for this scrape), in the OpenMetrics text format.
+    pub fn render_openmetrics_with(&self, more: &Registry) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
+        let _ = encode_registry(&mut text, &self.registry);
+        let _ = encode_registry(&mut text, more);
+        let _ = encode_eof(&mut text);
         text
     }
 
@@ -358,6 +365,11 @@ impl Stats {
     /// that do not ask for OpenMetrics.
     pub fn render_prometheus(&self) -> String {
         openmetrics_to_prometheus(&self.render_openmetrics())
+    }
+
+    /// `render_openmetrics_with` in the classic Prometheus text format.
+    pub fn render_prometheus_with(&self, more: &Registry) -> String {
+        openmetrics_to_prometheus(&self.render_openmetrics_with(more))
     }
 }
 

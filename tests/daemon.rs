@@ -1586,8 +1586,8 @@ async fn writes_need_the_token_and_metadata_targets_are_refused() {
 
 #[tokio::test]
 async fn watch_streams_events_live_and_resumes_after_the_last_id_seen() {
-    use canaryd::watch::proto::WatchRequest;
-    use canaryd::watch::proto::event_service_client::EventServiceClient;
+    use canaryd::events::watch::proto::WatchRequest;
+    use canaryd::events::watch::proto::event_service_client::EventServiceClient;
 
     let daemon = TestDaemon::start().await;
     let mut client = EventServiceClient::connect(daemon.grpc_endpoint())

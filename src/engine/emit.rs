@@ -12,9 +12,9 @@ use canaryd_engine::Engine;
 
 use crate::act::delivery::Dispatcher;
 use crate::events::Event;
+use crate::events::watch::EventFeed;
 use crate::stats::Stats;
 use crate::store::Store;
-use crate::watch::EventFeed;
 
 /// Where the engine's results go, and how often its state is flushed.
 pub struct Emitter {

@@ -260,10 +260,10 @@ mod tests {
     use super::*;
     use crate::act::delivery::{DeliveryConfig, Dispatcher};
     use crate::events::EventType;
+    use crate::events::watch::EventFeed;
     use crate::normalize::{self, NormalizeOptions};
     use crate::store::{Store, StoreCounters};
     use crate::testdata::{self, EPOCH_NS};
-    use crate::watch::EventFeed;
     use canaryd_engine::EngineConfig;
     use std::sync::Arc;
 

@@ -12,6 +12,8 @@ use canaryd_engine::{AnomalyChange, Engine, IngestReport, Scope};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub mod watch;
+
 /// RFC 3339 in UTC with nanoseconds.
 pub fn format_event_time(t: canaryd_engine::EventTime) -> String {
     humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(t)).to_string()
@@ -374,6 +376,14 @@ pub fn canary_event(change: &CanaryChange) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_times_are_rfc3339_with_nanoseconds() {
+        assert_eq!(
+            format_event_time(1_767_571_200_000_000_001),
+            "2026-01-05T00:00:00.000000001Z"
+        );
+    }
 
     #[test]
     fn ids_round_trip_and_sort_like_their_sequence() {

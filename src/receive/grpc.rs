@@ -30,10 +30,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Status};
 
 use super::{ExportError, Intake, OtlpRequest};
+use crate::events::watch::Watch;
+use crate::events::watch::proto::event_service_server::EventServiceServer;
 use crate::normalize::{NormalizeOptions, Normalized};
 use crate::stats::Transport;
-use crate::watch::Watch;
-use crate::watch::proto::event_service_server::EventServiceServer;
 
 /// The three OTLP services over one intake.
 #[derive(Clone)]

@@ -19,13 +19,12 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{
-    ApiQuery, ApiState, CanaryStateSchema, EnvQuery, ErrorBody, env_of, error, format_event_time,
-};
+use super::{ApiQuery, ApiState, CanaryStateSchema, EnvQuery, ErrorBody, env_of, error};
+use crate::events::format_event_time;
 
-const INDEX_HTML: &str = include_str!("../assets/dashboard/index.html");
-const APP_JS: &str = include_str!("../assets/dashboard/app.js");
-const STYLE_CSS: &str = include_str!("../assets/dashboard/style.css");
+const INDEX_HTML: &str = include_str!("../../assets/dashboard/index.html");
+const APP_JS: &str = include_str!("../../assets/dashboard/app.js");
+const STYLE_CSS: &str = include_str!("../../assets/dashboard/style.css");
 
 const SECOND: EventTime = 1_000_000_000;
 
@@ -70,7 +69,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// `GET /api/v1/apps/{app}/timeline?env=`: both versions' recent series in 10-second blocks, the
 /// app's learned band for each charted feature, the operation mix and the call graph.
 #[derive(Debug, Serialize, ToSchema)]
-struct TimelineView {
+pub(super) struct TimelineView {
     env: String,
     app: String,
     stable_version: String,
@@ -95,7 +94,7 @@ struct TimelineView {
 /// analysis started within it, or it is still being filled): `seconds` says how much, and the rate
 /// is per second of that.
 #[derive(Debug, PartialEq, Serialize, ToSchema)]
-struct PointView {
+pub(super) struct PointView {
     start: String,
     seconds: u64,
     requests: u64,
@@ -109,7 +108,7 @@ struct PointView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-struct BandView {
+pub(super) struct BandView {
     feature: &'static str,
     /// The EWMA level and the band around it (level +- 3 robust standard deviations) a value is
     /// judged against.
@@ -122,7 +121,7 @@ struct BandView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-struct SlotQuantiles {
+pub(super) struct SlotQuantiles {
     q05: f64,
     q50: f64,
     q95: f64,
@@ -130,7 +129,7 @@ struct SlotQuantiles {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-struct OperationMix {
+pub(super) struct OperationMix {
     operation: String,
     canary_requests: u64,
     stable_requests: u64,
@@ -140,7 +139,7 @@ struct OperationMix {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-struct CallEdge {
+pub(super) struct CallEdge {
     downstream: String,
     /// Calls per request; null when the version did not call it in the window.
     canary_per_request: Option<f64>,
@@ -168,7 +167,7 @@ const CHARTED: [Feature; 4] = [
         (status = 404, description = "Unknown app, or no analysis", body = ErrorBody)
     )
 )]
-async fn timeline(
+pub(super) async fn timeline(
     State(state): State<ApiState>,
     Path(app): Path<String>,
     ApiQuery(query): ApiQuery<EnvQuery>,

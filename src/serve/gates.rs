@@ -27,7 +27,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::{ApiState, CanaryStateSchema, ErrorBody, error};
+use super::{ApiState, CanaryStateSchema, ErrorBody, error};
 
 /// At most this many reasons go into an answer (Flagger copies the body into its events).
 const MAX_REASONS: usize = 10;
@@ -51,7 +51,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
     "checksum": "6b8d5c7f9",
     "metadata": {"hook": "rollout"}
 }))]
-struct FlaggerPayload {
+pub(super) struct FlaggerPayload {
     /// The Canary's name: the app, unless `metadata.app` says otherwise.
     name: String,
     /// The Canary's namespace: the env, unless `metadata.env` says otherwise.
@@ -78,7 +78,7 @@ enum Hook {
 
 /// A payload, checked: which analysis it asks about and whether traffic has started.
 #[derive(Debug)]
-struct GateRequest {
+pub(super) struct GateRequest {
     env: String,
     app: String,
     phase: String,
@@ -139,7 +139,7 @@ impl GateRequest {
     "score": 12.5,
     "reasons": ["error ratio 30.00% against 0.10% (300 of 1000 requests)"]
 }))]
-struct GateAnswer {
+pub(super) struct GateAnswer {
     env: String,
     app: String,
     phase: String,
@@ -166,7 +166,7 @@ struct GateAnswer {
     "canary_version": "1.5.0",
     "reasons": ["canary 1.5.0 is healthy: no reason to roll back"]
 }))]
-struct RollbackAnswer {
+pub(super) struct RollbackAnswer {
     env: String,
     app: String,
     phase: String,
@@ -189,7 +189,7 @@ fn parse(body: Result<Json<FlaggerPayload>, JsonRejection>) -> Result<GateReques
 }
 
 /// The analysis the request asks about, and why there is none when there is none.
-async fn lookup(state: &ApiState, request: &GateRequest) -> Result<AnalysisView, String> {
+pub(super) async fn lookup(state: &ApiState, request: &GateRequest) -> Result<AnalysisView, String> {
     let (env, app) = (request.env.clone(), request.app.clone());
     let found = state
         .engine
@@ -296,7 +296,7 @@ fn verdict(request: &GateRequest, view: &AnalysisView) -> (bool, Vec<String>) {
         (status = 412, description = "The canary must not proceed (failing, rolled back, marginal, or no evidence once traffic has started); Flagger counts it as a failed check", body = GateAnswer)
     )
 )]
-async fn flagger_gate(
+pub(super) async fn flagger_gate(
     State(state): State<ApiState>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,
 ) -> Response {
@@ -357,7 +357,7 @@ async fn flagger_gate(
         (status = 409, description = "No reason to roll back", body = RollbackAnswer)
     )
 )]
-async fn flagger_rollback(
+pub(super) async fn flagger_rollback(
     State(state): State<ApiState>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,
 ) -> Response {

@@ -1,0 +1,430 @@
+//! Canary analyses and declared rollouts: `GET .../canary`, `PUT` and `DELETE .../rollout`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use canaryd_engine::judge::{
+    AnalysisView, Check, GateMetric, GateOutcome, GateResult, JudgeError, Mode, Outcome, StageView,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{
+    ApiQuery, ApiState, CanaryStateSchema, EnvQuery, ErrorBody, GateMetricSchema, GateOutcomeSchema,
+    ModeSchema, OutcomeSchema, env_of, error, format_event_time, unavailable,
+};
+use crate::engine::Rollout;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StageJson {
+    index: usize,
+    name: String,
+    weight: f64,
+}
+
+impl StageJson {
+    pub(crate) fn of(s: &StageView) -> Self {
+        StageJson {
+            index: s.index,
+            name: s.name.clone(),
+            weight: s.weight,
+        }
+    }
+}
+
+/// An example analysis for the OpenAPI document (built in parts: one `json!` of it all would
+/// exceed the macro recursion limit).
+fn canary_example() -> serde_json::Value {
+    let check = serde_json::json!({
+        "id": "errors:error_ratio:fisher_exact",
+        "group": "errors",
+        "feature": "error_ratio",
+        "operation": null,
+        "test": "fisher_exact",
+        "critical": true,
+        "weight": 40.0,
+        "outcome": "fail",
+        "canary_value": 0.3,
+        "baseline_value": 0.001,
+        "canary_samples": 1000,
+        "baseline_samples": 15000,
+        "statistic": 14.2,
+        "p_value": 1.0e-45,
+        "threshold": 4.9,
+        "effect": 300.0,
+        "min_effect": 2.0,
+        "effect_kind": "ratio",
+        "window_s": 120,
+        "message": "error ratio 30.00% against 0.10% (300 of 1000 requests)"
+    });
+    let gate = serde_json::json!({
+        "metric": "error_rate",
+        "max": 0.01,
+        "min": null,
+        "value": 0.3,
+        "lower": 0.27,
+        "upper": 0.33,
+        "samples": 1000,
+        "window_s": 0,
+        "outcome": "fail",
+        "message": "error_rate 0.3000 over the stage (1000 requests): above max 0.01"
+    });
+    serde_json::json!({
+        "env": "prod",
+        "app": "checkout",
+        "stable_version": "1.4.2",
+        "canary_version": "1.5.0",
+        "model": "default",
+        "mode": "enforce",
+        "declared": false,
+        "state": "failing",
+        "score": 12.5,
+        "stage": {"index": 0, "name": "10%", "weight": 10.0},
+        "stages": 4,
+        "since": "2026-01-05T10:00:00.000000000Z",
+        "started_at": "2026-01-05T10:00:00.000000000Z",
+        "stage_started_at": "2026-01-05T10:00:00.000000000Z",
+        "evaluated_at": "2026-01-05T10:02:13.000000000Z",
+        "failed_at": "2026-01-05T10:02:11.000000000Z",
+        "canary_requests": 1330,
+        "stable_requests": 11970,
+        "checks": [check],
+        "gates": [gate]
+    })
+}
+
+/// `GET /api/v1/apps/{app}/canary`: the analysis with its evidence. Times are RFC 3339 event time.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = canary_example)]
+pub(super) struct CanaryView {
+    env: String,
+    app: String,
+    stable_version: String,
+    canary_version: String,
+    model: String,
+    #[schema(value_type = ModeSchema)]
+    mode: Mode,
+    /// Whether the roles were declared through the rollout API (else inferred from traffic).
+    declared: bool,
+    #[schema(value_type = CanaryStateSchema)]
+    state: &'static str,
+    /// 0 (failing everything) to 100; null before any check could decide.
+    score: Option<f64>,
+    /// The current rollout stage, when the model has stages.
+    stage: Option<StageJson>,
+    stages: usize,
+    since: String,
+    started_at: String,
+    stage_started_at: String,
+    evaluated_at: String,
+    failed_at: Option<String>,
+    canary_requests: u64,
+    stable_requests: u64,
+    /// Every check, the failing and most significant first.
+    checks: Vec<CheckJson>,
+    /// The current stage's gates.
+    gates: Vec<GateJson>,
+}
+
+/// One check's evidence: the engine's `judge::Check`, field for field.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Check)]
+pub(super) struct CheckJson {
+    /// Unique within an analysis: `group:feature[subject]:test`.
+    id: String,
+    /// `errors`, `latency`, `operation_mix`, `call_graph`, `exceptions`, `error_logs`, `metrics`
+    /// or `baseline`.
+    group: &'static str,
+    feature: String,
+    /// The operation (or downstream, exception type, metric series) checked; null for the app.
+    operation: Option<String>,
+    /// `fisher_exact`, `exceedance`, `chi_square`, `poisson_rate`, `t`, `baseline_band`, ...
+    test: &'static str,
+    /// Whether failing it fails the canary.
+    critical: bool,
+    weight: f64,
+    #[schema(value_type = OutcomeSchema)]
+    outcome: Outcome,
+    canary_value: Option<f64>,
+    /// The stable's value in the reference window (or the learned baseline's, for baseline checks).
+    baseline_value: Option<f64>,
+    canary_samples: u64,
+    baseline_samples: u64,
+    /// The test statistic as a normal deviate (or band half-widths for baseline checks).
+    statistic: Option<f64>,
+    p_value: Option<f64>,
+    /// What the statistic had to reach.
+    threshold: f64,
+    /// The practical effect (ratio, difference or distance, per `effect_kind`) and its minimum.
+    effect: Option<f64>,
+    min_effect: f64,
+    effect_kind: &'static str,
+    /// The trailing window looked at.
+    window_s: u64,
+    /// Why it passed or failed, in words.
+    message: String,
+}
+
+impl CheckJson {
+    fn of(check: Check) -> Self {
+        // No `..`: a field the engine adds does not compile until it is served and described.
+        let Check {
+            id,
+            group,
+            feature,
+            operation,
+            test,
+            critical,
+            weight,
+            outcome,
+            canary_value,
+            baseline_value,
+            canary_samples,
+            baseline_samples,
+            statistic,
+            p_value,
+            threshold,
+            effect,
+            min_effect,
+            effect_kind,
+            window_s,
+            message,
+        } = check;
+        CheckJson {
+            id,
+            group,
+            feature,
+            operation,
+            test,
+            critical,
+            weight,
+            outcome,
+            canary_value,
+            baseline_value,
+            canary_samples,
+            baseline_samples,
+            statistic,
+            p_value,
+            threshold,
+            effect,
+            min_effect,
+            effect_kind,
+            window_s,
+            message,
+        }
+    }
+}
+
+/// One stage gate's verdict: the engine's `judge::GateResult`, field for field.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Gate)]
+pub(super) struct GateJson {
+    #[schema(value_type = GateMetricSchema)]
+    metric: GateMetric,
+    max: Option<f64>,
+    min: Option<f64>,
+    value: Option<f64>,
+    /// Confidence bounds on the measured value.
+    lower: Option<f64>,
+    upper: Option<f64>,
+    samples: u64,
+    /// The trailing window looked at; 0 is the whole stage so far.
+    window_s: u64,
+    #[schema(value_type = GateOutcomeSchema)]
+    outcome: GateOutcome,
+    message: String,
+}
+
+impl GateJson {
+    fn of(gate: GateResult) -> Self {
+        let GateResult {
+            metric,
+            max,
+            min,
+            value,
+            lower,
+            upper,
+            samples,
+            window_s,
+            outcome,
+            message,
+        } = gate;
+        GateJson {
+            metric,
+            max,
+            min,
+            value,
+            lower,
+            upper,
+            samples,
+            window_s,
+            outcome,
+            message,
+        }
+    }
+}
+
+impl CanaryView {
+    fn of(a: AnalysisView) -> Self {
+        let mut checks = a.checks;
+        // The failing and most significant first: what a reader wants to see.
+        checks.sort_by(|x, y| {
+            y.outcome
+                .cmp(&x.outcome)
+                .then(y.statistic.unwrap_or(0.0).total_cmp(&x.statistic.unwrap_or(0.0)))
+        });
+        CanaryView {
+            env: a.env,
+            app: a.app,
+            stable_version: a.stable_version,
+            canary_version: a.canary_version,
+            model: a.model,
+            mode: a.mode,
+            declared: a.declared,
+            state: a.state.name(),
+            score: a.score.map(|s| (s * 10.0).round() / 10.0),
+            stage: a.stage.as_ref().map(StageJson::of),
+            stages: a.stages,
+            since: format_event_time(a.since),
+            started_at: format_event_time(a.started_at),
+            stage_started_at: format_event_time(a.stage_started_at),
+            evaluated_at: format_event_time(a.evaluated_at),
+            failed_at: a.failed_at.map(format_event_time),
+            canary_requests: a.canary_requests,
+            stable_requests: a.stable_requests,
+            checks: checks.into_iter().map(CheckJson::of).collect(),
+            gates: a.gates.into_iter().map(GateJson::of).collect(),
+        }
+    }
+}
+
+/// `GET /api/v1/apps/{app}/canary`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/apps/{app}/canary",
+    tag = "canary",
+    params(("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"), EnvQuery),
+    responses(
+        (status = 200, description = "The current (or last) analysis with its evidence; also what an Argo Rollouts `web` metric reads", body = CanaryView),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 404, description = "Unknown app, or no analysis (no canary has had traffic, no rollout is declared)", body = ErrorBody)
+    )
+)]
+pub(super) async fn canary(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<EnvQuery>,
+) -> Response {
+    let env = match env_of(query) {
+        Ok(env) => env,
+        Err(response) => return *response,
+    };
+    state
+        .read_engine(move |engine| {
+            if engine.catalog().app(&env, &app).is_none() {
+                return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
+            }
+            let Some(view) = engine.analysis(&env, &app) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "app {app:?} in env {env:?} has no canary analysis: no version besides the stable one has had traffic, and no rollout is declared"
+                    ),
+                );
+            };
+            Json(CanaryView::of(view)).into_response()
+        })
+        .await
+}
+
+/// `PUT /api/v1/apps/{app}/rollout`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"stable_version": "1.4.2", "canary_version": "1.5.0", "model": "staged"}))]
+pub(super) struct RolloutRequest {
+    stable_version: String,
+    canary_version: String,
+    /// A loaded model's name; the app's default model when left out.
+    model: Option<String>,
+}
+
+/// `PUT /api/v1/apps/{app}/rollout`: declares the roles (and the model) and starts the analysis.
+#[utoipa::path(
+    put,
+    path = "/api/v1/apps/{app}/rollout",
+    tag = "canary",
+    params(("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"), EnvQuery),
+    request_body = RolloutRequest,
+    responses(
+        (status = 200, description = "Declared; the analysis it started", body = CanaryView),
+        (status = 400, description = "A bad body or model, naming the field", body = ErrorBody),
+        (status = 404, description = "Unknown app", body = ErrorBody)
+    )
+)]
+pub(super) async fn declare_rollout(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<EnvQuery>,
+    body: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let env = match env_of(query) {
+        Ok(env) => env,
+        Err(response) => return *response,
+    };
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    for (field, value) in [
+        ("stable_version", &request.stable_version),
+        ("canary_version", &request.canary_version),
+    ] {
+        if value.is_empty() {
+            return error(StatusCode::BAD_REQUEST, &format!("{field} must not be empty"));
+        }
+    }
+    let rollout = Rollout {
+        env,
+        app,
+        stable_version: request.stable_version,
+        canary_version: request.canary_version,
+        model: request.model,
+    };
+    // The engine emits the `started` event (stored with its deliveries) before it answers.
+    match state.engine.declare_rollout(rollout).await {
+        Ok(Ok(view)) => (StatusCode::OK, Json(CanaryView::of(view))).into_response(),
+        Ok(Err(e @ JudgeError::UnknownApp { .. })) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Ok(Err(e @ JudgeError::UnknownModel(_))) => error(StatusCode::BAD_REQUEST, &format!("model: {e}")),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `DELETE /api/v1/apps/{app}/rollout`: ends the analysis (declared or inferred).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/apps/{app}/rollout",
+    tag = "canary",
+    params(("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"), EnvQuery),
+    responses(
+        (status = 204, description = "Ended"),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 404, description = "Unknown app, or no analysis to end", body = ErrorBody)
+    )
+)]
+pub(super) async fn end_rollout(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<EnvQuery>,
+) -> Response {
+    let env = match env_of(query) {
+        Ok(env) => env,
+        Err(response) => return *response,
+    };
+    match state.engine.end_rollout(env.clone(), app.clone()).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error(StatusCode::NOT_FOUND, &format!("app {app:?} in env {env:?}: {e}")),
+        Err(e) => unavailable(e),
+    }
+}

@@ -1,0 +1,108 @@
+//! The event history: `GET /api/v1/events`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiQuery, ApiState, ErrorBody, blocking, error};
+use crate::events::{Event, EventType, event_seq};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct EventsQuery {
+    /// Only this app's events.
+    app: Option<String>,
+    /// Only this environment's events.
+    env: Option<String>,
+    /// Only events of this type (`canaryd.canary.failed`, ...).
+    #[serde(rename = "type")]
+    #[param(value_type = Option<EventType>)]
+    event_type: Option<String>,
+    /// An event id (events after it), or an RFC 3339 time (events emitted at or after it).
+    since: Option<String>,
+    /// At most this many events, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct EventsView {
+    events: Vec<Event>,
+    /// The id to pass as `since` for the events after these; null when there were none.
+    last_id: Option<String>,
+}
+
+const MAX_EVENTS_PER_PAGE: usize = 1_000;
+
+/// `GET /api/v1/events`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "The history of canary and anomaly events, oldest first", body = EventsView),
+        (status = 400, description = "A bad query parameter (unknown type, bad `since` or `limit`)", body = ErrorBody)
+    )
+)]
+pub(super) async fn events(
+    State(state): State<ApiState>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Response {
+    let event_type = match query.event_type.as_deref().map(|t| (t, EventType::parse(t))) {
+        None => None,
+        Some((_, Some(t))) => Some(t),
+        Some((t, None)) => {
+            let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("type: unknown event type {t:?}; known: {}", known.join(", ")),
+            );
+        }
+    };
+    let (after, not_before) = match query.since.as_deref() {
+        None => (None, None),
+        Some(since) => match (event_seq(since), humantime::parse_rfc3339_weak(since)) {
+            (Some(seq), _) => (Some(seq), None),
+            (None, Ok(time)) => (None, Some(time)),
+            (None, Err(_)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("since: {since:?} is neither an event id nor an RFC 3339 time"),
+                );
+            }
+        },
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_EVENTS_PER_PAGE).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("limit: must be between 1 and {MAX_EVENTS_PER_PAGE}"),
+        );
+    }
+    let keep = move |e: &Event| {
+        query.app.as_deref().is_none_or(|a| a == e.data.app)
+            && query.env.as_deref().is_none_or(|env| env == e.data.env)
+            && event_type.is_none_or(|t| t == e.event_type)
+            && not_before.is_none_or(|t| humantime::parse_rfc3339_weak(&e.time).is_ok_and(|at| at >= t))
+    };
+    let store = state.store.clone();
+    let read = match blocking(move || store.events(after, limit, keep)).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    match read {
+        Ok(events) => {
+            let last_id = events.last().map(|e| e.id.clone());
+            Json(EventsView { events, last_id }).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read events");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the event history")
+        }
+    }
+}

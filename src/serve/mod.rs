@@ -1,0 +1,194 @@
+//! The HTTP API: one file per resource, the router that puts them together behind the bearer
+//! token, and the one error type every handler answers failures with.
+//!
+//! Its one job is to turn HTTP requests into engine inputs and reads (through the engine's
+//! channel) and store reads (off the async workers), and their results into JSON. This folder
+//! alone defines the API's JSON shapes; the engine's types are converted at this edge. Event times
+//! are written as RFC 3339 in UTC with nanoseconds.
+//!
+//! - `health`: `/healthz`, `/readyz`; `metrics`: `/metrics`; `openapi`: `/openapi.json`.
+//! - `apps`: apps and baselines; `canary`: analyses and rollouts; `models`: the loaded models.
+//! - `events`: the event history; `subscriptions`: subscriptions and their deliveries.
+//! - `gates`: Flagger's webhooks; `dashboard`: the page and its timeline.
+//! - `error`: `ApiError`, the status and RFC 9457 problem body of every failure.
+
+mod apps;
+mod canary;
+mod dashboard;
+mod error;
+mod events;
+mod gates;
+mod health;
+mod metrics;
+mod models;
+mod openapi;
+mod subscriptions;
+
+pub use error::{ApiError, ErrorBody, error, internal};
+pub use openapi::openapi;
+
+pub(crate) use crate::events::format_event_time;
+pub(crate) use canary::StageJson;
+pub(crate) use openapi::{CanaryStateSchema, GateMetricSchema, GateOutcomeSchema, ModeSchema, OutcomeSchema};
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::Method;
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use canaryd_engine::Engine;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::act::delivery::Dispatcher;
+use crate::engine::{EngineGone, EngineHandle};
+use crate::stats::Stats;
+use crate::store::Store;
+
+/// What the API handlers read.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The engine's one writer: reads and rollout changes go through it.
+    pub engine: EngineHandle,
+    pub stats: Arc<Stats>,
+    pub store: Store,
+    pub dispatcher: Arc<Dispatcher>,
+    /// When set, POST, PUT and DELETE need `Authorization: Bearer <token>`.
+    pub api_token: Option<Arc<str>>,
+    pub allow_link_local_targets: bool,
+    /// True once storage is open and every receiver is bound; false again while shutting down.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl ApiState {
+    /// Runs `read` on the engine's thread; a stopped engine answers 503.
+    pub async fn read_engine(&self, read: impl FnOnce(&Engine) -> Response + Send + 'static) -> Response {
+        self.engine.read(read).await.unwrap_or_else(unavailable)
+    }
+}
+
+/// 503 for a request that needs the engine while it is stopping.
+pub fn unavailable(e: EngineGone) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("{e}: canaryd is shutting down"),
+    )
+}
+
+/// Runs store IO on a blocking thread: sled (and its fsyncs) never run on the async workers.
+pub async fn blocking<R: Send + 'static>(io: impl FnOnce() -> R + Send + 'static) -> Result<R, Response> {
+    crate::io::blocking(io)
+        .await
+        .map_err(|e| internal("a store operation failed", e))
+}
+
+pub fn router(state: ApiState) -> Router {
+    let guarded = state.clone();
+    let (routes, _) = routes().split_for_parts();
+    routes
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(guarded, require_token))
+        .with_state(state)
+}
+
+/// Every route of the HTTP API, each registered together with its OpenAPI description: `routes!`
+/// takes a handler's method and path from its `#[utoipa::path]`, so what is served and what
+/// `GET /openapi.json` describes cannot drift apart. (Only the dashboard's page and its files,
+/// which are not JSON API, are plain routes.)
+pub fn routes() -> OpenApiRouter<ApiState> {
+    let api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(apps::apps))
+        .routes(routes!(apps::baseline))
+        .routes(routes!(canary::canary))
+        .routes(routes!(canary::declare_rollout, canary::end_rollout))
+        .routes(routes!(models::models))
+        .routes(routes!(events::events))
+        .routes(routes!(
+            subscriptions::list_subscriptions,
+            subscriptions::create_subscription
+        ))
+        .routes(routes!(subscriptions::delete_subscription))
+        .routes(routes!(subscriptions::deliveries))
+        .merge(gates::routes());
+    dashboard::add_routes(api)
+}
+
+/// A query string parsed into `T`; a bad one is refused with a JSON 400 naming the problem.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(query)) => Ok(ApiQuery(query)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, &e.body_text())),
+        }
+    }
+}
+
+/// With `api_token` set, every request that changes something must carry it as a bearer token.
+/// The comparison takes the same time whatever the token sent, so it leaks nothing.
+async fn require_token(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let changes = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::DELETE | Method::PATCH
+    );
+    if let (true, Some(token)) = (changes, &state.api_token) {
+        let sent = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            // The scheme is case-insensitive (RFC 9110); the token is not.
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
+        let matches: bool = sent.as_bytes().ct_eq(token.as_bytes()).into();
+        if !matches {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "this request needs Authorization: Bearer <api_token>",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EnvQuery {
+    /// The environment (default `default`).
+    env: Option<String>,
+}
+
+/// The environment asked for, or a 400 when it is empty.
+pub(crate) fn env_of(query: EnvQuery) -> Result<String, Box<Response>> {
+    let env = query.env.unwrap_or_else(|| "default".into());
+    if env.is_empty() {
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, "env must not be empty")));
+    }
+    Ok(env)
+}
