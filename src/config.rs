@@ -125,6 +125,10 @@ settings! {
     ingest_wait_ms: u64,
     /// Seconds (1-3600) each shutdown step may take [default: 10]
     shutdown_grace_secs: u64,
+    /// Seconds (1-300) a connection may take to send a request's headers (HTTP listeners) [default: 10]
+    header_read_timeout_secs: u64,
+    /// Seconds (1-3600) a request may take from its headers to its answer, body included [default: 60]
+    request_timeout_secs: u64,
     /// Seconds of event time data may arrive behind the latest seen for its app [default: 10]
     allowed_lateness_secs: u64,
     /// Seconds (1-604800) data may be dated ahead of both its app's event time and canaryd's clock; later data is refused [default: 300]
@@ -218,7 +222,18 @@ pub struct Config {
     pub pipeline_queue: usize,
     pub ingest_wait: Duration,
     pub shutdown_grace: Duration,
+    pub http_timeouts: HttpTimeouts,
     pub log: String,
+}
+
+/// Time limits of the HTTP listeners, so that a slow or stalled client cannot hold a connection
+/// (and its memory) forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// From a connection's first byte (or the previous request) to the end of a request's headers.
+    pub header_read: Duration,
+    /// From a request's headers to its answer: reading the body included.
+    pub request: Duration,
 }
 
 fn invalid(field: &'static str, value: impl ToString, reason: &str) -> ConfigError {
@@ -430,6 +445,18 @@ impl Config {
                 raw.shutdown_grace_secs.unwrap_or(10),
                 1..=3_600,
             )?),
+            http_timeouts: HttpTimeouts {
+                header_read: Duration::from_secs(within(
+                    "header_read_timeout_secs",
+                    raw.header_read_timeout_secs.unwrap_or(10),
+                    1..=300,
+                )?),
+                request: Duration::from_secs(within(
+                    "request_timeout_secs",
+                    raw.request_timeout_secs.unwrap_or(60),
+                    1..=3_600,
+                )?),
+            },
             log,
         };
         config.check_addresses()?;

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use canaryd_engine::Engine;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -25,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::act::delivery::Dispatcher;
-use crate::config::Config;
+use crate::config::{Config, HttpTimeouts};
 use crate::engine;
 use crate::events::watch::{EventFeed, Watch};
 use crate::receive::{self, Intake};
@@ -117,18 +116,82 @@ fn write_addrs(data_dir: &Path, addrs: &BoundAddrs) -> Result<(), StartError> {
 async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
+    timeouts: HttpTimeouts,
     stop: CancellationToken,
 ) -> Result<(), String> {
-    // Small requests and answers: Nagle's algorithm would only delay them.
-    let listener = listener.tap_io(|tcp| {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let router = router.layer(axum::middleware::from_fn(
+        move |request, next: axum::middleware::Next| request_deadline(timeouts.request, request, next),
+    ));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted: the
+                    // listener itself is fine, so wait a moment and go on.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small requests and answers: Nagle's algorithm would only delay them.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .map_err(|e| e.to_string())
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    // Stop accepting; connections finish the request they are in (the caller bounds the wait).
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Answers 408 when a request (its body included) has not been served within `limit`.
+async fn request_deadline(
+    limit: Duration,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = (
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request was not received and answered within {limit:?} (request_timeout_secs)\n"
+                ),
+            )
+                .into_response();
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
 }
 
 /// Runs one stage as a task; a stage that fails, or panics, brings the daemon down in order, not
@@ -247,13 +310,20 @@ impl Daemon {
         ));
 
         let watch = Watch::new(store.clone(), feed.clone(), shutdown.clone());
-        let grpc_serve = receive::grpc::serve(grpc_listener, intake.clone(), watch, shutdown.clone());
+        let grpc_serve = receive::grpc::serve(
+            grpc_listener,
+            intake.clone(),
+            watch,
+            config.http_timeouts.request,
+            shutdown.clone(),
+        );
         let grpc_task = spawn_stage("OTLP gRPC receiver", shutdown.clone(), async move {
             grpc_serve.await.map_err(|e| e.to_string())
         });
         let otlp_http_serve = serve_http(
             otlp_http_listener,
             receive::http::router(intake),
+            config.http_timeouts,
             shutdown.clone(),
         );
         let otlp_http_task = spawn_stage("OTLP/HTTP receiver", shutdown.clone(), otlp_http_serve);
@@ -270,6 +340,7 @@ impl Daemon {
                 allow_link_local_targets: config.allow_link_local_targets,
                 ready: ready.clone(),
             }),
+            config.http_timeouts,
             api_stop.clone(),
         );
         let api_task = spawn_stage("HTTP API", shutdown.clone(), api_serve);

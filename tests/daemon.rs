@@ -1782,3 +1782,92 @@ async fn a_poisoned_clock_on_disk_is_repaired_at_start() {
     assert_eq!(daemon.metric("canaryd_late_observations_total").await, 0.0);
     daemon.stop().await.expect("clean stop");
 }
+
+/// Slowloris: connections that send half their headers, or whole headers and a trickle of an
+/// announced 8 MB body, are cut off at the configured limits instead of held open forever, on the
+/// OTLP/HTTP listener and the API alike.
+#[tokio::test]
+async fn slow_clients_are_cut_off_at_the_time_limits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let daemon = TestDaemon::start_with(|raw| {
+        raw.header_read_timeout_secs = Some(1);
+        raw.request_timeout_secs = Some(1);
+    })
+    .await;
+    /// Reads until the server closes the connection; what it said before.
+    async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+        let mut said = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = tokio::time::timeout(support::DEADLINE, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => said.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the connection is still open after the deadline");
+        String::from_utf8_lossy(&said).into_owned()
+    }
+    for (addr, path, media) in [
+        (daemon.addrs.otlp_http, "/v1/traces", "application/x-protobuf"),
+        (daemon.addrs.http, "/api/v1/subscriptions", "application/json"),
+    ] {
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stalled
+            .write_all(format!("POST {path} HTTP/1.1\r\nhost: canaryd\r\n").as_bytes())
+            .await
+            .expect("write");
+        until_closed(&mut stalled).await;
+
+        let mut trickle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        trickle
+            .write_all(
+                format!(
+                    "POST {path} HTTP/1.1\r\nhost: canaryd\r\ncontent-type: {media}\r\n\
+                     content-length: 8388608\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .expect("write");
+        trickle.write_all(&[0u8; 1024]).await.expect("write");
+        let answer = until_closed(&mut trickle).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{addr}: {answer}");
+    }
+    // The daemon still serves everyone else.
+    assert_eq!(daemon.status_of("/healthz").await, 200);
+    daemon.stop().await.expect("clean stop");
+}
+
+/// Concatenated gzip members are one gzip stream: a body made of two is read whole, not cut
+/// after the first.
+#[tokio::test]
+async fn every_member_of_a_gzip_body_is_read() {
+    use flate2::{Compression, write::GzEncoder};
+    use std::io::Write as _;
+
+    let daemon = TestDaemon::start().await;
+    let message = spans_request("members", "1", &["op".to_string()], 6).encode_to_vec();
+    let (first, second) = message.split_at(message.len() / 2);
+    let mut body = Vec::new();
+    for part in [first, second] {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+        encoder.write_all(part).expect("gzip");
+        body.extend(encoder.finish().expect("gzip"));
+    }
+    let response = daemon
+        .http
+        .post(daemon.otlp_http("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(response.status().as_u16(), 200, "{:?}", response.text().await);
+    wait_for_count(&daemon, "prod", "members", "1", "spans", 6).await;
+    daemon.stop().await.expect("clean stop");
+}

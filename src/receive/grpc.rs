@@ -7,6 +7,7 @@
 //! `contract_status_codes` corrects those answers on their way out.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{HeaderValue, Response};
 use bytes::{Buf, Bytes};
@@ -207,6 +208,7 @@ pub async fn serve(
     listener: TcpListener,
     intake: Arc<Intake>,
     watch: Watch,
+    request_timeout: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let limit = intake.max_message_bytes();
@@ -217,6 +219,12 @@ pub async fn serve(
         // request wait on several window updates.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // A request that has not been read and answered by then is cancelled (a client that
+        // trickles its message must not hold it forever); a Watch's stream is not a request
+        // still being answered, and goes on. Dead peers are found by keep-alive pings.
+        .timeout(request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(tower::util::MapResponseLayer::new(contract_status_codes))
         .add_service(TraceExport {
             intake: Arc::clone(&service.intake),

@@ -145,7 +145,8 @@ fn normalize<R: OtlpRequest>(
 ) -> Result<Normalized, ExportError> {
     let body = match encoding {
         Encoding::Identity => raw,
-        Encoding::Gzip => inflate(flate2::read::GzDecoder::new(&raw[..]), limit, "gzip")?,
+        // Concatenated gzip members are one valid stream (RFC 1952): every member is read.
+        Encoding::Gzip => inflate(flate2::read::MultiGzDecoder::new(&raw[..]), limit, "gzip")?,
         Encoding::Deflate => inflate(flate2::read::ZlibDecoder::new(&raw[..]), limit, "deflate")?,
     };
     match format {
