@@ -101,6 +101,10 @@ settings! {
     version_attribute: String,
     /// Largest OTLP request accepted, in bytes after decompression [default: 8388608]
     max_message_bytes: usize,
+    /// Most spans, data points or log records in one OTLP request, counted before decoding [default: 100000]
+    max_items_per_request: u64,
+    /// Memory OTLP requests may take from arrival until the engine has ingested them; it bounds the requests in flight [default: 536870912]
+    ingest_memory_bytes: u64,
     /// Most apps tracked [default: 1000]
     max_apps: usize,
     /// Most versions tracked per app [default: 20]
@@ -219,6 +223,8 @@ pub struct Config {
     pub allow_link_local_targets: bool,
     pub delivery: DeliveryConfig,
     pub max_message_bytes: usize,
+    /// OTLP requests decoded or queued at once, from `ingest_memory_bytes`.
+    pub requests_in_flight: usize,
     pub pipeline_queue: usize,
     pub ingest_wait: Duration,
     pub shutdown_grace: Duration,
@@ -234,6 +240,27 @@ pub struct HttpTimeouts {
     pub header_read: Duration,
     /// From a request's headers to its answer: reading the body included.
     pub request: Duration,
+}
+
+/// What one OTLP request may hold in memory at worst, beside its items: the body as received and
+/// inflated.
+const REQUEST_BUFFERS: u64 = 2;
+
+/// What a decoded item (a span, data point or log record with its attributes) takes at most, as
+/// prost and the normalizer hold it; measured at 150-250 bytes for OTLP's usual shapes.
+pub const DECODED_ITEM_BYTES: u64 = 256;
+
+/// How many OTLP requests may be in flight (read, decoded, or queued for the engine) so that even
+/// the largest allowed ones stay within `ingest_memory_bytes`.
+fn requests_in_flight(budget: u64, max_message_bytes: usize, max_items: u64) -> Result<usize, String> {
+    let worst = REQUEST_BUFFERS * max_message_bytes as u64 + max_items.saturating_mul(DECODED_ITEM_BYTES);
+    match budget / worst.max(1) {
+        0 => Err(format!(
+            "cannot hold one request of max_message_bytes ({max_message_bytes}) and max_items_per_request \
+             ({max_items}): that takes up to {worst} bytes"
+        )),
+        n => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+    }
 }
 
 fn invalid(field: &'static str, value: impl ToString, reason: &str) -> ConfigError {
@@ -375,6 +402,25 @@ impl Config {
         };
         let models_dir = raw.models_dir.unwrap_or_else(|| PathBuf::from("./models"));
         let models = crate::models::load(&models_dir)?;
+        let max_message_bytes = within(
+            "max_message_bytes",
+            raw.max_message_bytes.unwrap_or(8 << 20),
+            1024..=(1 << 30),
+        )?;
+        let max_items_per_request = within(
+            "max_items_per_request",
+            raw.max_items_per_request
+                .unwrap_or(crate::normalize::DEFAULT_MAX_ITEMS_PER_REQUEST),
+            1..=100_000_000,
+        )?;
+        let ingest_memory_bytes = within(
+            "ingest_memory_bytes",
+            raw.ingest_memory_bytes.unwrap_or(512 << 20),
+            1 << 20..=1 << 40,
+        )?;
+        let requests_in_flight =
+            requests_in_flight(ingest_memory_bytes, max_message_bytes, max_items_per_request)
+                .map_err(|reason| invalid("ingest_memory_bytes", ingest_memory_bytes, &reason))?;
         let config = Config {
             data_dir,
             otlp_grpc_addr: addr(raw.otlp_grpc_addr, "127.0.0.1:4317"),
@@ -383,6 +429,7 @@ impl Config {
             models_dir,
             api_token,
             normalize: NormalizeOptions {
+                max_items_per_request,
                 version_attribute,
                 max_attribute_value_len: within(
                     "max_attribute_value_len",
@@ -426,11 +473,8 @@ impl Config {
                 haproxy_servers: raw.haproxy_servers.unwrap_or_default(),
                 ..DeliveryConfig::default()
             },
-            max_message_bytes: within(
-                "max_message_bytes",
-                raw.max_message_bytes.unwrap_or(8 << 20),
-                1024..=(1 << 30),
-            )?,
+            max_message_bytes,
+            requests_in_flight,
             pipeline_queue: within("pipeline_queue", raw.pipeline_queue.unwrap_or(256), 1..=1_000_000)?,
             // 0 is allowed: a full queue is then answered "unavailable" at once.
             ingest_wait: Duration::from_millis(within(

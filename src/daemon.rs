@@ -307,6 +307,7 @@ impl Daemon {
             config.engine.windows.future_skew_ns,
             stats.clone(),
             config.max_message_bytes,
+            (config.requests_in_flight, config.ingest_wait),
         ));
 
         let watch = Watch::new(store.clone(), feed.clone(), shutdown.clone());

@@ -1871,3 +1871,138 @@ async fn every_member_of_a_gzip_body_is_read() {
     wait_for_count(&daemon, "prod", "members", "1", "spans", 6).await;
     daemon.stop().await.expect("clean stop");
 }
+
+/// A request holding more items than `max_items_per_request` is refused before it is decoded,
+/// over both transports and for every signal: 413 over HTTP, RESOURCE_EXHAUSTED over gRPC.
+#[tokio::test]
+async fn a_request_with_too_many_items_is_refused_before_decoding() {
+    let daemon = TestDaemon::start_with(|raw| raw.max_items_per_request = Some(10)).await;
+    let spans = spans_request("many", "1", &["op".to_string()], 11);
+    let metrics = testdata::metrics_request("prod", "many", "1", 11, EPOCH_NS, 5);
+    let logs = testdata::logs_request("prod", "many", "1", &[9; 11], EPOCH_NS);
+    for (path, body) in [
+        ("/v1/traces", spans.encode_to_vec()),
+        ("/v1/metrics", metrics.encode_to_vec()),
+        ("/v1/logs", logs.encode_to_vec()),
+    ] {
+        let response = daemon
+            .http
+            .post(daemon.otlp_http(path))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .expect("export");
+        assert_eq!(response.status().as_u16(), 413, "{path}");
+        let status = RpcStatus::decode(response.bytes().await.expect("body")).expect("a google.rpc.Status");
+        assert!(
+            status.message.contains("max_items_per_request"),
+            "{path}: {}",
+            status.message
+        );
+    }
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let refused = traces.export(spans).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let mut client = MetricsServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let refused = client.export(metrics).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let mut client = LogsServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let refused = client.export(logs).await.expect_err("refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        daemon
+            .metric(
+                "canaryd_otlp_requests_total{signal=\"traces\",transport=\"grpc\",outcome=\"too_many_items\"}"
+            )
+            .await,
+        1.0
+    );
+    // Within the limit, the same shapes are taken.
+    let answer = traces
+        .export(spans_request("many", "1", &["op".to_string()], 10))
+        .await
+        .expect("within the limit");
+    assert_eq!(answer.into_inner().partial_success, None);
+    daemon.stop().await.expect("clean stop");
+}
+
+/// The ingest memory budget bounds the requests in flight: with room for one, a request whose
+/// body is still arriving holds the slot, and others wait `ingest_wait_ms`, then get a retryable
+/// refusal (503 with Retry-After, UNAVAILABLE) instead of piling up in memory; once the slow one
+/// is gone, requests are taken again.
+#[tokio::test]
+async fn requests_in_flight_are_bounded_by_the_memory_budget() {
+    use tokio::io::AsyncWriteExt;
+
+    let daemon = TestDaemon::start_with(|raw| {
+        raw.max_message_bytes = Some(1 << 20);
+        raw.max_items_per_request = Some(1_000);
+        // One request of 1 MiB received and inflated, with 1,000 items, fits; two do not.
+        raw.ingest_memory_bytes = Some(3 << 20);
+        raw.ingest_wait_ms = Some(200);
+    })
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(daemon.addrs.otlp_http)
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"POST /v1/traces HTTP/1.1\r\nhost: canaryd\r\ncontent-type: application/x-protobuf\r\n\
+          content-length: 100000\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    slow.write_all(&[0u8; 100]).await.expect("write");
+    let request = spans_request("budget", "1", &["op".to_string()], 5);
+    let refused = eventually(
+        "a second request refused while the first holds the slot",
+        || async {
+            let response = daemon
+                .http
+                .post(daemon.otlp_http("/v1/traces"))
+                .header("content-type", "application/x-protobuf")
+                .body(request.encode_to_vec())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if response.status().as_u16() == 503 {
+                Ok(response)
+            } else {
+                Err(format!("answered {}", response.status()))
+            }
+        },
+    )
+    .await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let status = client.export(request.clone()).await.expect_err("no slot");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        daemon
+            .metric(
+                "canaryd_otlp_requests_total{signal=\"traces\",transport=\"grpc\",outcome=\"overloaded\"}"
+            )
+            .await
+            >= 1.0
+    );
+    drop(slow);
+    eventually("the slot is free again once the slow request is gone", || async {
+        client
+            .clone()
+            .export(request.clone())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    wait_for_count(&daemon, "prod", "budget", "1", "spans", 5).await;
+    daemon.stop().await.expect("clean stop");
+}

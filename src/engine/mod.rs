@@ -28,10 +28,12 @@ use crate::stats::Stats;
 
 /// What the engine is asked to do: the only ways its state changes or is read.
 pub enum Input {
-    /// A receiver's batch. The reply, when asked for, says what became of it.
+    /// A receiver's batch. The reply, when asked for, says what became of it. The admission, its
+    /// request's share of the ingest memory budget, is given back once the batch is applied.
     Observations {
         batch: Batch,
         reply: Option<oneshot::Sender<Ingested>>,
+        admission: Option<Admission>,
     },
     /// `PUT .../rollout`: judge `canary` against `stable` with `model`.
     DeclareRollout {
@@ -56,6 +58,17 @@ pub struct Rollout {
     pub stable_version: String,
     pub canary_version: String,
     pub model: Option<String>,
+}
+
+/// A request's share of the ingest memory budget (`ingest_memory_bytes`), held from the request's
+/// arrival until the engine has applied its batch: what is queued for the engine counts too.
+#[derive(Debug)]
+pub struct Admission(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Admission {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Admission(permit)
+    }
 }
 
 /// What became of one batch.
@@ -88,14 +101,18 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Queues a batch, waiting up to `ingest_wait` for room.
-    pub async fn submit(&self, batch: Batch) -> Result<(), SubmitError> {
-        self.send_batch(batch, None).await
+    pub async fn submit(&self, batch: Batch, admission: Option<Admission>) -> Result<(), SubmitError> {
+        self.send_batch(batch, None, admission).await
     }
 
     /// Queues a batch and waits until the engine has applied it.
-    pub async fn submit_and_wait(&self, batch: Batch) -> Result<Ingested, SubmitError> {
+    pub async fn submit_and_wait(
+        &self,
+        batch: Batch,
+        admission: Option<Admission>,
+    ) -> Result<Ingested, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        self.send_batch(batch, Some(reply)).await?;
+        self.send_batch(batch, Some(reply), admission).await?;
         answer.await.map_err(|_| SubmitError::Closed)
     }
 
@@ -103,8 +120,13 @@ impl EngineHandle {
         &self,
         batch: Batch,
         reply: Option<oneshot::Sender<Ingested>>,
+        admission: Option<Admission>,
     ) -> Result<(), SubmitError> {
-        let input = Input::Observations { batch, reply };
+        let input = Input::Observations {
+            batch,
+            reply,
+            admission,
+        };
         self.tx.send_timeout(input, self.wait).await.map_err(|e| match e {
             mpsc::error::SendTimeoutError::Timeout(_) => SubmitError::Full(self.wait),
             mpsc::error::SendTimeoutError::Closed(_) => SubmitError::Closed,
@@ -220,8 +242,14 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
 /// Applies one input, emitting what it decided.
 fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, input: Input) {
     match input {
-        Input::Observations { batch, reply } => {
+        Input::Observations {
+            batch,
+            reply,
+            admission,
+        } => {
             let report = engine.ingest(&batch);
+            // The batch's memory is the engine's now (or gone): the budget may admit another.
+            drop((batch, admission));
             let events = report_events(engine, &report);
             emitter.emit(engine, events);
             stats.ingested(engine.catalog().app_count(), &report);
@@ -325,6 +353,7 @@ mod tests {
             let input = Input::Observations {
                 batch,
                 reply: Some(reply),
+                admission: None,
             };
             apply(&mut engine, &emitter, &emitter.stats, input);
             answer.await.expect("the engine answers");

@@ -12,10 +12,13 @@
 //! the rest of the request is kept. Strings from clients are stripped of control characters and
 //! cut to `max_attribute_value_len`; event times past 2262 are rejected.
 
+pub mod count;
 mod logs;
 mod metrics;
 mod traces;
 mod wire;
+
+pub use wire::WireError;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -32,6 +35,8 @@ pub use traces::{traces, traces_protobuf};
 /// Settings of normalization, from the daemon's config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NormalizeOptions {
+    /// Requests holding more items (spans, data points, log records) are refused before decoding.
+    pub max_items_per_request: u64,
     /// Resource attribute naming the version.
     pub version_attribute: String,
     /// Longer attribute values are cut to this many bytes (at a character boundary).
@@ -40,9 +45,13 @@ pub struct NormalizeOptions {
     pub max_series_attributes: usize,
 }
 
+/// Ten times the OpenTelemetry Collector's default batch (8,192): a large but honest export fits.
+pub const DEFAULT_MAX_ITEMS_PER_REQUEST: u64 = 100_000;
+
 impl Default for NormalizeOptions {
     fn default() -> Self {
         NormalizeOptions {
+            max_items_per_request: DEFAULT_MAX_ITEMS_PER_REQUEST,
             version_attribute: "service.version".into(),
             max_attribute_value_len: 256,
             max_series_attributes: 8,

@@ -69,6 +69,11 @@ async fn export<R: OtlpRequest>(
         Ok(encoding) => encoding,
         Err(e) => return refuse(format, e),
     };
+    // A slot first: the body is read only once the request fits the ingest memory budget.
+    let admission = match intake.admit(R::SIGNAL, Transport::Http).await {
+        Ok(admission) => admission,
+        Err(e) => return failure(format, e),
+    };
     let limit = intake.max_message_bytes();
     // The limit applies to the bytes on the wire too, so a huge compressed body is not read whole.
     let raw = match axum::body::to_bytes(body, limit).await {
@@ -87,7 +92,7 @@ async fn export<R: OtlpRequest>(
         }
     };
     let normalized = move |options: &_| normalize::<R>(format, encoding, raw, limit, options);
-    match intake.export::<R>(Transport::Http, normalized).await {
+    match intake.export::<R>(Transport::Http, admission, normalized).await {
         Ok(outcome) => success::<R>(format, outcome),
         Err(e) => failure(format, e),
     }
@@ -151,12 +156,22 @@ fn normalize<R: OtlpRequest>(
     };
     match format {
         Format::Protobuf => R::normalize_protobuf(body, options),
-        Format::Json => serde_json::from_slice::<R>(&body)
-            .map_err(|e| ExportError::Undecodable {
-                format: "OTLP JSON",
-                reason: e.to_string(),
-            })?
-            .normalize(options),
+        Format::Json => {
+            // JSON is decoded whole (its size bounds what that can take); the item limit still
+            // holds for what it carried.
+            let normalized = serde_json::from_slice::<R>(&body)
+                .map_err(|e| ExportError::Undecodable {
+                    format: "OTLP JSON",
+                    reason: e.to_string(),
+                })?
+                .normalize(options)?;
+            let items = normalized.accepted + normalized.rejected + normalized.skipped;
+            let limit = options.max_items_per_request;
+            if items > limit {
+                return Err(ExportError::TooManyItems { items, limit });
+            }
+            Ok(normalized)
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 
 use canaryd_engine::EventTime;
 
-use crate::engine::{EngineHandle, SubmitError};
+use crate::engine::{Admission, EngineHandle, SubmitError};
 use crate::normalize::{self, NormalizeOptions, Normalized};
 use crate::stats::{Signal, Stats, Transport};
 
@@ -36,12 +36,23 @@ pub enum ExportError {
     Undecodable { format: &'static str, reason: String },
     #[error("request exceeds the limit of {limit} bytes (max_message_bytes)")]
     TooLarge { limit: usize },
+    #[error(
+        "request holds {items} items, more than the limit of {limit} (max_items_per_request): send smaller batches"
+    )]
+    TooManyItems { items: u64, limit: u64 },
     #[error("unsupported content type {0:?}: send application/x-protobuf or application/json")]
     UnsupportedContentType(String),
     #[error("unsupported content encoding {0:?}: send gzip, deflate or identity")]
     UnsupportedEncoding(String),
     #[error("canaryd is busy: {0}; retry later")]
     Busy(SubmitError),
+    #[error(
+        "canaryd is busy: {in_flight} requests in flight (ingest_memory_bytes) for {waited:?}; retry later"
+    )]
+    Overloaded {
+        in_flight: usize,
+        waited: std::time::Duration,
+    },
     #[error("canaryd is shutting down")]
     ShuttingDown,
 }
@@ -59,19 +70,23 @@ impl ExportError {
             ExportError::Undecodable { .. }
             | ExportError::UnsupportedContentType(_)
             | ExportError::UnsupportedEncoding(_) => tonic::Code::InvalidArgument,
-            ExportError::TooLarge { .. } => tonic::Code::ResourceExhausted,
-            ExportError::Busy(_) | ExportError::ShuttingDown => tonic::Code::Unavailable,
+            ExportError::TooLarge { .. } | ExportError::TooManyItems { .. } => tonic::Code::ResourceExhausted,
+            ExportError::Busy(_) | ExportError::Overloaded { .. } | ExportError::ShuttingDown => {
+                tonic::Code::Unavailable
+            }
         }
     }
 
     pub fn http_status(&self) -> StatusCode {
         match self {
             ExportError::Undecodable { .. } => StatusCode::BAD_REQUEST,
-            ExportError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ExportError::TooLarge { .. } | ExportError::TooManyItems { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ExportError::UnsupportedContentType(_) | ExportError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
-            ExportError::Busy(_) | ExportError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ExportError::Busy(_) | ExportError::Overloaded { .. } | ExportError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -80,10 +95,12 @@ impl ExportError {
         match self {
             ExportError::Undecodable { .. } => "undecodable",
             ExportError::TooLarge { .. } => "too_large",
+            ExportError::TooManyItems { .. } => "too_many_items",
             ExportError::UnsupportedContentType(_) | ExportError::UnsupportedEncoding(_) => {
                 "unsupported_media_type"
             }
             ExportError::Busy(_) => "busy",
+            ExportError::Overloaded { .. } => "overloaded",
             ExportError::ShuttingDown => "shutting_down",
         }
     }
@@ -98,14 +115,22 @@ impl From<ExportError> for tonic::Status {
 /// An OTLP export request type: how to normalize it and how to answer it.
 pub trait OtlpRequest: prost::Message + Default + serde::de::DeserializeOwned + Send + 'static {
     const SIGNAL: Signal;
+    /// The gRPC service's full name, and its `Export` method's path.
+    const GRPC_SERVICE: &'static str;
+    const GRPC_EXPORT_PATH: &'static str;
     type Response: prost::Message + Send + 'static;
 
     /// Normalizes a decoded request (the OTLP/JSON path, and gRPC metrics and logs).
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError>;
 
-    /// Decodes and normalizes a request in its protobuf encoding: by default a whole prost decode;
-    /// traces, the bulk of what is sent, are read in place.
+    /// Items (spans, data points, log records) in the encoded request, counted on the wire.
+    fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError>;
+
+    /// Decodes and normalizes a request in its protobuf encoding, once its items are counted and
+    /// within `max_items_per_request`: by default a whole prost decode; traces, the bulk of what
+    /// is sent, are read in place.
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        within_item_limit::<Self>(&buf, options)?;
         Self::decode(buf)
             .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?
             .normalize(options)
@@ -116,8 +141,20 @@ pub trait OtlpRequest: prost::Message + Default + serde::de::DeserializeOwned + 
     const REJECTED_FIELD: &'static str;
 }
 
+/// Refuses a request that holds more items than `max_items_per_request`, before it is decoded.
+fn within_item_limit<R: OtlpRequest>(buf: &[u8], options: &NormalizeOptions) -> Result<(), ExportError> {
+    let items = R::count_items(buf).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?;
+    let limit = options.max_items_per_request;
+    if items > limit {
+        return Err(ExportError::TooManyItems { items, limit });
+    }
+    Ok(())
+}
+
 impl OtlpRequest for ExportTraceServiceRequest {
     const SIGNAL: Signal = Signal::Traces;
+    const GRPC_SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const GRPC_EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
     type Response = ExportTraceServiceResponse;
     const REJECTED_FIELD: &'static str = "rejectedSpans";
 
@@ -125,7 +162,12 @@ impl OtlpRequest for ExportTraceServiceRequest {
         normalize::traces(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
+    fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError> {
+        normalize::count::spans(buf)
+    }
+
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        within_item_limit::<Self>(&buf, options)?;
         normalize::traces_protobuf(&buf, options)
             .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
@@ -142,8 +184,14 @@ impl OtlpRequest for ExportTraceServiceRequest {
 
 impl OtlpRequest for ExportMetricsServiceRequest {
     const SIGNAL: Signal = Signal::Metrics;
+    const GRPC_SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    const GRPC_EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
     type Response = ExportMetricsServiceResponse;
     const REJECTED_FIELD: &'static str = "rejectedDataPoints";
+
+    fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError> {
+        normalize::count::data_points(buf)
+    }
 
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         Ok(normalize::metrics(self, options))
@@ -161,8 +209,14 @@ impl OtlpRequest for ExportMetricsServiceRequest {
 
 impl OtlpRequest for ExportLogsServiceRequest {
     const SIGNAL: Signal = Signal::Logs;
+    const GRPC_SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const GRPC_EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
     type Response = ExportLogsServiceResponse;
     const REJECTED_FIELD: &'static str = "rejectedLogRecords";
+
+    fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError> {
+        normalize::count::log_records(buf)
+    }
 
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         Ok(normalize::logs(self, options))
@@ -197,6 +251,11 @@ pub fn wall_clock_ns() -> EventTime {
 pub struct Intake {
     options: NormalizeOptions,
     engine: EngineHandle,
+    /// One permit per request that may be in flight (`Config::requests_in_flight`).
+    slots: Arc<tokio::sync::Semaphore>,
+    in_flight: usize,
+    /// How long a request waits for a slot before it is answered "unavailable".
+    wait: std::time::Duration,
     /// How far ahead of the receive clock (and the app's event time) data may be dated.
     future_skew_ns: u64,
     stats: Arc<Stats>,
@@ -210,10 +269,14 @@ impl Intake {
         future_skew_ns: u64,
         stats: Arc<Stats>,
         max_message_bytes: usize,
+        (in_flight, wait): (usize, std::time::Duration),
     ) -> Self {
         Intake {
             options,
             engine,
+            slots: Arc::new(tokio::sync::Semaphore::new(in_flight)),
+            in_flight,
+            wait,
             future_skew_ns,
             stats,
             max_message_bytes,
@@ -224,11 +287,32 @@ impl Intake {
         self.max_message_bytes
     }
 
+    /// Takes a slot for one request, before its body is read: waits up to `ingest_wait` for one
+    /// of the `requests_in_flight`, then refuses (retryable). The slot stays taken until the
+    /// engine has applied the request's batch, so that memory spent on requests (bodies, decoded
+    /// items, queued batches) stays within `ingest_memory_bytes`.
+    pub async fn admit(&self, signal: Signal, transport: Transport) -> Result<Admission, ExportError> {
+        let slot = tokio::time::timeout(self.wait, Arc::clone(&self.slots).acquire_owned()).await;
+        match slot {
+            Ok(Ok(permit)) => Ok(Admission::new(permit)),
+            Ok(Err(_)) => Err(ExportError::ShuttingDown),
+            Err(_) => {
+                let e = ExportError::Overloaded {
+                    in_flight: self.in_flight,
+                    waited: self.wait,
+                };
+                self.count_refusal(signal, transport, &e);
+                Err(e)
+            }
+        }
+    }
+
     /// Runs `normalize` (decoding included, where the request is still encoded) on a blocking
-    /// thread, then queues the batch.
+    /// thread, then queues the batch with the request's admission.
     pub async fn export<R: OtlpRequest>(
         &self,
         transport: Transport,
+        admission: Admission,
         normalize: impl FnOnce(&NormalizeOptions) -> Result<Normalized, ExportError> + Send + 'static,
     ) -> Result<ExportOutcome, ExportError> {
         let options = self.options.clone();
@@ -237,7 +321,7 @@ impl Intake {
             .map_err(|_| ExportError::ShuttingDown)
             .and_then(|r| r);
         let result = match normalized {
-            Ok(n) => self.submit(n, R::SIGNAL).await,
+            Ok(n) => self.submit(n, R::SIGNAL, admission).await,
             Err(e) => Err(e),
         };
         match &result {
@@ -257,7 +341,12 @@ impl Intake {
         self.stats.export(signal, transport, error.outcome(), 0, 0);
     }
 
-    async fn submit(&self, mut n: Normalized, signal: Signal) -> Result<ExportOutcome, ExportError> {
+    async fn submit(
+        &self,
+        mut n: Normalized,
+        signal: Signal,
+        admission: Admission,
+    ) -> Result<ExportOutcome, ExportError> {
         if n.skipped > 0 {
             tracing::debug!(
                 signal = signal.name(),
@@ -283,9 +372,12 @@ impl Intake {
                 .iter()
                 .any(|r| r.seen.is_some_and(|(_, hi)| hi > limit));
             let refused = if suspect {
-                self.engine.submit_and_wait(n.batch).await.map(|i| i.future)
+                self.engine
+                    .submit_and_wait(n.batch, Some(admission))
+                    .await
+                    .map(|i| i.future)
             } else {
-                self.engine.submit(n.batch).await.map(|()| 0)
+                self.engine.submit(n.batch, Some(admission)).await.map(|()| 0)
             }
             .map_err(|e| match e {
                 SubmitError::Closed => ExportError::ShuttingDown,
