@@ -34,3 +34,20 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub settings: RawConfig,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_yes_no_setting_is_a_flag_that_takes_an_optional_value() {
+        let settings = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["canaryd", "serve"], args].concat()).expect("parses");
+            let Command::Serve(serve) = cli.command;
+            serve.settings.insecure_no_auth
+        };
+        assert_eq!(settings(&["--insecure-no-auth"]), Some(true));
+        assert_eq!(settings(&["--insecure-no-auth", "false"]), Some(false));
+        assert_eq!(settings(&[]), None);
+    }
+}

@@ -43,14 +43,14 @@ pub enum ConfigError {
 /// Declares every setting once: its type and doc. Expands to `RawConfig`, whose fields are all
 /// optional, with its TOML, environment and flag readers.
 macro_rules! settings {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, )*) => {
+    ($( $(#[$meta:meta])* $name:ident : $ty:ty, )*) => {
         /// Settings as one source gave them; `None` where that source is silent.
         #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, clap::Args)]
         #[serde(deny_unknown_fields)]
         pub struct RawConfig {
             $(
-                $(#[doc = $doc])*
                 #[arg(long)]
+                $(#[$meta])*
                 pub $name: Option<$ty>,
             )*
         }
@@ -97,6 +97,11 @@ settings! {
     models_dir: PathBuf,
     /// Bearer token that POST, PUT and DELETE on the API must carry [default: none]
     api_token: String,
+    /// Bearer token for reading subscriptions and deliveries and for Flagger's gates (api_token works too) [default: none]
+    api_read_token: String,
+    /// Serve the API on an address other than loopback without api_token [default: false]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    insecure_no_auth: bool,
     /// Resource attribute that names the version [default: service.version]
     version_attribute: String,
     /// Largest OTLP request accepted, in bytes after decompression [default: 8388608]
@@ -215,6 +220,7 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub models_dir: PathBuf,
     pub api_token: Option<String>,
+    pub api_read_token: Option<String>,
     pub normalize: NormalizeOptions,
     pub engine: EngineConfig,
     pub flush_interval: Duration,
@@ -289,6 +295,7 @@ fn within<T: PartialOrd + std::fmt::Display + Copy>(
 impl Config {
     /// Applies the defaults to `raw` and checks every value.
     pub fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
+        let raw_insecure_no_auth = raw.insecure_no_auth.unwrap_or(false);
         let addr = |v: Option<SocketAddr>, default: &str| {
             v.unwrap_or_else(|| default.parse().expect("default address parses"))
         };
@@ -340,12 +347,19 @@ impl Config {
                 "must not be empty",
             ));
         }
-        let api_token = match raw.api_token {
-            Some(t) if t.trim().is_empty() => {
-                return Err(invalid("api_token", "", "must not be empty when set"));
-            }
-            t => t,
+        let token = |field: &'static str, value: Option<String>| match value {
+            Some(t) if t.trim().is_empty() => Err(invalid(field, "", "must not be empty when set")),
+            t => Ok(t),
         };
+        let api_token = token("api_token", raw.api_token)?;
+        let api_read_token = token("api_read_token", raw.api_read_token)?;
+        if api_token.is_some() && api_token == api_read_token {
+            return Err(invalid(
+                "api_read_token",
+                "(the api_token)",
+                "must differ from api_token, or it grants everything",
+            ));
+        }
         let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
         if data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "", "must not be empty"));
@@ -428,6 +442,7 @@ impl Config {
             http_addr: addr(raw.http_addr, "127.0.0.1:8080"),
             models_dir,
             api_token,
+            api_read_token,
             normalize: NormalizeOptions {
                 max_items_per_request,
                 version_attribute,
@@ -504,7 +519,26 @@ impl Config {
             log,
         };
         config.check_addresses()?;
+        config.check_open_api(raw_insecure_no_auth)?;
         Ok(config)
+    }
+
+    /// The API changes what canaryd does to traffic: served beyond this machine it needs a token,
+    /// unless `insecure_no_auth` says that is meant.
+    fn check_open_api(&self, insecure_no_auth: bool) -> Result<(), ConfigError> {
+        if self.api_token.is_none() && !self.http_addr.ip().is_loopback() && !insecure_no_auth {
+            return Err(invalid(
+                "api_token",
+                "(none)",
+                &format!(
+                    "must be set when http_addr ({}) is not a loopback address, or anyone who can \
+                     reach it can change rollouts and subscriptions; set insecure_no_auth to serve it \
+                     open anyway",
+                    self.http_addr
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Two listeners cannot share a fixed port on the same address.
@@ -623,6 +657,35 @@ mod tests {
                 .to_string()
                 .contains("api_token")
         );
+    }
+
+    #[test]
+    fn an_api_beyond_loopback_needs_a_token_unless_told_otherwise() {
+        let open = |token: Option<&str>, insecure: Option<bool>| RawConfig {
+            http_addr: Some("0.0.0.0:8080".parse().expect("address")),
+            api_token: token.map(str::to_owned),
+            insecure_no_auth: insecure,
+            ..RawConfig::default()
+        };
+        let message = Config::resolve(open(None, None))
+            .expect_err("open API")
+            .to_string();
+        assert!(
+            message.contains("api_token") && message.contains("insecure_no_auth"),
+            "{message}"
+        );
+        assert!(Config::resolve(open(Some("t"), None)).is_ok());
+        assert!(Config::resolve(open(None, Some(true))).is_ok());
+        // Loopback (the default) needs nothing.
+        assert!(Config::resolve(RawConfig::default()).is_ok());
+        // A read token equal to the admin one would grant everything.
+        let same = RawConfig {
+            api_token: Some("t".into()),
+            api_read_token: Some("t".into()),
+            ..RawConfig::default()
+        };
+        let message = Config::resolve(same).expect_err("same tokens").to_string();
+        assert!(message.contains("api_read_token"), "{message}");
     }
 
     #[test]

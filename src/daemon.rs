@@ -337,7 +337,10 @@ impl Daemon {
                 stats,
                 store: store.clone(),
                 dispatcher: dispatcher.clone(),
-                api_token: config.api_token.clone().map(Arc::from),
+                tokens: serve::Tokens {
+                    admin: config.api_token.clone().map(Arc::from),
+                    read: config.api_read_token.clone().map(Arc::from),
+                },
                 allow_link_local_targets: config.allow_link_local_targets,
                 ready: ready.clone(),
             }),

@@ -1524,7 +1524,11 @@ async fn deliveries_go_on_while_the_receivers_and_the_engine_drain() {
 
 #[tokio::test]
 async fn writes_need_the_token_and_metadata_targets_are_refused() {
-    let daemon = TestDaemon::start_with(|raw| raw.api_token = Some("s3cret".into())).await;
+    let daemon = TestDaemon::start_with(|raw| {
+        raw.api_token = Some("s3cret".into());
+        raw.api_read_token = Some("reader".into());
+    })
+    .await;
     let body = serde_json::json!({"url": "http://127.0.0.1:9/hook", "events": ["canaryd.anomaly.detected"]});
     let post = |token: Option<&'static str>, body: serde_json::Value| {
         let mut request = daemon.http.post(daemon.api("/api/v1/subscriptions")).json(&body);
@@ -1547,11 +1551,24 @@ async fn writes_need_the_token_and_metadata_targets_are_refused() {
             .is_some_and(|s| s.starts_with("whsec_")),
         "a secret is generated"
     );
+    // Subscriptions reveal receivers: reading them needs a token, the read one or the admin one.
+    let read = |token: Option<&'static str>| {
+        let mut request = daemon.http.get(daemon.api("/api/v1/subscriptions"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(read(None).await.expect("get").status(), 401);
+    assert_eq!(read(Some("wrong")).await.expect("get").status(), 401);
+    assert_eq!(read(Some("reader")).await.expect("get").status(), 200);
+    assert_eq!(read(Some("s3cret")).await.expect("get").status(), 200);
+    // The read token changes nothing; other reads stay open.
     assert_eq!(
-        daemon.status_of("/api/v1/subscriptions").await,
-        200,
-        "reads need no token"
+        post(Some("reader"), body.clone()).await.expect("post").status(),
+        401
     );
+    assert_eq!(daemon.status_of("/api/v1/apps").await, 200);
 
     let metadata = serde_json::json!({"url": "http://169.254.169.254/latest/meta-data/", "events": ["canaryd.anomaly.detected"]});
     let refused = post(Some("s3cret"), metadata).await.expect("post");

@@ -184,7 +184,11 @@ async fn a_malformed_payload_is_refused_naming_the_field() {
 
 #[tokio::test]
 async fn with_an_api_token_the_gates_need_it() {
-    let daemon = TestDaemon::start_with(|raw| raw.api_token = Some("gate-token".into())).await;
+    let daemon = TestDaemon::start_with(|raw| {
+        raw.api_token = Some("gate-token".into());
+        raw.api_read_token = Some("gate-reader".into());
+    })
+    .await;
     for path in [GATE, ROLLBACK] {
         let (status, body) = post(&daemon, path, flagger("Progressing")).await;
         assert_eq!(status, 401, "{path}: {body}");
@@ -198,6 +202,14 @@ async fn with_an_api_token_the_gates_need_it() {
             .expect("POST");
         let want = if path == GATE { 200 } else { 409 };
         assert_eq!(response.status().as_u16(), want, "{path}");
+        // Flagger cannot set headers: the webhook's metadata.token is accepted instead, the read
+        // token as well as the admin one, and a wrong one is refused.
+        for (token, status) in [("gate-token", want), ("gate-reader", want), ("nope", 401)] {
+            let mut payload = flagger("Initialized");
+            payload["metadata"]["token"] = serde_json::json!(token);
+            let (got, body) = post(&daemon, path, payload).await;
+            assert_eq!(got, status, "{path} with metadata.token {token}: {body}");
+        }
     }
     daemon.stop().await.expect("clean stop");
 }

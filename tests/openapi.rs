@@ -220,14 +220,14 @@ async fn the_document_describes_every_route_and_the_answers_match_it() {
         }
     }
 
-    // The bearer token on every write, and only there.
+    // The bearer token on every write and on what reveals receivers, and only there.
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"],
         json!({"type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["bearer"]["description"]})
     );
     for (method, path) in &documented {
         let operation = &doc["paths"][path][method];
-        if WRITES.contains(&method.as_str()) {
+        if WRITES.contains(&method.as_str()) || path.starts_with("/api/v1/subscriptions") {
             assert_eq!(operation["security"], json!([{"bearer": []}]), "{method} {path}");
             let schema = response_schema(&doc, method, path, 401);
             assert_eq!(

@@ -16,17 +16,18 @@
 
 use std::collections::BTreeMap;
 
-use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use canaryd_engine::judge::{AnalysisView, GateOutcome, Outcome, State as CanaryState};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::{Access, Granted, unauthorized};
 use super::{ApiState, CanaryStateSchema, ErrorBody, error};
 
 /// At most this many reasons go into an answer (Flagger copies the body into its events).
@@ -84,6 +85,8 @@ pub(super) struct GateRequest {
     phase: String,
     checksum: Option<String>,
     pre_traffic: bool,
+    /// `metadata.token`: Flagger cannot set headers, so the gate's token can come here.
+    token: Option<String>,
 }
 
 impl GateRequest {
@@ -122,6 +125,7 @@ impl GateRequest {
             phase: payload.phase,
             checksum: payload.checksum,
             pre_traffic,
+            token: metadata.get("token").cloned(),
         })
     }
 }
@@ -207,6 +211,19 @@ pub(super) async fn lookup(state: &ApiState, request: &GateRequest) -> Result<An
         })
         .await;
     found.unwrap_or_else(|e| Err(format!("{e}: canaryd is shutting down")))
+}
+
+/// A gate needs the read (or admin) token, as a bearer token or as `metadata.token`.
+fn authorized(state: &ApiState, granted: Access, request: &GateRequest) -> Result<(), Box<Response>> {
+    if !state.tokens.enforced() || granted >= Access::Read {
+        return Ok(());
+    }
+    let sent = request.token.as_deref().unwrap_or("");
+    if state.tokens.grants(sent) >= Access::Read {
+        Ok(())
+    } else {
+        Err(Box::new(unauthorized(Access::Read)))
+    }
 }
 
 /// The messages of the failing checks and gates, then of the marginal ones, capped.
@@ -298,12 +315,16 @@ fn verdict(request: &GateRequest, view: &AnalysisView) -> (bool, Vec<String>) {
 )]
 pub(super) async fn flagger_gate(
     State(state): State<ApiState>,
+    Extension(Granted(granted)): Extension<Granted>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,
 ) -> Response {
     let request = match parse(body) {
         Ok(request) => request,
         Err(response) => return *response,
     };
+    if let Err(response) = authorized(&state, granted, &request) {
+        return *response;
+    }
     let answer = match lookup(&state, &request).await {
         Ok(view) => {
             let (proceed, reasons) = verdict(&request, &view);
@@ -359,12 +380,16 @@ pub(super) async fn flagger_gate(
 )]
 pub(super) async fn flagger_rollback(
     State(state): State<ApiState>,
+    Extension(Granted(granted)): Extension<Granted>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,
 ) -> Response {
     let request = match parse(body) {
         Ok(request) => request,
         Err(response) => return *response,
     };
+    if let Err(response) = authorized(&state, granted, &request) {
+        return *response;
+    }
     let answer = match lookup(&state, &request).await {
         Ok(view) => {
             let rollback = matches!(view.state, CanaryState::Failing | CanaryState::RolledBack);

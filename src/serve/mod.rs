@@ -13,6 +13,7 @@
 //! - `error`: `ApiError`, the status and RFC 9457 problem body of every failure.
 
 mod apps;
+mod auth;
 mod canary;
 mod dashboard;
 mod error;
@@ -24,6 +25,7 @@ mod models;
 mod openapi;
 mod subscriptions;
 
+pub use auth::Tokens;
 pub use error::{ApiError, ErrorBody, error, internal};
 pub use openapi::openapi;
 
@@ -35,16 +37,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Query, State};
-use axum::http::Method;
+use axum::extract::{FromRequestParts, Query};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use canaryd_engine::Engine;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -62,8 +61,8 @@ pub struct ApiState {
     pub stats: Arc<Stats>,
     pub store: Store,
     pub dispatcher: Arc<Dispatcher>,
-    /// When set, POST, PUT and DELETE need `Authorization: Bearer <token>`.
-    pub api_token: Option<Arc<str>>,
+    /// The admin and read tokens (`auth`).
+    pub tokens: Tokens,
     pub allow_link_local_targets: bool,
     /// True once storage is open and every receiver is bound; false again while shutting down.
     pub ready: Arc<AtomicBool>,
@@ -96,7 +95,7 @@ pub fn router(state: ApiState) -> Router {
     let (routes, _) = routes().split_for_parts();
     routes
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
-        .layer(axum::middleware::from_fn_with_state(guarded, require_token))
+        .layer(axum::middleware::from_fn_with_state(guarded, auth::require_token))
         .with_state(state)
 }
 
@@ -138,42 +137,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             Err(e) => Err(error(StatusCode::BAD_REQUEST, &e.body_text())),
         }
     }
-}
-
-/// With `api_token` set, every request that changes something must carry it as a bearer token.
-/// The comparison takes the same time whatever the token sent, so it leaks nothing.
-async fn require_token(
-    State(state): State<ApiState>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    let changes = matches!(
-        *request.method(),
-        Method::POST | Method::PUT | Method::DELETE | Method::PATCH
-    );
-    if let (true, Some(token)) = (changes, &state.api_token) {
-        let sent = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            // The scheme is case-insensitive (RFC 9110); the token is not.
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, token)| token.trim());
-        let matches: bool = sent.as_bytes().ct_eq(token.as_bytes()).into();
-        if !matches {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "this request needs Authorization: Bearer <api_token>",
-            );
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
-    }
-    next.run(request).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -13,8 +13,10 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{OpenApi, PartialSchema, ToSchema};
 
+use super::auth::{Access, needed};
 use super::error::PROBLEM_JSON;
 use super::{ErrorBody, internal};
+use axum::http::Method;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -37,10 +39,10 @@ use super::{ErrorBody, internal};
 )]
 pub(super) struct ApiDoc;
 
-/// The OpenAPI 3.1 description of `routes`, with the bearer token on every write.
+/// The OpenAPI 3.1 description of `routes`, with the bearer token wherever `auth` asks for one.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = super::routes().into_openapi();
-    secure_writes(&mut doc);
+    secure(&mut doc);
     problems_as_problem_json(&mut doc);
     doc
 }
@@ -48,9 +50,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The name of the bearer-token security scheme.
 const BEARER: &str = "bearer";
 
-/// Marks every POST, PUT, DELETE and PATCH as needing the bearer token, with its 401, as
-/// `require_token` enforces on all of them alike.
-fn secure_writes(doc: &mut utoipa::openapi::OpenApi) {
+/// Marks every operation that `auth::needed` guards as needing the bearer token, with its 401:
+/// the document and the check are one rule.
+fn secure(doc: &mut utoipa::openapi::OpenApi) {
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
         BEARER,
@@ -58,17 +60,27 @@ fn secure_writes(doc: &mut utoipa::openapi::OpenApi) {
             HttpBuilder::new()
                 .scheme(HttpAuthScheme::Bearer)
                 .description(Some(
-                    "The daemon's `api_token`. When it is set, every POST, PUT and DELETE needs \
-                     `Authorization: Bearer <api_token>` (401 without); reads never do.",
+                    "When `api_token` (admin) or `api_read_token` is set: every POST, PUT and \
+                     DELETE needs `Authorization: Bearer <api_token>`; reading subscriptions and \
+                     deliveries needs either token; Flagger's gates need either, as a bearer token \
+                     or as the webhook's `metadata.token`; other reads are open. 401 without.",
                 ))
                 .build(),
         ),
     );
-    for item in doc.paths.paths.values_mut() {
-        for operation in [&mut item.post, &mut item.put, &mut item.delete, &mut item.patch]
-            .into_iter()
-            .flatten()
-        {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [
+            (Method::GET, &mut item.get),
+            (Method::POST, &mut item.post),
+            (Method::PUT, &mut item.put),
+            (Method::DELETE, &mut item.delete),
+            (Method::PATCH, &mut item.patch),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            if needed(&method, path) == Access::Open {
+                continue;
+            }
             operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
             operation
                 .responses
@@ -76,7 +88,7 @@ fn secure_writes(doc: &mut utoipa::openapi::OpenApi) {
                 .entry("401".to_owned())
                 .or_insert_with(|| {
                     ResponseBuilder::new()
-                        .description("`api_token` is set and the request lacks its bearer token")
+                        .description("A token is set and the request lacks one that grants this")
                         .content(
                             PROBLEM_JSON,
                             ContentBuilder::new()
