@@ -43,14 +43,15 @@ pub enum ConfigError {
 /// Declares every setting once: its type and doc. Expands to `RawConfig`, whose fields are all
 /// optional, with its TOML, environment and flag readers.
 macro_rules! settings {
-    ($( $(#[$meta:meta])* $name:ident : $ty:ty, )*) => {
+    ($( $(#[doc = $doc:literal])* $(#[arg($($arg:tt)*)])* $name:ident : $ty:ty, )*) => {
         /// Settings as one source gave them; `None` where that source is silent.
         #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, clap::Args)]
         #[serde(deny_unknown_fields)]
         pub struct RawConfig {
             $(
+                $(#[doc = $doc])*
                 #[arg(long)]
-                $(#[$meta])*
+                $(#[arg($($arg)*)])*
                 pub $name: Option<$ty>,
             )*
         }
@@ -76,12 +77,70 @@ macro_rules! settings {
                 Ok(raw)
             }
 
+            /// The built-in defaults: each setting's `[default: ...]`, written once in its doc
+            /// (which is also its `--help` text), parsed as its environment variable would be;
+            /// `none` leaves it unset.
+            pub fn defaults() -> Result<RawConfig, ConfigError> {
+                let mut raw = RawConfig::default();
+                $(
+                    let doc = concat!($($doc, " "),*);
+                    match default_in(doc) {
+                        Some("none") => {}
+                        Some(text) => {
+                            raw.$name = Some(text.parse::<$ty>().map_err(|e| ConfigError::Invalid {
+                                field: stringify!($name),
+                                value: text.to_owned(),
+                                origin: "its built-in default".to_owned(),
+                                reason: e.to_string(),
+                            })?);
+                        }
+                        None => {
+                            return Err(ConfigError::Invalid {
+                                field: stringify!($name),
+                                value: String::new(),
+                                origin: "its built-in default".to_owned(),
+                                reason: "its doc names no [default: ...]".to_owned(),
+                            });
+                        }
+                    }
+                )*
+                Ok(raw)
+            }
+
             /// `over`'s values where it has them, `self`'s elsewhere.
             pub fn overlaid_with(self, over: RawConfig) -> RawConfig {
                 RawConfig { $($name: over.$name.or(self.$name),)* }
             }
+
+            /// The settings `other` gives a value that differs from this one's.
+            pub fn differing(&self, other: &RawConfig) -> Vec<&'static str> {
+                let mut out = Vec::new();
+                $(
+                    if other.$name.is_some() && other.$name != self.$name {
+                        out.push(stringify!($name));
+                    }
+                )*
+                out
+            }
         }
     };
+}
+
+/// The text of `[default: ...]` in a setting's doc.
+fn default_in(doc: &str) -> Option<&str> {
+    let start = doc.rfind("[default: ")? + "[default: ".len();
+    let len = doc[start..].find(']')?;
+    Some(doc[start..start + len].trim())
+}
+
+/// A setting's value once the defaults are laid under what was given.
+fn set<T>(value: Option<T>, field: &'static str) -> Result<T, ConfigError> {
+    value.ok_or_else(|| ConfigError::Invalid {
+        field,
+        value: String::new(),
+        origin: "its built-in default".to_owned(),
+        reason: "has no value".to_owned(),
+    })
 }
 
 settings! {
@@ -295,51 +354,38 @@ fn within<T: PartialOrd + std::fmt::Display + Copy>(
 impl Config {
     /// Applies the defaults to `raw` and checks every value.
     pub fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
-        let raw_insecure_no_auth = raw.insecure_no_auth.unwrap_or(false);
-        let addr = |v: Option<SocketAddr>, default: &str| {
-            v.unwrap_or_else(|| default.parse().expect("default address parses"))
-        };
-        let defaults = Limits::default();
+        let raw = RawConfig::defaults()?.overlaid_with(raw);
+        let raw_insecure_no_auth = set(raw.insecure_no_auth, "insecure_no_auth")?;
         let limits = Limits {
-            max_apps: within(
-                "max_apps",
-                raw.max_apps.unwrap_or(defaults.max_apps),
-                1..=1_000_000,
-            )?,
+            max_apps: within("max_apps", set(raw.max_apps, "max_apps")?, 1..=1_000_000)?,
             max_versions_per_app: within(
                 "max_versions_per_app",
-                raw.max_versions_per_app.unwrap_or(defaults.max_versions_per_app),
+                set(raw.max_versions_per_app, "max_versions_per_app")?,
                 2..=10_000,
             )?,
             max_operations_per_app: within(
                 "max_operations_per_app",
-                raw.max_operations_per_app
-                    .unwrap_or(defaults.max_operations_per_app),
+                set(raw.max_operations_per_app, "max_operations_per_app")?,
                 1..=1_000_000,
             )?,
             max_downstreams_per_app: within(
                 "max_downstreams_per_app",
-                raw.max_downstreams_per_app
-                    .unwrap_or(defaults.max_downstreams_per_app),
+                set(raw.max_downstreams_per_app, "max_downstreams_per_app")?,
                 1..=1_000_000,
             )?,
             max_metric_series_per_app: within(
                 "max_metric_series_per_app",
-                raw.max_metric_series_per_app
-                    .unwrap_or(defaults.max_metric_series_per_app),
+                set(raw.max_metric_series_per_app, "max_metric_series_per_app")?,
                 1..=10_000_000,
             )?,
             max_exception_types_per_app: within(
                 "max_exception_types_per_app",
-                raw.max_exception_types_per_app
-                    .unwrap_or(defaults.max_exception_types_per_app),
+                set(raw.max_exception_types_per_app, "max_exception_types_per_app")?,
                 1..=1_000_000,
             )?,
-            version_idle_ns: raw
-                .version_idle_secs
-                .map_or(defaults.version_idle_ns, |s| s.saturating_mul(1_000_000_000)),
+            version_idle_ns: set(raw.version_idle_secs, "version_idle_secs")?.saturating_mul(1_000_000_000),
         };
-        let version_attribute = raw.version_attribute.unwrap_or_else(|| "service.version".into());
+        let version_attribute = set(raw.version_attribute, "version_attribute")?;
         if version_attribute.trim().is_empty() {
             return Err(invalid(
                 "version_attribute",
@@ -360,16 +406,16 @@ impl Config {
                 "must differ from api_token, or it grants everything",
             ));
         }
-        let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
+        let data_dir = set(raw.data_dir, "data_dir")?;
         if data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "", "must not be empty"));
         }
-        let log = raw.log.unwrap_or_else(|| "info".into());
+        let log = set(raw.log, "log")?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
             return Err(invalid("log", &log, &e.to_string()));
         }
         const NS: u64 = 1_000_000_000;
-        let window_secs = within("window_secs", raw.window_secs.unwrap_or(60), 1..=3_600)?;
+        let window_secs = within("window_secs", set(raw.window_secs, "window_secs")?, 1..=3_600)?;
         if 3_600 % window_secs != 0 {
             return Err(invalid(
                 "window_secs",
@@ -381,55 +427,53 @@ impl Config {
             bucket_ns: NS,
             lateness_ns: within(
                 "allowed_lateness_secs",
-                raw.allowed_lateness_secs.unwrap_or(10),
+                set(raw.allowed_lateness_secs, "allowed_lateness_secs")?,
                 0..=3_600,
             )? * NS,
             window_ns: window_secs * NS,
             future_skew_ns: within(
                 "max_clock_skew_secs",
-                raw.max_clock_skew_secs
-                    .unwrap_or(canaryd_engine::window::DEFAULT_FUTURE_SKEW_NS / NS),
+                set(raw.max_clock_skew_secs, "max_clock_skew_secs")?,
                 1..=604_800,
             )? * NS,
         };
         // NaN lies in no range, so it is refused here too.
         let seasonal_half_life_weeks = within(
             "seasonal_half_life_weeks",
-            raw.seasonal_half_life_weeks.unwrap_or(2.0),
+            set(raw.seasonal_half_life_weeks, "seasonal_half_life_weeks")?,
             0.1..=520.0,
         )?;
         let baseline = BaselineConfig {
             half_life_ns: within(
                 "baseline_half_life_secs",
-                raw.baseline_half_life_secs.unwrap_or(1_800),
+                set(raw.baseline_half_life_secs, "baseline_half_life_secs")?,
                 1..=365 * 86_400,
             )? * NS,
             seasonal_half_life_weeks,
             min_samples: within(
                 "baseline_min_samples",
-                raw.baseline_min_samples.unwrap_or(10),
+                set(raw.baseline_min_samples, "baseline_min_samples")?,
                 1..=1_000_000,
             )?,
             // The range band flags any value beyond what a series has shown: growth in a young
             // app's traffic would alarm for days. NAB uses it (canaryd-lab); the daemon does not.
             range: None,
         };
-        let models_dir = raw.models_dir.unwrap_or_else(|| PathBuf::from("./models"));
+        let models_dir = set(raw.models_dir, "models_dir")?;
         let models = crate::models::load(&models_dir)?;
         let max_message_bytes = within(
             "max_message_bytes",
-            raw.max_message_bytes.unwrap_or(8 << 20),
+            set(raw.max_message_bytes, "max_message_bytes")?,
             1024..=(1 << 30),
         )?;
         let max_items_per_request = within(
             "max_items_per_request",
-            raw.max_items_per_request
-                .unwrap_or(crate::normalize::DEFAULT_MAX_ITEMS_PER_REQUEST),
+            set(raw.max_items_per_request, "max_items_per_request")?,
             1..=100_000_000,
         )?;
         let ingest_memory_bytes = within(
             "ingest_memory_bytes",
-            raw.ingest_memory_bytes.unwrap_or(512 << 20),
+            set(raw.ingest_memory_bytes, "ingest_memory_bytes")?,
             1 << 20..=1 << 40,
         )?;
         let requests_in_flight =
@@ -437,9 +481,9 @@ impl Config {
                 .map_err(|reason| invalid("ingest_memory_bytes", ingest_memory_bytes, &reason))?;
         let config = Config {
             data_dir,
-            otlp_grpc_addr: addr(raw.otlp_grpc_addr, "127.0.0.1:4317"),
-            otlp_http_addr: addr(raw.otlp_http_addr, "127.0.0.1:4318"),
-            http_addr: addr(raw.http_addr, "127.0.0.1:8080"),
+            otlp_grpc_addr: set(raw.otlp_grpc_addr, "otlp_grpc_addr")?,
+            otlp_http_addr: set(raw.otlp_http_addr, "otlp_http_addr")?,
+            http_addr: set(raw.http_addr, "http_addr")?,
             models_dir,
             api_token,
             api_read_token,
@@ -448,12 +492,12 @@ impl Config {
                 version_attribute,
                 max_attribute_value_len: within(
                     "max_attribute_value_len",
-                    raw.max_attribute_value_len.unwrap_or(256),
+                    set(raw.max_attribute_value_len, "max_attribute_value_len")?,
                     16..=65_536,
                 )?,
                 max_series_attributes: within(
                     "max_series_attributes",
-                    raw.max_series_attributes.unwrap_or(8),
+                    set(raw.max_series_attributes, "max_series_attributes")?,
                     0..=64,
                 )?,
             },
@@ -466,22 +510,26 @@ impl Config {
             },
             flush_interval: Duration::from_secs(within(
                 "flush_interval_secs",
-                raw.flush_interval_secs.unwrap_or(10),
+                set(raw.flush_interval_secs, "flush_interval_secs")?,
                 1..=86_400,
             )?),
-            sled_cache_bytes: within("sled_cache_mb", raw.sled_cache_mb.unwrap_or(64), 1..=1 << 20)? << 20,
-            max_events: within("max_events", raw.max_events.unwrap_or(100_000), 1..=100_000_000)?,
-            allow_link_local_targets: raw.allow_link_local_targets.unwrap_or(false),
+            sled_cache_bytes: within(
+                "sled_cache_mb",
+                set(raw.sled_cache_mb, "sled_cache_mb")?,
+                1..=1 << 20,
+            )? << 20,
+            max_events: within("max_events", set(raw.max_events, "max_events")?, 1..=100_000_000)?,
+            allow_link_local_targets: set(raw.allow_link_local_targets, "allow_link_local_targets")?,
             delivery: DeliveryConfig {
                 timeout: Duration::from_secs(within(
                     "delivery_timeout_secs",
-                    raw.delivery_timeout_secs.unwrap_or(10),
+                    set(raw.delivery_timeout_secs, "delivery_timeout_secs")?,
                     1..=600,
                 )?),
                 max_age: Duration::from_secs(
                     within(
                         "delivery_max_age_hours",
-                        raw.delivery_max_age_hours.unwrap_or(24),
+                        set(raw.delivery_max_age_hours, "delivery_max_age_hours")?,
                         1..=24 * 30,
                     )? * 3_600,
                 ),
@@ -490,29 +538,33 @@ impl Config {
             },
             max_message_bytes,
             requests_in_flight,
-            pipeline_queue: within("pipeline_queue", raw.pipeline_queue.unwrap_or(256), 1..=1_000_000)?,
+            pipeline_queue: within(
+                "pipeline_queue",
+                set(raw.pipeline_queue, "pipeline_queue")?,
+                1..=1_000_000,
+            )?,
             // 0 is allowed: a full queue is then answered "unavailable" at once.
             ingest_wait: Duration::from_millis(within(
                 "ingest_wait_ms",
-                raw.ingest_wait_ms.unwrap_or(5_000),
+                set(raw.ingest_wait_ms, "ingest_wait_ms")?,
                 0..=60_000,
             )?),
             // At least a second: with none, every stop would time out each step, skipping the
             // engine's last flush.
             shutdown_grace: Duration::from_secs(within(
                 "shutdown_grace_secs",
-                raw.shutdown_grace_secs.unwrap_or(10),
+                set(raw.shutdown_grace_secs, "shutdown_grace_secs")?,
                 1..=3_600,
             )?),
             http_timeouts: HttpTimeouts {
                 header_read: Duration::from_secs(within(
                     "header_read_timeout_secs",
-                    raw.header_read_timeout_secs.unwrap_or(10),
+                    set(raw.header_read_timeout_secs, "header_read_timeout_secs")?,
                     1..=300,
                 )?),
                 request: Duration::from_secs(within(
                     "request_timeout_secs",
-                    raw.request_timeout_secs.unwrap_or(60),
+                    set(raw.request_timeout_secs, "request_timeout_secs")?,
                     1..=3_600,
                 )?),
             },
@@ -749,6 +801,50 @@ mod tests {
             RawConfig::unknown_env_vars(&env),
             vec!["CANARYD_HTTP_ADR".to_string()]
         );
+    }
+
+    #[test]
+    fn defaults_are_written_once_in_each_settings_doc() {
+        let defaults = RawConfig::defaults().expect("every default parses as its setting");
+        let unset: Vec<&str> = RawConfig::KEYS
+            .iter()
+            .copied()
+            .filter(|key| RawConfig::default().differing(&defaults).iter().all(|k| k != key))
+            .collect();
+        // Only what is documented as `[default: none]` has no value.
+        assert_eq!(unset, ["api_token", "api_read_token", "haproxy_servers"]);
+        let config = Config::resolve(RawConfig::default()).expect("the defaults are valid");
+        // The engine's own defaults (what tests and canaryd-lab run) are the daemon's.
+        let engine = EngineConfig::default();
+        assert_eq!(config.engine.limits, engine.limits);
+        assert_eq!(config.engine.windows, engine.windows);
+        assert_eq!(config.engine.baseline, engine.baseline);
+        assert_eq!(config.normalize, NormalizeOptions::default());
+    }
+
+    #[test]
+    fn the_example_config_names_every_setting_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/canaryd.example.toml");
+        let example = RawConfig::from_file(&path).expect("example parses");
+        let defaults = RawConfig::defaults().expect("defaults");
+        // A setting with no default may show an example value (its format).
+        let differing: Vec<&str> = defaults
+            .differing(&example)
+            .into_iter()
+            .filter(|key| !RawConfig::default().differing(&defaults).iter().all(|k| k != key))
+            .collect();
+        assert_eq!(
+            differing,
+            Vec::<&str>::new(),
+            "the example gives these other values than their defaults"
+        );
+        let text = std::fs::read_to_string(&path).expect("read");
+        for key in RawConfig::KEYS {
+            let named = text
+                .lines()
+                .any(|l| l.trim_start_matches(['#', ' ']).starts_with(&format!("{key} =")));
+            assert!(named, "the example does not name {key}");
+        }
     }
 
     #[test]
