@@ -1603,8 +1603,8 @@ async fn writes_need_the_token_and_metadata_targets_are_refused() {
 
 #[tokio::test]
 async fn watch_streams_events_live_and_resumes_after_the_last_id_seen() {
-    use canaryd::events::watch::proto::WatchRequest;
-    use canaryd::events::watch::proto::event_service_client::EventServiceClient;
+    use canaryd::serve::watch::proto::WatchRequest;
+    use canaryd::serve::watch::proto::event_service_client::EventServiceClient;
 
     let daemon = TestDaemon::start().await;
     let mut client = EventServiceClient::connect(daemon.grpc_endpoint())

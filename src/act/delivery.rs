@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -22,55 +21,11 @@ use tokio_util::sync::CancellationToken;
 use super::haproxy;
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
-use crate::events::EventType;
 use crate::io::try_blocking;
 use crate::stats::Stats;
 use crate::store::Store;
 
-/// The state of one delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DeliveryState {
-    Pending,
-    Delivered,
-    /// Retried for `max_age` without success, or its event was no longer stored.
-    Expired,
-    /// The receiver answered 410 Gone.
-    Gone,
-    /// Nothing to do: an `haproxy` subscription's event without a traffic action, or a dry run.
-    Skipped,
-}
-
-/// One event's delivery to one subscription.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Delivery {
-    pub event_id: String,
-    pub event_type: EventType,
-    pub state: DeliveryState,
-    pub attempts: u32,
-    /// Unix milliseconds.
-    pub first_attempt_ms: Option<u64>,
-    pub next_attempt_ms: u64,
-    pub last_status: Option<u16>,
-    pub last_error: Option<String>,
-    pub delivered_ms: Option<u64>,
-}
-
-impl Delivery {
-    pub fn new(event_id: String, event_type: EventType) -> Self {
-        Delivery {
-            event_id,
-            event_type,
-            state: DeliveryState::Pending,
-            attempts: 0,
-            first_attempt_ms: None,
-            next_attempt_ms: 0,
-            last_status: None,
-            last_error: None,
-            delivered_ms: None,
-        }
-    }
-}
+pub use crate::store::records::{Delivery, DeliveryState};
 
 /// Delivery settings.
 #[derive(Clone, Debug, PartialEq)]

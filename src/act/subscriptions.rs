@@ -10,41 +10,12 @@ use std::net::IpAddr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::events::EventType;
 
-/// How a subscription acts on its events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// A signed CloudEvents POST.
-    Webhook,
-    /// The event's `set_weight` action, applied through HAProxy's runtime API (the URL is its
-    /// socket: `tcp://host:port` or `unix:///path`).
-    Haproxy,
-}
-
-/// A stored subscription.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Subscription {
-    pub id: String,
-    pub url: String,
-    pub events: Vec<EventType>,
-    pub kind: Kind,
-    pub secret: String,
-    /// Wall-clock time of creation, RFC 3339.
-    pub created_at: String,
-    /// Set when the receiver answered 410 Gone: nothing more is sent.
-    pub disabled: Option<String>,
-}
-
-impl Subscription {
-    pub fn wants(&self, event_type: EventType) -> bool {
-        self.disabled.is_none() && self.events.contains(&event_type)
-    }
-}
+pub use crate::store::records::{Kind, Subscription};
 
 /// Why a subscription was refused; each names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

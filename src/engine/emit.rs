@@ -12,7 +12,7 @@ use canaryd_engine::Engine;
 
 use crate::act::delivery::Dispatcher;
 use crate::events::Event;
-use crate::events::watch::EventFeed;
+use crate::events::feed::EventFeed;
 use crate::stats::Stats;
 use crate::store::Store;
 

@@ -288,7 +288,7 @@ mod tests {
     use super::*;
     use crate::act::delivery::{DeliveryConfig, Dispatcher};
     use crate::events::EventType;
-    use crate::events::watch::EventFeed;
+    use crate::events::feed::EventFeed;
     use crate::normalize::{self, NormalizeOptions};
     use crate::store::{Store, StoreCounters};
     use crate::testdata::{self, EPOCH_NS};

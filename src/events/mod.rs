@@ -1,4 +1,5 @@
-//! canaryd's events: what it tells subscribers and keeps in its history, as CloudEvents 1.0.
+//! canaryd's events: what it tells subscribers and keeps in its history, as CloudEvents 1.0, and
+//! the feed that carries each to its followers once stored (`feed`).
 //!
 //! An event is built from an engine decision, given a stable id by the store when it is appended
 //! (the id never changes afterwards, so receivers can de-duplicate retries), and served as the
@@ -12,7 +13,7 @@ use canaryd_engine::{AnomalyChange, Engine, IngestReport, Scope};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub mod watch;
+pub mod feed;
 
 /// RFC 3339 in UTC with nanoseconds.
 pub fn format_event_time(t: canaryd_engine::EventTime) -> String {

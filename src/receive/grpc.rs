@@ -23,9 +23,9 @@ use tonic::{Request, Status};
 
 use super::{Intake, OtlpRequest};
 use crate::engine::Admission;
-use crate::events::watch::Watch;
-use crate::events::watch::proto::event_service_server::EventServiceServer;
 use crate::normalize::NormalizeOptions;
+use crate::serve::watch::Watch;
+use crate::serve::watch::proto::event_service_server::EventServiceServer;
 use crate::stats::Transport;
 
 /// The gRPC path of the three OTLP `Export`s: tonic frames and decompresses the message and hands

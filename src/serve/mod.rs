@@ -10,6 +10,7 @@
 //! - `apps`: apps and baselines; `canary`: analyses and rollouts; `models`: the loaded models.
 //! - `events`: the event history; `subscriptions`: subscriptions and their deliveries.
 //! - `gates`: Flagger's webhooks; `dashboard`: the page and its timeline.
+//! - `watch`: `canaryd.v1.EventService/Watch`, the event stream, served on the gRPC port.
 //! - `error`: `ApiError`, the status and RFC 9457 problem body of every failure.
 
 mod apps;
@@ -24,6 +25,7 @@ mod metrics;
 mod models;
 mod openapi;
 mod subscriptions;
+pub mod watch;
 
 pub use auth::Tokens;
 pub use error::{ApiError, ErrorBody, error, internal};

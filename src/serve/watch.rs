@@ -8,9 +8,10 @@
 //! that resumes from the last id it saw gets every later event once.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc};
+
+use crate::events::feed::EventFeed;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -26,38 +27,6 @@ pub mod proto {
 }
 
 use proto::event_service_server::EventService;
-
-/// Events as they are stored, for the watches that follow them.
-#[derive(Clone)]
-pub struct EventFeed {
-    tx: broadcast::Sender<Arc<Event>>,
-}
-
-impl EventFeed {
-    pub fn new() -> Self {
-        EventFeed {
-            tx: broadcast::channel(1_024).0,
-        }
-    }
-
-    /// A receiver of every event published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.tx.subscribe()
-    }
-
-    /// Publishes stored events (no watcher is fine).
-    pub fn publish(&self, events: &[Event]) {
-        for event in events {
-            let _ = self.tx.send(Arc::new(event.clone()));
-        }
-    }
-}
-
-impl Default for EventFeed {
-    fn default() -> Self {
-        EventFeed::new()
-    }
-}
 
 /// What a watch wants.
 #[derive(Clone, Debug)]

@@ -26,10 +26,11 @@ use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::window::AppClock;
 use canaryd_engine::{BaselineId, EngineState, Scope};
 
-use crate::act::delivery::{Delivery, DeliveryState};
-use crate::act::subscriptions::Subscription;
+pub mod records;
+
 use crate::events::{Event, event_id};
 use prometheus_client::metrics::counter::Counter;
+pub use records::{Delivery, DeliveryState, Kind, Subscription};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -682,7 +683,7 @@ mod tests {
             id: id.into(),
             url: "http://127.0.0.1:9/hook".into(),
             events: vec![crate::events::EventType::AnomalyDetected],
-            kind: crate::act::subscriptions::Kind::Webhook,
+            kind: Kind::Webhook,
             secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
             created_at: "2026-01-05T00:00:00Z".into(),
             disabled: None,
