@@ -199,6 +199,8 @@ settings! {
     request_timeout_secs: u64,
     /// Seconds of event time data may arrive behind the latest seen for its app [default: 10]
     allowed_lateness_secs: u64,
+    /// Seconds (1-3600) of event time a source (a version's exporter, per instance) may send nothing before the app's buckets stop waiting for it [default: 10]
+    source_idle_secs: u64,
     /// Seconds (1-604800) data may be dated ahead of both its app's event time and canaryd's clock; later data is refused [default: 300]
     max_clock_skew_secs: u64,
     /// Length of the evaluation windows baselines learn from, in seconds [default: 60]
@@ -431,6 +433,11 @@ impl Config {
                 0..=3_600,
             )? * NS,
             window_ns: window_secs * NS,
+            source_idle_ns: within(
+                "source_idle_secs",
+                set(raw.source_idle_secs, "source_idle_secs")?,
+                1..=3_600,
+            )? * NS,
             future_skew_ns: within(
                 "max_clock_skew_secs",
                 set(raw.max_clock_skew_secs, "max_clock_skew_secs")?,

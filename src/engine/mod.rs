@@ -217,6 +217,7 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
     flush_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     flush_timer.tick().await;
     let mut closed = false;
+    let mut late = LateLog::default();
     loop {
         tokio::select! {
             () = stop.cancelled(), if !closed => {
@@ -227,7 +228,7 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
             input = rx.recv() => match input {
                 Some(input) => {
                     stats.queue_depth.set(rx.len() as i64);
-                    apply(&mut engine, &emitter, &stats, input);
+                    apply(&mut engine, &emitter, &stats, &mut late, input);
                 }
                 None => break,
             },
@@ -239,8 +240,35 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
     emitter.flush(&mut engine);
 }
 
+/// How often late observations are logged; they are counted on `/metrics` every time.
+const LATE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Late observations since they were last logged.
+#[derive(Default)]
+struct LateLog {
+    pending: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl LateLog {
+    fn add(&mut self, late: u64) {
+        self.pending += late;
+        if self.pending == 0 || self.last.is_some_and(|t| t.elapsed() < LATE_LOG_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            observations = self.pending,
+            "observations arrived after their event-time bucket had closed and were not used \
+             (canaryd_late_observations_total); an exporter batches for longer than \
+             allowed_lateness_secs, or its clock is behind"
+        );
+        self.pending = 0;
+        self.last = Some(std::time::Instant::now());
+    }
+}
+
 /// Applies one input, emitting what it decided.
-fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, input: Input) {
+fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateLog, input: Input) {
     match input {
         Input::Observations {
             batch,
@@ -253,6 +281,7 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, input: Input) {
             let events = report_events(engine, &report);
             emitter.emit(engine, events);
             stats.ingested(engine.catalog().app_count(), &report);
+            late.add(report.late);
             if let Some(reply) = reply {
                 let _ = reply.send(Ingested {
                     future: report.future,
@@ -355,7 +384,13 @@ mod tests {
                 reply: Some(reply),
                 admission: None,
             };
-            apply(&mut engine, &emitter, &emitter.stats, input);
+            apply(
+                &mut engine,
+                &emitter,
+                &emitter.stats,
+                &mut LateLog::default(),
+                input,
+            );
             answer.await.expect("the engine answers");
             while let Ok(event) = watched.try_recv() {
                 if event.event_type == EventType::AnomalyDetected {

@@ -20,7 +20,7 @@ use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
 use crate::judge::{AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeError, Model};
 use crate::observation::{Batch, EventTime, ResourceObservations};
-use crate::window::{AppClock, ClosedWindow, VersionWindows, WindowConfig};
+use crate::window::{AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
 
 /// The two latest event times among a resource's observations.
 #[derive(Default)]
@@ -138,6 +138,8 @@ struct VersionState {
 #[derive(Debug, Default)]
 struct AppState {
     clock: AppClock,
+    /// Where each of the app's sources has come to: buckets close once all active ones pass them.
+    sources: SourceClocks,
     versions: HashMap<Arc<str>, VersionState>,
     baselines: BTreeMap<FeatureKey, Baseline>,
     /// Decayed request counts per version.
@@ -335,7 +337,10 @@ impl Engine {
             Some(t) => Some(t.max(first).min(last)),
             None => (obs.spans > 1).then_some(first),
         };
-        let until = app.clock.advance_by(last, second, config);
+        app.clock.saw_resource(last, second);
+        app.sources.saw(&(version.clone(), obs.instance.clone()), last);
+        let reach = app.sources.reach(app.clock.max_time, config);
+        let until = app.clock.close_to(reach, config);
         if until > closed_until {
             report.windows_closed += self.close_windows(&key, until, report);
         }

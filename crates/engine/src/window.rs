@@ -29,6 +29,9 @@ pub struct WindowConfig {
     /// How far ahead of both the app's event time and the receive clock an observation may be
     /// dated; later ones are refused (a skewed clock, or a hostile sender), never windowed.
     pub future_skew_ns: u64,
+    /// How long (in the app's event time) a source may send nothing before it stops holding the
+    /// app's buckets open.
+    pub source_idle_ns: u64,
 }
 
 impl Default for WindowConfig {
@@ -38,6 +41,7 @@ impl Default for WindowConfig {
             lateness_ns: 10_000_000_000,
             window_ns: 60_000_000_000,
             future_skew_ns: DEFAULT_FUTURE_SKEW_NS,
+            source_idle_ns: 10_000_000_000,
         }
     }
 }
@@ -317,6 +321,12 @@ pub struct AppClock {
 impl AppClock {
     /// Records one observation at `time`; returns the new `closed_until` (bucket-aligned).
     pub fn advance(&mut self, time: EventTime, config: &WindowConfig) -> EventTime {
+        self.saw(time);
+        self.close_to(self.max_time, config)
+    }
+
+    /// Records one observation at `time`: the latest time two observations vouch for moves.
+    fn saw(&mut self, time: EventTime) {
         if time > self.lead {
             // The old lead is now vouched for by this later observation too.
             self.max_time = self.max_time.max(self.lead);
@@ -324,29 +334,85 @@ impl AppClock {
         } else {
             self.max_time = self.max_time.max(time);
         }
-        let watermark = self.max_time.saturating_sub(config.lateness_ns);
-        let aligned = watermark - watermark % config.bucket_ns;
-        self.closed_until = self.closed_until.max(aligned);
-        self.closed_until
     }
 
     /// Records what one resource of a batch saw: its two latest event times (the second `None`
     /// when it had one observation). Two observations of one resource vouch for each other.
-    pub fn advance_by(
-        &mut self,
-        latest: EventTime,
-        second: Option<EventTime>,
-        config: &WindowConfig,
-    ) -> EventTime {
+    pub fn saw_resource(&mut self, latest: EventTime, second: Option<EventTime>) {
         if let Some(second) = second {
-            self.advance(second, config);
+            self.saw(second);
         }
-        self.advance(latest, config)
+        self.saw(latest);
+    }
+
+    /// Closes the buckets that end at least the allowed lateness before `reach` (never past the
+    /// vouched latest time); returns the new `closed_until` (bucket-aligned).
+    pub fn close_to(&mut self, reach: EventTime, config: &WindowConfig) -> EventTime {
+        let watermark = reach.min(self.max_time).saturating_sub(config.lateness_ns);
+        let aligned = watermark - watermark % config.bucket_ns.max(1);
+        self.closed_until = self.closed_until.max(aligned);
+        self.closed_until
     }
 
     /// The latest event time of any observation, vouched for or not.
     pub fn latest(&self) -> EventTime {
         self.lead.max(self.max_time)
+    }
+}
+
+/// Where a source of an app's data is: one exporter stream (a version, and its instance when the
+/// resource names one), by the latest event time it has sent.
+pub type SourceKey = (std::sync::Arc<str>, Option<std::sync::Arc<str>>);
+
+/// The most sources followed per app; past it the stalest gives its place (a stale source does
+/// not hold the watermark anyway).
+pub const MAX_SOURCES_PER_APP: usize = 256;
+
+/// The sources of one app's data, each with the latest event time it has sent. Buckets close only
+/// once every active source has passed them, so a source that exports every few seconds is not
+/// made late by another that exports every half second; a source silent for longer than
+/// `source_idle_ns` (in the app's event time) stops holding them back.
+#[derive(Clone, Debug, Default)]
+pub struct SourceClocks {
+    latest: std::collections::HashMap<SourceKey, EventTime>,
+}
+
+impl SourceClocks {
+    /// Records that `source` sent data up to `time`.
+    pub fn saw(&mut self, source: &SourceKey, time: EventTime) {
+        if let Some(t) = self.latest.get_mut(source) {
+            *t = (*t).max(time);
+            return;
+        }
+        if self.latest.len() >= MAX_SOURCES_PER_APP
+            && let Some(stalest) = self
+                .latest
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+        {
+            self.latest.remove(&stalest);
+        }
+        self.latest.insert(source.clone(), time);
+    }
+
+    /// How far every source active at `app_time` has come; `app_time` when none is behind it.
+    pub fn reach(&self, app_time: EventTime, config: &WindowConfig) -> EventTime {
+        let active_since = app_time.saturating_sub(config.source_idle_ns);
+        self.latest
+            .values()
+            .copied()
+            .filter(|t| *t >= active_since)
+            .min()
+            .map_or(app_time, |t| t.min(app_time))
+    }
+
+    pub fn len(&self) -> usize {
+        self.latest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty()
     }
 }
 
@@ -362,6 +428,7 @@ mod tests {
             lateness_ns: 5 * S,
             window_ns: 10 * S,
             future_skew_ns: DEFAULT_FUTURE_SKEW_NS,
+            source_idle_ns: 10 * S,
         }
     }
 

@@ -220,3 +220,105 @@ fn a_poisoned_clock_from_an_older_build_is_repaired_at_start() {
     // A clock that is not ahead is left alone.
     assert!(restarted.repair_future_clocks(START + 300 * S).is_empty());
 }
+
+/// Exports of one version: `per_second` requests a second from `from` for `secs` seconds, sent
+/// every `every` (ns) as one batch holding what ended since the last, received when sent.
+fn exporter(
+    version: &str,
+    from: EventTime,
+    secs: u64,
+    per_second: u64,
+    every: u64,
+) -> Vec<(EventTime, Batch)> {
+    let gap = S / per_second;
+    let times: Vec<EventTime> = (0..secs * per_second).map(|i| from + i * gap).collect();
+    let mut out = Vec::new();
+    let mut sent_until = from;
+    let end = from + secs * S;
+    while sent_until < end {
+        let at = (sent_until + every).min(end);
+        let mut r = resource(version);
+        for t in times.iter().filter(|t| **t >= sent_until && **t < at) {
+            request(&mut r, *t);
+        }
+        if r.seen.is_some() {
+            out.push((
+                at,
+                Batch {
+                    resources: vec![r],
+                    received: at,
+                },
+            ));
+        }
+        sent_until = at;
+    }
+    out
+}
+
+/// Batches of several exporters in the order they are sent.
+fn interleaved(exporters: Vec<Vec<(EventTime, Batch)>>) -> Vec<Batch> {
+    let mut all: Vec<(EventTime, usize, Batch)> = exporters
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, batches)| batches.into_iter().map(move |(at, b)| (at, i, b)))
+        .collect();
+    all.sort_by_key(|(at, i, _)| (*at, *i));
+    all.into_iter().map(|(_, _, b)| b).collect()
+}
+
+fn short_lateness() -> Engine {
+    let mut config = EngineConfig::default();
+    config.windows.lateness_ns = 2 * S;
+    Engine::new(config, Box::new(MemorySlotStore::default()))
+}
+
+#[test]
+fn a_fast_exporter_does_not_make_a_slow_one_late() {
+    // The stable batches every 5 s (the SDK's default), the canary every half second, with 2 s
+    // of allowed lateness: buckets close once both have passed them, so nothing is late. (The
+    // stable was sending before the canary came: a source not seen yet cannot be waited for.)
+    let batches = interleaved(vec![
+        exporter("1.0", START - 10 * S, 130, 20, 5 * S),
+        exporter("2.0", START, 120, 4, S / 2),
+    ]);
+    let mut engine = short_lateness();
+    let (late, future) = feed(&mut engine, &batches);
+    assert_eq!((late, future), (0, 0));
+    assert!(
+        clock(&engine).closed_until >= START + 110 * S,
+        "{:?}",
+        clock(&engine)
+    );
+
+    // Instances of one version are sources of their own too.
+    let mut engine = short_lateness();
+    let per_instance = |instance: &str, every: u64| -> Vec<(EventTime, Batch)> {
+        exporter("1.0", START, 60, 5, every)
+            .into_iter()
+            .map(|(at, mut b)| {
+                b.resources[0].instance = Some(instance.into());
+                (at, b)
+            })
+            .collect()
+    };
+    let mut pod_b = per_instance("pod-b", S / 2);
+    pod_b.retain(|(at, _)| *at > START + 5 * S);
+    let batches = interleaved(vec![per_instance("pod-a", 5 * S), pod_b]);
+    assert_eq!(feed(&mut engine, &batches), (0, 0));
+}
+
+#[test]
+fn a_source_that_goes_quiet_stops_holding_the_windows_back() {
+    // The canary is rolled back after 30 s and sends nothing more: within the idle time, the
+    // stable's buckets close again as its own data comes in.
+    let batches = interleaved(vec![
+        exporter("1.0", START, 120, 10, S),
+        exporter("2.0", START, 30, 10, S),
+    ]);
+    let mut engine = short_lateness();
+    let (late, _) = feed(&mut engine, &batches);
+    assert_eq!(late, 0);
+    let idle = EngineConfig::default().windows.source_idle_ns;
+    let closed = clock(&engine).closed_until;
+    assert!(closed >= START + 120 * S - 4 * S, "{closed} vs idle {idle}");
+}
