@@ -112,6 +112,17 @@ macro_rules! settings {
                 RawConfig { $($name: over.$name.or(self.$name),)* }
             }
 
+            /// The settings this one gives a value.
+            pub fn given(&self) -> Vec<&'static str> {
+                let mut out = Vec::new();
+                $(
+                    if self.$name.is_some() {
+                        out.push(stringify!($name));
+                    }
+                )*
+                out
+            }
+
             /// The settings `other` gives a value that differs from this one's.
             pub fn differing(&self, other: &RawConfig) -> Vec<&'static str> {
                 let mut out = Vec::new();
@@ -330,11 +341,14 @@ fn requests_in_flight(budget: u64, max_message_bytes: usize, max_items: u64) -> 
     }
 }
 
+/// Where a value found bad after layering came from, until `Config::load` names its source.
+const MERGED: &str = "the merged configuration";
+
 fn invalid(field: &'static str, value: impl ToString, reason: &str) -> ConfigError {
     ConfigError::Invalid {
         field,
         value: value.to_string(),
-        origin: "the merged configuration".into(),
+        origin: MERGED.into(),
         reason: reason.into(),
     }
 }
@@ -354,6 +368,48 @@ fn within<T: PartialOrd + std::fmt::Display + Copy>(
 }
 
 impl Config {
+    /// Lays file, environment and flags over each other (flag > env > file > default) and checks
+    /// every value; a bad one is named with where it came from (the flag, the variable, the file
+    /// or the default).
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        flags: RawConfig,
+    ) -> Result<Config, ConfigError> {
+        let from_file = match file {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        let from_env = RawConfig::from_env(env)?;
+        let (by_flag, by_env, by_file) = (flags.given(), from_env.given(), from_file.given());
+        let origin = |field: &str| {
+            if by_flag.contains(&field) {
+                format!("flag --{}", field.replace('_', "-"))
+            } else if by_env.contains(&field) {
+                format!("environment variable {}", env_var_name(field))
+            } else if let (true, Some(path)) = (by_file.contains(&field), file) {
+                format!("config file {}", path.display())
+            } else {
+                "its default".to_owned()
+            }
+        };
+        let raw = from_file.overlaid_with(from_env).overlaid_with(flags);
+        Config::resolve(raw).map_err(|e| match e {
+            ConfigError::Invalid {
+                field,
+                value,
+                origin: merged,
+                reason,
+            } if merged == MERGED => ConfigError::Invalid {
+                field,
+                value,
+                origin: origin(field),
+                reason,
+            },
+            e => e,
+        })
+    }
+
     /// Applies the defaults to `raw` and checks every value.
     pub fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         let raw = RawConfig::defaults()?.overlaid_with(raw);
@@ -827,6 +883,35 @@ mod tests {
         assert_eq!(config.engine.windows, engine.windows);
         assert_eq!(config.engine.baseline, engine.baseline);
         assert_eq!(config.normalize, NormalizeOptions::default());
+    }
+
+    #[test]
+    fn a_bad_value_is_blamed_on_where_it_came_from() {
+        let flags = RawConfig {
+            window_secs: Some(0),
+            ..RawConfig::default()
+        };
+        let message = Config::load(None, &BTreeMap::new(), flags)
+            .expect_err("0 s")
+            .to_string();
+        assert!(message.contains("flag --window-secs"), "{message}");
+        let vars = env(&[("CANARYD_MAX_EVENTS", "0")]);
+        let message = Config::load(None, &vars, RawConfig::default())
+            .expect_err("0")
+            .to_string();
+        assert!(
+            message.contains("environment variable CANARYD_MAX_EVENTS"),
+            "{message}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_file(&dir, "window_secs = 7\n");
+        let message = Config::load(Some(&file), &BTreeMap::new(), RawConfig::default())
+            .expect_err("7 does not divide an hour")
+            .to_string();
+        assert!(
+            message.contains("config file") && message.contains("canaryd.toml"),
+            "{message}"
+        );
     }
 
     #[test]

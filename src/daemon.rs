@@ -245,6 +245,14 @@ impl Daemon {
                 source: e,
             });
         }
+        if !config.models_dir.is_dir() {
+            tracing::warn!(
+                models_dir = %config.models_dir.display(),
+                "models_dir is not a folder: only the built-in default model is loaded"
+            );
+        }
+        let names: Vec<&str> = config.engine.models.iter().map(|m| m.name.as_str()).collect();
+        tracing::info!(models = %names.join(", "), "analysis models loaded");
         let stats = Arc::new(Stats::new());
         let store = Store::open(&config.data_dir, config.sled_cache_bytes, stats.store_counters())?;
         let mut engine = Engine::new(config.engine.clone(), Box::new(store.slot_store()));

@@ -23,14 +23,13 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> ExitCode {
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    let config =
-        match RawConfig::layered(args.config.as_deref(), &env, args.settings).and_then(Config::resolve) {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("canaryd: bad configuration: {e}");
-                return ExitCode::from(2);
-            }
-        };
+    let config = match Config::load(args.config.as_deref(), &env, args.settings) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("canaryd: bad configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
         .with_writer(std::io::stderr)
@@ -44,8 +43,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("canaryd: {e:#}");
+            // The daemon's errors say their cause in their own words: `{e}`, not the `{e:#}` chain,
+            // which would say it twice.
+            tracing::error!("{e}");
+            eprintln!("canaryd: {e}");
             ExitCode::FAILURE
         }
     }

@@ -86,7 +86,7 @@ pub struct Stats {
     store: StoreCounters,
     events: Family<Labels1, Counter>,
     pub event_errors: Counter,
-    deliveries: Family<Labels1, Counter>,
+    deliveries: Family<Vec<(&'static str, String)>, Counter>,
     delivery_seconds: Histogram,
     pub outbox_depth: Gauge,
 }
@@ -227,15 +227,12 @@ impl Stats {
             "Events that could not be stored, and so were not emitted",
             event_errors.clone(),
         );
-        let deliveries = Family::<Labels1, Counter>::default();
+        let deliveries = Family::<Vec<(&'static str, String)>, Counter>::default();
         registry.register(
             "canaryd_deliveries",
-            "Webhook delivery attempts by outcome (delivered, retry, expired, gone)",
+            "Delivery attempts by subscription and outcome (delivered, retry, expired, gone, skipped)",
             deliveries.clone(),
         );
-        for outcome in ["delivered", "retry", "expired", "gone"] {
-            deliveries.get_or_create(&[("outcome", outcome)]).inc_by(0);
-        }
         let delivery_seconds =
             Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         registry.register(
@@ -296,8 +293,15 @@ impl Stats {
         self.events.get_or_create(&[("type", event_type.as_str())]).inc();
     }
 
-    pub fn delivery(&self, outcome: &'static str) {
-        self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    /// Counts one delivery attempt's outcome, per subscription (ids are canaryd's own, so the
+    /// label is safe to expose; there is one series per subscription and outcome).
+    pub fn delivery(&self, subscription: &str, outcome: &'static str) {
+        self.deliveries
+            .get_or_create(&vec![
+                ("subscription", subscription.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
     }
 
     pub fn delivery_seconds(&self, elapsed: std::time::Duration) {

@@ -890,6 +890,18 @@ mod binary {
         let addr = taken.local_addr().expect("addr").to_string();
         let stderr = failing_start(&["--http-addr", &addr], &[]);
         assert!(stderr.contains("http_addr") && stderr.contains(&addr), "{stderr}");
+        // The cause is said once.
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("canaryd:"))
+            .expect("the error line");
+        assert_eq!(line.matches("in use").count(), 1, "{line}");
+    }
+
+    #[test]
+    fn a_bad_flag_value_is_blamed_on_the_flag() {
+        let stderr = failing_start(&["--window-secs", "0"], &[]);
+        assert!(stderr.contains("flag --window-secs"), "{stderr}");
     }
 
     #[tokio::test]

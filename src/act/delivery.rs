@@ -346,9 +346,21 @@ impl Dispatcher {
         delivery: Delivery,
         label: &'static str,
     ) -> DeliveryState {
-        self.stats.delivery(label);
-        if label != "delivered" {
-            tracing::debug!(subscription = %subscription.id, event = %delivery.event_id, attempts = delivery.attempts, error = ?delivery.last_error, "delivery {label}");
+        self.stats.delivery(&subscription.id, label);
+        match label {
+            "delivered" | "skipped" => {
+                tracing::debug!(subscription = %subscription.id, event = %delivery.event_id, "delivery {label}");
+            }
+            // A failed attempt is worth an operator's eye: the receiver is down or refusing.
+            // Backoff spaces the attempts, so this stays a few lines per subscription.
+            _ => tracing::warn!(
+                subscription = %subscription.id,
+                url = %subscription.url,
+                event = %delivery.event_id,
+                attempts = delivery.attempts,
+                error = delivery.last_error.as_deref().unwrap_or(""),
+                "delivery {label}"
+            ),
         }
         let state = delivery.state;
         // A peer's answer can be anything, of any size: what is kept of it, and served by the
