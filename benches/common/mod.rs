@@ -57,7 +57,9 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 
 /// Starts `canaryd serve` on port 0 in `data`; returns the child and its addresses.
 pub fn start_daemon(data: &Path, extra: &[&str]) -> anyhow::Result<(std::process::Child, serde_json::Value)> {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_canaryd"))
+    // CANARYD_BIN runs another build of the daemon (an earlier commit's, for a before/after).
+    let binary = std::env::var("CANARYD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_canaryd").to_owned());
+    let child = std::process::Command::new(binary)
         .arg("serve")
         .arg("--data-dir")
         .arg(data)
