@@ -10,7 +10,8 @@
 //! - `events`: canaryd's events as CloudEvents, built from the engine's decisions.
 //! - `gates`: Flagger's webhooks answered from the canary analysis.
 //! - `stats`: the daemon's own counters.
-//! - `store`: durable state in sled; the only module that touches it.
+//! - `store`: durable state: the `canaryd-store` crate (the only one that touches sled), with
+//!   the daemon's records named for it.
 //! - `config` and `cli`: settings from defaults, file, environment and flags, validated at once.
 //! - `daemon`: wiring, start-up order, and the orderly stop.
 //! - `watch`: `canaryd.v1.EventService/Watch`, the event stream for rollout controllers.
