@@ -1678,8 +1678,15 @@ async fn a_data_dir_of_store_format_1_starts_with_everything_it_held() {
     let daemon = TestDaemon::start_with(|raw| raw.data_dir = Some(data.clone())).await;
     let apps = daemon.apps().await;
     let app = find_app(&apps, "prod", "shop").expect("the catalog is restored");
-    assert!(find_version(app, "2.7.1").is_some() && find_version(app, "*").is_some(), "{app}");
-    for (query, features) in [("env=prod", 20), ("env=prod&version=2.7.1", 20), ("env=prod&version=*", 20)] {
+    assert!(
+        find_version(app, "2.7.1").is_some() && find_version(app, "*").is_some(),
+        "{app}"
+    );
+    for (query, features) in [
+        ("env=prod", 20),
+        ("env=prod&version=2.7.1", 20),
+        ("env=prod&version=*", 20),
+    ] {
         let baseline = daemon
             .get_json(&format!("/api/v1/apps/shop/baseline?{query}"))
             .await;
@@ -1691,7 +1698,10 @@ async fn a_data_dir_of_store_format_1_starts_with_everything_it_held() {
     let events = daemon.get_json("/api/v1/events").await;
     assert_eq!(events["events"].as_array().map(Vec::len), Some(2), "{events}");
     let subscriptions = daemon.get_json("/api/v1/subscriptions").await.to_string();
-    assert!(subscriptions.contains("sub_6745893183321961199"), "{subscriptions}");
+    assert!(
+        subscriptions.contains("sub_6745893183321961199"),
+        "{subscriptions}"
+    );
     let deliveries = daemon
         .get_json("/api/v1/subscriptions/sub_6745893183321961199/deliveries")
         .await

@@ -16,9 +16,9 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use canaryd_store::{Store, StoreCounters};
 use canaryd_engine::features::FeatureKey;
 use canaryd_engine::{BaselineId, Engine, EngineConfig, Scope};
+use canaryd_store::{Store, StoreCounters};
 use polars::prelude::*;
 
 /// What an import did.

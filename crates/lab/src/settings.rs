@@ -47,7 +47,11 @@ where
         .transpose()
 }
 
-fn within<T: PartialOrd + std::fmt::Display>(key: &str, value: T, range: std::ops::RangeInclusive<T>) -> anyhow::Result<T> {
+fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> anyhow::Result<T> {
     if range.contains(&value) {
         Ok(value)
     } else {
@@ -125,13 +129,19 @@ mod tests {
     fn the_environment_wins_over_the_file_and_bad_values_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("canaryd.toml");
-        std::fs::write(&file, "window_secs = 30\nbaseline_half_life_secs = 60\nlog = \"info\"\n").expect("write");
+        std::fs::write(
+            &file,
+            "window_secs = 30\nbaseline_half_life_secs = 60\nlog = \"info\"\n",
+        )
+        .expect("write");
         let env = BTreeMap::from([("CANARYD_BASELINE_HALF_LIFE_SECS".to_string(), "120".to_string())]);
         let settings = read(Some(&file), &env).expect("reads");
         assert_eq!(settings.engine.windows.window_ns, 30 * NS);
         assert_eq!(settings.engine.baseline.half_life_ns, 120 * NS);
         let env = BTreeMap::from([("CANARYD_WINDOW_SECS".to_string(), "7".to_string())]);
-        let message = read(None, &env).expect_err("7 s does not divide an hour").to_string();
+        let message = read(None, &env)
+            .expect_err("7 s does not divide an hour")
+            .to_string();
         assert!(message.contains("window_secs"), "{message}");
     }
 }

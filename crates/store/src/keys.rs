@@ -130,7 +130,11 @@ mod tests {
     #[test]
     fn keys_read_back_as_what_they_were_made_of() {
         for scope in scopes() {
-            for (env, app, subject) in [("prod", "shop", "GET /a"), ("", "", ""), ("a\0b", "\u{1f}", "[x]")] {
+            for (env, app, subject) in [
+                ("prod", "shop", "GET /a"),
+                ("", "", ""),
+                ("a\0b", "\u{1f}", "[x]"),
+            ] {
                 let id = id(env, app, scope.clone(), subject);
                 assert_eq!(parse_baseline(&baseline(&id)), Some(id));
             }

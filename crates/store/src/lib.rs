@@ -653,7 +653,12 @@ impl<R: DaemonRecords> Store<R> {
     /// Records a delivery's new state: a pending one stays in the outbox, a finished one moves to
     /// the history. Only while it is still in the outbox: one whose subscription was deleted or
     /// disabled meanwhile is not brought back.
-    pub fn put_delivery(&self, subscription: &str, seq: u64, delivery: &R::Delivery) -> Result<(), StoreError> {
+    pub fn put_delivery(
+        &self,
+        subscription: &str,
+        seq: u64,
+        delivery: &R::Delivery,
+    ) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "record a delivery",
             source,

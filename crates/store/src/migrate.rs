@@ -175,7 +175,12 @@ fn from_v1(db: &sled::Db, counters: &StoreCounters) -> Result<Migrated, StoreErr
                 continue;
             };
             let Some(id) = baseline_id(&old_key) else {
-                not_migrated(counters, "baselines", &key, "its feature is unknown to this build");
+                not_migrated(
+                    counters,
+                    "baselines",
+                    &key,
+                    "its feature is unknown to this build",
+                );
                 continue;
             };
             let Some(record) = v1::decode::<BaselineRecord>(&value) else {

@@ -18,8 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::v1::{
-    AnomalyRecord, AppRecord, BaselineRecord, ClockRecord, EwmaRecord, ScoreRecord, SketchRecord,
-    SlotRecord,
+    AnomalyRecord, AppRecord, BaselineRecord, ClockRecord, EwmaRecord, ScoreRecord, SketchRecord, SlotRecord,
 };
 
 /// An engine type that would not convert to or from its record: the two have diverged.
@@ -76,12 +75,18 @@ impl TryFrom<&AppEntry> for AppRecord {
         record.downstreams.sort_by(|a, b| a.0.cmp(&b.0));
         record.exception_types.sort_by(|a, b| a.0.cmp(&b.0));
         record.streams.sort_by(|a, b| {
-            (&a.0.version, &a.0.instance, &a.0.series.name, &a.0.series.attributes).cmp(&(
-                &b.0.version,
-                &b.0.instance,
-                &b.0.series.name,
-                &b.0.series.attributes,
-            ))
+            (
+                &a.0.version,
+                &a.0.instance,
+                &a.0.series.name,
+                &a.0.series.attributes,
+            )
+                .cmp(&(
+                    &b.0.version,
+                    &b.0.instance,
+                    &b.0.series.name,
+                    &b.0.series.attributes,
+                ))
         });
         Ok(record)
     }
@@ -227,7 +232,11 @@ mod tests {
         let mut baseline = Baseline::default();
         let mut slots = MemorySlotStore::default();
         for minute in 0..120u64 {
-            let value = if minute > 100 { 500.0 } else { 10.0 + (minute % 7) as f64 };
+            let value = if minute > 100 {
+                500.0
+            } else {
+                10.0 + (minute % 7) as f64
+            };
             baseline.observe(
                 "s",
                 value,

@@ -1,4 +1,5 @@
 use super::*;
+use canaryd_engine::BaselineId;
 use canaryd_engine::baseline::BaselineConfig;
 use canaryd_engine::features::{Feature, FeatureKey};
 use serde::Deserialize;
@@ -332,8 +333,14 @@ fn corrupt_records_are_skipped_and_counted() {
     let counters = StoreCounters::default();
     let store: TestStore = Store::open(dir.path(), 1 << 20, counters.clone()).expect("open");
     let key = keys::baseline(&id(Scope::Version("v1".into())));
-    store.baselines.insert(&key, vec![SCHEMA as u8, 0xff]).expect("insert");
-    store.baselines.insert(b"not a key", encode(&1u8)).expect("insert");
+    store
+        .baselines
+        .insert(&key, vec![SCHEMA as u8, 0xff])
+        .expect("insert");
+    store
+        .baselines
+        .insert(b"not a key", encode(&1u8))
+        .expect("insert");
     assert!(store.load().expect("load").baselines.is_empty());
     assert_eq!(counters.records_skipped.get(), 2);
 }
@@ -343,7 +350,10 @@ fn a_record_of_a_newer_schema_stops_the_load() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     let key = keys::baseline(&id(Scope::App));
-    store.baselines.insert(key, vec![SCHEMA as u8 + 1, 1, 2]).expect("insert");
+    store
+        .baselines
+        .insert(key, vec![SCHEMA as u8 + 1, 1, 2])
+        .expect("insert");
     let message = store.load().expect_err("newer").to_string();
     assert!(
         message.contains("store schema 3; this build reads up to 2"),
@@ -357,14 +367,22 @@ fn a_data_dir_of_a_newer_schema_is_refused_naming_both_versions() {
     {
         let store = open(dir.path());
         let meta = store.db.open_tree("meta").expect("meta");
-        meta.insert("schema", &(SCHEMA + 1).to_be_bytes()).expect("insert");
+        meta.insert("schema", &(SCHEMA + 1).to_be_bytes())
+            .expect("insert");
         store.flush().expect("flush");
     }
     let error = TestStore::open(dir.path(), 1 << 20, StoreCounters::default())
         .err()
         .expect("refused");
     assert!(
-        matches!(error, StoreError::NewerSchema { found: 3, supported: 2, .. }),
+        matches!(
+            error,
+            StoreError::NewerSchema {
+                found: 3,
+                supported: 2,
+                ..
+            }
+        ),
         "{error:?}"
     );
     let message = error.to_string();
@@ -400,10 +418,12 @@ fn write_v1(dir: &Path, baselines: &[(v1::BaselineKeyRecord, Baseline)]) {
         let record = BaselineRecord::try_from(baseline).expect("record");
         tree.insert(v1::encode(key), v1::encode(&record)).expect("insert");
         let (slot, summary) = record.slot.clone().expect("a slot");
-        slots.insert(key.slot_key(slot), v1::encode(&summary)).expect("insert");
+        slots
+            .insert(key.slot_key(slot), v1::encode(&summary))
+            .expect("insert");
     }
     // A slot no baseline names is kept where it was, not dropped.
-    slots.insert(b"orphan\0\0\x01".to_vec(), v1::encode(&1u8)).expect("insert");
+    slots.insert(b"orphan\0\0\x01", v1::encode(&1u8)).expect("insert");
     db.flush().expect("flush");
 }
 
@@ -421,11 +441,20 @@ fn a_format_1_data_dir_is_migrated_and_the_app_and_a_version_star_each_get_their
     };
     let mut memory = canaryd_engine::baseline::MemorySlotStore::default();
     let mut baseline = Baseline::default();
-    baseline.observe("s", 3.0, 1_767_571_200_000_000_000, &BaselineConfig::default(), &mut memory);
+    baseline.observe(
+        "s",
+        3.0,
+        1_767_571_200_000_000_000,
+        &BaselineConfig::default(),
+        &mut memory,
+    );
     let star = key(v1::ScopeRecord::Version("*".into()));
     write_v1(
         dir.path(),
-        &[(key(v1::ScopeRecord::App), baseline.clone()), (star, baseline.clone())],
+        &[
+            (key(v1::ScopeRecord::App), baseline.clone()),
+            (star, baseline.clone()),
+        ],
     );
     let store = open(dir.path());
     let mut loaded = store.load().expect("load");
@@ -434,7 +463,10 @@ fn a_format_1_data_dir_is_migrated_and_the_app_and_a_version_star_each_get_their
     let version = id(Scope::Version("*".into()));
     assert_eq!(
         loaded.baselines,
-        vec![(app.clone(), baseline.clone()), (version.clone(), baseline.clone())]
+        vec![
+            (app.clone(), baseline.clone()),
+            (version.clone(), baseline.clone())
+        ]
     );
     assert_eq!(loaded.clocks, vec![("prod".into(), "shop".into(), clock())]);
     let (slot, summary) = baseline.slot.clone().expect("a slot");
@@ -442,7 +474,10 @@ fn a_format_1_data_dir_is_migrated_and_the_app_and_a_version_star_each_get_their
     assert_eq!(slots.load(&app.series_name(), slot), Some(summary.clone()));
     assert_eq!(slots.load(&version.series_name(), slot), Some(summary));
     let names: Vec<Vec<u8>> = store.db.tree_names().iter().map(|n| n.to_vec()).collect();
-    assert!(!names.contains(&b"baselines".to_vec()), "migrated trees are dropped");
+    assert!(
+        !names.contains(&b"baselines".to_vec()),
+        "migrated trees are dropped"
+    );
     let old_slots = store.db.open_tree("slots").expect("tree");
     assert_eq!(old_slots.len(), 1, "the orphan slot is left in its format-1 tree");
 }

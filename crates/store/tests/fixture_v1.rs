@@ -89,7 +89,8 @@ fn read_v1(dir: &Path) -> V1 {
         let (k, v) = entry.expect("read");
         let key = v1::decode_app_key(&k).expect("a format-1 key");
         let record: AppRecord = v1::decode(&v).expect("a format-1 app");
-        out.apps.insert(key, AppEntry::try_from(&record).expect("an engine app"));
+        out.apps
+            .insert(key, AppEntry::try_from(&record).expect("an engine app"));
     }
     let slots = tree("slots");
     for entry in tree("baselines").iter() {
@@ -175,7 +176,9 @@ fn the_v1_fixture_reads_back_whole_after_migration() {
     let store: Store = Store::open(copy.path(), 1 << 20, StoreCounters::default()).expect("reopen");
     let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
     engine.restore(store.load().expect("load"));
-    let view = engine.baselines("prod", "shop", None).expect("the app's baselines");
+    let view = engine
+        .baselines("prod", "shop", None)
+        .expect("the app's baselines");
     assert_eq!(
         view.baselines.len(),
         v1.baselines.keys().filter(|id| id.scope == Scope::App).count()
