@@ -492,3 +492,40 @@ fn a_second_open_of_the_same_dir_fails_with_a_clear_error() {
         .to_string();
     assert!(message.contains("another canaryd"), "{message}");
 }
+
+#[test]
+fn a_migration_that_stopped_half_way_starts_again_from_format_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = v1::BaselineKeyRecord {
+        env: "prod".into(),
+        app: "shop".into(),
+        scope: v1::ScopeRecord::Version("1.2".into()),
+        key: v1::FeatureKeyRecord {
+            feature: v1::FeatureRecord::OperationShare,
+            subject: "GET /a".into(),
+        },
+    };
+    let mut memory = canaryd_engine::baseline::MemorySlotStore::default();
+    let mut baseline = Baseline::default();
+    baseline.observe(
+        "s",
+        3.0,
+        1_767_571_200_000_000_000,
+        &BaselineConfig::default(),
+        &mut memory,
+    );
+    write_v1(dir.path(), &[(key, baseline.clone())]);
+    {
+        // What a migration stopped before it wrote `meta` left behind.
+        let db = sled::open(dir.path().join("sled")).expect("open");
+        let half = db.open_tree(BASELINES).expect("tree");
+        let stale = keys::baseline(&id(Scope::Version("gone".into())));
+        half.insert(stale, encode(&1u8)).expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.load().expect("load").baselines,
+        vec![(id(Scope::Version("1.2".into())), baseline)]
+    );
+}
