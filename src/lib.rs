@@ -9,8 +9,8 @@
 //!   `canaryd.v1.EventService/Watch`, the event stream for rollout controllers.
 //! - `act`: subscriptions and the durable, signed delivery of events to them (webhooks, HAProxy).
 //! - `serve`: the HTTP API, one file per resource, the dashboard, Flagger's gates and `/metrics`.
-//! - `store`: durable state in sled; the only module that touches it. `io`: store IO off the
-//!   async workers.
+//! - `store`: durable state: the `canaryd-store` crate (the only one that touches sled), with
+//!   the daemon's records (`store::records`) named for it. `io`: store IO off the async workers.
 //! - `stats`: the daemon's own counters.
 //! - `config`, `models` and `cli`: settings from defaults, file, environment and flags, and the
 //!   analysis models, validated at once.

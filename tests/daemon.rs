@@ -2035,3 +2035,62 @@ async fn requests_in_flight_are_bounded_by_the_memory_budget() {
     wait_for_count(&daemon, "prod", "budget", "1", "spans", 5).await;
     daemon.stop().await.expect("clean stop");
 }
+
+/// Copies a directory tree (a fixture data dir: sled writes to what it opens).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read the fixture") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// Issue 13, part 3: a data dir written before the store had a schema (format 1, commit 9bf3e01;
+/// see tests/fixtures/datadir-v1/README.md) is migrated at start, and the daemon serves what it
+/// held: the catalog, the baselines of the app and of both versions (one of them named `*`), the
+/// events and the subscription with its deliveries.
+#[tokio::test]
+async fn a_data_dir_of_store_format_1_starts_with_everything_it_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datadir-v1/sled");
+    copy_dir(&fixture, &data.join("sled"));
+    let daemon = TestDaemon::start_with(|raw| raw.data_dir = Some(data.clone())).await;
+    let apps = daemon.apps().await;
+    let app = find_app(&apps, "prod", "shop").expect("the catalog is restored");
+    assert!(
+        find_version(app, "2.7.1").is_some() && find_version(app, "*").is_some(),
+        "{app}"
+    );
+    for (query, features) in [
+        ("env=prod", 20),
+        ("env=prod&version=2.7.1", 20),
+        ("env=prod&version=*", 20),
+    ] {
+        let baseline = daemon
+            .get_json(&format!("/api/v1/apps/shop/baseline?{query}"))
+            .await;
+        let learned = baseline["features"].as_array().map_or(0, Vec::len);
+        assert_eq!(learned, features, "{query}: {baseline}");
+        let rate = feature(&baseline, "request_rate", "").expect("request rate");
+        assert!(rate["samples"].as_u64().unwrap_or(0) > 0, "{query}: {rate}");
+    }
+    let events = daemon.get_json("/api/v1/events").await;
+    assert_eq!(events["events"].as_array().map(Vec::len), Some(2), "{events}");
+    let subscriptions = daemon.get_json("/api/v1/subscriptions").await.to_string();
+    assert!(
+        subscriptions.contains("sub_6745893183321961199"),
+        "{subscriptions}"
+    );
+    let deliveries = daemon
+        .get_json("/api/v1/subscriptions/sub_6745893183321961199/deliveries")
+        .await
+        .to_string();
+    assert_eq!(deliveries.matches("\"delivered\"").count(), 2, "{deliveries}");
+    daemon.stop().await.expect("clean stop");
+}

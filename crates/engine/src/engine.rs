@@ -74,13 +74,25 @@ pub struct BaselineId {
 }
 
 impl BaselineId {
-    /// A stable text name, used as the key of the baseline's seasonal slots.
+    /// A stable text name, the key of the baseline's seasonal slots in a `SlotStore` (the store
+    /// persists it: changing it needs a store migration). It starts with `series_prefix` of its
+    /// env, app and scope, then the feature key.
     pub fn series_name(&self) -> String {
-        let scope = match &self.scope {
-            Scope::App => "*",
-            Scope::Version(v) => v,
+        let mut name = BaselineId::series_prefix(&self.env, &self.app, &self.scope);
+        name.push_str(&self.key.to_string());
+        name
+    }
+
+    /// The start of the series name of every baseline of one scope. Each part is preceded by its
+    /// length in bytes and the scope by a tag (`A` for the app, `V` for a version), so no name of
+    /// another env, app or scope starts with it, whatever the names hold: a version `*` is not
+    /// the app, and version `1.2` is not a prefix of `1.20`.
+    pub fn series_prefix(env: &str, app: &str, scope: &Scope) -> String {
+        let scope = match scope {
+            Scope::App => "A".to_owned(),
+            Scope::Version(v) => format!("V{}:{v}", v.len()),
         };
-        format!("{}\u{1f}{}\u{1f}{}\u{1f}{}", self.env, self.app, scope, self.key)
+        format!("{}:{env}{}:{app}{scope}/", env.len(), app.len())
     }
 }
 

@@ -16,9 +16,9 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use canaryd::store::{Store, StoreCounters};
 use canaryd_engine::features::FeatureKey;
 use canaryd_engine::{BaselineId, Engine, EngineConfig, Scope};
+use canaryd_store::{Store, StoreCounters};
 use polars::prelude::*;
 
 /// What an import did.
@@ -158,7 +158,7 @@ pub fn import(
 ) -> anyhow::Result<ImportSummary> {
     let frame = read_history(file)?;
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let store = Store::open(data_dir, cache_bytes, StoreCounters::default())?;
+    let store: Store = Store::open(data_dir, cache_bytes, StoreCounters::default())?;
     let mut engine = Engine::new(config, Box::new(store.slot_store()));
     engine.restore(store.load()?);
 
@@ -260,7 +260,7 @@ mod tests {
             summary.reasons
         );
 
-        let store = Store::open(&data, 1 << 20, StoreCounters::default()).expect("open");
+        let store: Store = Store::open(&data, 1 << 20, StoreCounters::default()).expect("open");
         let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
         engine.restore(store.load().expect("load"));
         let view = engine.baselines("prod", "shop", None).expect("app baselines");

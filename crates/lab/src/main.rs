@@ -1,14 +1,16 @@
-//! `canaryd-lab`: canaryd's offline tools, run against the daemon's own engine and store.
+//! `canaryd-lab`: canaryd's offline tools, run against the daemon's own engine and store (the
+//! `canaryd-engine` and `canaryd-store` crates; not the daemon's, whose settings the lab reads for
+//! itself in `settings`).
 //!
 //! Kept in a crate of its own because it carries polars, which the daemon's build must not.
 
 mod import;
 mod nab;
+mod settings;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use canaryd::config::{Config, RawConfig};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -61,9 +63,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             file,
         } => {
             let env = std::env::vars().collect();
-            let raw = RawConfig::layered(config.as_deref(), &env, RawConfig::default())?;
-            let config = Config::resolve(raw)?;
-            let summary = import::import(&data_dir, &file, config.engine, config.sled_cache_bytes)?;
+            let settings = settings::read(config.as_deref(), &env)?;
+            let summary = import::import(&data_dir, &file, settings.engine, settings.sled_cache_bytes)?;
             println!(
                 "imported {} of {} rows into {} baselines in {}",
                 summary.imported,

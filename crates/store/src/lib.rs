@@ -1,0 +1,840 @@
+//! canaryd's durable state in sled: the only crate that touches it.
+//!
+//! The engine's state is kept in records of the store's own (`records`), not in the engine's
+//! in-memory structs, under a schema version kept in the `meta` tree (`SCHEMA`). Each schema's
+//! records are frozen once released (`v1` holds format 1, which the daemon wrote until it had a
+//! schema); `Store::open` migrates an older data dir to the current schema (`migrate`) and refuses
+//! one written by a newer schema with `StoreError::NewerSchema`, naming both versions: nothing is
+//! skipped because a newer build wrote it.
+//!
+//! Trees of schema 2: `meta` (the schema), `clocks.2` (each app's event-time clock), `apps.2` (each
+//! app's catalog entry), `baselines.2` (each baseline's EWMA and current slot), `slots.2` (the
+//! seasonal hour-of-week summaries paged out of memory), keyed as `keys` says: a version's keys
+//! never collide with the app's or another version's. Every engine value is the schema byte, then
+//! postcard of its record.
+//!
+//! The daemon's own records (`events`, keyed by sequence number, which sled keeps increasing
+//! across restarts; `subscriptions`; `outbox`, pending deliveries per subscription in event order,
+//! written with their event; `deliveries`, the history of finished ones, pruned with the events)
+//! are the daemon's types, which it names through `DaemonRecords`: the store keeps them as a format
+//! byte (`DAEMON_FORMAT`) then postcard, and owns their keys and the rules between them. An outbox
+//! entry exists only while its subscription does and is enabled: updates never re-insert one, and
+//! a delete or a disable clears them. The numbers of events and of outbox entries are counted as
+//! they change (sled's `len` walks a whole tree).
+//!
+//! A record that does not decode (corrupt, or of a format no schema ever wrote) is skipped,
+//! counted (`StoreCounters::records_skipped`) and logged, never misread; one that says it was
+//! written by a newer schema is an error. sled flushes only when told (`flush`), so what is
+//! durable is exactly what the daemon flushed: on the flush interval, with each batch of events,
+//! and at shutdown.
+//!
+//! sled is no longer maintained; keeping it behind `Store` (open, load, write, flush, slots) is
+//! what lets it be replaced later without touching the engine or the daemon's wiring.
+
+pub mod keys;
+mod migrate;
+pub mod records;
+pub mod v1;
+
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use canaryd_engine::baseline::{Baseline, SlotStore, SlotSummary};
+use canaryd_engine::catalog::AppEntry;
+use canaryd_engine::window::AppClock;
+use canaryd_engine::{EngineState, Scope};
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use records::ConvertError;
+use records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
+
+/// The schema this build writes, and the newest it reads.
+pub const SCHEMA: u32 = 2;
+
+/// The format byte of the daemon's records (events, subscriptions, deliveries).
+pub const DAEMON_FORMAT: u8 = 1;
+
+/// The engine trees of schema 2.
+const CLOCKS: &str = "clocks.2";
+const APPS: &str = "apps.2";
+const BASELINES: &str = "baselines.2";
+const SLOTS: &str = "slots.2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store in {path} (is another canaryd using this data_dir?): {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store {operation} failed: {source}")]
+    Io {
+        operation: &'static str,
+        source: sled::Error,
+    },
+    #[error(
+        "the data dir {path} was written by store schema {found}; this build reads up to {supported}: run a newer canaryd"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "a record in the store's {tree} tree was written by store schema {found}; this build reads up to {supported}: run a newer canaryd"
+    )]
+    NewerRecord {
+        tree: &'static str,
+        found: u32,
+        supported: u32,
+    },
+    #[error("the store's schema version in {path} is unreadable ({bytes:?})")]
+    Meta { path: PathBuf, bytes: Vec<u8> },
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+}
+
+/// The daemon's record types, and what the store needs to know of them to keep the outbox right.
+pub trait DaemonRecords {
+    type Event: Serialize + DeserializeOwned;
+    type Subscription: Serialize + DeserializeOwned;
+    type Delivery: Serialize + DeserializeOwned;
+
+    /// Gives a stored event its sequence number (its id derives from it).
+    fn stored(event: &mut Self::Event, seq: u64);
+    fn subscription_id(subscription: &Self::Subscription) -> &str;
+    /// Whether the subscription wants the event delivered (false once disabled).
+    fn wants(subscription: &Self::Subscription, event: &Self::Event) -> bool;
+    fn is_disabled(subscription: &Self::Subscription) -> bool;
+    /// Marks the subscription disabled at `now` (RFC 3339), unless it already is.
+    fn disable(subscription: &mut Self::Subscription, now: &str);
+    /// A pending delivery of a stored event.
+    fn delivery(event: &Self::Event) -> Self::Delivery;
+    fn is_pending(delivery: &Self::Delivery) -> bool;
+}
+
+/// For users of the engine's state alone (`canaryd-lab`): no events, subscriptions or deliveries.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineOnly;
+
+impl DaemonRecords for EngineOnly {
+    type Event = ();
+    type Subscription = ();
+    type Delivery = ();
+
+    fn stored(_: &mut (), _: u64) {}
+    fn subscription_id(_: &()) -> &str {
+        ""
+    }
+    fn wants(_: &(), _: &()) -> bool {
+        false
+    }
+    fn is_disabled(_: &()) -> bool {
+        true
+    }
+    fn disable(_: &mut (), _: &str) {}
+    fn delivery(_: &()) {}
+    fn is_pending(_: &()) -> bool {
+        false
+    }
+}
+
+/// Counters of what the store did; the daemon registers them on `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct StoreCounters {
+    pub records_written: Counter,
+    /// Records that did not decode: corrupt, never newer (those are errors).
+    pub records_skipped: Counter,
+    pub slot_errors: Counter,
+}
+
+/// Records in the trees whose size is read on the hot path (sled's `len` walks the whole tree):
+/// counted once at open, then kept up to date by every insert and remove of a new key.
+#[derive(Debug, Default)]
+struct Counts {
+    events: AtomicU64,
+    outbox: AtomicU64,
+}
+
+fn decrement(count: &AtomicU64) {
+    // Never below zero, whatever the interleaving.
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+        Some(n.saturating_sub(1))
+    });
+}
+
+pub struct Store<R: DaemonRecords = EngineOnly> {
+    db: sled::Db,
+    clocks: sled::Tree,
+    apps: sled::Tree,
+    baselines: sled::Tree,
+    slots: sled::Tree,
+    events: sled::Tree,
+    subscriptions: sled::Tree,
+    outbox: sled::Tree,
+    history: sled::Tree,
+    counts: Arc<Counts>,
+    counters: StoreCounters,
+    records: PhantomData<fn() -> R>,
+}
+
+impl<R: DaemonRecords> Clone for Store<R> {
+    fn clone(&self) -> Self {
+        Store {
+            db: self.db.clone(),
+            clocks: self.clocks.clone(),
+            apps: self.apps.clone(),
+            baselines: self.baselines.clone(),
+            slots: self.slots.clone(),
+            events: self.events.clone(),
+            subscriptions: self.subscriptions.clone(),
+            outbox: self.outbox.clone(),
+            history: self.history.clone(),
+            counts: self.counts.clone(),
+            counters: self.counters.clone(),
+            records: PhantomData,
+        }
+    }
+}
+
+/// An engine record of the current schema.
+fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    let mut bytes = vec![SCHEMA as u8];
+    // Serializing plain data into a Vec cannot fail.
+    bytes.extend(postcard::to_stdvec(record).unwrap_or_default());
+    bytes
+}
+
+/// What reading one engine record found.
+enum Decoded<T> {
+    Record(T),
+    /// Written by this newer schema.
+    Newer(u32),
+    Corrupt,
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Decoded<T> {
+    match bytes.split_first() {
+        Some((&schema, rest)) if u32::from(schema) == SCHEMA => match postcard::from_bytes(rest) {
+            Ok(record) => Decoded::Record(record),
+            Err(_) => Decoded::Corrupt,
+        },
+        Some((&schema, _)) if u32::from(schema) > SCHEMA => Decoded::Newer(schema.into()),
+        _ => Decoded::Corrupt,
+    }
+}
+
+fn encode_daemon<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = vec![DAEMON_FORMAT];
+    bytes.extend(postcard::to_stdvec(value).unwrap_or_default());
+    bytes
+}
+
+fn decode_daemon<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    match bytes.split_first() {
+        Some((&DAEMON_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => None,
+    }
+}
+
+/// Subscription keys (format 1's, kept): the format byte, then postcard of the id.
+fn subscription_key(id: &str) -> Vec<u8> {
+    encode_daemon(&id)
+}
+
+/// Outbox keys: the subscription id, a zero byte, the event's sequence number; so a
+/// subscription's pending deliveries sort by event.
+fn outbox_prefix(subscription: &str) -> Vec<u8> {
+    let mut key = subscription.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn outbox_key(subscription: &str, seq: u64) -> Vec<u8> {
+    let mut key = outbox_prefix(subscription);
+    key.extend(seq.to_be_bytes());
+    key
+}
+
+/// The event sequence number at the end of an outbox key.
+fn outbox_seq(key: &[u8]) -> Option<u64> {
+    let at = key.len().checked_sub(8)?;
+    key[at..].try_into().ok().map(u64::from_be_bytes)
+}
+
+impl<R: DaemonRecords> Store<R> {
+    /// Opens (or creates) the store under `data_dir`, with sled's cache bounded to `cache_bytes`,
+    /// migrating a data dir of an older schema to the current one first.
+    pub fn open(data_dir: &Path, cache_bytes: u64, counters: StoreCounters) -> Result<Self, StoreError> {
+        let path = data_dir.join("sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        migrate::to_current(&db, &path, &counters)?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })
+        };
+        let events = tree("events")?;
+        let outbox = tree("outbox")?;
+        let counts = Arc::new(Counts {
+            events: AtomicU64::new(events.len() as u64),
+            outbox: AtomicU64::new(outbox.len() as u64),
+        });
+        Ok(Store {
+            clocks: tree(CLOCKS)?,
+            apps: tree(APPS)?,
+            baselines: tree(BASELINES)?,
+            slots: tree(SLOTS)?,
+            events,
+            subscriptions: tree("subscriptions")?,
+            outbox,
+            history: tree("deliveries")?,
+            db,
+            counts,
+            counters,
+            records: PhantomData,
+        })
+    }
+
+    /// Everything persisted of the engine. A record of a newer schema is an error; corrupt ones
+    /// are skipped and counted.
+    pub fn load(&self) -> Result<EngineState, StoreError> {
+        let mut state = EngineState::default();
+        for (key, record) in self.records::<ClockRecord>(&self.clocks, CLOCKS)? {
+            if let Some((env, app)) = keys::parse_app(&key) {
+                state.clocks.push((env, app, AppClock::from(record)));
+            } else {
+                self.corrupt(CLOCKS, &key);
+            }
+        }
+        for (key, record) in self.records::<AppRecord>(&self.apps, APPS)? {
+            if let Some((env, app)) = keys::parse_app(&key) {
+                state.apps.push((env, app, AppEntry::try_from(&record)?));
+            } else {
+                self.corrupt(APPS, &key);
+            }
+        }
+        for (key, record) in self.records::<BaselineRecord>(&self.baselines, BASELINES)? {
+            if let Some(id) = keys::parse_baseline(&key) {
+                state.baselines.push((id, Baseline::try_from(&record)?));
+            } else {
+                self.corrupt(BASELINES, &key);
+            }
+        }
+        Ok(state)
+    }
+
+    fn corrupt(&self, tree: &str, key: &[u8]) {
+        tracing::warn!(tree, key = ?key, "skipping a store record that does not decode");
+        self.counters.records_skipped.inc();
+    }
+
+    /// Every decodable record of an engine tree, with its key.
+    fn records<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        name: &'static str,
+    ) -> Result<Vec<(sled::IVec, T)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in tree.iter() {
+            let (key, value) = entry.map_err(|source| StoreError::Io {
+                operation: "load",
+                source,
+            })?;
+            match decode(&value) {
+                Decoded::Record(record) => out.push((key, record)),
+                Decoded::Newer(found) => {
+                    return Err(StoreError::NewerRecord {
+                        tree: name,
+                        found,
+                        supported: SCHEMA,
+                    });
+                }
+                Decoded::Corrupt => self.corrupt(name, &key),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes clocks, apps and baselines (atomically per tree). Forgotten versions go first: a
+    /// version forgotten and seen again since the last write has new baselines in `state`, which
+    /// must outlive the deletion of the old ones.
+    pub fn write(&self, state: &EngineState) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "write",
+            source,
+        };
+        for (env, app, version) in &state.forgotten_versions {
+            self.forget_version(env, app, version).map_err(io)?;
+        }
+        // The engine saved the current slots of `state`'s baselines before handing it over, so
+        // the deletion just took those of a version that came back; they are saved again.
+        if !state.forgotten_versions.is_empty() {
+            let mut slots = self.slot_store();
+            for (id, baseline) in &state.baselines {
+                let forgotten = state.forgotten_versions.iter().any(|(env, app, version)| {
+                    *env == id.env && *app == id.app && id.scope == Scope::Version(version.clone())
+                });
+                if forgotten {
+                    baseline.save_slot(&id.series_name(), &mut slots);
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        for (env, app, clock) in &state.clocks {
+            batch.insert(keys::app(env, app), encode(&ClockRecord::from(clock)));
+        }
+        self.clocks.apply_batch(batch).map_err(io)?;
+        let mut batch = sled::Batch::default();
+        for (env, app, entry) in &state.apps {
+            batch.insert(keys::app(env, app), encode(&AppRecord::try_from(entry)?));
+        }
+        self.apps.apply_batch(batch).map_err(io)?;
+        let mut batch = sled::Batch::default();
+        for (id, baseline) in &state.baselines {
+            batch.insert(keys::baseline(id), encode(&BaselineRecord::try_from(baseline)?));
+        }
+        self.baselines.apply_batch(batch).map_err(io)?;
+        let written = state.clocks.len() + state.apps.len() + state.baselines.len();
+        self.counters.records_written.inc_by(written as u64);
+        Ok(())
+    }
+
+    /// Deletes a version's baselines and seasonal slots, and nothing else: the keys of one scope
+    /// start with a prefix no other scope's keys start with (`keys`).
+    fn forget_version(&self, env: &str, app: &str, version: &str) -> Result<(), sled::Error> {
+        let scope = Scope::Version(version.to_owned());
+        for (tree, prefix) in [
+            (&self.baselines, keys::scope(env, app, &scope)),
+            (&self.slots, keys::slot_scope(env, app, &scope)),
+        ] {
+            let mut batch = sled::Batch::default();
+            for key in tree.scan_prefix(&prefix).keys() {
+                batch.remove(key?);
+            }
+            tree.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Stores events, giving each its sequence number (in order), and makes them durable before
+    /// returning: an event is emitted once this returns. Beyond `max_events`, the oldest are
+    /// dropped.
+    pub fn append_events(&self, events: &mut [R::Event], max_events: usize) -> Result<(), StoreError> {
+        self.put_events(events, max_events)?;
+        self.flush()
+    }
+
+    /// Writes the engine state that made `events`, then stores the events as `append_events` does,
+    /// and makes both durable in one flush: after a crash, the decisions behind a stored event are
+    /// never older than the event (which would make them fire again).
+    pub fn write_with_events(
+        &self,
+        state: &EngineState,
+        events: &mut [R::Event],
+        max_events: usize,
+    ) -> Result<(), StoreError> {
+        self.write(state)?;
+        self.put_events(events, max_events)?;
+        self.flush()
+    }
+
+    /// `append_events` but for the flush.
+    fn put_events(&self, events: &mut [R::Event], max_events: usize) -> Result<(), StoreError> {
+        let subscriptions = self.subscriptions()?;
+        self.put_events_for(events, max_events, &subscriptions)
+    }
+
+    /// Stores events with an outbox entry for each of `subscriptions` that wants them. The list
+    /// was read before the entries are written, so a subscription deleted or disabled meanwhile
+    /// may have been given some: looked up again afterwards, such a subscription's entries are
+    /// removed here (its delete or disable removes any written before it looked).
+    fn put_events_for(
+        &self,
+        events: &mut [R::Event],
+        max_events: usize,
+        subscriptions: &[R::Subscription],
+    ) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "append events",
+            source,
+        };
+        let mut batch = sled::Batch::default();
+        let mut outbox = sled::Batch::default();
+        let mut entries = 0;
+        let mut given: Vec<&str> = Vec::new();
+        for event in events.iter_mut() {
+            let seq = self.db.generate_id().map_err(io)?;
+            R::stored(event, seq);
+            batch.insert(&seq.to_be_bytes(), encode_daemon(event));
+            for subscription in subscriptions.iter().filter(|s| R::wants(s, event)) {
+                let id = R::subscription_id(subscription);
+                outbox.insert(outbox_key(id, seq), encode_daemon(&R::delivery(event)));
+                entries += 1;
+                if !given.contains(&id) {
+                    given.push(id);
+                }
+            }
+        }
+        self.events.apply_batch(batch).map_err(io)?;
+        self.counts
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        // Fresh sequence numbers: every entry is a new key.
+        self.outbox.apply_batch(outbox).map_err(io)?;
+        self.counts.outbox.fetch_add(entries, Ordering::Relaxed);
+        for id in given {
+            let active = self.subscription(id)?.is_some_and(|s| !R::is_disabled(&s));
+            if !active {
+                self.clear_outbox(id).map_err(io)?;
+            }
+        }
+        while self.counts.events.load(Ordering::Relaxed) > max_events as u64 {
+            let Some((oldest, _)) = self.events.pop_min().map_err(io)? else {
+                self.counts.events.store(0, Ordering::Relaxed);
+                break;
+            };
+            decrement(&self.counts.events);
+            // Delivery history older than the oldest event kept goes with it.
+            let mut old = sled::Batch::default();
+            for key in self.history.range(..oldest.to_vec()).keys() {
+                old.remove(key.map_err(io)?);
+            }
+            self.history.apply_batch(old).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every pending delivery of a subscription.
+    fn clear_outbox(&self, subscription: &str) -> Result<(), sled::Error> {
+        for key in self.outbox.scan_prefix(outbox_prefix(subscription)).keys() {
+            // One by one: what another remover took first is not counted twice.
+            if self.outbox.remove(key?)?.is_some() {
+                decrement(&self.counts.outbox);
+            }
+        }
+        Ok(())
+    }
+
+    /// The sequence number of the newest stored event.
+    pub fn last_event_seq(&self) -> Result<Option<u64>, StoreError> {
+        let last = self.events.last().map_err(|source| StoreError::Io {
+            operation: "read events",
+            source,
+        })?;
+        Ok(last.and_then(|(key, _)| key.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// The event stored at `seq`.
+    pub fn event(&self, seq: u64) -> Result<Option<R::Event>, StoreError> {
+        let value = self
+            .events
+            .get(seq.to_be_bytes())
+            .map_err(|source| StoreError::Io {
+                operation: "read an event",
+                source,
+            })?;
+        Ok(value.and_then(|v| decode_daemon(&v)))
+    }
+
+    pub fn subscriptions(&self) -> Result<Vec<R::Subscription>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.subscriptions.iter() {
+            let (key, value) = entry.map_err(|source| StoreError::Io {
+                operation: "read subscriptions",
+                source,
+            })?;
+            match decode_daemon(&value) {
+                Some(subscription) => out.push(subscription),
+                None => self.corrupt("subscriptions", &key),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn subscription(&self, id: &str) -> Result<Option<R::Subscription>, StoreError> {
+        let value = self
+            .subscriptions
+            .get(subscription_key(id))
+            .map_err(|source| StoreError::Io {
+                operation: "read a subscription",
+                source,
+            })?;
+        Ok(value.and_then(|v| decode_daemon(&v)))
+    }
+
+    /// Stores a subscription durably.
+    pub fn put_subscription(&self, subscription: &R::Subscription) -> Result<(), StoreError> {
+        self.subscriptions
+            .insert(
+                subscription_key(R::subscription_id(subscription)),
+                encode_daemon(subscription),
+            )
+            .map_err(|source| StoreError::Io {
+                operation: "write a subscription",
+                source,
+            })?;
+        self.flush()
+    }
+
+    /// Marks a subscription disabled (its receiver answered 410 Gone) and drops its pending
+    /// deliveries, which will never be sent. A subscription deleted meanwhile stays deleted.
+    pub fn disable_subscription(&self, id: &str) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "disable a subscription",
+            source,
+        };
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        self.subscriptions
+            .update_and_fetch(subscription_key(id), |old| {
+                let old = old?;
+                // A record this build cannot read is left as it is.
+                let Some(mut subscription) = decode_daemon::<R::Subscription>(old) else {
+                    return Some(old.to_vec());
+                };
+                R::disable(&mut subscription, &now);
+                Some(encode_daemon(&subscription))
+            })
+            .map_err(io)?;
+        self.clear_outbox(id).map_err(io)?;
+        self.flush()
+    }
+
+    /// Deletes a subscription and its pending deliveries; false when there was none.
+    pub fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "delete a subscription",
+            source,
+        };
+        // The subscription first: an append that looks it up from now on finds it gone and
+        // clears what it wrote itself; what it wrote before is cleared here.
+        let existed = self
+            .subscriptions
+            .remove(subscription_key(id))
+            .map_err(io)?
+            .is_some();
+        self.clear_outbox(id).map_err(io)?;
+        self.flush()?;
+        Ok(existed)
+    }
+
+    /// The oldest pending delivery of a subscription.
+    pub fn next_delivery(&self, subscription: &str) -> Result<Option<(u64, R::Delivery)>, StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "read the outbox",
+            source,
+        };
+        for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
+            let (key, value) = entry.map_err(io)?;
+            let seq = outbox_seq(&key);
+            match (seq, decode_daemon::<R::Delivery>(&value)) {
+                (Some(seq), Some(delivery)) => return Ok(Some((seq, delivery))),
+                _ => {
+                    self.corrupt("outbox", &key);
+                    if self.outbox.remove(key).map_err(io)?.is_some() {
+                        decrement(&self.counts.outbox);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records a delivery's new state: a pending one stays in the outbox, a finished one moves to
+    /// the history. Only while it is still in the outbox: one whose subscription was deleted or
+    /// disabled meanwhile is not brought back.
+    pub fn put_delivery(
+        &self,
+        subscription: &str,
+        seq: u64,
+        delivery: &R::Delivery,
+    ) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "record a delivery",
+            source,
+        };
+        let key = outbox_key(subscription, seq);
+        if R::is_pending(delivery) {
+            let record = encode_daemon(delivery);
+            // Atomic: replaces the entry only if it is there, never inserts it.
+            self.outbox
+                .update_and_fetch(key, |old| old.map(|_| record.clone()))
+                .map_err(io)?;
+        } else if self.outbox.remove(key).map_err(io)?.is_some() {
+            decrement(&self.counts.outbox);
+            let mut history_key = seq.to_be_bytes().to_vec();
+            history_key.extend(subscription.as_bytes());
+            self.history
+                .insert(history_key, encode_daemon(delivery))
+                .map_err(io)?;
+        }
+        self.flush()
+    }
+
+    /// A subscription's deliveries, pending and finished, newest first, at most `limit`.
+    pub fn deliveries(&self, subscription: &str, limit: usize) -> Result<Vec<R::Delivery>, StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "read deliveries",
+            source,
+        };
+        let mut out: Vec<(u64, R::Delivery)> = Vec::new();
+        for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
+            let (key, value) = entry.map_err(io)?;
+            let seq = outbox_seq(&key);
+            if let (Some(seq), Some(d)) = (seq, decode_daemon(&value)) {
+                out.push((seq, d));
+            }
+        }
+        for entry in self.history.iter().rev() {
+            let (key, value) = entry.map_err(io)?;
+            if let Some((seq, id)) = key.split_first_chunk::<8>()
+                && id == subscription.as_bytes()
+                && let Some(d) = decode_daemon(&value)
+            {
+                out.push((u64::from_be_bytes(*seq), d));
+            }
+            if out.len() >= limit * 2 {
+                break;
+            }
+        }
+        out.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        out.truncate(limit);
+        Ok(out.into_iter().map(|(_, d)| d).collect())
+    }
+
+    /// Deliveries waiting in the outbox, over all subscriptions.
+    pub fn outbox_depth(&self) -> usize {
+        self.counts.outbox.load(Ordering::Relaxed) as usize
+    }
+
+    /// Events in the history.
+    pub fn event_count(&self) -> usize {
+        self.counts.events.load(Ordering::Relaxed) as usize
+    }
+
+    /// Stored events after the one with sequence `after` (all when `None`), oldest first, that
+    /// `keep` accepts, at most `limit`.
+    pub fn events(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        keep: impl Fn(&R::Event) -> bool,
+    ) -> Result<Vec<R::Event>, StoreError> {
+        let start = after.map_or(0, |seq| seq.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in self.events.range(start.to_be_bytes()..) {
+            let (key, value) = entry.map_err(|source| StoreError::Io {
+                operation: "read events",
+                source,
+            })?;
+            match decode_daemon::<R::Event>(&value) {
+                Some(event) if keep(&event) => out.push(event),
+                Some(_) => {}
+                None => self.corrupt("events", &key),
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|source| StoreError::Io {
+            operation: "flush",
+            source,
+        })
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// The engine's view of the seasonal slots.
+    pub fn slot_store(&self) -> SledSlots {
+        SledSlots {
+            slots: self.slots.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Records in the seasonal slot tree (walks it: for tests and tools, not the hot path).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// Seasonal slot summaries in sled, for the engine.
+pub struct SledSlots {
+    slots: sled::Tree,
+    counters: StoreCounters,
+}
+
+impl SlotStore for SledSlots {
+    fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
+        match self.slots.get(keys::slot(series, slot)) {
+            Ok(Some(bytes)) => match decode::<SlotRecord>(&bytes) {
+                Decoded::Record(record) => match SlotSummary::try_from(&record) {
+                    Ok(summary) => Some(summary),
+                    Err(e) => {
+                        tracing::warn!(error = %e, series, slot, "cannot convert a seasonal slot");
+                        self.counters.slot_errors.inc();
+                        None
+                    }
+                },
+                // Open refuses a data dir of a newer schema, so this is a record written since.
+                Decoded::Newer(found) => {
+                    tracing::warn!(found, series, slot, "a seasonal slot of a newer schema");
+                    self.counters.slot_errors.inc();
+                    None
+                }
+                Decoded::Corrupt => {
+                    tracing::warn!(series, slot, "skipping a seasonal slot that does not decode");
+                    self.counters.records_skipped.inc();
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, series, slot, "cannot read a seasonal slot");
+                self.counters.slot_errors.inc();
+                None
+            }
+        }
+    }
+
+    fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary) {
+        let record = match SlotRecord::try_from(summary) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(error = %e, series, slot, "cannot convert a seasonal slot");
+                self.counters.slot_errors.inc();
+                return;
+            }
+        };
+        match self.slots.insert(keys::slot(series, slot), encode(&record)) {
+            Ok(_) => {
+                self.counters.records_written.inc();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, series, slot, "cannot write a seasonal slot");
+                self.counters.slot_errors.inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

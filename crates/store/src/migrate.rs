@@ -1,0 +1,223 @@
+//! Brings a data dir to the current schema when the store opens it.
+//!
+//! The schema is a u32 (big endian) under `schema` in the `meta` tree. None there means format 1
+//! (the daemon's format before schemas), or a new data dir: both go through `from_v1`, which finds
+//! nothing to do in a new one. A newer schema stops the open (`StoreError::NewerSchema`).
+//!
+//! Schema 2 writes its engine records to trees of its own (`clocks.2`, ...), so a migration that
+//! stops half-way leaves format 1's trees as they were: the next open clears what it had written
+//! and starts again. Only once everything is written and flushed does `meta` say 2; then the
+//! migrated format-1 records are removed. A format-1 record that cannot be migrated (it does not
+//! decode, or names a feature this build does not know, or is a seasonal slot of no baseline) is
+//! counted, logged and left where it was, in its format-1 tree: nothing is dropped unseen.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use canaryd_engine::features::{Feature, FeatureKey};
+use canaryd_engine::{BaselineId, Scope};
+
+use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
+use crate::v1::{self, BaselineKeyRecord, ScopeRecord};
+use crate::{APPS, BASELINES, CLOCKS, SCHEMA, SLOTS, StoreCounters, StoreError, encode, keys};
+
+const SCHEMA_KEY: &[u8] = b"schema";
+
+fn io(operation: &'static str) -> impl Fn(sled::Error) -> StoreError {
+    move |source| StoreError::Io { operation, source }
+}
+
+/// The schema the data dir was written by, if it says.
+pub(crate) fn schema(db: &sled::Db, path: &Path) -> Result<Option<u32>, StoreError> {
+    let meta = db.open_tree("meta").map_err(io("read the schema"))?;
+    match meta.get(SCHEMA_KEY).map_err(io("read the schema"))? {
+        None => Ok(None),
+        Some(bytes) => match <[u8; 4]>::try_from(bytes.as_ref()) {
+            Ok(be) => Ok(Some(u32::from_be_bytes(be))),
+            Err(_) => Err(StoreError::Meta {
+                path: path.to_owned(),
+                bytes: bytes.to_vec(),
+            }),
+        },
+    }
+}
+
+pub(crate) fn to_current(db: &sled::Db, path: &Path, counters: &StoreCounters) -> Result<(), StoreError> {
+    match schema(db, path)? {
+        Some(SCHEMA) => Ok(()),
+        Some(found) if found > SCHEMA => Err(StoreError::NewerSchema {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA,
+        }),
+        None | Some(1) => {
+            let migrated = from_v1(db, counters)?;
+            let meta = db.open_tree("meta").map_err(io("write the schema"))?;
+            meta.insert(SCHEMA_KEY, &SCHEMA.to_be_bytes())
+                .map_err(io("write the schema"))?;
+            db.flush().map_err(io("migrate"))?;
+            migrated.remove_from(db)
+        }
+        Some(found) => Err(StoreError::Meta {
+            path: path.to_owned(),
+            bytes: found.to_be_bytes().to_vec(),
+        }),
+    }
+}
+
+/// The format-1 records a migration carried over, by tree: removed once the new schema is durable.
+#[derive(Default)]
+struct Migrated {
+    trees: Vec<(&'static str, Vec<sled::IVec>)>,
+}
+
+impl Migrated {
+    fn remove_from(self, db: &sled::Db) -> Result<(), StoreError> {
+        let io = io("remove migrated records");
+        for (name, keys) in self.trees {
+            let tree = db.open_tree(name).map_err(&io)?;
+            let mut batch = sled::Batch::default();
+            for key in keys {
+                batch.remove(key);
+            }
+            tree.apply_batch(batch).map_err(&io)?;
+            let left = tree.len();
+            if left == 0 {
+                db.drop_tree(name).map_err(&io)?;
+            } else {
+                tracing::warn!(
+                    tree = name,
+                    records = left,
+                    "format-1 records that could not be migrated were left in their tree"
+                );
+            }
+        }
+        db.flush().map_err(io)?;
+        Ok(())
+    }
+}
+
+fn not_migrated(counters: &StoreCounters, tree: &str, key: &[u8], why: &str) {
+    tracing::warn!(tree, key = ?key, why, "a format-1 record was not migrated");
+    counters.records_skipped.inc();
+}
+
+/// A format-1 baseline key as the engine's id: `None` for a feature this build does not know.
+fn baseline_id(key: &BaselineKeyRecord) -> Option<BaselineId> {
+    Some(BaselineId {
+        env: key.env.clone(),
+        app: key.app.clone(),
+        scope: match &key.scope {
+            ScopeRecord::App => Scope::App,
+            ScopeRecord::Version(v) => Scope::Version(v.clone()),
+        },
+        key: FeatureKey::of(Feature::from_name(key.key.feature.name())?, &key.key.subject),
+    })
+}
+
+/// Writes schema 2's engine trees from format 1's.
+fn from_v1(db: &sled::Db, counters: &StoreCounters) -> Result<Migrated, StoreError> {
+    let io = io("migrate from format 1");
+    let existing: HashSet<Vec<u8>> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();
+    let old = |name: &str| -> Result<Option<sled::Tree>, StoreError> {
+        if existing.contains(name.as_bytes()) {
+            db.open_tree(name).map(Some).map_err(&io)
+        } else {
+            Ok(None)
+        }
+    };
+    let new = |name: &str| -> Result<sled::Tree, StoreError> {
+        let tree = db.open_tree(name).map_err(&io)?;
+        // Left by a migration that stopped half-way.
+        tree.clear().map_err(&io)?;
+        Ok(tree)
+    };
+    let (clocks, apps, baselines, slots) = (new(CLOCKS)?, new(APPS)?, new(BASELINES)?, new(SLOTS)?);
+    let mut migrated = Migrated::default();
+
+    for (name, to) in [("clocks", &clocks), ("apps", &apps)] {
+        let Some(from) = old(name)? else { continue };
+        let mut batch = sled::Batch::default();
+        let mut done = Vec::new();
+        for entry in from.iter() {
+            let (key, value) = entry.map_err(&io)?;
+            let Some((env, app)) = v1::decode_app_key(&key) else {
+                not_migrated(counters, name, &key, "its key does not decode");
+                continue;
+            };
+            let record = if name == "clocks" {
+                v1::decode::<ClockRecord>(&value).map(|r| encode(&r))
+            } else {
+                v1::decode::<AppRecord>(&value).map(|r| encode(&r))
+            };
+            match record {
+                Some(record) => {
+                    batch.insert(keys::app(&env, &app), record);
+                    done.push(key);
+                }
+                None => not_migrated(counters, name, &key, "its value does not decode"),
+            }
+        }
+        to.apply_batch(batch).map_err(&io)?;
+        migrated.trees.push((name, done));
+    }
+
+    let old_slots = old("slots")?;
+    let mut slots_done = Vec::new();
+    if let Some(from) = old("baselines")? {
+        let mut batch = sled::Batch::default();
+        let mut slot_batch = sled::Batch::default();
+        let mut done = Vec::new();
+        for entry in from.iter() {
+            let (key, value) = entry.map_err(&io)?;
+            let Some(old_key) = v1::decode::<BaselineKeyRecord>(&key) else {
+                not_migrated(counters, "baselines", &key, "its key does not decode");
+                continue;
+            };
+            let Some(id) = baseline_id(&old_key) else {
+                not_migrated(
+                    counters,
+                    "baselines",
+                    &key,
+                    "its feature is unknown to this build",
+                );
+                continue;
+            };
+            let Some(record) = v1::decode::<BaselineRecord>(&value) else {
+                not_migrated(counters, "baselines", &key, "its value does not decode");
+                continue;
+            };
+            batch.insert(keys::baseline(&id), encode(&record));
+            done.push(key);
+            // Its seasonal slots. The app's and a version `*`'s were the same records in format
+            // 1: both get a copy.
+            let Some(from_slots) = &old_slots else { continue };
+            let mut prefix = old_key.series_name().into_bytes();
+            prefix.push(0);
+            let series = id.series_name();
+            for entry in from_slots.scan_prefix(&prefix) {
+                let (slot_key, value) = entry.map_err(&io)?;
+                let slot = <[u8; 2]>::try_from(&slot_key[prefix.len()..]).map(u16::from_be_bytes);
+                match (slot, v1::decode::<SlotRecord>(&value)) {
+                    (Ok(slot), Some(record)) => {
+                        slot_batch.insert(keys::slot(&series, slot), encode(&record));
+                        slots_done.push(slot_key);
+                    }
+                    // Another series whose name continues this one's after a zero byte.
+                    (Err(_), _) => {}
+                    (Ok(_), None) => not_migrated(counters, "slots", &slot_key, "its value does not decode"),
+                }
+            }
+        }
+        baselines.apply_batch(batch).map_err(&io)?;
+        slots.apply_batch(slot_batch).map_err(&io)?;
+        migrated.trees.push(("baselines", done));
+    }
+    if old_slots.is_some() {
+        slots_done.sort();
+        slots_done.dedup();
+        migrated.trees.push(("slots", slots_done));
+    }
+    db.flush().map_err(&io)?;
+    Ok(migrated)
+}

@@ -1,0 +1,284 @@
+//! The records of the current schema, and their conversions to and from the engine's types.
+//!
+//! Schema 2 changed the keys (see `keys`), not the values: its value records are format 1's
+//! (`v1`), re-exported here. A schema that changes one gives it a new type here, keeps the old
+//! one in its frozen module, and converts old to new when it migrates (`migrate`).
+//!
+//! Records with public engine counterparts (clocks, baselines, slots) convert field by field. The
+//! engine keeps the fields of `Sketch` and `AppEntry` private; their records mirror those fields
+//! and convert through the engine type's serde shape (`bridge`), so a change to either engine
+//! type fails the conversion, and the round-trip tests below, before any user's data meets it.
+
+use canaryd_engine::anomaly::AnomalyState;
+use canaryd_engine::baseline::{Baseline, Ewma, Score, SlotSummary};
+use canaryd_engine::catalog::AppEntry;
+use canaryd_engine::sketch::Sketch;
+use canaryd_engine::window::AppClock;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use crate::v1::{
+    AnomalyRecord, AppRecord, BaselineRecord, ClockRecord, EwmaRecord, ScoreRecord, SketchRecord, SlotRecord,
+};
+
+/// An engine type that would not convert to or from its record: the two have diverged.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine's {what} no longer matches the store's record for it: {reason}")]
+pub struct ConvertError {
+    pub what: &'static str,
+    pub reason: String,
+}
+
+/// Converts between two types of the same serde shape (see the module documentation).
+fn bridge<A: Serialize, B: DeserializeOwned>(what: &'static str, a: &A) -> Result<B, ConvertError> {
+    let error = |e: postcard::Error| ConvertError {
+        what,
+        reason: e.to_string(),
+    };
+    let bytes = postcard::to_stdvec(a).map_err(error)?;
+    let (b, rest) = postcard::take_from_bytes(&bytes).map_err(error)?;
+    if rest.is_empty() {
+        Ok(b)
+    } else {
+        Err(ConvertError {
+            what,
+            reason: format!("{} bytes left over", rest.len()),
+        })
+    }
+}
+
+impl From<&AppClock> for ClockRecord {
+    fn from(clock: &AppClock) -> Self {
+        ClockRecord {
+            max_time: clock.max_time,
+            closed_until: clock.closed_until,
+        }
+    }
+}
+
+impl From<ClockRecord> for AppClock {
+    /// A lone latest time that no second observation had vouched for is not kept: after a
+    /// restart the clock starts from what was vouched for.
+    fn from(record: ClockRecord) -> Self {
+        AppClock {
+            max_time: record.max_time,
+            closed_until: record.closed_until,
+            lead: record.max_time,
+        }
+    }
+}
+
+impl TryFrom<&AppEntry> for AppRecord {
+    type Error = ConvertError;
+
+    fn try_from(entry: &AppEntry) -> Result<Self, ConvertError> {
+        let mut record: AppRecord = bridge("AppEntry", entry)?;
+        // The engine keeps some of these in hash maps: sorted, equal entries write equal records.
+        record.operations.sort_by(|a, b| a.0.cmp(&b.0));
+        record.downstreams.sort_by(|a, b| a.0.cmp(&b.0));
+        record.exception_types.sort_by(|a, b| a.0.cmp(&b.0));
+        record.streams.sort_by(|a, b| {
+            (
+                &a.0.version,
+                &a.0.instance,
+                &a.0.series.name,
+                &a.0.series.attributes,
+            )
+                .cmp(&(
+                    &b.0.version,
+                    &b.0.instance,
+                    &b.0.series.name,
+                    &b.0.series.attributes,
+                ))
+        });
+        Ok(record)
+    }
+}
+
+impl TryFrom<&AppRecord> for AppEntry {
+    type Error = ConvertError;
+
+    fn try_from(record: &AppRecord) -> Result<Self, ConvertError> {
+        bridge("AppEntry", record)
+    }
+}
+
+impl TryFrom<&Sketch> for SketchRecord {
+    type Error = ConvertError;
+
+    fn try_from(sketch: &Sketch) -> Result<Self, ConvertError> {
+        bridge("Sketch", sketch)
+    }
+}
+
+impl TryFrom<&SketchRecord> for Sketch {
+    type Error = ConvertError;
+
+    fn try_from(record: &SketchRecord) -> Result<Self, ConvertError> {
+        bridge("Sketch", record)
+    }
+}
+
+impl TryFrom<&SlotSummary> for SlotRecord {
+    type Error = ConvertError;
+
+    fn try_from(summary: &SlotSummary) -> Result<Self, ConvertError> {
+        Ok(SlotRecord {
+            past: (&summary.past).try_into()?,
+            current: (&summary.current).try_into()?,
+            week: summary.week,
+            past_weeks: summary.past_weeks,
+        })
+    }
+}
+
+impl TryFrom<&SlotRecord> for SlotSummary {
+    type Error = ConvertError;
+
+    fn try_from(record: &SlotRecord) -> Result<Self, ConvertError> {
+        Ok(SlotSummary {
+            past: (&record.past).try_into()?,
+            current: (&record.current).try_into()?,
+            week: record.week,
+            past_weeks: record.past_weeks,
+        })
+    }
+}
+
+impl From<&Score> for ScoreRecord {
+    fn from(score: &Score) -> Self {
+        match *score {
+            Score::InsufficientData => ScoreRecord::InsufficientData,
+            Score::Scored(v) => ScoreRecord::Scored(v),
+        }
+    }
+}
+
+impl From<ScoreRecord> for Score {
+    fn from(record: ScoreRecord) -> Self {
+        match record {
+            ScoreRecord::InsufficientData => Score::InsufficientData,
+            ScoreRecord::Scored(v) => Score::Scored(v),
+        }
+    }
+}
+
+impl TryFrom<&Baseline> for BaselineRecord {
+    type Error = ConvertError;
+
+    /// What a restart keeps of a baseline: not its long-memory range (`Baseline::range`) nor the
+    /// anomaly state's novelty and recurrence memory, which format 1 did not keep either.
+    fn try_from(baseline: &Baseline) -> Result<Self, ConvertError> {
+        let ewma = &baseline.ewma;
+        Ok(BaselineRecord {
+            ewma: EwmaRecord {
+                mean: ewma.mean,
+                variance: ewma.variance,
+                abs_error: ewma.abs_error,
+                samples: ewma.samples,
+                last_time: ewma.last_time,
+            },
+            slot: match &baseline.slot {
+                Some((slot, summary)) => Some((*slot, summary.try_into()?)),
+                None => None,
+            },
+            last_value: baseline.last_value,
+            last_score: baseline.last_score.as_ref().map(ScoreRecord::from),
+            last_window_end: baseline.last_window_end,
+            anomaly: AnomalyRecord {
+                active: baseline.anomaly.active,
+                streak: baseline.anomaly.streak,
+                since: baseline.anomaly.since,
+            },
+        })
+    }
+}
+
+impl TryFrom<&BaselineRecord> for Baseline {
+    type Error = ConvertError;
+
+    fn try_from(record: &BaselineRecord) -> Result<Self, ConvertError> {
+        let ewma = &record.ewma;
+        Ok(Baseline {
+            ewma: Ewma {
+                mean: ewma.mean,
+                variance: ewma.variance,
+                abs_error: ewma.abs_error,
+                samples: ewma.samples,
+                last_time: ewma.last_time,
+            },
+            slot: match &record.slot {
+                Some((slot, summary)) => Some((*slot, summary.try_into()?)),
+                None => None,
+            },
+            last_value: record.last_value,
+            last_score: record.last_score.map(Score::from),
+            last_window_end: record.last_window_end,
+            anomaly: AnomalyState {
+                active: record.anomaly.active,
+                streak: record.anomaly.streak,
+                since: record.anomaly.since,
+                ..AnomalyState::default()
+            },
+            range: Default::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canaryd_engine::baseline::{BaselineConfig, MemorySlotStore};
+
+    /// A baseline that has learned two hours of a daily pattern, with an anomaly open.
+    fn learned() -> Baseline {
+        let mut baseline = Baseline::default();
+        let mut slots = MemorySlotStore::default();
+        for minute in 0..120u64 {
+            let value = if minute > 100 {
+                500.0
+            } else {
+                10.0 + (minute % 7) as f64
+            };
+            baseline.observe(
+                "s",
+                value,
+                1_767_571_200_000_000_000 + minute * 60_000_000_000,
+                &BaselineConfig::default(),
+                &mut slots,
+            );
+        }
+        baseline.anomaly.active = true;
+        baseline.anomaly.streak = 3;
+        baseline.anomaly.since = 7;
+        baseline
+    }
+
+    #[test]
+    fn engine_baselines_round_trip_through_their_records() {
+        let baseline = learned();
+        let record = BaselineRecord::try_from(&baseline).expect("to record");
+        let back = Baseline::try_from(&record).expect("from record");
+        assert_eq!(back, baseline);
+        let (_, summary) = baseline.slot.clone().expect("a slot");
+        let slot = SlotRecord::try_from(&summary).expect("to record");
+        assert_eq!(SlotSummary::try_from(&slot).expect("from record"), summary);
+    }
+
+    #[test]
+    fn the_records_of_format_1_read_what_format_1_wrote() {
+        // Format 1 was postcard of the engine's structs: the engine's serde shape of today must
+        // still read as the frozen records (until an engine type changes, when this test moves to
+        // a fixture of bytes).
+        let baseline = learned();
+        let engine_bytes = postcard::to_stdvec(&baseline).expect("encode");
+        let record: BaselineRecord = postcard::from_bytes(&engine_bytes).expect("decode");
+        assert_eq!(record, BaselineRecord::try_from(&baseline).expect("to record"));
+        // The engine's clock has since gained a field (its lone latest time, `lead`): format 1's
+        // clock bytes, two varints, still read, and come back with the lead at the vouched time.
+        let format_1_clock = postcard::to_stdvec(&(9u64, 5u64)).expect("encode");
+        let record: ClockRecord = postcard::from_bytes(&format_1_clock).expect("decode");
+        let clock = AppClock::from(record);
+        assert_eq!((clock.max_time, clock.closed_until, clock.lead), (9, 5, 9));
+    }
+}

@@ -1,0 +1,532 @@
+use super::*;
+use canaryd_engine::BaselineId;
+use canaryd_engine::baseline::BaselineConfig;
+use canaryd_engine::features::{Feature, FeatureKey};
+use serde::Deserialize;
+
+/// The daemon's records, reduced to what the store's rules look at.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TestEvent {
+    seq: Option<u64>,
+    kind: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TestSubscription {
+    id: String,
+    kinds: Vec<u8>,
+    disabled: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TestDelivery {
+    seq: Option<u64>,
+    pending: bool,
+    attempts: u32,
+}
+
+struct Test;
+
+impl DaemonRecords for Test {
+    type Event = TestEvent;
+    type Subscription = TestSubscription;
+    type Delivery = TestDelivery;
+
+    fn stored(event: &mut TestEvent, seq: u64) {
+        event.seq = Some(seq);
+    }
+    fn subscription_id(subscription: &TestSubscription) -> &str {
+        &subscription.id
+    }
+    fn wants(subscription: &TestSubscription, event: &TestEvent) -> bool {
+        subscription.disabled.is_none() && subscription.kinds.contains(&event.kind)
+    }
+    fn is_disabled(subscription: &TestSubscription) -> bool {
+        subscription.disabled.is_some()
+    }
+    fn disable(subscription: &mut TestSubscription, now: &str) {
+        subscription.disabled.get_or_insert_with(|| now.to_owned());
+    }
+    fn delivery(event: &TestEvent) -> TestDelivery {
+        TestDelivery {
+            seq: event.seq,
+            pending: true,
+            attempts: 0,
+        }
+    }
+    fn is_pending(delivery: &TestDelivery) -> bool {
+        delivery.pending
+    }
+}
+
+type TestStore = Store<Test>;
+
+fn open(dir: &Path) -> TestStore {
+    Store::open(dir, 1 << 20, StoreCounters::default()).expect("open")
+}
+
+fn id(scope: Scope) -> BaselineId {
+    BaselineId {
+        env: "prod".into(),
+        app: "shop".into(),
+        scope,
+        key: FeatureKey::of(Feature::OperationShare, "GET /a"),
+    }
+}
+
+fn clock() -> AppClock {
+    AppClock {
+        max_time: 42,
+        closed_until: 40,
+        lead: 42,
+    }
+}
+
+fn events(n: usize) -> Vec<TestEvent> {
+    (0..n).map(|_| TestEvent { seq: None, kind: 1 }).collect()
+}
+
+fn subscribe(store: &TestStore, id: &str) {
+    let subscription = TestSubscription {
+        id: id.into(),
+        kinds: vec![1],
+        disabled: None,
+    };
+    store.put_subscription(&subscription).expect("subscribe");
+}
+
+/// The counts kept agree with the trees, which sled counts by walking them.
+fn assert_counts(store: &TestStore) {
+    assert_eq!(store.outbox_depth(), store.outbox.len(), "outbox");
+    assert_eq!(store.event_count(), store.events.len(), "events");
+}
+
+/// A baseline that learned `value` at the start of 2026-01-05, its slot saved under `id`.
+fn learn(id: &BaselineId, value: f64, slots: &mut SledSlots) -> Baseline {
+    let mut baseline = Baseline::default();
+    baseline.observe(
+        &id.series_name(),
+        value,
+        1_767_571_200_000_000_000,
+        &BaselineConfig::default(),
+        slots,
+    );
+    baseline.save_slot(&id.series_name(), slots);
+    baseline
+}
+
+#[test]
+fn outbox_and_event_counts_follow_every_change_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path());
+        subscribe(&store, "a");
+        subscribe(&store, "b");
+        let mut three = events(3);
+        store.append_events(&mut three, 2).expect("append");
+        assert_eq!((store.event_count(), store.outbox_depth()), (2, 6));
+        assert_counts(&store);
+        let (seq, mut delivery) = store.next_delivery("a").expect("read").expect("pending");
+        delivery.pending = false;
+        store.put_delivery("a", seq, &delivery).expect("record");
+        assert_eq!(store.outbox_depth(), 5);
+        store.delete_subscription("b").expect("delete");
+        assert_eq!(store.outbox_depth(), 2);
+        assert_counts(&store);
+    }
+    let store = open(dir.path());
+    assert_eq!((store.event_count(), store.outbox_depth()), (2, 2));
+    assert_counts(&store);
+}
+
+#[test]
+fn a_delivery_recorded_after_its_subscription_was_deleted_is_not_brought_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    subscribe(&store, "a");
+    store.append_events(&mut events(2), 10).expect("append");
+    // The worker has the oldest in hand when the subscription is deleted.
+    let (seq, mut delivery) = store.next_delivery("a").expect("read").expect("pending");
+    store.delete_subscription("a").expect("delete");
+    delivery.attempts = 1;
+    store.put_delivery("a", seq, &delivery).expect("record a retry");
+    assert_eq!(store.next_delivery("a").expect("read"), None);
+    delivery.pending = false;
+    store.put_delivery("a", seq, &delivery).expect("record a success");
+    assert!(store.deliveries("a", 10).expect("read").is_empty());
+    assert_eq!(store.outbox_depth(), 0);
+    assert_counts(&store);
+}
+
+#[test]
+fn disabling_a_subscription_drops_its_pending_deliveries_and_never_revives_a_deleted_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    subscribe(&store, "gone");
+    subscribe(&store, "kept");
+    store.append_events(&mut events(3), 10).expect("append");
+    store.disable_subscription("gone").expect("disable");
+    let gone = store.subscription("gone").expect("read").expect("still listed");
+    assert!(gone.disabled.is_some());
+    assert_eq!(store.next_delivery("gone").expect("read"), None);
+    assert_eq!(store.outbox_depth(), 3, "the other subscription's stay");
+    // Its worker's 410 races a DELETE: the delete wins.
+    store.delete_subscription("kept").expect("delete");
+    store.disable_subscription("kept").expect("disable");
+    assert_eq!(store.subscription("kept").expect("read"), None);
+    assert_eq!(store.outbox_depth(), 0);
+    assert_counts(&store);
+}
+
+#[test]
+fn an_append_that_raced_a_delete_or_a_disable_leaves_no_entries_for_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    for id in ["deleted", "disabled", "live"] {
+        subscribe(&store, id);
+    }
+    // The append read the subscriptions, then both changed before it wrote its entries.
+    let read_before = store.subscriptions().expect("read");
+    store.delete_subscription("deleted").expect("delete");
+    store.disable_subscription("disabled").expect("disable");
+    store
+        .put_events_for(&mut events(2), 10, &read_before)
+        .expect("append");
+    assert_eq!(store.next_delivery("deleted").expect("read"), None);
+    assert_eq!(store.next_delivery("disabled").expect("read"), None);
+    assert!(store.next_delivery("live").expect("read").is_some());
+    assert_eq!(store.outbox_depth(), 2);
+    assert_counts(&store);
+}
+
+#[test]
+fn state_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut baseline = Baseline::default();
+    {
+        let store = open(dir.path());
+        let mut slots = store.slot_store();
+        for i in 0..20 {
+            baseline.observe(
+                "s",
+                i as f64,
+                1_767_571_200_000_000_000 + i * 60_000_000_000,
+                &BaselineConfig::default(),
+                &mut slots,
+            );
+        }
+        baseline.save_slot("s", &mut slots);
+        let state = EngineState {
+            clocks: vec![("prod".into(), "shop".into(), clock())],
+            apps: vec![("prod".into(), "shop".into(), AppEntry::default())],
+            baselines: vec![(id(Scope::App), baseline.clone())],
+            forgotten_versions: vec![],
+        };
+        store.write(&state).expect("write");
+        store.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    let state = store.load().expect("load");
+    assert_eq!(
+        state.clocks,
+        vec![("prod".to_string(), "shop".to_string(), clock())]
+    );
+    assert_eq!(
+        state.apps,
+        vec![("prod".to_string(), "shop".to_string(), AppEntry::default())]
+    );
+    assert_eq!(state.baselines, vec![(id(Scope::App), baseline.clone())]);
+    let (slot, summary) = baseline.slot.clone().expect("a slot");
+    assert_eq!(store.slot_store().load("s", slot), Some(summary));
+}
+
+/// The versions whose names once collided with the app's or each other's keys.
+fn awkward_versions() -> Vec<String> {
+    ["*", "", "1.2", "1.20", "1", "\u{1f}", "\0"]
+        .into_iter()
+        .map(String::from)
+        .chain([String::from("v").repeat(10_000)])
+        .collect()
+}
+
+#[test]
+fn evicting_a_version_deletes_its_own_baselines_and_slots_only() {
+    let versions = awkward_versions();
+    for forget in &versions {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let mut slots = store.slot_store();
+        let mut all = vec![(id(Scope::App), 0.0)];
+        for (i, v) in versions.iter().enumerate() {
+            all.push((id(Scope::Version(v.clone())), 1.0 + i as f64));
+        }
+        let baselines: Vec<(BaselineId, Baseline)> = all
+            .iter()
+            .map(|(id, value)| (id.clone(), learn(id, *value, &mut slots)))
+            .collect();
+        store
+            .write(&EngineState {
+                baselines: baselines.clone(),
+                ..EngineState::default()
+            })
+            .expect("write");
+        assert_eq!(store.slots.len(), all.len(), "one slot each: none shared");
+        store
+            .write(&EngineState {
+                forgotten_versions: vec![("prod".into(), "shop".into(), forget.clone())],
+                ..EngineState::default()
+            })
+            .expect("forget");
+        let kept: Vec<(BaselineId, Baseline)> = baselines
+            .into_iter()
+            .filter(|(id, _)| id.scope != Scope::Version(forget.clone()))
+            .collect();
+        let mut loaded = store.load().expect("load").baselines;
+        loaded.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut expected = kept.clone();
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(loaded, expected, "forgetting {:.10?}", forget);
+        for (id, baseline) in &kept {
+            let (slot, summary) = baseline.slot.clone().expect("a slot");
+            assert_eq!(
+                slots.load(&id.series_name(), slot),
+                Some(summary),
+                "{:.10?}'s slot after forgetting {:.10?}",
+                id.scope,
+                forget
+            );
+        }
+        assert_eq!(store.slots.len(), kept.len());
+    }
+}
+
+#[test]
+fn a_version_forgotten_and_seen_again_keeps_its_new_baselines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut slots = store.slot_store();
+    let back = id(Scope::Version("v1".into()));
+    let series = back.series_name();
+    let old = learn(&back, 1.0, &mut slots);
+    store
+        .write(&EngineState {
+            baselines: vec![(back.clone(), old)],
+            ..EngineState::default()
+        })
+        .expect("write");
+    // Evicted, then back within one flush: the engine saved the new slot as it took changes.
+    let new = learn(&back, 7.0, &mut slots);
+    store
+        .write(&EngineState {
+            baselines: vec![(back.clone(), new.clone())],
+            forgotten_versions: vec![("prod".into(), "shop".into(), "v1".into())],
+            ..EngineState::default()
+        })
+        .expect("write");
+    assert_eq!(store.load().expect("load").baselines, vec![(back, new.clone())]);
+    let (slot, summary) = new.slot.clone().expect("a slot");
+    assert_eq!(store.slot_store().load(&series, slot), Some(summary));
+}
+
+#[test]
+fn corrupt_records_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counters = StoreCounters::default();
+    let store: TestStore = Store::open(dir.path(), 1 << 20, counters.clone()).expect("open");
+    let key = keys::baseline(&id(Scope::Version("v1".into())));
+    store
+        .baselines
+        .insert(&key, vec![SCHEMA as u8, 0xff])
+        .expect("insert");
+    store
+        .baselines
+        .insert(b"not a key", encode(&1u8))
+        .expect("insert");
+    assert!(store.load().expect("load").baselines.is_empty());
+    assert_eq!(counters.records_skipped.get(), 2);
+}
+
+#[test]
+fn a_record_of_a_newer_schema_stops_the_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let key = keys::baseline(&id(Scope::App));
+    store
+        .baselines
+        .insert(key, vec![SCHEMA as u8 + 1, 1, 2])
+        .expect("insert");
+    let message = store.load().expect_err("newer").to_string();
+    assert!(
+        message.contains("store schema 3; this build reads up to 2"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_data_dir_of_a_newer_schema_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path());
+        let meta = store.db.open_tree("meta").expect("meta");
+        meta.insert("schema", &(SCHEMA + 1).to_be_bytes())
+            .expect("insert");
+        store.flush().expect("flush");
+    }
+    let error = TestStore::open(dir.path(), 1 << 20, StoreCounters::default())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            error,
+            StoreError::NewerSchema {
+                found: 3,
+                supported: 2,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("written by store schema 3; this build reads up to 2"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_new_data_dir_is_written_with_the_current_schema() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    assert_eq!(
+        migrate::schema(&store.db, &dir.path().join("sled")).expect("read"),
+        Some(SCHEMA)
+    );
+}
+
+/// Writes engine state as format 1 did: the engine's structs of that time, as the frozen records.
+fn write_v1(dir: &Path, baselines: &[(v1::BaselineKeyRecord, Baseline)]) {
+    let db = sled::open(dir.join("sled")).expect("open");
+    let tree = db.open_tree("baselines").expect("tree");
+    let slots = db.open_tree("slots").expect("tree");
+    let clocks = db.open_tree("clocks").expect("tree");
+    clocks
+        .insert(
+            v1::encode(&("prod", "shop")),
+            v1::encode(&ClockRecord::from(&clock())),
+        )
+        .expect("insert");
+    for (key, baseline) in baselines {
+        let record = BaselineRecord::try_from(baseline).expect("record");
+        tree.insert(v1::encode(key), v1::encode(&record)).expect("insert");
+        let (slot, summary) = record.slot.clone().expect("a slot");
+        slots
+            .insert(key.slot_key(slot), v1::encode(&summary))
+            .expect("insert");
+    }
+    // A slot no baseline names is kept where it was, not dropped.
+    slots.insert(b"orphan\0\0\x01", v1::encode(&1u8)).expect("insert");
+    db.flush().expect("flush");
+}
+
+#[test]
+fn a_format_1_data_dir_is_migrated_and_the_app_and_a_version_star_each_get_their_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = |scope: v1::ScopeRecord| v1::BaselineKeyRecord {
+        env: "prod".into(),
+        app: "shop".into(),
+        scope,
+        key: v1::FeatureKeyRecord {
+            feature: v1::FeatureRecord::OperationShare,
+            subject: "GET /a".into(),
+        },
+    };
+    let mut memory = canaryd_engine::baseline::MemorySlotStore::default();
+    let mut baseline = Baseline::default();
+    baseline.observe(
+        "s",
+        3.0,
+        1_767_571_200_000_000_000,
+        &BaselineConfig::default(),
+        &mut memory,
+    );
+    let star = key(v1::ScopeRecord::Version("*".into()));
+    write_v1(
+        dir.path(),
+        &[
+            (key(v1::ScopeRecord::App), baseline.clone()),
+            (star, baseline.clone()),
+        ],
+    );
+    let store = open(dir.path());
+    let mut loaded = store.load().expect("load");
+    loaded.baselines.sort_by(|a, b| a.0.cmp(&b.0));
+    let app = id(Scope::App);
+    let version = id(Scope::Version("*".into()));
+    assert_eq!(
+        loaded.baselines,
+        vec![
+            (app.clone(), baseline.clone()),
+            (version.clone(), baseline.clone())
+        ]
+    );
+    assert_eq!(loaded.clocks, vec![("prod".into(), "shop".into(), clock())]);
+    let (slot, summary) = baseline.slot.clone().expect("a slot");
+    let mut slots = store.slot_store();
+    assert_eq!(slots.load(&app.series_name(), slot), Some(summary.clone()));
+    assert_eq!(slots.load(&version.series_name(), slot), Some(summary));
+    let names: Vec<Vec<u8>> = store.db.tree_names().iter().map(|n| n.to_vec()).collect();
+    assert!(
+        !names.contains(&b"baselines".to_vec()),
+        "migrated trees are dropped"
+    );
+    let old_slots = store.db.open_tree("slots").expect("tree");
+    assert_eq!(old_slots.len(), 1, "the orphan slot is left in its format-1 tree");
+}
+
+#[test]
+fn a_second_open_of_the_same_dir_fails_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = open(dir.path());
+    let message = TestStore::open(dir.path(), 1 << 20, StoreCounters::default())
+        .err()
+        .expect("locked")
+        .to_string();
+    assert!(message.contains("another canaryd"), "{message}");
+}
+
+#[test]
+fn a_migration_that_stopped_half_way_starts_again_from_format_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = v1::BaselineKeyRecord {
+        env: "prod".into(),
+        app: "shop".into(),
+        scope: v1::ScopeRecord::Version("1.2".into()),
+        key: v1::FeatureKeyRecord {
+            feature: v1::FeatureRecord::OperationShare,
+            subject: "GET /a".into(),
+        },
+    };
+    let mut memory = canaryd_engine::baseline::MemorySlotStore::default();
+    let mut baseline = Baseline::default();
+    baseline.observe(
+        "s",
+        3.0,
+        1_767_571_200_000_000_000,
+        &BaselineConfig::default(),
+        &mut memory,
+    );
+    write_v1(dir.path(), &[(key, baseline.clone())]);
+    {
+        // What a migration stopped before it wrote `meta` left behind.
+        let db = sled::open(dir.path().join("sled")).expect("open");
+        let half = db.open_tree(BASELINES).expect("tree");
+        let stale = keys::baseline(&id(Scope::Version("gone".into())));
+        half.insert(stale, encode(&1u8)).expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.load().expect("load").baselines,
+        vec![(id(Scope::Version("1.2".into())), baseline)]
+    );
+}
