@@ -483,7 +483,9 @@ fn still_needed(n: u64, min_requests: u64, power: Power, rps: f64) -> String {
         ),
     };
     let Some(needed) = needed else {
-        return format!("{why}, and no number of them could against this stable reference");
+        return format!(
+            "{why}, and no number of them could against this stable reference: more stable requests needed first"
+        );
     };
     let more = needed.saturating_sub(n).max(1);
     let when = if rps > 0.0 {

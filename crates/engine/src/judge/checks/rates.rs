@@ -217,7 +217,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
     // edge's rate is judged on windows of `MIN_EDGE_RATE_S` or more. A new edge needs no such care.
     if x_r > 0.0 && w.horizon_s < MIN_EDGE_RATE_S {
         evidence.power = Power::Waiting(format!(
-            "calls per request to {downstream} are judged over {MIN_EDGE_RATE_S} s or more, on {} canary requests or more",
+            "calls per request to {downstream} are judged over {MIN_EDGE_RATE_S} s or more; {} canary requests needed there",
             thousands(d.min_requests)
         ));
         return decide(spec, evidence, d.min_requests);
