@@ -11,7 +11,7 @@
 //!
 //! - `model`: the analysis models and their validation.
 //! - `stats`: exact tests for counts and proportions, chi-square, Clopper-Pearson bounds.
-//! - `checks`: the per-signal checks of one look.
+//! - `checks`: the per-signal checks of one look, and the one rule that decides each.
 //! - `history`: each analysed version's recent buckets, for trailing windows.
 
 pub mod checks;

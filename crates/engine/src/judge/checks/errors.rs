@@ -2,7 +2,7 @@
 //! that failed, against the stable's, by Fisher's exact test.
 
 use super::{Check, Group, Test, decide};
-use super::{Evidence, Power, Significance, Spec, Subject, Tested, Thresholds, Windows, ratio};
+use super::{Evidence, Power, Significance, Subject, Tested, Thresholds, Windows, ratio};
 use crate::judge::model::{Decision, ErrorRatioCheck};
 use crate::judge::stats::fisher_greater;
 
@@ -14,16 +14,8 @@ pub(super) fn error_ratio(
     t: &Thresholds,
 ) -> Check {
     let id = w.id(Group::Errors, s.feature("error_ratio"), Test::FisherExact);
-    let spec = Spec::new(
-        id,
-        s.operation.clone(),
-        (e.critical, e.weight),
-        t,
-        e.min_ratio,
-        "ratio",
-    );
-    let alpha = spec.alpha;
-    let (can, same, reference) = (s.canary, s.stable, s.reference);
+    let spec = s.spec(id, (e.critical, e.weight), t, e.min_ratio);
+    let (alpha, can, same, reference) = (spec.alpha, s.canary, s.stable, s.reference);
     let rc = ratio(can.errors as f64, can.requests as f64);
     let rs = ratio(reference.errors as f64, reference.requests as f64);
     let pct = |r: f64| format!("{:.3}%", r * 100.0);

@@ -2,7 +2,7 @@
 //! (of the app, or of one operation) lie above the stable's quantile than the stable's own do.
 
 use super::{Check, Group, Test, decide};
-use super::{Evidence, Power, Significance, Spec, Subject, Tested, Thresholds, Windows};
+use super::{Evidence, Power, Significance, Subject, Tested, Thresholds, Windows};
 use crate::judge::model::{Decision, LatencyCheck};
 use crate::judge::stats::fisher_greater;
 use crate::window::RequestAggregate;
@@ -21,16 +21,8 @@ pub(super) fn latency(
         s.feature(format!("latency_p{pct}_ms")),
         Test::Exceedance,
     );
-    let spec = Spec::new(
-        id,
-        s.operation.clone(),
-        (l.critical, l.weight),
-        t,
-        l.min_ratio,
-        "ratio",
-    );
-    let alpha = spec.alpha;
-    let (can, same, reference) = (s.canary, s.stable, s.reference);
+    let spec = s.spec(id, (l.critical, l.weight), t, l.min_ratio);
+    let (alpha, can, same, reference) = (spec.alpha, s.canary, s.stable, s.reference);
     let stable_q = reference.latency_ms.quantile(q);
     let canary_q = can.latency_ms.quantile(q);
     let mut evidence = Evidence::of_requests((canary_q, stable_q), can, reference, w, d.min_requests);

@@ -762,6 +762,11 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
 }
 
 impl Subject<'_> {
+    /// The spec of this subject's check `id`: a check of a ratio to the stable's value.
+    fn spec(&self, id: CheckId, critical_weight: (bool, f64), t: &Thresholds, min_ratio: f64) -> Spec {
+        Spec::new(id, self.operation.clone(), critical_weight, t, min_ratio, "ratio")
+    }
+
     /// The feature `name` of this subject.
     fn feature(&self, name: impl Into<String>) -> Feature {
         Feature {

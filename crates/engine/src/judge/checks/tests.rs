@@ -121,21 +121,22 @@ mod decision {
 
     /// Every check kind on, with the defaults.
     fn model() -> Model {
+        let checks = Checks {
+            error_ratio: Some(ErrorRatioCheck::default()),
+            latency: Some(LatencyCheck::default()),
+            operation_mix: Some(OperationMixCheck::default()),
+            call_graph: Some(CallGraphCheck::default()),
+            exceptions: Some(RateCheck::default()),
+            error_logs: Some(RateCheck::default()),
+            metrics: Some(MetricsCheck::default()),
+            baseline: Some(BaselineCheck::default()),
+        };
         Model {
             name: "default".into(),
+            checks,
             description: String::new(),
             mode: Mode::Enforce,
             decision: Decision::default(),
-            checks: Checks {
-                error_ratio: Some(ErrorRatioCheck::default()),
-                latency: Some(LatencyCheck::default()),
-                operation_mix: Some(OperationMixCheck::default()),
-                call_graph: Some(CallGraphCheck::default()),
-                exceptions: Some(RateCheck::default()),
-                error_logs: Some(RateCheck::default()),
-                metrics: Some(MetricsCheck::default()),
-                baseline: Some(BaselineCheck::default()),
-            },
             stages: vec![],
         }
     }
@@ -234,6 +235,14 @@ mod decision {
         out
     }
 
+    /// Every check on `canary` against a steady stable with `per_mille` errors per thousand
+    /// requests: 30,000 in its reference, 3,000 in the same window.
+    fn against_steady(canary: &Aggregate, per_mille: u64, horizon_s: u64) -> Vec<Check> {
+        let reference = traffic(30_000, 30 * per_mille, steady, 30);
+        let stable = traffic(3_000, 3 * per_mille, steady, 12);
+        look(&model(), canary, &stable, &reference, horizon_s)
+    }
+
     fn find<'a>(checks: &'a [Check], id: &str) -> &'a Check {
         checks.iter().find(|c| c.id.to_string() == id).unwrap_or_else(|| {
             panic!(
@@ -283,12 +292,11 @@ mod decision {
             same_share in 0.0f64..0.2,
             horizon in prop::sample::select(vec![5u64, 10, 30, 120, 600]),
         ) {
-            let model = model();
             let can = traffic(canary, canary_errors.min(canary), |i| steady(i) * slow, 6);
             let reference_agg = traffic(reference, reference_errors.min(reference), steady, 30);
             let same = (reference as f64 * same_share) as u64;
             let stable = traffic(same, 0, steady, 6);
-            let checks = look(&model, &can, &stable, &reference_agg, horizon);
+            let checks = look(&model(), &can, &stable, &reference_agg, horizon);
             assert_undecided_and_asking(&checks);
             if reference > 0 {
                 for g in ALL_GROUPS {
@@ -302,11 +310,8 @@ mod decision {
     /// Argo Rollouts #4479: an analysis of a canary that got no traffic at all succeeded.
     #[test]
     fn argo_rollouts_4479_zero_canary_traffic_is_never_success() {
-        let model = model();
-        let reference = traffic(30_000, 30, steady, 30);
-        let stable = traffic(3_000, 3, steady, 12);
-        for horizon in model.decision.horizons_s.clone() {
-            let checks = look(&model, &Aggregate::default(), &stable, &reference, horizon);
+        for horizon in Decision::default().horizons_s {
+            let checks = against_steady(&Aggregate::default(), 1, horizon);
             assert!(!checks.is_empty());
             assert_undecided_and_asking(&checks);
             let errors = find(&checks, &format!("errors:error_ratio:fisher_exact:{horizon}"));
@@ -326,11 +331,8 @@ mod decision {
     /// Kayenta #426: sparse errors on a canary, against a stable with none, went unnoticed.
     #[test]
     fn kayenta_426_sparse_errors_on_a_zero_error_stable_are_caught() {
-        let model = model();
-        let reference = traffic(30_000, 0, steady, 30);
-        let stable = traffic(2_000, 0, steady, 12);
         let canary = traffic(300, 5, steady, 12);
-        let checks = look(&model, &canary, &stable, &reference, 120);
+        let checks = against_steady(&canary, 0, 120);
         let errors = find(&checks, "errors:error_ratio:fisher_exact:120");
         assert_eq!(errors.outcome, Outcome::Fail, "{}", errors.message);
     }
@@ -338,9 +340,6 @@ mod decision {
     /// Kayenta #780: a canary whose tail grew while its median stayed put was judged healthy.
     #[test]
     fn kayenta_780_latency_variance_increase_with_unchanged_median_is_caught() {
-        let model = model();
-        let reference = traffic(30_000, 0, steady, 30);
-        let stable = traffic(2_000, 0, steady, 12);
         // One request in twenty five times slower: p99 up fivefold, p50 within 2%.
         let canary = traffic(
             3_000,
@@ -348,7 +347,7 @@ mod decision {
             |i| if i % 20 == 0 { steady(i) * 5.0 } else { steady(i) },
             12,
         );
-        let checks = look(&model, &canary, &stable, &reference, 120);
+        let checks = against_steady(&canary, 0, 120);
         let p99 = find(&checks, "latency:latency_p99_ms:exceedance:120");
         assert_eq!(p99.outcome, Outcome::Fail, "{}", p99.message);
         let p50 = find(&checks, "latency:latency_p50_ms:exceedance:120");
@@ -365,11 +364,7 @@ mod decision {
     /// left out: on these narrow latencies 60 requests can show a 1.2x slowdown.)
     #[test]
     fn thin_data_cannot_pass_any_kind_with_a_power_question() {
-        let model = model();
-        let reference = traffic(30_000, 30, steady, 30);
-        let stable = traffic(3_000, 3, steady, 12);
-        let canary = traffic(60, 0, steady, 6);
-        let checks = look(&model, &canary, &stable, &reference, 120);
+        let checks = against_steady(&traffic(60, 0, steady, 6), 1, 120);
         for c in checks
             .iter()
             .filter(|c| !matches!(c.group, Group::Baseline | Group::Latency))
@@ -387,11 +382,8 @@ mod decision {
     /// The same data, plenty of it: every check of an identical canary passes.
     #[test]
     fn enough_identical_traffic_passes_every_kind() {
-        let model = model();
-        let reference = traffic(60_000, 60, steady, 30);
-        let stable = traffic(12_000, 12, steady, 30);
-        let canary = traffic(12_000, 12, steady, 30);
-        let checks = look(&model, &canary, &stable, &reference, 600);
+        let (reference, same) = (traffic(60_000, 60, steady, 30), traffic(12_000, 12, steady, 30));
+        let checks = look(&model(), &same, &same, &reference, 600);
         for g in ALL_GROUPS {
             assert!(checks.iter().any(|c| c.group == g), "no {g} check");
         }
@@ -403,11 +395,7 @@ mod decision {
     /// An undecided check's message: what it cannot show, how many more requests, how long.
     #[test]
     fn an_undecided_check_names_the_requests_and_time_it_needs() {
-        let model = model();
-        let reference = traffic(30_000, 30, steady, 30);
-        let stable = traffic(3_000, 3, steady, 12);
-        let canary = traffic(412, 0, steady, 12);
-        let checks = look(&model, &canary, &stable, &reference, 120);
+        let checks = against_steady(&traffic(412, 0, steady, 12), 1, 120);
         let errors = find(&checks, "errors:error_ratio:fisher_exact:120");
         assert_eq!(errors.outcome, Outcome::InsufficientData);
         let m = &errors.message;
