@@ -28,7 +28,7 @@ use crate::baseline::{Baseline, BaselineConfig};
 use crate::features::FeatureKey;
 use crate::observation::EventTime;
 use crate::window::{Aggregate, RequestAggregate};
-pub use checks::{Check, Outcome};
+pub use checks::{Check, CheckId, Group, Outcome, Test};
 use history::History;
 pub use model::{Gate, GateMetric, Mode, Model, ModelError, Stage};
 
@@ -791,6 +791,10 @@ fn score(checks: &[Check]) -> Option<f64> {
     (total > 0.0).then(|| 100.0 * groups.values().map(|g| g.0 * g.1).sum::<f64>() / total)
 }
 
+/// A stage gate on the canary's `requests` over `window_s`. Every gate is a proportion (of failed
+/// requests, or of requests slower than the limit): it passes when the proportion's confidence
+/// bounds meet the limit, fails when they break it, and is pending in between, saying how many
+/// more requests like these would settle it.
 fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidence: f64) -> GateResult {
     let n = requests.requests;
     let mut result = GateResult {
@@ -809,51 +813,49 @@ fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidenc
         result.message = "no canary requests yet".into();
         return result;
     }
-    // Every gate is a proportion: of failed requests, or of requests slower than the limit.
-    let (x, quantile) = match gate.metric {
-        GateMetric::ErrorRate | GateMetric::Availability => (requests.errors, None),
-        GateMetric::LatencyP50Ms => (0, Some(0.5)),
-        GateMetric::LatencyP95Ms => (0, Some(0.95)),
-        GateMetric::LatencyP99Ms => (0, Some(0.99)),
+    let quantile = match gate.metric {
+        GateMetric::ErrorRate | GateMetric::Availability => None,
+        GateMetric::LatencyP50Ms => Some(0.5),
+        GateMetric::LatencyP95Ms => Some(0.95),
+        GateMetric::LatencyP99Ms => Some(0.99),
     };
     let limit = gate.max.or(gate.min).unwrap_or_default();
-    let (value, lower, upper, pass, fail) = match (gate.metric, quantile) {
-        (GateMetric::ErrorRate, _) => {
-            let (lo, hi) = stats::proportion_bounds(x, n, confidence);
-            let v = x as f64 / n as f64;
-            let (pass, fail) = match (gate.max, gate.min) {
-                (Some(max), _) => (hi <= max, lo > max),
-                (_, Some(min)) => (lo >= min, hi < min),
-                _ => (true, false),
-            };
-            (v, lo, hi, pass, fail)
+    // The quantile is above the limit exactly when more than 1 - q of requests are.
+    let (x, value) = match quantile {
+        None if gate.metric == GateMetric::Availability => {
+            (requests.errors, 1.0 - requests.errors as f64 / n as f64)
         }
-        (GateMetric::Availability, _) => {
-            let (lo, hi) = stats::proportion_bounds(x, n, confidence);
-            let (a_lo, a_hi) = (1.0 - hi, 1.0 - lo);
-            let v = 1.0 - x as f64 / n as f64;
-            let (pass, fail) = match (gate.min, gate.max) {
-                (Some(min), _) => (a_lo >= min, a_hi < min),
-                (_, Some(max)) => (a_hi <= max, a_lo > max),
-                _ => (true, false),
-            };
-            (v, a_lo, a_hi, pass, fail)
-        }
-        (_, Some(q)) => {
-            // The quantile is above the limit exactly when more than 1 - q of requests are.
-            let above = requests.latency_ms.count_above(limit).round() as u64;
-            let (lo, hi) = stats::proportion_bounds(above, n, confidence);
-            let v = requests.latency_ms.quantile(q).unwrap_or(0.0);
-            let tail = 1.0 - q;
-            let (pass, fail) = match (gate.max, gate.min) {
-                (Some(_), _) => (hi <= tail, lo > tail),
-                (_, Some(_)) => (lo >= tail, hi < tail),
-                _ => (true, false),
-            };
-            (v, lo, hi, pass, fail)
-        }
-        _ => (0.0, 0.0, 1.0, false, false),
+        None => (requests.errors, requests.errors as f64 / n as f64),
+        Some(q) => (
+            requests.latency_ms.count_above(limit).round() as u64,
+            requests.latency_ms.quantile(q).unwrap_or(0.0),
+        ),
     };
+    // (lower, upper, pass, fail) for `x` of `n` requests.
+    let bounds = |x: u64, n: u64| {
+        let (lo, hi) = stats::proportion_bounds(x, n, confidence);
+        match (gate.metric, quantile) {
+            (GateMetric::Availability, _) => {
+                let (a_lo, a_hi) = (1.0 - hi, 1.0 - lo);
+                let (pass, fail) = match (gate.min, gate.max) {
+                    (Some(min), _) => (a_lo >= min, a_hi < min),
+                    (_, Some(max)) => (a_hi <= max, a_lo > max),
+                    _ => (true, false),
+                };
+                (a_lo, a_hi, pass, fail)
+            }
+            (_, q) => {
+                let tail = q.map_or(limit, |q| 1.0 - q);
+                let (pass, fail) = match (gate.max, gate.min) {
+                    (Some(_), _) => (hi <= tail, lo > tail),
+                    (_, Some(_)) => (lo >= tail, hi < tail),
+                    _ => (true, false),
+                };
+                (lo, hi, pass, fail)
+            }
+        }
+    };
+    let (lower, upper, pass, fail) = bounds(x, n);
     result.value = Some(value);
     result.lower = Some(lower);
     result.upper = Some(upper);
@@ -867,8 +869,24 @@ fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidenc
         result.outcome = GateOutcome::Pass;
         result.message = format!("{name} {value:.5} meets the gate ({bound} {limit}) over {n} requests");
     } else {
-        result.message =
-            format!("{name} {value:.5}: {n} requests cannot yet tell whether it is {bound} {limit}");
+        // As many more requests, with the same share of them failed (or slow), as would settle it.
+        let share = x as f64 / n as f64;
+        let settles = |m: u64| {
+            let (_, _, pass, fail) = bounds((share * m as f64).round() as u64, m);
+            pass || fail
+        };
+        let needed = match checks::Power::of(n, String::new, settles) {
+            checks::Power::Short { needed, .. } => needed,
+            _ => None,
+        };
+        let rps = n as f64 / window_s.max(1) as f64;
+        result.message = format!(
+            "{name} {value:.5}: {n} requests cannot yet tell whether it is {bound} {limit}; {}",
+            match needed {
+                Some(needed) => checks::more_needed(n, needed, rps),
+                None => "as it stands, no number of requests would".to_owned(),
+            }
+        );
     }
     result
 }
@@ -964,5 +982,36 @@ impl Judge {
             .remove(key)
             .map(|a| a.view())
             .ok_or(JudgeError::NoRollout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_gate_names_the_requests_it_needs() {
+        let gate = Gate {
+            metric: GateMetric::ErrorRate,
+            max: Some(0.05),
+            min: None,
+            window_s: 60,
+        };
+        let mut requests = RequestAggregate::default();
+        for _ in 0..20 {
+            requests.add(1_000_000, false);
+        }
+        let result = judge_gate(&gate, &requests, 60, 0.95);
+        assert_eq!(result.outcome, GateOutcome::Pending, "{}", result.message);
+        assert!(
+            result.message.contains("20 requests cannot yet tell")
+                && result.message.contains(" more needed, ~"),
+            "{}",
+            result.message
+        );
+        for _ in 0..200 {
+            requests.add(1_000_000, false);
+        }
+        assert_eq!(judge_gate(&gate, &requests, 60, 0.95).outcome, GateOutcome::Pass);
     }
 }

@@ -487,13 +487,19 @@ fn still_needed(n: u64, min_requests: u64, power: Power, rps: f64) -> String {
             "{why}, and no number of them could against this stable reference: more stable requests needed first"
         );
     };
+    format!("{why}; {}", more_needed(n, needed, rps))
+}
+
+/// How many canary requests beyond `n` make `needed`, and about how long they take at `rps`:
+/// "about 1,800 more needed, ~3 min at 10 req/s".
+pub(crate) fn more_needed(n: u64, needed: u64, rps: f64) -> String {
     let more = needed.saturating_sub(n).max(1);
     let when = if rps > 0.0 {
         format!("~{} at {} req/s", duration(more as f64 / rps), rate(rps))
     } else {
         "and the canary had no requests in this window".to_owned()
     };
-    format!("{why}; about {} more needed, {when}", thousands(more))
+    format!("about {} more needed, {when}", thousands(more))
 }
 
 fn thousands(n: u64) -> String {
