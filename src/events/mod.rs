@@ -267,7 +267,7 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
     let check_reason = |c: &canaryd_engine::judge::Check| Reason {
         feature: c.feature.clone(),
         operation: c.operation.clone(),
-        test: c.test.into(),
+        test: c.test.name().into(),
         canary_value: c.canary_value.unwrap_or(0.0),
         baseline_value: c.baseline_value.unwrap_or(0.0),
         statistic: c.statistic.unwrap_or(0.0),

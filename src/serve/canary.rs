@@ -192,11 +192,11 @@ impl CheckJson {
             message,
         } = check;
         CheckJson {
-            id,
-            group,
+            id: id.to_string(),
+            group: group.name(),
             feature,
             operation,
-            test,
+            test: test.name(),
             critical,
             weight,
             outcome,

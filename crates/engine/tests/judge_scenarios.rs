@@ -410,6 +410,31 @@ fn thin_traffic_is_insufficient_data_not_a_verdict() {
     assert_eq!(r.state, State::InsufficientData);
 }
 
+/// Flagger #883: an analysis whose metrics returned no data succeeded. Here the canary has a few
+/// requests, too few for any check, and a lenient gate that those few requests do pass: the
+/// gate alone must not make the canary healthy, pass its stage or promote it.
+#[test]
+fn flagger_883_all_checks_undecided_is_insufficient_data() {
+    let mut s = Service::new(11, Fault::None);
+    s.rps = 5.0;
+    s.canary_share = 0.02;
+    let stages = vec![Stage {
+        name: "10%".into(),
+        weight: 10.0,
+        observe_s: 60,
+        gates: vec![Gate {
+            metric: GateMetric::ErrorRate,
+            max: Some(0.5),
+            min: None,
+            window_s: 0,
+        }],
+    }];
+    let r = run(&s, model(stages));
+    let kinds: Vec<ChangeKind> = r.changes.iter().map(|c| c.0).collect();
+    assert_eq!(kinds, vec![ChangeKind::Started], "{:?}", r.passing_checks);
+    assert_eq!(r.state, State::InsufficientData, "{:?}", r.passing_checks);
+}
+
 #[test]
 fn sparse_errors_are_insufficient_data() {
     // Plenty of requests but errors so rare that a doubling cannot show.

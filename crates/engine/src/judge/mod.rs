@@ -11,7 +11,7 @@
 //!
 //! - `model`: the analysis models and their validation.
 //! - `stats`: exact tests for counts and proportions, chi-square, Clopper-Pearson bounds.
-//! - `checks`: the per-signal checks of one look.
+//! - `checks`: the per-signal checks of one look, and the one rule that decides each.
 //! - `history`: each analysed version's recent buckets, for trailing windows.
 
 pub mod checks;
@@ -19,7 +19,7 @@ pub mod history;
 pub mod model;
 pub mod stats;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -28,7 +28,7 @@ use crate::baseline::{Baseline, BaselineConfig};
 use crate::features::FeatureKey;
 use crate::observation::EventTime;
 use crate::window::{Aggregate, RequestAggregate};
-pub use checks::{Check, Outcome};
+pub use checks::{Check, CheckId, Group, Outcome, Test};
 use history::History;
 pub use model::{Gate, GateMetric, Mode, Model, ModelError, Stage};
 
@@ -223,7 +223,7 @@ pub struct Analysis {
     last_canary_traffic: EventTime,
     evaluated_at: EventTime,
     /// Failing looks in a row, per check.
-    streaks: HashMap<String, u32>,
+    streaks: HashMap<checks::Series, u32>,
     checks: Vec<Check>,
     gates: Vec<GateResult>,
     score: Option<f64>,
@@ -368,7 +368,9 @@ impl Analysis {
         }
     }
 
-    /// One look at everything up to `now` (the end of the last closed second).
+    /// One look at everything up to `now` (the end of the last closed second): the trailing
+    /// windows, every check on each of them, one result per check, the noise guard, hysteresis,
+    /// the stage's gates, the score and state, and the stage's progress.
     pub fn look(
         &mut self,
         now: EventTime,
@@ -382,31 +384,52 @@ impl Analysis {
         }
         self.evaluated_at = now;
         let model = self.model.clone();
-        let d = &model.decision;
+        let trailing = self.collect_windows(&model, now, baseline_window_s);
+        let (per_horizon, thresholds) = evaluate_horizons(&model, &trailing);
+        let mut combined = combine_horizons(per_horizon);
+        let mut baseline_checks = Vec::new();
+        checks::baseline_checks(
+            &model,
+            trailing.baseline_canary(),
+            trailing.baseline_stable(),
+            baseline_window_s,
+            baselines,
+            baseline_config,
+            &mut baseline_checks,
+        );
+        combined.extend(baseline_checks.into_iter().map(|c| (c.id.series(), c)));
+        // Once the canary has failed, there is nothing left to guard.
+        if self.failed_at.is_none() {
+            self.guard_against_one_part(&model, &trailing, now, &mut combined);
+        }
+        let checks = self.confirm(combined, &thresholds, &model.decision);
+        let gates = self.judge_gates(&model, &trailing, now);
+        let score = score(&checks);
+        let state = self.decide_state(&model, &checks, &gates, score, now);
+        self.checks = checks;
+        self.gates = gates;
+        self.score = score;
+        self.advance(&model, state, now, changes);
+    }
 
-        // The trailing windows: each horizon on both versions, the stable's references, and the
-        // windows of the baseline check and of the stage's gates.
-        let horizons = &d.horizons_s;
-        let stage = model.stages.get(self.stage);
-        let gate_windows: Vec<u64> = stage
-            .map(|s| {
-                s.gates
-                    .iter()
-                    .filter(|g| g.window_s > 0)
-                    .map(|g| g.window_s)
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// The trailing windows of a look: each horizon on both versions, the stable's references,
+    /// and the windows of the baseline check and of the stage's gates.
+    fn collect_windows(&self, model: &Model, now: EventTime, baseline_window_s: u64) -> Trailing {
+        let d = &model.decision;
+        let horizons = d.horizons_s.clone();
+        let gate_windows = model
+            .stages
+            .get(self.stage)
+            .into_iter()
+            .flat_map(|s| &s.gates)
+            .filter(|g| g.window_s > 0)
+            .map(|g| g.window_s);
         let mut canary_h: Vec<u64> = horizons.clone();
         canary_h.push(baseline_window_s);
-        canary_h.extend(&gate_windows);
+        canary_h.extend(gate_windows);
         let mut stable_h: Vec<u64> = horizons.clone();
         stable_h.extend(horizons.iter().map(|h| (*h).max(d.reference_s)));
         stable_h.push(baseline_window_s);
-        let canary = self.canary_history.trailing(now, &canary_h);
-        let stable = self.stable_history.trailing(now, &stable_h);
-        let n = horizons.len();
-        let seen_s = now.saturating_sub(self.started_at) / SECOND;
         // Only whole parts: one the analysis began inside of, or one still filling, would pair a
         // counter's whole increment with part of its requests.
         let part_ns = if d.reference_s <= 10 { SECOND } else { 10 * SECOND };
@@ -416,116 +439,57 @@ impl Analysis {
             .into_iter()
             .filter(|(start, _)| *start >= self.started_at && start.saturating_add(part_ns) <= now)
             .collect();
-        let dispersion = checks::Dispersion::of(&whole);
-
-        let mut per_horizon: Vec<Vec<Check>> = Vec::with_capacity(n);
-        for (i, h) in horizons.iter().enumerate() {
-            let windows = checks::Windows {
-                horizon_s: *h,
-                seen_s,
-                canary: &canary[i],
-                stable: &stable[i],
-                reference: &stable[n + i],
-                dispersion: &dispersion,
-            };
-            let mut out = Vec::new();
-            // The thresholds depend on how many checks each group has; evaluate with provisional
-            // ones, then again with the final ones.
-            checks::evaluate(&model, &windows, &checks::Thresholds::provisional(), &mut out);
-            per_horizon.push(out);
+        Trailing {
+            canary: self.canary_history.trailing(now, &canary_h),
+            stable: self.stable_history.trailing(now, &stable_h),
+            dispersion: checks::Dispersion::of(&whole),
+            seen_s: now.saturating_sub(self.started_at) / SECOND,
+            horizons,
         }
-        let all: Vec<Check> = per_horizon.into_iter().flatten().collect();
-        let thresholds = checks::Thresholds::new(d, &all, n);
-        let mut per_horizon: Vec<Vec<Check>> = Vec::with_capacity(n);
-        for (i, h) in horizons.iter().enumerate() {
-            let windows = checks::Windows {
-                horizon_s: *h,
-                seen_s,
-                canary: &canary[i],
-                stable: &stable[i],
-                reference: &stable[n + i],
-                dispersion: &dispersion,
-            };
-            let mut out = Vec::new();
-            checks::evaluate(&model, &windows, &thresholds, &mut out);
-            per_horizon.push(out);
-        }
+    }
 
-        // One result per check: the most significant failing horizon, else the longest that
-        // could decide, else the longest.
-        let mut combined: BTreeMap<String, Check> = BTreeMap::new();
-        for check in per_horizon.into_iter().rev().flatten() {
-            let base = check
-                .id
-                .rsplit_once(':')
-                .map_or(check.id.clone(), |(b, _)| b.to_owned());
-            match combined.get(&base) {
-                None => {
-                    combined.insert(base, check);
-                }
-                Some(have) => {
-                    let better = match (check.outcome, have.outcome) {
-                        (Outcome::Fail, Outcome::Fail) => {
-                            check.p_value.unwrap_or(1.0) < have.p_value.unwrap_or(1.0)
-                        }
-                        (Outcome::Fail, _) => true,
-                        (Outcome::Pass, Outcome::InsufficientData) => true,
-                        _ => false,
-                    };
-                    if better {
-                        combined.insert(base, check);
-                    }
-                }
+    /// A failure must not rest on a single second (or 10-second block): without the part of its
+    /// window that helps it most, it must still be significant at `ROBUST_ALPHA`. A burst in one
+    /// second, a single slow batch, or one unlucky look never fails a canary on its own; such a
+    /// check is marginal instead.
+    fn guard_against_one_part(
+        &self,
+        model: &Model,
+        trailing: &Trailing,
+        now: EventTime,
+        combined: &mut BTreeMap<checks::Series, Check>,
+    ) {
+        for check in combined.values_mut() {
+            if check.outcome != Outcome::Fail {
+                continue;
+            }
+            let Some(reference) = trailing.reference(check.window_s) else {
+                continue;
+            };
+            if let Some(part) = self.rests_on_one_part(model, check, now, reference, &trailing.dispersion) {
+                check.outcome = Outcome::Marginal;
+                check.message = format!(
+                    "{} (but without its {} s starting at {} it is not significant: waiting for more)",
+                    check.message,
+                    if check.window_s <= 10 { 1 } else { 10 },
+                    part / SECOND
+                );
             }
         }
-        let mut baseline_checks = Vec::new();
-        checks::baseline_checks(
-            &model,
-            &canary[n],
-            &stable[2 * n],
-            baseline_window_s,
-            baselines,
-            baseline_config,
-            &mut baseline_checks,
-        );
-        for check in baseline_checks {
-            let base = check
-                .id
-                .rsplit_once(':')
-                .map_or(check.id.clone(), |(b, _)| b.to_owned());
-            combined.insert(base, check);
-        }
+    }
 
-        // A failure must not rest on a single second (or 10-second block): without the part of
-        // its window that helps it most, it must still be significant at `ROBUST_ALPHA`. A burst
-        // in one second, a single slow batch, or one unlucky look never fails a canary on its own.
-        // Once the canary has failed, there is nothing left to guard.
-        if self.failed_at.is_none() {
-            for check in combined.values_mut() {
-                if check.outcome != Outcome::Fail {
-                    continue;
-                }
-                let Some(i) = horizons.iter().position(|h| *h == check.window_s) else {
-                    continue;
-                };
-                if let Some(part) = self.rests_on_one_part(&model, check, now, &stable[n + i], &dispersion) {
-                    check.outcome = Outcome::Marginal;
-                    check.message = format!(
-                        "{} (but without its {} s starting at {} it is not significant: waiting for more)",
-                        check.message,
-                        if check.window_s <= 10 { 1 } else { 10 },
-                        part / SECOND
-                    );
-                }
-            }
-        }
-
-        // Hysteresis: a failing look counts once enough of them come in a row, or at once when the
-        // evidence is gross.
+    /// Hysteresis: a failing look counts once enough of them come in a row, or at once when the
+    /// evidence is gross; until then the check is marginal.
+    fn confirm(
+        &mut self,
+        combined: BTreeMap<checks::Series, Check>,
+        thresholds: &checks::Thresholds,
+        d: &model::Decision,
+    ) -> Vec<Check> {
         let mut checks: Vec<Check> = Vec::with_capacity(combined.len());
-        for (base, mut check) in combined {
+        for (series, mut check) in combined {
             if check.outcome == Outcome::Fail {
-                let streak = self.streaks.entry(base).or_default();
+                let streak = self.streaks.entry(series).or_default();
                 *streak += 1;
                 let gross = thresholds.of(&check) / d.gross_factor;
                 let is_gross = check.p_value.is_some_and(|p| p < gross);
@@ -537,48 +501,49 @@ impl Analysis {
                     );
                 }
             } else {
-                self.streaks.remove(&base);
+                self.streaks.remove(&series);
             }
             checks.push(check);
         }
-        self.streaks
-            .retain(|k, _| checks.iter().any(|c| c.id.starts_with(k.as_str())));
+        let present: HashSet<checks::Series> = checks.iter().map(|c| c.id.series()).collect();
+        self.streaks.retain(|k, _| present.contains(k));
+        checks
+    }
 
-        // Gates of the current stage.
-        let mut gates = Vec::new();
-        if let Some(stage) = stage {
-            let mut wi = n + 1;
-            for gate in &stage.gates {
-                let requests = if gate.window_s > 0 {
-                    let r = &canary[wi].all;
-                    wi += 1;
-                    r
-                } else {
-                    &self.stage_requests
+    /// The gates of the current stage, each on its trailing window or on the whole stage so far.
+    fn judge_gates(&self, model: &Model, trailing: &Trailing, now: EventTime) -> Vec<GateResult> {
+        let Some(stage) = model.stages.get(self.stage) else {
+            return Vec::new();
+        };
+        let mut windows = trailing.gate_windows();
+        stage
+            .gates
+            .iter()
+            .map(|gate| {
+                let window = if gate.window_s > 0 { windows.next() } else { None };
+                let (requests, window_s) = match window {
+                    Some(w) => (&w.all, gate.window_s),
+                    None => (
+                        &self.stage_requests,
+                        now.saturating_sub(self.stage_started_at) / SECOND,
+                    ),
                 };
-                let window_s = if gate.window_s > 0 {
-                    gate.window_s
-                } else {
-                    now.saturating_sub(self.stage_started_at) / SECOND
-                };
-                gates.push(judge_gate(gate, requests, window_s, d.gate_confidence));
-            }
-        }
+                judge_gate(gate, requests, window_s, model.decision.gate_confidence)
+            })
+            .collect()
+    }
 
-        // Score: each group counts with its weight, at its worst check's outcome.
-        let mut groups: BTreeMap<&'static str, (f64, f64, bool)> = BTreeMap::new();
-        for c in &checks {
-            let value = match c.outcome {
-                Outcome::Pass => 1.0,
-                Outcome::Marginal => 0.5,
-                Outcome::Fail => 0.0,
-                Outcome::InsufficientData => continue,
-            };
-            let g = groups.entry(c.group).or_insert((c.weight, 1.0, c.critical));
-            g.1 = g.1.min(value);
-        }
-        let total: f64 = groups.values().map(|g| g.0).sum();
-        let score = (total > 0.0).then(|| 100.0 * groups.values().map(|g| g.0 * g.1).sum::<f64>() / total);
+    /// The analysis's state from its checks, gates and score. Every check undecided is
+    /// `insufficient_data`, never `healthy`: an analysis does not succeed on no evidence.
+    fn decide_state(
+        &self,
+        model: &Model,
+        checks: &[Check],
+        gates: &[GateResult],
+        score: Option<f64>,
+        now: EventTime,
+    ) -> State {
+        let d = &model.decision;
         let critical_fail = checks.iter().any(|c| c.critical && c.outcome == Outcome::Fail)
             || gates.iter().any(|g| g.outcome == GateOutcome::Fail);
         let any_doubt = checks
@@ -589,9 +554,12 @@ impl Analysis {
             .iter()
             .any(|c| c.critical && c.outcome != Outcome::InsufficientData)
             || gates.iter().any(|g| g.outcome == GateOutcome::Pass);
+        // But a model with checks that all say `insufficient_data` has not been judged, whatever
+        // its gates say (Flagger #883: an analysis that "succeeds" on no data).
+        let all_undecided =
+            !checks.is_empty() && checks.iter().all(|c| c.outcome == Outcome::InsufficientData);
         let canary_silent = now.saturating_sub(self.last_canary_traffic) >= d.rolled_back_after_s * SECOND;
-
-        let mut state = if self.failed_at.is_some() {
+        if self.failed_at.is_some() {
             if canary_silent && model.mode == Mode::Enforce {
                 State::RolledBack
             } else {
@@ -599,7 +567,7 @@ impl Analysis {
             }
         } else if critical_fail || score.is_some_and(|s| s < d.fail_score) {
             State::Failing
-        } else if canary_silent || !critical_data && score.is_none() {
+        } else if canary_silent || all_undecided || !critical_data && score.is_none() {
             State::InsufficientData
         } else if any_doubt || score.is_some_and(|s| s < d.marginal_score) {
             State::Marginal
@@ -607,11 +575,13 @@ impl Analysis {
             State::Healthy
         } else {
             State::InsufficientData
-        };
-        self.checks = checks;
-        self.gates = gates;
-        self.score = score;
+        }
+    }
 
+    /// Takes the new state, and with it the decisions worth an event: failed; or, once a healthy
+    /// canary has been observed for its stage's period with every gate passing, stage passed or
+    /// promoted.
+    fn advance(&mut self, model: &Model, state: State, now: EventTime, changes: &mut Vec<CanaryChange>) {
         if state == State::Failing && self.failed_at.is_none() {
             self.failed_at = Some(now);
             self.set_state(state, now);
@@ -623,42 +593,39 @@ impl Analysis {
             });
             return;
         }
-        // A stage passes once observed for its period with every gate passing and nothing in doubt.
-        if state == State::Healthy
-            && let Some(stage) = stage
-            && now.saturating_sub(self.stage_started_at) >= stage.observe_s.saturating_mul(SECOND)
-            && self.gates.iter().all(|g| g.outcome == GateOutcome::Pass)
-        {
-            let last = self.stage + 1 >= model.stages.len();
-            if last {
-                state = State::Promoted;
-                self.set_state(state, now);
-                changes.push(CanaryChange {
-                    kind: ChangeKind::Promoted,
-                    time: now,
-                    weight: Some(100.0),
-                    view: self.view(),
-                });
-                return;
-            }
-            let next = &model.stages[self.stage + 1];
-            let view_before = self.view();
-            self.stage += 1;
-            self.stage_started_at = now;
-            self.stage_requests = RequestAggregate::default();
+        let stage_passed = state == State::Healthy
+            && model.stages.get(self.stage).is_some_and(|stage| {
+                now.saturating_sub(self.stage_started_at) >= stage.observe_s.saturating_mul(SECOND)
+            })
+            && self.gates.iter().all(|g| g.outcome == GateOutcome::Pass);
+        if !stage_passed {
             self.set_state(state, now);
-            let mut view = self.view();
-            // The event tells what passed (gates included) and where the canary goes next.
-            view.gates = view_before.gates;
-            changes.push(CanaryChange {
-                kind: ChangeKind::StagePassed,
-                time: now,
-                weight: Some(next.weight),
-                view,
-            });
             return;
         }
+        let Some(next) = model.stages.get(self.stage + 1) else {
+            self.set_state(State::Promoted, now);
+            changes.push(CanaryChange {
+                kind: ChangeKind::Promoted,
+                time: now,
+                weight: Some(100.0),
+                view: self.view(),
+            });
+            return;
+        };
+        let view_before = self.view();
+        self.stage += 1;
+        self.stage_started_at = now;
+        self.stage_requests = RequestAggregate::default();
         self.set_state(state, now);
+        let mut view = self.view();
+        // The event tells what passed (gates included) and where the canary goes next.
+        view.gates = view_before.gates;
+        changes.push(CanaryChange {
+            kind: ChangeKind::StagePassed,
+            time: now,
+            weight: Some(next.weight),
+            view,
+        });
     }
 
     /// The start of the one part (second or block) of `check`'s window without which it would no
@@ -719,6 +686,115 @@ impl Analysis {
     }
 }
 
+/// The trailing windows of one look.
+struct Trailing {
+    /// The canary's: each horizon, then the baseline check's, then each windowed gate's.
+    canary: Vec<Aggregate>,
+    /// The stable's: each horizon, then each horizon's reference, then the baseline check's.
+    stable: Vec<Aggregate>,
+    horizons: Vec<u64>,
+    /// How much of the horizons the analysis has seen.
+    seen_s: u64,
+    dispersion: checks::Dispersion,
+}
+
+impl Trailing {
+    /// The windows of the `i`th horizon.
+    fn windows(&self, i: usize) -> checks::Windows<'_> {
+        let n = self.horizons.len();
+        checks::Windows {
+            horizon_s: self.horizons[i],
+            seen_s: self.seen_s,
+            canary: &self.canary[i],
+            stable: &self.stable[i],
+            reference: &self.stable[n + i],
+            dispersion: &self.dispersion,
+        }
+    }
+
+    /// The stable's reference for the horizon of `horizon_s`.
+    fn reference(&self, horizon_s: u64) -> Option<&Aggregate> {
+        let i = self.horizons.iter().position(|h| *h == horizon_s)?;
+        Some(&self.stable[self.horizons.len() + i])
+    }
+
+    fn baseline_canary(&self) -> &Aggregate {
+        &self.canary[self.horizons.len()]
+    }
+
+    fn baseline_stable(&self) -> &Aggregate {
+        &self.stable[2 * self.horizons.len()]
+    }
+
+    /// The canary's windows of the gates that have one, in the stage's order.
+    fn gate_windows(&self) -> std::slice::Iter<'_, Aggregate> {
+        self.canary[self.horizons.len() + 1..].iter()
+    }
+}
+
+/// Every check on every horizon, at thresholds that depend on how many checks each group has:
+/// evaluated at provisional thresholds to count them, then again at the final ones.
+fn evaluate_horizons(model: &Model, trailing: &Trailing) -> (Vec<Vec<Check>>, checks::Thresholds) {
+    let run = |thresholds: &checks::Thresholds| -> Vec<Vec<Check>> {
+        (0..trailing.horizons.len())
+            .map(|i| {
+                let mut out = Vec::new();
+                checks::evaluate(model, &trailing.windows(i), thresholds, &mut out);
+                out
+            })
+            .collect()
+    };
+    let provisional: Vec<Check> = run(&checks::Thresholds::provisional())
+        .into_iter()
+        .flatten()
+        .collect();
+    let thresholds = checks::Thresholds::new(&model.decision, &provisional, trailing.horizons.len());
+    (run(&thresholds), thresholds)
+}
+
+/// One result per check across its horizons: the most significant failing horizon, else the
+/// longest that could decide, else the longest.
+fn combine_horizons(per_horizon: Vec<Vec<Check>>) -> BTreeMap<checks::Series, Check> {
+    let mut combined: BTreeMap<checks::Series, Check> = BTreeMap::new();
+    for check in per_horizon.into_iter().rev().flatten() {
+        let series = check.id.series();
+        let better = combined
+            .get(&series)
+            .is_none_or(|have| match (check.outcome, have.outcome) {
+                (Outcome::Fail, Outcome::Fail) => check.p_value.unwrap_or(1.0) < have.p_value.unwrap_or(1.0),
+                (Outcome::Fail, _) => true,
+                (Outcome::Pass, Outcome::InsufficientData) => true,
+                _ => false,
+            });
+        if better {
+            combined.insert(series, check);
+        }
+    }
+    combined
+}
+
+/// The score: each group counts with its weight, at its worst check's outcome; undecided checks
+/// do not count. None when no group could decide.
+fn score(checks: &[Check]) -> Option<f64> {
+    let mut groups: BTreeMap<checks::Group, (f64, f64)> = BTreeMap::new();
+    for c in checks {
+        let value = match c.outcome {
+            Outcome::Pass => 1.0,
+            Outcome::Marginal => 0.5,
+            Outcome::Fail => 0.0,
+            Outcome::InsufficientData => continue,
+        };
+        let g = groups.entry(c.group).or_insert((c.weight, 1.0));
+        g.1 = g.1.min(value);
+    }
+    let total: f64 = groups.values().map(|g| g.0).sum();
+    (total > 0.0).then(|| 100.0 * groups.values().map(|g| g.0 * g.1).sum::<f64>() / total)
+}
+
+/// A stage gate on the canary's `requests` over `window_s`. Every gate is a proportion (of failed
+/// requests, or of requests slower than the limit): it passes when the proportion's confidence
+/// bounds meet the limit, fails when they break it, and is pending in between, saying how many
+/// more requests like these would settle it.
 fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidence: f64) -> GateResult {
     let n = requests.requests;
     let mut result = GateResult {
@@ -737,51 +813,49 @@ fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidenc
         result.message = "no canary requests yet".into();
         return result;
     }
-    // Every gate is a proportion: of failed requests, or of requests slower than the limit.
-    let (x, quantile) = match gate.metric {
-        GateMetric::ErrorRate | GateMetric::Availability => (requests.errors, None),
-        GateMetric::LatencyP50Ms => (0, Some(0.5)),
-        GateMetric::LatencyP95Ms => (0, Some(0.95)),
-        GateMetric::LatencyP99Ms => (0, Some(0.99)),
+    let quantile = match gate.metric {
+        GateMetric::ErrorRate | GateMetric::Availability => None,
+        GateMetric::LatencyP50Ms => Some(0.5),
+        GateMetric::LatencyP95Ms => Some(0.95),
+        GateMetric::LatencyP99Ms => Some(0.99),
     };
     let limit = gate.max.or(gate.min).unwrap_or_default();
-    let (value, lower, upper, pass, fail) = match (gate.metric, quantile) {
-        (GateMetric::ErrorRate, _) => {
-            let (lo, hi) = stats::proportion_bounds(x, n, confidence);
-            let v = x as f64 / n as f64;
-            let (pass, fail) = match (gate.max, gate.min) {
-                (Some(max), _) => (hi <= max, lo > max),
-                (_, Some(min)) => (lo >= min, hi < min),
-                _ => (true, false),
-            };
-            (v, lo, hi, pass, fail)
+    // The quantile is above the limit exactly when more than 1 - q of requests are.
+    let (x, value) = match quantile {
+        None if gate.metric == GateMetric::Availability => {
+            (requests.errors, 1.0 - requests.errors as f64 / n as f64)
         }
-        (GateMetric::Availability, _) => {
-            let (lo, hi) = stats::proportion_bounds(x, n, confidence);
-            let (a_lo, a_hi) = (1.0 - hi, 1.0 - lo);
-            let v = 1.0 - x as f64 / n as f64;
-            let (pass, fail) = match (gate.min, gate.max) {
-                (Some(min), _) => (a_lo >= min, a_hi < min),
-                (_, Some(max)) => (a_hi <= max, a_lo > max),
-                _ => (true, false),
-            };
-            (v, a_lo, a_hi, pass, fail)
-        }
-        (_, Some(q)) => {
-            // The quantile is above the limit exactly when more than 1 - q of requests are.
-            let above = requests.latency_ms.count_above(limit).round() as u64;
-            let (lo, hi) = stats::proportion_bounds(above, n, confidence);
-            let v = requests.latency_ms.quantile(q).unwrap_or(0.0);
-            let tail = 1.0 - q;
-            let (pass, fail) = match (gate.max, gate.min) {
-                (Some(_), _) => (hi <= tail, lo > tail),
-                (_, Some(_)) => (lo >= tail, hi < tail),
-                _ => (true, false),
-            };
-            (v, lo, hi, pass, fail)
-        }
-        _ => (0.0, 0.0, 1.0, false, false),
+        None => (requests.errors, requests.errors as f64 / n as f64),
+        Some(q) => (
+            requests.latency_ms.count_above(limit).round() as u64,
+            requests.latency_ms.quantile(q).unwrap_or(0.0),
+        ),
     };
+    // (lower, upper, pass, fail) for `x` of `n` requests.
+    let bounds = |x: u64, n: u64| {
+        let (lo, hi) = stats::proportion_bounds(x, n, confidence);
+        match (gate.metric, quantile) {
+            (GateMetric::Availability, _) => {
+                let (a_lo, a_hi) = (1.0 - hi, 1.0 - lo);
+                let (pass, fail) = match (gate.min, gate.max) {
+                    (Some(min), _) => (a_lo >= min, a_hi < min),
+                    (_, Some(max)) => (a_hi <= max, a_lo > max),
+                    _ => (true, false),
+                };
+                (a_lo, a_hi, pass, fail)
+            }
+            (_, q) => {
+                let tail = q.map_or(limit, |q| 1.0 - q);
+                let (pass, fail) = match (gate.max, gate.min) {
+                    (Some(_), _) => (hi <= tail, lo > tail),
+                    (_, Some(_)) => (lo >= tail, hi < tail),
+                    _ => (true, false),
+                };
+                (lo, hi, pass, fail)
+            }
+        }
+    };
+    let (lower, upper, pass, fail) = bounds(x, n);
     result.value = Some(value);
     result.lower = Some(lower);
     result.upper = Some(upper);
@@ -795,8 +869,24 @@ fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidenc
         result.outcome = GateOutcome::Pass;
         result.message = format!("{name} {value:.5} meets the gate ({bound} {limit}) over {n} requests");
     } else {
-        result.message =
-            format!("{name} {value:.5}: {n} requests cannot yet tell whether it is {bound} {limit}");
+        // As many more requests, with the same share of them failed (or slow), as would settle it.
+        let share = x as f64 / n as f64;
+        let settles = |m: u64| {
+            let (_, _, pass, fail) = bounds((share * m as f64).round() as u64, m);
+            pass || fail
+        };
+        let needed = match checks::Power::of(n, String::new, settles) {
+            checks::Power::Short { needed, .. } => needed,
+            _ => None,
+        };
+        let rps = n as f64 / window_s.max(1) as f64;
+        result.message = format!(
+            "{name} {value:.5}: {n} requests cannot yet tell whether it is {bound} {limit}; {}",
+            match needed {
+                Some(needed) => checks::more_needed(n, needed, rps),
+                None => "as it stands, no number of requests would".to_owned(),
+            }
+        );
     }
     result
 }
@@ -892,5 +982,36 @@ impl Judge {
             .remove(key)
             .map(|a| a.view())
             .ok_or(JudgeError::NoRollout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_gate_names_the_requests_it_needs() {
+        let gate = Gate {
+            metric: GateMetric::ErrorRate,
+            max: Some(0.05),
+            min: None,
+            window_s: 60,
+        };
+        let mut requests = RequestAggregate::default();
+        for _ in 0..20 {
+            requests.add(1_000_000, false);
+        }
+        let result = judge_gate(&gate, &requests, 60, 0.95);
+        assert_eq!(result.outcome, GateOutcome::Pending, "{}", result.message);
+        assert!(
+            result.message.contains("20 requests cannot yet tell")
+                && result.message.contains(" more needed, ~"),
+            "{}",
+            result.message
+        );
+        for _ in 0..200 {
+            requests.add(1_000_000, false);
+        }
+        assert_eq!(judge_gate(&gate, &requests, 60, 0.95).outcome, GateOutcome::Pass);
     }
 }

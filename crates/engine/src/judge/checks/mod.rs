@@ -1,0 +1,788 @@
+//! One look at a canary: every check of the model on every trailing window, and the one rule that
+//! turns a check's evidence into `pass`, `fail` or `insufficient_data`.
+//!
+//! Each check compares the canary's window with the stable version twice: against the stable's
+//! longer reference (precise, and what the p-value is taken from) and against the stable in the
+//! very same window (which must point the same way, at a loose level, so that a change shared by
+//! both versions, such as a failing database, is never blamed on the canary). The signal families
+//! (`errors`, `latency`, `mix`, `rates`, `baseline`) only gather that evidence; `decide` alone
+//! judges it. A check fails only with both statistical significance and a practical effect from
+//! the model, and passes only when its data could have revealed the model's minimum effect:
+//! otherwise it is `insufficient_data`, and says how many more canary requests it needs.
+
+mod baseline;
+mod errors;
+mod latency;
+mod mix;
+mod rates;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+use super::model::{Decision, Model};
+use super::stats::z_of;
+use crate::window::{Aggregate, RequestAggregate};
+
+pub use baseline::baseline_checks;
+
+/// Level the same-window comparison must reach to confirm the reference comparison's direction.
+pub const SAME_WINDOW_ALPHA: f64 = 0.05;
+
+/// More canary requests than this are never worth asking for: a minimum effect this data cannot
+/// show at any plausible traffic is reported as such.
+const MOST_REQUESTS: u64 = 1 << 32;
+
+/// What one check concluded at one look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Pass,
+    InsufficientData,
+    /// Failing at this look, not yet confirmed by enough looks in a row.
+    Marginal,
+    Fail,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::InsufficientData => "insufficient_data",
+            Outcome::Marginal => "marginal",
+            Outcome::Fail => "fail",
+        }
+    }
+}
+
+/// The family of signals a check belongs to; each group counts once in the score, with its weight.
+/// In the order of their names, so that checks sort as their ids always have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Group {
+    Baseline,
+    CallGraph,
+    ErrorLogs,
+    Errors,
+    Exceptions,
+    Latency,
+    Metrics,
+    OperationMix,
+}
+
+impl Group {
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Errors => "errors",
+            Group::Latency => "latency",
+            Group::OperationMix => "operation_mix",
+            Group::CallGraph => "call_graph",
+            Group::Exceptions => "exceptions",
+            Group::ErrorLogs => "error_logs",
+            Group::Metrics => "metrics",
+            Group::Baseline => "baseline",
+        }
+    }
+}
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The statistical test a check runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Test {
+    FisherExact,
+    Exceedance,
+    ChiSquare,
+    PoissonRate,
+    BaselineBand,
+}
+
+impl Test {
+    /// The name the API and `/metrics` show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Test::FisherExact => "fisher_exact",
+            Test::Exceedance => "exceedance",
+            Test::ChiSquare => "chi_square",
+            Test::PoissonRate => "poisson_rate",
+            Test::BaselineBand => "baseline_band",
+        }
+    }
+
+    /// The shorter name check ids have always used for it.
+    fn in_id(self) -> &'static str {
+        match self {
+            Test::PoissonRate => "rate",
+            Test::BaselineBand => "band",
+            other => other.name(),
+        }
+    }
+}
+
+impl fmt::Display for Test {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Test {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// What a check measures: a feature of the app, or of one subject (an operation, downstream,
+/// exception type or metric series). Displays as `name` or `name[subject]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Feature {
+    pub name: String,
+    pub subject: Option<String>,
+}
+
+impl Feature {
+    fn app(name: impl Into<String>) -> Feature {
+        Feature {
+            name: name.into(),
+            subject: None,
+        }
+    }
+
+    fn of(name: impl Into<String>, subject: impl Into<String>) -> Feature {
+        Feature {
+            name: name.into(),
+            subject: Some(subject.into()),
+        }
+    }
+}
+
+impl fmt::Display for Feature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.subject {
+            Some(s) => write!(f, "{}[{s}]", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// A check's identity within an analysis. Displays (and serializes) as
+/// `group:feature[subject]:test:horizon_s`, the form the API and events have always shown.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CheckId {
+    pub group: Group,
+    pub feature: Feature,
+    pub test: Test,
+    pub horizon_s: u64,
+}
+
+/// One check across its horizons: what the hysteresis counts failing looks of.
+pub type Series = (Group, Feature, Test);
+
+impl CheckId {
+    /// The check without its horizon.
+    pub fn series(&self) -> Series {
+        (self.group, self.feature.clone(), self.test)
+    }
+
+    /// Whether it is about the whole app rather than one operation, downstream, type or series.
+    /// (The operation mix names the operation that moved most, but judges the whole mix.)
+    pub fn app_wide(&self) -> bool {
+        self.feature.subject.is_none()
+    }
+}
+
+impl fmt::Display for CheckId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}:{}",
+            self.group,
+            self.feature,
+            self.test.in_id(),
+            self.horizon_s
+        )
+    }
+}
+
+impl Serialize for CheckId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One check's evidence and verdict, as the API, events and `/metrics` show it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Check {
+    /// Unique within an analysis: `group:feature[subject]:test:horizon_s`.
+    pub id: CheckId,
+    pub group: Group,
+    /// `id.feature` as text: `name` or `name[subject]`.
+    pub feature: String,
+    pub operation: Option<String>,
+    pub test: Test,
+    pub critical: bool,
+    pub weight: f64,
+    pub outcome: Outcome,
+    pub canary_value: Option<f64>,
+    /// The stable's value in the reference window (or the learned baseline's, for baseline checks).
+    pub baseline_value: Option<f64>,
+    pub canary_samples: u64,
+    pub baseline_samples: u64,
+    /// The test statistic as a normal deviate (or band half-widths for baseline checks).
+    pub statistic: Option<f64>,
+    pub p_value: Option<f64>,
+    /// What the statistic had to reach.
+    pub threshold: f64,
+    /// The practical effect (ratio, difference or distance, per `effect_kind`) and its minimum.
+    pub effect: Option<f64>,
+    pub min_effect: f64,
+    pub effect_kind: &'static str,
+    pub window_s: u64,
+    pub message: String,
+}
+
+/// What names and bounds a check, before any data: from the model and the thresholds.
+pub struct Spec {
+    pub id: CheckId,
+    pub operation: Option<String>,
+    pub critical: bool,
+    pub weight: f64,
+    /// The p-value the reference comparison must go below (unused by the band test).
+    pub alpha: f64,
+    /// The practical effect worth acting on, in `effect_kind` units.
+    pub min_effect: f64,
+    pub effect_kind: &'static str,
+}
+
+impl Spec {
+    /// The spec of check `id`, at its threshold in `t`.
+    pub fn new(
+        id: CheckId,
+        operation: Option<String>,
+        (critical, weight): (bool, f64),
+        t: &Thresholds,
+        min_effect: f64,
+        effect_kind: &'static str,
+    ) -> Spec {
+        Spec {
+            operation,
+            critical,
+            weight,
+            alpha: t.for_id(&id),
+            min_effect,
+            effect_kind,
+            id,
+        }
+    }
+}
+
+/// What a check's data showed in one window, before any verdict.
+pub struct Evidence {
+    pub canary_value: Option<f64>,
+    pub baseline_value: Option<f64>,
+    pub canary_samples: u64,
+    pub baseline_samples: u64,
+    /// The canary's requests in the window, and their rate: what "more data" is counted in.
+    pub canary_requests: u64,
+    pub canary_rps: f64,
+    /// The comparison, when one could be made.
+    pub test: Option<Tested>,
+    /// Whether the data could have revealed the model's minimum effect.
+    pub power: Power,
+}
+
+impl Evidence {
+    /// Evidence about the canary's `requests` against the stable's `reference` ones in window `w`,
+    /// with nothing compared yet: until the check finds a reference, it waits for one.
+    fn of_requests(
+        values: (Option<f64>, Option<f64>),
+        requests: &RequestAggregate,
+        reference: &RequestAggregate,
+        w: &Windows<'_>,
+        min_requests: u64,
+    ) -> Evidence {
+        Evidence {
+            canary_value: values.0,
+            baseline_value: values.1,
+            canary_samples: requests.requests,
+            baseline_samples: reference.requests,
+            canary_requests: requests.requests,
+            canary_rps: w.rps(requests.requests),
+            test: None,
+            power: Power::Waiting(format!(
+                "no stable requests in the reference to compare with; {} canary requests needed once there are",
+                thousands(min_requests)
+            )),
+        }
+    }
+}
+
+/// A comparison that was made.
+pub struct Tested {
+    pub significance: Significance,
+    /// The practical effect, in the spec's `effect_kind`, and whether it is as large as the
+    /// model's minimum (in the direction that matters).
+    pub effect: f64,
+    pub effect_ok: bool,
+    /// What was measured, in words; and the words when it fails.
+    pub finding: String,
+    pub failing: String,
+}
+
+/// How strongly the canary differs from the stable.
+pub enum Significance {
+    /// p-values of the comparison with the stable's reference and with the stable's same window.
+    PValue { reference: f64, same_window: f64 },
+    /// Band half-widths from a learned baseline, of the canary and of the stable in the same
+    /// window, and whether the canary lies above the band's centre.
+    Band { canary: f64, stable: f64, above: bool },
+}
+
+/// The power question: could this much data have revealed the minimum effect at this threshold?
+pub enum Power {
+    Enough,
+    /// No: the minimum effect in words, and the canary requests it would take to show it (`None`:
+    /// no number would, against this reference).
+    Short {
+        effect: String,
+        needed: Option<u64>,
+    },
+    /// Something other than canary requests is missing first (a longer window, metric points, a
+    /// learned baseline, any stable requests to compare with).
+    Waiting(String),
+}
+
+impl Power {
+    /// The power of a test that shows the minimum effect on `n` canary requests exactly when
+    /// `shows(n)`; `shows` must be (about) monotone in `n`.
+    pub fn of(have: u64, effect: impl FnOnce() -> String, shows: impl Fn(u64) -> bool) -> Power {
+        if shows(have) {
+            return Power::Enough;
+        }
+        let mut short = have;
+        let mut enough = have.max(1).saturating_mul(2);
+        while !shows(enough) {
+            if enough >= MOST_REQUESTS {
+                return Power::Short {
+                    effect: effect(),
+                    needed: None,
+                };
+            }
+            short = enough;
+            enough = enough.saturating_mul(2);
+        }
+        // To within 1%: the answer is an estimate for people, not a bound.
+        while enough - short > (enough / 100).max(1) {
+            let mid = short + (enough - short) / 2;
+            if shows(mid) {
+                enough = mid;
+            } else {
+                short = mid;
+            }
+        }
+        Power::Short {
+            effect: effect(),
+            needed: Some(enough),
+        }
+    }
+}
+
+/// The one decision rule. A check fails with significance against the stable's reference at its
+/// threshold, the same direction against the stable's same window at `SAME_WINDOW_ALPHA`, and
+/// the model's minimum effect; it passes only when its data could have revealed that minimum
+/// effect; anything else is `insufficient_data`, with the canary requests still needed.
+pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
+    let group = spec.id.group;
+    let test = spec.id.test;
+    let band = matches!(test, Test::BaselineBand);
+    let mut check = Check {
+        group,
+        feature: spec.id.feature.to_string(),
+        operation: spec.operation,
+        test,
+        critical: spec.critical,
+        weight: spec.weight,
+        outcome: Outcome::InsufficientData,
+        canary_value: evidence.canary_value,
+        baseline_value: evidence.baseline_value,
+        canary_samples: evidence.canary_samples,
+        baseline_samples: evidence.baseline_samples,
+        statistic: None,
+        p_value: None,
+        threshold: if band { spec.min_effect } else { z_of(spec.alpha) },
+        effect: None,
+        min_effect: spec.min_effect,
+        effect_kind: spec.effect_kind,
+        window_s: spec.id.horizon_s,
+        message: String::new(),
+        id: spec.id,
+    };
+    let n = evidence.canary_requests;
+    if let Power::Waiting(why) = &evidence.power {
+        check.message = why.clone();
+        return check;
+    }
+    let significant = evidence.test.as_ref().map(|t| {
+        (
+            match t.significance {
+                Significance::PValue {
+                    reference,
+                    same_window,
+                } => reference < spec.alpha && same_window < SAME_WINDOW_ALPHA,
+                Significance::Band {
+                    canary,
+                    stable,
+                    above,
+                } => canary >= spec.min_effect && above && stable < spec.min_effect / 2.0,
+            },
+            t,
+        )
+    });
+    if let Some((_, t)) = &significant {
+        (check.statistic, check.p_value) = match t.significance {
+            Significance::PValue { reference, .. } => (Some(z_of(reference)), Some(reference)),
+            Significance::Band { canary, .. } => (Some(canary), None),
+        };
+        check.effect = Some(t.effect.min(1e9));
+    }
+    match (significant, evidence.power) {
+        (Some((true, t)), _) if t.effect_ok && n >= min_requests => {
+            check.outcome = Outcome::Fail;
+            check.message = t.failing.clone();
+        }
+        (Some((_, t)), Power::Enough) if n >= min_requests => {
+            check.outcome = Outcome::Pass;
+            check.message = t.finding.clone();
+        }
+        (_, power) => check.message = still_needed(n, min_requests, power, evidence.canary_rps),
+    }
+    check
+}
+
+/// Why an undecided check is undecided, and how many more canary requests (and about how long at
+/// the canary's current rate) it needs.
+fn still_needed(n: u64, min_requests: u64, power: Power, rps: f64) -> String {
+    let (why, needed) = match power {
+        Power::Short { effect, needed } => (
+            format!("{} canary requests cannot show {effect}", thousands(n)),
+            needed.map(|k| k.max(min_requests)),
+        ),
+        _ => (
+            format!(
+                "{} canary requests are fewer than the {} a check needs",
+                thousands(n),
+                thousands(min_requests)
+            ),
+            Some(min_requests),
+        ),
+    };
+    let Some(needed) = needed else {
+        return format!(
+            "{why}, and no number of them could against this stable reference: more stable requests needed first"
+        );
+    };
+    format!("{why}; {}", more_needed(n, needed, rps))
+}
+
+/// How many canary requests beyond `n` make `needed`, and about how long they take at `rps`:
+/// "about 1,800 more needed, ~3 min at 10 req/s".
+pub(crate) fn more_needed(n: u64, needed: u64, rps: f64) -> String {
+    let more = needed.saturating_sub(n).max(1);
+    let when = if rps > 0.0 {
+        format!("~{} at {} req/s", duration(more as f64 / rps), rate(rps))
+    } else {
+        "and the canary had no requests in this window".to_owned()
+    };
+    format!("about {} more needed, {when}", thousands(more))
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn duration(s: f64) -> String {
+    if s < 90.0 {
+        format!("{} s", s.ceil().max(1.0))
+    } else if s < 90.0 * 60.0 {
+        format!("{} min", (s / 60.0).round())
+    } else if s < 48.0 * 3600.0 {
+        format!("{} h", (s / 3600.0).round())
+    } else {
+        format!("{} days", (s / 86400.0).round())
+    }
+}
+
+fn rate(rps: f64) -> String {
+    if rps >= 10.0 {
+        format!("{rps:.0}")
+    } else if rps >= 1.0 {
+        format!("{rps:.1}")
+    } else {
+        format!("{rps:.2}")
+    }
+}
+
+/// The windows of one horizon.
+pub struct Windows<'a> {
+    pub horizon_s: u64,
+    /// How much of the horizon the analysis has seen (it may have started more recently).
+    pub seen_s: u64,
+    pub canary: &'a Aggregate,
+    pub stable: &'a Aggregate,
+    pub reference: &'a Aggregate,
+    pub dispersion: &'a Dispersion,
+}
+
+impl Windows<'_> {
+    /// `requests` of the canary's window as a rate per second over the part of the horizon the
+    /// analysis has seen.
+    fn rps(&self, requests: u64) -> f64 {
+        requests as f64 / self.seen_s.min(self.horizon_s).max(1) as f64
+    }
+
+    /// The id of this horizon's check of `feature`.
+    fn id(&self, group: Group, feature: Feature, test: Test) -> CheckId {
+        CheckId {
+            group,
+            feature,
+            test,
+            horizon_s: self.horizon_s,
+        }
+    }
+}
+
+/// How much more the stable's event counts (calls to a downstream, exceptions of a type, error
+/// logs, counter increments) vary between parts of its reference window than a Poisson count
+/// would: 1 or more, per count. Calls cluster (an order makes two database calls, a product page
+/// none), so a rate test that took them for independent events would find differences in noise;
+/// the rate tests divide counts by this factor (quasi-Poisson).
+#[derive(Clone, Debug, Default)]
+pub struct Dispersion(BTreeMap<String, f64>);
+
+impl Dispersion {
+    /// From the parts (seconds or blocks) of the stable's reference window.
+    pub fn of(parts: &[(crate::observation::EventTime, &Aggregate)]) -> Dispersion {
+        // Each part's counts by key; a part without a key had none of it.
+        let parts: Vec<(f64, BTreeMap<String, f64>)> = parts
+            .iter()
+            .filter(|(_, p)| p.all.requests > 0)
+            .map(|(_, p)| {
+                let mut counts = BTreeMap::new();
+                for (d, (calls, _)) in &p.calls {
+                    counts.insert(format!("call:{d}"), *calls as f64);
+                }
+                for (t, c) in &p.exceptions {
+                    counts.insert(format!("exception:{t}"), *c as f64);
+                }
+                counts.insert("error_logs".to_owned(), p.error_logs as f64);
+                for (series, m) in &p.metrics {
+                    counts.insert(format!("metric:{series}"), m.increment);
+                }
+                (p.all.requests as f64, counts)
+            })
+            .collect();
+        let keys: std::collections::BTreeSet<&String> = parts.iter().flat_map(|(_, c)| c.keys()).collect();
+        let factors = keys
+            .into_iter()
+            .map(|key| {
+                let pairs: Vec<(f64, f64)> = parts
+                    .iter()
+                    .map(|(n, counts)| (counts.get(key).copied().unwrap_or(0.0), *n))
+                    .collect();
+                (key.clone(), quasi_poisson_factor(&pairs))
+            })
+            .collect();
+        Dispersion(factors)
+    }
+
+    pub fn get(&self, key: &str) -> f64 {
+        self.0.get(key).copied().unwrap_or(1.0)
+    }
+}
+
+/// Pearson's dispersion statistic over (count, exposure) pairs, at least 1.
+fn quasi_poisson_factor(pairs: &[(f64, f64)]) -> f64 {
+    let (sx, sn): (f64, f64) = pairs.iter().fold((0.0, 0.0), |(a, b), (x, n)| (a + x, b + n));
+    if pairs.len() < 2 || sx <= 0.0 || sn <= 0.0 {
+        return 1.0;
+    }
+    let rate = sx / sn;
+    let chi: f64 = pairs
+        .iter()
+        .map(|(x, n)| (x - rate * n).powi(2) / (rate * n))
+        .sum();
+    (chi / (pairs.len() - 1) as f64).max(1.0)
+}
+
+/// The p-value each check must go below at one look: the false-alarm budget per hour, split over
+/// the looks, the groups by weight, and each group's app-wide and per-subject checks.
+#[derive(Clone, Debug, Default)]
+pub struct Thresholds {
+    by_check: BTreeMap<(Group, bool), f64>,
+    fallback: f64,
+}
+
+/// The app-wide check's share of its group's false-alarm budget.
+const APP_WIDE_SHARE: f64 = 0.6;
+
+impl Thresholds {
+    /// `checks` are the checks of one provisional look over `horizons` trailing windows.
+    pub fn new(decision: &Decision, checks: &[Check], horizons: usize) -> Thresholds {
+        let looks: f64 = decision
+            .horizons_s
+            .iter()
+            .map(|h| 2.0 * (3600.0 / (*h).max(1) as f64).max(1.0))
+            .sum();
+        // Per group: weight, app-wide checks, per-subject checks.
+        let mut groups: BTreeMap<Group, (f64, usize, usize)> = BTreeMap::new();
+        for c in checks {
+            let g = groups.entry(c.group).or_insert((c.weight, 0, 0));
+            if c.id.app_wide() {
+                g.1 += 1;
+            } else {
+                g.2 += 1;
+            }
+        }
+        // A group with weight 0 still gets a sliver of the budget, so that it can decide at all.
+        let share = |w: f64| w.max(0.0) + 1.0;
+        let total: f64 = groups.values().map(|(w, _, _)| share(*w)).sum();
+        let per_look = decision.false_alarm_rate / looks;
+        let per_horizon = |n: usize| n.div_ceil(horizons.max(1)).max(1) as f64;
+        let mut by_check = BTreeMap::new();
+        for (g, (w, wide, subjects)) in groups {
+            let budget = per_look * share(w) / total;
+            let wide_share = match (wide, subjects) {
+                (0, _) => 0.0,
+                (_, 0) => 1.0,
+                _ => APP_WIDE_SHARE,
+            };
+            by_check.insert((g, true), budget * wide_share / per_horizon(wide));
+            by_check.insert((g, false), budget * (1.0 - wide_share) / per_horizon(subjects));
+        }
+        Thresholds {
+            by_check,
+            fallback: per_look / checks.len().max(1) as f64,
+        }
+    }
+
+    /// The same threshold for every check.
+    pub fn uniform(p: f64) -> Thresholds {
+        Thresholds {
+            by_check: BTreeMap::new(),
+            fallback: p,
+        }
+    }
+
+    /// A threshold of 1 for every check: a provisional look, to count the checks.
+    pub fn provisional() -> Thresholds {
+        Thresholds {
+            by_check: BTreeMap::new(),
+            fallback: 1.0,
+        }
+    }
+
+    pub fn get(&self, group: Group, app_wide: bool) -> f64 {
+        self.by_check
+            .get(&(group, app_wide))
+            .copied()
+            .unwrap_or(self.fallback)
+    }
+
+    /// The threshold that applies to `check`.
+    pub fn of(&self, check: &Check) -> f64 {
+        self.for_id(&check.id)
+    }
+
+    /// The threshold for a check of `id`.
+    pub fn for_id(&self, id: &CheckId) -> f64 {
+        self.get(id.group, id.app_wide())
+    }
+}
+
+/// Evaluates every check of `model` on one horizon's windows against the per-look p-values.
+pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Check>) {
+    let d = &model.decision;
+    let c = &model.checks;
+    if let Some(e) = &c.error_ratio {
+        for s in subjects(w, e.per_operation) {
+            out.push(errors::error_ratio(e, d, &s, w, t));
+        }
+    }
+    if let Some(l) = &c.latency {
+        for s in subjects(w, l.per_operation) {
+            for q in &l.quantiles {
+                out.push(latency::latency(l, d, *q, &s, w, t));
+            }
+        }
+    }
+    if let Some(m) = &c.operation_mix {
+        out.push(mix::operation_mix(m, d, w, t));
+    }
+    rates::evaluate(model, w, t, out);
+}
+
+/// An operation's requests (or the whole app's) in each of the three windows.
+pub(crate) struct Subject<'a> {
+    pub operation: Option<String>,
+    pub canary: &'a RequestAggregate,
+    pub stable: &'a RequestAggregate,
+    pub reference: &'a RequestAggregate,
+}
+
+/// The whole app, then each operation the canary served when `per_operation`.
+fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
+    static EMPTY: std::sync::OnceLock<RequestAggregate> = std::sync::OnceLock::new();
+    let empty = EMPTY.get_or_init(RequestAggregate::default);
+    let app = Subject {
+        operation: None,
+        canary: &w.canary.all,
+        stable: &w.stable.all,
+        reference: &w.reference.all,
+    };
+    let operations = w
+        .canary
+        .operations
+        .iter()
+        .filter(|_| per_operation)
+        .map(|(op, can)| Subject {
+            operation: Some(op.clone()),
+            canary: can,
+            stable: w.stable.operations.get(op).unwrap_or(empty),
+            reference: w.reference.operations.get(op).unwrap_or(empty),
+        });
+    std::iter::once(app).chain(operations).collect()
+}
+
+impl Subject<'_> {
+    /// The spec of this subject's check `id`: a check of a ratio to the stable's value.
+    fn spec(&self, id: CheckId, critical_weight: (bool, f64), t: &Thresholds, min_ratio: f64) -> Spec {
+        Spec::new(id, self.operation.clone(), critical_weight, t, min_ratio, "ratio")
+    }
+
+    /// The feature `name` of this subject.
+    fn feature(&self, name: impl Into<String>) -> Feature {
+        Feature {
+            name: name.into(),
+            subject: self.operation.clone(),
+        }
+    }
+}
+
+/// `n / d`, when there is anything to divide by.
+fn ratio(n: f64, d: f64) -> Option<f64> {
+    (d > 0.0).then(|| n / d)
+}
