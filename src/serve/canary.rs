@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    ApiQuery, ApiState, CanaryStateSchema, EnvQuery, ErrorBody, GateMetricSchema, GateOutcomeSchema,
-    ModeSchema, OutcomeSchema, env_of, error, format_event_time, unavailable,
+    ApiState, CanaryStateSchema, Env, EnvQuery, ErrorBody, GateMetricSchema, GateOutcomeSchema, ModeSchema,
+    OutcomeSchema, error, format_event_time, unavailable,
 };
 use crate::engine::Rollout;
 
@@ -314,12 +314,8 @@ impl CanaryView {
 pub(super) async fn canary(
     State(state): State<ApiState>,
     Path(app): Path<String>,
-    ApiQuery(query): ApiQuery<EnvQuery>,
+    Env(env): Env,
 ) -> Response {
-    let env = match env_of(query) {
-        Ok(env) => env,
-        Err(response) => return *response,
-    };
     state
         .read_engine(move |engine| {
             if engine.catalog().app(&env, &app).is_none() {
@@ -365,13 +361,9 @@ pub(super) struct RolloutRequest {
 pub(super) async fn declare_rollout(
     State(state): State<ApiState>,
     Path(app): Path<String>,
-    ApiQuery(query): ApiQuery<EnvQuery>,
+    Env(env): Env,
     body: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let env = match env_of(query) {
-        Ok(env) => env,
-        Err(response) => return *response,
-    };
     let Json(request) = match body {
         Ok(body) => body,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
@@ -416,12 +408,8 @@ pub(super) async fn declare_rollout(
 pub(super) async fn end_rollout(
     State(state): State<ApiState>,
     Path(app): Path<String>,
-    ApiQuery(query): ApiQuery<EnvQuery>,
+    Env(env): Env,
 ) -> Response {
-    let env = match env_of(query) {
-        Ok(env) => env,
-        Err(response) => return *response,
-    };
     match state.engine.end_rollout(env.clone(), app.clone()).await {
         Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => error(StatusCode::NOT_FOUND, &format!("app {app:?} in env {env:?}: {e}")),

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiQuery, ApiState, CanaryStateSchema, EnvQuery, ErrorBody, env_of, error};
+use super::{ApiState, CanaryStateSchema, Env, EnvQuery, ErrorBody, error};
 use crate::events::format_event_time;
 
 const INDEX_HTML: &str = include_str!("../../assets/dashboard/index.html");
@@ -170,12 +170,8 @@ const CHARTED: [Feature; 4] = [
 pub(super) async fn timeline(
     State(state): State<ApiState>,
     Path(app): Path<String>,
-    ApiQuery(query): ApiQuery<EnvQuery>,
+    Env(env): Env,
 ) -> Response {
-    let env = match env_of(query) {
-        Ok(env) => env,
-        Err(response) => return *response,
-    };
     state
         .read_engine(move |engine| timeline_of(engine, env, app))
         .await

@@ -213,14 +213,12 @@ pub(super) async fn lookup(state: &ApiState, request: &GateRequest) -> Result<An
     found.unwrap_or_else(|e| Err(format!("{e}: canaryd is shutting down")))
 }
 
-/// A gate needs the read (or admin) token, as a bearer token or as `metadata.token`.
-fn authorized(state: &ApiState, granted: Access, request: &GateRequest) -> Result<(), Box<Response>> {
-    if !state.tokens.enforced() || granted >= Access::Read {
-        return Ok(());
-    }
+/// The request, when it carries the read (or admin) token, as a bearer token or as
+/// `metadata.token`.
+fn authorized(state: &ApiState, granted: Access, request: GateRequest) -> Result<GateRequest, Box<Response>> {
     let sent = request.token.as_deref().unwrap_or("");
-    if state.tokens.grants(sent) >= Access::Read {
-        Ok(())
+    if !state.tokens.enforced() || granted >= Access::Read || state.tokens.grants(sent) >= Access::Read {
+        Ok(request)
     } else {
         Err(Box::new(unauthorized(Access::Read)))
     }
@@ -318,13 +316,10 @@ pub(super) async fn flagger_gate(
     Extension(Granted(granted)): Extension<Granted>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,
 ) -> Response {
-    let request = match parse(body) {
+    let request = match parse(body).and_then(|r| authorized(&state, granted, r)) {
         Ok(request) => request,
         Err(response) => return *response,
     };
-    if let Err(response) = authorized(&state, granted, &request) {
-        return *response;
-    }
     let answer = match lookup(&state, &request).await {
         Ok(view) => {
             let (proceed, reasons) = verdict(&request, &view);
@@ -383,13 +378,10 @@ pub(super) async fn flagger_rollback(
     Extension(Granted(granted)): Extension<Granted>,
     body: Result<Json<FlaggerPayload>, JsonRejection>,
 ) -> Response {
-    let request = match parse(body) {
+    let request = match parse(body).and_then(|r| authorized(&state, granted, r)) {
         Ok(request) => request,
         Err(response) => return *response,
     };
-    if let Err(response) = authorized(&state, granted, &request) {
-        return *response;
-    }
     let answer = match lookup(&state, &request).await {
         Ok(view) => {
             let rollback = matches!(view.state, CanaryState::Failing | CanaryState::RolledBack);

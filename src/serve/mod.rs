@@ -149,11 +149,20 @@ pub(crate) struct EnvQuery {
     env: Option<String>,
 }
 
-/// The environment asked for, or a 400 when it is empty.
-pub(crate) fn env_of(query: EnvQuery) -> Result<String, Box<Response>> {
-    let env = query.env.unwrap_or_else(|| "default".into());
-    if env.is_empty() {
-        return Err(Box::new(error(StatusCode::BAD_REQUEST, "env must not be empty")));
+/// The environment a request asks for with `?env=` (`default` when it names none); an empty one,
+/// or any other query parameter, is refused with a 400. (`EnvQuery` describes it in the OpenAPI
+/// document.)
+pub(crate) struct Env(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Env {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let ApiQuery(query) = ApiQuery::<EnvQuery>::from_request_parts(parts, state).await?;
+        let env = query.env.unwrap_or_else(|| "default".into());
+        if env.is_empty() {
+            return Err(error(StatusCode::BAD_REQUEST, "env must not be empty"));
+        }
+        Ok(Env(env))
     }
-    Ok(env)
 }
