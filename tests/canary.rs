@@ -69,6 +69,12 @@ async fn a_declared_rollout_is_analysed_and_shown() {
     assert_eq!(body["declared"], true);
     assert_eq!(body["model"], "staged");
     assert_eq!(body["stage"]["weight"], 5.0);
+    // Another canary while this analysis is under way: refused unless the declaration says to
+    // replace it, and the live analysis is untouched.
+    let other = serde_json::json!({"stable_version": "1.0.0", "canary_version": "1.2.0"});
+    let (status, body) = put(other.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap_or("").contains("replace"), "{body}");
 
     let canary = daemon.get_json("/api/v1/apps/app-0/canary?env=prod").await;
     assert_eq!(canary["stable_version"], "1.0.0");
@@ -102,6 +108,12 @@ async fn a_declared_rollout_is_analysed_and_shown() {
         .filter_map(|m| m["name"].as_str())
         .collect();
     assert_eq!(names, vec!["default", "error-or-p99", "shadow", "staged"]);
+
+    let mut replacing = other;
+    replacing["replace"] = serde_json::json!(true);
+    let (status, body) = put(replacing).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["canary_version"], "1.2.0");
 
     let delete = |http: reqwest::Client, url: String| async move {
         http.delete(url).send().await.expect("DELETE").status().as_u16()

@@ -58,6 +58,8 @@ pub struct Rollout {
     pub stable_version: String,
     pub canary_version: String,
     pub model: Option<String>,
+    /// Whether it may replace an analysis of other versions still under way.
+    pub replace: bool,
 }
 
 /// A request's share of the ingest memory budget (`ingest_memory_bytes`), held from the request's
@@ -295,9 +297,16 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
                 stable_version,
                 canary_version,
                 model,
+                replace,
             } = rollout;
-            let change =
-                engine.declare_rollout(&env, &app, &stable_version, &canary_version, model.as_deref());
+            let change = engine.declare_rollout(
+                &env,
+                &app,
+                &stable_version,
+                &canary_version,
+                model.as_deref(),
+                replace,
+            );
             let answer = change.map(|change| {
                 emitter.emit(engine, vec![canary_event(&change)]);
                 tracing::info!(%env, %app, stable = %stable_version, canary = %canary_version, "rollout declared");

@@ -343,6 +343,9 @@ pub(super) struct RolloutRequest {
     canary_version: String,
     /// A loaded model's name; the app's default model when left out.
     model: Option<String>,
+    /// Replace an analysis of other versions that is still under way (409 without it).
+    #[serde(default)]
+    replace: bool,
 }
 
 /// `PUT /api/v1/apps/{app}/rollout`: declares the roles (and the model) and starts the analysis.
@@ -355,7 +358,8 @@ pub(super) struct RolloutRequest {
     responses(
         (status = 200, description = "Declared; the analysis it started", body = CanaryView),
         (status = 400, description = "A bad body or model, naming the field", body = ErrorBody),
-        (status = 404, description = "Unknown app", body = ErrorBody)
+        (status = 404, description = "Unknown app", body = ErrorBody),
+        (status = 409, description = "An analysis of other versions is under way and `replace` is not set", body = ErrorBody)
     )
 )]
 pub(super) async fn declare_rollout(
@@ -382,11 +386,13 @@ pub(super) async fn declare_rollout(
         stable_version: request.stable_version,
         canary_version: request.canary_version,
         model: request.model,
+        replace: request.replace,
     };
     // The engine emits the `started` event (stored with its deliveries) before it answers.
     match state.engine.declare_rollout(rollout).await {
         Ok(Ok(view)) => (StatusCode::OK, Json(CanaryView::of(view))).into_response(),
         Ok(Err(e @ JudgeError::UnknownApp { .. })) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Ok(Err(e @ JudgeError::LiveAnalysis { .. })) => error(StatusCode::CONFLICT, &e.to_string()),
         Ok(Err(e @ JudgeError::UnknownModel(_))) => error(StatusCode::BAD_REQUEST, &format!("model: {e}")),
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => unavailable(e),

@@ -646,7 +646,8 @@ impl Engine {
     }
 
     /// Declares a rollout: `canary` is judged against `stable` with `model` (default `default`)
-    /// from the app's current event time, replacing any analysis the app had.
+    /// from the app's current event time. An analysis of other versions still under way is
+    /// replaced only when `replace` says so: a declaration never ends a live analysis silently.
     pub fn declare_rollout(
         &mut self,
         env: &str,
@@ -654,6 +655,7 @@ impl Engine {
         stable: &str,
         canary: &str,
         model: Option<&str>,
+        replace: bool,
     ) -> Result<CanaryChange, JudgeError> {
         let key: (Arc<str>, Arc<str>) = (Arc::from(env), Arc::from(app));
         let Some(state) = self.apps.get(&key) else {
@@ -662,6 +664,15 @@ impl Engine {
                 app: app.to_owned(),
             });
         };
+        if let Some(live) = self.judge.analysis(env, app).filter(|a| !a.is_final())
+            && (&**live.stable() != stable || &**live.canary() != canary)
+            && !replace
+        {
+            return Err(JudgeError::LiveAnalysis {
+                stable: live.stable().to_string(),
+                canary: live.canary().to_string(),
+            });
+        }
         let at = state.clock.closed_until;
         self.judge.start(
             key,

@@ -201,6 +201,10 @@ pub enum JudgeError {
     SameVersion(String),
     #[error("no rollout is declared or analysed for this app")]
     NoRollout,
+    #[error(
+        "an analysis of {canary} against {stable} is under way; declare with replace: true to replace it"
+    )]
+    LiveAnalysis { stable: String, canary: String },
 }
 
 /// One canary under analysis.
