@@ -29,14 +29,6 @@ pub struct Emitter {
 }
 
 impl Emitter {
-    pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
-    }
-
-    pub fn flush_interval(&self) -> Duration {
-        self.flush_interval
-    }
-
     /// Stores `events` (giving each its id) with their deliveries and the engine's changed state,
     /// in one flush, then wakes delivery and publishes them to watchers. Returns the events
     /// emitted: none when they could not be stored (logged and counted; the decisions stay in the

@@ -214,8 +214,8 @@ pub fn start(
 }
 
 async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>, stop: CancellationToken) {
-    let stats = emitter.stats().clone();
-    let mut flush_timer = tokio::time::interval(emitter.flush_interval());
+    let stats = emitter.stats.clone();
+    let mut flush_timer = tokio::time::interval(emitter.flush_interval);
     flush_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     flush_timer.tick().await;
     let mut closed = false;

@@ -8,6 +8,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use canaryd_engine::judge::{GateMetric, GateOutcome, Mode, Outcome, State as CanaryState};
 use serde::Serialize;
+use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
@@ -50,6 +51,19 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The name of the bearer-token security scheme.
 const BEARER: &str = "bearer";
 
+/// A path's operations, with their methods.
+fn operations(item: &mut PathItem) -> impl Iterator<Item = (Method, &mut Operation)> {
+    [
+        (Method::GET, &mut item.get),
+        (Method::POST, &mut item.post),
+        (Method::PUT, &mut item.put),
+        (Method::DELETE, &mut item.delete),
+        (Method::PATCH, &mut item.patch),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| Some((method, operation.as_mut()?)))
+}
+
 /// Marks every operation that `auth::needed` guards as needing the bearer token, with its 401:
 /// the document and the check are one rule.
 fn secure(doc: &mut utoipa::openapi::OpenApi) {
@@ -69,15 +83,7 @@ fn secure(doc: &mut utoipa::openapi::OpenApi) {
         ),
     );
     for (path, item) in doc.paths.paths.iter_mut() {
-        let operations = [
-            (Method::GET, &mut item.get),
-            (Method::POST, &mut item.post),
-            (Method::PUT, &mut item.put),
-            (Method::DELETE, &mut item.delete),
-            (Method::PATCH, &mut item.patch),
-        ];
-        for (method, operation) in operations {
-            let Some(operation) = operation else { continue };
+        for (method, operation) in operations(item) {
             if needed(&method, path) == Access::Open {
                 continue;
             }
@@ -106,16 +112,7 @@ fn secure(doc: &mut utoipa::openapi::OpenApi) {
 fn problems_as_problem_json(doc: &mut utoipa::openapi::OpenApi) {
     let error_body = Ref::from_schema_name(ErrorBody::name());
     for item in doc.paths.paths.values_mut() {
-        for operation in [
-            &mut item.get,
-            &mut item.post,
-            &mut item.put,
-            &mut item.delete,
-            &mut item.patch,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for (_, operation) in operations(item) {
             for response in operation.responses.responses.values_mut() {
                 let RefOr::T(response) = response else { continue };
                 let is_problem = response

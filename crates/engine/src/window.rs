@@ -319,12 +319,6 @@ pub struct AppClock {
 }
 
 impl AppClock {
-    /// Records one observation at `time`; returns the new `closed_until` (bucket-aligned).
-    pub fn advance(&mut self, time: EventTime, config: &WindowConfig) -> EventTime {
-        self.saw(time);
-        self.close_to(self.max_time, config)
-    }
-
     /// Records one observation at `time`: the latest time two observations vouch for moves.
     fn saw(&mut self, time: EventTime) {
         if time > self.lead {
@@ -406,14 +400,6 @@ impl SourceClocks {
             .min()
             .map_or(app_time, |t| t.min(app_time))
     }
-
-    pub fn len(&self) -> usize {
-        self.latest.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.latest.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -421,6 +407,12 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
+
+    /// One observation at `t` as one resource's only one, then the buckets that closes.
+    fn advance(clock: &mut AppClock, t: u64, config: &WindowConfig) -> u64 {
+        clock.saw_resource(t, None);
+        clock.close_to(clock.max_time, config)
+    }
 
     fn config() -> WindowConfig {
         WindowConfig {
@@ -446,7 +438,7 @@ mod tests {
                 Some(b) => b.all.add(1_000_000, false),
                 None => late += 1,
             }
-            let until = clock.advance(*t, &config);
+            let until = advance(&mut clock, *t, &config);
             for w in windows.close(until, 0, &config) {
                 closed.push((w.start / S, w.aggregate.all.requests));
             }
@@ -489,7 +481,7 @@ mod tests {
                 .expect("open")
                 .all
                 .add(1, false);
-            let until = clock.advance(t, &config);
+            let until = advance(&mut clock, t, &config);
             // The last bucket can never end, so nothing closes; what matters is no panic.
             assert!(windows.close(until, 0, &config).is_empty());
         }
