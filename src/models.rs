@@ -104,6 +104,16 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_model_reads_back_from_a_stored_analysis() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        for model in load(&dir).expect("shipped models are valid") {
+            let record = canaryd_store::analysis::model_record(&model).expect("to record");
+            let back = canaryd_store::analysis::model_of_record(&record).expect("from record");
+            assert_eq!(back, model, "{}", model.name);
+        }
+    }
+
+    #[test]
     fn a_missing_folder_still_has_the_default() {
         let models = load(Path::new("/nonexistent/canaryd-models")).expect("embedded default");
         assert_eq!(models.len(), 1);

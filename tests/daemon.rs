@@ -1083,6 +1083,181 @@ mod binary {
         daemon.signal("-TERM");
         assert_eq!(daemon.wait().0, Some(0));
     }
+    /// Where in a failing canary's life the daemon is killed.
+    #[derive(Clone, Copy, Debug)]
+    enum KillAt {
+        BeforeTheFault,
+        DuringTheFault,
+        AfterTheFailure,
+    }
+
+    impl Running {
+        async fn put(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+            let url = format!("http://{}{path}", self.addr("http"));
+            let response = self.http.put(url).json(body).send().await.expect("put");
+            let status = response.status().as_u16();
+            (status, response.json().await.unwrap_or_default())
+        }
+
+        async fn json(&self, path: &str) -> serde_json::Value {
+            serde_json::from_str(&self.get(path).await).expect("JSON")
+        }
+
+        /// Sends both versions of `shop` over `seconds` from `start_s`, 10 s a request; returns
+        /// the number of requests.
+        async fn shop(&self, start_s: u64, seconds: u64, canary_error_every: u64) -> usize {
+            let mut sent = 0;
+            for at in (start_s..start_s + seconds).step_by(10) {
+                let length = 10.min(start_s + seconds - at);
+                self.post_traces(&super::support::canary_traffic(at, length, canary_error_every))
+                    .await;
+                sent += 1;
+            }
+            sent
+        }
+
+        /// Every canary event: (type, id, data).
+        async fn canary_events(&self) -> Vec<(String, String, serde_json::Value)> {
+            let events = self.json("/api/v1/events?app=shop").await;
+            events["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| {
+                    e["type"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("canaryd.canary."))
+                })
+                .map(|e| {
+                    let text = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+                    (text("type"), text("id"), e["data"].clone())
+                })
+                .collect()
+        }
+    }
+
+    const CANARY: &str = "/api/v1/apps/shop/canary?env=prod";
+
+    /// One run of a shadow rollout whose canary fails half its requests, killed with SIGKILL at
+    /// `kill_at`: the analysis comes back as it was (declared, under the shadow model), the canary
+    /// fails once, and no event is sent again or under another id.
+    async fn killed_during_a_shadow_rollout(kill_at: KillAt) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let flags = ["--flush-interval-secs", "1"];
+        let daemon = Running::start(&data, &flags);
+        let mut batches = daemon.shop(0, 5, 1000).await;
+        ingested(&daemon, batches).await;
+        let rollout =
+            serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0", "model": "shadow"});
+        let (status, body) = daemon.put("/api/v1/apps/shop/rollout?env=prod", &rollout).await;
+        assert_eq!(status, 200, "{body}");
+        batches += daemon.shop(5, 60, 1000).await;
+        let mut fault_sent = 0;
+        match kill_at {
+            KillAt::BeforeTheFault => {}
+            KillAt::DuringTheFault => {
+                batches += daemon.shop(65, 10, 2).await;
+                fault_sent = 10;
+            }
+            KillAt::AfterTheFailure => {
+                while fault_sent < 120 {
+                    batches += daemon.shop(65 + fault_sent, 10, 2).await;
+                    fault_sent += 10;
+                    ingested(&daemon, batches).await;
+                    let canary = daemon.json(CANARY).await;
+                    if canary["failed_at"].is_string() {
+                        break;
+                    }
+                }
+            }
+        }
+        // Killed as soon as the engine has taken everything, with no flush waited for.
+        ingested(&daemon, batches).await;
+        let before = daemon.canary_events().await;
+        let view_before = daemon.json(CANARY).await;
+        daemon.signal("-KILL");
+        assert_eq!(daemon.wait().0, None, "killed by a signal");
+
+        let daemon = Running::start(&data, &flags);
+        let restored = daemon.json(CANARY).await;
+        for field in [
+            "stable_version",
+            "canary_version",
+            "model",
+            "mode",
+            "declared",
+            "started_at",
+        ] {
+            assert_eq!(
+                restored[field], view_before[field],
+                "{kill_at:?}: {field} after the restart"
+            );
+        }
+        assert_eq!(restored["mode"], "shadow", "{kill_at:?}");
+        let after_restart = daemon.canary_events().await;
+        assert_eq!(
+            after_restart, before,
+            "{kill_at:?}: the stored events are the same"
+        );
+        if matches!(kill_at, KillAt::AfterTheFailure) {
+            assert_eq!(restored["failed_at"], view_before["failed_at"], "{kill_at:?}");
+            // The evidence as last flushed: the failure's, or a later look's, failing still.
+            let failing = restored["checks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["outcome"] == "fail" && c["group"] == "errors");
+            assert!(failing, "{kill_at:?}: the evidence is kept: {restored}");
+        }
+
+        // The fault goes on after the restart, until the canary has failed and well beyond.
+        let mut batches = 0;
+        for _ in 0..12 {
+            batches += daemon.shop(65 + fault_sent, 10, 2).await;
+            fault_sent += 10;
+        }
+        ingested(&daemon, batches).await;
+        let events = daemon.canary_events().await;
+        let failed: Vec<_> = events.iter().filter(|e| e.0 == "canaryd.canary.failed").collect();
+        assert_eq!(failed.len(), 1, "{kill_at:?}: the canary fails once: {events:?}");
+        let started: Vec<_> = events
+            .iter()
+            .filter(|e| e.0 == "canaryd.canary.started")
+            .collect();
+        assert_eq!(started.len(), 1, "{kill_at:?}: one analysis: {events:?}");
+        assert!(
+            events.starts_with(&before),
+            "{kill_at:?}: ids unchanged: {before:?} / {events:?}"
+        );
+        for (kind, id, data) in &events {
+            assert_eq!(
+                data["dry_run"], true,
+                "{kill_at:?}: {kind} {id} escalated to enforce: {data}"
+            );
+            assert_eq!(data["canary_version"], "2.0.0", "{kill_at:?}: {kind} {id}");
+        }
+        let canary = daemon.json(CANARY).await;
+        assert_eq!(canary["model"], "shadow", "{kill_at:?}");
+        assert!(canary["failed_at"].is_string(), "{kill_at:?}: {canary}");
+        daemon.signal("-TERM");
+        assert_eq!(daemon.wait().0, Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_shadow_rollout_killed_before_the_fault_comes_back_and_fails_once() {
+        killed_during_a_shadow_rollout(KillAt::BeforeTheFault).await;
+    }
+
+    #[tokio::test]
+    async fn a_shadow_rollout_killed_during_the_fault_comes_back_and_fails_once() {
+        killed_during_a_shadow_rollout(KillAt::DuringTheFault).await;
+    }
+
+    #[tokio::test]
+    async fn a_shadow_rollout_killed_after_its_failure_keeps_its_verdict_and_event_ids() {
+        killed_during_a_shadow_rollout(KillAt::AfterTheFailure).await;
+    }
 }
 
 /// About an hour of event time from one app: 15 requests of 512 spans, a request a second.

@@ -18,7 +18,7 @@ use crate::anomaly::{AnomalyRules, Transition};
 use crate::baseline::{Baseline, BaselineConfig, Score, SlotStore};
 use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
-use crate::judge::{AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeError, Model};
+use crate::judge::{AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError, Model};
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
 
@@ -104,6 +104,8 @@ pub struct EngineState {
     pub baselines: Vec<(BaselineId, Baseline)>,
     /// (env, app, version) whose baselines are to be deleted.
     pub forgotten_versions: Vec<(String, String, String)>,
+    /// Canary analyses: those that changed, and those ended.
+    pub judge: JudgeChanges,
 }
 
 /// A version's feature left, or came back to, its own baseline.
@@ -542,6 +544,7 @@ impl Engine {
             apps: self.catalog.take_changed(),
             baselines,
             forgotten_versions: std::mem::take(&mut self.forgotten),
+            judge: self.judge.take_changes(),
         }
     }
 
@@ -571,7 +574,9 @@ impl Engine {
             apps,
             baselines,
             forgotten_versions: _,
+            judge,
         } = state;
+        self.judge.restore(judge.analyses);
         for (env, app, entry) in apps {
             self.catalog.restore(&env, &app, entry);
         }

@@ -9,9 +9,10 @@
 //!
 //! Trees of schema 2: `meta` (the schema), `clocks.2` (each app's event-time clock), `apps.2` (each
 //! app's catalog entry), `baselines.2` (each baseline's EWMA and current slot), `slots.2` (the
-//! seasonal hour-of-week summaries paged out of memory), keyed as `keys` says: a version's keys
-//! never collide with the app's or another version's. Every engine value is the schema byte, then
-//! postcard of its record.
+//! seasonal hour-of-week summaries paged out of memory), `analyses.2` (each app's canary analysis:
+//! declared rollout, model, stage, verdict and its evidence; `analysis`), keyed as `keys` says: a
+//! version's keys never collide with the app's or another version's. Every engine value is the
+//! schema byte, then postcard of its record.
 //!
 //! The daemon's own records (`events`, keyed by sequence number, which sled keeps increasing
 //! across restarts; `subscriptions`; `outbox`, pending deliveries per subscription in event order,
@@ -31,6 +32,7 @@
 //! sled is no longer maintained; keeping it behind `Store` (open, load, write, flush, slots) is
 //! what lets it be replaced later without touching the engine or the daemon's wiring.
 
+pub mod analysis;
 pub mod keys;
 mod migrate;
 pub mod records;
@@ -49,6 +51,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use analysis::AnalysisRecord;
+use canaryd_engine::judge::AnalysisSnapshot;
 pub use records::ConvertError;
 use records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 
@@ -63,6 +67,8 @@ const CLOCKS: &str = "clocks.2";
 const APPS: &str = "apps.2";
 const BASELINES: &str = "baselines.2";
 const SLOTS: &str = "slots.2";
+/// Canary analyses, by app: added within schema 2 (a tree older daemons never open).
+const ANALYSES: &str = "analyses.2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -170,6 +176,7 @@ pub struct Store<R: DaemonRecords = EngineOnly> {
     apps: sled::Tree,
     baselines: sled::Tree,
     slots: sled::Tree,
+    analyses: sled::Tree,
     events: sled::Tree,
     subscriptions: sled::Tree,
     outbox: sled::Tree,
@@ -187,6 +194,7 @@ impl<R: DaemonRecords> Clone for Store<R> {
             apps: self.apps.clone(),
             baselines: self.baselines.clone(),
             slots: self.slots.clone(),
+            analyses: self.analyses.clone(),
             events: self.events.clone(),
             subscriptions: self.subscriptions.clone(),
             outbox: self.outbox.clone(),
@@ -196,6 +204,20 @@ impl<R: DaemonRecords> Clone for Store<R> {
             records: PhantomData,
         }
     }
+}
+
+/// How long `Store::open` waits for a data dir's lock to be let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether sled could not open because the data dir's lock file is held.
+fn is_lock_busy(error: &sled::Error) -> bool {
+    let sled::Error::Io(io) = error else {
+        return false;
+    };
+    let inner = io.get_ref().and_then(|e| e.downcast_ref::<std::io::Error>());
+    io.kind() == std::io::ErrorKind::WouldBlock
+        || inner.is_some_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
+        || io.to_string().contains("could not acquire lock")
 }
 
 /// An engine record of the current schema.
@@ -268,15 +290,29 @@ impl<R: DaemonRecords> Store<R> {
     /// migrating a data dir of an older schema to the current one first.
     pub fn open(data_dir: &Path, cache_bytes: u64, counters: StoreCounters) -> Result<Self, StoreError> {
         let path = data_dir.join("sled");
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&path)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+            .flush_every_ms(None);
+        // The lock on the data dir outlives its last user by a moment (sled's IO threads let go
+        // of it after the database is dropped), so a restart in the same process, or one right
+        // after the previous process exited, waits briefly for it; another live canaryd on the
+        // same data dir still fails here, with the error that says so.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(source) if is_lock_busy(&source) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        };
         migrate::to_current(&db, &path, &counters)?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Open {
@@ -295,6 +331,7 @@ impl<R: DaemonRecords> Store<R> {
             apps: tree(APPS)?,
             baselines: tree(BASELINES)?,
             slots: tree(SLOTS)?,
+            analyses: tree(ANALYSES)?,
             events,
             subscriptions: tree("subscriptions")?,
             outbox,
@@ -330,6 +367,9 @@ impl<R: DaemonRecords> Store<R> {
             } else {
                 self.corrupt(BASELINES, &key);
             }
+        }
+        for (_, record) in self.records::<AnalysisRecord>(&self.analyses, ANALYSES)? {
+            state.judge.analyses.push(AnalysisSnapshot::try_from(&record)?);
         }
         Ok(state)
     }
@@ -405,7 +445,18 @@ impl<R: DaemonRecords> Store<R> {
             batch.insert(keys::baseline(id), encode(&BaselineRecord::try_from(baseline)?));
         }
         self.baselines.apply_batch(batch).map_err(io)?;
-        let written = state.clocks.len() + state.apps.len() + state.baselines.len();
+        // Ended first: an analysis ended and started again since the last write is written anew.
+        let mut batch = sled::Batch::default();
+        for (env, app) in &state.judge.ended {
+            batch.remove(keys::app(env, app));
+        }
+        for analysis in &state.judge.analyses {
+            let record = AnalysisRecord::try_from(analysis)?;
+            batch.insert(keys::app(&analysis.env, &analysis.app), encode(&record));
+        }
+        self.analyses.apply_batch(batch).map_err(io)?;
+        let written =
+            state.clocks.len() + state.apps.len() + state.baselines.len() + state.judge.analyses.len();
         self.counters.records_written.inc_by(written as u64);
         Ok(())
     }

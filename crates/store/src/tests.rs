@@ -220,7 +220,7 @@ fn state_survives_a_reopen() {
             clocks: vec![("prod".into(), "shop".into(), clock())],
             apps: vec![("prod".into(), "shop".into(), AppEntry::default())],
             baselines: vec![(id(Scope::App), baseline.clone())],
-            forgotten_versions: vec![],
+            ..EngineState::default()
         };
         store.write(&state).expect("write");
         store.flush().expect("flush");
@@ -529,4 +529,129 @@ fn a_migration_that_stopped_half_way_starts_again_from_format_1() {
         store.load().expect("load").baselines,
         vec![(id(Scope::Version("1.2".into())), baseline)]
     );
+}
+
+/// An analysis of a shadow rollout in its second stage, failing, with a check, a gate and a streak.
+fn analysis(app: &str) -> AnalysisSnapshot {
+    use canaryd_engine::judge::checks::{Check, CheckId, Feature, Group, Outcome, Test};
+    use canaryd_engine::judge::model::Decision;
+    use canaryd_engine::judge::{Gate, GateMetric, GateOutcome, GateResult, Mode, Model, Stage, State};
+    use canaryd_engine::window::RequestAggregate;
+    let stage = |name: &str, weight: f64| Stage {
+        name: name.into(),
+        weight,
+        observe_s: 60,
+        gates: vec![Gate {
+            metric: GateMetric::ErrorRate,
+            max: Some(0.05),
+            min: None,
+            window_s: 0,
+        }],
+    };
+    let model = Model {
+        name: "careful".into(),
+        description: "shadow first".into(),
+        mode: Mode::Shadow,
+        decision: Decision::default(),
+        checks: Default::default(),
+        stages: vec![stage("5%", 5.0), stage("50%", 50.0)],
+    };
+    let mut stage_requests = RequestAggregate::default();
+    for i in 0..40 {
+        stage_requests.add(1_000_000 * (i + 1), i % 9 == 0);
+    }
+    let id = CheckId {
+        group: Group::Errors,
+        feature: Feature {
+            name: "error_ratio".into(),
+            subject: Some("GET /cart".into()),
+        },
+        test: Test::FisherExact,
+        horizon_s: 30,
+    };
+    let check = Check {
+        group: id.group,
+        feature: id.feature.to_string(),
+        operation: Some("GET /cart".into()),
+        test: id.test,
+        critical: true,
+        weight: 3.0,
+        outcome: Outcome::Fail,
+        canary_value: Some(0.11),
+        baseline_value: Some(0.01),
+        canary_samples: 40,
+        baseline_samples: 900,
+        statistic: Some(4.2),
+        p_value: Some(1e-5),
+        threshold: 3.1,
+        effect: Some(11.0),
+        min_effect: 1.5,
+        effect_kind: "ratio",
+        window_s: 30,
+        message: "11x the stable's error ratio".into(),
+        id: id.clone(),
+    };
+    let gate = GateResult {
+        metric: GateMetric::ErrorRate,
+        max: Some(0.05),
+        min: None,
+        value: Some(0.11),
+        lower: Some(0.07),
+        upper: Some(0.16),
+        samples: 40,
+        window_s: 0,
+        outcome: GateOutcome::Fail,
+        message: "over 5%".into(),
+    };
+    AnalysisSnapshot {
+        env: "prod".into(),
+        app: app.into(),
+        stable: "v1".into(),
+        canary: "v2".into(),
+        model,
+        declared: true,
+        started_at: 10,
+        state: State::Failing,
+        since: 70,
+        stage: 1,
+        stage_started_at: 60,
+        stage_requests,
+        failed_at: Some(70),
+        last_canary_traffic: 75,
+        evaluated_at: 76,
+        streaks: vec![(id.group, id.feature.clone(), id.test, 2)],
+        checks: vec![check],
+        gates: vec![gate],
+        score: Some(12.5),
+        canary_requests: 400,
+        stable_requests: 9000,
+        retired: Some("v1".into()),
+    }
+}
+
+#[test]
+fn analyses_survive_a_restart_and_an_ended_one_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path());
+        let mut state = EngineState::default();
+        state.judge.analyses = vec![analysis("cart"), analysis("shop")];
+        store.write(&state).expect("write");
+        store.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    let loaded = store.load().expect("load").judge.analyses;
+    assert_eq!(loaded, vec![analysis("cart"), analysis("shop")]);
+    let mut ended = EngineState::default();
+    ended.judge.ended = vec![("prod".into(), "cart".into())];
+    store.write(&ended).expect("write");
+    assert_eq!(store.load().expect("load").judge.analyses, vec![analysis("shop")]);
+    // Ended and started again between two writes: the new one is kept.
+    let mut again = EngineState::default();
+    again.judge.ended = vec![("prod".into(), "shop".into())];
+    let mut restarted = analysis("shop");
+    restarted.canary = "v3".into();
+    again.judge.analyses = vec![restarted.clone()];
+    store.write(&again).expect("write");
+    assert_eq!(store.load().expect("load").judge.analyses, vec![restarted]);
 }

@@ -17,6 +17,7 @@
 pub mod checks;
 pub mod history;
 pub mod model;
+pub mod snapshot;
 pub mod stats;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,6 +32,7 @@ use crate::window::{Aggregate, RequestAggregate};
 pub use checks::{Check, CheckId, Group, Outcome, Test};
 use history::History;
 pub use model::{Gate, GateMetric, Mode, Model, ModelError, Stage};
+pub use snapshot::{AnalysisSnapshot, JudgeChanges};
 
 const SECOND: EventTime = 1_000_000_000;
 /// Level a failure must keep without the one second (or block) that helps it most.
@@ -58,6 +60,11 @@ impl State {
         State::RolledBack,
     ];
 
+    /// The state `name` names.
+    pub fn named(name: &str) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             State::InsufficientData => "insufficient_data",
@@ -81,6 +88,23 @@ pub enum GateOutcome {
     Pass,
     Pending,
     Fail,
+}
+
+impl GateOutcome {
+    pub const ALL: [GateOutcome; 3] = [GateOutcome::Pass, GateOutcome::Pending, GateOutcome::Fail];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GateOutcome::Pass => "pass",
+            GateOutcome::Pending => "pending",
+            GateOutcome::Fail => "fail",
+        }
+    }
+
+    /// The outcome `name` names.
+    pub fn named(name: &str) -> Option<GateOutcome> {
+        GateOutcome::ALL.into_iter().find(|o| o.name() == name)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -903,6 +927,9 @@ pub struct Judge {
     /// The stable version of each app's last analysis: a former stable still sending after a
     /// promotion is not taken for a new canary.
     retired: HashMap<(Arc<str>, Arc<str>), Arc<str>>,
+    /// Analyses started or looked at since the last `take_changes`, and those ended.
+    changed: HashSet<(Arc<str>, Arc<str>)>,
+    ended: Vec<(String, String)>,
 }
 
 /// The model every inferred analysis uses.
@@ -931,8 +958,14 @@ impl Judge {
         self.analyses.values()
     }
 
+    /// The analysis, to be changed: one still under way is written at the next flush (a decided
+    /// one no longer changes).
     pub(crate) fn analysis_mut(&mut self, key: &(Arc<str>, Arc<str>)) -> Option<&mut Analysis> {
-        self.analyses.get_mut(key)
+        let analysis = self.analyses.get_mut(key)?;
+        if !analysis.is_final() {
+            self.changed.insert(key.clone());
+        }
+        Some(analysis)
     }
 
     /// Whether `version` of this app should start an inferred analysis.
@@ -971,6 +1004,7 @@ impl Judge {
         let analysis = Analysis::new(key.clone(), stable.clone(), canary, model, declared, at, keep);
         let view = analysis.view();
         self.analyses.insert(key.clone(), analysis);
+        self.changed.insert(key.clone());
         self.retired.insert(key, stable);
         Ok(CanaryChange {
             kind: ChangeKind::Started,
@@ -982,10 +1016,10 @@ impl Judge {
 
     /// Ends the app's analysis (the rollout API's DELETE).
     pub(crate) fn end(&mut self, key: &(Arc<str>, Arc<str>)) -> Result<AnalysisView, JudgeError> {
-        self.analyses
-            .remove(key)
-            .map(|a| a.view())
-            .ok_or(JudgeError::NoRollout)
+        let ended = self.analyses.remove(key).ok_or(JudgeError::NoRollout)?;
+        self.changed.remove(key);
+        self.ended.push((key.0.to_string(), key.1.to_string()));
+        Ok(ended.view())
     }
 }
 

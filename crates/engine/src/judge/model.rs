@@ -287,6 +287,19 @@ pub enum GateMetric {
 }
 
 impl GateMetric {
+    pub const ALL: [GateMetric; 5] = [
+        GateMetric::ErrorRate,
+        GateMetric::Availability,
+        GateMetric::LatencyP50Ms,
+        GateMetric::LatencyP95Ms,
+        GateMetric::LatencyP99Ms,
+    ];
+
+    /// The metric `name` names.
+    pub fn named(name: &str) -> Option<GateMetric> {
+        GateMetric::ALL.into_iter().find(|m| m.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             GateMetric::ErrorRate => "error_rate",

@@ -48,6 +48,18 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Pass,
+        Outcome::InsufficientData,
+        Outcome::Marginal,
+        Outcome::Fail,
+    ];
+
+    /// The outcome `name` names.
+    pub fn named(name: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Pass => "pass",
@@ -74,6 +86,22 @@ pub enum Group {
 }
 
 impl Group {
+    pub const ALL: [Group; 8] = [
+        Group::Baseline,
+        Group::CallGraph,
+        Group::ErrorLogs,
+        Group::Errors,
+        Group::Exceptions,
+        Group::Latency,
+        Group::Metrics,
+        Group::OperationMix,
+    ];
+
+    /// The group `name` names.
+    pub fn named(name: &str) -> Option<Group> {
+        Group::ALL.into_iter().find(|g| g.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Group::Errors => "errors",
@@ -105,6 +133,19 @@ pub enum Test {
 }
 
 impl Test {
+    pub const ALL: [Test; 5] = [
+        Test::FisherExact,
+        Test::Exceedance,
+        Test::ChiSquare,
+        Test::PoissonRate,
+        Test::BaselineBand,
+    ];
+
+    /// The test `name` (as the API shows it) names.
+    pub fn named(name: &str) -> Option<Test> {
+        Test::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// The name the API and `/metrics` show.
     pub fn name(self) -> &'static str {
         match self {
@@ -245,6 +286,14 @@ pub struct Check {
     pub effect_kind: &'static str,
     pub window_s: u64,
     pub message: String,
+}
+
+/// Every `effect_kind` a check can have: what a stored check's kind is read back as.
+pub const EFFECT_KINDS: [&str; 3] = ["ratio", "total_variation", "band_half_widths"];
+
+/// The effect kind `name` names.
+pub fn effect_kind_named(name: &str) -> Option<&'static str> {
+    EFFECT_KINDS.into_iter().find(|k| *k == name)
 }
 
 /// What names and bounds a check, before any data: from the model and the thresholds.

@@ -252,18 +252,6 @@ mod decision {
         })
     }
 
-    /// Every group, for a horizon long enough for the metric check.
-    const ALL_GROUPS: [Group; 8] = [
-        Group::Baseline,
-        Group::CallGraph,
-        Group::ErrorLogs,
-        Group::Errors,
-        Group::Exceptions,
-        Group::Latency,
-        Group::Metrics,
-        Group::OperationMix,
-    ];
-
     fn assert_undecided_and_asking(checks: &[Check]) {
         for c in checks {
             assert_eq!(c.outcome, Outcome::InsufficientData, "{}: {}", c.id, c.message);
@@ -299,7 +287,7 @@ mod decision {
             let checks = look(&model(), &can, &stable, &reference_agg, horizon);
             assert_undecided_and_asking(&checks);
             if reference > 0 {
-                for g in ALL_GROUPS {
+                for g in Group::ALL {
                     let asked = g != Group::Metrics || horizon >= MetricsCheck::default().min_horizon_s;
                     prop_assert!(!asked || checks.iter().any(|c| c.group == g), "no {g} check");
                 }
@@ -384,7 +372,7 @@ mod decision {
     fn enough_identical_traffic_passes_every_kind() {
         let (reference, same) = (traffic(60_000, 60, steady, 30), traffic(12_000, 12, steady, 30));
         let checks = look(&model(), &same, &same, &reference, 600);
-        for g in ALL_GROUPS {
+        for g in Group::ALL {
             assert!(checks.iter().any(|c| c.group == g), "no {g} check");
         }
         for c in checks.iter().filter(|c| c.group != Group::Errors) {
@@ -427,6 +415,19 @@ mod decision {
         assert_eq!(id.to_string(), "baseline:latency_p99_ms:band:300");
         assert_eq!(Test::BaselineBand.name(), "baseline_band");
         assert_eq!(Group::OperationMix.name(), "operation_mix");
+    }
+
+    /// A stored check is read back by the names it shows (`snapshot`): every kind's names name it.
+    #[test]
+    fn every_checks_names_read_back() {
+        let (reference, same) = (traffic(60_000, 60, steady, 30), traffic(12_000, 12, steady, 30));
+        let checks = look(&model(), &same, &same, &reference, 600);
+        for c in &checks {
+            assert_eq!(Group::named(c.group.name()), Some(c.group), "{}", c.id);
+            assert_eq!(Test::named(c.test.name()), Some(c.test), "{}", c.id);
+            assert_eq!(Outcome::named(c.outcome.name()), Some(c.outcome), "{}", c.id);
+            assert_eq!(effect_kind_named(c.effect_kind), Some(c.effect_kind), "{}", c.id);
+        }
     }
 
     #[test]

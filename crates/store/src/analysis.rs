@@ -1,0 +1,330 @@
+//! The record of a canary analysis (schema 2, added after its first release: older daemons never
+//! open the tree it lives in), and its conversions to and from the engine's `AnalysisSnapshot`.
+//!
+//! Names the API shows (states, outcomes, check groups and tests) are stored as those names, and
+//! the analysis's model as the JSON of its model file's fields, so that neither a reordered enum
+//! nor a model field added with a default changes what a stored record means.
+
+use canaryd_engine::judge::checks::{Check, CheckId, Feature, Group, Outcome, Test, effect_kind_named};
+use canaryd_engine::judge::{AnalysisSnapshot, GateMetric, GateOutcome, GateResult, Model, State};
+use canaryd_engine::window::RequestAggregate;
+use serde::{Deserialize, Serialize};
+
+use crate::records::{ConvertError, SketchRecord};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisRecord {
+    pub env: String,
+    pub app: String,
+    pub stable: String,
+    pub canary: String,
+    /// The model as JSON.
+    pub model: String,
+    pub declared: bool,
+    pub started_at: u64,
+    pub state: String,
+    pub since: u64,
+    pub stage: u64,
+    pub stage_started_at: u64,
+    pub stage_requests: RequestsRecord,
+    pub failed_at: Option<u64>,
+    pub last_canary_traffic: u64,
+    pub evaluated_at: u64,
+    pub streaks: Vec<StreakRecord>,
+    pub checks: Vec<CheckRecord>,
+    pub gates: Vec<GateRecord>,
+    pub score: Option<f64>,
+    pub canary_requests: u64,
+    pub stable_requests: u64,
+    pub retired: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestsRecord {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_ms: SketchRecord,
+}
+
+/// What a check measures, by the names its id shows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckKeyRecord {
+    pub group: String,
+    pub feature: String,
+    pub subject: Option<String>,
+    pub test: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreakRecord {
+    pub check: CheckKeyRecord,
+    pub failing_looks: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckRecord {
+    pub check: CheckKeyRecord,
+    pub horizon_s: u64,
+    pub operation: Option<String>,
+    pub critical: bool,
+    pub weight: f64,
+    pub outcome: String,
+    pub canary_value: Option<f64>,
+    pub baseline_value: Option<f64>,
+    pub canary_samples: u64,
+    pub baseline_samples: u64,
+    pub statistic: Option<f64>,
+    pub p_value: Option<f64>,
+    pub threshold: f64,
+    pub effect: Option<f64>,
+    pub min_effect: f64,
+    pub effect_kind: String,
+    pub window_s: u64,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GateRecord {
+    pub metric: String,
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+    pub value: Option<f64>,
+    pub lower: Option<f64>,
+    pub upper: Option<f64>,
+    pub samples: u64,
+    pub window_s: u64,
+    pub outcome: String,
+    pub message: String,
+}
+
+/// A model as its record keeps it.
+pub fn model_record(model: &Model) -> Result<String, ConvertError> {
+    serde_json::to_string(model).map_err(|e| ConvertError {
+        what: "Model",
+        reason: e.to_string(),
+    })
+}
+
+/// The model a record keeps.
+pub fn model_of_record(text: &str) -> Result<Model, ConvertError> {
+    serde_json::from_str(text).map_err(|e| ConvertError {
+        what: "Model",
+        reason: e.to_string(),
+    })
+}
+
+fn unknown(what: &'static str, name: &str) -> ConvertError {
+    ConvertError {
+        what,
+        reason: format!("unknown name {name:?}"),
+    }
+}
+
+fn key_record(group: Group, feature: &Feature, test: Test) -> CheckKeyRecord {
+    CheckKeyRecord {
+        group: group.name().to_owned(),
+        feature: feature.name.clone(),
+        subject: feature.subject.clone(),
+        test: test.name().to_owned(),
+    }
+}
+
+fn key_of(record: &CheckKeyRecord) -> Result<(Group, Feature, Test), ConvertError> {
+    let group = Group::named(&record.group).ok_or_else(|| unknown("check group", &record.group))?;
+    let test = Test::named(&record.test).ok_or_else(|| unknown("check test", &record.test))?;
+    let feature = Feature {
+        name: record.feature.clone(),
+        subject: record.subject.clone(),
+    };
+    Ok((group, feature, test))
+}
+
+impl TryFrom<&AnalysisSnapshot> for AnalysisRecord {
+    type Error = ConvertError;
+
+    fn try_from(s: &AnalysisSnapshot) -> Result<Self, ConvertError> {
+        let model = model_record(&s.model)?;
+        Ok(AnalysisRecord {
+            env: s.env.clone(),
+            app: s.app.clone(),
+            stable: s.stable.clone(),
+            canary: s.canary.clone(),
+            model,
+            declared: s.declared,
+            started_at: s.started_at,
+            state: s.state.name().to_owned(),
+            since: s.since,
+            stage: s.stage as u64,
+            stage_started_at: s.stage_started_at,
+            stage_requests: RequestsRecord {
+                requests: s.stage_requests.requests,
+                errors: s.stage_requests.errors,
+                latency_ms: (&s.stage_requests.latency_ms).try_into()?,
+            },
+            failed_at: s.failed_at,
+            last_canary_traffic: s.last_canary_traffic,
+            evaluated_at: s.evaluated_at,
+            streaks: s
+                .streaks
+                .iter()
+                .map(|(group, feature, test, n)| StreakRecord {
+                    check: key_record(*group, feature, *test),
+                    failing_looks: *n,
+                })
+                .collect(),
+            checks: s.checks.iter().map(CheckRecord::from).collect(),
+            gates: s.gates.iter().map(GateRecord::from).collect(),
+            score: s.score,
+            canary_requests: s.canary_requests,
+            stable_requests: s.stable_requests,
+            retired: s.retired.clone(),
+        })
+    }
+}
+
+impl TryFrom<&AnalysisRecord> for AnalysisSnapshot {
+    type Error = ConvertError;
+
+    fn try_from(r: &AnalysisRecord) -> Result<Self, ConvertError> {
+        let model = model_of_record(&r.model)?;
+        Ok(AnalysisSnapshot {
+            env: r.env.clone(),
+            app: r.app.clone(),
+            stable: r.stable.clone(),
+            canary: r.canary.clone(),
+            model,
+            declared: r.declared,
+            started_at: r.started_at,
+            state: State::named(&r.state).ok_or_else(|| unknown("analysis state", &r.state))?,
+            since: r.since,
+            stage: usize::try_from(r.stage).map_err(|_| unknown("stage", &r.stage.to_string()))?,
+            stage_started_at: r.stage_started_at,
+            stage_requests: RequestAggregate {
+                requests: r.stage_requests.requests,
+                errors: r.stage_requests.errors,
+                latency_ms: (&r.stage_requests.latency_ms).try_into()?,
+            },
+            failed_at: r.failed_at,
+            last_canary_traffic: r.last_canary_traffic,
+            evaluated_at: r.evaluated_at,
+            streaks: r
+                .streaks
+                .iter()
+                .map(|s| key_of(&s.check).map(|(g, f, t)| (g, f, t, s.failing_looks)))
+                .collect::<Result<_, _>>()?,
+            checks: r
+                .checks
+                .iter()
+                .map(Check::try_from_record)
+                .collect::<Result<_, _>>()?,
+            gates: r
+                .gates
+                .iter()
+                .map(GateResult::try_from_record)
+                .collect::<Result<_, _>>()?,
+            score: r.score,
+            canary_requests: r.canary_requests,
+            stable_requests: r.stable_requests,
+            retired: r.retired.clone(),
+        })
+    }
+}
+
+impl From<&Check> for CheckRecord {
+    fn from(c: &Check) -> Self {
+        CheckRecord {
+            check: key_record(c.id.group, &c.id.feature, c.id.test),
+            horizon_s: c.id.horizon_s,
+            operation: c.operation.clone(),
+            critical: c.critical,
+            weight: c.weight,
+            outcome: c.outcome.name().to_owned(),
+            canary_value: c.canary_value,
+            baseline_value: c.baseline_value,
+            canary_samples: c.canary_samples,
+            baseline_samples: c.baseline_samples,
+            statistic: c.statistic,
+            p_value: c.p_value,
+            threshold: c.threshold,
+            effect: c.effect,
+            min_effect: c.min_effect,
+            effect_kind: c.effect_kind.to_owned(),
+            window_s: c.window_s,
+            message: c.message.clone(),
+        }
+    }
+}
+
+/// Conversions from records of engine types the store does not own, so no `From` impl.
+trait FromRecord<R>: Sized {
+    fn try_from_record(record: &R) -> Result<Self, ConvertError>;
+}
+
+impl FromRecord<CheckRecord> for Check {
+    fn try_from_record(r: &CheckRecord) -> Result<Check, ConvertError> {
+        let (group, feature, test) = key_of(&r.check)?;
+        let id = CheckId {
+            group,
+            feature,
+            test,
+            horizon_s: r.horizon_s,
+        };
+        Ok(Check {
+            group,
+            feature: id.feature.to_string(),
+            id,
+            operation: r.operation.clone(),
+            test,
+            critical: r.critical,
+            weight: r.weight,
+            outcome: Outcome::named(&r.outcome).ok_or_else(|| unknown("check outcome", &r.outcome))?,
+            canary_value: r.canary_value,
+            baseline_value: r.baseline_value,
+            canary_samples: r.canary_samples,
+            baseline_samples: r.baseline_samples,
+            statistic: r.statistic,
+            p_value: r.p_value,
+            threshold: r.threshold,
+            effect: r.effect,
+            min_effect: r.min_effect,
+            effect_kind: effect_kind_named(&r.effect_kind)
+                .ok_or_else(|| unknown("effect kind", &r.effect_kind))?,
+            window_s: r.window_s,
+            message: r.message.clone(),
+        })
+    }
+}
+
+impl From<&GateResult> for GateRecord {
+    fn from(g: &GateResult) -> Self {
+        GateRecord {
+            metric: g.metric.name().to_owned(),
+            max: g.max,
+            min: g.min,
+            value: g.value,
+            lower: g.lower,
+            upper: g.upper,
+            samples: g.samples,
+            window_s: g.window_s,
+            outcome: g.outcome.name().to_owned(),
+            message: g.message.clone(),
+        }
+    }
+}
+
+impl FromRecord<GateRecord> for GateResult {
+    fn try_from_record(r: &GateRecord) -> Result<GateResult, ConvertError> {
+        Ok(GateResult {
+            metric: GateMetric::named(&r.metric).ok_or_else(|| unknown("gate metric", &r.metric))?,
+            max: r.max,
+            min: r.min,
+            value: r.value,
+            lower: r.lower,
+            upper: r.upper,
+            samples: r.samples,
+            window_s: r.window_s,
+            outcome: GateOutcome::named(&r.outcome).ok_or_else(|| unknown("gate outcome", &r.outcome))?,
+            message: r.message.clone(),
+        })
+    }
+}
