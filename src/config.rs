@@ -180,8 +180,10 @@ settings! {
     max_items_per_request: u64,
     /// Memory OTLP requests may take from arrival until the engine has ingested them; it bounds the requests in flight [default: 536870912]
     ingest_memory_bytes: u64,
-    /// Most apps tracked [default: 1000]
+    /// Most apps (env and service name pairs) held in memory; past it, the app idle longest gives up its place once idle for app_idle_secs, its state kept in the store, and new apps are dropped until one is [default: 1000]
     max_apps: usize,
+    /// Most environments one service name may take of max_apps [default: 20]
+    max_envs_per_app: usize,
     /// Most versions tracked per app [default: 20]
     max_versions_per_app: usize,
     /// Most operations tracked per app [default: 200]
@@ -198,6 +200,8 @@ settings! {
     max_series_attributes: usize,
     /// Seconds of event time after which an unseen version may give its place to a new one [default: 3600]
     version_idle_secs: u64,
+    /// Seconds of event time after which an unseen app may be moved out of memory to make room for a new one; it comes back from the store when seen again [default: 3600]
+    app_idle_secs: u64,
     /// Batches that may wait between the receivers and the engine [default: 256]
     pipeline_queue: usize,
     /// Milliseconds (0-60000) a receiver waits for room in that queue before answering "unavailable" [default: 5000]
@@ -416,6 +420,11 @@ impl Config {
         let raw_insecure_no_auth = set(raw.insecure_no_auth, "insecure_no_auth")?;
         let limits = Limits {
             max_apps: within("max_apps", set(raw.max_apps, "max_apps")?, 1..=1_000_000)?,
+            max_envs_per_app: within(
+                "max_envs_per_app",
+                set(raw.max_envs_per_app, "max_envs_per_app")?,
+                1..=1_000_000,
+            )?,
             max_versions_per_app: within(
                 "max_versions_per_app",
                 set(raw.max_versions_per_app, "max_versions_per_app")?,
@@ -442,6 +451,7 @@ impl Config {
                 1..=1_000_000,
             )?,
             version_idle_ns: set(raw.version_idle_secs, "version_idle_secs")?.saturating_mul(1_000_000_000),
+            app_idle_ns: set(raw.app_idle_secs, "app_idle_secs")?.saturating_mul(1_000_000_000),
         };
         let version_attribute = set(raw.version_attribute, "version_attribute")?;
         if version_attribute.trim().is_empty() {

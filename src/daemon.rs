@@ -256,6 +256,7 @@ impl Daemon {
         let stats = Arc::new(Stats::new());
         let store = Store::open(&config.data_dir, config.sled_cache_bytes, stats.store_counters())?;
         let mut engine = Engine::new(config.engine.clone(), Box::new(store.slot_store()));
+        engine.set_archive(Box::new(store.archive()));
         let state = store.load()?;
         tracing::info!(
             apps = state.apps.len(),

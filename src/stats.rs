@@ -77,6 +77,8 @@ pub struct Stats {
     pub apps_tracked: Gauge,
     pub late_observations: Counter,
     pub future_observations: Counter,
+    apps_archived: Counter,
+    apps_restored: Counter,
     pub windows_closed: Counter,
     pub flushes: Counter,
     pub flush_errors: Counter,
@@ -159,6 +161,18 @@ impl Stats {
             "canaryd_future_observations",
             "Observations refused for being dated more than max_clock_skew_secs ahead of both their app's event time and canaryd's clock",
             future_observations.clone(),
+        );
+        let apps_archived = Counter::default();
+        registry.register(
+            "canaryd_apps_archived",
+            "Apps idle for app_idle_secs moved out of memory (their state kept in the store) to make room for new apps under max_apps",
+            apps_archived.clone(),
+        );
+        let apps_restored = Counter::default();
+        registry.register(
+            "canaryd_apps_restored",
+            "Archived apps brought back from the store when they were seen again",
+            apps_restored.clone(),
         );
         let windows_closed = Counter::default();
         registry.register(
@@ -274,6 +288,8 @@ impl Stats {
             apps_tracked,
             late_observations,
             future_observations,
+            apps_archived,
+            apps_restored,
             windows_closed,
             flushes,
             flush_errors,
@@ -336,6 +352,8 @@ impl Stats {
         self.apps_tracked.set(apps as i64);
         self.late_observations.inc_by(report.late);
         self.future_observations.inc_by(report.future);
+        self.apps_archived.inc_by(report.apps_archived);
+        self.apps_restored.inc_by(report.apps_restored);
         self.windows_closed.inc_by(report.windows_closed);
         for (cap, n) in &report.cap_hits {
             self.capped(*cap, *n);

@@ -617,6 +617,131 @@ async fn apps_past_the_cap_are_dropped_and_counted() {
     assert_eq!(apps["apps"].as_array().expect("apps").len(), 2);
 }
 
+/// `n` SERVER spans of `app` (version 1) in `env`, `at_s` seconds of event time after `EPOCH_NS`.
+fn spans_at(env: &str, app: &str, at_s: u64, n: usize) -> ExportTraceServiceRequest {
+    let mut request = spans_request(app, "1", &["op".to_string()], n);
+    for resource in &mut request.resource_spans {
+        resource.resource = Some(testdata::resource(env, app, "1"));
+        for span in resource.scope_spans.iter_mut().flat_map(|s| s.spans.iter_mut()) {
+            span.start_time_unix_nano += at_s * 1_000_000_000;
+            span.end_time_unix_nano += at_s * 1_000_000_000;
+        }
+    }
+    request
+}
+
+/// The app cap recovers: apps idle for `app_idle_secs` give their places to new ones and come
+/// back, counts intact, from the store when seen again (also after a restart); one service name
+/// cannot take more than `max_envs_per_app` of the places.
+#[tokio::test]
+async fn a_full_app_cap_recovers_as_apps_go_idle_and_one_app_cannot_fill_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let settings = |raw: &mut canaryd::config::RawConfig| {
+        raw.data_dir = Some(data.clone());
+        raw.max_apps = Some(10);
+        raw.max_envs_per_app = Some(3);
+        raw.app_idle_secs = Some(60);
+    };
+    let daemon = TestDaemon::start_with(settings).await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let dropped = |cap: &'static str| {
+        let daemon = &daemon;
+        async move {
+            let text = daemon.metrics_text().await;
+            let series = format!("canaryd_capped_observations_total{{cap=\"{cap}\",action=\"dropped\"}}");
+            support::sample(&text, &series).unwrap_or(0.0)
+        }
+    };
+    // One service name in five environments takes three places; the other two are dropped.
+    for env in 0..5 {
+        client
+            .export(spans_at(&format!("pr-{env}"), "noisy", 0, 2))
+            .await
+            .expect("export");
+    }
+    eventually("the noisy app's extra environments dropped", || async {
+        match dropped("max_envs_per_app").await {
+            4.0 => Ok(()),
+            n => Err(format!("{n}")),
+        }
+    })
+    .await;
+    // Seven service names fill the cap.
+    for i in 0..7 {
+        client
+            .export(spans_at("prod", &format!("svc-{i}"), 0, 4))
+            .await
+            .expect("export");
+    }
+    wait_for_count(&daemon, "prod", "svc-6", "1", "spans", 4).await;
+    // A new app while they are all recent: dropped and counted.
+    client
+        .export(spans_at("prod", "early", 30, 4))
+        .await
+        .expect("export");
+    eventually("the early app dropped", || async {
+        match dropped("max_apps").await {
+            4.0 => Ok(()),
+            n => Err(format!("{n}")),
+        }
+    })
+    .await;
+    // All but svc-0 go on. Past app_idle_secs, a new app takes the silent one's place.
+    for env in 0..3 {
+        client
+            .export(spans_at(&format!("pr-{env}"), "noisy", 100, 1))
+            .await
+            .expect("export");
+    }
+    for i in 1..7 {
+        client
+            .export(spans_at("prod", &format!("svc-{i}"), 100, 1))
+            .await
+            .expect("export");
+    }
+    client
+        .export(spans_at("prod", "fresh", 100, 4))
+        .await
+        .expect("export");
+    wait_for_count(&daemon, "prod", "fresh", "1", "spans", 4).await;
+    assert_eq!(daemon.metric("canaryd_apps_archived_total").await, 1.0);
+    let apps = daemon.apps().await;
+    let listed = apps["apps"].as_array().expect("apps");
+    assert_eq!(listed.len(), 10, "{apps}");
+    assert_eq!(listed.iter().filter(|a| a["app"] == "noisy").count(), 3, "{apps}");
+    assert!(
+        find_app(&apps, "prod", "svc-0").is_none(),
+        "svc-0 made room: {apps}"
+    );
+
+    // svc-0 comes back with what it had, in the place of the app idle longest.
+    client
+        .export(spans_at("prod", "svc-0", 400, 2))
+        .await
+        .expect("export");
+    wait_for_count(&daemon, "prod", "svc-0", "1", "spans", 6).await;
+    assert_eq!(daemon.metric("canaryd_apps_restored_total").await, 1.0);
+    assert_eq!(daemon.metric("canaryd_apps_archived_total").await, 2.0);
+    daemon.stop().await.expect("clean stop");
+
+    // After a restart the cap holds (the store has eleven apps), and the app archived last
+    // still comes back whole.
+    let daemon = TestDaemon::start_with(settings).await;
+    let apps = daemon.apps().await;
+    assert_eq!(apps["apps"].as_array().expect("apps").len(), 10, "{apps}");
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    client
+        .export(spans_at("pr-0", "noisy", 600, 1))
+        .await
+        .expect("export");
+    wait_for_count(&daemon, "pr-0", "noisy", "1", "spans", 4).await;
+}
+
 #[tokio::test]
 async fn accepted_metric_points_are_those_catalogued_plus_those_caps_dropped() {
     let daemon = TestDaemon::start_with(|raw| raw.max_metric_series_per_app = Some(4)).await;

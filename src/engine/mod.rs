@@ -351,6 +351,7 @@ mod tests {
     /// An engine as a (re)start makes it: restored from what the store holds.
     fn engine_on(store: &Store) -> Engine {
         let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
+        engine.set_archive(Box::new(store.archive()));
         engine.restore(store.load().expect("load"));
         engine
     }

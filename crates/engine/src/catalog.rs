@@ -4,7 +4,10 @@
 //! does not fit is never silently lost: operations, downstreams and exception types past their cap
 //! fold into the `OVERFLOW` key so that per-version counts stay exact; a new version past its cap
 //! first evicts a version idle for `version_idle_ns`, else folds into `OVERFLOW` too; a new app past
-//! the cap, and a new metric series past its cap, are dropped. Each case is counted by `Cap`.
+//! the cap is dropped unless an app idle for `app_idle_ns` can give up its place (the engine moves
+//! that one to its archive, from which it comes back when it is seen again), and so is a new
+//! environment of an app that has `max_envs_per_app` already, so that one app cannot take the
+//! whole app cap; a new metric series past its cap is dropped. Each case is counted by `Cap`.
 //!
 //! First and last seen are event times (the timestamps in the data), so the catalog is the same
 //! whatever order the data arrived in.
@@ -21,7 +24,10 @@ pub const OVERFLOW: &str = "__overflow__";
 /// Caps on everything keyed by what clients send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// (env, app) pairs held in memory.
     pub max_apps: usize,
+    /// Environments one app name may take of `max_apps`.
+    pub max_envs_per_app: usize,
     pub max_versions_per_app: usize,
     pub max_operations_per_app: usize,
     pub max_downstreams_per_app: usize,
@@ -31,18 +37,22 @@ pub struct Limits {
     pub max_exception_types_per_app: usize,
     /// A version unseen for this long (event time) may be evicted to make room for a new one.
     pub version_idle_ns: u64,
+    /// An app unseen for this long (event time) may be archived to make room for a new one.
+    pub app_idle_ns: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_apps: 1_000,
+            max_envs_per_app: 20,
             max_versions_per_app: 20,
             max_operations_per_app: 200,
             max_downstreams_per_app: 200,
             max_metric_series_per_app: 2_000,
             max_exception_types_per_app: 200,
             version_idle_ns: 3_600 * 1_000_000_000,
+            app_idle_ns: 3_600 * 1_000_000_000,
         }
     }
 }
@@ -51,6 +61,7 @@ impl Default for Limits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Cap {
     Apps,
+    EnvsPerApp,
     VersionsPerApp,
     OperationsPerApp,
     DownstreamsPerApp,
@@ -59,8 +70,9 @@ pub enum Cap {
 }
 
 impl Cap {
-    pub const ALL: [Cap; 6] = [
+    pub const ALL: [Cap; 7] = [
         Cap::Apps,
+        Cap::EnvsPerApp,
         Cap::VersionsPerApp,
         Cap::OperationsPerApp,
         Cap::DownstreamsPerApp,
@@ -72,6 +84,7 @@ impl Cap {
     pub fn name(self) -> &'static str {
         match self {
             Cap::Apps => "max_apps",
+            Cap::EnvsPerApp => "max_envs_per_app",
             Cap::VersionsPerApp => "max_versions_per_app",
             Cap::OperationsPerApp => "max_operations_per_app",
             Cap::DownstreamsPerApp => "max_downstreams_per_app",
@@ -82,7 +95,7 @@ impl Cap {
 
     /// Whether observations past this cap are dropped (rather than folded into `OVERFLOW`).
     pub fn drops(self) -> bool {
-        matches!(self, Cap::Apps | Cap::MetricSeriesPerApp)
+        matches!(self, Cap::Apps | Cap::EnvsPerApp | Cap::MetricSeriesPerApp)
     }
 }
 
@@ -240,6 +253,8 @@ fn count_capped<V: Default>(
 pub struct Catalog {
     limits: Limits,
     apps: BTreeMap<(Arc<str>, Arc<str>), AppEntry>,
+    /// Environments held per app name.
+    envs: HashMap<Arc<str>, usize>,
     cap_hits: BTreeMap<Cap, u64>,
     /// Apps changed since the last `take_changed`.
     changed: HashSet<(Arc<str>, Arc<str>)>,
@@ -250,6 +265,7 @@ impl Catalog {
         Catalog {
             limits,
             apps: BTreeMap::new(),
+            envs: HashMap::new(),
             cap_hits: BTreeMap::new(),
             changed: HashSet::new(),
         }
@@ -284,9 +300,58 @@ impl Catalog {
             .collect()
     }
 
-    /// Puts back a persisted app.
+    /// Puts back a persisted or archived app.
     pub fn restore(&mut self, env: &str, app: &str, entry: AppEntry) {
-        self.apps.insert((Arc::from(env), Arc::from(app)), entry);
+        let key = (Arc::from(env), Arc::from(app));
+        if self.apps.insert(key.clone(), entry).is_none() {
+            *self.envs.entry(key.1).or_default() += 1;
+        }
+    }
+
+    /// Takes an app out (to the engine's archive); nothing of it is left here.
+    pub fn remove(&mut self, env: &str, app: &str) -> Option<AppEntry> {
+        let key = (Arc::from(env), Arc::from(app));
+        let entry = self.apps.remove(&key)?;
+        self.changed.remove(&key);
+        if let Some(n) = self.envs.get_mut(&key.1) {
+            *n -= 1;
+            if *n == 0 {
+                self.envs.remove(&key.1);
+            }
+        }
+        Some(entry)
+    }
+
+    /// Whether a new (env, app) would be refused for its app's share of the environments.
+    pub fn over_env_share(&self, app: &str) -> bool {
+        self.envs.get(app).copied().unwrap_or(0) >= self.limits.max_envs_per_app
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.apps.len() >= self.limits.max_apps
+    }
+
+    /// The app seen least recently, if it has been idle for `app_idle_ns` at `now`.
+    pub fn idle_app(&self, now: EventTime) -> Option<(Arc<str>, Arc<str>)> {
+        self.apps
+            .iter()
+            .map(|(key, entry)| (entry.last_seen().unwrap_or(0), key))
+            .min()
+            .filter(|(last, _)| last.saturating_add(self.limits.app_idle_ns) < now)
+            .map(|(_, key)| key.clone())
+    }
+
+    /// The apps beyond `max_apps`, least recently seen first (after a restore of more apps than
+    /// the cap holds).
+    pub fn over_cap(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        let excess = self.apps.len().saturating_sub(self.limits.max_apps);
+        let mut by_age: Vec<_> = self
+            .apps
+            .iter()
+            .map(|(key, entry)| (entry.last_seen().unwrap_or(0), key.clone()))
+            .collect();
+        by_age.sort();
+        by_age.into_iter().take(excess).map(|(_, key)| key).collect()
     }
 
     /// Brings every version of the app last seen after `time` back to it (a clock repair), and
@@ -339,9 +404,15 @@ impl Catalog {
         };
         let id = &obs.identity;
         let key = (id.env.clone(), id.app.clone());
-        if !self.apps.contains_key(&key) && self.apps.len() >= self.limits.max_apps {
+        if !self.apps.contains_key(&key) {
             let items = obs.spans + obs.metric_points.len() as u64 + obs.logs.len() as u64;
-            return (vec![(Cap::Apps, items)], None);
+            if self.over_env_share(&key.1) {
+                return (vec![(Cap::EnvsPerApp, items)], None);
+            }
+            if self.is_full() {
+                return (vec![(Cap::Apps, items)], None);
+            }
+            *self.envs.entry(key.1.clone()).or_default() += 1;
         }
         let limits = self.limits.clone();
         self.changed.insert(key.clone());

@@ -18,7 +18,9 @@ use crate::anomaly::{AnomalyRules, Transition};
 use crate::baseline::{Baseline, BaselineConfig, Score, SlotStore};
 use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
-use crate::judge::{AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError, Model};
+use crate::judge::{
+    AnalysisSnapshot, AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError, Model,
+};
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
 
@@ -108,6 +110,23 @@ pub struct EngineState {
     pub judge: JudgeChanges,
 }
 
+/// Everything durable about one app, as it leaves memory for the archive or comes back from it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ArchivedApp {
+    pub clock: AppClock,
+    pub entry: AppEntry,
+    /// The app's and its versions' baselines.
+    pub baselines: Vec<(BaselineId, Baseline)>,
+    pub analysis: Option<AnalysisSnapshot>,
+}
+
+/// Where apps evicted from memory are kept (the store, in the daemon), to be brought back when
+/// they are seen again. Without one, an evicted app's state is written at the next
+/// `take_changes` and a returning app starts afresh.
+pub trait AppArchive: Send {
+    fn load_app(&mut self, env: &str, app: &str) -> Option<ArchivedApp>;
+}
+
 /// A version's feature left, or came back to, its own baseline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AnomalyChange {
@@ -136,6 +155,9 @@ pub struct IngestReport {
     /// Observations refused for being dated more than the allowed skew ahead of both their app's
     /// event time and the receive clock.
     pub future: u64,
+    /// Idle apps moved to the archive to make room for new ones, and apps brought back from it.
+    pub apps_archived: u64,
+    pub apps_restored: u64,
     /// Anomalies detected and resolved, in event-time order.
     pub anomalies: Vec<AnomalyChange>,
     /// Canary analyses started, stages passed, canaries failed and promoted, in event-time order.
@@ -181,6 +203,9 @@ pub struct Engine {
     dirty: HashSet<BaselineId>,
     /// Versions forgotten since the last `take_changes`.
     forgotten: Vec<(String, String, String)>,
+    archive: Option<Box<dyn AppArchive>>,
+    /// Apps archived since the last `take_changes`, whose state is yet to be written.
+    archiving: HashMap<(Arc<str>, Arc<str>), ArchivedApp>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -202,7 +227,14 @@ impl Engine {
             slots,
             dirty: HashSet::new(),
             forgotten: Vec::new(),
+            archive: None,
+            archiving: HashMap::new(),
         }
+    }
+
+    /// Where evicted apps are read back from.
+    pub fn set_archive(&mut self, archive: Box<dyn AppArchive>) {
+        self.archive = Some(archive);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -229,6 +261,7 @@ impl Engine {
                 }
                 _ => resource,
             };
+            self.make_room(resource, &mut report);
             let (resource_hits, admission) = self.catalog.admit(resource);
             for (cap, n) in resource_hits {
                 *hits.entry(cap).or_default() += n;
@@ -242,6 +275,94 @@ impl Engine {
         }
         report.cap_hits = hits.into_iter().collect();
         report
+    }
+
+    /// Before an app not in memory is admitted: an idle app gives up its place if the cap is full,
+    /// and the app comes back from the archive if it was there.
+    fn make_room(&mut self, resource: &ResourceObservations, report: &mut IngestReport) {
+        let id = &resource.identity;
+        let Some((_, latest)) = resource.seen else { return };
+        if self.catalog.app(&id.env, &id.app).is_some() || self.catalog.over_env_share(&id.app) {
+            return;
+        }
+        if self.catalog.is_full() {
+            match self.catalog.idle_app(latest) {
+                Some(idle) => {
+                    self.archive_app(&idle);
+                    report.apps_archived += 1;
+                }
+                None => return,
+            }
+        }
+        if self.recall((id.env.clone(), id.app.clone())) {
+            report.apps_restored += 1;
+        }
+    }
+
+    /// Brings the app back from the archive, if it is there; returns whether it was.
+    fn recall(&mut self, key: (Arc<str>, Arc<str>)) -> bool {
+        let archived = match self.archiving.remove(&key) {
+            Some(app) => Some(app),
+            None => self.archive.as_mut().and_then(|a| a.load_app(&key.0, &key.1)),
+        };
+        match archived {
+            Some(app) => {
+                self.bring_back(key, app);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Moves an app's durable state out of memory, to be written at the next `take_changes`.
+    fn archive_app(&mut self, key: &(Arc<str>, Arc<str>)) {
+        let Some(entry) = self.catalog.remove(&key.0, &key.1) else {
+            return;
+        };
+        let state = self.apps.remove(key).unwrap_or_default();
+        let mut baselines = Vec::new();
+        let id = |scope: Scope, feature: &FeatureKey| BaselineId {
+            env: key.0.to_string(),
+            app: key.1.to_string(),
+            scope,
+            key: feature.clone(),
+        };
+        for (feature, baseline) in state.baselines {
+            baselines.push((id(Scope::App, &feature), baseline));
+        }
+        for (version, v) in state.versions {
+            for (feature, baseline) in v.baselines {
+                baselines.push((id(Scope::Version(version.to_string()), &feature), baseline));
+            }
+        }
+        for (id, _) in &baselines {
+            self.dirty.remove(id);
+        }
+        let archived = ArchivedApp {
+            clock: state.clock,
+            entry,
+            baselines,
+            analysis: self.judge.take_out(key),
+        };
+        self.archiving.insert(key.clone(), archived);
+    }
+
+    /// Puts an archived app back in memory, as a restart would.
+    fn bring_back(&mut self, key: (Arc<str>, Arc<str>), app: ArchivedApp) {
+        self.catalog.restore(&key.0, &key.1, app.entry);
+        let state = self.apps.entry(key).or_default();
+        state.clock = app.clock;
+        state.complete_from = app.clock.max_time;
+        for (id, baseline) in app.baselines {
+            let map = match id.scope {
+                Scope::App => &mut state.baselines,
+                Scope::Version(v) => &mut state.versions.entry(Arc::from(v)).or_default().baselines,
+            };
+            map.insert(id.key, baseline);
+        }
+        if let Some(analysis) = app.analysis {
+            self.judge.restore(vec![analysis]);
+        }
     }
 
     /// The latest event time an observation of `identity`'s app may carry: the skew beyond both
@@ -488,10 +609,12 @@ impl Engine {
     /// Learns one feature value from history, as if a window ending at `time` had yielded it (the
     /// `canaryd-lab import` path). Returns the value's score against what was learned before it.
     pub fn learn_value(&mut self, id: &BaselineId, value: f64, time: EventTime) -> Score {
-        let app = self
-            .apps
-            .entry((Arc::from(id.env.as_str()), Arc::from(id.app.as_str())))
-            .or_default();
+        let key: (Arc<str>, Arc<str>) = (Arc::from(id.env.as_str()), Arc::from(id.app.as_str()));
+        if !self.apps.contains_key(&key) {
+            // An archived app learns on top of what it had, not from nothing.
+            self.recall(key.clone());
+        }
+        let app = self.apps.entry(key).or_default();
         let baselines = match &id.scope {
             Scope::App => &mut app.baselines,
             Scope::Version(v) => &mut app.versions.entry(Arc::from(v.as_str())).or_default().baselines,
@@ -539,13 +662,24 @@ impl Engine {
                 baselines.push((id, b));
             }
         }
-        EngineState {
+        let mut state = EngineState {
             clocks: self.clocks(),
             apps: self.catalog.take_changed(),
             baselines,
             forgotten_versions: std::mem::take(&mut self.forgotten),
             judge: self.judge.take_changes(),
+        };
+        for ((env, app), archived) in self.archiving.drain() {
+            let (env, app) = (env.to_string(), app.to_string());
+            state.clocks.push((env.clone(), app.clone(), archived.clock));
+            state.apps.push((env, app, archived.entry));
+            for (id, baseline) in archived.baselines {
+                baseline.save_slot(&id.series_name(), self.slots.as_mut());
+                state.baselines.push((id, baseline));
+            }
+            state.judge.analyses.extend(archived.analysis);
         }
+        state
     }
 
     fn baseline(&self, id: &BaselineId) -> Option<&Baseline> {
@@ -595,6 +729,13 @@ impl Engine {
                 Scope::Version(v) => &mut state.versions.entry(Arc::from(v)).or_default().baselines,
             };
             map.insert(id.key, baseline);
+        }
+        // A store may hold more apps than the cap (those archived): the least recently seen stay
+        // there, to come back when they are seen.
+        for key in self.catalog.over_cap() {
+            self.catalog.remove(&key.0, &key.1);
+            self.apps.remove(&key);
+            self.judge.take_out(&key);
         }
     }
 

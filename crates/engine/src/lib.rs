@@ -32,6 +32,7 @@ pub mod window;
 
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};
 pub use engine::{
-    AnomalyChange, BaselineId, BaselinesView, Engine, EngineConfig, EngineState, IngestReport, Scope,
+    AnomalyChange, AppArchive, ArchivedApp, BaselineId, BaselinesView, Engine, EngineConfig, EngineState,
+    IngestReport, Scope,
 };
 pub use observation::*;

@@ -160,6 +160,7 @@ pub fn import(
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let store: Store = Store::open(data_dir, cache_bytes, StoreCounters::default())?;
     let mut engine = Engine::new(config, Box::new(store.slot_store()));
+    engine.set_archive(Box::new(store.archive()));
     engine.restore(store.load()?);
 
     let times = frame.column("timestamp")?.i64()?.clone();

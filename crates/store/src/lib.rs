@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use canaryd_engine::baseline::{Baseline, SlotStore, SlotSummary};
 use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::window::AppClock;
-use canaryd_engine::{EngineState, Scope};
+use canaryd_engine::{AppArchive, ArchivedApp, EngineState, Scope};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -821,9 +821,89 @@ impl<R: DaemonRecords> Store<R> {
         }
     }
 
+    /// The engine's view of the apps it archived: they are read back from here.
+    pub fn archive(&self) -> SledArchive {
+        SledArchive {
+            clocks: self.clocks.clone(),
+            apps: self.apps.clone(),
+            baselines: self.baselines.clone(),
+            analyses: self.analyses.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
     /// Records in the seasonal slot tree (walks it: for tests and tools, not the hot path).
     pub fn slot_count(&self) -> usize {
         self.slots.len()
+    }
+}
+
+/// Apps the engine moved out of memory, read back from their records when seen again.
+pub struct SledArchive {
+    clocks: sled::Tree,
+    apps: sled::Tree,
+    baselines: sled::Tree,
+    analyses: sled::Tree,
+    counters: StoreCounters,
+}
+
+impl SledArchive {
+    fn one<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, String> {
+        match tree.get(key).map_err(|e| e.to_string())? {
+            None => Ok(None),
+            Some(bytes) => match decode(&bytes) {
+                Decoded::Record(record) => Ok(Some(record)),
+                Decoded::Newer(found) => Err(format!("a record of the newer schema {found}")),
+                Decoded::Corrupt => Err("a record that does not decode".to_owned()),
+            },
+        }
+    }
+
+    fn read(&self, env: &str, app: &str) -> Result<Option<ArchivedApp>, String> {
+        let key = keys::app(env, app);
+        let Some(clock) = Self::one::<ClockRecord>(&self.clocks, &key)? else {
+            return Ok(None);
+        };
+        let entry = match Self::one::<AppRecord>(&self.apps, &key)? {
+            Some(record) => AppEntry::try_from(&record).map_err(|e| e.to_string())?,
+            None => AppEntry::default(),
+        };
+        let mut baselines = Vec::new();
+        // The app's key is the start of the keys of its baselines and of no other app's.
+        for item in self.baselines.scan_prefix(&key) {
+            let (key, bytes) = item.map_err(|e| e.to_string())?;
+            let id = keys::parse_baseline(&key).ok_or("a baseline key that does not parse")?;
+            match decode::<BaselineRecord>(&bytes) {
+                Decoded::Record(record) => {
+                    baselines.push((id, Baseline::try_from(&record).map_err(|e| e.to_string())?));
+                }
+                _ => return Err("a baseline record that does not decode".to_owned()),
+            }
+        }
+        let analysis = match Self::one::<AnalysisRecord>(&self.analyses, &key)? {
+            Some(record) => Some(AnalysisSnapshot::try_from(&record).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(Some(ArchivedApp {
+            clock: AppClock::from(clock),
+            entry,
+            baselines,
+            analysis,
+        }))
+    }
+}
+
+impl AppArchive for SledArchive {
+    /// An app whose records cannot be read comes back as a new app (logged and counted).
+    fn load_app(&mut self, env: &str, app: &str) -> Option<ArchivedApp> {
+        match self.read(env, app) {
+            Ok(found) => found,
+            Err(reason) => {
+                tracing::warn!(env, app, %reason, "cannot read an archived app back; it starts afresh");
+                self.counters.records_skipped.inc();
+                None
+            }
+        }
     }
 }
 

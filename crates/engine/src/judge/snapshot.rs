@@ -143,6 +143,14 @@ impl Judge {
         }
     }
 
+    /// Takes an app's analysis out of memory, to be archived with the app: its record stays.
+    pub(crate) fn take_out(&mut self, key: &(Arc<str>, Arc<str>)) -> Option<AnalysisSnapshot> {
+        self.changed.remove(key);
+        let retired = self.retired.remove(key);
+        let analysis = self.analyses.remove(key)?;
+        Some(analysis.snapshot(retired.as_ref()))
+    }
+
     /// Puts back analyses as the store kept them, each under the model it was started with.
     pub fn restore(&mut self, snapshots: Vec<AnalysisSnapshot>) {
         for snapshot in snapshots {
