@@ -178,7 +178,7 @@ settings! {
     max_message_bytes: usize,
     /// Most spans, data points or log records in one OTLP request, counted before decoding [default: 100000]
     max_items_per_request: u64,
-    /// Memory OTLP requests may take from arrival until the engine has ingested them; it bounds the requests in flight [default: 536870912]
+    /// Memory OTLP requests may take from arrival until the engine has ingested them; it bounds the requests in flight. The default keeps the whole daemon under 512 MiB under any input, with the sled cache and learned state beside it [default: 268435456]
     ingest_memory_bytes: u64,
     /// Most apps (env and service name pairs) held in memory; past it, the app idle longest gives up its place once idle for app_idle_secs, its state kept in the store, and new apps are dropped until one is [default: 1000]
     max_apps: usize,
