@@ -352,6 +352,7 @@ impl Daemon {
                     read: config.api_read_token.clone().map(Arc::from),
                 },
                 allow_link_local_targets: config.allow_link_local_targets,
+                gate_pins: Default::default(),
                 ready: ready.clone(),
             }),
             config.http_timeouts,

@@ -79,6 +79,7 @@ pub struct Stats {
     pub future_observations: Counter,
     apps_archived: Counter,
     apps_restored: Counter,
+    gate_pins_forgotten: Counter,
     pub windows_closed: Counter,
     pub flushes: Counter,
     pub flush_errors: Counter,
@@ -173,6 +174,12 @@ impl Stats {
             "canaryd_apps_restored",
             "Archived apps brought back from the store when they were seen again",
             apps_restored.clone(),
+        );
+        let gate_pins_forgotten = Counter::default();
+        registry.register(
+            "canaryd_gate_pins_forgotten",
+            "Flagger revisions whose pinned canary version was forgotten to keep the gate's pins within their cap (4096)",
+            gate_pins_forgotten.clone(),
         );
         let windows_closed = Counter::default();
         registry.register(
@@ -290,6 +297,7 @@ impl Stats {
             future_observations,
             apps_archived,
             apps_restored,
+            gate_pins_forgotten,
             windows_closed,
             flushes,
             flush_errors,
@@ -358,6 +366,10 @@ impl Stats {
         for (cap, n) in &report.cap_hits {
             self.capped(*cap, *n);
         }
+    }
+
+    pub fn gate_pin_forgotten(&self) {
+        self.gate_pins_forgotten.inc();
     }
 
     pub fn truncated(&self, n: u64) {

@@ -4,8 +4,9 @@
 
 mod support;
 
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use support::{TestDaemon, canary_traffic as traffic, eventually, find_app};
+use support::{TestDaemon, canary_traffic as traffic, eventually, find_app, shop_spans};
 
 /// POSTs `body` to `path` and returns the status and the JSON answer.
 async fn post(daemon: &TestDaemon, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
@@ -139,6 +140,139 @@ async fn the_gates_follow_the_canary_from_no_evidence_to_failing() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["rollback"], true);
     assert!(!body["reasons"].as_array().expect("reasons").is_empty(), "{body}");
+    daemon.stop().await.expect("clean stop");
+}
+
+/// Flagger's payload for one revision of the Canary (`checksum`), with extra `metadata`.
+fn revision(phase: &str, checksum: &str, metadata: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "name": "shop", "namespace": "prod", "phase": phase, "checksum": checksum,
+        "metadata": metadata
+    })
+}
+
+/// A gate call answers for its own rollout's canary only: once 2.0.0 has failed and 3.0.0's
+/// analysis has replaced it, Flagger's calls for 2.0.0's revision are not answered with 3.0.0's
+/// verdict, and a call can name its version outright.
+#[tokio::test]
+async fn the_gate_answers_for_the_version_of_its_own_rollout() {
+    let daemon = TestDaemon::start().await;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    // Revision rev-2 deploys 2.0.0, which fails half its requests.
+    traces.export(traffic(0, 2, 1000)).await.expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let declare = |canary: &'static str| {
+        let daemon = &daemon;
+        async move {
+            let response = daemon
+                .http
+                .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+                .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": canary, "replace": true}))
+                .send()
+                .await
+                .expect("PUT");
+            assert_eq!(response.status().as_u16(), 200);
+        }
+    };
+    declare("2.0.0").await;
+    let (status, body) = post(
+        &daemon,
+        GATE,
+        revision("Progressing", "rev-2", serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 412, "no evidence yet: {body}");
+    assert_eq!(body["canary_version"], "2.0.0");
+    for chunk in 0..12 {
+        traces
+            .export(traffic(2 + chunk * 10, 10, 2))
+            .await
+            .expect("export");
+    }
+    eventually("2.0.0 failing", || async {
+        let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+        (canary["state"] == "failing")
+            .then_some(())
+            .ok_or_else(|| canary.to_string())
+    })
+    .await;
+    let (status, body) = post(
+        &daemon,
+        ROLLBACK,
+        revision("Progressing", "rev-2", serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Revision rev-3 deploys 3.0.0, declared in 2.0.0's place, healthy.
+    declare("3.0.0").await;
+    traces
+        .export(ExportTraceServiceRequest {
+            resource_spans: vec![
+                shop_spans("1.0.0", 122, 30, 50, 1000),
+                shop_spans("3.0.0", 122, 30, 50, 1000),
+            ],
+        })
+        .await
+        .expect("export");
+
+    // Flagger still asking about rev-2 (its rollback, its last gate call) gets no verdict of 3.0.0.
+    for path in [GATE, ROLLBACK] {
+        let (status, body) = post(
+            &daemon,
+            path,
+            revision("Progressing", "rev-2", serde_json::json!({})),
+        )
+        .await;
+        let expected = if path == GATE { 412 } else { 409 };
+        assert_eq!(status, expected, "{path}: {body}");
+        let reason = body["reasons"][0].as_str().unwrap_or("");
+        assert!(
+            reason.contains("canary is 2.0.0") && reason.contains("is of 3.0.0"),
+            "{path}: {body}"
+        );
+        assert_eq!(body["canary_version"], serde_json::Value::Null, "{path}: {body}");
+    }
+    // rev-3 is pinned to 3.0.0 at its first call; metadata.version names it outright.
+    let (_, body) = post(
+        &daemon,
+        GATE,
+        revision("Progressing", "rev-3", serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(body["canary_version"], "3.0.0", "{body}");
+    let (_, body) = post(
+        &daemon,
+        GATE,
+        revision("Progressing", "rev-x", serde_json::json!({"version": "3.0.0"})),
+    )
+    .await;
+    assert_eq!(body["canary_version"], "3.0.0", "{body}");
+    let (status, body) = post(
+        &daemon,
+        GATE,
+        revision("Progressing", "rev-y", serde_json::json!({"version": "2.0.0"})),
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    let (status, body) = post(
+        &daemon,
+        GATE,
+        revision("Progressing", "rev-y", serde_json::json!({"version": ""})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("metadata.version"),
+        "{body}"
+    );
     daemon.stop().await.expect("clean stop");
 }
 

@@ -13,8 +13,16 @@
 //! `metadata.hook: pre-rollout`; the phases `Initializing`, `Initialized` and `Waiting` count as
 //! before traffic too. These routes sit behind the API's bearer-token check like every POST. The
 //! JSON shapes of these answers are defined here (the rest of the API's are in `api`).
+//!
+//! A gate call answers for one canary version only, never for whichever canary canaryd sees now:
+//! `metadata.version` names it outright; otherwise the first call of a Flagger revision (its
+//! `checksum`) made while an analysis is under way pins that checksum to the analysis's canary
+//! version (`GatePins`), and later calls with it are answered for that version. When the app's
+//! analysis is of another version (the pinned one was rolled back and a new canary has started),
+//! the gate holds (412) and the rollback hook says so (409), naming both versions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
 
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
@@ -32,6 +40,49 @@ use super::{ApiState, CanaryStateSchema, ErrorBody, error};
 
 /// At most this many reasons go into an answer (Flagger copies the body into its events).
 const MAX_REASONS: usize = 10;
+
+/// Flagger revisions remembered by `GatePins`; past it the oldest pin is forgotten (counted).
+const MAX_PINS: usize = 4096;
+
+/// The canary version each Flagger revision (env, app, checksum) was first judged as. Bounded:
+/// the oldest pins go first, counted in `canaryd_gate_pins_forgotten_total`. Kept in memory: after
+/// a restart a revision is pinned again at its next call (analyses themselves survive restarts).
+/// (env, app, checksum): one Flagger revision of one app.
+type Revision = (String, String, String);
+
+#[derive(Default)]
+pub struct GatePins {
+    /// The pins, and their revisions oldest first.
+    pins: Mutex<(HashMap<Revision, String>, VecDeque<Revision>)>,
+}
+
+impl GatePins {
+    /// The version `checksum` is pinned to, pinning it to `current` if it is not pinned yet and
+    /// `current` is given. Returns the pin and whether an old one was forgotten for room.
+    fn pin(&self, env: &str, app: &str, checksum: &str, current: Option<&str>) -> (Option<String>, bool) {
+        let Ok(mut guard) = self.pins.lock() else {
+            return (current.map(str::to_owned), false);
+        };
+        let (map, order) = &mut *guard;
+        let key = (env.to_owned(), app.to_owned(), checksum.to_owned());
+        if let Some(version) = map.get(&key) {
+            return (Some(version.clone()), false);
+        }
+        let Some(current) = current else {
+            return (None, false);
+        };
+        let mut forgot = false;
+        if map.len() >= MAX_PINS
+            && let Some(oldest) = order.pop_front()
+        {
+            map.remove(&oldest);
+            forgot = true;
+        }
+        map.insert(key.clone(), current.to_owned());
+        order.push_back(key);
+        (Some(current.to_owned()), forgot)
+    }
+}
 
 /// Phases of a Flagger canary that come before the canary gets any traffic.
 const PRE_TRAFFIC_PHASES: [&str; 3] = ["Initializing", "Initialized", "Waiting"];
@@ -64,7 +115,8 @@ pub(super) struct FlaggerPayload {
     /// revision was judged.
     #[serde(default)]
     checksum: Option<String>,
-    /// The webhook's `metadata` from the Canary resource: `app`, `env`, and `hook`
+    /// The webhook's `metadata` from the Canary resource: `app`, `env`, `version` (the canary
+    /// version this rollout deploys, to be judged and no other), `token`, and `hook`
     /// (`pre-rollout` or `rollout`) are read.
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
@@ -85,6 +137,8 @@ pub(super) struct GateRequest {
     phase: String,
     checksum: Option<String>,
     pre_traffic: bool,
+    /// `metadata.version`: the one canary version this call may be answered for.
+    version: Option<String>,
     /// `metadata.token`: Flagger cannot set headers, so the gate's token can come here.
     token: Option<String>,
 }
@@ -119,12 +173,17 @@ impl GateRequest {
                 && PRE_TRAFFIC_PHASES
                     .iter()
                     .any(|p| p.eq_ignore_ascii_case(&payload.phase));
+        let version = match metadata.get("version") {
+            Some(v) if v.is_empty() => return Err(bad("metadata.version must not be empty".to_owned())),
+            other => other.cloned(),
+        };
         Ok(GateRequest {
             env,
             app,
             phase: payload.phase,
-            checksum: payload.checksum,
+            checksum: payload.checksum.filter(|c| !c.is_empty()),
             pre_traffic,
+            version,
             token: metadata.get("token").cloned(),
         })
     }
@@ -210,7 +269,33 @@ pub(super) async fn lookup(state: &ApiState, request: &GateRequest) -> Result<An
             })
         })
         .await;
-    found.unwrap_or_else(|e| Err(format!("{e}: canaryd is shutting down")))
+    let view = found.unwrap_or_else(|e| Err(format!("{e}: canaryd is shutting down")))?;
+    // The version this call is about: named outright, or pinned to the revision's checksum.
+    let pinned = match (&request.version, &request.checksum) {
+        (Some(version), _) => Some(version.clone()),
+        (None, Some(checksum)) => {
+            let under_way = (!matches!(view.state, CanaryState::Promoted | CanaryState::RolledBack))
+                .then_some(view.canary_version.as_str());
+            let (pin, forgot) = state
+                .gate_pins
+                .pin(&request.env, &request.app, checksum, under_way);
+            if forgot {
+                state.stats.gate_pin_forgotten();
+            }
+            pin
+        }
+        (None, None) => None,
+    };
+    match pinned {
+        Some(version) if version != view.canary_version => Err(format!(
+            "this rollout's canary is {version}, but the analysis of app {:?} in env {:?} is of {} ({}): no verdict on {version} stands now",
+            request.app,
+            request.env,
+            view.canary_version,
+            view.state.name()
+        )),
+        _ => Ok(view),
+    }
 }
 
 /// The request, when it carries the read (or admin) token, as a bearer token or as

@@ -20,6 +20,7 @@ mod dashboard;
 mod error;
 mod events;
 mod gates;
+pub use gates::GatePins;
 mod health;
 mod metrics;
 mod models;
@@ -66,6 +67,8 @@ pub struct ApiState {
     /// The admin and read tokens (`auth`).
     pub tokens: Tokens,
     pub allow_link_local_targets: bool,
+    /// Which canary version each Flagger revision is judged as (`gates`).
+    pub gate_pins: Arc<GatePins>,
     /// True once storage is open and every receiver is bound; false again while shutting down.
     pub ready: Arc<AtomicBool>,
 }
