@@ -118,9 +118,113 @@ async fn a_declared_rollout_is_analysed_and_shown() {
     let delete = |http: reqwest::Client, url: String| async move {
         http.delete(url).send().await.expect("DELETE").status().as_u16()
     };
+    // The replaced analysis ended with an event, then the new one started.
+    let kinds = |events: &serde_json::Value| -> Vec<(String, String, String)> {
+        events["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or_default().to_owned(),
+                    e["data"]["canary_version"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    e["data"]["reasons"][0]["test"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    let events = daemon.get_json("/api/v1/events?app=app-0").await;
+    let pair = |t: &str, v: &str, r: &str| (format!("canaryd.canary.{t}"), v.to_owned(), r.to_owned());
+    assert_eq!(
+        kinds(&events),
+        vec![
+            pair("started", "1.1.0", "state"),
+            pair("ended", "1.1.0", "replaced"),
+            pair("started", "1.2.0", "state")
+        ]
+    );
     let url = daemon.api("/api/v1/apps/app-0/rollout?env=prod");
     assert_eq!(delete(daemon.http.clone(), url.clone()).await, 204);
+    let events = daemon.get_json("/api/v1/events?app=app-0").await;
+    assert_eq!(
+        kinds(&events).last(),
+        Some(&pair("ended", "1.2.0", "ended")),
+        "{events}"
+    );
     assert_eq!(daemon.status_of("/api/v1/apps/app-0/canary?env=prod").await, 404);
     assert_eq!(delete(daemon.http.clone(), url).await, 404);
+    daemon.stop().await.expect("clean stop");
+}
+
+/// A failed canary that stops getting traffic is taken as rolled back, with an event saying so.
+#[tokio::test]
+async fn a_failed_canary_without_traffic_is_rolled_back_with_an_event() {
+    let daemon = TestDaemon::start().await;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    traces
+        .export(support::canary_traffic(0, 2, 1000))
+        .await
+        .expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let response = daemon
+        .http
+        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status().as_u16(), 200);
+    for chunk in 0..6 {
+        traces
+            .export(support::canary_traffic(2 + chunk * 10, 10, 2))
+            .await
+            .expect("export");
+    }
+    // Then only the stable, for longer than the model's rolled_back_after_s (60 s).
+    for chunk in 0..12 {
+        let request = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+            resource_spans: vec![support::shop_spans("1.0.0", 62 + chunk * 10, 10, 50, 1000)],
+        };
+        traces.export(request).await.expect("export");
+    }
+    let canary = eventually("the canary rolled back", || async {
+        let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+        if canary["state"] == "rolled_back" {
+            Ok(canary)
+        } else {
+            Err(canary["state"].to_string())
+        }
+    })
+    .await;
+    assert!(canary["failed_at"].is_string(), "{canary}");
+    let events = daemon.get_json("/api/v1/events?app=shop").await;
+    let types: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "canaryd.canary.started",
+            "canaryd.canary.failed",
+            "canaryd.canary.rolled_back"
+        ],
+        "{events}"
+    );
     daemon.stop().await.expect("clean stop");
 }

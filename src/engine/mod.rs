@@ -307,15 +307,20 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
                 model.as_deref(),
                 replace,
             );
-            let answer = change.map(|change| {
-                emitter.emit(engine, vec![canary_event(&change)]);
-                tracing::info!(%env, %app, stable = %stable_version, canary = %canary_version, "rollout declared");
-                change.view
+            let answer = change.map(|changes| {
+                emitter.emit(engine, changes.iter().map(canary_event).collect());
+                tracing::info!(%env, %app, stable = %stable_version, canary = %canary_version, replaced = changes.len() > 1, "rollout declared");
+                changes.into_iter().last().map(|started| started.view)
             });
-            let _ = reply.send(answer);
+            let _ = reply.send(answer.and_then(|view| view.ok_or(JudgeError::NoRollout)));
         }
         Input::EndRollout { env, app, reply } => {
-            let _ = reply.send(engine.end_rollout(&env, &app));
+            let answer = engine.end_rollout(&env, &app).map(|ended| {
+                emitter.emit(engine, vec![canary_event(&ended)]);
+                tracing::info!(%env, %app, canary = %ended.view.canary_version, "rollout ended");
+                ended.view
+            });
+            let _ = reply.send(answer);
         }
         Input::Read(read) => read(engine),
     }
@@ -365,7 +370,8 @@ mod tests {
                 stats.clone(),
                 DeliveryConfig::default(),
                 CancellationToken::new(),
-            ),
+            )
+            .expect("the webhook client builds"),
             stats,
             feed: EventFeed::new(),
             flush_interval: Duration::from_secs(1),

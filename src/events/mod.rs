@@ -38,16 +38,25 @@ pub enum EventType {
     AnomalyDetected,
     #[serde(rename = "canaryd.anomaly.resolved")]
     AnomalyResolved,
+    /// A failed canary stopped getting traffic (taken out), in enforce mode.
+    #[serde(rename = "canaryd.canary.rolled_back")]
+    CanaryRolledBack,
+    /// An analysis ended through the rollout API (`DELETE`), or replaced by a declaration of
+    /// other versions: the reason's `test` says `ended` or `replaced`.
+    #[serde(rename = "canaryd.canary.ended")]
+    CanaryEnded,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 8] = [
         EventType::CanaryStarted,
         EventType::CanaryStagePassed,
         EventType::CanaryFailed,
         EventType::CanaryPromoted,
         EventType::AnomalyDetected,
         EventType::AnomalyResolved,
+        EventType::CanaryRolledBack,
+        EventType::CanaryEnded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +67,8 @@ impl EventType {
             EventType::CanaryPromoted => "canaryd.canary.promoted",
             EventType::AnomalyDetected => "canaryd.anomaly.detected",
             EventType::AnomalyResolved => "canaryd.anomaly.resolved",
+            EventType::CanaryRolledBack => "canaryd.canary.rolled_back",
+            EventType::CanaryEnded => "canaryd.canary.ended",
         }
     }
 
@@ -311,7 +322,7 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
         ChangeKind::StagePassed | ChangeKind::Promoted => {
             out.extend(view.gates.iter().map(gate_reason));
         }
-        ChangeKind::Started => {}
+        ChangeKind::Started | ChangeKind::RolledBack | ChangeKind::Ended | ChangeKind::Replaced => {}
     }
     out
 }
@@ -324,6 +335,8 @@ pub fn canary_event(change: &CanaryChange) -> Event {
         ChangeKind::StagePassed => EventType::CanaryStagePassed,
         ChangeKind::Failed => EventType::CanaryFailed,
         ChangeKind::Promoted => EventType::CanaryPromoted,
+        ChangeKind::RolledBack => EventType::CanaryRolledBack,
+        ChangeKind::Ended | ChangeKind::Replaced => EventType::CanaryEnded,
     };
     let action = change.weight.map(|weight| Action {
         kind: "set_weight".into(),
@@ -338,12 +351,31 @@ pub fn canary_event(change: &CanaryChange) -> Event {
                 "canary {} judged against stable {} with model {}",
                 view.canary_version, view.stable_version, view.model
             ),
+            ChangeKind::RolledBack => format!(
+                "failed canary {} has had no traffic for the model's rolled_back_after_s: taken out",
+                view.canary_version
+            ),
+            ChangeKind::Ended => format!(
+                "analysis of canary {} ended through the rollout API while {}",
+                view.canary_version,
+                view.state.name()
+            ),
+            ChangeKind::Replaced => format!(
+                "analysis of canary {} replaced by a declared rollout while {}",
+                view.canary_version,
+                view.state.name()
+            ),
             _ => format!("analysis is {}", view.state.name()),
+        };
+        let test = match change.kind {
+            ChangeKind::Ended => "ended",
+            ChangeKind::Replaced => "replaced",
+            _ => "state",
         };
         reasons.push(Reason {
             feature: "analysis".into(),
             operation: None,
-            test: "state".into(),
+            test: test.into(),
             canary_value: 0.0,
             baseline_value: 0.0,
             statistic: view.score.unwrap_or(0.0),

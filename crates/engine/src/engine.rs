@@ -19,7 +19,8 @@ use crate::baseline::{Baseline, BaselineConfig, Score, SlotStore};
 use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
 use crate::judge::{
-    AnalysisSnapshot, AnalysisView, CanaryChange, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError, Model,
+    AnalysisSnapshot, AnalysisView, CanaryChange, ChangeKind, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError,
+    Model,
 };
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
@@ -802,7 +803,7 @@ impl Engine {
         canary: &str,
         model: Option<&str>,
         replace: bool,
-    ) -> Result<CanaryChange, JudgeError> {
+    ) -> Result<Vec<CanaryChange>, JudgeError> {
         let key: (Arc<str>, Arc<str>) = (Arc::from(env), Arc::from(app));
         let Some(state) = self.apps.get(&key) else {
             return Err(JudgeError::UnknownApp {
@@ -820,19 +821,44 @@ impl Engine {
             });
         }
         let at = state.clock.closed_until;
-        self.judge.start(
+        // The analysis this declaration takes the place of, if it is another rollout's.
+        let replaced = self
+            .judge
+            .analysis(env, app)
+            .filter(|a| &**a.stable() != stable || &**a.canary() != canary)
+            .map(|a| a.view());
+        let started = self.judge.start(
             key,
             Arc::from(stable),
             Arc::from(canary),
             model.unwrap_or(DEFAULT_MODEL),
             true,
             at,
-        )
+        )?;
+        let mut changes = Vec::with_capacity(2);
+        if let Some(view) = replaced {
+            changes.push(CanaryChange {
+                kind: ChangeKind::Replaced,
+                time: at,
+                weight: None,
+                view,
+            });
+        }
+        changes.push(started);
+        Ok(changes)
     }
 
-    /// Ends the app's rollout analysis.
-    pub fn end_rollout(&mut self, env: &str, app: &str) -> Result<AnalysisView, JudgeError> {
-        self.judge.end(&(Arc::from(env), Arc::from(app)))
+    /// Ends the app's rollout analysis; its `ended` change.
+    pub fn end_rollout(&mut self, env: &str, app: &str) -> Result<CanaryChange, JudgeError> {
+        let key = (Arc::from(env), Arc::from(app));
+        let at = self.apps.get(&key).map_or(0, |a| a.clock.closed_until);
+        let view = self.judge.end(&key)?;
+        Ok(CanaryChange {
+            kind: ChangeKind::Ended,
+            time: at,
+            weight: None,
+            view,
+        })
     }
 
     /// Baselines held, and the bytes they take in memory.

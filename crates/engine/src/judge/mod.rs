@@ -202,6 +202,12 @@ pub enum ChangeKind {
     StagePassed,
     Failed,
     Promoted,
+    /// A failed canary stopped getting traffic: it was taken out.
+    RolledBack,
+    /// The rollout API ended the analysis (`reason` of the event: ended), or a declaration
+    /// replaced it (replaced).
+    Ended,
+    Replaced,
 }
 
 /// A decision worth an event.
@@ -627,7 +633,16 @@ impl Analysis {
             })
             && self.gates.iter().all(|g| g.outcome == GateOutcome::Pass);
         if !stage_passed {
+            let rolled_back = state == State::RolledBack && self.state != State::RolledBack;
             self.set_state(state, now);
+            if rolled_back {
+                changes.push(CanaryChange {
+                    kind: ChangeKind::RolledBack,
+                    time: now,
+                    weight: None,
+                    view: self.view(),
+                });
+            }
             return;
         }
         let Some(next) = model.stages.get(self.stage + 1) else {
