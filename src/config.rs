@@ -19,6 +19,7 @@ use canaryd_engine::window::WindowConfig;
 use canaryd_engine::{EngineConfig, Limits};
 
 use crate::act::delivery::DeliveryConfig;
+use crate::act::outbound::OutboundAllow;
 use crate::normalize::NormalizeOptions;
 
 /// Why a configuration was refused. Every variant names the field and, where there is one, the
@@ -232,8 +233,8 @@ settings! {
     sled_cache_mb: u64,
     /// Events kept in the history; the oldest go first [default: 100000]
     max_events: usize,
-    /// Allow subscriptions to link-local and cloud-metadata addresses (169.254.0.0/16, fe80::/10...) [default: false]
-    allow_link_local_targets: bool,
+    /// Outbound targets (webhooks, HAProxy sockets) allowed although loopback, private, link-local or cloud-metadata: networks, addresses, host names or unix:///paths, comma-separated; unset allows loopback while http_addr is a loopback address [default: none]
+    outbound_allow: OutboundAllow,
     /// Seconds each webhook request may take [default: 10]
     delivery_timeout_secs: u64,
     /// Hours a webhook delivery is retried before it is given up [default: 24]
@@ -302,7 +303,6 @@ pub struct Config {
     pub flush_interval: Duration,
     pub sled_cache_bytes: u64,
     pub max_events: usize,
-    pub allow_link_local_targets: bool,
     pub delivery: DeliveryConfig,
     pub max_message_bytes: usize,
     /// OTLP requests decoded or queued at once, from `ingest_memory_bytes`.
@@ -552,11 +552,12 @@ impl Config {
         let requests_in_flight =
             requests_in_flight(ingest_memory_bytes, max_message_bytes, max_items_per_request)
                 .map_err(|reason| invalid("ingest_memory_bytes", ingest_memory_bytes, &reason))?;
+        let http_addr = set(raw.http_addr, "http_addr")?;
         let config = Config {
             data_dir,
             otlp_grpc_addr: set(raw.otlp_grpc_addr, "otlp_grpc_addr")?,
             otlp_http_addr: set(raw.otlp_http_addr, "otlp_http_addr")?,
-            http_addr: set(raw.http_addr, "http_addr")?,
+            http_addr,
             models_dir,
             api_token,
             api_read_token,
@@ -592,7 +593,6 @@ impl Config {
                 1..=1 << 20,
             )? << 20,
             max_events: within("max_events", set(raw.max_events, "max_events")?, 1..=100_000_000)?,
-            allow_link_local_targets: set(raw.allow_link_local_targets, "allow_link_local_targets")?,
             delivery: DeliveryConfig {
                 timeout: Duration::from_secs(within(
                     "delivery_timeout_secs",
@@ -607,6 +607,14 @@ impl Config {
                     )? * 3_600,
                 ),
                 haproxy_servers: raw.haproxy_servers.unwrap_or_default(),
+                // Unset: loopback while the API itself is only reachable from this host.
+                outbound_allow: raw.outbound_allow.unwrap_or_else(|| {
+                    if http_addr.ip().is_loopback() {
+                        OutboundAllow::loopback()
+                    } else {
+                        OutboundAllow::default()
+                    }
+                }),
                 ..DeliveryConfig::default()
             },
             max_message_bytes,
@@ -885,7 +893,10 @@ mod tests {
             .filter(|key| RawConfig::default().differing(&defaults).iter().all(|k| k != key))
             .collect();
         // Only what is documented as `[default: none]` has no value.
-        assert_eq!(unset, ["api_token", "api_read_token", "haproxy_servers"]);
+        assert_eq!(
+            unset,
+            ["api_token", "api_read_token", "outbound_allow", "haproxy_servers"]
+        );
         let config = Config::resolve(RawConfig::default()).expect("the defaults are valid");
         // The engine's own defaults (what tests and canaryd-lab run) are the daemon's.
         let engine = EngineConfig::default();

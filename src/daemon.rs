@@ -49,6 +49,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("cannot start the engine's thread: {0}")]
     EngineThread(std::io::Error),
+    #[error(transparent)]
+    WebhookClient(#[from] crate::act::delivery::ClientError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +292,8 @@ impl Daemon {
             stats.clone(),
             config.delivery.clone(),
             delivery_stop.clone(),
-        );
+        )?;
+        tracing::info!(allowed = %config.delivery.outbound_allow, "outbound targets: public addresses, and restricted ones named here");
         dispatcher.sync().await;
         let feed = EventFeed::new();
         let emitter = engine::Emitter {
@@ -351,7 +354,6 @@ impl Daemon {
                     admin: config.api_token.clone().map(Arc::from),
                     read: config.api_read_token.clone().map(Arc::from),
                 },
-                allow_link_local_targets: config.allow_link_local_targets,
                 gate_pins: Default::default(),
                 ready: ready.clone(),
             }),

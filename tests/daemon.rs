@@ -1720,6 +1720,79 @@ async fn a_receiver_that_is_down_then_up_gets_every_event_once_in_order_signed()
     assert!(outbox <= ids.len() as f64);
 }
 
+/// Issue 15, defects 3 and 7: a target is checked on the addresses it resolves to, not on how it
+/// is spelled. With nothing allowed, loopback is as restricted as cloud metadata: its literal
+/// spellings are refused when the subscription is created, and a name that resolves to it is
+/// accepted but never connected to.
+#[tokio::test]
+async fn outbound_targets_are_checked_on_every_address_they_resolve_to() {
+    let daemon = TestDaemon::start_with(|raw| {
+        raw.outbound_allow = Some(canaryd::act::outbound::OutboundAllow::default());
+    })
+    .await;
+    let receiver = support::Receiver::start(support::ReceiverMode::Accept).await;
+    let port = receiver
+        .url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .expect("the receiver's port")
+        .to_owned();
+    for (kind, url) in [
+        ("webhook", format!("http://127.0.0.1:{port}/hook")),
+        ("webhook", format!("http://2130706433:{port}/hook")),
+        ("webhook", format!("http://0x7f000001:{port}/hook")),
+        (
+            "webhook",
+            "http://[::ffff:a9fe:a9fe]/latest/meta-data/".to_owned(),
+        ),
+        (
+            "webhook",
+            "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/".to_owned(),
+        ),
+        (
+            "webhook",
+            "http://metadata.google.internal/computeMetadata/v1/".to_owned(),
+        ),
+        ("haproxy", "tcp://169.254.169.254:80".to_owned()),
+        ("haproxy", "unix:///var/run/docker.sock".to_owned()),
+    ] {
+        let response = daemon
+            .http
+            .post(daemon.api("/api/v1/subscriptions"))
+            .json(&serde_json::json!({"url": url, "kind": kind, "events": ["canaryd.anomaly.detected"]}))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), 400, "{url}");
+        let body = response.text().await.expect("body");
+        assert!(body.contains("outbound_allow"), "{url}: {body}");
+    }
+    let by_name = subscribe(&daemon, &format!("http://localhost:{port}/hook"), None).await;
+    let id = by_name["id"].as_str().expect("id").to_owned();
+    drive_an_anomaly(&daemon).await;
+    let refused = eventually("the delivery refused at connect time", || async {
+        let deliveries = daemon
+            .get_json(&format!("/api/v1/subscriptions/{id}/deliveries"))
+            .await;
+        // The subscription's oldest event, retried while the later ones wait their turn.
+        let retried = deliveries["deliveries"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["attempts"].as_u64() >= Some(2)).cloned());
+        retried.ok_or_else(|| deliveries.to_string())
+    })
+    .await;
+    let error = refused["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("loopback") && error.contains("outbound_allow"),
+        "{refused}"
+    );
+    assert_eq!(refused["state"], "pending", "retried, not dropped: {refused}");
+    assert!(
+        receiver.received().is_empty(),
+        "the receiver behind a restricted address was reached"
+    );
+}
+
 #[tokio::test]
 async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
     // The hanging receiver's first request stays open for the whole test.

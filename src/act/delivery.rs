@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::haproxy;
+use super::outbound::{GuardedResolver, OutboundAllow, OutboundPolicy};
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
 use crate::io::try_blocking;
@@ -39,6 +40,8 @@ pub struct DeliveryConfig {
     pub max_backoff: Duration,
     /// Where each (env, app, version) is served, for `haproxy` subscriptions.
     pub haproxy_servers: super::haproxy::HaproxyServers,
+    /// Restricted targets deliveries may reach all the same (`outbound`).
+    pub outbound_allow: OutboundAllow,
 }
 
 impl Default for DeliveryConfig {
@@ -49,6 +52,7 @@ impl Default for DeliveryConfig {
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(15 * 60),
             haproxy_servers: super::haproxy::HaproxyServers::default(),
+            outbound_allow: OutboundAllow::loopback(),
         }
     }
 }
@@ -69,11 +73,18 @@ pub fn backoff(attempts: u32, config: &DeliveryConfig, unit_random: f64) -> Dura
     capped.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))
 }
 
+/// The webhook client could not be built with the outbound policy.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the webhook client (no redirects, checked resolution): {0}")]
+pub struct ClientError(reqwest::Error);
+
 /// Runs the workers, one per active subscription.
 pub struct Dispatcher {
     store: Store,
     stats: Arc<Stats>,
     client: reqwest::Client,
+    /// What every delivery's connection is checked against, webhook and HAProxy alike.
+    outbound: Arc<OutboundPolicy>,
     config: DeliveryConfig,
     /// Woken when events are appended or subscriptions change.
     wake: Arc<Notify>,
@@ -87,23 +98,36 @@ impl Dispatcher {
         stats: Arc<Stats>,
         config: DeliveryConfig,
         shutdown: CancellationToken,
-    ) -> Arc<Dispatcher> {
+    ) -> Result<Arc<Dispatcher>, ClientError> {
+        let outbound = Arc::new(OutboundPolicy::new(config.outbound_allow.clone()));
+        // Redirects are not followed (a receiver could send a delivery anywhere), names resolve
+        // only to addresses the policy allows, and no proxy stands between: a proxy would do
+        // the resolving, out of the policy's sight. A client without that policy is no client:
+        // start-up stops.
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver(outbound.clone())))
+            .no_proxy()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .user_agent(concat!("canaryd/", env!("CARGO_PKG_VERSION")))
             .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Arc::new(Dispatcher {
+            .map_err(ClientError)?;
+        Ok(Arc::new(Dispatcher {
             store,
             stats,
             client,
+            outbound,
             config,
             wake: Arc::new(Notify::new()),
             shutdown,
             workers: Mutex::new(HashMap::new()),
-        })
+        }))
+    }
+
+    /// The outbound policy deliveries go through; subscriptions are checked against it too.
+    pub fn outbound(&self) -> &OutboundPolicy {
+        &self.outbound
     }
 
     /// Tells the workers there may be new work.
@@ -236,6 +260,20 @@ impl Dispatcher {
                 .await;
             return self.record(subscription, seq, delivery, label).await;
         }
+        // A literal address is connected to without resolution, so it is checked here; names
+        // are checked by the resolver on every address.
+        let literal = reqwest::Url::parse(&subscription.url)
+            .map_err(|e| e.to_string())
+            .and_then(|url| match url.host() {
+                Some(host) => self.outbound.check_host(&host).map_err(|e| e.to_string()),
+                None => Err("the URL has no host".to_owned()),
+            });
+        if let Err(e) = literal {
+            delivery.last_status = None;
+            delivery.last_error = Some(e);
+            let label = self.schedule_retry(&mut delivery, first);
+            return self.record(subscription, seq, delivery, label).await;
+        }
         let body = serde_json::to_vec(&event).unwrap_or_default();
         let timestamp = now / 1_000;
         let signature = sign(key, &event.id, timestamp, &body);
@@ -307,7 +345,15 @@ impl Dispatcher {
         };
         let started = std::time::Instant::now();
         for (backend, server, weight) in &steps {
-            let result = haproxy::set_weight(&endpoint, backend, server, *weight, self.config.timeout).await;
+            let result = haproxy::set_weight(
+                &endpoint,
+                &self.outbound,
+                backend,
+                server,
+                *weight,
+                self.config.timeout,
+            )
+            .await;
             if let Err(e) = result {
                 self.stats.delivery_seconds(started.elapsed());
                 delivery.last_error = Some(e.to_string());

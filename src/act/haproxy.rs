@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::outbound::OutboundPolicy;
 use crate::events::Event;
 
 /// Where one app's canary is served: `env/app/version=backend/server[+stable_server]`, `*` for
@@ -173,7 +174,12 @@ pub const MAX_ANSWER_BYTES: u64 = 16 * 1024;
 
 /// Sends one command and reads the whole answer (HAProxy closes the connection after it), at most
 /// `MAX_ANSWER_BYTES` of it.
-pub async fn command(endpoint: &Endpoint, line: &str, timeout: Duration) -> Result<String, HaproxyError> {
+pub async fn command(
+    endpoint: &Endpoint,
+    policy: &OutboundPolicy,
+    line: &str,
+    timeout: Duration,
+) -> Result<String, HaproxyError> {
     let io = |source| HaproxyError::Io {
         endpoint: format!("{endpoint:?}"),
         source,
@@ -190,10 +196,19 @@ pub async fn command(endpoint: &Endpoint, line: &str, timeout: Duration) -> Resu
     let exchange = async {
         let answer = match endpoint {
             Endpoint::Tcp(addr) => {
-                let stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+                // Only to addresses the policy allows, whatever the name resolves to.
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+                    .ok_or_else(|| io(std::io::Error::other("expected host:port")))?;
+                let addrs = policy.resolve(host, port).await.map_err(io)?;
+                let stream = tokio::net::TcpStream::connect(&addrs[..]).await.map_err(io)?;
                 exchange(stream, line).await.map_err(io)?
             }
             Endpoint::Unix(path) => {
+                policy
+                    .check_socket(path)
+                    .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)))?;
                 let stream = tokio::net::UnixStream::connect(path).await.map_err(io)?;
                 exchange(stream, line).await.map_err(io)?
             }
@@ -211,18 +226,25 @@ pub async fn command(endpoint: &Endpoint, line: &str, timeout: Duration) -> Resu
 /// Sets `backend/server`'s weight and reads it back.
 pub async fn set_weight(
     endpoint: &Endpoint,
+    policy: &OutboundPolicy,
     backend: &str,
     server: &str,
     weight: u32,
     timeout: Duration,
 ) -> Result<(), HaproxyError> {
     let set = format!("set server {backend}/{server} weight {weight}");
-    let answer = command(endpoint, &set, timeout).await?;
+    let answer = command(endpoint, policy, &set, timeout).await?;
     if !answer.is_empty() {
         return Err(HaproxyError::Refused { command: set, answer });
     }
     // `get weight` answers "<current> (initial <initial>)".
-    let got = command(endpoint, &format!("get weight {backend}/{server}"), timeout).await?;
+    let got = command(
+        endpoint,
+        policy,
+        &format!("get weight {backend}/{server}"),
+        timeout,
+    )
+    .await?;
     let current = got.split_whitespace().next().and_then(|w| w.parse::<u32>().ok());
     if current != Some(weight) {
         return Err(HaproxyError::NotApplied {
@@ -277,6 +299,7 @@ mod tests {
         });
         let answer = command(
             &Endpoint::Tcp(addr.to_string()),
+            &OutboundPolicy::new(crate::act::outbound::OutboundAllow::loopback()),
             "get weight b/s",
             Duration::from_secs(30),
         )
@@ -286,6 +309,44 @@ mod tests {
             "{answer:?}"
         );
         peer.await.expect("the peer sees the connection closed");
+    }
+
+    /// The runtime API is an outbound target like a webhook: a name that resolves to a restricted
+    /// address, or a unix socket not named in `outbound_allow`, is never connected to.
+    #[tokio::test]
+    async fn a_restricted_runtime_api_is_never_connected_to() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let strict = OutboundPolicy::default();
+        let by_name = command(
+            &Endpoint::Tcp(format!("localhost:{port}")),
+            &strict,
+            "get weight b/s",
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(
+            matches!(&by_name, Err(HaproxyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied),
+            "{by_name:?}"
+        );
+        // A connection made would be waiting in the backlog by now.
+        assert!(
+            tokio::time::timeout(Duration::ZERO, listener.accept())
+                .await
+                .is_err(),
+            "connected to a restricted address"
+        );
+        let socket = command(
+            &Endpoint::Unix("/var/run/docker.sock".into()),
+            &strict,
+            "get weight b/s",
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(
+            matches!(&socket, Err(HaproxyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::PermissionDenied),
+            "{socket:?}"
+        );
     }
 
     #[test]

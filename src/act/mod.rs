@@ -4,9 +4,11 @@
 //!   secret).
 //! - `signing`: Standard Webhooks HMAC-SHA256 signatures.
 //! - `delivery`: the per-subscription workers that drain the outbox with retries.
+//! - `outbound`: which addresses canaryd's own connections may reach, checked at connect time.
 //! - `haproxy`: the `haproxy` kind's action, canary weights set through HAProxy's runtime API.
 
 pub mod delivery;
 pub mod haproxy;
+pub mod outbound;
 pub mod signing;
 pub mod subscriptions;

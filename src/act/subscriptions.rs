@@ -1,18 +1,19 @@
 //! Subscriptions: who wants which events, where, and the secret their deliveries are signed with.
 //!
-//! A subscription is checked before it is stored: the URL must be http or https with a host, and
-//! must not point at a link-local or cloud-metadata address (where a webhook could read cloud
-//! credentials) unless the config allows it; the event types must be known; a given secret must be
+//! A subscription is checked before it is stored: the URL must be http or https with a host (an
+//! `haproxy` one, a tcp or unix socket), and must not be a literal address or socket the outbound
+//! policy refuses (`outbound`; resolved names are checked again at connect time); the event types
+//! must be known; a given secret must be
 //! a Standard Webhooks secret (`whsec_` + base64 of at least 16 bytes), and one is generated (32
 //! random bytes) when none is given.
-
-use std::net::IpAddr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use super::haproxy::Endpoint;
+use super::outbound::OutboundPolicy;
 use crate::events::EventType;
 
 pub use crate::store::records::{Kind, Subscription};
@@ -50,24 +51,10 @@ pub struct NewSubscription {
     pub kind: Option<Kind>,
 }
 
-/// Hosts that serve cloud instance metadata under a name rather than a link-local address.
-const METADATA_HOSTS: [&str; 3] = ["metadata.google.internal", "metadata", "metadata.azure.internal"];
-
-/// Whether `ip` is link-local or a known cloud-metadata address.
-fn is_sensitive(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.octets() == [100, 100, 100, 200],
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            (first & 0xffc0) == 0xfe80 // fe80::/10, link-local
-                || v6.segments() == [0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254] // AWS IMDS over IPv6
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_sensitive(IpAddr::V4(v4)))
-        }
-    }
-}
-
-/// Checks a subscription target. `allow_sensitive` lifts the link-local and metadata ban.
-pub fn check_url(url: &str, allow_sensitive: bool) -> Result<reqwest::Url, SubscriptionError> {
+/// Checks a webhook target before it is stored: http or https with a host, and not a literal
+/// restricted address or metadata name the policy refuses (names are checked again on every
+/// address they resolve to, at connect time).
+pub fn check_url(url: &str, policy: &OutboundPolicy) -> Result<reqwest::Url, SubscriptionError> {
     let parsed =
         reqwest::Url::parse(url).map_err(|e| SubscriptionError::Url(format!("{url:?} is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
@@ -79,21 +66,29 @@ pub fn check_url(url: &str, allow_sensitive: bool) -> Result<reqwest::Url, Subsc
     let host = parsed
         .host()
         .ok_or_else(|| SubscriptionError::Url(format!("{url:?} has no host")))?;
-    if !allow_sensitive {
-        let refused = match host {
-            url::Host::Ipv4(v4) => is_sensitive(IpAddr::V4(v4)),
-            url::Host::Ipv6(v6) => is_sensitive(IpAddr::V6(v6)),
-            url::Host::Domain(name) => {
-                METADATA_HOSTS.contains(&name.trim_end_matches('.').to_ascii_lowercase().as_str())
-            }
-        };
-        if refused {
-            return Err(SubscriptionError::Url(format!(
-                "{host} is a link-local or cloud-metadata address; set allow_link_local_targets to allow it"
-            )));
-        }
-    }
+    policy
+        .check_host(&host)
+        .map_err(|e| SubscriptionError::Url(e.to_string()))?;
     Ok(parsed)
+}
+
+/// Checks an `haproxy` subscription's runtime API socket the same way.
+fn check_endpoint(url: &str, policy: &OutboundPolicy) -> Result<(), SubscriptionError> {
+    let endpoint = url.parse::<Endpoint>().map_err(SubscriptionError::Url)?;
+    let checked = match &endpoint {
+        Endpoint::Tcp(addr) => {
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let host = match host.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(v4)) => url::Host::Ipv4(v4),
+                Ok(std::net::IpAddr::V6(v6)) => url::Host::Ipv6(v6),
+                Err(_) => url::Host::Domain(host),
+            };
+            policy.check_host(&host)
+        }
+        Endpoint::Unix(path) => policy.check_socket(path),
+    };
+    checked.map_err(|e| SubscriptionError::Url(e.to_string()))
 }
 
 /// The key bytes of a `whsec_` secret.
@@ -130,18 +125,14 @@ pub fn generate_id() -> Result<String, getrandom::Error> {
 /// Checks a request and turns it into a subscription (without its id and time).
 pub fn validate(
     new: NewSubscription,
-    allow_sensitive: bool,
+    policy: &OutboundPolicy,
 ) -> Result<(String, Vec<EventType>, Kind, Option<String>), SubscriptionError> {
     let kind = new.kind.unwrap_or(Kind::Webhook);
     match kind {
         Kind::Webhook => {
-            check_url(&new.url, allow_sensitive)?;
+            check_url(&new.url, policy)?;
         }
-        Kind::Haproxy => {
-            new.url
-                .parse::<super::haproxy::Endpoint>()
-                .map_err(SubscriptionError::Url)?;
-        }
+        Kind::Haproxy => check_endpoint(&new.url, policy)?,
     }
     if new.events.is_empty() {
         return Err(SubscriptionError::Events("name at least one event type".into()));
@@ -170,24 +161,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_must_be_http_and_not_metadata() {
-        assert!(check_url("https://hooks.example.com/canary", false).is_ok());
-        assert!(check_url("http://127.0.0.1:9000/x", false).is_ok());
+    fn targets_must_be_http_and_not_restricted() {
+        use crate::act::outbound::OutboundAllow;
+        let strict = OutboundPolicy::default();
+        assert!(check_url("https://hooks.example.com/canary", &strict).is_ok());
+        assert!(check_url("http://93.184.216.34:9000/x", &strict).is_ok());
         for bad in [
             "ftp://example.com/",
             "not a url",
+            "http://127.0.0.1:9000/x",
+            "http://2130706433/",
+            "http://0x7f000001/",
+            "http://10.0.0.1/",
             "http://169.254.169.254/latest/meta-data/",
             "http://[fe80::1]/",
             "http://[::ffff:169.254.169.254]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
             "http://metadata.google.internal/computeMetadata/v1/",
             "http://100.100.100.200/",
         ] {
-            assert!(check_url(bad, false).is_err(), "{bad} should be refused");
+            assert!(check_url(bad, &strict).is_err(), "{bad} should be refused");
         }
+        let loopback = OutboundPolicy::new(OutboundAllow::loopback());
+        assert!(check_url("http://127.0.0.1:9000/x", &loopback).is_ok());
+        assert!(check_url("http://169.254.169.254/", &loopback).is_err());
+        let named = OutboundPolicy::new("169.254.169.254".parse().expect("an allow list"));
         assert!(
-            check_url("http://169.254.169.254/", true).is_ok(),
-            "allowed when configured"
+            check_url("http://169.254.169.254/", &named).is_ok(),
+            "allowed when named"
         );
+    }
+
+    #[test]
+    fn haproxy_sockets_are_checked_too() {
+        let policy = OutboundPolicy::new(
+            "127.0.0.0/8, unix:///run/haproxy/admin.sock"
+                .parse()
+                .expect("an allow list"),
+        );
+        assert!(check_endpoint("tcp://127.0.0.1:9999", &policy).is_ok());
+        assert!(check_endpoint("unix:///run/haproxy/admin.sock", &policy).is_ok());
+        for bad in [
+            "tcp://169.254.169.254:80",
+            "tcp://[::ffff:a9fe:a9fe]:80",
+            "tcp://10.0.0.1:9999",
+            "unix:///var/run/docker.sock",
+            "http://127.0.0.1:9999",
+        ] {
+            assert!(check_endpoint(bad, &policy).is_err(), "{bad} should be refused");
+        }
     }
 
     #[test]
@@ -207,13 +229,14 @@ mod tests {
             secret: None,
             kind: None,
         };
-        assert!(validate(new(vec!["canaryd.anomaly.detected"]), false).is_ok());
+        let policy = OutboundPolicy::new(crate::act::outbound::OutboundAllow::loopback());
+        assert!(validate(new(vec!["canaryd.anomaly.detected"]), &policy).is_ok());
         assert!(matches!(
-            validate(new(vec![]), false),
+            validate(new(vec![]), &policy),
             Err(SubscriptionError::Events(_))
         ));
         assert!(matches!(
-            validate(new(vec!["canaryd.bogus"]), false),
+            validate(new(vec!["canaryd.bogus"]), &policy),
             Err(SubscriptionError::Events(_))
         ));
     }

@@ -66,7 +66,6 @@ pub struct ApiState {
     pub dispatcher: Arc<Dispatcher>,
     /// The admin and read tokens (`auth`).
     pub tokens: Tokens,
-    pub allow_link_local_targets: bool,
     /// Which canary version each Flagger revision is judged as (`gates`).
     pub gate_pins: Arc<GatePins>,
     /// True once storage is open and every receiver is bound; false again while shutting down.

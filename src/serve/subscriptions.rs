@@ -69,7 +69,7 @@ pub(super) async fn create_subscription(
         Ok(body) => body,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
     };
-    let (url, events, kind, secret) = match subscriptions::validate(new, state.allow_link_local_targets) {
+    let (url, events, kind, secret) = match subscriptions::validate(new, state.dispatcher.outbound()) {
         Ok(checked) => checked,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
