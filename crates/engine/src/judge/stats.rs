@@ -7,6 +7,7 @@
 use statrs::distribution::{Beta, ChiSquared, ContinuousCDF, Normal};
 use statrs::function::beta::beta_reg;
 use statrs::function::factorial::ln_binomial;
+use statrs::function::gamma::{gamma_lr, gamma_ur};
 
 /// Smallest p-value reported: below it every decision is the same and the normal deviate stays finite.
 pub const MIN_P: f64 = 1e-300;
@@ -134,6 +135,25 @@ pub fn proportion_bounds(x: u64, n: u64, confidence: f64) -> (f64, f64) {
     (lower, upper)
 }
 
+/// P(X >= k) for X ~ Poisson(mean).
+pub fn poisson_at_least(k: u64, mean: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if mean <= 0.0 {
+        return 0.0;
+    }
+    gamma_lr(k as f64, mean).clamp(0.0, 1.0)
+}
+
+/// P(X <= k) for X ~ Poisson(mean).
+pub fn poisson_at_most(k: u64, mean: f64) -> f64 {
+    if mean <= 0.0 {
+        return 1.0;
+    }
+    gamma_ur(k as f64 + 1.0, mean).clamp(0.0, 1.0)
+}
+
 /// The normal deviate with upper-tail probability `p`: 0 at 0.5, about 4.75 at 1e-6.
 pub fn z_of(p: f64) -> f64 {
     let p = p.clamp(MIN_P, 1.0);
@@ -243,6 +263,21 @@ mod tests {
         assert!(close(hi, 3.0 / 3000.0, 0.01), "rule of three: {hi}");
         let (lo, hi) = proportion_bounds(50, 1000, 0.95);
         assert!(lo < 0.05 && hi > 0.05 && lo > 0.035 && hi < 0.068);
+    }
+
+    #[test]
+    fn poisson_tails_match_direct_sums() {
+        let pmf = |k: u64, mean: f64| (0..k).fold((-mean).exp(), |p, i| p * mean / (i + 1) as f64);
+        for mean in [0.3, 2.0, 17.5] {
+            for k in 0..30u64 {
+                let below: f64 = (0..=k).map(|i| pmf(i, mean)).sum();
+                let above: f64 = (k + 1..k + 200).map(|i| pmf(i, mean)).sum();
+                assert!(close(poisson_at_most(k, mean), below, 1e-9), "{k} {mean}");
+                assert!(close(poisson_at_least(k + 1, mean), above, 1e-9), "{k} {mean}");
+            }
+        }
+        assert_eq!(poisson_at_least(0, 0.0), 1.0);
+        assert_eq!(poisson_at_least(1, 0.0), 0.0);
     }
 
     #[test]
