@@ -82,6 +82,7 @@ enum Load {
 
 impl Load {
     const HOURLY: u64 = 3_600;
+    const DAILY: u64 = 86_400;
 
     /// The multiplier at `t` seconds from `START`.
     fn at(self, t: f64) -> f64 {
@@ -413,7 +414,7 @@ fn an_identical_canary_never_fails() {
 }
 
 /// Runs a fault on a few seeds; returns the worst event-time delay, after checking every run
-/// failed, not before the onset, and names `feature` among the failing checks.
+/// failed, not before the onset, on a check of `feature`.
 fn caught(fault: Fault, feature: &str, within_s: f64) -> f64 {
     caught_in(|seed| Service::new(seed, fault), feature, within_s)
 }
@@ -437,9 +438,9 @@ fn caught_in(service: impl Fn(u64) -> Service, feature: &str, within_s: f64) -> 
             "{fault:?} seed {seed}: took {delay} s, wanted {within_s}"
         );
         assert!(
-            r.failing_checks.iter().any(|f| f.starts_with(feature)),
-            "{fault:?} seed {seed}: failing checks {:?} do not name {feature}",
-            r.failing_checks
+            r.failed_on.iter().any(|f| f.contains(&format!(":{feature}"))),
+            "{fault:?} seed {seed}: the checks that failed it {:?} do not name {feature}",
+            r.failed_on
         );
         worst = worst.max(delay);
     }
@@ -677,4 +678,45 @@ fn faults_under_an_hourly_load_cycle_are_still_caught_within_seconds() {
     let under_cycle = |fault| move |seed| hourly(seed, fault, 0.8, 1.5);
     caught_in(under_cycle(Fault::LatencyFactor(2.0)), "latency_p", 15.0);
     caught_in(under_cycle(Fault::ErrorRate(0.05)), "error_ratio", 15.0);
+}
+/// Issue 14, class (b): at well under one canary request per second under a strong daily cycle,
+/// an identical canary was failed on a business counter: a cumulative point that got through
+/// after its exporter's gap carries every increment of the gap, and those were all counted in the
+/// second the point arrived, against that window's few requests. Over canary traffic levels,
+/// times of day and seeds (the seed also places the exporters' outages), an identical canary
+/// never fails.
+#[test]
+fn aa_at_low_canary_traffic_with_gaps_in_counter_exports_never_fails() {
+    let mut services = Vec::new();
+    for (canary_rps, seeds) in [(0.2, 0..4u64), (0.6, 4..8)] {
+        for seed in seeds {
+            let mut s = Service::new(2_000 + seed, Fault::None);
+            s.load = Load::Cycle {
+                period_s: Load::DAILY,
+                amplitude: 0.9,
+            };
+            // From 14:00 to 22:00, as the day's load falls.
+            s.offset_s = 14 * 3_600 + Rng::new(seed).below(8 * 3_600);
+            s.rps = 10.0;
+            s.canary_share = canary_rps / s.rps;
+            s.warmup_s = 120;
+            s.duration_s = 1_800;
+            s.metric_outage = Some((0.05, 600));
+            services.push(s);
+        }
+    }
+    let failed = false_failures(services);
+    assert!(failed.is_empty(), "{} A/A runs failed: {failed:?}", failed.len());
+}
+
+/// The other side of class (b): a real drop in orders per request is still caught when the
+/// counter's exports have gaps.
+#[test]
+fn a_drop_in_business_metric_with_gaps_in_its_exports_fails() {
+    let with_gaps = |seed| {
+        let mut s = Service::new(seed, Fault::Metric(0.4));
+        s.metric_outage = Some((0.05, 120));
+        s
+    };
+    caught_in(with_gaps, "metric_rate[orders.completed]", 200.0);
 }

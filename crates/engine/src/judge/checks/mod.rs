@@ -569,32 +569,41 @@ pub struct Dispersion(BTreeMap<String, f64>);
 impl Dispersion {
     /// From the parts (seconds or blocks) of the stable's reference window.
     pub fn of(parts: &[(crate::observation::EventTime, &Aggregate)]) -> Dispersion {
-        // Each part's counts by key; a part without a key had none of it.
-        let parts: Vec<(f64, BTreeMap<String, f64>)> = parts
+        // Each part's counts by key, over their exposure: the part's requests (a part without
+        // a key had none of it), or for a counter the requests of the time its increments
+        // cover there (a part it does not cover says nothing of it).
+        let parts: Vec<(f64, PartCounts)> = parts
             .iter()
             .filter(|(_, p)| p.all.requests > 0)
             .map(|(_, p)| {
+                let n = p.all.requests as f64;
                 let mut counts = BTreeMap::new();
                 for (d, (calls, _)) in &p.calls {
-                    counts.insert(format!("call:{d}"), *calls as f64);
+                    counts.insert(format!("call:{d}"), (*calls as f64, n));
                 }
                 for (t, c) in &p.exceptions {
-                    counts.insert(format!("exception:{t}"), *c as f64);
+                    counts.insert(format!("exception:{t}"), (*c as f64, n));
                 }
-                counts.insert("error_logs".to_owned(), p.error_logs as f64);
+                counts.insert("error_logs".to_owned(), (p.error_logs as f64, n));
                 for (series, m) in &p.metrics {
-                    counts.insert(format!("metric:{series}"), m.increment);
+                    counts.insert(format!("metric:{series}"), (m.increment, m.exposure));
                 }
-                (p.all.requests as f64, counts)
+                (n, counts)
             })
             .collect();
         let keys: std::collections::BTreeSet<&String> = parts.iter().flat_map(|(_, c)| c.keys()).collect();
         let factors = keys
             .into_iter()
             .map(|key| {
+                let metric = key.starts_with("metric:");
                 let pairs: Vec<(f64, f64)> = parts
                     .iter()
-                    .map(|(n, counts)| (counts.get(key).copied().unwrap_or(0.0), *n))
+                    .filter_map(|(n, counts)| match counts.get(key) {
+                        Some(pair) => Some(*pair),
+                        None if metric => None,
+                        None => Some((0.0, *n)),
+                    })
+                    .filter(|(_, exposure)| *exposure > 0.0)
                     .collect();
                 (key.clone(), quasi_poisson_factor(&pairs))
             })
@@ -606,6 +615,9 @@ impl Dispersion {
         self.0.get(key).copied().unwrap_or(1.0)
     }
 }
+
+/// One part's (count, exposure) by key.
+type PartCounts = BTreeMap<String, (f64, f64)>;
 
 /// Pearson's dispersion statistic over (count, exposure) pairs, at least 1.
 fn quasi_poisson_factor(pairs: &[(f64, f64)]) -> f64 {

@@ -83,11 +83,21 @@ struct Counts {
 }
 
 impl Counts {
+    /// Events per request of each version.
     fn of(w: &Windows<'_>, dispersion_key: &str, count: impl Fn(&Aggregate) -> f64) -> Counts {
-        let requests = |a: &Aggregate| a.all.requests as f64;
+        Counts::over(w, dispersion_key, count, |a| a.all.requests as f64)
+    }
+
+    /// Events over each version's `exposure` (in requests).
+    fn over(
+        w: &Windows<'_>,
+        dispersion_key: &str,
+        count: impl Fn(&Aggregate) -> f64,
+        exposure: impl Fn(&Aggregate) -> f64,
+    ) -> Counts {
         Counts {
             x: (count(w.canary), count(w.stable)),
-            n: (requests(w.canary), requests(w.stable)),
+            n: (exposure(w.canary), exposure(w.stable)),
             phi: w.dispersion.get(dispersion_key),
         }
     }
@@ -174,8 +184,8 @@ fn growth(
 }
 
 /// The power of a two-sided rate test to show a change to `up` (and, where possible, `down`)
-/// events per request.
-fn either_way(counts: &Counts, w: &Windows<'_>, alpha: f64, up: f64, down: Option<f64>, what: &str) -> Power {
+/// events per request, from the canary's `have` requests.
+fn either_way(counts: &Counts, have: u64, alpha: f64, up: f64, down: Option<f64>, what: &str) -> Power {
     let shows = |n| {
         counts.shows(up, n, true, 2.0, alpha) && down.is_none_or(|r| counts.shows(r, n, false, 2.0, alpha))
     };
@@ -183,7 +193,7 @@ fn either_way(counts: &Counts, w: &Windows<'_>, alpha: f64, up: f64, down: Optio
         Some(down) => format!("{what} of {up:.3} or {down:.3}"),
         None => format!("{what} of {up:.3}"),
     };
-    Power::of(w.canary.all.requests, effect, shows)
+    Power::of(have, effect, shows)
 }
 
 fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_>, t: &Thresholds) -> Check {
@@ -214,7 +224,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
     let up = (cpr_r * g.min_ratio).max(cpr_r + g.min_change);
     let down = Some((cpr_r / g.min_ratio).min(cpr_r - g.min_change)).filter(|r| *r >= 0.0 && cpr_r > 0.0);
     let what = format!("calls per request to {downstream}");
-    evidence.power = either_way(&counts, w, spec.alpha, up, down, &what);
+    evidence.power = either_way(&counts, w.canary.all.requests, spec.alpha, up, down, &what);
     evidence.test = cpr_c.map(|cpr_c| {
         let (significance, grew) = counts.change();
         let effect = if cpr_r > 0.0 {
@@ -251,9 +261,17 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
         Test::PoissonRate,
     );
     let spec = Spec::new(id, None, (m.critical, m.weight), t, m.min_ratio, "ratio");
-    let counts = Counts::of(w, &format!("metric:{series}"), |a| {
-        a.metrics.get(series).map_or(0.0, |s| s.increment)
-    });
+    // Increments over the requests of the time they cover (`judge::history`), not over the
+    // window's requests: a point's increments may cover time before the window, or not yet reach
+    // its end.
+    let metric =
+        |a: &Aggregate, f: fn(&crate::window::MetricAggregate) -> f64| a.metrics.get(series).map_or(0.0, f);
+    let counts = Counts::over(
+        w,
+        &format!("metric:{series}"),
+        |a| metric(a, |m| m.increment),
+        |a| metric(a, |m| m.exposure),
+    );
     let mut evidence = counts.evidence(w, d.min_requests);
     // Counter points come every few seconds and a new series' first point carries no increment:
     // compare only windows the analysis saw whole, holding several of the canary's points.
@@ -280,7 +298,7 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
     let what = format!("{name} per request");
     evidence.power = either_way(
         &counts,
-        w,
+        counts.n.0.round() as u64,
         spec.alpha,
         per_r * m.min_ratio,
         Some(per_r / m.min_ratio),

@@ -161,6 +161,7 @@ mod decision {
             let orders = a.metrics.entry(orders()).or_default();
             orders.increment = (requests / 2) as f64;
             orders.increments = points;
+            orders.exposure = requests as f64;
         }
         a
     }
