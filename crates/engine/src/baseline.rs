@@ -29,7 +29,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::AnomalyState;
-use crate::features::{Counts, FeatureValue};
+use crate::counts::Counts;
+use crate::features::FeatureValue;
 use crate::observation::EventTime;
 pub use crate::score::Score;
 use crate::sketch::Sketch;

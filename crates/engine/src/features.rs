@@ -12,6 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::counts::Counts;
 use crate::window::Aggregate;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -153,47 +154,6 @@ pub struct FeatureValue {
     /// The counts a ratio or a rate was made of, for the features that are counts: they are
     /// judged by how far their counts could lie from the baseline, not by the ratio alone.
     pub counts: Option<Counts>,
-}
-
-/// The counts behind a ratio or a rate. One failed request among thirty is a ratio of 3.3%, and
-/// also a count that is entirely ordinary at a 0.1% rate: a count-aware score counts a value
-/// outside its band only when its counts could hardly have come from the band's edge (`beyond`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Counts {
-    /// `events` of `trials` (failed requests of all requests, an operation's requests of the
-    /// app's): a binomial proportion.
-    Of { events: u64, trials: u64 },
-    /// `events` over an `exposure` (calls per request, exceptions per second): a Poisson rate.
-    Per { events: u64, exposure: f64 },
-}
-
-/// A rate judged above its baseline must rest on at least this many events: below it, no window
-/// is evidence of a rise, whatever its ratio (one failure among a handful of requests).
-pub const MIN_EVENTS: u64 = 3;
-
-impl Counts {
-    /// The events counted.
-    pub fn events(self) -> u64 {
-        match self {
-            Counts::Of { events, .. } | Counts::Per { events, .. } => events,
-        }
-    }
-
-    /// Whether these counts could hardly have come from `rate` (a proportion, or events per
-    /// unit of exposure): `above` it, at least `MIN_EVENTS` events with a chance under `alpha`
-    /// of as many or more; below it, a chance under `alpha` of as few or fewer.
-    pub fn beyond(self, rate: f64, above: bool, alpha: f64) -> bool {
-        use crate::judge::stats::{binomial_at_least, binomial_at_most, poisson_at_least, poisson_at_most};
-        let rate = rate.max(0.0);
-        let chance = match (self, above) {
-            (_, true) if self.events() < MIN_EVENTS => return false,
-            (Counts::Of { events, trials }, true) => binomial_at_least(events, trials, rate.min(1.0)),
-            (Counts::Of { events, trials }, false) => binomial_at_most(events, trials, rate.min(1.0)),
-            (Counts::Per { events, exposure }, true) => poisson_at_least(events, rate * exposure),
-            (Counts::Per { events, exposure }, false) => poisson_at_most(events, rate * exposure),
-        };
-        chance < alpha
-    }
 }
 
 /// Collects finite feature values.
