@@ -147,7 +147,7 @@ pub(super) struct CheckJson {
     #[schema(value_type = OutcomeSchema)]
     outcome: Outcome,
     canary_value: Option<f64>,
-    /// The stable's value in the reference window (or the learned baseline's, for baseline checks).
+    /// The stable's value in the same window (or the learned baseline's, for baseline checks).
     baseline_value: Option<f64>,
     canary_samples: u64,
     baseline_samples: u64,

@@ -13,6 +13,12 @@
 //! in half-widths of the band (0 inside it), the larger of the two when both apply. A baseline with
 //! fewer than `min_samples` windows says `InsufficientData` instead.
 //!
+//! A feature that is a count (a ratio of requests, a rate of events: `FeatureValue::counts`) is
+//! scored count-aware (`observe_feature`, `deviation_of`): outside a band, it scores only when a
+//! binomial or Poisson test at the band's edge finds its counts that unlikely (`COUNT_ALPHA`), and a
+//! rise needs at least `MIN_EVENTS` events. A band learned over busy minutes is narrow; one failed
+//! request among thirty at night lies far outside it as a ratio, and is entirely ordinary as a count.
+//!
 //! Optionally (`BaselineConfig::range`, off by default) a third band: the range of values
 //! seen, with a long memory. The level band follows a slow drift and the seasonal band needs a week
 //! of history; neither notices a value that creeps, or steps, beyond anything the series has shown
@@ -23,6 +29,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::AnomalyState;
+use crate::counts::Counts;
+use crate::features::FeatureValue;
 use crate::observation::EventTime;
 pub use crate::score::Score;
 use crate::sketch::Sketch;
@@ -42,6 +50,9 @@ const ANOMALOUS_LEARNING: f64 = 0.1;
 const MAX_VALUE: f64 = 1e100;
 /// A slot's weight (in windows) below which its quantiles are not trusted.
 const MIN_SLOT_WEIGHT: f64 = 5.0;
+/// The chance under which a count's value outside its band is taken to have left it: a count of
+/// a few requests cannot be that unlikely at the band's edge, and scores 0 however odd its ratio.
+const COUNT_ALPHA: f64 = 0.001;
 
 /// Hour-of-week slot (0 = Monday 00:00-01:00 UTC) of an event time.
 pub fn hour_of_week(t: EventTime) -> u16 {
@@ -109,6 +120,16 @@ impl Range {
         };
         let half = (config.width * (self.hi - self.lo)).max(0.01 * ((self.lo + self.hi) / 2.0).abs());
         band.score_with_half_width(x, half)
+    }
+
+    /// `score`, for a value that may be a count, as `Band::score_counted`.
+    fn score_counted(&self, x: f64, counts: Option<Counts>, config: &RangeConfig) -> f64 {
+        let score = self.score(x, config);
+        if score > 0.0 && counts_beyond(x, counts, self.lo, self.hi) {
+            score
+        } else {
+            0.0
+        }
     }
 
     /// Learns `x`, `elapsed_ns` after the previous value, with `level` the EWMA level before it.
@@ -270,7 +291,27 @@ struct Band {
     hi: f64,
 }
 
+/// Whether a count's value outside `[lo, hi]` counts: always for a value that is not a count; for
+/// a count, only when its counts could hardly have come from the edge it lies beyond.
+fn counts_beyond(x: f64, counts: Option<Counts>, lo: f64, hi: f64) -> bool {
+    match counts {
+        Some(counts) if x > hi => counts.beyond(hi, true, COUNT_ALPHA),
+        Some(counts) if x < lo => counts.beyond(lo, false, COUNT_ALPHA),
+        _ => true,
+    }
+}
+
 impl Band {
+    /// `score`, for a value that may be a count: 0 when its counts do not tell it from the band.
+    fn score_counted(self, x: f64, counts: Option<Counts>) -> f64 {
+        let score = self.score(x);
+        if score > 0.0 && counts_beyond(x, counts, self.lo, self.hi) {
+            score
+        } else {
+            0.0
+        }
+    }
+
     /// Half-widths outside the band. The half-width has a floor of 1% of the band's centre (and a
     /// tiny absolute one), so that a constant series does not make every wiggle infinitely odd.
     fn score(self, x: f64) -> f64 {
@@ -318,6 +359,32 @@ impl Baseline {
         config: &BaselineConfig,
         store: &mut dyn SlotStore,
     ) -> Score {
+        self.observe_counted(series, x, None, time, config, store)
+    }
+
+    /// Scores and learns a window's feature as `observe` does; a feature that is a count (a ratio
+    /// or a rate, `FeatureValue::counts`) is scored count-aware: by where its counts could put
+    /// its rate, so that a ratio of a few requests is judged by what so few can show.
+    pub fn observe_feature(
+        &mut self,
+        series: &str,
+        feature: &FeatureValue,
+        time: EventTime,
+        config: &BaselineConfig,
+        store: &mut dyn SlotStore,
+    ) -> Score {
+        self.observe_counted(series, feature.value, feature.counts, time, config, store)
+    }
+
+    fn observe_counted(
+        &mut self,
+        series: &str,
+        x: f64,
+        counts: Option<Counts>,
+        time: EventTime,
+        config: &BaselineConfig,
+        store: &mut dyn SlotStore,
+    ) -> Score {
         let range = config.range.as_ref();
         if !x.is_finite() {
             return self.last_score.unwrap_or(Score::InsufficientData);
@@ -333,34 +400,15 @@ impl Baseline {
             let summary = store.load(series, slot).unwrap_or_else(|| SlotSummary::new(week));
             self.slot = Some((slot, summary));
         }
-        let (_, summary) = self.slot.as_mut().expect("slot was just set");
-        summary.enter_week(week, config.seasonal_half_life_weeks);
+        if let Some((_, summary)) = self.slot.as_mut() {
+            summary.enter_week(week, config.seasonal_half_life_weeks);
+        }
 
         let score = if self.ewma.samples < config.min_samples {
             Score::InsufficientData
         } else {
-            let sd = self.ewma.robust_std();
-            let level = Band {
-                lo: self.ewma.mean - BAND_WIDTH * sd,
-                hi: self.ewma.mean + BAND_WIDTH * sd,
-            };
-            let mut score = level.score(x);
-            if summary.mature()
-                && let (Some(lo), Some(hi)) = (summary.past.quantile(0.05), summary.past.quantile(0.95))
-            {
-                // The sketch cannot tell values within its accuracy apart: widen the band by it.
-                let band = Band {
-                    lo: lo - SLOT_ACCURACY * lo.abs(),
-                    hi: hi + SLOT_ACCURACY * hi.abs(),
-                };
-                score = score.max(band.score(x));
-            }
-            if let Some(range) = range
-                && self.range.samples >= config.min_samples
-            {
-                score = score.max(self.range.score(x, range));
-            }
-            Score::Scored(score)
+            let range = range.filter(|_| self.range.samples >= config.min_samples);
+            Score::Scored(self.score_counted(x, counts, range))
         };
 
         // While the feature is anomalous it learns only a little, so that a lasting fault is not
@@ -370,7 +418,9 @@ impl Baseline {
         } else {
             1.0
         };
-        summary.current.add_weighted(x, weight);
+        if let Some((_, summary)) = self.slot.as_mut() {
+            summary.current.add_weighted(x, weight);
+        }
         if let Some(range) = range {
             let elapsed = time.saturating_sub(self.ewma.last_time);
             self.range.update(x, elapsed, self.ewma.mean, range);
@@ -385,26 +435,49 @@ impl Baseline {
     /// How far `x` lies outside what this baseline has learned, in band half-widths, without
     /// learning it: `None` while the baseline is too young. Uses the seasonal slot in memory.
     pub fn deviation(&self, x: f64, config: &BaselineConfig) -> Option<f64> {
+        self.deviation_counted(x, None, config)
+    }
+
+    /// `deviation` of a window's feature; count-aware for a feature that is a count, as
+    /// `observe_feature` scores it.
+    pub fn deviation_of(&self, feature: &FeatureValue, config: &BaselineConfig) -> Option<f64> {
+        self.deviation_counted(feature.value, feature.counts, config)
+    }
+
+    fn deviation_counted(&self, x: f64, counts: Option<Counts>, config: &BaselineConfig) -> Option<f64> {
         if !x.is_finite() || self.ewma.samples < config.min_samples {
             return None;
         }
+        Some(self.score_counted(x, counts, None))
+    }
+
+    /// Half-widths outside the level band, the seasonal band of the slot in memory (once it has
+    /// earlier weeks) and, when given, the range: the largest. A count outside a band counts only
+    /// when its counts could hardly have come from the band's edge (binomial or Poisson, at
+    /// `COUNT_ALPHA`, with at least `MIN_EVENTS` events for a rise): one failed request among
+    /// thirty does not leave a band near 0.02%, whatever its ratio.
+    fn score_counted(&self, x: f64, counts: Option<Counts>, range: Option<&RangeConfig>) -> f64 {
         let sd = self.ewma.robust_std();
         let level = Band {
             lo: self.ewma.mean - BAND_WIDTH * sd,
             hi: self.ewma.mean + BAND_WIDTH * sd,
         };
-        let mut score = level.score(x);
+        let mut score = level.score_counted(x, counts);
         if let Some((_, summary)) = &self.slot
             && summary.mature()
             && let (Some(lo), Some(hi)) = (summary.past.quantile(0.05), summary.past.quantile(0.95))
         {
+            // The sketch cannot tell values within its accuracy apart: widen the band by it.
             let band = Band {
                 lo: lo - SLOT_ACCURACY * lo.abs(),
                 hi: hi + SLOT_ACCURACY * hi.abs(),
             };
-            score = score.max(band.score(x));
+            score = score.max(band.score_counted(x, counts));
         }
-        Some(score)
+        if let Some(range) = range {
+            score = score.max(self.range.score_counted(x, counts, range));
+        }
+        score
     }
 
     /// The level band a new value is judged against, once the baseline has learned anything.
@@ -639,6 +712,52 @@ mod tests {
         assert_eq!(range.score(110.0, &config), 0.0);
         // Width 10, half-width 6% of it; the 1% of the centre (1.05) is the larger.
         assert!((range.score(111.05, &config) - 1.0).abs() < 1e-9);
+    }
+
+    /// An error ratio learned near 0.02% over busy minutes, then windows of `errors` of
+    /// `requests`: their scores as a plain ratio and as the counts they are.
+    fn ratio_scores(errors: u64, requests: u64) -> (f64, f64) {
+        let (mut b, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let mut rng = Rng::new(11);
+        let config = BaselineConfig::default();
+        for minute in 0..120u64 {
+            let failed = (0..1_000).filter(|_| rng.unit() < 0.0002).count() as f64;
+            b.observe(
+                "s",
+                failed / 1_000.0,
+                MONDAY + minute * MINUTE,
+                &config,
+                &mut store,
+            );
+        }
+        let x = errors as f64 / requests as f64;
+        let counts = Counts::Of {
+            events: errors,
+            trials: requests,
+        };
+        let plain = b.deviation(x, &config).expect("learned");
+        let feature = FeatureValue {
+            key: crate::features::FeatureKey::app(crate::features::Feature::ErrorRatio),
+            value: x,
+            support: requests,
+            counts: Some(counts),
+        };
+        (plain, b.deviation_of(&feature, &config).expect("learned"))
+    }
+
+    #[test]
+    fn a_ratio_of_a_few_requests_is_judged_by_its_counts() {
+        // One failure among thirty: a ratio far outside the band, and a count that is ordinary.
+        let (plain, counted) = ratio_scores(1, 30);
+        assert!(plain > 10.0, "{plain}");
+        assert_eq!(counted, 0.0);
+        // Two among forty: still fewer than MIN_EVENTS.
+        assert_eq!(ratio_scores(2, 40).1, 0.0);
+        // Twenty among a thousand: the counts leave no doubt, and the score is the plain one.
+        let (plain, counted) = ratio_scores(20, 1_000);
+        assert!(counted > 10.0 && counted == plain, "{plain} {counted}");
+        // Four among thirty: as unlikely at the band's edge as it looks.
+        assert!(ratio_scores(4, 30).1 > 10.0);
     }
 
     #[test]

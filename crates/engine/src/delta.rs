@@ -6,6 +6,11 @@
 //! total that went down) starts the series over: the point then counts from its own start time. The
 //! first point of a series with no start time only sets the reference, since the interval its total
 //! covers is unknown. Points older than the last one seen are ignored and reported as such.
+//!
+//! A sample says the interval it covers: a cumulative point after a gap in its exports (points
+//! lost, an exporter that could not reach the collector) covers the whole gap, and what it carries
+//! happened over the gap, not at the point's time. Windows and the judge attribute it so
+//! (`window::MetricAggregate::intervals`, `judge::history`).
 
 use crate::observation::{EventTime, ExponentialBuckets, MetricPoint, PointValue, Temporality};
 

@@ -948,13 +948,8 @@ impl Learner<'_> {
             let baseline = baselines.entry(f.key.clone()).or_default();
             let expected = baseline.ewma.mean;
             let band = baseline.band();
-            let score = baseline.observe(
-                &id.series_name(),
-                f.value,
-                self.time,
-                &self.config.baseline,
-                self.slots,
-            );
+            let score =
+                baseline.observe_feature(&id.series_name(), f, self.time, &self.config.baseline, self.slots);
             if matches!(scope, Scope::Version(_))
                 && let Some(transition) =
                     baseline

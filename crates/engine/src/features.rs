@@ -2,7 +2,8 @@
 //!
 //! Each feature is a number per window, for the app as a whole or for one subject (an operation,
 //! a downstream, an exception type, a metric series). Ratios exist only when their denominator is
-//! not zero, latency quantiles only when there were requests. A subject the version had before but
+//! not zero, latency quantiles only when there were requests. Ratios and rates of events carry the
+//! counts they were made of (`Counts`), so that baselines judge them as counts. A subject the version had before but
 //! not in this window reads 0 for its share, calls per request and exception rate: a vanished
 //! operation or edge is behaviour too.
 
@@ -11,6 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::counts::Counts;
 use crate::window::Aggregate;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -149,6 +151,9 @@ pub struct FeatureValue {
     pub key: FeatureKey,
     pub value: f64,
     pub support: u64,
+    /// The counts a ratio or a rate was made of, for the features that are counts: they are
+    /// judged by how far their counts could lie from the baseline, not by the ratio alone.
+    pub counts: Option<Counts>,
 }
 
 /// Collects finite feature values.
@@ -156,13 +161,38 @@ struct Features(Vec<FeatureValue>);
 
 impl Features {
     fn push(&mut self, feature: Feature, subject: &str, value: Option<f64>, support: u64) {
+        self.push_counted(feature, subject, value, support, None);
+    }
+
+    fn push_counted(
+        &mut self,
+        feature: Feature,
+        subject: &str,
+        value: Option<f64>,
+        support: u64,
+        counts: Option<Counts>,
+    ) {
         if let Some(value) = value.filter(|v| v.is_finite()) {
             self.0.push(FeatureValue {
                 key: FeatureKey::of(feature, subject),
                 value,
                 support,
+                counts,
             });
         }
+    }
+
+    /// `events` of `trials`, as a ratio and its counts.
+    fn proportion(&mut self, feature: Feature, subject: &str, events: u64, trials: u64, support: u64) {
+        let counts = Counts::Of { events, trials };
+        self.push_counted(feature, subject, ratio(events, trials), support, Some(counts));
+    }
+
+    /// `events` per unit of `exposure`, as a rate and its counts.
+    fn rate(&mut self, feature: Feature, subject: &str, events: u64, exposure: f64, support: u64) {
+        let counts = Counts::Per { events, exposure };
+        let value = (exposure > 0.0).then(|| events as f64 / exposure);
+        self.push_counted(feature, subject, value, support, Some(counts));
     }
 }
 
@@ -176,24 +206,14 @@ pub fn window_features(agg: &Aggregate, window_secs: f64, known: &BTreeSet<Featu
     let mut out = Features(Vec::new());
     let requests = agg.all.requests;
     let latency = &agg.all.latency_ms;
-    out.push(
-        Feature::RequestRate,
-        "",
-        Some(requests as f64 / window_secs),
-        requests,
-    );
-    out.push(Feature::ErrorRatio, "", ratio(agg.all.errors, requests), requests);
+    out.rate(Feature::RequestRate, "", requests, window_secs, requests);
+    out.proportion(Feature::ErrorRatio, "", agg.all.errors, requests, requests);
     out.push(Feature::LatencyP50, "", latency.quantile(0.5), requests);
     out.push(Feature::LatencyP95, "", latency.quantile(0.95), requests);
     out.push(Feature::LatencyP99, "", latency.quantile(0.99), requests);
     for (op, o) in &agg.operations {
-        out.push(Feature::OperationShare, op, ratio(o.requests, requests), requests);
-        out.push(
-            Feature::OperationErrorRatio,
-            op,
-            ratio(o.errors, o.requests),
-            o.requests,
-        );
+        out.proportion(Feature::OperationShare, op, o.requests, requests, requests);
+        out.proportion(Feature::OperationErrorRatio, op, o.errors, o.requests, o.requests);
         out.push(
             Feature::OperationLatencyP95,
             op,
@@ -202,22 +222,18 @@ pub fn window_features(agg: &Aggregate, window_secs: f64, known: &BTreeSet<Featu
         );
     }
     for (ds, (calls, errors)) in &agg.calls {
-        out.push(Feature::CallsPerRequest, ds, ratio(*calls, requests), requests);
-        out.push(Feature::CallErrorRatio, ds, ratio(*errors, *calls), *calls);
+        out.rate(Feature::CallsPerRequest, ds, *calls, requests as f64, requests);
+        out.proportion(Feature::CallErrorRatio, ds, *errors, *calls, *calls);
     }
     for (ty, n) in &agg.exceptions {
-        out.push(
-            Feature::ExceptionRate,
-            ty,
-            Some(*n as f64 / window_secs),
-            requests.max(*n),
-        );
+        out.rate(Feature::ExceptionRate, ty, *n, window_secs, requests.max(*n));
     }
     let log_support = requests.max(agg.logs);
-    out.push(
+    out.rate(
         Feature::ErrorLogRate,
         "",
-        Some(agg.error_logs as f64 / window_secs),
+        agg.error_logs,
+        window_secs,
         log_support,
     );
     for (series, m) in &agg.metrics {
@@ -252,10 +268,27 @@ pub fn window_features(agg: &Aggregate, window_secs: f64, known: &BTreeSet<Featu
             .filter(|k| k.feature.zero_when_absent() && !present.contains(k))
             .cloned()
             .collect();
-        out.extend(absent.into_iter().map(|key| FeatureValue {
-            key,
-            value: 0.0,
-            support: requests,
+        out.extend(absent.into_iter().map(|key| {
+            let counts = match key.feature {
+                Feature::OperationShare => Counts::Of {
+                    events: 0,
+                    trials: requests,
+                },
+                Feature::CallsPerRequest => Counts::Per {
+                    events: 0,
+                    exposure: requests as f64,
+                },
+                _ => Counts::Per {
+                    events: 0,
+                    exposure: window_secs,
+                },
+            };
+            FeatureValue {
+                key,
+                value: 0.0,
+                support: requests,
+                counts: Some(counts),
+            }
         }));
     }
     out

@@ -13,6 +13,7 @@
 //! - `anomaly`: when a version's feature has left its own baseline, with hysteresis.
 //! - `window`: event-time buckets, the per-app watermark, and evaluation windows.
 //! - `features`: the numbers a closed window yields (rates, ratios, quantiles, shares).
+//! - `counts`: the counts behind ratios and rates, and their exact binomial and Poisson tails.
 //! - `judge`: canary analyses: the checks, the sequential decision, stages and gates, models.
 //! - `engine`: `Engine`, which drives all of the above batch by batch.
 //! - `rng`: a seeded generator for synthetic data.
@@ -20,6 +21,7 @@
 pub mod anomaly;
 pub mod baseline;
 pub mod catalog;
+pub mod counts;
 pub mod delta;
 mod engine;
 pub mod features;

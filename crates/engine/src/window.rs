@@ -88,7 +88,17 @@ impl RequestAggregate {
 pub struct MetricAggregate {
     /// Sum of counter increments.
     pub increment: f64,
+    /// Counter points (samples of increments) that landed here.
     pub increments: u64,
+    /// The increments not yet attributed to the time they cover: `(start, end, value)` each. A
+    /// cumulative point after a gap carries everything of the gap; where it lands (the second of
+    /// its `end`) is not where it happened. Evaluation windows keep only the part of each that
+    /// falls within them (`VersionWindows::close`); the judge's history spreads each over the
+    /// requests of the seconds it covers (`judge::history`).
+    pub intervals: Vec<(EventTime, EventTime, f64)>,
+    /// Requests of the version over the time this series' increments cover: what increments
+    /// per request are counted against. Set by the judge's history; 0 elsewhere.
+    pub exposure: f64,
     /// Sum and count of gauge readings.
     pub level_sum: f64,
     pub levels: u64,
@@ -99,9 +109,10 @@ pub struct MetricAggregate {
 impl MetricAggregate {
     pub fn add(&mut self, sample: &Sample) {
         match sample {
-            Sample::Increment { value, .. } => {
+            Sample::Increment { start, end, value } => {
                 self.increment += value;
                 self.increments += 1;
+                self.intervals.push((*start, *end, *value));
             }
             Sample::Level { value, .. } => {
                 self.level_sum += value;
@@ -155,6 +166,8 @@ impl MetricAggregate {
     fn merge(&mut self, other: &MetricAggregate) {
         self.increment += other.increment;
         self.increments += other.increments;
+        self.intervals.extend_from_slice(&other.intervals);
+        self.exposure += other.exposure;
         self.level_sum += other.level_sum;
         self.levels += other.levels;
         if let Some(d) = &other.distribution {
@@ -251,8 +264,9 @@ impl VersionWindows {
             if entry.key().saturating_add(config.bucket_ns) > closed_until {
                 break;
             }
-            let (start, bucket) = entry.remove_entry();
+            let (start, mut bucket) = entry.remove_entry();
             let window = window_of(start);
+            within_window(&mut bucket, window);
             match &mut self.rolling {
                 Some((w, agg, _)) if *w == window => agg.merge(&bucket),
                 _ => {
@@ -299,6 +313,25 @@ impl VersionWindows {
     /// Whether nothing is pending.
     pub fn is_idle(&self) -> bool {
         self.buckets.is_empty() && self.rolling.is_none()
+    }
+}
+
+/// Keeps, of each counter increment in `bucket`, the part that falls within the window starting
+/// at `window`, by time: a point that spans a gap reaching into earlier (closed) windows counts
+/// here for the part of the gap that is here, not for all of it.
+fn within_window(bucket: &mut Aggregate, window: EventTime) {
+    for m in bucket.metrics.values_mut() {
+        if m.intervals.iter().all(|(start, _, _)| *start >= window) {
+            continue;
+        }
+        m.increment = 0.0;
+        for (start, end, value) in &mut m.intervals {
+            if *start < window && *end > *start {
+                *value *= end.saturating_sub(window) as f64 / (*end - *start) as f64;
+                *start = window;
+            }
+            m.increment += *value;
+        }
     }
 }
 
@@ -493,6 +526,28 @@ mod tests {
         let closed = windows.close(u64::MAX, 0, &config);
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].end, u64::MAX);
+    }
+
+    #[test]
+    fn a_counter_point_counts_in_its_window_only_for_the_part_of_its_interval_there() {
+        let config = config();
+        let mut windows = VersionWindows::default();
+        let series = SeriesKey {
+            name: "orders".into(),
+            attributes: vec![],
+        };
+        // A cumulative point at 25 s after a gap since 5 s: 40 increments over 20 s, of which the
+        // window [20, 30) holds a quarter.
+        let sample = Sample::Increment {
+            start: 5 * S,
+            end: 25 * S,
+            value: 40.0,
+        };
+        let bucket = windows.bucket(25 * S, 0, &config).expect("open");
+        bucket.metrics.entry(series.clone()).or_default().add(&sample);
+        let closed = windows.close(40 * S, 0, &config);
+        let m = &closed[0].aggregate.metrics[&series];
+        assert_eq!((closed[0].start, m.increment, m.increments), (20 * S, 10.0, 1));
     }
 
     #[test]

@@ -3,14 +3,26 @@
 //! The last seconds are kept one bucket each, older ones in 10-second blocks, so that a ten-minute
 //! window merges about seventy aggregates rather than six hundred, and memory per version stays
 //! near seventy aggregates whatever the traffic.
+//!
+//! A counter's increment is attributed to the time it covers, not to the second its point
+//! arrived in: each increment is spread over the seconds of its interval in proportion to their
+//! requests (a cumulative point after a gap in its exports spans the gap, and its increments
+//! happened with the gap's requests), and each series counts, as its `exposure`, the requests of
+//! the seconds its increments have covered. Increments per request are then increments over
+//! exposure, both over the same time, whatever the points' spacing.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
-use crate::observation::EventTime;
-use crate::window::Aggregate;
+use crate::observation::{EventTime, SeriesKey};
+use crate::window::{Aggregate, MetricAggregate};
 
 const SECOND: EventTime = 1_000_000_000;
 const BLOCK: EventTime = 10 * SECOND;
+
+/// `series`' aggregate in `agg`.
+fn m_of<'a>(agg: &'a mut Aggregate, series: &SeriesKey) -> &'a mut MetricAggregate {
+    agg.metrics.entry(series.clone()).or_default()
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct History {
@@ -22,6 +34,13 @@ pub struct History {
     blocks: VecDeque<(EventTime, Aggregate)>,
     /// How far back blocks are kept.
     keep: EventTime,
+    /// The requests of each second that had any, oldest first, as far back as blocks are kept.
+    requests: VecDeque<(EventTime, u64)>,
+    /// The earliest instant whose requests are known: the first bucket's start, or where the
+    /// kept blocks begin. Increments over time before it are not attributed.
+    known_from: Option<EventTime>,
+    /// Per counter series, the time its attributed increments cover.
+    covered: BTreeMap<SeriesKey, (EventTime, EventTime)>,
 }
 
 impl History {
@@ -32,8 +51,28 @@ impl History {
         }
     }
 
-    /// Adds the closed bucket that starts at `start`. Buckets come in time order.
+    /// Adds the closed bucket that starts at `start`, with its counters' increments attributed
+    /// to the time they cover. Buckets come in time order.
     pub fn push(&mut self, start: EventTime, bucket: &Aggregate) {
+        let mut bucket = bucket.clone();
+        let mut increments = Vec::new();
+        for (series, m) in &mut bucket.metrics {
+            for interval in m.intervals.drain(..) {
+                increments.push((series.clone(), interval));
+            }
+            m.increment = 0.0;
+        }
+        if bucket.all.requests > 0 {
+            self.requests.push_back((start, bucket.all.requests));
+        }
+        self.known_from.get_or_insert(start);
+        self.add_bucket(start, bucket);
+        for (series, (from, to, value)) in increments {
+            self.attribute(&series, start, (from, to), value);
+        }
+    }
+
+    fn add_bucket(&mut self, start: EventTime, bucket: Aggregate) {
         self.seconds.push_back((start, bucket.clone()));
         while self
             .seconds
@@ -44,17 +83,116 @@ impl History {
         }
         let block_start = start - start % BLOCK;
         match &mut self.block {
-            Some((b, agg)) if *b == block_start => agg.merge(bucket),
+            Some((b, agg)) if *b == block_start => agg.merge(&bucket),
             _ => {
                 if let Some(done) = self.block.take() {
                     self.blocks.push_back(done);
                 }
-                self.block = Some((block_start, bucket.clone()));
+                self.block = Some((block_start, bucket));
             }
         }
         let horizon = block_start.saturating_sub(self.keep);
         while self.blocks.front().is_some_and(|(b, _)| *b < horizon) {
             self.blocks.pop_front();
+        }
+        let kept_from = self.blocks.front().map_or(block_start, |(b, _)| *b);
+        while self.requests.front().is_some_and(|(s, _)| *s < kept_from) {
+            self.requests.pop_front();
+        }
+        if let Some(known) = &mut self.known_from {
+            *known = (*known).max(kept_from);
+        }
+    }
+
+    /// Attributes `value`, a counter's increment over `[from, to)` that landed in the second
+    /// starting at `landed`: the part of it over time before `known_from` is dropped (by time);
+    /// the rest is spread over the seconds of its interval in proportion to their requests (to
+    /// the second it landed in, when they had none). The requests of the seconds the interval
+    /// covers for the first time count as the series' exposure.
+    fn attribute(
+        &mut self,
+        series: &SeriesKey,
+        landed: EventTime,
+        (from, to): (EventTime, EventTime),
+        value: f64,
+    ) {
+        let known = self.known_from.unwrap_or(landed);
+        let start = from.max(known);
+        if to <= start {
+            // Zero-length, or entirely before what is known: a point's own total, or a gap's.
+            if to == from && to >= known {
+                self.with_parts(landed, |m| m_of(m, series).increment += value);
+            }
+            return;
+        }
+        let value = value * (to - start) as f64 / (to - from) as f64;
+        let weights = self.request_weights(start, to);
+        let total: f64 = weights.iter().map(|(_, w)| w).sum();
+        if total > 0.0 {
+            for (second, w) in weights {
+                self.with_parts(second, |m| m_of(m, series).increment += value * w / total);
+            }
+        } else {
+            self.with_parts(landed, |m| m_of(m, series).increment += value);
+        }
+        // Exposure for the time not covered before.
+        let (newly, covered) = match self.covered.get(series) {
+            None => (vec![(start, to)], (start, to)),
+            Some(&(a, b)) => {
+                let mut newly = Vec::new();
+                if start < a {
+                    newly.push((start, to.min(a)));
+                }
+                if to > b {
+                    newly.push((start.max(b), to));
+                }
+                (newly, (a.min(start), b.max(to)))
+            }
+        };
+        self.covered.insert(series.clone(), covered);
+        for (lo, hi) in newly {
+            for (second, w) in self.request_weights(lo, hi) {
+                self.with_parts(second, |m| m_of(m, series).exposure += w);
+            }
+        }
+    }
+
+    /// The requests of each second overlapping `[from, to)`, each weighted by the share of the
+    /// second that overlaps.
+    fn request_weights(&self, from: EventTime, to: EventTime) -> Vec<(EventTime, f64)> {
+        let first = self
+            .requests
+            .partition_point(|(s, _)| s.saturating_add(SECOND) <= from);
+        self.requests
+            .range(first..)
+            .take_while(|(s, _)| *s < to)
+            .map(|(s, n)| {
+                let overlap = to.min(s.saturating_add(SECOND)) - from.max(*s);
+                (*s, *n as f64 * overlap as f64 / SECOND as f64)
+            })
+            .collect()
+    }
+
+    /// Applies `f` to the second starting at `second`, where it is still kept on its own, and to
+    /// its block.
+    fn with_parts(&mut self, second: EventTime, f: impl Fn(&mut Aggregate)) {
+        let i = self.seconds.partition_point(|(s, _)| *s < second);
+        if let Some((s, agg)) = self.seconds.get_mut(i)
+            && *s == second
+        {
+            f(agg);
+        }
+        let block = second - second % BLOCK;
+        match &mut self.block {
+            Some((b, agg)) if *b == block => f(agg),
+            _ => {
+                let i = self.blocks.partition_point(|(b, _)| *b < block);
+                if let Some((b, agg)) = self.blocks.get_mut(i)
+                    && *b == block
+                {
+                    f(agg);
+                }
+            }
         }
     }
 
@@ -191,6 +329,69 @@ mod tests {
                 "{horizon}"
             );
         }
+    }
+
+    fn orders() -> SeriesKey {
+        SeriesKey {
+            name: "orders".into(),
+            attributes: vec![],
+        }
+    }
+
+    /// `requests` in a second, and a counter point landing in it with `value` over `[from, to)`.
+    fn with_point(requests: u64, from: EventTime, to: EventTime, value: f64) -> Aggregate {
+        let mut a = bucket(requests);
+        let m = a.metrics.entry(orders()).or_default();
+        m.increment = value;
+        m.increments = 1;
+        m.intervals.push((from, to, value));
+        a
+    }
+
+    fn orders_in(w: &Aggregate) -> (f64, f64) {
+        w.metrics
+            .get(&orders())
+            .map_or((0.0, 0.0), |m| (m.increment, m.exposure))
+    }
+
+    #[test]
+    fn a_point_after_a_gap_is_spread_over_the_requests_of_the_gap() {
+        let mut h = History::new(600);
+        // Four requests a second for 300 s (a busy hour), then one a second; the counter's
+        // points stop at 100 s and the next comes at 400 s: 600 increments over [100, 400).
+        for s in 0..400u64 {
+            let requests = if s < 300 { 4 } else { 1 };
+            let b = match s {
+                99 => with_point(requests, 0, 100 * SECOND, 400.0),
+                399 => with_point(requests, 100 * SECOND, 400 * SECOND, 1_300.0),
+                _ => bucket(requests),
+            };
+            h.push(s * SECOND, &b);
+        }
+        let now = 400 * SECOND;
+        // The last 100 s had 100 of the gap's 900 requests: a ninth of its increments, not all.
+        let (increment, exposure) = orders_in(&h.trailing(now, &[100])[0]);
+        assert!((increment - 1_300.0 / 9.0).abs() < 1e-6, "{increment}");
+        assert!((exposure - 100.0).abs() < 1e-6, "{exposure}");
+        // Everything covered: 1,700 increments over 1,300 requests, wherever the windows fall.
+        let (increment, exposure) = orders_in(&h.trailing(now, &[600])[0]);
+        assert!((increment - 1_700.0).abs() < 1e-6 && (exposure - 1_300.0).abs() < 1e-6);
+        let (increment, exposure) = orders_in(&h.trailing(now, &[10])[0]);
+        assert!((increment - 1_300.0 / 90.0).abs() < 1e-6 && (exposure - 10.0).abs() < 1e-6);
+        // Seconds not covered yet count no exposure: the second after the point has none.
+        h.push(400 * SECOND, &bucket(7));
+        let (_, exposure) = orders_in(&h.trailing(401 * SECOND, &[5])[0]);
+        assert!((exposure - 4.0).abs() < 1e-6, "{exposure}");
+    }
+
+    #[test]
+    fn increments_over_time_before_the_history_are_dropped_by_time() {
+        let mut h = History::new(600);
+        h.push(100 * SECOND, &bucket(2));
+        // A first point whose interval began 100 s before the history did: half of it is ours.
+        h.push(199 * SECOND, &with_point(2, 0, 200 * SECOND, 50.0));
+        let (increment, exposure) = orders_in(&h.trailing(200 * SECOND, &[600])[0]);
+        assert!((increment - 25.0).abs() < 1e-6 && (exposure - 4.0).abs() < 1e-6);
     }
 
     #[test]

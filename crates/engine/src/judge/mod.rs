@@ -446,8 +446,8 @@ impl Analysis {
         self.advance(&model, state, now, changes);
     }
 
-    /// The trailing windows of a look: each horizon on both versions, the stable's references,
-    /// and the windows of the baseline check and of the stage's gates.
+    /// The trailing windows of a look: each horizon on both versions (the same span of event
+    /// time), and the windows of the baseline check and of the stage's gates.
     fn collect_windows(&self, model: &Model, now: EventTime, baseline_window_s: u64) -> Trailing {
         let d = &model.decision;
         let horizons = d.horizons_s.clone();
@@ -462,7 +462,6 @@ impl Analysis {
         canary_h.push(baseline_window_s);
         canary_h.extend(gate_windows);
         let mut stable_h: Vec<u64> = horizons.clone();
-        stable_h.extend(horizons.iter().map(|h| (*h).max(d.reference_s)));
         stable_h.push(baseline_window_s);
         // Only whole parts: one the analysis began inside of, or one still filling, would pair a
         // counter's whole increment with part of its requests.
@@ -497,10 +496,7 @@ impl Analysis {
             if check.outcome != Outcome::Fail {
                 continue;
             }
-            let Some(reference) = trailing.reference(check.window_s) else {
-                continue;
-            };
-            if let Some(part) = self.rests_on_one_part(model, check, now, reference, &trailing.dispersion) {
+            if let Some(part) = self.rests_on_one_part(model, check, now, &trailing.dispersion) {
                 check.outcome = Outcome::Marginal;
                 check.message = format!(
                     "{} (but without its {} s starting at {} it is not significant: waiting for more)",
@@ -678,7 +674,6 @@ impl Analysis {
         model: &Model,
         check: &Check,
         now: EventTime,
-        reference: &Aggregate,
         dispersion: &checks::Dispersion,
     ) -> Option<EventTime> {
         let h = check.window_s;
@@ -705,7 +700,6 @@ impl Analysis {
                 seen_s: now.saturating_sub(self.started_at) / SECOND,
                 canary: &canary,
                 stable: &stable,
-                reference,
                 dispersion,
             };
             let mut out = Vec::new();
@@ -733,7 +727,7 @@ impl Analysis {
 struct Trailing {
     /// The canary's: each horizon, then the baseline check's, then each windowed gate's.
     canary: Vec<Aggregate>,
-    /// The stable's: each horizon, then each horizon's reference, then the baseline check's.
+    /// The stable's: each horizon, then the baseline check's.
     stable: Vec<Aggregate>,
     horizons: Vec<u64>,
     /// How much of the horizons the analysis has seen.
@@ -744,21 +738,13 @@ struct Trailing {
 impl Trailing {
     /// The windows of the `i`th horizon.
     fn windows(&self, i: usize) -> checks::Windows<'_> {
-        let n = self.horizons.len();
         checks::Windows {
             horizon_s: self.horizons[i],
             seen_s: self.seen_s,
             canary: &self.canary[i],
             stable: &self.stable[i],
-            reference: &self.stable[n + i],
             dispersion: &self.dispersion,
         }
-    }
-
-    /// The stable's reference for the horizon of `horizon_s`.
-    fn reference(&self, horizon_s: u64) -> Option<&Aggregate> {
-        let i = self.horizons.iter().position(|h| *h == horizon_s)?;
-        Some(&self.stable[self.horizons.len() + i])
     }
 
     fn baseline_canary(&self) -> &Aggregate {
@@ -766,7 +752,7 @@ impl Trailing {
     }
 
     fn baseline_stable(&self) -> &Aggregate {
-        &self.stable[2 * self.horizons.len()]
+        &self.stable[self.horizons.len()]
     }
 
     /// The canary's windows of the gates that have one, in the stage's order.

@@ -44,8 +44,9 @@ pub struct Decision {
     pub false_alarm_rate: f64,
     /// Trailing windows each check is evaluated on, at every closed second.
     pub horizons_s: Vec<u64>,
-    /// How much of the stable version's recent traffic is its reference (a longer reference is a
-    /// more precise one; the same-window comparison guards against shifts shared by both).
+    /// How much of the stable version's recent traffic its counts' dispersion (quasi-Poisson) is
+    /// measured on, and the timeline's mix and call graph shown over. Checks always compare the
+    /// canary with the stable over the same span: a longer window of the stable's lags any ramp.
     pub reference_s: u64,
     /// Looks in a row a check must fail before it counts, unless the evidence is gross.
     pub confirm_looks: u32,

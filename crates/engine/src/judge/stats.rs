@@ -5,36 +5,12 @@
 //! equivalent normal deviate, which is what checks report as their statistic.
 
 use statrs::distribution::{Beta, ChiSquared, ContinuousCDF, Normal};
-use statrs::function::beta::beta_reg;
+
+use crate::counts::{binomial_at_least, binomial_at_most};
 use statrs::function::factorial::ln_binomial;
 
 /// Smallest p-value reported: below it every decision is the same and the normal deviate stays finite.
 pub const MIN_P: f64 = 1e-300;
-
-/// P(X >= k) for X ~ Binomial(n, p).
-pub fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
-    if k == 0 {
-        return 1.0;
-    }
-    if k > n || p <= 0.0 {
-        return 0.0;
-    }
-    if p >= 1.0 {
-        return 1.0;
-    }
-    beta_reg(k as f64, (n - k + 1) as f64, p).clamp(0.0, 1.0)
-}
-
-/// P(X <= k) for X ~ Binomial(n, p).
-pub fn binomial_at_most(k: u64, n: u64, p: f64) -> f64 {
-    if k >= n || p <= 0.0 {
-        return 1.0;
-    }
-    if p >= 1.0 {
-        return 0.0;
-    }
-    beta_reg((n - k) as f64, (k + 1) as f64, 1.0 - p).clamp(0.0, 1.0)
-}
 
 /// Fisher's exact test, one-sided: the chance that the canary, holding `n_c` of the `n_c + n_s`
 /// trials, would hold `x_c` or more of the `x_c + x_s` successes if both shared one rate.
@@ -92,23 +68,43 @@ pub fn rate_tails(x_c: f64, exposure_c: f64, x_s: f64, exposure_s: f64) -> (f64,
     )
 }
 
-/// Pearson's chi-square goodness of fit of `observed` counts to the `expected` proportions
-/// (which need not sum to exactly 1). Returns (statistic, degrees of freedom, p-value).
-pub fn chi_square_fit(observed: &[f64], expected: &[f64]) -> Option<(f64, u64, f64)> {
-    let n: f64 = observed.iter().sum();
-    let total: f64 = expected.iter().sum();
-    if observed.len() < 2 || observed.len() != expected.len() || n <= 0.0 || total <= 0.0 {
+/// Pearson's chi-square test of homogeneity: whether two samples' counts over the same categories
+/// (`a[i]`, `b[i]`) come from one distribution, both samples being random (neither's shares are
+/// taken as known). Categories where either sample would expect fewer than 5 are pooled, as the
+/// test needs. Returns (statistic, degrees of freedom, p-value).
+pub fn chi_square_homogeneity(a: &[f64], b: &[f64]) -> Option<(f64, u64, f64)> {
+    let (n_a, n_b): (f64, f64) = (a.iter().sum(), b.iter().sum());
+    let n = n_a + n_b;
+    if a.len() != b.len() || n_a <= 0.0 || n_b <= 0.0 {
         return None;
     }
-    let statistic: f64 = observed
+    // Per category (after pooling the thin ones): counts of a, counts of b.
+    let mut cells: Vec<(f64, f64)> = Vec::new();
+    let mut pooled = (0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let total = x + y;
+        if (n_a.min(n_b) * total / n) < 5.0 {
+            pooled = (pooled.0 + x, pooled.1 + y);
+        } else {
+            cells.push((*x, *y));
+        }
+    }
+    if pooled.0 + pooled.1 > 0.0 {
+        cells.push(pooled);
+    }
+    if cells.len() < 2 {
+        return None;
+    }
+    let statistic: f64 = cells
         .iter()
-        .zip(expected)
-        .map(|(o, e)| {
-            let e = n * e / total;
-            if e > 0.0 { (o - e).powi(2) / e } else { 0.0 }
+        .map(|(x, y)| {
+            let total = x + y;
+            let (e_a, e_b) = (n_a * total / n, n_b * total / n);
+            let term = |o: f64, e: f64| if e > 0.0 { (o - e).powi(2) / e } else { 0.0 };
+            term(*x, e_a) + term(*y, e_b)
         })
         .sum();
-    let df = observed.len() as u64 - 1;
+    let df = cells.len() as u64 - 1;
     let p = ChiSquared::new(df as f64).ok()?.sf(statistic);
     Some((statistic, df, p.clamp(0.0, 1.0)))
 }
@@ -147,18 +143,6 @@ mod tests {
 
     fn close(a: f64, b: f64, tolerance: f64) -> bool {
         (a - b).abs() <= tolerance * b.abs().max(1e-300)
-    }
-
-    #[test]
-    fn binomial_tails_match_direct_sums() {
-        let (n, p) = (20u64, 0.1f64);
-        let pmf = |k: u64| (ln_binomial(n, k) + k as f64 * p.ln() + (n - k) as f64 * (1.0 - p).ln()).exp();
-        for k in 0..=n {
-            let at_least: f64 = (k..=n).map(pmf).sum();
-            let at_most: f64 = (0..=k).map(pmf).sum();
-            assert!(close(binomial_at_least(k, n, p), at_least, 1e-9), "k={k}");
-            assert!(close(binomial_at_most(k, n, p), at_most, 1e-9), "k={k}");
-        }
     }
 
     #[test]
@@ -227,13 +211,17 @@ mod tests {
     }
 
     #[test]
-    fn chi_square_fit_tells_a_changed_mix() {
-        let (_, df, p) = chi_square_fit(&[40.0, 30.0, 30.0], &[0.4, 0.3, 0.3]).expect("fits");
-        assert_eq!(df, 2);
-        assert!(p > 0.99);
-        let (_, _, p) = chi_square_fit(&[10.0, 30.0, 60.0], &[0.4, 0.3, 0.3]).expect("fits");
-        assert!(p < 1e-10);
-        assert!(chi_square_fit(&[1.0], &[1.0]).is_none());
+    fn chi_square_homogeneity_takes_both_samples_as_random() {
+        // A 2x2 table: 30/70 against 50/50, with 100 each: chi-square 8.33 on one degree.
+        let (stat, df, p) = chi_square_homogeneity(&[30.0, 70.0], &[50.0, 50.0]).expect("a test");
+        assert!(close(stat, 8.3333, 1e-4) && df == 1, "{stat} {df}");
+        assert!(close(p, 0.003892, 1e-3), "{p}");
+        // The same shares make no difference, whatever the sizes.
+        let (_, _, p) = chi_square_homogeneity(&[10.0, 30.0, 60.0], &[100.0, 300.0, 600.0]).expect("a test");
+        assert!(p > 0.999, "{p}");
+        let (_, df, p) = chi_square_homogeneity(&[10.0, 30.0, 60.0], &[400.0, 300.0, 300.0]).expect("a test");
+        assert!(df == 2 && p < 1e-10, "{p}");
+        assert_eq!(chi_square_homogeneity(&[5.0], &[5.0]), None);
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn baseline_checks(
             }
             // No canary value without canary requests: `decide` asks for them.
             (Some(_), None) => {}
-            (Some(baseline), Some(can)) => match baseline.deviation(can.value, config) {
+            (Some(baseline), Some(can)) => match baseline.deviation_of(can, config) {
                 None => {
                     evidence.power = Power::Waiting(format!(
                         "the baseline of {name} is still learning; {} canary requests needed once it has",
@@ -80,7 +80,7 @@ pub fn baseline_checks(
                 Some(dev) => {
                     let (value, mean) = (can.value, baseline.ewma.mean);
                     let stable_dev = value_of(stable, name)
-                        .and_then(|f| baseline.deviation(f.value, config))
+                        .and_then(|f| baseline.deviation_of(&f, config))
                         .unwrap_or(0.0);
                     evidence.test = Some(Tested {
                         // Only a rise is a regression for the features this check is meant for.

@@ -2,7 +2,7 @@
 //! (of the app, or of one operation) lie above the stable's quantile than the stable's own do.
 
 use super::{Check, Group, Test, decide};
-use super::{Evidence, Power, Significance, Subject, Tested, Thresholds, Windows};
+use super::{Evidence, Power, Significance, Subject, Tested, Thresholds, Windows, grown, stable_grows};
 use crate::judge::model::{Decision, LatencyCheck};
 use crate::judge::stats::fisher_greater;
 use crate::window::RequestAggregate;
@@ -22,36 +22,34 @@ pub(super) fn latency(
         Test::Exceedance,
     );
     let spec = s.spec(id, (l.critical, l.weight), t, l.min_ratio);
-    let (alpha, can, same, reference) = (spec.alpha, s.canary, s.stable, s.reference);
-    let stable_q = reference.latency_ms.quantile(q);
+    let (alpha, can, stable) = (spec.alpha, s.canary, s.stable);
+    let stable_q = stable.latency_ms.quantile(q);
     let canary_q = can.latency_ms.quantile(q);
-    let mut evidence = Evidence::of_requests((canary_q, stable_q), can, reference, w, d.min_requests);
+    let mut evidence = Evidence::of_requests((canary_q, stable_q), can, stable, w, d.min_requests);
     if let Some(stable_q) = stable_q {
         // How many requests of each lie above the stable's quantile: the canary's share of them
         // grows when its distribution moves up anywhere at or beyond that quantile.
         let above = |a: &RequestAggregate| a.latency_ms.count_above(stable_q).round() as u64;
-        let (e_c, e_s, e_r) = (above(can), above(same), above(reference));
+        let (e_c, e_s) = (above(can), above(stable));
         // The smallest slowdown worth acting on, as the stable's latencies stretched until its
         // quantile is `min_ratio` times and `min_increase_ms` more than it was: the share of
         // canary requests that would then lie above the stable's quantile.
         let stretch = l
             .min_ratio
             .max(1.0 + l.min_increase_ms / stable_q.max(f64::MIN_POSITIVE));
-        let p1 = (reference.latency_ms.count_above(stable_q / stretch) / reference.requests.max(1) as f64)
+        let p1 = (stable.latency_ms.count_above(stable_q / stretch) / stable.requests.max(1) as f64)
             .clamp(1.0 - q, 1.0);
         let shows = |n: u64| {
             let expected = (p1 * n as f64).ceil() as u64;
-            fisher_greater(expected, n, e_r, reference.requests) < alpha
+            let f = stable_grows(n, can.requests);
+            fisher_greater(expected, n, grown(e_s, f), grown(stable.requests, f)) < alpha
         };
         let effect = || format!("p{pct} {stretch:.2} times the stable's {stable_q:.1} ms");
         evidence.power = Power::of(can.requests, effect, shows);
         evidence.test = canary_q.map(|canary_q| {
             let effect = if stable_q > 0.0 { canary_q / stable_q } else { 1.0 };
             Tested {
-                significance: Significance::PValue {
-                    reference: fisher_greater(e_c, can.requests, e_r, reference.requests),
-                    same_window: fisher_greater(e_c, can.requests, e_s, same.requests),
-                },
+                significance: Significance::PValue(fisher_greater(e_c, can.requests, e_s, stable.requests)),
                 effect,
                 effect_ok: effect >= l.min_ratio && canary_q - stable_q >= l.min_increase_ms,
                 finding: format!("p{pct} {canary_q:.1} ms against the stable's {stable_q:.1} ms"),

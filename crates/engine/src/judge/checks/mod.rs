@@ -1,12 +1,13 @@
 //! One look at a canary: every check of the model on every trailing window, and the one rule that
 //! turns a check's evidence into `pass`, `fail` or `insufficient_data`.
 //!
-//! Each check compares the canary's window with the stable version twice: against the stable's
-//! longer reference (precise, and what the p-value is taken from) and against the stable in the
-//! very same window (which must point the same way, at a loose level, so that a change shared by
-//! both versions, such as a failing database, is never blamed on the canary). The signal families
-//! (`errors`, `latency`, `mix`, `rates`, `baseline`) only gather that evidence; `decide` alone
-//! judges it. A check fails only with both statistical significance and a practical effect from
+//! Each check compares the canary's window with the stable version over the very same span of
+//! event time, never with a longer, trailing one: when load and latency ramp (a daily or hourly
+//! cycle), a longer window lags the ramp and an identical canary looks slower than the stable's
+//! past. Over the same span both versions saw the same load, and a change both share (a failing
+//! database) is never blamed on the canary. (The learned baseline, `baseline`, is the one longer
+//! reference; it is seasonal, by hour of week.) The signal families (`errors`, `latency`, `mix`,
+//! `rates`, `baseline`) only gather that evidence; `decide` alone judges it. A check fails only with both statistical significance and a practical effect from
 //! the model, and passes only when its data could have revealed the model's minimum effect:
 //! otherwise it is `insufficient_data`, and says how many more canary requests it needs.
 
@@ -28,9 +29,6 @@ use super::stats::z_of;
 use crate::window::{Aggregate, RequestAggregate};
 
 pub use baseline::baseline_checks;
-
-/// Level the same-window comparison must reach to confirm the reference comparison's direction.
-pub const SAME_WINDOW_ALPHA: f64 = 0.05;
 
 /// More canary requests than this are never worth asking for: a minimum effect this data cannot
 /// show at any plausible traffic is reported as such.
@@ -271,7 +269,7 @@ pub struct Check {
     pub weight: f64,
     pub outcome: Outcome,
     pub canary_value: Option<f64>,
-    /// The stable's value in the reference window (or the learned baseline's, for baseline checks).
+    /// The stable's value in the same window (or the learned baseline's, for baseline checks).
     pub baseline_value: Option<f64>,
     pub canary_samples: u64,
     pub baseline_samples: u64,
@@ -302,7 +300,7 @@ pub struct Spec {
     pub operation: Option<String>,
     pub critical: bool,
     pub weight: f64,
-    /// The p-value the reference comparison must go below (unused by the band test).
+    /// The p-value the comparison must go below (unused by the band test).
     pub alpha: f64,
     /// The practical effect worth acting on, in `effect_kind` units.
     pub min_effect: f64,
@@ -347,12 +345,12 @@ pub struct Evidence {
 }
 
 impl Evidence {
-    /// Evidence about the canary's `requests` against the stable's `reference` ones in window `w`,
-    /// with nothing compared yet: until the check finds a reference, it waits for one.
+    /// Evidence about the canary's `requests` against the stable's `stable` ones in window `w`,
+    /// with nothing compared yet: until the check finds stable requests, it waits for them.
     fn of_requests(
         values: (Option<f64>, Option<f64>),
         requests: &RequestAggregate,
-        reference: &RequestAggregate,
+        stable: &RequestAggregate,
         w: &Windows<'_>,
         min_requests: u64,
     ) -> Evidence {
@@ -360,12 +358,12 @@ impl Evidence {
             canary_value: values.0,
             baseline_value: values.1,
             canary_samples: requests.requests,
-            baseline_samples: reference.requests,
+            baseline_samples: stable.requests,
             canary_requests: requests.requests,
             canary_rps: w.rps(requests.requests),
             test: None,
             power: Power::Waiting(format!(
-                "no stable requests in the reference to compare with; {} canary requests needed once there are",
+                "no stable requests in the window to compare with; {} canary requests needed once there are",
                 thousands(min_requests)
             )),
         }
@@ -386,8 +384,8 @@ pub struct Tested {
 
 /// How strongly the canary differs from the stable.
 pub enum Significance {
-    /// p-values of the comparison with the stable's reference and with the stable's same window.
-    PValue { reference: f64, same_window: f64 },
+    /// The p-value of the comparison with the stable in the same window.
+    PValue(f64),
     /// Band half-widths from a learned baseline, of the canary and of the stable in the same
     /// window, and whether the canary lies above the band's centre.
     Band { canary: f64, stable: f64, above: bool },
@@ -397,7 +395,7 @@ pub enum Significance {
 pub enum Power {
     Enough,
     /// No: the minimum effect in words, and the canary requests it would take to show it (`None`:
-    /// no number would, against this reference).
+    /// no number would, against this stable window).
     Short {
         effect: String,
         needed: Option<u64>,
@@ -442,9 +440,8 @@ impl Power {
     }
 }
 
-/// The one decision rule. A check fails with significance against the stable's reference at its
-/// threshold, the same direction against the stable's same window at `SAME_WINDOW_ALPHA`, and
-/// the model's minimum effect; it passes only when its data could have revealed that minimum
+/// The one decision rule. A check fails with significance against the stable in the same window
+/// at its threshold, and the model's minimum effect; it passes only when its data could have revealed that minimum
 /// effect; anything else is `insufficient_data`, with the canary requests still needed.
 pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
     let group = spec.id.group;
@@ -480,10 +477,7 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
     let significant = evidence.test.as_ref().map(|t| {
         (
             match t.significance {
-                Significance::PValue {
-                    reference,
-                    same_window,
-                } => reference < spec.alpha && same_window < SAME_WINDOW_ALPHA,
+                Significance::PValue(p) => p < spec.alpha,
                 Significance::Band {
                     canary,
                     stable,
@@ -495,7 +489,7 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
     });
     if let Some((_, t)) = &significant {
         (check.statistic, check.p_value) = match t.significance {
-            Significance::PValue { reference, .. } => (Some(z_of(reference)), Some(reference)),
+            Significance::PValue(p) => (Some(z_of(p)), Some(p)),
             Significance::Band { canary, .. } => (Some(canary), None),
         };
         check.effect = Some(t.effect.min(1e9));
@@ -533,7 +527,7 @@ fn still_needed(n: u64, min_requests: u64, power: Power, rps: f64) -> String {
     };
     let Some(needed) = needed else {
         return format!(
-            "{why}, and no number of them could against this stable reference: more stable requests needed first"
+            "{why}, and no number of them could against the stable's window: more stable requests needed first"
         );
     };
     format!("{why}; {}", more_needed(n, needed, rps))
@@ -585,14 +579,13 @@ fn rate(rps: f64) -> String {
     }
 }
 
-/// The windows of one horizon.
+/// The windows of one horizon: both versions over the same span of event time.
 pub struct Windows<'a> {
     pub horizon_s: u64,
     /// How much of the horizon the analysis has seen (it may have started more recently).
     pub seen_s: u64,
     pub canary: &'a Aggregate,
     pub stable: &'a Aggregate,
-    pub reference: &'a Aggregate,
     pub dispersion: &'a Dispersion,
 }
 
@@ -625,32 +618,41 @@ pub struct Dispersion(BTreeMap<String, f64>);
 impl Dispersion {
     /// From the parts (seconds or blocks) of the stable's reference window.
     pub fn of(parts: &[(crate::observation::EventTime, &Aggregate)]) -> Dispersion {
-        // Each part's counts by key; a part without a key had none of it.
-        let parts: Vec<(f64, BTreeMap<String, f64>)> = parts
+        // Each part's counts by key, over their exposure: the part's requests (a part without
+        // a key had none of it), or for a counter the requests of the time its increments
+        // cover there (a part it does not cover says nothing of it).
+        let parts: Vec<(f64, PartCounts)> = parts
             .iter()
             .filter(|(_, p)| p.all.requests > 0)
             .map(|(_, p)| {
+                let n = p.all.requests as f64;
                 let mut counts = BTreeMap::new();
                 for (d, (calls, _)) in &p.calls {
-                    counts.insert(format!("call:{d}"), *calls as f64);
+                    counts.insert(format!("call:{d}"), (*calls as f64, n));
                 }
                 for (t, c) in &p.exceptions {
-                    counts.insert(format!("exception:{t}"), *c as f64);
+                    counts.insert(format!("exception:{t}"), (*c as f64, n));
                 }
-                counts.insert("error_logs".to_owned(), p.error_logs as f64);
+                counts.insert("error_logs".to_owned(), (p.error_logs as f64, n));
                 for (series, m) in &p.metrics {
-                    counts.insert(format!("metric:{series}"), m.increment);
+                    counts.insert(format!("metric:{series}"), (m.increment, m.exposure));
                 }
-                (p.all.requests as f64, counts)
+                (n, counts)
             })
             .collect();
         let keys: std::collections::BTreeSet<&String> = parts.iter().flat_map(|(_, c)| c.keys()).collect();
         let factors = keys
             .into_iter()
             .map(|key| {
+                let metric = key.starts_with("metric:");
                 let pairs: Vec<(f64, f64)> = parts
                     .iter()
-                    .map(|(n, counts)| (counts.get(key).copied().unwrap_or(0.0), *n))
+                    .filter_map(|(n, counts)| match counts.get(key) {
+                        Some(pair) => Some(*pair),
+                        None if metric => None,
+                        None => Some((0.0, *n)),
+                    })
+                    .filter(|(_, exposure)| *exposure > 0.0)
                     .collect();
                 (key.clone(), quasi_poisson_factor(&pairs))
             })
@@ -662,6 +664,9 @@ impl Dispersion {
         self.0.get(key).copied().unwrap_or(1.0)
     }
 }
+
+/// One part's (count, exposure) by key.
+type PartCounts = BTreeMap<String, (f64, f64)>;
 
 /// Pearson's dispersion statistic over (count, exposure) pairs, at least 1.
 fn quasi_poisson_factor(pairs: &[(f64, f64)]) -> f64 {
@@ -784,12 +789,11 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
     rates::evaluate(model, w, t, out);
 }
 
-/// An operation's requests (or the whole app's) in each of the three windows.
+/// An operation's requests (or the whole app's) in both versions' windows.
 pub(crate) struct Subject<'a> {
     pub operation: Option<String>,
     pub canary: &'a RequestAggregate,
     pub stable: &'a RequestAggregate,
-    pub reference: &'a RequestAggregate,
 }
 
 /// The whole app, then each operation the canary served when `per_operation`.
@@ -800,7 +804,6 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
         operation: None,
         canary: &w.canary.all,
         stable: &w.stable.all,
-        reference: &w.reference.all,
     };
     let operations = w
         .canary
@@ -811,7 +814,6 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
             operation: Some(op.clone()),
             canary: can,
             stable: w.stable.operations.get(op).unwrap_or(empty),
-            reference: w.reference.operations.get(op).unwrap_or(empty),
         });
     std::iter::once(app).chain(operations).collect()
 }
@@ -829,6 +831,19 @@ impl Subject<'_> {
             subject: self.operation.clone(),
         }
     }
+}
+
+/// How much the stable's counts grow while the canary's grow from `have` requests to `n`: both
+/// are counted over the same span, so more canary requests take more time and bring the stable's
+/// with them, in the proportion they are in now (as if the canary had one request, when it has
+/// none). What the power questions assume of the stable at `n` canary requests.
+fn stable_grows(n: u64, have: u64) -> f64 {
+    (n as f64 / have.max(1) as f64).max(1.0)
+}
+
+/// `count` grown by `factor`, as a count.
+fn grown(count: u64, factor: f64) -> u64 {
+    (count as f64 * factor).round() as u64
 }
 
 /// `n / d`, when there is anything to divide by.

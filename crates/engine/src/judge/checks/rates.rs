@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Check, Feature, Group, Test, decide, ratio, thousands};
+use super::{Check, Feature, Group, Test, decide, ratio, stable_grows, thousands};
 use super::{Evidence, Power, Significance, Spec, Tested, Thresholds, Windows};
 use crate::judge::model::{CallGraphCheck, Decision, MetricsCheck, Model, RateCheck};
 use crate::judge::stats::rate_tails;
@@ -23,7 +23,7 @@ pub(super) fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut
     let d = &model.decision;
     let c = &model.checks;
     if let Some(g) = &c.call_graph {
-        let downstreams: BTreeSet<&String> = w.canary.calls.keys().chain(w.reference.calls.keys()).collect();
+        let downstreams: BTreeSet<&String> = w.canary.calls.keys().chain(w.stable.calls.keys()).collect();
         for ds in downstreams {
             out.push(call_graph(g, d, ds, w, t));
         }
@@ -33,7 +33,7 @@ pub(super) fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut
             .canary
             .exceptions
             .keys()
-            .chain(w.reference.exceptions.keys())
+            .chain(w.stable.exceptions.keys())
             .collect();
         for ty in types {
             let counts = Counts::of(w, &format!("exception:{ty}"), |a| {
@@ -60,7 +60,7 @@ pub(super) fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut
         && w.horizon_s >= m.min_horizon_s
     {
         let series: BTreeSet<_> = w
-            .reference
+            .stable
             .metrics
             .iter()
             .filter(|(_, a)| a.increments > 0)
@@ -72,27 +72,39 @@ pub(super) fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut
     }
 }
 
-/// Events of one kind in the canary's window, the stable's same window and its reference, over
-/// their requests, and the stable's dispersion of them.
+/// Events of one kind in the canary's window and the stable's same window, over their requests,
+/// and the stable's dispersion of them.
 struct Counts {
-    x: (f64, f64, f64),
-    n: (f64, f64, f64),
+    /// Events: the canary's, the stable's.
+    x: (f64, f64),
+    /// Requests: the canary's, the stable's.
+    n: (f64, f64),
     phi: f64,
 }
 
 impl Counts {
+    /// Events per request of each version.
     fn of(w: &Windows<'_>, dispersion_key: &str, count: impl Fn(&Aggregate) -> f64) -> Counts {
-        let requests = |a: &Aggregate| a.all.requests as f64;
+        Counts::over(w, dispersion_key, count, |a| a.all.requests as f64)
+    }
+
+    /// Events over each version's `exposure` (in requests).
+    fn over(
+        w: &Windows<'_>,
+        dispersion_key: &str,
+        count: impl Fn(&Aggregate) -> f64,
+        exposure: impl Fn(&Aggregate) -> f64,
+    ) -> Counts {
         Counts {
-            x: (count(w.canary), count(w.stable), count(w.reference)),
-            n: (requests(w.canary), requests(w.stable), requests(w.reference)),
+            x: (count(w.canary), count(w.stable)),
+            n: (exposure(w.canary), exposure(w.stable)),
             phi: w.dispersion.get(dispersion_key),
         }
     }
 
-    /// Events per request of the canary and of the stable's reference.
+    /// Events per request of the canary and of the stable.
     fn rates(&self) -> (Option<f64>, Option<f64>) {
-        (ratio(self.x.0, self.n.0), ratio(self.x.2, self.n.2))
+        (ratio(self.x.0, self.n.0), ratio(self.x.1, self.n.1))
     }
 
     /// (P(as many or more), P(as few or fewer)) of `x_c` canary events on `n_c` requests, against
@@ -101,45 +113,32 @@ impl Counts {
         rate_tails(x_c / self.phi, n_c, x / self.phi, n)
     }
 
-    /// The p-values of growth against the reference and the same window.
+    /// The p-value of growth.
     fn growth(&self) -> Significance {
-        Significance::PValue {
-            reference: self.tails(self.x.0, self.n.0, (self.x.2, self.n.2)).0,
-            same_window: self.tails(self.x.0, self.n.0, (self.x.1, self.n.1)).0,
-        }
+        Significance::PValue(self.tails(self.x.0, self.n.0, (self.x.1, self.n.1)).0)
     }
 
-    /// The two-sided p-values of a change either way, and whether the canary's rate grew.
+    /// The two-sided p-value of a change either way, and whether the canary's rate grew.
     fn change(&self) -> (Significance, bool) {
-        let (up, down) = self.tails(self.x.0, self.n.0, (self.x.2, self.n.2));
-        let (up_same, down_same) = self.tails(self.x.0, self.n.0, (self.x.1, self.n.1));
-        let (reference, same_window, grew) = if up <= down {
-            ((2.0 * up).min(1.0), up_same, true)
-        } else {
-            ((2.0 * down).min(1.0), down_same, false)
-        };
-        (
-            Significance::PValue {
-                reference,
-                same_window,
-            },
-            grew,
-        )
+        let (up, down) = self.tails(self.x.0, self.n.0, (self.x.1, self.n.1));
+        (Significance::PValue((2.0 * up.min(down)).min(1.0)), up <= down)
     }
 
     /// Whether `n` canary requests at `rate` events each would differ significantly from the
-    /// reference, growing (`up`) or shrinking, at `alpha` (`sides` = 2 for a two-sided test).
+    /// stable (grown with them), growing (`up`) or shrinking, at `alpha` (`sides` = 2 for a
+    /// two-sided test).
     fn shows(&self, rate: f64, n: u64, up: bool, sides: f64, alpha: f64) -> bool {
+        let f = stable_grows(n, self.n.0 as u64);
         let n = n as f64;
         let x = if up { (rate * n).ceil() } else { (rate * n).floor() };
-        let (more, fewer) = self.tails(x, n, (self.x.2, self.n.2));
+        let (more, fewer) = self.tails(x, n, (self.x.1 * f, self.n.1 * f));
         sides * if up { more } else { fewer } < alpha
     }
 
     /// Evidence about the canary's requests, nothing compared yet.
     fn evidence(&self, w: &Windows<'_>, min_requests: u64) -> Evidence {
-        let (c, r) = (&w.canary.all, &w.reference.all);
-        Evidence::of_requests(self.rates(), c, r, w, min_requests)
+        let (c, s) = (&w.canary.all, &w.stable.all);
+        Evidence::of_requests(self.rates(), c, s, w, min_requests)
     }
 }
 
@@ -163,7 +162,7 @@ fn growth(
     let effect = || format!("{feature} of {target:.4} per request");
     evidence.power = Power::of(w.canary.all.requests, effect, shows);
     evidence.test = rate_c.map(|rate_c| {
-        let new = counts.x.2 == 0.0 && counts.x.0 > 0.0;
+        let new = counts.x.1 == 0.0 && counts.x.0 > 0.0;
         let against = format!("{feature}: {rate_c:.4} per request against the stable's {rate_r:.4}");
         Tested {
             significance: counts.growth(),
@@ -185,8 +184,8 @@ fn growth(
 }
 
 /// The power of a two-sided rate test to show a change to `up` (and, where possible, `down`)
-/// events per request.
-fn either_way(counts: &Counts, w: &Windows<'_>, alpha: f64, up: f64, down: Option<f64>, what: &str) -> Power {
+/// events per request, from the canary's `have` requests.
+fn either_way(counts: &Counts, have: u64, alpha: f64, up: f64, down: Option<f64>, what: &str) -> Power {
     let shows = |n| {
         counts.shows(up, n, true, 2.0, alpha) && down.is_none_or(|r| counts.shows(r, n, false, 2.0, alpha))
     };
@@ -194,7 +193,7 @@ fn either_way(counts: &Counts, w: &Windows<'_>, alpha: f64, up: f64, down: Optio
         Some(down) => format!("{what} of {up:.3} or {down:.3}"),
         None => format!("{what} of {up:.3}"),
     };
-    Power::of(w.canary.all.requests, effect, shows)
+    Power::of(have, effect, shows)
 }
 
 fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_>, t: &Thresholds) -> Check {
@@ -211,7 +210,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
     let (cpr_c, Some(cpr_r)) = counts.rates() else {
         return decide(spec, evidence, d.min_requests);
     };
-    let (x_c, x_r) = (counts.x.0, counts.x.2);
+    let (x_c, x_r) = (counts.x.0, counts.x.1);
     // How many calls a request makes depends on its operation, so over a few seconds the
     // operation mix alone moves calls per request far more than a count model allows: a known
     // edge's rate is judged on windows of `MIN_EDGE_RATE_S` or more. A new edge needs no such care.
@@ -225,7 +224,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
     let up = (cpr_r * g.min_ratio).max(cpr_r + g.min_change);
     let down = Some((cpr_r / g.min_ratio).min(cpr_r - g.min_change)).filter(|r| *r >= 0.0 && cpr_r > 0.0);
     let what = format!("calls per request to {downstream}");
-    evidence.power = either_way(&counts, w, spec.alpha, up, down, &what);
+    evidence.power = either_way(&counts, w.canary.all.requests, spec.alpha, up, down, &what);
     evidence.test = cpr_c.map(|cpr_c| {
         let (significance, grew) = counts.change();
         let effect = if cpr_r > 0.0 {
@@ -262,9 +261,17 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
         Test::PoissonRate,
     );
     let spec = Spec::new(id, None, (m.critical, m.weight), t, m.min_ratio, "ratio");
-    let counts = Counts::of(w, &format!("metric:{series}"), |a| {
-        a.metrics.get(series).map_or(0.0, |s| s.increment)
-    });
+    // Increments over the requests of the time they cover (`judge::history`), not over the
+    // window's requests: a point's increments may cover time before the window, or not yet reach
+    // its end.
+    let metric =
+        |a: &Aggregate, f: fn(&crate::window::MetricAggregate) -> f64| a.metrics.get(series).map_or(0.0, f);
+    let counts = Counts::over(
+        w,
+        &format!("metric:{series}"),
+        |a| metric(a, |m| m.increment),
+        |a| metric(a, |m| m.exposure),
+    );
     let mut evidence = counts.evidence(w, d.min_requests);
     // Counter points come every few seconds and a new series' first point carries no increment:
     // compare only windows the analysis saw whole, holding several of the canary's points.
@@ -291,7 +298,7 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
     let what = format!("{name} per request");
     evidence.power = either_way(
         &counts,
-        w,
+        counts.n.0.round() as u64,
         spec.alpha,
         per_r * m.min_ratio,
         Some(per_r / m.min_ratio),
