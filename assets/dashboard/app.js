@@ -394,7 +394,7 @@ function renderGates(canary) {
     const bounds = g.lower !== null && g.upper !== null ? `${fmtValue(g.metric, g.lower)} – ${fmtValue(g.metric, g.upper)}` : "—";
     return h(
       "tr",
-      { class: g.outcome === "fail" ? "row-fail" : "" },
+      { class: g.outcome === "fail" ? "row-fail" : g.outcome === "shared" ? "row-marginal" : "" },
       h("td", {}, g.metric),
       h("td", { class: "num" }, fmtValue(g.metric, g.value)),
       h("td", { class: "num" }, bounds),

@@ -45,10 +45,14 @@ pub enum EventType {
     /// other versions: the reason's `test` says `ended` or `replaced`.
     #[serde(rename = "canaryd.canary.ended")]
     CanaryEnded,
+    /// A gate broke for both versions alike (a shared fault): the rollout holds, the canary is
+    /// not rolled back.
+    #[serde(rename = "canaryd.canary.held")]
+    CanaryHeld,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 9] = [
         EventType::CanaryStarted,
         EventType::CanaryStagePassed,
         EventType::CanaryFailed,
@@ -57,6 +61,7 @@ impl EventType {
         EventType::AnomalyResolved,
         EventType::CanaryRolledBack,
         EventType::CanaryEnded,
+        EventType::CanaryHeld,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +74,7 @@ impl EventType {
             EventType::AnomalyResolved => "canaryd.anomaly.resolved",
             EventType::CanaryRolledBack => "canaryd.canary.rolled_back",
             EventType::CanaryEnded => "canaryd.canary.ended",
+            EventType::CanaryHeld => "canaryd.canary.held",
         }
     }
 
@@ -322,6 +328,14 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
         ChangeKind::StagePassed | ChangeKind::Promoted => {
             out.extend(view.gates.iter().map(gate_reason));
         }
+        ChangeKind::Held => {
+            out.extend(
+                view.gates
+                    .iter()
+                    .filter(|g| g.outcome == GateOutcome::Shared)
+                    .map(gate_reason),
+            );
+        }
         ChangeKind::Started | ChangeKind::RolledBack | ChangeKind::Ended | ChangeKind::Replaced => {}
     }
     out
@@ -337,6 +351,7 @@ pub fn canary_event(change: &CanaryChange) -> Event {
         ChangeKind::Promoted => EventType::CanaryPromoted,
         ChangeKind::RolledBack => EventType::CanaryRolledBack,
         ChangeKind::Ended | ChangeKind::Replaced => EventType::CanaryEnded,
+        ChangeKind::Held => EventType::CanaryHeld,
     };
     let action = change.weight.map(|weight| Action {
         kind: "set_weight".into(),

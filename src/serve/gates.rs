@@ -320,7 +320,7 @@ fn reasons(view: &AnalysisView, with_marginal: bool) -> Vec<String> {
     let mut out: Vec<String> = view
         .gates
         .iter()
-        .filter(|g| g.outcome == GateOutcome::Fail)
+        .filter(|g| g.outcome == GateOutcome::Fail || with_marginal && g.outcome == GateOutcome::Shared)
         .map(|g| g.message.clone())
         .chain(checks.iter().map(|c| match &c.operation {
             Some(operation) => format!("{operation}: {}", c.message),

@@ -210,9 +210,9 @@ names_type!(
     "What a stage gate concluded",
     {
         let _ = |o: GateOutcome| match o {
-            GateOutcome::Pass | GateOutcome::Pending | GateOutcome::Fail => (),
+            GateOutcome::Pass | GateOutcome::Pending | GateOutcome::Fail | GateOutcome::Shared => (),
         };
-        [GateOutcome::Pass, GateOutcome::Pending, GateOutcome::Fail].map(serde_name)
+        GateOutcome::ALL.map(serde_name)
     }
 );
 

@@ -10,7 +10,7 @@ use canaryd_engine::judge::model::{
     CallGraphCheck, Checks, Decision, ErrorRatioCheck, Gate, GateMetric, LatencyCheck, MetricsCheck,
     OperationMixCheck, RateCheck,
 };
-use canaryd_engine::judge::{ChangeKind, Mode, Model, Stage, State};
+use canaryd_engine::judge::{ChangeKind, GateOutcome, Mode, Model, Stage, State};
 use canaryd_engine::rng::Rng;
 use canaryd_engine::{
     Batch, CallObservation, DownstreamSource, Engine, EngineConfig, ExceptionObservation, Identity,
@@ -117,6 +117,9 @@ struct Service {
     /// many seconds (an exporter that cannot reach the collector): the next point that gets
     /// through spans the gap, as cumulative points do.
     metric_outage: Option<(f64, u64)>,
+    /// From the fault's onset, every request of both versions fails with this chance: a fault
+    /// they share (a dependency's outage). The canary's own fault, if any, comes on top.
+    shared_error: Option<f64>,
 }
 
 impl Service {
@@ -135,6 +138,7 @@ impl Service {
             offset_s: 0,
             metric_every_s: 10,
             metric_outage: None,
+            shared_error: None,
         }
     }
 }
@@ -176,6 +180,9 @@ fn normal(rng: &mut Rng) -> f64 {
 struct Run {
     changes: Vec<(ChangeKind, u64)>,
     state: State,
+    /// The analysis's last score, and its gates' outcomes.
+    score: Option<f64>,
+    gates: Vec<GateOutcome>,
     fault_onset: u64,
     failing_checks: Vec<String>,
     passing_checks: Vec<String>,
@@ -253,8 +260,9 @@ fn run(service: &Service, model: Model) -> Run {
                 if let Fault::LatencyFactor(f) = fault {
                     latency *= f;
                 }
-                let error_p = match fault {
-                    Fault::ErrorRate(p) => p,
+                let error_p = match (fault, service.shared_error) {
+                    (Fault::ErrorRate(p), _) => p,
+                    (_, Some(p)) if faulty => p,
                     _ => service.base_error,
                 };
                 let error = rng.unit() < error_p;
@@ -371,6 +379,11 @@ fn run(service: &Service, model: Model) -> Run {
         failed_on,
         changes,
         state: view.as_ref().map_or(State::InsufficientData, |v| v.state),
+        score: view.as_ref().and_then(|v| v.score),
+        gates: view
+            .as_ref()
+            .map(|v| v.gates.iter().map(|g| g.outcome).collect())
+            .unwrap_or_default(),
         fault_onset: onset,
         failing_checks: view
             .map(|v| {
@@ -584,6 +597,100 @@ fn a_broken_gate_fails_the_canary() {
     let r = run(&Service::new(10, Fault::ErrorRate(0.2)), m);
     let delay = r.delay_s().expect("the gate fails the canary");
     assert!((0.0..60.0).contains(&delay), "{delay}");
+    assert_eq!(r.score, Some(0.0), "a failed canary's score says so");
+}
+
+/// The gates of the default model's first stage (availability over the stage, p99 over 60 s),
+/// and a stricter windowed error-rate gate, each observed for a minute.
+fn gated_stages() -> Vec<Stage> {
+    vec![Stage {
+        name: "10%".into(),
+        weight: 10.0,
+        observe_s: 60,
+        gates: vec![
+            Gate {
+                metric: GateMetric::Availability,
+                max: None,
+                min: Some(0.99),
+                window_s: 0,
+            },
+            Gate {
+                metric: GateMetric::ErrorRate,
+                max: Some(0.05),
+                min: None,
+                window_s: 60,
+            },
+        ],
+    }]
+}
+
+/// Issue 20, item 2: a fault both versions share (here 10% and 25% of every request failing, the
+/// stable's as much as the canary's) breaks the absolute gates for both alike. It is not the
+/// canary's doing: the rollout holds (no stage passes, no promotion), says so with a held
+/// change, and is never rolled back; state and score agree (marginal, at most the marginal line).
+#[test]
+fn a_gate_broken_by_both_versions_holds_the_rollout_instead_of_failing_the_canary() {
+    for (seed, shared) in [(31, 0.10), (32, 0.10), (33, 0.25), (34, 0.25)] {
+        // The fault starts before the stage's minute is up, so that it is judged before it
+        // could pass.
+        let service = Service {
+            shared_error: Some(shared),
+            fault_at_s: 20,
+            ..Service::new(seed, Fault::None)
+        };
+        let r = run(&service, model(gated_stages()));
+        let kinds: Vec<ChangeKind> = r.changes.iter().map(|c| c.0).collect();
+        assert!(
+            !kinds.contains(&ChangeKind::Failed),
+            "seed {seed}: {kinds:?} {:?}",
+            r.failed_on
+        );
+        assert!(
+            !kinds.contains(&ChangeKind::StagePassed) && !kinds.contains(&ChangeKind::Promoted),
+            "seed {seed}: {kinds:?}"
+        );
+        assert_eq!(
+            kinds.iter().filter(|k| **k == ChangeKind::Held).count(),
+            1,
+            "seed {seed}: {kinds:?}"
+        );
+        assert!(
+            r.gates.contains(&GateOutcome::Shared),
+            "seed {seed}: {:?}",
+            r.gates
+        );
+        assert_eq!(r.state, State::Marginal, "seed {seed}");
+        assert!(
+            r.score.is_some_and(|s| s <= Decision::default().marginal_score),
+            "seed {seed}: {:?}",
+            r.score
+        );
+    }
+}
+
+/// The other side of the same rule: a canary worse than a broken stable is still the canary's
+/// fault, and a gate the canary alone breaks fails it.
+#[test]
+fn a_canary_worse_than_a_broken_stable_or_alone_in_breaking_a_gate_still_fails() {
+    let worse = Service {
+        shared_error: Some(0.10),
+        fault_at_s: 20,
+        ..Service::new(35, Fault::ErrorRate(0.30))
+    };
+    let r = run(&worse, model(gated_stages()));
+    assert!(r.failed_at().is_some(), "{:?}", r.changes);
+    assert_eq!(r.score, Some(0.0));
+    let alone = Service {
+        fault_at_s: 20,
+        ..Service::new(36, Fault::ErrorRate(0.10))
+    };
+    let alone = run(&alone, model(gated_stages()));
+    assert!(alone.failed_at().is_some(), "{:?}", alone.changes);
+    assert!(
+        !alone.changes.iter().any(|c| c.0 == ChangeKind::Held),
+        "{:?}",
+        alone.changes
+    );
 }
 
 /// The spread of detection delays over many seeds at the public scenarios' traffic, and A/A runs

@@ -88,16 +88,26 @@ pub enum GateOutcome {
     Pass,
     Pending,
     Fail,
+    /// The canary breaks the gate, and the stable breaks it too over the same span: a fault both
+    /// share (a dependency's outage, a bad load balancer). Not the canary's doing, so it is not
+    /// rolled back for it; but no stage passes on a broken gate, so the rollout holds.
+    Shared,
 }
 
 impl GateOutcome {
-    pub const ALL: [GateOutcome; 3] = [GateOutcome::Pass, GateOutcome::Pending, GateOutcome::Fail];
+    pub const ALL: [GateOutcome; 4] = [
+        GateOutcome::Pass,
+        GateOutcome::Pending,
+        GateOutcome::Fail,
+        GateOutcome::Shared,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             GateOutcome::Pass => "pass",
             GateOutcome::Pending => "pending",
             GateOutcome::Fail => "fail",
+            GateOutcome::Shared => "shared",
         }
     }
 
@@ -208,6 +218,9 @@ pub enum ChangeKind {
     /// replaced it (replaced).
     Ended,
     Replaced,
+    /// A gate broke for both versions alike: the rollout holds (no stage passes) and is not
+    /// rolled back.
+    Held,
 }
 
 /// A decision worth an event.
@@ -438,12 +451,31 @@ impl Analysis {
         }
         let checks = self.confirm(combined, &thresholds, &model.decision);
         let gates = self.judge_gates(&model, &trailing, now);
-        let score = score(&checks);
+        let held = |gates: &[GateResult]| gates.iter().any(|g| g.outcome == GateOutcome::Shared);
+        let newly_held = held(&gates) && !held(&self.gates) && self.failed_at.is_none();
+        let mut score = score(&checks);
         let state = self.decide_state(&model, &checks, &gates, score, now);
+        // The score agrees with the state: a canary failed by a critical check or a gate scores
+        // 0 (as Kayenta's critical metrics do), and a held rollout no more than the marginal line.
+        if matches!(state, State::Failing | State::RolledBack) {
+            if score.is_none_or(|s| s >= model.decision.fail_score) {
+                score = Some(0.0);
+            }
+        } else if held(&gates) {
+            score = score.map(|s| s.min(model.decision.marginal_score));
+        }
         self.checks = checks;
         self.gates = gates;
         self.score = score;
         self.advance(&model, state, now, changes);
+        if newly_held && !self.state.is_final() && self.failed_at.is_none() {
+            changes.push(CanaryChange {
+                kind: ChangeKind::Held,
+                time: now,
+                weight: None,
+                view: self.view(),
+            });
+        }
     }
 
     /// The trailing windows of a look: each horizon on both versions (the same span of event
@@ -451,18 +483,26 @@ impl Analysis {
     fn collect_windows(&self, model: &Model, now: EventTime, baseline_window_s: u64) -> Trailing {
         let d = &model.decision;
         let horizons = d.horizons_s.clone();
-        let gate_windows = model
+        let gate_windows: Vec<u64> = model
             .stages
             .get(self.stage)
             .into_iter()
             .flat_map(|s| &s.gates)
-            .filter(|g| g.window_s > 0)
-            .map(|g| g.window_s);
+            .map(|g| g.window_s)
+            .collect();
         let mut canary_h: Vec<u64> = horizons.clone();
         canary_h.push(baseline_window_s);
-        canary_h.extend(gate_windows);
+        canary_h.extend(gate_windows.iter().filter(|w| **w > 0));
         let mut stable_h: Vec<u64> = horizons.clone();
         stable_h.push(baseline_window_s);
+        // The stable over each gate's span, to tell a shared fault from the canary's: a
+        // whole-stage gate's is the stage so far (as far as the stable's recent history goes).
+        let stage_s = now.saturating_sub(self.stage_started_at) / SECOND;
+        stable_h.extend(
+            gate_windows
+                .iter()
+                .map(|w| if *w > 0 { *w } else { stage_s.max(1) }),
+        );
         // Only whole parts: one the analysis began inside of, or one still filling, would pair a
         // counter's whole increment with part of its requests.
         let part_ns = if d.reference_s <= 10 { SECOND } else { 10 * SECOND };
@@ -546,11 +586,14 @@ impl Analysis {
             return Vec::new();
         };
         let mut windows = trailing.gate_windows();
+        let mut stable_windows = trailing.stable_gate_windows();
+        let confidence = model.decision.gate_confidence;
         stage
             .gates
             .iter()
             .map(|gate| {
                 let window = if gate.window_s > 0 { windows.next() } else { None };
+                let stable = stable_windows.next();
                 let (requests, window_s) = match window {
                     Some(w) => (&w.all, gate.window_s),
                     None => (
@@ -558,7 +601,23 @@ impl Analysis {
                         now.saturating_sub(self.stage_started_at) / SECOND,
                     ),
                 };
-                judge_gate(gate, requests, window_s, model.decision.gate_confidence)
+                let mut result = judge_gate(gate, requests, window_s, confidence);
+                if result.outcome == GateOutcome::Fail
+                    && let Some(stable) = stable
+                {
+                    let of_stable = judge_gate(gate, &stable.all, window_s, confidence);
+                    if of_stable.outcome == GateOutcome::Fail {
+                        result.outcome = GateOutcome::Shared;
+                        result.message = format!(
+                            "{}; the stable {} breaks it too, {:.5} over {} requests of the same span: a fault both versions share is not blamed on the canary, and the rollout holds",
+                            result.message,
+                            self.stable,
+                            of_stable.value.unwrap_or(0.0),
+                            of_stable.samples
+                        );
+                    }
+                }
+                result
             })
             .collect()
     }
@@ -574,11 +633,12 @@ impl Analysis {
         now: EventTime,
     ) -> State {
         let d = &model.decision;
-        let critical_fail = checks.iter().any(|c| c.critical && c.outcome == Outcome::Fail)
-            || gates.iter().any(|g| g.outcome == GateOutcome::Fail);
+        let critical_fail = critical_failure(checks, gates);
+        // A gate broken by both versions holds the rollout: doubt, not failure.
         let any_doubt = checks
             .iter()
-            .any(|c| matches!(c.outcome, Outcome::Fail | Outcome::Marginal));
+            .any(|c| matches!(c.outcome, Outcome::Fail | Outcome::Marginal))
+            || gates.iter().any(|g| g.outcome == GateOutcome::Shared);
         // A gate that could decide is evidence too: a model of gates alone can pass a canary.
         let critical_data = checks
             .iter()
@@ -759,6 +819,11 @@ impl Trailing {
     fn gate_windows(&self) -> std::slice::Iter<'_, Aggregate> {
         self.canary[self.horizons.len() + 1..].iter()
     }
+
+    /// The stable's window of every gate, in the stage's order.
+    fn stable_gate_windows(&self) -> std::slice::Iter<'_, Aggregate> {
+        self.stable[self.horizons.len() + 1..].iter()
+    }
 }
 
 /// Every check on every horizon, at thresholds that depend on how many checks each group has:
@@ -818,6 +883,12 @@ fn score(checks: &[Check]) -> Option<f64> {
     }
     let total: f64 = groups.values().map(|g| g.0).sum();
     (total > 0.0).then(|| 100.0 * groups.values().map(|g| g.0 * g.1).sum::<f64>() / total)
+}
+
+/// A failing critical check, or a gate the canary alone breaks.
+fn critical_failure(checks: &[Check], gates: &[GateResult]) -> bool {
+    checks.iter().any(|c| c.critical && c.outcome == Outcome::Fail)
+        || gates.iter().any(|g| g.outcome == GateOutcome::Fail)
 }
 
 /// A stage gate on the canary's `requests` over `window_s`. Every gate is a proportion (of failed
