@@ -124,7 +124,7 @@ impl Stats {
         let truncated_values = Counter::default();
         registry.register(
             "canaryd_truncated_values",
-            "Attribute values cut to max_attribute_value_len, and metric attributes left out of series keys",
+            "Attribute values cut to max_attribute_value_len, values nested too deep emptied, and metric attributes left out of series keys",
             truncated_values.clone(),
         );
         let capped = Family::<Labels2, Counter>::default();

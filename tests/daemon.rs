@@ -2244,6 +2244,75 @@ async fn slow_clients_are_cut_off_at_the_time_limits() {
     daemon.stop().await.expect("clean stop");
 }
 
+/// Issue 15, defect 10: a value nested 120 levels deep, past prost's recursion limit, cost a whole
+/// metrics or logs request (refused with a message of kilobytes) while traces took it. Now the
+/// value is emptied and counted as truncated, and every point and record is taken, over gRPC and
+/// OTLP/HTTP alike.
+#[tokio::test]
+async fn a_deeply_nested_value_costs_its_value_not_the_request() {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::metrics::v1::metric;
+
+    let deep = || {
+        let mut value = AnyValue {
+            value: Some(any_value::Value::StringValue("leaf".into())),
+        };
+        for _ in 0..120 {
+            value = AnyValue {
+                value: Some(any_value::Value::ArrayValue(ArrayValue { values: vec![value] })),
+            };
+        }
+        KeyValue {
+            key: "payload".into(),
+            value: Some(value),
+            ..Default::default()
+        }
+    };
+    let daemon = TestDaemon::start().await;
+    let mut metrics = testdata::metrics_request("prod", "deep", "1", 3, EPOCH_NS, 5);
+    let mut points = 0;
+    for m in &mut metrics.resource_metrics[0].scope_metrics[0].metrics {
+        let first = match &mut m.data {
+            Some(metric::Data::Sum(sum)) => {
+                points += sum.data_points.len();
+                &mut sum.data_points[0].attributes
+            }
+            Some(metric::Data::Gauge(gauge)) => {
+                points += gauge.data_points.len();
+                &mut gauge.data_points[0].attributes
+            }
+            Some(metric::Data::Histogram(histogram)) => {
+                points += histogram.data_points.len();
+                &mut histogram.data_points[0].attributes
+            }
+            other => panic!("testdata makes no {other:?}"),
+        };
+        first.push(deep());
+    }
+    let mut logs = testdata::logs_request("prod", "deep", "1", &[9, 17, 9], EPOCH_NS);
+    logs.resource_logs[0].scope_logs[0].log_records[1]
+        .attributes
+        .push(deep());
+    let mut client = MetricsServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let answer = client.export(metrics).await.expect("the request is taken");
+    assert_eq!(answer.into_inner().partial_success, None);
+    let response = daemon
+        .http
+        .post(daemon.otlp_http("/v1/logs"))
+        .header("content-type", "application/x-protobuf")
+        .body(logs.encode_to_vec())
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(response.status().as_u16(), 200, "{:?}", response.text().await);
+    wait_for_count(&daemon, "prod", "deep", "1", "metric_points", points as u64).await;
+    wait_for_count(&daemon, "prod", "deep", "1", "log_records", 3).await;
+    assert!(daemon.metric("canaryd_truncated_values_total").await >= 4.0);
+    daemon.stop().await.expect("clean stop");
+}
+
 /// Concatenated gzip members are one gzip stream: a body made of two is read whole, not cut
 /// after the first.
 #[tokio::test]

@@ -13,6 +13,7 @@
 //! cut to `max_attribute_value_len`; event times past 2262 are rejected.
 
 pub mod count;
+pub mod depth;
 mod logs;
 mod metrics;
 mod traces;

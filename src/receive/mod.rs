@@ -58,7 +58,18 @@ pub enum ExportError {
 }
 
 impl ExportError {
-    fn undecodable_protobuf(reason: String) -> Self {
+    fn undecodable_protobuf(mut reason: String) -> Self {
+        // prost's messages name every field on the way to the fault, which runs to kilobytes for
+        // a deeply nested one: the start says what is wrong.
+        const MAX_REASON_BYTES: usize = 512;
+        if reason.len() > MAX_REASON_BYTES {
+            let mut end = MAX_REASON_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push_str("...");
+        }
         ExportError::Undecodable {
             format: "protobuf",
             reason,
@@ -141,6 +152,26 @@ pub trait OtlpRequest: prost::Message + Default + serde::de::DeserializeOwned + 
     const REJECTED_FIELD: &'static str;
 }
 
+/// A whole prost decode of a metrics or logs request, with its values nested too deep for prost
+/// emptied first (`normalize::depth`) and counted as truncated: one deep attribute no longer
+/// costs a whole request.
+fn decode_flattened<R: OtlpRequest>(
+    buf: Bytes,
+    flatten: fn(&[u8]) -> Result<Option<normalize::depth::Flattened>, normalize::WireError>,
+    options: &NormalizeOptions,
+) -> Result<Normalized, ExportError> {
+    let flattened = flatten(&buf).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?;
+    let (request, emptied) = match flattened {
+        None => (R::decode(buf), 0),
+        Some(flat) => (R::decode(&flat.request[..]), flat.emptied),
+    };
+    let mut normalized = request
+        .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?
+        .normalize(options)?;
+    normalized.truncated += emptied;
+    Ok(normalized)
+}
+
 /// Refuses a request that holds more items than `max_items_per_request`, before it is decoded.
 fn within_item_limit<R: OtlpRequest>(buf: &[u8], options: &NormalizeOptions) -> Result<(), ExportError> {
     let items = R::count_items(buf).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?;
@@ -193,6 +224,11 @@ impl OtlpRequest for ExportMetricsServiceRequest {
         normalize::count::data_points(buf)
     }
 
+    fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        within_item_limit::<Self>(&buf, options)?;
+        decode_flattened::<Self>(buf, normalize::depth::flatten_metrics, options)
+    }
+
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         Ok(normalize::metrics(self, options))
     }
@@ -216,6 +252,11 @@ impl OtlpRequest for ExportLogsServiceRequest {
 
     fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError> {
         normalize::count::log_records(buf)
+    }
+
+    fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        within_item_limit::<Self>(&buf, options)?;
+        decode_flattened::<Self>(buf, normalize::depth::flatten_logs, options)
     }
 
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
