@@ -27,16 +27,22 @@ pub struct ImportSummary {
     pub rows: usize,
     pub imported: usize,
     pub skipped: usize,
-    /// The first reasons rows were skipped, with their row numbers (1-based, data rows).
+    /// The first reasons rows were skipped, with their row numbers (1-based, data rows, in the
+    /// file's order; for a CSV file its line too).
     pub reasons: Vec<String>,
     pub baselines: usize,
 }
 
 const SHOWN_REASONS: usize = 10;
 
+/// The column of each row's 1-based place in the file.
+const ROW: &str = "__canaryd_row";
+
 /// Reads `file` into a frame sorted by time, with `timestamp` as nanoseconds since the epoch.
 fn read_history(file: &Path) -> anyhow::Result<DataFrame> {
     let path = file.to_str().context("the history file's path must be UTF-8")?;
+    // Said here once, in our words: polars names the cause and the path twice.
+    std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
     let extension = file
         .extension()
         .and_then(|e| e.to_str())
@@ -73,6 +79,8 @@ fn read_history(file: &Path) -> anyhow::Result<DataFrame> {
         .with_context(|| format!("{}: column \"timestamp\"", file.display()))?;
     let mut frame = frame;
     frame.with_column(ns.with_name("timestamp".into()).into_column())?;
+    // Rows are learned in time order, but reported by their place in the file.
+    let frame = frame.with_row_index(ROW.into(), Some(1))?;
     Ok(frame.sort(
         ["timestamp"],
         SortMultipleOptions::default().with_maintain_order(true),
@@ -169,6 +177,8 @@ pub fn import(
     let features = text_column(&frame, "feature")?;
     let envs = text_column(&frame, "env")?;
     let values = frame.column("value")?.cast(&DataType::Float64)?.f64()?.clone();
+    let places = frame.column(ROW)?.cast(&DataType::UInt64)?.u64()?.clone();
+    let csv = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
 
     let mut summary = ImportSummary {
         rows: frame.height(),
@@ -180,8 +190,9 @@ pub fn import(
         .zip(versions.iter())
         .zip(features.iter())
         .zip(envs.iter())
-        .zip(values.iter());
-    for (row, (((((time, app), version), feature), env), value)) in rows.enumerate() {
+        .zip(values.iter())
+        .zip(places.iter());
+    for ((((((time, app), version), feature), env), value), place) in rows {
         let parsed = (|| {
             let time = time.filter(|t| *t > 0).ok_or("no readable timestamp")?;
             let app = app.filter(|a| !a.is_empty()).ok_or("no app")?;
@@ -208,7 +219,13 @@ pub fn import(
             Err(reason) => {
                 summary.skipped += 1;
                 if summary.reasons.len() < SHOWN_REASONS {
-                    summary.reasons.push(format!("row {}: {reason}", row + 1));
+                    let place = place.unwrap_or_default();
+                    summary.reasons.push(if csv {
+                        // The header is line 1.
+                        format!("row {place} (line {}): {reason}", place + 1)
+                    } else {
+                        format!("row {place}: {reason}")
+                    });
                 }
             }
         }
@@ -252,14 +269,20 @@ mod tests {
         assert_eq!(summary.rows, 3 * 7 * 24 * 60 + 3);
         assert_eq!(summary.imported, 3 * 7 * 24 * 60 + 1);
         assert_eq!(summary.skipped, 2, "{:?}", summary.reasons);
-        assert!(
-            summary
-                .reasons
-                .iter()
-                .any(|r| r.contains("unknown feature \"latency\"")),
-            "{:?}",
-            summary.reasons
+        // Reported by their place in the file, though learned in time order (the unreadable
+        // time sorts first, the other two among the first minute's rows).
+        let rows = 3 * 7 * 24 * 60;
+        assert_eq!(summary.reasons.len(), 2, "{:?}", summary.reasons);
+        assert_eq!(
+            summary.reasons[0],
+            format!("row {} (line {}): no readable timestamp", rows + 1, rows + 2)
         );
+        let latency = format!(
+            "row {} (line {}): unknown feature \"latency\"",
+            rows + 2,
+            rows + 3
+        );
+        assert!(summary.reasons[1].starts_with(&latency), "{:?}", summary.reasons);
 
         let store: Store = Store::open(&data, 1 << 20, StoreCounters::default()).expect("open");
         let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
@@ -325,6 +348,17 @@ mod tests {
             .expect_err("json")
             .to_string();
         assert!(message.contains(".csv or .parquet"), "{message}");
+        let missing = dir.path().join("nope.csv");
+        let message = format!(
+            "{:#}",
+            import(&dir.path().join("d"), &missing, EngineConfig::default(), 1 << 20).expect_err("no file")
+        );
+        assert_eq!(
+            message.matches("os error 2").count(),
+            1,
+            "the cause once: {message}"
+        );
+        assert!(message.starts_with("cannot read "), "{message}");
     }
 
     #[test]

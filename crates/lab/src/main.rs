@@ -49,9 +49,44 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("canaryd-lab: {e:#}");
+            eprintln!("canaryd-lab: {}", causes_once(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, each said once: many errors (the store's, polars') already end
+/// with their cause's words, which `{e:#}` would repeat.
+fn causes_once(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_said_is_not_repeated() {
+        let lock = std::io::Error::other("could not acquire lock on \"data/sled/db\"");
+        let e = anyhow::Error::new(lock)
+            .context("cannot open the store in data/sled: could not acquire lock on \"data/sled/db\"");
+        assert_eq!(
+            causes_once(&e),
+            "cannot open the store in data/sled: could not acquire lock on \"data/sled/db\""
+        );
+        let e = anyhow::Error::new(std::io::Error::other("refused")).context("cannot connect");
+        assert_eq!(causes_once(&e), "cannot connect: refused");
     }
 }
 
