@@ -1720,6 +1720,42 @@ async fn a_receiver_that_is_down_then_up_gets_every_event_once_in_order_signed()
     assert!(outbox <= ids.len() as f64);
 }
 
+/// Issue 20, item 8: an app known only through an imported history (`canaryd-lab import`) is
+/// listed by `GET /api/v1/apps`, marked `learned_only`, with no versions seen in traffic.
+#[tokio::test]
+async fn an_app_known_only_from_an_imported_history_is_listed() {
+    use canaryd_engine::{BaselineId, Engine, EngineConfig, Scope};
+
+    let history = tempfile::tempdir().expect("tempdir");
+    let data = history.path().join("data");
+    {
+        // What the import does: values learned through the engine, written to the store.
+        let store = canaryd::store::Store::open(&data, 1 << 20, Default::default()).expect("open");
+        let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
+        let id = BaselineId {
+            env: "prod".into(),
+            app: "ledger".into(),
+            scope: Scope::App,
+            key: "request_rate".parse().expect("a feature"),
+        };
+        for minute in 0..120 {
+            engine.learn_value(&id, 100.0, EPOCH_NS + minute * 60_000_000_000);
+        }
+        store.write(&engine.take_changes()).expect("write");
+        store.flush().expect("flush");
+    }
+    let daemon = TestDaemon::start_with(|raw| raw.data_dir = Some(data.clone())).await;
+    let apps = daemon.apps().await;
+    let ledger = find_app(&apps, "prod", "ledger").unwrap_or_else(|| panic!("not listed: {apps}"));
+    assert_eq!(ledger["learned_only"], true, "{ledger}");
+    assert_eq!(ledger["versions"], serde_json::json!([]));
+    assert_eq!(
+        daemon.status_of("/api/v1/apps/ledger/baseline?env=prod").await,
+        200
+    );
+    daemon.stop().await.expect("clean stop");
+}
+
 /// Issue 15, defects 3 and 7: a target is checked on the addresses it resolves to, not on how it
 /// is spelled. With nothing allowed, loopback is as restricted as cloud metadata: its literal
 /// spellings are refused when the subscription is created, and a name that resolves to it is

@@ -42,6 +42,9 @@ pub(super) struct AppView {
     metric_stale_points: u64,
     /// The current (or last) canary analysis, in brief.
     canary: Option<CanarySummary>,
+    /// True for an app known only from an imported history (`canaryd-lab import`): its
+    /// baselines are learned (`GET .../baseline`), but no traffic has been seen yet.
+    learned_only: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -119,6 +122,17 @@ fn apps_of(engine: &Engine, query: AppsQuery) -> Response {
                 .and_then(|b| b.stable_version.map(str::to_owned));
             app_view(env, app, entry, analysis.as_ref(), inferred)
         })
+        .chain(
+            engine
+                .learned_only_apps()
+                .into_iter()
+                .filter(|(env, _)| query.env.as_deref().is_none_or(|wanted| wanted == *env))
+                .map(|(env, app)| {
+                    let mut view = app_view(env, app, &AppEntry::default(), None, None);
+                    view.learned_only = true;
+                    view
+                }),
+        )
         .collect();
     Json(AppsView { apps }).into_response()
 }
@@ -224,6 +238,7 @@ fn app_view(
             score: a.score,
             stage: a.stage.as_ref().map(StageJson::of),
         }),
+        learned_only: false,
     }
 }
 

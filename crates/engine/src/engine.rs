@@ -246,6 +246,22 @@ impl Engine {
         &self.catalog
     }
 
+    /// Apps known only by what they learned (an import of their history): baselines in memory,
+    /// never seen in traffic, so absent from the catalog. Sorted by (env, app).
+    pub fn learned_only_apps(&self) -> Vec<(&str, &str)> {
+        let mut apps: Vec<(&str, &str)> = self
+            .apps
+            .iter()
+            .filter(|(_, state)| {
+                !state.baselines.is_empty() || state.versions.values().any(|v| !v.baselines.is_empty())
+            })
+            .map(|((env, app), _)| (&**env, &**app))
+            .filter(|(env, app)| self.catalog.app(env, app).is_none())
+            .collect();
+        apps.sort_unstable();
+        apps
+    }
+
     pub fn ingest(&mut self, batch: &Batch) -> IngestReport {
         let mut report = IngestReport::default();
         let mut hits: BTreeMap<Cap, u64> = BTreeMap::new();
