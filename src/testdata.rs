@@ -204,6 +204,78 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
     ExportTraceServiceRequest { resource_spans }
 }
 
+/// A queue worker's spans over `seconds` of event time from `start_ns`: each second,
+/// `per_second` messages consumed (a CONSUMER span with the messaging conventions' attributes,
+/// the queues `orders` and `refunds` taking turns), each writing to its database (a CLIENT span);
+/// every `fail_every`th message fails (status ERROR) when `fail_every` is not 0. No HTTP at all.
+/// Latencies are drawn from `seed`'s generator, so two versions with the same settings behave
+/// alike without sending the same bytes.
+pub fn worker_traffic(
+    identity: (&str, &str, &str),
+    start_ns: u64,
+    seconds: u64,
+    per_second: u64,
+    fail_every: u64,
+    seed: u64,
+) -> ExportTraceServiceRequest {
+    let (env, app, version) = identity;
+    let mut rng = Rng::new(seed);
+    let mut spans = Vec::with_capacity((seconds * per_second * 2) as usize);
+    for n in 0..seconds * per_second {
+        let message = seed.wrapping_mul(1_000_003).wrapping_add(n);
+        let start = start_ns + n * 1_000_000_000 / per_second.max(1);
+        // 8 to 40 ms of work, 2 to 10 of it in the database.
+        let work_ns = 8_000_000 + rng.below(32_000_000);
+        let db_ns = 2_000_000 + rng.below(8_000_000);
+        let queue = if n % 2 == 0 { "orders" } else { "refunds" };
+        let trace_id = [&message.to_be_bytes()[..], &seed.to_be_bytes()[..]].concat();
+        let failed = fail_every > 0 && n % fail_every == fail_every - 1;
+        spans.push(Span {
+            trace_id: trace_id.clone(),
+            span_id: (message << 1).to_be_bytes().to_vec(),
+            // The producer's span, in another service.
+            parent_span_id: (message << 1 | 1).to_be_bytes().to_vec(),
+            name: format!("process {queue}"),
+            kind: span::SpanKind::Consumer as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + work_ns,
+            attributes: vec![
+                kv("messaging.system", "kafka"),
+                kv("messaging.operation.type", "process"),
+                kv("messaging.destination.name", queue),
+                kv("messaging.consumer.group.name", app),
+            ],
+            status: failed.then(|| Status {
+                code: status::StatusCode::Error as i32,
+                message: "cannot settle the payment".into(),
+            }),
+            ..Span::default()
+        });
+        spans.push(Span {
+            trace_id,
+            span_id: (message << 1 | 1).wrapping_mul(31).to_be_bytes().to_vec(),
+            parent_span_id: (message << 1).to_be_bytes().to_vec(),
+            name: "INSERT ledger".into(),
+            kind: span::SpanKind::Client as i32,
+            start_time_unix_nano: start + 1_000_000,
+            end_time_unix_nano: start + 1_000_000 + db_ns,
+            attributes: vec![kv("db.system", "postgresql"), kv("server.address", "ledger-db")],
+            ..Span::default()
+        });
+    }
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(resource(env, app, version)),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(scope()),
+                spans,
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        }],
+    }
+}
+
 fn scope() -> InstrumentationScope {
     InstrumentationScope {
         name: "canaryd.testdata".into(),

@@ -331,7 +331,7 @@ fn observe_span(
     let is_root = span.parent_span_id.is_empty();
     let attrs = &scratch.span_attributes[..];
     let error = is_error(span, attrs);
-    let operation = operation_of(span, attrs, max, truncated);
+    let operation = operation_of(span, kind, attrs, max, truncated);
     obs.saw(time);
 
     if is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer) {
@@ -392,7 +392,23 @@ fn is_error(span: &SpanView<'_>, attrs: &[KeyValueView<'_>]) -> bool {
 }
 
 /// `METHOD route` when the span carries `http.route`, else the span name.
-fn operation_of(span: &SpanView<'_>, attrs: &[KeyValueView<'_>], max: usize, truncated: &mut u64) -> String {
+fn operation_of(
+    span: &SpanView<'_>,
+    kind: SpanKind,
+    attrs: &[KeyValueView<'_>],
+    max: usize,
+    truncated: &mut u64,
+) -> String {
+    // A queue consumer's work is named by what it consumes: the destination's template (for
+    // per-tenant or per-partition names) or its name, as the messaging conventions define them.
+    // Span names vary with the SDK ("process orders", "orders process", "receive").
+    if kind == SpanKind::Consumer
+        && let Some(destination) = ["messaging.destination.template", "messaging.destination.name"]
+            .iter()
+            .find_map(|key| text_attr(attrs, key).filter(|d| !d.is_empty()))
+    {
+        return cut_to(&destination, max, truncated);
+    }
     let Some(route) = text_attr(attrs, "http.route").filter(|r| !r.is_empty()) else {
         return cut_to(span.name, max, truncated);
     };
@@ -486,6 +502,31 @@ mod tests {
         assert_eq!(obs.spans, 2);
         assert_eq!(obs.requests.len(), 1);
         assert_eq!(obs.requests[0].operation, "job");
+    }
+
+    /// Issue 14, item 6: a queue worker's CONSUMER spans are its requests, each named by what
+    /// it consumes, so a worker is judged like a request handler.
+    #[test]
+    fn a_consumer_span_is_a_request_named_by_its_destination() {
+        let with = |attrs: Vec<_>| {
+            let mut s = span("process", SpanKind::Consumer, true);
+            s.attributes = attrs;
+            s
+        };
+        let obs = check(vec![
+            with(vec![
+                kv("messaging.system", "kafka"),
+                kv("messaging.destination.name", "orders"),
+            ]),
+            with(vec![
+                kv("messaging.destination.name", "tenant-42.invoices"),
+                kv("messaging.destination.template", "{tenant}.invoices"),
+            ]),
+            with(vec![]),
+        ]);
+        let operations: Vec<&str> = obs.requests.iter().map(|r| r.operation.as_str()).collect();
+        assert_eq!(operations, ["orders", "{tenant}.invoices", "process"]);
+        assert!(obs.calls.is_empty(), "consuming is not a call");
     }
 
     #[test]
