@@ -228,3 +228,138 @@ async fn a_failed_canary_without_traffic_is_rolled_back_with_an_event() {
     );
     daemon.stop().await.expect("clean stop");
 }
+
+/// Issue 20, item 5 (the API the dashboard's buttons call): an operator pauses, resumes, aborts
+/// and promotes an analysis, each with the admin token and each an event. A paused analysis is
+/// judged on (its state shows the failure) but fails nothing; abort fails the canary at once
+/// (weight 0), promote overrides that (weight 100); what cannot be done now is 409.
+#[tokio::test]
+async fn an_operator_pauses_resumes_aborts_and_promotes_with_an_event_each() {
+    let daemon = TestDaemon::start_with(|raw| raw.api_token = Some("admin-token".into())).await;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    traces
+        .export(support::canary_traffic(0, 2, 1000))
+        .await
+        .expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let response = daemon
+        .http
+        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+        .bearer_auth("admin-token")
+        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status().as_u16(), 200);
+    let operate = |operation: &str, token: Option<&str>| {
+        let mut request = daemon
+            .http
+            .post(daemon.api(&format!("/api/v1/apps/shop/canary/{operation}?env=prod")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.expect("POST");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    assert_eq!(
+        operate("pause", None).await.0,
+        401,
+        "an action needs the admin token"
+    );
+    let (status, paused) = operate("pause", Some("admin-token")).await;
+    assert_eq!(
+        (status, paused["paused"].as_bool()),
+        (200, Some(true)),
+        "{paused}"
+    );
+    assert_eq!(
+        operate("pause", Some("admin-token")).await.0,
+        409,
+        "paused already"
+    );
+    let (status, body) = operate("bogus", Some("admin-token")).await;
+    assert_eq!(status, 400, "{body}");
+
+    // A failing canary, judged while paused: its state shows it, nothing is decided.
+    for chunk in 0..6 {
+        traces
+            .export(support::canary_traffic(2 + chunk * 10, 10, 2))
+            .await
+            .expect("export");
+    }
+    eventually("the paused analysis judged failing", || async {
+        let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+        if canary["state"] == "failing" {
+            Ok(())
+        } else {
+            Err(canary["state"].to_string())
+        }
+    })
+    .await;
+    let types = |events: &serde_json::Value| -> Vec<String> {
+        events["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter_map(|e| e["type"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let events = daemon.get_json("/api/v1/events?app=shop").await;
+    assert_eq!(
+        types(&events),
+        ["canaryd.canary.started", "canaryd.canary.paused"],
+        "no failure while paused: {events}"
+    );
+
+    assert_eq!(operate("resume", Some("admin-token")).await.0, 200);
+    let (status, aborted) = operate("abort", Some("admin-token")).await;
+    assert_eq!(
+        (status, aborted["state"].as_str()),
+        (200, Some("failing")),
+        "{aborted}"
+    );
+    assert_eq!(
+        operate("abort", Some("admin-token")).await.0,
+        409,
+        "failed already"
+    );
+    let (status, promoted) = operate("promote", Some("admin-token")).await;
+    assert_eq!(
+        (status, promoted["state"].as_str()),
+        (200, Some("promoted")),
+        "{promoted}"
+    );
+    assert_eq!(operate("pause", Some("admin-token")).await.0, 409, "over");
+
+    let events = daemon.get_json("/api/v1/events?app=shop").await;
+    assert_eq!(
+        types(&events),
+        [
+            "canaryd.canary.started",
+            "canaryd.canary.paused",
+            "canaryd.canary.resumed",
+            "canaryd.canary.failed",
+            "canaryd.canary.promoted"
+        ],
+        "{events}"
+    );
+    let list = events["events"].as_array().expect("events");
+    let failed = &list[3]["data"];
+    assert_eq!(failed["action"]["weight"], 0, "{failed}");
+    assert_eq!(failed["reasons"][0]["test"], "operator", "{failed}");
+    assert_eq!(list[4]["data"]["action"]["weight"], 100);
+    daemon.stop().await.expect("clean stop");
+}

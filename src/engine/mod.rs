@@ -16,7 +16,7 @@ mod emit;
 
 use std::time::Duration;
 
-use canaryd_engine::judge::{AnalysisView, JudgeError};
+use canaryd_engine::judge::{AnalysisView, JudgeError, Operation};
 use canaryd_engine::{Batch, Engine};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,13 @@ pub enum Input {
     EndRollout {
         env: String,
         app: String,
+        reply: oneshot::Sender<Result<AnalysisView, JudgeError>>,
+    },
+    /// `POST .../canary/{operation}`: an operator's promote, pause, resume or abort.
+    Operate {
+        env: String,
+        app: String,
+        operation: Operation,
         reply: oneshot::Sender<Result<AnalysisView, JudgeError>>,
     },
     /// A read for an answer: runs on the engine's thread between inputs.
@@ -164,6 +171,22 @@ impl EngineHandle {
         app: String,
     ) -> Result<Result<AnalysisView, JudgeError>, EngineGone> {
         self.ask(|reply| Input::EndRollout { env, app, reply }).await
+    }
+
+    /// An operator's action on the app's analysis; its event is emitted before this returns.
+    pub async fn operate(
+        &self,
+        env: String,
+        app: String,
+        operation: Operation,
+    ) -> Result<Result<AnalysisView, JudgeError>, EngineGone> {
+        self.ask(|reply| Input::Operate {
+            env,
+            app,
+            operation,
+            reply,
+        })
+        .await
     }
 
     async fn ask<R>(&self, input: impl FnOnce(oneshot::Sender<R>) -> Input) -> Result<R, EngineGone> {
@@ -319,6 +342,19 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
                 emitter.emit(engine, vec![canary_event(&ended)]);
                 tracing::info!(%env, %app, canary = %ended.view.canary_version, "rollout ended");
                 ended.view
+            });
+            let _ = reply.send(answer);
+        }
+        Input::Operate {
+            env,
+            app,
+            operation,
+            reply,
+        } => {
+            let answer = engine.operate(&env, &app, operation).map(|change| {
+                emitter.emit(engine, vec![canary_event(&change)]);
+                tracing::info!(%env, %app, canary = %change.view.canary_version, operation = operation.name(), "operator action");
+                change.view
             });
             let _ = reply.send(answer);
         }

@@ -49,10 +49,15 @@ pub enum EventType {
     /// not rolled back.
     #[serde(rename = "canaryd.canary.held")]
     CanaryHeld,
+    /// An operator paused the analysis: it judges on, but passes no stage and fails nothing.
+    #[serde(rename = "canaryd.canary.paused")]
+    CanaryPaused,
+    #[serde(rename = "canaryd.canary.resumed")]
+    CanaryResumed,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 11] = [
         EventType::CanaryStarted,
         EventType::CanaryStagePassed,
         EventType::CanaryFailed,
@@ -62,6 +67,8 @@ impl EventType {
         EventType::CanaryRolledBack,
         EventType::CanaryEnded,
         EventType::CanaryHeld,
+        EventType::CanaryPaused,
+        EventType::CanaryResumed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +82,8 @@ impl EventType {
             EventType::CanaryRolledBack => "canaryd.canary.rolled_back",
             EventType::CanaryEnded => "canaryd.canary.ended",
             EventType::CanaryHeld => "canaryd.canary.held",
+            EventType::CanaryPaused => "canaryd.canary.paused",
+            EventType::CanaryResumed => "canaryd.canary.resumed",
         }
     }
 
@@ -336,7 +345,14 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
                     .map(gate_reason),
             );
         }
-        ChangeKind::Started | ChangeKind::RolledBack | ChangeKind::Ended | ChangeKind::Replaced => {}
+        ChangeKind::Started
+        | ChangeKind::RolledBack
+        | ChangeKind::Ended
+        | ChangeKind::Replaced
+        | ChangeKind::OperatorPromoted
+        | ChangeKind::OperatorAborted
+        | ChangeKind::Paused
+        | ChangeKind::Resumed => {}
     }
     out
 }
@@ -347,11 +363,13 @@ pub fn canary_event(change: &CanaryChange) -> Event {
     let event_type = match change.kind {
         ChangeKind::Started => EventType::CanaryStarted,
         ChangeKind::StagePassed => EventType::CanaryStagePassed,
-        ChangeKind::Failed => EventType::CanaryFailed,
-        ChangeKind::Promoted => EventType::CanaryPromoted,
+        ChangeKind::Failed | ChangeKind::OperatorAborted => EventType::CanaryFailed,
+        ChangeKind::Promoted | ChangeKind::OperatorPromoted => EventType::CanaryPromoted,
         ChangeKind::RolledBack => EventType::CanaryRolledBack,
         ChangeKind::Ended | ChangeKind::Replaced => EventType::CanaryEnded,
         ChangeKind::Held => EventType::CanaryHeld,
+        ChangeKind::Paused => EventType::CanaryPaused,
+        ChangeKind::Resumed => EventType::CanaryResumed,
     };
     let action = change.weight.map(|weight| Action {
         kind: "set_weight".into(),
@@ -380,11 +398,25 @@ pub fn canary_event(change: &CanaryChange) -> Event {
                 view.canary_version,
                 view.state.name()
             ),
+            ChangeKind::OperatorPromoted => format!("canary {} promoted by an operator", view.canary_version),
+            ChangeKind::OperatorAborted => format!("canary {} aborted by an operator", view.canary_version),
+            ChangeKind::Paused => format!(
+                "analysis of canary {} paused by an operator: judged on, but no stage passes and nothing fails until it is resumed",
+                view.canary_version
+            ),
+            ChangeKind::Resumed => format!(
+                "analysis of canary {} resumed by an operator",
+                view.canary_version
+            ),
             _ => format!("analysis is {}", view.state.name()),
         };
         let test = match change.kind {
             ChangeKind::Ended => "ended",
             ChangeKind::Replaced => "replaced",
+            ChangeKind::OperatorPromoted
+            | ChangeKind::OperatorAborted
+            | ChangeKind::Paused
+            | ChangeKind::Resumed => "operator",
             _ => "state",
         };
         reasons.push(Reason {

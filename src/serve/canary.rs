@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use canaryd_engine::judge::{
-    AnalysisView, Check, GateMetric, GateOutcome, GateResult, JudgeError, Mode, Outcome, StageView,
+    AnalysisView, Check, GateMetric, GateOutcome, GateResult, JudgeError, Mode, Operation, Outcome, StageView,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -107,6 +107,8 @@ pub(super) struct CanaryView {
     mode: Mode,
     /// Whether the roles were declared through the rollout API (else inferred from traffic).
     declared: bool,
+    /// Paused by an operator: judged on, but passing no stage and failing nothing until resumed.
+    paused: bool,
     #[schema(value_type = CanaryStateSchema)]
     state: &'static str,
     /// 0 (failing everything) to 100; null before any check could decide.
@@ -282,6 +284,7 @@ impl CanaryView {
             model: a.model,
             mode: a.mode,
             declared: a.declared,
+            paused: a.paused,
             state: a.state.name(),
             score: a.score.map(|s| (s * 10.0).round() / 10.0),
             stage: a.stage.as_ref().map(StageJson::of),
@@ -418,6 +421,43 @@ pub(super) async fn end_rollout(
 ) -> Response {
     match state.engine.end_rollout(env.clone(), app.clone()).await {
         Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => error(StatusCode::NOT_FOUND, &format!("app {app:?} in env {env:?}: {e}")),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `POST /api/v1/apps/{app}/canary/{operation}`: an operator's promote, pause, resume or abort.
+#[utoipa::path(
+    post,
+    path = "/api/v1/apps/{app}/canary/{operation}",
+    tag = "canary",
+    params(
+        ("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"),
+        ("operation" = String, Path, description = "`promote` (now, `canary.promoted` with weight 100), `pause` (judged on, but no stage passes and nothing fails), `resume`, or `abort` (now, `canary.failed` with weight 0)"),
+        EnvQuery
+    ),
+    responses(
+        (status = 200, description = "Done, its event emitted; the analysis", body = CanaryView),
+        (status = 400, description = "An unknown operation or a bad query parameter", body = ErrorBody),
+        (status = 404, description = "Unknown app, or no analysis", body = ErrorBody),
+        (status = 409, description = "Not now: the analysis is over, paused already, not paused, or failed already", body = ErrorBody)
+    )
+)]
+pub(super) async fn operate(
+    State(state): State<ApiState>,
+    Path((app, operation)): Path<(String, String)>,
+    Env(env): Env,
+) -> Response {
+    let Some(operation) = Operation::named(&operation) else {
+        let known: Vec<&str> = Operation::ALL.iter().map(|o| o.name()).collect();
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("operation {operation:?} is not one of {}", known.join(", ")),
+        );
+    };
+    match state.engine.operate(env.clone(), app.clone(), operation).await {
+        Ok(Ok(view)) => (StatusCode::OK, Json(CanaryView::of(view))).into_response(),
+        Ok(Err(e @ JudgeError::NotNow { .. })) => error(StatusCode::CONFLICT, &e.to_string()),
         Ok(Err(e)) => error(StatusCode::NOT_FOUND, &format!("app {app:?} in env {env:?}: {e}")),
         Err(e) => unavailable(e),
     }

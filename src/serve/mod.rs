@@ -117,6 +117,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(apps::baseline))
         .routes(routes!(canary::canary))
         .routes(routes!(canary::declare_rollout, canary::end_rollout))
+        .routes(routes!(canary::operate))
         .routes(routes!(models::models))
         .routes(routes!(events::events))
         .routes(routes!(

@@ -20,7 +20,7 @@ use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
 use crate::judge::{
     AnalysisSnapshot, AnalysisView, CanaryChange, ChangeKind, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError,
-    Model,
+    Model, Operation,
 };
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
@@ -862,6 +862,19 @@ impl Engine {
         }
         changes.push(started);
         Ok(changes)
+    }
+
+    /// An operator's action on the app's analysis (promote, pause, resume, abort), at the app's
+    /// event time; the change it makes, for its event.
+    pub fn operate(
+        &mut self,
+        env: &str,
+        app: &str,
+        operation: Operation,
+    ) -> Result<CanaryChange, JudgeError> {
+        let key = (Arc::from(env), Arc::from(app));
+        let at = self.apps.get(&key).map_or(0, |a| a.clock.closed_until);
+        self.judge.operate(&key, operation, at)
     }
 
     /// Ends the app's rollout analysis; its `ended` change.

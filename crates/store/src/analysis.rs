@@ -37,6 +37,8 @@ pub struct AnalysisRecord {
     pub canary_requests: u64,
     pub stable_requests: u64,
     pub retired: Option<String>,
+    /// Paused by an operator.
+    pub paused: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -151,6 +153,7 @@ impl TryFrom<&AnalysisSnapshot> for AnalysisRecord {
             canary: s.canary.clone(),
             model,
             declared: s.declared,
+            paused: s.paused,
             started_at: s.started_at,
             state: s.state.name().to_owned(),
             since: s.since,
@@ -194,6 +197,7 @@ impl TryFrom<&AnalysisRecord> for AnalysisSnapshot {
             canary: r.canary.clone(),
             model,
             declared: r.declared,
+            paused: r.paused,
             started_at: r.started_at,
             state: State::named(&r.state).ok_or_else(|| unknown("analysis state", &r.state))?,
             since: r.since,

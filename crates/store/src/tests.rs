@@ -610,6 +610,7 @@ fn analysis(app: &str) -> AnalysisSnapshot {
         canary: "v2".into(),
         model,
         declared: true,
+        paused: true,
         started_at: 10,
         state: State::Failing,
         since: 70,

@@ -149,6 +149,8 @@ pub struct AnalysisView {
     pub model: String,
     pub mode: Mode,
     pub declared: bool,
+    /// Paused by an operator: judged, but passing no stage and failing nothing.
+    pub paused: bool,
     pub state: State,
     pub score: Option<f64>,
     pub stage: Option<StageView>,
@@ -221,6 +223,46 @@ pub enum ChangeKind {
     /// A gate broke for both versions alike: the rollout holds (no stage passes) and is not
     /// rolled back.
     Held,
+    /// An operator's action (`Operation`): promoted or aborted by hand, paused or resumed.
+    OperatorPromoted,
+    OperatorAborted,
+    Paused,
+    Resumed,
+}
+
+/// What an operator can do to an analysis under way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// Promote the canary now, whatever its stage (`canary.promoted`, weight 100).
+    Promote,
+    /// Stop the analysis from acting: it goes on judging and showing its state, but passes no
+    /// stage and fails nothing until resumed.
+    Pause,
+    Resume,
+    /// Fail the canary now (`canary.failed`, weight 0).
+    Abort,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::Promote,
+        Operation::Pause,
+        Operation::Resume,
+        Operation::Abort,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Promote => "promote",
+            Operation::Pause => "pause",
+            Operation::Resume => "resume",
+            Operation::Abort => "abort",
+        }
+    }
+
+    pub fn named(name: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|o| o.name() == name)
+    }
 }
 
 /// A decision worth an event.
@@ -248,6 +290,12 @@ pub enum JudgeError {
         "an analysis of {canary} against {stable} is under way; declare with replace: true to replace it"
     )]
     LiveAnalysis { stable: String, canary: String },
+    #[error("cannot {operation} the analysis of {canary}: it is {state}")]
+    NotNow {
+        operation: &'static str,
+        canary: String,
+        state: String,
+    },
 }
 
 /// One canary under analysis.
@@ -259,6 +307,8 @@ pub struct Analysis {
     canary: Arc<str>,
     model: Arc<Model>,
     declared: bool,
+    /// An operator paused it: it judges, but neither passes stages nor fails.
+    paused: bool,
     started_at: EventTime,
     state: State,
     since: EventTime,
@@ -297,6 +347,7 @@ impl Analysis {
             canary,
             model,
             declared,
+            paused: false,
             started_at: at,
             state: State::InsufficientData,
             since: at,
@@ -338,6 +389,7 @@ impl Analysis {
             model: self.model.name.clone(),
             mode: self.model.mode,
             declared: self.declared,
+            paused: self.paused,
             state: self.state,
             score: self.score,
             stage: self.model.stages.get(self.stage).map(|s| StageView {
@@ -672,6 +724,16 @@ impl Analysis {
     /// canary has been observed for its stage's period with every gate passing, stage passed or
     /// promoted.
     fn advance(&mut self, model: &Model, state: State, now: EventTime, changes: &mut Vec<CanaryChange>) {
+        if self.paused {
+            // Judged and shown, but no decision: the operator has the rollout in hand.
+            let state = if self.failed_at.is_some() {
+                self.state
+            } else {
+                state
+            };
+            self.set_state(state, now);
+            return;
+        }
         if state == State::Failing && self.failed_at.is_none() {
             self.failed_at = Some(now);
             self.set_state(state, now);
@@ -773,6 +835,50 @@ impl Analysis {
             }
         }
         None
+    }
+
+    /// An operator's action, at `now`: the change it makes.
+    fn operate(&mut self, operation: Operation, now: EventTime) -> Result<CanaryChange, JudgeError> {
+        let refused = |a: &Analysis, why: &str| JudgeError::NotNow {
+            operation: operation.name(),
+            canary: a.canary.to_string(),
+            state: why.to_owned(),
+        };
+        if self.state.is_final() {
+            return Err(refused(self, self.state.name()));
+        }
+        let (kind, weight) = match operation {
+            Operation::Promote => {
+                self.paused = false;
+                self.set_state(State::Promoted, now);
+                (ChangeKind::OperatorPromoted, Some(100.0))
+            }
+            Operation::Abort => {
+                if self.failed_at.is_some() {
+                    return Err(refused(self, "failed already"));
+                }
+                self.paused = false;
+                self.failed_at = Some(now);
+                self.set_state(State::Failing, now);
+                (ChangeKind::OperatorAborted, Some(0.0))
+            }
+            Operation::Pause if self.paused => return Err(refused(self, "paused already")),
+            Operation::Pause => {
+                self.paused = true;
+                (ChangeKind::Paused, None)
+            }
+            Operation::Resume if !self.paused => return Err(refused(self, "not paused")),
+            Operation::Resume => {
+                self.paused = false;
+                (ChangeKind::Resumed, None)
+            }
+        };
+        Ok(CanaryChange {
+            kind,
+            time: now,
+            weight,
+            view: self.view(),
+        })
     }
 
     fn set_state(&mut self, state: State, now: EventTime) {
@@ -1087,6 +1193,19 @@ impl Judge {
     }
 
     /// Ends the app's analysis (the rollout API's DELETE).
+    /// An operator's action on the app's analysis.
+    pub(crate) fn operate(
+        &mut self,
+        key: &(Arc<str>, Arc<str>),
+        operation: Operation,
+        now: EventTime,
+    ) -> Result<CanaryChange, JudgeError> {
+        let analysis = self.analyses.get_mut(key).ok_or(JudgeError::NoRollout)?;
+        let change = analysis.operate(operation, now)?;
+        self.changed.insert(key.clone());
+        Ok(change)
+    }
+
     pub(crate) fn end(&mut self, key: &(Arc<str>, Arc<str>)) -> Result<AnalysisView, JudgeError> {
         let ended = self.analyses.remove(key).ok_or(JudgeError::NoRollout)?;
         self.changed.remove(key);

@@ -29,6 +29,7 @@ pub struct AnalysisSnapshot {
     /// edited or removed since does not change a rollout under way.
     pub model: Model,
     pub declared: bool,
+    pub paused: bool,
     pub started_at: EventTime,
     pub state: State,
     pub since: EventTime,
@@ -72,6 +73,7 @@ impl Analysis {
             canary: self.canary.to_string(),
             model: (*self.model).clone(),
             declared: self.declared,
+            paused: self.paused,
             started_at: self.started_at,
             state: self.state,
             since: self.since,
@@ -100,6 +102,7 @@ impl Analysis {
             canary: Arc::from(s.canary),
             model: Arc::new(s.model),
             declared: s.declared,
+            paused: s.paused,
             started_at: s.started_at,
             state: s.state,
             since: s.since,
