@@ -250,6 +250,8 @@ function resetAppView() {
   $("app-score").textContent = "";
   $("app-versions").replaceChildren();
   $("app-note").hidden = true;
+  $("action-note").hidden = true;
+  renderActions(null);
   for (const id of ["gates-table", "mix-table", "calls-table", "checks-table", "events-table"]) {
     $(id).tBodies[0].replaceChildren();
   }
@@ -284,6 +286,7 @@ async function refreshApp(key) {
 
   $("app-versions").replaceChildren(entry ? versionChips(entry.versions) : "");
   setBadge(canary);
+  renderActions(canary);
   $("app-score").textContent = canary && canary.score !== null ? `score ${fmtScore(canary.score)} / 100` : "";
   const note = $("app-note");
   if (!entry) {
@@ -615,6 +618,75 @@ function lineChart(svg, { series, band, marker, format }) {
   }
   svg.replaceChildren(...nodes);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Operator actions: promote, pause, resume, abort, each confirmed, with the admin token
+
+const TOKEN_KEY = "canaryd-api-token";
+
+/** The buttons that make sense for the analysis now; none once it is over. */
+function renderActions(canary) {
+  const bar = $("app-actions");
+  const live = canary && canary.state !== "promoted" && canary.state !== "rolled_back";
+  bar.hidden = !live;
+  bar.dataset.paused = live && canary.paused ? "true" : "false";
+  if (!live) return;
+  for (const button of bar.querySelectorAll("button")) {
+    const op = button.dataset.operation;
+    button.hidden =
+      (op === "pause" && canary.paused) || (op === "resume" && !canary.paused) || (op === "abort" && !!canary.failed_at);
+  }
+}
+
+function confirmation(operation, c) {
+  switch (operation) {
+    case "promote":
+      return `Promote ${c.canary_version} now? It gets all the traffic (weight 100), whatever its stage.`;
+    case "pause":
+      return `Pause the analysis of ${c.canary_version}? It goes on judging, but passes no stage and fails nothing until resumed.`;
+    case "resume":
+      return `Resume the analysis of ${c.canary_version}?`;
+    default:
+      return `Abort ${c.canary_version} now? Its weight goes to 0.`;
+  }
+}
+
+function postAction(path) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return fetch(path, { method: "POST", headers: token ? { authorization: `Bearer ${token}` } : {} });
+}
+
+async function operate(operation) {
+  const c = appState.canary;
+  if (!c || !window.confirm(confirmation(operation, c))) return;
+  const path = `/api/v1/apps/${q(route.app)}/canary/${operation}?env=${q(route.env)}`;
+  const note = $("action-note");
+  try {
+    let response = await postAction(path);
+    if (response.status === 401) {
+      const token = window.prompt("This needs canaryd's api_token (kept for this tab only):");
+      if (!token) return;
+      sessionStorage.setItem(TOKEN_KEY, token);
+      response = await postAction(path);
+    }
+    if (response.ok) {
+      note.textContent = `${operation}: done.`;
+    } else {
+      const body = await response.json().catch(() => ({}));
+      if (response.status === 401) sessionStorage.removeItem(TOKEN_KEY);
+      note.textContent = `${operation} refused (HTTP ${response.status}): ${body.detail || ""}`;
+    }
+  } catch (e) {
+    note.textContent = `${operation} failed: ${e.message}`;
+  }
+  note.hidden = false;
+  tick();
+}
+
+$("app-actions").addEventListener("click", (e) => {
+  const button = e.target.closest("button[data-operation]");
+  if (button) operate(button.dataset.operation);
+});
 
 // ---------------------------------------------------------------------------------------------
 

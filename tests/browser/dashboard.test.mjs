@@ -252,6 +252,34 @@ async function main() {
   assert.notEqual(background, "rgb(246, 247, 249)", "dark mode has its own colours");
   await phonePage.screenshot({ path: path.join(outDir, "dashboard-phone-dark.png"), fullPage: true });
 
+  // Operators act from the dashboard (issue 20, item 5): each action asks for confirmation, and
+  // is an event. Pause the failed canary's analysis, then promote it over the failure.
+  current = page;
+  await page.goto(`${api}/#/app/${encodeURIComponent(ENV)}/${encodeURIComponent(APP)}`);
+  await page.waitForSelector('#app-badge[data-state="failing"]', { timeout: UI_TIMEOUT_MS });
+  await page.waitForSelector('#app-actions:not([hidden])', { timeout: UI_TIMEOUT_MS });
+  assert.equal(await page.isHidden('#app-actions button[data-operation="abort"]'), true, "a failed canary cannot be aborted");
+  const dialogs = [];
+  page.on("dialog", (dialog) => {
+    dialogs.push(dialog.message());
+    dialog.accept();
+  });
+  await page.click('#app-actions button[data-operation="pause"]');
+  await page.waitForSelector('#app-actions[data-paused="true"]', { timeout: UI_TIMEOUT_MS });
+  await page.waitForSelector('#events-table tr[data-type="canaryd.canary.paused"]', { timeout: UI_TIMEOUT_MS });
+  assert.equal(await page.isHidden('#app-actions button[data-operation="pause"]'), true, "paused: resume, not pause");
+  await page.click('#app-actions button[data-operation="promote"]');
+  await page.waitForSelector('#app-badge[data-state="promoted"]', { timeout: UI_TIMEOUT_MS });
+  await page.waitForSelector('#events-table tr[data-type="canaryd.canary.promoted"]', { timeout: UI_TIMEOUT_MS });
+  await page.waitForSelector("#app-actions[hidden]", { state: "attached", timeout: UI_TIMEOUT_MS });
+  assert.equal(dialogs.length, 2, `one confirmation per action: ${dialogs}`);
+  assert.match(dialogs[0], /^Pause the analysis of /);
+  assert.match(dialogs[1], /^Promote .* now\?/);
+  await until("the promotion delivered to the receiver", UI_TIMEOUT_MS, () =>
+    receiver.received.some((r) => r.body.includes('"canaryd.canary.promoted"')),
+  );
+  await page.screenshot({ path: path.join(outDir, "dashboard-promoted.png"), fullPage: true });
+
   assert.deepEqual(problems, [], "the page logged no errors");
   log(`passed; screenshots in ${outDir}`);
 }
