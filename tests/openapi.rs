@@ -24,6 +24,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/apps/{app}/timeline"),
     ("put", "/api/v1/apps/{app}/rollout"),
     ("delete", "/api/v1/apps/{app}/rollout"),
+    ("post", "/api/v1/apps/{app}/canary/{operation}"),
     ("get", "/api/v1/models"),
     ("get", "/api/v1/events"),
     ("get", "/api/v1/subscriptions"),
@@ -206,7 +207,10 @@ async fn the_document_describes_every_route_and_the_answers_match_it() {
     assert_eq!(documented, expected);
     let paths: BTreeSet<&String> = documented.iter().map(|(_, p)| p).collect();
     for path in paths {
-        let concrete = path.replace("{app}", "no-such-app").replace("{id}", "sub_none");
+        let concrete = path
+            .replace("{app}", "no-such-app")
+            .replace("{id}", "sub_none")
+            .replace("{operation}", "pause");
         for method in METHODS {
             let (status, body) = send(&daemon, method, &concrete, None).await;
             if documented.contains(&(method.to_owned(), path.clone())) {

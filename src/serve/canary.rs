@@ -78,6 +78,7 @@ fn canary_example() -> serde_json::Value {
         "model": "default",
         "mode": "enforce",
         "declared": false,
+        "paused": false,
         "state": "failing",
         "score": 12.5,
         "stage": {"index": 0, "name": "10%", "weight": 10.0},
