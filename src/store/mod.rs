@@ -51,6 +51,10 @@ impl DaemonRecords for Daemon {
     fn is_pending(delivery: &Delivery) -> bool {
         delivery.state == DeliveryState::Pending
     }
+
+    fn is_parked(delivery: &Delivery) -> bool {
+        delivery.state == DeliveryState::Parked
+    }
 }
 
 #[cfg(test)]

@@ -16,12 +16,14 @@
 //!
 //! The daemon's own records (`events`, keyed by sequence number, which sled keeps increasing
 //! across restarts; `subscriptions`; `outbox`, pending deliveries per subscription in event order,
-//! written with their event; `deliveries`, the history of finished ones, pruned with the events)
-//! are the daemon's types, which it names through `DaemonRecords`: the store keeps them as a format
-//! byte (`DAEMON_FORMAT`) then postcard, and owns their keys and the rules between them. An outbox
-//! entry exists only while its subscription does and is enabled: updates never re-insert one, and
-//! a delete or a disable clears them. The numbers of events and of outbox entries are counted as
-//! they change (sled's `len` walks a whole tree).
+//! written with their event; `parked`, deliveries taken off the head of their subscription's
+//! outbox after failing there for too long, keyed as the outbox is; `deliveries`, the history of
+//! finished ones, pruned with the events) are the daemon's types, which it names through
+//! `DaemonRecords`: the store keeps them as a format byte (`DAEMON_FORMAT`) then postcard, and
+//! owns their keys and the rules between them. An outbox or parked entry exists only while its
+//! subscription does and is enabled: updates never re-insert one, a delivery moves from the outbox
+//! to `parked` in one transaction, and a delete or a disable clears both. The numbers of events,
+//! outbox entries and parked ones are counted as they change (sled's `len` walks a whole tree).
 //!
 //! A record that does not decode (corrupt, or of a format no schema ever wrote) is skipped,
 //! counted (`StoreCounters::records_skipped`) and logged, never misread; one that says it was
@@ -118,6 +120,8 @@ pub trait DaemonRecords {
     /// A pending delivery of a stored event.
     fn delivery(event: &Self::Event) -> Self::Delivery;
     fn is_pending(delivery: &Self::Delivery) -> bool;
+    /// Whether a delivery is parked: off its subscription's queue, still to be delivered.
+    fn is_parked(delivery: &Self::Delivery) -> bool;
 }
 
 /// For users of the engine's state alone (`canaryd-lab`): no events, subscriptions or deliveries.
@@ -144,6 +148,9 @@ impl DaemonRecords for EngineOnly {
     fn is_pending(_: &()) -> bool {
         false
     }
+    fn is_parked(_: &()) -> bool {
+        false
+    }
 }
 
 /// Counters of what the store did; the daemon registers them on `/metrics`.
@@ -161,6 +168,7 @@ pub struct StoreCounters {
 struct Counts {
     events: AtomicU64,
     outbox: AtomicU64,
+    parked: AtomicU64,
 }
 
 fn decrement(count: &AtomicU64) {
@@ -180,6 +188,7 @@ pub struct Store<R: DaemonRecords = EngineOnly> {
     events: sled::Tree,
     subscriptions: sled::Tree,
     outbox: sled::Tree,
+    parked: sled::Tree,
     history: sled::Tree,
     counts: Arc<Counts>,
     counters: StoreCounters,
@@ -198,6 +207,7 @@ impl<R: DaemonRecords> Clone for Store<R> {
             events: self.events.clone(),
             subscriptions: self.subscriptions.clone(),
             outbox: self.outbox.clone(),
+            parked: self.parked.clone(),
             history: self.history.clone(),
             counts: self.counts.clone(),
             counters: self.counters.clone(),
@@ -322,9 +332,11 @@ impl<R: DaemonRecords> Store<R> {
         };
         let events = tree("events")?;
         let outbox = tree("outbox")?;
+        let parked = tree("parked")?;
         let counts = Arc::new(Counts {
             events: AtomicU64::new(events.len() as u64),
             outbox: AtomicU64::new(outbox.len() as u64),
+            parked: AtomicU64::new(parked.len() as u64),
         });
         Ok(Store {
             clocks: tree(CLOCKS)?,
@@ -335,6 +347,7 @@ impl<R: DaemonRecords> Store<R> {
             events,
             subscriptions: tree("subscriptions")?,
             outbox,
+            parked,
             history: tree("deliveries")?,
             db,
             counts,
@@ -566,12 +579,18 @@ impl<R: DaemonRecords> Store<R> {
         Ok(())
     }
 
-    /// Removes every pending delivery of a subscription.
+    /// Removes every pending and parked delivery of a subscription. The outbox first: a delivery
+    /// being parked meanwhile is either still there or already in `parked`, which is cleared next.
     fn clear_outbox(&self, subscription: &str) -> Result<(), sled::Error> {
-        for key in self.outbox.scan_prefix(outbox_prefix(subscription)).keys() {
-            // One by one: what another remover took first is not counted twice.
-            if self.outbox.remove(key?)?.is_some() {
-                decrement(&self.counts.outbox);
+        for (tree, count) in [
+            (&self.outbox, &self.counts.outbox),
+            (&self.parked, &self.counts.parked),
+        ] {
+            for key in tree.scan_prefix(outbox_prefix(subscription)).keys() {
+                // One by one: what another remover took first is not counted twice.
+                if tree.remove(key?)?.is_some() {
+                    decrement(count);
+                }
             }
         }
         Ok(())
@@ -638,8 +657,8 @@ impl<R: DaemonRecords> Store<R> {
         self.flush()
     }
 
-    /// Marks a subscription disabled (its receiver answered 410 Gone) and drops its pending
-    /// deliveries, which will never be sent. A subscription deleted meanwhile stays deleted.
+    /// Marks a subscription disabled (its receiver answered 410 Gone) and drops its pending and
+    /// parked deliveries, which will never be sent. A subscription deleted meanwhile stays deleted.
     pub fn disable_subscription(&self, id: &str) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "disable a subscription",
@@ -661,7 +680,7 @@ impl<R: DaemonRecords> Store<R> {
         self.flush()
     }
 
-    /// Deletes a subscription and its pending deliveries; false when there was none.
+    /// Deletes a subscription and its pending and parked deliveries; false when there was none.
     pub fn delete_subscription(&self, id: &str) -> Result<bool, StoreError> {
         let io = |source| StoreError::Io {
             operation: "delete a subscription",
@@ -701,9 +720,10 @@ impl<R: DaemonRecords> Store<R> {
         Ok(None)
     }
 
-    /// Records a delivery's new state: a pending one stays in the outbox, a finished one moves to
-    /// the history. Only while it is still in the outbox: one whose subscription was deleted or
-    /// disabled meanwhile is not brought back.
+    /// Records a delivery's new state: a pending one stays in the outbox, a parked one moves (or
+    /// stays) in `parked`, a finished one moves to the history. Only while it is still in the
+    /// outbox or parked: one whose subscription was deleted or disabled meanwhile is not brought
+    /// back.
     pub fn put_delivery(
         &self,
         subscription: &str,
@@ -715,37 +735,147 @@ impl<R: DaemonRecords> Store<R> {
             source,
         };
         let key = outbox_key(subscription, seq);
+        let record = encode_daemon(delivery);
         if R::is_pending(delivery) {
-            let record = encode_daemon(delivery);
             // Atomic: replaces the entry only if it is there, never inserts it.
             self.outbox
                 .update_and_fetch(key, |old| old.map(|_| record.clone()))
                 .map_err(io)?;
-        } else if self.outbox.remove(key).map_err(io)?.is_some() {
-            decrement(&self.counts.outbox);
-            let mut history_key = seq.to_be_bytes().to_vec();
-            history_key.extend(subscription.as_bytes());
-            self.history
-                .insert(history_key, encode_daemon(delivery))
+        } else if R::is_parked(delivery) {
+            let updated = self
+                .parked
+                .update_and_fetch(&key, |old| old.map(|_| record.clone()))
                 .map_err(io)?;
+            if updated.is_none() && self.move_to_parked(&key, &record)? {
+                decrement(&self.counts.outbox);
+                self.counts.parked.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            let removed = if self.outbox.remove(&key).map_err(io)?.is_some() {
+                Some(&self.counts.outbox)
+            } else if self.parked.remove(&key).map_err(io)?.is_some() {
+                Some(&self.counts.parked)
+            } else {
+                None
+            };
+            if let Some(count) = removed {
+                decrement(count);
+                let mut history_key = seq.to_be_bytes().to_vec();
+                history_key.extend(subscription.as_bytes());
+                self.history.insert(history_key, record).map_err(io)?;
+            }
         }
         self.flush()
     }
 
-    /// A subscription's deliveries, pending and finished, newest first, at most `limit`.
+    /// Moves an outbox entry to `parked` as `record`, in one transaction, if it is in the outbox;
+    /// whether it was.
+    fn move_to_parked(&self, key: &[u8], record: &[u8]) -> Result<bool, StoreError> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let moved = (&self.outbox, &self.parked)
+            .transaction(|(outbox, parked)| {
+                if outbox.remove(key)?.is_none() {
+                    return Ok(false);
+                }
+                parked.insert(key, record)?;
+                Ok::<_, ConflictableTransactionError<()>>(true)
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(source) => StoreError::Io {
+                    operation: "park a delivery",
+                    source,
+                },
+                // Nothing above aborts.
+                TransactionError::Abort(()) => StoreError::Io {
+                    operation: "park a delivery",
+                    source: sled::Error::Unsupported("aborted".into()),
+                },
+            })?;
+        Ok(moved)
+    }
+
+    /// A subscription's parked deliveries, in event order.
+    pub fn parked(&self, subscription: &str) -> Result<Vec<(u64, R::Delivery)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.parked.scan_prefix(outbox_prefix(subscription)) {
+            let (key, value) = entry.map_err(|source| StoreError::Io {
+                operation: "read parked deliveries",
+                source,
+            })?;
+            match (outbox_seq(&key), decode_daemon(&value)) {
+                (Some(seq), Some(delivery)) => out.push((seq, delivery)),
+                _ => self.corrupt("parked", &key),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Changes a parked delivery in place, atomically; the delivery as changed, or `None` when
+    /// the subscription has no such parked delivery.
+    pub fn update_parked(
+        &self,
+        subscription: &str,
+        seq: u64,
+        change: impl Fn(&mut R::Delivery),
+    ) -> Result<Option<R::Delivery>, StoreError> {
+        let changed = self
+            .parked
+            .update_and_fetch(outbox_key(subscription, seq), |old| {
+                let old = old?;
+                // A record this build cannot read is left as it is.
+                let Some(mut delivery) = decode_daemon::<R::Delivery>(old) else {
+                    return Some(old.to_vec());
+                };
+                change(&mut delivery);
+                Some(encode_daemon(&delivery))
+            })
+            .map_err(|source| StoreError::Io {
+                operation: "change a parked delivery",
+                source,
+            })?;
+        Ok(changed.and_then(|bytes| decode_daemon(&bytes)))
+    }
+
+    /// A subscription's delivery of the event `seq`, wherever it is: pending, parked or finished.
+    pub fn find_delivery(&self, subscription: &str, seq: u64) -> Result<Option<R::Delivery>, StoreError> {
+        let io = |source| StoreError::Io {
+            operation: "read a delivery",
+            source,
+        };
+        let key = outbox_key(subscription, seq);
+        let mut history_key = seq.to_be_bytes().to_vec();
+        history_key.extend(subscription.as_bytes());
+        for (tree, key) in [
+            (&self.outbox, &key),
+            (&self.parked, &key),
+            (&self.history, &history_key),
+        ] {
+            if let Some(value) = tree.get(key).map_err(io)? {
+                return Ok(decode_daemon(&value));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A subscription's deliveries, pending, parked and finished, newest first, at most `limit`.
     pub fn deliveries(&self, subscription: &str, limit: usize) -> Result<Vec<R::Delivery>, StoreError> {
         let io = |source| StoreError::Io {
             operation: "read deliveries",
             source,
         };
         let mut out: Vec<(u64, R::Delivery)> = Vec::new();
-        for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
-            let (key, value) = entry.map_err(io)?;
-            let seq = outbox_seq(&key);
-            if let (Some(seq), Some(d)) = (seq, decode_daemon(&value)) {
-                out.push((seq, d));
+        // The newest `limit` of each place, so that a long outbox is not read whole.
+        for tree in [&self.outbox, &self.parked] {
+            for entry in tree.scan_prefix(outbox_prefix(subscription)).rev().take(limit) {
+                let (key, value) = entry.map_err(io)?;
+                let seq = outbox_seq(&key);
+                if let (Some(seq), Some(d)) = (seq, decode_daemon(&value)) {
+                    out.push((seq, d));
+                }
             }
         }
+        let mut finished = 0;
         for entry in self.history.iter().rev() {
             let (key, value) = entry.map_err(io)?;
             if let Some((seq, id)) = key.split_first_chunk::<8>()
@@ -753,8 +883,9 @@ impl<R: DaemonRecords> Store<R> {
                 && let Some(d) = decode_daemon(&value)
             {
                 out.push((u64::from_be_bytes(*seq), d));
+                finished += 1;
             }
-            if out.len() >= limit * 2 {
+            if finished >= limit {
                 break;
             }
         }
@@ -763,9 +894,14 @@ impl<R: DaemonRecords> Store<R> {
         Ok(out.into_iter().map(|(_, d)| d).collect())
     }
 
-    /// Deliveries waiting in the outbox, over all subscriptions.
+    /// Deliveries waiting in the outbox, over all subscriptions (parked ones not included).
     pub fn outbox_depth(&self) -> usize {
         self.counts.outbox.load(Ordering::Relaxed) as usize
+    }
+
+    /// Parked deliveries, over all subscriptions.
+    pub fn parked_count(&self) -> usize {
+        self.counts.parked.load(Ordering::Relaxed) as usize
     }
 
     /// Events in the history.

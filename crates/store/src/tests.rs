@@ -22,6 +22,7 @@ struct TestSubscription {
 struct TestDelivery {
     seq: Option<u64>,
     pending: bool,
+    parked: bool,
     attempts: u32,
 }
 
@@ -51,11 +52,15 @@ impl DaemonRecords for Test {
         TestDelivery {
             seq: event.seq,
             pending: true,
+            parked: false,
             attempts: 0,
         }
     }
     fn is_pending(delivery: &TestDelivery) -> bool {
         delivery.pending
+    }
+    fn is_parked(delivery: &TestDelivery) -> bool {
+        delivery.parked
     }
 }
 
@@ -98,6 +103,7 @@ fn subscribe(store: &TestStore, id: &str) {
 /// The counts kept agree with the trees, which sled counts by walking them.
 fn assert_counts(store: &TestStore) {
     assert_eq!(store.outbox_depth(), store.outbox.len(), "outbox");
+    assert_eq!(store.parked_count(), store.parked.len(), "parked");
     assert_eq!(store.event_count(), store.events.len(), "events");
 }
 
@@ -196,6 +202,87 @@ fn an_append_that_raced_a_delete_or_a_disable_leaves_no_entries_for_them() {
     assert_eq!(store.next_delivery("disabled").expect("read"), None);
     assert!(store.next_delivery("live").expect("read").is_some());
     assert_eq!(store.outbox_depth(), 2);
+    assert_counts(&store);
+}
+
+fn parked(mut delivery: TestDelivery) -> TestDelivery {
+    delivery.pending = false;
+    delivery.parked = true;
+    delivery
+}
+
+#[test]
+fn a_parked_delivery_leaves_the_queue_stays_stored_and_is_finished_from_parked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = {
+        let store = open(dir.path());
+        subscribe(&store, "a");
+        store.append_events(&mut events(3), 10).expect("append");
+        let (first, delivery) = store.next_delivery("a").expect("read").expect("pending");
+        store.put_delivery("a", first, &parked(delivery)).expect("park");
+        assert_eq!((store.outbox_depth(), store.parked_count()), (2, 1));
+        assert_counts(&store);
+        // The queue moves on to the next event.
+        let (next, _) = store.next_delivery("a").expect("read").expect("pending");
+        assert!(next > first);
+        first
+    };
+    // Parked survives a reopen, is listed, and can be changed in place.
+    let store = open(dir.path());
+    assert_eq!((store.outbox_depth(), store.parked_count()), (2, 1));
+    assert_counts(&store);
+    let listed = store.parked("a").expect("read");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, first);
+    assert_eq!(store.deliveries("a", 10).expect("read").len(), 3);
+    let changed = store
+        .update_parked("a", first, |d| d.attempts = 7)
+        .expect("update")
+        .expect("parked");
+    assert_eq!(changed.attempts, 7);
+    assert_eq!(
+        store.find_delivery("a", first).expect("read"),
+        Some(changed.clone())
+    );
+    assert_eq!(store.update_parked("a", first + 1, |_| {}).expect("update"), None);
+    // Recording it parked again updates it where it is.
+    let mut again = changed;
+    again.attempts = 8;
+    store.put_delivery("a", first, &again).expect("retry");
+    assert_eq!(store.parked("a").expect("read")[0].1.attempts, 8);
+    assert_eq!(store.parked_count(), 1);
+    // Delivered: from parked to the history.
+    again.parked = false;
+    store.put_delivery("a", first, &again).expect("deliver");
+    assert!(store.parked("a").expect("read").is_empty());
+    assert_eq!(store.find_delivery("a", first).expect("read"), Some(again));
+    assert_eq!((store.outbox_depth(), store.parked_count()), (2, 0));
+    assert_counts(&store);
+}
+
+#[test]
+fn deleting_or_disabling_clears_parked_deliveries_and_never_revives_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    subscribe(&store, "deleted");
+    subscribe(&store, "disabled");
+    store.append_events(&mut events(2), 10).expect("append");
+    for id in ["deleted", "disabled"] {
+        let (seq, delivery) = store.next_delivery(id).expect("read").expect("pending");
+        store.put_delivery(id, seq, &parked(delivery)).expect("park");
+    }
+    assert_eq!(store.parked_count(), 2);
+    // The worker has the next one in hand when its subscription goes: parking it brings
+    // nothing back.
+    let (seq, delivery) = store.next_delivery("deleted").expect("read").expect("pending");
+    store.delete_subscription("deleted").expect("delete");
+    store.disable_subscription("disabled").expect("disable");
+    store
+        .put_delivery("deleted", seq, &parked(delivery))
+        .expect("park");
+    assert!(store.parked("deleted").expect("read").is_empty());
+    assert!(store.parked("disabled").expect("read").is_empty());
+    assert_eq!((store.outbox_depth(), store.parked_count()), (0, 0));
     assert_counts(&store);
 }
 
