@@ -237,8 +237,10 @@ settings! {
     outbound_allow: OutboundAllow,
     /// Seconds each webhook request may take [default: 10]
     delivery_timeout_secs: u64,
-    /// Hours a webhook delivery is retried before it is given up [default: 24]
+    /// Hours a delivery is retried after its first attempt (or a re-drive); then, parked, it waits for a re-drive [default: 24]
     delivery_max_age_hours: u64,
+    /// Seconds (1-86400, at most delivery_max_age_hours) a delivery may keep failing at the head of its subscription's queue before it is parked and later events go on; parked ones are still retried [default: 180]
+    delivery_park_after_secs: u64,
     /// HAProxy servers of each canary, for haproxy subscriptions: env/app/version=backend/server[+stable_server], comma-separated, version * for any [default: none]
     haproxy_servers: crate::act::haproxy::HaproxyServers,
     /// Log filter, in tracing's EnvFilter syntax [default: info]
@@ -345,6 +347,47 @@ fn requests_in_flight(budget: u64, max_message_bytes: usize, max_items: u64) -> 
     }
 }
 
+/// The delivery settings: a delivery is parked no later than its retries end; outbound targets
+/// allowed as `outbound_allow` says, or loopback while the API listens on loopback (`http_addr`).
+fn delivery_config(raw: &RawConfig, http_addr: SocketAddr) -> Result<DeliveryConfig, ConfigError> {
+    let max_age_hours = within(
+        "delivery_max_age_hours",
+        set(raw.delivery_max_age_hours, "delivery_max_age_hours")?,
+        1..=24 * 30,
+    )?;
+    let park_after_secs = within(
+        "delivery_park_after_secs",
+        set(raw.delivery_park_after_secs, "delivery_park_after_secs")?,
+        1..=86_400,
+    )?;
+    if park_after_secs > max_age_hours * 3_600 {
+        return Err(invalid(
+            "delivery_park_after_secs",
+            park_after_secs,
+            &format!("must be at most delivery_max_age_hours ({max_age_hours} h)"),
+        ));
+    }
+    Ok(DeliveryConfig {
+        timeout: Duration::from_secs(within(
+            "delivery_timeout_secs",
+            set(raw.delivery_timeout_secs, "delivery_timeout_secs")?,
+            1..=600,
+        )?),
+        max_age: Duration::from_secs(max_age_hours * 3_600),
+        park_after: Duration::from_secs(park_after_secs),
+        haproxy_servers: raw.haproxy_servers.clone().unwrap_or_default(),
+        // Unset: loopback while the API itself is only reachable from this host.
+        outbound_allow: raw.outbound_allow.clone().unwrap_or_else(|| {
+            if http_addr.ip().is_loopback() {
+                OutboundAllow::loopback()
+            } else {
+                OutboundAllow::default()
+            }
+        }),
+        ..DeliveryConfig::default()
+    })
+}
+
 /// Where a value found bad after layering came from, until `Config::load` names its source.
 const MERGED: &str = "the merged configuration";
 
@@ -418,6 +461,7 @@ impl Config {
     pub fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         let raw = RawConfig::defaults()?.overlaid_with(raw);
         let raw_insecure_no_auth = set(raw.insecure_no_auth, "insecure_no_auth")?;
+        let delivery = delivery_config(&raw, set(raw.http_addr, "http_addr")?)?;
         let limits = Limits {
             max_apps: within("max_apps", set(raw.max_apps, "max_apps")?, 1..=1_000_000)?,
             max_envs_per_app: within(
@@ -593,30 +637,7 @@ impl Config {
                 1..=1 << 20,
             )? << 20,
             max_events: within("max_events", set(raw.max_events, "max_events")?, 1..=100_000_000)?,
-            delivery: DeliveryConfig {
-                timeout: Duration::from_secs(within(
-                    "delivery_timeout_secs",
-                    set(raw.delivery_timeout_secs, "delivery_timeout_secs")?,
-                    1..=600,
-                )?),
-                max_age: Duration::from_secs(
-                    within(
-                        "delivery_max_age_hours",
-                        set(raw.delivery_max_age_hours, "delivery_max_age_hours")?,
-                        1..=24 * 30,
-                    )? * 3_600,
-                ),
-                haproxy_servers: raw.haproxy_servers.unwrap_or_default(),
-                // Unset: loopback while the API itself is only reachable from this host.
-                outbound_allow: raw.outbound_allow.unwrap_or_else(|| {
-                    if http_addr.ip().is_loopback() {
-                        OutboundAllow::loopback()
-                    } else {
-                        OutboundAllow::default()
-                    }
-                }),
-                ..DeliveryConfig::default()
-            },
+            delivery,
             max_message_bytes,
             requests_in_flight,
             pipeline_queue: within(
@@ -904,6 +925,27 @@ mod tests {
         assert_eq!(config.engine.windows, engine.windows);
         assert_eq!(config.engine.baseline, engine.baseline);
         assert_eq!(config.normalize, NormalizeOptions::default());
+        assert_eq!(config.delivery, DeliveryConfig::default());
+    }
+
+    #[test]
+    fn a_delivery_is_parked_no_later_than_its_retries_end() {
+        let raw = RawConfig {
+            delivery_max_age_hours: Some(1),
+            delivery_park_after_secs: Some(3_601),
+            ..RawConfig::default()
+        };
+        let message = Config::resolve(raw)
+            .expect_err("parks after the window")
+            .to_string();
+        assert!(message.contains("delivery_park_after_secs"), "{message}");
+        assert!(message.contains("3601"), "{message}");
+        let raw = RawConfig {
+            delivery_park_after_secs: Some(2),
+            ..RawConfig::default()
+        };
+        let config = Config::resolve(raw).expect("valid");
+        assert_eq!(config.delivery.park_after, Duration::from_secs(2));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::act::clock::Clock;
 use crate::act::delivery::Dispatcher;
 use crate::config::{Config, HttpTimeouts};
 use crate::engine;
@@ -233,6 +234,12 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 impl Daemon {
     /// Starts every stage. Returns once all listeners are bound and `addrs.json` is written.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        Daemon::start_with_clock(config, Clock::System).await
+    }
+
+    /// `start`, with delivery (backoff, parking, the retry window) on `clock`: the delivery
+    /// benchmark runs a day of a receiver's outage on a manual clock.
+    pub async fn start_with_clock(config: Config, clock: Clock) -> Result<Daemon, StartError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -287,10 +294,11 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         // Not a child of `shutdown`: delivery goes on while the receivers and the engine drain.
         let delivery_stop = CancellationToken::new();
-        let dispatcher = Dispatcher::new(
+        let dispatcher = Dispatcher::with_clock(
             store.clone(),
             stats.clone(),
             config.delivery.clone(),
+            clock,
             delivery_stop.clone(),
         )?;
         tracing::info!(allowed = %config.delivery.outbound_allow, "outbound targets: public addresses, and restricted ones named here");

@@ -92,6 +92,7 @@ pub struct Stats {
     deliveries: Family<Vec<(&'static str, String)>, Counter>,
     delivery_seconds: Histogram,
     pub outbox_depth: Gauge,
+    pub parked: Gauge,
 }
 
 impl Default for Stats {
@@ -251,7 +252,7 @@ impl Stats {
         let deliveries = Family::<Vec<(&'static str, String)>, Counter>::default();
         registry.register(
             "canaryd_deliveries",
-            "Delivery attempts by subscription and outcome (delivered, retry, expired, gone, skipped)",
+            "Delivery attempts by subscription and outcome (delivered, retry, parked: taken off the queue, expired: retry window over or event gone, gone, skipped)",
             deliveries.clone(),
         );
         let delivery_seconds =
@@ -266,6 +267,12 @@ impl Stats {
             "canaryd_outbox_depth",
             "Deliveries waiting in the outbox, over all subscriptions",
             outbox_depth.clone(),
+        );
+        let parked = Gauge::default();
+        registry.register(
+            "canaryd_deliveries_parked",
+            "Deliveries parked (taken off their subscription's queue after failing at its head), over all subscriptions",
+            parked.clone(),
         );
         let build_info = Family::<[(&'static str, &'static str); 1], Gauge<i64, AtomicI64>>::default();
         registry.register("canaryd_build_info", "canaryd's version", build_info.clone());
@@ -310,6 +317,7 @@ impl Stats {
             deliveries,
             delivery_seconds,
             outbox_depth,
+            parked,
         }
     }
 

@@ -1899,6 +1899,179 @@ async fn a_hanging_receiver_does_not_delay_another_and_410_disables() {
     .await;
 }
 
+/// The wall time of an RFC 3339 field of a delivery.
+fn time_of(delivery: &serde_json::Value, field: &str) -> std::time::SystemTime {
+    let text = delivery[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} in {delivery}"));
+    humantime::parse_rfc3339(text).expect("RFC 3339")
+}
+
+/// A subscription's delivery of `event`, as the deliveries API lists it (`query` added).
+async fn delivery_of(
+    daemon: &TestDaemon,
+    subscription: &str,
+    query: &str,
+    event: &str,
+) -> Option<serde_json::Value> {
+    let listed = daemon
+        .get_json(&format!("/api/v1/subscriptions/{subscription}/deliveries{query}"))
+        .await;
+    listed["deliveries"]
+        .as_array()?
+        .iter()
+        .find(|d| d["event_id"] == event)
+        .cloned()
+}
+
+/// Issue 15, defect 9: a delivery its receiver never takes held back every later event of its
+/// subscription (a `canary.failed` too) for up to 24 hours. It is now parked once it has failed
+/// at the head of the queue for `delivery_park_after_secs`, and the events behind it go on; it
+/// stays stored, listed and retried, and a re-drive delivers it, under the same event id.
+#[tokio::test]
+async fn issue_15_a_delivery_that_keeps_failing_is_parked_and_the_events_behind_it_go_on() {
+    const PARK_SECS: u64 = 2;
+    let daemon = TestDaemon::start_with(|raw| raw.delivery_park_after_secs = Some(PARK_SECS)).await;
+    let receiver = support::Receiver::start(support::ReceiverMode::FailFirstEvent(500)).await;
+    let id = subscribe(&daemon, &receiver.url, None).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    drive_an_anomaly(&daemon).await;
+    // Every export was applied before it was answered: these are all the events.
+    let ids = event_ids(&daemon, 2).await;
+    let (stuck, behind) = (ids[0].as_str(), &ids[1..]);
+
+    // The events behind the stuck one arrive, in order, while the receiver still refuses it.
+    eventually("the events behind the stuck one delivered", || async {
+        let got = receiver.accepted_ids();
+        if got.len() >= behind.len() {
+            Ok(())
+        } else {
+            Err(format!("{got:?} of {behind:?}"))
+        }
+    })
+    .await;
+    assert_eq!(receiver.accepted_ids(), behind, "in order, without the stuck one");
+    // ...within the park time of its first attempt (and a second for the requests and the store).
+    let first_attempt = time_of(
+        &delivery_of(&daemon, &id, "", stuck).await.expect("listed"),
+        "first_attempt",
+    );
+    let next_delivered = time_of(
+        &delivery_of(&daemon, &id, "", &behind[0]).await.expect("listed"),
+        "delivered_at",
+    );
+    let held = next_delivered.duration_since(first_attempt).unwrap_or_default();
+    assert!(
+        held <= std::time::Duration::from_secs(PARK_SECS + 1),
+        "the next event waited {held:?} behind the stuck one"
+    );
+
+    // Parked, it stays listed (also when only parked ones are asked for) and is retried there.
+    let parked = delivery_of(&daemon, &id, "?state=parked", stuck)
+        .await
+        .expect("listed as parked");
+    assert_eq!(parked["state"], "parked");
+    assert_eq!(parked["last_status"], 500);
+    assert!(parked["next_retry"].is_string(), "{parked}");
+    let attempts_when_parked = parked["attempts"].as_u64().expect("attempts");
+    let parked = eventually("a retry of the parked delivery", || async {
+        match delivery_of(&daemon, &id, "", stuck).await {
+            Some(d) if d["state"] == "parked" && d["attempts"].as_u64() > Some(attempts_when_parked) => Ok(d),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(daemon.metric("canaryd_deliveries_parked").await, 1.0);
+    let next_retry = time_of(&parked, "next_retry");
+
+    // The receiver takes it again; a re-drive delivers it at once, not at its next retry.
+    receiver.set_mode(support::ReceiverMode::Accept);
+    let redrive = format!("/api/v1/subscriptions/{id}/deliveries/{stuck}/redrive");
+    let response = daemon.http.post(daemon.api(&redrive)).send().await.expect("POST");
+    assert_eq!(response.status(), 202);
+    let redriven: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(
+        (redriven["event_id"].as_str(), redriven["state"].as_str()),
+        (Some(stuck), Some("parked"))
+    );
+    eventually("the re-driven delivery to arrive", || async {
+        match delivery_of(&daemon, &id, "", stuck).await {
+            Some(d) if d["state"] == "delivered" => Ok(d),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let delivered = time_of(
+        &delivery_of(&daemon, &id, "", stuck).await.expect("listed"),
+        "delivered_at",
+    );
+    assert!(
+        delivered < next_retry,
+        "delivered by the re-drive, before its next retry"
+    );
+    let mut expected = behind.to_vec();
+    expected.push(stuck.to_owned());
+    assert_eq!(
+        receiver.accepted_ids(),
+        expected,
+        "each event once, the stuck one last"
+    );
+    let refused_with_its_id = receiver
+        .received()
+        .iter()
+        .filter(|r| !r.accepted && r.headers["webhook-id"] == stuck)
+        .count();
+    assert!(
+        refused_with_its_id as u64 >= attempts_when_parked.max(2),
+        "every refused attempt carried the same id: {refused_with_its_id}"
+    );
+    assert_eq!(daemon.metric("canaryd_deliveries_parked").await, 0.0);
+    let parked_left = daemon
+        .get_json(&format!("/api/v1/subscriptions/{id}/deliveries?state=parked"))
+        .await;
+    assert_eq!(parked_left["deliveries"], serde_json::json!([]));
+
+    // Only parked deliveries are re-driven; the others are named.
+    let post = |path: String| {
+        let request = daemon.http.post(daemon.api(&path));
+        async move { request.send().await.expect("POST") }
+    };
+    let again = post(redrive.clone()).await;
+    assert_eq!(again.status(), 409);
+    assert_eq!(again.headers()["content-type"], "application/problem+json");
+    let unknown = post(format!(
+        "/api/v1/subscriptions/{id}/deliveries/evt_00000000ffffffff/redrive"
+    ))
+    .await;
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(unknown.headers()["content-type"], "application/problem+json");
+    let not_an_id = post(format!("/api/v1/subscriptions/{id}/deliveries/nope/redrive")).await;
+    assert_eq!(not_an_id.status(), 404);
+    let no_subscription = post(format!(
+        "/api/v1/subscriptions/sub_nope/deliveries/{stuck}/redrive"
+    ))
+    .await;
+    assert_eq!(no_subscription.status(), 404);
+    let all = post(format!("/api/v1/subscriptions/{id}/deliveries/redrive")).await;
+    assert_eq!(all.status(), 202);
+    let all: serde_json::Value = all.json().await.expect("JSON");
+    assert_eq!(all["redriven"], 0);
+    assert_eq!(
+        post("/api/v1/subscriptions/sub_nope/deliveries/redrive".into())
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        daemon
+            .status_of(&format!("/api/v1/subscriptions/{id}/deliveries?state=lost"))
+            .await,
+        400
+    );
+}
+
 #[tokio::test]
 async fn deliveries_go_on_while_the_receivers_and_the_engine_drain() {
     // A stalled request holds the receivers' step of the stop for its whole grace.

@@ -31,6 +31,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/subscriptions"),
     ("delete", "/api/v1/subscriptions/{id}"),
     ("get", "/api/v1/subscriptions/{id}/deliveries"),
+    ("post", "/api/v1/subscriptions/{id}/deliveries/{event_id}/redrive"),
+    ("post", "/api/v1/subscriptions/{id}/deliveries/redrive"),
     ("post", "/api/v1/gates/flagger"),
     ("post", "/api/v1/gates/flagger/rollback"),
 ];
@@ -210,7 +212,8 @@ async fn the_document_describes_every_route_and_the_answers_match_it() {
         let concrete = path
             .replace("{app}", "no-such-app")
             .replace("{id}", "sub_none")
-            .replace("{operation}", "pause");
+            .replace("{operation}", "pause")
+            .replace("{event_id}", "evt_0000000000000001");
         for method in METHODS {
             let (status, body) = send(&daemon, method, &concrete, None).await;
             if documented.contains(&(method.to_owned(), path.clone())) {
@@ -406,6 +409,30 @@ async fn the_document_describes_every_route_and_the_answers_match_it() {
             "get",
             &format!("/api/v1/subscriptions/{id}/deliveries"),
             "/api/v1/subscriptions/{id}/deliveries",
+            None,
+        ),
+        (
+            "get",
+            &format!("/api/v1/subscriptions/{id}/deliveries?state=parked"),
+            "/api/v1/subscriptions/{id}/deliveries",
+            None,
+        ),
+        (
+            "get",
+            &format!("/api/v1/subscriptions/{id}/deliveries?state=lost"),
+            "/api/v1/subscriptions/{id}/deliveries",
+            None,
+        ),
+        (
+            "post",
+            &format!("/api/v1/subscriptions/{id}/deliveries/evt_00000000ffffffff/redrive"),
+            "/api/v1/subscriptions/{id}/deliveries/{event_id}/redrive",
+            None,
+        ),
+        (
+            "post",
+            &format!("/api/v1/subscriptions/{id}/deliveries/redrive"),
+            "/api/v1/subscriptions/{id}/deliveries/redrive",
             None,
         ),
         (

@@ -1,27 +1,43 @@
-//! Delivery: each subscription's outbox, sent in order by a task of its own.
+//! Delivery: each subscription's outbox, sent in order by a task of its own, with the deliveries
+//! that block it parked.
 //!
 //! When an event is stored, an outbox entry is written for every subscription that wants it, in
 //! the same flush, so a delivery exists as soon as the event does and survives restarts. Each
 //! subscription has one worker task, so a slow or dead receiver only ever delays itself: the
-//! worker sends the oldest pending entry; a 2xx marks it delivered; a 410 disables the
-//! subscription (and drops its pending entries); anything else (another status, a timeout, a
-//! refused connection) is retried after an exponential backoff with jitter, until 24 hours after
-//! the first attempt. Entries go out one at a time, so a receiver sees a subscription's events in
-//! order. The event id is the
-//! `webhook-id`, the same on every attempt, so receivers can de-duplicate.
+//! worker sends the oldest pending entry (the head of the queue); a 2xx marks it delivered; a 410
+//! disables the subscription (and drops its pending and parked entries); anything else (another
+//! status, a timeout, a refused connection) is retried after an exponential backoff with jitter.
+//! Entries go out one at a time, so a receiver sees a subscription's events in order.
+//!
+//! A head that keeps failing would hold back every later event (a `canary.failed` included), so
+//! once its next retry would come more than `park_after` after its first attempt it is parked:
+//! moved off the queue to the store's parked deliveries, and the next event becomes the head.
+//! A parked delivery is never dropped: the same worker retries it on its own backoff, between
+//! head attempts (taking turns when both are due), until `max_age` after its first attempt; then
+//! it stays parked, with no next retry, until the API re-drives it (a new retry window, tried at
+//! once). Parked deliveries are out of order by nature; for `haproxy` subscriptions, whose actions
+//! set weights, a parked action is skipped as superseded once a later event's action has set the
+//! same servers, so an old weight never overwrites a newer one. The event id is the `webhook-id`,
+//! the same on every attempt and re-drive, so receivers can de-duplicate.
+//!
+//! Every time here is the dispatcher's `Clock`: wall time in the daemon, a manual clock in the
+//! delivery benchmark.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::clock::Clock;
 use super::haproxy;
 use super::outbound::{GuardedResolver, OutboundAllow, OutboundPolicy};
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
+use crate::events::{Event, event_id};
 use crate::io::try_blocking;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -33,8 +49,12 @@ pub use crate::store::records::{Delivery, DeliveryState};
 pub struct DeliveryConfig {
     /// Each request's deadline.
     pub timeout: Duration,
-    /// How long after the first attempt a delivery is given up.
+    /// How long after its first attempt a delivery is retried (then, parked, it waits for a
+    /// re-drive).
     pub max_age: Duration,
+    /// How long a delivery may fail at the head of its subscription's queue before it is parked
+    /// and the events behind it go on.
+    pub park_after: Duration,
     /// Backoff before the first retry; it doubles per attempt up to `max_backoff`.
     pub first_backoff: Duration,
     pub max_backoff: Duration,
@@ -49,18 +69,13 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             timeout: Duration::from_secs(10),
             max_age: Duration::from_secs(24 * 3_600),
+            park_after: Duration::from_secs(180),
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(15 * 60),
             haproxy_servers: super::haproxy::HaproxyServers::default(),
             outbound_allow: OutboundAllow::loopback(),
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The wait before retry number `attempts` (1 = the first retry): exponential, capped, with
@@ -78,6 +93,69 @@ pub fn backoff(attempts: u32, config: &DeliveryConfig, unit_random: f64) -> Dura
 #[error("cannot build the webhook client (no redirects, checked resolution): {0}")]
 pub struct ClientError(reqwest::Error);
 
+/// What happens to a delivery after a failed attempt at `now_ms`, whose next retry would be
+/// `wait` later: retried (at the head, or parked), parked, or parked for good. Sets its state and
+/// next attempt; the outcome's label for `/metrics`.
+fn after_failure(
+    delivery: &mut Delivery,
+    now_ms: u64,
+    wait: Duration,
+    config: &DeliveryConfig,
+) -> &'static str {
+    let first = delivery.first_attempt_ms.unwrap_or(now_ms);
+    let next = now_ms.saturating_add(wait.as_millis() as u64);
+    let age_then = Duration::from_millis(next.saturating_sub(first));
+    if age_then > config.max_age {
+        // The retry window is over: kept, parked, for a re-drive.
+        delivery.state = DeliveryState::Parked;
+        delivery.next_attempt_ms = Delivery::NO_RETRY;
+        return "expired";
+    }
+    delivery.next_attempt_ms = next;
+    match delivery.state {
+        DeliveryState::Pending if age_then > config.park_after => {
+            delivery.state = DeliveryState::Parked;
+            "parked"
+        }
+        _ => "retry",
+    }
+}
+
+/// Whether applying `older`'s traffic action now would undo `later`'s: every server it sets, the
+/// later one set. (Events without a planned action override nothing.)
+fn overridden_by(older: &Event, later: &Event, servers: &haproxy::HaproxyServers) -> bool {
+    let servers_of = |event: &Event| -> Option<BTreeSet<(String, String)>> {
+        let steps = haproxy::plan(event, servers)?.ok()?;
+        Some(
+            steps
+                .into_iter()
+                .map(|(backend, server, _)| (backend, server))
+                .collect(),
+        )
+    };
+    match (servers_of(older), servers_of(later)) {
+        (Some(older), Some(later)) => older.is_subset(&later),
+        _ => false,
+    }
+}
+
+/// A worker's parked deliveries that are still retried: (next attempt, event sequence number),
+/// earliest first.
+type Schedule = BTreeSet<(u64, u64)>;
+
+fn schedule_of(parked: &[(u64, Delivery)]) -> Schedule {
+    parked
+        .iter()
+        .filter_map(|(seq, d)| Some((d.next_retry_ms()?, *seq)))
+        .collect()
+}
+
+/// What a worker does next.
+enum Next {
+    Head(u64, Delivery),
+    Parked(u64),
+}
+
 /// Runs the workers, one per active subscription.
 pub struct Dispatcher {
     store: Store,
@@ -86,17 +164,33 @@ pub struct Dispatcher {
     /// What every delivery's connection is checked against, webhook and HAProxy alike.
     outbound: Arc<OutboundPolicy>,
     config: DeliveryConfig,
+    clock: Clock,
     /// Woken when events are appended or subscriptions change.
     wake: Arc<Notify>,
+    /// Moved on whenever parked deliveries change outside the workers (a re-drive): each worker
+    /// reads its parked ones again when it sees a new value.
+    parked_epoch: AtomicU64,
     shutdown: CancellationToken,
     workers: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
 }
 
 impl Dispatcher {
+    /// A dispatcher on the system's clock.
     pub fn new(
         store: Store,
         stats: Arc<Stats>,
         config: DeliveryConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Dispatcher>, ClientError> {
+        Dispatcher::with_clock(store, stats, config, Clock::System, shutdown)
+    }
+
+    /// A dispatcher whose backoff, parking and retry window follow `clock`.
+    pub fn with_clock(
+        store: Store,
+        stats: Arc<Stats>,
+        config: DeliveryConfig,
+        clock: Clock,
         shutdown: CancellationToken,
     ) -> Result<Arc<Dispatcher>, ClientError> {
         let outbound = Arc::new(OutboundPolicy::new(config.outbound_allow.clone()));
@@ -119,7 +213,9 @@ impl Dispatcher {
             client,
             outbound,
             config,
+            clock,
             wake: Arc::new(Notify::new()),
+            parked_epoch: AtomicU64::new(0),
             shutdown,
             workers: Mutex::new(HashMap::new()),
         }))
@@ -135,6 +231,11 @@ impl Dispatcher {
         self.wake.notify_waiters();
     }
 
+    /// The dispatcher's clock (what a delivery's times are in).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// Starts a worker for every active subscription that has none, and stops the workers of
     /// subscriptions that are gone or disabled.
     pub async fn sync(self: &Arc<Self>) {
@@ -146,6 +247,7 @@ impl Dispatcher {
                 return;
             }
         };
+        self.stats.parked.set(self.store.parked_count() as i64);
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         workers.retain(|id, (stop, task)| {
             let active = subscriptions.iter().any(|s| &s.id == id && s.disabled.is_none());
@@ -179,6 +281,45 @@ impl Dispatcher {
         }
     }
 
+    /// Re-drives a subscription's parked delivery of event `seq`: tried again at once, with a new
+    /// retry window (`max_age` from that attempt). `None` when it has no such parked delivery.
+    pub async fn redrive(&self, subscription: &str, seq: u64) -> Result<Option<Delivery>, String> {
+        let (store, id, now) = (self.store.clone(), subscription.to_owned(), self.clock.now_ms());
+        let changed = try_blocking(move || store.update_parked(&id, seq, |d| redriven(d, now))).await?;
+        if changed.is_some() {
+            tracing::info!(subscription, event = %event_id(seq), "parked delivery re-driven");
+            self.parked_changed();
+        }
+        Ok(changed)
+    }
+
+    /// Re-drives every parked delivery of a subscription, as `redrive` does one; those re-driven.
+    pub async fn redrive_all(&self, subscription: &str) -> Result<Vec<Delivery>, String> {
+        let (store, id, now) = (self.store.clone(), subscription.to_owned(), self.clock.now_ms());
+        let changed = try_blocking(move || {
+            let mut changed = Vec::new();
+            for (seq, _) in store.parked(&id)? {
+                changed.extend(store.update_parked(&id, seq, |d| redriven(d, now))?);
+            }
+            Ok::<_, crate::store::StoreError>(changed)
+        })
+        .await?;
+        if !changed.is_empty() {
+            tracing::info!(
+                subscription,
+                deliveries = changed.len(),
+                "parked deliveries re-driven"
+            );
+            self.parked_changed();
+        }
+        Ok(changed)
+    }
+
+    fn parked_changed(&self) {
+        self.parked_epoch.fetch_add(1, Ordering::AcqRel);
+        self.wake();
+    }
+
     async fn work(self: Arc<Self>, subscription: Subscription, stop: CancellationToken) {
         let key = match secret_key(&subscription.secret) {
             Ok(key) => key,
@@ -187,58 +328,170 @@ impl Dispatcher {
                 return;
             }
         };
+        // Parked deliveries still retried, read again whenever a re-drive changed them.
+        let mut schedule = Schedule::new();
+        let mut schedule_epoch = None;
+        // When the head and a parked delivery are both due, they take turns.
+        let mut parked_turn = false;
         loop {
             // Register for a wake-up before looking, so that an append between the look and the
             // wait is not missed.
             let woken = self.wake.notified();
+            let epoch = self.parked_epoch.load(Ordering::Acquire);
+            if schedule_epoch != Some(epoch) {
+                let (store, id) = (self.store.clone(), subscription.id.clone());
+                match try_blocking(move || store.parked(&id)).await {
+                    Ok(parked) => {
+                        schedule = schedule_of(&parked);
+                        schedule_epoch = Some(epoch);
+                    }
+                    Err(e) => {
+                        tracing::error!(subscription = %subscription.id, error = %e, "cannot read parked deliveries")
+                    }
+                }
+            }
             let (store, id) = (self.store.clone(), subscription.id.clone());
-            let next = match try_blocking(move || store.next_delivery(&id)).await {
+            let head = match try_blocking(move || store.next_delivery(&id)).await {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!(subscription = %subscription.id, error = %e, "cannot read the outbox");
                     None
                 }
             };
-            let Some((seq, delivery)) = next else {
+            let now = self.clock.now_ms();
+            let parked = schedule.first().copied();
+            let (due, next) = match (head, parked) {
+                (None, None) => {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = woken => continue,
+                        // A safety net: look again now and then even without a wake-up.
+                        _ = self.clock.sleep(Duration::from_secs(5)) => continue,
+                    }
+                }
+                (Some((seq, head)), None) => (head.next_attempt_ms, Next::Head(seq, head)),
+                (None, Some((due, seq))) => (due, Next::Parked(seq)),
+                (Some((seq, head)), Some((parked_due, parked_seq))) => {
+                    let both_due = head.next_attempt_ms <= now && parked_due <= now;
+                    if (both_due && parked_turn) || (!both_due && parked_due < head.next_attempt_ms) {
+                        (parked_due, Next::Parked(parked_seq))
+                    } else {
+                        (head.next_attempt_ms, Next::Head(seq, head))
+                    }
+                }
+            };
+            if due > now {
+                // Looked at again when due, or sooner if anything changes.
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = woken => continue,
-                    // A safety net: look again now and then even without a wake-up.
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                }
-            };
-            let wait = Duration::from_millis(delivery.next_attempt_ms.saturating_sub(now_ms()));
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.clock.sleep_until(due) => continue,
                 }
             }
-            let outcome = tokio::select! {
-                _ = stop.cancelled() => return,
-                outcome = self.attempt(&subscription, &key, seq, delivery) => outcome,
-            };
-            if outcome == DeliveryState::Gone {
-                let (store, id) = (self.store.clone(), subscription.id.clone());
-                if let Err(e) = try_blocking(move || store.disable_subscription(&id)).await {
-                    tracing::error!(subscription = %subscription.id, error = %e, "cannot disable the subscription");
+            let (seq, delivery) = match next {
+                Next::Head(seq, delivery) => {
+                    parked_turn = true;
+                    (seq, delivery)
                 }
-                tracing::warn!(subscription = %subscription.id, url = %subscription.url, "receiver answered 410 Gone; subscription disabled");
-                return;
+                Next::Parked(seq) => {
+                    parked_turn = false;
+                    schedule.remove(&(due, seq));
+                    let (store, id) = (self.store.clone(), subscription.id.clone());
+                    match try_blocking(move || store.find_delivery(&id, seq)).await {
+                        Ok(Some(d)) if d.state == DeliveryState::Parked => (seq, d),
+                        // Gone meanwhile (delivered, or its subscription deleted).
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::error!(subscription = %subscription.id, error = %e, "cannot read a parked delivery");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let recorded = tokio::select! {
+                _ = stop.cancelled() => return,
+                recorded = self.attempt(&subscription, &key, seq, delivery) => recorded,
+            };
+            match recorded.state {
+                DeliveryState::Gone => {
+                    let (store, id) = (self.store.clone(), subscription.id.clone());
+                    if let Err(e) = try_blocking(move || store.disable_subscription(&id)).await {
+                        tracing::error!(subscription = %subscription.id, error = %e, "cannot disable the subscription");
+                    }
+                    self.stats.parked.set(self.store.parked_count() as i64);
+                    tracing::warn!(subscription = %subscription.id, url = %subscription.url, "receiver answered 410 Gone; subscription disabled");
+                    return;
+                }
+                DeliveryState::Parked => {
+                    if let Some(due) = recorded.next_retry_ms() {
+                        schedule.insert((due, seq));
+                    }
+                }
+                DeliveryState::Delivered if subscription.kind == Kind::Haproxy => {
+                    self.supersede_older_actions(&subscription, seq, &mut schedule)
+                        .await;
+                }
+                _ => {}
             }
         }
     }
 
-    /// One attempt at one delivery; records and returns its new state.
+    /// After an `haproxy` subscription applied event `seq`'s action: its parked deliveries of
+    /// earlier events whose actions set only servers that one set are skipped, never applied
+    /// after it.
+    async fn supersede_older_actions(&self, subscription: &Subscription, seq: u64, schedule: &mut Schedule) {
+        let (store, id) = (self.store.clone(), subscription.id.clone());
+        let servers = self.config.haproxy_servers.clone();
+        let superseded = try_blocking(move || {
+            let Some(later) = store.event(seq)? else {
+                return Ok(Vec::new());
+            };
+            let mut superseded = Vec::new();
+            for (older_seq, mut delivery) in store.parked(&id)? {
+                if older_seq >= seq {
+                    break;
+                }
+                let Some(older) = store.event(older_seq)? else {
+                    continue;
+                };
+                if overridden_by(&older, &later, &servers) {
+                    delivery.state = DeliveryState::Skipped;
+                    delivery.last_error = Some(format!(
+                        "superseded: {} set the same servers' weights after it",
+                        later.id
+                    ));
+                    store.put_delivery(&id, older_seq, &delivery)?;
+                    superseded.push(older_seq);
+                }
+            }
+            Ok::<_, crate::store::StoreError>(superseded)
+        })
+        .await;
+        match superseded {
+            Ok(seqs) => {
+                schedule.retain(|(_, s)| !seqs.contains(s));
+                for older in seqs {
+                    self.stats.delivery(&subscription.id, "skipped");
+                    tracing::info!(subscription = %subscription.id, event = %event_id(older), by = %event_id(seq), "parked HAProxy action superseded by a later one; skipped");
+                }
+                self.stats.parked.set(self.store.parked_count() as i64);
+            }
+            Err(e) => {
+                tracing::error!(subscription = %subscription.id, error = %e, "cannot supersede parked HAProxy actions")
+            }
+        }
+    }
+
+    /// One attempt at one delivery; records and returns it in its new state.
     async fn attempt(
         &self,
         subscription: &Subscription,
         key: &[u8],
         seq: u64,
         mut delivery: Delivery,
-    ) -> DeliveryState {
-        let now = now_ms();
-        let first = *delivery.first_attempt_ms.get_or_insert(now);
+    ) -> Delivery {
+        let now = self.clock.now_ms();
+        delivery.first_attempt_ms.get_or_insert(now);
         delivery.attempts += 1;
         let store = self.store.clone();
         let event = match try_blocking(move || store.event(seq)).await {
@@ -255,9 +508,7 @@ impl Dispatcher {
             }
         };
         if subscription.kind == Kind::Haproxy {
-            let label = self
-                .act_on_haproxy(subscription, &event, &mut delivery, first)
-                .await;
+            let label = self.act_on_haproxy(subscription, &event, &mut delivery).await;
             return self.record(subscription, seq, delivery, label).await;
         }
         // A literal address is connected to without resolution, so it is checked here; names
@@ -271,7 +522,7 @@ impl Dispatcher {
         if let Err(e) = literal {
             delivery.last_status = None;
             delivery.last_error = Some(e);
-            let label = self.schedule_retry(&mut delivery, first);
+            let label = self.schedule_retry(&mut delivery);
             return self.record(subscription, seq, delivery, label).await;
         }
         let body = serde_json::to_vec(&event).unwrap_or_default();
@@ -294,7 +545,7 @@ impl Dispatcher {
                 delivery.state = DeliveryState::Delivered;
                 delivery.last_status = Some(response.status().as_u16());
                 delivery.last_error = None;
-                delivery.delivered_ms = Some(now_ms());
+                delivery.delivered_ms = Some(self.clock.now_ms());
                 "delivered"
             }
             Ok(response) if response.status() == reqwest::StatusCode::GONE => {
@@ -305,12 +556,12 @@ impl Dispatcher {
             Ok(response) => {
                 delivery.last_status = Some(response.status().as_u16());
                 delivery.last_error = Some(format!("answered {}", response.status()));
-                self.schedule_retry(&mut delivery, first)
+                self.schedule_retry(&mut delivery)
             }
             Err(e) => {
                 delivery.last_status = None;
                 delivery.last_error = Some(error_chain(&e));
-                self.schedule_retry(&mut delivery, first)
+                self.schedule_retry(&mut delivery)
             }
         };
         self.record(subscription, seq, delivery, label).await
@@ -322,7 +573,6 @@ impl Dispatcher {
         subscription: &Subscription,
         event: &crate::events::Event,
         delivery: &mut Delivery,
-        first: u64,
     ) -> &'static str {
         let steps = match haproxy::plan(event, &self.config.haproxy_servers) {
             None => {
@@ -332,7 +582,7 @@ impl Dispatcher {
             }
             Some(Err(e)) => {
                 delivery.last_error = Some(e.to_string());
-                return self.schedule_retry(delivery, first);
+                return self.schedule_retry(delivery);
             }
             Some(Ok(steps)) => steps,
         };
@@ -340,7 +590,7 @@ impl Dispatcher {
             Ok(endpoint) => endpoint,
             Err(e) => {
                 delivery.last_error = Some(e);
-                return self.schedule_retry(delivery, first);
+                return self.schedule_retry(delivery);
             }
         };
         let started = std::time::Instant::now();
@@ -357,32 +607,25 @@ impl Dispatcher {
             if let Err(e) = result {
                 self.stats.delivery_seconds(started.elapsed());
                 delivery.last_error = Some(e.to_string());
-                return self.schedule_retry(delivery, first);
+                return self.schedule_retry(delivery);
             }
             tracing::info!(subscription = %subscription.id, event = %event.id, %backend, %server, weight, "HAProxy weight set");
         }
         self.stats.delivery_seconds(started.elapsed());
         delivery.state = DeliveryState::Delivered;
         delivery.last_error = None;
-        delivery.delivered_ms = Some(now_ms());
+        delivery.delivered_ms = Some(self.clock.now_ms());
         "delivered"
     }
 
-    fn schedule_retry(&self, delivery: &mut Delivery, first_ms: u64) -> &'static str {
+    fn schedule_retry(&self, delivery: &mut Delivery) -> &'static str {
         let mut random = [0u8; 8];
         let unit = match getrandom::fill(&mut random) {
             Ok(()) => (u64::from_be_bytes(random) >> 11) as f64 / (1u64 << 53) as f64,
             Err(_) => 0.5,
         };
         let wait = backoff(delivery.attempts, &self.config, unit);
-        let next = now_ms() + wait.as_millis() as u64;
-        if next.saturating_sub(first_ms) > self.config.max_age.as_millis() as u64 {
-            delivery.state = DeliveryState::Expired;
-            "expired"
-        } else {
-            delivery.next_attempt_ms = next;
-            "retry"
-        }
+        after_failure(delivery, self.clock.now_ms(), wait, &self.config)
     }
 
     async fn record(
@@ -391,7 +634,7 @@ impl Dispatcher {
         seq: u64,
         delivery: Delivery,
         label: &'static str,
-    ) -> DeliveryState {
+    ) -> Delivery {
         self.stats.delivery(&subscription.id, label);
         match label {
             "delivered" | "skipped" => {
@@ -408,7 +651,6 @@ impl Dispatcher {
                 "delivery {label}"
             ),
         }
-        let state = delivery.state;
         // A peer's answer can be anything, of any size: what is kept of it, and served by the
         // deliveries API, is its start.
         let mut delivery = delivery;
@@ -416,11 +658,19 @@ impl Dispatcher {
             clip(e, MAX_ERROR_BYTES);
         }
         let (store, id) = (self.store.clone(), subscription.id.clone());
-        if let Err(e) = try_blocking(move || store.put_delivery(&id, seq, &delivery)).await {
+        let stored = delivery.clone();
+        if let Err(e) = try_blocking(move || store.put_delivery(&id, seq, &stored)).await {
             tracing::error!(subscription = %subscription.id, error = %e, "cannot record a delivery");
         }
-        state
+        self.stats.parked.set(self.store.parked_count() as i64);
+        delivery
     }
+}
+
+/// A parked delivery re-driven at `now_ms`: due at once, its retry window starting again.
+fn redriven(delivery: &mut Delivery, now_ms: u64) {
+    delivery.first_attempt_ms = None;
+    delivery.next_attempt_ms = now_ms;
 }
 
 /// The most of a delivery's last error that is kept.
@@ -455,6 +705,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::act::clock::ManualClock;
 
     #[test]
     fn a_long_error_is_kept_clipped_at_a_character_boundary() {
@@ -465,6 +716,231 @@ mod tests {
         let mut short = "refused".to_owned();
         clip(&mut short, MAX_ERROR_BYTES);
         assert_eq!(short, "refused");
+    }
+
+    fn failed(state: DeliveryState, first_ms: u64) -> Delivery {
+        let mut delivery = Delivery::new(
+            "evt_0000000000000001".into(),
+            crate::events::EventType::CanaryFailed,
+        );
+        delivery.state = state;
+        delivery.first_attempt_ms = Some(first_ms);
+        delivery
+    }
+
+    #[test]
+    fn a_head_that_keeps_failing_is_parked_then_retried_until_its_window_ends() {
+        let config = DeliveryConfig::default();
+        let park_ms = config.park_after.as_millis() as u64;
+        let max_age_ms = config.max_age.as_millis() as u64;
+        // Within the park time: retried at the head.
+        let mut head = failed(DeliveryState::Pending, 0);
+        assert_eq!(
+            after_failure(&mut head, 60_000, Duration::from_secs(60), &config),
+            "retry"
+        );
+        assert_eq!(
+            (head.state, head.next_attempt_ms),
+            (DeliveryState::Pending, 120_000)
+        );
+        // A retry that would fall past it: parked, its retry still scheduled.
+        let mut head = failed(DeliveryState::Pending, 0);
+        let label = after_failure(&mut head, park_ms - 1_000, Duration::from_secs(2), &config);
+        assert_eq!(label, "parked");
+        assert_eq!(
+            (head.state, head.next_retry_ms()),
+            (DeliveryState::Parked, Some(park_ms + 1_000))
+        );
+        // Parked, it is retried with backoff...
+        let label = after_failure(&mut head, 3_600_000, Duration::from_secs(900), &config);
+        assert_eq!(label, "retry");
+        assert_eq!(
+            (head.state, head.next_retry_ms()),
+            (DeliveryState::Parked, Some(4_500_000))
+        );
+        // ...until its window is over: it stays parked, with no next retry.
+        let label = after_failure(&mut head, max_age_ms - 60_000, Duration::from_secs(120), &config);
+        assert_eq!(label, "expired");
+        assert_eq!((head.state, head.next_retry_ms()), (DeliveryState::Parked, None));
+        // A re-drive starts a new window at once.
+        redriven(&mut head, max_age_ms + 5);
+        assert_eq!(head.next_retry_ms(), Some(max_age_ms + 5));
+        assert_eq!(head.first_attempt_ms, None);
+    }
+
+    /// An event carrying a `set_weight` action for shop's canary `version`.
+    fn action(version: &str, weight: u32) -> Event {
+        let mut event: Event = serde_json::from_value(serde_json::json!({
+            "specversion": "1.0", "id": "evt_0000000000000001", "source": "canaryd",
+            "type": "canaryd.canary.stage_passed", "time": "2026-01-05T00:00:00Z", "subject": "shop",
+            "datacontenttype": "application/json",
+            "data": {"env": "prod", "app": "shop", "state": "healthy",
+                     "detected_at": "2026-01-05T00:00:00Z", "reasons": [], "dry_run": false},
+        }))
+        .expect("an event");
+        event.data.action = Some(crate::events::Action {
+            kind: "set_weight".into(),
+            app: "shop".into(),
+            version: version.into(),
+            weight,
+        });
+        event
+    }
+
+    #[test]
+    fn an_older_haproxy_action_is_overridden_only_by_one_on_the_same_servers() {
+        let servers: haproxy::HaproxyServers = "prod/shop/2.0=be/canary2+stable,prod/shop/*=be/canary"
+            .parse()
+            .expect("servers");
+        let (stage, failed) = (action("2.0", 20), action("2.0", 0));
+        assert!(overridden_by(&stage, &failed, &servers));
+        // Another canary's server is another server.
+        assert!(!overridden_by(&stage, &action("3.0", 0), &servers));
+        // A dry run sets nothing.
+        let mut dry = action("2.0", 0);
+        dry.data.dry_run = true;
+        assert!(!overridden_by(&stage, &dry, &servers));
+    }
+
+    /// A fake HAProxy runtime API on loopback: `set server be/s weight N` then `get weight be/s`,
+    /// one command a connection, as HAProxy's one-shot mode answers them; it refuses to set the
+    /// weight in `refused`. `applied` lists every weight it set, in order.
+    #[derive(Clone, Default)]
+    struct FakeHaproxy {
+        weight: Arc<Mutex<Option<u32>>>,
+        refused: Arc<Mutex<Option<u32>>>,
+        applied: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl FakeHaproxy {
+        async fn start(refused: Option<u32>) -> (FakeHaproxy, String) {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let url = format!("tcp://{}", listener.local_addr().expect("addr"));
+            let fake = FakeHaproxy::default();
+            *fake.refused.lock().expect("lock") = refused;
+            let state = fake.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let mut stream = BufReader::new(stream);
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.is_err() {
+                        continue;
+                    }
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    let answer = match words[..] {
+                        ["set", "server", _, "weight", n] => {
+                            let n: u32 = n.parse().expect("a weight");
+                            if *state.refused.lock().expect("lock") == Some(n) {
+                                "Refused: busy\n".to_owned()
+                            } else {
+                                *state.weight.lock().expect("lock") = Some(n);
+                                state.applied.lock().expect("lock").push(n);
+                                String::new()
+                            }
+                        }
+                        ["get", "weight", _] => {
+                            let n = state.weight.lock().expect("lock").unwrap_or(100);
+                            format!("{n} (initial 100)\n")
+                        }
+                        _ => "Unknown command.\n".to_owned(),
+                    };
+                    let _ = stream.get_mut().write_all(answer.as_bytes()).await;
+                }
+            });
+            (fake, url)
+        }
+
+        fn applied(&self) -> Vec<u32> {
+            self.applied.lock().expect("lock").clone()
+        }
+    }
+
+    /// Moves `clock` to each moment the one worker waits for, until `done` holds.
+    async fn run_until(clock: &ManualClock, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            let next = tokio::time::timeout_at(deadline, clock.idle(1))
+                .await
+                .expect("the worker waits for the clock before the deadline");
+            if done() {
+                break;
+            }
+            clock.set(next.expect("it waits for a time"));
+        }
+    }
+
+    /// The `haproxy` kind goes through the same queue: an action HAProxy keeps refusing is parked
+    /// after `park_after`, the later `canary.failed` then sets weight 0, and the parked action,
+    /// overridden by it, is skipped rather than ever applied after it.
+    #[tokio::test]
+    async fn a_stuck_haproxy_action_is_parked_and_never_undoes_a_later_one() {
+        use crate::events::EventType;
+        use crate::store::Kind;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, crate::store::StoreCounters::default()).expect("open");
+        let (haproxy, url) = FakeHaproxy::start(Some(20)).await;
+        store
+            .put_subscription(&Subscription {
+                id: "h".into(),
+                url,
+                events: vec![EventType::CanaryStagePassed, EventType::CanaryFailed],
+                kind: Kind::Haproxy,
+                secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+                created_at: "2026-01-05T00:00:00Z".into(),
+                disabled: None,
+            })
+            .expect("subscribe");
+        let mut stage = action("2.0", 20);
+        stage.event_type = EventType::CanaryStagePassed;
+        let mut failed = action("2.0", 0);
+        failed.event_type = EventType::CanaryFailed;
+        let mut events = vec![stage, failed];
+        store.append_events(&mut events, 100).expect("append");
+        let stage_seq = crate::events::event_seq(&events[0].id).expect("an id");
+
+        let start = 1_767_571_200_000;
+        let clock = ManualClock::new(start);
+        let config = DeliveryConfig {
+            park_after: Duration::from_secs(60),
+            haproxy_servers: "prod/shop/2.0=be/canary".parse().expect("servers"),
+            ..DeliveryConfig::default()
+        };
+        let stats = Arc::new(Stats::new());
+        let dispatcher = Dispatcher::with_clock(
+            store.clone(),
+            stats.clone(),
+            config,
+            Clock::Manual(clock.clone()),
+            CancellationToken::new(),
+        )
+        .expect("a dispatcher");
+        dispatcher.sync().await;
+        run_until(&clock, || haproxy.applied() == [0]).await;
+        let waited = clock.now_ms() - start;
+        assert!(
+            waited <= 60_000,
+            "canary.failed waited {waited} ms behind the stuck action"
+        );
+        let stuck = store.find_delivery("h", stage_seq).expect("read").expect("kept");
+        assert_eq!(stuck.state, DeliveryState::Skipped, "{stuck:?}");
+        assert!(stuck.attempts >= 2, "{stuck:?}");
+        assert!(
+            stuck
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("superseded")),
+            "{stuck:?}"
+        );
+        // HAProxy would take weight 20 now; a day passes and it is never set after the 0.
+        *haproxy.refused.lock().expect("lock") = None;
+        let day_later = clock.now_ms() + 24 * 3_600_000;
+        run_until(&clock, || clock.now_ms() >= day_later).await;
+        assert_eq!(haproxy.applied(), [0]);
+        assert_eq!(store.parked_count(), 0);
+        assert_eq!(stats.parked.get(), 0);
+        dispatcher.stop().await;
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! - `subscriptions`: what a subscription is, and the checks it passes (URL safety, event types,
 //!   secret).
 //! - `signing`: Standard Webhooks HMAC-SHA256 signatures.
-//! - `delivery`: the per-subscription workers that drain the outbox with retries.
+//! - `delivery`: the per-subscription workers that drain the outbox with retries, parking a
+//!   delivery that blocks it.
+//! - `clock`: the dispatcher's time, wall time or moved by hand (the delivery benchmark).
 //! - `outbound`: which addresses canaryd's own connections may reach, checked at connect time.
 //! - `haproxy`: the `haproxy` kind's action, canary weights set through HAProxy's runtime API.
 
+pub mod clock;
 pub mod delivery;
 pub mod haproxy;
 pub mod outbound;

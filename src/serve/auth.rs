@@ -3,7 +3,7 @@
 //!
 //! When no token is set every request is let through (the daemon refuses to start that way on an
 //! address other than loopback unless `insecure_no_auth` says so). When one is:
-//! - POST, PUT, DELETE and PATCH need the admin token;
+//! - POST, PUT, DELETE and PATCH need the admin token (re-driving parked deliveries included);
 //! - reading subscriptions and their deliveries (receiver URLs, their answers) needs either;
 //! - Flagger's gates need either, as a bearer token or, since Flagger cannot set headers, as the
 //!   webhook's `metadata.token` (checked by the gate handlers, which see the body);
@@ -163,6 +163,17 @@ mod tests {
             Access::Read
         );
         assert_eq!(needed(&Method::POST, "/api/v1/subscriptions"), Access::Admin);
+        assert_eq!(
+            needed(
+                &Method::POST,
+                "/api/v1/subscriptions/sub_1/deliveries/evt_0000000000000001/redrive"
+            ),
+            Access::Admin
+        );
+        assert_eq!(
+            needed(&Method::POST, "/api/v1/subscriptions/sub_1/deliveries/redrive"),
+            Access::Admin
+        );
         assert_eq!(needed(&Method::PUT, "/api/v1/apps/a/rollout"), Access::Admin);
         assert_eq!(needed(&Method::POST, "/api/v1/gates/flagger"), Access::Read);
     }

@@ -126,6 +126,8 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         ))
         .routes(routes!(subscriptions::delete_subscription))
         .routes(routes!(subscriptions::deliveries))
+        .routes(routes!(subscriptions::redrive))
+        .routes(routes!(subscriptions::redrive_all))
         .merge(gates::routes());
     dashboard::add_routes(api)
 }

@@ -197,6 +197,9 @@ pub enum ReceiverMode {
     Fail(u16),
     /// Never answers (until the client gives up).
     Hang,
+    /// Answers this status to every attempt at the first event it is sent (by `webhook-id`),
+    /// and accepts every other event: one event it cannot take.
+    FailFirstEvent(u16),
 }
 
 /// One request a receiver got.
@@ -213,6 +216,8 @@ pub struct Receiver {
     pub url: String,
     mode: std::sync::Arc<std::sync::Mutex<ReceiverMode>>,
     received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    /// The event `FailFirstEvent` refuses, once it has seen one.
+    refused: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Receiver {
@@ -225,6 +230,7 @@ impl Receiver {
             url,
             mode: std::sync::Arc::new(std::sync::Mutex::new(mode)),
             received: std::sync::Arc::default(),
+            refused: std::sync::Arc::default(),
         };
         let state = receiver.clone();
         let app = axum::Router::new().route(
@@ -232,7 +238,21 @@ impl Receiver {
             axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
                 let state = state.clone();
                 async move {
-                    let mode = *state.mode.lock().expect("mode");
+                    let mut mode = *state.mode.lock().expect("mode");
+                    if let ReceiverMode::FailFirstEvent(status) = mode {
+                        let id = headers
+                            .get("webhook-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let mut refused = state.refused.lock().expect("refused");
+                        let refused = refused.get_or_insert(id.clone());
+                        mode = if *refused == id {
+                            ReceiverMode::Fail(status)
+                        } else {
+                            ReceiverMode::Accept
+                        };
+                    }
                     let accepted = mode == ReceiverMode::Accept;
                     state.received.lock().expect("received").push(Received {
                         headers,
@@ -246,6 +266,7 @@ impl Receiver {
                             std::future::pending::<()>().await;
                             unreachable!()
                         }
+                        ReceiverMode::FailFirstEvent(_) => unreachable!("resolved above"),
                     }
                 }
             }),
