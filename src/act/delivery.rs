@@ -94,8 +94,9 @@ pub fn backoff(attempts: u32, config: &DeliveryConfig, unit_random: f64) -> Dura
 pub struct ClientError(reqwest::Error);
 
 /// What happens to a delivery after a failed attempt at `now_ms`, whose next retry would be
-/// `wait` later: retried (at the head, or parked), parked, or parked for good. Sets its state and
-/// next attempt; the outcome's label for `/metrics`.
+/// `wait` later: retried (at the head, or parked), parked, or parked for good. A head is tried
+/// for `park_after` from its first attempt, the last time when that is up, then parked. Sets its
+/// state and next attempt; the outcome's label for `/metrics`.
 fn after_failure(
     delivery: &mut Delivery,
     now_ms: u64,
@@ -112,13 +113,17 @@ fn after_failure(
         return "expired";
     }
     delivery.next_attempt_ms = next;
-    match delivery.state {
-        DeliveryState::Pending if age_then > config.park_after => {
-            delivery.state = DeliveryState::Parked;
-            "parked"
-        }
-        _ => "retry",
+    if delivery.state != DeliveryState::Pending || age_then <= config.park_after {
+        return "retry";
     }
+    let park_at = first.saturating_add(config.park_after.as_millis() as u64);
+    if now_ms < park_at {
+        // A last try at the head when its time there is up, rather than parking it early.
+        delivery.next_attempt_ms = park_at;
+        return "retry";
+    }
+    delivery.state = DeliveryState::Parked;
+    "parked"
 }
 
 /// Whether applying `older`'s traffic action now would undo `later`'s: every server it sets, the
@@ -743,13 +748,20 @@ mod tests {
             (head.state, head.next_attempt_ms),
             (DeliveryState::Pending, 120_000)
         );
-        // A retry that would fall past it: parked, its retry still scheduled.
+        // A retry that would fall past it: one last try at the head when its time is up...
         let mut head = failed(DeliveryState::Pending, 0);
         let label = after_failure(&mut head, park_ms - 1_000, Duration::from_secs(2), &config);
+        assert_eq!(label, "retry");
+        assert_eq!(
+            (head.state, head.next_retry_ms()),
+            (DeliveryState::Pending, Some(park_ms))
+        );
+        // ...then parked, its retry still scheduled.
+        let label = after_failure(&mut head, park_ms, Duration::from_secs(2), &config);
         assert_eq!(label, "parked");
         assert_eq!(
             (head.state, head.next_retry_ms()),
-            (DeliveryState::Parked, Some(park_ms + 1_000))
+            (DeliveryState::Parked, Some(park_ms + 2_000))
         );
         // Parked, it is retried with backoff...
         let label = after_failure(&mut head, 3_600_000, Duration::from_secs(900), &config);
