@@ -2072,6 +2072,141 @@ async fn issue_15_a_delivery_that_keeps_failing_is_parked_and_the_events_behind_
     );
 }
 
+/// Issue 15, defect 9, as reported: the receiver could not take a rollout's `canary.started`, and
+/// the `canary.failed` behind it (the action that zeroes the canary's weight) waited in the same
+/// queue for up to 24 hours. Now the stuck `canary.started` is parked after
+/// `delivery_park_after_secs` and the `canary.failed` reaches the receiver while it still refuses
+/// the other; the parked one is kept, listed and, re-driven, delivered under its own id.
+#[tokio::test]
+async fn issue_15_a_stuck_delivery_does_not_hold_back_a_later_canary_failed() {
+    let daemon = TestDaemon::start_with(|raw| raw.delivery_park_after_secs = Some(1)).await;
+    // Refuses the first event it is sent, canary.started, with 503 however often it comes.
+    let receiver = support::Receiver::start(support::ReceiverMode::FailFirstEvent(503)).await;
+    let response = daemon
+        .http
+        .post(daemon.api("/api/v1/subscriptions"))
+        .json(&serde_json::json!({
+            "url": receiver.url,
+            "events": ["canaryd.canary.started", "canaryd.canary.failed"],
+        }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 201);
+    let created: serde_json::Value = response.json().await.expect("JSON");
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    // shop 1.0.0 and 2.0.0 are seen, the rollout is declared: canary.started.
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    traces
+        .export(support::canary_traffic(0, 2, 1000))
+        .await
+        .expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let response = daemon
+        .http
+        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status(), 200);
+    let started = event_ids_of(&daemon, "canaryd.canary.started").await;
+    let started = started[0].as_str();
+    eventually("canary.started refused", || async {
+        let refused = receiver
+            .received()
+            .iter()
+            .any(|r| !r.accepted && r.headers["webhook-id"] == started);
+        refused.then_some(()).ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+
+    // The canary then fails half its requests: canary.failed, with its weight-0 action.
+    for chunk in 0..12 {
+        traces
+            .export(support::canary_traffic(2 + chunk * 10, 10, 2))
+            .await
+            .expect("export");
+    }
+    let failed = event_ids_of(&daemon, "canaryd.canary.failed").await;
+    let failed = failed[0].as_str();
+    eventually("canary.failed delivered", || async {
+        let got = receiver.accepted_ids();
+        got.iter()
+            .any(|g| g == failed)
+            .then_some(())
+            .ok_or_else(|| format!("{got:?}"))
+    })
+    .await;
+    // It went past canary.started, which the receiver still refuses: that one is parked.
+    assert_eq!(receiver.accepted_ids(), [failed], "canary.started never taken");
+    let action = receiver
+        .received()
+        .iter()
+        .find(|r| r.accepted)
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).expect("JSON body"))
+        .expect("the canary.failed request");
+    assert_eq!(action["type"], "canaryd.canary.failed");
+    assert_eq!(action["data"]["action"]["weight"], 0, "{action}");
+    let stuck = delivery_of(&daemon, &id, "?state=parked", started)
+        .await
+        .expect("canary.started listed as parked");
+    assert_eq!(stuck["last_status"], 503, "{stuck}");
+    assert!(stuck["attempts"].as_u64() >= Some(2), "{stuck}");
+
+    // The receiver can take it again; re-driving every parked delivery sends it, with its own id.
+    receiver.set_mode(support::ReceiverMode::Accept);
+    let response = daemon
+        .http
+        .post(daemon.api(&format!("/api/v1/subscriptions/{id}/deliveries/redrive")))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 202);
+    let redriven: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(redriven["redriven"], 1, "{redriven}");
+    assert_eq!(redriven["deliveries"][0]["event_id"], started, "{redriven}");
+    eventually("canary.started delivered", || async {
+        let got = receiver.accepted_ids();
+        (got.len() == 2).then_some(()).ok_or_else(|| format!("{got:?}"))
+    })
+    .await;
+    assert_eq!(receiver.accepted_ids(), [failed, started]);
+    let delivered = delivery_of(&daemon, &id, "", started).await.expect("listed");
+    assert_eq!(delivered["state"], "delivered", "{delivered}");
+    assert_eq!(daemon.metric("canaryd_deliveries_parked").await, 0.0);
+    daemon.stop().await.expect("clean stop");
+}
+
+/// The ids of the events of `event_type` in the history, oldest first, once there is one.
+async fn event_ids_of(daemon: &TestDaemon, event_type: &str) -> Vec<String> {
+    eventually(event_type, || async {
+        let events = daemon
+            .get_json(&format!("/api/v1/events?type={event_type}"))
+            .await;
+        let ids: Vec<String> = events["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect();
+        if ids.is_empty() {
+            Err("none yet".to_owned())
+        } else {
+            Ok(ids)
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn deliveries_go_on_while_the_receivers_and_the_engine_drain() {
     // A stalled request holds the receivers' step of the stop for its whole grace.
