@@ -231,7 +231,7 @@ settings! {
     flush_interval_secs: u64,
     /// sled's cache, in MiB [default: 64]
     sled_cache_mb: u64,
-    /// Events kept in the history; the oldest go first [default: 100000]
+    /// Events kept in the history; the oldest go first, but one still to be delivered (pending or parked) is kept for its delivery [default: 100000]
     max_events: usize,
     /// Outbound targets (webhooks, HAProxy sockets) allowed although loopback, private, link-local or cloud-metadata: networks, addresses, host names or unix:///paths, comma-separated; unset allows loopback while http_addr is a loopback address [default: none]
     outbound_allow: OutboundAllow,

@@ -17,12 +17,16 @@
 //! The daemon's own records (`events`, keyed by sequence number, which sled keeps increasing
 //! across restarts; `subscriptions`; `outbox`, pending deliveries per subscription in event order,
 //! written with their event; `parked`, deliveries taken off the head of their subscription's
-//! outbox after failing there for too long, keyed as the outbox is; `deliveries`, the history of
-//! finished ones, pruned with the events) are the daemon's types, which it names through
+//! outbox after failing there for too long, keyed as the outbox is; `owed`, events pruned from
+//! the history while a subscription still had a pending or parked delivery of them, kept until no
+//! delivery needs them, keyed as `events`; `deliveries`, the history of finished ones, pruned with
+//! the events) are the daemon's types, which it names through
 //! `DaemonRecords`: the store keeps them as a format byte (`DAEMON_FORMAT`) then postcard, and
 //! owns their keys and the rules between them. An outbox or parked entry exists only while its
 //! subscription does and is enabled: updates never re-insert one, a delivery moves from the outbox
-//! to `parked` in one transaction, and a delete or a disable clears both. The numbers of events,
+//! to `parked` in one transaction, and a delete or a disable clears both. An event leaves the
+//! history (`max_events`, oldest first) but is never lost while a delivery of it is pending or
+//! parked: it goes to `owed` before it leaves `events`, and `event` reads both. The numbers of events,
 //! outbox entries and parked ones are counted as they change (sled's `len` walks a whole tree).
 //!
 //! A record that does not decode (corrupt, or of a format no schema ever wrote) is skipped,
@@ -189,6 +193,8 @@ pub struct Store<R: DaemonRecords = EngineOnly> {
     subscriptions: sled::Tree,
     outbox: sled::Tree,
     parked: sled::Tree,
+    /// Events past the history's cap that a pending or parked delivery still needs.
+    owed: sled::Tree,
     history: sled::Tree,
     counts: Arc<Counts>,
     counters: StoreCounters,
@@ -208,6 +214,7 @@ impl<R: DaemonRecords> Clone for Store<R> {
             subscriptions: self.subscriptions.clone(),
             outbox: self.outbox.clone(),
             parked: self.parked.clone(),
+            owed: self.owed.clone(),
             history: self.history.clone(),
             counts: self.counts.clone(),
             counters: self.counters.clone(),
@@ -338,7 +345,7 @@ impl<R: DaemonRecords> Store<R> {
             outbox: AtomicU64::new(outbox.len() as u64),
             parked: AtomicU64::new(parked.len() as u64),
         });
-        Ok(Store {
+        let store = Store {
             clocks: tree(CLOCKS)?,
             apps: tree(APPS)?,
             baselines: tree(BASELINES)?,
@@ -348,12 +355,19 @@ impl<R: DaemonRecords> Store<R> {
             subscriptions: tree("subscriptions")?,
             outbox,
             parked,
+            owed: tree("owed")?,
             history: tree("deliveries")?,
             db,
             counts,
             counters,
             records: PhantomData,
-        })
+        };
+        // What a crash, or a race between pruning and a delivery, left kept for no delivery.
+        store.release_owed(None).map_err(|source| StoreError::Io {
+            operation: "release owed events",
+            source,
+        })?;
+        Ok(store)
     }
 
     /// Everything persisted of the engine. A record of a newer schema is an error; corrupt ones
@@ -564,11 +578,25 @@ impl<R: DaemonRecords> Store<R> {
             }
         }
         while self.counts.events.load(Ordering::Relaxed) > max_events as u64 {
-            let Some((oldest, _)) = self.events.pop_min().map_err(io)? else {
+            let Some((oldest, event)) = self.events.first().map_err(io)? else {
                 self.counts.events.store(0, Ordering::Relaxed);
                 break;
             };
-            decrement(&self.counts.events);
+            // Still to be delivered: kept in `owed`, written there before it leaves `events` so
+            // that a worker reading it meanwhile finds it in one or the other.
+            let seq = outbox_seq(&oldest).unwrap_or_default();
+            let ids = || subscriptions.iter().map(|s| R::subscription_id(s));
+            if self.is_owed(seq, ids()).map_err(io)? {
+                self.owed.insert(&oldest, event).map_err(io)?;
+                // Delivered meanwhile, after the look: let go again (a delivery finished after
+                // this look finds it in `owed` and lets go of it itself).
+                if !self.is_owed(seq, ids()).map_err(io)? {
+                    self.owed.remove(&oldest).map_err(io)?;
+                }
+            }
+            if self.events.remove(&oldest).map_err(io)?.is_some() {
+                decrement(&self.counts.events);
+            }
             // Delivery history older than the oldest event kept goes with it.
             let mut old = sled::Batch::default();
             for key in self.history.range(..oldest.to_vec()).keys() {
@@ -593,7 +621,7 @@ impl<R: DaemonRecords> Store<R> {
                 }
             }
         }
-        Ok(())
+        self.release_owed(None)
     }
 
     /// The sequence number of the newest stored event.
@@ -606,15 +634,62 @@ impl<R: DaemonRecords> Store<R> {
     }
 
     /// The event stored at `seq`.
+    /// A stored event: in the history, or past it but still owed to a subscription.
     pub fn event(&self, seq: u64) -> Result<Option<R::Event>, StoreError> {
-        let value = self
-            .events
-            .get(seq.to_be_bytes())
-            .map_err(|source| StoreError::Io {
-                operation: "read an event",
-                source,
-            })?;
+        let io = |source| StoreError::Io {
+            operation: "read an event",
+            source,
+        };
+        let key = seq.to_be_bytes();
+        // `events` first: pruning writes `owed` before it removes from `events`.
+        let value = match self.events.get(key).map_err(io)? {
+            Some(value) => Some(value),
+            None => self.owed.get(key).map_err(io)?,
+        };
         Ok(value.and_then(|v| decode_daemon(&v)))
+    }
+
+    /// Events kept past the history's cap for their deliveries.
+    pub fn owed_count(&self) -> usize {
+        self.owed.len()
+    }
+
+    /// Whether any of the subscriptions `ids` has a pending or parked delivery of event `seq`.
+    fn is_owed<'a>(&self, seq: u64, ids: impl IntoIterator<Item = &'a str>) -> Result<bool, sled::Error> {
+        for id in ids {
+            let key = outbox_key(id, seq);
+            if self.outbox.contains_key(&key)? || self.parked.contains_key(&key)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Lets go of owed events no delivery needs any more: event `seq`'s, or every one.
+    fn release_owed(&self, seq: Option<u64>) -> Result<(), sled::Error> {
+        let keys: Vec<sled::IVec> = match seq {
+            Some(seq) => match self.owed.contains_key(seq.to_be_bytes())? {
+                true => vec![sled::IVec::from(&seq.to_be_bytes())],
+                false => return Ok(()),
+            },
+            None => self.owed.iter().keys().collect::<Result<_, _>>()?,
+        };
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = self
+            .subscriptions
+            .iter()
+            .keys()
+            .filter_map(|key| key.map(|key| decode_daemon::<String>(&key)).transpose())
+            .collect::<Result<_, _>>()?;
+        for key in keys {
+            let seq = outbox_seq(&key).unwrap_or_default();
+            if !self.is_owed(seq, ids.iter().map(String::as_str))? {
+                self.owed.remove(key)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn subscriptions(&self) -> Result<Vec<R::Subscription>, StoreError> {
@@ -763,6 +838,7 @@ impl<R: DaemonRecords> Store<R> {
                 let mut history_key = seq.to_be_bytes().to_vec();
                 history_key.extend(subscription.as_bytes());
                 self.history.insert(history_key, record).map_err(io)?;
+                self.release_owed(Some(seq)).map_err(io)?;
             }
         }
         self.flush()

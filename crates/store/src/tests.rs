@@ -260,6 +260,63 @@ fn a_parked_delivery_leaves_the_queue_stays_stored_and_is_finished_from_parked()
     assert_counts(&store);
 }
 
+/// Issue 15, "loses nothing": the history's cap (`max_events`, oldest first) took events whose
+/// deliveries were still pending or parked, and those deliveries then expired unsent.
+#[test]
+fn an_event_past_the_history_cap_is_kept_while_a_delivery_still_needs_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (parked_seq, pending_seq, delivered_seq) = {
+        let store = open(dir.path());
+        subscribe(&store, "a");
+        subscribe(&store, "b");
+        store.append_events(&mut events(3), 10).expect("append");
+        // a: the first parked, the second still pending, the third delivered; b: all delivered.
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            let (seq, delivery) = store.next_delivery("b").expect("read").expect("pending");
+            let mut done = delivery;
+            done.pending = false;
+            store.put_delivery("b", seq, &done).expect("deliver");
+            seqs.push(seq);
+        }
+        let (first, delivery) = store.next_delivery("a").expect("read").expect("pending");
+        store.put_delivery("a", first, &parked(delivery)).expect("park");
+        let mut done = store.find_delivery("a", seqs[2]).expect("read").expect("pending");
+        done.pending = false;
+        store.put_delivery("a", seqs[2], &done).expect("deliver");
+        // Three more events push the first three out of a history of three.
+        let mut more: Vec<TestEvent> = (0..3).map(|_| TestEvent { seq: None, kind: 2 }).collect();
+        store.append_events(&mut more, 3).expect("append");
+        assert_eq!(store.event_count(), 3);
+        assert_counts(&store);
+        (seqs[0], seqs[1], seqs[2])
+    };
+    // Kept across a reopen for the deliveries that need them; the delivered one is gone.
+    let store = open(dir.path());
+    assert_eq!(store.owed_count(), 2);
+    assert_eq!(
+        store.event(parked_seq).expect("read").and_then(|e| e.seq),
+        Some(parked_seq)
+    );
+    assert_eq!(
+        store.event(pending_seq).expect("read").and_then(|e| e.seq),
+        Some(pending_seq)
+    );
+    assert_eq!(store.event(delivered_seq).expect("read"), None);
+    // Delivered, each is let go of.
+    let (seq, mut delivery) = store.next_delivery("a").expect("read").expect("pending");
+    assert_eq!(seq, pending_seq);
+    delivery.pending = false;
+    store.put_delivery("a", seq, &delivery).expect("deliver");
+    assert_eq!(store.event(pending_seq).expect("read"), None);
+    assert_eq!(store.owed_count(), 1);
+    // Deleting the subscription lets go of what only it needed.
+    store.delete_subscription("a").expect("delete");
+    assert_eq!(store.event(parked_seq).expect("read"), None);
+    assert_eq!(store.owed_count(), 0);
+    assert_counts(&store);
+}
+
 #[test]
 fn deleting_or_disabling_clears_parked_deliveries_and_never_revives_one() {
     let dir = tempfile::tempdir().expect("tempdir");
