@@ -252,7 +252,7 @@ impl Dispatcher {
                 return;
             }
         };
-        self.stats.parked.set(self.store.parked_count() as i64);
+        self.publish_depths();
         let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         workers.retain(|id, (stop, task)| {
             let active = subscriptions.iter().any(|s| &s.id == id && s.disabled.is_none());
@@ -318,6 +318,13 @@ impl Dispatcher {
             self.parked_changed();
         }
         Ok(changed)
+    }
+
+    /// Sets the outbox and parked gauges from the store's counts, which every change keeps (the
+    /// emitter sets the outbox's too, at each flush).
+    fn publish_depths(&self) {
+        self.stats.outbox_depth.set(self.store.outbox_depth() as i64);
+        self.stats.parked.set(self.store.parked_count() as i64);
     }
 
     fn parked_changed(&self) {
@@ -423,7 +430,7 @@ impl Dispatcher {
                     if let Err(e) = try_blocking(move || store.disable_subscription(&id)).await {
                         tracing::error!(subscription = %subscription.id, error = %e, "cannot disable the subscription");
                     }
-                    self.stats.parked.set(self.store.parked_count() as i64);
+                    self.publish_depths();
                     tracing::warn!(subscription = %subscription.id, url = %subscription.url, "receiver answered 410 Gone; subscription disabled");
                     return;
                 }
@@ -479,7 +486,7 @@ impl Dispatcher {
                     self.stats.delivery(&subscription.id, "skipped");
                     tracing::info!(subscription = %subscription.id, event = %event_id(older), by = %event_id(seq), "parked HAProxy action superseded by a later one; skipped");
                 }
-                self.stats.parked.set(self.store.parked_count() as i64);
+                self.publish_depths();
             }
             Err(e) => {
                 tracing::error!(subscription = %subscription.id, error = %e, "cannot supersede parked HAProxy actions")
@@ -667,7 +674,7 @@ impl Dispatcher {
         if let Err(e) = try_blocking(move || store.put_delivery(&id, seq, &stored)).await {
             tracing::error!(subscription = %subscription.id, error = %e, "cannot record a delivery");
         }
-        self.stats.parked.set(self.store.parked_count() as i64);
+        self.publish_depths();
         delivery
     }
 }
