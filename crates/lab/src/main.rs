@@ -72,24 +72,6 @@ fn causes_once(e: &anyhow::Error) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cause_already_said_is_not_repeated() {
-        let lock = std::io::Error::other("could not acquire lock on \"data/sled/db\"");
-        let e = anyhow::Error::new(lock)
-            .context("cannot open the store in data/sled: could not acquire lock on \"data/sled/db\"");
-        assert_eq!(
-            causes_once(&e),
-            "cannot open the store in data/sled: could not acquire lock on \"data/sled/db\""
-        );
-        let e = anyhow::Error::new(std::io::Error::other("refused")).context("cannot connect");
-        assert_eq!(causes_once(&e), "cannot connect: refused");
-    }
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Import {
@@ -125,5 +107,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_said_is_not_repeated() {
+        let lock = std::io::Error::other("could not acquire lock on \"data/sled/db\"");
+        let e = anyhow::Error::new(lock)
+            .context("cannot open the store in data/sled: could not acquire lock on \"data/sled/db\"");
+        assert_eq!(
+            causes_once(&e),
+            "cannot open the store in data/sled: could not acquire lock on \"data/sled/db\""
+        );
+        let e = anyhow::Error::new(std::io::Error::other("refused")).context("cannot connect");
+        assert_eq!(causes_once(&e), "cannot connect: refused");
     }
 }
