@@ -525,25 +525,31 @@ impl Dispatcher {
         }
         // A literal address is connected to without resolution, so it is checked here; names
         // are checked by the resolver on every address.
-        let literal = reqwest::Url::parse(&subscription.url)
+        let checked = reqwest::Url::parse(&subscription.url)
             .map_err(|e| e.to_string())
-            .and_then(|url| match url.host() {
-                Some(host) => self.outbound.check_host(&host).map_err(|e| e.to_string()),
-                None => Err("the URL has no host".to_owned()),
+            .and_then(|url| {
+                match url.host() {
+                    Some(host) => self.outbound.check_host(&host).map_err(|e| e.to_string()),
+                    None => Err("the URL has no host".to_owned()),
+                }
+                .map(|()| url)
             });
-        if let Err(e) = literal {
-            delivery.last_status = None;
-            delivery.last_error = Some(e);
-            let label = self.schedule_retry(&mut delivery);
-            return self.record(subscription, seq, delivery, label).await;
-        }
+        let url = match checked {
+            Ok(url) => url,
+            Err(e) => {
+                delivery.last_status = None;
+                delivery.last_error = Some(e);
+                let label = self.schedule_retry(&mut delivery);
+                return self.record(subscription, seq, delivery, label).await;
+            }
+        };
         let body = serde_json::to_vec(&event).unwrap_or_default();
         let timestamp = now / 1_000;
         let signature = sign(key, &event.id, timestamp, &body);
         let started = std::time::Instant::now();
         let result = self
             .client
-            .post(&subscription.url)
+            .post(url)
             .header("content-type", "application/cloudevents+json")
             .header("webhook-id", &event.id)
             .header("webhook-timestamp", timestamp.to_string())

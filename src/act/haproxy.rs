@@ -84,17 +84,7 @@ impl FromStr for HaproxyServers {
 impl<'de> serde::Deserialize<'de> for HaproxyServers {
     /// A TOML string (`"a/b/*=be/canary, ..."`) or an array of such strings.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            One(String),
-            Many(Vec<String>),
-        }
-        let text = match Form::deserialize(d)? {
-            Form::One(s) => s,
-            Form::Many(v) => v.join(","),
-        };
-        text.parse().map_err(serde::de::Error::custom)
+        super::comma_separated(d)
     }
 }
 

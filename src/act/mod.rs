@@ -15,3 +15,24 @@ pub mod haproxy;
 pub mod outbound;
 pub mod signing;
 pub mod subscriptions;
+
+/// A setting that is a comma-separated list, given in TOML as one string (`"a, b"`) or an array of
+/// such strings, parsed as `T` parses the joined text.
+pub(crate) fn comma_separated<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(String),
+        Many(Vec<String>),
+    }
+    let text = match <Form as serde::Deserialize>::deserialize(d)? {
+        Form::One(s) => s,
+        Form::Many(v) => v.join(","),
+    };
+    text.parse().map_err(serde::de::Error::custom)
+}

@@ -153,17 +153,7 @@ impl FromStr for OutboundAllow {
 impl<'de> serde::Deserialize<'de> for OutboundAllow {
     /// A TOML string (`"10.0.0.0/8, hooks.internal"`) or an array of such strings.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            One(String),
-            Many(Vec<String>),
-        }
-        let text = match Form::deserialize(d)? {
-            Form::One(s) => s,
-            Form::Many(v) => v.join(","),
-        };
-        text.parse().map_err(serde::de::Error::custom)
+        super::comma_separated(d)
     }
 }
 
@@ -279,6 +269,19 @@ impl OutboundPolicy {
         }
     }
 
+    /// The same check on a host as written in a `host:port` (`10.0.0.1`, `[::1]`, a name): the
+    /// literal address, when it is one.
+    pub fn check_host_text(&self, host: &str) -> Result<Option<IpAddr>, OutboundError> {
+        match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => self.check(host, ip).map(|()| Some(ip)),
+            Err(_) => self.check_host(&url::Host::Domain(host)).map(|()| None),
+        }
+    }
+
     /// Whether the unix socket at `path` may be connected to.
     pub fn check_socket(&self, path: &Path) -> Result<(), OutboundError> {
         let text = path.to_string_lossy();
@@ -301,15 +304,9 @@ impl OutboundPolicy {
     /// name that resolves to a restricted address (or alternates between one and a public
     /// address) harmless.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, std::io::Error> {
-        if let Ok(ip) = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            self.check(host, ip).map_err(refused)?;
+        if let Some(ip) = self.check_host_text(host).map_err(refused)? {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        self.check_host(&url::Host::Domain(host)).map_err(refused)?;
         let mut allowed = Vec::new();
         let mut first_refusal = None;
         for addr in tokio::net::lookup_host((host, port)).await? {

@@ -78,13 +78,7 @@ fn check_endpoint(url: &str, policy: &OutboundPolicy) -> Result<(), Subscription
     let checked = match &endpoint {
         Endpoint::Tcp(addr) => {
             let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let host = match host.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(v4)) => url::Host::Ipv4(v4),
-                Ok(std::net::IpAddr::V6(v6)) => url::Host::Ipv6(v6),
-                Err(_) => url::Host::Domain(host),
-            };
-            policy.check_host(&host)
+            policy.check_host_text(host).map(|_| ())
         }
         Endpoint::Unix(path) => policy.check_socket(path),
     };
