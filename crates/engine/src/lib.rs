@@ -17,6 +17,7 @@
 //! - `judge`: canary analyses: the checks, the sequential decision, stages and gates, models.
 //! - `engine`: `Engine`, which drives all of the above batch by batch.
 //! - `rng`: a seeded generator for synthetic data.
+//! - `simulate`: simulated services in event time, for the scenario tests and the calibration bench.
 
 pub mod anomaly;
 pub mod baseline;
@@ -29,6 +30,7 @@ pub mod judge;
 pub mod observation;
 pub mod rng;
 pub mod score;
+pub mod simulate;
 pub mod sketch;
 pub mod window;
 

@@ -4,6 +4,7 @@
 
 use canaryd_engine::baseline::{Baseline, BaselineConfig, MemorySlotStore};
 use canaryd_engine::rng::Rng;
+use canaryd_engine::simulate;
 use canaryd_engine::{
     Batch, Engine, EngineConfig, Identity, RequestObservation, ResourceObservations, SpanId, TraceId,
 };
@@ -260,18 +261,7 @@ fn an_error_jump_is_detected_within_two_windows_and_resolved_after_it_ends() {
     );
 }
 
-/// (name, share of the app's requests, median latency ms): skewed, as real services are.
-const STABLE_OPS: [(&str, f64, f64); 5] = [
-    ("GET /api/products", 0.55, 25.0),
-    ("GET /api/cart", 0.25, 18.0),
-    ("POST /api/orders", 0.1, 120.0),
-    ("GET /api/orders/{id}", 0.06, 30.0),
-    ("POST /api/login", 0.04, 60.0),
-];
-
-/// A stable app (one version) for `days` from Monday 00:00, under a daily cycle from a tenth of
-/// its mean `rps` at midnight to nearly twice it at noon, each request failing with chance
-/// `error` (`fault(second)` instead, where it says); batches of 10 s. Returns the anomaly changes.
+/// A stable app from Monday 00:00 for `days`, in a fresh engine (`simulate::stable_app`).
 fn stable_app(
     seed: u64,
     days: u64,
@@ -279,69 +269,7 @@ fn stable_app(
     error: f64,
     fault: impl Fn(u64) -> Option<f64>,
 ) -> Vec<canaryd_engine::AnomalyChange> {
-    let mut engine = engine();
-    let mut rng = Rng::new(seed);
-    let mut changes = Vec::new();
-    let seconds = days * 86_400;
-    for chunk in (0..seconds).step_by(10) {
-        let mut r = ResourceObservations::new(Identity::new("prod", "shop", "1.0.0"));
-        for second in chunk..chunk + 10 {
-            let day = (second % 86_400) as f64 / 86_400.0;
-            let load = 1.0 - 0.9 * (day * std::f64::consts::TAU).cos();
-            let p_error = fault(second).unwrap_or(error);
-            for (name, share, median) in STABLE_OPS {
-                // Poisson arrivals: exponential gaps within the second.
-                let mut t = 0.0;
-                loop {
-                    t += -(1.0 - rng.unit()).ln() / (rps * share * load);
-                    if t >= 1.0 {
-                        break;
-                    }
-                    let time = START + second * S + (t * S as f64) as u64;
-                    let latency_ms = median * (0.4 * (rng.unit() - 0.5) * 3.4).exp();
-                    r.spans += 1;
-                    r.saw(time);
-                    r.requests.push(RequestObservation {
-                        operation: name.into(),
-                        time,
-                        duration_ns: (latency_ms * 1e6) as u64,
-                        error: rng.unit() < p_error,
-                        trace_id: TraceId::default(),
-                        span_id: SpanId::default(),
-                    });
-                }
-            }
-        }
-        r.requests.sort_by_key(|q| q.time);
-        changes.extend(
-            engine
-                .ingest(&Batch {
-                    resources: vec![r],
-                    received: 0,
-                })
-                .anomalies,
-        );
-    }
-    changes
-}
-
-fn detected(changes: &[canaryd_engine::AnomalyChange]) -> Vec<String> {
-    changes
-        .iter()
-        .filter(|c| c.transition == canaryd_engine::anomaly::Transition::Detected)
-        .map(|c| {
-            format!(
-                "{} at {}h{:02}: {} against {:.5} (score {:.3e}, support {})",
-                c.id.key,
-                (c.time - START) / S / 3_600,
-                (c.time - START) / S % 3_600 / 60,
-                c.value,
-                c.expected,
-                c.score,
-                c.support
-            )
-        })
-        .collect()
+    simulate::stable_app(&mut engine(), seed, days, rps, error, fault)
 }
 
 /// Issue 14, class (c): a stable app over two days, no fault, raised anomalies at night on one
@@ -352,7 +280,12 @@ fn detected(changes: &[canaryd_engine::AnomalyChange]) -> Vec<String> {
 fn a_stable_app_raises_no_anomaly_from_a_few_requests_at_night() {
     let found: Vec<(u64, Vec<String>)> = [(1, 10.0), (2, 10.0), (3, 4.0)]
         .into_iter()
-        .map(|(seed, rps)| (seed, detected(&stable_app(seed, 2, rps, 0.0002, |_| None))))
+        .map(|(seed, rps)| {
+            (
+                seed,
+                simulate::detected(&stable_app(seed, 2, rps, 0.0002, |_| None)),
+            )
+        })
         .filter(|(_, found)| !found.is_empty())
         .collect();
     let counts: Vec<(u64, usize)> = found.iter().map(|(seed, f)| (*seed, f.len())).collect();
@@ -376,7 +309,7 @@ fn a_real_error_jump_on_a_stable_app_alerts_within_a_minute() {
         assert!(
             delay.is_some_and(|d| d <= 60),
             "seed {seed}, {error} from {hour}:00: detected after {delay:?} s; {:#?}",
-            detected(&changes)
+            simulate::detected(&changes)
         );
         let before: Vec<canaryd_engine::AnomalyChange> = changes
             .iter()
@@ -386,7 +319,7 @@ fn a_real_error_jump_on_a_stable_app_alerts_within_a_minute() {
         assert!(
             before.is_empty(),
             "seed {seed}: before the fault: {:#?}",
-            detected(&before)
+            simulate::detected(&before)
         );
     }
 }
