@@ -259,7 +259,12 @@ impl RawConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        RawConfig::from_toml(&text, path)
+    }
+
+    /// Reads a config file's text; `path` names it in errors.
+    pub(crate) fn from_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::ParseFile {
             path: path.to_owned(),
             message: e.to_string(),
         })
@@ -423,9 +428,21 @@ impl Config {
         env: &BTreeMap<String, String>,
         flags: RawConfig,
     ) -> Result<Config, ConfigError> {
-        let from_file = match file {
-            Some(path) => RawConfig::from_file(path)?,
-            None => RawConfig::default(),
+        let from_file = file
+            .map(|path| RawConfig::from_file(path).map(|raw| (path, raw)))
+            .transpose()?;
+        Config::from_sources(from_file, env, flags)
+    }
+
+    /// `load`, with the config file already read: `file` is its path and what it said.
+    pub(crate) fn from_sources(
+        file: Option<(&Path, RawConfig)>,
+        env: &BTreeMap<String, String>,
+        flags: RawConfig,
+    ) -> Result<Config, ConfigError> {
+        let (file, from_file) = match file {
+            Some((path, raw)) => (Some(path), raw),
+            None => (None, RawConfig::default()),
         };
         let from_env = RawConfig::from_env(env)?;
         let (by_flag, by_env, by_file) = (flags.given(), from_env.given(), from_file.given());

@@ -116,11 +116,11 @@ pub fn generate_id() -> Result<String, getrandom::Error> {
     Ok(format!("sub_{}", u64::from_be_bytes(bytes) >> 1))
 }
 
+/// A checked request: its url, event types (each once), kind and secret (when it gave one).
+pub type Checked = (String, Vec<EventType>, Kind, Option<String>);
+
 /// Checks a request and turns it into a subscription (without its id and time).
-pub fn validate(
-    new: NewSubscription,
-    policy: &OutboundPolicy,
-) -> Result<(String, Vec<EventType>, Kind, Option<String>), SubscriptionError> {
+pub fn validate(new: NewSubscription, policy: &OutboundPolicy) -> Result<Checked, SubscriptionError> {
     let kind = new.kind.unwrap_or(Kind::Webhook);
     match kind {
         Kind::Webhook => {

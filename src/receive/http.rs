@@ -156,23 +156,28 @@ fn normalize<R: OtlpRequest>(
     };
     match format {
         Format::Protobuf => R::normalize_protobuf(body, options),
-        Format::Json => {
-            // JSON is decoded whole (its size bounds what that can take); the item limit still
-            // holds for what it carried.
-            let normalized = serde_json::from_slice::<R>(&body)
-                .map_err(|e| ExportError::Undecodable {
-                    format: "OTLP JSON",
-                    reason: e.to_string(),
-                })?
-                .normalize(options)?;
-            let items = normalized.accepted + normalized.rejected + normalized.skipped;
-            let limit = options.max_items_per_request;
-            if items > limit {
-                return Err(ExportError::TooManyItems { items, limit });
-            }
-            Ok(normalized)
-        }
+        Format::Json => normalize_json::<R>(&body, options),
     }
+}
+
+/// Decodes and normalizes an inflated OTLP/JSON body. JSON is decoded whole (its size bounds what
+/// that can take); the item limit still holds for what it carried.
+pub(crate) fn normalize_json<R: OtlpRequest>(
+    body: &[u8],
+    options: &NormalizeOptions,
+) -> Result<Normalized, ExportError> {
+    let normalized = serde_json::from_slice::<R>(body)
+        .map_err(|e| ExportError::Undecodable {
+            format: "OTLP JSON",
+            reason: e.to_string(),
+        })?
+        .normalize(options)?;
+    let items = normalized.accepted + normalized.rejected + normalized.skipped;
+    let limit = options.max_items_per_request;
+    if items > limit {
+        return Err(ExportError::TooManyItems { items, limit });
+    }
+    Ok(normalized)
 }
 
 /// Reads a decompressor to its end, refusing output past `limit` bytes.

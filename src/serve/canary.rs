@@ -372,25 +372,9 @@ pub(super) async fn declare_rollout(
     Env(env): Env,
     body: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
-    };
-    for (field, value) in [
-        ("stable_version", &request.stable_version),
-        ("canary_version", &request.canary_version),
-    ] {
-        if value.is_empty() {
-            return error(StatusCode::BAD_REQUEST, &format!("{field} must not be empty"));
-        }
-    }
-    let rollout = Rollout {
-        env,
-        app,
-        stable_version: request.stable_version,
-        canary_version: request.canary_version,
-        model: request.model,
-        replace: request.replace,
+    let rollout = match rollout_of(body, env, app) {
+        Ok(rollout) => rollout,
+        Err(response) => return *response,
     };
     // The engine emits the `started` event (stored with its deliveries) before it answers.
     match state.engine.declare_rollout(rollout).await {
@@ -401,6 +385,32 @@ pub(super) async fn declare_rollout(
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => unavailable(e),
     }
+}
+
+/// The rollout a `PUT .../rollout` body declares, or the 400 naming what is wrong with it.
+pub(super) fn rollout_of(
+    body: Result<Json<RolloutRequest>, axum::extract::rejection::JsonRejection>,
+    env: String,
+    app: String,
+) -> Result<Rollout, Box<Response>> {
+    let bad = |message: &str| Box::new(error(StatusCode::BAD_REQUEST, message));
+    let Json(request) = body.map_err(|e| bad(&e.body_text()))?;
+    for (field, value) in [
+        ("stable_version", &request.stable_version),
+        ("canary_version", &request.canary_version),
+    ] {
+        if value.is_empty() {
+            return Err(bad(&format!("{field} must not be empty")));
+        }
+    }
+    Ok(Rollout {
+        env,
+        app,
+        stable_version: request.stable_version,
+        canary_version: request.canary_version,
+        model: request.model,
+        replace: request.replace,
+    })
 }
 
 /// `DELETE /api/v1/apps/{app}/rollout`: ends the analysis (declared or inferred).

@@ -244,7 +244,7 @@ pub(super) struct RollbackAnswer {
 }
 
 /// The parsed payload, or the 400 that names what is wrong with it.
-fn parse(body: Result<Json<FlaggerPayload>, JsonRejection>) -> Result<GateRequest, Box<Response>> {
+pub(super) fn parse(body: Result<Json<FlaggerPayload>, JsonRejection>) -> Result<GateRequest, Box<Response>> {
     match body {
         Ok(Json(payload)) => GateRequest::of(payload),
         Err(e) => Err(Box::new(error(StatusCode::BAD_REQUEST, &e.body_text()))),

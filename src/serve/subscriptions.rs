@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiQuery, ApiState, ErrorBody, blocking, error, internal};
 use crate::act::delivery::{Delivery, DeliveryState};
+use crate::act::outbound::OutboundPolicy;
 use crate::act::subscriptions::{self, Kind, NewSubscription, Subscription};
 use crate::events::{EventType, event_seq};
 
@@ -65,13 +66,9 @@ pub(super) async fn create_subscription(
     State(state): State<ApiState>,
     body: Result<Json<NewSubscription>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Json(new) = match body {
-        Ok(body) => body,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
-    };
-    let (url, events, kind, secret) = match subscriptions::validate(new, state.dispatcher.outbound()) {
+    let (url, events, kind, secret) = match subscription_of(body, state.dispatcher.outbound()) {
         Ok(checked) => checked,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(response) => return *response,
     };
     let (id, secret) = match (
         subscriptions::generate_id(),
@@ -106,6 +103,17 @@ pub(super) async fn create_subscription(
         Json(SubscriptionView::of(&subscription, true)),
     )
         .into_response()
+}
+
+/// The subscription a `POST /api/v1/subscriptions` body asks for, checked (url, events, kind,
+/// secret), or the 400 naming what is wrong with it.
+pub(super) fn subscription_of(
+    body: Result<Json<NewSubscription>, axum::extract::rejection::JsonRejection>,
+    policy: &OutboundPolicy,
+) -> Result<subscriptions::Checked, Box<Response>> {
+    let bad = |message: &str| Box::new(error(StatusCode::BAD_REQUEST, message));
+    let Json(new) = body.map_err(|e| bad(&e.body_text()))?;
+    subscriptions::validate(new, policy).map_err(|e| bad(&e.to_string()))
 }
 
 /// `GET /api/v1/subscriptions`.
