@@ -16,6 +16,7 @@
 //!   analysis models, validated at once.
 //! - `daemon`: wiring, start-up order, and the orderly stop.
 //! - `testdata`: seeded OTLP request generators for benchmarks and tests.
+//! - `fuzzing`: the entry points of the fuzz targets in `fuzz/` and of their replay on stable.
 //!
 //! The statistics live in the `canaryd_engine` crate, which does no IO.
 
@@ -25,6 +26,8 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod models;
 pub mod normalize;

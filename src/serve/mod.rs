@@ -52,6 +52,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::act::delivery::Dispatcher;
+use crate::act::outbound::OutboundPolicy;
 use crate::engine::{EngineGone, EngineHandle};
 use crate::stats::Stats;
 use crate::store::Store;
@@ -130,6 +131,45 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(subscriptions::redrive_all))
         .merge(gates::routes());
     dashboard::add_routes(api)
+}
+
+/// A JSON request body of the API, by the route it is sent to: what `crate::fuzzing` reads
+/// arbitrary bytes as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RequestBody {
+    /// `POST /api/v1/subscriptions`.
+    Subscription,
+    /// `PUT /api/v1/apps/{app}/rollout`.
+    Rollout,
+    /// `POST /api/v1/gates/flagger` and `.../flagger/rollback`.
+    FlaggerPayload,
+}
+
+impl RequestBody {
+    pub(crate) const ALL: [RequestBody; 3] = [
+        RequestBody::Subscription,
+        RequestBody::Rollout,
+        RequestBody::FlaggerPayload,
+    ];
+
+    /// Reads `bytes` as the handler reads this body once its content type is JSON (axum's
+    /// `Json`, then the function the handler itself calls to check the fields), without acting on
+    /// it: `Err` is the handler's answer to a bad body, a 400 naming the problem.
+    pub(crate) fn check(self, bytes: &[u8], outbound: &OutboundPolicy) -> Result<(), Box<Response>> {
+        use axum::Json;
+        match self {
+            RequestBody::Subscription => {
+                subscriptions::subscription_of(Json::from_bytes(bytes), outbound)?;
+            }
+            RequestBody::Rollout => {
+                canary::rollout_of(Json::from_bytes(bytes), "default".into(), "checkout".into())?;
+            }
+            RequestBody::FlaggerPayload => {
+                gates::parse(Json::from_bytes(bytes))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A query string parsed into `T`; a bad one is refused with a JSON 400 naming the problem.

@@ -1,0 +1,4 @@
+//! `canaryd::fuzzing::api_bodies`: see its doc for what it reads and checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| canaryd::fuzzing::api_bodies(data));

@@ -1,0 +1,4 @@
+//! `canaryd::fuzzing::config_toml`: see its doc for what it reads and checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| canaryd::fuzzing::config_toml(data));
