@@ -195,6 +195,9 @@ pub struct Service {
     pub shared_error: Option<f64>,
     /// Event time each batch covers, as an SDK's batch processor would send it.
     pub batch_s: u64,
+    /// The rollout is declared (with the model, named `default`) when the warm-up ends, rather
+    /// than inferred once the canary has traffic.
+    pub declared: bool,
 }
 
 impl Service {
@@ -219,6 +222,7 @@ impl Service {
             metric_outage: None,
             shared_error: None,
             batch_s: 5,
+            declared: false,
         }
     }
 
@@ -333,7 +337,15 @@ pub fn run(service: &Service, model: Model) -> Run {
     let mut failed_on = Vec::new();
     let ops = &service.operations;
     let batch_s = service.batch_s.max(1);
+    let mut declared = false;
     for chunk in (0..total_s).step_by(batch_s as usize) {
+        if service.declared && !declared && chunk >= service.warmup_s {
+            declared = true;
+            let started = engine
+                .declare_rollout("prod", "shop", "1.0.0", "1.1.0", Some("default"), false)
+                .expect("the stable's warm-up made the app known");
+            changes.extend(started.iter().map(|c| (c.kind, c.time)));
+        }
         let mut resources = [
             ResourceObservations::new(Identity::new("prod", "shop", "1.0.0")),
             ResourceObservations::new(Identity::new("prod", "shop", "1.1.0")),

@@ -430,3 +430,65 @@ fn a_drop_in_business_metric_with_gaps_in_its_exports_fails() {
     };
     caught_in(with_gaps, "metric_rate[orders.completed]", 200.0);
 }
+
+/// Flagger #1035 (with argo-rollouts #4479 and Flagger #883): an analysis without canary data
+/// must never succeed. Here the rollout is declared and the canary never gets a request: stages
+/// whose time is up and gates with nothing to judge pass nothing, and nothing is promoted.
+#[test]
+fn flagger_1035_a_declared_canary_that_never_gets_traffic_is_never_promoted() {
+    let service = Service {
+        canary_share: 0.0,
+        declared: true,
+        duration_s: 600,
+        ..Service::new(41, Fault::None)
+    };
+    let r = run(&service, model(gated_stages()));
+    let kinds: Vec<ChangeKind> = r.changes.iter().map(|c| c.0).collect();
+    assert_eq!(kinds, vec![ChangeKind::Started], "{:?}", r.passing_checks);
+    assert_eq!(r.state, State::InsufficientData);
+}
+
+/// Spinnaker #5622 (and kayenta #426): errors on a canary whose stable never fails were missed,
+/// the stable's zero making every ratio test degenerate. Sparse errors (1% of requests, about one
+/// every five seconds at 20 canary requests a second) against a stable without any are caught,
+/// on the error ratio, within a couple of minutes.
+#[test]
+fn spinnaker_5622_sparse_errors_on_a_zero_error_stable_are_caught() {
+    let zero_error_stable = |seed| Service {
+        base_error: 0.0,
+        ..Service::new(seed, Fault::ErrorRate(0.01))
+    };
+    caught_in(zero_error_stable, "error_ratio", 120.0);
+}
+
+/// At one canary request every 20 seconds no trailing window holds the requests a windowed test
+/// needs, yet a canary failing 30% of them (against 1% on the stable) is failed once its errors
+/// add up, on sequential evidence gathered since the analysis began; an identical canary at the
+/// same traffic is not.
+#[test]
+fn a_low_traffic_canary_is_decided_as_soon_as_its_errors_add_up() {
+    let thin = |seed, fault| Service {
+        rps: 1.0,
+        canary_share: 0.05,
+        base_error: 0.01,
+        fault_at_s: 0,
+        duration_s: 3_600,
+        ..Service::new(seed, fault)
+    };
+    for seed in 50..53 {
+        let r = run(&thin(seed, Fault::ErrorRate(0.3)), model(long_stage()));
+        let delay = r
+            .delay_s()
+            .unwrap_or_else(|| panic!("seed {seed} not caught: {:?}", r.changes));
+        assert!(delay <= 1_800.0, "seed {seed}: {delay} s");
+        assert!(
+            r.failed_on
+                .iter()
+                .any(|f| f.contains("error_ratio") && f.contains("sequential evidence")),
+            "seed {seed}: {:?}",
+            r.failed_on
+        );
+    }
+    let failed = false_failures((60..66).map(|seed| thin(seed, Fault::None)));
+    assert!(failed.is_empty(), "{failed:?}");
+}

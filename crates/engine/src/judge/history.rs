@@ -239,6 +239,38 @@ impl History {
         out
     }
 
+    /// The closed bucket of the second starting at `start`, while it is still held on its own
+    /// (the last ten seconds).
+    pub fn second(&self, start: EventTime) -> Option<&Aggregate> {
+        self.seconds
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == start)
+            .map(|(_, a)| a)
+    }
+
+    /// What the version did in `[at - h, at)`, from the whole blocks and single seconds that end
+    /// by `at`: unlike `trailing`, nothing at or after `at` is in it, whatever came since. Seconds
+    /// of a block that ends after `at` and are no longer held alone are left out, so it may hold
+    /// up to a block less than asked.
+    pub fn before(&self, at: EventTime, horizon_s: u64) -> Aggregate {
+        let from = at.saturating_sub(horizon_s.saturating_mul(SECOND));
+        let mut acc = Aggregate::default();
+        let mut covered_until = from;
+        for (b, agg) in &self.blocks {
+            if *b >= from && b.saturating_add(BLOCK) <= at {
+                acc.merge(agg);
+                covered_until = covered_until.max(b.saturating_add(BLOCK));
+            }
+        }
+        for (s, agg) in &self.seconds {
+            if *s >= covered_until && s.saturating_add(SECOND) <= at {
+                acc.merge(agg);
+            }
+        }
+        acc
+    }
+
     /// The pieces `trailing(now, [h])` merges: single seconds for windows up to a block, else
     /// the block being filled and whole blocks; each with its start.
     pub fn parts(&self, now: EventTime, horizon_s: u64) -> Vec<(EventTime, &Aggregate)> {
@@ -309,6 +341,31 @@ mod tests {
             w[3].all.requests
         );
         assert!(h.len() <= 10 + 14, "{}", h.len());
+    }
+
+    /// What the sequential evidence reads for a second already behind the latest bucket: that
+    /// second alone, and a reference that ends before it (`trailing` always ends at the latest).
+    #[test]
+    fn a_past_second_and_the_time_before_it_hold_nothing_from_after() {
+        let mut h = History::new(120);
+        // Second s has s + 1 requests, from 0 to 94 s.
+        for s in 0..95u64 {
+            h.push(s * SECOND, &bucket(s + 1));
+        }
+        for s in [85u64, 90, 94] {
+            assert_eq!(h.second(s * SECOND).map(|a| a.all.requests), Some(s + 1));
+        }
+        assert!(
+            h.second(80 * SECOND).is_none(),
+            "only the last ten seconds are held alone"
+        );
+        // [27, 87): whole blocks from 30 s to 80 s, then the seconds still held alone up to 86 s;
+        // 80 to 84 s are in a block that ends after 87 s, and no longer held alone.
+        let before = h.before(87 * SECOND, 60);
+        let expected: u64 = (30..80u64).chain(85..87).map(|s| s + 1).sum();
+        assert_eq!(before.all.requests, expected);
+        let at_block = h.before(90 * SECOND, 60);
+        assert_eq!(at_block.all.requests, (30..90u64).map(|s| s + 1).sum::<u64>());
     }
 
     #[test]

@@ -13,10 +13,13 @@
 //! - `stats`: exact tests for counts and proportions, chi-square, Clopper-Pearson bounds.
 //! - `checks`: the per-signal checks of one look, and the one rule that decides each.
 //! - `history`: each analysed version's recent buckets, for trailing windows.
+//! - `sequential`: the anytime-valid evidence, second by second, that the error ratio and latency
+//!   checks fail on.
 
 pub mod checks;
 pub mod history;
 pub mod model;
+pub mod sequential;
 pub mod snapshot;
 pub mod stats;
 
@@ -326,6 +329,8 @@ pub struct Analysis {
     score: Option<f64>,
     canary_history: History,
     stable_history: History,
+    /// The error ratio and latency comparisons' evidence since the analysis began.
+    sequential: sequential::Sequential,
     canary_requests: u64,
     stable_requests: u64,
 }
@@ -363,6 +368,7 @@ impl Analysis {
             score: None,
             canary_history: History::new(keep_s),
             stable_history: History::new(keep_s),
+            sequential: sequential::Sequential::default(),
             canary_requests: 0,
             stable_requests: 0,
         }
@@ -483,6 +489,8 @@ impl Analysis {
         }
         self.evaluated_at = now;
         let model = self.model.clone();
+        self.sequential
+            .update(&model, &self.canary_history, &self.stable_history, now);
         let trailing = self.collect_windows(&model, now, baseline_window_s);
         let (per_horizon, thresholds) = evaluate_horizons(&model, &trailing);
         let mut combined = combine_horizons(per_horizon);
@@ -568,6 +576,7 @@ impl Analysis {
             canary: self.canary_history.trailing(now, &canary_h),
             stable: self.stable_history.trailing(now, &stable_h),
             dispersion: checks::Dispersion::of(&whole),
+            sequential: self.sequential.evidence(model),
             seen_s: now.saturating_sub(self.started_at) / SECOND,
             horizons,
         }
@@ -585,7 +594,8 @@ impl Analysis {
         combined: &mut BTreeMap<checks::Series, Check>,
     ) {
         for check in combined.values_mut() {
-            if check.outcome != Outcome::Fail {
+            // The sequential checks' evidence already stands without its best second.
+            if check.outcome != Outcome::Fail || sequential::Sequential::covers(check.group) {
                 continue;
             }
             if let Some(part) = self.rests_on_one_part(model, check, now, &trailing.dispersion) {
@@ -823,6 +833,7 @@ impl Analysis {
                 canary: &canary,
                 stable: &stable,
                 dispersion,
+                sequential: None,
             };
             let mut out = Vec::new();
             checks::evaluate(model, &windows, &loose, &mut out);
@@ -899,6 +910,7 @@ struct Trailing {
     /// How much of the horizons the analysis has seen.
     seen_s: u64,
     dispersion: checks::Dispersion,
+    sequential: sequential::EvidenceBySeries,
 }
 
 impl Trailing {
@@ -910,6 +922,7 @@ impl Trailing {
             canary: &self.canary[i],
             stable: &self.stable[i],
             dispersion: &self.dispersion,
+            sequential: Some(&self.sequential),
         }
     }
 

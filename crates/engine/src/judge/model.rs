@@ -39,9 +39,13 @@ pub struct Model {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Decision {
-    /// The chance of a false failure per hour of analysis of a healthy canary, over every check,
+    /// The chance of a false failure per hour of analysis of a healthy canary, over every
+    /// windowed check (operation mix, call graph, exceptions, error logs, business counters),
     /// trailing window and look together (Bonferroni across them).
     pub false_alarm_rate: f64,
+    /// The chance that the sequential comparisons (error ratio and latency) ever fail a healthy
+    /// canary, over its whole analysis however long, looked at every second (anytime-valid).
+    pub false_failure_rate: f64,
     /// Trailing windows each check is evaluated on, at every closed second.
     pub horizons_s: Vec<u64>,
     /// How much of the stable version's recent traffic its counts' dispersion (quasi-Poisson) is
@@ -67,6 +71,7 @@ impl Default for Decision {
     fn default() -> Self {
         Decision {
             false_alarm_rate: 0.05,
+            false_failure_rate: 0.01,
             horizons_s: vec![5, 10, 30, 120, 600],
             reference_s: 300,
             confirm_looks: 1,
@@ -355,6 +360,12 @@ impl Model {
     /// Checks every value; the error names the first field that cannot work.
     pub fn validate(&self) -> Result<(), ModelError> {
         let d = &self.decision;
+        if !(d.false_failure_rate > 0.0 && d.false_failure_rate < 1.0) {
+            return Err(bad(
+                "decision.false_failure_rate",
+                format!("must be in (0, 1), not {}", d.false_failure_rate),
+            ));
+        }
         if !(d.false_alarm_rate > 0.0 && d.false_alarm_rate < 1.0) {
             return Err(bad(
                 "decision.false_alarm_rate",

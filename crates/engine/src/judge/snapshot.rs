@@ -122,6 +122,9 @@ impl Analysis {
             score: s.score,
             canary_history: History::new(keep),
             stable_history: History::new(keep),
+            // Evidence starts again from the first second after the restart, as a new test (the
+            // buckets it grew from are not kept).
+            sequential: super::sequential::Sequential::default(),
             canary_requests: s.canary_requests,
             stable_requests: s.stable_requests,
         }

@@ -83,6 +83,7 @@ pub fn baseline_checks(
                         .and_then(|f| baseline.deviation_of(&f, config))
                         .unwrap_or(0.0);
                     evidence.test = Some(Tested {
+                        sequential: None,
                         // Only a rise is a regression for the features this check is meant for.
                         significance: Significance::Band {
                             canary: dev,

@@ -16,6 +16,9 @@ pub(super) fn error_ratio(
     t: &Thresholds,
 ) -> Check {
     let id = w.id(Group::Errors, s.feature("error_ratio"), Test::FisherExact);
+    let sequential = w
+        .sequential
+        .map(|by_series| by_series.get(&id.series()).copied().unwrap_or_default());
     let spec = s.spec(id, (e.critical, e.weight), t, e.min_ratio);
     let (alpha, can, stable) = (spec.alpha, s.canary, s.stable);
     let rc = ratio(can.errors as f64, can.requests as f64);
@@ -33,6 +36,7 @@ pub(super) fn error_ratio(
         let effect = || format!("an error ratio of {} against {}", pct(p1), pct(rs));
         evidence.power = Power::of(can.requests, effect, shows);
         evidence.test = rc.map(|rc| Tested {
+            sequential,
             significance: Significance::PValue(fisher_greater(
                 can.errors,
                 can.requests,

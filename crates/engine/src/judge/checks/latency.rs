@@ -21,6 +21,9 @@ pub(super) fn latency(
         s.feature(format!("latency_p{pct}_ms")),
         Test::Exceedance,
     );
+    let sequential = w
+        .sequential
+        .map(|by_series| by_series.get(&id.series()).copied().unwrap_or_default());
     let spec = s.spec(id, (l.critical, l.weight), t, l.min_ratio);
     let (alpha, can, stable) = (spec.alpha, s.canary, s.stable);
     let stable_q = stable.latency_ms.quantile(q);
@@ -49,6 +52,7 @@ pub(super) fn latency(
         evidence.test = canary_q.map(|canary_q| {
             let effect = if stable_q > 0.0 { canary_q / stable_q } else { 1.0 };
             Tested {
+                sequential,
                 significance: Significance::PValue(fisher_greater(e_c, can.requests, e_s, stable.requests)),
                 effect,
                 effect_ok: effect >= l.min_ratio && canary_q - stable_q >= l.min_increase_ms,

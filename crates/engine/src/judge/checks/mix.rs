@@ -93,6 +93,7 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
             )
         });
         evidence.test = homogeneity(&canary, &stable).map(|p| Tested {
+            sequential: None,
             significance: Significance::PValue(p),
             effect: tvd,
             effect_ok: tvd >= m.min_distance,

@@ -373,6 +373,9 @@ impl Evidence {
 /// A comparison that was made.
 pub struct Tested {
     pub significance: Significance,
+    /// The sequential evidence of the check's series, for the checks that fail on it alone (the
+    /// windowed significance is then shown, not decided on).
+    pub sequential: Option<crate::judge::sequential::Evidence>,
     /// The practical effect, in the spec's `effect_kind`, and whether it is as large as the
     /// model's minimum (in the direction that matters).
     pub effect: f64,
@@ -383,6 +386,7 @@ pub struct Tested {
 }
 
 /// How strongly the canary differs from the stable.
+#[derive(Clone, Copy)]
 pub enum Significance {
     /// The p-value of the comparison with the stable in the same window.
     PValue(f64),
@@ -476,13 +480,17 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
     }
     let significant = evidence.test.as_ref().map(|t| {
         (
-            match t.significance {
-                Significance::PValue(p) => p < spec.alpha,
-                Significance::Band {
-                    canary,
-                    stable,
-                    above,
-                } => canary >= spec.min_effect && above && stable < spec.min_effect / 2.0,
+            match (t.sequential, t.significance) {
+                (Some(sequential), _) => sequential.significant(),
+                (None, Significance::PValue(p)) => p < spec.alpha,
+                (
+                    None,
+                    Significance::Band {
+                        canary,
+                        stable,
+                        above,
+                    },
+                ) => canary >= spec.min_effect && above && stable < spec.min_effect / 2.0,
             },
             t,
         )
@@ -495,9 +503,20 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
         check.effect = Some(t.effect.min(1e9));
     }
     match (significant, evidence.power) {
-        (Some((true, t)), _) if t.effect_ok && n >= min_requests => {
+        (Some((true, t)), _)
+            if t.effect_ok && t.sequential.map_or(n, |s| s.canary_requests) >= min_requests =>
+        {
             check.outcome = Outcome::Fail;
-            check.message = t.failing.clone();
+            check.message = match t.sequential {
+                Some(s) => format!(
+                    "{}; sequential evidence {} over {} s, {} needed",
+                    t.failing,
+                    e_value(s.robust_e_value),
+                    s.seconds,
+                    e_value(s.needed)
+                ),
+                None => t.failing.clone(),
+            };
         }
         (Some((_, t)), Power::Enough) if n >= min_requests => {
             check.outcome = Outcome::Pass;
@@ -506,6 +525,15 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
         (_, power) => check.message = still_needed(n, min_requests, power, evidence.canary_rps),
     }
     check
+}
+
+/// An e-value for people: `3.2e4`, `850`.
+fn e_value(e: f64) -> String {
+    if e >= 1e4 {
+        format!("{e:.1e}")
+    } else {
+        format!("{e:.0}")
+    }
 }
 
 /// Why an undecided check is undecided, and how many more canary requests (and about how long at
@@ -587,6 +615,11 @@ pub struct Windows<'a> {
     pub canary: &'a Aggregate,
     pub stable: &'a Aggregate,
     pub dispersion: &'a Dispersion,
+    /// The analysis's sequential evidence so far, per series: the error ratio and latency checks
+    /// fail on it alone (a series without any yet cannot fail). `None` judges them on the
+    /// window's significance instead, as the other checks are: what the windowed statistics'
+    /// own tests look at.
+    pub sequential: Option<&'a crate::judge::sequential::EvidenceBySeries>,
 }
 
 impl Windows<'_> {

@@ -165,6 +165,7 @@ fn growth(
         let new = counts.x.1 == 0.0 && counts.x.0 > 0.0;
         let against = format!("{feature}: {rate_c:.4} per request against the stable's {rate_r:.4}");
         Tested {
+            sequential: None,
             significance: counts.growth(),
             effect: if rate_r > 0.0 {
                 rate_c / rate_r
@@ -242,6 +243,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
             format!("calls per request to {downstream}: {cpr_c:.3} against the stable's {cpr_r:.3}")
         };
         Tested {
+            sequential: None,
             significance,
             effect,
             effect_ok: (cpr_c - cpr_r).abs() >= g.min_change
@@ -308,6 +310,7 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
         let effect = per_c / per_r;
         let finding = format!("{name}: {per_c:.4} per request against the stable's {per_r:.4}");
         Tested {
+            sequential: None,
             significance: counts.change().0,
             effect,
             effect_ok: effect >= m.min_ratio || effect <= 1.0 / m.min_ratio,

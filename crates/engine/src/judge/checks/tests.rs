@@ -209,6 +209,7 @@ mod decision {
             canary,
             stable,
             dispersion: &dispersion,
+            sequential: None,
         };
         let mut provisional = Vec::new();
         evaluate(model, &w, &Thresholds::provisional(), &mut provisional);
