@@ -26,6 +26,7 @@ use serde::{Serialize, Serializer};
 
 use super::model::{Decision, Model};
 use super::stats::z_of;
+use statrs::distribution::{ChiSquared, ContinuousCDF};
 use crate::window::{Aggregate, RequestAggregate};
 
 pub use baseline::baseline_checks;
@@ -701,18 +702,36 @@ impl Dispersion {
 /// One part's (count, exposure) by key.
 type PartCounts = BTreeMap<String, (f64, f64)>;
 
-/// Pearson's dispersion statistic over (count, exposure) pairs, at least 1.
+/// The dispersion of a count seen in only one part: nothing has measured it yet, so it is taken
+/// as strongly clustered (as a second part with an ordinary spread would make it at this
+/// confidence) until more parts say otherwise.
+const UNMEASURED_DISPERSION: f64 = 100.0;
+
+/// Pearson's dispersion statistic over (count, exposure) pairs, at its one-sided 90% upper
+/// confidence bound (times its degrees of freedom over chi-square's 10% quantile), at least 1.
+/// Measured on a few parts the statistic is noisy, and a rate test that took a low draw of it
+/// for the truth would find differences in noise: with many operations calling a downstream
+/// different numbers of times, the canary's calls per request move with its mix far more than
+/// Poisson counts do, and every look of every horizon is another chance.
 fn quasi_poisson_factor(pairs: &[(f64, f64)]) -> f64 {
     let (sx, sn): (f64, f64) = pairs.iter().fold((0.0, 0.0), |(a, b), (x, n)| (a + x, b + n));
-    if pairs.len() < 2 || sx <= 0.0 || sn <= 0.0 {
+    if sx <= 0.0 || sn <= 0.0 {
         return 1.0;
+    }
+    if pairs.len() < 2 {
+        return UNMEASURED_DISPERSION;
     }
     let rate = sx / sn;
     let chi: f64 = pairs
         .iter()
         .map(|(x, n)| (x - rate * n).powi(2) / (rate * n))
         .sum();
-    (chi / (pairs.len() - 1) as f64).max(1.0)
+    let df = (pairs.len() - 1) as f64;
+    let low = ChiSquared::new(df).map_or(0.0, |c| c.inverse_cdf(0.1));
+    if low <= 0.0 {
+        return UNMEASURED_DISPERSION;
+    }
+    (chi / low).max(1.0)
 }
 
 /// The p-value each check must go below at one look: the false-alarm budget per hour, split over
