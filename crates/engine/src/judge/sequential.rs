@@ -16,9 +16,10 @@
 //! later carries it, at a smaller weight), which is still a test supermartingale; by Ville's
 //! inequality it ever reaches `1 / alpha` with chance at most `alpha`.
 //!
-//! A failure must also not rest on one second: the evidence without the step that helped each
-//! process most must still reach the threshold (a single slow batch or burst never fails a canary
-//! on its own). Dropping evidence only makes the test more cautious, so this keeps its guarantee.
+//! A failure must also not rest on one second: each second's step is capped at half of what the
+//! check needs (in log terms), so a single slow batch or burst never fails a canary on its own.
+//! A likelihood ratio cut from above still has expectation at most 1, so the cap keeps the
+//! guarantee; steady evidence (an error or two a second) is never near it.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -53,7 +54,6 @@ struct Start {
     /// Its place among all starts of the series, from 0: its weight is `6 / (pi^2 (index + 1)^2)`.
     index: u64,
     log_wealth: [f64; RATIOS.len()],
-    best_step: [f64; RATIOS.len()],
 }
 
 impl Start {
@@ -61,7 +61,6 @@ impl Start {
         Start {
             index,
             log_wealth: [0.0; RATIOS.len()],
-            best_step: [0.0; RATIOS.len()],
         }
     }
 
@@ -96,9 +95,8 @@ pub struct EProcess {
 
 impl EProcess {
     /// Takes one second at `at`: the canary's `x_c` events over `n_c` exposure (requests), the
-    /// stable's `x_s` over `n_s`. `tempering` (1 or more) divides each step, for counts that
-    /// cluster more than Poisson counts do.
-    pub fn observe(&mut self, at: EventTime, (x_c, n_c): (f64, f64), (x_s, n_s): (f64, f64), tempering: f64) {
+    /// stable's `x_s` over `n_s`. No step adds more than `cap` to any process's log wealth.
+    pub fn observe(&mut self, at: EventTime, (x_c, n_c): (f64, f64), (x_s, n_s): (f64, f64), cap: f64) {
         if self.first.is_none() {
             let first = Start::new(0);
             self.started_weight = first.weight();
@@ -123,28 +121,36 @@ impl EProcess {
         }
         self.seconds += 1;
         let share = n_c / (n_c + n_s);
-        let tempering = tempering.max(1.0);
         let mut steps = [0.0; RATIOS.len()];
         for (step, r) in steps.iter_mut().zip(RATIOS) {
             let shifted = r * n_c / (r * n_c + n_s);
-            *step = (x_c * (shifted / share).ln() + x_s * ((1.0 - shifted) / (1.0 - share)).ln()) / tempering;
+            *step = (x_c * (shifted / share).ln() + x_s * ((1.0 - shifted) / (1.0 - share)).ln()).min(cap);
         }
         for start in self.first.iter_mut().chain(self.later.iter_mut()) {
-            for (k, step) in steps.iter().enumerate() {
-                start.log_wealth[k] += step;
-                start.best_step[k] = start.best_step[k].max(*step);
+            for (wealth, step) in start.log_wealth.iter_mut().zip(steps) {
+                *wealth += step;
             }
         }
     }
 
     /// The evidence against "the canary is no worse", as an e-value (1 is none).
     pub fn e_value(&self) -> f64 {
-        self.mixture(false)
-    }
-
-    /// The same without the one step that helped each process most.
-    pub fn robust_e_value(&self) -> f64 {
-        self.mixture(true)
+        let terms: Vec<f64> = self
+            .first
+            .iter()
+            .chain(self.later.iter())
+            .flat_map(|s| {
+                let w = s.log_weight();
+                s.log_wealth.iter().map(move |l| w + l)
+            })
+            .collect();
+        let Some(top) = terms.iter().copied().reduce(f64::max) else {
+            return 1.0;
+        };
+        // Processes not started yet hold their weight at wealth 1 (so the mixture reads 1 before
+        // any evidence); those dropped count as 0, which only lowers it.
+        let sum: f64 = terms.iter().map(|t| (t - top).exp()).sum();
+        (top.exp() * sum + (1.0 - self.started_weight).max(0.0)).min(f64::MAX)
     }
 
     /// Seconds that carried any event.
@@ -156,34 +162,12 @@ impl EProcess {
     pub fn canary_requests(&self) -> u64 {
         self.canary_requests as u64
     }
-
-    fn mixture(&self, robust: bool) -> f64 {
-        let terms: Vec<f64> = self
-            .first
-            .iter()
-            .chain(self.later.iter())
-            .flat_map(|s| {
-                let w = s.log_weight();
-                (0..RATIOS.len())
-                    .map(move |k| w + s.log_wealth[k] - if robust { s.best_step[k].max(0.0) } else { 0.0 })
-            })
-            .collect();
-        let Some(top) = terms.iter().copied().reduce(f64::max) else {
-            return 1.0;
-        };
-        // Processes not started yet hold their weight at wealth 1; those dropped count as 0,
-        // which only lowers the mixture. Without the first, it would read below 1 before any
-        // evidence.
-        let sum: f64 = terms.iter().map(|t| (t - top).exp()).sum();
-        (top.exp() * sum + (1.0 - self.started_weight).max(0.0)).min(f64::MAX)
-    }
 }
 
 /// What a check reports of its sequential evidence.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Evidence {
     pub e_value: f64,
-    pub robust_e_value: f64,
     /// The e-value the check needs to fail: one over its share of the false-failure budget.
     pub needed: f64,
     pub seconds: u64,
@@ -197,7 +181,6 @@ impl Default for Evidence {
     fn default() -> Self {
         Evidence {
             e_value: 1.0,
-            robust_e_value: 1.0,
             needed: f64::INFINITY,
             seconds: 0,
             canary_requests: 0,
@@ -207,7 +190,7 @@ impl Default for Evidence {
 
 impl Evidence {
     pub fn significant(&self) -> bool {
-        self.robust_e_value >= self.needed
+        self.e_value >= self.needed
     }
 }
 
@@ -275,11 +258,12 @@ impl Sequential {
                 && (op.is_none() || e.per_operation)
             {
                 let series = (Group::Errors, feature("error_ratio".into()), Test::FisherExact);
+                let cap = self.step_cap(model, &series);
                 self.by_series.entry(series).or_default().observe(
                     at,
                     (can_r.errors as f64, can_r.requests as f64),
                     (st_r.errors as f64, st_r.requests as f64),
-                    1.0,
+                    cap,
                 );
             }
             if let (Some(l), Some(reference)) = (&c.latency, &reference)
@@ -303,11 +287,12 @@ impl Sequential {
                         feature(format!("latency_p{pct}_ms")),
                         Test::Exceedance,
                     );
+                    let cap = self.step_cap(model, &series);
                     self.by_series.entry(series).or_default().observe(
                         at,
                         (above(can_r), can_r.requests as f64),
                         (above(st_r), st_r.requests as f64),
-                        1.0,
+                        cap,
                     );
                 }
             }
@@ -321,7 +306,6 @@ impl Sequential {
             .map(|(series, process)| {
                 let evidence = Evidence {
                     e_value: process.e_value(),
-                    robust_e_value: process.robust_e_value(),
                     needed: 1.0 / self.alpha(model, series),
                     seconds: process.seconds(),
                     canary_requests: process.canary_requests(),
@@ -329,6 +313,11 @@ impl Sequential {
                 (series.clone(), evidence)
             })
             .collect()
+    }
+
+    /// The most one second may add to `series`' log evidence: half of what it needs to fail.
+    fn step_cap(&self, model: &Model, series: &Series) -> f64 {
+        (1.0 / self.alpha(model, series)).ln() / 2.0
     }
 
     /// `series`' share of the model's false-failure budget: split over the sequential groups by
@@ -402,11 +391,12 @@ mod tests {
                 let p = 0.02 * load;
                 let x_c = binomial(&mut rng, n_c, p);
                 let x_s = binomial(&mut rng, n_s, p);
+                // Uncapped: the cap only ever lowers the evidence.
                 e.observe(
                     second * SECOND,
                     (x_c as f64, n_c as f64),
                     (x_s as f64, n_s as f64),
-                    1.0,
+                    f64::INFINITY,
                 );
                 ever |= e.e_value() >= 1.0 / alpha;
             }
@@ -423,7 +413,7 @@ mod tests {
     fn a_canary_failing_five_times_as_often_is_caught_quickly_even_after_a_long_healthy_start() {
         let mut rng = Rng::new(7);
         let mut e = EProcess::default();
-        let needed = 1_000.0;
+        let needed: f64 = 1_000.0;
         let mut caught = None;
         for second in 0..1_800u64 {
             let bad = second >= 1_200;
@@ -434,9 +424,9 @@ mod tests {
                 second * SECOND,
                 (x_c as f64, n_c as f64),
                 (x_s as f64, n_s as f64),
-                1.0,
+                needed.ln() / 2.0,
             );
-            if e.robust_e_value() >= needed {
+            if e.e_value() >= needed {
                 caught = Some(second);
                 break;
             }
@@ -447,20 +437,28 @@ mod tests {
 
     #[test]
     fn one_burst_alone_is_not_enough() {
+        let needed: f64 = 1_000.0;
+        let cap = needed.ln() / 2.0;
         let mut e = EProcess::default();
         for second in 0..=60u64 {
             let x_c = if second == 60 { 10.0 } else { 0.0 };
-            e.observe(second * SECOND, (x_c, 10.0), (1.0, 90.0), 1.0);
+            e.observe(second * SECOND, (x_c, 10.0), (1.0, 90.0), cap);
         }
+        assert!(e.e_value() > 1.0, "the burst is evidence: {}", e.e_value());
         assert!(
-            e.e_value() > 1_000.0,
-            "the burst is strong evidence: {}",
+            e.e_value() < needed,
+            "but one second cannot decide: {}",
             e.e_value()
         );
+        let mut uncapped = EProcess::default();
+        for second in 0..=60u64 {
+            let x_c = if second == 60 { 10.0 } else { 0.0 };
+            uncapped.observe(second * SECOND, (x_c, 10.0), (1.0, 90.0), f64::INFINITY);
+        }
         assert!(
-            e.robust_e_value() < 20.0,
-            "but it is one second: {}",
-            e.robust_e_value()
+            uncapped.e_value() > needed,
+            "uncapped it would: {}",
+            uncapped.e_value()
         );
     }
 
@@ -468,7 +466,7 @@ mod tests {
     fn no_events_is_no_evidence() {
         let mut e = EProcess::default();
         for second in 0..100u64 {
-            e.observe(second * SECOND, (0.0, 10.0), (0.0, 90.0), 1.0);
+            e.observe(second * SECOND, (0.0, 10.0), (0.0, 90.0), f64::INFINITY);
         }
         assert!((e.e_value() - 1.0).abs() < 1e-9, "{}", e.e_value());
         assert_eq!(e.seconds(), 0);

@@ -26,8 +26,8 @@ use serde::{Serialize, Serializer};
 
 use super::model::{Decision, Model};
 use super::stats::z_of;
-use statrs::distribution::{ChiSquared, ContinuousCDF};
 use crate::window::{Aggregate, RequestAggregate};
+use statrs::distribution::{ChiSquared, ContinuousCDF};
 
 pub use baseline::baseline_checks;
 
@@ -512,7 +512,7 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
                 Some(s) => format!(
                     "{}; sequential evidence {} over {} s, {} needed",
                     t.failing,
-                    e_value(s.robust_e_value),
+                    e_value(s.e_value),
                     s.seconds,
                     e_value(s.needed)
                 ),
