@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use canaryd_engine::anomaly::AnomalyRules;
-use canaryd_engine::baseline::BaselineConfig;
+use canaryd_engine::baseline::{BaselineConfig, RangeConfig};
 use canaryd_engine::window::WindowConfig;
 use canaryd_engine::{EngineConfig, Limits};
 
@@ -221,12 +221,22 @@ settings! {
     max_clock_skew_secs: u64,
     /// Length of the evaluation windows baselines learn from, in seconds [default: 60]
     window_secs: u64,
-    /// Half-life of the baselines' EWMAs, in seconds of event time [default: 1800]
+    /// Half-life of the baselines' EWMAs, in seconds of event time [default: 7200]
     baseline_half_life_secs: u64,
     /// Half-life of seasonal memory, in weeks [default: 2]
     seasonal_half_life_weeks: f64,
     /// Windows a baseline must learn before it scores [default: 10]
     baseline_min_samples: u64,
+    /// Half-width (0-10) of a third band, the long-memory range of values a series has shown, as a share of the range's width; 0 leaves it out [default: 0]
+    baseline_range_width: f64,
+    /// Band half-widths (1-100) a window must lie outside its baseline to count towards an anomaly [default: 3]
+    anomaly_detect_score: f64,
+    /// Windows in a row (1-60) at anomaly_detect_score that open an anomaly [default: 2]
+    anomaly_detect_windows: u32,
+    /// Windows in a row (1-1000) back within one band half-width that close an anomaly [default: 8]
+    anomaly_resolve_windows: u32,
+    /// Seconds (0-2592000) of event time over which a series' largest recent deviation halves; while it is large, a smaller deviation opens no new anomaly; 0 turns this novelty gate off [default: 0]
+    anomaly_novelty_half_life_secs: u64,
     /// Seconds between flushes of state to disk; at most this much learning is lost to a crash [default: 10]
     flush_interval_secs: u64,
     /// sled's cache, in MiB [default: 64]
@@ -589,9 +599,37 @@ impl Config {
                 set(raw.baseline_min_samples, "baseline_min_samples")?,
                 1..=1_000_000,
             )?,
-            // The range band flags any value beyond what a series has shown: growth in a young
-            // app's traffic would alarm for days. NAB uses it (canaryd-lab); the daemon does not.
-            range: None,
+            range: RangeConfig::of_width(within(
+                "baseline_range_width",
+                set(raw.baseline_range_width, "baseline_range_width")?,
+                0.0..=10.0,
+            )?),
+        };
+        let anomaly = AnomalyRules {
+            detect_score: within(
+                "anomaly_detect_score",
+                set(raw.anomaly_detect_score, "anomaly_detect_score")?,
+                1.0..=100.0,
+            )?,
+            detect_windows: within(
+                "anomaly_detect_windows",
+                set(raw.anomaly_detect_windows, "anomaly_detect_windows")?,
+                1..=60,
+            )?,
+            resolve_windows: within(
+                "anomaly_resolve_windows",
+                set(raw.anomaly_resolve_windows, "anomaly_resolve_windows")?,
+                1..=1_000,
+            )?,
+            novelty_half_life_ns: within(
+                "anomaly_novelty_half_life_secs",
+                set(
+                    raw.anomaly_novelty_half_life_secs,
+                    "anomaly_novelty_half_life_secs",
+                )?,
+                0..=30 * 86_400,
+            )? * NS,
+            ..AnomalyRules::default()
         };
         let models_dir = set(raw.models_dir, "models_dir")?;
         let models = crate::models::load(&models_dir)?;
@@ -640,7 +678,7 @@ impl Config {
                 limits,
                 windows,
                 baseline,
-                anomaly: AnomalyRules::default(),
+                anomaly,
                 models,
             },
             flush_interval: Duration::from_secs(within(
@@ -941,6 +979,7 @@ mod tests {
         assert_eq!(config.engine.limits, engine.limits);
         assert_eq!(config.engine.windows, engine.windows);
         assert_eq!(config.engine.baseline, engine.baseline);
+        assert_eq!(config.engine.anomaly, engine.anomaly);
         assert_eq!(config.normalize, NormalizeOptions::default());
         assert_eq!(config.delivery, DeliveryConfig::default());
     }

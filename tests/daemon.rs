@@ -1566,15 +1566,16 @@ async fn an_error_jump_emits_an_anomaly_event_and_its_resolution() {
     );
 }
 
-/// Sends an hour of steady traffic, a 13-minute error jump and a recovery: enough for an anomaly
-/// to open and close on `error_ratio` (and maybe on other features).
+/// Sends a quarter of an hour of steady traffic, a 3-minute error jump and 13 minutes of
+/// recovery: enough for an anomaly to open and, after `anomaly_resolve_windows` quiet windows, to
+/// close on `error_ratio` (and maybe on other features), with windows to spare.
 async fn drive_an_anomaly(daemon: &TestDaemon) {
     let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
         .await
         .expect("connect");
     let (steady, fault_start) = testdata::app_traffic(EPOCH_NS, 15, 0.01);
     let (fault, recovery_start) = testdata::app_traffic(fault_start, 3, 0.5);
-    let (recovery, _) = testdata::app_traffic(recovery_start, 8, 0.01);
+    let (recovery, _) = testdata::app_traffic(recovery_start, 13, 0.01);
     for request in steady.into_iter().chain(fault).chain(recovery) {
         client.export(request).await.expect("export");
     }

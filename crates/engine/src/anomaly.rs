@@ -33,11 +33,6 @@ pub struct AnomalyRules {
     /// See `novelty_half_life_ns`: how large, against the recent peak, a new deviation must be.
     #[serde(default)]
     pub novelty_ratio: f64,
-    /// Half-life, in event time, of the count of recent onsets (`AnomalyState::recurrence`); 0
-    /// turns the count off. An onset in a series that has opened many anomalies lately says less
-    /// than the first one in weeks: the count lets a consumer rank it lower.
-    #[serde(default)]
-    pub recurrence_half_life_ns: u64,
 }
 
 impl Default for AnomalyRules {
@@ -47,11 +42,10 @@ impl Default for AnomalyRules {
             detect_windows: 2,
             gross_score: 10.0,
             resolve_score: 1.0,
-            resolve_windows: 3,
+            resolve_windows: 8,
             min_support: 20,
             novelty_half_life_ns: 0,
-            novelty_ratio: 0.0,
-            recurrence_half_life_ns: 0,
+            novelty_ratio: 0.7,
         }
     }
 }
@@ -65,23 +59,13 @@ pub struct AnomalyState {
     /// When the current anomaly was detected (event time of its deciding window's end).
     pub since: EventTime,
     /// The largest recent score, decayed with `novelty_half_life_ns` since `peak_time` (see
-    /// `AnomalyRules::novelty_half_life_ns`). Not persisted: the daemon stores baselines in
-    /// postcard, which is not self-describing, so a new field would make every stored baseline
-    /// unreadable. A restart forgets the peak, which at worst lets one more anomaly open.
+    /// `AnomalyRules::novelty_half_life_ns`). Not persisted (the store's baseline record keeps
+    /// the anomaly's state, not this memory): a restart forgets the peak, which at worst lets one
+    /// more anomaly open.
     #[serde(skip)]
     pub peak: f64,
     #[serde(skip)]
     pub peak_time: EventTime,
-    /// At the latest onset: how many anomalies opened before it, decayed with
-    /// `AnomalyRules::recurrence_half_life_ns` (0 with the count off, or for a first onset). Not
-    /// persisted, as `peak`: a restart forgets the count, which at worst ranks one onset higher.
-    #[serde(skip)]
-    pub recurrence: f64,
-    /// The decayed count of onsets, as of `onset_time`.
-    #[serde(skip)]
-    pub onsets: f64,
-    #[serde(skip)]
-    pub onset_time: EventTime,
 }
 
 /// A change of anomaly state.
@@ -129,31 +113,16 @@ impl AnomalyState {
                 0
             };
             if novel && (self.streak >= rules.detect_windows || score >= rules.gross_score) {
-                let recurrence = self.count_onset(time, rules);
                 *self = AnomalyState {
                     active: true,
                     streak: 0,
                     since: time,
-                    recurrence,
                     ..*self
                 };
                 return Some(Transition::Detected);
             }
         }
         None
-    }
-
-    /// Counts an onset at `time`; returns the decayed count of the earlier ones (0 with the count
-    /// off).
-    fn count_onset(&mut self, time: EventTime, rules: &AnomalyRules) -> f64 {
-        if rules.recurrence_half_life_ns == 0 {
-            return 0.0;
-        }
-        let elapsed = time.saturating_sub(self.onset_time) as f64;
-        let earlier = self.onsets * 0.5f64.powf(elapsed / rules.recurrence_half_life_ns as f64);
-        self.onsets = earlier + 1.0;
-        self.onset_time = self.onset_time.max(time);
-        earlier
     }
 
     /// Whether `score` is novel against the recent peak (always, with gating off); then learns it
@@ -203,17 +172,13 @@ mod tests {
 
     #[test]
     fn a_sustained_deviation_opens_and_a_sustained_return_resolves() {
-        let windows = [
-            (4.0, 100),
-            (4.0, 100),
-            (2.0, 100),
-            (0.2, 100),
-            (0.2, 100),
-            (0.2, 100),
-        ];
+        let quiet = AnomalyRules::default().resolve_windows as usize;
+        let mut windows = vec![(4.0, 100), (4.0, 100), (2.0, 100), (0.5, 100), (2.0, 100)];
+        windows.extend(std::iter::repeat_n((0.2, 100), quiet));
         assert_eq!(
             check(&windows),
-            vec![(1, Transition::Detected), (5, Transition::Resolved)]
+            vec![(1, Transition::Detected), (4 + quiet, Transition::Resolved)],
+            "a window at 2 half-widths breaks the quiet streak; {quiet} quiet ones resolve"
         );
     }
 
@@ -301,54 +266,6 @@ mod tests {
         assert!(state.novel(f64::MAX, 0, &rules));
         assert!(!state.novel(f64::MAX / 1e3, 1, &rules), "far below a huge peak");
         assert!(state.peak.is_finite());
-    }
-
-    #[test]
-    fn onsets_count_the_recent_earlier_ones() {
-        let rules = AnomalyRules {
-            recurrence_half_life_ns: 3_600 * 1_000_000_000,
-            ..gated()
-        };
-        let hour = 60;
-        let mut scores = vec![0.0; 400];
-        for i in [10, 20, 30, 10 + 2 * hour, 10 + 6 * hour] {
-            scores[i] = 50.0;
-        }
-        let mut state = AnomalyState::default();
-        let mut recurrences = Vec::new();
-        for (i, score) in scores.iter().enumerate() {
-            let time = i as u64 * 60 * 1_000_000_000;
-            if state.update(Score::Scored(*score), 100, time, &rules) == Some(Transition::Detected) {
-                recurrences.push((i, state.recurrence));
-            }
-        }
-        let onsets_at: Vec<usize> = recurrences.iter().map(|(i, _)| *i).collect();
-        assert_eq!(onsets_at, [10, 20, 30, 10 + 2 * hour, 10 + 6 * hour]);
-        // Each onset sees the earlier ones, each decayed by its age in hours.
-        let mut onsets = 0.0f64;
-        let mut last = 0usize;
-        for (i, got) in &recurrences {
-            onsets *= 0.5f64.powf((i - last) as f64 / 60.0);
-            assert!((got - onsets).abs() < 1e-9, "onset {i}: {got} against {onsets}");
-            onsets += 1.0;
-            last = *i;
-        }
-        assert_eq!(recurrences[0].1, 0.0, "a first onset has none before it");
-        assert!(
-            recurrences[2].1 > 1.5,
-            "the third in twenty minutes: {}",
-            recurrences[2].1
-        );
-        // With the count off, as by default, every onset is a first.
-        let mut state = AnomalyState::default();
-        let plain = AnomalyRules {
-            recurrence_half_life_ns: 0,
-            ..rules
-        };
-        for (i, score) in scores.iter().enumerate() {
-            state.update(Score::Scored(*score), 100, i as u64 * 60 * 1_000_000_000, &plain);
-            assert_eq!(state.recurrence, 0.0);
-        }
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! rise needs at least `MIN_EVENTS` events. A band learned over busy minutes is narrow; one failed
 //! request among thirty at night lies far outside it as a ratio, and is entirely ordinary as a count.
 //!
-//! Optionally (`BaselineConfig::range`, off by default) a third band: the range of values
+//! A third band (`BaselineConfig::range`, `None` leaves it out): the range of values
 //! seen, with a long memory. The level band follows a slow drift and the seasonal band needs a week
 //! of history; neither notices a value that creeps, or steps, beyond anything the series has shown
 //! in weeks. The range's extremes relax towards the level with `RangeConfig::half_life_ns` and
@@ -75,8 +75,7 @@ pub struct BaselineConfig {
     pub seasonal_half_life_weeks: f64,
     /// Windows a baseline must have learned before it scores.
     pub min_samples: u64,
-    /// The long-memory range of values seen, as a third band; `None` (the daemon's default) leaves
-    /// it out.
+    /// The long-memory range of values seen, as a third band; `None` leaves it out.
     #[serde(default)]
     pub range: Option<RangeConfig>,
 }
@@ -84,7 +83,7 @@ pub struct BaselineConfig {
 impl Default for BaselineConfig {
     fn default() -> Self {
         BaselineConfig {
-            half_life_ns: 30 * 60 * NS_PER_SEC,
+            half_life_ns: 2 * HOUR_NS,
             seasonal_half_life_weeks: 2.0,
             min_samples: 10,
             range: None,
@@ -103,12 +102,34 @@ pub struct RangeConfig {
     pub learning: f64,
 }
 
+impl RangeConfig {
+    /// How fast the extremes relax towards the level: 45 days of event time.
+    pub const HALF_LIFE_NS: u64 = 45 * 24 * HOUR_NS;
+    /// A new extreme is followed a fifth of the way.
+    pub const LEARNING: f64 = 0.2;
+    /// How long a range learns before it judges (see `Range::judges`): a day of event time.
+    pub const MATURITY_NS: u64 = 24 * HOUR_NS;
+
+    /// The range band of half-width `width` (a share of the range's width), with the extremes'
+    /// memory above; `None` for a width of 0, which leaves the band out (the
+    /// `baseline_range_width` setting).
+    pub fn of_width(width: f64) -> Option<RangeConfig> {
+        (width > 0.0).then_some(RangeConfig {
+            width,
+            half_life_ns: RangeConfig::HALF_LIFE_NS,
+            learning: RangeConfig::LEARNING,
+        })
+    }
+}
+
 /// The smallest and largest values seen, relaxed towards the level with age.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Range {
     pub lo: f64,
     pub hi: f64,
     pub samples: u64,
+    /// Event time of the first value learned.
+    pub since: EventTime,
 }
 
 impl Range {
@@ -132,13 +153,22 @@ impl Range {
         }
     }
 
-    /// Learns `x`, `elapsed_ns` after the previous value, with `level` the EWMA level before it.
-    fn update(&mut self, x: f64, elapsed_ns: u64, level: f64, config: &RangeConfig) {
+    /// Whether the range has seen enough to judge by at `now`: `min_samples` values over at least
+    /// `RangeConfig::MATURITY_NS`. A range younger than a day has not seen a daily cycle's
+    /// extremes, and the cycle's next high would lie beyond it.
+    fn judges(&self, now: EventTime, min_samples: u64) -> bool {
+        self.samples >= min_samples && now.saturating_sub(self.since) >= RangeConfig::MATURITY_NS
+    }
+
+    /// Learns `x` at `now`, `elapsed_ns` after the previous value, with `level` the EWMA level
+    /// before it.
+    fn update(&mut self, x: f64, now: EventTime, elapsed_ns: u64, level: f64, config: &RangeConfig) {
         if self.samples == 0 {
             *self = Range {
                 lo: x,
                 hi: x,
                 samples: 1,
+                since: now,
             };
             return;
         }
@@ -407,7 +437,7 @@ impl Baseline {
         let score = if self.ewma.samples < config.min_samples {
             Score::InsufficientData
         } else {
-            let range = range.filter(|_| self.range.samples >= config.min_samples);
+            let range = range.filter(|_| self.range.judges(time, config.min_samples));
             Score::Scored(self.score_counted(x, counts, range))
         };
 
@@ -423,7 +453,7 @@ impl Baseline {
         }
         if let Some(range) = range {
             let elapsed = time.saturating_sub(self.ewma.last_time);
-            self.range.update(x, elapsed, self.ewma.mean, range);
+            self.range.update(x, time, elapsed, self.ewma.mean, range);
         }
         self.ewma.update(x, time, config.half_life_ns, weight);
         self.last_value = Some(x);
@@ -626,6 +656,7 @@ mod tests {
     fn creep(range: &RangeConfig) -> (f64, f64, Baseline) {
         let config = BaselineConfig {
             half_life_ns: 6 * 60 * MINUTE,
+            range: None,
             ..BaselineConfig::default()
         };
         let mut rng = Rng::new(5);
@@ -696,14 +727,52 @@ mod tests {
         );
     }
 
+    /// A daily cycle's first day: each hour climbs beyond the range the hours before it showed.
+    /// A range that has not seen a day judges nothing, so the range adds no score to the level's
+    /// and the seasonal bands'; from the second day on it does judge.
+    #[test]
+    fn a_range_younger_than_a_day_judges_nothing() {
+        let plain_config = BaselineConfig {
+            range: None,
+            ..BaselineConfig::default()
+        };
+        let config = BaselineConfig {
+            range: Some(range_config()),
+            ..plain_config.clone()
+        };
+        let (mut plain, mut ranged) = (Baseline::default(), Baseline::default());
+        let (mut store, mut ranged_store) = (MemorySlotStore::default(), MemorySlotStore::default());
+        let mut rng = Rng::new(11);
+        let minutes = 2 * 24 * 60;
+        let mut differed_on_day = [0u32; 2];
+        for i in 0..minutes {
+            let phase = i as f64 / (24.0 * 60.0) * std::f64::consts::TAU;
+            let x = 100.0 - 60.0 * phase.cos() + (rng.unit() - 0.5) * 4.0;
+            let time = MONDAY + i as u64 * MINUTE;
+            let a = plain.observe("s", x, time, &plain_config, &mut store);
+            let b = ranged.observe("s", x, time, &config, &mut ranged_store);
+            if a != b {
+                differed_on_day[(i / (24 * 60)) as usize] += 1;
+            }
+        }
+        assert_eq!(differed_on_day[0], 0, "the first day is judged without the range");
+        assert!(ranged.range.samples > 24 * 60, "the range learned all along");
+        assert!(
+            ranged
+                .range
+                .judges(MONDAY + minutes as u64 * MINUTE, config.min_samples),
+            "a range that has seen a day judges"
+        );
+    }
+
     #[test]
     fn the_range_relaxes_towards_the_level() {
         let mut range = Range::default();
         let config = range_config();
-        range.update(100.0, 0, 100.0, &config);
-        range.update(200.0, 0, 100.0, &config);
+        range.update(100.0, 0, 0, 100.0, &config);
+        range.update(200.0, 0, 0, 100.0, &config);
         assert_eq!((range.lo, range.hi), (100.0, 120.0), "a fifth of the way");
-        range.update(100.0, config.half_life_ns, 100.0, &config);
+        range.update(100.0, config.half_life_ns, config.half_life_ns, 100.0, &config);
         assert_eq!(
             (range.lo, range.hi),
             (100.0, 110.0),

@@ -35,13 +35,18 @@ enum Command {
         /// The history file (.csv or .parquet).
         file: PathBuf,
     },
-    /// Run canaryd's baseline engine over the Numenta Anomaly Benchmark: every
-    /// <category>/<name>.csv under --data, scored to <out>/<category>/<name>.csv for NAB's scorer.
+    /// Run canaryd's baseline engine, with the daemon's settings, over the Numenta Anomaly
+    /// Benchmark: every <category>/<name>.csv under --data, scored to <out>/<category>/<name>.csv
+    /// for NAB's scorer.
     Nab {
         #[arg(long)]
         data: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// A daemon config file whose baseline and anomaly settings to run instead of the
+        /// defaults (`CANARYD_*` variables win over it, as in the daemon).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -97,8 +102,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Nab { data, out } => {
-            let results = nab::run(&data, &out)?;
+        Command::Nab { data, out, config } => {
+            let env = std::env::vars().collect();
+            let settings = settings::read(config.as_deref(), &env)?;
+            let results = nab::run(&data, &out, &settings.engine)?;
             let rows: usize = results.iter().sum();
             println!(
                 "scored {} files ({rows} rows) into {}",

@@ -167,7 +167,7 @@ impl TryFrom<&Baseline> for BaselineRecord {
     type Error = ConvertError;
 
     /// What a restart keeps of a baseline: not its long-memory range (`Baseline::range`) nor the
-    /// anomaly state's novelty and recurrence memory, which format 1 did not keep either.
+    /// anomaly state's novelty memory, which format 1 did not keep either.
     fn try_from(baseline: &Baseline) -> Result<Self, ConvertError> {
         let ewma = &baseline.ewma;
         Ok(BaselineRecord {
@@ -228,7 +228,8 @@ impl TryFrom<&BaselineRecord> for Baseline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use canaryd_engine::baseline::{BaselineConfig, MemorySlotStore};
+    use crate::tests::persisted_config;
+    use canaryd_engine::baseline::MemorySlotStore;
 
     /// A baseline that has learned two hours of a daily pattern, with an anomaly open.
     fn learned() -> Baseline {
@@ -244,7 +245,7 @@ mod tests {
                 "s",
                 value,
                 1_767_571_200_000_000_000 + minute * 60_000_000_000,
-                &BaselineConfig::default(),
+                &persisted_config(),
                 &mut slots,
             );
         }

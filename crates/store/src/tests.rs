@@ -4,6 +4,15 @@ use canaryd_engine::baseline::BaselineConfig;
 use canaryd_engine::features::{Feature, FeatureKey};
 use serde::Deserialize;
 
+/// The engine's baseline settings without the range band, whose long memory a restart does not
+/// keep (`BaselineRecord`): what these baselines learn, the store gives back whole.
+pub(crate) fn persisted_config() -> BaselineConfig {
+    BaselineConfig {
+        range: None,
+        ..BaselineConfig::default()
+    }
+}
+
 /// The daemon's records, reduced to what the store's rules look at.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct TestEvent {
@@ -114,7 +123,7 @@ fn learn(id: &BaselineId, value: f64, slots: &mut SledSlots) -> Baseline {
         &id.series_name(),
         value,
         1_767_571_200_000_000_000,
-        &BaselineConfig::default(),
+        &persisted_config(),
         slots,
     );
     baseline.save_slot(&id.series_name(), slots);
@@ -355,7 +364,7 @@ fn state_survives_a_reopen() {
                 "s",
                 i as f64,
                 1_767_571_200_000_000_000 + i * 60_000_000_000,
-                &BaselineConfig::default(),
+                &persisted_config(),
                 &mut slots,
             );
         }
@@ -590,7 +599,7 @@ fn a_format_1_data_dir_is_migrated_and_the_app_and_a_version_star_each_get_their
         "s",
         3.0,
         1_767_571_200_000_000_000,
-        &BaselineConfig::default(),
+        &persisted_config(),
         &mut memory,
     );
     let star = key(v1::ScopeRecord::Version("*".into()));
@@ -656,7 +665,7 @@ fn a_migration_that_stopped_half_way_starts_again_from_format_1() {
         "s",
         3.0,
         1_767_571_200_000_000_000,
-        &BaselineConfig::default(),
+        &persisted_config(),
         &mut memory,
     );
     write_v1(dir.path(), &[(key, baseline.clone())]);
