@@ -1,4 +1,4 @@
-//! The command line: `canaryd serve` and its flags.
+//! The command line: `canaryd serve` and its flags, and `canaryd healthcheck`.
 //!
 //! Each setting's flag comes from `config::RawConfig`, so the flags, the TOML keys and the
 //! `CANARYD_*` variables cannot drift apart.
@@ -20,10 +20,26 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start-up: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: OTLP receivers, engine and HTTP API.
     Serve(ServeArgs),
+    /// Ask a running daemon's /healthz whether it is alive: exit 0 if it answers 2xx, 1 if not
+    /// (a container's HEALTHCHECK).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The daemon's HTTP address, HOST:PORT; by default its http_addr setting from
+    /// CANARYD_HTTP_ADDR, else 127.0.0.1:8080 (0.0.0.0 and :: are asked over loopback)
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Seconds to wait for the answer
+    #[arg(long, default_value_t = 3)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -43,7 +59,9 @@ mod tests {
     fn a_yes_no_setting_is_a_flag_that_takes_an_optional_value() {
         let settings = |args: &[&str]| {
             let cli = Cli::try_parse_from([&["canaryd", "serve"], args].concat()).expect("parses");
-            let Command::Serve(serve) = cli.command;
+            let Command::Serve(serve) = cli.command else {
+                panic!("serve parses as serve");
+            };
             serve.settings.insecure_no_auth
         };
         assert_eq!(settings(&["--insecure-no-auth"]), Some(true));

@@ -28,6 +28,7 @@ pub mod engine;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod healthcheck;
 pub mod io;
 pub mod models;
 pub mod normalize;

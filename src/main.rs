@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use canaryd::cli::{Cli, Command, ServeArgs};
+use canaryd::cli::{Cli, Command, HealthcheckArgs, ServeArgs};
 use canaryd::config::{Config, RawConfig};
 
 /// Decoding OTLP allocates every attribute key and value: under load, glibc's malloc and free took
@@ -18,6 +18,28 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Healthcheck(args) => healthcheck(args),
+    }
+}
+
+fn healthcheck(args: HealthcheckArgs) -> ExitCode {
+    let http_addr = std::env::var("CANARYD_HTTP_ADDR").ok();
+    let probed = canaryd::healthcheck::target(args.addr.as_deref(), http_addr.as_deref()).and_then(|addr| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(canaryd::healthcheck::HealthError::Runtime)?;
+        runtime.block_on(canaryd::healthcheck::probe(
+            addr,
+            std::time::Duration::from_secs(args.timeout_secs),
+        ))
+    });
+    match probed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("canaryd healthcheck: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
