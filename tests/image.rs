@@ -2,7 +2,8 @@
 //! Dockerfile's build step is README's, and the binary started with the image's command and
 //! settings (on free ports, a temporary data dir and the repo's models) refuses to listen beyond
 //! loopback without a token, starts with one, and passes the image's HEALTHCHECK, which fails once
-//! the daemon is gone.
+//! the daemon is gone. The Kubernetes base's config file is a config the daemon takes
+//! (`tests/sdk/test_kubernetes.py` renders and validates the manifests themselves).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -198,4 +199,29 @@ fn the_image_refuses_an_open_api_starts_with_a_token_and_passes_its_healthcheck(
     assert_eq!(gone.status.code(), Some(1), "{gone:?}");
     let stderr = String::from_utf8_lossy(&gone.stderr);
     assert!(stderr.contains("healthz"), "{stderr}");
+}
+
+/// The cluster's config file (deploy/kubernetes/base, the ConfigMap canaryd-config) is one the
+/// daemon takes: with the Secret's token it resolves, listening where the Services point; without
+/// it, it is refused as the image's settings are.
+#[test]
+fn the_kubernetes_config_file_is_a_daemon_config() {
+    use canaryd::config::{Config, RawConfig};
+    let file = repo().join("deploy/kubernetes/base/canaryd.toml");
+    let with_token = BTreeMap::from([("CANARYD_API_TOKEN".to_owned(), "t".repeat(32))]);
+    let config = Config::load(Some(&file), &with_token, RawConfig::default()).expect("a valid config");
+    assert_eq!(config.http_addr.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.otlp_grpc_addr.to_string(), "0.0.0.0:4317");
+    assert_eq!(config.otlp_http_addr.to_string(), "0.0.0.0:4318");
+    assert_eq!(config.data_dir, Path::new("/var/lib/canaryd"));
+    let image = read_image();
+    assert_eq!(
+        image.env.get("CANARYD_DATA_DIR").map(String::as_str),
+        Some("/var/lib/canaryd"),
+        "the image's volume is the cluster's data dir"
+    );
+    let refused = Config::load(Some(&file), &BTreeMap::new(), RawConfig::default())
+        .expect_err("no token beyond loopback")
+        .to_string();
+    assert!(refused.contains("api_token"), "{refused}");
 }
