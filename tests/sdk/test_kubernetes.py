@@ -1,5 +1,10 @@
-"""deploy/kubernetes/base, rendered by `kubectl kustomize` and validated offline against the
-Kubernetes 1.32 schemas (kubernetes-validate, strict: no unknown fields), then held to what the
+"""deploy/kubernetes: the base and the monitoring overlay (the base with every optional
+component), rendered by `kubectl kustomize`. Kubernetes' own kinds are validated offline against
+the Kubernetes 1.32 schemas (kubernetes-validate, strict: no unknown fields); the Prometheus
+Operator's ServiceMonitor and PrometheusRule against that operator's published models
+(cloudcoil's, from PyPI), which must take every field as given. The Grafana dashboard is a
+ConfigMap the sidecar picks up. (Which metric names the dashboard and the alerts may query is
+checked against a real daemon's /metrics by tests/monitoring.rs.) The base is then held to the
 daemon and the image need: the Services' ports are the ones canaryd.toml listens on, the probes
 ask /healthz and /readyz on the API port, the data dir is on the volume claim, the config file is
 mounted where the container's args read it, the pod runs as the image's non-root user, and the
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,15 +31,22 @@ BASE = REPO_ROOT / "deploy" / "kubernetes" / "base"
 KUBERNETES_VERSION = "1.32.0"
 
 
-@pytest.fixture(scope="module")
-def rendered() -> list[dict[str, Any]]:
+MONITORING = REPO_ROOT / "deploy" / "kubernetes" / "overlays" / "monitoring"
+
+
+def render(path: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: cannot render deploy/kubernetes with kustomize")
     text = subprocess.run(
-        [kubectl, "kustomize", str(BASE)], check=True, capture_output=True, text=True
+        [kubectl, "kustomize", str(path)], check=True, capture_output=True, text=True
     ).stdout
     return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return render(BASE)
 
 
 def one(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -119,3 +132,55 @@ def test_the_rollout_controllers_point_at_this_service(rendered: list[dict[str, 
     for manifest in ("flagger/canary.yaml", "argo/analysis-template.yaml"):
         text = (REPO_ROOT / "deploy" / manifest).read_text(encoding="utf-8")
         assert f"http://{host}" in text, f"{manifest} does not call {host}"
+
+
+def test_the_monitoring_overlay_adds_valid_operator_resources_and_a_dashboard() -> None:
+    from cloudcoil.models.prometheus_operator import v1 as operator
+
+    documents = render(MONITORING)
+    base_kinds = sorted(d["kind"] for d in render(BASE))
+    kinds = sorted(d["kind"] for d in documents)
+    assert kinds == sorted(base_kinds + ["ConfigMap", "PrometheusRule", "ServiceMonitor"])
+    models = {"ServiceMonitor": operator.ServiceMonitor, "PrometheusRule": operator.PrometheusRule}
+    for document in documents:
+        model = models.get(document["kind"])
+        if model is None:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+            continue
+        parsed = model.model_validate(document)
+        # The models ignore what they do not know: a field they dropped is one the operator
+        # would not know either.
+        assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == document
+
+    # The ServiceMonitor scrapes the API Service's metrics port, and only that Service.
+    monitor = one(documents, "ServiceMonitor", "canaryd")
+    services = [d for d in documents if d["kind"] == "Service"]
+    selected = [
+        s["metadata"]["name"]
+        for s in services
+        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"].get("labels", {}).items()
+    ]
+    assert selected == ["canaryd"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in one(documents, "Service", "canaryd")["spec"]["ports"]}
+
+    rule = one(documents, "PrometheusRule", "canaryd")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {
+        "CanarydDown",
+        "CanarydOutboxBacklogGrowing",
+        "CanarydWebhookDeliveriesFailing",
+        "CanarydSeriesDroppedAtCap",
+        "CanarydCanaryFailed",
+    } <= alerts
+
+    dashboard_map = one(documents, "ConfigMap", "canaryd-grafana-dashboard")
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = dashboard_map["data"].values()
+    dashboard = json.loads(text)
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("ingest", "state", "evidence", "outbox", "deliveries"):
+        assert topic in titles, f"no panel on {topic}: {titles}"
+    for panel in dashboard["panels"]:
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
