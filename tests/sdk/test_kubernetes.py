@@ -1,5 +1,5 @@
-"""deploy/kubernetes: the base and the monitoring overlay (the base with every optional
-component), rendered by `kubectl kustomize`. Kubernetes' own kinds are validated offline against
+"""deploy/kubernetes: the base, the base with each optional component, and the monitoring
+overlay (the base with all of them), rendered by `kubectl kustomize`. Kubernetes' own kinds are validated offline against
 the Kubernetes 1.32 schemas (kubernetes-validate, strict: no unknown fields); the Prometheus
 Operator's ServiceMonitor and PrometheusRule against that operator's published models
 (cloudcoil's, from PyPI), which must take every field as given. The Grafana dashboard is a
@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -134,13 +135,10 @@ def test_the_rollout_controllers_point_at_this_service(rendered: list[dict[str, 
         assert f"http://{host}" in text, f"{manifest} does not call {host}"
 
 
-def test_the_monitoring_overlay_adds_valid_operator_resources_and_a_dashboard() -> None:
+def validate_all(documents: list[dict[str, Any]]) -> None:
+    """Kubernetes' kinds against its 1.32 schemas, the Prometheus Operator's against its models."""
     from cloudcoil.models.prometheus_operator import v1 as operator
 
-    documents = render(MONITORING)
-    base_kinds = sorted(d["kind"] for d in render(BASE))
-    kinds = sorted(d["kind"] for d in documents)
-    assert kinds == sorted(base_kinds + ["ConfigMap", "PrometheusRule", "ServiceMonitor"])
     models = {"ServiceMonitor": operator.ServiceMonitor, "PrometheusRule": operator.PrometheusRule}
     for document in documents:
         model = models.get(document["kind"])
@@ -151,6 +149,38 @@ def test_the_monitoring_overlay_adds_valid_operator_resources_and_a_dashboard() 
         # The models ignore what they do not know: a field they dropped is one the operator
         # would not know either.
         assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == document
+
+
+COMPONENTS = {
+    "servicemonitor": ["ServiceMonitor"],
+    "prometheusrule": ["PrometheusRule"],
+    "grafana-dashboard": ["ConfigMap"],
+}
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_each_component_alone_renders_valid_resources(component: str, tmp_path: Path) -> None:
+    components = REPO_ROOT / "deploy" / "kubernetes" / "components"
+    assert sorted(p.name for p in components.iterdir()) == sorted(COMPONENTS)
+    # kustomize takes relative paths; a base and components outside the folder are fine.
+    base, extra = (os.path.relpath(p, tmp_path) for p in (BASE, components / component))
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {base}\ncomponents:\n  - {extra}\n",
+        encoding="utf-8",
+    )
+    documents = render(tmp_path)
+    base_kinds = [d["kind"] for d in render(BASE)]
+    assert sorted(d["kind"] for d in documents) == sorted(base_kinds + COMPONENTS[component])
+    validate_all(documents)
+
+
+def test_the_monitoring_overlay_adds_valid_operator_resources_and_a_dashboard() -> None:
+    documents = render(MONITORING)
+    base_kinds = sorted(d["kind"] for d in render(BASE))
+    kinds = sorted(d["kind"] for d in documents)
+    assert kinds == sorted(base_kinds + [k for ks in COMPONENTS.values() for k in ks])
+    validate_all(documents)
 
     # The ServiceMonitor scrapes the API Service's metrics port, and only that Service.
     monitor = one(documents, "ServiceMonitor", "canaryd")
