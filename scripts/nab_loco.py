@@ -142,8 +142,8 @@ def main():
         print("%3d/%d  in-sample %6.2f  %s" % (i + 1, len(combinations), full[-1],
                                                describe(combination)), file=sys.stderr)
 
-    # Ties go to the earlier combination (the grid lists shorter memories and quicker onsets
-    # first... in the order written above).
+    # Ties go to the earlier combination, in the grid's order: a choice that does not depend on
+    # how Python happens to order equal scores.
     def best(scores):
         return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
