@@ -105,37 +105,28 @@ fn a_a_conditions(analysis_s: u64) -> Vec<Condition> {
         s.duration_s = analysis_s;
         s
     };
+    // A load cycle with latency following load, each seed starting at another point of it.
+    let cycled = move |seed: u64, canary_rps: f64, share: f64, (period_s, amplitude, latency_load)| {
+        let mut s = base(seed, canary_rps, share);
+        s.load = Load::Cycle { period_s, amplitude };
+        s.latency_load = latency_load;
+        s.offset_s = mix(seed) % period_s;
+        s
+    };
     for (canary_rps, share) in LEVELS {
         conditions.push((
             format!("flat, {canary_rps} canary req/s"),
             Box::new(move |seed| base(seed, canary_rps, share)),
         ));
-        conditions.push((
-            format!("daily cycle, {canary_rps} canary req/s"),
-            Box::new(move |seed| {
-                let mut s = base(seed, canary_rps, share);
-                s.load = Load::Cycle {
-                    period_s: Load::DAILY,
-                    amplitude: 0.9,
-                };
-                s.latency_load = 1.0;
-                s.offset_s = mix(seed) % Load::DAILY;
-                s
-            }),
-        ));
-        conditions.push((
-            format!("hourly cycle, {canary_rps} canary req/s"),
-            Box::new(move |seed| {
-                let mut s = base(seed, canary_rps, share);
-                s.load = Load::Cycle {
-                    period_s: Load::HOURLY,
-                    amplitude: 0.8,
-                };
-                s.latency_load = 1.5;
-                s.offset_s = mix(seed) % Load::HOURLY;
-                s
-            }),
-        ));
+        for (name, cycle) in [
+            ("daily", (Load::DAILY, 0.9, 1.0)),
+            ("hourly", (Load::HOURLY, 0.8, 1.5)),
+        ] {
+            conditions.push((
+                format!("{name} cycle, {canary_rps} canary req/s"),
+                Box::new(move |seed| cycled(seed, canary_rps, share, cycle)),
+            ));
+        }
     }
     conditions.push((
         "heavy-tailed latency, 20 canary req/s".into(),
