@@ -855,21 +855,10 @@ mod binary {
     use std::process::{Command, Output, Stdio};
 
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use std::time::{Duration, Instant};
+
+    use super::support::poll_until;
 
     const CANARYD: &str = env!("CARGO_BIN_EXE_canaryd");
-
-    /// Polls `check` until it yields a value; fails with `what` after the deadline.
-    fn poll_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + super::support::DEADLINE;
-        loop {
-            if let Some(value) = check() {
-                return value;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 
     /// `canaryd serve` on port 0 everywhere, but for the addresses `extra` sets itself.
     fn serve(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {

@@ -8,10 +8,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+use support::poll_until;
+
+mod support;
 
 const CANARYD: &str = env!("CARGO_BIN_EXE_canaryd");
-const DEADLINE: Duration = Duration::from_secs(15);
 
 /// What the runtime stage of the Dockerfile says.
 struct Image {
@@ -123,17 +125,6 @@ fn local_settings(image: &Image, data: &Path) -> BTreeMap<String, String> {
         env.insert(key.to_owned(), format!("{host}:0"));
     }
     env
-}
-
-fn poll_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

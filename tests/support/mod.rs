@@ -151,6 +151,22 @@ where
     }
 }
 
+/// `eventually` for code that blocks (a child process, a file it writes): polls `check` until it
+/// yields a value, failing the test with `what` after `DEADLINE`.
+pub fn poll_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The entry for `app` in `/api/v1/apps`, if listed.
 pub fn find_app<'a>(apps: &'a serde_json::Value, env: &str, app: &str) -> Option<&'a serde_json::Value> {
     apps["apps"]
