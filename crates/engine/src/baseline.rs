@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::anomaly::AnomalyState;
 use crate::counts::Counts;
-use crate::features::FeatureValue;
+use crate::features::{Feature, FeatureValue};
 use crate::observation::EventTime;
 pub use crate::score::Score;
 use crate::sketch::Sketch;
@@ -53,6 +53,10 @@ const MIN_SLOT_WEIGHT: f64 = 5.0;
 /// The chance under which a count's value outside its band is taken to have left it: a count of
 /// a few requests cannot be that unlikely at the band's edge, and scores 0 however odd its ratio.
 const COUNT_ALPHA: f64 = 0.001;
+
+/// Requests that must lie beyond a quantile for a window's quantile to be one: with fewer, it is
+/// the window's slowest request or two, and one slow request puts it wherever it likes.
+pub const TAIL_REQUESTS: f64 = 5.0;
 
 /// Hour-of-week slot (0 = Monday 00:00-01:00 UTC) of an event time.
 pub fn hour_of_week(t: EventTime) -> u16 {
@@ -345,8 +349,12 @@ impl Band {
     /// Half-widths outside the band. The half-width has a floor of 1% of the band's centre (and a
     /// tiny absolute one), so that a constant series does not make every wiggle infinitely odd.
     fn score(self, x: f64) -> f64 {
+        self.score_with_half_width(x, self.half_width())
+    }
+
+    fn half_width(self) -> f64 {
         let centre = (self.lo + self.hi) / 2.0;
-        self.score_with_half_width(x, ((self.hi - self.lo) / 2.0).max(0.01 * centre.abs()))
+        ((self.hi - self.lo) / 2.0).max(0.01 * centre.abs())
     }
 
     /// Distance outside the band in units of `half` (at least a tiny absolute floor).
@@ -508,6 +516,29 @@ impl Baseline {
             score = score.max(self.range.score_counted(x, counts, range));
         }
         score
+    }
+
+    /// Whether a window of `requests` requests over `window_secs` could show `feature` lying
+    /// `min_deviation` half-widths above the level band (the power question of a check against
+    /// the baseline): the value there must score that much as `deviation_of` scores it, so for a
+    /// count its counts at that value must lie beyond the band's edge, and for a quantile at least
+    /// `TAIL_REQUESTS` of the requests must lie beyond it.
+    pub fn could_show_rise(&self, feature: Feature, requests: u64, window_secs: f64, min_deviation: f64) -> bool {
+        if feature
+            .quantile()
+            .is_some_and(|q| (requests as f64) * (1.0 - q) < TAIL_REQUESTS)
+        {
+            return false;
+        }
+        let sd = self.ewma.robust_std();
+        let level = Band {
+            lo: self.ewma.mean - BAND_WIDTH * sd,
+            hi: self.ewma.mean + BAND_WIDTH * sd,
+        };
+        let x = level.hi + min_deviation * level.half_width();
+        let counts = feature.counts_at(x, requests, window_secs);
+        // Within rounding of exactly `min_deviation`, by construction, when the counts allow it.
+        level.score_counted(x, counts) >= min_deviation * (1.0 - 1e-9)
     }
 
     /// The level band a new value is judged against, once the baseline has learned anything.
@@ -827,6 +858,45 @@ mod tests {
         assert!(counted > 10.0 && counted == plain, "{plain} {counted}");
         // Four among thirty: as unlikely at the band's edge as it looks.
         assert!(ratio_scores(4, 30).1 > 10.0);
+    }
+
+    /// The power question of a check against the baseline, for each kind of feature: what a
+    /// window must hold before a rise of three half-widths could show, and that more never hurts.
+    #[test]
+    fn a_rise_can_show_only_on_a_window_that_could_count_it() {
+        let config = BaselineConfig::default();
+        let mut rng = Rng::new(5);
+        let (mut errors, mut p99, mut rate, mut store) = (
+            Baseline::default(),
+            Baseline::default(),
+            Baseline::default(),
+            MemorySlotStore::default(),
+        );
+        for minute in 0..120u64 {
+            let t = MONDAY + minute * MINUTE;
+            // Minutes of 600 requests at 0.5% errors; a p99 near 40 ms; 10 requests per second.
+            let failed = (0..600).filter(|_| rng.unit() < 0.005).count() as f64;
+            errors.observe("errors", failed / 600.0, t, &config, &mut store);
+            p99.observe("p99", 40.0 + 4.0 * rng.unit(), t, &config, &mut store);
+            rate.observe("rate", 10.0 + rng.unit(), t, &config, &mut store);
+        }
+        let shows = |b: &Baseline, f: Feature, n: u64, secs: f64| b.could_show_rise(f, n, secs, 3.0);
+        // A count: a handful of requests hold too few events, many hold enough, and more still.
+        assert!(!shows(&errors, Feature::ErrorRatio, 40, 60.0));
+        let enough = (1..40)
+            .map(|k| 50 * k)
+            .find(|n| shows(&errors, Feature::ErrorRatio, *n, 60.0))
+            .expect("some window of under 2,000 requests shows a rise of the error ratio");
+        assert!(enough > 100, "{enough}");
+        for more in [enough * 2, enough * 10, enough * 1_000] {
+            assert!(shows(&errors, Feature::ErrorRatio, more, 60.0), "{more}");
+        }
+        // A p99 needs five requests beyond it, whatever its band.
+        assert!(!shows(&p99, Feature::LatencyP99, 499, 60.0));
+        assert!(shows(&p99, Feature::LatencyP99, 500, 60.0));
+        // A rate over the window does not depend on the requests: a longer window shows it.
+        assert!(!shows(&rate, Feature::RequestRate, 1_000_000, 0.5));
+        assert!(shows(&rate, Feature::RequestRate, 0, 600.0));
     }
 
     #[test]

@@ -81,6 +81,41 @@ impl Feature {
         Feature::ALL.into_iter().find(|f| f.name() == name)
     }
 
+    /// The counts a value of this feature would rest on in a window of `requests` requests over
+    /// `window_secs`, for the features `window_features` counts (a call error ratio is taken over
+    /// one call per request). None for the others.
+    pub fn counts_at(self, value: f64, requests: u64, window_secs: f64) -> Option<Counts> {
+        let events = |exposure: f64| (value.max(0.0) * exposure).ceil() as u64;
+        match self {
+            Feature::ErrorRatio
+            | Feature::OperationShare
+            | Feature::OperationErrorRatio
+            | Feature::CallErrorRatio => Some(Counts::Of {
+                events: events(requests as f64).min(requests),
+                trials: requests,
+            }),
+            Feature::CallsPerRequest => Some(Counts::Per {
+                events: events(requests as f64),
+                exposure: requests as f64,
+            }),
+            Feature::RequestRate | Feature::ExceptionRate | Feature::ErrorLogRate => Some(Counts::Per {
+                events: events(window_secs),
+                exposure: window_secs,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The quantile of the requests (or metric points) that a quantile feature is.
+    pub fn quantile(self) -> Option<f64> {
+        match self {
+            Feature::LatencyP50 | Feature::MetricP50 => Some(0.5),
+            Feature::LatencyP95 | Feature::OperationLatencyP95 | Feature::MetricP95 => Some(0.95),
+            Feature::LatencyP99 => Some(0.99),
+            _ => None,
+        }
+    }
+
     /// Features that read 0 for a known subject absent from a window.
     fn zero_when_absent(self) -> bool {
         matches!(

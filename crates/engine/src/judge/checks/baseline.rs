@@ -1,6 +1,8 @@
 //! The baseline checks: the canary's app-level features against the app's learned (seasonal)
 //! baseline, beside the stable's own deviation in the same window, since a deviation both share is
-//! the environment's, not the canary's.
+//! the environment's, not the canary's. A check passes only on a window that could have shown its
+//! minimum deviation (`Baseline::could_show_rise`): a rise in a count must be countable, a
+//! quantile must have requests beyond it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -61,16 +63,30 @@ pub fn baseline_checks(
             test: None,
             power: Power::Enough,
         };
-        match (baseline, &can) {
+        // Could this window have shown the minimum deviation? Rates over the window do not
+        // depend on the canary's requests: a window too short for them waits for a longer one.
+        let power = |baseline: &Baseline, feature| {
+            let effect = || format!("{name} {} band half-widths above its learned level", b.max_deviation);
+            let shows = |n| baseline.could_show_rise(feature, n, secs, b.max_deviation);
+            match Power::of(support, effect, shows) {
+                Power::Short { needed: None, .. } => Power::Waiting(format!(
+                    "a {window_s} s window cannot show {name} {} band half-widths above its learned level, whatever the canary's requests: a longer horizon can",
+                    b.max_deviation
+                )),
+                power => power,
+            }
+        };
+        match (baseline.zip(key.as_ref()), &can) {
             (None, _) => {
                 evidence.power = Power::Waiting(format!(
                     "no learned baseline of {name} yet; {} canary requests needed once there is",
                     thousands(min_requests)
                 ));
             }
-            // No canary value without canary requests: `decide` asks for them.
-            (Some(_), None) => {}
-            (Some(baseline), Some(can)) => match baseline.deviation_of(can, config) {
+            // No canary value without canary requests: `decide` asks for as many as could show
+            // the minimum deviation.
+            (Some((baseline, key)), None) => evidence.power = power(baseline, key.feature),
+            (Some((baseline, key)), Some(can)) => match baseline.deviation_of(can, config) {
                 None => {
                     evidence.power = Power::Waiting(format!(
                         "the baseline of {name} is still learning; {} canary requests needed once it has",
@@ -82,6 +98,7 @@ pub fn baseline_checks(
                     let stable_dev = value_of(stable, name)
                         .and_then(|f| baseline.deviation_of(&f, config))
                         .unwrap_or(0.0);
+                    evidence.power = power(baseline, key.feature);
                     evidence.test = Some(Tested {
                         sequential: None,
                         // Only a rise is a regression for the features this check is meant for.
