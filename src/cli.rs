@@ -1,4 +1,5 @@
-//! The command line: `canaryd serve` and its flags, and `canaryd healthcheck`.
+//! The command line: `canaryd serve` and its flags, `canaryd healthcheck`, and the commands that
+//! talk to a running daemon (`gate`, `rollout`, `events`; `client`).
 //!
 //! Each setting's flag comes from `config::RawConfig`, so the flags, the TOML keys and the
 //! `CANARYD_*` variables cannot drift apart.
@@ -7,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::client::gate::GateArgs;
+use crate::client::operate::{EventsCommand, RolloutCommand};
 use crate::config::RawConfig;
 
 #[derive(Debug, Parser)]
@@ -29,6 +32,23 @@ pub enum Command {
     /// Ask a running daemon's /healthz whether it is alive: exit 0 if it answers 2xx, 1 if not
     /// (a container's HEALTHCHECK).
     Healthcheck(HealthcheckArgs),
+    /// Wait for a version's verdict and exit with it: 0 passed, 1 failed, 2 undecided at the
+    /// deadline, 3 usage error or daemon unreachable (a CI/CD pipeline's gate).
+    Gate(GateArgs),
+    /// Declare, inspect, promote, pause, resume or abort an app's rollout.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Read the event history, and follow it.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+impl Command {
+    /// Whether this is one of the commands that talk to a running daemon, whose usage errors
+    /// exit 3 (`client::Exit`) rather than clap's 2.
+    pub fn is_client(name: &str) -> bool {
+        matches!(name, "gate" | "rollout" | "events")
+    }
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,7 @@
 
 pub mod act;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod engine;

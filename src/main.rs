@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use canaryd::cli::{Cli, Command, HealthcheckArgs, ServeArgs};
+use canaryd::client::{Client, Exit, ServerArgs, gate, operate};
 use canaryd::config::{Config, RawConfig};
 
 /// Decoding OTLP allocates every attribute key and value: under load, glibc's malloc and free took
@@ -16,10 +17,71 @@ use canaryd::config::{Config, RawConfig};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let client = std::env::args()
+                .nth(1)
+                .is_some_and(|name| Command::is_client(&name));
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return match (usage, client) {
+                (false, _) => ExitCode::SUCCESS,
+                (true, true) => ExitCode::from(Exit::Usage.code()),
+                (true, false) => ExitCode::from(2),
+            };
+        }
+    };
+    match cli.command {
         Command::Serve(args) => serve(args),
         Command::Healthcheck(args) => healthcheck(args),
+        Command::Gate(args) => {
+            let server = args.server.clone();
+            client_command(&server, |client| gate::run(args, client))
+        }
+        Command::Rollout(command) => {
+            let server = command.server().clone();
+            client_command(&server, |client| operate::rollout(command, client))
+        }
+        Command::Events(command) => {
+            let operate::EventsCommand::Tail(tail) = &command;
+            let server = tail.server.clone();
+            client_command(&server, |client| operate::events(command, client))
+        }
     }
+}
+
+/// Runs a command against a daemon: its token from `--token-file` or `CANARYD_TOKEN`, logs
+/// (retries) under `RUST_LOG`, and its exit code.
+fn client_command<F, Fut>(server: &ServerArgs, run: F) -> ExitCode
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Exit>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let client = canaryd::client::token(server.token_file.as_deref(), std::env::var("CANARYD_TOKEN").ok())
+        .and_then(|token| Client::new(server, token));
+    let client = match client {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("canaryd: {e}");
+            return ExitCode::from(e.exit().code());
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("canaryd: cannot start a runtime: {e}");
+            return ExitCode::from(Exit::Usage.code());
+        }
+    };
+    ExitCode::from(runtime.block_on(run(client)).code())
 }
 
 fn healthcheck(args: HealthcheckArgs) -> ExitCode {
