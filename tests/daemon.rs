@@ -2856,17 +2856,80 @@ async fn a_data_dir_of_store_format_1_starts_with_everything_it_held() {
         let rate = feature(&baseline, "request_rate", "").expect("request rate");
         assert!(rate["samples"].as_u64().unwrap_or(0) > 0, "{query}: {rate}");
     }
+    // The events, with the ids they were delivered under, their types by name and their data.
     let events = daemon.get_json("/api/v1/events").await;
-    assert_eq!(events["events"].as_array().map(Vec::len), Some(2), "{events}");
-    let subscriptions = daemon.get_json("/api/v1/subscriptions").await.to_string();
+    let listed: Vec<(&str, &str)> = events["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .map(|e| (e["id"].as_str().unwrap_or(""), e["type"].as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        listed,
+        [
+            ("evt_0000000000000000", "canaryd.canary.started"),
+            ("evt_0000000000000001", "canaryd.canary.failed"),
+        ],
+        "{events}"
+    );
+    let failed = &events["events"][1]["data"];
+    assert_eq!(
+        (
+            &failed["env"],
+            &failed["app"],
+            &failed["stable_version"],
+            &failed["canary_version"]
+        ),
+        (
+            &serde_json::json!("prod"),
+            &serde_json::json!("shop"),
+            &serde_json::json!("2.7.1"),
+            &serde_json::json!("*")
+        ),
+        "{failed}"
+    );
     assert!(
-        subscriptions.contains("sub_6745893183321961199"),
-        "{subscriptions}"
+        !failed["reasons"].as_array().is_none_or(Vec::is_empty),
+        "{failed}"
+    );
+    let subscriptions = daemon.get_json("/api/v1/subscriptions").await;
+    let subscription = subscriptions["subscriptions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["id"] == "sub_6745893183321961199"))
+        .unwrap_or_else(|| panic!("the subscription is kept: {subscriptions}"));
+    assert_eq!(subscription["kind"], "webhook", "{subscription}");
+    assert_eq!(
+        subscription["events"].as_array().map(Vec::len),
+        Some(6),
+        "{subscription}"
     );
     let deliveries = daemon
         .get_json("/api/v1/subscriptions/sub_6745893183321961199/deliveries")
-        .await
-        .to_string();
-    assert_eq!(deliveries.matches("\"delivered\"").count(), 2, "{deliveries}");
+        .await;
+    let delivered: Vec<(&str, &str, &str)> = deliveries["deliveries"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|d| {
+                    (
+                        d["event_id"].as_str().unwrap_or(""),
+                        d["event_type"].as_str().unwrap_or(""),
+                        d["state"].as_str().unwrap_or(""),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        delivered,
+        [
+            ("evt_0000000000000001", "canaryd.canary.failed", "delivered"),
+            ("evt_0000000000000000", "canaryd.canary.started", "delivered"),
+        ],
+        "{deliveries}"
+    );
     daemon.stop().await.expect("clean stop");
 }

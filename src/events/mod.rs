@@ -100,11 +100,21 @@ pub struct Reason {
     /// for the app as a whole.
     pub operation: Option<String>,
     pub test: String,
+    #[serde(deserialize_with = "number_or_null")]
     pub canary_value: f64,
+    #[serde(deserialize_with = "number_or_null")]
     pub baseline_value: f64,
+    #[serde(deserialize_with = "number_or_null")]
     pub statistic: f64,
+    #[serde(deserialize_with = "number_or_null")]
     pub threshold: f64,
     pub message: String,
+}
+
+/// A number of the contract's JSON, which writes a non-finite one as null (serde_json's way): the
+/// store keeps event data as that JSON, so null reads back as NaN instead of failing the event.
+fn number_or_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 /// A rollout stage, for canary events.

@@ -1,11 +1,13 @@
-//! What the store keeps of subscriptions and deliveries: the store's own records, which the
-//! dispatcher (`act`) and the API work with. Defined here so that the store depends on no module
-//! that uses it.
+//! The daemon's subscriptions and deliveries, which the dispatcher (`act`) and the API work
+//! with, and the conversions of these and of events to and from the store's records
+//! (`canaryd_store::daemon`), where types, states and kinds are kept by name. Defined here so
+//! that the store depends on no module that uses it.
 
+use canaryd_store::{ConvertError, DeliveryRecord, EventRecord, SubscriptionRecord};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::events::EventType;
+use crate::events::{Event, EventData, EventType};
 
 /// How a subscription acts on its events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -16,6 +18,22 @@ pub enum Kind {
     /// The event's `set_weight` action, applied through HAProxy's runtime API (the URL is its
     /// socket: `tcp://host:port` or `unix:///path`).
     Haproxy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Webhook, Kind::Haproxy];
+
+    /// The kind's name, as the API writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Webhook => "webhook",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
 }
 
 /// A stored subscription.
@@ -38,7 +56,7 @@ impl Subscription {
     }
 }
 
-/// The state of one delivery. (Stored by variant index: new states go at the end.)
+/// The state of one delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
@@ -60,7 +78,20 @@ pub enum DeliveryState {
 }
 
 impl DeliveryState {
-    /// The state's name, as the API writes it.
+    pub const ALL: [DeliveryState; 6] = [
+        DeliveryState::Pending,
+        DeliveryState::Delivered,
+        DeliveryState::Expired,
+        DeliveryState::Gone,
+        DeliveryState::Skipped,
+        DeliveryState::Parked,
+    ];
+
+    pub fn parse(name: &str) -> Option<DeliveryState> {
+        DeliveryState::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// The state's name, as the API writes it (and the store keeps it).
     pub fn name(self) -> &'static str {
         match self {
             DeliveryState::Pending => "pending",
@@ -116,5 +147,122 @@ impl Delivery {
             last_error: None,
             delivered_ms: None,
         }
+    }
+}
+
+fn unknown(what: &'static str, name: &str) -> ConvertError {
+    ConvertError {
+        what,
+        reason: format!("unknown name {name:?}"),
+    }
+}
+
+fn event_type(name: &str) -> Result<EventType, ConvertError> {
+    EventType::parse(name).ok_or_else(|| unknown("event type", name))
+}
+
+/// An event as the store keeps it: the envelope, and the data as the contract's JSON.
+pub fn event_record(event: &Event) -> Result<EventRecord, ConvertError> {
+    let data = serde_json::to_string(&event.data).map_err(|e| ConvertError {
+        what: "event data",
+        reason: e.to_string(),
+    })?;
+    Ok(EventRecord {
+        id: event.id.clone(),
+        specversion: event.specversion.clone(),
+        source: event.source.clone(),
+        event_type: event.event_type.as_str().to_owned(),
+        time: event.time.clone(),
+        subject: event.subject.clone(),
+        datacontenttype: event.datacontenttype.clone(),
+        data,
+    })
+}
+
+/// A stored event read back. Its data reads as the contract's JSON does: fields this build does
+/// not know are ignored, optional ones it lacks are absent.
+pub fn event_of_record(record: EventRecord) -> Result<Event, ConvertError> {
+    let data: EventData = serde_json::from_str(&record.data).map_err(|e| ConvertError {
+        what: "event data",
+        reason: e.to_string(),
+    })?;
+    Ok(Event {
+        specversion: record.specversion,
+        id: record.id,
+        source: record.source,
+        event_type: event_type(&record.event_type)?,
+        time: record.time,
+        subject: record.subject,
+        datacontenttype: record.datacontenttype,
+        data,
+    })
+}
+
+impl From<&Subscription> for SubscriptionRecord {
+    fn from(s: &Subscription) -> Self {
+        SubscriptionRecord {
+            id: s.id.clone(),
+            url: s.url.clone(),
+            events: s.events.iter().map(|t| t.as_str().to_owned()).collect(),
+            kind: s.kind.name().to_owned(),
+            secret: s.secret.clone(),
+            created_at: s.created_at.clone(),
+            disabled: s.disabled.clone(),
+        }
+    }
+}
+
+impl TryFrom<SubscriptionRecord> for Subscription {
+    type Error = ConvertError;
+
+    fn try_from(record: SubscriptionRecord) -> Result<Self, ConvertError> {
+        Ok(Subscription {
+            events: record
+                .events
+                .iter()
+                .map(|name| event_type(name))
+                .collect::<Result<_, _>>()?,
+            kind: Kind::parse(&record.kind).ok_or_else(|| unknown("subscription kind", &record.kind))?,
+            id: record.id,
+            url: record.url,
+            secret: record.secret,
+            created_at: record.created_at,
+            disabled: record.disabled,
+        })
+    }
+}
+
+impl From<&Delivery> for DeliveryRecord {
+    fn from(d: &Delivery) -> Self {
+        DeliveryRecord {
+            event_id: d.event_id.clone(),
+            event_type: d.event_type.as_str().to_owned(),
+            state: d.state.name().to_owned(),
+            attempts: d.attempts,
+            first_attempt_ms: d.first_attempt_ms,
+            next_attempt_ms: d.next_attempt_ms,
+            last_status: d.last_status,
+            last_error: d.last_error.clone(),
+            delivered_ms: d.delivered_ms,
+        }
+    }
+}
+
+impl TryFrom<DeliveryRecord> for Delivery {
+    type Error = ConvertError;
+
+    fn try_from(record: DeliveryRecord) -> Result<Self, ConvertError> {
+        Ok(Delivery {
+            event_type: event_type(&record.event_type)?,
+            state: DeliveryState::parse(&record.state)
+                .ok_or_else(|| unknown("delivery state", &record.state))?,
+            event_id: record.event_id,
+            attempts: record.attempts,
+            first_attempt_ms: record.first_attempt_ms,
+            next_attempt_ms: record.next_attempt_ms,
+            last_status: record.last_status,
+            last_error: record.last_error,
+            delivered_ms: record.delivered_ms,
+        })
     }
 }

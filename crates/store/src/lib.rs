@@ -20,18 +20,24 @@
 //! outbox after failing there for too long, keyed as the outbox is; `owed`, events pruned from
 //! the history while a subscription still had a pending or parked delivery of them, kept until no
 //! delivery needs them, keyed as `events`; `deliveries`, the history of finished ones, pruned with
-//! the events) are the daemon's types, which it names through
-//! `DaemonRecords`: the store keeps them as a format byte (`DAEMON_FORMAT`) then postcard, and
-//! owns their keys and the rules between them. An outbox or parked entry exists only while its
+//! the events) are records of the store's own too (`daemon`: an event's envelope with its data as
+//! the contract's JSON, and types, states and kinds by name), under a format of their own
+//! (`DAEMON_FORMAT`, 2, in `meta` and as each value's first byte), which the daemon converts its
+//! types to and from (`DaemonRecords`). Format 1, postcard of the daemon's in-memory types, is
+//! frozen in `v1` and rewritten as format 2 when the store opens (`migrate`); a newer format stops
+//! the open, or the read that finds one, with an error naming both formats. The store owns these
+//! records' keys and the rules between them, written in its records' terms. An outbox or parked
+//! entry exists only while its
 //! subscription does and is enabled: updates never re-insert one, a delivery moves from the outbox
 //! to `parked` in one transaction, and a delete or a disable clears both. An event leaves the
 //! history (`max_events`, oldest first) but is never lost while a delivery of it is pending or
 //! parked: it goes to `owed` before it leaves `events`, and `event` reads both. The numbers of events,
 //! outbox entries and parked ones are counted as they change (sled's `len` walks a whole tree).
 //!
-//! A record that does not decode (corrupt, or of a format no schema ever wrote) is skipped,
-//! counted (`StoreCounters::records_skipped`) and logged, never misread; one that says it was
-//! written by a newer schema is an error. sled flushes only when told (`flush`), so what is
+//! A record that does not decode (corrupt, or of a format no schema ever wrote), or a daemon
+//! record naming what this build does not know, is skipped, counted
+//! (`StoreCounters::records_skipped`) and logged, never misread; one that says it was written by a
+//! newer schema or format is an error. sled flushes only when told (`flush`), so what is
 //! durable is exactly what the daemon flushed: on the flush interval, with each batch of events,
 //! and at shutdown.
 //!
@@ -39,6 +45,7 @@
 //! what lets it be replaced later without touching the engine or the daemon's wiring.
 
 pub mod analysis;
+pub mod daemon;
 pub mod keys;
 mod migrate;
 pub mod records;
@@ -57,6 +64,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use daemon::{DeliveryRecord, EventRecord, SubscriptionRecord};
+
 use analysis::AnalysisRecord;
 use canaryd_engine::judge::AnalysisSnapshot;
 pub use records::ConvertError;
@@ -65,8 +74,8 @@ use records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 /// The schema this build writes, and the newest it reads.
 pub const SCHEMA: u32 = 2;
 
-/// The format byte of the daemon's records (events, subscriptions, deliveries).
-pub const DAEMON_FORMAT: u8 = 1;
+/// The format of the daemon's records (events, subscriptions, deliveries) this build writes.
+pub const DAEMON_FORMAT: u8 = daemon::FORMAT;
 
 /// The engine trees of schema 2.
 const CLOCKS: &str = "clocks.2";
@@ -75,6 +84,17 @@ const BASELINES: &str = "baselines.2";
 const SLOTS: &str = "slots.2";
 /// Canary analyses, by app: added within schema 2 (a tree older daemons never open).
 const ANALYSES: &str = "analyses.2";
+
+/// The daemon's trees (their records are `daemon`'s, under `DAEMON_FORMAT`).
+const EVENTS: &str = "events";
+const OWED: &str = "owed";
+const SUBSCRIPTIONS: &str = "subscriptions";
+const OUTBOX: &str = "outbox";
+const PARKED: &str = "parked";
+const HISTORY: &str = "deliveries";
+/// The trees whose values are events, and those whose values are deliveries.
+const EVENT_TREES: [&str; 2] = [EVENTS, OWED];
+const DELIVERY_TREES: [&str; 3] = [OUTBOX, PARKED, HISTORY];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -101,59 +121,73 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
+    #[error(
+        "the data dir {path} holds events, subscriptions and deliveries of record format {found}; this build reads up to format {supported}: run a newer canaryd"
+    )]
+    NewerDaemonFormat { path: PathBuf, found: u8, supported: u8 },
+    #[error(
+        "a record in the store's {tree} tree was written in record format {found}; this build reads up to format {supported}: run a newer canaryd"
+    )]
+    NewerDaemonRecord {
+        tree: &'static str,
+        found: u8,
+        supported: u8,
+    },
     #[error("the store's schema version in {path} is unreadable ({bytes:?})")]
     Meta { path: PathBuf, bytes: Vec<u8> },
     #[error(transparent)]
     Convert(#[from] ConvertError),
 }
 
-/// The daemon's record types, and what the store needs to know of them to keep the outbox right.
+/// The daemon's types for its events, subscriptions and deliveries, and their conversions to and
+/// from the store's records (`daemon`), which the store keeps and applies its outbox rules to.
+/// A record that does not convert back (a name this build does not know) is skipped and counted
+/// where it is read, never misread.
 pub trait DaemonRecords {
-    type Event: Serialize + DeserializeOwned;
-    type Subscription: Serialize + DeserializeOwned;
-    type Delivery: Serialize + DeserializeOwned;
+    type Event;
+    type Subscription;
+    type Delivery;
 
     /// Gives a stored event its sequence number (its id derives from it).
     fn stored(event: &mut Self::Event, seq: u64);
-    fn subscription_id(subscription: &Self::Subscription) -> &str;
-    /// Whether the subscription wants the event delivered (false once disabled).
-    fn wants(subscription: &Self::Subscription, event: &Self::Event) -> bool;
-    fn is_disabled(subscription: &Self::Subscription) -> bool;
-    /// Marks the subscription disabled at `now` (RFC 3339), unless it already is.
-    fn disable(subscription: &mut Self::Subscription, now: &str);
-    /// A pending delivery of a stored event.
-    fn delivery(event: &Self::Event) -> Self::Delivery;
-    fn is_pending(delivery: &Self::Delivery) -> bool;
-    /// Whether a delivery is parked: off its subscription's queue, still to be delivered.
-    fn is_parked(delivery: &Self::Delivery) -> bool;
+    fn event_record(event: &Self::Event) -> Result<EventRecord, ConvertError>;
+    fn event(record: EventRecord) -> Result<Self::Event, ConvertError>;
+    fn subscription_record(subscription: &Self::Subscription) -> SubscriptionRecord;
+    fn subscription(record: SubscriptionRecord) -> Result<Self::Subscription, ConvertError>;
+    fn delivery_record(delivery: &Self::Delivery) -> DeliveryRecord;
+    fn delivery(record: DeliveryRecord) -> Result<Self::Delivery, ConvertError>;
 }
 
-/// For users of the engine's state alone (`canaryd-lab`): no events, subscriptions or deliveries.
+/// The store's records as they are, unconverted: for users with no types of their own for them
+/// (`canaryd-lab`, which keeps none; tools and tests that read them).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct EngineOnly;
+pub struct AsStored;
 
-impl DaemonRecords for EngineOnly {
-    type Event = ();
-    type Subscription = ();
-    type Delivery = ();
+impl DaemonRecords for AsStored {
+    type Event = EventRecord;
+    type Subscription = SubscriptionRecord;
+    type Delivery = DeliveryRecord;
 
-    fn stored(_: &mut (), _: u64) {}
-    fn subscription_id(_: &()) -> &str {
-        ""
+    fn stored(event: &mut EventRecord, seq: u64) {
+        event.id = seq.to_string();
     }
-    fn wants(_: &(), _: &()) -> bool {
-        false
+    fn event_record(event: &EventRecord) -> Result<EventRecord, ConvertError> {
+        Ok(event.clone())
     }
-    fn is_disabled(_: &()) -> bool {
-        true
+    fn event(record: EventRecord) -> Result<EventRecord, ConvertError> {
+        Ok(record)
     }
-    fn disable(_: &mut (), _: &str) {}
-    fn delivery(_: &()) {}
-    fn is_pending(_: &()) -> bool {
-        false
+    fn subscription_record(subscription: &SubscriptionRecord) -> SubscriptionRecord {
+        subscription.clone()
     }
-    fn is_parked(_: &()) -> bool {
-        false
+    fn subscription(record: SubscriptionRecord) -> Result<SubscriptionRecord, ConvertError> {
+        Ok(record)
+    }
+    fn delivery_record(delivery: &DeliveryRecord) -> DeliveryRecord {
+        delivery.clone()
+    }
+    fn delivery(record: DeliveryRecord) -> Result<DeliveryRecord, ConvertError> {
+        Ok(record)
     }
 }
 
@@ -182,7 +216,7 @@ fn decrement(count: &AtomicU64) {
     });
 }
 
-pub struct Store<R: DaemonRecords = EngineOnly> {
+pub struct Store<R: DaemonRecords = AsStored> {
     db: sled::Db,
     clocks: sled::Tree,
     apps: sled::Tree,
@@ -264,22 +298,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Decoded<T> {
     }
 }
 
-fn encode_daemon<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut bytes = vec![DAEMON_FORMAT];
-    bytes.extend(postcard::to_stdvec(value).unwrap_or_default());
-    bytes
-}
-
-fn decode_daemon<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
-    match bytes.split_first() {
-        Some((&DAEMON_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
-        _ => None,
-    }
-}
-
-/// Subscription keys (format 1's, kept): the format byte, then postcard of the id.
+/// Subscription keys: format 1's (its format byte, then postcard of the id), kept by format 2.
 fn subscription_key(id: &str) -> Vec<u8> {
-    encode_daemon(&id)
+    v1::encode(&id)
 }
 
 /// Outbox keys: the subscription id, a zero byte, the event's sequence number; so a
@@ -331,15 +352,16 @@ impl<R: DaemonRecords> Store<R> {
             }
         };
         migrate::to_current(&db, &path, &counters)?;
+        migrate::daemon_to_current(&db, &path, &counters)?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Open {
                 path: path.clone(),
                 source,
             })
         };
-        let events = tree("events")?;
-        let outbox = tree("outbox")?;
-        let parked = tree("parked")?;
+        let events = tree(EVENTS)?;
+        let outbox = tree(OUTBOX)?;
+        let parked = tree(PARKED)?;
         let counts = Arc::new(Counts {
             events: AtomicU64::new(events.len() as u64),
             outbox: AtomicU64::new(outbox.len() as u64),
@@ -352,11 +374,11 @@ impl<R: DaemonRecords> Store<R> {
             slots: tree(SLOTS)?,
             analyses: tree(ANALYSES)?,
             events,
-            subscriptions: tree("subscriptions")?,
+            subscriptions: tree(SUBSCRIPTIONS)?,
             outbox,
             parked,
-            owed: tree("owed")?,
-            history: tree("deliveries")?,
+            owed: tree(OWED)?,
+            history: tree(HISTORY)?,
             db,
             counts,
             counters,
@@ -404,6 +426,54 @@ impl<R: DaemonRecords> Store<R> {
     fn corrupt(&self, tree: &str, key: &[u8]) {
         tracing::warn!(tree, key = ?key, "skipping a store record that does not decode");
         self.counters.records_skipped.inc();
+    }
+
+    /// One of the daemon's records as the daemon's type: `None`, counted and logged, when it does
+    /// not decode or convert; an error when a newer format wrote it.
+    fn daemon_value<T: DeserializeOwned, U>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        bytes: &[u8],
+        convert: impl FnOnce(T) -> Result<U, ConvertError>,
+    ) -> Result<Option<U>, StoreError> {
+        match daemon::decode::<T>(bytes) {
+            daemon::Decoded::Record(record) => match convert(record) {
+                Ok(value) => Ok(Some(value)),
+                Err(error) => {
+                    tracing::warn!(tree, key = ?key, %error, "skipping a store record this build cannot read");
+                    self.counters.records_skipped.inc();
+                    Ok(None)
+                }
+            },
+            daemon::Decoded::Newer(found) => Err(StoreError::NewerDaemonRecord {
+                tree,
+                found,
+                supported: daemon::FORMAT,
+            }),
+            daemon::Decoded::Corrupt => {
+                self.corrupt(tree, key);
+                Ok(None)
+            }
+        }
+    }
+
+    fn event_value(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Result<Option<R::Event>, StoreError> {
+        self.daemon_value(tree, key, bytes, R::event)
+    }
+
+    fn delivery_value(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Result<Option<R::Delivery>, StoreError> {
+        self.daemon_value(tree, key, bytes, R::delivery)
     }
 
     /// Every decodable record of an engine tree, with its key.
@@ -529,7 +599,7 @@ impl<R: DaemonRecords> Store<R> {
 
     /// `append_events` but for the flush.
     fn put_events(&self, events: &mut [R::Event], max_events: usize) -> Result<(), StoreError> {
-        let subscriptions = self.subscriptions()?;
+        let subscriptions = self.subscription_records()?;
         self.put_events_for(events, max_events, &subscriptions)
     }
 
@@ -541,7 +611,7 @@ impl<R: DaemonRecords> Store<R> {
         &self,
         events: &mut [R::Event],
         max_events: usize,
-        subscriptions: &[R::Subscription],
+        subscriptions: &[SubscriptionRecord],
     ) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "append events",
@@ -554,10 +624,14 @@ impl<R: DaemonRecords> Store<R> {
         for event in events.iter_mut() {
             let seq = self.db.generate_id().map_err(io)?;
             R::stored(event, seq);
-            batch.insert(&seq.to_be_bytes(), encode_daemon(event));
-            for subscription in subscriptions.iter().filter(|s| R::wants(s, event)) {
-                let id = R::subscription_id(subscription);
-                outbox.insert(outbox_key(id, seq), encode_daemon(&R::delivery(event)));
+            let record = R::event_record(event)?;
+            batch.insert(&seq.to_be_bytes(), daemon::encode(&record));
+            for subscription in subscriptions.iter().filter(|s| s.wants(&record)) {
+                let id = subscription.id.as_str();
+                outbox.insert(
+                    outbox_key(id, seq),
+                    daemon::encode(&DeliveryRecord::pending(&record)),
+                );
                 entries += 1;
                 if !given.contains(&id) {
                     given.push(id);
@@ -572,7 +646,9 @@ impl<R: DaemonRecords> Store<R> {
         self.outbox.apply_batch(outbox).map_err(io)?;
         self.counts.outbox.fetch_add(entries, Ordering::Relaxed);
         for id in given {
-            let active = self.subscription(id)?.is_some_and(|s| !R::is_disabled(&s));
+            let active = self
+                .subscription_record(id)?
+                .is_some_and(|s| s.disabled.is_none());
             if !active {
                 self.clear_outbox(id).map_err(io)?;
             }
@@ -585,7 +661,7 @@ impl<R: DaemonRecords> Store<R> {
             // Still to be delivered: kept in `owed`, written there before it leaves `events` so
             // that a worker reading it meanwhile finds it in one or the other.
             let seq = outbox_seq(&oldest).unwrap_or_default();
-            let ids = || subscriptions.iter().map(|s| R::subscription_id(s));
+            let ids = || subscriptions.iter().map(|s| s.id.as_str());
             if self.is_owed(seq, ids()).map_err(io)? {
                 self.owed.insert(&oldest, event).map_err(io)?;
                 // Delivered meanwhile, after the look: let go again (a delivery finished after
@@ -642,11 +718,14 @@ impl<R: DaemonRecords> Store<R> {
         };
         let key = seq.to_be_bytes();
         // `events` first: pruning writes `owed` before it removes from `events`.
-        let value = match self.events.get(key).map_err(io)? {
-            Some(value) => Some(value),
-            None => self.owed.get(key).map_err(io)?,
+        let (tree, value) = match self.events.get(key).map_err(io)? {
+            Some(value) => (EVENTS, Some(value)),
+            None => (OWED, self.owed.get(key).map_err(io)?),
         };
-        Ok(value.and_then(|v| decode_daemon(&v)))
+        match value {
+            Some(value) => self.event_value(tree, &key, &value),
+            None => Ok(None),
+        }
     }
 
     /// Events kept past the history's cap for their deliveries.
@@ -681,7 +760,7 @@ impl<R: DaemonRecords> Store<R> {
             .subscriptions
             .iter()
             .keys()
-            .filter_map(|key| key.map(|key| decode_daemon::<String>(&key)).transpose())
+            .filter_map(|key| key.map(|key| v1::decode::<String>(&key)).transpose())
             .collect::<Result<_, _>>()?;
         for key in keys {
             let seq = outbox_seq(&key).unwrap_or_default();
@@ -693,38 +772,60 @@ impl<R: DaemonRecords> Store<R> {
     }
 
     pub fn subscriptions(&self) -> Result<Vec<R::Subscription>, StoreError> {
+        self.read_subscriptions(R::subscription)
+    }
+
+    /// The subscriptions as the store's records, for its outbox rules.
+    fn subscription_records(&self) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        self.read_subscriptions(Ok)
+    }
+
+    fn read_subscriptions<T>(
+        &self,
+        convert: impl Fn(SubscriptionRecord) -> Result<T, ConvertError>,
+    ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
         for entry in self.subscriptions.iter() {
             let (key, value) = entry.map_err(|source| StoreError::Io {
                 operation: "read subscriptions",
                 source,
             })?;
-            match decode_daemon(&value) {
-                Some(subscription) => out.push(subscription),
-                None => self.corrupt("subscriptions", &key),
+            if let Some(subscription) = self.daemon_value(SUBSCRIPTIONS, &key, &value, &convert)? {
+                out.push(subscription);
             }
         }
         Ok(out)
     }
 
     pub fn subscription(&self, id: &str) -> Result<Option<R::Subscription>, StoreError> {
-        let value = self
-            .subscriptions
-            .get(subscription_key(id))
-            .map_err(|source| StoreError::Io {
-                operation: "read a subscription",
-                source,
-            })?;
-        Ok(value.and_then(|v| decode_daemon(&v)))
+        self.read_subscription(id, R::subscription)
+    }
+
+    fn subscription_record(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+        self.read_subscription(id, Ok)
+    }
+
+    fn read_subscription<T>(
+        &self,
+        id: &str,
+        convert: impl FnOnce(SubscriptionRecord) -> Result<T, ConvertError>,
+    ) -> Result<Option<T>, StoreError> {
+        let key = subscription_key(id);
+        let value = self.subscriptions.get(&key).map_err(|source| StoreError::Io {
+            operation: "read a subscription",
+            source,
+        })?;
+        match value {
+            Some(value) => self.daemon_value(SUBSCRIPTIONS, &key, &value, convert),
+            None => Ok(None),
+        }
     }
 
     /// Stores a subscription durably.
     pub fn put_subscription(&self, subscription: &R::Subscription) -> Result<(), StoreError> {
+        let record = R::subscription_record(subscription);
         self.subscriptions
-            .insert(
-                subscription_key(R::subscription_id(subscription)),
-                encode_daemon(subscription),
-            )
+            .insert(subscription_key(&record.id), daemon::encode(&record))
             .map_err(|source| StoreError::Io {
                 operation: "write a subscription",
                 source,
@@ -740,17 +841,31 @@ impl<R: DaemonRecords> Store<R> {
             source,
         };
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let mut newer = None;
         self.subscriptions
             .update_and_fetch(subscription_key(id), |old| {
                 let old = old?;
-                // A record this build cannot read is left as it is.
-                let Some(mut subscription) = decode_daemon::<R::Subscription>(old) else {
-                    return Some(old.to_vec());
-                };
-                R::disable(&mut subscription, &now);
-                Some(encode_daemon(&subscription))
+                match daemon::decode::<SubscriptionRecord>(old) {
+                    daemon::Decoded::Record(mut subscription) => {
+                        subscription.disabled.get_or_insert_with(|| now.clone());
+                        Some(daemon::encode(&subscription))
+                    }
+                    daemon::Decoded::Newer(found) => {
+                        newer = Some(found);
+                        Some(old.to_vec())
+                    }
+                    // A record this build cannot read is left as it is.
+                    daemon::Decoded::Corrupt => Some(old.to_vec()),
+                }
             })
             .map_err(io)?;
+        if let Some(found) = newer {
+            return Err(StoreError::NewerDaemonRecord {
+                tree: SUBSCRIPTIONS,
+                found,
+                supported: daemon::FORMAT,
+            });
+        }
         self.clear_outbox(id).map_err(io)?;
         self.flush()
     }
@@ -782,14 +897,16 @@ impl<R: DaemonRecords> Store<R> {
         for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
             let (key, value) = entry.map_err(io)?;
             let seq = outbox_seq(&key);
-            match (seq, decode_daemon::<R::Delivery>(&value)) {
+            // Counted and logged when it does not read; an error when a newer format wrote it.
+            let delivery = self.delivery_value(OUTBOX, &key, &value)?;
+            match (seq, delivery) {
                 (Some(seq), Some(delivery)) => return Ok(Some((seq, delivery))),
-                _ => {
-                    self.corrupt("outbox", &key);
-                    if self.outbox.remove(key).map_err(io)?.is_some() {
-                        decrement(&self.counts.outbox);
-                    }
-                }
+                (None, _) => self.corrupt(OUTBOX, &key),
+                (Some(_), None) => {}
+            }
+            // Taken off the head, or the subscription's queue would stop behind it.
+            if self.outbox.remove(key).map_err(io)?.is_some() {
+                decrement(&self.counts.outbox);
             }
         }
         Ok(None)
@@ -810,13 +927,14 @@ impl<R: DaemonRecords> Store<R> {
             source,
         };
         let key = outbox_key(subscription, seq);
-        let record = encode_daemon(delivery);
-        if R::is_pending(delivery) {
+        let delivery = R::delivery_record(delivery);
+        let record = daemon::encode(&delivery);
+        if delivery.is_pending() {
             // Atomic: replaces the entry only if it is there, never inserts it.
             self.outbox
                 .update_and_fetch(key, |old| old.map(|_| record.clone()))
                 .map_err(io)?;
-        } else if R::is_parked(delivery) {
+        } else if delivery.is_parked() {
             let updated = self
                 .parked
                 .update_and_fetch(&key, |old| old.map(|_| record.clone()))
@@ -879,9 +997,12 @@ impl<R: DaemonRecords> Store<R> {
                 operation: "read parked deliveries",
                 source,
             })?;
-            match (outbox_seq(&key), decode_daemon(&value)) {
-                (Some(seq), Some(delivery)) => out.push((seq, delivery)),
-                _ => self.corrupt("parked", &key),
+            let Some(seq) = outbox_seq(&key) else {
+                self.corrupt(PARKED, &key);
+                continue;
+            };
+            if let Some(delivery) = self.delivery_value(PARKED, &key, &value)? {
+                out.push((seq, delivery));
             }
         }
         Ok(out)
@@ -895,22 +1016,29 @@ impl<R: DaemonRecords> Store<R> {
         seq: u64,
         change: impl Fn(&mut R::Delivery),
     ) -> Result<Option<R::Delivery>, StoreError> {
+        let key = outbox_key(subscription, seq);
         let changed = self
             .parked
-            .update_and_fetch(outbox_key(subscription, seq), |old| {
+            .update_and_fetch(&key, |old| {
                 let old = old?;
-                // A record this build cannot read is left as it is.
-                let Some(mut delivery) = decode_daemon::<R::Delivery>(old) else {
+                // A record this build cannot read is left as it is (and reported below).
+                let daemon::Decoded::Record(record) = daemon::decode::<DeliveryRecord>(old) else {
+                    return Some(old.to_vec());
+                };
+                let Ok(mut delivery) = R::delivery(record) else {
                     return Some(old.to_vec());
                 };
                 change(&mut delivery);
-                Some(encode_daemon(&delivery))
+                Some(daemon::encode(&R::delivery_record(&delivery)))
             })
             .map_err(|source| StoreError::Io {
                 operation: "change a parked delivery",
                 source,
             })?;
-        Ok(changed.and_then(|bytes| decode_daemon(&bytes)))
+        match changed {
+            Some(bytes) => self.delivery_value(PARKED, &key, &bytes),
+            None => Ok(None),
+        }
     }
 
     /// A subscription's delivery of the event `seq`, wherever it is: pending, parked or finished.
@@ -922,13 +1050,13 @@ impl<R: DaemonRecords> Store<R> {
         let key = outbox_key(subscription, seq);
         let mut history_key = seq.to_be_bytes().to_vec();
         history_key.extend(subscription.as_bytes());
-        for (tree, key) in [
-            (&self.outbox, &key),
-            (&self.parked, &key),
-            (&self.history, &history_key),
+        for (tree, name, key) in [
+            (&self.outbox, OUTBOX, &key),
+            (&self.parked, PARKED, &key),
+            (&self.history, HISTORY, &history_key),
         ] {
             if let Some(value) = tree.get(key).map_err(io)? {
-                return Ok(decode_daemon(&value));
+                return self.delivery_value(name, key, &value);
             }
         }
         Ok(None)
@@ -942,11 +1070,14 @@ impl<R: DaemonRecords> Store<R> {
         };
         let mut out: Vec<(u64, R::Delivery)> = Vec::new();
         // The newest `limit` of each place, so that a long outbox is not read whole.
-        for tree in [&self.outbox, &self.parked] {
+        for (tree, name) in [(&self.outbox, OUTBOX), (&self.parked, PARKED)] {
             for entry in tree.scan_prefix(outbox_prefix(subscription)).rev().take(limit) {
                 let (key, value) = entry.map_err(io)?;
-                let seq = outbox_seq(&key);
-                if let (Some(seq), Some(d)) = (seq, decode_daemon(&value)) {
+                let Some(seq) = outbox_seq(&key) else {
+                    self.corrupt(name, &key);
+                    continue;
+                };
+                if let Some(d) = self.delivery_value(name, &key, &value)? {
                     out.push((seq, d));
                 }
             }
@@ -956,7 +1087,7 @@ impl<R: DaemonRecords> Store<R> {
             let (key, value) = entry.map_err(io)?;
             if let Some((seq, id)) = key.split_first_chunk::<8>()
                 && id == subscription.as_bytes()
-                && let Some(d) = decode_daemon(&value)
+                && let Some(d) = self.delivery_value(HISTORY, &key, &value)?
             {
                 out.push((u64::from_be_bytes(*seq), d));
                 finished += 1;
@@ -1000,10 +1131,9 @@ impl<R: DaemonRecords> Store<R> {
                 operation: "read events",
                 source,
             })?;
-            match decode_daemon::<R::Event>(&value) {
+            match self.event_value(EVENTS, &key, &value)? {
                 Some(event) if keep(&event) => out.push(event),
-                Some(_) => {}
-                None => self.corrupt("events", &key),
+                _ => {}
             }
             if out.len() >= limit {
                 break;

@@ -10,6 +10,15 @@
 //! migrated format-1 records are removed. A format-1 record that cannot be migrated (it does not
 //! decode, or names a feature this build does not know, or is a seasonal slot of no baseline) is
 //! counted, logged and left where it was, in its format-1 tree: nothing is dropped unseen.
+//!
+//! The daemon's records have a format of their own (`daemon::FORMAT`), a u8 under
+//! `daemon_format` in `meta`; none there means format 1, or a new data dir (`daemon_to_current`).
+//! Format 1's records are rewritten as format 2's in place, one by one (each value says its
+//! format, and the keys stay), so a migration that stops half-way leaves each record whole in one
+//! format or the other, and the next open takes up the rest. Only then does `meta` say 2. A
+//! format-1 record that does not decode is counted, logged and left as it is (reads skip it); a
+//! record of a newer format, or a newer format in `meta`, stops the open
+//! (`StoreError::NewerDaemonFormat`, `StoreError::NewerDaemonRecord`).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -19,9 +28,13 @@ use canaryd_engine::{BaselineId, Scope};
 
 use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 use crate::v1::{self, BaselineKeyRecord, ScopeRecord};
-use crate::{APPS, BASELINES, CLOCKS, SCHEMA, SLOTS, StoreCounters, StoreError, encode, keys};
+use crate::{
+    APPS, BASELINES, CLOCKS, DELIVERY_TREES, EVENT_TREES, SCHEMA, SLOTS, SUBSCRIPTIONS, StoreCounters,
+    StoreError, daemon, encode, keys,
+};
 
 const SCHEMA_KEY: &[u8] = b"schema";
+const DAEMON_FORMAT_KEY: &[u8] = b"daemon_format";
 
 fn io(operation: &'static str) -> impl Fn(sled::Error) -> StoreError {
     move |source| StoreError::Io { operation, source }
@@ -220,4 +233,116 @@ fn from_v1(db: &sled::Db, counters: &StoreCounters) -> Result<Migrated, StoreErr
     }
     db.flush().map_err(&io)?;
     Ok(migrated)
+}
+
+/// The format of the daemon's records the data dir says it holds, if it says.
+pub(crate) fn daemon_format(db: &sled::Db, path: &Path) -> Result<Option<u8>, StoreError> {
+    let meta = db
+        .open_tree("meta")
+        .map_err(io("read the daemon's record format"))?;
+    match meta
+        .get(DAEMON_FORMAT_KEY)
+        .map_err(io("read the daemon's record format"))?
+    {
+        None => Ok(None),
+        Some(bytes) => match bytes.as_ref() {
+            &[format] => Ok(Some(format)),
+            _ => Err(StoreError::Meta {
+                path: path.to_owned(),
+                bytes: bytes.to_vec(),
+            }),
+        },
+    }
+}
+
+pub(crate) fn daemon_to_current(
+    db: &sled::Db,
+    path: &Path,
+    counters: &StoreCounters,
+) -> Result<(), StoreError> {
+    match daemon_format(db, path)? {
+        Some(daemon::FORMAT) => Ok(()),
+        Some(found) if found > daemon::FORMAT => Err(StoreError::NewerDaemonFormat {
+            path: path.to_owned(),
+            found,
+            supported: daemon::FORMAT,
+        }),
+        None | Some(v1::FORMAT) => {
+            daemon_from_v1(db, counters)?;
+            let meta = db
+                .open_tree("meta")
+                .map_err(io("write the daemon's record format"))?;
+            meta.insert(DAEMON_FORMAT_KEY, &[daemon::FORMAT])
+                .map_err(io("write the daemon's record format"))?;
+            db.flush().map_err(io("migrate the daemon's records"))?;
+            Ok(())
+        }
+        Some(found) => Err(StoreError::Meta {
+            path: path.to_owned(),
+            bytes: vec![found],
+        }),
+    }
+}
+
+/// What one format-1 daemon record becomes in format 2, if it decodes.
+type Rewrite = fn(&[u8]) -> Option<Result<Vec<u8>, StoreError>>;
+
+fn event_v1(bytes: &[u8]) -> Option<Result<Vec<u8>, StoreError>> {
+    let old: v1::EventRecord = v1::decode(bytes)?;
+    Some(
+        old.to_current()
+            .map(|record| daemon::encode(&record))
+            .map_err(StoreError::from),
+    )
+}
+
+fn subscription_v1(bytes: &[u8]) -> Option<Result<Vec<u8>, StoreError>> {
+    let old: v1::SubscriptionRecord = v1::decode(bytes)?;
+    Some(Ok(daemon::encode(&old.to_current())))
+}
+
+fn delivery_v1(bytes: &[u8]) -> Option<Result<Vec<u8>, StoreError>> {
+    let old: v1::DeliveryRecord = v1::decode(bytes)?;
+    Some(Ok(daemon::encode(&old.to_current())))
+}
+
+/// Rewrites every format-1 record of the daemon's trees as format 2, in place.
+fn daemon_from_v1(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
+    let io = io("migrate the daemon's records from format 1");
+    let existing: HashSet<Vec<u8>> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();
+    let trees = EVENT_TREES
+        .iter()
+        .map(|&name| (name, event_v1 as Rewrite))
+        .chain([(SUBSCRIPTIONS, subscription_v1 as Rewrite)])
+        .chain(DELIVERY_TREES.iter().map(|&name| (name, delivery_v1 as Rewrite)));
+    for (name, rewrite) in trees {
+        if !existing.contains(name.as_bytes()) {
+            continue;
+        }
+        let tree = db.open_tree(name).map_err(&io)?;
+        let mut batch = sled::Batch::default();
+        for entry in tree.iter() {
+            let (key, value) = entry.map_err(&io)?;
+            match value.first() {
+                // Migrated by an open that stopped before `meta` said so.
+                Some(&daemon::FORMAT) => {}
+                Some(&found) if found > daemon::FORMAT => {
+                    return Err(StoreError::NewerDaemonRecord {
+                        tree: name,
+                        found,
+                        supported: daemon::FORMAT,
+                    });
+                }
+                _ => match rewrite(&value) {
+                    Some(record) => {
+                        batch.insert(key, record?);
+                    }
+                    None => not_migrated(counters, name, &key, "its value does not decode"),
+                },
+            }
+        }
+        tree.apply_batch(batch).map_err(&io)?;
+    }
+    db.flush().map_err(&io)?;
+    Ok(())
 }

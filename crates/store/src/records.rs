@@ -21,9 +21,10 @@ pub use crate::v1::{
     AnomalyRecord, AppRecord, BaselineRecord, ClockRecord, EwmaRecord, ScoreRecord, SketchRecord, SlotRecord,
 };
 
-/// An engine type that would not convert to or from its record: the two have diverged.
+/// A type that would not convert to or from its record: an engine type and its record have
+/// diverged, or a daemon record names what this build does not know.
 #[derive(Debug, thiserror::Error)]
-#[error("the engine's {what} no longer matches the store's record for it: {reason}")]
+#[error("the {what} does not convert to or from the store's record for it: {reason}")]
 pub struct ConvertError {
     pub what: &'static str,
     pub reason: String,

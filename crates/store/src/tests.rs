@@ -37,6 +37,30 @@ struct TestDelivery {
 
 struct Test;
 
+/// The stand-ins' names in the store's records.
+fn kind_name(kind: u8) -> String {
+    format!("test.kind.{kind}")
+}
+
+fn seq_of(id: &str) -> Result<Option<u64>, ConvertError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    id.parse().map(Some).map_err(|_| ConvertError {
+        what: "test id",
+        reason: id.to_owned(),
+    })
+}
+
+fn kind_of(name: &str) -> Result<u8, ConvertError> {
+    name.strip_prefix("test.kind.")
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| ConvertError {
+            what: "test kind",
+            reason: name.to_owned(),
+        })
+}
+
 impl DaemonRecords for Test {
     type Event = TestEvent;
     type Subscription = TestSubscription;
@@ -45,31 +69,71 @@ impl DaemonRecords for Test {
     fn stored(event: &mut TestEvent, seq: u64) {
         event.seq = Some(seq);
     }
-    fn subscription_id(subscription: &TestSubscription) -> &str {
-        &subscription.id
+    fn event_record(event: &TestEvent) -> Result<EventRecord, ConvertError> {
+        Ok(EventRecord {
+            id: event.seq.map(|s| s.to_string()).unwrap_or_default(),
+            specversion: "1.0".into(),
+            source: "test".into(),
+            event_type: kind_name(event.kind),
+            time: String::new(),
+            subject: String::new(),
+            datacontenttype: "application/json".into(),
+            data: "{}".into(),
+        })
     }
-    fn wants(subscription: &TestSubscription, event: &TestEvent) -> bool {
-        subscription.disabled.is_none() && subscription.kinds.contains(&event.kind)
+    fn event(record: EventRecord) -> Result<TestEvent, ConvertError> {
+        Ok(TestEvent {
+            seq: seq_of(&record.id)?,
+            kind: kind_of(&record.event_type)?,
+        })
     }
-    fn is_disabled(subscription: &TestSubscription) -> bool {
-        subscription.disabled.is_some()
-    }
-    fn disable(subscription: &mut TestSubscription, now: &str) {
-        subscription.disabled.get_or_insert_with(|| now.to_owned());
-    }
-    fn delivery(event: &TestEvent) -> TestDelivery {
-        TestDelivery {
-            seq: event.seq,
-            pending: true,
-            parked: false,
-            attempts: 0,
+    fn subscription_record(subscription: &TestSubscription) -> SubscriptionRecord {
+        SubscriptionRecord {
+            id: subscription.id.clone(),
+            url: String::new(),
+            events: subscription.kinds.iter().map(|&k| kind_name(k)).collect(),
+            kind: "webhook".into(),
+            secret: String::new(),
+            created_at: String::new(),
+            disabled: subscription.disabled.clone(),
         }
     }
-    fn is_pending(delivery: &TestDelivery) -> bool {
-        delivery.pending
+    fn subscription(record: SubscriptionRecord) -> Result<TestSubscription, ConvertError> {
+        Ok(TestSubscription {
+            id: record.id,
+            kinds: record
+                .events
+                .iter()
+                .map(|name| kind_of(name))
+                .collect::<Result<_, _>>()?,
+            disabled: record.disabled,
+        })
     }
-    fn is_parked(delivery: &TestDelivery) -> bool {
-        delivery.parked
+    fn delivery_record(delivery: &TestDelivery) -> DeliveryRecord {
+        let state = match (delivery.pending, delivery.parked) {
+            (true, _) => daemon::PENDING,
+            (false, true) => daemon::PARKED,
+            (false, false) => "delivered",
+        };
+        DeliveryRecord {
+            event_id: delivery.seq.map(|s| s.to_string()).unwrap_or_default(),
+            event_type: kind_name(1),
+            state: state.into(),
+            attempts: delivery.attempts,
+            first_attempt_ms: None,
+            next_attempt_ms: 0,
+            last_status: None,
+            last_error: None,
+            delivered_ms: None,
+        }
+    }
+    fn delivery(record: DeliveryRecord) -> Result<TestDelivery, ConvertError> {
+        Ok(TestDelivery {
+            seq: seq_of(&record.event_id)?,
+            pending: record.is_pending(),
+            parked: record.is_parked(),
+            attempts: record.attempts,
+        })
     }
 }
 
@@ -201,7 +265,7 @@ fn an_append_that_raced_a_delete_or_a_disable_leaves_no_entries_for_them() {
         subscribe(&store, id);
     }
     // The append read the subscriptions, then both changed before it wrote its entries.
-    let read_before = store.subscriptions().expect("read");
+    let read_before = store.subscription_records().expect("read");
     store.delete_subscription("deleted").expect("delete");
     store.disable_subscription("disabled").expect("disable");
     store
@@ -808,4 +872,320 @@ fn analyses_survive_a_restart_and_an_ended_one_is_gone() {
     again.judge.analyses = vec![restarted.clone()];
     store.write(&again).expect("write");
     assert_eq!(store.load().expect("load").judge.analyses, vec![restarted]);
+}
+
+/// A format-1 event as the daemon wrote it (postcard of its `Event`, which the frozen record
+/// mirrors).
+fn v1_event(seq: u64, event_type: v1::EventTypeRecord) -> v1::EventRecord {
+    v1::EventRecord {
+        specversion: "1.0".into(),
+        id: format!("evt_{seq:016x}"),
+        source: "canaryd".into(),
+        event_type,
+        time: "2026-01-05T00:00:01.000000000Z".into(),
+        subject: "shop".into(),
+        datacontenttype: "application/json".into(),
+        data: v1::EventDataRecord {
+            env: "prod".into(),
+            app: "shop".into(),
+            stable_version: Some("1.0".into()),
+            canary_version: None,
+            version: Some("1.1".into()),
+            stage: Some(v1::StageRecord {
+                index: 0,
+                name: "10%".into(),
+                weight: 10,
+            }),
+            state: "failing".into(),
+            score: Some(1.5),
+            detected_at: "2026-01-05T00:00:00.000000000Z".into(),
+            reasons: vec![v1::ReasonRecord {
+                feature: "error_ratio".into(),
+                operation: None,
+                test: "fisher_exact".into(),
+                canary_value: 0.25,
+                baseline_value: 0.5,
+                statistic: 3.0,
+                threshold: 2.0,
+                message: "m".into(),
+            }],
+            action: Some(v1::ActionRecord {
+                kind: "set_weight".into(),
+                app: "shop".into(),
+                version: "1.1".into(),
+                weight: 0,
+            }),
+            dry_run: false,
+        },
+    }
+}
+
+fn v1_delivery(
+    seq: u64,
+    event_type: v1::EventTypeRecord,
+    state: v1::DeliveryStateRecord,
+) -> v1::DeliveryRecord {
+    v1::DeliveryRecord {
+        event_id: format!("evt_{seq:016x}"),
+        event_type,
+        state,
+        attempts: 2,
+        first_attempt_ms: Some(10),
+        next_attempt_ms: 20,
+        last_status: Some(503),
+        last_error: Some("unavailable".into()),
+        delivered_ms: None,
+    }
+}
+
+/// The daemon's trees of a format-1 data dir: one event of every type (the last two past the
+/// history, owed), a subscription of each kind wanting them all, an outbox entry, a parked one and
+/// a finished one of every state, and one event that does not decode. What it wrote, as format 2
+/// should read it.
+struct V1Daemon {
+    events: Vec<EventRecord>,
+    owed: Vec<EventRecord>,
+    subscriptions: Vec<SubscriptionRecord>,
+    /// The deliveries of subscription `a`, newest first.
+    deliveries: Vec<DeliveryRecord>,
+}
+
+fn write_v1_daemon(dir: &Path) -> V1Daemon {
+    use v1::{DeliveryStateRecord as S, EventTypeRecord as T};
+    let db = sled::open(dir.join("sled")).expect("open");
+    let tree = |name: &str| db.open_tree(name).expect("tree");
+    let (events, owed) = (tree(EVENTS), tree(OWED));
+    let mut out = V1Daemon {
+        events: Vec::new(),
+        owed: Vec::new(),
+        subscriptions: Vec::new(),
+        deliveries: Vec::new(),
+    };
+    for (i, event_type) in T::ALL.into_iter().enumerate() {
+        let seq = i as u64 + 1;
+        let event = v1_event(seq, event_type);
+        let (tree, list) = if seq > 9 {
+            (&owed, &mut out.owed)
+        } else {
+            (&events, &mut out.events)
+        };
+        tree.insert(seq.to_be_bytes(), v1::encode(&event))
+            .expect("insert");
+        list.push(event.to_current().expect("converts"));
+    }
+    events
+        .insert(100u64.to_be_bytes(), vec![v1::FORMAT, 0xff])
+        .expect("insert");
+    for (id, kind) in [("a", v1::KindRecord::Webhook), ("b", v1::KindRecord::Haproxy)] {
+        let subscription = v1::SubscriptionRecord {
+            id: id.into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            events: T::ALL.to_vec(),
+            kind,
+            secret: "whsec_x".into(),
+            created_at: "2026-01-05T00:00:00Z".into(),
+            disabled: None,
+        };
+        tree(SUBSCRIPTIONS)
+            .insert(subscription_key(id), v1::encode(&subscription))
+            .expect("insert");
+        out.subscriptions.push(subscription.to_current());
+    }
+    // Event 10 pending, 11 parked (both owed), and one finished delivery of each other state.
+    let pending = v1_delivery(10, T::CanaryPaused, S::Pending);
+    tree(OUTBOX)
+        .insert(outbox_key("a", 10), v1::encode(&pending))
+        .expect("insert");
+    let parked = v1_delivery(11, T::CanaryResumed, S::Parked);
+    tree(PARKED)
+        .insert(outbox_key("a", 11), v1::encode(&parked))
+        .expect("insert");
+    out.deliveries.push(parked.to_current());
+    out.deliveries.push(pending.to_current());
+    for (i, state) in [S::Delivered, S::Expired, S::Gone, S::Skipped]
+        .into_iter()
+        .enumerate()
+    {
+        let seq = 9 - i as u64;
+        let delivery = v1_delivery(seq, T::ALL[seq as usize - 1], state);
+        let mut key = seq.to_be_bytes().to_vec();
+        key.extend(b"a");
+        tree(HISTORY).insert(key, v1::encode(&delivery)).expect("insert");
+        out.deliveries.push(delivery.to_current());
+    }
+    db.flush().expect("flush");
+    out
+}
+
+fn assert_reads_v1_daemon(store: &Store, v1: &V1Daemon) {
+    let events = store.events(None, 100, |_| true).expect("read");
+    assert_eq!(events, v1.events);
+    for event in &v1.owed {
+        let seq = u64::from_str_radix(&event.id[4..], 16).expect("an id");
+        assert_eq!(store.event(seq).expect("read").as_ref(), Some(event));
+    }
+    assert_eq!(store.subscriptions().expect("read"), v1.subscriptions);
+    assert_eq!(store.deliveries("a", 100).expect("read"), v1.deliveries);
+    assert_eq!(
+        store.next_delivery("a").expect("read").map(|(seq, _)| seq),
+        Some(10)
+    );
+    assert_eq!(store.parked("a").expect("read").len(), 1);
+    assert_eq!((store.outbox_depth(), store.parked_count()), (1, 1));
+}
+
+#[test]
+fn format_1_daemon_records_are_rewritten_as_format_2_with_types_and_states_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v1 = write_v1_daemon(dir.path());
+    let names: Vec<&str> = v1
+        .events
+        .iter()
+        .chain(&v1.owed)
+        .map(|e| e.event_type.as_str())
+        .collect();
+    assert_eq!(names, v1::EventTypeRecord::ALL.map(|t| t.name()));
+    let states: Vec<&str> = v1.deliveries.iter().map(|d| d.state.as_str()).collect();
+    assert_eq!(
+        states,
+        ["parked", "pending", "delivered", "expired", "gone", "skipped"]
+    );
+    let data: serde_json::Value = serde_json::from_str(&v1.events[0].data).expect("json");
+    assert_eq!(data["stage"]["name"], "10%", "the data is the contract's JSON");
+    assert_eq!(data["canary_version"], serde_json::Value::Null);
+
+    let counters = StoreCounters::default();
+    let store: Store = Store::open(dir.path(), 1 << 20, counters.clone()).expect("open");
+    assert_reads_v1_daemon(&store, &v1);
+    // The event that did not decode was counted and left where it was.
+    assert_eq!(
+        counters.records_skipped.get(),
+        1 + 1,
+        "at the migration and the read"
+    );
+    assert_eq!(
+        store.events.get(100u64.to_be_bytes()).expect("read").as_deref(),
+        Some(&[v1::FORMAT, 0xff][..])
+    );
+    assert_eq!(
+        migrate::daemon_format(&store.db, &dir.path().join("sled")).expect("read"),
+        Some(DAEMON_FORMAT)
+    );
+    drop(store);
+    let store: Store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("reopen");
+    assert_reads_v1_daemon(&store, &v1);
+}
+
+#[test]
+fn a_daemon_migration_that_stopped_half_way_takes_up_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v1 = write_v1_daemon(dir.path());
+    {
+        // Half the events rewritten, `meta` not yet saying so.
+        let db = sled::open(dir.path().join("sled")).expect("open");
+        let events = db.open_tree(EVENTS).expect("tree");
+        for record in v1.events.iter().take(4) {
+            let seq = u64::from_str_radix(&record.id[4..], 16).expect("an id");
+            events
+                .insert(seq.to_be_bytes(), daemon::encode(record))
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let store: Store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+    assert_reads_v1_daemon(&store, &v1);
+}
+
+#[test]
+fn a_daemon_record_of_a_newer_format_is_an_error_naming_both_formats() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+    store
+        .events
+        .insert(5u64.to_be_bytes(), vec![DAEMON_FORMAT + 1, 1, 2])
+        .expect("insert");
+    let message = store.events(None, 10, |_| true).expect_err("newer").to_string();
+    assert!(
+        message.contains("events tree was written in record format 3; this build reads up to format 2"),
+        "{message}"
+    );
+    assert!(store.event(5).is_err(), "never skipped");
+    drop(store);
+
+    // Met by a migration from format 1: the open stops.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_v1_daemon(dir.path());
+    {
+        let db = sled::open(dir.path().join("sled")).expect("open");
+        let parked = db.open_tree(PARKED).expect("tree");
+        parked
+            .insert(outbox_key("a", 11), vec![DAEMON_FORMAT + 1])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let error = Store::<AsStored>::open(dir.path(), 1 << 20, StoreCounters::default())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            error,
+            StoreError::NewerDaemonRecord {
+                tree: PARKED,
+                found: 3,
+                supported: 2
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_data_dir_whose_daemon_records_are_of_a_newer_format_is_refused_naming_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path());
+        let meta = store.db.open_tree("meta").expect("meta");
+        meta.insert("daemon_format", &[DAEMON_FORMAT + 1])
+            .expect("insert");
+        store.flush().expect("flush");
+    }
+    let error = TestStore::open(dir.path(), 1 << 20, StoreCounters::default())
+        .err()
+        .expect("refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("record format 3; this build reads up to format 2"),
+        "{message}"
+    );
+}
+
+/// The store's rules read the records: a subscription wants an event by its type's name, a new
+/// delivery is pending, and `AsStored` keeps whatever the records say.
+#[test]
+fn the_outbox_rules_read_the_stored_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+    let v1 = v1_event(1, v1::EventTypeRecord::CanaryHeld)
+        .to_current()
+        .expect("converts");
+    let mut subscription = v1::SubscriptionRecord {
+        id: "a".into(),
+        url: String::new(),
+        events: vec![v1::EventTypeRecord::CanaryHeld],
+        kind: v1::KindRecord::Webhook,
+        secret: String::new(),
+        created_at: String::new(),
+        disabled: None,
+    }
+    .to_current();
+    store.put_subscription(&subscription).expect("subscribe");
+    subscription.id = "b".into();
+    subscription.events = vec!["canaryd.canary.failed".into()];
+    store.put_subscription(&subscription).expect("subscribe");
+    let mut events = vec![v1.clone()];
+    store.append_events(&mut events, 10).expect("append");
+    let (seq, delivery) = store.next_delivery("a").expect("read").expect("pending");
+    assert_eq!(delivery, DeliveryRecord::pending(&events[0]));
+    assert_eq!(events[0].id, seq.to_string());
+    assert_eq!(store.next_delivery("b").expect("read"), None);
 }

@@ -9,8 +9,16 @@
 //! endian), where the app's scope was written `*`: a version named `*` shared the app's slots.
 //!
 //! Schema 2 kept the value records as they were (see `records`); only the keys changed.
+//!
+//! The daemon's records (events, subscriptions, deliveries) stayed format 1, postcard of the
+//! daemon's own types, up to commit 00945d3; `daemon` holds their format 2. Their layouts did
+//! not change over that time except by variants appended to two enums (`EventTypeRecord`,
+//! `DeliveryStateRecord`), so one frozen set reads all of them.
 
 use serde::{Deserialize, Serialize};
+
+use crate::daemon;
+use crate::records::ConvertError;
 
 /// The format byte of format 1's records.
 pub const FORMAT: u8 = 1;
@@ -267,6 +275,248 @@ pub struct AppRecord {
     pub downstreams: Vec<(String, u64)>,
     pub exception_types: Vec<(String, u64)>,
     pub streams: Vec<(StreamKeyRecord, StreamRecord)>,
+}
+
+/// The daemon's `EventType` of format 1, in its variant order. The daemon appended variants while
+/// it wrote format 1 (9bf3e01 had the first six, 00945d3 all eleven); postcard writes a variant's
+/// index, so this list reads what either wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventTypeRecord {
+    CanaryStarted,
+    CanaryStagePassed,
+    CanaryFailed,
+    CanaryPromoted,
+    AnomalyDetected,
+    AnomalyResolved,
+    CanaryRolledBack,
+    CanaryEnded,
+    CanaryHeld,
+    CanaryPaused,
+    CanaryResumed,
+}
+
+impl EventTypeRecord {
+    pub const ALL: [EventTypeRecord; 11] = [
+        EventTypeRecord::CanaryStarted,
+        EventTypeRecord::CanaryStagePassed,
+        EventTypeRecord::CanaryFailed,
+        EventTypeRecord::CanaryPromoted,
+        EventTypeRecord::AnomalyDetected,
+        EventTypeRecord::AnomalyResolved,
+        EventTypeRecord::CanaryRolledBack,
+        EventTypeRecord::CanaryEnded,
+        EventTypeRecord::CanaryHeld,
+        EventTypeRecord::CanaryPaused,
+        EventTypeRecord::CanaryResumed,
+    ];
+
+    /// The type's CloudEvents name, as the event contract has it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventTypeRecord::CanaryStarted => "canaryd.canary.started",
+            EventTypeRecord::CanaryStagePassed => "canaryd.canary.stage_passed",
+            EventTypeRecord::CanaryFailed => "canaryd.canary.failed",
+            EventTypeRecord::CanaryPromoted => "canaryd.canary.promoted",
+            EventTypeRecord::AnomalyDetected => "canaryd.anomaly.detected",
+            EventTypeRecord::AnomalyResolved => "canaryd.anomaly.resolved",
+            EventTypeRecord::CanaryRolledBack => "canaryd.canary.rolled_back",
+            EventTypeRecord::CanaryEnded => "canaryd.canary.ended",
+            EventTypeRecord::CanaryHeld => "canaryd.canary.held",
+            EventTypeRecord::CanaryPaused => "canaryd.canary.paused",
+            EventTypeRecord::CanaryResumed => "canaryd.canary.resumed",
+        }
+    }
+}
+
+/// The daemon's `Reason` of format 1. Field names are the event contract's: `EventDataRecord`
+/// is written to format 2 as its JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReasonRecord {
+    pub feature: String,
+    pub operation: Option<String>,
+    pub test: String,
+    pub canary_value: f64,
+    pub baseline_value: f64,
+    pub statistic: f64,
+    pub threshold: f64,
+    pub message: String,
+}
+
+/// The daemon's `Stage` of format 1.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub index: u32,
+    pub name: String,
+    pub weight: u32,
+}
+
+/// The daemon's `Action` of format 1.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActionRecord {
+    pub kind: String,
+    pub app: String,
+    pub version: String,
+    pub weight: u32,
+}
+
+/// The daemon's `EventData` of format 1 (unchanged from 9bf3e01 to 00945d3).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventDataRecord {
+    pub env: String,
+    pub app: String,
+    pub stable_version: Option<String>,
+    pub canary_version: Option<String>,
+    pub version: Option<String>,
+    pub stage: Option<StageRecord>,
+    pub state: String,
+    pub score: Option<f64>,
+    pub detected_at: String,
+    pub reasons: Vec<ReasonRecord>,
+    pub action: Option<ActionRecord>,
+    pub dry_run: bool,
+}
+
+/// The daemon's `Event` of format 1: the value in `events` and `owed`, keyed by sequence number
+/// (8 bytes, big endian).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    pub event_type: EventTypeRecord,
+    pub time: String,
+    pub subject: String,
+    pub datacontenttype: String,
+    pub data: EventDataRecord,
+}
+
+impl EventRecord {
+    /// As format 2 keeps it: the data as the contract's JSON, the type by name.
+    pub fn to_current(&self) -> Result<daemon::EventRecord, ConvertError> {
+        let data = serde_json::to_string(&self.data).map_err(|e| ConvertError {
+            what: "format-1 event data",
+            reason: e.to_string(),
+        })?;
+        Ok(daemon::EventRecord {
+            id: self.id.clone(),
+            specversion: self.specversion.clone(),
+            source: self.source.clone(),
+            event_type: self.event_type.name().to_owned(),
+            time: self.time.clone(),
+            subject: self.subject.clone(),
+            datacontenttype: self.datacontenttype.clone(),
+            data,
+        })
+    }
+}
+
+/// The daemon's subscription `Kind` of format 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KindRecord {
+    Webhook,
+    Haproxy,
+}
+
+impl KindRecord {
+    pub fn name(self) -> &'static str {
+        match self {
+            KindRecord::Webhook => "webhook",
+            KindRecord::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// The daemon's `Subscription` of format 1: the value in `subscriptions`, whose key is the format
+/// byte then postcard of its id (kept by format 2).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<EventTypeRecord>,
+    pub kind: KindRecord,
+    pub secret: String,
+    pub created_at: String,
+    pub disabled: Option<String>,
+}
+
+impl SubscriptionRecord {
+    pub fn to_current(&self) -> daemon::SubscriptionRecord {
+        daemon::SubscriptionRecord {
+            id: self.id.clone(),
+            url: self.url.clone(),
+            events: self.events.iter().map(|t| t.name().to_owned()).collect(),
+            kind: self.kind.name().to_owned(),
+            secret: self.secret.clone(),
+            created_at: self.created_at.clone(),
+            disabled: self.disabled.clone(),
+        }
+    }
+}
+
+/// The daemon's `DeliveryState` of format 1 (`Parked` was appended after 9bf3e01).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryStateRecord {
+    Pending,
+    Delivered,
+    Expired,
+    Gone,
+    Skipped,
+    Parked,
+}
+
+impl DeliveryStateRecord {
+    pub const ALL: [DeliveryStateRecord; 6] = [
+        DeliveryStateRecord::Pending,
+        DeliveryStateRecord::Delivered,
+        DeliveryStateRecord::Expired,
+        DeliveryStateRecord::Gone,
+        DeliveryStateRecord::Skipped,
+        DeliveryStateRecord::Parked,
+    ];
+
+    /// The state's name, as the API shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeliveryStateRecord::Pending => daemon::PENDING,
+            DeliveryStateRecord::Delivered => "delivered",
+            DeliveryStateRecord::Expired => "expired",
+            DeliveryStateRecord::Gone => "gone",
+            DeliveryStateRecord::Skipped => "skipped",
+            DeliveryStateRecord::Parked => daemon::PARKED,
+        }
+    }
+}
+
+/// The daemon's `Delivery` of format 1: the value in `outbox`, `parked` (both keyed by the
+/// subscription id, a zero byte, the event's sequence number) and `deliveries` (keyed by the
+/// sequence number, then the subscription id).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub event_id: String,
+    pub event_type: EventTypeRecord,
+    pub state: DeliveryStateRecord,
+    pub attempts: u32,
+    pub first_attempt_ms: Option<u64>,
+    pub next_attempt_ms: u64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub delivered_ms: Option<u64>,
+}
+
+impl DeliveryRecord {
+    pub fn to_current(&self) -> daemon::DeliveryRecord {
+        daemon::DeliveryRecord {
+            event_id: self.event_id.clone(),
+            event_type: self.event_type.name().to_owned(),
+            state: self.state.name().to_owned(),
+            attempts: self.attempts,
+            first_attempt_ms: self.first_attempt_ms,
+            next_attempt_ms: self.next_attempt_ms,
+            last_status: self.last_status,
+            last_error: self.last_error.clone(),
+            delivered_ms: self.delivered_ms,
+        }
+    }
 }
 
 /// A clock's or an app's key in format 1: the format byte then postcard of `(env, app)`.

@@ -1,6 +1,8 @@
 //! Opens a copy of `tests/fixtures/datadir-v1` (written by the daemon at commit 9bf3e01, store
 //! format 1) and checks that every clock, app, baseline and seasonal slot it holds reads back, as
-//! the engine's types, equal to what the frozen format-1 records decode from the same bytes.
+//! the engine's types, equal to what the frozen format-1 records decode from the same bytes, and
+//! every event, subscription and delivery, as the store's format-2 records, equal to the frozen
+//! format-1 daemon records converted.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,9 @@ use canaryd_engine::window::AppClock;
 use canaryd_engine::{BaselineId, Engine, EngineConfig, Scope};
 use canaryd_store::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 use canaryd_store::v1::{self, BaselineKeyRecord, ScopeRecord};
-use canaryd_store::{SCHEMA, Store, StoreCounters};
+use canaryd_store::{
+    DAEMON_FORMAT, DeliveryRecord, EventRecord, SCHEMA, Store, StoreCounters, SubscriptionRecord,
+};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/datadir-v1")
@@ -46,9 +50,10 @@ struct V1 {
     /// Each baseline's paged-out slots: (its id, slot) -> summary.
     slots: BTreeMap<(BaselineId, u16), SlotSummary>,
     slot_records: usize,
-    events: usize,
-    subscriptions: usize,
-    deliveries: usize,
+    events: Vec<EventRecord>,
+    subscriptions: Vec<SubscriptionRecord>,
+    /// Each subscription's finished and pending deliveries, in the order they were keyed.
+    deliveries: BTreeMap<String, Vec<DeliveryRecord>>,
 }
 
 fn engine_id(key: &BaselineKeyRecord) -> BaselineId {
@@ -75,10 +80,34 @@ fn read_v1(dir: &Path) -> V1 {
         baselines: BTreeMap::new(),
         slots: BTreeMap::new(),
         slot_records: tree("slots").len(),
-        events: tree("events").len(),
-        subscriptions: tree("subscriptions").len(),
-        deliveries: tree("deliveries").len() + tree("outbox").len(),
+        events: Vec::new(),
+        subscriptions: Vec::new(),
+        deliveries: BTreeMap::new(),
     };
+    for entry in tree("events").iter() {
+        let (_, v) = entry.expect("read");
+        let event: v1::EventRecord = v1::decode(&v).expect("a format-1 event");
+        out.events.push(event.to_current().expect("converts"));
+    }
+    for entry in tree("subscriptions").iter() {
+        let (_, v) = entry.expect("read");
+        let subscription: v1::SubscriptionRecord = v1::decode(&v).expect("a format-1 subscription");
+        out.subscriptions.push(subscription.to_current());
+    }
+    for name in ["deliveries", "outbox"] {
+        for entry in tree(name).iter() {
+            let (k, v) = entry.expect("read");
+            let delivery: v1::DeliveryRecord = v1::decode(&v).expect("a format-1 delivery");
+            let id = match name {
+                "deliveries" => &k[8..],
+                _ => &k[..k.len() - 9],
+            };
+            out.deliveries
+                .entry(String::from_utf8(id.to_vec()).expect("an id"))
+                .or_default()
+                .push(delivery.to_current());
+        }
+    }
     for entry in tree("clocks").iter() {
         let (k, v) = entry.expect("read");
         let key = v1::decode_app_key(&k).expect("a format-1 key");
@@ -122,7 +151,12 @@ fn the_v1_fixture_reads_back_whole_after_migration() {
     assert!(versions.contains(&&Scope::Version("*".into())));
     assert!(versions.contains(&&Scope::Version("2.7.1".into())));
     assert!(v1.slot_records > 0, "the fixture has paged-out seasonal slots");
-    assert!(v1.events > 0 && v1.subscriptions > 0 && v1.deliveries > 0);
+    let types: Vec<&str> = v1.events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["canaryd.canary.started", "canaryd.canary.failed"]);
+    assert_eq!(v1.subscriptions.len(), 1);
+    let deliveries = &v1.deliveries[&v1.subscriptions[0].id];
+    assert_eq!(deliveries.len(), 2);
+    assert!(deliveries.iter().all(|d| d.state == "delivered"));
     // Every slot record belongs to some baseline (the app's and version *'s are one record).
     let star_shared = v1
         .slots
@@ -137,9 +171,9 @@ fn the_v1_fixture_reads_back_whole_after_migration() {
         v1.baselines.len(),
         v1.baselines.keys().filter(|id| id.scope == Scope::App).count(),
         v1.slot_records,
-        v1.events,
-        v1.subscriptions,
-        v1.deliveries
+        v1.events.len(),
+        v1.subscriptions.len(),
+        v1.deliveries.values().map(Vec::len).sum::<usize>()
     );
 
     let copy = fixture_copy();
@@ -169,7 +203,14 @@ fn the_v1_fixture_reads_back_whole_after_migration() {
         );
     }
     assert_eq!(store.slot_count(), v1.slots.len());
-    assert_eq!(store.event_count(), v1.events);
+    assert_eq!(store.event_count(), v1.events.len());
+    assert_eq!(store.events(None, 100, |_| true).expect("events"), v1.events);
+    assert_eq!(store.subscriptions().expect("subscriptions"), v1.subscriptions);
+    for (id, deliveries) in &v1.deliveries {
+        let mut newest_first = deliveries.clone();
+        newest_first.reverse();
+        assert_eq!(&store.deliveries(id, 100).expect("deliveries"), &newest_first);
+    }
     drop((slots, store));
 
     // Reopened, it is schema 2 and needs no migration; the engine restores from it.
@@ -184,5 +225,6 @@ fn the_v1_fixture_reads_back_whole_after_migration() {
         v1.baselines.keys().filter(|id| id.scope == Scope::App).count()
     );
     assert!(engine.baselines("prod", "shop", Some("*")).is_some());
-    assert_eq!(SCHEMA, 2);
+    assert_eq!(store.events(None, 100, |_| true).expect("events"), v1.events);
+    assert_eq!((SCHEMA, DAEMON_FORMAT), (2, 2));
 }
