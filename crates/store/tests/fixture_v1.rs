@@ -19,7 +19,13 @@ use canaryd_store::{
 };
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/datadir-v1")
+    fixture_named("datadir-v1")
+}
+
+fn fixture_named(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -37,8 +43,12 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// A copy of the fixture's data dir in a temporary dir (sled writes to what it opens).
 fn fixture_copy() -> tempfile::TempDir {
+    copy_of(&fixture())
+}
+
+fn copy_of(fixture: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    copy_dir(&fixture().join("sled"), &dir.path().join("sled"));
+    copy_dir(&fixture.join("sled"), &dir.path().join("sled"));
     dir
 }
 
@@ -227,4 +237,130 @@ fn the_v1_fixture_reads_back_whole_after_migration() {
     assert!(engine.baselines("prod", "shop", Some("*")).is_some());
     assert_eq!(store.events(None, 100, |_| true).expect("events"), v1.events);
     assert_eq!((SCHEMA, DAEMON_FORMAT), (2, 2));
+}
+
+/// Every daemon record of a format-1 data dir, decoded with the frozen records and converted to
+/// format 2's, by tree and key.
+#[derive(Default)]
+struct V1Daemon {
+    events: BTreeMap<u64, EventRecord>,
+    owed: BTreeMap<u64, EventRecord>,
+    subscriptions: Vec<SubscriptionRecord>,
+    /// Outbox and parked entries: (subscription, sequence number) -> delivery.
+    outbox: BTreeMap<(String, u64), DeliveryRecord>,
+    parked: BTreeMap<(String, u64), DeliveryRecord>,
+    history: BTreeMap<(String, u64), DeliveryRecord>,
+    event_types: Vec<v1::EventTypeRecord>,
+    states: Vec<v1::DeliveryStateRecord>,
+    kinds: Vec<v1::KindRecord>,
+}
+
+fn read_v1_daemon(dir: &Path) -> V1Daemon {
+    let db = sled::open(dir.join("sled")).expect("open the copy");
+    let tree = |name: &str| db.open_tree(name).expect("tree");
+    let seq = |key: &[u8]| u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
+    let mut out = V1Daemon::default();
+    for (name, events) in [("events", &mut out.events), ("owed", &mut out.owed)] {
+        for entry in tree(name).iter() {
+            let (k, v) = entry.expect("read");
+            let event: v1::EventRecord = v1::decode(&v).expect("a format-1 event");
+            out.event_types.push(event.event_type);
+            events.insert(seq(&k), event.to_current().expect("converts"));
+        }
+    }
+    for entry in tree("subscriptions").iter() {
+        let (_, v) = entry.expect("read");
+        let subscription: v1::SubscriptionRecord = v1::decode(&v).expect("a format-1 subscription");
+        out.kinds.push(subscription.kind);
+        out.subscriptions.push(subscription.to_current());
+    }
+    for (name, deliveries) in [("outbox", &mut out.outbox), ("parked", &mut out.parked)] {
+        for entry in tree(name).iter() {
+            let (k, v) = entry.expect("read");
+            let delivery: v1::DeliveryRecord = v1::decode(&v).expect("a format-1 delivery");
+            out.states.push(delivery.state);
+            let id = String::from_utf8(k[..k.len() - 9].to_vec()).expect("an id");
+            deliveries.insert((id, seq(&k)), delivery.to_current());
+        }
+    }
+    for entry in tree("deliveries").iter() {
+        let (k, v) = entry.expect("read");
+        let delivery: v1::DeliveryRecord = v1::decode(&v).expect("a format-1 delivery");
+        out.states.push(delivery.state);
+        let id = String::from_utf8(k[8..].to_vec()).expect("an id");
+        let seq = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+        out.history.insert((id, seq), delivery.to_current());
+    }
+    out
+}
+
+/// `tests/fixtures/datadir-00945d3`: daemon records of format 1 as the last build that wrote them
+/// left them (appended event types, parked deliveries, owed events, a pending outbox, an haproxy
+/// subscription), each read back by the store after its migration to format 2.
+#[test]
+fn the_00945d3_fixture_reads_back_every_daemon_record() {
+    use v1::{DeliveryStateRecord as S, EventTypeRecord as T};
+    let fixture = fixture_named("datadir-00945d3");
+    let v1 = read_v1_daemon(copy_of(&fixture).path());
+    // What the fixture's README says it holds.
+    assert_eq!((v1.events.len(), v1.owed.len()), (4, 3));
+    for t in [T::CanaryEnded, T::CanaryPaused, T::CanaryResumed] {
+        assert!(v1.event_types.contains(&t), "{t:?}");
+    }
+    for state in [S::Parked, S::Pending, S::Skipped, S::Delivered] {
+        assert!(v1.states.contains(&state), "{state:?}");
+    }
+    assert!(v1.kinds.contains(&v1::KindRecord::Haproxy));
+    assert!(!v1.outbox.is_empty() && v1.parked.len() == 3);
+
+    let copy = copy_of(&fixture);
+    let counters = StoreCounters::default();
+    let store: Store = Store::open(copy.path(), 1 << 20, counters.clone()).expect("open");
+    let events: Vec<EventRecord> = v1.events.values().cloned().collect();
+    assert_eq!(store.events(None, 100, |_| true).expect("events"), events);
+    for (seq, event) in v1.events.iter().chain(&v1.owed) {
+        assert_eq!(
+            store.event(*seq).expect("event").as_ref(),
+            Some(event),
+            "event {seq}"
+        );
+    }
+    assert_eq!(store.owed_count(), v1.owed.len());
+    let mut subscriptions = store.subscriptions().expect("subscriptions");
+    let mut expected = v1.subscriptions.clone();
+    subscriptions.sort_by(|a, b| a.id.cmp(&b.id));
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(subscriptions, expected);
+    assert_eq!(
+        (store.outbox_depth(), store.parked_count()),
+        (v1.outbox.len(), v1.parked.len())
+    );
+    for subscription in &v1.subscriptions {
+        let id = &subscription.id;
+        let mine = |tree: &BTreeMap<(String, u64), DeliveryRecord>| -> Vec<(u64, DeliveryRecord)> {
+            tree.iter()
+                .filter(|((sub, _), _)| sub == id)
+                .map(|((_, seq), d)| (*seq, d.clone()))
+                .collect()
+        };
+        assert_eq!(store.parked(id).expect("parked"), mine(&v1.parked), "{id}");
+        assert_eq!(
+            store.next_delivery(id).expect("outbox"),
+            mine(&v1.outbox).into_iter().next(),
+            "{id}"
+        );
+        let mut all: Vec<(u64, DeliveryRecord)> = mine(&v1.outbox);
+        all.extend(mine(&v1.parked));
+        all.extend(mine(&v1.history));
+        all.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        let all: Vec<DeliveryRecord> = all.into_iter().map(|(_, d)| d).collect();
+        assert_eq!(store.deliveries(id, 100).expect("deliveries"), all, "{id}");
+        for (seq, delivery) in mine(&v1.outbox).into_iter().chain(mine(&v1.parked)) {
+            assert_eq!(store.find_delivery(id, seq).expect("find"), Some(delivery));
+        }
+    }
+    assert_eq!(counters.records_skipped.get(), 0, "nothing skipped");
+    // The engine's state needed no migration and still loads.
+    let state = store.load().expect("load");
+    assert_eq!(state.clocks.len(), 1);
 }
