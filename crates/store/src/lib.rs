@@ -27,19 +27,19 @@
 //! frozen in `v1` and rewritten as format 2 when the store opens (`migrate`); a newer format stops
 //! the open, or the read that finds one, with an error naming both formats. The store owns these
 //! records' keys and the rules between them, written in its records' terms. An outbox or parked
-//! entry exists only while its
-//! subscription does and is enabled: updates never re-insert one, a delivery moves from the outbox
-//! to `parked` in one transaction, and a delete or a disable clears both. An event leaves the
-//! history (`max_events`, oldest first) but is never lost while a delivery of it is pending or
-//! parked: it goes to `owed` before it leaves `events`, and `event` reads both. The numbers of events,
-//! outbox entries and parked ones are counted as they change (sled's `len` walks a whole tree).
+//! entry exists only while its subscription does and is enabled: updates never re-insert one, a
+//! delivery moves from the outbox to `parked` in one transaction, and a delete or a disable clears
+//! both. An event leaves the history (`max_events`, oldest first) but is never lost while a
+//! delivery of it is pending or parked: it goes to `owed` before it leaves `events`, and `event`
+//! reads both. The numbers of events, outbox entries and parked ones are counted as they change
+//! (sled's `len` walks a whole tree).
 //!
 //! A record that does not decode (corrupt, or of a format no schema ever wrote), or a daemon
 //! record naming what this build does not know, is skipped, counted
 //! (`StoreCounters::records_skipped`) and logged, never misread; one that says it was written by a
-//! newer schema or format is an error. sled flushes only when told (`flush`), so what is
-//! durable is exactly what the daemon flushed: on the flush interval, with each batch of events,
-//! and at shutdown.
+//! newer schema or format is an error. sled flushes only when told (`flush`), so what is durable
+//! is exactly what the daemon flushed: on the flush interval, with each batch of events, and at
+//! shutdown.
 //!
 //! sled is no longer maintained; keeping it behind `Store` (open, load, write, flush, slots) is
 //! what lets it be replaced later without touching the engine or the daemon's wiring.
