@@ -17,6 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::records::ConvertError;
+use crate::v1;
+
 /// The format byte of the daemon's records that this build writes, and the newest it reads.
 /// Format 1 (`v1`) was postcard of the daemon's own types.
 pub const FORMAT: u8 = 2;
@@ -106,6 +109,58 @@ impl DeliveryRecord {
 
     pub fn is_parked(&self) -> bool {
         self.state == PARKED
+    }
+}
+
+/// Format 1's event as format 2 keeps it: the data as the contract's JSON, the type by name.
+impl TryFrom<&v1::EventRecord> for EventRecord {
+    type Error = ConvertError;
+
+    fn try_from(old: &v1::EventRecord) -> Result<Self, ConvertError> {
+        let data = serde_json::to_string(&old.data).map_err(|e| ConvertError {
+            what: "format-1 event data",
+            reason: e.to_string(),
+        })?;
+        Ok(EventRecord {
+            id: old.id.clone(),
+            specversion: old.specversion.clone(),
+            source: old.source.clone(),
+            event_type: old.event_type.name().to_owned(),
+            time: old.time.clone(),
+            subject: old.subject.clone(),
+            datacontenttype: old.datacontenttype.clone(),
+            data,
+        })
+    }
+}
+
+impl From<&v1::SubscriptionRecord> for SubscriptionRecord {
+    fn from(old: &v1::SubscriptionRecord) -> Self {
+        SubscriptionRecord {
+            id: old.id.clone(),
+            url: old.url.clone(),
+            events: old.events.iter().map(|t| t.name().to_owned()).collect(),
+            kind: old.kind.name().to_owned(),
+            secret: old.secret.clone(),
+            created_at: old.created_at.clone(),
+            disabled: old.disabled.clone(),
+        }
+    }
+}
+
+impl From<&v1::DeliveryRecord> for DeliveryRecord {
+    fn from(old: &v1::DeliveryRecord) -> Self {
+        DeliveryRecord {
+            event_id: old.event_id.clone(),
+            event_type: old.event_type.name().to_owned(),
+            state: old.state.name().to_owned(),
+            attempts: old.attempts,
+            first_attempt_ms: old.first_attempt_ms,
+            next_attempt_ms: old.next_attempt_ms,
+            last_status: old.last_status,
+            last_error: old.last_error.clone(),
+            delivered_ms: old.delivered_ms,
+        }
     }
 }
 

@@ -290,7 +290,7 @@ type Rewrite = fn(&[u8]) -> Option<Result<Vec<u8>, StoreError>>;
 fn event_v1(bytes: &[u8]) -> Option<Result<Vec<u8>, StoreError>> {
     let old: v1::EventRecord = v1::decode(bytes)?;
     Some(
-        old.to_current()
+        daemon::EventRecord::try_from(&old)
             .map(|record| daemon::encode(&record))
             .map_err(StoreError::from),
     )
@@ -298,12 +298,12 @@ fn event_v1(bytes: &[u8]) -> Option<Result<Vec<u8>, StoreError>> {
 
 fn subscription_v1(bytes: &[u8]) -> Option<Result<Vec<u8>, StoreError>> {
     let old: v1::SubscriptionRecord = v1::decode(bytes)?;
-    Some(Ok(daemon::encode(&old.to_current())))
+    Some(Ok(daemon::encode(&daemon::SubscriptionRecord::from(&old))))
 }
 
 fn delivery_v1(bytes: &[u8]) -> Option<Result<Vec<u8>, StoreError>> {
     let old: v1::DeliveryRecord = v1::decode(bytes)?;
-    Some(Ok(daemon::encode(&old.to_current())))
+    Some(Ok(daemon::encode(&daemon::DeliveryRecord::from(&old))))
 }
 
 /// Rewrites every format-1 record of the daemon's trees as format 2, in place.

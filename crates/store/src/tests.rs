@@ -971,7 +971,7 @@ fn write_v1_daemon(dir: &Path) -> V1Daemon {
         };
         tree.insert(seq.to_be_bytes(), v1::encode(&event))
             .expect("insert");
-        list.push(event.to_current().expect("converts"));
+        list.push(EventRecord::try_from(&event).expect("converts"));
     }
     events
         .insert(100u64.to_be_bytes(), vec![v1::FORMAT, 0xff])
@@ -989,7 +989,7 @@ fn write_v1_daemon(dir: &Path) -> V1Daemon {
         tree(SUBSCRIPTIONS)
             .insert(subscription_key(id), v1::encode(&subscription))
             .expect("insert");
-        out.subscriptions.push(subscription.to_current());
+        out.subscriptions.push(SubscriptionRecord::from(&subscription));
     }
     // Event 10 pending, 11 parked (both owed), and one finished delivery of each other state.
     let pending = v1_delivery(10, T::CanaryPaused, S::Pending);
@@ -1000,8 +1000,8 @@ fn write_v1_daemon(dir: &Path) -> V1Daemon {
     tree(PARKED)
         .insert(outbox_key("a", 11), v1::encode(&parked))
         .expect("insert");
-    out.deliveries.push(parked.to_current());
-    out.deliveries.push(pending.to_current());
+    out.deliveries.push(DeliveryRecord::from(&parked));
+    out.deliveries.push(DeliveryRecord::from(&pending));
     for (i, state) in [S::Delivered, S::Expired, S::Gone, S::Skipped]
         .into_iter()
         .enumerate()
@@ -1011,7 +1011,7 @@ fn write_v1_daemon(dir: &Path) -> V1Daemon {
         let mut key = seq.to_be_bytes().to_vec();
         key.extend(b"a");
         tree(HISTORY).insert(key, v1::encode(&delivery)).expect("insert");
-        out.deliveries.push(delivery.to_current());
+        out.deliveries.push(DeliveryRecord::from(&delivery));
     }
     db.flush().expect("flush");
     out
@@ -1165,10 +1165,8 @@ fn a_data_dir_whose_daemon_records_are_of_a_newer_format_is_refused_naming_both(
 fn the_outbox_rules_read_the_stored_records() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store: Store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
-    let v1 = v1_event(1, v1::EventTypeRecord::CanaryHeld)
-        .to_current()
-        .expect("converts");
-    let mut subscription = v1::SubscriptionRecord {
+    let v1 = EventRecord::try_from(&v1_event(1, v1::EventTypeRecord::CanaryHeld)).expect("converts");
+    let mut subscription = SubscriptionRecord::from(&v1::SubscriptionRecord {
         id: "a".into(),
         url: String::new(),
         events: vec![v1::EventTypeRecord::CanaryHeld],
@@ -1176,8 +1174,7 @@ fn the_outbox_rules_read_the_stored_records() {
         secret: String::new(),
         created_at: String::new(),
         disabled: None,
-    }
-    .to_current();
+    });
     store.put_subscription(&subscription).expect("subscribe");
     subscription.id = "b".into();
     subscription.events = vec!["canaryd.canary.failed".into()];

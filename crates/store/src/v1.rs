@@ -13,12 +13,9 @@
 //! The daemon's records (events, subscriptions, deliveries) stayed format 1, postcard of the
 //! daemon's own types, up to commit 00945d3; `daemon` holds their format 2. Their layouts did
 //! not change over that time except by variants appended to two enums (`EventTypeRecord`,
-//! `DeliveryStateRecord`), so one frozen set reads all of them.
+//! `DeliveryStateRecord`), so one frozen set reads all of them; `daemon` converts them to format 2.
 
 use serde::{Deserialize, Serialize};
-
-use crate::daemon;
-use crate::records::ConvertError;
 
 /// The format byte of format 1's records.
 pub const FORMAT: u8 = 1;
@@ -390,26 +387,6 @@ pub struct EventRecord {
     pub data: EventDataRecord,
 }
 
-impl EventRecord {
-    /// As format 2 keeps it: the data as the contract's JSON, the type by name.
-    pub fn to_current(&self) -> Result<daemon::EventRecord, ConvertError> {
-        let data = serde_json::to_string(&self.data).map_err(|e| ConvertError {
-            what: "format-1 event data",
-            reason: e.to_string(),
-        })?;
-        Ok(daemon::EventRecord {
-            id: self.id.clone(),
-            specversion: self.specversion.clone(),
-            source: self.source.clone(),
-            event_type: self.event_type.name().to_owned(),
-            time: self.time.clone(),
-            subject: self.subject.clone(),
-            datacontenttype: self.datacontenttype.clone(),
-            data,
-        })
-    }
-}
-
 /// The daemon's subscription `Kind` of format 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KindRecord {
@@ -439,20 +416,6 @@ pub struct SubscriptionRecord {
     pub disabled: Option<String>,
 }
 
-impl SubscriptionRecord {
-    pub fn to_current(&self) -> daemon::SubscriptionRecord {
-        daemon::SubscriptionRecord {
-            id: self.id.clone(),
-            url: self.url.clone(),
-            events: self.events.iter().map(|t| t.name().to_owned()).collect(),
-            kind: self.kind.name().to_owned(),
-            secret: self.secret.clone(),
-            created_at: self.created_at.clone(),
-            disabled: self.disabled.clone(),
-        }
-    }
-}
-
 /// The daemon's `DeliveryState` of format 1 (`Parked` was appended after 9bf3e01).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeliveryStateRecord {
@@ -477,12 +440,12 @@ impl DeliveryStateRecord {
     /// The state's name, as the API shows it.
     pub fn name(self) -> &'static str {
         match self {
-            DeliveryStateRecord::Pending => daemon::PENDING,
+            DeliveryStateRecord::Pending => "pending",
             DeliveryStateRecord::Delivered => "delivered",
             DeliveryStateRecord::Expired => "expired",
             DeliveryStateRecord::Gone => "gone",
             DeliveryStateRecord::Skipped => "skipped",
-            DeliveryStateRecord::Parked => daemon::PARKED,
+            DeliveryStateRecord::Parked => "parked",
         }
     }
 }
@@ -501,22 +464,6 @@ pub struct DeliveryRecord {
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
     pub delivered_ms: Option<u64>,
-}
-
-impl DeliveryRecord {
-    pub fn to_current(&self) -> daemon::DeliveryRecord {
-        daemon::DeliveryRecord {
-            event_id: self.event_id.clone(),
-            event_type: self.event_type.name().to_owned(),
-            state: self.state.name().to_owned(),
-            attempts: self.attempts,
-            first_attempt_ms: self.first_attempt_ms,
-            next_attempt_ms: self.next_attempt_ms,
-            last_status: self.last_status,
-            last_error: self.last_error.clone(),
-            delivered_ms: self.delivered_ms,
-        }
-    }
 }
 
 /// A clock's or an app's key in format 1: the format byte then postcard of `(env, app)`.

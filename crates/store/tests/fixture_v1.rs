@@ -97,12 +97,12 @@ fn read_v1(dir: &Path) -> V1 {
     for entry in tree("events").iter() {
         let (_, v) = entry.expect("read");
         let event: v1::EventRecord = v1::decode(&v).expect("a format-1 event");
-        out.events.push(event.to_current().expect("converts"));
+        out.events.push(EventRecord::try_from(&event).expect("converts"));
     }
     for entry in tree("subscriptions").iter() {
         let (_, v) = entry.expect("read");
         let subscription: v1::SubscriptionRecord = v1::decode(&v).expect("a format-1 subscription");
-        out.subscriptions.push(subscription.to_current());
+        out.subscriptions.push(SubscriptionRecord::from(&subscription));
     }
     for name in ["deliveries", "outbox"] {
         for entry in tree(name).iter() {
@@ -115,7 +115,7 @@ fn read_v1(dir: &Path) -> V1 {
             out.deliveries
                 .entry(String::from_utf8(id.to_vec()).expect("an id"))
                 .or_default()
-                .push(delivery.to_current());
+                .push(DeliveryRecord::from(&delivery));
         }
     }
     for entry in tree("clocks").iter() {
@@ -265,14 +265,14 @@ fn read_v1_daemon(dir: &Path) -> V1Daemon {
             let (k, v) = entry.expect("read");
             let event: v1::EventRecord = v1::decode(&v).expect("a format-1 event");
             out.event_types.push(event.event_type);
-            events.insert(seq(&k), event.to_current().expect("converts"));
+            events.insert(seq(&k), EventRecord::try_from(&event).expect("converts"));
         }
     }
     for entry in tree("subscriptions").iter() {
         let (_, v) = entry.expect("read");
         let subscription: v1::SubscriptionRecord = v1::decode(&v).expect("a format-1 subscription");
         out.kinds.push(subscription.kind);
-        out.subscriptions.push(subscription.to_current());
+        out.subscriptions.push(SubscriptionRecord::from(&subscription));
     }
     for (name, deliveries) in [("outbox", &mut out.outbox), ("parked", &mut out.parked)] {
         for entry in tree(name).iter() {
@@ -280,7 +280,7 @@ fn read_v1_daemon(dir: &Path) -> V1Daemon {
             let delivery: v1::DeliveryRecord = v1::decode(&v).expect("a format-1 delivery");
             out.states.push(delivery.state);
             let id = String::from_utf8(k[..k.len() - 9].to_vec()).expect("an id");
-            deliveries.insert((id, seq(&k)), delivery.to_current());
+            deliveries.insert((id, seq(&k)), DeliveryRecord::from(&delivery));
         }
     }
     for entry in tree("deliveries").iter() {
@@ -289,7 +289,7 @@ fn read_v1_daemon(dir: &Path) -> V1Daemon {
         out.states.push(delivery.state);
         let id = String::from_utf8(k[8..].to_vec()).expect("an id");
         let seq = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
-        out.history.insert((id, seq), delivery.to_current());
+        out.history.insert((id, seq), DeliveryRecord::from(&delivery));
     }
     out
 }
