@@ -13,7 +13,8 @@
 //! (skipped and counted where it is read, never misread).
 //!
 //! The store's outbox rules (who wants an event, whether a delivery is pending or parked) are
-//! written in these records' terms: the store does not depend on the daemon.
+//! written in these records' terms: the store does not depend on the daemon. Format 1's records
+//! (`v1`) convert to these when a data dir is migrated (`migrate`).
 
 use serde::{Deserialize, Serialize};
 
