@@ -1080,11 +1080,12 @@ fn judge_gate(gate: &Gate, requests: &RequestAggregate, window_s: u64, confidenc
     result.upper = Some(upper);
     let bound = if gate.max.is_some() { "at most" } else { "at least" };
     let name = gate.metric.name();
-    if fail {
+    let outcome = checks::rule(fail, pass);
+    if outcome == Outcome::Fail {
         result.outcome = GateOutcome::Fail;
         result.message =
             format!("{name} {value:.5} breaks the gate ({bound} {limit}) with confidence over {n} requests");
-    } else if pass {
+    } else if outcome == Outcome::Pass {
         result.outcome = GateOutcome::Pass;
         result.message = format!("{name} {value:.5} meets the gate ({bound} {limit}) over {n} requests");
     } else {

@@ -445,9 +445,10 @@ impl Power {
     }
 }
 
-/// The one decision rule. A check fails with significance against the stable in the same window
-/// at its threshold, and the model's minimum effect; it passes only when its data could have revealed that minimum
-/// effect; anything else is `insufficient_data`, with the canary requests still needed.
+/// Evidence into a check's outcome, by the one rule (`rule`). A check fails with significance
+/// against the stable in the same window at its threshold, and the model's minimum effect; it
+/// passes only when its data could have revealed that minimum effect; anything else is
+/// `insufficient_data`, with the canary requests still needed.
 pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
     let group = spec.id.group;
     let test = spec.id.test;
@@ -503,29 +504,40 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
         };
         check.effect = Some(t.effect.min(1e9));
     }
-    match (significant, evidence.power) {
-        (Some((true, t)), _)
-            if t.effect_ok && t.sequential.map_or(n, |s| s.canary_requests) >= min_requests =>
-        {
-            check.outcome = Outcome::Fail;
-            check.message = match t.sequential {
-                Some(s) => format!(
-                    "{}; sequential evidence {} over {} s, {} needed",
-                    t.failing,
-                    e_value(s.e_value),
-                    s.seconds,
-                    e_value(s.needed)
-                ),
-                None => t.failing.clone(),
-            };
-        }
-        (Some((_, t)), Power::Enough) if n >= min_requests => {
-            check.outcome = Outcome::Pass;
-            check.message = t.finding.clone();
-        }
-        (_, power) => check.message = still_needed(n, min_requests, power, evidence.canary_rps),
-    }
+    let fails = significant.is_some_and(|(significant, t)| {
+        significant && t.effect_ok && t.sequential.map_or(n, |s| s.canary_requests) >= min_requests
+    });
+    let passes = significant.is_some() && matches!(evidence.power, Power::Enough) && n >= min_requests;
+    check.outcome = rule(fails, passes);
+    check.message = match (check.outcome, significant) {
+        (Outcome::Fail, Some((_, t))) => match t.sequential {
+            Some(s) => format!(
+                "{}; sequential evidence {} over {} s, {} needed",
+                t.failing,
+                e_value(s.e_value),
+                s.seconds,
+                e_value(s.needed)
+            ),
+            None => t.failing.clone(),
+        },
+        (Outcome::Pass, Some((_, t))) => t.finding.clone(),
+        _ => still_needed(n, min_requests, evidence.power, evidence.canary_rps),
+    };
     check
+}
+
+/// The rule every check and every stage gate ends in: fail on evidence that clears the threshold
+/// with the minimum effect; pass only on data that could have shown that effect (a check's
+/// `Power`, a gate's confidence bounds meeting its limit); anything else is undecided
+/// (`insufficient_data`, a gate's `pending`).
+pub fn rule(fails: bool, passes: bool) -> Outcome {
+    if fails {
+        Outcome::Fail
+    } else if passes {
+        Outcome::Pass
+    } else {
+        Outcome::InsufficientData
+    }
 }
 
 /// An e-value for people: `3.2e4`, `850`.
