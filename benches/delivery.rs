@@ -213,6 +213,8 @@ fn failed_event(i: usize) -> Event {
                 weight: 0,
             }),
             dry_run: false,
+            approval: None,
+            next_env: None,
         },
     )
 }

@@ -253,6 +253,10 @@ settings! {
     delivery_park_after_secs: u64,
     /// HAProxy servers of each canary, for haproxy subscriptions: env/app/version=backend/server[+stable_server], comma-separated, version * for any [default: none]
     haproxy_servers: crate::act::haproxy::HaproxyServers,
+    /// The API's base URL as people reach it (https://canaryd.example.com), for the approval links events carry; unset, http:// and http_addr [default: none]
+    public_url: String,
+    /// Seconds (1-2592000) an approval link works after its event was emitted [default: 86400]
+    approval_link_ttl_secs: u64,
     /// Log filter, in tracing's EnvFilter syntax [default: info]
     log: String,
 }
@@ -328,6 +332,9 @@ pub struct Config {
     pub ingest_wait: Duration,
     pub shutdown_grace: Duration,
     pub http_timeouts: HttpTimeouts,
+    /// The base of approval links; unset, the daemon uses `http://` and the address it bound.
+    pub public_url: Option<String>,
+    pub approval_link_ttl_secs: u64,
     pub log: String,
 }
 
@@ -545,6 +552,21 @@ impl Config {
                 "must differ from api_token, or it grants everything",
             ));
         }
+        let public_url = match raw.public_url {
+            Some(url) => {
+                let parsed =
+                    url::Url::parse(&url).map_err(|e| invalid("public_url", &url, &e.to_string()))?;
+                if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                    return Err(invalid(
+                        "public_url",
+                        &url,
+                        "must be an http:// or https:// URL with a host",
+                    ));
+                }
+                Some(url.trim_end_matches('/').to_owned())
+            }
+            None => None,
+        };
         let data_dir = set(raw.data_dir, "data_dir")?;
         if data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "", "must not be empty"));
@@ -652,6 +674,11 @@ impl Config {
             requests_in_flight(ingest_memory_bytes, max_message_bytes, max_items_per_request)
                 .map_err(|reason| invalid("ingest_memory_bytes", ingest_memory_bytes, &reason))?;
         let http_addr = set(raw.http_addr, "http_addr")?;
+        let approval_link_ttl_secs = within(
+            "approval_link_ttl_secs",
+            set(raw.approval_link_ttl_secs, "approval_link_ttl_secs")?,
+            1..=30 * 86_400,
+        )?;
         let config = Config {
             data_dir,
             otlp_grpc_addr: set(raw.otlp_grpc_addr, "otlp_grpc_addr")?,
@@ -725,6 +752,8 @@ impl Config {
                     1..=3_600,
                 )?),
             },
+            public_url,
+            approval_link_ttl_secs,
             log,
         };
         config.check_addresses()?;
@@ -971,7 +1000,13 @@ mod tests {
         // Only what is documented as `[default: none]` has no value.
         assert_eq!(
             unset,
-            ["api_token", "api_read_token", "outbound_allow", "haproxy_servers"]
+            [
+                "api_token",
+                "api_read_token",
+                "outbound_allow",
+                "haproxy_servers",
+                "public_url"
+            ]
         );
         let config = Config::resolve(RawConfig::default()).expect("the defaults are valid");
         // The engine's own defaults (what tests and canaryd-lab run) are the daemon's.

@@ -52,6 +52,8 @@ pub enum StartError {
     EngineThread(std::io::Error),
     #[error(transparent)]
     WebhookClient(#[from] crate::act::delivery::ClientError),
+    #[error(transparent)]
+    ApprovalKey(#[from] crate::events::approval::KeyError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +306,12 @@ impl Daemon {
         tracing::info!(allowed = %config.delivery.outbound_allow, "outbound targets: public addresses, and restricted ones named here");
         dispatcher.sync().await;
         let feed = EventFeed::new();
+        let public_url = (config.public_url.clone()).unwrap_or_else(|| format!("http://{}", addrs.http));
+        let approvals = crate::events::approval::Approvals::open(
+            &config.data_dir,
+            &public_url,
+            config.approval_link_ttl_secs,
+        )?;
         let emitter = engine::Emitter {
             store: store.clone(),
             stats: stats.clone(),
@@ -311,7 +319,25 @@ impl Daemon {
             feed: feed.clone(),
             flush_interval: config.flush_interval,
             max_events: config.max_events,
+            approvals: approvals.clone(),
         };
+        // Promotion chains know each version's verdicts in the other environments from the stored
+        // events (their ids are the reasons of failures on sight); what they change now is emitted
+        // before anything is received.
+        let mut chained = Vec::new();
+        for event in store.events(None, usize::MAX, |e| {
+            matches!(
+                e.event_type,
+                crate::events::EventType::CanaryPromoted | crate::events::EventType::CanaryFailed
+            )
+        })? {
+            chained.extend(engine::remember_verdict(&mut engine, &event));
+        }
+        chained.extend(engine.follow_chains());
+        emitter.emit(
+            &mut engine,
+            chained.iter().map(crate::events::canary_event).collect(),
+        );
         let engine_stop = CancellationToken::new();
         let (engine, engine_run) = engine::start(
             engine,
@@ -364,6 +390,7 @@ impl Daemon {
                 },
                 gate_pins: Default::default(),
                 ready: ready.clone(),
+                approvals,
             }),
             config.http_timeouts,
             api_stop.clone(),

@@ -454,8 +454,13 @@ pub fn progress_line(analysis: Option<&Value>, version: &str) -> String {
         ),
         None => "no stages".into(),
     };
+    let waiting = match (a["awaiting_approval"].is_string(), a["blocked_by"].as_str()) {
+        (true, _) => " · next stage awaiting approval".to_owned(),
+        (false, Some(env)) => format!(" · blocked by {env}"),
+        (false, None) => String::new(),
+    };
     format!(
-        "{stage} · {} · checks {} passed, {} failed, {} undecided",
+        "{stage} · {}{waiting} · checks {} passed, {} failed, {} undecided",
         a["state"].as_str().unwrap_or("?"),
         count("pass"),
         count("fail"),

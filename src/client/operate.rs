@@ -65,6 +65,12 @@ pub enum RolloutCommand {
         #[command(flatten)]
         app: AppArgs,
     },
+    /// Let an analysis waiting for approval enter its next stage.
+    #[command(after_help = "Example:\n  CANARYD_TOKEN=... canaryd rollout approve --app checkout --env prod")]
+    Approve {
+        #[command(flatten)]
+        app: AppArgs,
+    },
     /// Fail the canary now (its weight goes to 0).
     #[command(after_help = "Example:\n  CANARYD_TOKEN=... canaryd rollout abort --app checkout --env prod")]
     Abort {
@@ -81,6 +87,7 @@ impl RolloutCommand {
             | RolloutCommand::Promote { app }
             | RolloutCommand::Pause { app }
             | RolloutCommand::Resume { app }
+            | RolloutCommand::Approve { app }
             | RolloutCommand::Abort { app } => &app.server,
         }
     }
@@ -138,6 +145,7 @@ pub async fn rollout(command: RolloutCommand, client: Client) -> Exit {
         RolloutCommand::Promote { app } => (app, operate(&client, app, "promote").await),
         RolloutCommand::Pause { app } => (app, operate(&client, app, "pause").await),
         RolloutCommand::Resume { app } => (app, operate(&client, app, "resume").await),
+        RolloutCommand::Approve { app } => (app, operate(&client, app, "approve").await),
         RolloutCommand::Abort { app } => (app, operate(&client, app, "abort").await),
     };
     let view: Value = match answer {

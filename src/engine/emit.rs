@@ -4,15 +4,22 @@
 //! written and flushed together, so a crash can neither lose a decision nor make the same
 //! transition fire twice. Then delivery is woken and the watchers are told. Every path that makes
 //! events (ingest, a declared rollout) goes through `Emitter::emit`; there is no other.
+//!
+//! Two things only the emitter can add, since they need the stored event: a stage waiting for
+//! approval gets its signed links before it is stored; and each stored verdict (promoted, failed)
+//! is told to the engine with its event id, for promotion chains, whose consequences (a version
+//! failed on sight further along the chain) are emitted in turn.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use canaryd_engine::Engine;
+use canaryd_engine::judge::Verdict;
 
 use crate::act::delivery::Dispatcher;
-use crate::events::Event;
+use crate::events::approval::{Approvals, now_unix};
 use crate::events::feed::EventFeed;
+use crate::events::{Event, EventType, canary_event};
 use crate::stats::Stats;
 use crate::store::Store;
 
@@ -26,6 +33,8 @@ pub struct Emitter {
     pub feed: EventFeed,
     pub flush_interval: Duration,
     pub max_events: usize,
+    /// Signs the links of stages waiting for approval.
+    pub approvals: Approvals,
 }
 
 impl Emitter {
@@ -37,6 +46,7 @@ impl Emitter {
         if events.is_empty() {
             return events;
         }
+        self.sign_approvals(engine, &mut events);
         let changes = engine.take_changes();
         match self
             .store
@@ -51,6 +61,14 @@ impl Emitter {
                 }
                 self.dispatcher.wake();
                 self.feed.publish(&events);
+                let follow: Vec<Event> = events
+                    .iter()
+                    .flat_map(|event| remember_verdict(engine, event))
+                    .map(|change| canary_event(&change))
+                    .collect();
+                // Each round moves one environment along a chain: it ends with the chain.
+                let followed = self.emit(engine, follow);
+                events.extend(followed);
                 events
             }
             Err(e) => {
@@ -59,6 +77,21 @@ impl Emitter {
                 tracing::error!(error = %e, events = events.len(), "cannot store events");
                 Vec::new()
             }
+        }
+    }
+
+    /// Gives each event of a stage waiting for approval its signed links.
+    fn sign_approvals(&self, engine: &Engine, events: &mut [Event]) {
+        for event in events
+            .iter_mut()
+            .filter(|e| e.event_type == EventType::CanaryAwaitingApproval)
+        {
+            let Some(analysis) = engine.judge().analysis(&event.data.env, &event.data.app) else {
+                continue;
+            };
+            event.data.approval =
+                self.approvals
+                    .links(&analysis.view(), &analysis.model().stages, now_unix());
         }
     }
 
@@ -87,4 +120,22 @@ impl Emitter {
         stats.store_disk_bytes.set(self.store.size_on_disk() as i64);
         stats.outbox_depth.set(self.store.outbox_depth() as i64);
     }
+}
+
+/// Tells the engine of a stored verdict (promoted or failed), with its event's id; the changes
+/// that makes along promotion chains.
+pub fn remember_verdict(engine: &mut Engine, event: &Event) -> Vec<canaryd_engine::judge::CanaryChange> {
+    let passed = match event.event_type {
+        EventType::CanaryPromoted => true,
+        EventType::CanaryFailed => false,
+        _ => return Vec::new(),
+    };
+    let Some(version) = &event.data.version else {
+        return Vec::new();
+    };
+    let verdict = Verdict {
+        passed,
+        event_id: event.id.clone(),
+    };
+    engine.remember_verdict(&event.data.env, &event.data.app, version, verdict)
 }

@@ -21,8 +21,9 @@ use canaryd_engine::{Batch, Engine};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-pub use emit::Emitter;
+pub use emit::{Emitter, remember_verdict};
 
+use crate::events::approval::{Action, Claim};
 use crate::events::{canary_event, report_events};
 use crate::stats::Stats;
 
@@ -53,8 +54,23 @@ pub enum Input {
         operation: Operation,
         reply: oneshot::Sender<Result<AnalysisView, JudgeError>>,
     },
+    /// A signed approval link's action: taken only while the analysis waits exactly where the
+    /// link says, so a used link (or one of a wait that ended) changes nothing.
+    Approval {
+        claim: Claim,
+        reply: oneshot::Sender<Result<AnalysisView, LinkRefused>>,
+    },
     /// A read for an answer: runs on the engine's thread between inputs.
     Read(Box<dyn FnOnce(&Engine) + Send>),
+}
+
+/// Why an approval link's action was not taken.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum LinkRefused {
+    #[error("this link was used already, or the analysis no longer waits for it")]
+    Stale,
+    #[error(transparent)]
+    Judge(#[from] JudgeError),
 }
 
 /// A declared rollout.
@@ -187,6 +203,11 @@ impl EngineHandle {
             reply,
         })
         .await
+    }
+
+    /// An approval link's action; its event is emitted before this returns.
+    pub async fn approval(&self, claim: Claim) -> Result<Result<AnalysisView, LinkRefused>, EngineGone> {
+        self.ask(|reply| Input::Approval { claim, reply }).await
     }
 
     async fn ask<R>(&self, input: impl FnOnce(oneshot::Sender<R>) -> Input) -> Result<R, EngineGone> {
@@ -358,6 +379,31 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             });
             let _ = reply.send(answer);
         }
+        Input::Approval { claim, reply } => {
+            let waits_there = engine.judge().analysis(&claim.env, &claim.app).is_some_and(|a| {
+                let view = a.view();
+                **a.canary() == *claim.canary
+                    && view.awaiting_approval == Some(claim.waiting_since)
+                    && view.stage.as_ref().map(|s| s.index + 1) == Some(claim.stage)
+            });
+            let operation = match claim.action {
+                Action::Approve => Operation::Approve,
+                Action::Abort => Operation::Abort,
+            };
+            let answer = if waits_there {
+                engine
+                    .operate(&claim.env, &claim.app, operation)
+                    .map(|change| {
+                        emitter.emit(engine, vec![canary_event(&change)]);
+                        tracing::info!(env = %claim.env, app = %claim.app, canary = %claim.canary, action = claim.action.name(), "approval link used");
+                        change.view
+                    })
+                    .map_err(LinkRefused::from)
+            } else {
+                Err(LinkRefused::Stale)
+            };
+            let _ = reply.send(answer);
+        }
         Input::Read(read) => read(engine),
     }
 }
@@ -412,6 +458,7 @@ mod tests {
             feed: EventFeed::new(),
             flush_interval: Duration::from_secs(1),
             max_events: 1_000,
+            approvals: crate::events::approval::Approvals::with_key([1; 32], "http://127.0.0.1:8080", 3_600),
         }
     }
 

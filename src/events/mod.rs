@@ -13,6 +13,7 @@ use canaryd_engine::{AnomalyChange, Engine, IngestReport, Scope};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub mod approval;
 pub mod feed;
 
 /// RFC 3339 in UTC with nanoseconds.
@@ -54,10 +55,14 @@ pub enum EventType {
     CanaryPaused,
     #[serde(rename = "canaryd.canary.resumed")]
     CanaryResumed,
+    /// A stage passed and the next one asks for a person's approval: the analysis waits, and
+    /// `data.approval` carries the signed links to approve or abort.
+    #[serde(rename = "canaryd.canary.awaiting_approval")]
+    CanaryAwaitingApproval,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 11] = [
+    pub const ALL: [EventType; 12] = [
         EventType::CanaryStarted,
         EventType::CanaryStagePassed,
         EventType::CanaryFailed,
@@ -69,6 +74,7 @@ impl EventType {
         EventType::CanaryHeld,
         EventType::CanaryPaused,
         EventType::CanaryResumed,
+        EventType::CanaryAwaitingApproval,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +90,7 @@ impl EventType {
             EventType::CanaryHeld => "canaryd.canary.held",
             EventType::CanaryPaused => "canaryd.canary.paused",
             EventType::CanaryResumed => "canaryd.canary.resumed",
+            EventType::CanaryAwaitingApproval => "canaryd.canary.awaiting_approval",
         }
     }
 
@@ -134,6 +141,18 @@ pub struct Action {
     pub weight: u32,
 }
 
+/// The links of a stage waiting for approval: each opens a page with one button that approves
+/// (the canary enters the stage) or aborts (it fails); each works once, until `expires_at`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Approval {
+    /// The stage waiting to be entered.
+    pub stage: Stage,
+    pub approve_url: String,
+    pub abort_url: String,
+    /// RFC 3339, wall clock.
+    pub expires_at: String,
+}
+
 /// The `data` of an event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventData {
@@ -151,6 +170,14 @@ pub struct EventData {
     pub reasons: Vec<Reason>,
     pub action: Option<Action>,
     pub dry_run: bool,
+    /// For `canary.awaiting_approval`: the links to approve or abort the next stage. (Left out
+    /// of other events, so that they read as they always have.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    /// For `canary.promoted` under a model with a promotion chain: the environment the version
+    /// goes to next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_env: Option<String>,
 }
 
 /// A CloudEvents 1.0 event in structured JSON form.
@@ -277,6 +304,8 @@ pub fn anomaly_event(change: &AnomalyChange, stable_version: Option<&str>, rules
             }],
             action: None,
             dry_run: false,
+            approval: None,
+            next_env: None,
         },
     )
 }
@@ -328,6 +357,22 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
     };
     let mut out: Vec<Reason> = Vec::new();
     match kind {
+        ChangeKind::Failed if view.failed_in.is_some() => {
+            let (env, event_id) = view.failed_in.clone().unwrap_or_default();
+            out.push(Reason {
+                feature: "promotion".into(),
+                operation: None,
+                test: "promotion".into(),
+                canary_value: 0.0,
+                baseline_value: 0.0,
+                statistic: 0.0,
+                threshold: 0.0,
+                message: format!(
+                    "version {} failed in {env} ({event_id}), earlier in the promotion chain: failed on sight in {}",
+                    view.canary_version, view.env
+                ),
+            });
+        }
         ChangeKind::Failed => {
             out.extend(
                 view.gates
@@ -344,7 +389,7 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
             failing.sort_by(|a, b| b.statistic.unwrap_or(0.0).total_cmp(&a.statistic.unwrap_or(0.0)));
             out.extend(failing.into_iter().map(check_reason));
         }
-        ChangeKind::StagePassed | ChangeKind::Promoted => {
+        ChangeKind::StagePassed | ChangeKind::Promoted | ChangeKind::AwaitingApproval => {
             out.extend(view.gates.iter().map(gate_reason));
         }
         ChangeKind::Held => {
@@ -362,7 +407,8 @@ pub fn reasons(view: &AnalysisView, kind: ChangeKind) -> Vec<Reason> {
         | ChangeKind::OperatorPromoted
         | ChangeKind::OperatorAborted
         | ChangeKind::Paused
-        | ChangeKind::Resumed => {}
+        | ChangeKind::Resumed
+        | ChangeKind::Approved => {}
     }
     out
 }
@@ -380,6 +426,8 @@ pub fn canary_event(change: &CanaryChange) -> Event {
         ChangeKind::Held => EventType::CanaryHeld,
         ChangeKind::Paused => EventType::CanaryPaused,
         ChangeKind::Resumed => EventType::CanaryResumed,
+        ChangeKind::AwaitingApproval => EventType::CanaryAwaitingApproval,
+        ChangeKind::Approved => EventType::CanaryStagePassed,
     };
     let action = change.weight.map(|weight| Action {
         kind: "set_weight".into(),
@@ -418,6 +466,16 @@ pub fn canary_event(change: &CanaryChange) -> Event {
                 "analysis of canary {} resumed by an operator",
                 view.canary_version
             ),
+            ChangeKind::Approved => format!(
+                "stage {} of canary {} approved by a person",
+                view.stage.as_ref().map_or("?", |s| s.name.as_str()),
+                view.canary_version
+            ),
+            ChangeKind::AwaitingApproval => format!(
+                "stage {} of canary {} passed; the next stage waits for a person's approval",
+                view.stage.as_ref().map_or("?", |s| s.name.as_str()),
+                view.canary_version
+            ),
             _ => format!("analysis is {}", view.state.name()),
         };
         let test = match change.kind {
@@ -427,6 +485,7 @@ pub fn canary_event(change: &CanaryChange) -> Event {
             | ChangeKind::OperatorAborted
             | ChangeKind::Paused
             | ChangeKind::Resumed => "operator",
+            ChangeKind::Approved | ChangeKind::AwaitingApproval => "approval",
             _ => "state",
         };
         reasons.push(Reason {
@@ -459,6 +518,10 @@ pub fn canary_event(change: &CanaryChange) -> Event {
             reasons,
             action,
             dry_run: view.mode == Mode::Shadow,
+            approval: None,
+            next_env: matches!(change.kind, ChangeKind::Promoted | ChangeKind::OperatorPromoted)
+                .then(|| view.next_env.clone())
+                .flatten(),
         },
     )
 }

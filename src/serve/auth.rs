@@ -7,6 +7,7 @@
 //! - reading subscriptions and their deliveries (receiver URLs, their answers) needs either;
 //! - Flagger's gates need either, as a bearer token or, since Flagger cannot set headers, as the
 //!   webhook's `metadata.token` (checked by the gate handlers, which see the body);
+//! - approval links (`/api/v1/approvals/...`) need none: their signed token is the credential;
 //! - the rest (health, metrics, apps, analyses, events, models, the dashboard) is open.
 //!
 //! Tokens are compared in constant time: how long a refusal takes says nothing about the token.
@@ -66,7 +67,9 @@ pub const GATE_PATHS: [&str; 2] = ["/api/v1/gates/flagger", "/api/v1/gates/flagg
 
 /// What `method path` needs.
 pub fn needed(method: &Method, path: &str) -> Access {
-    if GATE_PATHS.contains(&path) {
+    if path.starts_with(crate::events::approval::PATH) {
+        Access::Open
+    } else if GATE_PATHS.contains(&path) {
         Access::Read
     } else if matches!(
         *method,

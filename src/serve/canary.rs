@@ -95,6 +95,14 @@ fn canary_example() -> serde_json::Value {
     })
 }
 
+/// The earlier environment of a promotion chain a version failed in.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct FailedIn {
+    env: String,
+    /// The id of the event of that failure.
+    event_id: String,
+}
+
 /// `GET /api/v1/apps/{app}/canary`: the analysis with its evidence. Times are RFC 3339 event time.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = canary_example)]
@@ -110,6 +118,17 @@ pub(super) struct CanaryView {
     declared: bool,
     /// Paused by an operator: judged on, but passing no stage and failing nothing until resumed.
     paused: bool,
+    /// Since when (event time) the next stage has waited for a person's approval; null when it
+    /// does not wait. The event `canary.awaiting_approval` carries the links.
+    awaiting_approval: Option<String>,
+    /// The environment before this one in the model's promotion chain, while the version has
+    /// not been promoted there: until it is, it is not promoted here.
+    blocked_by: Option<String>,
+    /// When the version was failed on sight for failing earlier in the promotion chain: that
+    /// environment and the id of the event that said so.
+    failed_in: Option<FailedIn>,
+    /// The promotion chain's environment after this one.
+    next_env: Option<String>,
     #[schema(value_type = CanaryStateSchema)]
     state: &'static str,
     /// 0 (failing everything) to 100; null before any check could decide.
@@ -286,6 +305,10 @@ impl CanaryView {
             mode: a.mode,
             declared: a.declared,
             paused: a.paused,
+            awaiting_approval: a.awaiting_approval.map(format_event_time),
+            blocked_by: a.blocked_by,
+            failed_in: a.failed_in.map(|(env, event_id)| FailedIn { env, event_id }),
+            next_env: a.next_env,
             state: a.state.name(),
             score: a.score.map(|s| (s * 10.0).round() / 10.0),
             stage: a.stage.as_ref().map(StageJson::of),
@@ -437,21 +460,22 @@ pub(super) async fn end_rollout(
     }
 }
 
-/// `POST /api/v1/apps/{app}/canary/{operation}`: an operator's promote, pause, resume or abort.
+/// `POST /api/v1/apps/{app}/canary/{operation}`: an operator's promote, pause, resume, abort or
+/// approve.
 #[utoipa::path(
     post,
     path = "/api/v1/apps/{app}/canary/{operation}",
     tag = "canary",
     params(
         ("app" = String, Path, description = "The app (`service.name`, `namespace/` first when set)"),
-        ("operation" = String, Path, description = "`promote` (now, `canary.promoted` with weight 100), `pause` (judged on, but no stage passes and nothing fails), `resume`, or `abort` (now, `canary.failed` with weight 0)"),
+        ("operation" = String, Path, description = "`promote` (now, `canary.promoted` with weight 100), `pause` (judged on, but no stage passes and nothing fails), `resume`, `abort` (now, `canary.failed` with weight 0), or `approve` (an analysis waiting for approval enters its next stage: `canary.stage_passed`)"),
         EnvQuery
     ),
     responses(
         (status = 200, description = "Done, its event emitted; the analysis", body = CanaryView),
         (status = 400, description = "An unknown operation or a bad query parameter", body = ErrorBody),
         (status = 404, description = "Unknown app, or no analysis", body = ErrorBody),
-        (status = 409, description = "Not now: the analysis is over, paused already, not paused, or failed already", body = ErrorBody)
+        (status = 409, description = "Not now: the analysis is over, paused already, not paused, failed already, or not awaiting approval", body = ErrorBody)
     )
 )]
 pub(super) async fn operate(

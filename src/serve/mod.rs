@@ -10,9 +10,11 @@
 //! - `apps`: apps and baselines; `canary`: analyses and rollouts; `models`: the loaded models.
 //! - `events`: the event history; `subscriptions`: subscriptions and their deliveries.
 //! - `gates`: Flagger's webhooks; `dashboard`: the page and its timeline.
+//! - `approvals`: the signed links of a stage waiting for approval (no token: the link is one).
 //! - `watch`: `canaryd.v1.EventService/Watch`, the event stream, served on the gRPC port.
 //! - `error`: `ApiError`, the status and RFC 9457 problem body of every failure.
 
+mod approvals;
 mod apps;
 mod auth;
 mod canary;
@@ -71,6 +73,8 @@ pub struct ApiState {
     pub gate_pins: Arc<GatePins>,
     /// True once storage is open and every receiver is bound; false again while shutting down.
     pub ready: Arc<AtomicBool>,
+    /// Checks approval links (`approvals`).
+    pub approvals: crate::events::approval::Approvals,
 }
 
 impl ApiState {
@@ -119,6 +123,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(canary::canary))
         .routes(routes!(canary::declare_rollout, canary::end_rollout))
         .routes(routes!(canary::operate))
+        .routes(routes!(approvals::approval_page, approvals::use_approval))
         .routes(routes!(models::models))
         .routes(routes!(events::events))
         .routes(routes!(

@@ -139,6 +139,8 @@ mod tests {
                     weight: 0,
                 }),
                 dry_run: true,
+                approval: None,
+                next_env: None,
             },
         );
         event.id = event_id(7);
@@ -198,7 +200,7 @@ mod tests {
         let mut record = Daemon::event_record(&event(EventType::CanaryFailed)).expect("to record");
         let mut data: serde_json::Value = serde_json::from_str(&record.data).expect("json");
         let fields = data.as_object_mut().expect("an object");
-        fields.insert("approval".into(), serde_json::json!({"by": "ops", "at": 3}));
+        fields.insert("signed_off".into(), serde_json::json!({"by": "ops", "at": 3}));
         fields.remove("canary_version");
         fields.remove("action");
         record.data = data.to_string();

@@ -523,7 +523,13 @@ impl Baseline {
     /// the baseline): the value there must score that much as `deviation_of` scores it, so for a
     /// count its counts at that value must lie beyond the band's edge, and for a quantile at least
     /// `TAIL_REQUESTS` of the requests must lie beyond it.
-    pub fn could_show_rise(&self, feature: Feature, requests: u64, window_secs: f64, min_deviation: f64) -> bool {
+    pub fn could_show_rise(
+        &self,
+        feature: Feature,
+        requests: u64,
+        window_secs: f64,
+        min_deviation: f64,
+    ) -> bool {
         if feature
             .quantile()
             .is_some_and(|q| (requests as f64) * (1.0 - q) < TAIL_REQUESTS)

@@ -20,7 +20,7 @@ use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
 use crate::judge::{
     AnalysisSnapshot, AnalysisView, CanaryChange, ChangeKind, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError,
-    Model, Operation,
+    Model, Operation, Verdict,
 };
 use crate::observation::{Batch, EventTime, ResourceObservations};
 use crate::window::{AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
@@ -860,7 +860,7 @@ impl Engine {
                 view,
             });
         }
-        changes.push(started);
+        changes.extend(started);
         Ok(changes)
     }
 
@@ -875,6 +875,23 @@ impl Engine {
         let key = (Arc::from(env), Arc::from(app));
         let at = self.apps.get(&key).map_or(0, |a| a.clock.closed_until);
         self.judge.operate(&key, operation, at)
+    }
+
+    /// Tells the judge of a version's final verdict in an environment (the event that said so):
+    /// the changes that makes to analyses further along their promotion chains.
+    pub fn remember_verdict(
+        &mut self,
+        env: &str,
+        app: &str,
+        version: &str,
+        verdict: Verdict,
+    ) -> Vec<CanaryChange> {
+        self.judge.remember_verdict(env, app, version, verdict, 0)
+    }
+
+    /// Applies every live analysis's promotion chain (after a restart's verdicts were told).
+    pub fn follow_chains(&mut self) -> Vec<CanaryChange> {
+        self.judge.follow_chains(0)
     }
 
     /// Ends the app's rollout analysis; its `ended` change.
@@ -928,9 +945,9 @@ fn judge_buckets(
             .filter_map(|v| first_traffic(v).map(|t| (t, v.clone())))
             .min();
         if let Some((at, canary)) = candidate
-            && let Ok(change) = judge.start(key.clone(), stable.clone(), canary, DEFAULT_MODEL, false, at)
+            && let Ok(started) = judge.start(key.clone(), stable.clone(), canary, DEFAULT_MODEL, false, at)
         {
-            changes.push(change);
+            changes.extend(started);
         }
     }
     let mut buckets = Vec::new();

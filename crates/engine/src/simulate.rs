@@ -41,6 +41,7 @@ pub fn model(stages: Vec<Stage>) -> Model {
             baseline: None,
         },
         stages,
+        promotion: vec![],
     }
 }
 
@@ -50,6 +51,7 @@ pub fn long_stage() -> Vec<Stage> {
         name: "observe".into(),
         weight: 10.0,
         observe_s: 100_000,
+        approval: false,
         gates: vec![],
     }]
 }

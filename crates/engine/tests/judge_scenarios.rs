@@ -119,6 +119,7 @@ fn flagger_883_all_checks_undecided_is_insufficient_data() {
         name: "10%".into(),
         weight: 10.0,
         observe_s: 60,
+        approval: false,
         gates: vec![Gate {
             metric: GateMetric::ErrorRate,
             max: Some(0.5),
@@ -163,12 +164,14 @@ fn stages_advance_and_promote_a_healthy_canary() {
             name: "10%".into(),
             weight: 10.0,
             observe_s: 60,
+            approval: false,
             gates: vec![gate(0.02)],
         },
         Stage {
             name: "50%".into(),
             weight: 50.0,
             observe_s: 60,
+            approval: false,
             gates: vec![gate(0.02)],
         },
     ];
@@ -188,6 +191,7 @@ fn a_broken_gate_fails_the_canary() {
         name: "all".into(),
         weight: 10.0,
         observe_s: 100_000,
+        approval: false,
         gates: vec![Gate {
             metric: GateMetric::ErrorRate,
             max: Some(0.05),
@@ -210,6 +214,7 @@ fn gated_stages() -> Vec<Stage> {
         name: "10%".into(),
         weight: 10.0,
         observe_s: 60,
+        approval: false,
         gates: vec![
             Gate {
                 metric: GateMetric::Availability,

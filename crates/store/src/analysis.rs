@@ -1,5 +1,11 @@
-//! The record of a canary analysis (schema 2, added after its first release: older daemons never
-//! open the tree it lives in), and its conversions to and from the engine's `AnalysisSnapshot`.
+//! The record of a canary analysis, and its conversions to and from the engine's
+//! `AnalysisSnapshot`.
+//!
+//! Its layout is versioned by the tree it lives in (values keep schema 2's byte): `analyses.2`
+//! held `AnalysisRecordV2`, frozen as released; `analyses.3` holds `AnalysisRecord`, which adds
+//! where the analysis waits beyond its stage (a person's approval, an earlier environment of its
+//! promotion chain) and why it was failed on sight. The store moves `analyses.2` to `analyses.3`
+//! when it opens (`migrate_analyses`); older daemons never open either tree's successor.
 //!
 //! Names the API shows (states, outcomes, check groups and tests) are stored as those names, and
 //! the analysis's model as the JSON of its model file's fields, so that neither a reordered enum
@@ -39,6 +45,74 @@ pub struct AnalysisRecord {
     pub retired: Option<String>,
     /// Paused by an operator.
     pub paused: bool,
+    /// Event time since which it waits for approval of its next stage.
+    pub awaiting_approval: Option<u64>,
+    /// The promotion chain's environment whose promotion it waits for.
+    pub blocked_by: Option<String>,
+    /// The earlier environment it failed in and that verdict's event id, when failed on sight.
+    pub failed_in: Option<(String, String)>,
+}
+
+/// The record of an analysis in `analyses.2`, as released: frozen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisRecordV2 {
+    pub env: String,
+    pub app: String,
+    pub stable: String,
+    pub canary: String,
+    pub model: String,
+    pub declared: bool,
+    pub started_at: u64,
+    pub state: String,
+    pub since: u64,
+    pub stage: u64,
+    pub stage_started_at: u64,
+    pub stage_requests: RequestsRecord,
+    pub failed_at: Option<u64>,
+    pub last_canary_traffic: u64,
+    pub evaluated_at: u64,
+    pub streaks: Vec<StreakRecord>,
+    pub checks: Vec<CheckRecord>,
+    pub gates: Vec<GateRecord>,
+    pub score: Option<f64>,
+    pub canary_requests: u64,
+    pub stable_requests: u64,
+    pub retired: Option<String>,
+    pub paused: bool,
+}
+
+impl From<AnalysisRecordV2> for AnalysisRecord {
+    /// An analysis of a build before approvals and promotion chains waited on neither.
+    fn from(r: AnalysisRecordV2) -> Self {
+        AnalysisRecord {
+            env: r.env,
+            app: r.app,
+            stable: r.stable,
+            canary: r.canary,
+            model: r.model,
+            declared: r.declared,
+            started_at: r.started_at,
+            state: r.state,
+            since: r.since,
+            stage: r.stage,
+            stage_started_at: r.stage_started_at,
+            stage_requests: r.stage_requests,
+            failed_at: r.failed_at,
+            last_canary_traffic: r.last_canary_traffic,
+            evaluated_at: r.evaluated_at,
+            streaks: r.streaks,
+            checks: r.checks,
+            gates: r.gates,
+            score: r.score,
+            canary_requests: r.canary_requests,
+            stable_requests: r.stable_requests,
+            retired: r.retired,
+            paused: r.paused,
+            awaiting_approval: None,
+            blocked_by: None,
+            failed_in: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -181,6 +255,9 @@ impl TryFrom<&AnalysisSnapshot> for AnalysisRecord {
             canary_requests: s.canary_requests,
             stable_requests: s.stable_requests,
             retired: s.retired.clone(),
+            awaiting_approval: s.awaiting_approval,
+            blocked_by: s.blocked_by.clone(),
+            failed_in: s.failed_in.clone(),
         })
     }
 }
@@ -198,6 +275,9 @@ impl TryFrom<&AnalysisRecord> for AnalysisSnapshot {
             model,
             declared: r.declared,
             paused: r.paused,
+            awaiting_approval: r.awaiting_approval,
+            blocked_by: r.blocked_by.clone(),
+            failed_in: r.failed_in.clone(),
             started_at: r.started_at,
             state: State::named(&r.state).ok_or_else(|| unknown("analysis state", &r.state))?,
             since: r.since,
@@ -330,5 +410,83 @@ impl FromRecord<GateRecord> for GateResult {
             outcome: GateOutcome::named(&r.outcome).ok_or_else(|| unknown("gate outcome", &r.outcome))?,
             message: r.message.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::analysis;
+    use crate::{AsStored, Store, StoreCounters};
+    use canaryd_engine::EngineState;
+
+    fn open(dir: &std::path::Path) -> Store<AsStored> {
+        Store::open(dir, 1 << 20, StoreCounters::default()).expect("open")
+    }
+
+    /// An analysis written by a build before approvals and promotion chains (`analyses.2`) is moved
+    /// to `analyses.3` when the store opens, whole, waiting on neither; the old tree goes.
+    #[test]
+    fn analyses_of_the_tree_before_approvals_are_moved_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut snapshot = analysis("shop");
+        (
+            snapshot.awaiting_approval,
+            snapshot.blocked_by,
+            snapshot.failed_in,
+        ) = (None, None, None);
+        {
+            let store = open(dir.path());
+            let mut state = EngineState::default();
+            state.judge.analyses = vec![snapshot.clone()];
+            store.write(&state).expect("write");
+            store.flush().expect("flush");
+            // Moved back to the old tree, in the old layout, as the build before wrote it.
+            let db = &store.db;
+            let new = db.open_tree(crate::ANALYSES).expect("tree");
+            let old = db.open_tree(crate::ANALYSES_V2).expect("tree");
+            for item in new.iter() {
+                let (key, bytes) = item.expect("read");
+                let crate::Decoded::Record(record) = crate::decode::<AnalysisRecord>(&bytes) else {
+                    panic!("a record of the current layout");
+                };
+                let v2 = AnalysisRecordV2 {
+                    env: record.env,
+                    app: record.app,
+                    stable: record.stable,
+                    canary: record.canary,
+                    model: record.model,
+                    declared: record.declared,
+                    started_at: record.started_at,
+                    state: record.state,
+                    since: record.since,
+                    stage: record.stage,
+                    stage_started_at: record.stage_started_at,
+                    stage_requests: record.stage_requests,
+                    failed_at: record.failed_at,
+                    last_canary_traffic: record.last_canary_traffic,
+                    evaluated_at: record.evaluated_at,
+                    streaks: record.streaks,
+                    checks: record.checks,
+                    gates: record.gates,
+                    score: record.score,
+                    canary_requests: record.canary_requests,
+                    stable_requests: record.stable_requests,
+                    retired: record.retired,
+                    paused: record.paused,
+                };
+                old.insert(key.clone(), crate::encode(&v2)).expect("write");
+                new.remove(key).expect("remove");
+            }
+            old.insert(b"junk", vec![2u8, 0xff]).expect("write");
+            store.flush().expect("flush");
+        }
+        let store = open(dir.path());
+        let state = store.load().expect("load");
+        assert_eq!(state.judge.analyses, vec![snapshot]);
+        // The record that does not decode is left where it was, counted.
+        let old = store.db.open_tree(crate::ANALYSES_V2).expect("tree");
+        assert_eq!(old.len(), 1);
+        assert!(old.get(b"junk").expect("read").is_some());
     }
 }

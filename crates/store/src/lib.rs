@@ -9,7 +9,7 @@
 //!
 //! Trees of schema 2: `meta` (the schema), `clocks.2` (each app's event-time clock), `apps.2` (each
 //! app's catalog entry), `baselines.2` (each baseline's EWMA and current slot), `slots.2` (the
-//! seasonal hour-of-week summaries paged out of memory), `analyses.2` (each app's canary analysis:
+//! seasonal hour-of-week summaries paged out of memory), `analyses.3` (each app's canary analysis:
 //! declared rollout, model, stage, verdict and its evidence; `analysis`), keyed as `keys` says: a
 //! version's keys never collide with the app's or another version's. Every engine value is the
 //! schema byte, then postcard of its record.
@@ -82,8 +82,11 @@ const CLOCKS: &str = "clocks.2";
 const APPS: &str = "apps.2";
 const BASELINES: &str = "baselines.2";
 const SLOTS: &str = "slots.2";
-/// Canary analyses, by app: added within schema 2 (a tree older daemons never open).
-const ANALYSES: &str = "analyses.2";
+/// Canary analyses, by app: added within schema 2 (a tree older daemons never open), its layout
+/// versioned by the tree's name (`analysis`).
+const ANALYSES: &str = "analyses.3";
+/// The analyses' tree before approvals and promotion chains, moved to `ANALYSES` at open.
+const ANALYSES_V2: &str = "analyses.2";
 
 /// The daemon's trees (their records are `daemon`'s, under `DAEMON_FORMAT`).
 const EVENTS: &str = "events";
@@ -353,6 +356,7 @@ impl<R: DaemonRecords> Store<R> {
         };
         migrate::to_current(&db, &path, &counters)?;
         migrate::daemon_to_current(&db, &path, &counters)?;
+        migrate::analyses_to_current(&db, &counters)?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Open {
                 path: path.clone(),

@@ -26,14 +26,57 @@ use std::path::Path;
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::{BaselineId, Scope};
 
+use crate::analysis::{AnalysisRecord, AnalysisRecordV2};
 use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 use crate::v1::{self, BaselineKeyRecord, ScopeRecord};
 use crate::{
-    APPS, BASELINES, CLOCKS, DELIVERY_TREES, EVENT_TREES, SCHEMA, SLOTS, SUBSCRIPTIONS, StoreCounters,
-    StoreError, daemon, encode, keys,
+    ANALYSES, ANALYSES_V2, APPS, BASELINES, CLOCKS, DELIVERY_TREES, Decoded, EVENT_TREES, SCHEMA, SLOTS,
+    SUBSCRIPTIONS, StoreCounters, StoreError, daemon, decode, encode, keys,
 };
 
 const SCHEMA_KEY: &[u8] = b"schema";
+
+/// Moves `analyses.2`'s records to `analyses.3` (`analysis`), each converted from its frozen
+/// layout: written and flushed before the old ones are removed, so a move that stops half-way is
+/// made again whole at the next open (the old tree still holds every record). One that does not
+/// decode is counted, logged and left in `analyses.2`; one of a newer schema stops the open.
+pub(crate) fn analyses_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
+    let io = io("move analyses to analyses.3");
+    if !db
+        .tree_names()
+        .iter()
+        .any(|n| n.as_ref() == ANALYSES_V2.as_bytes())
+    {
+        return Ok(());
+    }
+    let old = db.open_tree(ANALYSES_V2).map_err(&io)?;
+    let new = db.open_tree(ANALYSES).map_err(&io)?;
+    let mut batch = sled::Batch::default();
+    let mut moved = Vec::new();
+    for item in old.iter() {
+        let (key, bytes) = item.map_err(&io)?;
+        match decode::<AnalysisRecordV2>(&bytes) {
+            Decoded::Record(record) => {
+                batch.insert(key.clone(), encode(&AnalysisRecord::from(record)));
+                moved.push(key);
+            }
+            Decoded::Newer(found) => {
+                return Err(StoreError::NewerRecord {
+                    tree: ANALYSES_V2,
+                    found,
+                    supported: SCHEMA,
+                });
+            }
+            Decoded::Corrupt => not_migrated(counters, ANALYSES_V2, &key, "does not decode"),
+        }
+    }
+    new.apply_batch(batch).map_err(&io)?;
+    db.flush().map_err(&io)?;
+    Migrated {
+        trees: vec![(ANALYSES_V2, moved)],
+    }
+    .remove_from(db)
+}
 const DAEMON_FORMAT_KEY: &[u8] = b"daemon_format";
 
 fn io(operation: &'static str) -> impl Fn(sled::Error) -> StoreError {
@@ -101,7 +144,7 @@ impl Migrated {
                 tracing::warn!(
                     tree = name,
                     records = left,
-                    "format-1 records that could not be migrated were left in their tree"
+                    "records that could not be migrated were left in their old tree"
                 );
             }
         }

@@ -749,7 +749,7 @@ fn a_migration_that_stopped_half_way_starts_again_from_format_1() {
 }
 
 /// An analysis of a shadow rollout in its second stage, failing, with a check, a gate and a streak.
-fn analysis(app: &str) -> AnalysisSnapshot {
+pub(crate) fn analysis(app: &str) -> AnalysisSnapshot {
     use canaryd_engine::judge::checks::{Check, CheckId, Feature, Group, Outcome, Test};
     use canaryd_engine::judge::model::Decision;
     use canaryd_engine::judge::{Gate, GateMetric, GateOutcome, GateResult, Mode, Model, Stage, State};
@@ -758,6 +758,7 @@ fn analysis(app: &str) -> AnalysisSnapshot {
         name: name.into(),
         weight,
         observe_s: 60,
+        approval: false,
         gates: vec![Gate {
             metric: GateMetric::ErrorRate,
             max: Some(0.05),
@@ -772,6 +773,7 @@ fn analysis(app: &str) -> AnalysisSnapshot {
         decision: Decision::default(),
         checks: Default::default(),
         stages: vec![stage("5%", 5.0), stage("50%", 50.0)],
+        promotion: vec![],
     };
     let mut stage_requests = RequestAggregate::default();
     for i in 0..40 {
@@ -828,6 +830,9 @@ fn analysis(app: &str) -> AnalysisSnapshot {
         model,
         declared: true,
         paused: true,
+        awaiting_approval: Some(65),
+        blocked_by: Some("beta".into()),
+        failed_in: Some(("test".into(), "evt_0000000000000007".into())),
         started_at: 10,
         state: State::Failing,
         since: 70,

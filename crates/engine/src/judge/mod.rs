@@ -154,6 +154,16 @@ pub struct AnalysisView {
     pub declared: bool,
     /// Paused by an operator: judged, but passing no stage and failing nothing.
     pub paused: bool,
+    /// Since when it has waited for a person to approve its next stage.
+    pub awaiting_approval: Option<EventTime>,
+    /// The environment of the promotion chain it waits on: not promoted until the canary is
+    /// promoted there.
+    pub blocked_by: Option<String>,
+    /// The earlier environment of the chain it failed in, and that verdict's event id, when this
+    /// failed it on sight.
+    pub failed_in: Option<(String, String)>,
+    /// The chain's next environment after this one.
+    pub next_env: Option<String>,
     pub state: State,
     pub score: Option<f64>,
     pub stage: Option<StageView>,
@@ -231,6 +241,10 @@ pub enum ChangeKind {
     OperatorAborted,
     Paused,
     Resumed,
+    /// Its stage passed and the next one asks for a person's approval: it waits.
+    AwaitingApproval,
+    /// A person approved the next stage: the canary moves on to its weight.
+    Approved,
 }
 
 /// What an operator can do to an analysis under way.
@@ -244,14 +258,17 @@ pub enum Operation {
     Resume,
     /// Fail the canary now (`canary.failed`, weight 0).
     Abort,
+    /// Let an analysis waiting for approval enter its next stage (`canary.stage_passed`).
+    Approve,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 4] = [
+    pub const ALL: [Operation; 5] = [
         Operation::Promote,
         Operation::Pause,
         Operation::Resume,
         Operation::Abort,
+        Operation::Approve,
     ];
 
     pub fn name(self) -> &'static str {
@@ -260,6 +277,7 @@ impl Operation {
             Operation::Pause => "pause",
             Operation::Resume => "resume",
             Operation::Abort => "abort",
+            Operation::Approve => "approve",
         }
     }
 
@@ -312,6 +330,16 @@ pub struct Analysis {
     declared: bool,
     /// An operator paused it: it judges, but neither passes stages nor fails.
     paused: bool,
+    /// Since when it has waited for a person to approve the next stage (its stage passed, the
+    /// next one asks for approval): judged, and failed if it fails, but no further.
+    awaiting_approval: Option<EventTime>,
+    /// The environment before this one in the model's promotion chain, while the canary has not
+    /// been promoted there: it is not promoted here until it is (refreshed by the judge before
+    /// each look, from what it was told of verdicts).
+    blocked_by: Option<String>,
+    /// The earlier environment it failed in, and the id of the event that said so, when that
+    /// failed it here on sight.
+    failed_in: Option<(String, String)>,
     started_at: EventTime,
     state: State,
     since: EventTime,
@@ -353,6 +381,9 @@ impl Analysis {
             model,
             declared,
             paused: false,
+            awaiting_approval: None,
+            blocked_by: None,
+            failed_in: None,
             started_at: at,
             state: State::InsufficientData,
             since: at,
@@ -382,6 +413,11 @@ impl Analysis {
         &self.canary
     }
 
+    /// The model it runs under (as it was when it started).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
     pub fn is_final(&self) -> bool {
         self.state.is_final()
     }
@@ -396,6 +432,10 @@ impl Analysis {
             mode: self.model.mode,
             declared: self.declared,
             paused: self.paused,
+            awaiting_approval: self.awaiting_approval,
+            blocked_by: self.blocked_by.clone(),
+            failed_in: self.failed_in.clone(),
+            next_env: self.next_env().map(str::to_owned),
             state: self.state,
             score: self.score,
             stage: self.model.stages.get(self.stage).map(|s| StageView {
@@ -755,6 +795,11 @@ impl Analysis {
             });
             return;
         }
+        if self.awaiting_approval.is_some() {
+            // Judged and shown, and failed above if it fails; a person decides the rest.
+            self.set_state(state, now);
+            return;
+        }
         let stage_passed = state == State::Healthy
             && model.stages.get(self.stage).is_some_and(|stage| {
                 now.saturating_sub(self.stage_started_at) >= stage.observe_s.saturating_mul(SECOND)
@@ -774,6 +819,11 @@ impl Analysis {
             return;
         }
         let Some(next) = model.stages.get(self.stage + 1) else {
+            if self.blocked_by.is_some() {
+                // Not before the canary is promoted in the chain's environment before this one.
+                self.set_state(state, now);
+                return;
+            }
             self.set_state(State::Promoted, now);
             changes.push(CanaryChange {
                 kind: ChangeKind::Promoted,
@@ -783,20 +833,61 @@ impl Analysis {
             });
             return;
         };
-        let view_before = self.view();
+        self.set_state(state, now);
+        if next.approval {
+            self.awaiting_approval = Some(now);
+            changes.push(CanaryChange {
+                kind: ChangeKind::AwaitingApproval,
+                time: now,
+                weight: None,
+                view: self.view(),
+            });
+            return;
+        }
+        changes.push(self.next_stage(ChangeKind::StagePassed, next.weight, now));
+    }
+
+    /// Enters the next stage at `now`: the change that says so, with what passed (gates
+    /// included) and the canary's next weight.
+    fn next_stage(&mut self, kind: ChangeKind, weight: f64, now: EventTime) -> CanaryChange {
+        let gates_passed = self.gates.clone();
+        self.awaiting_approval = None;
         self.stage += 1;
         self.stage_started_at = now;
         self.stage_requests = RequestAggregate::default();
-        self.set_state(state, now);
         let mut view = self.view();
-        // The event tells what passed (gates included) and where the canary goes next.
-        view.gates = view_before.gates;
-        changes.push(CanaryChange {
-            kind: ChangeKind::StagePassed,
+        view.gates = gates_passed;
+        CanaryChange {
+            kind,
             time: now,
-            weight: Some(next.weight),
+            weight: Some(weight),
             view,
-        });
+        }
+    }
+
+    /// The environment after this one in the model's promotion chain.
+    fn next_env(&self) -> Option<&str> {
+        let chain = &self.model.promotion;
+        let here = chain.iter().position(|e| **e == *self.env)?;
+        chain.get(here + 1).map(String::as_str)
+    }
+
+    /// Fails the canary on sight at `now`: it failed in `env` (`event_id` said so), earlier in
+    /// the promotion chain. None when it has failed already.
+    fn fail_on_sight(&mut self, env: &str, event_id: &str, now: EventTime) -> Option<CanaryChange> {
+        if self.failed_at.is_some() || self.state.is_final() {
+            return None;
+        }
+        self.failed_in = Some((env.to_owned(), event_id.to_owned()));
+        self.awaiting_approval = None;
+        self.failed_at = Some(now);
+        self.set_state(State::Failing, now);
+        Some(CanaryChange {
+            kind: ChangeKind::Failed,
+            time: now,
+            weight: Some(0.0),
+            view: self.view(),
+        })
     }
 
     /// The start of the one part (second or block) of `check`'s window without which it would no
@@ -859,8 +950,24 @@ impl Analysis {
             return Err(refused(self, self.state.name()));
         }
         let (kind, weight) = match operation {
+            Operation::Approve => {
+                if self.failed_at.is_some() {
+                    return Err(refused(self, "failed already"));
+                }
+                let Some(next) = self
+                    .model
+                    .stages
+                    .get(self.stage + 1)
+                    .filter(|_| self.awaiting_approval.is_some())
+                else {
+                    return Err(refused(self, "not awaiting approval"));
+                };
+                let weight = next.weight;
+                return Ok(self.next_stage(ChangeKind::Approved, weight, now));
+            }
             Operation::Promote => {
                 self.paused = false;
+                self.awaiting_approval = None;
                 self.set_state(State::Promoted, now);
                 (ChangeKind::OperatorPromoted, Some(100.0))
             }
@@ -869,6 +976,7 @@ impl Analysis {
                     return Err(refused(self, "failed already"));
                 }
                 self.paused = false;
+                self.awaiting_approval = None;
                 self.failed_at = Some(now);
                 self.set_state(State::Failing, now);
                 (ChangeKind::OperatorAborted, Some(0.0))
@@ -1122,6 +1230,50 @@ pub struct Judge {
     /// Analyses started or looked at since the last `take_changes`, and those ended.
     changed: HashSet<(Arc<str>, Arc<str>)>,
     ended: Vec<(String, String)>,
+    /// What each version's analyses concluded in each environment, for promotion chains.
+    verdicts: Verdicts,
+}
+
+/// A final verdict on a version in one environment, and the id of the event that said so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub passed: bool,
+    pub event_id: String,
+}
+
+/// The verdicts the judge was told of, per (app, version), oldest versions forgotten first past
+/// `MAX_VERDICT_VERSIONS` (and counted): a chain that forgets a version blocks its promotion
+/// rather than passing it.
+#[derive(Debug, Default)]
+struct Verdicts {
+    by_version: HashMap<(Arc<str>, Arc<str>), BTreeMap<String, Verdict>>,
+    order: std::collections::VecDeque<(Arc<str>, Arc<str>)>,
+    dropped: u64,
+}
+
+/// Versions whose verdicts the judge keeps for promotion chains.
+pub const MAX_VERDICT_VERSIONS: usize = 65_536;
+
+impl Verdicts {
+    fn remember(&mut self, env: &str, key: (Arc<str>, Arc<str>), verdict: Verdict) {
+        if !self.by_version.contains_key(&key) {
+            self.order.push_back(key.clone());
+            while self.order.len() > MAX_VERDICT_VERSIONS {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.by_version.remove(&oldest);
+                    self.dropped += 1;
+                }
+            }
+        }
+        self.by_version
+            .entry(key)
+            .or_default()
+            .insert(env.to_owned(), verdict);
+    }
+
+    fn of(&self, app: &Arc<str>, version: &Arc<str>, env: &str) -> Option<&Verdict> {
+        self.by_version.get(&(app.clone(), version.clone()))?.get(env)
+    }
 }
 
 /// The model every inferred analysis uses.
@@ -1174,7 +1326,8 @@ impl Judge {
         }
     }
 
-    /// Starts an analysis; returns its `started` change.
+    /// Starts an analysis; returns its `started` change, and its `failed` one when the promotion
+    /// chain fails it on sight.
     pub(crate) fn start(
         &mut self,
         key: (Arc<str>, Arc<str>),
@@ -1183,7 +1336,7 @@ impl Judge {
         model: &str,
         declared: bool,
         at: EventTime,
-    ) -> Result<CanaryChange, JudgeError> {
+    ) -> Result<Vec<CanaryChange>, JudgeError> {
         if stable == canary {
             return Err(JudgeError::SameVersion(stable.to_string()));
         }
@@ -1197,13 +1350,81 @@ impl Judge {
         let view = analysis.view();
         self.analyses.insert(key.clone(), analysis);
         self.changed.insert(key.clone());
-        self.retired.insert(key, stable);
-        Ok(CanaryChange {
+        self.retired.insert(key.clone(), stable);
+        let mut changes = vec![CanaryChange {
             kind: ChangeKind::Started,
             time: at,
             weight: None,
             view,
-        })
+        }];
+        changes.extend(self.follow_chain(&key, at));
+        Ok(changes)
+    }
+
+    /// Tells the judge that `version` of `app` was promoted (`passed`) or failed in `env`, by
+    /// the event `event_id`; the changes that makes to analyses in the environments after it in
+    /// their promotion chains (a failure fails them on sight; a pass lets them be promoted).
+    pub fn remember_verdict(
+        &mut self,
+        env: &str,
+        app: &str,
+        version: &str,
+        verdict: Verdict,
+        at: EventTime,
+    ) -> Vec<CanaryChange> {
+        let (app, version): (Arc<str>, Arc<str>) = (Arc::from(app), Arc::from(version));
+        self.verdicts
+            .remember(env, (app.clone(), version.clone()), verdict);
+        let affected: Vec<_> = self
+            .analyses
+            .iter()
+            .filter(|((e, a), analysis)| **e != *env && *a == app && analysis.canary == version)
+            .map(|(key, _)| key.clone())
+            .collect();
+        affected
+            .into_iter()
+            .flat_map(|key| self.follow_chain(&key, at))
+            .collect()
+    }
+
+    /// Applies every live analysis's promotion chain to what the judge knows of verdicts (after
+    /// a restart, once they have been told again); the changes it makes.
+    pub fn follow_chains(&mut self, at: EventTime) -> Vec<CanaryChange> {
+        let keys: Vec<_> = self.analyses.keys().cloned().collect();
+        keys.into_iter()
+            .flat_map(|key| self.follow_chain(&key, at))
+            .collect()
+    }
+
+    /// How many versions' verdicts were forgotten to keep within `MAX_VERDICT_VERSIONS`.
+    pub fn verdicts_dropped(&self) -> u64 {
+        self.verdicts.dropped
+    }
+
+    /// The analysis's place in its model's promotion chain: failed on sight when its canary
+    /// failed in an earlier environment; else blocked while not promoted in the one before.
+    fn follow_chain(&mut self, key: &(Arc<str>, Arc<str>), at: EventTime) -> Option<CanaryChange> {
+        let analysis = self.analyses.get(key)?;
+        let chain = &analysis.model.promotion;
+        let here = chain.iter().position(|e| **e == *key.0).filter(|i| *i > 0)?;
+        let (app, canary) = (&analysis.app, &analysis.canary);
+        let failed = chain[..here].iter().find_map(|env| {
+            self.verdicts
+                .of(app, canary, env)
+                .filter(|v| !v.passed)
+                .map(|v| (env.clone(), v.event_id.clone()))
+        });
+        let previous = &chain[here - 1];
+        let blocked_by = self
+            .verdicts
+            .of(app, canary, previous)
+            .is_none_or(|v| !v.passed)
+            .then(|| previous.clone());
+        let analysis = self.analyses.get_mut(key)?;
+        self.changed.insert(key.clone());
+        analysis.blocked_by = blocked_by;
+        let (env, event_id) = failed?;
+        analysis.fail_on_sight(&env, &event_id, at.max(analysis.evaluated_at))
     }
 
     /// Ends the app's analysis (the rollout API's DELETE).

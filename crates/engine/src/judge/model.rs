@@ -33,6 +33,11 @@ pub struct Model {
     pub checks: Checks,
     #[serde(default)]
     pub stages: Vec<Stage>,
+    /// The environments a version is promoted through, in order (e.g. test, beta, prod): in each
+    /// of them after the first, a version that failed in an earlier one fails on sight, and one
+    /// not yet promoted in the one before is not promoted. Empty: no chain.
+    #[serde(default)]
+    pub promotion: Vec<String>,
 }
 
 /// How evidence becomes a decision.
@@ -267,6 +272,10 @@ pub struct Stage {
     pub observe_s: u64,
     #[serde(default)]
     pub gates: Vec<Gate>,
+    /// A person approves before the canary enters this stage: once the stage before it passes,
+    /// the analysis waits (still judged, and failed if it fails) for an approval or an abort.
+    #[serde(default)]
+    pub approval: bool,
 }
 
 /// A limit on what the canary measures. A gate fails when the limit is broken with confidence,
@@ -484,9 +493,26 @@ impl Model {
                 }
             }
         }
+        for (i, env) in self.promotion.iter().enumerate() {
+            if env.trim().is_empty() || env.len() > 256 {
+                return Err(bad(
+                    format!("promotion[{i}]"),
+                    "an environment name of 1 to 256 characters is needed",
+                ));
+            }
+            if self.promotion[..i].contains(env) {
+                return Err(bad(format!("promotion[{i}]"), format!("{env:?} is named twice")));
+            }
+        }
         let mut last_weight = 0.0;
         for (i, s) in self.stages.iter().enumerate() {
             let at = |f: &str| format!("stages[{i}].{f}");
+            if i == 0 && s.approval {
+                return Err(bad(
+                    at("approval"),
+                    "the first stage starts when the canary does: approval applies to the stages after it",
+                ));
+            }
             if !(s.weight > 0.0 && s.weight <= 100.0) {
                 return Err(bad(
                     at("weight"),
@@ -570,6 +596,7 @@ mod tests {
                 name: "a".into(),
                 weight: 10.0,
                 observe_s: 60,
+                approval: false,
                 gates: vec![Gate {
                     metric: GateMetric::ErrorRate,
                     max: Some(0.01),
@@ -577,12 +604,32 @@ mod tests {
                     window_s: 0,
                 }],
             }],
+            promotion: vec![],
         }
     }
 
     #[test]
     fn a_sound_model_validates() {
         assert_eq!(model().validate(), Ok(()));
+    }
+
+    #[test]
+    fn approval_and_the_promotion_chain_are_checked() {
+        let mut m = model();
+        m.stages[0].approval = true;
+        assert_eq!(m.validate().unwrap_err().field, "stages[0].approval");
+        let mut m = model();
+        m.stages.push(Stage {
+            approval: true,
+            ..m.stages[0].clone()
+        });
+        assert_eq!(m.validate(), Ok(()));
+        m.promotion = vec!["test".into(), "beta".into(), "test".into()];
+        let e = m.validate().unwrap_err();
+        assert_eq!(e.field, "promotion[2]");
+        assert!(e.message.contains("named twice"), "{}", e.message);
+        m.promotion = vec!["test".into(), " ".into()];
+        assert_eq!(m.validate().unwrap_err().field, "promotion[1]");
     }
 
     #[test]
@@ -601,6 +648,7 @@ mod tests {
             name: "b".into(),
             weight: 5.0,
             observe_s: 60,
+            approval: false,
             gates: vec![],
         });
         assert_eq!(m.validate().unwrap_err().field, "stages[1].weight");

@@ -30,6 +30,12 @@ pub struct AnalysisSnapshot {
     pub model: Model,
     pub declared: bool,
     pub paused: bool,
+    /// Since when it has waited for approval of its next stage.
+    pub awaiting_approval: Option<EventTime>,
+    /// The chain's environment it waits to be promoted in first.
+    pub blocked_by: Option<String>,
+    /// The earlier environment it failed in and that verdict's event id, when failed on sight.
+    pub failed_in: Option<(String, String)>,
     pub started_at: EventTime,
     pub state: State,
     pub since: EventTime,
@@ -74,6 +80,9 @@ impl Analysis {
             model: (*self.model).clone(),
             declared: self.declared,
             paused: self.paused,
+            awaiting_approval: self.awaiting_approval,
+            blocked_by: self.blocked_by.clone(),
+            failed_in: self.failed_in.clone(),
             started_at: self.started_at,
             state: self.state,
             since: self.since,
@@ -103,6 +112,9 @@ impl Analysis {
             model: Arc::new(s.model),
             declared: s.declared,
             paused: s.paused,
+            awaiting_approval: s.awaiting_approval,
+            blocked_by: s.blocked_by,
+            failed_in: s.failed_in,
             started_at: s.started_at,
             state: s.state,
             since: s.since,
@@ -187,6 +199,7 @@ mod tests {
                 ..Checks::default()
             },
             stages: vec![],
+            promotion: vec![],
         }
     }
 

@@ -66,7 +66,12 @@ pub fn baseline_checks(
         // Could this window have shown the minimum deviation? Rates over the window do not
         // depend on the canary's requests: a window too short for them waits for a longer one.
         let power = |baseline: &Baseline, feature| {
-            let effect = || format!("{name} {} band half-widths above its learned level", b.max_deviation);
+            let effect = || {
+                format!(
+                    "{name} {} band half-widths above its learned level",
+                    b.max_deviation
+                )
+            };
             let shows = |n| baseline.could_show_rise(feature, n, secs, b.max_deviation);
             match Power::of(support, effect, shows) {
                 Power::Short { needed: None, .. } => Power::Waiting(format!(

@@ -138,6 +138,7 @@ mod decision {
             mode: Mode::Enforce,
             decision: Decision::default(),
             stages: vec![],
+            promotion: vec![],
         }
     }
 
@@ -184,9 +185,12 @@ mod decision {
     fn baselines(config: &BaselineConfig) -> BTreeMap<FeatureKey, Baseline> {
         let mut store = MemorySlotStore::default();
         let mut out = BTreeMap::new();
-        let windows: [(&str, fn(u64) -> f64); 2] = [
+        type WindowValue = fn(u64) -> f64;
+        let windows: [(&str, WindowValue); 2] = [
             ("error_ratio", |k| if k % 5 == 0 { 1.0 / 200.0 } else { 0.0 }),
-            ("latency_p99_ms", |k| 40.0 * (1.0 + 0.05 * ((k % 7) as f64 - 3.0) / 3.0)),
+            ("latency_p99_ms", |k| {
+                40.0 * (1.0 + 0.05 * ((k % 7) as f64 - 3.0) / 3.0)
+            }),
         ];
         for (name, value) in windows {
             let mut b = Baseline::default();
