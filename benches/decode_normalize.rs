@@ -1,10 +1,12 @@
-//! Decode + normalize, the receivers' CPU cost per request, over generated OTLP: 512 spans per
-//! request, 10 attributes per span, 4 apps x 2 versions, 12 operations.
+//! Decode + normalize, the receivers' CPU cost per request, over generated OTLP of each signal:
+//! traces (512 spans per request, 10 attributes per span, 4 apps x 2 versions, 12 operations),
+//! metrics (an SDK's periodic export of 88 points, `testdata::sdk_metrics_request`) and logs
+//! (512 records, `testdata::sdk_logs_request`).
 //!
 //! `decode` is a whole prost decode alone (what a receiver that decodes before it reads pays);
-//! `normalize_in_place` is canaryd's path: the spans read in place from the protobuf and normalized
-//! into engine observations; `gzip_normalize_in_place` adds inflating the body as the receivers
-//! do. Throughput is in spans. Figures live in BENCHMARKS.md.
+//! `normalize_in_place` is canaryd's path: the items read in place from the protobuf and
+//! normalized into engine observations; `gzip_normalize_in_place` adds inflating the body as the
+//! receivers do. Throughput is in items (spans, points, records). Figures live in BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::io::{Read, Write};
@@ -12,6 +14,8 @@ use std::io::{Read, Write};
 use canaryd::normalize::{self, NormalizeOptions};
 use canaryd::testdata::{self, TraceShape};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
@@ -40,6 +44,32 @@ fn bench(c: &mut Criterion) {
                 .expect("inflates");
             normalize::traces_protobuf(&body, &options).expect("decodes")
         })
+    });
+    group.finish();
+
+    let metrics = testdata::sdk_metrics_request(1, testdata::EPOCH_NS).encode_to_vec();
+    let points = normalize::metrics_protobuf(&metrics, &options)
+        .expect("decodes")
+        .accepted;
+    let mut group = c.benchmark_group("otlp_metrics_sdk_export");
+    group.throughput(Throughput::Elements(points));
+    group.bench_function("decode", |b| {
+        b.iter(|| ExportMetricsServiceRequest::decode(black_box(&metrics[..])).expect("decodes"))
+    });
+    group.bench_function("normalize_in_place", |b| {
+        b.iter(|| normalize::metrics_protobuf(black_box(&metrics[..]), &options).expect("decodes"))
+    });
+    group.finish();
+
+    let records = 512;
+    let logs = testdata::sdk_logs_request(records, 1, testdata::EPOCH_NS).encode_to_vec();
+    let mut group = c.benchmark_group("otlp_logs_512");
+    group.throughput(Throughput::Elements(records as u64));
+    group.bench_function("decode", |b| {
+        b.iter(|| ExportLogsServiceRequest::decode(black_box(&logs[..])).expect("decodes"))
+    });
+    group.bench_function("normalize_in_place", |b| {
+        b.iter(|| normalize::logs_protobuf(black_box(&logs[..]), &options).expect("decodes"))
     });
     group.finish();
 }

@@ -11,7 +11,7 @@
 //! - what is accepted keeps normalization's promises: every identity is non-empty and free of
 //!   control characters, event times lie within `MAX_EVENT_TIME` and within the resource's `seen`
 //!   range, and rejections add up to what `partial_success` reports;
-//! - the in-place trace reader reads what prost reads.
+//! - the in-place readers of traces, metrics and logs read what prost reads.
 //!
 //! The readers: the trace, metrics and logs requests in protobuf (`OtlpRequest::normalize_protobuf`,
 //! what both the gRPC and the OTLP/HTTP receivers call on a body), in OTLP/JSON
@@ -32,7 +32,7 @@ use prost::Message;
 
 use crate::act::outbound::OutboundPolicy;
 use crate::config::{Config, ConfigError, RawConfig};
-use crate::normalize::{MAX_EVENT_TIME, NormalizeOptions, Normalized};
+use crate::normalize::{DecodeError, MAX_EVENT_TIME, NormalizeOptions, Normalized};
 use crate::receive::{ExportError, OtlpRequest};
 use crate::serve::RequestBody;
 
@@ -50,18 +50,43 @@ pub const TARGETS: [(&str, Entry); 7] = [
     ("api_bodies", api_bodies),
 ];
 
-/// An `ExportTraceServiceRequest` in protobuf: the in-place trace reader, after the item count.
-/// The reader is also held to prost: whenever prost decodes the bytes, the reader reads them, and
-/// reads the same as from prost's own re-encoding of what it decoded.
+/// An `ExportTraceServiceRequest` in protobuf: the in-place span reader, after the item count,
+/// held to prost.
 pub fn traces_protobuf(data: &[u8]) {
     protobuf::<ExportTraceServiceRequest>(data);
-    let Ok(decoded) = ExportTraceServiceRequest::decode(data) else {
+    read_as_prost_reads(data, crate::normalize::traces_protobuf, crate::normalize::traces);
+}
+
+/// An `ExportMetricsServiceRequest` in protobuf: the in-place point reader, after the item
+/// count, held to prost.
+pub fn metrics_protobuf(data: &[u8]) {
+    protobuf::<ExportMetricsServiceRequest>(data);
+    read_as_prost_reads(
+        data,
+        crate::normalize::metrics_protobuf,
+        crate::normalize::metrics,
+    );
+}
+
+/// An `ExportLogsServiceRequest` in protobuf: the in-place record reader, after the item count,
+/// held to prost.
+pub fn logs_protobuf(data: &[u8]) {
+    protobuf::<ExportLogsServiceRequest>(data);
+    read_as_prost_reads(data, crate::normalize::logs_protobuf, crate::normalize::logs);
+}
+
+/// Whenever prost decodes `data`, the in-place reader reads it too, and reads the same as from
+/// prost's own re-encoding of what it decoded (canonical order, merged, unknown fields dropped).
+fn read_as_prost_reads<R: Message + Default>(
+    data: &[u8],
+    in_place: fn(&[u8], &NormalizeOptions) -> Result<Normalized, DecodeError>,
+    decoded: fn(&R, &NormalizeOptions) -> Result<Normalized, DecodeError>,
+) {
+    let Ok(request) = R::decode(data) else {
         return;
     };
     for options in settings() {
-        let in_place = crate::normalize::traces_protobuf(data, &options);
-        let via_prost = crate::normalize::traces(&decoded, &options);
-        match (in_place, via_prost) {
+        match (in_place(data, &options), decoded(&request, &options)) {
             (Ok(in_place), Ok(via_prost)) => {
                 assert_eq!(in_place, via_prost, "the reader and prost read differently")
             }
@@ -70,16 +95,6 @@ pub fn traces_protobuf(data: &[u8]) {
             }
         }
     }
-}
-
-/// An `ExportMetricsServiceRequest` in protobuf: the item count, prost, the metrics normalizer.
-pub fn metrics_protobuf(data: &[u8]) {
-    protobuf::<ExportMetricsServiceRequest>(data);
-}
-
-/// An `ExportLogsServiceRequest` in protobuf: the item count, prost, the logs normalizer.
-pub fn logs_protobuf(data: &[u8]) {
-    protobuf::<ExportLogsServiceRequest>(data);
 }
 
 /// An OTLP/JSON body, read as each of the three signals' requests (the same body may well be

@@ -404,6 +404,260 @@ pub fn logs_request(
     }
 }
 
+/// An SDK's periodic metrics export for one instance: what the OpenTelemetry SDK's HTTP server
+/// and database instrumentation, a runtime's gauges and a business counter send: 88 points.
+/// The server duration histogram has the semantic conventions' 14 bounds and a point per method,
+/// route and status (five attributes each); the business latency is an exponential histogram.
+/// Values vary with `seed`; the shape does not.
+pub fn sdk_metrics_request(seed: u64, time_ns: u64) -> ExportMetricsServiceRequest {
+    use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets;
+    use opentelemetry_proto::tonic::metrics::v1::{ExponentialHistogram, ExponentialHistogramDataPoint};
+
+    const BOUNDS: [f64; 14] = [
+        0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    ];
+    let mut rng = Rng::new(seed);
+    let start = time_ns.saturating_sub(600_000_000_000);
+    let number = |attributes: Vec<KeyValue>, value: number_data_point::Value| NumberDataPoint {
+        attributes,
+        start_time_unix_nano: start,
+        time_unix_nano: time_ns,
+        value: Some(value),
+        ..NumberDataPoint::default()
+    };
+    let histogram_point = |attributes: Vec<KeyValue>, rng: &mut Rng| {
+        let bucket_counts: Vec<u64> = (0..=BOUNDS.len()).map(|_| rng.below(40)).collect();
+        HistogramDataPoint {
+            attributes,
+            start_time_unix_nano: start,
+            time_unix_nano: time_ns,
+            count: bucket_counts.iter().sum(),
+            sum: Some(rng.below(10_000) as f64 / 100.0),
+            bucket_counts,
+            explicit_bounds: BOUNDS.to_vec(),
+            min: Some(0.001),
+            max: Some(9.5),
+            ..HistogramDataPoint::default()
+        }
+    };
+    let routes = [
+        "/",
+        "/cart",
+        "/cart/items",
+        "/checkout",
+        "/orders",
+        "/orders/{id}",
+        "/products",
+        "/products/{id}",
+        "/search",
+        "/login",
+        "/logout",
+        "/health",
+    ];
+    let mut server = Vec::new();
+    for route in routes {
+        for (method, status) in [("GET", 200), ("POST", 500)] {
+            let attributes = vec![
+                kv("http.request.method", method),
+                kv("http.route", route),
+                kv_int("http.response.status_code", status),
+                kv("url.scheme", "https"),
+                kv("network.protocol.version", "1.1"),
+            ];
+            server.push(histogram_point(attributes, &mut rng));
+        }
+    }
+    let by_route = |rng: &mut Rng, value: fn(u64) -> number_data_point::Value| -> Vec<NumberDataPoint> {
+        routes
+            .iter()
+            .map(|route| number(vec![kv("http.route", route)], value(rng.below(1_000))))
+            .collect()
+    };
+    let metric = |name: &str, unit: &str, data: metric::Data| Metric {
+        name: name.into(),
+        unit: unit.into(),
+        description: format!("{name}, as the instrumentation describes it"),
+        data: Some(data),
+        ..Metric::default()
+    };
+    let cumulative = AggregationTemporality::Cumulative as i32;
+    let mut metrics = vec![
+        metric(
+            "http.server.request.duration",
+            "s",
+            metric::Data::Histogram(Histogram {
+                data_points: server,
+                aggregation_temporality: cumulative,
+            }),
+        ),
+        metric(
+            "http.server.active_requests",
+            "{request}",
+            metric::Data::Sum(Sum {
+                data_points: by_route(&mut rng, |v| number_data_point::Value::AsInt(v as i64)),
+                aggregation_temporality: cumulative,
+                is_monotonic: false,
+            }),
+        ),
+        metric(
+            "orders.completed",
+            "{order}",
+            metric::Data::Sum(Sum {
+                data_points: by_route(&mut rng, |v| number_data_point::Value::AsInt(v as i64)),
+                aggregation_temporality: cumulative,
+                is_monotonic: true,
+            }),
+        ),
+    ];
+    for (operation, table) in [
+        ("SELECT", "orders"),
+        ("SELECT", "products"),
+        ("INSERT", "orders"),
+        ("UPDATE", "carts"),
+    ] {
+        let attributes = vec![
+            kv("db.system.name", "postgresql"),
+            kv("db.operation.name", operation),
+            kv("db.collection.name", table),
+            kv("server.address", "db.internal"),
+        ];
+        let point = histogram_point(attributes, &mut rng);
+        metrics.push(metric(
+            "db.client.operation.duration",
+            "s",
+            metric::Data::Histogram(Histogram {
+                data_points: vec![point],
+                aggregation_temporality: cumulative,
+            }),
+        ));
+    }
+    for (name, unit) in [
+        ("process.cpu.utilization", "1"),
+        ("process.memory.usage", "By"),
+        ("process.thread.count", "{thread}"),
+        ("process.open_file_descriptor.count", "{file_descriptor}"),
+        ("jvm.gc.duration", "s"),
+        ("queue.depth", "{message}"),
+    ] {
+        let points = (0..4)
+            .map(|cpu| {
+                number(
+                    vec![kv_int("cpu.id", cpu)],
+                    number_data_point::Value::AsDouble(rng.below(100) as f64 / 7.0),
+                )
+            })
+            .collect();
+        metrics.push(metric(
+            name,
+            unit,
+            metric::Data::Gauge(Gauge { data_points: points }),
+        ));
+    }
+    let exponential = (0..12)
+        .map(|i| {
+            let counts: Vec<u64> = (0..20).map(|_| rng.below(30)).collect();
+            ExponentialHistogramDataPoint {
+                attributes: vec![
+                    kv("payment.method", ["card", "wallet", "invoice"][i % 3]),
+                    kv_int("tier", (i / 3) as i64),
+                ],
+                start_time_unix_nano: start,
+                time_unix_nano: time_ns,
+                count: counts.iter().sum(),
+                sum: Some(rng.below(5_000) as f64),
+                scale: 3,
+                zero_count: rng.below(3),
+                positive: Some(Buckets {
+                    offset: -4,
+                    bucket_counts: counts,
+                }),
+                negative: None,
+                ..ExponentialHistogramDataPoint::default()
+            }
+        })
+        .collect();
+    metrics.push(metric(
+        "payment.amount",
+        "{EUR}",
+        metric::Data::ExponentialHistogram(ExponentialHistogram {
+            data_points: exponential,
+            aggregation_temporality: cumulative,
+        }),
+    ));
+    let mut resource = resource("prod", "shop", "2.4.1");
+    resource.attributes.extend([
+        kv("telemetry.sdk.name", "opentelemetry"),
+        kv("telemetry.sdk.version", "1.31.0"),
+        kv("host.name", "ip-10-0-3-17.eu-west-1.compute.internal"),
+        kv_int("process.pid", 4242),
+    ]);
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(resource),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(scope()),
+                metrics,
+                ..ScopeMetrics::default()
+            }],
+            ..ResourceMetrics::default()
+        }],
+    }
+}
+
+/// An SDK's logs export: `records` records of an HTTP service, each with a body of about a
+/// hundred bytes, five attributes, a trace and span id and a severity (a tenth of them errors),
+/// one second apart from `time_ns`.
+pub fn sdk_logs_request(records: usize, seed: u64, time_ns: u64) -> ExportLogsServiceRequest {
+    let mut rng = Rng::new(seed);
+    let log_records = (0..records)
+        .map(|i| {
+            let error = rng.below(10) == 0;
+            let (number, text) = if error { (17, "ERROR") } else { (9, "INFO") };
+            let mut trace_id = [0u8; 16];
+            for b in &mut trace_id {
+                *b = rng.below(256) as u8;
+            }
+            LogRecord {
+                time_unix_nano: time_ns + i as u64 * 1_000_000_000,
+                observed_time_unix_nano: time_ns + i as u64 * 1_000_000_000 + 1_000_000,
+                severity_number: number,
+                severity_text: text.into(),
+                body: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(format!(
+                        "request {} handled in {} ms for customer c-{} (cart of {} items, region eu-west-1)",
+                        rng.below(1_000_000),
+                        rng.below(900),
+                        rng.below(100_000),
+                        rng.below(20)
+                    ))),
+                }),
+                attributes: vec![
+                    kv("http.request.method", "POST"),
+                    kv("http.route", "/checkout"),
+                    kv_int("http.response.status_code", if error { 500 } else { 200 }),
+                    kv("code.function.name", "checkout::handle"),
+                    kv("thread.name", "tokio-runtime-worker"),
+                ],
+                trace_id: trace_id.to_vec(),
+                span_id: trace_id[..8].to_vec(),
+                flags: 1,
+                ..LogRecord::default()
+            }
+        })
+        .collect();
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(resource("prod", "shop", "2.4.1")),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(scope()),
+                log_records,
+                ..ScopeLogs::default()
+            }],
+            ..ResourceLogs::default()
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2579,9 +2579,9 @@ async fn slow_clients_are_cut_off_at_the_time_limits() {
 }
 
 /// Issue 15, defect 10: a value nested 120 levels deep, past prost's recursion limit, cost a whole
-/// metrics or logs request (refused with a message of kilobytes) while traces took it. Now the
-/// value is emptied and counted as truncated, and every point and record is taken, over gRPC and
-/// OTLP/HTTP alike.
+/// metrics or logs request (refused with a message of kilobytes) while traces took it. Metrics and
+/// logs are now read in place, as traces are: a value canaryd does not read is skipped unread,
+/// and every point and record is taken, over gRPC and OTLP/HTTP alike.
 #[tokio::test]
 async fn a_deeply_nested_value_costs_its_value_not_the_request() {
     use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, any_value};
@@ -2643,7 +2643,6 @@ async fn a_deeply_nested_value_costs_its_value_not_the_request() {
     assert_eq!(response.status().as_u16(), 200, "{:?}", response.text().await);
     wait_for_count(&daemon, "prod", "deep", "1", "metric_points", points as u64).await;
     wait_for_count(&daemon, "prod", "deep", "1", "log_records", 3).await;
-    assert!(daemon.metric("canaryd_truncated_values_total").await >= 4.0);
     daemon.stop().await.expect("clean stop");
 }
 

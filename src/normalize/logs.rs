@@ -2,59 +2,86 @@
 //!
 //! The engine counts records by severity, ERROR and above apart. A record's event time is its
 //! `time_unix_nano`, else its `observed_time_unix_nano`; a record with neither is rejected.
-//! Severity comes from `severity_number`, else from `severity_text`.
+//! Severity comes from `severity_number`, else from `severity_text`. Records are read in place
+//! from the request's protobuf (`wire`), as spans are.
 
 use canaryd_engine::{LogObservation, ResourceObservations, Severity};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use prost::Message;
 
-use super::{
-    IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon, resource_attributes,
+use super::common::{DecodeError, ItemReader, Nesting, read_request, within};
+use super::wire::Fields;
+use super::{NormalizeOptions, Normalized, beyond_horizon};
+
+/// A logs export as one signal's nesting, for `read_request`.
+const LOGS: Nesting = Nesting {
+    request: "ExportLogsServiceRequest",
+    resource: "ResourceLogs",
+    scope: "ScopeLogs",
 };
 
-pub fn logs(request: &ExportLogsServiceRequest, options: &NormalizeOptions) -> Normalized {
-    let mut out = Normalized::default();
-    let reader = IdentityReader { options };
-    for resource_logs in &request.resource_logs {
-        let records = resource_logs.scope_logs.iter().flat_map(|s| &s.log_records);
-        let Some((identity, instance)) = reader.read(
-            resource_attributes(resource_logs.resource.as_ref()),
-            &mut out.truncated,
-        ) else {
-            out.reject(NO_SERVICE_NAME, records.count() as u64);
-            continue;
-        };
-        let mut obs = ResourceObservations::new(identity);
-        obs.instance = instance;
-        for record in records {
-            let time = if record.time_unix_nano != 0 {
-                record.time_unix_nano
-            } else {
-                record.observed_time_unix_nano
-            };
-            if time == 0 {
-                out.reject("log records without time_unix_nano or observed_time_unix_nano", 1);
-                continue;
-            }
-            if beyond_horizon(time) {
-                out.reject(
-                    "log records with a time after 2262-04-11 (beyond int64 nanoseconds)",
-                    1,
-                );
-                continue;
-            }
-            let severity = match Severity::from_number(record.severity_number) {
-                Severity::Unspecified => severity_from_text(&record.severity_text),
-                known => known,
-            };
-            obs.saw(time);
-            obs.logs.push(LogObservation { time, severity });
-        }
-        if !obs.logs.is_empty() {
-            out.accepted += obs.logs.len() as u64;
-            out.batch.resources.push(obs);
-        }
+/// Normalizes a decoded request (the OTLP/JSON path) by reading its protobuf encoding, so that
+/// both paths share one normalizer.
+pub fn logs(
+    request: &ExportLogsServiceRequest,
+    options: &NormalizeOptions,
+) -> Result<Normalized, DecodeError> {
+    logs_protobuf(&request.encode_to_vec(), options)
+}
+
+/// Normalizes an `ExportLogsServiceRequest` in its protobuf encoding, reading it in place.
+pub fn logs_protobuf(buf: &[u8], options: &NormalizeOptions) -> Result<Normalized, DecodeError> {
+    read_request(buf, &LOGS, options, &mut Records)
+}
+
+/// Log records, read one at a time: nothing of one is kept for the next.
+struct Records;
+
+impl<'a> ItemReader<'a> for Records {
+    fn count(&mut self, _record: &'a [u8]) -> Result<u64, DecodeError> {
+        Ok(1)
     }
-    out
+
+    fn observe(
+        &mut self,
+        record: &'a [u8],
+        _options: &NormalizeOptions,
+        obs: &mut ResourceObservations,
+        out: &mut Normalized,
+    ) -> Result<u64, DecodeError> {
+        let within = within("LogRecord");
+        let (mut time, mut observed, mut number, mut text) = (0, 0, 0, "");
+        for field in Fields::new(record) {
+            let (n, value) = field.map_err(&within)?;
+            match n {
+                1 => time = value.fixed64(n).map_err(&within)?,
+                // An enum is an int32: keep the low 32 bits of a sign-extended one.
+                2 => number = value.varint(n).map_err(&within)? as i32,
+                3 => text = value.str(n).map_err(&within)?,
+                11 => observed = value.fixed64(n).map_err(&within)?,
+                _ => {}
+            }
+        }
+        let time = if time != 0 { time } else { observed };
+        if time == 0 {
+            out.reject("log records without time_unix_nano or observed_time_unix_nano", 1);
+            return Ok(0);
+        }
+        if beyond_horizon(time) {
+            out.reject(
+                "log records with a time after 2262-04-11 (beyond int64 nanoseconds)",
+                1,
+            );
+            return Ok(0);
+        }
+        let severity = match Severity::from_number(number) {
+            Severity::Unspecified => severity_from_text(text),
+            known => known,
+        };
+        obs.saw(time);
+        obs.logs.push(LogObservation { time, severity });
+        Ok(1)
+    }
 }
 
 /// Reads the usual spellings of severity names (`ERROR`, `Warning`, `crit`...).
@@ -111,7 +138,7 @@ mod tests {
                 ..ResourceLogs::default()
             }],
         };
-        let out = logs(&request, &NormalizeOptions::default());
+        let out = logs(&request, &NormalizeOptions::default()).expect("decodes");
         assert_eq!((out.accepted, out.rejected), (4, 2));
         let message = out.error_message("log records").expect("a message");
         assert!(
@@ -132,5 +159,33 @@ mod tests {
                 (40, Severity::Fatal),
             ]
         );
+    }
+
+    /// A logs export as an SDK sends it, mutated, is read as prost reads it.
+    #[test]
+    fn mutated_requests_are_read_as_prost_reads_them() {
+        let mut request = crate::testdata::sdk_logs_request(6, 2, 1_000);
+        let records = &mut request.resource_logs[0].scope_logs[0].log_records;
+        records[1].severity_number = 0;
+        records[2].time_unix_nano = 0;
+        super::super::common::assert_mutations_read_as_prost_reads::<ExportLogsServiceRequest>(
+            &request.encode_to_vec(),
+            logs_protobuf,
+        );
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_fails_the_request_with_where_and_why() {
+        let request = crate::testdata::sdk_logs_request(1, 2, 1_000);
+        let record = request.resource_logs[0].scope_logs[0].log_records[0].encode_to_vec();
+        let whole = super::super::common::request_with_item(&record);
+        assert!(logs_protobuf(&whole, &NormalizeOptions::default()).is_ok());
+        assert!(logs_protobuf(&whole[..whole.len() - 1], &NormalizeOptions::default()).is_err());
+        // The record's severity text (field 3) given again, not UTF-8.
+        let mut bad = record;
+        bad.extend([0x1a, 1, 0xff]);
+        let buf = super::super::common::request_with_item(&bad);
+        let error = logs_protobuf(&buf, &NormalizeOptions::default()).expect_err("invalid UTF-8");
+        assert_eq!(error.to_string(), "in LogRecord: field 3 is not valid UTF-8");
     }
 }

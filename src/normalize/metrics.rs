@@ -7,60 +7,224 @@
 //! value, non-finite values, unspecified temporality and histograms whose bucket counts do not
 //! fit their bounds are rejected. Points flagged `NO_RECORDED_VALUE` (a gap, no value) are skipped:
 //! neither accepted nor rejected.
+//!
+//! Points are read in place from the request's protobuf (`wire`), as spans are: a whole prost
+//! decode allocates every attribute of every point, and most of them are never kept. A message
+//! given in parts merges as protobuf says (a metric's data of the same kind merges, of another
+//! kind replaces; repeated fields append, packed or not; the last scalar wins).
 
 use canaryd_engine::{
     ExponentialBuckets, MetricPoint, PointValue, ResourceObservations, SeriesKey, Temporality,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Metric, exponential_histogram_data_point, metric::Data, number_data_point,
-};
+use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
+use prost::Message;
 
-use super::{
-    IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, any_value_text, beyond_horizon, cut_to,
-    resource_attributes,
-};
+use super::common::{DecodeError, ItemReader, KeyValueView, Nesting, read_request, within};
+use super::wire::{Fields, Value, WireError};
+use super::{NormalizeOptions, Normalized, beyond_horizon, cut_to, value_text};
 
 /// `DataPointFlags.FLAG_NO_RECORDED_VALUE`: the point marks a gap, it carries no value.
 const NO_RECORDED_VALUE: u32 = 1;
 
-pub fn metrics(request: &ExportMetricsServiceRequest, options: &NormalizeOptions) -> Normalized {
-    let mut out = Normalized::default();
-    let reader = IdentityReader { options };
-    for resource_metrics in &request.resource_metrics {
-        let metrics = resource_metrics.scope_metrics.iter().flat_map(|s| &s.metrics);
-        let Some((identity, instance)) = reader.read(
-            resource_attributes(resource_metrics.resource.as_ref()),
-            &mut out.truncated,
-        ) else {
-            out.reject(NO_SERVICE_NAME, metrics.map(point_count).sum());
-            continue;
-        };
-        let mut obs = ResourceObservations::new(identity);
-        obs.instance = instance;
-        let mut accepted = 0;
-        for metric in metrics {
-            accepted += observe_metric(metric, options, &mut obs, &mut out);
-        }
-        out.accepted += accepted;
-        if accepted > 0 {
-            out.batch.resources.push(obs);
-        }
-    }
-    out
+const UNSPECIFIED_TEMPORALITY: &str = "data points with unspecified aggregation_temporality";
+
+/// A metrics export as one signal's nesting, for `read_request`.
+const METRICS: Nesting = Nesting {
+    request: "ExportMetricsServiceRequest",
+    resource: "ResourceMetrics",
+    scope: "ScopeMetrics",
+};
+
+/// Normalizes a decoded request (the OTLP/JSON path) by reading its protobuf encoding, so that
+/// both paths share one normalizer.
+pub fn metrics(
+    request: &ExportMetricsServiceRequest,
+    options: &NormalizeOptions,
+) -> Result<Normalized, DecodeError> {
+    metrics_protobuf(&request.encode_to_vec(), options)
 }
 
-fn point_count(metric: &Metric) -> u64 {
-    let n = match &metric.data {
-        None => 0,
-        Some(Data::Gauge(g)) => g.data_points.len(),
-        Some(Data::Sum(s)) => s.data_points.len(),
-        Some(Data::Histogram(h)) => h.data_points.len(),
-        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-        Some(Data::Summary(s)) => s.data_points.len(),
-    };
-    n as u64
+/// Normalizes an `ExportMetricsServiceRequest` in its protobuf encoding, reading it in place.
+pub fn metrics_protobuf(buf: &[u8], options: &NormalizeOptions) -> Result<Normalized, DecodeError> {
+    read_request(buf, &METRICS, options, &mut Scratch::default())
+}
+
+/// The kinds of a metric's data: the fields of its `data` oneof.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataKind {
+    Gauge,
+    Sum,
+    Histogram,
+    ExponentialHistogram,
+    Summary,
+}
+
+impl DataKind {
+    fn of_field(number: u32) -> Option<DataKind> {
+        Some(match number {
+            5 => DataKind::Gauge,
+            7 => DataKind::Sum,
+            9 => DataKind::Histogram,
+            10 => DataKind::ExponentialHistogram,
+            11 => DataKind::Summary,
+            _ => return None,
+        })
+    }
+}
+
+/// A metric's fields that normalization reads; its points are in the scratch.
+struct MetricView<'a> {
+    name: &'a str,
+    kind: Option<DataKind>,
+    /// The data's `aggregation_temporality` (Sum, Histogram, ExponentialHistogram).
+    temporality: i32,
+    /// The Sum's `is_monotonic`.
+    monotonic: bool,
+}
+
+/// Buffers reused from metric to metric, so a request allocates them once.
+#[derive(Default)]
+struct Scratch<'a> {
+    /// The parts of a metric's data (a message given more than once merges).
+    data: Vec<&'a [u8]>,
+    points: Vec<&'a [u8]>,
+    attributes: Vec<KeyValueView<'a>>,
+}
+
+impl<'a> Scratch<'a> {
+    /// Reads a metric, leaving its points' encodings in `points`.
+    fn read_metric(&mut self, buf: &'a [u8]) -> Result<MetricView<'a>, DecodeError> {
+        let mut metric = MetricView {
+            name: "",
+            kind: None,
+            temporality: 0,
+            monotonic: false,
+        };
+        self.data.clear();
+        self.points.clear();
+        for field in Fields::new(buf) {
+            let (number, value) = field.map_err(within("Metric"))?;
+            if number == 1 {
+                metric.name = value.str(number).map_err(within("Metric"))?;
+            } else if let Some(kind) = DataKind::of_field(number) {
+                let data = value.bytes(number).map_err(within("Metric"))?;
+                // A oneof given again as another kind replaces what came before.
+                if metric.kind != Some(kind) {
+                    self.data.clear();
+                    metric.kind = Some(kind);
+                }
+                self.data.push(data);
+            }
+        }
+        let within = within("the metric's data");
+        for part in &self.data {
+            for field in Fields::new(part) {
+                let (number, value) = field.map_err(&within)?;
+                match number {
+                    1 => self.points.push(value.bytes(number).map_err(&within)?),
+                    2 if matches!(
+                        metric.kind,
+                        Some(DataKind::Sum | DataKind::Histogram | DataKind::ExponentialHistogram)
+                    ) =>
+                    {
+                        // An enum is an int32: keep the low 32 bits of a sign-extended one.
+                        metric.temporality = value.varint(number).map_err(&within)? as i32
+                    }
+                    3 if metric.kind == Some(DataKind::Sum) => {
+                        metric.monotonic = value.varint(number).map_err(&within)? != 0
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(metric)
+    }
+}
+
+impl<'a> ItemReader<'a> for Scratch<'a> {
+    fn count(&mut self, metric: &'a [u8]) -> Result<u64, DecodeError> {
+        self.read_metric(metric)?;
+        Ok(self.points.len() as u64)
+    }
+
+    fn observe(
+        &mut self,
+        metric: &'a [u8],
+        options: &NormalizeOptions,
+        obs: &mut ResourceObservations,
+        out: &mut Normalized,
+    ) -> Result<u64, DecodeError> {
+        let metric = self.read_metric(metric)?;
+        let Some(kind) = metric.kind else {
+            return Ok(0);
+        };
+        if kind == DataKind::Summary {
+            out.reject("summary data points (not supported)", self.points.len() as u64);
+            return Ok(0);
+        }
+        let temporality = temporality(metric.temporality);
+        let mut accepted = 0;
+        for i in 0..self.points.len() {
+            let point = self.points[i];
+            self.attributes.clear();
+            let (head, value) = match kind {
+                DataKind::Gauge => {
+                    let (head, number) = read_number_point(point, &mut self.attributes)?;
+                    (head, number.map(PointValue::Gauge))
+                }
+                DataKind::Sum => {
+                    let (head, number) = read_number_point(point, &mut self.attributes)?;
+                    let value = number.and_then(|value| {
+                        Ok(PointValue::Sum {
+                            temporality: temporality.ok_or(UNSPECIFIED_TEMPORALITY)?,
+                            monotonic: metric.monotonic,
+                            value,
+                        })
+                    });
+                    (head, value)
+                }
+                DataKind::Histogram => read_histogram_point(point, temporality, &mut self.attributes)?,
+                DataKind::ExponentialHistogram => {
+                    read_exponential_point(point, temporality, &mut self.attributes)?
+                }
+                DataKind::Summary => unreachable!("summaries are rejected whole above"),
+            };
+            if head.flags & NO_RECORDED_VALUE != 0 {
+                // A valid point with nothing to observe: not rejected, and not accepted either
+                // (only what reaches the engine is).
+                out.skipped += 1;
+                continue;
+            }
+            if head.time == 0 {
+                out.reject("data points without time_unix_nano", 1);
+                continue;
+            }
+            if beyond_horizon(head.time) {
+                out.reject(
+                    "data points with a time after 2262-04-11 (beyond int64 nanoseconds)",
+                    1,
+                );
+                continue;
+            }
+            match value {
+                Ok(value) => {
+                    let series = series_key(metric.name, &self.attributes, options, &mut out.truncated)
+                        .map_err(within("a point attribute"))?;
+                    obs.saw(head.time);
+                    obs.metric_points.push(MetricPoint {
+                        series,
+                        start_time: head.start_time,
+                        time: head.time,
+                        value,
+                    });
+                    accepted += 1;
+                }
+                Err(reason) => out.reject(reason, 1),
+            }
+        }
+        Ok(accepted)
+    }
 }
 
 fn temporality(value: i32) -> Option<Temporality> {
@@ -71,189 +235,179 @@ fn temporality(value: i32) -> Option<Temporality> {
     }
 }
 
-/// One point's parts that every point type shares.
-struct PointHead<'a> {
-    attributes: &'a [KeyValue],
+/// One point's parts that every point type shares (its attributes are in the scratch).
+#[derive(Default)]
+struct PointHead {
     start_time: u64,
     time: u64,
     flags: u32,
 }
 
-/// Observes every point of `metric`; returns how many were accepted.
-fn observe_metric(
-    metric: &Metric,
-    options: &NormalizeOptions,
-    obs: &mut ResourceObservations,
-    out: &mut Normalized,
-) -> u64 {
-    let mut accepted = 0;
-    let mut keep = |head: PointHead, value: Result<PointValue, &'static str>, out: &mut Normalized| {
-        if head.flags & NO_RECORDED_VALUE != 0 {
-            // A valid point with nothing to observe: not rejected, and not accepted either (only
-            // what reaches the engine is).
-            out.skipped += 1;
-            return;
-        }
-        if head.time == 0 {
-            return out.reject("data points without time_unix_nano", 1);
-        }
-        if beyond_horizon(head.time) {
-            return out.reject(
-                "data points with a time after 2262-04-11 (beyond int64 nanoseconds)",
-                1,
-            );
-        }
-        accepted += 1;
-        match value {
-            Ok(value) => {
-                let series = series_key(&metric.name, head.attributes, options, &mut out.truncated);
-                obs.saw(head.time);
-                obs.metric_points.push(MetricPoint {
-                    series,
-                    start_time: head.start_time,
-                    time: head.time,
-                    value,
-                });
+/// A point's value, or why it is rejected.
+type PointRead = Result<PointValue, &'static str>;
+
+/// A `NumberDataPoint` of a gauge or a sum: its head and its number.
+fn read_number_point<'a>(
+    buf: &'a [u8],
+    attributes: &mut Vec<KeyValueView<'a>>,
+) -> Result<(PointHead, Result<f64, &'static str>), DecodeError> {
+    let within = within("NumberDataPoint");
+    let mut head = PointHead::default();
+    let mut number = Err("data points without a value");
+    for field in Fields::new(buf) {
+        let (n, value) = field.map_err(&within)?;
+        match n {
+            2 => head.start_time = value.fixed64(n).map_err(&within)?,
+            3 => head.time = value.fixed64(n).map_err(&within)?,
+            // The value oneof: the last given wins.
+            4 => {
+                let double = f64::from_bits(value.fixed64(n).map_err(&within)?);
+                number = if double.is_finite() {
+                    Ok(double)
+                } else {
+                    Err("data points with a non-finite value")
+                };
             }
-            Err(reason) => {
-                accepted -= 1;
-                out.reject(reason, 1);
-            }
-        }
-    };
-    match &metric.data {
-        None => {}
-        Some(Data::Gauge(gauge)) => {
-            for p in &gauge.data_points {
-                let value = number(&p.value).map(PointValue::Gauge);
-                keep(
-                    head(&p.attributes, p.start_time_unix_nano, p.time_unix_nano, p.flags),
-                    value,
-                    out,
-                );
-            }
-        }
-        Some(Data::Sum(sum)) => {
-            let temporality = temporality(sum.aggregation_temporality);
-            for p in &sum.data_points {
-                let value = number(&p.value).and_then(|value| {
-                    Ok(PointValue::Sum {
-                        temporality: temporality.ok_or(UNSPECIFIED_TEMPORALITY)?,
-                        monotonic: sum.is_monotonic,
-                        value,
-                    })
-                });
-                keep(
-                    head(&p.attributes, p.start_time_unix_nano, p.time_unix_nano, p.flags),
-                    value,
-                    out,
-                );
-            }
-        }
-        Some(Data::Histogram(histogram)) => {
-            let temporality = temporality(histogram.aggregation_temporality);
-            for p in &histogram.data_points {
-                let value = (|| {
-                    let temporality = temporality.ok_or(UNSPECIFIED_TEMPORALITY)?;
-                    let buckets_fit =
-                        p.bucket_counts.is_empty() || p.bucket_counts.len() == p.explicit_bounds.len() + 1;
-                    if !buckets_fit {
-                        return Err("histogram points whose bucket_counts do not fit explicit_bounds");
-                    }
-                    if p.explicit_bounds.iter().any(|b| !b.is_finite())
-                        || p.explicit_bounds.windows(2).any(|w| w[0] >= w[1])
-                    {
-                        return Err("histogram points whose explicit_bounds are not finite and increasing");
-                    }
-                    Ok(PointValue::Histogram {
-                        temporality,
-                        count: p.count,
-                        sum: finite_or_none(p.sum),
-                        bounds: p.explicit_bounds.clone(),
-                        bucket_counts: p.bucket_counts.clone(),
-                    })
-                })();
-                keep(
-                    head(&p.attributes, p.start_time_unix_nano, p.time_unix_nano, p.flags),
-                    value,
-                    out,
-                );
-            }
-        }
-        Some(Data::ExponentialHistogram(histogram)) => {
-            let temporality = temporality(histogram.aggregation_temporality);
-            for p in &histogram.data_points {
-                let value = temporality.ok_or(UNSPECIFIED_TEMPORALITY).map(|temporality| {
-                    PointValue::ExponentialHistogram {
-                        temporality,
-                        count: p.count,
-                        sum: finite_or_none(p.sum),
-                        scale: p.scale,
-                        zero_count: p.zero_count,
-                        positive: buckets(p.positive.as_ref()),
-                        negative: buckets(p.negative.as_ref()),
-                    }
-                });
-                keep(
-                    head(&p.attributes, p.start_time_unix_nano, p.time_unix_nano, p.flags),
-                    value,
-                    out,
-                );
-            }
-        }
-        Some(Data::Summary(summary)) => {
-            out.reject(
-                "summary data points (not supported)",
-                summary.data_points.len() as u64,
-            );
+            // sfixed64, two's complement.
+            6 => number = Ok(value.fixed64(n).map_err(&within)? as i64 as f64),
+            7 => attributes.push(attribute(value, n)?),
+            8 => head.flags = flags(value, n).map_err(&within)?,
+            _ => {}
         }
     }
-    accepted
+    Ok((head, number))
 }
 
-const UNSPECIFIED_TEMPORALITY: &str = "data points with unspecified aggregation_temporality";
-
-fn head(attributes: &[KeyValue], start_time: u64, time: u64, flags: u32) -> PointHead<'_> {
-    PointHead {
-        attributes,
-        start_time,
-        time,
-        flags,
+/// A `HistogramDataPoint`: its head and its value, checked.
+fn read_histogram_point<'a>(
+    buf: &'a [u8],
+    temporality: Option<Temporality>,
+    attributes: &mut Vec<KeyValueView<'a>>,
+) -> Result<(PointHead, PointRead), DecodeError> {
+    let within = within("HistogramDataPoint");
+    let mut head = PointHead::default();
+    let (mut count, mut sum) = (0, None);
+    let (mut bucket_counts, mut bounds) = (Vec::new(), Vec::new());
+    for field in Fields::new(buf) {
+        let (n, value) = field.map_err(&within)?;
+        match n {
+            2 => head.start_time = value.fixed64(n).map_err(&within)?,
+            3 => head.time = value.fixed64(n).map_err(&within)?,
+            4 => count = value.fixed64(n).map_err(&within)?,
+            5 => sum = Some(f64::from_bits(value.fixed64(n).map_err(&within)?)),
+            6 => value.repeated_fixed64(n, &mut bucket_counts).map_err(&within)?,
+            7 => value.repeated_fixed64(n, &mut bounds).map_err(&within)?,
+            9 => attributes.push(attribute(value, n)?),
+            10 => head.flags = flags(value, n).map_err(&within)?,
+            _ => {}
+        }
     }
+    let bounds: Vec<f64> = bounds.into_iter().map(f64::from_bits).collect();
+    let value = (|| {
+        let temporality = temporality.ok_or(UNSPECIFIED_TEMPORALITY)?;
+        if !(bucket_counts.is_empty() || bucket_counts.len() == bounds.len() + 1) {
+            return Err("histogram points whose bucket_counts do not fit explicit_bounds");
+        }
+        if bounds.iter().any(|b| !b.is_finite()) || bounds.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("histogram points whose explicit_bounds are not finite and increasing");
+        }
+        Ok(PointValue::Histogram {
+            temporality,
+            count,
+            sum: sum.filter(|s| s.is_finite()),
+            bounds,
+            bucket_counts,
+        })
+    })();
+    Ok((head, value))
 }
 
-fn number(value: &Option<number_data_point::Value>) -> Result<f64, &'static str> {
-    match value {
-        Some(number_data_point::Value::AsDouble(d)) if d.is_finite() => Ok(*d),
-        Some(number_data_point::Value::AsDouble(_)) => Err("data points with a non-finite value"),
-        Some(number_data_point::Value::AsInt(i)) => Ok(*i as f64),
-        None => Err("data points without a value"),
+/// An `ExponentialHistogramDataPoint`: its head and its value.
+fn read_exponential_point<'a>(
+    buf: &'a [u8],
+    temporality: Option<Temporality>,
+    attributes: &mut Vec<KeyValueView<'a>>,
+) -> Result<(PointHead, PointRead), DecodeError> {
+    let within = within("ExponentialHistogramDataPoint");
+    let mut head = PointHead::default();
+    let (mut count, mut sum, mut scale, mut zero_count) = (0, None, 0, 0);
+    let (mut positive, mut negative) = (ExponentialBuckets::default(), ExponentialBuckets::default());
+    for field in Fields::new(buf) {
+        let (n, value) = field.map_err(&within)?;
+        match n {
+            1 => attributes.push(attribute(value, n)?),
+            2 => head.start_time = value.fixed64(n).map_err(&within)?,
+            3 => head.time = value.fixed64(n).map_err(&within)?,
+            4 => count = value.fixed64(n).map_err(&within)?,
+            5 => sum = Some(f64::from_bits(value.fixed64(n).map_err(&within)?)),
+            6 => scale = sint32(value, n).map_err(&within)?,
+            7 => zero_count = value.fixed64(n).map_err(&within)?,
+            // A message given twice merges: the offset is the last, the counts append.
+            8 => read_buckets(value.bytes(n).map_err(&within)?, &mut positive)?,
+            9 => read_buckets(value.bytes(n).map_err(&within)?, &mut negative)?,
+            10 => head.flags = flags(value, n).map_err(&within)?,
+            _ => {}
+        }
     }
+    let value =
+        temporality
+            .ok_or(UNSPECIFIED_TEMPORALITY)
+            .map(|temporality| PointValue::ExponentialHistogram {
+                temporality,
+                count,
+                sum: sum.filter(|s| s.is_finite()),
+                scale,
+                zero_count,
+                positive,
+                negative,
+            });
+    Ok((head, value))
 }
 
-fn finite_or_none(value: Option<f64>) -> Option<f64> {
-    value.filter(|v| v.is_finite())
+fn read_buckets(buf: &[u8], buckets: &mut ExponentialBuckets) -> Result<(), DecodeError> {
+    let within = within("ExponentialHistogramDataPoint.Buckets");
+    for field in Fields::new(buf) {
+        let (n, value) = field.map_err(&within)?;
+        match n {
+            1 => buckets.offset = sint32(value, n).map_err(&within)?,
+            2 => value.repeated_varint(n, &mut buckets.counts).map_err(&within)?,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
-fn buckets(b: Option<&exponential_histogram_data_point::Buckets>) -> ExponentialBuckets {
-    b.map_or_else(ExponentialBuckets::default, |b| ExponentialBuckets {
-        offset: b.offset,
-        counts: b.bucket_counts.clone(),
-    })
+fn attribute<'a>(value: Value<'a>, n: u32) -> Result<KeyValueView<'a>, DecodeError> {
+    let bytes = value.bytes(n).map_err(within("a data point"))?;
+    KeyValueView::read(bytes).map_err(within("a point attribute"))
+}
+
+/// A uint32 on the wire: a varint of which prost keeps the low 32 bits.
+fn flags(value: Value<'_>, n: u32) -> Result<u32, WireError> {
+    Ok(value.varint(n)? as u32)
+}
+
+/// A sint32 on the wire: a zigzag varint of which prost keeps the low 32 bits.
+fn sint32(value: Value<'_>, n: u32) -> Result<i32, WireError> {
+    let raw = value.varint(n)? as u32;
+    Ok(((raw >> 1) as i32) ^ -((raw & 1) as i32))
 }
 
 /// The metric's name and its first `max_series_attributes` attributes by key, values as text.
 fn series_key(
     name: &str,
-    attributes: &[KeyValue],
+    attributes: &[KeyValueView<'_>],
     options: &NormalizeOptions,
     truncated: &mut u64,
-) -> SeriesKey {
+) -> Result<SeriesKey, WireError> {
     let max = options.max_attribute_value_len;
-    let mut pairs: Vec<(String, String)> = attributes
-        .iter()
-        .filter_map(|kv| Some((kv.key.clone(), any_value_text(kv.value.as_ref())?)))
-        .collect();
+    let mut pairs = Vec::with_capacity(attributes.len());
+    for kv in attributes {
+        let key = kv.key_str()?;
+        if let Some(text) = kv.value.and_then(value_text) {
+            pairs.push((key.to_owned(), text.into_owned()));
+        }
+    }
     pairs.sort();
     pairs.dedup_by(|a, b| a.0 == b.0);
     if pairs.len() > options.max_series_attributes {
@@ -264,19 +418,20 @@ fn series_key(
         *k = cut_to(k, max, truncated);
         *v = cut_to(v, max, truncated);
     }
-    SeriesKey {
+    Ok(SeriesKey {
         name: cut_to(name, max, truncated),
         attributes: pairs,
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{kv, resource};
     use super::*;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
     use opentelemetry_proto::tonic::metrics::v1::{
-        Gauge, Histogram, HistogramDataPoint, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, Summary,
-        SummaryDataPoint,
+        Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+        Summary, SummaryDataPoint, metric::Data, number_data_point,
     };
 
     fn number_point(time: u64, value: f64, attrs: Vec<KeyValue>) -> NumberDataPoint {
@@ -338,7 +493,8 @@ mod tests {
                 metric("latency", histogram),
             ]),
             &NormalizeOptions::default(),
-        );
+        )
+        .expect("decodes");
         assert_eq!((out.accepted, out.rejected), (3, 0));
         let points = &out.batch.resources[0].metric_points;
         assert_eq!(points[0].series.to_string(), "orders{route=\"/a\"}");
@@ -385,7 +541,8 @@ mod tests {
                 metric("s", summary),
             ]),
             &NormalizeOptions::default(),
-        );
+        )
+        .expect("decodes");
         assert_eq!((out.accepted, out.rejected), (1, 5), "{:?}", out.rejections);
         assert_eq!(out.skipped, 0);
         assert!(
@@ -403,7 +560,7 @@ mod tests {
         let gauge = Data::Gauge(Gauge {
             data_points: vec![gap, number_point(100, 1.0, vec![])],
         });
-        let out = metrics(&request(vec![metric("g", gauge)]), &NormalizeOptions::default());
+        let out = metrics(&request(vec![metric("g", gauge)]), &NormalizeOptions::default()).expect("decodes");
         assert_eq!((out.accepted, out.rejected, out.skipped), (1, 0, 1));
         assert_eq!(out.batch.resources[0].metric_points.len(), 1);
         assert_eq!(out.error_message("data points"), None);
@@ -415,14 +572,224 @@ mod tests {
             max_series_attributes: 2,
             ..NormalizeOptions::default()
         };
-        let mut truncated = 0;
-        let key = series_key(
-            "m",
-            &[kv("c", "3"), kv("a", "1"), kv("b", "2")],
-            &options,
-            &mut truncated,
-        );
+        let attributes = vec![kv("c", "3"), kv("a", "1"), kv("b", "2")];
+        let gauge = Data::Gauge(Gauge {
+            data_points: vec![number_point(100, 1.0, attributes)],
+        });
+        let out = metrics(&request(vec![metric("m", gauge)]), &options).expect("decodes");
+        let key = &out.batch.resources[0].metric_points[0].series;
         assert_eq!(key.to_string(), "m{a=\"1\",b=\"2\"}");
-        assert_eq!(truncated, 1);
+        assert_eq!(out.truncated, 1);
+    }
+
+    /// What protobuf allows on the wire beyond what prost writes.
+    mod wire {
+        use super::*;
+        use opentelemetry_proto::tonic::metrics::v1::{ExponentialHistogram, ExponentialHistogramDataPoint};
+
+        fn normalize(buf: &[u8]) -> Result<Normalized, DecodeError> {
+            metrics_protobuf(buf, &NormalizeOptions::default())
+        }
+
+        use super::super::super::common::request_with_item as request_with_metric;
+
+        fn sum(points: Vec<NumberDataPoint>, temporality: AggregationTemporality) -> Data {
+            Data::Sum(Sum {
+                data_points: points,
+                aggregation_temporality: temporality as i32,
+                is_monotonic: true,
+            })
+        }
+
+        #[test]
+        fn a_metric_in_parts_merges_as_prost_merges_it() {
+            // The sum's points in two parts, the second changing the temporality: both points
+            // count, under the last temporality. Then a gauge given after a sum replaces it.
+            let mut buf = metric(
+                "m",
+                sum(
+                    vec![number_point(100, 1.0, vec![])],
+                    AggregationTemporality::Delta,
+                ),
+            )
+            .encode_to_vec();
+            buf.extend(
+                metric(
+                    "",
+                    sum(
+                        vec![number_point(200, 2.0, vec![])],
+                        AggregationTemporality::Cumulative,
+                    ),
+                )
+                .encode_to_vec(),
+            );
+            let request = request_with_metric(&buf);
+            let out = normalize(&request).expect("decodes");
+            let points = &out.batch.resources[0].metric_points;
+            assert_eq!(points.len(), 2);
+            assert!(points.iter().all(|p| matches!(
+                p.value,
+                PointValue::Sum {
+                    temporality: Temporality::Cumulative,
+                    ..
+                }
+            )));
+            // The name of the second part is empty, so prost keeps... the last given: "".
+            let decoded = ExportMetricsServiceRequest::decode(&request[..]).expect("prost decodes");
+            assert_eq!(
+                metrics(&decoded, &NormalizeOptions::default()).expect("decodes"),
+                out
+            );
+
+            buf.extend(
+                metric(
+                    "",
+                    Data::Gauge(Gauge {
+                        data_points: vec![number_point(300, 3.0, vec![])],
+                    }),
+                )
+                .encode_to_vec(),
+            );
+            let out = normalize(&request_with_metric(&buf)).expect("decodes");
+            let values: Vec<&PointValue> = out.batch.resources[0]
+                .metric_points
+                .iter()
+                .map(|p| &p.value)
+                .collect();
+            assert_eq!(values, vec![&PointValue::Gauge(3.0)]);
+        }
+
+        #[test]
+        fn repeated_numbers_are_read_packed_or_one_by_one() {
+            // A histogram point whose bucket counts and bounds come one value per field (wire type
+            // 1), and then once more packed: all of them, in order.
+            let mut point = HistogramDataPoint {
+                time_unix_nano: 100,
+                count: 6,
+                ..HistogramDataPoint::default()
+            }
+            .encode_to_vec();
+            for count in [1u64, 2] {
+                point.push(0x31); // field 6, fixed64
+                point.extend(count.to_le_bytes());
+            }
+            point.push(0x39); // field 7, fixed64
+            point.extend(5.0f64.to_bits().to_le_bytes());
+            point.extend(
+                HistogramDataPoint {
+                    bucket_counts: vec![3],
+                    explicit_bounds: vec![10.0],
+                    ..HistogramDataPoint::default()
+                }
+                .encode_to_vec(),
+            );
+            let mut histogram = vec![0x0a];
+            prost::encoding::encode_varint(point.len() as u64, &mut histogram);
+            histogram.extend(point);
+            histogram.extend([0x10, AggregationTemporality::Delta as u8]);
+            let mut metric = vec![0x0a, 1, b'h', 0x4a];
+            prost::encoding::encode_varint(histogram.len() as u64, &mut metric);
+            metric.extend(histogram);
+            let request = request_with_metric(&metric);
+            let out = normalize(&request).expect("decodes");
+            match &out.batch.resources[0].metric_points[0].value {
+                PointValue::Histogram {
+                    bounds,
+                    bucket_counts,
+                    ..
+                } => {
+                    assert_eq!(bounds, &vec![5.0, 10.0]);
+                    assert_eq!(bucket_counts, &vec![1, 2, 3]);
+                }
+                other => panic!("{other:?}"),
+            }
+            let decoded = ExportMetricsServiceRequest::decode(&request[..]).expect("prost decodes");
+            assert_eq!(
+                metrics(&decoded, &NormalizeOptions::default()).expect("decodes"),
+                out
+            );
+        }
+
+        #[test]
+        fn a_point_that_does_not_decode_fails_the_request_with_where_and_why() {
+            let gauge = metric(
+                "g",
+                Data::Gauge(Gauge {
+                    data_points: vec![number_point(100, 1.0, vec![])],
+                }),
+            );
+            let whole = request_with_metric(&gauge.encode_to_vec());
+            assert!(normalize(&whole).is_ok());
+            assert!(normalize(&whole[..whole.len() - 2]).is_err());
+            // The point's time as a varint instead of fixed64.
+            let mut point = number_point(100, 1.0, vec![]).encode_to_vec();
+            point.extend([0x18, 1]);
+            let mut data = vec![0x0a];
+            prost::encoding::encode_varint(point.len() as u64, &mut data);
+            data.extend(point);
+            let mut metric = vec![0x2a];
+            prost::encoding::encode_varint(data.len() as u64, &mut metric);
+            metric.extend(data);
+            let error = normalize(&request_with_metric(&metric)).expect_err("wrong wire type");
+            assert_eq!(
+                error.to_string(),
+                "in NumberDataPoint: field 3 has wire type varint, expected fixed64"
+            );
+        }
+
+        /// Every kind of point, a summary and attributes of every scalar type, each cut to two
+        /// points: mutated, read as prost reads them.
+        #[test]
+        fn mutated_requests_are_read_as_prost_reads_them() {
+            let mut request = crate::testdata::sdk_metrics_request(3, 1_000_000_000);
+            let metrics = &mut request.resource_metrics[0].scope_metrics[0].metrics;
+            metrics.dedup_by(|a, b| a.name == b.name);
+            for metric in metrics.iter_mut() {
+                match &mut metric.data {
+                    Some(Data::Gauge(g)) => g.data_points.truncate(2),
+                    Some(Data::Sum(s)) => s.data_points.truncate(2),
+                    Some(Data::Histogram(h)) => h.data_points.truncate(2),
+                    Some(Data::ExponentialHistogram(h)) => {
+                        h.data_points.truncate(2);
+                        h.data_points[1].negative = h.data_points[0].positive.clone();
+                    }
+                    _ => {}
+                }
+            }
+            metrics.push(metric(
+                "s",
+                Data::Summary(Summary {
+                    data_points: vec![SummaryDataPoint::default()],
+                }),
+            ));
+            metrics.push(metric(
+                "e",
+                Data::ExponentialHistogram(ExponentialHistogram {
+                    data_points: vec![ExponentialHistogramDataPoint {
+                        time_unix_nano: 5,
+                        scale: -2,
+                        ..ExponentialHistogramDataPoint::default()
+                    }],
+                    aggregation_temporality: AggregationTemporality::Delta as i32,
+                }),
+            ));
+            super::super::super::common::assert_mutations_read_as_prost_reads::<ExportMetricsServiceRequest>(
+                &request.encode_to_vec(),
+                metrics_protobuf,
+            );
+        }
+
+        #[test]
+        fn an_sdk_export_reads_whole() {
+            let request = crate::testdata::sdk_metrics_request(1, 1_000_000_000);
+            let out = metrics(&request, &NormalizeOptions::default()).expect("decodes");
+            assert_eq!((out.accepted, out.rejected, out.skipped), (88, 0, 0));
+            let series: std::collections::BTreeSet<String> = out.batch.resources[0]
+                .metric_points
+                .iter()
+                .map(|p| p.series.name.clone())
+                .collect();
+            assert_eq!(series.len(), 11, "{series:?}");
+        }
     }
 }

@@ -12,13 +12,14 @@
 //! the rest of the request is kept. Strings from clients are stripped of control characters and
 //! cut to `max_attribute_value_len`; event times past 2262 are rejected.
 
+mod common;
 pub mod count;
-pub mod depth;
 mod logs;
 mod metrics;
 mod traces;
 mod wire;
 
+pub use common::DecodeError;
 pub use wire::WireError;
 
 use std::borrow::Cow;
@@ -26,11 +27,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use canaryd_engine::{Batch, Identity};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
 
-pub use logs::logs;
-pub use metrics::metrics;
+pub use logs::{logs, logs_protobuf};
+pub use metrics::{metrics, metrics_protobuf};
 pub use traces::{traces, traces_protobuf};
 
 /// Settings of normalization, from the daemon's config.
@@ -149,11 +148,6 @@ impl IdentityReader<'_> {
     }
 }
 
-/// A resource's attributes (none when the resource is missing).
-fn resource_attributes(resource: Option<&Resource>) -> &[KeyValue] {
-    resource.map_or(&[][..], |r| &r.attributes[..])
-}
-
 /// `s` without control characters, cut to at most `max` bytes at a character boundary; counts the
 /// cut in `truncated`. Control characters have no place in names, and the store joins names with
 /// one (U+001F) to key a baseline's seasonal slots: a name carrying it could pose as another.
@@ -176,7 +170,7 @@ fn cut_to(s: &str, max: usize, truncated: &mut u64) -> String {
     s[..end].to_owned()
 }
 
-/// An attribute's value as normalization reads it, from a decoded message or in place.
+/// An attribute's value as normalization reads it, in place.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum AttrValue<'a> {
     Str(&'a str),
@@ -187,35 +181,9 @@ enum AttrValue<'a> {
     Other,
 }
 
-impl<'a> From<&'a any_value::Value> for AttrValue<'a> {
-    fn from(value: &'a any_value::Value) -> Self {
-        use any_value::Value;
-        match value {
-            Value::StringValue(s) => AttrValue::Str(s),
-            Value::IntValue(i) => AttrValue::Int(*i),
-            Value::BoolValue(b) => AttrValue::Bool(*b),
-            Value::DoubleValue(d) => AttrValue::Double(*d),
-            Value::BytesValue(_)
-            | Value::ArrayValue(_)
-            | Value::KvlistValue(_)
-            | Value::StringValueStrindex(_) => AttrValue::Other,
-        }
-    }
-}
-
 /// A list of attributes, looked up by key: the first with the key counts.
 trait Attributes {
     fn get(&self, key: &str) -> Option<AttrValue<'_>>;
-}
-
-impl Attributes for [KeyValue] {
-    fn get(&self, key: &str) -> Option<AttrValue<'_>> {
-        self.iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.as_ref())
-            .and_then(|v| v.value.as_ref())
-            .map(AttrValue::from)
-    }
 }
 
 /// An attribute's value as text: strings as they are, scalars printed.
@@ -243,14 +211,6 @@ fn int_attr<A: Attributes + ?Sized>(attrs: &A, key: &str) -> Option<i64> {
     }
 }
 
-/// Text of an `AnyValue`, for log bodies and series attributes.
-fn any_value_text(value: Option<&AnyValue>) -> Option<String> {
-    value
-        .and_then(|v| v.value.as_ref())
-        .and_then(|v| value_text(AttrValue::from(v)))
-        .map(Cow::into_owned)
-}
-
 #[cfg(test)]
 pub(crate) mod test_support {
     //! Builders for OTLP values in normalization tests.
@@ -274,7 +234,15 @@ mod tests {
     fn identity_of(attrs: &[(&str, &str)], options: &NormalizeOptions) -> Option<String> {
         let mut truncated = 0;
         let reader = IdentityReader { options };
-        let (id, _) = reader.read(resource_attributes(resource(attrs).as_ref()), &mut truncated)?;
+        // The attributes as the readers see them: encoded, then read in place.
+        let encoded: Vec<Vec<u8>> = resource(attrs)
+            .map(|r| r.attributes.iter().map(prost::Message::encode_to_vec).collect())
+            .unwrap_or_default();
+        let views: Vec<common::KeyValueView<'_>> = encoded
+            .iter()
+            .map(|kv| common::KeyValueView::read(kv).expect("reads"))
+            .collect();
+        let (id, _) = reader.read(&views[..], &mut truncated)?;
         Some(id.to_string())
     }
 

@@ -18,10 +18,10 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use prost::Message;
 
+use super::common::{DecodeError, ItemReader, KeyValueView, Nesting, read_request, within};
 use super::wire::{Fields, WireError};
 use super::{
-    AttrValue, Attributes, IdentityReader, NO_SERVICE_NAME, NormalizeOptions, Normalized, beyond_horizon,
-    cut_to, int_attr, text_attr, value_text,
+    AttrValue, NormalizeOptions, Normalized, beyond_horizon, cut_to, int_attr, text_attr, value_text,
 };
 
 /// Attributes that name a call's downstream, in order of preference.
@@ -36,170 +36,57 @@ const DOWNSTREAM_KEYS: [(&str, DownstreamSource); 6] = [
 
 const SPANS_BEYOND_HORIZON: &str = "spans with a time after 2262-04-11 (beyond int64 nanoseconds)";
 
-/// Why a trace export's protobuf could not be read, and in which message.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("in {within}: {error}")]
-pub struct TraceDecodeError {
-    within: &'static str,
-    error: WireError,
-}
-
-fn within(within: &'static str) -> impl Fn(WireError) -> TraceDecodeError {
-    move |error| TraceDecodeError { within, error }
-}
+/// A trace export as one signal's nesting, for `read_request`.
+const TRACES: Nesting = Nesting {
+    request: "ExportTraceServiceRequest",
+    resource: "ResourceSpans",
+    scope: "ScopeSpans",
+};
 
 /// Normalizes a decoded request (the OTLP/JSON path) by reading its protobuf encoding, so that
 /// both paths share one normalizer.
 pub fn traces(
     request: &ExportTraceServiceRequest,
     options: &NormalizeOptions,
-) -> Result<Normalized, TraceDecodeError> {
+) -> Result<Normalized, DecodeError> {
     traces_protobuf(&request.encode_to_vec(), options)
 }
 
 /// Normalizes an `ExportTraceServiceRequest` in its protobuf encoding, reading it in place.
-pub fn traces_protobuf(buf: &[u8], options: &NormalizeOptions) -> Result<Normalized, TraceDecodeError> {
-    let mut out = Normalized::default();
-    let reader = IdentityReader { options };
-    let mut scratch = Scratch::default();
-    for field in Fields::new(buf) {
-        let (number, value) = field.map_err(within("ExportTraceServiceRequest"))?;
-        if number == 1 {
-            let resource_spans = value.bytes(number).map_err(within("ExportTraceServiceRequest"))?;
-            read_resource_spans(resource_spans, &reader, &mut scratch, &mut out)?;
-        }
-    }
-    Ok(out)
+pub fn traces_protobuf(buf: &[u8], options: &NormalizeOptions) -> Result<Normalized, DecodeError> {
+    read_request(buf, &TRACES, options, &mut Scratch::default())
 }
 
 /// Buffers reused from span to span, so a request allocates them once.
 #[derive(Default)]
 struct Scratch<'a> {
-    resource_attributes: Vec<KeyValueView<'a>>,
-    scope_spans: Vec<&'a [u8]>,
     span_attributes: Vec<KeyValueView<'a>>,
     events: Vec<EventView<'a>>,
 }
 
-fn read_resource_spans<'a>(
-    buf: &'a [u8],
-    reader: &IdentityReader<'_>,
-    scratch: &mut Scratch<'a>,
-    out: &mut Normalized,
-) -> Result<(), TraceDecodeError> {
-    scratch.resource_attributes.clear();
-    scratch.scope_spans.clear();
-    // The resource may come after the spans on the wire; the spans are read once it is known.
-    for field in Fields::new(buf) {
-        let (number, value) = field.map_err(within("ResourceSpans"))?;
-        match number {
-            // A message field given twice is merged: the attributes of both count.
-            1 => read_resource(value.bytes(number).map_err(within("ResourceSpans"))?, scratch)?,
-            2 => scratch
-                .scope_spans
-                .push(value.bytes(number).map_err(within("ResourceSpans"))?),
-            _ => {}
-        }
+impl<'a> ItemReader<'a> for Scratch<'a> {
+    fn count(&mut self, _span: &'a [u8]) -> Result<u64, DecodeError> {
+        Ok(1)
     }
-    let Some((identity, instance)) = reader.read(&scratch.resource_attributes[..], &mut out.truncated) else {
-        let mut spans = 0;
-        for scope_spans in &scratch.scope_spans {
-            for field in Fields::new(scope_spans) {
-                let (number, _) = field.map_err(within("ScopeSpans"))?;
-                spans += u64::from(number == 2);
+
+    fn observe(
+        &mut self,
+        span: &'a [u8],
+        options: &NormalizeOptions,
+        obs: &mut ResourceObservations,
+        out: &mut Normalized,
+    ) -> Result<u64, DecodeError> {
+        let span = SpanView::read(span, self)?;
+        match observe_span(&span, self, options, obs, &mut out.truncated) {
+            Ok(()) => {
+                obs.spans += 1;
+                Ok(1)
+            }
+            Err(reason) => {
+                out.reject(reason, 1);
+                Ok(0)
             }
         }
-        out.reject(NO_SERVICE_NAME, spans);
-        return Ok(());
-    };
-    let mut obs = ResourceObservations::new(identity);
-    obs.instance = instance;
-    let options = reader.options;
-    // By index: the spans are read into the same scratch that lists the scope spans.
-    for i in 0..scratch.scope_spans.len() {
-        for field in Fields::new(scratch.scope_spans[i]) {
-            let (number, value) = field.map_err(within("ScopeSpans"))?;
-            if number != 2 {
-                continue;
-            }
-            let span = SpanView::read(value.bytes(number).map_err(within("ScopeSpans"))?, scratch)?;
-            match observe_span(&span, scratch, options, &mut obs, &mut out.truncated) {
-                Ok(()) => obs.spans += 1,
-                Err(reason) => out.reject(reason, 1),
-            }
-        }
-    }
-    if obs.spans > 0 {
-        out.accepted += obs.spans;
-        out.batch.resources.push(obs);
-    }
-    Ok(())
-}
-
-fn read_resource<'a>(buf: &'a [u8], scratch: &mut Scratch<'a>) -> Result<(), TraceDecodeError> {
-    for field in Fields::new(buf) {
-        let (number, value) = field.map_err(within("Resource"))?;
-        if number == 1 {
-            let kv = KeyValueView::read(value.bytes(number).map_err(within("Resource"))?)
-                .map_err(within("a resource attribute"))?;
-            scratch.resource_attributes.push(kv);
-        }
-    }
-    Ok(())
-}
-
-/// An attribute, its key and value borrowed from the request. The key is compared as bytes and
-/// not checked for UTF-8; a string value is checked.
-#[derive(Clone, Copy, Debug)]
-struct KeyValueView<'a> {
-    key: &'a [u8],
-    value: Option<AttrValue<'a>>,
-}
-
-impl<'a> KeyValueView<'a> {
-    fn read(buf: &'a [u8]) -> Result<Self, WireError> {
-        let mut kv = KeyValueView {
-            key: b"",
-            value: None,
-        };
-        for field in Fields::new(buf) {
-            match field? {
-                (1, value) => kv.key = value.bytes(1)?,
-                // A second AnyValue merges into the first: an empty one leaves the value as it was.
-                (2, value) => {
-                    if let Some(read) = read_any_value(value.bytes(2)?)? {
-                        kv.value = Some(read);
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(kv)
-    }
-}
-
-/// An `AnyValue`: the last of its oneof fields on the wire wins, as in prost.
-fn read_any_value(buf: &[u8]) -> Result<Option<AttrValue<'_>>, WireError> {
-    let mut read = None;
-    for field in Fields::new(buf) {
-        let (number, value) = field?;
-        read = Some(match number {
-            1 => AttrValue::Str(value.str(number)?),
-            2 => AttrValue::Bool(value.varint(number)? != 0),
-            // int64 on the wire is the two's-complement u64.
-            3 => AttrValue::Int(value.varint(number)? as i64),
-            4 => AttrValue::Double(f64::from_bits(value.fixed64(number)?)),
-            _ => AttrValue::Other,
-        });
-    }
-    Ok(read)
-}
-
-impl Attributes for [KeyValueView<'_>] {
-    fn get(&self, key: &str) -> Option<AttrValue<'_>> {
-        self.iter()
-            .find(|kv| kv.key == key.as_bytes())
-            .and_then(|kv| kv.value)
     }
 }
 
@@ -255,7 +142,7 @@ struct SpanView<'a> {
 }
 
 impl<'a> SpanView<'a> {
-    fn read(buf: &'a [u8], scratch: &mut Scratch<'a>) -> Result<Self, TraceDecodeError> {
+    fn read(buf: &'a [u8], scratch: &mut Scratch<'a>) -> Result<Self, DecodeError> {
         let mut span = SpanView::default();
         scratch.span_attributes.clear();
         scratch.events.clear();
@@ -638,6 +525,7 @@ mod tests {
 #[cfg(test)]
 mod wire_tests {
     //! The in-place reader against what protobuf allows on the wire beyond what prost writes.
+    use super::super::NO_SERVICE_NAME;
     use super::*;
     use crate::testdata::{kv, resource};
     use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -663,7 +551,7 @@ mod wire_tests {
         buf
     }
 
-    fn normalize(buf: &[u8]) -> Result<Normalized, TraceDecodeError> {
+    fn normalize(buf: &[u8]) -> Result<Normalized, DecodeError> {
         traces_protobuf(buf, &NormalizeOptions::default())
     }
 
@@ -717,21 +605,7 @@ mod wire_tests {
         assert_eq!(out.rejections.get(NO_SERVICE_NAME), Some(&3));
     }
 
-    /// A whole request around one span given as raw bytes.
-    fn request_with_span(span: &[u8]) -> Vec<u8> {
-        let mut scope = vec![0x12];
-        prost::encoding::encode_varint(span.len() as u64, &mut scope);
-        scope.extend_from_slice(span);
-        let mut resource_spans = ResourceSpans {
-            resource: Some(resource("prod", "shop", "1")),
-            ..ResourceSpans::default()
-        }
-        .encode_to_vec();
-        resource_spans.push(0x12);
-        prost::encoding::encode_varint(scope.len() as u64, &mut resource_spans);
-        resource_spans.extend(scope);
-        request_of(&resource_spans)
-    }
+    use super::super::common::request_with_item as request_with_span;
 
     #[test]
     fn a_span_that_does_not_decode_fails_the_request_with_where_and_why() {
@@ -814,13 +688,11 @@ mod wire_tests {
         assert_eq!(normalize(&decoded.encode_to_vec()).expect("decodes"), out);
     }
 
-    /// Requests mutated at random (bytes flipped, cut, repeated, inserted) never panic the reader;
-    /// whenever prost accepts one, so does the reader, and it reads the same as from prost's own
-    /// re-encoding of it (canonical order, merged, unknown fields dropped). What the fields mean
-    /// is the other tests' business.
+    /// Mutated requests are read as prost reads them (`assert_mutations_read_as_prost_reads`),
+    /// from a request with errors and exception events.
     #[test]
     fn mutated_requests_are_read_as_prost_reads_them() {
-        use crate::testdata::{Rng, TraceShape, trace_request};
+        use crate::testdata::{TraceShape, trace_request};
         use opentelemetry_proto::tonic::trace::v1::{Status, span::Event};
 
         let shape = TraceShape {
@@ -847,43 +719,9 @@ mod wire_tests {
                 ..Event::default()
             });
         }
-        let base = request.encode_to_vec();
-        let mut rng = Rng::new(11);
-        let (mut accepted_by_prost, mut refused_by_prost) = (0, 0);
-        for _ in 0..3_000 {
-            let mut buf = base.clone();
-            for _ in 0..=rng.below(3) {
-                let at = rng.below(buf.len() as u64) as usize;
-                match rng.below(4) {
-                    0 => buf[at] ^= 1 << rng.below(8),
-                    1 => buf.truncate(at),
-                    2 => {
-                        let end = (at + 1 + rng.below(16) as usize).min(buf.len());
-                        let chunk = buf[at..end].to_vec();
-                        buf.splice(at..at, chunk);
-                    }
-                    _ => buf.insert(at, rng.below(256) as u8),
-                }
-                if buf.is_empty() {
-                    break;
-                }
-            }
-            let ours = normalize(&buf);
-            match ExportTraceServiceRequest::decode(&buf[..]) {
-                Ok(decoded) => {
-                    accepted_by_prost += 1;
-                    let ours =
-                        ours.unwrap_or_else(|e| panic!("prost reads {buf:?}, the reader does not: {e}"));
-                    let reencoded = normalize(&decoded.encode_to_vec()).expect("prost's encoding reads");
-                    assert_eq!(ours, reencoded, "{buf:?}");
-                }
-                Err(_) => refused_by_prost += 1,
-            }
-        }
-        // Both outcomes were exercised.
-        assert!(
-            accepted_by_prost > 100 && refused_by_prost > 100,
-            "{accepted_by_prost} {refused_by_prost}"
+        super::super::common::assert_mutations_read_as_prost_reads::<ExportTraceServiceRequest>(
+            &request.encode_to_vec(),
+            traces_protobuf,
         );
     }
 }

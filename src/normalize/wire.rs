@@ -95,6 +95,44 @@ impl<'a> Value<'a> {
     }
 }
 
+impl Value<'_> {
+    /// A repeated fixed64 field (fixed64, sfixed64, double), packed or one value per field, as
+    /// protobuf lets either come: its values appended to `out`.
+    pub fn repeated_fixed64(self, field: u32, out: &mut Vec<u64>) -> Result<(), WireError> {
+        match self {
+            Value::Fixed64(v) => out.push(v),
+            Value::Bytes(packed) => {
+                if packed.len() % 8 != 0 {
+                    return Err(WireError::Truncated);
+                }
+                out.extend(
+                    packed
+                        .chunks_exact(8)
+                        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+                );
+            }
+            other => return Err(other.unexpected(field, "fixed64 or packed")),
+        }
+        Ok(())
+    }
+
+    /// A repeated varint field (uint64, int64...), packed or one value per field: its values
+    /// appended to `out`.
+    pub fn repeated_varint(self, field: u32, out: &mut Vec<u64>) -> Result<(), WireError> {
+        match self {
+            Value::Varint(v) => out.push(v),
+            Value::Bytes(packed) => {
+                let mut values = Fields::new(packed);
+                while !values.buf.is_empty() {
+                    out.push(values.varint()?);
+                }
+            }
+            other => return Err(other.unexpected(field, "varint or packed")),
+        }
+        Ok(())
+    }
+}
+
 /// The fields of one message, in the order they are on the wire.
 pub struct Fields<'a> {
     buf: &'a [u8],

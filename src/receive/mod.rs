@@ -131,45 +131,19 @@ pub trait OtlpRequest: prost::Message + Default + serde::de::DeserializeOwned + 
     const GRPC_EXPORT_PATH: &'static str;
     type Response: prost::Message + Send + 'static;
 
-    /// Normalizes a decoded request (the OTLP/JSON path, and gRPC metrics and logs).
+    /// Normalizes a decoded request (the OTLP/JSON path).
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError>;
 
     /// Items (spans, data points, log records) in the encoded request, counted on the wire.
     fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError>;
 
-    /// Decodes and normalizes a request in its protobuf encoding, once its items are counted and
-    /// within `max_items_per_request`: by default a whole prost decode; traces, the bulk of what
-    /// is sent, are read in place.
-    fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        within_item_limit::<Self>(&buf, options)?;
-        Self::decode(buf)
-            .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?
-            .normalize(options)
-    }
+    /// Reads and normalizes a request in its protobuf encoding, in place, once its items are
+    /// counted and within `max_items_per_request`.
+    fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError>;
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response;
     /// The OTLP JSON name of the response's rejected-items counter.
     const REJECTED_FIELD: &'static str;
-}
-
-/// A whole prost decode of a metrics or logs request, with its values nested too deep for prost
-/// emptied first (`normalize::depth`) and counted as truncated: one deep attribute no longer
-/// costs a whole request.
-fn decode_flattened<R: OtlpRequest>(
-    buf: Bytes,
-    flatten: fn(&[u8]) -> Result<Option<normalize::depth::Flattened>, normalize::WireError>,
-    options: &NormalizeOptions,
-) -> Result<Normalized, ExportError> {
-    let flattened = flatten(&buf).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?;
-    let (request, emptied) = match flattened {
-        None => (R::decode(buf), 0),
-        Some(flat) => (R::decode(&flat.request[..]), flat.emptied),
-    };
-    let mut normalized = request
-        .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?
-        .normalize(options)?;
-    normalized.truncated += emptied;
-    Ok(normalized)
 }
 
 /// Refuses a request that holds more items than `max_items_per_request`, before it is decoded.
@@ -226,11 +200,12 @@ impl OtlpRequest for ExportMetricsServiceRequest {
 
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         within_item_limit::<Self>(&buf, options)?;
-        decode_flattened::<Self>(buf, normalize::depth::flatten_metrics, options)
+        normalize::metrics_protobuf(&buf, options)
+            .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        Ok(normalize::metrics(self, options))
+        normalize::metrics(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
@@ -256,11 +231,11 @@ impl OtlpRequest for ExportLogsServiceRequest {
 
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         within_item_limit::<Self>(&buf, options)?;
-        decode_flattened::<Self>(buf, normalize::depth::flatten_logs, options)
+        normalize::logs_protobuf(&buf, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        Ok(normalize::logs(self, options))
+        normalize::logs(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
