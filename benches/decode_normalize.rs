@@ -6,7 +6,9 @@
 //! `decode` is a whole prost decode alone (what a receiver that decodes before it reads pays);
 //! `normalize_in_place` is canaryd's path: the items read in place from the protobuf and
 //! normalized into engine observations; `gzip_normalize_in_place` adds inflating the body as the
-//! receivers do. Throughput is in items (spans, points, records). Figures live in BENCHMARKS.md.
+//! receivers do. Throughput is in items (spans, points, records). Both run under the daemon's
+//! allocator (mimalloc), so that each costs what it would in the daemon. Figures live in
+//! BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::io::{Read, Write};
@@ -18,6 +20,11 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
+
+/// The daemon's allocator: allocation is much of what a decode costs, so the references are
+/// measured under the one the daemon runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn bench(c: &mut Criterion) {
     let shape = TraceShape::default();
@@ -51,6 +58,7 @@ fn bench(c: &mut Criterion) {
     let points = normalize::metrics_protobuf(&metrics, &options)
         .expect("decodes")
         .accepted;
+    eprintln!("metrics request: {points} points, {} bytes", metrics.len());
     let mut group = c.benchmark_group("otlp_metrics_sdk_export");
     group.throughput(Throughput::Elements(points));
     group.bench_function("decode", |b| {
@@ -63,6 +71,7 @@ fn bench(c: &mut Criterion) {
 
     let records = 512;
     let logs = testdata::sdk_logs_request(records, 1, testdata::EPOCH_NS).encode_to_vec();
+    eprintln!("logs request: {records} records, {} bytes", logs.len());
     let mut group = c.benchmark_group("otlp_logs_512");
     group.throughput(Throughput::Elements(records as u64));
     group.bench_function("decode", |b| {

@@ -22,7 +22,9 @@ use prost::Message;
 
 use super::common::{DecodeError, ItemReader, KeyValueView, Nesting, read_request, within};
 use super::wire::{Fields, Value, WireError};
-use super::{NormalizeOptions, Normalized, beyond_horizon, cut_to, value_text};
+use std::borrow::Cow;
+
+use super::{NormalizeOptions, Normalized, beyond_horizon, cut_owned, cut_to, value_text};
 
 /// `DataPointFlags.FLAG_NO_RECORDED_VALUE`: the point marks a gap, it carries no value.
 const NO_RECORDED_VALUE: u32 = 1;
@@ -90,6 +92,8 @@ struct Scratch<'a> {
     data: Vec<&'a [u8]>,
     points: Vec<&'a [u8]>,
     attributes: Vec<KeyValueView<'a>>,
+    /// A point's series attributes as text, before they are sorted and copied.
+    pairs: Vec<(&'a str, Cow<'a, str>)>,
 }
 
 impl<'a> Scratch<'a> {
@@ -209,8 +213,14 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
             }
             match value {
                 Ok(value) => {
-                    let series = series_key(metric.name, &self.attributes, options, &mut out.truncated)
-                        .map_err(within("a point attribute"))?;
+                    let series = series_key(
+                        metric.name,
+                        &self.attributes,
+                        &mut self.pairs,
+                        options,
+                        &mut out.truncated,
+                    )
+                    .map_err(within("a point attribute"))?;
                     obs.saw(head.time);
                     obs.metric_points.push(MetricPoint {
                         series,
@@ -296,13 +306,12 @@ fn read_histogram_point<'a>(
             4 => count = value.fixed64(n).map_err(&within)?,
             5 => sum = Some(f64::from_bits(value.fixed64(n).map_err(&within)?)),
             6 => value.repeated_fixed64(n, &mut bucket_counts).map_err(&within)?,
-            7 => value.repeated_fixed64(n, &mut bounds).map_err(&within)?,
+            7 => value.repeated_double(n, &mut bounds).map_err(&within)?,
             9 => attributes.push(attribute(value, n)?),
             10 => head.flags = flags(value, n).map_err(&within)?,
             _ => {}
         }
     }
-    let bounds: Vec<f64> = bounds.into_iter().map(f64::from_bits).collect();
     let value = (|| {
         let temporality = temporality.ok_or(UNSPECIFIED_TEMPORALITY)?;
         if !(bucket_counts.is_empty() || bucket_counts.len() == bounds.len() + 1) {
@@ -394,33 +403,35 @@ fn sint32(value: Value<'_>, n: u32) -> Result<i32, WireError> {
 }
 
 /// The metric's name and its first `max_series_attributes` attributes by key, values as text.
-fn series_key(
+/// Sorted and cut while borrowed, so that only what the key keeps is copied, once.
+fn series_key<'a>(
     name: &str,
-    attributes: &[KeyValueView<'_>],
+    attributes: &[KeyValueView<'a>],
+    pairs: &mut Vec<(&'a str, Cow<'a, str>)>,
     options: &NormalizeOptions,
     truncated: &mut u64,
 ) -> Result<SeriesKey, WireError> {
     let max = options.max_attribute_value_len;
-    let mut pairs = Vec::with_capacity(attributes.len());
+    pairs.clear();
     for kv in attributes {
         let key = kv.key_str()?;
         if let Some(text) = kv.value.and_then(value_text) {
-            pairs.push((key.to_owned(), text.into_owned()));
+            pairs.push((key, text));
         }
     }
-    pairs.sort();
+    pairs.sort_unstable();
     pairs.dedup_by(|a, b| a.0 == b.0);
     if pairs.len() > options.max_series_attributes {
         *truncated += (pairs.len() - options.max_series_attributes) as u64;
         pairs.truncate(options.max_series_attributes);
     }
-    for (k, v) in &mut pairs {
-        *k = cut_to(k, max, truncated);
-        *v = cut_to(v, max, truncated);
-    }
+    let attributes = pairs
+        .drain(..)
+        .map(|(k, v)| (cut_to(k, max, truncated), cut_owned(v, max, truncated)))
+        .collect();
     Ok(SeriesKey {
         name: cut_to(name, max, truncated),
-        attributes: pairs,
+        attributes,
     })
 }
 

@@ -152,15 +152,19 @@ impl IdentityReader<'_> {
 /// cut in `truncated`. Control characters have no place in names, and the store joins names with
 /// one (U+001F) to key a baseline's seasonal slots: a name carrying it could pose as another.
 fn cut_to(s: &str, max: usize, truncated: &mut u64) -> String {
-    let clean: String;
-    let s = if s.chars().any(char::is_control) {
-        clean = s.chars().filter(|c| !c.is_control()).collect();
-        clean.as_str()
+    cut_owned(Cow::Borrowed(s), max, truncated)
+}
+
+/// `cut_to` of a string that may already be owned: one that needs no change is kept as it is,
+/// without a copy.
+fn cut_owned(s: Cow<'_, str>, max: usize, truncated: &mut u64) -> String {
+    let s = if has_control(&s) {
+        Cow::Owned(s.chars().filter(|c| !c.is_control()).collect())
     } else {
         s
     };
     if s.len() <= max {
-        return s.to_owned();
+        return s.into_owned();
     }
     *truncated += 1;
     let mut end = max;
@@ -168,6 +172,12 @@ fn cut_to(s: &str, max: usize, truncated: &mut u64) -> String {
         end -= 1;
     }
     s[..end].to_owned()
+}
+
+/// Whether `s` holds a control character; printable ASCII, what names nearly always are, is
+/// told apart a byte at a time.
+fn has_control(s: &str) -> bool {
+    !s.bytes().all(|b| (0x20..0x7f).contains(&b)) && s.chars().any(char::is_control)
 }
 
 /// An attribute's value as normalization reads it, in place.

@@ -96,19 +96,34 @@ impl<'a> Value<'a> {
 }
 
 impl Value<'_> {
-    /// A repeated fixed64 field (fixed64, sfixed64, double), packed or one value per field, as
-    /// protobuf lets either come: its values appended to `out`.
+    /// A repeated fixed64 field (fixed64, sfixed64), packed or one value per field, as protobuf
+    /// lets either come: its values appended to `out`.
     pub fn repeated_fixed64(self, field: u32, out: &mut Vec<u64>) -> Result<(), WireError> {
+        self.repeated_eight_bytes(field, out, u64::from_le_bytes)
+    }
+
+    /// A repeated double field, packed or one value per field: its values appended to `out`.
+    pub fn repeated_double(self, field: u32, out: &mut Vec<f64>) -> Result<(), WireError> {
+        self.repeated_eight_bytes(field, out, f64::from_le_bytes)
+    }
+
+    fn repeated_eight_bytes<T>(
+        self,
+        field: u32,
+        out: &mut Vec<T>,
+        from: fn([u8; 8]) -> T,
+    ) -> Result<(), WireError> {
         match self {
-            Value::Fixed64(v) => out.push(v),
+            Value::Fixed64(v) => out.push(from(v.to_le_bytes())),
             Value::Bytes(packed) => {
                 if packed.len() % 8 != 0 {
                     return Err(WireError::Truncated);
                 }
+                out.reserve(packed.len() / 8);
                 out.extend(
                     packed
                         .chunks_exact(8)
-                        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+                        .map(|b| from([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
                 );
             }
             other => return Err(other.unexpected(field, "fixed64 or packed")),
