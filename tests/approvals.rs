@@ -144,6 +144,22 @@ async fn open_link(daemon: &TestDaemon, url: &str, post: bool) -> (u16, String) 
 }
 
 /// The canary's first stage passes with A/A traffic, and the next one waits for approval.
+/// Flagger's gate for prod's shop, as the `hook` webhook asks it: the status and the answer.
+async fn flagger_gate(daemon: &TestDaemon, hook: &str) -> (u16, Value) {
+    let response = daemon
+        .http
+        .post(daemon.api("/api/v1/gates/flagger"))
+        .bearer_auth(TOKEN)
+        .json(
+            &json!({"name": "shop", "namespace": "prod", "phase": "Progressing", "metadata": {"hook": hook}}),
+        )
+        .send()
+        .await
+        .expect("the gate answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON answer"))
+}
+
 async fn awaiting(daemon: &TestDaemon) -> Value {
     send(daemon, "prod", "2.0.0", 0, 10, 1000).await;
     declare(daemon, "prod", "2.0.0", "approve", false).await;
@@ -335,6 +351,12 @@ async fn the_chain_fails_in_prod_a_version_that_failed_in_beta_and_holds_one_not
     let view = analysis(&daemon, "prod").await;
     assert_eq!(view["blocked_by"], "beta", "{view}");
     assert_ne!(view["state"], "promoted", "{view}");
+    // Flagger may keep the canary going, but not promote it.
+    assert_eq!(flagger_gate(&daemon, "rollout").await.0, 200);
+    let (status, answer) = flagger_gate(&daemon, "confirm-promotion").await;
+    assert_eq!(status, 412, "{answer}");
+    let reason = answer["reasons"][0].as_str().unwrap_or("");
+    assert!(reason.contains("not yet promoted in beta"), "{answer}");
     assert!(
         events(&daemon, "prod", "canaryd.canary.promoted")
             .await
@@ -355,6 +377,7 @@ async fn the_chain_fails_in_prod_a_version_that_failed_in_beta_and_holds_one_not
         }
     })
     .await;
+    assert_eq!(flagger_gate(&daemon, "confirm-promotion").await.0, 200);
     send(&daemon, "prod", "3.0.0", 100, 20, 1000).await;
     let promoted = one_event(&daemon, "prod", "canaryd.canary.promoted").await;
     assert_eq!(promoted["data"]["version"], "3.0.0");

@@ -1,9 +1,11 @@
 //! Rollout-controller gates: Flagger's webhooks answered from the canary analysis.
 //!
 //! Its one job is to turn an app's analysis into the status codes Flagger acts on:
-//! - `POST /api/v1/gates/flagger` (Flagger's `pre-rollout` and `rollout` hooks): 200 while the
-//!   canary may proceed, 412 with `{proceed: false, reasons: [...]}` when it must not (Flagger
-//!   counts any status over 202 as a failed check).
+//! - `POST /api/v1/gates/flagger` (Flagger's `pre-rollout`, `rollout` and `confirm-promotion`
+//!   hooks): 200 while the canary may proceed, 412 with `{proceed: false, reasons: [...]}` when it
+//!   must not (Flagger counts any status over 202 as a failed check of a rollout hook, and holds
+//!   the promotion while a confirm-promotion hook refuses). Before promotion, a healthy canary
+//!   that the promotion chain blocks (`blocked_by`) is refused too.
 //! - `POST /api/v1/gates/flagger/rollback` (Flagger's `rollback` hook, inverted sense): 200 when
 //!   the canary is `failing` or `rolled_back` ("roll back now"), 409 otherwise.
 //!
@@ -117,7 +119,7 @@ pub(super) struct FlaggerPayload {
     checksum: Option<String>,
     /// The webhook's `metadata` from the Canary resource: `app`, `env`, `version` (the canary
     /// version this rollout deploys, to be judged and no other), `token`, and `hook`
-    /// (`pre-rollout` or `rollout`) are read.
+    /// (`pre-rollout`, `rollout` or `confirm-promotion`) are read.
     #[serde(default)]
     metadata: Option<BTreeMap<String, String>>,
 }
@@ -127,6 +129,9 @@ pub(super) struct FlaggerPayload {
 enum Hook {
     PreRollout,
     Rollout,
+    /// Flagger's `confirm-promotion`: asked before it promotes, and repeated while refused (the
+    /// canary keeps its traffic and its checks meanwhile).
+    ConfirmPromotion,
 }
 
 /// A payload, checked: which analysis it asks about and whether traffic has started.
@@ -137,6 +142,8 @@ pub(super) struct GateRequest {
     phase: String,
     checksum: Option<String>,
     pre_traffic: bool,
+    /// Flagger's `confirm-promotion` hook: a version the promotion chain holds is not promoted.
+    before_promotion: bool,
     /// `metadata.version`: the one canary version this call may be answered for.
     version: Option<String>,
     /// `metadata.token`: Flagger cannot set headers, so the gate's token can come here.
@@ -162,9 +169,10 @@ impl GateRequest {
             None => None,
             Some("pre-rollout") => Some(Hook::PreRollout),
             Some("rollout") => Some(Hook::Rollout),
+            Some("confirm-promotion") => Some(Hook::ConfirmPromotion),
             Some(other) => {
                 return Err(bad(format!(
-                    "metadata.hook must be \"pre-rollout\" or \"rollout\", not {other:?}"
+                    "metadata.hook must be \"pre-rollout\", \"rollout\" or \"confirm-promotion\", not {other:?}"
                 )));
             }
         };
@@ -183,6 +191,7 @@ impl GateRequest {
             phase: payload.phase,
             checksum: payload.checksum.filter(|c| !c.is_empty()),
             pre_traffic,
+            before_promotion: hook == Some(Hook::ConfirmPromotion),
             version,
             token: metadata.get("token").cloned(),
         })
@@ -344,6 +353,16 @@ fn verdict(request: &GateRequest, view: &AnalysisView) -> (bool, Vec<String>) {
         .map_or_else(|| "no score".to_owned(), |s| format!("score {s:.1}"));
     let version = &view.canary_version;
     match view.state {
+        // The promotion chain holds a version not yet promoted in the environment before this
+        // one: Flagger may keep it at its weight, but not promote it.
+        CanaryState::Healthy if request.before_promotion && view.blocked_by.is_some() => (
+            false,
+            vec![format!(
+                "canary {version} is healthy, but not yet promoted in {}, before {} in the promotion chain: promotion waits for it",
+                view.blocked_by.as_deref().unwrap_or_default(),
+                request.env
+            )],
+        ),
         CanaryState::Healthy | CanaryState::Promoted => (true, Vec::new()),
         // An earlier rollout's final verdict says nothing about one that has no traffic yet.
         CanaryState::RolledBack if request.pre_traffic => (
@@ -393,7 +412,7 @@ fn verdict(request: &GateRequest, view: &AnalysisView) -> (bool, Vec<String>) {
     responses(
         (status = 200, description = "The canary may proceed", body = GateAnswer),
         (status = 400, description = "A bad payload, naming the field", body = ErrorBody),
-        (status = 412, description = "The canary must not proceed (failing, rolled back, marginal, or no evidence once traffic has started); Flagger counts it as a failed check", body = GateAnswer)
+        (status = 412, description = "The canary must not proceed (failing, rolled back, marginal, or no evidence once traffic has started; before promotion, also held by the promotion chain); Flagger counts it as a failed check of a rollout hook and holds the promotion on a confirm-promotion hook", body = GateAnswer)
     )
 )]
 pub(super) async fn flagger_gate(

@@ -49,9 +49,9 @@ def request(daemon: Any, method: str, path: str, body: Any = None) -> tuple[int,
 
 
 def states_named(condition: str) -> set[str]:
-    """The state names an Argo condition compares `result` with."""
-    named = set(re.findall(r'result\s*==\s*"([^"]*)"', condition))
-    assert named, f"no `result == \"...\"` in {condition!r}"
+    """The state names an Argo condition compares `result.state` with."""
+    named = set(re.findall(r'result\.state\s*==\s*"([^"]*)"', condition))
+    assert named, f"no `result.state == \"...\"` in {condition!r}"
     return named
 
 
@@ -66,10 +66,16 @@ def test_argo_template_tells_every_state_apart() -> None:
     assert failure == {"failing", "rolled_back"}
     # Neither condition holds for these: Argo calls the measurement Inconclusive, not Failed.
     assert STATES - success - failure == {"insufficient_data", "marginal"}
+    # Healthy succeeds only when the promotion chain does not hold the version; promoted always.
+    assert re.fullmatch(
+        r'\(result\.state == "healthy" && result\.blocked_by == nil\) \|\| result\.state == "promoted"',
+        metric["successCondition"],
+    )
     assert metric["failureLimit"] == 0
     assert metric["inconclusiveLimit"] > 0
     web = metric["provider"]["web"]
-    assert web["jsonPath"] == "{$.state}"
+    # No jsonPath: the whole canary view is `result`, so that conditions read its fields.
+    assert "jsonPath" not in web
     assert web.get("method", "GET") == "GET"
     declared = {arg["name"] for arg in template["spec"]["args"]}
     used = set(re.findall(r"\{\{\s*args\.([\w-]+)\s*\}\}", web["url"]))
@@ -100,8 +106,8 @@ def test_flagger_canary_uses_both_gates() -> None:
     assert canary["apiVersion"] == "flagger.app/v1beta1"
     assert canary["kind"] == "Canary"
     hooks = webhooks_by_type(canary)
-    assert set(hooks) == {"pre-rollout", "rollout", "rollback"}
-    for kind in ("pre-rollout", "rollout"):
+    assert set(hooks) == {"pre-rollout", "rollout", "confirm-promotion", "rollback"}
+    for kind in ("pre-rollout", "rollout", "confirm-promotion"):
         assert urlsplit(hooks[kind]["url"]).path == "/api/v1/gates/flagger", kind
         assert hooks[kind]["metadata"]["hook"] == kind
     assert urlsplit(hooks["rollback"]["url"]).path == "/api/v1/gates/flagger/rollback"
@@ -112,8 +118,8 @@ def test_flagger_webhooks_reach_the_gates(canaryd: Any, token: str) -> None:
     name = f"{canary['metadata']['name']}-{token}"
     namespace = canary["metadata"]["namespace"]
     # What Flagger answers for an app canaryd has not seen: nothing to judge before traffic, no
-    # evidence after it, and no reason to roll back.
-    expected = {"pre-rollout": 200, "rollout": 412, "rollback": 409}
+    # evidence after it, nothing to promote, and no reason to roll back.
+    expected = {"pre-rollout": 200, "rollout": 412, "confirm-promotion": 412, "rollback": 409}
     for kind, hook in webhooks_by_type(canary).items():
         payload = {
             "name": name,
