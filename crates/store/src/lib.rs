@@ -274,6 +274,22 @@ fn is_lock_busy(error: &sled::Error) -> bool {
         || io.to_string().contains("could not acquire lock")
 }
 
+/// Opens sled as `config` says. The lock on the data dir outlives its last user by a moment
+/// (sled's IO threads let go of it after the database is dropped), so a restart in the same
+/// process, or one right after the previous process exited, waits up to `LOCK_WAIT` for it;
+/// another live canaryd on the same data dir still fails, with the error that says so.
+fn open_waiting(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(error) if is_lock_busy(&error) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// An engine record of the current schema.
 fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     let mut bytes = vec![SCHEMA as u8];
@@ -335,25 +351,10 @@ impl<R: DaemonRecords> Store<R> {
             .path(&path)
             .cache_capacity(cache_bytes)
             .flush_every_ms(None);
-        // The lock on the data dir outlives its last user by a moment (sled's IO threads let go
-        // of it after the database is dropped), so a restart in the same process, or one right
-        // after the previous process exited, waits briefly for it; another live canaryd on the
-        // same data dir still fails here, with the error that says so.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Ok(db) => break db,
-                Err(source) if is_lock_busy(&source) && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(StoreError::Open {
-                        path: path.clone(),
-                        source,
-                    });
-                }
-            }
-        };
+        let db = open_waiting(&config).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
         migrate::to_current(&db, &path, &counters)?;
         migrate::daemon_to_current(&db, &path, &counters)?;
         migrate::analyses_to_current(&db, &counters)?;

@@ -622,7 +622,7 @@ fn a_new_data_dir_is_written_with_the_current_schema() {
 
 /// Writes engine state as format 1 did: the engine's structs of that time, as the frozen records.
 fn write_v1(dir: &Path, baselines: &[(v1::BaselineKeyRecord, Baseline)]) {
-    let db = sled::open(dir.join("sled")).expect("open");
+    let db = raw_sled(dir);
     let tree = db.open_tree("baselines").expect("tree");
     let slots = db.open_tree("slots").expect("tree");
     let clocks = db.open_tree("clocks").expect("tree");
@@ -735,7 +735,7 @@ fn a_migration_that_stopped_half_way_starts_again_from_format_1() {
     write_v1(dir.path(), &[(key, baseline.clone())]);
     {
         // What a migration stopped before it wrote `meta` left behind.
-        let db = sled::open(dir.path().join("sled")).expect("open");
+        let db = raw_sled(dir.path());
         let half = db.open_tree(BASELINES).expect("tree");
         let stale = keys::baseline(&id(Scope::Version("gone".into())));
         half.insert(stale, encode(&1u8)).expect("insert");
@@ -957,7 +957,7 @@ struct V1Daemon {
 
 fn write_v1_daemon(dir: &Path) -> V1Daemon {
     use v1::{DeliveryStateRecord as S, EventTypeRecord as T};
-    let db = sled::open(dir.join("sled")).expect("open");
+    let db = raw_sled(dir);
     let tree = |name: &str| db.open_tree(name).expect("tree");
     let (events, owed) = (tree(EVENTS), tree(OWED));
     let mut out = V1Daemon {
@@ -1087,7 +1087,7 @@ fn a_daemon_migration_that_stopped_half_way_takes_up_the_rest() {
     let v1 = write_v1_daemon(dir.path());
     {
         // Half the events rewritten, `meta` not yet saying so.
-        let db = sled::open(dir.path().join("sled")).expect("open");
+        let db = raw_sled(dir.path());
         let events = db.open_tree(EVENTS).expect("tree");
         for record in v1.events.iter().take(4) {
             let seq = u64::from_str_radix(&record.id[4..], 16).expect("an id");
@@ -1121,7 +1121,7 @@ fn a_daemon_record_of_a_newer_format_is_an_error_naming_both_formats() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_v1_daemon(dir.path());
     {
-        let db = sled::open(dir.path().join("sled")).expect("open");
+        let db = raw_sled(dir.path());
         let parked = db.open_tree(PARKED).expect("tree");
         parked
             .insert(outbox_key("a", 11), vec![DAEMON_FORMAT + 1])
@@ -1190,4 +1190,11 @@ fn the_outbox_rules_read_the_stored_records() {
     assert_eq!(delivery, DeliveryRecord::pending(&events[0]));
     assert_eq!(events[0].id, seq.to_string());
     assert_eq!(store.next_delivery("b").expect("read"), None);
+}
+
+/// The data dir's sled opened directly, as a test writes what an older build or an interrupted
+/// migration left; waits for the lock as `Store::open` does, since a store just dropped may
+/// still hold it for a moment.
+fn raw_sled(data_dir: &Path) -> sled::Db {
+    super::open_waiting(&sled::Config::new().path(data_dir.join("sled"))).expect("open")
 }
