@@ -241,6 +241,17 @@ async fn a_stage_waits_for_approval_and_its_links_work_once_without_a_token() {
     assert_ne!(view["state"], "failing");
 }
 
+/// Settings for a daemon whose models and data live in the given folders, so that a second
+/// daemon started with them resumes where the first stopped.
+fn kept_in(models: &Path, data: &Path) -> impl FnOnce(&mut canaryd::config::RawConfig) + use<> {
+    let (models, data) = (models.to_owned(), data.to_owned());
+    move |raw: &mut canaryd::config::RawConfig| {
+        raw.models_dir = Some(models);
+        raw.data_dir = Some(data);
+        raw.api_token = Some(TOKEN.into());
+    }
+}
+
 /// The wait, and its links, outlive a restart: the analysis's record keeps the wait, the key
 /// signing the links is kept in the data dir.
 #[tokio::test]
@@ -248,15 +259,7 @@ async fn a_wait_and_its_links_survive_a_restart() {
     let models = tempfile::tempdir().expect("models dir");
     std::fs::write(models.path().join("approve.toml"), APPROVE).expect("write");
     let data = tempfile::tempdir().expect("data dir");
-    let settings = |models: &Path, data: &Path| {
-        let (models, data) = (models.to_owned(), data.to_owned());
-        move |raw: &mut canaryd::config::RawConfig| {
-            raw.models_dir = Some(models);
-            raw.data_dir = Some(data);
-            raw.api_token = Some(TOKEN.into());
-        }
-    };
-    let daemon = TestDaemon::start_with(settings(models.path(), data.path())).await;
+    let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
     let event = awaiting(&daemon).await;
     let approve = event["data"]["approval"]["approve_url"]
         .as_str()
@@ -264,7 +267,7 @@ async fn a_wait_and_its_links_survive_a_restart() {
         .to_owned();
     let addrs = daemon.addrs;
     daemon.stop().await.expect("stops cleanly");
-    let again = settings(models.path(), data.path());
+    let again = kept_in(models.path(), data.path());
     let daemon = TestDaemon::start_with(move |raw| {
         again(raw);
         raw.http_addr = Some(addrs.http);
@@ -391,15 +394,7 @@ async fn the_chain_remembers_verdicts_across_a_restart() {
     let models = tempfile::tempdir().expect("models dir");
     std::fs::write(models.path().join("chain.toml"), CHAIN).expect("write");
     let data = tempfile::tempdir().expect("data dir");
-    let settings = |models: &Path, data: &Path| {
-        let (models, data) = (models.to_owned(), data.to_owned());
-        move |raw: &mut canaryd::config::RawConfig| {
-            raw.models_dir = Some(models);
-            raw.data_dir = Some(data);
-            raw.api_token = Some(TOKEN.into());
-        }
-    };
-    let daemon = TestDaemon::start_with(settings(models.path(), data.path())).await;
+    let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
     send(&daemon, "beta", "2.0.0", 0, 10, 1000).await;
     declare(&daemon, "beta", "2.0.0", "chain", false).await;
     send(&daemon, "beta", "2.0.0", 10, 60, 5).await;
@@ -408,7 +403,7 @@ async fn the_chain_remembers_verdicts_across_a_restart() {
         .expect("an id")
         .to_owned();
     daemon.stop().await.expect("stops cleanly");
-    let daemon = TestDaemon::start_with(settings(models.path(), data.path())).await;
+    let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
     send(&daemon, "prod", "2.0.0", 0, 10, 1000).await;
     declare(&daemon, "prod", "2.0.0", "chain", false).await;
     let failed = one_event(&daemon, "prod", "canaryd.canary.failed").await;
