@@ -35,9 +35,14 @@ def canaryd_otlp_grpc_port() -> int:
     return int(addr.rsplit(":", 1)[1])
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_every_pipeline_uses_defined_components_for_every_signal(name: str) -> None:
-    config = load(COLLECTOR / name)
+# The tier's files, and the single collector of deploy/compose (held to the same rules).
+PIPELINE_CONFIGS = [COLLECTOR / name for name in CONFIGS] + [REPO_ROOT / "deploy" / "compose" / "collector.yaml"]
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_pipeline_uses_defined_components_for_every_signal(path: Path) -> None:
+    config = load(path)
+    name = f"{path.parent.name}/{path.name}"
     pipelines = config["service"]["pipelines"]
     assert set(pipelines) == {"traces", "metrics", "logs"}
     for signal, pipeline in pipelines.items():
