@@ -306,7 +306,12 @@ impl Daemon {
         tracing::info!(allowed = %config.delivery.outbound_allow, "outbound targets: public addresses, and restricted ones named here");
         dispatcher.sync().await;
         let feed = EventFeed::new();
-        let public_url = (config.public_url.clone()).unwrap_or_else(|| format!("http://{}", addrs.http));
+        let public_url = (config.public_url.clone()).unwrap_or_else(|| {
+            if addrs.http.ip().is_unspecified() {
+                tracing::warn!(addr = %addrs.http, "public_url is not set and the API listens on every address: approval links will name an address no one can open; set public_url");
+            }
+            format!("http://{}", addrs.http)
+        });
         let approvals = crate::events::approval::Approvals::open(
             &config.data_dir,
             &public_url,
@@ -322,18 +327,18 @@ impl Daemon {
             approvals: approvals.clone(),
         };
         // Promotion chains know each version's verdicts in the other environments from the stored
-        // events (their ids are the reasons of failures on sight); what they change now is emitted
-        // before anything is received.
-        let mut chained = Vec::new();
+        // events (their ids are the reasons of failures on sight): all recalled first, oldest
+        // first so that the latest per environment stands, then applied once; what they change
+        // now is emitted before anything is received.
         for event in store.events(None, usize::MAX, |e| {
             matches!(
                 e.event_type,
                 crate::events::EventType::CanaryPromoted | crate::events::EventType::CanaryFailed
             )
         })? {
-            chained.extend(engine::remember_verdict(&mut engine, &event));
+            engine::recall_verdict(&mut engine, &event);
         }
-        chained.extend(engine.follow_chains());
+        let chained = engine.follow_chains();
         emitter.emit(
             &mut engine,
             chained.iter().map(crate::events::canary_event).collect(),
@@ -357,7 +362,9 @@ impl Daemon {
             (config.requests_in_flight, config.ingest_wait),
         ));
 
-        let watch = Watch::new(store.clone(), feed.clone(), shutdown.clone());
+        // The stream takes no token: where tokens are set, approval links (credentials) stay out of it.
+        let no_tokens = config.api_token.is_none() && config.api_read_token.is_none();
+        let watch = Watch::new(store.clone(), feed.clone(), shutdown.clone(), no_tokens);
         let grpc_serve = receive::grpc::serve(
             grpc_listener,
             intake.clone(),

@@ -80,6 +80,8 @@ pub struct Stats {
     apps_archived: Counter,
     apps_restored: Counter,
     gate_pins_forgotten: Counter,
+    /// Versions whose promotion-chain verdicts the judge forgot at its cap.
+    pub chain_verdicts_forgotten: Counter,
     pub windows_closed: Counter,
     pub flushes: Counter,
     pub flush_errors: Counter,
@@ -181,6 +183,12 @@ impl Stats {
             "canaryd_gate_pins_forgotten",
             "Flagger revisions whose pinned canary version was forgotten to keep the gate's pins within their cap (4096)",
             gate_pins_forgotten.clone(),
+        );
+        let chain_verdicts_forgotten = Counter::default();
+        registry.register(
+            "canaryd_chain_verdicts_forgotten",
+            "Versions whose verdicts (promoted or failed, per environment) the promotion chains forgot to stay within their cap (65536); such a version reads as not yet promoted",
+            chain_verdicts_forgotten.clone(),
         );
         let windows_closed = Counter::default();
         registry.register(
@@ -305,6 +313,7 @@ impl Stats {
             apps_archived,
             apps_restored,
             gate_pins_forgotten,
+            chain_verdicts_forgotten,
             windows_closed,
             flushes,
             flush_errors,

@@ -108,10 +108,26 @@ async fn declare(daemon: &TestDaemon, env: &str, canary: &str, model: &str, repl
     .await
 }
 
+/// The events of `event_type` in `env`, as a reader with the admin token sees them (approval
+/// links included); `anonymous_events` as one without.
 async fn events(daemon: &TestDaemon, env: &str, event_type: &str) -> Vec<Value> {
-    let page = daemon
-        .get_json(&format!("/api/v1/events?env={env}&app=shop&type={event_type}"))
-        .await;
+    events_as(daemon, env, event_type, Some(TOKEN)).await
+}
+
+async fn anonymous_events(daemon: &TestDaemon, env: &str, event_type: &str) -> Vec<Value> {
+    events_as(daemon, env, event_type, None).await
+}
+
+async fn events_as(daemon: &TestDaemon, env: &str, event_type: &str, token: Option<&str>) -> Vec<Value> {
+    let mut request = daemon
+        .http
+        .get(daemon.api(&format!("/api/v1/events?env={env}&app=shop&type={event_type}")));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("API answers");
+    assert!(response.status().is_success(), "{}", response.status());
+    let page: Value = response.json().await.expect("API answers JSON");
     page["events"].as_array().cloned().unwrap_or_default()
 }
 
@@ -190,6 +206,14 @@ async fn a_stage_waits_for_approval_and_its_links_work_once_without_a_token() {
     let view = analysis(&daemon, "prod").await;
     assert!(view["awaiting_approval"].is_string(), "{view}");
     assert_eq!(view["stage"]["index"], 0);
+    // The links are credentials: a reader without a token sees the wait, not the links.
+    let seen = anonymous_events(&daemon, "prod", "canaryd.canary.awaiting_approval").await;
+    let withheld = &seen[0]["data"]["approval"];
+    assert!(
+        withheld["approve_url"].is_null() && withheld["abort_url"].is_null(),
+        "{withheld}"
+    );
+    assert_eq!(withheld["stage"]["name"], "50%");
 
     // More healthy traffic: it still waits.
     send(&daemon, "prod", "2.0.0", 110, 90, 1000).await;
@@ -229,11 +253,14 @@ async fn a_stage_waits_for_approval_and_its_links_work_once_without_a_token() {
     assert_eq!(passed["data"]["action"]["weight"], 50, "{passed}");
     assert_eq!(passed["data"]["reasons"][0]["test"], "approval");
 
-    // Used: neither link of the pair works again, and nothing changes.
+    // Used: neither link of the pair works again, nor offers its button, and nothing changes.
     for link in [&approve, &abort] {
         let (status, body) = open_link(&daemon, link, true).await;
         assert_eq!(status, 403, "{body}");
         assert!(body.contains("used already"), "{body}");
+        let (status, page) = open_link(&daemon, link, false).await;
+        assert_eq!(status, 403, "{page}");
+        assert!(!page.contains("<form"), "{page}");
     }
     let view = analysis(&daemon, "prod").await;
     assert_eq!(view["stage"]["index"], 1, "{view}");
@@ -295,6 +322,31 @@ async fn the_abort_link_fails_the_canary() {
     let failed = one_event(&daemon, "prod", "canaryd.canary.failed").await;
     assert_eq!(failed["data"]["action"]["weight"], 0, "{failed}");
     assert_eq!(analysis(&daemon, "prod").await["state"], "failing");
+}
+
+/// A canary that fails on its own while it waits waits no more: its links are refused, and the
+/// view no longer says it awaits approval.
+#[tokio::test]
+async fn a_canary_that_fails_while_waiting_voids_its_links() {
+    let (daemon, _models) = daemon(86_400).await;
+    let event = awaiting(&daemon).await;
+    let approve = event["data"]["approval"]["approve_url"]
+        .as_str()
+        .expect("link")
+        .to_owned();
+    send(&daemon, "prod", "2.0.0", 110, 60, 5).await;
+    one_event(&daemon, "prod", "canaryd.canary.failed").await;
+    let view = analysis(&daemon, "prod").await;
+    assert_eq!(view["state"], "failing", "{view}");
+    assert!(view["awaiting_approval"].is_null(), "{view}");
+    let (status, body) = open_link(&daemon, &approve, true).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(open_link(&daemon, &approve, false).await.0, 403);
+    assert!(
+        events(&daemon, "prod", "canaryd.canary.stage_passed")
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -414,4 +466,52 @@ async fn the_chain_remembers_verdicts_across_a_restart() {
             .contains(&beta_id),
         "{failed}"
     );
+}
+
+/// A restart rebuilds the chain from the latest verdict per environment: a version that failed
+/// in beta, then passed there on a second run and went on to prod, is not failed in prod when
+/// the daemon comes back (the old failure, read first, must not act before the promotion that
+/// overtook it).
+#[tokio::test]
+async fn a_later_promotion_overtakes_an_earlier_failure_across_a_restart() {
+    let models = tempfile::tempdir().expect("models dir");
+    std::fs::write(models.path().join("chain.toml"), CHAIN).expect("write");
+    let data = tempfile::tempdir().expect("data dir");
+    let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
+    send(&daemon, "beta", "2.0.0", 0, 10, 1000).await;
+    declare(&daemon, "beta", "2.0.0", "chain", false).await;
+    send(&daemon, "beta", "2.0.0", 10, 60, 5).await;
+    one_event(&daemon, "beta", "canaryd.canary.failed").await;
+    // Ended, and run again in beta once the failure has left the comparison windows (its cause,
+    // say, a dependency since fixed): promoted this time.
+    let ended = daemon
+        .http
+        .delete(daemon.api("/api/v1/apps/shop/rollout?env=beta"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("the rollout ends");
+    assert!(ended.status().is_success(), "{}", ended.status());
+    send(&daemon, "beta", "2.0.0", 700, 10, 1000).await;
+    declare(&daemon, "beta", "2.0.0", "chain", false).await;
+    send(&daemon, "beta", "2.0.0", 710, 90, 1000).await;
+    one_event(&daemon, "beta", "canaryd.canary.promoted").await;
+    // So prod takes it: neither failed on sight nor blocked.
+    send(&daemon, "prod", "2.0.0", 0, 10, 1000).await;
+    declare(&daemon, "prod", "2.0.0", "chain", false).await;
+    let view = analysis(&daemon, "prod").await;
+    assert!(
+        view["blocked_by"].is_null() && view["failed_in"].is_null(),
+        "{view}"
+    );
+    daemon.stop().await.expect("stops cleanly");
+
+    let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
+    let view = analysis(&daemon, "prod").await;
+    assert_ne!(view["state"], "failing", "{view}");
+    assert!(
+        view["blocked_by"].is_null() && view["failed_in"].is_null(),
+        "{view}"
+    );
+    assert!(events(&daemon, "prod", "canaryd.canary.failed").await.is_empty());
 }

@@ -103,6 +103,11 @@ impl Emitter {
         let stats = &self.stats;
         stats.baselines.set(baselines as i64);
         stats.baseline_memory_bytes.set(bytes as i64);
+        let forgotten = engine.judge().verdicts_dropped();
+        let counted = stats.chain_verdicts_forgotten.get();
+        stats
+            .chain_verdicts_forgotten
+            .inc_by(forgotten.saturating_sub(counted));
         match self.store.write(&changes).and_then(|()| self.store.flush()) {
             Ok(()) => {
                 stats.flushes.inc();
@@ -125,17 +130,33 @@ impl Emitter {
 /// Tells the engine of a stored verdict (promoted or failed), with its event's id; the changes
 /// that makes along promotion chains.
 pub fn remember_verdict(engine: &mut Engine, event: &Event) -> Vec<canaryd_engine::judge::CanaryChange> {
+    match verdict_of(event) {
+        Some((version, verdict)) => {
+            engine.remember_verdict(&event.data.env, &event.data.app, version, verdict)
+        }
+        None => Vec::new(),
+    }
+}
+
+/// Tells the engine of a stored verdict without applying it: a restart recalls every stored
+/// verdict first, then follows the chains once (`Engine::follow_chains`).
+pub fn recall_verdict(engine: &mut Engine, event: &Event) {
+    if let Some((version, verdict)) = verdict_of(event) {
+        engine.recall_verdict(&event.data.env, &event.data.app, version, verdict);
+    }
+}
+
+/// The verdict an event states, with the version it is about; `None` for other events.
+fn verdict_of(event: &Event) -> Option<(&str, Verdict)> {
     let passed = match event.event_type {
         EventType::CanaryPromoted => true,
         EventType::CanaryFailed => false,
-        _ => return Vec::new(),
+        _ => return None,
     };
-    let Some(version) = &event.data.version else {
-        return Vec::new();
-    };
+    let version = event.data.version.as_deref()?;
     let verdict = Verdict {
         passed,
         event_id: event.id.clone(),
     };
-    engine.remember_verdict(&event.data.env, &event.data.app, version, verdict)
+    Some((version, verdict))
 }

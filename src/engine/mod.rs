@@ -21,7 +21,7 @@ use canaryd_engine::{Batch, Engine};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-pub use emit::{Emitter, remember_verdict};
+pub use emit::{Emitter, recall_verdict};
 
 use crate::events::approval::{Action, Claim};
 use crate::events::{canary_event, report_events};
@@ -62,6 +62,18 @@ pub enum Input {
     },
     /// A read for an answer: runs on the engine's thread between inputs.
     Read(Box<dyn FnOnce(&Engine) + Send>),
+}
+
+/// Whether the app's analysis still waits exactly where an approval link says: the same canary,
+/// the same wait, before the same stage. A used link fails this (its wait ended when it was used),
+/// as does one whose analysis failed, was replaced or moved on.
+pub fn waits_for(engine: &Engine, claim: &Claim) -> bool {
+    engine.judge().analysis(&claim.env, &claim.app).is_some_and(|a| {
+        let view = a.view();
+        **a.canary() == *claim.canary
+            && view.awaiting_approval == Some(claim.waiting_since)
+            && view.stage.as_ref().map(|s| s.index + 1) == Some(claim.stage)
+    })
 }
 
 /// Why an approval link's action was not taken.
@@ -380,12 +392,7 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             let _ = reply.send(answer);
         }
         Input::Approval { claim, reply } => {
-            let waits_there = engine.judge().analysis(&claim.env, &claim.app).is_some_and(|a| {
-                let view = a.view();
-                **a.canary() == *claim.canary
-                    && view.awaiting_approval == Some(claim.waiting_since)
-                    && view.stage.as_ref().map(|s| s.index + 1) == Some(claim.stage)
-            });
+            let waits_there = waits_for(engine, &claim);
             let operation = match claim.action {
                 Action::Approve => Operation::Approve,
                 Action::Abort => Operation::Abort,

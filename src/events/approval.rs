@@ -157,8 +157,8 @@ impl Approvals {
                 name: next.name.clone(),
                 weight: next.weight.round() as u32,
             },
-            approve_url: url(Action::Approve),
-            abort_url: url(Action::Abort),
+            approve_url: Some(url(Action::Approve)),
+            abort_url: Some(url(Action::Abort)),
             expires_at: humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires),
             )
@@ -202,9 +202,16 @@ impl Approvals {
     }
 }
 
-/// Writes `bytes` to a new file only its owner can read.
+/// Writes `bytes` to a new file only its owner can read, whole or not at all: written beside it
+/// and renamed into place, so a crash midway never leaves a short key that stops the next start.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    let partial = path.with_extension("partial");
+    // What a crash in here left behind.
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -212,9 +219,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path)?;
+    let mut file = options.open(&partial)?;
     file.write_all(bytes)?;
-    file.sync_all()
+    file.sync_all()?;
+    std::fs::rename(&partial, path)?;
+    if let Some(dir) = path.parent() {
+        // The rename itself made durable.
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Seconds since the Unix epoch, by the wall clock.

@@ -143,12 +143,18 @@ pub struct Action {
 
 /// The links of a stage waiting for approval: each opens a page with one button that approves
 /// (the canary enters the stage) or aborts (it fails); each works once, until `expires_at`.
+///
+/// A link is a credential (whoever holds it may act, without a token), so the links go to
+/// webhook subscribers and to readers holding a token; where canaryd has tokens set, the open
+/// event reads (`GET /api/v1/events` without a token, the Watch stream) show them as null.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Approval {
     /// The stage waiting to be entered.
     pub stage: Stage,
-    pub approve_url: String,
-    pub abort_url: String,
+    /// Null where the reader holds no token (see above).
+    pub approve_url: Option<String>,
+    /// Null where the reader holds no token (see above).
+    pub abort_url: Option<String>,
     /// RFC 3339, wall clock.
     pub expires_at: String,
 }
@@ -242,6 +248,17 @@ impl Event {
             datacontenttype: "application/json".into(),
             data,
         }
+    }
+}
+
+impl Event {
+    /// The event for a reader who may not act on it: an approval's links left out (null).
+    pub fn without_links(mut self) -> Event {
+        if let Some(approval) = &mut self.data.approval {
+            approval.approve_url = None;
+            approval.abort_url = None;
+        }
+        self
     }
 }
 

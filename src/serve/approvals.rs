@@ -72,14 +72,30 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
 pub(super) async fn approval_page(State(state): State<ApiState>, Path(token): Path<String>) -> Response {
     let claim = match verified(&state, &token) {
         Ok(claim) => claim,
-        Err(e) => {
-            return page(
-                StatusCode::FORBIDDEN,
-                "This link does not work",
-                &format!("<p>{}</p>", escape(&e.detail)),
-            );
-        }
+        Err(e) => return link_refused(&e.detail),
     };
+    // A used link, or one whose wait has ended, offers no button: it would only be refused.
+    state
+        .read_engine(move |engine| {
+            if crate::engine::waits_for(engine, &claim) {
+                form(&claim)
+            } else {
+                link_refused(&crate::engine::LinkRefused::Stale.to_string())
+            }
+        })
+        .await
+}
+
+fn link_refused(why: &str) -> Response {
+    page(
+        StatusCode::FORBIDDEN,
+        "This link does not work",
+        &format!("<p>{}</p>", escape(why)),
+    )
+}
+
+/// The page of a link that works: what it does, and its one button.
+fn form(claim: &Claim) -> Response {
     let verb = match claim.action {
         Action::Approve => "Approve",
         Action::Abort => "Abort",

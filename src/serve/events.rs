@@ -1,12 +1,13 @@
 //! The event history: `GET /api/v1/events`.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::auth::{Access, Granted};
 use super::{ApiQuery, ApiState, ErrorBody, blocking, error};
 use crate::events::{Event, EventType, event_seq};
 
@@ -51,6 +52,7 @@ const MAX_EVENTS_PER_PAGE: usize = 1_000;
 )]
 pub(super) async fn events(
     State(state): State<ApiState>,
+    Extension(Granted(granted)): Extension<Granted>,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Response {
     let event_type = match query.event_type.as_deref().map(|t| (t, EventType::parse(t))) {
@@ -96,8 +98,12 @@ pub(super) async fn events(
         Err(response) => return response,
     };
     match read {
-        Ok(events) => {
+        Ok(mut events) => {
             let last_id = events.last().map(|e| e.id.clone());
+            // Approval links are credentials: a reader without a token does not get them.
+            if granted == Access::Open {
+                events = events.into_iter().map(Event::without_links).collect();
+            }
             Json(EventsView { events, last_id }).into_response()
         }
         Err(e) => {

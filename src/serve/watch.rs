@@ -34,6 +34,8 @@ struct Filter {
     env: String,
     app: String,
     types: Vec<EventType>,
+    /// Whether approval links are sent (`Watch::links`).
+    links: bool,
 }
 
 impl Filter {
@@ -44,7 +46,15 @@ impl Filter {
     }
 }
 
-fn to_proto(event: &Event) -> proto::Event {
+/// `links`: whether the reader may see approval links (see `Approval`).
+fn to_proto(event: &Event, links: bool) -> proto::Event {
+    let withheld;
+    let event = if links || event.data.approval.is_none() {
+        event
+    } else {
+        withheld = event.clone().without_links();
+        &withheld
+    };
     proto::Event {
         id: event.id.clone(),
         r#type: event.event_type.as_str().into(),
@@ -65,14 +75,18 @@ pub struct Watch {
     store: Store,
     feed: EventFeed,
     shutdown: CancellationToken,
+    /// Whether watchers see approval links: only where canaryd has no token set (the stream
+    /// takes none, and a link is a credential).
+    links: bool,
 }
 
 impl Watch {
-    pub fn new(store: Store, feed: EventFeed, shutdown: CancellationToken) -> Self {
+    pub fn new(store: Store, feed: EventFeed, shutdown: CancellationToken, links: bool) -> Self {
         Watch {
             store,
             feed,
             shutdown,
+            links,
         }
     }
 }
@@ -114,7 +128,7 @@ async fn replay(
         let Some(last) = page.last() else { return Ok(after) };
         let last_seq = event_seq(&last.id);
         for event in page.iter().filter(|e| filter.keeps(e)) {
-            if !send(out, Ok(to_proto(event)), shutdown).await {
+            if !send(out, Ok(to_proto(event, filter.links)), shutdown).await {
                 return Err(None);
             }
         }
@@ -138,6 +152,7 @@ impl EventService for Watch {
             env: request.env,
             app: request.app,
             types,
+            links: self.links,
         };
         let start = if request.after_id.is_empty() {
             // Only what is stored from now on: where the history ends now, read before subscribing,
@@ -183,7 +198,9 @@ impl EventService for Watch {
                         if at.is_some_and(|at| seq <= at) {
                             continue;
                         }
-                        if filter.keeps(&event) && !send(&tx, Ok(to_proto(&event)), &shutdown).await {
+                        if filter.keeps(&event)
+                            && !send(&tx, Ok(to_proto(&event, filter.links)), &shutdown).await
+                        {
                             return;
                         }
                         Ok(Some(seq))
@@ -230,6 +247,35 @@ mod tests {
         .expect("an event")
     }
 
+    #[test]
+    fn approval_links_reach_watchers_only_where_no_token_is_set() {
+        let mut waiting = event("shop");
+        waiting.data.approval = Some(crate::events::Approval {
+            stage: crate::events::Stage {
+                index: 1,
+                name: "50%".into(),
+                weight: 50,
+            },
+            approve_url: Some("http://canaryd/api/v1/approvals/a.b".into()),
+            abort_url: Some("http://canaryd/api/v1/approvals/c.d".into()),
+            expires_at: "2026-01-06T00:00:00Z".into(),
+        });
+        let sent = |links| -> serde_json::Value {
+            serde_json::from_str(&to_proto(&waiting, links).cloudevent_json).expect("JSON")
+        };
+        assert_eq!(
+            sent(true)["data"]["approval"]["approve_url"],
+            "http://canaryd/api/v1/approvals/a.b"
+        );
+        let withheld = sent(false);
+        assert!(
+            withheld["data"]["approval"]["approve_url"].is_null(),
+            "{withheld}"
+        );
+        assert!(withheld["data"]["approval"]["abort_url"].is_null(), "{withheld}");
+        assert_eq!(withheld["data"]["approval"]["stage"]["name"], "50%");
+    }
+
     #[tokio::test]
     async fn a_watch_from_now_gets_an_event_stored_right_after_it_began() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -237,7 +283,7 @@ mod tests {
         let mut old = vec![event("before")];
         store.append_events(&mut old, 1_000).expect("append");
         let feed = EventFeed::new();
-        let watch = Watch::new(store.clone(), feed.clone(), CancellationToken::new());
+        let watch = Watch::new(store.clone(), feed.clone(), CancellationToken::new(), true);
         let mut stream = watch
             .watch(Request::new(proto::WatchRequest::default()))
             .await
@@ -263,7 +309,7 @@ mod tests {
         let mut events: Vec<Event> = (0..300).map(|_| event("shop")).collect();
         store.append_events(&mut events, 1_000).expect("append");
         let shutdown = CancellationToken::new();
-        let watch = Watch::new(store, EventFeed::new(), shutdown.clone());
+        let watch = Watch::new(store, EventFeed::new(), shutdown.clone(), true);
         let request = proto::WatchRequest {
             after_id: events[0].id.clone(),
             ..proto::WatchRequest::default()

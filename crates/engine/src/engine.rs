@@ -889,7 +889,13 @@ impl Engine {
         self.judge.remember_verdict(env, app, version, verdict, 0)
     }
 
-    /// Applies every live analysis's promotion chain (after a restart's verdicts were told).
+    /// Tells the judge of a stored verdict without applying it (a restart's rebuild; see
+    /// `Judge::recall_verdict`).
+    pub fn recall_verdict(&mut self, env: &str, app: &str, version: &str, verdict: Verdict) {
+        self.judge.recall_verdict(env, app, version, verdict);
+    }
+
+    /// Applies every live analysis's promotion chain (after a restart's verdicts were recalled).
     pub fn follow_chains(&mut self) -> Vec<CanaryChange> {
         self.judge.follow_chains(0)
     }

@@ -786,6 +786,8 @@ impl Analysis {
         }
         if state == State::Failing && self.failed_at.is_none() {
             self.failed_at = Some(now);
+            // A failed canary waits for no one: its approval links are void from here.
+            self.awaiting_approval = None;
             self.set_state(state, now);
             changes.push(CanaryChange {
                 kind: ChangeKind::Failed,
@@ -1372,9 +1374,8 @@ impl Judge {
         verdict: Verdict,
         at: EventTime,
     ) -> Vec<CanaryChange> {
+        self.recall_verdict(env, app, version, verdict);
         let (app, version): (Arc<str>, Arc<str>) = (Arc::from(app), Arc::from(version));
-        self.verdicts
-            .remember(env, (app.clone(), version.clone()), verdict);
         let affected: Vec<_> = self
             .analyses
             .iter()
@@ -1385,6 +1386,15 @@ impl Judge {
             .into_iter()
             .flat_map(|key| self.follow_chain(&key, at))
             .collect()
+    }
+
+    /// Tells the judge of a verdict without applying it to any analysis: how a restart rebuilds
+    /// what it knows from stored events, oldest first, before `follow_chains` applies only the
+    /// latest verdict per environment (applying each in turn would fail an analysis on a failure
+    /// that a later promotion in the same environment has since overtaken).
+    pub fn recall_verdict(&mut self, env: &str, app: &str, version: &str, verdict: Verdict) {
+        self.verdicts
+            .remember(env, (Arc::from(app), Arc::from(version)), verdict);
     }
 
     /// Applies every live analysis's promotion chain to what the judge knows of verdicts (after
