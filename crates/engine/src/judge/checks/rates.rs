@@ -214,8 +214,10 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
     let (x_c, x_r) = (counts.x.0, counts.x.1);
     // How many calls a request makes depends on its operation, so over a few seconds the
     // operation mix alone moves calls per request far more than a count model allows: a known
-    // edge's rate is judged on windows of `MIN_EDGE_RATE_S` or more. A new edge needs no such care.
-    if x_r > 0.0 && w.horizon_s < MIN_EDGE_RATE_S {
+    // edge's rate is judged on `MIN_EDGE_RATE_S` or more of traffic. What counts is the span the
+    // window holds, not its nominal length: early in an analysis a long window holds seconds.
+    // A new edge needs no such care.
+    if x_r > 0.0 && w.seen_s.min(w.horizon_s) < MIN_EDGE_RATE_S {
         evidence.power = Power::Waiting(format!(
             "calls per request to {downstream} are judged over {MIN_EDGE_RATE_S} s or more; {} canary requests needed there",
             thousands(d.min_requests)

@@ -167,6 +167,32 @@ mod decision {
         a
     }
 
+    /// The operation mix moves calls per request over a few seconds of traffic, whatever the
+    /// window's nominal length: early in an analysis a 600 s window holding 8 s of it cannot
+    /// judge a known edge's rate (seen in the calibration bench: a false failure 8 s in, with 40
+    /// skewed operations), while the same counts over the whole window can.
+    #[test]
+    fn a_known_edge_is_not_judged_on_seconds_of_traffic_in_a_long_window() {
+        let mut canary = traffic(600, 0, steady, 12);
+        canary.calls.insert("db".into(), (60, 0));
+        let stable = traffic(3_000, 3, steady, 12);
+        let edge = |checks: Vec<Check>| {
+            checks
+                .into_iter()
+                .find(|c| c.feature == "calls_per_request[db]")
+                .expect("the db edge is checked")
+        };
+        let early = edge(look_seen(&model(), &canary, &stable, 600, 8));
+        assert_eq!(early.outcome, Outcome::InsufficientData, "{}", early.message);
+        assert!(
+            early.message.contains("judged over 30 s or more"),
+            "{}",
+            early.message
+        );
+        let whole = edge(look_seen(&model(), &canary, &stable, 600, 600));
+        assert_eq!(whole.outcome, Outcome::Fail, "{}", whole.message);
+    }
+
     fn orders() -> SeriesKey {
         SeriesKey {
             name: "orders.completed".into(),
@@ -205,10 +231,21 @@ mod decision {
     /// Every check of `model` on one horizon, at the thresholds a look of five horizons gives
     /// them, and the baseline checks on the same windows.
     fn look(model: &Model, canary: &Aggregate, stable: &Aggregate, horizon_s: u64) -> Vec<Check> {
+        look_seen(model, canary, stable, horizon_s, 600)
+    }
+
+    /// `look`, `seen_s` into the analysis.
+    fn look_seen(
+        model: &Model,
+        canary: &Aggregate,
+        stable: &Aggregate,
+        horizon_s: u64,
+        seen_s: u64,
+    ) -> Vec<Check> {
         let dispersion = Dispersion::default();
         let w = Windows {
             horizon_s,
-            seen_s: 600,
+            seen_s,
             canary,
             stable,
             dispersion: &dispersion,
