@@ -363,8 +363,11 @@ impl Daemon {
         ));
 
         // The stream takes no token: where tokens are set, approval links (credentials) stay out of it.
-        let no_tokens = config.api_token.is_none() && config.api_read_token.is_none();
-        let watch = Watch::new(store.clone(), feed.clone(), shutdown.clone(), no_tokens);
+        let tokens = serve::Tokens {
+            admin: config.api_token.clone().map(Arc::from),
+            read: config.api_read_token.clone().map(Arc::from),
+        };
+        let watch = Watch::new(store.clone(), feed.clone(), shutdown.clone(), !tokens.enforced());
         let grpc_serve = receive::grpc::serve(
             grpc_listener,
             intake.clone(),
@@ -391,10 +394,7 @@ impl Daemon {
                 stats,
                 store: store.clone(),
                 dispatcher: dispatcher.clone(),
-                tokens: serve::Tokens {
-                    admin: config.api_token.clone().map(Arc::from),
-                    read: config.api_read_token.clone().map(Arc::from),
-                },
+                tokens,
                 gate_pins: Default::default(),
                 ready: ready.clone(),
                 approvals,

@@ -38,3 +38,17 @@ pub mod serve;
 pub mod stats;
 pub mod store;
 pub mod testdata;
+
+/// An error and its causes, in one line ("error sending request: connection refused"): where
+/// reqwest says what actually went wrong, for the webhook deliveries' `last_error` and the
+/// client commands' messages alike.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -578,7 +578,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 delivery.last_status = None;
-                delivery.last_error = Some(error_chain(&e));
+                delivery.last_error = Some(crate::error_chain(&e));
                 self.schedule_retry(&mut delivery)
             }
         };
@@ -706,18 +706,6 @@ fn clip(text: &mut String, max: usize) {
     }
     text.truncate(end);
     text.push_str(MORE);
-}
-
-/// An error with its causes, which is where reqwest says what actually went wrong.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

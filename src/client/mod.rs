@@ -211,7 +211,7 @@ impl Client {
                         reason: e.to_string(),
                     });
                 }
-                Err(e) => error_chain(&e),
+                Err(e) => crate::error_chain(&e),
             };
             if started.elapsed() >= self.retry_for {
                 return Err(ClientError::Unreachable {
@@ -294,7 +294,7 @@ impl Follower<'_> {
                     Err(status) => format!("{}: {}", status.code(), status.message()),
                 }
             }
-            Err(e) => error_chain(&e),
+            Err(e) => crate::error_chain(&e),
         };
         let since = *self.unreachable_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= self.client.retry_for {
@@ -329,18 +329,6 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         *self = Backoff::default();
     }
-}
-
-/// An error and its causes, in one line ("error sending request: connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What an error answer says: its problem `detail` or `error`, else its text.
