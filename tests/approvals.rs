@@ -147,6 +147,23 @@ async fn analysis(daemon: &TestDaemon, env: &str) -> Value {
         .await
 }
 
+/// 2.0.0 of shop fails in beta (one error in five requests), under the chain model; the id of
+/// its `canary.failed` event.
+async fn fail_in_beta(daemon: &TestDaemon) -> String {
+    send(daemon, "beta", "2.0.0", 0, 10, 1000).await;
+    declare(daemon, "beta", "2.0.0", "chain", false).await;
+    send(daemon, "beta", "2.0.0", 10, 60, 5).await;
+    let failed = one_event(daemon, "beta", "canaryd.canary.failed").await;
+    failed["id"].as_str().expect("an id").to_owned()
+}
+
+/// A models folder holding one model file.
+fn models_with(file: &str, text: &str) -> tempfile::TempDir {
+    let models = tempfile::tempdir().expect("models dir");
+    std::fs::write(models.path().join(file), text).expect("write");
+    models
+}
+
 /// A POST to a link, without any token: (status, body).
 async fn open_link(daemon: &TestDaemon, url: &str, post: bool) -> (u16, String) {
     let request = if post {
@@ -271,20 +288,14 @@ async fn a_stage_waits_for_approval_and_its_links_work_once_without_a_token() {
 /// Settings for a daemon whose models and data live in the given folders, so that a second
 /// daemon started with them resumes where the first stopped.
 fn kept_in(models: &Path, data: &Path) -> impl FnOnce(&mut canaryd::config::RawConfig) + use<> {
-    let (models, data) = (models.to_owned(), data.to_owned());
-    move |raw: &mut canaryd::config::RawConfig| {
-        raw.models_dir = Some(models);
-        raw.data_dir = Some(data);
-        raw.api_token = Some(TOKEN.into());
-    }
+    support::models_and_data(models, Some(data), TOKEN)
 }
 
 /// The wait, and its links, outlive a restart: the analysis's record keeps the wait, the key
 /// signing the links is kept in the data dir.
 #[tokio::test]
 async fn a_wait_and_its_links_survive_a_restart() {
-    let models = tempfile::tempdir().expect("models dir");
-    std::fs::write(models.path().join("approve.toml"), APPROVE).expect("write");
+    let models = models_with("approve.toml", APPROVE);
     let data = tempfile::tempdir().expect("data dir");
     let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
     let event = awaiting(&daemon).await;
@@ -383,11 +394,7 @@ async fn an_expired_link_is_refused_and_changes_nothing() {
 async fn the_chain_fails_in_prod_a_version_that_failed_in_beta_and_holds_one_not_yet_promoted_there() {
     let (daemon, _models) = daemon(86_400).await;
     // 2.0.0 fails in beta.
-    send(&daemon, "beta", "2.0.0", 0, 10, 1000).await;
-    declare(&daemon, "beta", "2.0.0", "chain", false).await;
-    send(&daemon, "beta", "2.0.0", 10, 60, 5).await;
-    let failed_in_beta = one_event(&daemon, "beta", "canaryd.canary.failed").await;
-    let beta_id = failed_in_beta["id"].as_str().expect("an id").to_owned();
+    let beta_id = fail_in_beta(&daemon).await;
 
     // In prod it fails on sight, naming beta's verdict.
     send(&daemon, "prod", "2.0.0", 0, 10, 1000).await;
@@ -443,17 +450,10 @@ async fn the_chain_fails_in_prod_a_version_that_failed_in_beta_and_holds_one_not
 /// still fails in prod a version that failed in beta before the restart.
 #[tokio::test]
 async fn the_chain_remembers_verdicts_across_a_restart() {
-    let models = tempfile::tempdir().expect("models dir");
-    std::fs::write(models.path().join("chain.toml"), CHAIN).expect("write");
+    let models = models_with("chain.toml", CHAIN);
     let data = tempfile::tempdir().expect("data dir");
     let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
-    send(&daemon, "beta", "2.0.0", 0, 10, 1000).await;
-    declare(&daemon, "beta", "2.0.0", "chain", false).await;
-    send(&daemon, "beta", "2.0.0", 10, 60, 5).await;
-    let beta_id = one_event(&daemon, "beta", "canaryd.canary.failed").await["id"]
-        .as_str()
-        .expect("an id")
-        .to_owned();
+    let beta_id = fail_in_beta(&daemon).await;
     daemon.stop().await.expect("stops cleanly");
     let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
     send(&daemon, "prod", "2.0.0", 0, 10, 1000).await;
@@ -474,14 +474,10 @@ async fn the_chain_remembers_verdicts_across_a_restart() {
 /// overtook it).
 #[tokio::test]
 async fn a_later_promotion_overtakes_an_earlier_failure_across_a_restart() {
-    let models = tempfile::tempdir().expect("models dir");
-    std::fs::write(models.path().join("chain.toml"), CHAIN).expect("write");
+    let models = models_with("chain.toml", CHAIN);
     let data = tempfile::tempdir().expect("data dir");
     let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
-    send(&daemon, "beta", "2.0.0", 0, 10, 1000).await;
-    declare(&daemon, "beta", "2.0.0", "chain", false).await;
-    send(&daemon, "beta", "2.0.0", 10, 60, 5).await;
-    one_event(&daemon, "beta", "canaryd.canary.failed").await;
+    fail_in_beta(&daemon).await;
     // Ended, and run again in beta once the failure has left the comparison windows (its cause,
     // say, a dependency since fixed): promoted this time.
     let ended = daemon

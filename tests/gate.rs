@@ -27,15 +27,8 @@ weight = 100.0
 observe_s = 60
 "#;
 
-fn settings(models: &Path, data: Option<&Path>) -> impl FnOnce(&mut RawConfig) {
-    let (models, data) = (models.to_owned(), data.map(Path::to_owned));
-    move |raw| {
-        raw.models_dir = Some(models);
-        raw.api_token = Some(TOKEN.into());
-        if let Some(data) = data {
-            raw.data_dir = Some(data);
-        }
-    }
+fn settings(models: &Path, data: Option<&Path>) -> impl FnOnce(&mut RawConfig) + use<> {
+    support::models_and_data(models, data, TOKEN)
 }
 
 fn models_dir() -> tempfile::TempDir {

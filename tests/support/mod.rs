@@ -374,3 +374,25 @@ pub fn canary_traffic(start_s: u64, seconds: u64, canary_error_every: u64) -> Ex
         ],
     }
 }
+
+/// Settings for a daemon that reads its models from `models`, keeps its data in `data` when given
+/// (so that a second daemon started with them resumes where the first stopped), and takes
+/// `token` as its admin token.
+pub fn models_and_data(
+    models: &std::path::Path,
+    data: Option<&std::path::Path>,
+    token: &str,
+) -> impl FnOnce(&mut RawConfig) + use<> {
+    let (models, data, token) = (
+        models.to_owned(),
+        data.map(std::path::Path::to_owned),
+        token.to_owned(),
+    );
+    move |raw| {
+        raw.models_dir = Some(models);
+        raw.api_token = Some(token);
+        if let Some(data) = data {
+            raw.data_dir = Some(data);
+        }
+    }
+}
