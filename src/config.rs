@@ -203,6 +203,8 @@ settings! {
     version_idle_secs: u64,
     /// Seconds of event time after which an unseen app may be moved out of memory to make room for a new one; it comes back from the store when seen again [default: 3600]
     app_idle_secs: u64,
+    /// Threads (0-1024) that receive and decode OTLP and serve the API: the async runtime's workers, and at most as many requests decoded at once; 0 is one per CPU this process may use (its affinity and cgroup quota). The engine and the store's writes have their own threads beside these [default: 0]
+    threads: usize,
     /// Batches that may wait between the receivers and the engine [default: 256]
     pipeline_queue: usize,
     /// Milliseconds (0-60000) a receiver waits for room in that queue before answering "unavailable" [default: 5000]
@@ -328,6 +330,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// OTLP requests decoded or queued at once, from `ingest_memory_bytes`.
     pub requests_in_flight: usize,
+    /// The runtime's worker threads, and the most requests decoded at once.
+    pub threads: usize,
     pub pipeline_queue: usize,
     pub ingest_wait: Duration,
     pub shutdown_grace: Duration,
@@ -722,6 +726,10 @@ impl Config {
             delivery,
             max_message_bytes,
             requests_in_flight,
+            threads: match within("threads", set(raw.threads, "threads")?, 0..=1024)? {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
             pipeline_queue: within(
                 "pipeline_queue",
                 set(raw.pipeline_queue, "pipeline_queue")?,

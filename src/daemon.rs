@@ -360,6 +360,7 @@ impl Daemon {
             stats.clone(),
             config.max_message_bytes,
             (config.requests_in_flight, config.ingest_wait),
+            config.threads,
         ));
 
         // The stream takes no token: where tokens are set, approval links (credentials) stay out of it.

@@ -137,7 +137,10 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .enable_all()
+        .build()?;
     runtime.block_on(canaryd::daemon::run_until_signal(config))?;
     Ok(())
 }

@@ -270,6 +270,9 @@ pub struct Intake {
     /// One permit per request that may be in flight (`Config::requests_in_flight`).
     slots: Arc<tokio::sync::Semaphore>,
     in_flight: usize,
+    /// One permit per request being decoded (`Config::threads`), so that decoding, which runs on
+    /// the blocking pool, takes no more CPUs than the runtime's workers.
+    decoders: Arc<tokio::sync::Semaphore>,
     /// How long a request waits for a slot before it is answered "unavailable".
     wait: std::time::Duration,
     /// How far ahead of the receive clock (and the app's event time) data may be dated.
@@ -286,12 +289,14 @@ impl Intake {
         stats: Arc<Stats>,
         max_message_bytes: usize,
         (in_flight, wait): (usize, std::time::Duration),
+        decoders: usize,
     ) -> Self {
         Intake {
             options,
             engine,
             slots: Arc::new(tokio::sync::Semaphore::new(in_flight)),
             in_flight,
+            decoders: Arc::new(tokio::sync::Semaphore::new(decoders.max(1))),
             wait,
             future_skew_ns,
             stats,
@@ -332,10 +337,19 @@ impl Intake {
         normalize: impl FnOnce(&NormalizeOptions) -> Result<Normalized, ExportError> + Send + 'static,
     ) -> Result<ExportOutcome, ExportError> {
         let options = self.options.clone();
-        let normalized = tokio::task::spawn_blocking(move || normalize(&options))
+        // The request already holds its slot, so this wait is bounded by the slots' memory.
+        let decoder = Arc::clone(&self.decoders)
+            .acquire_owned()
             .await
-            .map_err(|_| ExportError::ShuttingDown)
-            .and_then(|r| r);
+            .map_err(|_| ExportError::ShuttingDown)?;
+        let normalized = tokio::task::spawn_blocking(move || {
+            let normalized = normalize(&options);
+            drop(decoder);
+            normalized
+        })
+        .await
+        .map_err(|_| ExportError::ShuttingDown)
+        .and_then(|r| r);
         let result = match normalized {
             Ok(n) => self.submit(n, R::SIGNAL, admission).await,
             Err(e) => Err(e),
