@@ -13,6 +13,8 @@
 //! whatever order the data arrived in.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::FastMap;
 use std::sync::Arc;
 
 use crate::delta::{Conversion, Sample, SeriesState};
@@ -152,10 +154,10 @@ pub struct Admission {
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppEntry {
     versions: BTreeMap<Arc<str>, VersionStats>,
-    operations: HashMap<String, OperationStats>,
-    downstreams: HashMap<String, u64>,
-    exception_types: HashMap<String, u64>,
-    streams: HashMap<StreamKey, Stream>,
+    operations: FastMap<String, OperationStats>,
+    downstreams: FastMap<String, u64>,
+    exception_types: FastMap<String, u64>,
+    streams: FastMap<StreamKey, Stream>,
 }
 
 impl AppEntry {
@@ -231,7 +233,7 @@ impl AppEntry {
 /// Adds `key` to a capped count map, folding it into `OVERFLOW` when the map is full. Returns
 /// whether it was folded.
 fn count_capped<V: Default>(
-    map: &mut HashMap<String, V>,
+    map: &mut FastMap<String, V>,
     key: &str,
     cap: usize,
     update: impl FnOnce(&mut V),

@@ -177,7 +177,7 @@ struct AppState {
     clock: AppClock,
     /// Where each of the app's sources has come to: buckets close once all active ones pass them.
     sources: SourceClocks,
-    versions: HashMap<Arc<str>, VersionState>,
+    versions: crate::FastMap<Arc<str>, VersionState>,
     baselines: BTreeMap<FeatureKey, Baseline>,
     /// Decayed request counts per version.
     traffic: HashMap<Arc<str>, f64>,
@@ -198,7 +198,7 @@ pub struct BaselinesView<'a> {
 pub struct Engine {
     config: EngineConfig,
     catalog: Catalog,
-    apps: HashMap<(Arc<str>, Arc<str>), AppState>,
+    apps: crate::FastMap<(Arc<str>, Arc<str>), AppState>,
     slots: Box<dyn SlotStore + Send>,
     judge: Judge,
     dirty: HashSet<BaselineId>,
@@ -206,7 +206,7 @@ pub struct Engine {
     forgotten: Vec<(String, String, String)>,
     archive: Option<Box<dyn AppArchive>>,
     /// Apps archived since the last `take_changes`, whose state is yet to be written.
-    archiving: HashMap<(Arc<str>, Arc<str>), ArchivedApp>,
+    archiving: crate::FastMap<(Arc<str>, Arc<str>), ArchivedApp>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -224,12 +224,12 @@ impl Engine {
             catalog: Catalog::new(config.limits.clone()),
             judge: Judge::new(&config.models),
             config,
-            apps: HashMap::new(),
+            apps: crate::FastMap::default(),
             slots,
             dirty: HashSet::new(),
             forgotten: Vec::new(),
             archive: None,
-            archiving: HashMap::new(),
+            archiving: crate::FastMap::default(),
         }
     }
 
@@ -421,11 +421,16 @@ impl Engine {
             match state.windows.bucket(r.time, closed_until, config) {
                 Some(b) => {
                     b.all.add(r.duration_ns, r.error);
+                    // The key is copied only the first time a bucket sees it.
                     let op = entry.operation_key(&r.operation);
-                    b.operations
-                        .entry(op.to_owned())
-                        .or_default()
-                        .add(r.duration_ns, r.error);
+                    match b.operations.get_mut(op) {
+                        Some(aggregate) => aggregate.add(r.duration_ns, r.error),
+                        None => b
+                            .operations
+                            .entry(op.to_owned())
+                            .or_default()
+                            .add(r.duration_ns, r.error),
+                    }
                 }
                 None => late += 1,
             }
@@ -434,10 +439,11 @@ impl Engine {
             top.saw(c.time);
             match state.windows.bucket(c.time, closed_until, config) {
                 Some(b) => {
-                    let calls = b
-                        .calls
-                        .entry(entry.downstream_key(&c.downstream).to_owned())
-                        .or_default();
+                    let downstream = entry.downstream_key(&c.downstream);
+                    let calls = match b.calls.get_mut(downstream) {
+                        Some(calls) => calls,
+                        None => b.calls.entry(downstream.to_owned()).or_default(),
+                    };
                     calls.0 += 1;
                     calls.1 += u64::from(c.error);
                 }

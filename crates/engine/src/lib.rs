@@ -19,6 +19,11 @@
 //! - `rng`: a seeded generator for synthetic data.
 //! - `simulate`: simulated services in event time, for the scenario tests and the calibration bench.
 
+/// A hash map for keys that arrive with every observation (operation and downstream names, apps):
+/// foldhash, seeded per process, in place of SipHash on the engine thread's hottest lookups. Every
+/// such map is capped (`Limits`), which bounds what colliding keys could cost.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub mod anomaly;
 pub mod baseline;
 pub mod catalog;
