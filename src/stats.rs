@@ -93,6 +93,9 @@ pub struct Stats {
     pub event_errors: Counter,
     deliveries: Family<Vec<(&'static str, String)>, Counter>,
     delivery_seconds: Histogram,
+    act_seconds: Histogram,
+    /// Decided-at times dropped at their cap before their first delivery attempt.
+    pub act_timings_dropped: Counter,
     pub outbox_depth: Gauge,
     pub parked: Gauge,
 }
@@ -270,6 +273,20 @@ impl Stats {
             "Time of each webhook request, answer or failure",
             delivery_seconds.clone(),
         );
+        let act_seconds = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "canaryd_act_seconds",
+            "Time to act: from the arrival of the OTLP request whose batch decided an event to its first delivery attempt leaving (webhook request or HAProxy command), once per subscription",
+            act_seconds.clone(),
+        );
+        let act_timings_dropped = Counter::default();
+        registry.register(
+            "canaryd_act_timings_dropped",
+            "Decided events whose arrival time was dropped at its cap before their first delivery attempt, so not timed",
+            act_timings_dropped.clone(),
+        );
         let outbox_depth = Gauge::default();
         registry.register(
             "canaryd_outbox_depth",
@@ -325,6 +342,8 @@ impl Stats {
             event_errors,
             deliveries,
             delivery_seconds,
+            act_seconds,
+            act_timings_dropped,
             outbox_depth,
             parked,
         }
@@ -347,6 +366,10 @@ impl Stats {
 
     pub fn delivery_seconds(&self, elapsed: std::time::Duration) {
         self.delivery_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn act_seconds(&self, elapsed: std::time::Duration) {
+        self.act_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// The store's counters, registered here.

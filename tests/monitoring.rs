@@ -60,6 +60,7 @@ fn names_used(dir: &Path, found: &mut BTreeSet<(String, String)>) {
 
 #[tokio::test]
 async fn the_dashboard_and_the_alerts_query_only_metrics_canaryd_exports() {
+    let began = std::time::Instant::now();
     let daemon = TestDaemon::start().await;
     // A receiver that is not there: deliveries fail and are counted.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -106,6 +107,23 @@ async fn the_dashboard_and_the_alerts_query_only_metrics_canaryd_exports() {
         }
     })
     .await;
+
+    // The start was decided by a batch: its first attempt was timed from that batch's arrival,
+    // and no such time can be longer than this test has run. (The failure waits behind it, at
+    // the head of the queue of a receiver that is down.)
+    let timed = eventually("a decided event's first attempt timed", || async {
+        match daemon.metric("canaryd_act_seconds_count").await {
+            n if n >= 1.0 => Ok(n),
+            n => Err(format!("{n} timed")),
+        }
+    })
+    .await;
+    let total = daemon.metric("canaryd_act_seconds_sum").await;
+    assert!(
+        total > 0.0 && total <= timed * began.elapsed().as_secs_f64(),
+        "{total} s over {timed} attempts in {:?}",
+        began.elapsed()
+    );
 
     let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/components");
     let mut used = BTreeSet::new();

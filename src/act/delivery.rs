@@ -177,7 +177,25 @@ pub struct Dispatcher {
     parked_epoch: AtomicU64,
     shutdown: CancellationToken,
     workers: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
+    /// When the batch that decided each recent event arrived (wall-clock nanoseconds, by event
+    /// sequence number), for `canaryd_act_seconds`; kept for `DECIDED_KEEP_NS`, at most
+    /// `DECIDED_CAP` of them (the oldest go first, counted in `canaryd_act_timings_dropped_total`).
+    decided: Mutex<std::collections::BTreeMap<u64, u64>>,
 }
+
+/// The system clock in nanoseconds since the Unix epoch: the clock a batch's arrival is stamped
+/// with, whatever clock the dispatcher's retries run on.
+fn system_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// How many decided-at times are kept for their first delivery attempt.
+const DECIDED_CAP: usize = 10_000;
+/// How long a decided-at time waits for its first attempt: one later than this is not a time to
+/// act under load but a receiver that was down, and the outbox's own metrics show that.
+const DECIDED_KEEP_NS: u64 = 600 * 1_000_000_000;
 
 impl Dispatcher {
     /// A dispatcher on the system's clock.
@@ -223,12 +241,46 @@ impl Dispatcher {
             parked_epoch: AtomicU64::new(0),
             shutdown,
             workers: Mutex::new(HashMap::new()),
+            decided: Mutex::new(std::collections::BTreeMap::new()),
         }))
     }
 
     /// The outbound policy deliveries go through; subscriptions are checked against it too.
     pub fn outbound(&self) -> &OutboundPolicy {
         &self.outbound
+    }
+
+    /// Notes that the events `seqs` were decided by a batch that arrived at `arrived_ns`.
+    pub fn note_decided(&self, seqs: impl Iterator<Item = u64>, arrived_ns: u64) {
+        let mut decided = self.decided.lock().unwrap_or_else(|p| p.into_inner());
+        decided.extend(seqs.map(|seq| (seq, arrived_ns)));
+        let cutoff = system_ns().saturating_sub(DECIDED_KEEP_NS);
+        // Sequence numbers rise with time, so the oldest are first.
+        while let Some((_, &first)) = decided.first_key_value() {
+            let over_cap = decided.len() > DECIDED_CAP;
+            if !over_cap && first >= cutoff {
+                break;
+            }
+            decided.pop_first();
+            if over_cap {
+                self.stats.act_timings_dropped.inc();
+            }
+        }
+    }
+
+    /// Observes the time from the arrival of the batch that decided event `seq` to now, when its
+    /// first delivery attempt leaves.
+    fn observe_act(&self, seq: u64) {
+        let arrived = self
+            .decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&seq)
+            .copied();
+        if let Some(arrived) = arrived {
+            let ns = system_ns().saturating_sub(arrived);
+            self.stats.act_seconds(std::time::Duration::from_nanos(ns));
+        }
     }
 
     /// Tells the workers there may be new work.
@@ -519,7 +571,11 @@ impl Dispatcher {
                 return self.record(subscription, seq, delivery, "retry").await;
             }
         };
+        let first_attempt = delivery.attempts == 1;
         if subscription.kind == Kind::Haproxy {
+            if first_attempt {
+                self.observe_act(seq);
+            }
             let label = self.act_on_haproxy(subscription, &event, &mut delivery).await;
             return self.record(subscription, seq, delivery, label).await;
         }
@@ -546,6 +602,9 @@ impl Dispatcher {
         let body = serde_json::to_vec(&event).unwrap_or_default();
         let timestamp = now / 1_000;
         let signature = sign(key, &event.id, timestamp, &body);
+        if first_attempt {
+            self.observe_act(seq);
+        }
         let started = std::time::Instant::now();
         let result = self
             .client

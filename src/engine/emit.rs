@@ -42,7 +42,18 @@ impl Emitter {
     /// in one flush, then wakes delivery and publishes them to watchers. Returns the events
     /// emitted: none when they could not be stored (logged and counted; the decisions stay in the
     /// engine's state, which is written again with its next change).
-    pub fn emit(&self, engine: &mut Engine, mut events: Vec<Event>) -> Vec<Event> {
+    pub fn emit(&self, engine: &mut Engine, events: Vec<Event>) -> Vec<Event> {
+        self.emit_decided(engine, events, None)
+    }
+
+    /// `emit`, for events a batch decided: `arrived` is when that batch arrived (wall-clock
+    /// nanoseconds), from which delivery times its first attempt (`canaryd_act_seconds`).
+    pub fn emit_decided(
+        &self,
+        engine: &mut Engine,
+        mut events: Vec<Event>,
+        arrived: Option<u64>,
+    ) -> Vec<Event> {
         if events.is_empty() {
             return events;
         }
@@ -59,6 +70,11 @@ impl Emitter {
                     let reason = event.data.reasons.first().map_or("", |r| r.message.as_str());
                     tracing::info!(id = %event.id, r#type = event.event_type.as_str(), app = %event.data.app, %reason, "event");
                 }
+                if let Some(arrived) = arrived {
+                    // Before the wake, so that the first attempt finds it.
+                    let seqs = events.iter().filter_map(|e| crate::events::event_seq(&e.id));
+                    self.dispatcher.note_decided(seqs, arrived);
+                }
                 self.dispatcher.wake();
                 self.feed.publish(&events);
                 let follow: Vec<Event> = events
@@ -67,7 +83,7 @@ impl Emitter {
                     .map(|change| canary_event(&change))
                     .collect();
                 // Each round moves one environment along a chain: it ends with the chain.
-                let followed = self.emit(engine, follow);
+                let followed = self.emit_decided(engine, follow, arrived);
                 events.extend(followed);
                 events
             }

@@ -334,10 +334,11 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             admission,
         } => {
             let report = engine.ingest(&batch);
+            let arrived = (batch.received > 0).then_some(batch.received);
             // The batch's memory is the engine's now (or gone): the budget may admit another.
             drop((batch, admission));
             let events = report_events(engine, &report);
-            emitter.emit(engine, events);
+            emitter.emit_decided(engine, events, arrived);
             stats.ingested(engine.catalog().app_count(), &report);
             late.add(report.late);
             if let Some(reply) = reply {
@@ -509,6 +510,8 @@ mod tests {
         }
         let detected = detected.expect("the fault is detected, and the event published");
         let feature = &detected.data.reasons[0].feature;
+        // The app as a whole, or one operation, exception type or series of it.
+        let subject = detected.data.reasons[0].operation.clone().unwrap_or_default();
         let version = detected.data.version.as_deref().expect("a version's anomaly");
         // kill -9 here, before the next flush: a restart finds what the store holds. The anomaly
         // is open there, as it was when the event was stored, so the same transition cannot fire
@@ -520,7 +523,7 @@ mod tests {
         let (_, baseline) = view
             .baselines
             .iter()
-            .find(|(key, _)| key.subject.is_empty() && key.feature.name() == feature)
+            .find(|(key, _)| *key.subject == *subject && key.feature.name() == feature)
             .expect("the baseline behind the event");
         assert!(baseline.anomaly.active, "{:?}", baseline.anomaly);
     }
