@@ -34,7 +34,7 @@ mod common;
 /// The daemon's allocator, so that the decode-only reference costs what it would in the daemon.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use common::{cpu_seconds, peak_rss_kib, start_daemon};
+use common::{cpu_seconds, peak_rss_kib, start_daemon, thread_cpu_seconds};
 
 /// How to load the daemon.
 #[derive(Clone, Debug)]
@@ -70,6 +70,8 @@ struct LoadReport {
     p99_ms: f64,
     daemon_cpu_seconds: Option<f64>,
     daemon_peak_rss_kib: Option<u64>,
+    /// This process's CPU seconds over the run: the load generator's cost, counted apart.
+    generator_cpu_seconds: Option<f64>,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -91,6 +93,13 @@ impl std::fmt::Display for LoadReport {
                 f,
                 "daemon CPU {cpu:.2} s: {:.0} spans per daemon-CPU-second",
                 self.spans as f64 / cpu.max(1e-9)
+            )?;
+        }
+        if let Some(cpu) = self.generator_cpu_seconds {
+            writeln!(
+                f,
+                "load generator CPU {cpu:.2} s ({:.2} CPUs busy), counted apart from the daemon's",
+                cpu / self.seconds
             )?;
         }
         if let Some(rss) = self.daemon_peak_rss_kib {
@@ -226,26 +235,107 @@ impl Codec for RawCodec {
     }
 }
 
-/// The requests to send, encoded (and gzipped for HTTP with `gzip`).
-fn prepare(plan: &LoadPlan) -> Vec<Bytes> {
+/// One encoded export, with where its timestamps lie, so that each send can date it now.
+struct Prepared {
+    bytes: Bytes,
+    /// Byte offsets of every span's start and end time and every span event's time (fixed64).
+    times: Vec<usize>,
+    /// The latest end time in it.
+    last_ns: u64,
+}
+
+impl Prepared {
+    fn new(bytes: Vec<u8>) -> Prepared {
+        let mut times = Vec::new();
+        timestamp_offsets(&bytes, 0, 0, &mut times);
+        let read = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let last_ns = times.iter().map(|&at| read(at)).max().unwrap_or(0);
+        Prepared {
+            bytes: Bytes::from(bytes),
+            times,
+            last_ns,
+        }
+    }
+
+    /// A copy dated so that its last span ends at `now_ns`, as a live SDK's export would be (a
+    /// request cycled with its old dates would be late data, which the engine drops cheaply);
+    /// gzipped for an HTTP sender with `gzip` (tonic gzips gRPC itself), each time, as an SDK does.
+    fn stamped(&self, now_ns: u64, gzip_body: bool) -> Bytes {
+        let shift = now_ns.saturating_sub(self.last_ns);
+        let mut bytes = self.bytes.to_vec();
+        for &at in &self.times {
+            let field = &mut bytes[at..at + 8];
+            let time = u64::from_le_bytes((&*field).try_into().expect("8 bytes"));
+            field.copy_from_slice(&(time + shift).to_le_bytes());
+        }
+        if !gzip_body {
+            return Bytes::from(bytes);
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &bytes).expect("gzip in memory");
+        Bytes::from(gz.finish().expect("gzip in memory"))
+    }
+}
+
+/// Collects the offsets of the timestamps of a trace export in `buf` (at nesting `depth`: 0 the
+/// request, 1 resource spans, 2 scope spans, 3 a span, 4 a span event) into `out`.
+fn timestamp_offsets(buf: &[u8], base: usize, depth: u8, out: &mut Vec<usize>) {
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let at = buf.len() - rest.len();
+        let key = prost::encoding::decode_varint(&mut rest).expect("generated protobuf");
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                prost::encoding::decode_varint(&mut rest).expect("generated protobuf");
+            }
+            1 => {
+                let value_at = base + buf.len() - rest.len();
+                let is_time = matches!((depth, field), (3, 7 | 8) | (4, 1));
+                if is_time {
+                    out.push(value_at);
+                }
+                rest = &rest[8..];
+            }
+            2 => {
+                let len = prost::encoding::decode_varint(&mut rest).expect("generated protobuf") as usize;
+                let inner_at = base + buf.len() - rest.len();
+                let descend = matches!((depth, field), (0, 1) | (1, 2) | (2, 2) | (3, 11));
+                if descend {
+                    timestamp_offsets(&rest[..len], inner_at, depth + 1, out);
+                }
+                rest = &rest[len..];
+            }
+            5 => rest = &rest[4..],
+            other => panic!("wire type {other} at {at} in a generated request"),
+        }
+    }
+}
+
+/// The requests to send, encoded.
+fn prepare(plan: &LoadPlan) -> Vec<Prepared> {
     (0..plan.distinct)
         .map(|i| {
+            // Eight services of one version each: a replay of 64 requests is a fixed sample,
+            // whose small differences between two versions would repeat into significance and
+            // fail a canary; the canaries judged under load are the time-to-act phase's own.
             let shape = TraceShape {
+                apps: 8,
+                versions_per_app: 1,
                 spans: plan.spans_per_request,
                 start_ns: testdata::EPOCH_NS + i as u64 * 5_000_000_000,
                 ..TraceShape::default()
             };
-            let bytes = testdata::trace_request(&shape, i as u64).encode_to_vec();
-            match (&plan.target, plan.gzip) {
-                (Target::Http(_), true) => {
-                    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                    std::io::Write::write_all(&mut gz, &bytes).expect("gzip in memory");
-                    Bytes::from(gz.finish().expect("gzip in memory"))
-                }
-                _ => Bytes::from(bytes),
-            }
+            Prepared::new(testdata::trace_request(&shape, i as u64).encode_to_vec())
         })
         .collect()
+}
+
+/// Nanoseconds since the Unix epoch.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
@@ -254,6 +344,7 @@ async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
     }
     let requests = Arc::new(prepare(&plan));
     let cpu_before = plan.pid.map(cpu_seconds).transpose()?;
+    let generator_before = cpu_seconds(std::process::id()).ok();
     let started = Instant::now();
     let deadline = started + plan.duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -272,6 +363,7 @@ async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_after = plan.pid.map(cpu_seconds).transpose()?;
+    let generator_after = cpu_seconds(std::process::id()).ok();
     Ok(LoadReport {
         requests: sent + failures,
         failures,
@@ -281,6 +373,7 @@ async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
         p99_ms: latencies.quantile(0.99).unwrap_or(0.0),
         daemon_cpu_seconds: cpu_before.zip(cpu_after).map(|(a, b)| b - a),
         daemon_peak_rss_kib: plan.pid.map(peak_rss_kib).transpose()?,
+        generator_cpu_seconds: generator_before.zip(generator_after).map(|(a, b)| b - a),
     })
 }
 
@@ -288,7 +381,7 @@ async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
 async fn send_loop(
     worker: usize,
     plan: &LoadPlan,
-    requests: &[Bytes],
+    requests: &[Prepared],
     deadline: Instant,
 ) -> anyhow::Result<(u64, u64, Sketch)> {
     let mut latencies = Sketch::new(0.01);
@@ -321,10 +414,10 @@ async fn send_loop(
             let path =
                 PathAndQuery::from_static("/opentelemetry.proto.collector.trace.v1.TraceService/Export");
             while Instant::now() < deadline {
-                let body = requests[next % requests.len()].clone();
-                next += 1;
                 let t = wait_turn();
                 tokio::time::sleep_until(t.into()).await;
+                let body = requests[next % requests.len()].stamped(now_ns(), false);
+                next += 1;
                 grpc.ready().await?;
                 match grpc
                     .unary(tonic::Request::new(body), path.clone(), RawCodec)
@@ -340,10 +433,10 @@ async fn send_loop(
             let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
             let url = format!("{}/v1/traces", base.trim_end_matches('/'));
             while Instant::now() < deadline {
-                let body = requests[next % requests.len()].clone();
-                next += 1;
                 let t = wait_turn();
                 tokio::time::sleep_until(t.into()).await;
+                let body = requests[next % requests.len()].stamped(now_ns(), plan.gzip);
+                next += 1;
                 let mut request = client
                     .post(&url)
                     .header("content-type", "application/x-protobuf")
@@ -379,7 +472,7 @@ fn main() -> anyhow::Result<()> {
     };
     // The reference first, on the same payloads the daemon gets, before the daemon competes for
     // the cores.
-    let plain = prepare(&LoadPlan {
+    let plain: Vec<Bytes> = prepare(&LoadPlan {
         target: Target::Grpc(String::new()),
         gzip: false,
         concurrency: 1,
@@ -388,7 +481,17 @@ fn main() -> anyhow::Result<()> {
         spans_per_request: 512,
         pid: None,
         gap: None,
-    });
+    })
+    .into_iter()
+    .map(|p| p.bytes)
+    .collect();
+    let encoded: usize = plain.iter().map(Bytes::len).sum();
+    println!(
+        "== workload: {} distinct requests of 512 spans, {:.0} bytes a request, {:.0} bytes a span, re-dated at each send",
+        plain.len(),
+        encoded as f64 / plain.len() as f64,
+        encoded as f64 / (plain.len() * 512) as f64
+    );
     let budget = Duration::from_millis(if measuring { 3_000 } else { 200 });
     let full = decode_rate(&plain, budget, |p| {
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -432,10 +535,104 @@ fn main() -> anyhow::Result<()> {
             KNOWN.join(",")
         );
     }
-    let dir = tempfile::tempdir()?;
-    let (mut daemon, addrs) = start_daemon(&dir.path().join("data"), &[])?;
-    let pid = daemon.id();
+    let references = References { full, lean, in_place };
+    // LOAD_THREADS (e.g. 1,2,4,8,16): one daemon per count, started with `--threads`, and the
+    // senders scaled with it; otherwise one daemon with its default threads.
+    let thread_counts: Vec<Option<usize>> = match std::env::var("LOAD_THREADS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| n.trim().parse::<usize>().map(Some))
+            .collect::<Result<_, _>>()
+            .context("LOAD_THREADS: a comma-separated list of thread counts")?,
+        Err(_) => vec![None],
+    };
     let runtime = tokio::runtime::Runtime::new()?;
+    let mut rows = Vec::new();
+    let mut result = Ok(());
+    for threads in &thread_counts {
+        let senders = threads.map_or(concurrency, |n| concurrency.max(4 * n));
+        let act_plan = act::Plan::new(measuring);
+        match measure_daemon(
+            &runtime,
+            *threads,
+            senders,
+            seconds,
+            &transports,
+            &references,
+            act_plan,
+        ) {
+            Ok(mut measured) => rows.append(&mut measured),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if thread_counts.len() > 1 {
+        println!(
+            "== scaling (daemon threads; spans/s accepted; daemon CPUs busy; spans per daemon-CPU-second; engine thread busy; efficiency against 1 thread's spans/s times the threads)"
+        );
+        for row in &rows {
+            let one = rows
+                .iter()
+                .find(|r| r.transport == row.transport && r.threads == Some(1))
+                .map(|r| r.spans_per_s);
+            let efficiency = match (one, row.threads) {
+                (Some(one), Some(n)) if one > 0.0 => format!("{:.2}", row.spans_per_s / (one * n as f64)),
+                _ => "-".to_owned(),
+            };
+            println!(
+                "threads {:>2} {:<9} {:>10.0} spans/s  {:>5.2} CPUs  {:>10.0} per CPU-s  engine {:>5.1}%  efficiency {efficiency}",
+                row.threads.unwrap_or(0),
+                row.transport,
+                row.spans_per_s,
+                row.cpus,
+                row.per_cpu_second,
+                row.engine_busy * 100.0
+            );
+        }
+    }
+    result
+}
+
+/// The one-core decode references the daemon is compared with.
+struct References {
+    full: f64,
+    lean: f64,
+    in_place: f64,
+}
+
+/// One transport's closed-loop figures, for the scaling table.
+struct Row {
+    threads: Option<usize>,
+    transport: &'static str,
+    spans_per_s: f64,
+    /// Daemon CPU seconds per second of the run.
+    cpus: f64,
+    per_cpu_second: f64,
+    /// The engine thread's CPU seconds per second of the run.
+    engine_busy: f64,
+}
+
+/// Starts a daemon (with `threads`, where given) and loads it over each transport in turn.
+fn measure_daemon(
+    runtime: &tokio::runtime::Runtime,
+    threads: Option<usize>,
+    concurrency: usize,
+    seconds: u64,
+    transports: &[String],
+    references: &References,
+    act_plan: act::Plan,
+) -> anyhow::Result<Vec<Row>> {
+    let dir = tempfile::tempdir()?;
+    let threads_arg = threads.map(|n| n.to_string());
+    let extra: Vec<&str> = match &threads_arg {
+        Some(n) => vec!["--threads", n.as_str()],
+        None => Vec::new(),
+    };
+    let (mut daemon, addrs) = start_daemon(&dir.path().join("data"), &extra)?;
+    let pid = daemon.id();
+    let mut rows = Vec::new();
     let mut result = Ok(());
     for (name, target, gzip) in [
         (
@@ -478,19 +675,36 @@ fn main() -> anyhow::Result<()> {
             pid: Some(pid),
             gap: None,
         };
+        let engine_before = thread_cpu_seconds(pid, "canaryd-engine");
         match runtime.block_on(run(plan.clone())) {
             Ok(report) => {
-                println!("== {name}, concurrency {concurrency}, {seconds} s");
+                let threads_said = threads.map_or("default".to_owned(), |n| n.to_string());
+                println!("== {name}, daemon threads {threads_said}, concurrency {concurrency}, {seconds} s");
                 print!("{report}");
+                let engine_cpu = thread_cpu_seconds(pid, "canaryd-engine")
+                    .zip(engine_before)
+                    .map_or(0.0, |(after, before)| after - before);
+                println!(
+                    "engine thread busy {:.1}% of the run",
+                    100.0 * engine_cpu / report.seconds
+                );
                 if let Some(cpu) = report.daemon_cpu_seconds.filter(|c| *c > 0.0) {
                     let per_cpu = report.spans as f64 / cpu;
                     println!(
                         "per daemon-CPU-second against decode-only: {:.2} of full decode, {:.2} of lean decode, \
                          {:.2} of in-place read and normalize",
-                        per_cpu / full,
-                        per_cpu / lean,
-                        per_cpu / in_place
+                        per_cpu / references.full,
+                        per_cpu / references.lean,
+                        per_cpu / references.in_place
                     );
+                    rows.push(Row {
+                        threads,
+                        transport: name,
+                        spans_per_s: report.spans as f64 / report.seconds,
+                        cpus: cpu / report.seconds,
+                        per_cpu_second: per_cpu,
+                        engine_busy: engine_cpu / report.seconds,
+                    });
                 }
                 // The latency a sender sees at half the load the daemon can take, paced.
                 if !gzip && report.requests > 0 {
@@ -509,6 +723,22 @@ fn main() -> anyhow::Result<()> {
                         Err(e) => result = Err(e),
                     }
                 }
+                // Time to act: canaries failing one after another while the daemon carries 80% of
+                // the load it just took, on its default threads (`LOAD_ACT=0` skips it).
+                let act_wanted = std::env::var("LOAD_ACT").map_or(true, |v| v != "0");
+                if name == "grpc" && threads.is_none() && act_wanted && report.requests > 0 {
+                    let peak = report.requests as f64 / report.seconds;
+                    let busy = LoadPlan {
+                        gap: Some(Duration::from_secs_f64(plan.concurrency as f64 / (peak * 0.8))),
+                        duration: act_plan.seconds(),
+                        ..plan.clone()
+                    };
+                    let api = format!("http://{}", addrs["http"].as_str().unwrap_or_default());
+                    match runtime.block_on(act::under_load(busy, &api, act_plan)) {
+                        Ok(acted) => print!("{acted}"),
+                        Err(e) => result = Err(e),
+                    }
+                }
                 if report.failures > 0 || report.requests == 0 {
                     result = Err(anyhow::anyhow!(
                         "{name}: {} of {} requests failed",
@@ -524,5 +754,313 @@ fn main() -> anyhow::Result<()> {
         .args(["-TERM", &pid.to_string()])
         .status();
     let _ = daemon.wait();
-    result
+    result.map(|()| rows)
+}
+
+/// Time to act under load (issue 16, 6): canaries of many apps go bad one after another while
+/// paced background load keeps the daemon at 80% of what it took closed-loop; a webhook receiver
+/// here takes each `canary.failed`. The daemon's own `canaryd_act_seconds` times each decision
+/// from the arrival of the request whose batch decided it to its webhook leaving.
+mod act {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail};
+    use bytes::Bytes;
+    use canaryd::testdata::{kv, kv_int, resource};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+    use prost::Message;
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    use super::{LoadPlan, RawCodec, Target, now_ns, run};
+
+    /// How often the apps' traffic is sent, and how many requests each version makes in that time.
+    const PERIOD: Duration = Duration::from_millis(200);
+    const PER_PERIOD: u64 = 4;
+
+    /// How many canaries go bad, and when.
+    #[derive(Clone, Copy)]
+    pub struct Plan {
+        pub apps: u64,
+        /// Healthy traffic before the first canary goes bad, and the time over which they all do.
+        warm: Duration,
+        spread: Duration,
+        /// Load after the last goes bad: enough for its second to close (`allowed_lateness_secs`,
+        /// 10 s by default, behind the latest event time) and be decided.
+        tail: Duration,
+    }
+
+    impl Plan {
+        pub fn new(measuring: bool) -> Plan {
+            if measuring {
+                Plan {
+                    apps: 100,
+                    warm: Duration::from_secs(15),
+                    spread: Duration::from_secs(20),
+                    tail: Duration::from_secs(20),
+                }
+            } else {
+                Plan {
+                    apps: 4,
+                    warm: Duration::from_secs(3),
+                    spread: Duration::from_secs(1),
+                    tail: Duration::from_secs(14),
+                }
+            }
+        }
+
+        pub fn seconds(&self) -> Duration {
+            self.warm + self.spread + self.tail
+        }
+    }
+
+    pub struct Acted {
+        apps: u64,
+        background_spans_per_s: f64,
+        background_ack_p99_ms: f64,
+        failed: usize,
+        /// (upper bound of the bucket holding the quantile, seconds) for p50 and p99; count.
+        p50: Option<f64>,
+        p99: Option<f64>,
+        timed: f64,
+        /// From a canary's first bad request to its webhook arriving here (includes the
+        /// event-time wait for its second to close).
+        first_bad_to_webhook: Vec<f64>,
+    }
+
+    impl std::fmt::Display for Acted {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mut waits = self.first_bad_to_webhook.clone();
+            waits.sort_by(f64::total_cmp);
+            let at = |q: f64| {
+                waits
+                    .get(((waits.len() as f64 - 1.0) * q).round() as usize)
+                    .copied()
+            };
+            writeln!(
+                f,
+                "== time to act, {} canaries failing under {:.0} spans/s of paced load (ack p99 {:.2} ms)",
+                self.apps, self.background_spans_per_s, self.background_ack_p99_ms
+            )?;
+            writeln!(
+                f,
+                "canary.failed webhooks received {} of {}; decisions timed by the daemon {:.0}",
+                self.failed, self.apps, self.timed
+            )?;
+            let bound = |b: Option<f64>| b.map_or("-".to_owned(), |s| format!("<= {:.1} ms", s * 1e3));
+            writeln!(
+                f,
+                "deciding request's arrival to webhook leaving (canaryd_act_seconds): p50 {}, p99 {}",
+                bound(self.p50),
+                bound(self.p99)
+            )?;
+            writeln!(
+                f,
+                "first bad request sent to webhook received here: median {:.2} s, max {:.2} s (the bucket's event-time wait included)",
+                at(0.5).unwrap_or(f64::NAN),
+                at(1.0).unwrap_or(f64::NAN)
+            )
+        }
+    }
+
+    /// One period's traffic of every app, dated up to `now`: a stable and a canary version each
+    /// making `PER_PERIOD` requests; a canary's fail from its `bad_from` on.
+    fn traffic(now: u64, bad_from: &[u64], serial: u64) -> ExportTraceServiceRequest {
+        let period = PERIOD.as_nanos() as u64;
+        let mut resource_spans = Vec::new();
+        for (app, &bad_from) in bad_from.iter().enumerate() {
+            for version in ["1.0.0", "2.0.0"] {
+                let spans = (0..PER_PERIOD)
+                    .map(|k| {
+                        let start = now - period + k * period / PER_PERIOD;
+                        let failed = version == "2.0.0" && start >= bad_from;
+                        let id = serial
+                            .wrapping_mul(1_000_003)
+                            .wrapping_add(app as u64 * 16 + k * 2 + u64::from(version == "2.0.0"));
+                        Span {
+                            trace_id: [id.to_be_bytes(), serial.to_be_bytes()].concat(),
+                            span_id: id.to_be_bytes().to_vec(),
+                            name: "POST /checkout".into(),
+                            kind: span::SpanKind::Server as i32,
+                            start_time_unix_nano: start,
+                            end_time_unix_nano: start + 20_000_000,
+                            attributes: vec![
+                                kv("http.request.method", "POST"),
+                                kv("http.route", "/checkout"),
+                                kv_int("http.response.status_code", if failed { 500 } else { 200 }),
+                            ],
+                            status: failed.then(|| Status {
+                                code: status::StatusCode::Error as i32,
+                                message: "internal error".into(),
+                            }),
+                            ..Span::default()
+                        }
+                    })
+                    .collect();
+                resource_spans.push(ResourceSpans {
+                    resource: Some(resource("prod", &format!("act-{app}"), version)),
+                    scope_spans: vec![ScopeSpans {
+                        spans,
+                        ..ScopeSpans::default()
+                    }],
+                    ..ResourceSpans::default()
+                });
+            }
+        }
+        ExportTraceServiceRequest { resource_spans }
+    }
+
+    /// A bucket's bound under which quantile `q` of a Prometheus histogram lies.
+    fn quantile_bound(metrics: &str, name: &str, q: f64) -> Option<f64> {
+        let mut buckets: Vec<(f64, f64)> = metrics
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(name)?.strip_prefix("_bucket{le=\"")?;
+                let (le, count) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total = buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        buckets.iter().find(|(_, n)| *n >= q * total).map(|(le, _)| *le)
+    }
+
+    fn sample(metrics: &str, name: &str) -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub async fn under_load(busy: LoadPlan, api: &str, plan: Plan) -> anyhow::Result<Acted> {
+        let Target::Grpc(addr) = busy.target.clone() else {
+            bail!("time to act is measured over gRPC");
+        };
+        // The webhook receiver: when each failure arrived, and for which app.
+        let received: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let hook = format!("http://{}/hook", listener.local_addr()?);
+        let log = received.clone();
+        let router = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let log = log.clone();
+                async move {
+                    let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let mut app = event["data"]["app"].as_str().unwrap_or_default().to_owned();
+                    if !app.starts_with("act-") {
+                        app = format!("{app}: {}", event["data"]["reasons"]);
+                    }
+                    log.lock().expect("receiver log").push((Instant::now(), app));
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+        let http = reqwest::Client::new();
+        let answer = http
+            .post(format!("{api}/api/v1/subscriptions"))
+            .json(&serde_json::json!({"url": hook, "events": ["canaryd.canary.failed"]}))
+            .send()
+            .await?;
+        if answer.status() != 201 {
+            bail!("subscribing answered {}", answer.status());
+        }
+        let started = now_ns();
+        let started_at = Instant::now();
+        let bad_from: Vec<u64> = (0..plan.apps)
+            .map(|app| {
+                let at = plan.warm + plan.spread.mul_f64(app as f64 / plan.apps as f64);
+                started + at.as_nanos() as u64
+            })
+            .collect();
+        let deadline = started_at + busy.duration;
+        let background = tokio::spawn(run(busy));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        let apps_traffic = tokio::spawn(async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            let path =
+                PathAndQuery::from_static("/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+            let mut ticks = tokio::time::interval(PERIOD);
+            let mut serial = 0;
+            while Instant::now() < deadline {
+                ticks.tick().await;
+                serial += 1;
+                let body = Bytes::from(traffic(now_ns(), &bad_from, serial).encode_to_vec());
+                grpc.ready().await?;
+                grpc.unary(tonic::Request::new(body), path.clone(), RawCodec)
+                    .await
+                    .context("the apps' traffic was refused")?;
+            }
+            anyhow::Ok(bad_from)
+        });
+        // A rollout is declared for an app canaryd has seen.
+        for app in 0..plan.apps {
+            let declared = super::common::eventually_ok(Duration::from_secs(10), || async {
+                let answer = http
+                    .put(format!("{api}/api/v1/apps/act-{app}/rollout?env=prod"))
+                    .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+                    .send()
+                    .await?;
+                match answer.status() {
+                    s if s.is_success() => Ok(()),
+                    s => bail!("declaring act-{app}'s rollout answered {s}"),
+                }
+            })
+            .await;
+            declared?;
+        }
+        let bad_from = apps_traffic.await.context("the apps' traffic")??;
+        let background = background.await.context("the background load")??;
+        server.abort();
+
+        let metrics = http.get(format!("{api}/metrics")).send().await?.text().await?;
+        let received = received.lock().expect("receiver log").clone();
+        let first_bad_to_webhook = received
+            .iter()
+            .filter_map(|(at, app)| {
+                let index: usize = app.strip_prefix("act-")?.parse().ok()?;
+                let bad_at = started_at + Duration::from_nanos(bad_from.get(index)? - started);
+                Some(at.saturating_duration_since(bad_at).as_secs_f64())
+            })
+            .collect();
+        let others: Vec<&String> = received
+            .iter()
+            .map(|(_, app)| app)
+            .filter(|app| !app.starts_with("act-"))
+            .collect();
+        if !others.is_empty() {
+            bail!("canaries failed that were not made to fail: {others:?}");
+        }
+        if received.len() as u64 != plan.apps {
+            bail!(
+                "{} of {} failing canaries were acted on while the load ran",
+                received.len(),
+                plan.apps
+            );
+        }
+        Ok(Acted {
+            apps: plan.apps,
+            background_spans_per_s: background.spans as f64 / background.seconds,
+            background_ack_p99_ms: background.p99_ms,
+            failed: received.len(),
+            p50: quantile_bound(&metrics, "canaryd_act_seconds", 0.5),
+            p99: quantile_bound(&metrics, "canaryd_act_seconds", 0.99),
+            timed: sample(&metrics, "canaryd_act_seconds_count"),
+            first_bad_to_webhook,
+        })
+    }
 }

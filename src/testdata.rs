@@ -49,7 +49,15 @@ pub fn resource(env: &str, app: &str, version: &str) -> Resource {
             kv("service.version", version),
             kv("deployment.environment.name", env),
             kv("service.instance.id", &format!("{app}-{version}-0")),
+            // What an SDK's default resource detectors add.
+            kv("telemetry.sdk.name", "opentelemetry"),
             kv("telemetry.sdk.language", "rust"),
+            kv("telemetry.sdk.version", "0.31.0"),
+            kv("host.name", &format!("node-{}", app.len() % 7)),
+            kv("host.arch", "amd64"),
+            kv("os.type", "linux"),
+            kv_int("process.pid", 4242),
+            kv("process.runtime.name", "rustc"),
         ],
         ..Resource::default()
     }
@@ -119,8 +127,16 @@ pub fn app_traffic(start_ns: u64, exports: u64, error_rate: f64) -> (Vec<ExportT
     (requests, shape.start_ns)
 }
 
+/// The stack trace a failed request's exception event carries (about 400 bytes, as a short Java
+/// trace is).
+const STACKTRACE: &str = "java.sql.SQLTransientConnectionException: connection is not available\n\
+    \tat com.zaxxer.hikari.pool.HikariPool.createTimeoutException(HikariPool.java:696)\n\
+    \tat com.zaxxer.hikari.pool.HikariPool.getConnection(HikariPool.java:181)\n\
+    \tat com.example.shop.orders.OrderRepository.find(OrderRepository.java:42)\n\
+    \tat com.example.shop.orders.OrderController.get(OrderController.java:27)\n";
+
 /// A trace export request of `shape.spans` spans spread over the shape's apps and versions: each
-/// request is a SERVER span followed by one CLIENT child.
+/// request is a SERVER span followed by one CLIENT child; a failed one records an exception event.
 pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest {
     let mut rng = Rng::new(seed);
     let resources = (shape.apps * shape.versions_per_app).max(1);
@@ -163,6 +179,24 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
                 start_time_unix_nano: time,
                 end_time_unix_nano: time + duration,
                 attributes,
+                // A failed request records its exception, as the SDKs' instrumentations do.
+                events: if failed {
+                    vec![span::Event {
+                        time_unix_nano: time + duration - 1_000,
+                        name: "exception".into(),
+                        attributes: vec![
+                            kv("exception.type", "java.sql.SQLTransientConnectionException"),
+                            kv(
+                                "exception.message",
+                                "connection is not available, request timed out after 30000ms",
+                            ),
+                            kv("exception.stacktrace", STACKTRACE),
+                        ],
+                        dropped_attributes_count: 0,
+                    }]
+                } else {
+                    Vec::new()
+                },
                 status: failed.then(|| Status {
                     code: status::StatusCode::Error as i32,
                     message: "internal error".into(),

@@ -21,6 +21,22 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// CPU seconds the thread of process `pid` named `name` has used, if there is one.
+pub fn thread_cpu_seconds(pid: u32, name: &str) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim_end() != name {
+            return None;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        let after = stat.rsplit_once(") ")?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    })
+}
+
 /// Peak resident set size of a process, in KiB (VmHWM).
 pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -73,6 +89,8 @@ pub fn start_daemon(data: &Path, extra: &[&str]) -> anyhow::Result<(std::process
         ])
         .args(["--log", "warn"])
         .args(extra)
+        // The bench's own variable, not a daemon setting.
+        .env_remove("CANARYD_BIN")
         .stdin(std::process::Stdio::null())
         .spawn()
         .context("cannot start the daemon")?;
@@ -85,5 +103,21 @@ pub fn start_daemon(data: &Path, extra: &[&str]) -> anyhow::Result<(std::process
             bail!("the daemon did not write addrs.json");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Calls `attempt` until it succeeds or `within` has passed; then its last error.
+pub async fn eventually_ok<T, F, Fut>(within: Duration, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
