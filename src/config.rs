@@ -239,6 +239,8 @@ settings! {
     anomaly_resolve_windows: u32,
     /// Seconds (0-2592000) of event time over which a series' largest recent deviation halves; while it is large, a smaller deviation opens no new anomaly; 0 turns this novelty gate off [default: 0]
     anomaly_novelty_half_life_secs: u64,
+    /// Memory the learned baselines may take, in bytes; past it, at each flush, the apps seen least recently (not those whose canary is being judged) move to the store, to come back whole when seen again; 0 is no limit [default: 268435456]
+    max_baseline_memory_bytes: u64,
     /// Seconds between flushes of state to disk; at most this much learning is lost to a crash [default: 10]
     flush_interval_secs: u64,
     /// sled's cache, in MiB [default: 64]
@@ -324,6 +326,8 @@ pub struct Config {
     pub normalize: NormalizeOptions,
     pub engine: EngineConfig,
     pub flush_interval: Duration,
+    /// The most the baselines may take in memory before apps are paged out (0: no limit).
+    pub max_baseline_memory_bytes: usize,
     pub sled_cache_bytes: u64,
     pub max_events: usize,
     pub delivery: DeliveryConfig,
@@ -717,6 +721,12 @@ impl Config {
                 set(raw.flush_interval_secs, "flush_interval_secs")?,
                 1..=86_400,
             )?),
+            max_baseline_memory_bytes: usize::try_from(within(
+                "max_baseline_memory_bytes",
+                set(raw.max_baseline_memory_bytes, "max_baseline_memory_bytes")?,
+                0..=1 << 44,
+            )?)
+            .unwrap_or(usize::MAX),
             sled_cache_bytes: within(
                 "sled_cache_mb",
                 set(raw.sled_cache_mb, "sled_cache_mb")?,

@@ -323,6 +323,7 @@ impl Daemon {
             dispatcher: dispatcher.clone(),
             feed: feed.clone(),
             flush_interval: config.flush_interval,
+            max_baseline_memory_bytes: config.max_baseline_memory_bytes,
             max_events: config.max_events,
             approvals: approvals.clone(),
         };

@@ -78,6 +78,8 @@ pub struct Stats {
     pub late_observations: Counter,
     pub future_observations: Counter,
     apps_archived: Counter,
+    /// Apps moved to the store because the baselines were over `max_baseline_memory_bytes`.
+    pub apps_paged_out: Counter,
     apps_restored: Counter,
     gate_pins_forgotten: Counter,
     /// Versions whose promotion-chain verdicts the judge forgot at its cap.
@@ -168,6 +170,12 @@ impl Stats {
             "canaryd_future_observations",
             "Observations refused for being dated more than max_clock_skew_secs ahead of both their app's event time and canaryd's clock",
             future_observations.clone(),
+        );
+        let apps_paged_out = Counter::default();
+        registry.register(
+            "canaryd_apps_paged_out",
+            "Apps moved from memory to the store because the baselines took more than max_baseline_memory_bytes; each comes back whole when seen again (counted in canaryd_apps_restored_total)",
+            apps_paged_out.clone(),
         );
         let apps_archived = Counter::default();
         registry.register(
@@ -328,6 +336,7 @@ impl Stats {
             late_observations,
             future_observations,
             apps_archived,
+            apps_paged_out,
             apps_restored,
             gate_pins_forgotten,
             chain_verdicts_forgotten,

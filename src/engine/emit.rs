@@ -32,6 +32,8 @@ pub struct Emitter {
     /// Where stored events go out to watchers.
     pub feed: EventFeed,
     pub flush_interval: Duration,
+    /// The most the baselines may take in memory; past it, each flush pages apps out (0: no limit).
+    pub max_baseline_memory_bytes: usize,
     pub max_events: usize,
     /// Signs the links of stages waiting for approval.
     pub approvals: Approvals,
@@ -114,9 +116,20 @@ impl Emitter {
     /// Writes what changed since the last flush, then makes it durable. A failed flush is logged and
     /// counted; what it carried is written again when it next changes.
     pub fn flush(&self, engine: &mut Engine) {
+        let stats = &self.stats;
+        let paged = engine.page_out(self.max_baseline_memory_bytes);
+        if paged.apps > 0 {
+            stats.apps_paged_out.inc_by(paged.apps as u64);
+            tracing::info!(
+                apps = paged.apps,
+                before = paged.bytes_before,
+                after = paged.bytes_after,
+                budget = self.max_baseline_memory_bytes,
+                "baselines over max_baseline_memory_bytes: apps seen least recently moved to the store"
+            );
+        }
         let changes = engine.take_changes();
         let (baselines, bytes) = engine.baseline_memory();
-        let stats = &self.stats;
         stats.baselines.set(baselines as i64);
         stats.baseline_memory_bytes.set(bytes as i64);
         let forgotten = engine.judge().verdicts_dropped();

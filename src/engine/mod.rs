@@ -465,9 +465,67 @@ mod tests {
             stats,
             feed: EventFeed::new(),
             flush_interval: Duration::from_secs(1),
+            max_baseline_memory_bytes: 0,
             max_events: 1_000,
             approvals: crate::events::approval::Approvals::with_key([1; 32], "http://127.0.0.1:8080", 3_600),
         }
+    }
+
+    /// `traffic`, as the app named `app`.
+    fn traffic_of(app: &str, start_ns: u64, exports: u64) -> (Vec<Batch>, u64) {
+        let (mut batches, end) = traffic(start_ns, exports, 0.01);
+        for batch in &mut batches {
+            for resource in &mut batch.resources {
+                resource.identity.app = Arc::from(app);
+            }
+        }
+        (batches, end)
+    }
+
+    fn ingest_all(engine: &mut Engine, batches: Vec<Batch>) {
+        for batch in batches {
+            engine.ingest(&batch);
+        }
+    }
+
+    #[test]
+    fn over_the_memory_budget_the_app_seen_least_recently_moves_to_the_store_and_comes_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut emitter = emitter(&store);
+        let mut engine = engine_on(&store);
+        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
+        ingest_all(&mut engine, quiet);
+        let (busy, _) = traffic_of("busy", EPOCH_NS + 600 * 1_000_000_000, 4);
+        ingest_all(&mut engine, busy);
+        let learned = |engine: &Engine, app: &str| {
+            engine
+                .baselines("prod", app, Some("1.0.0"))
+                .map_or(0, |view| view.baselines.len())
+        };
+        let quiet_learned = learned(&engine, "quiet");
+        assert!(quiet_learned > 0 && learned(&engine, "busy") > 0);
+        let (_, held) = engine.baseline_memory();
+
+        // A budget the two apps' baselines do not fit: the one seen least recently goes.
+        emitter.max_baseline_memory_bytes = held - 1;
+        emitter.flush(&mut engine);
+        assert_eq!(emitter.stats.apps_paged_out.get(), 1);
+        assert!(engine.catalog().app("prod", "quiet").is_none());
+        assert!(engine.catalog().app("prod", "busy").is_some());
+        let (_, now_held) = engine.baseline_memory();
+        assert!(now_held < held, "{now_held} of {held}");
+
+        // Seen again, it comes back with everything it had learned.
+        emitter.max_baseline_memory_bytes = 0;
+        let (back, _) = traffic_of("quiet", EPOCH_NS + 1_800 * 1_000_000_000, 1);
+        ingest_all(&mut engine, back);
+        assert!(engine.catalog().app("prod", "quiet").is_some());
+        assert!(
+            learned(&engine, "quiet") >= quiet_learned,
+            "{} of {quiet_learned}",
+            learned(&engine, "quiet")
+        );
     }
 
     #[tokio::test]

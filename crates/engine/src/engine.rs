@@ -187,6 +187,26 @@ struct AppState {
     complete_from: EventTime,
 }
 
+impl AppState {
+    /// The bytes the app's baselines, its versions' included, take in memory.
+    fn baseline_bytes(&self) -> usize {
+        self.baselines
+            .values()
+            .chain(self.versions.values().flat_map(|v| v.baselines.values()))
+            .map(Baseline::memory_bytes)
+            .sum()
+    }
+}
+
+/// What `Engine::page_out` moved out of memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageOut {
+    pub apps: usize,
+    /// The baselines' bytes before and after.
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
 /// A read-only view of one scope's baselines.
 pub struct BaselinesView<'a> {
     pub clock: AppClock,
@@ -917,6 +937,45 @@ impl Engine {
             weight: None,
             view,
         })
+    }
+
+    /// Moves the apps seen least recently out of memory, as the app cap does (their state is
+    /// written at the next `take_changes`, and they come back whole when seen again), until the
+    /// baselines held take at most `budget_bytes`. An app whose canary is being judged stays.
+    /// Needs an archive to bring apps back from: without one, or with a budget of 0, nothing moves.
+    pub fn page_out(&mut self, budget_bytes: usize) -> PageOut {
+        let (_, held) = self.baseline_memory();
+        let mut out = PageOut {
+            apps: 0,
+            bytes_before: held,
+            bytes_after: held,
+        };
+        if budget_bytes == 0 || held <= budget_bytes || self.archive.is_none() {
+            return out;
+        }
+        let mut candidates: Vec<(EventTime, (Arc<str>, Arc<str>), usize)> = self
+            .apps
+            .iter()
+            .filter(|(key, _)| !self.judge.analysis(&key.0, &key.1).is_some_and(|a| !a.is_final()))
+            .map(|(key, state)| {
+                let last_seen = self
+                    .catalog
+                    .app(&key.0, &key.1)
+                    .and_then(|entry| entry.last_seen())
+                    .unwrap_or(0);
+                (last_seen, key.clone(), state.baseline_bytes())
+            })
+            .collect();
+        candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, key, bytes) in candidates {
+            if out.bytes_after <= budget_bytes {
+                break;
+            }
+            self.archive_app(&key);
+            out.apps += 1;
+            out.bytes_after = out.bytes_after.saturating_sub(bytes);
+        }
+        out
     }
 
     /// Baselines held, and the bytes they take in memory.

@@ -42,6 +42,6 @@ pub mod window;
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};
 pub use engine::{
     AnomalyChange, AppArchive, ArchivedApp, BaselineId, BaselinesView, Engine, EngineConfig, EngineState,
-    IngestReport, Scope,
+    IngestReport, PageOut, Scope,
 };
 pub use observation::*;
