@@ -37,7 +37,19 @@ impl Drop for Daemon {
 }
 
 fn start(data: &std::path::Path) -> anyhow::Result<Daemon> {
-    let (child, addrs) = start_daemon(data, &["--max-apps", "100000", "--flush-interval-secs", "1"])?;
+    // Every group reuses the same service names in its own environment: the caps on apps and on
+    // environments per service name are raised past what the sizes need.
+    let (child, addrs) = start_daemon(
+        data,
+        &[
+            "--max-apps",
+            "100000",
+            "--max-envs-per-app",
+            "100000",
+            "--flush-interval-secs",
+            "1",
+        ],
+    )?;
     let addr = |k: &str| addrs[k].as_str().map(str::to_owned).context("address");
     Ok(Daemon {
         child,
@@ -59,6 +71,20 @@ async fn metric(client: &reqwest::Client, daemon: &Daemon, name: &str) -> anyhow
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no {name} in /metrics"))
+}
+
+/// One part of `canaryd_engine_memory_bytes`.
+async fn engine_part(client: &reqwest::Client, daemon: &Daemon, part: &str) -> anyhow::Result<f64> {
+    let text = client
+        .get(format!("http://{}/metrics", daemon.http))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let wanted = format!("canaryd_engine_memory_bytes{{part=\"{part}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&wanted)?.trim().parse().ok())
+        .with_context(|| format!("no engine memory for {part} in /metrics"))
 }
 
 /// Sends one group of apps (in env `g<group>`), every export in event-time order.
@@ -112,6 +138,9 @@ struct Row {
     rss_mib: f64,
     rss_per_series: f64,
     engine_per_series: f64,
+    /// The engine's own estimates of its open buckets and analyses' history, per series.
+    buckets_per_series: f64,
+    analyses_per_series: f64,
     sled_mib: f64,
     sled_per_series: f64,
     stop_s: f64,
@@ -134,6 +163,8 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
     settle(&client, &daemon, sent).await?;
     let series = metric(&client, &daemon, "canaryd_baselines").await?;
     let engine_bytes = metric(&client, &daemon, "canaryd_baseline_memory_bytes").await?;
+    let bucket_bytes = engine_part(&client, &daemon, "buckets").await?;
+    let analysis_bytes = engine_part(&client, &daemon, "analyses").await?;
     let rss = rss_kib(daemon.child.id())?;
     let sled = dir_bytes(&data) as f64;
 
@@ -166,6 +197,8 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
         rss_mib: rss as f64 / 1024.0,
         rss_per_series: (rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
         engine_per_series: engine_bytes / series,
+        buckets_per_series: bucket_bytes / series,
+        analyses_per_series: analysis_bytes / series,
         sled_mib: sled / (1024.0 * 1024.0),
         sled_per_series: sled / series,
         stop_s,
@@ -186,17 +219,28 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     println!(
-        "{:>8} {:>9} {:>11} {:>12} {:>9} {:>11} {:>7} {:>8}",
-        "series", "RSS MiB", "RSS B/ser", "engine B/ser", "sled MiB", "sled B/ser", "stop s", "ready s"
+        "{:>8} {:>9} {:>11} {:>12} {:>13} {:>14} {:>9} {:>11} {:>7} {:>8}",
+        "series",
+        "RSS MiB",
+        "RSS B/ser",
+        "engine B/ser",
+        "buckets B/ser",
+        "analyses B/ser",
+        "sled MiB",
+        "sled B/ser",
+        "stop s",
+        "ready s"
     );
     for target in sizes {
         let row = runtime.block_on(measure(target))?;
         println!(
-            "{:>8.0} {:>9.1} {:>11.0} {:>12.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
+            "{:>8.0} {:>9.1} {:>11.0} {:>12.0} {:>13.0} {:>14.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
             row.series,
             row.rss_mib,
             row.rss_per_series,
             row.engine_per_series,
+            row.buckets_per_series,
+            row.analyses_per_series,
             row.sled_mib,
             row.sled_per_series,
             row.stop_s,

@@ -89,6 +89,7 @@ pub struct Stats {
     pub flush_errors: Counter,
     pub baselines: Gauge,
     pub baseline_memory_bytes: Gauge,
+    engine_memory_bytes: Family<Labels1, Gauge>,
     pub store_disk_bytes: Gauge,
     store: StoreCounters,
     events: Family<Labels1, Counter>,
@@ -225,6 +226,12 @@ impl Stats {
             "Feature baselines held (versions and apps)",
             baselines.clone(),
         );
+        let engine_memory_bytes = Family::<Labels1, Gauge>::default();
+        registry.register(
+            "canaryd_engine_memory_bytes",
+            "About the memory the engine's state holds, by part: baselines (learned), buckets (open event-time buckets and windows being rolled up), analyses (the canaries' and stables' recent history); read at each flush",
+            engine_memory_bytes.clone(),
+        );
         let baseline_memory_bytes = Gauge::default();
         registry.register(
             "canaryd_baseline_memory_bytes",
@@ -345,6 +352,7 @@ impl Stats {
             flush_errors,
             baselines,
             baseline_memory_bytes,
+            engine_memory_bytes,
             store_disk_bytes,
             store,
             events,
@@ -371,6 +379,19 @@ impl Stats {
                 ("outcome", outcome.to_owned()),
             ])
             .inc();
+    }
+
+    /// The engine's memory by part, as `Engine::memory` estimates it.
+    pub fn engine_memory(&self, memory: canaryd_engine::EngineMemory) {
+        for (part, bytes) in [
+            ("baselines", memory.baselines),
+            ("buckets", memory.buckets),
+            ("analyses", memory.analyses),
+        ] {
+            self.engine_memory_bytes
+                .get_or_create(&[("part", part)])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn delivery_seconds(&self, elapsed: std::time::Duration) {

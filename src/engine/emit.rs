@@ -130,6 +130,7 @@ impl Emitter {
         }
         let changes = engine.take_changes();
         let (baselines, bytes) = engine.baseline_memory();
+        stats.engine_memory(engine.memory());
         stats.baselines.set(baselines as i64);
         stats.baseline_memory_bytes.set(bytes as i64);
         let forgotten = engine.judge().verdicts_dropped();

@@ -506,6 +506,9 @@ mod tests {
         let quiet_learned = learned(&engine, "quiet");
         assert!(quiet_learned > 0 && learned(&engine, "busy") > 0);
         let (_, held) = engine.baseline_memory();
+        let parts = engine.memory();
+        assert_eq!(parts.baselines, held);
+        assert!(parts.buckets > 0, "{parts:?}");
 
         // A budget the two apps' baselines do not fit: the one seen least recently goes.
         emitter.max_baseline_memory_bytes = held - 1;

@@ -198,6 +198,17 @@ impl AppState {
     }
 }
 
+/// About the memory the engine's state holds, by structure (`Engine::memory`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineMemory {
+    /// The learned baselines: EWMAs and the current seasonal slot's sketches.
+    pub baselines: usize,
+    /// The open event-time buckets and the windows being rolled up, per version.
+    pub buckets: usize,
+    /// The analyses' recent history of the canary and the stable, second by second and in blocks.
+    pub analyses: usize,
+}
+
 /// What `Engine::page_out` moved out of memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageOut {
@@ -953,10 +964,11 @@ impl Engine {
         if budget_bytes == 0 || held <= budget_bytes || self.archive.is_none() {
             return out;
         }
-        let mut candidates: Vec<(EventTime, (Arc<str>, Arc<str>), usize)> = self
+        type Candidate = (EventTime, (Arc<str>, Arc<str>), usize);
+        let mut candidates: Vec<Candidate> = self
             .apps
             .iter()
-            .filter(|(key, _)| !self.judge.analysis(&key.0, &key.1).is_some_and(|a| !a.is_final()))
+            .filter(|(key, _)| self.judge.analysis(&key.0, &key.1).is_none_or(|a| a.is_final()))
             .map(|(key, state)| {
                 let last_seen = self
                     .catalog
@@ -976,6 +988,27 @@ impl Engine {
             out.bytes_after = out.bytes_after.saturating_sub(bytes);
         }
         out
+    }
+
+    /// About the memory the engine's state holds, by structure.
+    pub fn memory(&self) -> EngineMemory {
+        let (_, baselines) = self.baseline_memory();
+        let buckets = self
+            .apps
+            .values()
+            .flat_map(|a| a.versions.values())
+            .map(|v| v.windows.memory_bytes())
+            .sum();
+        let analyses = self
+            .judge
+            .analyses()
+            .map(crate::judge::Analysis::memory_bytes)
+            .sum();
+        EngineMemory {
+            baselines,
+            buckets,
+            analyses,
+        }
     }
 
     /// Baselines held, and the bytes they take in memory.

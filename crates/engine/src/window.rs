@@ -69,7 +69,20 @@ impl Default for RequestAggregate {
     }
 }
 
+/// What a map entry costs beyond its key's and value's own heap: a B-tree's share of a node
+/// (keys, values and edges over about two thirds full nodes), roughly.
+const MAP_ENTRY_OVERHEAD: usize = 16;
+
+fn string_bytes(s: &str) -> usize {
+    std::mem::size_of::<String>() + s.len()
+}
+
 impl RequestAggregate {
+    /// The heap this holds (its sketch's bins).
+    pub fn heap_bytes(&self) -> usize {
+        self.latency_ms.heap_bytes()
+    }
+
     pub fn add(&mut self, duration_ns: u64, error: bool) {
         self.requests += 1;
         self.errors += u64::from(error);
@@ -193,6 +206,36 @@ pub struct Aggregate {
 }
 
 impl Aggregate {
+    /// About the memory this holds beyond its own size: the sketches' bins and the maps' entries.
+    pub fn heap_bytes(&self) -> usize {
+        let request = std::mem::size_of::<RequestAggregate>() + MAP_ENTRY_OVERHEAD;
+        let operations: usize = self
+            .operations
+            .iter()
+            .map(|(op, agg)| string_bytes(op) + request + agg.heap_bytes())
+            .sum();
+        let keyed = |key: &str| string_bytes(key) + 16 + MAP_ENTRY_OVERHEAD;
+        let calls: usize = self.calls.keys().map(|k| keyed(k)).sum();
+        let exceptions: usize = self.exceptions.keys().map(|k| keyed(k)).sum();
+        let metrics: usize = self
+            .metrics
+            .iter()
+            .map(|(series, agg)| {
+                let key = string_bytes(&series.name)
+                    + series
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| string_bytes(k) + string_bytes(v))
+                        .sum::<usize>();
+                key + std::mem::size_of::<MetricAggregate>()
+                    + MAP_ENTRY_OVERHEAD
+                    + agg.intervals.capacity() * 24
+                    + agg.distribution.as_ref().map_or(0, Sketch::heap_bytes)
+            })
+            .sum();
+        self.all.heap_bytes() + operations + calls + exceptions + metrics
+    }
+
     pub fn merge(&mut self, other: &Aggregate) {
         self.all.merge(&other.all);
         for (op, agg) in &other.operations {
@@ -234,6 +277,13 @@ pub struct VersionWindows {
 }
 
 impl VersionWindows {
+    /// About the memory the open buckets and the window being rolled up hold.
+    pub fn memory_bytes(&self) -> usize {
+        let each = std::mem::size_of::<Aggregate>() + MAP_ENTRY_OVERHEAD;
+        let buckets: usize = self.buckets.values().map(|b| each + b.heap_bytes()).sum();
+        buckets + self.rolling.as_ref().map_or(0, |(_, w, _)| each + w.heap_bytes())
+    }
+
     /// The bucket for `time`, or `None` when that bucket has already closed (`closed_until`).
     pub fn bucket(
         &mut self,

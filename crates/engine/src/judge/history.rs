@@ -44,6 +44,18 @@ pub struct History {
 }
 
 impl History {
+    /// About the memory the seconds and blocks kept hold.
+    pub fn memory_bytes(&self) -> usize {
+        let each = std::mem::size_of::<(EventTime, crate::window::Aggregate)>();
+        self.seconds
+            .iter()
+            .chain(&self.blocks)
+            .chain(self.block.iter())
+            .map(|(_, agg)| each + agg.heap_bytes())
+            .sum::<usize>()
+            + self.requests.len() * 16
+    }
+
     pub fn new(keep_s: u64) -> Self {
         History {
             keep: keep_s.saturating_mul(SECOND).max(BLOCK),

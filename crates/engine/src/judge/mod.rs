@@ -364,6 +364,11 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// About the memory its canary's and stable's histories hold.
+    pub fn memory_bytes(&self) -> usize {
+        self.canary_history.memory_bytes() + self.stable_history.memory_bytes()
+    }
+
     fn new(
         (env, app): (Arc<str>, Arc<str>),
         stable: Arc<str>,
