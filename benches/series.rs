@@ -38,7 +38,8 @@ impl Drop for Daemon {
 
 fn start(data: &std::path::Path) -> anyhow::Result<Daemon> {
     // Every group reuses the same service names in its own environment: the caps on apps and on
-    // environments per service name are raised past what the sizes need.
+    // environments per service name are raised past what the sizes need, and the memory budget is
+    // off, so that every series stays in memory to be measured.
     let (child, addrs) = start_daemon(
         data,
         &[
@@ -46,6 +47,8 @@ fn start(data: &std::path::Path) -> anyhow::Result<Daemon> {
             "100000",
             "--max-envs-per-app",
             "100000",
+            "--max-baseline-memory-bytes",
+            "0",
             "--flush-interval-secs",
             "1",
         ],
