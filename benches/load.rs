@@ -934,13 +934,6 @@ mod act {
         buckets.iter().find(|(_, n)| *n >= q * total).map(|(le, _)| *le)
     }
 
-    fn sample(metrics: &str, name: &str) -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
     pub async fn under_load(busy: LoadPlan, api: &str, plan: Plan) -> anyhow::Result<Acted> {
         let Target::Grpc(addr) = busy.target.clone() else {
             bail!("time to act is measured over gRPC");
@@ -1059,7 +1052,7 @@ mod act {
             failed: received.len(),
             p50: quantile_bound(&metrics, "canaryd_act_seconds", 0.5),
             p99: quantile_bound(&metrics, "canaryd_act_seconds", 0.99),
-            timed: sample(&metrics, "canaryd_act_seconds_count"),
+            timed: super::common::sample(&metrics, "canaryd_act_seconds_count").unwrap_or(0.0),
             first_bad_to_webhook,
         })
     }

@@ -16,7 +16,7 @@ use prost::Message;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{dir_bytes, rss_kib, start_daemon};
+use common::{dir_bytes, rss_kib, sample, start_daemon};
 
 /// Apps per group of exports.
 const GROUP: usize = 20;
@@ -61,33 +61,24 @@ fn start(data: &std::path::Path) -> anyhow::Result<Daemon> {
     })
 }
 
-/// One sample of the daemon's /metrics.
-async fn metric(client: &reqwest::Client, daemon: &Daemon, name: &str) -> anyhow::Result<f64> {
-    let text = client
+/// The daemon's /metrics.
+async fn metrics_text(client: &reqwest::Client, daemon: &Daemon) -> anyhow::Result<String> {
+    Ok(client
         .get(format!("http://{}/metrics", daemon.http))
         .send()
         .await?
         .text()
-        .await?;
-    text.lines()
-        .find(|l| l.split([' ', '{']).next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {name} in /metrics"))
+        .await?)
 }
 
-/// One part of `canaryd_engine_memory_bytes`.
-async fn engine_part(client: &reqwest::Client, daemon: &Daemon, part: &str) -> anyhow::Result<f64> {
-    let text = client
-        .get(format!("http://{}/metrics", daemon.http))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let wanted = format!("canaryd_engine_memory_bytes{{part=\"{part}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&wanted)?.trim().parse().ok())
-        .with_context(|| format!("no engine memory for {part} in /metrics"))
+/// One sample of `text`, or an error naming it.
+fn sample_of(text: &str, series: &str) -> anyhow::Result<f64> {
+    sample(text, series).with_context(|| format!("no {series} in /metrics"))
+}
+
+/// One sample of the daemon's /metrics.
+async fn metric(client: &reqwest::Client, daemon: &Daemon, series: &str) -> anyhow::Result<f64> {
+    sample_of(&metrics_text(client, daemon).await?, series)
 }
 
 /// Sends one group of apps (in env `g<group>`), every export in event-time order.
@@ -164,10 +155,11 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
         sent += feed_group(&client, &daemon, group).await?;
     }
     settle(&client, &daemon, sent).await?;
-    let series = metric(&client, &daemon, "canaryd_baselines").await?;
-    let engine_bytes = metric(&client, &daemon, "canaryd_baseline_memory_bytes").await?;
-    let bucket_bytes = engine_part(&client, &daemon, "buckets").await?;
-    let analysis_bytes = engine_part(&client, &daemon, "analyses").await?;
+    let text = metrics_text(&client, &daemon).await?;
+    let series = sample_of(&text, "canaryd_baselines")?;
+    let engine_bytes = sample_of(&text, "canaryd_baseline_memory_bytes")?;
+    let bucket_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"buckets\"}")?;
+    let analysis_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analyses\"}")?;
     let rss = rss_kib(daemon.child.id())?;
     let sled = dir_bytes(&data) as f64;
 

@@ -39,6 +39,14 @@ pub mod stats;
 pub mod store;
 pub mod testdata;
 
+/// The system clock: nanoseconds since the Unix epoch (0 if the clock is before it). Batches are
+/// stamped with it on arrival, and delivery times its first attempts against it.
+pub fn wall_clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// An error and its causes, in one line ("error sending request: connection refused"): where
 /// reqwest says what actually went wrong, for the webhook deliveries' `last_error` and the
 /// client commands' messages alike.

@@ -193,6 +193,14 @@ async fn flagger_gate(daemon: &TestDaemon, hook: &str) -> (u16, Value) {
     (status, response.json().await.expect("a JSON answer"))
 }
 
+/// The approval link `which` (`approve_url`, `abort_url`) an awaiting-approval event carries.
+fn link(event: &Value, which: &str) -> String {
+    event["data"]["approval"][which]
+        .as_str()
+        .expect("link")
+        .to_owned()
+}
+
 async fn awaiting(daemon: &TestDaemon) -> Value {
     send(daemon, "prod", "2.0.0", 0, 10, 1000).await;
     declare(daemon, "prod", "2.0.0", "approve", false).await;
@@ -299,10 +307,7 @@ async fn a_wait_and_its_links_survive_a_restart() {
     let data = tempfile::tempdir().expect("data dir");
     let daemon = TestDaemon::start_with(kept_in(models.path(), data.path())).await;
     let event = awaiting(&daemon).await;
-    let approve = event["data"]["approval"]["approve_url"]
-        .as_str()
-        .expect("link")
-        .to_owned();
+    let approve = link(&event, "approve_url");
     let addrs = daemon.addrs;
     daemon.stop().await.expect("stops cleanly");
     let again = kept_in(models.path(), data.path());
@@ -324,10 +329,7 @@ async fn a_wait_and_its_links_survive_a_restart() {
 async fn the_abort_link_fails_the_canary() {
     let (daemon, _models) = daemon(86_400).await;
     let event = awaiting(&daemon).await;
-    let abort = event["data"]["approval"]["abort_url"]
-        .as_str()
-        .expect("link")
-        .to_owned();
+    let abort = link(&event, "abort_url");
     let (status, body) = open_link(&daemon, &abort, true).await;
     assert_eq!(status, 200, "{body}");
     let failed = one_event(&daemon, "prod", "canaryd.canary.failed").await;
@@ -341,10 +343,7 @@ async fn the_abort_link_fails_the_canary() {
 async fn a_canary_that_fails_while_waiting_voids_its_links() {
     let (daemon, _models) = daemon(86_400).await;
     let event = awaiting(&daemon).await;
-    let approve = event["data"]["approval"]["approve_url"]
-        .as_str()
-        .expect("link")
-        .to_owned();
+    let approve = link(&event, "approve_url");
     send(&daemon, "prod", "2.0.0", 110, 60, 5).await;
     one_event(&daemon, "prod", "canaryd.canary.failed").await;
     let view = analysis(&daemon, "prod").await;

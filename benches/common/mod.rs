@@ -106,6 +106,14 @@ pub fn start_daemon(data: &Path, extra: &[&str]) -> anyhow::Result<(std::process
     }
 }
 
+/// The value of one sample in a Prometheus text exposition, by its exact name and labels as
+/// exposed (`canaryd_baselines`, `canaryd_engine_memory_bytes{part="buckets"}`).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Calls `attempt` until it succeeds or `within` has passed; then its last error.
 pub async fn eventually_ok<T, F, Fut>(within: Duration, mut attempt: F) -> anyhow::Result<T>
 where

@@ -183,14 +183,6 @@ pub struct Dispatcher {
     decided: Mutex<std::collections::BTreeMap<u64, u64>>,
 }
 
-/// The system clock in nanoseconds since the Unix epoch: the clock a batch's arrival is stamped
-/// with, whatever clock the dispatcher's retries run on.
-fn system_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// How many decided-at times are kept for their first delivery attempt.
 const DECIDED_CAP: usize = 10_000;
 /// How long a decided-at time waits for its first attempt: one later than this is not a time to
@@ -254,7 +246,7 @@ impl Dispatcher {
     pub fn note_decided(&self, seqs: impl Iterator<Item = u64>, arrived_ns: u64) {
         let mut decided = self.decided.lock().unwrap_or_else(|p| p.into_inner());
         decided.extend(seqs.map(|seq| (seq, arrived_ns)));
-        let cutoff = system_ns().saturating_sub(DECIDED_KEEP_NS);
+        let cutoff = crate::wall_clock_ns().saturating_sub(DECIDED_KEEP_NS);
         // Sequence numbers rise with time, so the oldest are first.
         while let Some((_, &first)) = decided.first_key_value() {
             let over_cap = decided.len() > DECIDED_CAP;
@@ -278,7 +270,8 @@ impl Dispatcher {
             .get(&seq)
             .copied();
         if let Some(arrived) = arrived {
-            let ns = system_ns().saturating_sub(arrived);
+            // The clock arrivals are stamped with, not the dispatcher's (a test's may be manual).
+            let ns = crate::wall_clock_ns().saturating_sub(arrived);
             self.stats.act_seconds(std::time::Duration::from_nanos(ns));
         }
     }

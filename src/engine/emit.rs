@@ -129,10 +129,10 @@ impl Emitter {
             );
         }
         let changes = engine.take_changes();
-        let (baselines, bytes) = engine.baseline_memory();
-        stats.engine_memory(engine.memory());
-        stats.baselines.set(baselines as i64);
-        stats.baseline_memory_bytes.set(bytes as i64);
+        let memory = engine.memory();
+        stats.baselines.set(memory.baseline_series as i64);
+        stats.baseline_memory_bytes.set(memory.baselines as i64);
+        stats.engine_memory(memory);
         let forgotten = engine.judge().verdicts_dropped();
         let counted = stats.chain_verdicts_forgotten.get();
         stats

@@ -23,7 +23,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 
-use canaryd_engine::EventTime;
 
 use crate::engine::{Admission, EngineHandle, SubmitError};
 use crate::normalize::{self, NormalizeOptions, Normalized};
@@ -256,12 +255,8 @@ pub struct ExportOutcome {
     pub error_message: Option<String>,
 }
 
-/// The receive clock: nanoseconds since the Unix epoch (0 if the system clock is before it).
-pub fn wall_clock_ns() -> EventTime {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
+/// The receive clock (each batch's arrival is stamped with it).
+pub use crate::wall_clock_ns;
 
 /// The receivers' shared path into the engine.
 pub struct Intake {

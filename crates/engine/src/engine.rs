@@ -201,6 +201,8 @@ impl AppState {
 /// About the memory the engine's state holds, by structure (`Engine::memory`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineMemory {
+    /// How many baselines are held.
+    pub baseline_series: usize,
     /// The learned baselines: EWMAs and the current seasonal slot's sketches.
     pub baselines: usize,
     /// The open event-time buckets and the windows being rolled up, per version.
@@ -992,7 +994,7 @@ impl Engine {
 
     /// About the memory the engine's state holds, by structure.
     pub fn memory(&self) -> EngineMemory {
-        let (_, baselines) = self.baseline_memory();
+        let (baseline_series, baselines) = self.baseline_memory();
         let buckets = self
             .apps
             .values()
@@ -1005,6 +1007,7 @@ impl Engine {
             .map(crate::judge::Analysis::memory_bytes)
             .sum();
         EngineMemory {
+            baseline_series,
             baselines,
             buckets,
             analyses,

@@ -214,9 +214,17 @@ impl Aggregate {
             .iter()
             .map(|(op, agg)| string_bytes(op) + request + agg.heap_bytes())
             .sum();
-        let keyed = |key: &str| string_bytes(key) + 16 + MAP_ENTRY_OVERHEAD;
-        let calls: usize = self.calls.keys().map(|k| keyed(k)).sum();
-        let exceptions: usize = self.exceptions.keys().map(|k| keyed(k)).sum();
+        let keyed = |key: &str, value: usize| string_bytes(key) + value + MAP_ENTRY_OVERHEAD;
+        let calls: usize = self
+            .calls
+            .keys()
+            .map(|k| keyed(k, std::mem::size_of::<(u64, u64)>()))
+            .sum();
+        let exceptions: usize = self
+            .exceptions
+            .keys()
+            .map(|k| keyed(k, std::mem::size_of::<u64>()))
+            .sum();
         let metrics: usize = self
             .metrics
             .iter()
