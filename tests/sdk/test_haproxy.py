@@ -301,7 +301,12 @@ def test_a_failing_canary_is_taken_out_of_haproxy(rig: tuple[Canaryd, Backend, B
         zeroed = time.monotonic()
         assert canary.first_failure is not None
         record_figure("first_failing_request_to_haproxy_weight_0_s", round(zeroed - canary.first_failure, 3))
-        assert haproxy.weight("stable") == 100
+        # The action sets the canary's weight first, then the stable's: the same action, one
+        # runtime command after the other.
+        while haproxy.weight("stable") != 100:
+            if time.monotonic() > deadline:
+                pytest.fail(f"stable weight {haproxy.weight('stable')}, not 100", pytrace=False)
+            time.sleep(0.02)
         assert canary_view(daemon)["state"] == "failing"
     finally:
         traffic.close()
