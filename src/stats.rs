@@ -256,6 +256,11 @@ impl Stats {
             store.records_skipped.clone(),
         );
         registry.register(
+            "canaryd_events_duplicate",
+            "Events left out of the history because one of the same id (the same decision) was stored already",
+            store.duplicate_events.clone(),
+        );
+        registry.register(
             "canaryd_store_slot_errors",
             "Seasonal slots that could not be read or written",
             store.slot_errors.clone(),

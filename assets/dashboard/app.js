@@ -317,7 +317,19 @@ async function fetchNewEvents(key) {
   const { env, app } = route;
   for (let page = 0; page < 20; page++) {
     const since = appState.lastEventId ? `&since=${q(appState.lastEventId)}` : "";
-    const data = await getJSON(`/api/v1/events?app=${q(app)}&env=${q(env)}&limit=1000${since}`);
+    let data;
+    try {
+      data = await getJSON(`/api/v1/events?app=${q(app)}&env=${q(env)}&limit=1000${since}`);
+    } catch (e) {
+      // The last event seen has left the history (the oldest go past max_events), so its id no
+      // longer marks a place in it: read the history again from its start.
+      if (since && /HTTP 400/.test(e.message)) {
+        appState.lastEventId = null;
+        appState.events = [];
+        continue;
+      }
+      throw e;
+    }
     if (key !== routeKey) return;
     appState.events.push(...data.events);
     if (data.last_id) appState.lastEventId = data.last_id;

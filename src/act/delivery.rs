@@ -37,7 +37,7 @@ use super::haproxy;
 use super::outbound::{GuardedResolver, OutboundAllow, OutboundPolicy};
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
-use crate::events::{Event, event_id};
+use crate::events::Event;
 use crate::io::try_blocking;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -336,8 +336,8 @@ impl Dispatcher {
     pub async fn redrive(&self, subscription: &str, seq: u64) -> Result<Option<Delivery>, String> {
         let (store, id, now) = (self.store.clone(), subscription.to_owned(), self.clock.now_ms());
         let changed = try_blocking(move || store.update_parked(&id, seq, |d| redriven(d, now))).await?;
-        if changed.is_some() {
-            tracing::info!(subscription, event = %event_id(seq), "parked delivery re-driven");
+        if let Some(delivery) = &changed {
+            tracing::info!(subscription, event = %delivery.event_id, "parked delivery re-driven");
             self.parked_changed();
         }
         Ok(changed)
@@ -518,18 +518,18 @@ impl Dispatcher {
                         later.id
                     ));
                     store.put_delivery(&id, older_seq, &delivery)?;
-                    superseded.push(older_seq);
+                    superseded.push((older_seq, older.id, later.id.clone()));
                 }
             }
             Ok::<_, crate::store::StoreError>(superseded)
         })
         .await;
         match superseded {
-            Ok(seqs) => {
-                schedule.retain(|(_, s)| !seqs.contains(s));
-                for older in seqs {
+            Ok(superseded) => {
+                schedule.retain(|(_, s)| !superseded.iter().any(|(older, ..)| older == s));
+                for (_, older, later) in superseded {
                     self.stats.delivery(&subscription.id, "skipped");
-                    tracing::info!(subscription = %subscription.id, event = %event_id(older), by = %event_id(seq), "parked HAProxy action superseded by a later one; skipped");
+                    tracing::info!(subscription = %subscription.id, event = %older, by = %later, "parked HAProxy action superseded by a later one; skipped");
                 }
                 self.publish_depths();
             }
@@ -836,7 +836,7 @@ mod tests {
     /// An event carrying a `set_weight` action for shop's canary `version`.
     fn action(version: &str, weight: u32) -> Event {
         let mut event: Event = serde_json::from_value(serde_json::json!({
-            "specversion": "1.0", "id": "evt_0000000000000001", "source": "canaryd",
+            "specversion": "1.0", "id": "", "source": "canaryd",
             "type": "canaryd.canary.stage_passed", "time": "2026-01-05T00:00:00Z", "subject": "shop",
             "datacontenttype": "application/json",
             "data": {"env": "prod", "app": "shop", "state": "healthy",
@@ -963,7 +963,7 @@ mod tests {
         failed.event_type = EventType::CanaryFailed;
         let mut events = vec![stage, failed];
         store.append_events(&mut events, 100).expect("append");
-        let stage_seq = crate::events::event_seq(&events[0].id).expect("an id");
+        let stage_seq = events[0].seq;
 
         let start = 1_767_571_200_000;
         let clock = ManualClock::new(start);

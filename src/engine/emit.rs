@@ -3,7 +3,10 @@
 //! An event is emitted only once it, its outbox entries and the engine state that made it are
 //! written and flushed together, so a crash can neither lose a decision nor make the same
 //! transition fire twice. Then delivery is woken and the watchers are told. Every path that makes
-//! events (ingest, a declared rollout) goes through `Emitter::emit`; there is no other.
+//! events goes through the emitter: a decision (`emit`, `emit_decided`) or an operator's action
+//! (`emit_operated`); there is no other. The emitter names each event (`Event::identify`): a
+//! decision by what it is about, so that replicas fed the same stream name it alike, and an
+//! operator's action with the moment it was taken too.
 //!
 //! Two things only the emitter can add, since they need the stored event: a stage waiting for
 //! approval gets its signed links before it is stored; and each stored verdict (promoted, failed)
@@ -40,11 +43,22 @@ pub struct Emitter {
 }
 
 impl Emitter {
-    /// Stores `events` (giving each its id) with their deliveries and the engine's changed state,
-    /// in one flush, then wakes delivery and publishes them to watchers. Returns the events
-    /// emitted: none when they could not be stored (logged and counted; the decisions stay in the
-    /// engine's state, which is written again with its next change).
+    /// Stores the events of decisions (naming each by what it is about) with their deliveries
+    /// and the engine's changed state, in one flush, then wakes delivery and publishes them to
+    /// watchers. Returns the events emitted: none when they could not be stored (logged and
+    /// counted; the decisions stay in the engine's state, which is written again with its next
+    /// change), and not one whose id was stored already (the same decision, made again).
     pub fn emit(&self, engine: &mut Engine, events: Vec<Event>) -> Vec<Event> {
+        self.emit_decided(engine, events, None)
+    }
+
+    /// `emit`, for the events of an operator's action (a declared or ended rollout, a pause, an
+    /// approval): named with the moment the action was taken, too.
+    pub fn emit_operated(&self, engine: &mut Engine, mut events: Vec<Event>) -> Vec<Event> {
+        let now = std::time::SystemTime::now();
+        for event in &mut events {
+            event.identify_operated(now);
+        }
         self.emit_decided(engine, events, None)
     }
 
@@ -58,6 +72,9 @@ impl Emitter {
     ) -> Vec<Event> {
         if events.is_empty() {
             return events;
+        }
+        for event in events.iter_mut().filter(|e| e.id.is_empty()) {
+            event.identify();
         }
         self.sign_approvals(engine, &mut events);
         let changes = engine.take_changes();
@@ -74,7 +91,7 @@ impl Emitter {
                 }
                 if let Some(arrived) = arrived {
                     // Before the wake, so that the first attempt finds it.
-                    let seqs = events.iter().filter_map(|e| crate::events::event_seq(&e.id));
+                    let seqs = events.iter().map(|e| e.seq);
                     self.dispatcher.note_decided(seqs, arrived);
                 }
                 self.dispatcher.wake();

@@ -365,7 +365,7 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
                 replace,
             );
             let answer = change.map(|changes| {
-                emitter.emit(engine, changes.iter().map(canary_event).collect());
+                emitter.emit_operated(engine, changes.iter().map(canary_event).collect());
                 tracing::info!(%env, %app, stable = %stable_version, canary = %canary_version, replaced = changes.len() > 1, "rollout declared");
                 changes.into_iter().last().map(|started| started.view)
             });
@@ -373,7 +373,7 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
         }
         Input::EndRollout { env, app, reply } => {
             let answer = engine.end_rollout(&env, &app).map(|ended| {
-                emitter.emit(engine, vec![canary_event(&ended)]);
+                emitter.emit_operated(engine, vec![canary_event(&ended)]);
                 tracing::info!(%env, %app, canary = %ended.view.canary_version, "rollout ended");
                 ended.view
             });
@@ -386,7 +386,7 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             reply,
         } => {
             let answer = engine.operate(&env, &app, operation).map(|change| {
-                emitter.emit(engine, vec![canary_event(&change)]);
+                emitter.emit_operated(engine, vec![canary_event(&change)]);
                 tracing::info!(%env, %app, canary = %change.view.canary_version, operation = operation.name(), "operator action");
                 change.view
             });
@@ -402,7 +402,7 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
                 engine
                     .operate(&claim.env, &claim.app, operation)
                     .map(|change| {
-                        emitter.emit(engine, vec![canary_event(&change)]);
+                        emitter.emit_operated(engine, vec![canary_event(&change)]);
                         tracing::info!(env = %claim.env, app = %claim.app, canary = %claim.canary, action = claim.action.name(), "approval link used");
                         change.view
                     })

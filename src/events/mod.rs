@@ -1,9 +1,10 @@
 //! canaryd's events: what it tells subscribers and keeps in its history, as CloudEvents 1.0, and
 //! the feed that carries each to its followers once stored (`feed`).
 //!
-//! An event is built from an engine decision, given a stable id by the store when it is appended
-//! (the id never changes afterwards, so receivers can de-duplicate retries), and served as the
-//! same JSON everywhere: in `GET /api/v1/events` and, later, in webhook bodies.
+//! An event is built from an engine decision and named by what it is about (`Event::identify`): two
+//! replicas fed the same stream name the same decision alike, so a receiver of both de-duplicates
+//! by id, as it does a retry. The store gives it a sequence number, its place in the history, and
+//! it is served as the same JSON everywhere: in `GET /api/v1/events` and in webhook bodies.
 
 use std::time::SystemTime;
 
@@ -190,7 +191,7 @@ pub struct EventData {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "specversion": "1.0",
-    "id": "evt_0000000000000007",
+    "id": "evt_3f5b0c8e1d2a4f6b9c7e8d1a2b3c4d5e",
     "source": "canaryd",
     "type": "canaryd.canary.failed",
     "time": "2026-01-05T10:02:13.120000000Z",
@@ -222,32 +223,105 @@ pub struct EventData {
 }))]
 pub struct Event {
     pub specversion: String,
-    /// Unique and stable: assigned once, when the event is stored.
+    /// Derived from what the event is about (see `Event::identify`), so stable across retries
+    /// and alike on replicas fed the same stream.
     pub id: String,
     pub source: String,
     #[serde(rename = "type")]
     pub event_type: EventType,
-    /// When canaryd emitted it (wall clock).
+    /// When it happened: for a decision, the event time of the evidence that decided it (as
+    /// `data.detected_at`); for an operator's action, when it was taken (wall clock).
     pub time: String,
     /// The app.
     pub subject: String,
     pub datacontenttype: String,
     pub data: EventData,
+    /// Its place in this daemon's history, given when it is stored (0 before): not part of the
+    /// event, which replicas name alike whatever their histories hold.
+    #[serde(skip)]
+    pub seq: u64,
 }
 
 impl Event {
-    /// An event not yet stored (its id is empty until the store assigns one).
+    /// An event not yet named (`identify`) nor stored, happening when its evidence says.
     pub fn new(event_type: EventType, data: EventData) -> Event {
         Event {
             specversion: "1.0".into(),
             id: String::new(),
             source: SOURCE.into(),
             event_type,
-            time: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            time: data.detected_at.clone(),
             subject: data.app.clone(),
             datacontenttype: "application/json".into(),
             data,
+            seq: 0,
         }
+    }
+
+    /// Names the event by what it is about: its type, environment, app, versions, stage, the
+    /// event time of the evidence that decided it and, for an anomaly, the feature and subject.
+    /// A decision made from the same data is named alike by any replica, and no two decisions of
+    /// one daemon share a name (a second one at the same instant would be of another type, stage
+    /// or feature). The name (the first 32 hex digits of a SHA-256) never reads as an id of the
+    /// old sequence form (`event_seq`).
+    pub fn identify(&mut self) {
+        self.id = self.identity(None);
+    }
+
+    /// Names an event an operator's action made, taken at `now` (wall clock): such an action
+    /// reaches one replica, and can repeat at one event-time instant (pause, resume, pause), so
+    /// the moment it was taken is part of its name and is its `time`.
+    pub fn identify_operated(&mut self, now: SystemTime) {
+        self.time = humantime::format_rfc3339_nanos(now).to_string();
+        let nanos = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        self.id = self.identity(Some(nanos));
+    }
+
+    fn identity(&self, taken_at: Option<u64>) -> String {
+        use sha2::{Digest, Sha256};
+        let data = &self.data;
+        let mut hash = Sha256::new();
+        // Each part length-prefixed, so that no two lists of parts hash alike.
+        let mut part = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_be_bytes());
+            hash.update(bytes);
+        };
+        let text = |value: Option<&str>| value.map_or(Vec::new(), |v| [b"=", v.as_bytes()].concat());
+        part(b"canaryd.event.1");
+        part(self.event_type.as_str().as_bytes());
+        part(data.env.as_bytes());
+        part(data.app.as_bytes());
+        part(&text(data.stable_version.as_deref()));
+        part(&text(data.canary_version.as_deref()));
+        part(&text(data.version.as_deref()));
+        part(
+            &data
+                .stage
+                .as_ref()
+                .map_or(u64::MAX, |s| u64::from(s.index))
+                .to_be_bytes(),
+        );
+        part(data.detected_at.as_bytes());
+        if matches!(
+            self.event_type,
+            EventType::AnomalyDetected | EventType::AnomalyResolved
+        ) {
+            let reason = data.reasons.first();
+            part(reason.map_or("", |r| r.feature.as_str()).as_bytes());
+            part(&text(reason.and_then(|r| r.operation.as_deref())));
+        }
+        if let Some(nanos) = taken_at {
+            part(&nanos.to_be_bytes());
+        }
+        let digest = hash.finalize();
+        let mut id = String::with_capacity(4 + 32);
+        id.push_str("evt_");
+        for byte in &digest[..16] {
+            id.push_str(&format!("{byte:02x}"));
+        }
+        id
     }
 }
 
@@ -262,12 +336,14 @@ impl Event {
     }
 }
 
-/// The id of the event stored at sequence number `seq`; ids sort like their sequence numbers.
+/// The id an event stored at sequence number `seq` was given before ids were derived from content
+/// (and still is, where one is stored unnamed); such ids sort like their sequence numbers.
 pub fn event_id(seq: u64) -> String {
     format!("evt_{seq:016x}")
 }
 
-/// The sequence number of an event id, if it is one.
+/// The sequence number an id of that old form names, if it is one (a derived id never is: it
+/// has 32 digits, not 16).
 pub fn event_seq(id: &str) -> Option<u64> {
     let hex = id.strip_prefix("evt_")?;
     (hex.len() == 16)
@@ -561,6 +637,114 @@ mod tests {
         assert!(event_id(9) < event_id(10));
         assert_eq!(event_seq("evt_12"), None);
         assert_eq!(event_seq("nope"), None);
+    }
+
+    /// An event as a decision makes it, before it is named.
+    fn decided(event_type: EventType, stage: Option<u32>, detected_at: &str, feature: &str) -> Event {
+        let mut event = Event::new(
+            event_type,
+            EventData {
+                env: "prod".into(),
+                app: "shop".into(),
+                stable_version: Some("1.0".into()),
+                canary_version: Some("2.0".into()),
+                version: Some("2.0".into()),
+                stage: stage.map(|index| Stage {
+                    index,
+                    name: format!("s{index}"),
+                    weight: 10,
+                }),
+                state: "failing".into(),
+                score: Some(12.5),
+                detected_at: detected_at.into(),
+                reasons: vec![Reason {
+                    feature: feature.into(),
+                    operation: Some("GET /orders".into()),
+                    test: "fisher_exact".into(),
+                    canary_value: 0.3,
+                    baseline_value: 0.001,
+                    statistic: 14.2,
+                    threshold: 4.9,
+                    message: "error ratio 30.00% against 0.10%".into(),
+                }],
+                action: None,
+                dry_run: false,
+                approval: None,
+                next_env: None,
+            },
+        );
+        event.identify();
+        event
+    }
+
+    /// Issue 17, lockstep pairs: a decision's id and time come from what it is about, so two
+    /// replicas making it name it alike; any part of what it is about names another.
+    #[test]
+    fn a_decision_is_named_by_what_it_is_about() {
+        let at = "2026-01-05T00:10:00.000000000Z";
+        let event = decided(EventType::CanaryFailed, Some(0), at, "error_ratio");
+        assert_eq!(
+            event,
+            decided(EventType::CanaryFailed, Some(0), at, "error_ratio")
+        );
+        assert_eq!(event.time, at, "it happened when its evidence says");
+        assert!(
+            event.id.starts_with("evt_") && event.id.len() == 36,
+            "{}",
+            event.id
+        );
+        assert_eq!(
+            event_seq(&event.id),
+            None,
+            "never read as an id of the sequence form"
+        );
+        // The evidence's values and words are not what it is about: a replica that saw a little
+        // less names the same decision alike.
+        let mut other_numbers = event.clone();
+        other_numbers.data.score = Some(11.0);
+        other_numbers.data.reasons[0].message = "other words".into();
+        other_numbers.identify();
+        assert_eq!(other_numbers.id, event.id);
+        let others = [
+            decided(EventType::CanaryStagePassed, Some(0), at, "error_ratio"),
+            decided(EventType::CanaryFailed, Some(1), at, "error_ratio"),
+            decided(EventType::CanaryFailed, None, at, "error_ratio"),
+            decided(
+                EventType::CanaryFailed,
+                Some(0),
+                "2026-01-05T00:10:01.000000000Z",
+                "error_ratio",
+            ),
+            decided(EventType::AnomalyDetected, Some(0), at, "error_ratio"),
+        ];
+        let mut ids: Vec<&str> = others.iter().map(|e| e.id.as_str()).collect();
+        ids.push(&event.id);
+        // An anomaly is about its feature too.
+        let anomaly = decided(EventType::AnomalyDetected, Some(0), at, "latency_p95_ms");
+        ids.push(&anomaly.id);
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "{ids:?}");
+        let mut versions = event.clone();
+        versions.data.stable_version = Some("1.1".into());
+        versions.identify();
+        assert_ne!(versions.id, event.id);
+    }
+
+    /// An operator's action reaches one replica and may repeat at one event-time instant: its
+    /// moment is part of its name, and its time.
+    #[test]
+    fn an_operators_action_is_named_with_the_moment_it_was_taken() {
+        let at = "2026-01-05T00:10:00.000000000Z";
+        let mut first = decided(EventType::CanaryPaused, Some(0), at, "analysis");
+        let mut second = first.clone();
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        first.identify_operated(now);
+        second.identify_operated(now + std::time::Duration::from_nanos(1));
+        assert_ne!(first.id, second.id);
+        assert_eq!(first.time, "2027-01-15T08:00:00.000000000Z");
+        assert_eq!(first.data.detected_at, at);
     }
 
     #[test]

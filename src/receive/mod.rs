@@ -23,7 +23,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 
-
 use crate::engine::{Admission, EngineHandle, SubmitError};
 use crate::normalize::{self, NormalizeOptions, Normalized};
 use crate::stats::{Signal, Stats, Transport};

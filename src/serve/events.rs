@@ -9,7 +9,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Access, Granted};
 use super::{ApiQuery, ApiState, ErrorBody, blocking, error};
-use crate::events::{Event, EventType, event_seq};
+use crate::events::{Event, EventType};
+use crate::store::event_seq_of;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -23,7 +24,8 @@ pub(super) struct EventsQuery {
     #[serde(rename = "type")]
     #[param(value_type = Option<EventType>)]
     event_type: Option<String>,
-    /// An event id (events after it), or an RFC 3339 time (events emitted at or after it).
+    /// An event id (the events stored after it), or an RFC 3339 time (events whose `time` is at
+    /// or after it: for decisions, the event time of their evidence).
     since: Option<String>,
     /// At most this many events, 1 to 1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -66,16 +68,29 @@ pub(super) async fn events(
             );
         }
     };
-    let (after, not_before) = match query.since.as_deref() {
+    let (after, not_before) = match query.since.clone() {
         None => (None, None),
-        Some(since) => match (event_seq(since), humantime::parse_rfc3339_weak(since)) {
-            (Some(seq), _) => (Some(seq), None),
-            (None, Ok(time)) => (None, Some(time)),
-            (None, Err(_)) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("since: {since:?} is neither an event id nor an RFC 3339 time"),
-                );
+        Some(since) => match humantime::parse_rfc3339_weak(&since) {
+            Ok(time) => (None, Some(time)),
+            Err(_) => {
+                let store = state.store.clone();
+                let id = since.clone();
+                match blocking(move || event_seq_of(&store, &id)).await {
+                    Ok(Ok(Some(seq))) => (Some(seq), None),
+                    Ok(Ok(None)) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!(
+                                "since: {since:?} is neither the id of an event in the history nor an RFC 3339 time"
+                            ),
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot read event ids");
+                        return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the event history");
+                    }
+                    Err(response) => return response,
+                }
             }
         },
     };

@@ -13,7 +13,8 @@ use super::{ApiQuery, ApiState, ErrorBody, blocking, error, internal};
 use crate::act::delivery::{Delivery, DeliveryState};
 use crate::act::outbound::OutboundPolicy;
 use crate::act::subscriptions::{self, Kind, NewSubscription, Subscription};
-use crate::events::{EventType, event_seq};
+use crate::events::EventType;
+use crate::store::event_seq_of;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct SubscriptionView {
@@ -305,8 +306,16 @@ pub(super) async fn redrive(
             &format!("subscription {id:?} has no delivery of event {event_id:?}"),
         )
     };
-    let Some(seq) = event_seq(&event_id) else {
-        return not_found();
+    let seq = {
+        let store = state.store.clone();
+        let event_id = event_id.clone();
+        blocking(move || event_seq_of(&store, &event_id)).await
+    };
+    let seq = match seq {
+        Ok(Ok(Some(seq))) => seq,
+        Ok(Ok(None)) => return not_found(),
+        Ok(Err(e)) => return internal("cannot read the event history", e),
+        Err(response) => return response,
     };
     match subscription_exists(&state, &id).await {
         Ok(true) => {}

@@ -17,9 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::events::{Event, EventType, event_seq};
+use crate::events::{Event, EventType};
 use crate::io::try_blocking;
-use crate::store::Store;
+use crate::store::{Store, event_seq_of};
 
 /// The generated protobuf types and service of `proto/canaryd/v1/events.proto`.
 pub mod proto {
@@ -126,7 +126,7 @@ async fn replay(
             .await
             .map_err(|e| Some(Status::internal(format!("cannot read events: {e}"))))?;
         let Some(last) = page.last() else { return Ok(after) };
-        let last_seq = event_seq(&last.id);
+        let last_seq = Some(last.seq);
         for event in page.iter().filter(|e| filter.keeps(e)) {
             if !send(out, Ok(to_proto(event, filter.links)), shutdown).await {
                 return Err(None);
@@ -163,8 +163,16 @@ impl EventService for Watch {
                 .await
                 .map_err(|e| Status::internal(format!("cannot read events: {e}")))?
         } else {
-            let seq = event_seq(&request.after_id).ok_or_else(|| {
-                Status::invalid_argument(format!("after_id: {:?} is not an event id", request.after_id))
+            let store = self.store.clone();
+            let id = request.after_id.clone();
+            let seq = try_blocking(move || event_seq_of(&store, &id))
+                .await
+                .map_err(|e| Status::internal(format!("cannot read events: {e}")))?;
+            let seq = seq.ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "after_id: {:?} is not the id of an event in the history",
+                    request.after_id
+                ))
             })?;
             Some(seq)
         };
@@ -193,7 +201,7 @@ impl EventService for Watch {
                 };
                 position = match received {
                     Ok(event) => {
-                        let Some(seq) = event_seq(&event.id) else { continue };
+                        let seq = event.seq;
                         // Already passed by the replay, or from before the watch began.
                         if at.is_some_and(|at| seq <= at) {
                             continue;

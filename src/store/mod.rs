@@ -17,6 +17,15 @@ pub use canaryd_store::{SledSlots, StoreCounters, StoreError};
 /// The store, holding the daemon's records.
 pub type Store = canaryd_store::Store<Daemon>;
 
+/// The sequence number of the kept event named `id`: looked up by its id, or, for an id of the
+/// sequence form events were named with before their ids were derived from content, read from it.
+pub fn event_seq_of(store: &Store, id: &str) -> Result<Option<u64>, StoreError> {
+    match store.event_seq_of(id)? {
+        Some(seq) => Ok(Some(seq)),
+        None => Ok(crate::events::event_seq(id)),
+    }
+}
+
 /// The daemon's record types, for the store.
 pub struct Daemon;
 
@@ -26,7 +35,10 @@ impl DaemonRecords for Daemon {
     type Delivery = Delivery;
 
     fn stored(event: &mut Event, seq: u64) {
-        event.id = event_id(seq);
+        event.seq = seq;
+        if event.id.is_empty() {
+            event.id = event_id(seq);
+        }
     }
 
     fn event_record(event: &Event) -> Result<EventRecord, ConvertError> {

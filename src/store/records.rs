@@ -195,6 +195,8 @@ pub fn event_of_record(record: EventRecord) -> Result<Event, ConvertError> {
         subject: record.subject,
         datacontenttype: record.datacontenttype,
         data,
+        // Given by the store, which knows where it keeps the record.
+        seq: 0,
     })
 }
 

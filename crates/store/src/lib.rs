@@ -20,7 +20,9 @@
 //! outbox after failing there for too long, keyed as the outbox is; `owed`, events pruned from
 //! the history while a subscription still had a pending or parked delivery of them, kept until no
 //! delivery needs them, keyed as `events`; `deliveries`, the history of finished ones, pruned with
-//! the events) are records of the store's own too (`daemon`: an event's envelope with its data as
+//! the events; `event_ids`, each kept event's id to its sequence number, so that an event is found
+//! by the id it was named with and a second event of an id already kept is left out
+//! (`StoreCounters::duplicate_events`)) are records of the store's own too (`daemon`: an event's envelope with its data as
 //! the contract's JSON, and types, states and kinds by name), under a format of their own
 //! (`DAEMON_FORMAT`, 2, in `meta` and as each value's first byte), which the daemon converts its
 //! types to and from (`DaemonRecords`). Format 1, postcard of the daemon's in-memory types, is
@@ -95,6 +97,8 @@ const SUBSCRIPTIONS: &str = "subscriptions";
 const OUTBOX: &str = "outbox";
 const PARKED: &str = "parked";
 const HISTORY: &str = "deliveries";
+/// Each kept event's id (in `events` or `owed`) to its sequence number.
+const EVENT_IDS: &str = "event_ids";
 /// The trees whose values are events, and those whose values are deliveries.
 const EVENT_TREES: [&str; 2] = [EVENTS, OWED];
 const DELIVERY_TREES: [&str; 3] = [OUTBOX, PARKED, HISTORY];
@@ -151,7 +155,8 @@ pub trait DaemonRecords {
     type Subscription;
     type Delivery;
 
-    /// Gives a stored event its sequence number (its id derives from it).
+    /// Gives an event its sequence number as it is stored or read back; one stored without an
+    /// id is given one derived from the number.
     fn stored(event: &mut Self::Event, seq: u64);
     fn event_record(event: &Self::Event) -> Result<EventRecord, ConvertError>;
     fn event(record: EventRecord) -> Result<Self::Event, ConvertError>;
@@ -172,7 +177,9 @@ impl DaemonRecords for AsStored {
     type Delivery = DeliveryRecord;
 
     fn stored(event: &mut EventRecord, seq: u64) {
-        event.id = seq.to_string();
+        if event.id.is_empty() {
+            event.id = seq.to_string();
+        }
     }
     fn event_record(event: &EventRecord) -> Result<EventRecord, ConvertError> {
         Ok(event.clone())
@@ -201,6 +208,9 @@ pub struct StoreCounters {
     /// Records that did not decode: corrupt, never newer (those are errors).
     pub records_skipped: Counter,
     pub slot_errors: Counter,
+    /// Events left out when appended because one of the same id is kept already: the same
+    /// decision made again (its id is derived from what it is about).
+    pub duplicate_events: Counter,
 }
 
 /// Records in the trees whose size is read on the hot path (sled's `len` walks the whole tree):
@@ -233,6 +243,7 @@ pub struct Store<R: DaemonRecords = AsStored> {
     /// Events past the history's cap that a pending or parked delivery still needs.
     owed: sled::Tree,
     history: sled::Tree,
+    event_ids: sled::Tree,
     counts: Arc<Counts>,
     counters: StoreCounters,
     records: PhantomData<fn() -> R>,
@@ -253,6 +264,7 @@ impl<R: DaemonRecords> Clone for Store<R> {
             parked: self.parked.clone(),
             owed: self.owed.clone(),
             history: self.history.clone(),
+            event_ids: self.event_ids.clone(),
             counts: self.counts.clone(),
             counters: self.counters.clone(),
             records: PhantomData,
@@ -384,6 +396,7 @@ impl<R: DaemonRecords> Store<R> {
             parked,
             owed: tree(OWED)?,
             history: tree(HISTORY)?,
+            event_ids: tree(EVENT_IDS)?,
             db,
             counts,
             counters,
@@ -469,7 +482,11 @@ impl<R: DaemonRecords> Store<R> {
         key: &[u8],
         bytes: &[u8],
     ) -> Result<Option<R::Event>, StoreError> {
-        self.daemon_value(tree, key, bytes, R::event)
+        let mut event = self.daemon_value(tree, key, bytes, R::event)?;
+        if let (Some(event), Some(seq)) = (&mut event, outbox_seq(key)) {
+            R::stored(event, seq);
+        }
+        Ok(event)
     }
 
     fn delivery_value(
@@ -581,9 +598,10 @@ impl<R: DaemonRecords> Store<R> {
     }
 
     /// Stores events, giving each its sequence number (in order), and makes them durable before
-    /// returning: an event is emitted once this returns. Beyond `max_events`, the oldest are
-    /// dropped.
-    pub fn append_events(&self, events: &mut [R::Event], max_events: usize) -> Result<(), StoreError> {
+    /// returning: an event is emitted once this returns. One whose id is kept already is left out
+    /// of `events` (and counted): it was stored, and given to subscribers, the first time. Beyond
+    /// `max_events`, the oldest are dropped.
+    pub fn append_events(&self, events: &mut Vec<R::Event>, max_events: usize) -> Result<(), StoreError> {
         self.put_events(events, max_events)?;
         self.flush()
     }
@@ -594,7 +612,7 @@ impl<R: DaemonRecords> Store<R> {
     pub fn write_with_events(
         &self,
         state: &EngineState,
-        events: &mut [R::Event],
+        events: &mut Vec<R::Event>,
         max_events: usize,
     ) -> Result<(), StoreError> {
         self.write(state)?;
@@ -603,7 +621,7 @@ impl<R: DaemonRecords> Store<R> {
     }
 
     /// `append_events` but for the flush.
-    fn put_events(&self, events: &mut [R::Event], max_events: usize) -> Result<(), StoreError> {
+    fn put_events(&self, events: &mut Vec<R::Event>, max_events: usize) -> Result<(), StoreError> {
         let subscriptions = self.subscription_records()?;
         self.put_events_for(events, max_events, &subscriptions)
     }
@@ -614,7 +632,7 @@ impl<R: DaemonRecords> Store<R> {
     /// removed here (its delete or disable removes any written before it looked).
     fn put_events_for(
         &self,
-        events: &mut [R::Event],
+        events: &mut Vec<R::Event>,
         max_events: usize,
         subscriptions: &[SubscriptionRecord],
     ) -> Result<(), StoreError> {
@@ -623,13 +641,23 @@ impl<R: DaemonRecords> Store<R> {
             source,
         };
         let mut batch = sled::Batch::default();
+        let mut ids = sled::Batch::default();
         let mut outbox = sled::Batch::default();
         let mut entries = 0;
         let mut given: Vec<&str> = Vec::new();
-        for event in events.iter_mut() {
+        let mut named: Vec<String> = Vec::new();
+        let mut duplicates = Vec::new();
+        for (at, event) in events.iter_mut().enumerate() {
             let seq = self.db.generate_id().map_err(io)?;
             R::stored(event, seq);
             let record = R::event_record(event)?;
+            if named.contains(&record.id) || self.event_ids.contains_key(record.id.as_bytes()).map_err(io)? {
+                tracing::info!(id = %record.id, "event already stored: left out");
+                duplicates.push(at);
+                continue;
+            }
+            ids.insert(record.id.as_bytes(), &seq.to_be_bytes());
+            named.push(record.id.clone());
             batch.insert(&seq.to_be_bytes(), daemon::encode(&record));
             for subscription in subscriptions.iter().filter(|s| s.wants(&record)) {
                 let id = subscription.id.as_str();
@@ -643,6 +671,12 @@ impl<R: DaemonRecords> Store<R> {
                 }
             }
         }
+        for at in duplicates.iter().rev() {
+            events.remove(*at);
+        }
+        self.counters.duplicate_events.inc_by(duplicates.len() as u64);
+        // The ids first: an event readable in `events` is always found by its id.
+        self.event_ids.apply_batch(ids).map_err(io)?;
         self.events.apply_batch(batch).map_err(io)?;
         self.counts
             .events
@@ -667,16 +701,21 @@ impl<R: DaemonRecords> Store<R> {
             // that a worker reading it meanwhile finds it in one or the other.
             let seq = outbox_seq(&oldest).unwrap_or_default();
             let ids = || subscriptions.iter().map(|s| s.id.as_str());
+            let mut kept = false;
             if self.is_owed(seq, ids()).map_err(io)? {
-                self.owed.insert(&oldest, event).map_err(io)?;
+                self.owed.insert(&oldest, event.clone()).map_err(io)?;
+                kept = true;
                 // Delivered meanwhile, after the look: let go again (a delivery finished after
                 // this look finds it in `owed` and lets go of it itself).
                 if !self.is_owed(seq, ids()).map_err(io)? {
-                    self.owed.remove(&oldest).map_err(io)?;
+                    kept = self.owed.remove(&oldest).map_err(io)?.is_none();
                 }
             }
             if self.events.remove(&oldest).map_err(io)?.is_some() {
                 decrement(&self.counts.events);
+            }
+            if !kept {
+                self.forget_event_id(&event).map_err(io)?;
             }
             // Delivery history older than the oldest event kept goes with it.
             let mut old = sled::Batch::default();
@@ -769,11 +808,33 @@ impl<R: DaemonRecords> Store<R> {
             .collect::<Result<_, _>>()?;
         for key in keys {
             let seq = outbox_seq(&key).unwrap_or_default();
-            if !self.is_owed(seq, ids.iter().map(String::as_str))? {
-                self.owed.remove(key)?;
+            if !self.is_owed(seq, ids.iter().map(String::as_str))?
+                && let Some(event) = self.owed.remove(key)?
+            {
+                self.forget_event_id(&event)?;
             }
         }
         Ok(())
+    }
+
+    /// Drops the id of an event that left the store (its value as it was kept).
+    fn forget_event_id(&self, value: &[u8]) -> Result<(), sled::Error> {
+        if let daemon::Decoded::Record(record) = daemon::decode::<EventRecord>(value) {
+            self.event_ids.remove(record.id.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The sequence number of the kept event named `id`, if there is one.
+    pub fn event_seq_of(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let found = self
+            .event_ids
+            .get(id.as_bytes())
+            .map_err(|source| StoreError::Io {
+                operation: "read event ids",
+                source,
+            })?;
+        Ok(found.and_then(|seq| seq.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
     pub fn subscriptions(&self) -> Result<Vec<R::Subscription>, StoreError> {

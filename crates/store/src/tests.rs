@@ -18,6 +18,8 @@ pub(crate) fn persisted_config() -> BaselineConfig {
 struct TestEvent {
     seq: Option<u64>,
     kind: u8,
+    /// Its id where it has one of its own (named as the daemon names events); else its number.
+    name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,7 +73,10 @@ impl DaemonRecords for Test {
     }
     fn event_record(event: &TestEvent) -> Result<EventRecord, ConvertError> {
         Ok(EventRecord {
-            id: event.seq.map(|s| s.to_string()).unwrap_or_default(),
+            id: event
+                .name
+                .clone()
+                .unwrap_or_else(|| event.seq.map(|s| s.to_string()).unwrap_or_default()),
             specversion: "1.0".into(),
             source: "test".into(),
             event_type: kind_name(event.kind),
@@ -82,9 +87,14 @@ impl DaemonRecords for Test {
         })
     }
     fn event(record: EventRecord) -> Result<TestEvent, ConvertError> {
+        let (seq, name) = match record.id.starts_with("name-") {
+            true => (None, Some(record.id)),
+            false => (seq_of(&record.id)?, None),
+        };
         Ok(TestEvent {
-            seq: seq_of(&record.id)?,
+            seq,
             kind: kind_of(&record.event_type)?,
+            name,
         })
     }
     fn subscription_record(subscription: &TestSubscription) -> SubscriptionRecord {
@@ -129,7 +139,11 @@ impl DaemonRecords for Test {
     }
     fn delivery(record: DeliveryRecord) -> Result<TestDelivery, ConvertError> {
         Ok(TestDelivery {
-            seq: seq_of(&record.event_id)?,
+            // A named event's delivery: the stand-in keeps numbers only.
+            seq: match record.event_id.starts_with("name-") {
+                true => None,
+                false => seq_of(&record.event_id)?,
+            },
             pending: record.is_pending(),
             parked: record.is_parked(),
             attempts: record.attempts,
@@ -161,7 +175,13 @@ fn clock() -> AppClock {
 }
 
 fn events(n: usize) -> Vec<TestEvent> {
-    (0..n).map(|_| TestEvent { seq: None, kind: 1 }).collect()
+    (0..n)
+        .map(|_| TestEvent {
+            seq: None,
+            kind: 1,
+            name: None,
+        })
+        .collect()
 }
 
 fn subscribe(store: &TestStore, id: &str) {
@@ -178,6 +198,60 @@ fn assert_counts(store: &TestStore) {
     assert_eq!(store.outbox_depth(), store.outbox.len(), "outbox");
     assert_eq!(store.parked_count(), store.parked.len(), "parked");
     assert_eq!(store.event_count(), store.events.len(), "events");
+    assert_eq!(
+        store.event_ids.len(),
+        store.events.len() + store.owed.len(),
+        "every kept event, and only those, found by its id"
+    );
+}
+
+fn named(name: &str, kind: u8) -> TestEvent {
+    TestEvent {
+        seq: None,
+        kind,
+        name: Some(format!("name-{name}")),
+    }
+}
+
+/// Lockstep replicas (issue 17): an event's id names the decision, so the same decision made again
+/// (by a restarted daemon, say) is not stored, nor delivered, a second time; the first is found
+/// by its id, and its id is let go of with it.
+#[test]
+fn an_event_of_an_id_kept_already_is_left_out_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counters = StoreCounters::default();
+    let store = TestStore::open(dir.path(), 1 << 20, counters.clone()).expect("open");
+    subscribe(&store, "a");
+    let mut first = vec![named("x", 1), named("y", 1)];
+    store.append_events(&mut first, 10).expect("append");
+    assert_eq!(first.len(), 2);
+    let x = first[0].seq.expect("stored");
+    // Again, and twice in one batch: only the new one is stored.
+    let mut again = vec![named("x", 1), named("z", 1), named("z", 1)];
+    store.append_events(&mut again, 10).expect("append");
+    assert_eq!(
+        again.iter().map(|e| e.name.as_deref()).collect::<Vec<_>>(),
+        [Some("name-z")]
+    );
+    assert_eq!(counters.duplicate_events.get(), 2);
+    assert_eq!((store.event_count(), store.outbox_depth()), (3, 3));
+    assert_eq!(store.event_seq_of("name-x").expect("read"), Some(x));
+    let read = store.event(x).expect("read").expect("kept");
+    assert_eq!((read.seq, read.name.as_deref()), (Some(x), Some("name-x")));
+    assert_eq!(store.event_seq_of("name-w").expect("read"), None);
+    assert_counts(&store);
+    // Delivered, then past the history's cap: gone, and its id with it; the same decision made
+    // later still would be a new event.
+    for _ in 0..3 {
+        let (seq, mut delivery) = store.next_delivery("a").expect("read").expect("pending");
+        delivery.pending = false;
+        store.put_delivery("a", seq, &delivery).expect("deliver");
+    }
+    store.append_events(&mut vec![named("w", 1)], 2).expect("append");
+    assert_eq!(store.event_seq_of("name-x").expect("read"), None);
+    assert_eq!(store.event_seq_of("name-y").expect("read"), None);
+    assert!(store.event_seq_of("name-w").expect("read").is_some());
+    assert_counts(&store);
 }
 
 /// A baseline that learned `value` at the start of 2026-01-05, its slot saved under `id`.
@@ -358,7 +432,13 @@ fn an_event_past_the_history_cap_is_kept_while_a_delivery_still_needs_it() {
         done.pending = false;
         store.put_delivery("a", seqs[2], &done).expect("deliver");
         // Three more events push the first three out of a history of three.
-        let mut more: Vec<TestEvent> = (0..3).map(|_| TestEvent { seq: None, kind: 2 }).collect();
+        let mut more: Vec<TestEvent> = (0..3)
+            .map(|_| TestEvent {
+                seq: None,
+                kind: 2,
+                name: None,
+            })
+            .collect();
         store.append_events(&mut more, 3).expect("append");
         assert_eq!(store.event_count(), 3);
         assert_counts(&store);
@@ -1188,7 +1268,8 @@ fn the_outbox_rules_read_the_stored_records() {
     store.append_events(&mut events, 10).expect("append");
     let (seq, delivery) = store.next_delivery("a").expect("read").expect("pending");
     assert_eq!(delivery, DeliveryRecord::pending(&events[0]));
-    assert_eq!(events[0].id, seq.to_string());
+    assert_eq!(events[0].id, v1.id, "an event with an id keeps it");
+    assert_eq!(store.event_seq_of(&v1.id).expect("read"), Some(seq));
     assert_eq!(store.next_delivery("b").expect("read"), None);
 }
 
