@@ -263,6 +263,8 @@ settings! {
     approval_link_ttl_secs: u64,
     /// Log filter, in tracing's EnvFilter syntax [default: info]
     log: String,
+    /// The other replicas' HTTP API addresses (host:port, comma-separated; a host name stands for every address it resolves to, so a headless Service's name lists them all): reads about an app this replica does not judge are answered by the one that does [default: none]
+    cluster_peers: crate::serve::peers::PeerList,
 }
 
 /// `CANARYD_` + the key in upper case.
@@ -344,6 +346,8 @@ pub struct Config {
     pub public_url: Option<String>,
     pub approval_link_ttl_secs: u64,
     pub log: String,
+    /// The other replicas (`serve::peers`); empty for one on its own.
+    pub cluster_peers: crate::serve::peers::PeerList,
 }
 
 /// Time limits of the HTTP listeners, so that a slow or stalled client cannot hold a connection
@@ -773,6 +777,7 @@ impl Config {
             public_url,
             approval_link_ttl_secs,
             log,
+            cluster_peers: raw.cluster_peers.clone().unwrap_or_default(),
         };
         config.check_addresses()?;
         config.check_open_api(raw_insecure_no_auth)?;
@@ -1023,7 +1028,8 @@ mod tests {
                 "api_read_token",
                 "outbound_allow",
                 "haproxy_servers",
-                "public_url"
+                "public_url",
+                "cluster_peers"
             ]
         );
         let config = Config::resolve(RawConfig::default()).expect("the defaults are valid");

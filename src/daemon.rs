@@ -400,6 +400,7 @@ impl Daemon {
                 gate_pins: Default::default(),
                 ready: ready.clone(),
                 approvals,
+                peers: serve::peers::Peers::new(config.cluster_peers.clone()),
             }),
             config.http_timeouts,
             api_stop.clone(),

@@ -1,11 +1,13 @@
 //! What canaryd has seen and learned: `GET /api/v1/apps` and `GET /api/v1/apps/{app}/baseline`.
 
 use axum::Json;
+use axum::extract::OriginalUri;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use canaryd_engine::baseline::Score;
 use canaryd_engine::catalog::AppEntry;
+use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::judge::{AnalysisView, State as CanaryState};
 use canaryd_engine::{Engine, EventTime};
 use serde::{Deserialize, Serialize};
@@ -23,7 +25,13 @@ pub(super) struct AppsQuery {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct AppsView {
+    /// Every replica's apps where `cluster_peers` is set (an app two replicas know, after its
+    /// routing changed, as the one that saw it last has it), by environment and name.
     apps: Vec<AppView>,
+    /// Where `cluster_peers` is set: the peers that did not answer, whose apps are missing from
+    /// `apps` (empty when every peer answered); absent on a replica on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unanswered_peers: Option<Vec<super::peers::UnansweredPeer>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -45,6 +53,38 @@ pub(super) struct AppView {
     /// True for an app known only from an imported history (`canaryd-lab import`): its
     /// baselines are learned (`GET .../baseline`), but no traffic has been seen yet.
     learned_only: bool,
+    /// Null once this daemon's baseline of the app has learned enough to judge by; else it is
+    /// still learning here (a new app, or one routed here from another replica: `canaryd-lab
+    /// import` seeds it from history).
+    learning: Option<LearningView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct LearningView {
+    /// Since when: the first telemetry of the app this daemon saw (event time).
+    since: Option<String>,
+    /// Windows of the app's request rate learned so far.
+    windows: u64,
+    /// Windows needed to judge by (the baselines' `min_samples`).
+    needs: u64,
+}
+
+/// Whether the app's baseline is still learning, by its request rate's windows.
+fn learning(engine: &Engine, env: &str, app: &str, since: Option<EventTime>) -> Option<LearningView> {
+    let needs = engine.config().baseline.min_samples;
+    let windows = engine
+        .baselines(env, app, None)
+        .and_then(|b| {
+            b.baselines
+                .get(&FeatureKey::app(Feature::RequestRate))
+                .map(|rate| rate.ewma.samples)
+        })
+        .unwrap_or(0);
+    (windows < needs).then(|| LearningView {
+        since: since.map(format_event_time),
+        windows,
+        needs,
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -106,11 +146,54 @@ pub(super) struct ExceptionTypeView {
         (status = 400, description = "A bad query parameter", body = ErrorBody)
     )
 )]
-pub(super) async fn apps(State(state): State<ApiState>, ApiQuery(query): ApiQuery<AppsQuery>) -> Response {
-    state.read_engine(move |engine| apps_of(engine, query)).await
+pub(super) async fn apps(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    ApiQuery(query): ApiQuery<AppsQuery>,
+) -> Response {
+    let local = match state.engine.read(move |engine| apps_of(engine, query)).await {
+        Ok(view) => view,
+        Err(gone) => return super::unavailable(gone),
+    };
+    let peers = match &state.peers {
+        Some(peers) if !super::peers::is_forwarded(&headers) => peers.clone(),
+        _ => return Json(local).into_response(),
+    };
+    let path = uri.path_and_query().map_or("/api/v1/apps", |p| p.as_str());
+    let (answers, mut unanswered) = peers.ask(&Method::GET, path, &headers, Default::default()).await;
+    let mut apps: Vec<serde_json::Value> = local
+        .apps
+        .iter()
+        .filter_map(|app| serde_json::to_value(app).ok())
+        .collect();
+    for answer in answers {
+        let theirs = (answer.status == StatusCode::OK)
+            .then(|| serde_json::from_slice::<serde_json::Value>(&answer.body).ok())
+            .flatten();
+        match theirs.as_ref().and_then(|v| v["apps"].as_array()) {
+            Some(list) => apps.extend(list.iter().cloned()),
+            None => unanswered.push(super::peers::UnansweredPeer {
+                error: format!("answered {} without a list of apps", answer.status),
+                peer: answer.peer,
+            }),
+        }
+    }
+    let key = |app: &serde_json::Value| {
+        let text = |k: &str| app[k].as_str().unwrap_or_default().to_owned();
+        (text("env"), text("app"))
+    };
+    // By app, the one seen last first; then one each.
+    apps.sort_by(|a, b| {
+        key(a)
+            .cmp(&key(b))
+            .then_with(|| b["last_seen"].as_str().cmp(&a["last_seen"].as_str()))
+    });
+    apps.dedup_by(|later, first| key(later) == key(first));
+    Json(serde_json::json!({"apps": apps, "unanswered_peers": unanswered})).into_response()
 }
 
-fn apps_of(engine: &Engine, query: AppsQuery) -> Response {
+fn apps_of(engine: &Engine, query: AppsQuery) -> AppsView {
     let apps = engine
         .catalog()
         .apps()
@@ -120,7 +203,9 @@ fn apps_of(engine: &Engine, query: AppsQuery) -> Response {
             let inferred = engine
                 .baselines(env, app, None)
                 .and_then(|b| b.stable_version.map(str::to_owned));
-            app_view(env, app, entry, analysis.as_ref(), inferred)
+            let mut view = app_view(env, app, entry, analysis.as_ref(), inferred);
+            view.learning = learning(engine, env, app, entry.first_seen());
+            view
         })
         .chain(
             engine
@@ -130,11 +215,15 @@ fn apps_of(engine: &Engine, query: AppsQuery) -> Response {
                 .map(|(env, app)| {
                     let mut view = app_view(env, app, &AppEntry::default(), None, None);
                     view.learned_only = true;
+                    view.learning = learning(engine, env, app, None);
                     view
                 }),
         )
         .collect();
-    Json(AppsView { apps }).into_response()
+    AppsView {
+        apps,
+        unanswered_peers: None,
+    }
 }
 
 fn app_view(
@@ -239,6 +328,7 @@ fn app_view(
             stage: a.stage.as_ref().map(StageJson::of),
         }),
         learned_only: false,
+        learning: None,
     }
 }
 

@@ -137,8 +137,8 @@ enum Hook {
 /// A payload, checked: which analysis it asks about and whether traffic has started.
 #[derive(Debug)]
 pub(super) struct GateRequest {
-    env: String,
-    app: String,
+    pub(super) env: String,
+    pub(super) app: String,
     phase: String,
     checksum: Option<String>,
     pre_traffic: bool,

@@ -12,6 +12,8 @@
 //! - `gates`: Flagger's webhooks; `dashboard`: the page and its timeline.
 //! - `approvals`: the signed links of a stage waiting for approval (no token: the link is one).
 //! - `watch`: `canaryd.v1.EventService/Watch`, the event stream, served on the gRPC port.
+//! - `peers`: replicas answering for each other (`cluster_peers`): reads about an app another
+//!   replica judges are relayed to it, and the list of apps is every replica's.
 //! - `error`: `ApiError`, the status and RFC 9457 problem body of every failure.
 
 mod approvals;
@@ -27,6 +29,7 @@ mod health;
 mod metrics;
 mod models;
 mod openapi;
+pub mod peers;
 mod subscriptions;
 pub mod watch;
 
@@ -75,6 +78,9 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     /// Checks approval links (`approvals`).
     pub approvals: crate::events::approval::Approvals,
+    /// The other replicas, which answer reads about the apps routed to them (`peers`); `None`
+    /// for a replica on its own.
+    pub peers: Option<Arc<peers::Peers>>,
 }
 
 impl ApiState {
@@ -101,9 +107,15 @@ pub async fn blocking<R: Send + 'static>(io: impl FnOnce() -> R + Send + 'static
 
 pub fn router(state: ApiState) -> Router {
     let guarded = state.clone();
+    let relaying = state.clone();
     let (routes, _) = routes().split_for_parts();
     routes
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        // Inside the token check: a peer is asked with the caller's own credentials.
+        .layer(axum::middleware::from_fn_with_state(
+            relaying,
+            peers::answer_for_peers,
+        ))
         .layer(axum::middleware::from_fn_with_state(guarded, auth::require_token))
         .with_state(state)
 }
