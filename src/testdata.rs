@@ -692,9 +692,201 @@ pub fn sdk_logs_request(records: usize, seed: u64, time_ns: u64) -> ExportLogsSe
     }
 }
 
+/// A batch of the engine's observations (`canaryd_engine::simulate::Traffic`, the project's
+/// scenario generator) as the OTLP an SDK would have sent for it: per request a SERVER span named
+/// by its operation, CLIENT children calling its downstreams (`peer.service`), an INTERNAL child
+/// with an `exception` event per exception, and each cumulative counter point as a Sum. Span ids
+/// come from `ids`, a counter the caller keeps across batches.
+pub fn otlp_of_batch(
+    batch: &canaryd_engine::Batch,
+    ids: &mut u64,
+) -> (ExportTraceServiceRequest, Option<ExportMetricsServiceRequest>) {
+    use canaryd_engine::{PointValue, Temporality};
+    let mut next_id = || {
+        *ids += 1;
+        *ids
+    };
+    let mut traces = ExportTraceServiceRequest::default();
+    let mut metrics = ExportMetricsServiceRequest::default();
+    for r in &batch.resources {
+        let (env, app, version) = (&*r.identity.env, &*r.identity.app, &*r.identity.version);
+        let salt = app
+            .bytes()
+            .chain(version.bytes())
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+        let mut spans = Vec::with_capacity(r.requests.len() + r.calls.len() + r.exceptions.len());
+        let mut span = |name: &str, kind: span::SpanKind, end: u64, duration: u64, parent: bool| {
+            let id = next_id();
+            Span {
+                trace_id: [id.to_be_bytes(), salt.to_be_bytes()].concat(),
+                span_id: id
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .wrapping_add(salt)
+                    .to_be_bytes()
+                    .to_vec(),
+                parent_span_id: if parent {
+                    salt.to_be_bytes().to_vec()
+                } else {
+                    Vec::new()
+                },
+                name: name.into(),
+                kind: kind as i32,
+                start_time_unix_nano: end.saturating_sub(duration),
+                end_time_unix_nano: end,
+                ..Span::default()
+            }
+        };
+        for request in &r.requests {
+            let mut server = span(
+                &request.operation,
+                span::SpanKind::Server,
+                request.time,
+                request.duration_ns,
+                false,
+            );
+            server.status = request.error.then(|| Status {
+                code: status::StatusCode::Error as i32,
+                message: "internal error".into(),
+            });
+            spans.push(server);
+        }
+        for call in &r.calls {
+            let mut client = span(
+                &call.downstream,
+                span::SpanKind::Client,
+                call.time,
+                call.duration_ns,
+                true,
+            );
+            client.attributes = vec![kv("peer.service", &call.downstream)];
+            spans.push(client);
+        }
+        for exception in &r.exceptions {
+            let mut internal = span(
+                &exception.operation,
+                span::SpanKind::Internal,
+                exception.time,
+                1,
+                true,
+            );
+            internal.events = vec![span::Event {
+                time_unix_nano: exception.time,
+                name: "exception".into(),
+                attributes: vec![kv("exception.type", &exception.exception_type)],
+                ..span::Event::default()
+            }];
+            spans.push(internal);
+        }
+        if !spans.is_empty() {
+            traces.resource_spans.push(ResourceSpans {
+                resource: Some(resource(env, app, version)),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            });
+        }
+        let sums: Vec<Metric> = r
+            .metric_points
+            .iter()
+            .filter_map(|point| match point.value {
+                PointValue::Sum {
+                    temporality: Temporality::Cumulative,
+                    monotonic,
+                    value,
+                } => Some(Metric {
+                    name: point.series.name.to_string(),
+                    data: Some(metric::Data::Sum(Sum {
+                        data_points: vec![NumberDataPoint {
+                            start_time_unix_nano: point.start_time,
+                            time_unix_nano: point.time,
+                            value: Some(number_data_point::Value::AsDouble(value)),
+                            ..NumberDataPoint::default()
+                        }],
+                        aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                        is_monotonic: monotonic,
+                    })),
+                    ..Metric::default()
+                }),
+                _ => None,
+            })
+            .collect();
+        if !sums.is_empty() {
+            metrics.resource_metrics.push(ResourceMetrics {
+                resource: Some(resource(env, app, version)),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: sums,
+                    ..ScopeMetrics::default()
+                }],
+                ..ResourceMetrics::default()
+            });
+        }
+    }
+    let metrics = (!metrics.resource_metrics.is_empty()).then_some(metrics);
+    (traces, metrics)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The scenario generator's batches survive the trip through OTLP and the normalizer: the
+    /// daemon sees the requests, calls, exceptions and counter points the engine's own
+    /// simulations are fed.
+    #[test]
+    fn a_simulated_batch_reads_back_as_the_same_observations() {
+        use canaryd_engine::simulate::{Fault, Service, Traffic};
+        let service = Service {
+            warmup_s: 10,
+            fault_at_s: 0,
+            batch_s: 10,
+            ..Service::new(3, Fault::NewException(0.5))
+        };
+        let options = crate::normalize::NormalizeOptions::default();
+        let mut ids = 0;
+        for chunk in Traffic::new(&service, "shop").take(3) {
+            let (traces, metrics) = otlp_of_batch(&chunk.batch, &mut ids);
+            let mut read = crate::normalize::traces(&traces, &options).expect("traces").batch;
+            if let Some(metrics) = metrics {
+                let points = crate::normalize::metrics(&metrics, &options)
+                    .expect("metrics")
+                    .batch;
+                read.resources.extend(points.resources);
+            }
+            for sent in &chunk.batch.resources {
+                let of = |r: &canaryd_engine::ResourceObservations| r.identity == sent.identity;
+                let got: Vec<_> = read.resources.iter().filter(|r| of(r)).collect();
+                let requests: Vec<_> = got.iter().flat_map(|r| &r.requests).collect();
+                assert_eq!(requests.len(), sent.requests.len());
+                for (a, b) in requests.iter().zip(&sent.requests) {
+                    assert_eq!(
+                        (&a.operation, a.time, a.duration_ns, a.error),
+                        (&b.operation, b.time, b.duration_ns, b.error)
+                    );
+                }
+                let calls: Vec<_> = got
+                    .iter()
+                    .flat_map(|r| &r.calls)
+                    .map(|c| (&c.downstream, c.time))
+                    .collect();
+                let sent_calls: Vec<_> = sent.calls.iter().map(|c| (&c.downstream, c.time)).collect();
+                assert_eq!(calls, sent_calls);
+                let exceptions: Vec<_> = got.iter().flat_map(|r| &r.exceptions).collect();
+                assert_eq!(exceptions, sent.exceptions.iter().collect::<Vec<_>>());
+                let points: Vec<_> = got
+                    .iter()
+                    .flat_map(|r| &r.metric_points)
+                    .map(|p| (p.time, &p.value))
+                    .collect();
+                let sent_points: Vec<_> = sent.metric_points.iter().map(|p| (p.time, &p.value)).collect();
+                assert_eq!(points, sent_points);
+            }
+        }
+        assert!(ids > 0);
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_request() {

@@ -851,114 +851,9 @@ async fn health_readiness_and_addrs_file() {
 
 /// The real binary, as a user runs it.
 mod binary {
-    use std::path::Path;
-    use std::process::{Command, Output, Stdio};
+    use std::process::Output;
 
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-
-    use super::support::poll_until;
-
-    const CANARYD: &str = env!("CARGO_BIN_EXE_canaryd");
-
-    /// `canaryd serve` on port 0 everywhere, but for the addresses `extra` sets itself.
-    fn serve(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
-        let mut command = Command::new(CANARYD);
-        command.arg("serve").arg("--data-dir").arg(data_dir);
-        for flag in ["--otlp-grpc-addr", "--otlp-http-addr", "--http-addr"] {
-            if !extra.contains(&flag) {
-                command.args([flag, "127.0.0.1:0"]);
-            }
-        }
-        command
-            .args(extra)
-            .env_remove("CANARYD_CONFIG")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        command
-    }
-
-    /// A daemon process, ready (its addrs.json read).
-    struct Running {
-        /// Taken by `wait`; a daemon still held when the test ends (it panicked) is killed.
-        child: Option<std::process::Child>,
-        addrs: serde_json::Value,
-        http: reqwest::Client,
-    }
-
-    impl Running {
-        fn start(data: &Path, extra: &[&str]) -> Running {
-            // What a killed daemon left behind must not pass for the new one's addresses.
-            let _ = std::fs::remove_file(data.join("addrs.json"));
-            let mut child = serve(data, extra, &[("CANARYD_LOG", "info")])
-                .spawn()
-                .expect("spawn");
-            let addrs_file = data.join("addrs.json");
-            let addrs = poll_until("addrs.json", || {
-                assert!(child.try_wait().expect("poll").is_none(), "daemon exited early");
-                let text = std::fs::read_to_string(&addrs_file).ok()?;
-                Some(serde_json::from_str(&text).expect("addrs.json is whole JSON"))
-            });
-            Running {
-                child: Some(child),
-                addrs,
-                http: reqwest::Client::new(),
-            }
-        }
-
-        fn addr(&self, name: &str) -> &str {
-            self.addrs[name].as_str().expect("address")
-        }
-
-        async fn post_traces(&self, request: &ExportTraceServiceRequest) {
-            let response = self
-                .http
-                .post(format!("http://{}/v1/traces", self.addr("otlp_http")))
-                .header("content-type", "application/x-protobuf")
-                .body(prost::Message::encode_to_vec(request))
-                .send()
-                .await
-                .expect("post");
-            assert_eq!(response.status(), 200);
-        }
-
-        async fn get(&self, path: &str) -> String {
-            let url = format!("http://{}{path}", self.addr("http"));
-            let response = self.http.get(url).send().await.expect("get");
-            assert!(response.status().is_success(), "{path}: {}", response.status());
-            response.text().await.expect("body")
-        }
-
-        fn signal(&self, signal: &str) {
-            let status = Command::new("kill")
-                .args([signal, &self.pid().to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(status.success());
-        }
-
-        /// Waits for the process to end; returns its exit code and stderr.
-        fn pid(&self) -> u32 {
-            self.child.as_ref().map_or(0, std::process::Child::id)
-        }
-
-        fn wait(mut self) -> (Option<i32>, String) {
-            let mut child = self.child.take().expect("waited once");
-            let exit = poll_until("the daemon to exit", || child.try_wait().expect("poll"));
-            let output = child.wait_with_output().expect("output");
-            (exit.code(), String::from_utf8_lossy(&output.stderr).into_owned())
-        }
-    }
-
-    impl Drop for Running {
-        fn drop(&mut self) {
-            if let Some(child) = &mut self.child {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
+    use super::support::process::{Running, serve};
 
     /// Runs a start-up that must fail; returns its stderr.
     fn failing_start(extra: &[&str], env: &[(&str, &str)]) -> String {
@@ -1537,14 +1432,26 @@ async fn an_error_jump_emits_an_anomaly_event_and_its_resolution() {
             .iter()
             .all(|e| e["type"] == "canaryd.anomaly.resolved")
     );
-    let first_id = events["events"][0]["id"].as_str().expect("id");
-    let after = daemon.get_json(&format!("/api/v1/events?since={first_id}")).await;
-    assert!(
-        after["events"]
+    // `since` an event id: the events stored after it, in the order they were stored.
+    let all = daemon.get_json("/api/v1/events").await;
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["events"]
             .as_array()
             .expect("events")
             .iter()
-            .all(|e| e["id"].as_str() > Some(first_id))
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let all = ids(&all);
+    assert!(all.len() >= 2, "{all:?}");
+    let after = daemon.get_json(&format!("/api/v1/events?since={}", all[0])).await;
+    assert_eq!(ids(&after), all[1..]);
+    assert_eq!(
+        daemon
+            .status_of("/api/v1/events?since=evt_00000000000000000000000000000000")
+            .await,
+        400,
+        "an id the history does not hold"
     );
     assert_eq!(daemon.status_of("/api/v1/events?type=canaryd.nope").await, 400);
     assert_eq!(daemon.status_of("/api/v1/events?since=yesterday").await, 400);

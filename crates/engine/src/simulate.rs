@@ -321,36 +321,64 @@ impl Latency {
     }
 }
 
-/// Feeds `service` into a fresh engine judging with `model`, and reports what the judge did.
-pub fn run(service: &Service, model: Model) -> Run {
-    let config = EngineConfig {
-        models: vec![model],
-        ..EngineConfig::default()
-    };
-    let mut engine = Engine::new(config, Box::new(MemorySlotStore::default()));
-    let mut rng = Rng::new(service.seed);
-    let total_s = service.warmup_s + service.duration_s;
-    let begin = START + service.offset_s * S;
-    let onset = service.onset();
-    let mut changes = Vec::new();
-    let mut orders = [0.0f64; 2];
-    // Per version, until when its metric exports fail.
-    let mut outage_until = [0u64; 2];
-    let mut failed_on = Vec::new();
-    let ops = &service.operations;
-    let batch_s = service.batch_s.max(1);
-    let mut declared = false;
-    for chunk in (0..total_s).step_by(batch_s as usize) {
-        if service.declared && !declared && chunk >= service.warmup_s {
-            declared = true;
-            let started = engine
-                .declare_rollout("prod", "shop", "1.0.0", "1.1.0", Some("default"), false)
-                .expect("the stable's warm-up made the app known");
-            changes.extend(started.iter().map(|c| (c.kind, c.time)));
+/// One batch of a service's traffic, as an SDK's batch processor would send it.
+pub struct Chunk {
+    /// The rollout is to be declared before this batch (`Service::declared`: the warm-up ended).
+    pub declare: bool,
+    /// Both versions' observations of the batch's seconds (a version with none left out).
+    pub batch: Batch,
+}
+
+/// A service's traffic, batch by batch in event time: what `run` feeds the engine, and what the
+/// daemon's tests send it as OTLP. Seeded: the same service yields the same batches.
+pub struct Traffic<'a> {
+    service: &'a Service,
+    app: String,
+    rng: Rng,
+    /// The next batch's first second.
+    chunk: u64,
+    orders: [f64; 2],
+    /// Per version, until when its metric exports fail.
+    outage_until: [u64; 2],
+    declared: bool,
+}
+
+impl<'a> Traffic<'a> {
+    /// `service` as app `app` of env `prod`.
+    pub fn new(service: &'a Service, app: &str) -> Self {
+        Traffic {
+            service,
+            app: app.to_owned(),
+            rng: Rng::new(service.seed),
+            chunk: 0,
+            orders: [0.0; 2],
+            outage_until: [0; 2],
+            declared: false,
         }
+    }
+}
+
+impl Iterator for Traffic<'_> {
+    type Item = Chunk;
+
+    fn next(&mut self) -> Option<Chunk> {
+        let service = self.service;
+        let total_s = service.warmup_s + service.duration_s;
+        let chunk = self.chunk;
+        if chunk >= total_s {
+            return None;
+        }
+        let batch_s = service.batch_s.max(1);
+        self.chunk += batch_s;
+        let begin = START + service.offset_s * S;
+        let onset = service.onset();
+        let ops = &service.operations;
+        let rng = &mut self.rng;
+        let declare = service.declared && !self.declared && chunk >= service.warmup_s;
+        self.declared |= declare;
         let mut resources = [
-            ResourceObservations::new(Identity::new("prod", "shop", "1.0.0")),
-            ResourceObservations::new(Identity::new("prod", "shop", "1.1.0")),
+            ResourceObservations::new(Identity::new("prod", &self.app, "1.0.0")),
+            ResourceObservations::new(Identity::new("prod", &self.app, "1.1.0")),
         ];
         for second in chunk..(chunk + batch_s).min(total_s) {
             let t0 = begin + second * S;
@@ -358,7 +386,7 @@ pub fn run(service: &Service, model: Model) -> Run {
             let faulty = t0 >= onset;
             let load = service.load.at((service.offset_s + second) as f64 + 0.5);
             let slower = load.powf(service.latency_load);
-            let n = poisson(&mut rng, service.rps * load);
+            let n = poisson(rng, service.rps * load);
             for _ in 0..n {
                 let time = t0 + rng.below(S);
                 let is_canary = canary_live && rng.unit() < service.canary_share;
@@ -378,7 +406,7 @@ pub fn run(service: &Service, model: Model) -> Run {
                     op += 1;
                 }
                 let operation = &ops[op];
-                let (spread, slowest) = service.latency.draw(&mut rng);
+                let (spread, slowest) = service.latency.draw(rng);
                 let mut latency = operation.median_ms * slower * spread;
                 match fault {
                     Fault::LatencyFactor(f) => latency *= f,
@@ -433,7 +461,7 @@ pub fn run(service: &Service, model: Model) -> Run {
                         Fault::Metric(f) => f,
                         _ => 1.0,
                     };
-                    orders[usize::from(is_canary)] += if rng.unit() < 0.98 * factor.min(1.0) {
+                    self.orders[usize::from(is_canary)] += if rng.unit() < 0.98 * factor.min(1.0) {
                         factor.max(1.0).round()
                     } else {
                         0.0
@@ -447,11 +475,11 @@ pub fn run(service: &Service, model: Model) -> Run {
                         continue;
                     }
                     if let Some((chance, longest_s)) = service.metric_outage {
-                        if second < outage_until[v] {
+                        if second < self.outage_until[v] {
                             continue;
                         }
                         if rng.unit() < chance {
-                            outage_until[v] = second + 1 + rng.below(longest_s);
+                            self.outage_until[v] = second + 1 + rng.below(longest_s);
                             continue;
                         }
                     }
@@ -473,16 +501,39 @@ pub fn run(service: &Service, model: Model) -> Run {
                         value: PointValue::Sum {
                             temporality: Temporality::Cumulative,
                             monotonic: true,
-                            value: orders[v],
+                            value: self.orders[v],
                         },
                     });
                 }
             }
         }
-        let batch = Batch {
-            resources: resources.into_iter().filter(|r| r.seen.is_some()).collect(),
-            received: 0,
-        };
+        Some(Chunk {
+            declare,
+            batch: Batch {
+                resources: resources.into_iter().filter(|r| r.seen.is_some()).collect(),
+                received: 0,
+            },
+        })
+    }
+}
+
+/// Feeds `service` into a fresh engine judging with `model`, and reports what the judge did.
+pub fn run(service: &Service, model: Model) -> Run {
+    let config = EngineConfig {
+        models: vec![model],
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(config, Box::new(MemorySlotStore::default()));
+    let onset = service.onset();
+    let mut changes = Vec::new();
+    let mut failed_on = Vec::new();
+    for Chunk { declare, batch } in Traffic::new(service, "shop") {
+        if declare {
+            let started = engine
+                .declare_rollout("prod", "shop", "1.0.0", "1.1.0", Some("default"), false)
+                .expect("the stable's warm-up made the app known");
+            changes.extend(started.iter().map(|c| (c.kind, c.time)));
+        }
         let report = engine.ingest(&batch);
         for c in &report.canary {
             if c.kind == ChangeKind::Failed && failed_on.is_empty() {

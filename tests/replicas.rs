@@ -1,0 +1,530 @@
+//! canaryd as several replicas (issue 17): apps routed across daemons by a hash of `service.name`,
+//! as the OpenTelemetry Collector's `loadbalancing` exporter routes them, get the verdicts one
+//! daemon gives them all; a replica killed with SIGKILL and restarted on its data dir loses none;
+//! any replica answers for any app (`cluster_peers`), naming a peer that does not answer; and two
+//! daemons fed the same stream emit the same events, byte for byte, under the same ids.
+//!
+//! The traffic is the project's scenario generator (`canaryd_engine::simulate::Traffic`): per
+//! app a stable version and, after a warm-up, a canary with its own fault, sent as OTLP.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+
+use canaryd::testdata::otlp_of_batch;
+use canaryd_engine::simulate::{Chunk, Fault, Service, Traffic};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use support::process::Running;
+use support::{Receiver, ReceiverMode, TestDaemon, eventually};
+
+/// The app of scenario `i`, and its service: faults of three kinds (errors, latency, a new
+/// downstream) and healthy canaries, over a 120 s warm-up and 180 s of canary.
+fn scenario(i: usize) -> (String, Service) {
+    let fault = match i % 5 {
+        0 => Fault::ErrorRate(0.2),
+        1 => Fault::LatencyFactor(3.0),
+        2 => Fault::NewEdge,
+        _ => Fault::None,
+    };
+    let service = Service {
+        rps: 20.0,
+        canary_share: 0.25,
+        warmup_s: 120,
+        duration_s: 180,
+        fault_at_s: 30,
+        batch_s: 10,
+        ..Service::new(7_000 + i as u64, fault)
+    };
+    (format!("app-{i:02}"), service)
+}
+
+/// The OTLP of every scenario's next batch, by app, in app order; `None` once they are done.
+struct Stream {
+    traffic: Vec<(String, Traffic<'static>)>,
+    ids: u64,
+}
+
+impl Stream {
+    fn new(apps: usize) -> Stream {
+        let traffic = (0..apps)
+            .map(|i| {
+                let (app, service) = scenario(i);
+                // Leaked: a test's few services live as long as the process anyway.
+                let service: &'static Service = Box::leak(Box::new(service));
+                let traffic = Traffic::new(service, &app);
+                (app, traffic)
+            })
+            .collect();
+        Stream { traffic, ids: 0 }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn next_round(
+        &mut self,
+    ) -> Option<
+        Vec<(
+            String,
+            ExportTraceServiceRequest,
+            Option<ExportMetricsServiceRequest>,
+        )>,
+    > {
+        let mut round = Vec::new();
+        for (app, traffic) in &mut self.traffic {
+            let Chunk { batch, .. } = traffic.next()?;
+            let (traces, metrics) = otlp_of_batch(&batch, &mut self.ids);
+            round.push((app.clone(), traces, metrics));
+        }
+        Some(round)
+    }
+}
+
+/// The replica a service's telemetry goes to, as a hash of its name picks it (FNV-1a here; the
+/// collector's exporter hashes onto a ring, to the same effect: one app, one replica).
+fn route(app: &str, replicas: usize) -> usize {
+    let hash = app.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (hash % replicas as u64) as usize
+}
+
+/// A port free now, for a replica whose address its peers must know before it starts.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A daemon process and what it was sent since it started.
+struct Replica {
+    daemon: Running,
+    data: std::path::PathBuf,
+    flags: Vec<String>,
+    /// Export requests it accepted since it (re)started.
+    sent: usize,
+}
+
+impl Replica {
+    fn start(data: std::path::PathBuf, flags: Vec<String>) -> Replica {
+        let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let daemon = Running::start_logging(&data, &args, "warn");
+        Replica {
+            daemon,
+            data,
+            flags,
+            sent: 0,
+        }
+    }
+
+    async fn send(
+        &mut self,
+        traces: &ExportTraceServiceRequest,
+        metrics: &Option<ExportMetricsServiceRequest>,
+    ) {
+        self.daemon.post_traces(traces).await;
+        self.sent += 1;
+        if let Some(metrics) = metrics {
+            let response = self
+                .daemon
+                .http
+                .post(format!("http://{}/v1/metrics", self.daemon.addr("otlp_http")))
+                .header("content-type", "application/x-protobuf")
+                .body(prost::Message::encode_to_vec(metrics))
+                .send()
+                .await
+                .expect("post metrics");
+            assert_eq!(response.status(), 200);
+            self.sent += 1;
+        }
+    }
+
+    /// Kills the daemon with SIGKILL and starts it again on its data dir.
+    fn restart_after_sigkill(&mut self) {
+        self.daemon.signal("-KILL");
+        let mut child = self.daemon.child.take().expect("running");
+        let status = support::poll_until("the killed daemon to exit", || child.try_wait().expect("poll"));
+        assert_eq!(status.code(), None, "killed by a signal");
+        let args: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        self.daemon = Running::start_logging(&self.data, &args, "warn");
+        self.sent = 0;
+    }
+
+    /// Waits until the engine has taken every request sent since it started.
+    async fn ingested(&self) {
+        eventually("the engine to take every request", || async {
+            let text = self.daemon.get("/metrics").await;
+            match support::sample(&text, "canaryd_engine_batches_total") {
+                Some(n) if n >= self.sent as f64 => Ok(()),
+                other => Err(format!("{other:?} of {}", self.sent)),
+            }
+        })
+        .await;
+    }
+
+    async fn json(&self, path: &str) -> (u16, serde_json::Value, reqwest::header::HeaderMap) {
+        let url = format!("http://{}{path}", self.daemon.addr("http"));
+        let response = self.daemon.http.get(url).send().await.expect("get");
+        let (status, headers) = (response.status().as_u16(), response.headers().clone());
+        (status, response.json().await.unwrap_or_default(), headers)
+    }
+
+    /// Its canary events for `app`, as JSON, oldest first.
+    async fn canary_events(&self, app: &str) -> Vec<serde_json::Value> {
+        let (status, body, _) = self
+            .json(&format!("/api/v1/events?app={app}&env=prod&limit=1000"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("canaryd.canary."))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// Each app's canary verdicts (the canary event types it got, in order), from its events.
+fn verdicts(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| e["type"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_apps_across_three_replicas_get_one_daemons_verdicts_through_a_sigkill() {
+    const APPS: usize = 30;
+    const REPLICAS: usize = 3;
+    const KILLED: usize = 1;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports: Vec<u16> = (0..REPLICAS).map(|_| free_port()).collect();
+    // Every replica lists them all, itself included, as a headless Service's name would.
+    let peers = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut reference = Replica::start(dir.path().join("one"), vec![]);
+    let mut replicas: Vec<Replica> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let flags = vec![
+                "--http-addr".to_owned(),
+                format!("127.0.0.1:{port}"),
+                "--cluster-peers".to_owned(),
+                peers.clone(),
+                "--flush-interval-secs".to_owned(),
+                "1".to_owned(),
+            ];
+            Replica::start(dir.path().join(format!("replica-{i}")), flags)
+        })
+        .collect();
+    let owner: BTreeMap<String, usize> = (0..APPS)
+        .map(|i| {
+            let app = scenario(i).0;
+            let at = route(&app, REPLICAS);
+            (app, at)
+        })
+        .collect();
+    for r in 0..REPLICAS {
+        assert!(
+            owner.values().any(|&at| at == r),
+            "each replica gets apps: {owner:?}"
+        );
+    }
+
+    let mut stream = Stream::new(APPS);
+    let mut round = 0;
+    while let Some(batches) = stream.next_round() {
+        for (app, traces, metrics) in &batches {
+            reference.send(traces, metrics).await;
+            replicas[owner[app]].send(traces, metrics).await;
+        }
+        round += 1;
+        // Mid-run, the canaries live and some failing already: one replica is killed as the
+        // kernel kills, with no warning, once what it was sent is taken and flushed (at most a
+        // flush interval of learning is lost to a crash, and this test is about verdicts), and
+        // comes back on its data dir.
+        if round == 16 {
+            let killed = &mut replicas[KILLED];
+            killed.ingested().await;
+            let flushes = killed_flushes(killed).await;
+            eventually("a flush after the last batch", || async {
+                let now = killed_flushes(killed).await;
+                if now > flushes {
+                    Ok(())
+                } else {
+                    Err(format!("{now}"))
+                }
+            })
+            .await;
+            let mine: Vec<&String> = owner
+                .iter()
+                .filter(|(_, at)| **at == KILLED)
+                .map(|(a, _)| a)
+                .collect();
+            let before = learned(killed, &mine).await;
+            killed.restart_after_sigkill();
+            // Restarted on its volume, it resumes its apps where the last flush left them,
+            // rather than learning them again from nothing.
+            assert_eq!(learned(killed, &mine).await, before);
+        }
+    }
+    reference.ingested().await;
+    for replica in &replicas {
+        replica.ingested().await;
+    }
+
+    let mut failed = 0;
+    for (i, (app, &at)) in owner.iter().enumerate() {
+        let one = reference.canary_events(app).await;
+        let theirs = replicas[at].canary_events(app).await;
+        assert!(!one.is_empty(), "{app}: the canary was judged");
+        if at == KILLED {
+            assert_eq!(
+                verdicts(&theirs),
+                verdicts(&one),
+                "{app}, on the replica killed mid-run"
+            );
+        } else {
+            // Fed the same stream, a replica names and words each decision as one daemon does.
+            assert_eq!(theirs, one, "{app}");
+        }
+        let faulty = !matches!(scenario(i).1.fault, Fault::None);
+        let failed_here = verdicts(&one).iter().any(|t| t == "canaryd.canary.failed");
+        assert_eq!(failed_here, faulty, "{app}: {:?}", verdicts(&one));
+        failed += usize::from(failed_here);
+    }
+    assert_eq!(failed, 18);
+
+    // Any replica answers for any app: the list is everyone's, and a read about an app routed
+    // elsewhere is answered by the replica that judges it.
+    let asked = &replicas[0];
+    let (status, apps, _) = asked.json("/api/v1/apps?env=prod").await;
+    assert_eq!(status, 200, "{apps}");
+    let names: BTreeSet<&str> = apps["apps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["app"].as_str())
+        .collect();
+    assert_eq!(names.len(), APPS, "{names:?}");
+    assert_eq!(apps["unanswered_peers"], serde_json::json!([]));
+    let elsewhere = owner
+        .iter()
+        .find(|(_, at)| **at == 2)
+        .map(|(app, _)| app.clone())
+        .expect("an app of replica 2");
+    let path = format!("/api/v1/apps/{elsewhere}/canary?env=prod");
+    let (status, canary, headers) = asked.json(&path).await;
+    assert_eq!(status, 200, "{canary}");
+    assert_eq!(canary["canary_version"], "1.1.0");
+    let by = headers.get("canaryd-answered-by").and_then(|v| v.to_str().ok());
+    assert_eq!(by, Some(format!("127.0.0.1:{}", ports[2]).as_str()));
+    let (_, direct, _) = replicas[2].json(&path).await;
+    assert_eq!(canary, direct);
+    let (status, events, _) = asked
+        .json(&format!("/api/v1/events?app={elsewhere}&env=prod"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        events["events"],
+        serde_json::json!(replicas[2].canary_events(&elsewhere).await)
+    );
+
+    // Flagger's gate, asked of any replica, is answered by the one that judges the app.
+    let gate = |replica: &Replica| {
+        let url = format!("http://{}/api/v1/gates/flagger", replica.daemon.addr("http"));
+        let request = replica.daemon.http.post(url).json(&serde_json::json!({
+            "name": elsewhere, "namespace": "prod", "phase": "Progressing",
+        }));
+        async move {
+            let response = request.send().await.expect("gate");
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.expect("JSON"))
+        }
+    };
+    let relayed = gate(asked).await;
+    assert_eq!(relayed, gate(&replicas[2]).await);
+    assert_eq!(relayed.1["canary_version"], "1.1.0", "{relayed:?}");
+
+    // A replica down is named, never left out silently.
+    let gone = replicas.pop().expect("replica 2");
+    gone.daemon.signal("-KILL");
+    let _ = gone.daemon.wait();
+    let asked = &replicas[0];
+    let (status, apps, _) = asked.json("/api/v1/apps?env=prod").await;
+    assert_eq!(status, 200);
+    let unanswered = apps["unanswered_peers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(unanswered.len(), 1, "{apps}");
+    assert_eq!(unanswered[0]["peer"], format!("127.0.0.1:{}", ports[2]));
+    let (status, problem, _) = asked.json(&path).await;
+    assert_eq!(status, 502, "{problem}");
+    assert_eq!(
+        problem["unanswered_peers"][0]["peer"],
+        format!("127.0.0.1:{}", ports[2])
+    );
+    let (status, _, _) = asked.json("/api/v1/apps/never-seen/canary?env=prod").await;
+    assert_eq!(
+        status, 502,
+        "an app no answering replica knows may be the silent one's"
+    );
+}
+
+/// How far `replica`'s baseline of each of `apps` has learned (windows, or `done`), and since
+/// when, as its `/api/v1/apps` shows it.
+async fn learned(replica: &Replica, apps: &[&String]) -> BTreeMap<String, String> {
+    let (status, body, _) = replica.json("/api/v1/apps?env=prod").await;
+    assert_eq!(status, 200, "{body}");
+    let states: BTreeMap<String, String> = body["apps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let name = a["app"].as_str()?.to_owned();
+            let learning = &a["learning"];
+            let state = match learning.is_null() {
+                true => "done".to_owned(),
+                false => format!("{} windows since {}", learning["windows"], learning["since"]),
+            };
+            apps.contains(&&name).then_some((name, state))
+        })
+        .collect();
+    assert_eq!(states.len(), apps.len(), "{body}");
+    assert!(
+        states.values().all(|state| !state.starts_with("0 windows")),
+        "{states:?}"
+    );
+    states
+}
+
+async fn killed_flushes(replica: &Replica) -> f64 {
+    let text = replica.daemon.get("/metrics").await;
+    support::sample(&text, "canaryd_store_flushes_total").unwrap_or(0.0)
+}
+
+/// Lockstep pairs (issue 17): two daemons fed one stream emit byte-identical events under
+/// identical ids, so a receiver subscribed to both takes each action once, de-duplicating by
+/// `webhook-id` as it does a retry.
+#[tokio::test]
+async fn two_daemons_fed_one_stream_emit_identical_events_under_identical_ids() {
+    const APPS: usize = 5;
+    let receiver = Receiver::start(ReceiverMode::Accept).await;
+    let pair = [TestDaemon::start().await, TestDaemon::start().await];
+    for daemon in &pair {
+        let response = daemon
+            .http
+            .post(daemon.api("/api/v1/subscriptions"))
+            .json(&serde_json::json!({"url": receiver.url, "events": ["canaryd.canary.started", "canaryd.canary.failed"]}))
+            .send()
+            .await
+            .expect("subscribe");
+        assert_eq!(response.status(), 201);
+    }
+    let mut stream = Stream::new(APPS);
+    let mut sent = 0;
+    while let Some(batches) = stream.next_round() {
+        for (_, traces, metrics) in &batches {
+            for daemon in &pair {
+                let post = |path: &str, body: Vec<u8>| {
+                    daemon
+                        .http
+                        .post(daemon.otlp_http(path))
+                        .header("content-type", "application/x-protobuf")
+                        .body(body)
+                        .send()
+                };
+                let response = post("/v1/traces", prost::Message::encode_to_vec(traces))
+                    .await
+                    .expect("post");
+                assert_eq!(response.status(), 200);
+                if let Some(metrics) = metrics {
+                    let response = post("/v1/metrics", prost::Message::encode_to_vec(metrics))
+                        .await
+                        .expect("post");
+                    assert_eq!(response.status(), 200);
+                }
+            }
+            sent += 1 + usize::from(metrics.is_some());
+        }
+    }
+    for daemon in &pair {
+        eventually("the engine to take every request", || async {
+            match daemon.metric("canaryd_engine_batches_total").await {
+                n if n >= sent as f64 => Ok(()),
+                n => Err(format!("{n} of {sent}")),
+            }
+        })
+        .await;
+    }
+    let history = |daemon: &TestDaemon| {
+        let url = daemon.api("/api/v1/events?limit=1000");
+        let http = daemon.http.clone();
+        async move {
+            let body: serde_json::Value = http
+                .get(url)
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("JSON");
+            body["events"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let (first, second) = (history(&pair[0]).await, history(&pair[1]).await);
+    // Each daemon's own order of apps within a batch may differ; the events are the same.
+    let by_id = |events: &[serde_json::Value]| -> BTreeMap<String, serde_json::Value> {
+        events
+            .iter()
+            .map(|e| (e["id"].as_str().unwrap_or_default().to_owned(), e.clone()))
+            .collect()
+    };
+    assert_eq!(by_id(&first), by_id(&second));
+    let failed = first
+        .iter()
+        .filter(|e| e["type"] == "canaryd.canary.failed")
+        .count();
+    assert_eq!(failed, 3, "the three faulty canaries: {first:?}");
+    assert_eq!(by_id(&first).len(), first.len(), "ids are unique");
+
+    // The receiver gets each event from both, under one id, with one body.
+    let wanted = first
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["type"].as_str(),
+                Some("canaryd.canary.started" | "canaryd.canary.failed")
+            )
+        })
+        .count();
+    let received = eventually("both daemons to deliver every event", || async {
+        let received = receiver.received();
+        if received.len() >= 2 * wanted {
+            Ok(received)
+        } else {
+            Err(format!("{} of {}", received.len(), 2 * wanted))
+        }
+    })
+    .await;
+    let mut bodies: BTreeMap<String, Vec<axum::body::Bytes>> = BTreeMap::new();
+    for r in &received {
+        let id = r.headers["webhook-id"].to_str().expect("id").to_owned();
+        bodies.entry(id).or_default().push(r.body.clone());
+    }
+    assert_eq!(bodies.len(), wanted, "one id per event");
+    for (id, copies) in &bodies {
+        assert_eq!(copies.len(), 2, "{id}");
+        assert_eq!(copies[0], copies[1], "{id}: byte-identical");
+        let event: serde_json::Value = serde_json::from_slice(&copies[0]).expect("JSON");
+        assert_eq!(event, by_id(&first)[id]);
+    }
+}
