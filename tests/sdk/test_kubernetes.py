@@ -33,6 +33,7 @@ KUBERNETES_VERSION = "1.32.0"
 
 
 MONITORING = REPO_ROOT / "deploy" / "kubernetes" / "overlays" / "monitoring"
+REPLICAS = REPO_ROOT / "deploy" / "kubernetes" / "overlays" / "replicas"
 
 
 def render(path: Path) -> list[dict[str, Any]]:
@@ -125,6 +126,22 @@ def test_the_pod_serves_what_the_services_and_probes_expect(rendered: list[dict[
         for port in svc["spec"]["ports"]:
             assert ports[port["targetPort"]] == port["port"], port
     assert {p["port"] for p in service["spec"]["ports"]} == set(ports.values())
+    # Each replica finds the others through the headless Service, on their API port.
+    peer_host, peer_port = config["cluster_peers"].rsplit(":", 1)
+    assert peer_host == headless["metadata"]["name"] and int(peer_port) == ports["http"]
+
+
+def test_the_replicas_overlay_runs_three_that_find_each_other() -> None:
+    documents = render(REPLICAS)
+    validate_all(documents)
+    kinds = sorted(d["kind"] for d in documents)
+    assert kinds == sorted([d["kind"] for d in render(BASE)] + ["PodDisruptionBudget"])
+    statefulset = one(documents, "StatefulSet", "canaryd")
+    assert statefulset["spec"]["replicas"] == 3
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    budget = one(documents, "PodDisruptionBudget", "canaryd")
+    assert budget["spec"]["selector"] == statefulset["spec"]["selector"]
+    assert budget["spec"]["maxUnavailable"] == 1
 
 
 def test_the_rollout_controllers_point_at_this_service(rendered: list[dict[str, Any]]) -> None:
