@@ -1618,7 +1618,8 @@ async fn a_receiver_that_is_down_then_up_gets_every_event_once_in_order_signed()
 }
 
 /// Issue 20, item 8: an app known only through an imported history (`canaryd-lab import`) is
-/// listed by `GET /api/v1/apps`, marked `learned_only`, with no versions seen in traffic.
+/// listed by `GET /api/v1/apps`, marked `learned_only`, with no versions seen in traffic, and not
+/// `learning`.
 #[tokio::test]
 async fn an_app_known_only_from_an_imported_history_is_listed() {
     use canaryd_engine::{BaselineId, Engine, EngineConfig, Scope};
@@ -1646,6 +1647,9 @@ async fn an_app_known_only_from_an_imported_history_is_listed() {
     let ledger = find_app(&apps, "prod", "ledger").unwrap_or_else(|| panic!("not listed: {apps}"));
     assert_eq!(ledger["learned_only"], true, "{ledger}");
     assert_eq!(ledger["versions"], serde_json::json!([]));
+    // Seeded from history, it judges by its baseline at once (issue 17: a service routed to a
+    // replica with no history of it is seeded this way).
+    assert_eq!(ledger["learning"], serde_json::Value::Null, "{ledger}");
     assert_eq!(
         daemon.status_of("/api/v1/apps/ledger/baseline?env=prod").await,
         200

@@ -528,3 +528,89 @@ async fn two_daemons_fed_one_stream_emit_identical_events_under_identical_ids() 
         assert_eq!(event, by_id(&first)[id]);
     }
 }
+
+/// Lockstep pairs (issue 17): either daemon of a pair can die without a missed or doubled action.
+/// One is killed with SIGKILL before the canaries fail; the other alone sends the failures, and
+/// the receiver, de-duplicating by `webhook-id`, acts on each decision exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn either_of_a_lockstep_pair_can_die_without_a_missed_or_doubled_action() {
+    const APPS: usize = 5;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start(ReceiverMode::Accept).await;
+    let mut pair: Vec<Replica> = (0..2)
+        .map(|i| Replica::start(dir.path().join(format!("pair-{i}")), vec![]))
+        .collect();
+    for replica in &pair {
+        let url = format!("http://{}/api/v1/subscriptions", replica.daemon.addr("http"));
+        let response = replica
+            .daemon
+            .http
+            .post(url)
+            .json(&serde_json::json!({"url": receiver.url, "events": ["canaryd.canary.started", "canaryd.canary.failed"]}))
+            .send()
+            .await
+            .expect("subscribe");
+        assert_eq!(response.status(), 201);
+    }
+    let mut stream = Stream::new(APPS);
+    let mut round = 0;
+    while let Some(batches) = stream.next_round() {
+        for (_, traces, metrics) in &batches {
+            for replica in &mut pair {
+                replica.send(traces, metrics).await;
+            }
+        }
+        round += 1;
+        // The canaries are live (from 120 s) and their faults begin at 150 s: one of the pair
+        // dies, as the kernel kills, before any fails.
+        if round == 15 {
+            let dead = pair.pop().expect("the second");
+            dead.ingested().await;
+            dead.daemon.signal("-KILL");
+            let _ = dead.daemon.wait();
+        }
+    }
+    let survivor = &pair[0];
+    survivor.ingested().await;
+    let mut wanted = BTreeSet::new();
+    for i in 0..APPS {
+        for event in survivor.canary_events(&scenario(i).0).await {
+            if matches!(
+                event["type"].as_str(),
+                Some("canaryd.canary.started" | "canaryd.canary.failed")
+            ) {
+                wanted.insert(event["id"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    assert_eq!(wanted.len(), APPS + 3, "five started, three failed: {wanted:?}");
+    let received = eventually("every decision to reach the receiver", || async {
+        let ids: BTreeSet<String> = receiver.accepted_ids().into_iter().collect();
+        if ids == wanted {
+            Ok(receiver.received())
+        } else {
+            Err(format!("{} of {}", ids.len(), wanted.len()))
+        }
+    })
+    .await;
+    // Each decision once per id, whoever sent it; the starts from both, byte-identical.
+    let mut actions: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut bodies: BTreeMap<String, BTreeSet<Vec<u8>>> = BTreeMap::new();
+    for r in &received {
+        let event: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+        let id = event["id"].as_str().unwrap_or_default().to_owned();
+        let key = (
+            event["subject"].as_str().unwrap_or_default().to_owned(),
+            event["type"].as_str().unwrap_or_default().to_owned(),
+        );
+        actions.entry(key).or_default().insert(id.clone());
+        bodies.entry(id).or_default().insert(r.body.to_vec());
+    }
+    assert!(actions.values().all(|ids| ids.len() == 1), "{actions:?}");
+    assert!(bodies.values().all(|copies| copies.len() == 1), "one body per id");
+    let failed = actions
+        .keys()
+        .filter(|(_, t)| t == "canaryd.canary.failed")
+        .count();
+    assert_eq!(failed, 3);
+}

@@ -241,6 +241,59 @@ mod tests {
     use super::test_support::resource;
     use super::*;
 
+    /// The scenario generator's batches survive the trip through OTLP and the normalizer: the
+    /// daemon sees the requests, calls, exceptions and counter points the engine's own
+    /// simulations are fed.
+    #[test]
+    fn a_simulated_batch_reads_back_as_the_same_observations() {
+        use canaryd_engine::simulate::{Fault, Service, Traffic};
+        let service = Service {
+            warmup_s: 10,
+            fault_at_s: 0,
+            batch_s: 10,
+            ..Service::new(3, Fault::NewException(0.5))
+        };
+        let options = NormalizeOptions::default();
+        let mut ids = 0;
+        for chunk in Traffic::new(&service, "shop").take(3) {
+            let (traces, metrics) = crate::testdata::otlp_of_batch(&chunk.batch, &mut ids);
+            let mut read = super::traces(&traces, &options).expect("traces").batch;
+            if let Some(metrics) = metrics {
+                let points = super::metrics(&metrics, &options).expect("metrics").batch;
+                read.resources.extend(points.resources);
+            }
+            for sent in &chunk.batch.resources {
+                let of = |r: &canaryd_engine::ResourceObservations| r.identity == sent.identity;
+                let got: Vec<_> = read.resources.iter().filter(|r| of(r)).collect();
+                let requests: Vec<_> = got.iter().flat_map(|r| &r.requests).collect();
+                assert_eq!(requests.len(), sent.requests.len());
+                for (a, b) in requests.iter().zip(&sent.requests) {
+                    assert_eq!(
+                        (&a.operation, a.time, a.duration_ns, a.error),
+                        (&b.operation, b.time, b.duration_ns, b.error)
+                    );
+                }
+                let calls: Vec<_> = got
+                    .iter()
+                    .flat_map(|r| &r.calls)
+                    .map(|c| (&c.downstream, c.time))
+                    .collect();
+                let sent_calls: Vec<_> = sent.calls.iter().map(|c| (&c.downstream, c.time)).collect();
+                assert_eq!(calls, sent_calls);
+                let exceptions: Vec<_> = got.iter().flat_map(|r| &r.exceptions).collect();
+                assert_eq!(exceptions, sent.exceptions.iter().collect::<Vec<_>>());
+                let points: Vec<_> = got
+                    .iter()
+                    .flat_map(|r| &r.metric_points)
+                    .map(|p| (p.time, &p.value))
+                    .collect();
+                let sent_points: Vec<_> = sent.metric_points.iter().map(|p| (p.time, &p.value)).collect();
+                assert_eq!(points, sent_points);
+            }
+        }
+        assert!(ids > 0);
+    }
+
     fn identity_of(attrs: &[(&str, &str)], options: &NormalizeOptions) -> Option<String> {
         let mut truncated = 0;
         let reader = IdentityReader { options };
