@@ -142,6 +142,9 @@ def test_the_replicas_overlay_runs_three_that_find_each_other() -> None:
     budget = one(documents, "PodDisruptionBudget", "canaryd")
     assert budget["spec"]["selector"] == statefulset["spec"]["selector"]
     assert budget["spec"]["maxUnavailable"] == 1
+    for document in documents:
+        if document["kind"] != "Namespace":
+            assert document["metadata"]["namespace"] == "canaryd", document["metadata"]
 
 
 def test_the_rollout_controllers_point_at_this_service(rendered: list[dict[str, Any]]) -> None:
