@@ -98,10 +98,20 @@ fn read_as_prost_reads<R: Message + Default>(
 }
 
 /// An OTLP/JSON body, read as each of the three signals' requests (the same body may well be
-/// sent to the wrong path, and one corpus of JSON serves all three).
+/// sent to the wrong path, and one corpus of JSON serves all three). Traces and logs are read
+/// straight into observations (`normalize::json`): whatever decoding the body whole with
+/// opentelemetry-proto's serde accepts, that reader accepts and reads the same.
 pub fn otlp_json(data: &[u8]) {
     use crate::receive::http::normalize_json;
     for options in settings() {
+        if let Ok(whole) = serde_json::from_slice::<ExportTraceServiceRequest>(data) {
+            let direct = crate::normalize::traces_json(data, &options).expect("read as decoded whole");
+            assert_eq!(Ok(direct), crate::normalize::traces(&whole, &options));
+        }
+        if let Ok(whole) = serde_json::from_slice::<ExportLogsServiceRequest>(data) {
+            let direct = crate::normalize::logs_json(data, &options).expect("read as decoded whole");
+            assert_eq!(Ok(direct), crate::normalize::logs(&whole, &options));
+        }
         check_export(
             normalize_json::<ExportTraceServiceRequest>(data, &options),
             &options,

@@ -62,26 +62,39 @@ impl<'a> ItemReader<'a> for Records {
                 _ => {}
             }
         }
-        let time = if time != 0 { time } else { observed };
-        if time == 0 {
-            out.reject("log records without time_unix_nano or observed_time_unix_nano", 1);
-            return Ok(0);
-        }
-        if beyond_horizon(time) {
-            out.reject(
-                "log records with a time after 2262-04-11 (beyond int64 nanoseconds)",
-                1,
-            );
-            return Ok(0);
-        }
-        let severity = match Severity::from_number(number) {
-            Severity::Unspecified => severity_from_text(text),
-            known => known,
-        };
-        obs.saw(time);
-        obs.logs.push(LogObservation { time, severity });
-        Ok(1)
+        Ok(observe_record(time, observed, number, text, obs, out))
     }
+}
+
+/// Observes one log record from the fields canaryd reads (the protobuf and JSON readers' own);
+/// returns 1 when it was accepted, else 0 (rejected in `out`).
+pub(super) fn observe_record(
+    time: u64,
+    observed: u64,
+    number: i32,
+    text: &str,
+    obs: &mut ResourceObservations,
+    out: &mut Normalized,
+) -> u64 {
+    let time = if time != 0 { time } else { observed };
+    if time == 0 {
+        out.reject("log records without time_unix_nano or observed_time_unix_nano", 1);
+        return 0;
+    }
+    if beyond_horizon(time) {
+        out.reject(
+            "log records with a time after 2262-04-11 (beyond int64 nanoseconds)",
+            1,
+        );
+        return 0;
+    }
+    let severity = match Severity::from_number(number) {
+        Severity::Unspecified => severity_from_text(text),
+        known => known,
+    };
+    obs.saw(time);
+    obs.logs.push(LogObservation { time, severity });
+    1
 }
 
 /// Reads the usual spellings of severity names (`ERROR`, `Warning`, `crit`...).

@@ -14,12 +14,14 @@
 
 mod common;
 pub mod count;
+mod json;
 mod logs;
 mod metrics;
 mod traces;
 mod wire;
 
 pub use common::DecodeError;
+pub use json::{JsonError, logs_json, traces_json};
 pub use wire::WireError;
 
 use std::borrow::Cow;

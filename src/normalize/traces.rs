@@ -59,9 +59,9 @@ pub fn traces_protobuf(buf: &[u8], options: &NormalizeOptions) -> Result<Normali
 
 /// Buffers reused from span to span, so a request allocates them once.
 #[derive(Default)]
-struct Scratch<'a> {
-    span_attributes: Vec<KeyValueView<'a>>,
-    events: Vec<EventView<'a>>,
+pub(super) struct Scratch<'a> {
+    pub span_attributes: Vec<KeyValueView<'a>>,
+    pub events: Vec<EventView<'a>>,
 }
 
 impl<'a> ItemReader<'a> for Scratch<'a> {
@@ -92,10 +92,10 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
 
 /// A span event: its name and time, and the `exception.type` attribute when it has one.
 #[derive(Clone, Copy, Debug)]
-struct EventView<'a> {
-    name: &'a [u8],
-    time_unix_nano: u64,
-    exception_type: Option<AttrValue<'a>>,
+pub(super) struct EventView<'a> {
+    pub name: &'a [u8],
+    pub time_unix_nano: u64,
+    pub exception_type: Option<AttrValue<'a>>,
 }
 
 impl<'a> EventView<'a> {
@@ -130,15 +130,15 @@ impl<'a> EventView<'a> {
 /// The fields of a span that normalization reads; its attributes and events are in the scratch
 /// buffers.
 #[derive(Debug, Default)]
-struct SpanView<'a> {
-    trace_id: &'a [u8],
-    span_id: &'a [u8],
-    parent_span_id: &'a [u8],
-    name: &'a str,
-    kind: i32,
-    start_time_unix_nano: u64,
-    end_time_unix_nano: u64,
-    status_code: i32,
+pub(super) struct SpanView<'a> {
+    pub trace_id: &'a [u8],
+    pub span_id: &'a [u8],
+    pub parent_span_id: &'a [u8],
+    pub name: &'a str,
+    pub kind: i32,
+    pub start_time_unix_nano: u64,
+    pub end_time_unix_nano: u64,
+    pub status_code: i32,
 }
 
 impl<'a> SpanView<'a> {
@@ -182,7 +182,7 @@ impl<'a> SpanView<'a> {
     }
 }
 
-fn observe_span(
+pub(super) fn observe_span(
     span: &SpanView<'_>,
     scratch: &Scratch<'_>,
     options: &NormalizeOptions,

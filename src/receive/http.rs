@@ -160,18 +160,13 @@ fn normalize<R: OtlpRequest>(
     }
 }
 
-/// Decodes and normalizes an inflated OTLP/JSON body. JSON is decoded whole (its size bounds what
-/// that can take); the item limit still holds for what it carried.
+/// Reads and normalizes an inflated OTLP/JSON body (its size bounds what that can take); the item
+/// limit still holds for what it carried.
 pub(crate) fn normalize_json<R: OtlpRequest>(
     body: &[u8],
     options: &NormalizeOptions,
 ) -> Result<Normalized, ExportError> {
-    let normalized = serde_json::from_slice::<R>(body)
-        .map_err(|e| ExportError::Undecodable {
-            format: "OTLP JSON",
-            reason: e.to_string(),
-        })?
-        .normalize(options)?;
+    let normalized = R::normalize_json(body, options)?;
     let items = normalized.accepted + normalized.rejected + normalized.skipped;
     let limit = options.max_items_per_request;
     if items > limit {

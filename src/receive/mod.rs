@@ -129,8 +129,19 @@ pub trait OtlpRequest: prost::Message + Default + serde::de::DeserializeOwned + 
     const GRPC_EXPORT_PATH: &'static str;
     type Response: prost::Message + Send + 'static;
 
-    /// Normalizes a decoded request (the OTLP/JSON path).
+    /// Normalizes a decoded request.
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError>;
+
+    /// Reads and normalizes a request in its OTLP/JSON encoding: straight into observations
+    /// where the signal has a JSON reader (traces, logs), else decoded whole, then normalized.
+    fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        serde_json::from_slice::<Self>(body)
+            .map_err(|e| ExportError::Undecodable {
+                format: "OTLP JSON",
+                reason: e.to_string(),
+            })?
+            .normalize(options)
+    }
 
     /// Items (spans, data points, log records) in the encoded request, counted on the wire.
     fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError>;
@@ -163,6 +174,13 @@ impl OtlpRequest for ExportTraceServiceRequest {
 
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         normalize::traces(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
+    }
+
+    fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        normalize::traces_json(body, options).map_err(|e| ExportError::Undecodable {
+            format: "OTLP JSON",
+            reason: e.to_string(),
+        })
     }
 
     fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError> {
@@ -234,6 +252,13 @@ impl OtlpRequest for ExportLogsServiceRequest {
 
     fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         normalize::logs(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
+    }
+
+    fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        normalize::logs_json(body, options).map_err(|e| ExportError::Undecodable {
+            format: "OTLP JSON",
+            reason: e.to_string(),
+        })
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
