@@ -20,8 +20,8 @@ const LOGS: Nesting = Nesting {
     scope: "ScopeLogs",
 };
 
-/// Normalizes a decoded request (the OTLP/JSON path) by reading its protobuf encoding, so that
-/// both paths share one normalizer.
+/// Normalizes a request already decoded (a prost message, as tests and tools hold one) by reading
+/// its protobuf encoding.
 pub fn logs(
     request: &ExportLogsServiceRequest,
     options: &NormalizeOptions,

@@ -38,8 +38,8 @@ const METRICS: Nesting = Nesting {
     scope: "ScopeMetrics",
 };
 
-/// Normalizes a decoded request (the OTLP/JSON path) by reading its protobuf encoding, so that
-/// both paths share one normalizer.
+/// Normalizes a request already decoded (a prost message, as tests and tools hold one) by reading
+/// its protobuf encoding.
 pub fn metrics(
     request: &ExportMetricsServiceRequest,
     options: &NormalizeOptions,
@@ -179,14 +179,7 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
                 }
                 DataKind::Sum => {
                     let (head, number) = read_number_point(point, &mut self.attributes)?;
-                    let value = number.and_then(|value| {
-                        Ok(PointValue::Sum {
-                            temporality: temporality.ok_or(UNSPECIFIED_TEMPORALITY)?,
-                            monotonic: metric.monotonic,
-                            value,
-                        })
-                    });
-                    (head, value)
+                    (head, sum_value(number, temporality, metric.monotonic))
                 }
                 DataKind::Histogram => read_histogram_point(point, temporality, &mut self.attributes)?,
                 DataKind::ExponentialHistogram => {
@@ -194,50 +187,149 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
                 }
                 DataKind::Summary => unreachable!("summaries are rejected whole above"),
             };
-            if head.flags & NO_RECORDED_VALUE != 0 {
-                // A valid point with nothing to observe: not rejected, and not accepted either
-                // (only what reaches the engine is).
-                out.skipped += 1;
-                continue;
-            }
-            if head.time == 0 {
-                out.reject("data points without time_unix_nano", 1);
-                continue;
-            }
-            if beyond_horizon(head.time) {
-                out.reject(
-                    "data points with a time after 2262-04-11 (beyond int64 nanoseconds)",
-                    1,
-                );
-                continue;
-            }
-            match value {
-                Ok(value) => {
-                    let series = series_key(
-                        metric.name,
-                        &self.attributes,
-                        &mut self.pairs,
-                        options,
-                        &mut out.truncated,
-                    )
-                    .map_err(within("a point attribute"))?;
-                    obs.saw(head.time);
-                    obs.metric_points.push(MetricPoint {
-                        series,
-                        start_time: head.start_time,
-                        time: head.time,
-                        value,
-                    });
-                    accepted += 1;
-                }
-                Err(reason) => out.reject(reason, 1),
-            }
+            let point = Point {
+                head,
+                value,
+                attributes: &self.attributes,
+            };
+            accepted += observe_point(metric.name, point, &mut self.pairs, options, obs, out)?;
         }
         Ok(accepted)
     }
 }
 
-fn temporality(value: i32) -> Option<Temporality> {
+/// One point as read, in either encoding: its head, its value (or why it is rejected) and its
+/// attributes.
+pub(super) struct Point<'p, 'a> {
+    pub head: PointHead,
+    pub value: PointRead,
+    pub attributes: &'p [KeyValueView<'a>],
+}
+
+/// Observes a point of metric `name`: a gap is skipped, a point without a usable time or value
+/// rejected in `out`, any other kept in `obs` under its series. Returns 1 when it was accepted.
+pub(super) fn observe_point<'a>(
+    name: &str,
+    point: Point<'_, 'a>,
+    pairs: &mut Vec<(&'a str, Cow<'a, str>)>,
+    options: &NormalizeOptions,
+    obs: &mut ResourceObservations,
+    out: &mut Normalized,
+) -> Result<u64, DecodeError> {
+    let Point {
+        head,
+        value,
+        attributes,
+    } = point;
+    if head.flags & NO_RECORDED_VALUE != 0 {
+        // A valid point with nothing to observe: not rejected, and not accepted either (only
+        // what reaches the engine is).
+        out.skipped += 1;
+        return Ok(0);
+    }
+    if head.time == 0 {
+        out.reject("data points without time_unix_nano", 1);
+        return Ok(0);
+    }
+    if beyond_horizon(head.time) {
+        out.reject(
+            "data points with a time after 2262-04-11 (beyond int64 nanoseconds)",
+            1,
+        );
+        return Ok(0);
+    }
+    match value {
+        Ok(value) => {
+            let series = series_key(name, attributes, pairs, options, &mut out.truncated)
+                .map_err(within("a point attribute"))?;
+            obs.saw(head.time);
+            obs.metric_points.push(MetricPoint {
+                series,
+                start_time: head.start_time,
+                time: head.time,
+                value,
+            });
+            Ok(1)
+        }
+        Err(reason) => {
+            out.reject(reason, 1);
+            Ok(0)
+        }
+    }
+}
+
+/// A number point's value as a Sum's.
+pub(super) fn sum_value(
+    number: Result<f64, &'static str>,
+    temporality: Option<Temporality>,
+    monotonic: bool,
+) -> PointRead {
+    let value = number?;
+    Ok(PointValue::Sum {
+        temporality: temporality.ok_or(UNSPECIFIED_TEMPORALITY)?,
+        monotonic,
+        value,
+    })
+}
+
+/// A number point's double, which must be finite.
+pub(super) fn double_value(double: f64) -> Result<f64, &'static str> {
+    if double.is_finite() {
+        Ok(double)
+    } else {
+        Err("data points with a non-finite value")
+    }
+}
+
+/// A histogram point's value, checked: its bucket counts fit its bounds, which are finite and
+/// increasing.
+pub(super) fn histogram_value(
+    temporality: Option<Temporality>,
+    count: u64,
+    sum: Option<f64>,
+    bounds: Vec<f64>,
+    bucket_counts: Vec<u64>,
+) -> PointRead {
+    let temporality = temporality.ok_or(UNSPECIFIED_TEMPORALITY)?;
+    if !(bucket_counts.is_empty() || bucket_counts.len() == bounds.len() + 1) {
+        return Err("histogram points whose bucket_counts do not fit explicit_bounds");
+    }
+    if bounds.iter().any(|b| !b.is_finite()) || bounds.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("histogram points whose explicit_bounds are not finite and increasing");
+    }
+    Ok(PointValue::Histogram {
+        temporality,
+        count,
+        sum: sum.filter(|s| s.is_finite()),
+        bounds,
+        bucket_counts,
+    })
+}
+
+/// An exponential histogram point's parts besides its head.
+pub(super) struct ExponentialParts {
+    pub count: u64,
+    pub sum: Option<f64>,
+    pub scale: i32,
+    pub zero_count: u64,
+    pub positive: ExponentialBuckets,
+    pub negative: ExponentialBuckets,
+}
+
+pub(super) fn exponential_value(temporality: Option<Temporality>, parts: ExponentialParts) -> PointRead {
+    let temporality = temporality.ok_or(UNSPECIFIED_TEMPORALITY)?;
+    Ok(PointValue::ExponentialHistogram {
+        temporality,
+        count: parts.count,
+        sum: parts.sum.filter(|s| s.is_finite()),
+        scale: parts.scale,
+        zero_count: parts.zero_count,
+        positive: parts.positive,
+        negative: parts.negative,
+    })
+}
+
+pub(super) fn temporality(value: i32) -> Option<Temporality> {
     match AggregationTemporality::try_from(value) {
         Ok(AggregationTemporality::Delta) => Some(Temporality::Delta),
         Ok(AggregationTemporality::Cumulative) => Some(Temporality::Cumulative),
@@ -247,14 +339,14 @@ fn temporality(value: i32) -> Option<Temporality> {
 
 /// One point's parts that every point type shares (its attributes are in the scratch).
 #[derive(Default)]
-struct PointHead {
-    start_time: u64,
-    time: u64,
-    flags: u32,
+pub(super) struct PointHead {
+    pub start_time: u64,
+    pub time: u64,
+    pub flags: u32,
 }
 
 /// A point's value, or why it is rejected.
-type PointRead = Result<PointValue, &'static str>;
+pub(super) type PointRead = Result<PointValue, &'static str>;
 
 /// A `NumberDataPoint` of a gauge or a sum: its head and its number.
 fn read_number_point<'a>(
@@ -270,14 +362,7 @@ fn read_number_point<'a>(
             2 => head.start_time = value.fixed64(n).map_err(&within)?,
             3 => head.time = value.fixed64(n).map_err(&within)?,
             // The value oneof: the last given wins.
-            4 => {
-                let double = f64::from_bits(value.fixed64(n).map_err(&within)?);
-                number = if double.is_finite() {
-                    Ok(double)
-                } else {
-                    Err("data points with a non-finite value")
-                };
-            }
+            4 => number = double_value(f64::from_bits(value.fixed64(n).map_err(&within)?)),
             // sfixed64, two's complement.
             6 => number = Ok(value.fixed64(n).map_err(&within)? as i64 as f64),
             7 => attributes.push(attribute(value, n)?),
@@ -312,23 +397,10 @@ fn read_histogram_point<'a>(
             _ => {}
         }
     }
-    let value = (|| {
-        let temporality = temporality.ok_or(UNSPECIFIED_TEMPORALITY)?;
-        if !(bucket_counts.is_empty() || bucket_counts.len() == bounds.len() + 1) {
-            return Err("histogram points whose bucket_counts do not fit explicit_bounds");
-        }
-        if bounds.iter().any(|b| !b.is_finite()) || bounds.windows(2).any(|w| w[0] >= w[1]) {
-            return Err("histogram points whose explicit_bounds are not finite and increasing");
-        }
-        Ok(PointValue::Histogram {
-            temporality,
-            count,
-            sum: sum.filter(|s| s.is_finite()),
-            bounds,
-            bucket_counts,
-        })
-    })();
-    Ok((head, value))
+    Ok((
+        head,
+        histogram_value(temporality, count, sum, bounds, bucket_counts),
+    ))
 }
 
 /// An `ExponentialHistogramDataPoint`: its head and its value.
@@ -358,19 +430,15 @@ fn read_exponential_point<'a>(
             _ => {}
         }
     }
-    let value =
-        temporality
-            .ok_or(UNSPECIFIED_TEMPORALITY)
-            .map(|temporality| PointValue::ExponentialHistogram {
-                temporality,
-                count,
-                sum: sum.filter(|s| s.is_finite()),
-                scale,
-                zero_count,
-                positive,
-                negative,
-            });
-    Ok((head, value))
+    let parts = ExponentialParts {
+        count,
+        sum,
+        scale,
+        zero_count,
+        positive,
+        negative,
+    };
+    Ok((head, exponential_value(temporality, parts)))
 }
 
 fn read_buckets(buf: &[u8], buckets: &mut ExponentialBuckets) -> Result<(), DecodeError> {

@@ -21,7 +21,7 @@ mod traces;
 mod wire;
 
 pub use common::DecodeError;
-pub use json::{JsonError, logs_json, traces_json};
+pub use json::{JsonError, logs_json, metrics_json, traces_json};
 pub use wire::WireError;
 
 use std::borrow::Cow;

@@ -43,8 +43,8 @@ const TRACES: Nesting = Nesting {
     scope: "ScopeSpans",
 };
 
-/// Normalizes a decoded request (the OTLP/JSON path) by reading its protobuf encoding, so that
-/// both paths share one normalizer.
+/// Normalizes a request already decoded (a prost message, as tests and tools hold one) by reading
+/// its protobuf encoding.
 pub fn traces(
     request: &ExportTraceServiceRequest,
     options: &NormalizeOptions,

@@ -122,26 +122,15 @@ impl From<ExportError> for tonic::Status {
 }
 
 /// An OTLP export request type: how to normalize it and how to answer it.
-pub trait OtlpRequest: prost::Message + Default + serde::de::DeserializeOwned + Send + 'static {
+pub trait OtlpRequest: prost::Message + Default + Send + 'static {
     const SIGNAL: Signal;
     /// The gRPC service's full name, and its `Export` method's path.
     const GRPC_SERVICE: &'static str;
     const GRPC_EXPORT_PATH: &'static str;
     type Response: prost::Message + Send + 'static;
 
-    /// Normalizes a decoded request.
-    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError>;
-
-    /// Reads and normalizes a request in its OTLP/JSON encoding: straight into observations
-    /// where the signal has a JSON reader (traces, logs), else decoded whole, then normalized.
-    fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        serde_json::from_slice::<Self>(body)
-            .map_err(|e| ExportError::Undecodable {
-                format: "OTLP JSON",
-                reason: e.to_string(),
-            })?
-            .normalize(options)
-    }
+    /// Reads and normalizes a request in its OTLP/JSON encoding, straight into observations.
+    fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError>;
 
     /// Items (spans, data points, log records) in the encoded request, counted on the wire.
     fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError>;
@@ -171,10 +160,6 @@ impl OtlpRequest for ExportTraceServiceRequest {
     const GRPC_EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
     type Response = ExportTraceServiceResponse;
     const REJECTED_FIELD: &'static str = "rejectedSpans";
-
-    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        normalize::traces(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
-    }
 
     fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         normalize::traces_json(body, options).map_err(|e| ExportError::Undecodable {
@@ -220,8 +205,11 @@ impl OtlpRequest for ExportMetricsServiceRequest {
             .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
-    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        normalize::metrics(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
+    fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
+        normalize::metrics_json(body, options).map_err(|e| ExportError::Undecodable {
+            format: "OTLP JSON",
+            reason: e.to_string(),
+        })
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
@@ -248,10 +236,6 @@ impl OtlpRequest for ExportLogsServiceRequest {
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
         within_item_limit::<Self>(&buf, options)?;
         normalize::logs_protobuf(&buf, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
-    }
-
-    fn normalize(&self, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        normalize::logs(self, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
     }
 
     fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
