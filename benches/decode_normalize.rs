@@ -6,7 +6,10 @@
 //! `decode` is a whole prost decode alone (what a receiver that decodes before it reads pays);
 //! `normalize_in_place` is canaryd's path: the items read in place from the protobuf and
 //! normalized into engine observations; `gzip_normalize_in_place` adds inflating the body as the
-//! receivers do. Throughput is in items (spans, points, records). Both run under the daemon's
+//! receivers do. `json_decoded_whole` and `json_in_place` are the same request in OTLP/JSON:
+//! decoded whole with opentelemetry-proto's serde, re-encoded and read (the path before
+//! 2026-12-04), and read straight into observations (`normalize::json`). Throughput is in items
+//! (spans, points, records). Both run under the daemon's
 //! allocator (mimalloc), so that each costs what it would in the daemon. Figures live in
 //! BENCHMARKS.md.
 
@@ -52,9 +55,20 @@ fn bench(c: &mut Criterion) {
             normalize::traces_protobuf(&body, &options).expect("decodes")
         })
     });
+    let json = serde_json::to_vec(&request).expect("JSON");
+    group.bench_function("json_decoded_whole", |b| {
+        b.iter(|| {
+            let whole: ExportTraceServiceRequest = serde_json::from_slice(black_box(&json)).expect("decodes");
+            normalize::traces(&whole, &options).expect("reads")
+        })
+    });
+    group.bench_function("json_in_place", |b| {
+        b.iter(|| normalize::traces_json(black_box(&json), &options).expect("reads"))
+    });
     group.finish();
 
-    let metrics = testdata::sdk_metrics_request(1, testdata::EPOCH_NS).encode_to_vec();
+    let metrics_request = testdata::sdk_metrics_request(1, testdata::EPOCH_NS);
+    let metrics = metrics_request.encode_to_vec();
     let points = normalize::metrics_protobuf(&metrics, &options)
         .expect("decodes")
         .accepted;
@@ -67,10 +81,22 @@ fn bench(c: &mut Criterion) {
     group.bench_function("normalize_in_place", |b| {
         b.iter(|| normalize::metrics_protobuf(black_box(&metrics[..]), &options).expect("decodes"))
     });
+    let json = serde_json::to_vec(&metrics_request).expect("JSON");
+    group.bench_function("json_decoded_whole", |b| {
+        b.iter(|| {
+            let whole: ExportMetricsServiceRequest =
+                serde_json::from_slice(black_box(&json)).expect("decodes");
+            normalize::metrics(&whole, &options).expect("reads")
+        })
+    });
+    group.bench_function("json_in_place", |b| {
+        b.iter(|| normalize::metrics_json(black_box(&json), &options).expect("reads"))
+    });
     group.finish();
 
     let records = 512;
-    let logs = testdata::sdk_logs_request(records, 1, testdata::EPOCH_NS).encode_to_vec();
+    let logs_request = testdata::sdk_logs_request(records, 1, testdata::EPOCH_NS);
+    let logs = logs_request.encode_to_vec();
     eprintln!("logs request: {records} records, {} bytes", logs.len());
     let mut group = c.benchmark_group("otlp_logs_512");
     group.throughput(Throughput::Elements(records as u64));
@@ -79,6 +105,16 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("normalize_in_place", |b| {
         b.iter(|| normalize::logs_protobuf(black_box(&logs[..]), &options).expect("decodes"))
+    });
+    let json = serde_json::to_vec(&logs_request).expect("JSON");
+    group.bench_function("json_decoded_whole", |b| {
+        b.iter(|| {
+            let whole: ExportLogsServiceRequest = serde_json::from_slice(black_box(&json)).expect("decodes");
+            normalize::logs(&whole, &options).expect("reads")
+        })
+    });
+    group.bench_function("json_in_place", |b| {
+        b.iter(|| normalize::logs_json(black_box(&json), &options).expect("reads"))
     });
     group.finish();
 }

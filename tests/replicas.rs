@@ -356,6 +356,23 @@ async fn thirty_apps_across_three_replicas_get_one_daemons_verdicts_through_a_si
     assert_eq!(relayed, gate(&replicas[2]).await);
     assert_eq!(relayed.1["canary_version"], "1.1.0", "{relayed:?}");
 
+    // An operator's action on that replica's healthy canary, sent to another, is taken there.
+    let healthy = (0..APPS)
+        .map(scenario)
+        .find(|(app, service)| owner[app] == 2 && matches!(service.fault, Fault::None))
+        .map(|(app, _)| app)
+        .expect("a healthy app of replica 2");
+    let url = format!(
+        "http://{}/api/v1/apps/{healthy}/canary/pause?env=prod",
+        asked.daemon.addr("http")
+    );
+    let response = asked.daemon.http.post(url).send().await.expect("pause");
+    assert_eq!(response.status(), 200);
+    let (_, paused, _) = replicas[2]
+        .json(&format!("/api/v1/apps/{healthy}/canary?env=prod"))
+        .await;
+    assert_eq!(paused["paused"], true, "{paused}");
+
     // A replica down is named, never left out silently.
     let gone = replicas.pop().expect("replica 2");
     gone.daemon.signal("-KILL");

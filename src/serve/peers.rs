@@ -1,7 +1,8 @@
 //! Replicas answering for each other (`cluster_peers`): each replica judges the apps routed to it,
-//! and any of them answers the API's reads about any app. A read about an app this replica has
-//! never seen is asked of every peer, and the answer of the one that knows the app is relayed;
-//! the list of apps is every replica's, merged. A peer that does not answer is named in the
+//! and any of them answers the API about any app. A read about an app this replica has never
+//! seen, or an action on its analysis (a rollout declared or ended, an operator's action), is
+//! asked of every peer, and the answer of the one that knows the app is relayed; the list of apps
+//! is every replica's, merged. A peer that does not answer is named in the
 //! response (`unanswered_peers`), never silently left out.
 //!
 //! A request asked on behalf of another replica carries `canaryd-forwarded` and is answered from
@@ -251,9 +252,10 @@ pub fn is_forwarded(headers: &HeaderMap) -> bool {
 /// The app a read is about: `(env, app)`, `env` `None` for any environment.
 type AppScope = (Option<String>, String);
 
-/// The app a request reads about, where it is one this layer relays: `GET` of
-/// `/api/v1/apps/{app}/...`, `GET /api/v1/events?app=`, and Flagger's gate and rollback hooks
-/// (the app named in their payload).
+/// The app a request is about, where it is one this layer relays: `GET` of
+/// `/api/v1/apps/{app}/...`, `GET /api/v1/events?app=`, Flagger's gate and rollback hooks (the
+/// app named in their payload), and the writes that act on one app's analysis (a rollout
+/// declared or ended, an operator's action), which the replica judging the app must take.
 fn app_scope(method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Option<AppScope> {
     let param = |name: &str| {
         query.and_then(|q| {
@@ -262,16 +264,22 @@ fn app_scope(method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> O
                 .map(|(_, v)| v.into_owned())
         })
     };
-    if *method == Method::GET {
-        if let Some(rest) = path.strip_prefix("/api/v1/apps/") {
-            let (app, tail) = rest.split_once('/')?;
-            if !matches!(tail, "canary" | "baseline" | "timeline") {
-                return None;
-            }
-            let app = percent_encoding::percent_decode_str(app).decode_utf8().ok()?;
-            let env = param("env").unwrap_or_else(|| "default".into());
-            return Some((Some(env), app.into_owned()));
+    if let Some(rest) = path.strip_prefix("/api/v1/apps/") {
+        let (app, tail) = rest.split_once('/')?;
+        let relayed = match (method, tail) {
+            (&Method::GET, "canary" | "baseline" | "timeline") => true,
+            (&Method::PUT | &Method::DELETE, "rollout") => true,
+            (&Method::POST, operation) => operation.starts_with("canary/"),
+            _ => false,
+        };
+        if !relayed {
+            return None;
         }
+        let app = percent_encoding::percent_decode_str(app).decode_utf8().ok()?;
+        let env = param("env").unwrap_or_else(|| "default".into());
+        return Some((Some(env), app.into_owned()));
+    }
+    if *method == Method::GET {
         if path == "/api/v1/events" {
             return Some((param("env"), param("app")?));
         }
@@ -432,7 +440,19 @@ mod tests {
         assert_eq!(app_scope(&get, "/api/v1/events", Some("limit=5"), b""), None);
         assert_eq!(app_scope(&get, "/api/v1/apps", None, b""), None);
         assert_eq!(
-            app_scope(&Method::PUT, "/api/v1/apps/shop/rollout", None, b""),
+            app_scope(&Method::PUT, "/api/v1/apps/shop/rollout", Some("env=prod"), b""),
+            Some((Some("prod".into()), "shop".into()))
+        );
+        assert_eq!(
+            app_scope(&Method::POST, "/api/v1/apps/shop/canary/pause", None, b""),
+            Some((Some("default".into()), "shop".into()))
+        );
+        assert_eq!(
+            app_scope(&Method::POST, "/api/v1/apps/shop/rollout", None, b""),
+            None
+        );
+        assert_eq!(
+            app_scope(&Method::GET, "/api/v1/apps/shop/versions", None, b""),
             None
         );
         let gate = br#"{"name": "shop", "namespace": "prod", "phase": "Progressing"}"#;
