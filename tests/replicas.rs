@@ -631,3 +631,67 @@ async fn either_of_a_lockstep_pair_can_die_without_a_missed_or_doubled_action() 
         .count();
     assert_eq!(failed, 3);
 }
+
+/// After the routing changed (replicas added or removed), two replicas know an app: the one that
+/// judged it before and the one judging it now. A read relayed through a third is answered by
+/// the one that saw the app last, and an action is taken by that one alone, never by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_routing_change_the_replica_that_saw_the_app_last_answers_and_acts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut replicas: Vec<Replica> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let flags = vec![
+                "--http-addr".to_owned(),
+                format!("127.0.0.1:{port}"),
+                "--cluster-peers".to_owned(),
+                peers.clone(),
+            ];
+            Replica::start(dir.path().join(format!("replica-{i}")), flags)
+        })
+        .collect();
+    // One healthy service: its first 150 s go to replica 1, the rest to replica 2.
+    let mut stream = Stream::new(4);
+    stream.traffic.drain(..3);
+    let app = stream.traffic[0].0.clone();
+    let mut round = 0;
+    while let Some(batches) = stream.next_round() {
+        let to = if round < 15 { 1 } else { 2 };
+        for (_, traces, metrics) in &batches {
+            replicas[to].send(traces, metrics).await;
+        }
+        round += 1;
+    }
+    for replica in &replicas {
+        replica.ingested().await;
+    }
+    let canary = format!("/api/v1/apps/{app}/canary?env=prod");
+    for at in [1, 2] {
+        let (status, body, _) = replicas[at].json(&canary).await;
+        assert_eq!(status, 200, "replica {at} judges it too: {body}");
+    }
+    let (status, _, headers) = replicas[0].json(&canary).await;
+    assert_eq!(status, 200);
+    let by = headers.get("canaryd-answered-by").and_then(|v| v.to_str().ok());
+    assert_eq!(by, Some(format!("127.0.0.1:{}", ports[2]).as_str()));
+
+    let url = format!(
+        "http://{}/api/v1/apps/{app}/canary/pause?env=prod",
+        replicas[0].daemon.addr("http")
+    );
+    let response = replicas[0].daemon.http.post(url).send().await.expect("pause");
+    assert_eq!(response.status(), 200);
+    assert_eq!(replicas[2].json(&canary).await.1["paused"], true);
+    assert_eq!(
+        replicas[1].json(&canary).await.1["paused"],
+        false,
+        "the older replica is left alone"
+    );
+}

@@ -176,7 +176,21 @@ impl Peers {
         headers: &HeaderMap,
         body: Bytes,
     ) -> (Vec<PeerAnswer>, Vec<UnansweredPeer>) {
-        let (addresses, mut unanswered) = self.addresses().await;
+        let (addresses, unanswered) = self.addresses().await;
+        self.ask_at(addresses, unanswered, method, path_and_query, headers, body)
+            .await
+    }
+
+    /// `ask`, of the peers at `addresses` only; `unanswered` holds who could not be asked.
+    async fn ask_at(
+        &self,
+        addresses: Vec<String>,
+        mut unanswered: Vec<UnansweredPeer>,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> (Vec<PeerAnswer>, Vec<UnansweredPeer>) {
         let asks = addresses.into_iter().map(|peer| {
             let mut request = self
                 .http
@@ -230,6 +244,51 @@ impl Peers {
             }
         }
         (answers, unanswered)
+    }
+}
+
+impl Peers {
+    /// The peer that judges `app` now, found through every peer's list of apps: of those that
+    /// know it, the one that saw it last (after the routing changed, a replica that judged it
+    /// before still knows it). `Ok(None)` when no peer knows it; `Err` with the peers that did
+    /// not answer when none that answered does.
+    async fn owner_of(
+        &self,
+        (env, app): &AppScope,
+        headers: &HeaderMap,
+    ) -> Result<Option<String>, Vec<UnansweredPeer>> {
+        let path = match env {
+            Some(env) => format!(
+                "/api/v1/apps?env={}",
+                url::form_urlencoded::byte_serialize(env.as_bytes()).collect::<String>()
+            ),
+            None => "/api/v1/apps".to_owned(),
+        };
+        let (answers, mut unanswered) = self.ask(&Method::GET, &path, headers, Bytes::new()).await;
+        let mut owner: Option<(String, String)> = None;
+        for answer in answers {
+            let list = (answer.status == StatusCode::OK)
+                .then(|| serde_json::from_slice::<serde_json::Value>(&answer.body).ok())
+                .flatten();
+            let Some(apps) = list.as_ref().and_then(|l| l["apps"].as_array()) else {
+                unanswered.push(UnansweredPeer {
+                    error: format!("answered {} without a list of apps", answer.status),
+                    peer: answer.peer,
+                });
+                continue;
+            };
+            for entry in apps.iter().filter(|a| a["app"].as_str() == Some(app)) {
+                let seen = entry["last_seen"].as_str().unwrap_or_default().to_owned();
+                if owner.as_ref().is_none_or(|(_, best)| seen > *best) {
+                    owner = Some((answer.peer.clone(), seen));
+                }
+            }
+        }
+        match owner {
+            Some((peer, _)) => Ok(Some(peer)),
+            None if unanswered.is_empty() => Ok(None),
+            None => Err(unanswered),
+        }
     }
 }
 
@@ -346,10 +405,41 @@ pub async fn answer_for_peers(State(state): State<ApiState>, request: Request, n
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
-    let (answers, unanswered) = peers
-        .ask(&parts.method, &path_and_query, &parts.headers, body.clone())
-        .await;
-    if let Some(answer) = answers.into_iter().find(PeerAnswer::app_here) {
+    // An action is taken by one replica, the one judging the app: never by every peer that
+    // happens to know it.
+    let acts = !(parts.method == Method::GET || parts.uri.path().starts_with("/api/v1/gates/"));
+    let (answers, unanswered) = match (acts, &scope) {
+        (true, Some(scope)) => match peers.owner_of(scope, &parts.headers).await {
+            Ok(Some(owner)) => {
+                peers
+                    .ask_at(
+                        vec![owner],
+                        Vec::new(),
+                        &parts.method,
+                        &path_and_query,
+                        &parts.headers,
+                        body.clone(),
+                    )
+                    .await
+            }
+            Ok(None) => (Vec::new(), Vec::new()),
+            Err(unanswered) => (Vec::new(), unanswered),
+        },
+        _ => {
+            peers
+                .ask(&parts.method, &path_and_query, &parts.headers, body.clone())
+                .await
+        }
+    };
+    let mut knowing: Vec<PeerAnswer> = answers.into_iter().filter(PeerAnswer::app_here).collect();
+    if knowing.len() > 1
+        && let Some(scope) = &scope
+        && let Ok(Some(owner)) = peers.owner_of(scope, &parts.headers).await
+    {
+        // More than one replica knows the app (its routing changed): the one judging it now.
+        knowing.sort_by_key(|answer| answer.peer != owner);
+    }
+    if let Some(answer) = knowing.into_iter().next() {
         return relay(answer);
     }
     if !unanswered.is_empty() {
