@@ -83,6 +83,7 @@ impl Emitter {
             .write_with_events(&changes, &mut events, self.max_events)
         {
             Ok(()) => {
+                engine.changes_written();
                 self.stats.flushes.inc();
                 for event in &events {
                     self.stats.event(event.event_type);
@@ -157,6 +158,8 @@ impl Emitter {
             .inc_by(forgotten.saturating_sub(counted));
         match self.store.write(&changes).and_then(|()| self.store.flush()) {
             Ok(()) => {
+                // Apps paged out or archived leave memory only now that their state is on disk.
+                engine.changes_written();
                 stats.flushes.inc();
                 tracing::debug!(
                     apps = changes.apps.len(),

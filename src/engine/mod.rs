@@ -531,6 +531,42 @@ mod tests {
         );
     }
 
+    /// Issue 16, item 2, "paged to disk, not lost": an app paged out stays in the changes handed
+    /// to the store until they are written; a write that fails carries it again.
+    #[test]
+    fn a_paged_out_app_is_written_again_until_a_write_of_it_succeeds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut engine = engine_on(&store);
+        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
+        ingest_all(&mut engine, quiet);
+        let (busy, _) = traffic_of("busy", EPOCH_NS + 600 * 1_000_000_000, 4);
+        ingest_all(&mut engine, busy);
+        let (_, held) = engine.baseline_memory();
+        let _ = engine.take_changes();
+        engine.changes_written();
+        assert_eq!(engine.page_out(held - 1).apps, 1);
+        let carries_quiet = |state: &canaryd_engine::EngineState| {
+            state.apps.iter().any(|(_, app, _)| app == "quiet")
+                && state.baselines.iter().any(|(id, _)| id.app == "quiet")
+        };
+        // The write of these changes failed (nothing says it was written): carried again.
+        assert!(carries_quiet(&engine.take_changes()));
+        let written = engine.take_changes();
+        assert!(carries_quiet(&written));
+        store.write(&written).expect("write");
+        engine.changes_written();
+        assert!(!carries_quiet(&engine.take_changes()), "written once is enough");
+        // And from the store it comes back whole.
+        let (back, _) = traffic_of("quiet", EPOCH_NS + 1_800 * 1_000_000_000, 1);
+        ingest_all(&mut engine, back);
+        assert!(
+            engine
+                .baselines("prod", "quiet", Some("1.0.0"))
+                .is_some_and(|v| !v.baselines.is_empty())
+        );
+    }
+
     #[tokio::test]
     async fn a_crash_right_after_an_event_restarts_with_the_anomaly_that_made_it() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -238,7 +238,7 @@ pub struct Engine {
     /// Versions forgotten since the last `take_changes`.
     forgotten: Vec<(String, String, String)>,
     archive: Option<Box<dyn AppArchive>>,
-    /// Apps archived since the last `take_changes`, whose state is yet to be written.
+    /// Apps archived whose state is not yet written (until `changes_written`).
     archiving: crate::FastMap<(Arc<str>, Arc<str>), ArchivedApp>,
 }
 
@@ -706,7 +706,8 @@ impl Engine {
     }
 
     /// What changed since the last call, for persistence: every clock, and the apps and baselines
-    /// that changed. The baselines' current slots go to the slot store as a side effect, so that
+    /// that changed, and every app archived whose state is not yet written (`changes_written`
+    /// says it is). The baselines' current slots go to the slot store as a side effect, so that
     /// both are written together.
     pub fn take_changes(&mut self) -> EngineState {
         let dirty: Vec<BaselineId> = self.dirty.drain().collect();
@@ -725,17 +726,25 @@ impl Engine {
             forgotten_versions: std::mem::take(&mut self.forgotten),
             judge: self.judge.take_changes(),
         };
-        for ((env, app), archived) in self.archiving.drain() {
+        // Copied, not taken: an archived app leaves memory only once what carries it is written
+        // (`changes_written`); a write that fails carries it again next time.
+        for ((env, app), archived) in &self.archiving {
             let (env, app) = (env.to_string(), app.to_string());
             state.clocks.push((env.clone(), app.clone(), archived.clock));
-            state.apps.push((env, app, archived.entry));
-            for (id, baseline) in archived.baselines {
+            state.apps.push((env, app, archived.entry.clone()));
+            for (id, baseline) in &archived.baselines {
                 baseline.save_slot(&id.series_name(), self.slots.as_mut());
-                state.baselines.push((id, baseline));
+                state.baselines.push((id.clone(), baseline.clone()));
             }
-            state.judge.analyses.extend(archived.analysis);
+            state.judge.analyses.extend(archived.analysis.clone());
         }
         state
+    }
+
+    /// What the last `take_changes` handed over is durable: the apps archived before it leave
+    /// memory for good (seen again, they come back from the archive).
+    pub fn changes_written(&mut self) {
+        self.archiving.clear();
     }
 
     fn baseline(&self, id: &BaselineId) -> Option<&Baseline> {
