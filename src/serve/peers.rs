@@ -373,7 +373,8 @@ async fn is_known_here(state: &ApiState, (env, app): AppScope) -> bool {
 }
 
 /// The layer: a read about an app this replica does not know is relayed to the peer that knows
-/// it; a forwarded one is answered from here, saying whether the app is known here.
+/// it, an action on its analysis to the peer judging it; a forwarded request is answered from
+/// here, saying whether the app is known here.
 pub async fn answer_for_peers(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let Some(peers) = state.peers.clone() else {
         return next.run(request).await;
