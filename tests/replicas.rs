@@ -97,6 +97,32 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `count` replicas under `dir`, each listing them all as `cluster_peers`, itself included, as a
+/// headless Service's name would; with `extra` flags. Returns their API ports and them.
+fn start_cluster(dir: &std::path::Path, count: usize, extra: &[&str]) -> (Vec<u16>, Vec<Replica>) {
+    let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+    let peers = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let replicas = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let mut flags = vec![
+                "--http-addr".to_owned(),
+                format!("127.0.0.1:{port}"),
+                "--cluster-peers".to_owned(),
+                peers.clone(),
+            ];
+            flags.extend(extra.iter().map(|f| (*f).to_owned()));
+            Replica::start(dir.join(format!("replica-{i}")), flags)
+        })
+        .collect();
+    (ports, replicas)
+}
+
 /// A daemon process and what it was sent since it started.
 struct Replica {
     daemon: Running,
@@ -204,29 +230,8 @@ async fn thirty_apps_across_three_replicas_get_one_daemons_verdicts_through_a_si
     const REPLICAS: usize = 3;
     const KILLED: usize = 1;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ports: Vec<u16> = (0..REPLICAS).map(|_| free_port()).collect();
-    // Every replica lists them all, itself included, as a headless Service's name would.
-    let peers = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let mut reference = Replica::start(dir.path().join("one"), vec![]);
-    let mut replicas: Vec<Replica> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| {
-            let flags = vec![
-                "--http-addr".to_owned(),
-                format!("127.0.0.1:{port}"),
-                "--cluster-peers".to_owned(),
-                peers.clone(),
-                "--flush-interval-secs".to_owned(),
-                "1".to_owned(),
-            ];
-            Replica::start(dir.path().join(format!("replica-{i}")), flags)
-        })
-        .collect();
+    let (ports, mut replicas) = start_cluster(dir.path(), REPLICAS, &["--flush-interval-secs", "1"]);
     let owner: BTreeMap<String, usize> = (0..APPS)
         .map(|i| {
             let app = scenario(i).0;
@@ -638,25 +643,7 @@ async fn either_of_a_lockstep_pair_can_die_without_a_missed_or_doubled_action() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_routing_change_the_replica_that_saw_the_app_last_answers_and_acts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut replicas: Vec<Replica> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| {
-            let flags = vec![
-                "--http-addr".to_owned(),
-                format!("127.0.0.1:{port}"),
-                "--cluster-peers".to_owned(),
-                peers.clone(),
-            ];
-            Replica::start(dir.path().join(format!("replica-{i}")), flags)
-        })
-        .collect();
+    let (ports, mut replicas) = start_cluster(dir.path(), 3, &[]);
     // One healthy service: its first 150 s go to replica 1, the rest to replica 2.
     let mut stream = Stream::new(4);
     stream.traffic.drain(..3);

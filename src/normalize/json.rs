@@ -677,67 +677,52 @@ impl<'de: 'a, 'a> Deserialize<'de> for AnyValueJson<'a> {
     }
 }
 
-/// A 64-bit unsigned integer: a number or a decimal string.
+/// A 64-bit integer as OTLP/JSON writes one: a number or a decimal string.
 #[derive(Clone, Copy, Default)]
-struct U64(u64);
+struct Integer<T>(T);
 
-impl<'de> Deserialize<'de> for U64 {
+/// The unsigned integers (times, counts).
+type U64 = Integer<u64>;
+/// The signed ones (`asInt`).
+type I64 = Integer<i64>;
+
+impl<'de, T> Deserialize<'de> for Integer<T>
+where
+    T: TryFrom<u64> + TryFrom<i64> + std::str::FromStr,
+    <T as TryFrom<u64>>::Error: fmt::Display,
+    <T as TryFrom<i64>>::Error: fmt::Display,
+    <T as std::str::FromStr>::Err: fmt::Display,
+{
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct U64Visitor;
+        struct IntegerVisitor<T>(std::marker::PhantomData<T>);
 
-        impl Visitor<'_> for U64Visitor {
-            type Value = U64;
+        impl<T> Visitor<'_> for IntegerVisitor<T>
+        where
+            T: TryFrom<u64> + TryFrom<i64> + std::str::FromStr,
+            <T as TryFrom<u64>>::Error: fmt::Display,
+            <T as TryFrom<i64>>::Error: fmt::Display,
+            <T as std::str::FromStr>::Err: fmt::Display,
+        {
+            type Value = Integer<T>;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an unsigned 64-bit integer, or one as a decimal string")
+                f.write_str("a 64-bit integer, or one as a decimal string")
             }
 
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<U64, E> {
-                Ok(U64(v))
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Integer<T>, E> {
+                T::try_from(v).map(Integer).map_err(E::custom)
             }
 
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<U64, E> {
-                u64::try_from(v).map(U64).map_err(E::custom)
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Integer<T>, E> {
+                T::try_from(v).map(Integer).map_err(E::custom)
             }
 
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<U64, E> {
-                v.parse().map(U64).map_err(E::custom)
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Integer<T>, E> {
+                v.parse().map(Integer).map_err(E::custom)
             }
         }
 
-        d.deserialize_any(U64Visitor)
-    }
-}
-
-/// A 64-bit signed integer: a number or a decimal string.
-#[derive(Clone, Copy, Default)]
-struct I64(i64);
-
-impl<'de> Deserialize<'de> for I64 {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct I64Visitor;
-
-        impl Visitor<'_> for I64Visitor {
-            type Value = I64;
-
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a signed 64-bit integer, or one as a decimal string")
-            }
-
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<I64, E> {
-                Ok(I64(v))
-            }
-
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<I64, E> {
-                i64::try_from(v).map(I64).map_err(E::custom)
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<I64, E> {
-                v.parse().map(I64).map_err(E::custom)
-            }
-        }
-
-        d.deserialize_any(I64Visitor)
+        d.deserialize_any(IntegerVisitor(std::marker::PhantomData))
     }
 }
 

@@ -168,15 +168,9 @@ pub(super) async fn apps(
         .filter_map(|app| serde_json::to_value(app).ok())
         .collect();
     for answer in answers {
-        let theirs = (answer.status == StatusCode::OK)
-            .then(|| serde_json::from_slice::<serde_json::Value>(&answer.body).ok())
-            .flatten();
-        match theirs.as_ref().and_then(|v| v["apps"].as_array()) {
-            Some(list) => apps.extend(list.iter().cloned()),
-            None => unanswered.push(super::peers::UnansweredPeer {
-                error: format!("answered {} without a list of apps", answer.status),
-                peer: answer.peer,
-            }),
+        match answer.apps() {
+            Ok(theirs) => apps.extend(theirs),
+            Err(silent) => unanswered.push(silent),
         }
     }
     let key = |app: &serde_json::Value| {

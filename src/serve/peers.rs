@@ -112,6 +112,27 @@ impl PeerAnswer {
     fn app_here(&self) -> bool {
         self.headers.get(APP_HERE).is_some_and(|v| v == "1")
     }
+
+    /// The apps of an answer to `GET /api/v1/apps`, as JSON; a peer that answered something
+    /// else did not answer.
+    pub fn apps(self) -> Result<Vec<serde_json::Value>, UnansweredPeer> {
+        let apps = (self.status == StatusCode::OK)
+            .then(|| serde_json::from_slice::<serde_json::Value>(&self.body).ok())
+            .flatten()
+            .and_then(
+                |mut list| match list.get_mut("apps").map(serde_json::Value::take) {
+                    Some(serde_json::Value::Array(apps)) => Some(apps),
+                    _ => None,
+                },
+            );
+        match apps {
+            Some(apps) => Ok(apps),
+            _ => Err(UnansweredPeer {
+                error: format!("answered {} without a list of apps", self.status),
+                peer: self.peer,
+            }),
+        }
+    }
 }
 
 /// This replica's peers, and its own name among them.
@@ -217,7 +238,7 @@ impl Peers {
                 .await;
                 answer.map_err(|e| UnansweredPeer {
                     peer,
-                    error: error_chain(&e),
+                    error: crate::error_chain(&e),
                 })
             }
         });
@@ -267,20 +288,18 @@ impl Peers {
         let (answers, mut unanswered) = self.ask(&Method::GET, &path, headers, Bytes::new()).await;
         let mut owner: Option<(String, String)> = None;
         for answer in answers {
-            let list = (answer.status == StatusCode::OK)
-                .then(|| serde_json::from_slice::<serde_json::Value>(&answer.body).ok())
-                .flatten();
-            let Some(apps) = list.as_ref().and_then(|l| l["apps"].as_array()) else {
-                unanswered.push(UnansweredPeer {
-                    error: format!("answered {} without a list of apps", answer.status),
-                    peer: answer.peer,
-                });
-                continue;
+            let peer = answer.peer.clone();
+            let apps = match answer.apps() {
+                Ok(apps) => apps,
+                Err(silent) => {
+                    unanswered.push(silent);
+                    continue;
+                }
             };
             for entry in apps.iter().filter(|a| a["app"].as_str() == Some(app)) {
                 let seen = entry["last_seen"].as_str().unwrap_or_default().to_owned();
                 if owner.as_ref().is_none_or(|(_, best)| seen > *best) {
-                    owner = Some((answer.peer.clone(), seen));
+                    owner = Some((peer.clone(), seen));
                 }
             }
         }
@@ -290,17 +309,6 @@ impl Peers {
             None => Err(unanswered),
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Whether a request was asked on another replica's behalf.
