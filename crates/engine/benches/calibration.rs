@@ -7,7 +7,7 @@
 //!   under a flat load, a daily cycle and an hourly cycle with latency following load (each seed
 //!   starts at another time of day or point in the hour), with heavy-tailed latency, and with 40
 //!   operations of Zipf-skewed shares. Reported: the analyses that failed (a false failure), with
-//!   a 95% upper bound, against the model's false-alarm budget.
+//!   a 95% upper bound, against the model's false-failure budget.
 //! - Stable only: one version over two days under a daily cycle; every `anomaly.detected` is a
 //!   false alarm. Reported per app-day.
 //! - Detection: a canary bad from its first request (errors 2x and 5x a 1% stable rate; the slowest
@@ -155,13 +155,8 @@ fn a_a(plan: &Plan) {
     let d = Decision::default();
     println!();
     println!(
-        "A/A: an identical canary for {} s. The default model's budgets: {} for errors and latency over the whole analysis (sequential), {} per hour for the other comparisons ({:.4} over {} s); together at most {:.4} per analysis",
-        plan.analysis_s,
-        d.false_failure_rate,
-        d.false_alarm_rate,
-        d.false_alarm_rate * plan.analysis_s as f64 / 3600.0,
-        plan.analysis_s,
-        d.false_failure_rate + d.false_alarm_rate * plan.analysis_s as f64 / 3600.0
+        "A/A: an identical canary for {} s. The default model's budget: {} over the whole analysis, however long, for every comparison with the stable together (sequential)",
+        plan.analysis_s, d.false_failure_rate,
     );
     println!();
     println!("| condition | analyses | false failures | rate | 95% upper bound | checks that failed |");

@@ -261,6 +261,12 @@ impl History {
             .map(|(_, a)| a)
     }
 
+    /// The completed 10-second block starting at `start`, while it is kept.
+    pub fn block(&self, start: EventTime) -> Option<&Aggregate> {
+        let i = self.blocks.partition_point(|(b, _)| *b < start);
+        self.blocks.get(i).filter(|(b, _)| *b == start).map(|(_, a)| a)
+    }
+
     /// What the version did in `[at - h, at)`, from the whole blocks and single seconds that end
     /// by `at`: unlike `trailing`, nothing at or after `at` is in it, whatever came since. Seconds
     /// of a block that ends after `at` and are no longer held alone are left out, so it may hold

@@ -13,8 +13,8 @@
 //! - `stats`: exact tests for counts and proportions, chi-square, Clopper-Pearson bounds.
 //! - `checks`: the per-signal checks of one look, and the one rule that decides each.
 //! - `history`: each analysed version's recent buckets, for trailing windows.
-//! - `sequential`: the anytime-valid evidence, second by second, that the error ratio and latency
-//!   checks fail on.
+//! - `sequential`: the anytime-valid evidence, second by second, that every comparison with the
+//!   stable fails on.
 
 pub mod checks;
 pub mod history;
@@ -537,6 +537,7 @@ impl Analysis {
         self.sequential
             .update(&model, &self.canary_history, &self.stable_history, now);
         let trailing = self.collect_windows(&model, now, baseline_window_s);
+        self.sequential.set_dispersion(trailing.dispersion.clone());
         let (per_horizon, thresholds) = evaluate_horizons(&model, &trailing);
         let mut combined = combine_horizons(per_horizon);
         let mut baseline_checks = Vec::new();

@@ -44,12 +44,14 @@ pub struct Model {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Decision {
-    /// The chance of a false failure per hour of analysis of a healthy canary, over every
-    /// windowed check (operation mix, call graph, exceptions, error logs, business counters),
-    /// trailing window and look together (Bonferroni across them).
+    /// The level of the trailing windows' own tests per hour of analysis, over every check,
+    /// window and look (Bonferroni): shown beside the sequential evidence, and the level at which
+    /// a window must be able to show the smallest effect worth acting on before a check passes.
+    /// It fails nothing.
     pub false_alarm_rate: f64,
-    /// The chance that the sequential comparisons (error ratio and latency) ever fail a healthy
-    /// canary, over its whole analysis however long, looked at every second (anytime-valid).
+    /// The chance that the comparisons with the stable (every check but the baseline band) ever
+    /// fail a healthy canary, over its whole analysis however long, looked at every second
+    /// (anytime-valid sequential evidence).
     pub false_failure_rate: f64,
     /// Trailing windows each check is evaluated on, at every closed second.
     pub horizons_s: Vec<u64>,

@@ -4,9 +4,9 @@
 //! often it is looked at. No per-look correction, so a low-traffic canary is decided as soon as
 //! its evidence allows, not when a window happens to hold enough of it.
 //!
-//! Each second both versions served is one step. Given how many events (failed requests, or
-//! requests slower than the stable's recent quantile) the two versions had together in that
-//! second, the canary's share of them is, when both behave alike, at most as spread as a binomial
+//! Each second both versions served is one step. Given how many events (failed requests,
+//! requests slower than the stable's recent quantile, calls to a downstream, exceptions of a type,
+//! error logs, requests of one operation) the two versions had together in that second, the canary's share of them is, when both behave alike, at most as spread as a binomial
 //! draw with the canary's share of the requests (hypergeometric when each request is a trial;
 //! binomial for Poisson counts). Against a canary whose rate is `r` times the stable's, that share
 //! grows; the likelihood ratio of the two is a test martingale, and its expectation under the
@@ -16,14 +16,20 @@
 //! later carries it, at a smaller weight), which is still a test supermartingale; by Ville's
 //! inequality it ever reaches `1 / alpha` with chance at most `alpha`.
 //!
+//! Where a change either way matters (calls, an operation's share, a counter's increments), the
+//! mixture also holds the inverse ratios. Counts that cluster (a request makes several calls) are
+//! divided by the stable's dispersion of them, measured before the second is taken, as the
+//! windowed quasi-Poisson tests do; a counter's increments are taken per 10-second block once its
+//! points have landed, over the requests of the time they cover.
+//!
 //! A failure must also not rest on one second: each second's step is capped at half of what the
 //! check needs (in log terms), so a single slow batch or burst never fails a canary on its own.
 //! A likelihood ratio cut from above still has expectation at most 1, so the cap keeps the
 //! guarantee; steady evidence (an error or two a second) is never near it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::checks::{Feature, Group, Series, Test};
+use super::checks::{Dispersion, Feature, Group, Series, Test};
 use super::history::History;
 use super::model::Model;
 use crate::observation::EventTime;
@@ -48,19 +54,39 @@ const MIN_REFERENCE: u64 = 20;
 /// the windowed tests alone (the catalog caps operations long before this).
 const MAX_SUBJECTS: usize = 1_000;
 
-/// One process: the log of its wealth under each ratio, and the largest single step of each.
+/// Which changes a comparison looks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sides {
+    /// The canary's rate grew (errors, slow requests, exceptions, error logs).
+    #[default]
+    Greater,
+    /// The canary's rate moved either way (calls to a downstream, an operation's share, a
+    /// counter's increments per request): the evidence is mixed over the inverse ratios too.
+    Both,
+}
+
+/// The ratios `sides` mixes over: `RATIOS`, then their inverses when both ways count.
+fn ratio_at(i: usize) -> f64 {
+    if i < RATIOS.len() {
+        RATIOS[i]
+    } else {
+        1.0 / RATIOS[i - RATIOS.len()]
+    }
+}
+
+/// One process: the log of its wealth under each ratio (and each inverse, two-sided).
 #[derive(Clone, Debug)]
 struct Start {
     /// Its place among all starts of the series, from 0: its weight is `6 / (pi^2 (index + 1)^2)`.
     index: u64,
-    log_wealth: [f64; RATIOS.len()],
+    log_wealth: [f64; 2 * RATIOS.len()],
 }
 
 impl Start {
     fn new(index: u64) -> Self {
         Start {
             index,
-            log_wealth: [0.0; RATIOS.len()],
+            log_wealth: [0.0; 2 * RATIOS.len()],
         }
     }
 
@@ -69,16 +95,12 @@ impl Start {
         let j = (self.index + 1) as f64;
         6.0 / (std::f64::consts::PI * std::f64::consts::PI * j * j)
     }
-
-    /// The log of each ratio's share.
-    fn log_weight(&self) -> f64 {
-        self.weight().ln() - (RATIOS.len() as f64).ln()
-    }
 }
 
 /// The evidence of one comparison: a mixture of test supermartingales.
 #[derive(Clone, Debug, Default)]
 pub struct EProcess {
+    sides: Sides,
     /// The first start, kept for the whole analysis.
     first: Option<Start>,
     /// The later starts, newest last.
@@ -94,6 +116,21 @@ pub struct EProcess {
 }
 
 impl EProcess {
+    pub fn new(sides: Sides) -> Self {
+        EProcess {
+            sides,
+            ..EProcess::default()
+        }
+    }
+
+    /// How many ratios the mixture holds.
+    fn ratios(&self) -> usize {
+        match self.sides {
+            Sides::Greater => RATIOS.len(),
+            Sides::Both => 2 * RATIOS.len(),
+        }
+    }
+
     /// Takes one second at `at`: the canary's `x_c` events over `n_c` exposure (requests), the
     /// stable's `x_s` over `n_s`. No step adds more than `cap` to any process's log wealth.
     pub fn observe(&mut self, at: EventTime, (x_c, n_c): (f64, f64), (x_s, n_s): (f64, f64), cap: f64) {
@@ -121,13 +158,15 @@ impl EProcess {
         }
         self.seconds += 1;
         let share = n_c / (n_c + n_s);
-        let mut steps = [0.0; RATIOS.len()];
-        for (step, r) in steps.iter_mut().zip(RATIOS) {
+        let ratios = self.ratios();
+        let mut steps = [0.0; 2 * RATIOS.len()];
+        for (i, step) in steps.iter_mut().enumerate().take(ratios) {
+            let r = ratio_at(i);
             let shifted = r * n_c / (r * n_c + n_s);
             *step = (x_c * (shifted / share).ln() + x_s * ((1.0 - shifted) / (1.0 - share)).ln()).min(cap);
         }
         for start in self.first.iter_mut().chain(self.later.iter_mut()) {
-            for (wealth, step) in start.log_wealth.iter_mut().zip(steps) {
+            for (wealth, step) in start.log_wealth.iter_mut().zip(steps).take(ratios) {
                 *wealth += step;
             }
         }
@@ -135,13 +174,15 @@ impl EProcess {
 
     /// The evidence against "the canary is no worse", as an e-value (1 is none).
     pub fn e_value(&self) -> f64 {
+        let ratios = self.ratios();
         let terms: Vec<f64> = self
             .first
             .iter()
             .chain(self.later.iter())
             .flat_map(|s| {
-                let w = s.log_weight();
-                s.log_wealth.iter().map(move |l| w + l)
+                // Each ratio's share of the start's weight.
+                let w = s.weight().ln() - (ratios as f64).ln();
+                s.log_wealth[..ratios].iter().map(move |l| w + l)
             })
             .collect();
         let Some(top) = terms.iter().copied().reduce(f64::max) else {
@@ -197,24 +238,101 @@ impl Evidence {
 /// The sequential evidence at one look, per check series.
 pub type EvidenceBySeries = HashMap<Series, Evidence>;
 
+/// Evidence spread over subjects whose number is not known in advance (the operations of the
+/// mix): the `k`th subject first seen carries `6 / (pi^2 k^2)` of it, and the weighted mean of
+/// their e-processes (subjects not seen yet held at 1) is itself an e-process.
+#[derive(Clone, Debug, Default)]
+struct Spread {
+    by_subject: HashMap<String, (usize, EProcess)>,
+}
+
+impl Spread {
+    fn weight(rank: usize) -> f64 {
+        let k = rank as f64;
+        6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k)
+    }
+
+    fn process(&mut self, subject: &str, sides: Sides) -> Option<&mut EProcess> {
+        if !self.by_subject.contains_key(subject) {
+            if self.by_subject.len() >= MAX_SUBJECTS {
+                return None;
+            }
+            let rank = self.by_subject.len() + 1;
+            self.by_subject
+                .insert(subject.to_owned(), (rank, EProcess::new(sides)));
+        }
+        self.by_subject.get_mut(subject).map(|(_, p)| p)
+    }
+
+    fn e_value(&self) -> f64 {
+        let (mut e, mut weight) = (0.0, 0.0);
+        for (rank, process) in self.by_subject.values() {
+            let w = Spread::weight(*rank);
+            e += w * process.e_value();
+            weight += w;
+        }
+        e + (1.0 - weight).max(0.0)
+    }
+
+    fn seconds(&self) -> u64 {
+        self.by_subject
+            .values()
+            .map(|(_, p)| p.seconds())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn canary_requests(&self) -> u64 {
+        self.by_subject
+            .values()
+            .map(|(_, p)| p.canary_requests())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// How long after a 10-second block ends its counter increments are taken: a point lands when
+/// its export interval ends (60 s by default in the OpenTelemetry SDKs), and only then are its
+/// increments and their requests attributed to the seconds it covers.
+const METRIC_LAG_S: u64 = 70;
+const BLOCK: EventTime = 10 * SECOND;
+
 /// The sequential evidence of one analysis, per check series.
 #[derive(Clone, Debug, Default)]
 pub struct Sequential {
     by_series: HashMap<Series, EProcess>,
+    /// The operation mix: one two-sided process per operation's share.
+    mix: Spread,
     /// Operations in the order they were first judged, which sets their share of the budget.
     subjects: HashMap<String, usize>,
+    /// Downstreams, exception types and counter series, in the order each group first judged
+    /// them, and how many each group has.
+    keyed: HashMap<(Group, String), usize>,
+    keyed_counts: HashMap<Group, usize>,
+    /// The stable's dispersion of each count, as of the last look: fixed before the seconds it
+    /// scales are taken.
+    dispersion: Dispersion,
     /// The end of the last second taken.
     through: EventTime,
+    /// The end of the last block whose counter increments were taken.
+    metrics_through: EventTime,
 }
 
 impl Sequential {
-    /// Whether checks of `group` decide failures sequentially.
+    /// Whether checks of `group` decide failures sequentially: every comparison with the stable
+    /// (the baseline band compares with what was learned, not with a running version).
     pub fn covers(group: Group) -> bool {
-        matches!(group, Group::Errors | Group::Latency)
+        group != Group::Baseline
+    }
+
+    /// The stable's dispersion of each count (quasi-Poisson), for the seconds taken from now on.
+    pub fn set_dispersion(&mut self, dispersion: Dispersion) {
+        self.dispersion = dispersion;
     }
 
     /// Takes every second from the last one taken up to `now` (of those still held one by one in
-    /// the histories): both versions' requests in it, as steps of each series' evidence.
+    /// the histories): both versions' requests in it, as steps of each series' evidence; and the
+    /// counter increments of every block old enough for its points to have landed.
     pub fn update(&mut self, model: &Model, canary: &History, stable: &History, now: EventTime) {
         let mut start = self.through.max(now.saturating_sub(10 * SECOND));
         while start.saturating_add(SECOND) <= now {
@@ -227,9 +345,182 @@ impl Sequential {
             start += SECOND;
         }
         self.through = self.through.max(now);
+        if model.checks.metrics.is_some() {
+            let ripe = now.saturating_sub(METRIC_LAG_S * SECOND);
+            let mut block = self.metrics_through.max(ripe.saturating_sub(20 * BLOCK));
+            block -= block % BLOCK;
+            while block.saturating_add(BLOCK) <= ripe {
+                if let (Some(can), Some(st)) = (canary.block(block), stable.block(block)) {
+                    self.counters(model, block, can, st);
+                }
+                block += BLOCK;
+            }
+            self.metrics_through = self.metrics_through.max(block);
+        }
+    }
+
+    /// Takes the steps of one count: `x` events of the canary and the stable over `n` requests
+    /// each, the counts scaled down by the stable's dispersion of them (`dispersion_key`).
+    #[allow(clippy::too_many_arguments)]
+    fn count(
+        &mut self,
+        model: &Model,
+        series: Series,
+        sides: Sides,
+        dispersion_key: &str,
+        at: EventTime,
+        (x_c, n_c): (f64, f64),
+        (x_s, n_s): (f64, f64),
+    ) {
+        // Until the stable's spread has been measured at all, a count says nothing: taken as
+        // Poisson, clustered calls would count several times over.
+        if self.dispersion.is_empty() {
+            return;
+        }
+        let phi = self.dispersion.get(dispersion_key);
+        if !self.rank(&series) {
+            return;
+        }
+        let cap = self.step_cap(model, &series);
+        self.by_series
+            .entry(series)
+            .or_insert_with(|| EProcess::new(sides))
+            .observe(at, (x_c / phi, n_c), (x_s / phi, n_s), cap);
+    }
+
+    /// Gives a keyed series (a downstream, exception type or counter series) its place in its
+    /// group, when it has none yet; whether it has one.
+    fn rank(&mut self, (group, feature, _): &Series) -> bool {
+        let Some(subject) = &feature.subject else {
+            return true;
+        };
+        let key = (*group, subject.clone());
+        if self.keyed.contains_key(&key) {
+            return true;
+        }
+        let count = self.keyed_counts.entry(*group).or_default();
+        if *count >= MAX_SUBJECTS {
+            return false;
+        }
+        *count += 1;
+        self.keyed.insert(key, *count);
+        true
     }
 
     fn second(&mut self, model: &Model, at: EventTime, can: &Aggregate, st: &Aggregate, stable: &History) {
+        self.requests(model, at, can, st, stable);
+        let c = &model.checks;
+        let n = (can.all.requests as f64, st.all.requests as f64);
+        if c.call_graph.is_some() {
+            let downstreams: BTreeSet<&String> = can.calls.keys().chain(st.calls.keys()).collect();
+            for ds in downstreams {
+                let calls = |a: &Aggregate| a.calls.get(ds).map_or(0.0, |c| c.0 as f64);
+                let series = (
+                    Group::CallGraph,
+                    feature_of("calls_per_request", Some(ds)),
+                    Test::PoissonRate,
+                );
+                let key = format!("call:{ds}");
+                self.count(
+                    model,
+                    series,
+                    Sides::Both,
+                    &key,
+                    at,
+                    (calls(can), n.0),
+                    (calls(st), n.1),
+                );
+            }
+        }
+        if c.exceptions.is_some() {
+            let types: BTreeSet<&String> = can.exceptions.keys().chain(st.exceptions.keys()).collect();
+            for ty in types {
+                let count = |a: &Aggregate| a.exceptions.get(ty).copied().unwrap_or(0) as f64;
+                let series = (
+                    Group::Exceptions,
+                    feature_of("exception_rate", Some(ty)),
+                    Test::PoissonRate,
+                );
+                let key = format!("exception:{ty}");
+                self.count(
+                    model,
+                    series,
+                    Sides::Greater,
+                    &key,
+                    at,
+                    (count(can), n.0),
+                    (count(st), n.1),
+                );
+            }
+        }
+        if c.error_logs.is_some() {
+            let series = (
+                Group::ErrorLogs,
+                feature_of("error_log_rate", None),
+                Test::PoissonRate,
+            );
+            let x = (can.error_logs as f64, st.error_logs as f64);
+            self.count(
+                model,
+                series,
+                Sides::Greater,
+                "error_logs",
+                at,
+                (x.0, n.0),
+                (x.1, n.1),
+            );
+        }
+        if c.operation_mix.is_some() {
+            // Each operation's requests among all requests: when both versions serve one mix,
+            // the canary's share of an operation's requests in a second is a binomial draw with
+            // its share of all requests, exactly (requests are routed one by one).
+            let series = (
+                Group::OperationMix,
+                feature_of("operation_share", None),
+                Test::ChiSquare,
+            );
+            let cap = self.step_cap(model, &series);
+            let ops: BTreeSet<&String> = can.operations.keys().chain(st.operations.keys()).collect();
+            for op in ops {
+                let requests = |a: &Aggregate| a.operations.get(op).map_or(0.0, |r| r.requests as f64);
+                if let Some(process) = self.mix.process(op, Sides::Both) {
+                    process.observe(at, (requests(can), n.0), (requests(st), n.1), cap);
+                }
+            }
+        }
+    }
+
+    /// The counter increments per request of one block of each version: increments over the
+    /// requests of the time they cover (`History`), both over the same block.
+    fn counters(&mut self, model: &Model, at: EventTime, can: &Aggregate, st: &Aggregate) {
+        for (series, s) in &st.metrics {
+            let Some(c) = can.metrics.get(series) else {
+                continue;
+            };
+            if c.exposure <= 0.0 || s.exposure <= 0.0 {
+                continue;
+            }
+            let name = series.to_string();
+            let key = format!("metric:{name}");
+            let id = (
+                Group::Metrics,
+                feature_of("metric_rate", Some(&name)),
+                Test::PoissonRate,
+            );
+            self.count(
+                model,
+                id,
+                Sides::Both,
+                &key,
+                at,
+                (c.increment, c.exposure),
+                (s.increment, s.exposure),
+            );
+        }
+    }
+
+    /// The error ratio and latency steps of one second, of the app and of each operation.
+    fn requests(&mut self, model: &Model, at: EventTime, can: &Aggregate, st: &Aggregate, stable: &History) {
         static EMPTY: std::sync::OnceLock<RequestAggregate> = std::sync::OnceLock::new();
         let empty = EMPTY.get_or_init(RequestAggregate::default);
         let c = &model.checks;
@@ -301,7 +592,8 @@ impl Sequential {
 
     /// The evidence of every series, with what each needs: what the checks of one look read.
     pub fn evidence(&self, model: &Model) -> EvidenceBySeries {
-        self.by_series
+        let mut by_series: EvidenceBySeries = self
+            .by_series
             .iter()
             .map(|(series, process)| {
                 let evidence = Evidence {
@@ -312,7 +604,22 @@ impl Sequential {
                 };
                 (series.clone(), evidence)
             })
-            .collect()
+            .collect();
+        if !self.mix.by_subject.is_empty() {
+            let series = (
+                Group::OperationMix,
+                feature_of("operation_share", None),
+                Test::ChiSquare,
+            );
+            let evidence = Evidence {
+                e_value: self.mix.e_value(),
+                needed: 1.0 / self.alpha(model, &series),
+                seconds: self.mix.seconds(),
+                canary_requests: self.mix.canary_requests(),
+            };
+            by_series.insert(series, evidence);
+        }
+        by_series
     }
 
     /// The most one second may add to `series`' log evidence: half of what it needs to fail.
@@ -320,46 +627,63 @@ impl Sequential {
         (1.0 / self.alpha(model, series)).ln() / 2.0
     }
 
-    /// `series`' share of the model's false-failure budget: split over the sequential groups by
-    /// weight (each group at least a sliver), within a group 60% to the app-wide checks and 40%
-    /// to the operations, the `k`th operation first seen getting `6 / (pi^2 k^2)` of that (so
-    /// that any number of operations stays within it), and evenly over a subject's quantiles.
+    /// `series`' share of the model's false-failure budget: split over the groups by weight
+    /// (each group at least a sliver). Within the error ratio and latency groups 60% goes to the
+    /// app-wide checks and 40% to the operations, the `k`th operation first seen getting
+    /// `6 / (pi^2 k^2)` of that (so that any number of operations stays within it), and evenly
+    /// over a subject's quantiles; within the call graph, exceptions and counters the `k`th
+    /// downstream, type or series first seen gets `6 / (pi^2 k^2)` of its group's share.
     pub fn alpha(&self, model: &Model, (group, feature, _): &Series) -> f64 {
         let c = &model.checks;
         let share = |w: f64| w.max(0.0) + 1.0;
-        let groups = [
-            (
-                Group::Errors,
-                c.error_ratio.as_ref().map(|e| (e.weight, e.per_operation, 1)),
-            ),
-            (
-                Group::Latency,
-                c.latency
-                    .as_ref()
-                    .map(|l| (l.weight, l.per_operation, l.quantiles.len().max(1))),
-            ),
+        let weights = [
+            (Group::Errors, c.error_ratio.as_ref().map(|e| e.weight)),
+            (Group::Latency, c.latency.as_ref().map(|l| l.weight)),
+            (Group::OperationMix, c.operation_mix.as_ref().map(|m| m.weight)),
+            (Group::CallGraph, c.call_graph.as_ref().map(|g| g.weight)),
+            (Group::Exceptions, c.exceptions.as_ref().map(|r| r.weight)),
+            (Group::ErrorLogs, c.error_logs.as_ref().map(|r| r.weight)),
+            (Group::Metrics, c.metrics.as_ref().map(|m| m.weight)),
         ];
-        let total: f64 = groups
-            .iter()
-            .filter_map(|(_, spec)| spec.map(|(w, _, _)| share(w)))
-            .sum();
-        let Some((weight, per_operation, series_per_subject)) = groups
-            .iter()
-            .find(|(g, _)| g == group)
-            .and_then(|(_, spec)| *spec)
-        else {
+        let total: f64 = weights.iter().filter_map(|(_, w)| w.map(share)).sum();
+        let Some(weight) = weights.iter().find(|(g, _)| g == group).and_then(|(_, w)| *w) else {
             return 0.0;
         };
         let budget = model.decision.false_failure_rate * share(weight) / total;
-        let per_subject = series_per_subject as f64;
+        let by_rank = |k: f64| 6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k);
+        let (per_operation, per_subject) = match group {
+            Group::Errors => (c.error_ratio.as_ref().is_some_and(|e| e.per_operation), 1.0),
+            Group::Latency => c.latency.as_ref().map_or((false, 1.0), |l| {
+                (l.per_operation, l.quantiles.len().max(1) as f64)
+            }),
+            _ => {
+                return match &feature.subject {
+                    None => budget,
+                    Some(subject) => {
+                        // A subject past the cap has no place, and no share: it never fails.
+                        self.keyed
+                            .get(&(*group, subject.clone()))
+                            .map_or(0.0, |k| budget * by_rank(*k as f64))
+                    }
+                };
+            }
+        };
         match &feature.subject {
             None if per_operation => budget * 0.6 / per_subject,
             None => budget / per_subject,
             Some(op) => {
                 let k = self.subjects.get(op).copied().unwrap_or(MAX_SUBJECTS) as f64;
-                budget * 0.4 * 6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k) / per_subject
+                budget * 0.4 * by_rank(k) / per_subject
             }
         }
+    }
+}
+
+/// A feature as the checks name it.
+fn feature_of(name: &str, subject: Option<&str>) -> Feature {
+    Feature {
+        name: name.to_owned(),
+        subject: subject.map(str::to_owned),
     }
 }
 
@@ -377,12 +701,18 @@ mod tests {
     /// swings from second to second.
     #[test]
     fn a_healthy_canary_rarely_ever_reaches_the_threshold() {
+        for sides in [Sides::Greater, Sides::Both] {
+            healthy_runs_rarely_cross(sides);
+        }
+    }
+
+    fn healthy_runs_rarely_cross(sides: Sides) {
         let alpha = 0.05;
         let runs = 400;
         let mut crossed = 0;
         for seed in 0..runs {
             let mut rng = Rng::new(seed);
-            let mut e = EProcess::default();
+            let mut e = EProcess::new(sides);
             let mut ever = false;
             for second in 0..600u64 {
                 let load = 1.0 + 0.8 * ((second as f64) / 60.0).sin();
@@ -405,8 +735,164 @@ mod tests {
         // At most alpha in expectation; 400 runs put a binomial's 99.9% bound near 0.085.
         assert!(
             (crossed as f64) / (runs as f64) <= 0.085,
+            "{sides:?}: {crossed} of {runs} healthy runs crossed"
+        );
+    }
+
+    /// A canary that stopped making half its calls is evidence only when both ways count.
+    #[test]
+    fn a_drop_is_caught_two_sided_and_never_one_sided() {
+        let needed: f64 = 1_000.0;
+        let mut rng = Rng::new(3);
+        let (mut greater, mut both) = (EProcess::new(Sides::Greater), EProcess::new(Sides::Both));
+        let mut caught = None;
+        for second in 0..600u64 {
+            let (n_c, n_s) = (20, 80);
+            let x_c = binomial(&mut rng, n_c, 0.25);
+            let x_s = binomial(&mut rng, n_s, 0.5);
+            for e in [&mut greater, &mut both] {
+                e.observe(
+                    second * SECOND,
+                    (x_c as f64, n_c as f64),
+                    (x_s as f64, n_s as f64),
+                    needed.ln() / 2.0,
+                );
+            }
+            if caught.is_none() && both.e_value() >= needed {
+                caught = Some(second);
+            }
+        }
+        assert!(caught.is_some_and(|s| s < 60), "caught at {caught:?}");
+        assert!(greater.e_value() < 1.0, "one-sided: {}", greater.e_value());
+    }
+
+    /// The operation mix's evidence, per operation and spread over them, when both versions
+    /// serve the same mix (which drifts with the hour, as real mixes do): it reaches `1 / alpha`
+    /// in at most about `alpha` of long runs.
+    #[test]
+    fn the_mix_of_a_healthy_canary_rarely_ever_reaches_the_threshold() {
+        let alpha = 0.05;
+        let runs = 300;
+        let mut crossed = 0;
+        for seed in 0..runs {
+            let mut rng = Rng::new(10_000 + seed);
+            let mut mix = Spread::default();
+            let mut ever = false;
+            for second in 0..600u64 {
+                let drift = ((second as f64) / 120.0).sin();
+                let weights = [4.0 + 2.0 * drift, 2.0, 1.0 - 0.5 * drift, 0.5, 0.1, 0.02];
+                let total: f64 = weights.iter().sum();
+                let mut counts = [[0u64; 6]; 2];
+                for _ in 0..(20 + rng.below(20)) {
+                    let mut pick = rng.unit() * total;
+                    let mut op = 0;
+                    while op + 1 < weights.len() && pick >= weights[op] {
+                        pick -= weights[op];
+                        op += 1;
+                    }
+                    counts[usize::from(rng.unit() < 0.2)][op] += 1;
+                }
+                let n = |v: usize| counts[v].iter().sum::<u64>() as f64;
+                for op in 0..weights.len() {
+                    let name = format!("op{op}");
+                    if let Some(p) = mix.process(&name, Sides::Both) {
+                        p.observe(
+                            second * SECOND,
+                            (counts[1][op] as f64, n(1)),
+                            (counts[0][op] as f64, n(0)),
+                            f64::INFINITY,
+                        );
+                    }
+                }
+                ever |= mix.e_value() >= 1.0 / alpha;
+            }
+            crossed += u32::from(ever);
+        }
+        assert!(
+            (crossed as f64) / (runs as f64) <= 0.09,
             "{crossed} of {runs} healthy runs crossed"
         );
+    }
+
+    fn every_check() -> Model {
+        use crate::judge::model::*;
+        Model {
+            name: "every check".into(),
+            description: String::new(),
+            mode: Mode::Enforce,
+            decision: Decision::default(),
+            checks: Checks {
+                error_ratio: Some(ErrorRatioCheck::default()),
+                latency: Some(LatencyCheck::default()),
+                operation_mix: Some(OperationMixCheck::default()),
+                call_graph: Some(CallGraphCheck::default()),
+                exceptions: Some(RateCheck::default()),
+                error_logs: Some(RateCheck::default()),
+                metrics: Some(MetricsCheck::default()),
+                baseline: None,
+            },
+            stages: Vec::new(),
+            promotion: Vec::new(),
+        }
+    }
+
+    /// However many operations, downstreams, exception types and counter series an analysis
+    /// meets, the shares of every series it can fail on add up to no more than the model's one
+    /// `false_failure_rate`: the chance that a healthy canary is failed on anything.
+    #[test]
+    fn every_series_together_spends_at_most_the_false_failure_rate() {
+        let model = every_check();
+        let mut sequential = Sequential::default();
+        let subjects = 300;
+        let mut series: Vec<Series> = Vec::new();
+        let quantiles = model.checks.latency.as_ref().map_or(0, |l| l.quantiles.len());
+        for k in 0..=subjects {
+            let subject = (k > 0).then(|| format!("subject-{k}"));
+            if let Some(op) = &subject {
+                sequential.subjects.insert(op.clone(), k);
+            }
+            series.push((
+                Group::Errors,
+                feature_of("error_ratio", subject.as_deref()),
+                Test::FisherExact,
+            ));
+            for q in 0..quantiles {
+                let name = format!("latency_q{q}");
+                series.push((
+                    Group::Latency,
+                    feature_of(&name, subject.as_deref()),
+                    Test::Exceedance,
+                ));
+            }
+            if let Some(s) = &subject {
+                for group in [Group::CallGraph, Group::Exceptions, Group::Metrics] {
+                    let keyed = (group, feature_of("rate", Some(s)), Test::PoissonRate);
+                    assert!(sequential.rank(&keyed));
+                    series.push(keyed);
+                }
+            }
+        }
+        series.push((
+            Group::ErrorLogs,
+            feature_of("error_log_rate", None),
+            Test::PoissonRate,
+        ));
+        series.push((
+            Group::OperationMix,
+            feature_of("operation_share", None),
+            Test::ChiSquare,
+        ));
+        let spent: f64 = series.iter().map(|s| sequential.alpha(&model, s)).sum();
+        let budget = model.decision.false_failure_rate;
+        assert!(spent <= budget, "{spent} of {budget}");
+        assert!(spent > 0.9 * budget, "most of it is spent: {spent} of {budget}");
+        // A subject past the cap has no place and no share.
+        let past = (
+            Group::CallGraph,
+            feature_of("rate", Some("unranked")),
+            Test::PoissonRate,
+        );
+        assert_eq!(sequential.alpha(&model, &past), 0.0);
     }
 
     #[test]

@@ -16,9 +16,7 @@ pub(super) fn error_ratio(
     t: &Thresholds,
 ) -> Check {
     let id = w.id(Group::Errors, s.feature("error_ratio"), Test::FisherExact);
-    let sequential = w
-        .sequential
-        .map(|by_series| by_series.get(&id.series()).copied().unwrap_or_default());
+    let sequential = w.sequential(&id);
     let spec = s.spec(id, (e.critical, e.weight), t, e.min_ratio);
     let (alpha, can, stable) = (spec.alpha, s.canary, s.stable);
     let rc = ratio(can.errors as f64, can.requests as f64);

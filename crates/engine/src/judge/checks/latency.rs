@@ -21,9 +21,7 @@ pub(super) fn latency(
         s.feature(format!("latency_p{pct}_ms")),
         Test::Exceedance,
     );
-    let sequential = w
-        .sequential
-        .map(|by_series| by_series.get(&id.series()).copied().unwrap_or_default());
+    let sequential = w.sequential(&id);
     let spec = s.spec(id, (l.critical, l.weight), t, l.min_ratio);
     let (alpha, can, stable) = (spec.alpha, s.canary, s.stable);
     let stable_q = stable.latency_ms.quantile(q);

@@ -16,6 +16,7 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
         Feature::app("operation_share"),
         Test::ChiSquare,
     );
+    let sequential = w.sequential(&id);
     let mut spec = Spec::new(
         id,
         None,
@@ -93,7 +94,7 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
             )
         });
         evidence.test = homogeneity(&canary, &stable).map(|p| Tested {
-            sequential: None,
+            sequential,
             significance: Significance::PValue(p),
             effect: tvd,
             effect_ok: tvd >= m.min_distance,

@@ -642,6 +642,13 @@ impl Windows<'_> {
         requests as f64 / self.seen_s.min(self.horizon_s).max(1) as f64
     }
 
+    /// The analysis's sequential evidence for the series of check `id`: none yet reads as none
+    /// at all. `None` where the windows are judged without any (a provisional look, a test).
+    fn sequential(&self, id: &CheckId) -> Option<crate::judge::sequential::Evidence> {
+        self.sequential
+            .map(|by_series| by_series.get(&id.series()).copied().unwrap_or_default())
+    }
+
     /// The id of this horizon's check of `feature`.
     fn id(&self, group: Group, feature: Feature, test: Test) -> CheckId {
         CheckId {
@@ -708,6 +715,11 @@ impl Dispersion {
 
     pub fn get(&self, key: &str) -> f64 {
         self.0.get(key).copied().unwrap_or(1.0)
+    }
+
+    /// Whether no part has been measured yet (nothing says how any count is spread).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

@@ -152,6 +152,7 @@ fn growth(
     t: &Thresholds,
 ) -> Check {
     let feature = id.feature.to_string();
+    let sequential = w.sequential(&id);
     let spec = Spec::new(id, None, (r.critical, r.weight), t, r.min_ratio, "ratio");
     let mut evidence = counts.evidence(w, d.min_requests);
     let (rate_c, Some(rate_r)) = counts.rates() else {
@@ -165,7 +166,7 @@ fn growth(
         let new = counts.x.1 == 0.0 && counts.x.0 > 0.0;
         let against = format!("{feature}: {rate_c:.4} per request against the stable's {rate_r:.4}");
         Tested {
-            sequential: None,
+            sequential,
             significance: counts.growth(),
             effect: if rate_r > 0.0 {
                 rate_c / rate_r
@@ -203,6 +204,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
         Feature::of("calls_per_request", downstream),
         Test::PoissonRate,
     );
+    let sequential = w.sequential(&id);
     let spec = Spec::new(id, None, (g.critical, g.weight), t, g.min_ratio, "ratio");
     let counts = Counts::of(w, &format!("call:{downstream}"), |a| {
         a.calls.get(downstream).map_or(0, |c| c.0) as f64
@@ -245,7 +247,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
             format!("calls per request to {downstream}: {cpr_c:.3} against the stable's {cpr_r:.3}")
         };
         Tested {
-            sequential: None,
+            sequential,
             significance,
             effect,
             effect_ok: (cpr_c - cpr_r).abs() >= g.min_change
@@ -264,6 +266,7 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
         Feature::of("metric_rate", &name),
         Test::PoissonRate,
     );
+    let sequential = w.sequential(&id);
     let spec = Spec::new(id, None, (m.critical, m.weight), t, m.min_ratio, "ratio");
     // Increments over the requests of the time they cover (`judge::history`), not over the
     // window's requests: a point's increments may cover time before the window, or not yet reach
@@ -312,7 +315,7 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
         let effect = per_c / per_r;
         let finding = format!("{name}: {per_c:.4} per request against the stable's {per_r:.4}");
         Tested {
-            sequential: None,
+            sequential,
             significance: counts.change().0,
             effect,
             effect_ok: effect >= m.min_ratio || effect <= 1.0 / m.min_ratio,
