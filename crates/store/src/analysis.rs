@@ -12,6 +12,7 @@
 //! nor a model field added with a default changes what a stored record means.
 
 use canaryd_engine::judge::checks::{Check, CheckId, Feature, Group, Outcome, Test, effect_kind_named};
+use canaryd_engine::judge::sequential::{ProcessState, SequentialState};
 use canaryd_engine::judge::{AnalysisSnapshot, GateMetric, GateOutcome, GateResult, Model, State};
 use canaryd_engine::window::RequestAggregate;
 use serde::{Deserialize, Serialize};
@@ -310,6 +311,8 @@ impl TryFrom<&AnalysisRecord> for AnalysisSnapshot {
             canary_requests: r.canary_requests,
             stable_requests: r.stable_requests,
             retired: r.retired.clone(),
+            // Kept in a tree of its own (`SequentialRecord`), and attached by the store.
+            sequential: SequentialState::default(),
         })
     }
 }
@@ -488,5 +491,131 @@ mod tests {
         let old = store.db.open_tree(crate::ANALYSES_V2).expect("tree");
         assert_eq!(old.len(), 1);
         assert!(old.get(b"junk").expect("read").is_some());
+    }
+}
+
+/// An analysis's sequential evidence (`judge::sequential`), in the `sequential.1` tree under the
+/// analysis's key, written with its record. It names the analysis it belongs to, so evidence is
+/// never taken up by another analysis of the same app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SequentialRecord {
+    pub stable: String,
+    pub canary: String,
+    pub started_at: u64,
+    pub series: Vec<(CheckKeyRecord, ProcessRecord)>,
+    pub mix: Vec<(String, u64, ProcessRecord)>,
+    pub subjects: Vec<(String, u64)>,
+    /// Group name, subject, rank.
+    pub keyed: Vec<(String, String, u64)>,
+    pub through: u64,
+    pub metrics_through: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub two_sided: bool,
+    pub starts: Vec<(u64, Vec<f64>)>,
+    pub started: u64,
+    pub started_weight: f64,
+    pub last_start: u64,
+    pub seconds: u64,
+    pub canary_requests: f64,
+}
+
+impl From<&ProcessState> for ProcessRecord {
+    fn from(p: &ProcessState) -> Self {
+        ProcessRecord {
+            two_sided: p.two_sided,
+            starts: p.starts.clone(),
+            started: p.started,
+            started_weight: p.started_weight,
+            last_start: p.last_start,
+            seconds: p.seconds,
+            canary_requests: p.canary_requests,
+        }
+    }
+}
+
+impl From<&ProcessRecord> for ProcessState {
+    fn from(p: &ProcessRecord) -> Self {
+        ProcessState {
+            two_sided: p.two_sided,
+            starts: p.starts.clone(),
+            started: p.started,
+            started_weight: p.started_weight,
+            last_start: p.last_start,
+            seconds: p.seconds,
+            canary_requests: p.canary_requests,
+        }
+    }
+}
+
+impl SequentialRecord {
+    /// The record of `s`'s sequential evidence.
+    pub fn of(s: &AnalysisSnapshot) -> SequentialRecord {
+        let q = &s.sequential;
+        SequentialRecord {
+            stable: s.stable.clone(),
+            canary: s.canary.clone(),
+            started_at: s.started_at,
+            series: q
+                .series
+                .iter()
+                .map(|((group, feature, test), p)| (key_record(*group, feature, *test), p.into()))
+                .collect(),
+            mix: q
+                .mix
+                .iter()
+                .map(|(op, rank, p)| (op.clone(), *rank as u64, p.into()))
+                .collect(),
+            subjects: q.subjects.iter().map(|(op, k)| (op.clone(), *k as u64)).collect(),
+            keyed: q
+                .keyed
+                .iter()
+                .map(|(group, subject, k)| (group.name().to_owned(), subject.clone(), *k as u64))
+                .collect(),
+            through: q.through,
+            metrics_through: q.metrics_through,
+        }
+    }
+
+    /// Whether it is the evidence of analysis `s` (and not of an earlier one of the same app).
+    pub fn belongs_to(&self, s: &AnalysisSnapshot) -> bool {
+        self.stable == s.stable && self.canary == s.canary && self.started_at == s.started_at
+    }
+}
+
+impl TryFrom<&SequentialRecord> for SequentialState {
+    type Error = ConvertError;
+
+    fn try_from(r: &SequentialRecord) -> Result<Self, ConvertError> {
+        let rank = |k: u64| usize::try_from(k).map_err(|_| unknown("rank", &k.to_string()));
+        Ok(SequentialState {
+            series: r
+                .series
+                .iter()
+                .map(|(key, p)| key_of(key).map(|series| (series, p.into())))
+                .collect::<Result<_, _>>()?,
+            mix: r
+                .mix
+                .iter()
+                .map(|(op, k, p)| Ok((op.clone(), rank(*k)?, p.into())))
+                .collect::<Result<_, ConvertError>>()?,
+            subjects: r
+                .subjects
+                .iter()
+                .map(|(op, k)| Ok((op.clone(), rank(*k)?)))
+                .collect::<Result<_, ConvertError>>()?,
+            keyed: r
+                .keyed
+                .iter()
+                .map(|(group, subject, k)| {
+                    let group = Group::named(group).ok_or_else(|| unknown("check group", group))?;
+                    Ok((group, subject.clone(), rank(*k)?))
+                })
+                .collect::<Result<_, ConvertError>>()?,
+            through: r.through,
+            metrics_through: r.metrics_through,
+        })
     }
 }

@@ -10,7 +10,9 @@
 //! Trees of schema 2: `meta` (the schema), `clocks.2` (each app's event-time clock), `apps.2` (each
 //! app's catalog entry), `baselines.2` (each baseline's EWMA and current slot), `slots.2` (the
 //! seasonal hour-of-week summaries paged out of memory), `analyses.3` (each app's canary analysis:
-//! declared rollout, model, stage, verdict and its evidence; `analysis`), keyed as `keys` says: a
+//! declared rollout, model, stage, verdict and its evidence; `analysis`), `sequential.1` (each
+//! analysis's sequential evidence, under the analysis's key, naming the analysis it is of), keyed
+//! as `keys` says: a
 //! version's keys never collide with the app's or another version's. Every engine value is the
 //! schema byte, then postcard of its record.
 //!
@@ -68,8 +70,9 @@ use serde::de::DeserializeOwned;
 
 pub use daemon::{DeliveryRecord, EventRecord, SubscriptionRecord};
 
-use analysis::AnalysisRecord;
+use analysis::{AnalysisRecord, SequentialRecord};
 use canaryd_engine::judge::AnalysisSnapshot;
+use canaryd_engine::judge::sequential::SequentialState;
 pub use records::ConvertError;
 use records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 
@@ -89,6 +92,9 @@ const SLOTS: &str = "slots.2";
 const ANALYSES: &str = "analyses.3";
 /// The analyses' tree before approvals and promotion chains, moved to `ANALYSES` at open.
 const ANALYSES_V2: &str = "analyses.2";
+/// Each analysis's sequential evidence, under the analysis's key (`analysis::SequentialRecord`):
+/// a tree of its own, so that the analyses' records keep their layout.
+const SEQUENTIAL: &str = "sequential.1";
 
 /// The daemon's trees (their records are `daemon`'s, under `DAEMON_FORMAT`).
 const EVENTS: &str = "events";
@@ -236,6 +242,7 @@ pub struct Store<R: DaemonRecords = AsStored> {
     baselines: sled::Tree,
     slots: sled::Tree,
     analyses: sled::Tree,
+    sequential: sled::Tree,
     events: sled::Tree,
     subscriptions: sled::Tree,
     outbox: sled::Tree,
@@ -258,6 +265,7 @@ impl<R: DaemonRecords> Clone for Store<R> {
             baselines: self.baselines.clone(),
             slots: self.slots.clone(),
             analyses: self.analyses.clone(),
+            sequential: self.sequential.clone(),
             events: self.events.clone(),
             subscriptions: self.subscriptions.clone(),
             outbox: self.outbox.clone(),
@@ -390,6 +398,7 @@ impl<R: DaemonRecords> Store<R> {
             baselines: tree(BASELINES)?,
             slots: tree(SLOTS)?,
             analyses: tree(ANALYSES)?,
+            sequential: tree(SEQUENTIAL)?,
             events,
             subscriptions: tree(SUBSCRIPTIONS)?,
             outbox,
@@ -435,8 +444,10 @@ impl<R: DaemonRecords> Store<R> {
                 self.corrupt(BASELINES, &key);
             }
         }
-        for (_, record) in self.records::<AnalysisRecord>(&self.analyses, ANALYSES)? {
-            state.judge.analyses.push(AnalysisSnapshot::try_from(&record)?);
+        for (key, record) in self.records::<AnalysisRecord>(&self.analyses, ANALYSES)? {
+            let mut analysis = AnalysisSnapshot::try_from(&record)?;
+            attach_evidence(&self.sequential, &key, &mut analysis, &self.counters)?;
+            state.judge.analyses.push(analysis);
         }
         Ok(state)
     }
@@ -566,13 +577,19 @@ impl<R: DaemonRecords> Store<R> {
         self.baselines.apply_batch(batch).map_err(io)?;
         // Ended first: an analysis ended and started again since the last write is written anew.
         let mut batch = sled::Batch::default();
+        let mut evidence = sled::Batch::default();
         for (env, app) in &state.judge.ended {
             batch.remove(keys::app(env, app));
+            evidence.remove(keys::app(env, app));
         }
         for analysis in &state.judge.analyses {
             let record = AnalysisRecord::try_from(analysis)?;
-            batch.insert(keys::app(&analysis.env, &analysis.app), encode(&record));
+            let key = keys::app(&analysis.env, &analysis.app);
+            evidence.insert(key.clone(), encode(&SequentialRecord::of(analysis)));
+            batch.insert(key, encode(&record));
         }
+        // Evidence first: read back only with the record of the analysis it names.
+        self.sequential.apply_batch(evidence).map_err(io)?;
         self.analyses.apply_batch(batch).map_err(io)?;
         let written =
             state.clocks.len() + state.apps.len() + state.baselines.len() + state.judge.analyses.len();
@@ -1236,6 +1253,7 @@ impl<R: DaemonRecords> Store<R> {
             apps: self.apps.clone(),
             baselines: self.baselines.clone(),
             analyses: self.analyses.clone(),
+            sequential: self.sequential.clone(),
             counters: self.counters.clone(),
         }
     }
@@ -1246,12 +1264,48 @@ impl<R: DaemonRecords> Store<R> {
     }
 }
 
+/// Gives `analysis` the sequential evidence kept under `key`, when it is that analysis's: a
+/// record left by an earlier analysis of the app is not taken up. Evidence that cannot be read is
+/// lost, not guessed (counted and logged like any corrupt record): the analysis's tests start
+/// again.
+fn attach_evidence(
+    tree: &sled::Tree,
+    key: &[u8],
+    analysis: &mut AnalysisSnapshot,
+    counters: &StoreCounters,
+) -> Result<(), StoreError> {
+    let bytes = tree.get(key).map_err(|source| StoreError::Io {
+        operation: "read sequential evidence",
+        source,
+    })?;
+    match bytes.map(|b| decode::<SequentialRecord>(&b)) {
+        Some(Decoded::Record(evidence)) if evidence.belongs_to(analysis) => {
+            analysis.sequential = SequentialState::try_from(&evidence)?;
+        }
+        // None kept, or another analysis's.
+        None | Some(Decoded::Record(_)) => {}
+        Some(Decoded::Newer(found)) => {
+            return Err(StoreError::NewerRecord {
+                tree: SEQUENTIAL,
+                found,
+                supported: SCHEMA,
+            });
+        }
+        Some(Decoded::Corrupt) => {
+            tracing::warn!(tree = SEQUENTIAL, key = ?key, "skipping a store record that does not decode");
+            counters.records_skipped.inc();
+        }
+    }
+    Ok(())
+}
+
 /// Apps the engine moved out of memory, read back from their records when seen again.
 pub struct SledArchive {
     clocks: sled::Tree,
     apps: sled::Tree,
     baselines: sled::Tree,
     analyses: sled::Tree,
+    sequential: sled::Tree,
     counters: StoreCounters,
 }
 
@@ -1289,7 +1343,12 @@ impl SledArchive {
             }
         }
         let analysis = match Self::one::<AnalysisRecord>(&self.analyses, &key)? {
-            Some(record) => Some(AnalysisSnapshot::try_from(&record).map_err(|e| e.to_string())?),
+            Some(record) => {
+                let mut analysis = AnalysisSnapshot::try_from(&record).map_err(|e| e.to_string())?;
+                attach_evidence(&self.sequential, &key, &mut analysis, &self.counters)
+                    .map_err(|e| e.to_string())?;
+                Some(analysis)
+            }
             None => None,
         };
         Ok(Some(ArchivedApp {

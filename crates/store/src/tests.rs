@@ -929,6 +929,34 @@ pub(crate) fn analysis(app: &str) -> AnalysisSnapshot {
         canary_requests: 400,
         stable_requests: 9000,
         retired: Some("v1".into()),
+        sequential: evidence(&id),
+    }
+}
+
+/// Sequential evidence part way through an analysis: a one-sided series with a first and a later
+/// start, a two-sided operation of the mix, and ranks.
+fn evidence(id: &canaryd_engine::judge::checks::CheckId) -> SequentialState {
+    use canaryd_engine::judge::checks::Group;
+    use canaryd_engine::judge::sequential::ProcessState;
+    let process = |two_sided: bool| ProcessState {
+        two_sided,
+        starts: vec![
+            (0, vec![-0.5, 1.25, 2.0, 0.0, -3.0, 0.5, 0.25, 0.125]),
+            (7, vec![0.1; if two_sided { 16 } else { 8 }]),
+        ],
+        started: 8,
+        started_weight: 0.98,
+        last_start: 240_000_000_000,
+        seconds: 190,
+        canary_requests: 1_234.5,
+    };
+    SequentialState {
+        series: vec![(id.series(), process(false))],
+        mix: vec![("GET /".into(), 1, process(true))],
+        subjects: vec![("GET /".into(), 1), ("POST /orders".into(), 2)],
+        keyed: vec![(Group::CallGraph, "db".into(), 1)],
+        through: 250_000_000_000,
+        metrics_through: 170_000_000_000,
     }
 }
 
@@ -957,6 +985,36 @@ fn analyses_survive_a_restart_and_an_ended_one_is_gone() {
     again.judge.analyses = vec![restarted.clone()];
     store.write(&again).expect("write");
     assert_eq!(store.load().expect("load").judge.analyses, vec![restarted]);
+}
+
+/// An analysis's sequential evidence is read back only with that analysis: evidence left under
+/// the app's key by an earlier analysis (a write that stopped between the two trees, an older
+/// build that kept only the record) is not taken up by another.
+#[test]
+fn sequential_evidence_is_read_back_only_with_its_own_analysis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut state = EngineState::default();
+    state.judge.analyses = vec![analysis("shop")];
+    store.write(&state).expect("write");
+    let mut record = AnalysisRecord::try_from(&analysis("shop")).expect("record");
+    record.canary = "v3".into();
+    store
+        .analyses
+        .insert(keys::app("prod", "shop"), encode(&record))
+        .expect("insert");
+    let loaded = store.load().expect("load").judge.analyses;
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].canary, "v3");
+    assert_eq!(loaded[0].sequential, SequentialState::default());
+    // Evidence that does not decode is skipped and counted; the analysis is still read.
+    store
+        .sequential
+        .insert(keys::app("prod", "shop"), vec![SCHEMA as u8, 0xff, 0xff])
+        .expect("insert");
+    let skipped = store.counters.records_skipped.get();
+    assert_eq!(store.load().expect("load").judge.analyses.len(), 1);
+    assert_eq!(store.counters.records_skipped.get(), skipped + 1);
 }
 
 /// A format-1 event as the daemon wrote it (postcard of its `Event`, which the frozen record

@@ -679,6 +679,150 @@ impl Sequential {
     }
 }
 
+/// One process's state, as the store keeps it: its starts (the first, index 0, when still held,
+/// then the later ones, oldest first), each with the log of its wealth under each ratio.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessState {
+    pub two_sided: bool,
+    pub starts: Vec<(u64, Vec<f64>)>,
+    pub started: u64,
+    pub started_weight: f64,
+    pub last_start: EventTime,
+    pub seconds: u64,
+    pub canary_requests: f64,
+}
+
+/// The whole sequential evidence of one analysis as the store keeps it, so that a restart
+/// continues the same tests rather than starting new ones (which would spend the false-failure
+/// budget again).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SequentialState {
+    pub series: Vec<(Series, ProcessState)>,
+    /// The operation mix: each operation, its rank and its process.
+    pub mix: Vec<(String, usize, ProcessState)>,
+    /// The operations' ranks (error ratio and latency).
+    pub subjects: Vec<(String, usize)>,
+    /// Downstreams', exception types' and counter series' ranks within their groups.
+    pub keyed: Vec<(Group, String, usize)>,
+    pub through: EventTime,
+    pub metrics_through: EventTime,
+}
+
+impl EProcess {
+    fn state(&self) -> ProcessState {
+        ProcessState {
+            two_sided: self.sides == Sides::Both,
+            starts: self
+                .first
+                .iter()
+                .chain(&self.later)
+                .map(|s| (s.index, s.log_wealth[..self.ratios()].to_vec()))
+                .collect(),
+            started: self.starts,
+            started_weight: self.started_weight,
+            last_start: self.last_start,
+            seconds: self.seconds,
+            canary_requests: self.canary_requests,
+        }
+    }
+
+    fn restored(state: &ProcessState) -> EProcess {
+        let sides = if state.two_sided {
+            Sides::Both
+        } else {
+            Sides::Greater
+        };
+        let mut process = EProcess::new(sides);
+        for (index, wealth) in &state.starts {
+            let mut start = Start::new(*index);
+            for (mine, kept) in start.log_wealth.iter_mut().zip(wealth) {
+                *mine = *kept;
+            }
+            if *index == 0 {
+                process.first = Some(start);
+            } else {
+                process.later.push_back(start);
+            }
+        }
+        while process.later.len() > KEPT_STARTS {
+            process.later.pop_front();
+        }
+        process.starts = state.started;
+        process.started_weight = state.started_weight;
+        process.last_start = state.last_start;
+        process.seconds = state.seconds;
+        process.canary_requests = state.canary_requests;
+        process
+    }
+}
+
+impl Sequential {
+    /// Its state, for the store.
+    pub fn state(&self) -> SequentialState {
+        let mut series: Vec<(Series, ProcessState)> = self
+            .by_series
+            .iter()
+            .map(|(series, process)| (series.clone(), process.state()))
+            .collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut mix: Vec<(String, usize, ProcessState)> = self
+            .mix
+            .by_subject
+            .iter()
+            .map(|(op, (rank, process))| (op.clone(), *rank, process.state()))
+            .collect();
+        mix.sort_by_key(|(_, rank, _)| *rank);
+        let mut subjects: Vec<(String, usize)> = self.subjects.iter().map(|(s, k)| (s.clone(), *k)).collect();
+        subjects.sort_by_key(|(_, k)| *k);
+        let mut keyed: Vec<(Group, String, usize)> = self
+            .keyed
+            .iter()
+            .map(|((group, subject), k)| (*group, subject.clone(), *k))
+            .collect();
+        keyed.sort_by_key(|(group, _, k)| (*group, *k));
+        SequentialState {
+            series,
+            mix,
+            subjects,
+            keyed,
+            through: self.through,
+            metrics_through: self.metrics_through,
+        }
+    }
+
+    /// The evidence as the store kept it (the dispersion is measured again at the next look).
+    pub fn restored(state: &SequentialState) -> Sequential {
+        let mut keyed_counts: HashMap<Group, usize> = HashMap::new();
+        for (group, _, _) in &state.keyed {
+            *keyed_counts.entry(*group).or_default() += 1;
+        }
+        Sequential {
+            by_series: state
+                .series
+                .iter()
+                .map(|(series, process)| (series.clone(), EProcess::restored(process)))
+                .collect(),
+            mix: Spread {
+                by_subject: state
+                    .mix
+                    .iter()
+                    .map(|(op, rank, process)| (op.clone(), (*rank, EProcess::restored(process))))
+                    .collect(),
+            },
+            subjects: state.subjects.iter().cloned().collect(),
+            keyed: state
+                .keyed
+                .iter()
+                .map(|(group, subject, k)| ((*group, subject.clone()), *k))
+                .collect(),
+            keyed_counts,
+            dispersion: Dispersion::default(),
+            through: state.through,
+            metrics_through: state.metrics_through,
+        }
+    }
+}
+
 /// A feature as the checks name it.
 fn feature_of(name: &str, subject: Option<&str>) -> Feature {
     Feature {
@@ -793,13 +937,12 @@ mod tests {
                     counts[usize::from(rng.unit() < 0.2)][op] += 1;
                 }
                 let n = |v: usize| counts[v].iter().sum::<u64>() as f64;
-                for op in 0..weights.len() {
-                    let name = format!("op{op}");
-                    if let Some(p) = mix.process(&name, Sides::Both) {
+                for (op, (stable, canary)) in counts[0].iter().zip(&counts[1]).enumerate() {
+                    if let Some(p) = mix.process(&format!("op{op}"), Sides::Both) {
                         p.observe(
                             second * SECOND,
-                            (counts[1][op] as f64, n(1)),
-                            (counts[0][op] as f64, n(0)),
+                            (*canary as f64, n(1)),
+                            (*stable as f64, n(0)),
                             f64::INFINITY,
                         );
                     }
@@ -811,6 +954,67 @@ mod tests {
         assert!(
             (crossed as f64) / (runs as f64) <= 0.09,
             "{crossed} of {runs} healthy runs crossed"
+        );
+    }
+
+    /// A restart continues the same tests: the evidence as the store keeps it, restored, reads
+    /// the same and grows the same from the next second on.
+    #[test]
+    fn restored_evidence_goes_on_as_if_nothing_had_stopped() {
+        let mut rng = Rng::new(5);
+        let mut sequential = Sequential::default();
+        let errors = (Group::Errors, feature_of("error_ratio", None), Test::FisherExact);
+        let calls = (
+            Group::CallGraph,
+            feature_of("calls_per_request", Some("db")),
+            Test::PoissonRate,
+        );
+        sequential.rank(&calls);
+        sequential.subjects.insert("GET /".into(), 1);
+        let step = |sequential: &mut Sequential, second: u64, rng: &mut Rng| {
+            let x_c = binomial(rng, 10, 0.05) as f64;
+            let x_s = binomial(rng, 90, 0.02) as f64;
+            let at = second * SECOND;
+            for (series, sides) in [(&errors, Sides::Greater), (&calls, Sides::Both)] {
+                sequential
+                    .by_series
+                    .entry(series.clone())
+                    .or_insert_with(|| EProcess::new(sides))
+                    .observe(at, (x_c, 10.0), (x_s, 90.0), 4.0);
+            }
+            if let Some(p) = sequential.mix.process("GET /", Sides::Both) {
+                p.observe(at, (x_c, 10.0), (x_s, 90.0), 4.0);
+            }
+        };
+        // Past the point where later starts begin to be dropped.
+        for second in 0..1_200 {
+            step(&mut sequential, second, &mut rng);
+        }
+        let state = sequential.state();
+        let mut restored = Sequential::restored(&state);
+        assert_eq!(restored.state(), state);
+        let model = every_check();
+        let e = |s: &Sequential| {
+            let mut by: Vec<(Series, f64)> = s
+                .evidence(&model)
+                .into_iter()
+                .map(|(k, v)| (k, v.e_value))
+                .collect();
+            by.sort_by(|a, b| a.0.cmp(&b.0));
+            by
+        };
+        assert_eq!(e(&restored), e(&sequential));
+        let mut twin = rng.clone();
+        for second in 1_200..1_500 {
+            step(&mut sequential, second, &mut rng);
+            step(&mut restored, second, &mut twin);
+        }
+        assert_eq!(restored.state(), sequential.state());
+        assert_eq!(e(&restored), e(&sequential));
+        assert!(
+            e(&sequential).iter().any(|(_, v)| *v > 1.0),
+            "{:?}",
+            e(&sequential)
         );
     }
 

@@ -54,6 +54,8 @@ pub struct AnalysisSnapshot {
     pub stable_requests: u64,
     /// The stable version of the app's last analysis, which must not be taken for a new canary.
     pub retired: Option<String>,
+    /// The sequential evidence so far: a restart continues the same tests.
+    pub sequential: super::sequential::SequentialState,
 }
 
 /// The analyses changed since the judge was last asked, and those ended.
@@ -99,6 +101,7 @@ impl Analysis {
             canary_requests: self.canary_requests,
             stable_requests: self.stable_requests,
             retired: retired.map(|r| r.to_string()),
+            sequential: self.sequential.state(),
         }
     }
 
@@ -134,9 +137,8 @@ impl Analysis {
             score: s.score,
             canary_history: History::new(keep),
             stable_history: History::new(keep),
-            // Evidence starts again from the first second after the restart, as a new test (the
-            // buckets it grew from are not kept).
-            sequential: super::sequential::Sequential::default(),
+            // The same tests go on: a new one would spend the false-failure budget again.
+            sequential: super::sequential::Sequential::restored(&s.sequential),
             canary_requests: s.canary_requests,
             stable_requests: s.stable_requests,
         }
