@@ -6,7 +6,8 @@
 //!
 //! Each second both versions served is one step. Given how many events (failed requests,
 //! requests slower than the stable's recent quantile, calls to a downstream, exceptions of a type,
-//! error logs, requests of one operation) the two versions had together in that second, the canary's share of them is, when both behave alike, at most as spread as a binomial
+//! error logs, requests of one operation) the two versions had together in that second, the
+//! canary's share of them is, when both behave alike, at most as spread as a binomial
 //! draw with the canary's share of the requests (hypergeometric when each request is a trial;
 //! binomial for Poisson counts). Against a canary whose rate is `r` times the stable's, that share
 //! grows; the likelihood ratio of the two is a test martingale, and its expectation under the
@@ -92,8 +93,7 @@ impl Start {
 
     /// Its share of the mixture (all ratios together); the shares of all starts sum to 1.
     fn weight(&self) -> f64 {
-        let j = (self.index + 1) as f64;
-        6.0 / (std::f64::consts::PI * std::f64::consts::PI * j * j)
+        by_rank(self.index + 1)
     }
 }
 
@@ -247,11 +247,6 @@ struct Spread {
 }
 
 impl Spread {
-    fn weight(rank: usize) -> f64 {
-        let k = rank as f64;
-        6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k)
-    }
-
     fn process(&mut self, subject: &str, sides: Sides) -> Option<&mut EProcess> {
         if !self.by_subject.contains_key(subject) {
             if self.by_subject.len() >= MAX_SUBJECTS {
@@ -267,7 +262,7 @@ impl Spread {
     fn e_value(&self) -> f64 {
         let (mut e, mut weight) = (0.0, 0.0);
         for (rank, process) in self.by_subject.values() {
-            let w = Spread::weight(*rank);
+            let w = by_rank(*rank as u64);
             e += w * process.e_value();
             weight += w;
         }
@@ -650,7 +645,6 @@ impl Sequential {
             return 0.0;
         };
         let budget = model.decision.false_failure_rate * share(weight) / total;
-        let by_rank = |k: f64| 6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k);
         let (per_operation, per_subject) = match group {
             Group::Errors => (c.error_ratio.as_ref().is_some_and(|e| e.per_operation), 1.0),
             Group::Latency => c.latency.as_ref().map_or((false, 1.0), |l| {
@@ -663,7 +657,7 @@ impl Sequential {
                         // A subject past the cap has no place, and no share: it never fails.
                         self.keyed
                             .get(&(*group, subject.clone()))
-                            .map_or(0.0, |k| budget * by_rank(*k as f64))
+                            .map_or(0.0, |k| budget * by_rank(*k as u64))
                     }
                 };
             }
@@ -672,7 +666,7 @@ impl Sequential {
             None if per_operation => budget * 0.6 / per_subject,
             None => budget / per_subject,
             Some(op) => {
-                let k = self.subjects.get(op).copied().unwrap_or(MAX_SUBJECTS) as f64;
+                let k = self.subjects.get(op).copied().unwrap_or(MAX_SUBJECTS) as u64;
                 budget * 0.4 * by_rank(k) / per_subject
             }
         }
@@ -821,6 +815,12 @@ impl Sequential {
             metrics_through: state.metrics_through,
         }
     }
+}
+
+/// The share of the `k`th of any number of things (from 1): `6 / (pi^2 k^2)`, which sum to 1.
+fn by_rank(k: u64) -> f64 {
+    let k = k as f64;
+    6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k)
 }
 
 /// A feature as the checks name it.
