@@ -1018,26 +1018,9 @@ mod tests {
         );
     }
 
+    /// Every check kind on, with the defaults.
     fn every_check() -> Model {
-        use crate::judge::model::*;
-        Model {
-            name: "every check".into(),
-            description: String::new(),
-            mode: Mode::Enforce,
-            decision: Decision::default(),
-            checks: Checks {
-                error_ratio: Some(ErrorRatioCheck::default()),
-                latency: Some(LatencyCheck::default()),
-                operation_mix: Some(OperationMixCheck::default()),
-                call_graph: Some(CallGraphCheck::default()),
-                exceptions: Some(RateCheck::default()),
-                error_logs: Some(RateCheck::default()),
-                metrics: Some(MetricsCheck::default()),
-                baseline: None,
-            },
-            stages: Vec::new(),
-            promotion: Vec::new(),
-        }
+        crate::judge::checks::tests::decision::model()
     }
 
     /// However many operations, downstreams, exception types and counter series an analysis

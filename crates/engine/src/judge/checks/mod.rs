@@ -17,7 +17,7 @@ mod latency;
 mod mix;
 mod rates;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -103,7 +103,7 @@ mod dispersion {
 }
 
 /// The decision rule on every signal family, on windows built request by request.
-mod decision {
+pub(crate) mod decision {
     use std::collections::BTreeMap;
 
     use proptest::prelude::*;
@@ -120,7 +120,7 @@ mod decision {
     const S: u64 = 1_000_000_000;
 
     /// Every check kind on, with the defaults.
-    fn model() -> Model {
+    pub(crate) fn model() -> Model {
         let checks = Checks {
             error_ratio: Some(ErrorRatioCheck::default()),
             latency: Some(LatencyCheck::default()),
