@@ -215,6 +215,7 @@ fn failed_event(i: usize) -> Event {
             dry_run: false,
             approval: None,
             next_env: None,
+            traffic: None,
         },
     )
 }

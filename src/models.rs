@@ -41,6 +41,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<Model, ModelsError> 
         field: e.field,
         message: e.message,
     })?;
+    model.traffic = std::mem::take(&mut model.traffic).normalized();
     Ok(model)
 }
 

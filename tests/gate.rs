@@ -340,3 +340,79 @@ async fn operators_pause_resume_and_promote_with_the_token_from_the_environment(
         );
     }
 }
+
+/// `rollout start` carries a traffic plan (percentages, sticky key, header rules, allow-list from
+/// flags and a file) into the analysis, and a plan the daemon refuses is a failed command whose
+/// message names the field.
+#[tokio::test]
+async fn rollout_start_carries_a_traffic_plan_and_a_bad_one_is_refused_by_field() {
+    let models = models_dir();
+    let daemon = TestDaemon::start_with(settings(models.path(), None)).await;
+    warm_up(&daemon).await;
+    let users = tempfile::NamedTempFile::new().expect("users file");
+    std::fs::write(users.path(), "# beta testers\nbob@example.com\n\ncarol\n").expect("write users");
+    let users_file = users.path().to_str().expect("utf-8 path");
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "start",
+            "--env",
+            "prod",
+            "--app",
+            "shop",
+            "--stable",
+            "1.0.0",
+            "--canary",
+            "2.0.0",
+            "--model",
+            "quick",
+            "--replace",
+        ];
+        args.extend_from_slice(extra);
+        canaryd(&daemon, &args).output()
+    };
+    let planned = start(&[
+        "--percentages",
+        "25",
+        "--sticky-header",
+        "X-User-Id",
+        "--header",
+        "x-canary=always",
+        "--user",
+        "alice",
+        "--users-file",
+        users_file,
+    ])
+    .await
+    .expect("rollout start runs");
+    assert_eq!(planned.status.code(), Some(0), "{planned:?}");
+    let view = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+    assert_eq!(
+        view["traffic"],
+        serde_json::json!({
+            "percentages": [25.0],
+            "sticky": {"header": "x-user-id"},
+            "headers": [{"name": "x-canary", "value": "always"}],
+            "users": ["alice", "bob@example.com", "carol"],
+        })
+    );
+    assert_eq!(
+        view["stage"]["weight"], 25.0,
+        "the stage runs at the plan's percentage"
+    );
+
+    let refused = start(&["--sticky-cookie", "uid", "--user", "alice", "--user", "bad user"])
+        .await
+        .expect("rollout start runs");
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("traffic.users[1]"), "{said}");
+    let unread = start(&["--users-file", "/nonexistent/users"])
+        .await
+        .expect("runs");
+    assert_eq!(
+        unread.status.code(),
+        Some(3),
+        "an unreadable file is a usage error: {unread:?}"
+    );
+}

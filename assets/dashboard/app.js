@@ -304,6 +304,7 @@ async function refreshApp(key) {
   $("legend-canary").textContent = `canary ${canary ? canary.canary_version : ""}`;
 
   renderStages(canary);
+  renderTraffic(canary, deliveries);
   renderGates(canary);
   drawCharts();
   renderMix(timeline);
@@ -372,7 +373,11 @@ function renderStages(canary) {
   const observed = (Date.parse(canary.evaluated_at) - Date.parse(canary.stage_started_at)) / 1000;
   const items = model.stages.map((stage, i) => {
     let status = "upcoming";
-    let detail = `weight ${fmtWeight(stage.weight)} · observe ${fmtDuration(stage.observe_s)}`;
+    // The rollout's own percentages, where its declaration gave them, over the model's.
+    const planned = canary.traffic && canary.traffic.percentages.length === model.stages.length
+      ? canary.traffic.percentages[i]
+      : stage.weight;
+    let detail = `weight ${fmtWeight(planned)} · observe ${fmtDuration(stage.observe_s)}`;
     if (canary.state === "promoted" || i < current) {
       status = "passed";
       if (passedAt.has(i)) detail = `passed ${fmtTime(passedAt.get(i)).slice(11)}`;
@@ -398,6 +403,42 @@ function renderStages(canary) {
       h("span", { class: "name" }, end), h("span", { class: "detail" }, "all traffic")),
   );
   list.replaceChildren(...items);
+}
+
+/** The traffic plan, and where the latest route (the newest event carrying one) was applied. */
+function renderTraffic(canary, deliveries) {
+  const box = $("traffic-plan");
+  const plan = canary && canary.traffic;
+  if (!plan || (!plan.sticky && !plan.headers.length && !plan.users.length)) {
+    box.hidden = true;
+    return;
+  }
+  const parts = [];
+  if (plan.sticky) {
+    const [kind, name] = Object.entries(plan.sticky)[0];
+    parts.push(`sticky by ${kind} ${name}`);
+  }
+  for (const rule of plan.headers) parts.push(`${rule.name}: ${rule.value} → canary`);
+  if (plan.users.length) {
+    const shown = plan.users.slice(0, 3).join(", ");
+    parts.push(`${plan.users.length} allow-listed user${plan.users.length === 1 ? "" : "s"} (${shown}${plan.users.length > 3 ? ", …" : ""})`);
+  }
+  const routed = [...appState.events].reverse().find((e) => e.data && e.data.traffic);
+  let applied = "no route emitted yet";
+  if (routed) {
+    const sent = deliveries.byEvent.get(routed.id) || [];
+    const where = sent.length
+      ? sent.map((d) => `${d.subscription.url} ${d.state}${d.last_error ? ` (${d.last_error})` : ""}`).join("; ")
+      : "no subscription took it";
+    applied = `${fmtWeight(routed.data.traffic.percent)} split, ${routed.data.traffic.users.length} users, ` +
+      `${routed.data.traffic.headers.length} header rules (${routed.type.replace(/^canaryd\./, "")}): ${where}`;
+  }
+  box.replaceChildren(
+    h("span", { class: "plan" }, `Traffic plan: ${parts.join(" · ")}`),
+    h("br"),
+    h("small", { class: "applied" }, `Route applied: ${applied}`),
+  );
+  box.hidden = false;
 }
 
 function renderGates(canary) {

@@ -26,7 +26,7 @@ pub struct AppArgs {
 pub enum RolloutCommand {
     /// Declare a rollout: judge --canary against --stable (PUT /api/v1/apps/{app}/rollout).
     #[command(
-        after_help = "Example:\n  canaryd rollout start --app checkout --env prod --stable 1.4.2 --canary 1.5.0 --model staged"
+        after_help = "Examples:\n  canaryd rollout start --app checkout --env prod --stable 1.4.2 --canary 1.5.0 --model staged\n  canaryd rollout start --app checkout --stable 1.4.2 --canary 1.5.0 --model staged \\\n      --percentages 1,10,50,100 --sticky-header x-user-id --header x-canary=always --user alice@example.com"
     )]
     Start {
         #[command(flatten)]
@@ -43,6 +43,8 @@ pub enum RolloutCommand {
         /// Replace an analysis of other versions still under way
         #[arg(long)]
         replace: bool,
+        #[command(flatten)]
+        traffic: Box<TrafficArgs>,
     },
     /// Show the analysis: exit 0 healthy or promoted, 1 failing or rolled back, 2 otherwise.
     #[command(after_help = "Example:\n  canaryd rollout status --app checkout --env prod --output json")]
@@ -123,6 +125,83 @@ pub struct TailArgs {
     pub output: Output,
 }
 
+/// A declared rollout's traffic plan: each part given replaces the model's.
+#[derive(Debug, Default, clap::Args)]
+pub struct TrafficArgs {
+    /// The canary's percentage in each of the model's stages, comma-separated (replaces the
+    /// stages' weights)
+    #[arg(long, value_delimiter = ',')]
+    percentages: Option<Vec<f64>>,
+    /// The header carrying a request's user id: the split hashes users, one user stays on one
+    /// version
+    #[arg(long, conflicts_with = "sticky_cookie")]
+    sticky_header: Option<String>,
+    /// The cookie carrying a request's user id (instead of --sticky-header)
+    #[arg(long)]
+    sticky_cookie: Option<String>,
+    /// A header that always sends a request to the canary, NAME=VALUE; repeat for more
+    #[arg(long = "header", value_parser = header_rule)]
+    headers: Vec<(String, String)>,
+    /// A user id that always reaches the canary; repeat for more
+    #[arg(long = "user")]
+    users: Vec<String>,
+    /// A file of user ids that always reach the canary, one per line (blank lines and lines
+    /// starting with # skipped)
+    #[arg(long)]
+    users_file: Option<std::path::PathBuf>,
+}
+
+fn header_rule(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?}: expected NAME=VALUE")),
+    }
+}
+
+impl TrafficArgs {
+    /// The request's `traffic` object: null when no part is given; an unreadable users file is
+    /// a usage error.
+    fn plan(&self) -> Result<serde_json::Value, String> {
+        let mut plan = serde_json::Map::new();
+        if let Some(percentages) = &self.percentages {
+            plan.insert("percentages".into(), json!(percentages));
+        }
+        if let Some(name) = &self.sticky_header {
+            plan.insert("sticky".into(), json!({ "header": name }));
+        }
+        if let Some(name) = &self.sticky_cookie {
+            plan.insert("sticky".into(), json!({ "cookie": name }));
+        }
+        if !self.headers.is_empty() {
+            let rules: Vec<_> = self
+                .headers
+                .iter()
+                .map(|(name, value)| json!({ "name": name, "value": value }))
+                .collect();
+            plan.insert("headers".into(), json!(rules));
+        }
+        let mut users = self.users.clone();
+        if let Some(path) = &self.users_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("--users-file {}: {e}", path.display()))?;
+            users.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        if !users.is_empty() {
+            plan.insert("users".into(), json!(users));
+        }
+        Ok(if plan.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::Object(plan)
+        })
+    }
+}
+
 /// Runs a rollout command; its exit code.
 pub async fn rollout(command: RolloutCommand, client: Client) -> Exit {
     let (app, answer) = match &command {
@@ -132,8 +211,16 @@ pub async fn rollout(command: RolloutCommand, client: Client) -> Exit {
             canary,
             model,
             replace,
+            traffic,
         } => {
-            let body = json!({"stable_version": stable, "canary_version": canary, "model": model, "replace": replace});
+            let traffic = match traffic.plan() {
+                Ok(plan) => plan,
+                Err(e) => {
+                    eprintln!("canaryd rollout start: {e}");
+                    return Exit::Usage;
+                }
+            };
+            let body = json!({"stable_version": stable, "canary_version": canary, "model": model, "replace": replace, "traffic": traffic});
             (
                 app,
                 client

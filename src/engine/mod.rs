@@ -95,6 +95,8 @@ pub struct Rollout {
     pub model: Option<String>,
     /// Whether it may replace an analysis of other versions still under way.
     pub replace: bool,
+    /// Its own traffic plan, laid over the model's.
+    pub traffic: Option<canaryd_engine::judge::TrafficRequest>,
 }
 
 /// A request's share of the ingest memory budget (`ingest_memory_bytes`), held from the request's
@@ -355,14 +357,18 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
                 canary_version,
                 model,
                 replace,
+                traffic,
             } = rollout;
             let change = engine.declare_rollout(
                 &env,
                 &app,
-                &stable_version,
-                &canary_version,
-                model.as_deref(),
-                replace,
+                canaryd_engine::Declaration {
+                    stable: &stable_version,
+                    canary: &canary_version,
+                    model: model.as_deref(),
+                    replace,
+                    traffic: traffic.as_ref(),
+                },
             );
             let answer = change.map(|changes| {
                 emitter.emit_operated(engine, changes.iter().map(canary_event).collect());

@@ -9,7 +9,9 @@
 use std::time::SystemTime;
 
 use canaryd_engine::anomaly::{AnomalyRules, Transition};
-use canaryd_engine::judge::{AnalysisView, CanaryChange, ChangeKind, GateOutcome, Mode, Outcome};
+use canaryd_engine::judge::{
+    AnalysisView, CanaryChange, ChangeKind, GateOutcome, HeaderMatch, Mode, Outcome, Sticky,
+};
 use canaryd_engine::{AnomalyChange, Engine, IngestReport, Scope};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -185,6 +187,55 @@ pub struct EventData {
     /// goes to next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_env: Option<String>,
+    /// For the canary events that move traffic (started, stage passed, failed, rolled back,
+    /// promoted): the traffic the rollout should have from now on, whole, for the levers that
+    /// route by more than a weight (HAProxy maps). Left out of other events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Route>,
+}
+
+/// The traffic a rollout should have: the canary's share of the users (or requests) the split
+/// decides, and who reaches the canary whatever the split. A failed canary's route has no one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Route {
+    /// The canary's share of the split, in percent.
+    pub percent: f64,
+    /// Where a request carries its user id (the split hashes it); null: each request is split
+    /// on its own.
+    #[schema(value_type = Option<Object>, example = json!({"header": "x-user-id"}))]
+    pub sticky: Option<Sticky>,
+    /// Requests with any of these headers reach the canary.
+    #[schema(value_type = Vec<Object>, example = json!([{"name": "x-canary", "value": "always"}]))]
+    pub headers: Vec<HeaderMatch>,
+    /// Users (as the sticky key carries them) that reach the canary.
+    pub users: Vec<String>,
+}
+
+/// The route a canary change asks for, when it moves traffic and the rollout says enough to
+/// know it: a plan, or stages whose percentages it follows.
+pub fn route(change: &CanaryChange) -> Option<Route> {
+    let view = &change.view;
+    let plan = &view.traffic.plan;
+    let staged = !view.traffic.percentages.is_empty();
+    let of = |percent: f64, everyone: bool| Route {
+        percent,
+        sticky: plan.sticky.clone(),
+        headers: if everyone {
+            plan.headers.clone()
+        } else {
+            Vec::new()
+        },
+        users: if everyone { plan.users.clone() } else { Vec::new() },
+    };
+    match change.kind {
+        ChangeKind::Started if staged || !plan.is_empty() => {
+            Some(of(view.traffic.percentages.first().copied().unwrap_or(0.0), true))
+        }
+        ChangeKind::StagePassed | ChangeKind::Approved => change.weight.map(|w| of(w, true)),
+        ChangeKind::Failed | ChangeKind::OperatorAborted | ChangeKind::RolledBack => Some(of(0.0, false)),
+        ChangeKind::Promoted | ChangeKind::OperatorPromoted => Some(of(100.0, true)),
+        _ => None,
+    }
 }
 
 /// A CloudEvents 1.0 event in structured JSON form.
@@ -399,6 +450,7 @@ pub fn anomaly_event(change: &AnomalyChange, stable_version: Option<&str>, rules
             dry_run: false,
             approval: None,
             next_env: None,
+            traffic: None,
         },
     )
 }
@@ -615,6 +667,7 @@ pub fn canary_event(change: &CanaryChange) -> Event {
             next_env: matches!(change.kind, ChangeKind::Promoted | ChangeKind::OperatorPromoted)
                 .then(|| view.next_env.clone())
                 .flatten(),
+            traffic: route(change),
         },
     )
 }
@@ -622,6 +675,102 @@ pub fn canary_event(change: &CanaryChange) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A declared rollout's route in each event that moves traffic: the stage's share and the
+    /// plan's lists while the canary may have traffic, the full share once promoted, and no one
+    /// once failed; events that move nothing carry none.
+    #[test]
+    fn routes_follow_the_plan_and_a_failed_canary_has_no_one() {
+        use canaryd_engine::judge::{Operation, Stage as ModelStage, TrafficRequest};
+        use canaryd_engine::simulate::{Chunk, Fault, Service, Traffic, long_stage, model};
+        use canaryd_engine::{Declaration, Engine, EngineConfig};
+
+        let stages = vec![
+            long_stage().remove(0),
+            ModelStage {
+                name: "all".into(),
+                weight: 100.0,
+                ..long_stage().remove(0)
+            },
+        ];
+        let plan = TrafficRequest {
+            percentages: Some(vec![2.5, 100.0]),
+            sticky: Some(Sticky::Header("X-User-Id".into())),
+            headers: Some(vec![HeaderMatch {
+                name: "x-canary".into(),
+                value: "always".into(),
+            }]),
+            users: Some(vec!["alice".into()]),
+        };
+        let service = Service {
+            declared: true,
+            ..Service::new(7, Fault::None)
+        };
+        let routes_after = |operation: Operation| -> Vec<(EventType, Option<Route>)> {
+            let config = EngineConfig {
+                models: vec![model(stages.clone())],
+                ..EngineConfig::default()
+            };
+            let mut engine = Engine::new(
+                config,
+                Box::new(canaryd_engine::baseline::MemorySlotStore::default()),
+            );
+            let mut events = Vec::new();
+            for Chunk { declare, batch } in Traffic::new(&service, "shop") {
+                if declare {
+                    let declaration = Declaration {
+                        stable: "1.0.0",
+                        canary: "1.1.0",
+                        model: None,
+                        replace: false,
+                        traffic: Some(&plan),
+                    };
+                    let started = engine
+                        .declare_rollout("prod", "shop", declaration)
+                        .expect("declared");
+                    events.extend(started.iter().map(canary_event));
+                    let done = engine.operate("prod", "shop", operation).expect("operated");
+                    events.push(canary_event(&done));
+                    break;
+                }
+                engine.ingest(&batch);
+            }
+            events
+                .into_iter()
+                .map(|e| (e.event_type, e.data.traffic))
+                .collect()
+        };
+        let sticky = Some(Sticky::Header("x-user-id".into()));
+        let everyone = |percent: f64| Route {
+            percent,
+            sticky: sticky.clone(),
+            headers: vec![HeaderMatch {
+                name: "x-canary".into(),
+                value: "always".into(),
+            }],
+            users: vec!["alice".into()],
+        };
+        assert_eq!(
+            routes_after(Operation::Abort),
+            [
+                (EventType::CanaryStarted, Some(everyone(2.5))),
+                (
+                    EventType::CanaryFailed,
+                    Some(Route {
+                        percent: 0.0,
+                        sticky: sticky.clone(),
+                        headers: vec![],
+                        users: vec![],
+                    })
+                ),
+            ]
+        );
+        assert_eq!(
+            routes_after(Operation::Promote)[1],
+            (EventType::CanaryPromoted, Some(everyone(100.0)))
+        );
+        assert_eq!(routes_after(Operation::Pause)[1], (EventType::CanaryPaused, None));
+    }
 
     #[test]
     fn event_times_are_rfc3339_with_nanoseconds() {
@@ -671,6 +820,7 @@ mod tests {
                 dry_run: false,
                 approval: None,
                 next_env: None,
+                traffic: None,
             },
         );
         event.identify();

@@ -5,7 +5,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use canaryd_engine::judge::{
-    AnalysisView, Check, GateMetric, GateOutcome, GateResult, JudgeError, Mode, Operation, Outcome, StageView,
+    AnalysisView, Check, GateMetric, GateOutcome, GateResult, HeaderMatch, JudgeError, Mode, Operation,
+    Outcome, StageView, Sticky, TrafficRequest, TrafficView,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -91,7 +92,13 @@ fn canary_example() -> serde_json::Value {
         "canary_requests": 1330,
         "stable_requests": 11970,
         "checks": [check],
-        "gates": [gate]
+        "gates": [gate],
+        "traffic": {
+            "percentages": [10.0, 50.0, 100.0],
+            "sticky": {"header": "x-user-id"},
+            "headers": [{"name": "x-canary", "value": "always"}],
+            "users": ["alice@example.com"]
+        }
     })
 }
 
@@ -147,6 +154,8 @@ pub(super) struct CanaryView {
     checks: Vec<CheckJson>,
     /// The current stage's gates.
     gates: Vec<GateJson>,
+    /// The rollout's traffic plan.
+    traffic: TrafficJson,
 }
 
 /// One check's evidence: the engine's `judge::Check`, field for field.
@@ -322,6 +331,7 @@ impl CanaryView {
             stable_requests: a.stable_requests,
             checks: checks.into_iter().map(CheckJson::of).collect(),
             gates: a.gates.into_iter().map(GateJson::of).collect(),
+            traffic: TrafficJson::of(a.traffic),
         }
     }
 }
@@ -373,6 +383,77 @@ pub(super) struct RolloutRequest {
     /// Replace an analysis of other versions that is still under way (409 without it).
     #[serde(default)]
     replace: bool,
+    /// The rollout's own traffic plan: each part given replaces the model's.
+    #[schema(value_type = Option<TrafficRequestSchema>)]
+    traffic: Option<TrafficRequest>,
+}
+
+/// A declared rollout's traffic plan (`canaryd_engine::judge::TrafficRequest`).
+#[derive(ToSchema)]
+#[schema(as = TrafficRequest, example = json!({
+    "percentages": [1, 10, 50, 100],
+    "sticky": {"header": "x-user-id"},
+    "headers": [{"name": "x-canary", "value": "always"}],
+    "users": ["alice@example.com", "u-1042"]
+}))]
+#[allow(dead_code)] // describes the engine's type in the OpenAPI document
+pub(super) struct TrafficRequestSchema {
+    /// The canary's percentage in each of the model's stages, one per stage, non-decreasing,
+    /// each in (0, 100]; replaces the stages' weights.
+    percentages: Option<Vec<f64>>,
+    sticky: Option<StickySchema>,
+    /// Requests carrying any of these headers (exact value; the name in any case) always reach
+    /// the canary while it is not failed. At most 16.
+    headers: Option<Vec<HeaderMatchSchema>>,
+    /// User ids (as the sticky key carries them) that always reach the canary while it is not
+    /// failed. At most 1,000; needs `sticky`.
+    users: Option<Vec<String>>,
+}
+
+/// Where a request carries its user's id: exactly one of `header` and `cookie`. The percentage
+/// split then hashes users, so one user stays on one version.
+#[derive(ToSchema)]
+#[schema(as = Sticky)]
+#[allow(dead_code)] // describes the engine's type in the OpenAPI document
+pub(super) struct StickySchema {
+    header: Option<String>,
+    cookie: Option<String>,
+}
+
+/// A header rule. Names: letters, digits, `-`, `_`, `.`; values: letters, digits and
+/// `-._~+/=:@!$%&*,()` (every traffic lever carries these verbatim), 1 to 128 characters.
+#[derive(ToSchema)]
+#[schema(as = HeaderMatch)]
+#[allow(dead_code)] // describes the engine's type in the OpenAPI document
+pub(super) struct HeaderMatchSchema {
+    name: String,
+    value: String,
+}
+
+/// A rollout's traffic plan as it is applied: the stages' percentages and the sticky key,
+/// header rules and allow-list (each left out when not set).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = TrafficPlan)]
+pub(crate) struct TrafficJson {
+    percentages: Vec<f64>,
+    #[schema(value_type = Option<StickySchema>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sticky: Option<Sticky>,
+    #[schema(value_type = Vec<HeaderMatchSchema>)]
+    headers: Vec<HeaderMatch>,
+    users: Vec<String>,
+}
+
+impl TrafficJson {
+    pub(crate) fn of(view: TrafficView) -> Self {
+        let TrafficView { percentages, plan } = view;
+        TrafficJson {
+            percentages,
+            sticky: plan.sticky,
+            headers: plan.headers,
+            users: plan.users,
+        }
+    }
 }
 
 /// `PUT /api/v1/apps/{app}/rollout`: declares the roles (and the model) and starts the analysis.
@@ -433,6 +514,7 @@ pub(super) fn rollout_of(
         canary_version: request.canary_version,
         model: request.model,
         replace: request.replace,
+        traffic: request.traffic,
     })
 }
 

@@ -153,6 +153,7 @@ mod tests {
                 dry_run: true,
                 approval: None,
                 next_env: None,
+                traffic: None,
             },
         );
         event.id = event_id(7);

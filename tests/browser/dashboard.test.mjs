@@ -163,6 +163,23 @@ async function main() {
   await page.waitForSelector(`${row} .chip[data-version="${STABLE}"][data-role="stable"]`, { timeout: UI_TIMEOUT_MS });
   assert.equal(await page.isHidden("#apps-empty"), true, "the empty note goes once an app is seen");
 
+  // The rollout is declared with a traffic plan once the app is known; the page shows the plan
+  // and where its route went.
+  const declared = await fetch(`${api}/api/v1/apps/${APP}/rollout?env=${ENV}`, {
+    method: "PUT",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      stable_version: STABLE,
+      canary_version: CANARY,
+      traffic: {
+        sticky: { header: "x-user-id" },
+        headers: [{ name: "x-canary", value: "always" }],
+        users: ["alice@example.com", "bob@example.com"],
+      },
+    }),
+  });
+  assert.equal(declared.status, 200, `rollout: ${await declared.text()}`);
+
   log(`feeding ${FAULT_AT_S - STABLE_ONLY_S} s with ${CANARY} at 10%, healthy`);
   await feed(otlp, STABLE_ONLY_S, FAULT_AT_S, origin);
   await page.waitForSelector(`${row} .chip[data-version="${CANARY}"][data-role="canary"]`, { timeout: UI_TIMEOUT_MS });
@@ -174,6 +191,14 @@ async function main() {
   await page.waitForSelector(`#app-versions .chip[data-version="${CANARY}"][data-role="canary"]`, { timeout: UI_TIMEOUT_MS });
   assert.equal(await page.textContent("#app-title"), APP);
   await page.waitForSelector('#chart-request_rate circle.pt.canary', { timeout: UI_TIMEOUT_MS });
+  await page.waitForSelector("#traffic-plan:not([hidden])", { timeout: UI_TIMEOUT_MS });
+  const plan = await page.textContent("#traffic-plan");
+  for (const part of ["sticky by header x-user-id", "x-canary: always → canary", "2 allow-listed users"]) {
+    assert.ok(plan.includes(part), `the plan shows ${part}: ${plan}`);
+  }
+  await until("the started route shown as delivered", UI_TIMEOUT_MS, async () =>
+    (await page.textContent("#traffic-plan")).includes(`(canary.started): ${receiver.url} delivered`),
+  );
   const before = await page.getAttribute("#app-badge", "data-state");
   log(`before the fault the canary is ${before}`);
   assert.notEqual(before, "failing", "a healthy canary is not failing before its fault");

@@ -228,6 +228,19 @@ pub struct BaselinesView<'a> {
     pub baselines: &'a BTreeMap<FeatureKey, Baseline>,
 }
 
+/// A declared rollout, as `Engine::declare_rollout` takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Declaration<'a> {
+    pub stable: &'a str,
+    pub canary: &'a str,
+    /// The model's name; `default` when none.
+    pub model: Option<&'a str>,
+    /// Whether it may replace an analysis of other versions still under way.
+    pub replace: bool,
+    /// The declaration's own traffic plan, laid over the model's.
+    pub traffic: Option<&'a crate::judge::TrafficRequest>,
+}
+
 pub struct Engine {
     config: EngineConfig,
     catalog: Catalog,
@@ -856,18 +869,23 @@ impl Engine {
         self.judge.analysis(env, app).map(|a| a.timeline())
     }
 
-    /// Declares a rollout: `canary` is judged against `stable` with `model` (default `default`)
-    /// from the app's current event time. An analysis of other versions still under way is
-    /// replaced only when `replace` says so: a declaration never ends a live analysis silently.
+    /// Declares a rollout: its canary is judged against its stable with its model (default
+    /// `default`, with the declaration's traffic plan laid over it) from the app's current event
+    /// time. An analysis of other versions still under way is replaced only when `replace` says
+    /// so: a declaration never ends a live analysis silently.
     pub fn declare_rollout(
         &mut self,
         env: &str,
         app: &str,
-        stable: &str,
-        canary: &str,
-        model: Option<&str>,
-        replace: bool,
+        declaration: Declaration<'_>,
     ) -> Result<Vec<CanaryChange>, JudgeError> {
+        let Declaration {
+            stable,
+            canary,
+            model,
+            replace,
+            traffic,
+        } = declaration;
         let key: (Arc<str>, Arc<str>) = (Arc::from(env), Arc::from(app));
         let Some(state) = self.apps.get(&key) else {
             return Err(JudgeError::UnknownApp {
@@ -891,14 +909,12 @@ impl Engine {
             .analysis(env, app)
             .filter(|a| &**a.stable() != stable || &**a.canary() != canary)
             .map(|a| a.view());
-        let started = self.judge.start(
-            key,
-            Arc::from(stable),
-            Arc::from(canary),
-            model.unwrap_or(DEFAULT_MODEL),
-            true,
-            at,
-        )?;
+        let model = self
+            .judge
+            .resolve_model(model.unwrap_or(DEFAULT_MODEL), traffic)?;
+        let started = self
+            .judge
+            .begin(key, Arc::from(stable), Arc::from(canary), model, true, at)?;
         let mut changes = Vec::with_capacity(2);
         if let Some(view) = replaced {
             changes.push(CanaryChange {

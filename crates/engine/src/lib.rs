@@ -41,7 +41,7 @@ pub mod window;
 
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};
 pub use engine::{
-    AnomalyChange, AppArchive, ArchivedApp, BaselineId, BaselinesView, Engine, EngineConfig, EngineMemory,
-    EngineState, IngestReport, PageOut, Scope,
+    AnomalyChange, AppArchive, ArchivedApp, BaselineId, BaselinesView, Declaration, Engine, EngineConfig,
+    EngineMemory, EngineState, IngestReport, PageOut, Scope,
 };
 pub use observation::*;

@@ -42,6 +42,7 @@ pub fn model(stages: Vec<Stage>) -> Model {
         },
         stages,
         promotion: vec![],
+        traffic: Default::default(),
     }
 }
 
@@ -530,7 +531,17 @@ pub fn run(service: &Service, model: Model) -> Run {
     for Chunk { declare, batch } in Traffic::new(service, "shop") {
         if declare {
             let started = engine
-                .declare_rollout("prod", "shop", "1.0.0", "1.1.0", Some("default"), false)
+                .declare_rollout(
+                    "prod",
+                    "shop",
+                    crate::Declaration {
+                        stable: "1.0.0",
+                        canary: "1.1.0",
+                        model: Some("default"),
+                        replace: false,
+                        traffic: None,
+                    },
+                )
                 .expect("the stable's warm-up made the app known");
             changes.extend(started.iter().map(|c| (c.kind, c.time)));
         }

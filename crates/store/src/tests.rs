@@ -854,6 +854,7 @@ pub(crate) fn analysis(app: &str) -> AnalysisSnapshot {
         checks: Default::default(),
         stages: vec![stage("5%", 5.0), stage("50%", 50.0)],
         promotion: vec![],
+        traffic: Default::default(),
     };
     let mut stage_requests = RequestAggregate::default();
     for i in 0..40 {

@@ -22,6 +22,7 @@ pub mod model;
 pub mod sequential;
 pub mod snapshot;
 pub mod stats;
+pub mod traffic;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub use checks::{Check, CheckId, Group, Outcome, Test};
 use history::History;
 pub use model::{Gate, GateMetric, Mode, Model, ModelError, Stage};
 pub use snapshot::{AnalysisSnapshot, JudgeChanges};
+pub use traffic::{HeaderMatch, Sticky, Traffic, TrafficRequest};
 
 const SECOND: EventTime = 1_000_000_000;
 /// Level a failure must keep without the one second (or block) that helps it most.
@@ -180,6 +182,18 @@ pub struct AnalysisView {
     pub stable_requests: u64,
     pub checks: Vec<Check>,
     pub gates: Vec<GateResult>,
+    /// The rollout's traffic plan: its stages' percentages and the model's (or declaration's)
+    /// sticky key, header rules and allow-list.
+    pub traffic: TrafficView,
+}
+
+/// A rollout's traffic plan as the API and the events show it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TrafficView {
+    /// The canary's percentage in each stage, in order.
+    pub percentages: Vec<f64>,
+    #[serde(flatten)]
+    pub plan: Traffic,
 }
 
 /// What one version did in one 10-second block, for charts.
@@ -317,6 +331,9 @@ pub enum JudgeError {
         canary: String,
         state: String,
     },
+    /// The declaration's traffic plan cannot work with its model; names the field.
+    #[error("{0}")]
+    Traffic(ModelError),
 }
 
 /// One canary under analysis.
@@ -458,6 +475,10 @@ impl Analysis {
             stable_requests: self.stable_requests,
             checks: self.checks.clone(),
             gates: self.gates.clone(),
+            traffic: TrafficView {
+                percentages: self.model.stages.iter().map(|s| s.weight).collect(),
+                plan: self.model.traffic.clone(),
+            },
         }
     }
 
@@ -1345,14 +1366,42 @@ impl Judge {
         declared: bool,
         at: EventTime,
     ) -> Result<Vec<CanaryChange>, JudgeError> {
+        let model = self.resolve_model(model, None)?;
+        self.begin(key, stable, canary, model, declared, at)
+    }
+
+    /// The model named `name`, with a declared rollout's traffic plan laid over it.
+    pub(crate) fn resolve_model(
+        &self,
+        name: &str,
+        traffic: Option<&TrafficRequest>,
+    ) -> Result<Arc<Model>, JudgeError> {
+        let model = self
+            .models
+            .get(name)
+            .cloned()
+            .ok_or_else(|| JudgeError::UnknownModel(name.to_owned()))?;
+        match traffic {
+            None => Ok(model),
+            Some(request) => Ok(Arc::new(
+                model.with_traffic(request).map_err(JudgeError::Traffic)?,
+            )),
+        }
+    }
+
+    /// Starts an analysis under `model`.
+    pub(crate) fn begin(
+        &mut self,
+        key: (Arc<str>, Arc<str>),
+        stable: Arc<str>,
+        canary: Arc<str>,
+        model: Arc<Model>,
+        declared: bool,
+        at: EventTime,
+    ) -> Result<Vec<CanaryChange>, JudgeError> {
         if stable == canary {
             return Err(JudgeError::SameVersion(stable.to_string()));
         }
-        let model = self
-            .models
-            .get(model)
-            .cloned()
-            .ok_or_else(|| JudgeError::UnknownModel(model.to_owned()))?;
         let keep = model.longest_window_s();
         let analysis = Analysis::new(key.clone(), stable.clone(), canary, model, declared, at, keep);
         let view = analysis.view();

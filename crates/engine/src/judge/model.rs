@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::traffic::Traffic;
+
 /// How a verdict is acted on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +40,10 @@ pub struct Model {
     /// not yet promoted in the one before is not promoted. Empty: no chain.
     #[serde(default)]
     pub promotion: Vec<String>,
+    /// The traffic plan of its rollouts (sticky key, header rules, allow-list); a declared
+    /// rollout may give its own. Stage percentages are the stages' weights.
+    #[serde(default, skip_serializing_if = "Traffic::is_empty")]
+    pub traffic: Traffic,
 }
 
 /// How evidence becomes a decision.
@@ -336,7 +342,7 @@ pub struct ModelError {
     pub message: String,
 }
 
-fn bad(field: impl Into<String>, message: impl Into<String>) -> ModelError {
+pub(crate) fn bad(field: impl Into<String>, message: impl Into<String>) -> ModelError {
     ModelError {
         field: field.into(),
         message: message.into(),
@@ -563,6 +569,7 @@ impl Model {
                 }
             }
         }
+        self.traffic.validate("traffic")?;
         Ok(())
     }
 
@@ -607,6 +614,7 @@ mod tests {
                 }],
             }],
             promotion: vec![],
+            traffic: Default::default(),
         }
     }
 

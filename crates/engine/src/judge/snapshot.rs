@@ -202,6 +202,7 @@ mod tests {
             },
             stages: vec![],
             promotion: vec![],
+            traffic: Default::default(),
         }
     }
 

@@ -139,6 +139,7 @@ pub(crate) mod decision {
             decision: Decision::default(),
             stages: vec![],
             promotion: vec![],
+            traffic: Default::default(),
         }
     }
 
