@@ -257,6 +257,10 @@ settings! {
     delivery_park_after_secs: u64,
     /// HAProxy servers of each canary, for haproxy subscriptions: env/app/version=backend/server[+stable_server], comma-separated, version * for any [default: none]
     haproxy_servers: crate::act::haproxy::HaproxyServers,
+    /// HAProxy maps of each app's route (split share, allow-listed users, header rules), for haproxy subscriptions: env/app=/map/prefix[@header:NAME|@cookie:NAME], comma-separated; the prefix as HAProxy loaded <prefix>.split.map, .users.map and .headers.map, after @ where HAProxy's config reads the user id (deploy/haproxy) [default: none]
+    haproxy_maps: crate::act::haproxy_maps::HaproxyMaps,
+    /// Seconds (1-3600) between comparisons of HAProxy's maps with each app's latest route, which put back what a reload or a hand edit changed [default: 10]
+    haproxy_reconcile_secs: u64,
     /// The API's base URL as people reach it (https://canaryd.example.com), for the approval links events carry; unset, http:// and http_addr [default: none]
     public_url: String,
     /// Seconds (1-2592000) an approval link works after its event was emitted [default: 86400]
@@ -401,6 +405,11 @@ fn delivery_config(raw: &RawConfig, http_addr: SocketAddr) -> Result<DeliveryCon
             &format!("must be at most delivery_max_age_hours ({max_age_hours} h)"),
         ));
     }
+    let reconcile_secs = within(
+        "haproxy_reconcile_secs",
+        set(raw.haproxy_reconcile_secs, "haproxy_reconcile_secs")?,
+        1..=3_600,
+    )?;
     Ok(DeliveryConfig {
         timeout: Duration::from_secs(within(
             "delivery_timeout_secs",
@@ -410,6 +419,8 @@ fn delivery_config(raw: &RawConfig, http_addr: SocketAddr) -> Result<DeliveryCon
         max_age: Duration::from_secs(max_age_hours * 3_600),
         park_after: Duration::from_secs(park_after_secs),
         haproxy_servers: raw.haproxy_servers.clone().unwrap_or_default(),
+        haproxy_maps: raw.haproxy_maps.clone().unwrap_or_default(),
+        reconcile_every: Duration::from_secs(reconcile_secs),
         // Unset: loopback while the API itself is only reachable from this host.
         outbound_allow: raw.outbound_allow.clone().unwrap_or_else(|| {
             if http_addr.ip().is_loopback() {
@@ -1028,6 +1039,7 @@ mod tests {
                 "api_read_token",
                 "outbound_allow",
                 "haproxy_servers",
+                "haproxy_maps",
                 "public_url",
                 "cluster_peers"
             ]

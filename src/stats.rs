@@ -95,6 +95,7 @@ pub struct Stats {
     events: Family<Labels1, Counter>,
     pub event_errors: Counter,
     deliveries: Family<Vec<(&'static str, String)>, Counter>,
+    traffic_reconciles: Family<Vec<(&'static str, String)>, Counter>,
     delivery_seconds: Histogram,
     act_seconds: Histogram,
     /// Decided-at times dropped at their cap before their first delivery attempt.
@@ -286,6 +287,12 @@ impl Stats {
             "Delivery attempts by subscription and outcome (delivered, retry, parked: taken off the queue, expired: retry window over or event gone, gone, skipped)",
             deliveries.clone(),
         );
+        let traffic_reconciles = Family::<Vec<(&'static str, String)>, Counter>::default();
+        registry.register(
+            "canaryd_traffic_reconciles",
+            "Comparisons of HAProxy's maps with the latest route of each app, by subscription and outcome (held: HAProxy had it; corrected: it had drifted and was put back; failed)",
+            traffic_reconciles.clone(),
+        );
         let delivery_seconds =
             Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         registry.register(
@@ -363,6 +370,7 @@ impl Stats {
             events,
             event_errors,
             deliveries,
+            traffic_reconciles,
             delivery_seconds,
             act_seconds,
             act_timings_dropped,
@@ -379,6 +387,16 @@ impl Stats {
     /// label is safe to expose; there is one series per subscription and outcome).
     pub fn delivery(&self, subscription: &str, outcome: &'static str) {
         self.deliveries
+            .get_or_create(&vec![
+                ("subscription", subscription.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// One comparison of an app's HAProxy maps with its route.
+    pub fn traffic_reconcile(&self, subscription: &str, outcome: &'static str) {
+        self.traffic_reconciles
             .get_or_create(&vec![
                 ("subscription", subscription.to_owned()),
                 ("outcome", outcome.to_owned()),

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::clock::Clock;
 use super::haproxy;
+use super::haproxy_maps::{self, HaproxyMaps};
 use super::outbound::{GuardedResolver, OutboundAllow, OutboundPolicy};
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
@@ -60,6 +61,10 @@ pub struct DeliveryConfig {
     pub max_backoff: Duration,
     /// Where each (env, app, version) is served, for `haproxy` subscriptions.
     pub haproxy_servers: super::haproxy::HaproxyServers,
+    /// Where each (env, app)'s route maps are, for `haproxy` subscriptions.
+    pub haproxy_maps: super::haproxy_maps::HaproxyMaps,
+    /// How often an idle `haproxy` worker compares the maps with each app's latest route.
+    pub reconcile_every: Duration,
     /// Restricted targets deliveries may reach all the same (`outbound`).
     pub outbound_allow: OutboundAllow,
 }
@@ -73,6 +78,8 @@ impl Default for DeliveryConfig {
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(15 * 60),
             haproxy_servers: super::haproxy::HaproxyServers::default(),
+            haproxy_maps: super::haproxy_maps::HaproxyMaps::default(),
+            reconcile_every: Duration::from_secs(10),
             outbound_allow: OutboundAllow::loopback(),
         }
     }
@@ -127,8 +134,24 @@ fn after_failure(
 }
 
 /// Whether applying `older`'s traffic action now would undo `later`'s: every server it sets, the
-/// later one set. (Events without a planned action override nothing.)
-fn overridden_by(older: &Event, later: &Event, servers: &haproxy::HaproxyServers) -> bool {
+/// later one set, and its route (if its app has maps) the later one replaced. (Events without a
+/// planned action override nothing.)
+fn overridden_by(
+    older: &Event,
+    later: &Event,
+    servers: &haproxy::HaproxyServers,
+    maps: &HaproxyMaps,
+) -> bool {
+    let routed = |event: &Event| matches!(haproxy_maps::plan(event, maps), Some(Ok(_)));
+    let weighted = |event: &Event| matches!(haproxy::plan(event, servers), Some(Ok(_)));
+    let same_app = older.data.env == later.data.env && older.data.app == later.data.app;
+    let maps_overridden = !routed(older) || (routed(later) && same_app);
+    let weights_overridden = !weighted(older) || weights_overridden_by(older, later, servers);
+    (routed(older) || weighted(older)) && maps_overridden && weights_overridden
+}
+
+/// The weights part of `overridden_by`.
+fn weights_overridden_by(older: &Event, later: &Event, servers: &haproxy::HaproxyServers) -> bool {
     let servers_of = |event: &Event| -> Option<BTreeSet<(String, String)>> {
         let steps = haproxy::plan(event, servers)?.ok()?;
         Some(
@@ -235,6 +258,11 @@ impl Dispatcher {
             workers: Mutex::new(HashMap::new()),
             decided: Mutex::new(std::collections::BTreeMap::new()),
         }))
+    }
+
+    /// Where each app's route maps are in HAProxy (what a declared plan is checked against).
+    pub fn haproxy_maps(&self) -> &HaproxyMaps {
+        &self.config.haproxy_maps
     }
 
     /// The outbound policy deliveries go through; subscriptions are checked against it too.
@@ -390,6 +418,10 @@ impl Dispatcher {
         let mut schedule_epoch = None;
         // When the head and a parked delivery are both due, they take turns.
         let mut parked_turn = false;
+        // An `haproxy` worker with maps to keep compares them at once, then now and then while
+        // it has nothing at the head (a delivery there applies a newer route anyway).
+        let reconciles = subscription.kind == Kind::Haproxy && !self.config.haproxy_maps.0.is_empty();
+        let mut next_reconcile_ms = 0;
         loop {
             // Register for a wake-up before looking, so that an append between the look and the
             // wait is not missed.
@@ -416,14 +448,28 @@ impl Dispatcher {
                 }
             };
             let now = self.clock.now_ms();
+            if reconciles && head.is_none() && now >= next_reconcile_ms {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    () = self.reconcile(&subscription) => {}
+                }
+                next_reconcile_ms = self.clock.now_ms() + self.config.reconcile_every.as_millis() as u64;
+                continue;
+            }
             let parked = schedule.first().copied();
             let (due, next) = match (head, parked) {
                 (None, None) => {
+                    let nap = if reconciles {
+                        Duration::from_millis(next_reconcile_ms.saturating_sub(now))
+                            .min(Duration::from_secs(5))
+                    } else {
+                        Duration::from_secs(5)
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = woken => continue,
                         // A safety net: look again now and then even without a wake-up.
-                        _ = self.clock.sleep(Duration::from_secs(5)) => continue,
+                        _ = self.clock.sleep(nap) => continue,
                     }
                 }
                 (Some((seq, head)), None) => (head.next_attempt_ms, Next::Head(seq, head)),
@@ -499,6 +545,7 @@ impl Dispatcher {
     async fn supersede_older_actions(&self, subscription: &Subscription, seq: u64, schedule: &mut Schedule) {
         let (store, id) = (self.store.clone(), subscription.id.clone());
         let servers = self.config.haproxy_servers.clone();
+        let maps = self.config.haproxy_maps.clone();
         let superseded = try_blocking(move || {
             let Some(later) = store.event(seq)? else {
                 return Ok(Vec::new());
@@ -511,12 +558,10 @@ impl Dispatcher {
                 let Some(older) = store.event(older_seq)? else {
                     continue;
                 };
-                if overridden_by(&older, &later, &servers) {
+                if overridden_by(&older, &later, &servers, &maps) {
                     delivery.state = DeliveryState::Skipped;
-                    delivery.last_error = Some(format!(
-                        "superseded: {} set the same servers' weights after it",
-                        later.id
-                    ));
+                    delivery.last_error =
+                        Some(format!("superseded: {} set the same traffic after it", later.id));
                     store.put_delivery(&id, older_seq, &delivery)?;
                     superseded.push((older_seq, older.id, later.id.clone()));
                 }
@@ -637,25 +682,26 @@ impl Dispatcher {
         self.record(subscription, seq, delivery, label).await
     }
 
-    /// Applies the event's traffic action on HAProxy; a failure is retried like a webhook's.
+    /// Applies the event's traffic on HAProxy, every lever its app has there (weights, maps);
+    /// a failure of any is retried like a webhook's, the whole action again (each lever's
+    /// commands are idempotent), and the error says which lever failed and which applied.
     async fn act_on_haproxy(
         &self,
         subscription: &Subscription,
         event: &crate::events::Event,
         delivery: &mut Delivery,
     ) -> &'static str {
-        let steps = match haproxy::plan(event, &self.config.haproxy_servers) {
-            None => {
-                delivery.state = DeliveryState::Skipped;
-                delivery.last_error = None;
-                return "skipped";
-            }
-            Some(Err(e)) => {
-                delivery.last_error = Some(e.to_string());
-                return self.schedule_retry(delivery);
-            }
-            Some(Ok(steps)) => steps,
+        let maps = haproxy_maps::plan(event, &self.config.haproxy_maps);
+        let weights = match haproxy::plan(event, &self.config.haproxy_servers) {
+            // An app routed by maps alone needs no servers.
+            Some(Err(haproxy::HaproxyError::Unmapped { .. })) if maps.is_some() => None,
+            weights => weights,
         };
+        if weights.is_none() && maps.is_none() {
+            delivery.state = DeliveryState::Skipped;
+            delivery.last_error = None;
+            return "skipped";
+        }
         let endpoint = match subscription.url.parse::<haproxy::Endpoint>() {
             Ok(endpoint) => endpoint,
             Err(e) => {
@@ -664,28 +710,110 @@ impl Dispatcher {
             }
         };
         let started = std::time::Instant::now();
-        for (backend, server, weight) in &steps {
-            let result = haproxy::set_weight(
-                &endpoint,
-                &self.outbound,
-                backend,
-                server,
-                *weight,
-                self.config.timeout,
-            )
-            .await;
-            if let Err(e) = result {
-                self.stats.delivery_seconds(started.elapsed());
-                delivery.last_error = Some(e.to_string());
-                return self.schedule_retry(delivery);
+        let mut applied: Vec<&str> = Vec::new();
+        let mut failure = None;
+        if let Some(steps) = weights {
+            match self.set_weights(&endpoint, steps).await {
+                Ok(()) => applied.push("weights"),
+                Err(e) => failure = Some(format!("weights: {e}")),
             }
-            tracing::info!(subscription = %subscription.id, event = %event.id, %backend, %server, weight, "HAProxy weight set");
+        }
+        if failure.is_none()
+            && let Some(maps) = maps
+        {
+            let result = match maps {
+                Ok((target, route)) => {
+                    let wanted = haproxy_maps::Wanted::of(route);
+                    haproxy_maps::apply(&endpoint, &self.outbound, target, &wanted, self.config.timeout).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => applied.push("maps"),
+                Err(e) => failure = Some(format!("maps: {e}")),
+            }
         }
         self.stats.delivery_seconds(started.elapsed());
+        if let Some(failure) = failure {
+            delivery.last_error = Some(if applied.is_empty() {
+                failure
+            } else {
+                format!("{} applied; {failure}", applied.join(" and "))
+            });
+            return self.schedule_retry(delivery);
+        }
+        tracing::info!(subscription = %subscription.id, event = %event.id, levers = %applied.join(", "), "HAProxy traffic applied");
         delivery.state = DeliveryState::Delivered;
         delivery.last_error = None;
         delivery.delivered_ms = Some(self.clock.now_ms());
         "delivered"
+    }
+
+    async fn set_weights(
+        &self,
+        endpoint: &haproxy::Endpoint,
+        steps: Result<Vec<haproxy::WeightStep>, haproxy::HaproxyError>,
+    ) -> Result<(), haproxy::HaproxyError> {
+        for (backend, server, weight) in steps? {
+            haproxy::set_weight(
+                endpoint,
+                &self.outbound,
+                &backend,
+                &server,
+                weight,
+                self.config.timeout,
+            )
+            .await?;
+            tracing::info!(%backend, %server, weight, "HAProxy weight set");
+        }
+        Ok(())
+    }
+
+    /// Compares each mapped app's HAProxy maps with the latest route this subscription acts on
+    /// (its types, not a dry run) and puts back what differs: after a restart of canaryd, an
+    /// HAProxy reload (which rereads the map files) or a hand edit, the applied state is read,
+    /// not assumed.
+    async fn reconcile(&self, subscription: &Subscription) {
+        let Ok(endpoint) = subscription.url.parse::<haproxy::Endpoint>() else {
+            return;
+        };
+        for target in &self.config.haproxy_maps.0 {
+            let (store, types) = (self.store.clone(), subscription.events.clone());
+            let (env, app) = (target.env.clone(), target.app.clone());
+            let latest = try_blocking(move || {
+                store.last_event(|e| {
+                    e.data.env == env
+                        && e.data.app == app
+                        && e.data.traffic.is_some()
+                        && !e.data.dry_run
+                        && types.contains(&e.event_type)
+                })
+            })
+            .await;
+            let event = match latest {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(subscription = %subscription.id, error = %e, "cannot read events to reconcile HAProxy maps");
+                    return;
+                }
+            };
+            let Some(Ok((target, route))) = haproxy_maps::plan(&event, &self.config.haproxy_maps) else {
+                continue;
+            };
+            let wanted = haproxy_maps::Wanted::of(route);
+            match haproxy_maps::apply(&endpoint, &self.outbound, target, &wanted, self.config.timeout).await {
+                Ok(applied) if applied.changes == 0 => self.stats.traffic_reconcile(&subscription.id, "held"),
+                Ok(applied) => {
+                    self.stats.traffic_reconcile(&subscription.id, "corrected");
+                    tracing::warn!(subscription = %subscription.id, env = %target.env, app = %target.app, event = %event.id, changes = applied.changes, "HAProxy maps had drifted from the app's route; put back");
+                }
+                Err(e) => {
+                    self.stats.traffic_reconcile(&subscription.id, "failed");
+                    tracing::warn!(subscription = %subscription.id, env = %target.env, app = %target.app, error = %e, "cannot reconcile HAProxy maps");
+                }
+            }
+        }
     }
 
     fn schedule_retry(&self, delivery: &mut Delivery) -> &'static str {
@@ -858,13 +986,18 @@ mod tests {
             .parse()
             .expect("servers");
         let (stage, failed) = (action("2.0", 20), action("2.0", 0));
-        assert!(overridden_by(&stage, &failed, &servers));
+        assert!(overridden_by(&stage, &failed, &servers, &HaproxyMaps::default()));
         // Another canary's server is another server.
-        assert!(!overridden_by(&stage, &action("3.0", 0), &servers));
+        assert!(!overridden_by(
+            &stage,
+            &action("3.0", 0),
+            &servers,
+            &HaproxyMaps::default()
+        ));
         // A dry run sets nothing.
         let mut dry = action("2.0", 0);
         dry.data.dry_run = true;
-        assert!(!overridden_by(&stage, &dry, &servers));
+        assert!(!overridden_by(&stage, &dry, &servers, &HaproxyMaps::default()));
     }
 
     /// A fake HAProxy runtime API on loopback: `set server be/s weight N` then `get weight be/s`,

@@ -150,7 +150,11 @@ pub enum HaproxyError {
     },
     #[error("the runtime API's answer ran past {0} bytes; a runtime API answers these commands in a line")]
     AnswerTooLong(u64),
-    #[error("no haproxy_servers entry for {env}/{app}/{version}")]
+    #[error("HAProxy's map {map} does not hold the route after applying it: {detail}")]
+    MapNotApplied { map: String, detail: String },
+    #[error("{0}")]
+    Unroutable(String),
+    #[error("no haproxy_servers or haproxy_maps entry for {env}/{app}/{version}")]
     Unmapped {
         env: String,
         app: String,
@@ -170,6 +174,18 @@ pub async fn command(
     line: &str,
     timeout: Duration,
 ) -> Result<String, HaproxyError> {
+    command_capped(endpoint, policy, line, timeout, MAX_ANSWER_BYTES).await
+}
+
+/// `command`, reading at most `cap` bytes of the answer (a map's listing runs longer than a
+/// line).
+pub async fn command_capped(
+    endpoint: &Endpoint,
+    policy: &OutboundPolicy,
+    line: &str,
+    timeout: Duration,
+    cap: u64,
+) -> Result<String, HaproxyError> {
     let io = |source| HaproxyError::Io {
         endpoint: format!("{endpoint:?}"),
         source,
@@ -177,10 +193,11 @@ pub async fn command(
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         mut stream: S,
         line: &str,
+        cap: u64,
     ) -> std::io::Result<Vec<u8>> {
         stream.write_all(format!("{line}\n").as_bytes()).await?;
         let mut answer = Vec::new();
-        stream.take(MAX_ANSWER_BYTES + 1).read_to_end(&mut answer).await?;
+        stream.take(cap + 1).read_to_end(&mut answer).await?;
         Ok(answer)
     }
     let exchange = async {
@@ -193,18 +210,18 @@ pub async fn command(
                     .ok_or_else(|| io(std::io::Error::other("expected host:port")))?;
                 let addrs = policy.resolve(host, port).await.map_err(io)?;
                 let stream = tokio::net::TcpStream::connect(&addrs[..]).await.map_err(io)?;
-                exchange(stream, line).await.map_err(io)?
+                exchange(stream, line, cap).await.map_err(io)?
             }
             Endpoint::Unix(path) => {
                 policy
                     .check_socket(path)
                     .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)))?;
                 let stream = tokio::net::UnixStream::connect(path).await.map_err(io)?;
-                exchange(stream, line).await.map_err(io)?
+                exchange(stream, line, cap).await.map_err(io)?
             }
         };
-        if answer.len() as u64 > MAX_ANSWER_BYTES {
-            return Err(HaproxyError::AnswerTooLong(MAX_ANSWER_BYTES));
+        if answer.len() as u64 > cap {
+            return Err(HaproxyError::AnswerTooLong(cap));
         }
         Ok(String::from_utf8_lossy(&answer).trim().to_owned())
     };

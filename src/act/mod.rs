@@ -8,10 +8,13 @@
 //! - `clock`: the dispatcher's time, wall time or moved by hand (the delivery benchmark).
 //! - `outbound`: which addresses canaryd's own connections may reach, checked at connect time.
 //! - `haproxy`: the `haproxy` kind's action, canary weights set through HAProxy's runtime API.
+//! - `haproxy_maps`: its second lever, a rollout's route (split share, allow-list, header rules)
+//!   kept in HAProxy maps, read back and reconciled.
 
 pub mod clock;
 pub mod delivery;
 pub mod haproxy;
+pub mod haproxy_maps;
 pub mod outbound;
 pub mod signing;
 pub mod subscriptions;

@@ -480,6 +480,9 @@ pub(super) async fn declare_rollout(
         Ok(rollout) => rollout,
         Err(response) => return *response,
     };
+    if let Err(response) = routable(&state, &rollout).await {
+        return response;
+    }
     // The engine emits the `started` event (stored with its deliveries) before it answers.
     match state.engine.declare_rollout(rollout).await {
         Ok(Ok(view)) => (StatusCode::OK, Json(CanaryView::of(view))).into_response(),
@@ -489,6 +492,40 @@ pub(super) async fn declare_rollout(
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => unavailable(e),
     }
+}
+
+/// Whether the levers the app has can carry the rollout's traffic plan: HAProxy's maps read the
+/// user id from one header or cookie, fixed in its config, so a plan naming another sticky key
+/// (or an allow-list with none) is refused here, by field, before anything starts.
+async fn routable(state: &ApiState, rollout: &Rollout) -> Result<(), Response> {
+    let Some(target) = state
+        .dispatcher
+        .haproxy_maps()
+        .find(&rollout.env, &rollout.app)
+        .cloned()
+    else {
+        return Ok(());
+    };
+    let model = rollout
+        .model
+        .clone()
+        .unwrap_or_else(|| canaryd_engine::judge::DEFAULT_MODEL.to_owned());
+    let request = rollout.traffic.clone().unwrap_or_default();
+    let plan = state
+        .engine
+        .read(move |engine| {
+            let model = engine.judge().models().find(|m| m.name == model)?;
+            Some(model.with_traffic(&request).map(|m| m.traffic))
+        })
+        .await
+        .map_err(unavailable)?;
+    // An unknown model or a bad plan: the declaration itself says so, by field.
+    let Some(Ok(plan)) = plan else {
+        return Ok(());
+    };
+    target
+        .can_route(plan.sticky.as_ref(), !plan.users.is_empty())
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("traffic.sticky: {e}")))
 }
 
 /// The rollout a `PUT .../rollout` body declares, or the 400 naming what is wrong with it.

@@ -155,14 +155,17 @@ class Canaryd:
 
 
 
-def start_canaryd(base: Path, extra_args: list[str] | None = None) -> Canaryd:
+def start_canaryd(base: Path, extra_args: list[str] | None = None, restart: bool = False) -> Canaryd:
     """Starts the daemon binary with its data in ``base``, every listener on port 0, and waits for
-    its addrs.json; fails the test (after killing it) if it exits or never gets ready."""
+    its addrs.json; fails the test (after killing it) if it exits or never gets ready. With
+    ``restart``, it starts again on the data an earlier one left there (logging to another file)."""
     binary = canaryd_binary()
     data_dir = base / "data"
-    data_dir.mkdir()
-    log_path = base / "canaryd.log"
+    data_dir.mkdir(exist_ok=restart)
+    log_path = base / ("canaryd.restarted.log" if restart else "canaryd.log")
     addrs_path = data_dir / "addrs.json"
+    # The addresses of a daemon that ran before are not this one's.
+    addrs_path.unlink(missing_ok=True)
     command = [
         str(binary),
         "serve",

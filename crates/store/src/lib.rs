@@ -1225,6 +1225,22 @@ impl<R: DaemonRecords> Store<R> {
         Ok(out)
     }
 
+    /// The newest stored event that `keep` accepts.
+    pub fn last_event(&self, keep: impl Fn(&R::Event) -> bool) -> Result<Option<R::Event>, StoreError> {
+        for entry in self.events.iter().rev() {
+            let (key, value) = entry.map_err(|source| StoreError::Io {
+                operation: "read events",
+                source,
+            })?;
+            if let Some(event) = self.event_value(EVENTS, &key, &value)?
+                && keep(&event)
+            {
+                return Ok(Some(event));
+            }
+        }
+        Ok(None)
+    }
+
     /// Makes everything written so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(|source| StoreError::Io {
