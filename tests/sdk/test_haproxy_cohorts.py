@@ -36,7 +36,8 @@ pytestmark = pytest.mark.skipif(
 APP, ENV = "shop", "prod"
 STABLE, CANARY = "1.0.0", "1.1.0"
 SHIPPED = REPO_ROOT / "deploy" / "haproxy"
-VIPS = [f"vip-{i}@example.com" for i in range(50)]
+# One id holds a comma, which HAProxy must not split on.
+VIPS = ["beta,tester@example.com"] + [f"vip-{i}@example.com" for i in range(49)]
 PLAN = {
     # The staged model's four stages, at these percentages.
     "percentages": [20, 40, 60, 100],
