@@ -143,11 +143,14 @@ fn overridden_by(
     maps: &HaproxyMaps,
 ) -> bool {
     let routed = |event: &Event| matches!(haproxy_maps::plan(event, maps), Some(Ok(_)));
-    let weighted = |event: &Event| matches!(haproxy::plan(event, servers), Some(Ok(_)));
+    let (older_routed, older_weighted) = (
+        routed(older),
+        matches!(haproxy::plan(older, servers), Some(Ok(_))),
+    );
     let same_app = older.data.env == later.data.env && older.data.app == later.data.app;
-    let maps_overridden = !routed(older) || (routed(later) && same_app);
-    let weights_overridden = !weighted(older) || weights_overridden_by(older, later, servers);
-    (routed(older) || weighted(older)) && maps_overridden && weights_overridden
+    let maps_overridden = !older_routed || (routed(later) && same_app);
+    let weights_overridden = !older_weighted || weights_overridden_by(older, later, servers);
+    (older_routed || older_weighted) && maps_overridden && weights_overridden
 }
 
 /// The weights part of `overridden_by`.

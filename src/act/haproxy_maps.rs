@@ -287,47 +287,64 @@ fn keys_of(entries: &[(String, String)]) -> (BTreeSet<String>, BTreeSet<String>)
     (right, wrong)
 }
 
-/// Makes one key map hold exactly `wanted` (each key mapping to `CANARY`): removals first, then
-/// additions in payloads; the number of commands that changed something.
-async fn converge(
-    endpoint: &Endpoint,
-    policy: &OutboundPolicy,
-    map: &str,
-    wanted: &BTreeSet<String>,
-    timeout: Duration,
-    additions: bool,
-) -> Result<usize, HaproxyError> {
-    let held = show(endpoint, policy, map, timeout).await?;
-    let (right, wrong) = keys_of(&held);
-    let extra: Vec<&String> = right.difference(wanted).chain(wrong.iter()).collect();
-    let mut changes = 0;
-    if !additions {
-        if !extra.is_empty() && wanted.iter().all(|k| !right.contains(k)) {
+/// What one key map needs to hold exactly `wanted` (each key mapping to `CANARY`), from one
+/// reading of it: the keys to remove (all of them at once when none is kept) and to add.
+struct KeyDiff {
+    clear: bool,
+    extra: Vec<String>,
+    missing: Vec<String>,
+}
+
+impl KeyDiff {
+    fn of(held: &[(String, String)], wanted: &BTreeSet<String>) -> KeyDiff {
+        let (right, wrong) = keys_of(held);
+        let extra: Vec<String> = right.difference(wanted).chain(wrong.iter()).cloned().collect();
+        KeyDiff {
+            clear: !extra.is_empty() && wanted.iter().all(|k| !right.contains(k)),
+            extra,
+            missing: wanted.difference(&right).cloned().collect(),
+        }
+    }
+
+    /// Removes what must go; the number of commands that changed something.
+    async fn narrow(
+        &self,
+        endpoint: &Endpoint,
+        policy: &OutboundPolicy,
+        map: &str,
+        timeout: Duration,
+    ) -> Result<usize, HaproxyError> {
+        if self.clear {
             // Nothing to keep: one command empties it.
             run(endpoint, policy, format!("clear map {map}"), timeout).await?;
             return Ok(1);
         }
-        for key in extra {
+        for key in &self.extra {
             run(endpoint, policy, format!("del map {map} {key}"), timeout).await?;
-            changes += 1;
         }
-        return Ok(changes);
+        Ok(self.extra.len())
     }
-    let missing: Vec<&String> = wanted.difference(&right).collect();
-    let mut payload = String::new();
-    for key in missing {
-        payload.push_str(&format!("{key} {CANARY}\n"));
-        if payload.len() >= MAX_PAYLOAD_BYTES {
-            run(endpoint, policy, format!("add map {map} <<\n{payload}"), timeout).await?;
-            payload.clear();
-            changes += 1;
+
+    /// Adds what is missing, in payloads; the number of commands that changed something.
+    async fn widen(
+        &self,
+        endpoint: &Endpoint,
+        policy: &OutboundPolicy,
+        map: &str,
+        timeout: Duration,
+    ) -> Result<usize, HaproxyError> {
+        let mut changes = 0;
+        let mut payload = String::new();
+        for (i, key) in self.missing.iter().enumerate() {
+            payload.push_str(&format!("{key} {CANARY}\n"));
+            if payload.len() >= MAX_PAYLOAD_BYTES || i + 1 == self.missing.len() {
+                run(endpoint, policy, format!("add map {map} <<\n{payload}"), timeout).await?;
+                payload.clear();
+                changes += 1;
+            }
         }
+        Ok(changes)
     }
-    if !payload.is_empty() {
-        run(endpoint, policy, format!("add map {map} <<\n{payload}"), timeout).await?;
-        changes += 1;
-    }
-    Ok(changes)
 }
 
 /// The split's share as HAProxy holds it: `None` when the key is absent.
@@ -387,17 +404,19 @@ pub async fn apply(
     if narrower {
         changes += set_share(endpoint, policy, &split, wanted.share, held.as_deref(), timeout).await?;
     }
-    for (map, keys) in [
+    let lists = [
         (target.users_map(), &wanted.users),
         (target.headers_map(), &wanted.headers),
-    ] {
-        changes += converge(endpoint, policy, &map, keys, timeout, false).await?;
+    ];
+    let mut diffs = Vec::with_capacity(lists.len());
+    for (map, keys) in &lists {
+        diffs.push(KeyDiff::of(&show(endpoint, policy, map, timeout).await?, keys));
     }
-    for (map, keys) in [
-        (target.users_map(), &wanted.users),
-        (target.headers_map(), &wanted.headers),
-    ] {
-        changes += converge(endpoint, policy, &map, keys, timeout, true).await?;
+    for ((map, _), diff) in lists.iter().zip(&diffs) {
+        changes += diff.narrow(endpoint, policy, map, timeout).await?;
+    }
+    for ((map, _), diff) in lists.iter().zip(&diffs) {
+        changes += diff.widen(endpoint, policy, map, timeout).await?;
     }
     if !narrower {
         changes += set_share(endpoint, policy, &split, wanted.share, held.as_deref(), timeout).await?;
@@ -410,10 +429,7 @@ pub async fn apply(
             detail: format!("share {share:?}, wanted {}", wanted.share),
         });
     }
-    for (map, keys) in [
-        (target.users_map(), &wanted.users),
-        (target.headers_map(), &wanted.headers),
-    ] {
+    for (map, keys) in lists {
         let held = show(endpoint, policy, &map, timeout).await?;
         let (right, wrong) = keys_of(&held);
         if &right != keys || !wrong.is_empty() || held.len() != keys.len() {

@@ -124,6 +124,34 @@ class Backend:
         self.provider.shutdown()
 
 
+def runtime_command(admin: int, line: str) -> str:
+    """One command to HAProxy's runtime API on loopback TCP, its whole answer."""
+    with socket.create_connection(("127.0.0.1", admin), timeout=5) as s:
+        s.sendall(line.encode() + b"\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def run_haproxy(config: Path, log_path: Path, admin: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Starts HAProxy on `config` in the foreground, logging to `log_path`, and waits until its
+    runtime API on port `admin` answers; fails the test if it exits or never does."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 15
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"haproxy exited: {log_path.read_text()}", pytrace=False)
+        try:
+            runtime_command(admin, "show info")
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"haproxy's runtime API never answered: {log_path.read_text()}", pytrace=False)
+            time.sleep(0.05)
+
+
 class Haproxy:
     """HAProxy on loopback: one frontend, the two backends at 90/10, the runtime API on TCP."""
 
@@ -149,27 +177,10 @@ backend {APP}
 """
         )
         self.log = workdir / "haproxy.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"haproxy exited: {self.log.read_text()}", pytrace=False)
-            try:
-                self.command("show info")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"haproxy's runtime API never answered: {self.log.read_text()}", pytrace=False)
-                time.sleep(0.05)
+        self.proc = run_haproxy(config, self.log, self.admin)
 
     def command(self, line: str) -> str:
-        with socket.create_connection(("127.0.0.1", self.admin), timeout=5) as s:
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
+        return runtime_command(self.admin, line)
 
     def weight(self, server: str) -> int:
         return int(self.command(f"get weight {APP}/{server}").split()[0])

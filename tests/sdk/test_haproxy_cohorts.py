@@ -17,7 +17,6 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from test_haproxy import HAPROXY, Backend, api, free_port, record_figure
+from test_haproxy import HAPROXY, Backend, api, free_port, record_figure, run_haproxy, runtime_command
 
 from sdk_harness import REPO_ROOT, Canaryd, eventually, start_canaryd, stop_canaryd
 
@@ -65,29 +64,10 @@ class ShippedHaproxy:
             MAPS=str(self.maps),
         )
         self.log = workdir / "haproxy.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [HAPROXY, "-db", "-f", str(SHIPPED / "haproxy.cfg")], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"haproxy exited: {self.log.read_text()}", pytrace=False)
-            try:
-                self.command("show info")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"haproxy's runtime API never answered: {self.log.read_text()}", pytrace=False)
-                time.sleep(0.05)
+        self.proc = run_haproxy(SHIPPED / "haproxy.cfg", self.log, self.admin, env)
 
     def command(self, line: str) -> str:
-        with socket.create_connection(("127.0.0.1", self.admin), timeout=5) as s:
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
+        return runtime_command(self.admin, line)
 
     def map_of(self, name: str) -> dict[str, str]:
         """A map's entries as HAProxy holds them (``<id> <key> <value>`` per line)."""
