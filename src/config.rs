@@ -259,7 +259,13 @@ settings! {
     haproxy_servers: crate::act::haproxy::HaproxyServers,
     /// HAProxy maps of each app's route (split share, allow-listed users, header rules), for haproxy subscriptions: env/app=/map/prefix[@header:NAME|@cookie:NAME], comma-separated; the prefix as HAProxy loaded <prefix>.split.map, .users.map and .headers.map, after @ where HAProxy's config reads the user id (deploy/haproxy) [default: none]
     haproxy_maps: crate::act::haproxy_maps::HaproxyMaps,
-    /// Seconds (1-3600) between comparisons of HAProxy's maps with each app's latest route, which put back what a reload or a hand edit changed [default: 10]
+    /// Gateway API HTTPRoute of each app's route, for httproute subscriptions: env/app=namespace/route@stable-service:port+canary-service:port, comma-separated; canaryd owns the route's spec.rules (deploy/kubernetes/components/httproute) [default: none]
+    httproutes: crate::act::httproute::HttpRoutes,
+    /// Bearer token file httproute subscriptions present to the Kubernetes API server, re-read as it rotates; unset, the pod's service account token when there is one [default: none]
+    kubernetes_token_file: PathBuf,
+    /// CA bundle (PEM) the Kubernetes API server's certificate must chain to; unset, the pod's service account CA when there is one, else the system's roots [default: none]
+    kubernetes_ca_file: PathBuf,
+    /// Seconds (1-3600) between comparisons of what the traffic levers hold (HAProxy's maps, HTTPRoutes) with each app's latest route, which put back what a reload or a hand edit changed [default: 10]
     haproxy_reconcile_secs: u64,
     /// The API's base URL as people reach it (https://canaryd.example.com), for the approval links events carry; unset, http:// and http_addr [default: none]
     public_url: String,
@@ -420,6 +426,11 @@ fn delivery_config(raw: &RawConfig, http_addr: SocketAddr) -> Result<DeliveryCon
         park_after: Duration::from_secs(park_after_secs),
         haproxy_servers: raw.haproxy_servers.clone().unwrap_or_default(),
         haproxy_maps: raw.haproxy_maps.clone().unwrap_or_default(),
+        httproutes: raw.httproutes.clone().unwrap_or_default(),
+        kube_access: crate::act::httproute::KubeAccess {
+            token_file: raw.kubernetes_token_file.clone(),
+            ca_file: raw.kubernetes_ca_file.clone(),
+        },
         reconcile_every: Duration::from_secs(reconcile_secs),
         // Unset: loopback while the API itself is only reachable from this host.
         outbound_allow: raw.outbound_allow.clone().unwrap_or_else(|| {
@@ -1040,6 +1051,9 @@ mod tests {
                 "outbound_allow",
                 "haproxy_servers",
                 "haproxy_maps",
+                "httproutes",
+                "kubernetes_token_file",
+                "kubernetes_ca_file",
                 "public_url",
                 "cluster_peers"
             ]

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::clock::Clock;
 use super::haproxy;
 use super::haproxy_maps::{self, HaproxyMaps};
+use super::httproute::{self, HttpRoutes, KubeAccess};
 use super::outbound::{GuardedResolver, OutboundAllow, OutboundPolicy};
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
@@ -63,7 +64,12 @@ pub struct DeliveryConfig {
     pub haproxy_servers: super::haproxy::HaproxyServers,
     /// Where each (env, app)'s route maps are, for `haproxy` subscriptions.
     pub haproxy_maps: super::haproxy_maps::HaproxyMaps,
-    /// How often an idle `haproxy` worker compares the maps with each app's latest route.
+    /// Which HTTPRoute carries each (env, app)'s route, for `httproute` subscriptions.
+    pub httproutes: HttpRoutes,
+    /// The token and CA `httproute` subscriptions reach the API server with.
+    pub kube_access: KubeAccess,
+    /// How often an idle `haproxy` or `httproute` worker compares what it keeps with each app's
+    /// latest route.
     pub reconcile_every: Duration,
     /// Restricted targets deliveries may reach all the same (`outbound`).
     pub outbound_allow: OutboundAllow,
@@ -79,6 +85,8 @@ impl Default for DeliveryConfig {
             max_backoff: Duration::from_secs(15 * 60),
             haproxy_servers: super::haproxy::HaproxyServers::default(),
             haproxy_maps: super::haproxy_maps::HaproxyMaps::default(),
+            httproutes: HttpRoutes::default(),
+            kube_access: KubeAccess::default(),
             reconcile_every: Duration::from_secs(10),
             outbound_allow: OutboundAllow::loopback(),
         }
@@ -153,6 +161,12 @@ fn overridden_by(
     (older_routed || older_weighted) && maps_overridden && weights_overridden
 }
 
+/// The same for an `httproute` subscription: a later route of the same app replaces the rules.
+fn route_overridden_by(older: &Event, later: &Event, routes: &HttpRoutes) -> bool {
+    let routed = |event: &Event| matches!(httproute::plan(event, routes), Some(Ok(_)));
+    routed(older) && routed(later) && older.data.env == later.data.env && older.data.app == later.data.app
+}
+
 /// The weights part of `overridden_by`.
 fn weights_overridden_by(older: &Event, later: &Event, servers: &haproxy::HaproxyServers) -> bool {
     let servers_of = |event: &Event| -> Option<BTreeSet<(String, String)>> {
@@ -207,6 +221,8 @@ pub struct Dispatcher {
     /// sequence number), for `canaryd_act_seconds`; kept for `DECIDED_KEEP_NS`, at most
     /// `DECIDED_CAP` of them (the oldest go first, counted in `canaryd_act_timings_dropped_total`).
     decided: Mutex<std::collections::BTreeMap<u64, u64>>,
+    /// Each `httproute` subscription's Kubernetes client, built at its first use.
+    kube_clients: tokio::sync::Mutex<HashMap<String, kube::Client>>,
 }
 
 /// How many decided-at times are kept for their first delivery attempt.
@@ -260,12 +276,18 @@ impl Dispatcher {
             shutdown,
             workers: Mutex::new(HashMap::new()),
             decided: Mutex::new(std::collections::BTreeMap::new()),
+            kube_clients: tokio::sync::Mutex::new(HashMap::new()),
         }))
     }
 
     /// Where each app's route maps are in HAProxy (what a declared plan is checked against).
     pub fn haproxy_maps(&self) -> &HaproxyMaps {
         &self.config.haproxy_maps
+    }
+
+    /// Which HTTPRoute carries each app's route (what a declared plan is checked against).
+    pub fn httproutes(&self) -> &HttpRoutes {
+        &self.config.httproutes
     }
 
     /// The outbound policy deliveries go through; subscriptions are checked against it too.
@@ -423,7 +445,11 @@ impl Dispatcher {
         let mut parked_turn = false;
         // An `haproxy` worker with maps to keep compares them at once, then now and then while
         // it has nothing at the head (a delivery there applies a newer route anyway).
-        let reconciles = subscription.kind == Kind::Haproxy && !self.config.haproxy_maps.0.is_empty();
+        let reconciles = match subscription.kind {
+            Kind::Haproxy => !self.config.haproxy_maps.0.is_empty(),
+            Kind::Httproute => !self.config.httproutes.0.is_empty(),
+            Kind::Webhook => false,
+        };
         let mut next_reconcile_ms = 0;
         loop {
             // Register for a wake-up before looking, so that an append between the look and the
@@ -533,7 +559,7 @@ impl Dispatcher {
                         schedule.insert((due, seq));
                     }
                 }
-                DeliveryState::Delivered if subscription.kind == Kind::Haproxy => {
+                DeliveryState::Delivered if subscription.kind.is_lever() => {
                     self.supersede_older_actions(&subscription, seq, &mut schedule)
                         .await;
                 }
@@ -542,13 +568,15 @@ impl Dispatcher {
         }
     }
 
-    /// After an `haproxy` subscription applied event `seq`'s action: its parked deliveries of
-    /// earlier events whose actions set only servers that one set are skipped, never applied
-    /// after it.
+    /// After a lever's subscription (`haproxy`, `httproute`) applied event `seq`'s traffic: its
+    /// parked deliveries of earlier events whose traffic that one replaced (for HAProxy, set only
+    /// servers it set) are skipped, never applied after it.
     async fn supersede_older_actions(&self, subscription: &Subscription, seq: u64, schedule: &mut Schedule) {
         let (store, id) = (self.store.clone(), subscription.id.clone());
         let servers = self.config.haproxy_servers.clone();
         let maps = self.config.haproxy_maps.clone();
+        let routes = self.config.httproutes.clone();
+        let kind = subscription.kind;
         let superseded = try_blocking(move || {
             let Some(later) = store.event(seq)? else {
                 return Ok(Vec::new());
@@ -561,7 +589,11 @@ impl Dispatcher {
                 let Some(older) = store.event(older_seq)? else {
                     continue;
                 };
-                if overridden_by(&older, &later, &servers, &maps) {
+                let overridden = match kind {
+                    Kind::Httproute => route_overridden_by(&older, &later, &routes),
+                    _ => overridden_by(&older, &later, &servers, &maps),
+                };
+                if overridden {
                     delivery.state = DeliveryState::Skipped;
                     delivery.last_error =
                         Some(format!("superseded: {} set the same traffic after it", later.id));
@@ -577,12 +609,12 @@ impl Dispatcher {
                 schedule.retain(|(_, s)| !superseded.iter().any(|(older, ..)| older == s));
                 for (_, older, later) in superseded {
                     self.stats.delivery(&subscription.id, "skipped");
-                    tracing::info!(subscription = %subscription.id, event = %older, by = %later, "parked HAProxy action superseded by a later one; skipped");
+                    tracing::info!(subscription = %subscription.id, event = %older, by = %later, "parked traffic action superseded by a later one; skipped");
                 }
                 self.publish_depths();
             }
             Err(e) => {
-                tracing::error!(subscription = %subscription.id, error = %e, "cannot supersede parked HAProxy actions")
+                tracing::error!(subscription = %subscription.id, error = %e, "cannot supersede parked traffic actions")
             }
         }
     }
@@ -613,11 +645,14 @@ impl Dispatcher {
             }
         };
         let first_attempt = delivery.attempts == 1;
-        if subscription.kind == Kind::Haproxy {
+        if subscription.kind.is_lever() {
             if first_attempt {
                 self.observe_act(seq);
             }
-            let label = self.act_on_haproxy(subscription, &event, &mut delivery).await;
+            let label = match subscription.kind {
+                Kind::Httproute => self.act_on_httproute(subscription, &event, &mut delivery).await,
+                _ => self.act_on_haproxy(subscription, &event, &mut delivery).await,
+            };
             return self.record(subscription, seq, delivery, label).await;
         }
         // A literal address is connected to without resolution, so it is checked here; names
@@ -752,6 +787,78 @@ impl Dispatcher {
         "delivered"
     }
 
+    /// Writes the event's route into its app's HTTPRoute; an answer that is not a success (a
+    /// conflict with another field manager, a 403 for missing RBAC, a missing route) is kept on
+    /// the delivery, status and all, and retried like a webhook's.
+    async fn act_on_httproute(
+        &self,
+        subscription: &Subscription,
+        event: &crate::events::Event,
+        delivery: &mut Delivery,
+    ) -> &'static str {
+        let (target, route) = match httproute::plan(event, &self.config.httproutes) {
+            None => {
+                delivery.state = DeliveryState::Skipped;
+                delivery.last_error = None;
+                return "skipped";
+            }
+            Some(Ok(planned)) => planned,
+            Some(Err(e)) => {
+                delivery.last_status = None;
+                delivery.last_error = Some(e.to_string());
+                return self.schedule_retry(delivery);
+            }
+        };
+        let started = std::time::Instant::now();
+        let result = match self.kube_client(subscription).await {
+            Ok(client) => httproute::apply(&client, target, &route).await,
+            Err(e) => Err(e),
+        };
+        self.stats.delivery_seconds(started.elapsed());
+        match result {
+            Ok(applied) => {
+                tracing::info!(subscription = %subscription.id, event = %event.id, route = %format!("{}/{}", target.namespace, target.name), changed = applied.changed, percent = route.percent, "HTTPRoute traffic applied");
+                delivery.state = DeliveryState::Delivered;
+                delivery.last_status = Some(200);
+                delivery.last_error = None;
+                delivery.delivered_ms = Some(self.clock.now_ms());
+                "delivered"
+            }
+            Err(e) => {
+                delivery.last_status = e.status();
+                delivery.last_error = Some(e.to_string());
+                if matches!(e, httproute::HttpRouteError::Transport(_)) {
+                    // A broken connection may have been a stale pooled one: build afresh.
+                    self.kube_clients.lock().await.remove(&subscription.id);
+                }
+                self.schedule_retry(delivery)
+            }
+        }
+    }
+
+    /// The subscription's Kubernetes client, built (and the API server's addresses checked
+    /// against the outbound policy) at first use.
+    async fn kube_client(
+        &self,
+        subscription: &Subscription,
+    ) -> Result<kube::Client, httproute::HttpRouteError> {
+        let mut clients = self.kube_clients.lock().await;
+        if let Some(client) = clients.get(&subscription.id) {
+            return Ok(client.clone());
+        }
+        // Unset, the pod's service account's: read here, not at start-up, so that the settings
+        // stay what the operator gave.
+        let pod = KubeAccess::in_cluster();
+        let access = KubeAccess {
+            token_file: self.config.kube_access.token_file.clone().or(pod.token_file),
+            ca_file: self.config.kube_access.ca_file.clone().or(pod.ca_file),
+        };
+        let client =
+            httproute::client(&subscription.url, &access, &self.outbound, self.config.timeout).await?;
+        clients.insert(subscription.id.clone(), client.clone());
+        Ok(client)
+    }
+
     async fn set_weights(
         &self,
         endpoint: &haproxy::Endpoint,
@@ -777,6 +884,9 @@ impl Dispatcher {
     /// HAProxy reload (which rereads the map files) or a hand edit, the applied state is read,
     /// not assumed.
     async fn reconcile(&self, subscription: &Subscription) {
+        if subscription.kind == Kind::Httproute {
+            return self.reconcile_routes(subscription).await;
+        }
         let Ok(endpoint) = subscription.url.parse::<haproxy::Endpoint>() else {
             return;
         };
@@ -814,6 +924,50 @@ impl Dispatcher {
                 Err(e) => {
                     self.stats.traffic_reconcile(&subscription.id, "failed");
                     tracing::warn!(subscription = %subscription.id, env = %target.env, app = %target.app, error = %e, "cannot reconcile HAProxy maps");
+                }
+            }
+        }
+    }
+
+    /// The same for an `httproute` subscription: each mapped app's HTTPRoute is read and, where
+    /// its rules differ from the app's latest route, applied again.
+    async fn reconcile_routes(&self, subscription: &Subscription) {
+        for target in &self.config.httproutes.0 {
+            let (store, types) = (self.store.clone(), subscription.events.clone());
+            let (env, app) = (target.env.clone(), target.app.clone());
+            let latest = try_blocking(move || {
+                store.last_event(|e| {
+                    e.data.env == env
+                        && e.data.app == app
+                        && types.contains(&e.event_type)
+                        && httproute::route_of(e).is_some()
+                })
+            })
+            .await;
+            let event = match latest {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(subscription = %subscription.id, error = %e, "cannot read events to reconcile HTTPRoutes");
+                    return;
+                }
+            };
+            let Some(Ok((target, route))) = httproute::plan(&event, &self.config.httproutes) else {
+                continue;
+            };
+            let result = match self.kube_client(subscription).await {
+                Ok(client) => httproute::apply(&client, target, &route).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(applied) if !applied.changed => self.stats.traffic_reconcile(&subscription.id, "held"),
+                Ok(_) => {
+                    self.stats.traffic_reconcile(&subscription.id, "corrected");
+                    tracing::warn!(subscription = %subscription.id, route = %format!("{}/{}", target.namespace, target.name), event = %event.id, "HTTPRoute had drifted from the app's route; put back");
+                }
+                Err(e) => {
+                    self.stats.traffic_reconcile(&subscription.id, "failed");
+                    tracing::warn!(subscription = %subscription.id, route = %format!("{}/{}", target.namespace, target.name), error = %e, "cannot reconcile an HTTPRoute");
                 }
             }
         }
@@ -878,7 +1032,7 @@ fn redriven(delivery: &mut Delivery, now_ms: u64) {
 pub const MAX_ERROR_BYTES: usize = 2_048;
 
 /// Cuts `text` to at most `max` bytes at a character boundary, saying that it was cut.
-fn clip(text: &mut String, max: usize) {
+pub(crate) fn clip(text: &mut String, max: usize) {
     if text.len() <= max {
         return;
     }

@@ -10,11 +10,14 @@
 //! - `haproxy`: the `haproxy` kind's action, canary weights set through HAProxy's runtime API.
 //! - `haproxy_maps`: its second lever, a rollout's route (split share, allow-list, header rules)
 //!   kept in HAProxy maps, read back and reconciled.
+//! - `httproute`: the `httproute` kind's lever, a rollout's route written into a Gateway API
+//!   HTTPRoute by server-side apply.
 
 pub mod clock;
 pub mod delivery;
 pub mod haproxy;
 pub mod haproxy_maps;
+pub mod httproute;
 pub mod outbound;
 pub mod signing;
 pub mod subscriptions;

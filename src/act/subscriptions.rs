@@ -38,8 +38,8 @@ pub enum SubscriptionError {
     "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 }))]
 pub struct NewSubscription {
-    /// Where deliveries go: an http(s) URL, or for `kind: haproxy` the runtime API's socket
-    /// (`tcp://host:port` or `unix:///path`).
+    /// Where deliveries go: an http(s) URL, for `kind: haproxy` the runtime API's socket
+    /// (`tcp://host:port` or `unix:///path`), for `kind: httproute` the Kubernetes API server.
     pub url: String,
     /// The event types wanted (`canaryd.canary.failed`, ...).
     #[schema(value_type = Vec<EventType>)]
@@ -47,7 +47,8 @@ pub struct NewSubscription {
     /// A Standard Webhooks secret (`whsec_` + base64 of at least 16 bytes); one is generated when
     /// left out.
     pub secret: Option<String>,
-    /// `webhook` (the default) or `haproxy`.
+    /// `webhook` (the default), `haproxy` or `httproute` (the URL is the Kubernetes API
+    /// server's: `https://kubernetes.default.svc`, or `kubectl proxy`'s http one).
     pub kind: Option<Kind>,
 }
 
@@ -123,7 +124,7 @@ pub type Checked = (String, Vec<EventType>, Kind, Option<String>);
 pub fn validate(new: NewSubscription, policy: &OutboundPolicy) -> Result<Checked, SubscriptionError> {
     let kind = new.kind.unwrap_or(Kind::Webhook);
     match kind {
-        Kind::Webhook => {
+        Kind::Webhook | Kind::Httproute => {
             check_url(&new.url, policy)?;
         }
         Kind::Haproxy => check_endpoint(&new.url, policy)?,

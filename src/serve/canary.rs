@@ -496,16 +496,22 @@ pub(super) async fn declare_rollout(
 
 /// Whether the levers the app has can carry the rollout's traffic plan: HAProxy's maps read the
 /// user id from one header or cookie, fixed in its config, so a plan naming another sticky key
-/// (or an allow-list with none) is refused here, by field, before anything starts.
+/// (or an allow-list with none) is refused here, by field, before anything starts; an HTTPRoute
+/// holds at most 127 header rules and users together.
 async fn routable(state: &ApiState, rollout: &Rollout) -> Result<(), Response> {
-    let Some(target) = state
+    let maps = state
         .dispatcher
         .haproxy_maps()
         .find(&rollout.env, &rollout.app)
-        .cloned()
-    else {
+        .cloned();
+    let route = state
+        .dispatcher
+        .httproutes()
+        .find(&rollout.env, &rollout.app)
+        .cloned();
+    if maps.is_none() && route.is_none() {
         return Ok(());
-    };
+    }
     let model = rollout
         .model
         .clone()
@@ -523,9 +529,17 @@ async fn routable(state: &ApiState, rollout: &Rollout) -> Result<(), Response> {
     let Some(Ok(plan)) = plan else {
         return Ok(());
     };
-    target
-        .can_route(plan.sticky.as_ref(), !plan.users.is_empty())
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("traffic.sticky: {e}")))
+    if let Some(target) = maps {
+        target
+            .can_route(plan.sticky.as_ref(), !plan.users.is_empty())
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("traffic.sticky: {e}")))?;
+    }
+    if let Some(target) = route {
+        target
+            .can_route(plan.headers.len(), plan.users.len())
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("traffic.users: {e}")))?;
+    }
+    Ok(())
 }
 
 /// The rollout a `PUT .../rollout` body declares, or the 400 naming what is wrong with it.

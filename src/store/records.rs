@@ -18,17 +18,26 @@ pub enum Kind {
     /// The event's `set_weight` action, applied through HAProxy's runtime API (the URL is its
     /// socket: `tcp://host:port` or `unix:///path`).
     Haproxy,
+    /// The event's route written into a Kubernetes Gateway API HTTPRoute by server-side apply
+    /// (the URL is the API server's).
+    Httproute,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Webhook, Kind::Haproxy];
+    pub const ALL: [Kind; 3] = [Kind::Webhook, Kind::Haproxy, Kind::Httproute];
 
     /// The kind's name, as the API writes it.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Webhook => "webhook",
             Kind::Haproxy => "haproxy",
+            Kind::Httproute => "httproute",
         }
+    }
+
+    /// Whether the kind moves traffic itself (rather than telling a receiver).
+    pub fn is_lever(self) -> bool {
+        !matches!(self, Kind::Webhook)
     }
 
     pub fn parse(name: &str) -> Option<Kind> {

@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sdk_harness import REPO_ROOT
+from sdk_harness import REPO_ROOT, start_canaryd, stop_canaryd
 
 BASE = REPO_ROOT / "deploy" / "kubernetes" / "base"
 KUBERNETES_VERSION = "1.32.0"
@@ -171,11 +171,12 @@ def validate_all(documents: list[dict[str, Any]]) -> None:
         assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == document
 
 
-COMPONENTS = {
+MONITORING_COMPONENTS = {
     "servicemonitor": ["ServiceMonitor"],
     "prometheusrule": ["PrometheusRule"],
     "grafana-dashboard": ["ConfigMap"],
 }
+COMPONENTS = {**MONITORING_COMPONENTS, "httproute": ["ClusterRole", "RoleBinding"]}
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
@@ -195,11 +196,56 @@ def test_each_component_alone_renders_valid_resources(component: str, tmp_path: 
     validate_all(documents)
 
 
+def test_the_httproute_component_grants_the_lever_exactly_what_it_does(tmp_path: Path) -> None:
+    """Issue 19, part 3: the RBAC the httproute lever needs, and no more: get and patch (server-side
+    apply) on HTTPRoutes, bound per namespace to the ServiceAccount the pod runs as, which now gets
+    its token; the route setting and the API server's outbound allowance are settings the daemon
+    takes."""
+    component = REPO_ROOT / "deploy" / "kubernetes" / "components" / "httproute"
+    base, extra = (os.path.relpath(p, tmp_path) for p in (BASE, component))
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {base}\ncomponents:\n  - {extra}\n",
+        encoding="utf-8",
+    )
+    documents = render(tmp_path)
+    role = one(documents, "ClusterRole", "canaryd-httproute-lever")
+    assert role["rules"] == [
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "patch"]}
+    ]
+    assert not [d for d in documents if d["kind"] == "ClusterRoleBinding"], "bound per namespace only"
+    binding = one(documents, "RoleBinding", "canaryd-httproute-lever")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "canaryd-httproute-lever",
+    }
+    pod = one(documents, "StatefulSet", "canaryd")["spec"]["template"]["spec"]
+    account = one(documents, "ServiceAccount", pod["serviceAccountName"])
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": account["metadata"]["namespace"]}
+    ]
+    assert account["automountServiceAccountToken"] is True
+    assert pod.get("automountServiceAccountToken", True) is True
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # The settings as given are ones the daemon starts with.
+    daemon = start_canaryd(
+        tmp_path,
+        ["--httproutes", env["CANARYD_HTTPROUTES"], "--outbound-allow", env["CANARYD_OUTBOUND_ALLOW"]],
+    )
+    try:
+        namespace, route = env["CANARYD_HTTPROUTES"].split("=", 1)[1].split("@", 1)[0].split("/")
+        assert binding["metadata"]["namespace"] == namespace, "the binding is in the route's namespace"
+    finally:
+        stop_canaryd(daemon)
+
+
 def test_the_monitoring_overlay_adds_valid_operator_resources_and_a_dashboard() -> None:
     documents = render(MONITORING)
     base_kinds = sorted(d["kind"] for d in render(BASE))
     kinds = sorted(d["kind"] for d in documents)
-    assert kinds == sorted(base_kinds + [k for ks in COMPONENTS.values() for k in ks])
+    assert kinds == sorted(base_kinds + [k for ks in MONITORING_COMPONENTS.values() for k in ks])
     validate_all(documents)
 
     # The ServiceMonitor scrapes the API Service's metrics port, and only that Service.
