@@ -216,6 +216,8 @@ fn failed_event(i: usize) -> Event {
             approval: None,
             next_env: None,
             traffic: None,
+            cause: None,
+            levers: None,
         },
     )
 }

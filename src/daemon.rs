@@ -354,6 +354,18 @@ impl Daemon {
         )
         .map_err(StartError::EngineThread)?;
         let engine_task = spawn_stage("engine", shutdown.clone(), engine_run);
+        // Delivery's alerts (a traffic move some levers applied and others did not) are events
+        // like any other: stored and sent by the engine's emitter.
+        if let Some(mut alerts) = dispatcher.take_alerts() {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                while let Some(alert) = alerts.recv().await {
+                    if engine.alert(alert).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         let intake = Arc::new(Intake::new(
             config.normalize.clone(),
             engine.clone(),

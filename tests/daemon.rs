@@ -2768,8 +2768,28 @@ async fn a_data_dir_of_daemon_record_format_1_from_00945d3_serves_every_event_an
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json")).expect("expected.json"))
             .expect("json");
-    let daemon = TestDaemon::start_with(|raw| raw.data_dir = Some(data.clone())).await;
-    let events = daemon.get_json("/api/v1/events?limit=100").await;
+    // Started as the build that wrote it was (tests/fixtures/datadir-00945d3/README.md).
+    let daemon = TestDaemon::start_with(|raw| {
+        raw.data_dir = Some(data.clone());
+        raw.haproxy_servers = Some("prod/shop/*=shop/canary+stable".parse().expect("servers"));
+    })
+    .await;
+    let mut events = daemon.get_json("/api/v1/events?limit=100").await;
+    // Served since: what each lever did with an event that moves traffic. Here the haproxy
+    // subscription's socket refuses, so its `canary.failed` has failed.
+    let failed = events["events"]
+        .as_array_mut()
+        .and_then(|all| all.iter_mut().find(|e| e["type"] == "canaryd.canary.failed"))
+        .expect("a failed event");
+    let levers = failed
+        .as_object_mut()
+        .and_then(|e| e.remove("levers"))
+        .expect("levers");
+    assert_eq!(
+        (levers[0]["kind"].as_str(), levers[0]["outcome"].as_str()),
+        (Some("haproxy"), Some("failed")),
+        "{levers}"
+    );
     assert_eq!(
         events["events"], expected["events"],
         "every event, as it was served"

@@ -643,3 +643,127 @@ async fn a_rollout_drives_its_httproute_and_a_failed_canary_leaves_it() {
     check_requests(&server.seen());
     daemon.stop().await.expect("clean stop");
 }
+
+/// Issue 19, part 5: one breaker, every lever. A failed canary is taken out of traffic by every
+/// lever attached to its app from its one event; the event shows each lever's outcome, and a
+/// move one lever applied and another did not (here HAProxy's runtime API is down) is a
+/// `canaryd.traffic.partial` alert naming the lever that failed, not a success.
+#[tokio::test]
+async fn a_move_only_some_levers_applied_is_an_alert() {
+    let server = ApiServer::start("canaryd").await;
+    let token = token_file();
+    let token_path = token.path().to_owned();
+    // An HAProxy runtime API that is not there: connections are refused.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let daemon = TestDaemon::start_with(move |raw| {
+        raw.httproutes = Some(
+            "prod/shop=shop/shop@shop-stable:8080+shop-canary:8080"
+                .parse()
+                .expect("entry"),
+        );
+        raw.haproxy_servers = Some("prod/shop/*=shop/canary+stable".parse().expect("entry"));
+        raw.kubernetes_token_file = Some(token_path);
+    })
+    .await;
+    let moves = json!(["canaryd.canary.started", "canaryd.canary.failed"]);
+    for (kind, url) in [
+        ("httproute", server.url()),
+        ("haproxy", format!("tcp://{closed}")),
+    ] {
+        let response = daemon
+            .http
+            .post(daemon.api("/api/v1/subscriptions"))
+            .json(&json!({"url": url, "kind": kind, "events": moves}))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), 201, "{kind}");
+    }
+    let mut traces =
+        opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient::connect(
+            daemon.grpc_endpoint(),
+        )
+        .await
+        .expect("connect");
+    traces
+        .export(support::canary_traffic(0, 2, 1000))
+        .await
+        .expect("export");
+    eventually("shop is catalogued", || async {
+        support::find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let declared = daemon
+        .http
+        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+        .json(&json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(declared.status(), 200);
+    for chunk in 0..6 {
+        traces
+            .export(support::canary_traffic(2 + chunk * 10, 10, 2))
+            .await
+            .expect("export");
+    }
+    let (failed, alert) = eventually("the failed canary's partial move is alerted", || async {
+        let events = daemon.get_json("/api/v1/events?app=shop").await;
+        let all = events["events"].as_array().cloned().unwrap_or_default();
+        let failed = all.iter().find(|e| e["type"] == "canaryd.canary.failed");
+        let alert = failed.and_then(|f| {
+            all.iter()
+                .find(|e| e["type"] == "canaryd.traffic.partial" && e["data"]["cause"] == f["id"])
+        });
+        match (failed, alert) {
+            (Some(failed), Some(alert)) => Ok((failed.clone(), alert.clone())),
+            _ => Err(events.to_string()),
+        }
+    })
+    .await;
+    // The route is out of traffic all the same: the lever that works did its part.
+    assert_eq!(split(&server.rules()), (10_000, 0));
+    let outcome_of = |levers: &Value, kind: &str| -> Value {
+        levers
+            .as_array()
+            .and_then(|l| l.iter().find(|o| o["kind"] == kind).cloned())
+            .unwrap_or_else(|| panic!("no {kind} lever in {levers}"))
+    };
+    for levers in [&failed["levers"], &alert["data"]["levers"]] {
+        assert_eq!(outcome_of(levers, "httproute")["outcome"], "applied", "{levers}");
+        let haproxy = outcome_of(levers, "haproxy");
+        assert_eq!(haproxy["outcome"], "failed", "{levers}");
+        assert!(haproxy["attempts"].as_u64() >= Some(1), "{levers}");
+        assert!(
+            haproxy["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{levers}"
+        );
+    }
+    assert_eq!(alert["data"]["state"], "partial");
+    assert_eq!(alert["data"]["app"], "shop");
+    let reasons = alert["data"]["reasons"].as_array().expect("reasons");
+    assert_eq!(reasons.len(), 1, "the failing lever only: {reasons:?}");
+    let message = reasons[0]["message"].as_str().expect("message");
+    assert!(
+        message.contains("haproxy") && message.contains("canaryd.canary.failed"),
+        "{message}"
+    );
+    // One alert per move, however many attempts follow.
+    let events = daemon
+        .get_json("/api/v1/events?app=shop&type=canaryd.traffic.partial")
+        .await;
+    let causes: Vec<&Value> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| &e["data"]["cause"])
+        .collect();
+    let unique: std::collections::BTreeSet<String> = causes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(causes.len(), unique.len(), "{events}");
+    daemon.stop().await.expect("clean stop");
+}

@@ -39,7 +39,7 @@ use super::httproute::{self, HttpRoutes, KubeAccess};
 use super::outbound::{GuardedResolver, OutboundAllow, OutboundPolicy};
 use super::signing::sign;
 use super::subscriptions::{Kind, Subscription, secret_key};
-use crate::events::Event;
+use crate::events::{Event, EventType, LeverOutcome, Reason};
 use crate::io::try_blocking;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -223,6 +223,116 @@ pub struct Dispatcher {
     decided: Mutex<std::collections::BTreeMap<u64, u64>>,
     /// Each `httproute` subscription's Kubernetes client, built at its first use.
     kube_clients: tokio::sync::Mutex<HashMap<String, kube::Client>>,
+    /// `traffic.partial` alerts, for the daemon to emit through the engine's one emitter.
+    alerts: tokio::sync::mpsc::Sender<Event>,
+    alerts_out: Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
+    /// The events (by sequence number) already alerted on, the most recent `ALERTED_CAP`.
+    alerted: Mutex<BTreeSet<u64>>,
+}
+
+/// How many alerted events are remembered (an alert sent again is dropped by the emitter, whose
+/// ids are derived from the event it is about: this only spares the engine the round trip).
+const ALERTED_CAP: usize = 4_096;
+/// Alerts waiting for the engine; past it one is dropped, and a later attempt sends it again.
+const ALERTS_QUEUE: usize = 256;
+
+/// The levers' outcomes for the event stored at `seq`: each `haproxy` or `httproute`
+/// subscription with a delivery of it that it did not skip (its app is not one that lever moves,
+/// or a later move superseded it).
+pub fn lever_outcomes(store: &Store, seq: u64) -> Result<Vec<LeverOutcome>, crate::store::StoreError> {
+    lever_outcomes_among(store, &store.subscriptions()?, seq)
+}
+
+/// `lever_outcomes`, among `subscriptions` (read once for many events).
+pub fn lever_outcomes_among(
+    store: &Store,
+    subscriptions: &[Subscription],
+    seq: u64,
+) -> Result<Vec<LeverOutcome>, crate::store::StoreError> {
+    let mut outcomes = Vec::new();
+    for subscription in subscriptions {
+        if !subscription.kind.is_lever() {
+            continue;
+        }
+        let Some(delivery) = store.find_delivery(&subscription.id, seq)? else {
+            continue;
+        };
+        let error = delivery.last_error.clone();
+        let outcome = match delivery.state {
+            DeliveryState::Skipped => continue,
+            DeliveryState::Delivered => "applied",
+            _ if delivery.attempts == 0 => "pending",
+            _ if error.as_deref().is_some_and(partly_applied) => "partial",
+            _ => "failed",
+        };
+        outcomes.push(LeverOutcome {
+            subscription: subscription.id.clone(),
+            kind: subscription.kind.name().to_owned(),
+            outcome: outcome.to_owned(),
+            attempts: delivery.attempts,
+            error: if outcome == "applied" { None } else { error },
+        });
+    }
+    Ok(outcomes)
+}
+
+/// Whether an `haproxy` delivery's error says one of its levers applied before another failed
+/// (`act_on_haproxy`'s "weights applied; maps: ...").
+fn partly_applied(error: &str) -> bool {
+    error
+        .split_once(" applied; ")
+        .is_some_and(|(levers, _)| levers.split(" and ").all(|l| l == "weights" || l == "maps"))
+}
+
+/// Whether the outcomes are a partial move: some lever applied it, some other did not.
+pub fn is_partial(outcomes: &[LeverOutcome]) -> bool {
+    let applied = outcomes
+        .iter()
+        .any(|o| o.outcome == "applied" || o.outcome == "partial");
+    let failed = outcomes
+        .iter()
+        .any(|o| o.outcome == "failed" || o.outcome == "partial");
+    applied && failed
+}
+
+/// The `traffic.partial` alert about `cause`, whose levers did what `outcomes` says.
+pub fn partial_alert(cause: &Event, outcomes: Vec<LeverOutcome>, now: std::time::SystemTime) -> Event {
+    let mut data = cause.data.clone();
+    data.state = "partial".into();
+    data.approval = None;
+    data.next_env = None;
+    data.cause = Some(cause.id.clone());
+    data.reasons = outcomes
+        .iter()
+        .filter(|o| o.outcome == "failed" || o.outcome == "partial")
+        .map(|o| Reason {
+            feature: "traffic".into(),
+            operation: None,
+            test: "lever".into(),
+            canary_value: f64::NAN,
+            baseline_value: f64::NAN,
+            statistic: f64::NAN,
+            threshold: f64::NAN,
+            message: format!(
+                "{} lever {} {} {}'s traffic move after {} attempt(s): {}",
+                o.kind,
+                o.subscription,
+                if o.outcome == "partial" {
+                    "partly applied"
+                } else {
+                    "did not apply"
+                },
+                cause.event_type.as_str(),
+                o.attempts,
+                o.error.as_deref().unwrap_or("no error recorded")
+            ),
+        })
+        .collect();
+    data.levers = Some(outcomes);
+    let mut alert = Event::new(EventType::TrafficPartial, data);
+    alert.identify();
+    alert.time = humantime::format_rfc3339_millis(now).to_string();
+    alert
 }
 
 /// How many decided-at times are kept for their first delivery attempt.
@@ -251,6 +361,7 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Result<Arc<Dispatcher>, ClientError> {
         let outbound = Arc::new(OutboundPolicy::new(config.outbound_allow.clone()));
+        let (alerts, alerts_out) = tokio::sync::mpsc::channel(ALERTS_QUEUE);
         // Redirects are not followed (a receiver could send a delivery anywhere), names resolve
         // only to addresses the policy allows, and no proxy stands between: a proxy would do
         // the resolving, out of the policy's sight. A client without that policy is no client:
@@ -277,12 +388,55 @@ impl Dispatcher {
             workers: Mutex::new(HashMap::new()),
             decided: Mutex::new(std::collections::BTreeMap::new()),
             kube_clients: tokio::sync::Mutex::new(HashMap::new()),
+            alerts,
+            alerts_out: Mutex::new(Some(alerts_out)),
+            alerted: Mutex::new(BTreeSet::new()),
         }))
     }
 
     /// Where each app's route maps are in HAProxy (what a declared plan is checked against).
     pub fn haproxy_maps(&self) -> &HaproxyMaps {
         &self.config.haproxy_maps
+    }
+
+    /// The `traffic.partial` alerts the workers raise, once: the daemon emits them.
+    pub fn take_alerts(&self) -> Option<tokio::sync::mpsc::Receiver<Event>> {
+        self.alerts_out.lock().ok()?.take()
+    }
+
+    /// After a lever acted (or failed to) on event `seq`: when the event's levers now disagree
+    /// (one applied its move, another did not), raises a `traffic.partial` alert, once.
+    async fn check_levers(&self, seq: u64, event: &Event) {
+        let moves_traffic = event.data.traffic.is_some() || event.data.action.is_some();
+        if event.event_type == EventType::TrafficPartial || event.data.dry_run || !moves_traffic {
+            return;
+        }
+        if self.alerted.lock().is_ok_and(|alerted| alerted.contains(&seq)) {
+            return;
+        }
+        let store = self.store.clone();
+        let outcomes = match try_blocking(move || lever_outcomes(&store, seq)).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                tracing::error!(event = %event.id, error = %e, "cannot read the levers' outcomes");
+                return;
+            }
+        };
+        if !is_partial(&outcomes) {
+            return;
+        }
+        let alert = partial_alert(event, outcomes, std::time::SystemTime::now());
+        tracing::error!(event = %event.id, app = %event.data.app, alert = %alert.id, reasons = ?alert.data.reasons.iter().map(|r| &r.message).collect::<Vec<_>>(), "a traffic move applied by some levers and not others");
+        if let Err(e) = self.alerts.try_send(alert) {
+            tracing::error!(event = %event.id, error = %e, "cannot queue the traffic.partial alert; the next attempt raises it again");
+            return;
+        }
+        if let Ok(mut alerted) = self.alerted.lock() {
+            alerted.insert(seq);
+            while alerted.len() > ALERTED_CAP {
+                alerted.pop_first();
+            }
+        }
     }
 
     /// Which HTTPRoute carries each app's route (what a declared plan is checked against).
@@ -649,11 +803,19 @@ impl Dispatcher {
             if first_attempt {
                 self.observe_act(seq);
             }
-            let label = match subscription.kind {
-                Kind::Httproute => self.act_on_httproute(subscription, &event, &mut delivery).await,
-                _ => self.act_on_haproxy(subscription, &event, &mut delivery).await,
+            let label = if event.event_type == EventType::TrafficPartial {
+                // An alert about a move is not a move: levers never act on it.
+                delivery.state = DeliveryState::Skipped;
+                "skipped"
+            } else {
+                match subscription.kind {
+                    Kind::Httproute => self.act_on_httproute(subscription, &event, &mut delivery).await,
+                    _ => self.act_on_haproxy(subscription, &event, &mut delivery).await,
+                }
             };
-            return self.record(subscription, seq, delivery, label).await;
+            let recorded = self.record(subscription, seq, delivery, label).await;
+            self.check_levers(seq, &event).await;
+            return recorded;
         }
         // A literal address is connected to without resolution, so it is checked here; names
         // are checked by the resolver on every address.
@@ -730,14 +892,22 @@ impl Dispatcher {
         delivery: &mut Delivery,
     ) -> &'static str {
         let maps = haproxy_maps::plan(event, &self.config.haproxy_maps);
+        let mut unmapped = None;
         let weights = match haproxy::plan(event, &self.config.haproxy_servers) {
-            // An app routed by maps alone needs no servers.
-            Some(Err(haproxy::HaproxyError::Unmapped { .. })) if maps.is_some() => None,
+            // An app routed by maps alone needs no servers; one with neither is not an app this
+            // HAProxy routes (another lever may), which is no failure of this one.
+            Some(Err(e @ haproxy::HaproxyError::Unmapped { .. })) => {
+                unmapped = Some(e.to_string());
+                None
+            }
             weights => weights,
         };
         if weights.is_none() && maps.is_none() {
+            if let Some(reason) = &unmapped {
+                tracing::warn!(subscription = %subscription.id, event = %event.id, %reason, "HAProxy does not route this app; its traffic action is skipped here");
+            }
             delivery.state = DeliveryState::Skipped;
-            delivery.last_error = None;
+            delivery.last_error = unmapped.map(|r| format!("{r}: not an app this HAProxy routes"));
             return "skipped";
         }
         let endpoint = match subscription.url.parse::<haproxy::Endpoint>() {
@@ -1296,6 +1466,40 @@ mod tests {
         assert_eq!(store.parked_count(), 0);
         assert_eq!(stats.parked.get(), 0);
         dispatcher.stop().await;
+    }
+
+    #[test]
+    fn a_move_is_partial_when_one_lever_applied_it_and_another_did_not() {
+        let lever = |outcome: &str| LeverOutcome {
+            subscription: format!("sub_{outcome}"),
+            kind: "haproxy".into(),
+            outcome: outcome.into(),
+            attempts: 1,
+            error: None,
+        };
+        assert!(is_partial(&[lever("applied"), lever("failed")]));
+        assert!(
+            is_partial(&[lever("partial")]),
+            "HAProxy's weights applied, its maps not"
+        );
+        assert!(
+            !is_partial(&[lever("applied"), lever("pending")]),
+            "not tried yet is no failure"
+        );
+        assert!(
+            !is_partial(&[lever("failed"), lever("failed")]),
+            "nothing applied: no split"
+        );
+        assert!(!is_partial(&[lever("applied"), lever("applied")]));
+        assert!(partly_applied(
+            "weights applied; maps: HAProxy refused \"add map\": x"
+        ));
+        assert!(
+            partly_applied("weights and maps applied; routes: x"),
+            "lever names only"
+        );
+        assert!(!partly_applied("maps: the answer said weights applied; no"));
+        assert!(!partly_applied("cannot reach the runtime API"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub use emit::{Emitter, recall_verdict};
 
 use crate::events::approval::{Action, Claim};
-use crate::events::{canary_event, report_events};
+use crate::events::{Event, canary_event, report_events};
 use crate::stats::Stats;
 
 /// What the engine is asked to do: the only ways its state changes or is read.
@@ -62,6 +62,9 @@ pub enum Input {
     },
     /// A read for an answer: runs on the engine's thread between inputs.
     Read(Box<dyn FnOnce(&Engine) + Send>),
+    /// Events made outside the engine's decisions (delivery's `traffic.partial` alerts), stored
+    /// and sent through the one emitter like every other.
+    Alert(Box<Event>),
 }
 
 /// Whether the app's analysis still waits exactly where an approval link says: the same canary,
@@ -217,6 +220,14 @@ impl EngineHandle {
             reply,
         })
         .await
+    }
+
+    /// Emits an alert event (already named) through the emitter, after what was queued before.
+    pub async fn alert(&self, event: Event) -> Result<(), EngineGone> {
+        self.tx
+            .send(Input::Alert(Box::new(event)))
+            .await
+            .map_err(|_| EngineGone)
     }
 
     /// An approval link's action; its event is emitted before this returns.
@@ -419,6 +430,9 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             let _ = reply.send(answer);
         }
         Input::Read(read) => read(engine),
+        Input::Alert(event) => {
+            emitter.emit(engine, vec![*event]);
+        }
     }
 }
 

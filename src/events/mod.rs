@@ -62,10 +62,16 @@ pub enum EventType {
     /// `data.approval` carries the signed links to approve or abort.
     #[serde(rename = "canaryd.canary.awaiting_approval")]
     CanaryAwaitingApproval,
+    /// An event's traffic move was applied by some of its app's levers (weights, maps, routes)
+    /// and not by others: traffic is split between what each lever holds, which is no one's
+    /// plan. `data.cause` names the event, `data.levers` each lever's outcome; the failing ones
+    /// are still retried.
+    #[serde(rename = "canaryd.traffic.partial")]
+    TrafficPartial,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 12] = [
+    pub const ALL: [EventType; 13] = [
         EventType::CanaryStarted,
         EventType::CanaryStagePassed,
         EventType::CanaryFailed,
@@ -78,6 +84,7 @@ impl EventType {
         EventType::CanaryPaused,
         EventType::CanaryResumed,
         EventType::CanaryAwaitingApproval,
+        EventType::TrafficPartial,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +101,7 @@ impl EventType {
             EventType::CanaryPaused => "canaryd.canary.paused",
             EventType::CanaryResumed => "canaryd.canary.resumed",
             EventType::CanaryAwaitingApproval => "canaryd.canary.awaiting_approval",
+            EventType::TrafficPartial => "canaryd.traffic.partial",
         }
     }
 
@@ -192,6 +200,28 @@ pub struct EventData {
     /// route by more than a weight (HAProxy maps). Left out of other events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<Route>,
+    /// For `traffic.partial`: the id of the event whose traffic move only some levers applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+    /// For `traffic.partial`: what each lever attached to the app did with that move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levers: Option<Vec<LeverOutcome>>,
+}
+
+/// What one lever (a `haproxy` or `httproute` subscription) did with an event's traffic move.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeverOutcome {
+    pub subscription: String,
+    /// `haproxy` or `httproute`.
+    pub kind: String,
+    /// `applied`; `failed` (tried, not applied, retried); `partial` (one of its own levers
+    /// applied, another not: HAProxy's weights and maps); `pending` (not tried yet).
+    pub outcome: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Why it failed, as its delivery records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The traffic a rollout should have: the canary's share of the users (or requests) the split
@@ -291,6 +321,12 @@ pub struct Event {
     /// event, which replicas name alike whatever their histories hold.
     #[serde(skip)]
     pub seq: u64,
+    /// Served by `GET /api/v1/events` only, for an event that moves traffic: what each lever
+    /// attached to its app (`haproxy`, `httproute` subscriptions) did with it, now: `applied`,
+    /// `failed` (retried), `partial` or `pending`. Never stored or sent: the API adds it from
+    /// the deliveries as it reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levers: Option<Vec<LeverOutcome>>,
 }
 
 impl Event {
@@ -306,6 +342,7 @@ impl Event {
             datacontenttype: "application/json".into(),
             data,
             seq: 0,
+            levers: None,
         }
     }
 
@@ -362,6 +399,10 @@ impl Event {
             let reason = data.reasons.first();
             part(reason.map_or("", |r| r.feature.as_str()).as_bytes());
             part(&text(reason.and_then(|r| r.operation.as_deref())));
+        }
+        if self.event_type == EventType::TrafficPartial {
+            // One alert per move, however often its levers are looked at.
+            part(&text(data.cause.as_deref()));
         }
         if let Some(nanos) = taken_at {
             part(&nanos.to_be_bytes());
@@ -451,6 +492,8 @@ pub fn anomaly_event(change: &AnomalyChange, stable_version: Option<&str>, rules
             approval: None,
             next_env: None,
             traffic: None,
+            cause: None,
+            levers: None,
         },
     )
 }
@@ -668,6 +711,8 @@ pub fn canary_event(change: &CanaryChange) -> Event {
                 .then(|| view.next_env.clone())
                 .flatten(),
             traffic: route(change),
+            cause: None,
+            levers: None,
         },
     )
 }
@@ -821,6 +866,8 @@ mod tests {
                 approval: None,
                 next_env: None,
                 traffic: None,
+                cause: None,
+                levers: None,
             },
         );
         event.identify();

@@ -9,6 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Access, Granted};
 use super::{ApiQuery, ApiState, ErrorBody, blocking, error};
+use crate::act::delivery::lever_outcomes_among;
 use crate::events::{Event, EventType};
 use crate::store::event_seq_of;
 
@@ -108,7 +109,24 @@ pub(super) async fn events(
             && not_before.is_none_or(|t| humantime::parse_rfc3339_weak(&e.time).is_ok_and(|at| at >= t))
     };
     let store = state.store.clone();
-    let read = match blocking(move || store.events(after, limit, keep)).await {
+    let read = match blocking(move || {
+        let events = store.events(after, limit, keep)?;
+        let subscriptions = store.subscriptions()?;
+        events
+            .into_iter()
+            .map(|mut event| {
+                let moves = event.event_type != EventType::TrafficPartial
+                    && (event.data.traffic.is_some() || event.data.action.is_some());
+                if moves {
+                    event.levers = Some(lever_outcomes_among(&store, &subscriptions, event.seq)?)
+                        .filter(|l| !l.is_empty());
+                }
+                Ok(event)
+            })
+            .collect::<Result<Vec<_>, crate::store::StoreError>>()
+    })
+    .await
+    {
         Ok(read) => read,
         Err(response) => return response,
     };

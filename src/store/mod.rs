@@ -154,6 +154,8 @@ mod tests {
                 approval: None,
                 next_env: None,
                 traffic: None,
+                cause: None,
+                levers: None,
             },
         );
         event.id = event_id(7);

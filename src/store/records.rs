@@ -206,6 +206,7 @@ pub fn event_of_record(record: EventRecord) -> Result<Event, ConvertError> {
         data,
         // Given by the store, which knows where it keeps the record.
         seq: 0,
+        levers: None,
     })
 }
 
