@@ -175,6 +175,8 @@ settings! {
     insecure_no_auth: bool,
     /// Resource attribute that names the version [default: service.version]
     version_attribute: String,
+    /// Span attribute that names a request's cohort (beta users, a region, a client): a canary's error and latency checks are also run per cohort, so a version failing for one cohort only is caught and the cohort named; "" turns it off [default: canary.cohort]
+    cohort_attribute: String,
     /// Largest OTLP request accepted, in bytes after decompression [default: 8388608]
     max_message_bytes: usize,
     /// Most spans, data points or log records in one OTLP request, counted before decoding [default: 100000]
@@ -195,6 +197,8 @@ settings! {
     max_metric_series_per_app: usize,
     /// Most exception types tracked per app [default: 200]
     max_exception_types_per_app: usize,
+    /// Most cohorts (values of cohort_attribute) judged per app; requests of a cohort past it are judged with the app only, and counted as capped [default: 20]
+    max_cohorts_per_app: usize,
     /// Longest attribute value kept; longer values are cut [default: 256]
     max_attribute_value_len: usize,
     /// Most point attributes that key a metric series [default: 8]
@@ -562,6 +566,11 @@ impl Config {
                 set(raw.max_exception_types_per_app, "max_exception_types_per_app")?,
                 1..=1_000_000,
             )?,
+            max_cohorts_per_app: within(
+                "max_cohorts_per_app",
+                set(raw.max_cohorts_per_app, "max_cohorts_per_app")?,
+                1..=1_000,
+            )?,
             version_idle_ns: set(raw.version_idle_secs, "version_idle_secs")?.saturating_mul(1_000_000_000),
             app_idle_ns: set(raw.app_idle_secs, "app_idle_secs")?.saturating_mul(1_000_000_000),
         };
@@ -724,6 +733,8 @@ impl Config {
             normalize: NormalizeOptions {
                 max_items_per_request,
                 version_attribute,
+                cohort_attribute: Some(set(raw.cohort_attribute, "cohort_attribute")?)
+                    .filter(|a| !a.trim().is_empty()),
                 max_attribute_value_len: within(
                     "max_attribute_value_len",
                     set(raw.max_attribute_value_len, "max_attribute_value_len")?,

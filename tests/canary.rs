@@ -363,3 +363,89 @@ async fn an_operator_pauses_resumes_aborts_and_promotes_with_an_event_each() {
     assert_eq!(list[4]["data"]["action"]["weight"], 100);
     daemon.stop().await.expect("clean stop");
 }
+
+/// Issue 19, part 4: spans carrying `canary.cohort` are also judged per cohort, end to end. Every
+/// tenth request of both versions is the `beta` cohort's; the canary fails half of its beta
+/// requests and none of the rest: the analysis fails, its checks include the beta cohort's
+/// (`operation` `cohort:beta`), failing, and the other cohort's do not fail.
+#[tokio::test]
+async fn a_canary_failing_one_cohort_is_judged_per_cohort_and_the_cohort_named() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    let daemon = TestDaemon::start().await;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    // Cohorts by request number: every tenth `beta`, every other one of the rest `gamma`;
+    // the canary's beta requests fail one in two from `fail_from_s` on.
+    let cohorted = |version: &str, start_s: u64, seconds: u64, fail_from_s: Option<u64>| {
+        let mut resource = support::shop_spans(version, start_s, seconds, 50, 1000);
+        for (n, span) in resource.scope_spans[0].spans.iter_mut().enumerate() {
+            let second = start_s + n as u64 / 50;
+            let cohort = match n % 10 {
+                0 => "beta",
+                k if k % 2 == 0 => "gamma",
+                _ => continue,
+            };
+            span.attributes.push(testdata::kv("canary.cohort", cohort));
+            if cohort == "beta" && fail_from_s.is_some_and(|from| second >= from) && n % 20 == 0 {
+                span.attributes.retain(|a| a.key != "http.response.status_code");
+                span.attributes
+                    .push(testdata::kv_int("http.response.status_code", 500));
+            }
+        }
+        resource
+    };
+    let export = |start_s: u64, seconds: u64, fail_from_s: Option<u64>| ExportTraceServiceRequest {
+        resource_spans: vec![
+            cohorted("1.0.0", start_s, seconds, None),
+            cohorted("2.0.0", start_s, seconds, fail_from_s),
+        ],
+    };
+    traces.export(export(0, 2, None)).await.expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let response = daemon
+        .http
+        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status().as_u16(), 200);
+    for chunk in 0..12 {
+        traces
+            .export(export(2 + chunk * 10, 10, Some(2)))
+            .await
+            .expect("export");
+    }
+    let canary = eventually("the beta cohort's check fails", || async {
+        let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+        let failing_beta = canary["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["operation"] == "cohort:beta" && c["outcome"] == "fail" && c["group"] == "errors");
+        if failing_beta && canary["state"] == "failing" {
+            Ok(canary)
+        } else {
+            Err(canary.to_string())
+        }
+    })
+    .await;
+    let checks = canary["checks"].as_array().expect("checks");
+    assert!(
+        checks.iter().any(|c| c["operation"] == "cohort:gamma"),
+        "gamma is judged too"
+    );
+    assert!(
+        !checks
+            .iter()
+            .any(|c| c["operation"] == "cohort:gamma" && c["outcome"] == "fail"),
+        "the healthy cohort does not fail: {canary}"
+    );
+    daemon.stop().await.expect("clean stop");
+}

@@ -41,6 +41,8 @@ pub struct NormalizeOptions {
     pub max_items_per_request: u64,
     /// Resource attribute naming the version.
     pub version_attribute: String,
+    /// Span attribute naming a request's cohort; none: cohorts are not read.
+    pub cohort_attribute: Option<String>,
     /// Longer attribute values are cut to this many bytes (at a character boundary).
     pub max_attribute_value_len: usize,
     /// At most this many point attributes (the first by key) identify a metric series.
@@ -55,6 +57,7 @@ impl Default for NormalizeOptions {
         NormalizeOptions {
             max_items_per_request: DEFAULT_MAX_ITEMS_PER_REQUEST,
             version_attribute: "service.version".into(),
+            cohort_attribute: Some("canary.cohort".into()),
             max_attribute_value_len: 256,
             max_series_attributes: 8,
         }

@@ -222,6 +222,12 @@ pub(super) fn observe_span(
     obs.saw(time);
 
     if is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer) {
+        let cohort = options
+            .cohort_attribute
+            .as_deref()
+            .and_then(|key| text_attr(attrs, key))
+            .filter(|c| !c.is_empty())
+            .map(|c| cut_to(&c, max, truncated));
         obs.requests.push(RequestObservation {
             operation: operation.clone(),
             time,
@@ -229,6 +235,7 @@ pub(super) fn observe_span(
             error,
             trace_id: TraceId(trace_id),
             span_id: SpanId(span_id),
+            cohort,
         });
     }
     if matches!(kind, SpanKind::Client | SpanKind::Producer) {
@@ -362,6 +369,35 @@ mod tests {
         assert_eq!(r.operation, "GET /orders/{id}");
         assert_eq!((r.time, r.duration_ns, r.error), (3_000, 2_000, true));
         assert_eq!(obs.seen, Some((3_000, 3_000)));
+    }
+
+    #[test]
+    fn a_request_carries_its_cohort_from_the_configured_attribute() {
+        let mut beta = span("GET", SpanKind::Server, true);
+        beta.attributes = vec![kv("canary.cohort", "beta")];
+        let mut empty = span("GET", SpanKind::Server, true);
+        empty.attributes = vec![kv("canary.cohort", "")];
+        let mut client = span("GET", SpanKind::Client, true);
+        client.attributes = vec![kv("canary.cohort", "beta")];
+        let obs = check(vec![
+            beta.clone(),
+            empty,
+            span("GET", SpanKind::Server, true),
+            client,
+        ]);
+        let cohorts: Vec<Option<&str>> = obs.requests.iter().map(|r| r.cohort.as_deref()).collect();
+        assert_eq!(cohorts, vec![Some("beta"), None, None], "calls carry no cohort");
+        let mut region = span("GET", SpanKind::Server, true);
+        region.attributes = vec![kv("canary.cohort", "beta"), kv("cloud.region", "eu-west-1")];
+        for (attribute, want) in [(Some("cloud.region"), Some("eu-west-1")), (None, None)] {
+            let options = NormalizeOptions {
+                cohort_attribute: attribute.map(str::to_owned),
+                ..NormalizeOptions::default()
+            };
+            let out = traces(&request(Some("shop"), vec![region.clone()]), &options).expect("decodes");
+            let r = &out.batch.resources[0].requests[0];
+            assert_eq!(r.cohort.as_deref(), want, "{attribute:?}");
+        }
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct Limits {
     /// since each such stream keeps its own cumulative reference.
     pub max_metric_series_per_app: usize,
     pub max_exception_types_per_app: usize,
+    /// Distinct values of the cohort attribute per app: each is judged on its own, so a few
+    /// dozen at most (a user id is not a cohort).
+    pub max_cohorts_per_app: usize,
     /// A version unseen for this long (event time) may be evicted to make room for a new one.
     pub version_idle_ns: u64,
     /// An app unseen for this long (event time) may be archived to make room for a new one.
@@ -53,6 +56,7 @@ impl Default for Limits {
             max_downstreams_per_app: 200,
             max_metric_series_per_app: 2_000,
             max_exception_types_per_app: 200,
+            max_cohorts_per_app: 20,
             version_idle_ns: 3_600 * 1_000_000_000,
             app_idle_ns: 3_600 * 1_000_000_000,
         }
@@ -69,10 +73,11 @@ pub enum Cap {
     DownstreamsPerApp,
     MetricSeriesPerApp,
     ExceptionTypesPerApp,
+    CohortsPerApp,
 }
 
 impl Cap {
-    pub const ALL: [Cap; 7] = [
+    pub const ALL: [Cap; 8] = [
         Cap::Apps,
         Cap::EnvsPerApp,
         Cap::VersionsPerApp,
@@ -80,6 +85,7 @@ impl Cap {
         Cap::DownstreamsPerApp,
         Cap::MetricSeriesPerApp,
         Cap::ExceptionTypesPerApp,
+        Cap::CohortsPerApp,
     ];
 
     /// The cap's name as the configuration and `/metrics` spell it.
@@ -92,6 +98,7 @@ impl Cap {
             Cap::DownstreamsPerApp => "max_downstreams_per_app",
             Cap::MetricSeriesPerApp => "max_metric_series_per_app",
             Cap::ExceptionTypesPerApp => "max_exception_types_per_app",
+            Cap::CohortsPerApp => "max_cohorts_per_app",
         }
     }
 
@@ -158,6 +165,10 @@ pub struct AppEntry {
     downstreams: FastMap<String, u64>,
     exception_types: FastMap<String, u64>,
     streams: FastMap<StreamKey, Stream>,
+    /// Requests per cohort. Not stored: after a restart cohorts are admitted again as seen
+    /// (the windows that judge them start empty then too).
+    #[serde(skip)]
+    cohorts: FastMap<String, u64>,
 }
 
 impl AppEntry {
@@ -200,6 +211,15 @@ impl AppEntry {
     pub fn operation_key<'a>(&self, operation: &'a str) -> &'a str {
         if self.operations.contains_key(operation) {
             operation
+        } else {
+            OVERFLOW
+        }
+    }
+
+    /// The key `cohort` is counted under: itself once admitted, else `OVERFLOW`.
+    pub fn cohort_key<'a>(&self, cohort: &'a str) -> &'a str {
+        if self.cohorts.contains_key(cohort) {
+            cohort
         } else {
             OVERFLOW
         }
@@ -474,6 +494,13 @@ impl Catalog {
         }
         hits.push((Cap::ExceptionTypesPerApp, folded));
 
+        let mut folded = 0;
+        for cohort in obs.requests.iter().filter_map(|r| r.cohort.as_deref()) {
+            let cap = limits.max_cohorts_per_app;
+            folded += u64::from(count_capped(&mut entry.cohorts, cohort, cap, |n| *n += 1));
+        }
+        hits.push((Cap::CohortsPerApp, folded));
+
         let mut dropped = 0;
         let mut samples = Vec::new();
         for point in &obs.metric_points {
@@ -565,6 +592,7 @@ mod tests {
             error,
             trace_id: TraceId::default(),
             span_id: SpanId::default(),
+            cohort: None,
         }
     }
 

@@ -477,6 +477,17 @@ impl Engine {
                             .or_default()
                             .add(r.duration_ns, r.error),
                     }
+                    if let Some(cohort) = &r.cohort {
+                        let cohort = entry.cohort_key(cohort);
+                        match b.cohorts.get_mut(cohort) {
+                            Some(aggregate) => aggregate.add(r.duration_ns, r.error),
+                            None => b
+                                .cohorts
+                                .entry(cohort.to_owned())
+                                .or_default()
+                                .add(r.duration_ns, r.error),
+                        }
+                    }
                 }
                 None => late += 1,
             }

@@ -54,6 +54,9 @@ pub struct RequestObservation {
     pub error: bool,
     pub trace_id: TraceId,
     pub span_id: SpanId,
+    /// The cohort the request belongs to (the value of the configured cohort attribute, e.g.
+    /// `canary.cohort`), when it carries one: a canary's checks are also evaluated per cohort.
+    pub cohort: Option<String>,
 }
 
 /// Which attribute named the downstream of a call; earlier variants are preferred.

@@ -78,6 +78,11 @@ pub enum Fault {
     NewException(f64),
     /// Multiplies the canary's orders counter increments.
     Metric(f64),
+    /// The canary's requests of one cohort (by its index in `Service::cohorts`) fail with this
+    /// chance; its other requests are healthy.
+    CohortErrorRate(usize, f64),
+    /// The canary's requests of one cohort are this many times slower.
+    CohortLatencyFactor(usize, f64),
 }
 
 /// How the app's load varies with event time: a multiplier of its mean request rate.
@@ -201,6 +206,8 @@ pub struct Service {
     /// The rollout is declared (with the model, named `default`) when the warm-up ends, rather
     /// than inferred once the canary has traffic.
     pub declared: bool,
+    /// Cohorts and the share of requests (of both versions) each carries; the rest carry none.
+    pub cohorts: Vec<(String, f64)>,
 }
 
 impl Service {
@@ -226,6 +233,7 @@ impl Service {
             shared_error: None,
             batch_s: 5,
             declared: false,
+            cohorts: Vec::new(),
         }
     }
 
@@ -408,14 +416,26 @@ impl Iterator for Traffic<'_> {
                 }
                 let operation = &ops[op];
                 let (spread, slowest) = service.latency.draw(rng);
+                // Drawn only where there are cohorts, so that runs without them draw as always.
+                let cohort = if service.cohorts.is_empty() {
+                    None
+                } else {
+                    let mut pick = rng.unit();
+                    service.cohorts.iter().position(|(_, share)| {
+                        pick -= share;
+                        pick < 0.0
+                    })
+                };
                 let mut latency = operation.median_ms * slower * spread;
                 match fault {
                     Fault::LatencyFactor(f) => latency *= f,
                     Fault::TailLatency(f) if slowest => latency *= f,
+                    Fault::CohortLatencyFactor(i, f) if cohort == Some(i) => latency *= f,
                     _ => {}
                 }
                 let error_p = match (fault, service.shared_error) {
                     (Fault::ErrorRate(p), _) => p,
+                    (Fault::CohortErrorRate(i, p), _) if cohort == Some(i) => p,
                     (_, Some(p)) if faulty => p,
                     _ => service.base_error,
                 };
@@ -430,6 +450,7 @@ impl Iterator for Traffic<'_> {
                     error,
                     trace_id: TraceId::default(),
                     span_id: SpanId::default(),
+                    cohort: cohort.map(|i| service.cohorts[i].0.clone()),
                 });
                 let call = |downstream: &str| CallObservation {
                     downstream: downstream.into(),
@@ -642,6 +663,7 @@ pub fn stable_app(
                         error: rng.unit() < p_error,
                         trace_id: TraceId::default(),
                         span_id: SpanId::default(),
+                        cohort: None,
                     });
                 }
             }

@@ -197,6 +197,8 @@ impl MetricAggregate {
 pub struct Aggregate {
     pub all: RequestAggregate,
     pub operations: BTreeMap<String, RequestAggregate>,
+    /// Requests per cohort (the cohort attribute's value), for those that carry one.
+    pub cohorts: BTreeMap<String, RequestAggregate>,
     /// Calls and failed calls per downstream.
     pub calls: BTreeMap<String, (u64, u64)>,
     pub exceptions: BTreeMap<String, u64>,
@@ -213,6 +215,11 @@ impl Aggregate {
             .operations
             .iter()
             .map(|(op, agg)| string_bytes(op) + request + agg.heap_bytes())
+            .sum();
+        let cohorts: usize = self
+            .cohorts
+            .iter()
+            .map(|(c, agg)| string_bytes(c) + request + agg.heap_bytes())
             .sum();
         let keyed = |key: &str, value: usize| string_bytes(key) + value + MAP_ENTRY_OVERHEAD;
         let calls: usize = self
@@ -241,11 +248,14 @@ impl Aggregate {
                     + agg.distribution.as_ref().map_or(0, Sketch::heap_bytes)
             })
             .sum();
-        self.all.heap_bytes() + operations + calls + exceptions + metrics
+        self.all.heap_bytes() + operations + cohorts + calls + exceptions + metrics
     }
 
     pub fn merge(&mut self, other: &Aggregate) {
         self.all.merge(&other.all);
+        for (cohort, agg) in &other.cohorts {
+            self.cohorts.entry(cohort.clone()).or_default().merge(agg);
+        }
         for (op, agg) in &other.operations {
             self.operations.entry(op.clone()).or_default().merge(agg);
         }

@@ -24,6 +24,7 @@ fn batch(requests: &[Req]) -> Batch {
                 error,
                 trace_id: TraceId::default(),
                 span_id: SpanId::default(),
+                cohort: None,
             });
             r
         })

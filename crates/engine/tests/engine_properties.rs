@@ -33,6 +33,7 @@ fn observed(&(offset, duration, error, op, version): &Req) -> ResourceObservatio
         error,
         trace_id: TraceId::default(),
         span_id: SpanId::default(),
+        cohort: None,
     });
     r
 }

@@ -33,6 +33,7 @@ fn request(r: &mut ResourceObservations, time: EventTime) {
         error: false,
         trace_id: TraceId::default(),
         span_id: SpanId::default(),
+        cohort: None,
     });
 }
 

@@ -516,3 +516,115 @@ fn a_low_traffic_canary_is_decided_as_soon_as_its_errors_add_up() {
     let failed = false_failures((60..66).map(|seed| thin(seed, Fault::None)));
     assert!(failed.is_empty(), "{failed:?}");
 }
+
+/// Issue 19, part 4: a service whose requests carry a cohort (e.g. `canary.cohort`).
+fn cohorted(seed: u64, fault: Fault) -> Service {
+    Service {
+        cohorts: vec![
+            ("beta".into(), 0.1),
+            ("gamma".into(), 0.3),
+            ("internal".into(), 0.01),
+        ],
+        ..Service::new(seed, fault)
+    }
+}
+
+/// Judging each cohort as well spends the same false-failure budget: with three cohorts (one
+/// thin), an identical canary never fails.
+#[test]
+fn an_identical_canary_with_cohorts_never_fails() {
+    for seed in 0..12 {
+        // A tenth of the traffic for five minutes, and half of it for ten.
+        let service = if seed % 2 == 0 {
+            cohorted(seed, Fault::None)
+        } else {
+            cohort_fault(seed, Fault::None)
+        };
+        let r = run(&service, model(long_stage()));
+        assert!(
+            r.failed_at().is_none(),
+            "seed {seed}: A/A with cohorts failed: {:?} {:?}",
+            r.changes,
+            r.failed_on
+        );
+    }
+}
+
+/// Half the traffic on the canary for ten minutes, the fault at one minute: the `internal`
+/// cohort's own requests (1% of them, one a second on the canary) are what its checks go on.
+fn cohort_fault(seed: u64, fault: Fault) -> Service {
+    Service {
+        canary_share: 0.5,
+        duration_s: 600,
+        ..cohorted(seed, fault)
+    }
+}
+
+/// A canary that is slow only for one cohort is caught, after the onset, and the cohort is named
+/// in the verdict (no other cohort's checks fail). The `internal` cohort's requests take three
+/// times as long: 1% of the traffic, which moves none of the app's latency quantiles by the
+/// model's 20%, so only the cohort's own checks can see it.
+#[test]
+fn a_version_slow_only_for_one_cohort_fails_naming_it() {
+    for seed in 100..103 {
+        let r = run(
+            &cohort_fault(seed, Fault::CohortLatencyFactor(2, 3.0)),
+            model(long_stage()),
+        );
+        let delay = r.delay_s().unwrap_or_else(|| {
+            panic!(
+                "seed {seed}: the internal cohort's latency was not caught: {:?}",
+                r.changes
+            )
+        });
+        // About 250 of its requests show a p50 20% up: minutes, at one a second.
+        assert!(
+            (0.0..=480.0).contains(&delay),
+            "seed {seed}: failed {delay} s after the onset"
+        );
+        assert!(
+            r.failed_on
+                .iter()
+                .any(|f| f.contains("latency") && f.contains("[cohort:internal]")),
+            "seed {seed}: the failing checks {:?} do not name the cohort",
+            r.failed_on
+        );
+        assert!(
+            r.failed_on.iter().all(|f| f.contains("[cohort:internal]")),
+            "seed {seed}: a check of the app or a healthy cohort failed: {:?}",
+            r.failed_on
+        );
+    }
+}
+
+/// Errors in one cohort (three requests in ten of `internal`) raise the app's error ratio too,
+/// so the app-wide check may be first to fail the canary; the analysis judges on, and the
+/// cohort's own check names it, while the healthy cohorts' do not fail.
+#[test]
+fn errors_in_one_cohort_are_named_by_that_cohort() {
+    for seed in 100..103 {
+        let r = run(
+            &cohort_fault(seed, Fault::CohortErrorRate(2, 0.3)),
+            model(long_stage()),
+        );
+        assert!(
+            r.delay_s().is_some_and(|d| d >= 0.0),
+            "seed {seed}: {:?}",
+            r.changes
+        );
+        assert!(
+            r.failing_checks
+                .iter()
+                .any(|f| f == "error_ratio[cohort:internal]"),
+            "seed {seed}: {:?}",
+            r.failing_checks
+        );
+        assert!(
+            !r.failing_checks
+                .iter()
+                .any(|f| f.contains("[cohort:beta]") || f.contains("[cohort:gamma]")),
+            "seed {seed}: a healthy cohort failed: {:?}",
+            r.failing_checks
+        );
+    }
+}

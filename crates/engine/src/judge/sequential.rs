@@ -30,9 +30,10 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::checks::{Dispersion, Feature, Group, Series, Test};
+use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test};
 use super::history::History;
 use super::model::Model;
+use crate::catalog::OVERFLOW;
 use crate::observation::EventTime;
 use crate::window::{Aggregate, RequestAggregate};
 
@@ -292,6 +293,23 @@ impl Spread {
 const METRIC_LAG_S: u64 = 70;
 const BLOCK: EventTime = 10 * SECOND;
 
+/// A part of the app's requests judged on its own: an operation, or a cohort (with whether the
+/// stable has served that cohort, which it is then compared with).
+enum Subject {
+    Operation(String),
+    Cohort(String, bool),
+}
+
+impl Subject {
+    /// The check's subject, as its feature names it.
+    fn name(&self) -> String {
+        match self {
+            Subject::Operation(op) => op.clone(),
+            Subject::Cohort(cohort, _) => format!("{COHORT_SUBJECT}{cohort}"),
+        }
+    }
+}
+
 /// The sequential evidence of one analysis, per check series.
 #[derive(Clone, Debug, Default)]
 pub struct Sequential {
@@ -307,6 +325,9 @@ pub struct Sequential {
     /// The stable's dispersion of each count, as of the last look: fixed before the seconds it
     /// scales are taken.
     dispersion: Dispersion,
+    /// The cohorts the stable has served so far (then a cohort is compared with the stable's
+    /// same cohort, not its whole traffic). Not stored: a restart learns them again.
+    stable_cohorts: BTreeSet<String>,
     /// The end of the last second taken.
     through: EventTime,
     /// The end of the last block whose counter increments were taken.
@@ -521,7 +542,7 @@ impl Sequential {
         let c = &model.checks;
         let per_operation = c.error_ratio.as_ref().is_some_and(|e| e.per_operation)
             || c.latency.as_ref().is_some_and(|l| l.per_operation);
-        let mut subjects: Vec<(Option<&str>, &RequestAggregate, &RequestAggregate)> =
+        let mut subjects: Vec<(Option<Subject>, &RequestAggregate, &RequestAggregate)> =
             vec![(None, &can.all, &st.all)];
         if per_operation {
             for (op, agg) in &can.operations {
@@ -530,18 +551,43 @@ impl Sequential {
                     self.subjects.insert(op.clone(), rank);
                 }
                 if self.subjects.contains_key(op) {
-                    subjects.push((Some(op), agg, st.operations.get(op).unwrap_or(empty)));
+                    let subject = Subject::Operation(op.clone());
+                    subjects.push((Some(subject), agg, st.operations.get(op).unwrap_or(empty)));
                 }
             }
         }
+        // Each cohort, against the stable's same cohort once the stable has served it (until
+        // then, and for a cohort routed to the canary alone, against the stable's whole traffic),
+        // as the windows' checks compare them.
+        for (cohort, agg) in can.cohorts.iter().filter(|(c, _)| c.as_str() != OVERFLOW) {
+            let name = format!("{COHORT_SUBJECT}{cohort}");
+            if !self.subjects.contains_key(&name) && self.subjects.len() < MAX_SUBJECTS {
+                let rank = self.subjects.len() + 1;
+                self.subjects.insert(name.clone(), rank);
+            }
+            if st.cohorts.get(cohort).is_some_and(|s| s.requests > 0) {
+                self.stable_cohorts.insert(cohort.clone());
+            }
+            if self.subjects.contains_key(&name) {
+                let served = self.stable_cohorts.contains(cohort);
+                let reference = match st.cohorts.get(cohort) {
+                    _ if !served => &st.all,
+                    Some(r) => r,
+                    None => empty,
+                };
+                subjects.push((Some(Subject::Cohort(cohort.clone(), served)), agg, reference));
+            }
+        }
         let reference = c.latency.as_ref().map(|_| stable.before(at, REFERENCE_S));
-        for (op, can_r, st_r) in subjects {
+        for (subject, can_r, st_r) in subjects {
+            let op = subject.as_ref().map(Subject::name);
+            let is_cohort = matches!(subject, Some(Subject::Cohort(..)));
             let feature = |name: String| Feature {
                 name,
-                subject: op.map(str::to_owned),
+                subject: op.clone(),
             };
             if let Some(e) = &c.error_ratio
-                && (op.is_none() || e.per_operation)
+                && (op.is_none() || e.per_operation || is_cohort)
             {
                 let series = (Group::Errors, feature("error_ratio".into()), Test::FisherExact);
                 let cap = self.step_cap(model, &series);
@@ -553,11 +599,13 @@ impl Sequential {
                 );
             }
             if let (Some(l), Some(reference)) = (&c.latency, &reference)
-                && (op.is_none() || l.per_operation)
+                && (op.is_none() || l.per_operation || is_cohort)
             {
-                let past = match op {
+                let past = match &subject {
                     None => &reference.all,
-                    Some(op) => reference.operations.get(op).unwrap_or(empty),
+                    Some(Subject::Operation(op)) => reference.operations.get(op).unwrap_or(empty),
+                    Some(Subject::Cohort(cohort, true)) => reference.cohorts.get(cohort).unwrap_or(empty),
+                    Some(Subject::Cohort(_, false)) => &reference.all,
                 };
                 if past.requests < MIN_REFERENCE {
                     continue;
@@ -645,10 +693,15 @@ impl Sequential {
             return 0.0;
         };
         let budget = model.decision.false_failure_rate * share(weight) / total;
+        // Cohorts are subjects of both groups whatever `per_operation` says.
+        let cohorts = self.subjects.keys().any(|s| s.starts_with(COHORT_SUBJECT));
         let (per_operation, per_subject) = match group {
-            Group::Errors => (c.error_ratio.as_ref().is_some_and(|e| e.per_operation), 1.0),
+            Group::Errors => (
+                c.error_ratio.as_ref().is_some_and(|e| e.per_operation) || cohorts,
+                1.0,
+            ),
             Group::Latency => c.latency.as_ref().map_or((false, 1.0), |l| {
-                (l.per_operation, l.quantiles.len().max(1) as f64)
+                (l.per_operation || cohorts, l.quantiles.len().max(1) as f64)
             }),
             _ => {
                 return match &feature.subject {
@@ -811,6 +864,7 @@ impl Sequential {
                 .collect(),
             keyed_counts,
             dispersion: Dispersion::default(),
+            stable_cohorts: BTreeSet::new(),
             through: state.through,
             metrics_through: state.metrics_through,
         }

@@ -872,7 +872,14 @@ pub(crate) struct Subject<'a> {
     pub stable: &'a RequestAggregate,
 }
 
-/// The whole app, then each operation the canary served when `per_operation`.
+/// The prefix of a cohort's subject (`cohort:beta`), beside operations' names.
+pub const COHORT_SUBJECT: &str = "cohort:";
+
+/// The whole app, then each operation the canary served when `per_operation`, then each cohort
+/// the canary's requests carry (`COHORT_SUBJECT` + its name): a version that fails only for one
+/// cohort is caught there, and named. A cohort is compared with the stable's requests of the same
+/// cohort or, where the stable served none of it (a cohort routed to the canary alone), with the
+/// stable's whole traffic. Requests past the cohort cap (`OVERFLOW`) are no cohort.
 fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
     static EMPTY: std::sync::OnceLock<RequestAggregate> = std::sync::OnceLock::new();
     let empty = EMPTY.get_or_init(RequestAggregate::default);
@@ -891,7 +898,22 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
             canary: can,
             stable: w.stable.operations.get(op).unwrap_or(empty),
         });
-    std::iter::once(app).chain(operations).collect()
+    let cohorts = w
+        .canary
+        .cohorts
+        .iter()
+        .filter(|(cohort, _)| cohort.as_str() != crate::catalog::OVERFLOW)
+        .map(|(cohort, can)| Subject {
+            operation: Some(format!("{COHORT_SUBJECT}{cohort}")),
+            canary: can,
+            stable: w
+                .stable
+                .cohorts
+                .get(cohort)
+                .filter(|s| s.requests > 0)
+                .unwrap_or(&w.stable.all),
+        });
+    std::iter::once(app).chain(operations).chain(cohorts).collect()
 }
 
 impl Subject<'_> {
