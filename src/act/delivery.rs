@@ -597,10 +597,12 @@ impl Dispatcher {
         let mut schedule_epoch = None;
         // When the head and a parked delivery are both due, they take turns.
         let mut parked_turn = false;
-        // An `haproxy` worker with maps to keep compares them at once, then now and then while
-        // it has nothing at the head (a delivery there applies a newer route anyway).
+        // A lever's worker with weights, maps or routes to keep compares them at once, then now
+        // and then while it has nothing at the head (a delivery there applies a newer move).
         let reconciles = match subscription.kind {
-            Kind::Haproxy => !self.config.haproxy_maps.0.is_empty(),
+            Kind::Haproxy => {
+                !self.config.haproxy_maps.0.is_empty() || !self.config.haproxy_servers.0.is_empty()
+            }
             Kind::Httproute => !self.config.httproutes.0.is_empty(),
             Kind::Webhook => false,
         };
@@ -1060,6 +1062,7 @@ impl Dispatcher {
         let Ok(endpoint) = subscription.url.parse::<haproxy::Endpoint>() else {
             return;
         };
+        self.reconcile_weights(subscription, &endpoint).await;
         for target in &self.config.haproxy_maps.0 {
             let (store, types) = (self.store.clone(), subscription.events.clone());
             let (env, app) = (target.env.clone(), target.app.clone());
@@ -1096,6 +1099,67 @@ impl Dispatcher {
                     tracing::warn!(subscription = %subscription.id, env = %target.env, app = %target.app, error = %e, "cannot reconcile HAProxy maps");
                 }
             }
+        }
+    }
+
+    /// The same for server weights: for each app `haproxy_servers` names, the weights its latest
+    /// traffic action (of this subscription's types, not a dry run) set are read with `get
+    /// weight`, and set again where they differ (an HAProxy reload restores the configured
+    /// weights; a person may have changed them).
+    async fn reconcile_weights(&self, subscription: &Subscription, endpoint: &haproxy::Endpoint) {
+        let apps: BTreeSet<(String, String)> = self
+            .config
+            .haproxy_servers
+            .0
+            .iter()
+            .map(|t| (t.env.clone(), t.app.clone()))
+            .collect();
+        for (env, app) in apps {
+            let (store, types) = (self.store.clone(), subscription.events.clone());
+            let latest = try_blocking(move || {
+                store.last_event(|e| {
+                    e.data.env == env
+                        && e.data.app == app
+                        && !e.data.dry_run
+                        && types.contains(&e.event_type)
+                        && e.data.action.as_ref().is_some_and(|a| a.kind == "set_weight")
+                })
+            })
+            .await;
+            let event = match latest {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(subscription = %subscription.id, error = %e, "cannot read events to reconcile HAProxy weights");
+                    return;
+                }
+            };
+            let Some(Ok(steps)) = haproxy::plan(&event, &self.config.haproxy_servers) else {
+                continue;
+            };
+            let mut outcome = "held";
+            for (backend, server, weight) in steps {
+                let timeout = self.config.timeout;
+                let held = haproxy::get_weight(endpoint, &self.outbound, &backend, &server, timeout).await;
+                let result = match held {
+                    Ok(w) if w == weight => continue,
+                    Ok(w) => {
+                        tracing::warn!(subscription = %subscription.id, %backend, %server, held = w, wanted = weight, event = %event.id, "HAProxy weight had drifted from the latest action; put back");
+                        haproxy::set_weight(endpoint, &self.outbound, &backend, &server, weight, timeout)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => outcome = "corrected",
+                    Err(e) => {
+                        tracing::warn!(subscription = %subscription.id, %backend, %server, error = %e, "cannot reconcile an HAProxy weight");
+                        outcome = "failed";
+                        break;
+                    }
+                }
+            }
+            self.stats.traffic_reconcile(&subscription.id, outcome);
         }
     }
 

@@ -230,6 +230,25 @@ pub async fn command_capped(
         .map_err(|_| HaproxyError::Timeout(timeout))?
 }
 
+/// `backend/server`'s current weight, as `get weight` reports it (`<current> (initial <n>)`).
+pub async fn get_weight(
+    endpoint: &Endpoint,
+    policy: &OutboundPolicy,
+    backend: &str,
+    server: &str,
+    timeout: Duration,
+) -> Result<u32, HaproxyError> {
+    let line = format!("get weight {backend}/{server}");
+    let got = command(endpoint, policy, &line, timeout).await?;
+    got.split_whitespace()
+        .next()
+        .and_then(|w| w.parse::<u32>().ok())
+        .ok_or(HaproxyError::Refused {
+            command: line,
+            answer: got,
+        })
+}
+
 /// Sets `backend/server`'s weight and reads it back.
 pub async fn set_weight(
     endpoint: &Endpoint,

@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from sdk_harness import REPO_ROOT, Canaryd, eventually, start_canaryd, stop_canaryd
+from sdk_harness import REPO_ROOT, Canaryd, eventually, prometheus_samples, start_canaryd, stop_canaryd
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None
@@ -232,6 +232,9 @@ def rig(tmp_path: Path) -> Iterator[tuple[Canaryd, Backend, Backend, Haproxy]]:
             # The SDK's exports arrive within a fraction of a second: close buckets soon after.
             "--allowed-lateness-secs",
             "1",
+            # Weights a person or a reload changed are put back within a second.
+            "--haproxy-reconcile-secs",
+            "1",
         ],
     )
     stable = Backend(daemon, STABLE)
@@ -330,6 +333,18 @@ def test_a_failing_canary_is_taken_out_of_haproxy(rig: tuple[Canaryd, Backend, B
     assert status == 200
     failed = [d for d in deliveries["deliveries"] if d["event_type"] == "canaryd.canary.failed"]
     assert len(failed) == 1 and failed[0]["state"] == "delivered", deliveries
+
+    # Someone puts the canary back in by hand (or a reload restores the configured weights): the
+    # applied state is read again, not assumed, and the failed canary's weight put back.
+    assert haproxy.command(f"set server {APP}/canary weight 10").strip() == ""
+    assert haproxy.weight("canary") == 10
+    deadline = time.monotonic() + 15
+    while haproxy.weight("canary") != 0:
+        if time.monotonic() > deadline:
+            pytest.fail("the hand-set canary weight was never put back to 0", pytrace=False)
+        time.sleep(0.05)
+    corrected = prometheus_samples(daemon.prometheus(), "canaryd_traffic_reconciles_total")
+    assert any(dict(labels).get("outcome") == "corrected" and value >= 1 for labels, value in corrected.items()), corrected
 
 
 def test_shadow_mode_reports_a_failure_and_moves_no_traffic(
