@@ -225,6 +225,12 @@ def test_cohorts_split_stick_and_trip_back_to_stable(
     # A header rule matches its exact value only: these split like anyone else.
     near_misses = client.versions([{"x-user-id": u, "x-canary": "always-not"} for u in users])
     assert near_misses == answers[: len(users)]
+    # Requests that carry no user id are split one by one, at the same share: 4,000 of them
+    # within 2.5 points of 20% (about four standard deviations of a fair split).
+    anonymous = client.versions([{} for _ in range(4_000)])
+    anonymous_on_canary = sum(a == CANARY for a in anonymous) / len(anonymous) * 100
+    record_figure("anonymous_split_percent_at_stage_20", round(anonymous_on_canary, 2))
+    assert abs(anonymous_on_canary - 20) <= 2.5, f"{anonymous_on_canary:.2f}% of anonymous requests on the canary"
 
     # A restart of canaryd reads HAProxy's maps and puts the route back: here they were emptied
     # while it was down, as an HAProxy reload from the shipped files would.
