@@ -1064,18 +1064,11 @@ impl Dispatcher {
         };
         self.reconcile_weights(subscription, &endpoint).await;
         for target in &self.config.haproxy_maps.0 {
-            let (store, types) = (self.store.clone(), subscription.events.clone());
-            let (env, app) = (target.env.clone(), target.app.clone());
-            let latest = try_blocking(move || {
-                store.last_event(|e| {
-                    e.data.env == env
-                        && e.data.app == app
-                        && e.data.traffic.is_some()
-                        && !e.data.dry_run
-                        && types.contains(&e.event_type)
+            let latest = self
+                .latest_move(subscription, &target.env, &target.app, |e| {
+                    e.data.traffic.is_some() && !e.data.dry_run
                 })
-            })
-            .await;
+                .await;
             let event = match latest {
                 Ok(Some(event)) => event,
                 Ok(None) => continue,
@@ -1115,17 +1108,11 @@ impl Dispatcher {
             .map(|t| (t.env.clone(), t.app.clone()))
             .collect();
         for (env, app) in apps {
-            let (store, types) = (self.store.clone(), subscription.events.clone());
-            let latest = try_blocking(move || {
-                store.last_event(|e| {
-                    e.data.env == env
-                        && e.data.app == app
-                        && !e.data.dry_run
-                        && types.contains(&e.event_type)
-                        && e.data.action.as_ref().is_some_and(|a| a.kind == "set_weight")
+            let latest = self
+                .latest_move(subscription, &env, &app, |e| {
+                    !e.data.dry_run && e.data.action.as_ref().is_some_and(|a| a.kind == "set_weight")
                 })
-            })
-            .await;
+                .await;
             let event = match latest {
                 Ok(Some(event)) => event,
                 Ok(None) => continue,
@@ -1167,17 +1154,11 @@ impl Dispatcher {
     /// its rules differ from the app's latest route, applied again.
     async fn reconcile_routes(&self, subscription: &Subscription) {
         for target in &self.config.httproutes.0 {
-            let (store, types) = (self.store.clone(), subscription.events.clone());
-            let (env, app) = (target.env.clone(), target.app.clone());
-            let latest = try_blocking(move || {
-                store.last_event(|e| {
-                    e.data.env == env
-                        && e.data.app == app
-                        && types.contains(&e.event_type)
-                        && httproute::route_of(e).is_some()
+            let latest = self
+                .latest_move(subscription, &target.env, &target.app, |e| {
+                    httproute::route_of(e).is_some()
                 })
-            })
-            .await;
+                .await;
             let event = match latest {
                 Ok(Some(event)) => event,
                 Ok(None) => continue,
@@ -1205,6 +1186,25 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// The latest stored event of (env, app) that `subscription` acts on (one of its types) and
+    /// that `moves` says a lever applies: what the reconcilers compare the applied state with.
+    async fn latest_move(
+        &self,
+        subscription: &Subscription,
+        env: &str,
+        app: &str,
+        moves: fn(&Event) -> bool,
+    ) -> Result<Option<Event>, String> {
+        let (store, types) = (self.store.clone(), subscription.events.clone());
+        let (env, app) = (env.to_owned(), app.to_owned());
+        try_blocking(move || {
+            store.last_event(|e| {
+                e.data.env == env && e.data.app == app && types.contains(&e.event_type) && moves(e)
+            })
+        })
+        .await
     }
 
     fn schedule_retry(&self, delivery: &mut Delivery) -> &'static str {
