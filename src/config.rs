@@ -175,7 +175,7 @@ settings! {
     insecure_no_auth: bool,
     /// Resource attribute that names the version [default: service.version]
     version_attribute: String,
-    /// Span attribute that names a request's cohort (beta users, a region, a client): a canary's error and latency checks are also run per cohort, so a version failing for one cohort only is caught and the cohort named; "" turns it off [default: canary.cohort]
+    /// Span attribute that names a request's cohort (beta users, a region, a client): a canary's span checks (errors, latency, operation mix, call graph, exceptions) are also run per cohort, so a version failing for one cohort only is caught and the cohort named; "" turns it off [default: canary.cohort]
     cohort_attribute: String,
     /// Largest OTLP request accepted, in bytes after decompression [default: 8388608]
     max_message_bytes: usize,

@@ -708,6 +708,8 @@ pub fn otlp_of_batch(
     };
     let mut traces = ExportTraceServiceRequest::default();
     let mut metrics = ExportMetricsServiceRequest::default();
+    // The simulator's cohorts, under the default cohort attribute.
+    let cohort = |name: &str| kv("canary.cohort", name);
     for r in &batch.resources {
         let (env, app, version) = (&*r.identity.env, &*r.identity.app, &*r.identity.version);
         let salt = app
@@ -750,6 +752,7 @@ pub fn otlp_of_batch(
                 code: status::StatusCode::Error as i32,
                 message: "internal error".into(),
             });
+            server.attributes.extend(request.cohort.as_deref().map(cohort));
             spans.push(server);
         }
         for call in &r.calls {
@@ -761,6 +764,7 @@ pub fn otlp_of_batch(
                 true,
             );
             client.attributes = vec![kv("peer.service", &call.downstream)];
+            client.attributes.extend(call.cohort.as_deref().map(cohort));
             spans.push(client);
         }
         for exception in &r.exceptions {
@@ -777,6 +781,9 @@ pub fn otlp_of_batch(
                 attributes: vec![kv("exception.type", &exception.exception_type)],
                 ..span::Event::default()
             }];
+            internal
+                .attributes
+                .extend(exception.cohort.as_deref().map(cohort));
             spans.push(internal);
         }
         if !spans.is_empty() {

@@ -449,3 +449,90 @@ async fn a_canary_failing_one_cohort_is_judged_per_cohort_and_the_cohort_named()
     );
     daemon.stop().await.expect("clean stop");
 }
+
+/// Issue 19, part 4, beyond errors and latency: a cohort's call graph, from client spans that
+/// carry no cohort of their own (only the request's server span does; the client span is its
+/// child, in the same trace and batch). Every request of both versions calls `payments`, except
+/// the canary's `beta` requests (a tenth of them): the app's calls per request drop by a tenth,
+/// less than the model's smallest effect, and the beta cohort's drop to none, which fails it.
+#[tokio::test]
+async fn a_cohort_whose_calls_vanish_is_caught_from_client_spans_in_its_traces() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    let daemon = TestDaemon::start().await;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let traffic = |version: &str, start_s: u64, seconds: u64, beta_calls: bool| {
+        let mut resource = support::shop_spans(version, start_s, seconds, 50, 1000);
+        let mut calls = Vec::new();
+        for (n, span) in resource.scope_spans[0].spans.iter_mut().enumerate() {
+            let beta = n % 10 == 0;
+            if beta {
+                span.attributes.push(testdata::kv("canary.cohort", "beta"));
+            }
+            if !beta || beta_calls {
+                let mut call = span.clone();
+                call.parent_span_id = span.span_id.clone();
+                call.span_id[0] ^= 0xff;
+                call.kind = SpanKind::Client as i32;
+                call.name = "POST /charge".into();
+                call.attributes = vec![testdata::kv("peer.service", "payments")];
+                calls.push(call);
+            }
+        }
+        resource.scope_spans[0].spans.extend(calls);
+        resource
+    };
+    let export = |start_s: u64, seconds: u64| ExportTraceServiceRequest {
+        resource_spans: vec![
+            traffic("1.0.0", start_s, seconds, true),
+            traffic("2.0.0", start_s, seconds, false),
+        ],
+    };
+    traces.export(export(0, 2)).await.expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let response = daemon
+        .http
+        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status().as_u16(), 200);
+    for chunk in 0..12 {
+        traces.export(export(2 + chunk * 10, 10)).await.expect("export");
+    }
+    let canary = eventually("the beta cohort's call graph fails", || async {
+        let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+        let failing = canary["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["feature"] == "calls_per_request[cohort:beta/payments]" && c["outcome"] == "fail");
+        if failing && canary["state"] == "failing" {
+            Ok(canary)
+        } else {
+            Err(canary.to_string())
+        }
+    })
+    .await;
+    let checks = canary["checks"].as_array().expect("checks");
+    let failing_beta = checks
+        .iter()
+        .find(|c| c["feature"] == "calls_per_request[cohort:beta/payments]" && c["outcome"] == "fail")
+        .expect("failing");
+    assert_eq!(failing_beta["operation"], "cohort:beta", "{failing_beta}");
+    assert!(
+        !checks
+            .iter()
+            .any(|c| c["feature"] == "calls_per_request[payments]" && c["outcome"] == "fail"),
+        "the app's calls moved by a tenth only: {canary}"
+    );
+    daemon.stop().await.expect("clean stop");
+}

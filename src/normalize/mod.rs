@@ -248,7 +248,7 @@ mod tests {
 
     /// The scenario generator's batches survive the trip through OTLP and the normalizer: the
     /// daemon sees the requests, calls, exceptions and counter points the engine's own
-    /// simulations are fed.
+    /// simulations are fed, with their cohorts.
     #[test]
     fn a_simulated_batch_reads_back_as_the_same_observations() {
         use canaryd_engine::simulate::{Fault, Service, Traffic};
@@ -256,6 +256,7 @@ mod tests {
             warmup_s: 10,
             fault_at_s: 0,
             batch_s: 10,
+            cohorts: vec![("beta".into(), 0.3)],
             ..Service::new(3, Fault::NewException(0.5))
         };
         let options = NormalizeOptions::default();
@@ -274,19 +275,35 @@ mod tests {
                 assert_eq!(requests.len(), sent.requests.len());
                 for (a, b) in requests.iter().zip(&sent.requests) {
                     assert_eq!(
-                        (&a.operation, a.time, a.duration_ns, a.error),
-                        (&b.operation, b.time, b.duration_ns, b.error)
+                        (&a.operation, a.time, a.duration_ns, a.error, &a.cohort),
+                        (&b.operation, b.time, b.duration_ns, b.error, &b.cohort)
                     );
                 }
                 let calls: Vec<_> = got
                     .iter()
                     .flat_map(|r| &r.calls)
-                    .map(|c| (&c.downstream, c.time))
+                    .map(|c| (&c.downstream, c.time, &c.cohort))
                     .collect();
-                let sent_calls: Vec<_> = sent.calls.iter().map(|c| (&c.downstream, c.time)).collect();
+                let sent_calls: Vec<_> = sent
+                    .calls
+                    .iter()
+                    .map(|c| (&c.downstream, c.time, &c.cohort))
+                    .collect();
                 assert_eq!(calls, sent_calls);
-                let exceptions: Vec<_> = got.iter().flat_map(|r| &r.exceptions).collect();
-                assert_eq!(exceptions, sent.exceptions.iter().collect::<Vec<_>>());
+                // Trace ids are the encoder's own (the simulator's are all zero).
+                let exception = |e: &canaryd_engine::ExceptionObservation| {
+                    (
+                        e.exception_type.clone(),
+                        e.operation.clone(),
+                        e.time,
+                        e.cohort.clone(),
+                    )
+                };
+                let exceptions: Vec<_> = got.iter().flat_map(|r| &r.exceptions).map(exception).collect();
+                assert_eq!(
+                    exceptions,
+                    sent.exceptions.iter().map(exception).collect::<Vec<_>>()
+                );
                 let points: Vec<_> = got
                     .iter()
                     .flat_map(|r| &r.metric_points)

@@ -220,14 +220,16 @@ pub(super) fn observe_span(
     let error = is_error(span, attrs);
     let operation = operation_of(span, kind, attrs, max, truncated);
     obs.saw(time);
+    // The span's own cohort; a call or exception without one is given its trace's request's by
+    // the engine, which sees the whole batch.
+    let cohort = options
+        .cohort_attribute
+        .as_deref()
+        .and_then(|key| text_attr(attrs, key))
+        .filter(|c| !c.is_empty())
+        .map(|c| cut_to(&c, max, truncated));
 
     if is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer) {
-        let cohort = options
-            .cohort_attribute
-            .as_deref()
-            .and_then(|key| text_attr(attrs, key))
-            .filter(|c| !c.is_empty())
-            .map(|c| cut_to(&c, max, truncated));
         obs.requests.push(RequestObservation {
             operation: operation.clone(),
             time,
@@ -235,7 +237,7 @@ pub(super) fn observe_span(
             error,
             trace_id: TraceId(trace_id),
             span_id: SpanId(span_id),
-            cohort,
+            cohort: cohort.clone(),
         });
     }
     if matches!(kind, SpanKind::Client | SpanKind::Producer) {
@@ -254,6 +256,7 @@ pub(super) fn observe_span(
             duration_ns,
             error,
             trace_id: TraceId(trace_id),
+            cohort: cohort.clone(),
         });
     }
     for event in scratch.events.iter().filter(|e| e.is_exception()) {
@@ -272,6 +275,8 @@ pub(super) fn observe_span(
             exception_type: cut_to(&exception_type, max, truncated),
             operation: operation.clone(),
             time: event_time,
+            trace_id: TraceId(trace_id),
+            cohort: cohort.clone(),
         });
     }
     Ok(())
@@ -386,7 +391,9 @@ mod tests {
             client,
         ]);
         let cohorts: Vec<Option<&str>> = obs.requests.iter().map(|r| r.cohort.as_deref()).collect();
-        assert_eq!(cohorts, vec![Some("beta"), None, None], "calls carry no cohort");
+        assert_eq!(cohorts, vec![Some("beta"), None, None]);
+        let calls: Vec<Option<&str>> = obs.calls.iter().map(|c| c.cohort.as_deref()).collect();
+        assert_eq!(calls, vec![Some("beta")], "a call carries its own span's cohort");
         let mut region = span("GET", SpanKind::Server, true);
         region.attributes = vec![kv("canary.cohort", "beta"), kv("cloud.region", "eu-west-1")];
         for (attribute, want) in [(Some("cloud.region"), Some("eu-west-1")), (None, None)] {

@@ -22,8 +22,8 @@ use crate::judge::{
     AnalysisSnapshot, AnalysisView, CanaryChange, ChangeKind, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError,
     Model, Operation, Verdict,
 };
-use crate::observation::{Batch, EventTime, ResourceObservations};
-use crate::window::{AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
+use crate::observation::{Batch, EventTime, RequestObservation, ResourceObservations, TraceId};
+use crate::window::{Aggregate, AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
 
 /// The two latest event times among a resource's observations.
 #[derive(Default)]
@@ -44,6 +44,49 @@ impl LatestTwo {
             }
         }
     }
+}
+
+/// The cohort of each trace's request in one resource's batch: what a call or exception span
+/// without a cohort attribute of its own is attributed to (an SDK sets the attribute on the
+/// request's span; its client spans and exception events mostly come in the same batch).
+struct TraceCohorts<'a>(HashMap<TraceId, &'a str>);
+
+impl<'a> TraceCohorts<'a> {
+    /// Empty, and nothing allocated, when no request carries a cohort. The all-zero trace id is
+    /// invalid (OTLP) and never links spans.
+    fn of(requests: &'a [RequestObservation]) -> Self {
+        TraceCohorts(
+            requests
+                .iter()
+                .filter(|r| r.trace_id != TraceId::default())
+                .filter_map(|r| Some((r.trace_id, r.cohort.as_deref()?)))
+                .collect(),
+        )
+    }
+
+    /// A span's cohort: its own, else its trace's request's.
+    fn cohort<'b>(&'b self, own: Option<&'b str>, trace: &TraceId) -> Option<&'b str> {
+        own.or_else(|| self.0.get(trace).copied())
+    }
+}
+
+/// The aggregate of cohort `key` (already through the catalog's cap), the key copied only the
+/// first time a bucket sees it.
+fn cohort_of<'m>(cohorts: &'m mut BTreeMap<String, Aggregate>, key: &str) -> &'m mut Aggregate {
+    if !cohorts.contains_key(key) {
+        cohorts.insert(key.to_owned(), Aggregate::default());
+    }
+    cohorts.get_mut(key).expect("inserted above")
+}
+
+/// One call to `downstream`, and whether it failed.
+fn count_call(calls: &mut BTreeMap<String, (u64, u64)>, downstream: &str, error: bool) {
+    let entry = match calls.get_mut(downstream) {
+        Some(entry) => entry,
+        None => calls.entry(downstream.to_owned()).or_default(),
+    };
+    entry.0 += 1;
+    entry.1 += u64::from(error);
 }
 
 /// Windows over which a version's share of requests halves in weight, for choosing the stable one.
@@ -478,31 +521,28 @@ impl Engine {
                             .add(r.duration_ns, r.error),
                     }
                     if let Some(cohort) = &r.cohort {
-                        let cohort = entry.cohort_key(cohort);
-                        match b.cohorts.get_mut(cohort) {
-                            Some(aggregate) => aggregate.add(r.duration_ns, r.error),
-                            None => b
-                                .cohorts
-                                .entry(cohort.to_owned())
-                                .or_default()
-                                .add(r.duration_ns, r.error),
+                        let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
+                        cohort.all.add(r.duration_ns, r.error);
+                        match cohort.operations.get_mut(op) {
+                            Some(aggregate) => aggregate.count(r.error),
+                            None => cohort.operations.entry(op.to_owned()).or_default().count(r.error),
                         }
                     }
                 }
                 None => late += 1,
             }
         }
+        let trace_cohorts = TraceCohorts::of(&obs.requests);
         for c in &obs.calls {
             top.saw(c.time);
             match state.windows.bucket(c.time, closed_until, config) {
                 Some(b) => {
                     let downstream = entry.downstream_key(&c.downstream);
-                    let calls = match b.calls.get_mut(downstream) {
-                        Some(calls) => calls,
-                        None => b.calls.entry(downstream.to_owned()).or_default(),
-                    };
-                    calls.0 += 1;
-                    calls.1 += u64::from(c.error);
+                    count_call(&mut b.calls, downstream, c.error);
+                    if let Some(cohort) = trace_cohorts.cohort(c.cohort.as_deref(), &c.trace_id) {
+                        let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
+                        count_call(&mut cohort.calls, downstream, c.error);
+                    }
                 }
                 None => late += 1,
             }
@@ -511,9 +551,12 @@ impl Engine {
             top.saw(e.time);
             match state.windows.bucket(e.time, closed_until, config) {
                 Some(b) => {
-                    *b.exceptions
-                        .entry(entry.exception_type_key(&e.exception_type).to_owned())
-                        .or_default() += 1
+                    let ty = entry.exception_type_key(&e.exception_type);
+                    *b.exceptions.entry(ty.to_owned()).or_default() += 1;
+                    if let Some(cohort) = trace_cohorts.cohort(e.cohort.as_deref(), &e.trace_id) {
+                        let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
+                        *cohort.exceptions.entry(ty.to_owned()).or_default() += 1;
+                    }
                 }
                 None => late += 1,
             }
@@ -1158,5 +1201,41 @@ impl Learner<'_> {
             }
             self.dirty.insert(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observation::SpanId;
+
+    fn request(trace: u8, cohort: Option<&str>) -> RequestObservation {
+        RequestObservation {
+            operation: "GET /".into(),
+            time: 1,
+            duration_ns: 1,
+            error: false,
+            trace_id: TraceId([trace; 16]),
+            span_id: SpanId([1; 8]),
+            cohort: cohort.map(str::to_owned),
+        }
+    }
+
+    /// A call or exception span without a cohort of its own takes its trace's request's; its own
+    /// wins; the invalid all-zero trace id links nothing.
+    #[test]
+    fn a_span_without_a_cohort_takes_its_requests() {
+        let requests = [
+            request(1, Some("beta")),
+            request(2, None),
+            request(0, Some("gamma")),
+        ];
+        let cohorts = TraceCohorts::of(&requests);
+        assert_eq!(cohorts.cohort(None, &TraceId([1; 16])), Some("beta"));
+        assert_eq!(cohorts.cohort(Some("gamma"), &TraceId([1; 16])), Some("gamma"));
+        assert_eq!(cohorts.cohort(None, &TraceId([2; 16])), None);
+        assert_eq!(cohorts.cohort(None, &TraceId([3; 16])), None);
+        assert_eq!(cohorts.cohort(None, &TraceId::default()), None);
+        assert!(TraceCohorts::of(&[request(1, None)]).0.is_empty());
     }
 }

@@ -80,6 +80,10 @@ pub struct CallObservation {
     pub duration_ns: u64,
     pub error: bool,
     pub trace_id: TraceId,
+    /// The cohort of the request that made the call: the call span's own cohort attribute, else
+    /// that of a request of the same trace in the same batch. Calls of a cohort are judged as
+    /// that cohort's call graph.
+    pub cohort: Option<String>,
 }
 
 /// An exception recorded on a span (an `exception` span event).
@@ -89,6 +93,9 @@ pub struct ExceptionObservation {
     /// The operation of the span that recorded it.
     pub operation: String,
     pub time: EventTime,
+    pub trace_id: TraceId,
+    /// The cohort of the request it happened in, found as a call's is.
+    pub cohort: Option<String>,
 }
 
 /// A metric series: the metric's name and a bounded, sorted set of its point attributes.

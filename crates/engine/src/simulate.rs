@@ -78,11 +78,9 @@ pub enum Fault {
     NewException(f64),
     /// Multiplies the canary's orders counter increments.
     Metric(f64),
-    /// The canary's requests of one cohort (by its index in `Service::cohorts`) fail with this
-    /// chance; its other requests are healthy.
-    CohortErrorRate(usize, f64),
-    /// The canary's requests of one cohort are this many times slower.
-    CohortLatencyFactor(usize, f64),
+    /// The fault, in the canary's requests of one cohort only (by its index in
+    /// `Service::cohorts`); its other requests are healthy.
+    InCohort(usize, &'static Fault),
 }
 
 /// How the app's load varies with event time: a multiplier of its mean request rate.
@@ -399,10 +397,21 @@ impl Iterator for Traffic<'_> {
             for _ in 0..n {
                 let time = t0 + rng.below(S);
                 let is_canary = canary_live && rng.unit() < service.canary_share;
-                let fault = if is_canary && faulty {
-                    service.fault
+                // Drawn only where there are cohorts, so that runs without them draw as always.
+                let cohort = if service.cohorts.is_empty() {
+                    None
                 } else {
-                    Fault::None
+                    let mut pick = rng.unit();
+                    service.cohorts.iter().position(|(_, share)| {
+                        pick -= share;
+                        pick < 0.0
+                    })
+                };
+                let fault = match service.fault {
+                    _ if !(is_canary && faulty) => Fault::None,
+                    Fault::InCohort(i, fault) if cohort == Some(i) => *fault,
+                    Fault::InCohort(..) => Fault::None,
+                    fault => fault,
                 };
                 let weight = |i: usize| match fault {
                     Fault::OpMix(f) if i == 0 => ops[i].weight * f,
@@ -416,30 +425,19 @@ impl Iterator for Traffic<'_> {
                 }
                 let operation = &ops[op];
                 let (spread, slowest) = service.latency.draw(rng);
-                // Drawn only where there are cohorts, so that runs without them draw as always.
-                let cohort = if service.cohorts.is_empty() {
-                    None
-                } else {
-                    let mut pick = rng.unit();
-                    service.cohorts.iter().position(|(_, share)| {
-                        pick -= share;
-                        pick < 0.0
-                    })
-                };
                 let mut latency = operation.median_ms * slower * spread;
                 match fault {
                     Fault::LatencyFactor(f) => latency *= f,
                     Fault::TailLatency(f) if slowest => latency *= f,
-                    Fault::CohortLatencyFactor(i, f) if cohort == Some(i) => latency *= f,
                     _ => {}
                 }
                 let error_p = match (fault, service.shared_error) {
                     (Fault::ErrorRate(p), _) => p,
-                    (Fault::CohortErrorRate(i, p), _) if cohort == Some(i) => p,
                     (_, Some(p)) if faulty => p,
                     _ => service.base_error,
                 };
                 let error = rng.unit() < error_p;
+                let cohort_name = cohort.map(|i| service.cohorts[i].0.clone());
                 let r = &mut resources[usize::from(is_canary)];
                 r.spans += 1;
                 r.saw(time);
@@ -450,7 +448,7 @@ impl Iterator for Traffic<'_> {
                     error,
                     trace_id: TraceId::default(),
                     span_id: SpanId::default(),
-                    cohort: cohort.map(|i| service.cohorts[i].0.clone()),
+                    cohort: cohort_name.clone(),
                 });
                 let call = |downstream: &str| CallObservation {
                     downstream: downstream.into(),
@@ -459,6 +457,7 @@ impl Iterator for Traffic<'_> {
                     duration_ns: 1_000_000,
                     error: false,
                     trace_id: TraceId::default(),
+                    cohort: cohort_name.clone(),
                 };
                 if !(fault == Fault::VanishedEdge && op == 0) {
                     for _ in 0..operation.calls {
@@ -475,6 +474,8 @@ impl Iterator for Traffic<'_> {
                         exception_type: "java.lang.NullPointerException".into(),
                         operation: operation.name.as_str().into(),
                         time,
+                        trace_id: TraceId::default(),
+                        cohort: cohort_name.clone(),
                     });
                 }
                 // Orders: placed by the third operation (the shop's POST /api/orders).

@@ -89,6 +89,12 @@ impl RequestAggregate {
         self.latency_ms.add(duration_ns as f64 / 1e6);
     }
 
+    /// One request, counted without its latency: an operation's share within a cohort.
+    pub fn count(&mut self, error: bool) {
+        self.requests += 1;
+        self.errors += u64::from(error);
+    }
+
     pub fn merge(&mut self, other: &RequestAggregate) {
         self.requests += other.requests;
         self.errors += other.errors;
@@ -197,8 +203,10 @@ impl MetricAggregate {
 pub struct Aggregate {
     pub all: RequestAggregate,
     pub operations: BTreeMap<String, RequestAggregate>,
-    /// Requests per cohort (the cohort attribute's value), for those that carry one.
-    pub cohorts: BTreeMap<String, RequestAggregate>,
+    /// What the requests of each cohort (the cohort attribute's value) did, for those that carry
+    /// one: their requests (`all`), their count per operation (`operations`, without latency),
+    /// and the calls and exceptions attributed to them. No logs, metrics or cohorts of its own.
+    pub cohorts: BTreeMap<String, Aggregate>,
     /// Calls and failed calls per downstream.
     pub calls: BTreeMap<String, (u64, u64)>,
     pub exceptions: BTreeMap<String, u64>,
@@ -219,7 +227,9 @@ impl Aggregate {
         let cohorts: usize = self
             .cohorts
             .iter()
-            .map(|(c, agg)| string_bytes(c) + request + agg.heap_bytes())
+            .map(|(c, agg)| {
+                string_bytes(c) + std::mem::size_of::<Aggregate>() + MAP_ENTRY_OVERHEAD + agg.heap_bytes()
+            })
             .sum();
         let keyed = |key: &str, value: usize| string_bytes(key) + value + MAP_ENTRY_OVERHEAD;
         let calls: usize = self

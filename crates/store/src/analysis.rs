@@ -5,7 +5,10 @@
 //! held `AnalysisRecordV2`, frozen as released; `analyses.3` holds `AnalysisRecord`, which adds
 //! where the analysis waits beyond its stage (a person's approval, an earlier environment of its
 //! promotion chain) and why it was failed on sight. The store moves `analyses.2` to `analyses.3`
-//! when it opens (`migrate_analyses`); older daemons never open either tree's successor.
+//! when it opens (`migrate::analyses_to_current`); older daemons never open either tree's
+//! successor. The sequential evidence is versioned the same way: `sequential.1` held
+//! `SequentialRecordV1`; `sequential.2` holds `SequentialRecord`, which adds each cohort's
+//! operation mix.
 //!
 //! Names the API shows (states, outcomes, check groups and tests) are stored as those names, and
 //! the analysis's model as the JSON of its model file's fields, so that neither a reordered enum
@@ -492,13 +495,59 @@ mod tests {
         assert_eq!(old.len(), 1);
         assert!(old.get(b"junk").expect("read").is_some());
     }
+
+    /// Evidence written by a build before cohorts had mixes (`sequential.1`) is moved to
+    /// `sequential.2` when the store opens, and read back with its analysis, whole: the tests go on
+    /// rather than start again (which would spend the false-failure budget twice).
+    #[test]
+    fn evidence_of_the_tree_before_cohort_mixes_is_moved_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut snapshot = analysis("shop");
+        snapshot.sequential.cohort_mix.clear();
+        {
+            let store = open(dir.path());
+            let mut state = EngineState::default();
+            state.judge.analyses = vec![snapshot.clone()];
+            store.write(&state).expect("write");
+            store.flush().expect("flush");
+            let db = &store.db;
+            let new = db.open_tree(crate::SEQUENTIAL).expect("tree");
+            let old = db.open_tree(crate::SEQUENTIAL_V1).expect("tree");
+            for item in new.iter() {
+                let (key, bytes) = item.expect("read");
+                let crate::Decoded::Record(r) = crate::decode::<SequentialRecord>(&bytes) else {
+                    panic!("a record of the current layout");
+                };
+                let v1 = SequentialRecordV1 {
+                    stable: r.stable,
+                    canary: r.canary,
+                    started_at: r.started_at,
+                    series: r.series,
+                    mix: r.mix,
+                    subjects: r.subjects,
+                    keyed: r.keyed,
+                    through: r.through,
+                    metrics_through: r.metrics_through,
+                };
+                old.insert(key.clone(), crate::encode(&v1)).expect("write");
+                new.remove(key).expect("remove");
+            }
+            old.insert(b"junk", vec![2u8, 0xff]).expect("write");
+            store.flush().expect("flush");
+        }
+        let store = open(dir.path());
+        let state = store.load().expect("load");
+        assert_eq!(state.judge.analyses, vec![snapshot]);
+        let old = store.db.open_tree(crate::SEQUENTIAL_V1).expect("tree");
+        assert_eq!(old.len(), 1, "only the record that does not decode is left");
+        assert_eq!(store.counters.records_skipped.get(), 1);
+    }
 }
 
-/// An analysis's sequential evidence (`judge::sequential`), in the `sequential.1` tree under the
-/// analysis's key, written with its record. It names the analysis it belongs to, so evidence is
-/// never taken up by another analysis of the same app.
+/// An analysis's sequential evidence as `sequential.1` held it, before cohorts had mixes of their
+/// own: frozen as released, moved to `sequential.2` at open.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SequentialRecord {
+pub struct SequentialRecordV1 {
     pub stable: String,
     pub canary: String,
     pub started_at: u64,
@@ -509,6 +558,66 @@ pub struct SequentialRecord {
     pub keyed: Vec<(String, String, u64)>,
     pub through: u64,
     pub metrics_through: u64,
+}
+
+impl From<SequentialRecordV1> for SequentialRecord {
+    /// The same evidence; no cohort had a mix of its own.
+    fn from(r: SequentialRecordV1) -> Self {
+        SequentialRecord {
+            stable: r.stable,
+            canary: r.canary,
+            started_at: r.started_at,
+            series: r.series,
+            mix: r.mix,
+            cohort_mix: Vec::new(),
+            subjects: r.subjects,
+            keyed: r.keyed,
+            through: r.through,
+            metrics_through: r.metrics_through,
+        }
+    }
+}
+
+/// An analysis's sequential evidence (`judge::sequential`), in the `sequential.2` tree under the
+/// analysis's key, written with its record. It names the analysis it belongs to, so evidence is
+/// never taken up by another analysis of the same app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SequentialRecord {
+    pub stable: String,
+    pub canary: String,
+    pub started_at: u64,
+    pub series: Vec<(CheckKeyRecord, ProcessRecord)>,
+    pub mix: MixRecord,
+    /// Cohort, rank, and its mix.
+    pub cohort_mix: Vec<(String, u64, MixRecord)>,
+    pub subjects: Vec<(String, u64)>,
+    /// Group name, subject, rank.
+    pub keyed: Vec<(String, String, u64)>,
+    pub through: u64,
+    pub metrics_through: u64,
+}
+
+/// An operation mix: each operation, its rank and its process.
+pub type MixRecord = Vec<(String, u64, ProcessRecord)>;
+
+/// A mix's processes as the record keeps them.
+fn mix_record(mix: &[(String, usize, ProcessState)]) -> MixRecord {
+    mix.iter()
+        .map(|(op, rank, p)| (op.clone(), *rank as u64, p.into()))
+        .collect()
+}
+
+/// A kept mix's processes, as the judge holds them.
+fn mix_state(
+    mix: &[(String, u64, ProcessRecord)],
+) -> Result<Vec<(String, usize, ProcessState)>, ConvertError> {
+    mix.iter()
+        .map(|(op, k, p)| Ok((op.clone(), rank(*k)?, p.into())))
+        .collect()
+}
+
+fn rank(k: u64) -> Result<usize, ConvertError> {
+    usize::try_from(k).map_err(|_| unknown("rank", &k.to_string()))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -563,10 +672,11 @@ impl SequentialRecord {
                 .iter()
                 .map(|((group, feature, test), p)| (key_record(*group, feature, *test), p.into()))
                 .collect(),
-            mix: q
-                .mix
+            mix: mix_record(&q.mix),
+            cohort_mix: q
+                .cohort_mix
                 .iter()
-                .map(|(op, rank, p)| (op.clone(), *rank as u64, p.into()))
+                .map(|(cohort, rank, mix)| (cohort.clone(), *rank as u64, mix_record(mix)))
                 .collect(),
             subjects: q.subjects.iter().map(|(op, k)| (op.clone(), *k as u64)).collect(),
             keyed: q
@@ -589,17 +699,17 @@ impl TryFrom<&SequentialRecord> for SequentialState {
     type Error = ConvertError;
 
     fn try_from(r: &SequentialRecord) -> Result<Self, ConvertError> {
-        let rank = |k: u64| usize::try_from(k).map_err(|_| unknown("rank", &k.to_string()));
         Ok(SequentialState {
             series: r
                 .series
                 .iter()
                 .map(|(key, p)| key_of(key).map(|series| (series, p.into())))
                 .collect::<Result<_, _>>()?,
-            mix: r
-                .mix
+            mix: mix_state(&r.mix)?,
+            cohort_mix: r
+                .cohort_mix
                 .iter()
-                .map(|(op, k, p)| Ok((op.clone(), rank(*k)?, p.into())))
+                .map(|(cohort, k, mix)| Ok((cohort.clone(), rank(*k)?, mix_state(mix)?)))
                 .collect::<Result<_, ConvertError>>()?,
             subjects: r
                 .subjects

@@ -10,7 +10,7 @@
 //! Trees of schema 2: `meta` (the schema), `clocks.2` (each app's event-time clock), `apps.2` (each
 //! app's catalog entry), `baselines.2` (each baseline's EWMA and current slot), `slots.2` (the
 //! seasonal hour-of-week summaries paged out of memory), `analyses.3` (each app's canary analysis:
-//! declared rollout, model, stage, verdict and its evidence; `analysis`), `sequential.1` (each
+//! declared rollout, model, stage, verdict and its evidence; `analysis`), `sequential.2` (each
 //! analysis's sequential evidence, under the analysis's key, naming the analysis it is of), keyed
 //! as `keys` says: a
 //! version's keys never collide with the app's or another version's. Every engine value is the
@@ -94,7 +94,10 @@ const ANALYSES: &str = "analyses.3";
 const ANALYSES_V2: &str = "analyses.2";
 /// Each analysis's sequential evidence, under the analysis's key (`analysis::SequentialRecord`):
 /// a tree of its own, so that the analyses' records keep their layout.
-const SEQUENTIAL: &str = "sequential.1";
+const SEQUENTIAL: &str = "sequential.2";
+/// The sequential evidence's tree before cohorts had mixes of their own, moved to `SEQUENTIAL` at
+/// open.
+const SEQUENTIAL_V1: &str = "sequential.1";
 
 /// The daemon's trees (their records are `daemon`'s, under `DAEMON_FORMAT`).
 const EVENTS: &str = "events";
@@ -378,6 +381,7 @@ impl<R: DaemonRecords> Store<R> {
         migrate::to_current(&db, &path, &counters)?;
         migrate::daemon_to_current(&db, &path, &counters)?;
         migrate::analyses_to_current(&db, &counters)?;
+        migrate::sequential_to_current(&db, &counters)?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Open {
                 path: path.clone(),

@@ -26,54 +26,71 @@ use std::path::Path;
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::{BaselineId, Scope};
 
-use crate::analysis::{AnalysisRecord, AnalysisRecordV2};
+use crate::analysis::{AnalysisRecord, AnalysisRecordV2, SequentialRecord, SequentialRecordV1};
 use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 use crate::v1::{self, BaselineKeyRecord, ScopeRecord};
 use crate::{
-    ANALYSES, ANALYSES_V2, APPS, BASELINES, CLOCKS, DELIVERY_TREES, Decoded, EVENT_TREES, SCHEMA, SLOTS,
-    SUBSCRIPTIONS, StoreCounters, StoreError, daemon, decode, encode, keys,
+    ANALYSES, ANALYSES_V2, APPS, BASELINES, CLOCKS, DELIVERY_TREES, Decoded, EVENT_TREES, SCHEMA, SEQUENTIAL,
+    SEQUENTIAL_V1, SLOTS, SUBSCRIPTIONS, StoreCounters, StoreError, daemon, decode, encode, keys,
 };
 
 const SCHEMA_KEY: &[u8] = b"schema";
 
 /// Moves `analyses.2`'s records to `analyses.3` (`analysis`), each converted from its frozen
-/// layout: written and flushed before the old ones are removed, so a move that stops half-way is
-/// made again whole at the next open (the old tree still holds every record). One that does not
-/// decode is counted, logged and left in `analyses.2`; one of a newer schema stops the open.
+/// layout (`move_tree`).
 pub(crate) fn analyses_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
-    let io = io("move analyses to analyses.3");
-    if !db
-        .tree_names()
-        .iter()
-        .any(|n| n.as_ref() == ANALYSES_V2.as_bytes())
-    {
+    move_tree::<AnalysisRecordV2, AnalysisRecord>(db, counters, ANALYSES_V2, ANALYSES)
+}
+
+/// Moves `sequential.1`'s evidence to `sequential.2` (`analysis::SequentialRecord`), each
+/// converted from its frozen layout (`move_tree`).
+pub(crate) fn sequential_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
+    move_tree::<SequentialRecordV1, SequentialRecord>(db, counters, SEQUENTIAL_V1, SEQUENTIAL)
+}
+
+/// Moves the records of tree `from` (layout `Old`) to tree `to` (layout `New`), under the same
+/// keys: written and flushed before the old ones are removed, so a move that stops half-way is
+/// made again whole at the next open (the old tree still holds every record). One that does not
+/// decode is counted, logged and left in `from`; one of a newer schema stops the open.
+fn move_tree<Old, New>(
+    db: &sled::Db,
+    counters: &StoreCounters,
+    from: &'static str,
+    to: &'static str,
+) -> Result<(), StoreError>
+where
+    Old: serde::de::DeserializeOwned,
+    New: serde::Serialize + From<Old>,
+{
+    let io = io("move a tree to its current layout");
+    if !db.tree_names().iter().any(|n| n.as_ref() == from.as_bytes()) {
         return Ok(());
     }
-    let old = db.open_tree(ANALYSES_V2).map_err(&io)?;
-    let new = db.open_tree(ANALYSES).map_err(&io)?;
+    let old = db.open_tree(from).map_err(&io)?;
+    let new = db.open_tree(to).map_err(&io)?;
     let mut batch = sled::Batch::default();
     let mut moved = Vec::new();
     for item in old.iter() {
         let (key, bytes) = item.map_err(&io)?;
-        match decode::<AnalysisRecordV2>(&bytes) {
+        match decode::<Old>(&bytes) {
             Decoded::Record(record) => {
-                batch.insert(key.clone(), encode(&AnalysisRecord::from(record)));
+                batch.insert(key.clone(), encode(&New::from(record)));
                 moved.push(key);
             }
             Decoded::Newer(found) => {
                 return Err(StoreError::NewerRecord {
-                    tree: ANALYSES_V2,
+                    tree: from,
                     found,
                     supported: SCHEMA,
                 });
             }
-            Decoded::Corrupt => not_migrated(counters, ANALYSES_V2, &key, "does not decode"),
+            Decoded::Corrupt => not_migrated(counters, from, &key, "does not decode"),
         }
     }
     new.apply_batch(batch).map_err(&io)?;
     db.flush().map_err(&io)?;
     Migrated {
-        trees: vec![(ANALYSES_V2, moved)],
+        trees: vec![(from, moved)],
     }
     .remove_from(db)
 }
@@ -154,7 +171,7 @@ impl Migrated {
 }
 
 fn not_migrated(counters: &StoreCounters, tree: &str, key: &[u8], why: &str) {
-    tracing::warn!(tree, key = ?key, why, "a format-1 record was not migrated");
+    tracing::warn!(tree, key = ?key, why, "a record of an older layout was not migrated");
     counters.records_skipped.inc();
 }
 

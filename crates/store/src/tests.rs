@@ -935,7 +935,7 @@ pub(crate) fn analysis(app: &str) -> AnalysisSnapshot {
 }
 
 /// Sequential evidence part way through an analysis: a one-sided series with a first and a later
-/// start, a two-sided operation of the mix, and ranks.
+/// start, a two-sided operation of the mix, a cohort's mix, and ranks.
 fn evidence(id: &canaryd_engine::judge::checks::CheckId) -> SequentialState {
     use canaryd_engine::judge::checks::Group;
     use canaryd_engine::judge::sequential::ProcessState;
@@ -954,6 +954,14 @@ fn evidence(id: &canaryd_engine::judge::checks::CheckId) -> SequentialState {
     SequentialState {
         series: vec![(id.series(), process(false))],
         mix: vec![("GET /".into(), 1, process(true))],
+        cohort_mix: vec![(
+            "beta".into(),
+            1,
+            vec![
+                ("GET /".into(), 1, process(true)),
+                ("POST /orders".into(), 2, process(true)),
+            ],
+        )],
         subjects: vec![("GET /".into(), 1), ("POST /orders".into(), 2)],
         keyed: vec![(Group::CallGraph, "db".into(), 1)],
         through: 250_000_000_000,

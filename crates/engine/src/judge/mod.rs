@@ -954,6 +954,7 @@ impl Analysis {
                 stable: &stable,
                 dispersion,
                 sequential: None,
+                cohort: None,
             };
             let mut out = Vec::new();
             checks::evaluate(model, &windows, &loose, &mut out);
@@ -1060,6 +1061,7 @@ impl Trailing {
             stable: &self.stable[i],
             dispersion: &self.dispersion,
             sequential: Some(&self.sequential),
+            cohort: None,
         }
     }
 

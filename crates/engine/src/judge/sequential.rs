@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test};
+use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test, cohort_subject};
 use super::history::History;
 use super::model::Model;
 use crate::catalog::OVERFLOW;
@@ -285,6 +285,26 @@ impl Spread {
             .max()
             .unwrap_or(0)
     }
+
+    /// Each subject, its rank and its process's state, by rank.
+    fn state(&self) -> MixState {
+        let mut state: MixState = self
+            .by_subject
+            .iter()
+            .map(|(subject, (rank, process))| (subject.clone(), *rank, process.state()))
+            .collect();
+        state.sort_by_key(|(_, rank, _)| *rank);
+        state
+    }
+
+    fn restored(state: &[(String, usize, ProcessState)]) -> Spread {
+        Spread {
+            by_subject: state
+                .iter()
+                .map(|(subject, rank, process)| (subject.clone(), (*rank, EProcess::restored(process))))
+                .collect(),
+        }
+    }
 }
 
 /// How long after a 10-second block ends its counter increments are taken: a point lands when
@@ -316,6 +336,9 @@ pub struct Sequential {
     by_series: HashMap<Series, EProcess>,
     /// The operation mix: one two-sided process per operation's share.
     mix: Spread,
+    /// Each cohort's operation mix, with the cohort's rank (in the order first judged), which
+    /// sets its share of the mix's budget.
+    cohort_mix: HashMap<String, (usize, Spread)>,
     /// Operations in the order they were first judged, which sets their share of the budget.
     subjects: HashMap<String, usize>,
     /// Downstreams, exception types and counter series, in the order each group first judged
@@ -425,15 +448,46 @@ impl Sequential {
 
     fn second(&mut self, model: &Model, at: EventTime, can: &Aggregate, st: &Aggregate, stable: &History) {
         self.requests(model, at, can, st, stable);
+        self.events(model, at, can, st, None);
+        // Each cohort's calls, exceptions and mix, against the reference its requests are
+        // compared with (`requests` has just learned whether the stable serves the cohort).
+        for (cohort, agg) in can.cohorts.iter().filter(|(c, _)| c.as_str() != OVERFLOW) {
+            let reference = match self.stable_cohorts.contains(cohort) {
+                true => st.cohorts.get(cohort),
+                false => Some(st),
+            };
+            if let Some(reference) = reference
+                && agg.all.requests > 0
+                && reference.all.requests > 0
+            {
+                self.events(model, at, agg, reference, Some(cohort));
+            }
+        }
+    }
+
+    /// The steps of one second's event counts (calls per downstream, exceptions per type, error
+    /// logs, requests per operation) of the app's requests, or of one cohort's.
+    fn events(
+        &mut self,
+        model: &Model,
+        at: EventTime,
+        can: &Aggregate,
+        st: &Aggregate,
+        cohort: Option<&str>,
+    ) {
         let c = &model.checks;
         let n = (can.all.requests as f64, st.all.requests as f64);
+        let subject = |s: &str| match cohort {
+            None => s.to_owned(),
+            Some(cohort) => cohort_subject(cohort, Some(s)),
+        };
         if c.call_graph.is_some() {
             let downstreams: BTreeSet<&String> = can.calls.keys().chain(st.calls.keys()).collect();
             for ds in downstreams {
                 let calls = |a: &Aggregate| a.calls.get(ds).map_or(0.0, |c| c.0 as f64);
                 let series = (
                     Group::CallGraph,
-                    feature_of("calls_per_request", Some(ds)),
+                    feature_of("calls_per_request", Some(&subject(ds))),
                     Test::PoissonRate,
                 );
                 let key = format!("call:{ds}");
@@ -454,7 +508,7 @@ impl Sequential {
                 let count = |a: &Aggregate| a.exceptions.get(ty).copied().unwrap_or(0) as f64;
                 let series = (
                     Group::Exceptions,
-                    feature_of("exception_rate", Some(ty)),
+                    feature_of("exception_rate", Some(&subject(ty))),
                     Test::PoissonRate,
                 );
                 let key = format!("exception:{ty}");
@@ -469,7 +523,7 @@ impl Sequential {
                 );
             }
         }
-        if c.error_logs.is_some() {
+        if c.error_logs.is_some() && cohort.is_none() {
             let series = (
                 Group::ErrorLogs,
                 feature_of("error_log_rate", None),
@@ -490,16 +544,25 @@ impl Sequential {
             // Each operation's requests among all requests: when both versions serve one mix,
             // the canary's share of an operation's requests in a second is a binomial draw with
             // its share of all requests, exactly (requests are routed one by one).
-            let series = (
-                Group::OperationMix,
-                feature_of("operation_share", None),
-                Test::ChiSquare,
-            );
-            let cap = self.step_cap(model, &series);
+            if let Some(cohort) = cohort
+                && !self.cohort_mix.contains_key(cohort)
+            {
+                let rank = self.cohort_mix.len() + 1;
+                self.cohort_mix
+                    .insert(cohort.to_owned(), (rank, Spread::default()));
+            }
+            let cap = self.step_cap(model, &mix_series(cohort));
+            let spread = match cohort {
+                None => &mut self.mix,
+                Some(cohort) => match self.cohort_mix.get_mut(cohort) {
+                    Some((_, spread)) => spread,
+                    None => return,
+                },
+            };
             let ops: BTreeSet<&String> = can.operations.keys().chain(st.operations.keys()).collect();
             for op in ops {
                 let requests = |a: &Aggregate| a.operations.get(op).map_or(0.0, |r| r.requests as f64);
-                if let Some(process) = self.mix.process(op, Sides::Both) {
+                if let Some(process) = spread.process(op, Sides::Both) {
                     process.observe(at, (requests(can), n.0), (requests(st), n.1), cap);
                 }
             }
@@ -565,17 +628,17 @@ impl Sequential {
                 let rank = self.subjects.len() + 1;
                 self.subjects.insert(name.clone(), rank);
             }
-            if st.cohorts.get(cohort).is_some_and(|s| s.requests > 0) {
+            if st.cohorts.get(cohort).is_some_and(|s| s.all.requests > 0) {
                 self.stable_cohorts.insert(cohort.clone());
             }
             if self.subjects.contains_key(&name) {
                 let served = self.stable_cohorts.contains(cohort);
                 let reference = match st.cohorts.get(cohort) {
                     _ if !served => &st.all,
-                    Some(r) => r,
+                    Some(r) => &r.all,
                     None => empty,
                 };
-                subjects.push((Some(Subject::Cohort(cohort.clone(), served)), agg, reference));
+                subjects.push((Some(Subject::Cohort(cohort.clone(), served)), &agg.all, reference));
             }
         }
         let reference = c.latency.as_ref().map(|_| stable.before(at, REFERENCE_S));
@@ -604,7 +667,9 @@ impl Sequential {
                 let past = match &subject {
                     None => &reference.all,
                     Some(Subject::Operation(op)) => reference.operations.get(op).unwrap_or(empty),
-                    Some(Subject::Cohort(cohort, true)) => reference.cohorts.get(cohort).unwrap_or(empty),
+                    Some(Subject::Cohort(cohort, true)) => {
+                        reference.cohorts.get(cohort).map_or(empty, |r| &r.all)
+                    }
                     Some(Subject::Cohort(_, false)) => &reference.all,
                 };
                 if past.requests < MIN_REFERENCE {
@@ -648,17 +713,18 @@ impl Sequential {
                 (series.clone(), evidence)
             })
             .collect();
-        if !self.mix.by_subject.is_empty() {
-            let series = (
-                Group::OperationMix,
-                feature_of("operation_share", None),
-                Test::ChiSquare,
-            );
+        let mixes = std::iter::once((None, &self.mix)).chain(
+            self.cohort_mix
+                .iter()
+                .map(|(c, (_, spread))| (Some(c.as_str()), spread)),
+        );
+        for (cohort, spread) in mixes.filter(|(_, spread)| !spread.by_subject.is_empty()) {
+            let series = mix_series(cohort);
             let evidence = Evidence {
-                e_value: self.mix.e_value(),
+                e_value: spread.e_value(),
                 needed: 1.0 / self.alpha(model, &series),
-                seconds: self.mix.seconds(),
-                canary_requests: self.mix.canary_requests(),
+                seconds: spread.seconds(),
+                canary_requests: spread.canary_requests(),
             };
             by_series.insert(series, evidence);
         }
@@ -693,6 +759,18 @@ impl Sequential {
             return 0.0;
         };
         let budget = model.decision.false_failure_rate * share(weight) / total;
+        if *group == Group::OperationMix {
+            // The app's mix, and once there are cohorts 60% to it and 40% to theirs, the `k`th
+            // cohort first judged getting `6 / (pi^2 k^2)` of that.
+            return match &feature.subject {
+                None if self.cohort_mix.is_empty() => budget,
+                None => budget * 0.6,
+                Some(subject) => subject
+                    .strip_prefix(COHORT_SUBJECT)
+                    .and_then(|cohort| self.cohort_mix.get(cohort))
+                    .map_or(0.0, |(k, _)| budget * 0.4 * by_rank(*k as u64)),
+            };
+        }
         // Cohorts are subjects of both groups whatever `per_operation` says.
         let cohorts = self.subjects.keys().any(|s| s.starts_with(COHORT_SUBJECT));
         let (per_operation, per_subject) = match group {
@@ -739,6 +817,9 @@ pub struct ProcessState {
     pub canary_requests: f64,
 }
 
+/// An operation mix as the store keeps it: each operation, its rank and its process.
+pub type MixState = Vec<(String, usize, ProcessState)>;
+
 /// The whole sequential evidence of one analysis as the store keeps it, so that a restart
 /// continues the same tests rather than starting new ones (which would spend the false-failure
 /// budget again).
@@ -746,7 +827,9 @@ pub struct ProcessState {
 pub struct SequentialState {
     pub series: Vec<(Series, ProcessState)>,
     /// The operation mix: each operation, its rank and its process.
-    pub mix: Vec<(String, usize, ProcessState)>,
+    pub mix: MixState,
+    /// Each cohort's operation mix: the cohort, its rank, and its mix as `mix` is kept.
+    pub cohort_mix: Vec<(String, usize, MixState)>,
     /// The operations' ranks (error ratio and latency).
     pub subjects: Vec<(String, usize)>,
     /// Downstreams', exception types' and counter series' ranks within their groups.
@@ -812,13 +895,13 @@ impl Sequential {
             .map(|(series, process)| (series.clone(), process.state()))
             .collect();
         series.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut mix: Vec<(String, usize, ProcessState)> = self
-            .mix
-            .by_subject
+        let mix = self.mix.state();
+        let mut cohort_mix: Vec<(String, usize, MixState)> = self
+            .cohort_mix
             .iter()
-            .map(|(op, (rank, process))| (op.clone(), *rank, process.state()))
+            .map(|(cohort, (rank, spread))| (cohort.clone(), *rank, spread.state()))
             .collect();
-        mix.sort_by_key(|(_, rank, _)| *rank);
+        cohort_mix.sort_by_key(|(_, rank, _)| *rank);
         let mut subjects: Vec<(String, usize)> = self.subjects.iter().map(|(s, k)| (s.clone(), *k)).collect();
         subjects.sort_by_key(|(_, k)| *k);
         let mut keyed: Vec<(Group, String, usize)> = self
@@ -830,6 +913,7 @@ impl Sequential {
         SequentialState {
             series,
             mix,
+            cohort_mix,
             subjects,
             keyed,
             through: self.through,
@@ -849,13 +933,12 @@ impl Sequential {
                 .iter()
                 .map(|(series, process)| (series.clone(), EProcess::restored(process)))
                 .collect(),
-            mix: Spread {
-                by_subject: state
-                    .mix
-                    .iter()
-                    .map(|(op, rank, process)| (op.clone(), (*rank, EProcess::restored(process))))
-                    .collect(),
-            },
+            mix: Spread::restored(&state.mix),
+            cohort_mix: state
+                .cohort_mix
+                .iter()
+                .map(|(cohort, rank, mix)| (cohort.clone(), (*rank, Spread::restored(mix))))
+                .collect(),
             subjects: state.subjects.iter().cloned().collect(),
             keyed: state
                 .keyed
@@ -875,6 +958,16 @@ impl Sequential {
 fn by_rank(k: u64) -> f64 {
     let k = k as f64;
     6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k)
+}
+
+/// The operation mix's series: the app's, or one cohort's.
+fn mix_series(cohort: Option<&str>) -> Series {
+    let subject = cohort.map(|c| cohort_subject(c, None));
+    (
+        Group::OperationMix,
+        feature_of("operation_share", subject.as_deref()),
+        Test::ChiSquare,
+    )
 }
 
 /// A feature as the checks name it.
@@ -1039,6 +1132,13 @@ mod tests {
             if let Some(p) = sequential.mix.process("GET /", Sides::Both) {
                 p.observe(at, (x_c, 10.0), (x_s, 90.0), 4.0);
             }
+            let (_, beta) = sequential
+                .cohort_mix
+                .entry("beta".into())
+                .or_insert_with(|| (1, Spread::default()));
+            if let Some(p) = beta.process("GET /", Sides::Both) {
+                p.observe(at, (x_c, 10.0), (x_s, 90.0), 4.0);
+            }
         };
         // Past the point where later starts begin to be dropped.
         for second in 0..1_200 {
@@ -1065,6 +1165,7 @@ mod tests {
         }
         assert_eq!(restored.state(), sequential.state());
         assert_eq!(e(&restored), e(&sequential));
+        assert!(e(&restored).iter().any(|(s, _)| *s == mix_series(Some("beta"))));
         assert!(
             e(&sequential).iter().any(|(_, v)| *v > 1.0),
             "{:?}",
@@ -1118,11 +1219,15 @@ mod tests {
             feature_of("error_log_rate", None),
             Test::PoissonRate,
         ));
-        series.push((
-            Group::OperationMix,
-            feature_of("operation_share", None),
-            Test::ChiSquare,
-        ));
+        series.push(mix_series(None));
+        // Cohorts' mixes share the mix's budget with the app's.
+        for k in 1..=subjects {
+            let cohort = format!("cohort-{k}");
+            sequential
+                .cohort_mix
+                .insert(cohort.clone(), (k, Spread::default()));
+            series.push(mix_series(Some(&cohort)));
+        }
         let spent: f64 = series.iter().map(|s| sequential.alpha(&model, s)).sum();
         let budget = model.decision.false_failure_rate;
         assert!(spent <= budget, "{spent} of {budget}");

@@ -633,6 +633,31 @@ pub struct Windows<'a> {
     /// window's significance instead, as the other checks are: what the windowed statistics'
     /// own tests look at.
     pub sequential: Option<&'a crate::judge::sequential::EvidenceBySeries>,
+    /// The cohort these windows are of, when they hold one cohort's requests (their checks' ids
+    /// then name it); `None` for the whole app's.
+    pub cohort: Option<&'a str>,
+}
+
+impl<'a> Windows<'a> {
+    /// Each cohort of the canary's requests (but `OVERFLOW`, those past the cap), with its
+    /// aggregate and what it is compared with: the stable's same cohort or, where the stable
+    /// served none of it (a cohort routed to the canary alone), the stable's whole traffic.
+    fn cohorts(&self) -> Vec<(&'a str, &'a Aggregate, &'a Aggregate)> {
+        let (canary, stable) = (self.canary, self.stable);
+        canary
+            .cohorts
+            .iter()
+            .filter(|(cohort, _)| cohort.as_str() != crate::catalog::OVERFLOW)
+            .map(|(cohort, can)| {
+                let reference = stable
+                    .cohorts
+                    .get(cohort)
+                    .filter(|s| s.all.requests > 0)
+                    .unwrap_or(stable);
+                (cohort.as_str(), can, reference)
+            })
+            .collect()
+    }
 }
 
 impl Windows<'_> {
@@ -649,8 +674,16 @@ impl Windows<'_> {
             .map(|by_series| by_series.get(&id.series()).copied().unwrap_or_default())
     }
 
-    /// The id of this horizon's check of `feature`.
+    /// The id of this horizon's check of `feature`; in a cohort's windows, its subject is the
+    /// cohort's (`cohort:beta`, `cohort:beta/payments`).
     fn id(&self, group: Group, feature: Feature, test: Test) -> CheckId {
+        let feature = match self.cohort {
+            None => feature,
+            Some(cohort) => Feature {
+                subject: Some(cohort_subject(cohort, feature.subject.as_deref())),
+                name: feature.name,
+            },
+        };
         CheckId {
             group,
             feature,
@@ -863,6 +896,27 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
         out.push(mix::operation_mix(m, d, w, t));
     }
     rates::evaluate(model, w, t, out);
+    // Each cohort's operation mix, call graph and exceptions, as the app's are judged (its error
+    // ratio and latency are subjects above). Logs and metrics carry no request's cohort.
+    if w.cohort.is_none() {
+        for (cohort, canary, stable) in w.cohorts() {
+            let view = Windows {
+                canary,
+                stable,
+                cohort: Some(cohort),
+                ..*w
+            };
+            let first = out.len();
+            if let Some(m) = &c.operation_mix {
+                out.push(mix::operation_mix(m, d, &view, t));
+            }
+            rates::evaluate(model, &view, t, out);
+            let subject = format!("{COHORT_SUBJECT}{cohort}");
+            for check in &mut out[first..] {
+                check.operation = Some(subject.clone());
+            }
+        }
+    }
 }
 
 /// An operation's requests (or the whole app's) in both versions' windows.
@@ -874,6 +928,15 @@ pub(crate) struct Subject<'a> {
 
 /// The prefix of a cohort's subject (`cohort:beta`), beside operations' names.
 pub const COHORT_SUBJECT: &str = "cohort:";
+
+/// The subject of a check of `cohort`: the cohort (`cohort:beta`, the operation mix), or the
+/// cohort's `subject` (`cohort:beta/payments`, a downstream or exception type of its requests).
+pub fn cohort_subject(cohort: &str, subject: Option<&str>) -> String {
+    match subject {
+        None => format!("{COHORT_SUBJECT}{cohort}"),
+        Some(subject) => format!("{COHORT_SUBJECT}{cohort}/{subject}"),
+    }
+}
 
 /// The whole app, then each operation the canary served when `per_operation`, then each cohort
 /// the canary's requests carry (`COHORT_SUBJECT` + its name): a version that fails only for one
@@ -898,21 +961,11 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
             canary: can,
             stable: w.stable.operations.get(op).unwrap_or(empty),
         });
-    let cohorts = w
-        .canary
-        .cohorts
-        .iter()
-        .filter(|(cohort, _)| cohort.as_str() != crate::catalog::OVERFLOW)
-        .map(|(cohort, can)| Subject {
-            operation: Some(format!("{COHORT_SUBJECT}{cohort}")),
-            canary: can,
-            stable: w
-                .stable
-                .cohorts
-                .get(cohort)
-                .filter(|s| s.requests > 0)
-                .unwrap_or(&w.stable.all),
-        });
+    let cohorts = w.cohorts().into_iter().map(|(cohort, can, st)| Subject {
+        operation: Some(format!("{COHORT_SUBJECT}{cohort}")),
+        canary: &can.all,
+        stable: &st.all,
+    });
     std::iter::once(app).chain(operations).chain(cohorts).collect()
 }
 

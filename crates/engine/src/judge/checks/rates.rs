@@ -47,6 +47,10 @@ pub(super) fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut
             out.push(growth(r, d, id, counts, w, t));
         }
     }
+    // A cohort's requests have no logs or metrics of their own: those are the app's.
+    if w.cohort.is_some() {
+        return;
+    }
     if let Some(r) = &c.error_logs {
         let counts = Counts::of(w, "error_logs", |a| a.error_logs as f64);
         let id = w.id(

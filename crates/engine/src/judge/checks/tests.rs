@@ -251,6 +251,7 @@ pub(crate) mod decision {
             stable,
             dispersion: &dispersion,
             sequential: None,
+            cohort: None,
         };
         let mut provisional = Vec::new();
         evaluate(model, &w, &Thresholds::provisional(), &mut provisional);
