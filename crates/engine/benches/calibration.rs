@@ -16,8 +16,9 @@
 //!
 //! `cargo bench -p canaryd-engine --bench calibration` runs it all, on every core:
 //! `CALIBRATION_SEEDS` (default 1,000 per A/A condition), `CALIBRATION_DETECT_SEEDS` (50),
-//! `CALIBRATION_ANOMALY_SEEDS` (20), `CALIBRATION_ONLY=<part of a condition's name>` to run some,
-//! and `CALIBRATION_VERBOSE=1` to print each false failure's checks and messages. An A/A run
+//! `CALIBRATION_ANOMALY_SEEDS` (20), `CALIBRATION_ONLY=<part of a condition's name>` to run some
+//! (several parts separated by `|`), `CALIBRATION_THREADS` to use fewer cores, and
+//! `CALIBRATION_VERBOSE=1` to print each false failure's checks and messages. An A/A run
 //! costs 0.5 to 1.5 s of one core (several times that with 40 operations), so the defaults take
 //! hours on two cores; BENCHMARKS.md says how many seeds each figure had. Under `cargo test` it
 //! is a smoke run: one seed of the 20 requests-a-second conditions, shortened.
@@ -80,7 +81,7 @@ fn main() {
             smoke: true,
         }
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = threads();
     println!(
         "calibration: {} A/A seeds per condition, {} detection seeds, {} stable-only seeds, {} threads",
         plan.seeds, plan.detect_seeds, plan.anomaly_seeds, threads
@@ -309,15 +310,28 @@ fn detection(plan: &Plan) {
     }
 }
 
+/// Whether condition `name` runs: every one, or those containing one of `CALIBRATION_ONLY`'s
+/// `|`-separated parts.
 fn selected(plan: &Plan, name: &str) -> bool {
-    plan.only.as_deref().is_none_or(|only| name.contains(only))
+    plan.only
+        .as_deref()
+        .is_none_or(|only| only.split('|').any(|part| name.contains(part)))
+}
+
+/// The threads the runs share: `CALIBRATION_THREADS`, else every core.
+fn threads() -> usize {
+    std::env::var("CALIBRATION_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// `f` of every seed in `0..seeds`, on every core, in the seeds' order.
 fn par_map<T: Send>(seeds: u64, f: impl Fn(u64) -> T + Sync) -> Vec<T> {
     let next = AtomicU64::new(0);
     let out = Mutex::new(Vec::with_capacity(seeds as usize));
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = threads();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {

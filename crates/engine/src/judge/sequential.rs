@@ -52,6 +52,12 @@ const KEPT_STARTS: usize = 32;
 const REFERENCE_S: u64 = 60;
 /// Stable requests the reference needs before a latency threshold is taken from it.
 const MIN_REFERENCE: u64 = 20;
+/// The part of the error ratio's and latency's budget that goes to operations and cohorts, when
+/// operations are judged (`per_operation`).
+const SUBJECTS_SHARE: f64 = 0.4;
+/// The part of a group's budget set aside for cohorts where nothing else is a subject (the
+/// operation mix, and the error ratio and latency without `per_operation`).
+const COHORTS_SHARE: f64 = 0.2;
 /// Operations judged sequentially, in the order they were first seen; any beyond are judged by
 /// the windowed tests alone (the catalog caps operations long before this).
 const MAX_SUBJECTS: usize = 1_000;
@@ -738,10 +744,12 @@ impl Sequential {
 
     /// `series`' share of the model's false-failure budget: split over the groups by weight
     /// (each group at least a sliver). Within the error ratio and latency groups 60% goes to the
-    /// app-wide checks and 40% to the operations, the `k`th operation first seen getting
-    /// `6 / (pi^2 k^2)` of that (so that any number of operations stays within it), and evenly
-    /// over a subject's quantiles; within the call graph, exceptions and counters the `k`th
-    /// downstream, type or series first seen gets `6 / (pi^2 k^2)` of its group's share.
+    /// app-wide checks and 40% to the operations and cohorts (without `per_operation`, 80% and
+    /// 20% to the cohorts), the `k`th subject first seen getting `6 / (pi^2 k^2)` of that (so
+    /// that any number of them stays within it), and evenly over a subject's quantiles; the
+    /// operation mix gives 80% to the app's and 20% to the cohorts', by rank; within the call
+    /// graph, exceptions and counters the `k`th downstream, type or series first seen (a
+    /// cohort's among them) gets `6 / (pi^2 k^2)` of its group's share.
     pub fn alpha(&self, model: &Model, (group, feature, _): &Series) -> f64 {
         let c = &model.checks;
         let share = |w: f64| w.max(0.0) + 1.0;
@@ -759,28 +767,17 @@ impl Sequential {
             return 0.0;
         };
         let budget = model.decision.false_failure_rate * share(weight) / total;
-        if *group == Group::OperationMix {
-            // The app's mix, and once there are cohorts 60% to it and 40% to theirs, the `k`th
-            // cohort first judged getting `6 / (pi^2 k^2)` of that.
-            return match &feature.subject {
-                None if self.cohort_mix.is_empty() => budget,
-                None => budget * 0.6,
-                Some(subject) => subject
-                    .strip_prefix(COHORT_SUBJECT)
-                    .and_then(|cohort| self.cohort_mix.get(cohort))
-                    .map_or(0.0, |(k, _)| budget * 0.4 * by_rank(*k as u64)),
-            };
-        }
-        // Cohorts are subjects of both groups whatever `per_operation` says.
-        let cohorts = self.subjects.keys().any(|s| s.starts_with(COHORT_SUBJECT));
+        // The split between a group's app-wide series and its subjects never changes during an
+        // analysis: a share taken from a series that has already gathered evidence would not
+        // lower the chance that it had crossed (Ville's bound holds for the largest share it
+        // ever had). Cohorts may first appear at any time, so their share is set aside from the
+        // start, used or not.
         let (per_operation, per_subject) = match group {
-            Group::Errors => (
-                c.error_ratio.as_ref().is_some_and(|e| e.per_operation) || cohorts,
-                1.0,
-            ),
+            Group::Errors => (c.error_ratio.as_ref().is_some_and(|e| e.per_operation), 1.0),
             Group::Latency => c.latency.as_ref().map_or((false, 1.0), |l| {
-                (l.per_operation || cohorts, l.quantiles.len().max(1) as f64)
+                (l.per_operation, l.quantiles.len().max(1) as f64)
             }),
+            Group::OperationMix => (false, 1.0),
             _ => {
                 return match &feature.subject {
                     None => budget,
@@ -793,12 +790,25 @@ impl Sequential {
                 };
             }
         };
+        // Operations and cohorts share the subjects' part, by rank; without operations the
+        // cohorts have a smaller one.
+        let (app_wide, subjects) = if per_operation {
+            (1.0 - SUBJECTS_SHARE, SUBJECTS_SHARE)
+        } else {
+            (1.0 - COHORTS_SHARE, COHORTS_SHARE)
+        };
+        let rank = |subject: &str| match group {
+            Group::OperationMix => subject
+                .strip_prefix(COHORT_SUBJECT)
+                .and_then(|cohort| self.cohort_mix.get(cohort))
+                .map(|(k, _)| *k),
+            _ => self.subjects.get(subject).copied(),
+        };
         match &feature.subject {
-            None if per_operation => budget * 0.6 / per_subject,
-            None => budget / per_subject,
-            Some(op) => {
-                let k = self.subjects.get(op).copied().unwrap_or(MAX_SUBJECTS) as u64;
-                budget * 0.4 * by_rank(k) / per_subject
+            None => budget * app_wide / per_subject,
+            // A subject past the cap has no place, and no share: it never fails.
+            Some(subject) => {
+                rank(subject).map_or(0.0, |k| budget * subjects * by_rank(k as u64) / per_subject)
             }
         }
     }
