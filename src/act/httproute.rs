@@ -345,12 +345,13 @@ pub fn is_retreat(route: &Route) -> bool {
     route.percent <= 0.0 && route.headers.is_empty() && route.users.is_empty()
 }
 
-/// The shape of a rule list canaryd compares: per rule, its header matches and its backends
-/// with weights, whatever defaults the API server filled in.
 /// One rule as compared: per match its header matches (type, name, value), then its backends
 /// (name, port, weight).
 type RuleShape = (Vec<Vec<(String, String, String)>>, Vec<(String, u64, u64)>);
 
+/// The shape of a rule list canaryd compares: per rule, its header matches and its backends
+/// with weights, whatever defaults the API server filled in (a header match's `Exact` type, a
+/// backend's weight of 1, its `group` and `kind`; header names compare without case).
 fn shape(rules: &Value) -> Vec<RuleShape> {
     let empty = Vec::new();
     rules

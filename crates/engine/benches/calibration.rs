@@ -5,9 +5,10 @@
 //! time, so nothing sleeps and every figure repeats from its seeds:
 //! - A/A: an identical canary for 15 minutes at 0.2, 2, 20 and 200 canary requests a second,
 //!   under a flat load, a daily cycle and an hourly cycle with latency following load (each seed
-//!   starts at another time of day or point in the hour), with heavy-tailed latency, and with 40
-//!   operations of Zipf-skewed shares. Reported: the analyses that failed (a false failure), with
-//!   a 95% upper bound, against the model's false-failure budget.
+//!   starts at another time of day or point in the hour), with heavy-tailed latency, with three
+//!   cohorts (each judged on its own too), and with 40 operations of Zipf-skewed shares.
+//!   Reported: the analyses that failed (a false failure), with a 95% upper bound, against the
+//!   model's false-failure budget.
 //! - Stable only: one version over two days under a daily cycle; every `anomaly.detected` is a
 //!   false alarm. Reported per app-day.
 //! - Detection: a canary bad from its first request (errors 2x and 5x a 1% stable rate; the slowest
@@ -138,6 +139,19 @@ fn a_a_conditions(analysis_s: u64) -> Vec<Condition> {
                 share: 0.03,
                 index: 1.5,
             };
+            s
+        }),
+    ));
+    // Cohorts (issue 19): every span check also runs per cohort, one of them thin.
+    conditions.push((
+        "3 cohorts, 20 canary req/s".into(),
+        Box::new(move |seed| {
+            let mut s = base(seed, 20.0, 0.1);
+            s.cohorts = vec![
+                ("beta".into(), 0.1),
+                ("gamma".into(), 0.3),
+                ("internal".into(), 0.01),
+            ];
             s
         }),
     ));
