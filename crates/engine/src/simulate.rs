@@ -206,6 +206,9 @@ pub struct Service {
     pub declared: bool,
     /// Cohorts and the share of requests (of both versions) each carries; the rest carry none.
     pub cohorts: Vec<(String, f64)>,
+    /// The cohort (by its index in `cohorts`) routed to the canary alone once it is live, as an
+    /// allow-list of users is; before, its requests reach the stable like any others.
+    pub canary_only_cohort: Option<usize>,
 }
 
 impl Service {
@@ -232,6 +235,7 @@ impl Service {
             batch_s: 5,
             declared: false,
             cohorts: Vec::new(),
+            canary_only_cohort: None,
         }
     }
 
@@ -407,6 +411,9 @@ impl Iterator for Traffic<'_> {
                         pick < 0.0
                     })
                 };
+                // An allow-listed cohort: all of it on the canary once it is live.
+                let is_canary =
+                    is_canary || (canary_live && cohort.is_some() && cohort == service.canary_only_cohort);
                 let fault = match service.fault {
                     _ if !(is_canary && faulty) => Fault::None,
                     Fault::InCohort(i, fault) if cohort == Some(i) => *fault,

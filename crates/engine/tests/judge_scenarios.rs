@@ -708,3 +708,30 @@ fn a_new_exception_in_one_cohort_is_named_by_that_cohort() {
         );
     }
 }
+
+/// An allow-listed cohort, routed to the canary alone, uses the app its own way (here three times
+/// as often the first operation, so it calls that operation's downstream more and the others'
+/// less): with no stable requests of the cohort there is nothing to compare its mix and calls
+/// with, and the app's whole traffic is no stand-in, so neither fails the canary.
+#[test]
+fn a_cohort_on_the_canary_alone_is_not_failed_for_using_the_app_its_own_way() {
+    for seed in 300..303 {
+        let service = Service {
+            canary_only_cohort: Some(0),
+            ..cohort_fault(seed, Fault::InCohort(0, &Fault::OpMix(3.0)))
+        };
+        let r = run(&service, model(long_stage()));
+        assert!(
+            r.failed_at().is_none(),
+            "seed {seed}: failed on {:?}",
+            r.failed_on
+        );
+        assert!(
+            !r.passing_checks
+                .iter()
+                .chain(&r.failing_checks)
+                .any(|c| c.contains("operation_share[cohort:beta]")),
+            "seed {seed}: the cohort's mix was judged"
+        );
+    }
+}

@@ -455,14 +455,14 @@ impl Sequential {
     fn second(&mut self, model: &Model, at: EventTime, can: &Aggregate, st: &Aggregate, stable: &History) {
         self.requests(model, at, can, st, stable);
         self.events(model, at, can, st, None);
-        // Each cohort's calls, exceptions and mix, against the reference its requests are
-        // compared with (`requests` has just learned whether the stable serves the cohort).
+        // Each cohort's calls, exceptions and mix, against the stable's same cohort once the
+        // stable has served it (`requests` has just learned whether it has): the app's whole
+        // traffic says nothing of what a cohort's mix and calls should be.
         for (cohort, agg) in can.cohorts.iter().filter(|(c, _)| c.as_str() != OVERFLOW) {
-            let reference = match self.stable_cohorts.contains(cohort) {
-                true => st.cohorts.get(cohort),
-                false => Some(st),
-            };
-            if let Some(reference) = reference
+            if !self.stable_cohorts.contains(cohort) {
+                continue;
+            }
+            if let Some(reference) = st.cohorts.get(cohort)
                 && agg.all.requests > 0
                 && reference.all.requests > 0
             {

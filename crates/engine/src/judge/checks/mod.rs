@@ -640,21 +640,17 @@ pub struct Windows<'a> {
 
 impl<'a> Windows<'a> {
     /// Each cohort of the canary's requests (but `OVERFLOW`, those past the cap), with its
-    /// aggregate and what it is compared with: the stable's same cohort or, where the stable
-    /// served none of it (a cohort routed to the canary alone), the stable's whole traffic.
-    fn cohorts(&self) -> Vec<(&'a str, &'a Aggregate, &'a Aggregate)> {
+    /// aggregate and the stable's of the same cohort, when the stable served any of it (not a
+    /// cohort routed to the canary alone).
+    fn cohorts(&self) -> Vec<(&'a str, &'a Aggregate, Option<&'a Aggregate>)> {
         let (canary, stable) = (self.canary, self.stable);
         canary
             .cohorts
             .iter()
             .filter(|(cohort, _)| cohort.as_str() != crate::catalog::OVERFLOW)
             .map(|(cohort, can)| {
-                let reference = stable
-                    .cohorts
-                    .get(cohort)
-                    .filter(|s| s.all.requests > 0)
-                    .unwrap_or(stable);
-                (cohort.as_str(), can, reference)
+                let same = stable.cohorts.get(cohort).filter(|s| s.all.requests > 0);
+                (cohort.as_str(), can, same)
             })
             .collect()
     }
@@ -897,9 +893,15 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
     }
     rates::evaluate(model, w, t, out);
     // Each cohort's operation mix, call graph and exceptions, as the app's are judged (its error
-    // ratio and latency are subjects above). Logs and metrics carry no request's cohort.
+    // ratio and latency are subjects above), against the stable's same cohort only: a cohort the
+    // stable does not serve (allow-listed users) uses the app its own way, and the app's mix and
+    // calls say nothing of what its mix and calls should be. Logs and metrics carry no request's
+    // cohort.
     if w.cohort.is_none() {
-        for (cohort, canary, stable) in w.cohorts() {
+        for (cohort, canary, same) in w.cohorts() {
+            let Some(stable) = same else {
+                continue;
+            };
             let view = Windows {
                 canary,
                 stable,
@@ -961,10 +963,10 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
             canary: can,
             stable: w.stable.operations.get(op).unwrap_or(empty),
         });
-    let cohorts = w.cohorts().into_iter().map(|(cohort, can, st)| Subject {
+    let cohorts = w.cohorts().into_iter().map(|(cohort, can, same)| Subject {
         operation: Some(format!("{COHORT_SUBJECT}{cohort}")),
         canary: &can.all,
-        stable: &st.all,
+        stable: &same.unwrap_or(w.stable).all,
     });
     std::iter::once(app).chain(operations).chain(cohorts).collect()
 }
