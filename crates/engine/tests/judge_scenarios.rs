@@ -709,10 +709,13 @@ fn a_new_exception_in_one_cohort_is_named_by_that_cohort() {
     }
 }
 
-/// An allow-listed cohort, routed to the canary alone, uses the app its own way (here three times
-/// as often the first operation, so it calls that operation's downstream more and the others'
-/// less): with no stable requests of the cohort there is nothing to compare its mix and calls
-/// with, and the app's whole traffic is no stand-in, so neither fails the canary.
+/// An allow-listed cohort, routed to the canary alone, uses the app its own way: here its
+/// requests go three times as often to the first operation (and call that operation's
+/// downstream more). With no stable requests of the cohort there is nothing to compare it with,
+/// and the app's whole traffic is no stand-in: no check of the cohort is made, and the canary
+/// does not fail. (A cohort that is slower by nature on the same operations is another matter:
+/// the canary's requests of those operations are then slower than the stable's, which no
+/// comparison can tell from a slower version.)
 #[test]
 fn a_cohort_on_the_canary_alone_is_not_failed_for_using_the_app_its_own_way() {
     for seed in 300..303 {
@@ -730,8 +733,8 @@ fn a_cohort_on_the_canary_alone_is_not_failed_for_using_the_app_its_own_way() {
             !r.passing_checks
                 .iter()
                 .chain(&r.failing_checks)
-                .any(|c| c.contains("operation_share[cohort:beta]")),
-            "seed {seed}: the cohort's mix was judged"
+                .any(|c| c.contains("cohort:beta")),
+            "seed {seed}: the cohort was judged on its own"
         );
     }
 }

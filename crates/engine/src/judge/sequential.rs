@@ -319,11 +319,10 @@ impl Spread {
 const METRIC_LAG_S: u64 = 70;
 const BLOCK: EventTime = 10 * SECOND;
 
-/// A part of the app's requests judged on its own: an operation, or a cohort (with whether the
-/// stable has served that cohort, which it is then compared with).
+/// A part of the app's requests judged on its own: an operation, or a cohort.
 enum Subject {
     Operation(String),
-    Cohort(String, bool),
+    Cohort(String),
 }
 
 impl Subject {
@@ -331,7 +330,7 @@ impl Subject {
     fn name(&self) -> String {
         match self {
             Subject::Operation(op) => op.clone(),
-            Subject::Cohort(cohort, _) => format!("{COHORT_SUBJECT}{cohort}"),
+            Subject::Cohort(cohort) => format!("{COHORT_SUBJECT}{cohort}"),
         }
     }
 }
@@ -354,8 +353,8 @@ pub struct Sequential {
     /// The stable's dispersion of each count, as of the last look: fixed before the seconds it
     /// scales are taken.
     dispersion: Dispersion,
-    /// The cohorts the stable has served so far (then a cohort is compared with the stable's
-    /// same cohort, not its whole traffic). Not stored: a restart learns them again.
+    /// The cohorts the stable has served so far: the cohorts judged, each against the stable's
+    /// same cohort. Not stored: a restart learns them again.
     stable_cohorts: BTreeSet<String>,
     /// The end of the last second taken.
     through: EventTime,
@@ -625,9 +624,9 @@ impl Sequential {
                 }
             }
         }
-        // Each cohort, against the stable's same cohort once the stable has served it (until
-        // then, and for a cohort routed to the canary alone, against the stable's whole traffic),
-        // as the windows' checks compare them.
+        // Each cohort, against the stable's same cohort once the stable has served it, as the
+        // windows' checks compare them; a cohort routed to the canary alone has nothing to be
+        // compared with (its own mix of operations makes the app's whole traffic no stand-in).
         for (cohort, agg) in can.cohorts.iter().filter(|(c, _)| c.as_str() != OVERFLOW) {
             let name = format!("{COHORT_SUBJECT}{cohort}");
             if !self.subjects.contains_key(&name) && self.subjects.len() < MAX_SUBJECTS {
@@ -637,14 +636,9 @@ impl Sequential {
             if st.cohorts.get(cohort).is_some_and(|s| s.all.requests > 0) {
                 self.stable_cohorts.insert(cohort.clone());
             }
-            if self.subjects.contains_key(&name) {
-                let served = self.stable_cohorts.contains(cohort);
-                let reference = match st.cohorts.get(cohort) {
-                    _ if !served => &st.all,
-                    Some(r) => &r.all,
-                    None => empty,
-                };
-                subjects.push((Some(Subject::Cohort(cohort.clone(), served)), &agg.all, reference));
+            if self.subjects.contains_key(&name) && self.stable_cohorts.contains(cohort) {
+                let reference = st.cohorts.get(cohort).map_or(empty, |r| &r.all);
+                subjects.push((Some(Subject::Cohort(cohort.clone())), &agg.all, reference));
             }
         }
         let reference = c.latency.as_ref().map(|_| stable.before(at, REFERENCE_S));
@@ -673,10 +667,7 @@ impl Sequential {
                 let past = match &subject {
                     None => &reference.all,
                     Some(Subject::Operation(op)) => reference.operations.get(op).unwrap_or(empty),
-                    Some(Subject::Cohort(cohort, true)) => {
-                        reference.cohorts.get(cohort).map_or(empty, |r| &r.all)
-                    }
-                    Some(Subject::Cohort(_, false)) => &reference.all,
+                    Some(Subject::Cohort(cohort)) => reference.cohorts.get(cohort).map_or(empty, |r| &r.all),
                 };
                 if past.requests < MIN_REFERENCE {
                     continue;

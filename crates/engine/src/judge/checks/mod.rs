@@ -639,18 +639,19 @@ pub struct Windows<'a> {
 }
 
 impl<'a> Windows<'a> {
-    /// Each cohort of the canary's requests (but `OVERFLOW`, those past the cap), with its
-    /// aggregate and the stable's of the same cohort, when the stable served any of it (not a
-    /// cohort routed to the canary alone).
-    fn cohorts(&self) -> Vec<(&'a str, &'a Aggregate, Option<&'a Aggregate>)> {
+    /// Each cohort of the canary's requests (but `OVERFLOW`, those past the cap) that the stable
+    /// served too, with the two versions' aggregates of it. A cohort routed to the canary alone
+    /// (allow-listed users) has nothing to be compared with: it uses the app its own way (an
+    /// internal team on the admin pages), so the stable's whole traffic is no stand-in.
+    fn cohorts(&self) -> Vec<(&'a str, &'a Aggregate, &'a Aggregate)> {
         let (canary, stable) = (self.canary, self.stable);
         canary
             .cohorts
             .iter()
             .filter(|(cohort, _)| cohort.as_str() != crate::catalog::OVERFLOW)
-            .map(|(cohort, can)| {
-                let same = stable.cohorts.get(cohort).filter(|s| s.all.requests > 0);
-                (cohort.as_str(), can, same)
+            .filter_map(|(cohort, can)| {
+                let same = stable.cohorts.get(cohort).filter(|s| s.all.requests > 0)?;
+                Some((cohort.as_str(), can, same))
             })
             .collect()
     }
@@ -893,15 +894,10 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
     }
     rates::evaluate(model, w, t, out);
     // Each cohort's operation mix, call graph and exceptions, as the app's are judged (its error
-    // ratio and latency are subjects above), against the stable's same cohort only: a cohort the
-    // stable does not serve (allow-listed users) uses the app its own way, and the app's mix and
-    // calls say nothing of what its mix and calls should be. Logs and metrics carry no request's
-    // cohort.
+    // ratio and latency are subjects above), against the stable's same cohort. Logs and metrics
+    // carry no request's cohort.
     if w.cohort.is_none() {
-        for (cohort, canary, same) in w.cohorts() {
-            let Some(stable) = same else {
-                continue;
-            };
+        for (cohort, canary, stable) in w.cohorts() {
             let view = Windows {
                 canary,
                 stable,
@@ -943,8 +939,7 @@ pub fn cohort_subject(cohort: &str, subject: Option<&str>) -> String {
 /// The whole app, then each operation the canary served when `per_operation`, then each cohort
 /// the canary's requests carry (`COHORT_SUBJECT` + its name): a version that fails only for one
 /// cohort is caught there, and named. A cohort is compared with the stable's requests of the same
-/// cohort or, where the stable served none of it (a cohort routed to the canary alone), with the
-/// stable's whole traffic. Requests past the cohort cap (`OVERFLOW`) are no cohort.
+/// cohort (`Windows::cohorts`). Requests past the cohort cap (`OVERFLOW`) are no cohort.
 fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
     static EMPTY: std::sync::OnceLock<RequestAggregate> = std::sync::OnceLock::new();
     let empty = EMPTY.get_or_init(RequestAggregate::default);
@@ -963,10 +958,10 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
             canary: can,
             stable: w.stable.operations.get(op).unwrap_or(empty),
         });
-    let cohorts = w.cohorts().into_iter().map(|(cohort, can, same)| Subject {
+    let cohorts = w.cohorts().into_iter().map(|(cohort, can, st)| Subject {
         operation: Some(format!("{COHORT_SUBJECT}{cohort}")),
         canary: &can.all,
-        stable: &same.unwrap_or(w.stable).all,
+        stable: &st.all,
     });
     std::iter::once(app).chain(operations).chain(cohorts).collect()
 }
