@@ -80,9 +80,9 @@ pub struct CallObservation {
     pub duration_ns: u64,
     pub error: bool,
     pub trace_id: TraceId,
-    /// The cohort of the request that made the call: the call span's own cohort attribute, else
-    /// that of a request of the same trace in the same batch. Calls of a cohort are judged as
-    /// that cohort's call graph.
+    /// The call span's own cohort attribute, if it has one. A call without one is counted for
+    /// the cohort of its trace's request in the same resource's observations, when there is
+    /// one (the engine links them); a cohort's calls are judged as its call graph.
     pub cohort: Option<String>,
 }
 
@@ -94,7 +94,8 @@ pub struct ExceptionObservation {
     pub operation: String,
     pub time: EventTime,
     pub trace_id: TraceId,
-    /// The cohort of the request it happened in, found as a call's is.
+    /// The span's own cohort attribute, if it has one; else the engine counts it for its
+    /// trace's request's, as a call's.
     pub cohort: Option<String>,
 }
 

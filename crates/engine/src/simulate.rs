@@ -261,6 +261,8 @@ pub struct Run {
     pub fault_onset: u64,
     pub failing_checks: Vec<String>,
     pub passing_checks: Vec<String>,
+    /// Every check's feature at the end, whatever its outcome.
+    pub judged: Vec<String>,
     /// The failing checks, with their messages, of the look that failed the canary.
     pub failed_on: Vec<String>,
 }
@@ -608,6 +610,10 @@ pub fn run(service: &Service, model: Model) -> Run {
     };
     Run {
         failing_checks: named(Outcome::Fail, false),
+        judged: view
+            .as_ref()
+            .map(|v| v.checks.iter().map(|c| c.feature.clone()).collect())
+            .unwrap_or_default(),
         passing_checks: named(Outcome::Pass, true),
         failed_on,
         changes,

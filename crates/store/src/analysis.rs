@@ -8,7 +8,11 @@
 //! when it opens (`migrate::analyses_to_current`); older daemons never open either tree's
 //! successor. The sequential evidence is versioned the same way: `sequential.1` held
 //! `SequentialRecordV1`; `sequential.2` holds `SequentialRecord`, which adds each cohort's
-//! operation mix.
+//! operation mix and whether the evidence is `legacy` (moved from `sequential.1`, so gathered
+//! under the budget's split before cohorts had shares of their own, which it keeps). A build
+//! older than `sequential.2` finds no evidence for an analysis in flight and starts its tests
+//! again, spending its false-failure budget a second time: going back a version mid-analysis is
+//! not supported.
 //!
 //! Names the API shows (states, outcomes, check groups and tests) are stored as those names, and
 //! the analysis's model as the JSON of its model file's fields, so that neither a reordered enum
@@ -537,6 +541,8 @@ mod tests {
         }
         let store = open(dir.path());
         let state = store.load().expect("load");
+        // Marked legacy: it goes on under the budget's split it was gathered under.
+        snapshot.sequential.legacy = true;
         assert_eq!(state.judge.analyses, vec![snapshot]);
         let old = store.db.open_tree(crate::SEQUENTIAL_V1).expect("tree");
         assert_eq!(old.len(), 1, "only the record that does not decode is left");
@@ -561,7 +567,8 @@ pub struct SequentialRecordV1 {
 }
 
 impl From<SequentialRecordV1> for SequentialRecord {
-    /// The same evidence; no cohort had a mix of its own.
+    /// The same evidence, marked as gathered under the split it goes on under; no cohort had a
+    /// mix of its own.
     fn from(r: SequentialRecordV1) -> Self {
         SequentialRecord {
             stable: r.stable,
@@ -574,6 +581,7 @@ impl From<SequentialRecordV1> for SequentialRecord {
             keyed: r.keyed,
             through: r.through,
             metrics_through: r.metrics_through,
+            legacy: true,
         }
     }
 }
@@ -595,6 +603,9 @@ pub struct SequentialRecord {
     pub keyed: Vec<(String, String, u64)>,
     pub through: u64,
     pub metrics_through: u64,
+    /// Gathered under the budget's split before cohorts had shares of their own (moved from
+    /// `sequential.1`): it goes on under that split.
+    pub legacy: bool,
 }
 
 /// An operation mix: each operation, its rank and its process.
@@ -686,6 +697,7 @@ impl SequentialRecord {
                 .collect(),
             through: q.through,
             metrics_through: q.metrics_through,
+            legacy: q.legacy,
         }
     }
 
@@ -726,6 +738,7 @@ impl TryFrom<&SequentialRecord> for SequentialState {
                 .collect::<Result<_, ConvertError>>()?,
             through: r.through,
             metrics_through: r.metrics_through,
+            legacy: r.legacy,
         })
     }
 }

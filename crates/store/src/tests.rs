@@ -966,6 +966,7 @@ fn evidence(id: &canaryd_engine::judge::checks::CheckId) -> SequentialState {
         keyed: vec![(Group::CallGraph, "db".into(), 1)],
         through: 250_000_000_000,
         metrics_through: 170_000_000_000,
+        legacy: false,
     }
 }
 

@@ -52,12 +52,13 @@ const KEPT_STARTS: usize = 32;
 const REFERENCE_S: u64 = 60;
 /// Stable requests the reference needs before a latency threshold is taken from it.
 const MIN_REFERENCE: u64 = 20;
-/// The part of the error ratio's and latency's budget that goes to operations and cohorts, when
-/// operations are judged (`per_operation`).
-const SUBJECTS_SHARE: f64 = 0.4;
-/// The part of a group's budget set aside for cohorts where nothing else is a subject (the
-/// operation mix, and the error ratio and latency without `per_operation`).
-const COHORTS_SHARE: f64 = 0.2;
+/// The part of the error ratio's and latency's budget that goes to the operations, when they are
+/// judged (`per_operation`).
+const OPERATIONS_SHARE: f64 = 0.3;
+/// The part of each group's budget set aside for cohorts (the error ratio, latency, operation
+/// mix, call graph and exceptions), whether or not any appears, so that no series' share
+/// changes when one does.
+const COHORTS_SHARE: f64 = 0.1;
 /// Operations judged sequentially, in the order they were first seen; any beyond are judged by
 /// the windowed tests alone (the catalog caps operations long before this).
 const MAX_SUBJECTS: usize = 1_000;
@@ -330,7 +331,7 @@ impl Subject {
     fn name(&self) -> String {
         match self {
             Subject::Operation(op) => op.clone(),
-            Subject::Cohort(cohort) => format!("{COHORT_SUBJECT}{cohort}"),
+            Subject::Cohort(cohort) => cohort_subject(cohort, None),
         }
     }
 }
@@ -344,12 +345,18 @@ pub struct Sequential {
     /// Each cohort's operation mix, with the cohort's rank (in the order first judged), which
     /// sets its share of the mix's budget.
     cohort_mix: HashMap<String, (usize, Spread)>,
-    /// Operations in the order they were first judged, which sets their share of the budget.
+    /// Operations and cohorts (`cohort:beta`), each with its rank among those of its kind in the
+    /// order first judged, which sets its share of the budget.
     subjects: HashMap<String, usize>,
-    /// Downstreams, exception types and counter series, in the order each group first judged
-    /// them, and how many each group has.
+    /// Downstreams, exception types and counter series (a cohort's among them), each with its
+    /// rank among those of its group and kind (the app's, or cohorts') in the order first
+    /// judged; and how many each group and kind has.
     keyed: HashMap<(Group, String), usize>,
-    keyed_counts: HashMap<Group, usize>,
+    keyed_counts: HashMap<(Group, bool), usize>,
+    /// Evidence gathered under the budget's split before cohorts had shares of their own (a
+    /// store record of `sequential.1`): it goes on under that split, cohorts judged by nothing
+    /// but the app's and operations' series, so that no series' share changes mid-analysis.
+    legacy: bool,
     /// The stable's dispersion of each count, as of the last look: fixed before the seconds it
     /// scales are taken.
     dispersion: Dispersion,
@@ -442,7 +449,7 @@ impl Sequential {
         if self.keyed.contains_key(&key) {
             return true;
         }
-        let count = self.keyed_counts.entry(*group).or_default();
+        let count = self.keyed_counts.entry((*group, is_cohort(subject))).or_default();
         if *count >= MAX_SUBJECTS {
             return false;
         }
@@ -451,9 +458,29 @@ impl Sequential {
         true
     }
 
+    /// Gives an operation or cohort (`cohort:beta`) its rank among those of its kind, when it has
+    /// none yet and its kind is under the cap; whether it has one.
+    fn rank_subject(&mut self, subject: &str) -> bool {
+        if self.subjects.contains_key(subject) {
+            return true;
+        }
+        let cohort = is_cohort(subject);
+        let count = self.subjects.keys().filter(|s| is_cohort(s) == cohort).count();
+        if count >= MAX_SUBJECTS {
+            return false;
+        }
+        // Legacy evidence ranked both kinds together; its ranks go on so, never repeated.
+        let rank = if self.legacy { self.subjects.len() } else { count } + 1;
+        self.subjects.insert(subject.to_owned(), rank);
+        true
+    }
+
     fn second(&mut self, model: &Model, at: EventTime, can: &Aggregate, st: &Aggregate, stable: &History) {
         self.requests(model, at, can, st, stable);
         self.events(model, at, can, st, None);
+        if self.legacy {
+            return;
+        }
         // Each cohort's calls, exceptions and mix, against the stable's same cohort once the
         // stable has served it (`requests` has just learned whether it has): the app's whole
         // traffic says nothing of what a cohort's mix and calls should be.
@@ -551,6 +578,7 @@ impl Sequential {
             // its share of all requests, exactly (requests are routed one by one).
             if let Some(cohort) = cohort
                 && !self.cohort_mix.contains_key(cohort)
+                && self.cohort_mix.len() < MAX_SUBJECTS
             {
                 let rank = self.cohort_mix.len() + 1;
                 self.cohort_mix
@@ -614,11 +642,7 @@ impl Sequential {
             vec![(None, &can.all, &st.all)];
         if per_operation {
             for (op, agg) in &can.operations {
-                if !self.subjects.contains_key(op) && self.subjects.len() < MAX_SUBJECTS {
-                    let rank = self.subjects.len() + 1;
-                    self.subjects.insert(op.clone(), rank);
-                }
-                if self.subjects.contains_key(op) {
+                if self.rank_subject(op) {
                     let subject = Subject::Operation(op.clone());
                     subjects.push((Some(subject), agg, st.operations.get(op).unwrap_or(empty)));
                 }
@@ -627,16 +651,18 @@ impl Sequential {
         // Each cohort, against the stable's same cohort once the stable has served it, as the
         // windows' checks compare them; a cohort routed to the canary alone has nothing to be
         // compared with (its own mix of operations makes the app's whole traffic no stand-in).
-        for (cohort, agg) in can.cohorts.iter().filter(|(c, _)| c.as_str() != OVERFLOW) {
-            let name = format!("{COHORT_SUBJECT}{cohort}");
-            if !self.subjects.contains_key(&name) && self.subjects.len() < MAX_SUBJECTS {
-                let rank = self.subjects.len() + 1;
-                self.subjects.insert(name.clone(), rank);
-            }
+        let legacy = self.legacy;
+        let cohorts = can
+            .cohorts
+            .iter()
+            .filter(|(c, _)| c.as_str() != OVERFLOW && !legacy);
+        for (cohort, agg) in cohorts {
+            let name = cohort_subject(cohort, None);
+            let ranked = self.rank_subject(&name);
             if st.cohorts.get(cohort).is_some_and(|s| s.all.requests > 0) {
                 self.stable_cohorts.insert(cohort.clone());
             }
-            if self.subjects.contains_key(&name) && self.stable_cohorts.contains(cohort) {
+            if ranked && self.stable_cohorts.contains(cohort) {
                 let reference = st.cohorts.get(cohort).map_or(empty, |r| &r.all);
                 subjects.push((Some(Subject::Cohort(cohort.clone())), &agg.all, reference));
             }
@@ -762,46 +788,63 @@ impl Sequential {
         // analysis: a share taken from a series that has already gathered evidence would not
         // lower the chance that it had crossed (Ville's bound holds for the largest share it
         // ever had). Cohorts may first appear at any time, so their share is set aside from the
-        // start, used or not.
+        // start, used or not; legacy evidence keeps the split it was gathered under, in which
+        // cohorts had none.
+        let cohorts = if self.legacy { 0.0 } else { COHORTS_SHARE };
         let (per_operation, per_subject) = match group {
             Group::Errors => (c.error_ratio.as_ref().is_some_and(|e| e.per_operation), 1.0),
             Group::Latency => c.latency.as_ref().map_or((false, 1.0), |l| {
                 (l.per_operation, l.quantiles.len().max(1) as f64)
             }),
             Group::OperationMix => (false, 1.0),
+            Group::CallGraph | Group::Exceptions => {
+                // The app's downstreams or types, and the cohorts' (`cohort:beta/payments`),
+                // each ranked among its own kind.
+                return match &feature.subject {
+                    None => budget,
+                    // A subject past the cap has no place, and no share: it never fails.
+                    Some(subject) => self.keyed.get(&(*group, subject.clone())).map_or(0.0, |k| {
+                        let part = if is_cohort(subject) {
+                            cohorts
+                        } else {
+                            1.0 - cohorts
+                        };
+                        budget * part * by_rank(*k as u64)
+                    }),
+                };
+            }
             _ => {
                 return match &feature.subject {
                     None => budget,
-                    Some(subject) => {
-                        // A subject past the cap has no place, and no share: it never fails.
-                        self.keyed
-                            .get(&(*group, subject.clone()))
-                            .map_or(0.0, |k| budget * by_rank(*k as u64))
-                    }
+                    Some(subject) => self
+                        .keyed
+                        .get(&(*group, subject.clone()))
+                        .map_or(0.0, |k| budget * by_rank(*k as u64)),
                 };
             }
         };
-        // Operations and cohorts share the subjects' part, by rank; without operations the
-        // cohorts have a smaller one.
-        let (app_wide, subjects) = if per_operation {
-            (1.0 - SUBJECTS_SHARE, SUBJECTS_SHARE)
-        } else {
-            (1.0 - COHORTS_SHARE, COHORTS_SHARE)
+        // The app-wide series, the operations (legacy: `OPERATIONS_SHARE` and `COHORTS_SHARE`
+        // together, as they were) and the cohorts, each subject by its rank among its kind.
+        let operations = match (per_operation, self.legacy) {
+            (false, _) => 0.0,
+            (true, false) => OPERATIONS_SHARE,
+            (true, true) => OPERATIONS_SHARE + COHORTS_SHARE,
         };
-        let rank = |subject: &str| match group {
-            Group::OperationMix => subject
-                .strip_prefix(COHORT_SUBJECT)
-                .and_then(|cohort| self.cohort_mix.get(cohort))
-                .map(|(k, _)| *k),
-            _ => self.subjects.get(subject).copied(),
+        let app_wide = 1.0 - operations - cohorts;
+        let (part, rank) = match &feature.subject {
+            None => return budget * app_wide / per_subject,
+            Some(subject) if *group == Group::OperationMix => (
+                cohorts,
+                self.cohort_mix
+                    .iter()
+                    .find(|(cohort, _)| cohort_subject(cohort, None) == *subject)
+                    .map(|(_, (k, _))| *k),
+            ),
+            Some(subject) if is_cohort(subject) => (cohorts, self.subjects.get(subject).copied()),
+            Some(op) => (operations, self.subjects.get(op).copied()),
         };
-        match &feature.subject {
-            None => budget * app_wide / per_subject,
-            // A subject past the cap has no place, and no share: it never fails.
-            Some(subject) => {
-                rank(subject).map_or(0.0, |k| budget * subjects * by_rank(k as u64) / per_subject)
-            }
-        }
+        // A subject past the cap has no place, and no share: it never fails.
+        rank.map_or(0.0, |k| budget * part * by_rank(k as u64) / per_subject)
     }
 }
 
@@ -837,6 +880,8 @@ pub struct SequentialState {
     pub keyed: Vec<(Group, String, usize)>,
     pub through: EventTime,
     pub metrics_through: EventTime,
+    /// Gathered under the budget's split before cohorts had shares of their own.
+    pub legacy: bool,
 }
 
 impl EProcess {
@@ -919,14 +964,15 @@ impl Sequential {
             keyed,
             through: self.through,
             metrics_through: self.metrics_through,
+            legacy: self.legacy,
         }
     }
 
     /// The evidence as the store kept it (the dispersion is measured again at the next look).
     pub fn restored(state: &SequentialState) -> Sequential {
-        let mut keyed_counts: HashMap<Group, usize> = HashMap::new();
-        for (group, _, _) in &state.keyed {
-            *keyed_counts.entry(*group).or_default() += 1;
+        let mut keyed_counts: HashMap<(Group, bool), usize> = HashMap::new();
+        for (group, subject, _) in &state.keyed {
+            *keyed_counts.entry((*group, is_cohort(subject))).or_default() += 1;
         }
         Sequential {
             by_series: state
@@ -947,6 +993,7 @@ impl Sequential {
                 .map(|(group, subject, k)| ((*group, subject.clone()), *k))
                 .collect(),
             keyed_counts,
+            legacy: state.legacy,
             dispersion: Dispersion::default(),
             stable_cohorts: BTreeSet::new(),
             through: state.through,
@@ -959,6 +1006,11 @@ impl Sequential {
 fn by_rank(k: u64) -> f64 {
     let k = k as f64;
     6.0 / (std::f64::consts::PI * std::f64::consts::PI * k * k)
+}
+
+/// Whether a check's subject is a cohort's (`cohort:beta`, `cohort:beta/payments`).
+fn is_cohort(subject: &str) -> bool {
+    subject.starts_with(COHORT_SUBJECT)
 }
 
 /// The operation mix's series: the app's, or one cohort's.
@@ -1184,15 +1236,65 @@ mod tests {
     /// `false_failure_rate`: the chance that a healthy canary is failed on anything.
     #[test]
     fn every_series_together_spends_at_most_the_false_failure_rate() {
-        let model = every_check();
-        let mut sequential = Sequential::default();
-        let subjects = 300;
-        let mut series: Vec<Series> = Vec::new();
+        for (per_operation, legacy) in [(true, false), (false, false), (true, true), (false, true)] {
+            let mut model = every_check();
+            if let Some(e) = &mut model.checks.error_ratio {
+                e.per_operation = per_operation;
+            }
+            if let Some(l) = &mut model.checks.latency {
+                l.per_operation = per_operation;
+            }
+            let sequential = Sequential {
+                legacy,
+                ..Sequential::default()
+            };
+            let (mut sequential, series) = with_every_series(sequential, &model, 300);
+            let spent: f64 = series.iter().map(|s| sequential.alpha(&model, s)).sum();
+            let budget = model.decision.false_failure_rate;
+            let case = format!("per_operation {per_operation}, legacy {legacy}");
+            assert!(spent <= budget, "{case}: {spent} of {budget}");
+            assert!(
+                spent > 0.9 * budget,
+                "{case}: most of it is spent: {spent} of {budget}"
+            );
+            // A subject past the cap has no place and no share.
+            let past = (
+                Group::CallGraph,
+                feature_of("rate", Some("unranked")),
+                Test::PoissonRate,
+            );
+            assert_eq!(sequential.alpha(&model, &past), 0.0);
+            // Legacy evidence gives cohorts nothing, and ranks both kinds together.
+            let cohort = (
+                Group::Errors,
+                feature_of("error_ratio", Some("cohort:c-1")),
+                Test::FisherExact,
+            );
+            assert_eq!(sequential.alpha(&model, &cohort) == 0.0, legacy, "{case}");
+            assert!(sequential.rank_subject("new-op"));
+            let ranks: BTreeSet<usize> = sequential.subjects.values().copied().collect();
+            if legacy {
+                assert_eq!(ranks.len(), sequential.subjects.len(), "{case}: a rank repeated");
+            }
+        }
+    }
+
+    /// Every kind of series, `n` of each keyed kind: app-wide, operations (with
+    /// `per_operation`), cohorts, their downstreams, exception types and mixes, and counters.
+    fn with_every_series(mut sequential: Sequential, model: &Model, n: usize) -> (Sequential, Vec<Series>) {
         let quantiles = model.checks.latency.as_ref().map_or(0, |l| l.quantiles.len());
-        for k in 0..=subjects {
-            let subject = (k > 0).then(|| format!("subject-{k}"));
-            if let Some(op) = &subject {
-                sequential.subjects.insert(op.clone(), k);
+        let per_operation = model.checks.error_ratio.as_ref().is_some_and(|e| e.per_operation);
+        let mut series: Vec<Series> = Vec::new();
+        let mut subjects: Vec<Option<String>> = vec![None];
+        for k in 1..=n {
+            if per_operation {
+                subjects.push(Some(format!("op-{k}")));
+            }
+            subjects.push(Some(cohort_subject(&format!("c-{k}"), None)));
+        }
+        for subject in &subjects {
+            if let Some(s) = subject {
+                assert!(sequential.rank_subject(s));
             }
             series.push((
                 Group::Errors,
@@ -1200,20 +1302,31 @@ mod tests {
                 Test::FisherExact,
             ));
             for q in 0..quantiles {
-                let name = format!("latency_q{q}");
                 series.push((
                     Group::Latency,
-                    feature_of(&name, subject.as_deref()),
+                    feature_of(&format!("latency_q{q}"), subject.as_deref()),
                     Test::Exceedance,
                 ));
             }
-            if let Some(s) = &subject {
-                for group in [Group::CallGraph, Group::Exceptions, Group::Metrics] {
+        }
+        for k in 1..=n {
+            let app = format!("ds-{k}");
+            let cohort = cohort_subject("c-1", Some(&app));
+            for group in [Group::CallGraph, Group::Exceptions] {
+                for s in [&app, &cohort] {
                     let keyed = (group, feature_of("rate", Some(s)), Test::PoissonRate);
                     assert!(sequential.rank(&keyed));
                     series.push(keyed);
                 }
             }
+            let counter = (Group::Metrics, feature_of("rate", Some(&app)), Test::PoissonRate);
+            assert!(sequential.rank(&counter));
+            series.push(counter);
+            let cohort = format!("c-{k}");
+            sequential
+                .cohort_mix
+                .insert(cohort.clone(), (k, Spread::default()));
+            series.push(mix_series(Some(&cohort)));
         }
         series.push((
             Group::ErrorLogs,
@@ -1221,25 +1334,63 @@ mod tests {
             Test::PoissonRate,
         ));
         series.push(mix_series(None));
-        // Cohorts' mixes share the mix's budget with the app's.
-        for k in 1..=subjects {
-            let cohort = format!("cohort-{k}");
-            sequential
-                .cohort_mix
-                .insert(cohort.clone(), (k, Spread::default()));
-            series.push(mix_series(Some(&cohort)));
+        (sequential, series)
+    }
+
+    /// No series' share changes when cohorts appear mid-analysis (a share lowered after evidence
+    /// has gathered would not lower the chance it had crossed), nor do the app's downstreams
+    /// and types lose rank to cohorts'.
+    #[test]
+    fn a_cohort_appearing_changes_no_other_series_share() {
+        for per_operation in [true, false] {
+            let mut model = every_check();
+            if let Some(e) = &mut model.checks.error_ratio {
+                e.per_operation = per_operation;
+            }
+            let app_series = [
+                (Group::Errors, feature_of("error_ratio", None), Test::FisherExact),
+                (
+                    Group::Errors,
+                    feature_of("error_ratio", Some("GET /")),
+                    Test::FisherExact,
+                ),
+                mix_series(None),
+                (
+                    Group::CallGraph,
+                    feature_of("calls_per_request", Some("db")),
+                    Test::PoissonRate,
+                ),
+                (
+                    Group::CallGraph,
+                    feature_of("calls_per_request", Some("cache")),
+                    Test::PoissonRate,
+                ),
+            ];
+            let mut before = Sequential::default();
+            before.rank_subject("GET /");
+            before.rank(&app_series[3]);
+            let mut after = before.clone();
+            // Cohorts come, with their own downstreams, and then the app's second downstream.
+            after.rank_subject(&cohort_subject("beta", None));
+            after.cohort_mix.insert("beta".into(), (1, Spread::default()));
+            for ds in ["db", "search", "queue"] {
+                let cohort = cohort_subject("beta", Some(ds));
+                after.rank(&(
+                    Group::CallGraph,
+                    feature_of("calls_per_request", Some(&cohort)),
+                    Test::PoissonRate,
+                ));
+            }
+            before.rank(&app_series[4]);
+            after.rank(&app_series[4]);
+            for series in &app_series {
+                assert_eq!(
+                    before.alpha(&model, series),
+                    after.alpha(&model, series),
+                    "per_operation {per_operation}: {series:?}"
+                );
+            }
         }
-        let spent: f64 = series.iter().map(|s| sequential.alpha(&model, s)).sum();
-        let budget = model.decision.false_failure_rate;
-        assert!(spent <= budget, "{spent} of {budget}");
-        assert!(spent > 0.9 * budget, "most of it is spent: {spent} of {budget}");
-        // A subject past the cap has no place and no share.
-        let past = (
-            Group::CallGraph,
-            feature_of("rate", Some("unranked")),
-            Test::PoissonRate,
-        );
-        assert_eq!(sequential.alpha(&model, &past), 0.0);
     }
 
     #[test]

@@ -649,6 +649,7 @@ impl<'a> Windows<'a> {
             .cohorts
             .iter()
             .filter(|(cohort, _)| cohort.as_str() != crate::catalog::OVERFLOW)
+            .filter(|(_, can)| can.all.requests > 0)
             .filter_map(|(cohort, can)| {
                 let same = stable.cohorts.get(cohort).filter(|s| s.all.requests > 0)?;
                 Some((cohort.as_str(), can, same))
@@ -909,7 +910,7 @@ pub fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut Vec<Ch
                 out.push(mix::operation_mix(m, d, &view, t));
             }
             rates::evaluate(model, &view, t, out);
-            let subject = format!("{COHORT_SUBJECT}{cohort}");
+            let subject = cohort_subject(cohort, None);
             for check in &mut out[first..] {
                 check.operation = Some(subject.clone());
             }
@@ -929,7 +930,14 @@ pub const COHORT_SUBJECT: &str = "cohort:";
 
 /// The subject of a check of `cohort`: the cohort (`cohort:beta`, the operation mix), or the
 /// cohort's `subject` (`cohort:beta/payments`, a downstream or exception type of its requests).
+/// A `/` or `%` in the cohort's name is escaped (`%2F`, `%25`), so that the first `/` ends it
+/// and no two cohorts' subjects are alike.
 pub fn cohort_subject(cohort: &str, subject: Option<&str>) -> String {
+    let cohort = if cohort.contains(['/', '%']) {
+        cohort.replace('%', "%25").replace('/', "%2F")
+    } else {
+        cohort.to_owned()
+    };
     match subject {
         None => format!("{COHORT_SUBJECT}{cohort}"),
         Some(subject) => format!("{COHORT_SUBJECT}{cohort}/{subject}"),
@@ -959,7 +967,7 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
             stable: w.stable.operations.get(op).unwrap_or(empty),
         });
     let cohorts = w.cohorts().into_iter().map(|(cohort, can, st)| Subject {
-        operation: Some(format!("{COHORT_SUBJECT}{cohort}")),
+        operation: Some(cohort_subject(cohort, None)),
         canary: &can.all,
         stable: &st.all,
     });
