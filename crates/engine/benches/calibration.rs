@@ -189,11 +189,7 @@ fn a_a(plan: &Plan) {
                 if std::env::var_os("CALIBRATION_VERBOSE").is_some() {
                     eprintln!("  seed {seed} failed at {} s: {:#?}", (t - from) / S, r.failed_on);
                 }
-                let checks: Vec<String> = r
-                    .failed_on
-                    .iter()
-                    .map(|c| c.split(':').take(2).collect::<Vec<_>>().join(":"))
-                    .collect();
+                let checks: Vec<String> = r.failed_on.iter().map(|c| series_of(c).to_owned()).collect();
                 ((t - from) / S, checks)
             })
         });
@@ -386,4 +382,11 @@ fn upper_bound(x: u64, n: u64) -> f64 {
 fn poisson_upper_bound(x: u64) -> f64 {
     use statrs::distribution::Gamma;
     Gamma::new((x + 1) as f64, 1.0).map_or(f64::INFINITY, |g| g.inverse_cdf(0.95))
+}
+
+/// A failed check's series, `group:feature[subject]`, from its `group:feature[subject]:test:horizon`
+/// id and message (a subject may hold colons: `cohort:beta/payments`).
+fn series_of(failed: &str) -> &str {
+    let id = failed.split(": ").next().unwrap_or(failed);
+    id.rsplitn(3, ':').nth(2).unwrap_or(id)
 }

@@ -11,6 +11,7 @@
 //! the seconds its increments have covered. Increments per request are then increments over
 //! exposure, both over the same time, whatever the points' spacing.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::observation::{EventTime, SeriesKey};
@@ -41,6 +42,22 @@ pub struct History {
     known_from: Option<EventTime>,
     /// Per counter series, the time its attributed increments cover.
     covered: BTreeMap<SeriesKey, (EventTime, EventTime)>,
+    /// Counts every change to the completed blocks (one added, dropped or given increments).
+    blocks_changed: u64,
+    /// The completed blocks each long window of the last look merged (`trailing`), kept while
+    /// those blocks are unchanged: a window moves past a block only every ten seconds, so nine
+    /// looks in ten merge one aggregate per window instead of up to sixty.
+    merged_blocks: RefCell<Vec<MergedBlocks>>,
+}
+
+/// The merge of the newest `count` completed blocks, the newest starting at `newest`, as they
+/// were at change `changed`.
+#[derive(Clone, Debug, Default)]
+struct MergedBlocks {
+    changed: u64,
+    newest: EventTime,
+    count: usize,
+    merged: Aggregate,
 }
 
 impl History {
@@ -54,6 +71,12 @@ impl History {
             .map(|(_, agg)| each + agg.heap_bytes())
             .sum::<usize>()
             + self.requests.len() * 16
+            + self
+                .merged_blocks
+                .borrow()
+                .iter()
+                .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.heap_bytes())
+                .sum::<usize>()
     }
 
     pub fn new(keep_s: u64) -> Self {
@@ -99,6 +122,7 @@ impl History {
             _ => {
                 if let Some(done) = self.block.take() {
                     self.blocks.push_back(done);
+                    self.blocks_changed += 1;
                 }
                 self.block = Some((block_start, bucket));
             }
@@ -106,6 +130,7 @@ impl History {
         let horizon = block_start.saturating_sub(self.keep);
         while self.blocks.front().is_some_and(|(b, _)| *b < horizon) {
             self.blocks.pop_front();
+            self.blocks_changed += 1;
         }
         let kept_from = self.blocks.front().map_or(block_start, |(b, _)| *b);
         while self.requests.front().is_some_and(|(s, _)| *s < kept_from) {
@@ -203,6 +228,7 @@ impl History {
                     && *b == block
                 {
                     f(agg);
+                    self.blocks_changed += 1;
                 }
             }
         }
@@ -218,12 +244,11 @@ impl History {
         // Short windows from single seconds.
         let mut acc = Aggregate::default();
         let mut secs = self.seconds.iter().rev().peekable();
-        let mut blocks = self.blocks.iter().rev().peekable();
-        let mut took_block = false;
+        let mut long = Vec::new();
         for i in order {
             let h = horizons_s[i].saturating_mul(SECOND);
             let from = now.saturating_sub(h);
-            if h <= BLOCK && !took_block {
+            if h <= BLOCK && long.is_empty() {
                 while let Some((s, agg)) = secs.peek() {
                     if *s < from {
                         break;
@@ -232,22 +257,51 @@ impl History {
                     secs.next();
                 }
                 out[i] = acc.clone();
-                continue;
+            } else {
+                long.push((i, from));
             }
-            if !took_block {
-                // Longer windows: the block being filled, then whole blocks.
-                acc = self.block.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
-                took_block = true;
-            }
-            while let Some((b, agg)) = blocks.peek() {
-                if *b < from {
-                    break;
-                }
-                acc.merge(agg);
-                blocks.next();
-            }
-            out[i] = acc.clone();
         }
+        if long.is_empty() {
+            return out;
+        }
+        // Longer windows: the block being filled, then whole blocks.
+        let newest = self.blocks.back().map_or(0, |(b, _)| *b);
+        let mut cache = self.merged_blocks.borrow_mut();
+        let mut fresh: Vec<MergedBlocks> = Vec::with_capacity(long.len());
+        for (i, from) in long {
+            let count = self.blocks.iter().rev().take_while(|(b, _)| *b >= from).count();
+            let kept = cache
+                .iter()
+                .position(|m| m.changed == self.blocks_changed && m.newest == newest && m.count == count)
+                .map(|at| cache.swap_remove(at));
+            let merged = match kept.or_else(|| fresh.iter().find(|m| m.count == count).cloned()) {
+                Some(m) => m,
+                None => {
+                    // From the longest shorter merge made here, adding the blocks it lacks.
+                    let (mut merged, have) = fresh
+                        .iter()
+                        .filter(|m| m.count < count)
+                        .max_by_key(|m| m.count)
+                        .map_or((Aggregate::default(), 0), |m| (m.merged.clone(), m.count));
+                    for (_, agg) in self.blocks.iter().rev().skip(have).take(count - have) {
+                        merged.merge(agg);
+                    }
+                    MergedBlocks {
+                        changed: self.blocks_changed,
+                        newest,
+                        count,
+                        merged,
+                    }
+                }
+            };
+            let mut window = self.block.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
+            window.merge(&merged.merged);
+            out[i] = window;
+            if !fresh.iter().any(|m| m.count == count) {
+                fresh.push(merged);
+            }
+        }
+        *cache = fresh;
         out
     }
 
@@ -457,6 +511,46 @@ mod tests {
         h.push(400 * SECOND, &bucket(7));
         let (_, exposure) = orders_in(&h.trailing(401 * SECOND, &[5])[0]);
         assert!((exposure - 4.0).abs() < 1e-6, "{exposure}");
+    }
+
+    /// Every look's windows, with the merges kept from earlier looks, are the windows merged
+    /// afresh: as blocks complete and drop out, and as counter points reach back into completed
+    /// blocks.
+    #[test]
+    fn kept_merges_give_the_windows_a_fresh_merge_gives() {
+        let mut h = History::new(600);
+        let horizons = [5, 10, 30, 120, 300, 600, 900];
+        for s in 0..1_000u64 {
+            let requests = 1 + s % 7;
+            let mut b = bucket(requests);
+            b.all.add((5 + s % 13) * 1_000_000, s % 11 == 0);
+            if s % 45 == 44 {
+                // A point covering the last 45 s, most of them in completed blocks.
+                b = with_point(requests, (s - 44) * SECOND, (s + 1) * SECOND, (s % 17) as f64);
+            }
+            h.push(s * SECOND, &b);
+            let now = (s + 1) * SECOND;
+            let kept = h.trailing(now, &horizons);
+            let fresh = h.clone();
+            fresh.merged_blocks.borrow_mut().clear();
+            let afresh = fresh.trailing(now, &horizons);
+            for (i, (k, f)) in kept.iter().zip(&afresh).enumerate() {
+                let at = format!("{} s window at {s} s", horizons[i]);
+                assert_eq!(k.all.requests, f.all.requests, "{at}");
+                assert_eq!(k.all.errors, f.all.errors, "{at}");
+                assert_eq!(
+                    k.all.latency_ms.quantile(0.9),
+                    f.all.latency_ms.quantile(0.9),
+                    "{at}"
+                );
+                let ((ki, ke), (fi, fe)) = (orders_in(k), orders_in(f));
+                assert!(
+                    (ki - fi).abs() < 1e-9 && (ke - fe).abs() < 1e-9,
+                    "{at}: {ki} {ke} != {fi} {fe}"
+                );
+            }
+        }
+        assert!(!h.merged_blocks.borrow().is_empty());
     }
 
     #[test]

@@ -378,6 +378,8 @@ pub struct Analysis {
     sequential: sequential::Sequential,
     canary_requests: u64,
     stable_requests: u64,
+    /// Where each undecided check's search for the requests it needs ended (speed only).
+    power_hints: checks::PowerHints,
 }
 
 impl Analysis {
@@ -424,6 +426,7 @@ impl Analysis {
             sequential: sequential::Sequential::default(),
             canary_requests: 0,
             stable_requests: 0,
+            power_hints: checks::PowerHints::default(),
         }
     }
 
@@ -559,7 +562,7 @@ impl Analysis {
             .update(&model, &self.canary_history, &self.stable_history, now);
         let trailing = self.collect_windows(&model, now, baseline_window_s);
         self.sequential.set_dispersion(trailing.dispersion.clone());
-        let (per_horizon, thresholds) = evaluate_horizons(&model, &trailing);
+        let (per_horizon, thresholds) = evaluate_horizons(&model, &trailing, &self.power_hints);
         let mut combined = combine_horizons(per_horizon);
         let mut baseline_checks = Vec::new();
         checks::baseline_checks(
@@ -955,6 +958,7 @@ impl Analysis {
                 dispersion,
                 sequential: None,
                 cohort: None,
+                power_hints: None,
             };
             let mut out = Vec::new();
             checks::evaluate(model, &windows, &loose, &mut out);
@@ -1053,7 +1057,7 @@ struct Trailing {
 
 impl Trailing {
     /// The windows of the `i`th horizon.
-    fn windows(&self, i: usize) -> checks::Windows<'_> {
+    fn windows<'a>(&'a self, i: usize, power_hints: &'a checks::PowerHints) -> checks::Windows<'a> {
         checks::Windows {
             horizon_s: self.horizons[i],
             seen_s: self.seen_s,
@@ -1062,6 +1066,7 @@ impl Trailing {
             dispersion: &self.dispersion,
             sequential: Some(&self.sequential),
             cohort: None,
+            power_hints: Some(power_hints),
         }
     }
 
@@ -1086,12 +1091,16 @@ impl Trailing {
 
 /// Every check on every horizon, at thresholds that depend on how many checks each group has:
 /// evaluated at provisional thresholds to count them, then again at the final ones.
-fn evaluate_horizons(model: &Model, trailing: &Trailing) -> (Vec<Vec<Check>>, checks::Thresholds) {
+fn evaluate_horizons(
+    model: &Model,
+    trailing: &Trailing,
+    power_hints: &checks::PowerHints,
+) -> (Vec<Vec<Check>>, checks::Thresholds) {
     let run = |thresholds: &checks::Thresholds| -> Vec<Vec<Check>> {
         (0..trailing.horizons.len())
             .map(|i| {
                 let mut out = Vec::new();
-                checks::evaluate(model, &trailing.windows(i), thresholds, &mut out);
+                checks::evaluate(model, &trailing.windows(i, power_hints), thresholds, &mut out);
                 out
             })
             .collect()

@@ -141,6 +141,7 @@ impl Analysis {
             sequential: super::sequential::Sequential::restored(&s.sequential),
             canary_requests: s.canary_requests,
             stable_requests: s.stable_requests,
+            power_hints: Default::default(),
         }
     }
 }

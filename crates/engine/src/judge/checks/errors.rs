@@ -2,11 +2,9 @@
 //! that failed, against the stable's, by Fisher's exact test.
 
 use super::{Check, Group, Test, decide};
-use super::{
-    Evidence, Power, Significance, Subject, Tested, Thresholds, Windows, grown, ratio, stable_grows,
-};
+use super::{Evidence, Significance, Subject, Tested, Thresholds, Windows, grown, ratio, stable_grows};
 use crate::judge::model::{Decision, ErrorRatioCheck};
-use crate::judge::stats::fisher_greater;
+use crate::judge::stats::{fisher_greater, fisher_greater_below};
 
 pub(super) fn error_ratio(
     e: &ErrorRatioCheck,
@@ -18,6 +16,9 @@ pub(super) fn error_ratio(
     let id = w.id(Group::Errors, s.feature("error_ratio"), Test::FisherExact);
     let sequential = w.sequential(&id);
     let spec = s.spec(id, (e.critical, e.weight), t, e.min_ratio);
+    if t.counting() {
+        return super::counted(spec);
+    }
     let (alpha, can, stable) = (spec.alpha, s.canary, s.stable);
     let rc = ratio(can.errors as f64, can.requests as f64);
     let rs = ratio(stable.errors as f64, stable.requests as f64);
@@ -29,10 +30,16 @@ pub(super) fn error_ratio(
         let shows = |n: u64| {
             let expected = (p1 * n as f64).ceil() as u64;
             let f = stable_grows(n, can.requests);
-            fisher_greater(expected, n, grown(stable.errors, f), grown(stable.requests, f)) < alpha
+            fisher_greater_below(
+                expected,
+                n,
+                grown(stable.errors, f),
+                grown(stable.requests, f),
+                alpha,
+            )
         };
         let effect = || format!("an error ratio of {} against {}", pct(p1), pct(rs));
-        evidence.power = Power::of(can.requests, effect, shows);
+        evidence.power = w.power(&spec, can.requests, effect, shows);
         evidence.test = rc.map(|rc| Tested {
             sequential,
             significance: Significance::PValue(fisher_greater(

@@ -2,9 +2,9 @@
 //! (of the app, or of one operation) lie above the stable's quantile than the stable's own do.
 
 use super::{Check, Group, Test, decide};
-use super::{Evidence, Power, Significance, Subject, Tested, Thresholds, Windows, grown, stable_grows};
+use super::{Evidence, Significance, Subject, Tested, Thresholds, Windows, grown, stable_grows};
 use crate::judge::model::{Decision, LatencyCheck};
-use crate::judge::stats::fisher_greater;
+use crate::judge::stats::{fisher_greater, fisher_greater_below};
 use crate::window::RequestAggregate;
 
 pub(super) fn latency(
@@ -23,6 +23,9 @@ pub(super) fn latency(
     );
     let sequential = w.sequential(&id);
     let spec = s.spec(id, (l.critical, l.weight), t, l.min_ratio);
+    if t.counting() {
+        return super::counted(spec);
+    }
     let (alpha, can, stable) = (spec.alpha, s.canary, s.stable);
     let stable_q = stable.latency_ms.quantile(q);
     let canary_q = can.latency_ms.quantile(q);
@@ -43,10 +46,10 @@ pub(super) fn latency(
         let shows = |n: u64| {
             let expected = (p1 * n as f64).ceil() as u64;
             let f = stable_grows(n, can.requests);
-            fisher_greater(expected, n, grown(e_s, f), grown(stable.requests, f)) < alpha
+            fisher_greater_below(expected, n, grown(e_s, f), grown(stable.requests, f), alpha)
         };
         let effect = || format!("p{pct} {stretch:.2} times the stable's {stable_q:.1} ms");
-        evidence.power = Power::of(can.requests, effect, shows);
+        evidence.power = w.power(&spec, can.requests, effect, shows);
         evidence.test = canary_q.map(|canary_q| {
             let effect = if stable_q > 0.0 { canary_q / stable_q } else { 1.0 };
             Tested {

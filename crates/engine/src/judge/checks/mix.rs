@@ -25,6 +25,9 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
         m.min_distance,
         "total_variation",
     );
+    if t.counting() {
+        return super::counted(spec);
+    }
     let mut evidence = Evidence::of_requests((None, None), &w.canary.all, &w.stable.all, w, d.min_requests);
     let ops: Vec<&String> = w
         .canary
@@ -69,7 +72,7 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
         homogeneity(&moved, &stable).is_some_and(|p| p < spec.alpha)
     };
     let effect = || format!("a {:.1}% shift in the operation mix", m.min_distance * 100.0);
-    evidence.power = Power::of(w.canary.all.requests, effect, shows);
+    evidence.power = w.power(&spec, w.canary.all.requests, effect, shows);
     if t_c > 0.0 {
         // The operation whose share moved most names the change.
         let mut tvd = 0.0;

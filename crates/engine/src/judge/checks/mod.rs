@@ -31,10 +31,6 @@ use statrs::distribution::{ChiSquared, ContinuousCDF};
 
 pub use baseline::baseline_checks;
 
-/// More canary requests than this are never worth asking for: a minimum effect this data cannot
-/// show at any plausible traffic is reported as such.
-const MOST_REQUESTS: u64 = 1 << 32;
-
 /// What one check concluded at one look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -414,35 +410,154 @@ impl Power {
     /// The power of a test that shows the minimum effect on `n` canary requests exactly when
     /// `shows(n)`; `shows` must be (about) monotone in `n`.
     pub fn of(have: u64, effect: impl FnOnce() -> String, shows: impl Fn(u64) -> bool) -> Power {
+        Power::searched(have, effect, shows, None)
+    }
+
+    /// `of`, its search for the requests needed starting where `hint` last ended.
+    fn searched(
+        have: u64,
+        effect: impl FnOnce() -> String,
+        shows: impl Fn(u64) -> bool,
+        hint: Option<(&PowerHints, u64)>,
+    ) -> Power {
         if shows(have) {
             return Power::Enough;
         }
-        let mut short = have;
-        let mut enough = have.max(1).saturating_mul(2);
-        while !shows(enough) {
-            if enough >= MOST_REQUESTS {
-                return Power::Short {
-                    effect: effect(),
-                    needed: None,
-                };
+        let first = grid_index(have.saturating_add(1));
+        let start = hint
+            .and_then(|(hints, key)| hints.0.borrow().get(&key).copied())
+            .unwrap_or(first)
+            .clamp(first, GRID_LAST);
+        let needed = first_showing(first, start, |k| shows(grid(k)));
+        if let Some((hints, key)) = hint {
+            let mut map = hints.0.borrow_mut();
+            if map.len() >= MAX_POWER_HINTS && !map.contains_key(&key) {
+                map.clear();
             }
-            short = enough;
-            enough = enough.saturating_mul(2);
-        }
-        // To within 1%: the answer is an estimate for people, not a bound.
-        while enough - short > (enough / 100).max(1) {
-            let mid = short + (enough - short) / 2;
-            if shows(mid) {
-                enough = mid;
-            } else {
-                short = mid;
-            }
+            map.insert(key, needed.unwrap_or(GRID_LAST));
         }
         Power::Short {
             effect: effect(),
-            needed: Some(enough),
+            needed: needed.map(grid),
         }
     }
+}
+
+/// The request counts `Power` answers in: every count up to `GRID_LINEAR`, then steps of 1% (the
+/// answer is an estimate for people, not a bound). Answering on a fixed grid makes the answer
+/// the grid's first count that shows the effect, wherever its search started.
+const GRID_LINEAR: u32 = 100;
+
+/// The grid's last point, the first at or past 2^32: more canary requests than that are never
+/// worth asking for, and a minimum effect the data cannot show by then is reported as such.
+const GRID_LAST: u32 = 1_867;
+
+/// The `k`th request count of the grid (`k <= GRID_LAST`).
+fn grid(k: u32) -> u64 {
+    static GRID: std::sync::LazyLock<Vec<u64>> = std::sync::LazyLock::new(|| {
+        (0..=GRID_LAST)
+            .map(|k| {
+                if k <= GRID_LINEAR {
+                    u64::from(k)
+                } else {
+                    (f64::from(GRID_LINEAR) * 1.01f64.powi((k - GRID_LINEAR) as i32)).ceil() as u64
+                }
+            })
+            .collect()
+    });
+    GRID[k.min(GRID_LAST) as usize]
+}
+
+/// The index of the grid's first count at or above `n`.
+fn grid_index(n: u64) -> u32 {
+    if n <= u64::from(GRID_LINEAR) {
+        return n as u32;
+    }
+    let guess = GRID_LINEAR as f64 + ((n as f64 / GRID_LINEAR as f64).ln() / 1.01f64.ln()).ceil();
+    let mut k = (guess.max(f64::from(GRID_LINEAR)) as u32).min(GRID_LAST);
+    // Rounding in the logarithm can put the guess one off either way.
+    while k > GRID_LINEAR && grid(k - 1) >= n {
+        k -= 1;
+    }
+    while k < GRID_LAST && grid(k) < n {
+        k += 1;
+    }
+    k
+}
+
+/// The first index in `first..=GRID_LAST` where `shows` holds, searched from `start` (galloping
+/// away from it, then halving); `None` when it holds nowhere. Near the last answer, two tests.
+fn first_showing(first: u32, start: u32, shows: impl Fn(u32) -> bool) -> Option<u32> {
+    // Invariants once bracketed: `shows(hi)`, and nothing below `lo` shows.
+    let (mut lo, mut hi);
+    if shows(start) {
+        hi = start;
+        let mut step = 1;
+        loop {
+            if hi == first {
+                return Some(hi);
+            }
+            let probe = hi.saturating_sub(step).max(first);
+            if shows(probe) {
+                hi = probe;
+                step = step.saturating_mul(2);
+            } else {
+                lo = probe + 1;
+                break;
+            }
+        }
+    } else {
+        lo = start + 1;
+        let mut step = 1;
+        loop {
+            if lo > GRID_LAST {
+                return None;
+            }
+            let probe = start.saturating_add(step).min(GRID_LAST);
+            if shows(probe) {
+                hi = probe;
+                break;
+            }
+            lo = probe + 1;
+            step = step.saturating_mul(2);
+        }
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if shows(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(hi)
+}
+
+/// Where each undecided check's search for the requests it needs ended at an analysis's last
+/// look (its grid index, by a hash of the check's id and subject): the next look starts there,
+/// and mostly finds the answer again in two tests instead of a dozen. Only speed depends on it,
+/// so it is neither stored nor counted when cleared at `MAX_POWER_HINTS`.
+#[derive(Debug, Default)]
+pub struct PowerHints(std::cell::RefCell<std::collections::HashMap<u64, u32>>);
+
+/// More checks than an analysis holds at once: a hint map this full has collected ones that
+/// went away, and starts again.
+const MAX_POWER_HINTS: usize = 8_192;
+
+/// The check of `spec` in a provisional look (`Thresholds::counting`): undecided, with nothing
+/// computed, which is all that counting the checks needs.
+pub fn counted(spec: Spec) -> Check {
+    let evidence = Evidence {
+        canary_value: None,
+        baseline_value: None,
+        canary_samples: 0,
+        baseline_samples: 0,
+        canary_requests: 0,
+        canary_rps: 0.0,
+        test: None,
+        power: Power::Waiting(String::new()),
+    };
+    decide(spec, evidence, 0)
 }
 
 /// Evidence into a check's outcome, by the one rule (`rule`). A check fails with significance
@@ -636,6 +751,8 @@ pub struct Windows<'a> {
     /// The cohort these windows are of, when they hold one cohort's requests (their checks' ids
     /// then name it); `None` for the whole app's.
     pub cohort: Option<&'a str>,
+    /// Where the analysis's last look found each check's requests needed (`None`: search afresh).
+    pub power_hints: Option<&'a PowerHints>,
 }
 
 impl<'a> Windows<'a> {
@@ -667,6 +784,22 @@ impl Windows<'_> {
 
     /// The analysis's sequential evidence for the series of check `id`: none yet reads as none
     /// at all. `None` where the windows are judged without any (a provisional look, a test).
+    /// `Power::of` for the check of `spec`, its search starting where this check's last ended.
+    fn power(
+        &self,
+        spec: &Spec,
+        have: u64,
+        effect: impl FnOnce() -> String,
+        shows: impl Fn(u64) -> bool,
+    ) -> Power {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hint = self.power_hints.map(|hints| {
+            let key = BuildHasherDefault::<DefaultHasher>::default().hash_one((&spec.id, &spec.operation));
+            (hints, key)
+        });
+        Power::searched(have, effect, shows, hint)
+    }
+
     fn sequential(&self, id: &CheckId) -> Option<crate::judge::sequential::Evidence> {
         self.sequential
             .map(|by_series| by_series.get(&id.series()).copied().unwrap_or_default())
@@ -795,6 +928,8 @@ fn quasi_poisson_factor(pairs: &[(f64, f64)]) -> f64 {
 pub struct Thresholds {
     by_check: BTreeMap<(Group, bool), f64>,
     fallback: f64,
+    /// A provisional look's: the checks are only counted, nothing is computed.
+    counting: bool,
 }
 
 /// The app-wide check's share of its group's false-alarm budget.
@@ -837,6 +972,7 @@ impl Thresholds {
         Thresholds {
             by_check,
             fallback: per_look / checks.len().max(1) as f64,
+            counting: false,
         }
     }
 
@@ -845,15 +981,23 @@ impl Thresholds {
         Thresholds {
             by_check: BTreeMap::new(),
             fallback: p,
+            counting: false,
         }
     }
 
-    /// A threshold of 1 for every check: a provisional look, to count the checks.
+    /// A provisional look's, which only counts the checks that `new` splits the budget over: each
+    /// check is made from its spec alone (`counted`), with none of its statistics computed.
     pub fn provisional() -> Thresholds {
         Thresholds {
             by_check: BTreeMap::new(),
             fallback: 1.0,
+            counting: true,
         }
+    }
+
+    /// Whether these are a provisional look's, which only counts the checks.
+    pub fn counting(&self) -> bool {
+        self.counting
     }
 
     pub fn get(&self, group: Group, app_wide: bool) -> f64 {

@@ -158,6 +158,9 @@ fn growth(
     let feature = id.feature.to_string();
     let sequential = w.sequential(&id);
     let spec = Spec::new(id, None, (r.critical, r.weight), t, r.min_ratio, "ratio");
+    if t.counting() {
+        return super::counted(spec);
+    }
     let mut evidence = counts.evidence(w, d.min_requests);
     let (rate_c, Some(rate_r)) = counts.rates() else {
         return decide(spec, evidence, d.min_requests);
@@ -165,7 +168,7 @@ fn growth(
     let target = (rate_r * r.min_ratio).max(rate_r + r.min_increase);
     let shows = |n| counts.shows(target, n, true, 1.0, spec.alpha);
     let effect = || format!("{feature} of {target:.4} per request");
-    evidence.power = Power::of(w.canary.all.requests, effect, shows);
+    evidence.power = w.power(&spec, w.canary.all.requests, effect, shows);
     evidence.test = rate_c.map(|rate_c| {
         let new = counts.x.1 == 0.0 && counts.x.0 > 0.0;
         let against = format!("{feature}: {rate_c:.4} per request against the stable's {rate_r:.4}");
@@ -191,7 +194,15 @@ fn growth(
 
 /// The power of a two-sided rate test to show a change to `up` (and, where possible, `down`)
 /// events per request, from the canary's `have` requests.
-fn either_way(counts: &Counts, have: u64, alpha: f64, up: f64, down: Option<f64>, what: &str) -> Power {
+fn either_way(
+    counts: &Counts,
+    have: u64,
+    (w, spec): (&Windows<'_>, &Spec),
+    up: f64,
+    down: Option<f64>,
+    what: &str,
+) -> Power {
+    let alpha = spec.alpha;
     let shows = |n| {
         counts.shows(up, n, true, 2.0, alpha) && down.is_none_or(|r| counts.shows(r, n, false, 2.0, alpha))
     };
@@ -199,7 +210,7 @@ fn either_way(counts: &Counts, have: u64, alpha: f64, up: f64, down: Option<f64>
         Some(down) => format!("{what} of {up:.3} or {down:.3}"),
         None => format!("{what} of {up:.3}"),
     };
-    Power::of(have, effect, shows)
+    w.power(spec, have, effect, shows)
 }
 
 fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_>, t: &Thresholds) -> Check {
@@ -210,6 +221,9 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
     );
     let sequential = w.sequential(&id);
     let spec = Spec::new(id, None, (g.critical, g.weight), t, g.min_ratio, "ratio");
+    if t.counting() {
+        return super::counted(spec);
+    }
     let counts = Counts::of(w, &format!("call:{downstream}"), |a| {
         a.calls.get(downstream).map_or(0, |c| c.0) as f64
     });
@@ -233,7 +247,7 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
     let up = (cpr_r * g.min_ratio).max(cpr_r + g.min_change);
     let down = Some((cpr_r / g.min_ratio).min(cpr_r - g.min_change)).filter(|r| *r >= 0.0 && cpr_r > 0.0);
     let what = format!("calls per request to {downstream}");
-    evidence.power = either_way(&counts, w.canary.all.requests, spec.alpha, up, down, &what);
+    evidence.power = either_way(&counts, w.canary.all.requests, (w, &spec), up, down, &what);
     evidence.test = cpr_c.map(|cpr_c| {
         let (significance, grew) = counts.change();
         let effect = if cpr_r > 0.0 {
@@ -272,6 +286,9 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
     );
     let sequential = w.sequential(&id);
     let spec = Spec::new(id, None, (m.critical, m.weight), t, m.min_ratio, "ratio");
+    if t.counting() {
+        return super::counted(spec);
+    }
     // Increments over the requests of the time they cover (`judge::history`), not over the
     // window's requests: a point's increments may cover time before the window, or not yet reach
     // its end.
@@ -310,7 +327,7 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
     evidence.power = either_way(
         &counts,
         counts.n.0.round() as u64,
-        spec.alpha,
+        (w, &spec),
         per_r * m.min_ratio,
         Some(per_r / m.min_ratio),
         &what,

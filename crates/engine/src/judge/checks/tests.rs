@@ -252,6 +252,7 @@ pub(crate) mod decision {
             dispersion: &dispersion,
             sequential: None,
             cohort: None,
+            power_hints: None,
         };
         let mut provisional = Vec::new();
         evaluate(model, &w, &Thresholds::provisional(), &mut provisional);
@@ -476,5 +477,138 @@ pub(crate) mod decision {
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(duration(180.0), "3 min");
         assert_eq!(duration(12.2), "13 s");
+    }
+
+    /// The provisional look only counts checks (`Thresholds::counting`): it must count exactly
+    /// the checks the real look then makes, or the budget is split over the wrong number.
+    #[test]
+    fn a_counting_look_counts_exactly_the_checks_a_real_look_makes() {
+        let with_cohorts = |mut a: Aggregate| {
+            a.cohorts
+                .insert("beta".into(), traffic(a.all.requests / 10, 1, steady, 0));
+            a
+        };
+        let shapes = [
+            (traffic(0, 0, steady, 0), traffic(3_000, 3, steady, 12)),
+            (traffic(40, 0, steady, 2), traffic(3_000, 3, steady, 12)),
+            (
+                traffic(600, 30, |i| steady(i) * 2.0, 12),
+                traffic(3_000, 3, steady, 12),
+            ),
+            (
+                with_cohorts(traffic(2_000, 2, steady, 12)),
+                with_cohorts(traffic(3_000, 3, steady, 12)),
+            ),
+        ];
+        for (canary, stable) in &shapes {
+            for (horizon_s, seen_s) in [(30, 30), (600, 8), (600, 600)] {
+                let dispersion = Dispersion::default();
+                let w = Windows {
+                    horizon_s,
+                    seen_s,
+                    canary,
+                    stable,
+                    dispersion: &dispersion,
+                    sequential: None,
+                    cohort: None,
+                    power_hints: None,
+                };
+                let (mut counted, mut made) = (Vec::new(), Vec::new());
+                evaluate(&model(), &w, &Thresholds::provisional(), &mut counted);
+                evaluate(&model(), &w, &Thresholds::uniform(0.001), &mut made);
+                let shape = |checks: &[Check]| -> Vec<(String, Group, u64, bool)> {
+                    checks
+                        .iter()
+                        .map(|c| (c.id.to_string(), c.group, c.weight.to_bits(), c.id.app_wide()))
+                        .collect()
+                };
+                assert!(!made.is_empty());
+                assert_eq!(
+                    shape(&counted),
+                    shape(&made),
+                    "horizon {horizon_s} s, seen {seen_s} s"
+                );
+            }
+        }
+    }
+}
+
+mod power {
+    use super::super::*;
+
+    #[test]
+    fn the_grid_counts_one_by_one_then_in_steps_of_a_percent_up_to_its_last() {
+        assert!(grid(GRID_LAST) >= 1 << 32 && grid(GRID_LAST - 1) < 1 << 32);
+        for k in 1..=GRID_LAST {
+            let (before, here) = (grid(k - 1), grid(k));
+            assert!(here > before, "{k}");
+            if k > GRID_LINEAR {
+                assert!(
+                    here as f64 <= before as f64 * 1.01 + 1.0,
+                    "{k}: {before} -> {here}"
+                );
+            }
+            assert_eq!(grid_index(here), k);
+            assert_eq!(grid_index(before + 1), k, "{k}");
+        }
+    }
+
+    /// Wherever the search starts, it finds the first grid point that shows the effect, and
+    /// from the last answer it takes two tests.
+    #[test]
+    fn a_search_finds_the_first_count_that_shows_wherever_it_starts() {
+        use std::cell::Cell;
+        for threshold in [1, 2, 7, 100, 101, 150, 999, 1_000, 5_000, 123_456, GRID_LAST] {
+            for first in [1, 5, 90, 200] {
+                for start in [
+                    first,
+                    first + 1,
+                    threshold.saturating_sub(3),
+                    threshold,
+                    threshold + 40,
+                    GRID_LAST,
+                ] {
+                    let start = start.clamp(first, GRID_LAST);
+                    let tests = Cell::new(0);
+                    let found = first_showing(first, start, |k| {
+                        tests.set(tests.get() + 1);
+                        k >= threshold.min(GRID_LAST + 1)
+                    });
+                    let expected = (threshold <= GRID_LAST).then_some(threshold.max(first));
+                    assert_eq!(
+                        found, expected,
+                        "threshold {threshold}, first {first}, start {start}"
+                    );
+                    if start == threshold && threshold > first {
+                        assert_eq!(tests.get(), 2, "threshold {threshold}, first {first}");
+                    }
+                }
+            }
+        }
+        assert_eq!(first_showing(1, 1, |_| false), None);
+    }
+
+    /// An analysis's looks, each with more requests and a moving requirement: searching from the
+    /// last look's answer answers as a fresh search does.
+    #[test]
+    fn hinted_searches_answer_as_fresh_ones() {
+        let hints = PowerHints::default();
+        let needed = |p: &Power| match p {
+            Power::Short { needed, .. } => *needed,
+            Power::Enough => Some(0),
+            Power::Waiting(_) => None,
+        };
+        for look in 0..400u64 {
+            let have = look * 7;
+            let requirement = 2_000 + (look * 37 % 500) * 9;
+            let shows = |n: u64| n >= requirement;
+            let fresh = Power::of(have, String::new, shows);
+            let hinted = Power::searched(have, String::new, shows, Some((&hints, 42)));
+            assert_eq!(needed(&hinted), needed(&fresh), "look {look}");
+            let answer = needed(&fresh).expect("a count");
+            if answer > 0 {
+                assert!(answer >= requirement && answer as f64 <= requirement as f64 * 1.01 + 1.0);
+            }
+        }
     }
 }
