@@ -270,36 +270,39 @@ impl History {
         let mut fresh: Vec<MergedBlocks> = Vec::with_capacity(long.len());
         for (i, from) in long {
             let count = self.blocks.iter().rev().take_while(|(b, _)| *b >= from).count();
-            let kept = cache
-                .iter()
-                .position(|m| m.changed == self.blocks_changed && m.newest == newest && m.count == count)
-                .map(|at| cache.swap_remove(at));
-            let merged = match kept.or_else(|| fresh.iter().find(|m| m.count == count).cloned()) {
-                Some(m) => m,
+            let at = match fresh.iter().position(|m| m.count == count) {
+                Some(at) => at,
                 None => {
-                    // From the longest shorter merge made here, adding the blocks it lacks.
-                    let (mut merged, have) = fresh
+                    let kept = cache
                         .iter()
-                        .filter(|m| m.count < count)
-                        .max_by_key(|m| m.count)
-                        .map_or((Aggregate::default(), 0), |m| (m.merged.clone(), m.count));
-                    for (_, agg) in self.blocks.iter().rev().skip(have).take(count - have) {
-                        merged.merge(agg);
-                    }
-                    MergedBlocks {
-                        changed: self.blocks_changed,
-                        newest,
-                        count,
-                        merged,
-                    }
+                        .position(|m| {
+                            m.changed == self.blocks_changed && m.newest == newest && m.count == count
+                        })
+                        .map(|at| cache.swap_remove(at));
+                    let merged = kept.unwrap_or_else(|| {
+                        // From the longest shorter merge made here, adding the blocks it lacks.
+                        let (mut merged, have) = fresh
+                            .iter()
+                            .filter(|m| m.count < count)
+                            .max_by_key(|m| m.count)
+                            .map_or((Aggregate::default(), 0), |m| (m.merged.clone(), m.count));
+                        for (_, agg) in self.blocks.iter().rev().skip(have).take(count - have) {
+                            merged.merge(agg);
+                        }
+                        MergedBlocks {
+                            changed: self.blocks_changed,
+                            newest,
+                            count,
+                            merged,
+                        }
+                    });
+                    fresh.push(merged);
+                    fresh.len() - 1
                 }
             };
             let mut window = self.block.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
-            window.merge(&merged.merged);
+            window.merge(&fresh[at].merged);
             out[i] = window;
-            if !fresh.iter().any(|m| m.count == count) {
-                fresh.push(merged);
-            }
         }
         *cache = fresh;
         out

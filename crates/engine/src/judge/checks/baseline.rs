@@ -114,12 +114,17 @@ pub fn baseline_checks(
                         },
                         effect: dev,
                         effect_ok: true,
-                        finding: format!(
-                            "{name} {value:.4}, {dev:.1} half-widths from the learned baseline (mean {mean:.4})"
-                        ),
-                        failing: format!(
-                            "{name} {value:.4} is {dev:.1} band half-widths outside the learned baseline (mean {mean:.4}); the stable is within it"
-                        ),
+                        words: Box::new(move |failing| {
+                            if failing {
+                                format!(
+                                    "{name} {value:.4} is {dev:.1} band half-widths outside the learned baseline (mean {mean:.4}); the stable is within it"
+                                )
+                            } else {
+                                format!(
+                                    "{name} {value:.4}, {dev:.1} half-widths from the learned baseline (mean {mean:.4})"
+                                )
+                            }
+                        }),
                     });
                 }
             },

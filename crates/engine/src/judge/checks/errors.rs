@@ -50,14 +50,14 @@ pub(super) fn error_ratio(
             )),
             effect: if rs > 0.0 { rc / rs } else { f64::INFINITY },
             effect_ok: rc >= rs * e.min_ratio && rc - rs >= e.min_increase,
-            finding: format!("error ratio {} against the stable's {}", pct(rc), pct(rs)),
-            failing: format!(
-                "error ratio {} against the stable's {} ({} of {} requests failed)",
-                pct(rc),
-                pct(rs),
-                can.errors,
-                can.requests
-            ),
+            words: Box::new(move |failing| {
+                let words = format!("error ratio {} against the stable's {}", pct(rc), pct(rs));
+                if failing {
+                    format!("{words} ({} of {} requests failed)", can.errors, can.requests)
+                } else {
+                    words
+                }
+            }),
         });
     }
     decide(spec, evidence, d.min_requests)

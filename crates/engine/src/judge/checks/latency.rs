@@ -57,11 +57,14 @@ pub(super) fn latency(
                 significance: Significance::PValue(fisher_greater(e_c, can.requests, e_s, stable.requests)),
                 effect,
                 effect_ok: effect >= l.min_ratio && canary_q - stable_q >= l.min_increase_ms,
-                finding: format!("p{pct} {canary_q:.1} ms against the stable's {stable_q:.1} ms"),
-                failing: format!(
-                    "p{pct} {canary_q:.1} ms against the stable's {stable_q:.1} ms; {e_c} of {} canary requests above it",
-                    can.requests
-                ),
+                words: Box::new(move |failing| {
+                    let words = format!("p{pct} {canary_q:.1} ms against the stable's {stable_q:.1} ms");
+                    if failing {
+                        format!("{words}; {e_c} of {} canary requests above it", can.requests)
+                    } else {
+                        words
+                    }
+                }),
             }
         });
     }

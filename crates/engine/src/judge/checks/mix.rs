@@ -89,20 +89,22 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
             evidence.canary_value = Some(sc);
             evidence.baseline_value = Some(ss);
         }
-        let describe = moved.map_or(String::new(), |(op, sc, ss)| {
-            format!(
-                "; {op} is {:.1}% of requests against {:.1}%",
-                sc * 100.0,
-                ss * 100.0
-            )
-        });
         evidence.test = homogeneity(&canary, &stable).map(|p| Tested {
             sequential,
             significance: Significance::PValue(p),
             effect: tvd,
             effect_ok: tvd >= m.min_distance,
-            finding: format!("operation mix within {:.1}%{describe}", tvd * 100.0),
-            failing: format!("operation mix moved by {:.1}%{describe}", tvd * 100.0),
+            words: Box::new(move |failing| {
+                let describe = moved.map_or(String::new(), |(op, sc, ss)| {
+                    format!(
+                        "; {op} is {:.1}% of requests against {:.1}%",
+                        sc * 100.0,
+                        ss * 100.0
+                    )
+                });
+                let how = if failing { "moved by" } else { "within" };
+                format!("operation mix {how} {:.1}%{describe}", tvd * 100.0)
+            }),
         });
     }
     decide(spec, evidence, d.min_requests)

@@ -327,7 +327,7 @@ impl Spec {
 }
 
 /// What a check's data showed in one window, before any verdict.
-pub struct Evidence {
+pub struct Evidence<'a> {
     pub canary_value: Option<f64>,
     pub baseline_value: Option<f64>,
     pub canary_samples: u64,
@@ -336,12 +336,12 @@ pub struct Evidence {
     pub canary_requests: u64,
     pub canary_rps: f64,
     /// The comparison, when one could be made.
-    pub test: Option<Tested>,
+    pub test: Option<Tested<'a>>,
     /// Whether the data could have revealed the model's minimum effect.
     pub power: Power,
 }
 
-impl Evidence {
+impl Evidence<'_> {
     /// Evidence about the canary's `requests` against the stable's `stable` ones in window `w`,
     /// with nothing compared yet: until the check finds stable requests, it waits for them.
     fn of_requests(
@@ -350,7 +350,7 @@ impl Evidence {
         stable: &RequestAggregate,
         w: &Windows<'_>,
         min_requests: u64,
-    ) -> Evidence {
+    ) -> Self {
         Evidence {
             canary_value: values.0,
             baseline_value: values.1,
@@ -368,7 +368,7 @@ impl Evidence {
 }
 
 /// A comparison that was made.
-pub struct Tested {
+pub struct Tested<'a> {
     pub significance: Significance,
     /// The sequential evidence of the check's series, for the checks that fail on it alone (the
     /// windowed significance is then shown, not decided on).
@@ -377,10 +377,14 @@ pub struct Tested {
     /// model's minimum (in the direction that matters).
     pub effect: f64,
     pub effect_ok: bool,
-    /// What was measured, in words; and the words when it fails.
-    pub finding: String,
-    pub failing: String,
+    /// What was measured, in words (`words(false)`), and the words when it fails
+    /// (`words(true)`): written only when the check passes or fails, since most looks at most
+    /// checks are undecided and would throw them away.
+    pub words: Words<'a>,
 }
+
+/// A check's words for what it measured, given whether it fails.
+pub type Words<'a> = Box<dyn Fn(bool) -> String + 'a>;
 
 /// How strongly the canary differs from the stable.
 #[derive(Clone, Copy)]
@@ -564,7 +568,7 @@ pub fn counted(spec: Spec) -> Check {
 /// against the stable in the same window at its threshold, and the model's minimum effect; it
 /// passes only when its data could have revealed that minimum effect; anything else is
 /// `insufficient_data`, with the canary requests still needed.
-pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
+pub fn decide(spec: Spec, evidence: Evidence<'_>, min_requests: u64) -> Check {
     let group = spec.id.group;
     let test = spec.id.test;
     let band = matches!(test, Test::BaselineBand);
@@ -628,14 +632,14 @@ pub fn decide(spec: Spec, evidence: Evidence, min_requests: u64) -> Check {
         (Outcome::Fail, Some((_, t))) => match t.sequential {
             Some(s) => format!(
                 "{}; sequential evidence {} over {} s, {} needed",
-                t.failing,
+                (t.words)(true),
                 e_value(s.e_value),
                 s.seconds,
                 e_value(s.needed)
             ),
-            None => t.failing.clone(),
+            None => (t.words)(true),
         },
-        (Outcome::Pass, Some((_, t))) => t.finding.clone(),
+        (Outcome::Pass, Some((_, t))) => (t.words)(false),
         _ => still_needed(n, min_requests, evidence.power, evidence.canary_rps),
     };
     check

@@ -140,7 +140,7 @@ impl Counts {
     }
 
     /// Evidence about the canary's requests, nothing compared yet.
-    fn evidence(&self, w: &Windows<'_>, min_requests: u64) -> Evidence {
+    fn evidence(&self, w: &Windows<'_>, min_requests: u64) -> Evidence<'static> {
         let (c, s) = (&w.canary.all, &w.stable.all);
         Evidence::of_requests(self.rates(), c, s, w, min_requests)
     }
@@ -171,7 +171,7 @@ fn growth(
     evidence.power = w.power(&spec, w.canary.all.requests, effect, shows);
     evidence.test = rate_c.map(|rate_c| {
         let new = counts.x.1 == 0.0 && counts.x.0 > 0.0;
-        let against = format!("{feature}: {rate_c:.4} per request against the stable's {rate_r:.4}");
+        let feature = feature.as_str();
         Tested {
             sequential,
             significance: counts.growth(),
@@ -181,12 +181,13 @@ fn growth(
                 f64::INFINITY
             },
             effect_ok: rate_c >= rate_r * r.min_ratio && rate_c - rate_r >= r.min_increase,
-            failing: if new {
-                format!("{feature}: new on the canary, {rate_c:.4} per request")
-            } else {
-                against.clone()
-            },
-            finding: against,
+            words: Box::new(move |failing| {
+                if failing && new {
+                    format!("{feature}: new on the canary, {rate_c:.4} per request")
+                } else {
+                    format!("{feature}: {rate_c:.4} per request against the stable's {rate_r:.4}")
+                }
+            }),
         }
     });
     decide(spec, evidence, d.min_requests)
@@ -257,21 +258,21 @@ fn call_graph(g: &CallGraphCheck, d: &Decision, downstream: &str, w: &Windows<'_
         } else {
             1.0
         };
-        let what = if x_r == 0.0 && grew {
-            format!("new downstream edge to {downstream}: {cpr_c:.3} calls per request")
-        } else if x_c == 0.0 && !grew {
-            format!("edge to {downstream} vanished: it had {cpr_r:.3} calls per request")
-        } else {
-            format!("calls per request to {downstream}: {cpr_c:.3} against the stable's {cpr_r:.3}")
-        };
         Tested {
             sequential,
             significance,
             effect,
             effect_ok: (cpr_c - cpr_r).abs() >= g.min_change
                 && (effect >= g.min_ratio || effect <= 1.0 / g.min_ratio),
-            finding: what.clone(),
-            failing: what,
+            words: Box::new(move |_| {
+                if x_r == 0.0 && grew {
+                    format!("new downstream edge to {downstream}: {cpr_c:.3} calls per request")
+                } else if x_c == 0.0 && !grew {
+                    format!("edge to {downstream} vanished: it had {cpr_r:.3} calls per request")
+                } else {
+                    format!("calls per request to {downstream}: {cpr_c:.3} against the stable's {cpr_r:.3}")
+                }
+            }),
         }
     });
     decide(spec, evidence, d.min_requests)
@@ -334,14 +335,15 @@ fn metric_rate(m: &MetricsCheck, d: &Decision, series: &SeriesKey, w: &Windows<'
     );
     evidence.test = per_c.map(|per_c| {
         let effect = per_c / per_r;
-        let finding = format!("{name}: {per_c:.4} per request against the stable's {per_r:.4}");
+        let name = name.as_str();
         Tested {
             sequential,
             significance: counts.change().0,
             effect,
             effect_ok: effect >= m.min_ratio || effect <= 1.0 / m.min_ratio,
-            failing: finding.clone(),
-            finding,
+            words: Box::new(move |_| {
+                format!("{name}: {per_c:.4} per request against the stable's {per_r:.4}")
+            }),
         }
     });
     decide(spec, evidence, d.min_requests)
