@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test, cohort_subject};
+use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test, cohort_named, cohort_subject};
 use super::history::History;
 use super::model::Model;
 use crate::catalog::OVERFLOW;
@@ -761,12 +761,15 @@ impl Sequential {
 
     /// `series`' share of the model's false-failure budget: split over the groups by weight
     /// (each group at least a sliver). Within the error ratio and latency groups 60% goes to the
-    /// app-wide checks and 40% to the operations and cohorts (without `per_operation`, 80% and
-    /// 20% to the cohorts), the `k`th subject first seen getting `6 / (pi^2 k^2)` of that (so
-    /// that any number of them stays within it), and evenly over a subject's quantiles; the
-    /// operation mix gives 80% to the app's and 20% to the cohorts', by rank; within the call
-    /// graph, exceptions and counters the `k`th downstream, type or series first seen (a
-    /// cohort's among them) gets `6 / (pi^2 k^2)` of its group's share.
+    /// app-wide checks, 30% to the operations and 10% to the cohorts (without `per_operation`,
+    /// 90% and 10%), the `k`th subject of its kind first seen getting `6 / (pi^2 k^2)` of its
+    /// kind's part (so that any number of them stays within it), and evenly over a subject's
+    /// quantiles; the operation mix gives 90% to the app's and 10% to the cohorts', by rank;
+    /// within the call graph and exceptions the `k`th downstream or type first seen gets
+    /// `6 / (pi^2 k^2)` of 90% of its group's share, the `k`th of the cohorts' of 10%; within the
+    /// counters, the `k`th series of all of it. Legacy evidence keeps the split before cohorts:
+    /// no cohort series, and 40% to the operations (ranked with the cohorts they once shared it
+    /// with), else all to the app-wide series.
     pub fn alpha(&self, model: &Model, (group, feature, _): &Series) -> f64 {
         let c = &model.checks;
         let share = |w: f64| w.max(0.0) + 1.0;
@@ -835,10 +838,9 @@ impl Sequential {
             None => return budget * app_wide / per_subject,
             Some(subject) if *group == Group::OperationMix => (
                 cohorts,
-                self.cohort_mix
-                    .iter()
-                    .find(|(cohort, _)| cohort_subject(cohort, None) == *subject)
-                    .map(|(_, (k, _))| *k),
+                cohort_named(subject)
+                    .and_then(|cohort| self.cohort_mix.get(&*cohort))
+                    .map(|(k, _)| *k),
             ),
             Some(subject) if is_cohort(subject) => (cohorts, self.subjects.get(subject).copied()),
             Some(op) => (operations, self.subjects.get(op).copied()),

@@ -1092,6 +1092,31 @@ pub fn cohort_subject(cohort: &str, subject: Option<&str>) -> String {
     }
 }
 
+/// The cohort a cohort's own subject names (`cohort:beta` -> `beta`), undoing `cohort_subject`'s
+/// escapes; `None` for any other subject (an operation, or a cohort's downstream or type).
+pub fn cohort_named(subject: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let escaped = subject
+        .strip_prefix(COHORT_SUBJECT)
+        .filter(|c| !c.contains('/'))?;
+    if !escaped.contains('%') {
+        return Some(escaped.into());
+    }
+    let mut name = String::with_capacity(escaped.len());
+    let mut rest = escaped;
+    while let Some(at) = rest.find('%') {
+        name.push_str(&rest[..at]);
+        let code = rest.get(at..at + 3);
+        name.push_str(match code {
+            Some("%2F") => "/",
+            Some("%25") => "%",
+            _ => "%",
+        });
+        rest = &rest[at + if matches!(code, Some("%2F" | "%25")) { 3 } else { 1 }..];
+    }
+    name.push_str(rest);
+    Some(name.into())
+}
+
 /// The whole app, then each operation the canary served when `per_operation`, then each cohort
 /// the canary's requests carry (`COHORT_SUBJECT` + its name): a version that fails only for one
 /// cohort is caught there, and named. A cohort is compared with the stable's requests of the same

@@ -470,6 +470,19 @@ pub(crate) mod decision {
         }
     }
 
+    /// A cohort's subject names it back, whatever its name holds; other subjects name none.
+    #[test]
+    fn a_cohorts_subject_names_it_back() {
+        for cohort in ["beta", "a/b", "50%", "%2F", "a%25/b%", "%"] {
+            assert_eq!(
+                cohort_named(&cohort_subject(cohort, None)).as_deref(),
+                Some(cohort)
+            );
+            assert_eq!(cohort_named(&cohort_subject(cohort, Some("payments"))), None);
+        }
+        assert_eq!(cohort_named("GET /api/cart"), None);
+    }
+
     #[test]
     fn counts_and_durations_read_as_people_write_them() {
         assert_eq!(thousands(0), "0");
