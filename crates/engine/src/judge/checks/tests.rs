@@ -244,16 +244,7 @@ pub(crate) mod decision {
         seen_s: u64,
     ) -> Vec<Check> {
         let dispersion = Dispersion::default();
-        let w = Windows {
-            horizon_s,
-            seen_s,
-            canary,
-            stable,
-            dispersion: &dispersion,
-            sequential: None,
-            cohort: None,
-            power_hints: None,
-        };
+        let w = windows(canary, stable, (horizon_s, seen_s), &dispersion);
         let mut provisional = Vec::new();
         evaluate(model, &w, &Thresholds::provisional(), &mut provisional);
         let horizons = model.decision.horizons_s.len();
@@ -271,6 +262,25 @@ pub(crate) mod decision {
             &mut out,
         );
         out
+    }
+
+    /// The app's windows of a look, `seen_s` into the analysis, with no sequential evidence.
+    fn windows<'a>(
+        canary: &'a Aggregate,
+        stable: &'a Aggregate,
+        (horizon_s, seen_s): (u64, u64),
+        dispersion: &'a Dispersion,
+    ) -> Windows<'a> {
+        Windows {
+            horizon_s,
+            seen_s,
+            canary,
+            stable,
+            dispersion,
+            sequential: None,
+            cohort: None,
+            power_hints: None,
+        }
     }
 
     /// Every check on `canary` against a steady stable with `per_mille` errors per thousand
@@ -516,16 +526,7 @@ pub(crate) mod decision {
         for (canary, stable) in &shapes {
             for (horizon_s, seen_s) in [(30, 30), (600, 8), (600, 600)] {
                 let dispersion = Dispersion::default();
-                let w = Windows {
-                    horizon_s,
-                    seen_s,
-                    canary,
-                    stable,
-                    dispersion: &dispersion,
-                    sequential: None,
-                    cohort: None,
-                    power_hints: None,
-                };
+                let w = windows(canary, stable, (horizon_s, seen_s), &dispersion);
                 let (mut counted, mut made) = (Vec::new(), Vec::new());
                 evaluate(&model(), &w, &Thresholds::provisional(), &mut counted);
                 evaluate(&model(), &w, &Thresholds::uniform(0.001), &mut made);
