@@ -71,6 +71,7 @@ pub struct Stats {
     accepted_items: Family<Labels2, Counter>,
     rejected_items: Family<Labels2, Counter>,
     truncated_values: Counter,
+    series_keys_forgotten: Counter,
     capped: Family<Labels2, Counter>,
     pub batches_ingested: Counter,
     pub queue_depth: Gauge,
@@ -136,6 +137,12 @@ impl Stats {
             "canaryd_truncated_values",
             "Attribute values cut to max_attribute_value_len, values nested too deep emptied, and metric attributes left out of series keys",
             truncated_values.clone(),
+        );
+        let series_keys_forgotten = Counter::default();
+        registry.register(
+            "canaryd_metric_series_keys_forgotten",
+            "Metric series keys the receivers' threads stopped keeping (over 4,096 or 1 MiB a thread); each is made again from its point's attributes",
+            series_keys_forgotten.clone(),
         );
         let capped = Family::<Labels2, Counter>::default();
         registry.register(
@@ -348,6 +355,7 @@ impl Stats {
             accepted_items,
             rejected_items,
             truncated_values,
+            series_keys_forgotten,
             capped,
             batches_ingested,
             queue_depth,
@@ -467,6 +475,10 @@ impl Stats {
 
     pub fn truncated(&self, n: u64) {
         self.truncated_values.inc_by(n);
+    }
+
+    pub fn series_keys_forgotten(&self, n: u64) {
+        self.series_keys_forgotten.inc_by(n);
     }
 
     pub fn capped(&self, cap: Cap, n: u64) {

@@ -240,7 +240,7 @@ impl<'a> PointScratch<'a> {
         let point = super::metrics::Point {
             head,
             value,
-            attributes: &self.attributes,
+            attributes: super::metrics::PointAttributes::Read(&self.attributes),
         };
         super::metrics::observe_point(name, point, &mut self.pairs, options, obs, out)
     }

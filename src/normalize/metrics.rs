@@ -91,6 +91,9 @@ struct Scratch<'a> {
     /// The parts of a metric's data (a message given more than once merges).
     data: Vec<&'a [u8]>,
     points: Vec<&'a [u8]>,
+    /// A point's attributes as they came on the wire: its series key is looked up by them.
+    raw_attributes: Vec<&'a [u8]>,
+    /// A point's attributes read, when they are (its key was not found, or it is not accepted).
     attributes: Vec<KeyValueView<'a>>,
     /// A point's series attributes as text, before they are sorted and copied.
     pairs: Vec<(&'a str, Cow<'a, str>)>,
@@ -171,26 +174,30 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
         let mut accepted = 0;
         for i in 0..self.points.len() {
             let point = self.points[i];
-            self.attributes.clear();
+            self.raw_attributes.clear();
+            let attributes = Attributes {
+                raw: &mut self.raw_attributes,
+            };
             let (head, value) = match kind {
                 DataKind::Gauge => {
-                    let (head, number) = read_number_point(point, &mut self.attributes)?;
+                    let (head, number) = read_number_point(point, attributes)?;
                     (head, number.map(PointValue::Gauge))
                 }
                 DataKind::Sum => {
-                    let (head, number) = read_number_point(point, &mut self.attributes)?;
+                    let (head, number) = read_number_point(point, attributes)?;
                     (head, sum_value(number, temporality, metric.monotonic))
                 }
-                DataKind::Histogram => read_histogram_point(point, temporality, &mut self.attributes)?,
-                DataKind::ExponentialHistogram => {
-                    read_exponential_point(point, temporality, &mut self.attributes)?
-                }
+                DataKind::Histogram => read_histogram_point(point, temporality, attributes)?,
+                DataKind::ExponentialHistogram => read_exponential_point(point, temporality, attributes)?,
                 DataKind::Summary => unreachable!("summaries are rejected whole above"),
             };
             let point = Point {
                 head,
                 value,
-                attributes: &self.attributes,
+                attributes: PointAttributes::Wire {
+                    raw: &self.raw_attributes,
+                    read: &mut self.attributes,
+                },
             };
             accepted += observe_point(metric.name, point, &mut self.pairs, options, obs, out)?;
         }
@@ -203,7 +210,27 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
 pub(super) struct Point<'p, 'a> {
     pub head: PointHead,
     pub value: PointRead,
-    pub attributes: &'p [KeyValueView<'a>],
+    pub attributes: PointAttributes<'p, 'a>,
+}
+
+/// A point's attributes: read already (JSON), or as they came in protobuf, read only when the
+/// point's series key is not found by them or the point is not accepted.
+pub(super) enum PointAttributes<'p, 'a> {
+    Read(&'p [KeyValueView<'a>]),
+    Wire {
+        raw: &'p [&'a [u8]],
+        read: &'p mut Vec<KeyValueView<'a>>,
+    },
+}
+
+/// Reads attributes as they came on the wire; one that does not decode fails the request, as
+/// prost fails it, whether its point is kept or not.
+fn read_attributes<'a>(raw: &[&'a [u8]], read: &mut Vec<KeyValueView<'a>>) -> Result<(), DecodeError> {
+    read.clear();
+    for bytes in raw {
+        read.push(KeyValueView::read(bytes).map_err(within("a point attribute"))?);
+    }
+    Ok(())
 }
 
 /// Observes a point of metric `name`: a gap is skipped, a point without a usable time or value
@@ -219,8 +246,13 @@ pub(super) fn observe_point<'a>(
     let Point {
         head,
         value,
-        attributes,
+        mut attributes,
     } = point;
+    let accepted =
+        head.flags & NO_RECORDED_VALUE == 0 && head.time != 0 && !beyond_horizon(head.time) && value.is_ok();
+    if !accepted && let PointAttributes::Wire { raw, read } = &mut attributes {
+        read_attributes(raw, read)?;
+    }
     if head.flags & NO_RECORDED_VALUE != 0 {
         // A valid point with nothing to observe: not rejected, and not accepted either (only
         // what reaches the engine is).
@@ -240,8 +272,24 @@ pub(super) fn observe_point<'a>(
     }
     match value {
         Ok(value) => {
-            let series = series_key(name, attributes, pairs, options, &mut out.truncated)
-                .map_err(within("a point attribute"))?;
+            let series = match attributes {
+                PointAttributes::Read(read) => series_key(name, read, pairs, options, &mut out.truncated)
+                    .map_err(within("a point attribute"))?,
+                PointAttributes::Wire { raw, read } => SERIES_KEYS.with_borrow_mut(|keys| {
+                    keys.key(
+                        name,
+                        raw,
+                        options,
+                        &mut out.truncated,
+                        &mut out.series_keys_forgotten,
+                        |truncated| {
+                            read_attributes(raw, read)?;
+                            series_key(name, read, pairs, options, truncated)
+                                .map_err(within("a point attribute"))
+                        },
+                    )
+                })?,
+            };
             obs.saw(head.time);
             obs.metric_points.push(MetricPoint {
                 series,
@@ -351,7 +399,7 @@ pub(super) type PointRead = Result<PointValue, &'static str>;
 /// A `NumberDataPoint` of a gauge or a sum: its head and its number.
 fn read_number_point<'a>(
     buf: &'a [u8],
-    attributes: &mut Vec<KeyValueView<'a>>,
+    mut attributes: Attributes<'_, 'a>,
 ) -> Result<(PointHead, Result<f64, &'static str>), DecodeError> {
     let within = within("NumberDataPoint");
     let mut head = PointHead::default();
@@ -365,7 +413,7 @@ fn read_number_point<'a>(
             4 => number = double_value(f64::from_bits(value.fixed64(n).map_err(&within)?)),
             // sfixed64, two's complement.
             6 => number = Ok(value.fixed64(n).map_err(&within)? as i64 as f64),
-            7 => attributes.push(attribute(value, n)?),
+            7 => attributes.push(value, n)?,
             8 => head.flags = flags(value, n).map_err(&within)?,
             _ => {}
         }
@@ -377,7 +425,7 @@ fn read_number_point<'a>(
 fn read_histogram_point<'a>(
     buf: &'a [u8],
     temporality: Option<Temporality>,
-    attributes: &mut Vec<KeyValueView<'a>>,
+    mut attributes: Attributes<'_, 'a>,
 ) -> Result<(PointHead, PointRead), DecodeError> {
     let within = within("HistogramDataPoint");
     let mut head = PointHead::default();
@@ -392,7 +440,7 @@ fn read_histogram_point<'a>(
             5 => sum = Some(f64::from_bits(value.fixed64(n).map_err(&within)?)),
             6 => value.repeated_fixed64(n, &mut bucket_counts).map_err(&within)?,
             7 => value.repeated_double(n, &mut bounds).map_err(&within)?,
-            9 => attributes.push(attribute(value, n)?),
+            9 => attributes.push(value, n)?,
             10 => head.flags = flags(value, n).map_err(&within)?,
             _ => {}
         }
@@ -407,7 +455,7 @@ fn read_histogram_point<'a>(
 fn read_exponential_point<'a>(
     buf: &'a [u8],
     temporality: Option<Temporality>,
-    attributes: &mut Vec<KeyValueView<'a>>,
+    mut attributes: Attributes<'_, 'a>,
 ) -> Result<(PointHead, PointRead), DecodeError> {
     let within = within("ExponentialHistogramDataPoint");
     let mut head = PointHead::default();
@@ -416,7 +464,7 @@ fn read_exponential_point<'a>(
     for field in Fields::new(buf) {
         let (n, value) = field.map_err(&within)?;
         match n {
-            1 => attributes.push(attribute(value, n)?),
+            1 => attributes.push(value, n)?,
             2 => head.start_time = value.fixed64(n).map_err(&within)?,
             3 => head.time = value.fixed64(n).map_err(&within)?,
             4 => count = value.fixed64(n).map_err(&within)?,
@@ -454,9 +502,126 @@ fn read_buckets(buf: &[u8], buckets: &mut ExponentialBuckets) -> Result<(), Deco
     Ok(())
 }
 
-fn attribute<'a>(value: Value<'a>, n: u32) -> Result<KeyValueView<'a>, DecodeError> {
-    let bytes = value.bytes(n).map_err(within("a data point"))?;
-    KeyValueView::read(bytes).map_err(within("a point attribute"))
+/// Where a point's attributes go as they are found: as they came, read later if need be.
+struct Attributes<'s, 'a> {
+    raw: &'s mut Vec<&'a [u8]>,
+}
+
+impl<'a> Attributes<'_, 'a> {
+    fn push(&mut self, value: Value<'a>, n: u32) -> Result<(), DecodeError> {
+        self.raw.push(value.bytes(n).map_err(within("a data point"))?);
+        Ok(())
+    }
+}
+
+/// The most series keys one thread keeps made, and the most bytes they may hold. An SDK's export
+/// holds tens to thousands of series; past either bound the keys are forgotten all at once
+/// (counted) and made again as they come. A blocking thread that idles ends, and its keys with it.
+const MAX_KEPT_SERIES_KEYS: usize = 4096;
+const MAX_KEPT_SERIES_BYTES: usize = 1 << 20;
+/// A point whose name and attributes take more than this on the wire has its key made each time,
+/// so that no few large keys fill a thread's bytes.
+const MAX_KEPT_SERIES_WIRE: usize = 2048;
+
+thread_local! {
+    static SERIES_KEYS: std::cell::RefCell<SeriesKeys> = std::cell::RefCell::new(SeriesKeys::default());
+}
+
+/// Series keys already made on this thread, found by the bytes they were made from.
+///
+/// An SDK sends the same series every interval, each point's attributes the same bytes, so most
+/// points' keys are found here rather than made again (UTF-8 checks, sorting, cleaning and cutting
+/// their text were most of what reading a point cost). One per thread, so the receivers' threads
+/// share no lock. The bytes are compared whole, so a hash collision is only a miss.
+#[derive(Default)]
+struct SeriesKeys {
+    /// The options the kept keys were made under; other options start afresh.
+    limits: (usize, usize),
+    kept: std::collections::HashMap<u64, KeptKey, foldhash::fast::RandomState>,
+    /// The bytes the kept keys hold: their wire form and their text, counted without overhead.
+    kept_bytes: usize,
+    /// The current point's name and attributes as bytes, each after its length.
+    wire: Vec<u8>,
+    hasher: foldhash::fast::RandomState,
+}
+
+struct KeptKey {
+    wire: Box<[u8]>,
+    key: SeriesKey,
+    /// What making it cut, counted again each time it is used.
+    truncated: u64,
+}
+
+impl SeriesKeys {
+    fn key(
+        &mut self,
+        name: &str,
+        raw: &[&[u8]],
+        options: &NormalizeOptions,
+        truncated: &mut u64,
+        forgotten: &mut u64,
+        make: impl FnOnce(&mut u64) -> Result<SeriesKey, DecodeError>,
+    ) -> Result<SeriesKey, DecodeError> {
+        use std::hash::BuildHasher;
+        let limits = (options.max_attribute_value_len, options.max_series_attributes);
+        if self.limits != limits {
+            self.forget();
+            self.limits = limits;
+        }
+        self.wire.clear();
+        for part in std::iter::once(name.as_bytes()).chain(raw.iter().copied()) {
+            self.wire.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            self.wire.extend_from_slice(part);
+        }
+        let hash = self.hasher.hash_one(&self.wire);
+        if let Some(kept) = self.kept.get(&hash)
+            && *kept.wire == *self.wire
+        {
+            *truncated += kept.truncated;
+            return Ok(kept.key.clone());
+        }
+        let mut cut = 0;
+        let key = make(&mut cut)?;
+        *truncated += cut;
+        if self.wire.len() > MAX_KEPT_SERIES_WIRE {
+            return Ok(key);
+        }
+        let kept = KeptKey {
+            wire: self.wire.as_slice().into(),
+            key: key.clone(),
+            truncated: cut,
+        };
+        if self.kept.len() >= MAX_KEPT_SERIES_KEYS || self.kept_bytes + kept.bytes() > MAX_KEPT_SERIES_BYTES {
+            *forgotten += self.forget();
+        }
+        self.kept_bytes += kept.bytes();
+        if let Some(replaced) = self.kept.insert(hash, kept) {
+            // Another key under the same hash: its bytes go with it.
+            self.kept_bytes -= replaced.bytes();
+        }
+        Ok(key)
+    }
+
+    /// Forgets every kept key; returns how many there were.
+    fn forget(&mut self) -> u64 {
+        let n = self.kept.len() as u64;
+        self.kept.clear();
+        self.kept_bytes = 0;
+        n
+    }
+}
+
+impl KeptKey {
+    fn bytes(&self) -> usize {
+        self.wire.len()
+            + self.key.name.len()
+            + self
+                .key
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// A uint32 on the wire: a varint of which prost keeps the low 32 bits.
@@ -659,6 +824,67 @@ mod tests {
         let key = &out.batch.resources[0].metric_points[0].series;
         assert_eq!(key.to_string(), "m{a=\"1\",b=\"2\"}");
         assert_eq!(out.truncated, 1);
+    }
+
+    #[test]
+    fn a_series_read_again_has_the_key_made_afresh_under_the_options_of_its_read() {
+        let long = "v".repeat(40);
+        let attributes = vec![kv("c", "3"), kv("a", &long), kv("b", "2")];
+        let request = request(vec![metric(
+            "m",
+            Data::Gauge(Gauge {
+                data_points: vec![
+                    number_point(100, 1.0, attributes.clone()),
+                    number_point(200, 2.0, attributes),
+                ],
+            }),
+        )]);
+        let read = |max_series_attributes, max_attribute_value_len| {
+            let options = NormalizeOptions {
+                max_series_attributes,
+                max_attribute_value_len,
+                ..NormalizeOptions::default()
+            };
+            let out = metrics(&request, &options).expect("decodes");
+            let keys: Vec<String> = out.batch.resources[0]
+                .metric_points
+                .iter()
+                .map(|p| p.series.to_string())
+                .collect();
+            (keys, out.truncated)
+        };
+        let cut = format!("m{{a={:?},b=\"2\"}}", "v".repeat(10));
+        // The second point's key is found, not made: the same key, its cuts counted again.
+        for _ in 0..2 {
+            assert_eq!(read(2, 10), (vec![cut.clone(), cut.clone()], 4));
+        }
+        // Other options make other keys from the same bytes.
+        let whole = format!("m{{a={long:?},b=\"2\",c=\"3\"}}");
+        assert_eq!(read(8, 64), (vec![whole.clone(), whole], 0));
+        assert_eq!(read(2, 10), (vec![cut.clone(), cut], 4));
+    }
+
+    #[test]
+    fn a_thread_keeps_a_bounded_number_of_series_keys_and_counts_those_it_forgets() {
+        let series = MAX_KEPT_SERIES_KEYS + 904;
+        let points = (0..series)
+            .map(|i| number_point(100, 1.0, vec![kv("i", &i.to_string())]))
+            .collect();
+        let request = request(vec![metric("m", Data::Gauge(Gauge { data_points: points }))]);
+        for _ in 0..2 {
+            let out = metrics(&request, &NormalizeOptions::default()).expect("decodes");
+            let keys = &out.batch.resources[0].metric_points;
+            assert_eq!(keys.len(), series);
+            for (i, point) in keys.iter().enumerate() {
+                assert_eq!(point.series.to_string(), format!("m{{i=\"{i}\"}}"));
+            }
+            // Every read forgets the 4,096 kept when the 4,097th key comes.
+            assert!(
+                out.series_keys_forgotten >= MAX_KEPT_SERIES_KEYS as u64,
+                "{}",
+                out.series_keys_forgotten
+            );
+        }
     }
 
     /// What protobuf allows on the wire beyond what prost writes.

@@ -79,6 +79,9 @@ pub struct Normalized {
     /// Valid items with nothing to observe (metric points flagged `NO_RECORDED_VALUE`): neither
     /// accepted (they never reach the engine) nor rejected.
     pub skipped: u64,
+    /// Metric series keys this request's reading forgot, to keep a thread's kept keys within
+    /// their bounds (each is made again when its series comes again).
+    pub series_keys_forgotten: u64,
 }
 
 impl Normalized {

@@ -431,6 +431,7 @@ impl Intake {
             }
         }
         self.stats.truncated(n.truncated);
+        self.stats.series_keys_forgotten(n.series_keys_forgotten);
         Ok(outcome)
     }
 }
