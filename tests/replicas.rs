@@ -89,12 +89,36 @@ fn route(app: &str, replicas: usize) -> usize {
     (hash % replicas as u64) as usize
 }
 
-/// A port free now, for a replica whose address its peers must know before it starts.
+/// A port free now, for a replica whose address its peers must know before it starts, and which
+/// it binds again when it restarts.
+///
+/// Taken below the kernel's ephemeral range: a port the kernel handed out for a bind to port 0
+/// could be handed out again, between its pick and its use or while its replica restarts, to
+/// any daemon of a test running beside this one (they bind their other listeners to port 0).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000, ephemeral_start.saturating_sub(10_000));
+    if span < 1_000 {
+        // No room below the range: the kernel's pick, as before.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+    }
+    // Test binaries run at once start from different places.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(low + start.wrapping_add(next) % span).expect("below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral_start}");
 }
 
 /// `count` replicas under `dir`, each listing them all as `cluster_peers`, itself included, as a

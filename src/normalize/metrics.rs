@@ -568,8 +568,13 @@ impl SeriesKeys {
             self.forget();
             self.limits = limits;
         }
+        let parts = || std::iter::once(name.as_bytes()).chain(raw.iter().copied());
+        if parts().map(|part| 4 + part.len()).sum::<usize>() > MAX_KEPT_SERIES_WIRE {
+            // Made each time, and never copied into the thread's scratch, which stays small.
+            return make(truncated);
+        }
         self.wire.clear();
-        for part in std::iter::once(name.as_bytes()).chain(raw.iter().copied()) {
+        for part in parts() {
             self.wire.extend_from_slice(&(part.len() as u32).to_le_bytes());
             self.wire.extend_from_slice(part);
         }
@@ -583,9 +588,6 @@ impl SeriesKeys {
         let mut cut = 0;
         let key = make(&mut cut)?;
         *truncated += cut;
-        if self.wire.len() > MAX_KEPT_SERIES_WIRE {
-            return Ok(key);
-        }
         let kept = KeptKey {
             wire: self.wire.as_slice().into(),
             key: key.clone(),
@@ -885,6 +887,30 @@ mod tests {
                 out.series_keys_forgotten
             );
         }
+    }
+
+    #[test]
+    fn a_series_too_large_to_keep_has_its_key_made_at_every_read() {
+        let large = "x".repeat(MAX_KEPT_SERIES_WIRE);
+        let gauge = Data::Gauge(Gauge {
+            data_points: vec![number_point(100, 1.0, vec![kv("a", &large)]); 2],
+        });
+        let request = request(vec![metric("m", gauge)]);
+        let options = NormalizeOptions::default();
+        let cut = format!("m{{a={:?}}}", &large[..options.max_attribute_value_len]);
+        for _ in 0..2 {
+            let out = metrics(&request, &options).expect("decodes");
+            let keys: Vec<String> = out.batch.resources[0]
+                .metric_points
+                .iter()
+                .map(|p| p.series.to_string())
+                .collect();
+            assert_eq!((keys, out.truncated), (vec![cut.clone(), cut.clone()], 2));
+        }
+        SERIES_KEYS.with_borrow(|keys| {
+            assert!(keys.kept.is_empty());
+            assert!(keys.wire.capacity() <= MAX_KEPT_SERIES_WIRE);
+        });
     }
 
     /// What protobuf allows on the wire beyond what prost writes.

@@ -52,7 +52,13 @@ impl Running {
             .expect("spawn");
         let addrs_file = data.join("addrs.json");
         let addrs = poll_until("addrs.json", || {
-            assert!(child.try_wait().expect("poll").is_none(), "daemon exited early");
+            if let Some(status) = child.try_wait().expect("poll") {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                panic!("daemon exited early ({status}): {stderr}");
+            }
             let text = std::fs::read_to_string(&addrs_file).ok()?;
             Some(serde_json::from_str(&text).expect("addrs.json is whole JSON"))
         });
