@@ -19,7 +19,8 @@
 //! `CALIBRATION_SEEDS` (default 1,000 per A/A condition), `CALIBRATION_DETECT_SEEDS` (50),
 //! `CALIBRATION_ANOMALY_SEEDS` (20), `CALIBRATION_ONLY=<part of a condition's name>` to run some
 //! (several parts separated by `|`), `CALIBRATION_THREADS` to use fewer cores, and
-//! `CALIBRATION_VERBOSE=1` to print each false failure's checks and messages. An A/A run
+//! `CALIBRATION_VERBOSE=1` to print each false failure's checks and messages (and each
+//! stable-only seed's false anomalies). An A/A run
 //! costs 0.5 to 1.5 s of one core (several times that with 40 operations), so the defaults take
 //! hours on two cores; BENCHMARKS.md says how many seeds each figure had. Under `cargo test` it
 //! is a smoke run: one seed of the 20 requests-a-second conditions, shortened.
@@ -234,7 +235,11 @@ fn anomalies(plan: &Plan) {
                 simulate::stable_app(&mut engine, 5_000 + seed, plan.anomaly_days, rps, 0.0002, |_| {
                     None
                 });
-            simulate::detected(&changes)
+            let detected = simulate::detected(&changes);
+            if std::env::var_os("CALIBRATION_VERBOSE").is_some() && !detected.is_empty() {
+                eprintln!("  seed {}: {detected:?}", 5_000 + seed);
+            }
+            detected
         });
         let days = plan.anomaly_seeds * plan.anomaly_days;
         let alarms: Vec<&String> = found.iter().flatten().collect();
