@@ -593,10 +593,11 @@ impl SeriesKeys {
             key: key.clone(),
             truncated: cut,
         };
-        if self.kept.len() >= MAX_KEPT_SERIES_KEYS || self.kept_bytes + kept.bytes() > MAX_KEPT_SERIES_BYTES {
+        let bytes = kept.bytes();
+        if self.kept.len() >= MAX_KEPT_SERIES_KEYS || self.kept_bytes + bytes > MAX_KEPT_SERIES_BYTES {
             *forgotten += self.forget();
         }
-        self.kept_bytes += kept.bytes();
+        self.kept_bytes += bytes;
         if let Some(replaced) = self.kept.insert(hash, kept) {
             // Another key under the same hash: its bytes go with it.
             self.kept_bytes -= replaced.bytes();
@@ -828,6 +829,15 @@ mod tests {
         assert_eq!(out.truncated, 1);
     }
 
+    /// The series keys of the first resource's points, as text.
+    fn series_keys(out: &Normalized) -> Vec<String> {
+        out.batch.resources[0]
+            .metric_points
+            .iter()
+            .map(|p| p.series.to_string())
+            .collect()
+    }
+
     #[test]
     fn a_series_read_again_has_the_key_made_afresh_under_the_options_of_its_read() {
         let long = "v".repeat(40);
@@ -848,12 +858,7 @@ mod tests {
                 ..NormalizeOptions::default()
             };
             let out = metrics(&request, &options).expect("decodes");
-            let keys: Vec<String> = out.batch.resources[0]
-                .metric_points
-                .iter()
-                .map(|p| p.series.to_string())
-                .collect();
-            (keys, out.truncated)
+            (series_keys(&out), out.truncated)
         };
         let cut = format!("m{{a={:?},b=\"2\"}}", "v".repeat(10));
         // The second point's key is found, not made: the same key, its cuts counted again.
@@ -875,10 +880,10 @@ mod tests {
         let request = request(vec![metric("m", Data::Gauge(Gauge { data_points: points }))]);
         for _ in 0..2 {
             let out = metrics(&request, &NormalizeOptions::default()).expect("decodes");
-            let keys = &out.batch.resources[0].metric_points;
+            let keys = series_keys(&out);
             assert_eq!(keys.len(), series);
-            for (i, point) in keys.iter().enumerate() {
-                assert_eq!(point.series.to_string(), format!("m{{i=\"{i}\"}}"));
+            for (i, key) in keys.iter().enumerate() {
+                assert_eq!(*key, format!("m{{i=\"{i}\"}}"));
             }
             // Every read forgets the 4,096 kept when the 4,097th key comes.
             assert!(
@@ -900,12 +905,10 @@ mod tests {
         let cut = format!("m{{a={:?}}}", &large[..options.max_attribute_value_len]);
         for _ in 0..2 {
             let out = metrics(&request, &options).expect("decodes");
-            let keys: Vec<String> = out.batch.resources[0]
-                .metric_points
-                .iter()
-                .map(|p| p.series.to_string())
-                .collect();
-            assert_eq!((keys, out.truncated), (vec![cut.clone(), cut.clone()], 2));
+            assert_eq!(
+                (series_keys(&out), out.truncated),
+                (vec![cut.clone(), cut.clone()], 2)
+            );
         }
         SERIES_KEYS.with_borrow(|keys| {
             assert!(keys.kept.is_empty());
