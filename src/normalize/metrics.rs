@@ -665,10 +665,7 @@ fn series_key<'a>(
         .drain(..)
         .map(|(k, v)| (cut_to(k, max, truncated), cut_owned(v, max, truncated)))
         .collect();
-    Ok(SeriesKey {
-        name: cut_to(name, max, truncated),
-        attributes,
-    })
+    Ok(SeriesKey::new(cut_to(name, max, truncated), attributes))
 }
 
 #[cfg(test)]

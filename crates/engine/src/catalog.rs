@@ -729,10 +729,7 @@ mod tests {
         for i in 0..5 {
             r.saw(10);
             r.metric_points.push(MetricPoint {
-                series: SeriesKey {
-                    name: format!("m{i}"),
-                    attributes: vec![],
-                },
+                series: SeriesKey::new(format!("m{i}"), vec![]),
                 start_time: 0,
                 time: 10,
                 value: PointValue::Gauge(1.0),

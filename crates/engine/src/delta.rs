@@ -295,10 +295,7 @@ mod tests {
 
     fn counter(start: EventTime, time: EventTime, value: f64, temporality: Temporality) -> MetricPoint {
         MetricPoint {
-            series: SeriesKey {
-                name: "orders".into(),
-                attributes: vec![],
-            },
+            series: SeriesKey::new("orders".into(), vec![]),
             start_time: start,
             time,
             value: PointValue::Sum {
@@ -374,10 +371,7 @@ mod tests {
     #[test]
     fn cumulative_histograms_are_differenced_per_bucket() {
         let hist = |time, count, buckets: Vec<u64>| MetricPoint {
-            series: SeriesKey {
-                name: "latency".into(),
-                attributes: vec![],
-            },
+            series: SeriesKey::new("latency".into(), vec![]),
             start_time: 1,
             time,
             value: PointValue::Histogram {

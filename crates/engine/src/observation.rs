@@ -100,10 +100,33 @@ pub struct ExceptionObservation {
 }
 
 /// A metric series: the metric's name and a bounded, sorted set of its point attributes.
+///
+/// Shared, not copied: the receivers keep the keys they made and hand the same one out for every
+/// export of the series, and the engine's windows and histories hold it as often as they need,
+/// so a clone is a count, not a string per attribute.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct SeriesKey {
+#[serde(transparent)]
+pub struct SeriesKey(std::sync::Arc<SeriesKeyParts>);
+
+/// What a [`SeriesKey`] names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct SeriesKeyParts {
     pub name: String,
     pub attributes: Vec<(String, String)>,
+}
+
+impl SeriesKey {
+    pub fn new(name: String, attributes: Vec<(String, String)>) -> Self {
+        Self(std::sync::Arc::new(SeriesKeyParts { name, attributes }))
+    }
+}
+
+impl std::ops::Deref for SeriesKey {
+    type Target = SeriesKeyParts;
+
+    fn deref(&self) -> &SeriesKeyParts {
+        &self.0
+    }
 }
 
 impl fmt::Display for SeriesKey {

@@ -518,10 +518,7 @@ impl Iterator for Traffic<'_> {
                     let time = t0 + S - 1;
                     r.saw(time);
                     r.metric_points.push(MetricPoint {
-                        series: SeriesKey {
-                            name: "orders.completed".into(),
-                            attributes: vec![],
-                        },
+                        series: SeriesKey::new("orders.completed".into(), vec![]),
                         // As SDKs do: the series starts when its version does, and its first
                         // point carries no increment the engine can place.
                         start_time: if v == 1 {

@@ -610,10 +610,7 @@ mod tests {
     fn a_counter_point_counts_in_its_window_only_for_the_part_of_its_interval_there() {
         let config = config();
         let mut windows = VersionWindows::default();
-        let series = SeriesKey {
-            name: "orders".into(),
-            attributes: vec![],
-        };
+        let series = SeriesKey::new("orders".into(), vec![]);
         // A cumulative point at 25 s after a gap since 5 s: 40 increments over 20 s, of which the
         // window [20, 30) holds a quarter.
         let sample = Sample::Increment {

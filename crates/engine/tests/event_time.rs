@@ -62,10 +62,7 @@ fn lone(kind: u8, time: EventTime, received: EventTime) -> Batch {
         1 => {
             r.saw(time);
             r.metric_points.push(MetricPoint {
-                series: SeriesKey {
-                    name: "queue.depth".into(),
-                    attributes: Vec::new(),
-                },
+                series: SeriesKey::new("queue.depth".into(), Vec::new()),
                 start_time: 0,
                 time,
                 value: PointValue::Gauge(3.0),

@@ -464,10 +464,7 @@ mod tests {
     }
 
     fn orders() -> SeriesKey {
-        SeriesKey {
-            name: "orders".into(),
-            attributes: vec![],
-        }
+        SeriesKey::new("orders".into(), vec![])
     }
 
     /// `requests` in a second, and a counter point landing in it with `value` over `[from, to)`.

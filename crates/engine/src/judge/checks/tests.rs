@@ -195,10 +195,7 @@ pub(crate) mod decision {
     }
 
     fn orders() -> SeriesKey {
-        SeriesKey {
-            name: "orders.completed".into(),
-            attributes: vec![],
-        }
+        SeriesKey::new("orders.completed".into(), vec![])
     }
 
     /// Latencies spread evenly over 20 to 40 ms.
