@@ -119,6 +119,16 @@ impl SeriesKey {
     pub fn new(name: String, attributes: Vec<(String, String)>) -> Self {
         Self(std::sync::Arc::new(SeriesKeyParts { name, attributes }))
     }
+
+    /// This holder's share of the key's heap: its text and allocation split evenly between
+    /// everything that holds the key, for memory accounting.
+    pub fn heap_bytes_share(&self) -> usize {
+        let text = self.name.len()
+            + self.attributes.capacity() * std::mem::size_of::<(String, String)>()
+            + self.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let whole = std::mem::size_of::<SeriesKeyParts>() + 2 * std::mem::size_of::<usize>() + text;
+        whole / std::sync::Arc::strong_count(&self.0).max(1)
+    }
 }
 
 impl std::ops::Deref for SeriesKey {

@@ -246,13 +246,8 @@ impl Aggregate {
             .metrics
             .iter()
             .map(|(series, agg)| {
-                let key = string_bytes(&series.name)
-                    + series
-                        .attributes
-                        .iter()
-                        .map(|(k, v)| string_bytes(k) + string_bytes(v))
-                        .sum::<usize>();
-                key + std::mem::size_of::<MetricAggregate>()
+                series.heap_bytes_share()
+                    + std::mem::size_of::<MetricAggregate>()
                     + MAP_ENTRY_OVERHEAD
                     + agg.intervals.capacity() * 24
                     + agg.distribution.as_ref().map_or(0, Sketch::heap_bytes)
