@@ -135,6 +135,8 @@ struct Row {
     /// The engine's own estimates of its open buckets and analyses' history, per series.
     buckets_per_series: f64,
     analyses_per_series: f64,
+    /// The long windows' merges of blocks the analyses keep for their next look, per series.
+    merges_per_series: f64,
     sled_mib: f64,
     sled_per_series: f64,
     stop_s: f64,
@@ -160,6 +162,7 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
     let engine_bytes = sample_of(&text, "canaryd_baseline_memory_bytes")?;
     let bucket_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"buckets\"}")?;
     let analysis_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analyses\"}")?;
+    let merge_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analysis_merges\"}")?;
     let rss = rss_kib(daemon.child.id())?;
     let sled = dir_bytes(&data) as f64;
 
@@ -194,6 +197,7 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
         engine_per_series: engine_bytes / series,
         buckets_per_series: bucket_bytes / series,
         analyses_per_series: analysis_bytes / series,
+        merges_per_series: merge_bytes / series,
         sled_mib: sled / (1024.0 * 1024.0),
         sled_per_series: sled / series,
         stop_s,
@@ -214,13 +218,14 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     println!(
-        "{:>8} {:>9} {:>11} {:>12} {:>13} {:>14} {:>9} {:>11} {:>7} {:>8}",
+        "{:>8} {:>9} {:>11} {:>12} {:>13} {:>14} {:>12} {:>9} {:>11} {:>7} {:>8}",
         "series",
         "RSS MiB",
         "RSS B/ser",
         "engine B/ser",
         "buckets B/ser",
         "analyses B/ser",
+        "merges B/ser",
         "sled MiB",
         "sled B/ser",
         "stop s",
@@ -229,13 +234,14 @@ fn main() -> anyhow::Result<()> {
     for target in sizes {
         let row = runtime.block_on(measure(target))?;
         println!(
-            "{:>8.0} {:>9.1} {:>11.0} {:>12.0} {:>13.0} {:>14.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
+            "{:>8.0} {:>9.1} {:>11.0} {:>12.0} {:>13.0} {:>14.0} {:>12.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
             row.series,
             row.rss_mib,
             row.rss_per_series,
             row.engine_per_series,
             row.buckets_per_series,
             row.analyses_per_series,
+            row.merges_per_series,
             row.sled_mib,
             row.sled_per_series,
             row.stop_s,

@@ -418,6 +418,7 @@ impl Stats {
             ("baselines", memory.baselines),
             ("buckets", memory.buckets),
             ("analyses", memory.analyses),
+            ("analysis_merges", memory.analysis_merges),
         ] {
             self.engine_memory_bytes
                 .get_or_create(&[("part", part)])

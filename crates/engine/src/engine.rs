@@ -252,6 +252,8 @@ pub struct EngineMemory {
     pub buckets: usize,
     /// The analyses' recent history of the canary and the stable, second by second and in blocks.
     pub analyses: usize,
+    /// The merges of those blocks that the analyses' long windows keep for their next look.
+    pub analysis_merges: usize,
 }
 
 /// What `Engine::page_out` moved out of memory.
@@ -1080,16 +1082,17 @@ impl Engine {
             .flat_map(|a| a.versions.values())
             .map(|v| v.windows.memory_bytes())
             .sum();
-        let analyses = self
+        let (analyses, analysis_merges) = self
             .judge
             .analyses()
             .map(crate::judge::Analysis::memory_bytes)
-            .sum();
+            .fold((0, 0), |(a, m), (more, merges)| (a + more, m + merges));
         EngineMemory {
             baseline_series,
             baselines,
             buckets,
             analyses,
+            analysis_merges,
         }
     }
 

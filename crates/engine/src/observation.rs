@@ -125,7 +125,11 @@ impl SeriesKey {
     pub fn heap_bytes_share(&self) -> usize {
         let text = self.name.len()
             + self.attributes.capacity() * std::mem::size_of::<(String, String)>()
-            + self.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         let whole = std::mem::size_of::<SeriesKeyParts>() + 2 * std::mem::size_of::<usize>() + text;
         whole / std::sync::Arc::strong_count(&self.0).max(1)
     }

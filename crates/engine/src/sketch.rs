@@ -275,6 +275,14 @@ impl Sketch {
         }
     }
 
+    /// Gives back the bins' spare capacity: for a sketch that is kept but no longer grows (a
+    /// completed block of history, a kept merge), whose bins a merge's doubling left up to twice
+    /// as long as their span.
+    pub fn shrink_to_fit(&mut self) {
+        self.positive.counts.shrink_to_fit();
+        self.negative.counts.shrink_to_fit();
+    }
+
     /// Bytes on the heap, for memory accounting.
     pub fn heap_bytes(&self) -> usize {
         self.positive.heap_bytes() + self.negative.heap_bytes()

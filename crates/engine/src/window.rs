@@ -256,6 +256,24 @@ impl Aggregate {
         self.all.heap_bytes() + operations + cohorts + calls + exceptions + metrics
     }
 
+    /// Gives back the spare capacity of its sketches and interval lists: for an aggregate kept
+    /// unchanged from here on.
+    pub fn shrink_to_fit(&mut self) {
+        self.all.latency_ms.shrink_to_fit();
+        for agg in self.operations.values_mut() {
+            agg.latency_ms.shrink_to_fit();
+        }
+        for agg in self.cohorts.values_mut() {
+            agg.shrink_to_fit();
+        }
+        for m in self.metrics.values_mut() {
+            m.intervals.shrink_to_fit();
+            if let Some(d) = &mut m.distribution {
+                d.shrink_to_fit();
+            }
+        }
+    }
+
     pub fn merge(&mut self, other: &Aggregate) {
         self.all.merge(&other.all);
         for (cohort, agg) in &other.cohorts {

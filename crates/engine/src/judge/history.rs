@@ -61,22 +61,25 @@ struct MergedBlocks {
 }
 
 impl History {
-    /// About the memory the seconds and blocks kept hold.
-    pub fn memory_bytes(&self) -> usize {
+    /// About the memory the seconds and blocks kept hold, and apart, the long windows' merges of
+    /// blocks kept for the next look.
+    pub fn memory_bytes(&self) -> (usize, usize) {
         let each = std::mem::size_of::<(EventTime, crate::window::Aggregate)>();
-        self.seconds
+        let kept = self
+            .seconds
             .iter()
             .chain(&self.blocks)
             .chain(self.block.iter())
             .map(|(_, agg)| each + agg.heap_bytes())
             .sum::<usize>()
-            + self.requests.len() * 16
-            + self
-                .merged_blocks
-                .borrow()
-                .iter()
-                .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.heap_bytes())
-                .sum::<usize>()
+            + self.requests.len() * 16;
+        let merges = self
+            .merged_blocks
+            .borrow()
+            .iter()
+            .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.heap_bytes())
+            .sum::<usize>();
+        (kept, merges)
     }
 
     pub fn new(keep_s: u64) -> Self {
@@ -120,8 +123,9 @@ impl History {
         match &mut self.block {
             Some((b, agg)) if *b == block_start => agg.merge(&bucket),
             _ => {
-                if let Some(done) = self.block.take() {
-                    self.blocks.push_back(done);
+                if let Some((done_start, mut done)) = self.block.take() {
+                    done.shrink_to_fit();
+                    self.blocks.push_back((done_start, done));
                     self.blocks_changed += 1;
                 }
                 self.block = Some((block_start, bucket));
@@ -289,6 +293,8 @@ impl History {
                         for (_, agg) in self.blocks.iter().rev().skip(have).take(count - have) {
                             merged.merge(agg);
                         }
+                        // Kept until a block changes, ten looks at most.
+                        merged.shrink_to_fit();
                         MergedBlocks {
                             changed: self.blocks_changed,
                             newest,
@@ -416,6 +422,42 @@ mod tests {
             w[3].all.requests
         );
         assert!(h.len() <= 10 + 14, "{}", h.len());
+    }
+
+    /// Completed blocks and the long windows' kept merges no longer grow, so they hold no spare
+    /// capacity: each takes what a copy of it would, however its latencies spread out as it
+    /// filled.
+    #[test]
+    fn what_is_kept_unchanged_holds_no_spare_capacity() {
+        let mut h = History::new(120);
+        for s in 0..200u64 {
+            let mut b = Aggregate::default();
+            // Latencies from 1 ms widening to 1 s within each block, so bins grow as it fills.
+            for i in 0..4u64 {
+                let ms = 1.0 + (s % 10 * 4 + i) as f64 * 25.0;
+                b.all.add((ms * 1e6) as u64, false);
+                b.operations
+                    .entry("GET /".into())
+                    .or_default()
+                    .add((ms * 1e6) as u64, false);
+            }
+            h.push(s * SECOND, &b);
+        }
+        let w = h.trailing(200 * SECOND, &[30, 120]);
+        assert_eq!(w[1].all.requests, 480);
+        assert!(h.blocks.len() >= 12);
+        for (_, block) in &h.blocks {
+            assert_eq!(block.heap_bytes(), block.clone().heap_bytes());
+        }
+        let (_, merges) = h.memory_bytes();
+        let exact: usize = h
+            .merged_blocks
+            .borrow()
+            .iter()
+            .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.clone().heap_bytes())
+            .sum();
+        assert!(merges > 0);
+        assert_eq!(merges, exact);
     }
 
     /// What the sequential evidence reads for a second already behind the latest bucket: that

@@ -383,9 +383,12 @@ pub struct Analysis {
 }
 
 impl Analysis {
-    /// About the memory its canary's and stable's histories hold.
-    pub fn memory_bytes(&self) -> usize {
-        self.canary_history.memory_bytes() + self.stable_history.memory_bytes()
+    /// About the memory its canary's and stable's histories hold: their seconds and blocks, and
+    /// their long windows' merges.
+    pub fn memory_bytes(&self) -> (usize, usize) {
+        let (canary, canary_merges) = self.canary_history.memory_bytes();
+        let (stable, stable_merges) = self.stable_history.memory_bytes();
+        (canary + stable, canary_merges + stable_merges)
     }
 
     fn new(
