@@ -12,7 +12,9 @@ use canaryd::config::{Config, RawConfig};
 
 /// Decoding OTLP allocates every attribute key and value: under load, glibc's malloc and free took
 /// about 45% of the daemon's CPU (perf, BENCHMARKS.md). mimalloc's thread-local free lists make
-/// those small, short-lived allocations cheap.
+/// those small, short-lived allocations cheap. The `system-allocator` feature leaves it out, so
+/// that a heap profiler that wraps malloc (heaptrack) sees every allocation.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

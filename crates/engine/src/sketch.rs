@@ -9,7 +9,8 @@
 //!
 //! Bins are stored densely from the lowest to the highest index used. When a side would exceed
 //! `MAX_BINS`, its lowest bins are folded together, which keeps the upper quantiles (the ones
-//! latency cares about) exact to the guarantee.
+//! latency cares about) exact to the guarantee. A sketch kept but no longer added to packs its
+//! bins (`shrink_to_fit`): most sketches of history count few requests over a wide span.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,62 +19,209 @@ const MIN_MAGNITUDE: f64 = 1e-9;
 /// Most bins per side. At 1% accuracy, 2048 bins span about 18 orders of magnitude.
 const MAX_BINS: usize = 2048;
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct Bins {
-    /// Index of `counts[0]`.
-    offset: i32,
-    counts: Vec<f64>,
+/// The bins of one side. A sketch that still grows keeps them densely, as real weights from the
+/// lowest index used to the highest. One that is kept but no longer grows (a completed block of
+/// history, a kept merge) and whose weights are all whole numbers, as counts of requests are, is
+/// packed (`Bins::pack`) into the smaller of two read-only forms: 4-byte counts over the same span,
+/// or index and count of each bin in use, for a sparse one. Adding to or scaling packed bins
+/// unpacks them first.
+#[derive(Clone, Debug)]
+enum Bins {
+    Dense {
+        /// Index of `counts[0]`.
+        offset: i32,
+        counts: Vec<f64>,
+    },
+    /// Whole-number weights from `offset` on, one per bin over the span.
+    Counts { offset: i32, counts: Box<[u32]> },
+    /// The bins in use, ascending, with their whole-number weights.
+    Sparse(Box<[(i32, u32)]>),
+}
+
+impl Default for Bins {
+    fn default() -> Self {
+        Bins::Dense {
+            offset: 0,
+            counts: Vec::new(),
+        }
+    }
 }
 
 impl Bins {
+    /// The dense bins, unpacking packed ones.
+    fn dense(&mut self) -> (&mut i32, &mut Vec<f64>) {
+        if !matches!(self, Bins::Dense { .. }) {
+            let mut offset = 0;
+            let mut counts = Vec::new();
+            for (i, c) in self.iter() {
+                if counts.is_empty() {
+                    offset = i;
+                }
+                counts.resize((i - offset) as usize, 0.0);
+                counts.push(c);
+            }
+            *self = Bins::Dense { offset, counts };
+        }
+        match self {
+            Bins::Dense { offset, counts } => (offset, counts),
+            Bins::Counts { .. } | Bins::Sparse(_) => unreachable!("unpacked above"),
+        }
+    }
+
     fn add(&mut self, index: i32, weight: f64) {
-        if self.counts.is_empty() {
-            self.offset = index;
-            self.counts.push(weight);
+        let (offset, counts) = self.dense();
+        if counts.is_empty() {
+            *offset = index;
+            counts.push(weight);
             return;
         }
-        if index < self.offset {
-            let grow = (self.offset - index) as usize;
-            if self.counts.len() + grow > MAX_BINS {
+        if index < *offset {
+            let grow = (*offset - index) as usize;
+            if counts.len() + grow > MAX_BINS {
                 // Past the cap: the value joins the lowest bin kept.
-                self.counts[0] += weight;
+                counts[0] += weight;
                 return;
             }
-            self.counts.splice(0..0, std::iter::repeat_n(0.0, grow));
-            self.offset = index;
+            counts.splice(0..0, std::iter::repeat_n(0.0, grow));
+            *offset = index;
         }
-        let at = (index - self.offset) as usize;
-        if at >= self.counts.len() {
-            self.counts.resize(at + 1, 0.0);
-            if self.counts.len() > MAX_BINS {
-                let fold = self.counts.len() - MAX_BINS;
-                let folded: f64 = self.counts.drain(..fold).sum();
-                self.counts[0] += folded;
-                self.offset += fold as i32;
+        let at = (index - *offset) as usize;
+        if at >= counts.len() {
+            counts.resize(at + 1, 0.0);
+            if counts.len() > MAX_BINS {
+                let fold = counts.len() - MAX_BINS;
+                let folded: f64 = counts.drain(..fold).sum();
+                counts[0] += folded;
+                *offset += fold as i32;
             }
         }
-        let at = (index - self.offset) as usize;
-        self.counts[at] += weight;
+        let at = (index - *offset) as usize;
+        counts[at] += weight;
     }
 
     fn total(&self) -> f64 {
-        self.counts.iter().sum()
+        self.iter().map(|(_, c)| c).sum()
     }
 
+    /// The bins in use (weight above zero), ascending by index.
     fn iter(&self) -> impl DoubleEndedIterator<Item = (i32, f64)> + '_ {
-        self.counts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0.0)
-            .map(|(i, c)| (self.offset + i as i32, *c))
+        // Two of the three are empty: one chain walks any form.
+        let (offset, dense, wide, sparse) = match self {
+            Bins::Dense { offset, counts } => (*offset, counts.as_slice(), &[][..], &[][..]),
+            Bins::Counts { offset, counts } => (*offset, &[][..], &counts[..], &[][..]),
+            Bins::Sparse(bins) => (0, &[][..], &[][..], &bins[..]),
+        };
+        let at = move |(i, c): (usize, f64)| (offset + i as i32, c);
+        let dense = dense.iter().copied().enumerate().map(at);
+        let wide = wide.iter().map(|c| f64::from(*c)).enumerate().map(at);
+        let sparse = sparse.iter().map(|(i, c)| (*i, f64::from(*c)));
+        dense.chain(wide).chain(sparse).filter(|(_, c)| *c > 0.0)
     }
 
     fn scale(&mut self, factor: f64) {
-        self.counts.iter_mut().for_each(|c| *c *= factor);
+        self.dense().1.iter_mut().for_each(|c| *c *= factor);
+    }
+
+    /// Gives back spare capacity, and packs bins whose weights are all whole numbers into the
+    /// smaller read-only form.
+    fn pack(&mut self) {
+        let Bins::Dense { offset, counts } = self else {
+            return;
+        };
+        let Some(first) = counts.iter().position(|c| *c > 0.0) else {
+            *self = Bins::default();
+            return;
+        };
+        let last = counts.iter().rposition(|c| *c > 0.0).unwrap_or(first);
+        let used = &counts[first..=last];
+        let whole = used
+            .iter()
+            .all(|c| *c >= 0.0 && c.fract() == 0.0 && *c <= f64::from(u32::MAX));
+        if !whole {
+            counts.shrink_to_fit();
+            return;
+        }
+        let in_use = used.iter().filter(|c| **c > 0.0).count();
+        let start = *offset + first as i32;
+        // Each form's bytes: 4 per bin of the span, or 8 per bin in use.
+        *self = if in_use * 8 < used.len() * 4 {
+            Bins::Sparse(
+                used.iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c > 0.0)
+                    .map(|(i, c)| (start + i as i32, *c as u32))
+                    .collect(),
+            )
+        } else {
+            Bins::Counts {
+                offset: start,
+                counts: used.iter().map(|c| *c as u32).collect(),
+            }
+        };
+    }
+
+    /// Bins kept, used or not (the dense span, or the bins in use of a sparse form).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Bins::Dense { counts, .. } => counts.len(),
+            Bins::Counts { counts, .. } => counts.len(),
+            Bins::Sparse(bins) => bins.len(),
+        }
     }
 
     fn heap_bytes(&self) -> usize {
-        self.counts.capacity() * std::mem::size_of::<f64>()
+        match self {
+            Bins::Dense { counts, .. } => counts.capacity() * std::mem::size_of::<f64>(),
+            Bins::Counts { counts, .. } => std::mem::size_of_val(&**counts),
+            Bins::Sparse(bins) => std::mem::size_of_val(&**bins),
+        }
+    }
+}
+
+/// Equal when the same bins hold the same weights, whatever their form.
+impl PartialEq for Bins {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+/// Stored as the dense form always (`offset`, `counts`), so that what is on disk does not depend
+/// on whether a sketch was packed.
+#[derive(Serialize, Deserialize)]
+struct StoredBins<'a> {
+    offset: i32,
+    counts: std::borrow::Cow<'a, [f64]>,
+}
+
+impl Serialize for Bins {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Bins::Dense { offset, counts } => StoredBins {
+                offset: *offset,
+                counts: std::borrow::Cow::Borrowed(counts),
+            }
+            .serialize(serializer),
+            Bins::Counts { .. } | Bins::Sparse(_) => {
+                let mut dense = self.clone();
+                let (offset, counts) = dense.dense();
+                StoredBins {
+                    offset: *offset,
+                    counts: std::borrow::Cow::Borrowed(counts),
+                }
+                .serialize(serializer)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Bins {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let stored = StoredBins::deserialize(deserializer)?;
+        Ok(Bins::Dense {
+            offset: stored.offset,
+            counts: stored.counts.into_owned(),
+        })
     }
 }
 
@@ -278,9 +426,11 @@ impl Sketch {
     /// Gives back the bins' spare capacity: for a sketch that is kept but no longer grows (a
     /// completed block of history, a kept merge), whose bins a merge's doubling left up to twice
     /// as long as their span.
+    /// Bins whose weights are all whole numbers are packed into a smaller read-only form
+    /// (unpacked again if the sketch is added to or decayed).
     pub fn shrink_to_fit(&mut self) {
-        self.positive.counts.shrink_to_fit();
-        self.negative.counts.shrink_to_fit();
+        self.positive.pack();
+        self.negative.pack();
     }
 
     /// Bytes on the heap, for memory accounting.
@@ -396,8 +546,84 @@ mod tests {
         for e in -30..30 {
             sketch.add(10f64.powi(e));
         }
-        assert!(sketch.positive.counts.len() <= MAX_BINS);
+        assert!(sketch.positive.len() <= MAX_BINS);
         let p99 = sketch.quantile(0.99).expect("not empty");
         assert!((p99 / 1e29 - 1.0).abs() < 0.0101, "{p99}");
+    }
+
+    /// A sketch of `values`, each with `weight`.
+    fn sketch_of(values: &[f64], weight: f64) -> Sketch {
+        let mut sketch = Sketch::new(0.01);
+        for v in values {
+            sketch.add_weighted(*v, weight);
+        }
+        sketch
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_packed_sketch_answers_and_stores_as_the_dense_one(
+            values in proptest::collection::vec(
+                proptest::prop_oneof![-1e4..1e4f64, 0.5..60.0f64, proptest::strategy::Just(0.0)],
+                0..300,
+            ),
+            weight in proptest::prop_oneof![proptest::strategy::Just(1.0), proptest::strategy::Just(3.0), 0.1..2.0f64],
+            more in proptest::collection::vec(0.5..5e3f64, 0..20),
+        ) {
+            let dense = sketch_of(&values, weight);
+            let mut packed = dense.clone();
+            packed.shrink_to_fit();
+            proptest::prop_assert_eq!(&packed, &dense);
+            for q in [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0] {
+                proptest::prop_assert_eq!(packed.quantile(q), dense.quantile(q));
+            }
+            for v in [-100.0, 0.0, 1.0, 20.0, 1e3] {
+                proptest::prop_assert_eq!(packed.count_above(v), dense.count_above(v));
+            }
+            // Stored exactly as the dense form, so that the disk does not see the difference.
+            proptest::prop_assert_eq!(
+                serde_json::to_string(&packed).expect("serializes"),
+                serde_json::to_string(&dense).expect("serializes")
+            );
+            // Merged from, or added to and merged into, it gives what the dense one gives.
+            let other = sketch_of(&more, 1.0);
+            let (mut into_dense, mut into_packed) = (other.clone(), other.clone());
+            into_dense.merge(&dense);
+            into_packed.merge(&packed);
+            proptest::prop_assert_eq!(&into_packed, &into_dense);
+            let (mut dense_grown, mut packed_grown) = (dense.clone(), packed.clone());
+            dense_grown.merge(&other);
+            packed_grown.merge(&other);
+            proptest::prop_assert_eq!(&packed_grown, &dense_grown);
+            for q in [0.01, 0.5, 0.99] {
+                proptest::prop_assert_eq!(packed_grown.quantile(q), dense_grown.quantile(q));
+            }
+            // Never larger than the dense bins it came from.
+            proptest::prop_assert!(packed.heap_bytes() <= dense.heap_bytes());
+        }
+    }
+
+    #[test]
+    fn few_counts_over_a_wide_span_pack_into_the_bins_in_use() {
+        // Ten requests between 1 and 50 ms, as a 10-second block of a quiet operation holds.
+        let values: Vec<f64> = (0..10).map(|i| 1.0 + 5.0 * i as f64).collect();
+        let mut sketch = sketch_of(&values, 1.0);
+        let dense_bytes = sketch.heap_bytes();
+        sketch.shrink_to_fit();
+        assert!(matches!(sketch.positive, Bins::Sparse(_)));
+        assert_eq!(sketch.heap_bytes(), 10 * 8, "was {dense_bytes}");
+        // Many counts over the same span: one 4-byte count per bin.
+        let values: Vec<f64> = (0..5000).map(|i| 1.0 + i as f64 / 100.0).collect();
+        let mut sketch = sketch_of(&values, 1.0);
+        let span = sketch.positive.len();
+        sketch.shrink_to_fit();
+        assert!(matches!(sketch.positive, Bins::Counts { .. }));
+        assert_eq!(sketch.heap_bytes(), span * 4);
+        // Decayed weights are not whole numbers: they stay dense, without spare capacity.
+        let mut sketch = sketch_of(&values, 1.0);
+        sketch.decay(0.9);
+        sketch.shrink_to_fit();
+        assert!(matches!(sketch.positive, Bins::Dense { .. }));
+        assert_eq!(sketch.heap_bytes(), span * 8);
     }
 }

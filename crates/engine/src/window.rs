@@ -256,8 +256,8 @@ impl Aggregate {
         self.all.heap_bytes() + operations + cohorts + calls + exceptions + metrics
     }
 
-    /// Gives back the spare capacity of its sketches and interval lists: for an aggregate kept
-    /// unchanged from here on.
+    /// Gives back the spare capacity of its sketches (packing those of whole-number weights,
+    /// `Sketch::shrink_to_fit`) and interval lists: for an aggregate kept unchanged from here on.
     pub fn shrink_to_fit(&mut self) {
         self.all.latency_ms.shrink_to_fit();
         for agg in self.operations.values_mut() {

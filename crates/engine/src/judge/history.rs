@@ -111,7 +111,10 @@ impl History {
     }
 
     fn add_bucket(&mut self, start: EventTime, bucket: Aggregate) {
-        self.seconds.push_back((start, bucket.clone()));
+        // Held as it is from here on: packed (most seconds hold few requests of each operation).
+        let mut second = bucket.clone();
+        second.shrink_to_fit();
+        self.seconds.push_back((start, second));
         while self
             .seconds
             .front()
