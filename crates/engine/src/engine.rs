@@ -23,6 +23,7 @@ use crate::judge::{
     Model, Operation, Verdict,
 };
 use crate::observation::{Batch, EventTime, RequestObservation, ResourceObservations, TraceId};
+use crate::vec_map::VecMap;
 use crate::window::{Aggregate, AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
 
 /// The two latest event times among a resource's observations.
@@ -72,19 +73,13 @@ impl<'a> TraceCohorts<'a> {
 
 /// The aggregate of cohort `key` (already through the catalog's cap), the key copied only the
 /// first time a bucket sees it.
-fn cohort_of<'m>(cohorts: &'m mut BTreeMap<String, Aggregate>, key: &str) -> &'m mut Aggregate {
-    if !cohorts.contains_key(key) {
-        cohorts.insert(key.to_owned(), Aggregate::default());
-    }
-    cohorts.get_mut(key).expect("inserted above")
+fn cohort_of<'m>(cohorts: &'m mut VecMap<String, Aggregate>, key: &str) -> &'m mut Aggregate {
+    cohorts.get_or_default(key)
 }
 
 /// One call to `downstream`, and whether it failed.
-fn count_call(calls: &mut BTreeMap<String, (u64, u64)>, downstream: &str, error: bool) {
-    let entry = match calls.get_mut(downstream) {
-        Some(entry) => entry,
-        None => calls.entry(downstream.to_owned()).or_default(),
-    };
+fn count_call(calls: &mut VecMap<String, (u64, u64)>, downstream: &str, error: bool) {
+    let entry = calls.get_or_default(downstream);
     entry.0 += 1;
     entry.1 += u64::from(error);
 }
@@ -514,21 +509,11 @@ impl Engine {
                     b.all.add(r.duration_ns, r.error);
                     // The key is copied only the first time a bucket sees it.
                     let op = entry.operation_key(&r.operation);
-                    match b.operations.get_mut(op) {
-                        Some(aggregate) => aggregate.add(r.duration_ns, r.error),
-                        None => b
-                            .operations
-                            .entry(op.to_owned())
-                            .or_default()
-                            .add(r.duration_ns, r.error),
-                    }
+                    b.operations.get_or_default(op).add(r.duration_ns, r.error);
                     if let Some(cohort) = &r.cohort {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
                         cohort.all.add(r.duration_ns, r.error);
-                        match cohort.operations.get_mut(op) {
-                            Some(aggregate) => aggregate.count(r.error),
-                            None => cohort.operations.entry(op.to_owned()).or_default().count(r.error),
-                        }
+                        cohort.operations.get_or_default(op).count(r.error);
                     }
                 }
                 None => late += 1,
@@ -554,10 +539,10 @@ impl Engine {
             match state.windows.bucket(e.time, closed_until, config) {
                 Some(b) => {
                     let ty = entry.exception_type_key(&e.exception_type);
-                    *b.exceptions.entry(ty.to_owned()).or_default() += 1;
+                    *b.exceptions.get_or_default(ty) += 1;
                     if let Some(cohort) = trace_cohorts.cohort(e.cohort.as_deref(), &e.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
-                        *cohort.exceptions.entry(ty.to_owned()).or_default() += 1;
+                        *cohort.exceptions.get_or_default(ty) += 1;
                     }
                 }
                 None => late += 1,

@@ -9,6 +9,7 @@
 //! - `delta`: cumulative and delta metric points turned into per-interval samples.
 //! - `catalog`: the apps, versions, operations and series seen, each map capped by `Limits`.
 //! - `sketch`: a mergeable quantile sketch with relative error (DDSketch).
+//! - `vec_map`: an ordered map in one sorted vector, for an aggregate's small maps.
 //! - `baseline`: EWMA and seasonal hour-of-week quantiles per feature, and the anomaly score.
 //! - `anomaly`: when a version's feature has left its own baseline, with hysteresis.
 //! - `window`: event-time buckets, the per-app watermark, and evaluation windows.
@@ -37,6 +38,7 @@ pub mod rng;
 pub mod score;
 pub mod simulate;
 pub mod sketch;
+pub mod vec_map;
 pub mod window;
 
 pub use catalog::{Cap, Catalog, Limits, OVERFLOW};

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::delta::Sample;
 use crate::observation::{EventTime, SeriesKey};
 use crate::sketch::Sketch;
+use crate::vec_map::VecMap;
 
 /// Relative accuracy of latency sketches.
 pub const LATENCY_ACCURACY: f64 = 0.01;
@@ -72,10 +73,6 @@ impl Default for RequestAggregate {
 /// What a map entry costs beyond its key's and value's own heap: a B-tree's share of a node
 /// (keys, values and edges over about two thirds full nodes), roughly.
 const MAP_ENTRY_OVERHEAD: usize = 16;
-
-fn string_bytes(s: &str) -> usize {
-    std::mem::size_of::<String>() + s.len()
-}
 
 impl RequestAggregate {
     /// The heap this holds (its sketch's bins).
@@ -202,14 +199,14 @@ impl MetricAggregate {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Aggregate {
     pub all: RequestAggregate,
-    pub operations: BTreeMap<String, RequestAggregate>,
+    pub operations: VecMap<String, RequestAggregate>,
     /// What the requests of each cohort (the cohort attribute's value) did, for those that carry
     /// one: their requests (`all`), their count per operation (`operations`, without latency),
     /// and the calls and exceptions attributed to them. No logs, metrics or cohorts of its own.
-    pub cohorts: BTreeMap<String, Aggregate>,
+    pub cohorts: VecMap<String, Aggregate>,
     /// Calls and failed calls per downstream.
-    pub calls: BTreeMap<String, (u64, u64)>,
-    pub exceptions: BTreeMap<String, u64>,
+    pub calls: VecMap<String, (u64, u64)>,
+    pub exceptions: VecMap<String, u64>,
     pub logs: u64,
     pub error_logs: u64,
     pub metrics: BTreeMap<SeriesKey, MetricAggregate>,
@@ -218,30 +215,15 @@ pub struct Aggregate {
 impl Aggregate {
     /// About the memory this holds beyond its own size: the sketches' bins and the maps' entries.
     pub fn heap_bytes(&self) -> usize {
-        let request = std::mem::size_of::<RequestAggregate>() + MAP_ENTRY_OVERHEAD;
-        let operations: usize = self
-            .operations
-            .iter()
-            .map(|(op, agg)| string_bytes(op) + request + agg.heap_bytes())
-            .sum();
-        let cohorts: usize = self
-            .cohorts
-            .iter()
-            .map(|(c, agg)| {
-                string_bytes(c) + std::mem::size_of::<Aggregate>() + MAP_ENTRY_OVERHEAD + agg.heap_bytes()
-            })
-            .sum();
-        let keyed = |key: &str, value: usize| string_bytes(key) + value + MAP_ENTRY_OVERHEAD;
-        let calls: usize = self
-            .calls
-            .keys()
-            .map(|k| keyed(k, std::mem::size_of::<(u64, u64)>()))
-            .sum();
-        let exceptions: usize = self
-            .exceptions
-            .keys()
-            .map(|k| keyed(k, std::mem::size_of::<u64>()))
-            .sum();
+        // Each small map: its vector's room for entries, and each key's text and value's heap.
+        fn entries<V>(map: &VecMap<String, V>, heap: impl Fn(&V) -> usize) -> usize {
+            map.capacity() * std::mem::size_of::<(String, V)>()
+                + map.iter().map(|(k, v)| k.capacity() + heap(v)).sum::<usize>()
+        }
+        let operations = entries(&self.operations, RequestAggregate::heap_bytes);
+        let cohorts = entries(&self.cohorts, Aggregate::heap_bytes);
+        let calls = entries(&self.calls, |_| 0);
+        let exceptions = entries(&self.exceptions, |_| 0);
         let metrics: usize = self
             .metrics
             .iter()
@@ -266,6 +248,10 @@ impl Aggregate {
         for agg in self.cohorts.values_mut() {
             agg.shrink_to_fit();
         }
+        self.operations.shrink_to_fit();
+        self.cohorts.shrink_to_fit();
+        self.calls.shrink_to_fit();
+        self.exceptions.shrink_to_fit();
         for m in self.metrics.values_mut() {
             m.intervals.shrink_to_fit();
             if let Some(d) = &mut m.distribution {
