@@ -206,7 +206,7 @@ pub struct IngestReport {
 #[derive(Debug, Default)]
 struct VersionState {
     windows: VersionWindows,
-    baselines: BTreeMap<FeatureKey, Baseline>,
+    baselines: VecMap<FeatureKey, Baseline>,
     late: u64,
 }
 
@@ -216,7 +216,7 @@ struct AppState {
     /// Where each of the app's sources has come to: buckets close once all active ones pass them.
     sources: SourceClocks,
     versions: crate::FastMap<Arc<str>, VersionState>,
-    baselines: BTreeMap<FeatureKey, Baseline>,
+    baselines: VecMap<FeatureKey, Baseline>,
     /// Decayed request counts per version.
     traffic: HashMap<Arc<str>, f64>,
     stable: Option<Arc<str>>,
@@ -226,13 +226,29 @@ struct AppState {
 }
 
 impl AppState {
+    /// Gives back the room its baseline maps keep for more entries: for after they were filled
+    /// from the store.
+    fn shrink_baselines(&mut self) {
+        self.baselines.shrink_to_fit();
+        for version in self.versions.values_mut() {
+            version.baselines.shrink_to_fit();
+        }
+    }
+
     /// The bytes the app's baselines, its versions' included, take in memory.
     fn baseline_bytes(&self) -> usize {
+        // Each baseline, its key and the maps' unused room.
+        let entry = std::mem::size_of::<(FeatureKey, Baseline)>() - std::mem::size_of::<Baseline>();
+        let spare = |map: &VecMap<FeatureKey, Baseline>| {
+            (map.capacity() - map.len()) * std::mem::size_of::<(FeatureKey, Baseline)>()
+        };
         self.baselines
-            .values()
-            .chain(self.versions.values().flat_map(|v| v.baselines.values()))
-            .map(Baseline::memory_bytes)
-            .sum()
+            .iter()
+            .chain(self.versions.values().flat_map(|v| v.baselines.iter()))
+            .map(|(key, baseline)| entry + key.subject.capacity() + baseline.memory_bytes())
+            .sum::<usize>()
+            + spare(&self.baselines)
+            + self.versions.values().map(|v| spare(&v.baselines)).sum::<usize>()
     }
 }
 
@@ -265,7 +281,7 @@ pub struct BaselinesView<'a> {
     pub clock: AppClock,
     pub stable_version: Option<&'a str>,
     pub late: u64,
-    pub baselines: &'a BTreeMap<FeatureKey, Baseline>,
+    pub baselines: &'a VecMap<FeatureKey, Baseline>,
 }
 
 /// A declared rollout, as `Engine::declare_rollout` takes it.
@@ -463,6 +479,7 @@ impl Engine {
             };
             map.insert(id.key, baseline);
         }
+        state.shrink_baselines();
         if let Some(analysis) = app.analysis {
             self.judge.restore(vec![analysis]);
         }
@@ -729,7 +746,7 @@ impl Engine {
             Scope::App => &mut app.baselines,
             Scope::Version(v) => &mut app.versions.entry(Arc::from(v.as_str())).or_default().baselines,
         };
-        let baseline = baselines.entry(id.key.clone()).or_default();
+        let baseline = baselines.get_or_default(&id.key);
         let score = baseline.observe(
             &id.series_name(),
             value,
@@ -848,6 +865,9 @@ impl Engine {
                 Scope::Version(v) => &mut state.versions.entry(Arc::from(v)).or_default().baselines,
             };
             map.insert(id.key, baseline);
+        }
+        for state in self.apps.values_mut() {
+            state.shrink_baselines();
         }
         // A store may hold more apps than the cap (those archived): the least recently seen stay
         // there, to come back when they are seen.
@@ -1083,12 +1103,10 @@ impl Engine {
 
     /// Baselines held, and the bytes they take in memory.
     pub fn baseline_memory(&self) -> (usize, usize) {
-        let all = self.apps.values().flat_map(|a| {
-            a.baselines
-                .values()
-                .chain(a.versions.values().flat_map(|v| v.baselines.values()))
-        });
-        all.fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.memory_bytes()))
+        self.apps.values().fold((0, 0), |(n, bytes), a| {
+            let held = a.baselines.len() + a.versions.values().map(|v| v.baselines.len()).sum::<usize>();
+            (n + held, bytes + a.baseline_bytes())
+        })
     }
 }
 
@@ -1154,10 +1172,11 @@ impl Learner<'_> {
     /// state and reports the changes.
     fn learn(
         &mut self,
-        baselines: &mut BTreeMap<FeatureKey, Baseline>,
+        baselines: &mut VecMap<FeatureKey, Baseline>,
         features: &[FeatureValue],
         scope: Scope,
     ) {
+        let held = baselines.len();
         for f in features {
             let id = BaselineId {
                 env: self.app.0.to_string(),
@@ -1165,7 +1184,7 @@ impl Learner<'_> {
                 scope: scope.clone(),
                 key: f.key.clone(),
             };
-            let baseline = baselines.entry(f.key.clone()).or_default();
+            let baseline = baselines.get_or_default(&f.key);
             let expected = baseline.ewma.mean;
             let band = baseline.band();
             let score =
@@ -1188,6 +1207,11 @@ impl Learner<'_> {
                 });
             }
             self.dirty.insert(id);
+        }
+        // A baseline is added once, when its feature is first seen, and then kept: no room is
+        // kept for more.
+        if baselines.len() != held {
+            baselines.shrink_to_fit();
         }
     }
 }

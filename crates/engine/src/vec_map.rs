@@ -201,6 +201,15 @@ impl<'a, K, V> Entry<'a, K, V> {
     }
 }
 
+/// `map[key]`, which panics when the key is absent, as `BTreeMap`'s does.
+impl<K: Ord + Borrow<Q>, Q: Ord + ?Sized, V> std::ops::Index<&Q> for VecMap<K, V> {
+    type Output = V;
+
+    fn index(&self, key: &Q) -> &V {
+        self.get(key).expect("no entry for the key in VecMap")
+    }
+}
+
 impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
     /// As `BTreeMap` does: in key order, a key given twice keeps its last value.
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {

@@ -551,7 +551,7 @@ impl Analysis {
     pub fn look(
         &mut self,
         now: EventTime,
-        baselines: &BTreeMap<FeatureKey, Baseline>,
+        baselines: &crate::vec_map::VecMap<FeatureKey, Baseline>,
         baseline_config: &BaselineConfig,
         baseline_window_s: u64,
         changes: &mut Vec<CanaryChange>,

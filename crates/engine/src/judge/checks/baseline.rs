@@ -4,7 +4,7 @@
 //! minimum deviation (`Baseline::could_show_rise`): a rise in a count must be countable, a
 //! quantile must have requests beyond it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::{Check, CheckId, Feature, Group, Test, decide, thousands};
 use super::{Evidence, Power, Significance, Spec, Tested};
@@ -19,7 +19,7 @@ pub fn baseline_checks(
     canary: &Aggregate,
     stable: &Aggregate,
     window_s: u64,
-    baselines: &BTreeMap<FeatureKey, Baseline>,
+    baselines: &crate::vec_map::VecMap<FeatureKey, Baseline>,
     config: &BaselineConfig,
     out: &mut Vec<Check>,
 ) {

@@ -104,7 +104,6 @@ mod dispersion {
 
 /// The decision rule on every signal family, on windows built request by request.
 pub(crate) mod decision {
-    use std::collections::BTreeMap;
 
     use proptest::prelude::*;
 
@@ -206,9 +205,9 @@ pub(crate) mod decision {
     /// An error-ratio and p99 baseline learned from a steady stable, one 10 s window of 200
     /// requests at a time: one failed request in every fifth window (0.1%), a p99 within 5% of
     /// 40 ms.
-    fn baselines(config: &BaselineConfig) -> BTreeMap<FeatureKey, Baseline> {
+    fn baselines(config: &BaselineConfig) -> crate::vec_map::VecMap<FeatureKey, Baseline> {
         let mut store = MemorySlotStore::default();
-        let mut out = BTreeMap::new();
+        let mut out = crate::vec_map::VecMap::new();
         type WindowValue = fn(u64) -> f64;
         let windows: [(&str, WindowValue); 2] = [
             ("error_ratio", |k| if k % 5 == 0 { 1.0 / 200.0 } else { 0.0 }),
