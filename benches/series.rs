@@ -131,6 +131,8 @@ struct Row {
     series: f64,
     rss_mib: f64,
     rss_per_series: f64,
+    /// RSS per series of the daemon started again on the same data, once every baseline is back.
+    restarted_per_series: f64,
     engine_per_series: f64,
     /// The engine's own estimates of its open buckets and analyses' history, per series.
     buckets_per_series: f64,
@@ -190,10 +192,14 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
     if restored < series {
         bail!("restart restored {restored} of {series} baselines");
     }
+    // What the state read back from the store holds, without the history that only live
+    // traffic builds.
+    let restarted_rss = rss_kib(again.child.id())?;
     Ok(Row {
         series,
         rss_mib: rss as f64 / 1024.0,
         rss_per_series: (rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
+        restarted_per_series: (restarted_rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
         engine_per_series: engine_bytes / series,
         buckets_per_series: bucket_bytes / series,
         analyses_per_series: analysis_bytes / series,
@@ -218,10 +224,11 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     println!(
-        "{:>8} {:>9} {:>11} {:>12} {:>13} {:>14} {:>12} {:>9} {:>11} {:>7} {:>8}",
+        "{:>8} {:>9} {:>11} {:>13} {:>12} {:>13} {:>14} {:>12} {:>9} {:>11} {:>7} {:>8}",
         "series",
         "RSS MiB",
         "RSS B/ser",
+        "restart B/ser",
         "engine B/ser",
         "buckets B/ser",
         "analyses B/ser",
@@ -234,10 +241,11 @@ fn main() -> anyhow::Result<()> {
     for target in sizes {
         let row = runtime.block_on(measure(target))?;
         println!(
-            "{:>8.0} {:>9.1} {:>11.0} {:>12.0} {:>13.0} {:>14.0} {:>12.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
+            "{:>8.0} {:>9.1} {:>11.0} {:>13.0} {:>12.0} {:>13.0} {:>14.0} {:>12.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
             row.series,
             row.rss_mib,
             row.rss_per_series,
+            row.restarted_per_series,
             row.engine_per_series,
             row.buckets_per_series,
             row.analyses_per_series,

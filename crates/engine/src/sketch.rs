@@ -225,12 +225,76 @@ impl<'de> Deserialize<'de> for Bins {
     }
 }
 
+/// Bins that most sketches never use (latency is never negative), held behind a pointer that
+/// stays empty until they are: history keeps some twenty sketches per series, so a second set of
+/// bins in each costs more than a few hundred bytes a series. Stored as the `Bins` it stands for.
+#[derive(Clone, Debug, Default)]
+struct RareBins(Option<Box<Bins>>);
+
+impl RareBins {
+    fn add(&mut self, index: i32, weight: f64) {
+        self.0.get_or_insert_with(Box::default).add(index, weight);
+    }
+
+    fn iter(&self) -> impl DoubleEndedIterator<Item = (i32, f64)> + '_ {
+        self.0.iter().flat_map(|bins| bins.iter())
+    }
+
+    fn total(&self) -> f64 {
+        self.0.as_ref().map_or(0.0, |bins| bins.total())
+    }
+
+    fn scale(&mut self, factor: f64) {
+        if let Some(bins) = &mut self.0 {
+            bins.scale(factor);
+        }
+    }
+
+    fn pack(&mut self) {
+        if let Some(bins) = &mut self.0 {
+            bins.pack();
+            if bins.iter().next().is_none() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.0
+            .as_ref()
+            .map_or(0, |bins| std::mem::size_of::<Bins>() + bins.heap_bytes())
+    }
+}
+
+impl PartialEq for RareBins {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Serialize for RareBins {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(bins) => bins.serialize(serializer),
+            None => Bins::default().serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RareBins {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bins = Bins::deserialize(deserializer)?;
+        let used = bins.iter().next().is_some();
+        Ok(RareBins(used.then(|| Box::new(bins))))
+    }
+}
+
 /// A DDSketch over real values with real-valued weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sketch {
     relative_accuracy: f64,
     positive: Bins,
-    negative: Bins,
+    negative: RareBins,
     zero: f64,
     count: f64,
     sum: f64,
@@ -249,7 +313,7 @@ impl Sketch {
         Sketch {
             relative_accuracy,
             positive: Bins::default(),
-            negative: Bins::default(),
+            negative: RareBins::default(),
             zero: 0.0,
             count: 0.0,
             sum: 0.0,
@@ -425,8 +489,7 @@ impl Sketch {
 
     /// Gives back the bins' spare capacity: for a sketch that is kept but no longer grows (a
     /// completed block of history, a kept merge), whose bins a merge's doubling left up to twice
-    /// as long as their span.
-    /// Bins whose weights are all whole numbers are packed into a smaller read-only form
+    /// as long as their span. Bins whose weights are all whole numbers are packed into a smaller read-only form
     /// (unpacked again if the sketch is added to or decayed).
     pub fn shrink_to_fit(&mut self) {
         self.positive.pack();
@@ -625,5 +688,21 @@ mod tests {
         sketch.shrink_to_fit();
         assert!(matches!(sketch.positive, Bins::Dense { .. }));
         assert_eq!(sketch.heap_bytes(), span * 8);
+    }
+
+    #[test]
+    fn a_sketch_of_positive_values_holds_no_negative_bins() {
+        let mut sketch = sketch_of(&[1.0, 2.0], 1.0);
+        assert_eq!(sketch.negative.0, None);
+        assert_eq!(std::mem::size_of::<Sketch>(), 88);
+        sketch.add(-1.0);
+        assert!(sketch.negative.0.is_some());
+        // What is stored reads back the same, whether the negative bins were ever used or not.
+        for sketch in [sketch_of(&[1.0, 2.0], 1.0), sketch] {
+            let stored = serde_json::to_string(&sketch).expect("serializes");
+            let read: Sketch = serde_json::from_str(&stored).expect("reads back");
+            assert_eq!(read, sketch);
+            assert_eq!(read.negative.0.is_some(), sketch.negative.0.is_some());
+        }
     }
 }
