@@ -7,6 +7,8 @@
 //! downstream per request), with 140 s of event time each so that two windows close and every
 //! feature gets a baseline. `cargo bench --bench series` measures 1k, 10k and 100k series
 //! (`SERIES_SIZES=1000,10000` to choose); `cargo test --benches` runs one small size as a smoke test.
+//! `SERIES_NO_RESTART=1` leaves out the stop and restart and kills the daemon once read, for a
+//! heap profile (`benches/heap/profile.sh`).
 
 use std::time::{Duration, Instant};
 
@@ -167,6 +169,25 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
     let merge_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analysis_merges\"}")?;
     let rss = rss_kib(daemon.child.id())?;
     let sled = dir_bytes(&data) as f64;
+    let row = |restarted_per_series: f64, stop_s: f64, ready_s: f64| Row {
+        series,
+        rss_mib: rss as f64 / 1024.0,
+        rss_per_series: (rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
+        restarted_per_series,
+        engine_per_series: engine_bytes / series,
+        buckets_per_series: bucket_bytes / series,
+        analyses_per_series: analysis_bytes / series,
+        merges_per_series: merge_bytes / series,
+        sled_mib: sled / (1024.0 * 1024.0),
+        sled_per_series: sled / series,
+        stop_s,
+        ready_s,
+    };
+    if std::env::var_os("SERIES_NO_RESTART").is_some() {
+        // Killed where it stands, neither stopped nor started again: a heap profiler then
+        // reports what was live as never freed (benches/heap/profile.sh).
+        return Ok(row(f64::NAN, f64::NAN, f64::NAN));
+    }
 
     // Stop (SIGTERM: drain and flush), then start on the same data until ready.
     let mut daemon = daemon;
@@ -195,20 +216,11 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
     // What the state read back from the store holds, without the history that only live
     // traffic builds.
     let restarted_rss = rss_kib(again.child.id())?;
-    Ok(Row {
-        series,
-        rss_mib: rss as f64 / 1024.0,
-        rss_per_series: (rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
-        restarted_per_series: (restarted_rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
-        engine_per_series: engine_bytes / series,
-        buckets_per_series: bucket_bytes / series,
-        analyses_per_series: analysis_bytes / series,
-        merges_per_series: merge_bytes / series,
-        sled_mib: sled / (1024.0 * 1024.0),
-        sled_per_series: sled / series,
+    Ok(row(
+        (restarted_rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
         stop_s,
         ready_s,
-    })
+    ))
 }
 
 fn main() -> anyhow::Result<()> {
