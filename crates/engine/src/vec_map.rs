@@ -5,8 +5,11 @@
 //! eleven entries' memory, and history keeps about seventy aggregates per version under analysis.
 //! A sorted vector takes what its entries take (`shrink_to_fit` for one kept unchanged), is
 //! searched by bisection, and walks in key order like the `BTreeMap` it replaces, whose methods
-//! it offers under the same names. Inserting a new key moves the entries after it, which costs
-//! little for the hundreds of entries at most (the catalog's caps) that these maps hold.
+//! it offers under the same names. Inserting a new key moves the entries after it. The catalog's
+//! caps bound what that costs: a second's bucket gains each of its operations once (at the cap of
+//! 200, arriving in random order, some 20,000 entry moves a second per version, against a few
+//! hundred for a service of twenty operations), and a version's baselines gain a key only when a
+//! feature is first seen.
 
 use std::borrow::Borrow;
 use std::fmt;
