@@ -48,18 +48,24 @@ impl Default for Bins {
 }
 
 impl Bins {
+    /// The dense form of these bins: the lowest index in use, and the weights from it on.
+    fn unpacked(&self) -> (i32, Vec<f64>) {
+        let mut offset = 0;
+        let mut counts = Vec::new();
+        for (i, c) in self.iter() {
+            if counts.is_empty() {
+                offset = i;
+            }
+            counts.resize((i - offset) as usize, 0.0);
+            counts.push(c);
+        }
+        (offset, counts)
+    }
+
     /// The dense bins, unpacking packed ones.
     fn dense(&mut self) -> (&mut i32, &mut Vec<f64>) {
         if !matches!(self, Bins::Dense { .. }) {
-            let mut offset = 0;
-            let mut counts = Vec::new();
-            for (i, c) in self.iter() {
-                if counts.is_empty() {
-                    offset = i;
-                }
-                counts.resize((i - offset) as usize, 0.0);
-                counts.push(c);
-            }
+            let (offset, counts) = self.unpacked();
             *self = Bins::Dense { offset, counts };
         }
         match self {
@@ -203,11 +209,10 @@ impl Serialize for Bins {
             }
             .serialize(serializer),
             Bins::Counts { .. } | Bins::Sparse(_) => {
-                let mut dense = self.clone();
-                let (offset, counts) = dense.dense();
+                let (offset, counts) = self.unpacked();
                 StoredBins {
-                    offset: *offset,
-                    counts: std::borrow::Cow::Borrowed(counts),
+                    offset,
+                    counts: std::borrow::Cow::Owned(counts),
                 }
                 .serialize(serializer)
             }
@@ -489,8 +494,8 @@ impl Sketch {
 
     /// Gives back the bins' spare capacity: for a sketch that is kept but no longer grows (a
     /// completed block of history, a kept merge), whose bins a merge's doubling left up to twice
-    /// as long as their span. Bins whose weights are all whole numbers are packed into a smaller read-only form
-    /// (unpacked again if the sketch is added to or decayed).
+    /// as long as their span. Bins whose weights are all whole numbers are packed into a smaller
+    /// read-only form (unpacked again if the sketch is added to or decayed).
     pub fn shrink_to_fit(&mut self) {
         self.positive.pack();
         self.negative.pack();

@@ -110,18 +110,7 @@ impl History {
         }
     }
 
-    fn add_bucket(&mut self, start: EventTime, bucket: Aggregate) {
-        // Held as it is from here on: packed (most seconds hold few requests of each operation).
-        let mut second = bucket.clone();
-        second.shrink_to_fit();
-        self.seconds.push_back((start, second));
-        while self
-            .seconds
-            .front()
-            .is_some_and(|(s, _)| s.saturating_add(BLOCK) <= start)
-        {
-            self.seconds.pop_front();
-        }
+    fn add_bucket(&mut self, start: EventTime, mut bucket: Aggregate) {
         let block_start = start - start % BLOCK;
         match &mut self.block {
             Some((b, agg)) if *b == block_start => agg.merge(&bucket),
@@ -131,8 +120,18 @@ impl History {
                     self.blocks.push_back((done_start, done));
                     self.blocks_changed += 1;
                 }
-                self.block = Some((block_start, bucket));
+                self.block = Some((block_start, bucket.clone()));
             }
+        }
+        // Held as it is from here on: packed (most seconds hold few requests of each operation).
+        bucket.shrink_to_fit();
+        self.seconds.push_back((start, bucket));
+        while self
+            .seconds
+            .front()
+            .is_some_and(|(s, _)| s.saturating_add(BLOCK) <= start)
+        {
+            self.seconds.pop_front();
         }
         let horizon = block_start.saturating_sub(self.keep);
         while self.blocks.front().is_some_and(|(b, _)| *b < horizon) {
