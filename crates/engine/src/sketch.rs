@@ -16,15 +16,20 @@ use serde::{Deserialize, Serialize};
 
 /// Magnitudes below this are counted as zero.
 const MIN_MAGNITUDE: f64 = 1e-9;
+/// The most a sketch's total weight may reach for its bins to be kept as 4-byte counts: no bin
+/// can then hold more.
+const MAX_WHOLE: f64 = u32::MAX as f64;
 /// Most bins per side. At 1% accuracy, 2048 bins span about 18 orders of magnitude.
 const MAX_BINS: usize = 2048;
 
-/// The bins of one side. A sketch that still grows keeps them densely, as real weights from the
-/// lowest index used to the highest. One that is kept but no longer grows (a completed block of
-/// history, a kept merge) and whose weights are all whole numbers, as counts of requests are, is
-/// packed (`Bins::pack`) into the smaller of two read-only forms: 4-byte counts over the same span,
-/// or index and count of each bin in use, for a sparse one. Adding to or scaling packed bins
-/// unpacks them first.
+/// The bins of one side, in one of three forms. A sketch is filled in whole-number counts
+/// (`Counts`, 4 bytes a bin from the lowest index used to the highest), as counts of requests are,
+/// and turns to real weights (`Dense`, 8 bytes a bin) only when a weight that is not a whole
+/// number comes (a decayed baseline, a histogram's fractional count) or the counts could pass
+/// `u32::MAX`. One that is kept but no longer grows (a completed block of history, a kept merge)
+/// is packed (`Bins::pack`): its span trimmed to the bins in use and its spare capacity given
+/// back, or, when few bins are in use over a wide span, index and count of each (`Sparse`).
+/// Adding to sparse bins unpacks them first.
 #[derive(Clone, Debug)]
 enum Bins {
     Dense {
@@ -33,22 +38,58 @@ enum Bins {
         counts: Vec<f64>,
     },
     /// Whole-number weights from `offset` on, one per bin over the span.
-    Counts { offset: i32, counts: Box<[u32]> },
+    Counts { offset: i32, counts: Vec<u32> },
     /// The bins in use, ascending, with their whole-number weights.
     Sparse(Box<[(i32, u32)]>),
 }
 
 impl Default for Bins {
     fn default() -> Self {
-        Bins::Dense {
+        Bins::Counts {
             offset: 0,
             counts: Vec::new(),
         }
     }
 }
 
+/// Adds `weight` at `index` to the bins `counts` that start at `offset`, growing the span as
+/// needed; past `MAX_BINS`, the lowest bins are folded into one. The caller makes sure that no
+/// sum can overflow `T`.
+fn add_within<T>(offset: &mut i32, counts: &mut Vec<T>, index: i32, weight: T)
+where
+    T: Copy + Default + std::ops::AddAssign + std::iter::Sum,
+{
+    if counts.is_empty() {
+        *offset = index;
+        counts.push(weight);
+        return;
+    }
+    if index < *offset {
+        let grow = (*offset - index) as usize;
+        if counts.len() + grow > MAX_BINS {
+            // Past the cap: the value joins the lowest bin kept.
+            counts[0] += weight;
+            return;
+        }
+        counts.splice(0..0, std::iter::repeat_n(T::default(), grow));
+        *offset = index;
+    }
+    let at = (index - *offset) as usize;
+    if at >= counts.len() {
+        counts.resize(at + 1, T::default());
+        if counts.len() > MAX_BINS {
+            let fold = counts.len() - MAX_BINS;
+            let folded: T = counts.drain(..fold).sum();
+            counts[0] += folded;
+            *offset += fold as i32;
+        }
+    }
+    let at = (index - *offset) as usize;
+    counts[at] += weight;
+}
+
 impl Bins {
-    /// The dense form of these bins: the lowest index in use, and the weights from it on.
+    /// The real-weight form of these bins: the lowest index in use, and the weights from it on.
     fn unpacked(&self) -> (i32, Vec<f64>) {
         let mut offset = 0;
         let mut counts = Vec::new();
@@ -62,7 +103,7 @@ impl Bins {
         (offset, counts)
     }
 
-    /// The dense bins, unpacking packed ones.
+    /// The bins as real weights, converting whole-number ones.
     fn dense(&mut self) -> (&mut i32, &mut Vec<f64>) {
         if !matches!(self, Bins::Dense { .. }) {
             let (offset, counts) = self.unpacked();
@@ -70,39 +111,32 @@ impl Bins {
         }
         match self {
             Bins::Dense { offset, counts } => (offset, counts),
-            Bins::Counts { .. } | Bins::Sparse(_) => unreachable!("unpacked above"),
+            Bins::Counts { .. } | Bins::Sparse(_) => unreachable!("converted above"),
         }
     }
 
-    fn add(&mut self, index: i32, weight: f64) {
-        let (offset, counts) = self.dense();
-        if counts.is_empty() {
-            *offset = index;
-            counts.push(weight);
+    /// Adds `weight` at `index`. `whole` says that `weight` is a whole number and that the
+    /// sketch's total with it stays within `u32::MAX`, so that no bin can overflow a count.
+    fn add(&mut self, index: i32, weight: f64, whole: bool) {
+        if let Bins::Sparse(bins) = self {
+            let (offset, counts) = match (bins.first(), bins.last()) {
+                (Some(&(first, _)), Some(&(last, _))) => {
+                    let mut counts = vec![0; (last - first) as usize + 1];
+                    for &(i, c) in bins.iter() {
+                        counts[(i - first) as usize] = c;
+                    }
+                    (first, counts)
+                }
+                _ => (0, Vec::new()),
+            };
+            *self = Bins::Counts { offset, counts };
+        }
+        if whole && let Bins::Counts { offset, counts } = self {
+            add_within(offset, counts, index, weight as u32);
             return;
         }
-        if index < *offset {
-            let grow = (*offset - index) as usize;
-            if counts.len() + grow > MAX_BINS {
-                // Past the cap: the value joins the lowest bin kept.
-                counts[0] += weight;
-                return;
-            }
-            counts.splice(0..0, std::iter::repeat_n(0.0, grow));
-            *offset = index;
-        }
-        let at = (index - *offset) as usize;
-        if at >= counts.len() {
-            counts.resize(at + 1, 0.0);
-            if counts.len() > MAX_BINS {
-                let fold = counts.len() - MAX_BINS;
-                let folded: f64 = counts.drain(..fold).sum();
-                counts[0] += folded;
-                *offset += fold as i32;
-            }
-        }
-        let at = (index - *offset) as usize;
-        counts[at] += weight;
+        let (offset, counts) = self.dense();
+        add_within(offset, counts, index, weight);
     }
 
     fn total(&self) -> f64 {
@@ -112,61 +146,76 @@ impl Bins {
     /// The bins in use (weight above zero), ascending by index.
     fn iter(&self) -> impl DoubleEndedIterator<Item = (i32, f64)> + '_ {
         // Two of the three are empty: one chain walks any form.
-        let (offset, dense, wide, sparse) = match self {
+        let (offset, dense, whole, sparse) = match self {
             Bins::Dense { offset, counts } => (*offset, counts.as_slice(), &[][..], &[][..]),
             Bins::Counts { offset, counts } => (*offset, &[][..], &counts[..], &[][..]),
             Bins::Sparse(bins) => (0, &[][..], &[][..], &bins[..]),
         };
         let at = move |(i, c): (usize, f64)| (offset + i as i32, c);
         let dense = dense.iter().copied().enumerate().map(at);
-        let wide = wide.iter().map(|c| f64::from(*c)).enumerate().map(at);
+        let whole = whole.iter().map(|c| f64::from(*c)).enumerate().map(at);
         let sparse = sparse.iter().map(|(i, c)| (*i, f64::from(*c)));
-        dense.chain(wide).chain(sparse).filter(|(_, c)| *c > 0.0)
+        dense.chain(whole).chain(sparse).filter(|(_, c)| *c > 0.0)
     }
 
     fn scale(&mut self, factor: f64) {
         self.dense().1.iter_mut().for_each(|c| *c *= factor);
     }
 
-    /// Gives back spare capacity, and packs bins whose weights are all whole numbers into the
-    /// smaller read-only form.
+    /// Trims the span to the bins in use and gives back spare capacity; real weights that are all
+    /// whole numbers become counts; whole-number bins take the smaller of their two forms.
     fn pack(&mut self) {
-        let Bins::Dense { offset, counts } = self else {
-            return;
+        let (start, used): (i32, Vec<u32>) = match self {
+            Bins::Sparse(_) => return,
+            Bins::Counts { offset, counts } => {
+                let Some(first) = counts.iter().position(|c| *c > 0) else {
+                    *self = Bins::default();
+                    return;
+                };
+                let last = counts.iter().rposition(|c| *c > 0).unwrap_or(first);
+                counts.truncate(last + 1);
+                counts.drain(..first);
+                *offset += first as i32;
+                (*offset, std::mem::take(counts))
+            }
+            Bins::Dense { offset, counts } => {
+                let Some(first) = counts.iter().position(|c| *c > 0.0) else {
+                    *self = Bins::default();
+                    return;
+                };
+                let last = counts.iter().rposition(|c| *c > 0.0).unwrap_or(first);
+                let used = &counts[first..=last];
+                let whole = used
+                    .iter()
+                    .all(|c| *c >= 0.0 && c.fract() == 0.0 && *c <= f64::from(u32::MAX));
+                if !whole {
+                    counts.shrink_to_fit();
+                    return;
+                }
+                (*offset + first as i32, used.iter().map(|c| *c as u32).collect())
+            }
         };
-        let Some(first) = counts.iter().position(|c| *c > 0.0) else {
-            *self = Bins::default();
-            return;
-        };
-        let last = counts.iter().rposition(|c| *c > 0.0).unwrap_or(first);
-        let used = &counts[first..=last];
-        let whole = used
-            .iter()
-            .all(|c| *c >= 0.0 && c.fract() == 0.0 && *c <= f64::from(u32::MAX));
-        if !whole {
-            counts.shrink_to_fit();
-            return;
-        }
-        let in_use = used.iter().filter(|c| **c > 0.0).count();
-        let start = *offset + first as i32;
+        let in_use = used.iter().filter(|c| **c > 0).count();
         // Each form's bytes: 4 per bin of the span, or 8 per bin in use.
         *self = if in_use * 8 < used.len() * 4 {
             Bins::Sparse(
                 used.iter()
                     .enumerate()
-                    .filter(|(_, c)| **c > 0.0)
-                    .map(|(i, c)| (start + i as i32, *c as u32))
+                    .filter(|(_, c)| **c > 0)
+                    .map(|(i, c)| (start + i as i32, *c))
                     .collect(),
             )
         } else {
+            let mut counts = used;
+            counts.shrink_to_fit();
             Bins::Counts {
                 offset: start,
-                counts: used.iter().map(|c| *c as u32).collect(),
+                counts,
             }
         };
     }
 
-    /// Bins kept, used or not (the dense span, or the bins in use of a sparse form).
+    /// Bins kept, used or not (the span, or the bins in use of a sparse form).
     #[cfg(test)]
     fn len(&self) -> usize {
         match self {
@@ -179,7 +228,7 @@ impl Bins {
     fn heap_bytes(&self) -> usize {
         match self {
             Bins::Dense { counts, .. } => counts.capacity() * std::mem::size_of::<f64>(),
-            Bins::Counts { counts, .. } => std::mem::size_of_val(&**counts),
+            Bins::Counts { counts, .. } => counts.capacity() * std::mem::size_of::<u32>(),
             Bins::Sparse(bins) => std::mem::size_of_val(&**bins),
         }
     }
@@ -237,8 +286,8 @@ impl<'de> Deserialize<'de> for Bins {
 struct RareBins(Option<Box<Bins>>);
 
 impl RareBins {
-    fn add(&mut self, index: i32, weight: f64) {
-        self.0.get_or_insert_with(Box::default).add(index, weight);
+    fn add(&mut self, index: i32, weight: f64, whole: bool) {
+        self.0.get_or_insert_with(Box::default).add(index, weight, whole);
     }
 
     fn iter(&self) -> impl DoubleEndedIterator<Item = (i32, f64)> + '_ {
@@ -351,12 +400,13 @@ impl Sketch {
         if !value.is_finite() || !weight.is_finite() || weight <= 0.0 {
             return;
         }
+        let whole = weight.fract() == 0.0 && self.count + weight <= MAX_WHOLE;
         if value > MIN_MAGNITUDE {
             let i = self.index(value);
-            self.positive.add(i, weight);
+            self.positive.add(i, weight, whole);
         } else if value < -MIN_MAGNITUDE {
             let i = self.index(-value);
-            self.negative.add(i, weight);
+            self.negative.add(i, weight, whole);
         } else {
             self.zero += weight;
         }
@@ -373,11 +423,12 @@ impl Sketch {
             return;
         }
         if other.relative_accuracy == self.relative_accuracy {
+            let fits = self.count + other.count <= MAX_WHOLE;
             for (i, c) in other.positive.iter() {
-                self.positive.add(i, c);
+                self.positive.add(i, c, fits && c.fract() == 0.0);
             }
             for (i, c) in other.negative.iter() {
-                self.negative.add(i, c);
+                self.negative.add(i, c, fits && c.fract() == 0.0);
             }
             self.zero += other.zero;
             self.count += other.count;
@@ -668,6 +719,63 @@ mod tests {
             }
             // Never larger than the dense bins it came from.
             proptest::prop_assert!(packed.heap_bytes() <= dense.heap_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_sketch_filled_in_counts_answers_and_stores_as_one_of_real_weights(
+            values in proptest::collection::vec(
+                proptest::prop_oneof![-1e4..1e4f64, 0.5..60.0f64, proptest::strategy::Just(0.0)],
+                0..300,
+            ),
+            // Large weights pass `u32::MAX` in total within a few values: the counts must turn
+            // to real weights before any bin overflows.
+            weight in proptest::prop_oneof![
+                proptest::strategy::Just(1.0),
+                proptest::strategy::Just(7.0),
+                proptest::strategy::Just(f64::from(1u32 << 30)),
+            ],
+            more in proptest::collection::vec(0.5..5e3f64, 0..20),
+        ) {
+            let counted = sketch_of(&values, weight);
+            // Both sides in real weights from the start: adding keeps them so.
+            let mut real = Sketch::new(0.01);
+            real.positive = Bins::Dense { offset: 0, counts: Vec::new() };
+            real.negative = RareBins(Some(Box::new(real.positive.clone())));
+            for v in &values {
+                real.add_weighted(*v, weight);
+            }
+            let real_dense = matches!(real.positive, Bins::Dense { .. });
+            proptest::prop_assert!(real_dense, "real weights");
+            if weight == 1.0 {
+                let in_counts = matches!(counted.positive, Bins::Counts { .. });
+                proptest::prop_assert!(in_counts, "counts");
+            }
+            proptest::prop_assert_eq!(&counted, &real);
+            for q in [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0] {
+                proptest::prop_assert_eq!(counted.quantile(q), real.quantile(q));
+            }
+            for v in [-100.0, 0.0, 1.0, 20.0, 1e3] {
+                proptest::prop_assert_eq!(counted.count_above(v), real.count_above(v));
+            }
+            proptest::prop_assert_eq!(
+                serde_json::to_string(&counted).expect("serializes"),
+                serde_json::to_string(&real).expect("serializes")
+            );
+            let other = sketch_of(&more, weight);
+            let (mut into_counted, mut into_real) = (counted.clone(), real.clone());
+            into_counted.merge(&other);
+            into_real.merge(&other);
+            proptest::prop_assert_eq!(&into_counted, &into_real);
+            let (mut from_counted, mut from_real) = (other.clone(), other.clone());
+            from_counted.merge(&counted);
+            from_real.merge(&real);
+            proptest::prop_assert_eq!(&from_counted, &from_real);
+            if matches!(counted.positive, Bins::Counts { .. }) {
+                // Half the bytes, the span being the same.
+                proptest::prop_assert!(2 * counted.positive.heap_bytes() <= real.positive.heap_bytes());
+            }
         }
     }
 
