@@ -28,7 +28,7 @@
 //! A likelihood ratio cut from above still has expectation at most 1, so the cap keeps the
 //! guarantee; steady evidence (an error or two a second) is never near it.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test, cohort_named, cohort_subject};
 use super::history::History;
@@ -83,36 +83,21 @@ fn ratio_at(i: usize) -> f64 {
     }
 }
 
-/// One process: the log of its wealth under each ratio (and each inverse, two-sided).
-#[derive(Clone, Debug)]
-struct Start {
-    /// Its place among all starts of the series, from 0: its weight is `6 / (pi^2 (index + 1)^2)`.
-    index: u64,
-    log_wealth: [f64; 2 * RATIOS.len()],
-}
-
-impl Start {
-    fn new(index: u64) -> Self {
-        Start {
-            index,
-            log_wealth: [0.0; 2 * RATIOS.len()],
-        }
-    }
-
-    /// Its share of the mixture (all ratios together); the shares of all starts sum to 1.
-    fn weight(&self) -> f64 {
-        by_rank(self.index + 1)
-    }
-}
-
-/// The evidence of one comparison: a mixture of test supermartingales.
+/// The evidence of one comparison: a mixture of test supermartingales, one started every
+/// `RESTART_S` seconds, each under every ratio. Start `i` (from 0) carries `6 / (pi^2 (i + 1)^2)`
+/// of the mixture, shared evenly among its ratios.
+///
+/// An analysis holds one per check series, so the starts are kept in one vector of exactly the
+/// ratios in use: the first start's log wealth under each (while `first` holds), then the later
+/// starts', oldest first. The later starts kept are the newest ones, so their indices are the last
+/// of `starts`: no index is stored.
 #[derive(Clone, Debug, Default)]
 pub struct EProcess {
     sides: Sides,
-    /// The first start, kept for the whole analysis.
-    first: Option<Start>,
-    /// The later starts, newest last.
-    later: VecDeque<Start>,
+    /// Whether `log_wealth` begins with the first start's, kept for the whole analysis.
+    first: bool,
+    /// The log of each kept start's wealth under each ratio, `ratios()` values a start.
+    log_wealth: Vec<f64>,
     starts: u64,
     /// The weight of every process started so far, dropped ones included.
     started_weight: f64,
@@ -139,23 +124,46 @@ impl EProcess {
         }
     }
 
+    /// Each kept start's index and the log of its wealth under each ratio, the first one first.
+    fn kept(&self) -> impl Iterator<Item = (u64, &[f64])> {
+        let chunks = self.log_wealth.chunks_exact(self.ratios());
+        let first = self.first;
+        // The later starts kept are the last ones started.
+        let later = (chunks.len() - usize::from(first)) as u64;
+        let first_later = self.starts.saturating_sub(later);
+        chunks.enumerate().map(move |(k, wealth)| {
+            let index = match (first, k as u64) {
+                (true, 0) => 0,
+                (true, k) => first_later + k - 1,
+                (false, k) => first_later + k,
+            };
+            (index, wealth)
+        })
+    }
+
+    /// Starts a process at wealth 1 under every ratio.
+    fn start(&mut self, at: EventTime) {
+        let weight = by_rank(self.starts + 1);
+        self.log_wealth.reserve_exact(self.ratios());
+        self.log_wealth.extend(std::iter::repeat_n(0.0, self.ratios()));
+        self.started_weight += weight;
+        self.starts += 1;
+        self.last_start = at;
+    }
+
     /// Takes one second at `at`: the canary's `x_c` events over `n_c` exposure (requests), the
     /// stable's `x_s` over `n_s`. No step adds more than `cap` to any process's log wealth.
     pub fn observe(&mut self, at: EventTime, (x_c, n_c): (f64, f64), (x_s, n_s): (f64, f64), cap: f64) {
-        if self.first.is_none() {
-            let first = Start::new(0);
-            self.started_weight = first.weight();
-            self.first = Some(first);
-            self.starts = 1;
-            self.last_start = at;
+        let ratios = self.ratios();
+        if self.starts == 0 {
+            self.first = true;
+            self.start(at);
         } else if at >= self.last_start.saturating_add(RESTART_S * SECOND) {
-            let start = Start::new(self.starts);
-            self.started_weight += start.weight();
-            self.later.push_back(start);
-            self.starts += 1;
-            self.last_start = at;
-            if self.later.len() > KEPT_STARTS {
-                self.later.pop_front();
+            self.start(at);
+            let later = self.log_wealth.len() / ratios - usize::from(self.first);
+            if later > KEPT_STARTS {
+                let oldest = usize::from(self.first) * ratios;
+                self.log_wealth.drain(oldest..oldest + ratios);
             }
         }
         if n_s > 0.0 {
@@ -166,15 +174,14 @@ impl EProcess {
         }
         self.seconds += 1;
         let share = n_c / (n_c + n_s);
-        let ratios = self.ratios();
         let mut steps = [0.0; 2 * RATIOS.len()];
         for (i, step) in steps.iter_mut().enumerate().take(ratios) {
             let r = ratio_at(i);
             let shifted = r * n_c / (r * n_c + n_s);
             *step = (x_c * (shifted / share).ln() + x_s * ((1.0 - shifted) / (1.0 - share)).ln()).min(cap);
         }
-        for start in self.first.iter_mut().chain(self.later.iter_mut()) {
-            for (wealth, step) in start.log_wealth.iter_mut().zip(steps).take(ratios) {
+        for start in self.log_wealth.chunks_exact_mut(ratios) {
+            for (wealth, step) in start.iter_mut().zip(steps) {
                 *wealth += step;
             }
         }
@@ -184,13 +191,11 @@ impl EProcess {
     pub fn e_value(&self) -> f64 {
         let ratios = self.ratios();
         let terms: Vec<f64> = self
-            .first
-            .iter()
-            .chain(self.later.iter())
-            .flat_map(|s| {
+            .kept()
+            .flat_map(|(index, wealth)| {
                 // Each ratio's share of the start's weight.
-                let w = s.weight().ln() - (ratios as f64).ln();
-                s.log_wealth[..ratios].iter().map(move |l| w + l)
+                let w = by_rank(index + 1).ln() - (ratios as f64).ln();
+                wealth.iter().map(move |l| w + l)
             })
             .collect();
         let Some(top) = terms.iter().copied().reduce(f64::max) else {
@@ -891,10 +896,8 @@ impl EProcess {
         ProcessState {
             two_sided: self.sides == Sides::Both,
             starts: self
-                .first
-                .iter()
-                .chain(&self.later)
-                .map(|s| (s.index, s.log_wealth[..self.ratios()].to_vec()))
+                .kept()
+                .map(|(index, wealth)| (index, wealth.to_vec()))
                 .collect(),
             started: self.starts,
             started_weight: self.started_weight,
@@ -904,6 +907,9 @@ impl EProcess {
         }
     }
 
+    /// The process a stored state describes. The later starts are taken as the last ones
+    /// started, as they always are when stored; were they not, each would be given a later
+    /// index than its own, and so less weight, which only lowers the evidence.
     fn restored(state: &ProcessState) -> EProcess {
         let sides = if state.two_sided {
             Sides::Both
@@ -911,21 +917,20 @@ impl EProcess {
             Sides::Greater
         };
         let mut process = EProcess::new(sides);
-        for (index, wealth) in &state.starts {
-            let mut start = Start::new(*index);
-            for (mine, kept) in start.log_wealth.iter_mut().zip(wealth) {
-                *mine = *kept;
-            }
-            if *index == 0 {
-                process.first = Some(start);
-            } else {
-                process.later.push_back(start);
-            }
+        let ratios = process.ratios();
+        let first = state.starts.iter().find(|(index, _)| *index == 0);
+        let later: Vec<_> = state.starts.iter().filter(|(index, _)| *index != 0).collect();
+        let later = &later[later.len().saturating_sub(KEPT_STARTS)..];
+        process.first = first.is_some();
+        process
+            .log_wealth
+            .reserve_exact((later.len() + usize::from(process.first)) * ratios);
+        for (_, wealth) in first.into_iter().chain(later.iter().copied()) {
+            let kept = wealth.iter().copied().chain(std::iter::repeat(0.0));
+            process.log_wealth.extend(kept.take(ratios));
         }
-        while process.later.len() > KEPT_STARTS {
-            process.later.pop_front();
-        }
-        process.starts = state.started;
+        let newest = state.starts.iter().map(|(index, _)| index + 1).max().unwrap_or(0);
+        process.starts = state.started.max(newest);
         process.started_weight = state.started_weight;
         process.last_start = state.last_start;
         process.seconds = state.seconds;
@@ -1157,6 +1162,30 @@ mod tests {
             (crossed as f64) / (runs as f64) <= 0.09,
             "{crossed} of {runs} healthy runs crossed"
         );
+    }
+
+    /// A process keeps its first start and the newest `KEPT_STARTS`, each with its own index (its
+    /// weight), and the store sees them so.
+    #[test]
+    fn a_process_keeps_its_first_start_and_the_newest_ones() {
+        let mut process = EProcess::new(Sides::Both);
+        let seconds = (KEPT_STARTS as u64 + 8) * RESTART_S;
+        for second in 0..seconds {
+            process.observe(second * SECOND, (1.0, 10.0), (1.0, 90.0), 4.0);
+        }
+        let state = process.state();
+        let started = KEPT_STARTS as u64 + 8;
+        assert_eq!(state.started, started);
+        let indices: Vec<u64> = state.starts.iter().map(|(i, _)| *i).collect();
+        let newest: Vec<u64> = (started - KEPT_STARTS as u64..started).collect();
+        assert_eq!(indices, [&[0][..], &newest[..]].concat());
+        assert!(state.starts.iter().all(|(_, w)| w.len() == 2 * RATIOS.len()));
+        // The first start has taken every second; the newest, the last `RESTART_S`.
+        let stepped = |i: usize| state.starts[i].1[0];
+        assert!(stepped(0) != stepped(KEPT_STARTS));
+        let restored = EProcess::restored(&state);
+        assert_eq!(restored.state(), state);
+        assert_eq!(restored.e_value(), process.e_value());
     }
 
     /// A restart continues the same tests: the evidence as the store keeps it, restored, reads
