@@ -75,6 +75,13 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 pub fn start_daemon(data: &Path, extra: &[&str]) -> anyhow::Result<(std::process::Child, serde_json::Value)> {
     // CANARYD_BIN runs another build of the daemon (an earlier commit's, for a before/after).
     let binary = std::env::var("CANARYD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_canaryd").to_owned());
+    // A daemon killed on this data dir left its addrs.json: this one's is the one to wait for.
+    match std::fs::remove_file(data.join("addrs.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context("cannot remove the last daemon's addrs.json");
+        }
+        _ => {}
+    }
     let child = std::process::Command::new(binary)
         .arg("serve")
         .arg("--data-dir")
