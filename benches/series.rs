@@ -97,13 +97,14 @@ fn versions_per_app() -> usize {
 
 /// Sends one group of apps (in env `g<group>`), every export in event-time order.
 async fn feed_group(client: &reqwest::Client, daemon: &Daemon, group: usize) -> anyhow::Result<u64> {
+    let versions = versions_per_app();
     for step in 0..STEPS {
         let shape = TraceShape {
             env: format!("g{group}"),
             apps: GROUP,
-            versions_per_app: versions_per_app(),
+            versions_per_app: versions,
             operations: 8,
-            spans: GROUP * versions_per_app() * 40,
+            spans: GROUP * versions * 40,
             start_ns: testdata::EPOCH_NS + step * 5_000_000_000,
             request_gap_ns: 250_000_000,
             ..TraceShape::default()

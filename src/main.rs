@@ -38,7 +38,6 @@ fn give_freed_pages_back() {
 }
 
 fn main() -> ExitCode {
-    give_freed_pages_back();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -128,6 +127,7 @@ fn healthcheck(args: HealthcheckArgs) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    give_freed_pages_back();
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let config = match Config::load(args.config.as_deref(), &env, args.settings) {
         Ok(config) => config,
