@@ -59,9 +59,8 @@ pub struct AnomalyState {
     /// When the current anomaly was detected (event time of its deciding window's end).
     pub since: EventTime,
     /// The largest recent score, decayed with `novelty_half_life_ns` since `peak_time` (see
-    /// `AnomalyRules::novelty_half_life_ns`). Not persisted (the store's baseline record keeps
-    /// the anomaly's state, not this memory): a restart forgets the peak, which at worst lets one
-    /// more anomaly open.
+    /// `AnomalyRules::novelty_half_life_ns`). Left out of this type's serde shape, which format 1
+    /// of the store froze; the store keeps it in a record of its own layout.
     #[serde(skip)]
     pub peak: f64,
     #[serde(skip)]

@@ -8,7 +8,8 @@
 //! skipped because a newer build wrote it.
 //!
 //! Trees of schema 2: `meta` (the schema), `clocks.2` (each app's event-time clock), `apps.2` (each
-//! app's catalog entry), `baselines.2` (each baseline's EWMA and current slot), `slots.2` (the
+//! app's catalog entry), `baselines.3` (each baseline's EWMA, current slot, long-memory range and
+//! anomaly state; `baselines.2` before the range was kept, moved at open), `slots.2` (the
 //! seasonal hour-of-week summaries paged out of memory), `analyses.3` (each app's canary analysis:
 //! declared rollout, model, stage, verdict and its evidence; `analysis`), `sequential.2` (each
 //! analysis's sequential evidence, under the analysis's key, naming the analysis it is of), keyed
@@ -85,7 +86,11 @@ pub const DAEMON_FORMAT: u8 = daemon::FORMAT;
 /// The engine trees of schema 2.
 const CLOCKS: &str = "clocks.2";
 const APPS: &str = "apps.2";
-const BASELINES: &str = "baselines.2";
+/// Baselines (`records::BaselineRecord`): the tree's version is its layout's.
+const BASELINES: &str = "baselines.3";
+/// The baselines' tree before it kept the long-memory range and the anomaly's recent peak, moved to
+/// `BASELINES` at open.
+const BASELINES_V2: &str = "baselines.2";
 const SLOTS: &str = "slots.2";
 /// Canary analyses, by app: added within schema 2 (a tree older daemons never open), its layout
 /// versioned by the tree's name (`analysis`).
@@ -380,6 +385,7 @@ impl<R: DaemonRecords> Store<R> {
         })?;
         migrate::to_current(&db, &path, &counters)?;
         migrate::daemon_to_current(&db, &path, &counters)?;
+        migrate::baselines_to_current(&db, &counters)?;
         migrate::analyses_to_current(&db, &counters)?;
         migrate::sequential_to_current(&db, &counters)?;
         let tree = |name: &str| {

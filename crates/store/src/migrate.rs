@@ -30,11 +30,18 @@ use crate::analysis::{AnalysisRecord, AnalysisRecordV2, SequentialRecord, Sequen
 use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 use crate::v1::{self, BaselineKeyRecord, ScopeRecord};
 use crate::{
-    ANALYSES, ANALYSES_V2, APPS, BASELINES, CLOCKS, DELIVERY_TREES, Decoded, EVENT_TREES, SCHEMA, SEQUENTIAL,
-    SEQUENTIAL_V1, SLOTS, SUBSCRIPTIONS, StoreCounters, StoreError, daemon, decode, encode, keys,
+    ANALYSES, ANALYSES_V2, APPS, BASELINES, BASELINES_V2, CLOCKS, DELIVERY_TREES, Decoded, EVENT_TREES,
+    SCHEMA, SEQUENTIAL, SEQUENTIAL_V1, SLOTS, SUBSCRIPTIONS, StoreCounters, StoreError, daemon, decode,
+    encode, keys,
 };
 
 const SCHEMA_KEY: &[u8] = b"schema";
+
+/// Moves `baselines.2`'s records to `baselines.3` (`records::BaselineRecord`), each converted from
+/// its frozen layout (`move_tree`): they start their range and recent peak anew.
+pub(crate) fn baselines_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
+    move_tree::<v1::BaselineRecord, BaselineRecord>(db, counters, BASELINES_V2, BASELINES)
+}
 
 /// Moves `analyses.2`'s records to `analyses.3` (`analysis`), each converted from its frozen
 /// layout (`move_tree`).
@@ -206,6 +213,11 @@ fn from_v1(db: &sled::Db, counters: &StoreCounters) -> Result<Migrated, StoreErr
         Ok(tree)
     };
     let (clocks, apps, baselines, slots) = (new(CLOCKS)?, new(APPS)?, new(BASELINES)?, new(SLOTS)?);
+    // Where a build before `baselines.3` wrote its baselines when it stopped half-way here: they
+    // are written again, from format 1, into `baselines.3`.
+    if existing.contains(BASELINES_V2.as_bytes()) {
+        db.drop_tree(BASELINES_V2).map_err(&io)?;
+    }
     let mut migrated = Migrated::default();
 
     for (name, to) in [("clocks", &clocks), ("apps", &apps)] {
@@ -256,11 +268,11 @@ fn from_v1(db: &sled::Db, counters: &StoreCounters) -> Result<Migrated, StoreErr
                 );
                 continue;
             };
-            let Some(record) = v1::decode::<BaselineRecord>(&value) else {
+            let Some(record) = v1::decode::<v1::BaselineRecord>(&value) else {
                 not_migrated(counters, "baselines", &key, "its value does not decode");
                 continue;
             };
-            batch.insert(keys::baseline(&id), encode(&record));
+            batch.insert(keys::baseline(&id), encode(&BaselineRecord::from(record)));
             done.push(key);
             // Its seasonal slots. The app's and a version `*`'s were the same records in format
             // 1: both get a copy.

@@ -2,7 +2,10 @@
 //!
 //! Schema 2 changed the keys (see `keys`), not the values: its value records are format 1's
 //! (`v1`), re-exported here. A schema that changes one gives it a new type here, keeps the old
-//! one in its frozen module, and converts old to new when it migrates (`migrate`).
+//! one in its frozen module, and converts old to new when it migrates (`migrate`). So does a tree
+//! whose name carries its layout's version: `baselines.3` holds `BaselineRecord`, which adds to
+//! format 1's (`v1::BaselineRecord`, in `baselines.2`) the long-memory range and the anomaly's
+//! recent peak, so that a restart no longer forgets them.
 //!
 //! Records with public engine counterparts (clocks, baselines, slots) convert field by field. The
 //! engine keeps the fields of `Sketch` and `AppEntry` private; their records mirror those fields
@@ -10,16 +13,56 @@
 //! type fails the conversion, and the round-trip tests below, before any user's data meets it.
 
 use canaryd_engine::anomaly::AnomalyState;
-use canaryd_engine::baseline::{Baseline, Ewma, Score, SlotSummary};
+use canaryd_engine::baseline::{Baseline, Ewma, Range, Score, SlotSummary};
 use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::sketch::Sketch;
 use canaryd_engine::window::AppClock;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 pub use crate::v1::{
-    AnomalyRecord, AppRecord, BaselineRecord, ClockRecord, EwmaRecord, ScoreRecord, SketchRecord, SlotRecord,
+    AnomalyRecord, AppRecord, ClockRecord, EwmaRecord, ScoreRecord, SketchRecord, SlotRecord,
 };
+
+/// The persisted part of the engine's `Baseline`, in `baselines.3`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaselineRecord {
+    pub ewma: EwmaRecord,
+    pub slot: Option<(u16, SlotRecord)>,
+    pub last_value: Option<f64>,
+    pub last_score: Option<ScoreRecord>,
+    pub last_window_end: u64,
+    pub anomaly: AnomalyRecord,
+    /// The anomaly state's recent peak (`AnomalyState::peak`) and its time.
+    pub peak: (f64, u64),
+    pub range: RangeRecord,
+}
+
+/// The engine's `Range`: the long-memory range of values a series has shown.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RangeRecord {
+    pub lo: f64,
+    pub hi: f64,
+    pub samples: u64,
+    pub since: u64,
+}
+
+impl From<crate::v1::BaselineRecord> for BaselineRecord {
+    /// A baseline of `baselines.2` kept no range and no peak: it starts both anew, as a restart
+    /// did before (its range judges again once it has learned for a day).
+    fn from(old: crate::v1::BaselineRecord) -> Self {
+        BaselineRecord {
+            ewma: old.ewma,
+            slot: old.slot,
+            last_value: old.last_value,
+            last_score: old.last_score,
+            last_window_end: old.last_window_end,
+            anomaly: old.anomaly,
+            peak: (0.0, 0),
+            range: RangeRecord::default(),
+        }
+    }
+}
 
 /// A type that would not convert to or from its record: an engine type and its record have
 /// diverged, or a daemon record names what this build does not know.
@@ -167,8 +210,7 @@ impl From<ScoreRecord> for Score {
 impl TryFrom<&Baseline> for BaselineRecord {
     type Error = ConvertError;
 
-    /// What a restart keeps of a baseline: not its long-memory range (`Baseline::range`) nor the
-    /// anomaly state's novelty memory, which format 1 did not keep either.
+    /// What a restart keeps of a baseline: all of it.
     fn try_from(baseline: &Baseline) -> Result<Self, ConvertError> {
         let ewma = &baseline.ewma;
         Ok(BaselineRecord {
@@ -190,6 +232,13 @@ impl TryFrom<&Baseline> for BaselineRecord {
                 active: baseline.anomaly.active,
                 streak: baseline.anomaly.streak,
                 since: baseline.anomaly.since,
+            },
+            peak: (baseline.anomaly.peak, baseline.anomaly.peak_time),
+            range: RangeRecord {
+                lo: baseline.range.lo,
+                hi: baseline.range.hi,
+                samples: baseline.range.samples,
+                since: baseline.range.since,
             },
         })
     }
@@ -219,9 +268,15 @@ impl TryFrom<&BaselineRecord> for Baseline {
                 active: record.anomaly.active,
                 streak: record.anomaly.streak,
                 since: record.anomaly.since,
-                ..AnomalyState::default()
+                peak: record.peak.0,
+                peak_time: record.peak.1,
             },
-            range: Default::default(),
+            range: Range {
+                lo: record.range.lo,
+                hi: record.range.hi,
+                samples: record.range.samples,
+                since: record.range.since,
+            },
         })
     }
 }
@@ -253,6 +308,8 @@ mod tests {
         baseline.anomaly.active = true;
         baseline.anomaly.streak = 3;
         baseline.anomaly.since = 7;
+        (baseline.anomaly.peak, baseline.anomaly.peak_time) = (12.5, 9);
+        assert!(baseline.range.samples > 0, "the range learned");
         baseline
     }
 
@@ -273,9 +330,22 @@ mod tests {
         // still read as the frozen records (until an engine type changes, when this test moves to
         // a fixture of bytes).
         let baseline = learned();
+        // The range and the recent peak were not part of it (`serde(skip)`), and start anew.
         let engine_bytes = postcard::to_stdvec(&baseline).expect("encode");
-        let record: BaselineRecord = postcard::from_bytes(&engine_bytes).expect("decode");
-        assert_eq!(record, BaselineRecord::try_from(&baseline).expect("to record"));
+        let record: crate::v1::BaselineRecord = postcard::from_bytes(&engine_bytes).expect("decode");
+        let forgetful = Baseline {
+            range: Default::default(),
+            anomaly: AnomalyState {
+                peak: 0.0,
+                peak_time: 0,
+                ..baseline.anomaly.clone()
+            },
+            ..baseline.clone()
+        };
+        assert_eq!(
+            BaselineRecord::from(record),
+            BaselineRecord::try_from(&forgetful).expect("to record")
+        );
         // The engine's clock has since gained a field (its lone latest time, `lead`): format 1's
         // clock bytes, two varints, still read, and come back with the lead at the vouched time.
         let format_1_clock = postcard::to_stdvec(&(9u64, 5u64)).expect("encode");

@@ -4,12 +4,34 @@ use canaryd_engine::baseline::BaselineConfig;
 use canaryd_engine::features::{Feature, FeatureKey};
 use serde::Deserialize;
 
-/// The engine's baseline settings without the range band, whose long memory a restart does not
-/// keep (`BaselineRecord`): what these baselines learn, the store gives back whole.
+/// The engine's baseline settings with the range band on: what these baselines learn, its
+/// long-memory range too, the store gives back whole (`BaselineRecord`).
 pub(crate) fn persisted_config() -> BaselineConfig {
+    BaselineConfig {
+        range: canaryd_engine::baseline::RangeConfig::of_width(0.06),
+        ..BaselineConfig::default()
+    }
+}
+
+/// The engine's baseline settings without the range band, whose long memory format 1 did not
+/// keep (`v1::BaselineRecord`): what these baselines learn, a format-1 data dir gives back whole.
+fn format_1_config() -> BaselineConfig {
     BaselineConfig {
         range: None,
         ..BaselineConfig::default()
+    }
+}
+
+/// A baseline's record as format 1 (and `baselines.2`) kept it.
+pub(crate) fn format_1_record(baseline: &Baseline) -> v1::BaselineRecord {
+    let record = BaselineRecord::try_from(baseline).expect("record");
+    v1::BaselineRecord {
+        ewma: record.ewma,
+        slot: record.slot,
+        last_value: record.last_value,
+        last_score: record.last_score,
+        last_window_end: record.last_window_end,
+        anomaly: record.anomaly,
     }
 }
 
@@ -496,6 +518,59 @@ fn deleting_or_disabling_clears_parked_deliveries_and_never_revives_one() {
     assert_counts(&store);
 }
 
+/// Baselines written by a build before `baselines.3` (in `baselines.2`, format 1's layout) are
+/// moved when the store opens: everything they kept comes back, and their range and recent peak
+/// start anew. A record that does not decode stays in the old tree, counted.
+#[test]
+fn baselines_of_the_tree_before_ranges_are_moved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut baseline = Baseline::default();
+    {
+        let store = open(dir.path());
+        let mut slots = store.slot_store();
+        for i in 0..20 {
+            baseline.observe(
+                "s",
+                i as f64,
+                1_767_571_200_000_000_000 + i * 60_000_000_000,
+                &persisted_config(),
+                &mut slots,
+            );
+        }
+        let state = EngineState {
+            clocks: vec![("prod".into(), "shop".into(), clock())],
+            baselines: vec![(id(Scope::App), baseline.clone())],
+            ..EngineState::default()
+        };
+        store.write(&state).expect("write");
+        // Moved back to the old tree, in the old layout, as the build before wrote it.
+        let new = store.db.open_tree(BASELINES).expect("tree");
+        let old = store.db.open_tree(BASELINES_V2).expect("tree");
+        for item in new.iter() {
+            let (key, _) = item.expect("read");
+            old.insert(key.clone(), encode(&format_1_record(&baseline)))
+                .expect("write");
+            new.remove(key).expect("remove");
+        }
+        old.insert(b"junk", vec![2u8, 0xff]).expect("write");
+        store.flush().expect("flush");
+    }
+    let store = open(dir.path());
+    let moved = Baseline {
+        range: Default::default(),
+        ..baseline.clone()
+    };
+    assert_ne!(moved, baseline, "the range had learned");
+    assert_eq!(
+        store.load().expect("load").baselines,
+        vec![(id(Scope::App), moved)]
+    );
+    let old = store.db.open_tree(BASELINES_V2).expect("tree");
+    assert_eq!(old.len(), 1);
+    assert!(old.get(b"junk").expect("read").is_some());
+    assert_eq!(store.counters.records_skipped.get(), 1);
+}
+
 #[test]
 fn state_survives_a_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -513,6 +588,8 @@ fn state_survives_a_reopen() {
             );
         }
         baseline.save_slot("s", &mut slots);
+        assert_eq!(baseline.range.samples, 20, "the range learned every value");
+        (baseline.anomaly.peak, baseline.anomaly.peak_time) = (4.5, 1_767_571_200_000_000_000);
         let state = EngineState {
             clocks: vec![("prod".into(), "shop".into(), clock())],
             apps: vec![("prod".into(), "shop".into(), AppEntry::default())],
@@ -713,7 +790,7 @@ fn write_v1(dir: &Path, baselines: &[(v1::BaselineKeyRecord, Baseline)]) {
         )
         .expect("insert");
     for (key, baseline) in baselines {
-        let record = BaselineRecord::try_from(baseline).expect("record");
+        let record = format_1_record(baseline);
         tree.insert(v1::encode(key), v1::encode(&record)).expect("insert");
         let (slot, summary) = record.slot.clone().expect("a slot");
         slots
@@ -743,7 +820,7 @@ fn a_format_1_data_dir_is_migrated_and_the_app_and_a_version_star_each_get_their
         "s",
         3.0,
         1_767_571_200_000_000_000,
-        &persisted_config(),
+        &format_1_config(),
         &mut memory,
     );
     let star = key(v1::ScopeRecord::Version("*".into()));
@@ -809,7 +886,7 @@ fn a_migration_that_stopped_half_way_starts_again_from_format_1() {
         "s",
         3.0,
         1_767_571_200_000_000_000,
-        &persisted_config(),
+        &format_1_config(),
         &mut memory,
     );
     write_v1(dir.path(), &[(key, baseline.clone())]);

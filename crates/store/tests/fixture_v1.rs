@@ -135,7 +135,8 @@ fn read_v1(dir: &Path) -> V1 {
     for entry in tree("baselines").iter() {
         let (k, v) = entry.expect("read");
         let key: BaselineKeyRecord = v1::decode(&k).expect("a format-1 baseline key");
-        let record: BaselineRecord = v1::decode(&v).expect("a format-1 baseline");
+        let record: v1::BaselineRecord = v1::decode(&v).expect("a format-1 baseline");
+        let record = BaselineRecord::from(record);
         let id = engine_id(&key);
         for slot in 0..168 {
             if let Some(bytes) = slots.get(key.slot_key(slot)).expect("read") {
