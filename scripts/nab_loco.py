@@ -23,20 +23,18 @@ import shutil
 import subprocess
 import sys
 
-# The settings searched, with the values tried. Two of the daemon's settings stay at their
-# default (off) because the daemon cannot bear them, whatever NAB says: the range band
-# (baseline_range_width) raises false anomalies on a stable app's noisy features (a p99 over a
-# few dozen requests) once it judges, and the novelty gate (anomaly_novelty_half_life_secs) would
-# hold back a second, smaller incident on a feature for days after a large one. `--with-off`
-# searches them too, to show what they would be worth on NAB.
+# The settings searched, with the values tried. The novelty gate (anomaly_novelty_half_life_secs)
+# stays at its default (off) because the daemon cannot bear it, whatever NAB says: it would hold
+# back a second, smaller incident on a feature for days after a large one. `--with-off` searches
+# it too, to show what it would be worth on NAB.
 GRID = {
     "baseline_half_life_secs": [1800, 7200, 21600],
+    "baseline_range_width": [0.0, 0.03, 0.06, 0.12],
     "anomaly_detect_score": [3.0, 4.0],
     "anomaly_detect_windows": [2, 1],
     "anomaly_resolve_windows": [3, 8],
 }
 OFF_IN_THE_DAEMON = {
-    "baseline_range_width": [0.0, 0.06],
     "anomaly_novelty_half_life_secs": [0, 86400],
 }
 

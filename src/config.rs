@@ -227,13 +227,13 @@ settings! {
     max_clock_skew_secs: u64,
     /// Length of the evaluation windows baselines learn from, in seconds [default: 60]
     window_secs: u64,
-    /// Half-life of the baselines' EWMAs, in seconds of event time [default: 7200]
+    /// Half-life of the baselines' EWMAs, in seconds of event time [default: 21600]
     baseline_half_life_secs: u64,
     /// Half-life of seasonal memory, in weeks [default: 2]
     seasonal_half_life_weeks: f64,
     /// Windows a baseline must learn before it scores [default: 10]
     baseline_min_samples: u64,
-    /// Half-width (0-10) of a third band, the long-memory range of values a series has shown, as a share of the range's width; 0 leaves it out [default: 0]
+    /// Half-width (0-10) of a third band, the long-memory range of values a series has shown, as a share of the range's width; 0 leaves it out [default: 0.03]
     baseline_range_width: f64,
     /// Band half-widths (1-100) a window must lie outside its baseline to count towards an anomaly [default: 3]
     anomaly_detect_score: f64,

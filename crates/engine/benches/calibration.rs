@@ -9,15 +9,16 @@
 //!   cohorts (each judged on its own too), and with 40 operations of Zipf-skewed shares.
 //!   Reported: the analyses that failed (a false failure), with a 95% upper bound, against the
 //!   model's false-failure budget.
-//! - Stable only: one version over two days under a daily cycle; every `anomaly.detected` is a
-//!   false alarm. Reported per app-day.
+//! - Stable only: one version over four days under a daily cycle; every `anomaly.detected` is a
+//!   false alarm. Reported per app-day. Four, so that the range band, which judges once it has
+//!   learned for a day, judges most of them.
 //! - Detection: a canary bad from its first request (errors 2x and 5x a 1% stable rate; the slowest
 //!   2% of requests 1.5x and 2x slower, so the p99 moves and the median does not), at each traffic
 //!   level: the event-time seconds from the canary's first request to its failure.
 //!
 //! `cargo bench -p canaryd-engine --bench calibration` runs it all, on every core:
 //! `CALIBRATION_SEEDS` (default 1,000 per A/A condition), `CALIBRATION_DETECT_SEEDS` (50),
-//! `CALIBRATION_ANOMALY_SEEDS` (20), `CALIBRATION_ONLY=<part of a condition's name>` to run some
+//! `CALIBRATION_ANOMALY_SEEDS` (20), `CALIBRATION_ANOMALY_DAYS` (4), `CALIBRATION_ONLY=<part of a condition's name>` to run some
 //! (several parts separated by `|`), `CALIBRATION_THREADS` to use fewer cores, and
 //! `CALIBRATION_VERBOSE=1` to print each false failure's checks and messages (and each
 //! stable-only seed's false anomalies). An A/A run
@@ -68,7 +69,7 @@ fn main() {
             detect_seeds: env("CALIBRATION_DETECT_SEEDS", 50),
             anomaly_seeds: env("CALIBRATION_ANOMALY_SEEDS", 20),
             analysis_s: ANALYSIS_S,
-            anomaly_days: 2,
+            anomaly_days: env("CALIBRATION_ANOMALY_DAYS", 4),
             only: std::env::var("CALIBRATION_ONLY").ok(),
             smoke: false,
         }
