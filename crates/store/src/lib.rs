@@ -9,7 +9,8 @@
 //!
 //! Trees of schema 2: `meta` (the schema), `clocks.2` (each app's event-time clock), `apps.2` (each
 //! app's catalog entry), `baselines.3` (each baseline's EWMA, current slot, long-memory range and
-//! anomaly state; `baselines.2` before the range was kept, moved at open), `slots.2` (the
+//! anomaly state; `baselines.2` before the range was kept, moved at open: a build older than
+//! `baselines.3` finds no baselines and learns them anew), `slots.2` (the
 //! seasonal hour-of-week summaries paged out of memory), `analyses.3` (each app's canary analysis:
 //! declared rollout, model, stage, verdict and its evidence; `analysis`), `sequential.2` (each
 //! analysis's sequential evidence, under the analysis's key, naming the analysis it is of), keyed
