@@ -455,9 +455,9 @@ pub fn anomaly_event(change: &AnomalyChange, stable_version: Option<&str>, rules
     };
     let feature = change.id.key.feature.name();
     let subject = (!change.id.key.subject.is_empty()).then(|| change.id.key.subject.clone());
-    let band = change
-        .band
-        .map_or_else(String::new, |(lo, hi)| format!(" (band {lo:.4}..{hi:.4})"));
+    let band = change.band.map_or_else(String::new, |b| {
+        format!(" ({} band {:.4}..{:.4})", b.kind.name(), b.lo, b.hi)
+    });
     let message = format!(
         "{} {verb} its baseline: {:.4} against {:.4}{band}, {:.1} band half-widths outside, over {} events",
         change.id.key, change.value, change.expected, change.score, change.support

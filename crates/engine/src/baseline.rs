@@ -319,6 +319,45 @@ impl SlotStore for MemorySlotStore {
     }
 }
 
+/// Which of a baseline's bands judged a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BandKind {
+    /// The EWMA level, plus or minus `BAND_WIDTH` robust standard deviations.
+    Level,
+    /// The hour-of-week slot's q05..q95 over earlier weeks.
+    Seasonal,
+    /// The long-memory range of values seen.
+    Range,
+}
+
+impl BandKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BandKind::Level => "level",
+            BandKind::Seasonal => "seasonal",
+            BandKind::Range => "range",
+        }
+    }
+}
+
+/// The band that judged a value, and its bounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JudgedBand {
+    pub kind: BandKind,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl JudgedBand {
+    fn of(kind: BandKind, band: Band) -> Self {
+        JudgedBand {
+            kind,
+            lo: band.lo,
+            hi: band.hi,
+        }
+    }
+}
+
 /// The band a value is judged against.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Band {
@@ -398,7 +437,7 @@ impl Baseline {
         config: &BaselineConfig,
         store: &mut dyn SlotStore,
     ) -> Score {
-        self.observe_counted(series, x, None, true, time, config, store)
+        self.observe_counted(series, x, None, true, time, config, store).0
     }
 
     /// Scores and learns a window's feature as `observe` does; a feature that is a count (a ratio
@@ -412,6 +451,20 @@ impl Baseline {
         config: &BaselineConfig,
         store: &mut dyn SlotStore,
     ) -> Score {
+        self.observe_judged(series, feature, time, config, store).0
+    }
+
+    /// `observe_feature`, with the band that judged the value: the one it lies farthest outside,
+    /// in its half-widths (the level band when it lies within them all). `None` while the baseline
+    /// is too young to score.
+    pub fn observe_judged(
+        &mut self,
+        series: &str,
+        feature: &FeatureValue,
+        time: EventTime,
+        config: &BaselineConfig,
+        store: &mut dyn SlotStore,
+    ) -> (Score, Option<JudgedBand>) {
         // A window's quantile is a sample statistic: its noise grows as its requests fall (a p99
         // of a few hundred requests rests on its slowest few), and the requests' latency moves with
         // load, so a quiet hour's quantiles lie beyond what busy hours taught. The level and
@@ -443,10 +496,10 @@ impl Baseline {
         time: EventTime,
         config: &BaselineConfig,
         store: &mut dyn SlotStore,
-    ) -> Score {
+    ) -> (Score, Option<JudgedBand>) {
         let range = config.range.as_ref().filter(|_| judged_by_range);
         if !x.is_finite() {
-            return self.last_score.unwrap_or(Score::InsufficientData);
+            return (self.last_score.unwrap_or(Score::InsufficientData), None);
         }
         // Far beyond any real feature value, and far enough from f64::MAX that squares stay finite.
         let x = x.clamp(-MAX_VALUE, MAX_VALUE);
@@ -463,11 +516,12 @@ impl Baseline {
             summary.enter_week(week, config.seasonal_half_life_weeks);
         }
 
-        let score = if self.ewma.samples < config.min_samples {
-            Score::InsufficientData
+        let (score, judged) = if self.ewma.samples < config.min_samples {
+            (Score::InsufficientData, None)
         } else {
             let range = range.filter(|_| self.range.judges(time, config.min_samples));
-            Score::Scored(self.score_counted(x, counts, range))
+            let (score, judged) = self.score_counted(x, counts, range);
+            (Score::Scored(score), Some(judged))
         };
 
         // While the feature is anomalous it learns only a little, so that a lasting fault is not
@@ -488,7 +542,7 @@ impl Baseline {
         self.last_value = Some(x);
         self.last_score = Some(score);
         self.last_window_end = self.last_window_end.max(time);
-        score
+        (score, judged)
     }
 
     /// How far `x` lies outside what this baseline has learned, in band half-widths, without
@@ -507,7 +561,7 @@ impl Baseline {
         if !x.is_finite() || self.ewma.samples < config.min_samples {
             return None;
         }
-        Some(self.score_counted(x, counts, None))
+        Some(self.score_counted(x, counts, None).0)
     }
 
     /// Half-widths outside the level band, the seasonal band of the slot in memory (once it has
@@ -515,13 +569,26 @@ impl Baseline {
     /// when its counts could hardly have come from the band's edge (binomial or Poisson, at
     /// `COUNT_ALPHA`, with at least `MIN_EVENTS` events for a rise): one failed request among
     /// thirty does not leave a band near 0.02%, whatever its ratio.
-    fn score_counted(&self, x: f64, counts: Option<Counts>, range: Option<&RangeConfig>) -> f64 {
+    /// The band that gave the score comes with it (the level band when `x` lies within them all).
+    fn score_counted(
+        &self,
+        x: f64,
+        counts: Option<Counts>,
+        range: Option<&RangeConfig>,
+    ) -> (f64, JudgedBand) {
         let sd = self.ewma.robust_std();
         let level = Band {
             lo: self.ewma.mean - BAND_WIDTH * sd,
             hi: self.ewma.mean + BAND_WIDTH * sd,
         };
         let mut score = level.score_counted(x, counts);
+        let mut judged = JudgedBand::of(BandKind::Level, level);
+        let mut consider = |kind: BandKind, band: Band, band_score: f64| {
+            if band_score > score {
+                score = band_score;
+                judged = JudgedBand::of(kind, band);
+            }
+        };
         if let Some((_, summary)) = &self.slot
             && summary.mature()
             && let (Some(lo), Some(hi)) = (summary.past.quantile(0.05), summary.past.quantile(0.95))
@@ -531,12 +598,16 @@ impl Baseline {
                 lo: lo - SLOT_ACCURACY * lo.abs(),
                 hi: hi + SLOT_ACCURACY * hi.abs(),
             };
-            score = score.max(band.score_counted(x, counts));
+            consider(BandKind::Seasonal, band, band.score_counted(x, counts));
         }
         if let Some(range) = range {
-            score = score.max(self.range.score_counted(x, counts, range));
+            let band = Band {
+                lo: self.range.lo,
+                hi: self.range.hi,
+            };
+            consider(BandKind::Range, band, self.range.score_counted(x, counts, range));
         }
-        score
+        (score, judged)
     }
 
     /// Whether a window of `requests` requests over `window_secs` could show `feature` lying
@@ -810,6 +881,49 @@ mod tests {
             "a gauge's creep: {plain} then {ranged}"
         );
         assert!(baseline.range.samples > 0);
+    }
+
+    /// An anomaly says which band it left: a value beyond the range seen but within the level
+    /// band was judged by the range, with the range's bounds; a value within every band by the
+    /// level band.
+    #[test]
+    fn the_band_that_judged_a_value_comes_with_its_score() {
+        let config = BaselineConfig {
+            range: Some(range_config()),
+            ..BaselineConfig::default()
+        };
+        let (mut baseline, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let mut rng = Rng::new(9);
+        let gauge = |value: f64| FeatureValue {
+            key: crate::features::FeatureKey::app(Feature::MetricValue),
+            value,
+            support: 100,
+            counts: None,
+        };
+        let minutes = 2 * 24 * 60;
+        for i in 0..minutes {
+            let x = 100.0 + (rng.unit() - 0.5) * 20.0;
+            baseline.observe_feature("s", &gauge(x), MONDAY + i * MINUTE, &config, &mut store);
+        }
+        let (level_lo, level_hi) = baseline.band().expect("a level band");
+        let x = level_hi - 1.0;
+        let (score, judged) =
+            baseline
+                .clone()
+                .observe_judged("s", &gauge(x), MONDAY + minutes * MINUTE, &config, &mut store);
+        let judged = judged.expect("scored");
+        assert!(score.value().is_some_and(|s| s > 3.0), "{score:?}");
+        assert_eq!(judged.kind, BandKind::Range);
+        assert_eq!((judged.lo, judged.hi), (baseline.range.lo, baseline.range.hi));
+        assert!(judged.hi < x && x < level_hi);
+        let (score, judged) =
+            baseline.observe_judged("s", &gauge(100.0), MONDAY + minutes * MINUTE, &config, &mut store);
+        assert_eq!(score, Score::Scored(0.0));
+        let judged = judged.expect("scored");
+        assert_eq!(
+            (judged.kind, judged.lo, judged.hi),
+            (BandKind::Level, level_lo, level_hi)
+        );
     }
 
     #[test]

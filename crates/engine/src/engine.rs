@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{AnomalyRules, Transition};
-use crate::baseline::{Baseline, BaselineConfig, Score, SlotStore};
+use crate::baseline::{Baseline, BaselineConfig, JudgedBand, Score, SlotStore};
 use crate::catalog::{AppEntry, Cap, Catalog, Limits};
 use crate::features::{FeatureKey, FeatureValue, window_features};
 use crate::judge::{
@@ -174,8 +174,9 @@ pub struct AnomalyChange {
     /// The window's value, and what the baseline expected (its EWMA level before the window).
     pub value: f64,
     pub expected: f64,
-    /// The band the value was judged against, when the baseline had one.
-    pub band: Option<(f64, f64)>,
+    /// The band that judged the value (the one it lay farthest outside), when the baseline was
+    /// old enough to score.
+    pub band: Option<JudgedBand>,
     pub score: f64,
     pub support: u64,
     /// End of the deciding window: the event time of the evidence.
@@ -1186,9 +1187,8 @@ impl Learner<'_> {
             };
             let baseline = baselines.get_or_default(&f.key);
             let expected = baseline.ewma.mean;
-            let band = baseline.band();
-            let score =
-                baseline.observe_feature(&id.series_name(), f, self.time, &self.config.baseline, self.slots);
+            let (score, band) =
+                baseline.observe_judged(&id.series_name(), f, self.time, &self.config.baseline, self.slots);
             if matches!(scope, Scope::Version(_))
                 && let Some(transition) =
                     baseline
