@@ -138,14 +138,18 @@ pub struct Range {
 }
 
 impl Range {
-    /// Half-widths (`config.width` of the range) that `x` lies outside the range: 0 inside it.
-    fn score(&self, x: f64, config: &RangeConfig) -> f64 {
-        let band = Band {
+    /// The range as a band, from its smallest to its largest value.
+    fn band(&self) -> Band {
+        Band {
             lo: self.lo,
             hi: self.hi,
-        };
+        }
+    }
+
+    /// Half-widths (`config.width` of the range) that `x` lies outside the range: 0 inside it.
+    fn score(&self, x: f64, config: &RangeConfig) -> f64 {
         let half = (config.width * (self.hi - self.lo)).max(0.01 * ((self.lo + self.hi) / 2.0).abs());
-        band.score_with_half_width(x, half)
+        self.band().score_with_half_width(x, half)
     }
 
     /// `score`, for a value that may be a count, as `Band::score_counted`.
@@ -601,11 +605,11 @@ impl Baseline {
             consider(BandKind::Seasonal, band, band.score_counted(x, counts));
         }
         if let Some(range) = range {
-            let band = Band {
-                lo: self.range.lo,
-                hi: self.range.hi,
-            };
-            consider(BandKind::Range, band, self.range.score_counted(x, counts, range));
+            consider(
+                BandKind::Range,
+                self.range.band(),
+                self.range.score_counted(x, counts, range),
+            );
         }
         (score, judged)
     }

@@ -518,6 +518,20 @@ fn deleting_or_disabling_clears_parked_deliveries_and_never_revives_one() {
     assert_counts(&store);
 }
 
+/// Teaches `baseline` the values 0 to 19, one a minute from the start of 2026-01-05, under
+/// `persisted_config` (so its range learns them too), its slot under `s` in `slots`.
+fn learn_twenty_minutes(baseline: &mut Baseline, slots: &mut SledSlots) {
+    for i in 0..20 {
+        baseline.observe(
+            "s",
+            i as f64,
+            1_767_571_200_000_000_000 + i * 60_000_000_000,
+            &persisted_config(),
+            slots,
+        );
+    }
+}
+
 /// Baselines written by a build before `baselines.3` (in `baselines.2`, format 1's layout) are
 /// moved when the store opens: everything they kept comes back, and their range and recent peak
 /// start anew. A record that does not decode stays in the old tree, counted.
@@ -528,15 +542,7 @@ fn baselines_of_the_tree_before_ranges_are_moved() {
     {
         let store = open(dir.path());
         let mut slots = store.slot_store();
-        for i in 0..20 {
-            baseline.observe(
-                "s",
-                i as f64,
-                1_767_571_200_000_000_000 + i * 60_000_000_000,
-                &persisted_config(),
-                &mut slots,
-            );
-        }
+        learn_twenty_minutes(&mut baseline, &mut slots);
         let state = EngineState {
             clocks: vec![("prod".into(), "shop".into(), clock())],
             baselines: vec![(id(Scope::App), baseline.clone())],
@@ -578,15 +584,7 @@ fn state_survives_a_reopen() {
     {
         let store = open(dir.path());
         let mut slots = store.slot_store();
-        for i in 0..20 {
-            baseline.observe(
-                "s",
-                i as f64,
-                1_767_571_200_000_000_000 + i * 60_000_000_000,
-                &persisted_config(),
-                &mut slots,
-            );
-        }
+        learn_twenty_minutes(&mut baseline, &mut slots);
         baseline.save_slot("s", &mut slots);
         assert_eq!(baseline.range.samples, 20, "the range learned every value");
         (baseline.anomaly.peak, baseline.anomaly.peak_time) = (4.5, 1_767_571_200_000_000_000);
