@@ -9,9 +9,11 @@
 //!
 //! `Baseline::observe` scores a value before learning it. The level band is the EWMA level plus or
 //! minus `BAND_WIDTH` robust standard deviations; the seasonal band is the slot's q05..q95, used once
-//! the slot holds data from an earlier week. The score is how far the value lies outside the band,
-//! in half-widths of the band (0 inside it), the larger of the two when both apply. A baseline with
-//! fewer than `min_samples` windows says `InsufficientData` instead.
+//! the slot holds data from an earlier week, and only where those values spread (q05 < q95: a slot
+//! that was always one value has no width to measure a departure by). The score is how far the
+//! value lies outside the band, in half-widths of the band (0 inside it), the larger of the two
+//! when both apply. A baseline with fewer than `min_samples` windows says `InsufficientData`
+//! instead.
 //!
 //! A feature that is a count (a ratio of requests, a rate of events: `FeatureValue::counts`) is
 //! scored count-aware (`observe_feature`, `deviation_of`): outside a band, it scores only when a
@@ -593,9 +595,15 @@ impl Baseline {
                 judged = JudgedBand::of(kind, band);
             }
         };
+        // A slot whose earlier weeks' values share one sketch bin (q05 = q95: an hour that was
+        // always 0, or always one value) has no spread to grade a departure by: against its band
+        // of no width, any other value scores astronomically, although a dozen equal values
+        // say only that the next is likely, not certainly, the same. Such a slot does not judge;
+        // the level band and the range, which know how far the series strays, do.
         if let Some((_, summary)) = &self.slot
             && summary.mature()
             && let (Some(lo), Some(hi)) = (summary.past.quantile(0.05), summary.past.quantile(0.95))
+            && hi > lo
         {
             // The sketch cannot tell values within its accuracy apart: widen the band by it.
             let band = Band {
@@ -782,6 +790,72 @@ mod tests {
             "shifted pattern: {}",
             flagged(&shifted_scores)
         );
+    }
+
+    /// A gauge that is 0 most of the time, with a spike of 1 to 3 in about one window in twenty
+    /// (a queue that fills now and then), one value per 5 minutes for `weeks` from `start`.
+    fn zero_with_spikes(rng: &mut Rng, weeks: u64) -> Vec<f64> {
+        (0..weeks * 7 * 24 * 12)
+            .map(|_| {
+                if rng.unit() < 0.05 {
+                    1.0 + 2.0 * rng.unit()
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    /// Most of such a series' hour-of-week slots hold only zeros from earlier weeks: a band of no
+    /// width, against which any spike scored astronomically, however usual its size. A slot with
+    /// no spread does not judge; the level band and the range, which learned how far the series
+    /// strays, do: a week more of the same spikes scores none of them as gross, and a spike ten
+    /// times the largest still is.
+    #[test]
+    fn an_hour_that_was_always_one_value_does_not_judge_alone() {
+        let config = BaselineConfig::default();
+        let rules = crate::anomaly::AnomalyRules::default();
+        let mut rng = Rng::new(11);
+        let (mut baseline, mut store) = (Baseline::default(), MemorySlotStore::default());
+        let step = 5 * MINUTE;
+        let learn = zero_with_spikes(&mut rng, 2);
+        for (i, x) in learn.iter().enumerate() {
+            baseline.observe("s", *x, MONDAY + i as u64 * step, &config, &mut store);
+        }
+        let start = MONDAY + learn.len() as u64 * step;
+        let (mut largest, mut degenerate_spikes) = (0.0f64, 0);
+        for (i, x) in zero_with_spikes(&mut rng, 1).iter().enumerate() {
+            let time = start + i as u64 * step;
+            let score = baseline.observe("s", *x, time, &config, &mut store);
+            let (_, summary) = baseline.slot.as_ref().expect("a slot");
+            if *x > 0.0 && summary.past.quantile(0.95) == summary.past.quantile(0.05) {
+                degenerate_spikes += 1;
+            }
+            largest = largest.max(score.value().unwrap_or(0.0));
+        }
+        assert!(
+            degenerate_spikes > 50,
+            "spikes in slots of no spread: {degenerate_spikes}"
+        );
+        assert!(
+            largest < rules.gross_score,
+            "the same spikes for a week more score at most {largest}"
+        );
+        let time = start + 7 * 24 * HOUR_NS;
+        let (score, judged) = baseline.observe_judged(
+            "s",
+            &FeatureValue {
+                key: crate::features::FeatureKey::app(Feature::MetricValue),
+                value: 30.0,
+                support: 100,
+                counts: None,
+            },
+            time,
+            &config,
+            &mut store,
+        );
+        assert!(score.value().is_some_and(|s| s >= rules.gross_score), "{score:?}");
+        assert_ne!(judged.map(|j| j.kind), Some(BandKind::Seasonal));
     }
 
     /// Three days of noise around 100, then two days creeping up to 160, one value per 10
