@@ -10,10 +10,11 @@
 //! `Baseline::observe` scores a value before learning it. The level band is the EWMA level plus or
 //! minus `BAND_WIDTH` robust standard deviations; the seasonal band is the slot's q05..q95, used once
 //! the slot holds data from an earlier week, and only where those values spread (q05 < q95: a slot
-//! that was always one value has no width to measure a departure by). The score is how far the
-//! value lies outside the band, in half-widths of the band (0 inside it), the larger of the two
-//! when both apply. A baseline with fewer than `min_samples` windows says `InsufficientData`
-//! instead.
+//! that was always one value has no width to measure a departure by), widened by how few values
+//! it was estimated from (`prediction_factor`: a dozen values' q05..q95 holds a new value less
+//! often than nine times in ten). The score is how far the value lies outside the band, in
+//! half-widths of the band (0 inside it), the larger of the two when both apply. A baseline with
+//! fewer than `min_samples` windows says `InsufficientData` instead.
 //!
 //! A feature that is a count (a ratio of requests, a rate of events: `FeatureValue::counts`) is
 //! scored count-aware (`observe_feature`, `deviation_of`): outside a band, it scores only when a
@@ -60,6 +61,23 @@ const COUNT_ALPHA: f64 = 0.001;
 /// Requests that must lie beyond a quantile for a window's quantile to be one: with fewer, it is
 /// the window's slowest request or two, and one slow request puts it wherever it likes.
 pub const TAIL_REQUESTS: f64 = 5.0;
+
+/// How much wider than the q05..q95 of `n` values the interval must be that holds a new value
+/// from the same distribution 90% of the time: the quantiles of a dozen values are estimates,
+/// and a new value falls outside them more often than one in ten. For normal values it is the
+/// prediction interval's factor, Student's t at 0.95 with `n - 1` degrees of freedom over the
+/// normal's, times `sqrt(1 + 1/n)`: 1.41 for 5 values, 1.20 for 8.5 (an hour of 5-minute
+/// windows a week ago, as a slot weighs them), 1.03 for 42 (of 1-minute windows). The t quantile is the Cornish-Fisher
+/// expansion to 1/nu^2, within 1% from 4 degrees of freedom (fewer are never judged:
+/// `MIN_SLOT_WEIGHT`).
+fn prediction_factor(n: f64) -> f64 {
+    const Z95: f64 = 1.644_853_626_951_472_2;
+    let n = n.max(MIN_SLOT_WEIGHT);
+    let nu = n - 1.0;
+    let (z, z3, z5) = (Z95, Z95.powi(3), Z95.powi(5));
+    let t = z + (z3 + z) / (4.0 * nu) + (5.0 * z5 + 16.0 * z3 + 3.0 * z) / (96.0 * nu * nu);
+    t / z * (1.0 + 1.0 / n).sqrt()
+}
 
 /// Hour-of-week slot (0 = Monday 00:00-01:00 UTC) of an event time.
 pub fn hour_of_week(t: EventTime) -> u16 {
@@ -286,6 +304,32 @@ impl SlotSummary {
     /// Whether earlier weeks taught enough to score against.
     fn mature(&self) -> bool {
         self.past_weeks >= 1 && self.past.count() >= MIN_SLOT_WEIGHT
+    }
+
+    /// The band a value in this slot is judged against: where earlier weeks' values lay (q05..q95),
+    /// widened into the interval a new value falls in as often (`prediction_factor` of the
+    /// values' weight). `None` while the slot is not mature, and for a slot whose values share one
+    /// sketch bin (q05 = q95: an hour that was always 0, or always one value): it has no spread to
+    /// grade a departure by, and against a band of no width any other value scored
+    /// astronomically, although a dozen equal values say only that the next is likely, not
+    /// certainly, the same. The level band and the range, which know how far the series strays,
+    /// judge such an hour.
+    fn band(&self) -> Option<Band> {
+        if !self.mature() {
+            return None;
+        }
+        let (lo, hi) = (self.past.quantile(0.05)?, self.past.quantile(0.95)?);
+        if hi <= lo {
+            return None;
+        }
+        // The sketch cannot tell values within its accuracy apart: widen the band by it.
+        let (lo, hi) = (lo - SLOT_ACCURACY * lo.abs(), hi + SLOT_ACCURACY * hi.abs());
+        let centre = (lo + hi) / 2.0;
+        let half = (hi - lo) / 2.0 * prediction_factor(self.past.count());
+        Some(Band {
+            lo: centre - half,
+            hi: centre + half,
+        })
     }
 
     /// The learned quantile: from earlier weeks once there are any, else from this week so far.
@@ -595,21 +639,7 @@ impl Baseline {
                 judged = JudgedBand::of(kind, band);
             }
         };
-        // A slot whose earlier weeks' values share one sketch bin (q05 = q95: an hour that was
-        // always 0, or always one value) has no spread to grade a departure by: against its band
-        // of no width, any other value scores astronomically, although a dozen equal values
-        // say only that the next is likely, not certainly, the same. Such a slot does not judge;
-        // the level band and the range, which know how far the series strays, do.
-        if let Some((_, summary)) = &self.slot
-            && summary.mature()
-            && let (Some(lo), Some(hi)) = (summary.past.quantile(0.05), summary.past.quantile(0.95))
-            && hi > lo
-        {
-            // The sketch cannot tell values within its accuracy apart: widen the band by it.
-            let band = Band {
-                lo: lo - SLOT_ACCURACY * lo.abs(),
-                hi: hi + SLOT_ACCURACY * hi.abs(),
-            };
+        if let Some(band) = self.slot.as_ref().and_then(|(_, summary)| summary.band()) {
             consider(BandKind::Seasonal, band, band.score_counted(x, counts));
         }
         if let Some(range) = range {
@@ -790,6 +820,52 @@ mod tests {
             "shifted pattern: {}",
             flagged(&shifted_scores)
         );
+    }
+
+    /// The factor against Student's t quantiles (0.95; 4, 11 and 41 degrees of freedom) times the
+    /// prediction interval's sqrt(1 + 1/n), and towards 1 as the values grow.
+    #[test]
+    fn the_prediction_factor_is_the_t_interval_for_one_new_value() {
+        let z = 1.644_853_626_951_472_2;
+        for (n, t) in [(5.0, 2.131_847), (12.0, 1.795_885), (42.0, 1.682_878)] {
+            let exact = t / z * (1.0f64 + 1.0 / n).sqrt();
+            let factor = prediction_factor(n);
+            assert!(
+                (factor / exact - 1.0).abs() < 0.01,
+                "{n} values: {factor} against {exact}"
+            );
+        }
+        assert!(prediction_factor(10_000.0) < 1.001);
+        assert!(prediction_factor(8.5) > prediction_factor(42.0));
+    }
+
+    /// A slot holding the same values learned from a dozen windows, or from five times as many,
+    /// has the same q05..q95; judged from a dozen, its band is as much wider as a new value needs
+    /// (the factors' ratio), so a value just beyond the well-learned band lies within it.
+    #[test]
+    fn a_slot_of_few_values_judges_with_a_wider_band() {
+        let slot_of = |repeats: u32| {
+            let mut summary = SlotSummary::new(1);
+            for i in 0..12 {
+                for _ in 0..repeats {
+                    summary.past.add_weighted(90.0 + 2.0 * f64::from(i), 1.0);
+                }
+            }
+            summary.past_weeks = 1;
+            summary
+        };
+        let (few, many) = (slot_of(1), slot_of(5));
+        assert_eq!(few.past.quantile(0.05), many.past.quantile(0.05));
+        assert_eq!(few.past.quantile(0.95), many.past.quantile(0.95));
+        let (wide, narrow) = (few.band().expect("mature"), many.band().expect("mature"));
+        let ratio = (wide.hi - wide.lo) / (narrow.hi - narrow.lo);
+        let expected = prediction_factor(12.0) / prediction_factor(60.0);
+        assert!(
+            (ratio / expected - 1.0).abs() < 1e-9,
+            "{ratio} against {expected}"
+        );
+        let x = narrow.hi + 1.0;
+        assert!(narrow.score(x) > 0.0 && wide.score(x) == 0.0);
     }
 
     /// A gauge that is 0 most of the time, with a spike of 1 to 3 in about one window in twenty
