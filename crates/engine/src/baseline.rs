@@ -67,9 +67,9 @@ pub const TAIL_REQUESTS: f64 = 5.0;
 /// and a new value falls outside them more often than one in ten. For normal values it is the
 /// prediction interval's factor, Student's t at 0.95 with `n - 1` degrees of freedom over the
 /// normal's, times `sqrt(1 + 1/n)`: 1.41 for 5 values, 1.20 for 8.5 (an hour of 5-minute
-/// windows a week ago, as a slot weighs them), 1.03 for 42 (of 1-minute windows). The t quantile is the Cornish-Fisher
-/// expansion to 1/nu^2, within 1% from 4 degrees of freedom (fewer are never judged:
-/// `MIN_SLOT_WEIGHT`).
+/// windows a week ago, as a slot weighs them), 1.03 for 42 (of 1-minute windows). The t quantile
+/// is the Cornish-Fisher expansion to 1/nu^2, within 1% from 4 degrees of freedom (fewer are never
+/// judged: `MIN_SLOT_WEIGHT`).
 fn prediction_factor(n: f64) -> f64 {
     const Z95: f64 = 1.644_853_626_951_472_2;
     let n = n.max(MIN_SLOT_WEIGHT);
@@ -869,7 +869,7 @@ mod tests {
     }
 
     /// A gauge that is 0 most of the time, with a spike of 1 to 3 in about one window in twenty
-    /// (a queue that fills now and then), one value per 5 minutes for `weeks` from `start`.
+    /// (a queue that fills now and then), one value per 5 minutes for `weeks`.
     fn zero_with_spikes(rng: &mut Rng, weeks: u64) -> Vec<f64> {
         (0..weeks * 7 * 24 * 12)
             .map(|_| {
