@@ -161,14 +161,14 @@ pub struct Admission {
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppEntry {
     versions: BTreeMap<Arc<str>, VersionStats>,
-    operations: FastMap<String, OperationStats>,
-    downstreams: FastMap<String, u64>,
-    exception_types: FastMap<String, u64>,
+    operations: FastMap<Arc<str>, OperationStats>,
+    downstreams: FastMap<Arc<str>, u64>,
+    exception_types: FastMap<Arc<str>, u64>,
     streams: FastMap<StreamKey, Stream>,
     /// Requests per cohort. Not stored: after a restart cohorts are admitted again as seen
     /// (the windows that judge them start empty then too).
     #[serde(skip)]
-    cohorts: FastMap<String, u64>,
+    cohorts: FastMap<Arc<str>, u64>,
 }
 
 impl AppEntry {
@@ -177,15 +177,15 @@ impl AppEntry {
     }
 
     pub fn operations(&self) -> impl Iterator<Item = (&str, &OperationStats)> {
-        self.operations.iter().map(|(o, s)| (o.as_str(), s))
+        self.operations.iter().map(|(o, s)| (&**o, s))
     }
 
     pub fn downstreams(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.downstreams.iter().map(|(d, n)| (d.as_str(), *n))
+        self.downstreams.iter().map(|(d, n)| (&**d, *n))
     }
 
     pub fn exception_types(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.exception_types.iter().map(|(e, n)| (e.as_str(), *n))
+        self.exception_types.iter().map(|(e, n)| (&**e, *n))
     }
 
     /// Distinct metric series (name and attributes), whatever version or instance sent them.
@@ -207,38 +207,25 @@ impl AppEntry {
             .fold((0, 0), |(r, s), stream| (r + stream.resets, s + stream.stale))
     }
 
-    /// The key `operation` is counted under: itself once admitted, else `OVERFLOW`.
-    pub fn operation_key<'a>(&self, operation: &'a str) -> &'a str {
-        if self.operations.contains_key(operation) {
-            operation
-        } else {
-            OVERFLOW
-        }
+    /// The key `operation` is counted under: the catalog's own copy of the name once admitted,
+    /// else `OVERFLOW`. Windows and history share that copy instead of one each.
+    pub fn operation_key(&self, operation: &str) -> &Arc<str> {
+        shared_key(&self.operations, operation)
     }
 
-    /// The key `cohort` is counted under: itself once admitted, else `OVERFLOW`.
-    pub fn cohort_key<'a>(&self, cohort: &'a str) -> &'a str {
-        if self.cohorts.contains_key(cohort) {
-            cohort
-        } else {
-            OVERFLOW
-        }
+    /// The key `cohort` is counted under, shared as `operation_key`'s.
+    pub fn cohort_key(&self, cohort: &str) -> &Arc<str> {
+        shared_key(&self.cohorts, cohort)
     }
 
-    pub fn downstream_key<'a>(&self, downstream: &'a str) -> &'a str {
-        if self.downstreams.contains_key(downstream) {
-            downstream
-        } else {
-            OVERFLOW
-        }
+    /// The key `downstream` is counted under, shared as `operation_key`'s.
+    pub fn downstream_key(&self, downstream: &str) -> &Arc<str> {
+        shared_key(&self.downstreams, downstream)
     }
 
-    pub fn exception_type_key<'a>(&self, exception_type: &'a str) -> &'a str {
-        if self.exception_types.contains_key(exception_type) {
-            exception_type
-        } else {
-            OVERFLOW
-        }
+    /// The key `exception_type` is counted under, shared as `operation_key`'s.
+    pub fn exception_type_key(&self, exception_type: &str) -> &Arc<str> {
+        shared_key(&self.exception_types, exception_type)
     }
 
     pub fn first_seen(&self) -> Option<EventTime> {
@@ -250,10 +237,26 @@ impl AppEntry {
     }
 }
 
+/// Whether `name` is the key of what past a cap was folded together.
+pub fn is_overflow(name: &str) -> bool {
+    name == OVERFLOW
+}
+
+/// The one `OVERFLOW` name every map shares.
+static OVERFLOW_KEY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(OVERFLOW));
+
+/// `map`'s own copy of `key` when it holds one, else the shared `OVERFLOW`.
+fn shared_key<'m, V>(map: &'m FastMap<Arc<str>, V>, key: &str) -> &'m Arc<str> {
+    match map.get_key_value(key) {
+        Some((k, _)) => k,
+        None => &OVERFLOW_KEY,
+    }
+}
+
 /// Adds `key` to a capped count map, folding it into `OVERFLOW` when the map is full. Returns
 /// whether it was folded.
 fn count_capped<V: Default>(
-    map: &mut FastMap<String, V>,
+    map: &mut FastMap<Arc<str>, V>,
     key: &str,
     cap: usize,
     update: impl FnOnce(&mut V),
@@ -265,8 +268,12 @@ fn count_capped<V: Default>(
     // OVERFLOW itself does not take one of the cap's places.
     let real_keys = map.len() - usize::from(map.contains_key(OVERFLOW));
     let folded = real_keys >= cap;
-    let key = if folded { OVERFLOW } else { key };
-    update(map.entry(key.to_owned()).or_default());
+    let key = if folded {
+        OVERFLOW_KEY.clone()
+    } else {
+        Arc::from(key)
+    };
+    update(map.entry(key).or_default());
     folded
 }
 

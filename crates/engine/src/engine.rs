@@ -73,13 +73,13 @@ impl<'a> TraceCohorts<'a> {
 
 /// The aggregate of cohort `key` (already through the catalog's cap), the key copied only the
 /// first time a bucket sees it.
-fn cohort_of<'m>(cohorts: &'m mut VecMap<String, Aggregate>, key: &str) -> &'m mut Aggregate {
-    cohorts.get_or_default(key)
+fn cohort_of<'m>(cohorts: &'m mut VecMap<Arc<str>, Aggregate>, key: &Arc<str>) -> &'m mut Aggregate {
+    cohorts.get_or_default_cloned(key)
 }
 
 /// One call to `downstream`, and whether it failed.
-fn count_call(calls: &mut VecMap<String, (u64, u64)>, downstream: &str, error: bool) {
-    let entry = calls.get_or_default(downstream);
+fn count_call(calls: &mut VecMap<Arc<str>, (u64, u64)>, downstream: &Arc<str>, error: bool) {
+    let entry = calls.get_or_default_cloned(downstream);
     entry.0 += 1;
     entry.1 += u64::from(error);
 }
@@ -525,13 +525,13 @@ impl Engine {
             match state.windows.bucket(r.time, closed_until, config) {
                 Some(b) => {
                     b.all.add(r.duration_ns, r.error);
-                    // The key is copied only the first time a bucket sees it.
+                    // The bucket shares the catalog's copy of the name.
                     let op = entry.operation_key(&r.operation);
-                    b.operations.get_or_default(op).add(r.duration_ns, r.error);
+                    b.operations.get_or_default_cloned(op).add(r.duration_ns, r.error);
                     if let Some(cohort) = &r.cohort {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
                         cohort.all.add(r.duration_ns, r.error);
-                        cohort.operations.get_or_default(op).count(r.error);
+                        cohort.operations.get_or_default_cloned(op).count(r.error);
                     }
                 }
                 None => late += 1,
@@ -557,10 +557,10 @@ impl Engine {
             match state.windows.bucket(e.time, closed_until, config) {
                 Some(b) => {
                     let ty = entry.exception_type_key(&e.exception_type);
-                    *b.exceptions.get_or_default(ty) += 1;
+                    *b.exceptions.get_or_default_cloned(ty) += 1;
                     if let Some(cohort) = trace_cohorts.cohort(e.cohort.as_deref(), &e.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
-                        *cohort.exceptions.get_or_default(ty) += 1;
+                        *cohort.exceptions.get_or_default_cloned(ty) += 1;
                     }
                 }
                 None => late += 1,
@@ -1219,7 +1219,7 @@ impl Learner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observation::SpanId;
+    use crate::observation::{CallObservation, Identity, SpanId};
 
     fn request(trace: u8, cohort: Option<&str>) -> RequestObservation {
         RequestObservation {
@@ -1249,5 +1249,55 @@ mod tests {
         assert_eq!(cohorts.cohort(None, &TraceId([3; 16])), None);
         assert_eq!(cohorts.cohort(None, &TraceId::default()), None);
         assert!(TraceCohorts::of(&[request(1, None)]).0.is_empty());
+    }
+
+    /// The open buckets count operations and downstreams under the catalog's own copy of each
+    /// name, so a long route name is held once per app however many buckets and history blocks
+    /// count it: each bucket adds a reference, not a copy.
+    #[test]
+    fn buckets_share_the_catalogs_names() {
+        const S: EventTime = 1_000_000_000;
+        let start: EventTime = 1_767_571_200 * S;
+        let mut engine = Engine::new(
+            EngineConfig::default(),
+            Box::new(crate::baseline::MemorySlotStore::default()),
+        );
+        let route = format!("GET /{}", "segment/".repeat(40));
+        let seconds = 5;
+        for second in 0..seconds {
+            let mut r = ResourceObservations::new(Identity::new("prod", "shop", "1.0"));
+            for i in 0..2 {
+                let time = start + second * S + i * S / 2;
+                r.spans += 2;
+                r.saw(time);
+                r.requests.push(RequestObservation {
+                    operation: route.clone(),
+                    time,
+                    ..request(1, None)
+                });
+                r.calls.push(CallObservation {
+                    downstream: "payments".into(),
+                    source: crate::observation::DownstreamSource::PeerService,
+                    time,
+                    duration_ns: 1,
+                    error: false,
+                    trace_id: TraceId([1; 16]),
+                    cohort: None,
+                });
+            }
+            engine.ingest(&Batch {
+                resources: vec![r],
+                received: 0,
+            });
+        }
+        let app = engine.catalog().app("prod", "shop").expect("admitted");
+        let op = app.operation_key(&route);
+        let downstream = app.downstream_key("payments");
+        assert_eq!(&**op, route);
+        // The catalog's reference, and one per open bucket (none has closed: there is no later
+        // data to vouch for their end).
+        assert!(Arc::strong_count(op) > seconds as usize, "{}", Arc::strong_count(op));
+        assert!(Arc::strong_count(downstream) > seconds as usize);
+        assert!(crate::catalog::is_overflow(app.operation_key("GET /never-seen")));
     }
 }

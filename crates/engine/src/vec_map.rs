@@ -167,6 +167,23 @@ impl<K: Ord, V> VecMap<K, V> {
         &mut self.entries[i].1
     }
 
+    /// The value of `key`, inserted as the default with a clone of `key` when absent: for keys
+    /// that are shared names, whose clone is a count and no copy of the text.
+    pub fn get_or_default_cloned(&mut self, key: &K) -> &mut V
+    where
+        K: Clone,
+        V: Default,
+    {
+        let i = match self.find(key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.entries.insert(i, (key.clone(), V::default()));
+                i
+            }
+        };
+        &mut self.entries[i].1
+    }
+
     pub fn entry(&mut self, key: K) -> Entry<'_, K, V> {
         let at = self.find(&key);
         Entry { map: self, key, at }

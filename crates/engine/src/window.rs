@@ -8,6 +8,7 @@
 //! out of order within the lateness gives the same windows as data arriving in order.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -199,14 +200,14 @@ impl MetricAggregate {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Aggregate {
     pub all: RequestAggregate,
-    pub operations: VecMap<String, RequestAggregate>,
+    pub operations: VecMap<Arc<str>, RequestAggregate>,
     /// What the requests of each cohort (the cohort attribute's value) did, for those that carry
     /// one: their requests (`all`), their count per operation (`operations`, without latency),
     /// and the calls and exceptions attributed to them. No logs, metrics or cohorts of its own.
-    pub cohorts: VecMap<String, Aggregate>,
+    pub cohorts: VecMap<Arc<str>, Aggregate>,
     /// Calls and failed calls per downstream.
-    pub calls: VecMap<String, (u64, u64)>,
-    pub exceptions: VecMap<String, u64>,
+    pub calls: VecMap<Arc<str>, (u64, u64)>,
+    pub exceptions: VecMap<Arc<str>, u64>,
     pub logs: u64,
     pub error_logs: u64,
     pub metrics: BTreeMap<SeriesKey, MetricAggregate>,
@@ -215,10 +216,10 @@ pub struct Aggregate {
 impl Aggregate {
     /// About the memory this holds beyond its own size: the sketches' bins and the maps' entries.
     pub fn heap_bytes(&self) -> usize {
-        // Each small map: its vector's room for entries, and each key's text and value's heap.
-        fn entries<V>(map: &VecMap<String, V>, heap: impl Fn(&V) -> usize) -> usize {
-            map.capacity() * std::mem::size_of::<(String, V)>()
-                + map.iter().map(|(k, v)| k.capacity() + heap(v)).sum::<usize>()
+        // Each small map: its vector's room for entries, and each value's heap. The keys' text is
+        // the catalog's, shared.
+        fn entries<V>(map: &VecMap<Arc<str>, V>, heap: impl Fn(&V) -> usize) -> usize {
+            map.capacity() * std::mem::size_of::<(Arc<str>, V)>() + map.values().map(&heap).sum::<usize>()
         }
         let operations = entries(&self.operations, RequestAggregate::heap_bytes);
         let cohorts = entries(&self.cohorts, Aggregate::heap_bytes);
@@ -263,18 +264,18 @@ impl Aggregate {
     pub fn merge(&mut self, other: &Aggregate) {
         self.all.merge(&other.all);
         for (cohort, agg) in &other.cohorts {
-            self.cohorts.entry(cohort.clone()).or_default().merge(agg);
+            self.cohorts.get_or_default_cloned(cohort).merge(agg);
         }
         for (op, agg) in &other.operations {
-            self.operations.entry(op.clone()).or_default().merge(agg);
+            self.operations.get_or_default_cloned(op).merge(agg);
         }
         for (ds, (calls, errors)) in &other.calls {
-            let mine = self.calls.entry(ds.clone()).or_default();
+            let mine = self.calls.get_or_default_cloned(ds);
             mine.0 += calls;
             mine.1 += errors;
         }
         for (ty, n) in &other.exceptions {
-            *self.exceptions.entry(ty.clone()).or_default() += n;
+            *self.exceptions.get_or_default_cloned(ty) += n;
         }
         self.logs += other.logs;
         self.error_logs += other.error_logs;

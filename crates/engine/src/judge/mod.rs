@@ -497,14 +497,14 @@ impl Analysis {
         let operations = |a: &Aggregate| -> BTreeMap<String, u64> {
             a.operations
                 .iter()
-                .map(|(op, o)| (op.clone(), o.requests))
+                .map(|(op, o)| (op.to_string(), o.requests))
                 .collect()
         };
         let calls = |a: &Aggregate| -> BTreeMap<String, f64> {
             let n = a.all.requests.max(1) as f64;
             a.calls
                 .iter()
-                .map(|(d, (c, _))| (d.clone(), *c as f64 / n))
+                .map(|(d, (c, _))| (d.to_string(), *c as f64 / n))
                 .collect()
         };
         Timeline {

@@ -29,11 +29,12 @@
 //! guarantee; steady evidence (an error or two a second) is never near it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test, cohort_named, cohort_subject};
 use super::history::History;
 use super::model::Model;
-use crate::catalog::OVERFLOW;
+use crate::catalog::is_overflow;
 use crate::observation::EventTime;
 use crate::window::{Aggregate, RequestAggregate};
 
@@ -489,8 +490,8 @@ impl Sequential {
         // Each cohort's calls, exceptions and mix, against the stable's same cohort once the
         // stable has served it (`requests` has just learned whether it has): the app's whole
         // traffic says nothing of what a cohort's mix and calls should be.
-        for (cohort, agg) in can.cohorts.iter().filter(|(c, _)| c.as_str() != OVERFLOW) {
-            if !self.stable_cohorts.contains(cohort) {
+        for (cohort, agg) in can.cohorts.iter().filter(|(c, _)| !is_overflow(c)) {
+            if !self.stable_cohorts.contains(&**cohort) {
                 continue;
             }
             if let Some(reference) = st.cohorts.get(cohort)
@@ -519,7 +520,7 @@ impl Sequential {
             Some(cohort) => cohort_subject(cohort, Some(s)),
         };
         if c.call_graph.is_some() {
-            let downstreams: BTreeSet<&String> = can.calls.keys().chain(st.calls.keys()).collect();
+            let downstreams: BTreeSet<&Arc<str>> = can.calls.keys().chain(st.calls.keys()).collect();
             for ds in downstreams {
                 let calls = |a: &Aggregate| a.calls.get(ds).map_or(0.0, |c| c.0 as f64);
                 let series = (
@@ -540,7 +541,7 @@ impl Sequential {
             }
         }
         if c.exceptions.is_some() {
-            let types: BTreeSet<&String> = can.exceptions.keys().chain(st.exceptions.keys()).collect();
+            let types: BTreeSet<&Arc<str>> = can.exceptions.keys().chain(st.exceptions.keys()).collect();
             for ty in types {
                 let count = |a: &Aggregate| a.exceptions.get(ty).copied().unwrap_or(0) as f64;
                 let series = (
@@ -597,7 +598,7 @@ impl Sequential {
                     None => return,
                 },
             };
-            let ops: BTreeSet<&String> = can.operations.keys().chain(st.operations.keys()).collect();
+            let ops: BTreeSet<&Arc<str>> = can.operations.keys().chain(st.operations.keys()).collect();
             for op in ops {
                 let requests = |a: &Aggregate| a.operations.get(op).map_or(0.0, |r| r.requests as f64);
                 if let Some(process) = spread.process(op, Sides::Both) {
@@ -648,7 +649,7 @@ impl Sequential {
         if per_operation {
             for (op, agg) in &can.operations {
                 if self.rank_subject(op) {
-                    let subject = Subject::Operation(op.clone());
+                    let subject = Subject::Operation(op.to_string());
                     subjects.push((Some(subject), agg, st.operations.get(op).unwrap_or(empty)));
                 }
             }
@@ -657,19 +658,16 @@ impl Sequential {
         // windows' checks compare them; a cohort routed to the canary alone has nothing to be
         // compared with (its own mix of operations makes the app's whole traffic no stand-in).
         let legacy = self.legacy;
-        let cohorts = can
-            .cohorts
-            .iter()
-            .filter(|(c, _)| c.as_str() != OVERFLOW && !legacy);
+        let cohorts = can.cohorts.iter().filter(|(c, _)| !is_overflow(c) && !legacy);
         for (cohort, agg) in cohorts {
             let name = cohort_subject(cohort, None);
             let ranked = self.rank_subject(&name);
             if st.cohorts.get(cohort).is_some_and(|s| s.all.requests > 0) {
-                self.stable_cohorts.insert(cohort.clone());
+                self.stable_cohorts.insert(cohort.to_string());
             }
-            if ranked && self.stable_cohorts.contains(cohort) {
+            if ranked && self.stable_cohorts.contains(&**cohort) {
                 let reference = st.cohorts.get(cohort).map_or(empty, |r| &r.all);
-                subjects.push((Some(Subject::Cohort(cohort.clone())), &agg.all, reference));
+                subjects.push((Some(Subject::Cohort(cohort.to_string())), &agg.all, reference));
             }
         }
         let reference = c.latency.as_ref().map(|_| stable.before(at, REFERENCE_S));
@@ -697,8 +695,10 @@ impl Sequential {
             {
                 let past = match &subject {
                     None => &reference.all,
-                    Some(Subject::Operation(op)) => reference.operations.get(op).unwrap_or(empty),
-                    Some(Subject::Cohort(cohort)) => reference.cohorts.get(cohort).map_or(empty, |r| &r.all),
+                    Some(Subject::Operation(op)) => reference.operations.get(op.as_str()).unwrap_or(empty),
+                    Some(Subject::Cohort(cohort)) => {
+                        reference.cohorts.get(cohort.as_str()).map_or(empty, |r| &r.all)
+                    }
                 };
                 if past.requests < MIN_REFERENCE {
                     continue;

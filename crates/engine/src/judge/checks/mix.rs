@@ -3,6 +3,7 @@
 //! test of homogeneity of the two versions' requests per operation.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::{Check, Feature, Group, Test, decide};
 use super::{Evidence, Power, Significance, Spec, Tested, Thresholds, Windows, stable_grows};
@@ -29,7 +30,7 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
         return super::counted(spec);
     }
     let mut evidence = Evidence::of_requests((None, None), &w.canary.all, &w.stable.all, w, d.min_requests);
-    let ops: Vec<&String> = w
+    let ops: Vec<&Arc<str>> = w
         .canary
         .operations
         .keys()
@@ -37,7 +38,7 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let count = |a: &Aggregate, op: &String| a.operations.get(op).map_or(0.0, |o| o.requests as f64);
+    let count = |a: &Aggregate, op: &Arc<str>| a.operations.get(op).map_or(0.0, |o| o.requests as f64);
     let counts = |a: &Aggregate| -> Vec<f64> { ops.iter().map(|op| count(a, op)).collect() };
     let (canary, stable) = (counts(w.canary), counts(w.stable));
     let (t_c, t_s) = (canary.iter().sum::<f64>(), stable.iter().sum::<f64>());
@@ -76,16 +77,16 @@ pub(super) fn operation_mix(m: &OperationMixCheck, d: &Decision, w: &Windows<'_>
     if t_c > 0.0 {
         // The operation whose share moved most names the change.
         let mut tvd = 0.0;
-        let mut moved: Option<(&String, f64, f64)> = None;
+        let mut moved: Option<(&Arc<str>, f64, f64)> = None;
         for ((op, c), ss) in ops.iter().zip(&canary).zip(&stable_shares) {
             let sc = c / t_c;
             tvd += (sc - ss).abs() / 2.0;
             if moved.is_none_or(|(_, a, b)| (sc - ss).abs() > (a - b).abs()) {
-                moved = Some((op, sc, *ss));
+                moved = Some((*op, sc, *ss));
             }
         }
         if let Some((op, sc, ss)) = moved {
-            spec.operation = Some(op.clone());
+            spec.operation = Some(op.to_string());
             evidence.canary_value = Some(sc);
             evidence.baseline_value = Some(ss);
         }

@@ -769,11 +769,11 @@ impl<'a> Windows<'a> {
         canary
             .cohorts
             .iter()
-            .filter(|(cohort, _)| cohort.as_str() != crate::catalog::OVERFLOW)
+            .filter(|(cohort, _)| !crate::catalog::is_overflow(cohort))
             .filter(|(_, can)| can.all.requests > 0)
             .filter_map(|(cohort, can)| {
                 let same = stable.cohorts.get(cohort).filter(|s| s.all.requests > 0)?;
-                Some((cohort.as_str(), can, same))
+                Some((&**cohort, can, same))
             })
             .collect()
     }
@@ -1135,7 +1135,7 @@ fn subjects<'a>(w: &Windows<'a>, per_operation: bool) -> Vec<Subject<'a>> {
         .iter()
         .filter(|_| per_operation)
         .map(|(op, can)| Subject {
-            operation: Some(op.clone()),
+            operation: Some(op.to_string()),
             canary: can,
             stable: w.stable.operations.get(op).unwrap_or(empty),
         });

@@ -4,6 +4,7 @@
 //! (which must not grow), and the increments of each counter metric per request.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::{Check, Feature, Group, Test, decide, ratio, stable_grows, thousands};
 use super::{Evidence, Power, Significance, Spec, Tested, Thresholds, Windows};
@@ -23,13 +24,13 @@ pub(super) fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut
     let d = &model.decision;
     let c = &model.checks;
     if let Some(g) = &c.call_graph {
-        let downstreams: BTreeSet<&String> = w.canary.calls.keys().chain(w.stable.calls.keys()).collect();
+        let downstreams: BTreeSet<&Arc<str>> = w.canary.calls.keys().chain(w.stable.calls.keys()).collect();
         for ds in downstreams {
             out.push(call_graph(g, d, ds, w, t));
         }
     }
     if let Some(r) = &c.exceptions {
-        let types: BTreeSet<&String> = w
+        let types: BTreeSet<&Arc<str>> = w
             .canary
             .exceptions
             .keys()
@@ -41,7 +42,7 @@ pub(super) fn evaluate(model: &Model, w: &Windows<'_>, t: &Thresholds, out: &mut
             });
             let id = w.id(
                 Group::Exceptions,
-                Feature::of("exception_rate", ty),
+                Feature::of("exception_rate", &**ty),
                 Test::PoissonRate,
             );
             out.push(growth(r, d, id, counts, w, t));

@@ -152,7 +152,7 @@ pub(crate) mod decision {
             let op = if i % 5 < 3 { "GET /a" } else { "GET /b" };
             let ns = (latency_ms(i) * 1e6) as u64;
             a.all.add(ns, i < errors);
-            a.operations.entry(op.to_owned()).or_default().add(ns, i < errors);
+            a.operations.entry(op.into()).or_default().add(ns, i < errors);
         }
         if requests > 0 {
             a.calls.insert("db".into(), (requests, 0));
