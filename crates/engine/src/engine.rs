@@ -1296,7 +1296,11 @@ mod tests {
         assert_eq!(&**op, route);
         // The catalog's reference, and one per open bucket (none has closed: there is no later
         // data to vouch for their end).
-        assert!(Arc::strong_count(op) > seconds as usize, "{}", Arc::strong_count(op));
+        assert!(
+            Arc::strong_count(op) > seconds as usize,
+            "{}",
+            Arc::strong_count(op)
+        );
         assert!(Arc::strong_count(downstream) > seconds as usize);
         assert!(crate::catalog::is_overflow(app.operation_key("GET /never-seen")));
     }

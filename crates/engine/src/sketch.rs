@@ -7,10 +7,12 @@
 //! weeks count less). Sketches with the same accuracy merge exactly: merging is adding bins, so the
 //! order in which observations arrive never changes the result.
 //!
-//! Bins are stored densely from the lowest to the highest index used. When a side would exceed
+//! Bins are held from the lowest to the highest index used. When a side would exceed
 //! `MAX_BINS`, its lowest bins are folded together, which keeps the upper quantiles (the ones
-//! latency cares about) exact to the guarantee. A sketch kept but no longer added to packs its
-//! bins (`shrink_to_fit`): most sketches of history count few requests over a wide span.
+//! latency cares about) exact to the guarantee. Whole-number counts over a wide span with few bins
+//! in use are held sparse, as index and count of each: most sketches of a second or a block of
+//! history count few requests. A sketch kept but no longer added to packs its bins
+//! (`shrink_to_fit`).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,14 +24,15 @@ const MAX_WHOLE: f64 = u32::MAX as f64;
 /// Most bins per side. At 1% accuracy, 2048 bins span about 18 orders of magnitude.
 const MAX_BINS: usize = 2048;
 
-/// The bins of one side, in one of three forms. A sketch is filled in whole-number counts
-/// (`Counts`, 4 bytes a bin from the lowest index used to the highest), as counts of requests are,
-/// and turns to real weights (`Dense`, 8 bytes a bin) only when a weight that is not a whole
-/// number comes (a decayed baseline, a histogram's fractional count) or the counts could pass
-/// `u32::MAX`. One that is kept but no longer grows (a completed block of history, a kept merge)
-/// is packed (`Bins::pack`): its span trimmed to the bins in use and its spare capacity given
-/// back, or, when few bins are in use over a wide span, index and count of each (`Sparse`).
-/// Adding to sparse bins unpacks them first.
+/// The bins of one side, in one of three forms. A sketch is filled in whole-number counts, as
+/// counts of requests are: while few bins are in use over a wide span, as index and count of each
+/// (`Sparse`, 8 bytes a bin in use: a second's latency of a quiet operation is a few requests
+/// over a hundred bins), then as 4-byte counts from the lowest index used to the highest
+/// (`Counts`). It turns to real weights (`Dense`, 8 bytes a bin) only when a weight that is not a
+/// whole number comes (a decayed baseline, a histogram's fractional count) or the counts could
+/// pass `u32::MAX`. One that is kept but no longer grows (a completed block of history, a kept
+/// merge) is packed (`Bins::pack`): its span trimmed to the bins in use, in the smaller of the
+/// two whole-number forms, and its spare capacity given back.
 #[derive(Clone, Debug)]
 enum Bins {
     Dense {
@@ -40,15 +43,37 @@ enum Bins {
     /// Whole-number weights from `offset` on, one per bin over the span.
     Counts { offset: i32, counts: Vec<u32> },
     /// The bins in use, ascending, with their whole-number weights.
-    Sparse(Box<[(i32, u32)]>),
+    Sparse(Vec<(i32, u32)>),
 }
 
 impl Default for Bins {
     fn default() -> Self {
-        Bins::Counts {
-            offset: 0,
-            counts: Vec::new(),
+        Bins::Sparse(Vec::new())
+    }
+}
+
+/// Bins in use that a sparse form holds however wide their span: as many as the smallest
+/// allocation of either form holds.
+const FEW_BINS: usize = 4;
+
+/// Whether `in_use` bins over `span` cost no more as index and count of each (8 bytes) than as a
+/// count for every bin of the span (4 bytes), or are few; and the span is within the cap that the
+/// counts fold at, so that either form folds alike.
+fn sparse_pays(in_use: usize, span: usize) -> bool {
+    span <= MAX_BINS && (in_use <= FEW_BINS || in_use * 2 <= span)
+}
+
+/// Whole-number bins `sparse` (ascending) as counts over their span.
+fn counts_of(sparse: &[(i32, u32)]) -> (i32, Vec<u32>) {
+    match (sparse.first(), sparse.last()) {
+        (Some(&(first, _)), Some(&(last, _))) => {
+            let mut counts = vec![0; (last - first) as usize + 1];
+            for &(i, c) in sparse {
+                counts[(i - first) as usize] = c;
+            }
+            (first, counts)
         }
+        _ => (0, Vec::new()),
     }
 }
 
@@ -118,18 +143,21 @@ impl Bins {
     /// Adds `weight` at `index`. `whole` says that `weight` is a whole number and that the
     /// sketch's total with it stays within `u32::MAX`, so that no bin can overflow a count.
     fn add(&mut self, index: i32, weight: f64, whole: bool) {
-        // Sparse bins take a whole count as counts again; any other weight, as real weights.
         if whole && let Bins::Sparse(bins) = self {
-            let (offset, counts) = match (bins.first(), bins.last()) {
-                (Some(&(first, _)), Some(&(last, _))) => {
-                    let mut counts = vec![0; (last - first) as usize + 1];
-                    for &(i, c) in bins.iter() {
-                        counts[(i - first) as usize] = c;
-                    }
-                    (first, counts)
+            let at = match bins.binary_search_by_key(&index, |(i, _)| *i) {
+                Ok(at) => {
+                    bins[at].1 += weight as u32;
+                    return;
                 }
-                _ => (0, Vec::new()),
+                Err(at) => at,
             };
+            let first = bins.first().map_or(index, |b| b.0.min(index));
+            let last = bins.last().map_or(index, |b| b.0.max(index));
+            if sparse_pays(bins.len() + 1, (last - first) as usize + 1) {
+                bins.insert(at, (index, weight as u32));
+                return;
+            }
+            let (offset, counts) = counts_of(bins);
             *self = Bins::Counts { offset, counts };
         }
         if whole && let Bins::Counts { offset, counts } = self {
@@ -138,6 +166,54 @@ impl Bins {
         }
         let (offset, counts) = self.dense();
         add_within(offset, counts, index, weight);
+    }
+
+    /// Adds every bin of `other`; `fits` says that the sums stay within `u32::MAX`. Two sparse
+    /// forms merge in one pass, the result staying sparse where that pays (`sparse_pays`).
+    fn merge(&mut self, other: &Bins, fits: bool) {
+        if fits && let (Bins::Sparse(mine), Bins::Sparse(theirs)) = (&mut *self, other) {
+            let mut merged = Vec::with_capacity(mine.len() + theirs.len());
+            let (mut a, mut b) = (mine.iter().peekable(), theirs.iter().peekable());
+            loop {
+                let next = match (a.peek(), b.peek()) {
+                    (Some(&&(i, x)), Some(&&(j, y))) if i == j => {
+                        a.next();
+                        b.next();
+                        (i, x + y)
+                    }
+                    (Some(&&x), Some(&&y)) if x.0 < y.0 => {
+                        a.next();
+                        x
+                    }
+                    (_, Some(&&y)) => {
+                        b.next();
+                        y
+                    }
+                    (Some(&&x), None) => {
+                        a.next();
+                        x
+                    }
+                    (None, None) => break,
+                };
+                merged.push(next);
+            }
+            let span = match (merged.first(), merged.last()) {
+                (Some(f), Some(l)) => (l.0 - f.0) as usize + 1,
+                _ => 0,
+            };
+            if sparse_pays(merged.len(), span) {
+                *mine = merged;
+                return;
+            }
+            if span <= MAX_BINS {
+                let (offset, counts) = counts_of(&merged);
+                *self = Bins::Counts { offset, counts };
+                return;
+            }
+        }
+        for (i, c) in other.iter() {
+            self.add(i, c, fits && c.fract() == 0.0);
+        }
     }
 
     fn total(&self) -> f64 {
@@ -167,7 +243,10 @@ impl Bins {
     /// whole numbers become counts; whole-number bins take the smaller of their two forms.
     fn pack(&mut self) {
         let (start, used): (i32, Vec<u32>) = match self {
-            Bins::Sparse(_) => return,
+            Bins::Sparse(bins) => {
+                bins.shrink_to_fit();
+                return;
+            }
             Bins::Counts { offset, counts } => {
                 let Some(first) = counts.iter().position(|c| *c > 0) else {
                     *self = Bins::default();
@@ -199,13 +278,14 @@ impl Bins {
         let in_use = used.iter().filter(|c| **c > 0).count();
         // Each form's bytes: 4 per bin of the span, or 8 per bin in use.
         *self = if in_use * 8 < used.len() * 4 {
-            Bins::Sparse(
-                used.iter()
-                    .enumerate()
-                    .filter(|(_, c)| **c > 0)
-                    .map(|(i, c)| (start + i as i32, *c))
-                    .collect(),
-            )
+            let mut bins: Vec<(i32, u32)> = used
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| (start + i as i32, *c))
+                .collect();
+            bins.shrink_to_fit();
+            Bins::Sparse(bins)
         } else {
             let mut counts = used;
             counts.shrink_to_fit();
@@ -230,7 +310,7 @@ impl Bins {
         match self {
             Bins::Dense { counts, .. } => counts.capacity() * std::mem::size_of::<f64>(),
             Bins::Counts { counts, .. } => counts.capacity() * std::mem::size_of::<u32>(),
-            Bins::Sparse(bins) => std::mem::size_of_val(&**bins),
+            Bins::Sparse(bins) => bins.capacity() * std::mem::size_of::<(i32, u32)>(),
         }
     }
 }
@@ -425,11 +505,14 @@ impl Sketch {
         }
         if other.relative_accuracy == self.relative_accuracy {
             let fits = self.count + other.count <= MAX_WHOLE;
-            for (i, c) in other.positive.iter() {
-                self.positive.add(i, c, fits && c.fract() == 0.0);
-            }
-            for (i, c) in other.negative.iter() {
-                self.negative.add(i, c, fits && c.fract() == 0.0);
+            self.positive.merge(&other.positive, fits);
+            if let Some(theirs) = &other.negative.0
+                && theirs.iter().next().is_some()
+            {
+                self.negative
+                    .0
+                    .get_or_insert_with(Box::default)
+                    .merge(theirs, fits);
             }
             self.zero += other.zero;
             self.count += other.count;
@@ -548,7 +631,7 @@ impl Sketch {
     /// completed block of history, a kept merge), whose bins a merge's doubling left up to twice
     /// as long as their span. Bins are trimmed to those in use, and bins of whole-number weights
     /// take the smaller of 4-byte counts over the span or index and count of each bin in use
-    /// (the counts again, or real weights, if the sketch is added to or decayed).
+    /// (real weights if the sketch is decayed).
     pub fn shrink_to_fit(&mut self) {
         self.positive.pack();
         self.negative.pack();
@@ -758,7 +841,7 @@ mod tests {
             let real_dense = matches!(real.positive, Bins::Dense { .. });
             proptest::prop_assert!(real_dense, "real weights");
             if weight == 1.0 {
-                let in_counts = matches!(counted.positive, Bins::Counts { .. });
+                let in_counts = matches!(counted.positive, Bins::Counts { .. } | Bins::Sparse(_));
                 proptest::prop_assert!(in_counts, "counts");
             }
             answers_and_stores_alike(&counted, &real)?;
@@ -776,6 +859,75 @@ mod tests {
                 proptest::prop_assert!(2 * counted.positive.heap_bytes() <= real.positive.heap_bytes());
             }
         }
+    }
+
+    proptest::proptest! {
+        /// Sketches filled in whole counts (sparse while few bins are in use, counts over the
+        /// span after) and merged, as buckets roll into windows and blocks, hold what sketches of
+        /// real weights built the same way hold: also past the cap on bins, where they fold.
+        #[test]
+        fn sketches_of_counts_merge_as_sketches_of_real_weights(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![
+                        0.5..60.0f64,
+                        1e-7..1e13f64,
+                        proptest::strategy::Just(12.0),
+                        -50.0..-0.5f64,
+                    ],
+                    0..40,
+                ),
+                1..8,
+            ),
+        ) {
+            let real_sketch = || {
+                let mut real = Sketch::new(0.01);
+                real.positive = Bins::Dense { offset: 0, counts: Vec::new() };
+                real.negative = RareBins(Some(Box::new(real.positive.clone())));
+                real
+            };
+            let mut counted = Sketch::new(0.01);
+            let mut real = real_sketch();
+            for chunk in &chunks {
+                let mut part = real_sketch();
+                for v in chunk {
+                    part.add(*v);
+                }
+                counted.merge(&sketch_of(chunk, 1.0));
+                real.merge(&part);
+            }
+            proptest::prop_assert!(matches!(real.positive, Bins::Dense { .. }), "real weights");
+            answers_and_stores_alike(&counted, &real)?;
+            // Sparse only where that pays.
+            if let Bins::Sparse(bins) = &counted.positive
+                && let (Some(first), Some(last)) = (bins.first(), bins.last())
+            {
+                proptest::prop_assert!(sparse_pays(bins.len(), (last.0 - first.0) as usize + 1));
+            }
+            proptest::prop_assert!(!matches!(counted.positive, Bins::Dense { .. }), "whole counts stay counts");
+        }
+    }
+
+    /// A second of a quiet operation: a few requests far apart in latency are held as index
+    /// and count of each while being counted, not as a count for every bin between them.
+    #[test]
+    fn few_requests_over_a_wide_span_are_counted_sparse() {
+        let mut sketch = sketch_of(&[1.0, 250.0, 3_000.0], 1.0);
+        assert!(matches!(sketch.positive, Bins::Sparse(_)));
+        assert_eq!(sketch.heap_bytes(), FEW_BINS * 8);
+        let median = sketch.quantile(0.5).expect("not empty");
+        assert!((median / 250.0 - 1.0).abs() <= 0.01, "{median}");
+        // Filled in, the span's counts are smaller, and it turns to them.
+        for i in 0..3_000 {
+            sketch.add(1.0 + i as f64);
+        }
+        assert!(matches!(sketch.positive, Bins::Counts { .. }));
+        // Merging two sparse sketches keeps the merge sparse while that pays.
+        let mut a = sketch_of(&[1.0, 900.0], 1.0);
+        a.merge(&sketch_of(&[5.0, 900.0, 40_000.0], 1.0));
+        assert!(matches!(&a.positive, Bins::Sparse(bins) if bins.len() == 4));
+        assert_eq!(a.count(), 5.0);
+        assert_eq!(a.count_above(100.0), 3.0);
     }
 
     #[test]
