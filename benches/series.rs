@@ -8,6 +8,8 @@
 //! feature gets a baseline. `cargo bench --bench series` measures 1k, 10k and 100k series
 //! (`SERIES_SIZES=1000,10000` to choose); `cargo test --benches` runs one small size as a smoke test.
 //! `SERIES_VERSIONS=1` gives each app one version, so that no app is under analysis.
+//! `SERIES_EVENT_SECS` sets the event time each app sends (140 s by default; 700 for the steady
+//! state of an analysis's history, which keeps 600 s).
 //! `SERIES_NO_RESTART=1` leaves out the stop and restart and kills the daemon once read, for a
 //! heap profile (`benches/heap/profile.sh`).
 
@@ -23,8 +25,20 @@ use common::{dir_bytes, rss_kib, sample, start_daemon};
 
 /// Apps per group of exports.
 const GROUP: usize = 20;
-/// Exports per group, 5 s of event time apart: 140 s, two windows closed.
-const STEPS: u64 = 28;
+/// Event time between a group's exports.
+const STEP_SECS: u64 = 5;
+
+/// Exports per group (`SERIES_EVENT_SECS` of event time, 140 by default: two windows closed).
+/// An analysis keeps its history for the model's longest window (600 s by default), so its
+/// steady state needs at least that much: `SERIES_EVENT_SECS=700`.
+fn steps() -> u64 {
+    let secs = std::env::var("SERIES_EVENT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s >= 2 * STEP_SECS)
+        .unwrap_or(140);
+    secs / STEP_SECS
+}
 
 struct Daemon {
     child: std::process::Child,
@@ -98,18 +112,19 @@ fn versions_per_app() -> usize {
 /// Sends one group of apps (in env `g<group>`), every export in event-time order.
 async fn feed_group(client: &reqwest::Client, daemon: &Daemon, group: usize) -> anyhow::Result<u64> {
     let versions = versions_per_app();
-    for step in 0..STEPS {
+    let steps = steps();
+    for step in 0..steps {
         let shape = TraceShape {
             env: format!("g{group}"),
             apps: GROUP,
             versions_per_app: versions,
             operations: 8,
             spans: GROUP * versions * 40,
-            start_ns: testdata::EPOCH_NS + step * 5_000_000_000,
+            start_ns: testdata::EPOCH_NS + step * STEP_SECS * 1_000_000_000,
             request_gap_ns: 250_000_000,
             ..TraceShape::default()
         };
-        let body = testdata::trace_request(&shape, (group as u64) << 8 | step).encode_to_vec();
+        let body = testdata::trace_request(&shape, (group as u64) << 16 | step).encode_to_vec();
         let response = client
             .post(format!("http://{}/v1/traces", daemon.otlp_http))
             .header("content-type", "application/x-protobuf")
@@ -120,7 +135,7 @@ async fn feed_group(client: &reqwest::Client, daemon: &Daemon, group: usize) -> 
             bail!("export answered {}", response.status());
         }
     }
-    Ok(STEPS)
+    Ok(steps)
 }
 
 /// Waits until the engine has taken every export sent and a flush has followed.
