@@ -74,12 +74,12 @@ impl<'a> TraceCohorts<'a> {
 /// The aggregate of cohort `key` (already through the catalog's cap), the key copied only the
 /// first time a bucket sees it.
 fn cohort_of<'m>(cohorts: &'m mut VecMap<Arc<str>, Aggregate>, key: &Arc<str>) -> &'m mut Aggregate {
-    cohorts.get_or_default_cloned(key)
+    cohorts.get_or_default(key)
 }
 
 /// One call to `downstream`, and whether it failed.
 fn count_call(calls: &mut VecMap<Arc<str>, (u64, u64)>, downstream: &Arc<str>, error: bool) {
-    let entry = calls.get_or_default_cloned(downstream);
+    let entry = calls.get_or_default(downstream);
     entry.0 += 1;
     entry.1 += u64::from(error);
 }
@@ -527,11 +527,11 @@ impl Engine {
                     b.all.add(r.duration_ns, r.error);
                     // The bucket shares the catalog's copy of the name.
                     let op = entry.operation_key(&r.operation);
-                    b.operations.get_or_default_cloned(op).add(r.duration_ns, r.error);
+                    b.operations.get_or_default(op).add(r.duration_ns, r.error);
                     if let Some(cohort) = &r.cohort {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
                         cohort.all.add(r.duration_ns, r.error);
-                        cohort.operations.get_or_default_cloned(op).count(r.error);
+                        cohort.operations.get_or_default(op).count(r.error);
                     }
                 }
                 None => late += 1,
@@ -557,10 +557,10 @@ impl Engine {
             match state.windows.bucket(e.time, closed_until, config) {
                 Some(b) => {
                     let ty = entry.exception_type_key(&e.exception_type);
-                    *b.exceptions.get_or_default_cloned(ty) += 1;
+                    *b.exceptions.get_or_default(ty) += 1;
                     if let Some(cohort) = trace_cohorts.cohort(e.cohort.as_deref(), &e.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
-                        *cohort.exceptions.get_or_default_cloned(ty) += 1;
+                        *cohort.exceptions.get_or_default(ty) += 1;
                     }
                 }
                 None => late += 1,

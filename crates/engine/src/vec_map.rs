@@ -150,7 +150,8 @@ impl<K: Ord, V> VecMap<K, V> {
         self.find(key).ok().map(|i| self.entries.remove(i).1)
     }
 
-    /// The value of `key`, inserted as the default when absent: only then is the key copied.
+    /// The value of `key`, inserted as the default when absent: only then is the key copied
+    /// (for a key of the map's own type, cloned: a shared name's clone is a count).
     pub fn get_or_default<Q>(&mut self, key: &Q) -> &mut V
     where
         K: Borrow<Q>,
@@ -161,23 +162,6 @@ impl<K: Ord, V> VecMap<K, V> {
             Ok(i) => i,
             Err(i) => {
                 self.entries.insert(i, (key.to_owned(), V::default()));
-                i
-            }
-        };
-        &mut self.entries[i].1
-    }
-
-    /// The value of `key`, inserted as the default with a clone of `key` when absent: for keys
-    /// that are shared names, whose clone is a count and no copy of the text.
-    pub fn get_or_default_cloned(&mut self, key: &K) -> &mut V
-    where
-        K: Clone,
-        V: Default,
-    {
-        let i = match self.find(key) {
-            Ok(i) => i,
-            Err(i) => {
-                self.entries.insert(i, (key.clone(), V::default()));
                 i
             }
         };

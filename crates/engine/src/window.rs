@@ -264,18 +264,18 @@ impl Aggregate {
     pub fn merge(&mut self, other: &Aggregate) {
         self.all.merge(&other.all);
         for (cohort, agg) in &other.cohorts {
-            self.cohorts.get_or_default_cloned(cohort).merge(agg);
+            self.cohorts.get_or_default(cohort).merge(agg);
         }
         for (op, agg) in &other.operations {
-            self.operations.get_or_default_cloned(op).merge(agg);
+            self.operations.get_or_default(op).merge(agg);
         }
         for (ds, (calls, errors)) in &other.calls {
-            let mine = self.calls.get_or_default_cloned(ds);
+            let mine = self.calls.get_or_default(ds);
             mine.0 += calls;
             mine.1 += errors;
         }
         for (ty, n) in &other.exceptions {
-            *self.exceptions.get_or_default_cloned(ty) += n;
+            *self.exceptions.get_or_default(ty) += n;
         }
         self.logs += other.logs;
         self.error_logs += other.error_logs;
