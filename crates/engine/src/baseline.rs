@@ -4,8 +4,9 @@
 //! - an EWMA of the level and of the variance, and of the absolute error (a scale robust to heavy
 //!   tails), with a half-life in event time;
 //! - seasonal quantiles: for each hour-of-week slot (168 of them) a decayed `Sketch` of the values
-//!   seen in that slot. Only the current slot lives in memory; the others live in a `SlotStore`
-//!   (sled, in the daemon), loaded when event time enters their hour.
+//!   seen in that slot. Only the current slot lives in memory, and it is persisted with the
+//!   baseline; the others live in a `SlotStore` (sled, in the daemon), the current one saved there
+//!   as event time leaves its hour and the next loaded as it enters that one.
 //!
 //! `Baseline::observe` scores a value before learning it. The level band is the EWMA level plus or
 //! minus `BAND_WIDTH` robust standard deviations; the seasonal band is the slot's q05..q95, used once
@@ -698,13 +699,6 @@ impl Baseline {
             summary.quantile(0.95)?,
             summary.quantile(0.99)?,
         ])
-    }
-
-    /// Writes the current slot back to `store` (on flush and shutdown).
-    pub fn save_slot(&self, series: &str, store: &mut dyn SlotStore) {
-        if let Some((slot, summary)) = &self.slot {
-            store.save(series, *slot, summary);
-        }
     }
 
     /// Bytes this baseline holds in memory, for accounting.

@@ -779,16 +779,17 @@ impl Engine {
 
     /// What changed since the last call, for persistence: every clock, and the apps and baselines
     /// that changed, and every app archived whose state is not yet written (`changes_written`
-    /// says it is). The baselines' current slots go to the slot store as a side effect, so that
-    /// both are written together.
+    /// says it is). A baseline carries its current seasonal slot whole, so nothing goes to the
+    /// slot store here: a slot is saved there only as its hour is left (`Baseline::observe`).
+    /// Saving every changed baseline's slot at each flush too wrote each series a second time,
+    /// to a key among that series' other hours: with a day of slots, about 65 µs a series
+    /// (`cargo bench -p canaryd-store --bench slots`), seconds a flush at 100k series.
     pub fn take_changes(&mut self) -> EngineState {
         let dirty: Vec<BaselineId> = self.dirty.drain().collect();
         let mut baselines = Vec::with_capacity(dirty.len());
         for id in dirty {
             if let Some(b) = self.baseline(&id) {
-                let b = b.clone();
-                b.save_slot(&id.series_name(), self.slots.as_mut());
-                baselines.push((id, b));
+                baselines.push((id, b.clone()));
             }
         }
         let mut state = EngineState {
@@ -805,7 +806,6 @@ impl Engine {
             state.clocks.push((env.clone(), app.clone(), archived.clock));
             state.apps.push((env, app, archived.entry.clone()));
             for (id, baseline) in &archived.baselines {
-                baseline.save_slot(&id.series_name(), self.slots.as_mut());
                 state.baselines.push((id.clone(), baseline.clone()));
             }
             state.judge.analyses.extend(archived.analysis.clone());

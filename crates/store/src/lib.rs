@@ -558,19 +558,6 @@ impl<R: DaemonRecords> Store<R> {
         for (env, app, version) in &state.forgotten_versions {
             self.forget_version(env, app, version).map_err(io)?;
         }
-        // The engine saved the current slots of `state`'s baselines before handing it over, so
-        // the deletion just took those of a version that came back; they are saved again.
-        if !state.forgotten_versions.is_empty() {
-            let mut slots = self.slot_store();
-            for (id, baseline) in &state.baselines {
-                let forgotten = state.forgotten_versions.iter().any(|(env, app, version)| {
-                    *env == id.env && *app == id.app && id.scope == Scope::Version(version.clone())
-                });
-                if forgotten {
-                    baseline.save_slot(&id.series_name(), &mut slots);
-                }
-            }
-        }
         let mut batch = sled::Batch::default();
         for (env, app, clock) in &state.clocks {
             batch.insert(keys::app(env, app), encode(&ClockRecord::from(clock)));

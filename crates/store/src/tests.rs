@@ -286,7 +286,9 @@ fn learn(id: &BaselineId, value: f64, slots: &mut SledSlots) -> Baseline {
         &persisted_config(),
         slots,
     );
-    baseline.save_slot(&id.series_name(), slots);
+    // As the engine does when event time leaves the slot's hour.
+    let (slot, summary) = baseline.slot.as_ref().expect("a slot");
+    slots.save(&id.series_name(), *slot, summary);
     baseline
 }
 
@@ -585,7 +587,9 @@ fn state_survives_a_reopen() {
         let store = open(dir.path());
         let mut slots = store.slot_store();
         learn_twenty_minutes(&mut baseline, &mut slots);
-        baseline.save_slot("s", &mut slots);
+        // A slot left earlier, in the slot store; the current one rides in the baseline's record.
+        let (slot, summary) = baseline.slot.as_ref().expect("a slot");
+        slots.save("s", *slot, summary);
         assert_eq!(baseline.range.samples, 20, "the range learned every value");
         (baseline.anomaly.peak, baseline.anomaly.peak_time) = (4.5, 1_767_571_200_000_000_000);
         let state = EngineState {
@@ -686,8 +690,16 @@ fn a_version_forgotten_and_seen_again_keeps_its_new_baselines() {
             ..EngineState::default()
         })
         .expect("write");
-    // Evicted, then back within one flush: the engine saved the new slot as it took changes.
-    let new = learn(&back, 7.0, &mut slots);
+    // Evicted, then back within one flush, still in its first hour: its current slot is only in
+    // memory, and rides in its record.
+    let mut new = Baseline::default();
+    new.observe(
+        &series,
+        7.0,
+        1_767_571_200_000_000_000,
+        &persisted_config(),
+        &mut slots,
+    );
     store
         .write(&EngineState {
             baselines: vec![(back.clone(), new.clone())],
@@ -695,9 +707,14 @@ fn a_version_forgotten_and_seen_again_keeps_its_new_baselines() {
             ..EngineState::default()
         })
         .expect("write");
+    // Its current slot comes back with it.
     assert_eq!(store.load().expect("load").baselines, vec![(back, new.clone())]);
-    let (slot, summary) = new.slot.clone().expect("a slot");
-    assert_eq!(store.slot_store().load(&series, slot), Some(summary));
+    let (slot, _) = new.slot.clone().expect("a slot");
+    assert_eq!(
+        store.slot_store().load(&series, slot),
+        None,
+        "the forgotten incarnation's slot is gone from the slot store"
+    );
 }
 
 #[test]
@@ -1421,4 +1438,138 @@ fn the_outbox_rules_read_the_stored_records() {
 /// still hold it for a moment.
 fn raw_sled(data_dir: &Path) -> sled::Db {
     super::open_waiting(&sled::Config::new().path(data_dir.join("sled"))).expect("open")
+}
+
+/// Ten requests a second of one app's one version, one export a second from `from` for `secs`
+/// seconds, as a live stream receives them.
+fn steady_traffic(from: u64, secs: u64) -> Vec<canaryd_engine::Batch> {
+    use canaryd_engine::{Identity, RequestObservation, ResourceObservations, SpanId, TraceId};
+    const S: u64 = 1_000_000_000;
+    (0..secs)
+        .map(|s| {
+            let mut r = ResourceObservations::new(Identity::new("prod", "shop", "1.0"));
+            for i in 0..10 {
+                let time = from + s * S + i * S / 10;
+                r.spans += 1;
+                r.saw(time);
+                r.requests.push(RequestObservation {
+                    operation: if i % 3 == 0 { "POST /cart" } else { "GET /item" }.into(),
+                    time,
+                    duration_ns: 4_000_000 + (s * 7 + i * 13) % 11 * 500_000,
+                    error: (s + i) % 50 == 0,
+                    trace_id: TraceId::default(),
+                    span_id: SpanId::default(),
+                    cohort: None,
+                });
+            }
+            canaryd_engine::Batch {
+                resources: vec![r],
+                received: from + (s + 1) * S,
+            }
+        })
+        .collect()
+}
+
+/// Every key and value of the slot store, in key order.
+fn slot_records(store: &TestStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store
+        .slots
+        .iter()
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("read"))
+        .collect()
+}
+
+/// A baseline's record carries its current seasonal slot whole, so a flush writes no slot: one
+/// reaches the slot store only as event time leaves its hour. A daemon stopped and restarted
+/// mid-hour loses only what its open window held: its slots and baselines are those of one that
+/// ran through without that window's data.
+#[test]
+fn slots_reach_the_slot_store_as_their_hour_is_left_not_at_each_flush_and_a_restart_loses_none() {
+    use canaryd_engine::{Engine, EngineConfig};
+    const S: u64 = 1_000_000_000;
+    // 2026-01-05T00:50:00Z: ten minutes before the first hour of the week ends.
+    let from = 1_767_571_200 * S + 50 * 60 * S;
+    let traffic = steady_traffic(from, 20 * 60);
+    let restart_at = 5 * 60 + 30;
+    let engine_on = |store: &TestStore| {
+        let mut engine = Engine::new(EngineConfig::default(), Box::new(store.slot_store()));
+        engine.set_archive(Box::new(store.archive()));
+        engine.restore(store.load().expect("load"));
+        engine
+    };
+    let flush = |engine: &mut Engine, store: &TestStore| {
+        store.write(&engine.take_changes()).expect("write");
+        store.flush().expect("flush");
+        engine.changes_written();
+    };
+    let sorted = |mut baselines: Vec<(BaselineId, Baseline)>| {
+        baselines.sort_by(|a, b| a.0.cmp(&b.0));
+        baselines
+    };
+
+    // Stopped and started again mid-hour, after a flush.
+    let restarted_dir = tempfile::tempdir().expect("tempdir");
+    let lost = {
+        let store = open(restarted_dir.path());
+        let mut engine = engine_on(&store);
+        for batch in &traffic[..restart_at] {
+            engine.ingest(batch);
+        }
+        flush(&mut engine, &store);
+        // What its open evaluation window held (those after the last closed one) is not stored,
+        // and the window it was in, seen again only in part, is not learned from.
+        let window = EngineConfig::default().windows.window_ns;
+        let closed = store.load().expect("load").clocks[0].2.closed_until;
+        closed / window * window..(from + restart_at as u64 * S).div_ceil(window) * window
+    };
+    let restarted = open(restarted_dir.path());
+    let mut engine = engine_on(&restarted);
+    for (second, batch) in traffic.iter().enumerate().skip(restart_at) {
+        engine.ingest(batch);
+        if second % 10 == 9 {
+            flush(&mut engine, &restarted);
+        }
+    }
+    flush(&mut engine, &restarted);
+
+    // Ran through, without what the restart lost.
+    let through_dir = tempfile::tempdir().expect("tempdir");
+    let through = open(through_dir.path());
+    let mut engine = engine_on(&through);
+    let mut flushes_in_first_hour = 0;
+    for (second, batch) in traffic.iter().enumerate() {
+        if lost.contains(&(from + second as u64 * S)) {
+            continue;
+        }
+        engine.ingest(batch);
+        if second % 10 == 9 {
+            flush(&mut engine, &through);
+            if second < 10 * 60 {
+                flushes_in_first_hour += 1;
+                assert_eq!(through.slots.len(), 0, "the flush at {second} s wrote a slot");
+            }
+        }
+    }
+    flush(&mut engine, &through);
+    let baselines = sorted(through.load().expect("load").baselines);
+    let with_slots = baselines.iter().filter(|(_, b)| b.slot.is_some()).count();
+    assert!(
+        flushes_in_first_hour >= 50 && with_slots >= 10,
+        "{with_slots} baselines with a slot"
+    );
+    assert_eq!(
+        through.slots.len(),
+        with_slots,
+        "each baseline left its first hour's slot, once"
+    );
+    assert!(
+        baselines
+            .iter()
+            .all(|(_, b)| b.slot.as_ref().is_none_or(|(slot, _)| *slot == 1)),
+        "every current slot is the second hour's"
+    );
+    assert!(lost.start > from && lost.end < from + 10 * 60 * S, "{lost:?}");
+
+    assert_eq!(slot_records(&restarted), slot_records(&through));
+    assert_eq!(sorted(restarted.load().expect("load").baselines), baselines);
 }
