@@ -42,7 +42,9 @@ use crate::sketch::Sketch;
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 const HOUR_NS: u64 = 3_600 * NS_PER_SEC;
-const WEEK_NS: u64 = 168 * HOUR_NS;
+/// Hour-of-week slots: `hour_of_week` is below this.
+pub const SLOTS_PER_WEEK: u16 = 168;
+const WEEK_NS: u64 = SLOTS_PER_WEEK as u64 * HOUR_NS;
 /// The Unix epoch was a Thursday; hour-of-week slots start on Monday 00:00 UTC.
 const EPOCH_WEEKDAY_OFFSET_NS: u64 = 3 * 24 * HOUR_NS;
 /// Half-width of the level band, in robust standard deviations.
@@ -352,6 +354,21 @@ impl SlotSummary {
 pub trait SlotStore {
     fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary>;
     fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary);
+
+    /// Slot `slot` of every series whose name starts with `prefix` (`BaselineId::series_prefix`):
+    /// what one scope's baselines read as they enter an hour together, in one pass. `None` where
+    /// the store cannot tell, and each series is then loaded alone.
+    fn load_scope(&mut self, prefix: &str, slot: u16) -> Option<Vec<(String, SlotSummary)>> {
+        let _ = (prefix, slot);
+        None
+    }
+
+    /// Saves several slots at once: a store with an order of its own writes them in it.
+    fn save_all(&mut self, slots: Vec<(String, u16, SlotSummary)>) {
+        for (series, slot, summary) in &slots {
+            self.save(series, *slot, summary);
+        }
+    }
 }
 
 /// A `SlotStore` in memory.
@@ -367,6 +384,16 @@ impl SlotStore for MemorySlotStore {
 
     fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary) {
         self.slots.insert((series.to_owned(), slot), summary.clone());
+    }
+
+    fn load_scope(&mut self, prefix: &str, slot: u16) -> Option<Vec<(String, SlotSummary)>> {
+        Some(
+            self.slots
+                .iter()
+                .filter(|((series, s), _)| *s == slot && series.starts_with(prefix))
+                .map(|((series, _), summary)| (series.clone(), summary.clone()))
+                .collect(),
+        )
     }
 }
 

@@ -4,9 +4,12 @@
 //! `*` or `""` is not the app, `1.2` is not a prefix of `1.20`, and evicting a version deletes
 //! exactly its keys.
 //!
-//! Seasonal slot keys are the engine's series name (`BaselineId::series_name`, which starts with
-//! `BaselineId::series_prefix` of its scope and has the same property) then the slot, u16 big
-//! endian: series names differ, so two slot keys of equal length differ before the last two bytes.
+//! Seasonal slot keys (`slots.3`) are the slot, u16 big endian, then the engine's series name
+//! (`BaselineId::series_name`, which starts with `BaselineId::series_prefix` of its scope and has
+//! the same property): one hour's slots of every series lie together, so the slots saved and read
+//! as event time turns an hour fall in one part of the tree, not one part per series (`cargo bench
+//! -p canaryd-store --bench slots`). Schema 2's first layout (`slots.2`) had the series name first
+//! (`slot_v2_parts`).
 
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::{BaselineId, Scope};
@@ -95,14 +98,25 @@ pub fn parse_baseline(key: &[u8]) -> Option<BaselineId> {
 /// A seasonal slot's key.
 pub fn slot(series: &str, slot: u16) -> Vec<u8> {
     let mut key = Vec::with_capacity(series.len() + 2);
-    key.extend(series.as_bytes());
     key.extend(slot.to_be_bytes());
+    key.extend(series.as_bytes());
     key
 }
 
-/// The start of the slot keys of every baseline of one scope, and of no other.
-pub fn slot_scope(env: &str, app: &str, scope: &Scope) -> Vec<u8> {
-    BaselineId::series_prefix(env, app, scope).into_bytes()
+/// The start of the keys of one slot of every baseline of one scope, and of no other.
+pub fn slot_scope(env: &str, app: &str, scope: &Scope, slot: u16) -> Vec<u8> {
+    let prefix = BaselineId::series_prefix(env, app, scope);
+    let mut key = Vec::with_capacity(prefix.len() + 2);
+    key.extend(slot.to_be_bytes());
+    key.extend(prefix.as_bytes());
+    key
+}
+
+/// The series name and slot of a key of `slots.2` (series name, then the slot): `None` for a key
+/// too short to hold a slot.
+pub fn slot_v2_parts(key: &[u8]) -> Option<(&[u8], u16)> {
+    let (series, slot) = key.split_last_chunk::<2>()?;
+    Some((series, u16::from_be_bytes(*slot)))
 }
 
 #[cfg(test)]
@@ -151,11 +165,13 @@ mod tests {
                 let key = baseline(&id("prod", "shop", b.clone(), "GET /a"));
                 let slot_key = slot(&id("prod", "shop", b.clone(), "GET /a").series_name(), 7);
                 assert_eq!(key.starts_with(&scope("prod", "shop", a)), a == b, "{a:?} {b:?}");
-                assert_eq!(
-                    slot_key.starts_with(&slot_scope("prod", "shop", a)),
-                    a == b,
-                    "slot {a:?} {b:?}"
-                );
+                for hour in [0, 6, 7, 8, 167] {
+                    assert_eq!(
+                        slot_key.starts_with(&slot_scope("prod", "shop", a, hour)),
+                        a == b && hour == 7,
+                        "slot {a:?} {b:?} {hour}"
+                    );
+                }
             }
         }
         // Neither does an app whose name continues another's.

@@ -62,7 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use canaryd_engine::baseline::{Baseline, SlotStore, SlotSummary};
+use canaryd_engine::baseline::{Baseline, SLOTS_PER_WEEK, SlotStore, SlotSummary};
 use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::window::AppClock;
 use canaryd_engine::{AppArchive, ArchivedApp, EngineState, Scope};
@@ -92,7 +92,10 @@ const BASELINES: &str = "baselines.3";
 /// The baselines' tree before it kept the long-memory range and the anomaly's recent peak, moved to
 /// `BASELINES` at open.
 const BASELINES_V2: &str = "baselines.2";
-const SLOTS: &str = "slots.2";
+/// Seasonal slots, by slot then series (`keys::slot`).
+const SLOTS: &str = "slots.3";
+/// The slots' tree while its keys put the series first, moved to `SLOTS` at open.
+const SLOTS_V2: &str = "slots.2";
 /// Canary analyses, by app: added within schema 2 (a tree older daemons never open), its layout
 /// versioned by the tree's name (`analysis`).
 const ANALYSES: &str = "analyses.3";
@@ -389,6 +392,7 @@ impl<R: DaemonRecords> Store<R> {
         migrate::baselines_to_current(&db, &counters)?;
         migrate::analyses_to_current(&db, &counters)?;
         migrate::sequential_to_current(&db, &counters)?;
+        migrate::slots_to_current(&db, &counters)?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Open {
                 path: path.clone(),
@@ -599,17 +603,22 @@ impl<R: DaemonRecords> Store<R> {
     /// start with a prefix no other scope's keys start with (`keys`).
     fn forget_version(&self, env: &str, app: &str, version: &str) -> Result<(), sled::Error> {
         let scope = Scope::Version(version.to_owned());
-        for (tree, prefix) in [
-            (&self.baselines, keys::scope(env, app, &scope)),
-            (&self.slots, keys::slot_scope(env, app, &scope)),
-        ] {
-            let mut batch = sled::Batch::default();
-            for key in tree.scan_prefix(&prefix).keys() {
+        let mut batch = sled::Batch::default();
+        for key in self.baselines.scan_prefix(keys::scope(env, app, &scope)).keys() {
+            batch.remove(key?);
+        }
+        self.baselines.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for slot in 0..SLOTS_PER_WEEK {
+            for key in self
+                .slots
+                .scan_prefix(keys::slot_scope(env, app, &scope, slot))
+                .keys()
+            {
                 batch.remove(key?);
             }
-            tree.apply_batch(batch)?;
         }
-        Ok(())
+        self.slots.apply_batch(batch)
     }
 
     /// Stores events, giving each its sequence number (in order), and makes them durable before
@@ -1394,30 +1403,49 @@ pub struct SledSlots {
     counters: StoreCounters,
 }
 
-impl SlotStore for SledSlots {
-    fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
-        match self.slots.get(keys::slot(series, slot)) {
-            Ok(Some(bytes)) => match decode::<SlotRecord>(&bytes) {
-                Decoded::Record(record) => match SlotSummary::try_from(&record) {
-                    Ok(summary) => Some(summary),
-                    Err(e) => {
-                        tracing::warn!(error = %e, series, slot, "cannot convert a seasonal slot");
-                        self.counters.slot_errors.inc();
-                        None
-                    }
-                },
-                // Open refuses a data dir of a newer schema, so this is a record written since.
-                Decoded::Newer(found) => {
-                    tracing::warn!(found, series, slot, "a seasonal slot of a newer schema");
+impl SledSlots {
+    /// A stored slot's summary; one that cannot be read is logged, counted and `None`.
+    fn summary(&self, bytes: &[u8], series: &str, slot: u16) -> Option<SlotSummary> {
+        match decode::<SlotRecord>(bytes) {
+            Decoded::Record(record) => match SlotSummary::try_from(&record) {
+                Ok(summary) => Some(summary),
+                Err(e) => {
+                    tracing::warn!(error = %e, series, slot, "cannot convert a seasonal slot");
                     self.counters.slot_errors.inc();
                     None
                 }
-                Decoded::Corrupt => {
-                    tracing::warn!(series, slot, "skipping a seasonal slot that does not decode");
-                    self.counters.records_skipped.inc();
-                    None
-                }
             },
+            // Open refuses a data dir of a newer schema, so this is a record written since.
+            Decoded::Newer(found) => {
+                tracing::warn!(found, series, slot, "a seasonal slot of a newer schema");
+                self.counters.slot_errors.inc();
+                None
+            }
+            Decoded::Corrupt => {
+                tracing::warn!(series, slot, "skipping a seasonal slot that does not decode");
+                self.counters.records_skipped.inc();
+                None
+            }
+        }
+    }
+
+    /// A slot's stored record, or `None` (logged and counted) if it cannot be made.
+    fn record(&self, series: &str, slot: u16, summary: &SlotSummary) -> Option<Vec<u8>> {
+        match SlotRecord::try_from(summary) {
+            Ok(record) => Some(encode(&record)),
+            Err(e) => {
+                tracing::warn!(error = %e, series, slot, "cannot convert a seasonal slot");
+                self.counters.slot_errors.inc();
+                None
+            }
+        }
+    }
+}
+
+impl SlotStore for SledSlots {
+    fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
+        match self.slots.get(keys::slot(series, slot)) {
+            Ok(Some(bytes)) => self.summary(&bytes, series, slot),
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(error = %e, series, slot, "cannot read a seasonal slot");
@@ -1428,21 +1456,62 @@ impl SlotStore for SledSlots {
     }
 
     fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary) {
-        let record = match SlotRecord::try_from(summary) {
-            Ok(record) => record,
-            Err(e) => {
-                tracing::warn!(error = %e, series, slot, "cannot convert a seasonal slot");
-                self.counters.slot_errors.inc();
-                return;
-            }
+        let Some(record) = self.record(series, slot, summary) else {
+            return;
         };
-        match self.slots.insert(keys::slot(series, slot), encode(&record)) {
+        match self.slots.insert(keys::slot(series, slot), record) {
             Ok(_) => {
                 self.counters.records_written.inc();
             }
             Err(e) => {
                 tracing::warn!(error = %e, series, slot, "cannot write a seasonal slot");
                 self.counters.slot_errors.inc();
+            }
+        }
+    }
+
+    /// One pass over the keys of the slot and scope, which lie together (`keys::slot`). A read
+    /// that fails part way gives `None`, and each series is then read alone.
+    fn load_scope(&mut self, prefix: &str, slot: u16) -> Option<Vec<(String, SlotSummary)>> {
+        let mut found = Vec::new();
+        for item in self.slots.scan_prefix(keys::slot(prefix, slot)) {
+            let (key, bytes) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    tracing::warn!(error = %e, prefix, slot, "cannot read a scope's seasonal slots");
+                    self.counters.slot_errors.inc();
+                    return None;
+                }
+            };
+            // The key is the slot then the series' name, which `keys::slot` made from a str.
+            let Some(series) = key.get(2..).and_then(|name| std::str::from_utf8(name).ok()) else {
+                self.counters.records_skipped.inc();
+                continue;
+            };
+            if let Some(summary) = self.summary(&bytes, series, slot) {
+                found.push((series.to_owned(), summary));
+            }
+        }
+        Some(found)
+    }
+
+    /// One batch, which sled applies in key order.
+    fn save_all(&mut self, slots: Vec<(String, u16, SlotSummary)>) {
+        let mut batch = sled::Batch::default();
+        let mut written = 0;
+        for (series, slot, summary) in &slots {
+            if let Some(record) = self.record(series, *slot, summary) {
+                batch.insert(keys::slot(series, *slot), record);
+                written += 1;
+            }
+        }
+        match self.slots.apply_batch(batch) {
+            Ok(()) => {
+                self.counters.records_written.inc_by(written);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, slots = slots.len(), "cannot write seasonal slots");
+                self.counters.slot_errors.inc_by(slots.len() as u64);
             }
         }
     }

@@ -31,8 +31,8 @@ use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
 use crate::v1::{self, BaselineKeyRecord, ScopeRecord};
 use crate::{
     ANALYSES, ANALYSES_V2, APPS, BASELINES, BASELINES_V2, CLOCKS, DELIVERY_TREES, Decoded, EVENT_TREES,
-    SCHEMA, SEQUENTIAL, SEQUENTIAL_V1, SLOTS, SUBSCRIPTIONS, StoreCounters, StoreError, daemon, decode,
-    encode, keys,
+    SCHEMA, SEQUENTIAL, SEQUENTIAL_V1, SLOTS, SLOTS_V2, SUBSCRIPTIONS, StoreCounters, StoreError, daemon,
+    decode, encode, keys,
 };
 
 const SCHEMA_KEY: &[u8] = b"schema";
@@ -53,6 +53,69 @@ pub(crate) fn analyses_to_current(db: &sled::Db, counters: &StoreCounters) -> Re
 /// converted from its frozen layout (`move_tree`).
 pub(crate) fn sequential_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
     move_tree::<SequentialRecordV1, SequentialRecord>(db, counters, SEQUENTIAL_V1, SEQUENTIAL)
+}
+
+/// Records a slot move writes at once: a week of slots of many series is millions of records.
+const SLOTS_MOVED_AT_ONCE: usize = 10_000;
+
+/// Moves `slots.2`'s seasonal slots to `slots.3`, whose keys put the slot before the series
+/// (`keys::slot`); the records themselves keep their layout and move as they are. Every slot is
+/// written and flushed before any is removed, so a move that stops half-way is made again whole at
+/// the next open. A key too short to hold a slot is counted, logged and left in `slots.2`.
+pub(crate) fn slots_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
+    let io = io("move the seasonal slots to their current layout");
+    if !db.tree_names().iter().any(|n| n.as_ref() == SLOTS_V2.as_bytes()) {
+        return Ok(());
+    }
+    let old = db.open_tree(SLOTS_V2).map_err(&io)?;
+    let new = db.open_tree(SLOTS).map_err(&io)?;
+    let mut batch = sled::Batch::default();
+    let (mut pending, mut moved, mut left) = (0, 0u64, 0u64);
+    for item in old.iter() {
+        let (key, value) = item.map_err(&io)?;
+        let Some((series, slot)) = keys::slot_v2_parts(&key) else {
+            not_migrated(counters, SLOTS_V2, &key, "too short to hold a slot");
+            left += 1;
+            continue;
+        };
+        let mut new_key = Vec::with_capacity(key.len());
+        new_key.extend(slot.to_be_bytes());
+        new_key.extend(series);
+        batch.insert(new_key, value);
+        (pending, moved) = (pending + 1, moved + 1);
+        if pending == SLOTS_MOVED_AT_ONCE {
+            new.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
+            pending = 0;
+        }
+    }
+    new.apply_batch(batch).map_err(&io)?;
+    db.flush().map_err(&io)?;
+    if left == 0 {
+        db.drop_tree(SLOTS_V2).map_err(&io)?;
+    } else {
+        let mut batch = sled::Batch::default();
+        pending = 0;
+        for key in old.iter().keys() {
+            let key = key.map_err(&io)?;
+            if keys::slot_v2_parts(&key).is_some() {
+                batch.remove(key);
+                pending += 1;
+                if pending == SLOTS_MOVED_AT_ONCE {
+                    old.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
+                    pending = 0;
+                }
+            }
+        }
+        old.apply_batch(batch).map_err(&io)?;
+        tracing::warn!(
+            tree = SLOTS_V2,
+            records = left,
+            "records that could not be migrated were left in their old tree"
+        );
+    }
+    db.flush().map_err(&io)?;
+    tracing::info!(slots = moved, "seasonal slots moved to their current layout");
+    Ok(())
 }
 
 /// Moves the records of tree `from` (layout `Old`) to tree `to` (layout `New`), under the same

@@ -1573,3 +1573,128 @@ fn slots_reach_the_slot_store_as_their_hour_is_left_not_at_each_flush_and_a_rest
     assert_eq!(slot_records(&restarted), slot_records(&through));
     assert_eq!(sorted(restarted.load().expect("load").baselines), baselines);
 }
+
+/// A schema-2 data dir whose seasonal slots are in `slots.2`, keyed by series then slot: `slots`
+/// of `series` (slot, value), and `stray` keys too short to hold a slot. With `half_moved`, some of
+/// them are in `slots.3` already, as a move that stopped half-way leaves them.
+fn write_slots_v2(dir: &Path, slots: &[(String, u16, SlotSummary)], stray: &[&[u8]], half_moved: bool) {
+    drop(open(dir));
+    let db = sled::open(dir.join("sled")).expect("sled");
+    let old = db.open_tree(SLOTS_V2).expect("tree");
+    let new = db.open_tree(SLOTS).expect("tree");
+    for (i, (series, slot, summary)) in slots.iter().enumerate() {
+        let value = encode(&SlotRecord::try_from(summary).expect("record"));
+        let mut key = series.as_bytes().to_vec();
+        key.extend(slot.to_be_bytes());
+        old.insert(key, value.clone()).expect("insert");
+        if half_moved && i % 2 == 0 {
+            new.insert(keys::slot(series, *slot), value).expect("insert");
+        }
+    }
+    for key in stray {
+        old.insert(*key, &b"x"[..]).expect("insert");
+    }
+    db.flush().expect("flush");
+}
+
+fn some_slots() -> Vec<(String, u16, SlotSummary)> {
+    let mut memory = canaryd_engine::baseline::MemorySlotStore::default();
+    let mut out = Vec::new();
+    for (i, scope) in [
+        Scope::App,
+        Scope::Version("1.2".into()),
+        Scope::Version("1.20".into()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for hour in [0u16, 1, 100, 167] {
+            let mut baseline = Baseline::default();
+            let time = 1_767_571_200_000_000_000 + u64::from(hour) * 3_600_000_000_000;
+            baseline.observe(
+                "s",
+                i as f64 + f64::from(hour),
+                time,
+                &persisted_config(),
+                &mut memory,
+            );
+            let (slot, summary) = baseline.slot.expect("a slot");
+            assert_eq!(slot, hour);
+            out.push((id(scope.clone()).series_name(), slot, summary));
+        }
+    }
+    out
+}
+
+/// Slots kept by series then slot are moved to the layout by slot then series, read back alike,
+/// and the old tree is dropped; a key too short to be a slot is counted and left where it was.
+#[test]
+fn slots_of_the_series_first_layout_are_moved_to_the_hour_first_one() {
+    for half_moved in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let slots = some_slots();
+        write_slots_v2(dir.path(), &slots, &[], half_moved);
+        let store = open(dir.path());
+        let mut slot_store = store.slot_store();
+        for (series, slot, summary) in &slots {
+            assert_eq!(
+                slot_store.load(series, *slot).as_ref(),
+                Some(summary),
+                "{series:?} {slot}"
+            );
+        }
+        assert_eq!(store.slots.len(), slots.len());
+        let names: Vec<Vec<u8>> = store.db.tree_names().iter().map(|n| n.to_vec()).collect();
+        assert!(
+            !names.contains(&SLOTS_V2.as_bytes().to_vec()),
+            "the old tree is dropped"
+        );
+        // The hour's slots of every series lie together.
+        let hours: Vec<u16> = store
+            .slots
+            .iter()
+            .keys()
+            .map(|k| u16::from_be_bytes([k.as_ref().expect("key")[0], k.as_ref().expect("key")[1]]))
+            .collect();
+        assert!(hours.is_sorted(), "{hours:?}");
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slots = some_slots();
+    write_slots_v2(dir.path(), &slots, &[b"\x01"], false);
+    let counters = StoreCounters::default();
+    let store = TestStore::open(dir.path(), 1 << 20, counters.clone()).expect("open");
+    assert_eq!(counters.records_skipped.get(), 1);
+    assert_eq!(store.slots.len(), slots.len());
+    let old = store.db.open_tree(SLOTS_V2).expect("tree");
+    let left: Vec<Vec<u8>> = old.iter().keys().map(|k| k.expect("key").to_vec()).collect();
+    assert_eq!(left, vec![b"\x01".to_vec()], "only the stray key is left");
+}
+
+/// Forgetting a version deletes its slots of every hour and nothing else, in the hour-first layout.
+#[test]
+fn forgetting_a_version_deletes_its_slots_of_every_hour() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut slot_store = store.slot_store();
+    let slots = some_slots();
+    for (series, slot, summary) in &slots {
+        slot_store.save(series, *slot, summary);
+    }
+    store
+        .write(&EngineState {
+            forgotten_versions: vec![("prod".into(), "shop".into(), "1.2".into())],
+            ..EngineState::default()
+        })
+        .expect("forget");
+    let forgotten = id(Scope::Version("1.2".into())).series_name();
+    for (series, slot, summary) in &slots {
+        let expected = (*series != forgotten).then_some(summary);
+        assert_eq!(
+            slot_store.load(series, *slot).as_ref(),
+            expected,
+            "{series:?} {slot}"
+        );
+    }
+    assert_eq!(store.slots.len(), slots.len() - 4);
+}
