@@ -781,9 +781,9 @@ impl Engine {
     /// that changed, and every app archived whose state is not yet written (`changes_written`
     /// says it is). A baseline carries its current seasonal slot whole, so nothing goes to the
     /// slot store here: a slot is saved there only as its hour is left (`Baseline::observe`).
-    /// Saving every changed baseline's slot at each flush too wrote each series a second time,
-    /// to a key among that series' other hours: with a day of slots, about 65 µs a series
-    /// (`cargo bench -p canaryd-store --bench slots`), seconds a flush at 100k series.
+    /// Saving it there at each flush as well would write each series twice, the second time into
+    /// the slot tree: with a day of slots, about 65 µs a series (`cargo bench -p canaryd-store
+    /// --bench slots`), seconds a flush at 100k series.
     pub fn take_changes(&mut self) -> EngineState {
         let dirty: Vec<BaselineId> = self.dirty.drain().collect();
         let mut baselines = Vec::with_capacity(dirty.len());
