@@ -88,6 +88,7 @@ pub struct Stats {
     pub windows_closed: Counter,
     pub flushes: Counter,
     pub flush_errors: Counter,
+    flush_seconds: Histogram,
     pub baselines: Gauge,
     pub baseline_memory_bytes: Gauge,
     engine_memory_bytes: Family<Labels1, Gauge>,
@@ -227,6 +228,14 @@ impl Stats {
             "canaryd_store_flush_errors",
             "Flushes that failed",
             flush_errors.clone(),
+        );
+        let flush_seconds = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "canaryd_store_flush_seconds",
+            "Time of each periodic flush of engine state (changes gathered, written and made durable), on the engine's thread, which takes no input meanwhile",
+            flush_seconds.clone(),
         );
         let baselines = Gauge::default();
         registry.register(
@@ -370,6 +379,7 @@ impl Stats {
             windows_closed,
             flushes,
             flush_errors,
+            flush_seconds,
             baselines,
             baseline_memory_bytes,
             engine_memory_bytes,
@@ -428,6 +438,11 @@ impl Stats {
 
     pub fn delivery_seconds(&self, elapsed: std::time::Duration) {
         self.delivery_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// One periodic flush took `elapsed` of the engine's thread.
+    pub fn flush_seconds(&self, elapsed: std::time::Duration) {
+        self.flush_seconds.observe(elapsed.as_secs_f64());
     }
 
     pub fn act_seconds(&self, elapsed: std::time::Duration) {

@@ -1081,6 +1081,11 @@ mod binary {
             }
         })
         .await;
+        // Each flush is timed on /metrics.
+        let text = daemon.get("/metrics").await;
+        let timed =
+            super::support::sample(&text, "canaryd_store_flush_seconds_count").expect("flush timings");
+        assert!(timed >= flushes(&text), "{timed} flushes timed");
         daemon.signal("-KILL");
         let (code, _) = daemon.wait();
         assert_eq!(code, None, "killed by a signal");

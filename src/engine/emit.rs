@@ -134,6 +134,7 @@ impl Emitter {
     /// Writes what changed since the last flush, then makes it durable. A failed flush is logged and
     /// counted; what it carried is written again when it next changes.
     pub fn flush(&self, engine: &mut Engine) {
+        let started = std::time::Instant::now();
         let stats = &self.stats;
         let paged = engine.page_out(self.max_baseline_memory_bytes);
         if paged.apps > 0 {
@@ -156,7 +157,10 @@ impl Emitter {
         stats
             .chain_verdicts_forgotten
             .inc_by(forgotten.saturating_sub(counted));
-        match self.store.write(&changes).and_then(|()| self.store.flush()) {
+        let written = self.store.write(&changes).and_then(|()| self.store.flush());
+        // Timed before it is counted, so that /metrics never shows a flush counted and not timed.
+        stats.flush_seconds(started.elapsed());
+        match written {
             Ok(()) => {
                 // Apps paged out or archived leave memory only now that their state is on disk.
                 engine.changes_written();
