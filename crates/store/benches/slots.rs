@@ -23,7 +23,7 @@ use canaryd_engine::baseline::{SlotStore, SlotSummary};
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::sketch::Sketch;
 use canaryd_engine::{BaselineId, Scope};
-use canaryd_store::records::SlotRecord;
+use canaryd_store::records::StoredSlotRecord;
 use canaryd_store::{Store, StoreCounters};
 
 /// Values a slot's current week holds: an hour of one-minute windows.
@@ -200,7 +200,7 @@ fn main() -> anyhow::Result<()> {
     let summaries: Vec<SlotSummary> = (0..series).map(slot_of).collect();
     let records: Vec<Vec<u8>> = summaries
         .iter()
-        .map(|s| Ok(postcard::to_allocvec(&SlotRecord::try_from(s)?)?))
+        .map(|s| Ok(postcard::to_allocvec(&StoredSlotRecord::try_from(s)?)?))
         .collect::<anyhow::Result<_>>()?;
     let order = shuffled(series);
     let mean_record = records.iter().map(Vec::len).sum::<usize>() / series.max(1);

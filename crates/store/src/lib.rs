@@ -76,7 +76,7 @@ use analysis::{AnalysisRecord, SequentialRecord};
 use canaryd_engine::judge::AnalysisSnapshot;
 use canaryd_engine::judge::sequential::SequentialState;
 pub use records::ConvertError;
-use records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
+use records::{AppRecord, BaselineRecord, ClockRecord, StoredSlotRecord};
 
 /// The schema this build writes, and the newest it reads.
 pub const SCHEMA: u32 = 2;
@@ -1406,7 +1406,7 @@ pub struct SledSlots {
 impl SledSlots {
     /// A stored slot's summary; one that cannot be read is logged, counted and `None`.
     fn summary(&self, bytes: &[u8], series: &str, slot: u16) -> Option<SlotSummary> {
-        match decode::<SlotRecord>(bytes) {
+        match decode::<StoredSlotRecord>(bytes) {
             Decoded::Record(record) => match SlotSummary::try_from(&record) {
                 Ok(summary) => Some(summary),
                 Err(e) => {
@@ -1431,7 +1431,7 @@ impl SledSlots {
 
     /// A slot's stored record, or `None` (logged and counted) if it cannot be made.
     fn record(&self, series: &str, slot: u16, summary: &SlotSummary) -> Option<Vec<u8>> {
-        match SlotRecord::try_from(summary) {
+        match StoredSlotRecord::try_from(summary) {
             Ok(record) => Some(encode(&record)),
             Err(e) => {
                 tracing::warn!(error = %e, series, slot, "cannot convert a seasonal slot");

@@ -27,7 +27,7 @@ use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::{BaselineId, Scope};
 
 use crate::analysis::{AnalysisRecord, AnalysisRecordV2, SequentialRecord, SequentialRecordV1};
-use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord};
+use crate::records::{AppRecord, BaselineRecord, ClockRecord, SlotRecord, StoredSlotRecord};
 use crate::v1::{self, BaselineKeyRecord, ScopeRecord};
 use crate::{
     ANALYSES, ANALYSES_V2, APPS, BASELINES, BASELINES_V2, CLOCKS, DELIVERY_TREES, Decoded, EVENT_TREES,
@@ -59,9 +59,10 @@ pub(crate) fn sequential_to_current(db: &sled::Db, counters: &StoreCounters) -> 
 const SLOTS_MOVED_AT_ONCE: usize = 10_000;
 
 /// Moves `slots.2`'s seasonal slots to `slots.3`, whose keys put the slot before the series
-/// (`keys::slot`); the records themselves keep their layout and move as they are. Every slot is
-/// written and flushed before any is removed, so a move that stops half-way is made again whole at
-/// the next open. A key too short to hold a slot is counted, logged and left in `slots.2`.
+/// (`keys::slot`) and whose records hold their weights compact (`records::StoredSlotRecord`).
+/// Every slot is written and flushed before any is removed, so a move that stops half-way is made
+/// again whole at the next open. A key too short to hold a slot, or a record that does not decode,
+/// is counted, logged and left in `slots.2`; one of a newer schema stops the open.
 pub(crate) fn slots_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
     let io = io("move the seasonal slots to their current layout");
     if !db.tree_names().iter().any(|n| n.as_ref() == SLOTS_V2.as_bytes()) {
@@ -78,10 +79,25 @@ pub(crate) fn slots_to_current(db: &sled::Db, counters: &StoreCounters) -> Resul
             left += 1;
             continue;
         };
+        let record = match decode::<SlotRecord>(&value) {
+            Decoded::Record(record) => record,
+            Decoded::Newer(found) => {
+                return Err(StoreError::NewerRecord {
+                    tree: SLOTS_V2,
+                    found,
+                    supported: SCHEMA,
+                });
+            }
+            Decoded::Corrupt => {
+                not_migrated(counters, SLOTS_V2, &key, "does not decode");
+                left += 1;
+                continue;
+            }
+        };
         let mut new_key = Vec::with_capacity(key.len());
         new_key.extend(slot.to_be_bytes());
         new_key.extend(series);
-        batch.insert(new_key, value);
+        batch.insert(new_key, encode(&StoredSlotRecord::from(&record)));
         (pending, moved) = (pending + 1, moved + 1);
         if pending == SLOTS_MOVED_AT_ONCE {
             new.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
@@ -95,9 +111,11 @@ pub(crate) fn slots_to_current(db: &sled::Db, counters: &StoreCounters) -> Resul
     } else {
         let mut batch = sled::Batch::default();
         pending = 0;
-        for key in old.iter().keys() {
-            let key = key.map_err(&io)?;
-            if keys::slot_v2_parts(&key).is_some() {
+        for item in old.iter() {
+            let (key, value) = item.map_err(&io)?;
+            let moved = keys::slot_v2_parts(&key).is_some()
+                && matches!(decode::<SlotRecord>(&value), Decoded::Record(_));
+            if moved {
                 batch.remove(key);
                 pending += 1;
                 if pending == SLOTS_MOVED_AT_ONCE {
@@ -348,7 +366,10 @@ fn from_v1(db: &sled::Db, counters: &StoreCounters) -> Result<Migrated, StoreErr
                 let slot = <[u8; 2]>::try_from(&slot_key[prefix.len()..]).map(u16::from_be_bytes);
                 match (slot, v1::decode::<SlotRecord>(&value)) {
                     (Ok(slot), Some(record)) => {
-                        slot_batch.insert(keys::slot(&series, slot), encode(&record));
+                        slot_batch.insert(
+                            keys::slot(&series, slot),
+                            encode(&StoredSlotRecord::from(&record)),
+                        );
                         slots_done.push(slot_key);
                     }
                     // Another series whose name continues this one's after a zero byte.

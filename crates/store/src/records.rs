@@ -189,6 +189,156 @@ impl TryFrom<&SlotRecord> for SlotSummary {
     }
 }
 
+/// One side of a sketch's bins as the slot tree (`slots.3`) stores them: whole weights (a week's
+/// counts, most of a slot's bins) as varints, a byte or two each, and real ones (weeks decayed into
+/// the past) as they are. Read back, both give the same `BinsRecord` to the bit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WeightsRecord {
+    Whole(Vec<u64>),
+    Real(Vec<f64>),
+}
+
+/// The largest whole weight held exactly as an f64 and as a u64 alike.
+const MAX_WHOLE_WEIGHT: f64 = (1u64 << 53) as f64;
+
+impl From<&[f64]> for WeightsRecord {
+    fn from(weights: &[f64]) -> Self {
+        // Sign-positive, so that -0.0 is kept as it is.
+        let whole = |w: &f64| w.fract() == 0.0 && w.is_sign_positive() && *w <= MAX_WHOLE_WEIGHT;
+        if weights.iter().all(whole) {
+            WeightsRecord::Whole(weights.iter().map(|w| *w as u64).collect())
+        } else {
+            WeightsRecord::Real(weights.to_vec())
+        }
+    }
+}
+
+impl From<&WeightsRecord> for Vec<f64> {
+    fn from(weights: &WeightsRecord) -> Self {
+        match weights {
+            WeightsRecord::Whole(counts) => counts.iter().map(|c| *c as f64).collect(),
+            WeightsRecord::Real(weights) => weights.clone(),
+        }
+    }
+}
+
+/// `BinsRecord`, its weights compact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompactBinsRecord {
+    pub offset: i32,
+    pub weights: WeightsRecord,
+}
+
+/// `SketchRecord`, its bins compact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompactSketchRecord {
+    pub relative_accuracy: f64,
+    pub positive: CompactBinsRecord,
+    pub negative: CompactBinsRecord,
+    pub zero: f64,
+    pub count: f64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl From<&crate::v1::BinsRecord> for CompactBinsRecord {
+    fn from(bins: &crate::v1::BinsRecord) -> Self {
+        CompactBinsRecord {
+            offset: bins.offset,
+            weights: WeightsRecord::from(bins.counts.as_slice()),
+        }
+    }
+}
+
+impl From<&CompactBinsRecord> for crate::v1::BinsRecord {
+    fn from(bins: &CompactBinsRecord) -> Self {
+        crate::v1::BinsRecord {
+            offset: bins.offset,
+            counts: Vec::from(&bins.weights),
+        }
+    }
+}
+
+impl From<&SketchRecord> for CompactSketchRecord {
+    fn from(s: &SketchRecord) -> Self {
+        CompactSketchRecord {
+            relative_accuracy: s.relative_accuracy,
+            positive: (&s.positive).into(),
+            negative: (&s.negative).into(),
+            zero: s.zero,
+            count: s.count,
+            sum: s.sum,
+            min: s.min,
+            max: s.max,
+        }
+    }
+}
+
+impl From<&CompactSketchRecord> for SketchRecord {
+    fn from(s: &CompactSketchRecord) -> Self {
+        SketchRecord {
+            relative_accuracy: s.relative_accuracy,
+            positive: (&s.positive).into(),
+            negative: (&s.negative).into(),
+            zero: s.zero,
+            count: s.count,
+            sum: s.sum,
+            min: s.min,
+            max: s.max,
+        }
+    }
+}
+
+/// A seasonal slot as the slot tree (`slots.3`) stores it: `SlotRecord` with its sketches' weights
+/// compact. A slot of 60 values a week and three weeks decayed into its past takes about 40% less
+/// than as `SlotRecord` (`cargo bench -p canaryd-store --bench slots`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredSlotRecord {
+    pub past: CompactSketchRecord,
+    pub current: CompactSketchRecord,
+    pub week: u32,
+    pub past_weeks: u32,
+}
+
+impl From<&SlotRecord> for StoredSlotRecord {
+    fn from(slot: &SlotRecord) -> Self {
+        StoredSlotRecord {
+            past: (&slot.past).into(),
+            current: (&slot.current).into(),
+            week: slot.week,
+            past_weeks: slot.past_weeks,
+        }
+    }
+}
+
+impl From<&StoredSlotRecord> for SlotRecord {
+    fn from(slot: &StoredSlotRecord) -> Self {
+        SlotRecord {
+            past: (&slot.past).into(),
+            current: (&slot.current).into(),
+            week: slot.week,
+            past_weeks: slot.past_weeks,
+        }
+    }
+}
+
+impl TryFrom<&SlotSummary> for StoredSlotRecord {
+    type Error = ConvertError;
+
+    fn try_from(summary: &SlotSummary) -> Result<Self, ConvertError> {
+        Ok(StoredSlotRecord::from(&SlotRecord::try_from(summary)?))
+    }
+}
+
+impl TryFrom<&StoredSlotRecord> for SlotSummary {
+    type Error = ConvertError;
+
+    fn try_from(record: &StoredSlotRecord) -> Result<Self, ConvertError> {
+        SlotSummary::try_from(&SlotRecord::from(record))
+    }
+}
+
 impl From<&Score> for ScoreRecord {
     fn from(score: &Score) -> Self {
         match *score {
@@ -322,6 +472,42 @@ mod tests {
         let (_, summary) = baseline.slot.clone().expect("a slot");
         let slot = SlotRecord::try_from(&summary).expect("to record");
         assert_eq!(SlotSummary::try_from(&slot).expect("from record"), summary);
+        let stored = StoredSlotRecord::try_from(&summary).expect("to record");
+        assert_eq!(SlotSummary::try_from(&stored).expect("from record"), summary);
+    }
+
+    proptest::proptest! {
+        /// A slot stored compact reads back to the bit, whatever its weights: whole, decayed,
+        /// zero, huge, or past what an f64 holds exactly as a whole number.
+        #[test]
+        fn a_slot_stored_compact_reads_back_exactly(
+            values in proptest::collection::vec((0.001f64..1e6, 0u8..6), 0..60),
+            decay in 0.01f64..1.0,
+            week in 0u32..5000,
+        ) {
+            let mut past = Sketch::new(0.02);
+            let mut current = Sketch::new(0.02);
+            for (value, kind) in &values {
+                match kind {
+                    0 => past.add(*value),
+                    1 => past.add_weighted(*value, *value),
+                    2 => past.add_weighted(-*value, 3.0),
+                    3 => current.add_weighted(*value, 9.0e15),
+                    4 => past.decay(decay),
+                    _ => current.add(*value),
+                }
+            }
+            let summary = SlotSummary { past, current, week, past_weeks: week / 2 };
+            let stored = StoredSlotRecord::try_from(&summary).expect("to record");
+            let bytes = postcard::to_stdvec(&stored).expect("encode");
+            let read: StoredSlotRecord = postcard::from_bytes(&bytes).expect("decode");
+            let back = SlotSummary::try_from(&read).expect("from record");
+            proptest::prop_assert_eq!(
+                postcard::to_stdvec(&SlotRecord::try_from(&back).expect("record")).expect("encode"),
+                postcard::to_stdvec(&SlotRecord::try_from(&summary).expect("record")).expect("encode")
+            );
+            proptest::prop_assert_eq!(back, summary);
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::records::SlotRecord;
 use canaryd_engine::BaselineId;
 use canaryd_engine::baseline::BaselineConfig;
 use canaryd_engine::features::{Feature, FeatureKey};
@@ -1583,16 +1584,18 @@ fn write_slots_v2(dir: &Path, slots: &[(String, u16, SlotSummary)], stray: &[&[u
     let old = db.open_tree(SLOTS_V2).expect("tree");
     let new = db.open_tree(SLOTS).expect("tree");
     for (i, (series, slot, summary)) in slots.iter().enumerate() {
-        let value = encode(&SlotRecord::try_from(summary).expect("record"));
+        let record = SlotRecord::try_from(summary).expect("record");
         let mut key = series.as_bytes().to_vec();
         key.extend(slot.to_be_bytes());
-        old.insert(key, value.clone()).expect("insert");
+        old.insert(key, encode(&record)).expect("insert");
         if half_moved && i % 2 == 0 {
-            new.insert(keys::slot(series, *slot), value).expect("insert");
+            let moved = encode(&StoredSlotRecord::from(&record));
+            new.insert(keys::slot(series, *slot), moved).expect("insert");
         }
     }
     for key in stray {
-        old.insert(*key, &b"x"[..]).expect("insert");
+        // Of this schema, and not a slot.
+        old.insert(*key, &[SCHEMA as u8, 0xff][..]).expect("insert");
     }
     db.flush().expect("flush");
 }
@@ -1661,14 +1664,18 @@ fn slots_of_the_series_first_layout_are_moved_to_the_hour_first_one() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let slots = some_slots();
-    write_slots_v2(dir.path(), &slots, &[b"\x01"], false);
+    write_slots_v2(dir.path(), &slots, &[b"\x01", b"a corrupt slot\x00\x05"], false);
     let counters = StoreCounters::default();
     let store = TestStore::open(dir.path(), 1 << 20, counters.clone()).expect("open");
-    assert_eq!(counters.records_skipped.get(), 1);
+    assert_eq!(counters.records_skipped.get(), 2);
     assert_eq!(store.slots.len(), slots.len());
     let old = store.db.open_tree(SLOTS_V2).expect("tree");
     let left: Vec<Vec<u8>> = old.iter().keys().map(|k| k.expect("key").to_vec()).collect();
-    assert_eq!(left, vec![b"\x01".to_vec()], "only the stray key is left");
+    assert_eq!(
+        left,
+        vec![b"\x01".to_vec(), b"a corrupt slot\x00\x05".to_vec()],
+        "only what could not be moved is left"
+    );
 }
 
 /// Forgetting a version deletes its slots of every hour and nothing else, in the hour-first layout.
