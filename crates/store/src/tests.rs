@@ -1,5 +1,5 @@
 use super::*;
-use crate::records::SlotRecord;
+use crate::v1::SlotRecord;
 use canaryd_engine::BaselineId;
 use canaryd_engine::baseline::BaselineConfig;
 use canaryd_engine::features::{Feature, FeatureKey};
