@@ -9,7 +9,7 @@
 //! the same property): one hour's slots of every series lie together, so the slots saved and read
 //! as event time turns an hour fall in one part of the tree, not one part per series (`cargo bench
 //! -p canaryd-store --bench slots`). Schema 2's first layout (`slots.2`) had the series name first
-//! (`slot_v2_parts`).
+//! (`slot_of_v2`).
 
 use canaryd_engine::features::{Feature, FeatureKey};
 use canaryd_engine::{BaselineId, Scope};
@@ -97,26 +97,26 @@ pub fn parse_baseline(key: &[u8]) -> Option<BaselineId> {
 
 /// A seasonal slot's key.
 pub fn slot(series: &str, slot: u16) -> Vec<u8> {
+    slot_key(series.as_bytes(), slot)
+}
+
+fn slot_key(series: &[u8], slot: u16) -> Vec<u8> {
     let mut key = Vec::with_capacity(series.len() + 2);
     key.extend(slot.to_be_bytes());
-    key.extend(series.as_bytes());
+    key.extend(series);
     key
 }
 
 /// The start of the keys of one slot of every baseline of one scope, and of no other.
 pub fn slot_scope(env: &str, app: &str, scope: &Scope, slot: u16) -> Vec<u8> {
-    let prefix = BaselineId::series_prefix(env, app, scope);
-    let mut key = Vec::with_capacity(prefix.len() + 2);
-    key.extend(slot.to_be_bytes());
-    key.extend(prefix.as_bytes());
-    key
+    self::slot(&BaselineId::series_prefix(env, app, scope), slot)
 }
 
-/// The series name and slot of a key of `slots.2` (series name, then the slot): `None` for a key
-/// too short to hold a slot.
-pub fn slot_v2_parts(key: &[u8]) -> Option<(&[u8], u16)> {
+/// The key in `slots.3` of a key of `slots.2` (series name, then the slot): `None` for a key too
+/// short to hold a slot.
+pub fn slot_of_v2(key: &[u8]) -> Option<Vec<u8>> {
     let (series, slot) = key.split_last_chunk::<2>()?;
-    Some((series, u16::from_be_bytes(*slot)))
+    Some(slot_key(series, u16::from_be_bytes(*slot)))
 }
 
 #[cfg(test)]

@@ -55,91 +55,19 @@ pub(crate) fn sequential_to_current(db: &sled::Db, counters: &StoreCounters) -> 
     move_tree::<SequentialRecordV1, SequentialRecord>(db, counters, SEQUENTIAL_V1, SEQUENTIAL)
 }
 
-/// Records a slot move writes at once: a week of slots of many series is millions of records.
-const SLOTS_MOVED_AT_ONCE: usize = 10_000;
-
 /// Moves `slots.2`'s seasonal slots to `slots.3`, whose keys put the slot before the series
-/// (`keys::slot`) and whose records hold their weights compact (`records::StoredSlotRecord`).
-/// Every slot is written and flushed before any is removed, so a move that stops half-way is made
-/// again whole at the next open. A key too short to hold a slot, or a record that does not decode,
-/// is counted, logged and left in `slots.2`; one of a newer schema stops the open.
+/// (`keys::slot`) and whose records hold their weights compact (`records::StoredSlotRecord`)
+/// (`move_tree_keyed`); a key too short to hold a slot is left in `slots.2` too.
 pub(crate) fn slots_to_current(db: &sled::Db, counters: &StoreCounters) -> Result<(), StoreError> {
-    let io = io("move the seasonal slots to their current layout");
-    if !db.tree_names().iter().any(|n| n.as_ref() == SLOTS_V2.as_bytes()) {
-        return Ok(());
-    }
-    let old = db.open_tree(SLOTS_V2).map_err(&io)?;
-    let new = db.open_tree(SLOTS).map_err(&io)?;
-    let mut batch = sled::Batch::default();
-    let (mut pending, mut moved, mut left) = (0, 0u64, 0u64);
-    for item in old.iter() {
-        let (key, value) = item.map_err(&io)?;
-        let Some((series, slot)) = keys::slot_v2_parts(&key) else {
-            not_migrated(counters, SLOTS_V2, &key, "too short to hold a slot");
-            left += 1;
-            continue;
-        };
-        let record = match decode::<SlotRecord>(&value) {
-            Decoded::Record(record) => record,
-            Decoded::Newer(found) => {
-                return Err(StoreError::NewerRecord {
-                    tree: SLOTS_V2,
-                    found,
-                    supported: SCHEMA,
-                });
-            }
-            Decoded::Corrupt => {
-                not_migrated(counters, SLOTS_V2, &key, "does not decode");
-                left += 1;
-                continue;
-            }
-        };
-        let mut new_key = Vec::with_capacity(key.len());
-        new_key.extend(slot.to_be_bytes());
-        new_key.extend(series);
-        batch.insert(new_key, encode(&StoredSlotRecord::from(&record)));
-        (pending, moved) = (pending + 1, moved + 1);
-        if pending == SLOTS_MOVED_AT_ONCE {
-            new.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
-            pending = 0;
-        }
-    }
-    new.apply_batch(batch).map_err(&io)?;
-    db.flush().map_err(&io)?;
-    if left == 0 {
-        db.drop_tree(SLOTS_V2).map_err(&io)?;
-    } else {
-        let mut batch = sled::Batch::default();
-        pending = 0;
-        for item in old.iter() {
-            let (key, value) = item.map_err(&io)?;
-            let moved = keys::slot_v2_parts(&key).is_some()
-                && matches!(decode::<SlotRecord>(&value), Decoded::Record(_));
-            if moved {
-                batch.remove(key);
-                pending += 1;
-                if pending == SLOTS_MOVED_AT_ONCE {
-                    old.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
-                    pending = 0;
-                }
-            }
-        }
-        old.apply_batch(batch).map_err(&io)?;
-        tracing::warn!(
-            tree = SLOTS_V2,
-            records = left,
-            "records that could not be migrated were left in their old tree"
-        );
-    }
-    db.flush().map_err(&io)?;
-    tracing::info!(slots = moved, "seasonal slots moved to their current layout");
-    Ok(())
+    move_tree_keyed::<SlotRecord, StoredSlotRecord>(db, counters, SLOTS_V2, SLOTS, keys::slot_of_v2)
 }
 
+/// Records a move writes, or removes, at once: a week of seasonal slots of many series is
+/// millions of records, too many for one batch.
+const MOVED_AT_ONCE: usize = 10_000;
+
 /// Moves the records of tree `from` (layout `Old`) to tree `to` (layout `New`), under the same
-/// keys: written and flushed before the old ones are removed, so a move that stops half-way is
-/// made again whole at the next open (the old tree still holds every record). One that does not
-/// decode is counted, logged and left in `from`; one of a newer schema stops the open.
+/// keys (`move_tree_keyed`).
 fn move_tree<Old, New>(
     db: &sled::Db,
     counters: &StoreCounters,
@@ -150,38 +78,92 @@ where
     Old: serde::de::DeserializeOwned,
     New: serde::Serialize + From<Old>,
 {
+    move_tree_keyed::<Old, New>(db, counters, from, to, |key| Some(key.to_vec()))
+}
+
+/// Moves the records of tree `from` (layout `Old`) to tree `to` (layout `New`), each under the
+/// key `key` gives it: all written and flushed before any old one is removed, so a move that
+/// stops half-way is made again whole at the next open (the old tree still holds every record).
+/// A record that does not decode, or whose key `key` refuses, is counted, logged and left in
+/// `from`; one of a newer schema stops the open. `from` is dropped once empty.
+fn move_tree_keyed<Old, New>(
+    db: &sled::Db,
+    counters: &StoreCounters,
+    from: &'static str,
+    to: &'static str,
+    key: impl Fn(&[u8]) -> Option<Vec<u8>>,
+) -> Result<(), StoreError>
+where
+    Old: serde::de::DeserializeOwned,
+    New: serde::Serialize + From<Old>,
+{
     let io = io("move a tree to its current layout");
     if !db.tree_names().iter().any(|n| n.as_ref() == from.as_bytes()) {
         return Ok(());
     }
+    // Where a record goes, if it moves.
+    let moving = |old_key: &[u8], bytes: &[u8]| -> Result<Result<(Vec<u8>, Old), &'static str>, StoreError> {
+        let Some(new_key) = key(old_key) else {
+            return Ok(Err("its key is not one of this tree's"));
+        };
+        match decode::<Old>(bytes) {
+            Decoded::Record(record) => Ok(Ok((new_key, record))),
+            Decoded::Newer(found) => Err(StoreError::NewerRecord {
+                tree: from,
+                found,
+                supported: SCHEMA,
+            }),
+            Decoded::Corrupt => Ok(Err("does not decode")),
+        }
+    };
     let old = db.open_tree(from).map_err(&io)?;
     let new = db.open_tree(to).map_err(&io)?;
-    let mut batch = sled::Batch::default();
-    let mut moved = Vec::new();
+    let (mut batch, mut pending, mut left) = (sled::Batch::default(), 0, 0u64);
     for item in old.iter() {
-        let (key, bytes) = item.map_err(&io)?;
-        match decode::<Old>(&bytes) {
-            Decoded::Record(record) => {
-                batch.insert(key.clone(), encode(&New::from(record)));
-                moved.push(key);
+        let (old_key, bytes) = item.map_err(&io)?;
+        match moving(&old_key, &bytes)? {
+            Ok((new_key, record)) => {
+                batch.insert(new_key, encode(&New::from(record)));
+                pending += 1;
             }
-            Decoded::Newer(found) => {
-                return Err(StoreError::NewerRecord {
-                    tree: from,
-                    found,
-                    supported: SCHEMA,
-                });
+            Err(why) => {
+                not_migrated(counters, from, &old_key, why);
+                left += 1;
             }
-            Decoded::Corrupt => not_migrated(counters, from, &key, "does not decode"),
+        }
+        if pending == MOVED_AT_ONCE {
+            new.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
+            pending = 0;
         }
     }
     new.apply_batch(batch).map_err(&io)?;
     db.flush().map_err(&io)?;
-    Migrated {
-        trees: vec![(from, moved)],
+    if left == 0 {
+        db.drop_tree(from).map_err(&io)?;
+    } else {
+        let (mut batch, mut pending) = (sled::Batch::default(), 0);
+        for item in old.iter() {
+            let (old_key, bytes) = item.map_err(&io)?;
+            if moving(&old_key, &bytes)?.is_ok() {
+                batch.remove(old_key);
+                pending += 1;
+            }
+            if pending == MOVED_AT_ONCE {
+                old.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
+                pending = 0;
+            }
+        }
+        old.apply_batch(batch).map_err(&io)?;
+        tracing::warn!(
+            tree = from,
+            records = left,
+            "records that could not be migrated were left in their old tree"
+        );
     }
-    .remove_from(db)
+    db.flush().map_err(io)?;
+    Ok(())
 }
+
 const DAEMON_FORMAT_KEY: &[u8] = b"daemon_format";
 
 fn io(operation: &'static str) -> impl Fn(sled::Error) -> StoreError {

@@ -312,6 +312,12 @@ impl From<&SlotRecord> for StoredSlotRecord {
     }
 }
 
+impl From<SlotRecord> for StoredSlotRecord {
+    fn from(slot: SlotRecord) -> Self {
+        StoredSlotRecord::from(&slot)
+    }
+}
+
 impl From<&StoredSlotRecord> for SlotRecord {
     fn from(slot: &StoredSlotRecord) -> Self {
         SlotRecord {
