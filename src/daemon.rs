@@ -50,6 +50,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("cannot start the engine's thread: {0}")]
     EngineThread(std::io::Error),
+    #[error("cannot start the store's writer thread: {0}")]
+    WriterThread(std::io::Error),
     #[error(transparent)]
     WebhookClient(#[from] crate::act::delivery::ClientError),
     #[error(transparent)]
@@ -266,7 +268,12 @@ impl Daemon {
         tracing::info!(models = %names.join(", "), "analysis models loaded");
         let stats = Arc::new(Stats::new());
         let store = Store::open(&config.data_dir, config.sled_cache_bytes, stats.store_counters())?;
-        let mut engine = Engine::new(config.engine.clone(), Box::new(store.slot_store()));
+        let (writer, writer_thread) =
+            crate::store::writer::StoreWriter::start(store.clone()).map_err(StartError::WriterThread)?;
+        let mut engine = Engine::new(
+            config.engine.clone(),
+            Box::new(writer.slot_store(store.slot_store())),
+        );
         engine.set_archive(Box::new(store.archive()));
         let state = store.load()?;
         tracing::info!(
@@ -319,6 +326,7 @@ impl Daemon {
         )?;
         let emitter = engine::Emitter {
             store: store.clone(),
+            writer,
             stats: stats.clone(),
             dispatcher: dispatcher.clone(),
             feed: feed.clone(),
@@ -348,6 +356,7 @@ impl Daemon {
         let (engine, engine_run) = engine::start(
             engine,
             emitter,
+            writer_thread,
             config.pipeline_queue,
             config.ingest_wait,
             engine_stop.clone(),

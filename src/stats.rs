@@ -234,7 +234,7 @@ impl Stats {
         ]);
         registry.register(
             "canaryd_store_flush_seconds",
-            "Time of each periodic flush of engine state (changes gathered, written and made durable), on the engine's thread, which takes no input meanwhile",
+            "Time the store's writer took to write each periodic flush of engine state and make it durable (on its own thread; the engine goes on meanwhile)",
             flush_seconds.clone(),
         );
         let baselines = Gauge::default();

@@ -25,10 +25,13 @@ use crate::events::feed::EventFeed;
 use crate::events::{Event, EventType, canary_event};
 use crate::stats::Stats;
 use crate::store::Store;
+use crate::store::writer::{Flushed, StoreWriter};
 
 /// Where the engine's results go, and how often its state is flushed.
 pub struct Emitter {
+    /// Read here (its size, the outbox's depth); written only through `writer`.
     pub store: Store,
+    pub writer: StoreWriter,
     pub stats: Arc<Stats>,
     /// Woken when events (and so deliveries) were stored.
     pub dispatcher: Arc<Dispatcher>,
@@ -44,7 +47,7 @@ pub struct Emitter {
 
 impl Emitter {
     /// Stores the events of decisions (naming each by what it is about) with their deliveries
-    /// and the engine's changed state, in one flush, then wakes delivery and publishes them to
+    /// and the changed state of the apps they are about, in one flush, then wakes delivery and publishes them to
     /// watchers. Returns the events emitted: none when they could not be stored (logged and
     /// counted; the decisions stay in the engine's state, which is written again with its next
     /// change), and not one whose id was stored already (the same decision, made again).
@@ -77,13 +80,19 @@ impl Emitter {
             event.identify();
         }
         self.sign_approvals(engine, &mut events);
-        let changes = engine.take_changes();
-        match self
-            .store
-            .write_with_events(&changes, &mut events, self.max_events)
-        {
-            Ok(()) => {
-                engine.changes_written();
+        // The state that made these decisions is their apps'; the others' changes wait for the
+        // next flush, so that an event's write does not grow with every series held.
+        let mut apps: Vec<(String, String)> = Vec::new();
+        for event in &events {
+            let app = (event.data.env.clone(), event.data.app.clone());
+            if !apps.contains(&app) {
+                apps.push(app);
+            }
+        }
+        let changes = engine.take_changes_of(&apps);
+        let count = events.len();
+        match self.writer.write_events(changes, events, self.max_events) {
+            Ok(mut events) => {
                 self.stats.flushes.inc();
                 for event in &events {
                     self.stats.event(event.event_type);
@@ -110,7 +119,7 @@ impl Emitter {
             Err(e) => {
                 self.stats.event_errors.inc();
                 self.stats.flush_errors.inc();
-                tracing::error!(error = %e, events = events.len(), "cannot store events");
+                tracing::error!(error = %e, events = count, "cannot store events");
                 Vec::new()
             }
         }
@@ -131,10 +140,10 @@ impl Emitter {
         }
     }
 
-    /// Writes what changed since the last flush, then makes it durable. A failed flush is logged and
-    /// counted; what it carried is written again when it next changes.
-    pub fn flush(&self, engine: &mut Engine) {
-        let started = std::time::Instant::now();
+    /// Hands what changed since the last flush to the store's writer, which writes it and makes
+    /// it durable while the engine goes on; `flushed` takes the answer. A failed flush is logged
+    /// and counted; what it carried is written again when it next changes.
+    pub fn flush(&self, engine: &mut Engine) -> tokio::sync::oneshot::Receiver<Flushed> {
         let stats = &self.stats;
         let paged = engine.page_out(self.max_baseline_memory_bytes);
         if paged.apps > 0 {
@@ -157,19 +166,24 @@ impl Emitter {
         stats
             .chain_verdicts_forgotten
             .inc_by(forgotten.saturating_sub(counted));
-        let written = self.store.write(&changes).and_then(|()| self.store.flush());
+        tracing::debug!(
+            apps = changes.apps.len(),
+            baselines = changes.baselines.len(),
+            "state handed to the store's writer"
+        );
+        self.writer.flush(changes)
+    }
+
+    /// What became of the flush `flush` handed over.
+    pub fn flushed(&self, engine: &mut Engine, flushed: Flushed) {
+        let stats = &self.stats;
         // Timed before it is counted, so that /metrics never shows a flush counted and not timed.
-        stats.flush_seconds(started.elapsed());
-        match written {
+        stats.flush_seconds(flushed.took);
+        match flushed.result {
             Ok(()) => {
                 // Apps paged out or archived leave memory only now that their state is on disk.
                 engine.changes_written();
                 stats.flushes.inc();
-                tracing::debug!(
-                    apps = changes.apps.len(),
-                    baselines = changes.baselines.len(),
-                    "state flushed"
-                );
             }
             Err(e) => {
                 stats.flush_errors.inc();
@@ -178,6 +192,15 @@ impl Emitter {
         }
         stats.store_disk_bytes.set(self.store.size_on_disk() as i64);
         stats.outbox_depth.set(self.store.outbox_depth() as i64);
+    }
+
+    /// `flush`, waiting for the writer: for the last flush, and for tests.
+    pub async fn flush_and_wait(&self, engine: &mut Engine) {
+        let flushed = self.flush(engine).await.unwrap_or(Flushed {
+            result: Err(crate::store::writer::WriteError::WriterGone),
+            took: std::time::Duration::ZERO,
+        });
+        self.flushed(engine, flushed);
     }
 }
 

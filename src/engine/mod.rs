@@ -3,10 +3,11 @@
 //!
 //! Receivers send observation batches; the API sends rollout declarations and ends, and the reads
 //! its answers need, and awaits the reply. Nothing else holds the engine, so there is no lock to
-//! contend for and no second path that changes it. The thread also owns the store writes the
-//! engine's changes need (sled and its fsyncs run here, never on the async runtime's workers),
-//! and every decision goes out through the one emitter (`emit`), which stores events with their
-//! outbox entries and the engine state that made them, then wakes delivery and the watchers.
+//! contend for and no second path that changes it. The thread hands what the engine's changes
+//! need written to the store's writer (`store::writer`, its own thread: sled and its fsyncs run
+//! there, never here or on the async runtime's workers), and every decision goes out through the
+//! one emitter (`emit`), which has events stored with their outbox entries and the state of the
+//! apps they are about, waits until they are durable, then wakes delivery and the watchers.
 //!
 //! The channel is bounded: when it is full, a receiver waits up to `ingest_wait` for room and then
 //! answers "unavailable" (gRPC UNAVAILABLE, HTTP 503), which OTLP clients retry, so a burst slows
@@ -26,6 +27,7 @@ pub use emit::{Emitter, recall_verdict};
 use crate::events::approval::{Action, Claim};
 use crate::events::{Event, canary_event, report_events};
 use crate::stats::Stats;
+use crate::store::writer::{Flushed, WriteError, WriterThread};
 
 /// What the engine is asked to do: the only ways its state changes or is read.
 pub enum Input {
@@ -242,8 +244,9 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine's thread, which applies inputs and flushes the engine's changes to the store
-/// every `flush_interval`. Returns the handle and a future that completes when the thread ends
+/// Starts the engine's thread, which applies inputs and hands the engine's changes to the store's
+/// writer every `flush_interval` (one flush at a time: a tick while one is being written waits
+/// for it). Returns the handle and a future that completes when the thread ends
 /// (with its error, or the panic it died of), for the daemon to supervise as a stage.
 ///
 /// The thread ends once its channel is closed and drained, after a last flush. The channel closes
@@ -254,6 +257,7 @@ impl EngineHandle {
 pub fn start(
     engine: Engine,
     emitter: Emitter,
+    writer: WriterThread,
     capacity: usize,
     wait: Duration,
     stop: CancellationToken,
@@ -271,6 +275,9 @@ pub fn start(
                 .build()
                 .map_err(|e| format!("cannot start the engine's runtime: {e}"))
                 .map(|runtime| runtime.block_on(run(engine, emitter, rx, stop)));
+            // The engine and the emitter held the writer's last handles: it ends once it has
+            // written what they sent.
+            writer.join();
             // A panic drops `done` unsent, which the supervisor reports as one.
             let _ = done.send(result);
         })?;
@@ -289,6 +296,9 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
     flush_timer.tick().await;
     let mut closed = false;
     let mut late = LateLog::default();
+    // The flush the store's writer is writing: one at a time, so that each carries everything
+    // changed since the one before and the engine learns in order which were written.
+    let mut writing: Option<oneshot::Receiver<Flushed>> = None;
     loop {
         tokio::select! {
             () = stop.cancelled(), if !closed => {
@@ -303,12 +313,32 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
                 }
                 None => break,
             },
-            _ = flush_timer.tick() => emitter.flush(&mut engine),
+            _ = flush_timer.tick(), if writing.is_none() => writing = Some(emitter.flush(&mut engine)),
+            flushed = async {
+                match writing.as_mut() {
+                    Some(answer) => answer.await,
+                    None => std::future::pending().await,
+                }
+            }, if writing.is_some() => {
+                writing = None;
+                emitter.flushed(&mut engine, flushed.unwrap_or_else(|_| writer_gone()));
+            }
         }
     }
     stats.queue_depth.set(0);
     tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
-    emitter.flush(&mut engine);
+    if let Some(writing) = writing {
+        emitter.flushed(&mut engine, writing.await.unwrap_or_else(|_| writer_gone()));
+    }
+    emitter.flush_and_wait(&mut engine).await;
+}
+
+/// What a flush whose answer never came is taken for.
+fn writer_gone() -> Flushed {
+    Flushed {
+        result: Err(WriteError::WriterGone),
+        took: Duration::ZERO,
+    }
 }
 
 /// How often late observations are logged; they are counted on `/metrics` every time.
@@ -443,6 +473,7 @@ mod tests {
     use crate::events::EventType;
     use crate::events::feed::EventFeed;
     use crate::normalize::{self, NormalizeOptions};
+    use crate::store::writer::StoreWriter;
     use crate::store::{Store, StoreCounters};
     use crate::testdata::{self, EPOCH_NS};
     use canaryd_engine::EngineConfig;
@@ -473,8 +504,10 @@ mod tests {
 
     fn emitter(store: &Store) -> Emitter {
         let stats = Arc::new(Stats::new());
+        let (writer, _thread) = StoreWriter::start(store.clone()).expect("the writer starts");
         Emitter {
             store: store.clone(),
+            writer,
             dispatcher: Dispatcher::new(
                 store.clone(),
                 stats.clone(),
@@ -508,8 +541,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn over_the_memory_budget_the_app_seen_least_recently_moves_to_the_store_and_comes_back_whole() {
+    #[tokio::test]
+    async fn over_the_memory_budget_the_app_seen_least_recently_moves_to_the_store_and_comes_back_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
         let mut emitter = emitter(&store);
@@ -532,7 +565,7 @@ mod tests {
 
         // A budget the two apps' baselines do not fit: the one seen least recently goes.
         emitter.max_baseline_memory_bytes = held - 1;
-        emitter.flush(&mut engine);
+        emitter.flush_and_wait(&mut engine).await;
         assert_eq!(emitter.stats.apps_paged_out.get(), 1);
         assert!(engine.catalog().app("prod", "quiet").is_none());
         assert!(engine.catalog().app("prod", "busy").is_some());
@@ -587,6 +620,60 @@ mod tests {
         );
     }
 
+    /// The store's writer writes a flush while the engine goes on: an app archived after the
+    /// flush's changes were taken is not in them, so that flush's write does not let it go; the
+    /// next flush carries it, and it leaves memory once that one is written.
+    #[test]
+    fn an_app_archived_while_a_flush_is_written_is_carried_by_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut engine = engine_on(&store);
+        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
+        ingest_all(&mut engine, quiet);
+        let (busy, _) = traffic_of("busy", EPOCH_NS + 600 * 1_000_000_000, 4);
+        ingest_all(&mut engine, busy);
+        let (_, held) = engine.baseline_memory();
+        let carries_quiet =
+            |state: &canaryd_engine::EngineState| state.baselines.iter().any(|(id, _)| id.app == "quiet");
+        let being_written = engine.take_changes();
+        assert!(
+            carries_quiet(&being_written),
+            "quiet's baselines changed before it"
+        );
+        assert_eq!(engine.page_out(held - 1).apps, 1, "quiet archived meanwhile");
+        engine.changes_written();
+        let next = engine.take_changes();
+        assert!(carries_quiet(&next), "the next flush carries it");
+        engine.changes_written();
+        assert!(!carries_quiet(&engine.take_changes()), "written once is enough");
+    }
+
+    /// An event's write takes its apps' changes alone; the others' wait for the next flush, and
+    /// none is lost or taken twice.
+    #[test]
+    fn an_events_write_takes_the_changes_of_its_apps_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let mut engine = engine_on(&store);
+        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
+        ingest_all(&mut engine, quiet);
+        let (busy, _) = traffic_of("busy", EPOCH_NS, 4);
+        ingest_all(&mut engine, busy);
+        let of_busy = engine.take_changes_of(&[("prod".into(), "busy".into())]);
+        assert!(!of_busy.baselines.is_empty());
+        assert!(of_busy.baselines.iter().all(|(id, _)| id.app == "busy"));
+        assert!(of_busy.clocks.iter().all(|(_, app, _)| app == "busy"));
+        assert!(of_busy.apps.iter().all(|(_, app, _)| app == "busy"));
+        assert_eq!(of_busy.clocks.len(), 1);
+        let rest = engine.take_changes();
+        assert!(rest.baselines.iter().any(|(id, _)| id.app == "quiet"));
+        assert!(
+            rest.baselines.iter().all(|(id, _)| id.app == "quiet"),
+            "busy's changes were taken with its event"
+        );
+        assert!(rest.apps.iter().all(|(_, app, _)| app == "quiet"));
+    }
+
     #[tokio::test]
     async fn a_crash_right_after_an_event_restarts_with_the_anomaly_that_made_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -600,7 +687,7 @@ mod tests {
         for (i, batch) in steady.into_iter().chain(fault).enumerate() {
             // The flush interval: every few batches.
             if i % 4 == 3 {
-                emitter.flush(&mut engine);
+                emitter.flush_and_wait(&mut engine).await;
             }
             let (reply, answer) = oneshot::channel();
             let input = Input::Observations {

@@ -9,6 +9,7 @@ use canaryd_store::{ConvertError, DaemonRecords, DeliveryRecord, EventRecord, Su
 use crate::events::{Event, event_id};
 
 pub mod records;
+pub mod writer;
 
 pub use records::{Delivery, DeliveryState, Kind, Subscription};
 

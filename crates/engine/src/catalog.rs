@@ -329,6 +329,15 @@ impl Catalog {
             .collect()
     }
 
+    /// The app's entry if it changed since the last `take_changed`, taken as that would take it.
+    pub fn take_changed_of(&mut self, key: &(Arc<str>, Arc<str>)) -> Option<(String, String, AppEntry)> {
+        if !self.changed.remove(key) {
+            return None;
+        }
+        let entry = self.apps.get(key)?.clone();
+        Some((key.0.to_string(), key.1.to_string(), entry))
+    }
+
     /// Puts back a persisted or archived app.
     pub fn restore(&mut self, env: &str, app: &str, entry: AppEntry) {
         let key = (Arc::from(env), Arc::from(app));

@@ -57,6 +57,7 @@ mod migrate;
 pub mod records;
 pub mod v1;
 
+use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -217,6 +218,92 @@ impl DaemonRecords for AsStored {
     fn delivery(record: DeliveryRecord) -> Result<DeliveryRecord, ConvertError> {
         Ok(record)
     }
+}
+
+/// The keys a write put or removed, for an earlier write that goes on after it
+/// (`Store::write_superseded`): at these keys it holds older state than the store now has.
+#[derive(Debug, Default)]
+pub struct Superseded {
+    clocks: HashSet<Vec<u8>>,
+    apps: HashSet<Vec<u8>>,
+    baselines: HashSet<Vec<u8>>,
+    analyses: HashSet<Vec<u8>>,
+    /// Key prefixes of the baselines of versions forgotten.
+    forgotten: Vec<Vec<u8>>,
+}
+
+impl Superseded {
+    /// Adds what writing `state` put or removed.
+    pub fn add(&mut self, state: &EngineState) {
+        for (env, app, version) in &state.forgotten_versions {
+            self.forgotten
+                .push(keys::scope(env, app, &Scope::Version(version.clone())));
+        }
+        self.clocks
+            .extend(state.clocks.iter().map(|(env, app, _)| keys::app(env, app)));
+        self.apps
+            .extend(state.apps.iter().map(|(env, app, _)| keys::app(env, app)));
+        self.baselines
+            .extend(state.baselines.iter().map(|(id, _)| keys::baseline(id)));
+        self.analyses
+            .extend(state.judge.ended.iter().map(|(env, app)| keys::app(env, app)));
+        self.analyses
+            .extend(state.judge.analyses.iter().map(|a| keys::app(&a.env, &a.app)));
+    }
+
+    /// Adds what another write put or removed.
+    pub fn merge(&mut self, other: Superseded) {
+        self.clocks.extend(other.clocks);
+        self.apps.extend(other.apps);
+        self.baselines.extend(other.baselines);
+        self.analyses.extend(other.analyses);
+        self.forgotten.extend(other.forgotten);
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.clocks.is_empty()
+            && self.apps.is_empty()
+            && self.baselines.is_empty()
+            && self.analyses.is_empty()
+            && self.forgotten.is_empty()
+    }
+
+    fn supersedes_baseline(&self, key: &[u8]) -> bool {
+        self.baselines.contains(key) || self.forgotten.iter().any(|prefix| key.starts_with(prefix))
+    }
+}
+
+/// `state` in parts of at most `baselines` baselines each, which written in order write what
+/// `state` does: the versions forgotten, clocks and catalog entries first, then the baselines,
+/// then the analyses, as `Store::write` orders them. A writer that takes other writes between
+/// the parts (`Store::write_superseded`) holds none of them back for longer than a part.
+pub fn in_parts(state: EngineState, baselines: usize) -> Vec<EngineState> {
+    let EngineState {
+        clocks,
+        apps,
+        baselines: all,
+        forgotten_versions,
+        judge,
+    } = state;
+    let mut parts = vec![EngineState {
+        clocks,
+        apps,
+        forgotten_versions,
+        ..EngineState::default()
+    }];
+    let mut all = all.into_iter().peekable();
+    while all.peek().is_some() {
+        parts.push(EngineState {
+            baselines: all.by_ref().take(baselines.max(1)).collect(),
+            ..EngineState::default()
+        });
+    }
+    parts.push(EngineState {
+        judge,
+        ..EngineState::default()
+    });
+    parts
 }
 
 /// Counters of what the store did; the daemon registers them on `/metrics`.
@@ -555,6 +642,14 @@ impl<R: DaemonRecords> Store<R> {
     /// version forgotten and seen again since the last write has new baselines in `state`, which
     /// must outlive the deletion of the old ones.
     pub fn write(&self, state: &EngineState) -> Result<(), StoreError> {
+        self.write_superseded(state, &Superseded::default())
+    }
+
+    /// `write`, leaving out what `newer` says a later write already put: a record at a key it
+    /// wrote or removed, a baseline of a version it forgot. This lets a write taken from the
+    /// engine earlier (a periodic flush, written in parts) go on after a later one (an event's)
+    /// without putting older state back over it.
+    pub fn write_superseded(&self, state: &EngineState, newer: &Superseded) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             operation: "write",
             source,
@@ -564,29 +659,44 @@ impl<R: DaemonRecords> Store<R> {
         }
         let mut batch = sled::Batch::default();
         for (env, app, clock) in &state.clocks {
-            batch.insert(keys::app(env, app), encode(&ClockRecord::from(clock)));
+            let key = keys::app(env, app);
+            if !newer.clocks.contains(&key) {
+                batch.insert(key, encode(&ClockRecord::from(clock)));
+            }
         }
         self.clocks.apply_batch(batch).map_err(io)?;
         let mut batch = sled::Batch::default();
         for (env, app, entry) in &state.apps {
-            batch.insert(keys::app(env, app), encode(&AppRecord::try_from(entry)?));
+            let key = keys::app(env, app);
+            if !newer.apps.contains(&key) {
+                batch.insert(key, encode(&AppRecord::try_from(entry)?));
+            }
         }
         self.apps.apply_batch(batch).map_err(io)?;
         let mut batch = sled::Batch::default();
         for (id, baseline) in &state.baselines {
-            batch.insert(keys::baseline(id), encode(&BaselineRecord::try_from(baseline)?));
+            let key = keys::baseline(id);
+            if !newer.supersedes_baseline(&key) {
+                batch.insert(key, encode(&BaselineRecord::try_from(baseline)?));
+            }
         }
         self.baselines.apply_batch(batch).map_err(io)?;
         // Ended first: an analysis ended and started again since the last write is written anew.
         let mut batch = sled::Batch::default();
         let mut evidence = sled::Batch::default();
         for (env, app) in &state.judge.ended {
-            batch.remove(keys::app(env, app));
-            evidence.remove(keys::app(env, app));
+            let key = keys::app(env, app);
+            if !newer.analyses.contains(&key) {
+                batch.remove(key.clone());
+                evidence.remove(key);
+            }
         }
         for analysis in &state.judge.analyses {
-            let record = AnalysisRecord::try_from(analysis)?;
             let key = keys::app(&analysis.env, &analysis.app);
+            if newer.analyses.contains(&key) {
+                continue;
+            }
+            let record = AnalysisRecord::try_from(analysis)?;
             evidence.insert(key.clone(), encode(&SequentialRecord::of(analysis)));
             batch.insert(key, encode(&record));
         }

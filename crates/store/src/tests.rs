@@ -1705,3 +1705,114 @@ fn forgetting_a_version_deletes_its_slots_of_every_hour() {
     }
     assert_eq!(store.slots.len(), slots.len() - 4);
 }
+
+/// A baseline of `app`'s version `version`, feature `n`, whose level is `level`.
+fn leveled(app: &str, version: &str, n: usize, level: f64) -> (BaselineId, Baseline) {
+    let id = BaselineId {
+        env: "prod".into(),
+        app: app.into(),
+        scope: Scope::Version(version.into()),
+        key: FeatureKey::of(Feature::OperationShare, &format!("GET /{n}")),
+    };
+    let mut baseline = Baseline::default();
+    baseline.ewma.mean = level;
+    (id, baseline)
+}
+
+/// A flush taken from the engine before an event's write, and written in parts after it, puts
+/// back none of the older state the event's write replaced (a baseline or clock it wrote, a
+/// baseline of a version it forgot), and writes what the flush alone carried.
+#[test]
+fn a_flush_written_in_parts_after_a_newer_write_leaves_what_that_wrote() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let later_clock = AppClock {
+        max_time: 99,
+        closed_until: 90,
+        lead: 99,
+    };
+    // The flush, taken first: two apps' baselines at level 1, clocks, entries.
+    let mut flush = EngineState {
+        clocks: vec![
+            ("prod".into(), "shop".into(), clock()),
+            ("prod".into(), "cart".into(), clock()),
+        ],
+        apps: vec![("prod".into(), "shop".into(), AppEntry::default())],
+        ..EngineState::default()
+    };
+    for n in 0..25 {
+        flush.baselines.push(leveled("cart", "1", n, 1.0));
+        flush.baselines.push(leveled("shop", "1", n, 1.0));
+        flush.baselines.push(leveled("shop", "2", n, 1.0));
+    }
+    // The event's write, taken later, about shop alone: version 2 forgotten, version 1's first
+    // ten baselines newer, a later clock.
+    let mut newer_state = EngineState {
+        clocks: vec![("prod".into(), "shop".into(), later_clock)],
+        apps: vec![("prod".into(), "shop".into(), AppEntry::default())],
+        forgotten_versions: vec![("prod".into(), "shop".into(), "2".into())],
+        ..EngineState::default()
+    };
+    for n in 0..10 {
+        newer_state.baselines.push(leveled("shop", "1", n, 2.0));
+    }
+    let parts = in_parts(flush.clone(), 7);
+    assert_eq!(
+        parts.len(),
+        2 + 75usize.div_ceil(7),
+        "the head, the baselines by 7, the analyses"
+    );
+    let mut newer = Superseded::default();
+    assert!(newer.is_empty());
+    // The flush's head and first part are written, then the event's write, then the rest.
+    store.write_superseded(&parts[0], &newer).expect("write");
+    store.write_superseded(&parts[1], &newer).expect("write");
+    store.write(&newer_state).expect("write");
+    newer.add(&newer_state);
+    assert!(!newer.is_empty());
+    for part in &parts[2..] {
+        store.write_superseded(part, &newer).expect("write");
+    }
+
+    let loaded = store.load().expect("load");
+    let level_of = |app: &str, version: &str, n: usize| {
+        let (id, _) = leveled(app, version, n, 0.0);
+        loaded
+            .baselines
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, b)| b.ewma.mean)
+    };
+    for n in 0..25 {
+        assert_eq!(level_of("cart", "1", n), Some(1.0), "the flush's own, written");
+        let expected = if n < 10 { 2.0 } else { 1.0 };
+        assert_eq!(level_of("shop", "1", n), Some(expected), "baseline {n}");
+        assert_eq!(
+            level_of("shop", "2", n),
+            None,
+            "a forgotten version stays forgotten"
+        );
+    }
+    let clock_of = |app: &str| {
+        loaded
+            .clocks
+            .iter()
+            .find(|(_, a, _)| a == app)
+            .map(|(_, _, c)| *c)
+    };
+    assert_eq!(clock_of("shop"), Some(later_clock));
+    assert_eq!(clock_of("cart"), Some(clock()));
+
+    // Nothing newer: in parts, a state writes what it writes whole.
+    let whole_dir = tempfile::tempdir().expect("tempdir");
+    let whole = open(whole_dir.path());
+    whole.write(&flush).expect("write");
+    let parted_dir = tempfile::tempdir().expect("tempdir");
+    let parted = open(parted_dir.path());
+    for part in in_parts(flush, 4) {
+        parted
+            .write_superseded(&part, &Superseded::default())
+            .expect("write");
+    }
+    assert_eq!(parted.load().expect("load"), whole.load().expect("load"));
+}

@@ -164,6 +164,25 @@ impl Judge {
         }
     }
 
+    /// The changes of the analysis of `key` alone (started, looked at or ended since the last
+    /// call), taken as `take_changes` would take them; the others' stay for it.
+    pub fn take_changes_of(&mut self, key: &(Arc<str>, Arc<str>)) -> JudgeChanges {
+        let analyses = match self.changed.remove(key) {
+            true => self
+                .analyses
+                .get(key)
+                .map(|analysis| analysis.snapshot(self.retired.get(key)))
+                .into_iter()
+                .collect(),
+            false => Vec::new(),
+        };
+        let (ended, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ended)
+            .into_iter()
+            .partition(|(env, app)| **env == *key.0 && **app == *key.1);
+        self.ended = others;
+        JudgeChanges { analyses, ended }
+    }
+
     /// Takes an app's analysis out of memory, to be archived with the app: its record stays.
     pub(crate) fn take_out(&mut self, key: &(Arc<str>, Arc<str>)) -> Option<AnalysisSnapshot> {
         self.changed.remove(key);

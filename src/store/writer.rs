@@ -1,0 +1,621 @@
+//! The store's writer: one thread that writes the engine's state, its events and the seasonal
+//! slots it leaves to sled, so that the engine's thread hands its changes over and goes on.
+//!
+//! sled takes about 15 µs to put a record into a tree of 100k series, sorted or not
+//! (`cargo bench -p canaryd-store --bench flush`, `--bench slots`): a flush of every series'
+//! baseline took 1.5 s at 100k series, and an hour's turn of their slots about 2.5 s, all of it
+//! time in which the engine's thread took no input and decided nothing. The writer takes:
+//! - periodic flushes and the seasonal slots left as event time left their hour
+//!   (`WriteBehindSlots`), in the order they were sent, through a bounded queue;
+//! - an event's write (its apps' state and the events, made durable before the answer), which
+//!   the engine's thread waits for, ahead of them all: before the next queued job, or between
+//!   two parts of a flush being written (`PART_BASELINES` baselines each).
+//!
+//! Each write is stamped in the order the engine took it. A flush leaves out what an event's
+//! write taken after it put or removed (`Superseded`), whichever reached sled first.
+//! Invariants: no key in sled holds older state than the engine last handed over for it; an
+//! event is answered only once it and its apps' state are durable; a slot is read only once
+//! every save of its hour sent before the read is written.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use canaryd_engine::EngineState;
+use canaryd_engine::baseline::{SLOTS_PER_WEEK, SlotStore, SlotSummary};
+use canaryd_store::{Superseded, in_parts};
+use tokio::sync::oneshot;
+
+use super::{SledSlots, Store, StoreError};
+use crate::events::Event;
+
+/// Baselines a flush writes between two looks for an event's write: about 15 ms of sled.
+pub const PART_BASELINES: usize = 1_000;
+
+/// Jobs sent and not yet taken before a sender waits: bounds what the writer holds (an hour's
+/// turn sends a job a scope) and how far behind the engine it may be.
+const QUEUE: usize = 256;
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store's writer thread has stopped")]
+    WriterGone,
+}
+
+/// A periodic flush, done: how long the writer took and how it went.
+#[derive(Debug)]
+pub struct Flushed {
+    pub result: Result<(), WriteError>,
+    pub took: Duration,
+}
+
+/// What goes through the queue.
+enum Job {
+    Flush {
+        stamp: u64,
+        state: EngineState,
+        done: oneshot::Sender<Flushed>,
+    },
+    Slots(Vec<(String, u16, SlotSummary)>),
+    /// An event's write is waiting (`Shared::events`).
+    Wake,
+}
+
+/// An event's write.
+struct EventsJob {
+    stamp: u64,
+    state: EngineState,
+    events: Vec<Event>,
+    max_events: usize,
+    done: SyncSender<(Vec<Event>, Result<(), StoreError>)>,
+}
+
+/// What the handles and the writer share.
+struct Shared {
+    /// The event's write waiting: one at most, since its sender waits for the answer.
+    events: Mutex<Option<EventsJob>>,
+    /// Stamps writes in the order the engine took them.
+    stamps: AtomicU64,
+    /// False once the writer has stopped.
+    alive: AtomicBool,
+    pending_slots: PendingSlots,
+}
+
+/// The hours of the week with slot saves sent and not yet written, so that a read of one waits
+/// for them (it never does at an hour's turn, which saves the hour left and reads the next).
+#[derive(Default)]
+struct PendingSlots {
+    /// Saves pending, by hour of the week.
+    hours: Mutex<Vec<u32>>,
+    written: Condvar,
+}
+
+impl PendingSlots {
+    fn hours_of(slots: &[(String, u16, SlotSummary)]) -> Vec<u16> {
+        slots.iter().map(|(_, hour, _)| *hour).collect()
+    }
+
+    fn sent(&self, hours: &[u16]) {
+        let Ok(mut pending) = self.hours.lock() else {
+            return;
+        };
+        if pending.is_empty() {
+            pending.resize(usize::from(SLOTS_PER_WEEK), 0);
+        }
+        for hour in hours {
+            if let Some(count) = pending.get_mut(usize::from(*hour)) {
+                *count += 1;
+            }
+        }
+    }
+
+    fn written(&self, hours: &[u16]) {
+        let Ok(mut pending) = self.hours.lock() else {
+            return;
+        };
+        for hour in hours {
+            if let Some(count) = pending.get_mut(usize::from(*hour)) {
+                *count = count.saturating_sub(1);
+            }
+        }
+        self.written.notify_all();
+    }
+
+    fn wait_for(&self, hour: u16) {
+        let Ok(mut pending) = self.hours.lock() else {
+            return;
+        };
+        while pending.get(usize::from(hour)).is_some_and(|count| *count > 0) {
+            match self.written.wait(pending) {
+                Ok(guard) => pending = guard,
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// A handle on the writer thread; clones send to the same thread, which ends once every handle
+/// is dropped and what was sent is written.
+#[derive(Clone)]
+pub struct StoreWriter {
+    jobs: SyncSender<Job>,
+    shared: Arc<Shared>,
+}
+
+/// The writer thread, to be joined once every handle is dropped.
+pub struct WriterThread(std::thread::JoinHandle<()>);
+
+impl WriterThread {
+    /// Waits until the writer has written every job sent and ended.
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("the store's writer thread panicked");
+        }
+    }
+}
+
+impl StoreWriter {
+    /// Starts the writer thread on `store`.
+    pub fn start(store: Store) -> std::io::Result<(StoreWriter, WriterThread)> {
+        let (jobs, queue) = sync_channel(QUEUE);
+        let shared = Arc::new(Shared {
+            events: Mutex::new(None),
+            stamps: AtomicU64::new(0),
+            alive: AtomicBool::new(true),
+            pending_slots: PendingSlots::default(),
+        });
+        let writer = Writer {
+            slots: store.slot_store(),
+            store,
+            shared: shared.clone(),
+            written_since: VecDeque::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("canaryd-store".into())
+            .spawn(move || writer.run(queue))?;
+        Ok((StoreWriter { jobs, shared }, WriterThread(thread)))
+    }
+
+    fn stamp(&self) -> u64 {
+        self.shared.stamps.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Hands a flush of `state` to the writer; the answer comes when it is durable.
+    pub fn flush(&self, state: EngineState) -> oneshot::Receiver<Flushed> {
+        let (done, flushed) = oneshot::channel();
+        let stamp = self.stamp();
+        if let Err(std::sync::mpsc::SendError(Job::Flush { done, .. })) =
+            self.jobs.send(Job::Flush { stamp, state, done })
+        {
+            let _ = done.send(Flushed {
+                result: Err(WriteError::WriterGone),
+                took: Duration::ZERO,
+            });
+        }
+        flushed
+    }
+
+    /// Writes `state` and stores `events` as `Store::write_with_events` does, ahead of what is
+    /// queued, and waits until both are durable. Returns the events stored (each given its
+    /// sequence number; one whose id was kept already left out).
+    pub fn write_events(
+        &self,
+        state: EngineState,
+        events: Vec<Event>,
+        max_events: usize,
+    ) -> Result<Vec<Event>, WriteError> {
+        let (done, answer) = sync_channel(1);
+        let job = EventsJob {
+            stamp: self.stamp(),
+            state,
+            events,
+            max_events,
+            done,
+        };
+        match self.shared.events.lock() {
+            Ok(mut waiting) => *waiting = Some(job),
+            Err(_) => return Err(WriteError::WriterGone),
+        }
+        // A full queue needs no wake: the writer looks for an event's write before each job.
+        if let Err(TrySendError::Disconnected(_)) = self.jobs.try_send(Job::Wake) {
+            self.take_back();
+            return Err(WriteError::WriterGone);
+        }
+        loop {
+            match answer.recv_timeout(Duration::from_millis(100)) {
+                Ok((events, result)) => {
+                    result?;
+                    return Ok(events);
+                }
+                Err(RecvTimeoutError::Timeout) if self.shared.alive.load(Ordering::Acquire) => {}
+                Err(_) => {
+                    self.take_back();
+                    return Err(WriteError::WriterGone);
+                }
+            }
+        }
+    }
+
+    /// Takes back an event's write no writer will take.
+    fn take_back(&self) {
+        if let Ok(mut waiting) = self.shared.events.lock() {
+            waiting.take();
+        }
+    }
+
+    /// A `SlotStore` that reads from `slots` and hands its saves to this writer.
+    pub fn slot_store(&self, slots: SledSlots) -> WriteBehindSlots {
+        WriteBehindSlots {
+            slots,
+            writer: self.clone(),
+        }
+    }
+}
+
+struct Writer {
+    store: Store,
+    slots: SledSlots,
+    shared: Arc<Shared>,
+    /// The stamps of events' writes since the last flush began, and what each wrote: a flush
+    /// taken before one of them but begun after it leaves that out too.
+    written_since: VecDeque<(u64, Superseded)>,
+}
+
+impl Drop for Writer {
+    /// A writer that stops, even by a panic, leaves no sender of an event's write waiting.
+    fn drop(&mut self) {
+        self.shared.alive.store(false, Ordering::Release);
+        if let Ok(mut waiting) = self.shared.events.lock() {
+            waiting.take();
+        }
+    }
+}
+
+impl Writer {
+    fn run(mut self, queue: Receiver<Job>) {
+        loop {
+            self.write_waiting_events(None);
+            match queue.recv() {
+                Ok(job) => self.take(job),
+                Err(_) => break,
+            }
+        }
+        self.write_waiting_events(None);
+    }
+
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Flush { stamp, state, done } => {
+                let started = Instant::now();
+                let result = self.write_flush(stamp, state);
+                let _ = done.send(Flushed {
+                    result,
+                    took: started.elapsed(),
+                });
+            }
+            Job::Slots(slots) => {
+                let hours = PendingSlots::hours_of(&slots);
+                self.slots.save_all(slots);
+                self.shared.pending_slots.written(&hours);
+            }
+            Job::Wake => {}
+        }
+    }
+
+    /// Writes a flush in parts, with the events' writes that arrive meanwhile between them; the
+    /// parts leave out what the events' writes taken after the flush put.
+    fn write_flush(&mut self, stamp: u64, state: EngineState) -> Result<(), WriteError> {
+        let mut newer = Superseded::default();
+        for (written_at, wrote) in self.written_since.drain(..) {
+            if written_at > stamp {
+                newer.merge(wrote);
+            }
+        }
+        for part in in_parts(state, PART_BASELINES) {
+            self.write_waiting_events(Some(&mut newer));
+            self.store.write_superseded(&part, &newer)?;
+        }
+        Ok(self.store.flush()?)
+    }
+
+    /// Writes the event's write waiting, if one is. What it wrote goes to `newer` while a flush
+    /// is being written (every such write was taken after that flush), else it is kept for the
+    /// next flush to look at.
+    fn write_waiting_events(&mut self, newer: Option<&mut Superseded>) {
+        let job = match self.shared.events.lock() {
+            Ok(mut waiting) => waiting.take(),
+            Err(_) => None,
+        };
+        let Some(EventsJob {
+            stamp,
+            state,
+            mut events,
+            max_events,
+            done,
+        }) = job
+        else {
+            return;
+        };
+        let result = self.store.write_with_events(&state, &mut events, max_events);
+        let written = result.is_ok();
+        let _ = done.send((events, result));
+        if !written {
+            return;
+        }
+        match newer {
+            Some(newer) => newer.add(&state),
+            None => {
+                let mut wrote = Superseded::default();
+                wrote.add(&state);
+                self.written_since.push_back((stamp, wrote));
+            }
+        }
+    }
+}
+
+/// The seasonal slots of the daemon's engine: read from sled on the engine's thread, saved by
+/// the writer. A read of an hour waits for the saves of that hour sent before it.
+pub struct WriteBehindSlots {
+    slots: SledSlots,
+    writer: StoreWriter,
+}
+
+impl WriteBehindSlots {
+    fn hand_over(&mut self, slots: Vec<(String, u16, SlotSummary)>) {
+        if slots.is_empty() {
+            return;
+        }
+        let pending = &self.writer.shared.pending_slots;
+        let hours = PendingSlots::hours_of(&slots);
+        pending.sent(&hours);
+        if let Err(std::sync::mpsc::SendError(Job::Slots(slots))) = self.writer.jobs.send(Job::Slots(slots)) {
+            // No writer: saved here, as a store without one would.
+            self.slots.save_all(slots);
+            pending.written(&hours);
+        }
+    }
+}
+
+impl SlotStore for WriteBehindSlots {
+    fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
+        self.writer.shared.pending_slots.wait_for(slot);
+        self.slots.load(series, slot)
+    }
+
+    fn save(&mut self, series: &str, slot: u16, summary: &SlotSummary) {
+        self.hand_over(vec![(series.to_owned(), slot, summary.clone())]);
+    }
+
+    fn load_scope(&mut self, prefix: &str, slot: u16) -> Option<Vec<(String, SlotSummary)>> {
+        self.writer.shared.pending_slots.wait_for(slot);
+        self.slots.load_scope(prefix, slot)
+    }
+
+    fn save_all(&mut self, slots: Vec<(String, u16, SlotSummary)>) {
+        self.hand_over(slots);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventData, EventType};
+    use canaryd_engine::baseline::Baseline;
+    use canaryd_engine::features::{Feature, FeatureKey};
+    use canaryd_engine::sketch::Sketch;
+    use canaryd_engine::{BaselineId, Scope};
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(dir, 8 << 20, super::super::StoreCounters::default()).expect("open")
+    }
+
+    fn baseline(app: &str, n: usize, level: f64) -> (BaselineId, Baseline) {
+        let id = BaselineId {
+            env: "prod".into(),
+            app: app.into(),
+            scope: Scope::App,
+            key: FeatureKey::of(Feature::OperationShare, &format!("GET /{n}")),
+        };
+        let mut baseline = Baseline::default();
+        baseline.ewma.mean = level;
+        (id, baseline)
+    }
+
+    fn anomaly_of(app: &str) -> Event {
+        Event::new(
+            EventType::AnomalyDetected,
+            EventData {
+                env: "prod".into(),
+                app: app.into(),
+                stable_version: None,
+                canary_version: None,
+                version: None,
+                stage: None,
+                state: "anomalous".into(),
+                score: None,
+                detected_at: "2026-01-05T00:00:00Z".into(),
+                reasons: Vec::new(),
+                action: None,
+                dry_run: false,
+                approval: None,
+                next_env: None,
+                traffic: None,
+                cause: None,
+                levers: None,
+            },
+        )
+    }
+
+    /// An event's write does not wait for a flush being written: it is answered, durable, while
+    /// the flush is still under way, and the flush's older state of the same series, written
+    /// after it, does not replace its newer one.
+    #[tokio::test]
+    async fn an_events_write_goes_ahead_of_a_flush_and_its_state_stands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
+        // Thirty parts of other apps' baselines, then shop's at level 1.
+        let mut flush = EngineState {
+            baselines: (0..30 * PART_BASELINES)
+                .map(|n| baseline(&format!("bulk-{}", n % 50), n, 5.0))
+                .collect(),
+            ..EngineState::default()
+        };
+        flush.baselines.extend((0..10).map(|n| baseline("shop", n, 1.0)));
+        let mut flushed = writer.flush(flush);
+        let newer = EngineState {
+            baselines: (0..10).map(|n| baseline("shop", n, 2.0)).collect(),
+            ..EngineState::default()
+        };
+        let events = writer
+            .write_events(newer, vec![anomaly_of("shop")], 100)
+            .expect("the event is stored");
+        assert_eq!(events.len(), 1);
+        assert!(!events[0].id.is_empty(), "stored, and named");
+        assert!(
+            matches!(flushed.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "answered before the flush ended"
+        );
+        let done = flushed.await.expect("the flush is answered");
+        assert!(done.result.is_ok(), "{:?}", done.result);
+        drop(writer);
+        thread.join();
+
+        let loaded = store.load().expect("load");
+        for n in 0..10 {
+            let (id, _) = baseline("shop", n, 0.0);
+            let level = loaded
+                .baselines
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map(|(_, b)| b.ewma.mean);
+            assert_eq!(
+                level,
+                Some(2.0),
+                "shop's baseline {n}: the event's, not the flush's"
+            );
+        }
+        assert_eq!(loaded.baselines.len(), 30 * PART_BASELINES + 10);
+        assert_eq!(store.event_count(), 1);
+    }
+
+    /// An event's write does not wait behind the slot saves queued before it (an hour's turn
+    /// sends a batch a scope): it is answered while they are still being written.
+    #[test]
+    fn an_events_write_goes_ahead_of_queued_slot_saves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
+        let mut slots = writer.slot_store(store.slot_store());
+        let mut summary = SlotSummary {
+            past: Sketch::new(0.02),
+            current: Sketch::new(0.02),
+            week: 3,
+            past_weeks: 2,
+        };
+        summary.current.add(12.5);
+        for scope in 0..200 {
+            let prefix = BaselineId::series_prefix("prod", &format!("app-{scope}"), &Scope::App);
+            slots.save_all(
+                (0..100)
+                    .map(|n| (format!("{prefix}series-{n}"), 9, summary.clone()))
+                    .collect(),
+            );
+        }
+        writer
+            .write_events(EngineState::default(), vec![anomaly_of("shop")], 100)
+            .expect("the event is stored");
+        let still_pending = writer
+            .shared
+            .pending_slots
+            .hours
+            .lock()
+            .expect("lock")
+            .get(9)
+            .copied()
+            .unwrap_or(0);
+        assert!(still_pending > 0, "the slot saves were all written first");
+        assert_eq!(store.event_count(), 1);
+        drop((slots, writer));
+        thread.join();
+        assert_eq!(store.slot_count(), 200 * 100, "and every save was written after");
+    }
+
+    /// A flush queued behind slot saves, and an event's write taken after it that goes ahead of
+    /// both: the flush, begun after the event's write, still leaves that write's newer state.
+    #[test]
+    fn a_flush_begun_after_a_later_events_write_leaves_its_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
+        let mut slots = writer.slot_store(store.slot_store());
+        let summary = SlotSummary {
+            past: Sketch::new(0.02),
+            current: Sketch::new(0.02),
+            week: 3,
+            past_weeks: 2,
+        };
+        for scope in 0..200 {
+            let prefix = BaselineId::series_prefix("prod", &format!("app-{scope}"), &Scope::App);
+            slots.save_all(
+                (0..100)
+                    .map(|n| (format!("{prefix}series-{n}"), 9, summary.clone()))
+                    .collect(),
+            );
+        }
+        let flushed = writer.flush(EngineState {
+            baselines: (0..10).map(|n| baseline("shop", n, 1.0)).collect(),
+            ..EngineState::default()
+        });
+        let newer = EngineState {
+            baselines: (0..10).map(|n| baseline("shop", n, 2.0)).collect(),
+            ..EngineState::default()
+        };
+        writer
+            .write_events(newer, vec![anomaly_of("shop")], 100)
+            .expect("the event is stored");
+        let done = flushed.blocking_recv().expect("the flush is answered");
+        assert!(done.result.is_ok(), "{:?}", done.result);
+        drop((slots, writer));
+        thread.join();
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.baselines.len(), 10);
+        assert!(
+            loaded.baselines.iter().all(|(_, b)| b.ewma.mean == 2.0),
+            "the event's state, not the flush's"
+        );
+    }
+
+    /// Saves handed to the writer are read back at once: a read of their hour waits for them.
+    #[test]
+    fn slots_saved_through_the_writer_are_read_back_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
+        let mut slots = writer.slot_store(store.slot_store());
+        let prefix = BaselineId::series_prefix("prod", "shop", &Scope::App);
+        let mut summary = SlotSummary {
+            past: Sketch::new(0.02),
+            current: Sketch::new(0.02),
+            week: 3,
+            past_weeks: 2,
+        };
+        summary.current.add(12.5);
+        let saved: Vec<(String, u16, SlotSummary)> = (0..3_000)
+            .map(|n| (format!("{prefix}series-{n}"), 5, summary.clone()))
+            .collect();
+        slots.save_all(saved);
+        slots.save(&format!("{prefix}one"), 6, &summary);
+        let read = slots.load_scope(&prefix, 5).expect("read");
+        assert_eq!(read.len(), 3_000, "every save of hour 5, written before the read");
+        assert!(read.iter().all(|(_, s)| *s == summary));
+        assert_eq!(slots.load(&format!("{prefix}one"), 6), Some(summary));
+        drop((slots, writer));
+        thread.join();
+    }
+}
