@@ -12,6 +12,14 @@
 //! state of an analysis's history, which keeps 600 s).
 //! `SERIES_NO_RESTART=1` leaves out the stop and restart and kills the daemon once read, for a
 //! heap profile (`benches/heap/profile.sh`).
+//! `SERIES_FLUSH_SECS` sets the daemon's flush interval (1 s by default, so that the bench
+//! settles quickly; the daemon's default is 10).
+//! `SERIES_STALL=1` adds a phase once the daemon is filled: every group sends 60 s more event
+//! time (a window closes and every baseline learns), while a probe reads one app's baselines
+//! through the engine's queue every 5 ms, until two flushes after the engine took the last
+//! export: how long the engine keeps an answer waiting while the store is written, at this
+//! many series (the probe's latency, p50, p99 and max), and what each flush took
+//! (`canaryd_store_flush_seconds`).
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +35,15 @@ use common::{dir_bytes, rss_kib, sample, start_daemon};
 const GROUP: usize = 20;
 /// Event time between a group's exports.
 const STEP_SECS: u64 = 5;
+
+/// The daemon's flush interval (`SERIES_FLUSH_SECS`, 1 s by default).
+fn flush_secs() -> u64 {
+    std::env::var("SERIES_FLUSH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(1)
+}
 
 /// Exports per group (`SERIES_EVENT_SECS` of event time, 140 by default: two windows closed).
 /// An analysis keeps its history for the model's longest window (600 s by default), so its
@@ -67,7 +84,7 @@ fn start(data: &std::path::Path) -> anyhow::Result<Daemon> {
             "--max-baseline-memory-bytes",
             "0",
             "--flush-interval-secs",
-            "1",
+            &flush_secs().to_string(),
         ],
     )?;
     let addr = |k: &str| addrs[k].as_str().map(str::to_owned).context("address");
@@ -111,9 +128,19 @@ fn versions_per_app() -> usize {
 
 /// Sends one group of apps (in env `g<group>`), every export in event-time order.
 async fn feed_group(client: &reqwest::Client, daemon: &Daemon, group: usize) -> anyhow::Result<u64> {
+    feed_group_steps(client, daemon, group, 0..steps()).await
+}
+
+/// Sends the exports `steps` of one group.
+async fn feed_group_steps(
+    client: &reqwest::Client,
+    daemon: &Daemon,
+    group: usize,
+    steps: std::ops::Range<u64>,
+) -> anyhow::Result<u64> {
     let versions = versions_per_app();
-    let steps = steps();
-    for step in 0..steps {
+    let sent = steps.end - steps.start;
+    for step in steps {
         let shape = TraceShape {
             env: format!("g{group}"),
             apps: GROUP,
@@ -135,7 +162,65 @@ async fn feed_group(client: &reqwest::Client, daemon: &Daemon, group: usize) -> 
             bail!("export answered {}", response.status());
         }
     }
-    Ok(steps)
+    Ok(sent)
+}
+
+/// What the probe saw while every group sent more (`SERIES_STALL`).
+struct Stall {
+    probes: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    flushes: f64,
+    flush_mean_s: f64,
+}
+
+/// Every group sends `STALL_STEPS` more exports while a probe reads one app's baselines through
+/// the engine's queue; the probe goes on until two flushes after the engine took the last one.
+async fn stall(client: &reqwest::Client, daemon: &Daemon, groups: usize, sent: u64) -> anyhow::Result<Stall> {
+    const STALL_STEPS: u64 = 12;
+    let before = metrics_text(client, daemon).await?;
+    let flushes_before = sample_of(&before, "canaryd_store_flush_seconds_count")?;
+    let flush_sum_before = sample_of(&before, "canaryd_store_flush_seconds_sum")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (client, stop) = (client.clone(), stop.clone());
+        let url = format!("http://{}/api/v1/apps/app-0/baseline?env=g0", daemon.http);
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                let status = client.get(&url).send().await?.status();
+                if !status.is_success() {
+                    bail!("the probe's read answered {status}");
+                }
+                latencies.push(started.elapsed().as_secs_f64() * 1e3);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        })
+    };
+    let mut sent = sent;
+    for group in 0..groups {
+        sent += feed_group_steps(client, daemon, group, steps()..steps() + STALL_STEPS).await?;
+    }
+    settle(client, daemon, sent).await?;
+    settle(client, daemon, sent).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut latencies = probe.await??;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    let after = metrics_text(client, daemon).await?;
+    let flushes = sample_of(&after, "canaryd_store_flush_seconds_count")? - flushes_before;
+    let flush_sum = sample_of(&after, "canaryd_store_flush_seconds_sum")? - flush_sum_before;
+    Ok(Stall {
+        probes: latencies.len(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+        flushes,
+        flush_mean_s: flush_sum / flushes.max(1.0),
+    })
 }
 
 /// Waits until the engine has taken every export sent and a flush has followed.
@@ -175,7 +260,8 @@ struct Row {
     ready_s: f64,
 }
 
-async fn measure(target: usize) -> anyhow::Result<Row> {
+/// The row of `target` series; none when the stall phase was measured instead.
+async fn measure(target: usize) -> anyhow::Result<Option<Row>> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let client = reqwest::Client::new();
@@ -189,6 +275,21 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
         sent += feed_group(&client, &daemon, group).await?;
     }
     settle(&client, &daemon, sent).await?;
+    if std::env::var_os("SERIES_STALL").is_some() {
+        let stall = stall(&client, &daemon, groups, sent).await?;
+        println!(
+            "stall ({:.0} series, flush every {} s): {} probes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} flushes written, {:.3} s each on average",
+            metric(&client, &daemon, "canaryd_baselines").await?,
+            flush_secs(),
+            stall.probes,
+            stall.p50_ms,
+            stall.p99_ms,
+            stall.max_ms,
+            stall.flushes,
+            stall.flush_mean_s
+        );
+        return Ok(None);
+    }
     let text = metrics_text(&client, &daemon).await?;
     let series = sample_of(&text, "canaryd_baselines")?;
     let engine_bytes = sample_of(&text, "canaryd_baseline_memory_bytes")?;
@@ -214,7 +315,7 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
     if std::env::var_os("SERIES_NO_RESTART").is_some() {
         // Killed where it stands, neither stopped nor started again: a heap profiler then
         // reports what was live as never freed (benches/heap/profile.sh).
-        return Ok(row(f64::NAN, f64::NAN, f64::NAN));
+        return Ok(Some(row(f64::NAN, f64::NAN, f64::NAN)));
     }
 
     // Stop (SIGTERM: drain and flush), then start on the same data until ready.
@@ -244,11 +345,11 @@ async fn measure(target: usize) -> anyhow::Result<Row> {
     // What the state read back from the store holds, without the history that only live
     // traffic builds.
     let restarted_rss = rss_kib(again.child.id())?;
-    Ok(row(
+    Ok(Some(row(
         (restarted_rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
         stop_s,
         ready_s,
-    ))
+    )))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -279,7 +380,9 @@ fn main() -> anyhow::Result<()> {
         "ready s"
     );
     for target in sizes {
-        let row = runtime.block_on(measure(target))?;
+        let Some(row) = runtime.block_on(measure(target))? else {
+            continue;
+        };
         println!(
             "{:>8.0} {:>9.1} {:>11.0} {:>13.0} {:>12.0} {:>13.0} {:>14.0} {:>12.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
             row.series,
