@@ -25,7 +25,7 @@ use crate::events::feed::EventFeed;
 use crate::events::{Event, EventType, canary_event};
 use crate::stats::Stats;
 use crate::store::Store;
-use crate::store::writer::{Flushed, StoreWriter};
+use crate::store::writer::{Flushed, PART_BASELINES, StoreWriter};
 
 /// Where the engine's results go, and how often its state is flushed.
 pub struct Emitter {
@@ -140,10 +140,12 @@ impl Emitter {
         }
     }
 
-    /// Hands what changed since the last flush to the store's writer, which writes it and makes
-    /// it durable while the engine goes on; `flushed` takes the answer. A failed flush is logged
-    /// and counted; what it carried is written again when it next changes.
-    pub fn flush(&self, engine: &mut Engine) -> tokio::sync::oneshot::Receiver<Flushed> {
+    /// Begins a flush: hands the head of what changed since the last one to the store's writer
+    /// (`Engine::begin_changes`); `flush_step` hands the changed baselines over in parts, between
+    /// the engine's inputs, and `end_flush` asks for them all to be made durable, while the engine
+    /// goes on; `flushed` takes the answer. A failed flush is logged and counted; what it carried
+    /// is written again when it next changes.
+    pub fn begin_flush(&self, engine: &mut Engine) {
         let stats = &self.stats;
         let paged = engine.page_out(self.max_baseline_memory_bytes);
         if paged.apps > 0 {
@@ -156,7 +158,7 @@ impl Emitter {
                 "baselines over max_baseline_memory_bytes: apps seen least recently moved to the store"
             );
         }
-        let changes = engine.take_changes();
+        let head = engine.begin_changes();
         let memory = engine.memory();
         stats.baselines.set(memory.baseline_series as i64);
         stats.baseline_memory_bytes.set(memory.baselines as i64);
@@ -167,14 +169,27 @@ impl Emitter {
             .chain_verdicts_forgotten
             .inc_by(forgotten.saturating_sub(counted));
         tracing::debug!(
-            apps = changes.apps.len(),
-            baselines = changes.baselines.len(),
-            "state handed to the store's writer"
+            apps = head.apps.len(),
+            baselines = engine.taking(),
+            "flush begun: state handed to the store's writer in parts"
         );
-        self.writer.flush(changes)
+        self.writer.write_part(head);
     }
 
-    /// What became of the flush `flush` handed over.
+    /// Hands the next part of the flush begun to the writer; whether parts remain.
+    pub fn flush_step(&self, engine: &mut Engine) -> bool {
+        if let Some(part) = engine.take_part(PART_BASELINES) {
+            self.writer.write_part(part);
+        }
+        engine.taking() > 0
+    }
+
+    /// Every part is handed over: the answer comes once they are durable.
+    pub fn end_flush(&self) -> tokio::sync::oneshot::Receiver<Flushed> {
+        self.writer.end_flush()
+    }
+
+    /// What became of a flush.
     pub fn flushed(&self, engine: &mut Engine, flushed: Flushed) {
         let stats = &self.stats;
         // Timed before it is counted, so that /metrics never shows a flush counted and not timed.
@@ -194,9 +209,11 @@ impl Emitter {
         stats.outbox_depth.set(self.store.outbox_depth() as i64);
     }
 
-    /// `flush`, waiting for the writer: for the last flush, and for tests.
+    /// A whole flush, waiting for the writer: for the last one, and for tests.
     pub async fn flush_and_wait(&self, engine: &mut Engine) {
-        let flushed = self.flush(engine).await.unwrap_or(Flushed {
+        self.begin_flush(engine);
+        while self.flush_step(engine) {}
+        let flushed = self.end_flush().await.unwrap_or(Flushed {
             result: Err(crate::store::writer::WriteError::WriterGone),
             took: std::time::Duration::ZERO,
         });

@@ -296,8 +296,10 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
     flush_timer.tick().await;
     let mut closed = false;
     let mut late = LateLog::default();
-    // The flush the store's writer is writing: one at a time, so that each carries everything
-    // changed since the one before and the engine learns in order which were written.
+    // One flush at a time, so that each carries everything changed since the one before and the
+    // engine learns in order which were written: its parts are being taken (`taking`), then the
+    // writer is making them durable (`writing`).
+    let mut taking = false;
     let mut writing: Option<oneshot::Receiver<Flushed>> = None;
     loop {
         tokio::select! {
@@ -313,7 +315,17 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
                 }
                 None => break,
             },
-            _ = flush_timer.tick(), if writing.is_none() => writing = Some(emitter.flush(&mut engine)),
+            _ = flush_timer.tick(), if !taking && writing.is_none() => {
+                emitter.begin_flush(&mut engine);
+                taking = true;
+            }
+            // A part at a time, as the writer has room, among the inputs.
+            () = emitter.writer.room(), if taking => {
+                if !emitter.flush_step(&mut engine) {
+                    taking = false;
+                    writing = Some(emitter.end_flush());
+                }
+            }
             flushed = async {
                 match writing.as_mut() {
                     Some(answer) => answer.await,
@@ -327,6 +339,10 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
     }
     stats.queue_depth.set(0);
     tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
+    if taking {
+        while emitter.flush_step(&mut engine) {}
+        writing = Some(emitter.end_flush());
+    }
     if let Some(writing) = writing {
         emitter.flushed(&mut engine, writing.await.unwrap_or_else(|_| writer_gone()));
     }
@@ -646,6 +662,73 @@ mod tests {
         assert!(carries_quiet(&next), "the next flush carries it");
         engine.changes_written();
         assert!(!carries_quiet(&engine.take_changes()), "written once is enough");
+    }
+
+    /// A take in parts hands over what one take does: the head and the parts together are
+    /// `take_changes`, part by part no more than asked. A baseline that changes before its part
+    /// is taken goes in it as it is then, and in the next take again; an event's write taken
+    /// meanwhile carries its apps' baselines not yet handed over.
+    #[test]
+    fn a_take_in_parts_hands_over_what_one_take_does() {
+        let engine_with_traffic = || {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+            let mut engine = engine_on(&store);
+            for app in ["quiet", "busy", "third"] {
+                let (traffic, _) = traffic_of(app, EPOCH_NS, 4);
+                ingest_all(&mut engine, traffic);
+            }
+            (engine, dir)
+        };
+        let sorted = |mut state: canaryd_engine::EngineState| {
+            state.baselines.sort_by(|a, b| a.0.cmp(&b.0));
+            state.clocks.sort_by(|a, b| a.1.cmp(&b.1));
+            state.apps.sort_by(|a, b| a.1.cmp(&b.1));
+            state
+        };
+        let (mut whole, _dir) = engine_with_traffic();
+        let expected = sorted(whole.take_changes());
+        let (mut parted, _dir2) = engine_with_traffic();
+        let mut taken = parted.begin_changes();
+        let changed = parted.taking();
+        assert_eq!(changed, expected.baselines.len());
+        let mut parts = 0;
+        while let Some(mut part) = parted.take_part(7) {
+            assert!(part.baselines.len() <= 7);
+            taken.baselines.append(&mut part.baselines);
+            parts += 1;
+        }
+        assert_eq!(parts, changed.div_ceil(7));
+        assert_eq!(sorted(taken), expected);
+
+        // Changed while the take is under way.
+        let (mut engine, _dir3) = engine_with_traffic();
+        let head = engine.begin_changes();
+        assert!(head.baselines.is_empty());
+        let first = engine.take_part(5).expect("a part");
+        let (more, _) = traffic_of("busy", EPOCH_NS + 300 * 1_000_000_000, 6);
+        ingest_all(&mut engine, more);
+        let of_quiet = engine.take_changes_of(&[("prod".into(), "quiet".into())]);
+        let mut later = Vec::new();
+        while let Some(mut part) = engine.take_part(5) {
+            later.append(&mut part.baselines);
+        }
+        assert!(!of_quiet.baselines.is_empty());
+        assert!(of_quiet.baselines.iter().all(|(id, _)| id.app == "quiet"));
+        assert!(
+            later.iter().all(|(id, _)| id.app != "quiet"),
+            "quiet's baselines not yet handed over went with its event's write"
+        );
+        let mut rest = first.baselines;
+        rest.append(&mut later);
+        let again = engine.take_changes();
+        assert!(
+            again.baselines.iter().any(|(id, _)| id.app == "busy"),
+            "busy changed during the take: taken again"
+        );
+        let busy_in_rest = rest.iter().filter(|(id, _)| id.app == "busy").count();
+        let busy_again = again.baselines.iter().filter(|(id, _)| id.app == "busy").count();
+        assert!(busy_in_rest > 0 && busy_again > 0, "{busy_in_rest} {busy_again}");
     }
 
     /// An event's write takes its apps' changes alone; the others' wait for the next flush, and

@@ -5,20 +5,22 @@
 //! (`cargo bench -p canaryd-store --bench flush`, `--bench slots`): a flush of every series'
 //! baseline took 1.5 s at 100k series, and an hour's turn of their slots about 2.5 s, all of it
 //! time in which the engine's thread took no input and decided nothing. The writer takes:
-//! - periodic flushes and the seasonal slots left as event time left their hour
+//! - periodic flushes, in parts the engine takes between its inputs (`Engine::begin_changes`,
+//!   `take_part`: `PART_BASELINES` baselines each, a few parts ahead at most) and an end that
+//!   makes them durable, and the seasonal slots left as event time left their hour
 //!   (`WriteBehindSlots`), in the order they were sent, through a bounded queue;
 //! - an event's write (its apps' state and the events, made durable before the answer), which
 //!   the engine's thread waits for, ahead of them all: before the next queued job, or between
-//!   two parts of a flush being written (`PART_BASELINES` baselines each).
+//!   two pieces of a part.
 //!
-//! Each write is stamped in the order the engine took it. A flush leaves out what an event's
+//! Each write is stamped in the order the engine took it. A part leaves out what an event's
 //! write taken after it put or removed (`Superseded`), whichever reached sled first.
 //! Invariants: no key in sled holds older state than the engine last handed over for it; an
 //! event is answered only once it and its apps' state are durable; a slot is read only once
 //! every save of its hour sent before the read is written.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -31,8 +33,13 @@ use tokio::sync::oneshot;
 use super::{SledSlots, Store, StoreError};
 use crate::events::Event;
 
-/// Baselines a flush writes between two looks for an event's write: about 15 ms of sled.
+/// Baselines in a part of a flush, and written between two looks for an event's write: about
+/// 15 ms of sled, and about 2 ms of the engine's thread to take.
 pub const PART_BASELINES: usize = 1_000;
+
+/// Parts of a flush sent and not yet written before the engine takes another: it goes on with
+/// its inputs meanwhile, instead of taking faster than sled writes and waiting on the queue.
+const PARTS_AHEAD: usize = 4;
 
 /// Jobs sent and not yet taken before a sender waits: bounds what the writer holds (an hour's
 /// turn sends a job a scope) and how far behind the engine it may be.
@@ -56,9 +63,13 @@ pub struct Flushed {
 
 /// What goes through the queue.
 enum Job {
-    Flush {
+    /// A part of a flush.
+    Part {
         stamp: u64,
         state: EngineState,
+    },
+    /// The flush's parts are all sent: make them durable, and answer.
+    FlushEnd {
         done: oneshot::Sender<Flushed>,
     },
     Slots(Vec<(String, u16, SlotSummary)>),
@@ -84,6 +95,10 @@ struct Shared {
     /// False once the writer has stopped.
     alive: AtomicBool,
     pending_slots: PendingSlots,
+    /// Parts of a flush sent and not yet written.
+    parts_queued: AtomicUsize,
+    /// Told as each part is written.
+    part_written: tokio::sync::Notify,
 }
 
 /// The hours of the week with slot saves sent and not yet written, so that a read of one waits
@@ -168,12 +183,16 @@ impl StoreWriter {
             stamps: AtomicU64::new(0),
             alive: AtomicBool::new(true),
             pending_slots: PendingSlots::default(),
+            parts_queued: AtomicUsize::new(0),
+            part_written: tokio::sync::Notify::new(),
         });
         let writer = Writer {
             slots: store.slot_store(),
             store,
             shared: shared.clone(),
-            written_since: VecDeque::new(),
+            events_written: VecDeque::new(),
+            flush_error: None,
+            flush_took: Duration::ZERO,
         };
         let thread = std::thread::Builder::new()
             .name("canaryd-store".into())
@@ -185,12 +204,35 @@ impl StoreWriter {
         self.shared.stamps.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Hands a flush of `state` to the writer; the answer comes when it is durable.
-    pub fn flush(&self, state: EngineState) -> oneshot::Receiver<Flushed> {
-        let (done, flushed) = oneshot::channel();
+    /// Hands a part of a flush to the writer (the head `Engine::begin_changes` gave, or a part
+    /// `Engine::take_part` gave).
+    pub fn write_part(&self, state: EngineState) {
         let stamp = self.stamp();
-        if let Err(std::sync::mpsc::SendError(Job::Flush { done, .. })) =
-            self.jobs.send(Job::Flush { stamp, state, done })
+        self.shared.parts_queued.fetch_add(1, Ordering::AcqRel);
+        if self.jobs.send(Job::Part { stamp, state }).is_err() {
+            // No writer: `end_flush` answers so.
+            self.shared.parts_queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether the writer has room for another part (`PARTS_AHEAD`).
+    pub fn has_room(&self) -> bool {
+        self.shared.parts_queued.load(Ordering::Acquire) < PARTS_AHEAD
+    }
+
+    /// Returns once the writer has room for another part, or may have.
+    pub async fn room(&self) {
+        if !self.has_room() {
+            self.shared.part_written.notified().await;
+        }
+    }
+
+    /// Every part of a flush is sent: the answer comes once they are durable, with the first
+    /// error any of them met.
+    pub fn end_flush(&self) -> oneshot::Receiver<Flushed> {
+        let (done, flushed) = oneshot::channel();
+        if let Err(std::sync::mpsc::SendError(Job::FlushEnd { done })) =
+            self.jobs.send(Job::FlushEnd { done })
         {
             let _ = done.send(Flushed {
                 result: Err(WriteError::WriterGone),
@@ -198,6 +240,20 @@ impl StoreWriter {
             });
         }
         flushed
+    }
+
+    /// Hands `state` over as one flush: a head, its baselines in parts, and the end.
+    pub fn flush(&self, mut state: EngineState) -> oneshot::Receiver<Flushed> {
+        let baselines = std::mem::take(&mut state.baselines);
+        self.write_part(state);
+        let mut baselines = baselines.into_iter().peekable();
+        while baselines.peek().is_some() {
+            self.write_part(EngineState {
+                baselines: baselines.by_ref().take(PART_BASELINES).collect(),
+                ..EngineState::default()
+            });
+        }
+        self.end_flush()
     }
 
     /// Writes `state` and stores `events` as `Store::write_with_events` does, ahead of what is
@@ -261,9 +317,14 @@ struct Writer {
     store: Store,
     slots: SledSlots,
     shared: Arc<Shared>,
-    /// The stamps of events' writes since the last flush began, and what each wrote: a flush
-    /// taken before one of them but begun after it leaves that out too.
-    written_since: VecDeque<(u64, Superseded)>,
+    /// What each event's write put, with its stamp, in the order written (which is the order of
+    /// their stamps: the engine waits for each). A part leaves out what those stamped after it
+    /// put; one stamped before every part still to come is dropped.
+    events_written: VecDeque<(u64, Superseded)>,
+    /// The first error a part of the flush under way met.
+    flush_error: Option<WriteError>,
+    /// The time the flush under way has taken the writer so far.
+    flush_took: Duration,
 }
 
 impl Drop for Writer {
@@ -273,6 +334,7 @@ impl Drop for Writer {
         if let Ok(mut waiting) = self.shared.events.lock() {
             waiting.take();
         }
+        self.shared.part_written.notify_one();
     }
 }
 
@@ -290,13 +352,25 @@ impl Writer {
 
     fn take(&mut self, job: Job) {
         match job {
-            Job::Flush { stamp, state, done } => {
+            Job::Part { stamp, state } => {
                 let started = Instant::now();
-                let result = self.write_flush(stamp, state);
-                let _ = done.send(Flushed {
-                    result,
-                    took: started.elapsed(),
-                });
+                if let Err(e) = self.write_part(stamp, state) {
+                    self.flush_error.get_or_insert(e);
+                }
+                self.flush_took += started.elapsed();
+                self.shared.parts_queued.fetch_sub(1, Ordering::AcqRel);
+                self.shared.part_written.notify_one();
+            }
+            Job::FlushEnd { done } => {
+                let started = Instant::now();
+                let flushed = self.store.flush();
+                let result = match (self.flush_error.take(), flushed) {
+                    (Some(e), _) => Err(e),
+                    (None, Err(e)) => Err(e.into()),
+                    (None, Ok(())) => Ok(()),
+                };
+                let took = std::mem::take(&mut self.flush_took) + started.elapsed();
+                let _ = done.send(Flushed { result, took });
             }
             Job::Slots(slots) => {
                 let hours = PendingSlots::hours_of(&slots);
@@ -307,25 +381,26 @@ impl Writer {
         }
     }
 
-    /// Writes a flush in parts, with the events' writes that arrive meanwhile between them; the
-    /// parts leave out what the events' writes taken after the flush put.
-    fn write_flush(&mut self, stamp: u64, state: EngineState) -> Result<(), WriteError> {
+    /// Writes a part of a flush in pieces, with the events' writes that arrive meanwhile
+    /// between them; each piece leaves out what the events' writes taken after the part put.
+    fn write_part(&mut self, stamp: u64, state: EngineState) -> Result<(), WriteError> {
+        while self.events_written.front().is_some_and(|(at, _)| *at < stamp) {
+            self.events_written.pop_front();
+        }
         let mut newer = Superseded::default();
-        for (written_at, wrote) in self.written_since.drain(..) {
-            if written_at > stamp {
-                newer.merge(wrote);
-            }
+        for (_, wrote) in &self.events_written {
+            newer.merge(wrote.clone());
         }
-        for part in in_parts(state, PART_BASELINES) {
+        for piece in in_parts(state, PART_BASELINES) {
             self.write_waiting_events(Some(&mut newer));
-            self.store.write_superseded(&part, &newer)?;
+            self.store.write_superseded(&piece, &newer)?;
         }
-        Ok(self.store.flush()?)
+        Ok(())
     }
 
-    /// Writes the event's write waiting, if one is. What it wrote goes to `newer` while a flush
-    /// is being written (every such write was taken after that flush), else it is kept for the
-    /// next flush to look at.
+    /// Writes the event's write waiting, if one is, and keeps what it put for the parts to come.
+    /// While a part is being written, that part leaves it out too (`newer`): the event was
+    /// taken after it.
     fn write_waiting_events(&mut self, newer: Option<&mut Superseded>) {
         let job = match self.shared.events.lock() {
             Ok(mut waiting) => waiting.take(),
@@ -347,14 +422,12 @@ impl Writer {
         if !written {
             return;
         }
-        match newer {
-            Some(newer) => newer.add(&state),
-            None => {
-                let mut wrote = Superseded::default();
-                wrote.add(&state);
-                self.written_since.push_back((stamp, wrote));
-            }
+        let mut wrote = Superseded::default();
+        wrote.add(&state);
+        if let Some(newer) = newer {
+            newer.merge(wrote.clone());
         }
+        self.events_written.push_back((stamp, wrote));
     }
 }
 
@@ -589,6 +662,31 @@ mod tests {
             loaded.baselines.iter().all(|(_, b)| b.ewma.mean == 2.0),
             "the event's state, not the flush's"
         );
+    }
+
+    /// A part taken after an event's write is newer than it: written over it, not left out.
+    #[test]
+    fn a_part_taken_after_an_events_write_is_written_over_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
+        let level = |level: f64| EngineState {
+            baselines: (0..10).map(|n| baseline("shop", n, level)).collect(),
+            ..EngineState::default()
+        };
+        writer.write_part(EngineState::default());
+        writer.write_part(level(1.0));
+        writer
+            .write_events(level(2.0), vec![anomaly_of("shop")], 100)
+            .expect("the event is stored");
+        writer.write_part(level(3.0));
+        let done = writer.end_flush().blocking_recv().expect("answered");
+        assert!(done.result.is_ok(), "{:?}", done.result);
+        drop(writer);
+        thread.join();
+        let loaded = store.load().expect("load");
+        assert!(loaded.baselines.iter().all(|(_, b)| b.ewma.mean == 3.0));
+        assert_eq!(loaded.baselines.len(), 10);
     }
 
     /// Saves handed to the writer are read back at once: a read of their hour waits for them.

@@ -313,6 +313,9 @@ pub struct Engine {
     archiving: crate::FastMap<(Arc<str>, Arc<str>), (ArchivedApp, u64)>,
     /// How many times `take_changes` has been called.
     taken: u64,
+    /// Baselines changed before the take under way began, not yet handed over (`take_part`,
+    /// from the end).
+    taking: Vec<BaselineId>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -337,6 +340,7 @@ impl Engine {
             archive: None,
             archiving: crate::FastMap::default(),
             taken: 0,
+            taking: Vec::new(),
         }
     }
 
@@ -729,11 +733,11 @@ impl Engine {
             state.versions.remove(version);
             state.traffic.remove(version);
         }
-        self.dirty.retain(|id| {
-            id.env.as_str() != &**env
-                || id.app.as_str() != &**app
-                || id.scope != Scope::Version(version.to_string())
-        });
+        let scope = Scope::Version(version.to_string());
+        let of_other =
+            |id: &BaselineId| id.env.as_str() != &**env || id.app.as_str() != &**app || id.scope != scope;
+        self.dirty.retain(of_other);
+        self.taking.retain(of_other);
         self.forgotten
             .push((env.to_string(), app.to_string(), version.to_string()));
     }
@@ -789,12 +793,32 @@ impl Engine {
     /// the slot tree: with a day of slots, about 65 µs a series (`cargo bench -p canaryd-store
     /// --bench slots`), seconds a flush at 100k series.
     pub fn take_changes(&mut self) -> EngineState {
-        let dirty: Vec<BaselineId> = self.dirty.drain().collect();
-        let baselines = self.baselines_of(dirty);
+        let mut state = self.begin_changes();
+        let ids = std::mem::take(&mut self.taking);
+        let mut baselines = self.baselines_of(ids);
+        baselines.append(&mut state.baselines);
+        state.baselines = baselines;
+        state
+    }
+
+    /// Begins a take of what changed, for a writer that takes it in parts so that no part holds
+    /// the engine for long: the head now (every clock, the apps changed, the versions forgotten,
+    /// the analyses, and the apps archived and not yet written, whole), and the baselines
+    /// changed so far in parts by `take_part`. A baseline that changes again before its part is
+    /// taken goes in its part as it is then, and in the next take too. What `take_changes`
+    /// hands over, the head and every part together hand over, and `changes_written` counts
+    /// this as a take.
+    pub fn begin_changes(&mut self) -> EngineState {
+        // What a take left untaken (none, the way the daemon takes) goes with this one. Not
+        // sorted here, which at 100k series held the engine for tens of milliseconds: each part
+        // is sorted as it is taken (`baselines_of`).
+        let mut ids: Vec<BaselineId> = std::mem::take(&mut self.taking);
+        ids.extend(self.dirty.drain());
+        self.taking = ids;
         let mut state = EngineState {
             clocks: self.clocks(),
             apps: self.catalog.take_changed(),
-            baselines,
+            baselines: Vec::new(),
             forgotten_versions: std::mem::take(&mut self.forgotten),
             judge: self.judge.take_changes(),
         };
@@ -811,6 +835,25 @@ impl Engine {
             state.judge.analyses.extend(archived.analysis.clone());
         }
         state
+    }
+
+    /// The next part of the take `begin_changes` began: at most `baselines` of the baselines
+    /// changed before it, as they are now. `None` once all are handed over.
+    pub fn take_part(&mut self, baselines: usize) -> Option<EngineState> {
+        if self.taking.is_empty() {
+            return None;
+        }
+        let at = self.taking.len().saturating_sub(baselines.max(1));
+        let ids = self.taking.split_off(at);
+        Some(EngineState {
+            baselines: self.baselines_of(ids),
+            ..EngineState::default()
+        })
+    }
+
+    /// Baselines changed and not yet handed over by a take's parts.
+    pub fn taking(&self) -> usize {
+        self.taking.len()
     }
 
     /// What changed of the apps named (env, app) alone, as `take_changes` takes it: their clocks,
@@ -835,6 +878,16 @@ impl Engine {
             }
             !of_them
         });
+        // And those a take under way has not handed over yet: the event's write carries them.
+        self.taking.retain(|id| {
+            let of_them = named(&id.env, &id.app);
+            if of_them {
+                dirty.push(id.clone());
+            }
+            !of_them
+        });
+        dirty.sort_unstable();
+        dirty.dedup();
         state.baselines = self.baselines_of(dirty);
         let (forgotten, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.forgotten)
             .into_iter()

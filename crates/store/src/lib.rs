@@ -222,7 +222,7 @@ impl DaemonRecords for AsStored {
 
 /// The keys a write put or removed, for an earlier write that goes on after it
 /// (`Store::write_superseded`): at these keys it holds older state than the store now has.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Superseded {
     clocks: HashSet<Vec<u8>>,
     apps: HashSet<Vec<u8>>,
