@@ -8,7 +8,8 @@
 //! - periodic flushes, in parts the engine takes between its inputs (`Engine::begin_changes`,
 //!   `take_part`: `PART_BASELINES` baselines each, a few parts ahead at most) and an end that
 //!   makes them durable, and the seasonal slots left as event time left their hour
-//!   (`WriteBehindSlots`), in the order they were sent, through a bounded queue;
+//!   (`WriteBehindSlots`), in the order they were sent, through one queue (parts at most
+//!   `PARTS_AHEAD` ahead of the writer, slots at most `SLOTS_AHEAD`);
 //! - an event's write (its apps' state and the events, made durable before the answer), which
 //!   the engine's thread waits for, ahead of them all: before the next queued job, or between
 //!   two pieces of a part.
@@ -21,7 +22,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,9 +42,10 @@ pub const PART_BASELINES: usize = 1_000;
 /// its inputs meanwhile, instead of taking faster than sled writes and waiting on the queue.
 const PARTS_AHEAD: usize = 4;
 
-/// Jobs sent and not yet taken before a sender waits: bounds what the writer holds (an hour's
-/// turn sends a job a scope) and how far behind the engine it may be.
-const QUEUE: usize = 256;
+/// Seasonal slots handed over and not yet written before the engine waits for the writer: an
+/// hour's turn of 100k series hands over one each without waiting (holding them meanwhile,
+/// about 24 MB stored), a bigger one goes at the writer's pace past this.
+const SLOTS_AHEAD: usize = 100_000;
 
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -102,12 +104,28 @@ struct Shared {
 }
 
 /// The hours of the week with slot saves sent and not yet written, so that a read of one waits
-/// for them (it never does at an hour's turn, which saves the hour left and reads the next).
+/// for them (it never does at an hour's turn, which saves the hour left and reads the next),
+/// and a save past `SLOTS_AHEAD` pending waits for room.
 #[derive(Default)]
 struct PendingSlots {
     /// Saves pending, by hour of the week.
     hours: Mutex<Vec<u32>>,
     written: Condvar,
+}
+
+impl PendingSlots {
+    /// Waits until fewer than `SLOTS_AHEAD` saves are pending.
+    fn wait_for_room(&self) {
+        let Ok(mut pending) = self.hours.lock() else {
+            return;
+        };
+        while pending.iter().map(|count| *count as usize).sum::<usize>() >= SLOTS_AHEAD {
+            match self.written.wait(pending) {
+                Ok(guard) => pending = guard,
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 impl PendingSlots {
@@ -158,7 +176,9 @@ impl PendingSlots {
 /// is dropped and what was sent is written.
 #[derive(Clone)]
 pub struct StoreWriter {
-    jobs: SyncSender<Job>,
+    /// Unbounded: parts are bounded by `PARTS_AHEAD`, slots by `SLOTS_AHEAD`, and an event's
+    /// write by its sender's wait.
+    jobs: Sender<Job>,
     shared: Arc<Shared>,
 }
 
@@ -177,7 +197,7 @@ impl WriterThread {
 impl StoreWriter {
     /// Starts the writer thread on `store`.
     pub fn start(store: Store) -> std::io::Result<(StoreWriter, WriterThread)> {
-        let (jobs, queue) = sync_channel(QUEUE);
+        let (jobs, queue) = channel();
         let shared = Arc::new(Shared {
             events: Mutex::new(None),
             stamps: AtomicU64::new(0),
@@ -243,6 +263,7 @@ impl StoreWriter {
     }
 
     /// Hands `state` over as one flush: a head, its baselines in parts, and the end.
+    #[cfg(test)]
     pub fn flush(&self, mut state: EngineState) -> oneshot::Receiver<Flushed> {
         let baselines = std::mem::take(&mut state.baselines);
         self.write_part(state);
@@ -277,8 +298,8 @@ impl StoreWriter {
             Ok(mut waiting) => *waiting = Some(job),
             Err(_) => return Err(WriteError::WriterGone),
         }
-        // A full queue needs no wake: the writer looks for an event's write before each job.
-        if let Err(TrySendError::Disconnected(_)) = self.jobs.try_send(Job::Wake) {
+        // The writer looks for an event's write before each job; the wake is for one waiting.
+        if self.jobs.send(Job::Wake).is_err() {
             self.take_back();
             return Err(WriteError::WriterGone);
         }
@@ -335,6 +356,11 @@ impl Drop for Writer {
             waiting.take();
         }
         self.shared.part_written.notify_one();
+        // Nothing pending will be written: no save or read waits for it.
+        if let Ok(mut pending) = self.shared.pending_slots.hours.lock() {
+            pending.iter_mut().for_each(|count| *count = 0);
+        }
+        self.shared.pending_slots.written.notify_all();
     }
 }
 
@@ -444,6 +470,7 @@ impl WriteBehindSlots {
             return;
         }
         let pending = &self.writer.shared.pending_slots;
+        pending.wait_for_room();
         let hours = PendingSlots::hours_of(&slots);
         pending.sent(&hours);
         if let Err(std::sync::mpsc::SendError(Job::Slots(slots))) = self.writer.jobs.send(Job::Slots(slots)) {
