@@ -47,10 +47,11 @@ pub struct Emitter {
 
 impl Emitter {
     /// Stores the events of decisions (naming each by what it is about) with their deliveries
-    /// and the changed state of the apps they are about, in one flush, then wakes delivery and publishes them to
-    /// watchers. Returns the events emitted: none when they could not be stored (logged and
-    /// counted; the decisions stay in the engine's state, which is written again with its next
-    /// change), and not one whose id was stored already (the same decision, made again).
+    /// and the changed state of the apps they are about, in one flush, then wakes delivery and
+    /// publishes them to watchers. Returns the events emitted: none when they could not be
+    /// stored (logged and counted; the decisions stay in the engine's state, which is written
+    /// again with its next change), and not one whose id was stored already (the same decision,
+    /// made again).
     pub fn emit(&self, engine: &mut Engine, events: Vec<Event>) -> Vec<Event> {
         self.emit_decided(engine, events, None)
     }
