@@ -279,7 +279,9 @@ impl StoreWriter {
 
     /// Writes `state` and stores `events` as `Store::write_with_events` does, ahead of what is
     /// queued, and waits until both are durable. Returns the events stored (each given its
-    /// sequence number; one whose id was kept already left out).
+    /// sequence number; one whose id was kept already left out). Called from one thread, the
+    /// engine's: the writer holds one event's write waiting at a time, and a second sent from
+    /// elsewhere meanwhile would take its place (the first then answered `WriterGone`).
     pub fn write_events(
         &self,
         state: EngineState,
