@@ -551,6 +551,16 @@ mod tests {
         (batches, end)
     }
 
+    /// An engine on `store` that learned app "quiet", then, ten minutes later, app "busy".
+    fn quiet_then_busy(store: &Store) -> Engine {
+        let mut engine = engine_on(store);
+        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
+        ingest_all(&mut engine, quiet);
+        let (busy, _) = traffic_of("busy", EPOCH_NS + 600 * 1_000_000_000, 4);
+        ingest_all(&mut engine, busy);
+        engine
+    }
+
     fn ingest_all(engine: &mut Engine, batches: Vec<Batch>) {
         for batch in batches {
             engine.ingest(&batch);
@@ -606,11 +616,7 @@ mod tests {
     fn a_paged_out_app_is_written_again_until_a_write_of_it_succeeds() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
-        let mut engine = engine_on(&store);
-        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
-        ingest_all(&mut engine, quiet);
-        let (busy, _) = traffic_of("busy", EPOCH_NS + 600 * 1_000_000_000, 4);
-        ingest_all(&mut engine, busy);
+        let mut engine = quiet_then_busy(&store);
         let (_, held) = engine.baseline_memory();
         let _ = engine.take_changes();
         engine.changes_written();
@@ -643,11 +649,7 @@ mod tests {
     fn an_app_archived_while_a_flush_is_written_is_carried_by_the_next() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
-        let mut engine = engine_on(&store);
-        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
-        ingest_all(&mut engine, quiet);
-        let (busy, _) = traffic_of("busy", EPOCH_NS + 600 * 1_000_000_000, 4);
-        ingest_all(&mut engine, busy);
+        let mut engine = quiet_then_busy(&store);
         let (_, held) = engine.baseline_memory();
         let carries_quiet =
             |state: &canaryd_engine::EngineState| state.baselines.iter().any(|(id, _)| id.app == "quiet");

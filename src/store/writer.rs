@@ -553,6 +553,31 @@ mod tests {
         )
     }
 
+    /// A slot with one value in its current week.
+    fn summary() -> SlotSummary {
+        let mut summary = SlotSummary {
+            past: Sketch::new(0.02),
+            current: Sketch::new(0.02),
+            week: 3,
+            past_weeks: 2,
+        };
+        summary.current.add(12.5);
+        summary
+    }
+
+    /// Hands over hour 9's slots of 200 scopes of 100 series, a batch a scope, as an hour's
+    /// turn does: 20,000 saves for the writer to work through.
+    fn queue_slot_saves(slots: &mut WriteBehindSlots, summary: &SlotSummary) {
+        for scope in 0..200 {
+            let prefix = BaselineId::series_prefix("prod", &format!("app-{scope}"), &Scope::App);
+            slots.save_all(
+                (0..100)
+                    .map(|n| (format!("{prefix}series-{n}"), 9, summary.clone()))
+                    .collect(),
+            );
+        }
+    }
+
     /// An event's write does not wait for a flush being written: it is answered, durable, while
     /// the flush is still under way, and the flush's older state of the same series, written
     /// after it, does not replace its newer one.
@@ -614,21 +639,8 @@ mod tests {
         let store = open(dir.path());
         let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
         let mut slots = writer.slot_store(store.slot_store());
-        let mut summary = SlotSummary {
-            past: Sketch::new(0.02),
-            current: Sketch::new(0.02),
-            week: 3,
-            past_weeks: 2,
-        };
-        summary.current.add(12.5);
-        for scope in 0..200 {
-            let prefix = BaselineId::series_prefix("prod", &format!("app-{scope}"), &Scope::App);
-            slots.save_all(
-                (0..100)
-                    .map(|n| (format!("{prefix}series-{n}"), 9, summary.clone()))
-                    .collect(),
-            );
-        }
+        let summary = summary();
+        queue_slot_saves(&mut slots, &summary);
         writer
             .write_events(EngineState::default(), vec![anomaly_of("shop")], 100)
             .expect("the event is stored");
@@ -656,20 +668,8 @@ mod tests {
         let store = open(dir.path());
         let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
         let mut slots = writer.slot_store(store.slot_store());
-        let summary = SlotSummary {
-            past: Sketch::new(0.02),
-            current: Sketch::new(0.02),
-            week: 3,
-            past_weeks: 2,
-        };
-        for scope in 0..200 {
-            let prefix = BaselineId::series_prefix("prod", &format!("app-{scope}"), &Scope::App);
-            slots.save_all(
-                (0..100)
-                    .map(|n| (format!("{prefix}series-{n}"), 9, summary.clone()))
-                    .collect(),
-            );
-        }
+        let summary = summary();
+        queue_slot_saves(&mut slots, &summary);
         let flushed = writer.flush(EngineState {
             baselines: (0..10).map(|n| baseline("shop", n, 1.0)).collect(),
             ..EngineState::default()
@@ -726,13 +726,7 @@ mod tests {
         let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
         let mut slots = writer.slot_store(store.slot_store());
         let prefix = BaselineId::series_prefix("prod", "shop", &Scope::App);
-        let mut summary = SlotSummary {
-            past: Sketch::new(0.02),
-            current: Sketch::new(0.02),
-            week: 3,
-            past_weeks: 2,
-        };
-        summary.current.add(12.5);
+        let summary = summary();
         let saved: Vec<(String, u16, SlotSummary)> = (0..3_000)
             .map(|n| (format!("{prefix}series-{n}"), 5, summary.clone()))
             .collect();
