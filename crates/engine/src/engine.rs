@@ -875,23 +875,19 @@ impl Engine {
             return state;
         }
         let named = |env: &str, app: &str| apps.iter().any(|(e, a)| e == env && a == app);
-        // One pass over the changed series, whatever the number of apps.
+        // One pass over the changed series, whatever the number of apps, and over those a take
+        // under way has not handed over yet: the event's write carries them.
         let mut dirty = Vec::new();
-        self.dirty.retain(|id| {
-            let of_them = named(&id.env, &id.app);
-            if of_them {
-                dirty.push(id.clone());
-            }
-            !of_them
-        });
-        // And those a take under way has not handed over yet: the event's write carries them.
-        self.taking.retain(|id| {
-            let of_them = named(&id.env, &id.app);
-            if of_them {
-                dirty.push(id.clone());
-            }
-            !of_them
-        });
+        for changed in [&mut self.dirty, &mut self.taking] {
+            changed.retain(|id| {
+                let of_them = named(&id.env, &id.app);
+                if of_them {
+                    dirty.push(id.clone());
+                }
+                !of_them
+            });
+        }
+        // A series changed again since its take began is in both.
         dirty.sort_unstable();
         dirty.dedup();
         state.baselines = self.baselines_of(dirty);
