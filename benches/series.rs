@@ -29,7 +29,7 @@ use prost::Message;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{dir_bytes, rss_kib, sample, start_daemon};
+use common::{dir_bytes, sample, settled_rss_kib, start_daemon};
 
 /// Apps per group of exports.
 const GROUP: usize = 20;
@@ -266,7 +266,7 @@ async fn measure(target: usize) -> anyhow::Result<Option<Row>> {
     let data = dir.path().join("data");
     let client = reqwest::Client::new();
     let daemon = start(&data)?;
-    let rss_before = rss_kib(daemon.child.id())?;
+    let rss_before = settled_rss_kib(daemon.child.id())?;
     let mut sent = feed_group(&client, &daemon, 0).await?;
     settle(&client, &daemon, sent).await?;
     let per_group = metric(&client, &daemon, "canaryd_baselines").await?.max(1.0);
@@ -296,7 +296,7 @@ async fn measure(target: usize) -> anyhow::Result<Option<Row>> {
     let bucket_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"buckets\"}")?;
     let analysis_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analyses\"}")?;
     let merge_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analysis_merges\"}")?;
-    let rss = rss_kib(daemon.child.id())?;
+    let rss = settled_rss_kib(daemon.child.id())?;
     let sled = dir_bytes(&data) as f64;
     let row = |restarted_per_series: f64, stop_s: f64, ready_s: f64| Row {
         series,
@@ -344,7 +344,7 @@ async fn measure(target: usize) -> anyhow::Result<Option<Row>> {
     }
     // What the state read back from the store holds, without the history that only live
     // traffic builds.
-    let restarted_rss = rss_kib(again.child.id())?;
+    let restarted_rss = settled_rss_kib(again.child.id())?;
     Ok(Some(row(
         (restarted_rss.saturating_sub(rss_before) as f64 * 1024.0) / series,
         stop_s,

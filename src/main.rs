@@ -23,17 +23,80 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[cfg(not(feature = "system-allocator"))]
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Has the allocator give pages back to the OS as soon as they are wholly free, not a second
-/// later and only once the thread that freed them allocates again. After an ingest peak the
-/// receiving threads idle with the pages they freed: the series bench read 1.1 KB a series more
-/// at 100k with the delay (BENCHMARKS.md, memory per series), and the load bench no cost for it.
-/// `MIMALLOC_PURGE_DELAY` in the environment still decides when set.
+/// How long a wholly free page stays mapped before mimalloc gives it back to the OS. Under load,
+/// the pages a request's buffers and observations free are wanted again within milliseconds:
+/// given back at once (a delay of 0, as from 5b97aa2), each was unmapped and faulted in again, and
+/// that cost the daemon a sixth of its CPU on the gRPC load bench (`madvise`, TLB shootdowns, page
+/// faults: BENCHMARKS.md, ingest throughput). 100 ms covers that reuse.
+#[cfg(not(feature = "system-allocator"))]
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
+
+/// How often a thread of its own has mimalloc give back the pages left free. mimalloc purges only
+/// from within an allocation or a collection, so after an ingest peak, with every thread idle,
+/// freed pages would stay mapped (1.1 KB a series more at 100k on the series bench without
+/// purging: BENCHMARKS.md, memory per series).
+#[cfg(not(feature = "system-allocator"))]
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps the daemon's resident memory to what it uses: no transparent huge pages, and pages left
+/// free given back to the OS within about a second, even while every other thread idles.
+/// `MIMALLOC_ALLOW_THP` and `MIMALLOC_PURGE_DELAY` in the environment still decide when set.
 fn give_freed_pages_back() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        refuse_transparent_huge_pages();
+    }
     #[cfg(not(feature = "system-allocator"))]
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one of mimalloc's options, a plain integer it reads when it purges; no
-        // memory is touched and any value is valid.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+    {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            // SAFETY: sets one of mimalloc's options, a plain integer it reads when it purges; no
+            // memory is touched and any value is valid.
+            unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
+        }
+        let purger = std::thread::Builder::new()
+            .name("canaryd-purge".into())
+            .spawn(|| {
+                // mimalloc collects only from a thread whose heap is in use: this makes it so.
+                std::hint::black_box(Vec::<u8>::with_capacity(64));
+                loop {
+                    std::thread::sleep(PURGE_EVERY);
+                    purge_free_pages();
+                }
+            });
+        if let Err(e) = purger {
+            // Memory given back later is not worth refusing to start over. Logging is not set up
+            // yet at this point of the start.
+            eprintln!("canaryd: warning: cannot start the allocator's purging thread: {e}");
+        }
+    }
+}
+
+/// Gives every page that mimalloc holds free back to the OS now, whether or not its delay has run
+/// out: at most once a `PURGE_EVERY`, a page about to be used again costs one fault more.
+#[cfg(not(feature = "system-allocator"))]
+fn purge_free_pages() {
+    // SAFETY: a forced collection of the calling thread's own heap (empty but for one block),
+    // which also purges mimalloc's arenas program wide; mimalloc allows it at any time and it
+    // touches no memory in use.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
+/// Has Linux back this process's memory with 4 KiB pages only. mimalloc asks for huge pages
+/// (2 MiB) for its arenas where the system allows them on request, as most do; a huge page is
+/// resident whole once any byte of it is touched, and split only when a part of it is given back.
+/// The series bench read 50 MiB less RSS with them off at 100k series (229 -> 176 MiB, 1.65 KB a
+/// series) and the load bench the same spans per daemon-CPU-second (BENCHMARKS.md, memory per
+/// series).
+fn refuse_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_THP_DISABLE sets one flag of this process; its arguments are integers.
+        let set = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        if set != 0 {
+            eprintln!(
+                "canaryd: warning: cannot turn transparent huge pages off: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 
@@ -187,11 +250,30 @@ fn run(config: Config) -> anyhow::Result<()> {
 #[cfg(all(test, not(feature = "system-allocator")))]
 mod tests {
     use super::*;
+    use std::io::Read;
 
-    /// The option set is the purge delay: its default, one second, unless the environment
-    /// sets it.
+    /// This process's resident set in pages, read without allocating: an allocation on this
+    /// thread could purge in its own right and hide whether the purging thread did.
+    fn resident_pages() -> u64 {
+        let mut text = [0u8; 256];
+        let read = std::fs::File::open("/proc/self/statm")
+            .and_then(|mut file| file.read(&mut text))
+            .expect("read /proc/self/statm");
+        // "size resident shared ...": the second field.
+        let resident = text[..read]
+            .split(|b| *b == b' ')
+            .nth(1)
+            .expect("statm has a resident field");
+        resident
+            .iter()
+            .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'))
+    }
+
+    /// The purge delay (its default, one second) becomes `PURGE_DELAY_MS` unless the environment
+    /// sets it; transparent huge pages are off; and pages freed by a thread that then idles go
+    /// back to the OS with no other thread allocating, as they would not with the delay alone.
     #[test]
-    fn the_option_set_is_mimallocs_purge_delay() {
+    fn freed_pages_go_back_while_every_thread_idles() {
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
             return;
         }
@@ -202,7 +284,44 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(
             unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
-            0
+            PURGE_DELAY_MS
         );
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+            // SAFETY: reads one flag of this process.
+            assert_eq!(unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) }, 1);
+        }
+
+        // 64 MiB in blocks of 2 MiB, each a page of its own that goes back to mimalloc's arena
+        // when freed; the thread then idles, as a receiving thread does after a peak.
+        const BLOCKS: usize = 32;
+        const BLOCK: usize = 2 << 20;
+        let page = 4096;
+        let (freed, wait_freed) = std::sync::mpsc::channel();
+        let (release, idle) = std::sync::mpsc::channel::<()>();
+        let before = resident_pages();
+        let idler = std::thread::spawn(move || {
+            let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![i as u8 + 1; BLOCK]).collect();
+            let held = resident_pages();
+            drop(std::hint::black_box(blocks));
+            freed.send(held).expect("the test waits");
+            let _ = idle.recv();
+        });
+        let held = wait_freed.recv().expect("the idler frees its blocks");
+        let grown = held.saturating_sub(before);
+        assert!(
+            grown * page >= (BLOCKS * BLOCK / 2) as u64,
+            "the blocks were resident: {grown} pages more"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while resident_pages() + grown / 2 > held {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "64 MiB freed still resident after 10 s: {} pages, {held} when held",
+                resident_pages()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop(release);
+        idler.join().expect("the idler ends");
     }
 }

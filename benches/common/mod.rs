@@ -57,6 +57,27 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
 }
 
+/// The resident set of a process that has gone quiet, in KiB: read every 250 ms until it has not
+/// fallen for 1.5 s (the daemon's allocator gives free pages back 100 ms after they were freed, on
+/// a purge that runs every second), at most 15 s; the lowest reading.
+pub fn settled_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut lowest = rss_kib(pid)?;
+    let mut unchanged_for = 0;
+    while unchanged_for < 6 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let now = rss_kib(pid)?;
+        // Under 0.2% lower counts as not fallen: a page or two comes and goes at any time.
+        if now + lowest / 500 < lowest {
+            unchanged_for = 0;
+        } else {
+            unchanged_for += 1;
+        }
+        lowest = lowest.min(now);
+    }
+    Ok(lowest)
+}
+
 /// Bytes of every file under `dir`.
 pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
