@@ -28,7 +28,6 @@ use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message;
 
 use crate::act::outbound::OutboundPolicy;
 use crate::config::{Config, ConfigError, RawConfig};
@@ -50,15 +49,15 @@ pub const TARGETS: [(&str, Entry); 7] = [
     ("api_bodies", api_bodies),
 ];
 
-/// An `ExportTraceServiceRequest` in protobuf: the in-place span reader, after the item count,
+/// An `ExportTraceServiceRequest` in protobuf: the in-place span reader, with the item limit,
 /// held to prost.
 pub fn traces_protobuf(data: &[u8]) {
     protobuf::<ExportTraceServiceRequest>(data);
     read_as_prost_reads(data, crate::normalize::traces_protobuf, crate::normalize::traces);
 }
 
-/// An `ExportMetricsServiceRequest` in protobuf: the in-place point reader, after the item
-/// count, held to prost.
+/// An `ExportMetricsServiceRequest` in protobuf: the in-place point reader, with the item
+/// limit, held to prost.
 pub fn metrics_protobuf(data: &[u8]) {
     protobuf::<ExportMetricsServiceRequest>(data);
     read_as_prost_reads(
@@ -68,7 +67,7 @@ pub fn metrics_protobuf(data: &[u8]) {
     );
 }
 
-/// An `ExportLogsServiceRequest` in protobuf: the in-place record reader, after the item count,
+/// An `ExportLogsServiceRequest` in protobuf: the in-place record reader, with the item limit,
 /// held to prost.
 pub fn logs_protobuf(data: &[u8]) {
     protobuf::<ExportLogsServiceRequest>(data);
@@ -76,8 +75,9 @@ pub fn logs_protobuf(data: &[u8]) {
 }
 
 /// Whenever prost decodes `data`, the in-place reader reads it too, and reads the same as from
-/// prost's own re-encoding of what it decoded (canonical order, merged, unknown fields dropped).
-fn read_as_prost_reads<R: Message + Default>(
+/// prost's own re-encoding of what it decoded (canonical order, merged, unknown fields dropped);
+/// unless it holds more items than `max_items_per_request`, which the reader refuses.
+fn read_as_prost_reads<R: OtlpRequest>(
     data: &[u8],
     in_place: fn(&[u8], &NormalizeOptions) -> Result<Normalized, DecodeError>,
     decoded: fn(&R, &NormalizeOptions) -> Result<Normalized, DecodeError>,
@@ -85,14 +85,18 @@ fn read_as_prost_reads<R: Message + Default>(
     let Ok(request) = R::decode(data) else {
         return;
     };
+    let items = R::count_items(data).expect("what prost decodes is framed");
     for options in settings() {
+        let over = items > options.max_items_per_request;
         match (in_place(data, &options), decoded(&request, &options)) {
-            (Ok(in_place), Ok(via_prost)) => {
+            (Err(DecodeError::TooManyItems { .. }), _) if over => {}
+            (Ok(in_place), Ok(via_prost)) if !over => {
                 assert_eq!(in_place, via_prost, "the reader and prost read differently")
             }
-            (in_place, via_prost) => {
-                panic!("prost decodes it; the reader says {in_place:?}, prost's encoding {via_prost:?}")
-            }
+            (in_place, via_prost) => panic!(
+                "prost decodes it ({items} items, the limit {}); the reader says {in_place:?}, prost's encoding {via_prost:?}",
+                options.max_items_per_request
+            ),
         }
     }
 }
@@ -106,7 +110,7 @@ pub fn otlp_json(data: &[u8]) {
     for options in settings() {
         if let Ok(whole) = serde_json::from_slice::<ExportTraceServiceRequest>(data) {
             let direct = crate::normalize::traces_json(data, &options).expect("read as decoded whole");
-            assert_eq!(Ok(direct), crate::normalize::traces(&whole, &options));
+            as_the_protobuf_path_reads(direct, crate::normalize::traces(&whole, &options), &options);
         }
         // A metric's data is a flattened oneof in opentelemetry-proto's serde, which drops a
         // metric whose data does not decode whole (an exemplar of the wrong shape, a key given
@@ -116,11 +120,11 @@ pub fn otlp_json(data: &[u8]) {
             && let Ok(canonical) = serde_json::to_vec(&whole)
         {
             let direct = crate::normalize::metrics_json(&canonical, &options).expect("read as decoded whole");
-            assert_eq!(Ok(direct), crate::normalize::metrics(&whole, &options));
+            as_the_protobuf_path_reads(direct, crate::normalize::metrics(&whole, &options), &options);
         }
         if let Ok(whole) = serde_json::from_slice::<ExportLogsServiceRequest>(data) {
             let direct = crate::normalize::logs_json(data, &options).expect("read as decoded whole");
-            assert_eq!(Ok(direct), crate::normalize::logs(&whole, &options));
+            as_the_protobuf_path_reads(direct, crate::normalize::logs(&whole, &options), &options);
         }
         check_export(
             normalize_json::<ExportTraceServiceRequest>(data, &options),
@@ -134,6 +138,24 @@ pub fn otlp_json(data: &[u8]) {
             normalize_json::<ExportLogsServiceRequest>(data, &options),
             &options,
         );
+    }
+}
+
+/// What the OTLP/JSON reader read, held to what the protobuf path reads of the same request: the
+/// same, unless the protobuf path refused it for its items (it stops reading past the limit),
+/// which the JSON reader reads whole (the body's size bounds it) and `normalize_json` refuses.
+fn as_the_protobuf_path_reads(
+    direct: Normalized,
+    via_protobuf: Result<Normalized, DecodeError>,
+    options: &NormalizeOptions,
+) {
+    match via_protobuf {
+        Err(DecodeError::TooManyItems { limit }) => {
+            assert_eq!(limit, options.max_items_per_request);
+            let items = direct.accepted + direct.rejected + direct.skipped;
+            assert!(items > limit, "{items} items read from JSON, within the limit of {limit}");
+        }
+        via_protobuf => assert_eq!(Ok(direct), via_protobuf),
     }
 }
 

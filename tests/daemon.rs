@@ -2592,10 +2592,10 @@ async fn every_member_of_a_gzip_body_is_read() {
     daemon.stop().await.expect("clean stop");
 }
 
-/// A request holding more items than `max_items_per_request` is refused before it is decoded,
+/// A request holding more items than `max_items_per_request` is refused before it is read whole,
 /// over both transports and for every signal: 413 over HTTP, RESOURCE_EXHAUSTED over gRPC.
 #[tokio::test]
-async fn a_request_with_too_many_items_is_refused_before_decoding() {
+async fn a_request_with_too_many_items_is_refused_before_it_is_read_whole() {
     let daemon = TestDaemon::start_with(|raw| raw.max_items_per_request = Some(10)).await;
     let spans = spans_request("many", "1", &["op".to_string()], 11);
     let metrics = testdata::metrics_request("prod", "many", "1", 11, EPOCH_NS, 5);
@@ -2620,6 +2620,14 @@ async fn a_request_with_too_many_items_is_refused_before_decoding() {
             "{path}: {}",
             status.message
         );
+        // The whole request's items are named, though reading stopped past the limit.
+        if path != "/v1/metrics" {
+            assert!(
+                status.message.contains("holds 11 items"),
+                "{path}: {}",
+                status.message
+            );
+        }
     }
     let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
         .await

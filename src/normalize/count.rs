@@ -1,5 +1,6 @@
-//! Items in an encoded export request, counted on the wire before anything is decoded: a request
-//! of millions of tiny data points is refused for what it holds, not after prost has built it.
+//! Items in an encoded export request, counted on the wire without reading them: the data points
+//! of a metric, taken from a request's item limit before the metric is read (`ItemBudget`), and
+//! the whole request's items, to say how many a request refused for the limit held.
 
 use super::wire::{Fields, Value, WireError};
 
@@ -21,17 +22,20 @@ pub fn log_records(buf: &[u8]) -> Result<u64, WireError> {
 /// Data points in an `ExportMetricsServiceRequest`: resource_metrics(1) / scope_metrics(2) /
 /// metrics(2) / one of the data fields / data_points(1).
 pub fn data_points(buf: &[u8]) -> Result<u64, WireError> {
-    nested(buf, &[1, 2, 2], |metric| {
-        let mut points = 0;
-        for field in Fields::new(metric) {
-            if let (number, Value::Bytes(data)) = field?
-                && METRIC_DATA_FIELDS.contains(&number)
-            {
-                points += count(data, 1)?;
-            }
+    nested(buf, &[1, 2, 2], points_of_metric)
+}
+
+/// Data points in a `Metric`, in every one of its data fields.
+pub fn points_of_metric(metric: &[u8]) -> Result<u64, WireError> {
+    let mut points = 0;
+    for field in Fields::new(metric) {
+        if let (number, Value::Bytes(data)) = field?
+            && METRIC_DATA_FIELDS.contains(&number)
+        {
+            points += count(data, 1)?;
         }
-        Ok(points)
-    })
+    }
+    Ok(points)
 }
 
 /// How many times `field` occurs in `message`.

@@ -155,6 +155,10 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
         Ok(self.points.len() as u64)
     }
 
+    fn on_wire(&self, metric: &'a [u8]) -> Result<u64, DecodeError> {
+        super::count::points_of_metric(metric).map_err(within("Metric"))
+    }
+
     fn observe(
         &mut self,
         metric: &'a [u8],

@@ -197,6 +197,9 @@ enum AttrValue<'a> {
     Double(f64),
     /// Bytes, arrays, maps: values canaryd does not read.
     Other,
+    /// A value the reader skipped, as its key is none that normalization looks up
+    /// (`KeyValueView::read_if`): neither its type nor its contents were looked at.
+    Unread,
 }
 
 /// A list of attributes, looked up by key: the first with the key counts.
@@ -215,7 +218,7 @@ fn value_text(value: AttrValue<'_>) -> Option<Cow<'_, str>> {
         AttrValue::Int(i) => Some(Cow::Owned(i.to_string())),
         AttrValue::Bool(b) => Some(Cow::Owned(b.to_string())),
         AttrValue::Double(d) => Some(Cow::Owned(d.to_string())),
-        AttrValue::Other => None,
+        AttrValue::Other | AttrValue::Unread => None,
     }
 }
 

@@ -34,6 +34,29 @@ const DOWNSTREAM_KEYS: [(&str, DownstreamSource); 6] = [
     ("messaging.system", DownstreamSource::MessagingSystem),
 ];
 
+/// Whether normalization looks a span attribute up (`observe_span` and what it calls: the
+/// operation, the error, the downstream), or it is the cohort attribute the options name: only
+/// those attributes' values are read (`KeyValueView::read_if`). A key looked up and missing here
+/// would read as absent; a debug build's lookup asserts instead.
+fn span_attribute_read(key: &[u8], cohort: Option<&str>) -> bool {
+    matches!(
+        key,
+        b"http.route"
+            | b"http.request.method"
+            | b"http.method"
+            | b"messaging.destination.template"
+            | b"messaging.destination.name"
+            | b"http.response.status_code"
+            | b"http.status_code"
+            | b"peer.service"
+            | b"server.address"
+            | b"db.system.name"
+            | b"db.system"
+            | b"rpc.service"
+            | b"messaging.system"
+    ) || cohort.is_some_and(|c| c.as_bytes() == key)
+}
+
 const SPANS_BEYOND_HORIZON: &str = "spans with a time after 2262-04-11 (beyond int64 nanoseconds)";
 
 /// A trace export as one signal's nesting, for `read_request`.
@@ -76,7 +99,7 @@ impl<'a> ItemReader<'a> for Scratch<'a> {
         obs: &mut ResourceObservations,
         out: &mut Normalized,
     ) -> Result<u64, DecodeError> {
-        let span = SpanView::read(span, self)?;
+        let span = SpanView::read(span, self, options.cohort_attribute.as_deref())?;
         match observe_span(&span, self, options, obs, &mut out.truncated) {
             Ok(()) => {
                 obs.spans += 1;
@@ -110,7 +133,7 @@ impl<'a> EventView<'a> {
                 (1, value) => event.time_unix_nano = value.fixed64(1)?,
                 (2, value) => event.name = value.bytes(2)?,
                 (3, value) => {
-                    let kv = KeyValueView::read(value.bytes(3)?)?;
+                    let kv = KeyValueView::read_if(value.bytes(3)?, |key| key == b"exception.type")?;
                     // The first attribute with the key counts, as for any attribute lookup.
                     if kv.key == b"exception.type" && event.exception_type.is_none() {
                         event.exception_type = Some(kv.value.unwrap_or(AttrValue::Other));
@@ -142,7 +165,7 @@ pub(super) struct SpanView<'a> {
 }
 
 impl<'a> SpanView<'a> {
-    fn read(buf: &'a [u8], scratch: &mut Scratch<'a>) -> Result<Self, DecodeError> {
+    fn read(buf: &'a [u8], scratch: &mut Scratch<'a>, cohort: Option<&str>) -> Result<Self, DecodeError> {
         let mut span = SpanView::default();
         scratch.span_attributes.clear();
         scratch.events.clear();
@@ -158,8 +181,10 @@ impl<'a> SpanView<'a> {
                 7 => span.start_time_unix_nano = value.fixed64(number).map_err(within("Span"))?,
                 8 => span.end_time_unix_nano = value.fixed64(number).map_err(within("Span"))?,
                 9 => {
-                    let kv = KeyValueView::read(value.bytes(number).map_err(within("Span"))?)
-                        .map_err(within("a span attribute"))?;
+                    let kv = KeyValueView::read_if(value.bytes(number).map_err(within("Span"))?, |key| {
+                        span_attribute_read(key, cohort)
+                    })
+                    .map_err(within("a span attribute"))?;
                     scratch.span_attributes.push(kv);
                 }
                 11 => {
@@ -572,7 +597,7 @@ mod wire_tests {
     use super::*;
     use crate::testdata::{kv, resource};
     use opentelemetry_proto::tonic::resource::v1::Resource;
-    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span::Event};
 
     fn server_span(name: &str) -> Span {
         Span {
@@ -677,6 +702,166 @@ mod wire_tests {
         let whole = request_with_span(&server_span("ok").encode_to_vec());
         assert!(normalize(&whole[..whole.len() - 3]).is_err());
         assert!(normalize(&whole).is_ok());
+    }
+
+    /// A span attribute's value is read only when normalization looks its key up. A fault inside
+    /// a value that prost refuses (a string that is not UTF-8, an AnyValue cut short) is read
+    /// past when no lookup wants that value, and the span reads as it does without the fault;
+    /// in a value looked up (every such key: the route, the method, the status code, each
+    /// downstream key, an exception's type, the configured cohort attribute) it still refuses
+    /// the request, as prost does.
+    #[test]
+    fn only_the_attribute_values_looked_up_are_read() {
+        const MARK: &str = "MARKMARKMARK";
+        // Writes a fault's bytes over `buf` at its offset from where the mark starts.
+        fn spoil(buf: &[u8], (offset, bytes): (isize, &[u8])) -> Vec<u8> {
+            let mark = buf
+                .windows(MARK.len())
+                .position(|w| w == MARK.as_bytes())
+                .expect("the mark is in the request");
+            let at = mark.checked_add_signed(offset).expect("within the request");
+            let mut spoiled = buf.to_vec();
+            spoiled[at..at + bytes.len()].copy_from_slice(bytes);
+            spoiled
+        }
+        // The mark's first bytes not UTF-8; and the tag and length before it (the AnyValue's
+        // string field, 0x0a and 12) made a length that runs past the AnyValue's end.
+        let faults: [(isize, &[u8]); 2] = [(0, &[0xff, 0xfe]), (-2, &[0x0a, 0x7f])];
+        let with = |attributes: Vec<_>, kind: SpanKind, exception: bool| {
+            let mut span = server_span("GET");
+            span.kind = kind as i32;
+            span.attributes = attributes;
+            if exception {
+                span.events = vec![Event {
+                    name: "exception".into(),
+                    time_unix_nano: 2_000,
+                    attributes: vec![kv("exception.stacktrace", MARK), kv("exception.type", "E")],
+                    ..Event::default()
+                }];
+            }
+            span
+        };
+        let options = NormalizeOptions {
+            cohort_attribute: Some("tenant.tier".into()),
+            ..NormalizeOptions::default()
+        };
+        let read = |buf: &[u8]| traces_protobuf(buf, &options);
+
+        // Values no lookup wants: a span attribute, an exception event's other attribute.
+        let unread = [
+            with(
+                vec![kv("http.route", "/a"), kv("user_agent.original", MARK)],
+                SpanKind::Server,
+                false,
+            ),
+            with(vec![kv("http.route", "/a")], SpanKind::Server, true),
+        ];
+        for span in unread {
+            let whole = request_with_span(&span.encode_to_vec());
+            let clean = read(&whole).expect("reads");
+            for fault in faults {
+                let spoiled = spoil(&whole, fault);
+                assert!(ExportTraceServiceRequest::decode(&spoiled[..]).is_err());
+                assert_eq!(read(&spoiled).expect("read past"), clean, "{fault:?}");
+            }
+        }
+
+        // Values looked up: each key normalization reads, on a span of the kind that reads it.
+        let mut looked_up: Vec<(&str, SpanKind)> = [
+            "http.route",
+            "http.response.status_code",
+            "http.status_code",
+            "tenant.tier",
+        ]
+        .map(|key| (key, SpanKind::Server))
+        .to_vec();
+        looked_up.extend(DOWNSTREAM_KEYS.map(|(key, _)| (key, SpanKind::Client)));
+        looked_up.extend(
+            ["messaging.destination.template", "messaging.destination.name"]
+                .map(|key| (key, SpanKind::Consumer)),
+        );
+        for (key, kind) in looked_up {
+            let span = with(vec![kv(key, MARK)], kind, false);
+            let whole = request_with_span(&span.encode_to_vec());
+            for fault in faults {
+                assert!(read(&spoil(&whole, fault)).is_err(), "{key}: {fault:?}");
+            }
+            assert!(span_attribute_read(key.as_bytes(), Some("tenant.tier")), "{key}");
+        }
+        let method = with(
+            vec![kv("http.route", "/a"), kv("http.request.method", MARK)],
+            SpanKind::Server,
+            false,
+        );
+        let old_method = with(
+            vec![kv("http.route", "/a"), kv("http.method", MARK)],
+            SpanKind::Server,
+            false,
+        );
+        let mut exception = with(vec![], SpanKind::Server, true);
+        exception.events[0].attributes = vec![kv("exception.type", MARK)];
+        for span in [method, old_method, exception] {
+            let whole = request_with_span(&span.encode_to_vec());
+            for fault in faults {
+                assert!(read(&spoil(&whole, fault)).is_err(), "{span:?}: {fault:?}");
+            }
+        }
+    }
+
+    /// A request past `max_items_per_request` is refused at the first span past the limit, before
+    /// that span is read (a span that would not decode there does not change the answer), and
+    /// wherever its spans lie: in one scope, across scopes and resources, or under a resource
+    /// without a service name, whose spans are rejected by count.
+    #[test]
+    fn a_request_past_the_item_limit_is_refused_at_the_first_span_past_it() {
+        let options = NormalizeOptions {
+            max_items_per_request: 3,
+            ..NormalizeOptions::default()
+        };
+        let read = |buf: &[u8]| traces_protobuf(buf, &options);
+        let good = server_span("ok").encode_to_vec();
+        let mut bad = good.clone();
+        bad.extend([0x2a, 1, 0xff]); // the name, not UTF-8
+        // Encodes a resource of `scopes`, each of the spans' encodings given (a bad one stays bad).
+        let resource_spans = |service: &str, scopes: &[&[&[u8]]]| {
+            let mut buf = ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", service)],
+                    ..Resource::default()
+                }),
+                ..ResourceSpans::default()
+            }
+            .encode_to_vec();
+            for spans in scopes {
+                let mut scope_buf = Vec::new();
+                for span in *spans {
+                    scope_buf.push(0x12);
+                    prost::encoding::encode_varint(span.len() as u64, &mut scope_buf);
+                    scope_buf.extend_from_slice(span);
+                }
+                buf.push(0x12);
+                prost::encoding::encode_varint(scope_buf.len() as u64, &mut buf);
+                buf.extend(scope_buf);
+            }
+            request_of(&buf)
+        };
+        let limit = Err(DecodeError::TooManyItems { limit: 3 });
+        let three = resource_spans("shop", &[&[&good, &good, &good]]);
+        assert_eq!(read(&three).expect("within the limit").accepted, 3);
+        assert_eq!(
+            read(&resource_spans("shop", &[&[&good, &good, &good, &bad]])),
+            limit
+        );
+        assert_eq!(
+            read(&resource_spans("shop", &[&[&good, &good], &[&good, &bad]])),
+            limit
+        );
+        let mut two_resources = resource_spans("shop", &[&[&good, &good]]);
+        two_resources.extend(resource_spans("", &[&[&good, &bad]]));
+        assert_eq!(read(&two_resources), limit);
+        // Below the limit, the bad span is read, and refuses the request for what it is.
+        let error = read(&resource_spans("shop", &[&[&good, &bad]])).expect_err("undecodable");
+        assert!(matches!(error, DecodeError::Wire { .. }), "{error}");
     }
 
     #[test]

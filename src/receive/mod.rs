@@ -135,8 +135,8 @@ pub trait OtlpRequest: prost::Message + Default + Send + 'static {
     /// Items (spans, data points, log records) in the encoded request, counted on the wire.
     fn count_items(buf: &[u8]) -> Result<u64, normalize::WireError>;
 
-    /// Reads and normalizes a request in its protobuf encoding, in place, once its items are
-    /// counted and within `max_items_per_request`.
+    /// Reads and normalizes a request in its protobuf encoding, in place, refusing it once it is
+    /// past `max_items_per_request` items.
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError>;
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response;
@@ -144,14 +144,17 @@ pub trait OtlpRequest: prost::Message + Default + Send + 'static {
     const REJECTED_FIELD: &'static str;
 }
 
-/// Refuses a request that holds more items than `max_items_per_request`, before it is decoded.
-fn within_item_limit<R: OtlpRequest>(buf: &[u8], options: &NormalizeOptions) -> Result<(), ExportError> {
-    let items = R::count_items(buf).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))?;
-    let limit = options.max_items_per_request;
-    if items > limit {
-        return Err(ExportError::TooManyItems { items, limit });
+/// Why a protobuf request was not read, as the receivers answer it. One refused for holding more
+/// items than `max_items_per_request` (reading stops at the first past the limit) is counted
+/// whole on the wire, to say how many it held.
+fn refusal<R: OtlpRequest>(buf: &[u8], error: normalize::DecodeError) -> ExportError {
+    match error {
+        normalize::DecodeError::TooManyItems { limit } => match R::count_items(buf) {
+            Ok(items) => ExportError::TooManyItems { items, limit },
+            Err(e) => ExportError::undecodable_protobuf(e.to_string()),
+        },
+        wire => ExportError::undecodable_protobuf(wire.to_string()),
     }
-    Ok(())
 }
 
 impl OtlpRequest for ExportTraceServiceRequest {
@@ -173,9 +176,7 @@ impl OtlpRequest for ExportTraceServiceRequest {
     }
 
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        within_item_limit::<Self>(&buf, options)?;
-        normalize::traces_protobuf(&buf, options)
-            .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
+        normalize::traces_protobuf(&buf, options).map_err(|e| refusal::<Self>(&buf, e))
     }
 
     fn response(rejected: u64, error_message: Option<String>) -> Self::Response {
@@ -200,9 +201,7 @@ impl OtlpRequest for ExportMetricsServiceRequest {
     }
 
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        within_item_limit::<Self>(&buf, options)?;
-        normalize::metrics_protobuf(&buf, options)
-            .map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
+        normalize::metrics_protobuf(&buf, options).map_err(|e| refusal::<Self>(&buf, e))
     }
 
     fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
@@ -234,8 +233,7 @@ impl OtlpRequest for ExportLogsServiceRequest {
     }
 
     fn normalize_protobuf(buf: Bytes, options: &NormalizeOptions) -> Result<Normalized, ExportError> {
-        within_item_limit::<Self>(&buf, options)?;
-        normalize::logs_protobuf(&buf, options).map_err(|e| ExportError::undecodable_protobuf(e.to_string()))
+        normalize::logs_protobuf(&buf, options).map_err(|e| refusal::<Self>(&buf, e))
     }
 
     fn normalize_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized, ExportError> {
