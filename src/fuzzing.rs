@@ -153,7 +153,10 @@ fn as_the_protobuf_path_reads(
         Err(DecodeError::TooManyItems { limit }) => {
             assert_eq!(limit, options.max_items_per_request);
             let items = direct.accepted + direct.rejected + direct.skipped;
-            assert!(items > limit, "{items} items read from JSON, within the limit of {limit}");
+            assert!(
+                items > limit,
+                "{items} items read from JSON, within the limit of {limit}"
+            );
         }
         via_protobuf => assert_eq!(Ok(direct), via_protobuf),
     }

@@ -21,8 +21,10 @@ use prost::Message;
 use super::common::{DecodeError, ItemReader, KeyValueView, Nesting, read_request, within};
 use super::wire::{Fields, WireError};
 use super::{
-    AttrValue, NormalizeOptions, Normalized, beyond_horizon, cut_to, int_attr, text_attr, value_text,
+    AttrValue, NormalizeOptions, Normalized, beyond_horizon, cut_owned, cut_to, int_attr, text_attr,
+    value_text,
 };
+use std::borrow::Cow;
 
 /// Attributes that name a call's downstream, in order of preference.
 const DOWNSTREAM_KEYS: [(&str, DownstreamSource); 6] = [
@@ -243,7 +245,14 @@ pub(super) fn observe_span(
     let is_root = span.parent_span_id.is_empty();
     let attrs = &scratch.span_attributes[..];
     let error = is_error(span, attrs);
-    let operation = operation_of(span, kind, attrs, max, truncated);
+    let is_request = is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer);
+    let exceptions = scratch.events.iter().filter(|e| e.is_exception());
+    // Named only where a request or an exception carries it: a call is named by its downstream.
+    let mut operation = if is_request || exceptions.clone().next().is_some() {
+        operation_of(span, kind, attrs, max, truncated)
+    } else {
+        String::new()
+    };
     obs.saw(time);
     // The span's own cohort; a call or exception without one is given its trace's request's by
     // the engine, which sees the whole batch.
@@ -252,11 +261,16 @@ pub(super) fn observe_span(
         .as_deref()
         .and_then(|key| text_attr(attrs, key))
         .filter(|c| !c.is_empty())
-        .map(|c| cut_to(&c, max, truncated));
+        .map(|c| cut_owned(c, max, truncated));
 
-    if is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer) {
+    if is_request {
         obs.requests.push(RequestObservation {
-            operation: operation.clone(),
+            // The name moves to the request unless an exception still needs it.
+            operation: if exceptions.clone().next().is_some() {
+                operation.clone()
+            } else {
+                std::mem::take(&mut operation)
+            },
             time,
             duration_ns,
             error,
@@ -275,7 +289,7 @@ pub(super) fn observe_span(
             })
             .unwrap_or_else(|| (span.name.into(), DownstreamSource::SpanName));
         obs.calls.push(CallObservation {
-            downstream: cut_to(&downstream, max, truncated),
+            downstream: cut_owned(downstream, max, truncated),
             source,
             time,
             duration_ns,
@@ -284,7 +298,7 @@ pub(super) fn observe_span(
             cohort: cohort.clone(),
         });
     }
-    for event in scratch.events.iter().filter(|e| e.is_exception()) {
+    for event in exceptions {
         let exception_type = event
             .exception_type
             .and_then(value_text)
@@ -297,7 +311,7 @@ pub(super) fn observe_span(
         };
         obs.saw(event_time);
         obs.exceptions.push(ExceptionObservation {
-            exception_type: cut_to(&exception_type, max, truncated),
+            exception_type: cut_owned(exception_type, max, truncated),
             operation: operation.clone(),
             time: event_time,
             trace_id: TraceId(trace_id),
@@ -331,15 +345,15 @@ fn operation_of(
             .iter()
             .find_map(|key| text_attr(attrs, key).filter(|d| !d.is_empty()))
     {
-        return cut_to(&destination, max, truncated);
+        return cut_owned(destination, max, truncated);
     }
     let Some(route) = text_attr(attrs, "http.route").filter(|r| !r.is_empty()) else {
         return cut_to(span.name, max, truncated);
     };
     let method = text_attr(attrs, "http.request.method").or_else(|| text_attr(attrs, "http.method"));
     match method {
-        Some(m) if !m.is_empty() => cut_to(&format!("{m} {route}"), max, truncated),
-        _ => cut_to(&route, max, truncated),
+        Some(m) if !m.is_empty() => cut_owned(Cow::Owned(format!("{m} {route}")), max, truncated),
+        _ => cut_owned(route, max, truncated),
     }
 }
 
