@@ -21,7 +21,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Status};
 
-use super::{Intake, OtlpRequest};
+use super::{Intake, OtlpRequest, Work};
 use crate::engine::Admission;
 use crate::normalize::NormalizeOptions;
 use crate::serve::watch::Watch;
@@ -74,8 +74,12 @@ impl<R: OtlpRequest> tonic::server::UnaryService<Bytes> for RawExport<R> {
             let Some(admission) = admission else {
                 return Err(Status::internal("a request without its slot"));
             };
+            // tonic has inflated a compressed message by now.
+            let work = Work::of_protobuf(bytes.len());
             let normalize = move |options: &NormalizeOptions| R::normalize_protobuf(bytes, options);
-            let outcome = intake.export::<R>(Transport::Grpc, admission, normalize).await?;
+            let outcome = intake
+                .export::<R>(Transport::Grpc, admission, work, normalize)
+                .await?;
             Ok(tonic::Response::new(R::response(
                 outcome.rejected,
                 outcome.error_message,

@@ -20,7 +20,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
-use super::{ExportError, ExportOutcome, Intake, OtlpRequest};
+use super::{ExportError, ExportOutcome, Intake, OtlpRequest, Work};
 use crate::normalize::{NormalizeOptions, Normalized};
 use crate::stats::Transport;
 
@@ -91,8 +91,15 @@ async fn export<R: OtlpRequest>(
             return refuse(format, error);
         }
     };
+    let work = match (format, encoding) {
+        (Format::Protobuf, Encoding::Identity) => Work::of_protobuf(raw.len()),
+        _ => Work::Long,
+    };
     let normalized = move |options: &_| normalize::<R>(format, encoding, raw, limit, options);
-    match intake.export::<R>(Transport::Http, admission, normalized).await {
+    match intake
+        .export::<R>(Transport::Http, admission, work, normalized)
+        .await
+    {
         Ok(outcome) => success::<R>(format, outcome),
         Err(e) => failure(format, e),
     }

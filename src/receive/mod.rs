@@ -253,6 +253,31 @@ impl OtlpRequest for ExportLogsServiceRequest {
     }
 }
 
+/// How long reading a request may take, by what it is: a short one is read where it was
+/// received, as handing it to a blocking thread and back (two wake-ups and two context switches)
+/// cost the daemon about a tenth of its CPU under load (BENCHMARKS.md, ingest throughput).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Protobuf, uncompressed, of at most `SHORT_WORK_BYTES`: read in place at about 2.5 M
+    /// spans a second on one core, a third of a millisecond at most.
+    Short,
+    /// Anything else: compressed (inflating costs more than reading), JSON, or larger.
+    Long,
+}
+
+/// The largest uncompressed protobuf request read on the async worker that received it.
+pub const SHORT_WORK_BYTES: usize = 256 << 10;
+
+impl Work {
+    pub fn of_protobuf(uncompressed_bytes: usize) -> Work {
+        if uncompressed_bytes <= SHORT_WORK_BYTES {
+            Work::Short
+        } else {
+            Work::Long
+        }
+    }
+}
+
 /// What an accepted export request amounted to, for its response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportOutcome {
@@ -329,28 +354,39 @@ impl Intake {
         }
     }
 
-    /// Runs `normalize` (decoding included, where the request is still encoded) on a blocking
-    /// thread, then queues the batch with the request's admission.
+    /// Runs `normalize` (decoding included, where the request is still encoded), then queues the
+    /// batch with the request's admission. A request of `Work::Short` is read on the async worker
+    /// that received it; any other on a blocking thread, so that no worker is held long.
     pub async fn export<R: OtlpRequest>(
         &self,
         transport: Transport,
         admission: Admission,
+        work: Work,
         normalize: impl FnOnce(&NormalizeOptions) -> Result<Normalized, ExportError> + Send + 'static,
     ) -> Result<ExportOutcome, ExportError> {
-        let options = self.options.clone();
         // The request already holds its slot, so this wait is bounded by the slots' memory.
         let decoder = Arc::clone(&self.decoders)
             .acquire_owned()
             .await
             .map_err(|_| ExportError::ShuttingDown)?;
-        let normalized = tokio::task::spawn_blocking(move || {
-            let normalized = normalize(&options);
-            drop(decoder);
-            normalized
-        })
-        .await
-        .map_err(|_| ExportError::ShuttingDown)
-        .and_then(|r| r);
+        let normalized = match work {
+            Work::Short => {
+                let normalized = normalize(&self.options);
+                drop(decoder);
+                normalized
+            }
+            Work::Long => {
+                let options = self.options.clone();
+                tokio::task::spawn_blocking(move || {
+                    let normalized = normalize(&options);
+                    drop(decoder);
+                    normalized
+                })
+                .await
+                .map_err(|_| ExportError::ShuttingDown)
+                .and_then(|r| r)
+            }
+        };
         let result = match normalized {
             Ok(n) => self.submit(n, R::SIGNAL, admission).await,
             Err(e) => Err(e),
