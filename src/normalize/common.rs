@@ -226,6 +226,7 @@ impl<'a> KeyValueView<'a> {
     /// stack trace), and reading each value, UTF-8 check included, was a sixth of what the daemon
     /// spent on a span (BENCHMARKS.md, ingest throughput). A request that prost accepts reads the
     /// same either way; one that prost refuses only for what lies inside such a value is read.
+    #[inline]
     pub fn read_if(buf: &'a [u8], wanted: impl Fn(&[u8]) -> bool) -> Result<Self, WireError> {
         let mut key: &[u8] = b"";
         let mut has_value = false;

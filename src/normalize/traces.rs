@@ -187,7 +187,11 @@ impl<'a> SpanView<'a> {
                         span_attribute_read(key, cohort)
                     })
                     .map_err(within("a span attribute"))?;
-                    scratch.span_attributes.push(kv);
+                    // An attribute left unread is never looked up: a debug build keeps it, to
+                    // assert that no lookup meets one.
+                    if kv.value != Some(AttrValue::Unread) || cfg!(debug_assertions) {
+                        scratch.span_attributes.push(kv);
+                    }
                 }
                 11 => {
                     let event = EventView::read(value.bytes(number).map_err(within("Span"))?)
