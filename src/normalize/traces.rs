@@ -356,7 +356,14 @@ fn operation_of(
     };
     let method = text_attr(attrs, "http.request.method").or_else(|| text_attr(attrs, "http.method"));
     match method {
-        Some(m) if !m.is_empty() => cut_owned(Cow::Owned(format!("{m} {route}")), max, truncated),
+        Some(m) if !m.is_empty() => {
+            // Sized once: format! grew its buffer as it wrote, a second allocation per request.
+            let mut name = String::with_capacity(m.len() + 1 + route.len());
+            name.push_str(&m);
+            name.push(' ');
+            name.push_str(&route);
+            cut_owned(Cow::Owned(name), max, truncated)
+        }
         _ => cut_owned(route, max, truncated),
     }
 }

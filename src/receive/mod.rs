@@ -1,7 +1,8 @@
 //! OTLP receivers: gRPC (`grpc`) and HTTP (`http`), sharing one intake.
 //!
-//! Both transports end in `Intake::export`: normalize on a blocking thread (CPU work stays off the
-//! async workers), count, and queue the batch for the engine. Items are counted as accepted only
+//! Both transports end in `Intake::export`: normalize (a short request on the async worker that
+//! received it, any other on a blocking thread, so that no worker is held long: `Work`), count,
+//! and queue the batch for the engine. Items are counted as accepted only
 //! once the engine's queue has taken them; when it has not, the client gets a retryable error and
 //! nothing is half-counted. One error type, `ExportError`, maps to both a gRPC code and an HTTP
 //! status, so the two transports answer the same failure the same way.
@@ -258,8 +259,8 @@ impl OtlpRequest for ExportLogsServiceRequest {
 /// cost the daemon about a tenth of its CPU under load (BENCHMARKS.md, ingest throughput).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Work {
-    /// Protobuf, uncompressed, of at most `SHORT_WORK_BYTES`: read in place at about 2.5 M
-    /// spans a second on one core, a third of a millisecond at most.
+    /// Protobuf, uncompressed, of at most `SHORT_WORK_BYTES`: read in place at 2.5-3.4 M spans
+    /// a second on one core of the development VM, a third of a millisecond at most.
     Short,
     /// Anything else: compressed (inflating costs more than reading), JSON, or larger.
     Long,
@@ -296,8 +297,9 @@ pub struct Intake {
     /// One permit per request that may be in flight (`Config::requests_in_flight`).
     slots: Arc<tokio::sync::Semaphore>,
     in_flight: usize,
-    /// One permit per request being decoded (`Config::threads`), so that decoding, which runs on
-    /// the blocking pool, takes no more CPUs than the runtime's workers.
+    /// One permit per request being decoded (`Config::threads`), so that decoding, on the worker
+    /// that received a short request and on the blocking pool otherwise, takes no more CPUs than
+    /// the runtime's workers.
     decoders: Arc<tokio::sync::Semaphore>,
     /// How long a request waits for a slot before it is answered "unavailable".
     wait: std::time::Duration,
