@@ -251,8 +251,9 @@ pub(super) fn observe_span(
     let error = is_error(span, attrs);
     let is_request = is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer);
     let exceptions = scratch.events.iter().filter(|e| e.is_exception());
+    let has_exception = exceptions.clone().next().is_some();
     // Named only where a request or an exception carries it: a call is named by its downstream.
-    let mut operation = if is_request || exceptions.clone().next().is_some() {
+    let mut operation = if is_request || has_exception {
         operation_of(span, kind, attrs, max, truncated)
     } else {
         String::new()
@@ -270,7 +271,7 @@ pub(super) fn observe_span(
     if is_request {
         obs.requests.push(RequestObservation {
             // The name moves to the request unless an exception still needs it.
-            operation: if exceptions.clone().next().is_some() {
+            operation: if has_exception {
                 operation.clone()
             } else {
                 std::mem::take(&mut operation)

@@ -126,9 +126,7 @@ impl PendingSlots {
             }
         }
     }
-}
 
-impl PendingSlots {
     fn hours_of(slots: &[(String, u16, SlotSummary)]) -> Vec<u16> {
         slots.iter().map(|(_, hour, _)| *hour).collect()
     }
