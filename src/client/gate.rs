@@ -183,6 +183,7 @@ async fn follow(
     };
     let mut verdict = judge(&args.version, known.analysis.as_ref(), known.last_final.as_ref());
     if !args.wait || verdict != Verdict::Pending {
+        progress.show(known.analysis.as_ref(), &args.version, deadline);
         return Ok((verdict, known));
     }
     let mut events = client.follow(&args.env, &args.app, &known.last_id);
@@ -210,6 +211,9 @@ async fn follow(
         }
         verdict = judge(&args.version, known.analysis.as_ref(), known.last_final.as_ref());
     }
+    // The state it ended in, so a log never stops at a line older than the verdict (an analysis
+    // can start and end between two looks).
+    progress.show(known.analysis.as_ref(), &args.version, deadline);
     Ok((verdict, known))
 }
 
