@@ -249,6 +249,8 @@ settings! {
     flush_interval_secs: u64,
     /// sled's cache, in MiB [default: 64]
     sled_cache_mb: u64,
+    /// Memory, in MiB, for the next hour's seasonal slots read ahead of an hour's turn (from 5 minutes before it to 5 after), so that the turn does not read them on the engine's thread; an hour's slots take about 420 bytes a series, and past this the rest are read at the turn, holding decisions meanwhile (about 10 µs a series); 0 reads none ahead [default: 48]
+    slots_read_ahead_mb: u64,
     /// Events kept in the history; the oldest go first, but one still to be delivered (pending or parked) is kept for its delivery [default: 100000]
     max_events: usize,
     /// Outbound targets (webhooks, HAProxy sockets) allowed although loopback, private, link-local or cloud-metadata: networks, addresses, host names or unix:///paths, comma-separated; unset allows loopback while http_addr is a loopback address [default: none]
@@ -345,6 +347,7 @@ pub struct Config {
     /// The most the baselines may take in memory before apps are paged out (0: no limit).
     pub max_baseline_memory_bytes: usize,
     pub sled_cache_bytes: u64,
+    pub slots_read_ahead_bytes: usize,
     pub max_events: usize,
     pub delivery: DeliveryConfig,
     pub max_message_bytes: usize,
@@ -769,6 +772,14 @@ impl Config {
                 set(raw.sled_cache_mb, "sled_cache_mb")?,
                 1..=1 << 20,
             )? << 20,
+            slots_read_ahead_bytes: usize::try_from(
+                within(
+                    "slots_read_ahead_mb",
+                    set(raw.slots_read_ahead_mb, "slots_read_ahead_mb")?,
+                    0..=1 << 20,
+                )? << 20,
+            )
+            .unwrap_or(usize::MAX),
             max_events: within("max_events", set(raw.max_events, "max_events")?, 1..=100_000_000)?,
             delivery,
             max_message_bytes,

@@ -272,7 +272,7 @@ impl Daemon {
             crate::store::writer::StoreWriter::start(store.clone()).map_err(StartError::WriterThread)?;
         let mut engine = Engine::new(
             config.engine.clone(),
-            Box::new(writer.slot_store(store.slot_store())),
+            Box::new(writer.slot_store(store.slot_store(), config.slots_read_ahead_bytes)),
         );
         engine.set_archive(Box::new(store.archive()));
         let state = store.load()?;

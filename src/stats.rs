@@ -278,6 +278,16 @@ impl Stats {
             store.duplicate_events.clone(),
         );
         registry.register(
+            "canaryd_store_slots_read",
+            "Seasonal slots read from the store on the engine's thread: at an hour's turn, those no read ahead held",
+            store.slots_read.clone(),
+        );
+        registry.register(
+            "canaryd_store_slots_read_ahead",
+            "Seasonal slots read on the store's writer thread ahead of their hour's turn",
+            store.slots_read_ahead.clone(),
+        );
+        registry.register(
             "canaryd_store_slot_errors",
             "Seasonal slots that could not be read or written",
             store.slot_errors.clone(),

@@ -344,8 +344,40 @@ impl SlotSummary {
         }
     }
 
-    fn heap_bytes(&self) -> usize {
+    /// Bytes its sketches hold on the heap.
+    pub fn heap_bytes(&self) -> usize {
         self.past.heap_bytes() + self.current.heap_bytes()
+    }
+}
+
+/// How long before an hour's turn, in event time, a `SlotStore` that reads on a thread of its own
+/// reads the next hour's slots ahead, and how long after it the turn counts as over: long enough
+/// for a store's reader to read an hour's slots of every series (a second or two at 100k series)
+/// while traffic comes at its own pace, and for apps whose clocks lag a little to turn.
+pub const READ_AHEAD_NS: EventTime = 5 * 60 * 1_000_000_000;
+
+/// What a store that reads the seasonal slots ahead of an hour's turn does as event time reaches
+/// a moment (`ahead_of_turn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AheadOfTurn {
+    /// Within `READ_AHEAD_NS` of the turn into this hour-of-week: read its slots.
+    Read(u16),
+    /// Within `READ_AHEAD_NS` after a turn: keep what was read, for the apps still turning.
+    Keep,
+    /// Well inside an hour: nothing read ahead is needed any more.
+    Release,
+}
+
+/// Where `time` lies against the nearest hour's turn, for a store reading slots ahead.
+pub fn ahead_of_turn(time: EventTime) -> AheadOfTurn {
+    let now = hour_of_week(time);
+    let soon = hour_of_week(time.saturating_add(READ_AHEAD_NS));
+    if soon != now {
+        AheadOfTurn::Read(soon)
+    } else if hour_of_week(time.saturating_sub(READ_AHEAD_NS)) != now {
+        AheadOfTurn::Keep
+    } else {
+        AheadOfTurn::Release
     }
 }
 
@@ -361,6 +393,19 @@ pub trait SlotStore {
     fn load_scope(&mut self, prefix: &str, slot: u16) -> Option<Vec<(String, SlotSummary)>> {
         let _ = (prefix, slot);
         None
+    }
+
+    /// Event time has reached `time` in an app (a window ending then closed): a store that can
+    /// read on a thread of its own reads the next hour's slots ahead as its turn nears and lets
+    /// them go once it is over (`ahead_of_turn`). Reads stay correct without it.
+    fn time_reached(&mut self, time: EventTime) {
+        let _ = time;
+    }
+
+    /// The slots of scope `prefix` are to be deleted (its version was forgotten; the store's
+    /// flush deletes them): a store holding any of them apart, as read ahead, drops them.
+    fn forget_scope(&mut self, prefix: &str) {
+        let _ = prefix;
     }
 
     /// Saves several slots at once: a store with an order of its own writes them in it.

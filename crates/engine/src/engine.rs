@@ -135,6 +135,25 @@ impl BaselineId {
         };
         format!("{}:{env}{}:{app}{scope}/", env.len(), app.len())
     }
+
+    /// The `series_prefix` a series name starts with: its scope's, read back by the lengths it
+    /// holds. `None` for a name no `series_name` made.
+    pub fn prefix_of_series(series: &str) -> Option<&str> {
+        /// The length of `{n}:` followed by n bytes at the start of `rest`.
+        fn counted(rest: &str) -> Option<usize> {
+            let (n, _) = rest.split_once(':')?;
+            let len = n.parse::<usize>().ok()?.checked_add(n.len() + 1)?;
+            rest.is_char_boundary(len).then_some(len)
+        }
+        let mut at = counted(series)?;
+        at += counted(series.get(at..)?)?;
+        at += match series.as_bytes().get(at)? {
+            b'A' => 1,
+            b'V' => 1 + counted(series.get(at + 1..)?)?,
+            _ => return None,
+        };
+        (series.as_bytes().get(at) == Some(&b'/')).then(|| &series[..=at])
+    }
 }
 
 /// The engine's durable state, or the part of it that changed.
@@ -642,6 +661,9 @@ impl Engine {
         }
         // Windows in time order, versions in name order within a window: learning is deterministic.
         closed.sort_by(|a, b| (a.1.start, &a.0).cmp(&(b.1.start, &b.0)));
+        if let Some(last) = closed.last() {
+            self.slots.time_reached(last.1.end);
+        }
         let window_secs = config.windows.window_ns as f64 / 1e9;
         let decay = 0.5f64.powf(1.0 / STABLE_HALF_LIFE_WINDOWS);
         let count = closed.len() as u64;
@@ -737,6 +759,8 @@ impl Engine {
             state.traffic.remove(version);
         }
         let scope = Scope::Version(version.to_string());
+        self.slots
+            .forget_scope(&BaselineId::series_prefix(env, app, &scope));
         let of_other =
             |id: &BaselineId| id.env.as_str() != &**env || id.app.as_str() != &**app || id.scope != scope;
         self.dirty.retain(of_other);
@@ -1424,6 +1448,28 @@ mod tests {
             trace_id: TraceId([trace; 16]),
             span_id: SpanId([1; 8]),
             cohort: cohort.map(str::to_owned),
+        }
+    }
+
+    proptest::proptest! {
+        /// A series name gives back its scope's prefix, whatever the env, app, version and key
+        /// hold (digits, colons, slashes, any text), and a name cut inside its prefix gives none.
+        #[test]
+        fn a_series_name_gives_back_its_scopes_prefix(
+            env in ".{0,12}",
+            app in ".{0,12}",
+            version in proptest::option::of(".{0,12}"),
+            key in ".{0,24}",
+            cut in 0usize..64,
+        ) {
+            let scope = version.map_or(Scope::App, Scope::Version);
+            let prefix = BaselineId::series_prefix(&env, &app, &scope);
+            let name = format!("{prefix}{key}");
+            proptest::prop_assert_eq!(BaselineId::prefix_of_series(&name), Some(prefix.as_str()));
+            let cut = cut.min(prefix.len() - 1);
+            if let Some(short) = prefix.get(..cut) {
+                proptest::prop_assert_eq!(BaselineId::prefix_of_series(short), None);
+            }
         }
     }
 

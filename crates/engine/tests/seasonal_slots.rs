@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use canaryd_engine::baseline::Baseline;
-use canaryd_engine::baseline::{MemorySlotStore, SlotStore, SlotSummary};
+use canaryd_engine::baseline::{AheadOfTurn, MemorySlotStore, SlotStore, SlotSummary, ahead_of_turn};
 use canaryd_engine::{
     BaselineId, Batch, Engine, EngineConfig, Identity, RequestObservation, ResourceObservations, SpanId,
     TraceId,
@@ -22,6 +22,8 @@ struct Asked {
     loads: usize,
     scope_loads: usize,
     saves: usize,
+    /// Reads (`"load"`) and hints (`"ahead"`), by slot, in the order asked.
+    log: Vec<(&'static str, u16)>,
 }
 
 /// An in-memory slot store, shared so that a test can look into it, that counts what it is asked
@@ -42,6 +44,7 @@ impl SlotStore for Counted {
     fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
         let mut inner = self.lock();
         inner.1.loads += 1;
+        inner.1.log.push(("load", slot));
         inner.0.load(series, slot)
     }
 
@@ -57,7 +60,14 @@ impl SlotStore for Counted {
         }
         let mut inner = self.lock();
         inner.1.scope_loads += 1;
+        inner.1.log.push(("load", slot));
         inner.0.load_scope(prefix, slot)
+    }
+
+    fn time_reached(&mut self, time: u64) {
+        if let AheadOfTurn::Read(slot) = ahead_of_turn(time) {
+            self.lock().1.log.push(("ahead", slot));
+        }
     }
 }
 
@@ -188,4 +198,66 @@ fn an_hours_turn_reads_a_scopes_slots_together_and_learns_what_one_by_one_learns
         "{t:?} against {a:?}"
     );
     assert_eq!(t.saves, a.saves);
+}
+
+/// The engine tells its store the event time its windows reach, so that a store reading ahead
+/// reads the next hour's slots once within `READ_AHEAD_NS` of the turn, not before, and before
+/// the turn reads any of them.
+#[test]
+fn the_store_hears_of_the_turn_five_minutes_ahead_and_before_it_reads_the_hours_slots() {
+    let store = Counted {
+        together: true,
+        ..Counted::default()
+    };
+    let mut engine = Engine::new(EngineConfig::default(), Box::new(store.clone()));
+    let minute = 60 * S;
+    // Up to 0:54, every window closed ends more than five minutes before the hour.
+    for batch in traffic(START + 50 * minute, 4 * 60) {
+        engine.ingest(&batch);
+    }
+    let hinted = |store: &Counted| -> Vec<u16> {
+        let inner = store.lock();
+        inner
+            .1
+            .log
+            .iter()
+            .filter(|(what, _)| *what == "ahead")
+            .map(|(_, slot)| *slot)
+            .collect()
+    };
+    assert_eq!(hinted(&store), Vec::<u16>::new());
+    for batch in traffic(START + 54 * minute, 16 * 60) {
+        engine.ingest(&batch);
+    }
+    let hints = hinted(&store);
+    assert!(
+        !hints.is_empty() && hints.iter().all(|slot| *slot == 1),
+        "{hints:?}"
+    );
+    let log = std::mem::take(&mut store.lock().1.log);
+    let first_read = log.iter().position(|entry| *entry == ("load", 1));
+    let first_hint = log.iter().position(|entry| *entry == ("ahead", 1));
+    assert!(
+        first_hint.is_some_and(|hint| first_read.is_some_and(|read| hint < read)),
+        "the hour's turn read slot 1, after the hint: {log:?}"
+    );
+}
+
+/// Read ahead within five minutes before a turn, kept for five minutes after it, released
+/// inside the hour; the week's last hour turns into its first.
+#[test]
+fn a_read_ahead_is_asked_for_before_a_turn_and_released_after_it() {
+    let minute = 60 * S;
+    let at = |hour: u64, minutes: u64| START + hour * HOUR + minutes * minute;
+    assert_eq!(ahead_of_turn(at(0, 54)), AheadOfTurn::Release);
+    assert_eq!(ahead_of_turn(at(0, 55)), AheadOfTurn::Read(1));
+    assert_eq!(ahead_of_turn(at(0, 59)), AheadOfTurn::Read(1));
+    assert_eq!(ahead_of_turn(at(1, 0)), AheadOfTurn::Keep);
+    assert_eq!(ahead_of_turn(at(1, 4)), AheadOfTurn::Keep);
+    assert_eq!(ahead_of_turn(at(1, 5)), AheadOfTurn::Release);
+    assert_eq!(ahead_of_turn(at(167, 57)), AheadOfTurn::Read(0));
+    assert!(matches!(
+        ahead_of_turn(u64::MAX),
+        AheadOfTurn::Read(_) | AheadOfTurn::Keep | AheadOfTurn::Release
+    ));
 }

@@ -13,7 +13,11 @@
 //!   keys), a seek each;
 //! - by scope (`store` only), the scopes in a shuffled order: the scope's slots of the hour
 //!   entered read in one pass (`SlotStore::load_scope`) and those left saved in one batch
-//!   (`SlotStore::save_all`), as the engine's `ScopeSlots` does.
+//!   (`SlotStore::save_all`), as the engine's `ScopeSlots` does;
+//! - read ahead (`store` only): the hour's slots of every scope read in one pass
+//!   (`SledSlots::load_hour`, on the daemon's store writer thread before the turn), then each
+//!   scope's taken from what was read (all the engine's thread does to read them) and its left
+//!   slots saved in one batch.
 //!
 //! `cargo bench -p canaryd-store --bench slots`; `cargo test --benches` runs a small size once.
 
@@ -103,6 +107,8 @@ fn shuffled(n: usize) -> Vec<usize> {
 }
 
 /// Where the slots go: the store's own, or a bare tree with one of two key layouts.
+// One exists at a time: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Slots {
     Store(Store, canaryd_store::SledSlots),
     Bare {
@@ -206,9 +212,9 @@ fn main() -> anyhow::Result<()> {
     let mean_record = records.iter().map(Vec::len).sum::<usize>() / series.max(1);
     println!("slots: {series} series, {hours} hours of slots each, records of {mean_record} B on average");
     println!(
-        "| layout | cache | filling, a slot | an hour's turn, a series: one by one | by scope | sled on disk |"
+        "| layout | cache | filling, a slot | an hour's turn, a series: one by one | by scope | read ahead | sled on disk |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for layout in layouts.split(',').map(str::trim) {
         for cache in caches.split(',') {
             let cache_mb: u64 = cache.trim().parse()?;
@@ -263,19 +269,61 @@ fn main() -> anyhow::Result<()> {
                     let flushing = started.elapsed();
                     anyhow::ensure!(found == series, "read back {found} of {series} slots by scope");
                     let per_series = |d: std::time::Duration| d.as_secs_f64() * 1e6 / series as f64;
-                    format!(
+                    let by_scope = format!(
                         "{:.1} µs (reading {:.1}, saving {:.1}, flushing {:.1})",
                         per_series(reading + saving + flushing),
                         per_series(reading),
                         per_series(saving),
                         per_series(flushing)
+                    );
+
+                    // The hour after, read ahead: slot 2 read whole (the daemon's writer thread
+                    // does this before the turn), then each scope's entered slots taken from it
+                    // (the engine's thread's whole part of the read) and slot `hours + 2` saved.
+                    let started = Instant::now();
+                    let mut hour = slot_store
+                        .load_hour(2, usize::MAX)
+                        .ok_or_else(|| anyhow::anyhow!("the hour read ahead failed"))?;
+                    let reading_ahead = started.elapsed();
+                    let held = hour.bytes() as f64 / series as f64;
+                    let (mut taking, mut saving) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+                    let mut found = 0usize;
+                    for scope in shuffled(scopes) {
+                        let started = Instant::now();
+                        let mut entered: std::collections::HashMap<String, SlotSummary> = hour
+                            .take(&scope_prefix(scope))
+                            .unwrap_or_default()
+                            .into_iter()
+                            .collect();
+                        taking += started.elapsed();
+                        let members = scope * SERIES_PER_SCOPE..((scope + 1) * SERIES_PER_SCOPE).min(series);
+                        let mut left = Vec::with_capacity(members.len());
+                        for s in members {
+                            left.push((names[s].clone(), hours + 2, summaries[s].clone()));
+                            found += usize::from(entered.remove(&names[s]).is_some());
+                        }
+                        let started = Instant::now();
+                        slot_store.save_all(left);
+                        saving += started.elapsed();
+                    }
+                    store.flush()?;
+                    anyhow::ensure!(found == series, "read back {found} of {series} slots ahead");
+                    (
+                        by_scope,
+                        format!(
+                            "{:.1} µs of the writer, {held:.0} B a series held; the engine's part {:.2} µs (saving {:.1})",
+                            per_series(reading_ahead),
+                            per_series(taking),
+                            per_series(saving)
+                        ),
                     )
                 }
-                Slots::Bare { .. } => "".to_owned(),
+                Slots::Bare { .. } => (String::new(), String::new()),
             };
+            let (by_scope, read_ahead) = by_scope;
 
             println!(
-                "| {layout} | {cache_mb} MiB | {fill_us:.1} µs | {turn_us:.1} µs | {by_scope} | {:.0} MiB |",
+                "| {layout} | {cache_mb} MiB | {fill_us:.1} µs | {turn_us:.1} µs | {by_scope} | {read_ahead} | {:.0} MiB |",
                 slots.size_on_disk() as f64 / (1 << 20) as f64
             );
         }

@@ -57,7 +57,7 @@ mod migrate;
 pub mod records;
 pub mod v1;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use canaryd_engine::baseline::{Baseline, SLOTS_PER_WEEK, SlotStore, SlotSummary};
 use canaryd_engine::catalog::AppEntry;
 use canaryd_engine::window::AppClock;
-use canaryd_engine::{AppArchive, ArchivedApp, EngineState, Scope};
+use canaryd_engine::{AppArchive, ArchivedApp, BaselineId, EngineState, Scope};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -316,6 +316,79 @@ pub struct StoreCounters {
     /// Events left out when appended because one of the same id is kept already: the same
     /// decision made again (its id is derived from what it is about).
     pub duplicate_events: Counter,
+    /// Seasonal slots read where they were asked for (`SledSlots::load`, `load_scope`): in the
+    /// daemon, on the engine's thread.
+    pub slots_read: Counter,
+    /// Seasonal slots read ahead of their hour (`SledSlots::load_hour`): in the daemon, on the
+    /// store's writer thread.
+    pub slots_read_ahead: Counter,
+}
+
+/// One hour's seasonal slots, read ahead of the hour (`SledSlots::load_hour`), by scope
+/// (`BaselineId::series_prefix`). A read cut short by its limit covers the scopes before the
+/// one it stopped at, whole; a scope it covers and holds nothing of has no slot of that hour.
+#[derive(Debug, Default)]
+pub struct HourSlots {
+    pub slot: u16,
+    scopes: HashMap<String, Vec<(String, SlotSummary)>>,
+    /// The first scope not read, if the read stopped before the hour's end: it and every scope
+    /// after it in key order are not covered.
+    stopped_at: Option<String>,
+    /// Slots held.
+    held: usize,
+    /// Bytes they hold, estimated as they were read (`HourSlots::bytes_of`).
+    bytes: usize,
+    /// Scopes taken: asked for again, they are read from the store (a feature entering the hour
+    /// late looks for its slot there).
+    taken: HashSet<String>,
+}
+
+impl HourSlots {
+    /// Whether the read covered every slot of the hour in scope `prefix`.
+    pub fn covers(&self, prefix: &str) -> bool {
+        self.stopped_at.as_deref().is_none_or(|stop| prefix < stop)
+    }
+
+    /// Scope `prefix`'s slots of the hour, taken out, once; `None` if the read did not cover it
+    /// or they were taken before.
+    pub fn take(&mut self, prefix: &str) -> Option<Vec<(String, SlotSummary)>> {
+        if !self.covers(prefix) || !self.taken.insert(prefix.to_owned()) {
+            return None;
+        }
+        let taken = self.scopes.remove(prefix).unwrap_or_default();
+        self.held -= taken.len();
+        self.bytes -= taken.iter().map(Self::bytes_of).sum::<usize>();
+        Some(taken)
+    }
+
+    /// What one slot read ahead holds in memory: its entry, its series' name and its sketches.
+    pub fn bytes_of((series, summary): &(String, SlotSummary)) -> usize {
+        std::mem::size_of::<(String, SlotSummary)>() + series.capacity() + summary.heap_bytes()
+    }
+
+    /// Bytes the slots still held take in memory (the estimate of `bytes_of`).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Slots still held.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Keeps a scope read whole.
+    fn keep(&mut self, read: ScopeRead) {
+        self.held += read.slots.len();
+        self.bytes += read.bytes;
+        self.scopes.insert(read.prefix, read.slots);
+    }
+}
+
+/// A scope being read into `HourSlots`: its prefix, its slots read so far and their bytes.
+struct ScopeRead {
+    prefix: String,
+    slots: Vec<(String, SlotSummary)>,
+    bytes: usize,
 }
 
 /// Records in the trees whose size is read on the hot path (sled's `len` walks the whole tree):
@@ -1539,6 +1612,65 @@ impl SledSlots {
         }
     }
 
+    /// Every scope's slots of hour-of-week `slot`, in one pass over the hour's keys (which lie
+    /// together, `keys::slot`), stopping at the first scope that would take it past `max_bytes`
+    /// in memory (`HourSlots::bytes_of`) so that what is held ahead stays bounded. `None` if the
+    /// read failed (logged and counted).
+    pub fn load_hour(&self, slot: u16, max_bytes: usize) -> Option<HourSlots> {
+        let mut hour = HourSlots {
+            slot,
+            ..HourSlots::default()
+        };
+        let mut scope: Option<ScopeRead> = None;
+        for item in self.slots.scan_prefix(slot.to_be_bytes()) {
+            let (key, bytes) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    tracing::warn!(error = %e, slot, "cannot read an hour's seasonal slots ahead");
+                    self.counters.slot_errors.inc();
+                    return None;
+                }
+            };
+            let Some(series) = key.get(2..).and_then(|name| std::str::from_utf8(name).ok()) else {
+                self.counters.records_skipped.inc();
+                continue;
+            };
+            let Some(prefix) = BaselineId::prefix_of_series(series) else {
+                self.counters.records_skipped.inc();
+                continue;
+            };
+            if scope.as_ref().is_none_or(|read| read.prefix != prefix) {
+                if let Some(done) = scope.take() {
+                    hour.keep(done);
+                }
+                scope = Some(ScopeRead {
+                    prefix: prefix.to_owned(),
+                    slots: Vec::new(),
+                    bytes: 0,
+                });
+            }
+            let Some(read) = scope.as_mut() else {
+                continue;
+            };
+            let Some(summary) = self.summary(&bytes, series, slot) else {
+                continue;
+            };
+            let entry = (series.to_owned(), summary);
+            read.bytes += HourSlots::bytes_of(&entry);
+            if hour.bytes + read.bytes > max_bytes {
+                hour.stopped_at = Some(std::mem::take(&mut read.prefix));
+                self.counters.slots_read_ahead.inc_by(hour.held as u64);
+                return Some(hour);
+            }
+            read.slots.push(entry);
+        }
+        if let Some(done) = scope {
+            hour.keep(done);
+        }
+        self.counters.slots_read_ahead.inc_by(hour.held as u64);
+        Some(hour)
+    }
+
     /// A slot's stored record, or `None` (logged and counted) if it cannot be made.
     fn record(&self, series: &str, slot: u16, summary: &SlotSummary) -> Option<Vec<u8>> {
         match StoredSlotRecord::try_from(summary) {
@@ -1554,6 +1686,7 @@ impl SledSlots {
 
 impl SlotStore for SledSlots {
     fn load(&mut self, series: &str, slot: u16) -> Option<SlotSummary> {
+        self.counters.slots_read.inc();
         match self.slots.get(keys::slot(series, slot)) {
             Ok(Some(bytes)) => self.summary(&bytes, series, slot),
             Ok(None) => None,
@@ -1602,6 +1735,7 @@ impl SlotStore for SledSlots {
                 found.push((series.to_owned(), summary));
             }
         }
+        self.counters.slots_read.inc_by(found.len() as u64);
         Some(found)
     }
 
