@@ -247,7 +247,7 @@ settings! {
     max_baseline_memory_bytes: u64,
     /// Seconds between flushes of state to disk; at most this much learning is lost to a crash [default: 10]
     flush_interval_secs: u64,
-    /// sled's cache, in MiB [default: 64]
+    /// sled's cache, in MiB: what the store keeps of its records in memory. It speeds the store's writer (which writes each flush off the engine's thread), not decisions [default: 16]
     sled_cache_mb: u64,
     /// Memory, in MiB, for the next hour's seasonal slots read ahead of an hour's turn (from 5 minutes before it to 5 after), so that the turn does not read them on the engine's thread; an hour's slots take about 420 bytes a series, and past this the rest are read at the turn, holding decisions meanwhile (about 10 µs a series); 0 reads none ahead [default: 48]
     slots_read_ahead_mb: u64,
