@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 const NS: u64 = 1_000_000_000;
 
-/// sled's cache when nothing says otherwise: the daemon's default, 64 MiB.
-const DEFAULT_SLED_CACHE_MB: u64 = 64;
+/// sled's cache when nothing says otherwise: the daemon's default, 16 MiB.
+const DEFAULT_SLED_CACHE_MB: u64 = 16;
 
 /// The settings the lab reads; all optional.
 #[derive(Debug, Default, Deserialize)]
