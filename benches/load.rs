@@ -10,7 +10,9 @@
 //! `cargo bench --bench load` measures (environment: `LOAD_SECONDS`, default 10,
 //! `LOAD_CONCURRENCY`, default 8, and `LOAD_TRANSPORTS`, a comma-separated subset of
 //! `grpc,grpc+gzip,http,http+gzip`, default all, e.g. to profile one); `cargo test --benches` runs
-//! it for a second, as a smoke test.
+//! it for a second, as a smoke test. After the gRPC run it times the daemon's decisions under
+//! 80% of that load (`LOAD_ACT=0` skips it), with `LOAD_ACT_HELD` series (e.g. 100000) held
+//! meanwhile by apps of their own sending live traffic.
 //!
 //! Before the daemon starts, three references on one core over the same payloads: a whole prost
 //! decode, a prost decode into only the fields the engine reads, and canaryd's own path without
@@ -626,10 +628,14 @@ fn measure_daemon(
 ) -> anyhow::Result<Vec<Row>> {
     let dir = tempfile::tempdir()?;
     let threads_arg = threads.map(|n| n.to_string());
-    let extra: Vec<&str> = match &threads_arg {
+    let mut extra: Vec<&str> = match &threads_arg {
         Some(n) => vec!["--threads", n.as_str()],
         None => Vec::new(),
     };
+    if act_plan.held_series > 0 {
+        // The held apps: a group of 20 in an env of its own, every group reusing the names.
+        extra.extend(["--max-apps", "1000000", "--max-envs-per-app", "1000000"]);
+    }
     let (mut daemon, addrs) = start_daemon(&dir.path().join("data"), &extra)?;
     let pid = daemon.id();
     let mut rows = Vec::new();
@@ -734,7 +740,8 @@ fn measure_daemon(
                         ..plan.clone()
                     };
                     let api = format!("http://{}", addrs["http"].as_str().unwrap_or_default());
-                    match runtime.block_on(act::under_load(busy, &api, act_plan)) {
+                    let otlp_http = addrs["otlp_http"].as_str().unwrap_or_default();
+                    match runtime.block_on(act::under_load(busy, &api, otlp_http, act_plan)) {
                         Ok(acted) => print!("{acted}"),
                         Err(e) => result = Err(e),
                     }
@@ -773,6 +780,8 @@ mod act {
     use prost::Message;
     use tonic::codegen::http::uri::PathAndQuery;
 
+    use canaryd::testdata::{self, TraceShape};
+
     use super::{LoadPlan, RawCodec, Target, now_ns, run};
 
     /// How often the apps' traffic is sent, and how many requests each version makes in that time.
@@ -783,6 +792,10 @@ mod act {
     #[derive(Clone, Copy)]
     pub struct Plan {
         pub apps: u64,
+        /// Series held in the daemon meanwhile (`LOAD_ACT_HELD`, none by default): apps of their
+        /// own sending live traffic throughout, as the series bench's do, so that windows close,
+        /// baselines learn and flushes write for that many series while canaries are decided.
+        pub held_series: u64,
         /// Healthy traffic before the first canary goes bad, and the time over which they all do.
         warm: Duration,
         spread: Duration,
@@ -796,6 +809,10 @@ mod act {
             if measuring {
                 Plan {
                     apps: 100,
+                    held_series: std::env::var("LOAD_ACT_HELD")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
                     warm: Duration::from_secs(15),
                     spread: Duration::from_secs(20),
                     tail: Duration::from_secs(20),
@@ -803,6 +820,7 @@ mod act {
             } else {
                 Plan {
                     apps: 4,
+                    held_series: 0,
                     warm: Duration::from_secs(3),
                     spread: Duration::from_secs(1),
                     tail: Duration::from_secs(14),
@@ -817,6 +835,8 @@ mod act {
 
     pub struct Acted {
         apps: u64,
+        /// Series the daemon held at the end, and the groups of apps sending them (0: none held).
+        held: Option<(f64, usize)>,
         background_spans_per_s: f64,
         background_ack_p99_ms: f64,
         failed: usize,
@@ -843,6 +863,12 @@ mod act {
                 "== time to act, {} canaries failing under {:.0} spans/s of paced load (ack p99 {:.2} ms)",
                 self.apps, self.background_spans_per_s, self.background_ack_p99_ms
             )?;
+            if let Some((series, groups)) = self.held {
+                writeln!(
+                    f,
+                    "while {series:.0} series were held, {groups} groups of {HELD_GROUP} apps sending live traffic"
+                )?;
+            }
             writeln!(
                 f,
                 "canary.failed webhooks received {} of {}; decisions timed by the daemon {:.0}",
@@ -934,9 +960,145 @@ mod act {
         buckets.iter().find(|(_, n)| *n >= q * total).map(|(le, _)| *le)
     }
 
-    pub async fn under_load(busy: LoadPlan, api: &str, plan: Plan) -> anyhow::Result<Acted> {
+    /// Apps in a group of held apps (each group its own env, as the series bench's).
+    const HELD_GROUP: usize = 20;
+    /// Event time each export of a held group covers.
+    const HELD_STEP_NS: u64 = 5_000_000_000;
+    /// Event time a held group is first sent at once, so that two windows close and every
+    /// feature has a baseline.
+    const HELD_FILL_NS: u64 = 140_000_000_000;
+    /// How far behind now held traffic is dated, so that none of a step's spans (spread about
+    /// its 5 s) is dated ahead of the daemon's clock.
+    const HELD_LAG_NS: u64 = 2_000_000_000;
+
+    /// The held apps' traffic: groups of `HELD_GROUP` apps, one version, eight operations, a
+    /// request and a database call each about every 250 ms, live-dated.
+    struct Held {
+        http: reqwest::Client,
+        url: String,
+        /// Event time each group has been sent up to.
+        sent_until: Vec<u64>,
+        exports: u64,
+    }
+
+    impl Held {
+        /// Sends every step of `group` up to `until`.
+        async fn catch_up(&mut self, group: usize, until: u64) -> anyhow::Result<()> {
+            while self.sent_until[group] + HELD_STEP_NS <= until {
+                let start = self.sent_until[group];
+                let shape = TraceShape {
+                    env: format!("held-{group}"),
+                    apps: HELD_GROUP,
+                    versions_per_app: 1,
+                    operations: 8,
+                    spans: HELD_GROUP * 40,
+                    start_ns: start,
+                    request_gap_ns: 250_000_000,
+                    ..TraceShape::default()
+                };
+                let seed = ((group as u64) << 40) | (start / HELD_STEP_NS);
+                let body = testdata::trace_request(&shape, seed).encode_to_vec();
+                let answer = self
+                    .http
+                    .post(&self.url)
+                    .header("content-type", "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await?;
+                if !answer.status().is_success() {
+                    bail!("a held app's export answered {}", answer.status());
+                }
+                self.sent_until[group] = start + HELD_STEP_NS;
+                self.exports += 1;
+            }
+            Ok(())
+        }
+
+        /// Waits until the engine has taken `batches` batches in all and two flushes have begun
+        /// since (`canaryd_baselines` is set at each flush).
+        async fn taken(http: &reqwest::Client, api: &str, batches: f64) -> anyhow::Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let mut flushes = None;
+            loop {
+                let metrics = http.get(format!("{api}/metrics")).send().await?.text().await?;
+                let flushed = super::common::sample(&metrics, "canaryd_store_flushes_total").unwrap_or(0.0);
+                match flushes {
+                    None if super::common::sample(&metrics, "canaryd_engine_batches_total")
+                        .unwrap_or(0.0)
+                        >= batches =>
+                    {
+                        flushes = Some(flushed)
+                    }
+                    Some(at) if flushed >= at + 2.0 => return Ok(()),
+                    _ => {}
+                }
+                if Instant::now() > deadline {
+                    bail!("the engine did not take the held apps' exports and flush within 10 minutes");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        async fn metric(http: &reqwest::Client, api: &str, name: &str) -> anyhow::Result<f64> {
+            let metrics = http.get(format!("{api}/metrics")).send().await?.text().await?;
+            super::common::sample(&metrics, name).with_context(|| format!("no {name} in /metrics"))
+        }
+
+        /// Fills the daemon with about `series` series: one group first, to learn how many
+        /// series a group holds, then as many more as that takes.
+        async fn fill(api: &str, otlp_http: &str, series: u64) -> anyhow::Result<Held> {
+            let started = Instant::now();
+            let http = reqwest::Client::new();
+            let mut held = Held {
+                http: http.clone(),
+                url: format!("http://{otlp_http}/v1/traces"),
+                sent_until: Vec::new(),
+                exports: 0,
+            };
+            let batches = Self::metric(&http, api, "canaryd_engine_batches_total").await?;
+            let before = Self::metric(&http, api, "canaryd_baselines").await?;
+            held.sent_until.push(now_ns() - HELD_FILL_NS);
+            held.catch_up(0, now_ns() - HELD_LAG_NS).await?;
+            Self::taken(&http, api, batches + held.exports as f64).await?;
+            let per_group = Self::metric(&http, api, "canaryd_baselines").await? - before;
+            if per_group < 1.0 {
+                bail!("a held group's traffic gave no baselines");
+            }
+            let groups = (series as f64 / per_group).ceil().max(1.0) as usize;
+            for group in 1..groups {
+                held.sent_until.push(now_ns() - HELD_FILL_NS);
+                held.catch_up(group, now_ns() - HELD_LAG_NS).await?;
+            }
+            Self::taken(&http, api, batches + held.exports as f64).await?;
+            let holding = Self::metric(&http, api, "canaryd_baselines").await? - before;
+            println!(
+                "== holding {holding:.0} series ({groups} groups of {HELD_GROUP} apps, {per_group:.0} series a group), filled in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(held)
+        }
+
+        /// Sends every group's traffic as event time passes, until `deadline`.
+        async fn keep_sending(mut self, deadline: Instant) -> anyhow::Result<()> {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            while Instant::now() < deadline {
+                ticks.tick().await;
+                for group in 0..self.sent_until.len() {
+                    self.catch_up(group, now_ns() - HELD_LAG_NS).await?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    pub async fn under_load(busy: LoadPlan, api: &str, otlp_http: &str, plan: Plan) -> anyhow::Result<Acted> {
         let Target::Grpc(addr) = busy.target.clone() else {
             bail!("time to act is measured over gRPC");
+        };
+        let held = if plan.held_series > 0 {
+            Some(Held::fill(api, otlp_http, plan.held_series).await?)
+        } else {
+            None
         };
         // The webhook receiver: when each failure arrived, and for which app.
         let received: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
@@ -978,6 +1140,8 @@ mod act {
             })
             .collect();
         let deadline = started_at + busy.duration;
+        let held_groups = held.as_ref().map_or(0, |h| h.sent_until.len());
+        let held_traffic = held.map(|held| tokio::spawn(held.keep_sending(deadline)));
         let background = tokio::spawn(run(busy));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
@@ -1018,6 +1182,9 @@ mod act {
         }
         let bad_from = apps_traffic.await.context("the apps' traffic")??;
         let background = background.await.context("the background load")??;
+        if let Some(held_traffic) = held_traffic {
+            held_traffic.await.context("the held apps' traffic")??;
+        }
         server.abort();
 
         let metrics = http.get(format!("{api}/metrics")).send().await?.text().await?;
@@ -1047,6 +1214,12 @@ mod act {
         }
         Ok(Acted {
             apps: plan.apps,
+            held: (held_groups > 0).then(|| {
+                (
+                    super::common::sample(&metrics, "canaryd_baselines").unwrap_or(0.0),
+                    held_groups,
+                )
+            }),
             background_spans_per_s: background.spans as f64 / background.seconds,
             background_ack_p99_ms: background.p99_ms,
             failed: received.len(),
