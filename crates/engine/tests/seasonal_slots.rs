@@ -256,8 +256,6 @@ fn a_read_ahead_is_asked_for_before_a_turn_and_released_after_it() {
     assert_eq!(ahead_of_turn(at(1, 4)), AheadOfTurn::Keep);
     assert_eq!(ahead_of_turn(at(1, 5)), AheadOfTurn::Release);
     assert_eq!(ahead_of_turn(at(167, 57)), AheadOfTurn::Read(0));
-    assert!(matches!(
-        ahead_of_turn(u64::MAX),
-        AheadOfTurn::Read(_) | AheadOfTurn::Keep | AheadOfTurn::Release
-    ));
+    // At the end of time the look ahead saturates: a debug build would panic on an overflow.
+    assert_eq!(ahead_of_turn(u64::MAX - 1), ahead_of_turn(u64::MAX));
 }
