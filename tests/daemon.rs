@@ -2948,3 +2948,67 @@ async fn a_data_dir_of_store_format_1_starts_with_everything_it_held() {
     );
     daemon.stop().await.expect("clean stop");
 }
+
+/// The engine's batches taken so far reach `batches`.
+async fn engine_took(daemon: &TestDaemon, batches: f64) {
+    eventually("the engine to take every export", || async {
+        let taken = daemon.metric("canaryd_engine_batches_total").await;
+        if taken >= batches {
+            Ok(())
+        } else {
+            Err(format!("{taken} of {batches} batches"))
+        }
+    })
+    .await;
+}
+
+/// An hour's turn takes the seasonal slots it enters from those the store's writer read ahead,
+/// not from sled on the engine's thread: an app lives through 0:50 to past 1:10 on a Monday, and
+/// a week later through the same hours; from 0:55 the writer reads hour 1's slots (saved as the
+/// app entered hour 0 that week), and the turn at 1:00 reads next to none itself.
+#[tokio::test]
+async fn an_hours_turn_takes_its_slots_from_those_read_ahead() {
+    const MINUTE: u64 = 60_000_000_000;
+    // 2026-01-05T00:00:00Z, a Monday: hour-of-week 0.
+    const MONDAY: u64 = 1_767_571_200_000_000_000;
+    const WEEK: u64 = 7 * 24 * 60 * MINUTE;
+    let daemon = TestDaemon::start().await;
+    let mut client = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    let mut sent = daemon.metric("canaryd_engine_batches_total").await;
+    // Exports of 256 s each: week one to about 1:15, week two to about 0:58:30, then past 1:10.
+    let (week_one, _) = testdata::app_traffic(MONDAY + 50 * MINUTE, 6, 0.01);
+    let (to_the_turn, turn) = testdata::app_traffic(MONDAY + WEEK + 50 * MINUTE, 2, 0.01);
+    let (past_the_turn, _) = testdata::app_traffic(turn, 3, 0.01);
+    for request in week_one.into_iter().chain(to_the_turn) {
+        client.export(request).await.expect("export");
+        sent += 1.0;
+    }
+    engine_took(&daemon, sent).await;
+    let ahead = eventually("the writer to read hour 1 ahead", || async {
+        let ahead = daemon.metric("canaryd_store_slots_read_ahead_total").await;
+        if ahead > 0.0 {
+            Ok(ahead)
+        } else {
+            Err("none read ahead".to_owned())
+        }
+    })
+    .await;
+    let read_before = daemon.metric("canaryd_store_slots_read_total").await;
+    assert!(
+        read_before >= ahead,
+        "entering hour 0 read its slots from sled: {read_before}"
+    );
+    for request in past_the_turn {
+        client.export(request).await.expect("export");
+        sent += 1.0;
+    }
+    engine_took(&daemon, sent).await;
+    let read_at_the_turn = daemon.metric("canaryd_store_slots_read_total").await - read_before;
+    assert!(
+        ahead >= 10.0 && read_at_the_turn * 4.0 <= ahead,
+        "{ahead} slots read ahead, {read_at_the_turn} read at the turn"
+    );
+    assert_eq!(daemon.metric("canaryd_store_slots_read_ahead_total").await, ahead);
+}
