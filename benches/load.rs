@@ -837,6 +837,8 @@ mod act {
         apps: u64,
         /// Series the daemon held at the end, and the groups of apps sending them (0: none held).
         held: Option<(f64, usize)>,
+        /// Seasonal slots read on the engine's thread and read ahead on the writer's, in all.
+        slots_read: (f64, f64),
         background_spans_per_s: f64,
         background_ack_p99_ms: f64,
         failed: usize,
@@ -866,7 +868,9 @@ mod act {
             if let Some((series, groups)) = self.held {
                 writeln!(
                     f,
-                    "while {series:.0} series were held, {groups} groups of {HELD_GROUP} apps sending live traffic"
+                    "while {series:.0} series were held, {groups} groups of {HELD_GROUP} apps sending live traffic; \
+                     seasonal slots read on the engine's thread {:.0}, read ahead {:.0}",
+                    self.slots_read.0, self.slots_read.1
                 )?;
             }
             writeln!(
@@ -1223,6 +1227,10 @@ mod act {
             background_spans_per_s: background.spans as f64 / background.seconds,
             background_ack_p99_ms: background.p99_ms,
             failed: received.len(),
+            slots_read: (
+                super::common::sample(&metrics, "canaryd_store_slots_read_total").unwrap_or(0.0),
+                super::common::sample(&metrics, "canaryd_store_slots_read_ahead_total").unwrap_or(0.0),
+            ),
             p50: quantile_bound(&metrics, "canaryd_act_seconds", 0.5),
             p99: quantile_bound(&metrics, "canaryd_act_seconds", 0.99),
             timed: super::common::sample(&metrics, "canaryd_act_seconds_count").unwrap_or(0.0),
