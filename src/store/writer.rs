@@ -505,16 +505,21 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Scope `prefix`'s slots of the hour, if the read is in, covers the scope, and no save of
-    /// the hour to the scope came after it was asked for. Never waits for the writer.
-    fn take(&mut self, prefix: &str) -> Option<Vec<(String, SlotSummary)>> {
+    /// The slots read, once the writer has answered. Never waits for it.
+    fn read(&mut self) -> Option<&mut HourSlots> {
         if self.read.is_none() {
             self.read = self.reading.try_recv().ok();
         }
+        self.read.as_mut()
+    }
+
+    /// Scope `prefix`'s slots of the hour, if the read is in, covers the scope, and no save of
+    /// the hour to the scope came after it was asked for.
+    fn take(&mut self, prefix: &str) -> Option<Vec<(String, SlotSummary)>> {
         if self.changed_since.contains(prefix) {
             return None;
         }
-        self.read.as_mut()?.take(prefix)
+        self.read()?.take(prefix)
     }
 
     fn saved(&mut self, slots: &[(String, u16, SlotSummary)]) {
@@ -539,13 +544,10 @@ impl ReadAhead {
 impl WriteBehindSlots {
     /// Whether the writer has answered a read ahead of `slot` (it never waits for one).
     pub fn has_read_ahead(&mut self, slot: u16) -> bool {
-        let Some(ahead) = self.ahead.as_mut().filter(|ahead| ahead.slot == slot) else {
-            return false;
-        };
-        if ahead.read.is_none() {
-            ahead.read = ahead.reading.try_recv().ok();
-        }
-        ahead.read.is_some()
+        self.ahead
+            .as_mut()
+            .filter(|ahead| ahead.slot == slot)
+            .is_some_and(|ahead| ahead.read().is_some())
     }
 
     /// Asks the writer to read the hour's slots, once an hour: what an earlier read ahead still
@@ -846,6 +848,43 @@ mod tests {
         assert_eq!(loaded.baselines.len(), 10);
     }
 
+    /// A store on a fresh data dir, its counters and its writer, for the daemon's slot store.
+    struct SlotsOnWriter {
+        _dir: tempfile::TempDir,
+        counters: super::super::StoreCounters,
+        store: Store,
+        writer: StoreWriter,
+        thread: WriterThread,
+    }
+
+    impl SlotsOnWriter {
+        fn start() -> SlotsOnWriter {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let counters = super::super::StoreCounters::default();
+            let store = Store::open(dir.path(), 8 << 20, counters.clone()).expect("open");
+            let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
+            SlotsOnWriter {
+                _dir: dir,
+                counters,
+                store,
+                writer,
+                thread,
+            }
+        }
+
+        /// The daemon's slot store over this store and writer, reading ahead without a limit.
+        fn slot_store(&self) -> WriteBehindSlots {
+            self.writer.slot_store(self.store.slot_store(), 1 << 30)
+        }
+
+        /// Waits until the writer has written everything sent and ended (every slot store over
+        /// it dropped first).
+        fn stop(self) {
+            drop(self.writer);
+            self.thread.join();
+        }
+    }
+
     /// The slots of `scopes` apps of `per_scope` series each, in hour `slot`, each summary
     /// holding `value`.
     fn hour_of(
@@ -888,11 +927,9 @@ mod tests {
     /// of the hour is answered empty, and one asked for again is read from sled.
     #[test]
     fn an_hours_turn_takes_the_slots_read_ahead_without_reading_sled() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let counters = super::super::StoreCounters::default();
-        let store = Store::open(dir.path(), 8 << 20, counters.clone()).expect("open");
-        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
-        let mut slots = writer.slot_store(store.slot_store(), 1 << 30);
+        let on_writer = SlotsOnWriter::start();
+        let (counters, store) = (&on_writer.counters, &on_writer.store);
+        let mut slots = on_writer.slot_store();
         slots.save_all(hour_of(0..20, 30, 5, 1.0));
         slots.save_all(hour_of(0..20, 30, 6, 2.0));
         slots.read_ahead(5);
@@ -916,19 +953,17 @@ mod tests {
         assert_eq!(slots.load_scope(&prefix_of(3), 6).expect("read").len(), 30);
         assert_eq!(slots.load_scope(&prefix_of(3), 5).expect("read").len(), 30);
         assert_eq!(counters.slots_read.get(), read_before + 60);
-        drop((slots, writer));
-        thread.join();
+        drop(slots);
+        on_writer.stop();
     }
 
     /// A save of the hour to a scope after the read ahead was asked for is what that scope reads
     /// (from sled, once written), not the older slot read ahead; other scopes still take theirs.
     #[test]
     fn a_save_after_the_read_ahead_is_what_its_scope_reads() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let counters = super::super::StoreCounters::default();
-        let store = Store::open(dir.path(), 8 << 20, counters.clone()).expect("open");
-        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
-        let mut slots = writer.slot_store(store.slot_store(), 1 << 30);
+        let on_writer = SlotsOnWriter::start();
+        let counters = &on_writer.counters;
+        let mut slots = on_writer.slot_store();
         slots.save_all(hour_of(0..4, 10, 5, 1.0));
         slots.read_ahead(5);
         wait_for_read_ahead(&mut slots, 5);
@@ -956,8 +991,8 @@ mod tests {
             read_before + 20,
             "scope 3 read from sled"
         );
-        drop((slots, writer));
-        thread.join();
+        drop(slots);
+        on_writer.stop();
     }
 
     /// Event time five minutes from a turn asks for the hour's slots; well inside the hour
@@ -967,11 +1002,9 @@ mod tests {
         const MINUTE: EventTime = 60_000_000_000;
         // 2026-01-05T00:00:00Z, a Monday: hour-of-week 0.
         const MONDAY: EventTime = 1_767_571_200_000_000_000;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let counters = super::super::StoreCounters::default();
-        let store = Store::open(dir.path(), 8 << 20, counters.clone()).expect("open");
-        let (writer, thread) = StoreWriter::start(store.clone()).expect("start");
-        let mut slots = writer.slot_store(store.slot_store(), 1 << 30);
+        let on_writer = SlotsOnWriter::start();
+        let counters = &on_writer.counters;
+        let mut slots = on_writer.slot_store();
         slots.save_all(hour_of(0..3, 10, 1, 1.0));
         slots.time_reached(MONDAY + 50 * MINUTE);
         assert!(slots.ahead.is_none(), "nothing asked ten minutes before the turn");
@@ -989,8 +1022,8 @@ mod tests {
         assert!(slots.ahead.is_none(), "let go five minutes past the turn");
         assert_eq!(slots.load_scope(&prefix_of(1), 1).expect("read").len(), 10);
         assert_eq!(counters.slots_read.get(), read_before + 10, "read from sled");
-        drop((slots, writer));
-        thread.join();
+        drop(slots);
+        on_writer.stop();
     }
 
     /// A read ahead stops at a scope's start once it would hold more than its limit: the scopes

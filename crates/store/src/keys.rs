@@ -107,6 +107,16 @@ fn slot_key(series: &[u8], slot: u16) -> Vec<u8> {
     key
 }
 
+/// The series a seasonal slot's key names (`slot`): `None` for a key not made from a str.
+pub fn series_of_slot(key: &[u8]) -> Option<&str> {
+    key.get(2..).and_then(|name| std::str::from_utf8(name).ok())
+}
+
+/// The start of the keys of one slot of every baseline, and of no other slot.
+pub fn slot_hour(slot: u16) -> [u8; 2] {
+    slot.to_be_bytes()
+}
+
 /// The start of the keys of one slot of every baseline of one scope, and of no other.
 pub fn slot_scope(env: &str, app: &str, scope: &Scope, slot: u16) -> Vec<u8> {
     self::slot(&BaselineId::series_prefix(env, app, scope), slot)

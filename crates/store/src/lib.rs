@@ -329,7 +329,6 @@ pub struct StoreCounters {
 /// one it stopped at, whole; a scope it covers and holds nothing of has no slot of that hour.
 #[derive(Debug, Default)]
 pub struct HourSlots {
-    pub slot: u16,
     scopes: HashMap<String, Vec<(String, SlotSummary)>>,
     /// The first scope not read, if the read stopped before the hour's end: it and every scope
     /// after it in key order are not covered.
@@ -1617,12 +1616,9 @@ impl SledSlots {
     /// in memory (`HourSlots::bytes_of`) so that what is held ahead stays bounded. `None` if the
     /// read failed (logged and counted).
     pub fn load_hour(&self, slot: u16, max_bytes: usize) -> Option<HourSlots> {
-        let mut hour = HourSlots {
-            slot,
-            ..HourSlots::default()
-        };
+        let mut hour = HourSlots::default();
         let mut scope: Option<ScopeRead> = None;
-        for item in self.slots.scan_prefix(slot.to_be_bytes()) {
+        for item in self.slots.scan_prefix(keys::slot_hour(slot)) {
             let (key, bytes) = match item {
                 Ok(kv) => kv,
                 Err(e) => {
@@ -1631,7 +1627,7 @@ impl SledSlots {
                     return None;
                 }
             };
-            let Some(series) = key.get(2..).and_then(|name| std::str::from_utf8(name).ok()) else {
+            let Some(series) = keys::series_of_slot(&key) else {
                 self.counters.records_skipped.inc();
                 continue;
             };
@@ -1726,8 +1722,7 @@ impl SlotStore for SledSlots {
                     return None;
                 }
             };
-            // The key is the slot then the series' name, which `keys::slot` made from a str.
-            let Some(series) = key.get(2..).and_then(|name| std::str::from_utf8(name).ok()) else {
+            let Some(series) = keys::series_of_slot(&key) else {
                 self.counters.records_skipped.inc();
                 continue;
             };
