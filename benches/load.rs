@@ -1001,51 +1001,14 @@ mod act {
                     ..TraceShape::default()
                 };
                 let seed = ((group as u64) << 40) | (start / HELD_STEP_NS);
-                let body = testdata::trace_request(&shape, seed).encode_to_vec();
-                let answer = self
-                    .http
-                    .post(&self.url)
-                    .header("content-type", "application/x-protobuf")
-                    .body(body)
-                    .send()
-                    .await?;
-                if !answer.status().is_success() {
-                    bail!("a held app's export answered {}", answer.status());
-                }
+                let request = testdata::trace_request(&shape, seed);
+                super::common::post_traces(&self.http, &self.url, &request)
+                    .await
+                    .context("a held app's export")?;
                 self.sent_until[group] = start + HELD_STEP_NS;
                 self.exports += 1;
             }
             Ok(())
-        }
-
-        /// Waits until the engine has taken `batches` batches in all and two flushes have begun
-        /// since (`canaryd_baselines` is set at each flush).
-        async fn taken(http: &reqwest::Client, api: &str, batches: f64) -> anyhow::Result<()> {
-            let deadline = Instant::now() + Duration::from_secs(600);
-            let mut flushes = None;
-            loop {
-                let metrics = http.get(format!("{api}/metrics")).send().await?.text().await?;
-                let flushed = super::common::sample(&metrics, "canaryd_store_flushes_total").unwrap_or(0.0);
-                match flushes {
-                    None if super::common::sample(&metrics, "canaryd_engine_batches_total")
-                        .unwrap_or(0.0)
-                        >= batches =>
-                    {
-                        flushes = Some(flushed)
-                    }
-                    Some(at) if flushed >= at + 2.0 => return Ok(()),
-                    _ => {}
-                }
-                if Instant::now() > deadline {
-                    bail!("the engine did not take the held apps' exports and flush within 10 minutes");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-
-        async fn metric(http: &reqwest::Client, api: &str, name: &str) -> anyhow::Result<f64> {
-            let metrics = http.get(format!("{api}/metrics")).send().await?.text().await?;
-            super::common::sample(&metrics, name).with_context(|| format!("no {name} in /metrics"))
         }
 
         /// Fills the daemon with about `series` series: one group first, to learn how many
@@ -1059,12 +1022,12 @@ mod act {
                 sent_until: Vec::new(),
                 exports: 0,
             };
-            let batches = Self::metric(&http, api, "canaryd_engine_batches_total").await?;
-            let before = Self::metric(&http, api, "canaryd_baselines").await?;
+            let batches = super::common::metric(&http, api, "canaryd_engine_batches_total").await?;
+            let before = super::common::metric(&http, api, "canaryd_baselines").await?;
             held.sent_until.push(now_ns() - HELD_FILL_NS);
             held.catch_up(0, now_ns() - HELD_LAG_NS).await?;
-            Self::taken(&http, api, batches + held.exports as f64).await?;
-            let per_group = Self::metric(&http, api, "canaryd_baselines").await? - before;
+            super::common::settle(&http, api, batches + held.exports as f64, 2.0).await?;
+            let per_group = super::common::metric(&http, api, "canaryd_baselines").await? - before;
             if per_group < 1.0 {
                 bail!("a held group's traffic gave no baselines");
             }
@@ -1073,8 +1036,8 @@ mod act {
                 held.sent_until.push(now_ns() - HELD_FILL_NS);
                 held.catch_up(group, now_ns() - HELD_LAG_NS).await?;
             }
-            Self::taken(&http, api, batches + held.exports as f64).await?;
-            let holding = Self::metric(&http, api, "canaryd_baselines").await? - before;
+            super::common::settle(&http, api, batches + held.exports as f64, 2.0).await?;
+            let holding = super::common::metric(&http, api, "canaryd_baselines").await? - before;
             println!(
                 "== holding {holding:.0} series ({groups} groups of {HELD_GROUP} apps, {per_group:.0} series a group), filled in {:.0} s",
                 started.elapsed().as_secs_f64()

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use canaryd::testdata::{self, TraceShape};
-use prost::Message;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -97,12 +96,7 @@ fn start(data: &std::path::Path) -> anyhow::Result<Daemon> {
 
 /// The daemon's /metrics.
 async fn metrics_text(client: &reqwest::Client, daemon: &Daemon) -> anyhow::Result<String> {
-    Ok(client
-        .get(format!("http://{}/metrics", daemon.http))
-        .send()
-        .await?
-        .text()
-        .await?)
+    common::metrics_text(client, &format!("http://{}", daemon.http)).await
 }
 
 /// One sample of `text`, or an error naming it.
@@ -112,7 +106,7 @@ fn sample_of(text: &str, series: &str) -> anyhow::Result<f64> {
 
 /// One sample of the daemon's /metrics.
 async fn metric(client: &reqwest::Client, daemon: &Daemon, series: &str) -> anyhow::Result<f64> {
-    sample_of(&metrics_text(client, daemon).await?, series)
+    common::metric(client, &format!("http://{}", daemon.http), series).await
 }
 
 /// Versions each app runs (`SERIES_VERSIONS`, 2 by default): with two, every app is under
@@ -151,16 +145,13 @@ async fn feed_group_steps(
             request_gap_ns: 250_000_000,
             ..TraceShape::default()
         };
-        let body = testdata::trace_request(&shape, (group as u64) << 16 | step).encode_to_vec();
-        let response = client
-            .post(format!("http://{}/v1/traces", daemon.otlp_http))
-            .header("content-type", "application/x-protobuf")
-            .body(body)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!("export answered {}", response.status());
-        }
+        let request = testdata::trace_request(&shape, (group as u64) << 16 | step);
+        common::post_traces(
+            client,
+            &format!("http://{}/v1/traces", daemon.otlp_http),
+            &request,
+        )
+        .await?;
     }
     Ok(sent)
 }
@@ -225,21 +216,7 @@ async fn stall(client: &reqwest::Client, daemon: &Daemon, groups: usize, sent: u
 
 /// Waits until the engine has taken every export sent and a flush has followed.
 async fn settle(client: &reqwest::Client, daemon: &Daemon, sent: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while metric(client, daemon, "canaryd_engine_batches_total").await? < sent as f64 {
-        if Instant::now() > deadline {
-            bail!("the engine did not take every export within 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let flushes = metric(client, daemon, "canaryd_store_flushes_total").await?;
-    while metric(client, daemon, "canaryd_store_flushes_total").await? < flushes + 1.0 {
-        if Instant::now() > deadline {
-            bail!("no flush followed");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    common::settle(client, &format!("http://{}", daemon.http), sent as f64, 1.0).await
 }
 
 struct Row {

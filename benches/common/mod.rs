@@ -157,3 +157,54 @@ where
         }
     }
 }
+
+/// `GET /metrics` of the daemon whose API is at `api` (`http://host:port`).
+pub async fn metrics_text(http: &reqwest::Client, api: &str) -> anyhow::Result<String> {
+    Ok(http.get(format!("{api}/metrics")).send().await?.text().await?)
+}
+
+/// One sample of the daemon's /metrics, or an error naming it.
+pub async fn metric(http: &reqwest::Client, api: &str, series: &str) -> anyhow::Result<f64> {
+    sample(&metrics_text(http, api).await?, series).with_context(|| format!("no {series} in /metrics"))
+}
+
+/// Waits until the daemon's engine has taken `batches` batches in all (`canaryd_engine_batches_total`)
+/// and `flushes` flushes have ended since (the gauges of its state, `canaryd_baselines` among
+/// them, are set at each flush), for at most 10 minutes.
+pub async fn settle(http: &reqwest::Client, api: &str, batches: f64, flushes: f64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while metric(http, api, "canaryd_engine_batches_total").await? < batches {
+        if Instant::now() > deadline {
+            bail!("the engine did not take {batches} batches within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let from = metric(http, api, "canaryd_store_flushes_total").await?;
+    while metric(http, api, "canaryd_store_flushes_total").await? < from + flushes {
+        if Instant::now() > deadline {
+            bail!("{flushes} flushes did not follow within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Posts a trace export, protobuf, to an OTLP/HTTP `/v1/traces` URL; an answer other than a
+/// success is an error.
+pub async fn post_traces(
+    http: &reqwest::Client,
+    url: &str,
+    request: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> anyhow::Result<()> {
+    use prost::Message;
+    let answer = http
+        .post(url)
+        .header("content-type", "application/x-protobuf")
+        .body(request.encode_to_vec())
+        .send()
+        .await?;
+    if !answer.status().is_success() {
+        bail!("a trace export answered {}", answer.status());
+    }
+    Ok(())
+}

@@ -106,6 +106,38 @@ fn shuffled(n: usize) -> Vec<usize> {
     order
 }
 
+/// An hour's turn of every series, scope by scope in a shuffled order, as the engine's
+/// `ScopeSlots` takes it: each scope's entered slots got from `enter` (given the store and the
+/// scope's prefix), and its left slots saved as hour `leaving` in one batch. Returns the time
+/// entering took, the time saving took, and how many series found the slot they entered.
+fn turn_by_scope(
+    slot_store: &mut canaryd_store::SledSlots,
+    names: &[String],
+    summaries: &[SlotSummary],
+    leaving: u16,
+    mut enter: impl FnMut(&mut canaryd_store::SledSlots, &str) -> Vec<(String, SlotSummary)>,
+) -> (std::time::Duration, std::time::Duration, usize) {
+    let series = names.len();
+    let (mut entering, mut saving) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    let mut found = 0usize;
+    for scope in shuffled(series.div_ceil(SERIES_PER_SCOPE)) {
+        let started = Instant::now();
+        let mut entered: std::collections::HashMap<String, SlotSummary> =
+            enter(slot_store, &scope_prefix(scope)).into_iter().collect();
+        entering += started.elapsed();
+        let members = scope * SERIES_PER_SCOPE..((scope + 1) * SERIES_PER_SCOPE).min(series);
+        let mut left = Vec::with_capacity(members.len());
+        for s in members {
+            left.push((names[s].clone(), leaving, summaries[s].clone()));
+            found += usize::from(entered.remove(&names[s]).is_some());
+        }
+        let started = Instant::now();
+        slot_store.save_all(left);
+        saving += started.elapsed();
+    }
+    (entering, saving, found)
+}
+
 /// Where the slots go: the store's own, or a bare tree with one of two key layouts.
 // One exists at a time: its size does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -241,29 +273,12 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(found == series, "read back {found} of {series} slots");
 
             // The next hour's turn, by scope: slot `hours + 1` saved, slot 1 read.
-            let by_scope = match &mut slots {
+            let (by_scope, read_ahead) = match &mut slots {
                 Slots::Store(store, slot_store) => {
-                    let scopes = series.div_ceil(SERIES_PER_SCOPE);
-                    let (mut reading, mut saving) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-                    let mut found = 0usize;
-                    for scope in shuffled(scopes) {
-                        let started = Instant::now();
-                        let mut entered: std::collections::HashMap<String, SlotSummary> = slot_store
-                            .load_scope(&scope_prefix(scope), 1)
-                            .unwrap_or_default()
-                            .into_iter()
-                            .collect();
-                        reading += started.elapsed();
-                        let members = scope * SERIES_PER_SCOPE..((scope + 1) * SERIES_PER_SCOPE).min(series);
-                        let mut left = Vec::with_capacity(members.len());
-                        for s in members {
-                            left.push((names[s].clone(), hours + 1, summaries[s].clone()));
-                            found += usize::from(entered.remove(&names[s]).is_some());
-                        }
-                        let started = Instant::now();
-                        slot_store.save_all(left);
-                        saving += started.elapsed();
-                    }
+                    let (reading, saving, found) =
+                        turn_by_scope(slot_store, &names, &summaries, hours + 1, |store, prefix| {
+                            store.load_scope(prefix, 1).unwrap_or_default()
+                        });
                     let started = Instant::now();
                     store.flush()?;
                     let flushing = started.elapsed();
@@ -286,26 +301,10 @@ fn main() -> anyhow::Result<()> {
                         .ok_or_else(|| anyhow::anyhow!("the hour read ahead failed"))?;
                     let reading_ahead = started.elapsed();
                     let held = hour.bytes() as f64 / series as f64;
-                    let (mut taking, mut saving) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-                    let mut found = 0usize;
-                    for scope in shuffled(scopes) {
-                        let started = Instant::now();
-                        let mut entered: std::collections::HashMap<String, SlotSummary> = hour
-                            .take(&scope_prefix(scope))
-                            .unwrap_or_default()
-                            .into_iter()
-                            .collect();
-                        taking += started.elapsed();
-                        let members = scope * SERIES_PER_SCOPE..((scope + 1) * SERIES_PER_SCOPE).min(series);
-                        let mut left = Vec::with_capacity(members.len());
-                        for s in members {
-                            left.push((names[s].clone(), hours + 2, summaries[s].clone()));
-                            found += usize::from(entered.remove(&names[s]).is_some());
-                        }
-                        let started = Instant::now();
-                        slot_store.save_all(left);
-                        saving += started.elapsed();
-                    }
+                    let (taking, saving, found) =
+                        turn_by_scope(slot_store, &names, &summaries, hours + 2, |_, prefix| {
+                            hour.take(prefix).unwrap_or_default()
+                        });
                     store.flush()?;
                     anyhow::ensure!(found == series, "read back {found} of {series} slots ahead");
                     (
@@ -320,7 +319,6 @@ fn main() -> anyhow::Result<()> {
                 }
                 Slots::Bare { .. } => (String::new(), String::new()),
             };
-            let (by_scope, read_ahead) = by_scope;
 
             println!(
                 "| {layout} | {cache_mb} MiB | {fill_us:.1} µs | {turn_us:.1} µs | {by_scope} | {read_ahead} | {:.0} MiB |",
