@@ -9,7 +9,7 @@
 //! Baselines changed since the last `take_dirty` are handed to the daemon for persistence; the
 //! seasonal slots they page in and out go through the `SlotStore` given at construction.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -243,6 +243,8 @@ struct AppState {
     late: u64,
     /// Windows that started before this instant were partly missed (the process was not running).
     complete_from: EventTime,
+    /// Windows closed and not yet learned from, in time order (`Engine::defer_learning`).
+    unlearned: Vec<(Arc<str>, ClosedWindow)>,
 }
 
 impl AppState {
@@ -279,7 +281,8 @@ pub struct EngineMemory {
     pub baseline_series: usize,
     /// The learned baselines: EWMAs and the current seasonal slot's sketches.
     pub baselines: usize,
-    /// The open event-time buckets and the windows being rolled up, per version.
+    /// The open event-time buckets, the windows being rolled up per version, and the closed
+    /// windows waiting to be learned from.
     pub buckets: usize,
     /// The analyses' recent history of the canary and the stable, second by second and in blocks.
     pub analyses: usize,
@@ -338,6 +341,17 @@ pub struct Engine {
     /// Baselines changed before the take under way began, not yet handed over (`take_part`,
     /// from the first).
     taking: BTreeSet<BaselineId>,
+    /// Whether an app that no analysis can judge soon learns its closed windows later
+    /// (`learn_deferred`) rather than while its batch is applied.
+    defer_learning: bool,
+    /// Apps with windows not yet learned from, in the order their first one closed; an app may
+    /// also be here after it was learned on its own (it is skipped then).
+    unlearned_apps: VecDeque<(Arc<str>, Arc<str>)>,
+    /// Windows not yet learned from, over all apps.
+    unlearned_windows: usize,
+    /// Anomalies found by learning that no report has carried yet: the next `ingest` or
+    /// `learn_deferred` reports them.
+    unreported: Vec<AnomalyChange>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -363,7 +377,80 @@ impl Engine {
             archiving: crate::FastMap::default(),
             taken: 0,
             taking: BTreeSet::new(),
+            defer_learning: false,
+            unlearned_apps: VecDeque::new(),
+            unlearned_windows: 0,
+            unreported: Vec::new(),
         }
+    }
+
+    /// Lets an app that no analysis can judge soon (one version, none analysed) learn its closed
+    /// windows later, through `learn_deferred`, instead of while the batch that closed them is
+    /// applied. Learning is most of the engine's work when many apps' windows close together
+    /// (each minute, and each hour's turn with its seasonal slots), and none of it decides a
+    /// canary: deferred, it waits for the engine's idle moments, not the batches behind it.
+    ///
+    /// Each app still learns its windows in their order and before anything reads or judges
+    /// it (a second version, a declared rollout, its archiving, `learn_all_deferred` before a
+    /// read of its baselines), so what is learned is what it would have been.
+    pub fn defer_learning(&mut self, defer: bool) {
+        self.defer_learning = defer;
+    }
+
+    /// Whether windows wait to be learned from, or anomalies to be reported.
+    pub fn has_deferred(&self) -> bool {
+        // The queue, not the count: `learn_deferred` empties it even of apps gone since.
+        !self.unlearned_apps.is_empty() || !self.unreported.is_empty()
+    }
+
+    /// Windows closed and not yet learned from.
+    pub fn unlearned_windows(&self) -> usize {
+        self.unlearned_windows
+    }
+
+    /// Learns the windows of the app that has waited longest: one app at a time, so that an input
+    /// waits at most that long. Reports the anomalies found, and any found earlier.
+    pub fn learn_deferred(&mut self) -> IngestReport {
+        let mut report = IngestReport::default();
+        while let Some(key) = self.unlearned_apps.pop_front() {
+            if self.learn_unlearned(&key, &mut report.anomalies) {
+                break;
+            }
+        }
+        report.anomalies.append(&mut self.unreported);
+        report
+    }
+
+    /// Learns every window waiting (before the state is read whole, or written at shutdown).
+    pub fn learn_all_deferred(&mut self) -> IngestReport {
+        let mut report = IngestReport::default();
+        while let Some(key) = self.unlearned_apps.pop_front() {
+            self.learn_unlearned(&key, &mut report.anomalies);
+        }
+        report.anomalies.append(&mut self.unreported);
+        report
+    }
+
+    /// Learns the app's windows waiting, if any; returns whether there were.
+    fn learn_unlearned(&mut self, key: &(Arc<str>, Arc<str>), anomalies: &mut Vec<AnomalyChange>) -> bool {
+        let Some(app) = self.apps.get_mut(key) else {
+            return false;
+        };
+        if app.unlearned.is_empty() {
+            return false;
+        }
+        let closed = std::mem::take(&mut app.unlearned);
+        self.unlearned_windows -= closed.len();
+        self.learn_windows(key, closed, anomalies);
+        true
+    }
+
+    /// Learns what waits for the app before it is read, judged or moved; anomalies found go out
+    /// with the next report.
+    fn catch_up(&mut self, key: &(Arc<str>, Arc<str>)) {
+        let mut anomalies = std::mem::take(&mut self.unreported);
+        self.learn_unlearned(key, &mut anomalies);
+        self.unreported = anomalies;
     }
 
     /// Where evicted apps are read back from.
@@ -424,6 +511,7 @@ impl Engine {
             }
         }
         report.cap_hits = hits.into_iter().collect();
+        report.anomalies.append(&mut self.unreported);
         report
     }
 
@@ -466,6 +554,7 @@ impl Engine {
 
     /// Moves an app's durable state out of memory, to be written at the next `take_changes`.
     fn archive_app(&mut self, key: &(Arc<str>, Arc<str>)) {
+        self.catch_up(key);
         let Some(entry) = self.catalog.remove(&key.0, &key.1) else {
             return;
         };
@@ -639,19 +728,30 @@ impl Engine {
         }
     }
 
-    /// Closes what the app's clock allows, in every version, and learns from the closed windows.
+    /// Closes what the app's clock allows, in every version, and learns from the closed windows
+    /// (or leaves that for later: `defer_learning`).
     fn close_windows(
         &mut self,
         key: &(Arc<str>, Arc<str>),
         until: EventTime,
         report: &mut IngestReport,
     ) -> u64 {
+        let Some(app) = self.apps.get(key) else {
+            return 0;
+        };
+        // A second version may become a canary here, judged against the stable version that
+        // learning picks, and an analysis looks at the app's baselines: both need what is learned.
+        let judged_soon =
+            app.versions.len() > 1 || self.judge.analysis(&key.0, &key.1).is_some_and(|a| !a.is_final());
+        let learn_now = !self.defer_learning || judged_soon;
+        if learn_now {
+            self.learn_unlearned(key, &mut report.anomalies);
+        }
         let config = &self.config;
         let Some(app) = self.apps.get_mut(key) else {
             return 0;
         };
         let judged = judge_buckets(&mut self.judge, key, app, until, config, &mut report.canary);
-        let anomalies = &mut report.anomalies;
         let complete_from = app.complete_from;
         let mut closed: Vec<(Arc<str>, ClosedWindow)> = Vec::new();
         for (version, state) in &mut app.versions {
@@ -661,12 +761,68 @@ impl Engine {
         }
         // Windows in time order, versions in name order within a window: learning is deterministic.
         closed.sort_by(|a, b| (a.1.start, &a.0).cmp(&(b.1.start, &b.0)));
+        let count = closed.len() as u64;
+        if !learn_now {
+            if !closed.is_empty() {
+                if app.unlearned.is_empty() {
+                    self.unlearned_apps.push_back(key.clone());
+                }
+                self.unlearned_windows += closed.len();
+                app.unlearned.append(&mut closed);
+            }
+            return count;
+        }
+        self.learn_windows(key, closed, &mut report.anomalies);
+        let config = &self.config;
+        let Some(app) = self.apps.get_mut(key) else {
+            return count;
+        };
+        if let Some(analysis) = self.judge.analysis_mut(key) {
+            let window_s = config.windows.window_ns / 1_000_000_000;
+            let mut i = 0;
+            while i < judged.len() {
+                let start = judged[i].0;
+                while i < judged.len() && judged[i].0 == start {
+                    analysis.push(&judged[i].1, start, &judged[i].2);
+                    i += 1;
+                }
+                let now = start.saturating_add(config.windows.bucket_ns);
+                analysis.look(
+                    now,
+                    &app.baselines,
+                    &config.baseline,
+                    window_s,
+                    &mut report.canary,
+                );
+            }
+            // Also when nothing came: silence is evidence too (a canary that stopped sending).
+            analysis.look(
+                until,
+                &app.baselines,
+                &config.baseline,
+                window_s,
+                &mut report.canary,
+            );
+        }
+        count
+    }
+
+    /// Learns from the app's closed windows, given in time order.
+    fn learn_windows(
+        &mut self,
+        key: &(Arc<str>, Arc<str>),
+        closed: Vec<(Arc<str>, ClosedWindow)>,
+        anomalies: &mut Vec<AnomalyChange>,
+    ) {
+        let config = &self.config;
+        let Some(app) = self.apps.get_mut(key) else {
+            return;
+        };
         if let Some(last) = closed.last() {
             self.slots.time_reached(last.1.end);
         }
         let window_secs = config.windows.window_ns as f64 / 1e9;
         let decay = 0.5f64.powf(1.0 / STABLE_HALF_LIFE_WINDOWS);
-        let count = closed.len() as u64;
         let mut i = 0;
         while i < closed.len() {
             let start = closed[i].1.start;
@@ -721,39 +877,12 @@ impl Engine {
             }
             i = group_end;
         }
-        if let Some(analysis) = self.judge.analysis_mut(key) {
-            let window_s = config.windows.window_ns / 1_000_000_000;
-            let mut i = 0;
-            while i < judged.len() {
-                let start = judged[i].0;
-                while i < judged.len() && judged[i].0 == start {
-                    analysis.push(&judged[i].1, start, &judged[i].2);
-                    i += 1;
-                }
-                let now = start.saturating_add(config.windows.bucket_ns);
-                analysis.look(
-                    now,
-                    &app.baselines,
-                    &config.baseline,
-                    window_s,
-                    &mut report.canary,
-                );
-            }
-            // Also when nothing came: silence is evidence too (a canary that stopped sending).
-            analysis.look(
-                until,
-                &app.baselines,
-                &config.baseline,
-                window_s,
-                &mut report.canary,
-            );
-        }
-        count
     }
 
     /// Drops a version the catalog evicted: its windows and baselines, here and (at the next
     /// flush) in the store, so that memory stays bounded across any number of deploys.
     fn forget_version(&mut self, env: &Arc<str>, app: &Arc<str>, version: &Arc<str>) {
+        self.catch_up(&(env.clone(), app.clone()));
         if let Some(state) = self.apps.get_mut(&(env.clone(), app.clone())) {
             state.versions.remove(version);
             state.traffic.remove(version);
@@ -773,6 +902,7 @@ impl Engine {
     /// `canaryd-lab import` path). Returns the value's score against what was learned before it.
     pub fn learn_value(&mut self, id: &BaselineId, value: f64, time: EventTime) -> Score {
         let key: (Arc<str>, Arc<str>) = (Arc::from(id.env.as_str()), Arc::from(id.app.as_str()));
+        self.catch_up(&key);
         if !self.apps.contains_key(&key) {
             // An archived app learns on top of what it had, not from nothing.
             self.recall(key.clone());
@@ -1093,6 +1223,8 @@ impl Engine {
             traffic,
         } = declaration;
         let key: (Arc<str>, Arc<str>) = (Arc::from(env), Arc::from(app));
+        // An analysed app has nothing left to learn (`close_windows`).
+        self.catch_up(&key);
         let Some(state) = self.apps.get(&key) else {
             return Err(JudgeError::UnknownApp {
                 env: env.to_owned(),
@@ -1231,7 +1363,13 @@ impl Engine {
             .values()
             .flat_map(|a| a.versions.values())
             .map(|v| v.windows.memory_bytes())
-            .sum();
+            .sum::<usize>()
+            + self
+                .apps
+                .values()
+                .flat_map(|a| &a.unlearned)
+                .map(|(_, w)| std::mem::size_of::<ClosedWindow>() + w.aggregate.heap_bytes())
+                .sum::<usize>();
         let (analyses, analysis_merges) = self
             .judge
             .analyses()
