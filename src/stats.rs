@@ -75,6 +75,8 @@ pub struct Stats {
     capped: Family<Labels2, Counter>,
     pub batches_ingested: Counter,
     pub queue_depth: Gauge,
+    /// Closed windows the engine has yet to learn from (its learning waits for idle moments).
+    pub unlearned_windows: Gauge,
     pub apps_tracked: Gauge,
     pub late_observations: Counter,
     pub future_observations: Counter,
@@ -100,6 +102,7 @@ pub struct Stats {
     traffic_reconciles: Family<Vec<(&'static str, String)>, Counter>,
     delivery_seconds: Histogram,
     act_seconds: Histogram,
+    engine_step_seconds: Family<Labels1, Histogram, fn() -> Histogram>,
     /// Decided-at times dropped at their cap before their first delivery attempt.
     pub act_timings_dropped: Counter,
     pub outbox_depth: Gauge,
@@ -162,6 +165,13 @@ impl Stats {
             "canaryd_pipeline_queue_depth",
             "Batches waiting between the receivers and the engine",
             queue_depth.clone(),
+        );
+        let unlearned_windows = Gauge::default();
+        registry.register(
+            "canaryd_engine_unlearned_windows",
+            "Closed windows of apps not under analysis that the engine has yet to learn from: \
+             learning waits for the engine's idle moments, and falls behind only when it has none",
+            unlearned_windows.clone(),
         );
         let apps_tracked = Gauge::default();
         registry.register(
@@ -334,6 +344,15 @@ impl Stats {
             "Time to act: from the arrival of the OTLP request whose batch decided an event to its first delivery attempt leaving (webhook request or HAProxy command), once per subscription",
             act_seconds.clone(),
         );
+        let engine_step_seconds: Family<Labels1, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+            });
+        registry.register(
+            "canaryd_engine_step_seconds",
+            "How long one step held the engine's thread, by kind (batch, read, operator, alert, flush, learning): every input queued meanwhile waits that long",
+            engine_step_seconds.clone(),
+        );
         let act_timings_dropped = Counter::default();
         registry.register(
             "canaryd_act_timings_dropped",
@@ -378,6 +397,7 @@ impl Stats {
             capped,
             batches_ingested,
             queue_depth,
+            unlearned_windows,
             apps_tracked,
             late_observations,
             future_observations,
@@ -401,6 +421,7 @@ impl Stats {
             traffic_reconciles,
             delivery_seconds,
             act_seconds,
+            engine_step_seconds,
             act_timings_dropped,
             outbox_depth,
             parked,
@@ -453,6 +474,13 @@ impl Stats {
     /// One periodic flush took `elapsed` of the engine's thread.
     pub fn flush_seconds(&self, elapsed: std::time::Duration) {
         self.flush_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// One step of the engine's thread (`kind`: what it was) and how long it held the thread.
+    pub fn engine_step(&self, kind: &'static str, took: std::time::Duration) {
+        self.engine_step_seconds
+            .get_or_create(&[("kind", kind)])
+            .observe(took.as_secs_f64());
     }
 
     pub fn act_seconds(&self, elapsed: std::time::Duration) {
@@ -601,6 +629,24 @@ mod tests {
         );
         assert!(text.contains("canaryd_otlp_accepted_items_total{signal=\"logs\",transport=\"http\"} 0"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn engine_steps_are_timed_by_kind() {
+        let stats = Stats::new();
+        stats.engine_step("batch", std::time::Duration::from_millis(3));
+        stats.engine_step("batch", std::time::Duration::from_millis(40));
+        stats.engine_step("learning", std::time::Duration::from_micros(200));
+        let text = stats.render_prometheus();
+        for line in [
+            "canaryd_engine_step_seconds_count{kind=\"batch\"} 2\n",
+            "canaryd_engine_step_seconds_bucket{le=\"0.005\",kind=\"batch\"} 1\n",
+            "canaryd_engine_step_seconds_bucket{le=\"0.05\",kind=\"batch\"} 2\n",
+            "canaryd_engine_step_seconds_bucket{le=\"0.001\",kind=\"learning\"} 1\n",
+            "# TYPE canaryd_engine_unlearned_windows gauge\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

@@ -9,13 +9,24 @@
 //! one emitter (`emit`), which has events stored with their outbox entries and the state of the
 //! apps they are about, waits until they are durable, then wakes delivery and the watchers.
 //!
+//! Learning from the windows of apps that no analysis judges is deferred
+//! (`Engine::defer_learning`): the thread does it when no input waits, an app at a time, so that
+//! the minute's learning of every series (and an hour's turn of their seasonal slots) does not
+//! hold up the batches that decide canaries. When inputs never stop coming, learning that has
+//! found no idle moment for `LEARNING_WAITS_AT_MOST` takes turns with them, so it cannot fall
+//! behind for good. A read learns everything waiting first, so that it sees what it would have
+//! seen without the deferral, except a read of analyses, models or the catalog alone
+//! (`EngineHandle::read_analyses`), which deferred learning does not change. Anomalies found by
+//! deferred learning are emitted like any other, but not timed in `canaryd_act_seconds`: no one
+//! request's arrival decided them.
+//!
 //! The channel is bounded: when it is full, a receiver waits up to `ingest_wait` for room and then
 //! answers "unavailable" (gRPC UNAVAILABLE, HTTP 503), which OTLP clients retry, so a burst slows
 //! senders down instead of growing memory or losing data.
 
 mod emit;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use canaryd_engine::judge::{AnalysisView, JudgeError, Operation};
 use canaryd_engine::{Batch, Engine};
@@ -62,11 +73,31 @@ pub enum Input {
         claim: Claim,
         reply: oneshot::Sender<Result<AnalysisView, LinkRefused>>,
     },
-    /// A read for an answer: runs on the engine's thread between inputs.
-    Read(Box<dyn FnOnce(&Engine) + Send>),
+    /// A read for an answer: runs on the engine's thread between inputs, after every window
+    /// waiting to be learned is learned (`Engine::defer_learning`) unless `as_is`: a read of
+    /// analyses, models and the catalog, which deferred learning does not change.
+    Read {
+        read: Box<dyn FnOnce(&Engine) + Send>,
+        as_is: bool,
+    },
     /// Events made outside the engine's decisions (delivery's `traffic.partial` alerts), stored
     /// and sent through the one emitter like every other.
     Alert(Box<Event>),
+}
+
+impl Input {
+    /// What kind of step applying it is, for `canaryd_engine_step_seconds`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Input::Observations { .. } => "batch",
+            Input::Read { .. } => "read",
+            Input::DeclareRollout { .. }
+            | Input::EndRollout { .. }
+            | Input::Operate { .. }
+            | Input::Approval { .. } => "operator",
+            Input::Alert(_) => "alert",
+        }
+    }
 }
 
 /// Whether the app's analysis still waits exactly where an approval link says: the same canary,
@@ -177,16 +208,38 @@ impl EngineHandle {
         })
     }
 
-    /// Runs `read` on the engine's thread, after what was queued before it.
+    /// Runs `read` on the engine's thread, after what was queued before it, and with every
+    /// window closed by then learned from.
     pub async fn read<R: Send + 'static>(
         &self,
         read: impl FnOnce(&Engine) -> R + Send + 'static,
     ) -> Result<R, EngineGone> {
+        self.send_read(read, false).await
+    }
+
+    /// `read`, for a read of analyses, models or the catalog alone: windows waiting to be
+    /// learned from stay waiting (a read often made, as /metrics is, would otherwise take the
+    /// learning of every app at once, which the engine's thread spreads over its idle moments).
+    pub async fn read_analyses<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Engine) -> R + Send + 'static,
+    ) -> Result<R, EngineGone> {
+        self.send_read(read, true).await
+    }
+
+    async fn send_read<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Engine) -> R + Send + 'static,
+        as_is: bool,
+    ) -> Result<R, EngineGone> {
         let (reply, answer) = oneshot::channel();
-        let input = Input::Read(Box::new(move |engine| {
-            // The asker may have gone (its connection closed): nothing to do then.
-            let _ = reply.send(read(engine));
-        }));
+        let input = Input::Read {
+            read: Box::new(move |engine| {
+                // The asker may have gone (its connection closed): nothing to do then.
+                let _ = reply.send(read(engine));
+            }),
+            as_is,
+        };
         self.tx.send(input).await.map_err(|_| EngineGone)?;
         answer.await.map_err(|_| EngineGone)
     }
@@ -266,6 +319,8 @@ pub fn start(
     impl Future<Output = Result<(), String>> + Send + 'static,
 )> {
     let (tx, rx) = mpsc::channel::<Input>(capacity);
+    let mut engine = engine;
+    engine.defer_learning(true);
     let (done, finished) = oneshot::channel::<Result<(), String>>();
     std::thread::Builder::new()
         .name("canaryd-engine".into())
@@ -301,7 +356,16 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
     // writer is making them durable (`writing`).
     let mut taking = false;
     let mut writing: Option<oneshot::Receiver<Flushed>> = None;
+    // Since when learning has waited for an idle moment without catching up.
+    let mut behind_since: Option<Instant> = None;
     loop {
+        let learning_waits = engine.has_deferred();
+        if !learning_waits {
+            behind_since = None;
+        }
+        let learn_now = learning_waits
+            && (rx.is_empty()
+                || behind_since.get_or_insert_with(Instant::now).elapsed() >= LEARNING_WAITS_AT_MOST);
         tokio::select! {
             () = stop.cancelled(), if !closed => {
                 // No new inputs; `recv` still yields the queued ones, then `None`.
@@ -311,20 +375,26 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
             input = rx.recv() => match input {
                 Some(input) => {
                     stats.queue_depth.set(rx.len() as i64);
+                    let (started, kind) = (Instant::now(), input.kind());
                     apply(&mut engine, &emitter, &stats, &mut late, input);
+                    stats.engine_step(kind, started.elapsed());
                 }
                 None => break,
             },
             _ = flush_timer.tick(), if !taking && writing.is_none() => {
+                let started = Instant::now();
                 emitter.begin_flush(&mut engine);
                 taking = true;
+                stats.engine_step("flush", started.elapsed());
             }
             // A part at a time, as the writer has room, among the inputs.
             () = emitter.writer.room(), if taking => {
+                let started = Instant::now();
                 if !emitter.flush_step(&mut engine) {
                     taking = false;
                     writing = Some(emitter.end_flush());
                 }
+                stats.engine_step("flush", started.elapsed());
             }
             flushed = async {
                 match writing.as_mut() {
@@ -333,11 +403,27 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
                 }
             }, if writing.is_some() => {
                 writing = None;
+                let started = Instant::now();
                 emitter.flushed(&mut engine, flushed.unwrap_or_else(|_| writer_gone()));
+                stats.engine_step("flush", started.elapsed());
+            }
+            () = std::future::ready(()), if learn_now => {
+                let started = Instant::now();
+                let report = engine.learn_deferred();
+                emit_learned(&mut engine, &emitter, &report);
+                stats.engine_step("learning", started.elapsed());
+                if rx.is_empty() {
+                    // An idle moment: the wait starts again from here.
+                    behind_since = Some(Instant::now());
+                }
             }
         }
+        stats.unlearned_windows.set(engine.unlearned_windows() as i64);
     }
     stats.queue_depth.set(0);
+    let report = engine.learn_all_deferred();
+    emit_learned(&mut engine, &emitter, &report);
+    stats.unlearned_windows.set(0);
     tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
     if taking {
         while emitter.flush_step(&mut engine) {}
@@ -347,6 +433,18 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
         emitter.flushed(&mut engine, writing.await.unwrap_or_else(|_| writer_gone()));
     }
     emitter.flush_and_wait(&mut engine).await;
+}
+
+/// How long learning waits for an idle moment before it takes turns with the inputs.
+const LEARNING_WAITS_AT_MOST: Duration = Duration::from_secs(1);
+
+/// Emits the anomalies that deferred learning found.
+fn emit_learned(engine: &mut Engine, emitter: &Emitter, report: &canaryd_engine::IngestReport) {
+    if report.anomalies.is_empty() {
+        return;
+    }
+    let events = report_events(engine, report);
+    emitter.emit_decided(engine, events, None);
 }
 
 /// What a flush whose answer never came is taken for.
@@ -475,7 +573,14 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             };
             let _ = reply.send(answer);
         }
-        Input::Read(read) => read(engine),
+        Input::Read { read, as_is } => {
+            if !as_is {
+                // What the read sees is what learning at once would have left.
+                let report = engine.learn_all_deferred();
+                emit_learned(engine, emitter, &report);
+            }
+            read(engine);
+        }
         Input::Alert(event) => {
             emitter.emit(engine, vec![*event]);
         }

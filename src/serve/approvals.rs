@@ -76,7 +76,7 @@ pub(super) async fn approval_page(State(state): State<ApiState>, Path(token): Pa
     };
     // A used link, or one whose wait has ended, offers no button: it would only be refused.
     state
-        .read_engine(move |engine| {
+        .read_analyses(move |engine| {
             if crate::engine::waits_for(engine, &claim) {
                 form(&claim)
             } else {

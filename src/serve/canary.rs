@@ -354,7 +354,7 @@ pub(super) async fn canary(
     Env(env): Env,
 ) -> Response {
     state
-        .read_engine(move |engine| {
+        .read_analyses(move |engine| {
             if engine.catalog().app(&env, &app).is_none() {
                 return error(StatusCode::NOT_FOUND, &format!("no app {app:?} in env {env:?}"));
             }
@@ -519,7 +519,7 @@ async fn routable(state: &ApiState, rollout: &Rollout) -> Result<(), Response> {
     let request = rollout.traffic.clone().unwrap_or_default();
     let plan = state
         .engine
-        .read(move |engine| {
+        .read_analyses(move |engine| {
             let model = engine.judge().models().find(|m| m.name == model)?;
             Some(model.with_traffic(&request).map(|m| m.traffic))
         })

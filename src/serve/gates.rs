@@ -265,7 +265,7 @@ pub(super) async fn lookup(state: &ApiState, request: &GateRequest) -> Result<An
     let (env, app) = (request.env.clone(), request.app.clone());
     let found = state
         .engine
-        .read(move |engine| {
+        .read_analyses(move |engine| {
             if engine.catalog().app(&env, &app).is_none() {
                 return Err(format!(
                     "no app {app:?} in env {env:?}: canaryd has seen no telemetry for it"

@@ -35,7 +35,7 @@ pub(super) async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -
         .any(|v| String::from_utf8_lossy(v.as_bytes()).contains("application/openmetrics-text"));
     let views = match state
         .engine
-        .read(|engine| engine.judge().analyses().map(|a| a.view()).collect::<Vec<_>>())
+        .read_analyses(|engine| engine.judge().analyses().map(|a| a.view()).collect::<Vec<_>>())
         .await
     {
         Ok(views) => views,

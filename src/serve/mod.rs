@@ -88,6 +88,12 @@ impl ApiState {
     pub async fn read_engine(&self, read: impl FnOnce(&Engine) -> Response + Send + 'static) -> Response {
         self.engine.read(read).await.unwrap_or_else(unavailable)
     }
+
+    /// `read_engine`, for a read of analyses, models or the catalog alone
+    /// (`EngineHandle::read_analyses`).
+    pub async fn read_analyses(&self, read: impl FnOnce(&Engine) -> Response + Send + 'static) -> Response {
+        self.engine.read_analyses(read).await.unwrap_or_else(unavailable)
+    }
 }
 
 /// 503 for a request that needs the engine while it is stopping.

@@ -26,7 +26,7 @@ pub(super) struct ModelsView {
 )]
 pub(super) async fn models(State(state): State<ApiState>) -> Response {
     state
-        .read_engine(|engine| {
+        .read_analyses(|engine| {
             let models = engine.judge().models().cloned().collect();
             Json(ModelsView { models }).into_response()
         })

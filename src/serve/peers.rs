@@ -364,7 +364,7 @@ fn app_scope(method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> O
 async fn is_known_here(state: &ApiState, (env, app): AppScope) -> bool {
     let known = state
         .engine
-        .read(move |engine| match &env {
+        .read_analyses(move |engine| match &env {
             Some(env) => {
                 engine.catalog().app(env, &app).is_some()
                     || engine.analysis(env, &app).is_some()
