@@ -197,7 +197,8 @@ fn schedule_of(parked: &[(u64, Delivery)]) -> Schedule {
 
 /// What a worker does next.
 enum Next {
-    Head(u64, Delivery),
+    /// The head, with its event when it was read with it.
+    Head(u64, Delivery, Option<Box<Event>>),
     Parked(u64),
 }
 
@@ -220,7 +221,7 @@ pub struct Dispatcher {
     /// When the batch that decided each recent event arrived (wall-clock nanoseconds, by event
     /// sequence number), for `canaryd_act_seconds`; kept for `DECIDED_KEEP_NS`, at most
     /// `DECIDED_CAP` of them (the oldest go first, counted in `canaryd_act_timings_dropped_total`).
-    decided: Mutex<std::collections::BTreeMap<u64, u64>>,
+    decided: Mutex<std::collections::BTreeMap<u64, (u64, u64)>>,
     /// Each `httproute` subscription's Kubernetes client, built at its first use.
     kube_clients: tokio::sync::Mutex<HashMap<String, kube::Client>>,
     /// `traffic.partial` alerts, for the daemon to emit through the engine's one emitter.
@@ -449,13 +450,15 @@ impl Dispatcher {
         &self.outbound
     }
 
-    /// Notes that the events `seqs` were decided by a batch that arrived at `arrived_ns`.
+    /// Notes that the events `seqs`, stored now, were decided by a batch that arrived at
+    /// `arrived_ns`.
     pub fn note_decided(&self, seqs: impl Iterator<Item = u64>, arrived_ns: u64) {
+        let stored_ns = crate::wall_clock_ns();
         let mut decided = self.decided.lock().unwrap_or_else(|p| p.into_inner());
-        decided.extend(seqs.map(|seq| (seq, arrived_ns)));
-        let cutoff = crate::wall_clock_ns().saturating_sub(DECIDED_KEEP_NS);
+        decided.extend(seqs.map(|seq| (seq, (arrived_ns, stored_ns))));
+        let cutoff = stored_ns.saturating_sub(DECIDED_KEEP_NS);
         // Sequence numbers rise with time, so the oldest are first.
-        while let Some((_, &first)) = decided.first_key_value() {
+        while let Some((_, &(first, _))) = decided.first_key_value() {
             let over_cap = decided.len() > DECIDED_CAP;
             if !over_cap && first >= cutoff {
                 break;
@@ -468,18 +471,20 @@ impl Dispatcher {
     }
 
     /// Observes the time from the arrival of the batch that decided event `seq` to now, when its
-    /// first delivery attempt leaves.
+    /// first delivery attempt leaves, and the part of it since the event was stored.
     fn observe_act(&self, seq: u64) {
-        let arrived = self
+        let decided = self
             .decided
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&seq)
             .copied();
-        if let Some(arrived) = arrived {
+        if let Some((arrived, stored)) = decided {
             // The clock arrivals are stamped with, not the dispatcher's (a test's may be manual).
-            let ns = crate::wall_clock_ns().saturating_sub(arrived);
-            self.stats.act_seconds(std::time::Duration::from_nanos(ns));
+            let now = crate::wall_clock_ns();
+            let since = |ns: u64| std::time::Duration::from_nanos(now.saturating_sub(ns));
+            self.stats.act_seconds(since(arrived));
+            self.stats.act_after_stored_seconds(since(stored));
         }
     }
 
@@ -625,7 +630,21 @@ impl Dispatcher {
                 }
             }
             let (store, id) = (self.store.clone(), subscription.id.clone());
-            let head = match try_blocking(move || store.next_delivery(&id)).await {
+            let looked_at = self.clock.now_ms();
+            let head = match try_blocking(move || {
+                let Some((seq, head)) = store.next_delivery(&id)? else {
+                    return Ok::<_, crate::store::StoreError>(None);
+                };
+                // A head due now is about to be attempted: its event is read in the same trip to
+                // the blocking pool, which is a wait of its own when the machine is busy (a
+                // failed read here is read again, and answered, by the attempt).
+                let event = (head.next_attempt_ms <= looked_at)
+                    .then(|| store.event(seq).ok().flatten().map(Box::new))
+                    .flatten();
+                Ok(Some((seq, head, event)))
+            })
+            .await
+            {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!(subscription = %subscription.id, error = %e, "cannot read the outbox");
@@ -657,14 +676,14 @@ impl Dispatcher {
                         _ = self.clock.sleep(nap) => continue,
                     }
                 }
-                (Some((seq, head)), None) => (head.next_attempt_ms, Next::Head(seq, head)),
+                (Some((seq, head, event)), None) => (head.next_attempt_ms, Next::Head(seq, head, event)),
                 (None, Some((due, seq))) => (due, Next::Parked(seq)),
-                (Some((seq, head)), Some((parked_due, parked_seq))) => {
+                (Some((seq, head, event)), Some((parked_due, parked_seq))) => {
                     let both_due = head.next_attempt_ms <= now && parked_due <= now;
                     if (both_due && parked_turn) || (!both_due && parked_due < head.next_attempt_ms) {
                         (parked_due, Next::Parked(parked_seq))
                     } else {
-                        (head.next_attempt_ms, Next::Head(seq, head))
+                        (head.next_attempt_ms, Next::Head(seq, head, event))
                     }
                 }
             };
@@ -676,17 +695,17 @@ impl Dispatcher {
                     _ = self.clock.sleep_until(due) => continue,
                 }
             }
-            let (seq, delivery) = match next {
-                Next::Head(seq, delivery) => {
+            let (seq, delivery, event) = match next {
+                Next::Head(seq, delivery, event) => {
                     parked_turn = true;
-                    (seq, delivery)
+                    (seq, delivery, event)
                 }
                 Next::Parked(seq) => {
                     parked_turn = false;
                     schedule.remove(&(due, seq));
                     let (store, id) = (self.store.clone(), subscription.id.clone());
                     match try_blocking(move || store.find_delivery(&id, seq)).await {
-                        Ok(Some(d)) if d.state == DeliveryState::Parked => (seq, d),
+                        Ok(Some(d)) if d.state == DeliveryState::Parked => (seq, d, None),
                         // Gone meanwhile (delivered, or its subscription deleted).
                         Ok(_) => continue,
                         Err(e) => {
@@ -698,7 +717,7 @@ impl Dispatcher {
             };
             let recorded = tokio::select! {
                 _ = stop.cancelled() => return,
-                recorded = self.attempt(&subscription, &key, seq, delivery) => recorded,
+                recorded = self.attempt(&subscription, &key, seq, delivery, event) => recorded,
             };
             match recorded.state {
                 DeliveryState::Gone => {
@@ -775,19 +794,25 @@ impl Dispatcher {
         }
     }
 
-    /// One attempt at one delivery; records and returns it in its new state.
+    /// One attempt at one delivery (its event, when it was read already); records and returns
+    /// it in its new state.
     async fn attempt(
         &self,
         subscription: &Subscription,
         key: &[u8],
         seq: u64,
         mut delivery: Delivery,
+        event: Option<Box<Event>>,
     ) -> Delivery {
         let now = self.clock.now_ms();
         delivery.first_attempt_ms.get_or_insert(now);
         delivery.attempts += 1;
         let store = self.store.clone();
-        let event = match try_blocking(move || store.event(seq)).await {
+        let read = match event {
+            Some(event) => Ok(Some(*event)),
+            None => try_blocking(move || store.event(seq)).await,
+        };
+        let event = match read {
             Ok(Some(event)) => event,
             Ok(None) => {
                 delivery.state = DeliveryState::Expired;

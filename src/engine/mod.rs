@@ -490,6 +490,10 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             reply,
             admission,
         } => {
+            if batch.received > 0 {
+                let waited = crate::wall_clock_ns().saturating_sub(batch.received);
+                stats.engine_queue_wait(Duration::from_nanos(waited));
+            }
             let report = engine.ingest(&batch);
             let arrived = (batch.received > 0).then_some(batch.received);
             // The batch's memory is the engine's now (or gone): the budget may admit another.
