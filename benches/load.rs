@@ -782,7 +782,7 @@ mod act {
 
     use canaryd::testdata::{self, TraceShape};
 
-    use super::{LoadPlan, RawCodec, Target, now_ns, run};
+    use super::{LoadPlan, RawCodec, Target, cpu_seconds, now_ns, run};
 
     /// How often the apps' traffic is sent, and how many requests each version makes in that time.
     const PERIOD: Duration = Duration::from_millis(200);
@@ -845,10 +845,24 @@ mod act {
         /// (upper bound of the bucket holding the quantile, seconds) for p50 and p99; count.
         p50: Option<f64>,
         p99: Option<f64>,
+        longest: Option<f64>,
         timed: f64,
         /// From a canary's first bad request to its webhook arriving here (includes the
         /// event-time wait for its second to close).
         first_bad_to_webhook: Vec<f64>,
+        /// The engine thread's steps while the load ran, by kind: cumulative buckets.
+        steps: Vec<(String, Vec<(f64, f64)>)>,
+        /// The share of the time the load ran that the engine's thread spent in steps.
+        engine_busy: f64,
+        /// Bounds of the buckets holding the p50 and p99 of the decisions' time after their
+        /// events were stored.
+        after_stored: (Option<f64>, Option<f64>),
+        /// Bounds of the buckets holding the p50, p99 and longest of the batches' waits in the
+        /// engine's queue (since the daemon started).
+        queue_wait: (Option<f64>, Option<f64>, Option<f64>),
+        /// CPUs busy meanwhile: the daemon's, and this process's (the paced load, the held
+        /// apps' traffic, the webhook receiver).
+        cpus_busy: (Option<f64>, Option<f64>),
     }
 
     impl std::fmt::Display for Acted {
@@ -881,17 +895,105 @@ mod act {
             let bound = |b: Option<f64>| b.map_or("-".to_owned(), |s| format!("<= {:.1} ms", s * 1e3));
             writeln!(
                 f,
-                "deciding request's arrival to webhook leaving (canaryd_act_seconds): p50 {}, p99 {}",
+                "deciding request's arrival to webhook leaving (canaryd_act_seconds): p50 {}, p99 {}, longest {}",
                 bound(self.p50),
-                bound(self.p99)
+                bound(self.p99),
+                bound(self.longest)
             )?;
             writeln!(
                 f,
                 "first bad request sent to webhook received here: median {:.2} s, max {:.2} s (the bucket's event-time wait included)",
                 at(0.5).unwrap_or(f64::NAN),
                 at(1.0).unwrap_or(f64::NAN)
-            )
+            )?;
+            let cpus = |c: Option<f64>| c.map_or("-".to_owned(), |c| format!("{c:.2}"));
+            writeln!(
+                f,
+                "CPUs busy meanwhile: daemon {}, this load generator {}, of {} cores",
+                cpus(self.cpus_busy.0),
+                cpus(self.cpus_busy.1),
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            )?;
+            writeln!(
+                f,
+                "of which after its events were stored (canaryd_act_after_stored_seconds): p50 {}, p99 {}",
+                bound(self.after_stored.0),
+                bound(self.after_stored.1)
+            )?;
+            writeln!(
+                f,
+                "batches' wait in the engine's queue (canaryd_engine_queue_wait_seconds): p50 {}, p99 {}, longest {}",
+                bound(self.queue_wait.0),
+                bound(self.queue_wait.1),
+                bound(self.queue_wait.2)
+            )?;
+            write!(
+                f,
+                "engine thread's steps meanwhile (canaryd_engine_step_seconds), busy {:.0}% of the time:",
+                self.engine_busy * 100.0
+            )?;
+            for (kind, buckets) in &self.steps {
+                let total = buckets.last().map_or(0.0, |(_, n)| *n);
+                let over = |bound: f64| {
+                    total
+                        - buckets
+                            .iter()
+                            .find(|(le, _)| (*le - bound).abs() < 1e-9)
+                            .map_or(total, |(_, n)| *n)
+                };
+                let longest = buckets
+                    .iter()
+                    .find(|(_, n)| *n >= total)
+                    .map_or("-".to_owned(), |(le, _)| format!("<= {:.1} ms", le * 1e3));
+                write!(
+                    f,
+                    "\n  {kind}: {total:.0}, over 25 ms {:.0}, over 100 ms {:.0}, longest {longest}",
+                    over(0.025),
+                    over(0.1)
+                )?;
+            }
+            writeln!(f)
         }
+    }
+
+    /// The seconds of every kind of `canaryd_engine_step_seconds`, together.
+    fn engine_step_seconds(metrics: &str) -> f64 {
+        metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("canaryd_engine_step_seconds_sum{"))
+            .filter_map(|rest| rest.split_once("} ")?.1.trim().parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `canaryd_engine_step_seconds`'s cumulative buckets, by kind: (upper bound, count).
+    fn engine_steps(metrics: &str) -> Vec<(String, Vec<(f64, f64)>)> {
+        let mut kinds: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("canaryd_engine_step_seconds_bucket{le=\"") else {
+                continue;
+            };
+            let Some((le, rest)) = rest.split_once("\",kind=\"") else {
+                continue;
+            };
+            let Some((kind, count)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            let count: f64 = count.trim().parse().unwrap_or(0.0);
+            match kinds.iter_mut().find(|(k, _)| k == kind) {
+                Some((_, buckets)) => buckets.push((le, count)),
+                None => kinds.push((kind.to_owned(), vec![(le, count)])),
+            }
+        }
+        for (_, buckets) in &mut kinds {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        kinds.sort_by(|a, b| a.0.cmp(&b.0));
+        kinds
     }
 
     /// One period's traffic of every app, dated up to `now`: a stable and a canary version each
@@ -1099,6 +1201,13 @@ mod act {
             bail!("subscribing answered {}", answer.status());
         }
         let started = now_ns();
+        let metrics_before = super::common::metrics_text(&http, api).await?;
+        let steps_before = engine_steps(&metrics_before);
+        let pid = busy.pid;
+        let cpu_before = (
+            pid.and_then(|pid| cpu_seconds(pid).ok()),
+            cpu_seconds(std::process::id()).ok(),
+        );
         let started_at = Instant::now();
         let bad_from: Vec<u64> = (0..plan.apps)
             .map(|app| {
@@ -1155,6 +1264,15 @@ mod act {
         server.abort();
 
         let metrics = http.get(format!("{api}/metrics")).send().await?.text().await?;
+        let elapsed = started_at.elapsed().as_secs_f64();
+        let engine_busy = (engine_step_seconds(&metrics) - engine_step_seconds(&metrics_before)) / elapsed;
+        let cpus = |before: Option<f64>, pid: Option<u32>| -> Option<f64> {
+            Some((cpu_seconds(pid?).ok()? - before?) / elapsed)
+        };
+        let cpus_busy = (
+            cpus(cpu_before.0, pid),
+            cpus(cpu_before.1, Some(std::process::id())),
+        );
         let received = received.lock().expect("receiver log").clone();
         let first_bad_to_webhook = received
             .iter()
@@ -1196,8 +1314,36 @@ mod act {
             ),
             p50: quantile_bound(&metrics, "canaryd_act_seconds", 0.5),
             p99: quantile_bound(&metrics, "canaryd_act_seconds", 0.99),
+            longest: quantile_bound(&metrics, "canaryd_act_seconds", 1.0),
             timed: super::common::sample(&metrics, "canaryd_act_seconds_count").unwrap_or(0.0),
             first_bad_to_webhook,
+            engine_busy,
+            cpus_busy,
+            after_stored: (
+                quantile_bound(&metrics, "canaryd_act_after_stored_seconds", 0.5),
+                quantile_bound(&metrics, "canaryd_act_after_stored_seconds", 0.99),
+            ),
+            queue_wait: (
+                quantile_bound(&metrics, "canaryd_engine_queue_wait_seconds", 0.5),
+                quantile_bound(&metrics, "canaryd_engine_queue_wait_seconds", 0.99),
+                quantile_bound(&metrics, "canaryd_engine_queue_wait_seconds", 1.0),
+            ),
+            steps: engine_steps(&metrics)
+                .into_iter()
+                .map(|(kind, buckets)| {
+                    let before = steps_before.iter().find(|(k, _)| *k == kind);
+                    let buckets = buckets
+                        .into_iter()
+                        .map(|(le, n)| {
+                            let earlier = before
+                                .and_then(|(_, b)| b.iter().find(|(l, _)| *l == le))
+                                .map_or(0.0, |(_, n)| *n);
+                            (le, n - earlier)
+                        })
+                        .collect();
+                    (kind, buckets)
+                })
+                .collect(),
         })
     }
 }
