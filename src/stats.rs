@@ -363,7 +363,7 @@ impl Stats {
         ]);
         registry.register(
             "canaryd_engine_queue_wait_seconds",
-            "How long each batch waited in the engine's queue: from its request read and normalized to the engine taking it",
+            "How long each batch waited in the engine's queue: from its request read and normalized to the engine taking it (time to act, canaryd_act_seconds, starts earlier: at the request's arrival, before it waited for a slot and was read)",
             engine_queue_wait_seconds.clone(),
         );
         let act_after_stored_seconds = Histogram::new(act_buckets);

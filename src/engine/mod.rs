@@ -48,6 +48,8 @@ pub enum Input {
         batch: Batch,
         reply: Option<oneshot::Sender<Ingested>>,
         admission: Option<Admission>,
+        /// When it was queued, for `canaryd_engine_queue_wait_seconds`.
+        queued: Instant,
     },
     /// `PUT .../rollout`: judge `canary` against `stable` with `model`.
     DeclareRollout {
@@ -138,11 +140,23 @@ pub struct Rollout {
 /// A request's share of the ingest memory budget (`ingest_memory_bytes`), held from the request's
 /// arrival until the engine has applied its batch: what is queued for the engine counts too.
 #[derive(Debug)]
-pub struct Admission(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    arrived_ns: u64,
+}
 
 impl Admission {
-    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        Admission(permit)
+    /// `arrived_ns`: when the request arrived (wall clock), before it waited for its share.
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit, arrived_ns: u64) -> Self {
+        Admission {
+            _permit: permit,
+            arrived_ns,
+        }
+    }
+
+    /// When the request arrived: what time to act is timed from (`canaryd_act_seconds`).
+    pub fn arrived_ns(&self) -> u64 {
+        self.arrived_ns
     }
 }
 
@@ -201,6 +215,7 @@ impl EngineHandle {
             batch,
             reply,
             admission,
+            queued: Instant::now(),
         };
         self.tx.send_timeout(input, self.wait).await.map_err(|e| match e {
             mpsc::error::SendTimeoutError::Timeout(_) => SubmitError::Full(self.wait),
@@ -489,11 +504,9 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             batch,
             reply,
             admission,
+            queued,
         } => {
-            if batch.received > 0 {
-                let waited = crate::wall_clock_ns().saturating_sub(batch.received);
-                stats.engine_queue_wait(Duration::from_nanos(waited));
-            }
+            stats.engine_queue_wait(queued.elapsed());
             let report = engine.ingest(&batch);
             let arrived = (batch.received > 0).then_some(batch.received);
             // The batch's memory is the engine's now (or gone): the budget may admit another.
@@ -888,6 +901,7 @@ mod tests {
                 batch,
                 reply: Some(reply),
                 admission: None,
+                queued: Instant::now(),
             };
             apply(
                 &mut engine,

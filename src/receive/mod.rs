@@ -341,9 +341,10 @@ impl Intake {
     /// engine has applied the request's batch, so that memory spent on requests (bodies, decoded
     /// items, queued batches) stays within `ingest_memory_bytes`.
     pub async fn admit(&self, signal: Signal, transport: Transport) -> Result<Admission, ExportError> {
+        let arrived = wall_clock_ns();
         let slot = tokio::time::timeout(self.wait, Arc::clone(&self.slots).acquire_owned()).await;
         match slot {
-            Ok(Ok(permit)) => Ok(Admission::new(permit)),
+            Ok(Ok(permit)) => Ok(Admission::new(permit, arrived)),
             Ok(Err(_)) => Err(ExportError::ShuttingDown),
             Err(_) => {
                 let e = ExportError::Overloaded {
@@ -429,7 +430,8 @@ impl Intake {
             error_message: n.error_message(signal.items()),
         };
         if !n.batch.resources.is_empty() {
-            let received = wall_clock_ns();
+            // Its arrival, before it waited for a slot and was read: what time to act is timed from.
+            let received = admission.arrived_ns();
             n.batch.received = received;
             // Whether anything is dated beyond the skew ahead of this clock: only the engine knows
             // whether it is also ahead of its app's event time, and so refused. Such a request
