@@ -218,8 +218,9 @@ pub struct Dispatcher {
     parked_epoch: AtomicU64,
     shutdown: CancellationToken,
     workers: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
-    /// When the batch that decided each recent event arrived (wall-clock nanoseconds, by event
-    /// sequence number), for `canaryd_act_seconds`; kept for `DECIDED_KEEP_NS`, at most
+    /// When the request whose batch decided each recent event arrived, and when the event was
+    /// stored (wall-clock nanoseconds, by event sequence number), for `canaryd_act_seconds` and
+    /// `canaryd_act_after_stored_seconds`; kept for `DECIDED_KEEP_NS`, at most
     /// `DECIDED_CAP` of them (the oldest go first, counted in `canaryd_act_timings_dropped_total`).
     decided: Mutex<std::collections::BTreeMap<u64, (u64, u64)>>,
     /// Each `httproute` subscription's Kubernetes client, built at its first use.
