@@ -857,6 +857,9 @@ mod act {
         /// Bounds of the buckets holding the p50 and p99 of the decisions' time after their
         /// events were stored.
         after_stored: (Option<f64>, Option<f64>),
+        /// Bounds of the buckets holding the p50, p99 and longest of the requests' waits for an
+        /// ingest slot (since the daemon started).
+        slot_wait: (Option<f64>, Option<f64>, Option<f64>),
         /// Bounds of the buckets holding the p50, p99 and longest of the batches' waits in the
         /// engine's queue (since the daemon started).
         queue_wait: (Option<f64>, Option<f64>, Option<f64>),
@@ -919,6 +922,13 @@ mod act {
                 "of which after its events were stored (canaryd_act_after_stored_seconds): p50 {}, p99 {}",
                 bound(self.after_stored.0),
                 bound(self.after_stored.1)
+            )?;
+            writeln!(
+                f,
+                "requests' wait for an ingest slot (canaryd_ingest_slot_wait_seconds, since the daemon started): p50 {}, p99 {}, longest {}",
+                bound(self.slot_wait.0),
+                bound(self.slot_wait.1),
+                bound(self.slot_wait.2)
             )?;
             writeln!(
                 f,
@@ -1322,6 +1332,11 @@ mod act {
             after_stored: (
                 quantile_bound(&metrics, "canaryd_act_after_stored_seconds", 0.5),
                 quantile_bound(&metrics, "canaryd_act_after_stored_seconds", 0.99),
+            ),
+            slot_wait: (
+                quantile_bound(&metrics, "canaryd_ingest_slot_wait_seconds", 0.5),
+                quantile_bound(&metrics, "canaryd_ingest_slot_wait_seconds", 0.99),
+                quantile_bound(&metrics, "canaryd_ingest_slot_wait_seconds", 1.0),
             ),
             queue_wait: (
                 quantile_bound(&metrics, "canaryd_engine_queue_wait_seconds", 0.5),

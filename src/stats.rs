@@ -105,6 +105,7 @@ pub struct Stats {
     act_after_stored_seconds: Histogram,
     engine_step_seconds: Family<Labels1, Histogram, fn() -> Histogram>,
     engine_queue_wait_seconds: Histogram,
+    ingest_slot_wait_seconds: Histogram,
     /// Decided-at times dropped at their cap before their first delivery attempt.
     pub act_timings_dropped: Counter,
     pub outbox_depth: Gauge,
@@ -372,6 +373,14 @@ impl Stats {
             "The part of canaryd_act_seconds after the deciding batch's events were stored: from then to the first delivery attempt leaving",
             act_after_stored_seconds.clone(),
         );
+        let ingest_slot_wait_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]);
+        registry.register(
+            "canaryd_ingest_slot_wait_seconds",
+            "How long each OTLP request waited for one of the requests in flight that ingest_memory_bytes allows, before its body was read (those that waited all of ingest_wait were refused)",
+            ingest_slot_wait_seconds.clone(),
+        );
         let act_timings_dropped = Counter::default();
         registry.register(
             "canaryd_act_timings_dropped",
@@ -443,6 +452,7 @@ impl Stats {
             act_after_stored_seconds,
             engine_step_seconds,
             engine_queue_wait_seconds,
+            ingest_slot_wait_seconds,
             act_timings_dropped,
             outbox_depth,
             parked,
@@ -502,6 +512,11 @@ impl Stats {
         self.engine_step_seconds
             .get_or_create(&[("kind", kind)])
             .observe(took.as_secs_f64());
+    }
+
+    /// How long a request waited for its ingest slot.
+    pub fn ingest_slot_wait(&self, waited: std::time::Duration) {
+        self.ingest_slot_wait_seconds.observe(waited.as_secs_f64());
     }
 
     /// How long a batch waited in the engine's queue.
@@ -662,11 +677,13 @@ mod tests {
     }
 
     #[test]
-    fn engine_steps_are_timed_by_kind() {
+    fn engine_steps_and_waits_are_timed() {
         let stats = Stats::new();
         stats.engine_step("batch", std::time::Duration::from_millis(3));
         stats.engine_step("batch", std::time::Duration::from_millis(40));
         stats.engine_step("learning", std::time::Duration::from_micros(200));
+        stats.ingest_slot_wait(std::time::Duration::from_millis(4));
+        stats.engine_queue_wait(std::time::Duration::from_millis(1));
         let text = stats.render_prometheus();
         for line in [
             "canaryd_engine_step_seconds_count{kind=\"batch\"} 2\n",
@@ -674,6 +691,8 @@ mod tests {
             "canaryd_engine_step_seconds_bucket{le=\"0.05\",kind=\"batch\"} 2\n",
             "canaryd_engine_step_seconds_bucket{le=\"0.001\",kind=\"learning\"} 1\n",
             "# TYPE canaryd_engine_unlearned_windows gauge\n",
+            "canaryd_ingest_slot_wait_seconds_bucket{le=\"0.005\"} 1\n",
+            "canaryd_engine_queue_wait_seconds_bucket{le=\"0.0005\"} 0\n",
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }

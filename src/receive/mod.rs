@@ -342,7 +342,9 @@ impl Intake {
     /// items, queued batches) stays within `ingest_memory_bytes`.
     pub async fn admit(&self, signal: Signal, transport: Transport) -> Result<Admission, ExportError> {
         let arrived = wall_clock_ns();
+        let asked = std::time::Instant::now();
         let slot = tokio::time::timeout(self.wait, Arc::clone(&self.slots).acquire_owned()).await;
+        self.stats.ingest_slot_wait(asked.elapsed());
         match slot {
             Ok(Ok(permit)) => Ok(Admission::new(permit, arrived)),
             Ok(Err(_)) => Err(ExportError::ShuttingDown),
