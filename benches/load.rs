@@ -842,10 +842,8 @@ mod act {
         background_spans_per_s: f64,
         background_ack_p99_ms: f64,
         failed: usize,
-        /// (upper bound of the bucket holding the quantile, seconds) for p50 and p99; count.
-        p50: Option<f64>,
-        p99: Option<f64>,
-        longest: Option<f64>,
+        /// Decisions' time to act; how many were timed.
+        act: Spread,
         timed: f64,
         /// From a canary's first bad request to its webhook arriving here (includes the
         /// event-time wait for its second to close).
@@ -854,15 +852,12 @@ mod act {
         steps: Vec<(String, Vec<(f64, f64)>)>,
         /// The share of the time the load ran that the engine's thread spent in steps.
         engine_busy: f64,
-        /// Bounds of the buckets holding the p50 and p99 of the decisions' time after their
-        /// events were stored.
-        after_stored: (Option<f64>, Option<f64>),
-        /// Bounds of the buckets holding the p50, p99 and longest of the requests' waits for an
-        /// ingest slot (since the daemon started).
-        slot_wait: (Option<f64>, Option<f64>, Option<f64>),
-        /// Bounds of the buckets holding the p50, p99 and longest of the batches' waits in the
-        /// engine's queue (since the daemon started).
-        queue_wait: (Option<f64>, Option<f64>, Option<f64>),
+        /// The decisions' time after their events were stored.
+        after_stored: Spread,
+        /// The requests' waits for an ingest slot (since the daemon started).
+        slot_wait: Spread,
+        /// The batches' waits in the engine's queue (since the daemon started).
+        queue_wait: Spread,
         /// CPUs busy meanwhile: the daemon's, and this process's (the paced load, the held
         /// apps' traffic, the webhook receiver).
         cpus_busy: (Option<f64>, Option<f64>),
@@ -895,13 +890,10 @@ mod act {
                 "canary.failed webhooks received {} of {}; decisions timed by the daemon {:.0}",
                 self.failed, self.apps, self.timed
             )?;
-            let bound = |b: Option<f64>| b.map_or("-".to_owned(), |s| format!("<= {:.1} ms", s * 1e3));
             writeln!(
                 f,
-                "deciding request's arrival to webhook leaving (canaryd_act_seconds): p50 {}, p99 {}, longest {}",
-                bound(self.p50),
-                bound(self.p99),
-                bound(self.longest)
+                "deciding request's arrival to webhook leaving (canaryd_act_seconds): {}",
+                self.act
             )?;
             writeln!(
                 f,
@@ -919,23 +911,18 @@ mod act {
             )?;
             writeln!(
                 f,
-                "of which after its events were stored (canaryd_act_after_stored_seconds): p50 {}, p99 {}",
-                bound(self.after_stored.0),
-                bound(self.after_stored.1)
+                "of which after its events were stored (canaryd_act_after_stored_seconds): {}",
+                self.after_stored
             )?;
             writeln!(
                 f,
-                "requests' wait for an ingest slot (canaryd_ingest_slot_wait_seconds, since the daemon started): p50 {}, p99 {}, longest {}",
-                bound(self.slot_wait.0),
-                bound(self.slot_wait.1),
-                bound(self.slot_wait.2)
+                "requests' wait for an ingest slot (canaryd_ingest_slot_wait_seconds, since the daemon started): {}",
+                self.slot_wait
             )?;
             writeln!(
                 f,
-                "batches' wait in the engine's queue (canaryd_engine_queue_wait_seconds): p50 {}, p99 {}, longest {}",
-                bound(self.queue_wait.0),
-                bound(self.queue_wait.1),
-                bound(self.queue_wait.2)
+                "batches' wait in the engine's queue (canaryd_engine_queue_wait_seconds): {}",
+                self.queue_wait
             )?;
             write!(
                 f,
@@ -1051,6 +1038,37 @@ mod act {
             }
         }
         ExportTraceServiceRequest { resource_spans }
+    }
+
+    /// A histogram's p50, p99 and longest, each as the upper bound of the bucket it lies in
+    /// (seconds).
+    struct Spread {
+        p50: Option<f64>,
+        p99: Option<f64>,
+        longest: Option<f64>,
+    }
+
+    impl Spread {
+        fn of(metrics: &str, name: &str) -> Self {
+            Spread {
+                p50: quantile_bound(metrics, name, 0.5),
+                p99: quantile_bound(metrics, name, 0.99),
+                longest: quantile_bound(metrics, name, 1.0),
+            }
+        }
+    }
+
+    impl std::fmt::Display for Spread {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let bound = |b: Option<f64>| b.map_or("-".to_owned(), |s| format!("<= {:.1} ms", s * 1e3));
+            write!(
+                f,
+                "p50 {}, p99 {}, longest {}",
+                bound(self.p50),
+                bound(self.p99),
+                bound(self.longest)
+            )
+        }
     }
 
     /// A bucket's bound under which quantile `q` of a Prometheus histogram lies.
@@ -1322,27 +1340,14 @@ mod act {
                 super::common::sample(&metrics, "canaryd_store_slots_read_total").unwrap_or(0.0),
                 super::common::sample(&metrics, "canaryd_store_slots_read_ahead_total").unwrap_or(0.0),
             ),
-            p50: quantile_bound(&metrics, "canaryd_act_seconds", 0.5),
-            p99: quantile_bound(&metrics, "canaryd_act_seconds", 0.99),
-            longest: quantile_bound(&metrics, "canaryd_act_seconds", 1.0),
+            act: Spread::of(&metrics, "canaryd_act_seconds"),
             timed: super::common::sample(&metrics, "canaryd_act_seconds_count").unwrap_or(0.0),
             first_bad_to_webhook,
             engine_busy,
             cpus_busy,
-            after_stored: (
-                quantile_bound(&metrics, "canaryd_act_after_stored_seconds", 0.5),
-                quantile_bound(&metrics, "canaryd_act_after_stored_seconds", 0.99),
-            ),
-            slot_wait: (
-                quantile_bound(&metrics, "canaryd_ingest_slot_wait_seconds", 0.5),
-                quantile_bound(&metrics, "canaryd_ingest_slot_wait_seconds", 0.99),
-                quantile_bound(&metrics, "canaryd_ingest_slot_wait_seconds", 1.0),
-            ),
-            queue_wait: (
-                quantile_bound(&metrics, "canaryd_engine_queue_wait_seconds", 0.5),
-                quantile_bound(&metrics, "canaryd_engine_queue_wait_seconds", 0.99),
-                quantile_bound(&metrics, "canaryd_engine_queue_wait_seconds", 1.0),
-            ),
+            after_stored: Spread::of(&metrics, "canaryd_act_after_stored_seconds"),
+            slot_wait: Spread::of(&metrics, "canaryd_ingest_slot_wait_seconds"),
+            queue_wait: Spread::of(&metrics, "canaryd_engine_queue_wait_seconds"),
             steps: engine_steps(&metrics)
                 .into_iter()
                 .map(|(kind, buckets)| {

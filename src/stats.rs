@@ -514,6 +514,14 @@ impl Stats {
             .observe(took.as_secs_f64());
     }
 
+    /// Runs `step` on the engine's thread and times it as an `engine_step` of `kind`.
+    pub fn time_step<R>(&self, kind: &'static str, step: impl FnOnce() -> R) -> R {
+        let started = std::time::Instant::now();
+        let result = step();
+        self.engine_step(kind, started.elapsed());
+        result
+    }
+
     /// How long a request waited for its ingest slot.
     pub fn ingest_slot_wait(&self, waited: std::time::Duration) {
         self.ingest_slot_wait_seconds.observe(waited.as_secs_f64());

@@ -390,26 +390,22 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
             input = rx.recv() => match input {
                 Some(input) => {
                     stats.queue_depth.set(rx.len() as i64);
-                    let (started, kind) = (Instant::now(), input.kind());
-                    apply(&mut engine, &emitter, &stats, &mut late, input);
-                    stats.engine_step(kind, started.elapsed());
+                    stats.time_step(input.kind(), || apply(&mut engine, &emitter, &stats, &mut late, input));
                 }
                 None => break,
             },
             _ = flush_timer.tick(), if !taking && writing.is_none() => {
-                let started = Instant::now();
-                emitter.begin_flush(&mut engine);
+                stats.time_step("flush", || emitter.begin_flush(&mut engine));
                 taking = true;
-                stats.engine_step("flush", started.elapsed());
             }
             // A part at a time, as the writer has room, among the inputs.
             () = emitter.writer.room(), if taking => {
-                let started = Instant::now();
-                if !emitter.flush_step(&mut engine) {
-                    taking = false;
-                    writing = Some(emitter.end_flush());
-                }
-                stats.engine_step("flush", started.elapsed());
+                stats.time_step("flush", || {
+                    if !emitter.flush_step(&mut engine) {
+                        taking = false;
+                        writing = Some(emitter.end_flush());
+                    }
+                });
             }
             flushed = async {
                 match writing.as_mut() {
@@ -418,15 +414,12 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
                 }
             }, if writing.is_some() => {
                 writing = None;
-                let started = Instant::now();
-                emitter.flushed(&mut engine, flushed.unwrap_or_else(|_| writer_gone()));
-                stats.engine_step("flush", started.elapsed());
+                stats.time_step("flush", || {
+                    emitter.flushed(&mut engine, flushed.unwrap_or_else(|_| writer_gone()));
+                });
             }
             () = std::future::ready(()), if learn_now => {
-                let started = Instant::now();
-                let report = engine.learn_deferred();
-                emit_learned(&mut engine, &emitter, &report);
-                stats.engine_step("learning", started.elapsed());
+                stats.time_step("learning", || learn(&mut engine, &emitter, Learn::OneApp));
                 if rx.is_empty() {
                     // An idle moment: the wait starts again from here.
                     behind_since = Some(Instant::now());
@@ -436,8 +429,7 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
         stats.unlearned_windows.set(engine.unlearned_windows() as i64);
     }
     stats.queue_depth.set(0);
-    let report = engine.learn_all_deferred();
-    emit_learned(&mut engine, &emitter, &report);
+    learn(&mut engine, &emitter, Learn::All);
     stats.unlearned_windows.set(0);
     tracing::info!(batches = stats.batches_ingested.get(), "engine queue drained");
     if taking {
@@ -453,12 +445,24 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
 /// How long learning waits for an idle moment before it takes turns with the inputs.
 const LEARNING_WAITS_AT_MOST: Duration = Duration::from_secs(1);
 
-/// Emits the anomalies that deferred learning found.
-fn emit_learned(engine: &mut Engine, emitter: &Emitter, report: &canaryd_engine::IngestReport) {
+/// How much deferred learning to do at once.
+enum Learn {
+    /// The app that has waited longest (`Engine::learn_deferred`).
+    OneApp,
+    /// Everything waiting (`Engine::learn_all_deferred`).
+    All,
+}
+
+/// Learns what waits, as much as `how` says, and emits the anomalies it found.
+fn learn(engine: &mut Engine, emitter: &Emitter, how: Learn) {
+    let report = match how {
+        Learn::OneApp => engine.learn_deferred(),
+        Learn::All => engine.learn_all_deferred(),
+    };
     if report.anomalies.is_empty() {
         return;
     }
-    let events = report_events(engine, report);
+    let events = report_events(engine, &report);
     emitter.emit_decided(engine, events, None);
 }
 
@@ -593,8 +597,7 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
         Input::Read { read, as_is } => {
             if !as_is {
                 // What the read sees is what learning at once would have left.
-                let report = engine.learn_all_deferred();
-                emit_learned(engine, emitter, &report);
+                learn(engine, emitter, Learn::All);
             }
             read(engine);
         }
