@@ -854,6 +854,13 @@ mod act {
         engine_busy: f64,
         /// The decisions' time after their events were stored.
         after_stored: Spread,
+        /// The webhook requests' times (send to answer).
+        requests: Spread,
+        /// Each attempt's record in the store.
+        records: Spread,
+        /// The most decisions that one closed second decided (webhooks with the same
+        /// `detected_at`): they leave one after another.
+        largest_burst: usize,
         /// The requests' waits for an ingest slot (since the daemon started).
         slot_wait: Spread,
         /// The batches' waits in the engine's queue (since the daemon started).
@@ -913,6 +920,11 @@ mod act {
                 f,
                 "of which after its events were stored (canaryd_act_after_stored_seconds): {}",
                 self.after_stored
+            )?;
+            writeln!(
+                f,
+                "webhook requests (canaryd_delivery_seconds): {}; their records (canaryd_delivery_record_seconds): {}; decisions per closed second: most {}",
+                self.requests, self.records, self.largest_burst
             )?;
             writeln!(
                 f,
@@ -1201,13 +1213,23 @@ mod act {
         let received: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let hook = format!("http://{}/hook", listener.local_addr()?);
+        // How many decisions each closed second made (by the event time that decided them).
+        let bursts: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
         let log = received.clone();
+        let burst_log = bursts.clone();
         let router = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |body: axum::body::Bytes| {
                 let log = log.clone();
+                let burst_log = burst_log.clone();
                 async move {
                     let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let detected_at = event["data"]["detected_at"].to_string();
+                    *burst_log
+                        .lock()
+                        .expect("burst log")
+                        .entry(detected_at)
+                        .or_default() += 1;
                     let mut app = event["data"]["app"].as_str().unwrap_or_default().to_owned();
                     if !app.starts_with("act-") {
                         app = format!("{app}: {}", event["data"]["reasons"]);
@@ -1302,6 +1324,13 @@ mod act {
             cpus(cpu_before.1, Some(std::process::id())),
         );
         let received = received.lock().expect("receiver log").clone();
+        let largest_burst = bursts
+            .lock()
+            .expect("burst log")
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0);
         let first_bad_to_webhook = received
             .iter()
             .filter_map(|(at, app)| {
@@ -1346,6 +1375,9 @@ mod act {
             engine_busy,
             cpus_busy,
             after_stored: Spread::of(&metrics, "canaryd_act_after_stored_seconds"),
+            requests: Spread::of(&metrics, "canaryd_delivery_seconds"),
+            records: Spread::of(&metrics, "canaryd_delivery_record_seconds"),
+            largest_burst,
             slot_wait: Spread::of(&metrics, "canaryd_ingest_slot_wait_seconds"),
             queue_wait: Spread::of(&metrics, "canaryd_engine_queue_wait_seconds"),
             steps: engine_steps(&metrics)

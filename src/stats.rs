@@ -103,6 +103,7 @@ pub struct Stats {
     delivery_seconds: Histogram,
     act_seconds: Histogram,
     act_after_stored_seconds: Histogram,
+    delivery_record_seconds: Histogram,
     engine_step_seconds: Family<Labels1, Histogram, fn() -> Histogram>,
     engine_queue_wait_seconds: Histogram,
     ingest_slot_wait_seconds: Histogram,
@@ -373,6 +374,14 @@ impl Stats {
             "The part of canaryd_act_seconds after the deciding batch's events were stored: from then to the first delivery attempt leaving",
             act_after_stored_seconds.clone(),
         );
+        let delivery_record_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
+        registry.register(
+            "canaryd_delivery_record_seconds",
+            "Time to record each delivery attempt's outcome in the store: the next delivery of the subscription waits for it",
+            delivery_record_seconds.clone(),
+        );
         let ingest_slot_wait_seconds = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ]);
@@ -450,6 +459,7 @@ impl Stats {
             delivery_seconds,
             act_seconds,
             act_after_stored_seconds,
+            delivery_record_seconds,
             engine_step_seconds,
             engine_queue_wait_seconds,
             ingest_slot_wait_seconds,
@@ -534,6 +544,10 @@ impl Stats {
 
     pub fn act_seconds(&self, elapsed: std::time::Duration) {
         self.act_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn delivery_record_seconds(&self, elapsed: std::time::Duration) {
+        self.delivery_record_seconds.observe(elapsed.as_secs_f64());
     }
 
     pub fn act_after_stored_seconds(&self, elapsed: std::time::Duration) {

@@ -24,7 +24,7 @@
 //! delivery benchmark.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -230,7 +230,19 @@ pub struct Dispatcher {
     alerts_out: Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
     /// The events (by sequence number) already alerted on, the most recent `ALERTED_CAP`.
     alerted: Mutex<BTreeSet<u64>>,
+    /// Whether delivery records were written since the store last flushed them: they are flushed
+    /// behind the workers (`flush_records`), not by each record, so that a burst of decisions
+    /// does not wait for a disk flush between one delivery and the next.
+    records_unflushed: AtomicBool,
+    /// Woken when a record is written.
+    records_written: Notify,
+    /// Whether the task that flushes records was started.
+    records_flusher: AtomicBool,
 }
+
+/// How long after a record is written the records flusher flushes: what a burst writes meanwhile
+/// goes in the same flush. A crash within it sends those deliveries again (at least once).
+const RECORDS_FLUSH_DELAY: Duration = Duration::from_millis(200);
 
 /// How many alerted events are remembered (an alert sent again is dropped by the emitter, whose
 /// ids are derived from the event it is about: this only spares the engine the round trip).
@@ -393,6 +405,9 @@ impl Dispatcher {
             alerts,
             alerts_out: Mutex::new(Some(alerts_out)),
             alerted: Mutex::new(BTreeSet::new()),
+            records_unflushed: AtomicBool::new(false),
+            records_written: Notify::new(),
+            records_flusher: AtomicBool::new(false),
         }))
     }
 
@@ -499,9 +514,40 @@ impl Dispatcher {
         &self.clock
     }
 
+    /// Flushes the delivery records written since the last flush, `RECORDS_FLUSH_DELAY` after
+    /// the first of them, until shutdown (`stop` flushes what is left).
+    async fn flush_records(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                () = self.records_written.notified() => {}
+            }
+            // Real time, not the dispatcher's clock: a disk's flush does not wait for a manual one.
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(RECORDS_FLUSH_DELAY) => {}
+            }
+            self.flush_records_now().await;
+        }
+    }
+
+    async fn flush_records_now(&self) {
+        if !self.records_unflushed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.store.clone();
+        if let Err(e) = try_blocking(move || store.flush()).await {
+            tracing::error!(error = %e, "cannot flush delivery records; tried again at the next record");
+            self.records_unflushed.store(true, Ordering::Release);
+        }
+    }
+
     /// Starts a worker for every active subscription that has none, and stops the workers of
     /// subscriptions that are gone or disabled.
     pub async fn sync(self: &Arc<Self>) {
+        if !self.records_flusher.swap(true, Ordering::AcqRel) {
+            tokio::spawn(self.clone().flush_records());
+        }
         let store = self.store.clone();
         let subscriptions = match try_blocking(move || store.subscriptions()).await {
             Ok(s) => s,
@@ -542,6 +588,7 @@ impl Dispatcher {
             stop.cancel();
             let _ = task.await;
         }
+        self.flush_records_now().await;
     }
 
     /// Re-drives a subscription's parked delivery of event `seq`: tried again at once, with a new
@@ -1274,9 +1321,14 @@ impl Dispatcher {
         }
         let (store, id) = (self.store.clone(), subscription.id.clone());
         let stored = delivery.clone();
-        if let Err(e) = try_blocking(move || store.put_delivery(&id, seq, &stored)).await {
+        let started = std::time::Instant::now();
+        let recorded = try_blocking(move || store.record_delivery(&id, seq, &stored)).await;
+        self.stats.delivery_record_seconds(started.elapsed());
+        if let Err(e) = recorded {
             tracing::error!(subscription = %subscription.id, error = %e, "cannot record a delivery");
         }
+        self.records_unflushed.store(true, Ordering::Release);
+        self.records_written.notify_one();
         self.publish_depths();
         delivery
     }
@@ -1555,6 +1607,104 @@ mod tests {
         assert_eq!(haproxy.applied(), [0]);
         assert_eq!(store.parked_count(), 0);
         assert_eq!(stats.parked.get(), 0);
+        dispatcher.stop().await;
+    }
+
+    /// What a crash would leave: the store as it is on disk now, copied and opened apart.
+    fn as_on_disk(dir: &std::path::Path) -> Store {
+        fn copy(from: &std::path::Path, to: &std::path::Path) {
+            std::fs::create_dir_all(to).expect("mkdir");
+            for entry in std::fs::read_dir(from).expect("read dir") {
+                let entry = entry.expect("entry");
+                let target = to.join(entry.file_name());
+                if entry.file_type().expect("type").is_dir() {
+                    copy(&entry.path(), &target);
+                } else {
+                    std::fs::copy(entry.path(), &target).expect("copy");
+                }
+            }
+        }
+        let copied = tempfile::tempdir().expect("tempdir").keep();
+        copy(dir, &copied);
+        Store::open(&copied, 1 << 20, crate::store::StoreCounters::default()).expect("open the copy")
+    }
+
+    /// Records are not flushed one by one on the way from one delivery to the next, but they do
+    /// reach the disk behind the workers, with no other write to carry them: a crash after that
+    /// does not send them again.
+    #[tokio::test]
+    async fn delivery_records_reach_the_disk_behind_the_worker() {
+        use crate::events::EventType;
+        use crate::store::Kind;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, crate::store::StoreCounters::default()).expect("open");
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = received.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let router = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { axum::http::StatusCode::NO_CONTENT }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        store
+            .put_subscription(&Subscription {
+                id: "w".into(),
+                url,
+                events: vec![EventType::CanaryFailed],
+                kind: Kind::Webhook,
+                secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+                created_at: "2026-01-05T00:00:00Z".into(),
+                disabled: None,
+            })
+            .expect("subscribe");
+        let mut events: Vec<Event> = ["2.0", "2.1", "2.2"]
+            .into_iter()
+            .map(|version| {
+                let mut failed = action(version, 0);
+                failed.event_type = EventType::CanaryFailed;
+                failed.data.canary_version = Some(version.into());
+                failed.identify();
+                failed
+            })
+            .collect();
+        store.append_events(&mut events, 100).expect("append");
+        let shutdown = CancellationToken::new();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            Arc::new(Stats::new()),
+            DeliveryConfig::default(),
+            shutdown.clone(),
+        )
+        .expect("a dispatcher");
+        dispatcher.sync().await;
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let delivered = |store: &Store| {
+            events.iter().all(|event| {
+                store
+                    .find_delivery("w", event.seq)
+                    .expect("read")
+                    .is_some_and(|d| d.state == DeliveryState::Delivered)
+            })
+        };
+        while !delivered(&store) {
+            assert!(tokio::time::Instant::now() < deadline, "not delivered in time");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(received.load(Ordering::SeqCst), 3);
+        while !delivered(&as_on_disk(dir.path())) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the delivered records never reached the disk"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
         dispatcher.stop().await;
     }
 

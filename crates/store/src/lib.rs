@@ -1184,11 +1184,24 @@ impl<R: DaemonRecords> Store<R> {
         Ok(None)
     }
 
+    /// Records a delivery's new state, as `record_delivery` does, and flushes it (and all else
+    /// written) to disk.
+    pub fn put_delivery(
+        &self,
+        subscription: &str,
+        seq: u64,
+        delivery: &R::Delivery,
+    ) -> Result<(), StoreError> {
+        self.record_delivery(subscription, seq, delivery)?;
+        self.flush()
+    }
+
     /// Records a delivery's new state: a pending one stays in the outbox, a parked one moves (or
     /// stays) in `parked`, a finished one moves to the history. Only while it is still in the
     /// outbox or parked: one whose subscription was deleted or disabled meanwhile is not brought
-    /// back.
-    pub fn put_delivery(
+    /// back. Durable at the next flush: until then a crash leaves the delivery as it was (a
+    /// delivered one is sent again, which at-least-once delivery allows).
+    pub fn record_delivery(
         &self,
         subscription: &str,
         seq: u64,
@@ -1231,7 +1244,7 @@ impl<R: DaemonRecords> Store<R> {
                 self.release_owed(Some(seq)).map_err(io)?;
             }
         }
-        self.flush()
+        Ok(())
     }
 
     /// Moves an outbox entry to `parked` as `record`, in one transaction, if it is in the outbox;
