@@ -68,8 +68,12 @@ struct LoadReport {
     failures: u64,
     spans: u64,
     seconds: f64,
+    /// Each request's ack from when it was due (paced: its turn in the schedule, so a sender
+    /// that fell behind counts its lag; closed-loop: its send).
     p50_ms: f64,
     p99_ms: f64,
+    /// The ack's p99 from the request's actual send.
+    p99_from_send_ms: f64,
     daemon_cpu_seconds: Option<f64>,
     daemon_peak_rss_kib: Option<u64>,
     /// This process's CPU seconds over the run: the load generator's cost, counted apart.
@@ -87,8 +91,8 @@ impl std::fmt::Display for LoadReport {
         writeln!(f, "spans accepted/s {rate:.0}")?;
         writeln!(
             f,
-            "ack latency p50 {:.2} ms, p99 {:.2} ms",
-            self.p50_ms, self.p99_ms
+            "ack latency p50 {:.2} ms, p99 {:.2} ms (p99 from the send {:.2} ms)",
+            self.p50_ms, self.p99_ms, self.p99_from_send_ms
         )?;
         if let Some(cpu) = self.daemon_cpu_seconds {
             writeln!(
@@ -356,12 +360,14 @@ async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
         tasks.spawn(async move { send_loop(worker, &plan, &requests, deadline).await });
     }
     let mut latencies = Sketch::new(0.01);
+    let mut from_send = Sketch::new(0.01);
     let (mut sent, mut failures) = (0u64, 0u64);
     while let Some(result) = tasks.join_next().await {
-        let (ok, failed, sketch) = result.context("sender task")??;
+        let (ok, failed, sketch, sent_sketch) = result.context("sender task")??;
         sent += ok;
         failures += failed;
         latencies.merge(&sketch);
+        from_send.merge(&sent_sketch);
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_after = plan.pid.map(cpu_seconds).transpose()?;
@@ -373,20 +379,23 @@ async fn run(plan: LoadPlan) -> anyhow::Result<LoadReport> {
         seconds,
         p50_ms: latencies.quantile(0.5).unwrap_or(0.0),
         p99_ms: latencies.quantile(0.99).unwrap_or(0.0),
+        p99_from_send_ms: from_send.quantile(0.99).unwrap_or(0.0),
         daemon_cpu_seconds: cpu_before.zip(cpu_after).map(|(a, b)| b - a),
         daemon_peak_rss_kib: plan.pid.map(peak_rss_kib).transpose()?,
         generator_cpu_seconds: generator_before.zip(generator_after).map(|(a, b)| b - a),
     })
 }
 
-/// One sender: returns its successes, failures and latencies (ms).
+/// One sender: returns its successes, failures and latencies (ms), from each request's turn and
+/// from its send.
 async fn send_loop(
     worker: usize,
     plan: &LoadPlan,
     requests: &[Prepared],
     deadline: Instant,
-) -> anyhow::Result<(u64, u64, Sketch)> {
+) -> anyhow::Result<(u64, u64, Sketch, Sketch)> {
     let mut latencies = Sketch::new(0.01);
+    let mut from_send = Sketch::new(0.01);
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut next = worker;
     // Paced senders start spread over one gap, so that their sends interleave.
@@ -421,6 +430,7 @@ async fn send_loop(
                 let body = requests[next % requests.len()].stamped(now_ns(), false);
                 next += 1;
                 grpc.ready().await?;
+                let sent = Instant::now();
                 match grpc
                     .unary(tonic::Request::new(body), path.clone(), RawCodec)
                     .await
@@ -429,6 +439,7 @@ async fn send_loop(
                     Err(_) => failed += 1,
                 }
                 latencies.add(t.elapsed().as_secs_f64() * 1e3);
+                from_send.add(sent.elapsed().as_secs_f64() * 1e3);
             }
         }
         Target::Http(base) => {
@@ -446,15 +457,17 @@ async fn send_loop(
                 if plan.gzip {
                     request = request.header("content-encoding", "gzip");
                 }
+                let sent = Instant::now();
                 match request.send().await {
                     Ok(response) if response.status().is_success() => ok += 1,
                     _ => failed += 1,
                 }
                 latencies.add(t.elapsed().as_secs_f64() * 1e3);
+                from_send.add(sent.elapsed().as_secs_f64() * 1e3);
             }
         }
     }
-    Ok((ok, failed, latencies))
+    Ok((ok, failed, latencies, from_send))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -841,6 +854,7 @@ mod act {
         slots_read: (f64, f64),
         background_spans_per_s: f64,
         background_ack_p99_ms: f64,
+        background_ack_p99_from_send_ms: f64,
         failed: usize,
         /// Decisions' time to act; how many were timed.
         act: Spread,
@@ -863,6 +877,8 @@ mod act {
         largest_burst: usize,
         /// The requests' waits for an ingest slot (since the daemon started).
         slot_wait: Spread,
+        /// The requests' time in the daemon, gRPC (the paced load) and HTTP (the held apps').
+        answered: (Spread, Spread),
         /// The batches' waits in the engine's queue (since the daemon started).
         queue_wait: Spread,
         /// CPUs busy meanwhile: the daemon's, and this process's (the paced load, the held
@@ -881,8 +897,11 @@ mod act {
             };
             writeln!(
                 f,
-                "== time to act, {} canaries failing under {:.0} spans/s of paced load (ack p99 {:.2} ms)",
-                self.apps, self.background_spans_per_s, self.background_ack_p99_ms
+                "== time to act, {} canaries failing under {:.0} spans/s of paced load (ack p99 {:.2} ms from each request's turn, {:.2} ms from its send)",
+                self.apps,
+                self.background_spans_per_s,
+                self.background_ack_p99_ms,
+                self.background_ack_p99_from_send_ms
             )?;
             if let Some((series, groups)) = self.held {
                 writeln!(
@@ -930,6 +949,11 @@ mod act {
                 f,
                 "requests' wait for an ingest slot (canaryd_ingest_slot_wait_seconds, since the daemon started): {}",
                 self.slot_wait
+            )?;
+            writeln!(
+                f,
+                "requests' arrival to answer, in the daemon (canaryd_otlp_request_seconds): paced, gRPC {}; held apps', HTTP {}",
+                self.answered.0, self.answered.1
             )?;
             writeln!(
                 f,
@@ -1062,10 +1086,24 @@ mod act {
 
     impl Spread {
         fn of(metrics: &str, name: &str) -> Self {
+            Spread::between("", metrics, name, "")
+        }
+
+        /// The spread of what was observed after `before` up to `after`, of the series whose
+        /// labels after `le` are `labels`.
+        fn between(before: &str, after: &str, name: &str, labels: &str) -> Self {
+            let earlier = buckets_of(before, name, labels);
+            let buckets: Vec<(f64, f64)> = buckets_of(after, name, labels)
+                .into_iter()
+                .map(|(le, n)| {
+                    let then = earlier.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, n)| *n);
+                    (le, n - then)
+                })
+                .collect();
             Spread {
-                p50: quantile_bound(metrics, name, 0.5),
-                p99: quantile_bound(metrics, name, 0.99),
-                longest: quantile_bound(metrics, name, 1.0),
+                p50: bound_of(&buckets, 0.5),
+                p99: bound_of(&buckets, 0.99),
+                longest: bound_of(&buckets, 1.0),
             }
         }
     }
@@ -1083,13 +1121,15 @@ mod act {
         }
     }
 
-    /// A bucket's bound under which quantile `q` of a Prometheus histogram lies.
-    fn quantile_bound(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    /// A histogram's cumulative buckets (upper bound, count), of the series whose labels after
+    /// `le` are `labels` (`,key="value"`...).
+    fn buckets_of(metrics: &str, name: &str, labels: &str) -> Vec<(f64, f64)> {
+        let end = format!("\"{labels}}} ");
         let mut buckets: Vec<(f64, f64)> = metrics
             .lines()
             .filter_map(|line| {
                 let rest = line.strip_prefix(name)?.strip_prefix("_bucket{le=\"")?;
-                let (le, count) = rest.split_once("\"} ")?;
+                let (le, count) = rest.split_once(&end)?;
                 let le = if le == "+Inf" {
                     f64::INFINITY
                 } else {
@@ -1099,6 +1139,11 @@ mod act {
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    }
+
+    /// The bucket bound under which quantile `q` of cumulative `buckets` lies.
+    fn bound_of(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
         let total = buckets.last()?.1;
         if total <= 0.0 {
             return None;
@@ -1364,6 +1409,7 @@ mod act {
             }),
             background_spans_per_s: background.spans as f64 / background.seconds,
             background_ack_p99_ms: background.p99_ms,
+            background_ack_p99_from_send_ms: background.p99_from_send_ms,
             failed: received.len(),
             slots_read: (
                 super::common::sample(&metrics, "canaryd_store_slots_read_total").unwrap_or(0.0),
@@ -1379,6 +1425,20 @@ mod act {
             records: Spread::of(&metrics, "canaryd_delivery_record_seconds"),
             largest_burst,
             slot_wait: Spread::of(&metrics, "canaryd_ingest_slot_wait_seconds"),
+            answered: (
+                Spread::between(
+                    &metrics_before,
+                    &metrics,
+                    "canaryd_otlp_request_seconds",
+                    ",transport=\"grpc\"",
+                ),
+                Spread::between(
+                    &metrics_before,
+                    &metrics,
+                    "canaryd_otlp_request_seconds",
+                    ",transport=\"http\"",
+                ),
+            ),
             queue_wait: Spread::of(&metrics, "canaryd_engine_queue_wait_seconds"),
             steps: engine_steps(&metrics)
                 .into_iter()

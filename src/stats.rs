@@ -107,6 +107,7 @@ pub struct Stats {
     engine_step_seconds: Family<Labels1, Histogram, fn() -> Histogram>,
     engine_queue_wait_seconds: Histogram,
     ingest_slot_wait_seconds: Histogram,
+    otlp_request_seconds: Family<Labels1, Histogram, fn() -> Histogram>,
     /// Decided-at times dropped at their cap before their first delivery attempt.
     pub act_timings_dropped: Counter,
     pub outbox_depth: Gauge,
@@ -390,6 +391,17 @@ impl Stats {
             "How long each OTLP request waited for one of the requests in flight that ingest_memory_bytes allows, before its body was read (those that waited all of ingest_wait were refused)",
             ingest_slot_wait_seconds.clone(),
         );
+        let otlp_request_seconds: Family<Labels1, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+            });
+        registry.register(
+            "canaryd_otlp_request_seconds",
+            "How long each OTLP request accepted in whole or part took here, by transport: from its arrival (before it waited for a slot and its body was read) to its answer being ready",
+            otlp_request_seconds.clone(),
+        );
         let act_timings_dropped = Counter::default();
         registry.register(
             "canaryd_act_timings_dropped",
@@ -463,6 +475,7 @@ impl Stats {
             engine_step_seconds,
             engine_queue_wait_seconds,
             ingest_slot_wait_seconds,
+            otlp_request_seconds,
             act_timings_dropped,
             outbox_depth,
             parked,
@@ -533,6 +546,14 @@ impl Stats {
     }
 
     /// How long a request waited for its ingest slot.
+    /// An OTLP request over `transport`, accepted in whole or part, answered `took` after it
+    /// arrived.
+    pub fn otlp_request(&self, transport: Transport, took: std::time::Duration) {
+        self.otlp_request_seconds
+            .get_or_create(&[("transport", transport.name())])
+            .observe(took.as_secs_f64());
+    }
+
     pub fn ingest_slot_wait(&self, waited: std::time::Duration) {
         self.ingest_slot_wait_seconds.observe(waited.as_secs_f64());
     }

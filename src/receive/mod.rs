@@ -392,6 +392,7 @@ impl Intake {
                 .and_then(|r| r)
             }
         };
+        let arrived_ns = admission.arrived_ns();
         let result = match normalized {
             Ok(n) => self.submit(n, R::SIGNAL, admission).await,
             Err(e) => Err(e),
@@ -401,6 +402,9 @@ impl Intake {
                 let outcome = if o.rejected > 0 { "partial" } else { "ok" };
                 self.stats
                     .export(R::SIGNAL, transport, outcome, o.accepted, o.rejected);
+                let took = wall_clock_ns().saturating_sub(arrived_ns);
+                self.stats
+                    .otlp_request(transport, std::time::Duration::from_nanos(took));
             }
             Err(e) => self.count_refusal(R::SIGNAL, transport, e),
         }
