@@ -3,17 +3,22 @@
 //!
 //! When an event is stored, an outbox entry is written for every subscription that wants it, in
 //! the same flush, so a delivery exists as soon as the event does and survives restarts. Each
-//! subscription has one worker task, so a slow or dead receiver only ever delays itself: the
-//! worker sends the oldest pending entry (the head of the queue); a 2xx marks it delivered; a 410
+//! subscription has one worker task, so a slow or dead receiver only ever delays itself. A
+//! subscription's queue is made of lanes: a webhook's events of one app are one lane, a lever's
+//! (`haproxy`, `httproute`) events all one. The worker sends each lane's oldest pending entry
+//! (that lane's head), one at a time per lane, so a receiver sees each app's events in order;
+//! a webhook's lanes go out side by side, up to `MAX_IN_FLIGHT` at once, so that the decisions
+//! one closed second makes for many apps do not wait for one another's round trips, and one
+//! app's failing delivery holds back no other app's. A 2xx marks a delivery delivered; a 410
 //! disables the subscription (and drops its pending and parked entries); anything else (another
 //! status, a timeout, a refused connection) is retried after an exponential backoff with jitter.
-//! Entries go out one at a time, so a receiver sees a subscription's events in order.
 //!
-//! A head that keeps failing would hold back every later event (a `canary.failed` included), so
-//! once its next retry would come more than `park_after` after its first attempt it is parked:
-//! moved off the queue to the store's parked deliveries, and the next event becomes the head.
-//! A parked delivery is never dropped: the same worker retries it on its own backoff, between
-//! head attempts (taking turns when both are due), until `max_age` after its first attempt; then
+//! A head that keeps failing would hold back every later event of its lane (a `canary.failed`
+//! included), so once its next retry would come more than `park_after` after its first attempt
+//! it is parked: moved off the queue to the store's parked deliveries, and the next event of its
+//! lane becomes the head.
+//! A parked delivery is never dropped: the same worker retries it on its own backoff, beside
+//! head attempts (a lever's taking turns with its head when both are due), until `max_age` after its first attempt; then
 //! it stays parked, with no next retry, until the API re-drives it (a new retry window, tried at
 //! once). Parked deliveries are out of order by nature; for `haproxy` subscriptions, whose actions
 //! set weights, a parked action is skipped as superseded once a later event's action has set the
@@ -23,13 +28,13 @@
 //! Every time here is the dispatcher's `Clock`: wall time in the daemon, a manual clock in the
 //! delivery benchmark.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::clock::Clock;
@@ -195,11 +200,46 @@ fn schedule_of(parked: &[(u64, Delivery)]) -> Schedule {
         .collect()
 }
 
-/// What a worker does next.
-enum Next {
-    /// The head, with its event when it was read with it.
-    Head(u64, Delivery, Option<Box<Event>>),
-    Parked(u64),
+/// Which of a subscription's deliveries keep their order among themselves: those of one lane go
+/// out one at a time, oldest first; different lanes' go out side by side.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    /// A webhook's events of one app (env, app): a receiver sees each app's events in order,
+    /// and one app's failing delivery does not hold back another's.
+    App(String, String),
+    /// Every event of a lever (`haproxy`, `httproute`): its moves are applied in order, one at a
+    /// time, parked ones included.
+    All,
+    /// A webhook's entry whose event could not be read, or its parked delivery (out of order
+    /// by nature): it goes on its own.
+    Alone(u64),
+}
+
+fn lane_of(kind: Kind, seq: u64, event: Option<&Event>) -> Lane {
+    if kind.is_lever() {
+        return Lane::All;
+    }
+    match event {
+        Some(event) => Lane::App(event.data.env.clone(), event.data.app.clone()),
+        None => Lane::Alone(seq),
+    }
+}
+
+/// How many of a webhook subscription's deliveries may be in flight at once, each of its own
+/// lane (a lever's: one).
+const MAX_IN_FLIGHT: usize = 8;
+/// How many pending entries from the head of its outbox a worker looks at for lanes to send: an
+/// app whose oldest entry lies further back waits until the entries before it are sent.
+const LOOK_AHEAD: usize = 64;
+
+/// A pending outbox entry as a worker looked at it.
+struct Pending {
+    seq: u64,
+    delivery: Delivery,
+    /// Its lane, when it was not known before (its event was read for it).
+    lane: Option<Lane>,
+    /// Its event, when it was due and read in the same trip.
+    event: Option<Box<Event>>,
 }
 
 /// Runs the workers, one per active subscription.
@@ -638,20 +678,21 @@ impl Dispatcher {
     }
 
     async fn work(self: Arc<Self>, subscription: Subscription, stop: CancellationToken) {
-        let key = match secret_key(&subscription.secret) {
-            Ok(key) => key,
+        let key: Arc<[u8]> = match secret_key(&subscription.secret) {
+            Ok(key) => key.into(),
             Err(e) => {
                 tracing::error!(subscription = %subscription.id, error = %e, "unusable secret; not delivering");
                 return;
             }
         };
+        let subscription = Arc::new(subscription);
         // Parked deliveries still retried, read again whenever a re-drive changed them.
         let mut schedule = Schedule::new();
         let mut schedule_epoch = None;
-        // When the head and a parked delivery are both due, they take turns.
+        // When a head and a parked delivery are both due, they take turns.
         let mut parked_turn = false;
         // A lever's worker with weights, maps or routes to keep compares them at once, then now
-        // and then while it has nothing at the head (a delivery there applies a newer move).
+        // and then while it has nothing to send (a delivery applies a newer move).
         let reconciles = match subscription.kind {
             Kind::Haproxy => {
                 !self.config.haproxy_maps.0.is_empty() || !self.config.haproxy_servers.0.is_empty()
@@ -660,6 +701,12 @@ impl Dispatcher {
             Kind::Webhook => false,
         };
         let mut next_reconcile_ms = 0;
+        // The attempts in flight, and the lane of each (by event sequence number).
+        let mut in_flight: JoinSet<(u64, Option<Delivery>)> = JoinSet::new();
+        let mut flying: HashMap<u64, Lane> = HashMap::new();
+        let mut task_seqs: HashMap<tokio::task::Id, u64> = HashMap::new();
+        // The lanes of the entries looked at, so that each event is read for it once.
+        let mut lanes: HashMap<u64, Lane> = HashMap::new();
         loop {
             // Register for a wake-up before looking, so that an append between the look and the
             // wait is not missed.
@@ -670,6 +717,9 @@ impl Dispatcher {
                 match try_blocking(move || store.parked(&id)).await {
                     Ok(parked) => {
                         schedule = schedule_of(&parked);
+                        for seq in flying.keys() {
+                            schedule.retain(|(_, s)| s != seq);
+                        }
                         schedule_epoch = Some(epoch);
                     }
                     Err(e) => {
@@ -677,30 +727,22 @@ impl Dispatcher {
                     }
                 }
             }
-            let (store, id) = (self.store.clone(), subscription.id.clone());
             let looked_at = self.clock.now_ms();
-            let head = match try_blocking(move || {
-                let Some((seq, head)) = store.next_delivery(&id)? else {
-                    return Ok::<_, crate::store::StoreError>(None);
-                };
-                // A head due now is about to be attempted: its event is read in the same trip to
-                // the blocking pool, which is a wait of its own when the machine is busy (a
-                // failed read here is read again, and answered, by the attempt).
-                let event = (head.next_attempt_ms <= looked_at)
-                    .then(|| store.event(seq).ok().flatten().map(Box::new))
-                    .flatten();
-                Ok(Some((seq, head, event)))
-            })
-            .await
-            {
-                Ok(next) => next,
+            let window = match self.look(&subscription, &lanes, looked_at).await {
+                Ok(window) => window,
                 Err(e) => {
                     tracing::error!(subscription = %subscription.id, error = %e, "cannot read the outbox");
-                    None
+                    Vec::new()
                 }
             };
+            lanes.retain(|seq, _| window.iter().any(|entry| entry.seq == *seq));
+            for entry in &window {
+                if let Some(lane) = &entry.lane {
+                    lanes.insert(entry.seq, lane.clone());
+                }
+            }
             let now = self.clock.now_ms();
-            if reconciles && head.is_none() && now >= next_reconcile_ms {
+            if reconciles && window.is_empty() && in_flight.is_empty() && now >= next_reconcile_ms {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     () = self.reconcile(&subscription) => {}
@@ -708,64 +750,130 @@ impl Dispatcher {
                 next_reconcile_ms = self.clock.now_ms() + self.config.reconcile_every.as_millis() as u64;
                 continue;
             }
-            let parked = schedule.first().copied();
-            let (due, next) = match (head, parked) {
-                (None, None) => {
-                    let nap = if reconciles {
-                        Duration::from_millis(next_reconcile_ms.saturating_sub(now))
-                            .min(Duration::from_secs(5))
-                    } else {
-                        Duration::from_secs(5)
-                    };
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = woken => continue,
-                        // A safety net: look again now and then even without a wake-up.
-                        _ = self.clock.sleep(nap) => continue,
-                    }
+
+            // Each lane's oldest entry, unless that lane has an attempt in flight: due ones to
+            // send now, and when the next of the others is due.
+            let mut seen: HashSet<Lane> = HashSet::new();
+            let mut due_heads = Vec::new();
+            let mut next_due: Option<u64> = None;
+            for entry in window {
+                let Some(lane) = lanes.get(&entry.seq).cloned() else {
+                    continue;
+                };
+                if !seen.insert(lane.clone()) || flying.values().any(|l| *l == lane) {
+                    continue;
                 }
-                (Some((seq, head, event)), None) => (head.next_attempt_ms, Next::Head(seq, head, event)),
-                (None, Some((due, seq))) => (due, Next::Parked(seq)),
-                (Some((seq, head, event)), Some((parked_due, parked_seq))) => {
-                    let both_due = head.next_attempt_ms <= now && parked_due <= now;
-                    if (both_due && parked_turn) || (!both_due && parked_due < head.next_attempt_ms) {
-                        (parked_due, Next::Parked(parked_seq))
-                    } else {
-                        (head.next_attempt_ms, Next::Head(seq, head, event))
-                    }
+                if entry.delivery.next_attempt_ms <= now {
+                    due_heads.push((entry, lane));
+                } else {
+                    next_due = Some(next_due.map_or(entry.delivery.next_attempt_ms, |d: u64| {
+                        d.min(entry.delivery.next_attempt_ms)
+                    }));
+                }
+            }
+            let parked_lane = |seq: u64| {
+                if subscription.kind.is_lever() {
+                    Lane::All
+                } else {
+                    Lane::Alone(seq)
                 }
             };
-            if due > now {
-                // Looked at again when due, or sooner if anything changes.
+            let parked = schedule
+                .first()
+                .copied()
+                .filter(|&(_, seq)| !flying.values().any(|l| *l == parked_lane(seq)));
+            let parked_due = parked.filter(|&(due, _)| due <= now);
+            let capacity = |flying: &HashMap<u64, Lane>| {
+                let most = if subscription.kind.is_lever() {
+                    1
+                } else {
+                    MAX_IN_FLIGHT
+                };
+                most.saturating_sub(flying.len())
+            };
+            // A parked delivery goes first on its turn, or when no head is due.
+            let mut parked_first = parked_due.filter(|_| parked_turn || due_heads.is_empty());
+            if let Some((due, seq)) = parked_first.take()
+                && capacity(&flying) > 0
+            {
+                schedule.remove(&(due, seq));
+                parked_turn = false;
+                flying.insert(seq, parked_lane(seq));
+                let this = self.clone();
+                let (subscription, key) = (subscription.clone(), key.clone());
+                let task = in_flight
+                    .spawn(async move { (seq, this.attempt_parked(&subscription, &key, seq).await) });
+                task_seqs.insert(task.id(), seq);
+            }
+            for (entry, lane) in due_heads {
+                if capacity(&flying) == 0 {
+                    break;
+                }
+                if flying.values().any(|l| *l == lane) {
+                    // A lever's parked delivery just took its one lane.
+                    continue;
+                }
+                parked_turn = true;
+                let seq = entry.seq;
+                flying.insert(seq, lane);
+                let this = self.clone();
+                let (subscription, key) = (subscription.clone(), key.clone());
+                let task = in_flight.spawn(async move {
+                    let recorded = this
+                        .attempt(&subscription, &key, seq, entry.delivery, entry.event)
+                        .await;
+                    (seq, Some(recorded))
+                });
+                task_seqs.insert(task.id(), seq);
+            }
+            // The parked delivery not yet due (or waiting for its turn) wakes the worker too.
+            if let Some((due, _)) = schedule
+                .first()
+                .copied()
+                .filter(|&(_, seq)| !flying.values().any(|l| *l == parked_lane(seq)))
+            {
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            }
+            if capacity(&flying) == 0 {
+                // Nothing more can start before an attempt ends.
+                next_due = None;
+            }
+            if in_flight.is_empty() && next_due.is_none() {
+                let nap = if reconciles {
+                    Duration::from_millis(next_reconcile_ms.saturating_sub(now)).min(Duration::from_secs(5))
+                } else {
+                    Duration::from_secs(5)
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = woken => continue,
-                    _ = self.clock.sleep_until(due) => continue,
+                    // A safety net: look again now and then even without a wake-up.
+                    _ = self.clock.sleep(nap) => continue,
                 }
             }
-            let (seq, delivery, event) = match next {
-                Next::Head(seq, delivery, event) => {
-                    parked_turn = true;
-                    (seq, delivery, event)
+            let ended = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = woken => continue,
+                _ = self.clock.sleep_until(next_due.unwrap_or(u64::MAX)), if next_due.is_some() => continue,
+                Some(ended) = in_flight.join_next_with_id(), if !in_flight.is_empty() => ended,
+            };
+            let (seq, recorded) = match ended {
+                Ok((task, ended)) => {
+                    task_seqs.remove(&task);
+                    ended
                 }
-                Next::Parked(seq) => {
-                    parked_turn = false;
-                    schedule.remove(&(due, seq));
-                    let (store, id) = (self.store.clone(), subscription.id.clone());
-                    match try_blocking(move || store.find_delivery(&id, seq)).await {
-                        Ok(Some(d)) if d.state == DeliveryState::Parked => (seq, d, None),
-                        // Gone meanwhile (delivered, or its subscription deleted).
-                        Ok(_) => continue,
-                        Err(e) => {
-                            tracing::error!(subscription = %subscription.id, error = %e, "cannot read a parked delivery");
-                            continue;
-                        }
+                Err(e) => {
+                    // A panicked attempt: its delivery stays as it was last recorded, tried again.
+                    tracing::error!(subscription = %subscription.id, error = %e, "a delivery attempt failed");
+                    if let Some(seq) = task_seqs.remove(&e.id()) {
+                        flying.remove(&seq);
                     }
+                    continue;
                 }
             };
-            let recorded = tokio::select! {
-                _ = stop.cancelled() => return,
-                recorded = self.attempt(&subscription, &key, seq, delivery, event) => recorded,
+            flying.remove(&seq);
+            let Some(recorded) = recorded else {
+                continue;
             };
             match recorded.state {
                 DeliveryState::Gone => {
@@ -789,6 +897,43 @@ impl Dispatcher {
                 _ => {}
             }
         }
+    }
+
+    /// The first `LOOK_AHEAD` pending entries of a subscription, each with its lane when `known`
+    /// does not have it (its event read for it), and its event when it is due at `now_ms` (read
+    /// in the same trip to the blocking pool, which is a wait of its own on a busy machine; a
+    /// failed read is read again, and answered, by the attempt).
+    async fn look(
+        &self,
+        subscription: &Subscription,
+        known: &HashMap<u64, Lane>,
+        now_ms: u64,
+    ) -> Result<Vec<Pending>, String> {
+        let (store, id, kind) = (self.store.clone(), subscription.id.clone(), subscription.kind);
+        let known: HashSet<u64> = known.keys().copied().collect();
+        try_blocking(move || {
+            let entries = store.next_deliveries(&id, LOOK_AHEAD)?;
+            Ok::<_, crate::store::StoreError>(
+                entries
+                    .into_iter()
+                    .map(|(seq, delivery)| {
+                        let due = delivery.next_attempt_ms <= now_ms;
+                        let unknown = !known.contains(&seq);
+                        let event = (due || unknown)
+                            .then(|| store.event(seq).ok().flatten())
+                            .flatten();
+                        let lane = unknown.then(|| lane_of(kind, seq, event.as_ref()));
+                        Pending {
+                            seq,
+                            delivery,
+                            lane,
+                            event: event.filter(|_| due).map(Box::new),
+                        }
+                    })
+                    .collect(),
+            )
+        })
+        .await
     }
 
     /// After a lever's subscription (`haproxy`, `httproute`) applied event `seq`'s traffic: its
@@ -838,6 +983,22 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::error!(subscription = %subscription.id, error = %e, "cannot supersede parked traffic actions")
+            }
+        }
+    }
+
+    /// One attempt at parked delivery `seq`, when it is still parked (not delivered, or its
+    /// subscription deleted, meanwhile); records and returns it in its new state.
+    async fn attempt_parked(&self, subscription: &Subscription, key: &[u8], seq: u64) -> Option<Delivery> {
+        let (store, id) = (self.store.clone(), subscription.id.clone());
+        match try_blocking(move || store.find_delivery(&id, seq)).await {
+            Ok(Some(delivery)) if delivery.state == DeliveryState::Parked => {
+                Some(self.attempt(subscription, key, seq, delivery, None).await)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(subscription = %subscription.id, error = %e, "cannot read a parked delivery");
+                None
             }
         }
     }
@@ -1704,6 +1865,148 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        shutdown.cancel();
+        dispatcher.stop().await;
+    }
+
+    /// What the lanes test's receiver saw: requests in flight (all, by app) and the most at
+    /// once, and the events it accepted, by app, in the order they arrived.
+    #[derive(Default)]
+    struct Seen {
+        in_flight: usize,
+        most_in_flight: usize,
+        app_in_flight: HashMap<String, usize>,
+        most_of_one_app: usize,
+        accepted: HashMap<String, Vec<String>>,
+    }
+
+    /// A webhook's decisions for many apps go out side by side, up to `MAX_IN_FLIGHT`, each
+    /// app's one at a time and in order, and an app whose deliveries keep failing holds back no
+    /// other app's.
+    #[tokio::test]
+    async fn a_webhook_sends_each_apps_events_in_order_and_apps_side_by_side() {
+        use crate::events::EventType;
+        use crate::store::Kind;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, crate::store::StoreCounters::default()).expect("open");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let state = seen.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let router = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let state = state.clone();
+                async move {
+                    let event: serde_json::Value = serde_json::from_slice(&body).expect("an event");
+                    let app = event["data"]["app"].as_str().expect("app").to_owned();
+                    {
+                        let mut seen = state.lock().expect("lock");
+                        seen.in_flight += 1;
+                        seen.most_in_flight = seen.most_in_flight.max(seen.in_flight);
+                        let mine = seen.app_in_flight.entry(app.clone()).or_default();
+                        *mine += 1;
+                        let mine = *mine;
+                        seen.most_of_one_app = seen.most_of_one_app.max(mine);
+                    }
+                    // Held a while, so that what is sent side by side overlaps here.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut seen = state.lock().expect("lock");
+                    seen.in_flight -= 1;
+                    *seen.app_in_flight.entry(app.clone()).or_default() -= 1;
+                    if app == "broken" {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let id = event["id"].as_str().expect("id").to_owned();
+                    seen.accepted.entry(app).or_default().push(id);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        store
+            .put_subscription(&Subscription {
+                id: "w".into(),
+                url,
+                events: vec![EventType::CanaryFailed],
+                kind: Kind::Webhook,
+                secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+                created_at: "2026-01-05T00:00:00Z".into(),
+                disabled: None,
+            })
+            .expect("subscribe");
+        // The broken app's event first, at the head of the queue; then three events each of
+        // twelve apps, interleaved; then the broken app's second.
+        let apps: Vec<String> = (0..12).map(|i| format!("app-{i}")).collect();
+        let event = |app: &str, n: usize| {
+            let mut failed = action("2.0", 0);
+            failed.event_type = EventType::CanaryFailed;
+            failed.data.app = app.to_owned();
+            failed.data.canary_version = Some(format!("2.{n}"));
+            failed.identify();
+            failed
+        };
+        let mut events = vec![event("broken", 0)];
+        for n in 0..3 {
+            events.extend(apps.iter().map(|app| event(app, n)));
+        }
+        events.push(event("broken", 1));
+        store.append_events(&mut events, 1_000).expect("append");
+        let shutdown = CancellationToken::new();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            Arc::new(Stats::new()),
+            DeliveryConfig::default(),
+            shutdown.clone(),
+        )
+        .expect("a dispatcher");
+        dispatcher.sync().await;
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let accepted: usize = seen.lock().expect("lock").accepted.values().map(Vec::len).sum();
+            if accepted == 3 * apps.len() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{accepted} of {} delivered",
+                3 * apps.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+        for app in &apps {
+            let sent: Vec<&str> = events
+                .iter()
+                .filter(|e| &e.data.app == app)
+                .map(|e| e.id.as_str())
+                .collect();
+            assert_eq!(seen.accepted[app], sent, "{app}'s events once each, in order");
+        }
+        assert_eq!(seen.most_of_one_app, 1, "one app's deliveries one at a time");
+        assert!(
+            seen.most_in_flight > 1 && seen.most_in_flight <= MAX_IN_FLIGHT,
+            "side by side, at most {MAX_IN_FLIGHT}: {}",
+            seen.most_in_flight
+        );
+        // The broken app's delivery still waits for its retry, at the head of its own lane.
+        let broken = store
+            .find_delivery("w", events[0].seq)
+            .expect("read")
+            .expect("kept");
+        assert_eq!(broken.state, DeliveryState::Pending, "{broken:?}");
+        assert!(broken.attempts >= 1, "{broken:?}");
+        let behind = store
+            .find_delivery("w", events[events.len() - 1].seq)
+            .expect("read")
+            .expect("kept");
+        assert_eq!(
+            behind.attempts, 0,
+            "sent before its app's earlier event: {behind:?}"
+        );
+        drop(seen);
         shutdown.cancel();
         dispatcher.stop().await;
     }

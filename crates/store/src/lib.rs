@@ -1162,26 +1162,42 @@ impl<R: DaemonRecords> Store<R> {
 
     /// The oldest pending delivery of a subscription.
     pub fn next_delivery(&self, subscription: &str) -> Result<Option<(u64, R::Delivery)>, StoreError> {
+        Ok(self.next_deliveries(subscription, 1)?.pop())
+    }
+
+    /// A subscription's pending deliveries, oldest first, at most `limit`.
+    pub fn next_deliveries(
+        &self,
+        subscription: &str,
+        limit: usize,
+    ) -> Result<Vec<(u64, R::Delivery)>, StoreError> {
         let io = |source| StoreError::Io {
             operation: "read the outbox",
             source,
         };
+        let mut pending = Vec::new();
         for entry in self.outbox.scan_prefix(outbox_prefix(subscription)) {
+            if pending.len() >= limit {
+                break;
+            }
             let (key, value) = entry.map_err(io)?;
             let seq = outbox_seq(&key);
             // Counted and logged when it does not read; an error when a newer format wrote it.
             let delivery = self.delivery_value(OUTBOX, &key, &value)?;
             match (seq, delivery) {
-                (Some(seq), Some(delivery)) => return Ok(Some((seq, delivery))),
+                (Some(seq), Some(delivery)) => {
+                    pending.push((seq, delivery));
+                    continue;
+                }
                 (None, _) => self.corrupt(OUTBOX, &key),
                 (Some(_), None) => {}
             }
-            // Taken off the head, or the subscription's queue would stop behind it.
+            // Taken off the queue, or the subscription's queue would stop behind it.
             if self.outbox.remove(key).map_err(io)?.is_some() {
                 decrement(&self.counts.outbox);
             }
         }
-        Ok(None)
+        Ok(pending)
     }
 
     /// Records a delivery's new state, as `record_delivery` does, and flushes it (and all else
