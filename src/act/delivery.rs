@@ -228,6 +228,11 @@ fn lane_of(kind: Kind, seq: u64, event: Option<&Event>) -> Lane {
 /// How many of a webhook subscription's deliveries may be in flight at once, each of its own
 /// lane (a lever's: one).
 const MAX_IN_FLIGHT: usize = 8;
+/// While a webhook's receiver is not taking deliveries, how many lanes' heads may be failing
+/// before no more lanes are opened: two, so that one event the receiver refuses does not stop
+/// the others (a second lane is tried beside it), while a receiver that is down sees two heads
+/// retried, not one per app.
+const MAX_FAILING_LANES: usize = 2;
 /// How many pending entries from the head of its outbox a worker looks at for lanes to send: an
 /// app whose oldest entry lies further back waits until the entries before it are sent.
 const LOOK_AHEAD: usize = 64;
@@ -705,6 +710,12 @@ impl Dispatcher {
         let mut in_flight: JoinSet<(u64, Option<Delivery>)> = JoinSet::new();
         let mut flying: HashMap<u64, Lane> = HashMap::new();
         let mut task_seqs: HashMap<tokio::task::Id, u64> = HashMap::new();
+        // The first attempts in flight of lanes not tried before, and whether the receiver
+        // took the last attempt that ended (not known at the start): while it does not, lanes
+        // are opened one at a time, and only while fewer than `MAX_FAILING_LANES` lanes' heads
+        // are failing, so that a receiver that is down sees two heads retried, not one per app.
+        let mut opening: HashSet<u64> = HashSet::new();
+        let mut answering = false;
         // The lanes of the entries looked at, so that each event is read for it once.
         let mut lanes: HashMap<u64, Lane> = HashMap::new();
         loop {
@@ -735,7 +746,8 @@ impl Dispatcher {
                     Vec::new()
                 }
             };
-            lanes.retain(|seq, _| window.iter().any(|entry| entry.seq == *seq));
+            let looked: HashSet<u64> = window.iter().map(|entry| entry.seq).collect();
+            lanes.retain(|seq, _| looked.contains(seq));
             for entry in &window {
                 if let Some(lane) = &entry.lane {
                     lanes.insert(entry.seq, lane.clone());
@@ -756,11 +768,18 @@ impl Dispatcher {
             let mut seen: HashSet<Lane> = HashSet::new();
             let mut due_heads = Vec::new();
             let mut next_due: Option<u64> = None;
+            let mut failing = 0;
             for entry in window {
                 let Some(lane) = lanes.get(&entry.seq).cloned() else {
                     continue;
                 };
-                if !seen.insert(lane.clone()) || flying.values().any(|l| *l == lane) {
+                if !seen.insert(lane.clone()) {
+                    continue;
+                }
+                if entry.delivery.attempts > 0 {
+                    failing += 1;
+                }
+                if flying.values().any(|l| *l == lane) {
                     continue;
                 }
                 if entry.delivery.next_attempt_ms <= now {
@@ -813,8 +832,16 @@ impl Dispatcher {
                     // A lever's parked delivery just took its one lane.
                     continue;
                 }
+                let opens = entry.delivery.attempts == 0;
+                if opens && !answering && (failing >= MAX_FAILING_LANES || !opening.is_empty()) {
+                    // Looked at again when an attempt ends.
+                    continue;
+                }
                 parked_turn = true;
                 let seq = entry.seq;
+                if opens {
+                    opening.insert(seq);
+                }
                 flying.insert(seq, lane);
                 let this = self.clone();
                 let (subscription, key) = (subscription.clone(), key.clone());
@@ -867,14 +894,21 @@ impl Dispatcher {
                     tracing::error!(subscription = %subscription.id, error = %e, "a delivery attempt failed");
                     if let Some(seq) = task_seqs.remove(&e.id()) {
                         flying.remove(&seq);
+                        opening.remove(&seq);
                     }
                     continue;
                 }
             };
             flying.remove(&seq);
+            opening.remove(&seq);
             let Some(recorded) = recorded else {
                 continue;
             };
+            match recorded.state {
+                DeliveryState::Delivered => answering = true,
+                DeliveryState::Pending | DeliveryState::Parked => answering = false,
+                _ => {}
+            }
             match recorded.state {
                 DeliveryState::Gone => {
                     let (store, id) = (self.store.clone(), subscription.id.clone());
@@ -919,9 +953,9 @@ impl Dispatcher {
                     .map(|(seq, delivery)| {
                         let due = delivery.next_attempt_ms <= now_ms;
                         let unknown = !known.contains(&seq);
-                        let event = (due || unknown)
-                            .then(|| store.event(seq).ok().flatten())
-                            .flatten();
+                        // A lever's lane is known without its event.
+                        let wanted = due || (unknown && !kind.is_lever());
+                        let event = wanted.then(|| store.event(seq).ok().flatten()).flatten();
                         let lane = unknown.then(|| lane_of(kind, seq, event.as_ref()));
                         Pending {
                             seq,
@@ -1869,40 +1903,35 @@ mod tests {
         dispatcher.stop().await;
     }
 
-    /// What the lanes test's receiver saw: requests in flight (all, by app) and the most at
-    /// once, and the events it accepted, by app, in the order they arrived.
+    /// What the lanes tests' receiver saw: requests in flight (all, by app) and the most at
+    /// once, the ids of every request, and the events it accepted, by app, in the order they
+    /// arrived.
     #[derive(Default)]
     struct Seen {
         in_flight: usize,
         most_in_flight: usize,
         app_in_flight: HashMap<String, usize>,
         most_of_one_app: usize,
+        requested: Vec<String>,
         accepted: HashMap<String, Vec<String>>,
     }
 
-    /// A webhook's decisions for many apps go out side by side, up to `MAX_IN_FLIGHT`, each
-    /// app's one at a time and in order, and an app whose deliveries keep failing holds back no
-    /// other app's.
-    #[tokio::test]
-    async fn a_webhook_sends_each_apps_events_in_order_and_apps_side_by_side() {
-        use crate::events::EventType;
-        use crate::store::Kind;
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), 1 << 20, crate::store::StoreCounters::default()).expect("open");
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let state = seen.clone();
+    /// A webhook receiver that holds each request 100 ms and refuses (503) the app "broken"'s
+    /// events, and every event while `down`; its URL.
+    async fn lanes_receiver(seen: Arc<Mutex<Seen>>, down: Arc<std::sync::atomic::AtomicBool>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
         let router = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |body: axum::body::Bytes| {
-                let state = state.clone();
+                let (state, down) = (seen.clone(), down.clone());
                 async move {
                     let event: serde_json::Value = serde_json::from_slice(&body).expect("an event");
                     let app = event["data"]["app"].as_str().expect("app").to_owned();
+                    let id = event["id"].as_str().expect("id").to_owned();
                     {
                         let mut seen = state.lock().expect("lock");
+                        seen.requested.push(id.clone());
                         seen.in_flight += 1;
                         seen.most_in_flight = seen.most_in_flight.max(seen.in_flight);
                         let mine = seen.app_in_flight.entry(app.clone()).or_default();
@@ -1915,16 +1944,25 @@ mod tests {
                     let mut seen = state.lock().expect("lock");
                     seen.in_flight -= 1;
                     *seen.app_in_flight.entry(app.clone()).or_default() -= 1;
-                    if app == "broken" {
+                    if app == "broken" || down.load(Ordering::SeqCst) {
                         return axum::http::StatusCode::SERVICE_UNAVAILABLE;
                     }
-                    let id = event["id"].as_str().expect("id").to_owned();
                     seen.accepted.entry(app).or_default().push(id);
                     axum::http::StatusCode::NO_CONTENT
                 }
             }),
         );
         tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
+    /// A store with a webhook subscription "w" to `url` and `events` appended, each a
+    /// `canary.failed` of (app, n).
+    fn lanes_store(dir: &std::path::Path, url: String, events: &[(&str, usize)]) -> (Store, Vec<Event>) {
+        use crate::events::EventType;
+        use crate::store::Kind;
+
+        let store = Store::open(dir, 1 << 20, crate::store::StoreCounters::default()).expect("open");
         store
             .put_subscription(&Subscription {
                 id: "w".into(),
@@ -1936,23 +1974,47 @@ mod tests {
                 disabled: None,
             })
             .expect("subscribe");
+        let mut events: Vec<Event> = events
+            .iter()
+            .map(|&(app, n)| {
+                let mut failed = action("2.0", 0);
+                failed.event_type = EventType::CanaryFailed;
+                failed.data.app = app.to_owned();
+                failed.data.canary_version = Some(format!("2.{n}"));
+                failed.identify();
+                failed
+            })
+            .collect();
+        store.append_events(&mut events, 1_000).expect("append");
+        (store, events)
+    }
+
+    /// Waits up to 30 s for `done` to hold of what the receiver saw.
+    async fn until_seen(seen: &Mutex<Seen>, what: &str, done: impl Fn(&Seen) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done(&seen.lock().expect("lock")) {
+            assert!(tokio::time::Instant::now() < deadline, "{what}: not in time");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A webhook's decisions for many apps go out side by side, up to `MAX_IN_FLIGHT`, each
+    /// app's one at a time and in order, and an app whose deliveries keep failing holds back no
+    /// other app's.
+    #[tokio::test]
+    async fn a_webhook_sends_each_apps_events_in_order_and_apps_side_by_side() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let url = lanes_receiver(seen.clone(), Arc::default()).await;
         // The broken app's event first, at the head of the queue; then three events each of
         // twelve apps, interleaved; then the broken app's second.
         let apps: Vec<String> = (0..12).map(|i| format!("app-{i}")).collect();
-        let event = |app: &str, n: usize| {
-            let mut failed = action("2.0", 0);
-            failed.event_type = EventType::CanaryFailed;
-            failed.data.app = app.to_owned();
-            failed.data.canary_version = Some(format!("2.{n}"));
-            failed.identify();
-            failed
-        };
-        let mut events = vec![event("broken", 0)];
+        let mut queued = vec![("broken", 0)];
         for n in 0..3 {
-            events.extend(apps.iter().map(|app| event(app, n)));
+            queued.extend(apps.iter().map(|app| (app.as_str(), n)));
         }
-        events.push(event("broken", 1));
-        store.append_events(&mut events, 1_000).expect("append");
+        queued.push(("broken", 1));
+        let (store, events) = lanes_store(dir.path(), url, &queued);
         let shutdown = CancellationToken::new();
         let dispatcher = Dispatcher::new(
             store.clone(),
@@ -1963,19 +2025,10 @@ mod tests {
         .expect("a dispatcher");
         dispatcher.sync().await;
 
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let accepted: usize = seen.lock().expect("lock").accepted.values().map(Vec::len).sum();
-            if accepted == 3 * apps.len() {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{accepted} of {} delivered",
-                3 * apps.len()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_seen(&seen, "every healthy app's events delivered", |seen| {
+            seen.accepted.values().map(Vec::len).sum::<usize>() == 3 * apps.len()
+        })
+        .await;
         let seen = std::mem::take(&mut *seen.lock().expect("lock"));
         for app in &apps {
             let sent: Vec<&str> = events
@@ -2007,6 +2060,58 @@ mod tests {
             "sent before its app's earlier event: {behind:?}"
         );
         drop(seen);
+        shutdown.cancel();
+        dispatcher.stop().await;
+    }
+
+    /// A receiver that is down is not sent one retried head per app: lanes open one at a time
+    /// while it takes nothing, and no more once `MAX_FAILING_LANES` heads are failing. When it
+    /// is back, every app's events arrive, each app's in order.
+    #[tokio::test]
+    async fn a_receiver_that_is_down_sees_few_heads_retried_not_one_per_app() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let url = lanes_receiver(seen.clone(), down.clone()).await;
+        let apps: Vec<String> = (0..12).map(|i| format!("app-{i}")).collect();
+        let mut queued = Vec::new();
+        for n in 0..2 {
+            queued.extend(apps.iter().map(|app| (app.as_str(), n)));
+        }
+        let (store, events) = lanes_store(dir.path(), url, &queued);
+        let shutdown = CancellationToken::new();
+        let config = DeliveryConfig {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            ..DeliveryConfig::default()
+        };
+        let dispatcher = Dispatcher::new(store.clone(), Arc::new(Stats::new()), config, shutdown.clone())
+            .expect("a dispatcher");
+        dispatcher.sync().await;
+
+        // About a second of retries: enough for a lane to be opened every 100 ms without the cap.
+        until_seen(&seen, "40 attempts", |seen| seen.requested.len() >= 40).await;
+        let tried: HashSet<String> = seen.lock().expect("lock").requested.iter().cloned().collect();
+        assert!(
+            tried.len() <= 2,
+            "{} events tried while the receiver was down (MAX_FAILING_LANES is 2)",
+            tried.len()
+        );
+        down.store(false, Ordering::SeqCst);
+        until_seen(&seen, "every event delivered", |seen| {
+            seen.accepted.values().map(Vec::len).sum::<usize>() == events.len()
+        })
+        .await;
+        let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+        for app in &apps {
+            let sent: Vec<&str> = events
+                .iter()
+                .filter(|e| &e.data.app == app)
+                .map(|e| e.id.as_str())
+                .collect();
+            assert_eq!(seen.accepted[app], sent, "{app}'s events once each, in order");
+        }
+        assert!(seen.most_in_flight > 1, "side by side once it was back");
         shutdown.cancel();
         dispatcher.stop().await;
     }
