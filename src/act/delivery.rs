@@ -236,6 +236,9 @@ const MAX_FAILING_LANES: usize = 2;
 /// How many pending entries from the head of its outbox a worker looks at for lanes to send: an
 /// app whose oldest entry lies further back waits until the entries before it are sent.
 const LOOK_AHEAD: usize = 64;
+/// How many it looks at while it drains a backlog (it found `LOOK_AHEAD` pending): one delivery
+/// at a time, each look reading fewer entries, until fewer than these are left.
+const BACKLOG_LOOK_AHEAD: usize = 16;
 
 /// A pending outbox entry as a worker looked at it.
 struct Pending {
@@ -716,6 +719,9 @@ impl Dispatcher {
         // are failing, so that a receiver that is down sees two heads retried, not one per app.
         let mut opening: HashSet<u64> = HashSet::new();
         let mut answering = false;
+        // Whether the last look found a backlog (`LOOK_AHEAD` entries pending, then
+        // `BACKLOG_LOOK_AHEAD` while it drains).
+        let mut backlog = false;
         // The lanes of the entries looked at, so that each event is read for it once.
         let mut lanes: HashMap<u64, Lane> = HashMap::new();
         loop {
@@ -739,7 +745,8 @@ impl Dispatcher {
                 }
             }
             let looked_at = self.clock.now_ms();
-            let window = match self.look(&subscription, &lanes, looked_at).await {
+            let limit = if backlog { BACKLOG_LOOK_AHEAD } else { LOOK_AHEAD };
+            let window = match self.look(&subscription, &lanes, looked_at, limit).await {
                 Ok(window) => window,
                 Err(e) => {
                     tracing::error!(subscription = %subscription.id, error = %e, "cannot read the outbox");
@@ -769,6 +776,10 @@ impl Dispatcher {
             let mut due_heads = Vec::new();
             let mut next_due: Option<u64> = None;
             let mut failing = 0;
+            // A backlog (a receiver back after an outage, say) is drained one delivery at a time:
+            // lanes side by side are for the decisions of one moment, not for a catch-up that
+            // would take the CPU from ingest meanwhile.
+            backlog = window.len() >= limit;
             for entry in window {
                 let Some(lane) = lanes.get(&entry.seq).cloned() else {
                     continue;
@@ -803,13 +814,19 @@ impl Dispatcher {
                 .filter(|&(_, seq)| !flying.values().any(|l| *l == parked_lane(seq)));
             let parked_due = parked.filter(|&(due, _)| due <= now);
             let capacity = |flying: &HashMap<u64, Lane>| {
-                let most = if subscription.kind.is_lever() {
+                let most = if subscription.kind.is_lever() || backlog {
                     1
                 } else {
                     MAX_IN_FLIGHT
                 };
                 most.saturating_sub(flying.len())
             };
+            // A lane not tried before may open while the receiver takes deliveries, or, while it
+            // does not, one at a time while few lanes are failing. One that may not is looked at
+            // again when an attempt ends.
+            let may_open =
+                |opening: &HashSet<u64>| answering || (failing < MAX_FAILING_LANES && opening.is_empty());
+            due_heads.retain(|(entry, _)| entry.delivery.attempts > 0 || may_open(&opening));
             // A parked delivery goes first on its turn, or when no head is due.
             let mut parked_first = parked_due.filter(|_| parked_turn || due_heads.is_empty());
             if let Some((due, seq)) = parked_first.take()
@@ -833,8 +850,7 @@ impl Dispatcher {
                     continue;
                 }
                 let opens = entry.delivery.attempts == 0;
-                if opens && !answering && (failing >= MAX_FAILING_LANES || !opening.is_empty()) {
-                    // Looked at again when an attempt ends.
+                if opens && !may_open(&opening) {
                     continue;
                 }
                 parked_turn = true;
@@ -933,7 +949,7 @@ impl Dispatcher {
         }
     }
 
-    /// The first `LOOK_AHEAD` pending entries of a subscription, each with its lane when `known`
+    /// The first `limit` pending entries of a subscription, each with its lane when `known`
     /// does not have it (its event read for it), and its event when it is due at `now_ms` (read
     /// in the same trip to the blocking pool, which is a wait of its own on a busy machine; a
     /// failed read is read again, and answered, by the attempt).
@@ -942,11 +958,12 @@ impl Dispatcher {
         subscription: &Subscription,
         known: &HashMap<u64, Lane>,
         now_ms: u64,
+        limit: usize,
     ) -> Result<Vec<Pending>, String> {
         let (store, id, kind) = (self.store.clone(), subscription.id.clone(), subscription.kind);
         let known: HashSet<u64> = known.keys().copied().collect();
         try_blocking(move || {
-            let entries = store.next_deliveries(&id, LOOK_AHEAD)?;
+            let entries = store.next_deliveries(&id, limit)?;
             Ok::<_, crate::store::StoreError>(
                 entries
                     .into_iter()
@@ -1913,6 +1930,8 @@ mod tests {
         app_in_flight: HashMap<String, usize>,
         most_of_one_app: usize,
         requested: Vec<String>,
+        /// At each request's arrival, how many were in flight with it.
+        in_flight_at_each: Vec<usize>,
         accepted: HashMap<String, Vec<String>>,
     }
 
@@ -1933,7 +1952,9 @@ mod tests {
                         let mut seen = state.lock().expect("lock");
                         seen.requested.push(id.clone());
                         seen.in_flight += 1;
-                        seen.most_in_flight = seen.most_in_flight.max(seen.in_flight);
+                        let now = seen.in_flight;
+                        seen.in_flight_at_each.push(now);
+                        seen.most_in_flight = seen.most_in_flight.max(now);
                         let mine = seen.app_in_flight.entry(app.clone()).or_default();
                         *mine += 1;
                         let mine = *mine;
@@ -2112,6 +2133,83 @@ mod tests {
             assert_eq!(seen.accepted[app], sent, "{app}'s events once each, in order");
         }
         assert!(seen.most_in_flight > 1, "side by side once it was back");
+        shutdown.cancel();
+        dispatcher.stop().await;
+    }
+
+    /// While the receiver is down, heads park, new lanes open as failing ones park, and parked
+    /// deliveries are retried on their backoff, the worker coming back to its clock between
+    /// attempts (the driver moves a manual clock only while the worker waits on it: a worker
+    /// that looked again and again without waiting would stop it).
+    #[tokio::test]
+    async fn parked_deliveries_are_retried_while_new_lanes_wait_for_the_receiver() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let url = lanes_receiver(seen, down).await;
+        let queued: Vec<(String, usize)> = (0..6).map(|i| (format!("app-{i}"), 0)).collect();
+        let queued: Vec<(&str, usize)> = queued.iter().map(|(app, n)| (app.as_str(), *n)).collect();
+        let (store, _) = lanes_store(dir.path(), url, &queued);
+        let clock = ManualClock::new(1_767_571_200_000);
+        let config = DeliveryConfig {
+            park_after: Duration::from_secs(2),
+            first_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(4),
+            ..DeliveryConfig::default()
+        };
+        let dispatcher = Dispatcher::with_clock(
+            store.clone(),
+            Arc::new(Stats::new()),
+            config,
+            Clock::Manual(clock.clone()),
+            CancellationToken::new(),
+        )
+        .expect("a dispatcher");
+        dispatcher.sync().await;
+        run_until(&clock, || {
+            store
+                .parked("w")
+                .expect("read")
+                .iter()
+                .any(|(_, d)| d.attempts >= 5)
+        })
+        .await;
+        dispatcher.stop().await;
+    }
+
+    /// A backlog is drained one delivery at a time (lanes side by side are for one moment's
+    /// decisions), and side by side again once little is left.
+    #[tokio::test]
+    async fn a_backlog_is_drained_one_delivery_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let url = lanes_receiver(seen.clone(), Arc::default()).await;
+        let apps: Vec<String> = (0..LOOK_AHEAD + 8).map(|i| format!("app-{i}")).collect();
+        let queued: Vec<(&str, usize)> = apps.iter().map(|app| (app.as_str(), 0)).collect();
+        let (store, _) = lanes_store(dir.path(), url, &queued);
+        let shutdown = CancellationToken::new();
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            Arc::new(Stats::new()),
+            DeliveryConfig::default(),
+            shutdown.clone(),
+        )
+        .expect("a dispatcher");
+        dispatcher.sync().await;
+        until_seen(&seen, "the backlog delivered", |seen| {
+            seen.accepted.values().map(Vec::len).sum::<usize>() == apps.len()
+        })
+        .await;
+        let at_each = std::mem::take(&mut seen.lock().expect("lock").in_flight_at_each);
+        let drained = apps.len() - BACKLOG_LOOK_AHEAD;
+        assert!(
+            at_each[..drained].iter().all(|&n| n == 1),
+            "side by side while a backlog drained: {at_each:?}"
+        );
+        assert!(
+            at_each[drained..].iter().any(|&n| n > 1),
+            "one at a time once little was left: {at_each:?}"
+        );
         shutdown.cancel();
         dispatcher.stop().await;
     }
