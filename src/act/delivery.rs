@@ -9,21 +9,24 @@
 //! (that lane's head), one at a time per lane, so a receiver sees each app's events in order;
 //! a webhook's lanes go out side by side, up to `MAX_IN_FLIGHT` at once, so that the decisions
 //! one closed second makes for many apps do not wait for one another's round trips, and one
-//! app's failing delivery holds back no other app's. A 2xx marks a delivery delivered; a 410
-//! disables the subscription (and drops its pending and parked entries); anything else (another
-//! status, a timeout, a refused connection) is retried after an exponential backoff with jitter.
+//! app's failing delivery holds back no other app's. While the receiver takes nothing, lanes
+//! open one at a time and no more once `MAX_FAILING_LANES` heads are failing, and a backlog is
+//! drained one delivery at a time: side by side is for one moment's decisions. A 2xx marks a
+//! delivery delivered; a 410 disables the subscription (and drops its pending and parked
+//! entries); anything else (another status, a timeout, a refused connection) is retried after an
+//! exponential backoff with jitter. Each attempt's record is flushed to disk behind the workers.
 //!
 //! A head that keeps failing would hold back every later event of its lane (a `canary.failed`
 //! included), so once its next retry would come more than `park_after` after its first attempt
 //! it is parked: moved off the queue to the store's parked deliveries, and the next event of its
-//! lane becomes the head.
-//! A parked delivery is never dropped: the same worker retries it on its own backoff, beside
-//! head attempts (a lever's taking turns with its head when both are due), until `max_age` after its first attempt; then
-//! it stays parked, with no next retry, until the API re-drives it (a new retry window, tried at
-//! once). Parked deliveries are out of order by nature; for `haproxy` subscriptions, whose actions
-//! set weights, a parked action is skipped as superseded once a later event's action has set the
-//! same servers, so an old weight never overwrites a newer one. The event id is the `webhook-id`,
-//! the same on every attempt and re-drive, so receivers can de-duplicate.
+//! lane becomes the head. A parked delivery is never dropped: the same worker retries it on its
+//! own backoff, beside head attempts (a lever's taking turns with its head when both are due),
+//! until `max_age` after its first attempt; then it stays parked, with no next retry, until the
+//! API re-drives it (a new retry window, tried at once). Parked deliveries are out of order by
+//! nature; for `haproxy` subscriptions, whose actions set weights, a parked action is skipped as
+//! superseded once a later event's action has set the same servers, so an old weight never
+//! overwrites a newer one. The event id is the `webhook-id`, the same on every attempt and
+//! re-drive, so receivers can de-duplicate.
 //!
 //! Every time here is the dispatcher's `Clock`: wall time in the daemon, a manual clock in the
 //! delivery benchmark.
@@ -828,8 +831,8 @@ impl Dispatcher {
                 |opening: &HashSet<u64>| answering || (failing < MAX_FAILING_LANES && opening.is_empty());
             due_heads.retain(|(entry, _)| entry.delivery.attempts > 0 || may_open(&opening));
             // A parked delivery goes first on its turn, or when no head is due.
-            let mut parked_first = parked_due.filter(|_| parked_turn || due_heads.is_empty());
-            if let Some((due, seq)) = parked_first.take()
+            let parked_first = parked_due.filter(|_| parked_turn || due_heads.is_empty());
+            if let Some((due, seq)) = parked_first
                 && capacity(&flying) > 0
             {
                 schedule.remove(&(due, seq));

@@ -75,12 +75,13 @@ pub enum Input {
         claim: Claim,
         reply: oneshot::Sender<Result<AnalysisView, LinkRefused>>,
     },
-    /// A read for an answer: runs on the engine's thread between inputs, after every window
-    /// waiting to be learned is learned (`Engine::defer_learning`) unless `as_is`: a read of
-    /// analyses, models and the catalog, which deferred learning does not change.
+    /// A read for an answer: runs on the engine's thread between inputs, after the windows
+    /// waiting to be learned (`Engine::defer_learning`) that `learn` says are learned: all, one
+    /// app's (a read of that app alone), or none (a read of analyses, models and the catalog,
+    /// which deferred learning does not change).
     Read {
         read: Box<dyn FnOnce(&Engine) + Send>,
-        as_is: bool,
+        learn: Option<Learn>,
     },
     /// Events made outside the engine's decisions (delivery's `traffic.partial` alerts), stored
     /// and sent through the one emitter like every other.
@@ -229,7 +230,18 @@ impl EngineHandle {
         &self,
         read: impl FnOnce(&Engine) -> R + Send + 'static,
     ) -> Result<R, EngineGone> {
-        self.send_read(read, false).await
+        self.send_read(read, Some(Learn::All)).await
+    }
+
+    /// `read`, for a read of one app's learned state: only that app's windows waiting are
+    /// learned first.
+    pub async fn read_app<R: Send + 'static>(
+        &self,
+        env: String,
+        app: String,
+        read: impl FnOnce(&Engine) -> R + Send + 'static,
+    ) -> Result<R, EngineGone> {
+        self.send_read(read, Some(Learn::TheApp(env, app))).await
     }
 
     /// `read`, for a read of analyses, models or the catalog alone: windows waiting to be
@@ -239,13 +251,13 @@ impl EngineHandle {
         &self,
         read: impl FnOnce(&Engine) -> R + Send + 'static,
     ) -> Result<R, EngineGone> {
-        self.send_read(read, true).await
+        self.send_read(read, None).await
     }
 
     async fn send_read<R: Send + 'static>(
         &self,
         read: impl FnOnce(&Engine) -> R + Send + 'static,
-        as_is: bool,
+        learn: Option<Learn>,
     ) -> Result<R, EngineGone> {
         let (reply, answer) = oneshot::channel();
         let input = Input::Read {
@@ -253,7 +265,7 @@ impl EngineHandle {
                 // The asker may have gone (its connection closed): nothing to do then.
                 let _ = reply.send(read(engine));
             }),
-            as_is,
+            learn,
         };
         self.tx.send(input).await.map_err(|_| EngineGone)?;
         answer.await.map_err(|_| EngineGone)
@@ -446,9 +458,11 @@ async fn run(mut engine: Engine, emitter: Emitter, mut rx: mpsc::Receiver<Input>
 const LEARNING_WAITS_AT_MOST: Duration = Duration::from_secs(1);
 
 /// How much deferred learning to do at once.
-enum Learn {
+pub enum Learn {
     /// The app that has waited longest (`Engine::learn_deferred`).
     OneApp,
+    /// One app's windows, by env and name (`Engine::learn_deferred_of`).
+    TheApp(String, String),
     /// Everything waiting (`Engine::learn_all_deferred`).
     All,
 }
@@ -457,6 +471,7 @@ enum Learn {
 fn learn(engine: &mut Engine, emitter: &Emitter, how: Learn) {
     let report = match how {
         Learn::OneApp => engine.learn_deferred(),
+        Learn::TheApp(env, app) => engine.learn_deferred_of(&env, &app),
         Learn::All => engine.learn_all_deferred(),
     };
     if report.anomalies.is_empty() {
@@ -594,10 +609,10 @@ fn apply(engine: &mut Engine, emitter: &Emitter, stats: &Stats, late: &mut LateL
             };
             let _ = reply.send(answer);
         }
-        Input::Read { read, as_is } => {
-            if !as_is {
+        Input::Read { read, learn: how } => {
+            if let Some(how) = how {
                 // What the read sees is what learning at once would have left.
-                learn(engine, emitter, Learn::All);
+                learn(engine, emitter, how);
             }
             read(engine);
         }
@@ -690,6 +705,52 @@ mod tests {
         for batch in batches {
             engine.ingest(&batch);
         }
+    }
+
+    /// What a read sees: (windows still waiting to be learned, whether "quiet" and "busy" have
+    /// learned anything).
+    fn read_through(engine: &mut Engine, emitter: &Emitter, learn: Option<Learn>) -> (usize, bool, bool) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let read = Box::new(move |engine: &Engine| {
+            let learned = |app: &str| {
+                engine
+                    .baselines("prod", app, None)
+                    .is_some_and(|view| view.baselines.iter().any(|(_, b)| b.ewma.samples > 0))
+            };
+            let _ = tx.send((engine.unlearned_windows(), learned("quiet"), learned("busy")));
+        });
+        let stats = Stats::new();
+        apply(
+            engine,
+            emitter,
+            &stats,
+            &mut LateLog::default(),
+            Input::Read { read, learn },
+        );
+        rx.recv().expect("the read ran")
+    }
+
+    /// A read learns first what it shows: nothing for a read of analyses, one app's windows for
+    /// a read of that app (its baseline, its timeline), every app's for the apps' list.
+    #[tokio::test]
+    async fn a_read_learns_what_it_shows_and_no_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 1 << 20, StoreCounters::default()).expect("open");
+        let emitter = emitter(&store);
+        let mut engine = engine_on(&store);
+        engine.defer_learning(true);
+        let (quiet, _) = traffic_of("quiet", EPOCH_NS, 4);
+        ingest_all(&mut engine, quiet);
+        let (busy, _) = traffic_of("busy", EPOCH_NS, 4);
+        ingest_all(&mut engine, busy);
+        let (waiting, quiet, busy) = read_through(&mut engine, &emitter, None);
+        assert!(waiting > 2 && !quiet && !busy, "{waiting} {quiet} {busy}");
+        let one_app = Learn::TheApp("prod".into(), "quiet".into());
+        let (left, quiet, busy) = read_through(&mut engine, &emitter, Some(one_app));
+        assert!(quiet && !busy, "only quiet learned: {quiet} {busy}");
+        assert!(left > 0 && left < waiting, "{left} of {waiting} left");
+        let (left, quiet, busy) = read_through(&mut engine, &emitter, Some(Learn::All));
+        assert!(left == 0 && quiet && busy, "{left} {quiet} {busy}");
     }
 
     #[tokio::test]

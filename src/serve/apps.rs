@@ -415,7 +415,9 @@ pub(super) async fn baseline(
         );
     }
     state
-        .read_engine(move |engine| baseline_of(engine, env, app, query.version))
+        .read_app(env.clone(), app.clone(), move |engine| {
+            baseline_of(engine, env, app, query.version)
+        })
         .await
 }
 

@@ -173,7 +173,9 @@ pub(super) async fn timeline(
     Env(env): Env,
 ) -> Response {
     state
-        .read_engine(move |engine| timeline_of(engine, env, app))
+        .read_app(env.clone(), app.clone(), move |engine| {
+            timeline_of(engine, env, app)
+        })
         .await
 }
 

@@ -84,12 +84,21 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// Runs `read` on the engine's thread; a stopped engine answers 503.
-    pub async fn read_engine(&self, read: impl FnOnce(&Engine) -> Response + Send + 'static) -> Response {
-        self.engine.read(read).await.unwrap_or_else(unavailable)
+    /// Runs `read`, a read of one app's learned state, on the engine's thread, after that app's
+    /// windows waiting are learned (the other apps' wait on); a stopped engine answers 503.
+    pub async fn read_app(
+        &self,
+        env: String,
+        app: String,
+        read: impl FnOnce(&Engine) -> Response + Send + 'static,
+    ) -> Response {
+        self.engine
+            .read_app(env, app, read)
+            .await
+            .unwrap_or_else(unavailable)
     }
 
-    /// `read_engine`, for a read of analyses, models or the catalog alone
+    /// `read_app`, for a read of analyses, models or the catalog alone
     /// (`EngineHandle::read_analyses`).
     pub async fn read_analyses(&self, read: impl FnOnce(&Engine) -> Response + Send + 'static) -> Response {
         self.engine.read_analyses(read).await.unwrap_or_else(unavailable)

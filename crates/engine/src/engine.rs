@@ -431,6 +431,17 @@ impl Engine {
         report
     }
 
+    /// Learns the windows waiting of one app (before that app's learned state is read alone):
+    /// the other apps' stay waiting. Reports the anomalies found, and any found earlier.
+    pub fn learn_deferred_of(&mut self, env: &str, app: &str) -> IngestReport {
+        let mut report = IngestReport::default();
+        let key: (Arc<str>, Arc<str>) = (env.into(), app.into());
+        // The app stays in the queue: learning it there finds nothing waiting.
+        self.learn_unlearned(&key, &mut report.anomalies);
+        report.anomalies.append(&mut self.unreported);
+        report
+    }
+
     /// Learns the app's windows waiting, if any; returns whether there were.
     fn learn_unlearned(&mut self, key: &(Arc<str>, Arc<str>), anomalies: &mut Vec<AnomalyChange>) -> bool {
         let Some(app) = self.apps.get_mut(key) else {

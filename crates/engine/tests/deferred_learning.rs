@@ -175,13 +175,18 @@ proptest! {
         let deferred = run(&mut later, &batches, |engine, _, outcome| {
             most_behind = most_behind.max(engine.unlearned_windows());
             // Sometimes idle for a while, sometimes busy for several batches; now and then a
-            // read that needs everything learned.
-            match pace.below(10) {
+            // read that needs one app, or everything, learned.
+            match pace.below(12) {
                 0..=5 => {}
                 6..=8 => {
                     for _ in 0..pace.below(4) {
                         outcome.add(engine.learn_deferred());
                     }
+                }
+                9 | 10 => {
+                    // A read of one app's learned state.
+                    let app = ["steady", "rolled", "faulty"][pace.below(3) as usize];
+                    outcome.add(engine.learn_deferred_of("prod", app));
                 }
                 _ => outcome.add(engine.learn_all_deferred()),
             }
@@ -250,4 +255,35 @@ fn an_app_that_may_be_judged_learns_what_waits_first() {
     engine.learn_all_deferred();
     let steady = samples(&engine, "steady");
     assert!(steady.iter().all(|n| *n >= 90), "{steady:?}");
+}
+
+/// A read of one app's learned state learns that app's windows alone; the others' keep waiting
+/// for the engine's idle moments.
+#[test]
+fn learning_one_app_leaves_the_others_waiting() {
+    let batches = batches(11);
+    let mut engine = engine();
+    engine.defer_learning(true);
+    let per_minute = (60 / BATCH_SECS) as usize;
+    for batch in &batches[..30 * per_minute] {
+        engine.ingest(batch);
+    }
+    let samples = |engine: &Engine, app: &str| -> Vec<u64> {
+        let view = engine.baselines("prod", app, None).expect("a known app");
+        view.baselines.iter().map(|(_, b)| b.ewma.samples).collect()
+    };
+    let waiting = engine.unlearned_windows();
+    assert!(waiting >= 3 * 25, "{waiting}");
+    engine.learn_deferred_of("prod", "faulty");
+    let faulty = samples(&engine, "faulty");
+    assert!(faulty.iter().all(|n| *n >= 25), "faulty learned: {faulty:?}");
+    // Two apps of three still wait.
+    let left = engine.unlearned_windows();
+    assert!(
+        (waiting / 2..=waiting * 2 / 3 + 1).contains(&left),
+        "{left} of {waiting} left"
+    );
+    // An app unknown, or with nothing waiting, is no error.
+    assert!(engine.learn_deferred_of("prod", "nobody").anomalies.is_empty());
+    engine.learn_deferred_of("prod", "faulty");
 }
