@@ -1092,14 +1092,7 @@ mod act {
         /// The spread of what was observed after `before` up to `after`, of the series whose
         /// labels after `le` are `labels`.
         fn between(before: &str, after: &str, name: &str, labels: &str) -> Self {
-            let earlier = buckets_of(before, name, labels);
-            let buckets: Vec<(f64, f64)> = buckets_of(after, name, labels)
-                .into_iter()
-                .map(|(le, n)| {
-                    let then = earlier.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, n)| *n);
-                    (le, n - then)
-                })
-                .collect();
+            let buckets = since(buckets_of(after, name, labels), &buckets_of(before, name, labels));
             Spread {
                 p50: bound_of(&buckets, 0.5),
                 p99: bound_of(&buckets, 0.99),
@@ -1140,6 +1133,17 @@ mod act {
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         buckets
+    }
+
+    /// Cumulative `buckets` less the counts `earlier` held: what was observed since.
+    fn since(buckets: Vec<(f64, f64)>, earlier: &[(f64, f64)]) -> Vec<(f64, f64)> {
+        buckets
+            .into_iter()
+            .map(|(le, n)| {
+                let then = earlier.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, n)| *n);
+                (le, n - then)
+            })
+            .collect()
     }
 
     /// The bucket bound under which quantile `q` of cumulative `buckets` lies.
@@ -1444,15 +1448,7 @@ mod act {
                 .into_iter()
                 .map(|(kind, buckets)| {
                     let before = steps_before.iter().find(|(k, _)| *k == kind);
-                    let buckets = buckets
-                        .into_iter()
-                        .map(|(le, n)| {
-                            let earlier = before
-                                .and_then(|(_, b)| b.iter().find(|(l, _)| *l == le))
-                                .map_or(0.0, |(_, n)| *n);
-                            (le, n - earlier)
-                        })
-                        .collect();
+                    let buckets = since(buckets, before.map_or(&[][..], |(_, b)| b));
                     (kind, buckets)
                 })
                 .collect(),

@@ -60,6 +60,11 @@ impl Transport {
     }
 }
 
+/// Buckets for the waits and steps on a request's or a decision's way (half a millisecond up).
+const WAIT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels3 = [(&'static str, &'static str); 3];
@@ -361,9 +366,7 @@ impl Stats {
             "How long one step held the engine's thread, by kind (batch, read, operator, alert, flush, learning): every input queued meanwhile waits that long",
             engine_step_seconds.clone(),
         );
-        let engine_queue_wait_seconds = Histogram::new([
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ]);
+        let engine_queue_wait_seconds = Histogram::new(WAIT_BUCKETS);
         registry.register(
             "canaryd_engine_queue_wait_seconds",
             "How long each batch waited in the engine's queue: from its request read and normalized to the engine taking it (time to act, canaryd_act_seconds, starts earlier: at the request's arrival, before it waited for a slot and was read)",
@@ -375,28 +378,20 @@ impl Stats {
             "The part of canaryd_act_seconds after the deciding batch's events were stored: from then to the first delivery attempt leaving",
             act_after_stored_seconds.clone(),
         );
-        let delivery_record_seconds = Histogram::new([
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        ]);
+        let delivery_record_seconds = Histogram::new(WAIT_BUCKETS);
         registry.register(
             "canaryd_delivery_record_seconds",
-            "Time to record each delivery attempt's outcome in the store: the next delivery of the subscription waits for it",
+            "Time to record each delivery attempt's outcome in the store: the next delivery of its lane (a webhook's app, or a lever's every event) waits for it",
             delivery_record_seconds.clone(),
         );
-        let ingest_slot_wait_seconds = Histogram::new([
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-        ]);
+        let ingest_slot_wait_seconds = Histogram::new(WAIT_BUCKETS.into_iter().chain([5.0]));
         registry.register(
             "canaryd_ingest_slot_wait_seconds",
             "How long each OTLP request waited for one of the requests in flight that ingest_memory_bytes allows, before its body was read (those that waited all of ingest_wait were refused)",
             ingest_slot_wait_seconds.clone(),
         );
         let otlp_request_seconds: Family<Labels1, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(|| {
-                Histogram::new([
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ])
-            });
+            Family::new_with_constructor(|| Histogram::new(WAIT_BUCKETS.into_iter().chain([5.0])));
         registry.register(
             "canaryd_otlp_request_seconds",
             "How long each OTLP request accepted in whole or part took here, by transport: from its arrival (before it waited for a slot and its body was read) to its answer being ready",

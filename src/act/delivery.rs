@@ -737,9 +737,7 @@ impl Dispatcher {
                 match try_blocking(move || store.parked(&id)).await {
                     Ok(parked) => {
                         schedule = schedule_of(&parked);
-                        for seq in flying.keys() {
-                            schedule.retain(|(_, s)| s != seq);
-                        }
+                        schedule.retain(|(_, seq)| !flying.contains_key(seq));
                         schedule_epoch = Some(epoch);
                     }
                     Err(e) => {
@@ -924,11 +922,6 @@ impl Dispatcher {
                 continue;
             };
             match recorded.state {
-                DeliveryState::Delivered => answering = true,
-                DeliveryState::Pending | DeliveryState::Parked => answering = false,
-                _ => {}
-            }
-            match recorded.state {
                 DeliveryState::Gone => {
                     let (store, id) = (self.store.clone(), subscription.id.clone());
                     if let Err(e) = try_blocking(move || store.disable_subscription(&id)).await {
@@ -939,13 +932,18 @@ impl Dispatcher {
                     return;
                 }
                 DeliveryState::Parked => {
+                    answering = false;
                     if let Some(due) = recorded.next_retry_ms() {
                         schedule.insert((due, seq));
                     }
                 }
-                DeliveryState::Delivered if subscription.kind.is_lever() => {
-                    self.supersede_older_actions(&subscription, seq, &mut schedule)
-                        .await;
+                DeliveryState::Pending => answering = false,
+                DeliveryState::Delivered => {
+                    answering = true;
+                    if subscription.kind.is_lever() {
+                        self.supersede_older_actions(&subscription, seq, &mut schedule)
+                            .await;
+                    }
                 }
                 _ => {}
             }
@@ -1888,15 +1886,7 @@ mod tests {
             })
             .collect();
         store.append_events(&mut events, 100).expect("append");
-        let shutdown = CancellationToken::new();
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            Arc::new(Stats::new()),
-            DeliveryConfig::default(),
-            shutdown.clone(),
-        )
-        .expect("a dispatcher");
-        dispatcher.sync().await;
+        let (dispatcher, shutdown) = dispatching(&store, DeliveryConfig::default()).await;
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let delivered = |store: &Store| {
@@ -1936,6 +1926,33 @@ mod tests {
         /// At each request's arrival, how many were in flight with it.
         in_flight_at_each: Vec<usize>,
         accepted: HashMap<String, Vec<String>>,
+    }
+
+    impl Seen {
+        fn accepted_count(&self) -> usize {
+            self.accepted.values().map(Vec::len).sum()
+        }
+
+        /// Each of `apps` got its events among `events` once each, in order.
+        fn assert_each_app_in_order(&self, apps: &[String], events: &[Event]) {
+            for app in apps {
+                let sent: Vec<&str> = events
+                    .iter()
+                    .filter(|e| &e.data.app == app)
+                    .map(|e| e.id.as_str())
+                    .collect();
+                assert_eq!(self.accepted[app], sent, "{app}'s events once each, in order");
+            }
+        }
+    }
+
+    /// A dispatcher on the system's clock with its workers started, and what stops it.
+    async fn dispatching(store: &Store, config: DeliveryConfig) -> (Arc<Dispatcher>, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let dispatcher = Dispatcher::new(store.clone(), Arc::new(Stats::new()), config, shutdown.clone())
+            .expect("a dispatcher");
+        dispatcher.sync().await;
+        (dispatcher, shutdown)
     }
 
     /// A webhook receiver that holds each request 100 ms and refuses (503) the app "broken"'s
@@ -2039,29 +2056,14 @@ mod tests {
         }
         queued.push(("broken", 1));
         let (store, events) = lanes_store(dir.path(), url, &queued);
-        let shutdown = CancellationToken::new();
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            Arc::new(Stats::new()),
-            DeliveryConfig::default(),
-            shutdown.clone(),
-        )
-        .expect("a dispatcher");
-        dispatcher.sync().await;
+        let (dispatcher, shutdown) = dispatching(&store, DeliveryConfig::default()).await;
 
         until_seen(&seen, "every healthy app's events delivered", |seen| {
-            seen.accepted.values().map(Vec::len).sum::<usize>() == 3 * apps.len()
+            seen.accepted_count() == 3 * apps.len()
         })
         .await;
         let seen = std::mem::take(&mut *seen.lock().expect("lock"));
-        for app in &apps {
-            let sent: Vec<&str> = events
-                .iter()
-                .filter(|e| &e.data.app == app)
-                .map(|e| e.id.as_str())
-                .collect();
-            assert_eq!(seen.accepted[app], sent, "{app}'s events once each, in order");
-        }
+        seen.assert_each_app_in_order(&apps, &events);
         assert_eq!(seen.most_of_one_app, 1, "one app's deliveries one at a time");
         assert!(
             seen.most_in_flight > 1 && seen.most_in_flight <= MAX_IN_FLIGHT,
@@ -2103,15 +2105,12 @@ mod tests {
             queued.extend(apps.iter().map(|app| (app.as_str(), n)));
         }
         let (store, events) = lanes_store(dir.path(), url, &queued);
-        let shutdown = CancellationToken::new();
         let config = DeliveryConfig {
             first_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
             ..DeliveryConfig::default()
         };
-        let dispatcher = Dispatcher::new(store.clone(), Arc::new(Stats::new()), config, shutdown.clone())
-            .expect("a dispatcher");
-        dispatcher.sync().await;
+        let (dispatcher, shutdown) = dispatching(&store, config).await;
 
         // About a second of retries: enough for a lane to be opened every 100 ms without the cap.
         until_seen(&seen, "40 attempts", |seen| seen.requested.len() >= 40).await;
@@ -2123,18 +2122,11 @@ mod tests {
         );
         down.store(false, Ordering::SeqCst);
         until_seen(&seen, "every event delivered", |seen| {
-            seen.accepted.values().map(Vec::len).sum::<usize>() == events.len()
+            seen.accepted_count() == events.len()
         })
         .await;
         let seen = std::mem::take(&mut *seen.lock().expect("lock"));
-        for app in &apps {
-            let sent: Vec<&str> = events
-                .iter()
-                .filter(|e| &e.data.app == app)
-                .map(|e| e.id.as_str())
-                .collect();
-            assert_eq!(seen.accepted[app], sent, "{app}'s events once each, in order");
-        }
+        seen.assert_each_app_in_order(&apps, &events);
         assert!(seen.most_in_flight > 1, "side by side once it was back");
         shutdown.cancel();
         dispatcher.stop().await;
@@ -2190,17 +2182,9 @@ mod tests {
         let apps: Vec<String> = (0..LOOK_AHEAD + 8).map(|i| format!("app-{i}")).collect();
         let queued: Vec<(&str, usize)> = apps.iter().map(|app| (app.as_str(), 0)).collect();
         let (store, _) = lanes_store(dir.path(), url, &queued);
-        let shutdown = CancellationToken::new();
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            Arc::new(Stats::new()),
-            DeliveryConfig::default(),
-            shutdown.clone(),
-        )
-        .expect("a dispatcher");
-        dispatcher.sync().await;
+        let (dispatcher, shutdown) = dispatching(&store, DeliveryConfig::default()).await;
         until_seen(&seen, "the backlog delivered", |seen| {
-            seen.accepted.values().map(Vec::len).sum::<usize>() == apps.len()
+            seen.accepted_count() == apps.len()
         })
         .await;
         let at_each = std::mem::take(&mut seen.lock().expect("lock").in_flight_at_each);
