@@ -9,7 +9,8 @@
 //!
 //! `cargo bench --bench load` measures (environment: `LOAD_SECONDS`, default 10,
 //! `LOAD_CONCURRENCY`, default 8, and `LOAD_TRANSPORTS`, a comma-separated subset of
-//! `grpc,grpc+gzip,http,http+gzip`, default all, e.g. to profile one); `cargo test --benches` runs
+//! `grpc,grpc+gzip,http,http+gzip`, default all, e.g. to profile one; `LOAD_DETAIL=sdk` for spans
+//! of about 600 bytes, with what agents' instrumentations record, instead of 400); `cargo test --benches` runs
 //! it for a second, as a smoke test. After the gRPC run it times the daemon's decisions under
 //! 80% of that load (`LOAD_ACT=0` skips it), with `LOAD_ACT_HELD` series (e.g. 100000) held
 //! meanwhile by apps of their own sending live traffic.
@@ -318,6 +319,16 @@ fn timestamp_offsets(buf: &[u8], base: usize, depth: u8, out: &mut Vec<usize>) {
     }
 }
 
+/// `LOAD_DETAIL`: `lean` (the default, about 400 bytes a span) or `sdk` (about 600: what an
+/// agent's HTTP and database instrumentations record).
+fn span_detail() -> testdata::SpanDetail {
+    match std::env::var("LOAD_DETAIL").as_deref() {
+        Ok("sdk") => testdata::SpanDetail::Sdk,
+        Ok("lean") | Err(_) => testdata::SpanDetail::Lean,
+        Ok(other) => panic!("LOAD_DETAIL={other}: lean or sdk"),
+    }
+}
+
 /// The requests to send, encoded.
 fn prepare(plan: &LoadPlan) -> Vec<Prepared> {
     (0..plan.distinct)
@@ -330,6 +341,7 @@ fn prepare(plan: &LoadPlan) -> Vec<Prepared> {
                 versions_per_app: 1,
                 spans: plan.spans_per_request,
                 start_ns: testdata::EPOCH_NS + i as u64 * 5_000_000_000,
+                detail: span_detail(),
                 ..TraceShape::default()
             };
             Prepared::new(testdata::trace_request(&shape, i as u64).encode_to_vec())
@@ -502,8 +514,9 @@ fn main() -> anyhow::Result<()> {
     .collect();
     let encoded: usize = plain.iter().map(Bytes::len).sum();
     println!(
-        "== workload: {} distinct requests of 512 spans, {:.0} bytes a request, {:.0} bytes a span, re-dated at each send",
+        "== workload: {} distinct requests of 512 spans ({:?}), {:.0} bytes a request, {:.0} bytes a span, re-dated at each send",
         plain.len(),
+        span_detail(),
         encoded as f64 / plain.len() as f64,
         encoded as f64 / (plain.len() * 512) as f64
     );

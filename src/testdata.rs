@@ -80,6 +80,20 @@ pub struct TraceShape {
     pub start_ns: u64,
     /// Mean event time between two requests of one resource.
     pub request_gap_ns: u64,
+    /// What the attributes past the semantic conventions' few hold.
+    pub detail: SpanDetail,
+}
+
+/// What a generated span's other attributes hold, and so its size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpanDetail {
+    /// Short made-up ones (`app.attr0` = `value-123`): about 400 bytes a span encoded.
+    #[default]
+    Lean,
+    /// What an agent's HTTP and database instrumentations record, at their usual lengths: a
+    /// browser's user agent, the path and client address, the thread, the W3C flags, and a
+    /// database call's query text. About 600 bytes a span encoded.
+    Sdk,
 }
 
 impl Default for TraceShape {
@@ -94,6 +108,7 @@ impl Default for TraceShape {
             error_rate: 0.01,
             start_ns: EPOCH_NS,
             request_gap_ns: 6_000_000,
+            detail: SpanDetail::Lean,
         }
     }
 }
@@ -158,6 +173,7 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
             let failed = rng.unit() < shape.error_rate;
             time += 1 + rng.below(2 * shape.request_gap_ns);
             let route = format!("/api/v1/resource{op}/{{id}}");
+            let sdk = shape.detail == SpanDetail::Sdk;
             let mut attributes = vec![
                 kv("http.request.method", "GET"),
                 kv("http.route", &route),
@@ -167,9 +183,33 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
                 kv_int("server.port", 443),
                 kv(
                     "user_agent.original",
-                    "Mozilla/5.0 (X11; Linux x86_64) canaryd-bench",
+                    if sdk {
+                        BROWSER_USER_AGENT
+                    } else {
+                        "Mozilla/5.0 (X11; Linux x86_64) canaryd-bench"
+                    },
                 ),
             ];
+            if sdk {
+                // An id as many APIs have them: a UUID.
+                let id = format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64());
+                let id = format!(
+                    "{}-{}-{}-{}-{}",
+                    &id[..8],
+                    &id[8..12],
+                    &id[12..16],
+                    &id[16..20],
+                    &id[20..]
+                );
+                attributes.extend([
+                    kv("url.path", &format!("/api/v1/resource{op}/{id}")),
+                    kv(
+                        "client.address",
+                        &format!("10.42.{}.{}", rng.below(256), rng.below(256)),
+                    ),
+                    kv("thread.name", &format!("http-nio-8080-exec-{}", rng.below(200))),
+                ]);
+            }
             pad_attributes(&mut attributes, shape.attributes, &mut rng);
             spans.push(Span {
                 trace_id: trace_id.clone(),
@@ -201,6 +241,8 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
                     code: status::StatusCode::Error as i32,
                     message: "internal error".into(),
                 }),
+                // Sampled, the parent remote (W3C flags and the parent's remoteness, as SDKs send them).
+                flags: if sdk { 0x301 } else { 0 },
                 ..Span::default()
             });
             if spans.len() < n {
@@ -211,6 +253,13 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
                     kv("server.address", "orders-db.internal"),
                     kv_int("server.port", 5432),
                 ];
+                if sdk {
+                    attributes.extend([
+                        kv("db.collection.name", "orders"),
+                        kv("db.query.text", ORDERS_QUERY),
+                        kv("thread.name", &format!("http-nio-8080-exec-{}", rng.below(200))),
+                    ]);
+                }
                 pad_attributes(&mut attributes, shape.attributes, &mut rng);
                 spans.push(Span {
                     trace_id,
@@ -221,6 +270,8 @@ pub fn trace_request(shape: &TraceShape, seed: u64) -> ExportTraceServiceRequest
                     start_time_unix_nano: time + 100_000,
                     end_time_unix_nano: time + duration / 2,
                     attributes,
+                    // Sampled, the parent local.
+                    flags: if sdk { 0x101 } else { 0 },
                     ..Span::default()
                 });
             }
@@ -317,6 +368,15 @@ fn scope() -> InstrumentationScope {
         ..InstrumentationScope::default()
     }
 }
+
+/// A browser's user agent, as HTTP server instrumentations record it.
+const BROWSER_USER_AGENT: &str = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 \
+    (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+
+/// A database call's query text, parameters left out as instrumentations sanitize them.
+const ORDERS_QUERY: &str = "select o1_0.id, o1_0.status, o1_0.total, o1_0.currency, o1_0.created_at, \
+    o1_0.updated_at, o1_0.shipping_address_id, o1_0.version from orders o1_0 where o1_0.customer_id = $1 \
+    and o1_0.status = any($2) order by o1_0.created_at desc limit $3";
 
 fn pad_attributes(attributes: &mut Vec<KeyValue>, wanted: usize, rng: &mut Rng) {
     let mut i = 0;
@@ -839,6 +899,7 @@ pub fn otlp_of_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     #[test]
     fn the_same_seed_gives_the_same_request() {
@@ -860,5 +921,28 @@ mod tests {
         assert_eq!(spans.len(), 512);
         assert!(spans.iter().all(|s| s.attributes.len() == 10));
         assert_eq!(request.resource_spans.len(), 8);
+    }
+
+    /// The sizes BENCHMARKS.md names for each detail, within a tenth.
+    #[test]
+    fn each_detail_gives_the_span_size_it_names() {
+        for (detail, named) in [(SpanDetail::Lean, 400.0), (SpanDetail::Sdk, 600.0)] {
+            let shape = TraceShape {
+                detail,
+                ..TraceShape::default()
+            };
+            let request = trace_request(&shape, 3);
+            let per_span = request.encode_to_vec().len() as f64 / shape.spans as f64;
+            assert!(
+                (per_span / named - 1.0).abs() < 0.1,
+                "{detail:?}: {per_span:.0} bytes a span, named {named}"
+            );
+            let spans = request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans);
+            assert!(spans.clone().all(|s| s.attributes.len() == shape.attributes));
+        }
     }
 }
