@@ -63,7 +63,7 @@ pub fn traces_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized
                 end_time_unix_nano: span.end_time_unix_nano.0,
                 status_code: span.status.as_ref().map_or(0, |s| s.code),
             };
-            match observe_span(&view, &scratch, options, &mut obs, &mut out.truncated) {
+            match observe_span(&view, &mut scratch, options, &mut obs, &mut out.truncated) {
                 Ok(()) => {
                     obs.spans += 1;
                     accepted += 1;

@@ -156,6 +156,47 @@ impl IdentityReader<'_> {
     }
 }
 
+/// The names one request's observations carry (operations, downstreams, exception types,
+/// cohorts): each distinct text is cleaned, cut and allocated once a request, then shared. A
+/// span's name is a lookup, not an allocation, and the engine's thread, which drops the batch,
+/// frees a block for each distinct name instead of one for each span. Per request, not per
+/// thread: a name shared across requests would have its count moved between the receiving
+/// threads and the engine's for every span.
+#[derive(Default)]
+struct Names {
+    /// By the text as read: the name it became, and whether that cut it.
+    known: std::collections::HashMap<Box<str>, (Arc<str>, bool), foldhash::fast::RandomState>,
+    /// Where `METHOD route` is put together before it is looked up.
+    joined: String,
+}
+
+impl Names {
+    /// `text` as `cut_to` makes it, shared; a cut counts in `truncated` at each use, as before.
+    fn name(&mut self, text: &str, max: usize, truncated: &mut u64) -> Arc<str> {
+        if let Some((name, cut)) = self.known.get(text) {
+            *truncated += u64::from(*cut);
+            return name.clone();
+        }
+        let before = *truncated;
+        let name: Arc<str> = Arc::from(cut_to(text, max, truncated));
+        self.known
+            .insert(text.into(), (name.clone(), *truncated > before));
+        name
+    }
+
+    /// `first second`, as `name` makes it.
+    fn joined(&mut self, first: &str, second: &str, max: usize, truncated: &mut u64) -> Arc<str> {
+        let mut joined = std::mem::take(&mut self.joined);
+        joined.clear();
+        joined.push_str(first);
+        joined.push(' ');
+        joined.push_str(second);
+        let name = self.name(&joined, max, truncated);
+        self.joined = joined;
+        name
+    }
+}
+
 /// `s` without control characters, cut to at most `max` bytes at a character boundary; counts the
 /// cut in `truncated`. Control characters have no place in names, and the store joins names with
 /// one (U+001F) to key a baseline's seasonal slots: a name carrying it could pose as another.
@@ -391,6 +432,25 @@ mod tests {
         assert_eq!(cut_to("héllo", 2, &mut truncated), "h");
         assert_eq!(cut_to("hello", 5, &mut truncated), "hello");
         assert_eq!(truncated, 1);
+    }
+
+    #[test]
+    fn a_name_met_again_is_the_same_name_and_its_cut_counts_again() {
+        let mut names = Names::default();
+        let mut truncated = 0;
+        let first = names.name("GET /a\u{1f}bcdef", 6, &mut truncated);
+        let again = names.name("GET /a\u{1f}bcdef", 6, &mut truncated);
+        assert_eq!(&*first, "GET /a");
+        assert!(Arc::ptr_eq(&first, &again), "one allocation for the text");
+        assert_eq!(truncated, 2, "each use cut counts, as without sharing");
+        let joined = names.joined("GET", "/a\u{1f}bcdef", 6, &mut truncated);
+        assert!(Arc::ptr_eq(&first, &joined), "`METHOD route` found as its text");
+        assert_eq!(truncated, 3);
+        // The text as read is the key: another text cleaned or cut to the same name is looked up
+        // apart, and whether it was cut counts for itself.
+        let clean = names.name("GET /a", 6, &mut truncated);
+        assert_eq!((&*clean, truncated), ("GET /a", 3));
+        assert!(!Arc::ptr_eq(&first, &clean));
     }
 
     #[test]

@@ -21,10 +21,9 @@ use prost::Message;
 use super::common::{DecodeError, ItemReader, KeyValueView, Nesting, read_request, within};
 use super::wire::{Fields, WireError};
 use super::{
-    AttrValue, NormalizeOptions, Normalized, beyond_horizon, cut_owned, cut_to, int_attr, text_attr,
-    value_text,
+    AttrValue, Names, NormalizeOptions, Normalized, beyond_horizon, int_attr, text_attr, value_text,
 };
-use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Attributes that name a call's downstream, in order of preference.
 const DOWNSTREAM_KEYS: [(&str, DownstreamSource); 6] = [
@@ -87,6 +86,7 @@ pub fn traces_protobuf(buf: &[u8], options: &NormalizeOptions) -> Result<Normali
 pub(super) struct Scratch<'a> {
     pub span_attributes: Vec<KeyValueView<'a>>,
     pub events: Vec<EventView<'a>>,
+    names: Names,
 }
 
 impl<'a> ItemReader<'a> for Scratch<'a> {
@@ -215,7 +215,7 @@ impl<'a> SpanView<'a> {
 
 pub(super) fn observe_span(
     span: &SpanView<'_>,
-    scratch: &Scratch<'_>,
+    scratch: &mut Scratch<'_>,
     options: &NormalizeOptions,
     obs: &mut ResourceObservations,
     truncated: &mut u64,
@@ -248,15 +248,16 @@ pub(super) fn observe_span(
     let kind = SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified);
     let is_root = span.parent_span_id.is_empty();
     let attrs = &scratch.span_attributes[..];
+    let names = &mut scratch.names;
     let error = is_error(span, attrs);
     let is_request = is_root || matches!(kind, SpanKind::Server | SpanKind::Consumer);
     let exceptions = scratch.events.iter().filter(|e| e.is_exception());
     let has_exception = exceptions.clone().next().is_some();
     // Named only where a request or an exception carries it: a call is named by its downstream.
-    let mut operation = if is_request || has_exception {
-        operation_of(span, kind, attrs, max, truncated)
+    let operation = if is_request || has_exception {
+        operation_of(span, kind, attrs, names, max, truncated)
     } else {
-        String::new()
+        Arc::from("")
     };
     obs.saw(time);
     // The span's own cohort; a call or exception without one is given its trace's request's by
@@ -266,16 +267,11 @@ pub(super) fn observe_span(
         .as_deref()
         .and_then(|key| text_attr(attrs, key))
         .filter(|c| !c.is_empty())
-        .map(|c| cut_owned(c, max, truncated));
+        .map(|c| names.name(&c, max, truncated));
 
     if is_request {
         obs.requests.push(RequestObservation {
-            // The name moves to the request unless an exception still needs it.
-            operation: if has_exception {
-                operation.clone()
-            } else {
-                std::mem::take(&mut operation)
-            },
+            operation: operation.clone(),
             time,
             duration_ns,
             error,
@@ -294,7 +290,7 @@ pub(super) fn observe_span(
             })
             .unwrap_or_else(|| (span.name.into(), DownstreamSource::SpanName));
         obs.calls.push(CallObservation {
-            downstream: cut_owned(downstream, max, truncated),
+            downstream: names.name(&downstream, max, truncated),
             source,
             time,
             duration_ns,
@@ -316,7 +312,7 @@ pub(super) fn observe_span(
         };
         obs.saw(event_time);
         obs.exceptions.push(ExceptionObservation {
-            exception_type: cut_owned(exception_type, max, truncated),
+            exception_type: names.name(&exception_type, max, truncated),
             operation: operation.clone(),
             time: event_time,
             trace_id: TraceId(trace_id),
@@ -339,9 +335,10 @@ fn operation_of(
     span: &SpanView<'_>,
     kind: SpanKind,
     attrs: &[KeyValueView<'_>],
+    names: &mut Names,
     max: usize,
     truncated: &mut u64,
-) -> String {
+) -> Arc<str> {
     // A queue consumer's work is named by what it consumes: the destination's template (for
     // per-tenant or per-partition names) or its name, as the messaging conventions define them.
     // Span names vary with the SDK ("process orders", "orders process", "receive").
@@ -350,22 +347,15 @@ fn operation_of(
             .iter()
             .find_map(|key| text_attr(attrs, key).filter(|d| !d.is_empty()))
     {
-        return cut_owned(destination, max, truncated);
+        return names.name(&destination, max, truncated);
     }
     let Some(route) = text_attr(attrs, "http.route").filter(|r| !r.is_empty()) else {
-        return cut_to(span.name, max, truncated);
+        return names.name(span.name, max, truncated);
     };
     let method = text_attr(attrs, "http.request.method").or_else(|| text_attr(attrs, "http.method"));
     match method {
-        Some(m) if !m.is_empty() => {
-            // Sized once: format! grew its buffer as it wrote, a second allocation per request.
-            let mut name = String::with_capacity(m.len() + 1 + route.len());
-            name.push_str(&m);
-            name.push(' ');
-            name.push_str(&route);
-            cut_owned(Cow::Owned(name), max, truncated)
-        }
-        _ => cut_owned(route, max, truncated),
+        Some(m) if !m.is_empty() => names.joined(&m, &route, max, truncated),
+        _ => names.name(&route, max, truncated),
     }
 }
 
@@ -422,7 +412,7 @@ mod tests {
         let obs = check(vec![s]);
         assert_eq!(obs.requests.len(), 1);
         let r = &obs.requests[0];
-        assert_eq!(r.operation, "GET /orders/{id}");
+        assert_eq!(&*r.operation, "GET /orders/{id}");
         assert_eq!((r.time, r.duration_ns, r.error), (3_000, 2_000, true));
         assert_eq!(obs.seen, Some((3_000, 3_000)));
     }
@@ -482,7 +472,7 @@ mod tests {
         ]);
         assert_eq!(obs.spans, 2);
         assert_eq!(obs.requests.len(), 1);
-        assert_eq!(obs.requests[0].operation, "job");
+        assert_eq!(&*obs.requests[0].operation, "job");
     }
 
     /// Issue 14, item 6: a queue worker's CONSUMER spans are its requests, each named by what
@@ -505,7 +495,7 @@ mod tests {
             ]),
             with(vec![]),
         ]);
-        let operations: Vec<&str> = obs.requests.iter().map(|r| r.operation.as_str()).collect();
+        let operations: Vec<&str> = obs.requests.iter().map(|r| &*r.operation).collect();
         assert_eq!(operations, ["orders", "{tenant}.invoices", "process"]);
         assert!(obs.calls.is_empty(), "consuming is not a call");
     }
@@ -526,11 +516,8 @@ mod tests {
             with(vec![kv("messaging.system", "kafka")]),
             with(vec![]),
         ]);
-        let names: Vec<(&str, DownstreamSource)> = obs
-            .calls
-            .iter()
-            .map(|c| (c.downstream.as_str(), c.source))
-            .collect();
+        let names: Vec<(&str, DownstreamSource)> =
+            obs.calls.iter().map(|c| (&*c.downstream, c.source)).collect();
         assert_eq!(
             names,
             vec![
@@ -560,8 +547,8 @@ mod tests {
         ];
         let obs = check(vec![s]);
         assert_eq!(obs.exceptions.len(), 1);
-        assert_eq!(obs.exceptions[0].exception_type, "ValueError");
-        assert_eq!(obs.exceptions[0].operation, "pay");
+        assert_eq!(&*obs.exceptions[0].exception_type, "ValueError");
+        assert_eq!(&*obs.exceptions[0].operation, "pay");
         assert_eq!(obs.seen, Some((2_500, 3_000)));
     }
 
@@ -588,7 +575,7 @@ mod tests {
         assert_eq!(out.rejections.get(SPANS_BEYOND_HORIZON), Some(&2));
         let obs = &out.batch.resources[0];
         assert_eq!(obs.requests.len(), 1);
-        assert!(obs.requests.iter().all(|r| r.operation == "c"));
+        assert!(obs.requests.iter().all(|r| &*r.operation == "c"));
     }
 
     #[test]
@@ -899,7 +886,7 @@ mod wire_tests {
         span.extend([0xa3, 0x06, 0x08, 1, 0xa4, 0x06]);
         let out = normalize(&request_with_span(&span)).expect("decodes");
         assert_eq!(out.accepted, 1);
-        assert_eq!(out.batch.resources[0].requests[0].operation, "ok");
+        assert_eq!(&*out.batch.resources[0].requests[0].operation, "ok");
     }
 
     #[test]
@@ -937,7 +924,7 @@ mod wire_tests {
         let buf = request_with_span(&span);
         let out = normalize(&buf).expect("decodes");
         let request = &out.batch.resources[0].requests[0];
-        assert_eq!((request.operation.as_str(), request.error), ("GET /a", true));
+        assert_eq!((&*request.operation, request.error), ("GET /a", true));
         let decoded = ExportTraceServiceRequest::decode(&buf[..]).expect("prost decodes");
         assert_eq!(normalize(&decoded.encode_to_vec()).expect("decodes"), out);
     }

@@ -1596,7 +1596,7 @@ mod tests {
             error: false,
             trace_id: TraceId([trace; 16]),
             span_id: SpanId([1; 8]),
-            cohort: cohort.map(str::to_owned),
+            cohort: cohort.map(Into::into),
         }
     }
 
@@ -1660,7 +1660,7 @@ mod tests {
                 r.spans += 2;
                 r.saw(time);
                 r.requests.push(RequestObservation {
-                    operation: route.clone(),
+                    operation: route.as_str().into(),
                     time,
                     ..request(1, None)
                 });

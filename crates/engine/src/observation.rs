@@ -47,7 +47,9 @@ pub struct SpanId(pub [u8; 8]);
 #[derive(Clone, Debug, PartialEq)]
 pub struct RequestObservation {
     /// The operation: `METHOD route` when the span names an HTTP route, else the span name.
-    pub operation: String,
+    /// Shared, as every name an observation carries: a request's observations hold each
+    /// distinct name once.
+    pub operation: Arc<str>,
     /// When the request ended, which is when its outcome became known.
     pub time: EventTime,
     pub duration_ns: u64,
@@ -56,7 +58,7 @@ pub struct RequestObservation {
     pub span_id: SpanId,
     /// The cohort the request belongs to (the value of the configured cohort attribute, e.g.
     /// `canary.cohort`), when it carries one: a canary's checks are also evaluated per cohort.
-    pub cohort: Option<String>,
+    pub cohort: Option<Arc<str>>,
 }
 
 /// Which attribute named the downstream of a call; earlier variants are preferred.
@@ -74,7 +76,7 @@ pub enum DownstreamSource {
 /// One call the app made to something else: a CLIENT or PRODUCER span, an edge of the call graph.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CallObservation {
-    pub downstream: String,
+    pub downstream: Arc<str>,
     pub source: DownstreamSource,
     pub time: EventTime,
     pub duration_ns: u64,
@@ -83,20 +85,20 @@ pub struct CallObservation {
     /// The call span's own cohort attribute, if it has one. A call without one is counted for
     /// the cohort of its trace's request in the same resource's observations, when there is
     /// one (the engine links them); a cohort's calls are judged as its call graph.
-    pub cohort: Option<String>,
+    pub cohort: Option<Arc<str>>,
 }
 
 /// An exception recorded on a span (an `exception` span event).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExceptionObservation {
-    pub exception_type: String,
+    pub exception_type: Arc<str>,
     /// The operation of the span that recorded it.
-    pub operation: String,
+    pub operation: Arc<str>,
     pub time: EventTime,
     pub trace_id: TraceId,
     /// The span's own cohort attribute, if it has one; else the engine counts it for its
     /// trace's request's, as a call's.
-    pub cohort: Option<String>,
+    pub cohort: Option<Arc<str>>,
 }
 
 /// A metric series: the metric's name and a bounded, sorted set of its point attributes.

@@ -446,7 +446,8 @@ impl Iterator for Traffic<'_> {
                     _ => service.base_error,
                 };
                 let error = rng.unit() < error_p;
-                let cohort_name = cohort.map(|i| service.cohorts[i].0.clone());
+                let cohort_name: Option<std::sync::Arc<str>> =
+                    cohort.map(|i| service.cohorts[i].0.as_str().into());
                 let r = &mut resources[usize::from(is_canary)];
                 r.spans += 1;
                 r.saw(time);

@@ -18,7 +18,7 @@ fn batch(requests: &[Req]) -> Batch {
             r.spans = 1;
             r.saw(time);
             r.requests.push(RequestObservation {
-                operation: format!("op{op}"),
+                operation: format!("op{op}").into(),
                 time,
                 duration_ns: 1,
                 error,

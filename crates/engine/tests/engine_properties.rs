@@ -27,7 +27,7 @@ fn observed(&(offset, duration, error, op, version): &Req) -> ResourceObservatio
     r.spans = 1;
     r.saw(time);
     r.requests.push(RequestObservation {
-        operation: format!("op{op}"),
+        operation: format!("op{op}").into(),
         time,
         duration_ns: duration,
         error,

@@ -85,7 +85,7 @@ fn traffic(from: u64, secs: u64) -> Vec<Batch> {
                         r.spans += 1;
                         r.saw(time);
                         r.requests.push(RequestObservation {
-                            operation: format!("GET /op{}", i % 4),
+                            operation: format!("GET /op{}", i % 4).into(),
                             time,
                             duration_ns: 3_000_000 + (s * 7 + i * 13) % 17 * 400_000,
                             error: (s + i) % 40 == 0,
