@@ -57,7 +57,7 @@ pub fn traces_json(body: &[u8], options: &NormalizeOptions) -> Result<Normalized
                 trace_id: ids[0].as_slice(),
                 span_id: ids[1].as_slice(),
                 parent_span_id: ids[2].as_slice(),
-                name: &span.name,
+                name: span.name.as_bytes(),
                 kind: span.kind,
                 start_time_unix_nano: span.start_time_unix_nano.0,
                 end_time_unix_nano: span.end_time_unix_nano.0,

@@ -159,7 +159,9 @@ pub(super) struct SpanView<'a> {
     pub trace_id: &'a [u8],
     pub span_id: &'a [u8],
     pub parent_span_id: &'a [u8],
-    pub name: &'a str,
+    /// Checked as UTF-8 only where it names something (a request without a route, a call
+    /// without a downstream attribute): most spans are named by their attributes.
+    pub name: &'a [u8],
     pub kind: i32,
     pub start_time_unix_nano: u64,
     pub end_time_unix_nano: u64,
@@ -177,7 +179,7 @@ impl<'a> SpanView<'a> {
                 1 => span.trace_id = value.bytes(number).map_err(within("Span"))?,
                 2 => span.span_id = value.bytes(number).map_err(within("Span"))?,
                 4 => span.parent_span_id = value.bytes(number).map_err(within("Span"))?,
-                5 => span.name = value.str(number).map_err(within("Span"))?,
+                5 => span.name = value.bytes(number).map_err(within("Span"))?,
                 // An enum is an int32: a negative one is sign-extended, so keep the low 32 bits.
                 6 => span.kind = value.varint(number).map_err(within("Span"))? as i32,
                 7 => span.start_time_unix_nano = value.fixed64(number).map_err(within("Span"))?,
@@ -255,9 +257,22 @@ pub(super) fn observe_span(
     let has_exception = exceptions.clone().next().is_some();
     // Named only where a request or an exception carries it: a call is named by its downstream.
     let operation = if is_request || has_exception {
-        operation_of(span, kind, attrs, names, max, truncated)
+        operation_of(span, kind, attrs, names, max, truncated)?
     } else {
         Arc::from("")
+    };
+    let downstream = if matches!(kind, SpanKind::Client | SpanKind::Producer) {
+        let (downstream, source) = match DOWNSTREAM_KEYS.iter().find_map(|(key, source)| {
+            text_attr(attrs, key)
+                .filter(|v| !v.is_empty())
+                .map(|v| (v, *source))
+        }) {
+            Some(found) => found,
+            None => (name_of(span)?.into(), DownstreamSource::SpanName),
+        };
+        Some((names.name(&downstream, max, truncated), source))
+    } else {
+        None
     };
     obs.saw(time);
     // The span's own cohort; a call or exception without one is given its trace's request's by
@@ -280,17 +295,9 @@ pub(super) fn observe_span(
             cohort: cohort.clone(),
         });
     }
-    if matches!(kind, SpanKind::Client | SpanKind::Producer) {
-        let (downstream, source) = DOWNSTREAM_KEYS
-            .iter()
-            .find_map(|(key, source)| {
-                text_attr(attrs, key)
-                    .filter(|v| !v.is_empty())
-                    .map(|v| (v, *source))
-            })
-            .unwrap_or_else(|| (span.name.into(), DownstreamSource::SpanName));
+    if let Some((downstream, source)) = downstream {
         obs.calls.push(CallObservation {
-            downstream: names.name(&downstream, max, truncated),
+            downstream,
             source,
             time,
             duration_ns,
@@ -330,6 +337,11 @@ fn is_error(span: &SpanView<'_>, attrs: &[KeyValueView<'_>]) -> bool {
     status_error || http_status.is_some_and(|code| code >= 500)
 }
 
+/// The span's name, where it names something.
+fn name_of<'a>(span: &SpanView<'a>) -> Result<&'a str, &'static str> {
+    std::str::from_utf8(span.name).map_err(|_| "spans whose name, which names them, is not UTF-8")
+}
+
 /// `METHOD route` when the span carries `http.route`, else the span name.
 fn operation_of(
     span: &SpanView<'_>,
@@ -338,7 +350,7 @@ fn operation_of(
     names: &mut Names,
     max: usize,
     truncated: &mut u64,
-) -> Arc<str> {
+) -> Result<Arc<str>, &'static str> {
     // A queue consumer's work is named by what it consumes: the destination's template (for
     // per-tenant or per-partition names) or its name, as the messaging conventions define them.
     // Span names vary with the SDK ("process orders", "orders process", "receive").
@@ -347,16 +359,16 @@ fn operation_of(
             .iter()
             .find_map(|key| text_attr(attrs, key).filter(|d| !d.is_empty()))
     {
-        return names.name(&destination, max, truncated);
+        return Ok(names.name(&destination, max, truncated));
     }
     let Some(route) = text_attr(attrs, "http.route").filter(|r| !r.is_empty()) else {
-        return names.name(span.name, max, truncated);
+        return Ok(names.name(name_of(span)?, max, truncated));
     };
     let method = text_attr(attrs, "http.request.method").or_else(|| text_attr(attrs, "http.method"));
-    match method {
+    Ok(match method {
         Some(m) if !m.is_empty() => names.joined(&m, &route, max, truncated),
         _ => names.name(&route, max, truncated),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -688,13 +700,76 @@ mod wire_tests {
 
     use super::super::common::request_with_item as request_with_span;
 
+    /// A span's name is checked as UTF-8 only where it names something: a span named by its
+    /// attributes (a route, a downstream) is read whatever its name holds, as an attribute never
+    /// looked up is; one that its name would name is rejected alone, the rest kept.
+    #[test]
+    fn a_span_name_is_read_as_utf8_only_where_it_names_the_span() {
+        // Field 5 (name) again, with a byte that is not UTF-8: the later one is the name.
+        let spoiled = |span: Span| {
+            let mut buf = span.encode_to_vec();
+            buf.extend([0x2a, 1, 0xff]);
+            buf
+        };
+        let mut routed = server_span("GET");
+        routed.attributes = vec![kv("http.route", "/a"), kv("http.request.method", "GET")];
+        let client = |name: &str| Span {
+            kind: SpanKind::Client as i32,
+            parent_span_id: vec![3; 8],
+            ..server_span(name)
+        };
+        let mut call = client("SELECT");
+        call.attributes = vec![kv("db.system.name", "postgresql")];
+        for named_by_attributes in [routed, call] {
+            let out = normalize(&request_with_span(&spoiled(named_by_attributes.clone())))
+                .expect("the name is not read");
+            assert_eq!((out.accepted, out.rejected), (1, 0), "{named_by_attributes:?}");
+        }
+        let reason = "spans whose name, which names them, is not UTF-8";
+        for named_by_name in [server_span("GET"), client("SELECT")] {
+            let buf = request_of(
+                &ResourceSpans {
+                    resource: Some(Resource {
+                        attributes: vec![kv("service.name", "shop")],
+                        ..Resource::default()
+                    }),
+                    scope_spans: vec![ScopeSpans {
+                        spans: vec![server_span("ok")],
+                        ..ScopeSpans::default()
+                    }],
+                    ..ResourceSpans::default()
+                }
+                .encode_to_vec()
+                .into_iter()
+                // A second scope holding the spoiled span, merged into the same resource.
+                .chain(scope_of(&spoiled(named_by_name.clone())))
+                .collect::<Vec<u8>>(),
+            );
+            let out = normalize(&buf).expect("read, the span rejected alone");
+            assert_eq!((out.accepted, out.rejected), (1, 1), "{named_by_name:?}");
+            assert_eq!(out.rejections.get(reason), Some(&1));
+            let obs = &out.batch.resources[0];
+            assert_eq!(
+                (obs.requests.len(), obs.calls.len()),
+                (1, 0),
+                "nothing of it kept"
+            );
+        }
+    }
+
+    /// `ScopeSpans` (field 2 of `ResourceSpans`) holding one span's encoding.
+    fn scope_of(span: &[u8]) -> Vec<u8> {
+        let mut scope = vec![0x12];
+        prost::encoding::encode_varint(span.len() as u64, &mut scope);
+        scope.extend(span);
+        let mut buf = vec![0x12];
+        prost::encoding::encode_varint(scope.len() as u64, &mut buf);
+        buf.extend(scope);
+        buf
+    }
+
     #[test]
     fn a_span_that_does_not_decode_fails_the_request_with_where_and_why() {
-        let mut span = server_span("ok").encode_to_vec();
-        // Field 5 (name) with a byte that is not UTF-8.
-        span.extend([0x2a, 1, 0xff]);
-        let error = normalize(&request_with_span(&span)).expect_err("invalid UTF-8 in a name");
-        assert_eq!(error.to_string(), "in Span: field 5 is not valid UTF-8");
         // The end time as a varint instead of fixed64.
         let mut span = server_span("ok").encode_to_vec();
         span.extend([0x40, 1]);
@@ -834,7 +909,7 @@ mod wire_tests {
         let read = |buf: &[u8]| traces_protobuf(buf, &options);
         let good = server_span("ok").encode_to_vec();
         let mut bad = good.clone();
-        bad.extend([0x2a, 1, 0xff]); // the name, not UTF-8
+        bad.extend([0x40, 1]); // the end time as a varint, not fixed64
         // Encodes a resource of `scopes`, each of the spans' encodings given (a bad one stays bad).
         let resource_spans = |service: &str, scopes: &[&[&[u8]]]| {
             let mut buf = ResourceSpans {
