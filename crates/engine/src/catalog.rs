@@ -277,6 +277,78 @@ fn count_capped<V: Default>(
     folded
 }
 
+/// At most how many distinct names `count_capped_by_name` and `NameKeys` remember at once.
+pub(crate) const NAMES_REMEMBERED: usize = 64;
+
+/// `count_capped` for each item of a resource's observations (its name, and whether it failed),
+/// looked up once for each distinct name rather than once for each item: the items of a request
+/// share one allocation per name (the receivers make them so), so telling two names apart is a
+/// pointer comparison. The names are counted in order of first appearance, in runs of at most
+/// `NAMES_REMEMBERED`, so that which of them the cap folds is what item by item would fold.
+/// `apply` is given the entry, the items and the failed items of one name. Returns the items folded.
+fn count_capped_by_name<'a, V: Default>(
+    map: &mut FastMap<Arc<str>, V>,
+    cap: usize,
+    items: impl Iterator<Item = (&'a Arc<str>, bool)>,
+    apply: impl Fn(&mut V, u64, u64),
+) -> u64 {
+    fn count<V: Default>(
+        map: &mut FastMap<Arc<str>, V>,
+        cap: usize,
+        tally: &mut Vec<(&Arc<str>, u64, u64)>,
+        apply: &impl Fn(&mut V, u64, u64),
+    ) -> u64 {
+        let mut folded = 0;
+        for (name, n, failed) in tally.drain(..) {
+            if count_capped(map, name, cap, |v| apply(v, n, failed)) {
+                folded += n;
+            }
+        }
+        folded
+    }
+    let mut tally: Vec<(&Arc<str>, u64, u64)> = Vec::new();
+    let mut folded = 0;
+    for (name, failed) in items {
+        match tally.iter_mut().find(|(known, ..)| Arc::ptr_eq(known, name)) {
+            Some((_, n, f)) => {
+                *n += 1;
+                *f += u64::from(failed);
+            }
+            None => {
+                if tally.len() == NAMES_REMEMBERED {
+                    folded += count(map, cap, &mut tally, &apply);
+                }
+                tally.push((name, 1, u64::from(failed)));
+            }
+        }
+    }
+    folded + count(map, cap, &mut tally, &apply)
+}
+
+/// The catalog's key of each name of a resource's observations (`AppEntry::operation_key` and
+/// the like), found once for each distinct name, as `count_capped_by_name` counts them.
+pub(crate) struct NameKeys<'o, 'c> {
+    found: Vec<(&'o Arc<str>, &'c Arc<str>)>,
+}
+
+impl<'o, 'c> NameKeys<'o, 'c> {
+    pub fn new() -> Self {
+        NameKeys { found: Vec::new() }
+    }
+
+    /// `name`'s key, by `find` the first time.
+    pub fn key(&mut self, name: &'o Arc<str>, find: impl FnOnce(&str) -> &'c Arc<str>) -> &'c Arc<str> {
+        if let Some((_, key)) = self.found.iter().find(|(known, _)| Arc::ptr_eq(known, name)) {
+            return key;
+        }
+        let key = find(name);
+        if self.found.len() < NAMES_REMEMBERED {
+            self.found.push((name, key));
+        }
+        key
+    }
+}
+
 /// The catalog of apps, bounded by `Limits`.
 #[derive(Debug)]
 pub struct Catalog {
@@ -478,43 +550,42 @@ impl Catalog {
         stats.log_records += obs.logs.len() as u64;
         stats.error_log_records += obs.logs.iter().filter(|l| l.severity.is_error()).count() as u64;
 
-        let mut folded = 0;
-        for request in &obs.requests {
-            let cap = limits.max_operations_per_app;
-            folded += u64::from(count_capped(
-                &mut entry.operations,
-                &request.operation,
-                cap,
-                |s| {
-                    s.requests += 1;
-                    s.errors += u64::from(request.error);
-                },
-            ));
-        }
+        let folded = count_capped_by_name(
+            &mut entry.operations,
+            limits.max_operations_per_app,
+            obs.requests.iter().map(|r| (&r.operation, r.error)),
+            |s, n, failed| {
+                s.requests += n;
+                s.errors += failed;
+            },
+        );
         hits.push((Cap::OperationsPerApp, folded));
 
-        let mut folded = 0;
-        for call in &obs.calls {
-            let cap = limits.max_downstreams_per_app;
-            folded += u64::from(count_capped(&mut entry.downstreams, &call.downstream, cap, |n| {
-                *n += 1
-            }));
-        }
+        let folded = count_capped_by_name(
+            &mut entry.downstreams,
+            limits.max_downstreams_per_app,
+            obs.calls.iter().map(|c| (&c.downstream, false)),
+            |count, n, _| *count += n,
+        );
         hits.push((Cap::DownstreamsPerApp, folded));
 
-        let mut folded = 0;
-        for exception in &obs.exceptions {
-            let cap = limits.max_exception_types_per_app;
-            let ty = &exception.exception_type;
-            folded += u64::from(count_capped(&mut entry.exception_types, ty, cap, |n| *n += 1));
-        }
+        let folded = count_capped_by_name(
+            &mut entry.exception_types,
+            limits.max_exception_types_per_app,
+            obs.exceptions.iter().map(|e| (&e.exception_type, false)),
+            |count, n, _| *count += n,
+        );
         hits.push((Cap::ExceptionTypesPerApp, folded));
 
-        let mut folded = 0;
-        for cohort in obs.requests.iter().filter_map(|r| r.cohort.as_deref()) {
-            let cap = limits.max_cohorts_per_app;
-            folded += u64::from(count_capped(&mut entry.cohorts, cohort, cap, |n| *n += 1));
-        }
+        let folded = count_capped_by_name(
+            &mut entry.cohorts,
+            limits.max_cohorts_per_app,
+            obs.requests
+                .iter()
+                .filter_map(|r| r.cohort.as_ref())
+                .map(|c| (c, false)),
+            |count, n, _| *count += n,
+        );
         hits.push((Cap::CohortsPerApp, folded));
 
         let mut dropped = 0;
@@ -599,6 +670,50 @@ fn admit_version(
 mod tests {
     use super::*;
     use crate::observation::*;
+
+    proptest::proptest! {
+        /// Counting by distinct name is counting item by item: the same counts, the same names
+        /// folded by the cap, the same items reported folded; whether names share allocations
+        /// (as a request's do) or not, and past the names remembered at once.
+        #[test]
+        fn counting_by_name_is_counting_item_by_item(
+            picks in proptest::collection::vec((0usize..100, proptest::bool::ANY, proptest::bool::ANY), 0..400),
+            already in 0usize..20,
+            cap in 0usize..120,
+        ) {
+            let shared: Vec<Arc<str>> = (0..100).map(|i| Arc::from(format!("op{i}"))).collect();
+            let items: Vec<(Arc<str>, bool)> = picks
+                .iter()
+                .map(|&(i, failed, own)| {
+                    let name = if own { Arc::from(&*shared[i]) } else { shared[i].clone() };
+                    (name, failed)
+                })
+                .collect();
+            let mut one_by_one: FastMap<Arc<str>, (u64, u64)> = FastMap::default();
+            for i in 0..already {
+                one_by_one.insert(Arc::from(format!("op{}", 99 - i)), (1, 0));
+            }
+            let mut by_name = one_by_one.clone();
+            let mut folded = 0;
+            for (name, failed) in &items {
+                folded += u64::from(count_capped(&mut one_by_one, name, cap, |(n, f)| {
+                    *n += 1;
+                    *f += u64::from(*failed);
+                }));
+            }
+            let folded_by_name = count_capped_by_name(
+                &mut by_name,
+                cap,
+                items.iter().map(|(name, failed)| (name, *failed)),
+                |(n, f), items, failed| {
+                    *n += items;
+                    *f += failed;
+                },
+            );
+            proptest::prop_assert_eq!(folded, folded_by_name);
+            proptest::prop_assert_eq!(one_by_one, by_name);
+        }
+    }
 
     fn request(operation: &str, time: EventTime, error: bool) -> RequestObservation {
         RequestObservation {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{AnomalyRules, Transition};
 use crate::baseline::{Baseline, BaselineConfig, JudgedBand, Score, SlotStore, SlotSummary, hour_of_week};
-use crate::catalog::{AppEntry, Cap, Catalog, Limits};
+use crate::catalog::{AppEntry, Cap, Catalog, Limits, NameKeys};
 use crate::features::{FeatureKey, FeatureValue, window_features};
 use crate::judge::{
     AnalysisSnapshot, AnalysisView, CanaryChange, ChangeKind, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError,
@@ -650,16 +650,19 @@ impl Engine {
         let state = app.versions.entry(version.clone()).or_default();
         let mut late = 0;
         let mut top = LatestTwo::default();
+        // The buckets share the catalog's copy of each name, found once a distinct name.
+        let (mut operations, mut cohorts) = (NameKeys::new(), NameKeys::new());
+        let (mut downstreams, mut exception_types) = (NameKeys::new(), NameKeys::new());
         for r in &obs.requests {
             top.saw(r.time);
             match state.windows.bucket(r.time, closed_until, config) {
                 Some(b) => {
                     b.all.add(r.duration_ns, r.error);
-                    // The bucket shares the catalog's copy of the name.
-                    let op = entry.operation_key(&r.operation);
+                    let op = operations.key(&r.operation, |name| entry.operation_key(name));
                     b.operations.get_or_default(op).add(r.duration_ns, r.error);
                     if let Some(cohort) = &r.cohort {
-                        let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
+                        let key = cohorts.key(cohort, |name| entry.cohort_key(name));
+                        let cohort = cohort_of(&mut b.cohorts, key);
                         cohort.all.add(r.duration_ns, r.error);
                         cohort.operations.get_or_default(op).count(r.error);
                     }
@@ -672,7 +675,7 @@ impl Engine {
             top.saw(c.time);
             match state.windows.bucket(c.time, closed_until, config) {
                 Some(b) => {
-                    let downstream = entry.downstream_key(&c.downstream);
+                    let downstream = downstreams.key(&c.downstream, |name| entry.downstream_key(name));
                     count_call(&mut b.calls, downstream, c.error);
                     if let Some(cohort) = trace_cohorts.cohort(c.cohort.as_deref(), &c.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
@@ -686,7 +689,7 @@ impl Engine {
             top.saw(e.time);
             match state.windows.bucket(e.time, closed_until, config) {
                 Some(b) => {
-                    let ty = entry.exception_type_key(&e.exception_type);
+                    let ty = exception_types.key(&e.exception_type, |name| entry.exception_type_key(name));
                     *b.exceptions.get_or_default(ty) += 1;
                     if let Some(cohort) = trace_cohorts.cohort(e.cohort.as_deref(), &e.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
