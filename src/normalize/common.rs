@@ -228,18 +228,10 @@ impl<'a> KeyValueView<'a> {
     /// same either way; one that prost refuses only for what lies inside such a value is read.
     #[inline]
     pub fn read_if(buf: &'a [u8], wanted: impl Fn(&[u8]) -> bool) -> Result<Self, WireError> {
-        let mut key: &[u8] = b"";
-        let mut has_value = false;
-        for field in Fields::new(buf) {
-            match field? {
-                (1, value) => key = value.bytes(1)?,
-                (2, value) => {
-                    value.bytes(2)?;
-                    has_value = true;
-                }
-                _ => {}
-            }
-        }
+        let (key, has_value) = match key_then_value(buf) {
+            Some(found) => found,
+            None => key_field_by_field(buf)?,
+        };
         if wanted(key) {
             return Self::read(buf);
         }
@@ -253,6 +245,54 @@ impl<'a> KeyValueView<'a> {
     pub fn key_str(&self) -> Result<&'a str, WireError> {
         std::str::from_utf8(self.key).map_err(|_| WireError::InvalidUtf8(1))
     }
+}
+
+/// The key of a `KeyValue` as every SDK writes one: the key (field 1) and then, when there is
+/// one, the value (field 2), each once, each length in at most two bytes, nothing else; and
+/// whether a value is there. `None` for any other encoding, which `read_if` then reads field by
+/// field: what this returns is what that reading would.
+#[inline(always)]
+fn key_then_value(buf: &[u8]) -> Option<(&[u8], bool)> {
+    /// A length of one or two bytes, and what follows it.
+    #[inline(always)]
+    fn length(buf: &[u8]) -> Option<(usize, &[u8])> {
+        match buf {
+            [low, rest @ ..] if *low < 0x80 => Some((usize::from(*low), rest)),
+            [low, high, rest @ ..] if *high < 0x80 => {
+                Some((usize::from(low & 0x7f) | usize::from(*high) << 7, rest))
+            }
+            _ => None,
+        }
+    }
+    let [0x0a, rest @ ..] = buf else { return None };
+    let (key_len, rest) = length(rest)?;
+    let (key, rest) = rest.split_at_checked(key_len)?;
+    match rest {
+        [] => Some((key, false)),
+        [0x12, rest @ ..] => {
+            let (value_len, rest) = length(rest)?;
+            (rest.len() == value_len).then_some((key, true))
+        }
+        _ => None,
+    }
+}
+
+/// The key of a `KeyValue` in any encoding protobuf allows (fields in any order, repeated,
+/// unknown ones between), its value's framing checked; and whether a value is there.
+fn key_field_by_field(buf: &[u8]) -> Result<(&[u8], bool), WireError> {
+    let mut key: &[u8] = b"";
+    let mut has_value = false;
+    for field in Fields::new(buf) {
+        match field? {
+            (1, value) => key = value.bytes(1)?,
+            (2, value) => {
+                value.bytes(2)?;
+                has_value = true;
+            }
+            _ => {}
+        }
+    }
+    Ok((key, has_value))
 }
 
 /// An `AnyValue`: the last of its oneof fields on the wire wins, as in prost.
@@ -363,4 +403,55 @@ pub(super) fn request_with_item(item: &[u8]) -> Vec<u8> {
     let mut request = Vec::new();
     field(1, &resource, &mut request);
     request
+}
+
+#[cfg(test)]
+mod key_value_tests {
+    use super::*;
+    use crate::testdata::Rng;
+    use prost::Message as _;
+
+    /// Wherever the short way to an attribute's key reads one, reading field by field reads the
+    /// same: on attributes as SDKs write them (keys and values short and long, values of every
+    /// kind, none) and on those bytes mutated (flipped, cut, grown, fields repeated).
+    #[test]
+    fn the_short_way_to_a_key_reads_what_field_by_field_reads() {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+        let mut rng = Rng::new(5);
+        let (mut short, mut long) = (0, 0);
+        for _ in 0..20_000 {
+            let text = |rng: &mut Rng| "k".repeat(rng.below(300) as usize);
+            let value = match rng.below(4) {
+                0 => None,
+                1 => Some(Value::StringValue(text(&mut rng))),
+                2 => Some(Value::IntValue(rng.next_u64() as i64)),
+                _ => Some(Value::BoolValue(true)),
+            };
+            let attribute = KeyValue {
+                key: text(&mut rng),
+                value: (rng.below(8) > 0).then_some(AnyValue { value }),
+                ..KeyValue::default()
+            };
+            let mut buf = attribute.encode_to_vec();
+            if rng.below(2) == 0 && !buf.is_empty() {
+                let at = rng.below(buf.len() as u64) as usize;
+                match rng.below(3) {
+                    0 => buf[at] ^= 1 << rng.below(8),
+                    1 => buf.truncate(at),
+                    _ => {
+                        let chunk = buf[at..].to_vec();
+                        buf.extend(chunk);
+                    }
+                }
+            }
+            match key_then_value(&buf) {
+                Some(found) => {
+                    short += 1;
+                    assert_eq!(key_field_by_field(&buf).ok(), Some(found), "{buf:?}");
+                }
+                None => long += 1,
+            }
+        }
+        assert!(short > 5_000 && long > 1_000, "{short} {long}");
+    }
 }
