@@ -412,7 +412,7 @@ mod key_value_tests {
     use prost::Message as _;
 
     /// Wherever the short way to an attribute's key reads one, reading field by field reads the
-    /// same: on attributes as SDKs write them (keys and values short and long, values of every
+    /// same, and an attribute wanted reads whole: on attributes as SDKs write them (keys and values short and long, values of every
     /// kind, none) and on those bytes mutated (flipped, cut, grown, fields repeated).
     #[test]
     fn the_short_way_to_a_key_reads_what_field_by_field_reads() {
@@ -448,6 +448,9 @@ mod key_value_tests {
                 Some(found) => {
                     short += 1;
                     assert_eq!(key_field_by_field(&buf).ok(), Some(found), "{buf:?}");
+                    let read = KeyValueView::read(&buf).map(|kv| (kv.key, kv.value));
+                    let wanted = KeyValueView::read_if(&buf, |_| true).map(|kv| (kv.key, kv.value));
+                    assert_eq!(read, wanted, "{buf:?}");
                 }
                 None => long += 1,
             }
