@@ -2172,6 +2172,83 @@ mod tests {
         dispatcher.stop().await;
     }
 
+    /// A parked delivery that is due goes out even while every due head is a new lane that may
+    /// not open (the receiver down, two heads failing): those heads are not due for this worker,
+    /// so they take no turn from it. When they counted as due, the parked one waited for a turn
+    /// that only a head's start gives, and the worker looked again and again, at once, until a
+    /// failing head's retry came: a spin, the parked delivery not tried. The clock stands still
+    /// here, so only what is due now can go.
+    #[tokio::test]
+    async fn a_parked_delivery_due_goes_while_new_lanes_may_not_open() {
+        use crate::store::DeliveryState;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let url = lanes_receiver(seen.clone(), down).await;
+        let queued = [
+            ("parked", 0),
+            ("failing-1", 0),
+            ("failing-2", 0),
+            ("new-1", 0),
+            ("new-2", 0),
+        ];
+        let (store, events) = lanes_store(dir.path(), url, &queued);
+        let now = 1_767_571_200_000;
+        for (seq, mut delivery) in store.next_deliveries("w", 16).expect("read") {
+            match events
+                .iter()
+                .find(|e| e.id == delivery.event_id)
+                .map(|e| e.data.app.as_str())
+            {
+                Some("parked") => {
+                    delivery.state = DeliveryState::Parked;
+                    delivery.attempts = 6;
+                    delivery.first_attempt_ms = Some(now - 600_000);
+                    delivery.next_attempt_ms = now;
+                }
+                Some("failing-1" | "failing-2") => {
+                    delivery.attempts = 2;
+                    delivery.first_attempt_ms = Some(now - 10_000);
+                    delivery.next_attempt_ms = now + 60_000;
+                    delivery.last_status = Some(503);
+                }
+                _ => continue,
+            }
+            store.put_delivery("w", seq, &delivery).expect("write");
+        }
+        assert_eq!(store.parked("w").expect("read").len(), 1);
+        let clock = ManualClock::new(now);
+        let dispatcher = Dispatcher::with_clock(
+            store.clone(),
+            Arc::new(Stats::new()),
+            DeliveryConfig::default(),
+            Clock::Manual(clock.clone()),
+            CancellationToken::new(),
+        )
+        .expect("a dispatcher");
+        dispatcher.sync().await;
+        let parked_id = &events[0].id;
+        until_seen(&seen, "the parked delivery tried", |seen| {
+            seen.requested.contains(parked_id)
+        })
+        .await;
+        // Its failure (the receiver is down) is recorded before anything else could start.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while store.parked("w").expect("read")[0].1.attempts < 7 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the parked attempt not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            seen.lock().expect("lock").requested,
+            vec![parked_id.clone()],
+            "no new lane opened while two heads were failing and the receiver took nothing"
+        );
+        dispatcher.stop().await;
+    }
+
     /// A backlog is drained one delivery at a time (lanes side by side are for one moment's
     /// decisions), and side by side again once little is left.
     #[tokio::test]
