@@ -7,7 +7,9 @@
 //! downstream per request), with 140 s of event time each so that two windows close and every
 //! feature gets a baseline. `cargo bench --bench series` measures 1k, 10k and 100k series
 //! (`SERIES_SIZES=1000,10000` to choose); `cargo test --benches` runs one small size as a smoke test.
-//! `SERIES_VERSIONS=1` gives each app one version, so that no app is under analysis.
+//! `SERIES_VERSIONS=1` gives each app one version, so that no app is under analysis;
+//! `SERIES_ANALYSED_EVERY=10` puts the apps of one group in ten under analysis, the others one
+//! version each (a fleet with a tenth of its apps rolling out).
 //! `SERIES_EVENT_SECS` sets the event time each app sends (140 s by default; 700 for the steady
 //! state of an analysis's history, which keeps 600 s).
 //! `SERIES_NO_RESTART=1` leaves out the stop and restart and kills the daemon once read, for a
@@ -120,6 +122,26 @@ fn versions_per_app() -> usize {
         .unwrap_or(2)
 }
 
+/// Versions the apps of `group` run: `versions_per_app`, unless `SERIES_ANALYSED_EVERY=n` is
+/// set, a fleet mid-rollout: then the apps of every `n`th group (the last of each `n`, so that
+/// the first group, which sizes the run, is not one of them) run two versions, under analysis,
+/// and the others one.
+fn versions_of_group(group: usize) -> usize {
+    match std::env::var("SERIES_ANALYSED_EVERY")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(n) if n > 0 => {
+            if group % n == n - 1 {
+                2
+            } else {
+                1
+            }
+        }
+        _ => versions_per_app(),
+    }
+}
+
 /// Sends one group of apps (in env `g<group>`), every export in event-time order.
 async fn feed_group(client: &reqwest::Client, daemon: &Daemon, group: usize) -> anyhow::Result<u64> {
     feed_group_steps(client, daemon, group, 0..steps()).await
@@ -132,7 +154,7 @@ async fn feed_group_steps(
     group: usize,
     steps: std::ops::Range<u64>,
 ) -> anyhow::Result<u64> {
-    let versions = versions_per_app();
+    let versions = versions_of_group(group);
     let sent = steps.end - steps.start;
     for step in steps {
         let shape = TraceShape {
