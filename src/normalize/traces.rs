@@ -259,8 +259,7 @@ pub(super) fn observe_span(
     let operation = if is_request || has_exception {
         operation_of(span, kind, attrs, names, max, truncated)?
     } else {
-        // Never used; the request's one empty name, not an allocation a span.
-        names.name("", max, truncated)
+        Arc::from("")
     };
     let downstream = if matches!(kind, SpanKind::Client | SpanKind::Producer) {
         let (downstream, source) = match DOWNSTREAM_KEYS.iter().find_map(|(key, source)| {
