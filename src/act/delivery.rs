@@ -1788,15 +1788,7 @@ mod tests {
             ..DeliveryConfig::default()
         };
         let stats = Arc::new(Stats::new());
-        let dispatcher = Dispatcher::with_clock(
-            store.clone(),
-            stats.clone(),
-            config,
-            Clock::Manual(clock.clone()),
-            CancellationToken::new(),
-        )
-        .expect("a dispatcher");
-        dispatcher.sync().await;
+        let dispatcher = dispatching_on(&store, stats.clone(), config, &clock).await;
         run_until(&clock, || haproxy.applied() == [0]).await;
         let waited = clock.now_ms() - start;
         assert!(
@@ -1944,6 +1936,25 @@ mod tests {
                 assert_eq!(self.accepted[app], sent, "{app}'s events once each, in order");
             }
         }
+    }
+
+    /// A dispatcher on `clock` with its workers started, counting into `stats`.
+    async fn dispatching_on(
+        store: &Store,
+        stats: Arc<Stats>,
+        config: DeliveryConfig,
+        clock: &Arc<ManualClock>,
+    ) -> Arc<Dispatcher> {
+        let dispatcher = Dispatcher::with_clock(
+            store.clone(),
+            stats,
+            config,
+            Clock::Manual(clock.clone()),
+            CancellationToken::new(),
+        )
+        .expect("a dispatcher");
+        dispatcher.sync().await;
+        dispatcher
     }
 
     /// A dispatcher on the system's clock with its workers started, and what stops it.
@@ -2152,15 +2163,7 @@ mod tests {
             max_backoff: Duration::from_secs(4),
             ..DeliveryConfig::default()
         };
-        let dispatcher = Dispatcher::with_clock(
-            store.clone(),
-            Arc::new(Stats::new()),
-            config,
-            Clock::Manual(clock.clone()),
-            CancellationToken::new(),
-        )
-        .expect("a dispatcher");
-        dispatcher.sync().await;
+        let dispatcher = dispatching_on(&store, Arc::new(Stats::new()), config, &clock).await;
         run_until(&clock, || {
             store
                 .parked("w")
@@ -2218,15 +2221,8 @@ mod tests {
         }
         assert_eq!(store.parked("w").expect("read").len(), 1);
         let clock = ManualClock::new(now);
-        let dispatcher = Dispatcher::with_clock(
-            store.clone(),
-            Arc::new(Stats::new()),
-            DeliveryConfig::default(),
-            Clock::Manual(clock.clone()),
-            CancellationToken::new(),
-        )
-        .expect("a dispatcher");
-        dispatcher.sync().await;
+        let dispatcher =
+            dispatching_on(&store, Arc::new(Stats::new()), DeliveryConfig::default(), &clock).await;
         let parked_id = &events[0].id;
         until_seen(&seen, "the parked delivery tried", |seen| {
             seen.requested.contains(parked_id)

@@ -379,6 +379,15 @@ pub(super) fn assert_mutations_read_as_prost_reads<R: prost::Message + Default>(
     );
 }
 
+/// For the readers' tests: field `number` holding `bytes` (a message, a string), appended to
+/// `out` as protobuf frames it.
+#[cfg(test)]
+pub(super) fn length_delimited(number: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    out.push(number << 3 | 2);
+    prost::encoding::encode_varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
 /// For the readers' tests: a request of one resource (`prod`, `shop`, version `1`) whose one
 /// scope holds one item (a span, a metric or a log record) given as raw bytes. The three
 /// signals nest alike, so one request serves them all.
@@ -386,22 +395,17 @@ pub(super) fn assert_mutations_read_as_prost_reads<R: prost::Message + Default>(
 pub(super) fn request_with_item(item: &[u8]) -> Vec<u8> {
     use prost::Message as _;
 
-    fn field(number: u8, bytes: &[u8], out: &mut Vec<u8>) {
-        out.push(number << 3 | 2);
-        prost::encoding::encode_varint(bytes.len() as u64, out);
-        out.extend_from_slice(bytes);
-    }
     let mut scope = Vec::new();
-    field(2, item, &mut scope);
+    length_delimited(2, item, &mut scope);
     let mut resource = Vec::new();
-    field(
+    length_delimited(
         1,
         &crate::testdata::resource("prod", "shop", "1").encode_to_vec(),
         &mut resource,
     );
-    field(2, &scope, &mut resource);
+    length_delimited(2, &scope, &mut resource);
     let mut request = Vec::new();
-    field(1, &resource, &mut request);
+    length_delimited(1, &resource, &mut request);
     request
 }
 

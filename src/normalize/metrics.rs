@@ -926,7 +926,7 @@ mod tests {
             metrics_protobuf(buf, &NormalizeOptions::default())
         }
 
-        use super::super::super::common::request_with_item as request_with_metric;
+        use super::super::super::common::{length_delimited, request_with_item as request_with_metric};
 
         fn sum(points: Vec<NumberDataPoint>, temporality: AggregationTemporality) -> Data {
             Data::Sum(Sum {
@@ -1020,13 +1020,11 @@ mod tests {
                 }
                 .encode_to_vec(),
             );
-            let mut histogram = vec![0x0a];
-            prost::encoding::encode_varint(point.len() as u64, &mut histogram);
-            histogram.extend(point);
+            let mut histogram = Vec::new();
+            length_delimited(1, &point, &mut histogram);
             histogram.extend([0x10, AggregationTemporality::Delta as u8]);
-            let mut metric = vec![0x0a, 1, b'h', 0x4a];
-            prost::encoding::encode_varint(histogram.len() as u64, &mut metric);
-            metric.extend(histogram);
+            let mut metric = vec![0x0a, 1, b'h'];
+            length_delimited(9, &histogram, &mut metric);
             let request = request_with_metric(&metric);
             let out = normalize(&request).expect("decodes");
             match &out.batch.resources[0].metric_points[0].value {
@@ -1061,12 +1059,10 @@ mod tests {
             // The point's time as a varint instead of fixed64.
             let mut point = number_point(100, 1.0, vec![]).encode_to_vec();
             point.extend([0x18, 1]);
-            let mut data = vec![0x0a];
-            prost::encoding::encode_varint(point.len() as u64, &mut data);
-            data.extend(point);
-            let mut metric = vec![0x2a];
-            prost::encoding::encode_varint(data.len() as u64, &mut metric);
-            metric.extend(data);
+            let mut data = Vec::new();
+            length_delimited(1, &point, &mut data);
+            let mut metric = Vec::new();
+            length_delimited(5, &data, &mut metric);
             let error = normalize(&request_with_metric(&metric)).expect_err("wrong wire type");
             assert_eq!(
                 error.to_string(),

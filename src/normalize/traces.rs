@@ -638,9 +638,8 @@ mod wire_tests {
 
     /// A request of one `ResourceSpans` whose encoding is `resource_spans`, as field 1.
     fn request_of(resource_spans: &[u8]) -> Vec<u8> {
-        let mut buf = vec![0x0a];
-        prost::encoding::encode_varint(resource_spans.len() as u64, &mut buf);
-        buf.extend_from_slice(resource_spans);
+        let mut buf = Vec::new();
+        length_delimited(1, resource_spans, &mut buf);
         buf
     }
 
@@ -698,7 +697,7 @@ mod wire_tests {
         assert_eq!(out.rejections.get(NO_SERVICE_NAME), Some(&3));
     }
 
-    use super::super::common::request_with_item as request_with_span;
+    use super::super::common::{length_delimited, request_with_item as request_with_span};
 
     /// A span's name is checked as UTF-8 only where it names something: a span named by its
     /// attributes (a route, a downstream) is read whatever its name holds, as an attribute never
@@ -759,12 +758,10 @@ mod wire_tests {
 
     /// `ScopeSpans` (field 2 of `ResourceSpans`) holding one span's encoding.
     fn scope_of(span: &[u8]) -> Vec<u8> {
-        let mut scope = vec![0x12];
-        prost::encoding::encode_varint(span.len() as u64, &mut scope);
-        scope.extend(span);
-        let mut buf = vec![0x12];
-        prost::encoding::encode_varint(scope.len() as u64, &mut buf);
-        buf.extend(scope);
+        let mut scope = Vec::new();
+        length_delimited(2, span, &mut scope);
+        let mut buf = Vec::new();
+        length_delimited(2, &scope, &mut buf);
         buf
     }
 
@@ -923,13 +920,9 @@ mod wire_tests {
             for spans in scopes {
                 let mut scope_buf = Vec::new();
                 for span in *spans {
-                    scope_buf.push(0x12);
-                    prost::encoding::encode_varint(span.len() as u64, &mut scope_buf);
-                    scope_buf.extend_from_slice(span);
+                    length_delimited(2, span, &mut scope_buf);
                 }
-                buf.push(0x12);
-                prost::encoding::encode_varint(scope_buf.len() as u64, &mut buf);
-                buf.extend(scope_buf);
+                length_delimited(2, &scope_buf, &mut buf);
             }
             request_of(&buf)
         };
@@ -984,9 +977,7 @@ mod wire_tests {
             ..Status::default()
         });
         let mut span = first.encode_to_vec();
-        span.push(0x4a); // field 9, an attribute
-        prost::encoding::encode_varint(route.len() as u64, &mut span);
-        span.extend(route);
+        length_delimited(9, &route, &mut span); // an attribute
         // The span's second part: the method, and a status without a code, which keeps ERROR.
         span.extend(
             Span {
