@@ -253,6 +253,8 @@ struct Row {
     analyses_per_series: f64,
     /// The long windows' merges of blocks the analyses keep for their next look, per series.
     merges_per_series: f64,
+    /// The analyses' sequential evidence, last look's checks and failing streaks, per series.
+    evidence_per_series: f64,
     sled_mib: f64,
     sled_per_series: f64,
     stop_s: f64,
@@ -295,6 +297,9 @@ async fn measure(target: usize) -> anyhow::Result<Option<Row>> {
     let bucket_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"buckets\"}")?;
     let analysis_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analyses\"}")?;
     let merge_bytes = sample_of(&text, "canaryd_engine_memory_bytes{part=\"analysis_merges\"}")?;
+    // NaN from a build before the evidence was estimated (`CANARYD_BIN`, to compare builds).
+    let evidence_bytes =
+        sample_of(&text, "canaryd_engine_memory_bytes{part=\"analysis_evidence\"}").unwrap_or(f64::NAN);
     let rss = settled_rss_kib(daemon.child.id())?;
     let sled = dir_bytes(&data) as f64;
     let row = |restarted_per_series: f64, stop_s: f64, ready_s: f64| Row {
@@ -306,6 +311,7 @@ async fn measure(target: usize) -> anyhow::Result<Option<Row>> {
         buckets_per_series: bucket_bytes / series,
         analyses_per_series: analysis_bytes / series,
         merges_per_series: merge_bytes / series,
+        evidence_per_series: evidence_bytes / series,
         sled_mib: sled / (1024.0 * 1024.0),
         sled_per_series: sled / series,
         stop_s,
@@ -364,7 +370,7 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     println!(
-        "{:>8} {:>9} {:>11} {:>13} {:>12} {:>13} {:>14} {:>12} {:>9} {:>11} {:>7} {:>8}",
+        "{:>8} {:>9} {:>11} {:>13} {:>12} {:>13} {:>14} {:>12} {:>14} {:>9} {:>11} {:>7} {:>8}",
         "series",
         "RSS MiB",
         "RSS B/ser",
@@ -373,6 +379,7 @@ fn main() -> anyhow::Result<()> {
         "buckets B/ser",
         "analyses B/ser",
         "merges B/ser",
+        "evidence B/ser",
         "sled MiB",
         "sled B/ser",
         "stop s",
@@ -383,7 +390,7 @@ fn main() -> anyhow::Result<()> {
             continue;
         };
         println!(
-            "{:>8.0} {:>9.1} {:>11.0} {:>13.0} {:>12.0} {:>13.0} {:>14.0} {:>12.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
+            "{:>8.0} {:>9.1} {:>11.0} {:>13.0} {:>12.0} {:>13.0} {:>14.0} {:>12.0} {:>14.0} {:>9.1} {:>11.0} {:>7.2} {:>8.2}",
             row.series,
             row.rss_mib,
             row.rss_per_series,
@@ -392,6 +399,7 @@ fn main() -> anyhow::Result<()> {
             row.buckets_per_series,
             row.analyses_per_series,
             row.merges_per_series,
+            row.evidence_per_series,
             row.sled_mib,
             row.sled_per_series,
             row.stop_s,

@@ -509,6 +509,7 @@ impl Stats {
             ("buckets", memory.buckets),
             ("analyses", memory.analyses),
             ("analysis_merges", memory.analysis_merges),
+            ("analysis_evidence", memory.analysis_evidence),
         ] {
             self.engine_memory_bytes
                 .get_or_create(&[("part", part)])

@@ -4,7 +4,8 @@
 
 Each stack counts under the first part, in the order below, one of whose frames it holds (a
 frame reads `function (file.rs)`): the judge's parts come before the buckets, since closing a
-bucket is what feeds them, and sled's before the engine's emitter, whose writes sled keeps.
+bucket is what feeds them, sled's before the engine's emitter, whose writes sled keeps, and
+/metrics rendering last, since the engine's thread also runs under its frames.
 """
 
 import collections
@@ -13,14 +14,15 @@ import sys
 PARTS = [
     ("sled: its metrics' histograms (fixed)", ["default (metrics.rs)"]),
     ("sled: opening (fixed)", ["open (config.rs)"]),
-    ("sled: records written, in its cache", ["(emit.rs)"]),
-    ("/metrics rendering", ["(stats.rs)"]),
+    ("sled: records written, in its cache", ["(emit.rs)", "(writer.rs)"]),
     ("judge: sequential evidence", ["(sequential.rs)"]),
     ("judge: history", ["(history.rs)"]),
     ("judge: checks' state", ["(latency.rs)", "(errors.rs)", "(mix.rs)", "(rates.rs)"]),
     ("baselines", ["learn (engine.rs)", "(baseline.rs)"]),
     ("catalog", ["(catalog.rs)"]),
     ("open buckets and rolling windows", ["window_resource (engine.rs)", "(window.rs)"]),
+    # Last: the engine's thread runs under frames of stats.rs too (its timings).
+    ("/metrics rendering", ["(stats.rs)"]),
 ]
 
 

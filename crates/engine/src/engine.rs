@@ -288,6 +288,8 @@ pub struct EngineMemory {
     pub analyses: usize,
     /// The merges of those blocks that the analyses' long windows keep for their next look.
     pub analysis_merges: usize,
+    /// The analyses' sequential evidence, last look's checks and failing streaks.
+    pub analysis_evidence: usize,
 }
 
 /// What `Engine::page_out` moved out of memory.
@@ -1389,12 +1391,18 @@ impl Engine {
             .analyses()
             .map(crate::judge::Analysis::memory_bytes)
             .fold((0, 0), |(a, m), (more, merges)| (a + more, m + merges));
+        let analysis_evidence = self
+            .judge
+            .analyses()
+            .map(crate::judge::Analysis::evidence_bytes)
+            .sum();
         EngineMemory {
             baseline_series,
             baselines,
             buckets,
             analyses,
             analysis_merges,
+            analysis_evidence,
         }
     }
 

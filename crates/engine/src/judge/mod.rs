@@ -391,6 +391,30 @@ impl Analysis {
         (canary + stable, canary_merges + stable_merges)
     }
 
+    /// About the memory its judging holds besides the histories: the sequential evidence, the
+    /// last look's checks and the failing streaks.
+    pub fn evidence_bytes(&self) -> usize {
+        use sequential::{feature_bytes, table_bytes};
+        let checks = self.checks.capacity() * std::mem::size_of::<Check>()
+            + self
+                .checks
+                .iter()
+                .map(|c| {
+                    feature_bytes(&c.id.feature)
+                        + c.feature.capacity()
+                        + c.operation.as_ref().map_or(0, String::capacity)
+                        + c.message.capacity()
+                })
+                .sum::<usize>();
+        let streaks = table_bytes(&self.streaks)
+            + self
+                .streaks
+                .keys()
+                .map(|(_, feature, _)| feature_bytes(feature))
+                .sum::<usize>();
+        self.sequential.memory_bytes() + checks + streaks
+    }
+
     fn new(
         (env, app): (Arc<str>, Arc<str>),
         stable: Arc<str>,

@@ -45,9 +45,6 @@ const SECOND: EventTime = 1_000_000_000;
 const RATIOS: [f64; 8] = [1.25, 1.6, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0];
 /// A new process starts every this many seconds of the analysis.
 const RESTART_S: u64 = 30;
-/// Processes kept besides the first: the most recent starts (about the last quarter hour). A
-/// process dropped only removes evidence, which keeps the guarantee.
-const KEPT_STARTS: usize = 32;
 /// How much of the stable's recent past its quantiles (the latency thresholds) are taken from:
 /// seconds before the one being judged, never including it.
 const REFERENCE_S: u64 = 60;
@@ -88,25 +85,42 @@ fn ratio_at(i: usize) -> f64 {
 /// `RESTART_S` seconds, each under every ratio. Start `i` (from 0) carries `6 / (pi^2 (i + 1)^2)`
 /// of the mixture, shared evenly among its ratios.
 ///
-/// An analysis holds one per check series, so the starts are kept in one vector of exactly the
-/// ratios in use: the first start's log wealth under each (while `first` holds), then the later
-/// starts', oldest first. The later starts kept are the newest ones, so their indices are the last
-/// of `starts`: no index is stored.
+/// Every start takes the same step each second (the cap bounds the step, not a start's wealth),
+/// so the mixture is linear in the starts: under each ratio, the weighted sum of every start's
+/// wealth is that sum multiplied by the second's likelihood ratio, plus each new start's weight.
+/// One number a ratio holds every start ever made, in the memory of one start: an analysis holds
+/// one process per check series, and keeping each start apart cost 33 starts of 8 or 16 ratios
+/// (2-4 KB a process) once the analysis had run a quarter of an hour, with the older starts
+/// dropped.
 #[derive(Clone, Debug, Default)]
 pub struct EProcess {
     sides: Sides,
-    /// Whether `log_wealth` begins with the first start's, kept for the whole analysis.
-    first: bool,
-    /// The log of each kept start's wealth under each ratio, `ratios()` values a start.
-    log_wealth: Vec<f64>,
+    /// Under each ratio, the log of every start's wealth weighted by its share relative to the
+    /// first start's, `1 / (i + 1)^2`, and summed: the wealth one start of index 0 would need
+    /// to hold the whole mixture. Empty before the first start.
+    log_wealth: Box<[f64]>,
     starts: u64,
-    /// The weight of every process started so far, dropped ones included.
+    /// The weight of every process started so far.
     started_weight: f64,
     last_start: EventTime,
     /// Seconds that carried any event of the comparison.
     seconds: u64,
     /// The canary's requests over every second taken.
     canary_requests: f64,
+}
+
+/// `ln(e^a + e^b)`, exact when one of them is `-inf`.
+fn log_add(a: f64, b: f64) -> f64 {
+    let (top, low) = if a >= b { (a, b) } else { (b, a) };
+    if low == f64::NEG_INFINITY {
+        return top;
+    }
+    top + (low - top).exp().ln_1p()
+}
+
+/// The log of start `index`'s share of the mixture relative to the first start's.
+fn log_relative_weight(index: u64) -> f64 {
+    -2.0 * ((index + 1) as f64).ln()
 }
 
 impl EProcess {
@@ -125,29 +139,16 @@ impl EProcess {
         }
     }
 
-    /// Each kept start's index and the log of its wealth under each ratio, the first one first.
-    fn kept(&self) -> impl Iterator<Item = (u64, &[f64])> {
-        let chunks = self.log_wealth.chunks_exact(self.ratios());
-        let first = self.first;
-        // The later starts kept are the last ones started.
-        let later = (chunks.len() - usize::from(first)) as u64;
-        let first_later = self.starts.saturating_sub(later);
-        chunks.enumerate().map(move |(k, wealth)| {
-            let index = match (first, k as u64) {
-                (true, 0) => 0,
-                (true, k) => first_later + k - 1,
-                (false, k) => first_later + k,
-            };
-            (index, wealth)
-        })
-    }
-
     /// Starts a process at wealth 1 under every ratio.
     fn start(&mut self, at: EventTime) {
-        let weight = by_rank(self.starts + 1);
-        self.log_wealth.reserve_exact(self.ratios());
-        self.log_wealth.extend(std::iter::repeat_n(0.0, self.ratios()));
-        self.started_weight += weight;
+        let relative = log_relative_weight(self.starts);
+        if self.log_wealth.is_empty() {
+            self.log_wealth = vec![f64::NEG_INFINITY; self.ratios()].into_boxed_slice();
+        }
+        for wealth in &mut self.log_wealth {
+            *wealth = log_add(*wealth, relative);
+        }
+        self.started_weight += by_rank(self.starts + 1);
         self.starts += 1;
         self.last_start = at;
     }
@@ -156,16 +157,8 @@ impl EProcess {
     /// stable's `x_s` over `n_s`. No step adds more than `cap` to any process's log wealth.
     pub fn observe(&mut self, at: EventTime, (x_c, n_c): (f64, f64), (x_s, n_s): (f64, f64), cap: f64) {
         let ratios = self.ratios();
-        if self.starts == 0 {
-            self.first = true;
+        if self.starts == 0 || at >= self.last_start.saturating_add(RESTART_S * SECOND) {
             self.start(at);
-        } else if at >= self.last_start.saturating_add(RESTART_S * SECOND) {
-            self.start(at);
-            let later = self.log_wealth.len() / ratios - usize::from(self.first);
-            if later > KEPT_STARTS {
-                let oldest = usize::from(self.first) * ratios;
-                self.log_wealth.drain(oldest..oldest + ratios);
-            }
         }
         if n_s > 0.0 {
             self.canary_requests += n_c.max(0.0);
@@ -181,31 +174,22 @@ impl EProcess {
             let shifted = r * n_c / (r * n_c + n_s);
             *step = (x_c * (shifted / share).ln() + x_s * ((1.0 - shifted) / (1.0 - share)).ln()).min(cap);
         }
-        for start in self.log_wealth.chunks_exact_mut(ratios) {
-            for (wealth, step) in start.iter_mut().zip(steps) {
-                *wealth += step;
-            }
+        for (wealth, step) in self.log_wealth.iter_mut().zip(steps) {
+            *wealth += step;
         }
     }
 
     /// The evidence against "the canary is no worse", as an e-value (1 is none).
     pub fn e_value(&self) -> f64 {
-        let ratios = self.ratios();
-        let terms: Vec<f64> = self
-            .kept()
-            .flat_map(|(index, wealth)| {
-                // Each ratio's share of the start's weight.
-                let w = by_rank(index + 1).ln() - (ratios as f64).ln();
-                wealth.iter().map(move |l| w + l)
-            })
-            .collect();
-        let Some(top) = terms.iter().copied().reduce(f64::max) else {
+        let Some(top) = self.log_wealth.iter().copied().reduce(f64::max) else {
             return 1.0;
         };
+        // Each ratio's share of the first start's weight.
+        let first = by_rank(1) / self.ratios() as f64;
+        let sum: f64 = self.log_wealth.iter().map(|l| (l - top).exp()).sum();
         // Processes not started yet hold their weight at wealth 1 (so the mixture reads 1 before
-        // any evidence); those dropped count as 0, which only lowers it.
-        let sum: f64 = terms.iter().map(|t| (t - top).exp()).sum();
-        (top.exp() * sum + (1.0 - self.started_weight).max(0.0)).min(f64::MAX)
+        // any evidence).
+        (first * top.exp() * sum + (1.0 - self.started_weight).max(0.0)).min(f64::MAX)
     }
 
     /// Seconds that carried any event.
@@ -375,7 +359,58 @@ pub struct Sequential {
     metrics_through: EventTime,
 }
 
+/// About the memory a hash map's table holds (a control byte an entry besides the entry), not
+/// counting what its entries point to.
+pub(crate) fn table_bytes<K, V>(map: &HashMap<K, V>) -> usize {
+    map.capacity() * (std::mem::size_of::<(K, V)>() + 1)
+}
+
+pub(crate) fn feature_bytes(feature: &Feature) -> usize {
+    feature.name.capacity() + feature.subject.as_ref().map_or(0, String::capacity)
+}
+
+impl EProcess {
+    fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val::<[f64]>(&self.log_wealth)
+    }
+}
+
+impl Spread {
+    fn memory_bytes(&self) -> usize {
+        table_bytes(&self.by_subject)
+            + self
+                .by_subject
+                .iter()
+                .map(|(subject, (_, p))| subject.capacity() + p.heap_bytes())
+                .sum::<usize>()
+    }
+}
+
 impl Sequential {
+    /// About the memory it holds: each check series' process, the mixes' processes and the
+    /// ranks' maps, with their tables.
+    pub fn memory_bytes(&self) -> usize {
+        let series = table_bytes(&self.by_series)
+            + self
+                .by_series
+                .iter()
+                .map(|((_, feature, _), p)| feature_bytes(feature) + p.heap_bytes())
+                .sum::<usize>();
+        let mixes = self.mix.memory_bytes()
+            + table_bytes(&self.cohort_mix)
+            + self
+                .cohort_mix
+                .iter()
+                .map(|(cohort, (_, spread))| cohort.capacity() + spread.memory_bytes())
+                .sum::<usize>();
+        let ranks = table_bytes(&self.subjects)
+            + self.subjects.keys().map(String::capacity).sum::<usize>()
+            + table_bytes(&self.keyed)
+            + self.keyed.keys().map(|(_, s)| s.capacity()).sum::<usize>()
+            + table_bytes(&self.keyed_counts);
+        series + mixes + ranks
+    }
+
     /// Whether checks of `group` decide failures sequentially: every comparison with the stable
     /// (the baseline band compares with what was learned, not with a running version).
     pub fn covers(group: Group) -> bool {
@@ -855,8 +890,11 @@ impl Sequential {
     }
 }
 
-/// One process's state, as the store keeps it: its starts (the first, index 0, when still held,
-/// then the later ones, oldest first), each with the log of its wealth under each ratio.
+/// One process's state, as the store keeps it: starts, each with its index and the log of its
+/// wealth under each ratio. This build keeps the whole mixture as one start of index 0 (the
+/// wealth that start would need to hold every start's weighted wealth); an earlier build kept the
+/// first start and the newest 32 apart, which restoring folds into one. Either build
+/// reads the other's state to the same e-value.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProcessState {
     pub two_sided: bool,
@@ -893,12 +931,14 @@ pub struct SequentialState {
 
 impl EProcess {
     fn state(&self) -> ProcessState {
+        let starts = if self.log_wealth.is_empty() {
+            Vec::new()
+        } else {
+            vec![(0, self.log_wealth.to_vec())]
+        };
         ProcessState {
             two_sided: self.sides == Sides::Both,
-            starts: self
-                .kept()
-                .map(|(index, wealth)| (index, wealth.to_vec()))
-                .collect(),
+            starts,
             started: self.starts,
             started_weight: self.started_weight,
             last_start: self.last_start,
@@ -907,9 +947,12 @@ impl EProcess {
         }
     }
 
-    /// The process a stored state describes. The later starts are taken as the last ones
-    /// started, as they always are when stored; were they not, each would be given a later
-    /// index than its own, and so less weight, which only lowers the evidence.
+    /// The process a stored state describes, its starts folded into one mixture. The later
+    /// starts are taken as the last ones started, as they always are when stored; were they not,
+    /// each would be given a later index than its own, and so less weight, which only lowers the
+    /// evidence (a stored index is not trusted: a record that repeated index 0 must not weigh
+    /// more than the starts it counts). A wealth with fewer ratios than the process has is read
+    /// as 1 under the others.
     fn restored(state: &ProcessState) -> EProcess {
         let sides = if state.two_sided {
             Sides::Both
@@ -920,17 +963,29 @@ impl EProcess {
         let ratios = process.ratios();
         let first = state.starts.iter().find(|(index, _)| *index == 0);
         let later: Vec<_> = state.starts.iter().filter(|(index, _)| *index != 0).collect();
-        let later = &later[later.len().saturating_sub(KEPT_STARTS)..];
-        process.first = first.is_some();
-        process
-            .log_wealth
-            .reserve_exact((later.len() + usize::from(process.first)) * ratios);
-        for (_, wealth) in first.into_iter().chain(later.iter().copied()) {
-            let kept = wealth.iter().copied().chain(std::iter::repeat(0.0));
-            process.log_wealth.extend(kept.take(ratios));
-        }
         let newest = state.starts.iter().map(|(index, _)| index + 1).max().unwrap_or(0);
-        process.starts = state.started.max(newest);
+        let held = (later.len() + usize::from(first.is_some())) as u64;
+        process.starts = state.started.max(newest).max(held);
+        let first_later = process.starts - later.len() as u64;
+        let indexed = first.map(|(_, wealth)| (0, wealth)).into_iter().chain(
+            later
+                .iter()
+                .enumerate()
+                .map(|(k, (_, wealth))| (first_later + k as u64, wealth)),
+        );
+        let mut log_wealth = vec![f64::NEG_INFINITY; ratios];
+        let mut any = false;
+        for (index, wealth) in indexed {
+            any = true;
+            let relative = log_relative_weight(index);
+            let each = wealth.iter().copied().chain(std::iter::repeat(0.0));
+            for (sum, l) in log_wealth.iter_mut().zip(each) {
+                *sum = log_add(*sum, relative + l);
+            }
+        }
+        if any {
+            process.log_wealth = log_wealth.into_boxed_slice();
+        }
         process.started_weight = state.started_weight;
         process.last_start = state.last_start;
         process.seconds = state.seconds;
@@ -1164,28 +1219,150 @@ mod tests {
         );
     }
 
-    /// A process keeps its first start and the newest `KEPT_STARTS`, each with its own index (its
-    /// weight), and the store sees them so.
+    /// The mixture as the definition reads it: every start's wealth kept apart, each weighted
+    /// by its index, summed at each look.
+    struct StartsApart {
+        sides: Sides,
+        starts: Vec<Vec<f64>>,
+        last_start: EventTime,
+    }
+
+    impl StartsApart {
+        fn observe(&mut self, at: EventTime, canary: (f64, f64), stable: (f64, f64), cap: f64) {
+            let ratios = EProcess::new(self.sides).ratios();
+            if self.starts.is_empty() || at >= self.last_start + RESTART_S * SECOND {
+                self.starts.push(vec![0.0; ratios]);
+                self.last_start = at;
+            }
+            // One process of a single start (no earlier one) gives the second's step.
+            let mut step = EProcess::new(self.sides);
+            step.observe(at, canary, stable, cap);
+            let steps = step.log_wealth.to_vec();
+            if steps.is_empty() || step.seconds == 0 {
+                return;
+            }
+            for start in &mut self.starts {
+                for (wealth, s) in start.iter_mut().zip(&steps) {
+                    *wealth += s;
+                }
+            }
+        }
+
+        fn e_value(&self) -> f64 {
+            let ratios = EProcess::new(self.sides).ratios() as f64;
+            let mut e = 0.0;
+            let mut weight = 0.0;
+            for (i, start) in self.starts.iter().enumerate() {
+                let w = by_rank(i as u64 + 1);
+                weight += w;
+                e += start.iter().map(|l| w / ratios * l.exp()).sum::<f64>();
+            }
+            e + (1.0 - weight).max(0.0)
+        }
+    }
+
+    /// One number a ratio is the whole mixture: over a long run, through healthy stretches and a
+    /// fault that begins late (carried by the starts made after it), the process reads what
+    /// keeping every start apart reads, whatever the number of starts.
     #[test]
-    fn a_process_keeps_its_first_start_and_the_newest_ones() {
+    fn one_number_a_ratio_holds_every_start() {
+        let mut rng = Rng::new(11);
+        for sides in [Sides::Greater, Sides::Both] {
+            let mut process = EProcess::new(sides);
+            let mut apart = StartsApart {
+                sides,
+                starts: Vec::new(),
+                last_start: 0,
+            };
+            let seconds = 3_000u64;
+            for second in 0..seconds {
+                // Healthy, then from 2,400 s the canary fails three times as often.
+                let p = if second >= 2_400 { 0.06 } else { 0.02 };
+                let x_c = binomial(&mut rng, 20, p) as f64;
+                let x_s = binomial(&mut rng, 80, 0.02) as f64;
+                let at = second * SECOND;
+                process.observe(at, (x_c, 20.0), (x_s, 80.0), 4.0);
+                apart.observe(at, (x_c, 20.0), (x_s, 80.0), 4.0);
+                if second % 97 == 0 || second == seconds - 1 {
+                    let (e, expected) = (process.e_value(), apart.e_value());
+                    assert!(
+                        (e - expected).abs() <= 1e-9 * expected,
+                        "{sides:?} at {second} s: {e} against {expected}"
+                    );
+                }
+            }
+            assert_eq!(process.starts, seconds / RESTART_S);
+            assert_eq!(process.log_wealth.len(), process.ratios());
+            assert!(
+                process.e_value() > 1e3,
+                "the late fault is found: {}",
+                process.e_value()
+            );
+        }
+    }
+
+    /// The store sees one start holding the mixture, and reads it back to the same process; the
+    /// state an earlier build kept (the first start and the newest ones apart) is folded into the
+    /// e-value that build read from it.
+    #[test]
+    fn stored_starts_fold_into_the_same_evidence() {
         let mut process = EProcess::new(Sides::Both);
-        let seconds = (KEPT_STARTS as u64 + 8) * RESTART_S;
-        for second in 0..seconds {
+        for second in 0..1_000 {
             process.observe(second * SECOND, (1.0, 10.0), (1.0, 90.0), 4.0);
         }
         let state = process.state();
-        let started = KEPT_STARTS as u64 + 8;
-        assert_eq!(state.started, started);
-        let indices: Vec<u64> = state.starts.iter().map(|(i, _)| *i).collect();
-        let newest: Vec<u64> = (started - KEPT_STARTS as u64..started).collect();
-        assert_eq!(indices, [&[0][..], &newest[..]].concat());
-        assert!(state.starts.iter().all(|(_, w)| w.len() == 2 * RATIOS.len()));
-        // The first start has taken every second; the newest, the last `RESTART_S`.
-        let stepped = |i: usize| state.starts[i].1[0];
-        assert!(stepped(0) != stepped(KEPT_STARTS));
+        assert_eq!(state.starts.len(), 1);
+        assert_eq!(state.starts[0].0, 0);
         let restored = EProcess::restored(&state);
         assert_eq!(restored.state(), state);
         assert_eq!(restored.e_value(), process.e_value());
+
+        // An earlier build's: start 0, and starts 8 to 40 of 41 (the indices as it stored them).
+        let ratios = 2 * RATIOS.len();
+        let wealth = |i: u64| {
+            (0..ratios)
+                .map(|r| (i as f64 - 20.0) / 7.0 + r as f64 * 0.1)
+                .collect::<Vec<f64>>()
+        };
+        let kept: Vec<u64> = std::iter::once(0).chain(8..41).collect();
+        let started_weight: f64 = (1..=41).map(by_rank).sum();
+        let earlier = ProcessState {
+            two_sided: true,
+            starts: kept.iter().map(|&i| (i, wealth(i))).collect(),
+            started: 41,
+            started_weight,
+            last_start: 1_200 * SECOND,
+            seconds: 900,
+            canary_requests: 9_000.0,
+        };
+        let read: f64 = kept
+            .iter()
+            .map(|&i| {
+                let w = by_rank(i + 1) / ratios as f64;
+                wealth(i).iter().map(|l| w * l.exp()).sum::<f64>()
+            })
+            .sum::<f64>()
+            + (1.0 - started_weight).max(0.0);
+        let restored = EProcess::restored(&earlier);
+        assert!(
+            (restored.e_value() - read).abs() <= 1e-12 * read,
+            "{} against {read}",
+            restored.e_value()
+        );
+        assert_eq!(restored.starts, 41);
+        // A record that claims index 0 for every start has the first read as the first start
+        // and the others not at all: it weighs no more than one start.
+        let mut repeated = earlier.clone();
+        for (index, _) in &mut repeated.starts {
+            *index = 0;
+        }
+        let claimed = EProcess::restored(&repeated).e_value();
+        let w = by_rank(1) / ratios as f64;
+        let honest = wealth(0).iter().map(|l| w * l.exp()).sum::<f64>() + (1.0 - started_weight).max(0.0);
+        assert!(
+            (claimed - honest).abs() <= 1e-12 * honest,
+            "{claimed} against {honest}"
+        );
     }
 
     /// A restart continues the same tests: the evidence as the store keeps it, restored, reads
@@ -1224,7 +1401,7 @@ mod tests {
                 p.observe(at, (x_c, 10.0), (x_s, 90.0), 4.0);
             }
         };
-        // Past the point where later starts begin to be dropped.
+        // Well past the first quarter hour (where an earlier build began to drop starts).
         for second in 0..1_200 {
             step(&mut sequential, second, &mut rng);
         }
