@@ -35,8 +35,8 @@ pub struct History {
     blocks: VecDeque<(EventTime, Aggregate)>,
     /// How far back blocks are kept.
     keep: EventTime,
-    /// The requests of each second that had any, oldest first, as far back as blocks are kept.
-    requests: VecDeque<(EventTime, u64)>,
+    /// The requests of each second, as far back as blocks are kept.
+    requests: SecondRequests,
     /// The earliest instant whose requests are known: the first bucket's start, or where the
     /// kept blocks begin. Increments over time before it are not attributed.
     known_from: Option<EventTime>,
@@ -60,6 +60,72 @@ struct MergedBlocks {
     merged: Aggregate,
 }
 
+/// The requests of each second from `first` on, one count a second (0 for a second without),
+/// oldest first. A version under analysis serves requests in most seconds, and a count a second
+/// in a ring sized once for the horizon takes 4 bytes a second, where a second's start and count
+/// took 16, in a deque that grew to twice the horizon.
+#[derive(Clone, Debug, Default)]
+struct SecondRequests {
+    first: EventTime,
+    counts: VecDeque<u32>,
+}
+
+impl SecondRequests {
+    fn heap_bytes(&self) -> usize {
+        self.counts.capacity() * std::mem::size_of::<u32>()
+    }
+
+    /// Counts `n` requests for the second starting at `start` (seconds come in time order),
+    /// keeping no second more than `span` before it: older ones are trimmed before any gap is
+    /// filled, so a version back after an hour's silence fills no hour of zeros. A count past
+    /// `u32::MAX` in one second (beyond any ingest rate) stays at it.
+    fn add(&mut self, start: EventTime, n: u64, span: EventTime) {
+        let oldest = start.saturating_sub(span);
+        self.trim(oldest);
+        if n == 0 {
+            return;
+        }
+        if self.counts.is_empty() || start < self.first {
+            // The first second, or one out of order (never, buckets close in order): start over
+            // rather than count it in the wrong second.
+            self.counts.clear();
+            self.first = start;
+        }
+        if self.counts.capacity() == 0 {
+            self.counts.reserve_exact((span / SECOND) as usize + 1);
+        }
+        let index = ((start - self.first) / SECOND) as usize;
+        while self.counts.len() <= index {
+            self.counts.push_back(0);
+        }
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        self.counts[index] = self.counts[index].saturating_add(n);
+    }
+
+    /// Forgets the seconds before `from`.
+    fn trim(&mut self, from: EventTime) {
+        if from <= self.first {
+            return;
+        }
+        let drop = ((from - self.first).div_ceil(SECOND) as usize).min(self.counts.len());
+        self.counts.drain(..drop);
+        self.first += drop as EventTime * SECOND;
+    }
+
+    /// Each second overlapping `[from, to)` that had requests: its start and its requests.
+    fn overlapping(&self, from: EventTime, to: EventTime) -> impl Iterator<Item = (EventTime, u64)> + '_ {
+        // The first second that ends after `from`.
+        let skip = (from.saturating_sub(self.first) / SECOND) as usize;
+        self.counts
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .map(|(i, n)| (self.first + i as EventTime * SECOND, u64::from(*n)))
+            .take_while(move |(s, _)| *s < to)
+            .filter(move |(s, n)| *n > 0 && s.saturating_add(SECOND) > from)
+    }
+}
+
 impl History {
     /// About the memory the seconds and blocks kept hold, and apart, the long windows' merges of
     /// blocks kept for the next look.
@@ -72,7 +138,7 @@ impl History {
             .chain(self.block.iter())
             .map(|(_, agg)| each + agg.heap_bytes())
             .sum::<usize>()
-            + self.requests.len() * 16;
+            + self.requests.heap_bytes();
         let merges = self
             .merged_blocks
             .borrow()
@@ -100,9 +166,7 @@ impl History {
             }
             m.increment = 0.0;
         }
-        if bucket.all.requests > 0 {
-            self.requests.push_back((start, bucket.all.requests));
-        }
+        self.requests.add(start, bucket.all.requests, self.keep + BLOCK);
         self.known_from.get_or_insert(start);
         self.add_bucket(start, bucket);
         for (series, (from, to, value)) in increments {
@@ -139,9 +203,7 @@ impl History {
             self.blocks_changed += 1;
         }
         let kept_from = self.blocks.front().map_or(block_start, |(b, _)| *b);
-        while self.requests.front().is_some_and(|(s, _)| *s < kept_from) {
-            self.requests.pop_front();
-        }
+        self.requests.trim(kept_from);
         if let Some(known) = &mut self.known_from {
             *known = (*known).max(kept_from);
         }
@@ -200,18 +262,14 @@ impl History {
         }
     }
 
-    /// The requests of each second overlapping `[from, to)`, each weighted by the share of the
-    /// second that overlaps.
+    /// The requests of each second overlapping `[from, to)` that had any, each weighted by the
+    /// share of the second that overlaps.
     fn request_weights(&self, from: EventTime, to: EventTime) -> Vec<(EventTime, f64)> {
-        let first = self
-            .requests
-            .partition_point(|(s, _)| s.saturating_add(SECOND) <= from);
         self.requests
-            .range(first..)
-            .take_while(|(s, _)| *s < to)
+            .overlapping(from, to)
             .map(|(s, n)| {
-                let overlap = to.min(s.saturating_add(SECOND)) - from.max(*s);
-                (*s, *n as f64 * overlap as f64 / SECOND as f64)
+                let overlap = to.min(s.saturating_add(SECOND)) - from.max(s);
+                (s, n as f64 * overlap as f64 / SECOND as f64)
             })
             .collect()
     }
@@ -615,5 +673,43 @@ mod tests {
         let w = h.trailing(30 * SECOND, &[10, 30]);
         assert_eq!(w[0].all.requests, 4);
         assert_eq!(w[1].all.requests, 7);
+    }
+
+    /// The per-second counts give every window the seconds, and the requests, that a list of
+    /// each second with requests gives (as the history kept them before), over gaps short and
+    /// long, and hold no more seconds than the horizon.
+    #[test]
+    fn second_counts_read_as_a_list_of_seconds_does() {
+        let mut rng = crate::rng::Rng::new(3);
+        let span = 60 * SECOND;
+        let mut counts = SecondRequests::default();
+        let mut listed: Vec<(EventTime, u64)> = Vec::new();
+        let mut second = 1_000u64;
+        for _ in 0..5_000 {
+            second += match rng.unit() {
+                u if u < 0.7 => 1,
+                u if u < 0.95 => 2 + (rng.unit() * 20.0) as u64,
+                _ => 50 + (rng.unit() * 200.0) as u64,
+            };
+            let start = second * SECOND;
+            let n = (rng.unit() * 5.0) as u64;
+            counts.add(start, n, span);
+            if n > 0 {
+                listed.push((start, n));
+            }
+            listed.retain(|(s, _)| *s >= start - span);
+            assert!(counts.counts.len() <= 61, "{} seconds held", counts.counts.len());
+            for _ in 0..3 {
+                let from = start - (rng.unit() * 70.0 * SECOND as f64) as u64;
+                let to = from + (rng.unit() * 30.0 * SECOND as f64) as u64;
+                let got: Vec<(EventTime, u64)> = counts.overlapping(from, to).collect();
+                let expected: Vec<(EventTime, u64)> = listed
+                    .iter()
+                    .copied()
+                    .filter(|(s, _)| s + SECOND > from && *s < to && *s >= start - span)
+                    .collect();
+                assert_eq!(got, expected, "[{from}, {to}) at {start}");
+            }
+        }
     }
 }
