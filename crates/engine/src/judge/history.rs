@@ -131,13 +131,15 @@ impl History {
     /// blocks kept for the next look.
     pub fn memory_bytes(&self) -> (usize, usize) {
         let each = std::mem::size_of::<(EventTime, crate::window::Aggregate)>();
-        let kept = self
-            .seconds
-            .iter()
-            .chain(&self.blocks)
-            .chain(self.block.iter())
-            .map(|(_, agg)| each + agg.heap_bytes())
-            .sum::<usize>()
+        let kept = (self.seconds.capacity() + self.blocks.capacity() + usize::from(self.block.is_some()))
+            * each
+            + self
+                .seconds
+                .iter()
+                .chain(&self.blocks)
+                .chain(self.block.iter())
+                .map(|(_, agg)| agg.heap_bytes())
+                .sum::<usize>()
             + self.requests.heap_bytes();
         let merges = self
             .merged_blocks
@@ -181,6 +183,11 @@ impl History {
             _ => {
                 if let Some((done_start, mut done)) = self.block.take() {
                     done.shrink_to_fit();
+                    if self.blocks.capacity() == 0 {
+                        // Sized once for the horizon: a deque that doubles its way there holds up
+                        // to twice the blocks' room (an aggregate, about 250 bytes, a block).
+                        self.blocks.reserve_exact((self.keep / BLOCK) as usize + 2);
+                    }
                     self.blocks.push_back((done_start, done));
                     self.blocks_changed += 1;
                 }
@@ -189,6 +196,9 @@ impl History {
         }
         // Held as it is from here on: packed (most seconds hold few requests of each operation).
         bucket.shrink_to_fit();
+        if self.seconds.capacity() == 0 {
+            self.seconds.reserve_exact((BLOCK / SECOND) as usize + 1);
+        }
         self.seconds.push_back((start, bucket));
         while self
             .seconds
@@ -482,6 +492,14 @@ mod tests {
             w[3].all.requests
         );
         assert!(h.len() <= 10 + 14, "{}", h.len());
+        // Their room was reserved once, for the horizon: not doubled past it.
+        assert_eq!(h.seconds.capacity(), 11);
+        assert_eq!(h.blocks.capacity(), 14);
+        assert!(
+            h.requests.counts.capacity() <= 131,
+            "{}",
+            h.requests.counts.capacity()
+        );
     }
 
     /// Completed blocks and the long windows' kept merges no longer grow, so they hold no spare
