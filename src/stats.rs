@@ -266,7 +266,7 @@ impl Stats {
         let engine_memory_bytes = Family::<Labels1, Gauge>::default();
         registry.register(
             "canaryd_engine_memory_bytes",
-            "About the memory the engine's state holds, by part: baselines (learned), buckets (open event-time buckets and windows being rolled up), analyses (the canaries' and stables' recent history); read at each flush",
+            "About the memory the engine's state holds, by part: baselines (learned), buckets (open event-time buckets and windows being rolled up), analyses (the canaries' and stables' recent history), analysis_merges (the merges of that history kept for the next look), analysis_evidence (the analyses' sequential evidence, last look's checks and failing streaks); read at each flush",
             engine_memory_bytes.clone(),
         );
         let baseline_memory_bytes = Gauge::default();
