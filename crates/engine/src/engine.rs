@@ -1386,16 +1386,11 @@ impl Engine {
                 .flat_map(|a| &a.unlearned)
                 .map(|(_, w)| std::mem::size_of::<ClosedWindow>() + w.aggregate.heap_bytes())
                 .sum::<usize>();
-        let (analyses, analysis_merges) = self
-            .judge
-            .analyses()
-            .map(crate::judge::Analysis::memory_bytes)
-            .fold((0, 0), |(a, m), (more, merges)| (a + more, m + merges));
-        let analysis_evidence = self
-            .judge
-            .analyses()
-            .map(crate::judge::Analysis::evidence_bytes)
-            .sum();
+        let (analyses, analysis_merges, analysis_evidence) =
+            self.judge.analyses().fold((0, 0, 0), |(a, m, e), analysis| {
+                let (more, merges) = analysis.memory_bytes();
+                (a + more, m + merges, e + analysis.evidence_bytes())
+            });
         EngineMemory {
             baseline_series,
             baselines,

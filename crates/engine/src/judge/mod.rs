@@ -300,6 +300,12 @@ impl Operation {
     }
 }
 
+/// About the memory a hash map's table holds (a control byte an entry besides the entry), not
+/// counting what its entries point to.
+fn table_bytes<K, V>(map: &HashMap<K, V>) -> usize {
+    map.capacity() * (std::mem::size_of::<(K, V)>() + 1)
+}
+
 /// A decision worth an event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CanaryChange {
@@ -394,13 +400,12 @@ impl Analysis {
     /// About the memory its judging holds besides the histories: the sequential evidence, the
     /// last look's checks and the failing streaks.
     pub fn evidence_bytes(&self) -> usize {
-        use sequential::{feature_bytes, table_bytes};
         let checks = self.checks.capacity() * std::mem::size_of::<Check>()
             + self
                 .checks
                 .iter()
                 .map(|c| {
-                    feature_bytes(&c.id.feature)
+                    c.id.feature.heap_bytes()
                         + c.feature.capacity()
                         + c.operation.as_ref().map_or(0, String::capacity)
                         + c.message.capacity()
@@ -410,7 +415,7 @@ impl Analysis {
             + self
                 .streaks
                 .keys()
-                .map(|(_, feature, _)| feature_bytes(feature))
+                .map(|(_, feature, _)| feature.heap_bytes())
                 .sum::<usize>();
         self.sequential.memory_bytes() + checks + streaks
     }

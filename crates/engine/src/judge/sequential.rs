@@ -34,6 +34,7 @@ use std::sync::Arc;
 use super::checks::{COHORT_SUBJECT, Dispersion, Feature, Group, Series, Test, cohort_named, cohort_subject};
 use super::history::History;
 use super::model::Model;
+use super::table_bytes;
 use crate::catalog::is_overflow;
 use crate::observation::EventTime;
 use crate::window::{Aggregate, RequestAggregate};
@@ -359,16 +360,6 @@ pub struct Sequential {
     metrics_through: EventTime,
 }
 
-/// About the memory a hash map's table holds (a control byte an entry besides the entry), not
-/// counting what its entries point to.
-pub(crate) fn table_bytes<K, V>(map: &HashMap<K, V>) -> usize {
-    map.capacity() * (std::mem::size_of::<(K, V)>() + 1)
-}
-
-pub(crate) fn feature_bytes(feature: &Feature) -> usize {
-    feature.name.capacity() + feature.subject.as_ref().map_or(0, String::capacity)
-}
-
 impl EProcess {
     fn heap_bytes(&self) -> usize {
         std::mem::size_of_val::<[f64]>(&self.log_wealth)
@@ -394,7 +385,7 @@ impl Sequential {
             + self
                 .by_series
                 .iter()
-                .map(|((_, feature, _), p)| feature_bytes(feature) + p.heap_bytes())
+                .map(|((_, feature, _), p)| feature.heap_bytes() + p.heap_bytes())
                 .sum::<usize>();
         let mixes = self.mix.memory_bytes()
             + table_bytes(&self.cohort_mix)

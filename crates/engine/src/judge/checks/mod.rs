@@ -183,6 +183,11 @@ pub struct Feature {
 }
 
 impl Feature {
+    /// The heap its name and subject hold.
+    pub fn heap_bytes(&self) -> usize {
+        self.name.capacity() + self.subject.as_ref().map_or(0, String::capacity)
+    }
+
     fn app(name: impl Into<String>) -> Feature {
         Feature {
             name: name.into(),
