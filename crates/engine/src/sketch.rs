@@ -169,9 +169,14 @@ impl Bins {
     }
 
     /// Adds every bin of `other`; `fits` says that the sums stay within `u32::MAX`. Two sparse
-    /// forms merge in one pass, the result staying sparse where that pays (`sparse_pays`).
+    /// forms of like size merge in one pass, the result staying sparse where that pays
+    /// (`sparse_pays`); a few bins (a second's requests of one export) are added one by one,
+    /// without copying the many they join.
     fn merge(&mut self, other: &Bins, fits: bool) {
-        if fits && let (Bins::Sparse(mine), Bins::Sparse(theirs)) = (&mut *self, other) {
+        if fits
+            && let (Bins::Sparse(mine), Bins::Sparse(theirs)) = (&mut *self, other)
+            && theirs.len() * 8 > mine.len()
+        {
             let mut merged = Vec::with_capacity(mine.len() + theirs.len());
             let (mut a, mut b) = (mine.iter().peekable(), theirs.iter().peekable());
             loop {
@@ -209,6 +214,28 @@ impl Bins {
                 let (offset, counts) = counts_of(&merged);
                 *self = Bins::Counts { offset, counts };
                 return;
+            }
+        }
+        if fits && let Bins::Counts { offset, counts } = self {
+            // A small sketch merged into a whole-number span (a second's requests into its
+            // bucket): each bin added where it falls, as `add` would, without the generic walk.
+            match other {
+                Bins::Sparse(theirs) => {
+                    for &(i, c) in theirs.iter().filter(|(_, c)| *c > 0) {
+                        add_within(offset, counts, i, c);
+                    }
+                    return;
+                }
+                Bins::Counts {
+                    offset: from,
+                    counts: theirs,
+                } => {
+                    for (at, &c) in theirs.iter().enumerate().filter(|(_, c)| **c > 0) {
+                        add_within(offset, counts, from + at as i32, c);
+                    }
+                    return;
+                }
+                Bins::Dense { .. } => {}
             }
         }
         for (i, c) in other.iter() {
@@ -424,6 +451,143 @@ impl<'de> Deserialize<'de> for RareBins {
     }
 }
 
+/// The logarithm of the bins' ratio at `relative_accuracy`.
+fn ln_gamma(relative_accuracy: f64) -> f64 {
+    // A logarithm saved for each value added: nearly every sketch a thread adds to has the
+    // accuracy of the one before it.
+    thread_local! {
+        static LAST: std::cell::Cell<(f64, f64)> = const { std::cell::Cell::new((f64::NAN, f64::NAN)) };
+    }
+    LAST.with(|last| {
+        let (accuracy, ln_gamma) = last.get();
+        if accuracy == relative_accuracy {
+            return ln_gamma;
+        }
+        let a = relative_accuracy;
+        let ln_gamma = ((1.0 + a) / (1.0 - a)).ln();
+        last.set((a, ln_gamma));
+        ln_gamma
+    })
+}
+
+/// The bin of `magnitude` (positive) at `relative_accuracy`.
+fn bin_index(relative_accuracy: f64, magnitude: f64) -> i32 {
+    (magnitude.ln() / ln_gamma(relative_accuracy)).ceil() as i32
+}
+
+/// Non-negative values gathered for a sketch made at once (`into_sketch`): each value's bin is
+/// found as it comes, and the bins are counted in one sort when the sketch is made, which for a
+/// few values is cheaper than inserting each into sorted bins. The sketch is the one adding each
+/// value in turn would give.
+#[derive(Clone, Debug)]
+pub struct Gathered {
+    relative_accuracy: f64,
+    bins: Vec<i32>,
+    /// Values that no bin of `bins` holds: zero (and, should one come, negative or not finite),
+    /// added as they are when the sketch is made.
+    others: Vec<f64>,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Gathered {
+    pub fn new(relative_accuracy: f64) -> Gathered {
+        Gathered {
+            relative_accuracy: Sketch::new(relative_accuracy).relative_accuracy,
+            bins: Vec::new(),
+            others: Vec::new(),
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+
+    pub fn add(&mut self, value: f64) {
+        match self.bin_of(value) {
+            Some(bin) => self.add_at(value, bin),
+            None => self.others.push(value),
+        }
+    }
+
+    /// Adds `value` to this and to `other`, its bin found once where both have one accuracy.
+    pub fn add_to_both(&mut self, other: &mut Gathered, value: f64) {
+        match self.bin_of(value) {
+            Some(bin) if other.relative_accuracy == self.relative_accuracy => {
+                self.add_at(value, bin);
+                other.add_at(value, bin);
+            }
+            _ => {
+                self.add(value);
+                other.add(value);
+            }
+        }
+    }
+
+    /// The bin of a positive value, as the sketch would find it.
+    fn bin_of(&self, value: f64) -> Option<i32> {
+        (value.is_finite() && value > MIN_MAGNITUDE).then(|| bin_index(self.relative_accuracy, value))
+    }
+
+    fn add_at(&mut self, value: f64, bin: i32) {
+        self.bins.push(bin);
+        self.sum += value;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+
+    /// The sketch of every value gathered.
+    pub fn into_sketch(mut self) -> Sketch {
+        let lowest = self.bins.iter().min().copied().unwrap_or(0);
+        let highest = self.bins.iter().max().copied().unwrap_or(0);
+        let values = self.bins.len() as f64;
+        if (highest - lowest) as usize >= MAX_BINS || values + self.others.len() as f64 > MAX_WHOLE {
+            // Past the span the bins fold at, or past whole counts: bin by bin in the order they
+            // came, as adding each value folds them.
+            let mut sketch = Sketch::new(self.relative_accuracy);
+            for &bin in &self.bins {
+                let whole = sketch.count + 1.0 <= MAX_WHOLE;
+                sketch.positive.add(bin, 1.0, whole);
+                sketch.count += 1.0;
+            }
+            sketch.sum = self.sum;
+            sketch.min = self.min;
+            sketch.max = self.max;
+            for value in self.others {
+                sketch.add(value);
+            }
+            return sketch;
+        }
+        let mut sketch = Sketch::new(self.relative_accuracy);
+        self.bins.sort_unstable();
+        let mut counted: Vec<(i32, u32)> = Vec::new();
+        for &bin in &self.bins {
+            match counted.last_mut() {
+                Some((last, n)) if *last == bin => *n += 1,
+                _ => counted.push((bin, 1)),
+            }
+        }
+        let span = match (counted.first(), counted.last()) {
+            (Some(f), Some(l)) => (l.0 - f.0) as usize + 1,
+            _ => 0,
+        };
+        sketch.positive = if sparse_pays(counted.len(), span) {
+            Bins::Sparse(counted)
+        } else {
+            let (offset, counts) = counts_of(&counted);
+            Bins::Counts { offset, counts }
+        };
+        sketch.count = values;
+        sketch.sum = self.sum;
+        sketch.min = self.min;
+        sketch.max = self.max;
+        for value in self.others {
+            sketch.add(value);
+        }
+        sketch
+    }
+}
+
 /// A DDSketch over real values with real-valued weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sketch {
@@ -458,12 +622,11 @@ impl Sketch {
     }
 
     fn ln_gamma(&self) -> f64 {
-        let a = self.relative_accuracy;
-        ((1.0 + a) / (1.0 - a)).ln()
+        ln_gamma(self.relative_accuracy)
     }
 
     fn index(&self, magnitude: f64) -> i32 {
-        (magnitude.ln() / self.ln_gamma()).ceil() as i32
+        bin_index(self.relative_accuracy, magnitude)
     }
 
     /// The representative value of bin `index`: within the relative accuracy of all its members.
@@ -967,6 +1130,42 @@ mod tests {
             let read: Sketch = serde_json::from_str(&stored).expect("reads back");
             assert_eq!(read, sketch);
             assert_eq!(read.negative.0.is_some(), sketch.negative.0.is_some());
+        }
+    }
+
+    proptest::proptest! {
+        /// Values gathered and made into a sketch at once give the sketch that adding each in
+        /// turn gives: the same bins and weights, count, sum (added in the same order), least and
+        /// greatest; over narrow spans and over spans past the bins' cap (which fold), with zeros
+        /// and, for two sketches at once, the same for both.
+        #[test]
+        fn gathered_values_make_the_sketch_adding_each_makes(
+            values in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(0.0),
+                    0.5f64..2000.0,
+                    proptest::strategy::Strategy::prop_map(-30i32..40, |e| 10f64.powi(e)),
+                ],
+                0..300,
+            ),
+            accuracy in proptest::prop_oneof![proptest::strategy::Just(0.01), proptest::strategy::Just(0.05)],
+        ) {
+            let (mut gathered, mut other) = (Gathered::new(accuracy), Gathered::new(accuracy));
+            let (mut added, mut added_other) = (Sketch::new(accuracy), Sketch::new(accuracy));
+            for (i, v) in values.iter().enumerate() {
+                if i % 2 == 0 {
+                    gathered.add_to_both(&mut other, *v);
+                    added_other.add(*v);
+                } else {
+                    gathered.add(*v);
+                }
+                added.add(*v);
+            }
+            let (made, made_other) = (gathered.into_sketch(), other.into_sketch());
+            proptest::prop_assert_eq!(&made, &added);
+            proptest::prop_assert_eq!(made.sum.to_bits(), added.sum.to_bits());
+            proptest::prop_assert_eq!(&made_other, &added_other);
+            proptest::prop_assert_eq!(made.quantile(0.99), added.quantile(0.99));
         }
     }
 }
