@@ -378,7 +378,10 @@ impl Daemon {
         let intake = Arc::new(Intake::new(
             config.normalize.clone(),
             engine.clone(),
-            config.engine.windows.future_skew_ns,
+            (
+                config.engine.windows.future_skew_ns,
+                config.engine.windows.bucket_ns,
+            ),
             stats.clone(),
             config.max_message_bytes,
             (config.requests_in_flight, config.ingest_wait),

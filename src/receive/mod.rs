@@ -290,6 +290,27 @@ pub struct ExportOutcome {
 /// The receive clock (each batch's arrival is stamped with it).
 pub use crate::wall_clock_ns;
 
+/// Sums each resource's requests, calls, exceptions and logs per bucket on the thread that read
+/// them (`canaryd_engine::summary::Summary`), so that the engine's one thread merges a few aggregates a resource instead
+/// of adding every observation. A resource dated past `limit` (the receive clock and the future
+/// skew) is left whole: the engine may refuse part of it, observation by observation.
+#[derive(Clone, Copy)]
+struct SumWhereRead {
+    limit: u64,
+    bucket_ns: u64,
+}
+
+impl SumWhereRead {
+    fn apply(self, mut normalized: Normalized) -> Normalized {
+        for resource in &mut normalized.batch.resources {
+            if resource.seen.is_some_and(|(_, latest)| latest <= self.limit) {
+                resource.summarize(self.bucket_ns);
+            }
+        }
+        normalized
+    }
+}
+
 /// The receivers' shared path into the engine.
 pub struct Intake {
     options: NormalizeOptions,
@@ -305,6 +326,8 @@ pub struct Intake {
     wait: std::time::Duration,
     /// How far ahead of the receive clock (and the app's event time) data may be dated.
     future_skew_ns: u64,
+    /// The engine's bucket width, at which each resource is summed where it was read.
+    bucket_ns: u64,
     stats: Arc<Stats>,
     max_message_bytes: usize,
 }
@@ -313,7 +336,7 @@ impl Intake {
     pub fn new(
         options: NormalizeOptions,
         engine: EngineHandle,
-        future_skew_ns: u64,
+        (future_skew_ns, bucket_ns): (u64, u64),
         stats: Arc<Stats>,
         max_message_bytes: usize,
         (in_flight, wait): (usize, std::time::Duration),
@@ -327,6 +350,7 @@ impl Intake {
             decoders: Arc::new(tokio::sync::Semaphore::new(decoders.max(1))),
             wait,
             future_skew_ns,
+            bucket_ns,
             stats,
             max_message_bytes,
         }
@@ -374,16 +398,20 @@ impl Intake {
             .acquire_owned()
             .await
             .map_err(|_| ExportError::ShuttingDown)?;
+        let sum = SumWhereRead {
+            limit: admission.arrived_ns().saturating_add(self.future_skew_ns),
+            bucket_ns: self.bucket_ns,
+        };
         let normalized = match work {
             Work::Short => {
-                let normalized = normalize(&self.options);
+                let normalized = normalize(&self.options).map(|n| sum.apply(n));
                 drop(decoder);
                 normalized
             }
             Work::Long => {
                 let options = self.options.clone();
                 tokio::task::spawn_blocking(move || {
-                    let normalized = normalize(&options);
+                    let normalized = normalize(&options).map(|n| sum.apply(n));
                     drop(decoder);
                     normalized
                 })
@@ -477,5 +505,56 @@ impl Intake {
         self.stats.truncated(n.truncated);
         self.stats.series_keys_forgotten(n.series_keys_forgotten);
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canaryd_engine::{Identity, RequestObservation, ResourceObservations, SpanId, TraceId};
+
+    const S: u64 = 1_000_000_000;
+
+    /// A resource of `n` requests ending at `last`, one every 50 ms.
+    fn resource(app: &str, n: u64, last: u64) -> ResourceObservations {
+        let operation: Arc<str> = Arc::from("GET /");
+        let mut r = ResourceObservations::new(Identity::new("prod", app, "1.0"));
+        for i in 0..n {
+            let time = last - i * S / 20;
+            r.saw(time);
+            r.spans += 1;
+            r.requests.push(RequestObservation {
+                operation: operation.clone(),
+                time,
+                duration_ns: 1_000_000,
+                error: false,
+                trace_id: TraceId([1; 16]),
+                span_id: SpanId([1; 8]),
+                cohort: None,
+            });
+        }
+        r
+    }
+
+    /// The receivers sum every resource dated within the skew ahead of the receive clock, and
+    /// leave whole one dated past it: the engine may refuse part of it, observation by
+    /// observation, which a summary could not split.
+    #[test]
+    fn resources_are_summed_where_read_but_those_dated_past_the_skew() {
+        let now = 1_767_571_200 * S;
+        let sum = SumWhereRead {
+            limit: now + 60 * S,
+            bucket_ns: S,
+        };
+        let mut normalized = Normalized::default();
+        normalized.batch.resources = vec![resource("shop", 40, now), resource("ahead", 40, now + 120 * S)];
+        let normalized = sum.apply(normalized);
+        let [shop, ahead] = &normalized.batch.resources[..] else {
+            panic!("two resources");
+        };
+        assert!(shop.summary.is_some() && shop.requests.is_empty());
+        assert_eq!(shop.len(), 40);
+        assert!(ahead.summary.is_none());
+        assert_eq!(ahead.requests.len(), 40);
     }
 }

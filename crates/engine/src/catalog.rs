@@ -18,7 +18,9 @@ use crate::FastMap;
 use std::sync::Arc;
 
 use crate::delta::{Conversion, Sample, SeriesState};
-use crate::observation::{Batch, EventTime, ResourceObservations, SeriesKey};
+use crate::observation::{EventTime, SeriesKey};
+use crate::resource::{Batch, ResourceObservations};
+use crate::summary::{Counts, Tally};
 
 /// The key that absorbs what arrives past a cap.
 pub const OVERFLOW: &str = "__overflow__";
@@ -280,6 +282,95 @@ fn count_capped<V: Default>(
 /// At most how many distinct names `count_capped_by_name` and `NameKeys` remember at once.
 pub(crate) const NAMES_REMEMBERED: usize = 64;
 
+/// What a resource's observations amount to, summed where they were read or not.
+fn observation_counts(obs: &ResourceObservations) -> Counts {
+    if let Some(summary) = &obs.summary {
+        return summary.counts;
+    }
+    Counts {
+        requests: obs.requests.len() as u64,
+        errors: obs.requests.iter().filter(|r| r.error).count() as u64,
+        calls: obs.calls.len() as u64,
+        exceptions: obs.exceptions.len() as u64,
+        logs: obs.logs.len() as u64,
+        error_logs: obs.logs.iter().filter(|l| l.severity.is_error()).count() as u64,
+    }
+}
+
+/// Counts a resource's names in the app's maps, each capped; returns what each cap folded. A
+/// summary's names come tallied, in the order they were first seen; else they are tallied here.
+fn count_names(entry: &mut AppEntry, limits: &Limits, obs: &ResourceObservations) -> [(Cap, u64); 4] {
+    fn tallied(tallies: &[Tally]) -> impl Iterator<Item = (&Arc<str>, u64, u64)> {
+        tallies.iter().map(|t| (&t.name, t.count, t.failed))
+    }
+    let operation = |s: &mut OperationStats, n, failed| {
+        s.requests += n;
+        s.errors += failed;
+    };
+    let count = |count: &mut u64, n, _| *count += n;
+    let (operations, downstreams) = (limits.max_operations_per_app, limits.max_downstreams_per_app);
+    let (exception_types, cohorts) = (limits.max_exception_types_per_app, limits.max_cohorts_per_app);
+    let folded = match &obs.summary {
+        Some(summary) => [
+            count_tallied(
+                &mut entry.operations,
+                operations,
+                tallied(&summary.operations),
+                &operation,
+            ),
+            count_tallied(
+                &mut entry.downstreams,
+                downstreams,
+                tallied(&summary.downstreams),
+                &count,
+            ),
+            count_tallied(
+                &mut entry.exception_types,
+                exception_types,
+                tallied(&summary.exception_types),
+                &count,
+            ),
+            count_tallied(&mut entry.cohorts, cohorts, tallied(&summary.cohorts), &count),
+        ],
+        None => [
+            count_capped_by_name(
+                &mut entry.operations,
+                operations,
+                obs.requests.iter().map(|r| (&r.operation, r.error)),
+                operation,
+            ),
+            count_capped_by_name(
+                &mut entry.downstreams,
+                downstreams,
+                obs.calls.iter().map(|c| (&c.downstream, false)),
+                count,
+            ),
+            count_capped_by_name(
+                &mut entry.exception_types,
+                exception_types,
+                obs.exceptions.iter().map(|e| (&e.exception_type, false)),
+                count,
+            ),
+            count_capped_by_name(
+                &mut entry.cohorts,
+                cohorts,
+                obs.requests
+                    .iter()
+                    .filter_map(|r| r.cohort.as_ref())
+                    .map(|c| (c, false)),
+                count,
+            ),
+        ],
+    };
+    let caps = [
+        Cap::OperationsPerApp,
+        Cap::DownstreamsPerApp,
+        Cap::ExceptionTypesPerApp,
+        Cap::CohortsPerApp,
+    ];
+    [0, 1, 2, 3].map(|i| (caps[i], folded[i]))
+}
+
 /// `count_capped` for each item of a resource's observations (its name, and whether it failed),
 /// looked up once for each distinct name rather than once for each item: the items of a request
 /// share one allocation per name (the receivers make them so), so telling two names apart is a
@@ -292,20 +383,6 @@ fn count_capped_by_name<'a, V: Default>(
     items: impl Iterator<Item = (&'a Arc<str>, bool)>,
     apply: impl Fn(&mut V, u64, u64),
 ) -> u64 {
-    fn count<V: Default>(
-        map: &mut FastMap<Arc<str>, V>,
-        cap: usize,
-        tally: &mut Vec<(&Arc<str>, u64, u64)>,
-        apply: &impl Fn(&mut V, u64, u64),
-    ) -> u64 {
-        let mut folded = 0;
-        for (name, n, failed) in tally.drain(..) {
-            if count_capped(map, name, cap, |v| apply(v, n, failed)) {
-                folded += n;
-            }
-        }
-        folded
-    }
     let mut tally: Vec<(&Arc<str>, u64, u64)> = Vec::new();
     let mut folded = 0;
     for (name, failed) in items {
@@ -316,13 +393,30 @@ fn count_capped_by_name<'a, V: Default>(
             }
             None => {
                 if tally.len() == NAMES_REMEMBERED {
-                    folded += count(map, cap, &mut tally, &apply);
+                    folded += count_tallied(map, cap, tally.drain(..), &apply);
                 }
                 tally.push((name, 1, u64::from(failed)));
             }
         }
     }
-    folded + count(map, cap, &mut tally, &apply)
+    folded + count_tallied(map, cap, tally.drain(..), &apply)
+}
+
+/// `count_capped_by_name` of names already tallied (each with its count and failures), in the
+/// order they were first seen: the same names admitted as their items one by one would.
+fn count_tallied<'a, V: Default>(
+    map: &mut FastMap<Arc<str>, V>,
+    cap: usize,
+    tallies: impl Iterator<Item = (&'a Arc<str>, u64, u64)>,
+    apply: &impl Fn(&mut V, u64, u64),
+) -> u64 {
+    let mut folded = 0;
+    for (name, n, failed) in tallies {
+        if count_capped(map, name, cap, |v| apply(v, n, failed)) {
+            folded += n;
+        }
+    }
+    folded
 }
 
 /// The catalog's key of each name of a resource's observations (`AppEntry::operation_key` and
@@ -515,7 +609,7 @@ impl Catalog {
         let id = &obs.identity;
         let key = (id.env.clone(), id.app.clone());
         if !self.apps.contains_key(&key) {
-            let items = obs.spans + obs.metric_points.len() as u64 + obs.logs.len() as u64;
+            let items = obs.spans + obs.metric_points.len() as u64 + obs.log_count();
             if self.over_env_share(&key.1) {
                 return (vec![(Cap::EnvsPerApp, items)], None);
             }
@@ -532,7 +626,7 @@ impl Catalog {
         let (version, evicted) = admit_version(entry, &id.version, first, &limits);
         if version.as_ref() == OVERFLOW && id.version.as_ref() != OVERFLOW {
             // Per item folded, as every other cap counts.
-            let items = obs.spans + obs.metric_points.len() as u64 + obs.logs.len() as u64;
+            let items = obs.spans + obs.metric_points.len() as u64 + obs.log_count();
             hits.push((Cap::VersionsPerApp, items));
         }
         let stats = entry.versions.entry(version.clone()).or_insert(VersionStats {
@@ -543,50 +637,14 @@ impl Catalog {
         stats.first_seen = stats.first_seen.min(first);
         stats.last_seen = stats.last_seen.max(last);
         stats.spans += obs.spans;
-        stats.requests += obs.requests.len() as u64;
-        stats.errors += obs.requests.iter().filter(|r| r.error).count() as u64;
-        stats.calls += obs.calls.len() as u64;
-        stats.exceptions += obs.exceptions.len() as u64;
-        stats.log_records += obs.logs.len() as u64;
-        stats.error_log_records += obs.logs.iter().filter(|l| l.severity.is_error()).count() as u64;
-
-        let folded = count_capped_by_name(
-            &mut entry.operations,
-            limits.max_operations_per_app,
-            obs.requests.iter().map(|r| (&r.operation, r.error)),
-            |s, n, failed| {
-                s.requests += n;
-                s.errors += failed;
-            },
-        );
-        hits.push((Cap::OperationsPerApp, folded));
-
-        let folded = count_capped_by_name(
-            &mut entry.downstreams,
-            limits.max_downstreams_per_app,
-            obs.calls.iter().map(|c| (&c.downstream, false)),
-            |count, n, _| *count += n,
-        );
-        hits.push((Cap::DownstreamsPerApp, folded));
-
-        let folded = count_capped_by_name(
-            &mut entry.exception_types,
-            limits.max_exception_types_per_app,
-            obs.exceptions.iter().map(|e| (&e.exception_type, false)),
-            |count, n, _| *count += n,
-        );
-        hits.push((Cap::ExceptionTypesPerApp, folded));
-
-        let folded = count_capped_by_name(
-            &mut entry.cohorts,
-            limits.max_cohorts_per_app,
-            obs.requests
-                .iter()
-                .filter_map(|r| r.cohort.as_ref())
-                .map(|c| (c, false)),
-            |count, n, _| *count += n,
-        );
-        hits.push((Cap::CohortsPerApp, folded));
+        let counts = observation_counts(obs);
+        stats.requests += counts.requests;
+        stats.errors += counts.errors;
+        stats.calls += counts.calls;
+        stats.exceptions += counts.exceptions;
+        stats.log_records += counts.logs;
+        stats.error_log_records += counts.error_logs;
+        hits.extend(count_names(entry, &limits, obs));
 
         let mut dropped = 0;
         let mut samples = Vec::new();

@@ -22,52 +22,49 @@ use crate::judge::{
     AnalysisSnapshot, AnalysisView, CanaryChange, ChangeKind, DEFAULT_MODEL, Judge, JudgeChanges, JudgeError,
     Model, Operation, Verdict,
 };
-use crate::observation::{Batch, EventTime, RequestObservation, ResourceObservations, TraceId};
+use crate::observation::EventTime;
+use crate::resource::{Batch, ResourceObservations};
+#[cfg(test)]
+use crate::summary::Summary;
+use crate::summary::{LatestTwo, TraceCohorts};
 use crate::vec_map::VecMap;
 use crate::window::{Aggregate, AppClock, ClosedWindow, SourceClocks, VersionWindows, WindowConfig};
 
-/// The two latest event times among a resource's observations.
-#[derive(Default)]
-struct LatestTwo {
-    latest: Option<EventTime>,
-    second: Option<EventTime>,
+/// The catalog's key of each name a summary's aggregates carry, found once a distinct name.
+struct CatalogKeys<'o, 'c> {
+    entry: &'c AppEntry,
+    operations: NameKeys<'o, 'c>,
+    cohorts: NameKeys<'o, 'c>,
+    downstreams: NameKeys<'o, 'c>,
+    exception_types: NameKeys<'o, 'c>,
 }
 
-impl LatestTwo {
-    fn saw(&mut self, time: EventTime) {
-        match self.latest {
-            Some(latest) if time <= latest => {
-                self.second = Some(self.second.map_or(time, |s| s.max(time)));
-            }
-            _ => {
-                self.second = self.latest;
-                self.latest = Some(time);
-            }
+impl<'o, 'c> CatalogKeys<'o, 'c> {
+    /// Adds `part` (a summary's bucket, or a cohort's share of it) to `into`, each name through
+    /// the catalog's cap as the observations' own would go. A summary holds no metric series.
+    fn merge(&mut self, into: &mut Aggregate, part: &'o Aggregate) {
+        let entry = self.entry;
+        into.all.merge(&part.all);
+        for (name, op) in part.operations.iter() {
+            let key = self.operations.key(name, |n| entry.operation_key(n));
+            into.operations.get_or_default(key).merge(op);
         }
-    }
-}
-
-/// The cohort of each trace's request in one resource's batch: what a call or exception span
-/// without a cohort attribute of its own is attributed to (an SDK sets the attribute on the
-/// request's span; its client spans and exception events mostly come in the same batch).
-struct TraceCohorts<'a>(HashMap<TraceId, &'a str>);
-
-impl<'a> TraceCohorts<'a> {
-    /// Empty, and nothing allocated, when no request carries a cohort. The all-zero trace id is
-    /// invalid (OTLP) and never links spans.
-    fn of(requests: &'a [RequestObservation]) -> Self {
-        TraceCohorts(
-            requests
-                .iter()
-                .filter(|r| r.trace_id != TraceId::default())
-                .filter_map(|r| Some((r.trace_id, r.cohort.as_deref()?)))
-                .collect(),
-        )
-    }
-
-    /// A span's cohort: its own, else its trace's request's.
-    fn cohort<'b>(&'b self, own: Option<&'b str>, trace: &TraceId) -> Option<&'b str> {
-        own.or_else(|| self.0.get(trace).copied())
+        for (name, &(calls, failed)) in part.calls.iter() {
+            let key = self.downstreams.key(name, |n| entry.downstream_key(n));
+            let count = into.calls.get_or_default(key);
+            count.0 += calls;
+            count.1 += failed;
+        }
+        for (name, n) in part.exceptions.iter() {
+            let key = self.exception_types.key(name, |n| entry.exception_type_key(n));
+            *into.exceptions.get_or_default(key) += n;
+        }
+        for (name, cohort) in part.cohorts.iter() {
+            let key = self.cohorts.key(name, |n| entry.cohort_key(n));
+            self.merge(cohort_of(&mut into.cohorts, key), cohort);
+        }
+        into.logs += part.logs;
+        into.error_logs += part.error_logs;
     }
 }
 
@@ -655,6 +652,24 @@ impl Engine {
         // The buckets share the catalog's copy of each name, found once a distinct name.
         let (mut operations, mut cohorts) = (NameKeys::new(), NameKeys::new());
         let (mut downstreams, mut exception_types) = (NameKeys::new(), NameKeys::new());
+        if let Some(summary) = &obs.summary {
+            // Summed where the request was read: a few merges a bucket, the same as adding each.
+            top.join(summary.latest);
+            let mut keys = CatalogKeys {
+                entry,
+                operations: NameKeys::new(),
+                cohorts: NameKeys::new(),
+                downstreams: NameKeys::new(),
+                exception_types: NameKeys::new(),
+            };
+            for bucket in &summary.buckets {
+                // Closed buckets end on a bucket's bound, so that a bucket is late whole or not.
+                match state.windows.bucket(bucket.start, closed_until, config) {
+                    Some(b) => keys.merge(b, &bucket.aggregate),
+                    None => late += bucket.items,
+                }
+            }
+        }
         for r in &obs.requests {
             top.saw(r.time);
             match state.windows.bucket(r.time, closed_until, config) {
@@ -679,7 +694,7 @@ impl Engine {
                 Some(b) => {
                     let downstream = downstreams.key(&c.downstream, |name| entry.downstream_key(name));
                     count_call(&mut b.calls, downstream, c.error);
-                    if let Some(cohort) = trace_cohorts.cohort(c.cohort.as_deref(), &c.trace_id) {
+                    if let Some(cohort) = trace_cohorts.cohort(c.cohort.as_ref(), &c.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
                         count_call(&mut cohort.calls, downstream, c.error);
                     }
@@ -693,7 +708,7 @@ impl Engine {
                 Some(b) => {
                     let ty = exception_types.key(&e.exception_type, |name| entry.exception_type_key(name));
                     *b.exceptions.get_or_default(ty) += 1;
-                    if let Some(cohort) = trace_cohorts.cohort(e.cohort.as_deref(), &e.trace_id) {
+                    if let Some(cohort) = trace_cohorts.cohort(e.cohort.as_ref(), &e.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
                         *cohort.exceptions.get_or_default(ty) += 1;
                     }
@@ -1592,7 +1607,7 @@ impl SlotStore for ScopeSlots<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observation::{CallObservation, Identity, SpanId};
+    use crate::observation::{CallObservation, Identity, RequestObservation, SpanId, TraceId};
 
     fn request(trace: u8, cohort: Option<&str>) -> RequestObservation {
         RequestObservation {
@@ -1626,24 +1641,6 @@ mod tests {
                 proptest::prop_assert_eq!(BaselineId::prefix_of_series(short), None);
             }
         }
-    }
-
-    /// A call or exception span without a cohort of its own takes its trace's request's; its own
-    /// wins; the invalid all-zero trace id links nothing.
-    #[test]
-    fn a_span_without_a_cohort_takes_its_requests() {
-        let requests = [
-            request(1, Some("beta")),
-            request(2, None),
-            request(0, Some("gamma")),
-        ];
-        let cohorts = TraceCohorts::of(&requests);
-        assert_eq!(cohorts.cohort(None, &TraceId([1; 16])), Some("beta"));
-        assert_eq!(cohorts.cohort(Some("gamma"), &TraceId([1; 16])), Some("gamma"));
-        assert_eq!(cohorts.cohort(None, &TraceId([2; 16])), None);
-        assert_eq!(cohorts.cohort(None, &TraceId([3; 16])), None);
-        assert_eq!(cohorts.cohort(None, &TraceId::default()), None);
-        assert!(TraceCohorts::of(&[request(1, None)]).0.is_empty());
     }
 
     /// The open buckets count operations and downstreams under the catalog's own copy of each
@@ -1698,5 +1695,156 @@ mod tests {
         );
         assert!(Arc::strong_count(downstream) > seconds as usize);
         assert!(crate::catalog::is_overflow(app.operation_key("GET /never-seen")));
+    }
+
+    /// A resource of random requests, calls, exceptions and logs over a few seconds from `from`,
+    /// its names shared as the receivers share them (and now and then a name's text in a copy
+    /// of its own). Latencies are whole milliseconds, so that a sketch's running sum is the same
+    /// in any order and aggregates summed apart compare equal to those added one by one.
+    fn random_resource(rng: &mut crate::rng::Rng, version: &str, from: EventTime) -> ResourceObservations {
+        const S: EventTime = 1_000_000_000;
+        let names = |prefix: &str, n: usize| -> Vec<Arc<str>> {
+            (0..n).map(|i| Arc::from(format!("{prefix}{i}"))).collect()
+        };
+        let (ops, cohorts, downstreams, types) =
+            (names("op", 6), names("c", 3), names("d", 4), names("e", 3));
+        let pick = |rng: &mut crate::rng::Rng, names: &[Arc<str>]| -> Arc<str> {
+            let name = &names[rng.below(names.len() as u64) as usize];
+            if rng.below(8) == 0 {
+                Arc::from(&**name)
+            } else {
+                name.clone()
+            }
+        };
+        let mut r = ResourceObservations::new(Identity::new("prod", "shop", version));
+        let time = |rng: &mut crate::rng::Rng| from + rng.below(4 * S);
+        let trace = |rng: &mut crate::rng::Rng| TraceId([rng.below(4) as u8; 16]);
+        for _ in 0..rng.below(40) {
+            let t = time(rng);
+            r.saw(t);
+            r.spans += 1;
+            let cohort = (rng.below(2) == 0).then(|| pick(rng, &cohorts));
+            r.requests.push(RequestObservation {
+                operation: pick(rng, &ops),
+                time: t,
+                duration_ns: (1 + rng.below(900)) * 1_000_000,
+                error: rng.below(5) == 0,
+                trace_id: trace(rng),
+                span_id: SpanId([1; 8]),
+                cohort,
+            });
+        }
+        for _ in 0..rng.below(30) {
+            let t = time(rng);
+            r.saw(t);
+            r.spans += 1;
+            let cohort = (rng.below(4) == 0).then(|| pick(rng, &cohorts));
+            r.calls.push(CallObservation {
+                downstream: pick(rng, &downstreams),
+                source: crate::observation::DownstreamSource::PeerService,
+                time: t,
+                duration_ns: 1,
+                error: rng.below(4) == 0,
+                trace_id: trace(rng),
+                cohort,
+            });
+        }
+        for _ in 0..rng.below(6) {
+            let t = time(rng);
+            r.saw(t);
+            let cohort = (rng.below(4) == 0).then(|| pick(rng, &cohorts));
+            r.exceptions.push(crate::observation::ExceptionObservation {
+                exception_type: pick(rng, &types),
+                operation: pick(rng, &ops),
+                time: t,
+                trace_id: trace(rng),
+                cohort,
+            });
+        }
+        for _ in 0..rng.below(10) {
+            let t = time(rng);
+            r.saw(t);
+            let severity = if rng.below(3) == 0 {
+                crate::observation::Severity::Error
+            } else {
+                crate::observation::Severity::Info
+            };
+            r.logs
+                .push(crate::observation::LogObservation { time: t, severity });
+        }
+        r
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A batch's resources summed where they were read leave the engine as adding their
+        /// observations one by one does: the same open buckets and window being rolled up in
+        /// every version, the same clock, catalog counts and names (past small caps, which fold
+        /// names in the order they came), and the same reports (late observations, windows closed).
+        #[test]
+        fn summed_resources_window_as_their_observations_do(seed in proptest::prelude::any::<u64>()) {
+            const S: EventTime = 1_000_000_000;
+            let config = EngineConfig {
+                limits: Limits {
+                    max_operations_per_app: 4,
+                    max_cohorts_per_app: 2,
+                    max_downstreams_per_app: 3,
+                    max_exception_types_per_app: 2,
+                    ..Limits::default()
+                },
+                ..EngineConfig::default()
+            };
+            let engine = || Engine::new(config.clone(), Box::new(crate::baseline::MemorySlotStore::default()));
+            let (mut one_by_one, mut summed) = (engine(), engine());
+            let mut rng = crate::rng::Rng::new(seed);
+            let mut from: EventTime = 1_767_571_200 * S;
+            for _ in 0..20 {
+                // Time mostly moves on; now and then a batch comes from before the last one.
+                from = if rng.below(5) == 0 { from - 3 * S } else { from + rng.below(12) * S };
+                let mut resources = Vec::new();
+                for version in ["1.0", "2.0"] {
+                    if rng.below(4) != 0 {
+                        resources.push(random_resource(&mut rng, version, from));
+                    }
+                }
+                let batch = Batch { resources, received: 0 };
+                let mut batch_summed = batch.clone();
+                for r in &mut batch_summed.resources {
+                    if let Some(summary) = Summary::within(&r.observed(), S, usize::MAX) {
+                        r.summary = Some(Box::new(summary));
+                        (r.requests, r.calls, r.exceptions, r.logs) = Default::default();
+                    }
+                }
+                let (a, b) = (one_by_one.ingest(&batch), summed.ingest(&batch_summed));
+                proptest::prop_assert_eq!(a, b);
+            }
+            let key = (Arc::from("prod"), Arc::from("shop"));
+            let (Some(a), Some(b)) = (one_by_one.apps.get(&key), summed.apps.get(&key)) else {
+                proptest::prop_assert!(!one_by_one.apps.contains_key(&key) && !summed.apps.contains_key(&key));
+                return Ok(());
+            };
+            proptest::prop_assert_eq!(a.clock, b.clock);
+            proptest::prop_assert_eq!(a.late, b.late);
+            for (version, state) in &a.versions {
+                let theirs = &b.versions[version];
+                proptest::prop_assert_eq!(state.windows.open(), theirs.windows.open());
+                proptest::prop_assert_eq!(state.late, theirs.late);
+            }
+            proptest::prop_assert_eq!(a.versions.len(), b.versions.len());
+            let (a, b) = (one_by_one.catalog().app("prod", "shop"), summed.catalog().app("prod", "shop"));
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(proptest::test_runner::TestCaseError::fail("the app is catalogued"));
+            };
+            fn sorted<T: std::fmt::Debug>(items: impl Iterator<Item = T>) -> Vec<String> {
+                let mut items: Vec<String> = items.map(|i| format!("{i:?}")).collect();
+                items.sort();
+                items
+            }
+            proptest::prop_assert_eq!(sorted(a.versions()), sorted(b.versions()));
+            proptest::prop_assert_eq!(sorted(a.operations()), sorted(b.operations()));
+            proptest::prop_assert_eq!(sorted(a.downstreams()), sorted(b.downstreams()));
+            proptest::prop_assert_eq!(sorted(a.exception_types()), sorted(b.exception_types()));
+        }
     }
 }

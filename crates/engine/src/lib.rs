@@ -6,9 +6,11 @@
 //! timestamps in the data) moves it.
 //!
 //! - `observation`: the input types, free of any wire format.
+//! - `resource`: a resource's observations of one request, and a request's (`Batch`).
 //! - `delta`: cumulative and delta metric points turned into per-interval samples.
 //! - `catalog`: the apps, versions, operations and series seen, each map capped by `Limits`.
 //! - `sketch`: a mergeable quantile sketch with relative error (DDSketch).
+//! - `summary`: a resource's observations summed per bucket where its request was read.
 //! - `vec_map`: an ordered map in one sorted vector, for an aggregate's small maps.
 //! - `baseline`: EWMA and seasonal hour-of-week quantiles per feature, and the anomaly score.
 //! - `anomaly`: when a version's feature has left its own baseline, with hysteresis.
@@ -34,10 +36,12 @@ mod engine;
 pub mod features;
 pub mod judge;
 pub mod observation;
+pub mod resource;
 pub mod rng;
 pub mod score;
 pub mod simulate;
 pub mod sketch;
+pub mod summary;
 pub mod vec_map;
 pub mod window;
 
@@ -47,3 +51,4 @@ pub use engine::{
     EngineMemory, EngineState, IngestReport, PageOut, Scope,
 };
 pub use observation::*;
+pub use resource::{Batch, ResourceObservations};

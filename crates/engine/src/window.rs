@@ -301,8 +301,11 @@ pub struct ClosedWindow {
 pub struct VersionWindows {
     buckets: BTreeMap<EventTime, Aggregate>,
     /// The window being filled from closed buckets: its start and contents.
-    rolling: Option<(EventTime, Aggregate, bool)>,
+    rolling: Option<Rolling>,
 }
+
+/// A window being rolled up: its start, what it holds, and whether it is complete.
+type Rolling = (EventTime, Aggregate, bool);
 
 impl VersionWindows {
     /// About the memory the open buckets and the window being rolled up hold.
@@ -310,6 +313,12 @@ impl VersionWindows {
         let each = std::mem::size_of::<Aggregate>() + MAP_ENTRY_OVERHEAD;
         let buckets: usize = self.buckets.values().map(|b| each + b.heap_bytes()).sum();
         buckets + self.rolling.as_ref().map_or(0, |(_, w, _)| each + w.heap_bytes())
+    }
+
+    /// The open buckets, and the window being rolled up, as they stand.
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> (&BTreeMap<EventTime, Aggregate>, Option<&Rolling>) {
+        (&self.buckets, self.rolling.as_ref())
     }
 
     /// The bucket for `time`, or `None` when that bucket has already closed (`closed_until`).
