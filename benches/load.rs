@@ -544,9 +544,20 @@ fn main() -> anyhow::Result<()> {
     let in_place = decode_rate(&plain, budget, |p| {
         canaryd::normalize::traces_protobuf(p, &options).map_or(0, |n| n.accepted as usize)
     });
+    // What the receivers do with a request before it is queued: read and normalize it, then sum
+    // each resource per second (the engine's bucket width), as `receive::Intake` does.
+    let summed = decode_rate(&plain, budget, |p| {
+        canaryd::normalize::traces_protobuf(p, &options).map_or(0, |mut n| {
+            for resource in &mut n.batch.resources {
+                resource.summarize(1_000_000_000);
+            }
+            n.accepted as usize
+        })
+    });
     println!(
         "== decode-only reference, one core: full prost decode {full:.0} spans/s, lean decode {lean:.0} spans/s; \
-         canaryd's in-place read and normalize {in_place:.0} spans/s"
+         canaryd's in-place read and normalize {in_place:.0} spans/s, and summed per second as the receivers do \
+         {summed:.0} spans/s"
     );
     if full <= 0.0 || lean <= 0.0 || in_place <= 0.0 {
         bail!("the decode reference decoded nothing");
