@@ -362,13 +362,13 @@ fn count_names(entry: &mut AppEntry, limits: &Limits, obs: &ResourceObservations
             ),
         ],
     };
-    let caps = [
-        Cap::OperationsPerApp,
-        Cap::DownstreamsPerApp,
-        Cap::ExceptionTypesPerApp,
-        Cap::CohortsPerApp,
-    ];
-    [0, 1, 2, 3].map(|i| (caps[i], folded[i]))
+    let [operations, downstreams, exception_types, cohorts] = folded;
+    [
+        (Cap::OperationsPerApp, operations),
+        (Cap::DownstreamsPerApp, downstreams),
+        (Cap::ExceptionTypesPerApp, exception_types),
+        (Cap::CohortsPerApp, cohorts),
+    ]
 }
 
 /// `count_capped` for each item of a resource's observations (its name, and whether it failed),

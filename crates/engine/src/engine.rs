@@ -653,7 +653,8 @@ impl Engine {
         let (mut operations, mut cohorts) = (NameKeys::new(), NameKeys::new());
         let (mut downstreams, mut exception_types) = (NameKeys::new(), NameKeys::new());
         if let Some(summary) = &obs.summary {
-            // Summed where the request was read: a few merges a bucket, the same as adding each.
+            // Summed where the request was read (at this bucket width, `WindowConfig::bucket_ns`,
+            // which the receivers are given): a few merges a bucket, the same as adding each.
             top.join(summary.latest);
             let mut keys = CatalogKeys {
                 entry,
