@@ -10,7 +10,8 @@
 //! `cargo bench --bench load` measures (environment: `LOAD_SECONDS`, default 10,
 //! `LOAD_CONCURRENCY`, default 8, and `LOAD_TRANSPORTS`, a comma-separated subset of
 //! `grpc,grpc+gzip,http,http+gzip`, default all, e.g. to profile one; `LOAD_DETAIL=sdk` for spans
-//! of about 600 bytes, with what agents' instrumentations record, instead of 400); `cargo test --benches` runs
+//! of about 600 bytes, with what agents' instrumentations record, instead of 400; `LOAD_SERVICES=1` for
+//! requests of one service each, as an SDK exports, instead of 8); `cargo test --benches` runs
 //! it for a second, as a smoke test. After the gRPC run it times the daemon's decisions under
 //! 80% of that load (`LOAD_ACT=0` skips it), with `LOAD_ACT_HELD` series (e.g. 100000) held
 //! meanwhile by apps of their own sending live traffic.
@@ -329,15 +330,26 @@ fn span_detail() -> testdata::SpanDetail {
     }
 }
 
+/// `LOAD_SERVICES`: the services each request's spans come from, 8 by default (as a collector's
+/// export mixes them); 1 is an SDK's own export, all 512 spans of one service.
+fn services() -> usize {
+    std::env::var("LOAD_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=512).contains(n))
+        .unwrap_or(8)
+}
+
 /// The requests to send, encoded.
 fn prepare(plan: &LoadPlan) -> Vec<Prepared> {
     (0..plan.distinct)
         .map(|i| {
-            // Eight services of one version each: a replay of 64 requests is a fixed sample,
-            // whose small differences between two versions would repeat into significance and
-            // fail a canary; the canaries judged under load are the time-to-act phase's own.
+            // Eight services (`LOAD_SERVICES`) of one version each: a replay of 64 requests is a
+            // fixed sample, whose small differences between two versions would repeat into
+            // significance and fail a canary; the canaries judged under load are the
+            // time-to-act phase's own.
             let shape = TraceShape {
-                apps: 8,
+                apps: services(),
                 versions_per_app: 1,
                 spans: plan.spans_per_request,
                 start_ns: testdata::EPOCH_NS + i as u64 * 5_000_000_000,
@@ -514,8 +526,9 @@ fn main() -> anyhow::Result<()> {
     .collect();
     let encoded: usize = plain.iter().map(Bytes::len).sum();
     println!(
-        "== workload: {} distinct requests of 512 spans ({:?}), {:.0} bytes a request, {:.0} bytes a span, re-dated at each send",
+        "== workload: {} distinct requests of 512 spans from {} services ({:?}), {:.0} bytes a request, {:.0} bytes a span, re-dated at each send",
         plain.len(),
+        services(),
         span_detail(),
         encoded as f64 / plain.len() as f64,
         encoded as f64 / (plain.len() * 512) as f64
