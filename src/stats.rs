@@ -4,7 +4,8 @@
 //! daemon did with its input can always be accounted for: items accepted by the receivers equal
 //! items the engine catalogued plus those the caps dropped.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
@@ -117,6 +118,68 @@ pub struct Stats {
     pub act_timings_dropped: Counter,
     pub outbox_depth: Gauge,
     pub parked: Gauge,
+    /// The engine thread's busy share over its last whole second (`time_step`).
+    engine_busy: EngineBusy,
+}
+
+/// How busy the engine's thread was over its last whole second of steps, kept by that thread
+/// (`Stats::time_step`) and read by the receivers, which take work off it when it is busy
+/// (`receive::Intake`). Written by one thread only, so relaxed atomics suffice.
+struct EngineBusy {
+    since: std::time::Instant,
+    /// Where the current second began, in nanoseconds from `since`.
+    window_start_ns: AtomicU64,
+    /// Time in steps since then.
+    busy_ns: AtomicU64,
+    /// The share of the last whole second, in thousandths.
+    share_permille: AtomicU64,
+}
+
+impl Default for EngineBusy {
+    fn default() -> Self {
+        EngineBusy {
+            since: std::time::Instant::now(),
+            window_start_ns: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            share_permille: AtomicU64::new(0),
+        }
+    }
+}
+
+impl EngineBusy {
+    /// Counts a step that took `took` and ended now.
+    fn step(&self, took: std::time::Duration) {
+        self.step_at(self.since.elapsed().as_nanos() as u64, took);
+    }
+
+    /// `step`, ended `now` nanoseconds after `since`.
+    fn step_at(&self, now: u64, took: std::time::Duration) {
+        let busy = self.busy_ns.load(Relaxed) + took.as_nanos() as u64;
+        let start = self.window_start_ns.load(Relaxed);
+        let span = now.saturating_sub(start);
+        if span >= 1_000_000_000 {
+            self.share_permille
+                .store((busy.min(span) * 1_000 / span).min(1_000), Relaxed);
+            self.window_start_ns.store(now, Relaxed);
+            self.busy_ns.store(0, Relaxed);
+        } else {
+            self.busy_ns.store(busy, Relaxed);
+        }
+    }
+
+    /// The last whole second's busy share (0 to 1); a thread idle for longer than a second (no
+    /// step to close its second) reads as it last was, which a busy one never is.
+    fn share(&self) -> f64 {
+        self.share_at(self.since.elapsed().as_nanos() as u64)
+    }
+
+    /// `share`, read `now` nanoseconds after `since`.
+    fn share_at(&self, now: u64) -> f64 {
+        if now.saturating_sub(self.window_start_ns.load(Relaxed)) > 2_000_000_000 {
+            return 0.0;
+        }
+        self.share_permille.load(Relaxed) as f64 / 1_000.0
+    }
 }
 
 impl Default for Stats {
@@ -474,6 +537,7 @@ impl Stats {
             act_timings_dropped,
             outbox_depth,
             parked,
+            engine_busy: EngineBusy::default(),
         }
     }
 
@@ -537,8 +601,15 @@ impl Stats {
     pub fn time_step<R>(&self, kind: &'static str, step: impl FnOnce() -> R) -> R {
         let started = std::time::Instant::now();
         let result = step();
-        self.engine_step(kind, started.elapsed());
+        let took = started.elapsed();
+        self.engine_step(kind, took);
+        self.engine_busy.step(took);
         result
+    }
+
+    /// The engine thread's busy share over its last whole second of steps (0 to 1).
+    pub fn engine_busy(&self) -> f64 {
+        self.engine_busy.share()
     }
 
     /// How long a request waited for its ingest slot.
@@ -713,6 +784,31 @@ mod tests {
         );
         assert!(text.contains("canaryd_otlp_accepted_items_total{signal=\"logs\",transport=\"http\"} 0"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn the_engine_threads_busy_share_is_its_last_whole_seconds() {
+        const MS: u64 = 1_000_000;
+        let busy = EngineBusy::default();
+        let step =
+            |at_ms: u64, took_ms: u64| busy.step_at(at_ms * MS, std::time::Duration::from_millis(took_ms));
+        assert_eq!(busy.share_at(0), 0.0, "nothing yet");
+        // 600 ms of steps in the first second: read once the second is whole.
+        step(300, 300);
+        step(900, 300);
+        assert_eq!(busy.share_at(900 * MS), 0.0, "the second is not whole yet");
+        step(1_000, 0);
+        assert_eq!(busy.share_at(1_000 * MS), 0.6);
+        // The next second, 100 ms in 1.25 s.
+        step(1_500, 50);
+        step(2_250, 50);
+        assert_eq!(busy.share_at(2_250 * MS), 0.08);
+        // A thread with no step for over two seconds is idle, whatever it last was.
+        assert_eq!(busy.share_at(4_000 * MS), 0.08);
+        assert_eq!(busy.share_at(4_300 * MS), 0.0);
+        // Steps longer than their second read as wholly busy, not more.
+        step(7_000, 5_000);
+        assert_eq!(busy.share_at(7_000 * MS), 1.0);
     }
 
     #[test]

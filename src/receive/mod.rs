@@ -291,13 +291,38 @@ pub struct ExportOutcome {
 pub use crate::wall_clock_ns;
 
 /// Sums each resource's requests, calls, exceptions and logs per bucket on the thread that read
-/// them (`canaryd_engine::summary::Summary`), so that the engine's one thread merges a few aggregates a resource instead
-/// of adding every observation. A resource dated past `limit` (the receive clock and the future
-/// skew) is left whole: the engine may refuse part of it, observation by observation.
+/// them (`canaryd_engine::summary::Summary`), so that the engine's one thread merges a few
+/// aggregates a resource instead of adding every observation. A resource dated past `limit` (the
+/// receive clock and the future skew) is left whole: the engine may refuse part of it,
+/// observation by observation.
+///
+/// Done only while the engine's thread is busy (`Intake::sum_where_read`): summing on the
+/// receivers costs more CPU in all than the engine's adding (5-8% of the daemon's on the load
+/// bench, BENCHMARKS.md), and pays only where that one thread is what limits ingest. Either way
+/// the engine decides the same.
 #[derive(Clone, Copy)]
 struct SumWhereRead {
     limit: u64,
     bucket_ns: u64,
+}
+
+/// The engine thread's busy share past which the receivers sum what they read. Half: past it a
+/// batch's wait in the engine's queue grows fast with load (as a single server's does, as the
+/// share over one less the share), and the engine's one thread is what limits ingest; below it,
+/// the adding costs less CPU on the engine's thread than summing does on the receivers'.
+const ENGINE_BUSY_TO_SUM: f64 = 0.5;
+
+trait MaybeSum {
+    fn apply(self, normalized: Normalized) -> Normalized;
+}
+
+impl MaybeSum for Option<SumWhereRead> {
+    fn apply(self, normalized: Normalized) -> Normalized {
+        match self {
+            Some(sum) => sum.apply(normalized),
+            None => normalized,
+        }
+    }
 }
 
 impl SumWhereRead {
@@ -398,10 +423,7 @@ impl Intake {
             .acquire_owned()
             .await
             .map_err(|_| ExportError::ShuttingDown)?;
-        let sum = SumWhereRead {
-            limit: admission.arrived_ns().saturating_add(self.future_skew_ns),
-            bucket_ns: self.bucket_ns,
-        };
+        let sum = self.sum_where_read(admission.arrived_ns());
         let normalized = match work {
             Work::Short => {
                 let normalized = normalize(&self.options).map(|n| sum.apply(n));
@@ -437,6 +459,15 @@ impl Intake {
             Err(e) => self.count_refusal(R::SIGNAL, transport, e),
         }
         result
+    }
+
+    /// Whether this request's resources are summed where they are read: while the engine's
+    /// thread was busy at least `ENGINE_BUSY_TO_SUM` of its last second.
+    fn sum_where_read(&self, arrived_ns: u64) -> Option<SumWhereRead> {
+        (self.stats.engine_busy() >= ENGINE_BUSY_TO_SUM).then(|| SumWhereRead {
+            limit: arrived_ns.saturating_add(self.future_skew_ns),
+            bucket_ns: self.bucket_ns,
+        })
     }
 
     /// Counts a request refused as a whole.
