@@ -504,9 +504,17 @@ impl Gathered {
     }
 
     pub fn add(&mut self, value: f64) {
+        if !value.is_finite() {
+            // As the sketch ignores it.
+            return;
+        }
         match self.bin_of(value) {
             Some(bin) => self.add_at(value, bin),
-            None => self.others.push(value),
+            None => {
+                // Summed here, in the order values came, as the sketch sums them.
+                self.total(value);
+                self.others.push(value);
+            }
         }
     }
 
@@ -531,6 +539,10 @@ impl Gathered {
 
     fn add_at(&mut self, value: f64, bin: i32) {
         self.bins.push(bin);
+        self.total(value);
+    }
+
+    fn total(&mut self, value: f64) {
         self.sum += value;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
@@ -550,12 +562,13 @@ impl Gathered {
                 sketch.positive.add(bin, 1.0, whole);
                 sketch.count += 1.0;
             }
-            sketch.sum = self.sum;
-            sketch.min = self.min;
-            sketch.max = self.max;
             for value in self.others {
                 sketch.add(value);
             }
+            // Every value's, in the order they came, as adding each would have summed them.
+            sketch.sum = self.sum;
+            sketch.min = self.min;
+            sketch.max = self.max;
             return sketch;
         }
         let mut sketch = Sketch::new(self.relative_accuracy);
@@ -578,12 +591,12 @@ impl Gathered {
             Bins::Counts { offset, counts }
         };
         sketch.count = values;
-        sketch.sum = self.sum;
-        sketch.min = self.min;
-        sketch.max = self.max;
         for value in self.others {
             sketch.add(value);
         }
+        sketch.sum = self.sum;
+        sketch.min = self.min;
+        sketch.max = self.max;
         sketch
     }
 }
@@ -1143,6 +1156,7 @@ mod tests {
             values in proptest::collection::vec(
                 proptest::prop_oneof![
                     proptest::strategy::Just(0.0),
+                    proptest::strategy::Just(1e-9),
                     0.5f64..2000.0,
                     proptest::strategy::Strategy::prop_map(-30i32..40, |e| 10f64.powi(e)),
                 ],
