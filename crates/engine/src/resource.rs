@@ -150,23 +150,12 @@ pub struct Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observation::{DownstreamSource, SpanId, TraceId};
+    use crate::observation::{DownstreamSource, TraceId};
     use crate::summary::observation_bytes;
+    use crate::summary::tests::request;
 
     const S: EventTime = 1_000_000_000;
     const T0: EventTime = 1_767_571_200 * S;
-
-    fn request(operation: &Arc<str>, time: EventTime, trace: u8, cohort: Option<&str>) -> RequestObservation {
-        RequestObservation {
-            operation: operation.clone(),
-            time,
-            duration_ns: 2_000_000,
-            error: false,
-            trace_id: TraceId([trace; 16]),
-            span_id: SpanId([1; 8]),
-            cohort: cohort.map(Into::into),
-        }
-    }
 
     fn call(downstream: &Arc<str>, time: EventTime) -> CallObservation {
         CallObservation {

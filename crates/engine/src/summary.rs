@@ -634,11 +634,17 @@ enum Kind {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::observation::SpanId;
 
-    fn request(operation: &Arc<str>, time: EventTime, trace: u8, cohort: Option<&str>) -> RequestObservation {
+    /// A request of 2 ms to `operation` ending at `time`, in trace `[trace; 16]`.
+    pub(crate) fn request(
+        operation: &Arc<str>,
+        time: EventTime,
+        trace: u8,
+        cohort: Option<&str>,
+    ) -> RequestObservation {
         RequestObservation {
             operation: operation.clone(),
             time,
