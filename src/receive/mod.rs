@@ -312,20 +312,15 @@ struct SumWhereRead {
 /// the adding costs less CPU on the engine's thread than summing does on the receivers'.
 const ENGINE_BUSY_TO_SUM: f64 = 0.5;
 
-trait MaybeSum {
-    fn apply(self, normalized: Normalized) -> Normalized;
-}
-
-impl MaybeSum for Option<SumWhereRead> {
-    fn apply(self, normalized: Normalized) -> Normalized {
-        match self {
+impl SumWhereRead {
+    /// `normalized` summed by `sum`, or as it is without one.
+    fn maybe(sum: Option<SumWhereRead>, normalized: Normalized) -> Normalized {
+        match sum {
             Some(sum) => sum.apply(normalized),
             None => normalized,
         }
     }
-}
 
-impl SumWhereRead {
     fn apply(self, mut normalized: Normalized) -> Normalized {
         for resource in &mut normalized.batch.resources {
             if resource.seen.is_some_and(|(_, latest)| latest <= self.limit) {
@@ -426,14 +421,14 @@ impl Intake {
         let sum = self.sum_where_read(admission.arrived_ns());
         let normalized = match work {
             Work::Short => {
-                let normalized = normalize(&self.options).map(|n| sum.apply(n));
+                let normalized = normalize(&self.options).map(|n| SumWhereRead::maybe(sum, n));
                 drop(decoder);
                 normalized
             }
             Work::Long => {
                 let options = self.options.clone();
                 tokio::task::spawn_blocking(move || {
-                    let normalized = normalize(&options).map(|n| sum.apply(n));
+                    let normalized = normalize(&options).map(|n| SumWhereRead::maybe(sum, n));
                     drop(decoder);
                     normalized
                 })
