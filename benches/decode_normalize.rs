@@ -17,6 +17,7 @@ use std::hint::black_box;
 use std::io::{Read, Write};
 
 use canaryd::normalize::{self, NormalizeOptions};
+use canaryd::receive::SHORT_WORK_BYTES;
 use canaryd::testdata::{self, TraceShape};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
@@ -116,6 +117,49 @@ fn bench(c: &mut Criterion) {
     group.bench_function("json_in_place", |b| {
         b.iter(|| normalize::logs_json(black_box(&json), &options).expect("reads"))
     });
+    group.finish();
+
+    short_request_at_most(c, &options);
+}
+
+/// The longest a request read on the async worker that received it (`receive::Work::Short`)
+/// holds that worker: a request of `SHORT_WORK_BYTES` filled with the smallest spans that name
+/// an operation (ids, a name, SERVER, start and end), and one filled with empty spans (each read
+/// up to `max_items_per_request`, 100,000 by default, and the request refused there). Time per request.
+fn short_request_at_most(c: &mut Criterion, options: &NormalizeOptions) {
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
+    let fill = |span: Span| {
+        let mut request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(testdata::resource("prod", "checkout", "v1")),
+                scope_spans: vec![ScopeSpans::default()],
+                ..ResourceSpans::default()
+            }],
+        };
+        let each = span.encoded_len() + 1 + prost::length_delimiter_len(span.encoded_len());
+        let room = SHORT_WORK_BYTES.saturating_sub(request.encoded_len() + 8);
+        request.resource_spans[0].scope_spans[0].spans = vec![span; room / each];
+        let bytes = request.encode_to_vec();
+        assert!(bytes.len() <= SHORT_WORK_BYTES, "{} bytes", bytes.len());
+        (bytes, room / each)
+    };
+    let named = Span {
+        trace_id: vec![7; 16],
+        span_id: vec![9; 8],
+        name: "GET /".into(),
+        kind: span::SpanKind::Server as i32,
+        start_time_unix_nano: testdata::EPOCH_NS,
+        end_time_unix_nano: testdata::EPOCH_NS + 1_000_000,
+        ..Span::default()
+    };
+    let mut group = c.benchmark_group("short_request_at_most");
+    for (name, span) in [("smallest_named_spans", named), ("empty_spans", Span::default())] {
+        let (bytes, spans) = fill(span);
+        eprintln!("{name}: {spans} spans, {} bytes", bytes.len());
+        group.bench_function(name, |b| {
+            b.iter(|| normalize::traces_protobuf(black_box(&bytes[..]), options))
+        });
+    }
     group.finish();
 }
 

@@ -5,7 +5,7 @@
 //! the clock starts, so the sender spends its time sending: `CONCURRENCY` tasks each send one
 //! request, wait for the answer, and send the next, for `SECONDS` per transport. The daemon runs
 //! in its own process, so its CPU seconds (from /proc) give spans per daemon-CPU-second whatever
-//! the generator costs; its peak RSS is reported too.
+//! the generator costs; its peak RSS is reported too, and how often its threads were woken.
 //!
 //! `cargo bench --bench load` measures (environment: `LOAD_SECONDS`, default 10,
 //! `LOAD_CONCURRENCY`, default 8, and `LOAD_TRANSPORTS`, a comma-separated subset of
@@ -38,7 +38,7 @@ mod common;
 /// The daemon's allocator, so that the decode-only reference costs what it would in the daemon.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use common::{cpu_seconds, peak_rss_kib, start_daemon, thread_cpu_seconds};
+use common::{cpu_seconds, peak_rss_kib, start_daemon, thread_cpu_seconds, thread_waits};
 
 /// How to load the daemon.
 #[derive(Clone, Debug)]
@@ -732,6 +732,7 @@ fn measure_daemon(
             gap: None,
         };
         let engine_before = thread_cpu_seconds(pid, "canaryd-engine");
+        let waits_before = (thread_waits(pid, Some("canaryd-engine")), thread_waits(pid, None));
         match runtime.block_on(run(plan.clone())) {
             Ok(report) => {
                 let threads_said = threads.map_or("default".to_owned(), |n| n.to_string());
@@ -743,6 +744,17 @@ fn measure_daemon(
                 println!(
                     "engine thread busy {:.1}% of the run",
                     100.0 * engine_cpu / report.seconds
+                );
+                let per_second = |after: Option<u64>, before: Option<u64>| {
+                    after
+                        .zip(before)
+                        .map_or(0.0, |(a, b)| a.saturating_sub(b) as f64 / report.seconds)
+                };
+                println!(
+                    "threads woken per second: the engine's {:.0}, the daemon's {:.0} ({:.0} requests/s)",
+                    per_second(thread_waits(pid, Some("canaryd-engine")), waits_before.0),
+                    per_second(thread_waits(pid, None), waits_before.1),
+                    report.requests as f64 / report.seconds,
                 );
                 if let Some(cpu) = report.daemon_cpu_seconds.filter(|c| *c > 0.0) {
                     let per_cpu = report.spans as f64 / cpu;

@@ -37,6 +37,27 @@ pub fn thread_cpu_seconds(pid: u32, name: &str) -> Option<f64> {
     })
 }
 
+/// How many times the process's threads named `name` (every thread, for `None`) have been
+/// switched out to wait so far (`voluntary_ctxt_switches`): each is a sleep and a wake-up.
+pub fn thread_waits(pid: u32, name: Option<&str>) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        if let Some(name) = name {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if comm.trim_end() != name {
+                continue;
+            }
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))?;
+        total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// Peak resident set size of a process, in KiB (VmHWM).
 pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -259,15 +259,20 @@ impl OtlpRequest for ExportLogsServiceRequest {
 /// cost the daemon about a tenth of its CPU under load (BENCHMARKS.md, ingest throughput).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Work {
-    /// Protobuf, uncompressed, of at most `SHORT_WORK_BYTES`: read in place at 2.5-3.4 M spans
-    /// a second on one core of the development VM, a third of a millisecond at most.
+    /// Protobuf, uncompressed, of at most `SHORT_WORK_BYTES`: an SDK's export of 512 spans (its
+    /// batch processor's default) of up to a kilobyte each, read in place in a fifth of a
+    /// millisecond on one core of the development VM; at most 0.74 ms for the smallest spans
+    /// that name an operation, and 1.4 ms for empty ones, refused at `max_items_per_request`
+    /// (`benches/decode_normalize.rs`, `short_request_at_most`).
     Short,
     /// Anything else: compressed (inflating costs more than reading), JSON, or larger.
     Long,
 }
 
-/// The largest uncompressed protobuf request read on the async worker that received it.
-pub const SHORT_WORK_BYTES: usize = 256 << 10;
+/// The largest uncompressed protobuf request read on the async worker that received it. At 256
+/// KiB, an SDK's 512 spans of the 600 bytes agents' spans take (307 KB) went to the blocking pool
+/// and cost the daemon 10-17% more CPU a span (BENCHMARKS.md).
+pub const SHORT_WORK_BYTES: usize = 512 << 10;
 
 impl Work {
     pub fn of_protobuf(uncompressed_bytes: usize) -> Work {
