@@ -213,6 +213,8 @@ settings! {
     pipeline_queue: usize,
     /// Milliseconds (0-60000) a receiver waits for room in that queue before answering "unavailable" [default: 5000]
     ingest_wait_ms: u64,
+    /// Share (0-1) of its last second the engine's thread must have been busy for the receivers to sum each resource's observations per second where they read them, taking that work off it. Summing costs more CPU in all than the engine's adding, so it pays only where that one thread limits ingest; 0 sums always, 1 only while the thread is never idle. Past a half, a batch's wait for the engine grows fast with load [default: 0.5]
+    receivers_sum_from_engine_busy: f64,
     /// Seconds (1-3600) each shutdown step may take [default: 10]
     shutdown_grace_secs: u64,
     /// Seconds (1-300) a connection may take to send a request's headers (HTTP listeners) [default: 10]
@@ -357,6 +359,8 @@ pub struct Config {
     pub threads: usize,
     pub pipeline_queue: usize,
     pub ingest_wait: Duration,
+    /// The engine thread's busy share from which the receivers sum what they read.
+    pub receivers_sum_from_engine_busy: f64,
     pub shutdown_grace: Duration,
     pub http_timeouts: HttpTimeouts,
     /// The base of approval links; unset, the daemon uses `http://` and the address it bound.
@@ -799,6 +803,14 @@ impl Config {
                 set(raw.ingest_wait_ms, "ingest_wait_ms")?,
                 0..=60_000,
             )?),
+            receivers_sum_from_engine_busy: within(
+                "receivers_sum_from_engine_busy",
+                set(
+                    raw.receivers_sum_from_engine_busy,
+                    "receivers_sum_from_engine_busy",
+                )?,
+                0.0..=1.0,
+            )?,
             // At least a second: with none, every stop would time out each step, skipping the
             // engine's last flush.
             shutdown_grace: Duration::from_secs(within(
@@ -1017,14 +1029,26 @@ mod tests {
             message.contains("ingest_wait_ms") && message.contains("3600000"),
             "{message}"
         );
+        for share in [-0.1, 1.5, f64::NAN] {
+            let message = refused(RawConfig {
+                receivers_sum_from_engine_busy: Some(share),
+                ..RawConfig::default()
+            });
+            assert!(
+                message.contains("receivers_sum_from_engine_busy") && message.contains("between 0 and 1"),
+                "{message}"
+            );
+        }
         let config = Config::resolve(RawConfig {
             shutdown_grace_secs: Some(1),
             ingest_wait_ms: Some(0),
+            receivers_sum_from_engine_busy: Some(0.0),
             ..RawConfig::default()
         })
         .expect("the edges are valid");
         assert_eq!(config.shutdown_grace, Duration::from_secs(1));
         assert_eq!(config.ingest_wait, Duration::ZERO);
+        assert_eq!(config.receivers_sum_from_engine_busy, 0.0);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::act::delivery::Dispatcher;
 use crate::config::{Config, HttpTimeouts};
 use crate::engine;
 use crate::events::feed::EventFeed;
-use crate::receive::{self, Intake};
+use crate::receive::{self, Intake, Summing};
 use crate::serve::watch::Watch;
 use crate::serve::{self, ApiState};
 use crate::stats::Stats;
@@ -380,7 +380,10 @@ impl Daemon {
             engine.clone(),
             (
                 config.engine.windows.future_skew_ns,
-                config.engine.windows.bucket_ns,
+                Summing {
+                    bucket_ns: config.engine.windows.bucket_ns,
+                    from_engine_busy: config.receivers_sum_from_engine_busy,
+                },
             ),
             stats.clone(),
             config.max_message_bytes,

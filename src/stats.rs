@@ -80,6 +80,9 @@ pub struct Stats {
     series_keys_forgotten: Counter,
     capped: Family<Labels2, Counter>,
     pub batches_ingested: Counter,
+    /// Resources the receivers summed where they read them (`receive::Intake`).
+    pub resources_summed: Counter,
+    engine_busy_ratio: Gauge<f64, AtomicU64>,
     pub queue_depth: Gauge,
     /// Closed windows the engine has yet to learn from (its learning waits for idle moments).
     pub unlearned_windows: Gauge,
@@ -232,6 +235,19 @@ impl Stats {
             "canaryd_engine_batches",
             "Batches the engine has ingested",
             batches_ingested.clone(),
+        );
+        let resources_summed = Counter::default();
+        registry.register(
+            "canaryd_otlp_resources_summed",
+            "Resources the receivers summed per second where they read them, taking that work off the engine's \
+             thread while it was busy (receivers_sum_from_engine_busy); the others the engine adds one by one",
+            resources_summed.clone(),
+        );
+        let engine_busy_ratio = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "canaryd_engine_busy_ratio",
+            "Share of its last whole second the engine's thread spent in steps (0 to 1)",
+            engine_busy_ratio.clone(),
         );
         let queue_depth = Gauge::default();
         registry.register(
@@ -503,6 +519,8 @@ impl Stats {
             series_keys_forgotten,
             capped,
             batches_ingested,
+            resources_summed,
+            engine_busy_ratio,
             queue_depth,
             unlearned_windows,
             apps_tracked,
@@ -612,7 +630,6 @@ impl Stats {
         self.engine_busy.share()
     }
 
-    /// How long a request waited for its ingest slot.
     /// An OTLP request over `transport`, accepted in whole or part, answered `took` after it
     /// arrived.
     pub fn otlp_request(&self, transport: Transport, took: std::time::Duration) {
@@ -621,6 +638,7 @@ impl Stats {
             .observe(took.as_secs_f64());
     }
 
+    /// How long a request waited for its ingest slot.
     pub fn ingest_slot_wait(&self, waited: std::time::Duration) {
         self.ingest_slot_wait_seconds.observe(waited.as_secs_f64());
     }
@@ -701,6 +719,7 @@ impl Stats {
 
     /// Everything above and `more` (metrics made for this scrape), in the OpenMetrics text format.
     pub fn render_openmetrics_with(&self, more: &Registry) -> String {
+        self.engine_busy_ratio.set(self.engine_busy());
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = encode_registry(&mut text, &self.registry);
@@ -809,6 +828,15 @@ mod tests {
         // Steps longer than their second read as wholly busy, not more.
         step(7_000, 5_000);
         assert_eq!(busy.share_at(7_000 * MS), 1.0);
+
+        // On /metrics, as read at the scrape.
+        let stats = Stats::new();
+        stats.engine_busy.step_at(0, std::time::Duration::ZERO);
+        stats
+            .engine_busy
+            .step_at(1_000 * MS, std::time::Duration::from_millis(250));
+        let text = stats.render_prometheus();
+        assert!(text.contains("\ncanaryd_engine_busy_ratio 0.25\n"), "{text}");
     }
 
     #[test]

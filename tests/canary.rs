@@ -536,3 +536,78 @@ async fn a_cohort_whose_calls_vanish_is_caught_from_client_spans_in_its_traces()
     );
     daemon.stop().await.expect("clean stop");
 }
+
+/// Receivers that sum each resource where they read it (while the engine's thread is busy, as on
+/// many cores) leave the daemon judging and learning as the engine's adding of each observation
+/// does: the same traffic into a daemon that always sums and one that does not gives the same
+/// analysis, events and baselines.
+#[tokio::test]
+async fn summed_where_read_or_added_by_the_engine_a_canary_is_judged_alike() {
+    let always = TestDaemon::start_with(|raw| raw.receivers_sum_from_engine_busy = Some(0.0)).await;
+    // Sums only while its engine's thread is never idle, which waiting for each export keeps it.
+    let seldom = TestDaemon::start_with(|raw| raw.receivers_sum_from_engine_busy = Some(1.0)).await;
+    let mut seen = Vec::new();
+    for daemon in [&always, &seldom] {
+        let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+            .await
+            .expect("connect");
+        traces
+            .export(support::canary_traffic(0, 2, 1000))
+            .await
+            .expect("export");
+        eventually("shop is catalogued", || async {
+            find_app(&daemon.apps().await, "prod", "shop")
+                .map(|_| ())
+                .ok_or_else(|| "not yet".to_owned())
+        })
+        .await;
+        let response = daemon
+            .http
+            .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
+            .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(response.status().as_u16(), 200);
+        // Two minutes of both versions, the canary failing one request in 25.
+        let chunks = 12;
+        for chunk in 0..chunks {
+            traces
+                .export(support::canary_traffic(2 + chunk * 10, 10, 25))
+                .await
+                .expect("export");
+        }
+        let batches = (chunks + 1) as f64;
+        eventually("every batch applied and every window learned", || async {
+            let text = daemon.metrics_text().await;
+            let applied = support::sample(&text, "canaryd_engine_batches_total");
+            let unlearned = support::sample(&text, "canaryd_engine_unlearned_windows");
+            match (applied, unlearned) {
+                (Some(a), Some(u)) if a == batches && u == 0.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
+        let events: Vec<serde_json::Value> = daemon.get_json("/api/v1/events?app=shop").await["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| serde_json::json!([e["type"], e["data"]]))
+            .collect();
+        let baseline = daemon
+            .get_json("/api/v1/apps/shop/baseline?env=prod&version=1.0.0")
+            .await;
+        seen.push((canary, events, baseline));
+    }
+    let summed = always.metric("canaryd_otlp_resources_summed_total").await;
+    assert!(
+        summed >= 24.0,
+        "both versions' resources of each export: {summed}"
+    );
+    let (a, b) = (&seen[0], &seen[1]);
+    assert_eq!(a.0["state"], "failing", "{}", a.0);
+    assert_eq!(a.0, b.0, "the analysis");
+    assert_eq!(a.1, b.1, "the events");
+    assert_eq!(a.2, b.2, "the stable's baseline");
+}

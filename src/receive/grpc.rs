@@ -31,7 +31,8 @@ use crate::stats::Transport;
 /// The gRPC path of the three OTLP `Export`s: tonic frames and decompresses the message and hands
 /// over its bytes undecoded, so that the request takes its slot of the ingest memory budget before
 /// its body is read, its items are counted before anything is decoded, and it is decoded (traces:
-/// read in place) on a blocking thread, not on the async workers (`OtlpRequest::normalize_protobuf`).
+/// read in place) where `receive::Work` says: on the worker that received it when short, on a
+/// blocking thread otherwise (`OtlpRequest::normalize_protobuf`).
 struct RawExport<R> {
     intake: Arc<Intake>,
     limit: usize,

@@ -311,12 +311,6 @@ struct SumWhereRead {
     bucket_ns: u64,
 }
 
-/// The engine thread's busy share past which the receivers sum what they read. Half: past it a
-/// batch's wait in the engine's queue grows fast with load (as a single server's does, as the
-/// share over one less the share), and the engine's one thread is what limits ingest; below it,
-/// the adding costs less CPU on the engine's thread than summing does on the receivers'.
-const ENGINE_BUSY_TO_SUM: f64 = 0.5;
-
 impl SumWhereRead {
     /// `normalized` summed by `sum`, or as it is without one.
     fn maybe(sum: Option<SumWhereRead>, normalized: Normalized) -> Normalized {
@@ -351,17 +345,30 @@ pub struct Intake {
     wait: std::time::Duration,
     /// How far ahead of the receive clock (and the app's event time) data may be dated.
     future_skew_ns: u64,
-    /// The engine's bucket width, at which each resource is summed where it was read.
-    bucket_ns: u64,
+    /// When and at what width each resource is summed where it was read.
+    summing: Summing,
     stats: Arc<Stats>,
     max_message_bytes: usize,
+}
+
+/// When the receivers sum what they read (`SumWhereRead`), and at what width.
+#[derive(Clone, Copy, Debug)]
+pub struct Summing {
+    /// The engine's bucket width.
+    pub bucket_ns: u64,
+    /// The engine thread's busy share over its last second from which the receivers sum
+    /// (`Config::receivers_sum_from_engine_busy`, a half by default: past it a batch's wait in
+    /// the engine's queue grows fast with load, as a single server's does, as the share over one
+    /// less the share, and that one thread is what limits ingest; below it, the adding costs less
+    /// CPU on the engine's thread than summing does on the receivers').
+    pub from_engine_busy: f64,
 }
 
 impl Intake {
     pub fn new(
         options: NormalizeOptions,
         engine: EngineHandle,
-        (future_skew_ns, bucket_ns): (u64, u64),
+        (future_skew_ns, summing): (u64, Summing),
         stats: Arc<Stats>,
         max_message_bytes: usize,
         (in_flight, wait): (usize, std::time::Duration),
@@ -375,7 +382,7 @@ impl Intake {
             decoders: Arc::new(tokio::sync::Semaphore::new(decoders.max(1))),
             wait,
             future_skew_ns,
-            bucket_ns,
+            summing,
             stats,
             max_message_bytes,
         }
@@ -424,6 +431,7 @@ impl Intake {
             .await
             .map_err(|_| ExportError::ShuttingDown)?;
         let sum = self.sum_where_read(admission.arrived_ns());
+        let summing = sum.is_some();
         let normalized = match work {
             Work::Short => {
                 let normalized = normalize(&self.options).map(|n| SumWhereRead::maybe(sum, n));
@@ -442,6 +450,10 @@ impl Intake {
                 .and_then(|r| r)
             }
         };
+        if let (true, Ok(n)) = (summing, &normalized) {
+            let summed = n.batch.resources.iter().filter(|r| r.summary.is_some()).count();
+            self.stats.resources_summed.inc_by(summed as u64);
+        }
         let arrived_ns = admission.arrived_ns();
         let result = match normalized {
             Ok(n) => self.submit(n, R::SIGNAL, admission).await,
@@ -462,11 +474,11 @@ impl Intake {
     }
 
     /// Whether this request's resources are summed where they are read: while the engine's
-    /// thread was busy at least `ENGINE_BUSY_TO_SUM` of its last second.
+    /// thread was busy at least `Summing::from_engine_busy` of its last second.
     fn sum_where_read(&self, arrived_ns: u64) -> Option<SumWhereRead> {
-        (self.stats.engine_busy() >= ENGINE_BUSY_TO_SUM).then(|| SumWhereRead {
+        (self.stats.engine_busy() >= self.summing.from_engine_busy).then(|| SumWhereRead {
             limit: arrived_ns.saturating_add(self.future_skew_ns),
-            bucket_ns: self.bucket_ns,
+            bucket_ns: self.summing.bucket_ns,
         })
     }
 
