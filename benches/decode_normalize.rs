@@ -68,6 +68,24 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
+    // The same request with what agents' instrumentations record (about 600 bytes a span, the
+    // load bench's `LOAD_DETAIL=sdk`).
+    let sdk_shape = TraceShape {
+        detail: testdata::SpanDetail::Sdk,
+        ..TraceShape::default()
+    };
+    let sdk = testdata::trace_request(&sdk_shape, 1).encode_to_vec();
+    eprintln!("600-byte spans: {} bytes a request", sdk.len());
+    let mut group = c.benchmark_group("otlp_traces_512x10_sdk");
+    group.throughput(Throughput::Elements(sdk_shape.spans as u64));
+    group.bench_function("decode", |b| {
+        b.iter(|| ExportTraceServiceRequest::decode(black_box(&sdk[..])).expect("decodes"))
+    });
+    group.bench_function("normalize_in_place", |b| {
+        b.iter(|| normalize::traces_protobuf(black_box(&sdk[..]), &options).expect("decodes"))
+    });
+    group.finish();
+
     let metrics_request = testdata::sdk_metrics_request(1, testdata::EPOCH_NS);
     let metrics = metrics_request.encode_to_vec();
     let points = normalize::metrics_protobuf(&metrics, &options)
