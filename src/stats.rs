@@ -8,10 +8,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use canaryd_engine::{Cap, IngestReport};
@@ -28,6 +29,8 @@ pub enum Signal {
 }
 
 impl Signal {
+    pub const ALL: [Signal; 3] = [Signal::Traces, Signal::Metrics, Signal::Logs];
+
     pub fn name(self) -> &'static str {
         match self {
             Signal::Traces => "traces",
@@ -53,11 +56,86 @@ pub enum Transport {
 }
 
 impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::Grpc, Transport::Http];
+
     pub fn name(self) -> &'static str {
         match self {
             Transport::Grpc => "grpc",
             Transport::Http => "http",
         }
+    }
+}
+
+/// A histogram every thread observes into with atomic adds alone. prometheus-client's own takes a
+/// write lock for each observation, and every OTLP request observes two (its slot's wait, its time
+/// here): one lock all connections would take in turn (issue 16, item 5).
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    inner: std::sync::Arc<HistogramInner>,
+}
+
+#[derive(Debug)]
+struct HistogramInner {
+    /// Upper bounds, ascending; the last is +Inf.
+    bounds: Box<[f64]>,
+    /// Observations in each bucket alone (not cumulative).
+    counts: Box<[AtomicU64]>,
+    /// The sum of the observations, as an f64's bits.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// Buckets up to each of `bounds` (ascending), and one more past the last.
+    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Histogram {
+        let bounds: Box<[f64]> = bounds.into_iter().chain([f64::MAX]).collect();
+        let counts = bounds.iter().map(|_| AtomicU64::new(0)).collect();
+        Histogram {
+            inner: std::sync::Arc::new(HistogramInner {
+                bounds,
+                counts,
+                sum: AtomicU64::new(0f64.to_bits()),
+            }),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        let inner = &*self.inner;
+        let last = inner.counts.len() - 1;
+        // NaN is under no bound: counted past them all, so that the count is the buckets'.
+        let bucket = if value.is_nan() {
+            last
+        } else {
+            inner.bounds.partition_point(|upper| *upper < value).min(last)
+        };
+        inner.counts[bucket].fetch_add(1, Relaxed);
+        let _ = inner.sum.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + value).to_bits())
+        });
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let inner = &*self.inner;
+        let buckets: Vec<(f64, u64)> = inner
+            .bounds
+            .iter()
+            .zip(inner.counts.iter())
+            .map(|(upper, count)| (*upper, count.load(Relaxed)))
+            .collect();
+        // The count is the buckets' own, so that it equals the +Inf bucket whatever is observed
+        // meanwhile; the sum may be one observation ahead or behind.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = f64::from_bits(inner.sum.load(Relaxed));
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 
@@ -70,12 +148,16 @@ type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels3 = [(&'static str, &'static str); 3];
 
-/// All of the daemon's own metrics.
+/// All of the daemon's own metrics. What each accepted OTLP request counts in is resolved once
+/// (`accepted`, `otlp_request_by`), so that the receivers touch atomics only: a family's lookup
+/// takes its lock (shared, but one lock for all connections).
 pub struct Stats {
     registry: Registry,
     requests: Family<Labels3, Counter>,
-    accepted_items: Family<Labels2, Counter>,
-    rejected_items: Family<Labels2, Counter>,
+    /// By signal and transport.
+    accepted: [[Accepted; 2]; 3],
+    /// `otlp_request_seconds` by transport.
+    otlp_request_by: [Histogram; 2],
     truncated_values: Counter,
     series_keys_forgotten: Counter,
     capped: Family<Labels2, Counter>,
@@ -116,13 +198,20 @@ pub struct Stats {
     engine_step_seconds: Family<Labels1, Histogram, fn() -> Histogram>,
     engine_queue_wait_seconds: Histogram,
     ingest_slot_wait_seconds: Histogram,
-    otlp_request_seconds: Family<Labels1, Histogram, fn() -> Histogram>,
     /// Decided-at times dropped at their cap before their first delivery attempt.
     pub act_timings_dropped: Counter,
     pub outbox_depth: Gauge,
     pub parked: Gauge,
     /// The engine thread's busy share over its last whole second (`time_step`).
     engine_busy: EngineBusy,
+}
+
+/// The counters an accepted request of one signal and transport counts in.
+struct Accepted {
+    ok: Counter,
+    partial: Counter,
+    items: Counter,
+    rejected_items: Counter,
 }
 
 /// How busy the engine's thread was over its last whole second of steps, kept by that thread
@@ -499,22 +588,37 @@ impl Stats {
         build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
-        // Make every series exist from the start, so that rates and alerts see zeros, not gaps.
-        for signal in [Signal::Traces, Signal::Metrics, Signal::Logs] {
-            for transport in [Transport::Grpc, Transport::Http] {
+        // Every series an accepted request counts in exists from the start, so that rates and
+        // alerts see zeros, not gaps; its handles are kept (`Accepted`).
+        let accepted = Signal::ALL.map(|signal| {
+            Transport::ALL.map(|transport| {
                 let labels = item_labels(signal, transport);
-                accepted_items.get_or_create(&labels).inc_by(0);
-                rejected_items.get_or_create(&labels).inc_by(0);
-            }
-        }
+                let outcome = |outcome| {
+                    requests
+                        .get_or_create(&[labels[0], labels[1], ("outcome", outcome)])
+                        .clone()
+                };
+                Accepted {
+                    ok: outcome("ok"),
+                    partial: outcome("partial"),
+                    items: accepted_items.get_or_create(&labels).clone(),
+                    rejected_items: rejected_items.get_or_create(&labels).clone(),
+                }
+            })
+        });
+        let otlp_request_by = Transport::ALL.map(|t| {
+            otlp_request_seconds
+                .get_or_create(&[("transport", t.name())])
+                .clone()
+        });
         for cap in Cap::ALL {
             capped.get_or_create(&cap_labels(cap)).inc_by(0);
         }
         Stats {
             registry,
             requests,
-            accepted_items,
-            rejected_items,
+            accepted,
+            otlp_request_by,
             truncated_values,
             series_keys_forgotten,
             capped,
@@ -551,7 +655,6 @@ impl Stats {
             engine_step_seconds,
             engine_queue_wait_seconds,
             ingest_slot_wait_seconds,
-            otlp_request_seconds,
             act_timings_dropped,
             outbox_depth,
             parked,
@@ -633,9 +736,7 @@ impl Stats {
     /// An OTLP request over `transport`, accepted in whole or part, answered `took` after it
     /// arrived.
     pub fn otlp_request(&self, transport: Transport, took: std::time::Duration) {
-        self.otlp_request_seconds
-            .get_or_create(&[("transport", transport.name())])
-            .observe(took.as_secs_f64());
+        self.otlp_request_by[transport as usize].observe(took.as_secs_f64());
     }
 
     /// How long a request waited for its ingest slot.
@@ -674,12 +775,20 @@ impl Stats {
         accepted: u64,
         rejected: u64,
     ) {
-        let labels = item_labels(signal, transport);
-        self.requests
-            .get_or_create(&[labels[0], labels[1], ("outcome", outcome)])
-            .inc();
-        self.accepted_items.get_or_create(&labels).inc_by(accepted);
-        self.rejected_items.get_or_create(&labels).inc_by(rejected);
+        let counters = &self.accepted[signal as usize][transport as usize];
+        match outcome {
+            "ok" => counters.ok.inc(),
+            "partial" => counters.partial.inc(),
+            // A refusal: its outcome's series is made at its first.
+            _ => {
+                let labels = item_labels(signal, transport);
+                self.requests
+                    .get_or_create(&[labels[0], labels[1], ("outcome", outcome)])
+                    .inc()
+            }
+        };
+        counters.items.inc_by(accepted);
+        counters.rejected_items.inc_by(rejected);
     }
 
     /// Counts what ingesting one batch did.
@@ -803,6 +912,65 @@ mod tests {
         );
         assert!(text.contains("canaryd_otlp_accepted_items_total{signal=\"logs\",transport=\"http\"} 0"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn accepted_requests_count_in_their_own_series() {
+        // The handles are indexed by discriminant, in the order `ALL` lists.
+        assert!(Signal::ALL.iter().enumerate().all(|(i, s)| *s as usize == i));
+        assert!(Transport::ALL.iter().enumerate().all(|(i, t)| *t as usize == i));
+        let stats = Stats::new();
+        stats.export(Signal::Logs, Transport::Http, "partial", 5, 2);
+        stats.export(Signal::Metrics, Transport::Grpc, "ok", 7, 0);
+        stats.export(Signal::Metrics, Transport::Grpc, "busy", 0, 0);
+        stats.otlp_request(Transport::Http, std::time::Duration::from_millis(3));
+        let text = stats.render_prometheus();
+        for line in [
+            "canaryd_otlp_requests_total{signal=\"logs\",transport=\"http\",outcome=\"partial\"} 1",
+            "canaryd_otlp_requests_total{signal=\"logs\",transport=\"http\",outcome=\"ok\"} 0",
+            "canaryd_otlp_rejected_items_total{signal=\"logs\",transport=\"http\"} 2",
+            "canaryd_otlp_accepted_items_total{signal=\"metrics\",transport=\"grpc\"} 7",
+            "canaryd_otlp_requests_total{signal=\"metrics\",transport=\"grpc\",outcome=\"busy\"} 1",
+            "canaryd_otlp_request_seconds_count{transport=\"http\"} 1",
+            "canaryd_otlp_request_seconds_bucket{le=\"0.005\",transport=\"http\"} 1",
+            "canaryd_otlp_request_seconds_bucket{le=\"0.0025\",transport=\"http\"} 0",
+            "canaryd_otlp_request_seconds_count{transport=\"grpc\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_histogram_counts_each_value_in_the_first_bucket_that_holds_it() {
+        let histogram = Histogram::new([1.0, 2.0]);
+        for value in [0.5, 1.0, 1.5, 2.5, f64::NAN] {
+            histogram.observe(value);
+        }
+        let mut registry = Registry::default();
+        registry.register("h", "h", histogram.clone());
+        let mut text = String::new();
+        encode_registry(&mut text, &registry).expect("encodes");
+        for line in [
+            "h_bucket{le=\"1.0\"} 2",
+            "h_bucket{le=\"2.0\"} 3",
+            "h_bucket{le=\"+Inf\"} 5",
+            "h_count 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // Observed from many threads at once, nothing is lost.
+        let histogram = Histogram::new([1.0]);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| (0..10_000).for_each(|_| histogram.observe(0.5)));
+            }
+        });
+        let mut registry = Registry::default();
+        registry.register("h", "h", histogram);
+        let mut text = String::new();
+        encode_registry(&mut text, &registry).expect("encodes");
+        assert!(text.lines().any(|l| l == "h_sum 20000.0"), "{text}");
+        assert!(text.lines().any(|l| l == "h_count 40000"), "{text}");
     }
 
     #[test]
