@@ -5,6 +5,9 @@
 //! live; the cost per observation includes windowing, features and baseline learning. Before
 //! measuring, it prints the engine's baselines and their bytes in memory after an hour of such
 //! traffic, which is where BENCHMARKS.md's memory-per-series figure comes from.
+//! `merge_summed_minute_after_an_hour` is the same minute with each resource summed per second
+//! first (`ResourceObservations::summarize`, as the receivers do while the engine's thread is
+//! busy): the engine's thread's cost when it merges rather than adds.
 
 use std::hint::black_box;
 
@@ -66,6 +69,26 @@ fn bench(c: &mut Criterion) {
             || warm_clone(&hour),
             |mut engine| {
                 for (batch, _) in &minute {
+                    black_box(engine.ingest(batch));
+                }
+                engine
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The same minute summed per second on the receiving threads first, as the receivers do
+    // while the engine's thread is busy: what merging the summaries costs that thread.
+    let mut summed = minute.clone();
+    for (batch, _) in &mut summed {
+        for resource in &mut batch.resources {
+            resource.summarize(1_000_000_000);
+        }
+    }
+    group.bench_function("merge_summed_minute_after_an_hour", |b| {
+        b.iter_batched(
+            || warm_clone(&hour),
+            |mut engine| {
+                for (batch, _) in &summed {
                     black_box(engine.ingest(batch));
                 }
                 engine
