@@ -544,7 +544,8 @@ async fn a_cohort_whose_calls_vanish_is_caught_from_client_spans_in_its_traces()
 #[tokio::test]
 async fn summed_where_read_or_added_by_the_engine_a_canary_is_judged_alike() {
     let always = TestDaemon::start_with(|raw| raw.receivers_sum_from_engine_busy = Some(0.0)).await;
-    // Sums only while its engine's thread is never idle, which waiting for each export keeps it.
+    // Sums only while its engine's thread is never idle; waiting for each export's answer leaves
+    // it idle between them.
     let seldom = TestDaemon::start_with(|raw| raw.receivers_sum_from_engine_busy = Some(1.0)).await;
     let mut seen = Vec::new();
     for daemon in [&always, &seldom] {
@@ -588,6 +589,11 @@ async fn summed_where_read_or_added_by_the_engine_a_canary_is_judged_alike() {
             }
         })
         .await;
+        // The baseline first: reading it learns what the app's closed windows still wait to
+        // teach, and any event that learning raises is then in the events read after it.
+        let baseline = daemon
+            .get_json("/api/v1/apps/shop/baseline?env=prod&version=1.0.0")
+            .await;
         let canary = daemon.get_json("/api/v1/apps/shop/canary?env=prod").await;
         let events: Vec<serde_json::Value> = daemon.get_json("/api/v1/events?app=shop").await["events"]
             .as_array()
@@ -595,9 +601,6 @@ async fn summed_where_read_or_added_by_the_engine_a_canary_is_judged_alike() {
             .iter()
             .map(|e| serde_json::json!([e["type"], e["data"]]))
             .collect();
-        let baseline = daemon
-            .get_json("/api/v1/apps/shop/baseline?env=prod&version=1.0.0")
-            .await;
         seen.push((canary, events, baseline));
     }
     let summed = always.metric("canaryd_otlp_resources_summed_total").await;
