@@ -166,27 +166,7 @@ async fn a_declared_rollout_is_analysed_and_shown() {
 #[tokio::test]
 async fn a_failed_canary_without_traffic_is_rolled_back_with_an_event() {
     let daemon = TestDaemon::start().await;
-    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
-        .await
-        .expect("connect");
-    traces
-        .export(support::canary_traffic(0, 2, 1000))
-        .await
-        .expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
-    let response = daemon
-        .http
-        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
-        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
-        .send()
-        .await
-        .expect("PUT");
-    assert_eq!(response.status().as_u16(), 200);
+    let mut traces = support::shop_rollout_declared(&daemon, None).await;
     for chunk in 0..6 {
         traces
             .export(support::canary_traffic(2 + chunk * 10, 10, 2))
@@ -236,28 +216,7 @@ async fn a_failed_canary_without_traffic_is_rolled_back_with_an_event() {
 #[tokio::test]
 async fn an_operator_pauses_resumes_aborts_and_promotes_with_an_event_each() {
     let daemon = TestDaemon::start_with(|raw| raw.api_token = Some("admin-token".into())).await;
-    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
-        .await
-        .expect("connect");
-    traces
-        .export(support::canary_traffic(0, 2, 1000))
-        .await
-        .expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
-    let response = daemon
-        .http
-        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
-        .bearer_auth("admin-token")
-        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
-        .send()
-        .await
-        .expect("PUT");
-    assert_eq!(response.status().as_u16(), 200);
+    let mut traces = support::shop_rollout_declared(&daemon, Some("admin-token")).await;
     let operate = |operation: &str, token: Option<&str>| {
         let mut request = daemon
             .http
@@ -549,27 +508,7 @@ async fn summed_where_read_or_added_by_the_engine_a_canary_is_judged_alike() {
     let seldom = TestDaemon::start_with(|raw| raw.receivers_sum_from_engine_busy = Some(1.0)).await;
     let mut seen = Vec::new();
     for daemon in [&always, &seldom] {
-        let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
-            .await
-            .expect("connect");
-        traces
-            .export(support::canary_traffic(0, 2, 1000))
-            .await
-            .expect("export");
-        eventually("shop is catalogued", || async {
-            find_app(&daemon.apps().await, "prod", "shop")
-                .map(|_| ())
-                .ok_or_else(|| "not yet".to_owned())
-        })
-        .await;
-        let response = daemon
-            .http
-            .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
-            .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
-            .send()
-            .await
-            .expect("PUT");
-        assert_eq!(response.status().as_u16(), 200);
+        let mut traces = support::shop_rollout_declared(daemon, None).await;
         // Two minutes of both versions, the canary failing one request in 25.
         let chunks = 12;
         for chunk in 0..chunks {

@@ -2003,27 +2003,7 @@ async fn issue_15_a_stuck_delivery_does_not_hold_back_a_later_canary_failed() {
     let id = created["id"].as_str().expect("id").to_owned();
 
     // shop 1.0.0 and 2.0.0 are seen, the rollout is declared: canary.started.
-    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
-        .await
-        .expect("connect");
-    traces
-        .export(support::canary_traffic(0, 2, 1000))
-        .await
-        .expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
-    let response = daemon
-        .http
-        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
-        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
-        .send()
-        .await
-        .expect("PUT");
-    assert_eq!(response.status(), 200);
+    let mut traces = support::shop_rollout_declared(&daemon, None).await;
     let started = event_ids_of(&daemon, "canaryd.canary.started").await;
     let started = started[0].as_str();
     eventually("canary.started refused", || async {

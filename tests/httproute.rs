@@ -682,30 +682,7 @@ async fn a_move_only_some_levers_applied_is_an_alert() {
             .expect("POST");
         assert_eq!(response.status(), 201, "{kind}");
     }
-    let mut traces =
-        opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient::connect(
-            daemon.grpc_endpoint(),
-        )
-        .await
-        .expect("connect");
-    traces
-        .export(support::canary_traffic(0, 2, 1000))
-        .await
-        .expect("export");
-    eventually("shop is catalogued", || async {
-        support::find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
-    let declared = daemon
-        .http
-        .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
-        .json(&json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
-        .send()
-        .await
-        .expect("PUT");
-    assert_eq!(declared.status(), 200);
+    let mut traces = support::shop_rollout_declared(&daemon, None).await;
     for chunk in 0..6 {
         traces
             .export(support::canary_traffic(2 + chunk * 10, 10, 2))

@@ -377,6 +377,39 @@ pub fn canary_traffic(start_s: u64, seconds: u64, canary_error_every: u64) -> Ex
     }
 }
 
+/// A trace exporter to `daemon` after it has seen two seconds of both shop versions
+/// (`canary_traffic`) and a rollout of 1.0.0 to 2.0.0 was declared, with `token` when given: the
+/// start of every canary scenario, which sends its own traffic on through the exporter.
+pub async fn shop_rollout_declared(
+    daemon: &TestDaemon,
+    token: Option<&str>,
+) -> opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient<
+    tonic::transport::Channel,
+> {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
+        .await
+        .expect("connect");
+    traces.export(canary_traffic(0, 2, 1000)).await.expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let mut declare = daemon.http.put(daemon.api("/api/v1/apps/shop/rollout?env=prod"));
+    if let Some(token) = token {
+        declare = declare.bearer_auth(token);
+    }
+    let response = declare
+        .json(&serde_json::json!({"stable_version": "1.0.0", "canary_version": "2.0.0"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status().as_u16(), 200);
+    traces
+}
+
 /// Settings for a daemon that reads its models from `models`, keeps its data in `data` when given
 /// (so that a second daemon started with them resumes where the first stopped), and takes
 /// `token` as its admin token.
