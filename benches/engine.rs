@@ -64,18 +64,6 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
     group.throughput(Throughput::Elements(observations));
     group.sample_size(20);
-    group.bench_function("ingest_minute_after_an_hour", |b| {
-        b.iter_batched(
-            || warm_clone(&hour),
-            |mut engine| {
-                for (batch, _) in &minute {
-                    black_box(engine.ingest(batch));
-                }
-                engine
-            },
-            BatchSize::PerIteration,
-        )
-    });
     // The same minute summed per second on the receiving threads first, as the receivers do
     // while the engine's thread is busy: what merging the summaries costs that thread.
     let mut summed = minute.clone();
@@ -84,18 +72,23 @@ fn bench(c: &mut Criterion) {
             resource.summarize(1_000_000_000);
         }
     }
-    group.bench_function("merge_summed_minute_after_an_hour", |b| {
-        b.iter_batched(
-            || warm_clone(&hour),
-            |mut engine| {
-                for (batch, _) in &summed {
-                    black_box(engine.ingest(batch));
-                }
-                engine
-            },
-            BatchSize::PerIteration,
-        )
-    });
+    for (name, batches) in [
+        ("ingest_minute_after_an_hour", &minute),
+        ("merge_summed_minute_after_an_hour", &summed),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || warm_clone(&hour),
+                |mut engine| {
+                    for (batch, _) in batches {
+                        black_box(engine.ingest(batch));
+                    }
+                    engine
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
     group.finish();
 }
 

@@ -333,11 +333,7 @@ fn span_detail() -> testdata::SpanDetail {
 /// `LOAD_SERVICES`: the services each request's spans come from, 8 by default (as a collector's
 /// export mixes them); 1 is an SDK's own export, all 512 spans of one service.
 fn services() -> usize {
-    std::env::var("LOAD_SERVICES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| (1..=512).contains(n))
-        .unwrap_or(8)
+    common::env_number("LOAD_SERVICES", 1..=512, 8)
 }
 
 /// The requests to send, encoded.

@@ -39,23 +39,14 @@ const STEP_SECS: u64 = 5;
 
 /// The daemon's flush interval (`SERIES_FLUSH_SECS`, 1 s by default).
 fn flush_secs() -> u64 {
-    std::env::var("SERIES_FLUSH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|s| *s >= 1)
-        .unwrap_or(1)
+    common::env_number("SERIES_FLUSH_SECS", 1.., 1)
 }
 
 /// Exports per group (`SERIES_EVENT_SECS` of event time, 140 by default: two windows closed).
 /// An analysis keeps its history for the model's longest window (600 s by default), so its
 /// steady state needs at least that much: `SERIES_EVENT_SECS=700`.
 fn steps() -> u64 {
-    let secs = std::env::var("SERIES_EVENT_SECS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|s| *s >= 2 * STEP_SECS)
-        .unwrap_or(140);
-    secs / STEP_SECS
+    common::env_number("SERIES_EVENT_SECS", 2 * STEP_SECS.., 140) / STEP_SECS
 }
 
 struct Daemon {
@@ -115,11 +106,7 @@ async fn metric(client: &reqwest::Client, daemon: &Daemon, series: &str) -> anyh
 /// analysis (its worst case, the judge's history and evidence beside the baselines); with one,
 /// a fleet where no canary is out.
 fn versions_per_app() -> usize {
-    std::env::var("SERIES_VERSIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| (1..=4).contains(v))
-        .unwrap_or(2)
+    common::env_number("SERIES_VERSIONS", 1..=4, 2)
 }
 
 /// Versions the apps of `group` run: `versions_per_app`, unless `SERIES_ANALYSED_EVERY=n` is

@@ -58,6 +58,19 @@ pub fn thread_waits(pid: u32, name: Option<&str>) -> Option<u64> {
     Some(total)
 }
 
+/// The number environment variable `name` gives, where it parses and lies in `range`;
+/// `default` otherwise (unset, or not a number there).
+pub fn env_number<T>(name: &str, range: impl std::ops::RangeBounds<T>, default: T) -> T
+where
+    T: std::str::FromStr + PartialOrd,
+{
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| range.contains(v))
+        .unwrap_or(default)
+}
+
 /// Peak resident set size of a process, in KiB (VmHWM).
 pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
