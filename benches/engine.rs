@@ -8,6 +8,8 @@
 //! `merge_summed_minute_after_an_hour` is the same minute with each resource summed per second
 //! first (`ResourceObservations::summarize`, as the receivers do while the engine's thread is
 //! busy): the engine's thread's cost when it merges rather than adds.
+//! `ingest_busy_ten_seconds_after_an_hour` adds ten seconds of the same app a hundred times as
+//! busy (20,000 spans a second), where each operation's second holds hundreds of requests.
 
 use std::hint::black_box;
 
@@ -17,16 +19,17 @@ use canaryd_engine::baseline::MemorySlotStore;
 use canaryd_engine::{Batch, Engine, EngineConfig};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
-/// `n` batches, each one second of event time of one app with two versions.
-fn seconds_of_traffic(n: u64, start_ns: u64) -> Vec<(Batch, u64)> {
+/// `n` batches, each one second of event time of one app with two versions, `spans` spans (half
+/// of them requests) in each.
+fn seconds_of_traffic(n: u64, start_ns: u64, spans: usize) -> Vec<(Batch, u64)> {
     (0..n)
         .map(|s| {
             let shape = TraceShape {
                 apps: 1,
                 versions_per_app: 2,
-                spans: 200,
+                spans,
                 start_ns: start_ns + s * 1_000_000_000,
-                request_gap_ns: 10_000_000,
+                request_gap_ns: 2_000_000_000 / spans.max(1) as u64,
                 ..TraceShape::default()
             };
             let request = testdata::trace_request(&shape, s);
@@ -43,12 +46,17 @@ fn seconds_of_traffic(n: u64, start_ns: u64) -> Vec<(Batch, u64)> {
         .collect()
 }
 
+/// Spans a second of the app that learns for an hour and of the minutes measured after it.
+const QUIET: usize = 200;
+/// Spans a second of the busy app: 20,000 (10,000 requests over 12 operations and two versions).
+const BUSY: usize = 20_000;
+
 fn engine() -> Engine {
     Engine::new(EngineConfig::default(), Box::new(MemorySlotStore::default()))
 }
 
 fn bench(c: &mut Criterion) {
-    let hour = seconds_of_traffic(3_600, testdata::EPOCH_NS);
+    let hour = seconds_of_traffic(3_600, testdata::EPOCH_NS, QUIET);
     let mut warm = engine();
     for (batch, _) in &hour {
         warm.ingest(batch);
@@ -59,10 +67,9 @@ fn bench(c: &mut Criterion) {
         bytes / series.max(1)
     );
 
-    let minute = seconds_of_traffic(60, testdata::EPOCH_NS + 3_600 * 1_000_000_000);
-    let observations: u64 = minute.iter().map(|(_, n)| n).sum();
+    let after_the_hour = testdata::EPOCH_NS + 3_600 * 1_000_000_000;
+    let minute = seconds_of_traffic(60, after_the_hour, QUIET);
     let mut group = c.benchmark_group("engine");
-    group.throughput(Throughput::Elements(observations));
     group.sample_size(20);
     // The same minute summed per second on the receiving threads first, as the receivers do
     // while the engine's thread is busy: what merging the summaries costs that thread.
@@ -72,10 +79,16 @@ fn bench(c: &mut Criterion) {
             resource.summarize(1_000_000_000);
         }
     }
+    // A busy app: each operation's second holds hundreds of requests over most of its
+    // latencies' bins, where the quiet one's holds a few.
+    let busy = seconds_of_traffic(10, after_the_hour, BUSY);
     for (name, batches) in [
         ("ingest_minute_after_an_hour", &minute),
         ("merge_summed_minute_after_an_hour", &summed),
+        ("ingest_busy_ten_seconds_after_an_hour", &busy),
     ] {
+        let observations: u64 = batches.iter().map(|(_, n)| n).sum();
+        group.throughput(Throughput::Elements(observations));
         group.bench_function(name, |b| {
             b.iter_batched(
                 || warm_clone(&hour),
