@@ -63,7 +63,7 @@ fn sparse_pays(in_use: usize, span: usize) -> bool {
     span <= MAX_BINS && (in_use <= FEW_BINS || in_use * 2 <= span)
 }
 
-/// Bins in use from which a sketch still being filled is held as counts over its span wherever
+/// Bins in use from which a sketch still being added to is held as counts over its span wherever
 /// those cost at most twice its sparse form. A busy operation's second fills its body's bins
 /// early and its tails' few seldom, so it would otherwise stay sparse through thousands of values
 /// (a uniform 1-51 ms spread sat at 80-98 of its 197 bins), each found by a binary search of six
@@ -71,9 +71,10 @@ fn sparse_pays(in_use: usize, span: usize) -> bool {
 /// form again once it is kept.
 const BUSY_BINS: usize = 64;
 
-/// Whether a sketch being filled (added or merged to) keeps `in_use` bins over `span` sparse:
-/// where that pays (`sparse_pays`), unless they are many and dense enough (`BUSY_BINS`).
-fn sparse_while_filling(in_use: usize, span: usize) -> bool {
+/// Whether a sketch being added to keeps `in_use` bins over `span` sparse: where that pays
+/// (`sparse_pays`), unless they are many and dense enough (`BUSY_BINS`). (Two sparse sketches
+/// merged in one pass are kept as memory alone says: they are not added to value by value.)
+fn sparse_while_adding(in_use: usize, span: usize) -> bool {
     sparse_pays(in_use, span) && !(in_use >= BUSY_BINS && span <= 4 * in_use)
 }
 
@@ -167,7 +168,7 @@ impl Bins {
             };
             let first = bins.first().map_or(index, |b| b.0.min(index));
             let last = bins.last().map_or(index, |b| b.0.max(index));
-            if sparse_while_filling(bins.len() + 1, (last - first) as usize + 1) {
+            if sparse_while_adding(bins.len() + 1, (last - first) as usize + 1) {
                 bins.insert(at, (index, weight as u32));
                 return;
             }
@@ -220,7 +221,7 @@ impl Bins {
                 (Some(f), Some(l)) => (l.0 - f.0) as usize + 1,
                 _ => 0,
             };
-            if sparse_while_filling(merged.len(), span) {
+            if sparse_pays(merged.len(), span) {
                 *mine = merged;
                 return;
             }
@@ -1093,7 +1094,7 @@ mod tests {
             if let Bins::Sparse(bins) = &counted.positive
                 && let (Some(first), Some(last)) = (bins.first(), bins.last())
             {
-                proptest::prop_assert!(sparse_while_filling(bins.len(), (last.0 - first.0) as usize + 1));
+                proptest::prop_assert!(sparse_pays(bins.len(), (last.0 - first.0) as usize + 1));
             }
             proptest::prop_assert!(!matches!(counted.positive, Bins::Dense { .. }), "whole counts stay counts");
         }
