@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The ingest scaling sweeps (the default spans over gRPC and HTTP, the 600-byte ones, and the
-# receivers summing at any load), time to act under load and an A/A calibration run, for a many-core
+# receivers summing at any load), time to act under load, the one writer's cost an observation
+# on a busy app (its ceiling on that machine's cores) and an A/A calibration run, for a many-core
 # machine that has no Rust toolchain (issue 16, item 5; DEVELOPERS.md "Benchmarks on a many-core
 # machine").
 #
@@ -28,10 +29,12 @@ pack)
     cd "$(dirname "$0")/.."
     cargo build --release --bin canaryd
     cargo bench --bench load --no-run
+    cargo bench --bench engine --no-run
     cargo bench -p canaryd-engine --bench calibration --no-run
     mkdir -p "$where"
     strip -o "$where/canaryd" target/release/canaryd
     strip -o "$where/load" "$(newest target/release/deps/load-*)"
+    strip -o "$where/engine" "$(newest target/release/deps/engine-*)"
     strip -o "$where/calibration" "$(newest target/release/deps/calibration-*)"
     cp "$0" "$where/many-core-bench.sh"
     echo "packed into $where: copy it to the machine and run $where/many-core-bench.sh run OUT"
@@ -53,6 +56,10 @@ run)
         "$here/load" --bench 2>&1 | tee "$where/scaling-summing.log" | grep -E '^threads +[0-9]|^== decode'
     LOAD_SECONDS=${RUN_SECONDS:-5} LOAD_TRANSPORTS=grpc \
         "$here/load" --bench 2>&1 | tee "$where/act.log" | tail -14
+    # The engine's thread alone on a busy app (criterion, one core): its cost an observation here
+    # against the receivers' in the sweeps above says how many receiving threads one writer
+    # keeps up with on this machine. Criterion writes its reports under OUT.
+    (cd "$where" && "$here/engine" --bench ingest_busy 2>&1 | tee engine.log | grep -E 'time:|thrpt:')
     CALIBRATION_SEEDS=${CALIBRATION_SEEDS:-150} CALIBRATION_DETECT_SEEDS=0 CALIBRATION_ANOMALY_SEEDS=0 \
         timeout "${CALIBRATION_BUDGET:-180}" "$here/calibration" --bench 2>&1 \
         | tee "$where/calibration.log" | grep -E '^\|' || true
