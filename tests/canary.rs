@@ -360,13 +360,7 @@ async fn a_canary_failing_one_cohort_is_judged_per_cohort_and_the_cohort_named()
             cohorted("2.0.0", start_s, seconds, fail_from_s),
         ],
     };
-    traces.export(export(0, 2, None)).await.expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    support::export_until_shop_catalogued(&daemon, &mut traces, export(0, 2, None)).await;
     let response = daemon
         .http
         .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
@@ -449,13 +443,7 @@ async fn a_cohort_whose_calls_vanish_is_caught_from_client_spans_in_its_traces()
             traffic("2.0.0", start_s, seconds, false),
         ],
     };
-    traces.export(export(0, 2)).await.expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    support::export_until_shop_catalogued(&daemon, &mut traces, export(0, 2)).await;
     let response = daemon
         .http
         .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))

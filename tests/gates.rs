@@ -6,7 +6,7 @@ mod support;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use support::{TestDaemon, canary_traffic as traffic, eventually, find_app, shop_spans};
+use support::{TestDaemon, canary_traffic as traffic, eventually, shop_spans};
 
 /// POSTs `body` to `path` and returns the status and the JSON answer.
 async fn post(daemon: &TestDaemon, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
@@ -52,13 +52,7 @@ async fn the_gates_follow_the_canary_from_no_evidence_to_failing() {
     assert_eq!(status, 409, "{body}");
 
     // A little healthy traffic of both versions, then the rollout is declared: no evidence yet.
-    traces.export(traffic(0, 2, 1000)).await.expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    support::export_until_shop_catalogued(&daemon, &mut traces, traffic(0, 2, 1000)).await;
     let response = daemon
         .http
         .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))
@@ -161,13 +155,7 @@ async fn the_gate_answers_for_the_version_of_its_own_rollout() {
         .await
         .expect("connect");
     // Revision rev-2 deploys 2.0.0, which fails half its requests.
-    traces.export(traffic(0, 2, 1000)).await.expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    support::export_until_shop_catalogued(&daemon, &mut traces, traffic(0, 2, 1000)).await;
     let declare = |canary: &'static str| {
         let daemon = &daemon;
         async move {

@@ -544,16 +544,7 @@ async fn a_rollout_drives_its_httproute_and_a_failed_canary_leaves_it() {
         )
         .await
         .expect("connect");
-    traces
-        .export(support::canary_traffic(0, 2, 1000))
-        .await
-        .expect("export");
-    eventually("shop is catalogued", || async {
-        support::find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    support::export_until_shop_catalogued(&daemon, &mut traces, support::canary_traffic(0, 2, 1000)).await;
     let declared = daemon
         .http
         .put(daemon.api("/api/v1/apps/shop/rollout?env=prod"))

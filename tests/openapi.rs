@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use serde_json::{Value, json};
-use support::{TestDaemon, canary_traffic as traffic, eventually, find_app};
+use support::{TestDaemon, canary_traffic as traffic, eventually};
 
 /// The HTTP API's routes (README's "What it answers"), as (method, path).
 const ROUTES: &[(&str, &str)] = &[
@@ -358,13 +358,7 @@ async fn the_document_describes_every_route_and_the_answers_match_it() {
     let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
         .await
         .expect("connect");
-    traces.export(traffic(0, 2, 1000)).await.expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    support::export_until_shop_catalogued(&daemon, &mut traces, traffic(0, 2, 1000)).await;
     let rollout = json!({"stable_version": "1.0.0", "canary_version": "2.0.0"});
     let (status, body) = send(
         &daemon,

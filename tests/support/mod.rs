@@ -377,6 +377,24 @@ pub fn canary_traffic(start_s: u64, seconds: u64, canary_error_every: u64) -> Ex
     }
 }
 
+/// Exports `request` through `traces` and waits until `daemon` lists the shop in prod: what a
+/// scenario does before it declares a rollout of the shop.
+pub async fn export_until_shop_catalogued(
+    daemon: &TestDaemon,
+    traces: &mut opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient<
+        tonic::transport::Channel,
+    >,
+    request: ExportTraceServiceRequest,
+) {
+    traces.export(request).await.expect("export");
+    eventually("shop is catalogued", || async {
+        find_app(&daemon.apps().await, "prod", "shop")
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+}
+
 /// A trace exporter to `daemon` after it has seen two seconds of both shop versions
 /// (`canary_traffic`) and a rollout of 1.0.0 to 2.0.0 was declared, with `token` when given: the
 /// start of every canary scenario, which sends its own traffic on through the exporter.
@@ -390,13 +408,7 @@ pub async fn shop_rollout_declared(
     let mut traces = TraceServiceClient::connect(daemon.grpc_endpoint())
         .await
         .expect("connect");
-    traces.export(canary_traffic(0, 2, 1000)).await.expect("export");
-    eventually("shop is catalogued", || async {
-        find_app(&daemon.apps().await, "prod", "shop")
-            .map(|_| ())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    export_until_shop_catalogued(daemon, &mut traces, canary_traffic(0, 2, 1000)).await;
     let mut declare = daemon.http.put(daemon.api("/api/v1/apps/shop/rollout?env=prod"));
     if let Some(token) = token {
         declare = declare.bearer_auth(token);
