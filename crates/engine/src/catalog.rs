@@ -420,26 +420,54 @@ fn count_tallied<'a, V: Default>(
 }
 
 /// The catalog's key of each name of a resource's observations (`AppEntry::operation_key` and
-/// the like), found once for each distinct name, as `count_capped_by_name` counts them.
+/// the like), found once for each distinct name, as `count_capped_by_name` counts them; and for
+/// each, where it was last found in a bucket's map (`VecMap::get_or_default_at`): the buckets of
+/// one version hold mostly the same names in the same places.
 pub(crate) struct NameKeys<'o, 'c> {
-    found: Vec<(&'o Arc<str>, &'c Arc<str>)>,
+    found: Vec<(&'o Arc<str>, &'c Arc<str>, usize)>,
+    /// The place of a name past `NAMES_REMEMBERED`, which no later lookup trusts.
+    unremembered: usize,
 }
 
 impl<'o, 'c> NameKeys<'o, 'c> {
     pub fn new() -> Self {
-        NameKeys { found: Vec::new() }
+        NameKeys {
+            found: Vec::new(),
+            unremembered: 0,
+        }
     }
 
     /// `name`'s key, by `find` the first time.
     pub fn key(&mut self, name: &'o Arc<str>, find: impl FnOnce(&str) -> &'c Arc<str>) -> &'c Arc<str> {
-        if let Some((_, key)) = self.found.iter().find(|(known, _)| Arc::ptr_eq(known, name)) {
-            return key;
+        self.key_and_place(name, find).0
+    }
+
+    /// `name`'s key, by `find` the first time, and where it was last found in a bucket.
+    pub fn key_and_place(
+        &mut self,
+        name: &'o Arc<str>,
+        find: impl FnOnce(&str) -> &'c Arc<str>,
+    ) -> (&'c Arc<str>, &mut usize) {
+        match self
+            .found
+            .iter()
+            .position(|(known, _, _)| Arc::ptr_eq(known, name))
+        {
+            Some(i) => {
+                let (_, key, place) = &mut self.found[i];
+                (*key, place)
+            }
+            None => {
+                let key = find(name);
+                if self.found.len() < NAMES_REMEMBERED {
+                    self.found.push((name, key, 0));
+                    let (_, key, place) = self.found.last_mut().expect("just pushed");
+                    (*key, place)
+                } else {
+                    (key, &mut self.unremembered)
+                }
+            }
         }
-        let key = find(name);
-        if self.found.len() < NAMES_REMEMBERED {
-            self.found.push((name, key));
-        }
-        key
     }
 }
 

@@ -45,23 +45,33 @@ impl<'o, 'c> CatalogKeys<'o, 'c> {
     fn merge(&mut self, into: &mut Aggregate, part: &'o Aggregate) {
         let entry = self.entry;
         into.all.merge(&part.all);
+        // Both sides are sorted by name, and a name's key is mostly the name: each is looked for
+        // first just past where the one before it was found.
+        let mut at = 0;
         for (name, op) in part.operations.iter() {
             let key = self.operations.key(name, |n| entry.operation_key(n));
-            into.operations.get_or_default(key).merge(op);
+            into.operations.get_or_default_at(key, &mut at).merge(op);
+            at += 1;
         }
+        at = 0;
         for (name, &(calls, failed)) in part.calls.iter() {
             let key = self.downstreams.key(name, |n| entry.downstream_key(n));
-            let count = into.calls.get_or_default(key);
+            let count = into.calls.get_or_default_at(key, &mut at);
             count.0 += calls;
             count.1 += failed;
+            at += 1;
         }
+        at = 0;
         for (name, n) in part.exceptions.iter() {
             let key = self.exception_types.key(name, |n| entry.exception_type_key(n));
-            *into.exceptions.get_or_default(key) += n;
+            *into.exceptions.get_or_default_at(key, &mut at) += n;
+            at += 1;
         }
+        at = 0;
         for (name, cohort) in part.cohorts.iter() {
             let key = self.cohorts.key(name, |n| entry.cohort_key(n));
-            self.merge(cohort_of(&mut into.cohorts, key), cohort);
+            self.merge(into.cohorts.get_or_default_at(key, &mut at), cohort);
+            at += 1;
         }
         into.logs += part.logs;
         into.error_logs += part.error_logs;
@@ -676,8 +686,11 @@ impl Engine {
             match state.windows.bucket(r.time, closed_until, config) {
                 Some(b) => {
                     b.all.add(r.duration_ns, r.error);
-                    let op = operations.key(&r.operation, |name| entry.operation_key(name));
-                    b.operations.get_or_default(op).add(r.duration_ns, r.error);
+                    let (op, place) =
+                        operations.key_and_place(&r.operation, |name| entry.operation_key(name));
+                    b.operations
+                        .get_or_default_at(op, place)
+                        .add(r.duration_ns, r.error);
                     if let Some(cohort) = &r.cohort {
                         let key = cohorts.key(cohort, |name| entry.cohort_key(name));
                         let cohort = cohort_of(&mut b.cohorts, key);
@@ -693,8 +706,11 @@ impl Engine {
             top.saw(c.time);
             match state.windows.bucket(c.time, closed_until, config) {
                 Some(b) => {
-                    let downstream = downstreams.key(&c.downstream, |name| entry.downstream_key(name));
-                    count_call(&mut b.calls, downstream, c.error);
+                    let (downstream, place) =
+                        downstreams.key_and_place(&c.downstream, |name| entry.downstream_key(name));
+                    let count = b.calls.get_or_default_at(downstream, place);
+                    count.0 += 1;
+                    count.1 += u64::from(c.error);
                     if let Some(cohort) = trace_cohorts.cohort(c.cohort.as_ref(), &c.trace_id) {
                         let cohort = cohort_of(&mut b.cohorts, entry.cohort_key(cohort));
                         count_call(&mut cohort.calls, downstream, c.error);
