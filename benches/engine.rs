@@ -10,6 +10,12 @@
 //! busy): the engine's thread's cost when it merges rather than adds.
 //! `ingest_busy_ten_seconds_after_an_hour` adds ten seconds of the same app a hundred times as
 //! busy (20,000 spans a second), where each operation's second holds hundreds of requests.
+//! `load_*` feed it the load bench's own workload (`LOAD_DETAIL=sdk`: 8 services, 512 spans of
+//! about 600 bytes a request) at 3,000 requests a second of event time, as the daemon's receivers
+//! hand it over: `load_added` as read, `load_merged` with each resource summed per second, as they
+//! hand it once the engine's thread is busy over half the time. Per span, with no wake-ups
+//! between batches: what one writer can take, saturated, against what a receiving thread costs a
+//! span in the load bench (BENCHMARKS.md, Scaling).
 
 use std::hint::black_box;
 
@@ -45,6 +51,37 @@ fn seconds_of_traffic(n: u64, start_ns: u64, spans: usize) -> Vec<(Batch, u64)> 
         })
         .collect()
 }
+
+/// `n` requests of the load bench's workload (`LOAD_DETAIL=sdk`, 8 services of one version),
+/// `per_second` a second of event time from `start_ns`, normalized as the receivers read them
+/// and, when `summed`, each resource summed per second as they do while the engine is busy.
+fn load_requests(n: u64, start_ns: u64, per_second: u64, summed: bool) -> Vec<(Batch, u64)> {
+    (0..n)
+        .map(|i| {
+            let shape = TraceShape {
+                apps: 8,
+                versions_per_app: 1,
+                spans: 512,
+                start_ns: start_ns + i * 1_000_000_000 / per_second,
+                detail: testdata::SpanDetail::Sdk,
+                ..TraceShape::default()
+            };
+            let request = testdata::trace_request(&shape, i);
+            let mut batch = normalize::traces(&request, &NormalizeOptions::default())
+                .expect("generated requests decode")
+                .batch;
+            if summed {
+                for resource in &mut batch.resources {
+                    resource.summarize(1_000_000_000);
+                }
+            }
+            (batch, shape.spans as u64)
+        })
+        .collect()
+}
+
+/// Requests a second of event time in the `load_*` cases: the load bench's rate on the 2-core VM.
+const LOAD_RATE: u64 = 3_000;
 
 /// Spans a second of the app that learns for an hour and of the minutes measured after it.
 const QUIET: usize = 200;
@@ -94,6 +131,34 @@ fn bench(c: &mut Criterion) {
                 || warm_clone(&hour),
                 |mut engine| {
                     for (batch, _) in batches {
+                        black_box(engine.ingest(batch));
+                    }
+                    engine
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    // The load bench's workload: the engine learns ten seconds of it at a tenth of the rate,
+    // then takes a fifth of a second at the full rate.
+    let load_start = testdata::EPOCH_NS + 7_200 * 1_000_000_000;
+    let load_warm = load_requests(3_000 / 10, load_start, LOAD_RATE / 10, false);
+    let load_from = load_start + 10 * 1_000_000_000;
+    for (name, summed) in [("load_added", false), ("load_merged", true)] {
+        let batches = load_requests(LOAD_RATE / 5, load_from, LOAD_RATE, summed);
+        let spans: u64 = batches.iter().map(|(_, n)| n).sum();
+        group.throughput(Throughput::Elements(spans));
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let mut engine = engine();
+                    for (batch, _) in &load_warm {
+                        engine.ingest(batch);
+                    }
+                    engine
+                },
+                |mut engine| {
+                    for (batch, _) in &batches {
                         black_box(engine.ingest(batch));
                     }
                     engine

@@ -56,10 +56,11 @@ run)
         "$here/load" --bench 2>&1 | tee "$where/scaling-summing.log" | grep -E '^threads +[0-9]|^== decode'
     LOAD_SECONDS=${RUN_SECONDS:-5} LOAD_TRANSPORTS=grpc \
         "$here/load" --bench 2>&1 | tee "$where/act.log" | tail -14
-    # The engine's thread alone on a busy app (criterion, one core): its cost an observation here
-    # against the receivers' in the sweeps above says how many receiving threads one writer
-    # keeps up with on this machine. Criterion writes its reports under OUT.
-    (cd "$where" && "$here/engine" --bench ingest_busy 2>&1 | tee engine.log | grep -E 'time:|thrpt:')
+    # The engine's thread alone (criterion, one core), on a busy app and on the load bench's own
+    # workload added and merged: its cost a span here against the receivers' in the sweeps above
+    # says how many receiving threads one writer keeps up with on this machine. Criterion writes
+    # its reports under OUT.
+    (cd "$where" && "$here/engine" --bench 'ingest_busy|load_' 2>&1 | tee engine.log | grep -E 'time:|thrpt:')
     CALIBRATION_SEEDS=${CALIBRATION_SEEDS:-150} CALIBRATION_DETECT_SEEDS=0 CALIBRATION_ANOMALY_SEEDS=0 \
         timeout "${CALIBRATION_BUDGET:-180}" "$here/calibration" --bench 2>&1 \
         | tee "$where/calibration.log" | grep -E '^\|' || true
