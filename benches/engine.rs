@@ -53,9 +53,8 @@ fn seconds_of_traffic(n: u64, start_ns: u64, spans: usize) -> Vec<(Batch, u64)> 
 }
 
 /// `n` requests of the load bench's workload (`LOAD_DETAIL=sdk`, 8 services of one version),
-/// `per_second` a second of event time from `start_ns`, normalized as the receivers read them
-/// and, when `summed`, each resource summed per second as they do while the engine is busy.
-fn load_requests(n: u64, start_ns: u64, per_second: u64, summed: bool) -> Vec<(Batch, u64)> {
+/// `per_second` a second of event time from `start_ns`, normalized as the receivers read them.
+fn load_requests(n: u64, start_ns: u64, per_second: u64) -> Vec<(Batch, u64)> {
     (0..n)
         .map(|i| {
             let shape = TraceShape {
@@ -67,15 +66,9 @@ fn load_requests(n: u64, start_ns: u64, per_second: u64, summed: bool) -> Vec<(B
                 ..TraceShape::default()
             };
             let request = testdata::trace_request(&shape, i);
-            let mut batch = normalize::traces(&request, &NormalizeOptions::default())
-                .expect("generated requests decode")
-                .batch;
-            if summed {
-                for resource in &mut batch.resources {
-                    resource.summarize(1_000_000_000);
-                }
-            }
-            (batch, shape.spans as u64)
+            let normalized =
+                normalize::traces(&request, &NormalizeOptions::default()).expect("generated requests decode");
+            (normalized.batch, shape.spans as u64)
         })
         .collect()
 }
@@ -139,13 +132,20 @@ fn bench(c: &mut Criterion) {
             )
         });
     }
-    // The load bench's workload: the engine learns ten seconds of it at a tenth of the rate,
-    // then takes a fifth of a second at the full rate.
+    // The load bench's workload: the engine learns ten seconds of it at ten requests a second,
+    // then takes a fifth of a second at the full rate, as read and summed per second, as the
+    // receivers sum once the engine's thread is busy.
     let load_start = testdata::EPOCH_NS + 7_200 * 1_000_000_000;
-    let load_warm = load_requests(3_000 / 10, load_start, LOAD_RATE / 10, false);
+    let load_warm = load_requests(100, load_start, 10);
     let load_from = load_start + 10 * 1_000_000_000;
-    for (name, summed) in [("load_added", false), ("load_merged", true)] {
-        let batches = load_requests(LOAD_RATE / 5, load_from, LOAD_RATE, summed);
+    let load_added = load_requests(LOAD_RATE / 5, load_from, LOAD_RATE);
+    let mut load_merged = load_added.clone();
+    for (batch, _) in &mut load_merged {
+        for resource in &mut batch.resources {
+            resource.summarize(1_000_000_000);
+        }
+    }
+    for (name, batches) in [("load_added", &load_added), ("load_merged", &load_merged)] {
         let spans: u64 = batches.iter().map(|(_, n)| n).sum();
         group.throughput(Throughput::Elements(spans));
         group.bench_function(name, |b| {
@@ -158,7 +158,7 @@ fn bench(c: &mut Criterion) {
                     engine
                 },
                 |mut engine| {
-                    for (batch, _) in &batches {
+                    for (batch, _) in batches {
                         black_box(engine.ingest(batch));
                     }
                     engine
