@@ -425,7 +425,8 @@ fn count_tallied<'a, V: Default>(
 /// one version hold mostly the same names in the same places.
 pub(crate) struct NameKeys<'o, 'c> {
     found: Vec<(&'o Arc<str>, &'c Arc<str>, usize)>,
-    /// The place of a name past `NAMES_REMEMBERED`, which no later lookup trusts.
+    /// Where the names past `NAMES_REMEMBERED` were last found, one place for all of them: seldom
+    /// right, and harmless when wrong (a lookup checks a place before it uses it).
     unremembered: usize,
 }
 
