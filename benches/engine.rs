@@ -25,6 +25,26 @@ use canaryd_engine::baseline::MemorySlotStore;
 use canaryd_engine::{Batch, Engine, EngineConfig};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
+/// The request `shape` makes with `seed`, normalized as the receivers read it.
+fn normalized(shape: &TraceShape, seed: u64) -> Batch {
+    let request = testdata::trace_request(shape, seed);
+    normalize::traces(&request, &NormalizeOptions::default())
+        .expect("generated requests decode")
+        .batch
+}
+
+/// `batches` with each resource summed per second first, as the receivers do while the engine's
+/// thread is busy over half the time.
+fn summed(batches: &[(Batch, u64)]) -> Vec<(Batch, u64)> {
+    let mut summed = batches.to_vec();
+    for (batch, _) in &mut summed {
+        for resource in &mut batch.resources {
+            resource.summarize(1_000_000_000);
+        }
+    }
+    summed
+}
+
 /// `n` batches, each one second of event time of one app with two versions, `spans` spans (half
 /// of them requests) in each.
 fn seconds_of_traffic(n: u64, start_ns: u64, spans: usize) -> Vec<(Batch, u64)> {
@@ -38,16 +58,13 @@ fn seconds_of_traffic(n: u64, start_ns: u64, spans: usize) -> Vec<(Batch, u64)> 
                 request_gap_ns: 2_000_000_000 / spans.max(1) as u64,
                 ..TraceShape::default()
             };
-            let request = testdata::trace_request(&shape, s);
-            let normalized =
-                normalize::traces(&request, &NormalizeOptions::default()).expect("generated requests decode");
-            let observations = normalized
-                .batch
+            let batch = normalized(&shape, s);
+            let observations = batch
                 .resources
                 .iter()
                 .map(|r| (r.requests.len() + r.calls.len()) as u64)
                 .sum();
-            (normalized.batch, observations)
+            (batch, observations)
         })
         .collect()
 }
@@ -65,10 +82,7 @@ fn load_requests(n: u64, start_ns: u64, per_second: u64) -> Vec<(Batch, u64)> {
                 detail: testdata::SpanDetail::Sdk,
                 ..TraceShape::default()
             };
-            let request = testdata::trace_request(&shape, i);
-            let normalized =
-                normalize::traces(&request, &NormalizeOptions::default()).expect("generated requests decode");
-            (normalized.batch, shape.spans as u64)
+            (normalized(&shape, i), shape.spans as u64)
         })
         .collect()
 }
@@ -87,11 +101,7 @@ fn engine() -> Engine {
 
 fn bench(c: &mut Criterion) {
     let hour = seconds_of_traffic(3_600, testdata::EPOCH_NS, QUIET);
-    let mut warm = engine();
-    for (batch, _) in &hour {
-        warm.ingest(batch);
-    }
-    let (series, bytes) = warm.baseline_memory();
+    let (series, bytes) = learned(&hour).baseline_memory();
     eprintln!(
         "after an hour: {series} baseline series, {bytes} bytes in memory, {} bytes per series",
         bytes / series.max(1)
@@ -103,35 +113,10 @@ fn bench(c: &mut Criterion) {
     group.sample_size(20);
     // The same minute summed per second on the receiving threads first, as the receivers do
     // while the engine's thread is busy: what merging the summaries costs that thread.
-    let mut summed = minute.clone();
-    for (batch, _) in &mut summed {
-        for resource in &mut batch.resources {
-            resource.summarize(1_000_000_000);
-        }
-    }
+    let summed_minute = summed(&minute);
     // A busy app: each operation's second holds hundreds of requests over most of its
     // latencies' bins, where the quiet one's holds a few.
     let busy = seconds_of_traffic(10, after_the_hour, BUSY);
-    for (name, batches) in [
-        ("ingest_minute_after_an_hour", &minute),
-        ("merge_summed_minute_after_an_hour", &summed),
-        ("ingest_busy_ten_seconds_after_an_hour", &busy),
-    ] {
-        let observations: u64 = batches.iter().map(|(_, n)| n).sum();
-        group.throughput(Throughput::Elements(observations));
-        group.bench_function(name, |b| {
-            b.iter_batched(
-                || warm_clone(&hour),
-                |mut engine| {
-                    for (batch, _) in batches {
-                        black_box(engine.ingest(batch));
-                    }
-                    engine
-                },
-                BatchSize::PerIteration,
-            )
-        });
-    }
     // The load bench's workload: the engine learns ten seconds of it at ten requests a second,
     // then takes a fifth of a second at the full rate, as read and summed per second, as the
     // receivers sum once the engine's thread is busy.
@@ -139,24 +124,22 @@ fn bench(c: &mut Criterion) {
     let load_warm = load_requests(100, load_start, 10);
     let load_from = load_start + 10 * 1_000_000_000;
     let load_added = load_requests(LOAD_RATE / 5, load_from, LOAD_RATE);
-    let mut load_merged = load_added.clone();
-    for (batch, _) in &mut load_merged {
-        for resource in &mut batch.resources {
-            resource.summarize(1_000_000_000);
-        }
-    }
-    for (name, batches) in [("load_added", &load_added), ("load_merged", &load_merged)] {
-        let spans: u64 = batches.iter().map(|(_, n)| n).sum();
-        group.throughput(Throughput::Elements(spans));
+    let load_merged = summed(&load_added);
+    // Each case is measured on a fresh engine that has learned what comes before it (engines are
+    // not Clone: their slot store is owned): the hour's last two minutes, or the load's warm-up.
+    let last_minutes = &hour[hour.len() - 120..];
+    for (name, batches, before) in [
+        ("ingest_minute_after_an_hour", &minute, last_minutes),
+        ("merge_summed_minute_after_an_hour", &summed_minute, last_minutes),
+        ("ingest_busy_ten_seconds_after_an_hour", &busy, last_minutes),
+        ("load_added", &load_added, &load_warm[..]),
+        ("load_merged", &load_merged, &load_warm[..]),
+    ] {
+        let elements: u64 = batches.iter().map(|(_, n)| n).sum();
+        group.throughput(Throughput::Elements(elements));
         group.bench_function(name, |b| {
             b.iter_batched(
-                || {
-                    let mut engine = engine();
-                    for (batch, _) in &load_warm {
-                        engine.ingest(batch);
-                    }
-                    engine
-                },
+                || learned(before),
                 |mut engine| {
                     for (batch, _) in batches {
                         black_box(engine.ingest(batch));
@@ -170,10 +153,10 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// A fresh engine that has learned `hour` (engines are not Clone: their slot store is owned).
-fn warm_clone(hour: &[(Batch, u64)]) -> Engine {
+/// A fresh engine that has learned `batches`.
+fn learned(batches: &[(Batch, u64)]) -> Engine {
     let mut engine = engine();
-    for (batch, _) in hour.iter().rev().take(120).rev() {
+    for (batch, _) in batches {
         engine.ingest(batch);
     }
     engine

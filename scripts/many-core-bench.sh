@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ingest scaling sweeps (the default spans over gRPC and HTTP, the 600-byte ones, and the
-# receivers summing at any load), time to act under load, the one writer's cost an observation
-# on a busy app (its ceiling on that machine's cores) and an A/A calibration run, for a many-core
+# receivers summing at any load), time to act under load, the one writer's cost a span on a busy
+# app and on the load bench's workload (its ceiling on that machine's cores) and an A/A
+# calibration run, for a many-core
 # machine that has no Rust toolchain (issue 16, item 5; DEVELOPERS.md "Benchmarks on a many-core
 # machine").
 #
