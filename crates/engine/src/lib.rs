@@ -36,6 +36,7 @@ mod engine;
 pub mod features;
 pub mod judge;
 pub mod observation;
+pub mod packed;
 pub mod resource;
 pub mod rng;
 pub mod score;

@@ -16,11 +16,24 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::packed::{self, Unreadable};
+
 /// Magnitudes below this are counted as zero.
 const MIN_MAGNITUDE: f64 = 1e-9;
 /// The most a sketch's total weight may reach for its bins to be kept as 4-byte counts: no bin
 /// can then hold more.
 const MAX_WHOLE: f64 = u32::MAX as f64;
+/// The accuracy a packed sketch does not write (that of latency sketches, which history holds).
+const PACKED_ACCURACY: f64 = 0.01;
+/// Whole numbers below this are exact as `f64`, and so read back from a varint exactly.
+const WHOLE_EXACT: f64 = 9_007_199_254_740_992.0;
+/// A packed sketch's flags: what it writes beyond its bins.
+const PACKED_DEFAULT_ACCURACY: u8 = 1;
+const PACKED_ZERO: u8 = 2;
+const PACKED_COUNT: u8 = 4;
+const PACKED_WHOLE_COUNT: u8 = 32;
+const PACKED_NO_RANGE: u8 = 8;
+const PACKED_ONE_VALUE: u8 = 16;
 /// Most bins per side. At 1% accuracy, 2048 bins span about 18 orders of magnitude.
 const MAX_BINS: usize = 2048;
 
@@ -354,6 +367,114 @@ impl Bins {
             Bins::Counts { counts, .. } => counts.capacity() * std::mem::size_of::<u32>(),
             Bins::Sparse(bins) => bins.capacity() * std::mem::size_of::<(i32, u32)>(),
         }
+    }
+}
+
+/// A form's tag in a packed sketch (`Sketch::pack_into`); `NO_BINS` for negative bins never used.
+const SPARSE: u8 = 0;
+const COUNTS: u8 = 1;
+const DENSE: u8 = 2;
+const NO_BINS: u8 = 3;
+
+impl Bins {
+    fn form(&self) -> u8 {
+        match self {
+            Bins::Sparse(_) => SPARSE,
+            Bins::Counts { .. } => COUNTS,
+            Bins::Dense { .. } => DENSE,
+        }
+    }
+
+    /// Appends the bins in their own form: a sparse form's indices as steps from the one before
+    /// and its counts as varints, counts over a span as varints (a bin's count in a block is
+    /// mostly under 128: a byte), real weights to the bit.
+    fn pack_into(&self, out: &mut Vec<u8>) {
+        match self {
+            Bins::Sparse(bins) => {
+                packed::put_u64(out, bins.len() as u64);
+                let mut previous = 0i64;
+                for &(i, c) in bins {
+                    packed::put_i64(out, i64::from(i) - previous);
+                    packed::put_u64(out, u64::from(c));
+                    previous = i64::from(i);
+                }
+            }
+            Bins::Counts { offset, counts } => {
+                packed::put_i64(out, i64::from(*offset));
+                packed::put_u64(out, counts.len() as u64);
+                for &c in counts {
+                    packed::put_u64(out, u64::from(c));
+                }
+            }
+            Bins::Dense { offset, counts } => {
+                packed::put_i64(out, i64::from(*offset));
+                packed::put_u64(out, counts.len() as u64);
+                for &c in counts {
+                    packed::put_f64(out, c);
+                }
+            }
+        }
+    }
+
+    /// A span's offset and weights, each weight at least `each` bytes, read by `get`.
+    fn unpack_span<T>(
+        input: &mut &[u8],
+        each: usize,
+        get: impl Fn(&mut &[u8]) -> Result<T, Unreadable>,
+    ) -> Result<(i32, Vec<T>), Unreadable> {
+        let offset = packed::get_i32(input)?;
+        let mut weights = Vec::with_capacity(packed::get_len(input, each)?);
+        for _ in 0..weights.capacity() {
+            weights.push(get(input)?);
+        }
+        Ok((offset, weights))
+    }
+
+    /// Reads past the bins `pack_into` wrote in form `form`, keeping nothing.
+    fn skip_from(form: u8, input: &mut &[u8]) -> Result<(), Unreadable> {
+        let (numbers, reals) = match form {
+            SPARSE => (2 * packed::get_len(input, 2)?, 0),
+            COUNTS => {
+                packed::get_i32(input)?;
+                (packed::get_len(input, 1)?, 0)
+            }
+            DENSE => {
+                packed::get_i32(input)?;
+                (0, packed::get_len(input, 8)?)
+            }
+            _ => return Err(Unreadable("a bins' form unknown")),
+        };
+        for _ in 0..numbers {
+            packed::get_u64(input)?;
+        }
+        *input = input.get(reals * 8..).ok_or(Unreadable("bins cut short"))?;
+        Ok(())
+    }
+
+    /// The bins `pack_into` wrote in form `form`, their vectors holding no spare room.
+    fn unpack_from(form: u8, input: &mut &[u8]) -> Result<Bins, Unreadable> {
+        Ok(match form {
+            SPARSE => {
+                let mut bins = Vec::with_capacity(packed::get_len(input, 2)?);
+                let mut previous = 0i64;
+                for _ in 0..bins.capacity() {
+                    let i = previous.saturating_add(packed::get_i64(input)?);
+                    let index = i32::try_from(i).map_err(|_| Unreadable("a bin's index out of range"))?;
+                    bins.push((index, packed::get_u32(input)?));
+                    previous = i;
+                }
+                Bins::Sparse(bins)
+            }
+            COUNTS => {
+                let (offset, counts) = Self::unpack_span(input, 1, packed::get_u32)?;
+                Bins::Counts { offset, counts }
+            }
+            DENSE => {
+                let (offset, counts) = Self::unpack_span(input, 8, packed::get_f64)?;
+                Bins::Dense { offset, counts }
+            }
+            _ => return Err(Unreadable("a bins' form unknown")),
+        })
     }
 }
 
@@ -831,6 +952,148 @@ impl Sketch {
     /// Bytes on the heap, for memory accounting.
     pub fn heap_bytes(&self) -> usize {
         self.positive.heap_bytes() + self.negative.heap_bytes()
+    }
+
+    /// The weight the sketch's bins and zero hold: its count, unless weights were scaled or
+    /// summed in another order (a packed sketch then writes its count).
+    fn bins_total(&self) -> f64 {
+        self.zero + self.positive.total() + self.negative.total()
+    }
+
+    /// Appends this sketch as bytes that `unpack_from` reads back exactly: each field to the bit,
+    /// the bins in the form they are in (so that merging the sketch read back takes the same
+    /// path). What is implied is not written: the accuracy of latency sketches, a zero of zeros,
+    /// a count that its bins sum to, an empty sketch's range, one value's sum, min and max.
+    pub(crate) fn pack_into(&self, out: &mut Vec<u8>) {
+        let same = |a: f64, b: f64| a.to_bits() == b.to_bits();
+        let mut flags = 0;
+        if same(self.relative_accuracy, PACKED_ACCURACY) {
+            flags |= PACKED_DEFAULT_ACCURACY;
+        }
+        if !same(self.zero, 0.0) {
+            flags |= PACKED_ZERO;
+        }
+        // A count of requests is a whole number: a varint of a byte or three, and nothing to sum
+        // when read back.
+        let whole_count = self.count >= 0.0 && self.count < WHOLE_EXACT && self.count.fract() == 0.0;
+        if whole_count && !same(self.count, -0.0) {
+            flags |= PACKED_WHOLE_COUNT;
+        } else if !same(self.count, self.bins_total()) {
+            flags |= PACKED_COUNT;
+        }
+        if same(self.min, f64::INFINITY) && same(self.max, f64::NEG_INFINITY) && same(self.sum, 0.0) {
+            flags |= PACKED_NO_RANGE;
+        } else if same(self.min, self.max) && same(self.sum, self.min) {
+            flags |= PACKED_ONE_VALUE;
+        }
+        let negative = self.negative.0.as_deref().map_or(NO_BINS, Bins::form);
+        out.push(flags);
+        out.push(self.positive.form() | negative << 2);
+        if flags & PACKED_DEFAULT_ACCURACY == 0 {
+            packed::put_f64(out, self.relative_accuracy);
+        }
+        if flags & PACKED_ZERO != 0 {
+            packed::put_f64(out, self.zero);
+        }
+        if flags & PACKED_WHOLE_COUNT != 0 {
+            packed::put_u64(out, self.count as u64);
+        } else if flags & PACKED_COUNT != 0 {
+            packed::put_f64(out, self.count);
+        }
+        if flags & PACKED_NO_RANGE == 0 {
+            packed::put_f64(out, self.sum);
+            if flags & PACKED_ONE_VALUE == 0 {
+                packed::put_f64(out, self.min);
+                packed::put_f64(out, self.max);
+            }
+        }
+        self.positive.pack_into(out);
+        if let Some(bins) = &self.negative.0 {
+            bins.pack_into(out);
+        }
+    }
+
+    /// Reads past the sketch `pack_into` wrote, keeping nothing: for a reader of counts alone.
+    pub(crate) fn skip_from(input: &mut &[u8]) -> Result<(), Unreadable> {
+        let flags = packed::get_u8(input)?;
+        let forms = packed::get_u8(input)?;
+        // In the order written: the accuracy and zero, the count, then the range.
+        let skip = |input: &mut &[u8], reals: usize| -> Result<(), Unreadable> {
+            *input = input.get(reals * 8..).ok_or(Unreadable("a sketch cut short"))?;
+            Ok(())
+        };
+        skip(
+            input,
+            usize::from(flags & PACKED_DEFAULT_ACCURACY == 0) + usize::from(flags & PACKED_ZERO != 0),
+        )?;
+        if flags & PACKED_WHOLE_COUNT != 0 {
+            packed::get_u64(input)?;
+        } else if flags & PACKED_COUNT != 0 {
+            skip(input, 1)?;
+        }
+        let range = match (flags & PACKED_NO_RANGE != 0, flags & PACKED_ONE_VALUE != 0) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 3,
+        };
+        skip(input, range)?;
+        Bins::skip_from(forms & 3, input)?;
+        if forms >> 2 != NO_BINS {
+            Bins::skip_from(forms >> 2, input)?;
+        }
+        Ok(())
+    }
+
+    /// The sketch `pack_into` wrote, advancing `input` past it.
+    pub(crate) fn unpack_from(input: &mut &[u8]) -> Result<Sketch, Unreadable> {
+        let flags = packed::get_u8(input)?;
+        let forms = packed::get_u8(input)?;
+        let relative_accuracy = if flags & PACKED_DEFAULT_ACCURACY != 0 {
+            PACKED_ACCURACY
+        } else {
+            packed::get_f64(input)?
+        };
+        let zero = if flags & PACKED_ZERO != 0 {
+            packed::get_f64(input)?
+        } else {
+            0.0
+        };
+        let count = if flags & PACKED_WHOLE_COUNT != 0 {
+            Some(packed::get_u64(input)? as f64)
+        } else if flags & PACKED_COUNT != 0 {
+            Some(packed::get_f64(input)?)
+        } else {
+            None
+        };
+        let (sum, min, max) = if flags & PACKED_NO_RANGE != 0 {
+            (0.0, f64::INFINITY, f64::NEG_INFINITY)
+        } else if flags & PACKED_ONE_VALUE != 0 {
+            let value = packed::get_f64(input)?;
+            (value, value, value)
+        } else {
+            (
+                packed::get_f64(input)?,
+                packed::get_f64(input)?,
+                packed::get_f64(input)?,
+            )
+        };
+        let positive = Bins::unpack_from(forms & 3, input)?;
+        let negative = match forms >> 2 {
+            NO_BINS => RareBins(None),
+            form => RareBins(Some(Box::new(Bins::unpack_from(form, input)?))),
+        };
+        let mut sketch = Sketch {
+            relative_accuracy,
+            positive,
+            negative,
+            zero,
+            count: 0.0,
+            sum,
+            min,
+            max,
+        };
+        sketch.count = count.unwrap_or_else(|| sketch.bins_total());
+        Ok(sketch)
     }
 }
 

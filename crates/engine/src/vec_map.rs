@@ -72,6 +72,18 @@ impl<K, V> VecMap<K, V> {
         self.entries.shrink_to_fit();
     }
 
+    /// The map of `entries`, which must be sorted by key, each key once (as a map's own entries
+    /// read back are): `None` where they are not.
+    pub fn from_sorted(entries: Vec<(K, V)>) -> Option<Self>
+    where
+        K: Ord,
+    {
+        entries
+            .windows(2)
+            .all(|pair| pair[0].0 < pair[1].0)
+            .then_some(VecMap { entries })
+    }
+
     pub fn iter(&self) -> Iter<'_, K, V> {
         self.entries.iter().map(pair as fn(&(K, V)) -> (&K, &V))
     }

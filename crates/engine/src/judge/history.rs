@@ -11,10 +11,12 @@
 //! the seconds its increments have covered. Increments per request are then increments over
 //! exposure, both over the same time, whatever the points' spacing.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::observation::{EventTime, SeriesKey};
+use crate::packed::Names;
 use crate::window::{Aggregate, MetricAggregate};
 
 const SECOND: EventTime = 1_000_000_000;
@@ -31,8 +33,16 @@ pub struct History {
     seconds: VecDeque<(EventTime, Aggregate)>,
     /// The block the latest buckets belong to, being filled.
     block: Option<(EventTime, Aggregate)>,
-    /// Completed blocks, oldest first.
-    blocks: VecDeque<(EventTime, Aggregate)>,
+    /// Completed blocks, oldest first, each packed as bytes (`crate::packed`): a block no
+    /// longer changes but for a counter's increment attributed late, and is read whole only
+    /// when a long window's merge is made again, so it is held in a third to a fifth of an
+    /// aggregate's memory, in one heap block rather than one per map and sketch.
+    blocks: VecDeque<(EventTime, Box<[u8]>)>,
+    /// The names the packed blocks refer to.
+    names: Names,
+    /// The names held after the table was last made anew: it is made anew once it holds twice
+    /// that (and `NAMES_SLACK` more), so that names the blocks no longer hold do not pile up.
+    names_after_compaction: usize,
     /// How far back blocks are kept.
     keep: EventTime,
     /// The requests of each second, as far back as blocks are kept.
@@ -126,20 +136,40 @@ impl SecondRequests {
     }
 }
 
+/// Where a part of a trailing window is held: as an aggregate (a second, the block being
+/// filled), or packed (a completed block).
+enum Part<'a> {
+    Held(&'a Aggregate),
+    Packed(&'a [u8]),
+}
+
+/// Names a table may gain beyond twice those in use before it is made anew.
+const NAMES_SLACK: usize = 64;
+
 impl History {
+    /// The completed block packed as `bytes`.
+    fn unpack(names: &Names, bytes: &[u8]) -> Aggregate {
+        // History packed these bytes itself with this table; the round-trip property test holds
+        // what is packed to read back as it was: bytes that do not are a bug here, not input.
+        names
+            .unpack(bytes)
+            .expect("a completed block reads back as it was packed")
+    }
+
     /// About the memory the seconds and blocks kept hold, and apart, the long windows' merges of
     /// blocks kept for the next look.
     pub fn memory_bytes(&self) -> (usize, usize) {
-        let each = std::mem::size_of::<(EventTime, crate::window::Aggregate)>();
-        let kept = (self.seconds.capacity() + self.blocks.capacity() + usize::from(self.block.is_some()))
-            * each
+        let each = std::mem::size_of::<(EventTime, Aggregate)>();
+        let kept = (self.seconds.capacity() + usize::from(self.block.is_some())) * each
             + self
                 .seconds
                 .iter()
-                .chain(&self.blocks)
                 .chain(self.block.iter())
                 .map(|(_, agg)| agg.heap_bytes())
                 .sum::<usize>()
+            + self.blocks.capacity() * std::mem::size_of::<(EventTime, Box<[u8]>)>()
+            + self.blocks.iter().map(|(_, bytes)| bytes.len()).sum::<usize>()
+            + self.names.heap_bytes()
             + self.requests.heap_bytes();
         let merges = self
             .merged_blocks
@@ -188,7 +218,8 @@ impl History {
                         // to twice the blocks' room (an aggregate, about 250 bytes, a block).
                         self.blocks.reserve_exact((self.keep / BLOCK) as usize + 2);
                     }
-                    self.blocks.push_back((done_start, done));
+                    let packed = self.names.pack(&done);
+                    self.blocks.push_back((done_start, packed));
                     self.blocks_changed += 1;
                 }
                 self.block = Some((block_start, bucket.clone()));
@@ -212,11 +243,27 @@ impl History {
             self.blocks.pop_front();
             self.blocks_changed += 1;
         }
+        self.compact_names();
         let kept_from = self.blocks.front().map_or(block_start, |(b, _)| *b);
         self.requests.trim(kept_from);
         if let Some(known) = &mut self.known_from {
             *known = (*known).max(kept_from);
         }
+    }
+
+    /// Makes the names' table anew, packing every block again with it, once it holds more than
+    /// twice the names it held after it was last made (and `NAMES_SLACK`): names that only
+    /// dropped blocks held then go, so the table stays within about twice the names in use.
+    fn compact_names(&mut self) {
+        if self.names.len() <= 2 * self.names_after_compaction + NAMES_SLACK {
+            return;
+        }
+        let mut names = Names::default();
+        for (_, bytes) in &mut self.blocks {
+            *bytes = names.pack(&Self::unpack(&self.names, bytes));
+        }
+        self.names = names;
+        self.names_after_compaction = self.names.len();
     }
 
     /// Attributes `value`, a counter's increment over `[from, to)` that landed in the second
@@ -298,10 +345,12 @@ impl History {
             Some((b, agg)) if *b == block => f(agg),
             _ => {
                 let i = self.blocks.partition_point(|(b, _)| *b < block);
-                if let Some((b, agg)) = self.blocks.get_mut(i)
+                if let Some((b, bytes)) = self.blocks.get_mut(i)
                     && *b == block
                 {
-                    f(agg);
+                    let mut agg = Self::unpack(&self.names, bytes);
+                    f(&mut agg);
+                    *bytes = self.names.pack(&agg);
                     self.blocks_changed += 1;
                 }
             }
@@ -360,8 +409,8 @@ impl History {
                             .filter(|m| m.count < count)
                             .max_by_key(|m| m.count)
                             .map_or((Aggregate::default(), 0), |m| (m.merged.clone(), m.count));
-                        for (_, agg) in self.blocks.iter().rev().skip(have).take(count - have) {
-                            merged.merge(agg);
+                        for (_, bytes) in self.blocks.iter().rev().skip(have).take(count - have) {
+                            merged.merge(&Self::unpack(&self.names, bytes));
                         }
                         // Kept until a block changes, ten looks at most.
                         merged.shrink_to_fit();
@@ -395,9 +444,12 @@ impl History {
     }
 
     /// The completed 10-second block starting at `start`, while it is kept.
-    pub fn block(&self, start: EventTime) -> Option<&Aggregate> {
+    pub fn block(&self, start: EventTime) -> Option<Aggregate> {
         let i = self.blocks.partition_point(|(b, _)| *b < start);
-        self.blocks.get(i).filter(|(b, _)| *b == start).map(|(_, a)| a)
+        self.blocks
+            .get(i)
+            .filter(|(b, _)| *b == start)
+            .map(|(_, bytes)| Self::unpack(&self.names, bytes))
     }
 
     /// What the version did in `[at - h, at)`, from the whole blocks and single seconds that end
@@ -408,9 +460,9 @@ impl History {
         let from = at.saturating_sub(horizon_s.saturating_mul(SECOND));
         let mut acc = Aggregate::default();
         let mut covered_until = from;
-        for (b, agg) in &self.blocks {
+        for (b, bytes) in &self.blocks {
             if *b >= from && b.saturating_add(BLOCK) <= at {
-                acc.merge(agg);
+                acc.merge(&Self::unpack(&self.names, bytes));
                 covered_until = covered_until.max(b.saturating_add(BLOCK));
             }
         }
@@ -424,31 +476,81 @@ impl History {
 
     /// The pieces `trailing(now, [h])` merges: single seconds for windows up to a block, else
     /// the block being filled and whole blocks; each with its start.
-    pub fn parts(&self, now: EventTime, horizon_s: u64) -> Vec<(EventTime, &Aggregate)> {
-        let h = horizon_s.saturating_mul(SECOND);
-        let from = now.saturating_sub(h);
-        if h <= BLOCK {
-            return self
-                .seconds
-                .iter()
-                .filter(|(s, _)| *s >= from)
-                .map(|(s, a)| (*s, a))
-                .collect();
-        }
-        self.blocks
-            .iter()
-            .filter(|(b, _)| *b >= from)
-            .chain(self.block.as_ref())
-            .map(|(s, a)| (*s, a))
+    pub fn parts(&self, now: EventTime, horizon_s: u64) -> Vec<(EventTime, Cow<'_, Aggregate>)> {
+        self.parts_read(now, horizon_s, Self::unpack)
+    }
+
+    /// The same parts as `parts`, but for the completed blocks' sketches, left empty: for a
+    /// reader of counts alone (the stable's dispersion), which would otherwise make every sketch
+    /// of the reference window's blocks.
+    pub fn parts_counts(&self, now: EventTime, horizon_s: u64) -> Vec<(EventTime, Cow<'_, Aggregate>)> {
+        self.parts_read(now, horizon_s, |names, bytes| {
+            names
+                .unpack_counts(bytes)
+                .expect("a completed block reads back as it was packed")
+        })
+    }
+
+    /// The start of each part `parts(now, horizon_s)` gives, in its order, and whether it is a
+    /// completed block (unchanged while `changes` stays) rather than a second or the block
+    /// being filled; without reading any.
+    pub fn part_starts(&self, now: EventTime, horizon_s: u64) -> Vec<(EventTime, bool)> {
+        self.part_places(now, horizon_s)
+            .map(|(start, part)| (start, matches!(part, Part::Packed(_))))
             .collect()
     }
 
+    /// Counts every change to the completed blocks: one added, dropped or given increments.
+    pub fn changes(&self) -> u64 {
+        self.blocks_changed
+    }
+
+    fn parts_read(
+        &self,
+        now: EventTime,
+        horizon_s: u64,
+        unpack: impl Fn(&Names, &[u8]) -> Aggregate,
+    ) -> Vec<(EventTime, Cow<'_, Aggregate>)> {
+        self.part_places(now, horizon_s)
+            .map(|(start, part)| match part {
+                Part::Held(agg) => (start, Cow::Borrowed(agg)),
+                Part::Packed(bytes) => (start, Cow::Owned(unpack(&self.names, bytes))),
+            })
+            .collect()
+    }
+
+    /// Where each part of `parts(now, horizon_s)` is held.
+    fn part_places(&self, now: EventTime, horizon_s: u64) -> impl Iterator<Item = (EventTime, Part<'_>)> {
+        let h = horizon_s.saturating_mul(SECOND);
+        let from = now.saturating_sub(h);
+        let (seconds, blocks, filling) = if h <= BLOCK {
+            (self.seconds.range(..), None, None)
+        } else {
+            (self.seconds.range(0..0), Some(&self.blocks), self.block.as_ref())
+        };
+        seconds
+            .filter(move |(s, _)| *s >= from)
+            .map(|(s, agg)| (*s, Part::Held(agg)))
+            .chain(
+                blocks
+                    .into_iter()
+                    .flatten()
+                    .filter(move |(b, _)| *b >= from)
+                    .map(|(b, bytes)| (*b, Part::Packed(bytes))),
+            )
+            .chain(filling.map(|(b, agg)| (*b, Part::Held(agg))))
+    }
+
     /// The 10-second blocks held, oldest first, the one being filled last.
-    pub fn blocks(&self) -> impl Iterator<Item = (EventTime, &Aggregate)> {
+    pub fn blocks(&self) -> impl Iterator<Item = (EventTime, Cow<'_, Aggregate>)> {
         self.blocks
             .iter()
-            .chain(self.block.as_ref())
-            .map(|(start, agg)| (*start, agg))
+            .map(|(start, bytes)| (*start, Cow::Owned(Self::unpack(&self.names, bytes))))
+            .chain(
+                self.block
+                    .as_ref()
+                    .map(|(start, agg)| (*start, Cow::Borrowed(agg))),
+            )
     }
 
     /// Bytes held, roughly, for memory accounting.
@@ -524,9 +626,12 @@ mod tests {
         let w = h.trailing(200 * SECOND, &[30, 120]);
         assert_eq!(w[1].all.requests, 480);
         assert!(h.blocks.len() >= 12);
-        for (_, block) in &h.blocks {
-            assert_eq!(block.heap_bytes(), block.clone().heap_bytes());
-        }
+        // A completed block is its packed bytes alone, in one heap block of their own size.
+        let kept: usize = h.blocks.iter().map(|(_, bytes)| bytes.len()).sum();
+        let (held, _) = h.memory_bytes();
+        let outside_blocks =
+            held - kept - h.blocks.capacity() * std::mem::size_of::<(EventTime, Box<[u8]>)>();
+        assert!(kept > 0 && outside_blocks > 0);
         let (_, merges) = h.memory_bytes();
         let exact: usize = h
             .merged_blocks
@@ -573,13 +678,22 @@ mod tests {
         for horizon in [5, 10, 60] {
             let mut merged = Aggregate::default();
             for (_, part) in h.parts(now, horizon) {
-                merged.merge(part);
+                merged.merge(&part);
             }
-            assert_eq!(
-                merged.all.requests,
-                h.trailing(now, &[horizon])[0].all.requests,
-                "{horizon}"
-            );
+            let trailing = &h.trailing(now, &[horizon])[0];
+            assert_eq!(merged.all.requests, trailing.all.requests, "{horizon}");
+            assert_eq!(merged.all.latency_ms, trailing.all.latency_ms, "{horizon}");
+            // Read for counts alone: the same parts and counts, the completed blocks' sketches
+            // left empty.
+            let counts = h.parts_counts(now, horizon);
+            let parts = h.parts(now, horizon);
+            assert_eq!(counts.len(), parts.len());
+            for ((start, counted), (part_start, part)) in counts.iter().zip(&parts) {
+                assert_eq!((start, counted.all.requests), (part_start, part.all.requests));
+                if horizon > 10 && *start + BLOCK <= now {
+                    assert!(counted.all.latency_ms.is_empty() && !part.all.latency_ms.is_empty());
+                }
+            }
         }
     }
 

@@ -342,6 +342,16 @@ pub enum JudgeError {
     Traffic(ModelError),
 }
 
+/// The stable's dispersion as an analysis last made it from completed blocks alone.
+#[derive(Debug)]
+struct KeptDispersion {
+    /// The stable history's `changes` then.
+    changes: u64,
+    /// The blocks it was made from.
+    starts: Vec<EventTime>,
+    dispersion: checks::Dispersion,
+}
+
 /// One canary under analysis.
 #[derive(Debug)]
 pub struct Analysis {
@@ -386,6 +396,10 @@ pub struct Analysis {
     stable_requests: u64,
     /// Where each undecided check's search for the requests it needs ended (speed only).
     power_hints: checks::PowerHints,
+    /// The stable's dispersion over the reference window's completed blocks, and what it was
+    /// made from: the stable history's changes and the blocks' starts. Asked at every look,
+    /// it changes only when a block does, every ten (speed only).
+    stable_dispersion: std::cell::RefCell<Option<KeptDispersion>>,
 }
 
 impl Analysis {
@@ -459,6 +473,7 @@ impl Analysis {
             canary_requests: 0,
             stable_requests: 0,
             power_hints: checks::PowerHints::default(),
+            stable_dispersion: Default::default(),
         }
     }
 
@@ -541,12 +556,12 @@ impl Analysis {
             canary: self
                 .canary_history
                 .blocks()
-                .map(|(t, a)| SeriesPoint::of(t, a))
+                .map(|(t, a)| SeriesPoint::of(t, &a))
                 .collect(),
             stable: self
                 .stable_history
                 .blocks()
-                .map(|(t, a)| SeriesPoint::of(t, a))
+                .map(|(t, a)| SeriesPoint::of(t, &a))
                 .collect(),
             canary_operations: operations(&canary),
             stable_operations: operations(&stable),
@@ -668,16 +683,55 @@ impl Analysis {
         // Only whole parts: one the analysis began inside of, or one still filling, would pair a
         // counter's whole increment with part of its requests.
         let part_ns = if d.reference_s <= 10 { SECOND } else { 10 * SECOND };
-        let whole: Vec<(EventTime, &Aggregate)> = self
+        let is_whole = |start: EventTime| start >= self.started_at && start.saturating_add(part_ns) <= now;
+        let starts: Vec<(EventTime, bool)> = self
             .stable_history
-            .parts(now, d.reference_s)
+            .part_starts(now, d.reference_s)
             .into_iter()
-            .filter(|(start, _)| *start >= self.started_at && start.saturating_add(part_ns) <= now)
+            .filter(|(start, _)| is_whole(*start))
             .collect();
+        // Made from completed blocks alone, it holds until one of them changes or the window
+        // moves past one.
+        let key = starts
+            .iter()
+            .all(|(_, completed)| *completed)
+            .then(|| KeptDispersion {
+                changes: self.stable_history.changes(),
+                starts: starts.iter().map(|(start, _)| *start).collect(),
+                dispersion: checks::Dispersion::default(),
+            });
+        let kept = self.stable_dispersion.borrow().as_ref().and_then(|kept| {
+            key.as_ref()
+                .is_some_and(|key| key.changes == kept.changes && key.starts == kept.starts)
+                .then(|| kept.dispersion.clone())
+        });
+        let made = || {
+            let parts = self.stable_history.parts_counts(now, d.reference_s);
+            let whole: Vec<(EventTime, &Aggregate)> = parts
+                .iter()
+                .filter(|(start, _)| is_whole(*start))
+                .map(|(start, part)| (*start, &**part))
+                .collect();
+            checks::Dispersion::of(&whole)
+        };
+        // Every test build checks that what is kept is what would be made.
+        debug_assert!(
+            kept.as_ref()
+                .is_none_or(|kept| format!("{kept:?}") == format!("{:?}", made())),
+            "a kept dispersion differs from the one its blocks make"
+        );
+        let dispersion = kept.unwrap_or_else(|| {
+            let dispersion = made();
+            *self.stable_dispersion.borrow_mut() = key.map(|key| KeptDispersion {
+                dispersion: dispersion.clone(),
+                ..key
+            });
+            dispersion
+        });
         Trailing {
             canary: self.canary_history.trailing(now, &canary_h),
             stable: self.stable_history.trailing(now, &stable_h),
-            dispersion: checks::Dispersion::of(&whole),
+            dispersion,
             sequential: self.sequential.evidence(model),
             seen_s: now.saturating_sub(self.started_at) / SECOND,
             horizons,
@@ -970,7 +1024,7 @@ impl Analysis {
             return None;
         }
         let loose = checks::Thresholds::uniform(ROBUST_ALPHA);
-        let without = |parts: &[(EventTime, &Aggregate)], skip: EventTime| {
+        let without = |parts: &[(EventTime, std::borrow::Cow<'_, Aggregate>)], skip: EventTime| {
             let mut merged = Aggregate::default();
             for (start, part) in parts {
                 if *start != skip {

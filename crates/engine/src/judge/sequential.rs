@@ -434,7 +434,7 @@ impl Sequential {
             block -= block % BLOCK;
             while block.saturating_add(BLOCK) <= ripe {
                 if let (Some(can), Some(st)) = (canary.block(block), stable.block(block)) {
-                    self.counters(model, block, can, st);
+                    self.counters(model, block, &can, &st);
                 }
                 block += BLOCK;
             }

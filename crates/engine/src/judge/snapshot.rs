@@ -142,6 +142,7 @@ impl Analysis {
             canary_requests: s.canary_requests,
             stable_requests: s.stable_requests,
             power_hints: Default::default(),
+            stable_dispersion: Default::default(),
         }
     }
 }
