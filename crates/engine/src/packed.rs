@@ -1,5 +1,5 @@
 //! Aggregates that are kept but no longer change (a completed 10-second block of an analysis's
-//! history), held as one run of bytes each, their names as indices into a table their holder
+//! history, a long window's merge of such blocks), held as one run of bytes each, their names as indices into a table their holder
 //! keeps.
 //!
 //! A block as an `Aggregate` is some 250 bytes inline, 120 more for each operation (its name
@@ -133,6 +133,14 @@ impl<K: Ord + Clone> Table<K> {
         }
     }
 
+    /// `key`'s index, if it has one.
+    fn find(&self, key: &K) -> Option<u64> {
+        self.sorted
+            .binary_search_by(|&i| self.keys[i as usize].cmp(key))
+            .ok()
+            .map(|at| u64::from(self.sorted[at]))
+    }
+
     fn key(&self, input: &mut &[u8]) -> Result<K, Unreadable> {
         let i = get_u64(input)?;
         usize::try_from(i)
@@ -181,8 +189,17 @@ impl Names {
     /// `agg` as bytes, its names indexed here.
     pub fn pack(&mut self, agg: &Aggregate) -> Box<[u8]> {
         let mut out = Vec::with_capacity(64);
-        self.put_aggregate(&mut out, agg);
+        let packed = put_aggregate(&mut out, agg, self);
+        debug_assert!(packed.is_some(), "a table that adds names indexes every name");
         out.into_boxed_slice()
+    }
+
+    /// `agg` as bytes, if every name it holds is indexed here already (a merge of aggregates
+    /// packed with this table): for a holder that may not add names.
+    pub fn pack_known(&self, agg: &Aggregate) -> Option<Box<[u8]>> {
+        let mut out = Vec::with_capacity(64);
+        put_aggregate(&mut out, agg, &mut Known(self))?;
+        Some(out.into_boxed_slice())
     }
 
     /// The aggregate `bytes` were packed from, by this table.
@@ -204,38 +221,6 @@ impl Names {
             return Err(Unreadable("bytes past the aggregate"));
         }
         Ok(agg)
-    }
-
-    fn put_aggregate(&mut self, out: &mut Vec<u8>, agg: &Aggregate) {
-        put_request(out, &agg.all);
-        put_u64(out, agg.operations.len() as u64);
-        for (name, op) in &agg.operations {
-            put_u64(out, self.names.index(name));
-            put_request(out, op);
-        }
-        put_u64(out, agg.cohorts.len() as u64);
-        for (name, cohort) in &agg.cohorts {
-            put_u64(out, self.names.index(name));
-            self.put_aggregate(out, cohort);
-        }
-        put_u64(out, agg.calls.len() as u64);
-        for (name, (calls, failed)) in &agg.calls {
-            put_u64(out, self.names.index(name));
-            put_u64(out, *calls);
-            put_u64(out, *failed);
-        }
-        put_u64(out, agg.exceptions.len() as u64);
-        for (name, n) in &agg.exceptions {
-            put_u64(out, self.names.index(name));
-            put_u64(out, *n);
-        }
-        put_u64(out, agg.logs);
-        put_u64(out, agg.error_logs);
-        put_u64(out, agg.metrics.len() as u64);
-        for (series, m) in &agg.metrics {
-            put_u64(out, self.series.index(series));
-            put_metric(out, m);
-        }
     }
 
     fn get_aggregate(&self, input: &mut &[u8], sketches: Sketches) -> Result<Aggregate, Unreadable> {
@@ -275,6 +260,69 @@ impl Names {
             metrics,
         })
     }
+}
+
+/// How packing gives a name its index: adding the names a table lacks (`Names`), or finding
+/// only those it has (`Known`).
+trait Indexer {
+    fn name(&mut self, name: &Arc<str>) -> Option<u64>;
+    fn series(&mut self, series: &SeriesKey) -> Option<u64>;
+}
+
+impl Indexer for Names {
+    fn name(&mut self, name: &Arc<str>) -> Option<u64> {
+        Some(self.names.index(name))
+    }
+
+    fn series(&mut self, series: &SeriesKey) -> Option<u64> {
+        Some(self.series.index(series))
+    }
+}
+
+struct Known<'a>(&'a Names);
+
+impl Indexer for Known<'_> {
+    fn name(&mut self, name: &Arc<str>) -> Option<u64> {
+        self.0.names.find(name)
+    }
+
+    fn series(&mut self, series: &SeriesKey) -> Option<u64> {
+        self.0.series.find(series)
+    }
+}
+
+/// Appends `agg`, its names indexed by `index`; `None` where one has no index.
+fn put_aggregate(out: &mut Vec<u8>, agg: &Aggregate, index: &mut impl Indexer) -> Option<()> {
+    put_request(out, &agg.all);
+    put_u64(out, agg.operations.len() as u64);
+    for (name, op) in &agg.operations {
+        put_u64(out, index.name(name)?);
+        put_request(out, op);
+    }
+    put_u64(out, agg.cohorts.len() as u64);
+    for (name, cohort) in &agg.cohorts {
+        put_u64(out, index.name(name)?);
+        put_aggregate(out, cohort, index)?;
+    }
+    put_u64(out, agg.calls.len() as u64);
+    for (name, (calls, failed)) in &agg.calls {
+        put_u64(out, index.name(name)?);
+        put_u64(out, *calls);
+        put_u64(out, *failed);
+    }
+    put_u64(out, agg.exceptions.len() as u64);
+    for (name, n) in &agg.exceptions {
+        put_u64(out, index.name(name)?);
+        put_u64(out, *n);
+    }
+    put_u64(out, agg.logs);
+    put_u64(out, agg.error_logs);
+    put_u64(out, agg.metrics.len() as u64);
+    for (series, m) in &agg.metrics {
+        put_u64(out, index.series(series)?);
+        put_metric(out, m);
+    }
+    Some(())
 }
 
 fn put_request(out: &mut Vec<u8>, r: &RequestAggregate) {
@@ -523,6 +571,17 @@ mod tests {
         ) {
             let mut names = Names::default();
             let packed: Vec<Box<[u8]>> = aggs.iter().map(|a| names.pack(a)).collect();
+            // Packed again by a table that only finds names: the same bytes, since each name
+            // is known now; a table that knows none refuses any aggregate with a name.
+            for (agg, bytes) in aggs.iter().zip(&packed) {
+                prop_assert_eq!(names.pack_known(agg), Some(bytes.clone()));
+                let named = !agg.operations.is_empty()
+                    || !agg.cohorts.is_empty()
+                    || !agg.calls.is_empty()
+                    || !agg.exceptions.is_empty()
+                    || !agg.metrics.is_empty();
+                prop_assert_eq!(Names::default().pack_known(agg).is_none(), named);
+            }
             for (agg, bytes) in aggs.iter().zip(&packed) {
                 let read = names.unpack(bytes);
                 prop_assert!(read.is_ok(), "{read:?}");
@@ -602,8 +661,7 @@ mod tests {
         put_u64(&mut len, 1 << 30);
         assert!(get_len(&mut &len[..], 1).is_err());
         let names = Names::default();
-        let mut agg = Vec::new();
-        Names::default().put_aggregate(&mut agg, &Aggregate::default());
+        let agg = Names::default().pack(&Aggregate::default());
         assert!(names.unpack(&agg).is_ok());
         for end in 0..agg.len() {
             assert!(names.unpack(&agg[..end]).is_err(), "{end}");

@@ -61,13 +61,14 @@ pub struct History {
 }
 
 /// The merge of the newest `count` completed blocks, the newest starting at `newest`, as they
-/// were at change `changed`.
+/// were at change `changed`; packed with the blocks' names (a merge of ten minutes of an
+/// operation's latency holds a wide sketch), and read back once a look.
 #[derive(Clone, Debug, Default)]
 struct MergedBlocks {
     changed: u64,
     newest: EventTime,
     count: usize,
-    merged: Aggregate,
+    merged: Box<[u8]>,
 }
 
 /// The requests of each second from `first` on, one count a second (0 for a second without),
@@ -175,7 +176,7 @@ impl History {
             .merged_blocks
             .borrow()
             .iter()
-            .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.heap_bytes())
+            .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.len())
             .sum::<usize>();
         (kept, merges)
     }
@@ -264,6 +265,8 @@ impl History {
         }
         self.names = names;
         self.names_after_compaction = self.names.len();
+        // Packed with the old table: made again at the next look.
+        self.merged_blocks.get_mut().clear();
     }
 
     /// Attributes `value`, a counter's increment over `[from, to)` that landed in the second
@@ -387,13 +390,14 @@ impl History {
         if long.is_empty() {
             return out;
         }
-        // Longer windows: the block being filled, then whole blocks.
+        // Longer windows: whole blocks, then the block being filled.
         let newest = self.blocks.back().map_or(0, |(b, _)| *b);
         let mut cache = self.merged_blocks.borrow_mut();
-        let mut fresh: Vec<MergedBlocks> = Vec::with_capacity(long.len());
+        // Each merge this look uses: its count of blocks, as kept, and as read back.
+        let mut fresh: Vec<(usize, Option<MergedBlocks>, Aggregate)> = Vec::with_capacity(long.len());
         for (i, from) in long {
             let count = self.blocks.iter().rev().take_while(|(b, _)| *b >= from).count();
-            let at = match fresh.iter().position(|m| m.count == count) {
+            let at = match fresh.iter().position(|(n, _, _)| *n == count) {
                 Some(at) => at,
                 None => {
                     let kept = cache
@@ -402,34 +406,46 @@ impl History {
                             m.changed == self.blocks_changed && m.newest == newest && m.count == count
                         })
                         .map(|at| cache.swap_remove(at));
-                    let merged = kept.unwrap_or_else(|| {
-                        // From the longest shorter merge made here, adding the blocks it lacks.
-                        let (mut merged, have) = fresh
-                            .iter()
-                            .filter(|m| m.count < count)
-                            .max_by_key(|m| m.count)
-                            .map_or((Aggregate::default(), 0), |m| (m.merged.clone(), m.count));
-                        for (_, bytes) in self.blocks.iter().rev().skip(have).take(count - have) {
-                            merged.merge(&Self::unpack(&self.names, bytes));
+                    let made = match kept {
+                        Some(kept) => {
+                            let merged = Self::unpack(&self.names, &kept.merged);
+                            (count, Some(kept), merged)
                         }
-                        // Kept until a block changes, ten looks at most.
-                        merged.shrink_to_fit();
-                        MergedBlocks {
-                            changed: self.blocks_changed,
-                            newest,
-                            count,
-                            merged,
+                        None => {
+                            // From the longest shorter merge made here, adding the blocks it lacks.
+                            let (mut merged, have) = fresh
+                                .iter()
+                                .filter(|(n, _, _)| *n < count)
+                                .max_by_key(|(n, _, _)| *n)
+                                .map_or((Aggregate::default(), 0), |(n, _, m)| (m.clone(), *n));
+                            for (_, bytes) in self.blocks.iter().rev().skip(have).take(count - have) {
+                                merged.merge(&Self::unpack(&self.names, bytes));
+                            }
+                            // Kept until a block changes, ten looks at most. Every name it holds is
+                            // a block's, so the table has it; one it lacked would go unkept.
+                            merged.shrink_to_fit();
+                            let kept = self.names.pack_known(&merged).map(|packed| MergedBlocks {
+                                changed: self.blocks_changed,
+                                newest,
+                                count,
+                                merged: packed,
+                            });
+                            (count, kept, merged)
                         }
-                    });
-                    fresh.push(merged);
+                    };
+                    fresh.push(made);
                     fresh.len() - 1
                 }
             };
-            let mut window = self.block.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
-            window.merge(&fresh[at].merged);
+            // The merge, and the block being filled merged into it: the same sums as the other
+            // way round, each field adding two numbers.
+            let mut window = fresh[at].2.clone();
+            if let Some((_, block)) = &self.block {
+                window.merge(block);
+            }
             out[i] = window;
         }
-        *cache = fresh;
+        *cache = fresh.into_iter().filter_map(|(_, kept, _)| kept).collect();
         out
     }
 
@@ -604,11 +620,11 @@ mod tests {
         );
     }
 
-    /// Completed blocks and the long windows' kept merges no longer grow, so they hold no spare
-    /// capacity: each takes what a copy of it would, however its latencies spread out as it
-    /// filled.
+    /// Completed blocks and the long windows' kept merges no longer change, so they are held
+    /// packed: each in well under half the memory of the aggregate it reads back as, and
+    /// counted as what it holds.
     #[test]
-    fn what_is_kept_unchanged_holds_no_spare_capacity() {
+    fn what_is_kept_unchanged_is_held_packed() {
         let mut h = History::new(120);
         for s in 0..200u64 {
             let mut b = Aggregate::default();
@@ -626,21 +642,28 @@ mod tests {
         let w = h.trailing(200 * SECOND, &[30, 120]);
         assert_eq!(w[1].all.requests, 480);
         assert!(h.blocks.len() >= 12);
-        // A completed block is its packed bytes alone, in one heap block of their own size.
-        let kept: usize = h.blocks.iter().map(|(_, bytes)| bytes.len()).sum();
-        let (held, _) = h.memory_bytes();
-        let outside_blocks =
-            held - kept - h.blocks.capacity() * std::mem::size_of::<(EventTime, Box<[u8]>)>();
-        assert!(kept > 0 && outside_blocks > 0);
-        let (_, merges) = h.memory_bytes();
-        let exact: usize = h
-            .merged_blocks
-            .borrow()
+        let as_aggregate =
+            |bytes: &[u8]| std::mem::size_of::<Aggregate>() + History::unpack(&h.names, bytes).heap_bytes();
+        for (_, bytes) in &h.blocks {
+            assert!(bytes.len() * 2 < as_aggregate(bytes), "{} bytes", bytes.len());
+        }
+        let merges = h.merged_blocks.borrow();
+        assert!(!merges.is_empty());
+        for m in merges.iter() {
+            assert!(
+                m.merged.len() * 2 < as_aggregate(&m.merged),
+                "{} bytes",
+                m.merged.len()
+            );
+        }
+        let (held, kept_merges) = h.memory_bytes();
+        let blocks: usize = h.blocks.iter().map(|(_, bytes)| bytes.len()).sum();
+        assert!(held > blocks + h.names.heap_bytes());
+        let packed: usize = merges
             .iter()
-            .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.clone().heap_bytes())
+            .map(|m| std::mem::size_of::<MergedBlocks>() + m.merged.len())
             .sum();
-        assert!(merges > 0);
-        assert_eq!(merges, exact);
+        assert_eq!(kept_merges, packed);
     }
 
     /// What the sequential evidence reads for a second already behind the latest bucket: that
