@@ -43,6 +43,7 @@ pub mod score;
 pub mod simulate;
 pub mod sketch;
 pub mod summary;
+pub mod varint;
 pub mod vec_map;
 pub mod window;
 

@@ -16,7 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::packed::{self, Unreadable};
+use crate::varint::{self, Unreadable};
 
 /// Magnitudes below this are counted as zero.
 const MIN_MAGNITUDE: f64 = 1e-9;
@@ -391,26 +391,26 @@ impl Bins {
     fn pack_into(&self, out: &mut Vec<u8>) {
         match self {
             Bins::Sparse(bins) => {
-                packed::put_u64(out, bins.len() as u64);
+                varint::put_u64(out, bins.len() as u64);
                 let mut previous = 0i64;
                 for &(i, c) in bins {
-                    packed::put_i64(out, i64::from(i) - previous);
-                    packed::put_u64(out, u64::from(c));
+                    varint::put_i64(out, i64::from(i) - previous);
+                    varint::put_u64(out, u64::from(c));
                     previous = i64::from(i);
                 }
             }
             Bins::Counts { offset, counts } => {
-                packed::put_i64(out, i64::from(*offset));
-                packed::put_u64(out, counts.len() as u64);
+                varint::put_i64(out, i64::from(*offset));
+                varint::put_u64(out, counts.len() as u64);
                 for &c in counts {
-                    packed::put_u64(out, u64::from(c));
+                    varint::put_u64(out, u64::from(c));
                 }
             }
             Bins::Dense { offset, counts } => {
-                packed::put_i64(out, i64::from(*offset));
-                packed::put_u64(out, counts.len() as u64);
+                varint::put_i64(out, i64::from(*offset));
+                varint::put_u64(out, counts.len() as u64);
                 for &c in counts {
-                    packed::put_f64(out, c);
+                    varint::put_f64(out, c);
                 }
             }
         }
@@ -422,8 +422,8 @@ impl Bins {
         each: usize,
         get: impl Fn(&mut &[u8]) -> Result<T, Unreadable>,
     ) -> Result<(i32, Vec<T>), Unreadable> {
-        let offset = packed::get_i32(input)?;
-        let mut weights = Vec::with_capacity(packed::get_len(input, each)?);
+        let offset = varint::get_i32(input)?;
+        let mut weights = Vec::with_capacity(varint::get_len(input, each)?);
         for _ in 0..weights.capacity() {
             weights.push(get(input)?);
         }
@@ -433,19 +433,19 @@ impl Bins {
     /// Reads past the bins `pack_into` wrote in form `form`, keeping nothing.
     fn skip_from(form: u8, input: &mut &[u8]) -> Result<(), Unreadable> {
         let (numbers, reals) = match form {
-            SPARSE => (2 * packed::get_len(input, 2)?, 0),
+            SPARSE => (2 * varint::get_len(input, 2)?, 0),
             COUNTS => {
-                packed::get_i32(input)?;
-                (packed::get_len(input, 1)?, 0)
+                varint::get_i32(input)?;
+                (varint::get_len(input, 1)?, 0)
             }
             DENSE => {
-                packed::get_i32(input)?;
-                (0, packed::get_len(input, 8)?)
+                varint::get_i32(input)?;
+                (0, varint::get_len(input, 8)?)
             }
             _ => return Err(Unreadable("a bins' form unknown")),
         };
         for _ in 0..numbers {
-            packed::get_u64(input)?;
+            varint::get_u64(input)?;
         }
         *input = input.get(reals * 8..).ok_or(Unreadable("bins cut short"))?;
         Ok(())
@@ -455,22 +455,22 @@ impl Bins {
     fn unpack_from(form: u8, input: &mut &[u8]) -> Result<Bins, Unreadable> {
         Ok(match form {
             SPARSE => {
-                let mut bins = Vec::with_capacity(packed::get_len(input, 2)?);
+                let mut bins = Vec::with_capacity(varint::get_len(input, 2)?);
                 let mut previous = 0i64;
                 for _ in 0..bins.capacity() {
-                    let i = previous.saturating_add(packed::get_i64(input)?);
+                    let i = previous.saturating_add(varint::get_i64(input)?);
                     let index = i32::try_from(i).map_err(|_| Unreadable("a bin's index out of range"))?;
-                    bins.push((index, packed::get_u32(input)?));
+                    bins.push((index, varint::get_u32(input)?));
                     previous = i;
                 }
                 Bins::Sparse(bins)
             }
             COUNTS => {
-                let (offset, counts) = Self::unpack_span(input, 1, packed::get_u32)?;
+                let (offset, counts) = Self::unpack_span(input, 1, varint::get_u32)?;
                 Bins::Counts { offset, counts }
             }
             DENSE => {
-                let (offset, counts) = Self::unpack_span(input, 8, packed::get_f64)?;
+                let (offset, counts) = Self::unpack_span(input, 8, varint::get_f64)?;
                 Bins::Dense { offset, counts }
             }
             _ => return Err(Unreadable("a bins' form unknown")),
@@ -990,21 +990,21 @@ impl Sketch {
         out.push(flags);
         out.push(self.positive.form() | negative << 2);
         if flags & PACKED_DEFAULT_ACCURACY == 0 {
-            packed::put_f64(out, self.relative_accuracy);
+            varint::put_f64(out, self.relative_accuracy);
         }
         if flags & PACKED_ZERO != 0 {
-            packed::put_f64(out, self.zero);
+            varint::put_f64(out, self.zero);
         }
         if flags & PACKED_WHOLE_COUNT != 0 {
-            packed::put_u64(out, self.count as u64);
+            varint::put_u64(out, self.count as u64);
         } else if flags & PACKED_COUNT != 0 {
-            packed::put_f64(out, self.count);
+            varint::put_f64(out, self.count);
         }
         if flags & PACKED_NO_RANGE == 0 {
-            packed::put_f64(out, self.sum);
+            varint::put_f64(out, self.sum);
             if flags & PACKED_ONE_VALUE == 0 {
-                packed::put_f64(out, self.min);
-                packed::put_f64(out, self.max);
+                varint::put_f64(out, self.min);
+                varint::put_f64(out, self.max);
             }
         }
         self.positive.pack_into(out);
@@ -1015,8 +1015,8 @@ impl Sketch {
 
     /// Reads past the sketch `pack_into` wrote, keeping nothing: for a reader of counts alone.
     pub(crate) fn skip_from(input: &mut &[u8]) -> Result<(), Unreadable> {
-        let flags = packed::get_u8(input)?;
-        let forms = packed::get_u8(input)?;
+        let flags = varint::get_u8(input)?;
+        let forms = varint::get_u8(input)?;
         // In the order written: the accuracy and zero, the count, then the range.
         let skip = |input: &mut &[u8], reals: usize| -> Result<(), Unreadable> {
             *input = input.get(reals * 8..).ok_or(Unreadable("a sketch cut short"))?;
@@ -1027,7 +1027,7 @@ impl Sketch {
             usize::from(flags & PACKED_DEFAULT_ACCURACY == 0) + usize::from(flags & PACKED_ZERO != 0),
         )?;
         if flags & PACKED_WHOLE_COUNT != 0 {
-            packed::get_u64(input)?;
+            varint::get_u64(input)?;
         } else if flags & PACKED_COUNT != 0 {
             skip(input, 1)?;
         }
@@ -1046,35 +1046,35 @@ impl Sketch {
 
     /// The sketch `pack_into` wrote, advancing `input` past it.
     pub(crate) fn unpack_from(input: &mut &[u8]) -> Result<Sketch, Unreadable> {
-        let flags = packed::get_u8(input)?;
-        let forms = packed::get_u8(input)?;
+        let flags = varint::get_u8(input)?;
+        let forms = varint::get_u8(input)?;
         let relative_accuracy = if flags & PACKED_DEFAULT_ACCURACY != 0 {
             PACKED_ACCURACY
         } else {
-            packed::get_f64(input)?
+            varint::get_f64(input)?
         };
         let zero = if flags & PACKED_ZERO != 0 {
-            packed::get_f64(input)?
+            varint::get_f64(input)?
         } else {
             0.0
         };
         let count = if flags & PACKED_WHOLE_COUNT != 0 {
-            Some(packed::get_u64(input)? as f64)
+            Some(varint::get_u64(input)? as f64)
         } else if flags & PACKED_COUNT != 0 {
-            Some(packed::get_f64(input)?)
+            Some(varint::get_f64(input)?)
         } else {
             None
         };
         let (sum, min, max) = if flags & PACKED_NO_RANGE != 0 {
             (0.0, f64::INFINITY, f64::NEG_INFINITY)
         } else if flags & PACKED_ONE_VALUE != 0 {
-            let value = packed::get_f64(input)?;
+            let value = varint::get_f64(input)?;
             (value, value, value)
         } else {
             (
-                packed::get_f64(input)?,
-                packed::get_f64(input)?,
-                packed::get_f64(input)?,
+                varint::get_f64(input)?,
+                varint::get_f64(input)?,
+                varint::get_f64(input)?,
             )
         };
         let positive = Bins::unpack_from(forms & 3, input)?;
