@@ -345,10 +345,8 @@ pub enum JudgeError {
 /// The stable's dispersion as an analysis last made it from completed blocks alone.
 #[derive(Debug)]
 struct KeptDispersion {
-    /// The stable history's `changes` then.
-    changes: u64,
-    /// The blocks it was made from.
-    starts: Vec<EventTime>,
+    /// The stable history's `changes` then, and the starts of the blocks it was made from.
+    made_from: (u64, Vec<EventTime>),
     dispersion: checks::Dispersion,
 }
 
@@ -692,19 +690,15 @@ impl Analysis {
             .collect();
         // Made from completed blocks alone, it holds until one of them changes or the window
         // moves past one.
-        let key = starts
-            .iter()
-            .all(|(_, completed)| *completed)
-            .then(|| KeptDispersion {
-                changes: self.stable_history.changes(),
-                starts: starts.iter().map(|(start, _)| *start).collect(),
-                dispersion: checks::Dispersion::default(),
-            });
-        let kept = self.stable_dispersion.borrow().as_ref().and_then(|kept| {
-            key.as_ref()
-                .is_some_and(|key| key.changes == kept.changes && key.starts == kept.starts)
-                .then(|| kept.dispersion.clone())
+        let key = starts.iter().all(|(_, completed)| *completed).then(|| {
+            let starts = starts.iter().map(|(start, _)| *start).collect();
+            (self.stable_history.changes(), starts)
         });
+        let kept = self
+            .stable_dispersion
+            .borrow()
+            .as_ref()
+            .and_then(|kept| (key.as_ref() == Some(&kept.made_from)).then(|| kept.dispersion.clone()));
         let made = || {
             let parts = self.stable_history.parts_counts(now, d.reference_s);
             let whole: Vec<(EventTime, &Aggregate)> = parts
@@ -722,9 +716,9 @@ impl Analysis {
         );
         let dispersion = kept.unwrap_or_else(|| {
             let dispersion = made();
-            *self.stable_dispersion.borrow_mut() = key.map(|key| KeptDispersion {
+            *self.stable_dispersion.borrow_mut() = key.map(|made_from| KeptDispersion {
+                made_from,
                 dispersion: dispersion.clone(),
-                ..key
             });
             dispersion
         });
